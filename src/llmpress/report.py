@@ -1,0 +1,85 @@
+"""The compression report: one object, written as JSON and printed as a table."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Report:
+    model: str
+    recipe: dict
+    baseline: dict = field(default_factory=dict)  # ppl, size_mb, bits_per_weight, n_params
+    compressed: dict = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0
+    peak_gpu_mb: float | None = None
+    calibration: dict = field(default_factory=dict)
+    evaluation: dict = field(default_factory=dict)
+    layers: dict[str, dict] = field(default_factory=dict)
+    environment: dict = field(default_factory=dict)
+
+    @property
+    def bits_per_weight(self) -> float | None:
+        return self.compressed.get("bits_per_weight")
+
+    @property
+    def size_mb(self) -> float | None:
+        return self.compressed.get("size_mb")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["bits_per_weight"] = self.bits_per_weight
+        d["size_mb"] = self.size_mb
+        bp, cp = self.baseline.get("ppl"), self.compressed.get("ppl")
+        d["ppl_ratio"] = cp / bp if bp and cp else None
+        return d
+
+    def write_json(self, path: str | os.PathLike) -> None:
+        write_atomic(Path(path), json.dumps(self.to_dict(), indent=2, default=_jsonable) + "\n")
+
+    def table(self) -> str:
+        rows = [("", "baseline", "compressed")]
+
+        def f(v, fmt):
+            return "-" if v is None else format(v, fmt)
+
+        for key, label, fmt in (("ppl", "perplexity", ".3f"), ("bits_per_weight", "bits per weight (linears)", ".3f"), ("size_mb", "size (MB)", ".1f")):
+            rows.append((label, f(self.baseline.get(key), fmt), f(self.compressed.get(key), fmt)))
+        d = self.to_dict()
+        if d["ppl_ratio"]:
+            rows.append(("perplexity ratio", "1.000", f"{d['ppl_ratio']:.3f}"))
+        w = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.append("")
+        lines.append("wall time per stage (s):")
+        for k, v in self.seconds.items():
+            lines.append(f"  {k:<28} {v:8.1f}")
+        lines.append(f"peak RSS: {self.peak_rss_mb:.0f} MB" + (f", peak GPU: {self.peak_gpu_mb:.0f} MB" if self.peak_gpu_mb else ""))
+        return "\n".join(lines)
+
+
+def _jsonable(o):
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if isinstance(o, Path):
+        return str(o)
+    return repr(o)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file through a temporary in the same folder, then rename: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,42 @@
+"""Dynamic activation quantization around a linear layer.
+
+The input of the linear is quantized per token at run time (scale from each token's own
+range), multiplied with the (already quantized) weight, and the result stays in floating
+point: dequantization happens before any non-linear function, as the seeds describe.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..quant.args import QuantArgs
+from ..quant.core import fake_quantize
+
+
+class ActQuantLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, args: QuantArgs):
+        super().__init__()
+        self.linear = linear
+        self.args = args
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self):
+        return self.linear.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(fake_quantize(x, self.args))
+
+    def extra_repr(self) -> str:
+        return f"act={self.args.describe()}"
