@@ -102,7 +102,7 @@ def compress(
     validate(model, recipe)
     engine = engine or EngineOptions(batch_size=calib.batch_size)
     seconds: dict[str, float] = {}
-    needs_data = any(METHODS[s.method].needs or METHODS[s.method].scope == "model" for s in recipe.stages)
+    needs_data = any(METHODS[s.method].needs or METHODS[s.method].scope != "module" for s in recipe.stages)
     calib_info = {}
     if needs_data and data is None:
         if tokenizer is None:
@@ -141,7 +141,9 @@ def validate(model: nn.Module, recipe: Recipe) -> None:
     spec = get_arch(model)
     targets = plan(model, spec, recipe)
     for i, st in enumerate(recipe.stages):
-        if METHODS[st.method].scope == "module" and not any(st in [s for _, s in sts] for sts in targets.values()):
+        if METHODS[st.method].scope != "model" and not any(
+            st.matches(n, n.startswith(spec.blocks + ".")) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+        ):
             raise UserError(f"recipe stage {i} ({st.method}) matches no linear layer: targets {list(st.targets)}, ignore {list(st.ignore)}")
     for name, sts in targets.items():
         mod = get_module(model, name)

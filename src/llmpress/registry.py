@@ -65,7 +65,11 @@ class Method:
     config_cls: type
     apply: Callable
     needs: tuple[str, ...] = ()
-    scope: str = "module"  # "module" (per linear, in the engine) or "model"
+    # "module": apply(ModuleContext, cfg) per targeted linear, inside the engine;
+    # "block": apply(BlockContext, cfg) once per decoder block, before its module stages
+    #          (smoothing/AWQ-style scale search that needs the block's calibration inputs);
+    # "model": apply(model, spec, calib_windows, stage) once, before the engine (rotations).
+    scope: str = "module"
     summary: str = ""
 
 

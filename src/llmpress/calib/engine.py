@@ -172,6 +172,60 @@ def _wrap_act_quant(root: nn.Module, prefix: str, names: list[str], records: dic
                 set_module(root, local, ActQuantLinear(lin, rec.act_args))
 
 
+@dataclass
+class BlockContext:
+    """What a block-scope method sees: one decoder block, its calibration inputs, its targets.
+
+    ``collect`` runs the calibration batches through the block with accumulators on the
+    named sub-modules' inputs; ``outputs`` runs it and returns what it produces (to score
+    a candidate transform against the original outputs).
+    """
+
+    index: int
+    prefix: str
+    block: nn.Module
+    spec: ArchSpec
+    inputs: ActivationStore
+    call_args: list
+    targets: dict[str, str]  # local name -> full name, linears this stage targets
+    records: dict[str, ModuleRecord]
+
+    def collect(self, needs: dict[str, set[str]]) -> dict[str, dict]:
+        mods = {loc: get_module(self.block, loc) for loc in needs}
+        accs, handles = _attach(mods, needs)
+        try:
+            _run_block(self.block, self.inputs, self.call_args, None)
+        finally:
+            for h in handles:
+                h.remove()
+        out = {}
+        for loc, a in accs.items():
+            out[loc] = {k: acc.result() for k, acc in a.items()}
+            for acc in a.values():
+                acc.free()
+        return out
+
+    def outputs(self, module: nn.Module | None = None, batches: int | None = None) -> list[torch.Tensor]:
+        """Outputs of ``module`` (a sub-module of the block, default the block) per batch."""
+        got: list[torch.Tensor] = []
+        target = module if module is not None else self.block
+        h = target.register_forward_hook(lambda _m, _i, o: got.append(o[0] if isinstance(o, tuple) else o))
+        try:
+            n = len(self.inputs) if batches is None else min(batches, len(self.inputs))
+            with torch.no_grad():
+                for b in range(n):
+                    args, kwargs = self.call_args[b]
+                    self.block(self.inputs[b], *args, **kwargs)
+        finally:
+            h.remove()
+        return got
+
+    def record(self, local: str) -> ModuleRecord:
+        mod = get_module(self.block, local)
+        full = f"{self.prefix}.{local}"
+        return self.records.setdefault(full, ModuleRecord(full, mod.out_features, mod.in_features))
+
+
 def plan(model: nn.Module, spec: ArchSpec, recipe: Recipe) -> dict[str, list[tuple[int, Stage]]]:
     """Map each targeted linear's full name to the (index, stage) pairs that act on it."""
     out: dict[str, list[tuple[int, Stage]]] = {}
@@ -193,7 +247,8 @@ def run(model: nn.Module, spec: ArchSpec, recipe: Recipe, calib: torch.Tensor | 
     records: dict[str, ModuleRecord] = {}
     seconds: dict[str, float] = {}
     needs = {n: {a for _, s in sts for a in METHODS[s.method].needs} for n, sts in targets.items()}
-    if not any(needs.values()):
+    block_stages = [(i, s) for i, s in enumerate(recipe.stages) if METHODS[s.method].scope == "block"]
+    if not any(needs.values()) and not block_stages:
         for name, sts in tqdm(targets.items(), desc="compress", unit="linear", disable=not opts.progress):
             _apply_stages(name, get_module(model, name), sts, {}, records, seconds)
         _wrap_act_quant(model, "", list(targets), records)
@@ -207,13 +262,17 @@ def run(model: nn.Module, spec: ArchSpec, recipe: Recipe, calib: torch.Tensor | 
     device = next(model.parameters()).device
     tmp = Path(tempfile.mkdtemp(prefix="llmpress-act-", dir=opts.offload_dir)) if opts.offload_dir else None
     try:
-        return _run_sequential(model, spec, targets, needs, calib.to(device), opts, tmp, records, seconds)
+        return _run_sequential(model, spec, targets, needs, calib.to(device), opts, tmp, records, seconds, block_stages)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run_sequential(model, spec, targets, needs, calib, opts, tmp, records, seconds) -> EngineResult:
+def local_all(block: nn.Module, prefix: str) -> dict[str, str]:
+    return {n: f"{prefix}.{n}" for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _run_sequential(model, spec, targets, needs, calib, opts, tmp, records, seconds, block_stages) -> EngineResult:
     batches = list(calib.split(opts.batch_size))
     inputs = ActivationStore(tmp)
     t = time.perf_counter()
@@ -227,6 +286,12 @@ def _run_sequential(model, spec, targets, needs, calib, opts, tmp, records, seco
         block = layers[i]
         prefix = f"{spec.blocks}.{i}"
         local = {n[len(prefix) + 1 :]: n for n in targets if n.startswith(prefix + ".")}
+        for si, st in block_stages:
+            sel = {loc: full for loc, full in local_all(block, prefix).items() if st.matches(full, True)}
+            if sel:
+                tb = time.perf_counter()
+                METHODS[st.method].apply(BlockContext(i, prefix, block, spec, inputs, call_args[i], sel, records), st.config)
+                seconds[f"stage{si}:{st.method}"] = seconds.get(f"stage{si}:{st.method}", 0.0) + time.perf_counter() - tb
         groups = spec.groups() if opts.true_sequential else (tuple(spec.block_linears()),)
         # linears of this block that no group names (unusual layouts) join the last group
         named = {x for g in groups for x in g}

@@ -1,0 +1,103 @@
+"""Shared fixtures: tiny random models (llama, gemma3) and a tiny tokenizer, all offline."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A model compresses weights into fewer bits. "
+    "Quantization maps real numbers to a small set of integers, and pruning removes weights. "
+    "Outliers in activations make low-bit quantization hard; smoothing and rotation help. "
+) * 20
+
+
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, inter: int = 128, vocab: int = 256):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gemma3(seed: int = 0, layers: int = 2, hidden: int = 64, inter: int = 128, vocab: int = 256):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        sliding_window=16,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    m = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # random norm weights so (1 + w) differs from 1
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.normal_(0, 0.2)
+    return m
+
+
+def tiny_tokenizer(vocab: int = 256):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TINY_TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def gemma():
+    return tiny_gemma3()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A saved tiny llama folder (safetensors + tokenizer) usable as a MODEL argument."""
+    tok = tiny_tokenizer()
+    m = tiny_llama(vocab=len(tok))
+    d = tmp_path / "tiny-llama"
+    m.save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def tiny_text_file(tmp_path):
+    p = tmp_path / "text.txt"
+    p.write_text(TINY_TEXT * 5)
+    return p
+
+
+def random_windows(n: int = 8, seqlen: int = 32, vocab: int = 256, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n, seqlen), generator=g)
