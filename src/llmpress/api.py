@@ -58,12 +58,12 @@ def _bos(tokenizer, model) -> int | None:
 
 
 def calibration_windows(tokenizer, model, cfg: CalibConfig = CalibConfig()) -> torch.Tensor:
-    stream = data_mod.tokenize(data_mod.documents(cfg.source, "calib"), tokenizer)
+    stream = data_mod.token_stream(cfg.source, "calib", tokenizer)
     return data_mod.calib_windows(stream, cfg.n_samples, cfg.seqlen, cfg.seed, _bos(tokenizer, model))
 
 
 def evaluation_windows(tokenizer, model, cfg: EvalConfig = EvalConfig()) -> torch.Tensor:
-    stream = data_mod.tokenize(data_mod.documents(cfg.source, "test"), tokenizer)
+    stream = data_mod.token_stream(cfg.source, "test", tokenizer)
     return data_mod.eval_windows(stream, cfg.seqlen, cfg.max_windows, _bos(tokenizer, model))
 
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import bz2
 import functools
+import hashlib
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import UserError
@@ -106,6 +109,41 @@ def documents(source: str, split: str) -> list[str]:
         docs = news_text()
         return docs[::TEST_EVERY] if split == "test" else [d for i, d in enumerate(docs) if i % TEST_EVERY]
     return read_text_file(source)
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256()
+    h.update(type(tokenizer).__name__.encode())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(str(tokenizer.eos_token_id).encode())
+    return h.hexdigest()[:16]
+
+
+def token_stream(source: str, split: str, tokenizer) -> torch.Tensor:
+    """Tokenized documents of ``source``/``split``, cached on disk (``.npy``, no pickle)."""
+    from .models import cache_dir
+
+    docs = documents(source, split)
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(hashlib.sha256(d.encode()).digest())
+    key = f"{h.hexdigest()[:16]}-{_tokenizer_fingerprint(tokenizer)}"
+    path = cache_dir() / "tokens" / f"{key}.npy"
+    if path.exists():
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
+        except (ValueError, OSError):
+            path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
+    ids = tokenize(docs, tokenizer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tok-", suffix=".npy", dir=path.parent)
+    os.close(fd)
+    try:
+        np.save(tmp, ids.numpy().astype(np.int32))
+        os.replace(tmp, path)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
+    return ids
 
 
 def tokenize(docs: list[str], tokenizer) -> torch.Tensor:
