@@ -1,0 +1,214 @@
+"""SparseGPT (Frantar & Alistarh, 2023): one-shot pruning with OBS error compensation.
+
+Same column sweep as GPTQ (see :mod:`llmpress.quant.gptq`): column i of every row is set
+to its target (0 where the mask prunes it, else its own value, or its grid value when
+quantizing jointly) and the error ``(w_i - target) / U_ii`` is spread onto the columns
+not yet processed with row i of U, the upper Cholesky factor of the damped inverse
+Hessian; blocks of columns get their updates lazily in one GEMM.
+
+Mask selection is adaptive: it is made from the *current* (already compensated) weights
+with the OBS saliency ``w_j^2 / [H^-1]_jj`` where ``[H^-1]_jj = U_jj^2`` is the diagonal
+of the inverse Hessian of the columns still free at that point.
+
+- unstructured: at the start of each block of ``block_size`` columns, the lowest-scored
+  weights of the whole block (all rows together) are pruned; the count per block is
+  chosen so the layer's total is exactly ``round(sparsity * rows * cols)``;
+- N:M: when the sweep reaches each run of ``m`` consecutive columns, each row keeps its
+  ``n`` highest-scored weights of the run (2:4, 4:8).
+
+With ``weights`` (QuantArgs) the kept weights are quantized in the same pass (joint
+sparsity + quantization; scales from the original weight, see ``static_groups``);
+pruned weights are exact zeros of the grid.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import RecipeError, UserError
+from ..quant.args import QuantArgs
+from ..quant.core import QParams, compute_qparams
+from ..quant.gptq import ColumnQuantizer, current_rows, solver_threads, validate_solver_fields
+from ..quant.hessian import inverse_cholesky, prepare
+from ..registry import ModuleContext, register
+from .masks import describe_pattern, nm_prune_mask, sparsity_of, topk_prune_mask, validate_pattern
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SparseGPT:
+    """SparseGPT stage config: ``sparsity`` (unstructured fraction) or ``n``:``m``
+    (keep n of every m consecutive input weights; when set, ``sparsity`` is ignored),
+    optional joint weight quantization ``weights``."""
+
+    sparsity: float = 0.5
+    n: int = 0
+    m: int = 0
+    block_size: int = 128
+    damp: float = 0.01
+    weights: QuantArgs | None = None
+
+    def __post_init__(self):
+        validate_pattern(self.sparsity, self.n, self.m)
+        validate_solver_fields(self.block_size, self.damp)
+        if self.weights is not None:
+            _check_weight_args(self.weights)
+
+
+def _check_weight_args(args: QuantArgs) -> None:
+    if args.granularity == "token":
+        raise RecipeError("weights.granularity: 'token' is for activations; use tensor, channel or group")
+    if args.kind == "binary":
+        raise RecipeError("weights.kind: binary has no zero level, so it cannot hold pruned weights; use int or ternary")
+
+
+@dataclass
+class SparseGPTResult:
+    weight: torch.Tensor  # [R, C] float32 (pruned, and dequantized when quantizing)
+    mask: torch.Tensor  # [R, C] bool, True where pruned
+    qparams: QParams | None
+    damp: float
+    damp_retries: int
+    loss: float  # OBS estimate: sum of (w - target)^2 / (2 [H^-1]_qq)
+    dead: int = 0
+    fallback: bool = False
+
+    @property
+    def sparsity(self) -> float:
+        return sparsity_of(self.weight)
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float = 0.5,
+    *,
+    n: int = 0,
+    m: int = 0,
+    block_size: int = 128,
+    damp: float = 0.01,
+    weights: QuantArgs | None = None,
+    static_groups: bool = True,
+    name: str | None = None,
+) -> SparseGPTResult:
+    """SparseGPT on one weight [out, in] with the layer Hessian [in, in] (2/n X^T X).
+
+    ``static_groups`` (joint quantization with groups): group scales from the original
+    weight before the loop, as GPTQ's default; False fits each group when the sweep
+    reaches it, on its current weights with the pruned ones (known so far) left out.
+    """
+    validate_pattern(sparsity, n, m)
+    validate_solver_fields(block_size, damp)
+    where = f"layer {name}: " if name else ""
+    R, C = weight.shape
+    if m:
+        if C % m:
+            raise UserError(f"{where}{n}:{m} sparsity needs the input dimension ({C}) to be a multiple of {m}")
+        block_size = max(m, block_size // m * m)  # runs of m columns never straddle blocks
+    cq = None
+    dynamic = False
+    if weights is not None:
+        try:
+            _check_weight_args(weights)
+        except RecipeError as e:
+            raise UserError(f"{where}{e}") from None
+        if weights.granularity == "group" and C % weights.group_size:
+            raise UserError(f"{where}group_size {weights.group_size} does not divide the input dimension {C}")
+        dynamic = weights.granularity == "group" and not static_groups
+    with solver_threads(weight.device):
+        W, H, dead = prepare(weight, hessian, name)
+        if weights is not None:
+            cq = ColumnQuantizer(weights, R, C, W.device)
+            if not dynamic:
+                cq.set(compute_qparams(W, weights, name))
+        return _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name)
+
+
+def _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name) -> SparseGPTResult:
+    R, C = W.shape
+    fac = inverse_cholesky(H, damp, name)
+    U = fac.U
+    del H
+
+    target_total = int(round(sparsity * R * C))
+    pruned = 0
+    # transposed layout: column j of W is row j of Wt (contiguous); masks likewise
+    Wt = W.t().contiguous()
+    del W
+    Qt = torch.empty_like(Wt)
+    Et = torch.empty_like(Wt)
+    Mt = torch.zeros(C, R, dtype=torch.bool, device=Wt.device)
+    gs = cq.gsize if dynamic else None
+    for i1 in range(0, C, block_size):
+        i2 = min(i1 + block_size, C)
+        nb = i2 - i1
+        W1 = Wt[i1:i2]
+        E1 = Et[i1:i2]
+        M1 = Mt[i1:i2]
+        U1 = U[i1:i2, i1:i2]
+        dU = torch.diagonal(U1)
+        dsq = dU.pow(2).unsqueeze(1)  # [H^-1]_jj of the columns still free, per row of W1
+        d = dU.tolist()
+        if not m:
+            k = int(round(sparsity * R * i2)) - pruned if i2 < C else target_total - pruned
+            k = max(0, min(k, R * nb))
+            M1.copy_(topk_prune_mask(W1.pow(2) / dsq, k))
+            pruned += k
+        wr, qr, er, mr = W1.unbind(0), Qt[i1:i2].unbind(0), E1.unbind(0), M1.unbind(0)
+        for i in range(nb):
+            j = i1 + i
+            if m and i % m == 0:
+                M1[i : i + m] = nm_prune_mask((W1[i : i + m].pow(2) / dsq[i : i + m]).t(), n, m).t()
+            if dynamic and j % gs == 0:
+                cols = current_rows(Wt, E1, U, i1, i, i2, j, j + gs).clone()
+                known = M1[i : i + cols.shape[0]]  # masks of the group's columns chosen so far
+                cols[: known.shape[0]].masked_fill_(known, 0.0)
+                cq.fit_group(cols.t(), j // gs)
+            w, q, e, mk = wr[i], qr[i], er[i], mr[i]
+            if cq is None:
+                q.copy_(w).masked_fill_(mk, 0.0)
+            else:
+                cq.quantize_into(w.masked_fill(mk, 0.0), j, q).masked_fill_(mk, 0.0)
+            torch.sub(w, q, out=e).div_(d[i])
+            if i + 1 < nb:
+                W1[i + 1 :].addr_(U1[i, i + 1 :], e, alpha=-1.0)
+        if i2 < C:
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1.0)
+    loss = float(Et.double().pow(2).sum() / 2)
+    return SparseGPTResult(Qt.t().contiguous(), Mt.t().contiguous(), None if cq is None else cq.qparams(),
+                           fac.damp, fac.retries, loss, int(dead.sum()), fac.fallback)
+
+
+@register("sparsegpt", SparseGPT, needs=("hessian",), summary="SparseGPT: one-shot pruning (unstructured or N:M) with OBS compensation, optionally joint quantization")
+def sparsegpt(ctx: ModuleContext, cfg: SparseGPT) -> None:
+    res = sparsegpt_prune(
+        ctx.weight,
+        ctx.stats["hessian"],
+        cfg.sparsity,
+        n=cfg.n,
+        m=cfg.m,
+        block_size=cfg.block_size,
+        damp=cfg.damp,
+        weights=cfg.weights,
+        name=ctx.name,
+    )
+    ctx.set_weight(res.weight)
+    rec = ctx.record
+    rec.sparsity = res.sparsity
+    rec.notes["pattern"] = describe_pattern(cfg.sparsity, cfg.n, cfg.m)
+    rec.notes["damp"] = res.damp
+    rec.notes["damp_retries"] = res.damp_retries
+    rec.notes["sparsegpt_loss"] = res.loss
+    if res.dead:
+        rec.notes["dead_inputs"] = res.dead
+    if res.fallback:
+        rec.notes["hessian_fallback"] = "diagonal"
+    if res.damp_retries:
+        log.warning("%s: SparseGPT needed %d dampening retr%s (damp %.3g)", ctx.name, res.damp_retries,
+                    "y" if res.damp_retries == 1 else "ies", res.damp)
+    if cfg.weights is not None:
+        rec.weight_args = cfg.weights
+        rec.qparams = res.qparams

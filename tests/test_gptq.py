@@ -1,0 +1,244 @@
+"""GPTQ: exactness against the OBQ oracle, error against RTN, grid, dampening, dead inputs, engine."""
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import random_windows, tiny_llama
+from obs_problems import correlated_problem, damped, output_error
+from llmpress import RecipeError, UserError, compress, load_recipe, stage
+from llmpress.quant import QuantArgs, dequantize, quantize, quantize_weight
+from llmpress.quant.gptq import GPTQ, gptq, gptq_quantize
+from llmpress.quant.hessian import layer_error
+from llmpress.quant.obs import obq_quantize
+from llmpress.registry import ModuleContext, ModuleRecord
+
+W4G8 = QuantArgs(bits=4, group_size=8)
+ARGS = [
+    QuantArgs(bits=3, granularity="channel"),
+    W4G8,
+    QuantArgs(bits=4, group_size=8, symmetric=False),
+    QuantArgs(bits=2, group_size=16),
+    QuantArgs(bits=8, granularity="channel"),
+]
+
+
+@pytest.mark.parametrize("args", ARGS, ids=lambda a: a.describe())
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_correlated_inputs(args, act_order):
+    for seed in range(5):
+        W, X, H = correlated_problem(rows=24, cols=32, seed=seed)
+        res = gptq_quantize(W, H, args, block_size=16, act_order=act_order)
+        rtn, _ = quantize_weight(W, args)
+        assert output_error(W, res.weight, X) < output_error(W, rtn, X), seed
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_dynamic_groups_beat_rtn_but_static_groups_do_better(bits):
+    # groups fitted as reached (the GPTQ paper's code) vs fitted on the original weight
+    args = QuantArgs(bits=bits, group_size=16)
+    ratio = []
+    for seed in range(5):
+        W, X, H = correlated_problem(rows=24, cols=32, seed=seed)
+        dyn = gptq_quantize(W, H, args, block_size=16, static_groups=False)
+        sta = gptq_quantize(W, H, args, block_size=16, static_groups=True)
+        rtn, _ = quantize_weight(W, args)
+        assert output_error(W, dyn.weight, X) < output_error(W, rtn, X), seed
+        ratio.append(output_error(W, sta.weight, X) / output_error(W, dyn.weight, X))
+    assert sum(ratio) / len(ratio) < 1.0, ratio
+
+
+@pytest.mark.parametrize("args", [QuantArgs(bits=3, granularity="channel"), W4G8, QuantArgs(bits=4, group_size=8, symmetric=False)], ids=lambda a: a.describe())
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_is_obq_in_a_fixed_order(args, act_order):
+    # Theory: with the grid fixed before the loop, GPTQ is exactly OBQ run with one
+    # column order shared by all rows (Cholesky rows = eliminated inverse rows; lazy
+    # batches only postpone updates). Same codes, weight for weight.
+    W, X, H = correlated_problem(rows=12, cols=32, seed=7)
+    res = gptq_quantize(W, H, args, block_size=8, act_order=act_order, static_groups=True)
+    order = res.perm if act_order else range(32)
+    ref, qp, loss = obq_quantize(W, damped(H), args, order=order)
+    assert torch.allclose(res.weight, ref, atol=1e-6)
+    assert torch.equal(quantize(res.weight, res.qparams, args), quantize(ref, qp, args))
+    assert res.loss == pytest.approx(loss, rel=1e-3)
+
+
+def test_gptq_against_greedy_obq():
+    # Greedy OBQ picks per row the cheapest weight next; GPTQ uses one order for all rows.
+    # Neither is optimal and no inequality holds between them in general: GPTQ is
+    # sometimes better. The GPTQ paper reports near-equal errors; we check it stays within
+    # 35% of greedy OBQ and that both beat RTN.
+    ratios = []
+    for seed in range(4):
+        W, X, H = correlated_problem(rows=12, cols=24, seed=seed)
+        for args in (QuantArgs(bits=3, granularity="channel"), QuantArgs(bits=4, group_size=8)):
+            Hd = damped(H)
+            g = gptq_quantize(W, H, args, block_size=8, static_groups=True)
+            o, _, _ = obq_quantize(W, Hd, args)
+            rtn, _ = quantize_weight(W, args)
+            eg, eo, er = (layer_error(W, x, Hd) for x in (g.weight, o, rtn))
+            assert eo < er and eg < er
+            ratios.append(eg / eo)
+    assert max(ratios) < 1.35, ratios
+
+
+def test_loss_estimate_is_the_damped_error():
+    W, X, H = correlated_problem(rows=10, cols=32, seed=1)
+    res = gptq_quantize(W, H, W4G8, block_size=8)
+    assert layer_error(W, res.weight, damped(H)) == pytest.approx(2 * res.loss, rel=1e-3)
+
+
+@pytest.mark.parametrize("args", [W4G8, QuantArgs(bits=3, group_size=8, symmetric=False), QuantArgs(bits=4, granularity="channel")], ids=lambda a: a.describe())
+@pytest.mark.parametrize("act_order,static", [(False, False), (False, True), (True, True)])
+def test_lazy_batches_do_not_change_the_result(args, act_order, static):
+    # block sizes that split groups (5, 7) exercise the pending-update path of dynamic groups
+    W, X, H = correlated_problem(rows=9, cols=40, seed=2)
+    ref = gptq_quantize(W, H, args, block_size=40, act_order=act_order, static_groups=static)
+    for bs in (1, 5, 7, 16, 128):
+        res = gptq_quantize(W, H, args, block_size=bs, act_order=act_order, static_groups=static)
+        assert torch.allclose(res.weight, ref.weight, atol=1e-5), bs
+
+
+@pytest.mark.parametrize("args", [
+    W4G8,
+    QuantArgs(bits=3, group_size=8, symmetric=False),
+    QuantArgs(bits=4, group_size=8, observer="mse", mse_grid=20),
+    QuantArgs(bits=2, granularity="channel"),
+    QuantArgs(bits=4, granularity="tensor"),
+    QuantArgs(kind="ternary", group_size=8),
+], ids=lambda a: a.describe())
+@pytest.mark.parametrize("act_order,static", [(False, False), (False, True), (True, True)])
+def test_codes_are_exact_grid_values(args, act_order, static):
+    W, X, H = correlated_problem(rows=8, cols=32, seed=3)
+    res = gptq_quantize(W, H, args, block_size=8, act_order=act_order, static_groups=static)
+    R, C = W.shape
+    G = {"group": C // 8 if args.group_size else 1, "channel": 1, "tensor": 1}[args.granularity]
+    assert res.qparams.scale.shape == ((1, 1) if args.granularity == "tensor" else (R, G))
+    codes = quantize(res.weight, res.qparams, args)
+    assert torch.equal(codes, torch.round(codes))
+    assert codes.min() >= args.qmin and codes.max() <= args.qmax
+    assert torch.equal(dequantize(codes, res.qparams, args), res.weight)
+    # static groups: the params are those of the original weight's groups
+    if static and args.kind == "int":
+        from llmpress.quant import compute_qparams
+
+        assert torch.equal(res.qparams.scale, compute_qparams(W, args).scale)
+
+
+def test_act_order_processes_columns_by_descending_hessian_diagonal():
+    W, X, H = correlated_problem(rows=4, cols=16, seed=4)
+    res = gptq_quantize(W, H, W4G8, act_order=True)
+    d = H.diagonal()[res.perm]
+    assert (d[:-1] >= d[1:]).all()
+
+
+def test_dampening_retry_on_indefinite_hessian():
+    W, X, H = correlated_problem(rows=6, cols=16, seed=5)
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(16, 16, generator=g)
+    bad = (A + A.T) / 2 + torch.diag(torch.full((16,), 0.5))  # symmetric, indefinite, positive mean diagonal
+    assert torch.linalg.eigvalsh(bad).min() < 0
+    res = gptq_quantize(W, bad, W4G8, damp=0.01)
+    assert res.damp_retries > 0 and res.damp > 0.01
+    assert torch.isfinite(res.weight).all()
+    codes = quantize(res.weight, res.qparams, W4G8)
+    assert torch.equal(codes, torch.round(codes))
+
+
+def test_dampening_retry_on_singular_hessian_with_zero_damp():
+    W, X, H = correlated_problem(rows=6, cols=16, n=4, seed=6)  # rank 4 < 16 columns
+    res = gptq_quantize(W, H, W4G8, damp=0.0)
+    assert res.damp_retries >= 1 and res.damp > 0
+    assert torch.isfinite(res.weight).all()
+
+
+def test_handler_records_damping_and_logs_the_retry(caplog):
+    lin = nn.Linear(16, 6, bias=False)
+    W, X, H = correlated_problem(rows=6, cols=16, n=4, seed=6)
+    lin.weight.data.copy_(W)
+    rec = ModuleRecord("x.proj", 6, 16)
+    with caplog.at_level(logging.WARNING):
+        gptq(ModuleContext("x.proj", lin, {"hessian": H}, rec), GPTQ(weights=W4G8, damp=0.0))
+    assert rec.notes["damp_retries"] >= 1 and rec.notes["damp"] > 0
+    assert "retr" in caplog.text
+    assert rec.weight_args == W4G8 and rec.qparams.scale.shape == (6, 2)
+    codes = quantize(lin.weight.data, rec.qparams, W4G8)
+    assert torch.equal(codes, torch.round(codes))
+
+
+def test_dead_inputs_get_zero_weights():
+    W, X, H = correlated_problem(rows=6, cols=16, seed=7)
+    X[:, [3, 11]] = 0
+    H = 2.0 / X.shape[0] * X.T @ X
+    for act_order in (False, True):
+        res = gptq_quantize(W, H, W4G8, act_order=act_order)
+        assert res.dead == 2
+        assert (res.weight[:, [3, 11]] == 0).all()
+        assert torch.isfinite(res.weight).all()
+        rtn, _ = quantize_weight(W, W4G8)
+        assert output_error(W, res.weight, X) < output_error(W, rtn, X)
+
+
+def test_bad_inputs_raise_user_errors():
+    W, X, H = correlated_problem(rows=4, cols=12, seed=0)
+    with pytest.raises(UserError, match="group_size 8 does not divide"):
+        gptq_quantize(W, H, W4G8)
+    with pytest.raises(UserError, match="Hessian shape"):
+        gptq_quantize(W, H[:8, :8], QuantArgs(bits=4, group_size=4))
+    Hn = H.clone()
+    Hn[0, 0] = float("nan")
+    with pytest.raises(UserError, match="non-finite"):
+        gptq_quantize(W, Hn, QuantArgs(bits=4, group_size=4))
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(RecipeError, match="static_groups"):
+        stage("gptq", weights=W4G8, act_order=True, static_groups=False)
+    with pytest.raises(UserError, match="static groups"):
+        gptq_quantize(torch.randn(4, 16), torch.eye(16), W4G8, act_order=True, static_groups=False)
+    with pytest.raises(RecipeError, match="block_size"):
+        stage("gptq", weights=W4G8, block_size=0)
+    with pytest.raises(RecipeError, match="damp"):
+        stage("gptq", weights=W4G8, damp=-1.0)
+    with pytest.raises(RecipeError, match="granularity"):
+        stage("gptq", weights=QuantArgs(bits=8, granularity="token"))
+    # act_order without groups needs no static groups
+    stage("gptq", weights=QuantArgs(bits=4, granularity="channel"), act_order=True, static_groups=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gptq_on_cuda_matches_cpu():
+    W, X, H = correlated_problem(rows=16, cols=32, seed=0)
+    cpu = gptq_quantize(W, H, W4G8, block_size=8)
+    gpu = gptq_quantize(W.cuda(), H.cuda(), W4G8, block_size=8)
+    assert gpu.weight.is_cuda
+    assert (gpu.weight.cpu() != cpu.weight).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("preset", ["gptq-w4g64", "gptq-w3g64", "gptq-w4g64-act-order"])
+def test_presets_run_through_the_engine(preset):
+    m = tiny_llama()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    rep = compress(m, preset, data=random_windows(8, 32))
+    bits = load_recipe(preset).stages[0].config.weights.bits
+    assert rep.compressed["quantized_linears"] == 14
+    assert rep.bits_per_weight == pytest.approx(bits + 16 / 64)
+    assert set(rep.layers) == {n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and n != "lm_head"}
+    for name, info in rep.layers.items():
+        assert info["methods"] == ["gptq"] and info["damp"] == 0.01 and info["damp_retries"] == 0
+        rec = m.llmpress_records[name]
+        w = dict(m.named_modules())[name].weight.data
+        codes = quantize(w, rec.qparams, rec.weight_args)
+        assert torch.equal(codes, torch.round(codes))
+        assert not torch.equal(w, before[name + ".weight"])
+    assert any(k.startswith("stage0:gptq") for k in rep.seconds) and "calibration_forward" in rep.seconds
+    with torch.no_grad():
+        assert torch.isfinite(m(random_windows(2, 16)).logits).all()
+
+
+def test_gptq_stage_with_activation_quantization():
+    m = tiny_llama()
+    st = stage("gptq", weights=QuantArgs(bits=4, group_size=32), activations=QuantArgs(bits=8, granularity="token"))
+    rep = compress(m, [st], data=random_windows(4, 16))
+    assert all(info["activations"] for info in rep.layers.values())
