@@ -1,0 +1,146 @@
+"""llmpress GPTQ against llm-compressor's GPTQModifier on SmolLM2-135M, same settings, one run.
+
+    flock /tmp/llmpress-heavy.lock .venv/bin/python benchmarks/gptq_vs_peer.py [--bits 4 3] [--windows 64]
+
+Settings shared by both tools: symmetric int weights, group 64, every Linear but lm_head,
+block 128, dampening 0.01, activation order with static groups (the peer's default
+``actorder: static``; llmpress ``act_order: true, static_groups: true``), the same 128
+calibration windows of 512 tokens (llmpress.api.calibration_windows, seed 0) and the same
+64 test windows of 512 tokens (llmpress.api.evaluation_windows), passed to the peer as .npy
+token ids, and the same HF safetensors folder of the model (the one llmpress converts
+into $LLMPRESS_CACHE/models/smollm2-135m).
+
+The peer runs in its own virtual environment, benchmarks/.venv-peer (created here by
+benchmarks/peer_venv.sh when missing; llm-compressor is never a dependency of llmpress),
+as a child process (benchmarks/peer_gptq_worker.py). Wall times are the compression calls
+alone (llmpress.compress / llmcompressor.oneshot): no model loading, no evaluation.
+Results: runs/bench/gptq_vs_peer.json.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmpress import QuantArgs, api, models, stage
+from llmpress.eval.perplexity import perplexity
+
+HERE = Path(__file__).resolve().parent
+PEER_PY = HERE / ".venv-peer" / "bin" / "python"
+
+
+def ensure_peer_venv() -> str | None:
+    """Create the peer's virtual environment if needed; return why it failed, or None."""
+    if (HERE / ".venv-peer" / ".installed-llmcompressor-0.14.0.1").exists():
+        return None
+    print("creating benchmarks/.venv-peer (llmcompressor==0.14.0.1) ...", flush=True)
+    r = subprocess.run(["bash", str(HERE / "peer_venv.sh")], capture_output=True, text=True)
+    if r.returncode:
+        return f"peer_venv.sh failed (exit {r.returncode}): {(r.stderr or r.stdout)[-2000:]}"
+    return None
+
+
+def run_peer(folder: Path, calib_npy: Path, eval_npy: Path, bits: int, group: int, actorder: str, out: Path) -> dict:
+    cmd = [str(PEER_PY), str(HERE / "peer_gptq_worker.py"), "--model", str(folder), "--calib", str(calib_npy),
+           "--eval", str(eval_npy), "--bits", str(bits), "--group-size", str(group), "--actorder", actorder, "--out", str(out)]
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        return {"error": f"peer exited {r.returncode}: {r.stderr[-3000:]}", "process_s": time.perf_counter() - t}
+    res = json.loads(out.read_text())
+    res["process_s"] = time.perf_counter() - t
+    return res
+
+
+def run_llmpress(model, windows, calib, bits: int, group: int, act_order: bool) -> dict:
+    m = copy.deepcopy(model)
+    st = stage("gptq", weights=QuantArgs(bits=bits, symmetric=True, granularity="group", group_size=group),
+               block_size=128, damp=0.01, act_order=act_order, static_groups=True)
+    t = time.perf_counter()
+    rep = api.compress(m, [st], calib)
+    wall = time.perf_counter() - t
+    t = time.perf_counter()
+    ppl = perplexity(m, windows, 4)
+    out = {"tool": "llmpress gptq", "bits": bits, "group_size": group, "act_order": act_order, "compress_s": wall,
+           "eval_s": time.perf_counter() - t, "ppl": ppl, "bits_per_weight": rep.bits_per_weight, "seconds": rep.seconds,
+           "threads": torch.get_num_threads()}
+    del m
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--actorder", choices=["static", "none"], default="static",
+                    help="static: both tools in activation order with static groups; none: both in natural order")
+    ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--out", default="runs/bench/gptq_vs_peer.json")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    folder = models.packaged_folder(a.model) if a.model in models.PACKAGED else Path(a.model)
+    model, tok = models.load(a.model)
+    calib = api.calibration_windows(tok, model, api.CalibConfig(n_samples=a.calib_samples, seqlen=a.seqlen, seed=0))
+    windows = api.evaluation_windows(tok, model, api.EvalConfig(seqlen=a.seqlen, max_windows=a.windows))
+    work = Path(a.out).parent / "gptq_vs_peer"
+    work.mkdir(parents=True, exist_ok=True)
+    calib_npy, eval_npy = work / "calib.npy", work / "eval.npy"
+    np.save(calib_npy, calib.numpy().astype(np.int64))
+    np.save(eval_npy, windows.numpy().astype(np.int64))
+    print(f"model folder {folder}; calibration {tuple(calib.shape)}, test {tuple(windows.shape)}; torch threads {torch.get_num_threads()}", flush=True)
+
+    fp = perplexity(model, windows, 4)
+    print(f"full precision ppl {fp:.3f}", flush=True)
+    peer_problem = None if a.skip_peer else ensure_peer_venv()
+    if peer_problem:
+        print(f"PEER UNAVAILABLE: {peer_problem}", flush=True)
+    rows = []
+    for bits in a.bits:
+        if not a.skip_peer and not peer_problem:
+            p = run_peer(folder, calib_npy, eval_npy, bits, a.group_size, a.actorder, work / f"peer-w{bits}.json")
+            if "error" in p:
+                print(f"W{bits} peer FAILED: {p['error']}", flush=True)
+            else:
+                print(f"W{bits} g{a.group_size} llm-compressor: ppl {p['ppl']:.3f}  oneshot {p['compress_s']:.1f}s", flush=True)
+            rows.append(p)
+        r = run_llmpress(model, windows, calib, bits, a.group_size, a.actorder == "static")
+        print(f"W{bits} g{a.group_size} llmpress: ppl {r['ppl']:.3f}  compress {r['compress_s']:.1f}s  "
+              f"(calibration_forward {r['seconds'].get('calibration_forward', 0):.1f}s, solve {r['seconds'].get('stage0:gptq', 0):.1f}s, "
+              f"capture {r['seconds'].get('capture', 0):.1f}s)", flush=True)
+        rows.append(r)
+
+    print()
+    print(f"{a.model}, full precision ppl {fp:.3f}; symmetric int, group {a.group_size}, all Linear but lm_head, "
+          f"act order: {a.actorder}; {calib.shape[0]}x{calib.shape[1]} calibration, {windows.shape[0]}x{windows.shape[1]} test tokens")
+    print()
+    print("| bits | tool | ppl | ratio to fp32 | wall s | llmpress/peer time |")
+    print("|---|---|---|---|---|---|")
+    for bits in a.bits:
+        peer = next((r for r in rows if r.get("tool", "").startswith("llm-compressor") and r.get("bits") == bits), None)
+        ours = next(r for r in rows if r.get("tool") == "llmpress gptq" and r["bits"] == bits)
+        if peer:
+            print(f"| W{bits} | llm-compressor GPTQ | {peer['ppl']:.3f} | {peer['ppl'] / fp:.3f} | {peer['compress_s']:.1f} | |")
+        ratio = f"{ours['compress_s'] / peer['compress_s']:.2f}" if peer else "-"
+        print(f"| W{bits} | llmpress GPTQ | {ours['ppl']:.3f} | {ours['ppl'] / fp:.3f} | {ours['compress_s']:.1f} | {ratio} |")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"fp_ppl": fp, "settings": vars(a), "peer_problem": peer_problem, "rows": rows}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)
