@@ -242,3 +242,13 @@ def test_gptq_stage_with_activation_quantization():
     st = stage("gptq", weights=QuantArgs(bits=4, group_size=32), activations=QuantArgs(bits=8, granularity="token"))
     rep = compress(m, [st], data=random_windows(4, 16))
     assert all(info["activations"] for info in rep.layers.values())
+
+
+def test_hopeless_hessian_falls_back_to_rtn():
+    # huge off-diagonal, tiny diagonal: no damping up to 1e6 x mean(diag) makes it definite
+    H = torch.full((8, 8), 1e6) - 1e6 * torch.eye(8) + 1e-3 * torch.eye(8)
+    W = torch.randn(4, 8)
+    args = QuantArgs(bits=4, group_size=4)
+    res = gptq_quantize(W, H, args)
+    assert res.fallback and torch.isfinite(res.weight).all()
+    assert torch.equal(res.weight, quantize_weight(W, args)[0])

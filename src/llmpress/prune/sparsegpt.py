@@ -206,9 +206,6 @@ def sparsegpt(ctx: ModuleContext, cfg: SparseGPT) -> None:
         rec.notes["dead_inputs"] = res.dead
     if res.fallback:
         rec.notes["hessian_fallback"] = "diagonal"
-    if res.damp_retries:
-        log.warning("%s: SparseGPT needed %d dampening retr%s (damp %.3g)", ctx.name, res.damp_retries,
-                    "y" if res.damp_retries == 1 else "ies", res.damp)
     if cfg.weights is not None:
         rec.weight_args = cfg.weights
         rec.qparams = res.qparams

@@ -279,8 +279,5 @@ def gptq(ctx: ModuleContext, cfg: GPTQ) -> None:
         rec.notes["dead_inputs"] = res.dead
     if res.fallback:
         rec.notes["hessian_fallback"] = "diagonal"
-    if res.damp_retries:
-        log.warning("%s: GPTQ needed %d dampening retr%s (damp %.3g)", ctx.name, res.damp_retries,
-                    "y" if res.damp_retries == 1 else "ies", res.damp)
     if cfg.activations is not None:
         rec.act_args = cfg.activations
