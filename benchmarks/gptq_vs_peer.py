@@ -60,16 +60,16 @@ def run_peer(folder: Path, calib_npy: Path, eval_npy: Path, bits: int, group: in
     return res
 
 
-def run_llmpress(model, windows, calib, bits: int, group: int, act_order: bool) -> dict:
+def run_llmpress(model, windows, calib, bits: int, group: int, act_order: bool, observer: str = "minmax") -> dict:
     m = copy.deepcopy(model)
-    st = stage("gptq", weights=QuantArgs(bits=bits, symmetric=True, granularity="group", group_size=group),
+    st = stage("gptq", weights=QuantArgs(bits=bits, symmetric=True, granularity="group", group_size=group, observer=observer),
                block_size=128, damp=0.01, act_order=act_order, static_groups=True)
     t = time.perf_counter()
     rep = api.compress(m, [st], calib)
     wall = time.perf_counter() - t
     t = time.perf_counter()
     ppl = perplexity(m, windows, 4)
-    out = {"tool": "llmpress gptq", "bits": bits, "group_size": group, "act_order": act_order, "compress_s": wall,
+    out = {"tool": "llmpress gptq", "bits": bits, "group_size": group, "act_order": act_order, "observer": observer, "compress_s": wall,
            "eval_s": time.perf_counter() - t, "ppl": ppl, "bits_per_weight": rep.bits_per_weight, "seconds": rep.seconds,
            "threads": torch.get_num_threads()}
     del m
@@ -86,6 +86,8 @@ def main():
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--actorder", choices=["static", "none"], default="static",
                     help="static: both tools in activation order with static groups; none: both in natural order")
+    ap.add_argument("--observers", nargs="+", choices=["minmax", "mse"], default=["minmax"],
+                    help="llmpress scale observers to run (one llmpress row each); the peer uses its default min-max")
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--out", default="runs/bench/gptq_vs_peer.json")
     a = ap.parse_args()
@@ -116,11 +118,12 @@ def main():
             else:
                 print(f"W{bits} g{a.group_size} llm-compressor: ppl {p['ppl']:.3f}  oneshot {p['compress_s']:.1f}s", flush=True)
             rows.append(p)
-        r = run_llmpress(model, windows, calib, bits, a.group_size, a.actorder == "static")
-        print(f"W{bits} g{a.group_size} llmpress: ppl {r['ppl']:.3f}  compress {r['compress_s']:.1f}s  "
-              f"(calibration_forward {r['seconds'].get('calibration_forward', 0):.1f}s, solve {r['seconds'].get('stage0:gptq', 0):.1f}s, "
-              f"capture {r['seconds'].get('capture', 0):.1f}s)", flush=True)
-        rows.append(r)
+        for obs in a.observers:
+            r = run_llmpress(model, windows, calib, bits, a.group_size, a.actorder == "static", obs)
+            print(f"W{bits} g{a.group_size} llmpress ({obs}): ppl {r['ppl']:.3f}  compress {r['compress_s']:.1f}s  "
+                  f"(calibration_forward {r['seconds'].get('calibration_forward', 0):.1f}s, solve {r['seconds'].get('stage0:gptq', 0):.1f}s, "
+                  f"capture {r['seconds'].get('capture', 0):.1f}s)", flush=True)
+            rows.append(r)
 
     print()
     print(f"{a.model}, full precision ppl {fp:.3f}; symmetric int, group {a.group_size}, all Linear but lm_head, "
@@ -130,11 +133,11 @@ def main():
     print("|---|---|---|---|---|---|")
     for bits in a.bits:
         peer = next((r for r in rows if r.get("tool", "").startswith("llm-compressor") and r.get("bits") == bits), None)
-        ours = next(r for r in rows if r.get("tool") == "llmpress gptq" and r["bits"] == bits)
         if peer:
-            print(f"| W{bits} | llm-compressor GPTQ | {peer['ppl']:.3f} | {peer['ppl'] / fp:.3f} | {peer['compress_s']:.1f} | |")
-        ratio = f"{ours['compress_s'] / peer['compress_s']:.2f}" if peer else "-"
-        print(f"| W{bits} | llmpress GPTQ | {ours['ppl']:.3f} | {ours['ppl'] / fp:.3f} | {ours['compress_s']:.1f} | {ratio} |")
+            print(f"| W{bits} | llm-compressor GPTQ (min-max) | {peer['ppl']:.3f} | {peer['ppl'] / fp:.3f} | {peer['compress_s']:.1f} | |")
+        for ours in (r for r in rows if r.get("tool") == "llmpress gptq" and r["bits"] == bits):
+            ratio = f"{ours['compress_s'] / peer['compress_s']:.2f}" if peer else "-"
+            print(f"| W{bits} | llmpress GPTQ ({ours['observer']}) | {ours['ppl']:.3f} | {ours['ppl'] / fp:.3f} | {ours['compress_s']:.1f} | {ratio} |")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"fp_ppl": fp, "settings": vars(a), "peer_problem": peer_problem, "rows": rows}, indent=2, default=str))
 
