@@ -100,9 +100,24 @@ def compute_qparams(x: torch.Tensor, args: QuantArgs, name: str | None = None, i
     best = _int_params(lo, hi, args)
     if args.observer == "minmax":
         return best
+    return _mse_search(xg, lo, hi, args, importance)
+
+
+def _mse_search(xg, lo, hi, args: QuantArgs, importance) -> QParams:
+    """Per group, the clipping ratio p in [1 - maxshrink, 1] minimizing sum |x - Q_p(x)|^norm.
+
+    Coarse-to-fine: ``sqrt(mse_grid)``-ish coarse points over the whole interval, then a
+    fine pass around each group's best coarse point at the full ``mse_grid`` resolution
+    (about 3x fewer evaluations than a flat grid, same optimum to within one fine step).
+    """
+    step = args.mse_maxshrink / args.mse_grid
+    n_coarse = max(2, int(round(args.mse_grid ** 0.5 * 2)))
+    coarse = max(1, args.mse_grid // n_coarse)  # fine steps per coarse step
     best_err = torch.full_like(lo, float("inf"))
-    for i in range(args.mse_grid):
-        p = 1.0 - args.mse_maxshrink * i / args.mse_grid
+    best_p = torch.ones_like(lo)
+
+    def try_p(p: torch.Tensor) -> None:
+        nonlocal best_err, best_p
         cand = _int_params(p * lo, p * hi, args)
         err = (_dequant(_codes(xg, cand, args), cand) - xg).abs_().pow_(args.mse_norm)
         if importance is not None:
@@ -110,10 +125,15 @@ def compute_qparams(x: torch.Tensor, args: QuantArgs, name: str | None = None, i
         err = err.sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best.scale = torch.where(better, cand.scale, best.scale)
-        if cand.zero_point is not None:
-            best.zero_point = torch.where(better, cand.zero_point, best.zero_point)
-    return best
+        best_p = torch.where(better, p, best_p)
+
+    for i in range(0, args.mse_grid, coarse):
+        try_p(torch.full_like(lo, 1.0 - step * i))
+    center = best_p.clone()
+    for j in range(-coarse + 1, coarse):
+        if j:
+            try_p((center - step * j).clamp(1.0 - args.mse_maxshrink, 1.0))
+    return _int_params(best_p * lo, best_p * hi, args)
 
 
 def quantize(x: torch.Tensor, qp: QParams, args: QuantArgs) -> torch.Tensor:
