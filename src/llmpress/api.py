@@ -255,6 +255,9 @@ def run_pipeline(
     """Load, evaluate the baseline, compress, evaluate again, save: what `llmpress compress` does."""
     recipe = _as_recipe(recipe)  # validate before any heavy work
     out_path = _prepare_out(out, overwrite)
+    for source in (calib.source, evaluation.source if evaluation is not None else "wiki"):
+        if source not in ("wiki", "news"):  # a missing or empty text file fails now, even if unused
+            data_mod.read_text_file(source)
     progress = engine.progress if engine else True
     seconds: dict[str, float] = {}
     t = time.perf_counter()

@@ -260,7 +260,10 @@ def run(model: nn.Module, spec: ArchSpec, recipe: Recipe, calib: torch.Tensor | 
         raise ValueError(f"statistics for linears outside the decoder blocks are only gathered for {spec.lm_head}: {outside}")
 
     device = next(model.parameters()).device
-    tmp = Path(tempfile.mkdtemp(prefix="llmpress-act-", dir=opts.offload_dir)) if opts.offload_dir else None
+    tmp = None
+    if opts.offload_dir:
+        Path(opts.offload_dir).expanduser().mkdir(parents=True, exist_ok=True)  # a new folder is fine
+        tmp = Path(tempfile.mkdtemp(prefix="llmpress-act-", dir=Path(opts.offload_dir).expanduser()))
     try:
         return _run_sequential(model, spec, targets, needs, calib.to(device), opts, tmp, records, seconds, block_stages)
     finally:
