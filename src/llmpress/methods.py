@@ -2,3 +2,7 @@
 from .quant import rtn  # noqa: F401
 from .quant import gptq  # noqa: F401
 from .prune import sparsegpt  # noqa: F401
+from .transform import smooth  # noqa: F401  (smoothquant)
+from .quant import awq, outliers  # noqa: F401
+from .prune import magnitude, wanda  # noqa: F401
+from .runtime import llm_int8  # noqa: F401

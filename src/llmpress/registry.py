@@ -39,9 +39,11 @@ class ModuleRecord:
         return self.out_features * self.in_features
 
     def bits_per_weight(self, dense_bits: int = 16) -> float:
+        # notes["extra_bits"]: storage beside the dense grid (e.g. sparse fp16 outliers), amortized
+        extra = float(self.notes.get("extra_bits", 0)) / self.n_params
         if self.weight_args is None:
-            return float(dense_bits)
-        return bits_per_weight(self.weight_args, self.in_features, self.out_features)
+            return float(dense_bits) + extra
+        return bits_per_weight(self.weight_args, self.in_features, self.out_features) + extra
 
 
 @dataclass

@@ -1,0 +1,225 @@
+"""Outlier-driven compression on SmolLM2-135M (and W8A8 on gemma-3-270m).
+
+    flock /tmp/llmpress-heavy.lock .venv/bin/python benchmarks/outliers.py \
+        [--sections w8a8,awq,prune,llm_int8,outliers,gemma] [--calib 128] [--windows 64]
+
+Settings as in /work/shared/ANCHORS.md: test split, 64 windows of 512 tokens, calibration
+128 windows of 512 (seed 0), symmetric weights, group 64, every Linear but lm_head.
+Sections:
+
+- w8a8: RTN W8A8 vs SmoothQuant W8A8 (per-token dynamic activations, the presets), the
+  same with per-tensor dynamic activations (where smoothing matters most), and the
+  SmoothQuant model converted to Int8Linear (real integer GEMM) as a check;
+- awq: RTN vs AWQ at W3 g64 (and W4 g64), GPTQ W3 vs AWQ+GPTQ W3 when GPTQ exists;
+- prune: magnitude vs Wanda (sequential), 50% per row and 2:4;
+- llm_int8: LLM.int8() perplexity and the share of outlier input columns per layer;
+- outliers: RTN W3 g64 vs W3 g64 + 0.5% fp16 outliers, with honest bits per weight;
+- gemma: gemma-3-270m W8A8 with and without SmoothQuant.
+
+Rows are appended to runs/bench/outliers.json as they finish (a partial run keeps them).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from llmpress import api, models
+from llmpress.calib.engine import EngineOptions
+from llmpress.eval.perplexity import perplexity
+from llmpress.quant import QuantArgs
+from llmpress.recipe import stage
+from llmpress.registry import METHODS, get_method
+
+SECTIONS = ("w8a8", "awq", "prune", "llm_int8", "outliers", "gemma")
+W8 = QuantArgs(bits=8, granularity="channel")
+A8T = QuantArgs(bits=8, granularity="tensor")
+
+
+class Runner:
+    def __init__(self, model_name: str, windows: int, calib: int, out: Path):
+        self.name = model_name
+        self.model, self.tok = models.load(model_name)
+        self.windows = api.evaluation_windows(self.tok, self.model, api.EvalConfig(max_windows=windows))
+        self.calib_cfg = api.CalibConfig(n_samples=calib)
+        self.calib = api.calibration_windows(self.tok, self.model, self.calib_cfg)
+        self.out = out
+        self.fp = None
+        self.done: dict[str, dict] = {}
+
+    def ppl(self, m, label) -> tuple[float, float]:
+        t = time.perf_counter()
+        p = perplexity(m, self.windows, batch_size=4, progress=False)
+        return p, time.perf_counter() - t
+
+    def baseline(self) -> dict:
+        if self.fp is None:
+            p, s = self.ppl(self.model, "fp32")
+            self.fp = p
+            self.emit({"section": "baseline", "method": "full precision (fp32)", "ppl": p, "bits_per_weight": 16.0, "compress_s": 0.0, "eval_s": s})
+        return {"ppl": self.fp}
+
+    def run(self, section: str, label: str, recipe, after=None, then=(), **extra) -> dict:
+        """Compress a copy with ``recipe``, evaluate; ``then``: (label, fn(model) -> info)
+        further conversions of the same compressed model, each evaluated as its own row."""
+        if label in self.done:  # same recipe already measured in this run (another section)
+            return self.done[label]
+        self.baseline()
+        m = copy.deepcopy(self.model)
+        r = api._as_recipe(recipe)
+        t = time.perf_counter()
+        rep = api.compress(m, r, self.calib, engine=EngineOptions(batch_size=8, progress=False))
+        cs = time.perf_counter() - t
+        info = after(m, rep) if after else {}
+        p, es = self.ppl(m, label)
+        row = {"section": section, "method": label, "ppl": p, "bits_per_weight": rep.bits_per_weight, "compress_s": cs, "eval_s": es, "stage_seconds": rep.seconds, **extra, **info}
+        if after is not None and hasattr(after, "post"):
+            row.update(after.post(m, rep))
+        self.emit(row)
+        self.done[label] = row
+        for lab, fn in then:
+            more = fn(m)
+            p, es = self.ppl(m, lab)
+            self.emit({**row, "method": lab, "ppl": p, "eval_s": es, **more})
+        del m
+        return row
+
+    def emit(self, row: dict) -> None:
+        row = {"model": self.name, "eval_windows": int(self.windows.shape[0]), "calib_windows": int(self.calib.shape[0]), **row}
+        if self.fp:
+            row["ratio"] = row["ppl"] / self.fp
+        data = json.loads(self.out.read_text()) if self.out.exists() else {"rows": []}
+        data["rows"].append(row)
+        data["machine"] = platform.processor() or platform.machine()
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(data, indent=2, default=str))
+        ratio = f"{row['ratio']:.3f}" if "ratio" in row else "-"
+        print(f"[{self.name}] {row['method']:<44} ppl {row['ppl']:10.3f}  ratio {ratio:>7}  bits {row['bits_per_weight']:6.3f}  compress {row['compress_s']:7.1f}s  eval {row['eval_s']:6.1f}s", flush=True)
+
+
+def _alpha_summary(rep) -> dict:
+    alphas = [l["smoothquant"]["alpha"] for n, l in rep.layers.items() if n.endswith("q_proj") and "smoothquant" in l]
+    return {"alpha_per_block": alphas}
+
+
+def w8a8(r: Runner) -> None:
+    r.run("w8a8", "RTN W8A8 (per-token act)", "rtn-w8a8")
+    def to_int8(m):
+        from llmpress.runtime.int8 import convert_to_int8
+
+        return {"int8_linears": len(convert_to_int8(m, backend="fp32_exact"))}
+
+    r.run("w8a8", "SmoothQuant W8A8 (per-token act)", "smoothquant-w8a8", after=lambda m, rep: _alpha_summary(rep),
+          then=[("SmoothQuant W8A8 as Int8Linear (integer GEMM)", to_int8)])
+    r.run("w8a8", "RTN W8A8 (per-tensor dynamic act)", [stage("rtn", weights=W8, activations=A8T)])
+    r.run("w8a8", "SmoothQuant W8A8 (per-tensor dynamic act)", [stage("smoothquant", activations=A8T), stage("rtn", weights=W8, activations=A8T)], after=lambda m, rep: _alpha_summary(rep))
+
+
+def awq(r: Runner) -> None:
+    r.run("awq", "RTN W3 g64", "rtn-w3g64")
+    r.run("awq", "AWQ W3 g64", "awq-w3g64")
+    r.run("awq", "RTN W4 g64", "rtn-w4g64")
+    r.run("awq", "AWQ W4 g64", "awq-w4g64")
+    try:
+        get_method("gptq")
+    except Exception:
+        print("GPTQ not available: skipping GPTQ rows", flush=True)
+        return
+    r.run("awq", "GPTQ W3 g64", "gptq-w3g64" if "gptq-w3g64" in _presets() else [stage("gptq", weights=QuantArgs(bits=3, group_size=64))])
+    r.run("awq", "AWQ + GPTQ W3 g64", "awq-gptq-w3g64")
+
+
+def _presets():
+    from llmpress.recipe import presets
+
+    return presets()
+
+
+def prune(r: Runner) -> None:
+    for label, preset in (("magnitude 50% (per row)", "magnitude-50"), ("Wanda 50% (sequential)", "wanda-50"), ("magnitude 2:4", "magnitude-2of4"), ("Wanda 2:4 (sequential)", "wanda-2of4")):
+        r.run("prune", label, preset)
+
+
+def llm_int8(r: Runner) -> None:
+    from llmpress.runtime.llm_int8 import llm_int8_stats
+
+    class After:
+        def __call__(self, m, rep):
+            return {}
+
+        def post(self, m, rep):
+            st = llm_int8_stats(m)
+            return {"outlier_share": {n: round(c["mean_outlier_share"], 5) for n, c in st.items()}, "outlier_share_max": {n: round(c["max_outlier_share"], 5) for n, c in st.items()}}
+
+    row = r.run("llm_int8", "LLM.int8() threshold 6 (eval batch 4x512)", "llm-int8", after=After())
+    print_shares(row["outlier_share"])
+
+
+def print_shares(share: dict) -> None:
+    kinds = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+    print("share of outlier input columns per call (mean over eval batches), q/k/v share one input, gate/up share one input")
+    print("| layer | " + " | ".join(k.split(".")[-1].replace("q_proj", "q/k/v").replace("gate_proj", "gate/up") for k in kinds) + " |")
+    print("|---|" + "---|" * len(kinds))
+    layers = sorted({int(n.split(".")[2]) for n in share})
+    for i in layers:
+        cells = [f"{100 * share.get(f'model.layers.{i}.{k}', float('nan')):.2f}%" for k in kinds]
+        print(f"| {i} | " + " | ".join(cells) + " |")
+
+
+def outliers(r: Runner) -> None:
+    r.run("outliers", "RTN W3 g64", "rtn-w3g64")
+    r.run("outliers", "RTN W3 g64 + 0.5% fp16 outliers (CSR)", "w3g64-outliers0.5")
+    r.run("outliers", "RTN W3 g64 + 0.5% outliers, |w|*||x|| score", [stage("outliers", weights=QuantArgs(bits=3, group_size=64), fraction=0.005, score="activation")])
+
+
+def gemma(r: Runner) -> None:
+    r.run("gemma", "RTN W8A8 (per-token act)", "rtn-w8a8")
+    r.run("gemma", "SmoothQuant W8A8 (per-token act)", "smoothquant-w8a8", after=lambda m, rep: _alpha_summary(rep))
+    r.run("gemma", "RTN W8A8 (per-tensor dynamic act)", [stage("rtn", weights=W8, activations=A8T)])
+    r.run("gemma", "SmoothQuant W8A8 (per-tensor dynamic act)", [stage("smoothquant", activations=A8T), stage("rtn", weights=W8, activations=A8T)], after=lambda m, rep: _alpha_summary(rep))
+
+
+def table(path: Path) -> str:
+    rows = json.loads(path.read_text())["rows"]
+    lines = ["| model | section | method | ppl | ratio to fp32 | bits/weight | compress s |", "|---|---|---|---|---|---|---|"]
+    for x in rows:
+        lines.append(f"| {x['model']} | {x['section']} | {x['method']} | {x['ppl']:.3f} | {x.get('ratio', float('nan')):.3f} | {x['bits_per_weight']:.3f} | {x['compress_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sections", default=",".join(SECTIONS))
+    ap.add_argument("--calib", type=int, default=128)
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--out", default="runs/bench/outliers.json")
+    a = ap.parse_args()
+    out = Path(a.out)
+    secs = [s for s in a.sections.split(",") if s]
+    bad = [s for s in secs if s not in SECTIONS]
+    if bad:
+        sys.exit(f"unknown section(s) {bad}; choose from {SECTIONS}")
+    torch.manual_seed(0)
+    smol = [s for s in secs if s != "gemma"]
+    if smol:
+        r = Runner("smollm2-135m", a.windows, a.calib, out)
+        r.baseline()
+        for s in smol:
+            globals()[s](r)
+        del r
+    if "gemma" in secs:
+        r = Runner("gemma3-270m", a.windows, a.calib, out)
+        r.baseline()
+        gemma(r)
+    print()
+    print(table(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Function-preserving transforms applied before quantization: smoothing, rotations."""

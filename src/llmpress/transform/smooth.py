@@ -1,0 +1,173 @@
+"""SmoothQuant (Xiao et al., 2023) and the Outlier Suppression+ shift, as a block-scope method.
+
+Activation outliers live in a few input channels, persistently across tokens. Dividing
+channel j of the activations by ``s_j`` and multiplying column j of the weights by it
+migrates the quantization difficulty from activations to weights:
+
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
+
+(max |W_j| over every linear fed by the same op). The division is folded offline into the
+op that produces X (RMSNorm weight, v_proj rows, up_proj rows; see
+:mod:`llmpress.transform.scaling`), so the float model is unchanged. ``alpha`` is fixed, or
+chosen per block on a grid by the error of the block's output when its linears compute
+with fake-quantized weights and activations (``weights`` / ``activations``: the
+quantization that the following stage applies) against the float output.
+
+With ``shift`` (Outlier Suppression+, Wei et al., 2023) each channel is first centred by
+``z_j = (max_j + min_j) / 2`` (the midpoint of its calibration range), folded into the
+linears' biases (created when missing) and, after a norm, a :class:`NormShift` wrapper;
+the scales are then computed on the centred ranges ``(max_j - min_j) / 2``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ..arch import get_module
+from ..errors import RecipeError
+from ..quant.args import QuantArgs
+from ..quant.core import fake_quantize
+from ..registry import register
+from .scaling import (
+    ScaleGroup,
+    apply_smoothing,
+    batches_for,
+    group_weight_absmax,
+    head_geometry,
+    heads_to_kv,
+    scale_groups,
+    smooth_scales,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SmoothQuant:
+    """SmoothQuant stage. ``search``: choose alpha per block among ``grid`` values in
+    [alpha_min, alpha_max] (and no smoothing when ``include_identity``), scoring
+    ``search_windows`` calibration windows; otherwise use ``alpha``. ``attn_out`` /
+    ``mlp_out`` also smooth o_proj (from v_proj) and down_proj (from up_proj)."""
+
+    alpha: float = 0.5
+    search: bool = True
+    grid: int = 11
+    alpha_min: float = 0.0
+    alpha_max: float = 1.0
+    include_identity: bool = True
+    search_windows: int = 8
+    weights: QuantArgs | None = field(default_factory=lambda: QuantArgs(bits=8, granularity="channel"))
+    activations: QuantArgs | None = field(default_factory=lambda: QuantArgs(bits=8, granularity="token"))
+    attn_out: bool = True
+    mlp_out: bool = True
+    shift: bool = False
+    eps: float = 1e-5
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise RecipeError(f"alpha={self.alpha!r}: expected a value in [0, 1]")
+        if not 0.0 <= self.alpha_min <= self.alpha_max <= 1.0:
+            raise RecipeError(f"alpha_min={self.alpha_min!r}, alpha_max={self.alpha_max!r}: need 0 <= alpha_min <= alpha_max <= 1")
+        if self.grid < 1:
+            raise RecipeError(f"grid={self.grid!r}: expected at least 1 point")
+        if self.search_windows < 1:
+            raise RecipeError(f"search_windows={self.search_windows!r}: expected at least 1")
+
+    def alphas(self) -> list[float | None]:
+        if not self.search:
+            return [self.alpha]
+        if self.grid == 1:
+            pts = [self.alpha_min]
+        else:
+            pts = [round(self.alpha_min + (self.alpha_max - self.alpha_min) * i / (self.grid - 1), 6) for i in range(self.grid)]
+        return ([None] if self.include_identity else []) + pts
+
+
+@dataclass
+class GroupStats:
+    """What the scale formula needs for one group, in the group's channel space."""
+
+    act_absmax: torch.Tensor
+    weight_absmax: torch.Tensor
+    shift: torch.Tensor | None = None
+
+
+def group_stats(block, spec, g: ScaleGroup, stats: dict, shift: bool) -> GroupStats:
+    """Activation range (after the optional centring) and weight range of a group."""
+    geo = head_geometry(block, spec) if g.kind == "v" else None
+    red = (lambda t, r: heads_to_kv(t, geo, r)) if geo else (lambda t, r: t)
+    st = stats[g.linears[0]]
+    z = None
+    if shift and g.kind != "up":
+        lo, hi = red(st["channel_minmax"]["min"], "min"), red(st["channel_minmax"]["max"], "max")
+        z = (hi + lo) / 2
+        act = (hi - lo) / 2
+    else:
+        act = red(st["channel_stats"]["absmax"], "max")
+    return GroupStats(act.float(), group_weight_absmax(block, spec, g), z)
+
+
+def _quantize_block_(block, locals_: list[str], wargs: QuantArgs | None, aargs: QuantArgs | None) -> list:
+    """Fake-quantize the weights of ``locals_`` in place and hook activation fake-quant."""
+    handles = []
+    for loc in locals_:
+        lin = get_module(block, loc)
+        if wargs is not None:
+            lin.weight.data = fake_quantize(lin.weight.data, wargs, name=loc)
+        if aargs is not None:
+            handles.append(lin.register_forward_pre_hook(lambda _m, a, _q=aargs: (fake_quantize(a[0], _q),) + tuple(a[1:])))
+    return handles
+
+
+def score_candidate(ctx, groups, gstats, alpha, cfg, ref: list[torch.Tensor], n_batches: int) -> float:
+    """Mean squared error of the block output: smoothed (alpha) + quantized copy vs float."""
+    blk = copy.deepcopy(ctx.block)
+    if alpha is not None or cfg.shift:
+        for g, gs in zip(groups, gstats):
+            s = smooth_scales(gs.act_absmax, gs.weight_absmax, alpha, cfg.eps) if alpha is not None else None
+            apply_smoothing(blk, ctx.spec, g, s, gs.shift)
+    _quantize_block_(blk, list(ctx.targets), cfg.weights, cfg.activations)
+    err, count = 0.0, 0
+    with torch.no_grad():
+        for b in range(n_batches):
+            args, kwargs = ctx.call_args[b]
+            y = blk(ctx.inputs[b], *args, **kwargs)
+            y = y[0] if isinstance(y, tuple) else y
+            err += (y.float() - ref[b].float()).pow(2).sum().item()
+            count += y.numel()
+    return err / max(count, 1)
+
+
+@register("smoothquant", SmoothQuant, scope="block", summary="SmoothQuant: migrate activation outliers into the weights (per-channel scales folded offline), optional OS+ shift")
+def smoothquant(ctx, cfg: SmoothQuant) -> None:
+    groups = [g for g in scale_groups(ctx.spec, cfg.attn_out, cfg.mlp_out) if all(p in ctx.targets for p in g.linears)]
+    if not groups:
+        return
+    needs = {g.linears[0]: {"channel_stats"} | ({"channel_minmax"} if cfg.shift else set()) for g in groups}
+    stats = ctx.collect(needs)
+    gstats = [group_stats(ctx.block, ctx.spec, g, stats, cfg.shift) for g in groups]
+    alphas = cfg.alphas()
+    chosen, errors = alphas[0], {}
+    if len(alphas) > 1:
+        n = batches_for(ctx, cfg.search_windows)
+        ref = ctx.outputs(batches=n)
+        for a in alphas:
+            errors[a] = score_candidate(ctx, groups, gstats, a, cfg, ref, n)
+        chosen = min(errors, key=errors.get)
+        log.debug("block %d: smoothquant errors %s -> alpha %s", ctx.index, errors, chosen)
+    for g, gs in zip(groups, gstats):
+        s = smooth_scales(gs.act_absmax, gs.weight_absmax, chosen, cfg.eps) if chosen is not None else None
+        apply_smoothing(ctx.block, ctx.spec, g, s, gs.shift)
+    note = {"alpha": chosen, "shift": cfg.shift}
+    if errors:
+        base = errors.get(None)
+        note["search_mse"] = errors[chosen]
+        if base is not None:
+            note["identity_mse"] = base
+    for loc in ctx.targets:
+        rec = ctx.record(loc)
+        rec.methods.append("smoothquant")
+        rec.notes["smoothquant"] = note
