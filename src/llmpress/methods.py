@@ -2,6 +2,9 @@
 from .quant import rtn  # noqa: F401
 from .quant import gptq  # noqa: F401
 from .prune import sparsegpt  # noqa: F401
+from .transform import rotate  # noqa: F401  (quarot, kv_quant)
+from .transform import duquant  # noqa: F401
+from .transform import spinquant  # noqa: F401
 from .transform import smooth  # noqa: F401  (smoothquant)
 from .quant import awq, outliers  # noqa: F401
 from .prune import magnitude, wanda  # noqa: F401

@@ -1,0 +1,263 @@
+"""Rotation benchmark: W4A4KV4 / W4A8 / W8A8 perplexity with each rotation method.
+
+Rows: no rotation (RTN), SmoothQuant + RTN (when the method exists), QuaRot + RTN,
+QuaRot + GPTQ, DuQuant + RTN, SpinQuant + RTN (more with ``--rows``). Columns:
+
+- W4A4KV4: weights int4 sym group 64 (or the row's GPTQ), activations int4 sym per
+  token (dynamic), keys/values int4 asym per head and token;
+- W4A8: the same weights, int8 per-token activations, 16-bit KV cache;
+- W8A8: int8 per-channel weights (RTN), int8 per-token activations, 16-bit KV cache.
+
+Each row rotates the full-precision model once (SpinQuant learns its rotation with the
+W4A4KV4 quantizers and reuses it for the other columns), measures the difficulty of the
+activations that feed q/k/v and down_proj (max/median ratio and kurtosis, per layer, on
+two calibration windows), then quantizes a copy per column and evaluates perplexity.
+
+Run (heavy: about an hour or more on 2 CPU cores)::
+
+    flock /tmp/llmpress-heavy.lock .venv/bin/python benchmarks/rotations.py \\
+        --model smollm2-135m --out benchmarks/results/rotations-smollm2
+
+Small check: ``--eval-windows 4 --calib-windows 8 --rows quarot-rtn --columns W4A4KV4``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from llmpress import models
+from llmpress.api import CalibConfig, EvalConfig, calibration_windows, compress, evaluation_windows
+from llmpress.arch import get_arch, get_module
+from llmpress.eval.perplexity import perplexity
+from llmpress.quant import QuantArgs
+from llmpress.recipe import stage
+from llmpress.registry import METHODS, get_method
+
+log = logging.getLogger("rotations")
+
+W4 = QuantArgs(bits=4, symmetric=True, granularity="group", group_size=64)
+W8 = QuantArgs(bits=8, symmetric=True, granularity="channel")
+A4 = QuantArgs(bits=4, symmetric=True, granularity="token")
+A8 = QuantArgs(bits=8, symmetric=True, granularity="token")
+KV4 = QuantArgs(bits=4, symmetric=False, granularity="token")
+
+COLUMNS = {
+    "W4A4KV4": dict(weights=W4, activations=A4, kv=KV4),
+    "W4A8": dict(weights=W4, activations=A8, kv=None),
+    "W8A8": dict(weights=W8, activations=A8, kv=None, rtn_only=True),
+}
+
+# row -> (rotation stage factory or None, weight method, label)
+ROWS = {
+    "none-rtn": (None, "rtn", "no rotation, RTN"),
+    "smoothquant-rtn": ("smoothquant", "rtn", "SmoothQuant + RTN"),
+    "quarot-rtn": (lambda a: stage("quarot", seed=a.seed), "rtn", "QuaRot + RTN"),
+    "quarot-gptq": (lambda a: stage("quarot", seed=a.seed), "gptq", "QuaRot + GPTQ"),
+    "duquant-rtn": (lambda a: stage("duquant", seed=a.seed), "rtn", "DuQuant + RTN"),
+    "duquant-gptq": (lambda a: stage("duquant", seed=a.seed), "gptq", "DuQuant + GPTQ"),
+    "spinquant-rtn": (lambda a: stage("spinquant", seed=a.seed, steps=a.spin_steps), "rtn", "SpinQuant + RTN"),
+    "spinquant-gptq": (lambda a: stage("spinquant", seed=a.seed, steps=a.spin_steps), "gptq", "SpinQuant + GPTQ"),
+}
+DEFAULT_ROWS = ["none-rtn", "smoothquant-rtn", "quarot-rtn", "quarot-gptq", "duquant-rtn", "spinquant-rtn"]
+
+
+# ----------------------------------------------------------------------------- difficulty
+
+
+def _kurtosis(x: torch.Tensor) -> float:
+    x = x.double().flatten()
+    x = x - x.mean()
+    v = x.pow(2).mean()
+    return float(x.pow(4).mean() / (v * v)) if v > 0 else float("nan")
+
+
+def _max_over_median(x: torch.Tensor) -> float:
+    a = x.float().abs().flatten()
+    med = a.median()
+    return float(a.max() / med) if med > 0 else float("inf")
+
+
+@torch.no_grad()
+def difficulty(model, windows: torch.Tensor) -> dict:
+    """Per layer: max|x|/median|x| and kurtosis of the inputs of q_proj (= k/v) and down_proj.
+
+    The inputs are taken where the quantizer sees them: after any online rotation
+    (ActQuantLinear-free model, so the hook on the linear sees what would be quantized).
+    """
+    spec = get_arch(model)
+    layers = get_module(model, spec.blocks)
+    got: dict[tuple[int, str], list[torch.Tensor]] = {}
+    handles = []
+    for i, block in enumerate(layers):
+        for site, path in (("qkv_in", spec.q), ("down_in", spec.down)):
+            def hook(_m, inp, _k=(i, site)):
+                got.setdefault(_k, []).append(inp[0].detach().reshape(-1, inp[0].shape[-1]))
+            handles.append(get_module(block, path).register_forward_pre_hook(hook))
+    try:
+        for ids in windows.split(1):
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for site in ("qkv_in", "down_in"):
+        mom, kur = [], []
+        for i in range(len(layers)):
+            x = torch.cat(got[(i, site)])
+            mom.append(_max_over_median(x))
+            kur.append(_kurtosis(x))
+        out[site] = {
+            "max_over_median": {"mean": sum(mom) / len(mom), "max": max(mom), "per_layer": mom},
+            "kurtosis": {"mean": sum(kur) / len(kur), "max": max(kur), "per_layer": kur},
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def quant_stages(row_method: str, col: dict, smooth: bool):
+    weights, acts = col["weights"], col["activations"]
+    method = "rtn" if col.get("rtn_only") else row_method
+    st = []
+    if smooth:
+        st.append(stage("smoothquant", weights=weights, activations=acts))
+    if col["kv"] is not None:
+        st.append(stage("kv_quant", keys=col["kv"], values=col["kv"]))
+    st.append(stage(method, weights=weights, activations=acts))
+    return st
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    ap.add_argument("--columns", default=",".join(COLUMNS), help=f"comma-separated, from {', '.join(COLUMNS)}")
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--calib-windows", type=int, default=128)
+    ap.add_argument("--spin-steps", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-metrics", action="store_true")
+    ap.add_argument("--out", default=None, help="path prefix for .json and .md results")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    get_method("rtn")  # fills the registry
+    rows = [r for r in args.rows.split(",") if r]
+    cols = [c for c in args.columns.split(",") if c]
+    bad = [r for r in rows if r not in ROWS] + [c for c in cols if c not in COLUMNS]
+    if bad:
+        ap.error(f"unknown rows/columns: {bad}")
+    if "smoothquant-rtn" in rows and "smoothquant" not in METHODS:
+        log.warning("method smoothquant is not registered: skipping its row")
+        rows.remove("smoothquant-rtn")
+    if any(ROWS[r][1] == "gptq" for r in rows) and "gptq" not in METHODS:
+        log.warning("method gptq is not registered: skipping GPTQ rows")
+        rows = [r for r in rows if ROWS[r][1] != "gptq"]
+
+    t0 = time.perf_counter()
+    base, tok = models.load(args.model)
+    ev = evaluation_windows(tok, base, EvalConfig(seqlen=args.seqlen, max_windows=args.eval_windows))
+    cal = calibration_windows(tok, base, CalibConfig(n_samples=args.calib_windows, seqlen=args.seqlen))
+    metric_windows = cal[:2]
+    results = {"model": args.model, "args": vars(args), "rows": {}, "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}}
+    t = time.perf_counter()
+    fp = perplexity(base, ev, 4)
+    results["fp"] = {"ppl": fp, "eval_s": time.perf_counter() - t}
+    log.info("full precision ppl %.3f (%d windows)", fp, ev.shape[0])
+    if not args.no_metrics:
+        results["fp"]["difficulty"] = difficulty(base, metric_windows)
+    del base
+
+    for r in rows:
+        rot, wmethod, label = ROWS[r]
+        model, _ = models.load(args.model)
+        row = {"label": label, "columns": {}}
+        t = time.perf_counter()
+        if callable(rot):
+            rep = compress(model, [rot(args)], data=cal)
+            row["transform"] = getattr(model, "llmpress_transforms", None)
+        row["rotate_s"] = time.perf_counter() - t
+        if callable(rot) and not args.no_metrics:
+            row["difficulty"] = difficulty(model, metric_windows)
+        for c in cols:
+            m = copy.deepcopy(model) if c != cols[-1] else model
+            t = time.perf_counter()
+            rep = compress(m, quant_stages(wmethod, COLUMNS[c], smooth=rot == "smoothquant"), data=cal)
+            qs = time.perf_counter() - t
+            t = time.perf_counter()
+            p = perplexity(m, ev, 4)
+            es = time.perf_counter() - t
+            row["columns"][c] = {"ppl": p, "ratio": p / fp, "quantize_s": qs, "eval_s": es, "bits_per_weight": rep.bits_per_weight, "size_mb": rep.size_mb}
+            log.info("%-22s %-8s ppl %10.3f  ratio %7.3f  (quantize %.0fs, eval %.0fs)", label, c, p, p / fp, qs, es)
+            del m
+        results["rows"][r] = row
+        del model
+        if args.out:
+            _write(args.out, results, cols)
+    results["total_s"] = time.perf_counter() - t0
+    if args.out:
+        _write(args.out, results, cols)
+    print(markdown(results, cols))
+    return 0
+
+
+def _fmt(v):
+    if v is None or (isinstance(v, float) and (math.isnan(v) or math.isinf(v))):
+        return "-"
+    return f"{v:.2f}" if v < 1000 else f"{v:.3g}"
+
+
+def markdown(res: dict, cols: list[str]) -> str:
+    fp = res["fp"]["ppl"]
+    lines = [f"Model {res['model']}, {res['args']['eval_windows']} x {res['args']['seqlen']}-token test windows; full precision ppl {fp:.3f}.", ""]
+    lines.append("| method | " + " | ".join(f"{c} ppl (x fp)" for c in cols) + " |")
+    lines.append("|---|" + "---|" * len(cols))
+    for r, row in res["rows"].items():
+        cells = []
+        for c in cols:
+            x = row["columns"].get(c)
+            cells.append("-" if x is None else f"{_fmt(x['ppl'])} ({_fmt(x['ratio'])}x)")
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if "difficulty" in res["fp"]:
+        lines.append("Difficulty of the quantized inputs (mean over layers / worst layer), 2 calibration windows:")
+        lines.append("")
+        lines.append("| model | q/k/v in max/median | q/k/v in kurtosis | down_proj in max/median | down_proj in kurtosis |")
+        lines.append("|---|---|---|---|---|")
+
+        def cells(d):
+            out = []
+            for site in ("qkv_in", "down_in"):
+                for k in ("max_over_median", "kurtosis"):
+                    out.append(f"{_fmt(d[site][k]['mean'])} / {_fmt(d[site][k]['max'])}")
+            return out
+
+        lines.append("| full precision, no rotation | " + " | ".join(cells(res["fp"]["difficulty"])) + " |")
+        seen = set()
+        for r, row in res["rows"].items():
+            name = row["label"].split(" + ")[0]
+            if "difficulty" in row and name not in seen:
+                seen.add(name)
+                lines.append(f"| {name} | " + " | ".join(cells(row["difficulty"])) + " |")
+    return "\n".join(lines)
+
+
+def _write(prefix: str, res: dict, cols: list[str]) -> None:
+    p = Path(prefix)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    p.with_suffix(".md").write_text(markdown(res, cols) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""DuQuant (Lin et al. 2024): outlier-driven block rotations and a zigzag permutation.
+
+For the activations X [tokens, d] that feed some linears, DuQuant builds
+
+    x -> ((x R1) P) R2
+
+with R1, R2 block-diagonal (blocks of b channels) and P a permutation, all orthogonal,
+and folds the inverse into the weights (W -> W R1 P R2).
+
+- Block rotation (greedy, per block): take the channel with the largest |x| in the
+  block; rotate so that this channel is spread evenly over the block (a Householder
+  reflection mapping e_d to the uniform vector u = 1/sqrt(b), followed by a random
+  rotation of the complement of u, which keeps the spread outlier spread and mixes the
+  rest); keep the step only if the block's max |x| drops; repeat ``steps`` times.
+- Zigzag permutation: sort channels by their max |x| after R1 and deal them to the
+  blocks 0, 1, .., K-1, K-1, .., 0, 0, 1, ..: every block gets a similar share of the
+  large channels, so the second rotation R2 can flatten each block.
+
+Where the invariance allows (see :mod:`llmpress.transform.rotate`):
+- llama family: one transform of the residual stream, built from the inputs of every
+  q/k/v and gate/up (norm outputs, norms fused), applied offline (dense d x d);
+- every block: an online transform of the down_proj input and of the attention output
+  (o_proj input), built from that block's own activations (two b x b batched matmuls and
+  a gather per token);
+- gemma3 (post-norms block the residual): online transforms of each block's
+  input_layernorm and pre_feedforward_layernorm outputs, built per block;
+- values and q/k per head: Hadamard, as in QuaRot (the KV cache needs them; DuQuant
+  itself does not rotate the cache). The paper's optional smoothing step is left to a
+  separate smoothing stage.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..arch import ArchSpec, get_module
+from ..errors import UserError
+from ..registry import register
+from ..runtime.online_hadamard import OnlineRotation
+from .hadamard import orthogonal_matrix, random_orthogonal
+from .rotate import (
+    RotationPlan,
+    apply_plan,
+    attention_of,
+    fuse_norms,
+    head_layout,
+    online,
+    residual_rotatable,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def spreading_rotation(b: int, d: int, generator: torch.Generator) -> torch.Tensor:
+    """A b x b orthogonal R with e_d R = u (uniform 1/sqrt(b)) and u R random in u's complement."""
+    u = torch.full((b,), 1.0 / b**0.5, dtype=torch.float64)
+    e = torch.zeros(b, dtype=torch.float64)
+    e[d] = 1.0
+    v = e - u
+    nv = v.dot(v)
+    house = torch.eye(b, dtype=torch.float64) if nv < 1e-24 else torch.eye(b, dtype=torch.float64) - 2.0 * torch.outer(v, v) / nv
+    if b <= 2:
+        return house
+    # orthonormal basis of u's complement, a random rotation inside it, u kept fixed
+    basis = torch.linalg.qr(torch.cat([u[:, None], torch.randn(b, b - 1, generator=generator, dtype=torch.float64)], 1))[0][:, 1:]
+    q = random_orthogonal(b - 1, generator)
+    keep_u = torch.outer(u, u) + basis @ q @ basis.T
+    return house @ keep_u
+
+
+def greedy_block_rotation(x: torch.Tensor, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """Orthogonal R [b, b] lowering max |x R| greedily, for samples x [n, b] of one block."""
+    b = x.shape[1]
+    r = torch.eye(b, dtype=torch.float64)
+    cur = x.double()
+    best = cur.abs().max()
+    for _ in range(steps):
+        d = int(cur.abs().amax(0).argmax())
+        rt = spreading_rotation(b, d, generator)
+        cand = cur @ rt
+        m = cand.abs().max()
+        if m >= best:
+            break
+        cur, best, r = cand, m, r @ rt
+    return r
+
+
+def block_rotations(x: torch.Tensor, block: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-block greedy rotations [K, b, b] for x [n, K*b]."""
+    k = x.shape[1] // block
+    return torch.stack([greedy_block_rotation(x[:, i * block : (i + 1) * block], steps, generator) for i in range(k)])
+
+
+def apply_blocks(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    k, b, _ = r.shape
+    return torch.matmul(x.reshape(*x.shape[:-1], k, 1, b), r.to(x.dtype)).reshape(x.shape)
+
+
+def zigzag_permutation(channel_max: torch.Tensor, blocks: int) -> torch.Tensor:
+    """perm with x[:, perm] grouping channels into blocks by zigzag order of channel_max."""
+    d = channel_max.numel()
+    b = d // blocks
+    order = torch.argsort(channel_max, descending=True)
+    groups: list[list[int]] = [[] for _ in range(blocks)]
+    for rank, ch in enumerate(order.tolist()):
+        cycle, pos = divmod(rank, blocks)
+        groups[pos if cycle % 2 == 0 else blocks - 1 - pos].append(ch)
+    assert all(len(g) == b for g in groups)
+    return torch.tensor([c for g in groups for c in g], dtype=torch.long)
+
+
+def pick_block(d: int, block: int) -> int:
+    """The requested block size if it divides d, else the largest power of two <= it that does."""
+    if d % block == 0:
+        return block
+    b = 1
+    while b * 2 <= block and d % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def duquant_transform(x: torch.Tensor, block: int = 64, steps: int = 16, seed: int = 0) -> OnlineRotation:
+    """DuQuant's rotation-permutation-rotation for activation samples x [n, d] (an OnlineRotation)."""
+    d = x.shape[1]
+    b = pick_block(d, block)
+    g = torch.Generator().manual_seed(seed)
+    x = x.double()
+    r1 = block_rotations(x, b, steps, g)
+    y = apply_blocks(x, r1)
+    perm = zigzag_permutation(y.abs().amax(0), d // b)
+    y = y[:, perm]
+    r2 = block_rotations(y, b, steps, g)
+    return OnlineRotation(d, "blocks", blocks=(r1, perm, r2))
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+class RowSampler:
+    """Keeps, per site, the rows with the largest |x| (outlier tokens) and a random sample."""
+
+    def __init__(self, top: int, rand: int, generator: torch.Generator):
+        self.top, self.rand, self.g = top, rand, generator
+        self.rows: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        k = min(self.top, x.shape[0])
+        idx = x.abs().amax(1).topk(k).indices
+        r = torch.randint(0, x.shape[0], (min(self.rand, x.shape[0]),), generator=self.g)
+        self.rows.append(torch.cat([x[idx], x[r]]))
+
+    def result(self) -> torch.Tensor:
+        return torch.cat(self.rows)
+
+
+def collect_inputs(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sites: dict[str, str], batch: int, top: int, rand: int, seed: int):
+    """Row samples of the inputs of ``sites`` (name -> local linear path) for every block."""
+    g = torch.Generator().manual_seed(seed)
+    layers = get_module(model, spec.blocks)
+    samplers = {(i, s): RowSampler(top, rand, g) for i in range(len(layers)) for s in sites}
+    handles = []
+    for i, block in enumerate(layers):
+        for s, path in sites.items():
+            def hook(_m, inp, _k=(i, s)):
+                samplers[_k].add(inp[0])
+            handles.append(get_module(block, path).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for ids in windows.split(batch):
+                model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v.result() for k, v in samplers.items()}
+
+
+# ----------------------------------------------------------------------------- method
+
+
+@dataclass(frozen=True)
+class DuQuant:
+    """DuQuant rotations. ``block_size`` b of the block rotations, ``steps`` greedy steps per
+    block, statistics from ``windows`` calibration windows (``top``/``random`` token rows per
+    block and site)."""
+
+    block_size: int = 64
+    steps: int = 16
+    seed: int = 0
+    windows: int = 8
+    top: int = 64
+    random: int = 512
+    online_down: bool = True
+    online_o: bool = True
+    rotate_values: bool = True
+    rotate_qk: bool = True
+
+    def __post_init__(self):
+        if self.block_size < 2 or self.steps < 0 or self.windows < 1:
+            raise UserError("duquant: block_size >= 2, steps >= 0 and windows >= 1 required")
+
+
+@register("duquant", DuQuant, scope="model", summary="DuQuant: greedy block rotations + zigzag permutation (residual / online per block)")
+def duquant(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
+    cfg: DuQuant = stage.config
+    if calib_windows is None:
+        raise UserError("duquant needs calibration windows")
+    fuse_norms(model, spec, final=residual_rotatable(spec))
+    layers = get_module(model, spec.blocks)
+    n = len(layers)
+    hd, n_h, _ = head_layout(attention_of(layers[0], spec))
+    sites = {"attn_in": spec.q, "mlp_in": spec.gate or spec.up}
+    if cfg.online_o:
+        sites["o_in"] = spec.o
+    if cfg.online_down:
+        sites["down_in"] = spec.down
+    windows = calib_windows[: cfg.windows]
+    samples = collect_inputs(model, spec, windows, sites, batch=4, top=cfg.top, rand=cfg.random, seed=cfg.seed)
+
+    plan = RotationPlan()
+    q_values = None
+    if cfg.rotate_values:
+        q_values, _ = orthogonal_matrix(hd, "hadamard", cfg.seed + 1, "head_dim")
+        plan.values = [q_values] * n
+    if residual_rotatable(spec):
+        x = torch.cat([samples[(i, s)] for i in range(n) for s in ("attn_in", "mlp_in")])
+        plan.residual = duquant_transform(x, cfg.block_size, cfg.steps, cfg.seed).matrix().T.contiguous()
+    else:
+        plan.norm_in = [
+            tuple(duquant_transform(samples[(i, s)], cfg.block_size, cfg.steps, cfg.seed + i) for s in ("attn_in", "mlp_in"))
+            for i in range(n)
+        ]
+    if cfg.online_o:
+        big_q = torch.block_diag(*([q_values] * n_h)).float() if q_values is not None else None
+        plan.o_in = []
+        for i in range(n):
+            x = samples[(i, "o_in")]
+            if big_q is not None:
+                x = x @ big_q  # the attention output after the per-head value rotation
+            plan.o_in.append(duquant_transform(x, cfg.block_size, cfg.steps, cfg.seed + 1000 + i))
+    if cfg.online_down:
+        plan.down_in = [duquant_transform(samples[(i, "down_in")], cfg.block_size, cfg.steps, cfg.seed + 2000 + i) for i in range(n)]
+    if cfg.rotate_qk:
+        plan.qk = [online(hd, "hadamard", cfg.seed + 4, "q/k head")] * n
+    plan.notes = {"method": "duquant", "block_size": cfg.block_size, "steps": cfg.steps, "windows": int(windows.shape[0])}
+    summary = apply_plan(model, spec, plan)
+    log.info("duquant: %s", summary)
