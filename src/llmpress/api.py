@@ -190,28 +190,43 @@ def _prepare_out(out: str | None, overwrite: bool) -> Path | None:
     return p
 
 
-def save(model: nn.Module, tokenizer, out: Path, report: Report | None = None, overwrite: bool = False) -> Path:
-    """Save the compressed model as an HF safetensors folder (dequantized weights) + llmpress.json.
+SAVE_FORMATS = ("packed", "hf-fakequant")
 
+
+def save(model: nn.Module, tokenizer, out: Path, report: Report | None = None, overwrite: bool = False, format: str = "packed") -> Path:
+    """Save the compressed model.
+
+    ``format="packed"`` (default): the packed checkpoint of :mod:`llmpress.export.packed`
+    (low-bit codes, scales, zero points, masks; :func:`load_compressed` rebuilds it with
+    runtime modules). ``"hf-fakequant"``: an HF safetensors folder of the dequantized
+    weights + llmpress.json (loads in plain transformers, full size).
     Written into a temporary sibling folder and renamed at the end: an interrupted save
     leaves nothing at ``out``.
     """
+    if format not in SAVE_FORMATS:
+        raise UserError(f"save format {format!r} unknown; expected one of {', '.join(SAVE_FORMATS)}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuantLinear)]
     try:
-        for n, m in wrapped:  # plain Linear names on disk, so transformers loads the folder
-            set_module(model, n, m.linear)
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        meta = {
-            "format": "llmpress-fakequant-v1",
-            "activation_quant": {n: m.args.to_dict() for n, m in wrapped},
-            "report": report.to_dict() if report else None,
-        }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=repr))
+        if format == "packed":
+            from .export.packed import write_packed
+
+            records = getattr(model, "llmpress_records", None) or {}
+            write_packed(model, tokenizer, tmp, records, {"report": report.to_dict() if report else None})
+        else:
+            for n, m in wrapped:  # plain Linear names on disk, so transformers loads the folder
+                set_module(model, n, m.linear)
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            meta = {
+                "format": "llmpress-fakequant-v1",
+                "activation_quant": {n: m.args.to_dict() for n, m in wrapped},
+                "report": report.to_dict() if report else None,
+            }
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=repr))
         if out.exists():
             if not overwrite:
                 raise UserError(f"output folder {str(out)!r} exists; pass --overwrite to replace it")
@@ -230,9 +245,19 @@ def save(model: nn.Module, tokenizer, out: Path, report: Report | None = None, o
     return out
 
 
-def load_compressed(path: str, device: str = "cpu"):
-    """Load a folder written by :func:`save` (re-applies dynamic activation quantization)."""
-    model, tok = models.load(path, device=device)
+def load_compressed(path: str, device: str = "cpu", backend: str = "auto", dtype: torch.dtype | None = None):
+    """Load a folder written by :func:`save`, or any model :func:`llmpress.models.load` takes.
+
+    Packed checkpoints are rebuilt with runtime modules: ``backend="auto"`` uses the CPU
+    low-bit kernels where they apply, ``"dequant"`` the exact dequantize-then-matmul
+    fallback (outputs equal the fake-quantized model's). ``hf-fakequant`` folders get
+    their dynamic activation quantization back.
+    """
+    from .export.packed import FORMAT, load_packed, read_manifest
+
+    if Path(path).is_dir() and (read_manifest(path) or {}).get("format") == FORMAT:
+        return load_packed(path, device=device, dtype=dtype, backend=backend)
+    model, tok = models.load(path, device=device, **({"dtype": dtype} if dtype else {}))
     meta_path = Path(path) / META_FILE
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -251,8 +276,11 @@ def run_pipeline(
     device: str = "cpu",
     overwrite: bool = False,
     engine: EngineOptions | None = None,
+    save_format: str = "packed",
 ) -> Report:
     """Load, evaluate the baseline, compress, evaluate again, save: what `llmpress compress` does."""
+    if save_format not in SAVE_FORMATS:
+        raise UserError(f"save format {save_format!r} unknown; expected one of {', '.join(SAVE_FORMATS)}")
     recipe = _as_recipe(recipe)  # validate before any heavy work
     out_path = _prepare_out(out, overwrite)
     for source in (calib.source, evaluation.source if evaluation is not None else "wiki"):
@@ -285,7 +313,7 @@ def run_pipeline(
     report.environment = _environment(device)
     if out_path is not None:
         t = time.perf_counter()
-        save(model, tok, out_path, report, overwrite)
+        save(model, tok, out_path, report, overwrite, save_format)
         report.seconds["save"] = time.perf_counter() - t
     report.peak_rss_mb = peak_rss_mb()
     report.peak_gpu_mb = peak_gpu_mb()
@@ -301,7 +329,9 @@ def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), device: str
     seconds = {"load": time.perf_counter() - t}
     windows = evaluation_windows(tok, model, evaluation)
     t = time.perf_counter()
-    size = model_size(model, _saved_records(model_spec))
+    from .export.packed import packed_model_size
+
+    size = packed_model_size(model) or model_size(model, _saved_records(model_spec))
     size["ppl"] = perplexity(model, windows, evaluation.batch_size, progress, "ppl")
     seconds["eval"] = time.perf_counter() - t
     rep = Report(model=model_spec, recipe={}, compressed=size, seconds=seconds)

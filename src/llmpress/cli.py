@@ -48,11 +48,34 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--true-sequential", action="store_true", help="gather statistics group by group inside each block")
     c.add_argument("--offload-dir", help="keep block activations on disk in this folder")
     c.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluations")
+    c.add_argument("--format", dest="save_format", choices=("packed", "hf-fakequant"), default="packed",
+                   help="packed: low-bit checkpoint for `llmpress.load_compressed` / export (default); hf-fakequant: dequantized HF folder")
     _add_common(c)
 
     e = sub.add_parser("eval", help="perplexity, size and bits of a model or a compressed folder")
     e.add_argument("model")
     _add_common(e)
+
+    x = sub.add_parser("export", help="convert a packed checkpoint to a format other tools load")
+    x.add_argument("checkpoint", help="folder written by `llmpress compress --out`")
+    x.add_argument("--format", dest="export_format", choices=("compressed-tensors",), default="compressed-tensors",
+                   help="compressed-tensors: what llm-compressor writes; transformers and vLLM load it")
+    x.add_argument("--out", required=True, help="output folder (written atomically)")
+    x.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype of scales and unquantized tensors (auto: as stored; vLLM wants bfloat16 or float16)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    b = sub.add_parser("bench", help="serving speed and memory: compressed checkpoints against fp32 and bf16, one run")
+    b.add_argument("models", nargs="+", metavar="MODEL_OR_DIR", help="packed checkpoints (and/or the baseline model)")
+    b.add_argument("--baseline", help="the uncompressed model (default: the one the checkpoints were made from)")
+    b.add_argument("--prefill-tokens", type=int, default=512)
+    b.add_argument("--decode-tokens", type=int, default=128)
+    b.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="decode batch sizes (default 1 8)")
+    b.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
+    b.add_argument("--no-layers", action="store_true", help="skip the per-layer kernel table")
+    b.add_argument("--no-memory-probe", action="store_true", help="skip the per-variant subprocesses measuring peak RSS")
+    b.add_argument("--json", dest="json_path", help="write the results as JSON here")
+    b.add_argument("-v", "--verbose", action="store_true")
 
     sub.add_parser("recipes", help="list the preset recipes")
     return ap
@@ -84,12 +107,34 @@ def _dispatch(args) -> int:
         for name in presets():
             print(f"{name:<18} {load_recipe(name).description}")
         return 0
+    if args.command == "export":
+        from .export.compressed_tensors import export_compressed_tensors
+
+        out = export_compressed_tensors(args.checkpoint, args.out, args.dtype, args.overwrite)
+        print(f"exported {args.checkpoint} as {args.export_format}: {out}")
+        return 0
+    if args.command == "bench":
+        from .runtime import bench
+
+        cfg = bench.BenchConfig(args.prefill_tokens, args.decode_tokens, tuple(args.batches), repeats=args.repeats,
+                                layer_kernels=not args.no_layers, memory_probe=not args.no_memory_probe)
+        result = bench.run(args.models, args.baseline, cfg, progress=lambda m: print(f"bench: {m}", file=sys.stderr))
+        print(bench.table(result))
+        if args.json_path:
+            from pathlib import Path
+
+            from .report import write_atomic
+
+            write_atomic(Path(args.json_path), json.dumps(result, indent=2, default=repr))
+            print(f"results: {args.json_path}")
+        return 0
     ev = api.EvalConfig(source=args.eval_data, seqlen=args.seqlen, max_windows=args.eval_windows)
     if args.command == "compress":
         calib = api.CalibConfig(args.calib_data, args.calib_samples, args.calib_seqlen, args.seed, args.batch_size)
         eng = EngineOptions(args.batch_size, args.true_sequential, args.offload_dir, not args.no_progress)
         report = api.run_pipeline(
-            args.model, args.recipe, args.out, args.json_path, calib, None if args.no_eval else ev, args.device, args.overwrite, eng
+            args.model, args.recipe, args.out, args.json_path, calib, None if args.no_eval else ev, args.device, args.overwrite, eng,
+            args.save_format,
         )
         print(f"\nllmpress compress {args.model} --recipe {args.recipe}")
         print(report.table())

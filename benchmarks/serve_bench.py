@@ -1,0 +1,61 @@
+"""Serving figures of SmolLM2-135M on this machine: W4A16 and W8A8 against fp32 and bf16, one run.
+
+    flock /tmp/llmpress-heavy.lock .venv/bin/python benchmarks/serve_bench.py [--repeats 3]
+
+Makes the packed checkpoints if they are missing (RTN needs no data):
+
+    llmpress compress smollm2-135m --recipe rtn-w4g64 --out runs/w4 --no-eval
+    llmpress compress smollm2-135m --recipe rtn-w8a8 --out runs/w8a8 --no-eval
+
+then runs what `llmpress bench runs/w4 runs/w8a8` runs (llmpress.runtime.bench: prefill of
+512 tokens, decode of 128 new tokens at batch 1 and 8, resident weights, peak RSS per
+variant in its own process, checkpoint bytes against theory, per-layer kernel ratios)
+and writes runs/bench/serve.json and runs/bench/serve.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from llmpress import api
+from llmpress.export.packed import read_manifest
+from llmpress.runtime import bench
+
+CHECKPOINTS = {"w4": "rtn-w4g64", "w8a8": "rtn-w8a8"}
+
+
+def ensure(out: Path, recipe: str) -> None:
+    if read_manifest(out) is not None:
+        return
+    print(f"making {out} ({recipe}, no evaluation)", file=sys.stderr)
+    api.run_pipeline("smollm2-135m", recipe, str(out), evaluation=None)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", default="runs", help="folder of the checkpoints and results (default runs)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", nargs="+", choices=sorted(CHECKPOINTS), default=sorted(CHECKPOINTS, reverse=True))
+    args = ap.parse_args()
+    runs = Path(args.runs)
+    dirs = []
+    for name in args.only:
+        ensure(runs / name, CHECKPOINTS[name])
+        dirs.append(str(runs / name))
+    cfg = bench.BenchConfig(repeats=args.repeats)
+    result = bench.run(dirs, None, cfg, progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
+    text = bench.table(result)
+    out = runs / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve.json").write_text(json.dumps(result, indent=2, default=repr))
+    cmd = "flock /tmp/llmpress-heavy.lock .venv/bin/python benchmarks/serve_bench.py " + " ".join(sys.argv[1:])
+    (out / "serve.md").write_text(f"`{cmd.strip()}`\n\nEnvironment: {json.dumps(result['environment'])}\n\n{text}\n")
+    print(text)
+    print(f"\nwritten: {out / 'serve.json'}, {out / 'serve.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

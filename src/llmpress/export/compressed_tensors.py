@@ -1,0 +1,201 @@
+"""Export a packed llmpress checkpoint to the compressed-tensors format.
+
+compressed-tensors is what llm-compressor writes and what transformers (with the
+``compressed-tensors`` package) and vLLM load. This module writes it directly (no
+dependency on that package); the layout follows compressed-tensors 0.20:
+
+- config.json gains ``quantization_config`` (``quant_method: compressed-tensors``):
+  ``config_groups`` (one per distinct scheme: ``targets``, ``weights``,
+  ``input_activations``), ``ignore`` (linears left in floating point), ``format``
+  (``pack-quantized``, ``int-quantized`` or ``mixed-precision`` with a format per group),
+  ``quantization_status: compressed``.
+- Weight-only integer schemes (W4A16, W8A16, any 1-8 bits; group, channel or tensor
+  scales; symmetric or not) are ``pack-quantized``: ``weight_packed`` int32
+  [out, ceil(in * bits / 32)], element i of a row at bits [i*bits, (i+1)*bits) of the
+  row's little-endian bit stream, values offset by 2^(bits-1) to be unsigned;
+  ``weight_scale`` [out, G]; ``weight_shape`` [2]; asymmetric: ``weight_zero_point``
+  packed the same way along the output dimension ([ceil(out * bits / 32), G]).
+  compressed-tensors counts codes and zero points in [-2^(bits-1), 2^(bits-1)); llmpress
+  counts asymmetric ones in [0, 2^bits): both give the same unsigned bits, so
+  llmpress's ``qweight`` words are reused as they are (minus the padding of the last
+  32-code block).
+- Weight and activation schemes (W8A8: dynamic per-token int8 activations) are
+  ``int-quantized``: ``weight`` int8 codes, ``weight_scale``.
+- Sparsity: compressed-tensors 0.20 stores no sparse format (``sparsity_config`` is
+  written empty, the sparse-24 compressors were removed after 0.14). A 2:4-sparse
+  quantized layer exports as its packed codes (pruned weights are zero codes); a
+  sparse-only layer exports dense. The structure of each layer stays recorded in the
+  export's llmpress.json.
+
+Not representable, refused with a UserError naming the layer: ternary / binary codes,
+a column group index (act-order groups; removed from compressed-tensors), kept
+full-precision outliers, activation quantization without weight quantization.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+from ..quant.args import QuantArgs
+from .codec import LinearSpec, decode_qparams, decode_quant, decode_weight
+from .packed import FORMAT, META_FILE, _DTYPES, _open_checked, _layer_tensors, _skeleton, read_manifest
+
+CT_VERSION = "0.20.0"
+_COPY = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+def _ct_args(a: QuantArgs, dynamic: bool) -> dict:
+    strategy = {"group": "group", "channel": "channel", "tensor": "tensor", "token": "token"}[a.granularity]
+    return {
+        "num_bits": a.bits,
+        "type": "int",
+        "symmetric": a.symmetric,
+        "group_size": a.group_size if strategy == "group" else None,
+        "strategy": strategy,
+        "dynamic": dynamic,
+    }
+
+
+def scheme_of(name: str, spec: LinearSpec) -> tuple[dict, str] | None:
+    """(compressed-tensors scheme, format) of a layer; None for a layer left dense."""
+    a, act = spec.weight_args, spec.act_args
+    if spec.kind != "quant":
+        if act is not None:
+            raise UserError(f"layer {name}: activation quantization without weight quantization has no compressed-tensors form")
+        return None
+    why = None
+    if a.kind != "int":
+        why = f"{a.kind} weights"
+    elif spec.has_g_idx:
+        why = "a column group index (act-order groups)"
+    elif spec.n_exceptions:
+        why = f"{spec.n_exceptions} full-precision outlier weights"
+    elif act is not None and (act.kind != "int" or act.granularity not in ("token", "tensor", "group")):
+        why = f"activations {act.describe()}"
+    if why:
+        raise UserError(f"layer {name}: {why} cannot be stored in compressed-tensors; export a scheme without it")
+    scheme = {"weights": _ct_args(a, False), "input_activations": _ct_args(act, True) if act else None, "output_activations": None}
+    return scheme, ("int-quantized" if act is not None else "pack-quantized")
+
+
+def _ct_tensors(name: str, spec: LinearSpec, t: dict[str, torch.Tensor], fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    a = spec.weight_args
+    out, inp = spec.out_features, spec.in_features
+    scale = t["scale"].to(dtype)
+    scale = scale.reshape(1) if a.granularity == "tensor" else scale
+    res = {f"{name}.weight_scale": scale.contiguous()}
+    half = 1 << (a.bits - 1)
+    if fmt == "pack-quantized":
+        res[f"{name}.weight_packed"] = t["qweight"][:, : -(-inp * a.bits // 32)].contiguous()
+        res[f"{name}.weight_shape"] = torch.tensor([out, inp], dtype=torch.int64)
+        if a.has_zero_point and a.granularity == "tensor":  # not packed for per-tensor scales
+            zp = decode_qparams(spec, t).zero_point.reshape(1) - half
+            res[f"{name}.weight_zero_point"] = zp.to(torch.int8)
+        elif a.has_zero_point:  # ours: [G, words(out)] packed along out; theirs: [ceil(out*bits/32), G]
+            res[f"{name}.weight_zero_point"] = t["zero_point"][:, : -(-out * a.bits // 32)].t().contiguous()
+    else:
+        d = decode_quant(spec, t)
+        codes = d.codes.to(torch.int16) - (0 if a.symmetric else half)
+        res[f"{name}.weight"] = codes.to(torch.int8).contiguous()
+        if a.has_zero_point:
+            zp = d.qparams.zero_point - half
+            res[f"{name}.weight_zero_point"] = (zp.reshape(1) if a.granularity == "tensor" else zp).to(torch.int8).contiguous()
+    return res
+
+
+def export_compressed_tensors(src: str | Path, out: str | Path, dtype: str = "auto", overwrite: bool = False) -> Path:
+    """Write the compressed-tensors form of the packed checkpoint ``src`` into ``out``.
+
+    ``dtype``: floating dtype of scales and unquantized tensors ("auto": as stored;
+    vLLM's int4/int8 kernels want float16 or bfloat16).
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    src, out = Path(src), Path(out)
+    meta = read_manifest(src)
+    if meta is None or meta.get("format") != FORMAT:
+        raise UserError(f"{src}: not a packed llmpress checkpoint (write one with `llmpress compress ... --out DIR`)")
+    if out.exists() and not overwrite:
+        raise UserError(f"output folder {str(out)!r} exists; pass --overwrite to replace it")
+    dt = _DTYPES.get(meta.get("dtype") if dtype == "auto" else str(getattr(torch, dtype, None)))
+    if dt is None or not dt.is_floating_point:
+        raise UserError(f"dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
+    tensors = _open_checked(src, meta, verify=True)
+    specs = {n: LinearSpec.from_dict(d, f"layers.{n}") for n, d in (meta.get("layers") or {}).items()}
+    groups: dict[str, dict] = {}  # json of scheme -> {"scheme", "format", "names"}
+    result: dict[str, torch.Tensor] = {}
+    structure = {}
+    for name, spec in specs.items():
+        if spec.structure:
+            structure[name] = {"structure": spec.structure, "sparsity": spec.sparsity}
+        got = scheme_of(name, spec)
+        if spec.kind == "dense":
+            continue
+        lt = _layer_tensors(name, spec, tensors)
+        for k in lt:
+            del tensors[f"{name}.{k}"]
+        if got is None:  # sparse-only: dense weight
+            result[f"{name}.weight"] = decode_weight(spec, lt, dt).contiguous()
+            continue
+        scheme, fmt = got
+        key = json.dumps([scheme, fmt], sort_keys=True)
+        groups.setdefault(key, {"scheme": scheme, "format": fmt, "names": []})["names"].append(name)
+        result.update(_ct_tensors(name, spec, lt, fmt, dt))
+    tied = meta.get("tied") or {}
+    for k, v in tensors.items():
+        if k not in tied:
+            result[k] = (v.to(dt) if v.is_floating_point() else v).contiguous()
+
+    config = AutoConfig.from_pretrained(src, local_files_only=True)
+    linears = [n for n, m in _skeleton(config, meta=True).named_modules() if isinstance(m, nn.Linear)]
+    quantized = {n for g in groups.values() for n in g["names"]}
+    ignore = [n for n in linears if n not in quantized]
+    one = len(groups) == 1
+    config_groups = {
+        f"group_{i}": {"targets": ["Linear"] if one else sorted(g["names"]), **g["scheme"], "format": g["format"]}
+        for i, g in enumerate(groups.values())
+    }
+    formats = {g["format"] for g in groups.values()}
+    qcfg = {
+        "quant_method": "compressed-tensors",
+        "version": CT_VERSION,
+        "config_groups": config_groups,
+        "format": formats.pop() if len(formats) == 1 else ("mixed-precision" if formats else "dense"),
+        "quantization_status": "compressed",
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+    }
+    if not groups:
+        raise UserError(f"{src}: no quantized layer to export (compressed-tensors needs at least one)")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["quantization_config"] = qcfg
+        cfg["dtype"] = str(dt).replace("torch.", "")
+        cfg.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        save_file(result, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for f in _COPY:
+            if (src / f).exists():
+                shutil.copy2(src / f, tmp / f)
+        (tmp / META_FILE).write_text(json.dumps({"format": "compressed-tensors", "source": str(src), "sparsity": structure}, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

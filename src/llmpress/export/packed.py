@@ -1,0 +1,352 @@
+"""The packed checkpoint: what `llmpress compress --out DIR` writes, and how it is loaded.
+
+Folder layout::
+
+    config.json, generation_config.json, tokenizer files   (Hugging Face, unchanged)
+    model.llmpress.safetensors    every tensor: the model's uncompressed tensors under
+                                  their usual names (embeddings, norms, biases, linears
+                                  left dense) at their stored dtype, and per compressed
+                                  linear NAME the tensors of llmpress.export.codec
+                                  (NAME.qweight, NAME.scale, NAME.zero_point, ...)
+    llmpress.json                 format, the model dtype, per compressed linear its
+                                  LinearSpec (scheme, shape, activation quantization,
+                                  sparsity), per tensor its dtype, shape and sha256,
+                                  the weights file's size, tied names, the report
+
+The weights file is deliberately not called model.safetensors: transformers cannot
+read it, and refuses the folder instead of building a model with random weights.
+
+Loading (:func:`load_packed`) checks before building anything: the format name, the
+file size (truncation), the tensor list, dtypes and shapes against the config and
+against each layer's scheme, and (``verify=True``) every tensor's sha256; any mismatch
+is a :class:`~llmpress.errors.UserError` naming the tensor. The model skeleton is built
+from config.json without initializing weights, compressed linears become runtime
+modules (:func:`llmpress.runtime.qlinear.build_linear`), the other tensors are loaded as
+stored.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..arch import get_module, set_module
+from ..errors import UserError
+from ..registry import ModuleRecord
+from ..runtime.act_quant import ActQuantLinear
+from .codec import LinearSpec, decode_qparams, encode_linear
+
+log = logging.getLogger(__name__)
+
+FORMAT = "llmpress-packed-v1"
+META_FILE = "llmpress.json"
+WEIGHTS_FILE = "model.llmpress.safetensors"
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)}
+
+
+def sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _unwrapped(model: nn.Module) -> list[tuple[str, ActQuantLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuantLinear)]
+
+
+def _skeleton(config, dtype: torch.dtype | None = None, meta: bool = False) -> nn.Module:
+    """The model class of ``config`` with uninitialized (or meta) tensors."""
+    from transformers import AutoModelForCausalLM
+
+    if meta:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: initialize (slower, same result once loaded)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with no_init_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, ModuleRecord], extra_meta: dict | None = None) -> dict:
+    """Write the packed checkpoint of ``model`` into the existing empty ``folder``.
+
+    ``records``: ``model.llmpress_records`` (what compress() did to each linear).
+    Returns the manifest written to llmpress.json.
+    """
+    from safetensors.torch import save_file
+
+    wrapped = _unwrapped(model)
+    for n, m in wrapped:  # plain Linear names while reading the state dict
+        set_module(model, n, m.linear)
+    try:
+        state = model.state_dict()
+        layers: dict[str, dict] = {}
+        tensors: dict[str, torch.Tensor] = {}
+        dense_fallback = []
+        for name, rec in records.items():
+            mod = get_module(model, name)
+            if not isinstance(mod, nn.Linear):
+                raise UserError(f"layer {name}: expected a Linear to store, found {type(mod).__name__}")
+            enc = encode_linear(mod.weight, rec)
+            if enc is None:
+                if rec.weight_args is None and rec.act_args is None:
+                    continue
+                if rec.weight_args is not None:
+                    dense_fallback.append(name)
+                spec = LinearSpec("dense", mod.out_features, mod.in_features, act_args=rec.act_args, methods=list(rec.methods))
+            else:
+                spec, enc_t = enc
+                del state[f"{name}.weight"]
+                tensors.update({f"{name}.{k}": v for k, v in enc_t.items()})
+            layers[name] = spec.to_dict()
+        if dense_fallback:
+            log.warning(
+                "%d quantized layer(s) hold weights off their recorded grid (changed after quantization?) and are stored dense: %s",
+                len(dense_fallback), ", ".join(dense_fallback[:5]) + (" ..." if len(dense_fallback) > 5 else ""),
+            )
+        _check_structure(model, state)
+        tied: dict[str, str] = {}
+        seen: dict[tuple, str] = {}
+        for k, v in state.items():
+            key = (v.data_ptr(), v.dtype, tuple(v.shape), tuple(v.stride()))
+            if v.numel() and key in seen:
+                tied[k] = seen[key]
+                continue
+            seen[key] = k
+            tensors[k] = v.detach().cpu().contiguous()
+        dtypes = {str(v.dtype) for k, v in state.items() if v.is_floating_point()}
+        path = folder / WEIGHTS_FILE
+        save_file(tensors, str(path), metadata={"format": "pt", "llmpress": FORMAT})
+        manifest = {
+            "format": FORMAT,
+            "weights_file": WEIGHTS_FILE,
+            "file_bytes": path.stat().st_size,
+            "dtype": str(next(p.dtype for p in model.parameters() if p.is_floating_point())),
+            "dense_dtypes": sorted(dtypes),
+            "layers": layers,
+            "tied": tied,
+            "dense_layers": dense_fallback,
+            "tensors": {k: {"dtype": str(v.dtype), "shape": list(v.shape), "sha256": sha256(v)} for k, v in tensors.items()},
+            **(extra_meta or {}),
+        }
+        model.config.save_pretrained(folder)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        (folder / META_FILE).write_text(json.dumps(manifest, indent=1, default=repr))
+        return manifest
+    finally:
+        for n, m in wrapped:
+            set_module(model, n, m)
+
+
+ONLINE_ATTRS = ("llmpress_attn", "llmpress_down_in", "llmpress_out_rot")  # runtime/online_hadamard, kv_quant
+
+
+def _check_structure(model: nn.Module, state: dict) -> None:
+    """Refuse models whose outputs depend on more than their tensors and linears' schemes:
+    online rotations / KV-cache quantizers (non-persistent), modules a fresh model lacks."""
+    online = [n for n, m in model.named_modules() if any(getattr(m, a, None) is not None for a in ONLINE_ATTRS)]
+    if online:
+        raise UserError(
+            f"the model runs online rotations or KV-cache quantizers ({', '.join(online[:3])}{' ...' if len(online) > 3 else ''}), "
+            "which a packed checkpoint does not store yet: save with --format hf-fakequant"
+        )
+    ref = set(_skeleton(model.config, meta=True).state_dict())
+    extra = sorted(k for k in state if k not in ref)
+    if extra:
+        raise UserError(
+            "the model holds tensors its architecture does not (runtime modules such as online rotations or "
+            f"KV-cache quantizers: {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}); a packed checkpoint "
+            "cannot rebuild them: save with --format hf-fakequant"
+        )
+
+
+def read_manifest(folder: str | Path) -> dict | None:
+    """llmpress.json of a folder (None when there is none), format-checked."""
+    p = Path(folder) / META_FILE
+    if not p.exists():
+        return None
+    try:
+        meta = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{p}: not valid JSON ({e}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict) or "format" not in meta:
+        raise UserError(f"{p}: no 'format' field; not an llmpress checkpoint config")
+    return meta
+
+
+def _open_checked(folder: Path, meta: dict, verify: bool) -> dict[str, torch.Tensor]:
+    """All tensors of a packed checkpoint, after checking them against the manifest."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    where = folder / meta.get("weights_file", WEIGHTS_FILE)
+    if not where.exists():
+        raise UserError(f"checkpoint {folder}: weights file {where.name} is missing")
+    size = where.stat().st_size
+    if size != meta.get("file_bytes"):
+        raise UserError(f"checkpoint {folder}: {where.name} has {size} bytes, the config says {meta.get('file_bytes')} (truncated or replaced)")
+    try:
+        tensors = load_file(str(where))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise UserError(f"checkpoint {folder}: cannot read {where.name}: {e}") from None
+    expected = meta.get("tensors") or {}
+    missing = sorted(set(expected) - set(tensors))
+    unknown = sorted(set(tensors) - set(expected))
+    if missing or unknown:
+        raise UserError(f"checkpoint {folder}: tensors missing {missing[:3]} / not in the config {unknown[:3]}")
+    for k, info in expected.items():
+        t = tensors[k]
+        if str(t.dtype) != info["dtype"] or list(t.shape) != list(info["shape"]):
+            raise UserError(f"checkpoint {folder}: tensor {k} is {t.dtype} {list(t.shape)}, the config says {info['dtype']} {info['shape']}")
+        if verify and sha256(t) != info["sha256"]:
+            raise UserError(f"checkpoint {folder}: tensor {k} fails its sha256 check (corrupted or tampered)")
+    return tensors
+
+
+def _layer_tensors(name: str, spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    pre = f"{name}."
+    out = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre) and k[len(pre):] not in ("weight", "bias")}
+    shapes = spec.expected_shapes()
+    extra = {"values"} if spec.kind == "sparse" else set()
+    if set(out) != set(shapes) | extra:
+        raise UserError(f"checkpoint layer {name}: stores {sorted(out)}, its scheme needs {sorted(set(shapes) | extra)}")
+    for k, shp in shapes.items():
+        if tuple(out[k].shape) != tuple(shp):
+            raise UserError(f"checkpoint layer {name}: {k} has shape {list(out[k].shape)}, its scheme needs {list(shp)}")
+    return out
+
+
+def load_packed(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, backend: str = "auto", verify: bool = True):
+    """Rebuild (model, tokenizer) from a packed checkpoint, with runtime modules.
+
+    ``dtype``: floating dtype of the uncompressed tensors (default: as stored).
+    ``backend``: "auto" (CPU kernels where they apply) or "dequant" (exact fallback).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..runtime.qlinear import build_linear
+
+    folder = Path(folder)
+    meta = read_manifest(folder)
+    if meta is None or meta.get("format") != FORMAT:
+        raise UserError(f"{folder}: not a packed llmpress checkpoint (format {None if meta is None else meta.get('format')!r}, expected {FORMAT!r})")
+    tensors = _open_checked(folder, meta, verify)
+    specs = {n: LinearSpec.from_dict(d, f"layers.{n}") for n, d in (meta.get("layers") or {}).items()}
+    layer_t = {n: _layer_tensors(n, s, tensors) for n, s in specs.items() if s.kind != "dense"}
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    dtype = dtype or _DTYPES.get(meta.get("dtype"), torch.float32)
+    model = _skeleton(config, dtype)
+    records = {}
+    for name, spec in specs.items():
+        try:
+            lin = get_module(model, name)
+        except (AttributeError, UserError):
+            raise UserError(f"checkpoint layer {name}: the model of config.json has no such module") from None
+        if not isinstance(lin, nn.Linear) or (lin.out_features, lin.in_features) != (spec.out_features, spec.in_features):
+            raise UserError(f"checkpoint layer {name}: shape {[spec.out_features, spec.in_features]} does not fit the model's {type(lin).__name__}")
+        records[name] = _record(name, spec, layer_t.get(name))
+        if spec.kind == "dense":
+            continue
+        bias = tensors.pop(f"{name}.bias", None)
+        if (bias is None) != (lin.bias is None):
+            raise UserError(f"checkpoint layer {name}: bias {'missing' if bias is None else 'unexpected'}")
+        set_module(model, name, build_linear(spec, layer_t[name], None if bias is None else bias.to(dtype), backend, device))
+        for k in layer_t[name]:
+            del tensors[f"{name}.{k}"]
+    dense = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
+    replaced = tuple(f"{n}." for n, s in specs.items() if s.kind != "dense")  # runtime modules' own buffers
+    left = sorted(k for k in set(missing) - set(meta.get("tied") or {}) if not k.startswith(replaced))
+    if left or unexpected:
+        raise UserError(f"checkpoint {folder}: tensors missing for {left[:3]}, or not in the model: {list(unexpected)[:3]}")
+    model.tie_weights()
+    for alias, target in (meta.get("tied") or {}).items():  # whatever tie_weights did not re-tie
+        owner, attr = alias.rsplit(".", 1)
+        t = model.get_parameter(target)
+        if getattr(get_module(model, owner), attr, None) is not t:
+            setattr(get_module(model, owner), attr, t)
+    for name, spec in specs.items():
+        if spec.kind == "dense" and spec.act_args is not None:
+            set_module(model, name, ActQuantLinear(get_module(model, name), spec.act_args))
+    model.eval().to(device)
+    model.llmpress_records = records  # type: ignore[attr-defined]
+    model.llmpress_manifest = meta  # type: ignore[attr-defined]
+    model.llmpress_source = str(folder)  # type: ignore[attr-defined]
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError):
+        tok = None
+    return model, tok
+
+
+def _record(name: str, spec: LinearSpec, t: dict | None) -> ModuleRecord:
+    qp = decode_qparams(spec, t) if spec.kind == "quant" else None
+    return ModuleRecord(name, spec.out_features, spec.in_features, list(spec.methods), spec.weight_args, qp, spec.act_args, spec.sparsity)
+
+
+def checkpoint_accounting(meta: dict) -> dict:
+    """Bytes of a packed checkpoint against its theoretical size.
+
+    Theoretical: per quantized linear ``bits`` per weight plus its scales (and zero
+    points at ``bits``), per sparse linear 1 mask bit per weight plus the kept values;
+    every other tensor at its stored dtype. Given with the scales at their stored width
+    (float32) and at 16 bits (what ``bits_per_weight`` accounting assumes).
+    """
+    def numel(shape) -> int:
+        n = 1
+        for d in shape:
+            n *= d
+        return n
+
+    def nbytes(info) -> int:
+        return numel(info["shape"]) * torch.empty((), dtype=_DTYPES[info["dtype"]]).element_size()
+
+    tensors = meta.get("tensors") or {}
+    theory = {32: 0.0, 16: 0.0}
+    layer_keys = set()
+    for name, d in (meta.get("layers") or {}).items():
+        spec = LinearSpec.from_dict(d, f"layers.{name}")
+        if spec.kind == "dense":
+            continue
+        keys = {k for k in tensors if k.startswith(name + ".") and not k.endswith((".weight", ".bias"))}
+        layer_keys |= keys
+        n = spec.out_features * spec.in_features
+        for sb in theory:
+            if spec.kind == "sparse":
+                theory[sb] += n + 8 * nbytes(tensors[f"{name}.values"])
+                continue
+            a = spec.weight_args
+            groups = numel(spec.scale_shape)
+            theory[sb] += n * a.bits + groups * (sb + (a.bits if a.has_zero_point else 0))
+            theory[sb] += sum(8 * nbytes(tensors[k]) for k in keys if k.rsplit(".", 1)[1] in ("g_idx", "exc_index", "exc_value"))
+    other = sum(nbytes(v) for k, v in tensors.items() if k not in layer_keys)
+    return {
+        "file_bytes": meta.get("file_bytes"),
+        "tensor_bytes": sum(nbytes(v) for v in tensors.values()),
+        "compressed_linear_bytes": sum(nbytes(tensors[k]) for k in layer_keys),
+        "other_bytes": other,
+        "theoretical_bytes": theory[32] / 8 + other,
+        "theoretical_bytes_16bit_scales": theory[16] / 8 + other,
+    }
+
+
+def packed_model_size(model: nn.Module) -> dict | None:
+    """:func:`llmpress.eval.size.model_size` of a model loaded by :func:`load_packed` (None
+    for other models): counted on a meta-device skeleton of the architecture, since
+    runtime modules hold buffers, not parameters; plus the checkpoint's bytes."""
+    meta = getattr(model, "llmpress_manifest", None)
+    if meta is None:
+        return None
+    from ..eval.size import model_size
+
+    size = model_size(_skeleton(model.config, meta=True), getattr(model, "llmpress_records", {}))
+    size["checkpoint_bytes"] = meta.get("file_bytes")
+    return size

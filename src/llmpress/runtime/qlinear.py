@@ -1,0 +1,218 @@
+"""Linear layers that keep their weights compressed at inference, and the choice among them.
+
+- :class:`DequantLinear` (every scheme): int8 codes + float32 scales in memory; each call
+  rebuilds the weight with :func:`llmpress.export.codec.dequant` (the arithmetic of the
+  fake-quantized model, op for op) and multiplies: outputs equal the fake-quantized
+  model's exactly.
+- :class:`Int4Linear` (4-bit integer weights, CPU): torch's int4 weight-only kernel
+  ``aten._weight_int4pack_mm_for_cpu``. Weights [N, K] as codes 0..15 are repacked by
+  ``aten._convert_weight_to_int4pack_for_cpu`` into uint8 [N, K/2]; per group of
+  ``qGroupSize`` (32, 64, 128 or 256) input columns the kernel computes
+  ``w = (q - 8) * scale + zero`` from ``scale_and_zeros`` [K/g, N, 2] in the activation's
+  dtype. Symmetric codes c in [-8, 7] map exactly (q = c + 8, zero = 0); asymmetric
+  (q, z) use zero = (8 - z) * scale (one extra rounding). Per-channel / per-tensor
+  scales are repeated over groups of the largest supported size dividing K (exact).
+  Needs N % 16 == 0.
+- :class:`Int8WeightOnlyLinear` (8-bit symmetric per-channel or per-tensor weights,
+  CPU): ``aten._weight_int8pack_mm`` (int8 [N, K] weights, scales [N]).
+- W8A8 (8-bit symmetric per-channel weights, dynamic 8-bit per-token activations):
+  :class:`llmpress.runtime.int8.Int8Linear` (integer GEMM), when that module exists.
+
+The kernels take float32, bfloat16 or float16 activations. ``act_dtype`` (default:
+:data:`KERNEL_ACT_DTYPE`) is the dtype the int4 / int8 weight-only kernels run in; a
+float32 model casts activations to it around the kernel and back (W4A16: the 16-bit
+activations the name says; torch's float32 path of these kernels is a slow reference
+loop on x86, see benchmarks/serve_bench.py). Outputs then match the fake-quantized
+model to bfloat16 rounding of the activations, not bit for bit.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..export.codec import Decoded, LinearSpec, decode_quant, decode_sparse, dequant_decoded
+from ..quant.args import QuantArgs
+from .act_quant import ActQuantLinear
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "dequant")
+INT4_GROUPS = (256, 128, 64, 32)
+KERNEL_ACT_DTYPE = torch.bfloat16
+
+
+class _Base(nn.Module):
+    """Shared parts: shape, optional bias, a dequantized ``weight`` for code that reads it."""
+
+    kernel = "dequant"
+
+    def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (rebuilt on each access: for inspection, not for the hot path)."""
+        return self.dequantized_weight()
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _out(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+
+
+class DequantLinear(_Base):
+    """Any stored scheme: rebuild the weight each call, then ``F.linear`` (exact)."""
+
+    def __init__(self, decoded: Decoded | torch.Tensor, bias: torch.Tensor | None = None):
+        if isinstance(decoded, torch.Tensor):  # a dense (e.g. pruned) weight
+            super().__init__(*decoded.shape, bias)
+            self.args = None
+            self.register_buffer("dense", decoded.detach(), persistent=False)
+            return
+        super().__init__(*decoded.codes.shape, bias)
+        self.args: QuantArgs | None = decoded.args
+        self.register_buffer("codes", decoded.codes.contiguous(), persistent=False)
+        self.register_buffer("scale", decoded.qparams.scale.contiguous(), persistent=False)
+        self.register_buffer("zero_point", decoded.qparams.zero_point, persistent=False)
+        self.register_buffer("g_idx", decoded.g_idx, persistent=False)
+        self.register_buffer("exc_index", decoded.exc_index, persistent=False)
+        self.register_buffer("exc_value", decoded.exc_value, persistent=False)
+
+    def _decoded(self) -> Decoded:
+        from ..quant.core import QParams
+
+        return Decoded(self.codes, QParams(self.scale, self.zero_point), self.args, self.g_idx, self.exc_index, self.exc_value)
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        if self.args is None:
+            return self.dense.to(dtype)
+        return dequant_decoded(self._decoded(), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dense if self.args is None else dequant_decoded(self._decoded(), x.dtype)
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def int4_group_size(spec: LinearSpec) -> int | None:
+    """Group size the CPU int4 kernel would run this layer with, or None if it cannot."""
+    a, K = spec.weight_args, spec.in_features
+    if a.granularity == "group":
+        return a.group_size if a.group_size in INT4_GROUPS else None
+    return next((g for g in INT4_GROUPS if K % g == 0), None)
+
+
+class Int4Linear(_Base):
+    """4-bit integer weights through ``aten._weight_int4pack_mm_for_cpu``."""
+
+    kernel = "int4pack_mm_cpu"
+
+    def __init__(self, decoded: Decoded, group_size: int, bias: torch.Tensor | None = None, act_dtype: torch.dtype = KERNEL_ACT_DTYPE):
+        N, K = decoded.codes.shape
+        super().__init__(N, K, bias)
+        a = decoded.args
+        self.group_size = group_size
+        self.act_dtype = act_dtype
+        q = decoded.codes.to(torch.int32) + (8 if a.symmetric else 0)  # 0..15
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1), persistent=False)
+        def per_group(p: torch.Tensor) -> torch.Tensor:  # [R, G] -> [N, K / group_size]
+            p = p.float().expand(N, p.shape[1])
+            return p.repeat_interleave(K // group_size // p.shape[1], dim=1)  # channel / tensor: repeat
+
+        s = per_group(decoded.qparams.scale)
+        zero = torch.zeros_like(s)
+        if decoded.qparams.zero_point is not None:
+            zero = (8 - per_group(decoded.qparams.zero_point)) * s
+        sz = torch.stack([s.t(), zero.t()], dim=-1).contiguous()  # [K/g, N, 2]
+        self.register_buffer("scale_and_zeros", sz.to(act_dtype), persistent=False)
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        eye = torch.eye(self.in_features, dtype=self.act_dtype)
+        w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, self.scale_and_zeros)
+        return w.t().to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(self.act_dtype).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_and_zeros)
+        return self._out(y, x)
+
+
+class Int8WeightOnlyLinear(_Base):
+    """8-bit symmetric per-channel weights through ``aten._weight_int8pack_mm``."""
+
+    kernel = "int8pack_mm"
+
+    def __init__(self, decoded: Decoded, bias: torch.Tensor | None = None, act_dtype: torch.dtype = KERNEL_ACT_DTYPE):
+        N, K = decoded.codes.shape
+        super().__init__(N, K, bias)
+        self.act_dtype = act_dtype
+        self.register_buffer("codes", decoded.codes.to(torch.int8).contiguous(), persistent=False)
+        s = decoded.qparams.scale.float().reshape(-1).expand(N).contiguous()
+        self.register_buffer("scales", s.to(act_dtype), persistent=False)
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        return (self.codes.float() * self.scales.float().unsqueeze(1)).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(self.act_dtype).contiguous()
+        return self._out(torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scales), x)
+
+
+def _is_int(a: QuantArgs | None, bits: int) -> bool:
+    return a is not None and a.kind == "int" and a.bits == bits
+
+
+def _w8a8_linear(d: Decoded, spec: LinearSpec, bias):
+    """runtime/int8.py's Int8Linear for W8A8, or None (not applicable / not installed)."""
+    a, act = spec.weight_args, spec.act_args
+    if not (_is_int(a, 8) and a.symmetric and a.granularity in ("channel", "tensor")):
+        return None
+    if not (_is_int(act, 8) and act.symmetric and act.granularity == "token"):
+        return None
+    try:
+        from .int8 import Int8Linear
+    except ImportError:
+        return None
+    scale = d.qparams.scale.float().reshape(-1).expand(spec.out_features).contiguous()
+    return Int8Linear(d.codes.to(torch.int8), scale, bias)
+
+
+def build_linear(spec: LinearSpec, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, backend: str = "auto", device: str | torch.device = "cpu", act_dtype: torch.dtype = KERNEL_ACT_DTYPE) -> nn.Module:
+    """The runtime module for one stored linear.
+
+    ``backend="dequant"`` always gives :class:`DequantLinear` (exact); ``"auto"`` the
+    fastest kernel that applies to the scheme on ``device`` (CPU kernels only on CPU),
+    else the same fallback. Activation quantization (``spec.act_args``) wraps the module
+    in :class:`ActQuantLinear`, except for W8A8 where the integer GEMM quantizes them.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} unknown; expected one of {', '.join(BACKENDS)}")
+    if spec.kind == "sparse":
+        mod: nn.Module = DequantLinear(decode_sparse(spec, tensors), bias)
+        return ActQuantLinear(mod, spec.act_args) if spec.act_args else mod
+    d = decode_quant(spec, tensors)
+    cpu = torch.device(device).type == "cpu"
+    plain = d.g_idx is None and d.exc_index is None
+    mod = None
+    if backend == "auto" and plain:
+        w8a8 = _w8a8_linear(d, spec, bias)
+        if w8a8 is not None:
+            return w8a8
+        a = spec.weight_args
+        if cpu and _is_int(a, 4) and spec.out_features % 16 == 0 and int4_group_size(spec):
+            mod = Int4Linear(d, int4_group_size(spec), bias, act_dtype)
+        elif cpu and _is_int(a, 8) and a.symmetric and a.granularity in ("channel", "tensor"):
+            mod = Int8WeightOnlyLinear(d, bias, act_dtype)
+    if mod is None:
+        mod = DequantLinear(d, bias)
+    return ActQuantLinear(mod, spec.act_args) if spec.act_args else mod
