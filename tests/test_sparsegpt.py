@@ -166,3 +166,12 @@ def test_presets_run_through_the_engine(preset, check):
         assert rep.bits_per_weight == pytest.approx(4.25)
     else:
         assert rep.compressed["quantized_linears"] == 0
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_joint_quantization_with_the_mse_observer(static):
+    args = QuantArgs(bits=4, group_size=8, observer="mse", mse_grid=20)
+    W, X, H = correlated_problem(rows=8, cols=32, seed=8)
+    res = sparsegpt_prune(W, H, 0.5, block_size=16, weights=args, static_groups=static)
+    codes = quantize(res.weight, res.qparams, args)
+    assert torch.equal(codes, torch.round(codes)) and (res.weight[res.mask] == 0).all()

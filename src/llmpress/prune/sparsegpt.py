@@ -30,7 +30,7 @@ import torch
 from ..errors import RecipeError, UserError
 from ..quant.args import QuantArgs
 from ..quant.core import QParams, compute_qparams
-from ..quant.gptq import ColumnQuantizer, current_rows, solver_threads, validate_solver_fields
+from ..quant.gptq import ColumnQuantizer, _importance, current_rows, solver_threads, validate_solver_fields
 from ..quant.hessian import inverse_cholesky, prepare
 from ..registry import ModuleContext, register
 from .masks import describe_pattern, nm_prune_mask, sparsity_of, topk_prune_mask, validate_pattern
@@ -123,12 +123,15 @@ def sparsegpt_prune(
         if weights is not None:
             cq = ColumnQuantizer(weights, R, C, W.device)
             if not dynamic:
-                cq.set(compute_qparams(W, weights, name))
+                hd = torch.diagonal(H) if weights.observer == "mse" else None  # as GPTQ: MSE weighted by diag(H)
+                cq.set(compute_qparams(W, weights, name, importance=_importance(hd, weights, C)))
         return _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name)
 
 
 def _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name) -> SparseGPTResult:
     R, C = W.shape
+    gs = cq.gsize if dynamic else None
+    hdiag = torch.diagonal(H).clone() if dynamic else None
     fac = inverse_cholesky(H, damp, name)
     U = fac.U
     del H
@@ -141,7 +144,6 @@ def _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name) 
     Qt = torch.empty_like(Wt)
     Et = torch.empty_like(Wt)
     Mt = torch.zeros(C, R, dtype=torch.bool, device=Wt.device)
-    gs = cq.gsize if dynamic else None
     for i1 in range(0, C, block_size):
         i2 = min(i1 + block_size, C)
         nb = i2 - i1
@@ -166,7 +168,7 @@ def _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name) 
                 cols = current_rows(Wt, E1, U, i1, i, i2, j, j + gs).clone()
                 known = M1[i : i + cols.shape[0]]  # masks of the group's columns chosen so far
                 cols[: known.shape[0]].masked_fill_(known, 0.0)
-                cq.fit_group(cols.t(), j // gs)
+                cq.fit_group(cols.t(), j // gs, hdiag[j : j + gs] if cq.args.observer == "mse" else None)
             w, q, e, mk = wr[i], qr[i], er[i], mr[i]
             if cq is None:
                 q.copy_(w).masked_fill_(mk, 0.0)
