@@ -37,6 +37,8 @@ def test_gptq_beats_rtn_on_correlated_inputs(args, act_order):
 @pytest.mark.parametrize("bits", [3, 4])
 def test_dynamic_groups_beat_rtn_but_static_groups_do_better(bits):
     # groups fitted as reached (the GPTQ paper's code) vs fitted on the original weight
+    # (min-max): on these synthetic problems static is 5-10% better on average; on real
+    # layers the two are close (no law, a measured property of this problem)
     args = QuantArgs(bits=bits, group_size=16)
     ratio = []
     for seed in range(5):
