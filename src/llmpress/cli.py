@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 
+from .analysis import cli as analysis_cli
 from .errors import UserError
 
 
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-v", "--verbose", action="store_true")
 
     sub.add_parser("recipes", help="list the preset recipes")
+    analysis_cli.add_parser(sub)
     return ap
 
 
@@ -101,6 +103,8 @@ def _dispatch(args) -> int:
     from . import api
     from .calib.engine import EngineOptions
 
+    if args.command == "analyze":
+        return analysis_cli.run(args)
     if args.command == "recipes":
         from .recipe import load_recipe, presets
 
