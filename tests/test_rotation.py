@@ -186,3 +186,99 @@ def test_duquant_transform_is_orthogonal_and_flattens():
     assert torch.allclose(m @ m.T, torch.eye(64, dtype=m.dtype), atol=1e-10)
     y = rot(x)
     assert y.abs().max() < x.abs().max() / 2.5
+
+
+@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("method", ["quarot", "duquant"])
+def test_runtime_export_import_round_trip(family, method, tmp_path):
+    """Saved folded weights + exported runtime reproduce the rotated model's outputs."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from llmpress.runtime.rotation_state import export_runtime, import_runtime
+
+    m = MODELS[family]()
+    ids = random_windows(4, 32)
+    kw = dict(block_size=16, steps=4, windows=2) if method == "duquant" else {}
+    compress(m, [stage(method, **kw), stage("kv_quant")], data=ids)
+    want = _logits(m, ids)
+    desc, tensors = export_runtime(m)
+    m.save_pretrained(tmp_path / "m", safe_serialization=True)
+    (tmp_path / "rt.json").write_text(json.dumps(desc))
+    if tensors:
+        save_file(tensors, str(tmp_path / "rt.safetensors"))
+    m2 = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert _rel(_logits(m2, ids), want) > 1e-3  # folded weights alone are not the model
+    import_runtime(m2, json.loads((tmp_path / "rt.json").read_text()), load_file(str(tmp_path / "rt.safetensors")) if tensors else {})
+    assert _rel(_logits(m2, ids), want) < 1e-5
+    assert m2.llmpress_transforms[0]["method"] == method
+
+
+ROTATION_PRESETS = [
+    "quarot-w4a4kv4-rtn",
+    "quarot-w4a4kv4-gptq",
+    "duquant-w4a4kv4",
+    "duquant-w4a8",
+    "spinquant-w4a4kv4",
+    "spinquant-w4a4kv4-gptq",
+    "quarot-w4a8",
+    "quarot-w8a8",
+    "kv4",
+]
+
+
+@pytest.mark.parametrize("name", ROTATION_PRESETS)
+def test_rotation_presets_load(name):
+    from llmpress.recipe import load_recipe
+
+    r = load_recipe(name)
+    assert r.name == name
+
+
+@pytest.mark.parametrize("name", ["quarot-w4a4kv4-rtn", "quarot-w4a8", "quarot-w8a8", "kv4"])
+def test_quarot_presets_run_on_tiny_llama(name):
+    m = tiny_llama()
+    ids = random_windows(2, 32)
+    rep = compress(m, name, data=ids)
+    assert torch.isfinite(_logits(m, ids)).all()
+    if name != "kv4":
+        assert rep.compressed["quantized_linears"] == 14
+
+
+def test_second_rotation_is_refused():
+    from llmpress.errors import UserError
+
+    m = tiny_llama()
+    ids = random_windows(2, 16)
+    compress(m, [stage("quarot")], data=ids)
+    with pytest.raises(UserError, match="already carries online rotations"):
+        compress(m, [stage("quarot")], data=ids)
+
+
+def _tiny_qwen(kind: str):
+    torch.manual_seed(0)
+    if kind == "qwen2":  # q/k/v biases
+        from transformers import Qwen2Config as C, Qwen2ForCausalLM as M
+    else:  # QK-norm
+        from transformers import Qwen3Config as C, Qwen3ForCausalLM as M
+    cfg = C(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True)
+    m = M(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n or "bias" in n:
+                p.normal_(0.5, 0.2)
+    return m
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("method", ["quarot", "duquant"])
+def test_rotation_invariance_other_llama_family(kind, method):
+    m = _tiny_qwen(kind)
+    ids = random_windows(4, 32)
+    ref = _logits(m, ids)
+    kw = dict(block_size=16, steps=4, windows=2) if method == "duquant" else {}
+    compress(m, [stage(method, **kw)], data=ids)
+    assert _rel(_logits(m, ids), ref) < 1e-4

@@ -225,6 +225,7 @@ class RotationPlan:
 def apply_plan(model: nn.Module, spec: ArchSpec, plan: RotationPlan) -> dict:
     """Fuse norms and apply ``plan`` in place; returns (and records on the model) a summary."""
     layers = get_module(model, spec.blocks)
+    _check_not_rotated(layers, spec, plan)
     residual = plan.residual is not None
     fuse_norms(model, spec, final=residual)
     if residual:
@@ -273,6 +274,22 @@ def apply_plan(model: nn.Module, spec: ArchSpec, plan: RotationPlan) -> dict:
         summary["residual_blocked_by"] = list(spec.post_norms)
     record_transform(model, summary)
     return summary
+
+
+def _check_not_rotated(layers, spec: ArchSpec, plan: RotationPlan) -> None:
+    """Online rotations cannot be stacked: a second one would replace the first at run time
+    while both are folded into the weights."""
+    for i, block in enumerate(layers):
+        attn = attention_of(block, spec)
+        rt = getattr(attn, "llmpress_attn", None)
+        clash = (
+            (plan.down_in and plan.down_in[i] is not None and hasattr(mlp_of(block, spec), "llmpress_down_in"))
+            or (plan.o_in and plan.o_in[i] is not None and rt is not None and rt.o_rot is not None)
+            or (plan.qk and plan.qk[i] is not None and rt is not None and rt.qk_rot is not None)
+            or (plan.norm_in and plan.norm_in[i] is not None and any(hasattr(get_module(block, f.norm), "llmpress_out_rot") for f in spec.norm_feeds))
+        )
+        if clash:
+            raise UserError(f"block {i} already carries online rotations: apply one rotation method (quarot, duquant or spinquant) per model")
 
 
 def record_transform(model: nn.Module, summary: dict) -> None:
