@@ -84,6 +84,7 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
         set_module(model, n, m.linear)
     try:
         state = model.state_dict()
+        _check_structure(model, state)
         layers: dict[str, dict] = {}
         tensors: dict[str, torch.Tensor] = {}
         dense_fallback = []
@@ -108,7 +109,6 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
                 "%d quantized layer(s) hold weights off their recorded grid (changed after quantization?) and are stored dense: %s",
                 len(dense_fallback), ", ".join(dense_fallback[:5]) + (" ..." if len(dense_fallback) > 5 else ""),
             )
-        _check_structure(model, state)
         tied: dict[str, str] = {}
         seen: dict[tuple, str] = {}
         for k, v in state.items():
@@ -118,7 +118,6 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
                 continue
             seen[key] = k
             tensors[k] = v.detach().cpu().contiguous()
-        dtypes = {str(v.dtype) for k, v in state.items() if v.is_floating_point()}
         path = folder / WEIGHTS_FILE
         save_file(tensors, str(path), metadata={"format": "pt", "llmpress": FORMAT})
         manifest = {
@@ -126,7 +125,6 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
             "weights_file": WEIGHTS_FILE,
             "file_bytes": path.stat().st_size,
             "dtype": str(next(p.dtype for p in model.parameters() if p.is_floating_point())),
-            "dense_dtypes": sorted(dtypes),
             "layers": layers,
             "tied": tied,
             "dense_layers": dense_fallback,
