@@ -290,7 +290,7 @@ def run_pipeline(
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     model, tok = models.load(model_spec, device=device)
-    get_arch(model)
+    validate(model, recipe)  # group sizes, empty targets: fail before the baseline evaluation
     seconds["load"] = time.perf_counter() - t
     baseline: dict = model_size(model)
     windows = None
