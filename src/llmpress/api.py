@@ -208,6 +208,7 @@ def save(model: nn.Module, tokenizer, out: Path, report: Report | None = None, o
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the renamed folder is an ordinary output
     wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuantLinear)]
     try:
         if format == "packed":
