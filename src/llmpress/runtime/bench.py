@@ -208,7 +208,9 @@ def _leaf_linears(model: nn.Module):
 
 def _kernel(mod: nn.Module) -> str | None:
     if type(mod).__name__ == "Int8Linear":
-        return "int8 GEMM (W8A8)"
+        from .int8 import resolve_backend
+
+        return f"W8A8 int8 GEMM ({resolve_backend(mod.backend)})"
     return getattr(mod, "kernel", None)
 
 
