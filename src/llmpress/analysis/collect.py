@@ -427,7 +427,11 @@ WEIGHT_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 def weight_stats(model: nn.Module, spec: ArchSpec | None = None) -> dict:
     """Per layer and per projection: difficulty numbers, largest |w| and where it sits,
     and, for q/k/v, the max |w| of every input column (the weight outlier plots)."""
-    spec = spec or get_arch(model)
+    with single_thread():
+        return _weight_stats(model, spec or get_arch(model))
+
+
+def _weight_stats(model: nn.Module, spec: ArchSpec) -> dict:
     out: dict[str, list] = {r: [] for r in WEIGHT_ROLES}
     columns: dict[str, list[torch.Tensor]] = {r: [] for r in ("q", "k", "v")}
     for blk in blocks(model, spec):

@@ -22,7 +22,7 @@ import torch.nn as nn
 from ..arch import blocks, get_arch, get_module
 from ..eval.perplexity import perplexity
 from . import detect
-from .collect import Collected, block_hooks, norm_roles
+from .collect import Collected, block_hooks, norm_roles, single_thread
 from .superweight import prompt_ids, weights_zeroed
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,10 @@ def massive_layers(col: Collected, min_frac: float = 0.5) -> list[int]:
 
 def _massive_fn(mode: str, means: dict[int, float], th: detect.Thresholds, counter: dict):
     def fn(h: torch.Tensor) -> torch.Tensor:
+        with single_thread():
+            return replace(h)
+
+    def replace(h: torch.Tensor) -> torch.Tensor:
         mask = detect.massive_mask(h, th.massive_eta, th.massive_gamma)
         n = int(mask.sum())
         if n == 0:
