@@ -31,9 +31,20 @@ def test_hadamard_orthogonal_and_pm1(n):
 def test_fast_transform_equals_dense(n):
     x = torch.randn(5, 3, n, dtype=torch.float64)
     dense = x @ hadamard_matrix(n).T
-    assert torch.allclose(hadamard_transform(x), dense, atol=1e-10)
-    # float32 too (the runtime dtype)
-    assert torch.allclose(hadamard_transform(x.float()), dense.float(), atol=1e-4)
+    for method in ("fwht", "kron"):
+        assert torch.allclose(hadamard_transform(x, method), dense, atol=1e-10), method
+        # float32 too (the runtime dtype)
+        assert torch.allclose(hadamard_transform(x.float(), method), dense.float(), atol=1e-4), method
+    rot = OnlineRotation(n, "hadamard")
+    assert torch.allclose(rot(x.float()), dense.float(), atol=1e-4)
+
+
+def test_kron_factors_rebuild_the_matrix():
+    from llmpress.transform.hadamard import kron_factors
+
+    for n in SIZES:
+        ha, sb = kron_factors(n)
+        assert torch.equal(torch.kron(ha, sb), hadamard_matrix(n, normalized=False))
 
 
 def test_factorizations_of_model_sizes():

@@ -7,8 +7,9 @@ computed at run time and ``M.T`` folded into the weight of the linear that reads
 (``W' = W @ M.T``, so ``x' W'^T = x W^T``).
 
 :class:`OnlineRotation` holds one such transform:
-- ``hadamard``: the normalized Hadamard matrix of the size, applied by the fast
-  transform (``transform.hadamard.hadamard_transform``, O(n log n) + a small m x m);
+- ``hadamard``: the normalized Hadamard matrix of the size, applied through its
+  Kronecker structure H_a (x) S_b as two small matrix products
+  (``transform.hadamard.hadamard_transform``; O(n (a + b)), no n x n matrix);
 - ``dense``: any orthogonal matrix (learned or random), a matmul;
 - ``blocks``: DuQuant's block-diagonal rotation, a permutation, a second block-diagonal
   rotation (two batched b x b matmuls and a gather).
@@ -37,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UnsupportedArchitecture
-from ..transform.hadamard import _hadamard_small, hadamard_factor, hadamard_transform, hadamard_matrix
+from ..transform.hadamard import hadamard_factor, hadamard_matrix, hadamard_transform, kron_factors
 
 
 class OnlineRotation(nn.Module):
@@ -48,10 +49,11 @@ class OnlineRotation(nn.Module):
         self.n = n
         self.kind = kind
         if kind == "hadamard":
-            f = hadamard_factor(n)
-            if f is None:
+            if hadamard_factor(n) is None:
                 raise ValueError(f"no Hadamard matrix of order {n}; use kind='dense' with an orthogonal matrix")
-            self.register_buffer("small", _hadamard_small(f[0]).float(), persistent=False)
+            ha, sb = kron_factors(n)
+            self.register_buffer("ha", ha.float(), persistent=False)
+            self.register_buffer("sb", sb.float(), persistent=False)
         elif kind == "dense":
             if matrix is None or matrix.shape != (n, n):
                 raise ValueError(f"dense online rotation needs an {n}x{n} matrix")
@@ -74,7 +76,7 @@ class OnlineRotation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "hadamard":
-            return hadamard_transform(x, self.small.to(x.dtype))
+            return hadamard_transform(x, "kron", (self.ha.to(x.dtype), self.sb.to(x.dtype)))
         if self.kind == "dense":
             return x @ self.m.to(x.dtype).T
         # blocks: x' = ((x R1)[:, perm]) R2, i.e. M^T = R1 P R2
