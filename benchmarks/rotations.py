@@ -63,6 +63,7 @@ ROWS = {
     "quarot-rtn": (lambda a: stage("quarot", seed=a.seed), "rtn", "QuaRot + RTN"),
     "quarot-gptq": (lambda a: stage("quarot", seed=a.seed), "gptq", "QuaRot + GPTQ"),
     "duquant-rtn": (lambda a: stage("duquant", seed=a.seed), "rtn", "DuQuant + RTN"),
+    "duquant-online-rtn": (lambda a: stage("duquant", seed=a.seed, residual="online"), "rtn", "DuQuant (online per block) + RTN"),
     "duquant-gptq": (lambda a: stage("duquant", seed=a.seed), "gptq", "DuQuant + GPTQ"),
     "spinquant-rtn": (lambda a: stage("spinquant", seed=a.seed, steps=a.spin_steps), "rtn", "SpinQuant + RTN"),
     "spinquant-gptq": (lambda a: stage("spinquant", seed=a.seed, steps=a.spin_steps), "gptq", "SpinQuant + GPTQ"),

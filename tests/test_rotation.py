@@ -38,11 +38,12 @@ def test_quarot_keeps_fp_outputs(family, rotation):
 
 
 @pytest.mark.parametrize("family", MODELS)
-def test_duquant_keeps_fp_outputs(family):
+@pytest.mark.parametrize("residual", ["offline", "online"])
+def test_duquant_keeps_fp_outputs(family, residual):
     m = MODELS[family]()
     ids = random_windows(4, 32)
     ref = _logits(m, ids)
-    compress(m, [stage("duquant", block_size=16, steps=4, windows=2)], data=ids)
+    compress(m, [stage("duquant", block_size=16, steps=4, windows=2, residual=residual)], data=ids)
     assert _rel(_logits(m, ids), ref) < 1e-4
 
 

@@ -18,7 +18,8 @@ and folds the inverse into the weights (W -> W R1 P R2).
 
 Where the invariance allows (see :mod:`llmpress.transform.rotate`):
 - llama family: one transform of the residual stream, built from the inputs of every
-  q/k/v and gate/up (norm outputs, norms fused), applied offline (dense d x d);
+  q/k/v and gate/up (norm outputs, norms fused), applied offline (dense d x d); or, with
+  ``residual: online``, one transform per block and norm output, applied at run time;
 - every block: an online transform of the down_proj input and of the attention output
   (o_proj input), built from that block's own activations (two b x b batched matmuls and
   a gather per token);
@@ -188,7 +189,10 @@ def collect_inputs(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, site
 class DuQuant:
     """DuQuant rotations. ``block_size`` b of the block rotations, ``steps`` greedy steps per
     block, statistics from ``windows`` calibration windows (``top``/``random`` token rows per
-    block and site)."""
+    block and site). ``residual``: ``offline`` (one transform of the residual stream from all
+    blocks' norm outputs, folded into weights; llama family) or ``online`` (a transform per
+    block and norm output, applied at run time, as the paper does per layer; always the case
+    for gemma3)."""
 
     block_size: int = 64
     steps: int = 16
@@ -200,10 +204,13 @@ class DuQuant:
     online_o: bool = True
     rotate_values: bool = True
     rotate_qk: bool = True
+    residual: str = "offline"
 
     def __post_init__(self):
         if self.block_size < 2 or self.steps < 0 or self.windows < 1:
             raise UserError("duquant: block_size >= 2, steps >= 0 and windows >= 1 required")
+        if self.residual not in ("offline", "online"):
+            raise UserError(f"duquant.residual {self.residual!r}: expected offline or online")
 
 
 @register("duquant", DuQuant, scope="model", summary="DuQuant: greedy block rotations + zigzag permutation (residual / online per block)")
@@ -211,7 +218,8 @@ def duquant(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
     cfg: DuQuant = stage.config
     if calib_windows is None:
         raise UserError("duquant needs calibration windows")
-    fuse_norms(model, spec, final=residual_rotatable(spec))
+    offline = residual_rotatable(spec) and cfg.residual == "offline"
+    fuse_norms(model, spec, final=offline)
     layers = get_module(model, spec.blocks)
     n = len(layers)
     hd, n_h, _ = head_layout(attention_of(layers[0], spec))
@@ -228,7 +236,7 @@ def duquant(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
     if cfg.rotate_values:
         q_values, _ = orthogonal_matrix(hd, "hadamard", cfg.seed + 1, "head_dim")
         plan.values = [q_values] * n
-    if residual_rotatable(spec):
+    if offline:
         x = torch.cat([samples[(i, s)] for i in range(n) for s in ("attn_in", "mlp_in")])
         plan.residual = duquant_transform(x, cfg.block_size, cfg.steps, cfg.seed).matrix().T.contiguous()
     else:
@@ -248,6 +256,6 @@ def duquant(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
         plan.down_in = [duquant_transform(samples[(i, "down_in")], cfg.block_size, cfg.steps, cfg.seed + 2000 + i) for i in range(n)]
     if cfg.rotate_qk:
         plan.qk = [online(hd, "hadamard", cfg.seed + 4, "q/k head")] * n
-    plan.notes = {"method": "duquant", "block_size": cfg.block_size, "steps": cfg.steps, "windows": int(windows.shape[0])}
+    plan.notes = {"method": "duquant", "block_size": cfg.block_size, "steps": cfg.steps, "windows": int(windows.shape[0]), "residual_mode": "offline" if offline else "online"}
     summary = apply_plan(model, spec, plan)
     log.info("duquant: %s", summary)
