@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-seqlen", type=int, default=512)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
-    c.add_argument("--true-sequential", action="store_true", help="gather statistics group by group inside each block")
+    c.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+                   help="gather all of a block's statistics before compressing any of its linears (default: group by group, in data-flow order)")
     c.add_argument("--offload-dir", help="keep block activations on disk in this folder")
     c.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluations")
     c.add_argument("--format", dest="save_format", choices=("packed", "hf-fakequant"), default="packed",

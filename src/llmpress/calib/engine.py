@@ -38,7 +38,11 @@ log = logging.getLogger(__name__)
 @dataclass
 class EngineOptions:
     batch_size: int = 8
-    true_sequential: bool = False
+    # statistics of each group of linears gathered after the earlier groups were compressed
+    true_sequential: bool = True
+    # with true_sequential, the staged single pass (see _solve_block_fused): about the cost
+    # of one block forward per block, on blocks with the standard attention + MLP layout
+    fused: bool = True
     offload_dir: str | None = None  # keep block activations on disk instead of in memory
     progress: bool = True
 
@@ -271,6 +275,142 @@ def run(model: nn.Module, spec: ArchSpec, recipe: Recipe, calib: torch.Tensor | 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _solve_seconds(seconds: dict) -> float:
+    return sum(v for k, v in seconds.items() if k.startswith("stage"))
+
+
+class _Stop(Exception):
+    """Ends a block forward once the inputs a stage needs were seen."""
+
+
+class _Replay(nn.Module):
+    """Stands in for a sub-module (attention or MLP): returns its cached output for batch ``b``."""
+
+    def __init__(self, outputs: "ActivationStore", as_tuple: bool):
+        super().__init__()
+        self.outputs = outputs
+        self.as_tuple = as_tuple
+        self.b = 0
+
+    def forward(self, *args, **kwargs):
+        y = self.outputs[self.b]
+        return (y, None) if self.as_tuple else y
+
+
+def _fusable(block: nn.Module, spec: ArchSpec, local: dict[str, str]) -> bool:
+    """The staged pass needs the standard layout: every targeted linear one of the arch's
+    seven, attention and MLP as sub-modules, the MLP's input linears sharing one input."""
+    names = set(spec.block_linears())
+    if not local or not set(local) <= names or spec.gate is None:
+        return False
+    try:
+        for path in names:
+            if not isinstance(get_module(block, path), nn.Linear):
+                return False
+        get_module(block, spec.o.rpartition(".")[0])
+        get_module(block, spec.down.rpartition(".")[0])
+    except (AttributeError, IndexError):
+        return False
+    return True
+
+
+def _solve_block_fused(block, spec, prefix, local, targets, needs, inputs, call_args, tmp, records, seconds):
+    """Compress one block in data-flow order for about the cost of one forward pass.
+
+    Stage 1: the shared input of q/k/v (the first of them to run records it, then the
+    forward stops). Stage 2: with q/k/v compressed, the input of o (attention output
+    before o), recorded and cached. Stage 3: o's output computed once from the cache; the
+    attention module is replaced by a replay of it, and the shared input of gate/up is
+    recorded. Stage 4: with gate/up compressed, down's input recorded and cached.
+    Output: attention and MLP both replayed (MLP = compressed down on the cached input),
+    so each linear's matmul runs once. Statistics of every group are gathered after the
+    earlier groups were compressed (true sequential).
+    """
+    attn_path = spec.o.rpartition(".")[0]
+    mlp_path = spec.down.rpartition(".")[0]
+    attn_mod, mlp_mod = get_module(block, attn_path), get_module(block, mlp_path)
+    groups = ((spec.q, spec.k, spec.v), (spec.o,), (spec.gate, spec.up), (spec.down,))
+
+    def stage(group, keep: "ActivationStore | None"):
+        """Run every batch until the group's shared input is seen; gather stats, maybe keep it."""
+        mods = {loc: get_module(block, loc) for loc in group}
+        mneeds = {loc: needs.get(local.get(loc, ""), set()) for loc in group}
+        accs = {loc: {k: ACCUMULATORS[k]() for k in sorted(n)} for loc, n in mneeds.items()}
+
+        def hook(_m, inp):
+            x = inp[0].detach()
+            for a in accs.values():
+                for acc in a.values():
+                    acc.add(x)
+            if keep is not None:
+                keep.append(x)
+            raise _Stop
+
+        handles = [m.register_forward_pre_hook(hook) for m in mods.values()]
+        try:
+            with torch.no_grad():
+                for b in range(len(inputs)):
+                    for r in replays:
+                        r.b = b
+                    args, kwargs = call_args[b]
+                    try:
+                        block(inputs[b], *args, **kwargs)
+                    except _Stop:
+                        pass
+                    else:
+                        raise RuntimeError(f"{prefix}: the forward never reached {group}")
+        finally:
+            for h in handles:
+                h.remove()
+        for loc, mod in mods.items():
+            if loc in local:
+                st = {k: acc.result() for k, acc in accs[loc].items()}
+                _apply_stages(local[loc], mod, targets[local[loc]], st, records, seconds)
+        for a in accs.values():
+            for acc in a.values():
+                acc.free()
+        _wrap_act_quant(block, prefix, [local[loc] for loc in group if loc in local], records)
+
+    replays: list[_Replay] = []
+    attn_in, attn_out, mlp_mid = ActivationStore(tmp), ActivationStore(tmp), ActivationStore(tmp)
+    outputs = ActivationStore(tmp)
+    try:
+        stage(groups[0], None)
+        stage(groups[1], attn_in)
+        o = get_module(block, spec.o)
+        with torch.no_grad():
+            for b in range(len(attn_in)):
+                attn_out.append(o(attn_in[b]))
+        attn_in.clear()
+        replays.append(_Replay(attn_out, as_tuple=True))
+        set_module(block, attn_path, replays[-1])
+        stage(groups[2], None)
+        stage(groups[3], mlp_mid)
+        down = get_module(block, spec.down)
+        mlp_out = ActivationStore(tmp)
+        with torch.no_grad():
+            for b in range(len(mlp_mid)):
+                mlp_out.append(down(mlp_mid[b]))
+        mlp_mid.clear()
+        replays.append(_Replay(mlp_out, as_tuple=False))
+        set_module(block, mlp_path, replays[-1])
+        with torch.no_grad():
+            for b in range(len(inputs)):
+                for r in replays:
+                    r.b = b
+                args, kwargs = call_args[b]
+                y = block(inputs[b], *args, **kwargs)
+                outputs.append(y[0] if isinstance(y, tuple) else y)
+        mlp_out.clear()
+    finally:
+        set_module(block, attn_path, attn_mod)
+        set_module(block, mlp_path, mlp_mod)
+        attn_in.clear()
+        attn_out.clear()
+        mlp_mid.clear()
+    return outputs
+
+
 def local_all(block: nn.Module, prefix: str) -> dict[str, str]:
     return {n: f"{prefix}.{n}" for n, m in block.named_modules() if isinstance(m, nn.Linear)}
 
@@ -295,6 +435,13 @@ def _run_sequential(model, spec, targets, needs, calib, opts, tmp, records, seco
                 tb = time.perf_counter()
                 METHODS[st.method].apply(BlockContext(i, prefix, block, spec, inputs, call_args[i], sel, records), st.config)
                 seconds[f"stage{si}:{st.method}"] = seconds.get(f"stage{si}:{st.method}", 0.0) + time.perf_counter() - tb
+        if opts.true_sequential and opts.fused and _fusable(block, spec, local):
+            tf, solve0 = time.perf_counter(), _solve_seconds(seconds)
+            outputs = _solve_block_fused(block, spec, prefix, local, targets, needs, inputs, call_args[i], tmp, records, seconds)
+            forward_s += time.perf_counter() - tf - (_solve_seconds(seconds) - solve0)  # forwards only
+            inputs.clear()
+            inputs = outputs
+            continue
         groups = spec.groups() if opts.true_sequential else (tuple(spec.block_linears()),)
         # linears of this block that no group names (unusual layouts) join the last group
         named = {x for g in groups for x in g}
@@ -323,6 +470,7 @@ def _run_sequential(model, spec, targets, needs, calib, opts, tmp, records, seco
             for loc, mod in members.items():
                 _apply_stages(local[loc], mod, targets[local[loc]], stats[loc], records, seconds)
                 stats[loc] = None
+            _wrap_act_quant(block, prefix, [local[loc] for loc in members], records)  # later groups see it
         _wrap_act_quant(block, prefix, list(local.values()), records)
         last = i == n_blocks - 1
         if not last or spec.lm_head in needs and needs[spec.lm_head]:
