@@ -1,15 +1,18 @@
 """Rotation benchmark: W4A4KV4 / W4A8 / W8A8 perplexity with each rotation method.
 
 Rows: no rotation (RTN), SmoothQuant + RTN (when the method exists), QuaRot + RTN,
-QuaRot + GPTQ, DuQuant + RTN, SpinQuant + RTN (more with ``--rows``). Columns:
+QuaRot + GPTQ, DuQuant + RTN, SpinQuant + RTN, SpinQuant + GPTQ (more with ``--rows``:
+any of none/smoothquant/quarot/duquant/duquant-online/spinquant with -rtn or -gptq).
+Columns:
 
 - W4A4KV4: weights int4 sym group 64 (or the row's GPTQ), activations int4 sym per
   token (dynamic), keys/values int4 asym per head and token;
 - W4A8: the same weights, int8 per-token activations, 16-bit KV cache;
 - W8A8: int8 per-channel weights (RTN), int8 per-token activations, 16-bit KV cache.
 
-Each row rotates the full-precision model once (SpinQuant learns its rotation with the
-W4A4KV4 quantizers and reuses it for the other columns), measures the difficulty of the
+Each rotation is applied to the full-precision model once and shared by its rows and
+columns (SpinQuant learns its rotation with the W4A4KV4 quantizers and reuses it for the
+other columns; W8A8 always uses RTN weights, so GPTQ rows skip it), measures the difficulty of the
 activations that feed q/k/v and down_proj (max/median ratio and kurtosis, per layer, on
 two calibration windows), then quantizes a copy per column and evaluates perplexity.
 
@@ -56,19 +59,20 @@ COLUMNS = {
     "W8A8": dict(weights=W8, activations=A8, kv=None, rtn_only=True),
 }
 
-# row -> (rotation stage factory or None, weight method, label)
-ROWS = {
-    "none-rtn": (None, "rtn", "no rotation, RTN"),
-    "smoothquant-rtn": ("smoothquant", "rtn", "SmoothQuant + RTN"),
-    "quarot-rtn": (lambda a: stage("quarot", seed=a.seed), "rtn", "QuaRot + RTN"),
-    "quarot-gptq": (lambda a: stage("quarot", seed=a.seed), "gptq", "QuaRot + GPTQ"),
-    "duquant-rtn": (lambda a: stage("duquant", seed=a.seed), "rtn", "DuQuant + RTN"),
-    "duquant-online-rtn": (lambda a: stage("duquant", seed=a.seed, residual="online"), "rtn", "DuQuant (online per block) + RTN"),
-    "duquant-gptq": (lambda a: stage("duquant", seed=a.seed), "gptq", "DuQuant + GPTQ"),
-    "spinquant-rtn": (lambda a: stage("spinquant", seed=a.seed, steps=a.spin_steps), "rtn", "SpinQuant + RTN"),
-    "spinquant-gptq": (lambda a: stage("spinquant", seed=a.seed, steps=a.spin_steps), "gptq", "SpinQuant + GPTQ"),
+# rotation -> (stage factory, or None, or "smoothquant"; label)
+ROTATIONS = {
+    "none": (None, "no rotation"),
+    "smoothquant": ("smoothquant", "SmoothQuant"),
+    "quarot": (lambda a: stage("quarot", seed=a.seed), "QuaRot"),
+    "duquant": (lambda a: stage("duquant", seed=a.seed), "DuQuant"),
+    "duquant-online": (lambda a: stage("duquant", seed=a.seed, residual="online"), "DuQuant (online per block)"),
+    "spinquant": (lambda a: stage("spinquant", seed=a.seed, steps=a.spin_steps), "SpinQuant"),
 }
-DEFAULT_ROWS = ["none-rtn", "smoothquant-rtn", "quarot-rtn", "quarot-gptq", "duquant-rtn", "spinquant-rtn"]
+# a row is rotation-weightmethod; rows sharing a rotation share one rotated model
+ROWS = [f"{r}-{w}" for r in ROTATIONS for w in ("rtn", "gptq")]
+DEFAULT_ROWS = ["none-rtn", "smoothquant-rtn", "quarot-rtn", "quarot-gptq", "duquant-rtn", "spinquant-rtn", "spinquant-gptq"]
+# W8A8 uses RTN weights in every row: a GPTQ row repeats its RTN row there, so it is skipped
+GPTQ_COLUMNS = ("W4A4KV4", "W4A8")
 
 
 # ----------------------------------------------------------------------------- difficulty
@@ -158,19 +162,19 @@ def main(argv=None) -> int:
     bad = [r for r in rows if r not in ROWS] + [c for c in cols if c not in COLUMNS]
     if bad:
         ap.error(f"unknown rows/columns: {bad}")
-    if "smoothquant-rtn" in rows and "smoothquant" not in METHODS:
-        log.warning("method smoothquant is not registered: skipping its row")
-        rows.remove("smoothquant-rtn")
-    if any(ROWS[r][1] == "gptq" for r in rows) and "gptq" not in METHODS:
+    if "smoothquant" not in METHODS and any(r.startswith("smoothquant-") for r in rows):
+        log.warning("method smoothquant is not registered: skipping its rows")
+        rows = [r for r in rows if not r.startswith("smoothquant-")]
+    if "gptq" not in METHODS and any(r.endswith("-gptq") for r in rows):
         log.warning("method gptq is not registered: skipping GPTQ rows")
-        rows = [r for r in rows if ROWS[r][1] != "gptq"]
+        rows = [r for r in rows if not r.endswith("-gptq")]
 
     t0 = time.perf_counter()
     base, tok = models.load(args.model)
     ev = evaluation_windows(tok, base, EvalConfig(seqlen=args.seqlen, max_windows=args.eval_windows))
     cal = calibration_windows(tok, base, CalibConfig(n_samples=args.calib_windows, seqlen=args.seqlen))
     metric_windows = cal[:2]
-    results = {"model": args.model, "args": vars(args), "rows": {}, "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}}
+    results = {"model": args.model, "args": vars(args), "rows": {}, "rotations": {}, "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}}
     t = time.perf_counter()
     fp = perplexity(base, ev, 4)
     results["fp"] = {"ppl": fp, "eval_s": time.perf_counter() - t}
@@ -179,32 +183,45 @@ def main(argv=None) -> int:
         results["fp"]["difficulty"] = difficulty(base, metric_windows)
     del base
 
+    order = []
     for r in rows:
-        rot, wmethod, label = ROWS[r]
+        rot = r.rsplit("-", 1)[0]
+        if rot not in order:
+            order.append(rot)
+    for rot_name in order:
+        rot, label = ROTATIONS[rot_name]
         model, _ = models.load(args.model)
-        row = {"label": label, "columns": {}}
+        info = {"label": label}
         t = time.perf_counter()
         if callable(rot):
-            rep = compress(model, [rot(args)], data=cal)
-            row["transform"] = getattr(model, "llmpress_transforms", None)
-        row["rotate_s"] = time.perf_counter() - t
+            compress(model, [rot(args)], data=cal)
+            info["transform"] = getattr(model, "llmpress_transforms", None)
+        info["rotate_s"] = time.perf_counter() - t
+        log.info("%s: rotation done in %.0fs", label, info["rotate_s"])
         if callable(rot) and not args.no_metrics:
-            row["difficulty"] = difficulty(model, metric_windows)
-        for c in cols:
-            m = copy.deepcopy(model) if c != cols[-1] else model
+            info["difficulty"] = difficulty(model, metric_windows)
+        results["rotations"][rot_name] = info
+        jobs = []
+        for r in rows:
+            if r.rsplit("-", 1)[0] != rot_name:
+                continue
+            w = r.rsplit("-", 1)[1]
+            results["rows"][r] = {"label": f"{label} + {w.upper()}", "rotation": rot_name, "columns": {}}
+            jobs += [(r, w, c) for c in cols if w == "rtn" or c in GPTQ_COLUMNS]
+        for k, (r, w, c) in enumerate(jobs):
+            m = copy.deepcopy(model) if k < len(jobs) - 1 else model
             t = time.perf_counter()
-            rep = compress(m, quant_stages(wmethod, COLUMNS[c], smooth=rot == "smoothquant"), data=cal)
+            rep = compress(m, quant_stages(w, COLUMNS[c], smooth=rot == "smoothquant"), data=cal)
             qs = time.perf_counter() - t
             t = time.perf_counter()
             p = perplexity(m, ev, 4)
             es = time.perf_counter() - t
-            row["columns"][c] = {"ppl": p, "ratio": p / fp, "quantize_s": qs, "eval_s": es, "bits_per_weight": rep.bits_per_weight, "size_mb": rep.size_mb}
-            log.info("%-22s %-8s ppl %10.3f  ratio %7.3f  (quantize %.0fs, eval %.0fs)", label, c, p, p / fp, qs, es)
+            results["rows"][r]["columns"][c] = {"ppl": p, "ratio": p / fp, "quantize_s": qs, "eval_s": es, "bits_per_weight": rep.bits_per_weight, "size_mb": rep.size_mb}
+            log.info("%-30s %-8s ppl %10.3f  ratio %7.3f  (quantize %.0fs, eval %.0fs)", results["rows"][r]["label"], c, p, p / fp, qs, es)
             del m
-        results["rows"][r] = row
+            if args.out:
+                _write(args.out, results, cols)
         del model
-        if args.out:
-            _write(args.out, results, cols)
     results["total_s"] = time.perf_counter() - t0
     if args.out:
         _write(args.out, results, cols)
@@ -244,12 +261,9 @@ def markdown(res: dict, cols: list[str]) -> str:
             return out
 
         lines.append("| full precision, no rotation | " + " | ".join(cells(res["fp"]["difficulty"])) + " |")
-        seen = set()
-        for r, row in res["rows"].items():
-            name = row["label"].split(" + ")[0]
-            if "difficulty" in row and name not in seen:
-                seen.add(name)
-                lines.append(f"| {name} | " + " | ".join(cells(row["difficulty"])) + " |")
+        for info in res["rotations"].values():
+            if "difficulty" in info:
+                lines.append(f"| {info['label']} | " + " | ".join(cells(info["difficulty"])) + " |")
     return "\n".join(lines)
 
 

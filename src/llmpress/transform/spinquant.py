@@ -64,10 +64,18 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- Cayley SGD
 
 
-def cayley_step(r: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, lr: float, momentum: float):
-    """One Cayley SGD step on the orthogonal group: (new R, new momentum buffer). float64."""
+def cayley_step(r: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor | None, lr: float, momentum: float, max_step: float | None = None):
+    """One Cayley SGD step on the orthogonal group: (new R, new momentum buffer). float64.
+
+    ``max_step``: trust region, the step ``lr * ||M||_F`` (about ||R_new - R||_F) is
+    scaled down to at most this.
+    """
     a = grad @ r.T - r @ grad.T  # skew-symmetric: the (canonical) Riemannian gradient direction
     buf = a if buf is None else momentum * buf + a
+    if max_step is not None:
+        norm = buf.norm().item()
+        if lr * norm > max_step:
+            lr = max_step / norm
     eye = torch.eye(r.shape[0], dtype=r.dtype, device=r.device)
     new = torch.linalg.solve(eye + 0.5 * lr * buf, (eye - 0.5 * lr * buf) @ r)
     return new, buf
@@ -81,8 +89,8 @@ def orthogonality_error(r: torch.Tensor) -> float:
 class CayleySGD:
     """Cayley SGD with momentum over a list of square orthogonal leaf tensors (float64)."""
 
-    def __init__(self, params: list[torch.Tensor], lr: float, momentum: float = 0.9):
-        self.params, self.lr, self.momentum = params, lr, momentum
+    def __init__(self, params: list[torch.Tensor], lr: float, momentum: float = 0.9, max_step: float | None = None):
+        self.params, self.lr, self.momentum, self.max_step = params, lr, momentum, max_step
         self.bufs: list[torch.Tensor | None] = [None] * len(params)
 
     @torch.no_grad()
@@ -91,7 +99,7 @@ class CayleySGD:
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
-            new, self.bufs[i] = cayley_step(p.data, p.grad.to(p.dtype), self.bufs[i], lr, self.momentum)
+            new, self.bufs[i] = cayley_step(p.data, p.grad.to(p.dtype), self.bufs[i], lr, self.momentum, self.max_step)
             p.data.copy_(new)
 
     def zero_grad(self) -> None:
@@ -247,11 +255,13 @@ class SpinQuant:
     """Learned rotations. ``weights`` / ``activations`` / ``kv_keys`` / ``kv_values``: the
     quantizers simulated in the training loss (match them to the stages that follow).
     ``steps`` Cayley SGD steps of ``batch`` windows of ``seqlen`` tokens drawn from the
-    first ``windows`` calibration windows; ``lr`` with linear decay to 0."""
+    first ``windows`` calibration windows; ``lr`` with linear decay to 0; ``max_step``
+    caps ||R_new - R||_F per step (a trust region: the loss of a 4-bit network is rough)."""
 
     steps: int = 40
     lr: float = 1.5
     momentum: float = 0.9
+    max_step: float = 1.0
     windows: int = 16
     seqlen: int = 256
     batch: int = 2
@@ -283,7 +293,7 @@ def learn_rotations(model, spec, cfg: SpinQuant, windows: torch.Tensor, r1_init,
     for p in model.parameters():
         p.requires_grad_(False)
     sim = _Sim(model, spec, cfg, r1, r2, o_rot, down_rot, qk_rot)
-    opt = CayleySGD(params, cfg.lr, cfg.momentum)
+    opt = CayleySGD(params, cfg.lr, cfg.momentum, cfg.max_step)
     g = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -300,7 +310,8 @@ def learn_rotations(model, spec, cfg: SpinQuant, windows: torch.Tensor, r1_init,
                 opt.step(cfg.lr * (1.0 - step / max(cfg.steps, 1)))
                 losses.append(loss.item())
                 if step % 5 == 0 or step == cfg.steps - 1:
-                    log.info("spinquant step %d/%d loss %.4f (%.0fs)", step + 1, cfg.steps, losses[-1], time.perf_counter() - t0)
+                    mom = opt.bufs[0].norm().item() if opt.bufs and opt.bufs[0] is not None else 0.0
+                    log.info("spinquant step %d/%d loss %.4f |M| %.3g (%.0fs)", step + 1, cfg.steps, losses[-1], mom, time.perf_counter() - t0)
     finally:
         sim.remove()
         for n, p in model.named_parameters():
