@@ -40,8 +40,9 @@ class HessianAccumulator(Accumulator):
         x = x.reshape(-1, x.shape[-1])
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()
-        xtx = (x.T @ x).to(torch.float64)
-        self.sum = xtx if self.sum is None else self.sum.add_(xtx)
+        if self.sum is None:
+            self.sum = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        self.sum += x.T @ x  # one GEMM in the input's precision, summed in float64
         self.n += x.shape[0]
 
     def result(self) -> torch.Tensor:

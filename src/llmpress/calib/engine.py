@@ -275,6 +275,14 @@ def run(model: nn.Module, spec: ArchSpec, recipe: Recipe, calib: torch.Tensor | 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _copy_stat(v):
+    if isinstance(v, torch.Tensor):
+        return v.clone()
+    if isinstance(v, dict):
+        return {k: _copy_stat(x) for k, x in v.items()}
+    return v
+
+
 def _solve_seconds(seconds: dict) -> float:
     return sum(v for k, v in seconds.items() if k.startswith("stage"))
 
@@ -335,13 +343,13 @@ def _solve_block_fused(block, spec, prefix, local, targets, needs, inputs, call_
         """Run every batch until the group's shared input is seen; gather stats, maybe keep it."""
         mods = {loc: get_module(block, loc) for loc in group}
         mneeds = {loc: needs.get(local.get(loc, ""), set()) for loc in group}
-        accs = {loc: {k: ACCUMULATORS[k]() for k in sorted(n)} for loc, n in mneeds.items()}
+        # the group's linears share one input: one accumulator per statistic serves them all
+        accs = {k: ACCUMULATORS[k]() for k in sorted(set().union(*mneeds.values()))}
 
         def hook(_m, inp):
             x = inp[0].detach()
-            for a in accs.values():
-                for acc in a.values():
-                    acc.add(x)
+            for acc in accs.values():
+                acc.add(x)
             if keep is not None:
                 keep.append(x)
             raise _Stop
@@ -362,13 +370,13 @@ def _solve_block_fused(block, spec, prefix, local, targets, needs, inputs, call_
         finally:
             for h in handles:
                 h.remove()
+        results = {k: acc.result() for k, acc in accs.items()}
+        for acc in accs.values():
+            acc.free()
         for loc, mod in mods.items():
             if loc in local:
-                st = {k: acc.result() for k, acc in accs[loc].items()}
+                st = {k: _copy_stat(results[k]) for k in mneeds[loc]}  # a solver may edit its copy
                 _apply_stages(local[loc], mod, targets[local[loc]], st, records, seconds)
-        for a in accs.values():
-            for acc in a.values():
-                acc.free()
         _wrap_act_quant(block, prefix, [local[loc] for loc in group if loc in local], records)
 
     replays: list[_Replay] = []
