@@ -75,3 +75,36 @@ def test_spinquant_moves_the_rotation():
         sq.learn_rotations = orig
     assert not torch.allclose(seen["r1"], seen["init"])
     assert orthogonality_error(seen["r1"]) < 1e-4
+
+
+@pytest.mark.parametrize("mk", [tiny_llama, tiny_gemma3])
+@pytest.mark.parametrize("rotate_weights", [False, True])
+def test_training_simulation_is_exact_without_quantizers(mk, rotate_weights):
+    """Both simulation paths (rotated weights / rotated activations) compute the float model."""
+    from llmpress.arch import get_arch
+    from llmpress.transform.rotate import attention_of, fuse_norms, head_layout, residual_rotatable
+    from llmpress.transform.spinquant import SpinQuant, _Sim
+    from llmpress.transform.rotate import online
+
+    m = mk()
+    spec = get_arch(m)
+    ids = random_windows(2, 16)
+    with torch.no_grad():
+        ref = m(input_ids=ids, use_cache=False).logits
+    fuse_norms(m, spec, final=residual_rotatable(spec))
+    g = torch.Generator().manual_seed(0)
+    hd, n_h, _ = head_layout(attention_of(m.model.layers[0], spec))
+    r1 = random_orthogonal(64, g) if residual_rotatable(spec) else None
+    r2 = [random_orthogonal(hd, g) for _ in m.model.layers]
+    cfg = SpinQuant(weights=None, activations=None, kv_keys=None, kv_values=None)
+    sim = _Sim(m, spec, cfg, r1, r2, online(hd * n_h, "hadamard", 0, ""), online(128, "hadamard", 0, ""), online(hd, "hadamard", 0, ""))
+    sim.rotate_weights = rotate_weights
+    try:
+        sim.refresh()
+        with torch.no_grad():
+            out = m(input_ids=ids, use_cache=False).logits
+    finally:
+        sim.remove()
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+    with torch.no_grad():
+        assert ((m(input_ids=ids, use_cache=False).logits - ref).norm() / ref.norm()).item() < 1e-5
