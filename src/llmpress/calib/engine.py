@@ -380,28 +380,28 @@ def _solve_block_fused(block, spec, prefix, local, targets, needs, inputs, call_
         _wrap_act_quant(block, prefix, [local[loc] for loc in group if loc in local], records)
 
     replays: list[_Replay] = []
-    attn_in, attn_out, mlp_mid = ActivationStore(tmp), ActivationStore(tmp), ActivationStore(tmp)
+
+    def replay(sub_path: str, linear_path: str, cached_in: ActivationStore, as_tuple: bool) -> None:
+        """Run the (compressed) linear once over its cached inputs; the sub-module at
+        ``sub_path`` then returns those outputs instead of recomputing them."""
+        lin = get_module(block, linear_path)
+        out = ActivationStore(tmp)
+        with torch.no_grad():
+            for b in range(len(cached_in)):
+                out.append(lin(cached_in[b]))
+        cached_in.clear()
+        replays.append(_Replay(out, as_tuple))
+        set_module(block, sub_path, replays[-1])
+
+    attn_in, mlp_mid = ActivationStore(tmp), ActivationStore(tmp)
     outputs = ActivationStore(tmp)
     try:
         stage(groups[0], None)
         stage(groups[1], attn_in)
-        o = get_module(block, spec.o)
-        with torch.no_grad():
-            for b in range(len(attn_in)):
-                attn_out.append(o(attn_in[b]))
-        attn_in.clear()
-        replays.append(_Replay(attn_out, as_tuple=True))
-        set_module(block, attn_path, replays[-1])
+        replay(attn_path, spec.o, attn_in, as_tuple=True)
         stage(groups[2], None)
         stage(groups[3], mlp_mid)
-        down = get_module(block, spec.down)
-        mlp_out = ActivationStore(tmp)
-        with torch.no_grad():
-            for b in range(len(mlp_mid)):
-                mlp_out.append(down(mlp_mid[b]))
-        mlp_mid.clear()
-        replays.append(_Replay(mlp_out, as_tuple=False))
-        set_module(block, mlp_path, replays[-1])
+        replay(mlp_path, spec.down, mlp_mid, as_tuple=False)
         with torch.no_grad():
             for b in range(len(inputs)):
                 for r in replays:
@@ -409,13 +409,11 @@ def _solve_block_fused(block, spec, prefix, local, targets, needs, inputs, call_
                 args, kwargs = call_args[b]
                 y = block(inputs[b], *args, **kwargs)
                 outputs.append(y[0] if isinstance(y, tuple) else y)
-        mlp_out.clear()
     finally:
         set_module(block, attn_path, attn_mod)
         set_module(block, mlp_path, mlp_mod)
-        attn_in.clear()
-        attn_out.clear()
-        mlp_mid.clear()
+        for store in [attn_in, mlp_mid] + [r.outputs for r in replays]:
+            store.clear()
     return outputs
 
 
