@@ -11,7 +11,7 @@ from conftest import random_windows, tiny_gemma3, tiny_llama, tiny_tokenizer
 from llmpress.analysis import AnalysisConfig, analyze
 from llmpress.analysis.collect import SITES, backbone, capture, collect, norm_scale
 from llmpress.analysis.interventions import features_zeroed, massive_layers, massive_replaced
-from llmpress.analysis.report import console_summary, write_outputs
+from llmpress.analysis.report import console_summary, rerender, write_outputs
 from llmpress.analysis.superweight import find_super_weights, weights_zeroed
 from llmpress.arch import get_arch
 
@@ -157,6 +157,9 @@ def test_analyze_llama_end_to_end(tmp_path):
     write_outputs(an, tmp_path / "rep")
     html, _ = _check_outputs(tmp_path / "rep", an)
     assert "Super weights" in html and "model.layers.1.mlp.down_proj" in html
+    again = rerender(tmp_path / "rep").read_text()  # from analysis.json + img/, no model
+    assert again.count("data:image/png;base64,") == html.count("data:image/png;base64,")
+    assert re.search(r"<h2>Findings</h2>.*?</ul>", again, re.S).group(0) == re.search(r"<h2>Findings</h2>.*?</ul>", html, re.S).group(0)
     text = console_summary(an)
     assert "model.layers.1.mlp.down_proj[9, 21]" in text and "super weights -> 0" in text
 

@@ -270,7 +270,7 @@ def choose_layers(col: Collected, mf: dict, n: int = 4) -> list[int]:
             cands.append(p["from_layer_half_peak"])
     if mf.get("top"):
         cands.append(mf["top"]["layer"])
-    cands += [1 if L > 1 else 0, L // 2, L - 1]
+    cands += [L - 1, 1 if L > 1 else 0, L // 2]
     out = []
     for c in cands:
         if 0 <= c < L and c not in out:
@@ -366,13 +366,12 @@ def _plots(model, windows, an: Analysis, wstats: dict, cfg: AnalysisConfig) -> N
                     "title": f"{title}, layer {li}",
                     "caption": f"|activation| over the first {T} tokens x every channel of sequence 0",
                     "png": plots.surface3d(cap[site][li], f"{site}, layer {li}", T),
-                    "group": f"surface_{site}",
                 }
     positions = [0, 1] + [p["pos"] for p in mf["pairs"][:6] if p["pos"] not in (0, 1)]
     positions = list(dict.fromkeys(positions))[:5]
     img["top_magnitudes"] = {"title": "Top magnitudes across layers", "caption": "residual stream: mean over sequences of the top-1/2/3 |x| and the median |x| per layer (left); max |x| at tracked token positions (right)", "png": plots.top_magnitudes(col, "resid", positions)}
     img["channel_heatmaps"] = {"title": "Per-channel max heat maps", "caption": "max |x| of every channel at every layer (log color); vertical lines are channel-wise outliers / massive channels", "png": plots.channel_heatmaps(col)}
-    img["weight_outliers"] = {"title": "Weight outliers: Wq, Wk, Wv across layers", "caption": "max |w| of every input column (log color): columns lined up with activation outlier channels absorb the norm's gamma", "png": plots.weight_outliers(wstats["column_absmax"])}
+    img["weight_outliers"] = {"title": "Weight outliers: Wq, Wk, Wv across layers", "caption": "max |w| of every input column (log color); vertical lines are input channels whose weights are systematically large or small, often the activation outlier channels (compare with the heat maps above)", "png": plots.weight_outliers(wstats["column_absmax"])}
     hl = mf["top"]["layer"] if mf.get("top") else col.n_layers // 2
     img["histograms"] = {"title": f"Histograms (log scale), layer {hl}", "caption": "counts of log10 |x| at each site of one layer", "png": plots.histograms(col, hl)}
     for role, rows in s["norm_trace"].items():

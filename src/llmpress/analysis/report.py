@@ -66,6 +66,28 @@ def write_outputs(an, out: Path) -> dict:
     return paths
 
 
+class _Saved:
+    """An analysis read back from its folder: enough to render the HTML again."""
+
+    def __init__(self, summary: dict, images: dict):
+        self.summary = summary
+        self.images = images
+
+
+def rerender(out: Path) -> Path:
+    """Write ``report.html`` again from a folder's ``analysis.json`` and ``img/`` (no model run):
+    for a report template that changed after the numbers were computed."""
+    out = Path(out)
+    data = json.loads((out / "analysis.json").read_text())
+    images = {}
+    for name, meta in (data.get("images") or {}).items():
+        png = out / meta["file"]
+        if png.exists():
+            images[name] = {"title": meta["title"], "caption": meta["caption"], "png": png.read_bytes()}
+    _write_bytes(out / "report.html", to_html(_Saved(data, images)).encode())
+    return out / "report.html"
+
+
 def _write_bytes(path: Path, data: bytes) -> None:
     """Atomic write (temporary file + rename), readable like any file the user creates."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -152,20 +174,24 @@ def implications(s: dict) -> list[str]:
             f"One element sets the range: with a per-tensor int8 scale at layer {top['layer']} the median channel keeps only ({lv}) of 256 levels. "
             "Per-token scales isolate the massive token; rotations (QuaRot/SpinQuant) spread it."
         )
-        rows = {r["name"].split(" @")[0]: r for r in (s.get("interventions") or {}).get("rows", []) if r["name"].startswith("massive->")}
-        z, m = rows.get("massive->zero"), rows.get("massive->mean")
-        if z and m:
-            zr, mr = z["ppl_ratio"], m["ppl_ratio"]
-            if zr > 1.5 and zr > 1.5 * mr:
-                line += f" Clipping is not the answer: zeroing them multiplies perplexity by {_f(zr)}, their mean value by {_f(mr)}: they work as a fixed bias, the exact value matters little."
+        ivr = (s.get("interventions") or {}).get("rows", [])
+        zero = [r for r in ivr if r["name"].startswith("massive->zero")]
+        mean = [r for r in ivr if r["name"].startswith("massive->mean")]
+        if zero and mean:
+            zs = ", ".join(f"{_f(r['ppl_ratio'])}x ({r['name'].split(' ', 1)[1]})" for r in zero)
+            ms = ", ".join(f"{_f(r['ppl_ratio'])}x ({r['name'].split(' ', 1)[1]})" for r in mean)
+            ratio = lambda r: float("inf") if r.get("ppl_ratio") is None else r["ppl_ratio"]  # noqa: E731 (None: inf in JSON)
+            worst_zero, worst_mean = max(map(ratio, zero)), max(map(ratio, mean))
+            if worst_zero > 1.5 and worst_zero > 1.5 * worst_mean:
+                line += f" Clipping them is not the answer: zeroing them multiplies perplexity by {zs}; setting them to their mean by {ms}: they work as a fixed bias whose exact value matters little."
             else:
-                line += f" Zeroing them multiplies perplexity by {_f(zr)}, setting them to their mean by {_f(mr)}."
+                line += f" Zeroing them multiplies perplexity by {zs}; setting them to their mean by {ms}."
         out.append(line)
     rows = [r for r in s["norm_trace"].get("attn", []) + s["norm_trace"].get("mlp", []) if r["flagged"]]
     if rows:
         by_gamma = sum(1 for r in rows if (r["gamma_gain"] or 0) > 1.5 or (r["gamma_percentile"] or 0) > 0.95)
         out.append(
-            f"{len(rows)} channel-wise outlier(s) at norm outputs; {by_gamma} of them amplified by the norm's scale gamma (gain > 1.5 or top-5% gamma). "
+            f"{len(rows)} (layer, channel) channel-wise outliers at norm outputs; {by_gamma} of them amplified by the norm's scale gamma (gain > 1.5 or top-5% gamma). "
             "They are consistent across tokens, so per-channel smoothing (SmoothQuant/AWQ) can fold them into the following weights."
         )
     sws = s["super_weights"]["super_weights"]
