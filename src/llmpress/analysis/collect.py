@@ -377,6 +377,7 @@ def collect(
 
     def sink(site, layer, t):
         with single_thread():
+            t = t.detach().float().cpu()  # summaries live on the CPU whatever the model's device
             st = stats[site].get(layer)
             if st is None:
                 st = stats[site][layer] = SiteStats(t.shape[-1], T, thresholds)
