@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -475,6 +474,3 @@ def block_hooks(model: nn.Module, fn_by_layer: dict[int, callable]):
         for h in handles:
             h.remove()
 
-
-def finite(v: float) -> float | None:
-    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
