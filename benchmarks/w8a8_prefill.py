@@ -17,6 +17,7 @@ Prints a markdown table and writes runs/bench/w8a8_prefill.json.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -70,7 +71,13 @@ def run_variant(variant: str, tokens: int, budget_s: float) -> dict:
             model.model.layers = torch.ao.quantization.quantize_dynamic(blocks, {nn.Linear}, dtype=torch.qint8)
         backend = "fbgemm quantize_dynamic"
     gc.collect()
+    try:  # hand freed heap pages (the fp32 weights just replaced) back to the kernel
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     weights_mb = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) / 2**20
+    if variant == "fbgemm-dynamic-ref":  # packed int8 weights are not parameters/buffers: count their codes
+        weights_mb += sum(m.in_features * m.out_features for m in model.modules() if type(m).__name__ == "DynamicQuantizedLinear" or type(m).__name__ == "Linear" and "quantized" in type(m).__module__) / 2**20
     rss_before = _status("VmRSS")
     reset_ok = _reset_peak()
     times = []
@@ -100,6 +107,7 @@ def run_variant(variant: str, tokens: int, budget_s: float) -> dict:
         "last_logit_rel_err_vs_fp32": float((logits - ref).norm() / ref.norm()),
         "auto_backend_here": resolve_backend("auto", "cpu"),
         "threads": torch.get_num_threads(),
+        "loadavg_after": os.getloadavg(),
     }
 
 
@@ -115,6 +123,7 @@ def main() -> None:
         print(json.dumps(run_variant(a.one, a.tokens, a.budget)))
         return
     rows = []
+    print(f"load average before: {os.getloadavg()}", flush=True)
     for v in a.variants.split(","):
         p = subprocess.run([sys.executable, __file__, "--one", v, "--tokens", str(a.tokens), "--budget", str(a.budget)], capture_output=True, text=True)
         if p.returncode:
@@ -125,6 +134,7 @@ def main() -> None:
         print(f"{v:<20} median {row['median_s']:8.3f} s  ({row['runs']} runs)  weights {row['weights_mb']:7.1f} MiB  peak RSS {row['peak_rss_mb']:7.1f} MiB", flush=True)
     fp = next((r for r in rows if r["variant"] == "fp32"), None)
     print()
+    print(f"load average after: {os.getloadavg()} (2 cores; other users' work inflates every row alike)")
     print(f"SmolLM2-135M prefill of {a.tokens} tokens (batch 1, KV cache, last-position logits), {platform.processor() or platform.machine()}, {rows[0]['threads'] if rows else '?'} threads")
     print()
     print("| variant | int8 GEMM | prefill s (median) | tokens/s | vs fp32 | weights MiB | RSS before MiB | peak RSS MiB | last-logit rel. err vs fp32 |")

@@ -128,3 +128,28 @@ def test_smoothquant_config_errors():
         stage("smoothquant", grid=0)
     assert stage("smoothquant", search=False, alpha=0.7).config.alphas() == [0.7]
     assert stage("smoothquant", grid=3).config.alphas() == [None, 0.0, 0.5, 1.0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alias", ["smollm2-135m", "gemma3-270m"])
+def test_smoothing_real_models_keeps_float_output(alias):
+    """GQA (SmolLM2: 9 query / 3 kv heads; gemma: (1 + w) norms, activations ~1e5)."""
+    from llmpress import models
+
+    m, _ = models.load(alias)
+    ids = random_windows(1, 64, vocab=1000, seed=2)
+    ref = _logits(m, ids)
+    compress(m, [stage("smoothquant", search=False, alpha=0.8, shift=True)], random_windows(2, 64, vocab=1000))
+    assert _rel(_logits(m, ids), ref) < 1e-4
+
+
+def test_smoothquant_per_group_alphas():
+    m = _outlier_llama()
+    ids = random_windows(2, 24, seed=3)
+    ref = _logits(m, ids)
+    rep = compress(m, [stage("smoothquant", grid=3, per_group=True, search_windows=4)], random_windows(8, 24))
+    assert _rel(_logits(m, ids), ref) < 1e-4
+    notes = {n: l["smoothquant"]["alpha"] for n, l in rep.layers.items()}
+    assert all(a in (None, 0.0, 0.5, 1.0) for a in notes.values())
+    # q/k/v share a group, hence an alpha
+    assert notes["model.layers.0.self_attn.q_proj"] == notes["model.layers.0.self_attn.v_proj"]

@@ -49,7 +49,9 @@ log = logging.getLogger(__name__)
 class SmoothQuant:
     """SmoothQuant stage. ``search``: choose alpha per block among ``grid`` values in
     [alpha_min, alpha_max] (and no smoothing when ``include_identity``), scoring
-    ``search_windows`` calibration windows; otherwise use ``alpha``. ``attn_out`` /
+    ``search_windows`` calibration windows; otherwise use ``alpha``. ``per_group``: one
+    alpha per group of the block instead (greedy in data-flow order, later groups
+    unsmoothed while an earlier one is searched; 4x the scoring passes). ``attn_out`` /
     ``mlp_out`` also smooth o_proj (from v_proj) and down_proj (from up_proj)."""
 
     alpha: float = 0.5
@@ -59,6 +61,7 @@ class SmoothQuant:
     alpha_max: float = 1.0
     include_identity: bool = True
     search_windows: int = 8
+    per_group: bool = False
     weights: QuantArgs | None = field(default_factory=lambda: QuantArgs(bits=8, granularity="channel"))
     activations: QuantArgs | None = field(default_factory=lambda: QuantArgs(bits=8, granularity="token"))
     attn_out: bool = True
@@ -122,12 +125,13 @@ def _quantize_block_(block, locals_: list[str], wargs: QuantArgs | None, aargs: 
     return handles
 
 
-def score_candidate(ctx, groups, gstats, alpha, cfg, ref: list[torch.Tensor], n_batches: int) -> float:
-    """Mean squared error of the block output: smoothed (alpha) + quantized copy vs float."""
+def score_candidate(ctx, groups, gstats, alphas: list, cfg, ref: list[torch.Tensor], n_batches: int) -> float:
+    """Mean squared error of the block output: smoothed (one alpha per group, None = no
+    scaling) + quantized copy vs float."""
     blk = copy.deepcopy(ctx.block)
-    if alpha is not None or cfg.shift:
-        for g, gs in zip(groups, gstats):
-            s = smooth_scales(gs.act_absmax, gs.weight_absmax, alpha, cfg.eps) if alpha is not None else None
+    for g, gs, alpha in zip(groups, gstats, alphas):
+        s = smooth_scales(gs.act_absmax, gs.weight_absmax, alpha, cfg.eps) if alpha is not None else None
+        if s is not None or gs.shift is not None:
             apply_smoothing(blk, ctx.spec, g, s, gs.shift)
     _quantize_block_(blk, list(ctx.targets), cfg.weights, cfg.activations)
     err, count = 0.0, 0
@@ -150,24 +154,29 @@ def smoothquant(ctx, cfg: SmoothQuant) -> None:
     stats = ctx.collect(needs)
     gstats = [group_stats(ctx.block, ctx.spec, g, stats, cfg.shift) for g in groups]
     alphas = cfg.alphas()
-    chosen, errors = alphas[0], {}
+    chosen = [alphas[0]] * len(groups)
+    note: dict = {"shift": cfg.shift}
     if len(alphas) > 1:
         n = batches_for(ctx, cfg.search_windows)
         ref = ctx.outputs(batches=n)
-        for a in alphas:
-            errors[a] = score_candidate(ctx, groups, gstats, a, cfg, ref, n)
-        chosen = min(errors, key=errors.get)
-        log.debug("block %d: smoothquant errors %s -> alpha %s", ctx.index, errors, chosen)
-    for g, gs in zip(groups, gstats):
-        s = smooth_scales(gs.act_absmax, gs.weight_absmax, chosen, cfg.eps) if chosen is not None else None
-        apply_smoothing(ctx.block, ctx.spec, g, s, gs.shift)
-    note = {"alpha": chosen, "shift": cfg.shift}
-    if errors:
-        base = errors.get(None)
-        note["search_mse"] = errors[chosen]
-        if base is not None:
-            note["identity_mse"] = base
+        if cfg.per_group:
+            chosen = [None] * len(groups)
+            for gi in range(len(groups)):
+                errors = {a: score_candidate(ctx, groups, gstats, chosen[:gi] + [a] + chosen[gi + 1 :], cfg, ref, n) for a in alphas}
+                chosen[gi] = min(errors, key=errors.get)
+        else:
+            errors = {a: score_candidate(ctx, groups, gstats, [a] * len(groups), cfg, ref, n) for a in alphas}
+            chosen = [min(errors, key=errors.get)] * len(groups)
+        note["search_mse"] = errors[chosen[-1]]
+        if None in errors and not cfg.per_group:
+            note["identity_mse"] = errors[None]
+        log.debug("block %d: smoothquant alphas %s", ctx.index, chosen)
+    for g, gs, a in zip(groups, gstats, chosen):
+        s = smooth_scales(gs.act_absmax, gs.weight_absmax, a, cfg.eps) if a is not None else None
+        if s is not None or gs.shift is not None:
+            apply_smoothing(ctx.block, ctx.spec, g, s, gs.shift)
+    alpha_of = {p: a for g, a in zip(groups, chosen) for p in g.linears}
     for loc in ctx.targets:
         rec = ctx.record(loc)
         rec.methods.append("smoothquant")
-        rec.notes["smoothquant"] = note
+        rec.notes["smoothquant"] = {"alpha": alpha_of.get(loc), **note}
