@@ -255,3 +255,17 @@ def test_weight_and_activation_quantization_together():
     k = {n: (m.in_features, m.out_features) for n, m in ((n, dict(model.named_modules())[n]) for n in expect)}
     bpw = sum(i * o * (8 + 16 / i) for i, o in k.values()) / sum(i * o for i, o in k.values())
     assert abs(rep.bits_per_weight - bpw) < 1e-9
+
+
+@pytest.mark.parametrize("d", [5, 1023, 1024, 1537, 2100])
+def test_gram_equals_the_full_product(d):
+    from llmpress.calib.accumulators import HessianAccumulator, gram
+
+    x = torch.randn(64, d, dtype=torch.float64)
+    assert torch.allclose(gram(x, split_at=16), x.T @ x, rtol=1e-10, atol=1e-9)  # recursion at every level
+    assert torch.allclose(gram(x), x.T @ x, rtol=1e-10, atol=1e-9)
+    acc = HessianAccumulator()
+    acc.add(x[:40].float())
+    acc.add(x[40:].float())
+    ref = 2.0 / 64 * (x.T @ x)
+    assert torch.allclose(acc.result().double(), ref, rtol=1e-4, atol=1e-4)

@@ -50,6 +50,18 @@ def test_unstructured_hits_the_exact_overall_sparsity(sparsity, rows, cols, bs):
     assert res.sparsity == pytest.approx(round(sparsity * rows * cols) / (rows * cols))
 
 
+@pytest.mark.parametrize("bs", [8, 16, 128])
+def test_per_row_masks_prune_every_row_equally_and_stay_obs_exact(bs):
+    W, X, H = correlated_problem(rows=12, cols=32, seed=5)
+    res = sparsegpt_prune(W, H, 0.5, block_size=bs, per_row=True)
+    assert (res.mask.sum(1) == 16).all()  # each row: half of its inputs
+    for i1 in range(0, 32, bs):  # and half of each block's share
+        assert (res.mask[:, i1 : i1 + bs].sum(1) == min(bs, 32 - i1) // 2).all()
+    assert torch.allclose(res.weight, obs_fixed_mask(W, damped(H), res.mask), atol=1e-5)
+    block = sparsegpt_prune(W, H, 0.5, block_size=bs)
+    assert not (block.mask.sum(1) == 16).all()  # the paper's block-wide choice is uneven per row
+
+
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
 def test_nm_pattern_is_exact(n, m):
     W, X, H = correlated_problem(rows=12, cols=32, seed=2)

@@ -23,6 +23,24 @@ class Accumulator:
                 setattr(self, k, None)
 
 
+def gram(x: torch.Tensor, split_at: int = 768) -> torch.Tensor:
+    """``x.T @ x`` for ``x`` [n, d]. Wide inputs (d >= ``split_at``, recursively) are split in two column
+    halves and only the upper blocks are multiplied (``A^T A``, ``A^T B``, ``B^T B``; the
+    lower block is the transpose): 3/4 of the multiply-adds of one full GEMM, the
+    saving the symmetric product allows."""
+    d = x.shape[1]
+    if d < split_at:
+        return x.T @ x
+    h = d // 2
+    a, b = x[:, :h], x[:, h:]
+    out = torch.empty(d, d, dtype=x.dtype, device=x.device)
+    out[:h, :h] = gram(a, split_at)
+    out[:h, h:] = a.T @ b
+    out[h:, :h] = out[:h, h:].T
+    out[h:, h:] = gram(b, split_at)
+    return out
+
+
 class HessianAccumulator(Accumulator):
     """H = 2/n * sum_t x_t x_t^T (the layer-wise OBS/GPTQ Hessian of ||W X - W_hat X||^2).
 
@@ -42,7 +60,7 @@ class HessianAccumulator(Accumulator):
             x = x.float()
         if self.sum is None:
             self.sum = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-        self.sum += x.T @ x  # one GEMM in the input's precision, summed in float64
+        self.sum += gram(x)  # in the input's precision, summed in float64
         self.n += x.shape[0]
 
     def result(self) -> torch.Tensor:

@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 class SparseGPT:
     """SparseGPT stage config: ``sparsity`` (unstructured fraction) or ``n``:``m``
     (keep n of every m consecutive input weights; when set, ``sparsity`` is ignored),
-    optional joint weight quantization ``weights``."""
+    optional joint weight quantization ``weights``. ``per_row``: unstructured masks
+    compare scores within each output row of a column block (every row pruned to the
+    same sparsity, as Wanda compares) instead of across the whole block (the paper)."""
 
     sparsity: float = 0.5
     n: int = 0
@@ -50,6 +52,7 @@ class SparseGPT:
     block_size: int = 128
     damp: float = 0.01
     weights: QuantArgs | None = None
+    per_row: bool = False
 
     def __post_init__(self):
         validate_pattern(self.sparsity, self.n, self.m)
@@ -92,6 +95,7 @@ def sparsegpt_prune(
     damp: float = 0.01,
     weights: QuantArgs | None = None,
     static_groups: bool = True,
+    per_row: bool = False,
     name: str | None = None,
 ) -> SparseGPTResult:
     """SparseGPT on one weight [out, in] with the layer Hessian [in, in] (2/n X^T X).
@@ -99,6 +103,8 @@ def sparsegpt_prune(
     ``static_groups`` (joint quantization with groups): group scales from the original
     weight before the loop, as GPTQ's default; False fits each group when the sweep
     reaches it, on its current weights with the pruned ones (known so far) left out.
+    ``per_row``: unstructured masks chosen within each row of a block (same sparsity
+    for every row) rather than across the block's rows.
     """
     validate_pattern(sparsity, n, m)
     validate_solver_fields(block_size, damp)
@@ -125,10 +131,10 @@ def sparsegpt_prune(
             if not dynamic:
                 hd = torch.diagonal(H) if weights.observer == "mse" else None  # as GPTQ: MSE weighted by diag(H)
                 cq.set(compute_qparams(W, weights, name, importance=_importance(hd, weights, C)))
-        return _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name)
+        return _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name, per_row)
 
 
-def _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name) -> SparseGPTResult:
+def _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name, per_row=False) -> SparseGPTResult:
     R, C = W.shape
     gs = cq.gsize if dynamic else None
     hdiag = torch.diagonal(H).clone() if dynamic else None
@@ -154,7 +160,11 @@ def _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name) 
         dU = torch.diagonal(U1)
         dsq = dU.pow(2).unsqueeze(1)  # [H^-1]_jj of the columns still free, per row of W1
         d = dU.tolist()
-        if not m:
+        if not m and per_row:  # each row (a column of W1) prunes its share of this block
+            k = int(round(sparsity * i2)) - int(round(sparsity * i1))
+            if k > 0:
+                M1.scatter_(0, torch.topk(W1.pow(2) / dsq, k, dim=0, largest=False).indices, True)
+        elif not m:
             k = int(round(sparsity * R * i2)) - pruned if i2 < C else target_total - pruned
             k = max(0, min(k, R * nb))
             M1.copy_(topk_prune_mask(W1.pow(2) / dsq, k))
@@ -195,6 +205,7 @@ def sparsegpt(ctx: ModuleContext, cfg: SparseGPT) -> None:
         block_size=cfg.block_size,
         damp=cfg.damp,
         weights=cfg.weights,
+        per_row=cfg.per_row,
         name=ctx.name,
     )
     ctx.set_weight(res.weight)
