@@ -62,6 +62,21 @@ def test_per_row_masks_prune_every_row_equally_and_stay_obs_exact(bs):
     assert not (block.mask.sum(1) == 16).all()  # the paper's block-wide choice is uneven per row
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+def test_act_order_sweep_is_obs_exact_in_the_original_column_order(per_row):
+    W, X, H = correlated_problem(rows=10, cols=24, seed=6)
+    res = sparsegpt_prune(W, H, 0.5, block_size=8, per_row=per_row, act_order=True)
+    assert int(res.mask.sum()) == 120 and (res.weight[res.mask] == 0).all()
+    # the compensation is the OBS solution for that mask taken in the same (permuted) order
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    ref = obs_fixed_mask(W[:, perm], damped(H)[perm][:, perm], res.mask[:, perm])
+    assert torch.allclose(res.weight[:, perm], ref, atol=1e-5)
+    q = sparsegpt_prune(W, H, 0.5, block_size=8, act_order=True, weights=W4G8)
+    assert (q.weight[q.mask] == 0).all() and sparsity_of(q.weight) >= 0.5
+    with pytest.raises(RecipeError, match="act_order"):
+        SparseGPT(n=2, m=4, act_order=True)
+
+
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
 def test_nm_pattern_is_exact(n, m):
     W, X, H = correlated_problem(rows=12, cols=32, seed=2)

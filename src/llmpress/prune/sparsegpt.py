@@ -53,9 +53,12 @@ class SparseGPT:
     damp: float = 0.01
     weights: QuantArgs | None = None
     per_row: bool = False
+    act_order: bool = False
 
     def __post_init__(self):
         validate_pattern(self.sparsity, self.n, self.m)
+        if self.act_order and self.m:
+            raise RecipeError("act_order: N:M patterns are defined on the original column order; use act_order with unstructured sparsity")
         validate_solver_fields(self.block_size, self.damp)
         if self.weights is not None:
             _check_weight_args(self.weights)
@@ -96,6 +99,7 @@ def sparsegpt_prune(
     weights: QuantArgs | None = None,
     static_groups: bool = True,
     per_row: bool = False,
+    act_order: bool = False,
     name: str | None = None,
 ) -> SparseGPTResult:
     """SparseGPT on one weight [out, in] with the layer Hessian [in, in] (2/n X^T X).
@@ -104,7 +108,9 @@ def sparsegpt_prune(
     weight before the loop, as GPTQ's default; False fits each group when the sweep
     reaches it, on its current weights with the pruned ones (known so far) left out.
     ``per_row``: unstructured masks chosen within each row of a block (same sparsity
-    for every row) rather than across the block's rows.
+    for every row) rather than across the block's rows. ``act_order``: sweep the columns
+    by descending Hessian diagonal (as GPTQ's activation order; unstructured only, and
+    with static group scales when quantizing jointly).
     """
     validate_pattern(sparsity, n, m)
     validate_solver_fields(block_size, damp)
@@ -124,6 +130,8 @@ def sparsegpt_prune(
         if weights.granularity == "group" and C % weights.group_size:
             raise UserError(f"{where}group_size {weights.group_size} does not divide the input dimension {C}")
         dynamic = weights.granularity == "group" and not static_groups
+    if act_order and (m or dynamic):
+        raise UserError(f"{where}act_order needs unstructured sparsity and static group scales")
     with solver_threads(weight.device):
         W, H, dead = prepare(weight, hessian, name)
         if weights is not None:
@@ -131,11 +139,20 @@ def sparsegpt_prune(
             if not dynamic:
                 hd = torch.diagonal(H) if weights.observer == "mse" else None  # as GPTQ: MSE weighted by diag(H)
                 cq.set(compute_qparams(W, weights, name, importance=_importance(hd, weights, C)))
-        return _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name, per_row)
+        perm = None
+        if act_order:
+            perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+            W, H = W[:, perm], H[perm][:, perm]
+        res = _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name, per_row, perm)
+        if perm is not None:
+            inv = torch.argsort(perm)
+            res.weight, res.mask = res.weight[:, inv].contiguous(), res.mask[:, inv].contiguous()
+        return res
 
 
-def _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name, per_row=False) -> SparseGPTResult:
+def _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name, per_row=False, perm=None) -> SparseGPTResult:
     R, C = W.shape
+    col = perm.tolist() if perm is not None else range(C)  # original index of each swept column
     gs = cq.gsize if dynamic else None
     hdiag = torch.diagonal(H).clone() if dynamic else None
     fac = inverse_cholesky(H, damp, name)
@@ -183,7 +200,7 @@ def _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name, 
             if cq is None:
                 q.copy_(w).masked_fill_(mk, 0.0)
             else:
-                cq.quantize_into(w.masked_fill(mk, 0.0), j, q).masked_fill_(mk, 0.0)
+                cq.quantize_into(w.masked_fill(mk, 0.0), col[j], q).masked_fill_(mk, 0.0)
             torch.sub(w, q, out=e).div_(d[i])
             if i + 1 < nb:
                 W1[i + 1 :].addr_(U1[i, i + 1 :], e, alpha=-1.0)
@@ -206,6 +223,7 @@ def sparsegpt(ctx: ModuleContext, cfg: SparseGPT) -> None:
         damp=cfg.damp,
         weights=cfg.weights,
         per_row=cfg.per_row,
+        act_order=cfg.act_order,
         name=ctx.name,
     )
     ctx.set_weight(res.weight)
