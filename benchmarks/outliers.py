@@ -53,6 +53,7 @@ class Runner:
         self.fp = None
         self.done: dict[str, dict] = {}
         self.extra = False
+        self.resume = False
 
     def ppl(self, m, label) -> tuple[float, float]:
         t = time.perf_counter()
@@ -75,6 +76,12 @@ class Runner:
         further conversions of the same compressed model, each evaluated as its own row."""
         if label in self.done:  # same recipe already measured in this run (another section)
             return self.done[label]
+        if self.resume and self.out.exists():  # measured by an earlier invocation with the same windows
+            for row in json.loads(self.out.read_text())["rows"]:
+                if (row["model"], row["method"], row["eval_windows"], row["calib_windows"]) == (self.name, label, int(self.windows.shape[0]), int(self.calib.shape[0])):
+                    print(f"[{self.name}] {label}: measured before, kept (ppl {row['ppl']:.3f})", flush=True)
+                    self.done[label] = row
+                    return row
         self.baseline()
         m = copy.deepcopy(self.model)
         r = api._as_recipe(recipe)
@@ -206,6 +213,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--out", default="runs/bench/outliers.json")
     ap.add_argument("--extra", action="store_true", help="also W4 g64 rows (RTN, AWQ)")
+    ap.add_argument("--resume", action="store_true", help="keep rows already in --out for the same model, windows and calibration count")
     a = ap.parse_args()
     out = Path(a.out)
     secs = [s for s in a.sections.split(",") if s]
@@ -216,13 +224,14 @@ def main() -> None:
     smol = [s for s in secs if s != "gemma"]
     if smol:
         r = Runner("smollm2-135m", a.windows, a.calib, out)
-        r.extra = a.extra
+        r.extra, r.resume = a.extra, a.resume
         r.baseline()
         for s in smol:
             globals()[s](r)
         del r
     if "gemma" in secs:
         r = Runner("gemma3-270m", a.windows, a.calib, out)
+        r.resume = a.resume
         r.baseline()
         gemma(r)
     print()

@@ -30,7 +30,7 @@ import torch
 from ..errors import RecipeError, UserError
 from ..quant.args import QuantArgs
 from ..quant.core import QParams, compute_qparams
-from ..quant.gptq import ColumnQuantizer, _importance, current_rows, solver_threads, validate_solver_fields
+from ..quant.gptq import ColumnQuantizer, _importance, current_rows, record_solver_notes, solver_threads, validate_solver_fields
 from ..quant.hessian import inverse_cholesky, prepare
 from ..registry import ModuleContext, register
 from .masks import describe_pattern, nm_prune_mask, sparsity_of, topk_prune_mask, validate_pattern
@@ -230,13 +230,7 @@ def sparsegpt(ctx: ModuleContext, cfg: SparseGPT) -> None:
     rec = ctx.record
     rec.sparsity = res.sparsity
     rec.notes["pattern"] = describe_pattern(cfg.sparsity, cfg.n, cfg.m)
-    rec.notes["damp"] = res.damp
-    rec.notes["damp_retries"] = res.damp_retries
-    rec.notes["sparsegpt_loss"] = res.loss
-    if res.dead:
-        rec.notes["dead_inputs"] = res.dead
-    if res.fallback:
-        rec.notes["hessian_fallback"] = "diagonal"
+    record_solver_notes(rec, res, "sparsegpt_loss")
     if cfg.weights is not None:
         rec.weight_args = cfg.weights
         rec.qparams = res.qparams

@@ -281,6 +281,18 @@ def current_rows(Wt, E1, U, i1: int, i: int, i2: int, c0: int, c1: int) -> torch
     return torch.cat([inside, beyond], dim=0)
 
 
+def record_solver_notes(rec, res, loss_key: str) -> None:
+    """The second-order solvers' layer notes: dampening used, retries, OBS loss estimate,
+    dead inputs and the diagonal fallback when they happened."""
+    rec.notes["damp"] = res.damp
+    rec.notes["damp_retries"] = res.damp_retries
+    rec.notes[loss_key] = res.loss
+    if res.dead:
+        rec.notes["dead_inputs"] = res.dead
+    if res.fallback:
+        rec.notes["hessian_fallback"] = "diagonal"
+
+
 @register("gptq", GPTQ, needs=("hessian",), summary="GPTQ: second-order weight quantization with error feedback (OBS family)")
 def gptq(ctx: ModuleContext, cfg: GPTQ) -> None:
     res = gptq_quantize(
@@ -297,12 +309,6 @@ def gptq(ctx: ModuleContext, cfg: GPTQ) -> None:
     rec = ctx.record
     rec.weight_args = cfg.weights
     rec.qparams = res.qparams
-    rec.notes["damp"] = res.damp
-    rec.notes["damp_retries"] = res.damp_retries
-    rec.notes["gptq_loss"] = res.loss
-    if res.dead:
-        rec.notes["dead_inputs"] = res.dead
-    if res.fallback:
-        rec.notes["hessian_fallback"] = "diagonal"
+    record_solver_notes(rec, res, "gptq_loss")
     if cfg.activations is not None:
         rec.act_args = cfg.activations
