@@ -61,8 +61,11 @@ def run_peer(folder: Path, calib_npy: Path, eval_npy: Path, bits: int, group: in
 
 
 def run_llmpress(model, windows, calib, bits: int, group: int, act_order: bool, observer: str = "minmax") -> dict:
+    """``observer``: minmax or mse, with ``-full`` for the full-range symmetric grid
+    (S = max|x| / (qmax + 1/2), the peer's convention)."""
     m = copy.deepcopy(model)
-    st = stage("gptq", weights=QuantArgs(bits=bits, symmetric=True, granularity="group", group_size=group, observer=observer),
+    obs, full = observer.removesuffix("-full"), observer.endswith("-full")
+    st = stage("gptq", weights=QuantArgs(bits=bits, symmetric=True, granularity="group", group_size=group, observer=obs, full_range=full),
                block_size=128, damp=0.01, act_order=act_order, static_groups=True)
     t = time.perf_counter()
     rep = api.compress(m, [st], calib)
@@ -86,8 +89,9 @@ def main():
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--actorder", choices=["static", "none"], default="static",
                     help="static: both tools in activation order with static groups; none: both in natural order")
-    ap.add_argument("--observers", nargs="+", choices=["minmax", "mse"], default=["minmax"],
-                    help="llmpress scale observers to run (one llmpress row each); the peer uses its default min-max")
+    ap.add_argument("--observers", nargs="+", choices=["minmax", "mse", "minmax-full", "mse-full"], default=["minmax"],
+                    help="llmpress scale observers to run (one llmpress row each; -full: full-range symmetric grid, "
+                         "S = max|x| / (qmax + 1/2), the peer's convention); the peer uses its default min-max, full range")
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--out", default="runs/bench/gptq_vs_peer.json")
     a = ap.parse_args()

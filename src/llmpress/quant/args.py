@@ -18,7 +18,10 @@ class QuantArgs:
     ``granularity``: ``tensor`` (one scale), ``channel`` (one per output row of a weight),
     ``group`` (one per ``group_size`` consecutive input columns of a row), ``token``
     (activations: one per token row). ``observer``: ``minmax`` or ``mse`` (grid search
-    of a clipping ratio minimizing the lp error of each group).
+    of a clipping ratio minimizing the lp error of each group). ``full_range``
+    (symmetric integers): ``S = max|x| / (qmax + 1/2)`` so that all ``2^b`` codes are
+    used (the positive extreme clips by half a step; the convention of llm-compressor
+    and compressed-tensors), instead of ``S = max|x| / qmax`` (``2^b - 1`` codes).
     """
 
     bits: int = 4
@@ -32,6 +35,7 @@ class QuantArgs:
     mse_norm: float = 2.4
     ternary_threshold: float = 0.7  # s = ternary_threshold * mean|W| (per group)
     scale_bits: int = 16  # storage of scales, for bits-per-weight accounting
+    full_range: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -49,6 +53,8 @@ class QuantArgs:
                 raise RecipeError(f"group_size={self.group_size!r}: granularity 'group' needs a positive integer group_size")
         elif self.group_size is not None:
             object.__setattr__(self, "group_size", None)
+        if self.full_range and (self.kind != "int" or not self.symmetric):
+            raise RecipeError("full_range applies to symmetric integer grids (kind: int, symmetric: true)")
         if self.observer not in OBSERVERS:
             raise RecipeError(f"observer {self.observer!r} unknown; expected one of {', '.join(OBSERVERS)}")
         if not 0.0 < self.mse_maxshrink < 1.0:

@@ -1,7 +1,8 @@
 """Quantize / dequantize: the seeds' formulas as pure tensor functions.
 
 Integer quantization:  q = round(clamp(x / S, qmin, qmax)) (+ z when asymmetric),
-x_hat = (q - z) * S.  Symmetric: S = max|x| / qmax, z = 0, q in [-2^(b-1), 2^(b-1)-1].
+x_hat = (q - z) * S.  Symmetric: S = max|x| / qmax, z = 0, q in [-2^(b-1), 2^(b-1)-1]
+(``full_range``: S = max|x| / (qmax + 1/2), every code used).
 Asymmetric: S = (max - min) / (2^b - 1), z = round(-min / S), q in [0, 2^b - 1].
 Ternary: alpha = mean |x| over the entries with |x| > s, Q(x) = alpha * sign(x) where
 |x| > s else 0. Binary: alpha = mean |x|, Q(x) = alpha * sign(x).
@@ -51,7 +52,7 @@ def group_view(x: torch.Tensor, args: QuantArgs, name: str | None = None) -> tor
 def _int_params(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> QParams:
     if args.symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
-        scale = (amax / args.qmax).clamp_min(_EPS)
+        scale = (amax / (args.qmax + 0.5 if args.full_range else args.qmax)).clamp_min(_EPS)
         return QParams(scale)
     lo = lo.clamp_max(0)
     hi = hi.clamp_min(0)
