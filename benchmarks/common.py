@@ -14,7 +14,8 @@ from llmpress.eval.perplexity import perplexity
 class Bench:
     """Loads a model once; each `run(recipe)` compresses a fresh copy and measures perplexity."""
 
-    def __init__(self, model: str = "smollm2-135m", eval_windows: int = 64, calib_samples: int = 128, seqlen: int = 512, seed: int = 0):
+    def __init__(self, model: str = "smollm2-135m", eval_windows: int = 64, calib_samples: int = 128, seqlen: int = 512, seed: int = 0,
+                 fp_ppl: float | None = None):
         self.name = model
         self.model, self.tok = models.load(model)
         self.windows = api.evaluation_windows(self.tok, self.model, api.EvalConfig(seqlen=seqlen, max_windows=eval_windows))
@@ -22,8 +23,9 @@ class Bench:
         self._calib = None
         self.rows: list[dict] = []
         t = time.perf_counter()
-        self.fp_ppl = perplexity(self.model, self.windows, progress=True, desc="fp32 ppl")
-        self.add_row("full precision (fp32)", self.fp_ppl, 32.0, time.perf_counter() - t, 0.0)
+        # fp_ppl: the full-precision figure measured before on the same windows (saves an evaluation)
+        self.fp_ppl = fp_ppl if fp_ppl is not None else perplexity(self.model, self.windows, progress=True, desc="fp32 ppl")
+        self.add_row("full precision (fp32)" + (" (given)" if fp_ppl is not None else ""), self.fp_ppl, 32.0, time.perf_counter() - t, 0.0)
 
     @property
     def calib(self):
