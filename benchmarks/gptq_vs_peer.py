@@ -93,6 +93,7 @@ def main():
                     help="llmpress scale observers to run (one llmpress row each; -full: full-range symmetric grid, "
                          "S = max|x| / (qmax + 1/2), the peer's convention); the peer uses its default min-max, full range")
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--fp-ppl", type=float, help="full-precision ppl measured before on the same windows (skips that evaluation)")
     ap.add_argument("--out", default="runs/bench/gptq_vs_peer.json")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -108,8 +109,8 @@ def main():
     np.save(eval_npy, windows.numpy().astype(np.int64))
     print(f"model folder {folder}; calibration {tuple(calib.shape)}, test {tuple(windows.shape)}; torch threads {torch.get_num_threads()}", flush=True)
 
-    fp = perplexity(model, windows, 4)
-    print(f"full precision ppl {fp:.3f}", flush=True)
+    fp = a.fp_ppl if a.fp_ppl is not None else perplexity(model, windows, 4)
+    print(f"full precision ppl {fp:.3f}" + (" (given)" if a.fp_ppl is not None else ""), flush=True)
     peer_problem = None if a.skip_peer else ensure_peer_venv()
     if peer_problem:
         print(f"PEER UNAVAILABLE: {peer_problem}", flush=True)
