@@ -126,6 +126,7 @@ CASES = [
     ("w4g32", QuantArgs(bits=4, group_size=32), None),
     ("w4g32-asym", QuantArgs(bits=4, group_size=32, symmetric=False), None),
     ("w3-channel", QuantArgs(bits=3, granularity="channel"), None),
+    ("w3g32-full-range", QuantArgs(bits=3, group_size=32, full_range=True), None),
     ("w8a8", QuantArgs(bits=8, granularity="channel"), QuantArgs(bits=8, granularity="token")),
     ("w4a8", QuantArgs(bits=4, group_size=32), QuantArgs(bits=8, granularity="token")),
     ("ternary", QuantArgs(kind="ternary", granularity="channel"), None),

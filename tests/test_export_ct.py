@@ -60,6 +60,7 @@ WEIGHT_ONLY = [
     ("w8a16-channel", QuantArgs(bits=8, granularity="channel")),
     ("w8a16-g32", QuantArgs(bits=8, group_size=32)),
     ("w3a16-g32", QuantArgs(bits=3, group_size=32)),
+    ("w4a16-g32-full-range", QuantArgs(bits=4, group_size=32, full_range=True)),
 ]
 
 
