@@ -144,14 +144,9 @@ def awq(r: Runner) -> None:
     except Exception:
         print("GPTQ not available: skipping GPTQ rows", flush=True)
         return
-    r.run("awq", "GPTQ W3 g64", "gptq-w3g64" if "gptq-w3g64" in _presets() else [stage("gptq", weights=QuantArgs(bits=3, group_size=64))])
-    r.run("awq", "AWQ + GPTQ W3 g64", "awq-gptq-w3g64")
-
-
-def _presets():
-    from llmpress.recipe import presets
-
-    return presets()
+    # both as the presets: full-range symmetric grid, activation order, static groups
+    r.run("awq", "GPTQ W3 g64 (gptq-w3g64)", "gptq-w3g64")
+    r.run("awq", "AWQ + GPTQ W3 g64 (awq-gptq-w3g64)", "awq-gptq-w3g64")
 
 
 def prune(r: Runner) -> None:
