@@ -46,7 +46,7 @@ def test_bench_cli(tmp_path, w4_dir, tiny_model_dir, capsys, monkeypatch):
         assert needle in out
 
 
-def test_memory_probe(w4_dir, capsys):
+def test_memory_probe(w4_dir):
     """What each probe subprocess runs (here in this process: the figures' consistency)."""
     cfg = bench.BenchConfig(prefill_tokens=16, batches=(1, 2), prompt_tokens=4)
     v = bench.plan_variants([str(w4_dir)])[0][2]
@@ -56,8 +56,7 @@ def test_memory_probe(w4_dir, capsys):
     assert res["resident_weight_bytes"] == bench.resident_bytes(model)
     import json as _json
 
-    bench._probe_main(_json.dumps({"variant": {"name": "none", "kind": "none", "path": ""}, "config": {**cfg.__dict__, "batches": [1]}}))
-    assert _json.loads(capsys.readouterr().out)["rss_mb"] > 0
+    assert bench._probe_main(_json.dumps({"variant": {"name": "none", "kind": "none", "path": ""}, "config": {**cfg.__dict__, "batches": [1]}}))["rss_mb"] > 0
 
 
 def test_baseline_must_be_known(tmp_path, w4_dir, tiny_model_dir):

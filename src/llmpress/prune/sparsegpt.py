@@ -30,7 +30,7 @@ import torch
 from ..errors import RecipeError, UserError
 from ..quant.args import QuantArgs
 from ..quant.core import QParams, compute_qparams
-from ..quant.gptq import ColumnQuantizer, _importance, current_rows, record_solver_notes, solver_threads, validate_solver_fields
+from ..quant.gptq import ColumnQuantizer, _importance, activation_order, current_rows, record_solver_notes, solver_threads, validate_solver_fields
 from ..quant.hessian import inverse_cholesky, prepare
 from ..registry import ModuleContext, register
 from .masks import describe_pattern, nm_prune_mask, sparsity_of, topk_prune_mask, validate_pattern
@@ -139,9 +139,8 @@ def sparsegpt_prune(
             if not dynamic:
                 hd = torch.diagonal(H) if weights.observer == "mse" else None  # as GPTQ: MSE weighted by diag(H)
                 cq.set(compute_qparams(W, weights, name, importance=_importance(hd, weights, C)))
-        perm = None
-        if act_order:
-            perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        perm = activation_order(H) if act_order else None
+        if perm is not None:
             W, H = W[:, perm], H[perm][:, perm]
         res = _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name, per_row, perm)
         if perm is not None:

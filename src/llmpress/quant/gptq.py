@@ -203,6 +203,11 @@ def gptq_quantize(
         return _gptq(W, H, dead, args, block_size, damp, act_order, static, mse_importance, name)
 
 
+def activation_order(H: torch.Tensor) -> torch.Tensor:
+    """Column processing order by descending Hessian diagonal (ties: original order)."""
+    return torch.argsort(torch.diagonal(H), descending=True, stable=True)
+
+
 def _gptq(W, H, dead, args, block_size, damp, act_order, static, mse_importance, name) -> GPTQResult:
     R, C = W.shape
     cq = ColumnQuantizer(args, R, C, W.device)
@@ -211,11 +216,9 @@ def _gptq(W, H, dead, args, block_size, damp, act_order, static, mse_importance,
         # from the original weight, before the loop
         cq.set(compute_qparams(W, args, name, importance=_importance(hdiag, args, C)))
 
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-        W = W[:, perm]
-        H = H[perm][:, perm]
+    perm = activation_order(H) if act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
     col_index = perm.tolist() if perm is not None else list(range(C))
 
     fac = inverse_cholesky(H, damp, name)

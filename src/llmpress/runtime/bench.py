@@ -387,17 +387,18 @@ def table(result: dict) -> str:
     return "\n\n".join(out)
 
 
-def _probe_main(arg: str) -> None:
+def _probe_main(arg: str) -> dict:
+    """What a probe subprocess measures; the process entry below writes it to stdout as one
+    JSON line, the channel `_run_probe` reads (not a log message)."""
     d = json.loads(arg)
     cfg = BenchConfig(**{**d["config"], "batches": tuple(d["config"]["batches"])})
     v = Variant(**d["variant"])
     if v.kind == "none":
         import transformers  # noqa: F401
 
-        print(json.dumps({"rss_mb": _rss_mb()}))
-        return
-    print(json.dumps(probe(v, cfg)))
+        return {"rss_mb": _rss_mb()}
+    return probe(v, cfg)
 
 
 if __name__ == "__main__":
-    _probe_main(sys.argv[1])
+    sys.stdout.write(json.dumps(_probe_main(sys.argv[1])) + "\n")

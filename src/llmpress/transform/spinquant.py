@@ -282,10 +282,6 @@ class _Sim:
 # ----------------------------------------------------------------------------- method
 
 
-def _w4() -> QuantArgs:
-    return QuantArgs(bits=4, symmetric=True, granularity="group", group_size=64)
-
-
 def _a4() -> QuantArgs:
     return QuantArgs(bits=4, symmetric=True, granularity="token")
 
