@@ -178,6 +178,34 @@ def test_tied_embeddings_and_sizes(tmp_path):
     assert packed_model_size(loaded)["n_params"] == size["n_params"]
 
 
+@pytest.mark.parametrize("backend", ["dequant", "auto", "torch"])
+def test_quantized_tied_head_rebuilds_the_embedding(tmp_path, backend):
+    """W4 blocks + int8 head tied to the embedding: the embedding is stored once, as the
+    head's codes, and looked up from them; outputs equal the fake-quantized model's."""
+    m = tiny_llama()
+    recipe = [stage("rtn", weights=QuantArgs(bits=4, group_size=32)),
+              stage("rtn", targets=["lm_head"], ignore=[], weights=QuantArgs(bits=8, granularity="channel"))]
+    llmpress.compress(m, recipe, engine=QUIET)
+    assert m.lm_head.weight is m.model.embed_tokens.weight  # tied and quantized together
+    ids = random_windows(2, 24)
+    with torch.no_grad():
+        ref, emb_ref = m(ids).logits, m.model.embed_tokens(ids)
+    out = api.save(m, None, tmp_path / "ck")
+    meta = read_manifest(out)
+    assert meta["tied_quant_embeddings"] == {"model.embed_tokens.weight": "lm_head"}
+    assert "model.embed_tokens.weight" not in meta["tensors"] and meta["layers"]["lm_head"]["kind"] == "quant"
+    loaded, _ = llmpress.load_compressed(str(out), backend=backend)
+    with torch.no_grad():
+        got, emb = loaded(ids).logits, loaded.model.embed_tokens(ids)
+    assert torch.equal(emb, emb_ref)  # int8 rows x their scales: exact
+    tol = {"dequant": 0.0, "auto": 1e-5, "torch": 5e-2}[backend]  # torch's kernels: bf16 activations
+    assert float((got - ref).abs().max() / ref.abs().max()) <= tol
+    # one copy of the table: the int8 codes (1 byte per entry) instead of float32 (4)
+    V, D = m.lm_head.weight.shape
+    plain = api.save(_compressed(tiny_llama, QuantArgs(bits=4, group_size=32), ignore=["lm_head"]), None, tmp_path / "plain")
+    assert read_manifest(plain)["file_bytes"] - meta["file_bytes"] == pytest.approx(V * D * 3 - V * 4, abs=4096)
+
+
 def test_hf_fakequant_format_still_available(tmp_path):
     m = _compressed(tiny_llama, QuantArgs(bits=4, group_size=32), QuantArgs(bits=8, granularity="token"))
     out = api.save(m, tiny_tokenizer(), tmp_path / "hf", format="hf-fakequant")

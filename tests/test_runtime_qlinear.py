@@ -8,7 +8,7 @@ from llmpress.export import codec
 from llmpress.quant import QuantArgs, quantize_weight
 from llmpress.registry import ModuleRecord
 from llmpress.runtime.act_quant import ActQuantLinear
-from llmpress.runtime.qlinear import DequantLinear, Int4Linear, Int8WeightOnlyLinear, build_linear, int4_group_size
+from llmpress.runtime.qlinear import DequantLinear, Int4Linear, Int8WeightOnlyLinear, LowbitInt4Linear, build_linear, int4_group_size
 
 
 def _stored(args, out=64, inp=256, act=None, bias=False, seed=0):
@@ -36,7 +36,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("rows", [1, 5, 33])
 def test_int4_kernel_matches_fallback(args, rows):
     spec, t, wq, b = _stored(args, bias=True)
-    mod = build_linear(spec, t, b)
+    mod = build_linear(spec, t, b, backend="torch")
     assert isinstance(mod, Int4Linear)
     ref = DequantLinear(codec.decode_quant(spec, t), b)
     x = _x(rows, 256)
@@ -63,7 +63,7 @@ def test_int4_symmetric_codes_are_exact_in_kernel():
 
 def test_int8_weight_only_kernel():
     spec, t, wq, b = _stored(QuantArgs(bits=8, granularity="channel"), bias=True)
-    mod = build_linear(spec, t, b)
+    mod = build_linear(spec, t, b, backend="torch")
     assert isinstance(mod, Int8WeightOnlyLinear)
     x = _x(7, 256)
     with torch.no_grad():
@@ -88,14 +88,17 @@ def test_w8a8_uses_integer_gemm_when_available():
 @pytest.mark.parametrize("args,out,why", [
     (QuantArgs(bits=3, group_size=64), 64, "3 bits"),
     (QuantArgs(bits=4, group_size=16), 64, "group 16 unsupported by the kernel"),
-    (QuantArgs(bits=4, group_size=64), 40, "N not a multiple of 16"),
+    (QuantArgs(bits=4, group_size=64), 40, "N not a multiple of 16 (torch's kernel)"),
     (QuantArgs(bits=8, group_size=64), 64, "8-bit groups"),
     (QuantArgs(bits=8, granularity="channel", symmetric=False), 64, "8-bit asymmetric"),
     (QuantArgs(kind="ternary", granularity="channel"), 64, "ternary"),
 ])
-def test_fallback_where_no_kernel_applies(args, out, why):
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_fallback_where_no_kernel_applies(args, out, why, backend):
     spec, t, wq, _ = _stored(args, out=out)
-    mod = build_linear(spec, t)
+    if backend == "auto" and out % 16:
+        pytest.skip("llmpress's own kernel has no N % 16 constraint")
+    mod = build_linear(spec, t, backend=backend)
     assert type(mod) is DequantLinear, why
     x = _x(3, 256)
     with torch.no_grad():
@@ -107,7 +110,7 @@ def test_forced_dequant_and_activation_wrapper():
     spec, t, wq, _ = _stored(QuantArgs(bits=4, group_size=64), act=act)
     assert isinstance(build_linear(spec, t, backend="dequant"), ActQuantLinear)
     mod = build_linear(spec, t)
-    assert isinstance(mod, ActQuantLinear) and isinstance(mod.linear, Int4Linear)  # W4A8: int4 kernel + A8 fake-quant
+    assert isinstance(mod, ActQuantLinear) and isinstance(mod.linear, (Int4Linear, LowbitInt4Linear))  # W4A8: int4 kernel + A8 fake-quant
     assert build_linear(spec, t, device="meta").linear.__class__ is DequantLinear  # CPU kernels only on CPU
     with pytest.raises(ValueError, match="backend"):
         build_linear(spec, t, backend="fast")

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..arch import get_module, set_module
 from ..errors import UserError
@@ -109,6 +110,13 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
                 "%d quantized layer(s) hold weights off their recorded grid (changed after quantization?) and are stored dense: %s",
                 len(dense_fallback), ", ".join(dense_fallback[:5]) + (" ..." if len(dense_fallback) > 5 else ""),
             )
+        # an embedding tied to a stored (quantized) linear: rebuilt from that linear's codes
+        tied_quant: dict[str, str] = {}
+        qptr = {get_module(model, n).weight.data_ptr(): n for n, d in layers.items() if d["kind"] == "quant"}
+        for k in [k for k, v in state.items() if k.endswith(".weight") and v.data_ptr() in qptr]:
+            owner = get_module(model, k.rsplit(".", 1)[0])
+            if isinstance(owner, nn.Embedding) and tuple(state[k].shape) == tuple(get_module(model, qptr[state[k].data_ptr()]).weight.shape):
+                tied_quant[k] = qptr[state.pop(k).data_ptr()]
         tied: dict[str, str] = {}
         seen: dict[tuple, str] = {}
         for k, v in state.items():
@@ -127,6 +135,7 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
             "dtype": str(next(p.dtype for p in model.parameters() if p.is_floating_point())),
             "layers": layers,
             "tied": tied,
+            "tied_quant_embeddings": tied_quant,
             "dense_layers": dense_fallback,
             "tensors": {k: {"dtype": str(v.dtype), "shape": list(v.shape), "sha256": sha256(v)} for k, v in tensors.items()},
             **(extra_meta or {}),
@@ -262,10 +271,19 @@ def load_packed(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
     dense = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
     replaced = tuple(f"{n}." for n, s in specs.items() if s.kind != "dense")  # runtime modules' own buffers
-    left = sorted(k for k in set(missing) - set(meta.get("tied") or {}) if not k.startswith(replaced))
+    tied_quant = meta.get("tied_quant_embeddings") or {}
+    left = sorted(k for k in set(missing) - set(meta.get("tied") or {}) - set(tied_quant) if not k.startswith(replaced))
     if left or unexpected:
         raise UserError(f"checkpoint {folder}: tensors missing for {left[:3]}, or not in the model: {list(unexpected)[:3]}")
-    model.tie_weights()
+    for emb_key, lin_name in tied_quant.items():
+        owner = emb_key.rsplit(".", 1)[0]
+        if lin_name not in specs or specs[lin_name].kind == "dense" or not isinstance(get_module(model, owner), nn.Embedding):
+            raise UserError(f"checkpoint {folder}: embedding {owner} is tied to {lin_name}, which is not a stored quantized linear")
+        qp = records[lin_name].qparams
+        rows = qp.scale if qp is not None and qp.scale.numel() == specs[lin_name].out_features else None
+        set_module(model, owner, QuantEmbedding(get_module(model, lin_name), get_module(model, owner).padding_idx, dtype, rows))
+    if not tied_quant:
+        model.tie_weights()
     for alias, target in (meta.get("tied") or {}).items():  # whatever tie_weights did not re-tie
         owner, attr = alias.rsplit(".", 1)
         t = model.get_parameter(target)
@@ -283,6 +301,36 @@ def load_packed(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
     except (OSError, ValueError):
         tok = None
     return model, tok
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding whose table is a quantized linear's weight (a tied output head): looks up
+    rows of that module's codes and dequantizes only them (int8 per-row codes), or the whole
+    table once per call otherwise. Equal to the fake-quantized model's tied embedding."""
+
+    def __init__(self, linear: nn.Module, padding_idx: int | None = None, dtype: torch.dtype = torch.float32, row_scales: torch.Tensor | None = None):
+        super().__init__()
+        self.dtype = dtype
+        # float32 per-row scales (the head's kernel may hold them rounded to its activation dtype)
+        self.register_buffer("row_scales", None if row_scales is None else row_scales.float().reshape(-1), persistent=False)
+        self.linear = [linear]  # not a submodule: the head owns its buffers (counted once)
+        self.num_embeddings, self.embedding_dim = linear.out_features, linear.in_features
+        self.padding_idx = padding_idx
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear[0].dequantized_weight()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        lin = self.linear[0]
+        codes = getattr(lin, "codes", None)
+        scales = self.row_scales if self.row_scales is not None else getattr(lin, "scales", None)
+        if codes is not None and scales is not None and codes.dim() == 2 and scales.dim() == 1 and codes.shape[0] == self.num_embeddings:
+            return (codes[ids].float() * scales[ids].float().unsqueeze(-1)).to(self.dtype)  # int8 per-row: gather, then scale
+        return F.embedding(ids, lin.dequantized_weight()).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, tied to a quantized linear"
 
 
 def _record(name: str, spec: LinearSpec, t: dict | None) -> ModuleRecord:

@@ -63,25 +63,32 @@ class Variant:
     kind: str  # "dense" or "packed"
     path: str
     dtype: str = "float32"
+    backend: str = "auto"  # packed checkpoints: runtime kernels (qlinear.BACKENDS)
 
     def load(self):
         from .. import models
         from ..api import load_compressed
 
         if self.kind == "packed":
-            return load_compressed(self.path)
+            return load_compressed(self.path, backend=self.backend)
         return models.load(self.path, dtype=getattr(torch, self.dtype))
 
 
 def plan_variants(targets: list[str], baseline: str | None = None) -> tuple[list[Variant], str]:
-    """fp32 and bf16 of the baseline, then one variant per packed checkpoint in ``targets``."""
+    """fp32 and bf16 of the baseline, then one variant per packed checkpoint in ``targets``
+    (``DIR@torch`` / ``DIR@dequant``: that checkpoint with torch's kernels / the exact
+    fallback, beside the default ``auto``)."""
     from ..export.packed import FORMAT, read_manifest
+    from .qlinear import BACKENDS
 
     packed, bases = [], set()
     for t in targets:
+        backend = "auto"
+        if "@" in t and t.rsplit("@", 1)[1] in BACKENDS:
+            t, backend = t.rsplit("@", 1)
         meta = read_manifest(t) if Path(t).is_dir() else None
         if meta and meta.get("format") == FORMAT:
-            packed.append(Variant(Path(t).name, "packed", t))
+            packed.append(Variant(Path(t).name + ("" if backend == "auto" else f"@{backend}"), "packed", t, backend=backend))
             model = ((meta.get("report") or {}).get("model"))
             if model:
                 bases.add(model)

@@ -4,6 +4,12 @@
   rebuilds the weight with :func:`llmpress.export.codec.dequant` (the arithmetic of the
   fake-quantized model, op for op) and multiplies: outputs equal the fake-quantized
   model's exactly.
+- :class:`LowbitInt4Linear` / :class:`LowbitInt8Linear` (4-bit integer weights in groups
+  of a multiple of 32, or 8-bit symmetric per-channel weights; CPU with AVX2): llmpress's
+  own kernels (:mod:`llmpress.runtime.cpu_kernels`), float32 activations, each weight
+  streamed once per call for up to 4 rows; more than ``SMALL_M`` rows (prefill)
+  dequantize once and run one float32 GEMM. Outputs equal the fake-quantized model's up to
+  float32 summation order. The first choice of ``backend="auto"`` where they build.
 - :class:`Int4Linear` (4-bit integer weights, CPU): torch's int4 weight-only kernel
   ``aten._weight_int4pack_mm_for_cpu``. Weights [N, K] as codes 0..15 are repacked by
   ``aten._convert_weight_to_int4pack_for_cpu`` into uint8 [N, K/2]; per group of
@@ -39,7 +45,7 @@ from .act_quant import ActQuantLinear
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "dequant")
+BACKENDS = ("auto", "torch", "dequant")
 INT4_GROUPS = (256, 128, 64, 32)
 KERNEL_ACT_DTYPE = torch.bfloat16
 
@@ -112,6 +118,86 @@ def int4_group_size(spec: LinearSpec) -> int | None:
     return next((g for g in INT4_GROUPS if K % g == 0), None)
 
 
+def _per_group(p: torch.Tensor, N: int, groups: int) -> torch.Tensor:
+    """Scales / zero points [R, G] (R in {1, N}) -> float32 [N, groups] (channel / tensor: repeated)."""
+    p = p.float().expand(N, p.shape[1])
+    return p.repeat_interleave(groups // p.shape[1], dim=1).contiguous()
+
+
+def lowbit_int4_group_size(spec: LinearSpec) -> int | None:
+    """Group size llmpress's int4 kernel would run this layer with, or None if it cannot."""
+    a, K = spec.weight_args, spec.in_features
+    g = a.group_size if a.granularity == "group" else K
+    return g if g and g % 32 == 0 and K % g == 0 else None
+
+
+class LowbitInt4Linear(_Base):
+    """4-bit integer weights through llmpress's CPU kernel (float32 activations)."""
+
+    kernel = "llmpress_int4_cpu"
+
+    def __init__(self, decoded: Decoded, group_size: int, bias: torch.Tensor | None = None):
+        from .cpu_kernels import pack_int4
+
+        N, K = decoded.codes.shape
+        super().__init__(N, K, bias)
+        a = decoded.args
+        self.group_size = group_size
+        q = decoded.codes.to(torch.int32) + (8 if a.symmetric else 0)  # 0..15
+        self.register_buffer("packed", pack_int4(q), persistent=False)
+        self.register_buffer("scales", _per_group(decoded.qparams.scale, N, K // group_size), persistent=False)
+        zp = decoded.qparams.zero_point
+        z = torch.full_like(self.scales, 8.0) if zp is None else _per_group(zp, N, K // group_size)
+        self.register_buffer("zeros", z, persistent=False)
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        from .cpu_kernels import kernels, unpack_int4
+
+        ext = kernels()
+        if ext is not None:
+            return ext.int4_dequant(self.packed, self.scales, self.zeros, self.group_size).to(dtype)
+        g = self.group_size
+        q = unpack_int4(self.packed).float().reshape(self.out_features, -1, g)
+        return ((q - self.zeros.unsqueeze(-1)) * self.scales.unsqueeze(-1)).reshape(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .cpu_kernels import SMALL_M, kernels
+
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        ext = kernels()
+        if ext is not None and x2.shape[0] <= SMALL_M:
+            y = ext.int4_mm(x2, self.packed, self.scales, self.zeros, self.group_size)
+        else:
+            y = F.linear(x2, self.dequantized_weight())
+        return self._out(y, x)
+
+
+class LowbitInt8Linear(_Base):
+    """8-bit symmetric per-channel weights through llmpress's CPU kernel (float32 activations)."""
+
+    kernel = "llmpress_int8_cpu"
+
+    def __init__(self, decoded: Decoded, bias: torch.Tensor | None = None):
+        N, K = decoded.codes.shape
+        super().__init__(N, K, bias)
+        self.register_buffer("codes", decoded.codes.to(torch.int8).contiguous(), persistent=False)
+        self.register_buffer("scales", decoded.qparams.scale.float().reshape(-1).expand(N).contiguous(), persistent=False)
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        return (self.codes.float() * self.scales.unsqueeze(1)).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .cpu_kernels import SMALL_M, kernels
+
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        ext = kernels()
+        if ext is not None and x2.shape[0] <= SMALL_M:
+            y = ext.int8_mm(x2, self.codes, self.scales)
+        else:
+            y = F.linear(x2, self.dequantized_weight())
+        return self._out(y, x)
+
+
 class Int4Linear(_Base):
     """4-bit integer weights through ``aten._weight_int4pack_mm_for_cpu``."""
 
@@ -125,14 +211,10 @@ class Int4Linear(_Base):
         self.act_dtype = act_dtype
         q = decoded.codes.to(torch.int32) + (8 if a.symmetric else 0)  # 0..15
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1), persistent=False)
-        def per_group(p: torch.Tensor) -> torch.Tensor:  # [R, G] -> [N, K / group_size]
-            p = p.float().expand(N, p.shape[1])
-            return p.repeat_interleave(K // group_size // p.shape[1], dim=1)  # channel / tensor: repeat
-
-        s = per_group(decoded.qparams.scale)
+        s = _per_group(decoded.qparams.scale, N, K // group_size)
         zero = torch.zeros_like(s)
         if decoded.qparams.zero_point is not None:
-            zero = (8 - per_group(decoded.qparams.zero_point)) * s
+            zero = (8 - _per_group(decoded.qparams.zero_point, N, K // group_size)) * s
         sz = torch.stack([s.t(), zero.t()], dim=-1).contiguous()  # [K/g, N, 2]
         self.register_buffer("scale_and_zeros", sz.to(act_dtype), persistent=False)
 
@@ -191,8 +273,9 @@ def build_linear(spec: LinearSpec, tensors: dict[str, torch.Tensor], bias: torch
     """The runtime module for one stored linear.
 
     ``backend="dequant"`` always gives :class:`DequantLinear` (exact); ``"auto"`` the
-    fastest kernel that applies to the scheme on ``device`` (CPU kernels only on CPU),
-    else the same fallback. Activation quantization (``spec.act_args``) wraps the module
+    fastest kernel that applies to the scheme on ``device`` (CPU kernels only on CPU:
+    llmpress's own where they build, else torch's), else the same fallback; ``"torch"``
+    only torch's kernels (for comparison). Activation quantization (``spec.act_args``) wraps the module
     in :class:`ActQuantLinear`, except for W8A8 where the integer GEMM quantizes them.
     """
     if backend not in BACKENDS:
@@ -204,12 +287,21 @@ def build_linear(spec: LinearSpec, tensors: dict[str, torch.Tensor], bias: torch
     cpu = torch.device(device).type == "cpu"
     plain = d.g_idx is None and d.exc_index is None
     mod = None
-    if backend == "auto" and plain:
+    if backend != "dequant" and plain:
         w8a8 = _w8a8_linear(d, spec, bias)
         if w8a8 is not None:
             return w8a8
         a = spec.weight_args
-        if cpu and _is_int(a, 4) and spec.out_features % 16 == 0 and int4_group_size(spec):
+        own = None
+        if backend == "auto" and cpu:
+            from .cpu_kernels import kernels
+
+            own = kernels()
+        if own is not None and _is_int(a, 4) and lowbit_int4_group_size(spec):
+            mod = LowbitInt4Linear(d, lowbit_int4_group_size(spec), bias)
+        elif own is not None and _is_int(a, 8) and a.symmetric and a.granularity in ("channel", "tensor") and spec.in_features % 16 == 0:
+            mod = LowbitInt8Linear(d, bias)
+        elif cpu and _is_int(a, 4) and spec.out_features % 16 == 0 and int4_group_size(spec):
             mod = Int4Linear(d, int4_group_size(spec), bias, act_dtype)
         elif cpu and _is_int(a, 8) and a.symmetric and a.granularity in ("channel", "tensor"):
             mod = Int8WeightOnlyLinear(d, bias, act_dtype)

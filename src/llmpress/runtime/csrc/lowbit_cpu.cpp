@@ -1,0 +1,201 @@
+// llmpress CPU kernels for low-bit weights at small batch (decode): AVX2 + FMA.
+//
+// int4 layout ("llmpress-int4-b16"): weights [N, K] as codes q in 0..15, packed two per
+// byte into uint8 [N, K/2]; within each block of 16 consecutive input columns, byte j
+// (j = 0..7) holds column j in its low nibble and column j + 8 in its high nibble, so one
+// 8-byte load widens to the 8 low and the 8 high columns of the block. Per group of
+// `gs` columns (gs % 32 == 0) a float32 scale s and zero z give w = (q - z) * s (z = 8
+// for symmetric codes). The products are summed per group, then scaled: the same
+// float32 arithmetic as dequantize-then-multiply up to summation order.
+//
+// int8 layout: int8 [N, K] with one float32 scale per output row, w = q * s.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstdint>
+
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Unpack 16 columns (8 bytes) to two float vectors (q - z): low and high nibbles. 2^23 + q
+// as a float holds q in its mantissa, so OR-ing the exponent in replaces a convert; z2
+// holds 2^23 + z.
+inline void unpack16(const uint8_t* p, __m256 z2, __m256& lo, __m256& hi) {
+  const __m256i nib = _mm256_set1_epi32(0xF), magic = _mm256_set1_epi32(0x4B000000);
+  const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(q, nib), magic)), z2);
+  hi = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(_mm256_srli_epi32(q, 4), magic)), z2);
+}
+
+// One activation row against output rows [n0, n1): 32 columns per step, 4 chains.
+void int4_rows1(const float* x, const uint8_t* w, const float* sc, const float* zp, float* y,
+                int64_t n0, int64_t n1, int64_t K, int64_t gs) {
+  const int64_t G = K / gs;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * (K / 2);
+    __m256 tot = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 z2 = _mm256_set1_ps(8388608.0f + zp[n * G + g]);
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      const float* xg = x + g * gs;
+      const uint8_t* wg = wr + g * gs / 2;
+      for (int64_t k = 0; k < gs; k += 32) {
+        __m256 l0, h0, l1, h1;
+        unpack16(wg + k / 2, z2, l0, h0);
+        unpack16(wg + k / 2 + 8, z2, l1, h1);
+        a0 = _mm256_fmadd_ps(l0, _mm256_loadu_ps(xg + k), a0);
+        a1 = _mm256_fmadd_ps(h0, _mm256_loadu_ps(xg + k + 8), a1);
+        a2 = _mm256_fmadd_ps(l1, _mm256_loadu_ps(xg + k + 16), a2);
+        a3 = _mm256_fmadd_ps(h1, _mm256_loadu_ps(xg + k + 24), a3);
+      }
+      const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+      tot = _mm256_fmadd_ps(a, _mm256_set1_ps(sc[n * G + g]), tot);
+    }
+    y[n] = hsum(tot);
+  }
+}
+
+// MB (2..4) activation rows against output rows [n0, n1): each unpacked block serves all.
+template <int MB>
+void int4_rows(const float* x, int64_t ldx, const uint8_t* w, const float* sc, const float* zp,
+               float* y, int64_t ldy, int64_t n0, int64_t n1, int64_t K, int64_t gs) {
+  const int64_t G = K / gs;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * (K / 2);
+    __m256 tot[MB], a[MB], b[MB];
+    for (int m = 0; m < MB; ++m) tot[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 z2 = _mm256_set1_ps(8388608.0f + zp[n * G + g]);
+      for (int m = 0; m < MB; ++m) a[m] = b[m] = _mm256_setzero_ps();
+      for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
+        __m256 lo, hi;
+        unpack16(wr + k / 2, z2, lo, hi);
+        for (int m = 0; m < MB; ++m) {
+          a[m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + m * ldx + k), a[m]);
+          b[m] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + m * ldx + k + 8), b[m]);
+        }
+      }
+      const __m256 s = _mm256_set1_ps(sc[n * G + g]);
+      for (int m = 0; m < MB; ++m) tot[m] = _mm256_fmadd_ps(_mm256_add_ps(a[m], b[m]), s, tot[m]);
+    }
+    for (int m = 0; m < MB; ++m) y[m * ldy + n] = hsum(tot[m]);
+  }
+}
+
+template <int MB>
+void int8_rows(const float* x, int64_t ldx, const int8_t* w, const float* sc, float* y, int64_t ldy,
+               int64_t n0, int64_t n1, int64_t K) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = w + n * K;
+    __m256 acc[2][MB];
+    for (int m = 0; m < MB; ++m) acc[0][m] = acc[1][m] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + k))));
+      const __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + k + 8))));
+      for (int m = 0; m < MB; ++m) {
+        acc[0][m] = _mm256_fmadd_ps(a, _mm256_loadu_ps(x + m * ldx + k), acc[0][m]);
+        acc[1][m] = _mm256_fmadd_ps(b, _mm256_loadu_ps(x + m * ldx + k + 8), acc[1][m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) y[m * ldy + n] = hsum(_mm256_add_ps(acc[0][m], acc[1][m])) * sc[n];
+  }
+}
+
+int64_t grain(int64_t N) {
+  const int64_t t = std::max<int64_t>(1, at::get_num_threads());
+  return std::max<int64_t>(16, (N + 4 * t - 1) / (4 * t));
+}
+
+void check_x(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == K,
+              "x must be a contiguous float32 [M, ", K, "] tensor");
+}
+
+}  // namespace
+
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                   const at::Tensor& zeros, int64_t gs) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8 [N, K/2]");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2, M = x.size(0);
+  check_x(x, K);
+  TORCH_CHECK(gs > 0 && gs % 32 == 0 && K % gs == 0, "group size must be a multiple of 32 dividing K");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N * (K / gs), "scales must be float32 [N, K/gs]");
+  TORCH_CHECK(zeros.scalar_type() == at::kFloat && zeros.is_contiguous() && zeros.numel() == N * (K / gs), "zeros must be float32 [N, K/gs]");
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* zp = zeros.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, grain(N), [&](int64_t n0, int64_t n1) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) int4_rows<4>(xp + m * K, K, wp, sp, zp, yp + m * N, N, n0, n1, K, gs);
+    switch (M - m) {
+      case 3: int4_rows<3>(xp + m * K, K, wp, sp, zp, yp + m * N, N, n0, n1, K, gs); break;
+      case 2: int4_rows<2>(xp + m * K, K, wp, sp, zp, yp + m * N, N, n0, n1, K, gs); break;
+      case 1: int4_rows1(xp + m * K, wp, sp, zp, yp + m * N, n0, n1, K, gs); break;
+      default: break;
+    }
+  });
+  return y;
+}
+
+at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros, int64_t gs) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8 [N, K/2]");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2, G = K / gs;
+  TORCH_CHECK(gs > 0 && gs % 16 == 0 && K % gs == 0, "group size must be a multiple of 16 dividing K");
+  at::Tensor w = at::empty({N, K}, scales.options());
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* zp = zeros.data_ptr<float>();
+  float* out = w.data_ptr<float>();
+  at::parallel_for(0, N, grain(N), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = 0; k < K; k += 16) {
+        const int64_t g = n * G + k / gs;
+        const float s = sp[g], z = zp[g];
+        for (int j = 0; j < 8; ++j) {
+          const uint8_t b = wp[n * (K / 2) + k / 2 + j];
+          out[n * K + k + j] = (float(b & 0xF) - z) * s;
+          out[n * K + k + j + 8] = (float(b >> 4) - z) * s;
+        }
+      }
+  });
+  return w;
+}
+
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(), "codes must be contiguous int8 [N, K]");
+  const int64_t N = codes.size(0), K = codes.size(1), M = x.size(0);
+  check_x(x, K);
+  TORCH_CHECK(K % 16 == 0, "K must be a multiple of 16");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N, "scales must be float32 [N]");
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* wp = codes.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, grain(N), [&](int64_t n0, int64_t n1) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) int8_rows<4>(xp + m * K, K, wp, sp, yp + m * N, N, n0, n1, K);
+    switch (M - m) {
+      case 3: int8_rows<3>(xp + m * K, K, wp, sp, yp + m * N, N, n0, n1, K); break;
+      case 2: int8_rows<2>(xp + m * K, K, wp, sp, yp + m * N, N, n0, n1, K); break;
+      case 1: int8_rows<1>(xp + m * K, K, wp, sp, yp + m * N, N, n0, n1, K); break;
+      default: break;
+    }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_mm", &int4_mm, "x [M,K] f32 @ int4 (llmpress-int4-b16) [N,K]^T -> [M,N]");
+  m.def("int4_dequant", &int4_dequant, "int4 (llmpress-int4-b16) -> float32 [N,K]");
+  m.def("int8_mm", &int8_mm, "x [M,K] f32 @ (int8 [N,K] * scale[N])^T -> [M,N]");
+}
