@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import sys
@@ -147,6 +148,10 @@ def awq(r: Runner) -> None:
     # both as the presets: full-range symmetric grid, activation order, static groups
     r.run("awq", "GPTQ W3 g64 (gptq-w3g64)", "gptq-w3g64")
     r.run("awq", "AWQ + GPTQ W3 g64 (awq-gptq-w3g64)", "awq-gptq-w3g64")
+    if r.extra:  # AWQ's clipping is tuned for round-to-nearest; GPTQ rounds its own way
+        rec = api._as_recipe("awq-gptq-w3g64")
+        awq_stage = dataclasses.replace(rec.stages[0], config=dataclasses.replace(rec.stages[0].config, clip=False))
+        r.run("awq", "AWQ scales (no clip search) + GPTQ W3 g64", [awq_stage, rec.stages[1]])
 
 
 def prune(r: Runner) -> None:
@@ -167,6 +172,11 @@ def llm_int8(r: Runner) -> None:
 
     row = r.run("llm_int8", "LLM.int8() threshold 6 (eval batch 4x512)", "llm-int8", after=After())
     print_shares(row["outlier_share"])
+    if r.extra:  # what the int8 weights alone cost, and lower thresholds (more float columns)
+        r.run("llm_int8", "RTN W8 per-channel, weights only (rtn-w8)", "rtn-w8")
+        for t in (4.0, 3.0, 2.0, 1.0):
+            row = r.run("llm_int8", f"LLM.int8() threshold {t:g} (eval batch 4x512)", [stage("llm_int8", threshold=t)], after=After())
+            print_shares(row["outlier_share"])
 
 
 def print_shares(share: dict) -> None:

@@ -183,6 +183,23 @@ def test_mixed_schemes_get_one_group_each(tmp_path):
         assert (hf(ids).logits - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+def test_quantized_tied_head_exports_untied(tmp_path):
+    """W4 blocks + int8 head tied to the embedding (rtn-w4g64-head8's layout): the export
+    writes the embedding dense, unties it, and transformers reproduces the logits."""
+    m = tiny_llama()
+    llmpress.compress(m, [stage("rtn", weights=QuantArgs(bits=4, group_size=32)),
+                          stage("rtn", targets=["lm_head"], ignore=[], weights=QuantArgs(bits=8, granularity="channel"))], engine=QUIET)
+    _, out = _export(tmp_path, m)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False and "lm_head" not in cfg["quantization_config"]["ignore"]
+    hf = _hf(out)
+    assert torch.equal(hf.model.embed_tokens.weight, m.model.embed_tokens.weight)
+    ids = random_windows(1, 16)
+    with torch.no_grad():
+        ref = m(ids).logits
+        assert (hf(ids).logits - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_bfloat16_export(tmp_path):
     m = _compressed(QuantArgs(bits=4, group_size=32))
     _, out = _export(tmp_path, m, "bfloat16")

@@ -56,11 +56,12 @@ def test_quantize_rows_matches_fake_quant():
     assert torch.allclose(codes.float() * s, fake_quantize(x, A8), atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["int_mm", "fp32_exact"])
-def test_int8_linear_close_to_fake_quant_and_float(backend):
+@pytest.mark.parametrize("backend,rows", [("int_mm", 20), ("fp32_exact", 20), ("auto", 2)])
+def test_int8_linear_close_to_fake_quant_and_float(backend, rows):
+    """auto with 2 rows per call: the decode path (llmpress's int8 GEMV kernel where it builds)."""
     torch.manual_seed(0)
     lin = nn.Linear(96, 40)
-    x = torch.randn(3, 20, 96)
+    x = torch.randn(3, rows, 96)
     ref = lin(x)
     q = Int8Linear.from_linear(lin, backend=backend)
     y = q(x)

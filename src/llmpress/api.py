@@ -119,7 +119,14 @@ def compress(
             t = time.perf_counter()
             m.apply(model, spec, data, st)
             seconds[f"stage{i}:{st.method}"] = time.perf_counter() - t
-    result = run_engine(model, spec, recipe, data, engine)
+    try:
+        result = run_engine(model, spec, recipe, data, engine)
+    finally:
+        from .prune.owl import ATTR as _owl_attr
+
+        for mod in model.modules():  # per-module sparsity offsets live for one compress() only
+            if hasattr(mod, _owl_attr):
+                delattr(mod, _owl_attr)
     seconds.update(result.seconds)
     seconds["compress_total"] = time.perf_counter() - t0
     report = Report(

@@ -7,5 +7,5 @@ from .transform import duquant  # noqa: F401
 from .transform import spinquant  # noqa: F401
 from .transform import smooth  # noqa: F401  (smoothquant)
 from .quant import awq, outliers  # noqa: F401
-from .prune import magnitude, wanda  # noqa: F401
+from .prune import magnitude, owl, wanda  # noqa: F401
 from .runtime import llm_int8  # noqa: F401

@@ -131,6 +131,8 @@ def export_compressed_tensors(src: str | Path, out: str | Path, dtype: str = "au
     groups: dict[str, dict] = {}  # json of scheme -> {"scheme", "format", "names"}
     result: dict[str, torch.Tensor] = {}
     structure = {}
+    # embeddings stored as a quantized head's codes: written dense (the head stays quantized, untied)
+    tied_quant = {lin: emb for emb, lin in (meta.get("tied_quant_embeddings") or {}).items()}
     for name, spec in specs.items():
         if spec.structure:
             structure[name] = {"structure": spec.structure, "sparsity": spec.sparsity}
@@ -140,6 +142,8 @@ def export_compressed_tensors(src: str | Path, out: str | Path, dtype: str = "au
         lt = _layer_tensors(name, spec, tensors)
         for k in lt:
             del tensors[f"{name}.{k}"]
+        if name in tied_quant:
+            result[tied_quant[name]] = decode_weight(spec, lt, dt).contiguous()
         if got is None:  # sparse-only: dense weight
             result[f"{name}.weight"] = decode_weight(spec, lt, dt).contiguous()
             continue
@@ -184,6 +188,8 @@ def export_compressed_tensors(src: str | Path, out: str | Path, dtype: str = "au
     try:
         cfg = json.loads((src / "config.json").read_text())
         cfg["quantization_config"] = qcfg
+        if tied_quant:
+            cfg["tie_word_embeddings"] = False
         cfg["dtype"] = str(dt).replace("torch.", "")
         cfg.pop("torch_dtype", None)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))

@@ -293,6 +293,8 @@ def load_packed(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
         if spec.kind == "dense" and spec.act_args is not None:
             set_module(model, name, ActQuantLinear(get_module(model, name), spec.act_args))
     model.eval().to(device)
+    del tensors, dense, layer_t
+    _release_freed_memory()
     model.llmpress_records = records  # type: ignore[attr-defined]
     model.llmpress_manifest = meta  # type: ignore[attr-defined]
     model.llmpress_source = str(folder)  # type: ignore[attr-defined]
@@ -301,6 +303,19 @@ def load_packed(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
     except (OSError, ValueError):
         tok = None
     return model, tok
+
+
+def _release_freed_memory() -> None:
+    """Hand the float skeleton's freed weights back to the OS (glibc keeps freed heap pages
+    otherwise: a packed W4 model would hold its fp32 skeleton's size in RSS)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class QuantEmbedding(nn.Module):

@@ -212,10 +212,13 @@ def _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name, 
 
 @register("sparsegpt", SparseGPT, needs=("hessian",), summary="SparseGPT: one-shot pruning (unstructured or N:M) with OBS compensation, optionally joint quantization")
 def sparsegpt(ctx: ModuleContext, cfg: SparseGPT) -> None:
+    from .owl import effective_sparsity
+
+    sparsity = effective_sparsity(ctx.module, cfg.sparsity, cfg.m)
     res = sparsegpt_prune(
         ctx.weight,
         ctx.stats["hessian"],
-        cfg.sparsity,
+        sparsity,
         n=cfg.n,
         m=cfg.m,
         block_size=cfg.block_size,
@@ -228,7 +231,7 @@ def sparsegpt(ctx: ModuleContext, cfg: SparseGPT) -> None:
     ctx.set_weight(res.weight)
     rec = ctx.record
     rec.sparsity = res.sparsity
-    rec.notes["pattern"] = describe_pattern(cfg.sparsity, cfg.n, cfg.m)
+    rec.notes["pattern"] = describe_pattern(sparsity, cfg.n, cfg.m)
     record_solver_notes(rec, res, "sparsegpt_loss")
     if cfg.weights is not None:
         rec.weight_args = cfg.weights

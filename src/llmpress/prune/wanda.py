@@ -46,7 +46,10 @@ class Wanda:
 
 @register("wanda", Wanda, needs=("channel_stats",), summary="Wanda: prune |w| * ||x_j|| per output row (unstructured or N:M)")
 def wanda(ctx: ModuleContext, cfg: Wanda) -> None:
-    mask = wanda_mask(ctx.weight, ctx.stats["channel_stats"]["l2"], cfg.sparsity, cfg.n, cfg.m)
+    from .owl import effective_sparsity
+
+    sparsity = effective_sparsity(ctx.module, cfg.sparsity, cfg.m)
+    mask = wanda_mask(ctx.weight, ctx.stats["channel_stats"]["l2"], sparsity, cfg.n, cfg.m)
     ctx.set_weight(ctx.weight.masked_fill(mask, 0))
     ctx.record.sparsity = sparsity_of(ctx.weight)
-    ctx.record.notes["pattern"] = describe_pattern(cfg.sparsity, cfg.n, cfg.m)
+    ctx.record.notes["pattern"] = describe_pattern(sparsity, cfg.n, cfg.m)

@@ -111,15 +111,27 @@ def resident_bytes(model: nn.Module) -> int:
     return total
 
 
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1e3
+    except OSError:
+        pass
+    return None
+
+
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+    """This process's RSS high-water mark. VmHWM where /proc has it: ru_maxrss of a process
+    started by fork + exec keeps the forking parent's peak (Linux carries it over exec), so a
+    probe child would report the benchmark driver's memory, not its own."""
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
 
 
 def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1e3
-    return float("nan")
+    v = _status_mb("VmRSS")
+    return float("nan") if v is None else v
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -72,6 +73,10 @@ def kernels():
 def _build():
     from torch.utils.cpp_extension import load
 
+    # the ninja of the project's environment (a pip dependency) when the venv is not activated
+    bindir = os.path.dirname(sys.executable)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     src = SOURCE.read_bytes()
     tag = hashlib.sha256(src + torch.__version__.encode()).hexdigest()[:12]
     build = cache_dir() / tag

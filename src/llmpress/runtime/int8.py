@@ -21,7 +21,11 @@ Integer GEMM backends (:func:`int8_mm`), all exact:
   in float32, so each chunk is exact; chunks are summed in int32. Same integers as the
   others, at float GEMM speed (for evaluating W8A8 models on CPUs).
 - ``auto``: ``int_mm`` on CUDA; on CPU whichever of ``int_mm`` / ``fp32_exact`` is faster
-  on a small probe (measured once per process, logged).
+  on a small probe (measured once per process, logged). On CPU, for at most
+  ``cpu_kernels.SMALL_M`` rows (decode), :class:`Int8Linear` uses llmpress's own int8
+  GEMV kernel (:mod:`llmpress.runtime.cpu_kernels`) on the activation codes: float32
+  FMAs over integer products, equal to the integer sum up to float32 rounding (partial
+  sums can pass 2^24 for K > 1040), streaming each weight byte once.
 """
 from __future__ import annotations
 
@@ -161,6 +165,17 @@ class Int8Linear(nn.Module):
         return self.weight_codes.float() * self.weight_scale.unsqueeze(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "auto" and x.device.type == "cpu" and self.in_features % 16 == 0:
+            from .cpu_kernels import SMALL_M, kernels
+
+            x2 = x.reshape(-1, self.in_features)
+            ext = kernels() if x2.shape[0] <= SMALL_M else None
+            if ext is not None:
+                codes, s = quantize_rows(x2)
+                y = ext.int8_mm(codes.float(), self.weight_codes, self.weight_scale) * s
+                if self.bias is not None:
+                    y = y + self.bias.float()
+                return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return int8_linear(x, self.weight_codes, self.weight_scale, self.bias, self.backend)
 
     def extra_repr(self) -> str:
