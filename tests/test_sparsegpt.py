@@ -202,3 +202,42 @@ def test_joint_quantization_with_the_mse_observer(static):
     res = sparsegpt_prune(W, H, 0.5, block_size=16, weights=args, static_groups=static)
     codes = quantize(res.weight, res.qparams, args)
     assert torch.equal(codes, torch.round(codes)) and (res.weight[res.mask] == 0).all()
+
+
+def _correlated(n=256, c=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(c, c, generator=g)
+    x = torch.randn(n, c, generator=g) @ a  # correlated inputs
+    return x, 2 * x.t() @ x / n
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_refit_is_the_least_squares_optimum_for_the_mask(seed):
+    from llmpress.prune.sparsegpt import refit_to_mask, sparsegpt_prune
+
+    x, H = _correlated(seed=seed)
+    w0 = torch.randn(12, 48, generator=torch.Generator().manual_seed(seed + 10))
+    swept = sparsegpt_prune(w0, H, 0.5, per_row=True, block_size=16, damp=0.0)
+    fit = refit_to_mask(w0, H, swept.mask, damp=0.0)
+    assert bool((fit[swept.mask] == 0).all())
+    # the exact per-row least squares with the pruned weights held at zero
+    for r in range(w0.shape[0]):
+        K = (~swept.mask[r]).nonzero().squeeze(1)
+        sol = torch.linalg.lstsq(x[:, K].double(), (x.double() @ w0[r].double()).unsqueeze(1)).solution.squeeze(1)
+        assert torch.allclose(fit[r, K].double(), sol, rtol=1e-3, atol=1e-3)
+    err = lambda w: float(((x @ (w - w0).t()) ** 2).sum())
+    assert err(fit) < err(swept.weight)  # strictly better than the one-directional sweep
+
+
+def test_refit_option_end_to_end():
+    from llmpress.prune.sparsegpt import sparsegpt_prune
+
+    x, H = _correlated(seed=5)
+    w0 = torch.randn(16, 48, generator=torch.Generator().manual_seed(7))
+    a = sparsegpt_prune(w0, H, 0.5, per_row=True, block_size=16)
+    b = sparsegpt_prune(w0, H, 0.5, per_row=True, block_size=16, refit=True)
+    assert torch.equal(a.mask, b.mask) and torch.equal(b.weight == 0, b.mask | (w0 == 0))
+    err = lambda w: float(((x @ (w - w0).t()) ** 2).sum())
+    assert err(b.weight) < err(a.weight)
+    with pytest.raises(Exception, match="refit"):
+        sparsegpt_prune(w0, H, 0.5, refit=True, weights=QuantArgs(bits=4, group_size=16))

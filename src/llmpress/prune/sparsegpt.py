@@ -31,7 +31,7 @@ from ..errors import RecipeError, UserError
 from ..quant.args import QuantArgs
 from ..quant.core import QParams, compute_qparams
 from ..quant.gptq import ColumnQuantizer, _importance, activation_order, current_rows, record_solver_notes, solver_threads, validate_solver_fields
-from ..quant.hessian import inverse_cholesky, prepare
+from ..quant.hessian import inverse_cholesky, layer_error, prepare
 from ..registry import ModuleContext, register
 from .masks import describe_pattern, nm_prune_mask, sparsity_of, topk_prune_mask, validate_pattern
 
@@ -44,7 +44,9 @@ class SparseGPT:
     (keep n of every m consecutive input weights; when set, ``sparsity`` is ignored),
     optional joint weight quantization ``weights``. ``per_row``: unstructured masks
     compare scores within each output row of a column block (every row pruned to the
-    same sparsity, as Wanda compares) instead of across the whole block (the paper)."""
+    same sparsity, as Wanda compares) instead of across the whole block (the paper).
+    ``refit``: once the mask is final, solve each row's kept weights exactly
+    (:func:`refit_to_mask`) instead of keeping the sweep's one-directional updates."""
 
     sparsity: float = 0.5
     n: int = 0
@@ -54,9 +56,12 @@ class SparseGPT:
     weights: QuantArgs | None = None
     per_row: bool = False
     act_order: bool = False
+    refit: bool = False
 
     def __post_init__(self):
         validate_pattern(self.sparsity, self.n, self.m)
+        if self.refit and self.weights is not None:
+            raise RecipeError("refit: solves the kept weights in float; not with joint quantization (weights)")
         if self.act_order and self.m:
             raise RecipeError("act_order: N:M patterns are defined on the original column order; use act_order with unstructured sparsity")
         validate_solver_fields(self.block_size, self.damp)
@@ -100,6 +105,7 @@ def sparsegpt_prune(
     static_groups: bool = True,
     per_row: bool = False,
     act_order: bool = False,
+    refit: bool = False,
     name: str | None = None,
 ) -> SparseGPTResult:
     """SparseGPT on one weight [out, in] with the layer Hessian [in, in] (2/n X^T X).
@@ -110,7 +116,8 @@ def sparsegpt_prune(
     ``per_row``: unstructured masks chosen within each row of a block (same sparsity
     for every row) rather than across the block's rows. ``act_order``: sweep the columns
     by descending Hessian diagonal (as GPTQ's activation order; unstructured only, and
-    with static group scales when quantizing jointly).
+    with static group scales when quantizing jointly). ``refit`` (no joint quantization):
+    re-solve the kept weights for the final mask, see :func:`refit_to_mask`.
     """
     validate_pattern(sparsity, n, m)
     validate_solver_fields(block_size, damp)
@@ -132,6 +139,8 @@ def sparsegpt_prune(
         dynamic = weights.granularity == "group" and not static_groups
     if act_order and (m or dynamic):
         raise UserError(f"{where}act_order needs unstructured sparsity and static group scales")
+    if refit and weights is not None:
+        raise UserError(f"{where}refit solves float weights; it does not combine with joint quantization")
     with solver_threads(weight.device):
         W, H, dead = prepare(weight, hessian, name)
         if weights is not None:
@@ -139,6 +148,7 @@ def sparsegpt_prune(
             if not dynamic:
                 hd = torch.diagonal(H) if weights.observer == "mse" else None  # as GPTQ: MSE weighted by diag(H)
                 cq.set(compute_qparams(W, weights, name, importance=_importance(hd, weights, C)))
+        W0, H0 = (W.clone(), H) if refit else (None, None)
         perm = activation_order(H) if act_order else None
         if perm is not None:
             W, H = W[:, perm], H[perm][:, perm]
@@ -146,7 +156,46 @@ def sparsegpt_prune(
         if perm is not None:
             inv = torch.argsort(perm)
             res.weight, res.mask = res.weight[:, inv].contiguous(), res.mask[:, inv].contiguous()
+        if refit:
+            res.weight = refit_to_mask(W0, H0, res.mask, res.damp, swept=res.weight)
+            res.loss = layer_error(W0, res.weight, H0) / 2
         return res
+
+
+def refit_to_mask(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, damp: float = 0.01, swept: torch.Tensor | None = None, max_chunk_bytes: int = 1 << 28) -> torch.Tensor:
+    """The kept weights that minimize ``tr((W - W0) H (W - W0)^T)`` for a fixed mask.
+
+    Row r with kept columns K and pruned P (w_P = 0): ``w_K = w0_K + H_KK^-1 H_KP w0_P``
+    (H damped by ``damp`` x its mean diagonal, as the sweep). SparseGPT's column sweep
+    only updates columns to the right of each pruned one, so once the mask is final the
+    left part is no longer optimal; this solves every row exactly (one k x k Cholesky per
+    row, batched over rows that keep the same number of weights). Rows whose system is
+    not positive definite in float32 keep ``swept`` (the sweep's result), if given.
+    """
+    W0 = weight.detach().float()
+    R, C = W0.shape
+    H = hessian.detach().to(W0.device, torch.float32).clone()
+    idx = torch.arange(C, device=H.device)
+    H[idx, idx] += float(damp) * (float(torch.diagonal(H).abs().mean()) or 1.0)
+    keep = ~mask.to(W0.device)
+    out = (swept.detach().float().clone() if swept is not None else W0).masked_fill(~keep, 0.0)
+    rhs_all = (W0 * (~keep)) @ H  # row r: H w0_P (pruned values only), gathered at K below
+    counts = keep.sum(1)
+    for k in torch.unique(counts).tolist():
+        rows = (counts == k).nonzero().squeeze(1)
+        if k == 0 or k == C:
+            continue
+        step = max(1, int(max_chunk_bytes // (4 * k * k)))
+        for c0 in range(0, rows.numel(), step):
+            r = rows[c0 : c0 + step]
+            K = keep[r].nonzero()[:, 1].view(r.numel(), k)
+            HKK = H[K.unsqueeze(2), K.unsqueeze(1)]
+            L, info = torch.linalg.cholesky_ex(HKK)
+            if int(info.max()) != 0:  # not positive definite in float32: these rows stay as they were
+                continue
+            delta = torch.cholesky_solve(rhs_all[r.unsqueeze(1), K].unsqueeze(-1), L).squeeze(-1)
+            out[r.unsqueeze(1), K] = W0[r.unsqueeze(1), K] + delta
+    return out
 
 
 def _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name, per_row=False, perm=None) -> SparseGPTResult:
@@ -226,6 +275,7 @@ def sparsegpt(ctx: ModuleContext, cfg: SparseGPT) -> None:
         weights=cfg.weights,
         per_row=cfg.per_row,
         act_order=cfg.act_order,
+        refit=cfg.refit,
         name=ctx.name,
     )
     ctx.set_weight(res.weight)
