@@ -55,6 +55,7 @@ class Runner:
         self.done: dict[str, dict] = {}
         self.extra = False
         self.resume = False
+        self.match: list[str] = []
 
     def ppl(self, m, label) -> tuple[float, float]:
         t = time.perf_counter()
@@ -77,6 +78,8 @@ class Runner:
         further conversions of the same compressed model, each evaluated as its own row."""
         if label in self.done:  # same recipe already measured in this run (another section)
             return self.done[label]
+        if self.match and not any(m in label for m in self.match):
+            return {}
         if self.resume and self.out.exists():  # measured by an earlier invocation with the same windows
             for row in json.loads(self.out.read_text())["rows"]:
                 if (row["model"], row["method"], row["eval_windows"], row["calib_windows"]) == (self.name, label, int(self.windows.shape[0]), int(self.calib.shape[0])):
@@ -171,12 +174,14 @@ def llm_int8(r: Runner) -> None:
             return {"outlier_share": {n: round(c["mean_outlier_share"], 5) for n, c in st.items()}, "outlier_share_max": {n: round(c["max_outlier_share"], 5) for n, c in st.items()}}
 
     row = r.run("llm_int8", "LLM.int8() threshold 6 (eval batch 4x512)", "llm-int8", after=After())
-    print_shares(row["outlier_share"])
+    if row:
+        print_shares(row["outlier_share"])
     if r.extra:  # what the int8 weights alone cost, and lower thresholds (more float columns)
         r.run("llm_int8", "RTN W8 per-channel, weights only (rtn-w8)", "rtn-w8")
         for t in (2.0, 1.0):
             row = r.run("llm_int8", f"LLM.int8() threshold {t:g} (eval batch 4x512)", [stage("llm_int8", threshold=t)], after=After())
-            print_shares(row["outlier_share"])
+            if row:
+                print_shares(row["outlier_share"])
 
 
 def print_shares(share: dict) -> None:
@@ -217,7 +222,8 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=128)
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--out", default="runs/bench/outliers.json")
-    ap.add_argument("--extra", action="store_true", help="also W4 g64 rows (RTN, AWQ)")
+    ap.add_argument("--extra", action="store_true", help="also W4 g64 rows (RTN, AWQ), AWQ without clip + GPTQ, the LLM.int8() threshold sweep, RTN W8 weight-only")
+    ap.add_argument("--match", action="append", default=[], help="only rows whose label contains this text (repeatable)")
     ap.add_argument("--resume", action="store_true", help="keep rows already in --out for the same model, windows and calibration count")
     a = ap.parse_args()
     out = Path(a.out)
@@ -229,14 +235,14 @@ def main() -> None:
     smol = [s for s in secs if s != "gemma"]
     if smol:
         r = Runner("smollm2-135m", a.windows, a.calib, out)
-        r.extra, r.resume = a.extra, a.resume
+        r.extra, r.resume, r.match = a.extra, a.resume, a.match
         r.baseline()
         for s in smol:
             globals()[s](r)
         del r
     if "gemma" in secs:
         r = Runner("gemma3-270m", a.windows, a.calib, out)
-        r.resume = a.resume
+        r.resume, r.match = a.resume, a.match
         r.baseline()
         gemma(r)
     print()
