@@ -195,6 +195,7 @@ def test_quantized_tied_head_rebuilds_the_embedding(tmp_path, backend):
     assert meta["tied_quant_embeddings"] == {"model.embed_tokens.weight": "lm_head"}
     assert "model.embed_tokens.weight" not in meta["tensors"] and meta["layers"]["lm_head"]["kind"] == "quant"
     loaded, _ = llmpress.load_compressed(str(out), backend=backend)
+    assert loaded.model.embed_tokens.row_scales is not None  # rows gathered from the int8 codes
     with torch.no_grad():
         got, emb = loaded(ids).logits, loaded.model.embed_tokens(ids)
     assert torch.equal(emb, emb_ref)  # int8 rows x their scales: exact
@@ -204,6 +205,22 @@ def test_quantized_tied_head_rebuilds_the_embedding(tmp_path, backend):
     V, D = m.lm_head.weight.shape
     plain = api.save(_compressed(tiny_llama, QuantArgs(bits=4, group_size=32), ignore=["lm_head"]), None, tmp_path / "plain")
     assert read_manifest(plain)["file_bytes"] - meta["file_bytes"] == pytest.approx(V * D * 3 - V * 4, abs=4096)
+
+
+@pytest.mark.parametrize("head", [QuantArgs(bits=8, granularity="channel", symmetric=False), QuantArgs(bits=4, group_size=32)],
+                         ids=["int8-asym-channel", "int4-g32"])
+def test_quantized_tied_head_other_schemes(tmp_path, head):
+    """Heads without symmetric per-row scales: the embedding is dequantized whole, still exact."""
+    m = tiny_llama()
+    llmpress.compress(m, [stage("rtn", weights=QuantArgs(bits=4, group_size=32)),
+                          stage("rtn", targets=["lm_head"], ignore=[], weights=head)], engine=QUIET)
+    ids = random_windows(2, 24)
+    with torch.no_grad():
+        emb_ref = m.model.embed_tokens(ids)
+    loaded, _ = llmpress.load_compressed(str(api.save(m, None, tmp_path / "ck")), backend="dequant")
+    assert loaded.model.embed_tokens.row_scales is None
+    with torch.no_grad():
+        assert torch.equal(loaded.model.embed_tokens(ids), emb_ref)
 
 
 def test_hf_fakequant_format_still_available(tmp_path):

@@ -279,8 +279,9 @@ def load_packed(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
         owner = emb_key.rsplit(".", 1)[0]
         if lin_name not in specs or specs[lin_name].kind == "dense" or not isinstance(get_module(model, owner), nn.Embedding):
             raise UserError(f"checkpoint {folder}: embedding {owner} is tied to {lin_name}, which is not a stored quantized linear")
-        qp = records[lin_name].qparams
-        rows = qp.scale if qp is not None and qp.scale.numel() == specs[lin_name].out_features else None
+        qp, lt = records[lin_name].qparams, layer_t[lin_name]
+        per_row = qp is not None and qp.zero_point is None and qp.scale.numel() == specs[lin_name].out_features
+        rows = qp.scale if per_row and "exc_index" not in lt and "g_idx" not in lt else None
         set_module(model, owner, QuantEmbedding(get_module(model, lin_name), get_module(model, owner).padding_idx, dtype, rows))
     if not tied_quant:
         model.tie_weights()
@@ -319,18 +320,22 @@ def _release_freed_memory() -> None:
 
 
 class QuantEmbedding(nn.Module):
-    """An embedding whose table is a quantized linear's weight (a tied output head): looks up
-    rows of that module's codes and dequantizes only them (int8 per-row codes), or the whole
-    table once per call otherwise. Equal to the fake-quantized model's tied embedding."""
+    """An embedding whose table is a quantized linear's weight (a tied output head).
+
+    With ``row_scales`` (symmetric codes, one scale per row, no kept exceptions) a lookup
+    gathers only the rows' codes and scales them; otherwise the whole table is dequantized
+    per call. Equal to the fake-quantized model's tied embedding either way."""
 
     def __init__(self, linear: nn.Module, padding_idx: int | None = None, dtype: torch.dtype = torch.float32, row_scales: torch.Tensor | None = None):
         super().__init__()
         self.dtype = dtype
-        # float32 per-row scales (the head's kernel may hold them rounded to its activation dtype)
-        self.register_buffer("row_scales", None if row_scales is None else row_scales.float().reshape(-1), persistent=False)
         self.linear = [linear]  # not a submodule: the head owns its buffers (counted once)
         self.num_embeddings, self.embedding_dim = linear.out_features, linear.in_features
         self.padding_idx = padding_idx
+        codes = getattr(linear, "codes", None)
+        gather = row_scales is not None and codes is not None and tuple(codes.shape) == (self.num_embeddings, self.embedding_dim)
+        # float32 scales: the head's kernel may hold them rounded to its activation dtype
+        self.register_buffer("row_scales", row_scales.float().reshape(-1) if gather else None, persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -338,10 +343,8 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         lin = self.linear[0]
-        codes = getattr(lin, "codes", None)
-        scales = self.row_scales if self.row_scales is not None else getattr(lin, "scales", None)
-        if codes is not None and scales is not None and codes.dim() == 2 and scales.dim() == 1 and codes.shape[0] == self.num_embeddings:
-            return (codes[ids].float() * scales[ids].float().unsqueeze(-1)).to(self.dtype)  # int8 per-row: gather, then scale
+        if self.row_scales is not None:
+            return (lin.codes[ids].float() * self.row_scales[ids].unsqueeze(-1)).to(self.dtype)
         return F.embedding(ids, lin.dequantized_weight()).to(self.dtype)
 
     def extra_repr(self) -> str:

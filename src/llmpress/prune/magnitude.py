@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..registry import ModuleContext, register
 from .masks import describe_pattern, magnitude_prune, sparsity_of, validate_pattern
+from .owl import effective_sparsity
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,6 @@ class Magnitude:
 
 @register("magnitude", Magnitude, summary="magnitude pruning: smallest |w| per row, per layer, or N:M (no data)")
 def magnitude(ctx: ModuleContext, cfg: Magnitude) -> None:
-    from .owl import effective_sparsity
-
     sparsity = effective_sparsity(ctx.module, cfg.sparsity, cfg.m)
     ctx.set_weight(magnitude_prune(ctx.weight, sparsity, cfg.n, cfg.m, cfg.per_row))
     ctx.record.sparsity = sparsity_of(ctx.weight)

@@ -26,6 +26,10 @@ from ..registry import register
 ATTR = "llmpress_sparsity_offset"
 
 
+def _block_of(name: str, spec) -> int:
+    return int(name[len(spec.blocks) + 1 :].split(".")[0])
+
+
 def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
     """Share of the pooled entries above ``m`` times their mean."""
     flat = torch.cat([s.flatten().float() for s in scores])
@@ -88,7 +92,7 @@ def block_outlier_ratios(model: nn.Module, spec, data: torch.Tensor, names: list
             h.remove()
     per_block: dict[int, list[torch.Tensor]] = {}
     for n in names:
-        l = int(n[len(spec.blocks) + 1 :].split(".")[0])
+        l = _block_of(n, spec)
         w = get_module(model, n).weight.detach().abs().float()
         per_block.setdefault(l, []).append(w * sumsq[n].sqrt().to(w.device).unsqueeze(0))
     return {l: outlier_ratio(s, cfg.m) for l, s in sorted(per_block.items())}
@@ -105,5 +109,5 @@ def owl(model: nn.Module, spec, data, stage) -> None:
     ratios = block_outlier_ratios(model, spec, data, names, cfg)
     offsets = dict(zip(ratios, owl_offsets(list(ratios.values()), cfg.lam)))
     for n in names:
-        setattr(get_module(model, n), ATTR, offsets[int(n[len(spec.blocks) + 1 :].split(".")[0])])
+        setattr(get_module(model, n), ATTR, offsets[_block_of(n, spec)])
     model.llmpress_owl = {"outlier_ratio": ratios, "sparsity_offset": offsets}  # type: ignore[attr-defined]

@@ -34,6 +34,7 @@ from ..quant.gptq import ColumnQuantizer, _importance, activation_order, current
 from ..quant.hessian import inverse_cholesky, layer_error, prepare
 from ..registry import ModuleContext, register
 from .masks import describe_pattern, nm_prune_mask, sparsity_of, topk_prune_mask, validate_pattern
+from .owl import effective_sparsity
 
 log = logging.getLogger(__name__)
 
@@ -261,8 +262,6 @@ def _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name, 
 
 @register("sparsegpt", SparseGPT, needs=("hessian",), summary="SparseGPT: one-shot pruning (unstructured or N:M) with OBS compensation, optionally joint quantization")
 def sparsegpt(ctx: ModuleContext, cfg: SparseGPT) -> None:
-    from .owl import effective_sparsity
-
     sparsity = effective_sparsity(ctx.module, cfg.sparsity, cfg.m)
     res = sparsegpt_prune(
         ctx.weight,

@@ -16,6 +16,7 @@ import torch
 from ..errors import UserError
 from ..registry import ModuleContext, register
 from .masks import describe_pattern, nm_prune_mask, row_prune_mask, sparsity_of, validate_pattern
+from .owl import effective_sparsity
 
 
 def wanda_scores(weight: torch.Tensor, channel_l2: torch.Tensor) -> torch.Tensor:
@@ -46,8 +47,6 @@ class Wanda:
 
 @register("wanda", Wanda, needs=("channel_stats",), summary="Wanda: prune |w| * ||x_j|| per output row (unstructured or N:M)")
 def wanda(ctx: ModuleContext, cfg: Wanda) -> None:
-    from .owl import effective_sparsity
-
     sparsity = effective_sparsity(ctx.module, cfg.sparsity, cfg.m)
     mask = wanda_mask(ctx.weight, ctx.stats["channel_stats"]["l2"], sparsity, cfg.n, cfg.m)
     ctx.set_weight(ctx.weight.masked_fill(mask, 0))

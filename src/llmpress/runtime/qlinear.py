@@ -131,7 +131,26 @@ def lowbit_int4_group_size(spec: LinearSpec) -> int | None:
     return g if g and g % 32 == 0 and K % g == 0 else None
 
 
-class LowbitInt4Linear(_Base):
+class _Lowbit(_Base):
+    """llmpress's CPU kernels: up to ``SMALL_M`` rows through ``_small``, more (prefill)
+    through one float32 GEMM on the dequantized weight."""
+
+    def _small(self, ext, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .cpu_kernels import SMALL_M, kernels
+
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        ext = kernels()
+        if ext is not None and x2.shape[0] <= SMALL_M:
+            y = self._small(ext, x2)
+        else:
+            y = F.linear(x2, self.dequantized_weight())
+        return self._out(y, x)
+
+
+class LowbitInt4Linear(_Lowbit):
     """4-bit integer weights through llmpress's CPU kernel (float32 activations)."""
 
     kernel = "llmpress_int4_cpu"
@@ -160,19 +179,11 @@ class LowbitInt4Linear(_Base):
         q = unpack_int4(self.packed).float().reshape(self.out_features, -1, g)
         return ((q - self.zeros.unsqueeze(-1)) * self.scales.unsqueeze(-1)).reshape(self.out_features, self.in_features).to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .cpu_kernels import SMALL_M, kernels
-
-        x2 = x.reshape(-1, self.in_features).float().contiguous()
-        ext = kernels()
-        if ext is not None and x2.shape[0] <= SMALL_M:
-            y = ext.int4_mm(x2, self.packed, self.scales, self.zeros, self.group_size)
-        else:
-            y = F.linear(x2, self.dequantized_weight())
-        return self._out(y, x)
+    def _small(self, ext, x2: torch.Tensor) -> torch.Tensor:
+        return ext.int4_mm(x2, self.packed, self.scales, self.zeros, self.group_size)
 
 
-class LowbitInt8Linear(_Base):
+class LowbitInt8Linear(_Lowbit):
     """8-bit symmetric per-channel weights through llmpress's CPU kernel (float32 activations)."""
 
     kernel = "llmpress_int8_cpu"
@@ -186,16 +197,8 @@ class LowbitInt8Linear(_Base):
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         return (self.codes.float() * self.scales.unsqueeze(1)).to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .cpu_kernels import SMALL_M, kernels
-
-        x2 = x.reshape(-1, self.in_features).float().contiguous()
-        ext = kernels()
-        if ext is not None and x2.shape[0] <= SMALL_M:
-            y = ext.int8_mm(x2, self.codes, self.scales)
-        else:
-            y = F.linear(x2, self.dequantized_weight())
-        return self._out(y, x)
+    def _small(self, ext, x2: torch.Tensor) -> torch.Tensor:
+        return ext.int8_mm(x2, self.codes, self.scales)
 
 
 class Int4Linear(_Base):
