@@ -7,6 +7,7 @@ from llmpress.arch import get_arch
 from llmpress.errors import UnsupportedArchitecture
 from llmpress.quant import QuantArgs
 from llmpress.runtime.act_quant import ActQuantLinear
+from llmpress.runtime.online_hadamard import block_matmul
 from llmpress.transform.duquant import greedy_block_rotation, spreading_rotation, zigzag_permutation, duquant_transform
 from llmpress.transform.hadamard import hadamard_transform
 from llmpress.transform.rotate import fuse_norms, rotate_residual
@@ -187,6 +188,17 @@ def test_duquant_transform_is_orthogonal_and_flattens():
     assert torch.allclose(m @ m.T, torch.eye(64, dtype=m.dtype), atol=1e-10)
     y = rot(x)
     assert y.abs().max() < x.abs().max() / 2.5
+
+
+def test_block_matmul_equals_the_block_diagonal_product():
+    g = torch.Generator().manual_seed(2)
+    r = torch.randn(6, 8, 8, generator=g, dtype=torch.float64)
+    dense = torch.block_diag(*r)
+    for shape in [(48,), (5, 48), (3, 7, 48)]:
+        x = torch.randn(*shape, generator=g, dtype=torch.float64)
+        assert torch.allclose(block_matmul(x, r), x @ dense, atol=1e-12)
+    x = torch.randn(2, 3, 48, generator=g)
+    assert block_matmul(x, r).dtype == torch.float32
 
 
 @pytest.mark.parametrize("family", MODELS)

@@ -41,6 +41,17 @@ from ..errors import UnsupportedArchitecture
 from ..transform.hadamard import hadamard_factor, hadamard_matrix, hadamard_transform, kron_factors
 
 
+def block_matmul(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """x [..., k*b] times the block-diagonal diag(r[0], .., r[k-1]) (r [k, b, b]).
+
+    One batched matmul over the k blocks with all rows of x as its M dimension (a
+    broadcast ``x[..., k, 1, b] @ r`` would materialize r once per row).
+    """
+    k, b, _ = r.shape
+    y = x.reshape(-1, k, b).transpose(0, 1)  # [k, rows, b]
+    return torch.bmm(y, r.to(x.dtype)).transpose(0, 1).reshape(x.shape)
+
+
 class OnlineRotation(nn.Module):
     """``forward(x) = x @ M.T`` over the last dim, for an orthogonal M (see module doc)."""
 
@@ -68,21 +79,15 @@ class OnlineRotation(nn.Module):
         else:
             raise ValueError(f"online rotation kind {kind!r} unknown")
 
-    @staticmethod
-    def _blockmul(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        k, b, _ = r.shape
-        y = x.reshape(*x.shape[:-1], k, 1, b)
-        return torch.matmul(y, r.to(x.dtype)).reshape(x.shape)  # per block: x_blk @ r_blk
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "hadamard":
             return hadamard_transform(x, "kron", (self.ha.to(x.dtype), self.sb.to(x.dtype)))
         if self.kind == "dense":
             return x @ self.m.to(x.dtype).T
         # blocks: x' = ((x R1)[:, perm]) R2, i.e. M^T = R1 P R2
-        y = self._blockmul(x, self.r1)
+        y = block_matmul(x, self.r1)
         y = y.index_select(-1, self.perm)
-        return self._blockmul(y, self.r2)
+        return block_matmul(y, self.r2)
 
     def matrix(self) -> torch.Tensor:
         """M (float64, n x n) with forward(x) = x @ M.T."""
@@ -94,9 +99,9 @@ class OnlineRotation(nn.Module):
 
     def _matrix_blocks(self) -> torch.Tensor:
         eye = torch.eye(self.n, dtype=torch.float64)
-        y = self._blockmul(eye, self.r1.double())
+        y = block_matmul(eye, self.r1.double())
         y = y.index_select(-1, self.perm)
-        y = self._blockmul(y, self.r2.double())
+        y = block_matmul(y, self.r2.double())
         return y.T.contiguous()  # rows of eye @ M^T = M^T  ->  M = (M^T)^T
 
     def describe(self) -> dict:

@@ -40,7 +40,7 @@ import torch.nn as nn
 from ..arch import ArchSpec, get_module
 from ..errors import UserError
 from ..registry import register
-from ..runtime.online_hadamard import OnlineRotation
+from ..runtime.online_hadamard import OnlineRotation, block_matmul
 from .hadamard import orthogonal_matrix, random_orthogonal
 from .rotate import (
     RotationPlan,
@@ -98,11 +98,6 @@ def block_rotations(x: torch.Tensor, block: int, steps: int, generator: torch.Ge
     return torch.stack([greedy_block_rotation(x[:, i * block : (i + 1) * block], steps, generator) for i in range(k)])
 
 
-def apply_blocks(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    k, b, _ = r.shape
-    return torch.matmul(x.reshape(*x.shape[:-1], k, 1, b), r.to(x.dtype)).reshape(x.shape)
-
-
 def zigzag_permutation(channel_max: torch.Tensor, blocks: int) -> torch.Tensor:
     """perm with x[:, perm] grouping channels into blocks by zigzag order of channel_max."""
     d = channel_max.numel()
@@ -133,7 +128,7 @@ def duquant_transform(x: torch.Tensor, block: int = 64, steps: int = 16, seed: i
     g = torch.Generator().manual_seed(seed)
     x = x.double()
     r1 = block_rotations(x, b, steps, g)
-    y = apply_blocks(x, r1)
+    y = block_matmul(x, r1)
     perm = zigzag_permutation(y.abs().amax(0), d // b)
     y = y[:, perm]
     r2 = block_rotations(y, b, steps, g)
