@@ -221,6 +221,12 @@ def test_unrepresentable_schemes_are_refused(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(UserError, match="not a packed llmpress checkpoint"):
         export_compressed_tensors(tmp_path, tmp_path / "out")
+    # clipped dynamic activations: vLLM would quantize them over the plain range
+    m = _compressed(QuantArgs(bits=8, granularity="channel"), QuantArgs(bits=8, granularity="token", clip_ratio=0.9))
+    src = api.save(m, None, tmp_path / "clip")
+    with pytest.raises(UserError, match="clip0.9"):
+        export_compressed_tensors(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_export(tmp_path, capsys):

@@ -93,3 +93,9 @@ def test_convert_all_linears_of_float_model():
     m = tiny_llama()
     names = convert_to_int8(m, all_linears=True)
     assert len(names) == 14 and "lm_head" not in names
+
+
+def test_clipped_or_searched_activation_grids_stay_fake_quantized():
+    assert int8_mod._is_a8_token(QuantArgs(bits=8, granularity="token"))
+    for kw in (dict(clip_ratio=0.9), dict(observer="mse"), dict(full_range=True), dict(bits=4), dict(symmetric=False)):
+        assert not int8_mod._is_a8_token(QuantArgs(**{"bits": 8, "granularity": "token", **kw}))

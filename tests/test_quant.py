@@ -276,6 +276,9 @@ def test_bits_per_weight():
         (dict(kind="float"), "kind"),
         (dict(observer="percentile"), "observer"),
         (dict(mse_maxshrink=1.5), "mse_maxshrink"),
+        (dict(clip_ratio=0.0), "clip_ratio"),
+        (dict(clip_ratio=1.2), "clip_ratio"),
+        (dict(kind="ternary", clip_ratio=0.9), "clip_ratio"),
     ],
 )
 def test_quantargs_validation(kwargs, field):
@@ -318,3 +321,28 @@ def test_full_range_symmetric_grid_uses_every_code(bits):
         assert e_full < e_rest
     with pytest.raises(RecipeError, match="full_range"):
         QuantArgs(bits=4, symmetric=False, full_range=True)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_clip_ratio_scales_the_range_and_clamps_the_tail(sym):
+    torch.manual_seed(0)
+    x = torch.randn(32, 128)
+    args = QuantArgs(bits=4, symmetric=sym, granularity="token", clip_ratio=0.9)
+    plain = QuantArgs(bits=4, symmetric=sym, granularity="token")
+    qp, qp0 = compute_qparams(x, args), compute_qparams(x, plain)
+    if sym:
+        assert torch.allclose(qp.scale, qp0.scale * 0.9)
+    else:
+        lo, hi = x.amin(1).clamp_max(0) * 0.9, x.amax(1).clamp_min(0) * 0.9
+        assert torch.allclose(qp.scale[:, 0], (hi - lo) / 15)
+    y = fake_quantize(x, args)
+    if not sym:  # the tail is clamped: the largest value reaches the clipped range (+ half a step)
+        assert y.amax(1).le(x.amax(1) * 0.9 + qp.scale[:, 0] / 2 + 1e-6).all()
+    else:  # entries beyond the clipped range land exactly on the top code
+        top = 0.9 * x.abs().amax(1, keepdim=True)
+        tail = x > top
+        assert tail.any() and torch.allclose(y[tail], top.expand_as(x)[tail])
+    # on Gaussian rows at 4 bits the smaller step lowers the mean squared error
+    assert (y - x).pow(2).mean() < (fake_quantize(x, plain) - x).pow(2).mean()
+    assert "clip0.9" in args.describe()
+    assert QuantArgs.from_dict(args.to_dict()) == args

@@ -77,6 +77,8 @@ def scheme_of(name: str, spec: LinearSpec) -> tuple[dict, str] | None:
         why = f"{spec.n_exceptions} full-precision outlier weights"
     elif act is not None and (act.kind != "int" or act.granularity not in ("token", "tensor", "group")):
         why = f"activations {act.describe()}"
+    elif act is not None and (act.clip_ratio != 1.0 or act.observer != "minmax"):
+        why = f"activations {act.describe()} (dynamic quantization there takes the plain min/max range)"
     if why:
         raise UserError(f"layer {name}: {why} cannot be stored in compressed-tensors; export a scheme without it")
     scheme = {"weights": _ct_args(a, False), "input_activations": _ct_args(act, True) if act else None, "output_activations": None}

@@ -22,6 +22,10 @@ class QuantArgs:
     (symmetric integers): ``S = max|x| / (qmax + 1/2)`` so that all ``2^b`` codes are
     used (the positive extreme clips by half a step; the convention of llm-compressor
     and compressed-tensors), instead of ``S = max|x| / qmax`` (``2^b - 1`` codes).
+    ``clip_ratio`` (integers): a fixed clipping of each group's range, ``[c*min, c*max]``,
+    values beyond clamp to the extreme codes (QuaRot clips activations at 0.9 and the KV
+    cache at 0.95: after a rotation the values are near Gaussian and a slightly smaller
+    step wins more than the clamped tail loses).
     """
 
     bits: int = 4
@@ -36,6 +40,7 @@ class QuantArgs:
     ternary_threshold: float = 0.7  # s = ternary_threshold * mean|W| (per group)
     scale_bits: int = 16  # storage of scales, for bits-per-weight accounting
     full_range: bool = False
+    clip_ratio: float = 1.0
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -57,6 +62,10 @@ class QuantArgs:
             raise RecipeError("full_range applies to symmetric integer grids (kind: int, symmetric: true)")
         if self.observer not in OBSERVERS:
             raise RecipeError(f"observer {self.observer!r} unknown; expected one of {', '.join(OBSERVERS)}")
+        if not (isinstance(self.clip_ratio, (int, float)) and 0.0 < self.clip_ratio <= 1.0):
+            raise RecipeError(f"clip_ratio={self.clip_ratio!r} must lie in (0, 1]")
+        if self.clip_ratio != 1.0 and self.kind != "int":
+            raise RecipeError("clip_ratio applies to integer grids (kind: int)")
         if not 0.0 < self.mse_maxshrink < 1.0:
             raise RecipeError(f"mse_maxshrink={self.mse_maxshrink!r} must lie in (0, 1)")
 
@@ -80,7 +89,7 @@ class QuantArgs:
         g = {"group": f"g{self.group_size}", "channel": "per-channel", "tensor": "per-tensor", "token": "per-token"}[self.granularity]
         kind = {"int": f"int{self.bits}", "ternary": "ternary", "binary": "binary"}[self.kind]
         sym = "" if self.kind != "int" else (" sym" if self.symmetric else " asym")
-        return f"{kind}{sym} {g}" + (" mse" if self.observer == "mse" else "")
+        return f"{kind}{sym} {g}" + (" mse" if self.observer == "mse" else "") + (f" clip{self.clip_ratio:g}" if self.clip_ratio != 1.0 else "")
 
     def to_dict(self) -> dict:
         return asdict(self)

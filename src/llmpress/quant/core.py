@@ -98,6 +98,8 @@ def compute_qparams(x: torch.Tensor, args: QuantArgs, name: str | None = None, i
     if args.kind != "int":
         return _sign_params(xg, args)
     lo, hi = xg.amin(-1), xg.amax(-1)
+    if args.clip_ratio != 1.0:
+        lo, hi = lo * args.clip_ratio, hi * args.clip_ratio
     best = _int_params(lo, hi, args)
     if args.observer == "minmax":
         return best

@@ -183,7 +183,11 @@ class Int8Linear(nn.Module):
 
 
 def _is_a8_token(args) -> bool:
-    return args.kind == "int" and args.bits == 8 and args.symmetric and args.granularity == "token"
+    # the integer kernels take s_t = max|x_t| / 127: other grids stay fake-quantized
+    return (
+        args.kind == "int" and args.bits == 8 and args.symmetric and args.granularity == "token"
+        and args.observer == "minmax" and not args.full_range and args.clip_ratio == 1.0
+    )
 
 
 def convert_to_int8(model: nn.Module, backend: str = "auto", all_linears: bool = False, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
