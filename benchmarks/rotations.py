@@ -21,12 +21,18 @@ Run (heavy: about an hour or more on 2 CPU cores)::
     flock /tmp/llmpress-heavy.lock .venv/bin/python benchmarks/rotations.py \\
         --model smollm2-135m --out benchmarks/results/rotations-smollm2
 
+Rows ending in ``-clip`` (e.g. ``quarot-gptq-clip``) use QuaRot's fixed clipping of the
+4-bit quantizers (activations at 0.9 of each token's range, KV cache at 0.95) and fill the
+W4A4KV4 column only. ``--merge a.json b.json --out p`` joins runs with the same settings
+(e.g. rows added later) into one table.
+
 Small check: ``--eval-windows 4 --calib-windows 8 --rows quarot-rtn --columns W4A4KV4``.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -68,8 +74,19 @@ ROTATIONS = {
     "duquant-online": (lambda a: stage("duquant", seed=a.seed, residual="online"), "DuQuant (online per block)"),
     "spinquant": (lambda a: stage("spinquant", seed=a.seed, steps=a.spin_steps), "SpinQuant"),
 }
-# a row is rotation-weightmethod; rows sharing a rotation share one rotated model
-ROWS = [f"{r}-{w}" for r in ROTATIONS for w in ("rtn", "gptq")]
+# a row is rotation-weightmethod[-clip]; rows sharing a rotation share one rotated model.
+# -clip: QuaRot's fixed clipping of the 4-bit quantizers (activations 0.9, KV cache 0.95),
+# measured in the W4A4KV4 column only.
+ACT_CLIP, KV_CLIP = 0.9, 0.95
+ROWS = [f"{r}-{w}{c}" for r in ROTATIONS for w in ("rtn", "gptq") for c in ("", "-clip")]
+
+
+def parse_row(row: str) -> tuple[str, str, bool]:
+    """'quarot-gptq-clip' -> ('quarot', 'gptq', True)."""
+    clip = row.endswith("-clip")
+    base = row[: -len("-clip")] if clip else row
+    rot, w = base.rsplit("-", 1)
+    return rot, w, clip
 DEFAULT_ROWS = ["none-rtn", "smoothquant-rtn", "quarot-rtn", "quarot-gptq", "duquant-rtn", "spinquant-rtn", "spinquant-gptq"]
 # W8A8 uses RTN weights in every row: a GPTQ row repeats its RTN row there, so it is skipped
 GPTQ_COLUMNS = ("W4A4KV4", "W4A8")
@@ -130,14 +147,17 @@ def difficulty(model, windows: torch.Tensor) -> dict:
 # ----------------------------------------------------------------------------- runs
 
 
-def quant_stages(row_method: str, col: dict, smooth: bool):
-    weights, acts = col["weights"], col["activations"]
+def quant_stages(row_method: str, col: dict, smooth: bool, clip: bool = False):
+    weights, acts, kv = col["weights"], col["activations"], col["kv"]
+    if clip:
+        acts = dataclasses.replace(acts, clip_ratio=ACT_CLIP)
+        kv = dataclasses.replace(kv, clip_ratio=KV_CLIP) if kv is not None else None
     method = "rtn" if col.get("rtn_only") else row_method
     st = []
     if smooth:
         st.append(stage("smoothquant", weights=weights, activations=acts))
-    if col["kv"] is not None:
-        st.append(stage("kv_quant", keys=col["kv"], values=col["kv"]))
+    if kv is not None:
+        st.append(stage("kv_quant", keys=kv, values=kv))
     st.append(stage(method, weights=weights, activations=acts))
     return st
 
@@ -154,6 +174,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-metrics", action="store_true")
     ap.add_argument("--out", default=None, help="path prefix for .json and .md results")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="print (and with --out write) one table from result files of runs with the same model and windows")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     get_method("rtn")  # fills the registry
@@ -162,12 +183,19 @@ def main(argv=None) -> int:
     bad = [r for r in rows if r not in ROWS] + [c for c in cols if c not in COLUMNS]
     if bad:
         ap.error(f"unknown rows/columns: {bad}")
+    if args.merge:
+        res = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        cols = [c for c in COLUMNS if any(c in row["columns"] for row in res["rows"].values())]
+        if args.out:
+            _write(args.out, res, cols)
+        print(markdown(res, cols))
+        return 0
     if "smoothquant" not in METHODS and any(r.startswith("smoothquant-") for r in rows):
         log.warning("method smoothquant is not registered: skipping its rows")
         rows = [r for r in rows if not r.startswith("smoothquant-")]
-    if "gptq" not in METHODS and any(r.endswith("-gptq") for r in rows):
+    if "gptq" not in METHODS and any(parse_row(r)[1] == "gptq" for r in rows):
         log.warning("method gptq is not registered: skipping GPTQ rows")
-        rows = [r for r in rows if not r.endswith("-gptq")]
+        rows = [r for r in rows if parse_row(r)[1] != "gptq"]
 
     t0 = time.perf_counter()
     base, tok = models.load(args.model)
@@ -185,7 +213,7 @@ def main(argv=None) -> int:
 
     order = []
     for r in rows:
-        rot = r.rsplit("-", 1)[0]
+        rot = parse_row(r)[0]
         if rot not in order:
             order.append(rot)
     for rot_name in order:
@@ -203,15 +231,16 @@ def main(argv=None) -> int:
         results["rotations"][rot_name] = info
         jobs = []
         for r in rows:
-            if r.rsplit("-", 1)[0] != rot_name:
+            rot_r, w, clip = parse_row(r)
+            if rot_r != rot_name:
                 continue
-            w = r.rsplit("-", 1)[1]
-            results["rows"][r] = {"label": f"{label} + {w.upper()}", "rotation": rot_name, "columns": {}}
-            jobs += [(r, w, c) for c in cols if w == "rtn" or c in GPTQ_COLUMNS]
-        for k, (r, w, c) in enumerate(jobs):
+            tag = f", clipped (A {ACT_CLIP:g}, KV {KV_CLIP:g})" if clip else ""
+            results["rows"][r] = {"label": f"{label} + {w.upper()}{tag}", "rotation": rot_name, "columns": {}}
+            jobs += [(r, w, c, clip) for c in cols if (w == "rtn" or c in GPTQ_COLUMNS) and (not clip or c == "W4A4KV4")]
+        for k, (r, w, c, clip) in enumerate(jobs):
             m = copy.deepcopy(model) if k < len(jobs) - 1 else model
             t = time.perf_counter()
-            rep = compress(m, quant_stages(w, COLUMNS[c], smooth=rot == "smoothquant"), data=cal)
+            rep = compress(m, quant_stages(w, COLUMNS[c], smooth=rot == "smoothquant", clip=clip), data=cal)
             qs = time.perf_counter() - t
             t = time.perf_counter()
             p = perplexity(m, ev, 4)
@@ -227,6 +256,22 @@ def main(argv=None) -> int:
         _write(args.out, results, cols)
     print(markdown(results, cols))
     return 0
+
+
+def merge(results: list[dict]) -> dict:
+    """One result from several runs of this script (same model, windows and settings)."""
+    first = results[0]
+    keys = ("eval_windows", "seqlen", "calib_windows", "seed", "spin_steps")
+    for r in results[1:]:
+        if r["model"] != first["model"] or any(r["args"].get(k) != first["args"].get(k) for k in keys):
+            raise SystemExit(f"cannot merge runs with different settings: {[(k, r['args'].get(k), first['args'].get(k)) for k in keys]}")
+        if abs(r["fp"]["ppl"] - first["fp"]["ppl"]) > 1e-6 * first["fp"]["ppl"]:
+            raise SystemExit(f"cannot merge: full-precision ppl differs ({r['fp']['ppl']} vs {first['fp']['ppl']})")
+    out = {**first, "rows": {}, "rotations": {}, "merged_from": len(results)}
+    for r in results:
+        out["rows"].update(r["rows"])
+        out["rotations"].update(r["rotations"])
+    return out
 
 
 def _fmt(v):
