@@ -3,6 +3,7 @@ import torch
 
 from conftest import random_windows, tiny_gemma3, tiny_llama
 from llmpress import compress, stage
+from llmpress.quant import QuantArgs
 from llmpress.transform.hadamard import random_orthogonal
 from llmpress.transform.spinquant import CayleySGD, cayley_step, orthogonality_error
 
@@ -63,18 +64,47 @@ def test_spinquant_moves_the_rotation():
     orig = sq.learn_rotations
 
     def spy(*a, **k):
-        r1, r2, losses = orig(*a, **k)
+        r1, r2, losses, trace = orig(*a, **k)
         seen["r1"] = r1
         seen["init"] = a[4]
-        return r1, r2, losses
+        return r1, r2, losses, trace
 
     sq.learn_rotations = spy
     try:
-        compress(m, [stage("spinquant", steps=3, windows=4, seqlen=32, lr=5.0)], data=ids)
+        compress(m, [stage("spinquant", steps=3, windows=4, seqlen=32, lr=5.0, val_windows=0)], data=ids)
     finally:
         sq.learn_rotations = orig
     assert not torch.allclose(seen["r1"], seen["init"])
     assert orthogonality_error(seen["r1"]) < 1e-4
+
+
+@pytest.mark.parametrize("lr", [0.05, 50.0])
+def test_spinquant_keeps_the_best_held_out_iterate(lr, monkeypatch):
+    """The rotations returned are the iterate with the lowest held-out loss (the init included)."""
+    from llmpress.transform import spinquant as sq
+
+    m = tiny_llama()
+    ids = random_windows(6, 32)
+    seen = {}
+    orig = sq.learn_rotations
+
+    def spy(*a, **k):
+        out = orig(*a, **k)
+        seen.update(r1=out[0], init=a[4].clone(), trace=out[3], val=k.get("val", a[9] if len(a) > 9 else None))
+        return out
+
+    monkeypatch.setattr(sq, "learn_rotations", spy)
+    compress(m, [stage("spinquant", steps=4, windows=4, seqlen=32, lr=lr, max_step=5.0, val_windows=2, val_every=2)], data=ids)
+    steps = [s for s, _ in seen["trace"]]
+    assert steps == [0, 2, 4]
+    assert seen["val"].shape[0] == 2 and torch.equal(seen["val"], ids[4:6])  # the windows after the training ones
+    best = min(seen["trace"], key=lambda t: t[1])
+    if best[0] == 0:
+        assert torch.allclose(seen["r1"], seen["init"])
+    else:
+        assert not torch.allclose(seen["r1"], seen["init"])
+    assert orthogonality_error(seen["r1"]) < 1e-4
+    assert m.llmpress_transforms  # the notes carry the trace
 
 
 @pytest.mark.parametrize("mk", [tiny_llama, tiny_gemma3])
@@ -108,3 +138,63 @@ def test_training_simulation_is_exact_without_quantizers(mk, rotate_weights):
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4
     with torch.no_grad():
         assert ((m(input_ids=ids, use_cache=False).logits - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("rotate_weights", [False, True])
+def test_training_gradient_matches_finite_differences(rotate_weights, monkeypatch):
+    """The rotation gradient through the simulation is the derivative of the loss.
+
+    The quantizers are piecewise constant; a smooth elementwise stand-in (not rotation
+    invariant, like a quantizer) makes the loss differentiable in R1 and R2, so autograd
+    can be checked against central differences along a tangent direction A R.
+    """
+    from llmpress.arch import get_arch
+    from llmpress.transform import spinquant as sq
+    from llmpress.transform.rotate import attention_of, fuse_norms, head_layout, online
+
+    monkeypatch.setattr(sq, "_ste", lambda x, args: x if args is None else x + 0.3 * torch.tanh(2.0 * x))
+    m = tiny_llama()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    spec = get_arch(m)
+    ids = random_windows(2, 16)
+    fuse_norms(m, spec, final=True)
+    g = torch.Generator().manual_seed(0)
+    hd, n_h, _ = head_layout(attention_of(m.model.layers[0], spec))
+    r1 = random_orthogonal(64, g).requires_grad_(True)
+    r2 = [random_orthogonal(hd, g).requires_grad_(True) for _ in m.model.layers]
+    args = QuantArgs(bits=4, symmetric=True, granularity="token")
+    cfg = sq.SpinQuant(weights=args if rotate_weights else None, activations=args, kv_keys=None, kv_values=None)
+    sim = sq._Sim(m, spec, cfg, r1, r2, online(hd * n_h, "hadamard", 0, ""), online(128, "hadamard", 0, ""), online(hd, "hadamard", 0, ""))
+
+    def loss_at(a1=None, a2=None, t=0.0):
+        with torch.no_grad():
+            sim.r1.data.copy_(r1_0 if a1 is None else torch.linalg.matrix_exp(t * a1) @ r1_0)
+            for r, r0 in zip(sim.r2, r2_0):
+                r.data.copy_(r0 if a2 is None else torch.linalg.matrix_exp(t * a2) @ r0)
+        sim.refresh()
+        logits = m(input_ids=ids, use_cache=False).logits.double()
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    r1_0 = r1.detach().clone()
+    r2_0 = [r.detach().clone() for r in r2]
+    try:
+        with torch.enable_grad():
+            loss = loss_at()
+            loss.backward()
+        gen = torch.Generator().manual_seed(3)
+        b1 = torch.randn(64, 64, generator=gen, dtype=torch.float64)
+        a1 = b1 - b1.T
+        b2 = torch.randn(hd, hd, generator=gen, dtype=torch.float64)
+        a2 = b2 - b2.T
+        t = 1e-3
+        with torch.no_grad():
+            fd1 = (loss_at(a1=a1, t=t) - loss_at(a1=a1, t=-t)) / (2 * t)
+            fd2 = (loss_at(a2=a2, t=t) - loss_at(a2=a2, t=-t)) / (2 * t)
+        an1 = (r1.grad * (a1 @ r1_0)).sum()
+        an2 = sum((r.grad * (a2 @ r0)).sum() for r, r0 in zip(r2, r2_0))
+    finally:
+        sim.remove()
+    assert abs(fd1.item()) > 1e-3 and abs(fd2.item()) > 1e-4  # the stand-in is not invariant
+    assert abs(an1.item() - fd1.item()) < 2e-2 * abs(fd1.item())
+    assert abs(an2.item() - fd2.item()) < 2e-2 * abs(fd2.item())

@@ -300,7 +300,11 @@ class SpinQuant:
     quantizer to make the rotation weight-aware.
     ``steps`` Cayley SGD steps of ``batch`` windows of ``seqlen`` tokens drawn from the
     first ``windows`` calibration windows; ``lr`` with linear decay to 0; ``max_step``
-    caps ||R_new - R||_F per step (a trust region: the loss of a 4-bit network is rough)."""
+    caps ||R_new - R||_F per step (a trust region: the loss of a 4-bit network is rough).
+    ``val_windows`` held-out calibration windows (the ones after the training windows)
+    score the rotations before training and every ``val_every`` steps; the best scoring
+    rotations are kept, so the result is never worse than the initialization on held-out
+    data (0 turns the guard off and keeps the last iterate)."""
 
     steps: int = 40
     lr: float = 1.5
@@ -313,6 +317,8 @@ class SpinQuant:
     init: str = "random_hadamard"
     learn_residual: bool = True
     learn_values: bool = True
+    val_windows: int = 4
+    val_every: int = 10
     weights: QuantArgs | None = None
     activations: QuantArgs | None = field(default_factory=_a4)
     kv_keys: QuantArgs | None = field(default_factory=_kv4)
@@ -324,12 +330,20 @@ class SpinQuant:
     def __post_init__(self):
         if self.steps < 0 or self.windows < 1 or self.seqlen < 2 or self.batch < 1:
             raise UserError("spinquant: steps >= 0, windows >= 1, seqlen >= 2, batch >= 1 required")
+        if self.val_windows < 0 or self.val_every < 1:
+            raise UserError("spinquant: val_windows >= 0 and val_every >= 1 required")
         if self.init not in ("random_hadamard", "hadamard", "random"):
             raise UserError(f"spinquant.init {self.init!r}: expected random_hadamard, hadamard or random")
 
 
-def learn_rotations(model, spec, cfg: SpinQuant, windows: torch.Tensor, r1_init, r2_init, o_rot, down_rot, qk_rot):
-    """Cayley-SGD training of (R1, [R2]) on ``windows``; returns them (float64) and the loss curve."""
+def _ce(model, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def learn_rotations(model, spec, cfg: SpinQuant, windows: torch.Tensor, r1_init, r2_init, o_rot, down_rot, qk_rot, val: torch.Tensor | None = None):
+    """Cayley-SGD training of (R1, [R2]) on ``windows``; returns them (float64), the loss
+    curve and the held-out trace [(step, loss)] (with ``val`` windows: the best iterate)."""
     r1 = None if r1_init is None else r1_init.clone().requires_grad_(cfg.learn_residual)
     r2 = None if r2_init is None else [q.clone().requires_grad_(cfg.learn_values) for q in r2_init]
     params = ([r1] if r1 is not None and cfg.learn_residual else []) + (r2 if r2 is not None and cfg.learn_values else [])
@@ -340,15 +354,28 @@ def learn_rotations(model, spec, cfg: SpinQuant, windows: torch.Tensor, r1_init,
     opt = CayleySGD(params, cfg.lr, cfg.momentum, cfg.max_step)
     g = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
+    trace: list[tuple[int, float]] = []
+    best: tuple[float, list[torch.Tensor]] | None = None
+
+    def validate(step: int) -> None:
+        nonlocal best
+        sim.refresh()
+        with torch.no_grad():
+            v = sum(_ce(model, ids).item() for ids in val.split(cfg.batch)) / len(val.split(cfg.batch))
+        trace.append((step, v))
+        if best is None or v < best[0]:
+            best = (v, [p.detach().clone() for p in params])
+        log.info("spinquant held-out loss %.4f after %d steps (best %.4f)", v, step, best[0])
+
     t0 = time.perf_counter()
     try:
+        if val is not None:
+            validate(0)
         with torch.enable_grad():
             for step in range(cfg.steps):
                 idx = torch.randint(0, windows.shape[0], (cfg.batch,), generator=g)
-                ids = windows[idx]
                 sim.refresh()
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+                loss = _ce(model, windows[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step(cfg.lr * (1.0 - step / max(cfg.steps, 1)))
@@ -356,13 +383,19 @@ def learn_rotations(model, spec, cfg: SpinQuant, windows: torch.Tensor, r1_init,
                 if step % 5 == 0 or step == cfg.steps - 1:
                     mom = opt.bufs[0].norm().item() if opt.bufs and opt.bufs[0] is not None else 0.0
                     log.info("spinquant step %d/%d loss %.4f |M| %.3g (%.0fs)", step + 1, cfg.steps, losses[-1], mom, time.perf_counter() - t0)
+                if val is not None and ((step + 1) % cfg.val_every == 0 or step == cfg.steps - 1):
+                    validate(step + 1)
+        if best is not None:
+            with torch.no_grad():
+                for p, b in zip(params, best[1]):
+                    p.copy_(b)
     finally:
         sim.remove()
         for n, p in model.named_parameters():
             p.requires_grad_(grads[n])
     out_r1 = None if r1 is None else r1.detach()
     out_r2 = None if r2 is None else [q.detach() for q in r2]
-    return out_r1, out_r2, losses
+    return out_r1, out_r2, losses, trace
 
 
 @register("spinquant", SpinQuant, scope="model", summary="SpinQuant: Cayley-SGD-learned residual and per-head rotations (+ fixed Hadamards)")
@@ -388,7 +421,14 @@ def spinquant(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
     down_rot = online(inter, "hadamard", cfg.seed + 3, "down_proj input") if cfg.online_down else None
     qk_rot = online(hd, "hadamard", cfg.seed + 4, "q/k head") if cfg.rotate_qk else None
     windows = calib_windows[: cfg.windows, : cfg.seqlen]
-    r1, r2, losses = learn_rotations(model, spec, cfg, windows, r1, r2, o_rot, down_rot, qk_rot)
+    val = None
+    if cfg.val_windows and cfg.steps:
+        val = calib_windows[cfg.windows : cfg.windows + cfg.val_windows, : cfg.seqlen]
+        if val.shape[0] < cfg.val_windows:  # not enough calibration windows: the training set's last ones
+            val = windows[-min(cfg.val_windows, windows.shape[0]) :]
+            log.warning("spinquant: fewer than windows + val_windows calibration windows; held-out scoring uses training windows")
+    r1, r2, losses, trace = learn_rotations(model, spec, cfg, windows, r1, r2, o_rot, down_rot, qk_rot, val)
+    best_step = min(trace, key=lambda t: t[1])[0] if trace else cfg.steps
     errs = [orthogonality_error(r) for r in ([r1] if r1 is not None else []) + r2]
     plan = RotationPlan(residual=r1, values=r2, o_in=[o_rot] * n if o_rot else None, down_in=[down_rot] * n if down_rot else None, qk=[qk_rot] * n if qk_rot else None)
     plan.notes = {
@@ -397,6 +437,8 @@ def spinquant(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
         "tokens_per_step": cfg.batch * int(windows.shape[1]),
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
+        "heldout_loss": trace,
+        "kept_step": best_step,
         "max_orthogonality_error": max(errs) if errs else 0.0,
         "learned": (["R1"] if r1 is not None and cfg.learn_residual else []) + (["R2"] if cfg.learn_values else []),
         "seconds": round(time.perf_counter() - t, 1),
