@@ -295,3 +295,48 @@ def test_rotation_invariance_other_llama_family(kind, method):
     kw = dict(block_size=16, steps=4, windows=2) if method == "duquant" else {}
     compress(m, [stage(method, **kw)], data=ids)
     assert _rel(_logits(m, ids), ref) < 1e-4
+
+
+def test_gemma3_norm_outputs_rotate_with_their_gains():
+    """gemma3: the online rotation takes the norm output with its gain (no fusion).
+
+    A channel that is massive in the residual but scaled down by its norm gain (gemma's
+    1 + w near 0) must stay small where it is quantized: fusing the gain into the readers
+    and then rotating would spread it over every channel (RTN errors of the readers grew
+    10-35x on gemma-3-270m that way).
+    """
+    from llmpress.quant.core import fake_quantize
+
+    m = tiny_gemma3()
+    c = 5
+    with torch.no_grad():
+        m.model.embed_tokens.weight[:, c] += 40.0  # a massive residual channel
+        for blk in m.model.layers:
+            blk.input_layernorm.weight[c] = -0.999  # gain 1 + w = 0.001
+    gains = [blk.input_layernorm.weight.clone() for blk in m.model.layers]
+    ids = random_windows(2, 24)
+    args = QuantArgs(bits=4, group_size=16)
+
+    def q_error(model):
+        got = {}
+
+        def hook(mod, inp):
+            x = inp[0].reshape(-1, inp[0].shape[-1])
+            w = mod.weight
+            got["e"] = float((x @ (fake_quantize(w, args) - w).T).norm() / (x @ w.T).norm())
+
+        lin = model.model.layers[0].self_attn.q_proj
+        lin = getattr(lin, "linear", lin)
+        h = lin.register_forward_pre_hook(hook)
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits
+        h.remove()
+        return got["e"], ref
+
+    e0, ref = q_error(m)
+    compress(m, [stage("quarot")], data=ids)
+    e1, out = q_error(m)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+    for blk, g in zip(m.model.layers, gains):
+        assert torch.equal(blk.input_layernorm.weight, g)  # gains kept, not fused
+    assert e1 < 1.5 * e0

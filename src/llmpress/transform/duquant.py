@@ -214,7 +214,8 @@ def duquant(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
     if calib_windows is None:
         raise UserError("duquant needs calibration windows")
     offline = residual_rotatable(spec) and cfg.residual == "offline"
-    fuse_norms(model, spec, final=offline)
+    if offline:  # statistics of the plain norm outputs the residual rotation will see
+        fuse_norms(model, spec, final=True)
     layers = get_module(model, spec.blocks)
     n = len(layers)
     hd, n_h, _ = head_layout(attention_of(layers[0], spec))

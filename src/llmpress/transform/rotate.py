@@ -31,8 +31,10 @@ Gemma3 (``spec.post_norms``): each sub-layer's output passes through its own RMS
 rotated residual that norm would have to produce ``norm(y) diag(g) R`` from ``y R``, and
 ``R^T diag(g) R`` is not diagonal: ``norm(y R) diag(g) != norm(y) diag(g) R``. So the
 residual stream of gemma3 is not rotated. What stays rotatable: (1) the outputs of
-input_layernorm and pre_feedforward_layernorm, rotated online (a forward hook on the
-norm; the reading q/k/v and gate/up weights take ``W diag(g) M^T``) -- the same inputs
+input_layernorm and pre_feedforward_layernorm, rotated online with their gains (a forward
+hook on the norm; the reading q/k/v and gate/up weights take ``W M^T``; the gains are not
+fused: gemma scales its massive channel down with a gain near 0, and a fused gain would let
+that channel reach the rotation at full size) -- the same inputs
 QuaRot rotates, for an O(d log d) Hadamard per token and norm; (2) values per head,
 the attention output and the down_proj input, exactly as for llama; (3) q/k per head
 after RoPE and QK-norm (the QK-norm acts before the online rotation, so it is untouched).
@@ -227,9 +229,13 @@ def apply_plan(model: nn.Module, spec: ArchSpec, plan: RotationPlan) -> dict:
     layers = get_module(model, spec.blocks)
     _check_not_rotated(layers, spec, plan)
     residual = plan.residual is not None
-    fuse_norms(model, spec, final=residual)
-    if residual:
+    if residual:  # RMSNorm(x R) = RMSNorm(x) R only for a plain norm: fold the gains first
+        fuse_norms(model, spec, final=True)
         rotate_residual(model, spec, plan.residual)
+    # Online rotations of norm outputs (gemma3, DuQuant per block) rotate the output with
+    # its gain and need no fusion. Fusing there would hurt: a channel that the norm scales
+    # down (gemma's 1 + w near 0 on its massive channel) would reach the rotation at full
+    # size and spread over every channel, exposing all weight errors to it.
     counts = {"values": 0, "o_in": 0, "down_in": 0, "qk": 0, "norm_in": 0}
     kinds: dict[str, set] = {k: set() for k in counts}
     for i, block in enumerate(layers):
