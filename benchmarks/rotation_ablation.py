@@ -42,10 +42,10 @@ def kv4(clip: float = 1.0) -> QuantArgs:
     return QuantArgs(bits=4, symmetric=False, granularity="token", clip_ratio=clip)
 
 
-def budget(base, ev, cal, seed: int) -> None:
+def budget(base, ev, cal, seed: int, residual: str = "offline") -> None:
     fp = perplexity(base, ev, 4)
     m = copy.deepcopy(base)
-    compress(m, [stage("quarot", seed=seed)], data=cal)
+    compress(m, [stage("quarot", seed=seed, residual=residual)], data=cal)
     t = time.perf_counter()
     compress(m, [stage("gptq", weights=W4)], data=cal)
     w_only = perplexity(m, ev, 4)
@@ -96,9 +96,9 @@ def _rtn_errors(model, ids) -> dict[str, tuple[float, float]]:
     return {re.sub(r"\.linear$", "", re.sub(r"^.*layers\.(\d+)\.(?:self_attn|mlp)\.", r"\1.", k)): v for k, v in out.items()}
 
 
-def rtn_layers(base, ev, seed: int) -> None:
+def rtn_layers(base, ev, seed: int, residual: str = "offline") -> None:
     rot = copy.deepcopy(base)
-    compress(rot, [stage("quarot", seed=seed)], data=ev[:2])
+    compress(rot, [stage("quarot", seed=seed, residual=residual)], data=ev[:2])
     a, b = _rtn_errors(base, ev[:1]), _rtn_errors(rot, ev[:1])
     print("| linear | output error, no rotation | after QuaRot | weight error, no rotation | after QuaRot | worst block (output error ratio) |")
     print("|---|---|---|---|---|---|")
@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--residual", default="offline", choices=["offline", "online"], help="QuaRot's residual rotation (llama family)")
     a = ap.parse_args(argv)
     secs = [s for s in a.sections.split(",") if s]
     bad = [s for s in secs if s not in ("budget", "rtn_layers")]
@@ -129,11 +130,11 @@ def main(argv=None) -> int:
     print(f"{a.model}, {ev.shape[0]} test windows of {ev.shape[1]} tokens, {a.calib_windows} calibration windows")
     print()
     if "rtn_layers" in secs:
-        rtn_layers(base, ev, a.seed)
+        rtn_layers(base, ev, a.seed, a.residual)
         print()
     if "budget" in secs:
         cal = calibration_windows(tok, base, CalibConfig(n_samples=a.calib_windows))
-        budget(base, ev, cal, a.seed)
+        budget(base, ev, cal, a.seed, a.residual)
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Rows: no rotation (RTN), SmoothQuant + RTN (when the method exists), QuaRot + RTN,
 QuaRot + GPTQ, DuQuant + RTN, SpinQuant + RTN, SpinQuant + GPTQ (more with ``--rows``:
-any of none/smoothquant/quarot/duquant/duquant-online/spinquant with -rtn or -gptq).
+any of none/smoothquant/quarot/quarot-online/duquant/duquant-online/spinquant with -rtn or
+-gptq).
 Columns:
 
 - W4A4KV4: weights int4 sym group 64 (or the row's GPTQ), activations int4 sym per
@@ -70,6 +71,7 @@ ROTATIONS = {
     "none": (None, "no rotation"),
     "smoothquant": ("smoothquant", "SmoothQuant"),
     "quarot": (lambda a: stage("quarot", seed=a.seed), "QuaRot"),
+    "quarot-online": (lambda a: stage("quarot", seed=a.seed, residual="online"), "QuaRot (online norm-output rotations, gains kept)"),
     "duquant": (lambda a: stage("duquant", seed=a.seed), "DuQuant"),
     "duquant-online": (lambda a: stage("duquant", seed=a.seed, residual="online"), "DuQuant (online per block)"),
     "spinquant": (lambda a: stage("spinquant", seed=a.seed, steps=a.spin_steps), "SpinQuant"),

@@ -202,7 +202,7 @@ def test_block_matmul_equals_the_block_diagonal_product():
 
 
 @pytest.mark.parametrize("family", MODELS)
-@pytest.mark.parametrize("method", ["quarot", "duquant"])
+@pytest.mark.parametrize("method", ["quarot", "duquant", "quarot-online"])
 def test_runtime_export_import_round_trip(family, method, tmp_path):
     """Saved folded weights + exported runtime reproduce the rotated model's outputs."""
     import json
@@ -215,6 +215,8 @@ def test_runtime_export_import_round_trip(family, method, tmp_path):
     m = MODELS[family]()
     ids = random_windows(4, 32)
     kw = dict(block_size=16, steps=4, windows=2) if method == "duquant" else {}
+    if method == "quarot-online":
+        method, kw = "quarot", dict(residual="online")
     compress(m, [stage(method, **kw), stage("kv_quant")], data=ids)
     want = _logits(m, ids)
     desc, tensors = export_runtime(m)
@@ -340,3 +342,20 @@ def test_gemma3_norm_outputs_rotate_with_their_gains():
     for blk, g in zip(m.model.layers, gains):
         assert torch.equal(blk.input_layernorm.weight, g)  # gains kept, not fused
     assert e1 < 1.5 * e0
+
+
+def test_quarot_online_residual_on_llama_keeps_outputs_and_gains():
+    m = tiny_llama()
+    ids = random_windows(2, 24)
+    gains = [blk.post_attention_layernorm.weight.clone() for blk in m.model.layers]
+    with torch.no_grad():
+        ref = m(input_ids=ids).logits
+    compress(m, [stage("quarot", residual="online")], data=ids)
+    with torch.no_grad():
+        out = m(input_ids=ids).logits
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+    assert all(torch.equal(b.post_attention_layernorm.weight, g) for b, g in zip(m.model.layers, gains))
+    assert m.llmpress_transforms[-1]["residual_rotation"] is False
+    assert m.llmpress_transforms[-1]["online"]["norm_in"]["blocks"] == 2 * len(m.model.layers)  # two norms per block
+    with pytest.raises(Exception, match="residual"):
+        compress(tiny_llama(), [stage("quarot", residual="sideways")], data=ids)

@@ -329,10 +329,16 @@ class QuaRot:
     ``online_down`` / ``online_o``: online Hadamard on the down_proj / o_proj inputs.
     ``rotate_values``: per-head Hadamard on values (folded into v_proj / o_proj).
     ``rotate_qk``: online per-head Hadamard of q and k after RoPE (for a quantized key cache).
+    ``residual``: ``offline`` (llama family: norms fused, the residual stream rotated, no
+    run-time cost) or ``online`` (a Hadamard on each input_layernorm / post-attention norm
+    output at run time, gains kept; always the case for gemma3). Online costs an
+    O(d log d) transform per token and norm, and keeps a channel the norm scales down
+    small where it is quantized (fused, such a channel reaches the rotation at full size).
     """
 
     rotation: str = "random_hadamard"
     seed: int = 0
+    residual: str = "offline"
     online_down: bool = True
     online_o: bool = True
     rotate_values: bool = True
@@ -341,6 +347,8 @@ class QuaRot:
     def __post_init__(self):
         if self.rotation not in ("random_hadamard", "hadamard", "random", "identity"):
             raise UserError(f"rotation {self.rotation!r} unknown; expected random_hadamard, hadamard, random or identity")
+        if self.residual not in ("offline", "online"):
+            raise UserError(f"quarot.residual {self.residual!r}: expected offline or online")
 
 
 def standard_plan(model: nn.Module, spec: ArchSpec, cfg, residual: torch.Tensor | None, norm_kind: str, seed: int) -> RotationPlan:
@@ -362,9 +370,9 @@ def standard_plan(model: nn.Module, spec: ArchSpec, cfg, residual: torch.Tensor 
         plan.down_in = [online(inter, "hadamard", seed + 3, "down_proj input")] * n
     if getattr(cfg, "rotate_qk", True):
         plan.qk = [online(hd, "hadamard", seed + 4, "q/k head")] * n
-    if residual is None and not residual_rotatable(spec):
+    if residual is None:  # gemma3, or residual: online -- rotate the norm outputs at run time
         d = hidden_size(model, spec)
-        rot = online(d, norm_kind, seed, "norm output")
+        rot = online(d, norm_kind, seed, "norm output")  # the fast Hadamard (a Haar rotation for rotation: random)
         plan.norm_in = [(rot, rot)] * n
     plan.notes = {"orthogonal_kinds": notes}
     return plan
@@ -375,7 +383,7 @@ def quarot(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
     cfg: QuaRot = stage.config
     residual = None
     kind = cfg.rotation
-    if residual_rotatable(spec):
+    if residual_rotatable(spec) and cfg.residual == "offline":
         residual, kind = orthogonal_matrix(hidden_size(model, spec), cfg.rotation, cfg.seed, "residual")
     plan = standard_plan(model, spec, cfg, residual, "hadamard" if cfg.rotation != "random" else "random", cfg.seed)
     plan.notes["method"] = "quarot"
