@@ -272,7 +272,8 @@ def merge(results: list[dict]) -> dict:
     out = {**first, "rows": {}, "rotations": {}, "merged_from": len(results)}
     for r in results:
         out["rows"].update(r["rows"])
-        out["rotations"].update(r["rotations"])
+        for k, info in r["rotations"].items():  # a --no-metrics run keeps an earlier run's difficulty
+            out["rotations"].setdefault(k, {}).update(info)
     return out
 
 
