@@ -271,7 +271,9 @@ def merge(results: list[dict]) -> dict:
             raise SystemExit(f"cannot merge: full-precision ppl differs ({r['fp']['ppl']} vs {first['fp']['ppl']})")
     out = {**first, "rows": {}, "rotations": {}, "merged_from": len(results)}
     for r in results:
-        out["rows"].update(r["rows"])
+        for k, row in r["rows"].items():  # cells of the same row measured in different runs join
+            have = out["rows"].setdefault(k, {**row, "columns": {}})
+            have["columns"].update(row["columns"])
         for k, info in r["rotations"].items():  # a --no-metrics run keeps an earlier run's difficulty
             out["rotations"].setdefault(k, {}).update(info)
     return out
