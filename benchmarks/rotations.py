@@ -82,6 +82,10 @@ ROTATIONS = {
 ACT_CLIP, KV_CLIP = 0.9, 0.95
 ROWS = [f"{r}-{w}{c}" for r in ROTATIONS for w in ("rtn", "gptq") for c in ("", "-clip")]
 
+DEFAULT_ROWS = ["none-rtn", "smoothquant-rtn", "quarot-rtn", "quarot-gptq", "duquant-rtn", "spinquant-rtn", "spinquant-gptq"]
+# W8A8 uses RTN weights in every row: a GPTQ row repeats its RTN row there, so it is skipped
+GPTQ_COLUMNS = ("W4A4KV4", "W4A8")
+
 
 def parse_row(row: str) -> tuple[str, str, bool]:
     """'quarot-gptq-clip' -> ('quarot', 'gptq', True)."""
@@ -89,9 +93,6 @@ def parse_row(row: str) -> tuple[str, str, bool]:
     base = row[: -len("-clip")] if clip else row
     rot, w = base.rsplit("-", 1)
     return rot, w, clip
-DEFAULT_ROWS = ["none-rtn", "smoothquant-rtn", "quarot-rtn", "quarot-gptq", "duquant-rtn", "spinquant-rtn", "spinquant-gptq"]
-# W8A8 uses RTN weights in every row: a GPTQ row repeats its RTN row there, so it is skipped
-GPTQ_COLUMNS = ("W4A4KV4", "W4A8")
 
 
 # ----------------------------------------------------------------------------- difficulty

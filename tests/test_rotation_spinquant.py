@@ -104,7 +104,8 @@ def test_spinquant_keeps_the_best_held_out_iterate(lr, monkeypatch):
     else:
         assert not torch.allclose(seen["r1"], seen["init"])
     assert orthogonality_error(seen["r1"]) < 1e-4
-    assert m.llmpress_transforms  # the notes carry the trace
+    notes = m.llmpress_transforms[-1]  # the report carries the trace and the kept step
+    assert notes["heldout_loss"] == seen["trace"] and notes["kept_step"] == best[0]
 
 
 @pytest.mark.parametrize("mk", [tiny_llama, tiny_gemma3])

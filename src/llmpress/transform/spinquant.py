@@ -361,7 +361,8 @@ def learn_rotations(model, spec, cfg: SpinQuant, windows: torch.Tensor, r1_init,
         nonlocal best
         sim.refresh()
         with torch.no_grad():
-            v = sum(_ce(model, ids).item() for ids in val.split(cfg.batch)) / len(val.split(cfg.batch))
+            chunks = val.split(cfg.batch)
+            v = sum(_ce(model, ids).item() for ids in chunks) / len(chunks)
         trace.append((step, v))
         if best is None or v < best[0]:
             best = (v, [p.detach().clone() for p in params])
