@@ -49,7 +49,7 @@ def test_fast_pack_paths_equal_pack_codes(bits, n):
 def test_encode_decode_round_trip(args):
     w = _weight()
     wq, qp = quantize_weight(w, args)
-    rec = ModuleRecord("l", *w.shape, weight_args=args, qparams=qp)
+    rec = ModuleRecord(name="l", out_features=w.shape[0], in_features=w.shape[1], weight_args=args, qparams=qp)
     spec, t = codec.encode_linear(wq, rec)
     assert spec.kind == "quant" and spec.n_exceptions == 0
     assert {k: tuple(v.shape) for k, v in t.items()} == spec.expected_shapes()
@@ -66,7 +66,7 @@ def test_storage_is_bits_per_weight():
     w = _weight(64, 128)
     args = QuantArgs(bits=4, group_size=32)
     wq, qp = quantize_weight(w, args)
-    spec, t = codec.encode_linear(wq, ModuleRecord("l", 64, 128, weight_args=args, qparams=qp))
+    spec, t = codec.encode_linear(wq, ModuleRecord(name="l", out_features=64, in_features=128, weight_args=args, qparams=qp))
     assert t["qweight"].numel() * 32 == 64 * 128 * 4  # 4 bits per weight exactly
     assert t["scale"].shape == (64, 4)
 
@@ -78,9 +78,9 @@ def test_group_index_round_trip():
     scale = torch.stack([w[:, g_idx == k].abs().amax(1) / 7 for k in range(4)], 1)
     from llmpress.quant.core import QParams
 
-    qp = QParams(scale)
+    qp = QParams(scale=scale)
     wq = codec.dequant(codec.codes_of(w, qp, args, g_idx), qp, args, g_idx)
-    rec = ModuleRecord("l", 16, 64, weight_args=args, qparams=qp, notes={"g_idx": g_idx})
+    rec = ModuleRecord(name="l", out_features=16, in_features=64, weight_args=args, qparams=qp, notes={"g_idx": g_idx})
     spec, t = codec.encode_linear(wq, rec)
     assert spec.has_g_idx and torch.equal(t["g_idx"], g_idx.int())
     assert torch.equal(codec.decode_weight(spec, t), wq)
@@ -93,11 +93,11 @@ def test_kept_outliers_are_exceptions():
     keep[3, 5] = keep[10, 40] = keep[31, 0] = True
     dense, qp = quantize_weight(w.masked_fill(keep, 0), args)
     full = torch.where(keep, w, dense)  # SpQR-style: grid + a few full-precision weights
-    spec, t = codec.encode_linear(full, ModuleRecord("l", 32, 64, weight_args=args, qparams=qp))
+    spec, t = codec.encode_linear(full, ModuleRecord(name="l", out_features=32, in_features=64, weight_args=args, qparams=qp))
     assert spec.n_exceptions == 3 and t["exc_value"].tolist() == full[keep].tolist()
     assert torch.equal(codec.decode_weight(spec, t), full)
     # a weight moved off its grid everywhere is not stored as "exceptions"
-    assert codec.encode_linear(full + 1e-3, ModuleRecord("l", 32, 64, weight_args=args, qparams=qp)) is None
+    assert codec.encode_linear(full + 1e-3, ModuleRecord(name="l", out_features=32, in_features=64, weight_args=args, qparams=qp)) is None
 
 
 def test_sparse_only_and_sparse_quantized():
@@ -105,13 +105,13 @@ def test_sparse_only_and_sparse_quantized():
     mask = torch.zeros(16, 16, 4, dtype=torch.bool)
     mask[..., :2] = True  # prune 2 of every 4
     ws = w.masked_fill(mask.reshape(16, 64), 0)
-    spec, t = codec.encode_linear(ws, ModuleRecord("l", 16, 64, sparsity=0.5))
+    spec, t = codec.encode_linear(ws, ModuleRecord(name="l", out_features=16, in_features=64, sparsity=0.5))
     assert spec.kind == "sparse" and spec.structure == "2:4"
     assert t["values"].numel() == 16 * 32 and t["mask"].shape == (16, 2)
     assert torch.equal(codec.decode_weight(spec, t), ws)
     args = QuantArgs(bits=4, group_size=32)
     wq, qp = quantize_weight(ws, args)
-    spec, t = codec.encode_linear(wq, ModuleRecord("l", 16, 64, weight_args=args, qparams=qp, sparsity=0.5))
+    spec, t = codec.encode_linear(wq, ModuleRecord(name="l", out_features=16, in_features=64, weight_args=args, qparams=qp, sparsity=0.5))
     assert spec.kind == "quant" and spec.structure == "2:4" and set(t) == {"qweight", "scale"}  # zeros are zero codes
     assert torch.equal(codec.decode_weight(spec, t), wq)
 

@@ -98,7 +98,7 @@ def test_missing_model_path(tmp_path, outs, tiny_text_file, capsys):
     with pytest.raises(UserError, match="not found"):
         llmpress.load(str(missing))
     with pytest.raises(UserError, match="not found"):
-        run_pipeline(str(missing), "rtn-w8", str(outs / "result"))
+        run_pipeline(str(missing), "rtn-w8", out=str(outs / "result"))
     _nothing_left(outs)
 
 
@@ -129,7 +129,7 @@ def test_unsupported_architecture(tmp_path, outs, tiny_text_file, capsys):
     with pytest.raises(UnsupportedArchitecture, match="gpt2"):
         compress(gpt2, [stage("rtn", weights=QuantArgs(bits=8, granularity="channel"))])
     with pytest.raises(UnsupportedArchitecture, match="gpt2"):
-        run_pipeline(str(d), "rtn-w8", str(outs / "result"), evaluation=None)
+        run_pipeline(str(d), "rtn-w8", out=str(outs / "result"), evaluation=None)
     _nothing_left(outs)
 
 
@@ -270,7 +270,7 @@ def test_existing_out_without_overwrite(outs, tiny_model_dir, tiny_text_file, ca
     _nothing_left(outs, keep=("result",))
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
     with pytest.raises(UserError, match="exists"):
-        run_pipeline(str(tiny_model_dir), "rtn-w8", str(out))
+        run_pipeline(str(tiny_model_dir), "rtn-w8", out=str(out))
     # with --overwrite the folder is replaced, and nothing else is left beside it
     assert main(_fast(tiny_model_dir, tiny_text_file, out, "--recipe", "rtn-w8", "--overwrite")) == 0
     _nothing_left(outs, keep=("result", "report.json"))

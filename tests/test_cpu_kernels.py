@@ -79,7 +79,7 @@ def _stored(args, out=96, inp=576, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inp, generator=g) * 0.05
     wq, qp = quantize_weight(w, args)
-    spec, t = codec.encode_linear(wq, ModuleRecord("l", out, inp, weight_args=args, qparams=qp))
+    spec, t = codec.encode_linear(wq, ModuleRecord(name="l", out_features=out, in_features=inp, weight_args=args, qparams=qp))
     return spec, t, wq, torch.randn(out, generator=g)
 
 

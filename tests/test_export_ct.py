@@ -32,7 +32,7 @@ def _compressed(weights, acts=None, prune24=False):
                     drop = w.abs().argsort(-1)[..., :2]  # the 2 smallest of every 4
                     w.scatter_(-1, drop, 0.0)
     if weights is None:  # sparse only
-        m.llmpress_records = {n: ModuleRecord(n, mod.out_features, mod.in_features, ["prune"], sparsity=0.5)
+        m.llmpress_records = {n: ModuleRecord(name=n, out_features=mod.out_features, in_features=mod.in_features, methods=["prune"], sparsity=0.5)
                               for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and n != "lm_head"}
         return m
     llmpress.compress(m, stage("rtn", weights=weights, activations=acts, ignore=["lm_head"]), engine=QUIET)
@@ -44,7 +44,7 @@ def _compressed(weights, acts=None, prune24=False):
 
 def _export(tmp_path, m, dtype="auto"):
     src = api.save(m, tiny_tokenizer(), tmp_path / "packed")
-    return src, export_compressed_tensors(src, tmp_path / "ct", dtype)
+    return src, export_compressed_tensors(src, tmp_path / "ct", dtype=dtype)
 
 
 def _hf(path, dtype=torch.float32):
@@ -152,7 +152,7 @@ def test_sparse_only_layers_export_dense(tmp_path):
     recs = m.llmpress_records  # compress() replaced the records: up_proj quantized (pruned too) ...
     for n, mod in m.named_modules():
         if isinstance(mod, torch.nn.Linear) and n != "lm_head":
-            recs.setdefault(n, ModuleRecord(n, mod.out_features, mod.in_features, ["prune"])).sparsity = 0.5  # ... the rest pruned only
+            recs.setdefault(n, ModuleRecord(name=n, out_features=mod.out_features, in_features=mod.in_features, methods=["prune"])).sparsity = 0.5  # ... the rest pruned only
     src, out = _export(tmp_path, m)
     packed = json.loads((src / "llmpress.json").read_text())["layers"]
     assert packed["model.layers.0.mlp.down_proj"]["kind"] == "sparse" and packed["model.layers.0.mlp.up_proj"]["kind"] == "quant"

@@ -162,9 +162,9 @@ def test_handler_records_damping_and_logs_the_retry(caplog):
     lin = nn.Linear(16, 6, bias=False)
     W, X, H = correlated_problem(rows=6, cols=16, n=4, seed=6)
     lin.weight.data.copy_(W)
-    rec = ModuleRecord("x.proj", 6, 16)
+    rec = ModuleRecord(name="x.proj", out_features=6, in_features=16)
     with caplog.at_level(logging.WARNING):
-        gptq(ModuleContext("x.proj", lin, {"hessian": H}, rec), GPTQ(weights=W4G8, damp=0.0))
+        gptq(ModuleContext(name="x.proj", module=lin, stats={"hessian": H}, record=rec), GPTQ(weights=W4G8, damp=0.0))
     assert rec.notes["damp_retries"] >= 1 and rec.notes["damp"] > 0
     assert "retr" in caplog.text
     assert rec.weight_args == W4G8 and rec.qparams.scale.shape == (6, 2)

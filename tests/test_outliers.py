@@ -44,7 +44,7 @@ def test_split_dense_plus_sparse():
 
 def test_extra_bits_in_record_and_model_size():
     assert csr_extra_bits(10, 8) == 10 * 32 + 9 * 32
-    r = ModuleRecord("x", 8, 64, weight_args=W3)
+    r = ModuleRecord(name="x", out_features=8, in_features=64, weight_args=W3)
     base = r.bits_per_weight()
     r.notes["extra_bits"] = 512
     assert abs(r.bits_per_weight() - (base + 1.0)) < 1e-12

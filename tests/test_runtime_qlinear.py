@@ -15,7 +15,7 @@ def _stored(args, out=64, inp=256, act=None, bias=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inp, generator=g) * 0.05
     wq, qp = quantize_weight(w, args)
-    spec, t = codec.encode_linear(wq, ModuleRecord("l", out, inp, weight_args=args, qparams=qp, act_args=act))
+    spec, t = codec.encode_linear(wq, ModuleRecord(name="l", out_features=out, in_features=inp, weight_args=args, qparams=qp, act_args=act))
     b = torch.randn(out, generator=g) if bias else None
     return spec, t, wq, b
 

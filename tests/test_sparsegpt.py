@@ -153,9 +153,9 @@ def test_handler_records_sparsity_pattern_and_damping(caplog):
     lin = nn.Linear(16, 6, bias=False)
     W, X, H = correlated_problem(rows=6, cols=16, n=6, seed=7)
     lin.weight.data.copy_(W)
-    rec = ModuleRecord("x.proj", 6, 16)
+    rec = ModuleRecord(name="x.proj", out_features=6, in_features=16)
     with caplog.at_level(logging.WARNING):
-        sparsegpt(ModuleContext("x.proj", lin, {"hessian": H}, rec), SparseGPT(n=2, m=4, damp=0.0, weights=W4G8))
+        sparsegpt(ModuleContext(name="x.proj", module=lin, stats={"hessian": H}, record=rec), SparseGPT(n=2, m=4, damp=0.0, weights=W4G8))
     assert rec.notes["pattern"] == "2:4"
     assert rec.sparsity == pytest.approx(sparsity_of(lin.weight.data)) and rec.sparsity >= 0.5
     assert rec.notes["damp_retries"] >= 1 and "retr" in caplog.text

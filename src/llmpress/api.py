@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 META_FILE = "llmpress.json"
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class CalibConfig:
     source: str = "wiki"  # "wiki", "news", or a text/JSONL file path
     n_samples: int = 128
@@ -41,7 +41,7 @@ class CalibConfig:
     batch_size: int = 8
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class EvalConfig:
     source: str = "wiki"
     seqlen: int = 512
@@ -71,9 +71,9 @@ def _as_recipe(recipe) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, Stage):
-        return Recipe((recipe,))
+        return Recipe(stages=(recipe,))
     if isinstance(recipe, (list, tuple)) and all(isinstance(s, Stage) for s in recipe):
-        return Recipe(tuple(recipe))
+        return Recipe(stages=tuple(recipe))
     if isinstance(recipe, dict):
         return Recipe.from_dict(recipe)
     return load_recipe(str(recipe))
@@ -200,7 +200,7 @@ def _prepare_out(out: str | None, overwrite: bool) -> Path | None:
 SAVE_FORMATS = ("packed", "hf-fakequant")
 
 
-def save(model: nn.Module, tokenizer, out: Path, report: Report | None = None, overwrite: bool = False, format: str = "packed") -> Path:
+def save(model: nn.Module, tokenizer, out: Path, *, report: Report | None = None, overwrite: bool = False, format: str = "packed") -> Path:
     """Save the compressed model.
 
     ``format="packed"`` (default): the packed checkpoint of :mod:`llmpress.export.packed`
@@ -277,6 +277,7 @@ def load_compressed(path: str, device: str = "cpu", backend: str = "auto", dtype
 def run_pipeline(
     model_spec: str,
     recipe,
+    *,
     out: str | None = None,
     json_path: str | None = None,
     calib: CalibConfig = CalibConfig(),
@@ -321,7 +322,7 @@ def run_pipeline(
     report.environment = _environment(device)
     if out_path is not None:
         t = time.perf_counter()
-        save(model, tok, out_path, report, overwrite, save_format)
+        save(model, tok, out_path, report=report, overwrite=overwrite, format=save_format)
         report.seconds["save"] = time.perf_counter() - t
     report.peak_rss_mb = peak_rss_mb()
     report.peak_gpu_mb = peak_gpu_mb()
@@ -330,7 +331,7 @@ def run_pipeline(
     return report
 
 
-def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), device: str = "cpu", progress: bool = True) -> Report:
+def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: str = "cpu", progress: bool = True) -> Report:
     """Perplexity, size and bits of a model or a folder saved by llmpress."""
     t = time.perf_counter()
     model, tok = load_compressed(model_spec, device)
@@ -357,7 +358,7 @@ def _saved_records(path: str) -> dict[str, ModuleRecord]:
     rep = (json.loads(meta.read_text()).get("report") or {})
     out = {}
     for name, info in (rep.get("layers") or {}).items():
-        r = ModuleRecord(name, *info["shape"])
+        r = ModuleRecord(name=name, out_features=info["shape"][0], in_features=info["shape"][1])
         if info.get("weight_args"):
             r.weight_args = QuantArgs.from_dict(info["weight_args"])
         out[name] = r

@@ -22,7 +22,7 @@ class NormFeed:
     linears: tuple[str, ...]  # paths relative to the block
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class ArchSpec:
     family: str
     model_types: tuple[str, ...]

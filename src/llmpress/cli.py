@@ -100,9 +100,33 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _dispatch(args) -> int:
+def eval_config(args):
+    """The evaluation settings of a parsed `compress` / `eval` command line."""
+    from . import api
+
+    return api.EvalConfig(source=args.eval_data, seqlen=args.seqlen, max_windows=args.eval_windows)
+
+
+def compress_options(args) -> dict:
+    """Keyword arguments of :func:`llmpress.api.run_pipeline` for a parsed `compress` command line."""
     from . import api
     from .calib.engine import EngineOptions
+
+    calib = api.CalibConfig(
+        source=args.calib_data, n_samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed, batch_size=args.batch_size
+    )
+    engine = EngineOptions(
+        batch_size=args.batch_size, true_sequential=args.true_sequential, offload_dir=args.offload_dir, progress=not args.no_progress
+    )
+    return dict(
+        model_spec=args.model, recipe=args.recipe, out=args.out, json_path=args.json_path, calib=calib,
+        evaluation=None if args.no_eval else eval_config(args), device=args.device, overwrite=args.overwrite,
+        engine=engine, save_format=args.save_format,
+    )
+
+
+def _dispatch(args) -> int:
+    from . import api
 
     if args.command == "analyze":
         return analysis_cli.run(args)
@@ -115,13 +139,13 @@ def _dispatch(args) -> int:
     if args.command == "export":
         from .export.compressed_tensors import export_compressed_tensors
 
-        out = export_compressed_tensors(args.checkpoint, args.out, args.dtype, args.overwrite)
+        out = export_compressed_tensors(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
         print(f"exported {args.checkpoint} as {args.export_format}: {out}")
         return 0
     if args.command == "bench":
         from .runtime import bench
 
-        cfg = bench.BenchConfig(args.prefill_tokens, args.decode_tokens, tuple(args.batches), repeats=args.repeats,
+        cfg = bench.BenchConfig(prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, batches=tuple(args.batches), repeats=args.repeats,
                                 layer_kernels=not args.no_layers, memory_probe=not args.no_memory_probe)
         result = bench.run(args.models, args.baseline, cfg, progress=lambda m: print(f"bench: {m}", file=sys.stderr))
         print(bench.table(result))
@@ -133,14 +157,8 @@ def _dispatch(args) -> int:
             write_atomic(Path(args.json_path), json.dumps(result, indent=2, default=repr))
             print(f"results: {args.json_path}")
         return 0
-    ev = api.EvalConfig(source=args.eval_data, seqlen=args.seqlen, max_windows=args.eval_windows)
     if args.command == "compress":
-        calib = api.CalibConfig(args.calib_data, args.calib_samples, args.calib_seqlen, args.seed, args.batch_size)
-        eng = EngineOptions(args.batch_size, args.true_sequential, args.offload_dir, not args.no_progress)
-        report = api.run_pipeline(
-            args.model, args.recipe, args.out, args.json_path, calib, None if args.no_eval else ev, args.device, args.overwrite, eng,
-            args.save_format,
-        )
+        report = api.run_pipeline(**compress_options(args))
         print(f"\nllmpress compress {args.model} --recipe {args.recipe}")
         print(report.table())
         if args.out:
@@ -149,7 +167,7 @@ def _dispatch(args) -> int:
             print(f"report: {args.json_path}")
         return 0
     if args.command == "eval":
-        report = api.evaluate(args.model, ev, args.device, not args.no_progress)
+        report = api.evaluate(args.model, evaluation=eval_config(args), device=args.device, progress=not args.no_progress)
         if args.json_path:
             report.write_json(args.json_path)
         print(json.dumps({k: report.compressed[k] for k in ("ppl", "bits_per_weight", "size_mb", "n_params")}, indent=2))

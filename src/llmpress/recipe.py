@@ -28,7 +28,7 @@ from .registry import build_config, config_to_dict, get_method
 PRESET_DIR = Path(__file__).parent / "recipes"
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Stage:
     method: str
     config: Any
@@ -55,7 +55,7 @@ def _match_any(patterns: tuple[str, ...], name: str, in_blocks: bool) -> bool:
     return False
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Recipe:
     stages: tuple[Stage, ...]
     name: str = "custom"
@@ -122,14 +122,14 @@ def _stage_from_dict(d: Any, where: str) -> Stage:
     targets = _patterns(d.pop("targets", ["Linear"]), f"{where}.targets")
     ignore = _patterns(d.pop("ignore", ["lm_head"]), f"{where}.ignore")
     cfg = build_config(method.config_cls, d, where)
-    return Stage(method.name, cfg, targets, ignore)
+    return Stage(method=method.name, config=cfg, targets=targets, ignore=ignore)
 
 
 def stage(method: str, targets=("Linear",), ignore=("lm_head",), **config) -> Stage:
     """Build a stage in Python: ``stage("rtn", weights=QuantArgs(bits=4))``."""
     m = get_method(method)
     cfg = build_config(m.config_cls, {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in config.items()}, f"stage {method}")
-    return Stage(m.name, cfg, _patterns(list(targets), "targets"), _patterns(list(ignore), "ignore"))
+    return Stage(method=m.name, config=cfg, targets=_patterns(list(targets), "targets"), ignore=_patterns(list(ignore), "ignore"))
 
 
 def presets() -> dict[str, Path]:

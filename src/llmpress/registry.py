@@ -20,7 +20,7 @@ from .quant.args import QuantArgs
 from .quant.core import QParams, bits_per_weight
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModuleRecord:
     """What compression did to one linear: enough to account its size and pack it."""
 
@@ -46,7 +46,7 @@ class ModuleRecord:
         return bits_per_weight(self.weight_args, self.in_features, self.out_features) + extra
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModuleContext:
     name: str
     module: nn.Linear
@@ -61,7 +61,7 @@ class ModuleContext:
         self.module.weight.data.copy_(w.to(self.module.weight.dtype))
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Method:
     name: str
     config_cls: type
@@ -82,7 +82,7 @@ def register(name: str, config_cls: type, needs: tuple[str, ...] = (), scope: st
     def deco(fn: Callable) -> Callable:
         if name in METHODS:
             raise RuntimeError(f"method {name!r} registered twice")
-        METHODS[name] = Method(name, config_cls, fn, tuple(needs), scope, summary or (fn.__doc__ or "").strip().split("\n")[0])
+        METHODS[name] = Method(name=name, config_cls=config_cls, apply=fn, needs=tuple(needs), scope=scope, summary=summary or (fn.__doc__ or "").strip().split("\n")[0])
         return fn
 
     return deco

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Report:
     model: str
     recipe: dict

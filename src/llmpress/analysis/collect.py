@@ -255,7 +255,7 @@ class SiteStats:
         return {c: s / n for c, (s, n) in acc.items()}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Collected:
     """Everything the hooks gathered: ``stats[site][layer]``, LLM.int8() trackers, norms."""
 
@@ -396,7 +396,7 @@ def collect(
     finally:
         hooks.remove()
     gammas = {role: [norm_scale(get_module(b, path), spec.norm_kind) for b in blks] for role, path in roles.items()}
-    return Collected(spec, n_layers, hidden, int(windows.shape[0]), T, stats, int8, int8_all, gammas, thresholds, windows[0, :16].tolist())
+    return Collected(spec=spec, n_layers=n_layers, hidden=hidden, n_seqs=int(windows.shape[0]), seqlen=T, stats=stats, int8=int8, int8_all=int8_all, norm_gamma=gammas, thresholds=thresholds, first_tokens=windows[0, :16].tolist())
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ import torch
 from ..errors import UserError
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Thresholds:
     massive_eta: float = 300.0  # |A_ij| > eta * mean(|A|)
     massive_gamma: float = 50.0  # |A_ij| > gamma
@@ -232,7 +232,7 @@ def int8_outlier_features(
 # ---------------------------------------------------------------- super weights
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SuperWeightCandidate:
     token: int  # position of the output spike
     row: int  # output channel of the spike (row of W)
@@ -262,7 +262,7 @@ def super_weight_candidate(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, ex
     k = int(mag.argmax())
     out = float(y[t, j])
     contrib = float(x[t, k] * w[j, k])
-    return SuperWeightCandidate(t, j, k, out, float(x[t, k]), float(w[j, k]), contrib / out if out else 0.0)
+    return SuperWeightCandidate(token=t, row=j, col=k, output=out, input=float(x[t, k]), weight=float(w[j, k]), share=contrib / out if out else 0.0)
 
 
 def spike(values: Sequence[float] | torch.Tensor, factor: float = DEFAULT.sw_spike_factor, min_abs: float = DEFAULT.sw_min) -> int | None:

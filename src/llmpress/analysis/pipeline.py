@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 MIN_FRAC = 0.5  # a (position, channel) or a channel "is" an outlier when flagged in >= half the sequences
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AnalysisConfig:
     windows: int = 8  # evaluation windows analyzed (and used for the intervention perplexities)
     seqlen: int = 512
@@ -62,7 +62,7 @@ class AnalysisConfig:
         return d
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Analysis:
     summary: dict
     collected: Collected
@@ -337,7 +337,7 @@ def analyze(model: nn.Module, tokenizer, cfg: AnalysisConfig = AnalysisConfig(),
         )
         summary["interventions"]["features_detected"] = bool(feats["features"])
         seconds["interventions"] = time.perf_counter() - t
-    an = Analysis(summary, col)
+    an = Analysis(summary=summary, collected=col)
     if cfg.plots:
         t = time.perf_counter()
         _plots(model, windows, an, wstats, cfg)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SuperWeight:
     layer: int
     module: str  # full dotted path of the down projection
@@ -107,7 +107,7 @@ def find_super_weights(model: nn.Module, input_ids: torch.Tensor, thresholds: de
             mod = get_module(blks[li], spec.down)
             done = {(s.row, s.col) for s, _ in removed if s.layer == li}
             cand = detect.super_weight_candidate(x, y, mod.weight.detach().cpu(), exclude=done)
-            sw = SuperWeight(li, f"{spec.blocks}.{li}.{spec.down}", cand.row, cand.col, cand.weight, cand.token, cand.output, cand.input, cand.share)
+            sw = SuperWeight(layer=li, module=f"{spec.blocks}.{li}.{spec.down}", row=cand.row, col=cand.col, weight=cand.weight, token=cand.token, output=cand.output, input=cand.input, share=cand.share)
             rec["candidate"] = sw.to_dict()
             removed.append((sw, float(mod.weight[cand.row, cand.col])))
             mod.weight[cand.row, cand.col] = 0.0

@@ -35,7 +35,7 @@ from ..runtime.act_quant import ActQuantLinear
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EngineOptions:
     batch_size: int = 8
     # statistics of each group of linears gathered after the earlier groups were compressed
@@ -158,10 +158,10 @@ def _attach(modules: dict[str, nn.Module], needs: dict[str, set[str]]):
 
 
 def _apply_stages(name: str, module: nn.Module, stages: list[Stage], stats: dict, records: dict, seconds: dict) -> None:
-    rec = records.setdefault(name, ModuleRecord(name, module.out_features, module.in_features))
+    rec = records.setdefault(name, ModuleRecord(name=name, out_features=module.out_features, in_features=module.in_features))
     for i, st in stages:
         t = time.perf_counter()
-        get_method(st.method).apply(ModuleContext(name, module, stats, rec), st.config)
+        get_method(st.method).apply(ModuleContext(name=name, module=module, stats=stats, record=rec), st.config)
         rec.methods.append(st.method)
         seconds[f"stage{i}:{st.method}"] = seconds.get(f"stage{i}:{st.method}", 0.0) + time.perf_counter() - t
 
@@ -176,7 +176,7 @@ def _wrap_act_quant(root: nn.Module, prefix: str, names: list[str], records: dic
                 set_module(root, local, ActQuantLinear(lin, rec.act_args))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BlockContext:
     """What a block-scope method sees: one decoder block, its calibration inputs, its targets.
 
@@ -227,7 +227,7 @@ class BlockContext:
     def record(self, local: str) -> ModuleRecord:
         mod = get_module(self.block, local)
         full = f"{self.prefix}.{local}"
-        return self.records.setdefault(full, ModuleRecord(full, mod.out_features, mod.in_features))
+        return self.records.setdefault(full, ModuleRecord(name=full, out_features=mod.out_features, in_features=mod.in_features))
 
 
 def plan(model: nn.Module, spec: ArchSpec, recipe: Recipe) -> dict[str, list[tuple[int, Stage]]]:
@@ -439,7 +439,7 @@ def _run_sequential(model, spec, targets, needs, calib, opts, tmp, records, seco
             sel = {loc: full for loc, full in local_all(block, prefix).items() if st.matches(full, True)}
             if sel:
                 tb = time.perf_counter()
-                METHODS[st.method].apply(BlockContext(i, prefix, block, spec, inputs, call_args[i], sel, records), st.config)
+                METHODS[st.method].apply(BlockContext(index=i, prefix=prefix, block=block, spec=spec, inputs=inputs, call_args=call_args[i], targets=sel, records=records), st.config)
                 seconds[f"stage{si}:{st.method}"] = seconds.get(f"stage{si}:{st.method}", 0.0) + time.perf_counter() - tb
         if opts.true_sequential and opts.fused and _fusable(block, spec, local):
             tf, solve0 = time.perf_counter(), _solve_seconds(seconds)

@@ -47,7 +47,7 @@ NM_PATTERNS = ((2, 4), (4, 8))
 KINDS = ("quant", "sparse", "dense")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LinearSpec:
     """How one linear is stored (the JSON side of the checkpoint; tensors hold the data)."""
 
@@ -85,16 +85,7 @@ class LinearSpec:
             if kind == "quant" and not d.get("weights"):
                 raise ValueError("a quantized layer needs 'weights'")
             return cls(
-                kind,
-                out_f,
-                in_f,
-                QuantArgs.from_dict(d["weights"], f"{where}.weights") if d.get("weights") else None,
-                QuantArgs.from_dict(d["activations"], f"{where}.activations") if d.get("activations") else None,
-                float(d.get("sparsity", 0.0)),
-                d.get("structure"),
-                bool(d.get("g_idx", False)),
-                int(d.get("exceptions", 0)),
-                list(d.get("methods", [])),
+                kind=kind, out_features=out_f, in_features=in_f, weight_args=QuantArgs.from_dict(d["weights"], f"{where}.weights") if d.get("weights") else None, act_args=QuantArgs.from_dict(d["activations"], f"{where}.activations") if d.get("activations") else None, sparsity=float(d.get("sparsity", 0.0)), structure=d.get("structure"), has_g_idx=bool(d.get("g_idx", False)), n_exceptions=int(d.get("exceptions", 0)), methods=list(d.get("methods", [])),
             )
         except UserError:
             raise
@@ -204,7 +195,7 @@ def _columns(t: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
 def codes_of(weight: torch.Tensor, qp: QParams, args: QuantArgs, g_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Integer codes (float tensor) of an already quantized weight."""
     if g_idx is None:
-        return quantize(weight, QParams(qp.scale, qp.zero_point), args)
+        return quantize(weight, QParams(scale=qp.scale, zero_point=qp.zero_point), args)
     w = weight.float()
     s = _columns(qp.scale, g_idx)
     if args.kind == "binary":
@@ -262,7 +253,7 @@ def encode_linear(weight: torch.Tensor, record: ModuleRecord) -> tuple[LinearSpe
         if not pruned:
             return None
         mask = w != 0
-        spec = LinearSpec("sparse", out_f, in_f, **spec_kw)
+        spec = LinearSpec(kind="sparse", out_features=out_f, in_features=in_f, **spec_kw)
         return spec, {"mask": pack_unsigned(mask.to(torch.uint8), 1), "values": w[mask].contiguous()}
     g_idx = record.notes.get("g_idx")
     if g_idx is not None:
@@ -270,11 +261,11 @@ def encode_linear(weight: torch.Tensor, record: ModuleRecord) -> tuple[LinearSpe
     qp = record.qparams
     if qp is None:
         qp = compute_qparams(w, args)
-    qp = QParams(qp.scale.detach().float().cpu(), None if qp.zero_point is None else qp.zero_point.detach().float().cpu())
+    qp = QParams(scale=qp.scale.detach().float().cpu(), zero_point=None if qp.zero_point is None else qp.zero_point.detach().float().cpu())
     w = w.cpu()
     if args.granularity == "token" or (args.granularity == "group" and in_f % args.group_size):
         return None
-    if tuple(qp.scale.shape) != LinearSpec("quant", out_f, in_f, args).scale_shape:
+    if tuple(qp.scale.shape) != LinearSpec(kind="quant", out_features=out_f, in_features=in_f, weight_args=args).scale_shape:
         return None
     codes = codes_of(w, qp, args, g_idx)
     rebuilt = dequant(codes, qp, args, g_idx, w.dtype)
@@ -294,14 +285,14 @@ def encode_linear(weight: torch.Tensor, record: ModuleRecord) -> tuple[LinearSpe
         tensors["zero_point"] = pack(qp.zero_point.t().contiguous(), args)
     if g_idx is not None:
         tensors["g_idx"] = g_idx.contiguous()
-    spec = LinearSpec("quant", out_f, in_f, args, has_g_idx=g_idx is not None, n_exceptions=n_exc, **spec_kw)
+    spec = LinearSpec(kind="quant", out_features=out_f, in_features=in_f, weight_args=args, has_g_idx=g_idx is not None, n_exceptions=n_exc, **spec_kw)
     dec = decode_weight(spec, tensors, w.dtype)
     if not torch.equal(dec, w):  # the stored form must give back the very same weight
         return None
     return spec, tensors
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Decoded:
     """A quantized linear in compute-friendly form: int8 codes and float32 qparams."""
 
@@ -318,14 +309,14 @@ def decode_qparams(spec: LinearSpec, t: dict[str, torch.Tensor]) -> QParams:
     if spec.weight_args.has_zero_point:
         r, _ = spec.scale_shape
         zp = unpack_unsigned(t["zero_point"], spec.weight_args.bits, r).t().float().contiguous()
-    return QParams(t["scale"].float(), zp)
+    return QParams(scale=t["scale"].float(), zero_point=zp)
 
 
 def decode_quant(spec: LinearSpec, t: dict[str, torch.Tensor]) -> Decoded:
     a = spec.weight_args
     u = unpack_unsigned(t["qweight"], a.bits, spec.in_features)
     codes = from_unsigned(u, a).to(torch.int8 if a.bits < 8 or a.symmetric else torch.int16)
-    return Decoded(codes, decode_qparams(spec, t), a, t.get("g_idx"), t.get("exc_index"), t.get("exc_value"))
+    return Decoded(codes=codes, qparams=decode_qparams(spec, t), args=a, g_idx=t.get("g_idx"), exc_index=t.get("exc_index"), exc_value=t.get("exc_value"))
 
 
 def dequant_decoded(d: Decoded, dtype=torch.float32) -> torch.Tensor:

@@ -110,7 +110,7 @@ def _ct_tensors(name: str, spec: LinearSpec, t: dict[str, torch.Tensor], fmt: st
     return res
 
 
-def export_compressed_tensors(src: str | Path, out: str | Path, dtype: str = "auto", overwrite: bool = False) -> Path:
+def export_compressed_tensors(src: str | Path, out: str | Path, *, dtype: str = "auto", overwrite: bool = False) -> Path:
     """Write the compressed-tensors form of the packed checkpoint ``src`` into ``out``.
 
     ``dtype``: floating dtype of scales and unquantized tensors ("auto": as stored;

@@ -99,7 +99,7 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
                     continue
                 if rec.weight_args is not None:
                     dense_fallback.append(name)
-                spec = LinearSpec("dense", mod.out_features, mod.in_features, act_args=rec.act_args, methods=list(rec.methods))
+                spec = LinearSpec(kind="dense", out_features=mod.out_features, in_features=mod.in_features, act_args=rec.act_args, methods=list(rec.methods))
             else:
                 spec, enc_t = enc
                 del state[f"{name}.weight"]
@@ -353,7 +353,7 @@ class QuantEmbedding(nn.Module):
 
 def _record(name: str, spec: LinearSpec, t: dict | None) -> ModuleRecord:
     qp = decode_qparams(spec, t) if spec.kind == "quant" else None
-    return ModuleRecord(name, spec.out_features, spec.in_features, list(spec.methods), spec.weight_args, qp, spec.act_args, spec.sparsity)
+    return ModuleRecord(name=name, out_features=spec.out_features, in_features=spec.in_features, methods=list(spec.methods), weight_args=spec.weight_args, qparams=qp, act_args=spec.act_args, sparsity=spec.sparsity)
 
 
 def checkpoint_accounting(meta: dict) -> dict:

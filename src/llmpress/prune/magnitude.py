@@ -9,7 +9,7 @@ from .masks import describe_pattern, magnitude_prune, sparsity_of, validate_patt
 from .owl import effective_sparsity
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Magnitude:
     """Magnitude stage: ``sparsity`` (per row, or per layer with ``per_row: false``), or
     ``n`` kept of every ``m``."""

@@ -52,7 +52,7 @@ def effective_sparsity(module: nn.Module, sparsity: float, m: int = 0) -> float:
     return min(max(sparsity + float(off), 0.0), 0.99)
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class OWL:
     """OWL stage: ``lam`` (half the spread of block sparsities), ``m`` (outlier threshold
     in multiples of the mean score), ``windows`` (calibration windows for the norms)."""

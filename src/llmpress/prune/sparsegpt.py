@@ -39,7 +39,7 @@ from .owl import effective_sparsity
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class SparseGPT:
     """SparseGPT stage config: ``sparsity`` (unstructured fraction) or ``n``:``m``
     (keep n of every m consecutive input weights; when set, ``sparsity`` is ignored),
@@ -77,7 +77,7 @@ def _check_weight_args(args: QuantArgs) -> None:
         raise RecipeError("weights.kind: binary has no zero level, so it cannot hold pruned weights; use int or ternary")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SparseGPTResult:
     weight: torch.Tensor  # [R, C] float32 (pruned, and dequantized when quantizing)
     mask: torch.Tensor  # [R, C] bool, True where pruned
@@ -256,8 +256,7 @@ def _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name, 
         if i2 < C:
             Wt[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1.0)
     loss = float(Et.double().pow(2).sum() / 2)
-    return SparseGPTResult(Qt.t().contiguous(), Mt.t().contiguous(), None if cq is None else cq.qparams(),
-                           fac.damp, fac.retries, loss, int(dead.sum()), fac.fallback)
+    return SparseGPTResult(weight=Qt.t().contiguous(), mask=Mt.t().contiguous(), qparams=None if cq is None else cq.qparams(), damp=fac.damp, damp_retries=fac.retries, loss=loss, dead=int(dead.sum()), fallback=fac.fallback)
 
 
 @register("sparsegpt", SparseGPT, needs=("hessian",), summary="SparseGPT: one-shot pruning (unstructured or N:M) with OBS compensation, optionally joint quantization")

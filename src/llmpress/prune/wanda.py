@@ -33,7 +33,7 @@ def wanda_mask(weight: torch.Tensor, channel_l2: torch.Tensor, sparsity: float =
     return nm_prune_mask(s, n, m) if m else row_prune_mask(s, sparsity)
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Wanda:
     """Wanda stage: ``sparsity`` per output row, or ``n`` kept of every ``m`` (2:4)."""
 

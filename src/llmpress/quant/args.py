@@ -10,7 +10,7 @@ GRANULARITIES = ("tensor", "channel", "group", "token")
 OBSERVERS = ("minmax", "mse")
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class QuantArgs:
     """How to quantize one tensor.
 

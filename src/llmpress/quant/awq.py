@@ -44,7 +44,7 @@ from ..transform.scaling import (
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class AWQ:
     """AWQ stage. ``search_windows`` calibration windows score the scale grid (``grid``
     alphas in [0, 1]) and feed the clip search (``clip_tokens`` tokens per linear).

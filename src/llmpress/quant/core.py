@@ -23,7 +23,7 @@ from .args import QuantArgs
 _EPS = 1e-12
 
 
-@dataclass
+@dataclass(kw_only=True)
 class QParams:
     scale: torch.Tensor  # [R, G]
     zero_point: torch.Tensor | None = None  # [R, G], integer-valued float, asymmetric only
@@ -53,22 +53,22 @@ def _int_params(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> QParams:
     if args.symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
         scale = (amax / (args.qmax + 0.5 if args.full_range else args.qmax)).clamp_min(_EPS)
-        return QParams(scale)
+        return QParams(scale=scale)
     lo = lo.clamp_max(0)
     hi = hi.clamp_min(0)
     scale = ((hi - lo) / (args.qmax - args.qmin)).clamp_min(_EPS)
     zero = torch.round(-lo / scale).clamp(args.qmin, args.qmax)
-    return QParams(scale, zero)
+    return QParams(scale=scale, zero_point=zero)
 
 
 def _sign_params(xg: torch.Tensor, args: QuantArgs) -> QParams:
     a = xg.abs()
     if args.kind == "binary":
-        return QParams(a.mean(-1).clamp_min(_EPS))
+        return QParams(scale=a.mean(-1).clamp_min(_EPS))
     s = args.ternary_threshold * a.mean(-1, keepdim=True)
     keep = a > s
     alpha = (a * keep).sum(-1) / keep.sum(-1).clamp_min(1)
-    return QParams(alpha.clamp_min(_EPS), threshold=s.squeeze(-1))
+    return QParams(scale=alpha.clamp_min(_EPS), threshold=s.squeeze(-1))
 
 
 def _codes(xg: torch.Tensor, qp: QParams, args: QuantArgs) -> torch.Tensor:

@@ -47,7 +47,7 @@ from .hessian import inverse_cholesky, prepare
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class GPTQ:
     """GPTQ stage config. ``damp``: fraction of mean(diag H) added to the diagonal
     (raised automatically when the Cholesky factorization fails). ``static_groups``:
@@ -81,7 +81,7 @@ def validate_solver_fields(block_size, damp) -> None:
         raise RecipeError(f"damp={damp!r}: expected a fraction of the mean Hessian diagonal in [0, 10)")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GPTQResult:
     weight: torch.Tensor  # [R, C] float32, dequantized
     qparams: QParams
@@ -145,7 +145,7 @@ class ColumnQuantizer:
             else:
                 out.clamp_(a.qmin, a.qmax)
             return out.mul_(s)
-        qp = QParams(s.unsqueeze(1), None, None if self.tt is None else self.tt[g].unsqueeze(1))
+        qp = QParams(scale=s.unsqueeze(1), zero_point=None, threshold=None if self.tt is None else self.tt[g].unsqueeze(1))
         out.copy_(_dequant(_codes(w.reshape(-1, 1, 1), qp, a), qp).reshape(-1))
         return out
 
@@ -153,7 +153,7 @@ class ColumnQuantizer:
         if self.fixed is not None:
             return self.fixed
         t = lambda x: None if x is None else x.t().contiguous()  # noqa: E731
-        return QParams(t(self.st), t(self.zt), t(self.tt))
+        return QParams(scale=t(self.st), zero_point=t(self.zt), threshold=t(self.tt))
 
 
 @contextlib.contextmanager
@@ -256,7 +256,7 @@ def _gptq(W, H, dead, args, block_size, damp, act_order, static, mse_importance,
     Q = Qt.t()
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    return GPTQResult(Q.contiguous(), cq.qparams(), fac.damp, fac.retries, loss, int(dead.sum()), perm, fac.fallback)
+    return GPTQResult(weight=Q.contiguous(), qparams=cq.qparams(), damp=fac.damp, damp_retries=fac.retries, loss=loss, dead=int(dead.sum()), perm=perm, fallback=fac.fallback)
 
 
 def _importance(hdiag, args: QuantArgs, C: int):

@@ -26,7 +26,7 @@ MAX_DAMP_RETRIES = 8
 DAMP_GROWTH = 10.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class InverseFactor:
     """Upper Cholesky factor of the damped inverse Hessian and what it took to get it."""
 
@@ -86,14 +86,14 @@ def inverse_cholesky(H: torch.Tensor, damp: float, name: str | None = None) -> I
                 if attempt:
                     log.warning("%sCholesky failed at lower damping; succeeded with damp=%.3g after %d retr%s",
                                 f"{name}: " if name else "", d, attempt, "y" if attempt == 1 else "ies")
-                return InverseFactor(U, d, attempt)
+                return InverseFactor(U=U, damp=d, retries=attempt)
         d = d * DAMP_GROWTH if d > 0 else 0.01
     log.warning("%sno damping up to %.3g made the Hessian positive definite; falling back to its diagonal (no error feedback)",
                 f"{name}: " if name else "", d / DAMP_GROWTH)
     dg = diag.abs()
     dg = torch.where(dg > 0, dg, torch.ones_like(dg))
     U = torch.diag(dg.rsqrt())
-    return InverseFactor(U, d / DAMP_GROWTH, MAX_DAMP_RETRIES + 1, fallback=True)
+    return InverseFactor(U=U, damp=d / DAMP_GROWTH, retries=MAX_DAMP_RETRIES + 1, fallback=True)
 
 
 def layer_error(weight: torch.Tensor, new_weight: torch.Tensor, hessian: torch.Tensor) -> float:

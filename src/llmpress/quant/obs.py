@@ -87,7 +87,7 @@ def obq_quantize(
         if qparams.scale.shape[0] == 1:  # per-tensor
             return qparams
         pick = lambda t: None if t is None else t[r : r + 1]  # noqa: E731
-        return QParams(qparams.scale[r : r + 1], pick(qparams.zero_point), pick(qparams.threshold))
+        return QParams(scale=qparams.scale[r : r + 1], zero_point=pick(qparams.zero_point), threshold=pick(qparams.threshold))
 
     for r in range(R):
         w = W[r]

@@ -79,7 +79,7 @@ def split_outliers(weight: torch.Tensor, args: QuantArgs, keep: torch.Tensor, na
     return dense, qp, sparse
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Outliers:
     """Quantize with ``weights`` and keep the top ``fraction`` of weights (by ``score``)
     in 16-bit as a sparse matrix."""

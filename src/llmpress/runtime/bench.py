@@ -45,7 +45,7 @@ from ..errors import UserError
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class BenchConfig:
     prefill_tokens: int = 512
     decode_tokens: int = 128
@@ -57,7 +57,7 @@ class BenchConfig:
     kernel_calls: int = 100  # timed calls per (layer, rows) in the per-layer table (a tenth for the prefill rows)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Variant:
     name: str
     kind: str  # "dense" or "packed"
@@ -88,7 +88,7 @@ def plan_variants(targets: list[str], baseline: str | None = None) -> tuple[list
             t, backend = t.rsplit("@", 1)
         meta = read_manifest(t) if Path(t).is_dir() else None
         if meta and meta.get("format") == FORMAT:
-            packed.append(Variant(Path(t).name + ("" if backend == "auto" else f"@{backend}"), "packed", t, backend=backend))
+            packed.append(Variant(name=Path(t).name + ("" if backend == "auto" else f"@{backend}"), kind="packed", path=t, backend=backend))
             model = ((meta.get("report") or {}).get("model"))
             if model:
                 bases.add(model)
@@ -98,7 +98,7 @@ def plan_variants(targets: list[str], baseline: str | None = None) -> tuple[list
         if len(bases) != 1:
             raise UserError(f"cannot tell the baseline model (found {sorted(bases) or 'none'}); pass --baseline")
         baseline = bases.pop()
-    return [Variant("fp32", "dense", baseline, "float32"), Variant("bf16", "dense", baseline, "bfloat16"), *packed], baseline
+    return [Variant(name="fp32", kind="dense", path=baseline, dtype="float32"), Variant(name="bf16", kind="dense", path=baseline, dtype="bfloat16"), *packed], baseline
 
 
 def resident_bytes(model: nn.Module) -> int:
@@ -300,7 +300,7 @@ def run(targets: list[str], baseline: str | None = None, cfg: BenchConfig = Benc
     result: dict = {"config": asdict(cfg), "baseline": base_spec, "environment": _environment(), "variants": {}}
     if cfg.memory_probe:
         say("memory probes (one fresh process per variant)")
-        result["bare_process_rss_mb"] = _run_probe(Variant("none", "none", ""), cfg)["rss_mb"]
+        result["bare_process_rss_mb"] = _run_probe(Variant(name="none", kind="none", path=""), cfg)["rss_mb"]
         for v in variants:
             result["variants"][v.name] = {"memory": _run_probe(v, cfg)}
     loaded = {}

@@ -99,7 +99,7 @@ def install_llm_int8(linear: nn.Linear, threshold: float = 6.0, outlier_weights:
     linear.threshold = float(threshold)
     linear.backend = backend
     linear.counters = new_counters(float(threshold), linear.in_features)
-    return QParams(scale.unsqueeze(1))
+    return QParams(scale=scale.unsqueeze(1))
 
 
 def llm_int8_stats(model: nn.Module) -> dict[str, dict]:
@@ -113,7 +113,7 @@ def reset_llm_int8_stats(model: nn.Module) -> None:
             m.counters.update(new_counters(m.threshold, m.in_features))
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class LLMInt8:
     """LLM.int8() stage: ``threshold`` on |x| marks outlier feature columns (per call);
     ``backend`` picks the int8 GEMM (see :mod:`llmpress.runtime.int8`)."""

@@ -98,7 +98,7 @@ class DequantLinear(_Base):
     def _decoded(self) -> Decoded:
         from ..quant.core import QParams
 
-        return Decoded(self.codes, QParams(self.scale, self.zero_point), self.args, self.g_idx, self.exc_index, self.exc_value)
+        return Decoded(codes=self.codes, qparams=QParams(scale=self.scale, zero_point=self.zero_point), args=self.args, g_idx=self.g_idx, exc_index=self.exc_index, exc_value=self.exc_value)
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         if self.args is None:

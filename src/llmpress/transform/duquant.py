@@ -180,7 +180,7 @@ def collect_inputs(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, site
 # ----------------------------------------------------------------------------- method
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class DuQuant:
     """DuQuant rotations. ``block_size`` b of the block rotations, ``steps`` greedy steps per
     block, statistics from ``windows`` calibration windows (``top``/``random`` token rows per

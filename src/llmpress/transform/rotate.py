@@ -207,7 +207,7 @@ def rotate_residual(model: nn.Module, spec: ArchSpec, r: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------- plans
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RotationPlan:
     """Every rotation a method wants, applied in one place by :func:`apply_plan`.
 
@@ -320,7 +320,7 @@ def online(n: int, kind: str, seed: int, what: str) -> OnlineRotation:
 # ----------------------------------------------------------------------------- QuaRot
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class QuaRot:
     """QuaRot (Ashkboos et al. 2024): Hadamard rotations everywhere they fit.
 

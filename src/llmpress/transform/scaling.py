@@ -66,7 +66,7 @@ ACCUMULATORS.setdefault(ChannelMinMax.name, ChannelMinMax)
 
 
 # --------------------------------------------------------------------------- structure
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class ScaleGroup:
     """Linears that share one input, and the op that produces it.
 
@@ -90,13 +90,13 @@ def scale_groups(spec: ArchSpec, attn_out: bool = True, mlp_out: bool = True) ->
     """The groups of a block in data-flow order: norm->q/k/v, v->o, norm->gate/up, up->down."""
     out: list[ScaleGroup] = []
     attn_norm, mlp_norm = spec.norm_feeds[0], spec.norm_feeds[-1]
-    out.append(ScaleGroup(attn_norm.norm, "norm", attn_norm.linears, _common_parent(attn_norm.linears)))
+    out.append(ScaleGroup(prev=attn_norm.norm, kind="norm", linears=attn_norm.linears, inspect=_common_parent(attn_norm.linears)))
     if attn_out:
-        out.append(ScaleGroup(spec.v, "v", (spec.o,), spec.o))
+        out.append(ScaleGroup(prev=spec.v, kind="v", linears=(spec.o,), inspect=spec.o))
     if len(spec.norm_feeds) > 1:
-        out.append(ScaleGroup(mlp_norm.norm, "norm", mlp_norm.linears, _common_parent(mlp_norm.linears)))
+        out.append(ScaleGroup(prev=mlp_norm.norm, kind="norm", linears=mlp_norm.linears, inspect=_common_parent(mlp_norm.linears)))
     if mlp_out and spec.gate:  # a plain act(up) -> down has no linear place for 1/s
-        out.append(ScaleGroup(spec.up, "up", (spec.down,), spec.down))
+        out.append(ScaleGroup(prev=spec.up, kind="up", linears=(spec.down,), inspect=spec.down))
     return out
 
 
@@ -109,7 +109,7 @@ def _common_parent(paths: tuple[str, ...]) -> str:
     return parents.pop()
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class HeadGeometry:
     n_heads: int
     n_kv: int
@@ -126,7 +126,7 @@ def head_geometry(block: nn.Module, spec: ArchSpec) -> HeadGeometry:
     hd = getattr(attn, "head_dim", None) or getattr(getattr(attn, "config", None), "head_dim", None)
     if not hd or v.out_features % hd or o.in_features % hd:
         raise UserError(f"cannot read the attention head size of {type(attn).__name__} (head_dim={hd!r})")
-    geo = HeadGeometry(o.in_features // hd, v.out_features // hd, hd)
+    geo = HeadGeometry(n_heads=o.in_features // hd, n_kv=v.out_features // hd, head_dim=hd)
     if geo.n_heads % geo.n_kv:
         raise UserError(f"{geo.n_heads} query heads are not a multiple of {geo.n_kv} kv heads")
     return geo

@@ -45,7 +45,7 @@ from .scaling import (
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class SmoothQuant:
     """SmoothQuant stage. ``search``: choose alpha per block among ``grid`` values in
     [alpha_min, alpha_max] (and no smoothing when ``include_identity``), scoring
@@ -89,7 +89,7 @@ class SmoothQuant:
         return ([None] if self.include_identity else []) + pts
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GroupStats:
     """What the scale formula needs for one group, in the group's channel space."""
 
@@ -110,7 +110,7 @@ def group_stats(block, spec, g: ScaleGroup, stats: dict, shift: bool) -> GroupSt
         act = (hi - lo) / 2
     else:
         act = red(st["channel_stats"]["absmax"], "max")
-    return GroupStats(act.float(), group_weight_absmax(block, spec, g), z)
+    return GroupStats(act_absmax=act.float(), weight_absmax=group_weight_absmax(block, spec, g), shift=z)
 
 
 def _quantize_block_(block, locals_: list[str], wargs: QuantArgs | None, aargs: QuantArgs | None) -> list:

@@ -290,7 +290,7 @@ def _kv4() -> QuantArgs:
     return QuantArgs(bits=4, symmetric=False, granularity="token")
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class SpinQuant:
     """Learned rotations. ``weights`` / ``activations`` / ``kv_keys`` / ``kv_values``: the
     quantizers simulated in the training loss (match them to the stages that follow).
