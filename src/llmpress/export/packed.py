@@ -127,7 +127,9 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
             seen[key] = k
             tensors[k] = v.detach().cpu().contiguous()
         path = folder / WEIGHTS_FILE
-        save_file(tensors, str(path), metadata={"format": "pt", "llmpress": FORMAT})
+        # one metadata key: safetensors writes the metadata map in hash order, which differs
+        # between processes, so two keys made the same command write different bytes
+        save_file(tensors, str(path), metadata={"format": "pt"})
         manifest = {
             "format": FORMAT,
             "weights_file": WEIGHTS_FILE,
