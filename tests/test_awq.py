@@ -8,7 +8,6 @@ from llmpress.errors import RecipeError
 from llmpress.quant import QuantArgs, fake_quantize
 from llmpress.quant.awq import apply_clip, awq_scales, clip_search, scaled_fake_quant
 from llmpress.quant.core import group_view
-from llmpress.registry import METHODS
 
 W3 = QuantArgs(bits=3, group_size=32)
 
@@ -103,13 +102,27 @@ def test_awq_beats_rtn_on_outlier_channels():
     assert _rel(_logits(aw, ids), ref) < _rel(_logits(rtn, ids), ref)
 
 
-@pytest.mark.skipif("gptq" not in METHODS and not __import__("importlib").util.find_spec("llmpress.quant.gptq"), reason="GPTQ not available")
-def test_awq_then_gptq_recipe_runs():
+def test_awq_then_gptq_recipe():
+    """AWQ's scales folded into the norms, then GPTQ on the scaled weights: on the W3 grid,
+    closer to the float model than RTN W3."""
+    from llmpress.quant import quantize
+
+    ids = random_windows(2, 24, seed=20)
+    ref = _logits(tiny_llama(), ids)
+    rtn = tiny_llama()
+    compress(rtn, [stage("rtn", weights=W3)])
     m = tiny_llama()
+    norms = [blk.input_layernorm.weight.detach().clone() for blk in m.model.layers]
     rep = compress(m, [stage("awq", weights=W3, quantize=False, grid=3, search_windows=4), stage("gptq", weights=W3)], random_windows(8, 24))
     layer = rep.layers["model.layers.0.mlp.down_proj"]
     assert layer["methods"] == ["awq", "gptq"]
     assert layer["weights"] == W3.describe()
+    assert 0.0 <= layer["awq"]["alpha"] <= 1.0
+    assert any(not torch.equal(blk.input_layernorm.weight, n) for blk, n in zip(m.model.layers, norms))  # scales folded
+    for name, rec in m.llmpress_records.items():
+        codes = quantize(dict(m.named_modules())[name].weight.data, rec.qparams, rec.weight_args)
+        assert torch.equal(codes, torch.round(codes)) and -4 <= codes.min() and codes.max() <= 3, name
+    assert _rel(_logits(m, ids), ref) < 0.95 * _rel(_logits(rtn, ids), ref)
 
 
 def test_awq_config_errors():

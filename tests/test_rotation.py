@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -244,22 +246,70 @@ ROTATION_PRESETS = [
 ]
 
 
+_PRESET_NAME = re.compile(r"^(?P<rot>quarot|duquant|spinquant)-w(?P<w>\d)a(?P<a>\d)(kv(?P<kv>\d))?(-(?P<solver>rtn|gptq))?$|^kv(?P<kv_only>\d)$")
+
+
 @pytest.mark.parametrize("name", ROTATION_PRESETS)
-def test_rotation_presets_load(name):
+def test_rotation_presets_match_their_names(name):
+    """quarot-w4a4kv4-gptq: a quarot stage first, a gptq stage last with int4 weights and
+    int4 activations, int4 keys and values; no kv stage when the name has no kv."""
     from llmpress.recipe import load_recipe
 
     r = load_recipe(name)
-    assert r.name == name
+    want = _PRESET_NAME.match(name)
+    assert r.name == name and want, name
+    methods = [s.method for s in r.stages]
+    kv_bits = want["kv"] or want["kv_only"]
+    kv = [s.config for s in r.stages if s.method == "kv_quant"]
+    if kv_bits is None:
+        assert kv == []
+    else:
+        assert len(kv) == 1 and kv[0].keys.bits == kv[0].values.bits == int(kv_bits)
+    if want["kv_only"]:
+        assert methods == ["kv_quant"]
+        return
+    assert methods[0] == want["rot"]
+    assert methods[-1] == (want["solver"] or "rtn")
+    last = r.stages[-1].config
+    assert last.weights.bits == int(want["w"]) and last.activations.bits == int(want["a"])
+    assert last.activations.granularity == "token"
+    assert tuple(r.stages[-1].ignore) == ("lm_head",)
 
 
-@pytest.mark.parametrize("name", ["quarot-w4a4kv4-rtn", "quarot-w4a8", "quarot-w8a8", "kv4"])
-def test_quarot_presets_run_on_tiny_llama(name):
-    m = tiny_llama()
-    ids = random_windows(2, 32)
-    rep = compress(m, name, data=ids)
-    assert torch.isfinite(_logits(m, ids)).all()
-    if name != "kv4":
-        assert rep.compressed["quantized_linears"] == 14
+def _on_recorded_grid(m) -> int:
+    """Number of recorded linears; fails unless each one's weight is exactly on its grid."""
+    from llmpress.quant import quantize
+
+    recs = m.llmpress_records
+    for name, rec in recs.items():
+        if rec.weight_args is None:
+            continue
+        w = dict(m.named_modules())[name].weight.data
+        codes = quantize(w, rec.qparams, rec.weight_args)
+        assert torch.equal(codes, torch.round(codes)), name
+        assert codes.min() >= rec.weight_args.qmin and codes.max() <= rec.weight_args.qmax, name
+    return sum(r.weight_args is not None for r in recs.values())
+
+
+def test_quarot_presets_on_tiny_llama_cost_what_their_bits_say():
+    """The output error vs full precision grows as bits shrink (W8A8 < KV4 only < W4A8 < W4A4KV4),
+    every quantized weight sits on its grid, activations run through their quantizer."""
+    ids = random_windows(2, 32, seed=10)
+    ref = _logits(tiny_llama(), ids)
+    err = {}
+    for name in ["quarot-w8a8", "kv4", "quarot-w4a8", "quarot-w4a4kv4-rtn"]:
+        m = tiny_llama()
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        compress(m, name, data=random_windows(2, 32))
+        err[name] = _rel(_logits(m, ids), ref)
+        if name == "kv4":  # only the KV cache: no weight changed
+            assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
+            continue
+        assert _on_recorded_grid(m) == 14
+        acts = {n: mod.args.bits for n, mod in m.named_modules() if isinstance(mod, ActQuantLinear)}
+        assert len(acts) == 14 and set(acts.values()) == {int(name.split("-w")[1][2])}
+    assert 1e-3 < err["quarot-w8a8"] < 0.02
+    assert err["quarot-w8a8"] < err["kv4"] < err["quarot-w4a8"] < err["quarot-w4a4kv4-rtn"] < 0.4
 
 
 def test_second_rotation_is_refused():
