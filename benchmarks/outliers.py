@@ -1,7 +1,7 @@
 """Outlier-driven compression on SmolLM2-135M (and W8A8 on gemma-3-270m).
 
     flock /tmp/llmpress-heavy.lock .venv/bin/python benchmarks/outliers.py \
-        [--sections w8a8,awq,prune,llm_int8,outliers,gemma] [--calib 128] [--windows 64]
+        [--sections w8a8,awq,prune,llm_int8,outliers,osplus,gemma] [--calib 128] [--windows 64]
 
 Settings as in /work/shared/ANCHORS.md: test split, 64 windows of 512 tokens, calibration
 128 windows of 512 (seed 0), symmetric weights, group 64, every Linear but lm_head.
@@ -14,6 +14,10 @@ Sections:
 - prune: magnitude vs Wanda (sequential), 50% per row and 2:4;
 - llm_int8: LLM.int8() perplexity and the share of outlier input columns per layer;
 - outliers: RTN W3 g64 vs W3 g64 + 0.5% fp16 outliers, with honest bits per weight;
+- osplus: SmoothQuant against Outlier Suppression+ (the same stage with ``shift: true``:
+  each channel centred by its calibration midpoint, then scaled) at W8A8 (the
+  ``smoothquant-w8a8`` preset) and W4A8 (the same with RTN W4 sym g64 weights, the
+  alpha search scoring that W4A8 block), with RTN W4A8 (``rtn-w4a8``) for reference;
 - gemma: gemma-3-270m W8A8 with and without SmoothQuant.
 
 Rows are appended to runs/bench/outliers.json as they finish (a partial run keeps them).
@@ -38,7 +42,7 @@ from llmpress.quant import QuantArgs
 from llmpress.recipe import stage
 from llmpress.registry import METHODS, get_method
 
-SECTIONS = ("w8a8", "awq", "prune", "llm_int8", "outliers", "gemma")
+SECTIONS = ("w8a8", "awq", "prune", "llm_int8", "outliers", "osplus", "gemma")
 W8 = QuantArgs(bits=8, granularity="channel")
 A8T = QuantArgs(bits=8, granularity="tensor")
 
@@ -199,6 +203,26 @@ def outliers(r: Runner) -> None:
     r.run("outliers", "RTN W3 g64", "rtn-w3g64")
     r.run("outliers", "RTN W3 g64 + 0.5% fp16 outliers (CSR)", "w3g64-outliers0.5")
     r.run("outliers", "RTN W3 g64 + 0.5% outliers, |w|*||x|| score", [stage("outliers", weights=QuantArgs(bits=3, group_size=64), fraction=0.005, score="activation")])
+
+
+def _smooth_recipe(weights: QuantArgs | None = None, shift: bool = False):
+    """The smoothquant-w8a8 preset, optionally with other weights (search and RTN) and the OS+ shift."""
+    rec = api._as_recipe("smoothquant-w8a8")
+    sq, rtn = rec.stages
+    w = weights or sq.config.weights
+    return [
+        dataclasses.replace(sq, config=dataclasses.replace(sq.config, weights=w, shift=shift)),
+        dataclasses.replace(rtn, config=dataclasses.replace(rtn.config, weights=w)),
+    ]
+
+
+def osplus(r: Runner) -> None:
+    w4 = QuantArgs(bits=4, group_size=64)
+    r.run("osplus", "SmoothQuant W8A8 (per-token act)", "smoothquant-w8a8", after=lambda m, rep: _alpha_summary(rep))
+    r.run("osplus", "OS+ (shift + scale) W8A8 (per-token act)", _smooth_recipe(shift=True), after=lambda m, rep: _alpha_summary(rep))
+    r.run("osplus", "RTN W4 g64 A8 (per-token act, rtn-w4a8)", "rtn-w4a8")
+    r.run("osplus", "SmoothQuant W4 g64 A8 (per-token act)", _smooth_recipe(w4), after=lambda m, rep: _alpha_summary(rep))
+    r.run("osplus", "OS+ (shift + scale) W4 g64 A8 (per-token act)", _smooth_recipe(w4, shift=True), after=lambda m, rep: _alpha_summary(rep))
 
 
 def gemma(r: Runner) -> None:

@@ -1,8 +1,17 @@
-"""RTN baselines on SmolLM2-135M: full precision, W8 per-channel, W4 g64, W3 g64 (min-max and MSE).
+"""RTN baselines on SmolLM2-135M: full precision, W8 per-channel, W4 g64, W3 g64 (min-max and MSE),
+and the sign grids: ternary and binary, per channel and per group of 64.
 
-    .venv/bin/python benchmarks/rtn_baselines.py [--windows 64]
+    .venv/bin/python benchmarks/rtn_baselines.py [--windows 64] [--rows int|sign|all] [--fp-ppl 22.599]
 
-Prints a markdown table (the README's foundation table) and writes runs/bench/rtn_baselines.json.
+Prints a markdown table (the README's foundation table) and writes runs/bench/rtn_baselines.json
+(runs/bench/rtn_baselines-sign.json for ``--rows sign``). Every row is a preset from
+`llmpress recipes`, compressed with ``llmpress.compress`` and scored on the same test windows.
+
+Sign grids (src/llmpress/quant/core.py): ternary Q(w) = alpha*sign(w) where |w| > 0.7*mean|w|,
+else 0, alpha = mean |w| over the kept entries; binary Q(w) = alpha*sign(w), alpha = ||w||_1/n;
+the statistics per output row (``ternary``, ``binary``) or per 64 input columns of a row
+(``ternary-g64``, ``binary-g64``). Bits: 2 (ternary) or 1 (binary) per weight plus a 16-bit
+alpha per row or per group.
 """
 import argparse
 import sys
@@ -11,18 +20,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import Bench  # noqa: E402
 
+ROWS = {
+    "int": ("rtn-w8", "rtn-w4g64", "rtn-w4g64-mse", "rtn-w3g64", "rtn-w8a8", "rtn-w4g32-asym"),
+    "sign": ("ternary", "ternary-g64", "binary", "binary-g64"),
+}
+
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--rows", choices=(*ROWS, "all"), default="int", help="int: the integer RTN presets; sign: ternary and binary; all: both")
+    ap.add_argument("--fp-ppl", type=float, help="the full-precision perplexity measured before on the same windows (skips that evaluation)")
     a = ap.parse_args()
-    b = Bench(a.model, eval_windows=a.windows)
-    for preset in ("rtn-w8", "rtn-w4g64", "rtn-w4g64-mse", "rtn-w3g64", "rtn-w8a8", "rtn-w4g32-asym"):
+    b = Bench(a.model, eval_windows=a.windows, fp_ppl=a.fp_ppl)
+    presets = ROWS["int"] + ROWS["sign"] if a.rows == "all" else ROWS[a.rows]
+    for preset in presets:
         b.run(preset, preset)
     print()
     print(b.table())
-    b.save("runs/bench/rtn_baselines.json")
+    b.save("runs/bench/rtn_baselines.json" if a.rows == "int" else f"runs/bench/rtn_baselines-{a.rows}.json")
 
 
 if __name__ == "__main__":
