@@ -183,6 +183,28 @@ def test_seed_example_binary():
     torch.testing.assert_close(fake_quantize(w, args), alpha.unsqueeze(1) * torch.sign(w), rtol=1e-6, atol=0)
 
 
+def test_sign_grids_per_group_by_hand():
+    """The seeds' alphas on a hand-made row, two groups of 4, default ternary threshold 0.7:
+    group 1 |w| = .9 .1 .4 2.6 (mean 1.0, threshold .7: keeps .9 and 2.6, alpha 1.75; binary alpha 1.0);
+    group 2 |w| = 1 1 1 .2 (mean .8, threshold .56: keeps the three 1s, alpha 1.0; binary alpha .8)."""
+    w = torch.tensor([[0.9, -0.1, 0.4, -2.6, 1.0, 1.0, -1.0, 0.2]])
+    tern = QuantArgs(kind="ternary", granularity="group", group_size=4)
+    qp = compute_qparams(w, tern)
+    torch.testing.assert_close(qp.scale, torch.tensor([[1.75, 1.0]]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(qp.threshold, torch.tensor([[0.7, 0.56]]), rtol=1e-6, atol=0)
+    assert quantize(w, qp, tern).tolist() == [[1, 0, 0, -1, 1, 1, -1, 0]]
+    torch.testing.assert_close(fake_quantize(w, tern), torch.tensor([[1.75, 0, 0, -1.75, 1, 1, -1, 0]]), rtol=1e-6, atol=0)
+    binary = QuantArgs(kind="binary", granularity="group", group_size=4)
+    qp = compute_qparams(w, binary)
+    torch.testing.assert_close(qp.scale, torch.tensor([[1.0, 0.8]]), rtol=1e-6, atol=0)
+    assert quantize(w, qp, binary).tolist() == [[1, -1, 1, -1, 1, 1, -1, 1]]
+    torch.testing.assert_close(fake_quantize(w, binary), torch.tensor([[1, -1, 1, -1, 0.8, 0.8, -0.8, 0.8]]), rtol=1e-6, atol=0)
+    # storage: 2 or 1 bits per weight plus one 16-bit alpha per group of 64
+    assert bits_per_weight(QuantArgs(kind="ternary", granularity="group", group_size=64), 576, 1536) == 2 + 16 / 64
+    assert bits_per_weight(QuantArgs(kind="binary", granularity="group", group_size=64), 576, 1536) == 1 + 16 / 64
+    assert bits_per_weight(QuantArgs(kind="binary", granularity="channel"), 576, 1536) == 1 + 16 / 576
+
+
 @pytest.mark.parametrize("kind", ["ternary", "binary"])
 @pytest.mark.parametrize("gran", ["tensor", "channel", "group"])
 def test_sign_kinds_per_group(kind, gran):
