@@ -249,6 +249,7 @@ def main() -> None:
     ap.add_argument("--extra", action="store_true", help="also W4 g64 rows (RTN, AWQ), AWQ without clip + GPTQ, the LLM.int8() threshold sweep, RTN W8 weight-only")
     ap.add_argument("--match", action="append", default=[], help="only rows whose label contains this text (repeatable)")
     ap.add_argument("--resume", action="store_true", help="keep rows already in --out for the same model, windows and calibration count")
+    ap.add_argument("--fp-ppl", type=float, help="SmolLM2's full-precision perplexity measured before on the same windows (skips that evaluation)")
     a = ap.parse_args()
     out = Path(a.out)
     secs = [s for s in a.sections.split(",") if s]
@@ -260,6 +261,7 @@ def main() -> None:
     if smol:
         r = Runner("smollm2-135m", a.windows, a.calib, out)
         r.extra, r.resume, r.match = a.extra, a.resume, a.match
+        r.fp = a.fp_ppl
         r.baseline()
         for s in smol:
             globals()[s](r)
