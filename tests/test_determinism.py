@@ -10,8 +10,9 @@ paths, so the command lines are identical; each output is moved aside afterwards
 
 Compared: every file of the output folder byte for byte, except llmpress.json and the
 ``--json`` report, which are compared as JSON without the fields that measure the run
-rather than its result (``TIMING_FIELDS``: the report's ``seconds`` and every ``peak_*``
-field, i.e. peak RSS / GPU memory and the phase that set them).
+rather than its result (``TIMING_KEYS`` and ``TIMING_PREFIX``: the report's ``seconds``, its per-phase
+``memory`` table, and every ``peak_*`` field, i.e. peak RSS / GPU memory and the phase
+that set them).
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from llmpress.cli import main
 from llmpress.export.packed import WEIGHTS_FILE
 
 PRESETS = ("rtn-w4g64", "gptq-w4g64", "awq-w4g64", "sparsegpt-50", "smoothquant-w8a8")
-TIMING_FIELDS = ("seconds", "peak_")  # the key "seconds", and every key starting with "peak_"
+TIMING_KEYS = ("seconds", "memory")  # wall time per stage; peak RSS per phase
+TIMING_PREFIX = "peak_"  # peak_rss_mb, peak_gpu_mb, peak_rss_phase
 
 
 def _argv(model_dir: Path, text: Path, work: Path, preset: str, seed: int = 0) -> list[str]:
@@ -52,7 +54,7 @@ def _strip_timing(obj):
     """``obj`` without the run-measuring fields (at any depth)."""
     if isinstance(obj, dict):
         return {
-            k: _strip_timing(v) for k, v in obj.items() if k != TIMING_FIELDS[0] and not k.startswith(TIMING_FIELDS[1])
+            k: _strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS and not k.startswith(TIMING_PREFIX)
         }
     if isinstance(obj, list):
         return [_strip_timing(v) for v in obj]
@@ -142,7 +144,11 @@ def test_a_different_seed_gives_a_different_checkpoint(runs):
 
 def test_comparison_ignores_only_timing_fields(tmp_path):
     """A report differing in seconds / peak memory compares equal; any other field does not."""
-    for name, extra in (("a", {"seconds": {"load": 1.0}, "peak_rss_mb": 400.0}), ("b", {"seconds": {"load": 2.5}, "peak_rss_mb": 512.0})):
+    runs = (
+        ("a", {"seconds": {"load": 1.0}, "peak_rss_mb": 400.0, "peak_rss_phase": "load", "memory": {"phases": [{"phase": "load", "peak_rss_mb": 400.0}]}}),
+        ("b", {"seconds": {"load": 2.5}, "peak_rss_mb": 512.0, "peak_rss_phase": "save", "memory": {"phases": [{"phase": "load", "peak_rss_mb": 380.0}]}}),
+    )
+    for name, extra in runs:
         (tmp_path / name / "out").mkdir(parents=True)
         (tmp_path / name / "out" / "llmpress.json").write_text(json.dumps({"report": {"compressed": {"ppl": 3.0}, **extra}}))
         (tmp_path / name / "report.json").write_text(json.dumps({"compressed": {"ppl": 3.0}, **extra}))
