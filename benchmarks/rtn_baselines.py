@@ -4,14 +4,15 @@ and the sign grids: ternary and binary, per channel and per group of 64.
     .venv/bin/python benchmarks/rtn_baselines.py [--windows 64] [--rows int|sign|all] [--fp-ppl 22.599]
 
 Prints a markdown table (the README's foundation table) and writes runs/bench/rtn_baselines.json
-(runs/bench/rtn_baselines-sign.json for ``--rows sign``). Every row is a preset from
-`llmpress recipes`, compressed with ``llmpress.compress`` and scored on the same test windows.
+(runs/bench/rtn_baselines-sign.json for ``--rows sign``). Each row is compressed with
+``llmpress.compress`` and scored on the same test windows; rows named like a preset are
+that preset from `llmpress recipes`.
 
 Sign grids (src/llmpress/quant/core.py): ternary Q(w) = alpha*sign(w) where |w| > 0.7*mean|w|,
 else 0, alpha = mean |w| over the kept entries; binary Q(w) = alpha*sign(w), alpha = ||w||_1/n;
-the statistics per output row (``ternary``, ``binary``) or per 64 input columns of a row
-(``ternary-g64``, ``binary-g64``). Bits: 2 (ternary) or 1 (binary) per weight plus a 16-bit
-alpha per row or per group.
+the statistics per output row (presets ``ternary``, ``binary``) or per 64 input columns of a
+row (the g64 rows: no preset, they measure no better than per row). Bits: 2 (ternary) or 1
+(binary) per weight plus a 16-bit alpha per row or per group.
 """
 import argparse
 import sys
@@ -20,9 +21,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import Bench  # noqa: E402
 
-ROWS = {
-    "int": ("rtn-w8", "rtn-w4g64", "rtn-w4g64-mse", "rtn-w3g64", "rtn-w8a8", "rtn-w4g32-asym"),
-    "sign": ("ternary", "ternary-g64", "binary", "binary-g64"),
+from llmpress import QuantArgs, stage  # noqa: E402
+
+
+def _sign_g64(kind: str):
+    return [stage("rtn", weights=QuantArgs(kind=kind, granularity="group", group_size=64))]
+
+
+ROWS = {  # label -> recipe (a preset name, or stages)
+    "int": {p: p for p in ("rtn-w8", "rtn-w4g64", "rtn-w4g64-mse", "rtn-w3g64", "rtn-w8a8", "rtn-w4g32-asym")},
+    "sign": {"ternary": "ternary", "ternary g64": _sign_g64("ternary"), "binary": "binary", "binary g64": _sign_g64("binary")},
 }
 
 
@@ -34,9 +42,9 @@ def main():
     ap.add_argument("--fp-ppl", type=float, help="the full-precision perplexity measured before on the same windows (skips that evaluation)")
     a = ap.parse_args()
     b = Bench(a.model, eval_windows=a.windows, fp_ppl=a.fp_ppl)
-    presets = ROWS["int"] + ROWS["sign"] if a.rows == "all" else ROWS[a.rows]
-    for preset in presets:
-        b.run(preset, preset)
+    rows = {**ROWS["int"], **ROWS["sign"]} if a.rows == "all" else ROWS[a.rows]
+    for label, recipe in rows.items():
+        b.run(label, recipe)
     print()
     print(b.table())
     b.save("runs/bench/rtn_baselines.json" if a.rows == "int" else f"runs/bench/rtn_baselines-{a.rows}.json")
