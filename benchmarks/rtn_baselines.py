@@ -34,6 +34,22 @@ ROWS = {  # label -> recipe (a preset name, or stages)
 }
 
 
+def weight_errors(model) -> dict[str, float]:
+    """Mean over the Linear layers (lm_head excluded) of ||Q(W) - W|| / ||W|| per grid: what
+    each sign grid loses before any activation passes through it (int4/int3 g64 for scale)."""
+    import torch
+
+    from llmpress.quant import fake_quantize
+
+    grids = {
+        "ternary": QuantArgs(kind="ternary", granularity="channel"), "ternary g64": QuantArgs(kind="ternary", granularity="group", group_size=64),
+        "binary": QuantArgs(kind="binary", granularity="channel"), "binary g64": QuantArgs(kind="binary", granularity="group", group_size=64),
+        "int4 g64": QuantArgs(bits=4, group_size=64), "int3 g64": QuantArgs(bits=3, group_size=64),
+    }  # fmt: skip
+    linears = [m.weight.data for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    return {k: sum(float((fake_quantize(w, a) - w).norm() / w.norm()) for w in linears) / len(linears) for k, a in grids.items()}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -47,6 +63,11 @@ def main():
         b.run(label, recipe)
     print()
     print(b.table())
+    if a.rows != "int":
+        errs = weight_errors(b.model)
+        print("\nrelative weight error ||Q(W) - W|| / ||W||, mean over the linears:")
+        print("\n".join(f"  {k:<12} {v:.3f}" for k, v in errs.items()))
+        b.rows.append({"method": "relative weight error", **errs})
     b.save("runs/bench/rtn_baselines.json" if a.rows == "int" else f"runs/bench/rtn_baselines-{a.rows}.json")
 
 
