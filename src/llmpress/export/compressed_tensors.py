@@ -29,7 +29,11 @@ dependency on that package); the layout follows compressed-tensors 0.20:
 
 Not representable, refused with a UserError naming the layer: ternary / binary codes,
 a column group index (act-order groups; removed from compressed-tensors), kept
-full-precision outliers, activation quantization without weight quantization.
+full-precision outliers, activation quantization without weight quantization. Refused
+for the whole checkpoint, naming what: the run-time part of a packed v2 checkpoint
+(online rotations, KV-cache quantizers, LLM.int8() decomposition, OS+ norm shifts and
+added biases; see :mod:`llmpress.export.runtime_state`), which a compressed-tensors
+loader would not run.
 """
 from __future__ import annotations
 
@@ -43,7 +47,8 @@ import torch.nn as nn
 from ..errors import UserError
 from ..quant.args import QuantArgs
 from .codec import LinearSpec, decode_qparams, decode_quant, decode_weight
-from .packed import FORMAT, META_FILE, _DTYPES, _open_checked, _layer_tensors, _skeleton, read_manifest
+from . import runtime_state
+from .packed import META_FILE, _DTYPES, _open_checked, _layer_tensors, _skeleton, packed_version, check_packed, read_manifest
 
 CT_VERSION = "0.20.0"
 _COPY = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
@@ -121,8 +126,15 @@ def export_compressed_tensors(src: str | Path, out: str | Path, *, dtype: str = 
 
     src, out = Path(src), Path(out)
     meta = read_manifest(src)
-    if meta is None or meta.get("format") != FORMAT:
+    if packed_version(meta) is None:
         raise UserError(f"{src}: not a packed llmpress checkpoint (write one with `llmpress compress ... --out DIR`)")
+    check_packed(src, meta)
+    extras = runtime_state.summary(meta)
+    if extras:
+        raise UserError(
+            f"{src}: {', '.join(extras)} cannot be stored in compressed-tensors (transformers and vLLM would run the "
+            "model without them); export a checkpoint compressed without quarot/duquant/spinquant/kv_quant/llm_int8/OS+ shifts"
+        )
     if out.exists() and not overwrite:
         raise UserError(f"output folder {str(out)!r} exists; pass --overwrite to replace it")
     dt = _DTYPES.get(meta.get("dtype") if dtype == "auto" else str(getattr(torch, dtype, None)))
