@@ -30,7 +30,9 @@ import torch.nn as nn
 from ..arch import get_module, set_module
 from ..errors import UserError
 from ..runtime import rotation_state
+from ..runtime.kv_quant import AttentionRuntime
 from ..runtime.llm_int8 import LLMInt8Linear, install_llm_int8
+from ..runtime.online_hadamard import OnlineRotation
 from ..transform.scaling import NormShift, ensure_bias
 
 RUNTIME_PREFIX = "llmpress.runtime."  # reserved prefix of run-time tensors in the weights file
@@ -50,6 +52,10 @@ def collect(model: nn.Module, state: dict[str, torch.Tensor], reference: set[str
     present): ``runtime``, ``llm_int8``, ``structure``; tensor names start with
     :data:`RUNTIME_PREFIX`.
     """
+    kinds = {"llmpress_attn": AttentionRuntime, "llmpress_down_in": OnlineRotation, "llmpress_out_rot": OnlineRotation}
+    odd = [f"{n}.{a}" for n, m in model.named_modules() for a, k in kinds.items() if getattr(m, a, None) is not None and not isinstance(getattr(m, a), k)]
+    if odd:
+        raise UserError(f"the model carries run-time modules llmpress cannot save ({_some(odd)}); a checkpoint could not rebuild them")
     desc: dict = {}
     tensors: dict[str, torch.Tensor] = {}
     rt, rt_t = rotation_state.export_runtime(model)
