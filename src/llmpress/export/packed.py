@@ -42,6 +42,7 @@ from ..registry import ModuleRecord
 from ..runtime.act_quant import ActQuantLinear
 from . import runtime_state
 from .codec import LinearSpec, decode_qparams, decode_weight, encode_linear
+from .skeleton import skeleton as _skeleton
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +76,6 @@ def sha256(t: torch.Tensor) -> str:
 
 def _unwrapped(model: nn.Module) -> list[tuple[str, ActQuantLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuantLinear)]
-
-
-def _skeleton(config, dtype: torch.dtype | None = None, meta: bool = False) -> nn.Module:
-    """The model class of ``config`` with uninitialized (or meta) tensors."""
-    from transformers import AutoModelForCausalLM
-
-    if meta:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers: initialize (slower, same result once loaded)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    with no_init_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, ModuleRecord], extra_meta: dict | None = None) -> dict:
@@ -132,22 +118,7 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
                 "%d quantized layer(s) hold weights off their recorded grid (changed after quantization?) and are stored dense: %s",
                 len(dense_fallback), ", ".join(dense_fallback[:5]) + (" ..." if len(dense_fallback) > 5 else ""),
             )
-        # an embedding tied to a stored (quantized) linear: rebuilt from that linear's codes
-        tied_quant: dict[str, str] = {}
-        qptr = {get_module(model, n).weight.data_ptr(): n for n, d in layers.items() if d["kind"] == "quant"}
-        for k in [k for k, v in state.items() if k.endswith(".weight") and v.data_ptr() in qptr]:
-            owner = get_module(model, k.rsplit(".", 1)[0])
-            if isinstance(owner, nn.Embedding) and tuple(state[k].shape) == tuple(get_module(model, qptr[state[k].data_ptr()]).weight.shape):
-                tied_quant[k] = qptr[state.pop(k).data_ptr()]
-        tied: dict[str, str] = {}
-        seen: dict[tuple, str] = {}
-        for k, v in state.items():
-            key = (v.data_ptr(), v.dtype, tuple(v.shape), tuple(v.stride()))
-            if v.numel() and key in seen:
-                tied[k] = seen[key]
-                continue
-            seen[key] = k
-            tensors[k] = v.detach().cpu().contiguous()
+        tied_quant, tied = _find_ties(model, state, layers, tensors)
         tensors.update(extra_t)
         fmt = FORMAT if extras else FORMAT_V1
         path = folder / WEIGHTS_FILE
@@ -176,6 +147,28 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
     finally:
         for n, m in wrapped:
             set_module(model, n, m)
+
+
+def _find_ties(model: nn.Module, state: dict, layers: dict, tensors: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """(embeddings tied to a stored quantized linear, other tied names -> their first name);
+    the untied rest of ``state`` goes into ``tensors``."""
+    # an embedding tied to a stored (quantized) linear: rebuilt from that linear's codes
+    tied_quant: dict[str, str] = {}
+    qptr = {get_module(model, n).weight.data_ptr(): n for n, d in layers.items() if d["kind"] == "quant"}
+    for k in [k for k, v in state.items() if k.endswith(".weight") and v.data_ptr() in qptr]:
+        owner = get_module(model, k.rsplit(".", 1)[0])
+        if isinstance(owner, nn.Embedding) and tuple(state[k].shape) == tuple(get_module(model, qptr[state[k].data_ptr()]).weight.shape):
+            tied_quant[k] = qptr[state.pop(k).data_ptr()]
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for k, v in state.items():
+        key = (v.data_ptr(), v.dtype, tuple(v.shape), tuple(v.stride()))
+        if v.numel() and key in seen:
+            tied[k] = seen[key]
+            continue
+        seen[key] = k
+        tensors[k] = v.detach().cpu().contiguous()
+    return tied_quant, tied
 
 
 def read_manifest(folder: str | Path) -> dict | None:

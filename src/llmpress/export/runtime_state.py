@@ -34,6 +34,7 @@ from ..runtime.kv_quant import AttentionRuntime
 from ..runtime.llm_int8 import LLMInt8Linear, install_llm_int8
 from ..runtime.online_hadamard import OnlineRotation
 from ..transform.scaling import NormShift, ensure_bias
+from .skeleton import skeleton
 
 RUNTIME_PREFIX = "llmpress.runtime."  # reserved prefix of run-time tensors in the weights file
 ROTATION_METHODS = ("quarot", "duquant", "spinquant")  # methods that attach online rotations
@@ -174,10 +175,8 @@ def fakequant_meta(model: nn.Module) -> dict:
     """llmpress.json keys of an hf-fakequant folder beyond ``activation_quant``: the
     KV-cache quantizers and LLM.int8() linears, which the folder's plain weights run
     without. Refuses models plain transformers would run as another function."""
-    from .packed import _skeleton
-
     state = model.state_dict()
-    desc, _ = collect(model, state, set(_skeleton(model.config, meta=True).state_dict()))
+    desc, _ = collect(model, state, set(skeleton(model.config, meta=True).state_dict()))
     bad = _refused_in_hf(desc)
     if bad:
         raise UserError(f"--format hf-fakequant cannot store {', '.join(bad)}: a Hugging Face folder runs without them as another model; save in the default packed format")
