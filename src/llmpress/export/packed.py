@@ -5,13 +5,23 @@ Folder layout::
     config.json, generation_config.json, tokenizer files   (Hugging Face, unchanged)
     model.llmpress.safetensors    every tensor: the model's uncompressed tensors under
                                   their usual names (embeddings, norms, biases, linears
-                                  left dense) at their stored dtype, and per compressed
+                                  left dense) at their stored dtype, per compressed
                                   linear NAME the tensors of llmpress.export.codec
-                                  (NAME.qweight, NAME.scale, NAME.zero_point, ...)
+                                  (NAME.qweight, NAME.scale, NAME.zero_point, ...), and
+                                  under llmpress.runtime.* the run-time tensors (DuQuant
+                                  blocks and permutations, dense rotation matrices)
     llmpress.json                 format, the model dtype, per compressed linear its
                                   LinearSpec (scheme, shape, activation quantization,
                                   sparsity), per tensor its dtype, shape and sha256,
-                                  the weights file's size, tied names, the report
+                                  the weights file's size, tied names, the report; v2
+                                  also ``runtime`` / ``llm_int8`` / ``structure``
+
+Versions: ``llmpress-packed-v1`` holds tensors and linears' schemes only;
+``llmpress-packed-v2`` adds the run-time part of the model
+(:mod:`llmpress.export.runtime_state`: online rotations, KV-cache quantizers, LLM.int8()
+linears, OS+ norm shifts and added biases). A model without a run-time part is written as
+v1, so older llmpress reads it; an older llmpress refuses v2 (it would drop the run-time
+part silently). A version newer than :data:`VERSION` is refused by name.
 
 The weights file is deliberately not called model.safetensors: transformers cannot
 read it, and refuses the folder instead of building a model with random weights.
@@ -22,7 +32,7 @@ against each layer's scheme, and (``verify=True``) every tensor's sha256; any mi
 is a :class:`~llmpress.errors.UserError` naming the tensor. The model skeleton is built
 from config.json without initializing weights, compressed linears become runtime
 modules (:func:`llmpress.runtime.qlinear.build_linear`), the other tensors are loaded as
-stored.
+stored, then the run-time part is re-attached. docs/checkpoint.md describes the format.
 """
 from __future__ import annotations
 
