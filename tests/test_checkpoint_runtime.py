@@ -237,3 +237,17 @@ def test_cli_hf_fakequant_rotation_exits_2_with_one_line(tmp_path, tiny_model_di
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and not out.exists()
     assert len(err) == 1 and err[0].startswith("llmpress: error: --format hf-fakequant cannot store the online rotations of quarot")
+
+
+def test_tensors_no_method_explains_are_refused(tmp_path):
+    """Anything a fresh model lacks (or has) that no known method explains: refused, nothing written."""
+    ids = random_windows(2, 16)
+    m = _compressed(tiny_llama, "rtn-w4g64", ids)
+    m.model.layers[0].mlp.register_buffer("stray", torch.ones(3))
+    with pytest.raises(UserError, match="no llmpress method explains .*layers.0.mlp.stray"):
+        api.save(m, None, tmp_path / "ck")
+    del m.model.layers[0].mlp.stray
+    m.model.layers[1].post_attention_layernorm = torch.nn.Identity()
+    with pytest.raises(UserError, match="lacks tensors its architecture has .*layers.1.post_attention_layernorm.weight"):
+        api.save(m, None, tmp_path / "ck")
+    assert list(tmp_path.iterdir()) == []

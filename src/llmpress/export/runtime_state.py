@@ -81,6 +81,9 @@ def collect(model: nn.Module, state: dict[str, torch.Tensor], reference: set[str
             f"the model holds tensors its architecture does not and no llmpress method explains ({_some(unknown, 4)}); "
             "a checkpoint could not rebuild them"
         )
+    gone = sorted(k for k in reference - set(state) if not any(k.startswith(f"{p}.") for p in shifts))
+    if gone:
+        raise UserError(f"the model lacks tensors its architecture has ({_some(gone, 4)}); a checkpoint of it could not be loaded")
     if shifts or biases:
         desc["structure"] = {"norm_shifts": shifts, "biases": biases}
     return desc, tensors
