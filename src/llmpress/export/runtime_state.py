@@ -62,7 +62,9 @@ def collect(model: nn.Module, state: dict[str, torch.Tensor], reference: set[str
     rt, rt_t = rotation_state.export_runtime(model)
     if not rotation_state.is_empty(rt):
         desc["runtime"] = rt
-        tensors = {RUNTIME_PREFIX + k: v.clone() for k, v in rt_t.items()}
+        # float32: the forward casts rotations to the activation dtype, so float32 inference
+        # is bit-identical to float64 storage, at half the bytes
+        tensors = {RUNTIME_PREFIX + k: v.float() if v.is_floating_point() else v.clone() for k, v in rt_t.items()}
     int8 = {n: {"threshold": m.threshold, "backend": m.backend} for n, m in model.named_modules() if isinstance(m, LLMInt8Linear)}
     if int8:
         desc["llm_int8"] = int8
