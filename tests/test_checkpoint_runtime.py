@@ -84,9 +84,10 @@ def test_every_preset_saves_packed_and_loads_the_same_model(name, tmp_path):
     ids = random_windows(4, 32)
     m = _compressed(tiny_llama, name, ids)
     meta = _check_round_trip(m, ids, tmp_path / "ck")
-    runtime = name in RUNTIME_PRESETS or name == "llm-int8"
-    assert meta["format"] == (FORMAT if runtime else FORMAT_V1)  # v1 (older readers) when nothing run-time
-    assert ("runtime" in meta) == (name in RUNTIME_PRESETS)
+    extras = [k for k in ("runtime", "llm_int8", "structure") if k in meta]
+    assert meta["format"] == (FORMAT if extras else FORMAT_V1)  # v1 (older readers) when nothing run-time
+    assert ("runtime" in meta) == (name in RUNTIME_PRESETS)  # every rotation / KV preset stores its runtime
+    assert ("llm_int8" in meta) == any(st.method == "llm_int8" for st in load_recipe(name).stages)
     # hf-fakequant: refused from the recipe alone exactly when the model holds what it cannot carry
     try:
         check_save_format(load_recipe(name), "hf-fakequant")
