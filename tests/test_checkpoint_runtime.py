@@ -23,7 +23,7 @@ from conftest import random_windows, tiny_gemma3, tiny_llama, tiny_tokenizer
 from llmpress import api
 from llmpress.calib.engine import EngineOptions
 from llmpress.errors import UserError
-from llmpress.export.packed import FORMAT, FORMAT_V1, META_FILE, WEIGHTS_FILE, read_manifest
+from llmpress.export.packed import FORMAT, FORMAT_V1, META_FILE, read_manifest
 from llmpress.export.runtime_state import RUNTIME_PREFIX, ROTATION_METHODS, check_save_format
 from llmpress.recipe import Recipe, load_recipe, presets
 from llmpress.runtime.rotation_state import export_runtime
