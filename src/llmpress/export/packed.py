@@ -130,11 +130,12 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
             )
         tied_quant, tied = _find_ties(model, state, layers, tensors)
         tensors.update(extra_t)
-        fmt = FORMAT if extras else FORMAT_V1
         path = folder / WEIGHTS_FILE
-        save_file(tensors, str(path), metadata={"format": "pt", "llmpress": fmt})
+        # one metadata key: safetensors writes the metadata map in hash order, which differs
+        # between processes, so two keys made the same command write different bytes
+        save_file(tensors, str(path), metadata={"format": "pt"})
         manifest = {
-            "format": fmt,
+            "format": FORMAT if extras else FORMAT_V1,
             "weights_file": WEIGHTS_FILE,
             "file_bytes": path.stat().st_size,
             "dtype": str(next(p.dtype for p in model.parameters() if p.is_floating_point())),
