@@ -13,7 +13,7 @@ from llmpress import api, stage
 from llmpress.calib.engine import EngineOptions
 from llmpress.errors import UserError
 from llmpress.export import codec
-from llmpress.export.packed import FORMAT, META_FILE, WEIGHTS_FILE, checkpoint_accounting, read_manifest
+from llmpress.export.packed import FORMAT_V1, META_FILE, WEIGHTS_FILE, checkpoint_accounting, read_manifest
 from llmpress.quant import QuantArgs, pack_codes, quantize_weight, unpack_codes
 from llmpress.registry import ModuleRecord
 from llmpress.runtime.act_quant import ActQuantLinear
@@ -142,7 +142,7 @@ def test_save_load_equals_fake_quant(tmp_path, name, weights, acts, family):
         ref = m(ids).logits
     out = api.save(m, tiny_tokenizer(), tmp_path / "ck")
     meta = read_manifest(out)
-    assert meta["format"] == FORMAT and len(meta["layers"]) == 14 and not meta["dense_layers"]
+    assert meta["format"] == FORMAT_V1 and len(meta["layers"]) == 14 and not meta["dense_layers"]
     loaded, tok = llmpress.load_compressed(str(out), backend="dequant")
     assert tok is not None and isinstance(loaded.llmpress_records, dict) and len(loaded.llmpress_records) == 14
     lin = [mod for mod in loaded.modules() if isinstance(mod, DequantLinear)]
@@ -301,7 +301,7 @@ def test_cli_compress_writes_packed_and_eval_reads_it(tmp_path, tiny_model_dir, 
     args = ["compress", str(tiny_model_dir), "--recipe", "rtn-w4g64", "--out", str(out), "--eval-data", str(tiny_text_file),
             "--eval-windows", "2", "--seqlen", "32", "--no-progress"]
     assert main(args) == 0
-    assert read_manifest(out)["format"] == FORMAT
+    assert read_manifest(out)["format"] == FORMAT_V1  # no run-time part: readable by older llmpress
     rep = json.loads((out / META_FILE).read_text())["report"]
     capsys.readouterr()
     assert main(["eval", str(out), "--eval-data", str(tiny_text_file), "--eval-windows", "2", "--seqlen", "32", "--no-progress"]) == 0
@@ -315,7 +315,7 @@ def test_cli_compress_writes_packed_and_eval_reads_it(tmp_path, tiny_model_dir, 
 
 def test_online_runtime_modules_are_refused(tmp_path):
     m = _compressed(tiny_llama, QuantArgs(bits=4, group_size=32))
-    m.model.layers[0].mlp.llmpress_down_in = torch.nn.Identity()  # what online rotations attach
-    with pytest.raises(UserError, match="hf-fakequant"):
+    m.model.layers[0].mlp.llmpress_down_in = torch.nn.Identity()  # not an online rotation llmpress knows
+    with pytest.raises(UserError, match="run-time modules llmpress cannot save .*layers.0.mlp.llmpress_down_in"):
         api.save(m, None, tmp_path / "ck")
     assert not (tmp_path / "ck").exists() and list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@ tensors are bit for bit what compressed-tensors' own compressors write."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -227,6 +228,27 @@ def test_unrepresentable_schemes_are_refused(tmp_path):
     with pytest.raises(UserError, match="clip0.9"):
         export_compressed_tensors(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("preset, what", [
+    ("quarot-w4a8", "online rotations (q/k per head x2, o_proj input x2, down_proj input x2, norm output x4)"),
+    ("kv4", "KV-cache quantizers (2 attention modules)"),
+    ("llm-int8", "LLM.int8() decomposition (14 linears)"),
+])
+def test_run_time_parts_are_refused_naming_them(tmp_path, capsys, preset, what):
+    """compressed-tensors loaders would run the model without its rotations / KV
+    quantizers / LLM.int8() columns: refused in one line, nothing written."""
+    from llmpress.cli import main
+
+    m = tiny_llama()
+    llmpress.compress(m, preset, data=random_windows(2, 16), engine=QUIET)
+    src = api.save(m, None, tmp_path / "packed")
+    with pytest.raises(UserError, match=f"{re.escape(what)} cannot be stored in compressed-tensors"):
+        export_compressed_tensors(src, tmp_path / "ct")
+    assert main(["export", str(src), "--out", str(tmp_path / "ct")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and what in err[0] and err[0].startswith("llmpress: error:")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["packed"]
 
 
 def test_cli_export(tmp_path, capsys):

@@ -224,14 +224,18 @@ def save(model: nn.Module, tokenizer, out: Path, *, report: Report | None = None
             records = getattr(model, "llmpress_records", None) or {}
             write_packed(model, tokenizer, tmp, records, {"report": report.to_dict() if report else None})
         else:
+            from .export.runtime_state import fakequant_meta
+
             for n, m in wrapped:  # plain Linear names on disk, so transformers loads the folder
                 set_module(model, n, m.linear)
+            runtime = fakequant_meta(model)  # KV-cache quantizers, LLM.int8(); refuses online rotations
             model.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             meta = {
                 "format": "llmpress-fakequant-v1",
                 "activation_quant": {n: m.args.to_dict() for n, m in wrapped},
+                **runtime,
                 "report": report.to_dict() if report else None,
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=repr))
@@ -261,9 +265,10 @@ def load_compressed(path: str, device: str = "cpu", backend: str = "auto", dtype
     fallback (outputs equal the fake-quantized model's). ``hf-fakequant`` folders get
     their dynamic activation quantization back.
     """
-    from .export.packed import FORMAT, load_packed, read_manifest
+    from .export.packed import load_packed, packed_version, read_manifest
+    from .export.runtime_state import attach_fakequant
 
-    if Path(path).is_dir() and (read_manifest(path) or {}).get("format") == FORMAT:
+    if Path(path).is_dir() and packed_version(read_manifest(path)) is not None:
         return load_packed(path, device=device, dtype=dtype, backend=backend)
     model, tok = models.load(path, device=device, **({"dtype": dtype} if dtype else {}))
     meta_path = Path(path) / META_FILE
@@ -271,6 +276,7 @@ def load_compressed(path: str, device: str = "cpu", backend: str = "auto", dtype
         meta = json.loads(meta_path.read_text())
         for n, a in (meta.get("activation_quant") or {}).items():
             set_module(model, n, ActQuantLinear(get_module(model, n), QuantArgs.from_dict(a)))
+        attach_fakequant(model, meta, str(path))
     return model, tok
 
 
@@ -291,6 +297,10 @@ def run_pipeline(
     if save_format not in SAVE_FORMATS:
         raise UserError(f"save format {save_format!r} unknown; expected one of {', '.join(SAVE_FORMATS)}")
     recipe = _as_recipe(recipe)  # validate before any heavy work
+    if out is not None:
+        from .export.runtime_state import check_save_format
+
+        check_save_format(recipe, save_format)
     out_path = _prepare_out(out, overwrite)
     for source in (calib.source, evaluation.source if evaluation is not None else "wiki"):
         if source not in ("wiki", "news"):  # a missing or empty text file fails now, even if unused

@@ -29,7 +29,11 @@ dependency on that package); the layout follows compressed-tensors 0.20:
 
 Not representable, refused with a UserError naming the layer: ternary / binary codes,
 a column group index (act-order groups; removed from compressed-tensors), kept
-full-precision outliers, activation quantization without weight quantization.
+full-precision outliers, activation quantization without weight quantization. Refused
+for the whole checkpoint, naming what: the run-time part of a packed v2 checkpoint
+(online rotations, KV-cache quantizers, LLM.int8() decomposition, OS+ norm shifts and
+added biases; see :mod:`llmpress.export.runtime_state`), which a compressed-tensors
+loader would not run.
 """
 from __future__ import annotations
 
@@ -43,7 +47,9 @@ import torch.nn as nn
 from ..errors import UserError
 from ..quant.args import QuantArgs
 from .codec import LinearSpec, decode_qparams, decode_quant, decode_weight
-from .packed import FORMAT, META_FILE, _DTYPES, _open_checked, _layer_tensors, _skeleton, read_manifest
+from . import runtime_state
+from .packed import _DTYPES, META_FILE, _layer_tensors, _open_checked, check_packed, packed_version, read_manifest
+from .skeleton import skeleton as _skeleton
 
 CT_VERSION = "0.20.0"
 _COPY = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
@@ -110,6 +116,48 @@ def _ct_tensors(name: str, spec: LinearSpec, t: dict[str, torch.Tensor], fmt: st
     return res
 
 
+def _quantization_config(src: Path, groups: dict[str, dict]) -> dict:
+    """config.json's ``quantization_config`` for the layer groups (scheme, format, names)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(src, local_files_only=True)
+    linears = [n for n, m in _skeleton(config, meta=True).named_modules() if isinstance(m, nn.Linear)]
+    quantized = {n for g in groups.values() for n in g["names"]}
+    one = len(groups) == 1
+    config_groups = {
+        f"group_{i}": {"targets": ["Linear"] if one else sorted(g["names"]), **g["scheme"], "format": g["format"]}
+        for i, g in enumerate(groups.values())
+    }
+    formats = {g["format"] for g in groups.values()}
+    return {
+        "quant_method": "compressed-tensors",
+        "version": CT_VERSION,
+        "config_groups": config_groups,
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "ignore": [n for n in linears if n not in quantized],
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+    }
+
+
+def _source_manifest(src: Path) -> dict:
+    """The manifest of a packed checkpoint compressed-tensors can hold, else a UserError."""
+    meta = read_manifest(src)
+    if packed_version(meta) is None:
+        raise UserError(f"{src}: not a packed llmpress checkpoint (write one with `llmpress compress ... --out DIR`)")
+    check_packed(src, meta)
+    extras = runtime_state.summary(meta)
+    if extras:
+        raise UserError(
+            f"{src}: {', '.join(extras)} cannot be stored in compressed-tensors (transformers and vLLM would run the "
+            "model without them); export a checkpoint compressed without quarot/duquant/spinquant/kv_quant/llm_int8/OS+ shifts"
+        )
+    return meta
+
+
 def export_compressed_tensors(src: str | Path, out: str | Path, *, dtype: str = "auto", overwrite: bool = False) -> Path:
     """Write the compressed-tensors form of the packed checkpoint ``src`` into ``out``.
 
@@ -117,12 +165,9 @@ def export_compressed_tensors(src: str | Path, out: str | Path, *, dtype: str = 
     vLLM's int4/int8 kernels want float16 or bfloat16).
     """
     from safetensors.torch import save_file
-    from transformers import AutoConfig
 
     src, out = Path(src), Path(out)
-    meta = read_manifest(src)
-    if meta is None or meta.get("format") != FORMAT:
-        raise UserError(f"{src}: not a packed llmpress checkpoint (write one with `llmpress compress ... --out DIR`)")
+    meta = _source_manifest(src)
     if out.exists() and not overwrite:
         raise UserError(f"output folder {str(out)!r} exists; pass --overwrite to replace it")
     dt = _DTYPES.get(meta.get("dtype") if dtype == "auto" else str(getattr(torch, dtype, None)))
@@ -158,30 +203,9 @@ def export_compressed_tensors(src: str | Path, out: str | Path, *, dtype: str = 
         if k not in tied:
             result[k] = (v.to(dt) if v.is_floating_point() else v).contiguous()
 
-    config = AutoConfig.from_pretrained(src, local_files_only=True)
-    linears = [n for n, m in _skeleton(config, meta=True).named_modules() if isinstance(m, nn.Linear)]
-    quantized = {n for g in groups.values() for n in g["names"]}
-    ignore = [n for n in linears if n not in quantized]
-    one = len(groups) == 1
-    config_groups = {
-        f"group_{i}": {"targets": ["Linear"] if one else sorted(g["names"]), **g["scheme"], "format": g["format"]}
-        for i, g in enumerate(groups.values())
-    }
-    formats = {g["format"] for g in groups.values()}
-    qcfg = {
-        "quant_method": "compressed-tensors",
-        "version": CT_VERSION,
-        "config_groups": config_groups,
-        "format": formats.pop() if len(formats) == 1 else ("mixed-precision" if formats else "dense"),
-        "quantization_status": "compressed",
-        "ignore": ignore,
-        "kv_cache_scheme": None,
-        "global_compression_ratio": None,
-        "sparsity_config": {},
-        "transform_config": {},
-    }
     if not groups:
         raise UserError(f"{src}: no quantized layer to export (compressed-tensors needs at least one)")
+    qcfg = _quantization_config(src, groups)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -5,13 +5,23 @@ Folder layout::
     config.json, generation_config.json, tokenizer files   (Hugging Face, unchanged)
     model.llmpress.safetensors    every tensor: the model's uncompressed tensors under
                                   their usual names (embeddings, norms, biases, linears
-                                  left dense) at their stored dtype, and per compressed
+                                  left dense) at their stored dtype, per compressed
                                   linear NAME the tensors of llmpress.export.codec
-                                  (NAME.qweight, NAME.scale, NAME.zero_point, ...)
+                                  (NAME.qweight, NAME.scale, NAME.zero_point, ...), and
+                                  under llmpress.runtime.* the run-time tensors (DuQuant
+                                  blocks and permutations, dense rotation matrices)
     llmpress.json                 format, the model dtype, per compressed linear its
                                   LinearSpec (scheme, shape, activation quantization,
                                   sparsity), per tensor its dtype, shape and sha256,
-                                  the weights file's size, tied names, the report
+                                  the weights file's size, tied names, the report; v2
+                                  also ``runtime`` / ``llm_int8`` / ``structure``
+
+Versions: ``llmpress-packed-v1`` holds tensors and linears' schemes only;
+``llmpress-packed-v2`` adds the run-time part of the model
+(:mod:`llmpress.export.runtime_state`: online rotations, KV-cache quantizers, LLM.int8()
+linears, OS+ norm shifts and added biases). A model without a run-time part is written as
+v1, so older llmpress reads it; an older llmpress refuses v2 (it would drop the run-time
+part silently). A version newer than :data:`VERSION` is refused by name.
 
 The weights file is deliberately not called model.safetensors: transformers cannot
 read it, and refuses the folder instead of building a model with random weights.
@@ -22,13 +32,14 @@ against each layer's scheme, and (``verify=True``) every tensor's sha256; any mi
 is a :class:`~llmpress.errors.UserError` naming the tensor. The model skeleton is built
 from config.json without initializing weights, compressed linears become runtime
 modules (:func:`llmpress.runtime.qlinear.build_linear`), the other tensors are loaded as
-stored.
+stored, then the run-time part is re-attached. docs/checkpoint.md describes the format.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -39,14 +50,34 @@ from ..arch import get_module, set_module
 from ..errors import UserError
 from ..registry import ModuleRecord
 from ..runtime.act_quant import ActQuantLinear
-from .codec import LinearSpec, decode_qparams, encode_linear
+from . import runtime_state
+from .codec import LinearSpec, decode_qparams, decode_weight, encode_linear
+from .skeleton import skeleton as _skeleton
 
 log = logging.getLogger(__name__)
 
-FORMAT = "llmpress-packed-v1"
+FORMAT_V1 = "llmpress-packed-v1"  # tensors and linears' schemes only
+FORMAT = "llmpress-packed-v2"  # + run-time modules and structure edits (export/runtime_state.py)
+VERSION = 2
 META_FILE = "llmpress.json"
 WEIGHTS_FILE = "model.llmpress.safetensors"
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)}
+
+
+def packed_version(meta: dict | None) -> int | None:
+    """N of a manifest's ``llmpress-packed-vN`` format (None: not a packed checkpoint)."""
+    m = re.fullmatch(r"llmpress-packed-v(\d+)", str((meta or {}).get("format", "")))
+    return int(m.group(1)) if m else None
+
+
+def check_packed(folder: Path, meta: dict | None) -> int:
+    """The format version of a packed checkpoint this llmpress can read, else a UserError."""
+    v = packed_version(meta)
+    if v is None:
+        raise UserError(f"{folder}: not a packed llmpress checkpoint (format {None if meta is None else meta.get('format')!r}, expected {FORMAT!r})")
+    if v > VERSION:
+        raise UserError(f"{folder}: written by a newer llmpress (format {meta['format']}; this llmpress reads up to {FORMAT}): upgrade llmpress to load it")
+    return v
 
 
 def sha256(t: torch.Tensor) -> str:
@@ -57,26 +88,13 @@ def _unwrapped(model: nn.Module) -> list[tuple[str, ActQuantLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuantLinear)]
 
 
-def _skeleton(config, dtype: torch.dtype | None = None, meta: bool = False) -> nn.Module:
-    """The model class of ``config`` with uninitialized (or meta) tensors."""
-    from transformers import AutoModelForCausalLM
-
-    if meta:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers: initialize (slower, same result once loaded)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    with no_init_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
-
-
 def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, ModuleRecord], extra_meta: dict | None = None) -> dict:
     """Write the packed checkpoint of ``model`` into the existing empty ``folder``.
 
     ``records``: ``model.llmpress_records`` (what compress() did to each linear).
-    Returns the manifest written to llmpress.json.
+    Returns the manifest written to llmpress.json. The format is :data:`FORMAT_V1` when
+    the model has no run-time modules nor structure edits (readable by older llmpress),
+    :data:`FORMAT` otherwise.
     """
     from safetensors.torch import save_file
 
@@ -85,7 +103,7 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
         set_module(model, n, m.linear)
     try:
         state = model.state_dict()
-        _check_structure(model, state)
+        extras, extra_t = runtime_state.collect(model, state, set(_skeleton(model.config, meta=True).state_dict()))
         layers: dict[str, dict] = {}
         tensors: dict[str, torch.Tensor] = {}
         dense_fallback = []
@@ -110,28 +128,14 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
                 "%d quantized layer(s) hold weights off their recorded grid (changed after quantization?) and are stored dense: %s",
                 len(dense_fallback), ", ".join(dense_fallback[:5]) + (" ..." if len(dense_fallback) > 5 else ""),
             )
-        # an embedding tied to a stored (quantized) linear: rebuilt from that linear's codes
-        tied_quant: dict[str, str] = {}
-        qptr = {get_module(model, n).weight.data_ptr(): n for n, d in layers.items() if d["kind"] == "quant"}
-        for k in [k for k, v in state.items() if k.endswith(".weight") and v.data_ptr() in qptr]:
-            owner = get_module(model, k.rsplit(".", 1)[0])
-            if isinstance(owner, nn.Embedding) and tuple(state[k].shape) == tuple(get_module(model, qptr[state[k].data_ptr()]).weight.shape):
-                tied_quant[k] = qptr[state.pop(k).data_ptr()]
-        tied: dict[str, str] = {}
-        seen: dict[tuple, str] = {}
-        for k, v in state.items():
-            key = (v.data_ptr(), v.dtype, tuple(v.shape), tuple(v.stride()))
-            if v.numel() and key in seen:
-                tied[k] = seen[key]
-                continue
-            seen[key] = k
-            tensors[k] = v.detach().cpu().contiguous()
+        tied_quant, tied = _find_ties(model, state, layers, tensors)
+        tensors.update(extra_t)
         path = folder / WEIGHTS_FILE
         # one metadata key: safetensors writes the metadata map in hash order, which differs
         # between processes, so two keys made the same command write different bytes
         save_file(tensors, str(path), metadata={"format": "pt"})
         manifest = {
-            "format": FORMAT,
+            "format": FORMAT if extras else FORMAT_V1,
             "weights_file": WEIGHTS_FILE,
             "file_bytes": path.stat().st_size,
             "dtype": str(next(p.dtype for p in model.parameters() if p.is_floating_point())),
@@ -140,6 +144,7 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
             "tied_quant_embeddings": tied_quant,
             "dense_layers": dense_fallback,
             "tensors": {k: {"dtype": str(v.dtype), "shape": list(v.shape), "sha256": sha256(v)} for k, v in tensors.items()},
+            **extras,
             **(extra_meta or {}),
         }
         model.config.save_pretrained(folder)
@@ -155,26 +160,26 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
             set_module(model, n, m)
 
 
-ONLINE_ATTRS = ("llmpress_attn", "llmpress_down_in", "llmpress_out_rot")  # runtime/online_hadamard, kv_quant
-
-
-def _check_structure(model: nn.Module, state: dict) -> None:
-    """Refuse models whose outputs depend on more than their tensors and linears' schemes:
-    online rotations / KV-cache quantizers (non-persistent), modules a fresh model lacks."""
-    online = [n for n, m in model.named_modules() if any(getattr(m, a, None) is not None for a in ONLINE_ATTRS)]
-    if online:
-        raise UserError(
-            f"the model runs online rotations or KV-cache quantizers ({', '.join(online[:3])}{' ...' if len(online) > 3 else ''}), "
-            "which a packed checkpoint does not store yet: save with --format hf-fakequant"
-        )
-    ref = set(_skeleton(model.config, meta=True).state_dict())
-    extra = sorted(k for k in state if k not in ref)
-    if extra:
-        raise UserError(
-            "the model holds tensors its architecture does not (runtime modules such as online rotations or "
-            f"KV-cache quantizers: {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}); a packed checkpoint "
-            "cannot rebuild them: save with --format hf-fakequant"
-        )
+def _find_ties(model: nn.Module, state: dict, layers: dict, tensors: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """(embeddings tied to a stored quantized linear, other tied names -> their first name);
+    the untied rest of ``state`` goes into ``tensors``."""
+    # an embedding tied to a stored (quantized) linear: rebuilt from that linear's codes
+    tied_quant: dict[str, str] = {}
+    qptr = {get_module(model, n).weight.data_ptr(): n for n, d in layers.items() if d["kind"] == "quant"}
+    for k in [k for k, v in state.items() if k.endswith(".weight") and v.data_ptr() in qptr]:
+        owner = get_module(model, k.rsplit(".", 1)[0])
+        if isinstance(owner, nn.Embedding) and tuple(state[k].shape) == tuple(get_module(model, qptr[state[k].data_ptr()]).weight.shape):
+            tied_quant[k] = qptr[state.pop(k).data_ptr()]
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for k, v in state.items():
+        key = (v.data_ptr(), v.dtype, tuple(v.shape), tuple(v.stride()))
+        if v.numel() and key in seen:
+            tied[k] = seen[key]
+            continue
+        seen[key] = k
+        tensors[k] = v.detach().cpu().contiguous()
+    return tied_quant, tied
 
 
 def read_manifest(folder: str | Path) -> dict | None:
@@ -241,35 +246,19 @@ def load_packed(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..runtime.qlinear import build_linear
-
     folder = Path(folder)
     meta = read_manifest(folder)
-    if meta is None or meta.get("format") != FORMAT:
-        raise UserError(f"{folder}: not a packed llmpress checkpoint (format {None if meta is None else meta.get('format')!r}, expected {FORMAT!r})")
+    check_packed(folder, meta)
+    what = f"checkpoint {folder}"
     tensors = _open_checked(folder, meta, verify)
+    rt_tensors = runtime_state.runtime_tensors(tensors, meta, what)  # kept as stored (float64 rotations)
     specs = {n: LinearSpec.from_dict(d, f"layers.{n}") for n, d in (meta.get("layers") or {}).items()}
     layer_t = {n: _layer_tensors(n, s, tensors) for n, s in specs.items() if s.kind != "dense"}
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     dtype = dtype or _DTYPES.get(meta.get("dtype"), torch.float32)
     model = _skeleton(config, dtype)
-    records = {}
-    for name, spec in specs.items():
-        try:
-            lin = get_module(model, name)
-        except (AttributeError, UserError):
-            raise UserError(f"checkpoint layer {name}: the model of config.json has no such module") from None
-        if not isinstance(lin, nn.Linear) or (lin.out_features, lin.in_features) != (spec.out_features, spec.in_features):
-            raise UserError(f"checkpoint layer {name}: shape {[spec.out_features, spec.in_features]} does not fit the model's {type(lin).__name__}")
-        records[name] = _record(name, spec, layer_t.get(name))
-        if spec.kind == "dense":
-            continue
-        bias = tensors.pop(f"{name}.bias", None)
-        if (bias is None) != (lin.bias is None):
-            raise UserError(f"checkpoint layer {name}: bias {'missing' if bias is None else 'unexpected'}")
-        set_module(model, name, build_linear(spec, layer_t[name], None if bias is None else bias.to(dtype), backend, device))
-        for k in layer_t[name]:
-            del tensors[f"{name}.{k}"]
+    runtime_state.prepare(model, meta, tensors, what)
+    records = _load_linears(model, specs=specs, layer_t=layer_t, tensors=tensors, dtype=dtype, backend=backend, device=device, int8=meta.get("llm_int8") or {})
     dense = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
     replaced = tuple(f"{n}." for n, s in specs.items() if s.kind != "dense")  # runtime modules' own buffers
@@ -277,24 +266,12 @@ def load_packed(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
     left = sorted(k for k in set(missing) - set(meta.get("tied") or {}) - set(tied_quant) if not k.startswith(replaced))
     if left or unexpected:
         raise UserError(f"checkpoint {folder}: tensors missing for {left[:3]}, or not in the model: {list(unexpected)[:3]}")
-    for emb_key, lin_name in tied_quant.items():
-        owner = emb_key.rsplit(".", 1)[0]
-        if lin_name not in specs or specs[lin_name].kind == "dense" or not isinstance(get_module(model, owner), nn.Embedding):
-            raise UserError(f"checkpoint {folder}: embedding {owner} is tied to {lin_name}, which is not a stored quantized linear")
-        qp, lt = records[lin_name].qparams, layer_t[lin_name]
-        per_row = qp is not None and qp.zero_point is None and qp.scale.numel() == specs[lin_name].out_features
-        rows = qp.scale if per_row and "exc_index" not in lt and "g_idx" not in lt else None
-        set_module(model, owner, QuantEmbedding(get_module(model, lin_name), get_module(model, owner).padding_idx, dtype, rows))
-    if not tied_quant:
-        model.tie_weights()
-    for alias, target in (meta.get("tied") or {}).items():  # whatever tie_weights did not re-tie
-        owner, attr = alias.rsplit(".", 1)
-        t = model.get_parameter(target)
-        if getattr(get_module(model, owner), attr, None) is not t:
-            setattr(get_module(model, owner), attr, t)
+    _tie(model, meta, specs, records, layer_t, dtype, what)
     for name, spec in specs.items():
         if spec.kind == "dense" and spec.act_args is not None:
             set_module(model, name, ActQuantLinear(get_module(model, name), spec.act_args))
+    int8_qp = {n: records[n].qparams for n in (meta.get("llm_int8") or {}) if n in records and records[n].qparams is not None}
+    runtime_state.attach(model, meta, rt_tensors, what, int8_qp)
     model.eval().to(device)
     del tensors, dense, layer_t
     _release_freed_memory()
@@ -306,6 +283,55 @@ def load_packed(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
     except (OSError, ValueError):
         tok = None
     return model, tok
+
+
+def _load_linears(model: nn.Module, *, specs: dict[str, LinearSpec], layer_t: dict, tensors: dict, dtype, backend: str, device: str, int8: dict) -> dict[str, ModuleRecord]:
+    """Stored linears into the skeleton: runtime modules (compressed), the decoded weight
+    (LLM.int8() linears, converted once loaded); their tensors leave ``tensors``."""
+    from ..runtime.qlinear import build_linear
+
+    records = {}
+    for name, spec in specs.items():
+        try:
+            lin = get_module(model, name)
+        except (AttributeError, UserError):
+            raise UserError(f"checkpoint layer {name}: the model of config.json has no such module") from None
+        if not isinstance(lin, nn.Linear) or (lin.out_features, lin.in_features) != (spec.out_features, spec.in_features):
+            raise UserError(f"checkpoint layer {name}: shape {[spec.out_features, spec.in_features]} does not fit the model's {type(lin).__name__}")
+        records[name] = _record(name, spec, layer_t.get(name))
+        if spec.kind == "dense":
+            continue
+        if name in int8:  # the weight the LLM.int8() linear multiplies its outlier columns with
+            lin.weight = nn.Parameter(decode_weight(spec, layer_t[name], dtype), requires_grad=False)
+        else:
+            bias = tensors.pop(f"{name}.bias", None)
+            if (bias is None) != (lin.bias is None):
+                raise UserError(f"checkpoint layer {name}: bias {'missing' if bias is None else 'unexpected'}")
+            set_module(model, name, build_linear(spec, layer_t[name], None if bias is None else bias.to(dtype), backend, device))
+        for k in layer_t[name]:
+            del tensors[f"{name}.{k}"]
+    return records
+
+
+def _tie(model: nn.Module, meta: dict, specs: dict, records: dict, layer_t: dict, dtype, what: str) -> None:
+    """Tied tensors: embeddings read from a quantized head, the other ties re-made."""
+    tied_quant = meta.get("tied_quant_embeddings") or {}
+    for emb_key, lin_name in tied_quant.items():
+        owner = emb_key.rsplit(".", 1)[0]
+        if lin_name not in specs or specs[lin_name].kind == "dense" or not isinstance(get_module(model, owner), nn.Embedding):
+            raise UserError(f"{what}: embedding {owner} is tied to {lin_name}, which is not a stored quantized linear")
+        qp, lt = records[lin_name].qparams, layer_t[lin_name]
+        per_row = qp is not None and qp.zero_point is None and qp.scale.numel() == specs[lin_name].out_features
+        rows = qp.scale if per_row and "exc_index" not in lt and "g_idx" not in lt else None
+        emb = get_module(model, owner)
+        set_module(model, owner, QuantEmbedding(get_module(model, lin_name), emb.padding_idx, dtype, rows, getattr(emb, "embed_scale", None)))
+    if not tied_quant:
+        model.tie_weights()
+    for alias, target in (meta.get("tied") or {}).items():  # whatever tie_weights did not re-tie
+        owner, attr = alias.rsplit(".", 1)
+        t = model.get_parameter(target)
+        if getattr(get_module(model, owner), attr, None) is not t:
+            setattr(get_module(model, owner), attr, t)
 
 
 def _release_freed_memory() -> None:
@@ -326,9 +352,10 @@ class QuantEmbedding(nn.Module):
 
     With ``row_scales`` (symmetric codes, one scale per row, no kept exceptions) a lookup
     gathers only the rows' codes and scales them; otherwise the whole table is dequantized
-    per call. Equal to the fake-quantized model's tied embedding either way."""
+    per call. Equal to the fake-quantized model's tied embedding either way. ``embed_scale``:
+    the factor a scaled embedding (gemma3's sqrt(hidden)) multiplies its rows with."""
 
-    def __init__(self, linear: nn.Module, padding_idx: int | None = None, dtype: torch.dtype = torch.float32, row_scales: torch.Tensor | None = None):
+    def __init__(self, linear: nn.Module, padding_idx: int | None = None, dtype: torch.dtype = torch.float32, row_scales: torch.Tensor | None = None, embed_scale: torch.Tensor | None = None):
         super().__init__()
         self.dtype = dtype
         self.linear = [linear]  # not a submodule: the head owns its buffers (counted once)
@@ -338,6 +365,7 @@ class QuantEmbedding(nn.Module):
         gather = row_scales is not None and codes is not None and tuple(codes.shape) == (self.num_embeddings, self.embedding_dim)
         # float32 scales: the head's kernel may hold them rounded to its activation dtype
         self.register_buffer("row_scales", row_scales.float().reshape(-1) if gather else None, persistent=False)
+        self.register_buffer("embed_scale", None if embed_scale is None else embed_scale.detach().clone(), persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -346,8 +374,10 @@ class QuantEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         lin = self.linear[0]
         if self.row_scales is not None:
-            return (lin.codes[ids].float() * self.row_scales[ids].unsqueeze(-1)).to(self.dtype)
-        return F.embedding(ids, lin.dequantized_weight()).to(self.dtype)
+            out = (lin.codes[ids].float() * self.row_scales[ids].unsqueeze(-1)).to(self.dtype)
+        else:
+            out = F.embedding(ids, lin.dequantized_weight()).to(self.dtype)
+        return out if self.embed_scale is None else out * self.embed_scale.to(self.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, tied to a quantized linear"

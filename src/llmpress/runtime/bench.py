@@ -78,7 +78,7 @@ def plan_variants(targets: list[str], baseline: str | None = None) -> tuple[list
     """fp32 and bf16 of the baseline, then one variant per packed checkpoint in ``targets``
     (``DIR@torch`` / ``DIR@dequant``: that checkpoint with torch's kernels / the exact
     fallback, beside the default ``auto``)."""
-    from ..export.packed import FORMAT, read_manifest
+    from ..export.packed import packed_version, read_manifest
     from .qlinear import BACKENDS
 
     packed, bases = [], set()
@@ -87,7 +87,7 @@ def plan_variants(targets: list[str], baseline: str | None = None) -> tuple[list
         if "@" in t and t.rsplit("@", 1)[1] in BACKENDS:
             t, backend = t.rsplit("@", 1)
         meta = read_manifest(t) if Path(t).is_dir() else None
-        if meta and meta.get("format") == FORMAT:
+        if packed_version(meta) is not None:
             packed.append(Variant(name=Path(t).name + ("" if backend == "auto" else f"@{backend}"), kind="packed", path=t, backend=backend))
             model = ((meta.get("report") or {}).get("model"))
             if model:

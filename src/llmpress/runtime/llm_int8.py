@@ -82,15 +82,17 @@ class LLMInt8Linear(nn.Linear):
         return super().extra_repr() + f", llm_int8(threshold={self.threshold}, backend={self.backend})"
 
 
-def install_llm_int8(linear: nn.Linear, threshold: float = 6.0, outlier_weights: str = "int8", backend: str = "auto") -> QParams:
+def install_llm_int8(linear: nn.Linear, threshold: float = 6.0, outlier_weights: str = "int8", backend: str = "auto", qparams: QParams | None = None) -> QParams:
     """Turn ``linear`` into an :class:`LLMInt8Linear` in place; returns the weight's qparams.
 
     With ``outlier_weights="int8"`` the float weight is replaced by its dequantized int8
     values (what the model stores); with ``"float"`` it is kept for the outlier columns.
+    ``qparams``: the per-channel scales of a weight already on its int8 grid (a loaded
+    checkpoint), reused as they are instead of recomputed from the weight.
     """
     if outlier_weights not in ("int8", "float"):
         raise RecipeError(f"outlier_weights={outlier_weights!r}: expected 'int8' or 'float'")
-    codes, scale = weight_codes(linear.weight)
+    codes, scale = weight_codes(linear.weight, qparams)
     if outlier_weights == "int8":
         linear.weight.data.copy_((codes.float() * scale.unsqueeze(1)).to(linear.weight.dtype))
     linear.__class__ = LLMInt8Linear

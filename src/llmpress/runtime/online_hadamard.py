@@ -26,8 +26,9 @@ Attachment points (all keep parameter names unchanged, so checkpoints still load
 
 Matrices are kept in float64 (cast to the activation dtype when applied) so that the
 folded weights and the online transform match to float32 precision. Buffers are
-non-persistent: a saved model holds the folded weights only, so it needs
-these modules re-attached when loaded (``model.config.llmpress_transforms`` records them).
+non-persistent: a state dict holds the folded weights only; the packed checkpoint stores
+these modules beside it (:mod:`llmpress.runtime.rotation_state`,
+:mod:`llmpress.export.runtime_state`) and re-attaches them when loaded.
 """
 from __future__ import annotations
 

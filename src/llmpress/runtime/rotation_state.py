@@ -73,6 +73,35 @@ def export_runtime(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
     return desc, tensors
 
 
+def is_empty(desc: dict) -> bool:
+    """True when :func:`export_runtime` found nothing attached (a model without a runtime)."""
+    return not (desc["attention"] or desc["mlp_in"] or desc["out_rot"])
+
+
+def tensor_names(desc: dict) -> set[str]:
+    """Names of the tensors :func:`import_runtime` needs for ``desc``."""
+    parts = {"hadamard": (), "dense": ("m",), "blocks": ("r1", "perm", "r2")}
+    return {f"{key}.{p}" for key, d in desc["rotations"].items() for p in parts[d["kind"]]}
+
+
+def summary(desc: dict) -> list[str]:
+    """What ``desc`` holds, in words (one item per kind of site)."""
+    att = desc["attention"].values()
+    sites = {
+        "q/k per head": sum(a["qk"] is not None for a in att),
+        "o_proj input": sum(a["o"] is not None for a in att),
+        "down_proj input": len(desc["mlp_in"]),
+        "norm output": len(desc["out_rot"]),
+    }
+    out = []
+    if any(sites.values()):
+        out.append("online rotations (" + ", ".join(f"{k} x{v}" for k, v in sites.items() if v) + ")")
+    kv = sum(a["keys"] is not None or a["values"] is not None for a in att)
+    if kv:
+        out.append(f"KV-cache quantizers ({kv} attention modules)")
+    return out
+
+
 def _build(key: str | None, desc: dict, tensors: dict, cache: dict) -> OnlineRotation | None:
     if key is None:
         return None
