@@ -242,8 +242,8 @@ def save(model: nn.Module, tokenizer, out: Path, *, report: Report | None = None
     if format not in SAVE_FORMATS:
         raise UserError(f"save format {format!r} unknown; expected one of {', '.join(SAVE_FORMATS)}")
     out = Path(out)
-    if os.path.lexists(out) and not overwrite:
-        io_safety.check_out(out, overwrite)  # the one message for an existing folder or file
+    if os.path.lexists(out):
+        io_safety.check_out(out, overwrite)  # the one message for an existing folder (without overwrite) or file
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = io_safety.temp_sibling(out)

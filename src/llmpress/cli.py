@@ -186,6 +186,10 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "compress":
         if args.calib_data is not None and not api.needs_calibration(args.recipe):
+            if args.calib_data not in ("wiki", "news"):
+                from .data import read_text_file
+
+                read_text_file(args.calib_data)  # a missing or empty file is an error, not this warning
             print(f"llmpress: warning: --calib-data {args.calib_data} is not used: recipe {args.recipe} gathers no calibration data", file=sys.stderr)
         report = api.run_pipeline(**compress_options(args))
         print(f"\nllmpress compress {args.model} --recipe {args.recipe}")

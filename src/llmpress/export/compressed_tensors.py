@@ -119,19 +119,18 @@ def export_compressed_tensors(src: str | Path, out: str | Path, *, dtype: str = 
     file, not ``src`` nor inside it, writable), locked, and written atomically.
     """
     src = Path(src)
-    out = check_out(out, overwrite, inputs=(src,))
-    with OutputLock(out=out):
-        return _write_export(src, out, dtype=dtype, overwrite=overwrite)
-
-
-def _write_export(src: Path, out: Path, *, dtype: str, overwrite: bool) -> Path:
-    from safetensors.torch import save_file
-    from transformers import AutoConfig
-
-    src, out = Path(src), Path(out)
     meta = read_manifest(src)
     if meta is None or meta.get("format") != FORMAT:
         raise UserError(f"{src}: not a packed llmpress checkpoint (write one with `llmpress compress ... --out DIR`)")
+    out = check_out(out, overwrite, inputs=(src,))
+    with OutputLock(out=out):
+        return _write_export(src, out, meta=meta, dtype=dtype, overwrite=overwrite)
+
+
+def _write_export(src: Path, out: Path, *, meta: dict, dtype: str, overwrite: bool) -> Path:
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
     dt = _DTYPES.get(meta.get("dtype") if dtype == "auto" else str(getattr(torch, dtype, None)))
     if dt is None or not dt.is_floating_point:
         raise UserError(f"dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
