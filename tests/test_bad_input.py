@@ -269,7 +269,13 @@ def test_out_not_writable(tmp_path, tiny_model_dir, tiny_text_file, capsys, monk
     # the --json report too, before any work
     argv = _argv(tiny_model_dir, tiny_text_file, tmp_path / "outs" / "result", "--json", "/proc/llmpress-report.json")
     _fails(capsys, argv, "--json '/proc/llmpress-report.json'", "not writable")
-    assert _listing(tmp_path / "outs") == []
+    argv = _argv(tiny_model_dir, tiny_text_file, tmp_path / "outs" / "result", "--json", str(tmp_path))
+    _fails(capsys, argv, f"--json '{tmp_path}' is a folder", "pass a file path")
+    argv = _argv(tiny_model_dir, tiny_text_file, tmp_path / "outs" / "result", "--offload-dir", str(tmp_path / "afile" / "act"))
+    _fails(capsys, argv, "--offload-dir", "is a file, not a folder")
+    argv = _argv(tiny_model_dir, tiny_text_file, tmp_path / "outs" / "result", "--offload-dir", "/proc/llmpress-act")
+    _fails(capsys, argv, "--offload-dir '/proc/llmpress-act'", "not writable")
+    assert _listing(tmp_path / "outs") == [] and (tmp_path / "afile").read_text() == "x"
 
 
 def test_out_locked_by_a_live_run(outs, tiny_model_dir, tiny_text_file, capsys, monkeypatch):

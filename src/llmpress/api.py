@@ -327,6 +327,7 @@ def run_pipeline(
     recipe = _as_recipe(recipe)  # validate before any heavy work
     out_path = _prepare_out(out, overwrite)
     io_safety.check_file_out(json_path)
+    io_safety.check_work_folder(engine.offload_dir if engine else None)
     for source in (calib.source, evaluation.source if evaluation is not None else "wiki"):
         if source not in ("wiki", "news"):  # a missing or empty text file fails now, even if unused
             data_mod.read_text_file(source)

@@ -99,6 +99,18 @@ def check_file_out(path: str | os.PathLike | None, what: str = "--json") -> None
         raise UserError(f"{what} {str(p)!r}: folder {str(anc)!r} is not writable; choose a path in a writable folder")
 
 
+def check_work_folder(path: str | os.PathLike | None, what: str = "--offload-dir") -> None:
+    """A folder the run will write into (made if missing): refused now if it cannot be."""
+    if not path:
+        return
+    p = Path(path).expanduser()
+    anc = _existing_ancestor(p)
+    if not anc.is_dir():
+        raise UserError(f"{what} {str(p)!r}: {str(anc)!r} is a file, not a folder; pass a folder path")
+    if not _can_create_in(anc):
+        raise UserError(f"{what} {str(p)!r}: folder {str(anc)!r} is not writable; choose a path in a writable folder")
+
+
 def _can_create_in(folder: Path) -> bool:
     """Whether a file can be made in ``folder`` (tried, then removed: permissions alone lie to root)."""
     try:
