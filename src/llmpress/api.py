@@ -1,12 +1,12 @@
 """The one entry point: ``compress(model, recipe, data) -> Report``, and the full pipeline."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from . import data as data_mod
-from . import models
+from . import io_safety, models
 from .arch import get_arch, get_module, set_module
 from .calib.engine import EngineOptions, plan, run as run_engine
 from .errors import UserError
@@ -40,6 +40,11 @@ class CalibConfig:
     seed: int = 0
     batch_size: int = 8
 
+    def __post_init__(self):
+        _at_least(self.n_samples, 1, "calibration samples (--calib-samples)")
+        _at_least(self.seqlen, 2, "calibration window length (--calib-seqlen)")
+        _at_least(self.batch_size, 1, "batch size (--batch-size)")
+
 
 @dataclass(kw_only=True, frozen=True)
 class EvalConfig:
@@ -47,6 +52,18 @@ class EvalConfig:
     seqlen: int = 512
     max_windows: int | None = 64
     batch_size: int = 4
+
+    def __post_init__(self):
+        _at_least(self.seqlen, 2, "evaluation window length (--seqlen)")
+        if self.max_windows is not None:
+            _at_least(self.max_windows, 1, "evaluation windows (--eval-windows)")
+        _at_least(self.batch_size, 1, "evaluation batch size")
+
+
+def _at_least(value, low: int, what: str) -> None:
+    """Settings that would fail deep inside a run (a division by zero, an empty tensor) fail here."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UserError(f"{what} must be an integer of at least {low}, got {value!r}")
 
 
 def _bos(tokenizer, model) -> int | None:
@@ -102,9 +119,8 @@ def compress(
     validate(model, recipe)
     engine = engine or EngineOptions(batch_size=calib.batch_size)
     seconds: dict[str, float] = {}
-    needs_data = any(METHODS[s.method].needs or METHODS[s.method].scope != "module" for s in recipe.stages)
     calib_info = {}
-    if needs_data and data is None:
+    if needs_calibration(recipe) and data is None:
         if tokenizer is None:
             raise UserError("this recipe needs calibration data: pass `data` (token windows) or `tokenizer`")
         t = time.perf_counter()
@@ -143,8 +159,24 @@ def compress(
     return report
 
 
+def needs_calibration(recipe) -> bool:
+    """Whether some stage of ``recipe`` gathers statistics from calibration data."""
+    return any(METHODS[s.method].needs or METHODS[s.method].scope != "module" for s in _as_recipe(recipe).stages)
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse a model with NaN or Inf weights: every method would turn them into a useless checkpoint."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+            bad = p.detach().isnan().sum().item(), p.detach().isinf().sum().item()
+            raise UserError(
+                f"model weight {name} has {bad[0]} NaN and {bad[1]} Inf values; the checkpoint is damaged: "
+                "use an intact copy of the model (nothing was compressed)"
+            )
+
+
 def validate(model: nn.Module, recipe: Recipe) -> None:
-    """Check a recipe against a model before touching any weight (group sizes, empty targets)."""
+    """Check a recipe against a model before touching any weight (group sizes, empty targets, finite weights)."""
     spec = get_arch(model)
     targets = plan(model, spec, recipe)
     for i, st in enumerate(recipe.stages):
@@ -161,6 +193,7 @@ def validate(model: nn.Module, recipe: Recipe) -> None:
                     raise UserError(
                         f"layer {name}: {f.name} group_size {qa.group_size} does not divide the input dimension {mod.in_features}"
                     )
+    check_finite(model)
 
 
 def _record_summary(r: ModuleRecord) -> dict:
@@ -187,14 +220,10 @@ def _environment(device) -> dict:
 
 
 def _prepare_out(out: str | None, overwrite: bool) -> Path | None:
+    """The output folder, refused now if it could not be written at the end (see :mod:`llmpress.io_safety`)."""
     if out is None:
         return None
-    p = Path(out).expanduser()
-    if p.exists() and not overwrite:
-        raise UserError(f"output folder {str(p)!r} exists; pass --overwrite to replace it")
-    if p.exists() and not p.is_dir():
-        raise UserError(f"output path {str(p)!r} exists and is not a folder")
-    return p
+    return io_safety.check_out(out, overwrite)
 
 
 SAVE_FORMATS = ("packed", "hf-fakequant")
@@ -213,9 +242,13 @@ def save(model: nn.Module, tokenizer, out: Path, *, report: Report | None = None
     if format not in SAVE_FORMATS:
         raise UserError(f"save format {format!r} unknown; expected one of {', '.join(SAVE_FORMATS)}")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the renamed folder is an ordinary output
+    if os.path.lexists(out):
+        io_safety.check_out(out, overwrite)  # the one message for an existing folder (without overwrite) or file
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = io_safety.temp_sibling(out)
+    except OSError as e:
+        raise io_safety.write_error(out, e) from None
     wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuantLinear)]
     try:
         if format == "packed":
@@ -239,15 +272,10 @@ def save(model: nn.Module, tokenizer, out: Path, *, report: Report | None = None
                 "report": report.to_dict() if report else None,
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=repr))
-        if out.exists():
-            if not overwrite:
-                raise UserError(f"output folder {str(out)!r} exists; pass --overwrite to replace it")
-            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        io_safety.replace_folder(tmp, out, overwrite)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise io_safety.write_error(out, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -293,7 +321,13 @@ def run_pipeline(
     engine: EngineOptions | None = None,
     save_format: str = "packed",
 ) -> Report:
-    """Load, evaluate the baseline, compress, evaluate again, save: what `llmpress compress` does."""
+    """Load, evaluate the baseline, compress, evaluate again, save: what `llmpress compress` does.
+
+    Everything checkable is checked before the model loads (recipe, settings, output
+    folder, text files) or right after, before the baseline evaluation (the recipe
+    against the model, finite weights, enough tokens for the windows). The output
+    folder is locked for the whole run (:mod:`llmpress.io_safety`).
+    """
     if save_format not in SAVE_FORMATS:
         raise UserError(f"save format {save_format!r} unknown; expected one of {', '.join(SAVE_FORMATS)}")
     recipe = _as_recipe(recipe)  # validate before any heavy work
@@ -302,15 +336,33 @@ def run_pipeline(
 
         check_save_format(recipe, save_format)
     out_path = _prepare_out(out, overwrite)
+    io_safety.check_file_out(json_path)
+    io_safety.check_work_folder(engine.offload_dir if engine else None)
     for source in (calib.source, evaluation.source if evaluation is not None else "wiki"):
         if source not in ("wiki", "news"):  # a missing or empty text file fails now, even if unused
             data_mod.read_text_file(source)
+    with io_safety.OutputLock(out=out_path) if out_path is not None else contextlib.nullcontext():
+        return _pipeline(
+            model_spec, recipe, out_path=out_path, json_path=json_path, calib=calib, evaluation=evaluation,
+            device=device, overwrite=overwrite, engine=engine, save_format=save_format,
+        )  # fmt: skip
+
+
+def _pipeline(
+    model_spec: str, recipe: Recipe, *, out_path: Path | None, json_path: str | None, calib: CalibConfig,
+    evaluation: EvalConfig | None, device: str, overwrite: bool, engine: EngineOptions | None, save_format: str,
+) -> Report:  # fmt: skip
     progress = engine.progress if engine else True
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     model, tok = models.load(model_spec, device=device)
-    validate(model, recipe)  # group sizes, empty targets: fail before the baseline evaluation
+    validate(model, recipe)  # group sizes, empty targets, finite weights: fail before the baseline evaluation
     seconds["load"] = time.perf_counter() - t
+    calib_data = None
+    if needs_calibration(recipe):  # too little text fails now, not after the baseline evaluation
+        t = time.perf_counter()
+        calib_data = calibration_windows(tok, model, calib)
+        seconds["calibration_data"] = time.perf_counter() - t
     baseline: dict = model_size(model)
     windows = None
     if evaluation is not None:
@@ -320,7 +372,7 @@ def run_pipeline(
         t = time.perf_counter()
         baseline["ppl"] = perplexity(model, windows, evaluation.batch_size, progress, "baseline ppl")
         seconds["baseline_eval"] = time.perf_counter() - t
-    report = compress(model, recipe, tokenizer=tok, calib=calib, engine=engine)
+    report = compress(model, recipe, calib_data, tokenizer=tok, calib=calib, engine=engine)
     report.model = model_spec
     report.baseline = baseline
     report.seconds = {**seconds, **report.seconds}

@@ -13,11 +13,34 @@ from .errors import UserError
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (same code path)")
     p.add_argument("--eval-windows", type=_windows, default=64, help="test windows for perplexity (an integer or 'all'; default 64)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512; 2048 selectable)")
+    p.add_argument("--seqlen", type=_at_least(2), default=512, help="tokens per window (default 512; 2048 selectable)")
     p.add_argument("--eval-data", default="wiki", help="perplexity text: wiki (packaged), news (packaged) or a .txt/.jsonl path")
     p.add_argument("--json", dest="json_path", help="write the report as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (no usage block), like every other llmpress error."""
+
+    def error(self, message: str):
+        self.exit(2, f"llmpress: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _at_least(low: int):
+    """An argparse type: an integer of at least ``low``."""
+
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
+        return n
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
 
 
 def _windows(v: str):
@@ -33,7 +56,7 @@ def _windows(v: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="llmpress", description="Compress causal LMs and report what it cost.")
+    ap = _Parser(prog="llmpress", description="Compress causal LMs and report what it cost.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="compress a model with a recipe, evaluate before/after, save")
@@ -41,11 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", required=True, help="preset name (see `llmpress recipes`) or YAML file")
     c.add_argument("--out", help="output folder (written atomically)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    c.add_argument("--calib-data", default="wiki", help="calibration text: wiki, news, or a .txt/.jsonl path")
-    c.add_argument("--calib-samples", type=int, default=128)
-    c.add_argument("--calib-seqlen", type=int, default=512)
+    c.add_argument("--calib-data", default=None, help="calibration text: wiki, news, or a .txt/.jsonl path")
+    c.add_argument("--calib-samples", type=_at_least(1), default=128)
+    c.add_argument("--calib-seqlen", type=_at_least(2), default=512)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    c.add_argument("--batch-size", type=_at_least(1), default=8, help="calibration windows per forward pass")
     c.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                    help="gather all of a block's statistics before compressing any of its linears (default: group by group, in data-flow order)")
     c.add_argument("--offload-dir", help="keep block activations on disk in this folder")
@@ -93,11 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()  # our own bars cover the long steps
         return _dispatch(args)
     except UserError as e:
-        print(f"llmpress: error: {e}", file=sys.stderr)
+        print(f"llmpress: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("llmpress: interrupted; no output was written", file=sys.stderr)
         return 130
+
+
+def _one_line(e: Exception) -> str:
+    return "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
 
 
 def eval_config(args):
@@ -113,7 +140,7 @@ def compress_options(args) -> dict:
     from .calib.engine import EngineOptions
 
     calib = api.CalibConfig(
-        source=args.calib_data, n_samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed, batch_size=args.batch_size
+        source="wiki" if args.calib_data is None else args.calib_data, n_samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed, batch_size=args.batch_size
     )
     engine = EngineOptions(
         batch_size=args.batch_size, true_sequential=args.true_sequential, offload_dir=args.offload_dir, progress=not args.no_progress
@@ -158,6 +185,12 @@ def _dispatch(args) -> int:
             print(f"results: {args.json_path}")
         return 0
     if args.command == "compress":
+        if args.calib_data is not None and not api.needs_calibration(args.recipe):
+            if args.calib_data not in ("wiki", "news"):
+                from .data import read_text_file
+
+                read_text_file(args.calib_data)  # a missing or empty file is an error, not this warning
+            print(f"llmpress: warning: --calib-data {args.calib_data} is not used: recipe {args.recipe} gathers no calibration data", file=sys.stderr)
         report = api.run_pipeline(**compress_options(args))
         print(f"\nllmpress compress {args.model} --recipe {args.recipe}")
         print(report.table())

@@ -124,6 +124,47 @@ def resolve(spec: str) -> tuple[str, bool]:
     return spec, False
 
 
+def _file_shapes(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """tensor name -> (file name, shape) from the safetensors headers (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    out[k] = (f.name, tuple(sf.get_slice(k).get_shape()))
+        except (SafetensorError, OSError) as e:
+            raise UserError(
+                f"model folder {str(folder)!r}: {f.name} is damaged or truncated ({e}); download or convert the model again"
+            ) from None
+    return out
+
+
+def check_weight_files(folder: Path, trust_remote_code: bool = False) -> None:
+    """Refuse damaged weights files, and a config.json whose shapes disagree with them, before loading."""
+    shapes = _file_shapes(folder)
+    if not shapes:
+        return  # no safetensors file: from_pretrained says what is missing
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - an unusable config is reported by the real load
+        return
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    bad = [(k, f, shp, expected[k]) for k, (f, shp) in shapes.items() if k in expected and shp != expected[k]]
+    if bad:
+        k, f, shp, exp = bad[0]
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise UserError(
+            f"model folder {str(folder)!r}: config.json disagrees with the weights: {k} is {list(shp)} in {f}, "
+            f"config.json implies {list(exp)}{more}; restore the config.json that came with these weights"
+        )
+
+
 def load(
     spec: str = DEFAULT_MODEL,
     device: str | torch.device = "cpu",
@@ -133,13 +174,18 @@ def load(
     """Load ``spec`` (packaged alias, local folder or hub id) as (model, tokenizer), eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from safetensors import SafetensorError
+
     where, local = resolve(spec)
     kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     if local:
         kwargs["local_files_only"] = True
+        check_weight_files(Path(where), trust_remote_code=trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, local_files_only=local)
+    except SafetensorError as e:
+        raise UserError(f"model {spec!r}: a safetensors weights file is damaged or truncated ({e}); download or convert the model again") from None
     except (OSError, ValueError) as e:
         if local:
             raise UserError(f"could not load model from {where!r}: {e}") from e

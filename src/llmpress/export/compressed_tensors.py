@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from ..io_safety import OutputLock, check_out, replace_folder, temp_sibling, write_error
 from ..quant.args import QuantArgs
 from .codec import LinearSpec, decode_qparams, decode_quant, decode_weight
 from . import runtime_state
@@ -162,14 +163,19 @@ def export_compressed_tensors(src: str | Path, out: str | Path, *, dtype: str = 
     """Write the compressed-tensors form of the packed checkpoint ``src`` into ``out``.
 
     ``dtype``: floating dtype of scales and unquantized tensors ("auto": as stored;
-    vLLM's int4/int8 kernels want float16 or bfloat16).
+    vLLM's int4/int8 kernels want float16 or bfloat16). ``out`` is checked first (not a
+    file, not ``src`` nor inside it, writable), locked, and written atomically.
     """
+    src = Path(src)
+    meta = _source_manifest(src)
+    out = check_out(out, overwrite, inputs=(src,))
+    with OutputLock(out=out):
+        return _write_export(src, out, meta=meta, dtype=dtype, overwrite=overwrite)
+
+
+def _write_export(src: Path, out: Path, *, meta: dict, dtype: str, overwrite: bool) -> Path:
     from safetensors.torch import save_file
 
-    src, out = Path(src), Path(out)
-    meta = _source_manifest(src)
-    if out.exists() and not overwrite:
-        raise UserError(f"output folder {str(out)!r} exists; pass --overwrite to replace it")
     dt = _DTYPES.get(meta.get("dtype") if dtype == "auto" else str(getattr(torch, dtype, None)))
     if dt is None or not dt.is_floating_point:
         raise UserError(f"dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
@@ -207,10 +213,10 @@ def export_compressed_tensors(src: str | Path, out: str | Path, *, dtype: str = 
         raise UserError(f"{src}: no quantized layer to export (compressed-tensors needs at least one)")
     qcfg = _quantization_config(src, groups)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp = temp_sibling(out)
+    except OSError as e:
+        raise write_error(out, e) from None
     try:
         cfg = json.loads((src / "config.json").read_text())
         cfg["quantization_config"] = qcfg
@@ -224,9 +230,10 @@ def export_compressed_tensors(src: str | Path, out: str | Path, *, dtype: str = 
             if (src / f).exists():
                 shutil.copy2(src / f, tmp / f)
         (tmp / META_FILE).write_text(json.dumps({"format": "compressed-tensors", "source": str(src), "sparsity": structure}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_folder(tmp, out, overwrite)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(out, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
