@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import io
+import os
 import sys
 import threading
 import time
@@ -55,11 +57,18 @@ def _stream():
 
 
 def is_terminal(stream=None) -> bool:
+    """A terminal that can draw a bar (a pseudo-terminal without a size, as some CI runners
+    allocate, gets plain lines: tqdm would draw nothing at width 0)."""
     stream = stream or _stream()
     try:
-        return bool(stream.isatty())
+        if not stream.isatty():
+            return False
     except (AttributeError, ValueError):  # closed or file-like without isatty
         return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):  # no descriptor: trust isatty
+        return True
 
 
 def _stack() -> list["Bar"]:
@@ -173,21 +182,24 @@ class Bar:
         root = self
         while root.parent is not None:
             root = root.parent
-        if root is self:
-            self._milestone()
+        if root is self and self._milestone():
+            return
         if root.active and not root.closed and time.monotonic() - root._last >= HEARTBEAT_S:
             root._line(root._pct())
 
-    def _milestone(self) -> None:
+    def _milestone(self) -> bool:
+        """Print a line if a new milestone (0, 25, .. %) was reached; whether it did."""
         pct = self._pct()
         if pct is None:
             if self.n == 0 and not self._printed:
-                self._line(None)
-            return
+                self._line(None, mark=0)
+                return True
+            return False
         reached = [m for m in MILESTONES if m <= pct and m not in self._printed]
         if reached:
             self._line(pct, mark=max(reached))
             self._printed.update(reached)
+        return bool(reached)
 
     def _line(self, pct: int | None, mark: int | None = None, final: bool = False) -> None:
         now = time.monotonic()
