@@ -254,3 +254,18 @@ def test_eval_cli_kernel_notice_follows_no_progress(capsys, fake_build, monkeypa
         err = capsys.readouterr().err
         assert (cpu_kernels.BUILD_NOTICE in err) is shown
         assert ("ppl:" in err) is shown
+
+
+def test_cli_compress_log_has_lines_not_redraws(capsys, tmp_path, tiny_model_dir, tiny_text_file):
+    """A whole `llmpress compress` into a log file: every step's lines, no '\\r' (transformers' own bars off)."""
+    from llmpress.cli import main
+
+    args = ["compress", str(tiny_model_dir), "--recipe", "rtn-w4g64", "--out", str(tmp_path / "o"), "--format", "hf-fakequant",
+            "--eval-data", str(tiny_text_file), "--eval-windows", "2", "--seqlen", "32"]
+    capsys.readouterr()  # drop what the fixtures printed while saving the tiny model
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert [ln.split(":")[0] for ln in _lines(err) if "100%" in ln] == ["baseline ppl", "compress (rtn)", "compressed ppl"]
+    assert main(args[:5] + [str(tmp_path / "o2")] + args[6:] + ["--no-progress"]) == 0
+    assert capsys.readouterr().err == ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 
 from . import progress
@@ -165,8 +166,6 @@ def _dispatch(args) -> int:
         return analysis_cli.run(args)
     if args.command == "recipes":
         from .recipe import load_recipe, presets
-
-        import shutil
 
         wrap = shutil.get_terminal_size().columns if sys.stdout.isatty() else None  # a pipe gets one line per preset
         print(recipes_table([(name, load_recipe(name).description) for name in presets()], wrap))
