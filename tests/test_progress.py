@@ -163,6 +163,7 @@ def test_duquant_reports_each_rotation(capsys, calib):
     _run(stage("duquant", windows=4, block_size=16, steps=4), calib, True)
     err = capsys.readouterr().err
     assert "\r" not in err
+    assert _parsed(err, "duquant statistics") == [(0, 0, 1), (100, 1, 1)]  # 4 windows, one batch of 4
     got = _parsed(err, "duquant search")
     # offline residual (1) + per block o_proj and down_proj inputs (2 x 2 blocks)
     assert got[0] == (0, 0, 5) and got[-1] == (100, 5, 5)

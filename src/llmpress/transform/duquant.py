@@ -170,7 +170,7 @@ def collect_inputs(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, site
             handles.append(get_module(block, path).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            for ids in windows.split(batch):
+            for ids in progress.track(windows.split(batch), "duquant statistics", "batch"):
                 model(input_ids=ids, use_cache=False)
     finally:
         for h in handles:
