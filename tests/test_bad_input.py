@@ -402,13 +402,6 @@ def test_truncated_packed_checkpoint(tmp_path, packed_ckpt, tiny_text_file, caps
     assert not [n for n in _listing(tmp_path) if n == "ct" or n.startswith(".ct.")]
 
 
-def _has_version_check() -> bool:
-    from llmpress.export import packed
-
-    return hasattr(packed, "check_packed")
-
-
-@pytest.mark.xfail(not _has_version_check(), reason="needs the format-version check of branch a-packed; drop this mark once merged", strict=True)
 def test_future_packed_format(tmp_path, packed_ckpt, tiny_text_file, capsys):
     meta_file = packed_ckpt / "llmpress.json"
     meta = json.loads(meta_file.read_text())

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from . import data as data_mod
 from . import io_safety, models
+from .progress import scope as progress_scope
 from .arch import get_arch, get_module, set_module
 from .calib.engine import EngineOptions, plan, run as run_engine
 from .errors import UserError
@@ -133,7 +134,8 @@ def compress(
         m = METHODS[st.method]
         if m.scope == "model":
             t = time.perf_counter()
-            m.apply(model, spec, data, st)
+            with progress_scope(engine.progress):  # model-scope methods' bars follow the engine's switch
+                m.apply(model, spec, data, st)
             seconds[f"stage{i}:{st.method}"] = time.perf_counter() - t
     try:
         result = run_engine(model, spec, recipe, data, engine)
@@ -396,7 +398,8 @@ def _pipeline(
 def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: str = "cpu", progress: bool = True) -> Report:
     """Perplexity, size and bits of a model or a folder saved by llmpress."""
     t = time.perf_counter()
-    model, tok = load_compressed(model_spec, device)
+    with progress_scope(progress):  # building the CPU kernels (first use) says so, unless silenced
+        model, tok = load_compressed(model_spec, device)
     seconds = {"load": time.perf_counter() - t}
     windows = evaluation_windows(tok, model, evaluation)
     t = time.perf_counter()

@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 
+from . import progress
 from .analysis import cli as analysis_cli
 from .errors import UserError
 
@@ -16,8 +18,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=_at_least(2), default=512, help="tokens per window (default 512; 2048 selectable)")
     p.add_argument("--eval-data", default="wiki", help="perplexity text: wiki (packaged), news (packaged) or a .txt/.jsonl path")
     p.add_argument("--json", dest="json_path", help="write the report as JSON here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines (errors and warnings still print)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what each step does (INFO level)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,8 +57,38 @@ def _windows(v: str):
     return n
 
 
+def _version() -> str:
+    """The installed distribution's version (what pip reports), else the package's own."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llmpress")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        from . import __version__
+
+        return __version__
+
+
+def recipes_table(rows: list[tuple[str, str]], line_width: int | None = None) -> str:
+    """Preset names in a column as wide as the longest name, then the descriptions;
+    with ``line_width`` (a terminal's) a long description wraps under its own column."""
+    import textwrap
+
+    width = max((len(name) for name, _ in rows), default=0)
+    out = []
+    for name, desc in rows:
+        if line_width and line_width - width - 2 >= 30:
+            lines = textwrap.wrap(desc, line_width - width - 2) or [""]
+            out.append(f"{name:<{width}}  {lines[0]}".rstrip())
+            out += [" " * (width + 2) + ln for ln in lines[1:]]
+        else:
+            out.append(f"{name:<{width}}  {desc}".rstrip())
+    return "\n".join(out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="llmpress", description="Compress causal LMs and report what it cost.")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}", help="print the installed llmpress version and exit")
     sub = ap.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="compress a model with a recipe, evaluate before/after, save")
@@ -64,10 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", required=True, help="preset name (see `llmpress recipes`) or YAML file")
     c.add_argument("--out", help="output folder (written atomically)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    c.add_argument("--calib-data", default=None, help="calibration text: wiki, news, or a .txt/.jsonl path")
-    c.add_argument("--calib-samples", type=_at_least(1), default=128)
-    c.add_argument("--calib-seqlen", type=_at_least(2), default=512)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--calib-data", default=None, help="calibration text: wiki, news, or a .txt/.jsonl path (default: wiki)")
+    c.add_argument("--calib-samples", type=_at_least(1), default=128, help="calibration windows drawn from --calib-data (default 128)")
+    c.add_argument("--calib-seqlen", type=_at_least(2), default=512, help="tokens per calibration window (default 512)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw (default 0)")
     c.add_argument("--batch-size", type=_at_least(1), default=8, help="calibration windows per forward pass")
     c.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                    help="gather all of a block's statistics before compressing any of its linears (default: group by group, in data-flow order)")
@@ -78,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(c)
 
     e = sub.add_parser("eval", help="perplexity, size and bits of a model or a compressed folder")
-    e.add_argument("model")
+    e.add_argument("model", help="folder written by `llmpress compress --out`, or any model `compress` accepts")
     _add_common(e)
 
     x = sub.add_parser("export", help="convert a packed checkpoint to a format other tools load")
@@ -93,14 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="serving speed and memory: compressed checkpoints against fp32 and bf16, one run")
     b.add_argument("models", nargs="+", metavar="MODEL_OR_DIR", help="packed checkpoints (and/or the baseline model)")
     b.add_argument("--baseline", help="the uncompressed model (default: the one the checkpoints were made from)")
-    b.add_argument("--prefill-tokens", type=int, default=512)
-    b.add_argument("--decode-tokens", type=int, default=128)
+    b.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill measurement (default 512)")
+    b.add_argument("--decode-tokens", type=int, default=128, help="tokens generated per decode measurement (default 128)")
     b.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="decode batch sizes (default 1 8)")
     b.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
     b.add_argument("--no-layers", action="store_true", help="skip the per-layer kernel table")
     b.add_argument("--no-memory-probe", action="store_true", help="skip the per-variant subprocesses measuring peak RSS")
     b.add_argument("--json", dest="json_path", help="write the results as JSON here")
-    b.add_argument("-v", "--verbose", action="store_true")
+    b.add_argument("--no-progress", action="store_true", help="no progress lines (the results table still prints)")
+    b.add_argument("-v", "--verbose", action="store_true", help="log what each step does (INFO level)")
 
     sub.add_parser("recipes", help="list the preset recipes")
     analysis_cli.add_parser(sub)
@@ -114,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own bars cover the long steps
-        return _dispatch(args)
+        with progress.scope(not getattr(args, "no_progress", False)):  # --no-progress: every bar and notice
+            return _dispatch(args)
     except UserError as e:
         print(f"llmpress: error: {_one_line(e)}", file=sys.stderr)
         return 2
@@ -160,8 +194,8 @@ def _dispatch(args) -> int:
     if args.command == "recipes":
         from .recipe import load_recipe, presets
 
-        for name in presets():
-            print(f"{name:<18} {load_recipe(name).description}")
+        wrap = shutil.get_terminal_size().columns if sys.stdout.isatty() else None  # a pipe gets one line per preset
+        print(recipes_table([(name, load_recipe(name).description) for name in presets()], wrap))
         return 0
     if args.command == "export":
         from .export.compressed_tensors import export_compressed_tensors
@@ -174,7 +208,7 @@ def _dispatch(args) -> int:
 
         cfg = bench.BenchConfig(prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, batches=tuple(args.batches), repeats=args.repeats,
                                 layer_kernels=not args.no_layers, memory_probe=not args.no_memory_probe)
-        result = bench.run(args.models, args.baseline, cfg, progress=lambda m: print(f"bench: {m}", file=sys.stderr))
+        result = bench.run(args.models, args.baseline, cfg, progress=lambda m: progress.note(f"bench: {m}"))
         print(bench.table(result))
         if args.json_path:
             from pathlib import Path

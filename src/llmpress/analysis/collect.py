@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
+from .. import progress as progress_mod
 from ..arch import ArchSpec, blocks, get_arch, get_module
 from . import detect
 from .detect import Thresholds
@@ -389,7 +389,7 @@ def collect(
     body = backbone(model)
     hooks = _install(model, spec, sink, want)
     try:
-        for bi, batch in enumerate(tqdm(windows.split(batch_size), desc="analysis pass", unit="batch", disable=not progress)):
+        for bi, batch in enumerate(progress_mod.track(windows.split(batch_size), "analysis pass", "batch", on=progress)):
             state["batch"] = bi
             body(input_ids=batch.to(device), use_cache=False)
             state["offset"] += batch.shape[0]

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
+from .. import progress
 from ..arch import ArchSpec, get_module, set_module
 from ..calib.accumulators import ACCUMULATORS, Accumulator
 from ..recipe import Recipe, Stage
@@ -244,16 +244,28 @@ def plan(model: nn.Module, spec: ArchSpec, recipe: Recipe) -> dict[str, list[tup
     return out
 
 
+def _desc(recipe: Recipe) -> str:
+    """The engine's bar names the methods it runs: ``compress (awq, gptq)``."""
+    names = dict.fromkeys(s.method for s in recipe.stages if METHODS[s.method].scope != "model")
+    return f"compress ({', '.join(names)})" if names else "compress"
+
+
 def run(model: nn.Module, spec: ArchSpec, recipe: Recipe, calib: torch.Tensor | None, opts: EngineOptions | None = None) -> EngineResult:
-    """Apply the recipe's module stages; sequentially over blocks when any stage needs data."""
+    """Apply the recipe's module stages; sequentially over blocks when any stage needs data.
+    ``opts.progress`` False silences every bar and notice below (block-scope methods too)."""
     opts = opts or EngineOptions()
+    with progress.scope(opts.progress):
+        return _run(model, spec, recipe, calib, opts)
+
+
+def _run(model: nn.Module, spec: ArchSpec, recipe: Recipe, calib: torch.Tensor | None, opts: EngineOptions) -> EngineResult:
     targets = plan(model, spec, recipe)
     records: dict[str, ModuleRecord] = {}
     seconds: dict[str, float] = {}
     needs = {n: {a for _, s in sts for a in METHODS[s.method].needs} for n, sts in targets.items()}
     block_stages = [(i, s) for i, s in enumerate(recipe.stages) if METHODS[s.method].scope == "block"]
     if not any(needs.values()) and not block_stages:
-        for name, sts in tqdm(targets.items(), desc="compress", unit="linear", disable=not opts.progress):
+        for name, sts in progress.track(targets.items(), _desc(recipe), "linear", on=opts.progress):
             _apply_stages(name, get_module(model, name), sts, {}, records, seconds)
         _wrap_act_quant(model, "", list(targets), records)
         return EngineResult(records, seconds)
@@ -269,7 +281,7 @@ def run(model: nn.Module, spec: ArchSpec, recipe: Recipe, calib: torch.Tensor | 
         Path(opts.offload_dir).expanduser().mkdir(parents=True, exist_ok=True)  # a new folder is fine
         tmp = Path(tempfile.mkdtemp(prefix="llmpress-act-", dir=Path(opts.offload_dir).expanduser()))
     try:
-        return _run_sequential(model, spec, targets, needs, calib.to(device), opts, tmp, records, seconds, block_stages)
+        return _run_sequential(model, spec, targets, needs, calib.to(device), opts, tmp, records, seconds, block_stages, _desc(recipe))
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -421,7 +433,7 @@ def local_all(block: nn.Module, prefix: str) -> dict[str, str]:
     return {n: f"{prefix}.{n}" for n, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
-def _run_sequential(model, spec, targets, needs, calib, opts, tmp, records, seconds, block_stages) -> EngineResult:
+def _run_sequential(model, spec, targets, needs, calib, opts, tmp, records, seconds, block_stages, desc: str = "compress") -> EngineResult:
     batches = list(calib.split(opts.batch_size))
     inputs = ActivationStore(tmp)
     t = time.perf_counter()
@@ -430,8 +442,7 @@ def _run_sequential(model, spec, targets, needs, calib, opts, tmp, records, seco
     layers = get_module(model, spec.blocks)
     n_blocks = len(layers)
     forward_s = 0.0
-    bar = tqdm(range(n_blocks), desc="compress", unit="block", disable=not opts.progress)
-    for i in bar:
+    for i in progress.track(range(n_blocks), desc, "block", on=opts.progress):
         block = layers[i]
         prefix = f"{spec.blocks}.{i}"
         local = {n[len(prefix) + 1 :]: n for n in targets if n.startswith(prefix + ".")}
@@ -486,7 +497,6 @@ def _run_sequential(model, spec, targets, needs, calib, opts, tmp, records, seco
             forward_s += time.perf_counter() - tf
             inputs.clear()
             inputs = outputs
-    bar.close()
     if needs.get(spec.lm_head):
         head = get_module(model, spec.lm_head)
         norm = get_module(model, spec.final_norm)

@@ -5,7 +5,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+
+from .. import progress as progress_mod
 
 
 @torch.no_grad()
@@ -14,7 +15,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
     device = next(model.parameters()).device
     nll = 0.0
     count = 0
-    for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", disable=not progress):
+    for batch in progress_mod.track(windows.split(batch_size), desc, "batch", on=progress):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         target = batch[:, 1:]

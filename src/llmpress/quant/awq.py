@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import progress
 from ..arch import get_module
 from ..errors import RecipeError
 from ..registry import register
@@ -143,8 +144,8 @@ def apply_clip(weight: torch.Tensor, ratio: torch.Tensor, args: QuantArgs) -> to
 
 
 # --------------------------------------------------------------------------- handler
-def _search_group(ctx, g, calls, cfg: AWQ) -> tuple[float, torch.Tensor]:
-    """Best alpha and scale vector (group channel space) for one group."""
+def _search_group(ctx, g, calls, cfg: AWQ, bar=None) -> tuple[float, torch.Tensor]:
+    """Best alpha and scale vector (group channel space) for one group (``bar``: advanced per alpha)."""
     block, spec = ctx.block, ctx.spec
     geo = head_geometry(block, spec) if g.kind == "v" else None
     mod = get_module(block, g.inspect)
@@ -167,6 +168,8 @@ def _search_group(ctx, g, calls, cfg: AWQ) -> tuple[float, torch.Tensor]:
             err = sum((o.float() - r.float()).pow(2).sum().item() for o, r in zip(out, ref)) / sum(r.numel() for r in ref)
             if err < best[0]:
                 best = (err, a, s)
+            if bar is not None:
+                bar.update(1, f"scales {g.inspect} alpha {a:.2f}")
     finally:
         for lin, w in zip(lins, orig):
             lin.weight.data = w
@@ -187,17 +190,20 @@ def awq(ctx, cfg: AWQ) -> None:
     groups = [g for g in scale_groups(spec, cfg.attn_out, cfg.mlp_out) if all(p in ctx.targets for p in g.linears)]
     n = batches_for(ctx, cfg.search_windows)
     notes: dict[str, dict] = {loc: {} for loc in ctx.targets}
-    if groups:
-        calls = capture_calls(ctx, [g.inspect for g in groups], n)
-        for g in groups:
-            alpha, s = _search_group(ctx, g, calls[g.inspect], cfg)
-            apply_smoothing(ctx.block, spec, g, s=s)
-            for p in g.linears:
-                notes[p]["alpha"] = alpha
-        del calls
+    clip_locals = []
     if cfg.clip and cfg.weights.granularity != "tensor":
         skip = set() if cfg.clip_qk else {spec.q, spec.k}
         clip_locals = [loc for loc in ctx.targets if loc not in skip]
+    # one line under the engine's block bar: the scale grid of each group, then each clip search
+    with progress.bar(len(groups) * cfg.grid + len(clip_locals), f"awq block {ctx.index}", "search") as bar:
+        if groups:
+            calls = capture_calls(ctx, [g.inspect for g in groups], n)
+            for g in groups:
+                alpha, s = _search_group(ctx, g, calls[g.inspect], cfg, bar)
+                apply_smoothing(ctx.block, spec, g, s=s)
+                for p in g.linears:
+                    notes[p]["alpha"] = alpha
+            del calls
         if clip_locals:
             calls = capture_calls(ctx, clip_locals, n)
             for loc in clip_locals:
@@ -206,6 +212,7 @@ def awq(ctx, cfg: AWQ) -> None:
                 ratio = clip_search(lin.weight.data, x, cfg.weights, cfg.clip_grid, cfg.clip_max_shrink)
                 lin.weight.data = apply_clip(lin.weight.data, ratio, cfg.weights)
                 notes[loc]["clip_mean"] = round(float(ratio.mean()), 4)
+                bar.update(1, f"clip {loc}")
             del calls
     for loc in ctx.targets:
         rec = ctx.record(loc)

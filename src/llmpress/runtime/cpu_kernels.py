@@ -25,14 +25,18 @@ import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
+
+from .. import progress
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "lowbit_cpu.cpp"
 CAPABLE = ("AVX2", "AVX512")
+BUILD_NOTICE = "building llmpress CPU kernels (first use, ~1 min)..."
 SMALL_M = 8  # activation rows up to which the GEMV kernels run; above: dequantize + GEMM
 _state: dict[str, object] = {}
 _lock = threading.Lock()
@@ -64,6 +68,7 @@ def kernels():
                 mod = _build()
             except Exception as e:  # compiler missing, build failure: fall back, say why
                 why = f"build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
+                progress.note(f"llmpress CPU kernels not used ({why}); torch's kernels serve low-bit layers")
         if mod is None:
             log.info("llmpress CPU kernels not used (%s); torch's kernels serve low-bit layers", why)
         _state["module"], _state["reason"] = mod, why
@@ -81,11 +86,19 @@ def _build():
     tag = hashlib.sha256(src + torch.__version__.encode()).hexdigest()[:12]
     build = cache_dir() / tag
     build.mkdir(parents=True, exist_ok=True)
+    name = f"llmpress_lowbit_{tag}"
     flags = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
-    return load(
-        name=f"llmpress_lowbit_{tag}", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+    compiling = not (build / f"{name}.so").exists()  # else torch only loads the cached library
+    if compiling:  # the one silent wait of a first `eval` / `bench`: say what it is
+        progress.note(BUILD_NOTICE)
+    t = time.perf_counter()
+    mod = load(
+        name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
         build_directory=str(build), verbose=False,
     )
+    if compiling:
+        progress.note(f"llmpress CPU kernels built in {time.perf_counter() - t:.0f} s (cached in {build})")
+    return mod
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

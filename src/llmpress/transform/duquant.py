@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .. import progress
 from ..arch import ArchSpec, get_module
 from ..errors import UserError
 from ..registry import register
@@ -169,7 +170,7 @@ def collect_inputs(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, site
             handles.append(get_module(block, path).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            for ids in windows.split(batch):
+            for ids in progress.track(windows.split(batch), "duquant statistics", "batch"):
                 model(input_ids=ids, use_cache=False)
     finally:
         for h in handles:
@@ -232,24 +233,32 @@ def duquant(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
     if cfg.rotate_values:
         q_values, _ = orthogonal_matrix(hd, "hadamard", cfg.seed + 1, "head_dim")
         plan.values = [q_values] * n
-    if offline:
-        x = torch.cat([samples[(i, s)] for i in range(n) for s in ("attn_in", "mlp_in")])
-        plan.residual = duquant_transform(x, cfg.block_size, cfg.steps, cfg.seed).matrix().T.contiguous()
-    else:
-        plan.norm_in = [
-            tuple(duquant_transform(samples[(i, s)], cfg.block_size, cfg.steps, cfg.seed + i) for s in ("attn_in", "mlp_in"))
-            for i in range(n)
-        ]
-    if cfg.online_o:
-        big_q = torch.block_diag(*([q_values] * n_h)).float() if q_values is not None else None
-        plan.o_in = []
-        for i in range(n):
-            x = samples[(i, "o_in")]
-            if big_q is not None:
-                x = x @ big_q  # the attention output after the per-head value rotation
-            plan.o_in.append(duquant_transform(x, cfg.block_size, cfg.steps, cfg.seed + 1000 + i))
-    if cfg.online_down:
-        plan.down_in = [duquant_transform(samples[(i, "down_in")], cfg.block_size, cfg.steps, cfg.seed + 2000 + i) for i in range(n)]
+    total = (1 if offline else 2 * n) + n * (int(cfg.online_o) + int(cfg.online_down))
+    with progress.bar(total, "duquant search", "rotation") as bar:
+
+        def search(x: torch.Tensor, seed: int, what: str) -> OnlineRotation:
+            rot = duquant_transform(x, cfg.block_size, cfg.steps, seed)
+            bar.update(1, what)
+            return rot
+
+        if offline:
+            x = torch.cat([samples[(i, s)] for i in range(n) for s in ("attn_in", "mlp_in")])
+            plan.residual = search(x, cfg.seed, "residual").matrix().T.contiguous()
+        else:
+            plan.norm_in = [
+                tuple(search(samples[(i, s)], cfg.seed + i, f"block {i} {s}") for s in ("attn_in", "mlp_in"))
+                for i in range(n)
+            ]
+        if cfg.online_o:
+            big_q = torch.block_diag(*([q_values] * n_h)).float() if q_values is not None else None
+            plan.o_in = []
+            for i in range(n):
+                x = samples[(i, "o_in")]
+                if big_q is not None:
+                    x = x @ big_q  # the attention output after the per-head value rotation
+                plan.o_in.append(search(x, cfg.seed + 1000 + i, f"block {i} o_in"))
+        if cfg.online_down:
+            plan.down_in = [search(samples[(i, "down_in")], cfg.seed + 2000 + i, f"block {i} down_in") for i in range(n)]
     if cfg.rotate_qk:
         plan.qk = [online(hd, "hadamard", cfg.seed + 4, "q/k head")] * n
     plan.notes = {"method": "duquant", "block_size": cfg.block_size, "steps": cfg.steps, "windows": int(windows.shape[0]), "residual_mode": "offline" if offline else "online"}

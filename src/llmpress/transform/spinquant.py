@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import progress
 from ..arch import ArchSpec, get_module, set_module
 from ..errors import UserError
 from ..quant.args import QuantArgs
@@ -341,6 +342,14 @@ def _ce(model, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
+def _status(losses: list[float], trace: list[tuple[int, float]], best: float | None) -> str:
+    """``loss 3.214, held-out 3.301 (best 3.287)``: the progress bar's status."""
+    parts = [f"loss {losses[-1]:.3f}"] if losses else []
+    if trace:
+        parts.append(f"held-out {trace[-1][1]:.3f}" + (f" (best {best:.3f})" if best is not None and best != trace[-1][1] else ""))
+    return ", ".join(parts)
+
+
 def learn_rotations(model, spec, cfg: SpinQuant, windows: torch.Tensor, r1_init, r2_init, o_rot, down_rot, qk_rot, val: torch.Tensor | None = None):
     """Cayley-SGD training of (R1, [R2]) on ``windows``; returns them (float64), the loss
     curve and the held-out trace [(step, loss)] (with ``val`` windows: the best iterate)."""
@@ -367,8 +376,10 @@ def learn_rotations(model, spec, cfg: SpinQuant, windows: torch.Tensor, r1_init,
         if best is None or v < best[0]:
             best = (v, [p.detach().clone() for p in params])
         log.info("spinquant held-out loss %.4f after %d steps (best %.4f)", v, step, best[0])
+        bar.set_info(_status(losses, trace, best[0]))
 
     t0 = time.perf_counter()
+    bar = progress.bar(cfg.steps, "spinquant rotations", "step")
     try:
         if val is not None:
             validate(0)
@@ -386,11 +397,14 @@ def learn_rotations(model, spec, cfg: SpinQuant, windows: torch.Tensor, r1_init,
                     log.info("spinquant step %d/%d loss %.4f |M| %.3g (%.0fs)", step + 1, cfg.steps, losses[-1], mom, time.perf_counter() - t0)
                 if val is not None and ((step + 1) % cfg.val_every == 0 or step == cfg.steps - 1):
                     validate(step + 1)
+                bar.update(1, _status(losses, trace, best[0] if best else None))
         if best is not None:
             with torch.no_grad():
                 for p, b in zip(params, best[1]):
                     p.copy_(b)
+        bar.close()
     finally:
+        bar.close(finished=False)  # no-op after a normal close
         sim.remove()
         for n, p in model.named_parameters():
             p.requires_grad_(grads[n])
