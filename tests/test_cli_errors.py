@@ -1,6 +1,8 @@
 """Bad input through the CLI and the API: exit code 2, one clear line, nothing left on disk."""
 from __future__ import annotations
 
+import re
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +72,7 @@ def _fails(capsys, argv, *fragments) -> str:
     rc = main(argv)
     err = capsys.readouterr().err
     assert rc == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
+    lines = [ln for ln in err.splitlines() if ln.strip() and not re.match(r"^[^:]+: +\d{1,3}% \d+/\d+ ", ln)]  # progress lines
     msg = [ln for ln in lines if ln.startswith("llmpress: error: ")]
     assert len(msg) == 1 and len(lines) == 1, err  # one line, and no traceback
     assert "Traceback" not in err
