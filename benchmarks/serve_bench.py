@@ -33,7 +33,7 @@ def ensure(out: Path, recipe: str) -> None:
     if read_manifest(out) is not None:
         return
     print(f"making {out} ({recipe}, no evaluation)", file=sys.stderr)
-    api.run_pipeline("smollm2-135m", recipe, str(out), evaluation=None)
+    api.run_pipeline("smollm2-135m", recipe, out=str(out), evaluation=None)
 
 
 def main() -> int:
