@@ -10,8 +10,10 @@ windows. Files a command reads that the user would bring (``./my-hf-folder``,
 ``my-recipe.yaml``, ``my.jsonl``) come from PLACEHOLDERS; outputs of earlier commands
 (``runs/w4``) must exist by the time a later command reads them. A command whose
 subcommand has no check in CHECKS, or that reads a file nobody makes, fails the test:
-a new documented command needs a check here. The README's ```python blocks run as
-written in a subprocess with the same environment.
+a new documented command needs a check here. A command documented as refused ends
+with a ``# exit N`` comment (bad input: ``# exit 2``); it must exit N with a one-line
+``llmpress: error: ...`` and no traceback. The README's ```python blocks run as written
+in a subprocess with the same environment.
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ DOCS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 LLMPRESS = Path(sys.executable).with_name("llmpress")
 TIMEOUT_S = 600
 FENCE = re.compile(r"^\s*(```+|~~~+)\s*([\w+-]*)")
+REFUSAL = re.compile(r"^llmpress( \w+)?: error: \S")  # ours, or argparse's "llmpress compress: error: ..."
+EXIT_NOTE = re.compile(r"#\s*exit(?:s| code)?\s+(\d+)\b")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -45,6 +49,7 @@ class DocCommand:
     where: str  # file:line of the command's first line
     text: str  # as written (continuations joined)
     argv: tuple[str, ...]
+    exit_code: int = 0  # a trailing `# exit N` comment documents a refusal (bad input: N = 2)
 
 
 def fenced_blocks(text: str) -> list[tuple[str, int, list[str]]]:
@@ -77,7 +82,9 @@ def commands_in(text: str, name: str) -> list[DocCommand]:
                 line = line[2:].lstrip()
             if line.startswith("llmpress "):
                 argv = tuple(shlex.split(line, comments=True))
-                out.append(DocCommand(where=f"{name}:{start + first}", text=line, argv=argv))
+                comment = " ".join(shlex.split(line)[len(argv) :])
+                m = EXIT_NOTE.match(comment)
+                out.append(DocCommand(where=f"{name}:{start + first}", text=line, argv=argv, exit_code=int(m.group(1)) if m else 0))
     return out
 
 
@@ -197,6 +204,7 @@ def test_collector_reads_prompts_comments_and_continuations():
         "llmpress compress m \\",
         "    --recipe 'r x' --out o",
         "make demo",
+        "llmpress compress m --recipe r --calib-samples 0   # exit 2: refused",
         "```",
         "  ~~~sh",
         "llmpress recipes",
@@ -209,9 +217,11 @@ def test_collector_reads_prompts_comments_and_continuations():
     assert [c.argv for c in cmds] == [
         ("llmpress", "eval", "runs/a"),
         ("llmpress", "compress", "m", "--recipe", "r x", "--out", "o"),
+        ("llmpress", "compress", "m", "--recipe", "r", "--calib-samples", "0"),
         ("llmpress", "recipes"),
     ]
-    assert [c.where for c in cmds] == ["x.md:3", "x.md:4", "x.md:9"]
+    assert [c.where for c in cmds] == ["x.md:3", "x.md:4", "x.md:7", "x.md:10"]
+    assert [c.exit_code for c in cmds] == [0, 0, 2, 0]
     assert [lang for lang, _, _ in fenced_blocks(md)] == ["", "sh", "python"]
 
 
@@ -220,8 +230,9 @@ def test_docs_have_commands_and_each_has_a_check():
     assert cmds, "no `llmpress ...` line found in the fenced blocks of README.md and docs/*.md"
     parser = build_parser()
     for c in cmds:
-        args = parser.parse_args(list(c.argv[1:]))
-        assert args.command in CHECKS, f"{c.where}: `{c.text}` has no check in CHECKS"
+        if c.exit_code == 0:
+            args = parser.parse_args(list(c.argv[1:]))
+            assert args.command in CHECKS, f"{c.where}: `{c.text}` has no check in CHECKS"
 
 
 @pytest.fixture
@@ -231,25 +242,36 @@ def doc_env(tiny_alias_folders):
     return {**os.environ, **shrink_env(tiny_alias_folders), "OMP_NUM_THREADS": "1"}
 
 
+def run_documented(c: DocCommand, parser, cwd: Path, env: dict) -> str | None:
+    """Run one documented command; None when it did what the docs say, else why not."""
+    try:
+        args = parser.parse_args(list(c.argv[1:]))
+    except SystemExit:  # argparse refused it (and printed why)
+        args = None
+        if c.exit_code != 2:
+            return f"{c.where}: `{c.text}` does not parse"
+    if args is not None and c.exit_code == 0 and args.command not in CHECKS:
+        return f"{c.where}: `{c.text}` cannot run: no check for `{args.command}` in CHECKS"
+    missing = provide_inputs(args, cwd) if args is not None else []
+    if missing and c.exit_code == 0:
+        return f"{c.where}: `{c.text}` reads {', '.join(missing)}: add it to PLACEHOLDERS"
+    res = subprocess.run([str(LLMPRESS), *c.argv[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    if res.returncode != c.exit_code or "Traceback" in res.stderr:
+        return f"{c.where}: `{c.text}` exit {res.returncode}, documented {c.exit_code}:\n{res.stderr[-3000:]}"
+    if c.exit_code:  # a documented refusal: one line saying what is wrong
+        last = (res.stderr.strip().splitlines() or [""])[-1]
+        return None if REFUSAL.match(last) else f"{c.where}: `{c.text}` exit {res.returncode}, but stderr ends {last!r}"
+    try:
+        CHECKS[args.command](args, res, cwd)
+    except AssertionError as e:
+        return f"{c.where}: `{c.text}` ran, but: {e!r}\nstdout: {res.stdout[-2000:]}"
+    return None
+
+
 def test_every_documented_command_runs_as_written(tmp_path, doc_env, monkeypatch):
     monkeypatch.chdir(tmp_path)
     parser = build_parser()
-    failures = []
-    for c in doc_commands():
-        args = parser.parse_args(list(c.argv[1:]))
-        missing = provide_inputs(args, tmp_path)
-        if missing or args.command not in CHECKS:
-            failures.append(f"{c.where}: `{c.text}` cannot run: no check for `{args.command}`" if not missing
-                            else f"{c.where}: `{c.text}` reads {', '.join(missing)}: add it to PLACEHOLDERS")
-            continue
-        res = subprocess.run([str(LLMPRESS), *c.argv[1:]], cwd=tmp_path, env=doc_env, capture_output=True, text=True, timeout=TIMEOUT_S)
-        if res.returncode != 0 or "Traceback" in res.stderr:
-            failures.append(f"{c.where}: `{c.text}` exit {res.returncode}:\n{res.stderr[-3000:]}")
-            continue
-        try:
-            CHECKS[args.command](args, res, tmp_path)
-        except AssertionError as e:
-            failures.append(f"{c.where}: `{c.text}` ran, but: {e!r}\nstdout: {res.stdout[-2000:]}")
+    failures = [f for c in doc_commands() if (f := run_documented(c, parser, tmp_path, doc_env))]
     assert not failures, "\n\n".join(failures)
 
 
@@ -260,3 +282,12 @@ def test_readme_python_snippet_runs_as_written(tmp_path, doc_env):
     bits, size_mb = (float(x) for x in res.stdout.split())
     assert bits == 4.25  # RTN W4 g64: 4 bits + one 16-bit scale per 64 weights
     assert 0 < size_mb < 1  # the tiny stand-in, about 0.07 MB under the size convention
+
+
+def test_a_documented_refusal_must_refuse(tmp_path, doc_env):
+    parser = build_parser()
+    (refused, wrong) = commands_in(
+        "```\nllmpress compress smollm2-135m --recipe no-such-preset   # exit 2\nllmpress recipes   # exit 2\n```\n", "x.md"
+    )
+    assert run_documented(refused, parser, tmp_path, doc_env) is None
+    assert "exit 0, documented 2" in run_documented(wrong, parser, tmp_path, doc_env)
