@@ -91,6 +91,37 @@ def tiny_model_dir(tmp_path):
     return d
 
 
+def save_tiny_model(folder, family: str = "llama"):
+    """Save a tiny random model of ``family`` (llama or gemma3) with the tiny tokenizer: an HF folder."""
+    tok = tiny_tokenizer()
+    make = {"llama": tiny_llama, "gemma3": tiny_gemma3}[family]
+    make(vocab=len(tok)).save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+# the packaged aliases and the tiny stand-ins the test shrink points them at
+TINY_ALIASES = {"smollm2-135m": "llama", "gemma3-270m": "gemma3"}
+SHRINK_WINDOWS = 4  # calibration samples and evaluation windows
+SHRINK_SEQLEN = 32  # tokens per window
+
+
+@pytest.fixture(scope="session")
+def tiny_alias_folders(tmp_path_factory) -> dict:
+    """alias -> saved tiny model folder, for ``LLMPRESS_TEST_MODELS`` (made once per session)."""
+    root = tmp_path_factory.mktemp("tiny-aliases")
+    return {alias: save_tiny_model(root / alias, family) for alias, family in TINY_ALIASES.items()}
+
+
+def shrink_env(folders: dict, windows: int = SHRINK_WINDOWS, seqlen: int = SHRINK_SEQLEN) -> dict:
+    """The ``LLMPRESS_TEST_*`` variables (llmpress/shrink.py) pointing the aliases at ``folders``."""
+    return {
+        "LLMPRESS_TEST_MODELS": ",".join(f"{a}={p}" for a, p in folders.items()),
+        "LLMPRESS_TEST_WINDOWS": str(windows),
+        "LLMPRESS_TEST_SEQLEN": str(seqlen),
+    }
+
+
 @pytest.fixture
 def tiny_text_file(tmp_path):
     p = tmp_path / "text.txt"

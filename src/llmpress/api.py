@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from . import data as data_mod
-from . import io_safety, models
+from . import io_safety, models, shrink
 from .progress import scope as progress_scope
 from .arch import get_arch, get_module, set_module
 from .calib.engine import EngineOptions, plan, run as run_engine
@@ -76,13 +76,17 @@ def _bos(tokenizer, model) -> int | None:
 
 
 def calibration_windows(tokenizer, model, cfg: CalibConfig = CalibConfig()) -> torch.Tensor:
+    """``cfg.n_samples`` windows of ``cfg.seqlen`` tokens (both capped by the test shrink, if set)."""
     stream = data_mod.token_stream(cfg.source, "calib", tokenizer)
-    return data_mod.calib_windows(stream, cfg.n_samples, cfg.seqlen, cfg.seed, _bos(tokenizer, model))
+    n, seqlen = shrink.cap_windows(cfg.n_samples), shrink.cap_seqlen(cfg.seqlen)
+    return data_mod.calib_windows(stream, n, seqlen, cfg.seed, _bos(tokenizer, model))
 
 
 def evaluation_windows(tokenizer, model, cfg: EvalConfig = EvalConfig()) -> torch.Tensor:
+    """Test windows of ``cfg``; their number and length capped by the test shrink, if set."""
     stream = data_mod.token_stream(cfg.source, "test", tokenizer)
-    return data_mod.eval_windows(stream, cfg.seqlen, cfg.max_windows, _bos(tokenizer, model))
+    n, seqlen = shrink.cap_windows(cfg.max_windows), shrink.cap_seqlen(cfg.seqlen)
+    return data_mod.eval_windows(stream, seqlen, n, _bos(tokenizer, model))
 
 
 def _as_recipe(recipe) -> Recipe:

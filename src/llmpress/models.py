@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from . import shrink
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,15 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def resolve(spec: str) -> tuple[str, bool]:
-    """Return (folder-or-hub-id, is_local)."""
-    if spec in PACKAGED:
+    """Return (folder-or-hub-id, is_local).
+
+    A packaged alias named in ``LLMPRESS_TEST_MODELS`` (tests only, see :mod:`llmpress.shrink`)
+    resolves to that local folder, which then goes through the ordinary folder checks.
+    """
+    override = shrink.model_override(spec, tuple(PACKAGED))
+    if override is not None:
+        spec = override
+    elif spec in PACKAGED:
         return str(packaged_folder(spec)), True
     path = Path(spec).expanduser()
     if path.exists():

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .shrink import in_force as _shrink_in_force
+
 
 @dataclass(kw_only=True)
 class Report:
@@ -22,6 +24,7 @@ class Report:
     evaluation: dict = field(default_factory=dict)
     layers: dict[str, dict] = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
+    test_shrink: dict | None = field(default_factory=_shrink_in_force)  # tests only: LLMPRESS_TEST_* in force
 
     @property
     def bits_per_weight(self) -> float | None:
@@ -61,6 +64,8 @@ class Report:
         for k, v in self.seconds.items():
             lines.append(f"  {k:<28} {v:8.1f}")
         lines.append(f"peak RSS: {self.peak_rss_mb:.0f} MB" + (f", peak GPU: {self.peak_gpu_mb:.0f} MB" if self.peak_gpu_mb else ""))
+        if self.test_shrink:
+            lines.append("TEST SHRINK in force (figures are not the real model's): " + " ".join(f"{k}={v}" for k, v in self.test_shrink.items()))
         return "\n".join(lines)
 
 
