@@ -291,3 +291,27 @@ def test_a_documented_refusal_must_refuse(tmp_path, doc_env):
     )
     assert run_documented(refused, parser, tmp_path, doc_env) is None
     assert "exit 0, documented 2" in run_documented(wrong, parser, tmp_path, doc_env)
+
+
+def makefile_commands(target: str) -> list[DocCommand]:
+    """The ``$(BIN)/llmpress ...`` lines of a Makefile target's recipe (what `make TARGET` runs after installing)."""
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    start = next(i for i, ln in enumerate(lines) if re.match(rf"^{re.escape(target)}\s*:", ln))
+    out = []
+    for n in range(start + 1, len(lines)):
+        if not lines[n].startswith("\t"):
+            break
+        line = lines[n].strip()
+        if line.startswith("$(BIN)/llmpress "):
+            line = line.removeprefix("$(BIN)/")
+            out.append(DocCommand(where=f"Makefile:{n + 1}", text=line, argv=tuple(shlex.split(line, comments=True))))
+    return out
+
+
+def test_make_demo_runs_as_written(tmp_path, doc_env, monkeypatch):
+    """The README's first command, `make demo`: its llmpress line, default flags, on the tiny stand-in."""
+    assert "make demo" in (ROOT / "README.md").read_text().split("\n## ", 1)[0]
+    (demo,) = makefile_commands("demo")
+    assert demo.argv[:2] == ("llmpress", "compress")
+    monkeypatch.chdir(tmp_path)
+    assert run_documented(demo, build_parser(), tmp_path, doc_env) is None
