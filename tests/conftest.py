@@ -132,3 +132,23 @@ def tiny_text_file(tmp_path):
 def random_windows(n: int = 8, seqlen: int = 32, vocab: int = 256, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (n, seqlen), generator=g)
+
+
+@pytest.fixture
+def restore_logging():
+    """llmpress.cli.main() calls logging.basicConfig on the stream capsys hands it: undo it after the test."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """Token caches and converted models go to the test's folder, not the user's cache."""
+    monkeypatch.setenv("LLMPRESS_CACHE", str(tmp_path / "cache"))

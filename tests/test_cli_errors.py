@@ -34,24 +34,7 @@ if NEEDS_DATA not in METHODS:
     register(NEEDS_DATA, _NoCfg, needs=("hessian",), summary="test: gathers statistics, changes nothing")(lambda ctx, cfg: None)
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """main() calls logging.basicConfig on the stream capsys hands it: undo it after each test."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for h in list(root.handlers):
-        if h not in handlers:
-            root.removeHandler(h)
-    root.setLevel(level)
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    """Token caches of the tiny tokenizer go to the test's folder, not the user's cache."""
-    monkeypatch.setenv("LLMPRESS_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("restore_logging", "private_cache")
 
 
 @pytest.fixture
