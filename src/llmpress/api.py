@@ -19,12 +19,12 @@ from . import models
 from .arch import get_arch, get_module, set_module
 from .calib.engine import EngineOptions, plan, run as run_engine
 from .errors import UserError
-from .eval.memory import peak_gpu_mb, peak_rss_mb
+from .eval.memory import PhaseTracker, peak_gpu_mb, peak_rss_mb
 from .eval.perplexity import perplexity
 from .eval.size import model_size
 from .recipe import Recipe, Stage, load_recipe
 from .registry import METHODS, ModuleRecord, get_method
-from .report import Report, write_atomic
+from .report import Report, checkpoint_bytes, normalize_permissions, write_atomic
 from .runtime.act_quant import ActQuantLinear
 from .quant.args import QuantArgs
 
@@ -215,7 +215,6 @@ def save(model: nn.Module, tokenizer, out: Path, *, report: Report | None = None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the renamed folder is an ordinary output
     wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuantLinear)]
     try:
         if format == "packed":
@@ -235,6 +234,7 @@ def save(model: nn.Module, tokenizer, out: Path, *, report: Report | None = None
                 "report": report.to_dict() if report else None,
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=repr))
+        normalize_permissions(tmp)  # mkdtemp and safetensors make private files; outputs are ordinary
         if out.exists():
             if not overwrite:
                 raise UserError(f"output folder {str(out)!r} exists; pass --overwrite to replace it")
@@ -297,6 +297,8 @@ def run_pipeline(
             data_mod.read_text_file(source)
     progress = engine.progress if engine else True
     seconds: dict[str, float] = {}
+    phases = PhaseTracker()  # peak RSS per phase; everything before this line is "startup"
+    phases.start("load")
     t = time.perf_counter()
     model, tok = models.load(model_spec, device=device)
     validate(model, recipe)  # group sizes, empty targets: fail before the baseline evaluation
@@ -304,27 +306,34 @@ def run_pipeline(
     baseline: dict = model_size(model)
     windows = None
     if evaluation is not None:
+        phases.start("eval_data")
         t = time.perf_counter()
         windows = evaluation_windows(tok, model, evaluation)
         seconds["eval_data"] = time.perf_counter() - t
+        phases.start("baseline_eval")
         t = time.perf_counter()
         baseline["ppl"] = perplexity(model, windows, evaluation.batch_size, progress, "baseline ppl")
         seconds["baseline_eval"] = time.perf_counter() - t
+    phases.start("compress")
     report = compress(model, recipe, tokenizer=tok, calib=calib, engine=engine)
     report.model = model_spec
     report.baseline = baseline
     report.seconds = {**seconds, **report.seconds}
     if windows is not None:
+        phases.start("compressed_eval")
         t = time.perf_counter()
         report.compressed["ppl"] = perplexity(model, windows, evaluation.batch_size, progress, "compressed ppl")
         report.seconds["compressed_eval"] = time.perf_counter() - t
         report.evaluation = {**asdict(evaluation), "windows": int(windows.shape[0]), "tokens_scored": int(windows.shape[0] * (windows.shape[1] - 1))}
     report.environment = _environment(device)
     if out_path is not None:
+        phases.start("save")
         t = time.perf_counter()
         save(model, tok, out_path, report=report, overwrite=overwrite, format=save_format)
         report.seconds["save"] = time.perf_counter() - t
-    report.peak_rss_mb = peak_rss_mb()
+        report.compressed["checkpoint_bytes"] = checkpoint_bytes(out_path)
+    phases.stop()
+    report.set_memory(phases)
     report.peak_gpu_mb = peak_gpu_mb()
     if json_path:
         report.write_json(json_path)
