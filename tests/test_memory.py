@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import random_windows, tiny_gemma3, tiny_llama
-from llmpress.api import CalibConfig, EvalConfig, run_pipeline
+from llmpress.api import CalibConfig, EvalConfig, evaluate, run_pipeline
 from llmpress.eval.memory import PhaseTracker, hwm_mb, phase_markdown, reset_hwm, rss_mb
 from llmpress.eval.perplexity import perplexity, split_head
 
@@ -146,7 +146,7 @@ def test_pipeline_reports_phases_checkpoint_bytes_and_modes(tmp_path, tiny_model
     files = [p for p in out.rglob("*") if p.is_file()]
     assert rep.compressed["checkpoint_bytes"] == sum(p.stat().st_size for p in files) > 0
     table = rep.table()
-    assert "checkpoint on disk (MB, as saved)" in table and f"{rep.compressed['checkpoint_bytes'] / 1e6:.1f}" in table
+    assert "checkpoint on disk (MB, real bytes)" in table and f"{rep.compressed['checkpoint_bytes'] / 1e6:.1f}" in table
     assert f"(in {rep.peak_rss_phase})" in table and "peak RSS per phase (MB): startup" in table
     saved = json.loads(js.read_text())
     assert saved["peak_rss_phase"] == rep.peak_rss_phase and saved["memory"]["phases"] == phases
@@ -154,6 +154,10 @@ def test_pipeline_reports_phases_checkpoint_bytes_and_modes(tmp_path, tiny_model
     assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
     assert stat.S_IMODE(out.stat().st_mode) == 0o755 and stat.S_IMODE(js.stat().st_mode) == 0o644
     assert "model.llmpress.safetensors" in {p.name for p in files}
+    ev = evaluate(str(out), EvalConfig(source=str(tiny_text_file), seqlen=32, max_windows=2), progress=False)
+    assert [p["phase"] for p in ev.memory["phases"]] == ["startup", "load", "eval_data", "eval"]
+    assert ev.peak_rss_phase in {"startup", "load", "eval_data", "eval"} and ev.peak_rss_mb > 50
+    assert ev.compressed["ppl"] == pytest.approx(rep.compressed["ppl"], rel=1e-4)
 
 
 def test_write_atomic_honours_umask(tmp_path):

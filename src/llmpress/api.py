@@ -342,10 +342,14 @@ def run_pipeline(
 
 def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: str = "cpu", progress: bool = True) -> Report:
     """Perplexity, size and bits of a model or a folder saved by llmpress."""
+    phases = PhaseTracker()
+    phases.start("load")
     t = time.perf_counter()
     model, tok = load_compressed(model_spec, device)
     seconds = {"load": time.perf_counter() - t}
+    phases.start("eval_data")
     windows = evaluation_windows(tok, model, evaluation)
+    phases.start("eval")
     t = time.perf_counter()
     from .export.packed import packed_model_size
 
@@ -355,7 +359,8 @@ def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: 
     rep = Report(model=model_spec, recipe={}, compressed=size, seconds=seconds)
     rep.evaluation = {**asdict(evaluation), "windows": int(windows.shape[0])}
     rep.environment = _environment(device)
-    rep.peak_rss_mb = peak_rss_mb()
+    phases.stop()
+    rep.set_memory(phases)
     return rep
 
 

@@ -60,12 +60,12 @@ class Report:
         for key, label, fmt in (
             ("ppl", "perplexity", ".3f"),
             ("bits_per_weight", "bits per weight (linears)", ".3f"),
-            ("size_mb", "size (MB, dense tensors at 16 bits)", ".1f"),
+            ("size_mb", "size (MB, unquantized tensors at 16 bits)", ".1f"),
         ):
             rows.append((label, f(self.baseline.get(key), fmt), f(self.compressed.get(key), fmt)))
         disk = self.compressed.get("checkpoint_bytes")
         if disk is not None:
-            rows.append(("checkpoint on disk (MB, as saved)", "-", f(disk / 1e6, ".1f")))
+            rows.append(("checkpoint on disk (MB, real bytes)", "-", f(disk / 1e6, ".1f")))
         d = self.to_dict()
         if d["ppl_ratio"]:
             rows.append(("perplexity ratio", "1.000", f"{d['ppl_ratio']:.3f}"))

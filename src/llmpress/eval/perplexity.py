@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .memory import trim_malloc
+
 LOGITS_BUDGET = 1 << 22  # elements of one chunk of logits (16 MB in float32)
 # config fields that rescale logits after the head in some transformers models: not
 # reproduced here, so such models take the plain path
@@ -45,6 +47,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
         else:
             nll += _chunked_nll(*parts, batch)
         count += target.numel()
+        trim_malloc()  # the batch's freed activations go back to the system, not into the next batch's peak
     return math.exp(nll / count)
 
 
@@ -78,9 +81,17 @@ def _chunked_nll(body: nn.Module, head: nn.Module, softcap: float | None, batch:
     step = max(1, LOGITS_BUDGET // vocab)
     total = 0.0
     for s in range(0, h.shape[0], step):
-        logits = _head_logits(head, softcap, h[s : s + step])
-        total += F.cross_entropy(logits, target[s : s + step], reduction="sum").item()
+        total += _nll_sum(_head_logits(head, softcap, h[s : s + step]), target[s : s + step])
     return total
+
+
+def _nll_sum(logits: torch.Tensor, target: torch.Tensor) -> float:
+    """sum(logsumexp(logits) - logits[target]), computed in place in ``logits`` (which the
+    caller gives up): no log_softmax copy of the chunk."""
+    picked = logits.gather(1, target[:, None]).squeeze(1)
+    top = logits.amax(dim=1, keepdim=True)
+    lse = logits.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
+    return (lse - picked).sum().item()
 
 
 def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None] | None:
