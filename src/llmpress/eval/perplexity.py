@@ -39,6 +39,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
         parts = None  # the model's logits are not head(decoder(x)) after all: the plain way
     nll = 0.0
     count = 0
+    trim_malloc()  # what earlier steps freed but malloc kept would sit under every batch
     for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", disable=not progress):
         batch = batch.to(device)
         target = batch[:, 1:]
