@@ -171,3 +171,45 @@ def test_write_atomic_honours_umask(tmp_path):
     Report(model="m", recipe={}).write_json(tmp_path / "b.json")
     assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == file_mode()
     assert hwm_mb() >= rss_mb() > 0
+
+
+def test_streamed_safetensors_writer_reads_back(tmp_path):
+    """The GGUF converter's writer: header written last, data copied after it."""
+    from safetensors.torch import load_file
+
+    from llmpress.gguf_stream import _write_safetensors
+
+    tensors = {"b.weight": torch.randn(3, 5), "a.weight": torch.randn(7), "c": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    header, offset = {}, 0
+    data = tmp_path / ".data"
+    with open(data, "wb") as f:
+        for k, t in tensors.items():
+            f.write(t.numpy().tobytes())
+            header[k] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + t.numel() * 4]}
+            offset += t.numel() * 4
+    _write_safetensors(tmp_path / "m.safetensors", header, data)
+    back = load_file(tmp_path / "m.safetensors")
+    assert sorted(back) == sorted(tensors) and all(torch.equal(back[k], v) for k, v in tensors.items())
+    assert not data.exists()
+
+
+@pytest.mark.slow
+def test_streamed_gguf_conversion_equals_transformers(tmp_path):
+    """SmolLM2's GGUF converted tensor by tensor gives transformers' weights bit for bit."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from llmpress import gguf_stream, models
+
+    gguf = models.PACKAGED["smollm2-135m"].gguf()
+    assert gguf_stream.gguf_architecture(gguf) in gguf_stream.STREAMED_ARCHS
+    (tmp_path / "a").mkdir()
+    gguf_stream.convert(gguf, tmp_path / "a")
+    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    models._clear_gguf_quant_flags(ref)
+    ref.save_pretrained(tmp_path / "b")
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert sorted(a) == sorted(b) and len(a) == 272
+    assert all(torch.equal(a[k].view(torch.int32), b[k].view(torch.int32)) for k in a)
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "a" / name).read_text()) == json.loads((tmp_path / "b" / name).read_text())

@@ -83,14 +83,21 @@ def packaged_folder(alias: str) -> Path:
 
     gguf = pm.gguf()
     log.info("converting %s (%s) to a safetensors folder in %s (once)", alias, gguf.name, target)
+    from . import gguf_stream
+
     # the tokenizer first: its conversion's transient memory then does not stack on the model's
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    _clear_gguf_quant_flags(model)
+    model = None
+    if gguf_stream.gguf_architecture(gguf) not in gguf_stream.STREAMED_ARCHS:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        _clear_gguf_quant_flags(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if model is None:  # tensor by tensor: never the whole float32 model in memory (-380 MB peak)
+            gguf_stream.convert(gguf, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         if target.exists():  # a concurrent conversion won the race
             shutil.rmtree(tmp)
