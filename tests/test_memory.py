@@ -70,6 +70,14 @@ def test_unknown_logit_transform_takes_the_plain_path(monkeypatch):
     assert called == []
 
 
+def test_nan_weights_give_nan_not_a_crash():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    windows = random_windows(n=2, seqlen=16)
+    assert math.isnan(perplexity(model, windows)) and math.isnan(perplexity(model, windows, chunked=False))
+
+
 def test_split_head_refuses_heads_that_mix_tokens():
     model = tiny_llama()
     head = model.lm_head

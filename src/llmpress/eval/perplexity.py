@@ -70,7 +70,10 @@ def _agrees(model, parts: tuple, probe: torch.Tensor) -> bool:
     body, head, softcap = parts
     full = model(input_ids=probe, use_cache=False).logits.float()
     mine = _head_logits(head, softcap, body(input_ids=probe, use_cache=False).last_hidden_state)
-    return mine.shape == full.shape and torch.allclose(mine, full, rtol=1e-4, atol=1e-4 * float(full.abs().max()))
+    if mine.shape != full.shape:
+        return False
+    scale = float(full.abs().nan_to_num(0.0, 0.0, 0.0).max())  # NaN weights (a broken model) must not crash here
+    return torch.allclose(mine, full, rtol=1e-4, atol=1e-4 * scale, equal_nan=True)
 
 
 def _chunked_nll(body: nn.Module, head: nn.Module, softcap: float | None, batch: torch.Tensor) -> float:
