@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .memory import trim_malloc
 
-LOGITS_BUDGET = 1 << 22  # elements of one chunk of logits (16 MB in float32)
+LOGITS_BUDGET = 1 << 21  # elements of one chunk of logits (8 MB in float32)
 # config fields that rescale logits after the head in some transformers models: not
 # reproduced here, so such models take the plain path
 _LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier_scale", "logit_multiplier")
