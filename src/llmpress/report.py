@@ -19,7 +19,9 @@ class Report:
     compressed: dict = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
+    peak_rss_phase: str | None = None  # the phase that set peak_rss_mb (see memory)
     peak_gpu_mb: float | None = None
+    memory: dict = field(default_factory=dict)  # {"phases": [{phase, peak_rss_mb, ...}], "hwm_reset": bool}
     calibration: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
     layers: dict[str, dict] = field(default_factory=dict)
@@ -42,6 +44,13 @@ class Report:
         d["ppl_ratio"] = cp / bp if bp and cp else None
         return d
 
+    def set_memory(self, tracker) -> None:
+        """Peak RSS, the phase that set it and the per-phase table of a
+        :class:`llmpress.eval.memory.PhaseTracker`."""
+        peak, phase = tracker.peak
+        self.peak_rss_mb, self.peak_rss_phase = round(peak, 1), phase
+        self.memory = {"phases": tracker.table(), "hwm_reset": all(p["exact"] for p in tracker.table())}
+
     def write_json(self, path: str | os.PathLike) -> None:
         write_atomic(Path(path), json.dumps(self.to_dict(), indent=2, default=_jsonable) + "\n")
 
@@ -51,8 +60,15 @@ class Report:
         def f(v, fmt):
             return "-" if v is None else format(v, fmt)
 
-        for key, label, fmt in (("ppl", "perplexity", ".3f"), ("bits_per_weight", "bits per weight (linears)", ".3f"), ("size_mb", "size (MB)", ".1f")):
+        for key, label, fmt in (
+            ("ppl", "perplexity", ".3f"),
+            ("bits_per_weight", "bits per weight (linears)", ".3f"),
+            ("size_mb", "size (MB, unquantized tensors at 16 bits)", ".1f"),
+        ):
             rows.append((label, f(self.baseline.get(key), fmt), f(self.compressed.get(key), fmt)))
+        disk = self.compressed.get("checkpoint_bytes")
+        if disk is not None:
+            rows.append(("checkpoint on disk (MB, real bytes)", "-", f(disk / 1e6, ".1f")))
         d = self.to_dict()
         if d["ppl_ratio"]:
             rows.append(("perplexity ratio", "1.000", f"{d['ppl_ratio']:.3f}"))
@@ -63,7 +79,11 @@ class Report:
         lines.append("wall time per stage (s):")
         for k, v in self.seconds.items():
             lines.append(f"  {k:<28} {v:8.1f}")
-        lines.append(f"peak RSS: {self.peak_rss_mb:.0f} MB" + (f", peak GPU: {self.peak_gpu_mb:.0f} MB" if self.peak_gpu_mb else ""))
+        where = f" (in {self.peak_rss_phase})" if self.peak_rss_phase else ""
+        lines.append(f"peak RSS: {self.peak_rss_mb:.0f} MB{where}" + (f", peak GPU: {self.peak_gpu_mb:.0f} MB" if self.peak_gpu_mb else ""))
+        per_phase = [p for p in self.memory.get("phases", []) if p.get("peak_rss_mb") is not None]
+        if per_phase:
+            lines.append("peak RSS per phase (MB): " + ", ".join(f"{p['phase']} {p['peak_rss_mb']:.0f}" for p in per_phase))
         if self.test_shrink:
             lines.append("TEST SHRINK in force (figures are not the real model's): " + " ".join(f"{k}={v}" for k, v in self.test_shrink.items()))
         return "\n".join(lines)
@@ -84,7 +104,43 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, file_mode())  # mkstemp makes it private; an output file is ordinary
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def checkpoint_bytes(folder: str | os.PathLike) -> int:
+    """Bytes on disk of every file in a saved checkpoint folder (what a user downloads)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def file_mode(executable: bool = False) -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file: 0o666 (0o777 for folders)
+    less the process umask."""
+    return (0o777 if executable else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # read it by setting it (not thread-safe: the fallback only)
+    os.umask(mask)
+    return mask
+
+
+def normalize_permissions(folder: str | os.PathLike) -> None:
+    """Give every file under ``folder`` the ordinary mode (umask honoured) and the folders
+    theirs: writers that go through a private temporary (safetensors' ``save_file``,
+    ``tempfile``) leave 0600 files behind."""
+    root = Path(folder)
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        p.chmod(file_mode(executable=p.is_dir()))
