@@ -11,8 +11,8 @@ paths, so the command lines are identical; each output is moved aside afterwards
 Compared: every file of the output folder byte for byte, except llmpress.json and the
 ``--json`` report, which are compared as JSON without the fields that measure the run
 rather than its result (``TIMING_KEYS`` and ``TIMING_PREFIX``: the report's ``seconds``, its per-phase
-``memory`` table, and every ``peak_*`` field, i.e. peak RSS / GPU memory and the phase
-that set them).
+``memory`` table, ``checkpoint_bytes`` (it counts llmpress.json, timings included), and every
+``peak_*`` field, i.e. peak RSS / GPU memory and the phase that set them).
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from llmpress.cli import main
 from llmpress.export.packed import WEIGHTS_FILE
 
 PRESETS = ("rtn-w4g64", "gptq-w4g64", "awq-w4g64", "sparsegpt-50", "smoothquant-w8a8")
-TIMING_KEYS = ("seconds", "memory")  # wall time per stage; peak RSS per phase
+TIMING_KEYS = ("seconds", "memory", "checkpoint_bytes")  # wall time per stage; peak RSS per phase; the folder's bytes,
+# which include llmpress.json and so the length of the timings written in it (every other file is compared byte for byte)
 TIMING_PREFIX = "peak_"  # peak_rss_mb, peak_gpu_mb, peak_rss_phase
 
 

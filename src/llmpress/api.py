@@ -170,10 +170,17 @@ def needs_calibration(recipe) -> bool:
     return any(METHODS[s.method].needs or METHODS[s.method].scope != "module" for s in _as_recipe(recipe).stages)
 
 
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """torch.isfinite(t).all() a million elements at a time: on a whole embedding matrix the
+    temporaries alone were ~190 MB of peak RSS on SmolLM2 (the check runs on every compress)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
 def check_finite(model: nn.Module) -> None:
     """Refuse a model with NaN or Inf weights: every method would turn them into a useless checkpoint."""
     for name, p in model.named_parameters():
-        if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+        if p.is_floating_point() and p.device.type != "meta" and not _all_finite(p.detach()):
             bad = p.detach().isnan().sum().item(), p.detach().isinf().sum().item()
             raise UserError(
                 f"model weight {name} has {bad[0]} NaN and {bad[1]} Inf values; the checkpoint is damaged: "
