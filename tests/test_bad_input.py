@@ -140,36 +140,36 @@ def test_nan_weights_refused_before_baseline(tmp_path, outs, tiny_text_file, cap
 # ------------------------------------------------------------------------------ the recipe
 
 
+def _recipe_fails(tmp_path, outs, model_dir, text, capsys, yaml: str, *fragments) -> None:
+    """A recipe file with ``yaml`` is refused with a line holding ``fragments``; nothing is written."""
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml)
+    _fails(capsys, _argv(model_dir, text, outs / "result", recipe=str(p)), *fragments)
+    assert _listing(outs) == []
+
+
 @pytest.mark.parametrize("bits", [0, 99])
 def test_bits_out_of_range(tmp_path, outs, tiny_model_dir, tiny_text_file, capsys, bits):
-    p = tmp_path / "r.yaml"
-    p.write_text(f"stages:\n  - method: rtn\n    weights: {{bits: {bits}}}\n")
-    _fails(capsys, _argv(tiny_model_dir, tiny_text_file, outs / "result", recipe=str(p)), f"bits={bits}", "2 to 8 bits")
-    assert _listing(outs) == []
+    yaml = f"stages:\n  - method: rtn\n    weights: {{bits: {bits}}}\n"
+    _recipe_fails(tmp_path, outs, tiny_model_dir, tiny_text_file, capsys, yaml, f"bits={bits}", "2 to 8 bits")
 
 
 def test_group_size_seven(tmp_path, outs, tiny_model_dir, tiny_text_file, capsys, monkeypatch):
-    p = tmp_path / "r.yaml"
-    p.write_text("stages:\n  - method: rtn\n    weights: {bits: 4, group_size: 7}\n")
     monkeypatch.setattr(api, "perplexity", _never)
-    _fails(capsys, _argv(tiny_model_dir, tiny_text_file, outs / "result", recipe=str(p)), "group_size 7 does not divide the input dimension 64")
-    assert _listing(outs) == []
+    yaml = "stages:\n  - method: rtn\n    weights: {bits: 4, group_size: 7}\n"
+    _recipe_fails(tmp_path, outs, tiny_model_dir, tiny_text_file, capsys, yaml, "group_size 7 does not divide the input dimension 64")
 
 
 @pytest.mark.parametrize("sparsity", ["1.0", "-0.1"])
 def test_sparsity_out_of_range(tmp_path, outs, tiny_model_dir, tiny_text_file, capsys, sparsity):
-    p = tmp_path / "r.yaml"
-    p.write_text(f"stages:\n  - method: magnitude\n    sparsity: {sparsity}\n")
-    _fails(capsys, _argv(tiny_model_dir, tiny_text_file, outs / "result", recipe=str(p)), f"sparsity={sparsity}", "[0, 1)")
-    assert _listing(outs) == []
+    yaml = f"stages:\n  - method: magnitude\n    sparsity: {sparsity}\n"
+    _recipe_fails(tmp_path, outs, tiny_model_dir, tiny_text_file, capsys, yaml, f"sparsity={sparsity}", "[0, 1)")
 
 
 def test_targets_matching_nothing(tmp_path, outs, tiny_model_dir, tiny_text_file, capsys, monkeypatch):
-    p = tmp_path / "r.yaml"
-    p.write_text("stages:\n  - method: rtn\n    targets: ['re:.*no_such_proj']\n    weights: {bits: 4}\n")
     monkeypatch.setattr(api, "perplexity", _never)
-    _fails(capsys, _argv(tiny_model_dir, tiny_text_file, outs / "result", recipe=str(p)), "stage 0 (rtn) matches no linear layer", "no_such_proj")
-    assert _listing(outs) == []
+    yaml = "stages:\n  - method: rtn\n    targets: ['re:.*no_such_proj']\n    weights: {bits: 4}\n"
+    _recipe_fails(tmp_path, outs, tiny_model_dir, tiny_text_file, capsys, yaml, "stage 0 (rtn) matches no linear layer", "no_such_proj")
 
 
 # -------------------------------------------------------------------------------- the data
