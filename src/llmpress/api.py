@@ -35,7 +35,7 @@ META_FILE = "llmpress.json"
 
 @dataclass(kw_only=True, frozen=True)
 class CalibConfig:
-    source: str = "wiki"  # "wiki", "news", or a text/JSONL file path
+    source: str = "wiki"  # "wiki", "news", "code", or a text/JSONL file path
     n_samples: int = 128
     seqlen: int = 512
     seed: int = 0
@@ -353,7 +353,7 @@ def run_pipeline(
     io_safety.check_file_out(json_path)
     io_safety.check_work_folder(engine.offload_dir if engine else None)
     for source in (calib.source, evaluation.source if evaluation is not None else "wiki"):
-        if source not in ("wiki", "news"):  # a missing or empty text file fails now, even if unused
+        if source not in data_mod.PACKAGED:  # a missing or empty text file fails now, even if unused
             data_mod.read_text_file(source)
     with io_safety.OutputLock(out=out_path) if out_path is not None else contextlib.nullcontext():
         return _pipeline(

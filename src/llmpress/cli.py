@@ -16,7 +16,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (same code path)")
     p.add_argument("--eval-windows", type=_windows, default=64, help="test windows for perplexity (an integer or 'all'; default 64)")
     p.add_argument("--seqlen", type=_at_least(2), default=512, help="tokens per window (default 512; 2048 selectable)")
-    p.add_argument("--eval-data", default="wiki", help="perplexity text: wiki (packaged), news (packaged) or a .txt/.jsonl path")
+    p.add_argument("--eval-data", default="wiki", help="perplexity text: wiki, news, code (packaged) or a .txt/.jsonl path")
     p.add_argument("--json", dest="json_path", help="write the report as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines (errors and warnings still print)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what each step does (INFO level)")
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", required=True, help="preset name (see `llmpress recipes`) or YAML file")
     c.add_argument("--out", help="output folder (written atomically)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    c.add_argument("--calib-data", default=None, help="calibration text: wiki, news, or a .txt/.jsonl path (default: wiki)")
+    c.add_argument("--calib-data", default=None, help="calibration text: wiki, news, code (packaged) or a .txt/.jsonl path (default: wiki)")
     c.add_argument("--calib-samples", type=_at_least(1), default=128, help="calibration windows drawn from --calib-data (default 128)")
     c.add_argument("--calib-seqlen", type=_at_least(2), default=512, help="tokens per calibration window (default 512)")
     c.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw (default 0)")
@@ -220,9 +220,9 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "compress":
         if args.calib_data is not None and not api.needs_calibration(args.recipe):
-            if args.calib_data not in ("wiki", "news"):
-                from .data import read_text_file
+            from .data import PACKAGED, read_text_file
 
+            if args.calib_data not in PACKAGED:
                 read_text_file(args.calib_data)  # a missing or empty file is an error, not this warning
             print(f"llmpress: warning: --calib-data {args.calib_data} is not used: recipe {args.recipe} gathers no calibration data", file=sys.stderr)
         report = api.run_pipeline(**compress_options(args))

@@ -3,8 +3,11 @@
 The packaged corpus is the Wikipedia excerpt shipped inside the gensim wheel (CC BY-SA):
 pages are extracted and cleaned with gensim's wiki tools, redirects and stubs dropped,
 and split by article: every 10th article is the test split, the rest calibration.
-A second packaged domain is gensim's Lee news corpus. Users may pass a plain text
-file or a JSONL file with a ``text`` field.
+A second packaged domain is gensim's Lee news corpus (``news``; its test split adds the
+corpus's 50 evaluation documents to every 10th background document), and a third is code:
+``code``, the Python source of ``torch.nn`` as the pinned torch wheel ships it
+(BSD-3-Clause), split by file (every 10th file is the test split). Users may pass a plain
+text file or a JSONL file with a ``text`` field.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from .errors import UserError
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS_FILE = "lee_background.cor"
+NEWS_TEST_FILE = "lee.cor"  # the Lee corpus's 50 evaluation documents (none of them in the background file)
 MIN_ARTICLE_CHARS = 500
 TEST_EVERY = 10
 
@@ -70,9 +74,31 @@ def wiki_split(split: str) -> list[str]:
     raise UserError(f"unknown split {split!r}; expected 'calib' or 'test'")
 
 
-def news_text() -> list[str]:
-    with open(_gensim_data() / NEWS_FILE, encoding="utf-8", errors="replace") as f:
+def news_text(name: str = NEWS_FILE) -> list[str]:
+    with open(_gensim_data() / name, encoding="utf-8", errors="replace") as f:
         return [line.strip() for line in f if line.strip()]
+
+
+CODE_PACKAGE = "torch.nn"
+PACKAGED = ("wiki", "news", "code")
+
+
+def code_files() -> list[str]:
+    """Text of the ``torch.nn`` Python files, sorted by their path inside the package."""
+    import importlib
+
+    root = Path(importlib.import_module(CODE_PACKAGE).__file__).parent
+    files = sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
+    out = []
+    for p in files:
+        text = p.read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            out.append(text)
+    return out
+
+
+def _every_tenth(docs: list[str], split: str) -> list[str]:
+    return docs[::TEST_EVERY] if split == "test" else [d for i, d in enumerate(docs) if i % TEST_EVERY]
 
 
 def read_text_file(path: str | os.PathLike) -> list[str]:
@@ -102,12 +128,16 @@ def read_text_file(path: str | os.PathLike) -> list[str]:
 
 
 def documents(source: str, split: str) -> list[str]:
-    """Documents of a named source: ``wiki`` (packaged), ``news`` (packaged) or a file path."""
+    """Documents of a named source: ``wiki``, ``news``, ``code`` (packaged) or a file path."""
+    if split not in ("test", "calib", "train"):
+        raise UserError(f"unknown split {split!r}; expected 'calib' or 'test'")
     if source == "wiki":
         return wiki_split(split)
-    if source == "news":
-        docs = news_text()
-        return docs[::TEST_EVERY] if split == "test" else [d for i, d in enumerate(docs) if i % TEST_EVERY]
+    if source == "news":  # test: every 10th background document and the 50 evaluation documents
+        docs = _every_tenth(news_text(), split)
+        return docs + news_text(NEWS_TEST_FILE) if split == "test" else docs
+    if source == "code":
+        return _every_tenth(code_files(), split)
     return read_text_file(source)
 
 
