@@ -48,9 +48,11 @@ def ensure_peer_venv() -> str | None:
     return None
 
 
-def run_peer(folder: Path, calib_npy: Path, eval_npy: Path, bits: int, group: int, actorder: str, out: Path) -> dict:
+def run_peer(folder: Path, calib_npy: Path, eval_npy, bits: int, group: int, actorder: str, out: Path) -> dict:
+    """``eval_npy``: one .npy path, or {source: path} (the result then has ``ppl_by_source``)."""
+    evals = [f"{k}={v}" for k, v in eval_npy.items()] if isinstance(eval_npy, dict) else [str(eval_npy)]
     cmd = [str(PEER_PY), str(HERE / "peer_gptq_worker.py"), "--model", str(folder), "--calib", str(calib_npy),
-           "--eval", str(eval_npy), "--bits", str(bits), "--group-size", str(group), "--actorder", actorder, "--out", str(out)]
+           "--eval", *evals, "--bits", str(bits), "--group-size", str(group), "--actorder", actorder, "--out", str(out)]
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:

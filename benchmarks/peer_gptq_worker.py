@@ -1,11 +1,11 @@
 """llm-compressor's GPTQModifier on a local HF folder: run by benchmarks/gptq_vs_peer.py with
 the peer's own virtual environment (benchmarks/.venv-peer). Imports nothing from llmpress.
 
-    .venv-peer/bin/python peer_gptq_worker.py --model DIR --calib calib.npy --eval eval.npy \
+    .venv-peer/bin/python peer_gptq_worker.py --model DIR --calib calib.npy --eval wiki=wiki.npy news=news.npy \
         --bits 4 --group-size 64 --out result.json
 
-Times the whole ``oneshot`` call (wall clock), then measures perplexity on the evaluation
-windows exactly as llmpress does: exp(mean cross-entropy of tokens 2..L), batches of 4.
+Times the whole ``oneshot`` call (wall clock), then measures perplexity on each set of
+evaluation windows exactly as llmpress does: exp(mean cross-entropy of tokens 2..L), batches of 4.
 """
 import argparse
 import json
@@ -32,7 +32,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--calib", required=True)
-    ap.add_argument("--eval", required=True)
+    ap.add_argument("--eval", required=True, nargs="+", help="one .npy of test windows per text (source=path or path)")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--actorder", default="static", help="static (the peer's default), weight, or none")
@@ -48,7 +48,7 @@ def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     calib = np.load(a.calib)
-    windows = torch.from_numpy(np.load(a.eval)).long()
+    evals = dict(e.split("=", 1) if "=" in e else (e, e) for e in a.eval)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(a.model)
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": np.ones_like(calib).tolist()})
@@ -76,7 +76,8 @@ def main():
     wall = time.perf_counter() - t
     model.eval()
     t = time.perf_counter()
-    ppl = perplexity(model, windows)
+    ppl_by_source = {src: perplexity(model, torch.from_numpy(np.load(path)).long()) for src, path in evals.items()}
+    ppl = next(iter(ppl_by_source.values()))
     result = {
         "tool": "llm-compressor 0.14.0.1 GPTQModifier",
         "bits": a.bits,
@@ -87,9 +88,10 @@ def main():
         "compress_s": wall,
         "eval_s": time.perf_counter() - t,
         "ppl": ppl,
+        "ppl_by_source": ppl_by_source,
         "threads": torch.get_num_threads(),
         "calib_windows": list(calib.shape),
-        "eval_windows": list(windows.shape),
+        "eval_windows": {src: list(np.load(path, mmap_mode="r").shape) for src, path in evals.items()},
     }
     with open(a.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -172,17 +172,26 @@ def test_handler_records_damping_and_logs_the_retry(caplog):
     assert torch.equal(codes, torch.round(codes))
 
 
-def test_dead_inputs_get_zero_weights():
+def test_dead_inputs_keep_round_to_nearest_weights():
+    """A column whose input is dead in the calibration text keeps RTN of its weight: on text
+    where that input is alive the error stays RTN's (zeroing it, as the GPTQ reference code
+    does, would lose the column's whole contribution)."""
     W, X, H = correlated_problem(rows=6, cols=16, seed=7)
     X[:, [3, 11]] = 0
     H = 2.0 / X.shape[0] * X.T @ X
+    rtn, _ = quantize_weight(W, W4G8)
+    x_ood = torch.zeros(32, 16)
+    x_ood[:, [3, 11]] = torch.randn(32, 2)
     for act_order in (False, True):
         res = gptq_quantize(W, H, W4G8, act_order=act_order)
         assert res.dead == 2
-        assert (res.weight[:, [3, 11]] == 0).all()
+        assert torch.equal(res.weight[:, [3, 11]], rtn[:, [3, 11]])
         assert torch.isfinite(res.weight).all()
-        rtn, _ = quantize_weight(W, W4G8)
         assert output_error(W, res.weight, X) < output_error(W, rtn, X)
+        assert output_error(W, res.weight, x_ood) == pytest.approx(output_error(W, rtn, x_ood), rel=1e-5)
+        zeroed = W.clone()
+        zeroed[:, [3, 11]] = 0
+        assert output_error(W, res.weight, x_ood) < 0.05 * output_error(W, zeroed, x_ood)
 
 
 def test_bad_inputs_raise_user_errors():

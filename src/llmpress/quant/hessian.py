@@ -39,9 +39,13 @@ class InverseFactor:
 def prepare(weight: torch.Tensor, hessian: torch.Tensor, name: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float32 copies of W [R, C] and H [C, C] on W's device, with dead inputs handled.
 
-    A dead input (``H_jj == 0``: the column never sees a non-zero activation) gets
-    ``H_jj = 1`` and its weight column is set to 0: it contributes nothing to the output
-    whatever its value, and zero keeps the quantization grid tight.
+    A dead input (``H_jj == 0``: the column never sees a non-zero activation in the
+    calibration text) keeps its weights, and ``H_jj`` becomes the mean of the live
+    diagonal: its row and column of H stay zero, so the solvers quantize it to nearest
+    (no error feedback into or out of it), and pruning scores it as an average input.
+    The GPTQ reference code sets such columns to 0 instead, which is free on the
+    calibration text but an unbounded error on text where the input is alive (a channel
+    that fires only on code, say); keeping round-to-nearest bounds it by RTN's error.
     Returns (W, H, dead mask [C]).
     """
     where = f"layer {name}: " if name else ""
@@ -59,8 +63,8 @@ def prepare(weight: torch.Tensor, hessian: torch.Tensor, name: str | None = None
     dead = torch.diagonal(H) == 0
     if dead.any():
         idx = dead.nonzero().squeeze(1)
-        H[idx, idx] = 1.0
-        W[:, dead] = 0.0
+        live = torch.diagonal(H)[~dead]
+        H[idx, idx] = float(live.mean()) if live.numel() else 1.0
     return W, H, dead
 
 

@@ -1,0 +1,156 @@
+"""Every calibrated method on three kinds of text: calibrated on one source (or a mix), scored on
+the packaged Wikipedia test split, the packaged news text and Python code (torch.nn's source).
+
+    flock /tmp/llmpress-heavy.lock .venv/bin/python benchmarks/domains.py --calib wiki \
+        --presets rtn-w4g64,gptq-w4g64,awq-w4g64 --out runs/bench/domains-wiki.json
+
+Each row compresses a fresh copy of the model with ``llmpress.api.compress`` (the public entry
+point, the same windows as ``llmpress compress``: 128 calibration windows of 512 tokens, seed 0)
+and measures perplexity on each source's test windows (``--eval-windows`` per source; news
+has 25). Besides the presets, ``--variants`` names settings of the GPTQ study (VARIANTS below).
+Results are appended to the JSON as each row finishes, and rows already there are skipped, so
+an interrupted run resumes. ``--table`` prints the table of an existing JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from llmpress import api, models
+from llmpress.calib.engine import EngineOptions
+from llmpress.eval.perplexity import perplexity
+
+W4 = {"bits": 4, "symmetric": True, "granularity": "group", "group_size": 64, "observer": "minmax", "full_range": True}
+
+
+def _gptq(**kw) -> dict:
+    return {"name": "variant", "stages": [{"method": "gptq", "targets": ["Linear"], "ignore": ["lm_head"], "weights": W4,
+                                           "block_size": 128, "damp": 0.01, **kw}]}  # fmt: skip
+
+
+# name -> (recipe, engine options): the knobs of issue 22's GPTQ study
+VARIANTS = {
+    "gptq-natural": (_gptq(act_order=False), {}),
+    "gptq-act-order": (_gptq(act_order=True), {}),
+    "gptq-natural-damp0.1": (_gptq(act_order=False, damp=0.1), {}),
+    "gptq-act-order-damp0.1": (_gptq(act_order=True, damp=0.1), {}),
+    "gptq-natural-block32": (_gptq(act_order=False, block_size=32), {}),
+    "gptq-natural-dynamic-groups": (_gptq(act_order=False, static_groups=False), {}),
+    "gptq-natural-restricted-grid": (_gptq(act_order=False, weights={**W4, "full_range": False}), {}),
+    "gptq-natural-unfused": (_gptq(act_order=False), {"fused": False}),
+    "gptq-natural-fp-inputs": (_gptq(act_order=False), {"true_sequential": False}),
+}
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"rows": {}, "fp": {}}
+
+
+def _save(path: Path, res: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1, default=str))
+    tmp.replace(path)
+
+
+def table(res: dict) -> str:
+    sources = list(res["fp"])
+    head = "| method | " + " | ".join(f"{s} ppl (x fp)" for s in sources) + " | bits/weight |"
+    lines = [f"calibration: {res.get('calib')}; fp32: " + ", ".join(f"{s} {v:.3f}" for s, v in res["fp"].items()), "", head,
+             "|---|" + "---|" * (len(sources) + 1)]  # fmt: skip
+    for name, r in res["rows"].items():
+        cells = [f"{r['ppl'][s]:.3f} ({r['ppl'][s] / res['fp'][s]:.3f}x)" if s in r["ppl"] else "-" for s in sources]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r.get('bits_per_weight', 0):.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--calib", default="wiki", help="calibration source or mix (a --calib-data value)")
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--eval", default="wiki,news,code")
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--presets", default="", help="comma list of preset names")
+    ap.add_argument("--variants", default="", help=f"comma list of: {', '.join(VARIANTS)}")
+    ap.add_argument("--peer", action="store_true", help="also llm-compressor's GPTQ W4 g64 (actorder static) on the same windows")
+    ap.add_argument("--out", default="runs/bench/domains.json")
+    ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    res = _load(out)
+    if a.table:
+        print(table(res))
+        return 0
+    res.update(calib=a.calib, calib_samples=a.calib_samples, eval_windows=a.eval_windows, model=a.model)
+    model, tok = models.load(a.model)
+    sources = a.eval.split(",")
+    windows = {s: api.evaluation_windows(tok, model, api.EvalConfig(source=s, max_windows=a.eval_windows)) for s in sources}
+    res["windows"] = {s: int(w.shape[0]) for s, w in windows.items()}
+    for s in sources:
+        if s not in res["fp"]:
+            res["fp"][s] = perplexity(model, windows[s], 1, True, f"fp32 {s}")
+            _save(out, res)
+    cfg = api.CalibConfig(source=a.calib, n_samples=a.calib_samples)
+    calib = None
+    jobs = [(p, p, {}) for p in filter(None, a.presets.split(","))]
+    jobs += [(v, *VARIANTS[v]) for v in filter(None, a.variants.split(","))]
+    for name, recipe, engine_kw in jobs:
+        if name in res["rows"]:
+            continue
+        if calib is None and api.needs_calibration(recipe):
+            calib = api.calibration_windows(tok, model, cfg)
+        m = copy.deepcopy(model)
+        t = time.perf_counter()
+        rep = api.compress(m, recipe, calib if api.needs_calibration(recipe) else None, tokenizer=tok, calib=cfg,
+                           engine=EngineOptions(**engine_kw))  # fmt: skip
+        row = {"compress_s": time.perf_counter() - t, "bits_per_weight": rep.bits_per_weight, "ppl": {}, "threads": torch.get_num_threads()}
+        for s in sources:
+            row["ppl"][s] = perplexity(m, windows[s], 1, False)
+        res["rows"][name] = row
+        _save(out, res)
+        print(f"{name}: " + ", ".join(f"{s} {v:.3f} ({v / res['fp'][s]:.3f}x)" for s, v in row["ppl"].items())
+              + f"  compress {row['compress_s']:.0f}s", flush=True)  # fmt: skip
+        del m
+    if a.peer and PEER_ROW not in res["rows"]:
+        res["rows"][PEER_ROW] = peer_row(a.model, calib if calib is not None else api.calibration_windows(tok, model, cfg), windows, out)
+        _save(out, res)
+    print(table(res))
+    return 0
+
+
+PEER_ROW = "llm-compressor 0.14 GPTQ W4 g64 (actorder static)"
+
+
+def peer_row(model_name: str, calib: torch.Tensor, windows: dict, out: Path) -> dict:
+    """llm-compressor in its own environment on the same calibration and test windows."""
+    import numpy as np
+
+    from gptq_vs_peer import ensure_peer_venv, run_peer
+
+    problem = ensure_peer_venv()
+    if problem:
+        raise SystemExit(f"peer unavailable: {problem}")
+    work = out.parent / (out.stem + "-peer")
+    work.mkdir(parents=True, exist_ok=True)
+    np.save(work / "calib.npy", calib.numpy().astype(np.int64))
+    evals = {}
+    for s, w in windows.items():
+        evals[s] = work / f"{s}.npy"
+        np.save(evals[s], w.numpy().astype(np.int64))
+    folder = models.packaged_folder(model_name) if model_name in models.PACKAGED else Path(model_name)
+    r = run_peer(folder, work / "calib.npy", evals, 4, 64, "static", work / "peer-w4.json")
+    if "error" in r:
+        raise SystemExit(r["error"])
+    return {"compress_s": r["compress_s"], "bits_per_weight": 4.25, "ppl": r["ppl_by_source"], "threads": r.get("threads")}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
