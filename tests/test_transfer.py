@@ -44,3 +44,41 @@ def test_planted_dead_channel_keeps_out_of_domain_error_bounded():
     err_gptq, err_rtn, err_zeroed = (_logit_error(m, fp, test) for m in (gptq, rtn, zeroed))
     assert err_gptq < 2.0 * err_rtn
     assert err_zeroed > 2.0 * err_gptq
+
+
+def test_reference_is_the_data_free_counterpart_scored_in_place():
+    from llmpress.arch import get_arch
+    from llmpress.eval.perplexity import perplexity
+    from llmpress.eval.reference import describe, reference_recipe, swapped_weights
+    from llmpress.recipe import load_recipe
+
+    assert describe(reference_recipe(load_recipe("gptq-w4g64"))) == "RTN W4 g64"
+    assert describe(reference_recipe(load_recipe("sparsegpt-50-w4g64"))) == "magnitude 50% + RTN W4 g64"
+    assert describe(reference_recipe(load_recipe("wanda-2of4"))) == "magnitude 2:4"
+    for name in ("rtn-w4g64", "smoothquant-w8a8", "quarot-w4a8"):  # data-free, or no data-free twin
+        assert reference_recipe(load_recipe(name)) is None
+    model, windows = tiny_llama(seed=1), random_windows(n=4, seqlen=32, seed=2)
+    ref = reference_recipe(load_recipe("gptq-w4g64"))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with swapped_weights(model, ref, get_arch(model).blocks):
+        hooked = perplexity(model, windows, 1)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # put back
+    copy_ = copy.deepcopy(model)
+    api.compress(copy_, ref)
+    assert hooked == perplexity(copy_, windows, 1)
+    assert hooked != perplexity(model, windows, 1)
+
+
+def test_held_out_warning_when_the_gain_does_not_transfer():
+    from llmpress.eval.reference import held_out_warnings
+
+    ref = {"wiki": 30.0, "news": 40.0, "code": 12.0}
+    good = {"wiki": 25.0, "news": 34.0, "code": 10.5}  # gains: ln(30/25)=0.18, 0.16, 0.13
+    assert held_out_warnings(calib_sources=("wiki",), compressed=good, reference=ref, method="gptq") == []
+    bad = {"wiki": 25.0, "news": 34.0, "code": 11.5}  # code gain 0.043 < half of 0.18
+    (line,) = held_out_warnings(calib_sources=("wiki",), compressed=bad, reference=ref, method="gptq")
+    assert line.startswith("gptq's gain over its data-free counterpart on code is 23% of its gain on wiki")
+    assert held_out_warnings(calib_sources=("wiki", "code"), compressed=bad, reference=ref, method="gptq") == []
+    assert held_out_warnings(calib_sources=("news",), compressed={"wiki": 25.0}, reference=ref, method="gptq") == []
+    (worse,) = held_out_warnings(calib_sources=("wiki",), compressed={"wiki": 31.0}, reference=ref, method="gptq")
+    assert "no better than its data-free counterpart on wiki" in worse
