@@ -21,6 +21,7 @@ from .arch import get_arch, get_module, set_module
 from .calib.engine import EngineOptions, plan, run as run_engine
 from .errors import UserError
 from .eval.memory import PhaseTracker, peak_gpu_mb, peak_rss_mb
+from .eval.perplexity import perplexity
 from .eval.sources import SourceWindows, evaluation_record, set_ppl
 from .eval.size import model_size
 from .recipe import Recipe, Stage, load_recipe
@@ -414,7 +415,7 @@ def _pipeline(
         seconds["eval_data"] = time.perf_counter() - t
         phases.start("baseline_eval")
         t = time.perf_counter()
-        set_ppl(baseline, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="baseline ppl"))
+        set_ppl(baseline, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="baseline ppl", measure=perplexity))
         seconds["baseline_eval"] = time.perf_counter() - t
     phases.start("compress")
     report = compress(model, recipe, calib_data, tokenizer=tok, calib=calib, engine=engine)
@@ -424,7 +425,8 @@ def _pipeline(
     if windows is not None:
         phases.start("compressed_eval")
         t = time.perf_counter()
-        set_ppl(report.compressed, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="compressed ppl"))
+        by_source = windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="compressed ppl", measure=perplexity)
+        set_ppl(report.compressed, by_source)
         report.seconds["compressed_eval"] = time.perf_counter() - t
         report.evaluation = evaluation_record(asdict(evaluation), shapes)
     report.environment = _environment(device)
@@ -444,6 +446,7 @@ def _pipeline(
 
 def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: str = "cpu", progress: bool = True) -> Report:
     """Perplexity, size and bits of a model or a folder saved by llmpress."""
+    data_mod.check_sources(evaluation.sources)  # a missing or empty text file fails before the model loads
     phases = PhaseTracker()
     phases.start("load")
     t = time.perf_counter()
@@ -458,7 +461,7 @@ def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: 
     from .export.packed import packed_model_size
 
     size = packed_model_size(model) or model_size(model, _saved_records(model_spec))
-    set_ppl(size, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="ppl"))
+    set_ppl(size, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="ppl", measure=perplexity))
     seconds["eval"] = time.perf_counter() - t
     rep = Report(model=model_spec, recipe={}, compressed=size, seconds=seconds)
     rep.evaluation = evaluation_record(asdict(evaluation), shapes)

@@ -32,12 +32,11 @@ class SourceWindows:
         """(windows, tokens per window) of every source; too little text in any source fails here."""
         return {s: tuple(int(d) for d in self(s).shape) for s in self.sources}
 
-    def perplexities(self, model, *, batch_size: int, progress: bool, desc: str) -> dict[str, float]:
-        """{source: perplexity of ``model`` on its windows}, in the order of the sources."""
+    def perplexities(self, model, *, batch_size: int, progress: bool, desc: str, measure=perplexity) -> dict[str, float]:
+        """{source: ``measure`` (:func:`llmpress.eval.perplexity.perplexity`) of ``model`` on its windows},
+        in the order of the sources."""
         several = len(self.sources) > 1
-        return {
-            s: perplexity(model, self(s), batch_size, progress, f"{desc} ({s})" if several else desc) for s in self.sources
-        }
+        return {s: measure(model, self(s), batch_size, progress, f"{desc} ({s})" if several else desc) for s in self.sources}
 
 
 def evaluation_record(evaluation: dict, shapes: dict[str, tuple[int, int]]) -> dict:
