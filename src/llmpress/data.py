@@ -242,7 +242,7 @@ def parse_sources(text: str, *, shares: bool, what: str = "data") -> list[tuple[
         raise UserError(f"{what} {text!r}: give a share for every source or for none (e.g. wiki:0.75,news:0.25)")
     total = sum(given)
     if abs(total - 1.0) > 1e-6:
-        raise UserError(f"{what} {text!r}: shares sum to {total:g}, expected 1")
+        raise UserError(f"{what} {text!r}: shares sum to {total:.10g}, expected 1")
     return [(name, s) for name, s in out]
 
 
