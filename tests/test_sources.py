@@ -51,6 +51,9 @@ def test_parse_sources_shares_and_equal_splits(tmp_path):
     odd.write_text("x")
     assert data.parse_sources(f"{odd},wiki", shares=True) == [(str(odd), 0.5), ("wiki", 0.5)]
     assert data.parse_sources("wiki:0.5", shares=False) == [("wiki:0.5", 1.0)]  # evaluation lists take no shares
+    comma = tmp_path / "a,b.txt"  # nor a file whose name holds a comma at it
+    comma.write_text("x")
+    assert data.parse_sources(str(comma), shares=False) == [(str(comma), 1.0)] == data.parse_sources(comma, shares=True)
     assert data.parse_sources("wiki:0.75,news:0.25000002", shares=True)[1] == ("news", 0.25000002)  # within 1e-6 of 1
     with pytest.raises(UserError, match="shares sum to 1.000002, expected 1"):
         data.parse_sources("wiki:0.75,news:0.250002", shares=True)

@@ -223,10 +223,15 @@ def parse_sources(text: str, *, shares: bool, what: str = "data") -> list[tuple[
     ``shares``, ``wiki:0.75,news:0.25`` (every source a share > 0, summing to 1 within 1e-6).
 
     Only the syntax is checked here; :func:`check_sources` checks that the files exist.
-    A whole item naming a packaged text or an existing file is never split at a colon.
+    A whole item naming a packaged text or an existing file is never split at a colon, nor
+    a whole text naming an existing file at its commas.
     """
+    if isinstance(text, os.PathLike):
+        text = os.fspath(text)
     if not isinstance(text, str):
         raise UserError(f"{what} must be a string of comma-separated sources, got {text!r}")
+    if "," in text and Path(text).expanduser().is_file():  # a file whose name holds a comma is one source
+        return [(text, 1.0)]
     items = [item.strip() for item in text.split(",")]
     if "" in items:
         raise UserError(f"{what} {text!r}: empty item; expected comma-separated sources ({', '.join(PACKAGED)} or a file)")
