@@ -230,6 +230,53 @@ def test_calib_data_for_a_recipe_without_data(outs, tiny_model_dir, tiny_text_fi
     # not given: no warning
     assert main(_argv(tiny_model_dir, tiny_text_file, outs / "r2", "--no-eval")) == 0
     assert "warning" not in capsys.readouterr().err
+    # a mix: the same warning, once every file in it exists
+    mix = f"news:0.25,{tiny_text_file}:0.75"
+    assert main(_argv(tiny_model_dir, tiny_text_file, outs / "r3", "--calib-data", mix, "--no-eval")) == 0
+    assert [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln] == [
+        f"llmpress: warning: --calib-data {mix} is not used: recipe rtn-w4g64 gathers no calibration data"
+    ]
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--calib-data", "wiki,,news", "calibration data (--calib-data) 'wiki,,news': empty item"),
+    ("--calib-data", "news,wiki,news", "calibration data (--calib-data) 'news,wiki,news': news is listed twice"),
+    ("--eval-data", "wiki,", "evaluation data (--eval-data) 'wiki,': empty item"),
+    ("--eval-data", "code,code", "evaluation data (--eval-data) 'code,code': code is listed twice"),
+])  # fmt: skip
+def test_source_list_malformed(outs, tiny_model_dir, tiny_text_file, capsys, monkeypatch, flag, value, fragment):
+    monkeypatch.setattr("llmpress.models.load", _never)  # refused before loading the model
+    for recipe in ("gptq-w4g64", "rtn-w4g64"):  # also when the recipe would not read the calibration text
+        _fails(capsys, _argv(tiny_model_dir, tiny_text_file, outs / "result", flag, value, recipe=recipe), fragment)
+    assert _listing(outs) == []
+    if flag == "--eval-data":
+        _fails(capsys, ["eval", str(tiny_model_dir), "--eval-data", value, "--seqlen", "32"], fragment)
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("wiki:0.5,news:0.3", "shares sum to 0.8, expected 1"),
+    ("wiki:abc,news:0.5", "share 'abc' of wiki is not a number"),
+    ("wiki:0,news:1", "share 0 of wiki must be a number greater than 0"),
+    ("wiki:-0.5,news:1.5", "share -0.5 of wiki must be a number greater than 0"),
+    ("wiki:0.5,news", "give a share for every source or for none"),
+])  # fmt: skip
+def test_calib_shares_invalid(outs, tiny_model_dir, tiny_text_file, capsys, monkeypatch, value, fragment):
+    monkeypatch.setattr("llmpress.models.load", _never)  # refused before loading the model
+    argv = _argv(tiny_model_dir, tiny_text_file, outs / "result", "--calib-data", value, recipe="gptq-w4g64")
+    _fails(capsys, argv, f"calibration data (--calib-data) '{value}': {fragment}")
+    assert _listing(outs) == []
+
+
+def test_unknown_source_in_a_list(outs, tiny_model_dir, tiny_text_file, capsys, monkeypatch):
+    monkeypatch.setattr("llmpress.models.load", _never)  # refused before loading the model
+    known = "(packaged texts: wiki, news, code)"
+    for recipe in ("gptq-w4g64", "rtn-w4g64"):  # a mix with an unknown name is an error, not the unused-data warning
+        _fails(capsys, _argv(tiny_model_dir, tiny_text_file, outs / "result", "--calib-data", "wiki:0.5,wikii:0.5", recipe=recipe),
+               "llmpress: error: text file 'wikii' not found", known)  # fmt: skip
+    missing = outs.parent / "missing.txt"
+    _fails(capsys, _argv(tiny_model_dir, f"news,{missing}", outs / "result"), f"text file '{missing}' not found", known)
+    _fails(capsys, ["eval", str(tiny_model_dir), "--eval-data", f"{tiny_text_file},nws", "--seqlen", "32"], "text file 'nws' not found", known)
+    assert _listing(outs) == []
 
 
 # ------------------------------------------------------------------------------ the output

@@ -32,6 +32,7 @@ import torch
 
 from conftest import save_tiny_model, shrink_env
 from llmpress.cli import build_parser
+from llmpress.data import PACKAGED as DATA_PACKAGED
 from llmpress.models import PACKAGED
 from llmpress.recipe import presets
 
@@ -116,13 +117,19 @@ def _jsonl(path: Path) -> None:
 PLACEHOLDERS = {"./my-hf-folder": _hf_folder, "my-recipe.yaml": _readme_recipe, "my.jsonl": _jsonl}
 
 
+def _sources(value: str) -> list[tuple[str, str]]:
+    """("data", source) of each item of a --calib-data / --eval-data list (``:share`` suffixes dropped;
+    not validated: a documented refusal may hold a malformed list)."""
+    return [("data", re.sub(r":[^:/]*$", "", item.strip())) for item in value.split(",") if item.strip()]
+
+
 def _inputs(args) -> list[tuple[str, str]]:
     """(kind, value) of every file or model a parsed command reads."""
     cmd = args.command
     if cmd == "compress":
-        return [("model", args.model), ("recipe", args.recipe), ("data", args.calib_data or "wiki"), ("data", args.eval_data)]
+        return [("model", args.model), ("recipe", args.recipe), *_sources(args.calib_data or "wiki"), *_sources(args.eval_data)]
     if cmd == "eval":
-        return [("model", args.model), ("data", args.eval_data)]
+        return [("model", args.model), *_sources(args.eval_data)]
     if cmd == "export":
         return [("model", args.checkpoint)]
     if cmd == "bench":
@@ -133,7 +140,7 @@ def _inputs(args) -> list[tuple[str, str]]:
 
 
 def _builtin(kind: str, value: str) -> bool:
-    return (kind == "model" and value in PACKAGED) or (kind == "recipe" and value in presets()) or (kind == "data" and value in ("wiki", "news"))
+    return (kind == "model" and value in PACKAGED) or (kind == "recipe" and value in presets()) or (kind == "data" and value in DATA_PACKAGED)
 
 
 def provide_inputs(args, cwd: Path) -> list[str]:
@@ -172,6 +179,12 @@ def check_compress(args, res, cwd: Path) -> None:
         if not args.no_eval:
             assert _finite_ppl(rep["baseline"]["ppl"]) and _finite_ppl(rep["compressed"]["ppl"]), (rep["baseline"], rep["compressed"])
             assert rep["evaluation"]["windows"] == int(rep["test_shrink"]["LLMPRESS_TEST_WINDOWS"])
+            sources = [s for _, s in _sources(args.eval_data)]
+            for fig in (rep["baseline"], rep["compressed"]):  # one perplexity per --eval-data source, the first one's is ppl
+                assert list(fig["ppl_by_source"]) == sources and all(map(_finite_ppl, fig["ppl_by_source"].values()))
+                assert fig["ppl"] == fig["ppl_by_source"][sources[0]]
+            if len(sources) > 1:
+                assert all(f"perplexity ({s})" in res.stdout for s in sources), res.stdout
         assert 0 < rep["bits_per_weight"] < 16 and rep["peak_rss_mb"] > 0 and rep["seconds"]["compress_total"] >= 0
     if args.out:
         assert f"saved: {args.out}" in res.stdout
@@ -187,6 +200,8 @@ def check_compress(args, res, cwd: Path) -> None:
 def check_eval(args, res, cwd: Path) -> None:
     out = json.loads(res.stdout[res.stdout.index("{") :])
     assert _finite_ppl(out["ppl"]) and 0 < out["bits_per_weight"] <= 32 and out["n_params"] > 0, out
+    sources = [s for _, s in _sources(args.eval_data)]
+    assert list(out["ppl_by_source"]) == sources and out["ppl"] == out["ppl_by_source"][sources[0]], out
     if args.json_path:
         assert json.loads((cwd / args.json_path).read_text())["test_shrink"]
 

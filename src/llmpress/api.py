@@ -22,6 +22,7 @@ from .calib.engine import EngineOptions, plan, run as run_engine
 from .errors import UserError
 from .eval.memory import PhaseTracker, peak_gpu_mb, peak_rss_mb
 from .eval.perplexity import perplexity
+from .eval.sources import SourceWindows, evaluation_record, set_ppl
 from .eval.size import model_size
 from .recipe import Recipe, Stage, load_recipe
 from .registry import METHODS, ModuleRecord, get_method
@@ -35,7 +36,7 @@ META_FILE = "llmpress.json"
 
 @dataclass(kw_only=True, frozen=True)
 class CalibConfig:
-    source: str = "wiki"  # "wiki", "news", "code", or a text/JSONL file path
+    source: str = "wiki"  # "wiki", "news", "code", a text/JSONL file path, or a mix: "wiki,news", "wiki:0.75,news:0.25"
     n_samples: int = 128
     seqlen: int = 512
     seed: int = 0
@@ -45,11 +46,17 @@ class CalibConfig:
         _at_least(self.n_samples, 1, "calibration samples (--calib-samples)")
         _at_least(self.seqlen, 2, "calibration window length (--calib-seqlen)")
         _at_least(self.batch_size, 1, "batch size (--batch-size)")
+        _ = self.mix  # a malformed source list fails here
+
+    @property
+    def mix(self) -> tuple[tuple[str, float], ...]:
+        """(source, share) of :attr:`source`, shares summing to 1 (see :func:`llmpress.data.parse_sources`)."""
+        return tuple(data_mod.parse_sources(self.source, shares=True, what="calibration data (--calib-data)"))
 
 
 @dataclass(kw_only=True, frozen=True)
 class EvalConfig:
-    source: str = "wiki"
+    source: str = "wiki"  # one source or several, comma-separated: "wiki,news,code,path/to/file.txt"
     seqlen: int = 512
     max_windows: int | None = 64
     batch_size: int = 1  # windows per forward: 4 was ~10% faster on CPU (2: ~6%) and ~65 MB more peak RSS on SmolLM2
@@ -59,6 +66,12 @@ class EvalConfig:
         if self.max_windows is not None:
             _at_least(self.max_windows, 1, "evaluation windows (--eval-windows)")
         _at_least(self.batch_size, 1, "evaluation batch size")
+        _ = self.sources  # a malformed source list fails here
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The evaluation sources of :attr:`source`, in the order given (the first one's figures are ``ppl``)."""
+        return tuple(s for s, _ in data_mod.parse_sources(self.source, shares=False, what="evaluation data (--eval-data)"))
 
 
 def _at_least(value, low: int, what: str) -> None:
@@ -76,15 +89,26 @@ def _bos(tokenizer, model) -> int | None:
 
 
 def calibration_windows(tokenizer, model, cfg: CalibConfig = CalibConfig()) -> torch.Tensor:
-    """``cfg.n_samples`` windows of ``cfg.seqlen`` tokens (both capped by the test shrink, if set)."""
-    stream = data_mod.token_stream(cfg.source, "calib", tokenizer)
+    """``cfg.n_samples`` windows of ``cfg.seqlen`` tokens (both capped by the test shrink, if set),
+    from one source or a mix (:func:`llmpress.data.mixed_calib_windows`)."""
     n, seqlen = shrink.cap_windows(cfg.n_samples), shrink.cap_seqlen(cfg.seqlen)
-    return data_mod.calib_windows(stream, n, seqlen, cfg.seed, _bos(tokenizer, model))
+
+    def stream_of(source: str) -> torch.Tensor:
+        return data_mod.token_stream(source, "calib", tokenizer)
+
+    return data_mod.mixed_calib_windows(stream_of, list(cfg.mix), n, seqlen, cfg.seed, _bos(tokenizer, model))
 
 
-def evaluation_windows(tokenizer, model, cfg: EvalConfig = EvalConfig()) -> torch.Tensor:
-    """Test windows of ``cfg``; their number and length capped by the test shrink, if set."""
-    stream = data_mod.token_stream(cfg.source, "test", tokenizer)
+def calibration_counts(cfg: CalibConfig = CalibConfig()) -> dict[str, int]:
+    """{source: windows drawn from it} of :func:`calibration_windows` with ``cfg``."""
+    names, shares = zip(*cfg.mix)
+    return dict(zip(names, data_mod.mix_counts(list(shares), shrink.cap_windows(cfg.n_samples))))
+
+
+def evaluation_windows(tokenizer, model, cfg: EvalConfig = EvalConfig(), source: str | None = None) -> torch.Tensor:
+    """Test windows of ``source`` (default: the first of ``cfg.sources``); their number and
+    length capped by the test shrink, if set."""
+    stream = data_mod.token_stream(source or cfg.sources[0], "test", tokenizer)
     n, seqlen = shrink.cap_windows(cfg.max_windows), shrink.cap_seqlen(cfg.seqlen)
     return data_mod.eval_windows(stream, seqlen, n, _bos(tokenizer, model))
 
@@ -133,6 +157,9 @@ def compress(
         seconds["calibration_data"] = time.perf_counter() - t
     if data is not None:
         calib_info = {**asdict(calib), "windows": int(data.shape[0]), "seqlen": int(data.shape[1])}
+        counts = calibration_counts(calib)
+        if sum(counts.values()) == data.shape[0]:  # windows drawn with ``calib`` (not ones passed in)
+            calib_info["windows_by_source"] = counts
     t0 = time.perf_counter()
     for i, st in enumerate(recipe.stages):  # model-wide transforms first, in recipe order
         m = METHODS[st.method]
@@ -352,9 +379,8 @@ def run_pipeline(
     out_path = _prepare_out(out, overwrite)
     io_safety.check_file_out(json_path)
     io_safety.check_work_folder(engine.offload_dir if engine else None)
-    for source in (calib.source, evaluation.source if evaluation is not None else "wiki"):
-        if source not in data_mod.PACKAGED:  # a missing or empty text file fails now, even if unused
-            data_mod.read_text_file(source)
+    # a missing or empty text file fails now, even if unused
+    data_mod.check_sources([s for s, _ in calib.mix] + list(evaluation.sources if evaluation is not None else ()))
     with io_safety.OutputLock(out=out_path) if out_path is not None else contextlib.nullcontext():
         return _pipeline(
             model_spec, recipe, out_path=out_path, json_path=json_path, calib=calib, evaluation=evaluation,
@@ -384,11 +410,12 @@ def _pipeline(
     if evaluation is not None:
         phases.start("eval_data")
         t = time.perf_counter()
-        windows = evaluation_windows(tok, model, evaluation)
+        windows = SourceWindows(lambda s: evaluation_windows(tok, model, evaluation, s), evaluation.sources)
+        shapes = windows.shapes()  # too little text in any source fails before the baseline evaluation
         seconds["eval_data"] = time.perf_counter() - t
         phases.start("baseline_eval")
         t = time.perf_counter()
-        baseline["ppl"] = perplexity(model, windows, evaluation.batch_size, progress, "baseline ppl")
+        set_ppl(baseline, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="baseline ppl", measure=perplexity))
         seconds["baseline_eval"] = time.perf_counter() - t
     phases.start("compress")
     report = compress(model, recipe, calib_data, tokenizer=tok, calib=calib, engine=engine)
@@ -398,9 +425,10 @@ def _pipeline(
     if windows is not None:
         phases.start("compressed_eval")
         t = time.perf_counter()
-        report.compressed["ppl"] = perplexity(model, windows, evaluation.batch_size, progress, "compressed ppl")
+        by_source = windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="compressed ppl", measure=perplexity)
+        set_ppl(report.compressed, by_source)
         report.seconds["compressed_eval"] = time.perf_counter() - t
-        report.evaluation = {**asdict(evaluation), "windows": int(windows.shape[0]), "tokens_scored": int(windows.shape[0] * (windows.shape[1] - 1))}
+        report.evaluation = evaluation_record(asdict(evaluation), shapes)
     report.environment = _environment(device)
     if out_path is not None:
         phases.start("save")
@@ -418,6 +446,7 @@ def _pipeline(
 
 def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: str = "cpu", progress: bool = True) -> Report:
     """Perplexity, size and bits of a model or a folder saved by llmpress."""
+    data_mod.check_sources(evaluation.sources)  # a missing or empty text file fails before the model loads
     phases = PhaseTracker()
     phases.start("load")
     t = time.perf_counter()
@@ -425,16 +454,17 @@ def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: 
         model, tok = load_compressed(model_spec, device)
     seconds = {"load": time.perf_counter() - t}
     phases.start("eval_data")
-    windows = evaluation_windows(tok, model, evaluation)
+    windows = SourceWindows(lambda s: evaluation_windows(tok, model, evaluation, s), evaluation.sources)
+    shapes = windows.shapes()
     phases.start("eval")
     t = time.perf_counter()
     from .export.packed import packed_model_size
 
     size = packed_model_size(model) or model_size(model, _saved_records(model_spec))
-    size["ppl"] = perplexity(model, windows, evaluation.batch_size, progress, "ppl")
+    set_ppl(size, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="ppl", measure=perplexity))
     seconds["eval"] = time.perf_counter() - t
     rep = Report(model=model_spec, recipe={}, compressed=size, seconds=seconds)
-    rep.evaluation = {**asdict(evaluation), "windows": int(windows.shape[0])}
+    rep.evaluation = evaluation_record(asdict(evaluation), shapes)
     rep.environment = _environment(device)
     phases.stop()
     rep.set_memory(phases)

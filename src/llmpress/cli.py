@@ -16,7 +16,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (same code path)")
     p.add_argument("--eval-windows", type=_windows, default=64, help="test windows for perplexity (an integer or 'all'; default 64)")
     p.add_argument("--seqlen", type=_at_least(2), default=512, help="tokens per window (default 512; 2048 selectable)")
-    p.add_argument("--eval-data", default="wiki", help="perplexity text: wiki, news, code (packaged) or a .txt/.jsonl path")
+    p.add_argument("--eval-data", default="wiki", help="perplexity text: wiki, news, code (packaged) or a .txt/.jsonl path; several comma-separated (wiki,news,code): one perplexity each (default: wiki)")
     p.add_argument("--json", dest="json_path", help="write the report as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines (errors and warnings still print)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what each step does (INFO level)")
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", required=True, help="preset name (see `llmpress recipes`) or YAML file")
     c.add_argument("--out", help="output folder (written atomically)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    c.add_argument("--calib-data", default=None, help="calibration text: wiki, news, code (packaged) or a .txt/.jsonl path (default: wiki)")
+    c.add_argument("--calib-data", default=None, help="calibration text: wiki, news, code (packaged) or a .txt/.jsonl path, or a mix: wiki,news (equal shares) or wiki:0.75,news:0.25 (default: wiki)")
     c.add_argument("--calib-samples", type=_at_least(1), default=128, help="calibration windows drawn from --calib-data (default 128)")
     c.add_argument("--calib-seqlen", type=_at_least(2), default=512, help="tokens per calibration window (default 512)")
     c.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw (default 0)")
@@ -220,10 +220,10 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "compress":
         if args.calib_data is not None and not api.needs_calibration(args.recipe):
-            from .data import PACKAGED, read_text_file
+            from .data import check_sources, parse_sources
 
-            if args.calib_data not in PACKAGED:
-                read_text_file(args.calib_data)  # a missing or empty file is an error, not this warning
+            # a malformed list, or a missing or empty file in it, is an error, not this warning
+            check_sources([s for s, _ in parse_sources(args.calib_data, shares=True, what="calibration data (--calib-data)")])
             print(f"llmpress: warning: --calib-data {args.calib_data} is not used: recipe {args.recipe} gathers no calibration data", file=sys.stderr)
         report = api.run_pipeline(**compress_options(args))
         print(f"\nllmpress compress {args.model} --recipe {args.recipe}")
@@ -237,7 +237,7 @@ def _dispatch(args) -> int:
         report = api.evaluate(args.model, evaluation=eval_config(args), device=args.device, progress=not args.no_progress)
         if args.json_path:
             report.write_json(args.json_path)
-        print(json.dumps({k: report.compressed[k] for k in ("ppl", "bits_per_weight", "size_mb", "n_params")}, indent=2))
+        print(json.dumps({k: report.compressed[k] for k in ("ppl", "ppl_by_source", "bits_per_weight", "size_mb", "n_params")}, indent=2))
         return 0
     raise AssertionError(args.command)
 

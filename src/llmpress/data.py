@@ -15,6 +15,7 @@ import bz2
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -215,3 +216,103 @@ def calib_windows(stream: torch.Tensor, n: int = 128, seqlen: int = 512, seed: i
     starts = torch.randint(0, stream.numel() - seqlen, (n,), generator=g)
     w = torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
     return _with_bos(w, bos)
+
+
+def parse_sources(text: str, *, shares: bool, what: str = "data") -> list[tuple[str, float]]:
+    """``(source, share)`` of a comma-separated source list: ``wiki,news`` (equal shares) or, with
+    ``shares``, ``wiki:0.75,news:0.25`` (every source a share > 0, summing to 1 within 1e-6).
+
+    Only the syntax is checked here; :func:`check_sources` checks that the files exist.
+    A whole item naming a packaged text or an existing file is never split at a colon, nor
+    a whole text naming an existing file at its commas.
+    """
+    if isinstance(text, os.PathLike):
+        text = os.fspath(text)
+    if not isinstance(text, str):
+        raise UserError(f"{what} must be a string of comma-separated sources, got {text!r}")
+    if "," in text and Path(text).expanduser().is_file():  # a file whose name holds a comma is one source
+        return [(text, 1.0)]
+    items = [item.strip() for item in text.split(",")]
+    if "" in items:
+        raise UserError(f"{what} {text!r}: empty item; expected comma-separated sources ({', '.join(PACKAGED)} or a file)")
+    out: list[tuple[str, float | None]] = [_split_share(item, what, text) if shares else (item, None) for item in items]
+    names = [name for name, _ in out]
+    dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if dup is not None:
+        raise UserError(f"{what} {text!r}: {dup} is listed twice")
+    given = [s for _, s in out if s is not None]
+    if not given:
+        return [(name, 1.0 / len(out)) for name in names]
+    if len(given) != len(out):
+        raise UserError(f"{what} {text!r}: give a share for every source or for none (e.g. wiki:0.75,news:0.25)")
+    total = sum(given)
+    if abs(total - 1.0) > 1e-6:
+        raise UserError(f"{what} {text!r}: shares sum to {total:.10g}, expected 1")
+    return [(name, s) for name, s in out]
+
+
+def _split_share(item: str, what: str, text: str) -> tuple[str, float | None]:
+    if item in PACKAGED or ":" not in item or Path(item).expanduser().is_file():
+        return item, None
+    name, _, raw = item.rpartition(":")
+    name = name.strip()
+    if not name:
+        raise UserError(f"{what} {text!r}: share {raw.strip()!r} names no source")
+    try:
+        share = float(raw)
+    except ValueError:
+        raise UserError(f"{what} {text!r}: share {raw.strip()!r} of {name} is not a number") from None
+    if not (math.isfinite(share) and share > 0):
+        raise UserError(f"{what} {text!r}: share {raw.strip()} of {name} must be a number greater than 0")
+    return name, share
+
+
+def check_sources(sources) -> None:
+    """Every source that is not packaged is a readable, non-empty text file (else a UserError naming it)."""
+    for source in sources:
+        if source in PACKAGED:
+            continue
+        if not Path(source).expanduser().is_file():
+            raise UserError(f"text file {source!r} not found (packaged texts: {', '.join(PACKAGED)})")
+        read_text_file(source)
+
+
+def mix_counts(shares: list[float], n: int) -> list[int]:
+    """Windows per source: ``share * n`` rounded by largest remainder (ties to the earlier source), summing to ``n``."""
+    total = sum(shares)
+    exact = [s / total * n for s in shares]
+    counts = [math.floor(e) for e in exact]
+    order = sorted(range(len(shares)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def mix_seed(seed: int, position: int) -> int:
+    """The draw seed of the source at ``position`` of a calibration mix, derived from ``seed``."""
+    digest = hashlib.sha256(f"llmpress-calib-mix:{seed}:{position}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def mixed_calib_windows(stream_of, items: list[tuple[str, float]], n: int, seqlen: int, seed: int, bos: int | None = None) -> torch.Tensor:
+    """``n`` calibration windows from the sources of ``items`` (``(source, share)``, as
+    :func:`parse_sources` gives them); ``stream_of(source)`` is the source's calibration token stream.
+
+    One source: exactly :func:`calib_windows` with ``seed``. Several: each source's
+    :func:`mix_counts` windows drawn with :func:`mix_seed` (one token stream alive at a
+    time), concatenated in the order given, then shuffled with a generator seeded by ``seed``.
+    """
+    if len(items) == 1:
+        return calib_windows(stream_of(items[0][0]), n, seqlen, seed, bos)
+    parts = []
+    for i, ((source, _), k) in enumerate(zip(items, mix_counts([s for _, s in items], n))):
+        if k == 0:
+            continue
+        stream = stream_of(source)
+        try:
+            parts.append(calib_windows(stream, k, seqlen, mix_seed(seed, i), bos))
+        except UserError as e:
+            raise UserError(f"calibration source {source!r}: {e}") from None
+        del stream
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return torch.cat(parts)[order]

@@ -42,7 +42,23 @@ class Report:
         d["size_mb"] = self.size_mb
         bp, cp = self.baseline.get("ppl"), self.compressed.get("ppl")
         d["ppl_ratio"] = cp / bp if bp and cp else None
+        bs, cs = self.baseline.get("ppl_by_source") or {}, self.compressed.get("ppl_by_source") or {}
+        d["ppl_ratio_by_source"] = {s: cs[s] / bs[s] for s in bs if bs[s] and cs.get(s)}
         return d
+
+    def ppl_rows(self) -> list[tuple[str, str, str]]:
+        """The table's perplexity rows: one (``perplexity``) for one source; for several, one per
+        source (``perplexity (news)``), the compressed cell carrying the ratio to the baseline."""
+        base, comp = self.baseline.get("ppl_by_source") or {}, self.compressed.get("ppl_by_source") or {}
+        sources = list(dict.fromkeys([*base, *comp]))
+        if len(sources) < 2:
+            return [("perplexity", _fmt(self.baseline.get("ppl"), ".3f"), _fmt(self.compressed.get("ppl"), ".3f"))]
+        rows = []
+        for s in sources:
+            b, c = base.get(s), comp.get(s)
+            ratio = f" ({c / b:.3f}x)" if b and c else ""
+            rows.append((f"perplexity ({s})", _fmt(b, ".3f"), _fmt(c, ".3f") + ratio))
+        return rows
 
     def set_memory(self, tracker) -> None:
         """Peak RSS, the phase that set it and the per-phase table of a
@@ -55,13 +71,10 @@ class Report:
         write_atomic(Path(path), json.dumps(self.to_dict(), indent=2, default=_jsonable) + "\n")
 
     def table(self) -> str:
-        rows = [("", "baseline", "compressed")]
-
-        def f(v, fmt):
-            return "-" if v is None else format(v, fmt)
-
+        ppl_rows = self.ppl_rows()
+        rows = [("", "baseline", "compressed"), *ppl_rows]
+        f = _fmt
         for key, label, fmt in (
-            ("ppl", "perplexity", ".3f"),
             ("bits_per_weight", "bits per weight (linears)", ".3f"),
             ("size_mb", "size (MB, unquantized tensors at 16 bits)", ".1f"),
         ):
@@ -70,7 +83,7 @@ class Report:
         if disk is not None:
             rows.append(("checkpoint on disk (MB, real bytes)", "-", f(disk / 1e6, ".1f")))
         d = self.to_dict()
-        if d["ppl_ratio"]:
+        if d["ppl_ratio"] and len(ppl_rows) == 1:  # several sources carry their ratios in their rows
             rows.append(("perplexity ratio", "1.000", f"{d['ppl_ratio']:.3f}"))
         w = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows]
@@ -87,6 +100,10 @@ class Report:
         if self.test_shrink:
             lines.append("TEST SHRINK in force (figures are not the real model's): " + " ".join(f"{k}={v}" for k, v in self.test_shrink.items()))
         return "\n".join(lines)
+
+
+def _fmt(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
 
 
 def _jsonable(o):
