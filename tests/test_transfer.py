@@ -82,3 +82,37 @@ def test_held_out_warning_when_the_gain_does_not_transfer():
     assert held_out_warnings(calib_sources=("news",), compressed={"wiki": 25.0}, reference=ref, method="gptq") == []
     (worse,) = held_out_warnings(calib_sources=("wiki",), compressed={"wiki": 31.0}, reference=ref, method="gptq")
     assert "no better than its data-free counterpart on wiki" in worse
+
+
+def test_compress_with_several_sources_measures_the_reference_and_warns(tmp_path, capsys, monkeypatch):
+    """`llmpress compress` with the calibration text among several evaluation sources scores the
+    data-free counterpart on each (before compressing) and prints the held-out warnings."""
+    import json
+
+    from conftest import TINY_TEXT, save_tiny_model
+    from llmpress.cli import main
+    from llmpress.eval.reference import held_out_warnings, reference_recipe
+    from llmpress.recipe import load_recipe
+
+    monkeypatch.setenv("LLMPRESS_CACHE", str(tmp_path / "cache"))
+    model_dir = save_tiny_model(tmp_path / "m")
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(TINY_TEXT * 3)
+    b.write_text(" ".join(f"{i * 7919 % 100000:05d}" for i in range(3000)))
+    out = tmp_path / "r.json"
+    rc = main(["compress", str(model_dir), "--recipe", "gptq-w4g64", "--calib-data", str(a), "--eval-data", f"{a},{b}",
+               "--calib-samples", "8", "--calib-seqlen", "32", "--seqlen", "32", "--eval-windows", "3", "--no-progress", "--json", str(out)])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    ref = rep["reference"]
+    assert ref["recipe"] == "RTN W4 g64" and list(ref["ppl_by_source"]) == [str(a), str(b)]
+    # the reference equals compressing with the counterpart recipe, scored on the same windows
+    same = api.run_pipeline(str(model_dir), reference_recipe(load_recipe("gptq-w4g64")),
+                            evaluation=api.EvalConfig(source=f"{a},{b}", seqlen=32, max_windows=3), engine=api.EngineOptions(progress=False))
+    assert same.compressed["ppl_by_source"] == ref["ppl_by_source"]
+    assert same.reference is None  # data-free recipes have no counterpart to beat
+    expected = held_out_warnings(calib_sources=(str(a),), compressed=rep["compressed"]["ppl_by_source"], reference=ref["ppl_by_source"], method="gptq")
+    assert ref["warnings"] == expected
+    printed = capsys.readouterr()
+    assert all(f"llmpress: warning: {w}" in printed.err for w in expected)
+    assert f"RTN W4 g64 ({b})" in printed.out  # the table shows the counterpart per source

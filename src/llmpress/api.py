@@ -22,6 +22,7 @@ from .calib.engine import EngineOptions, plan, run as run_engine
 from .errors import UserError
 from .eval.memory import PhaseTracker, peak_gpu_mb, peak_rss_mb
 from .eval.perplexity import perplexity
+from .eval.reference import check_transfer, measure_reference
 from .eval.sources import SourceWindows, evaluation_record, set_ppl
 from .eval.size import model_size
 from .recipe import Recipe, Stage, load_recipe
@@ -406,7 +407,7 @@ def _pipeline(
         calib_data = calibration_windows(tok, model, calib)
         seconds["calibration_data"] = time.perf_counter() - t
     baseline: dict = model_size(model)
-    windows = None
+    windows = reference = None
     if evaluation is not None:
         phases.start("eval_data")
         t = time.perf_counter()
@@ -417,6 +418,7 @@ def _pipeline(
         t = time.perf_counter()
         set_ppl(baseline, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="baseline ppl", measure=perplexity))
         seconds["baseline_eval"] = time.perf_counter() - t
+        reference = _reference(model, recipe, windows, calib, evaluation, progress, seconds)
     phases.start("compress")
     report = compress(model, recipe, calib_data, tokenizer=tok, calib=calib, engine=engine)
     report.model = model_spec
@@ -429,6 +431,8 @@ def _pipeline(
         set_ppl(report.compressed, by_source)
         report.seconds["compressed_eval"] = time.perf_counter() - t
         report.evaluation = evaluation_record(asdict(evaluation), shapes)
+        report.reference = reference
+        check_transfer(report, tuple(src for src, _ in calib.mix))
     report.environment = _environment(device)
     if out_path is not None:
         phases.start("save")
@@ -442,6 +446,18 @@ def _pipeline(
     if json_path:
         report.write_json(json_path)
     return report
+
+
+def _reference(model, recipe: Recipe, windows, calib: CalibConfig, evaluation: EvalConfig, progress: bool, seconds: dict) -> dict | None:
+    """The data-free counterpart's perplexities (eval/reference.py), while the weights are still the original ones."""
+    if not needs_calibration(recipe):
+        return None
+    t = time.perf_counter()
+    ref = measure_reference(model, recipe, windows, calib_sources=tuple(s for s, _ in calib.mix), batch_size=evaluation.batch_size,
+                            progress=progress, blocks=get_arch(model).blocks)  # fmt: skip
+    if ref is not None:
+        seconds["reference_eval"] = time.perf_counter() - t
+    return ref
 
 
 def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: str = "cpu", progress: bool = True) -> Report:

@@ -228,6 +228,8 @@ def _dispatch(args) -> int:
         report = api.run_pipeline(**compress_options(args))
         print(f"\nllmpress compress {args.model} --recipe {args.recipe}")
         print(report.table())
+        for line in (report.reference or {}).get("warnings", []):
+            print(f"llmpress: warning: {line}", file=sys.stderr)
         if args.out:
             print(f"saved: {args.out}")
         if args.json_path:

@@ -24,6 +24,8 @@ class Report:
     memory: dict = field(default_factory=dict)  # {"phases": [{phase, peak_rss_mb, ...}], "hwm_reset": bool}
     calibration: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
+    # the recipe's data-free counterpart on the same sources (eval/reference.py), when measured
+    reference: dict | None = None
     layers: dict[str, dict] = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
     test_shrink: dict | None = field(default_factory=_shrink_in_force)  # tests only: LLMPRESS_TEST_* in force
@@ -58,6 +60,10 @@ class Report:
             b, c = base.get(s), comp.get(s)
             ratio = f" ({c / b:.3f}x)" if b and c else ""
             rows.append((f"perplexity ({s})", _fmt(b, ".3f"), _fmt(c, ".3f") + ratio))
+        ref = (self.reference or {}).get("ppl_by_source") or {}
+        for s in sources:  # the data-free counterpart on the same windows (eval/reference.py)
+            if ref.get(s) and base.get(s):
+                rows.append((f"{self.reference['recipe']} ({s})", "", f"{ref[s]:.3f} ({ref[s] / base[s]:.3f}x)"))
         return rows
 
     def set_memory(self, tracker) -> None:

@@ -114,3 +114,30 @@ def held_out_warnings(*, calib_sources: tuple[str, ...], compressed: dict, refer
                        f"(ppl {compressed[s]:.3f} vs {reference[s]:.3f}): the calibration text may not represent {s}; "
                        f"consider --calib-data {','.join(calib_sources)},{s}")  # fmt: skip
     return out
+
+
+def measure_reference(model: nn.Module, recipe: Recipe, windows, *, calib_sources: tuple[str, ...], batch_size: int,
+                      progress: bool, blocks: str) -> dict | None:  # fmt: skip
+    """``report.reference`` before compression: the data-free counterpart's perplexity on every
+    evaluated source, when the check means something (several sources, a calibration source
+    among them, a counterpart exists); else None. ``windows``: an
+    :class:`llmpress.eval.sources.SourceWindows`."""
+    if len(windows.sources) < 2 or not set(calib_sources) & set(windows.sources):
+        return None
+    ref = reference_recipe(recipe)
+    if ref is None:
+        return None
+    with swapped_weights(model, ref, blocks):
+        by_source = windows.perplexities(model, batch_size=batch_size, progress=progress, desc="data-free reference ppl")
+    return {"recipe": describe(ref), "ppl_by_source": by_source}
+
+
+def check_transfer(report, calib_sources: tuple[str, ...]) -> list[str]:
+    """Held-out warnings for ``report`` (stored in ``report.reference["warnings"]``)."""
+    ref = report.reference
+    if not ref:
+        return []
+    method = "+".join(s["method"] for s in report.recipe.get("stages", [])) or "the recipe"
+    ref["warnings"] = held_out_warnings(calib_sources=calib_sources, compressed=report.compressed.get("ppl_by_source") or {},
+                                        reference=ref["ppl_by_source"], method=method)  # fmt: skip
+    return ref["warnings"]
