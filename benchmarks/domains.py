@@ -45,6 +45,9 @@ VARIANTS = {
     "gptq-natural-block32": (_gptq(act_order=False, block_size=32), {}),
     "gptq-natural-dynamic-groups": (_gptq(act_order=False, static_groups=False), {}),
     "gptq-natural-restricted-grid": (_gptq(act_order=False, weights={**W4, "full_range": False}), {}),
+    "gptq-act-order-shrink0.2": (_gptq(act_order=True, shrink=0.2), {}),
+    "gptq-act-order-shrink0.5": (_gptq(act_order=True, shrink=0.5), {}),
+    "gptq-act-order-damp1": (_gptq(act_order=True, damp=1.0), {}),
     "gptq-natural-unfused": (_gptq(act_order=False), {"fused": False}),
     "gptq-natural-fp-inputs": (_gptq(act_order=False), {"true_sequential": False}),
 }

@@ -289,3 +289,14 @@ def test_mse_observer_weighted_by_the_hessian_diagonal_helps():
         weighted.append(output_error(W, gptq_quantize(W, H, args, act_order=True).weight, X))
         plain.append(output_error(W, gptq_quantize(W, H, args, act_order=True, mse_importance=False).weight, X))
     assert sum(weighted) < sum(plain)
+
+
+def test_shrink_interpolates_toward_round_to_nearest():
+    W, X, H = correlated_problem(rows=6, cols=16, seed=3)
+    rtn, _ = quantize_weight(W, W4G8)
+    assert torch.equal(gptq_quantize(W, H, W4G8, shrink=1.0).weight, rtn)  # no feedback between columns
+    half = H * 0.5
+    half.diagonal().copy_(H.diagonal())
+    assert torch.allclose(gptq_quantize(W, H, W4G8, shrink=0.5).weight, gptq_quantize(W, half, W4G8).weight)
+    with pytest.raises(RecipeError, match="shrink"):
+        GPTQ(weights=W4G8, shrink=1.5)

@@ -60,9 +60,12 @@ class GPTQ:
     act_order: bool = False
     static_groups: bool = True
     activations: QuantArgs | None = None
+    shrink: float = 0.0  # H <- (1 - shrink) H + shrink diag(H): less trust in the calibration text's correlations
 
     def __post_init__(self):
         validate_solver_fields(self.block_size, self.damp)
+        if isinstance(self.shrink, bool) or not isinstance(self.shrink, (int, float)) or not 0.0 <= self.shrink <= 1.0:
+            raise RecipeError(f"shrink={self.shrink!r}: expected a fraction in [0, 1]")
         if self.weights is None:
             raise RecipeError("weights: GPTQ needs weight quantization arguments")
         if self.weights.granularity == "token":
@@ -181,13 +184,15 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = True,
     mse_importance: bool = True,
+    shrink: float = 0.0,
     name: str | None = None,
 ) -> GPTQResult:
     """GPTQ on one weight [out, in] with the layer Hessian [in, in] (2/n X^T X).
 
     ``mse_importance``: with the MSE observer, weight each column's clipping error by
     ``H_jj`` (its input's mean square), so clipping spares the columns that feed large
-    activations.
+    activations. ``shrink``: solve with ``(1 - shrink) H + shrink diag(H)`` (1: no error
+    feedback between columns, i.e. round-to-nearest).
     """
     validate_solver_fields(block_size, damp)
     if args.granularity == "token":
@@ -200,6 +205,10 @@ def gptq_quantize(
         raise UserError("GPTQ: act_order with group quantization needs static groups")
     with solver_threads(weight.device):
         W, H, dead = prepare(weight, hessian, name)
+        if shrink:  # off-diagonal entries scaled by 1 - shrink, the diagonal kept
+            d = torch.diagonal(H).clone()
+            H.mul_(1.0 - shrink)
+            torch.diagonal(H).copy_(d)
         return _gptq(W, H, dead, args, block_size, damp, act_order, static, mse_importance, name)
 
 
@@ -306,6 +315,7 @@ def gptq(ctx: ModuleContext, cfg: GPTQ) -> None:
         damp=cfg.damp,
         act_order=cfg.act_order,
         static_groups=cfg.static_groups,
+        shrink=cfg.shrink,
         name=ctx.name,
     )
     ctx.set_weight(res.weight)
