@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import Bench, main_guard  # noqa: E402
 
-PRESETS = ("rtn-w4g64", "gptq-w4g64", "gptq-w4g64-act-order", "rtn-w3g64", "gptq-w3g64",
+PRESETS = ("rtn-w4g64", "gptq-w4g64", "rtn-w3g64", "gptq-w3g64",
            "sparsegpt-50", "sparsegpt-2of4", "sparsegpt-50-w4g64")
 
 

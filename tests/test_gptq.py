@@ -221,7 +221,7 @@ def test_config_validation_names_the_field():
     stage("gptq", weights=QuantArgs(bits=4, granularity="channel"), act_order=True, static_groups=False)
 
 
-@pytest.mark.parametrize("preset", ["gptq-w4g64", "gptq-w3g64", "gptq-w4g64-act-order"])
+@pytest.mark.parametrize("preset", ["gptq-w4g64", "gptq-w3g64"])
 def test_presets_run_through_the_engine(preset):
     m = tiny_llama()
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
