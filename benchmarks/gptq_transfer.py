@@ -70,9 +70,29 @@ KNOBS = {
     "natural_damp0.1": {"damp": 0.1},
     "natural_damp0.001": {"damp": 0.001},
     "act_order_damp0.1": {"act_order": True, "damp": 0.1},
+    "act_order_fp64": {"act_order": True, "fp64": True},
     "natural_block32": {"block_size": 32},
     "natural_dynamic_groups": {"static_groups": False},
 }
+
+
+def solve_fp64(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, **kw) -> torch.Tensor:
+    """The same GPTQ sweep in float64 (weights, Hessian, grid and updates), for the precision knob."""
+    import llmpress.quant.gptq as G
+
+    orig = G.prepare
+
+    def prepare64(weight, hessian, name=None):
+        W, _, dead = orig(weight, hessian, name)
+        return W.double(), hessian.detach().double().clone(), dead
+
+    G.prepare = prepare64
+    torch.set_default_dtype(torch.float64)
+    try:
+        return G.gptq_quantize(w.double(), h.double(), args, **kw).weight.float()
+    finally:
+        G.prepare = orig
+        torch.set_default_dtype(torch.float32)
 
 
 def main(argv=None) -> int:
@@ -114,9 +134,11 @@ def main(argv=None) -> int:
                 outs = {("rtn", 0.0): fake_quantize(w, args) - w}
                 for knob, shrink in settings:
                     h = hc if shrink == 0 else (1 - shrink) * hc + shrink * torch.diag(torch.diagonal(hc))
-                    kw = KNOBS[knob]
-                    res = gptq_quantize(w, h.float(), args, **kw)
-                    outs[(knob, shrink)] = res.weight - w
+                    kw = dict(KNOBS[knob])
+                    if kw.pop("fp64", False):
+                        outs[(knob, shrink)] = solve_fp64(w, h, args, **kw) - w
+                    else:
+                        outs[(knob, shrink)] = gptq_quantize(w, h.float(), args, **kw).weight - w
                 for key, dw in outs.items():
                     for d in domains:
                         e, n = rel_err(dw, w, hs[d][(b, g)])
