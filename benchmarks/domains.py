@@ -48,6 +48,8 @@ VARIANTS = {
     "gptq-act-order-shrink0.2": (_gptq(act_order=True, shrink=0.2), {}),
     "gptq-act-order-shrink0.5": (_gptq(act_order=True, shrink=0.5), {}),
     "gptq-act-order-damp1": (_gptq(act_order=True, damp=1.0), {}),
+    "gptq-act-order-floor0.1": (_gptq(act_order=True, diag_floor=0.1), {}),
+    "gptq-act-order-floor0.3": (_gptq(act_order=True, diag_floor=0.3), {}),
     "gptq-natural-unfused": (_gptq(act_order=False), {"fused": False}),
     "gptq-natural-fp-inputs": (_gptq(act_order=False), {"true_sequential": False}),
 }

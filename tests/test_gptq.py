@@ -300,3 +300,19 @@ def test_shrink_interpolates_toward_round_to_nearest():
     assert torch.allclose(gptq_quantize(W, H, W4G8, shrink=0.5).weight, gptq_quantize(W, half, W4G8).weight)
     with pytest.raises(RecipeError, match="shrink"):
         GPTQ(weights=W4G8, shrink=1.5)
+
+
+def test_diag_floor_bounds_the_updates_on_rare_inputs():
+    """An input almost silent in calibration but alive elsewhere: without a floor the error
+    feedback may load it with large changes; with it, its error elsewhere drops."""
+    W, X, H = correlated_problem(rows=6, cols=16, seed=5)
+    X = X.clone()
+    X[:, 7] *= 1e-3  # rare in the calibration text
+    H = 2.0 / X.shape[0] * X.T @ X
+    x_ood = torch.randn(64, 16)  # the same input at full strength
+    errs = [output_error(W, gptq_quantize(W, H, W4G8, diag_floor=f).weight, x_ood) for f in (0.0, 0.3)]
+    assert errs[1] < errs[0]
+    res = gptq_quantize(W, H, W4G8, diag_floor=0.3)
+    assert output_error(W, res.weight, X) < output_error(W, quantize_weight(W, W4G8)[0], X)  # still beats RTN in domain
+    with pytest.raises(RecipeError, match="diag_floor"):
+        GPTQ(weights=W4G8, diag_floor=-0.1)

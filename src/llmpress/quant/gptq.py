@@ -63,11 +63,14 @@ class GPTQ:
     static_groups: bool = True
     activations: QuantArgs | None = None
     shrink: float = 0.0  # H <- (1 - shrink) H + shrink diag(H): less trust in the calibration text's correlations
+    diag_floor: float = 0.0  # H_jj >= diag_floor * mean(diag H): inputs rare in the calibration text cost as if common
 
     def __post_init__(self):
         validate_solver_fields(self.block_size, self.damp)
-        if isinstance(self.shrink, bool) or not isinstance(self.shrink, (int, float)) or not 0.0 <= self.shrink <= 1.0:
-            raise RecipeError(f"shrink={self.shrink!r}: expected a fraction in [0, 1]")
+        for key in ("shrink", "diag_floor"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise RecipeError(f"{key}={v!r}: expected a fraction in [0, 1]")
         if self.weights is None:
             raise RecipeError("weights: GPTQ needs weight quantization arguments")
         if self.weights.granularity == "token":
@@ -187,6 +190,7 @@ def gptq_quantize(
     static_groups: bool = True,
     mse_importance: bool = True,
     shrink: float = 0.0,
+    diag_floor: float = 0.0,
     name: str | None = None,
 ) -> GPTQResult:
     """GPTQ on one weight [out, in] with the layer Hessian [in, in] (2/n X^T X).
@@ -194,7 +198,10 @@ def gptq_quantize(
     ``mse_importance``: with the MSE observer, weight each column's clipping error by
     ``H_jj`` (its input's mean square), so clipping spares the columns that feed large
     activations. ``shrink``: solve with ``(1 - shrink) H + shrink diag(H)`` (1: no error
-    feedback between columns, i.e. round-to-nearest).
+    feedback between columns, i.e. round-to-nearest). ``diag_floor``: raise every ``H_jj``
+    below ``diag_floor * mean(diag H)`` to it, so the error feedback cannot load inputs that
+    are rare in the calibration text (an MLP neuron that fires on code, say) with large
+    changes that are cheap there and costly where they fire.
     """
     validate_solver_fields(block_size, damp)
     if args.granularity == "token":
@@ -211,6 +218,9 @@ def gptq_quantize(
             d = torch.diagonal(H).clone()
             H.mul_(1.0 - shrink)
             torch.diagonal(H).copy_(d)
+        if diag_floor:
+            dg = torch.diagonal(H)
+            dg.clamp_(min=diag_floor * float(dg.mean()))
         return _gptq(W, H, dead, args, block_size, damp, act_order, static, mse_importance, name)
 
 
@@ -318,6 +328,7 @@ def gptq(ctx: ModuleContext, cfg: GPTQ) -> None:
         act_order=cfg.act_order,
         static_groups=cfg.static_groups,
         shrink=cfg.shrink,
+        diag_floor=cfg.diag_floor,
         name=ctx.name,
     )
     ctx.set_weight(res.weight)
