@@ -71,6 +71,10 @@ KNOBS = {
     "natural_damp0.001": {"damp": 0.001},
     "act_order_damp0.1": {"act_order": True, "damp": 0.1},
     "act_order_fp64": {"act_order": True, "fp64": True},
+    "act_order_damp1": {"act_order": True, "damp": 1.0},
+    "act_order_floor0.03": {"act_order": True, "diag_floor": 0.03},
+    "act_order_floor0.1": {"act_order": True, "diag_floor": 0.1},
+    "act_order_floor0.3": {"act_order": True, "diag_floor": 0.3},
     "natural_block32": {"block_size": 32},
     "natural_dynamic_groups": {"static_groups": False},
 }
