@@ -38,6 +38,8 @@ def _gptq(**kw) -> dict:
 # name -> (recipe, engine options): the knobs of issue 22's GPTQ study
 VARIANTS = {
     "rtn-w4g64-full-range": ({"name": "variant", "stages": [{"method": "rtn", "targets": ["Linear"], "ignore": ["lm_head"], "weights": W4}]}, {}),
+    "rtn-w3g64-full-range": ({"name": "variant", "stages": [{"method": "rtn", "targets": ["Linear"], "ignore": ["lm_head"],
+                                                              "weights": {**W4, "bits": 3}}]}, {}),  # fmt: skip
     "gptq-natural": (_gptq(act_order=False), {}),
     "gptq-act-order": (_gptq(act_order=True), {}),
     "gptq-natural-damp0.1": (_gptq(act_order=False, damp=0.1), {}),
