@@ -226,12 +226,14 @@ def test_presets_run_through_the_engine(preset):
     m = tiny_llama()
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     rep = compress(m, preset, data=random_windows(8, 32))
-    bits = load_recipe(preset).stages[0].config.weights.bits
+    cfg = load_recipe(preset).stages[0].config
+    bits = cfg.weights.bits
+    assert cfg.act_order and cfg.static_groups
     assert rep.compressed["quantized_linears"] == 14
     assert rep.bits_per_weight == pytest.approx(bits + 16 / 64)
     assert set(rep.layers) == {n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and n != "lm_head"}
     for name, info in rep.layers.items():
-        assert info["methods"] == ["gptq"] and info["damp"] == 0.01 and info["damp_retries"] == 0
+        assert info["methods"] == ["gptq"] and info["damp"] == cfg.damp and info["damp_retries"] == 0
         rec = m.llmpress_records[name]
         w = dict(m.named_modules())[name].weight.data
         codes = quantize(w, rec.qparams, rec.weight_args)
