@@ -55,6 +55,9 @@ VARIANTS = {
     "gptq-w3-act-order-damp1": (_gptq(act_order=True, damp=1.0, weights={**W4, "bits": 3}), {}),
     "gptq-act-order-floor0.1": (_gptq(act_order=True, diag_floor=0.1), {}),
     "gptq-act-order-floor0.3": (_gptq(act_order=True, diag_floor=0.3), {}),
+    "awq-gptq-w4g64-damp0.3": ({"name": "variant", "stages": [
+        {"method": "awq", "targets": ["Linear"], "ignore": ["lm_head"], "weights": W4, "quantize": False, "grid": 20, "search_windows": 8, "clip": False},
+        {"method": "gptq", "targets": ["Linear"], "ignore": ["lm_head"], "weights": W4, "block_size": 128, "damp": 0.3, "act_order": True}]}, {}),
     "gptq-natural-unfused": (_gptq(act_order=False), {"fused": False}),
     "gptq-natural-fp-inputs": (_gptq(act_order=False), {"true_sequential": False}),
 }
