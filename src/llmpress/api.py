@@ -418,7 +418,11 @@ def _pipeline(
         t = time.perf_counter()
         set_ppl(baseline, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="baseline ppl", measure=perplexity))
         seconds["baseline_eval"] = time.perf_counter() - t
-        reference = _reference(model, recipe, windows, calib, evaluation, progress, seconds)
+        t = time.perf_counter()  # the data-free counterpart, while the weights are still the original ones
+        reference = measure_reference(model, recipe, windows, calib_sources=tuple(s for s, _ in calib.mix), batch_size=evaluation.batch_size,
+                                      progress=progress, blocks=get_arch(model).blocks)  # fmt: skip
+        if reference is not None:
+            seconds["reference_eval"] = time.perf_counter() - t
     phases.start("compress")
     report = compress(model, recipe, calib_data, tokenizer=tok, calib=calib, engine=engine)
     report.model = model_spec
@@ -446,18 +450,6 @@ def _pipeline(
     if json_path:
         report.write_json(json_path)
     return report
-
-
-def _reference(model, recipe: Recipe, windows, calib: CalibConfig, evaluation: EvalConfig, progress: bool, seconds: dict) -> dict | None:
-    """The data-free counterpart's perplexities (eval/reference.py), while the weights are still the original ones."""
-    if not needs_calibration(recipe):
-        return None
-    t = time.perf_counter()
-    ref = measure_reference(model, recipe, windows, calib_sources=tuple(s for s, _ in calib.mix), batch_size=evaluation.batch_size,
-                            progress=progress, blocks=get_arch(model).blocks)  # fmt: skip
-    if ref is not None:
-        seconds["reference_eval"] = time.perf_counter() - t
-    return ref
 
 
 def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: str = "cpu", progress: bool = True) -> Report:
