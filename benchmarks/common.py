@@ -71,3 +71,16 @@ def main_guard(fn):
         fn()
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def forward_each(model, windows, hooks) -> None:
+    """Run ``model`` on each window alone (no grad), then remove the hooks that watched it."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            for i in range(windows.shape[0]):
+                model(windows[i : i + 1])
+    finally:
+        for h in hooks:
+            h.remove()

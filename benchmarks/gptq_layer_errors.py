@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import forward_each  # noqa: E402
 from domains import VARIANTS  # noqa: E402
 
 from llmpress import api, models  # noqa: E402
@@ -48,11 +49,7 @@ def layer_errors(model, fp_weights: dict, windows: torch.Tensor) -> dict:
             a[5] += d[:, 1:].numel()
 
         hooks.append(mod.register_forward_hook(hook))
-    with torch.no_grad():
-        for i in range(windows.shape[0]):
-            model(windows[i : i + 1])
-    for h in hooks:
-        h.remove()
+    forward_each(model, windows, hooks)
     return {n: {"first": a[0] / a[1], "rest": a[2] / a[3], "token_mean": a[4] / a[5]} for n, a in acc.items()}
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import forward_each  # noqa: E402
 from llmpress import api, models  # noqa: E402
 from llmpress.quant.args import QuantArgs  # noqa: E402
 from llmpress.quant.core import fake_quantize  # noqa: E402
@@ -51,11 +52,7 @@ def gather(model, windows: torch.Tensor, blocks: list[int]) -> dict[tuple[int, s
                 s[1] += x.shape[0]
 
             hooks.append(mod.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        for i in range(windows.shape[0]):
-            model(windows[i : i + 1])
-    for h in hooks:
-        h.remove()
+    forward_each(model, windows, hooks)
     return {k: s / n for k, (s, n) in acc.items()}
 
 
