@@ -116,3 +116,21 @@ def test_compress_with_several_sources_measures_the_reference_and_warns(tmp_path
     printed = capsys.readouterr()
     assert all(f"llmpress: warning: {w}" in printed.err for w in expected)
     assert f"RTN W4 g64 ({b})" in printed.out  # the table shows the counterpart per source
+
+
+def test_reference_swap_is_undone_when_a_forward_fails():
+    from llmpress.arch import get_arch
+    from llmpress.eval.reference import reference_recipe, swapped_weights
+    from llmpress.recipe import load_recipe
+
+    model = tiny_llama(seed=2)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    lin = model.model.layers[0].mlp.down_proj
+    boom = lin.register_forward_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("boom")), prepend=True)
+    try:
+        with swapped_weights(model, reference_recipe(load_recipe("gptq-w4g64")), get_arch(model).blocks):
+            model(random_windows(n=1, seqlen=8))
+    except RuntimeError:
+        pass
+    boom.remove()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

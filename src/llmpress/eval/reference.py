@@ -68,7 +68,7 @@ def swapped_weights(model: nn.Module, ref: Recipe, blocks: str):
     """While active, each linear the reference targets runs with its data-free weight
     (computed at each forward from the untouched original, then put back). ``blocks``: the
     decoder blocks' module path (what the word ``Linear`` in targets covers)."""
-    handles = []
+    handles, watched = [], []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
             continue
@@ -88,11 +88,16 @@ def swapped_weights(model: nn.Module, ref: Recipe, blocks: str):
             del m._llmpress_orig
 
         handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+        watched.append(mod)
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+        for mod in watched:  # a forward that raised between the two hooks leaves its swap: undo it
+            if hasattr(mod, "_llmpress_orig"):
+                mod.weight.data = mod._llmpress_orig
+                del mod._llmpress_orig
 
 
 def held_out_warnings(*, calib_sources: tuple[str, ...], compressed: dict, reference: dict, method: str) -> list[str]:
