@@ -11,21 +11,45 @@ from llmpress import api, models
 from llmpress.eval.perplexity import perplexity
 
 
+EVAL_SOURCES = "wiki,news,code"  # the three test texts of issue 22 (docs/second-order.md)
+
+
+def eval_sets(tok, model, sources: str = EVAL_SOURCES, max_windows: int = 64, seqlen: int = 512) -> dict:
+    """Test windows per source (a ``--eval-data`` list), as ``llmpress compress`` draws them."""
+    return {s: api.evaluation_windows(tok, model, api.EvalConfig(source=s, seqlen=seqlen, max_windows=max_windows))
+            for s in sources.split(",")}  # fmt: skip
+
+
+def score(model, sets: dict, batch_size: int = 4, progress: bool = False, desc: str = "ppl") -> dict:
+    """Perplexity on each source's windows, in the order of ``sets``."""
+    return {s: perplexity(model, w, batch_size=batch_size, progress=progress, desc=f"{desc} {s}") for s, w in sets.items()}
+
+
+def cells(ppl: dict, fp: dict) -> list[str]:
+    """'ppl (ratio x)' per source of ``fp``; '-' where a row lacks the source."""
+    return [f"{ppl[s]:.3f} ({ppl[s] / fp[s]:.3f}x)" if s in ppl else "-" for s in fp]
+
+
 class Bench:
-    """Loads a model once; each `run(recipe)` compresses a fresh copy and measures perplexity."""
+    """Loads a model once; each `run(recipe)` compresses a fresh copy and measures perplexity on
+    each evaluation source (``ppl``/``ratio`` are the first source's, ``ppl_by_source`` all)."""
 
     def __init__(self, model: str = "smollm2-135m", eval_windows: int = 64, calib_samples: int = 128, seqlen: int = 512, seed: int = 0,
-                 fp_ppl: float | None = None):
+                 fp_ppl: float | None = None, eval_sources: str = EVAL_SOURCES):  # fmt: skip
         self.name = model
         self.model, self.tok = models.load(model)
-        self.windows = api.evaluation_windows(self.tok, self.model, api.EvalConfig(seqlen=seqlen, max_windows=eval_windows))
+        self.sets = eval_sets(self.tok, self.model, eval_sources, eval_windows, seqlen)
+        self.windows = next(iter(self.sets.values()))
         self.calib_cfg = api.CalibConfig(n_samples=calib_samples, seqlen=seqlen, seed=seed)
         self._calib = None
         self.rows: list[dict] = []
         t = time.perf_counter()
-        # fp_ppl: the full-precision figure measured before on the same windows (saves an evaluation)
-        self.fp_ppl = fp_ppl if fp_ppl is not None else perplexity(self.model, self.windows, progress=True, desc="fp32 ppl")
-        self.add_row("full precision (fp32)" + (" (given)" if fp_ppl is not None else ""), self.fp_ppl, 32.0, time.perf_counter() - t, 0.0)
+        # fp_ppl: the first source's full-precision figure measured before on the same windows (saves an evaluation)
+        first = next(iter(self.sets))
+        self.fp = {s: fp_ppl if (s == first and fp_ppl is not None) else perplexity(self.model, w, progress=True, desc=f"fp32 {s}")
+                   for s, w in self.sets.items()}  # fmt: skip
+        self.fp_ppl = self.fp[first]
+        self.add_row("full precision (fp32)" + (" (given)" if fp_ppl is not None else ""), dict(self.fp), 32.0, time.perf_counter() - t, 0.0)
 
     @property
     def calib(self):
@@ -33,37 +57,39 @@ class Bench:
             self._calib = api.calibration_windows(self.tok, self.model, self.calib_cfg)
         return self._calib
 
-    def add_row(self, label, ppl, bits, eval_s, compress_s, **extra):
-        row = {"method": label, "ppl": ppl, "ratio": ppl / self.fp_ppl, "bits_per_weight": bits, "compress_s": compress_s, "eval_s": eval_s, **extra}
+    def add_row(self, label, ppl: dict, bits, eval_s, compress_s, **extra):
+        first = next(iter(self.fp))
+        row = {"method": label, "ppl": ppl[first], "ratio": ppl[first] / self.fp[first], "ppl_by_source": ppl,
+               "ratio_by_source": {s: ppl[s] / self.fp[s] for s in ppl}, "bits_per_weight": bits, "compress_s": compress_s,
+               "eval_s": eval_s, **extra}  # fmt: skip
         self.rows.append(row)
-        print(f"{label:<40} ppl {ppl:9.3f}  ratio {row['ratio']:6.3f}  bits {bits:6.3f}  compress {compress_s:7.1f}s", flush=True)
+        print(f"{label:<40} " + "  ".join(cells(ppl, self.fp)) + f"  bits {bits:6.3f}  compress {compress_s:7.1f}s", flush=True)
         return row
 
     def run(self, label: str, recipe, **extra):
         m = copy.deepcopy(self.model)
         t = time.perf_counter()
-        from llmpress.registry import METHODS
-        from llmpress.api import _as_recipe
-
-        r = _as_recipe(recipe)
-        needs = any(METHODS[s.method].needs or METHODS[s.method].scope != "module" for s in r.stages)
-        rep = api.compress(m, r, self.calib if needs else None, tokenizer=self.tok, calib=self.calib_cfg)
+        r = api._as_recipe(recipe)
+        rep = api.compress(m, r, self.calib if api.needs_calibration(r) else None, tokenizer=self.tok, calib=self.calib_cfg)
         cs = time.perf_counter() - t
         t = time.perf_counter()
-        ppl = perplexity(m, self.windows, progress=True, desc=label)
+        ppl = score(m, self.sets, progress=True, desc=label)
         row = self.add_row(label, ppl, rep.bits_per_weight, time.perf_counter() - t, cs, seconds=rep.seconds, **extra)
         del m
         return row
 
     def table(self) -> str:
-        lines = [f"model {self.name}, {self.windows.shape[0]} test windows of {self.windows.shape[1]} tokens", "", "| method | ppl | ratio to fp32 | bits/weight | compress s |", "|---|---|---|---|---|"]
+        w = {s: int(x.shape[0]) for s, x in self.sets.items()}
+        lines = [f"model {self.name}, test windows of {self.windows.shape[1]} tokens: " + ", ".join(f"{s} {n}" for s, n in w.items()), "",
+                 "| method | " + " | ".join(f"{s} ppl (x fp)" for s in self.fp) + " | bits/weight | compress s |",
+                 "|---|" + "---|" * (len(self.fp) + 2)]  # fmt: skip
         for r in self.rows:
-            lines.append(f"| {r['method']} | {r['ppl']:.3f} | {r['ratio']:.3f} | {r['bits_per_weight']:.3f} | {r['compress_s']:.1f} |")
+            lines.append(f"| {r['method']} | " + " | ".join(cells(r["ppl_by_source"], self.fp)) + f" | {r['bits_per_weight']:.3f} | {r['compress_s']:.1f} |")
         return "\n".join(lines)
 
     def save(self, path: str) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({"model": self.name, "rows": self.rows}, indent=2, default=str))
+        Path(path).write_text(json.dumps({"model": self.name, "fp": self.fp, "rows": self.rows}, indent=2, default=str))
 
 
 def main_guard(fn):

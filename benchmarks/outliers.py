@@ -35,9 +35,11 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import EVAL_SOURCES, cells, eval_sets, score  # noqa: E402
+
 from llmpress import api, models
 from llmpress.calib.engine import EngineOptions
-from llmpress.eval.perplexity import perplexity
 from llmpress.quant import QuantArgs
 from llmpress.recipe import stage
 from llmpress.registry import METHODS, get_method
@@ -48,33 +50,44 @@ A8T = QuantArgs(bits=8, granularity="tensor")
 
 
 class Runner:
-    def __init__(self, model_name: str, windows: int, calib: int, out: Path):
+    def __init__(self, model_name: str, windows: int, calib: int, out: Path, sources: str = EVAL_SOURCES):
         self.name = model_name
         self.model, self.tok = models.load(model_name)
-        self.windows = api.evaluation_windows(self.tok, self.model, api.EvalConfig(max_windows=windows))
+        self.sets = eval_sets(self.tok, self.model, sources, windows)
+        self.windows = next(iter(self.sets.values()))
+        self.sources = list(self.sets)
         self.calib_cfg = api.CalibConfig(n_samples=calib)
         self.calib = api.calibration_windows(self.tok, self.model, self.calib_cfg)
         self.out = out
-        self.fp = None
+        self.fp = None  # the first source's full-precision ppl
+        self.fp_by: dict[str, float] = {}
         self.done: dict[str, dict] = {}
         self.extra = False
         self.resume = False
         self.match: list[str] = []
 
-    def ppl(self, m, label) -> tuple[float, float]:
+    def ppl(self, m, label) -> tuple[dict, float]:
+        """Perplexity per evaluation source (``ppl`` in a row is the first source's)."""
         t = time.perf_counter()
-        p = perplexity(m, self.windows, batch_size=4, progress=False)
-        return p, time.perf_counter() - t
+        return score(m, self.sets), time.perf_counter() - t
+
+    def _same(self, row: dict) -> bool:
+        return row["model"] == self.name and row["eval_windows"] == int(self.windows.shape[0]) and row.get("sources", ["wiki"]) == self.sources
 
     def baseline(self) -> dict:
-        if self.fp is None and self.out.exists():  # measured by an earlier invocation (another section)
+        if not self.fp_by and self.out.exists():  # measured by an earlier invocation (another section)
             for row in json.loads(self.out.read_text())["rows"]:
-                if row["section"] == "baseline" and row["model"] == self.name and row["eval_windows"] == int(self.windows.shape[0]):
-                    self.fp = row["ppl"]
-        if self.fp is None:
-            p, s = self.ppl(self.model, "fp32")
-            self.fp = p
-            self.emit({"section": "baseline", "method": "full precision (fp32)", "ppl": p, "bits_per_weight": 16.0, "compress_s": 0.0, "eval_s": s})
+                if row["section"] == "baseline" and self._same(row):
+                    self.fp_by = row.get("ppl_by_source", {self.sources[0]: row["ppl"]})
+        if not self.fp_by:
+            first = {self.sources[0]: self.fp} if self.fp is not None else {}  # --fp-ppl given
+            rest = {s: w for s, w in self.sets.items() if s not in first}
+            t = time.perf_counter()
+            self.fp_by = {**first, **score(self.model, rest)}
+            self.fp = self.fp_by[self.sources[0]]
+            self.emit({"section": "baseline", "method": "full precision (fp32)", "ppl_by_source": self.fp_by, "bits_per_weight": 16.0,
+                       "compress_s": 0.0, "eval_s": time.perf_counter() - t})  # fmt: skip
+        self.fp = self.fp_by[self.sources[0]]
         return {"ppl": self.fp}
 
     def run(self, section: str, label: str, recipe, after=None, then=(), **extra) -> dict:
@@ -86,7 +99,7 @@ class Runner:
             return {}
         if self.resume and self.out.exists():  # measured by an earlier invocation with the same windows
             for row in json.loads(self.out.read_text())["rows"]:
-                if (row["model"], row["method"], row["eval_windows"], row["calib_windows"]) == (self.name, label, int(self.windows.shape[0]), int(self.calib.shape[0])):
+                if self._same(row) and (row["method"], row["calib_windows"]) == (label, int(self.calib.shape[0])):
                     print(f"[{self.name}] {label}: measured before, kept (ppl {row['ppl']:.3f})", flush=True)
                     self.done[label] = row
                     return row
@@ -98,7 +111,7 @@ class Runner:
         cs = time.perf_counter() - t
         info = after(m, rep) if after else {}
         p, es = self.ppl(m, label)
-        row = {"section": section, "method": label, "ppl": p, "bits_per_weight": rep.bits_per_weight, "compress_s": cs, "eval_s": es, "stage_seconds": rep.seconds, **extra, **info}
+        row = {"section": section, "method": label, "ppl_by_source": p, "bits_per_weight": rep.bits_per_weight, "compress_s": cs, "eval_s": es, "stage_seconds": rep.seconds, **extra, **info}
         if after is not None and hasattr(after, "post"):
             row.update(after.post(m, rep))
         self.emit(row)
@@ -106,21 +119,23 @@ class Runner:
         for lab, fn in then:
             more = fn(m)
             p, es = self.ppl(m, lab)
-            self.emit({**row, "method": lab, "ppl": p, "eval_s": es, **more})
+            self.emit({**row, "method": lab, "ppl_by_source": p, "eval_s": es, **more})
         del m
         return row
 
     def emit(self, row: dict) -> None:
-        row = {"model": self.name, "eval_windows": int(self.windows.shape[0]), "calib_windows": int(self.calib.shape[0]), **row}
-        if self.fp:
-            row["ratio"] = row["ppl"] / self.fp
+        row = {"model": self.name, "eval_windows": int(self.windows.shape[0]), "calib_windows": int(self.calib.shape[0]), "sources": self.sources, **row}
+        row["ppl"] = row["ppl_by_source"][self.sources[0]]
+        if self.fp_by:
+            row["ratio"] = row["ppl"] / self.fp_by[self.sources[0]]
+            row["ratio_by_source"] = {s: v / self.fp_by[s] for s, v in row["ppl_by_source"].items()}
         data = json.loads(self.out.read_text()) if self.out.exists() else {"rows": []}
         data["rows"].append(row)
         data["machine"] = platform.processor() or platform.machine()
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.out.write_text(json.dumps(data, indent=2, default=str))
-        ratio = f"{row['ratio']:.3f}" if "ratio" in row else "-"
-        print(f"[{self.name}] {row['method']:<44} ppl {row['ppl']:10.3f}  ratio {ratio:>7}  bits {row['bits_per_weight']:6.3f}  compress {row['compress_s']:7.1f}s  eval {row['eval_s']:6.1f}s", flush=True)
+        shown = "  ".join(cells(row["ppl_by_source"], self.fp_by or {s: 1.0 for s in self.sources}))
+        print(f"[{self.name}] {row['method']:<44} {shown}  bits {row['bits_per_weight']:6.3f}  compress {row['compress_s']:7.1f}s  eval {row['eval_s']:6.1f}s", flush=True)
 
 
 def _alpha_summary(rep) -> dict:
@@ -233,10 +248,17 @@ def gemma(r: Runner) -> None:
 
 
 def table(path: Path) -> str:
+    """Rows of the JSON, one column per evaluation source ('-' where a row, e.g. one from a run
+    before the news and code columns existed, lacks the source)."""
     rows = json.loads(path.read_text())["rows"]
-    lines = ["| model | section | method | ppl | ratio to fp32 | bits/weight | compress s |", "|---|---|---|---|---|---|---|"]
+    sources = list(dict.fromkeys(s for x in rows for s in x.get("sources", ["wiki"])))
+    lines = ["| model | section | method | " + " | ".join(f"{s} ppl (x fp)" for s in sources) + " | bits/weight | compress s |",
+             "|---|---|---|" + "---|" * (len(sources) + 2)]  # fmt: skip
     for x in rows:
-        lines.append(f"| {x['model']} | {x['section']} | {x['method']} | {x['ppl']:.3f} | {x.get('ratio', float('nan')):.3f} | {x['bits_per_weight']:.3f} | {x['compress_s']:.1f} |")
+        ppl = x.get("ppl_by_source", {"wiki": x["ppl"]})
+        ratio = x.get("ratio_by_source", {"wiki": x.get("ratio", float("nan"))})
+        shown = [f"{ppl[s]:.3f} ({ratio.get(s, float('nan')):.3f}x)" if s in ppl else "-" for s in sources]
+        lines.append(f"| {x['model']} | {x['section']} | {x['method']} | " + " | ".join(shown) + f" | {x['bits_per_weight']:.3f} | {x['compress_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -249,7 +271,8 @@ def main() -> None:
     ap.add_argument("--extra", action="store_true", help="also W4 g64 rows (RTN, AWQ), AWQ without clip + GPTQ, the LLM.int8() threshold sweep, RTN W8 weight-only")
     ap.add_argument("--match", action="append", default=[], help="only rows whose label contains this text (repeatable)")
     ap.add_argument("--resume", action="store_true", help="keep rows already in --out for the same model, windows and calibration count")
-    ap.add_argument("--fp-ppl", type=float, help="SmolLM2's full-precision perplexity measured before on the same windows (skips that evaluation)")
+    ap.add_argument("--eval", default=EVAL_SOURCES, help="test texts, one column each (an --eval-data list)")
+    ap.add_argument("--fp-ppl", type=float, help="SmolLM2's full-precision perplexity on the first --eval source measured before on the same windows (skips that evaluation)")
     a = ap.parse_args()
     out = Path(a.out)
     secs = [s for s in a.sections.split(",") if s]
@@ -259,7 +282,7 @@ def main() -> None:
     torch.manual_seed(0)
     smol = [s for s in secs if s != "gemma"]
     if smol:
-        r = Runner("smollm2-135m", a.windows, a.calib, out)
+        r = Runner("smollm2-135m", a.windows, a.calib, out, a.eval)
         r.extra, r.resume, r.match = a.extra, a.resume, a.match
         r.fp = a.fp_ppl
         r.baseline()
@@ -267,7 +290,7 @@ def main() -> None:
             globals()[s](r)
         del r
     if "gemma" in secs:
-        r = Runner("gemma3-270m", a.windows, a.calib, out)
+        r = Runner("gemma3-270m", a.windows, a.calib, out, a.eval)
         r.resume, r.match = a.resume, a.match
         r.baseline()
         gemma(r)

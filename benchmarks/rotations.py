@@ -44,10 +44,12 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import EVAL_SOURCES, eval_sets, score  # noqa: E402
+
 from llmpress import models
-from llmpress.api import CalibConfig, EvalConfig, calibration_windows, compress, evaluation_windows
+from llmpress.api import CalibConfig, calibration_windows, compress
 from llmpress.arch import get_arch, get_module
-from llmpress.eval.perplexity import perplexity
 from llmpress.quant import QuantArgs
 from llmpress.recipe import stage
 from llmpress.registry import METHODS, get_method
@@ -175,6 +177,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-windows", type=int, default=128)
     ap.add_argument("--spin-steps", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval", default=EVAL_SOURCES, help="test texts (an --eval-data list); each cell gives the first one's ppl and every source's ratio")
     ap.add_argument("--no-metrics", action="store_true")
     ap.add_argument("--out", default=None, help="path prefix for .json and .md results")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="print (and with --out write) one table from result files of runs with the same model and windows")
@@ -202,13 +205,15 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     base, tok = models.load(args.model)
-    ev = evaluation_windows(tok, base, EvalConfig(seqlen=args.seqlen, max_windows=args.eval_windows))
+    sets = eval_sets(tok, base, args.eval, args.eval_windows, args.seqlen)
+    ev = next(iter(sets.values()))
     cal = calibration_windows(tok, base, CalibConfig(n_samples=args.calib_windows, seqlen=args.seqlen))
     metric_windows = cal[:2]
     results = {"model": args.model, "args": vars(args), "rows": {}, "rotations": {}, "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}}
     t = time.perf_counter()
-    fp = perplexity(base, ev, 4)
-    results["fp"] = {"ppl": fp, "eval_s": time.perf_counter() - t}
+    fp_by = score(base, sets)
+    fp = fp_by[next(iter(sets))]
+    results["fp"] = {"ppl": fp, "ppl_by_source": fp_by, "eval_s": time.perf_counter() - t}
     log.info("full precision ppl %.3f (%d windows)", fp, ev.shape[0])
     if not args.no_metrics:
         results["fp"]["difficulty"] = difficulty(base, metric_windows)
@@ -246,9 +251,11 @@ def main(argv=None) -> int:
             rep = compress(m, quant_stages(w, COLUMNS[c], smooth=rot == "smoothquant", clip=clip), data=cal)
             qs = time.perf_counter() - t
             t = time.perf_counter()
-            p = perplexity(m, ev, 4)
+            p_by = score(m, sets)
+            p = p_by[next(iter(sets))]
             es = time.perf_counter() - t
-            results["rows"][r]["columns"][c] = {"ppl": p, "ratio": p / fp, "quantize_s": qs, "eval_s": es, "bits_per_weight": rep.bits_per_weight, "size_mb": rep.size_mb}
+            results["rows"][r]["columns"][c] = {"ppl": p, "ratio": p / fp, "ppl_by_source": p_by,
+                                                "ratio_by_source": {s: v / fp_by[s] for s, v in p_by.items()}, "quantize_s": qs, "eval_s": es, "bits_per_weight": rep.bits_per_weight, "size_mb": rep.size_mb}
             log.info("%-30s %-8s ppl %10.3f  ratio %7.3f  (quantize %.0fs, eval %.0fs)", results["rows"][r]["label"], c, p, p / fp, qs, es)
             del m
             if args.out:
@@ -264,7 +271,7 @@ def main(argv=None) -> int:
 def merge(results: list[dict]) -> dict:
     """One result from several runs of this script (same model, windows and settings)."""
     first = results[0]
-    keys = ("eval_windows", "seqlen", "calib_windows", "seed", "spin_steps")
+    keys = ("eval_windows", "seqlen", "calib_windows", "seed", "spin_steps", "eval")
     for r in results[1:]:
         if r["model"] != first["model"] or any(r["args"].get(k) != first["args"].get(k) for k in keys):
             raise SystemExit(f"cannot merge runs with different settings: {[(k, r['args'].get(k), first['args'].get(k)) for k in keys]}")
@@ -288,14 +295,19 @@ def _fmt(v):
 
 def markdown(res: dict, cols: list[str]) -> str:
     fp = res["fp"]["ppl"]
-    lines = [f"Model {res['model']}, {res['args']['eval_windows']} x {res['args']['seqlen']}-token test windows; full precision ppl {fp:.3f}.", ""]
+    fp_by = res["fp"].get("ppl_by_source", {"wiki": fp})
+    lines = [f"Model {res['model']}, up to {res['args']['eval_windows']} x {res['args']['seqlen']}-token test windows per text; full precision ppl "
+             + ", ".join(f"{s} {v:.3f}" for s, v in fp_by.items()) + ".", ""]  # fmt: skip
+    if len(fp_by) > 1:
+        lines += [f"Each cell: {next(iter(fp_by))} ppl (x fp), then the ratio to full precision on " + " / ".join(list(fp_by)[1:]) + ".", ""]
     lines.append("| method | " + " | ".join(f"{c} ppl (x fp)" for c in cols) + " |")
     lines.append("|---|" + "---|" * len(cols))
     for r, row in res["rows"].items():
         cells = []
         for c in cols:
             x = row["columns"].get(c)
-            cells.append("-" if x is None else f"{_fmt(x['ppl'])} ({_fmt(x['ratio'])}x)")
+            more = "".join(f" / {_fmt(v)}x" for s, v in x.get("ratio_by_source", {}).items() if s != next(iter(fp_by))) if x else ""
+            cells.append("-" if x is None else f"{_fmt(x['ppl'])} ({_fmt(x['ratio'])}x{more})")
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     lines.append("")
     if "difficulty" in res["fp"]:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Bench  # noqa: E402
+from common import EVAL_SOURCES, Bench  # noqa: E402
 
 from llmpress import QuantArgs, stage  # noqa: E402
 
@@ -55,9 +55,10 @@ def main():
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--rows", choices=(*ROWS, "all"), default="int", help="int: the integer RTN presets; sign: ternary and binary; all: both")
-    ap.add_argument("--fp-ppl", type=float, help="the full-precision perplexity measured before on the same windows (skips that evaluation)")
+    ap.add_argument("--eval", default=EVAL_SOURCES, help="test texts, one column each (an --eval-data list)")
+    ap.add_argument("--fp-ppl", type=float, help="the first --eval source's full-precision perplexity measured before on the same windows (skips that evaluation)")
     a = ap.parse_args()
-    b = Bench(a.model, eval_windows=a.windows, fp_ppl=a.fp_ppl)
+    b = Bench(a.model, eval_windows=a.windows, fp_ppl=a.fp_ppl, eval_sources=a.eval)
     rows = {**ROWS["int"], **ROWS["sign"]} if a.rows == "all" else ROWS[a.rows]
     for label, recipe in rows.items():
         b.run(label, recipe)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Bench, main_guard  # noqa: E402
+from common import EVAL_SOURCES, Bench, main_guard  # noqa: E402
 
 PRESETS = ("rtn-w4g64", "gptq-w4g64", "rtn-w3g64", "gptq-w3g64",
            "sparsegpt-50", "sparsegpt-2of4", "sparsegpt-50-w4g64")
@@ -24,12 +24,13 @@ def main():
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--calib", type=int, default=128, help="calibration windows of 512 tokens")
-    ap.add_argument("--fp-ppl", type=float, help="full-precision ppl measured before on the same windows (skips that evaluation)")
+    ap.add_argument("--eval", default=EVAL_SOURCES, help="test texts, one column each (an --eval-data list)")
+    ap.add_argument("--fp-ppl", type=float, help="the first --eval source's full-precision ppl measured before on the same windows (skips that evaluation)")
     ap.add_argument("--only", nargs="+", choices=PRESETS)
     ap.add_argument("--out", default="runs/bench/second_order.json")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    b = Bench(a.model, eval_windows=a.windows, calib_samples=a.calib, fp_ppl=a.fp_ppl)
+    b = Bench(a.model, eval_windows=a.windows, calib_samples=a.calib, fp_ppl=a.fp_ppl, eval_sources=a.eval)
     for preset in a.only or PRESETS:
         row = b.run(preset, preset)
         sec = row.get("seconds", {})
