@@ -111,6 +111,9 @@ def test_compress_with_several_sources_measures_the_reference_and_warns(tmp_path
                             evaluation=api.EvalConfig(source=f"{a},{b}", seqlen=32, max_windows=3), engine=api.EngineOptions(progress=False))
     assert same.compressed["ppl_by_source"] == ref["ppl_by_source"]
     assert same.reference is None  # data-free recipes have no counterpart to beat
+    # the reference pass is its own memory phase (and absent when nothing is measured)
+    assert [p["phase"] for p in rep["memory"]["phases"]][3:5] == ["baseline_eval", "reference_eval"]
+    assert "reference_eval" not in [p["phase"] for p in same.memory["phases"]]
     expected = held_out_warnings(calib_sources=(str(a),), compressed=rep["compressed"]["ppl_by_source"], reference=ref["ppl_by_source"], method="gptq")
     assert ref["warnings"] == expected
     printed = capsys.readouterr()

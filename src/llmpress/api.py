@@ -23,6 +23,7 @@ from .errors import UserError
 from .eval.memory import PhaseTracker, peak_gpu_mb, peak_rss_mb
 from .eval.perplexity import perplexity
 from .eval.reference import check_transfer, measure_reference
+from .eval.reference import wanted as wanted_reference
 from .eval.sources import SourceWindows, evaluation_record, set_ppl
 from .eval.size import model_size
 from .recipe import Recipe, Stage, load_recipe
@@ -418,10 +419,12 @@ def _pipeline(
         t = time.perf_counter()
         set_ppl(baseline, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="baseline ppl", measure=perplexity))
         seconds["baseline_eval"] = time.perf_counter() - t
-        t = time.perf_counter()  # the data-free counterpart, while the weights are still the original ones
-        reference = measure_reference(model, recipe, windows, calib_sources=tuple(s for s, _ in calib.mix), batch_size=evaluation.batch_size,
-                                      progress=progress, blocks=get_arch(model).blocks)  # fmt: skip
-        if reference is not None:
+        calib_sources = tuple(s for s, _ in calib.mix)
+        if wanted_reference(recipe, windows.sources, calib_sources):  # the data-free counterpart, while the weights are the original ones
+            phases.start("reference_eval")
+            t = time.perf_counter()
+            reference = measure_reference(model, recipe, windows, calib_sources=calib_sources, batch_size=evaluation.batch_size,
+                                          progress=progress, blocks=get_arch(model).blocks)  # fmt: skip
             seconds["reference_eval"] = time.perf_counter() - t
     phases.start("compress")
     report = compress(model, recipe, calib_data, tokenizer=tok, calib=calib, engine=engine)

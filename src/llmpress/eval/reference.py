@@ -121,17 +121,21 @@ def held_out_warnings(*, calib_sources: tuple[str, ...], compressed: dict, refer
     return out
 
 
+def wanted(recipe: Recipe, sources, calib_sources) -> bool:
+    """Whether the held-out check means something: several evaluated sources, a calibration
+    source among them, and a data-free counterpart for the recipe."""
+    return len(sources) >= 2 and bool(set(calib_sources) & set(sources)) and reference_recipe(recipe) is not None
+
+
 def measure_reference(model: nn.Module, recipe: Recipe, windows, *, calib_sources: tuple[str, ...], batch_size: int,
                       progress: bool, blocks: str) -> dict | None:  # fmt: skip
     """``report.reference`` before compression: the data-free counterpart's perplexity on every
     evaluated source, when the check means something (several sources, a calibration source
     among them, a counterpart exists); else None. ``windows``: an
     :class:`llmpress.eval.sources.SourceWindows`."""
-    if len(windows.sources) < 2 or not set(calib_sources) & set(windows.sources):
+    if not wanted(recipe, windows.sources, calib_sources):
         return None
     ref = reference_recipe(recipe)
-    if ref is None:
-        return None
     with swapped_weights(model, ref, blocks):
         by_source = windows.perplexities(model, batch_size=batch_size, progress=progress, desc="data-free reference ppl")
     return {"recipe": describe(ref), "ppl_by_source": by_source}
