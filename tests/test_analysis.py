@@ -191,6 +191,36 @@ def test_cli_analyze(tiny_model_dir, tiny_text_file, tmp_path, capsys):
     assert rc == 2 and "out of range" in capsys.readouterr().err
 
 
+def test_analyze_shares_windows_among_sources(tiny_model_dir, tiny_text_file, tmp_path, capsys, monkeypatch):
+    """`--data a,b` analyzes windows of both texts (shared by largest remainder, in order); a
+    missing file in the list exits 2 before the model loads."""
+    from llmpress import api, models
+    from llmpress.analysis.pipeline import AnalysisConfig, analysis_windows
+    from llmpress.cli import main
+
+    other = tmp_path / "digits.txt"
+    other.write_text(" ".join(f"{i * 7919 % 100000:05d}" for i in range(3000)))
+    model, tok = models.load(str(tiny_model_dir))
+    cfg = AnalysisConfig(windows=3, seqlen=16, source=f"{tiny_text_file},{other}")
+    windows, counts = analysis_windows(tok, model, cfg)
+    assert counts == {str(tiny_text_file): 2, str(other): 1}
+    alone = [api.evaluation_windows(tok, model, api.EvalConfig(source=str(f), seqlen=16, max_windows=n)) for f, n in ((tiny_text_file, 2), (other, 1))]
+    assert torch.equal(windows, torch.cat(alone)) and not torch.equal(alone[0][:1], alone[1])
+    out = tmp_path / "an"
+    rc = main(["analyze", str(tiny_model_dir), "--out", str(out), "--windows", "3", "--seqlen", "16", "--data", cfg.source, "--no-progress", "--no-interventions"])
+    assert rc == 0
+    assert json.loads((out / "analysis.json").read_text())["windows_by_source"] == counts
+    assert f"3 windows x 16 tokens of {tiny_text_file} 2, {other} 1" in capsys.readouterr().out
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(models, "load", no_load)
+    rc = main(["analyze", str(tiny_model_dir), "--data", f"{tiny_text_file},{tmp_path / 'missing.txt'}", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "missing.txt" in err and "Traceback" not in err
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

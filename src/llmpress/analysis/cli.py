@@ -36,7 +36,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     a.add_argument("--out", help="output folder for report.html, analysis.json and img/ (default: print the summary only)")
     a.add_argument("--windows", type=_positive, default=8, help="test windows analyzed and used for the perplexities (default 8)")
     a.add_argument("--seqlen", type=_positive, default=512, help="tokens per window (default 512)")
-    a.add_argument("--data", default="wiki", help="text: wiki (packaged), news (packaged) or a .txt/.jsonl path")
+    a.add_argument("--data", default="wiki", help="text: wiki, news, code (packaged) or a .txt/.jsonl path; a comma list (wiki,code) shares the windows equally")
     a.add_argument("--batch-size", type=_positive, default=4, help="windows per forward pass (default 4)")
     a.add_argument("--layers", type=_layers, help="layers of the 3D plots, e.g. 2,11,29 (default: chosen from the findings)")
     a.add_argument("--no-interventions", action="store_true", help="skip the perplexity interventions (fastest)")

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .. import api, models
+from .. import data as data_mod
 from ..arch import get_arch
 from ..errors import UserError
 from . import detect
@@ -281,14 +282,30 @@ def choose_layers(col: Collected, mf: dict, n: int = 4) -> list[int]:
 # ------------------------------------------------------------------ pipeline
 
 
+def _sources(cfg: AnalysisConfig) -> list[str]:
+    return [s for s, _ in data_mod.parse_sources(cfg.source, shares=False, what="analysis data (--data)")]
+
+
+def analysis_windows(tokenizer, model, cfg: AnalysisConfig) -> tuple[torch.Tensor, dict[str, int]]:
+    """``cfg.windows`` test windows, shared equally among the sources of ``cfg.source`` (``wiki,code``:
+    largest remainder, earlier sources first), concatenated in that order; and the count per source."""
+    sources = _sources(cfg)
+    parts = {}
+    for s, n in zip(sources, data_mod.mix_counts([1.0] * len(sources), cfg.windows)):
+        if n:
+            parts[s] = api.evaluation_windows(tokenizer, model, api.EvalConfig(source=s, seqlen=cfg.seqlen, max_windows=n))
+    return torch.cat(list(parts.values())), {s: int(w.shape[0]) for s, w in parts.items()}
+
+
 def analyze(model: nn.Module, tokenizer, cfg: AnalysisConfig = AnalysisConfig(), windows: torch.Tensor | None = None) -> Analysis:
     """Analyze ``model`` on ``windows`` (default: ``cfg.windows`` evaluation windows of the test text)."""
     spec = get_arch(model)
     seconds: dict[str, float] = {}
     th = cfg.thresholds
     t = time.perf_counter()
+    by_source = None
     if windows is None:
-        windows = api.evaluation_windows(tokenizer, model, api.EvalConfig(source=cfg.source, seqlen=cfg.seqlen, max_windows=cfg.windows))
+        windows, by_source = analysis_windows(tokenizer, model, cfg)
     seconds["data"] = time.perf_counter() - t
     t = time.perf_counter()
     col = collect(model, windows, th, cfg.batch_size, sites=cfg.sites, progress=cfg.progress)
@@ -302,6 +319,7 @@ def analyze(model: nn.Module, tokenizer, cfg: AnalysisConfig = AnalysisConfig(),
         "n_layers": col.n_layers,
         "hidden": col.hidden,
         "windows": int(windows.shape[0]),
+        "windows_by_source": by_source,  # None when the caller passed the windows
         "seqlen": int(windows.shape[1]),
         "config": cfg.to_dict(),
         "thresholds": th.to_dict(),
@@ -390,6 +408,7 @@ def run(model_spec: str, out: str | None = None, cfg: AnalysisConfig = AnalysisC
     """Load ``model_spec``, analyze it, write ``report.html``, ``analysis.json`` and PNGs to ``out``."""
     from .report import write_outputs
 
+    data_mod.check_sources(_sources(cfg))  # a malformed list or a missing file fails before the model loads
     t = time.perf_counter()
     model, tok = models.load(model_spec, device=device)
     get_arch(model)

@@ -229,9 +229,15 @@ def intervention_table(s: dict) -> list[list[str]]:
     return rows
 
 
+def _texts(s: dict) -> str:
+    """' of wiki 3, code 3' when the windows came from several texts, else ''."""
+    by = s.get("windows_by_source") or {}
+    return " of " + ", ".join(f"{k} {n}" for k, n in by.items()) if len(by) > 1 else ""
+
+
 def console_summary(an) -> str:
     s = an.summary
-    out = [f"llmpress analyze {s['model']} ({s['family']}, {s['n_layers']} layers, hidden {s['hidden']}; {s['windows']} windows x {s['seqlen']} tokens)", ""]
+    out = [f"llmpress analyze {s['model']} ({s['family']}, {s['n_layers']} layers, hidden {s['hidden']}; {s['windows']} windows x {s['seqlen']} tokens{_texts(s)})", ""]
     out += [f"- {line}" for line in headline(s)]
     tab = intervention_table(s)
     if tab:
@@ -280,7 +286,7 @@ def to_html(an) -> str:
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>llmpress analysis: {html.escape(str(s['model']))}</title><style>{CSS}</style></head><body>",
         f"<h1>Where and why {html.escape(str(s['model']))} is hard to quantize</h1>",
-        f"<p class='meta'>{html.escape(s['family'])}, {s['n_layers']} layers, hidden {s['hidden']}; {s['windows']} windows of {s['seqlen']} tokens "
+        f"<p class='meta'>{html.escape(s['family'])}, {s['n_layers']} layers, hidden {s['hidden']}; {s['windows']} windows of {s['seqlen']} tokens{html.escape(_texts(s))} "
         f"({html.escape(str(s['config']['source']))} text, test split). Layers and channels are 0-based.</p>",
         "<h2>Findings</h2><ul class='find'>" + "".join(f"<li>{html.escape(line)}</li>" for line in headline(s)) + "</ul>",
         "<h3>What it means for quantization</h3><ul class='find'>" + "".join(f"<li>{html.escape(line)}</li>" for line in implications(s)) + "</ul>",
