@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import cells, eval_sets  # noqa: E402
+
 from llmpress import api, models
 from llmpress.calib.engine import EngineOptions
 from llmpress.eval.perplexity import perplexity
@@ -86,8 +88,7 @@ def table(res: dict) -> str:
     lines = [f"calibration: {res.get('calib')}; fp32: " + ", ".join(f"{s} {v:.3f}" for s, v in res["fp"].items()), "", head,
              "|---|" + "---|" * (len(sources) + 1)]  # fmt: skip
     for name, r in res["rows"].items():
-        cells = [f"{r['ppl'][s]:.3f} ({r['ppl'][s] / res['fp'][s]:.3f}x)" if s in r["ppl"] else "-" for s in sources]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r.get('bits_per_weight', 0):.3f} |")
+        lines.append(f"| {name} | " + " | ".join(cells(r["ppl"], res["fp"])) + f" | {r.get('bits_per_weight', 0):.3f} |")
     return "\n".join(lines)
 
 
@@ -96,6 +97,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--calib", default="wiki", help="calibration source or mix (a --calib-data value)")
     ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
+    ap.add_argument("--fp-from", help="a JSON of this script with the same test windows: reuse its full-precision figures")
     ap.add_argument("--eval", default="wiki,news,code")
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--presets", default="", help="comma list of preset names")
@@ -109,16 +112,21 @@ def main(argv=None) -> int:
     if a.table:
         print(table(res))
         return 0
-    res.update(calib=a.calib, calib_samples=a.calib_samples, eval_windows=a.eval_windows, model=a.model)
+    res.update(calib=a.calib, calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen, eval_windows=a.eval_windows, model=a.model)
     model, tok = models.load(a.model)
     sources = a.eval.split(",")
-    windows = {s: api.evaluation_windows(tok, model, api.EvalConfig(source=s, max_windows=a.eval_windows)) for s in sources}
+    windows = eval_sets(tok, model, a.eval, a.eval_windows)
     res["windows"] = {s: int(w.shape[0]) for s, w in windows.items()}
+    if a.fp_from:
+        old = _load(Path(a.fp_from))
+        if old.get("windows") != res["windows"] or old.get("eval_windows") != a.eval_windows:
+            raise SystemExit(f"{a.fp_from} was scored on other test windows")
+        res["fp"] = {s: old["fp"][s] for s in sources if s in old["fp"]}
     for s in sources:
         if s not in res["fp"]:
             res["fp"][s] = perplexity(model, windows[s], 1, True, f"fp32 {s}")
             _save(out, res)
-    cfg = api.CalibConfig(source=a.calib, n_samples=a.calib_samples)
+    cfg = api.CalibConfig(source=a.calib, n_samples=a.calib_samples, seqlen=a.calib_seqlen)
     calib = None
     jobs = [(p, p, {}) for p in filter(None, a.presets.split(","))]
     jobs += [(v, *VARIANTS[v]) for v in filter(None, a.variants.split(","))]
