@@ -1,6 +1,6 @@
 """SparseGPT (Frantar & Alistarh, 2023): one-shot pruning with OBS error compensation.
 
-Same column sweep as GPTQ (see :mod:`llmpress.quant.gptq`): column i of every row is set
+Same column sweep as GPTQ (:func:`llmpress.quant.sweep.column_sweep`): column i of every row is set
 to its target (0 where the mask prunes it, else its own value, or its grid value when
 quantizing jointly) and the error ``(w_i - target) / U_ii`` is spread onto the columns
 not yet processed with row i of U, the upper Cholesky factor of the damped inverse
@@ -30,8 +30,8 @@ import torch
 from ..errors import RecipeError, UserError
 from ..quant.args import QuantArgs
 from ..quant.core import QParams, compute_qparams
-from ..quant.gptq import ColumnQuantizer, _importance, activation_order, current_rows, record_solver_notes, solver_threads, validate_solver_fields
 from ..quant.hessian import inverse_cholesky, layer_error, prepare
+from ..quant.sweep import ColumnQuantizer, SweepBlock, activation_order, column_sweep, importance, record_solver_notes, solver_threads, validate_solver_fields
 from ..registry import ModuleContext, register
 from .masks import describe_pattern, nm_prune_mask, sparsity_of, topk_prune_mask, validate_pattern
 from .owl import effective_sparsity
@@ -148,7 +148,7 @@ def sparsegpt_prune(
             cq = ColumnQuantizer(weights, R, C, W.device)
             if not dynamic:
                 hd = torch.diagonal(H) if weights.observer == "mse" else None  # as GPTQ: MSE weighted by diag(H)
-                cq.set(compute_qparams(W, weights, name, importance=_importance(hd, weights, C)))
+                cq.set(compute_qparams(W, weights, name, importance=importance(hd, weights, C)))
         W0, H0 = (W.clone(), H) if refit else (None, None)
         perm = activation_order(H) if act_order else None
         if perm is not None:
@@ -213,48 +213,40 @@ def _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name, 
     # transposed layout: column j of W is row j of Wt (contiguous); masks likewise
     Wt = W.t().contiguous()
     del W
-    Qt = torch.empty_like(Wt)
-    Et = torch.empty_like(Wt)
     Mt = torch.zeros(C, R, dtype=torch.bool, device=Wt.device)
-    for i1 in range(0, C, block_size):
-        i2 = min(i1 + block_size, C)
-        nb = i2 - i1
-        W1 = Wt[i1:i2]
-        E1 = Et[i1:i2]
-        M1 = Mt[i1:i2]
-        U1 = U[i1:i2, i1:i2]
-        dU = torch.diagonal(U1)
-        dsq = dU.pow(2).unsqueeze(1)  # [H^-1]_jj of the columns still free, per row of W1
-        d = dU.tolist()
+    dsq = None  # [H^-1]_jj of the columns still free, per row of the current block
+
+    def start_block(blk: SweepBlock) -> None:
+        nonlocal pruned, dsq
+        i1, i2, W1, M1 = blk.i1, blk.i2, blk.W1, Mt[blk.i1 : blk.i2]
+        dsq = torch.diagonal(blk.U1).pow(2).unsqueeze(1)
         if not m and per_row:  # each row (a column of W1) prunes its share of this block
             k = int(round(sparsity * i2)) - int(round(sparsity * i1))
             if k > 0:
                 M1.scatter_(0, torch.topk(W1.pow(2) / dsq, k, dim=0, largest=False).indices, True)
         elif not m:
             k = int(round(sparsity * R * i2)) - pruned if i2 < C else target_total - pruned
-            k = max(0, min(k, R * nb))
+            k = max(0, min(k, R * (i2 - i1)))
             M1.copy_(topk_prune_mask(W1.pow(2) / dsq, k))
             pruned += k
-        wr, qr, er, mr = W1.unbind(0), Qt[i1:i2].unbind(0), E1.unbind(0), M1.unbind(0)
-        for i in range(nb):
-            j = i1 + i
-            if m and i % m == 0:
-                M1[i : i + m] = nm_prune_mask((W1[i : i + m].pow(2) / dsq[i : i + m]).t(), n, m).t()
-            if dynamic and j % gs == 0:
-                cols = current_rows(Wt, E1, U, i1, i, i2, j, j + gs).clone()
-                known = M1[i : i + cols.shape[0]]  # masks of the group's columns chosen so far
-                cols[: known.shape[0]].masked_fill_(known, 0.0)
-                cq.fit_group(cols.t(), j // gs, hdiag[j : j + gs] if cq.args.observer == "mse" else None)
-            w, q, e, mk = wr[i], qr[i], er[i], mr[i]
-            if cq is None:
-                q.copy_(w).masked_fill_(mk, 0.0)
-            else:
-                cq.quantize_into(w.masked_fill(mk, 0.0), col[j], q).masked_fill_(mk, 0.0)
-            torch.sub(w, q, out=e).div_(d[i])
-            if i + 1 < nb:
-                W1[i + 1 :].addr_(U1[i, i + 1 :], e, alpha=-1.0)
-        if i2 < C:
-            Wt[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1.0)
+
+    def target(blk: SweepBlock, i: int, w: torch.Tensor, q: torch.Tensor) -> None:
+        j = blk.i1 + i
+        M1 = Mt[blk.i1 : blk.i2]
+        if m and i % m == 0:
+            M1[i : i + m] = nm_prune_mask((blk.W1[i : i + m].pow(2) / dsq[i : i + m]).t(), n, m).t()
+        if dynamic and j % gs == 0:
+            cols = blk.current(i, j, j + gs).clone()
+            known = M1[i : i + cols.shape[0]]  # masks of the group's columns chosen so far
+            cols[: known.shape[0]].masked_fill_(known, 0.0)
+            cq.fit_group(cols.t(), j // gs, hdiag[j : j + gs] if cq.args.observer == "mse" else None)
+        mk = M1[i]
+        if cq is None:
+            q.copy_(w).masked_fill_(mk, 0.0)
+        else:
+            cq.quantize_into(w.masked_fill(mk, 0.0), col[j], q).masked_fill_(mk, 0.0)
+
+    Qt, Et = column_sweep(Wt, U, block_size, target, start_block)
     loss = float(Et.double().pow(2).sum() / 2)
     return SparseGPTResult(weight=Qt.t().contiguous(), mask=Mt.t().contiguous(), qparams=None if cq is None else cq.qparams(), damp=fac.damp, damp_retries=fac.retries, loss=loss, dead=int(dead.sum()), fallback=fac.fallback)
 
