@@ -8,7 +8,7 @@ import torch
 
 from llmpress.cli import main
 from llmpress.errors import UserError
-from llmpress.runtime import bench
+from llmpress import bench
 
 
 @pytest.fixture

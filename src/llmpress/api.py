@@ -17,6 +17,7 @@ import torch.nn as nn
 from . import data as data_mod
 from . import io_safety, models, shrink
 from .progress import scope as progress_scope
+from .prune.masks import clear_sparsity_offsets
 from .arch import get_arch, get_module, set_module
 from .calib.engine import EngineOptions, plan, run as run_engine
 from .errors import UserError
@@ -173,11 +174,7 @@ def compress(
     try:
         result = run_engine(model, spec, recipe, data, engine)
     finally:
-        from .prune.owl import ATTR as _owl_attr
-
-        for mod in model.modules():  # per-module sparsity offsets live for one compress() only
-            if hasattr(mod, _owl_attr):
-                delattr(mod, _owl_attr)
+        clear_sparsity_offsets(model)  # per-module sparsity offsets (OWL) live for one compress() only
     seconds.update(result.seconds)
     seconds["compress_total"] = time.perf_counter() - t0
     report = Report(

@@ -204,7 +204,7 @@ def _dispatch(args) -> int:
         print(f"exported {args.checkpoint} as {args.export_format}: {out}")
         return 0
     if args.command == "bench":
-        from .runtime import bench
+        from . import bench
 
         cfg = bench.BenchConfig(prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, batches=tuple(args.batches), repeats=args.repeats,
                                 layer_kernels=not args.no_layers, memory_probe=not args.no_memory_probe)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..registry import ModuleContext, register
-from .masks import describe_pattern, magnitude_prune, sparsity_of, validate_pattern
-from .owl import effective_sparsity
+from .masks import describe_pattern, effective_sparsity, magnitude_prune, sparsity_of, validate_pattern
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -84,3 +84,23 @@ def is_nm(weight: torch.Tensor, n: int, m: int) -> bool:
 def sparsity_of(weight: torch.Tensor) -> float:
     """Fraction of exact zeros."""
     return float((weight == 0).sum()) / max(weight.numel(), 1)
+
+
+# Per-layer sparsity offsets (OWL): a model-scope stage stores one on a linear for the length
+# of one compress(); the unstructured pruning stages after it add it to their own sparsity.
+SPARSITY_OFFSET_ATTR = "llmpress_sparsity_offset"
+
+
+def effective_sparsity(module: torch.nn.Module, sparsity: float, m: int = 0) -> float:
+    """``sparsity`` plus the offset stored on ``module`` (unstructured only), clipped to [0, 0.99]."""
+    off = getattr(module, SPARSITY_OFFSET_ATTR, None)
+    if off is None or m:
+        return sparsity
+    return min(max(sparsity + float(off), 0.0), 0.99)
+
+
+def clear_sparsity_offsets(model: torch.nn.Module) -> None:
+    """Remove every stored offset (they live for one compress() only)."""
+    for mod in model.modules():
+        if hasattr(mod, SPARSITY_OFFSET_ATTR):
+            delattr(mod, SPARSITY_OFFSET_ATTR)

@@ -22,8 +22,8 @@ import torch.nn as nn
 from ..arch import get_module
 from ..errors import RecipeError
 from ..registry import register
-
-ATTR = "llmpress_sparsity_offset"
+from .masks import SPARSITY_OFFSET_ATTR as ATTR
+from .masks import effective_sparsity  # noqa: F401  (importable from here as before)
 
 
 def _block_of(name: str, spec) -> int:
@@ -42,14 +42,6 @@ def owl_offsets(ratios: list[float], lam: float) -> list[float]:
     span = float(d.max() - d.min())
     r = torch.zeros_like(d) if span == 0 else (d - d.min()) / span * 2 * lam
     return [float(x) for x in -(r - r.mean())]
-
-
-def effective_sparsity(module: nn.Module, sparsity: float, m: int = 0) -> float:
-    """``sparsity`` plus the OWL offset stored on ``module`` (unstructured only), clipped to [0, 0.99]."""
-    off = getattr(module, ATTR, None)
-    if off is None or m:
-        return sparsity
-    return min(max(sparsity + float(off), 0.0), 0.99)
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -33,8 +33,7 @@ from ..quant.core import QParams, compute_qparams
 from ..quant.hessian import inverse_cholesky, layer_error, prepare
 from ..quant.sweep import ColumnQuantizer, SweepBlock, activation_order, column_sweep, importance, record_solver_notes, solver_threads, validate_solver_fields
 from ..registry import ModuleContext, register
-from .masks import describe_pattern, nm_prune_mask, sparsity_of, topk_prune_mask, validate_pattern
-from .owl import effective_sparsity
+from .masks import describe_pattern, effective_sparsity, nm_prune_mask, sparsity_of, topk_prune_mask, validate_pattern
 
 log = logging.getLogger(__name__)
 

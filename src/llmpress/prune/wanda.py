@@ -15,8 +15,7 @@ import torch
 
 from ..errors import UserError
 from ..registry import ModuleContext, register
-from .masks import describe_pattern, nm_prune_mask, row_prune_mask, sparsity_of, validate_pattern
-from .owl import effective_sparsity
+from .masks import describe_pattern, effective_sparsity, nm_prune_mask, row_prune_mask, sparsity_of, validate_pattern
 
 
 def wanda_scores(weight: torch.Tensor, channel_l2: torch.Tensor) -> torch.Tensor:

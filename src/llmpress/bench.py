@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import UserError
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,8 @@ class Variant:
     backend: str = "auto"  # packed checkpoints: runtime kernels (qlinear.BACKENDS)
 
     def load(self):
-        from .. import models
-        from ..api import load_compressed
+        from . import models
+        from .api import load_compressed
 
         if self.kind == "packed":
             return load_compressed(self.path, backend=self.backend)
@@ -78,8 +78,8 @@ def plan_variants(targets: list[str], baseline: str | None = None) -> tuple[list
     """fp32 and bf16 of the baseline, then one variant per packed checkpoint in ``targets``
     (``DIR@torch`` / ``DIR@dequant``: that checkpoint with torch's kernels / the exact
     fallback, beside the default ``auto``)."""
-    from ..export.packed import packed_version, read_manifest
-    from .qlinear import BACKENDS
+    from .export.packed import packed_version, read_manifest
+    from .runtime.qlinear import BACKENDS
 
     packed, bases = [], set()
     for t in targets:
@@ -159,7 +159,7 @@ def decode(model: nn.Module, prompt: torch.Tensor, steps: int) -> tuple[float, t
 
 
 def _windows(tok, model, cfg: BenchConfig) -> torch.Tensor:
-    from ..api import EvalConfig, evaluation_windows
+    from .api import EvalConfig, evaluation_windows
 
     n = max(cfg.batches)
     w = evaluation_windows(tok, model, EvalConfig(seqlen=cfg.prefill_tokens, max_windows=n))
@@ -192,7 +192,7 @@ def probe(variant: Variant, cfg: BenchConfig) -> dict:
 
 def _run_probe(variant: Variant, cfg: BenchConfig) -> dict:
     arg = json.dumps({"variant": asdict(variant), "config": asdict(cfg)})
-    res = subprocess.run([sys.executable, "-m", "llmpress.runtime.bench", arg], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "llmpress.bench", arg], capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"memory probe of {variant.name} failed: {res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -212,7 +212,7 @@ def _best_time(fn, n: int) -> float:
 
 def _leaf_linears(model: nn.Module):
     """(name, module) of what runs as one linear: wrappers count once, with their inner module."""
-    from .act_quant import ActQuantLinear
+    from .runtime.act_quant import ActQuantLinear
 
     wrappers = []
     for name, mod in model.named_modules():
@@ -227,7 +227,7 @@ def _leaf_linears(model: nn.Module):
 
 def _kernel(mod: nn.Module) -> str | None:
     if type(mod).__name__ == "Int8Linear":
-        from .int8 import resolve_backend
+        from .runtime.int8 import resolve_backend
 
         return f"W8A8 int8 GEMM ({resolve_backend(mod.backend)})"
     return getattr(mod, "kernel", None)
@@ -236,7 +236,7 @@ def _kernel(mod: nn.Module) -> str | None:
 @torch.no_grad()
 def layer_kernels(name: str, model: nn.Module, base: nn.Module, cfg: BenchConfig) -> list[dict]:
     """Per distinct (kernel, shape) of ``model``'s linears: its module against F.linear fp32 / bf16."""
-    from ..arch import get_module
+    from .arch import get_module
 
     rows, seen = [], set()
     for lname, mod, inner in _leaf_linears(model):
@@ -274,7 +274,7 @@ def linear_seconds(model: nn.Module) -> float:
 
 
 def checkpoint_bytes(variant: Variant, baseline_files: int | None) -> dict:
-    from ..export.packed import checkpoint_accounting, read_manifest
+    from .export.packed import checkpoint_accounting, read_manifest
 
     if variant.kind == "packed":
         return checkpoint_accounting(read_manifest(variant.path))
@@ -284,7 +284,7 @@ def checkpoint_bytes(variant: Variant, baseline_files: int | None) -> dict:
 
 
 def _baseline_files(spec: str) -> int | None:
-    from ..models import resolve
+    from .models import resolve
 
     try:
         folder, local = resolve(spec)
