@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from .errors import RecipeError
-from .registry import build_config, config_to_dict, get_method
+from .registry import build_config, config_to_dict, get_method, method_for_config
 
 PRESET_DIR = Path(__file__).parent / "recipes"
 
@@ -125,8 +125,14 @@ def _stage_from_dict(d: Any, where: str) -> Stage:
     return Stage(method=method.name, config=cfg, targets=targets, ignore=ignore)
 
 
-def stage(method: str, targets=("Linear",), ignore=("lm_head",), **config) -> Stage:
-    """Build a stage in Python: ``stage("rtn", weights=QuantArgs(bits=4))``."""
+def stage(method: str | Any, targets=("Linear",), ignore=("lm_head",), **config) -> Stage:
+    """Build a stage in Python: ``stage("rtn", weights=QuantArgs(bits=4))``, or from a
+    method's config object: ``stage(GPTQ(weights=QuantArgs(bits=4)))``."""
+    if not isinstance(method, str):
+        if config:
+            raise RecipeError(f"stage({type(method).__name__}(...)): set the fields in the config object, not as keywords ({', '.join(config)})")
+        m = method_for_config(method)
+        return Stage(method=m.name, config=method, targets=_patterns(list(targets), "targets"), ignore=_patterns(list(ignore), "ignore"))
     m = get_method(method)
     cfg = build_config(m.config_cls, {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in config.items()}, f"stage {method}")
     return Stage(method=m.name, config=cfg, targets=_patterns(list(targets), "targets"), ignore=_patterns(list(ignore), "ignore"))

@@ -4,12 +4,24 @@ A handler is thin: it reads the statistics the engine gathered for one module, c
 method's pure tensor function, and writes the result back (weight, record). Methods of
 ``scope="model"`` transform the whole model before the sequential engine runs
 (smoothing, rotation).
+
+No list of methods is kept by hand: a method is one module that registers itself with
+``@register(...)``. Looking a method up by name imports the one module whose source
+registers that name (:func:`method_index` reads the sources of :data:`PACKAGES`; nothing
+else is imported, so parsing a recipe loads only the algorithms it names). Looking it up
+by its config type (:func:`method_for_config`) imports the config's own module.
+:func:`load_all` imports every registering module (to list them all).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
+import importlib.util
+import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -75,12 +87,32 @@ class Method:
     summary: str = ""
 
 
-METHODS: dict[str, Method] = {}
+class _Methods(dict):
+    """name -> Method. A name not registered yet imports the module that registers it
+    (found by :func:`method_index`), so ``METHODS[name]`` works before anything imported it."""
+
+    def __missing__(self, name: str) -> Method:
+        _load(name)
+        if dict.__contains__(self, name):
+            return dict.__getitem__(self, name)
+        raise KeyError(name)
+
+
+METHODS: dict[str, Method] = _Methods()
+
+# Packages whose modules are searched for registrations; a plug-in package (or a test) may append one.
+PACKAGES: list[str] = [__name__.rpartition(".")[0]]
+_REGISTRATION = re.compile(r"^@register\(\s*[\"']([^\"']+)[\"']", re.M)
 
 
 def register(name: str, config_cls: type, needs: tuple[str, ...] = (), scope: str = "module", summary: str = ""):
+    """Decorator: ``@register("rtn", RTN, needs=(...), scope=...)`` on the method's handler.
+
+    Written at the start of a line in a module of one of :data:`PACKAGES`, the method is
+    found by name without importing anything first (see :func:`method_index`)."""
+
     def deco(fn: Callable) -> Callable:
-        if name in METHODS:
+        if dict.__contains__(METHODS, name):
             raise RuntimeError(f"method {name!r} registered twice")
         METHODS[name] = Method(name=name, config_cls=config_cls, apply=fn, needs=tuple(needs), scope=scope, summary=summary or (fn.__doc__ or "").strip().split("\n")[0])
         return fn
@@ -88,12 +120,72 @@ def register(name: str, config_cls: type, needs: tuple[str, ...] = (), scope: st
     return deco
 
 
-def get_method(name: str) -> Method:
-    from . import methods  # noqa: F401  (fills the registry)
+@functools.lru_cache(maxsize=None)
+def _scan(package: str) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+    """((method name, module), ...) and the modules that call ``register(`` at all, read
+    from the package's source files (nothing is imported)."""
+    spec = importlib.util.find_spec(package)
+    found, candidates = [], []
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for f in sorted(Path(root).rglob("*.py")):
+            parts = f.relative_to(root).with_suffix("").parts
+            mod = ".".join((package,) + (parts[:-1] if parts[-1] == "__init__" else parts))
+            if mod == __name__:
+                continue
+            text = f.read_text(encoding="utf-8")
+            if "register(" not in text:
+                continue
+            candidates.append(mod)
+            found.extend((name, mod) for name in _REGISTRATION.findall(text))
+    return tuple(found), tuple(candidates)
 
-    if name not in METHODS:
-        raise RecipeError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+
+def method_index() -> dict[str, str]:
+    """Method name -> the module that registers it (``@register("name", ...)`` at the start
+    of a line), for every module of :data:`PACKAGES`."""
+    out: dict[str, str] = {}
+    for pkg in PACKAGES:
+        for name, mod in _scan(pkg)[0]:
+            out.setdefault(name, mod)
+    return out
+
+
+def _load(name: str) -> None:
+    mod = method_index().get(name)
+    if mod is not None:
+        importlib.import_module(mod)
+    if not dict.__contains__(METHODS, name):  # registered some other way (a computed name): import every candidate
+        load_all()
+
+
+def load_all() -> dict[str, Method]:
+    """Import every module that registers a method; returns :data:`METHODS`."""
+    for pkg in PACKAGES:
+        for mod in _scan(pkg)[1]:
+            importlib.import_module(mod)
+    return METHODS
+
+
+def get_method(name: str) -> Method:
+    """The method registered as ``name`` (its module is imported on first use)."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise RecipeError(f"unknown method {name!r}; known methods: {', '.join(sorted(load_all()))}") from None
+
+
+def method_for_config(cfg) -> Method:
+    """The method whose config class is ``cfg`` (a config instance or the class itself)."""
+    cls = cfg if isinstance(cfg, type) else type(cfg)
+    for attempt in range(2):
+        hits = [m for m in METHODS.values() if m.config_cls is cls]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise RecipeError(f"config {cls.__name__} belongs to several methods: {', '.join(sorted(m.name for m in hits))}")
+        if attempt == 0:
+            importlib.import_module(cls.__module__)  # one file per method: the config's module registers it
+    raise RecipeError(f"{cls.__module__}.{cls.__name__} is not the config of a registered method")
 
 
 def build_config(cls: type, d: dict, where: str):
