@@ -43,7 +43,7 @@ from ..errors import UserError
 from ..registry import register
 from ..runtime.online_hadamard import OnlineRotation, block_matmul
 from .hadamard import orthogonal_matrix, random_orthogonal
-from .rotate import (
+from .rotation import (
     RotationPlan,
     apply_plan,
     attention_of,

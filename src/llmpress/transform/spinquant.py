@@ -49,7 +49,7 @@ from ..registry import register
 from ..runtime.kv_quant import attention_runtime, detach_attention_runtime, ste_fake_quantize
 from ..runtime.online_hadamard import attach_mlp_input, detach_mlp_input
 from .hadamard import orthogonal_matrix
-from .rotate import (
+from .rotation import (
     RotationPlan,
     apply_plan,
     attention_of,
