@@ -122,8 +122,8 @@ def register(name: str, config_cls: type, needs: tuple[str, ...] = (), scope: st
 
 @functools.lru_cache(maxsize=None)
 def _scan(package: str) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
-    """((method name, module), ...) and the modules that call ``register(`` at all, read
-    from the package's source files (nothing is imported)."""
+    """((method name, module), ...) and the modules that import from the registry and call
+    ``register(`` at all, read from the package's source files (nothing is imported)."""
     spec = importlib.util.find_spec(package)
     found, candidates = [], []
     for root in (spec.submodule_search_locations or []) if spec else []:
@@ -133,7 +133,7 @@ def _scan(package: str) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
             if mod == __name__:
                 continue
             text = f.read_text(encoding="utf-8")
-            if "register(" not in text:
+            if "register(" not in text or "registry import" not in text:
                 continue
             candidates.append(mod)
             found.extend((name, mod) for name in _REGISTRATION.findall(text))
