@@ -9,7 +9,7 @@ Makes the packed checkpoints if they are missing (RTN needs no data):
     llmpress compress smollm2-135m --recipe rtn-w8a8 --out runs/w8a8 --no-eval
 
 then runs what `llmpress bench runs/w8a8 runs/w4@torch runs/w4 runs/w4h8` runs (w4@torch:
-the W4 checkpoint on torch's int4 kernel, for comparison with llmpress's own) (llmpress.runtime.bench: prefill of
+the W4 checkpoint on torch's int4 kernel, for comparison with llmpress's own) (llmpress.bench: prefill of
 512 tokens, decode of 128 new tokens at batch 1 and 8, resident weights, peak RSS per
 variant in its own process, checkpoint bytes against theory, per-layer kernel ratios)
 and writes runs/bench/serve.json and runs/bench/serve.md.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from llmpress import api
 from llmpress.export.packed import read_manifest
-from llmpress.runtime import bench
+from llmpress import bench
 
 CHECKPOINTS = {"w4": "rtn-w4g64", "w4h8": "rtn-w4g64-head8", "w8a8": "rtn-w8a8"}
 ORDER = ["w8a8", "w4", "w4h8"]
