@@ -89,6 +89,62 @@ def _save(path: Path, res: dict) -> None:
     tmp.replace(path)
 
 
+PEER_ROW = "llm-compressor 0.14 GPTQ W4 g64 (actorder static)"
+
+# README rows: key in the JSON -> (label, key of the data-free counterpart or None). Presets are
+# named by their preset; variants say what they change.
+README_ROWS = {
+    "rtn-w4g64": ("RTN W4 g64, restricted grid (`rtn-w4g64`; AWQ's counterpart)", None),
+    "rtn-w4g64-full-range": ("RTN W4 g64, full-range grid (GPTQ's counterpart)", None),
+    "gptq-natural": ("GPTQ W4 g64, natural order, damp 0.01 (the old `gptq-w4g64`)", "rtn-w4g64-full-range"),
+    "gptq-act-order": ("GPTQ W4 g64, activation order, damp 0.01", "rtn-w4g64-full-range"),
+    "gptq-act-order-damp0.1": ("GPTQ W4 g64, activation order, damp 0.1", "rtn-w4g64-full-range"),
+    "gptq-act-order-damp0.3": ("**GPTQ W4 g64, activation order, damp 0.3 (`gptq-w4g64`)**", "rtn-w4g64-full-range"),
+    "gptq-act-order-damp1": ("GPTQ W4 g64, activation order, damp 1", "rtn-w4g64-full-range"),
+    PEER_ROW: ("llm-compressor 0.14 GPTQ W4 g64 (actorder static, damp 0.01), same windows", "rtn-w4g64-full-range"),
+    "awq-w4g64": ("**AWQ W4 g64 (`awq-w4g64`)**", "rtn-w4g64"),
+    "awq-gptq-w4g64": ("AWQ scales + GPTQ W4 g64, damp 0.01", "rtn-w4g64-full-range"),
+    "awq-gptq-w4g64-damp0.3": ("**AWQ scales + GPTQ W4 g64, damp 0.3 (`awq-gptq-w4g64`)**", "rtn-w4g64-full-range"),
+    "awq-gptq-w4g64-damp0.3-down-rtn": ("AWQ scales + GPTQ W4 g64 damp 0.3, `down_proj` rounded to nearest", "rtn-w4g64-full-range"),
+    "rtn-w3g64": ("RTN W3 g64, restricted grid (`rtn-w3g64`; AWQ's counterpart)", None),
+    "rtn-w3g64-full-range": ("RTN W3 g64, full-range grid (GPTQ's counterpart)", None),
+    "gptq-w3g64": ("GPTQ W3 g64, damp 0.01", "rtn-w3g64-full-range"),
+    "gptq-w3-act-order-damp0.3": ("GPTQ W3 g64, damp 0.3", "rtn-w3g64-full-range"),
+    "gptq-w3-act-order-damp1": ("GPTQ W3 g64, damp 1", "rtn-w3g64-full-range"),
+    "awq-w3g64": ("AWQ W3 g64 (`awq-w3g64`)", "rtn-w3g64"),
+    "awq-gptq-w3g64": ("AWQ scales + GPTQ W3 g64, damp 0.01", "rtn-w3g64-full-range"),
+    "awq-gptq-w3g64-damp0.3": ("AWQ scales + GPTQ W3 g64, damp 0.3", "rtn-w3g64-full-range"),
+    "awq-gptq-w3g64-damp1": ("AWQ scales + GPTQ W3 g64, damp 1", "rtn-w3g64-full-range"),
+    "rtn-w8a8": ("RTN W8A8, per-token activations (`rtn-w8a8`)", None),
+    "smoothquant-w8a8": ("SmoothQuant W8A8 (`smoothquant-w8a8`)", "rtn-w8a8"),
+    "quarot-w4a4kv4-rtn": ("QuaRot + RTN W4A4KV4 (`quarot-w4a4kv4-rtn`)", None),
+    "quarot-w4a4kv4-gptq": ("QuaRot + GPTQ W4A4KV4 (`quarot-w4a4kv4-gptq`)", "quarot-w4a4kv4-rtn"),
+    "magnitude-50": ("magnitude 50% (`magnitude-50`)", None),
+    "wanda-50": ("Wanda 50% (`wanda-50`)", "magnitude-50"),
+    "sparsegpt-50": ("SparseGPT 50%, damp 0.01", "magnitude-50"),
+    "sparsegpt-50-damp0.3": ("SparseGPT 50%, damp 0.3", "magnitude-50"),
+}
+
+
+def readme_table(res: dict, keys=None) -> str:
+    """The README's table: README_ROWS present in ``res`` (in that order, or ``keys``), each with
+    the texts where it beats its data-free counterpart (lower ppl)."""
+    fp = res["fp"]
+    lines = [f"| method (calibrated on {res.get('calib')}) | " + " | ".join(fp) + " | beats its data-free counterpart on |",
+             "|---|" + "---|" * (len(fp) + 1)]  # fmt: skip
+    for k in keys or README_ROWS:
+        if k not in res["rows"]:
+            continue
+        label, ref = README_ROWS.get(k, (k, None))
+        row = res["rows"][k]["ppl"]
+        beats = ""
+        if ref is not None and ref in res["rows"]:
+            won = [s for s in fp if row[s] < res["rows"][ref]["ppl"][s]]
+            beats = "all three" if len(won) == len(fp) == 3 else (", ".join(won) or "none")
+        lines.append(f"| {label} | " + " | ".join(cells(row, fp)) + f" | {beats} |")
+    return "\n".join(lines)
+
+
 def table(res: dict) -> str:
     sources = list(res["fp"])
     head = "| method | " + " | ".join(f"{s} ppl (x fp)" for s in sources) + " | bits/weight |"
@@ -113,11 +169,18 @@ def main(argv=None) -> int:
     ap.add_argument("--peer", action="store_true", help="also llm-compressor's GPTQ W4 g64 (actorder static) on the same windows")
     ap.add_argument("--out", default="runs/bench/domains.json")
     ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
+    ap.add_argument("--also", nargs="*", default=[], help="with --table: JSONs of other runs on the same windows whose rows join the table")
+    ap.add_argument("--readme", action="store_true", help="with --table: the README's labels and counterpart column")
     a = ap.parse_args(argv)
     out = Path(a.out)
     res = _load(out)
     if a.table:
-        print(table(res))
+        for f in a.also:  # rows of other runs on the same test windows (e.g. the --peer run)
+            other = _load(Path(f))
+            if other.get("windows") != res.get("windows") or any(abs(other["fp"][s] - v) > 1e-9 * v for s, v in res["fp"].items()):
+                raise SystemExit(f"{f} was scored on other test windows")
+            res["rows"].update({k: v for k, v in other["rows"].items() if k not in res["rows"]})
+        print(readme_table(res) if a.readme else table(res))
         return 0
     res.update(calib=a.calib, calib_samples=a.calib_samples, calib_seqlen=a.calib_seqlen, eval_windows=a.eval_windows, model=a.model)
     model, tok = models.load(a.model)
@@ -159,9 +222,6 @@ def main(argv=None) -> int:
         _save(out, res)
     print(table(res))
     return 0
-
-
-PEER_ROW = "llm-compressor 0.14 GPTQ W4 g64 (actorder static)"
 
 
 def peer_row(model_name: str, calib: torch.Tensor, windows: dict, out: Path) -> dict:
