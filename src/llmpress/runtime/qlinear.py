@@ -1,4 +1,5 @@
-"""Linear layers that keep their weights compressed at inference, and the choice among them.
+"""Linear layers that keep their weights compressed at inference (the integer-grid storage
+form, :mod:`llmpress.storage.forms.int_grid`, chooses among them).
 
 - :class:`DequantLinear` (every scheme): int8 codes + float32 scales in memory; each call
   rebuilds the weight with :func:`llmpress.storage.grid.dequant` (the arithmetic of the
@@ -251,25 +252,6 @@ class Int8WeightOnlyLinear(_Base):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.act_dtype).contiguous()
         return self._out(torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scales), x)
-
-
-def _is_int(a: QuantArgs | None, bits: int) -> bool:
-    return a is not None and a.kind == "int" and a.bits == bits
-
-
-def _w8a8_linear(d: Decoded, spec: LinearSpec, bias):
-    """runtime/int8.py's Int8Linear for W8A8, or None (not applicable / not installed)."""
-    a, act = spec.weight_args, spec.act_args
-    if not (_is_int(a, 8) and a.symmetric and a.granularity in ("channel", "tensor")):
-        return None
-    if not (_is_int(act, 8) and act.symmetric and act.granularity == "token"):
-        return None
-    try:
-        from .int8 import Int8Linear
-    except ImportError:
-        return None
-    scale = d.qparams.scale.float().reshape(-1).expand(spec.out_features).contiguous()
-    return Int8Linear(d.codes.to(torch.int8), scale, bias)
 
 
 def build_linear(spec: LinearSpec, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, backend: str = "auto", device: str | torch.device = "cpu", act_dtype: torch.dtype = KERNEL_ACT_DTYPE) -> nn.Module:

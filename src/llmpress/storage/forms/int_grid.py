@@ -46,13 +46,11 @@ from ...runtime.qlinear import (
     Int8WeightOnlyLinear,
     LowbitInt4Linear,
     LowbitInt8Linear,
-    _is_int,
-    _w8a8_linear,
     int4_group_size,
     lowbit_int4_group_size,
 )
 from ..form import LayerState, LinearSpec, StorageForm, register_form
-from ..grid import codes_of, decode_qparams, decode_quant, dequant, dequant_decoded, pack, words, zero_code
+from ..grid import Decoded, codes_of, decode_qparams, decode_quant, dequant, dequant_decoded, pack, words, zero_code
 
 # more off-grid weights than this share of a layer means the weight was changed after
 # quantization (not an outlier list): store the layer dense instead
@@ -212,6 +210,25 @@ def _kernel_linear(d, spec: LinearSpec, bias, backend: str, cpu: bool, act_dtype
     if cpu and _is_int(a, 8) and a.symmetric and a.granularity in ("channel", "tensor"):
         return Int8WeightOnlyLinear(d, bias, act_dtype)
     return None
+
+
+def _is_int(a: QuantArgs | None, bits: int) -> bool:
+    return a is not None and a.kind == "int" and a.bits == bits
+
+
+def _w8a8_linear(d: Decoded, spec: LinearSpec, bias):
+    """runtime/int8.py's Int8Linear for W8A8, or None (not applicable / not installed)."""
+    a, act = spec.weight_args, spec.act_args
+    if not (_is_int(a, 8) and a.symmetric and a.granularity in ("channel", "tensor")):
+        return None
+    if not (_is_int(act, 8) and act.symmetric and act.granularity == "token"):
+        return None
+    try:
+        from ...runtime.int8 import Int8Linear
+    except ImportError:
+        return None
+    scale = d.qparams.scale.float().reshape(-1).expand(spec.out_features).contiguous()
+    return Int8Linear(d.codes.to(torch.int8), scale, bias)
 
 
 def _ct_args(a: QuantArgs, dynamic: bool) -> dict:
