@@ -14,7 +14,7 @@ from conftest import tiny_llama
 from llmpress.errors import UserError
 from llmpress.eval.size import model_size
 from llmpress.export.compressed_tensors import export_compressed_tensors
-from llmpress.export.packed import checkpoint_accounting, load_packed, write_packed
+from llmpress.export.packed import checkpoint_accounting, load_packed, packed_model_size, write_packed
 from llmpress.registry import ModuleRecord
 from llmpress.storage.form import FORMS, LayerState, LinearSpec, StorageForm, encode_layer, form_index, form_names, get_form, register_form
 from llmpress.storage.grid import pack_unsigned, unpack_unsigned, words
@@ -118,6 +118,7 @@ def test_toy_form_through_packed_checkpoint_size_and_export(tmp_path):
         assert torch.equal(loaded(ids).logits, want)
     size = model_size(m, recs)
     assert size["quantized_linears"] == 1
+    assert {k: v for k, v in packed_model_size(loaded).items() if k != "checkpoint_bytes"} == size  # the loaded record keeps its form
     n_lin = sum(p.numel() for n, p in m.named_parameters() if n.endswith("proj.weight") or n == "lm_head.weight")
     assert size["bits_per_weight"] == pytest.approx((16 * n_lin - (16 - 1.5) * 128 * 64) / n_lin)
     acc = checkpoint_accounting(manifest)

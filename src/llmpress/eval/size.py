@@ -2,9 +2,9 @@
 
 Convention: compressed linears count what their storage form says
 (:meth:`llmpress.storage.form.StorageForm.bits_per_weight`; integer grids: their integer
-bits plus scales (16-bit) and zero points); every other tensor counts at ``dense_bits`` (16 by default, the usual fp16/bf16
-storage), for the baseline and the compressed model alike, so the ratio is fair.
-Tied weights (embeddings shared with the output head) count once.
+bits plus scales (16-bit) and zero points); every other tensor counts at ``dense_bits``
+(16 by default, the usual fp16/bf16 storage), for the baseline and the compressed model
+alike, so the ratio is fair. Tied weights (embeddings shared with the output head) count once.
 """
 from __future__ import annotations
 

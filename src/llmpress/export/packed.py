@@ -388,7 +388,7 @@ class QuantEmbedding(nn.Module):
 
 def _record(name: str, spec: LinearSpec, t: dict | None) -> ModuleRecord:
     qp = get_form(spec.kind).qparams(spec, t)
-    return ModuleRecord(name=name, out_features=spec.out_features, in_features=spec.in_features, methods=list(spec.methods), weight_args=spec.weight_args, qparams=qp, act_args=spec.act_args, sparsity=spec.sparsity)
+    return ModuleRecord(name=name, out_features=spec.out_features, in_features=spec.in_features, methods=list(spec.methods), weight_args=spec.weight_args, qparams=qp, act_args=spec.act_args, sparsity=spec.sparsity, form=spec.kind)
 
 
 def checkpoint_accounting(meta: dict) -> dict:
@@ -396,8 +396,9 @@ def checkpoint_accounting(meta: dict) -> dict:
 
     Theoretical: per compressed linear its storage form's ``stored_bits`` (integer grids:
     ``bits`` per weight plus scales and zero points at ``bits``; sparse masks: 1 bit per
-    weight plus the kept values); every other tensor at its stored dtype. Given with the scales at their stored width
-    (float32) and at 16 bits (what ``bits_per_weight`` accounting assumes).
+    weight plus the kept values); every other tensor at its stored dtype. Given with the
+    scales at their stored width (float32) and at 16 bits (what ``bits_per_weight``
+    accounting assumes).
     """
     def numel(shape) -> int:
         n = 1
