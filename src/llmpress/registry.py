@@ -29,7 +29,8 @@ import torch.nn as nn
 
 from .errors import RecipeError
 from .quant.args import QuantArgs
-from .quant.core import QParams, bits_per_weight
+from .quant.core import QParams
+from .storage.form import record_bits
 
 
 @dataclass(kw_only=True)
@@ -45,17 +46,16 @@ class ModuleRecord:
     act_args: QuantArgs | None = None
     sparsity: float = 0.0
     notes: dict[str, Any] = field(default_factory=dict)
+    form: str | None = None  # storage form to write (llmpress.storage.forms); None: int grid if weight_args, sparse mask if pruned
 
     @property
     def n_params(self) -> int:
         return self.out_features * self.in_features
 
     def bits_per_weight(self, dense_bits: int = 16) -> float:
-        # notes["extra_bits"]: storage beside the dense grid (e.g. sparse fp16 outliers), amortized
-        extra = float(self.notes.get("extra_bits", 0)) / self.n_params
-        if self.weight_args is None:
-            return float(dense_bits) + extra
-        return bits_per_weight(self.weight_args, self.in_features, self.out_features) + extra
+        """Bits per weight its storage form counts (notes["extra_bits"]: storage beside the
+        form's tensors, e.g. CSR fp16 outliers, amortized)."""
+        return record_bits(self, dense_bits)
 
 
 @dataclass(kw_only=True)

@@ -1,15 +1,17 @@
 """Model size: bits per weight and bytes, counting what a packed checkpoint would hold.
 
-Convention: quantized linears count their integer bits plus scales (16-bit) and zero
-points; every other tensor counts at ``dense_bits`` (16 by default, the usual fp16/bf16
-storage), for the baseline and the compressed model alike, so the ratio is fair.
-Tied weights (embeddings shared with the output head) count once.
+Convention: compressed linears count what their storage form says
+(:meth:`llmpress.storage.form.StorageForm.bits_per_weight`; integer grids: their integer
+bits plus scales (16-bit) and zero points); every other tensor counts at ``dense_bits``
+(16 by default, the usual fp16/bf16 storage), for the baseline and the compressed model
+alike, so the ratio is fair. Tied weights (embeddings shared with the output head) count once.
 """
 from __future__ import annotations
 
 import torch.nn as nn
 
 from ..registry import ModuleRecord
+from ..storage.form import counts_as_compressed
 
 
 def model_size(model: nn.Module, records: dict[str, ModuleRecord] | None = None, dense_bits: int = 16) -> dict:
@@ -28,7 +30,7 @@ def model_size(model: nn.Module, records: dict[str, ModuleRecord] | None = None,
             seen.add(id(p))
             n = p.numel()
             n_params += n
-            if rec is not None and pname == "weight" and rec.weight_args is not None:
+            if rec is not None and pname == "weight" and counts_as_compressed(rec):
                 bpw = rec.bits_per_weight(dense_bits)
                 quantized[name] = bpw
             else:

@@ -27,7 +27,9 @@ dependency on that package); the layout follows compressed-tensors 0.20:
   sparse-only layer exports dense. The structure of each layer stays recorded in the
   export's llmpress.json.
 
-Not representable, refused with a UserError naming the layer: ternary / binary codes,
+Each storage form says how it exports (``ct_scheme`` / ``ct_tensors`` of
+:mod:`llmpress.storage.forms`). Not representable, refused with a UserError naming the
+layer: ternary / binary codes,
 a column group index (act-order groups; removed from compressed-tensors), kept
 full-precision outliers, activation quantization without weight quantization. Refused
 for the whole checkpoint, naming what: the run-time part of a packed v2 checkpoint
@@ -46,8 +48,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..io_safety import OutputLock, check_out, replace_folder, temp_sibling, write_error
-from ..quant.args import QuantArgs
-from .codec import LinearSpec, decode_qparams, decode_quant, decode_weight
+from ..storage.form import LinearSpec, decode_weight, get_form
 from . import runtime_state
 from .packed import _DTYPES, META_FILE, _layer_tensors, _open_checked, check_packed, packed_version, read_manifest
 from .skeleton import skeleton as _skeleton
@@ -56,65 +57,14 @@ CT_VERSION = "0.20.0"
 _COPY = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
 
 
-def _ct_args(a: QuantArgs, dynamic: bool) -> dict:
-    strategy = {"group": "group", "channel": "channel", "tensor": "tensor", "token": "token"}[a.granularity]
-    return {
-        "num_bits": a.bits,
-        "type": "int",
-        "symmetric": a.symmetric,
-        "group_size": a.group_size if strategy == "group" else None,
-        "strategy": strategy,
-        "dynamic": dynamic,
-    }
-
-
 def scheme_of(name: str, spec: LinearSpec) -> tuple[dict, str] | None:
-    """(compressed-tensors scheme, format) of a layer; None for a layer left dense."""
-    a, act = spec.weight_args, spec.act_args
-    if spec.kind != "quant":
-        if act is not None:
-            raise UserError(f"layer {name}: activation quantization without weight quantization has no compressed-tensors form")
-        return None
-    why = None
-    if a.kind != "int":
-        why = f"{a.kind} weights"
-    elif spec.has_g_idx:
-        why = "a column group index (act-order groups)"
-    elif spec.n_exceptions:
-        why = f"{spec.n_exceptions} full-precision outlier weights"
-    elif act is not None and (act.kind != "int" or act.granularity not in ("token", "tensor", "group")):
-        why = f"activations {act.describe()}"
-    elif act is not None and (act.clip_ratio != 1.0 or act.observer != "minmax"):
-        why = f"activations {act.describe()} (dynamic quantization there takes the plain min/max range)"
-    if why:
-        raise UserError(f"layer {name}: {why} cannot be stored in compressed-tensors; export a scheme without it")
-    scheme = {"weights": _ct_args(a, False), "input_activations": _ct_args(act, True) if act else None, "output_activations": None}
-    return scheme, ("int-quantized" if act is not None else "pack-quantized")
+    """(compressed-tensors scheme, format) of a layer; None for a layer written dense; a
+    UserError naming the layer when its storage form has no compressed-tensors form."""
+    return get_form(spec.kind).ct_scheme(name, spec)
 
 
 def _ct_tensors(name: str, spec: LinearSpec, t: dict[str, torch.Tensor], fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    a = spec.weight_args
-    out, inp = spec.out_features, spec.in_features
-    scale = t["scale"].to(dtype)
-    scale = scale.reshape(1) if a.granularity == "tensor" else scale
-    res = {f"{name}.weight_scale": scale.contiguous()}
-    half = 1 << (a.bits - 1)
-    if fmt == "pack-quantized":
-        res[f"{name}.weight_packed"] = t["qweight"][:, : -(-inp * a.bits // 32)].contiguous()
-        res[f"{name}.weight_shape"] = torch.tensor([out, inp], dtype=torch.int64)
-        if a.has_zero_point and a.granularity == "tensor":  # not packed for per-tensor scales
-            zp = decode_qparams(spec, t).zero_point.reshape(1) - half
-            res[f"{name}.weight_zero_point"] = zp.to(torch.int8)
-        elif a.has_zero_point:  # ours: [G, words(out)] packed along out; theirs: [ceil(out*bits/32), G]
-            res[f"{name}.weight_zero_point"] = t["zero_point"][:, : -(-out * a.bits // 32)].t().contiguous()
-    else:
-        d = decode_quant(spec, t)
-        codes = d.codes.to(torch.int16) - (0 if a.symmetric else half)
-        res[f"{name}.weight"] = codes.to(torch.int8).contiguous()
-        if a.has_zero_point:
-            zp = d.qparams.zero_point - half
-            res[f"{name}.weight_zero_point"] = (zp.reshape(1) if a.granularity == "tensor" else zp).to(torch.int8).contiguous()
-    return res
+    return get_form(spec.kind).ct_tensors(name, spec, t, fmt, dtype)
 
 
 def _quantization_config(src: Path, groups: dict[str, dict]) -> dict:

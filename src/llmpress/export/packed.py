@@ -6,7 +6,7 @@ Folder layout::
     model.llmpress.safetensors    every tensor: the model's uncompressed tensors under
                                   their usual names (embeddings, norms, biases, linears
                                   left dense) at their stored dtype, per compressed
-                                  linear NAME the tensors of llmpress.export.codec
+                                  linear NAME the tensors of its storage form (llmpress.storage.forms)
                                   (NAME.qweight, NAME.scale, NAME.zero_point, ...), and
                                   under llmpress.runtime.* the run-time tensors (DuQuant
                                   blocks and permutations, dense rotation matrices)
@@ -52,7 +52,8 @@ from ..eval.memory import trim_malloc
 from ..registry import ModuleRecord
 from ..runtime.act_quant import ActQuantLinear
 from . import runtime_state
-from .codec import LinearSpec, decode_qparams, decode_weight, encode_linear
+from ..storage.form import LinearSpec, decode_weight, get_form
+from .codec import encode_linear
 from .skeleton import skeleton as _skeleton
 
 log = logging.getLogger(__name__)
@@ -231,12 +232,11 @@ def _open_checked(folder: Path, meta: dict, verify: bool) -> dict[str, torch.Ten
 def _layer_tensors(name: str, spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     pre = f"{name}."
     out = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre) and k[len(pre):] not in ("weight", "bias")}
-    shapes = spec.expected_shapes()
-    extra = {"values"} if spec.kind == "sparse" else set()
-    if set(out) != set(shapes) | extra:
-        raise UserError(f"checkpoint layer {name}: stores {sorted(out)}, its scheme needs {sorted(set(shapes) | extra)}")
+    shapes = spec.expected_shapes()  # None: any length
+    if set(out) != set(shapes):
+        raise UserError(f"checkpoint layer {name}: stores {sorted(out)}, its scheme needs {sorted(shapes)}")
     for k, shp in shapes.items():
-        if tuple(out[k].shape) != tuple(shp):
+        if shp is not None and tuple(out[k].shape) != tuple(shp):
             raise UserError(f"checkpoint layer {name}: {k} has shape {list(out[k].shape)}, its scheme needs {list(shp)}")
     return out
 
@@ -387,17 +387,18 @@ class QuantEmbedding(nn.Module):
 
 
 def _record(name: str, spec: LinearSpec, t: dict | None) -> ModuleRecord:
-    qp = decode_qparams(spec, t) if spec.kind == "quant" else None
-    return ModuleRecord(name=name, out_features=spec.out_features, in_features=spec.in_features, methods=list(spec.methods), weight_args=spec.weight_args, qparams=qp, act_args=spec.act_args, sparsity=spec.sparsity)
+    qp = get_form(spec.kind).qparams(spec, t)
+    return ModuleRecord(name=name, out_features=spec.out_features, in_features=spec.in_features, methods=list(spec.methods), weight_args=spec.weight_args, qparams=qp, act_args=spec.act_args, sparsity=spec.sparsity, form=spec.kind)
 
 
 def checkpoint_accounting(meta: dict) -> dict:
     """Bytes of a packed checkpoint against its theoretical size.
 
-    Theoretical: per quantized linear ``bits`` per weight plus its scales (and zero
-    points at ``bits``), per sparse linear 1 mask bit per weight plus the kept values;
-    every other tensor at its stored dtype. Given with the scales at their stored width
-    (float32) and at 16 bits (what ``bits_per_weight`` accounting assumes).
+    Theoretical: per compressed linear its storage form's ``stored_bits`` (integer grids:
+    ``bits`` per weight plus scales and zero points at ``bits``; sparse masks: 1 bit per
+    weight plus the kept values); every other tensor at its stored dtype. Given with the
+    scales at their stored width (float32) and at 16 bits (what ``bits_per_weight``
+    accounting assumes).
     """
     def numel(shape) -> int:
         n = 1
@@ -417,15 +418,9 @@ def checkpoint_accounting(meta: dict) -> dict:
             continue
         keys = {k for k in tensors if k.startswith(name + ".") and not k.endswith((".weight", ".bias"))}
         layer_keys |= keys
-        n = spec.out_features * spec.in_features
+        layer_bytes = {k[len(name) + 1:]: nbytes(tensors[k]) for k in keys}
         for sb in theory:
-            if spec.kind == "sparse":
-                theory[sb] += n + 8 * nbytes(tensors[f"{name}.values"])
-                continue
-            a = spec.weight_args
-            groups = numel(spec.scale_shape)
-            theory[sb] += n * a.bits + groups * (sb + (a.bits if a.has_zero_point else 0))
-            theory[sb] += sum(8 * nbytes(tensors[k]) for k in keys if k.rsplit(".", 1)[1] in ("g_idx", "exc_index", "exc_value"))
+            theory[sb] += get_form(spec.kind).stored_bits(spec, layer_bytes, sb)
     other = sum(nbytes(v) for k, v in tensors.items() if k not in layer_keys)
     return {
         "file_bytes": meta.get("file_bytes"),

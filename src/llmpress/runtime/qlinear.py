@@ -1,7 +1,8 @@
-"""Linear layers that keep their weights compressed at inference, and the choice among them.
+"""Linear layers that keep their weights compressed at inference (the integer-grid storage
+form, :mod:`llmpress.storage.forms.int_grid`, chooses among them).
 
 - :class:`DequantLinear` (every scheme): int8 codes + float32 scales in memory; each call
-  rebuilds the weight with :func:`llmpress.export.codec.dequant` (the arithmetic of the
+  rebuilds the weight with :func:`llmpress.storage.grid.dequant` (the arithmetic of the
   fake-quantized model, op for op) and multiplies: outputs equal the fake-quantized
   model's exactly.
 - :class:`LowbitInt4Linear` / :class:`LowbitInt8Linear` (4-bit integer weights in groups
@@ -39,9 +40,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..export.codec import Decoded, LinearSpec, decode_quant, decode_sparse, dequant_decoded
+from ..storage.form import LinearSpec, get_form
+from ..storage.grid import Decoded, dequant_decoded
 from ..quant.args import QuantArgs
-from .act_quant import ActQuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -253,61 +254,16 @@ class Int8WeightOnlyLinear(_Base):
         return self._out(torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scales), x)
 
 
-def _is_int(a: QuantArgs | None, bits: int) -> bool:
-    return a is not None and a.kind == "int" and a.bits == bits
-
-
-def _w8a8_linear(d: Decoded, spec: LinearSpec, bias):
-    """runtime/int8.py's Int8Linear for W8A8, or None (not applicable / not installed)."""
-    a, act = spec.weight_args, spec.act_args
-    if not (_is_int(a, 8) and a.symmetric and a.granularity in ("channel", "tensor")):
-        return None
-    if not (_is_int(act, 8) and act.symmetric and act.granularity == "token"):
-        return None
-    try:
-        from .int8 import Int8Linear
-    except ImportError:
-        return None
-    scale = d.qparams.scale.float().reshape(-1).expand(spec.out_features).contiguous()
-    return Int8Linear(d.codes.to(torch.int8), scale, bias)
-
-
 def build_linear(spec: LinearSpec, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, backend: str = "auto", device: str | torch.device = "cpu", act_dtype: torch.dtype = KERNEL_ACT_DTYPE) -> nn.Module:
-    """The runtime module for one stored linear.
+    """The runtime module for one stored linear: its storage form's ``build``.
 
-    ``backend="dequant"`` always gives :class:`DequantLinear` (exact); ``"auto"`` the
-    fastest kernel that applies to the scheme on ``device`` (CPU kernels only on CPU:
-    llmpress's own where they build, else torch's), else the same fallback; ``"torch"``
-    only torch's kernels (for comparison). Activation quantization (``spec.act_args``) wraps the module
-    in :class:`ActQuantLinear`, except for W8A8 where the integer GEMM quantizes them.
+    For integer grids (:mod:`llmpress.storage.forms.int_grid`): ``backend="dequant"`` always
+    gives :class:`DequantLinear` (exact); ``"auto"`` the fastest kernel that applies to the
+    scheme on ``device`` (CPU kernels only on CPU: llmpress's own where they build, else
+    torch's), else the same fallback; ``"torch"`` only torch's kernels (for comparison).
+    Activation quantization (``spec.act_args``) wraps the module in :class:`ActQuantLinear`,
+    except for W8A8 where the integer GEMM quantizes them.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} unknown; expected one of {', '.join(BACKENDS)}")
-    if spec.kind == "sparse":
-        mod: nn.Module = DequantLinear(decode_sparse(spec, tensors), bias)
-        return ActQuantLinear(mod, spec.act_args) if spec.act_args else mod
-    d = decode_quant(spec, tensors)
-    cpu = torch.device(device).type == "cpu"
-    plain = d.g_idx is None and d.exc_index is None
-    mod = None
-    if backend != "dequant" and plain:
-        w8a8 = _w8a8_linear(d, spec, bias)
-        if w8a8 is not None:
-            return w8a8
-        a = spec.weight_args
-        own = None
-        if backend == "auto" and cpu:
-            from .cpu_kernels import kernels
-
-            own = kernels()
-        if own is not None and _is_int(a, 4) and lowbit_int4_group_size(spec):
-            mod = LowbitInt4Linear(d, lowbit_int4_group_size(spec), bias)
-        elif own is not None and _is_int(a, 8) and a.symmetric and a.granularity in ("channel", "tensor") and spec.in_features % 16 == 0:
-            mod = LowbitInt8Linear(d, bias)
-        elif cpu and _is_int(a, 4) and spec.out_features % 16 == 0 and int4_group_size(spec):
-            mod = Int4Linear(d, int4_group_size(spec), bias, act_dtype)
-        elif cpu and _is_int(a, 8) and a.symmetric and a.granularity in ("channel", "tensor"):
-            mod = Int8WeightOnlyLinear(d, bias, act_dtype)
-    if mod is None:
-        mod = DequantLinear(d, bias)
-    return ActQuantLinear(mod, spec.act_args) if spec.act_args else mod
+    return get_form(spec.kind).build(spec, tensors, bias=bias, backend=backend, device=device, act_dtype=act_dtype)
