@@ -106,5 +106,9 @@ def test_int8_module_and_choice(ext):
 
 
 def test_disabled_by_environment(monkeypatch):
-    monkeypatch.setenv("LLMPRESS_CPU_KERNELS", "0")
-    assert "disabled" in cpu_kernels.unavailable_reason()
+    for off in ("0", "false", "No", " OFF "):
+        monkeypatch.setenv("LLMPRESS_CPU_KERNELS", off)
+        assert cpu_kernels.unavailable_reason() == "disabled by LLMPRESS_CPU_KERNELS", off
+    for on in ("1", "yes"):  # this module runs only where the CPU allows them
+        monkeypatch.setenv("LLMPRESS_CPU_KERNELS", on)
+        assert cpu_kernels.unavailable_reason() is None, on
