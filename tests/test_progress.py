@@ -114,8 +114,9 @@ def test_terminal_gets_a_tqdm_bar(monkeypatch):
     monkeypatch.setattr("sys.stderr", tty)
     for _ in progress.track(range(3), "drawn", "it"):
         pass
-    out = tty.getvalue()
-    assert "\r" in out and "drawn" in out and "3/3" in out
+    frames = tty.getvalue().split("\r")  # redrawn in place: the first frame, then the finished bar
+    assert frames[0] == "" and frames[1].startswith("drawn:   0%|") and " 0/3 " in frames[1]
+    assert frames[-1].startswith("drawn: 100%|##########| 3/3 [") and frames[-1].endswith("it/s]\n")
 
 
 def test_a_terminal_without_a_size_gets_plain_lines():
