@@ -11,8 +11,6 @@ TINY_TEXT = (
 ) * 20
 
 
-
-
 def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, inter: int = 128, vocab: int = 256):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -59,6 +57,9 @@ def tiny_gemma3(seed: int = 0, layers: int = 2, hidden: int = 64, inter: int = 1
     return m
 
 
+TINY_MODELS = {"llama": tiny_llama, "gemma3": tiny_gemma3}  # family -> builder of a tiny random model
+
+
 def tiny_tokenizer(vocab: int = 256):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -83,19 +84,18 @@ def gemma():
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     """A saved tiny llama folder (safetensors + tokenizer) usable as a MODEL argument."""
-    tok = tiny_tokenizer()
-    m = tiny_llama(vocab=len(tok))
-    d = tmp_path / "tiny-llama"
-    m.save_pretrained(d, safe_serialization=True)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path / "tiny-llama")
 
 
-def save_tiny_model(folder, family: str = "llama"):
-    """Save a tiny random model of ``family`` (llama or gemma3) with the tiny tokenizer: an HF folder."""
+def save_tiny_model(folder, family: str = "llama", mutate=None):
+    """Save a tiny random model of ``family`` (llama or gemma3) with the tiny tokenizer: an HF folder.
+    ``mutate(model)``, when given, edits the weights (under ``no_grad``) before saving."""
     tok = tiny_tokenizer()
-    make = {"llama": tiny_llama, "gemma3": tiny_gemma3}[family]
-    make(vocab=len(tok)).save_pretrained(folder, safe_serialization=True)
+    model = TINY_MODELS[family](vocab=len(tok))
+    if mutate is not None:
+        with torch.no_grad():
+            mutate(model)
+    model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     return folder
 
@@ -120,6 +120,12 @@ def shrink_env(folders: dict, windows: int = SHRINK_WINDOWS, seqlen: int = SHRIN
         "LLMPRESS_TEST_WINDOWS": str(windows),
         "LLMPRESS_TEST_SEQLEN": str(seqlen),
     }
+
+
+@pytest.fixture
+def outs(tmp_path):
+    """Parent folder of a run's output (not created): after a refusal it holds nothing, or only what was there."""
+    return tmp_path / "outs"
 
 
 @pytest.fixture

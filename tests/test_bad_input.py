@@ -16,9 +16,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import save_tiny_model
+from helpers import cli_fails, listing
 from llmpress import api
 from llmpress.cli import main
 
@@ -26,12 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("restore_logging", "private_cache")
-
-
-@pytest.fixture
-def outs(tmp_path):
-    """Parent folder of the output; after a failure it holds nothing (or only what was there)."""
-    return tmp_path / "outs"
 
 
 def _argv(model_dir, text, out, *extra, recipe="rtn-w4g64"):
@@ -42,51 +36,12 @@ def _argv(model_dir, text, out, *extra, recipe="rtn-w4g64"):
     ]  # fmt: skip
 
 
-PROGRESS_LINE = re.compile(r"^[^:]+: +\d{1,3}% \d+/\d+ ")  # llmpress.progress's plain lines (stderr is not a terminal here)
-
-
-def _run(argv) -> int:
-    try:
-        return main(argv)
-    except SystemExit as e:  # argparse
-        return e.code
-
-
-def _fails(capsys, argv, *fragments, code: int = 2) -> str:
-    """Run ``argv``; the exit code is ``code`` and stderr is one line holding every fragment."""
-    rc = _run(argv)
-    err = capsys.readouterr().err
-    assert rc == code, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.strip() and not PROGRESS_LINE.match(ln) and "%|" not in ln]  # + tqdm (test set-up)
-    assert len(lines) == 1, err
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-    return lines[0]
-
-
-def _listing(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
-
-
 def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _never(*_a, **_k):
     raise AssertionError("reached a step the checks should have stopped before")
-
-
-def _saved_model(tmp_path: Path, name: str, mutate=None) -> Path:
-    tok = tiny_tokenizer()
-    m = tiny_llama(vocab=len(tok))
-    if mutate is not None:
-        with torch.no_grad():
-            mutate(m)
-    d = tmp_path / name
-    m.save_pretrained(d, safe_serialization=True)
-    tok.save_pretrained(d)
-    return d
 
 
 @pytest.fixture
@@ -106,10 +61,10 @@ def test_damaged_model_weights(tmp_path, outs, tiny_model_dir, tiny_text_file, c
     data = f.read_bytes()
     f.write_bytes({"truncated": data[:1000], "garbage": b"\x00" * 64, "cut-tail": data[:-100]}[damage])
     monkeypatch.setattr(api, "perplexity", _never)
-    _fails(capsys, _argv(tiny_model_dir, tiny_text_file, outs / "result"), "model.safetensors is damaged or truncated", "download or convert")
-    assert _listing(outs) == []
+    cli_fails(capsys, _argv(tiny_model_dir, tiny_text_file, outs / "result"), "model.safetensors is damaged or truncated", "download or convert")
+    assert listing(outs) == []
     # `eval` of the same folder says the same
-    _fails(capsys, ["eval", str(tiny_model_dir), "--eval-data", str(tiny_text_file), "--seqlen", "32"], "model.safetensors is damaged")
+    cli_fails(capsys, ["eval", str(tiny_model_dir), "--eval-data", str(tiny_text_file), "--seqlen", "32"], "model.safetensors is damaged")
 
 
 def test_config_disagrees_with_weights(tmp_path, outs, tiny_model_dir, tiny_text_file, capsys, monkeypatch):
@@ -117,9 +72,9 @@ def test_config_disagrees_with_weights(tmp_path, outs, tiny_model_dir, tiny_text
     cfg["intermediate_size"] = 96  # the tensors are 128 wide
     (tiny_model_dir / "config.json").write_text(json.dumps(cfg))
     monkeypatch.setattr(api, "perplexity", _never)
-    msg = _fails(capsys, _argv(tiny_model_dir, tiny_text_file, outs / "result"), "config.json disagrees with the weights", "model.layers.0.mlp.down_proj.weight is [64, 128] in model.safetensors", "config.json implies [64, 96]")
+    msg = cli_fails(capsys, _argv(tiny_model_dir, tiny_text_file, outs / "result"), "config.json disagrees with the weights", "model.layers.0.mlp.down_proj.weight is [64, 128] in model.safetensors", "config.json implies [64, 96]")
     assert "(and 5 more tensors)" in msg  # gate, up, down of two layers
-    assert _listing(outs) == []
+    assert listing(outs) == []
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -127,14 +82,14 @@ def test_nan_weights_refused_before_baseline(tmp_path, outs, tiny_text_file, cap
     def poison(m):
         m.model.layers[1].mlp.down_proj.weight[3, 5] = bad
 
-    d = _saved_model(tmp_path, "nan-model", poison)
+    d = save_tiny_model(tmp_path / "nan-model", mutate=poison)
     monkeypatch.setattr(api, "perplexity", _never)  # refused before the baseline evaluation
     kind = "1 NaN and 0 Inf" if bad != bad else "0 NaN and 1 Inf"
-    _fails(capsys, _argv(d, tiny_text_file, outs / "result"), "model.layers.1.mlp.down_proj.weight", kind, "damaged")
-    assert _listing(outs) == []
+    cli_fails(capsys, _argv(d, tiny_text_file, outs / "result"), "model.layers.1.mlp.down_proj.weight", kind, "damaged")
+    assert listing(outs) == []
     # a calibrated method is refused the same way, before any block is solved
-    _fails(capsys, _argv(d, tiny_text_file, outs / "result", "--calib-data", str(tiny_text_file), recipe="gptq-w4g64"), "down_proj.weight")
-    assert _listing(outs) == []
+    cli_fails(capsys, _argv(d, tiny_text_file, outs / "result", "--calib-data", str(tiny_text_file), recipe="gptq-w4g64"), "down_proj.weight")
+    assert listing(outs) == []
 
 
 # ------------------------------------------------------------------------------ the recipe
@@ -144,8 +99,8 @@ def _recipe_fails(tmp_path, outs, model_dir, text, capsys, yaml: str, *fragments
     """A recipe file with ``yaml`` is refused with a line holding ``fragments``; nothing is written."""
     p = tmp_path / "r.yaml"
     p.write_text(yaml)
-    _fails(capsys, _argv(model_dir, text, outs / "result", recipe=str(p)), *fragments)
-    assert _listing(outs) == []
+    cli_fails(capsys, _argv(model_dir, text, outs / "result", recipe=str(p)), *fragments)
+    assert listing(outs) == []
 
 
 @pytest.mark.parametrize("bits", [0, 99])
@@ -186,8 +141,8 @@ def test_sizes_below_one(tmp_path, outs, tiny_model_dir, tiny_text_file, capsys,
         argv[argv.index(flag) + 1] = value
     else:
         argv += [flag, value]
-    _fails(capsys, argv, f"llmpress: error: argument {flag}: must be at least {low}, got {int(value)}", "llmpress compress --help")
-    assert _listing(outs) == []
+    cli_fails(capsys, argv, f"llmpress: error: argument {flag}: must be at least {low}, got {int(value)}", "llmpress compress --help")
+    assert listing(outs) == []
     # the API refuses the same settings (no ZeroDivisionError, no empty tensor deep inside)
     field = {"--calib-samples": "n_samples", "--calib-seqlen": "seqlen", "--batch-size": "batch_size"}.get(flag)
     with pytest.raises(api.UserError, match=re.escape(flag)):
@@ -199,8 +154,8 @@ def test_eval_windows_invalid(outs, tiny_model_dir, tiny_text_file, capsys, valu
     argv = _argv(tiny_model_dir, tiny_text_file, outs / "result")
     argv[argv.index("--eval-windows") + 1] = value
     expect = f"expected an integer or 'all', got {value!r}" if value == "abc" else "must be at least 1"
-    _fails(capsys, argv, "argument --eval-windows", expect)
-    assert _listing(outs) == []
+    cli_fails(capsys, argv, "argument --eval-windows", expect)
+    assert listing(outs) == []
 
 
 @pytest.mark.parametrize("content", ["garbage", "field-less"])
@@ -208,17 +163,17 @@ def test_calibration_jsonl_unusable(tmp_path, outs, tiny_model_dir, tiny_text_fi
     f = tmp_path / "calib.jsonl"
     f.write_text('{"text": "fine"}\n' + ("this is not json\n" if content == "garbage" else '{"body": "no text field"}\n'))
     argv = _argv(tiny_model_dir, tiny_text_file, outs / "result", "--calib-data", str(f), recipe="gptq-w4g64")
-    _fails(capsys, argv, str(f), "line 2", "is not JSON" if content == "garbage" else "no string field 'text'")
-    assert _listing(outs) == []
+    cli_fails(capsys, argv, str(f), "line 2", "is not JSON" if content == "garbage" else "no string field 'text'")
+    assert listing(outs) == []
 
 
 def test_calibration_text_shorter_than_a_window(tmp_path, outs, tiny_model_dir, tiny_text_file, capsys, monkeypatch):
     short = tmp_path / "short.txt"
     short.write_text("a few words only")
     monkeypatch.setattr(api, "perplexity", _never)  # refused before the baseline evaluation
-    _fails(capsys, _argv(tiny_model_dir, tiny_text_file, outs / "result", "--calib-data", str(short), recipe="gptq-w4g64"),
+    cli_fails(capsys, _argv(tiny_model_dir, tiny_text_file, outs / "result", "--calib-data", str(short), recipe="gptq-w4g64"),
            "calibration text has", "need more than 32")  # fmt: skip
-    assert _listing(outs) == []
+    assert listing(outs) == []
 
 
 def test_calib_data_for_a_recipe_without_data(outs, tiny_model_dir, tiny_text_file, capsys):
@@ -247,10 +202,10 @@ def test_calib_data_for_a_recipe_without_data(outs, tiny_model_dir, tiny_text_fi
 def test_source_list_malformed(outs, tiny_model_dir, tiny_text_file, capsys, monkeypatch, flag, value, fragment):
     monkeypatch.setattr("llmpress.models.load", _never)  # refused before loading the model
     for recipe in ("gptq-w4g64", "rtn-w4g64"):  # also when the recipe would not read the calibration text
-        _fails(capsys, _argv(tiny_model_dir, tiny_text_file, outs / "result", flag, value, recipe=recipe), fragment)
-    assert _listing(outs) == []
+        cli_fails(capsys, _argv(tiny_model_dir, tiny_text_file, outs / "result", flag, value, recipe=recipe), fragment)
+    assert listing(outs) == []
     if flag == "--eval-data":
-        _fails(capsys, ["eval", str(tiny_model_dir), "--eval-data", value, "--seqlen", "32"], fragment)
+        cli_fails(capsys, ["eval", str(tiny_model_dir), "--eval-data", value, "--seqlen", "32"], fragment)
 
 
 @pytest.mark.parametrize("value, fragment", [
@@ -263,20 +218,20 @@ def test_source_list_malformed(outs, tiny_model_dir, tiny_text_file, capsys, mon
 def test_calib_shares_invalid(outs, tiny_model_dir, tiny_text_file, capsys, monkeypatch, value, fragment):
     monkeypatch.setattr("llmpress.models.load", _never)  # refused before loading the model
     argv = _argv(tiny_model_dir, tiny_text_file, outs / "result", "--calib-data", value, recipe="gptq-w4g64")
-    _fails(capsys, argv, f"calibration data (--calib-data) '{value}': {fragment}")
-    assert _listing(outs) == []
+    cli_fails(capsys, argv, f"calibration data (--calib-data) '{value}': {fragment}")
+    assert listing(outs) == []
 
 
 def test_unknown_source_in_a_list(outs, tiny_model_dir, tiny_text_file, capsys, monkeypatch):
     monkeypatch.setattr("llmpress.models.load", _never)  # refused before loading the model
     known = "(packaged texts: wiki, news, code)"
     for recipe in ("gptq-w4g64", "rtn-w4g64"):  # a mix with an unknown name is an error, not the unused-data warning
-        _fails(capsys, _argv(tiny_model_dir, tiny_text_file, outs / "result", "--calib-data", "wiki:0.5,wikii:0.5", recipe=recipe),
+        cli_fails(capsys, _argv(tiny_model_dir, tiny_text_file, outs / "result", "--calib-data", "wiki:0.5,wikii:0.5", recipe=recipe),
                "llmpress: error: text file 'wikii' not found", known)  # fmt: skip
     missing = outs.parent / "missing.txt"
-    _fails(capsys, _argv(tiny_model_dir, f"news,{missing}", outs / "result"), f"text file '{missing}' not found", known)
-    _fails(capsys, ["eval", str(tiny_model_dir), "--eval-data", f"{tiny_text_file},nws", "--seqlen", "32"], "text file 'nws' not found", known)
-    assert _listing(outs) == []
+    cli_fails(capsys, _argv(tiny_model_dir, f"news,{missing}", outs / "result"), f"text file '{missing}' not found", known)
+    cli_fails(capsys, ["eval", str(tiny_model_dir), "--eval-data", f"{tiny_text_file},nws", "--seqlen", "32"], "text file 'nws' not found", known)
+    assert listing(outs) == []
 
 
 # ------------------------------------------------------------------------------ the output
@@ -287,30 +242,30 @@ def test_out_is_an_existing_file(outs, tiny_model_dir, tiny_text_file, capsys):
     f = outs / "result"
     f.write_text("precious")
     for extra in ((), ("--overwrite",)):  # the same one message, with or without --overwrite
-        msg = _fails(capsys, _argv(tiny_model_dir, tiny_text_file, f, *extra), "is an existing file, not a folder", "choose another --out")
+        msg = cli_fails(capsys, _argv(tiny_model_dir, tiny_text_file, f, *extra), "is an existing file, not a folder", "choose another --out")
         assert "pass --overwrite" not in msg
-    assert _listing(outs) == ["result"] and f.read_text() == "precious"
+    assert listing(outs) == ["result"] and f.read_text() == "precious"
 
 
 def test_out_not_writable(tmp_path, tiny_model_dir, tiny_text_file, capsys, monkeypatch):
     monkeypatch.setattr("llmpress.models.load", _never)  # refused before loading the model
-    _fails(capsys, _argv(tiny_model_dir, tiny_text_file, "/proc/llmpress-out"), "output '/proc/llmpress-out'", "choose another --out")
-    _fails(capsys, _argv(tiny_model_dir, tiny_text_file, "/proc/llmpress/deeper"), "cannot create folder", "choose another --out")
+    cli_fails(capsys, _argv(tiny_model_dir, tiny_text_file, "/proc/llmpress-out"), "output '/proc/llmpress-out'", "choose another --out")
+    cli_fails(capsys, _argv(tiny_model_dir, tiny_text_file, "/proc/llmpress/deeper"), "cannot create folder", "choose another --out")
     assert not os.path.lexists("/proc/llmpress-out") and not os.path.lexists("/proc/.llmpress-out.lock")
     # a file where a parent folder should be
     (tmp_path / "afile").write_text("x")
-    _fails(capsys, _argv(tiny_model_dir, tiny_text_file, tmp_path / "afile" / "result"), "is a file, not a folder")
+    cli_fails(capsys, _argv(tiny_model_dir, tiny_text_file, tmp_path / "afile" / "result"), "is a file, not a folder")
     assert (tmp_path / "afile").read_text() == "x"
     # the --json report too, before any work
     argv = _argv(tiny_model_dir, tiny_text_file, tmp_path / "outs" / "result", "--json", "/proc/llmpress-report.json")
-    _fails(capsys, argv, "--json '/proc/llmpress-report.json'", "not writable")
+    cli_fails(capsys, argv, "--json '/proc/llmpress-report.json'", "not writable")
     argv = _argv(tiny_model_dir, tiny_text_file, tmp_path / "outs" / "result", "--json", str(tmp_path))
-    _fails(capsys, argv, f"--json '{tmp_path}' is a folder", "pass a file path")
+    cli_fails(capsys, argv, f"--json '{tmp_path}' is a folder", "pass a file path")
     argv = _argv(tiny_model_dir, tiny_text_file, tmp_path / "outs" / "result", "--offload-dir", str(tmp_path / "afile" / "act"))
-    _fails(capsys, argv, "--offload-dir", "is a file, not a folder")
+    cli_fails(capsys, argv, "--offload-dir", "is a file, not a folder")
     argv = _argv(tiny_model_dir, tiny_text_file, tmp_path / "outs" / "result", "--offload-dir", "/proc/llmpress-act")
-    _fails(capsys, argv, "--offload-dir '/proc/llmpress-act'", "not writable")
-    assert _listing(tmp_path / "outs") == [] and (tmp_path / "afile").read_text() == "x"
+    cli_fails(capsys, argv, "--offload-dir '/proc/llmpress-act'", "not writable")
+    assert listing(tmp_path / "outs") == [] and (tmp_path / "afile").read_text() == "x"
 
 
 def test_out_locked_by_a_live_run(outs, tiny_model_dir, tiny_text_file, capsys, monkeypatch):
@@ -319,8 +274,8 @@ def test_out_locked_by_a_live_run(outs, tiny_model_dir, tiny_text_file, capsys, 
     try:
         (outs / ".result.lock").write_text(f"{sleeper.pid}\n")
         monkeypatch.setattr("llmpress.models.load", _never)
-        _fails(capsys, _argv(tiny_model_dir, tiny_text_file, outs / "result"), "is being written by another llmpress run", f"pid {sleeper.pid}")
-        assert _listing(outs) == [".result.lock"] and (outs / ".result.lock").read_text() == f"{sleeper.pid}\n"
+        cli_fails(capsys, _argv(tiny_model_dir, tiny_text_file, outs / "result"), "is being written by another llmpress run", f"pid {sleeper.pid}")
+        assert listing(outs) == [".result.lock"] and (outs / ".result.lock").read_text() == f"{sleeper.pid}\n"
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -333,23 +288,23 @@ def test_out_locked_by_a_live_run(outs, tiny_model_dir, tiny_text_file, capsys, 
     assert [ln for ln in err.splitlines() if "interrupted run" in ln] == [
         f"WARNING llmpress.io_safety: removed what an interrupted run left beside {outs / 'result'}: .result.lock"
     ]
-    assert _listing(outs) == ["result"]
+    assert listing(outs) == ["result"]
 
 
 def test_export_out_is_a_file(tmp_path, packed_ckpt, capsys):
     f = tmp_path / "somefile"
     f.write_text("precious")
     for extra in ((), ("--overwrite",)):
-        _fails(capsys, ["export", str(packed_ckpt), "--out", str(f), *extra], "is an existing file, not a folder")
+        cli_fails(capsys, ["export", str(packed_ckpt), "--out", str(f), *extra], "is an existing file, not a folder")
     assert f.read_text() == "precious"
 
 
 def test_export_out_is_its_input(tmp_path, packed_ckpt, capsys):
     before = _tree(packed_ckpt)
-    _fails(capsys, ["export", str(packed_ckpt), "--out", str(packed_ckpt), "--overwrite"], "would overwrite the input", "outside it")
-    _fails(capsys, ["export", str(packed_ckpt), "--out", str(packed_ckpt / "ct"), "--overwrite"], "would overwrite the input")
-    _fails(capsys, ["export", str(packed_ckpt), "--out", str(packed_ckpt.parent), "--overwrite"], "would overwrite the input")
-    assert _tree(packed_ckpt) == before and _listing(packed_ckpt.parent) == ["ck"]
+    cli_fails(capsys, ["export", str(packed_ckpt), "--out", str(packed_ckpt), "--overwrite"], "would overwrite the input", "outside it")
+    cli_fails(capsys, ["export", str(packed_ckpt), "--out", str(packed_ckpt / "ct"), "--overwrite"], "would overwrite the input")
+    cli_fails(capsys, ["export", str(packed_ckpt), "--out", str(packed_ckpt.parent), "--overwrite"], "would overwrite the input")
+    assert _tree(packed_ckpt) == before and listing(packed_ckpt.parent) == ["ck"]
 
 
 def _enospc_after(n_bytes: int):
@@ -368,16 +323,16 @@ def test_disk_full_during_save(outs, tiny_model_dir, tiny_text_file, capsys, mon
     before = _tree(out)
     capsys.readouterr()
     monkeypatch.setattr("safetensors.torch.save_file", _enospc_after(4096))
-    msg = _fails(capsys, _argv(tiny_model_dir, tiny_text_file, out, "--no-eval", "--overwrite"), f"could not write '{out}'", "No space left on device")
+    msg = cli_fails(capsys, _argv(tiny_model_dir, tiny_text_file, out, "--no-eval", "--overwrite"), f"could not write '{out}'", "No space left on device")
     assert msg.endswith("free some space and run again (the existing folder was left as it was)")
-    assert _listing(outs) == ["result"] and _tree(out) == before
+    assert listing(outs) == ["result"] and _tree(out) == before
     # a new output: nothing at all is left
-    msg = _fails(capsys, _argv(tiny_model_dir, tiny_text_file, outs / "new", "--no-eval"), "No space left on device", "(nothing was written)")
-    assert _listing(outs) == ["result"]
+    msg = cli_fails(capsys, _argv(tiny_model_dir, tiny_text_file, outs / "new", "--no-eval"), "No space left on device", "(nothing was written)")
+    assert listing(outs) == ["result"]
     # export: the same
     monkeypatch.setattr("safetensors.torch.save_file", _enospc_after(10))
-    _fails(capsys, ["export", str(out), "--out", str(outs / "ct")], "No space left on device")
-    assert _listing(outs) == ["result"] and _tree(out) == before
+    cli_fails(capsys, ["export", str(out), "--out", str(outs / "ct")], "No space left on device")
+    assert listing(outs) == ["result"] and _tree(out) == before
 
 
 _KILLED_MID_SAVE = textwrap.dedent(
@@ -402,7 +357,7 @@ def test_sigkill_mid_save_leaves_a_temp_the_next_run_removes(outs, tiny_model_di
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_MID_SAVE, *argv], env=env, stderr=subprocess.PIPE, text=True)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, stderr
-    left = _listing(outs)  # the lock and the temporary sibling, both named with the dead run's PID
+    left = listing(outs)  # the lock and the temporary sibling, both named with the dead run's PID
     assert len(left) == 2 and left[0] == ".result.lock" and left[1].startswith(f".result.tmp-{proc.pid}-"), left
     assert (outs / ".result.lock").read_text() == f"{proc.pid}\n"
     assert (outs / left[1] / "model.llmpress.safetensors").exists()  # the half-written folder
@@ -411,7 +366,7 @@ def test_sigkill_mid_save_leaves_a_temp_the_next_run_removes(outs, tiny_model_di
     assert [ln for ln in err.splitlines() if ln.strip()] == [
         f"WARNING llmpress.io_safety: removed what an interrupted run left beside {out}: .result.lock, {left[1]}"
     ]
-    assert _listing(outs) == ["result"] and (out / "llmpress.json").exists()
+    assert listing(outs) == ["result"] and (out / "llmpress.json").exists()
 
 
 def test_temp_of_a_live_run_is_kept(outs, tiny_model_dir, tiny_text_file, capsys):
@@ -422,7 +377,7 @@ def test_temp_of_a_live_run_is_kept(outs, tiny_model_dir, tiny_text_file, capsys
     other = outs / ".other.tmp-999999999-abc"
     other.mkdir()
     assert main(_argv(tiny_model_dir, tiny_text_file, outs / "result", "--no-eval", "--no-progress")) == 0
-    assert _listing(outs) == [other.name, live.name, "result"]
+    assert listing(outs) == [other.name, live.name, "result"]
     assert "interrupted run" not in capsys.readouterr().err
 
 
@@ -432,9 +387,9 @@ def test_temp_of_a_live_run_is_kept(outs, tiny_model_dir, tiny_text_file, capsys
 def test_truncated_packed_checkpoint(tmp_path, packed_ckpt, tiny_text_file, capsys):
     f = packed_ckpt / "model.llmpress.safetensors"
     f.write_bytes(f.read_bytes()[:-1000])
-    _fails(capsys, ["eval", str(packed_ckpt), "--eval-data", str(tiny_text_file), "--seqlen", "32"], "truncated or replaced")
-    _fails(capsys, ["export", str(packed_ckpt), "--out", str(tmp_path / "ct")], "truncated or replaced")
-    assert not [n for n in _listing(tmp_path) if n == "ct" or n.startswith(".ct.")]
+    cli_fails(capsys, ["eval", str(packed_ckpt), "--eval-data", str(tiny_text_file), "--seqlen", "32"], "truncated or replaced")
+    cli_fails(capsys, ["export", str(packed_ckpt), "--out", str(tmp_path / "ct")], "truncated or replaced")
+    assert not [n for n in listing(tmp_path) if n == "ct" or n.startswith(".ct.")]
 
 
 def test_future_packed_format(tmp_path, packed_ckpt, tiny_text_file, capsys):
@@ -444,9 +399,9 @@ def test_future_packed_format(tmp_path, packed_ckpt, tiny_text_file, capsys):
     meta_file.write_text(json.dumps(meta))
     before = _tree(packed_ckpt)
     newer = "written by a newer llmpress (format llmpress-packed-v99; this llmpress reads up to llmpress-packed-v"
-    _fails(capsys, ["eval", str(packed_ckpt), "--eval-data", str(tiny_text_file), "--seqlen", "32"], newer, "upgrade llmpress")
-    _fails(capsys, ["export", str(packed_ckpt), "--out", str(tmp_path / "ct")], newer, "upgrade llmpress")
-    assert not [n for n in _listing(tmp_path) if n == "ct" or n.startswith(".ct.")] and _tree(packed_ckpt) == before
+    cli_fails(capsys, ["eval", str(packed_ckpt), "--eval-data", str(tiny_text_file), "--seqlen", "32"], newer, "upgrade llmpress")
+    cli_fails(capsys, ["export", str(packed_ckpt), "--out", str(tmp_path / "ct")], newer, "upgrade llmpress")
+    assert not [n for n in listing(tmp_path) if n == "ct" or n.startswith(".ct.")] and _tree(packed_ckpt) == before
 
 
 # ------------------------------------------------------------------------------ interrupts
@@ -464,8 +419,8 @@ def test_ctrl_c(outs, tiny_model_dir, tiny_text_file, capsys, monkeypatch, where
         raise KeyboardInterrupt
 
     monkeypatch.setattr(api, "perplexity", interrupt) if where == "baseline" else monkeypatch.setattr("safetensors.torch.save_file", interrupt)
-    _fails(capsys, _argv(tiny_model_dir, tiny_text_file, out, "--overwrite"), "llmpress: interrupted; no output was written", code=130)
-    assert _listing(outs) == ([] if before is None else ["result"])
+    cli_fails(capsys, _argv(tiny_model_dir, tiny_text_file, out, "--overwrite"), "llmpress: interrupted; no output was written", code=130)
+    assert listing(outs) == ([] if before is None else ["result"])
     assert before is None or _tree(out) == before
 
 
@@ -483,7 +438,7 @@ def test_errors_table_matches_the_tests():
         if cells[2].startswith("TODO"):
             continue
         assert cells[1].lstrip("`").startswith(("llmpress: ", "WARNING llmpress")), row  # the exact line or its stable prefix
-        ids += re.findall(r"`(tests/test_\w+\.py::test_\w+)`", cells[2]) or pytest.fail(f"no test id: {row}")
+        ids += re.findall(r"`(tests/(?:\w+/)*test_\w+\.py::test_\w+)`", cells[2]) or pytest.fail(f"no test id: {row}")
     for tid in ids:
         path, name = tid.split("::")
         src = (ROOT / path).read_text()

@@ -1,8 +1,6 @@
 """Bad input through the CLI and the API: exit code 2, one clear line, nothing left on disk."""
 from __future__ import annotations
 
-import re
-
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +10,7 @@ import torch
 
 import llmpress
 from conftest import tiny_llama, tiny_tokenizer
+from helpers import cli_fails, listing, weights_copy
 from llmpress import CalibConfig, EvalConfig, compress, stage
 from llmpress.api import evaluation_windows, run_pipeline
 from llmpress.cli import main
@@ -37,12 +36,6 @@ if NEEDS_DATA not in METHODS:
 pytestmark = pytest.mark.usefixtures("restore_logging", "private_cache")
 
 
-@pytest.fixture
-def outs(tmp_path):
-    """Parent folder of the output; after a failure it must hold nothing."""
-    return tmp_path / "outs"
-
-
 def _fast(model_dir, text, out, *extra):
     return [
         "compress", str(model_dir), "--out", str(out), "--json", str(out.parent / "report.json"),
@@ -51,53 +44,31 @@ def _fast(model_dir, text, out, *extra):
     ]  # fmt: skip
 
 
-def _fails(capsys, argv, *fragments) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip() and not re.match(r"^[^:]+: +\d{1,3}% \d+/\d+ ", ln)]  # progress lines
-    msg = [ln for ln in lines if ln.startswith("llmpress: error: ")]
-    assert len(msg) == 1 and len(lines) == 1, err  # one line, and no traceback
-    assert "Traceback" not in err
-    for f in fragments:
-        assert f in msg[0], (f, msg[0])
-    return msg[0]
-
-
-def _nothing_left(outs: Path, keep: tuple[str, ...] = ()):
-    left = sorted(p.name for p in outs.iterdir()) if outs.exists() else []
-    assert left == sorted(keep), left
-
-
-def _weights(model) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
 # ----------------------------------------------------------------------------- model paths
 
 
 def test_missing_model_path(tmp_path, outs, tiny_text_file, capsys):
     missing = tmp_path / "no-such-model"
-    _fails(capsys, _fast(missing, tiny_text_file, outs / "result", "--recipe", "rtn-w8"), str(missing), "not found")
-    _nothing_left(outs)
+    cli_fails(capsys, _fast(missing, tiny_text_file, outs / "result", "--recipe", "rtn-w8"), str(missing), "not found")
+    assert listing(outs) == []
     with pytest.raises(UserError, match="not found"):
         llmpress.load(str(missing))
     with pytest.raises(UserError, match="not found"):
         run_pipeline(str(missing), "rtn-w8", out=str(outs / "result"))
-    _nothing_left(outs)
+    assert listing(outs) == []
 
 
 def test_folder_without_config(tmp_path, outs, tiny_text_file, capsys):
     folder = tmp_path / "not-a-model"
     folder.mkdir()
     (folder / "README").write_text("hello")
-    _fails(capsys, _fast(folder, tiny_text_file, outs / "result", "--recipe", "rtn-w8"), str(folder), "config.json")
-    _nothing_left(outs)
+    cli_fails(capsys, _fast(folder, tiny_text_file, outs / "result", "--recipe", "rtn-w8"), str(folder), "config.json")
+    assert listing(outs) == []
     with pytest.raises(UserError, match="config.json"):
         llmpress.load(str(folder))
     # a file instead of a folder
-    _fails(capsys, _fast(folder / "README", tiny_text_file, outs / "result", "--recipe", "rtn-w8"), "is a file")
-    _nothing_left(outs)
+    cli_fails(capsys, _fast(folder / "README", tiny_text_file, outs / "result", "--recipe", "rtn-w8"), "is a file")
+    assert listing(outs) == []
 
 
 def test_unsupported_architecture(tmp_path, outs, tiny_text_file, capsys):
@@ -108,14 +79,14 @@ def test_unsupported_architecture(tmp_path, outs, tiny_text_file, capsys):
     d = tmp_path / "tiny-gpt2"
     gpt2.save_pretrained(d, safe_serialization=True)
     tok.save_pretrained(d)
-    msg = _fails(capsys, _fast(d, tiny_text_file, outs / "result", "--recipe", "rtn-w8"), "unsupported architecture", "'gpt2'", "llama")
+    msg = cli_fails(capsys, _fast(d, tiny_text_file, outs / "result", "--recipe", "rtn-w8"), "unsupported architecture", "'gpt2'", "llama")
     assert "gemma3" in msg
-    _nothing_left(outs)
+    assert listing(outs) == []
     with pytest.raises(UnsupportedArchitecture, match="gpt2"):
         compress(gpt2, [stage("rtn", weights=QuantArgs(bits=8, granularity="channel"))])
     with pytest.raises(UnsupportedArchitecture, match="gpt2"):
         run_pipeline(str(d), "rtn-w8", out=str(outs / "result"), evaluation=None)
-    _nothing_left(outs)
+    assert listing(outs) == []
 
 
 # --------------------------------------------------------------------------------- recipes
@@ -130,9 +101,9 @@ def _recipe_file(tmp_path, text: str) -> Path:
 def test_malformed_recipe_yaml(tmp_path, outs, tiny_model_dir, tiny_text_file, capsys):
     bad = "name: broken\nstages:\n  - method: rtn\n    weights: {bits: 4, group_size: 64\n"
     p = _recipe_file(tmp_path, bad)
-    msg = _fails(capsys, _fast(tiny_model_dir, tiny_text_file, outs / "result", "--recipe", str(p)), "malformed YAML", "line ", "column ")
+    msg = cli_fails(capsys, _fast(tiny_model_dir, tiny_text_file, outs / "result", "--recipe", str(p)), "malformed YAML", "line ", "column ")
     assert str(p) in msg
-    _nothing_left(outs)
+    assert listing(outs) == []
     with pytest.raises(RecipeError, match=r"line \d+, column \d+"):
         Recipe.from_yaml(bad)
     # the position is the one YAML reports: the flow mapping opened on line 4 never closes
@@ -142,31 +113,31 @@ def test_malformed_recipe_yaml(tmp_path, outs, tiny_model_dir, tiny_text_file, c
 
 def test_unknown_method(tmp_path, outs, tiny_model_dir, tiny_text_file, capsys):
     p = _recipe_file(tmp_path, "stages:\n  - method: gtpq\n    weights: {bits: 4}\n")
-    msg = _fails(capsys, _fast(tiny_model_dir, tiny_text_file, outs / "result", "--recipe", str(p)), "'gtpq'", "known methods", "rtn", "stages[0].method")
+    msg = cli_fails(capsys, _fast(tiny_model_dir, tiny_text_file, outs / "result", "--recipe", str(p)), "'gtpq'", "known methods", "rtn", "stages[0].method")
     known = msg.split("known methods: ", 1)[1].split(", ")
     assert "rtn" in known and known == sorted(known)
-    _nothing_left(outs)
+    assert listing(outs) == []
     with pytest.raises(RecipeError, match="known methods: .*rtn"):
         stage("gtpq")
 
 
 def test_unknown_field_in_stage(tmp_path, outs, tiny_model_dir, tiny_text_file, capsys):
     p = _recipe_file(tmp_path, "stages:\n  - method: rtn\n    wieghts: {bits: 4}\n")
-    _fails(capsys, _fast(tiny_model_dir, tiny_text_file, outs / "result", "--recipe", str(p)), "wieghts", "stages[0]", "unknown field")
-    _nothing_left(outs)
+    cli_fails(capsys, _fast(tiny_model_dir, tiny_text_file, outs / "result", "--recipe", str(p)), "wieghts", "stages[0]", "unknown field")
+    assert listing(outs) == []
     # a bad field inside the quantization arguments is named with its path
     p = _recipe_file(tmp_path, "stages:\n  - method: rtn\n    weights: {bits: 4, group: 64}\n")
-    _fails(capsys, _fast(tiny_model_dir, tiny_text_file, outs / "result", "--recipe", str(p)), "stages[0].weights", "group")
+    cli_fails(capsys, _fast(tiny_model_dir, tiny_text_file, outs / "result", "--recipe", str(p)), "stages[0].weights", "group")
     p = _recipe_file(tmp_path, "stages:\n  - method: rtn\n    weights: {bits: 12}\n")
-    _fails(capsys, _fast(tiny_model_dir, tiny_text_file, outs / "result", "--recipe", str(p)), "stages[0].weights", "bits=12")
-    _nothing_left(outs)
+    cli_fails(capsys, _fast(tiny_model_dir, tiny_text_file, outs / "result", "--recipe", str(p)), "stages[0].weights", "bits=12")
+    assert listing(outs) == []
     with pytest.raises(RecipeError, match="wieghts"):
         Recipe.from_dict({"stages": [{"method": "rtn", "wieghts": {"bits": 4}}]})
 
 
 def test_unknown_preset(outs, tiny_model_dir, tiny_text_file, capsys):
-    _fails(capsys, _fast(tiny_model_dir, tiny_text_file, outs / "result", "--recipe", "rtn-w5"), "'rtn-w5'", "rtn-w8")
-    _nothing_left(outs)
+    cli_fails(capsys, _fast(tiny_model_dir, tiny_text_file, outs / "result", "--recipe", "rtn-w5"), "'rtn-w5'", "rtn-w8")
+    assert listing(outs) == []
 
 
 def test_group_size_not_dividing(tmp_path, outs, tiny_model_dir, tiny_text_file, capsys):
@@ -178,11 +149,11 @@ def test_group_size_not_dividing(tmp_path, outs, tiny_model_dir, tiny_text_file,
         "  - method: rtn\n    targets: ['re:model\\.layers\\.1\\.self_attn\\.q_proj']\n    weights: {bits: 4, group_size: 128}\n"
     )
     p = _recipe_file(tmp_path, rec)
-    _fails(capsys, _fast(tiny_model_dir, tiny_text_file, outs / "result", "--recipe", str(p)), "model.layers.1.self_attn.q_proj", "128", "64")
-    _nothing_left(outs)
+    cli_fails(capsys, _fast(tiny_model_dir, tiny_text_file, outs / "result", "--recipe", str(p)), "model.layers.1.self_attn.q_proj", "128", "64")
+    assert listing(outs) == []
 
     model = tiny_llama()
-    before = _weights(model)
+    before = weights_copy(model)
     with pytest.raises(UserError) as ei:
         compress(model, str(p))
     assert "model.layers.1.self_attn.q_proj" in str(ei.value) and "128" in str(ei.value) and "64" in str(ei.value)
@@ -190,7 +161,7 @@ def test_group_size_not_dividing(tmp_path, outs, tiny_model_dir, tiny_text_file,
     assert all(torch.equal(after[k], v) for k, v in before.items())  # validated before touching weights
     assert not any(isinstance(m, ActQuantLinear) for m in model.modules())
     # also when the stage needs calibration data: nothing runs
-    before = _weights(model)
+    before = weights_copy(model)
     with pytest.raises(UserError, match="model.layers.0.self_attn.q_proj"):
         compress(model, [stage(NEEDS_DATA), stage("rtn", weights=QuantArgs(bits=4, group_size=48))], torch.randint(3, 256, (2, 16)))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
@@ -209,8 +180,8 @@ def test_empty_calibration_file(tmp_path, outs, tiny_model_dir, tiny_text_file, 
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n\n")
     argv = _fast(tiny_model_dir, tiny_text_file, outs / "result", "--recipe", "rtn-w8", "--calib-data", str(empty))
-    _fails(capsys, argv, str(empty), "empty")  # unused by RTN, still an error (not the unused-data warning)
-    _nothing_left(outs)
+    cli_fails(capsys, argv, str(empty), "empty")  # unused by RTN, still an error (not the unused-data warning)
+    assert listing(outs) == []
     # a recipe that gathers statistics reads it: same error through the API
     tok = tiny_tokenizer()
     model = tiny_llama(vocab=len(tok))
@@ -218,8 +189,8 @@ def test_empty_calibration_file(tmp_path, outs, tiny_model_dir, tiny_text_file, 
         compress(model, [stage(NEEDS_DATA)], tokenizer=tok, calib=CalibConfig(source=str(empty), n_samples=2, seqlen=16))
     missing = tmp_path / "missing.txt"
     argv[argv.index("--calib-data") + 1] = str(missing)
-    _fails(capsys, argv, str(missing), "not found")
-    _nothing_left(outs)
+    cli_fails(capsys, argv, str(missing), "not found")
+    assert listing(outs) == []
 
 
 def test_empty_evaluation_file(tmp_path, outs, tiny_model_dir, tiny_text_file, capsys):
@@ -227,20 +198,20 @@ def test_empty_evaluation_file(tmp_path, outs, tiny_model_dir, tiny_text_file, c
     empty.write_text("")
     argv = _fast(tiny_model_dir, tiny_text_file, outs / "result", "--recipe", "rtn-w8")
     argv[argv.index("--eval-data") + 1] = str(empty)
-    _fails(capsys, argv, str(empty), "empty")
-    _nothing_left(outs)
+    cli_fails(capsys, argv, str(empty), "empty")
+    assert listing(outs) == []
     with pytest.raises(UserError, match="empty"):
         llmpress.evaluate(str(tiny_model_dir), EvalConfig(source=str(empty), seqlen=32, max_windows=2), progress=False)
     # the eval command fails the same way
-    _fails(capsys, ["eval", str(tiny_model_dir), "--eval-data", str(empty), "--seqlen", "32", "--no-progress"], "empty")
+    cli_fails(capsys, ["eval", str(tiny_model_dir), "--eval-data", str(empty), "--seqlen", "32", "--no-progress"], "empty")
 
 
 def test_eval_text_shorter_than_a_window(tmp_path, outs, tiny_model_dir, capsys):
     short = tmp_path / "short.txt"
     short.write_text("a few words")
     argv = _fast(tiny_model_dir, short, outs / "result", "--recipe", "rtn-w8")
-    _fails(capsys, argv, "fewer than one window")
-    _nothing_left(outs)
+    cli_fails(capsys, argv, "fewer than one window")
+    assert listing(outs) == []
 
 
 # ---------------------------------------------------------------------------- output folder
@@ -250,14 +221,14 @@ def test_existing_out_without_overwrite(outs, tiny_model_dir, tiny_text_file, ca
     out = outs / "result"
     out.mkdir(parents=True)
     (out / "keep.txt").write_text("precious")
-    _fails(capsys, _fast(tiny_model_dir, tiny_text_file, out, "--recipe", "rtn-w8"), str(out), "--overwrite")
-    _nothing_left(outs, keep=("result",))
+    cli_fails(capsys, _fast(tiny_model_dir, tiny_text_file, out, "--recipe", "rtn-w8"), str(out), "--overwrite")
+    assert listing(outs) == ["result"]
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
     with pytest.raises(UserError, match="exists"):
         run_pipeline(str(tiny_model_dir), "rtn-w8", out=str(out))
     # with --overwrite the folder is replaced, and nothing else is left beside it
     assert main(_fast(tiny_model_dir, tiny_text_file, out, "--recipe", "rtn-w8", "--overwrite")) == 0
-    _nothing_left(outs, keep=("result", "report.json"))
+    assert listing(outs) == ["report.json", "result"]
     assert not (out / "keep.txt").exists() and (out / "llmpress.json").exists()
 
 
@@ -270,7 +241,7 @@ def test_successful_cli_run(outs, tiny_model_dir, tiny_text_file, capsys):
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     assert "perplexity" in cap.out and f"saved: {out}" in cap.out
-    _nothing_left(outs, keep=("result", "report.json"))
+    assert listing(outs) == ["report.json", "result"]
     assert out.is_dir() and (out / "config.json").exists() and (out / "llmpress.json").exists()
     meta = json.loads((out / "llmpress.json").read_text())  # the saved folder's manifest
     assert isinstance(meta, dict) and meta.get("format", "").startswith("llmpress-")

@@ -3,6 +3,7 @@ one switch (EngineOptions.progress / --no-progress / scope) that silences every 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 
@@ -113,8 +114,9 @@ def test_terminal_gets_a_tqdm_bar(monkeypatch):
     monkeypatch.setattr("sys.stderr", tty)
     for _ in progress.track(range(3), "drawn", "it"):
         pass
-    out = tty.getvalue()
-    assert "\r" in out and "drawn" in out and "3/3" in out
+    frames = tty.getvalue().split("\r")  # redrawn in place: the first frame, then the finished bar
+    assert frames[0] == "" and frames[1].startswith("drawn:   0%|") and " 0/3 " in frames[1]
+    assert frames[-1].startswith("drawn: 100%|##########| 3/3 [") and frames[-1].endswith("it/s]\n")
 
 
 def test_a_terminal_without_a_size_gets_plain_lines():
@@ -248,13 +250,18 @@ def test_eval_cli_kernel_notice_follows_no_progress(capsys, fake_build, monkeypa
     assert main(["compress", str(tiny_model_dir), "--recipe", "rtn-w4g64", "--out", str(out), "--no-eval", "--no-progress"]) == 0
     monkeypatch.setattr(cpu_kernels, "unavailable_reason", lambda: None)
     args = ["eval", str(out), "--eval-data", str(tiny_text_file), "--eval-windows", "2", "--seqlen", "32"]
+    figures = []
     for flags, shown in ((["--no-progress"], False), ([], True)):
         monkeypatch.setattr(cpu_kernels, "_state", {})  # a fresh process: kernels not loaded yet
         capsys.readouterr()
         assert main(args + flags) == 0
-        err = capsys.readouterr().err
-        assert (cpu_kernels.BUILD_NOTICE in err) is shown
-        assert ("ppl:" in err) is shown
+        cap = capsys.readouterr()
+        assert (cpu_kernels.BUILD_NOTICE in cap.err) is shown
+        assert ("ppl:" in cap.err) is shown
+        figures.append(json.loads(cap.out[cap.out.index("{") :]))
+    quiet, loud = figures  # progress changes what is printed, never the figures
+    assert quiet == loud and quiet["ppl_by_source"] == {str(tiny_text_file): quiet["ppl"]}
+    assert 1 < quiet["ppl"] < 1000 and quiet["bits_per_weight"] == 4.25  # W4 g64: 4 bits + a 16-bit scale per 64
 
 
 def test_cli_compress_log_has_lines_not_redraws(capsys, tmp_path, tiny_model_dir, tiny_text_file):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama
+from helpers import weights_copy
 from llmpress import RecipeError, compress, stage
 from llmpress.recipe import Recipe
 from llmpress.registry import METHODS, ModuleContext, get_method, load_all, method_for_config, method_index, register
@@ -42,14 +43,10 @@ def _toy_scale(ctx: ModuleContext, cfg: ToyScale) -> None:
 DOWN = "re:.*mlp\\.down_proj"
 
 
-def _weights(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("how", ["name", "config", "yaml"])
 def test_a_method_defined_in_one_file_runs_through_compress(how):
     m = tiny_llama()
-    before = _weights(m)
+    before = weights_copy(m)
     if how == "name":
         recipe = [stage("toy_scale", factor=0.25, targets=[DOWN])]
     elif how == "config":
@@ -57,7 +54,7 @@ def test_a_method_defined_in_one_file_runs_through_compress(how):
     else:
         recipe = Recipe.from_yaml(f"stages:\n  - method: toy_scale\n    factor: 0.25\n    targets: ['{DOWN}']\n")
     rep = compress(m, recipe)
-    after = _weights(m)
+    after = weights_copy(m)
     scaled = [n for n in before if not torch.equal(before[n], after[n])]
     assert sorted(scaled) == [f"model.layers.{i}.mlp.down_proj.weight" for i in range(2)]
     for n in scaled:

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from conftest import random_windows, tiny_gemma3, tiny_llama
+from helpers import logits, rel_err
 from llmpress import compress, stage
 from llmpress.errors import RecipeError
 from llmpress.quant import QuantArgs, fake_quantize
@@ -10,15 +11,6 @@ from llmpress.quant.awq import apply_clip, awq_scales, clip_search, scaled_fake_
 from llmpress.quant.core import group_view
 
 W3 = QuantArgs(bits=3, group_size=32)
-
-
-def _logits(m, ids):
-    with torch.no_grad():
-        return m(input_ids=ids, use_cache=False).logits
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_awq_scales_formula():
@@ -74,9 +66,9 @@ def test_clip_search_never_worse_than_no_clip(sym):
 def test_awq_scaling_alone_keeps_float_model(make):
     m = make()
     ids = random_windows(2, 24, seed=3)
-    ref = _logits(m, ids)
+    ref = logits(m, ids)
     rep = compress(m, [stage("awq", weights=W3, quantize=False, clip=False, grid=5, search_windows=4)], random_windows(8, 24))
-    assert _rel(_logits(m, ids), ref) < 1e-4
+    assert rel_err(logits(m, ids), ref) < 1e-4
     note = rep.layers["model.layers.0.self_attn.q_proj"]["awq"]
     assert 0.0 <= note["alpha"] <= 1.0
     assert rep.compressed["quantized_linears"] == 0
@@ -92,14 +84,14 @@ def test_awq_beats_rtn_on_outlier_channels():
         return m
 
     calib, ids = random_windows(8, 32), random_windows(2, 32, seed=7)
-    ref = _logits(outlier_llama(), ids)
+    ref = logits(outlier_llama(), ids)
     rtn = outlier_llama()
     compress(rtn, [stage("rtn", weights=W3)])
     aw = outlier_llama()
     rep = compress(aw, [stage("awq", weights=W3, grid=10, search_windows=8)], calib)
     assert rep.compressed["quantized_linears"] == 14
     assert abs(rep.bits_per_weight - (3 + 16 / 32)) < 1e-9
-    assert _rel(_logits(aw, ids), ref) < _rel(_logits(rtn, ids), ref)
+    assert rel_err(logits(aw, ids), ref) < rel_err(logits(rtn, ids), ref)
 
 
 def test_awq_then_gptq_recipe():
@@ -108,7 +100,7 @@ def test_awq_then_gptq_recipe():
     from llmpress.quant import quantize
 
     ids = random_windows(2, 24, seed=20)
-    ref = _logits(tiny_llama(), ids)
+    ref = logits(tiny_llama(), ids)
     rtn = tiny_llama()
     compress(rtn, [stage("rtn", weights=W3)])
     m = tiny_llama()
@@ -122,7 +114,7 @@ def test_awq_then_gptq_recipe():
     for name, rec in m.llmpress_records.items():
         codes = quantize(dict(m.named_modules())[name].weight.data, rec.qparams, rec.weight_args)
         assert torch.equal(codes, torch.round(codes)) and -4 <= codes.min() and codes.max() <= 3, name
-    assert _rel(_logits(m, ids), ref) < 0.95 * _rel(_logits(rtn, ids), ref)
+    assert rel_err(logits(m, ids), ref) < 0.95 * rel_err(logits(rtn, ids), ref)
 
 
 def test_awq_config_errors():

@@ -42,7 +42,8 @@ def test_chunked_perplexity_matches_plain(make, softcap, monkeypatch):
     windows = random_windows(n=5, seqlen=33)
     vocab = model.get_output_embeddings().out_features
     monkeypatch.setattr(ppl_mod, "LOGITS_BUDGET", vocab * 7)  # chunks of 7 tokens: 64 = 9 * 7 + 1
-    assert split_head(model) is not None
+    body, head, cap = split_head(model)
+    assert body is model.model and head is model.lm_head and cap == softcap
     seen = []
     head = model.get_output_embeddings()
     handle = head.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].shape[0]))
@@ -62,7 +63,8 @@ def test_unknown_logit_transform_takes_the_plain_path(monkeypatch):
     logits catches the mismatch and the plain computation runs."""
     model = tiny_llama()
     model.config.final_logit_softcapping = 0.5
-    assert split_head(model) is not None
+    body, head, cap = split_head(model)  # the config's softcap is read; llama's forward ignores it
+    assert body is model.model and head is model.lm_head and cap == 0.5
     called = []
     monkeypatch.setattr(ppl_mod, "_chunked_nll", lambda *a: called.append(1))
     windows = random_windows(n=3, seqlen=16)

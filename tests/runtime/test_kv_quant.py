@@ -1,18 +1,12 @@
 import pytest
 import torch
 
-from conftest import random_windows, tiny_gemma3, tiny_llama
+from conftest import TINY_MODELS, random_windows, tiny_llama
+from helpers import logits, rel_err
 from llmpress import compress, stage
 from llmpress.errors import UserError
 from llmpress.quant import QuantArgs
 from llmpress.runtime.kv_quant import IMPL, detach_attention_runtime
-
-MODELS = {"llama": tiny_llama, "gemma3": tiny_gemma3}
-
-
-def _logits(m, ids):
-    with torch.no_grad():
-        return m(input_ids=ids, use_cache=False).logits
 
 
 @pytest.fixture
@@ -31,15 +25,15 @@ def spy(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("family", TINY_MODELS)
 def test_keys_and_values_on_a_4bit_grid_per_head_and_token(family, spy):
-    m = MODELS[family]()
+    m = TINY_MODELS[family]()
     ids = random_windows(2, 16)
     compress(m, [stage("quarot"), stage("kv_quant")], data=ids)
     assert m.config._attn_implementation != IMPL  # the model-level config (masks) is untouched
     assert m.model.layers[0].self_attn.config._attn_implementation == IMPL
     spy.clear()
-    _logits(m, ids)
+    logits(m, ids)
     assert len(spy) == len(m.model.layers)
     for _q, k, v in spy:
         for t in (k, v):  # [batch, kv_heads, seq, head_dim]
@@ -54,16 +48,16 @@ def test_keys_quantized_after_rope(spy):
     ids = random_windows(1, 32)
     compress(m, [stage("kv_quant", keys=QuantArgs(bits=3, symmetric=False, granularity="token"), values=None)], data=ids)
     spy.clear()
-    _logits(m, ids)
+    logits(m, ids)
     _q, k, v = spy[0]
     assert max(len(torch.unique(r)) for r in k.reshape(-1, k.shape[-1])) <= 8
     assert max(len(torch.unique(r)) for r in v.reshape(-1, v.shape[-1])) > 8  # values untouched
 
 
-@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("family", TINY_MODELS)
 def test_incremental_decoding_matches_full_forward(family):
     """Per-token quantization: a cached decode step sees the same keys as a full forward."""
-    m = MODELS[family]()
+    m = TINY_MODELS[family]()
     ids = random_windows(1, 24)
     compress(m, [stage("quarot"), stage("kv_quant")], data=ids)
     with torch.no_grad():
@@ -75,13 +69,13 @@ def test_incremental_decoding_matches_full_forward(family):
 
 def test_more_bits_less_error():
     ids = random_windows(2, 32)
-    ref = _logits(tiny_llama(), ids)
+    ref = logits(tiny_llama(), ids)
     errs = []
     for bits in (2, 4, 8):
         m = tiny_llama()
         a = QuantArgs(bits=bits, symmetric=False, granularity="token")
         compress(m, [stage("kv_quant", keys=a, values=a)], data=ids)
-        errs.append(((_logits(m, ids) - ref).norm() / ref.norm()).item())
+        errs.append(rel_err(logits(m, ids), ref))
     assert errs[0] > errs[1] > errs[2]
     assert errs[2] < 1e-2
 
@@ -95,10 +89,10 @@ def test_group_size_must_divide_head_dim():
 def test_detach_restores_the_attention():
     m = tiny_llama()
     ids = random_windows(1, 16)
-    ref = _logits(m, ids)
+    ref = logits(m, ids)
     compress(m, [stage("kv_quant")], data=ids)
-    assert not torch.allclose(_logits(m, ids), ref)
+    assert not torch.allclose(logits(m, ids), ref)
     for layer in m.model.layers:
         detach_attention_runtime(layer.self_attn)
         assert layer.self_attn.config is m.config
-    assert torch.allclose(_logits(m, ids), ref)
+    assert torch.allclose(logits(m, ids), ref)

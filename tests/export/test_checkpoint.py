@@ -9,8 +9,8 @@ import torch
 
 import llmpress
 from conftest import random_windows, tiny_gemma3, tiny_llama, tiny_tokenizer
+from helpers import QUIET
 from llmpress import api, stage
-from llmpress.calib.engine import EngineOptions
 from llmpress.errors import UserError
 from llmpress.export import codec
 from llmpress.export.packed import FORMAT_V1, META_FILE, WEIGHTS_FILE, checkpoint_accounting, read_manifest
@@ -19,7 +19,6 @@ from llmpress.registry import ModuleRecord
 from llmpress.runtime.act_quant import ActQuantLinear
 from llmpress.runtime.qlinear import DequantLinear
 
-QUIET = EngineOptions(progress=False)
 
 SCHEMES = [
     QuantArgs(bits=b, symmetric=sym, granularity=gran, group_size=16 if gran == "group" else None)

@@ -3,7 +3,8 @@ import re
 import pytest
 import torch
 
-from conftest import random_windows, tiny_gemma3, tiny_llama
+from conftest import TINY_MODELS, random_windows, tiny_gemma3, tiny_llama
+from helpers import logits, rel_err
 from llmpress import compress, stage
 from llmpress.arch import get_arch
 from llmpress.errors import UnsupportedArchitecture
@@ -15,49 +16,37 @@ from llmpress.transform.hadamard import hadamard_transform
 from llmpress.transform.rotate import fuse_norms, rotate_residual
 
 
-def _logits(m, ids):
-    with torch.no_grad():
-        return m(input_ids=ids, use_cache=False).logits
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-MODELS = {"llama": tiny_llama, "gemma3": tiny_gemma3}
-
-
-@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("family", TINY_MODELS)
 @pytest.mark.parametrize("rotation", ["random_hadamard", "hadamard", "random"])
 def test_quarot_keeps_fp_outputs(family, rotation):
-    m = MODELS[family]()
+    m = TINY_MODELS[family]()
     ids = random_windows(2, 32)
-    ref = _logits(m, ids)
+    ref = logits(m, ids)
     compress(m, [stage("quarot", rotation=rotation)], data=ids)
-    assert _rel(_logits(m, ids), ref) < 1e-4
+    assert rel_err(logits(m, ids), ref) < 1e-4
     summary = m.llmpress_transforms[-1]
     assert summary["residual_rotation"] == (family == "llama")
     assert set(summary["online"]) >= {"o_in", "down_in", "qk"}
 
 
-@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("family", TINY_MODELS)
 @pytest.mark.parametrize("residual", ["offline", "online"])
 def test_duquant_keeps_fp_outputs(family, residual):
-    m = MODELS[family]()
+    m = TINY_MODELS[family]()
     ids = random_windows(4, 32)
-    ref = _logits(m, ids)
+    ref = logits(m, ids)
     compress(m, [stage("duquant", block_size=16, steps=4, windows=2, residual=residual)], data=ids)
-    assert _rel(_logits(m, ids), ref) < 1e-4
+    assert rel_err(logits(m, ids), ref) < 1e-4
 
 
-@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("family", TINY_MODELS)
 def test_norm_fusion_alone_is_exact(family):
-    m = MODELS[family]()
+    m = TINY_MODELS[family]()
     spec = get_arch(m)
     ids = random_windows(2, 16)
-    ref = _logits(m, ids)
+    ref = logits(m, ids)
     fuse_norms(m, spec, final=family == "llama")
-    assert _rel(_logits(m, ids), ref) < 1e-5
+    assert rel_err(logits(m, ids), ref) < 1e-5
     w = m.model.layers[0].input_layernorm.weight
     assert torch.all(w == (0.0 if family == "gemma3" else 1.0))
 
@@ -85,13 +74,13 @@ def test_online_down_rotation_precedes_activation_quant():
     ids = random_windows(1, 16)
     seen = {}
     h = m.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda _m, i: seen.__setitem__("x", i[0].detach()))
-    _logits(m, ids)
+    logits(m, ids)
     h.remove()
     compress(m, [stage("quarot"), stage("rtn", targets=[r"re:.*mlp\.down_proj"], weights=None, activations=QuantArgs(bits=8, granularity="token"))], data=ids)
     down = m.model.layers[0].mlp.down_proj
     assert isinstance(down, ActQuantLinear)
     h = down.register_forward_pre_hook(lambda _m, i: seen.__setitem__("y", i[0].detach()))
-    _logits(m, ids)
+    logits(m, ids)
     h.remove()
     assert torch.allclose(seen["y"], hadamard_transform(seen["x"]), atol=1e-4)
 
@@ -114,12 +103,12 @@ def test_rotation_removes_an_injected_outlier_channel(method):
         return lambda _m, i: got.__setitem__(key, i[0].detach())
 
     h = m.model.layers[1].self_attn.q_proj.register_forward_pre_hook(grab("before"))
-    _logits(m, ids)
+    logits(m, ids)
     h.remove()
     kw = dict(block_size=16, steps=8, windows=4) if method == "duquant" else {}
     compress(m, [stage(method, **kw)], data=ids)
     h = m.model.layers[1].self_attn.q_proj.register_forward_pre_hook(grab("after"))
-    _logits(m, ids)
+    logits(m, ids)
     h.remove()
     ratio = lambda x: (x.abs().amax() / x.abs().median()).item()  # noqa: E731
     assert ratio(got["after"]) < ratio(got["before"]) / 4
@@ -136,7 +125,7 @@ def test_quarot_w4a4_kv4_runs_and_beats_no_rotation():
         return m
 
     centered = lambda t: t - t.mean(-1, keepdim=True)  # noqa: E731
-    ref = centered(_logits(model(), ids))
+    ref = centered(logits(model(), ids))
     errs = {}
     for rot in (False, True):
         m = model()
@@ -145,7 +134,7 @@ def test_quarot_w4a4_kv4_runs_and_beats_no_rotation():
             stage("rtn", weights=QuantArgs(bits=4, group_size=32), activations=QuantArgs(bits=4, granularity="token")),
         ]
         compress(m, stages, data=ids)
-        errs[rot] = _rel(centered(_logits(m, ids)), ref)
+        errs[rot] = rel_err(centered(logits(m, ids)), ref)
     assert errs[True] < 0.8 * errs[False]
 
 
@@ -203,7 +192,7 @@ def test_block_matmul_equals_the_block_diagonal_product():
     assert block_matmul(x, r).dtype == torch.float32
 
 
-@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("family", TINY_MODELS)
 @pytest.mark.parametrize("method", ["quarot", "duquant", "quarot-online"])
 def test_runtime_export_import_round_trip(family, method, tmp_path):
     """Saved folded weights + exported runtime reproduce the rotated model's outputs."""
@@ -214,22 +203,22 @@ def test_runtime_export_import_round_trip(family, method, tmp_path):
 
     from llmpress.runtime.rotation_state import export_runtime, import_runtime
 
-    m = MODELS[family]()
+    m = TINY_MODELS[family]()
     ids = random_windows(4, 32)
     kw = dict(block_size=16, steps=4, windows=2) if method == "duquant" else {}
     if method == "quarot-online":
         method, kw = "quarot", dict(residual="online")
     compress(m, [stage(method, **kw), stage("kv_quant")], data=ids)
-    want = _logits(m, ids)
+    want = logits(m, ids)
     desc, tensors = export_runtime(m)
     m.save_pretrained(tmp_path / "m", safe_serialization=True)
     (tmp_path / "rt.json").write_text(json.dumps(desc))
     if tensors:
         save_file(tensors, str(tmp_path / "rt.safetensors"))
     m2 = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
-    assert _rel(_logits(m2, ids), want) > 1e-3  # folded weights alone are not the model
+    assert rel_err(logits(m2, ids), want) > 1e-3  # folded weights alone are not the model
     import_runtime(m2, json.loads((tmp_path / "rt.json").read_text()), load_file(str(tmp_path / "rt.safetensors")) if tensors else {})
-    assert _rel(_logits(m2, ids), want) < 1e-5
+    assert rel_err(logits(m2, ids), want) < 1e-5
     assert m2.llmpress_transforms[0]["method"] == method
 
 
@@ -295,13 +284,13 @@ def test_quarot_presets_on_tiny_llama_cost_what_their_bits_say():
     """The output error vs full precision grows as bits shrink (W8A8 < KV4 only < W4A8 < W4A4KV4),
     every quantized weight sits on its grid, activations run through their quantizer."""
     ids = random_windows(2, 32, seed=10)
-    ref = _logits(tiny_llama(), ids)
+    ref = logits(tiny_llama(), ids)
     err = {}
     for name in ["quarot-w8a8", "kv4", "quarot-w4a8", "quarot-w4a4kv4-rtn"]:
         m = tiny_llama()
         before = {n: p.detach().clone() for n, p in m.named_parameters()}
         compress(m, name, data=random_windows(2, 32))
-        err[name] = _rel(_logits(m, ids), ref)
+        err[name] = rel_err(logits(m, ids), ref)
         if name == "kv4":  # only the KV cache: no weight changed
             assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
             continue
@@ -343,10 +332,10 @@ def _tiny_qwen(kind: str):
 def test_rotation_invariance_other_llama_family(kind, method):
     m = _tiny_qwen(kind)
     ids = random_windows(4, 32)
-    ref = _logits(m, ids)
+    ref = logits(m, ids)
     kw = dict(block_size=16, steps=4, windows=2) if method == "duquant" else {}
     compress(m, [stage(method, **kw)], data=ids)
-    assert _rel(_logits(m, ids), ref) < 1e-4
+    assert rel_err(logits(m, ids), ref) < 1e-4
 
 
 def test_gemma3_norm_outputs_rotate_with_their_gains():
@@ -388,7 +377,7 @@ def test_gemma3_norm_outputs_rotate_with_their_gains():
     e0, ref = q_error(m)
     compress(m, [stage("quarot")], data=ids)
     e1, out = q_error(m)
-    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+    assert rel_err(out, ref) < 1e-4
     for blk, g in zip(m.model.layers, gains):
         assert torch.equal(blk.input_layernorm.weight, g)  # gains kept, not fused
     assert e1 < 1.5 * e0
@@ -403,7 +392,7 @@ def test_quarot_online_residual_on_llama_keeps_outputs_and_gains():
     compress(m, [stage("quarot", residual="online")], data=ids)
     with torch.no_grad():
         out = m(input_ids=ids).logits
-    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+    assert rel_err(out, ref) < 1e-4
     assert all(torch.equal(b.post_attention_layernorm.weight, g) for b, g in zip(m.model.layers, gains))
     assert m.llmpress_transforms[-1]["residual_rotation"] is False
     assert m.llmpress_transforms[-1]["online"]["norm_in"]["blocks"] == 2 * len(m.model.layers)  # two norms per block

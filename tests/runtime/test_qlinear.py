@@ -1,31 +1,23 @@
 """Runtime linears: each CPU kernel against the exact dequantize fallback, and which one is chosen."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
+from helpers import rel_err, stored_linear
 from llmpress.export import codec
-from llmpress.quant import QuantArgs, quantize_weight
-from llmpress.registry import ModuleRecord
+from llmpress.quant import QuantArgs
 from llmpress.runtime.act_quant import ActQuantLinear
 from llmpress.runtime.qlinear import DequantLinear, Int4Linear, Int8WeightOnlyLinear, LowbitInt4Linear, build_linear, int4_group_size
 
 
-def _stored(args, out=64, inp=256, act=None, bias=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out, inp, generator=g) * 0.05
-    wq, qp = quantize_weight(w, args)
-    spec, t = codec.encode_linear(wq, ModuleRecord(name="l", out_features=out, in_features=inp, weight_args=args, qparams=qp, act_args=act))
-    b = torch.randn(out, generator=g) if bias else None
-    return spec, t, wq, b
+_stored = functools.partial(stored_linear, out=64, inp=256)
 
 
 def _x(rows, inp, seed=1):
     return torch.randn(rows, inp, generator=torch.Generator().manual_seed(seed))
-
-
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize("args", [
@@ -44,11 +36,11 @@ def test_int4_kernel_matches_fallback(args, rows):
         y, y_ref = mod(x), ref(x)
     assert y.dtype == torch.float32 and y.shape == (rows, 64)
     assert torch.equal(y_ref, torch.nn.functional.linear(x, wq, b))  # the fallback is the fake-quant linear
-    assert _rel(y, y_ref) < 1e-2  # bf16 activations inside the kernel
+    assert rel_err(y, y_ref) < 1e-2  # bf16 activations inside the kernel
     # in float32 the kernel computes the same weight: agreement to float rounding
     mod32 = Int4Linear(codec.decode_quant(spec, t), int4_group_size(spec), b, act_dtype=torch.float32)
     with torch.no_grad():
-        assert _rel(mod32(x), y_ref) < 1e-5
+        assert rel_err(mod32(x), y_ref) < 1e-5
     w_kernel = mod32.dequantized_weight()
     tol = 0 if args.symmetric else 1e-6  # asymmetric: zero = (8 - z) * scale is one more rounding
     assert (w_kernel - wq).abs().max() <= tol * wq.abs().max()
@@ -67,9 +59,9 @@ def test_int8_weight_only_kernel():
     assert isinstance(mod, Int8WeightOnlyLinear)
     x = _x(7, 256)
     with torch.no_grad():
-        assert _rel(mod(x), torch.nn.functional.linear(x, wq, b)) < 1e-2
+        assert rel_err(mod(x), torch.nn.functional.linear(x, wq, b)) < 1e-2
         mod32 = Int8WeightOnlyLinear(codec.decode_quant(spec, t), b, act_dtype=torch.float32)
-        assert _rel(mod32(x), torch.nn.functional.linear(x, wq, b)) < 1e-5
+        assert rel_err(mod32(x), torch.nn.functional.linear(x, wq, b)) < 1e-5
     assert torch.equal(mod32.dequantized_weight(), wq)
 
 
@@ -83,7 +75,7 @@ def test_w8a8_uses_integer_gemm():
     ref = ActQuantLinear(DequantLinear(codec.decode_quant(spec, t), b), act)
     x = _x(9, 256)
     with torch.no_grad():
-        assert _rel(mod(x), ref(x)) < 1e-5  # same integers, float rounding of the rescale only
+        assert rel_err(mod(x), ref(x)) < 1e-5  # same integers, float rounding of the rescale only
 
 
 @pytest.mark.parametrize("args,out,why", [
@@ -117,7 +109,7 @@ def test_output_rows_not_a_multiple_of_16():
     assert type(auto) is (LowbitInt4Linear if kernels() is not None else DequantLinear)
     with torch.no_grad():
         assert torch.equal(torch_mod(x), ref)
-        assert _rel(auto(x), ref) < 1e-5  # float32 activations, the same weights, another summation order
+        assert rel_err(auto(x), ref) < 1e-5  # float32 activations, the same weights, another summation order
 
 
 def test_forced_dequant_and_activation_wrapper():
@@ -138,4 +130,4 @@ def test_bfloat16_model_activations():
     with torch.no_grad():
         y = mod(x)
     assert y.dtype == torch.bfloat16
-    assert _rel(y.float(), torch.nn.functional.linear(x.float(), wq)) < 1e-2
+    assert rel_err(y.float(), torch.nn.functional.linear(x.float(), wq)) < 1e-2

@@ -6,12 +6,10 @@ import torch
 
 import llmpress
 from conftest import random_windows, tiny_llama
+from helpers import QUIET
 from llmpress import stage
-from llmpress.calib.engine import EngineOptions
 from llmpress.errors import RecipeError
 from llmpress.prune.owl import ATTR, OWL, effective_sparsity, outlier_ratio, owl_offsets
-
-QUIET = EngineOptions(progress=False)
 
 
 def test_offsets_keep_the_mean_and_spread():

@@ -20,15 +20,14 @@ import torch
 
 import llmpress
 from conftest import random_windows, tiny_gemma3, tiny_llama, tiny_tokenizer
+from helpers import QUIET, logits, rel_err
 from llmpress import api
-from llmpress.calib.engine import EngineOptions
 from llmpress.errors import UserError
 from llmpress.export.packed import FORMAT, FORMAT_V1, META_FILE, read_manifest
 from llmpress.export.runtime_state import RUNTIME_PREFIX, ROTATION_METHODS, check_save_format
 from llmpress.recipe import Recipe, load_recipe, presets
 from llmpress.runtime.rotation_state import export_runtime
 
-QUIET = EngineOptions(progress=False)
 DEQUANT_TOL = 1e-6
 AUTO_TOL = 1e-2
 PRESETS = sorted(presets())
@@ -39,15 +38,6 @@ RUNTIME_PRESETS = [n for n in PRESETS if any(st.method in RUNTIME_METHODS for st
 @functools.cache
 def _tokenizer():
     return tiny_tokenizer()
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def _logits(m, ids):
-    with torch.no_grad():
-        return m(ids).logits
 
 
 def _compressed(make, recipe, ids):
@@ -67,13 +57,13 @@ def _act_args(model) -> dict:
 
 def _check_round_trip(m, ids, folder):
     """Save ``m`` packed into ``folder``, load it with both backends, compare."""
-    want = _logits(m, ids)
+    want = logits(m, ids)
     api.save(m, None, folder)
     meta = read_manifest(folder)
     desc = _runtime(m)
     for backend, tol in (("dequant", DEQUANT_TOL), ("auto", AUTO_TOL)):
         loaded, _ = llmpress.load_compressed(str(folder), backend=backend)
-        assert _rel(_logits(loaded, ids), want) <= tol, backend
+        assert rel_err(logits(loaded, ids), want) <= tol, backend
         assert _runtime(loaded) == desc  # the same rotations and KV quantizers, re-attached
         assert _act_args(loaded) == _act_args(m)  # activation quantizers (clip_ratio included)
     return meta
@@ -102,7 +92,7 @@ def test_every_preset_saves_packed_and_loads_the_same_model(name, tmp_path):
     else:
         api.save(m, _tokenizer(), tmp_path / "hf", format="hf-fakequant")
         loaded, _ = llmpress.load_compressed(str(tmp_path / "hf"))
-        assert _rel(_logits(loaded, ids), _logits(m, ids)) <= DEQUANT_TOL
+        assert rel_err(logits(loaded, ids), logits(m, ids)) <= DEQUANT_TOL
         assert _runtime(loaded) == _runtime(m)
 
 
@@ -135,7 +125,7 @@ def test_loaded_kv4_generates_like_the_compressed_model(name, tmp_path):
         full = loaded(got).logits[:, -1]
         out = loaded(got[:, :-1], use_cache=True)
         step = loaded(input_ids=got[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
-    assert _rel(step, full) < 1e-5  # per-token KV codes: the cached step equals the full forward
+    assert rel_err(step, full) < 1e-5  # per-token KV codes: the cached step equals the full forward
 
 
 def test_os_plus_shift_round_trips_and_hf_fakequant_refuses_it(tmp_path):
@@ -218,7 +208,7 @@ def test_v1_checkpoint_without_runtime_still_loads(tmp_path):
     assert meta["format"] == FORMAT_V1 and not any(k in meta for k in ("runtime", "llm_int8", "structure"))
     assert not any(k.startswith(RUNTIME_PREFIX) for k in meta["tensors"])
     loaded, _ = llmpress.load_compressed(str(tmp_path / "ck"), backend="dequant")
-    assert torch.equal(_logits(loaded, ids), _logits(m, ids))
+    assert torch.equal(logits(loaded, ids), logits(m, ids))
 
 
 def test_hf_fakequant_is_refused_before_the_model_is_loaded(tmp_path):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from conftest import random_windows, tiny_gemma3, tiny_llama
+from helpers import logits, rel_err
 from llmpress import compress, stage
 from llmpress.arch import blocks, get_arch, get_module
 from llmpress.errors import RecipeError
@@ -22,15 +23,6 @@ from llmpress.transform.scaling import (
 W8 = QuantArgs(bits=8, granularity="channel")
 A8 = QuantArgs(bits=8, granularity="token")
 A8_TENSOR = QuantArgs(bits=8, granularity="tensor")
-
-
-def _logits(m, ids):
-    with torch.no_grad():
-        return m(input_ids=ids, use_cache=False).logits
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_smooth_scale_formula():
@@ -73,7 +65,7 @@ def test_folding_keeps_float_model(make, shift):
     m = make()
     spec = get_arch(m)
     ids = random_windows(2, 24)
-    ref = _logits(m, ids)
+    ref = logits(m, ids)
     g = torch.Generator().manual_seed(1)
     for blk in blocks(m):
         for grp in scale_groups(spec):
@@ -81,7 +73,7 @@ def test_folding_keeps_float_model(make, shift):
             s = torch.exp(0.7 * torch.randn(n, generator=g))
             z = torch.randn(n, generator=g) if shift and grp.kind != "up" else None
             apply_smoothing(blk, spec, grp, s, z)
-    assert _rel(_logits(m, ids), ref) < 1e-4
+    assert rel_err(logits(m, ids), ref) < 1e-4
     if shift:
         assert isinstance(get_module(blocks(m)[0], spec.norm_feeds[0].norm), NormShift)
         assert get_module(blocks(m)[0], spec.o).bias is not None
@@ -92,9 +84,9 @@ def test_folding_keeps_float_model(make, shift):
 def test_smoothquant_method_keeps_float_model(make, cfg):
     m = make()
     ids = random_windows(2, 24, seed=3)
-    ref = _logits(m, ids)
+    ref = logits(m, ids)
     rep = compress(m, [stage("smoothquant", **cfg)], random_windows(8, 24))
-    assert _rel(_logits(m, ids), ref) < 1e-4
+    assert rel_err(logits(m, ids), ref) < 1e-4
     layer = rep.layers["model.layers.0.self_attn.q_proj"]
     assert layer["methods"] == ["smoothquant"] and "alpha" in layer["smoothquant"]
 
@@ -112,12 +104,12 @@ def _outlier_llama():
 def test_smoothquant_reduces_w8a8_error_with_outlier_channels():
     calib, ids = random_windows(8, 32), random_windows(2, 32, seed=7)
     base = _outlier_llama()
-    ref = _logits(base, ids)
+    ref = logits(base, ids)
     rtn = _outlier_llama()
     compress(rtn, [stage("rtn", weights=W8, activations=A8_TENSOR)])
     sq = _outlier_llama()
     compress(sq, [stage("smoothquant", grid=5, search_windows=8, activations=A8_TENSOR), stage("rtn", weights=W8, activations=A8_TENSOR)], calib)
-    e_rtn, e_sq = _rel(_logits(rtn, ids), ref), _rel(_logits(sq, ids), ref)
+    e_rtn, e_sq = rel_err(logits(rtn, ids), ref), rel_err(logits(sq, ids), ref)
     assert e_sq < 0.7 * e_rtn, (e_sq, e_rtn)
 
 
@@ -138,17 +130,17 @@ def test_smoothing_real_models_keeps_float_output(alias):
 
     m, _ = models.load(alias)
     ids = random_windows(1, 64, vocab=1000, seed=2)
-    ref = _logits(m, ids)
+    ref = logits(m, ids)
     compress(m, [stage("smoothquant", search=False, alpha=0.8, shift=True)], random_windows(2, 64, vocab=1000))
-    assert _rel(_logits(m, ids), ref) < 1e-4
+    assert rel_err(logits(m, ids), ref) < 1e-4
 
 
 def test_smoothquant_per_group_alphas():
     m = _outlier_llama()
     ids = random_windows(2, 24, seed=3)
-    ref = _logits(m, ids)
+    ref = logits(m, ids)
     rep = compress(m, [stage("smoothquant", grid=3, per_group=True, search_windows=4)], random_windows(8, 24))
-    assert _rel(_logits(m, ids), ref) < 1e-4
+    assert rel_err(logits(m, ids), ref) < 1e-4
     notes = {n: l["smoothquant"]["alpha"] for n, l in rep.layers.items()}
     assert all(a in (None, 0.0, 0.5, 1.0) for a in notes.values())
     # q/k/v share a group, hence an alpha

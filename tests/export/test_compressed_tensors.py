@@ -10,8 +10,8 @@ import torch
 
 import llmpress
 from conftest import random_windows, tiny_llama, tiny_tokenizer
+from helpers import QUIET
 from llmpress import api, stage
-from llmpress.calib.engine import EngineOptions
 from llmpress.errors import UserError
 from llmpress.export.compressed_tensors import export_compressed_tensors
 from llmpress.quant import QuantArgs
@@ -19,7 +19,6 @@ from llmpress.quant.core import quantize
 from llmpress.registry import ModuleRecord
 
 import compressed_tensors as ct  # noqa: E402  (a pinned dev dependency: a missing one is a failure, not a skip)
-QUIET = EngineOptions(progress=False)
 A8 = QuantArgs(bits=8, granularity="token")
 
 

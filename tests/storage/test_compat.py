@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 OLD = FIXTURES / "packed_forms_v1"
 sys.path.insert(0, str(FIXTURES))
 import packed_forms  # noqa: E402

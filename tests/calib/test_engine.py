@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import random_windows, tiny_gemma3, tiny_llama
+from conftest import TINY_MODELS, random_windows, tiny_llama
+from helpers import logits, rel_err
 from llmpress import compress, stage
 from llmpress.calib import engine as engine_mod
 from llmpress.calib.engine import EngineOptions
@@ -51,9 +52,6 @@ if PERTURB not in METHODS:
         _keep_stats(ctx, cfg)
         if ctx.name.startswith(cfg.prefix):
             ctx.set_weight(fake_quantize(ctx.weight, QuantArgs(bits=3, granularity="channel")))
-
-
-MODELS = {"llama": tiny_llama, "gemma3": tiny_gemma3}
 
 
 @pytest.fixture(autouse=True)
@@ -110,20 +108,15 @@ def _assert_stats_match(seen: dict, ref: dict, names=None):
             torch.testing.assert_close(cs[k], ref[n][k], rtol=1e-5, atol=1e-6, msg=f"{n} {k}")
 
 
-def _logits(model, windows):
-    with torch.no_grad():
-        return model(input_ids=windows, use_cache=False).logits
-
-
-@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
 @pytest.mark.parametrize("true_sequential", [False, True])
 @pytest.mark.parametrize("offload", [False, True])
 def test_identity_solver_sees_exact_hessians_and_changes_nothing(family, true_sequential, offload, tmp_path):
-    model = MODELS[family]()
+    model = TINY_MODELS[family]()
     calib = random_windows(8, 32)
     ref = reference_stats(model, calib)
     probe = random_windows(3, 24, seed=1)
-    before = _logits(model, probe)
+    before = logits(model, probe)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     off = tmp_path / "offload"
     if offload:
@@ -133,7 +126,7 @@ def test_identity_solver_sees_exact_hessians_and_changes_nothing(family, true_se
 
     assert set(SEEN) == set(ref) and len(SEEN) == 14  # 2 blocks x 7 linears, lm_head ignored
     _assert_stats_match(SEEN, ref)
-    assert torch.equal(_logits(model, probe), before)
+    assert torch.equal(logits(model, probe), before)
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in state.items())
     assert not any(isinstance(m, ActQuantLinear) for m in model.modules())
@@ -156,10 +149,10 @@ def test_offload_dir_is_created_when_missing(tmp_path):
     assert not off.exists() or list(off.iterdir()) == []
 
 
-@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
 @pytest.mark.parametrize("true_sequential", [False, True])
 def test_later_blocks_see_compressed_outputs(family, true_sequential):
-    model = MODELS[family]()
+    model = TINY_MODELS[family]()
     calib = random_windows(8, 32, seed=2)
     ref_orig = reference_stats(model, calib)
     w0 = model.model.layers[0].mlp.down_proj.weight.clone()
@@ -186,9 +179,9 @@ def test_later_blocks_see_compressed_outputs(family, true_sequential):
         assert (ref_orig[n]["hessian"] - ref_mod[n]["hessian"]).abs().max() > 1e-3 * ref_orig[n]["hessian"].abs().max()
 
 
-@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
 def test_rtn_is_data_free(family, monkeypatch):
-    model = MODELS[family]()
+    model = TINY_MODELS[family]()
 
     def no_capture(*a, **k):
         raise AssertionError("a data-free recipe must not run the calibration forward")
@@ -217,11 +210,11 @@ def test_stats_recipe_without_data_or_tokenizer_is_a_user_error():
     assert SEEN == {}
 
 
-@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
 def test_activation_quantization_wraps_linears(family):
-    model = MODELS[family]()
+    model = TINY_MODELS[family]()
     probe = random_windows(2, 24, seed=3)
-    before = _logits(model, probe)
+    before = logits(model, probe)
     act = QuantArgs(bits=8, granularity="token")
     rep = compress(model, [stage("rtn", weights=None, activations=act)])
     wrapped = {n: m for n, m in model.named_modules() if isinstance(m, ActQuantLinear)}
@@ -237,9 +230,9 @@ def test_activation_quantization_wraps_linears(family):
     with torch.no_grad():
         torch.testing.assert_close(lin(x), nn.functional.linear(xq, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(lin(x), lin.linear(x), rtol=0, atol=1e-6)
-    after = _logits(model, probe)
+    after = logits(model, probe)
     assert not torch.equal(after, before)
-    rel = (after - before).norm() / before.norm()
+    rel = rel_err(after, before)
     assert 0 < rel < 0.02, float(rel)
     assert (after.argmax(-1) == before.argmax(-1)).float().mean() > 0.9
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from conftest import random_windows, tiny_llama
+from helpers import rel_err
 from obs_problems import correlated_problem, damped, output_error
 from llmpress import RecipeError, UserError, compress, load_recipe, stage
 from llmpress.quant import QuantArgs, dequantize, quantize, quantize_weight
@@ -154,8 +155,10 @@ def test_dampening_retry_on_indefinite_hessian():
 def test_dampening_retry_on_singular_hessian_with_zero_damp():
     W, X, H = correlated_problem(rows=6, cols=16, n=4, seed=6)  # rank 4 < 16 columns
     res = gptq_quantize(W, H, W4G8, damp=0.0)
-    assert res.damp_retries >= 1 and res.damp > 0
-    assert torch.isfinite(res.weight).all()
+    # zero damping fails; the first retry uses 0.01 and succeeds: the result of asking for 0.01
+    assert (res.damp_retries, res.damp, res.fallback) == (1, 0.01, False)
+    direct = gptq_quantize(W, H, W4G8, damp=0.01)
+    assert direct.damp_retries == 0 and torch.equal(res.weight, direct.weight)
 
 
 def test_handler_records_damping_and_logs_the_retry(caplog):
@@ -165,8 +168,8 @@ def test_handler_records_damping_and_logs_the_retry(caplog):
     rec = ModuleRecord(name="x.proj", out_features=6, in_features=16)
     with caplog.at_level(logging.WARNING):
         gptq(ModuleContext(name="x.proj", module=lin, stats={"hessian": H}, record=rec), GPTQ(weights=W4G8, damp=0.0))
-    assert rec.notes["damp_retries"] >= 1 and rec.notes["damp"] > 0
-    assert "retr" in caplog.text
+    assert (rec.notes["damp_retries"], rec.notes["damp"]) == (1, 0.01)
+    assert "x.proj: Cholesky failed at lower damping; succeeded with damp=0.01 after 1 retry" in caplog.text
     assert rec.weight_args == W4G8 and rec.qparams.scale.shape == (6, 2)
     codes = quantize(lin.weight.data, rec.qparams, W4G8)
     assert torch.equal(codes, torch.round(codes))
@@ -268,7 +271,7 @@ def test_gptq_stage_with_activation_quantization():
         for name, mod in wrapped.items():
             set_module(m, name, mod.linear)
         without = m(ids).logits
-    assert 1e-5 < float((with_a8 - without).norm() / without.norm()) < 0.05
+    assert 1e-5 < rel_err(with_a8, without) < 0.05
 
 
 def test_hopeless_hessian_falls_back_to_rtn():

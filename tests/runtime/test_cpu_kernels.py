@@ -3,16 +3,21 @@ dequantize-then-multiply, module choice. Built once per machine (about a minute)
 where the CPU or the environment rules them out, never because a build failed."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
+from helpers import rel_max_err, stored_linear
 from llmpress.export import codec
-from llmpress.quant import QuantArgs, quantize_weight
-from llmpress.registry import ModuleRecord
+from llmpress.quant import QuantArgs
 from llmpress.runtime import cpu_kernels
 from llmpress.runtime.qlinear import DequantLinear, LowbitInt4Linear, LowbitInt8Linear, build_linear
 
 pytestmark = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None, reason=str(cpu_kernels.unavailable_reason()))
+
+
+_stored = functools.partial(stored_linear, out=96, inp=576, bias=True)
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +25,6 @@ def ext():
     mod = cpu_kernels.kernels()
     assert mod is not None, f"the kernels did not build: {cpu_kernels._state.get('reason')}"
     return mod
-
-
-def _rel(a, b):
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
 def test_pack_roundtrip_and_layout():
@@ -52,7 +53,7 @@ def test_int4_mm_equals_dequantized_product(ext, N, K, gs, M):
     x[0, 7] = 2.5e4  # a massive activation: subtracting the zero before the product keeps it exact
     y = ext.int4_mm(x, p, s, z, gs)
     assert y.shape == (M, N)
-    assert _rel(y, x.double() @ w.double().T) < 2e-6
+    assert rel_max_err(y, x.double() @ w.double().T) < 2e-6
 
 
 def test_int8_mm_equals_dequantized_product(ext):
@@ -61,7 +62,7 @@ def test_int8_mm_equals_dequantized_product(ext):
     s = torch.rand(96, generator=g)
     for M in (1, 3, 6):
         x = torch.randn(M, 576, generator=g)
-        assert _rel(ext.int8_mm(x, c, s), x.double() @ (c.double() * s.double()[:, None]).T) < 2e-6
+        assert rel_max_err(ext.int8_mm(x, c, s), x.double() @ (c.double() * s.double()[:, None]).T) < 2e-6
 
 
 def test_bad_arguments_are_named(ext):
@@ -73,14 +74,6 @@ def test_bad_arguments_are_named(ext):
         ext.int4_mm(torch.zeros(1, 32), p, s, s, 64)
     with pytest.raises(RuntimeError, match="scales"):
         ext.int4_mm(torch.zeros(1, 64), p, torch.ones(8, 2), s, 64)
-
-
-def _stored(args, out=96, inp=576, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out, inp, generator=g) * 0.05
-    wq, qp = quantize_weight(w, args)
-    spec, t = codec.encode_linear(wq, ModuleRecord(name="l", out_features=out, in_features=inp, weight_args=args, qparams=qp))
-    return spec, t, wq, torch.randn(out, generator=g)
 
 
 @pytest.mark.parametrize("args", [
@@ -96,8 +89,8 @@ def test_int4_module_equals_fake_quant(ext, args, rows):
     with torch.no_grad():
         y = mod(x)
         ref = torch.nn.functional.linear(x, wq, b)
-    assert y.shape == ref.shape and _rel(y, ref) < 2e-6
-    assert _rel(mod.dequantized_weight(), wq) < 1e-6
+    assert y.shape == ref.shape and rel_max_err(y, ref) < 2e-6
+    assert rel_max_err(mod.dequantized_weight(), wq) < 1e-6
     assert torch.equal(DequantLinear(codec.decode_quant(spec, t), b).dequantized_weight(), wq)
 
 
@@ -108,10 +101,14 @@ def test_int8_module_and_choice(ext):
     for rows in (1, 5, 20):
         x = torch.randn(rows, 576)
         with torch.no_grad():
-            assert _rel(mod(x), torch.nn.functional.linear(x, wq, b)) < 2e-6
+            assert rel_max_err(mod(x), torch.nn.functional.linear(x, wq, b)) < 2e-6
     assert type(build_linear(spec, t, b, backend="torch")).__name__ == "Int8WeightOnlyLinear"
 
 
 def test_disabled_by_environment(monkeypatch):
-    monkeypatch.setenv("LLMPRESS_CPU_KERNELS", "0")
-    assert "disabled" in cpu_kernels.unavailable_reason()
+    for off in ("0", "false", "No", " OFF "):
+        monkeypatch.setenv("LLMPRESS_CPU_KERNELS", off)
+        assert cpu_kernels.unavailable_reason() == "disabled by LLMPRESS_CPU_KERNELS", off
+    for on in ("1", "yes"):  # this module runs only where the CPU allows them
+        monkeypatch.setenv("LLMPRESS_CPU_KERNELS", on)
+        assert cpu_kernels.unavailable_reason() is None, on
