@@ -21,7 +21,7 @@ from the original weight before the loop. Group scales are computed
   no permutation index. With the min-max observer it is also as good or better: the
   error feedback makes later columns grow, and min-max scales fitted to the grown
   columns are coarser (on SmolLM2's layers: equal at W4, ~3% lower error at W3; more on
-  the synthetic problems of tests/test_gptq.py). With the MSE observer, fitting as
+  the synthetic problems of tests/quant/test_gptq.py). With the MSE observer, fitting as
   reached did ~5% better on SmolLM2's layers;
 - without: when the loop reaches the group's first column, from the group's current
   (error-updated) weights, as in the GPTQ paper's reference code.
