@@ -9,11 +9,11 @@ import base64
 import html
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..io_safety import write_atomic
 
 
 FMT = "{:.4g}"
@@ -58,11 +58,11 @@ def write_outputs(an, out: Path) -> dict:
     out = Path(out)
     (out / "img").mkdir(parents=True, exist_ok=True)
     for name, im in an.images.items():
-        _write_bytes(out / "img" / f"{name}.png", im["png"])
+        write_atomic(out / "img" / f"{name}.png", im["png"])
     paths = {"html": str(out / "report.html"), "json": str(out / "analysis.json"), "images": str(out / "img")}
     an.summary["outputs"] = paths
-    _write_bytes(out / "analysis.json", to_json(an).encode())
-    _write_bytes(out / "report.html", to_html(an).encode())
+    write_atomic(out / "analysis.json", to_json(an).encode())
+    write_atomic(out / "report.html", to_html(an).encode())
     return paths
 
 
@@ -84,23 +84,8 @@ def rerender(out: Path) -> Path:
         png = out / meta["file"]
         if png.exists():
             images[name] = {"title": meta["title"], "caption": meta["caption"], "png": png.read_bytes()}
-    _write_bytes(out / "report.html", to_html(_Saved(data, images)).encode())
+    write_atomic(out / "report.html", to_html(_Saved(data, images)).encode())
     return out / "report.html"
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Atomic write (temporary file + rename), readable like any file the user creates."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------ text
