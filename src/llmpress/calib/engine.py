@@ -149,13 +149,13 @@ def _run_sequential(model: nn.Module, state: RunState, calib: torch.Tensor, opts
     return EngineResult(state.records, state.seconds)
 
 
-def _run_block_stages(state: RunState, block_stages: list, block: BlockContext) -> None:
+def _run_block_stages(state: RunState, block_stages: list, ctx: BlockContext) -> None:
     """Each block-scope stage (AWQ, SmoothQuant) on the block's linears it targets."""
     for si, st in block_stages:
-        sel = {loc: full for loc, full in local_all(block.block, block.prefix).items() if st.matches(full, True)}
+        sel = {loc: full for loc, full in local_all(ctx.block, ctx.prefix).items() if st.matches(full, True)}
         if sel:
             t = time.perf_counter()
-            METHODS[st.method].apply(dataclasses.replace(block, targets=sel), st.config)
+            METHODS[st.method].apply(dataclasses.replace(ctx, targets=sel), st.config)
             key = f"stage{si}:{st.method}"
             state.seconds[key] = state.seconds.get(key, 0.0) + time.perf_counter() - t
 
