@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -29,7 +28,7 @@ from .eval.sources import SourceWindows, evaluation_record, set_ppl
 from .eval.size import model_size
 from .recipe import Recipe, Stage, load_recipe
 from .registry import METHODS, ModuleRecord, get_method
-from .report import Report, checkpoint_bytes, normalize_permissions, write_atomic
+from .report import Report, checkpoint_bytes
 from .runtime.act_quant import ActQuantLinear
 from .quant.args import QuantArgs
 
@@ -283,46 +282,41 @@ def save(model: nn.Module, tokenizer, out: Path, *, report: Report | None = None
     out = Path(out)
     if os.path.lexists(out):
         io_safety.check_out(out, overwrite)  # the one message for an existing folder (without overwrite) or file
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = io_safety.temp_sibling(out)
-    except OSError as e:
-        raise io_safety.write_error(out, e) from None
     wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuantLinear)]
     try:
-        if format == "packed":
-            from .export.packed import write_packed
-
-            records = getattr(model, "llmpress_records", None) or {}
-            write_packed(model, tokenizer, tmp, records, {"report": report.to_dict() if report else None})
-        else:
-            from .export.runtime_state import fakequant_meta
-
-            for n, m in wrapped:  # plain Linear names on disk, so transformers loads the folder
-                set_module(model, n, m.linear)
-            runtime = fakequant_meta(model)  # KV-cache quantizers, LLM.int8(); refuses online rotations
-            model.save_pretrained(tmp, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            meta = {
-                "format": "llmpress-fakequant-v1",
-                "activation_quant": {n: m.args.to_dict() for n, m in wrapped},
-                **runtime,
-                "report": report.to_dict() if report else None,
-            }
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=repr))
-        normalize_permissions(tmp)  # mkdtemp and safetensors make private files; outputs are ordinary
-        io_safety.replace_folder(tmp, out, overwrite)
+        with io_safety.atomic_folder(out, overwrite=overwrite) as tmp:
+            _save_into(tmp, model, tokenizer, report, format, wrapped)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise io_safety.write_error(out, e) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     finally:
         for n, m in wrapped:
             set_module(model, n, m)
     return out
+
+
+def _save_into(tmp: Path, model: nn.Module, tokenizer, report: Report | None, format: str, wrapped: list) -> None:
+    """Write the checkpoint of ``format`` into the (temporary) folder ``tmp``."""
+    if format == "packed":
+        from .export.packed import write_packed
+
+        records = getattr(model, "llmpress_records", None) or {}
+        write_packed(model, tokenizer, tmp, records, {"report": report.to_dict() if report else None})
+    else:
+        from .export.runtime_state import fakequant_meta
+
+        for n, m in wrapped:  # plain Linear names on disk, so transformers loads the folder
+            set_module(model, n, m.linear)
+        runtime = fakequant_meta(model)  # KV-cache quantizers, LLM.int8(); refuses online rotations
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        meta = {
+            "format": "llmpress-fakequant-v1",
+            "activation_quant": {n: m.args.to_dict() for n, m in wrapped},
+            **runtime,
+            "report": report.to_dict() if report else None,
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=repr))
 
 
 def load_compressed(path: str, device: str = "cpu", backend: str = "auto", dtype: torch.dtype | None = None):

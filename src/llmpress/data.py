@@ -18,13 +18,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import UserError
+from .io_safety import atomic_file
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS_FILE = "lee_background.cor"
@@ -170,14 +170,11 @@ def token_stream(source: str, split: str, tokenizer) -> torch.Tensor:
         except (ValueError, OSError):
             path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
     ids = tokenize(docs, tokenizer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tok-", suffix=".npy", dir=path.parent)
-    os.close(fd)
     try:
-        np.save(tmp, ids.numpy().astype(np.int32))
-        os.replace(tmp, path)
+        with atomic_file(path, suffix=".npy") as tmp:  # np.save would add .npy to any other name
+            np.save(tmp, ids.numpy().astype(np.int32))
     except OSError:
-        Path(tmp).unlink(missing_ok=True)
+        pass  # the cache is an optimisation: tokenized again next time
     return ids
 
 

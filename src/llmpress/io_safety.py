@@ -1,20 +1,32 @@
-"""Output folders written safely: checked before any work, locked, replaced atomically.
+"""Outputs written safely: checked before any work, locked, replaced atomically.
 
-An output folder ``out`` is written as a temporary sibling ``.NAME.tmp-PID-XXXX`` and
-renamed at the end, so an interrupted run never leaves a half-written ``out``. While a
-run works towards ``out`` it holds the lock file ``.NAME.lock`` (its PID inside) next
-to it: a second run with the same ``--out`` is refused while the first is alive. A run
-killed outright (SIGKILL, power loss) leaves its lock and temporary sibling behind; the
-next run with the same ``--out`` removes them once their PID is dead, with one notice.
+Every file and folder llmpress writes goes through one of two helpers. ``atomic_file``
+(``write_atomic``) writes a temporary file beside the target and renames it over the
+target. ``atomic_folder`` fills a temporary sibling ``.NAME.tmp-PID-XXXX`` and then puts
+it in place of ``out`` (``replace_folder``): where the system can, old and new are
+swapped in one step (Linux ``renameat2(RENAME_EXCHANGE)``), else the old folder is
+renamed aside to ``.NAME.old-PID`` first and removed only once the new one is in place.
+A crash at any point leaves the old or the new complete folder, never a half-written
+``out``; if it struck between the two renames, the next run with the same ``--out``
+puts the old folder back.
+
+While a run works towards ``out`` it holds the lock file ``.NAME.lock`` (its PID inside)
+next to it: a second run with the same ``--out`` is refused while the first is alive. A
+run killed outright (SIGKILL, power loss) leaves its lock and temporary sibling behind;
+the next run with the same ``--out`` removes them once their PID is dead, with one notice.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,9 +211,14 @@ class OutputLock:
 
     def _clean_leftovers(self, removed: list[str]) -> None:
         for p, pid in _leftovers(self.out):
-            if pid != os.getpid() and not pid_alive(pid):
-                _remove(p)
-                removed.append(p.name)
+            if pid == os.getpid() or pid_alive(pid):
+                continue
+            if p.name.startswith(f".{self.out.name}.old-") and not os.path.lexists(self.out):
+                os.replace(p, self.out)  # killed between the two renames of replace_folder
+                log.warning("put back %s: a run killed while replacing it had left it as %s", self.out, p.name)
+                continue
+            _remove(p)
+            removed.append(p.name)
         if removed:
             log.warning("removed what an interrupted run left beside %s: %s", self.out, ", ".join(sorted(removed)))
 
@@ -237,22 +254,92 @@ def _read_pid(p: Path) -> int | None:
 
 
 def replace_folder(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished ``tmp`` to ``out``; an existing ``out`` goes only once ``tmp`` is in place."""
-    if os.path.lexists(out):
-        if not overwrite:
-            raise UserError(f"output folder {str(out)!r} exists; pass --overwrite to replace it, or choose another --out")
-        if not out.is_dir():
-            raise UserError(f"output {str(out)!r} is an existing file, not a folder; choose another --out (--overwrite replaces folders only)")
-        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, trash)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            os.replace(trash, out)
-            raise
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
+    """Put the finished ``tmp`` in place of ``out``; an existing ``out`` (``overwrite``)
+    goes only once ``tmp`` is in place: swapped in one step where the system can, else
+    renamed aside first (put back if the second rename fails, or by the next run)."""
+    if not os.path.lexists(out):
         os.replace(tmp, out)
+        return
+    if not overwrite:
+        raise UserError(f"output folder {str(out)!r} exists; pass --overwrite to replace it, or choose another --out")
+    if not out.is_dir():
+        raise UserError(f"output {str(out)!r} is an existing file, not a folder; choose another --out (--overwrite replaces folders only)")
+    if _exchange(tmp, out):
+        _remove(tmp)  # now the old folder
+        return
+    aside = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, aside)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(aside, out)
+        raise
+    _remove(aside)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``); False, with nothing changed, where that is not available."""
+    if sys.platform != "linux":
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without it
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+@contextmanager
+def atomic_folder(out: Path, *, overwrite: bool = False, keep_existing: bool = False) -> Iterator[Path]:
+    """A new temporary sibling of ``out`` to fill. When the block ends without error its
+    files get ordinary permissions and it takes ``out``'s place (:func:`replace_folder`);
+    otherwise it is removed and ``out`` is left as it was. ``keep_existing``: an ``out``
+    that appeared meanwhile (a concurrent writer of the same cache entry) is kept and
+    this one dropped."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(out)
+    try:
+        yield tmp
+        normalize_permissions(tmp)  # mkdtemp and safetensors make private files; outputs are ordinary
+        if keep_existing and os.path.lexists(out):
+            _remove(tmp)
+        else:
+            replace_folder(tmp, out, overwrite)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+@contextmanager
+def atomic_file(path: Path, *, suffix: str = "") -> Iterator[Path]:
+    """A temporary file beside ``path`` to write. When the block ends without error it gets
+    the mode a new file gets and is renamed over ``path``; otherwise it is removed and
+    ``path`` is left as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, file_mode())  # mkstemp makes it private; an output file is ordinary
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write a whole file (text or bytes) through :func:`atomic_file`: never half-written."""
+    with atomic_file(Path(path)) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
 
 
 def write_error(out: Path, e: OSError) -> UserError:
@@ -260,3 +347,33 @@ def write_error(out: Path, e: OSError) -> UserError:
     hint = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check the folder's permissions and space"
     kept = "the existing folder was left as it was" if out.exists() else "nothing was written"
     return UserError(f"could not write {str(out)!r}: {_os_reason(e)}; {hint} and run again ({kept})")
+
+
+def file_mode(executable: bool = False) -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file: 0o666 (0o777 for folders)
+    less the process umask."""
+    return (0o777 if executable else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # read it by setting it (not thread-safe: the fallback only)
+    os.umask(mask)
+    return mask
+
+
+def normalize_permissions(folder: str | os.PathLike) -> None:
+    """Give every file under ``folder`` the ordinary mode (umask honoured) and the folders
+    theirs: writers that go through a private temporary (safetensors' ``save_file``,
+    ``tempfile``) leave 0600 files behind."""
+    root = Path(folder)
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        p.chmod(file_mode(executable=p.is_dir()))

@@ -11,8 +11,6 @@ import importlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,6 +19,7 @@ import torch
 
 from . import shrink
 from .errors import UserError
+from .io_safety import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -92,21 +91,13 @@ def packaged_folder(alias: str) -> Path:
     if gguf_stream.gguf_architecture(gguf) not in gguf_stream.STREAMED_ARCHS:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         _clear_gguf_quant_flags(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
     try:
-        if model is None:  # tensor by tensor: never the whole float32 model in memory (-380 MB peak)
-            gguf_stream.convert(gguf, tmp)
-        else:
-            model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if target.exists():  # a concurrent conversion won the race
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_folder(target, keep_existing=True) as tmp:  # a concurrent conversion may win the race
+            if model is None:  # tensor by tensor: never the whole float32 model in memory (-380 MB peak)
+                gguf_stream.convert(gguf, tmp)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
     finally:
         del model, tok
         _release_memory()

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .io_safety import file_mode, normalize_permissions, write_atomic  # noqa: F401 (re-exported)
 from .shrink import in_force as _shrink_in_force
 
 
@@ -120,50 +120,6 @@ def _jsonable(o):
     return repr(o)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file through a temporary in the same folder, then rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, file_mode())  # mkstemp makes it private; an output file is ordinary
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def checkpoint_bytes(folder: str | os.PathLike) -> int:
     """Bytes on disk of every file in a saved checkpoint folder (what a user downloads)."""
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
-
-
-def file_mode(executable: bool = False) -> int:
-    """The mode a plain ``open(path, "w")`` would give a new file: 0o666 (0o777 for folders)
-    less the process umask."""
-    return (0o777 if executable else 0o666) & ~_umask()
-
-
-def _umask() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # read it by setting it (not thread-safe: the fallback only)
-    os.umask(mask)
-    return mask
-
-
-def normalize_permissions(folder: str | os.PathLike) -> None:
-    """Give every file under ``folder`` the ordinary mode (umask honoured) and the folders
-    theirs: writers that go through a private temporary (safetensors' ``save_file``,
-    ``tempfile``) leave 0600 files behind."""
-    root = Path(folder)
-    for p in [root, *root.rglob("*")]:
-        if p.is_symlink():
-            continue
-        p.chmod(file_mode(executable=p.is_dir()))

@@ -9,11 +9,11 @@ import base64
 import html
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..io_safety import write_atomic
 
 
 FMT = "{:.4g}"
@@ -58,11 +58,11 @@ def write_outputs(an, out: Path) -> dict:
     out = Path(out)
     (out / "img").mkdir(parents=True, exist_ok=True)
     for name, im in an.images.items():
-        _write_bytes(out / "img" / f"{name}.png", im["png"])
+        write_atomic(out / "img" / f"{name}.png", im["png"])
     paths = {"html": str(out / "report.html"), "json": str(out / "analysis.json"), "images": str(out / "img")}
     an.summary["outputs"] = paths
-    _write_bytes(out / "analysis.json", to_json(an).encode())
-    _write_bytes(out / "report.html", to_html(an).encode())
+    write_atomic(out / "analysis.json", to_json(an).encode())
+    write_atomic(out / "report.html", to_html(an).encode())
     return paths
 
 
@@ -84,23 +84,8 @@ def rerender(out: Path) -> Path:
         png = out / meta["file"]
         if png.exists():
             images[name] = {"title": meta["title"], "caption": meta["caption"], "png": png.read_bytes()}
-    _write_bytes(out / "report.html", to_html(_Saved(data, images)).encode())
+    write_atomic(out / "report.html", to_html(_Saved(data, images)).encode())
     return out / "report.html"
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Atomic write (temporary file + rename), readable like any file the user creates."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------ text
@@ -279,10 +264,18 @@ def _img(im: dict) -> str:
 
 
 def to_html(an) -> str:
-    s = an.summary
-    imgs = an.images
-    th = s["thresholds"]
-    parts = [
+    """The self-contained HTML report: findings, then one section per kind of outlier."""
+    s, imgs = an.summary, an.images
+    parts = _html_intro(s) + _html_interventions(s) + _html_massive(s, imgs) + _html_channels(s, imgs)
+    parts += _html_int8(s) + _html_super_weights(s, imgs) + _html_difficulty(s, imgs)
+    secs = ", ".join(f"{k} {v:.1f}s" for k, v in s.get("seconds", {}).items())
+    parts.append(f"<p class='meta'>Wall time: {html.escape(secs)}. Every number is in analysis.json.</p></body></html>")
+    return "\n".join(parts)
+
+
+def _html_intro(s: dict) -> list[str]:
+    """Head, title, the findings and what they mean."""
+    return [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>llmpress analysis: {html.escape(str(s['model']))}</title><style>{CSS}</style></head><body>",
         f"<h1>Where and why {html.escape(str(s['model']))} is hard to quantize</h1>",
@@ -291,6 +284,11 @@ def to_html(an) -> str:
         "<h2>Findings</h2><ul class='find'>" + "".join(f"<li>{html.escape(line)}</li>" for line in headline(s)) + "</ul>",
         "<h3>What it means for quantization</h3><ul class='find'>" + "".join(f"<li>{html.escape(line)}</li>" for line in implications(s)) + "</ul>",
     ]
+
+
+def _html_interventions(s: dict) -> list[str]:
+    """What happens when outliers are removed (when the analysis ran the interventions)."""
+    parts: list[str] = []
     tab = intervention_table(s)
     if tab:
         iv = s["interventions"]
@@ -300,7 +298,13 @@ def to_html(an) -> str:
         parts.append("<ul class='find'>" + "".join(f"<li><b>{html.escape(r['name'])}</b>: {html.escape(r['description'])}</li>" for r in iv["rows"][1:]) + "</ul>")
         if not iv.get("features_detected", True) and iv.get("feature_dims"):
             parts.append("<p class='note'>No dimension meets the LLM.int8() outlier-feature criteria; the feature intervention removes the dimensions with the most |x| &ge; 6 hits (then the largest peak magnitudes) instead.</p>")
-    # massive activations
+    return parts
+
+
+def _html_massive(s: dict, imgs: dict) -> list[str]:
+    """Massive activations: the rule, the flagged (token, channel) pairs, per layer and site."""
+    th = s["thresholds"]
+    parts: list[str] = []
     mf = s["massive"]
     parts.append("<h2>Massive activations</h2>")
     parts.append(f"<p>An element A<sub>ij</sub> of one sequence's matrix is massive when |A<sub>ij</sub>| &gt; {th['massive_eta']:g} &middot; mean(|A|) and |A<sub>ij</sub>| &gt; {th['massive_gamma']:g}; "
@@ -322,7 +326,13 @@ def to_html(an) -> str:
     for k in ("top_magnitudes", "histograms"):
         if k in imgs:
             parts.append(_img(imgs[k]))
-    # channel-wise
+    return parts
+
+
+def _html_channels(s: dict, imgs: dict) -> list[str]:
+    """Channel-wise outliers and where the norm makes them."""
+    th = s["thresholds"]
+    parts: list[str] = []
     parts.append("<h2>Channel-wise outliers</h2>")
     parts.append(f"<p>Channel i of a sequence's matrix A is a channel-wise outlier when |mean(A<sub>i</sub>)| &gt; {th['channel_eta']:g} &middot; std(A) + mean(|A|) and std(A<sub>i</sub>) &lt; {th['channel_beta']:g} "
                  "(mean and std over the tokens; listed when flagged in at least half of the sequences).</p>")
@@ -343,7 +353,13 @@ def to_html(an) -> str:
         parts.append(f"<h3>{role} norm (strongest 12)</h3>" + _table(rows))
         if f"norm_trace_{role}" in imgs:
             parts.append(_img(imgs[f"norm_trace_{role}"]))
-    # int8
+    return parts
+
+
+def _html_int8(s: dict) -> list[str]:
+    """LLM.int8() outlier features."""
+    th = s["thresholds"]
+    parts: list[str] = []
     parts.append("<h2>LLM.int8() outlier features</h2>")
     parts.append(f"<p>A hidden dimension with |x| &ge; {th['int8_magnitude']:g} in at least {100 * th['int8_layer_frac']:g}% of the layers and at least {100 * th['int8_seq_frac']:g}% of the sequence positions, "
                  "tracked at the inputs of q/k/v and gate/up (each counts as a layer).</p>")
@@ -351,7 +367,12 @@ def to_html(an) -> str:
         rows = [["channel", "layer fraction", "position fraction", "hits"]] + [[d["channel"], d["layer_frac"], d["seq_frac"], d["hits"]] for d in r["details"][:10]]
         label = "both sites" if name == "all" else name
         parts.append(f"<h3>{html.escape(label)}: {len(r['features'])} feature(s) {html.escape(str(r['features'][:16]))}</h3>" + _table(rows))
-    # super weights
+    return parts
+
+
+def _html_super_weights(s: dict, imgs: dict) -> list[str]:
+    """Super weights found at the down projections."""
+    parts: list[str] = []
     sw = s["super_weights"]
     parts.append("<h2>Super weights</h2>")
     parts.append(f"<p>Prompt <code>{html.escape(sw['prompt'])}</code>; at every down projection Y = X W<sup>T</sup> the output spike gives the row, the input spike at the same token the column; "
@@ -367,7 +388,12 @@ def to_html(an) -> str:
         parts.append(f"<p class='note'>{html.escape(sw['post_norm_note'])}.</p>")
     if "super_weight_search" in imgs:
         parts.append(_img(imgs["super_weight_search"]))
-    # difficulty
+    return parts
+
+
+def _html_difficulty(s: dict, imgs: dict) -> list[str]:
+    """Quantization difficulty of activations and weights."""
+    parts: list[str] = []
     d = s["difficulty"]
     parts.append("<h2>Quantization difficulty</h2><p>Effective int8 levels of a channel under one per-tensor scale: 2<sup>8</sup> &middot; m<sub>i</sub> / m (m<sub>i</sub> the channel's max |x|, m the tensor's). "
                  "Activations: channels = hidden dimensions; weights: channels = output rows. Kurtosis is Pearson's (3 for a Gaussian).</p>")
@@ -385,6 +411,4 @@ def to_html(an) -> str:
     other = [k for k in imgs if k.startswith("surface_down_in")]
     if other:
         parts.append("<h3>down_proj inputs</h3><div class='grid'>" + "".join(_img(imgs[k]) for k in other) + "</div>")
-    secs = ", ".join(f"{k} {v:.1f}s" for k, v in s.get("seconds", {}).items())
-    parts.append(f"<p class='meta'>Wall time: {html.escape(secs)}. Every number is in analysis.json.</p></body></html>")
-    return "\n".join(parts)
+    return parts

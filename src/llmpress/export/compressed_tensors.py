@@ -41,13 +41,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from ..io_safety import OutputLock, check_out, replace_folder, temp_sibling, write_error
+from ..io_safety import OutputLock, atomic_folder, check_out, write_error
 from ..storage.form import LinearSpec, decode_weight, get_form
 from . import runtime_state
 from .packed import _DTYPES, META_FILE, _layer_tensors, _open_checked, check_packed, packed_version, read_manifest
@@ -124,67 +125,74 @@ def export_compressed_tensors(src: str | Path, out: str | Path, *, dtype: str = 
 
 
 def _write_export(src: Path, out: Path, *, meta: dict, dtype: str, overwrite: bool) -> Path:
-    from safetensors.torch import save_file
-
     dt = _DTYPES.get(meta.get("dtype") if dtype == "auto" else str(getattr(torch, dtype, None)))
     if dt is None or not dt.is_floating_point:
         raise UserError(f"dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
+    conv = _convert(src, meta, dt)
+    if not conv.groups:
+        raise UserError(f"{src}: no quantized layer to export (compressed-tensors needs at least one)")
+    qcfg = _quantization_config(src, conv.groups)
+    try:
+        with atomic_folder(out, overwrite=overwrite) as tmp:
+            _write_folder(tmp, src, conv, qcfg, dt)
+    except OSError as e:
+        raise write_error(out, e) from None
+    return out
+
+
+@dataclass(kw_only=True)
+class _Converted:
+    tensors: dict[str, torch.Tensor]  # the compressed-tensors state dict
+    groups: dict[str, dict]  # json of scheme -> {"scheme", "format", "names"}
+    structure: dict[str, dict]  # sparse layers: their structure and sparsity
+    tied_quant: dict[str, str]  # quantized head -> the embedding stored as its codes
+
+
+def _convert(src: Path, meta: dict, dt: torch.dtype) -> _Converted:
+    """Every tensor of the packed checkpoint in its compressed-tensors form."""
     tensors = _open_checked(src, meta, verify=True)
     specs = {n: LinearSpec.from_dict(d, f"layers.{n}") for n, d in (meta.get("layers") or {}).items()}
-    groups: dict[str, dict] = {}  # json of scheme -> {"scheme", "format", "names"}
-    result: dict[str, torch.Tensor] = {}
-    structure = {}
     # embeddings stored as a quantized head's codes: written dense (the head stays quantized, untied)
-    tied_quant = {lin: emb for emb, lin in (meta.get("tied_quant_embeddings") or {}).items()}
+    conv = _Converted(tensors={}, groups={}, structure={}, tied_quant={lin: emb for emb, lin in (meta.get("tied_quant_embeddings") or {}).items()})
+    result = conv.tensors
     for name, spec in specs.items():
         if spec.structure:
-            structure[name] = {"structure": spec.structure, "sparsity": spec.sparsity}
+            conv.structure[name] = {"structure": spec.structure, "sparsity": spec.sparsity}
         got = scheme_of(name, spec)
         if spec.kind == "dense":
             continue
         lt = _layer_tensors(name, spec, tensors)
         for k in lt:
             del tensors[f"{name}.{k}"]
-        if name in tied_quant:
-            result[tied_quant[name]] = decode_weight(spec, lt, dt).contiguous()
+        if name in conv.tied_quant:
+            result[conv.tied_quant[name]] = decode_weight(spec, lt, dt).contiguous()
         if got is None:  # sparse-only: dense weight
             result[f"{name}.weight"] = decode_weight(spec, lt, dt).contiguous()
             continue
         scheme, fmt = got
         key = json.dumps([scheme, fmt], sort_keys=True)
-        groups.setdefault(key, {"scheme": scheme, "format": fmt, "names": []})["names"].append(name)
+        conv.groups.setdefault(key, {"scheme": scheme, "format": fmt, "names": []})["names"].append(name)
         result.update(_ct_tensors(name, spec, lt, fmt, dt))
     tied = meta.get("tied") or {}
     for k, v in tensors.items():
         if k not in tied:
             result[k] = (v.to(dt) if v.is_floating_point() else v).contiguous()
+    return conv
 
-    if not groups:
-        raise UserError(f"{src}: no quantized layer to export (compressed-tensors needs at least one)")
-    qcfg = _quantization_config(src, groups)
 
-    try:
-        tmp = temp_sibling(out)
-    except OSError as e:
-        raise write_error(out, e) from None
-    try:
-        cfg = json.loads((src / "config.json").read_text())
-        cfg["quantization_config"] = qcfg
-        if tied_quant:
-            cfg["tie_word_embeddings"] = False
-        cfg["dtype"] = str(dt).replace("torch.", "")
-        cfg.pop("torch_dtype", None)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        save_file(result, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        for f in _COPY:
-            if (src / f).exists():
-                shutil.copy2(src / f, tmp / f)
-        (tmp / META_FILE).write_text(json.dumps({"format": "compressed-tensors", "source": str(src), "sparsity": structure}, indent=1))
-        replace_folder(tmp, out, overwrite)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise write_error(out, e) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+def _write_folder(tmp: Path, src: Path, conv: _Converted, qcfg: dict, dt: torch.dtype) -> None:
+    """config.json (with the quantization config), model.safetensors, the tokenizer files."""
+    from safetensors.torch import save_file
+
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = qcfg
+    if conv.tied_quant:
+        cfg["tie_word_embeddings"] = False
+    cfg["dtype"] = str(dt).replace("torch.", "")
+    cfg.pop("torch_dtype", None)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    save_file(conv.tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    for f in _COPY:
+        if (src / f).exists():
+            shutil.copy2(src / f, tmp / f)
+    (tmp / META_FILE).write_text(json.dumps({"format": "compressed-tensors", "source": str(src), "sparsity": conv.structure}, indent=1))

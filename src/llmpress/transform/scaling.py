@@ -275,9 +275,7 @@ def capture_calls(ctx, paths: list[str], n_batches: int) -> dict[str, list[tuple
 
         handles.append(get_module(ctx.block, p).register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        for b in range(n_batches):
-            args, kwargs = ctx.call_args[b]
-            ctx.block(ctx.inputs[b], *args, **kwargs)
+        ctx.run(batches=n_batches)
     finally:
         for h in handles:
             h.remove()

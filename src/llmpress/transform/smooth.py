@@ -134,15 +134,9 @@ def score_candidate(ctx, groups, gstats, alphas: list, cfg, ref: list[torch.Tens
         if s is not None or gs.shift is not None:
             apply_smoothing(blk, ctx.spec, g, s, gs.shift)
     _quantize_block_(blk, list(ctx.targets), cfg.weights, cfg.activations)
-    err, count = 0.0, 0
-    with torch.no_grad():
-        for b in range(n_batches):
-            args, kwargs = ctx.call_args[b]
-            y = blk(ctx.inputs[b], *args, **kwargs)
-            y = y[0] if isinstance(y, tuple) else y
-            err += (y.float() - ref[b].float()).pow(2).sum().item()
-            count += y.numel()
-    return err / max(count, 1)
+    per_batch: list[tuple[float, int]] = []  # squared error, elements
+    ctx.run(block=blk, batches=n_batches, each=lambda b, y: per_batch.append(((y.float() - ref[b].float()).pow(2).sum().item(), y.numel())))
+    return sum(e for e, _ in per_batch) / max(sum(n for _, n in per_batch), 1)
 
 
 @register("smoothquant", SmoothQuant, scope="block", summary="SmoothQuant: migrate activation outliers into the weights (per-channel scales folded offline), optional OS+ shift")

@@ -1,0 +1,154 @@
+"""What the engine does inside one decoder block: gather statistics, apply stages.
+
+``collect_stats`` runs a block's calibration batches with accumulators on the inputs of
+some of its sub-modules; ``RunState`` applies each targeted linear's stages and keeps the
+records and timings of the whole run; ``BlockContext`` is what a block-scope method sees.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..arch import ArchSpec, get_module, set_module
+from ..recipe import Stage
+from ..registry import ModuleContext, ModuleRecord, get_method
+from ..runtime.act_quant import ActQuantLinear
+from .accumulators import ACCUMULATORS, Accumulator
+from .activations import ActivationStore, run_batches
+
+
+def attach(modules: dict[str, nn.Module], needs: dict[str, set[str]]):
+    """One accumulator per needed statistic on each module's input (forward pre-hooks)."""
+    accs: dict[str, dict[str, Accumulator]] = {}
+    handles = []
+    for name, mod in modules.items():
+        if not needs.get(name):
+            continue
+        accs[name] = {k: ACCUMULATORS[k]() for k in sorted(needs[name])}
+        handles.append(mod.register_forward_pre_hook(_feeder(accs[name])))
+    return accs, handles
+
+
+def _feeder(accs: dict[str, Accumulator]):
+    def hook(_m, inputs):
+        x = inputs[0].detach()
+        for a in accs.values():
+            a.add(x)
+
+    return hook
+
+
+def collect_stats(runner: nn.Module, modules: dict[str, nn.Module], needs: dict[str, set[str]], inputs: ActivationStore, call_args: list) -> dict[str, dict]:
+    """Statistics of each named module's input over the calibration batches run through
+    ``runner`` (the block, or whatever leads to the modules); the accumulators are freed."""
+    accs, handles = attach(modules, needs)
+    try:
+        run_batches(runner, inputs, call_args)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name, a in accs.items():
+        out[name] = {k: acc.result() for k, acc in a.items()}
+        for acc in a.values():
+            acc.free()
+    return out
+
+
+def apply_stages(name: str, module: nn.Module, stages: list[tuple[int, Stage]], stats: dict, records: dict, seconds: dict) -> None:
+    """Run each (index, stage) handler on one linear, timing it under ``stage{i}:{method}``."""
+    rec = records.setdefault(name, ModuleRecord(name=name, out_features=module.out_features, in_features=module.in_features))
+    for i, st in stages:
+        t = time.perf_counter()
+        get_method(st.method).apply(ModuleContext(name=name, module=module, stats=stats, record=rec), st.config)
+        rec.methods.append(st.method)
+        seconds[f"stage{i}:{st.method}"] = seconds.get(f"stage{i}:{st.method}", 0.0) + time.perf_counter() - t
+
+
+def wrap_act_quant(root: nn.Module, prefix: str, names: list[str], records: dict) -> None:
+    """Wrap each named linear whose record asks for activation quantization (once)."""
+    for n in names:
+        rec = records.get(n)
+        if rec is not None and rec.act_args is not None:
+            local = n[len(prefix) + 1 :] if prefix else n
+            lin = get_module(root, local)
+            if not isinstance(lin, ActQuantLinear):
+                set_module(root, local, ActQuantLinear(lin, rec.act_args))
+
+
+def solve_seconds(seconds: dict) -> float:
+    """Seconds spent in stage handlers so far."""
+    return sum(v for k, v in seconds.items() if k.startswith("stage"))
+
+
+@dataclass(kw_only=True)
+class RunState:
+    """One engine run: the plan, the statistics each linear needs, and what it produced."""
+
+    spec: ArchSpec
+    targets: dict[str, list[tuple[int, Stage]]]  # full name -> (index, stage) pairs acting on it
+    needs: dict[str, set[str]]  # full name -> statistics its stages need
+    offload: Path | None = None  # folder for activations kept on disk
+    records: dict[str, ModuleRecord]
+    seconds: dict[str, float]
+    forward_s: float = 0.0  # calibration forwards (solvers excluded)
+
+    def apply(self, name: str, module: nn.Module, stats: dict) -> None:
+        apply_stages(name, module, self.targets[name], stats, self.records, self.seconds)
+
+    def local_targets(self, prefix: str) -> dict[str, str]:
+        """The targeted linears under ``prefix``: local name -> full name."""
+        return {n[len(prefix) + 1 :]: n for n in self.targets if n.startswith(prefix + ".")}
+
+
+def local_all(block: nn.Module, prefix: str) -> dict[str, str]:
+    return {n: f"{prefix}.{n}" for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+@dataclass(kw_only=True)
+class BlockContext:
+    """What a block-scope method sees: one decoder block, its calibration inputs, its targets.
+
+    ``collect`` runs the calibration batches through the block with accumulators on the
+    named sub-modules' inputs; ``outputs`` runs it and returns what it produces (to score
+    a candidate transform against the original outputs); ``run`` runs it (or a copy) and
+    hands each batch's output to a callback.
+    """
+
+    index: int
+    prefix: str
+    block: nn.Module
+    spec: ArchSpec
+    inputs: ActivationStore
+    call_args: list
+    targets: dict[str, str]  # local name -> full name, linears this stage targets
+    records: dict[str, ModuleRecord]
+
+    def collect(self, needs: dict[str, set[str]]) -> dict[str, dict]:
+        mods = {loc: get_module(self.block, loc) for loc in needs}
+        return collect_stats(self.block, mods, needs, self.inputs, self.call_args)
+
+    def run(self, *, block: nn.Module | None = None, batches: int | None = None, each=None) -> None:
+        """Run ``block`` (default this block; a modified copy to score it) on the first
+        ``batches`` calibration batches; ``each(b, y)`` receives each output."""
+        run_batches(self.block if block is None else block, self.inputs, self.call_args, batches=batches, each=each)
+
+    def outputs(self, module: nn.Module | None = None, batches: int | None = None) -> list[torch.Tensor]:
+        """Outputs of ``module`` (a sub-module of the block, default the block) per batch."""
+        got: list[torch.Tensor] = []
+        target = module if module is not None else self.block
+        h = target.register_forward_hook(lambda _m, _i, o: got.append(o[0] if isinstance(o, tuple) else o))
+        try:
+            self.run(batches=batches)
+        finally:
+            h.remove()
+        return got
+
+    def record(self, local: str) -> ModuleRecord:
+        mod = get_module(self.block, local)
+        full = f"{self.prefix}.{local}"
+        return self.records.setdefault(full, ModuleRecord(name=full, out_features=mod.out_features, in_features=mod.in_features))
