@@ -4,7 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-nodeps.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-fast bench clean
+LINT_PATHS := src tests benchmarks
+
+.PHONY: install demo lint format test test-fast bench clean
 
 $(STAMP): pyproject.toml requirements-nodeps.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,10 +24,20 @@ install: $(STAMP)
 demo: install
 	$(BIN)/llmpress compress smollm2-135m --recipe rtn-w4g64 --out runs/demo-rtn-w4g64 --json runs/demo-rtn-w4g64.json --overwrite
 
-test: install
+# the linter and the formatter (ruff, configured in pyproject.toml); `make test` fails on either
+lint: install
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+
+# rewrite the tree in place: safe lint fixes, then the formatter
+format: install
+	$(BIN)/ruff check --fix $(LINT_PATHS)
+	$(BIN)/ruff format $(LINT_PATHS)
+
+test: lint
 	$(BIN)/python -m pytest -q tests
 
-test-fast: install
+test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 clean:

@@ -38,10 +38,11 @@ def _gptq(**kw) -> dict:
 
 
 # name -> (recipe, engine options): the knobs of issue 22's GPTQ study
+# fmt: off
 VARIANTS = {
     "rtn-w4g64-full-range": ({"name": "variant", "stages": [{"method": "rtn", "targets": ["Linear"], "ignore": ["lm_head"], "weights": W4}]}, {}),
     "rtn-w3g64-full-range": ({"name": "variant", "stages": [{"method": "rtn", "targets": ["Linear"], "ignore": ["lm_head"],
-                                                              "weights": {**W4, "bits": 3}}]}, {}),  # fmt: skip
+                                                              "weights": {**W4, "bits": 3}}]}, {}),
     "gptq-natural": (_gptq(act_order=False), {}),
     "gptq-act-order": (_gptq(act_order=True), {}),
     "gptq-natural-damp0.1": (_gptq(act_order=False, damp=0.1), {}),
@@ -76,6 +77,7 @@ VARIANTS = {
     "gptq-natural-unfused": (_gptq(act_order=False), {"fused": False}),
     "gptq-natural-fp-inputs": (_gptq(act_order=False), {"true_sequential": False}),
 }
+# fmt: on
 
 
 def _load(path: Path) -> dict:
