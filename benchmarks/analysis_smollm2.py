@@ -7,6 +7,7 @@ features, super weights, difficulty, interventions), writes the HTML report and 
 runs/analysis-<model>/, prints the findings and the intervention table as markdown, and
 saves the table to runs/bench/analysis_<model>.json.
 """
+
 import argparse
 import json
 import sys
@@ -43,12 +44,28 @@ def main():
     print("| intervention | ppl | ratio | top-1 next token | p(top-1) | p(original top-1) |")
     print("|---|---|---|---|---|---|")
     for r in iv["rows"]:
-        print(f"| {r['name']} | {r['ppl']:.3f} | {r['ppl_ratio']:.3f} | {r['top1']!r} | {r['top1_prob']:.3f} | {r.get('ref_prob', r['top1_prob']):.3f} |")
+        print(
+            f"| {r['name']} | {r['ppl']:.3f} | {r['ppl_ratio']:.3f} | {r['top1']!r} | {r['top1_prob']:.3f} | {r.get('ref_prob', r['top1_prob']):.3f} |"
+        )
     bench = Path(f"runs/bench/analysis_{a.model}.json")
     bench.parent.mkdir(parents=True, exist_ok=True)
-    bench.write_text(json.dumps({"model": a.model, "windows": s["windows"], "seqlen": s["seqlen"], "wall_s": wall, "seconds": s["seconds"],
-                                 "massive_top": s["massive"]["top"], "next_channels": s["massive"]["next_channels"],
-                                 "super_weights": s["super_weights"]["super_weights"], "interventions": iv}, indent=2, default=str))
+    bench.write_text(
+        json.dumps(
+            {
+                "model": a.model,
+                "windows": s["windows"],
+                "seqlen": s["seqlen"],
+                "wall_s": wall,
+                "seconds": s["seconds"],
+                "massive_top": s["massive"]["top"],
+                "next_channels": s["massive"]["next_channels"],
+                "super_weights": s["super_weights"]["super_weights"],
+                "interventions": iv,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     print(f"\nreport: {out / 'report.html'}\ntable: {bench}")
 
 

@@ -1,4 +1,5 @@
 """Helpers shared by the benchmark scripts: one loaded model, fixed windows, a results table."""
+
 from __future__ import annotations
 
 import copy
@@ -84,7 +85,9 @@ class Bench:
                  "| method | " + " | ".join(f"{s} ppl (x fp)" for s in self.fp) + " | bits/weight | compress s |",
                  "|---|" + "---|" * (len(self.fp) + 2)]  # fmt: skip
         for r in self.rows:
-            lines.append(f"| {r['method']} | " + " | ".join(cells(r["ppl_by_source"], self.fp)) + f" | {r['bits_per_weight']:.3f} | {r['compress_s']:.1f} |")
+            lines.append(
+                f"| {r['method']} | " + " | ".join(cells(r["ppl_by_source"], self.fp)) + f" | {r['bits_per_weight']:.3f} | {r['compress_s']:.1f} |"
+            )
         return "\n".join(lines)
 
     def save(self, path: str) -> None:

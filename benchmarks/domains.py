@@ -11,6 +11,7 @@ has 25). Besides the presets, ``--variants`` names settings of the GPTQ study (V
 Results are appended to the JSON as each row finishes, and rows already there are skipped, so
 an interrupted run resumes. ``--table`` prints the table of an existing JSON.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -6,6 +6,7 @@ layers taken from RTN instead of GPTQ (v_proj, q/k/v, o_proj, gate/up, down_proj
 
     flock /tmp/llmpress-heavy.lock .venv/bin/python benchmarks/gptq_hybrids.py --json runs/gptq_hybrids.json
 """
+
 from __future__ import annotations
 
 import argparse

@@ -10,6 +10,7 @@ most.
     flock /tmp/llmpress-heavy.lock .venv/bin/python benchmarks/gptq_layer_errors.py \
         --variants gptq-natural,gptq-act-order,rtn-w4g64-full-range --json runs/gptq_layer_errors.json
 """
+
 from __future__ import annotations
 
 import argparse

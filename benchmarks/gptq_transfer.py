@@ -14,6 +14,7 @@ are in benchmarks/domains.py.
 
     flock /tmp/llmpress-heavy.lock .venv/bin/python benchmarks/gptq_transfer.py --json runs/gptq_transfer.json
 """
+
 from __future__ import annotations
 
 import argparse

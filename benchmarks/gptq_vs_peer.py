@@ -16,6 +16,7 @@ as a child process (benchmarks/peer_gptq_worker.py). Wall times are the compress
 alone (llmpress.compress / llmcompressor.oneshot): no model loading, no evaluation.
 Results: runs/bench/gptq_vs_peer.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,24 @@ def ensure_peer_venv() -> str | None:
 def run_peer(folder: Path, calib_npy: Path, eval_npy, bits: int, group: int, actorder: str, out: Path) -> dict:
     """``eval_npy``: one .npy path, or {source: path} (the result then has ``ppl_by_source``)."""
     evals = [f"{k}={v}" for k, v in eval_npy.items()] if isinstance(eval_npy, dict) else [str(eval_npy)]
-    cmd = [str(PEER_PY), str(HERE / "peer_gptq_worker.py"), "--model", str(folder), "--calib", str(calib_npy),
-           "--eval", *evals, "--bits", str(bits), "--group-size", str(group), "--actorder", actorder, "--out", str(out)]
+    cmd = [
+        str(PEER_PY),
+        str(HERE / "peer_gptq_worker.py"),
+        "--model",
+        str(folder),
+        "--calib",
+        str(calib_npy),
+        "--eval",
+        *evals,
+        "--bits",
+        str(bits),
+        "--group-size",
+        str(group),
+        "--actorder",
+        actorder,
+        "--out",
+        str(out),
+    ]
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
@@ -67,16 +84,32 @@ def run_llmpress(model, windows, calib, bits: int, group: int, act_order: bool, 
     (S = max|x| / (qmax + 1/2), the peer's convention)."""
     m = copy.deepcopy(model)
     obs, full = observer.removesuffix("-full"), observer.endswith("-full")
-    st = stage("gptq", weights=QuantArgs(bits=bits, symmetric=True, granularity="group", group_size=group, observer=obs, full_range=full),
-               block_size=128, damp=0.01, act_order=act_order, static_groups=True)
+    st = stage(
+        "gptq",
+        weights=QuantArgs(bits=bits, symmetric=True, granularity="group", group_size=group, observer=obs, full_range=full),
+        block_size=128,
+        damp=0.01,
+        act_order=act_order,
+        static_groups=True,
+    )
     t = time.perf_counter()
     rep = api.compress(m, [st], calib)
     wall = time.perf_counter() - t
     t = time.perf_counter()
     ppl = perplexity(m, windows, 4)
-    out = {"tool": "llmpress gptq", "bits": bits, "group_size": group, "act_order": act_order, "observer": observer, "compress_s": wall,
-           "eval_s": time.perf_counter() - t, "ppl": ppl, "bits_per_weight": rep.bits_per_weight, "seconds": rep.seconds,
-           "threads": torch.get_num_threads()}
+    out = {
+        "tool": "llmpress gptq",
+        "bits": bits,
+        "group_size": group,
+        "act_order": act_order,
+        "observer": observer,
+        "compress_s": wall,
+        "eval_s": time.perf_counter() - t,
+        "ppl": ppl,
+        "bits_per_weight": rep.bits_per_weight,
+        "seconds": rep.seconds,
+        "threads": torch.get_num_threads(),
+    }
     del m
     return out
 
@@ -89,11 +122,20 @@ def main():
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--actorder", choices=["static", "none"], default="static",
-                    help="static: both tools in activation order with static groups; none: both in natural order")
-    ap.add_argument("--observers", nargs="+", choices=["minmax", "mse", "minmax-full", "mse-full"], default=["minmax"],
-                    help="llmpress scale observers to run (one llmpress row each; -full: full-range symmetric grid, "
-                         "S = max|x| / (qmax + 1/2), the peer's convention); the peer uses its default min-max, full range")
+    ap.add_argument(
+        "--actorder",
+        choices=["static", "none"],
+        default="static",
+        help="static: both tools in activation order with static groups; none: both in natural order",
+    )
+    ap.add_argument(
+        "--observers",
+        nargs="+",
+        choices=["minmax", "mse", "minmax-full", "mse-full"],
+        default=["minmax"],
+        help="llmpress scale observers to run (one llmpress row each; -full: full-range symmetric grid, "
+        "S = max|x| / (qmax + 1/2), the peer's convention); the peer uses its default min-max, full range",
+    )
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--fp-ppl", type=float, help="full-precision ppl measured before on the same windows (skips that evaluation)")
     ap.add_argument("--out", default="runs/bench/gptq_vs_peer.json")
@@ -109,7 +151,9 @@ def main():
     calib_npy, eval_npy = work / "calib.npy", work / "eval.npy"
     np.save(calib_npy, calib.numpy().astype(np.int64))
     np.save(eval_npy, windows.numpy().astype(np.int64))
-    print(f"model folder {folder}; calibration {tuple(calib.shape)}, test {tuple(windows.shape)}; torch threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"model folder {folder}; calibration {tuple(calib.shape)}, test {tuple(windows.shape)}; torch threads {torch.get_num_threads()}", flush=True
+    )
 
     fp = a.fp_ppl if a.fp_ppl is not None else perplexity(model, windows, 4)
     print(f"full precision ppl {fp:.3f}" + (" (given)" if a.fp_ppl is not None else ""), flush=True)
@@ -127,14 +171,19 @@ def main():
             rows.append(p)
         for obs in a.observers:
             r = run_llmpress(model, windows, calib, bits, a.group_size, a.actorder == "static", obs)
-            print(f"W{bits} g{a.group_size} llmpress ({obs}): ppl {r['ppl']:.3f}  compress {r['compress_s']:.1f}s  "
-                  f"(calibration_forward {r['seconds'].get('calibration_forward', 0):.1f}s, solve {r['seconds'].get('stage0:gptq', 0):.1f}s, "
-                  f"capture {r['seconds'].get('capture', 0):.1f}s)", flush=True)
+            print(
+                f"W{bits} g{a.group_size} llmpress ({obs}): ppl {r['ppl']:.3f}  compress {r['compress_s']:.1f}s  "
+                f"(calibration_forward {r['seconds'].get('calibration_forward', 0):.1f}s, solve {r['seconds'].get('stage0:gptq', 0):.1f}s, "
+                f"capture {r['seconds'].get('capture', 0):.1f}s)",
+                flush=True,
+            )
             rows.append(r)
 
     print()
-    print(f"{a.model}, full precision ppl {fp:.3f}; symmetric int, group {a.group_size}, all Linear but lm_head, "
-          f"act order: {a.actorder}; {calib.shape[0]}x{calib.shape[1]} calibration, {windows.shape[0]}x{windows.shape[1]} test tokens")
+    print(
+        f"{a.model}, full precision ppl {fp:.3f}; symmetric int, group {a.group_size}, all Linear but lm_head, "
+        f"act order: {a.actorder}; {calib.shape[0]}x{calib.shape[1]} calibration, {windows.shape[0]}x{windows.shape[1]} test tokens"
+    )
     print()
     print("| bits | tool | ppl | ratio to fp32 | wall s | llmpress/peer time |")
     print("|---|---|---|---|---|---|")
@@ -144,7 +193,9 @@ def main():
             print(f"| W{bits} | llm-compressor GPTQ (min-max) | {peer['ppl']:.3f} | {peer['ppl'] / fp:.3f} | {peer['compress_s']:.1f} | |")
         for ours in (r for r in rows if r.get("tool") == "llmpress gptq" and r["bits"] == bits):
             ratio = f"{ours['compress_s'] / peer['compress_s']:.2f}" if peer else "-"
-            print(f"| W{bits} | llmpress GPTQ ({ours['observer']}) | {ours['ppl']:.3f} | {ours['ppl'] / fp:.3f} | {ours['compress_s']:.1f} | {ratio} |")
+            print(
+                f"| W{bits} | llmpress GPTQ ({ours['observer']}) | {ours['ppl']:.3f} | {ours['ppl'] / fp:.3f} | {ours['compress_s']:.1f} | {ratio} |"
+            )
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"fp_ppl": fp, "settings": vars(a), "peer_problem": peer_problem, "rows": rows}, indent=2, default=str))
 

@@ -12,6 +12,7 @@ Beside the report's figures, the driver samples the child's VmRSS every 20 ms fr
 
 Prints a markdown table and writes runs/bench/memory_phases.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,7 +98,9 @@ def markdown(runs: list[dict]) -> str:
     for p in names:
         lines.append(f"| {p} | " + " | ".join(cell(r, p) for r in runs) + " |")
     lines.append("| **process peak** | " + " | ".join(f"{r['peak_rss_mb']:.0f} ({r['peak_rss_phase']})" for r in runs) + " |")
-    lines.append("| max VmRSS sampled by the driver | " + " | ".join(f"{r['sampled_max_rss_mb']:.0f}" if r["sampled_max_rss_mb"] else "-" for r in runs) + " |")
+    lines.append(
+        "| max VmRSS sampled by the driver | " + " | ".join(f"{r['sampled_max_rss_mb']:.0f}" if r["sampled_max_rss_mb"] else "-" for r in runs) + " |"
+    )
     lines.append("| wall time (s) | " + " | ".join(f"{r['wall_s']:.0f}" for r in runs) + " |")
     return "\n".join(lines)
 

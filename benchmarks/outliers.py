@@ -22,6 +22,7 @@ Sections:
 
 Rows are appended to runs/bench/outliers.json as they finish (a partial run keeps them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,7 +112,17 @@ class Runner:
         cs = time.perf_counter() - t
         info = after(m, rep) if after else {}
         p, es = self.ppl(m, label)
-        row = {"section": section, "method": label, "ppl_by_source": p, "bits_per_weight": rep.bits_per_weight, "compress_s": cs, "eval_s": es, "stage_seconds": rep.seconds, **extra, **info}
+        row = {
+            "section": section,
+            "method": label,
+            "ppl_by_source": p,
+            "bits_per_weight": rep.bits_per_weight,
+            "compress_s": cs,
+            "eval_s": es,
+            "stage_seconds": rep.seconds,
+            **extra,
+            **info,
+        }
         if after is not None and hasattr(after, "post"):
             row.update(after.post(m, rep))
         self.emit(row)
@@ -124,7 +135,13 @@ class Runner:
         return row
 
     def emit(self, row: dict) -> None:
-        row = {"model": self.name, "eval_windows": int(self.windows.shape[0]), "calib_windows": int(self.calib.shape[0]), "sources": self.sources, **row}
+        row = {
+            "model": self.name,
+            "eval_windows": int(self.windows.shape[0]),
+            "calib_windows": int(self.calib.shape[0]),
+            "sources": self.sources,
+            **row,
+        }
         row["ppl"] = row["ppl_by_source"][self.sources[0]]
         if self.fp_by:
             row["ratio"] = row["ppl"] / self.fp_by[self.sources[0]]
@@ -135,7 +152,10 @@ class Runner:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.out.write_text(json.dumps(data, indent=2, default=str))
         shown = "  ".join(cells(row["ppl_by_source"], self.fp_by or {s: 1.0 for s in self.sources}))
-        print(f"[{self.name}] {row['method']:<44} {shown}  bits {row['bits_per_weight']:6.3f}  compress {row['compress_s']:7.1f}s  eval {row['eval_s']:6.1f}s", flush=True)
+        print(
+            f"[{self.name}] {row['method']:<44} {shown}  bits {row['bits_per_weight']:6.3f}  compress {row['compress_s']:7.1f}s  eval {row['eval_s']:6.1f}s",
+            flush=True,
+        )
 
 
 def _alpha_summary(rep) -> dict:
@@ -145,15 +165,26 @@ def _alpha_summary(rep) -> dict:
 
 def w8a8(r: Runner) -> None:
     r.run("w8a8", "RTN W8A8 (per-token act)", "rtn-w8a8")
+
     def to_int8(m):
         from llmpress.runtime.int8 import convert_to_int8
 
         return {"int8_linears": len(convert_to_int8(m, backend="fp32_exact"))}
 
-    r.run("w8a8", "SmoothQuant W8A8 (per-token act)", "smoothquant-w8a8", after=lambda m, rep: _alpha_summary(rep),
-          then=[("SmoothQuant W8A8 as Int8Linear (integer GEMM)", to_int8)])
+    r.run(
+        "w8a8",
+        "SmoothQuant W8A8 (per-token act)",
+        "smoothquant-w8a8",
+        after=lambda m, rep: _alpha_summary(rep),
+        then=[("SmoothQuant W8A8 as Int8Linear (integer GEMM)", to_int8)],
+    )
     r.run("w8a8", "RTN W8A8 (per-tensor dynamic act)", [stage("rtn", weights=W8, activations=A8T)])
-    r.run("w8a8", "SmoothQuant W8A8 (per-tensor dynamic act)", [stage("smoothquant", activations=A8T), stage("rtn", weights=W8, activations=A8T)], after=lambda m, rep: _alpha_summary(rep))
+    r.run(
+        "w8a8",
+        "SmoothQuant W8A8 (per-tensor dynamic act)",
+        [stage("smoothquant", activations=A8T), stage("rtn", weights=W8, activations=A8T)],
+        after=lambda m, rep: _alpha_summary(rep),
+    )
 
 
 def awq(r: Runner) -> None:
@@ -177,7 +208,12 @@ def awq(r: Runner) -> None:
 
 
 def prune(r: Runner) -> None:
-    for label, preset in (("magnitude 50% (per row)", "magnitude-50"), ("Wanda 50% (sequential)", "wanda-50"), ("magnitude 2:4", "magnitude-2of4"), ("Wanda 2:4 (sequential)", "wanda-2of4")):
+    for label, preset in (
+        ("magnitude 50% (per row)", "magnitude-50"),
+        ("Wanda 50% (sequential)", "wanda-50"),
+        ("magnitude 2:4", "magnitude-2of4"),
+        ("Wanda 2:4 (sequential)", "wanda-2of4"),
+    ):
         r.run("prune", label, preset)
 
 
@@ -190,7 +226,10 @@ def llm_int8(r: Runner) -> None:
 
         def post(self, m, rep):
             st = llm_int8_stats(m)
-            return {"outlier_share": {n: round(c["mean_outlier_share"], 5) for n, c in st.items()}, "outlier_share_max": {n: round(c["max_outlier_share"], 5) for n, c in st.items()}}
+            return {
+                "outlier_share": {n: round(c["mean_outlier_share"], 5) for n, c in st.items()},
+                "outlier_share_max": {n: round(c["max_outlier_share"], 5) for n, c in st.items()},
+            }
 
     row = r.run("llm_int8", "LLM.int8() threshold 6 (eval batch 4x512)", "llm-int8", after=After())
     if row:
@@ -217,7 +256,11 @@ def print_shares(share: dict) -> None:
 def outliers(r: Runner) -> None:
     r.run("outliers", "RTN W3 g64", "rtn-w3g64")
     r.run("outliers", "RTN W3 g64 + 0.5% fp16 outliers (CSR)", "w3g64-outliers0.5")
-    r.run("outliers", "RTN W3 g64 + 0.5% outliers, |w|*||x|| score", [stage("outliers", weights=QuantArgs(bits=3, group_size=64), fraction=0.005, score="activation")])
+    r.run(
+        "outliers",
+        "RTN W3 g64 + 0.5% outliers, |w|*||x|| score",
+        [stage("outliers", weights=QuantArgs(bits=3, group_size=64), fraction=0.005, score="activation")],
+    )
 
 
 def _smooth_recipe(weights: QuantArgs | None = None, shift: bool = False):
@@ -244,7 +287,12 @@ def gemma(r: Runner) -> None:
     r.run("gemma", "RTN W8A8 (per-token act)", "rtn-w8a8")
     r.run("gemma", "SmoothQuant W8A8 (per-token act)", "smoothquant-w8a8", after=lambda m, rep: _alpha_summary(rep))
     r.run("gemma", "RTN W8A8 (per-tensor dynamic act)", [stage("rtn", weights=W8, activations=A8T)])
-    r.run("gemma", "SmoothQuant W8A8 (per-tensor dynamic act)", [stage("smoothquant", activations=A8T), stage("rtn", weights=W8, activations=A8T)], after=lambda m, rep: _alpha_summary(rep))
+    r.run(
+        "gemma",
+        "SmoothQuant W8A8 (per-tensor dynamic act)",
+        [stage("smoothquant", activations=A8T), stage("rtn", weights=W8, activations=A8T)],
+        after=lambda m, rep: _alpha_summary(rep),
+    )
 
 
 def table(path: Path) -> str:
@@ -258,7 +306,9 @@ def table(path: Path) -> str:
         ppl = x.get("ppl_by_source", {"wiki": x["ppl"]})
         ratio = x.get("ratio_by_source", {"wiki": x.get("ratio", float("nan"))})
         shown = [f"{ppl[s]:.3f} ({ratio.get(s, float('nan')):.3f}x)" if s in ppl else "-" for s in sources]
-        lines.append(f"| {x['model']} | {x['section']} | {x['method']} | " + " | ".join(shown) + f" | {x['bits_per_weight']:.3f} | {x['compress_s']:.1f} |")
+        lines.append(
+            f"| {x['model']} | {x['section']} | {x['method']} | " + " | ".join(shown) + f" | {x['bits_per_weight']:.3f} | {x['compress_s']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -268,11 +318,19 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=128)
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--out", default="runs/bench/outliers.json")
-    ap.add_argument("--extra", action="store_true", help="also W4 g64 rows (RTN, AWQ), AWQ without clip + GPTQ, the LLM.int8() threshold sweep, RTN W8 weight-only")
+    ap.add_argument(
+        "--extra",
+        action="store_true",
+        help="also W4 g64 rows (RTN, AWQ), AWQ without clip + GPTQ, the LLM.int8() threshold sweep, RTN W8 weight-only",
+    )
     ap.add_argument("--match", action="append", default=[], help="only rows whose label contains this text (repeatable)")
     ap.add_argument("--resume", action="store_true", help="keep rows already in --out for the same model, windows and calibration count")
     ap.add_argument("--eval", default=EVAL_SOURCES, help="test texts, one column each (an --eval-data list)")
-    ap.add_argument("--fp-ppl", type=float, help="SmolLM2's full-precision perplexity on the first --eval source measured before on the same windows (skips that evaluation)")
+    ap.add_argument(
+        "--fp-ppl",
+        type=float,
+        help="SmolLM2's full-precision perplexity on the first --eval source measured before on the same windows (skips that evaluation)",
+    )
     a = ap.parse_args()
     out = Path(a.out)
     secs = [s for s in a.sections.split(",") if s]

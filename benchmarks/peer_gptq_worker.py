@@ -7,6 +7,7 @@ the peer's own virtual environment (benchmarks/.venv-peer). Imports nothing from
 Times the whole ``oneshot`` call (wall clock), then measures perplexity on each set of
 evaluation windows exactly as llmpress does: exp(mean cross-entropy of tokens 2..L), batches of 4.
 """
+
 import argparse
 import json
 import math

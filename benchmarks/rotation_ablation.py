@@ -13,6 +13,7 @@
   weight error ||Q(W) - W|| / ||W||. Answers "why is QuaRot + RTN worse than no rotation
   at W4A8?".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,11 +82,13 @@ def _rtn_errors(model, ids) -> dict[str, tuple[float, float]]:
     handles = []
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
+
             def hook(m, inp, _n=name):
                 x = inp[0].reshape(-1, inp[0].shape[-1]).float()
                 w = m.weight.float()
                 e = fake_quantize(w, W4) - w
                 out[_n] = (float((x @ e.T).norm() / (x @ w.T).norm()), float(e.norm() / w.norm()))
+
             handles.append(mod.register_forward_pre_hook(hook))
     try:
         model(input_ids=ids, use_cache=False)
@@ -108,7 +111,9 @@ def rtn_layers(base, ev, seed: int, residual: str = "offline") -> None:
             continue
         mean = lambda d, i: sum(d[k][i] for k in ks) / len(ks)  # noqa: E731
         worst = max(ks, key=lambda k: b[k][0] / a[k][0])
-        print(f"| {kind} | {mean(a, 0):.4f} | {mean(b, 0):.4f} | {mean(a, 1):.4f} | {mean(b, 1):.4f} | {worst.split('.')[0]} ({b[worst][0] / a[worst][0]:.2f}x) |")
+        print(
+            f"| {kind} | {mean(a, 0):.4f} | {mean(b, 0):.4f} | {mean(a, 1):.4f} | {mean(b, 1):.4f} | {worst.split('.')[0]} ({b[worst][0] / a[worst][0]:.2f}x) |"
+        )
 
 
 def main(argv=None) -> int:

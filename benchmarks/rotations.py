@@ -29,6 +29,7 @@ W4A4KV4 column only. ``--merge a.json b.json --out p`` joins runs with the same 
 
 Small check: ``--eval-windows 4 --calib-windows 8 --rows quarot-rtn --columns W4A4KV4``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -126,8 +127,10 @@ def difficulty(model, windows: torch.Tensor) -> dict:
     handles = []
     for i, block in enumerate(layers):
         for site, path in (("qkv_in", spec.q), ("down_in", spec.down)):
+
             def hook(_m, inp, _k=(i, site)):
                 got.setdefault(_k, []).append(inp[0].detach().reshape(-1, inp[0].shape[-1]))
+
             handles.append(get_module(block, path).register_forward_pre_hook(hook))
     try:
         for ids in windows.split(1):
@@ -177,10 +180,18 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-windows", type=int, default=128)
     ap.add_argument("--spin-steps", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval", default=EVAL_SOURCES, help="test texts (an --eval-data list); each cell gives the first one's ppl and every source's ratio")
+    ap.add_argument(
+        "--eval", default=EVAL_SOURCES, help="test texts (an --eval-data list); each cell gives the first one's ppl and every source's ratio"
+    )
     ap.add_argument("--no-metrics", action="store_true")
     ap.add_argument("--out", default=None, help="path prefix for .json and .md results")
-    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="print (and with --out write) one table from result files of runs with the same model and windows")
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="print (and with --out write) one table from result files of runs with the same model and windows",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     get_method("rtn")  # fills the registry
@@ -209,7 +220,13 @@ def main(argv=None) -> int:
     ev = next(iter(sets.values()))
     cal = calibration_windows(tok, base, CalibConfig(n_samples=args.calib_windows, seqlen=args.seqlen))
     metric_windows = cal[:2]
-    results = {"model": args.model, "args": vars(args), "rows": {}, "rotations": {}, "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}}
+    results = {
+        "model": args.model,
+        "args": vars(args),
+        "rows": {},
+        "rotations": {},
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()},
+    }
     t = time.perf_counter()
     fp_by = score(base, sets)
     fp = fp_by[next(iter(sets))]
@@ -254,8 +271,16 @@ def main(argv=None) -> int:
             p_by = score(m, sets)
             p = p_by[next(iter(sets))]
             es = time.perf_counter() - t
-            results["rows"][r]["columns"][c] = {"ppl": p, "ratio": p / fp, "ppl_by_source": p_by,
-                                                "ratio_by_source": {s: v / fp_by[s] for s, v in p_by.items()}, "quantize_s": qs, "eval_s": es, "bits_per_weight": rep.bits_per_weight, "size_mb": rep.size_mb}
+            results["rows"][r]["columns"][c] = {
+                "ppl": p,
+                "ratio": p / fp,
+                "ppl_by_source": p_by,
+                "ratio_by_source": {s: v / fp_by[s] for s, v in p_by.items()},
+                "quantize_s": qs,
+                "eval_s": es,
+                "bits_per_weight": rep.bits_per_weight,
+                "size_mb": rep.size_mb,
+            }
             log.info("%-30s %-8s ppl %10.3f  ratio %7.3f  (quantize %.0fs, eval %.0fs)", results["rows"][r]["label"], c, p, p / fp, qs, es)
             del m
             if args.out:

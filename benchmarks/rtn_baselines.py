@@ -14,6 +14,7 @@ the statistics per output row (presets ``ternary``, ``binary``) or per 64 input 
 row (the g64 rows: no preset, they measure no better than per row). Bits: 2 (ternary) or 1
 (binary) per weight plus a 16-bit alpha per row or per group.
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -56,7 +57,9 @@ def main():
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--rows", choices=(*ROWS, "all"), default="int", help="int: the integer RTN presets; sign: ternary and binary; all: both")
     ap.add_argument("--eval", default=EVAL_SOURCES, help="test texts, one column each (an --eval-data list)")
-    ap.add_argument("--fp-ppl", type=float, help="the first --eval source's full-precision perplexity measured before on the same windows (skips that evaluation)")
+    ap.add_argument(
+        "--fp-ppl", type=float, help="the first --eval source's full-precision perplexity measured before on the same windows (skips that evaluation)"
+    )
     a = ap.parse_args()
     b = Bench(a.model, eval_windows=a.windows, fp_ppl=a.fp_ppl, eval_sources=a.eval)
     rows = {**ROWS["int"], **ROWS["sign"]} if a.rows == "all" else ROWS[a.rows]

@@ -7,6 +7,7 @@
 line per preset as it finishes (with the engine's time split: calibration forwards vs the
 solver), then a markdown table; writes runs/bench/second_order.json.
 """
+
 import argparse
 import logging
 import sys
@@ -15,8 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import EVAL_SOURCES, Bench, main_guard  # noqa: E402
 
-PRESETS = ("rtn-w4g64", "gptq-w4g64", "rtn-w3g64", "gptq-w3g64",
-           "sparsegpt-50", "sparsegpt-2of4", "sparsegpt-50-w4g64")
+PRESETS = ("rtn-w4g64", "gptq-w4g64", "rtn-w3g64", "gptq-w3g64", "sparsegpt-50", "sparsegpt-2of4", "sparsegpt-50-w4g64")
 
 
 def main():
@@ -25,7 +25,9 @@ def main():
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--calib", type=int, default=128, help="calibration windows of 512 tokens")
     ap.add_argument("--eval", default=EVAL_SOURCES, help="test texts, one column each (an --eval-data list)")
-    ap.add_argument("--fp-ppl", type=float, help="the first --eval source's full-precision ppl measured before on the same windows (skips that evaluation)")
+    ap.add_argument(
+        "--fp-ppl", type=float, help="the first --eval source's full-precision ppl measured before on the same windows (skips that evaluation)"
+    )
     ap.add_argument("--only", nargs="+", choices=PRESETS)
     ap.add_argument("--out", default="runs/bench/second_order.json")
     a = ap.parse_args()
@@ -35,8 +37,11 @@ def main():
         row = b.run(preset, preset)
         sec = row.get("seconds", {})
         solve = sum(v for k, v in sec.items() if k.startswith("stage"))
-        print(f"    time split: capture {sec.get('capture', 0):.1f}s, calibration forwards {sec.get('calibration_forward', 0):.1f}s, "
-              f"solver {solve:.1f}s, total {sec.get('compress_total', 0):.1f}s", flush=True)
+        print(
+            f"    time split: capture {sec.get('capture', 0):.1f}s, calibration forwards {sec.get('calibration_forward', 0):.1f}s, "
+            f"solver {solve:.1f}s, total {sec.get('compress_total', 0):.1f}s",
+            flush=True,
+        )
     print()
     print(b.table())
     b.save(a.out)

@@ -14,6 +14,7 @@ the W4 checkpoint on torch's int4 kernel, for comparison with llmpress's own) (l
 variant in its own process, checkpoint bytes against theory, per-layer kernel ratios)
 and writes runs/bench/serve.json and runs/bench/serve.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,11 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", nargs="+", choices=ORDER, default=ORDER)
     ap.add_argument("--no-torch-kernels", action="store_true", help="leave out w4@torch (the W4 checkpoint on torch's int4 kernel)")
-    ap.add_argument("--memory-only", action="store_true", help="only the memory probes (one fresh process per variant): resident weights, RSS after load, peak RSS")
+    ap.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only the memory probes (one fresh process per variant): resident weights, RSS after load, peak RSS",
+    )
     args = ap.parse_args()
     runs = Path(args.runs)
     dirs = []
@@ -70,8 +75,12 @@ def memory_only(dirs: list[str], cfg, out: Path) -> int:
     variants, _ = bench.plan_variants(dirs)
     bare = bench._run_probe(bench.Variant(name="none", kind="none", path=""), cfg)["rss_mb"]
     rows = {v.name: bench._run_probe(v, cfg) for v in variants}
-    lines = [f"bare process (python + torch + transformers): {bare:.0f} MB RSS", "",
-             "| variant | weights MB | RSS after load MB | peak RSS MB (load, prefill 512, decode b=8) |", "|---|---|---|---|"]
+    lines = [
+        f"bare process (python + torch + transformers): {bare:.0f} MB RSS",
+        "",
+        "| variant | weights MB | RSS after load MB | peak RSS MB (load, prefill 512, decode b=8) |",
+        "|---|---|---|---|",
+    ]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['resident_weight_bytes'] / 1e6:.1f} | {r['rss_after_load_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
     text = "\n".join(lines)

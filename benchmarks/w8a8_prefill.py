@@ -14,6 +14,7 @@ different scheme, per-tensor activations) to show what a vectorized int8 kernel 
 
 Prints a markdown table and writes runs/bench/w8a8_prefill.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,7 +78,14 @@ def run_variant(variant: str, tokens: int, budget_s: float) -> dict:
         pass
     weights_mb = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) / 2**20
     if variant == "fbgemm-dynamic-ref":  # packed int8 weights are not parameters/buffers: count their codes
-        weights_mb += sum(m.in_features * m.out_features for m in model.modules() if type(m).__name__ == "DynamicQuantizedLinear" or type(m).__name__ == "Linear" and "quantized" in type(m).__module__) / 2**20
+        weights_mb += (
+            sum(
+                m.in_features * m.out_features
+                for m in model.modules()
+                if type(m).__name__ == "DynamicQuantizedLinear" or type(m).__name__ == "Linear" and "quantized" in type(m).__module__
+            )
+            / 2**20
+        )
     rss_before = _status("VmRSS")
     reset_ok = _reset_peak()
     times = []
@@ -125,23 +133,34 @@ def main() -> None:
     rows = []
     print(f"load average before: {os.getloadavg()}", flush=True)
     for v in a.variants.split(","):
-        p = subprocess.run([sys.executable, __file__, "--one", v, "--tokens", str(a.tokens), "--budget", str(a.budget)], capture_output=True, text=True)
+        p = subprocess.run(
+            [sys.executable, __file__, "--one", v, "--tokens", str(a.tokens), "--budget", str(a.budget)], capture_output=True, text=True
+        )
         if p.returncode:
             print(f"{v}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
             continue
         row = json.loads(p.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(f"{v:<20} median {row['median_s']:8.3f} s  ({row['runs']} runs)  weights {row['weights_mb']:7.1f} MiB  peak RSS {row['peak_rss_mb']:7.1f} MiB", flush=True)
+        print(
+            f"{v:<20} median {row['median_s']:8.3f} s  ({row['runs']} runs)  weights {row['weights_mb']:7.1f} MiB  peak RSS {row['peak_rss_mb']:7.1f} MiB",
+            flush=True,
+        )
     fp = next((r for r in rows if r["variant"] == "fp32"), None)
     print()
     print(f"load average after: {os.getloadavg()} (2 cores; other users' work inflates every row alike)")
-    print(f"SmolLM2-135M prefill of {a.tokens} tokens (batch 1, KV cache, last-position logits), {platform.processor() or platform.machine()}, {rows[0]['threads'] if rows else '?'} threads")
+    print(
+        f"SmolLM2-135M prefill of {a.tokens} tokens (batch 1, KV cache, last-position logits), {platform.processor() or platform.machine()}, {rows[0]['threads'] if rows else '?'} threads"
+    )
     print()
-    print("| variant | int8 GEMM | prefill s (median) | tokens/s | vs fp32 | weights MiB | RSS before MiB | peak RSS MiB | last-logit rel. err vs fp32 |")
+    print(
+        "| variant | int8 GEMM | prefill s (median) | tokens/s | vs fp32 | weights MiB | RSS before MiB | peak RSS MiB | last-logit rel. err vs fp32 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rel = f"{fp['median_s'] / r['median_s']:.2f}x" if fp else "-"
-        print(f"| {r['variant']} | {r['backend'] or '-'} | {r['median_s']:.3f} | {r['tokens_per_s']:.0f} | {rel} | {r['weights_mb']:.1f} | {r['rss_before_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['last_logit_rel_err_vs_fp32']:.2e} |")
+        print(
+            f"| {r['variant']} | {r['backend'] or '-'} | {r['median_s']:.3f} | {r['tokens_per_s']:.0f} | {rel} | {r['weights_mb']:.1f} | {r['rss_before_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['last_logit_rel_err_vs_fp32']:.2e} |"
+        )
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"tokens": a.tokens, "rows": rows, "cpu": platform.processor(), "pid": os.getpid()}, indent=2))
 

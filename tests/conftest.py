@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random models (llama, gemma3) and a tiny tokenizer, all offline."""
+
 from __future__ import annotations
 
 import pytest

@@ -3,6 +3,7 @@ weight snapshots, a stored quantized linear. Models and fixtures live in conftes
 
 Every test folder imports these as ``from helpers import ...`` (tests/ is on ``sys.path``
 because pytest puts the rootdir conftest.py's folder there)."""
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """Small layer-wise problems for the second-order solvers' tests (GPTQ, SparseGPT, OBS)."""
+
 from __future__ import annotations
 
 import torch

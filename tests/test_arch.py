@@ -1,5 +1,6 @@
 """Architecture as data (llmpress.arch): the ArchSpec of llama and gemma3 names real modules of
 the tiny models, the groups follow the data flow, and an unknown architecture is a clear error."""
+
 from __future__ import annotations
 
 import pytest
@@ -83,8 +84,7 @@ def test_unknown_architecture_is_named():
     with pytest.raises(UnsupportedArchitecture) as ei:
         get_arch(gpt2)
     assert str(ei.value) == (
-        "unsupported architecture 'gpt2' (GPT2LMHeadModel); "
-        "supported model_type values: gemma3, gemma3_text, llama, mistral, qwen2, qwen3"
+        "unsupported architecture 'gpt2' (GPT2LMHeadModel); supported model_type values: gemma3, gemma3_text, llama, mistral, qwen2, qwen3"
     )
     with pytest.raises(UnsupportedArchitecture, match=r"unsupported architecture None \(Linear\)"):
         blocks(nn.Linear(2, 2))  # not a transformers model at all

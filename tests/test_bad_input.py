@@ -3,6 +3,7 @@
 Each test here is a row of docs/errors.md (test_errors_table_matches_the_tests keeps the
 two in step). The rows already right before issue 13 live in tests/test_cli_errors.py.
 """
+
 from __future__ import annotations
 
 import errno
@@ -72,7 +73,13 @@ def test_config_disagrees_with_weights(tmp_path, outs, tiny_model_dir, tiny_text
     cfg["intermediate_size"] = 96  # the tensors are 128 wide
     (tiny_model_dir / "config.json").write_text(json.dumps(cfg))
     monkeypatch.setattr(api, "perplexity", _never)
-    msg = cli_fails(capsys, _argv(tiny_model_dir, tiny_text_file, outs / "result"), "config.json disagrees with the weights", "model.layers.0.mlp.down_proj.weight is [64, 128] in model.safetensors", "config.json implies [64, 96]")
+    msg = cli_fails(
+        capsys,
+        _argv(tiny_model_dir, tiny_text_file, outs / "result"),
+        "config.json disagrees with the weights",
+        "model.layers.0.mlp.down_proj.weight is [64, 128] in model.safetensors",
+        "config.json implies [64, 96]",
+    )
     assert "(and 5 more tensors)" in msg  # gate, up, down of two layers
     assert listing(outs) == []
 
@@ -323,7 +330,9 @@ def test_disk_full_during_save(outs, tiny_model_dir, tiny_text_file, capsys, mon
     before = _tree(out)
     capsys.readouterr()
     monkeypatch.setattr("safetensors.torch.save_file", _enospc_after(4096))
-    msg = cli_fails(capsys, _argv(tiny_model_dir, tiny_text_file, out, "--no-eval", "--overwrite"), f"could not write '{out}'", "No space left on device")
+    msg = cli_fails(
+        capsys, _argv(tiny_model_dir, tiny_text_file, out, "--no-eval", "--overwrite"), f"could not write '{out}'", "No space left on device"
+    )
     assert msg.endswith("free some space and run again (the existing folder was left as it was)")
     assert listing(outs) == ["result"] and _tree(out) == before
     # a new output: nothing at all is left

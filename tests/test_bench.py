@@ -1,4 +1,5 @@
 """`llmpress bench` on a tiny model: every figure is there and self-consistent."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,24 @@ def w4_dir(tmp_path, tiny_model_dir):
 def test_bench_cli(tmp_path, w4_dir, tiny_model_dir, capsys, monkeypatch):
     monkeypatch.setattr(bench, "_windows", lambda tok, model, cfg: torch.randint(3, 200, (max(cfg.batches), cfg.prefill_tokens)))
     js = tmp_path / "bench.json"
-    rc = main(["bench", str(w4_dir), "--prefill-tokens", "32", "--decode-tokens", "4", "--batches", "1", "2",
-               "--repeats", "1", "--json", str(js), "--no-memory-probe"])  # probes: one process each, tested below
+    rc = main(
+        [
+            "bench",
+            str(w4_dir),
+            "--prefill-tokens",
+            "32",
+            "--decode-tokens",
+            "4",
+            "--batches",
+            "1",
+            "2",
+            "--repeats",
+            "1",
+            "--json",
+            str(js),
+            "--no-memory-probe",
+        ]
+    )  # probes: one process each, tested below
     out = capsys.readouterr().out
     assert rc == 0
     res = json.loads(js.read_text())
@@ -59,7 +76,12 @@ def test_memory_probe(w4_dir):
     assert res["resident_weight_bytes"] == bench.resident_bytes(model)
     import json as _json
 
-    assert bench._probe_main(_json.dumps({"variant": {"name": "none", "kind": "none", "path": ""}, "config": {**cfg.__dict__, "batches": [1]}}))["rss_mb"] > 0
+    assert (
+        bench._probe_main(_json.dumps({"variant": {"name": "none", "kind": "none", "path": ""}, "config": {**cfg.__dict__, "batches": [1]}}))[
+            "rss_mb"
+        ]
+        > 0
+    )
 
 
 def test_baseline_must_be_known(tmp_path, w4_dir, tiny_model_dir):

@@ -1,4 +1,5 @@
 """Bad input through the CLI and the API: exit code 2, one clear line, nothing left on disk."""
+
 from __future__ import annotations
 
 import json
@@ -113,7 +114,9 @@ def test_malformed_recipe_yaml(tmp_path, outs, tiny_model_dir, tiny_text_file, c
 
 def test_unknown_method(tmp_path, outs, tiny_model_dir, tiny_text_file, capsys):
     p = _recipe_file(tmp_path, "stages:\n  - method: gtpq\n    weights: {bits: 4}\n")
-    msg = cli_fails(capsys, _fast(tiny_model_dir, tiny_text_file, outs / "result", "--recipe", str(p)), "'gtpq'", "known methods", "rtn", "stages[0].method")
+    msg = cli_fails(
+        capsys, _fast(tiny_model_dir, tiny_text_file, outs / "result", "--recipe", str(p)), "'gtpq'", "known methods", "rtn", "stages[0].method"
+    )
     known = msg.split("known methods: ", 1)[1].split(", ")
     assert "rtn" in known and known == sorted(known)
     assert listing(outs) == []

@@ -1,4 +1,5 @@
 """CLI polish: help text on every flag of every subcommand, --version, the recipes listing."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """Every parsed CLI flag arrives in the field it belongs to (the positional EngineOptions bug)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,19 +30,49 @@ def test_every_dataclass_with_more_than_two_fields_is_keyword_only():
     classes = _kw_only_dataclasses()
     assert len(classes) > 30
     positional = [
-        c.__qualname__ for c in classes
+        c.__qualname__
+        for c in classes
         if len([f for f in dataclasses.fields(c) if f.init]) > 2 and any(not f.kw_only for f in dataclasses.fields(c) if f.init)
     ]
     assert positional == []
 
 
 def test_compress_flags_reach_their_fields(tmp_path):
-    args = build_parser().parse_args([
-        "compress", "m", "--recipe", "gptq-w4g64", "--out", str(tmp_path / "o"), "--json", str(tmp_path / "r.json"),
-        "--batch-size", "3", "--offload-dir", str(tmp_path / "off"), "--seed", "7", "--calib-data", "news",
-        "--calib-samples", "11", "--calib-seqlen", "33", "--eval-windows", "5", "--seqlen", "77", "--eval-data", "news",
-        "--no-true-sequential", "--no-progress", "--overwrite", "--format", "hf-fakequant",
-    ])
+    args = build_parser().parse_args(
+        [
+            "compress",
+            "m",
+            "--recipe",
+            "gptq-w4g64",
+            "--out",
+            str(tmp_path / "o"),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--batch-size",
+            "3",
+            "--offload-dir",
+            str(tmp_path / "off"),
+            "--seed",
+            "7",
+            "--calib-data",
+            "news",
+            "--calib-samples",
+            "11",
+            "--calib-seqlen",
+            "33",
+            "--eval-windows",
+            "5",
+            "--seqlen",
+            "77",
+            "--eval-data",
+            "news",
+            "--no-true-sequential",
+            "--no-progress",
+            "--overwrite",
+            "--format",
+            "hf-fakequant",
+        ]
+    )
     kw = compress_options(args)
     assert kw["engine"] == EngineOptions(batch_size=3, true_sequential=False, fused=True, offload_dir=str(tmp_path / "off"), progress=False)
     assert kw["calib"] == api.CalibConfig(source="news", n_samples=11, seqlen=33, seed=7, batch_size=3)

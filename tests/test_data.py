@@ -1,5 +1,6 @@
 """Text and token windows (llmpress.data): the packaged sources and their splits, user files,
 the token stream, evaluation and calibration windows. Source lists and mixes: test_sources.py."""
+
 from __future__ import annotations
 
 import pytest

@@ -14,6 +14,7 @@ rather than its result (``TIMING_KEYS`` and ``TIMING_PREFIX``: the report's ``se
 ``memory`` table, ``checkpoint_bytes`` (it counts llmpress.json, timings included), and every
 ``peak_*`` field, i.e. peak RSS / GPU memory and the phase that set them).
 """
+
 from __future__ import annotations
 
 import json
@@ -54,9 +55,7 @@ def _move(work: Path, dest: Path) -> Path:
 def _strip_timing(obj):
     """``obj`` without the run-measuring fields (at any depth)."""
     if isinstance(obj, dict):
-        return {
-            k: _strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS and not k.startswith(TIMING_PREFIX)
-        }
+        return {k: _strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS and not k.startswith(TIMING_PREFIX)}
     if isinstance(obj, list):
         return [_strip_timing(v) for v in obj]
     return obj
@@ -146,8 +145,24 @@ def test_a_different_seed_gives_a_different_checkpoint(runs):
 def test_comparison_ignores_only_timing_fields(tmp_path):
     """A report differing in seconds / peak memory compares equal; any other field does not."""
     runs = (
-        ("a", {"seconds": {"load": 1.0}, "peak_rss_mb": 400.0, "peak_rss_phase": "load", "memory": {"phases": [{"phase": "load", "peak_rss_mb": 400.0}]}}),
-        ("b", {"seconds": {"load": 2.5}, "peak_rss_mb": 512.0, "peak_rss_phase": "save", "memory": {"phases": [{"phase": "load", "peak_rss_mb": 380.0}]}}),
+        (
+            "a",
+            {
+                "seconds": {"load": 1.0},
+                "peak_rss_mb": 400.0,
+                "peak_rss_phase": "load",
+                "memory": {"phases": [{"phase": "load", "peak_rss_mb": 400.0}]},
+            },
+        ),
+        (
+            "b",
+            {
+                "seconds": {"load": 2.5},
+                "peak_rss_mb": 512.0,
+                "peak_rss_phase": "save",
+                "memory": {"phases": [{"phase": "load", "peak_rss_mb": 380.0}]},
+            },
+        ),
     )
     for name, extra in runs:
         (tmp_path / name / "out").mkdir(parents=True)

@@ -4,6 +4,7 @@ and a calibrated preset through the real `llmpress` command line.
 Slow (about two minutes on 2 CPU cores): ``pytest -m slow``. The first load converts the
 packaged GGUF (~40 s) into the llmpress cache; later runs reuse it.
 """
+
 from __future__ import annotations
 
 import json
@@ -88,8 +89,21 @@ def test_cli_gptq_end_to_end(tmp_path):
     exe = str(Path(sys.executable).with_name("llmpress"))
     env = {k: v for k, v in os.environ.items() if k not in SHRINK_VARIABLES}  # the real model
     out, report = tmp_path / "g4", tmp_path / "g4.json"
-    argv = [exe, "compress", "smollm2-135m", "--recipe", "gptq-w4g64", "--out", str(out), "--json", str(report),
-            "--calib-samples", "8", "--eval-windows", "4"]
+    argv = [
+        exe,
+        "compress",
+        "smollm2-135m",
+        "--recipe",
+        "gptq-w4g64",
+        "--out",
+        str(out),
+        "--json",
+        str(report),
+        "--calib-samples",
+        "8",
+        "--eval-windows",
+        "4",
+    ]
     res = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
     rep = json.loads(report.read_text())
@@ -102,5 +116,5 @@ def test_cli_gptq_end_to_end(tmp_path):
     assert 5 < base < 60 and base < comp < 1.6 * base, (base, comp)
     served = subprocess.run([exe, "eval", str(out), "--eval-windows", "4"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert served.returncode == 0, served.stderr[-3000:]
-    got = json.loads(served.stdout[served.stdout.index("{"):])
+    got = json.loads(served.stdout[served.stdout.index("{") :])
     assert abs(got["ppl"] - comp) / comp < 1e-3, (got["ppl"], comp)  # CPU int4 kernels vs the fake-quantized model

@@ -1,4 +1,5 @@
 """The engine's one per-batch block runner (calib.activations.run_batches) and the store."""
+
 from __future__ import annotations
 
 import pytest

@@ -14,6 +14,7 @@ src/llmpress:
 Not seen: ``importlib.import_module`` (the registry's discovery of method modules, the one
 deliberate upward reference) and imports of other distributions (torch, transformers).
 """
+
 from __future__ import annotations
 
 import ast

@@ -1,5 +1,6 @@
 """The one file helper and the one folder helper: a failure at any point leaves the old
 output complete and no temporary behind; a run killed between two renames is undone."""
+
 from __future__ import annotations
 
 import errno

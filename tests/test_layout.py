@@ -1,5 +1,6 @@
 """The test tree keeps the layout docs/DEVELOPING.md ("Test layout") describes: folders mirror
 src/llmpress's packages, file names are unique, and the shared helpers are not copied back."""
+
 from __future__ import annotations
 
 import ast

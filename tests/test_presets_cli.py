@@ -24,6 +24,7 @@ windows (4 of 32 tokens). Then:
   [b, b + 1] for a preset whose weights have b bits (16 without weight quantization),
   stage times, peak RSS, the recipe and model names, and the shrink recorded.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """Progress on every long step (llmpress.progress): plain lines off a terminal, tqdm on one,
 one switch (EngineOptions.progress / --no-progress / scope) that silences every bar and notice."""
+
 from __future__ import annotations
 
 import io
@@ -183,8 +184,16 @@ def test_awq_reports_blocks_and_its_search(capsys, calib, monkeypatch):
     assert re.search(r"^compress \(awq\): .* \| awq block 0 \d+/\d+ (scales|clip) ", err, re.M)
 
 
-@pytest.mark.parametrize("st", [stage("spinquant", **SPIN), stage("duquant", windows=4, block_size=16, steps=4), stage("awq", grid=4),
-                                stage("rtn", weights={"observer": "mse"})], ids=["spinquant", "duquant", "awq", "rtn-mse"])
+@pytest.mark.parametrize(
+    "st",
+    [
+        stage("spinquant", **SPIN),
+        stage("duquant", windows=4, block_size=16, steps=4),
+        stage("awq", grid=4),
+        stage("rtn", weights={"observer": "mse"}),
+    ],
+    ids=["spinquant", "duquant", "awq", "rtn-mse"],
+)
 def test_progress_off_prints_nothing(capsys, calib, st):
     _run(st, calib, False)
     assert capsys.readouterr().err == ""
@@ -268,8 +277,22 @@ def test_cli_compress_log_has_lines_not_redraws(capsys, tmp_path, tiny_model_dir
     """A whole `llmpress compress` into a log file: every step's lines, no '\\r' (transformers' own bars off)."""
     from llmpress.cli import main
 
-    args = ["compress", str(tiny_model_dir), "--recipe", "rtn-w4g64", "--out", str(tmp_path / "o"), "--format", "hf-fakequant",
-            "--eval-data", str(tiny_text_file), "--eval-windows", "2", "--seqlen", "32"]
+    args = [
+        "compress",
+        str(tiny_model_dir),
+        "--recipe",
+        "rtn-w4g64",
+        "--out",
+        str(tmp_path / "o"),
+        "--format",
+        "hf-fakequant",
+        "--eval-data",
+        str(tiny_text_file),
+        "--eval-windows",
+        "2",
+        "--seqlen",
+        "32",
+    ]
     capsys.readouterr()  # drop what the fixtures printed while saving the tiny model
     assert main(args) == 0
     err = capsys.readouterr().err

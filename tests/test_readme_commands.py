@@ -15,6 +15,7 @@ with a ``# exit N`` comment (bad input: ``# exit 2``); it must exit N with a one
 ``llmpress: error: ...`` and no traceback. The README's ```python blocks run as written
 in a subprocess with the same environment.
 """
+
 from __future__ import annotations
 
 import json
@@ -99,6 +100,7 @@ def readme_blocks(lang: str) -> list[str]:
 
 # --- files users bring, keyed exactly as the docs write them --------------------------------
 
+
 def _hf_folder(path: Path) -> None:
     save_tiny_model(path, "llama")
 
@@ -158,6 +160,7 @@ def provide_inputs(args, cwd: Path) -> list[str]:
 
 # --- what each subcommand must have done -------------------------------------------------------
 
+
 def _finite_ppl(v) -> bool:
     return isinstance(v, float) and math.isfinite(v) and v > 1
 
@@ -211,23 +214,26 @@ CHECKS = {"recipes": check_recipes, "compress": check_compress, "eval": check_ev
 
 # --- the tests -------------------------------------------------------------------------------------
 
+
 def test_collector_reads_prompts_comments_and_continuations():
-    md = "\n".join([
-        "text llmpress outside a fence",
-        "```",
-        "$ llmpress eval runs/a   # a comment",
-        "llmpress compress m \\",
-        "    --recipe 'r x' --out o",
-        "make demo",
-        "llmpress compress m --recipe r --calib-samples 0   # exit 2: refused",
-        "```",
-        "  ~~~sh",
-        "llmpress recipes",
-        "  ~~~",
-        "```python",
-        "import llmpress",
-        "```",
-    ])
+    md = "\n".join(
+        [
+            "text llmpress outside a fence",
+            "```",
+            "$ llmpress eval runs/a   # a comment",
+            "llmpress compress m \\",
+            "    --recipe 'r x' --out o",
+            "make demo",
+            "llmpress compress m --recipe r --calib-samples 0   # exit 2: refused",
+            "```",
+            "  ~~~sh",
+            "llmpress recipes",
+            "  ~~~",
+            "```python",
+            "import llmpress",
+            "```",
+        ]
+    )
     cmds = commands_in(md, "x.md")
     assert [c.argv for c in cmds] == [
         ("llmpress", "eval", "runs/a"),

@@ -1,5 +1,6 @@
 """Recipes (llmpress.recipe): YAML parsing, the round trip through to_yaml, errors that name
 the bad key and where it is, stage() keywords, target matching, load_recipe's three inputs."""
+
 from __future__ import annotations
 
 import pytest

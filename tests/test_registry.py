@@ -3,6 +3,7 @@
 The toy method below is the whole diff a new method needs: one file holding its config,
 its pure function and a thin handler. Nothing else in the package names it.
 """
+
 from __future__ import annotations
 
 import json
@@ -89,7 +90,23 @@ def test_unknown_method_lists_every_method():
     with pytest.raises(RecipeError) as e:
         get_method("no_such_method")
     listed = str(e.value).split("known methods: ")[1].split(", ")
-    assert {"rtn", "gptq", "sparsegpt", "awq", "smoothquant", "quarot", "kv_quant", "spinquant", "duquant", "owl", "wanda", "magnitude", "outliers", "llm_int8", "toy_scale"} <= set(listed)
+    assert {
+        "rtn",
+        "gptq",
+        "sparsegpt",
+        "awq",
+        "smoothquant",
+        "quarot",
+        "kv_quant",
+        "spinquant",
+        "duquant",
+        "owl",
+        "wanda",
+        "magnitude",
+        "outliers",
+        "llm_int8",
+        "toy_scale",
+    } <= set(listed)
 
 
 def test_index_matches_what_each_module_registers():
@@ -107,7 +124,8 @@ def test_a_new_module_in_a_searched_package_is_found_without_being_listed(tmp_pa
     pkg = tmp_path / "llmpress_toy_plugins"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "halve.py").write_text(textwrap.dedent('''
+    (pkg / "halve.py").write_text(
+        textwrap.dedent("""
         from dataclasses import dataclass
         from llmpress.registry import register
 
@@ -118,7 +136,8 @@ def test_a_new_module_in_a_searched_package_is_found_without_being_listed(tmp_pa
         @register("toy_halve", Halve)
         def halve(ctx, cfg):
             ctx.set_weight(ctx.weight / 2)
-    '''))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "PACKAGES", registry.PACKAGES + ["llmpress_toy_plugins"])
     try:

@@ -1,4 +1,5 @@
 """The test shrink (llmpress/shrink.py): environment variables only, recorded, validated."""
+
 from __future__ import annotations
 
 import logging

@@ -3,6 +3,7 @@
 
 The refusals (exit code 2) are rows of docs/errors.md and live in tests/test_bad_input.py.
 """
+
 from __future__ import annotations
 
 import json

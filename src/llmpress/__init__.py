@@ -1,4 +1,5 @@
 """llmpress: compress causal language models after training, and report what it cost."""
+
 import os as _os
 import sys as _sys
 

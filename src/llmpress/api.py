@@ -1,4 +1,5 @@
 """The one entry point: ``compress(model, recipe, data) -> Report``, and the full pipeline."""
+
 from __future__ import annotations
 
 import contextlib
@@ -228,9 +229,7 @@ def validate(model: nn.Module, recipe: Recipe) -> None:
             for f in fields(st.config):
                 qa = getattr(st.config, f.name)
                 if isinstance(qa, QuantArgs) and qa.granularity == "group" and mod.in_features % qa.group_size:
-                    raise UserError(
-                        f"layer {name}: {f.name} group_size {qa.group_size} does not divide the input dimension {mod.in_features}"
-                    )
+                    raise UserError(f"layer {name}: {f.name} group_size {qa.group_size} does not divide the input dimension {mod.in_features}")
     check_finite(model)
 
 
@@ -478,7 +477,7 @@ def _saved_records(path: str) -> dict[str, ModuleRecord]:
     meta = Path(path) / META_FILE
     if not meta.exists():
         return {}
-    rep = (json.loads(meta.read_text()).get("report") or {})
+    rep = json.loads(meta.read_text()).get("report") or {}
     out = {}
     for name, info in (rep.get("layers") or {}).items():
         r = ModuleRecord(name=name, out_features=info["shape"][0], in_features=info["shape"][1])

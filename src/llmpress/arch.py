@@ -5,6 +5,7 @@ form the attention and the MLP, which norm feeds which linears, and the norm kin
 Algorithms (smoothing, rotation, sequential calibration) read this table instead of
 carrying per-model code.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -120,8 +121,7 @@ def get_arch(model: nn.Module) -> ArchSpec:
     spec = ARCHS.get(model_type)
     if spec is None:
         raise UnsupportedArchitecture(
-            f"unsupported architecture {model_type!r} ({type(model).__name__}); "
-            f"supported model_type values: {', '.join(supported())}"
+            f"unsupported architecture {model_type!r} ({type(model).__name__}); supported model_type values: {', '.join(supported())}"
         )
     return spec
 

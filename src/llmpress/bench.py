@@ -22,6 +22,7 @@ runtime module against ``F.linear`` in fp32 and bf16 at 1, 8 and ``prefill_token
 rows, and how much of a decode step the linears take (the rest is attention, norms,
 the output head and Python).
 """
+
 from __future__ import annotations
 
 import gc
@@ -89,7 +90,7 @@ def plan_variants(targets: list[str], baseline: str | None = None) -> tuple[list
         meta = read_manifest(t) if Path(t).is_dir() else None
         if packed_version(meta) is not None:
             packed.append(Variant(name=Path(t).name + ("" if backend == "auto" else f"@{backend}"), kind="packed", path=t, backend=backend))
-            model = ((meta.get("report") or {}).get("model"))
+            model = (meta.get("report") or {}).get("model")
             if model:
                 bases.add(model)
         else:
@@ -98,7 +99,11 @@ def plan_variants(targets: list[str], baseline: str | None = None) -> tuple[list
         if len(bases) != 1:
             raise UserError(f"cannot tell the baseline model (found {sorted(bases) or 'none'}); pass --baseline")
         baseline = bases.pop()
-    return [Variant(name="fp32", kind="dense", path=baseline, dtype="float32"), Variant(name="bf16", kind="dense", path=baseline, dtype="bfloat16"), *packed], baseline
+    return [
+        Variant(name="fp32", kind="dense", path=baseline, dtype="float32"),
+        Variant(name="bf16", kind="dense", path=baseline, dtype="bfloat16"),
+        *packed,
+    ], baseline
 
 
 def resident_bytes(model: nn.Module) -> int:
@@ -254,11 +259,20 @@ def layer_kernels(name: str, model: nn.Module, base: nn.Module, cfg: BenchConfig
             t32 = _best_time(lambda: F.linear(x, w32), n)
             t16 = _best_time(lambda: F.linear(xb, w16), n)
             tq = _best_time(lambda: mod(x), n)
-            rows.append({
-                "variant": name, "layer": lname, "kernel": kernel, "shape": [inner.out_features, inner.in_features], "rows": m,
-                "fp32_us": t32 * 1e6, "bf16_us": t16 * 1e6, "module_us": tq * 1e6,
-                "speedup_vs_fp32": t32 / tq, "speedup_vs_best": min(t32, t16) / tq,
-            })
+            rows.append(
+                {
+                    "variant": name,
+                    "layer": lname,
+                    "kernel": kernel,
+                    "shape": [inner.out_features, inner.in_features],
+                    "rows": m,
+                    "fp32_us": t32 * 1e6,
+                    "bf16_us": t16 * 1e6,
+                    "module_us": tq * 1e6,
+                    "speedup_vs_fp32": t32 / tq,
+                    "speedup_vs_best": min(t32, t16) / tq,
+                }
+            )
     return rows
 
 
@@ -280,7 +294,10 @@ def checkpoint_bytes(variant: Variant, baseline_files: int | None) -> dict:
         return checkpoint_accounting(read_manifest(variant.path))
     if baseline_files is None:
         return {}
-    return {"file_bytes": baseline_files if variant.dtype == "float32" else None, "computed_bytes": baseline_files // (1 if variant.dtype == "float32" else 2)}
+    return {
+        "file_bytes": baseline_files if variant.dtype == "float32" else None,
+        "computed_bytes": baseline_files // (1 if variant.dtype == "float32" else 2),
+    }
 
 
 def _baseline_files(spec: str) -> int | None:
@@ -365,16 +382,31 @@ def table(result: dict) -> str:
     bs = cfg["batches"]
     v = result["variants"]
     mb = lambda b: f"{b / 1e6:.1f}" if b else "-"  # noqa: E731
-    head = ["variant", f"prefill {cfg['prefill_tokens']} ms (best)"] + [f"decode tok/s b={b} (best)" for b in bs] + ["weights MB", "peak RSS MB", "checkpoint MB", "greedy = fp32"]
+    head = (
+        ["variant", f"prefill {cfg['prefill_tokens']} ms (best)"]
+        + [f"decode tok/s b={b} (best)" for b in bs]
+        + ["weights MB", "peak RSS MB", "checkpoint MB", "greedy = fp32"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in v.items():
         ck = r.get("checkpoint") or {}
-        cells = [name, f"{r['prefill_ms']:.0f} ({r['prefill_ms_best']:.0f})"] + [f"{r[f'decode_tok_s_b{b}']:.1f} ({r[f'decode_tok_s_b{b}_best']:.1f})" for b in bs]
-        cells += [mb(r["resident_weight_bytes"]), f"{r['memory']['peak_rss_mb']:.0f}" if "memory" in r else "-", mb(ck.get("file_bytes") or ck.get("computed_bytes")), f"{r['greedy_agreement_with_fp32']:.0%}"]
+        cells = [name, f"{r['prefill_ms']:.0f} ({r['prefill_ms_best']:.0f})"] + [
+            f"{r[f'decode_tok_s_b{b}']:.1f} ({r[f'decode_tok_s_b{b}_best']:.1f})" for b in bs
+        ]
+        cells += [
+            mb(r["resident_weight_bytes"]),
+            f"{r['memory']['peak_rss_mb']:.0f}" if "memory" in r else "-",
+            mb(ck.get("file_bytes") or ck.get("computed_bytes")),
+            f"{r['greedy_agreement_with_fp32']:.0%}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     out = ["\n".join(lines)]
     base = {k: v[k] for k in ("fp32", "bf16")}
-    ratio_head = ["variant", "prefill vs fp32", "prefill vs bf16"] + [f"decode b={b} vs {ref}" for b in bs for ref in ("fp32", "bf16", "faster", "faster (best)")] + ["weights vs fp32", "weights vs bf16"]
+    ratio_head = (
+        ["variant", "prefill vs fp32", "prefill vs bf16"]
+        + [f"decode b={b} vs {ref}" for b in bs for ref in ("fp32", "bf16", "faster", "faster (best)")]
+        + ["weights vs fp32", "weights vs bf16"]
+    )
     rl = ["| " + " | ".join(ratio_head) + " |", "|" + "---|" * len(ratio_head)]
     for name, r in v.items():
         if name in base:
@@ -385,23 +417,37 @@ def table(result: dict) -> str:
             best = max(base["fp32"][k], base["bf16"][k])
             best_b = max(base["fp32"][k + "_best"], base["bf16"][k + "_best"])
             cells += [f"{r[k] / base['fp32'][k]:.2f}x", f"{r[k] / base['bf16'][k]:.2f}x", f"{r[k] / best:.2f}x", f"{r[k + '_best'] / best_b:.2f}x"]
-        cells += [f"{r['resident_weight_bytes'] / base['fp32']['resident_weight_bytes']:.2f}", f"{r['resident_weight_bytes'] / base['bf16']['resident_weight_bytes']:.2f}"]
+        cells += [
+            f"{r['resident_weight_bytes'] / base['fp32']['resident_weight_bytes']:.2f}",
+            f"{r['resident_weight_bytes'] / base['bf16']['resident_weight_bytes']:.2f}",
+        ]
         rl.append("| " + " | ".join(cells) + " |")
-    out.append("Ratios of medians over rounds, and of the best round (speed: higher is faster; weights: fraction of the baseline's bytes)\n\n" + "\n".join(rl))
-    ck = [f"- {n}: {r['checkpoint']['file_bytes']:,} bytes on disk, theoretical {r['checkpoint']['theoretical_bytes']:,.0f} "
-          f"({r['checkpoint']['file_bytes'] / r['checkpoint']['theoretical_bytes'] - 1:+.1%}); with 16-bit scales {r['checkpoint']['theoretical_bytes_16bit_scales']:,.0f}"
-          for n, r in v.items() if "theoretical_bytes" in (r.get("checkpoint") or {})]
+    out.append(
+        "Ratios of medians over rounds, and of the best round (speed: higher is faster; weights: fraction of the baseline's bytes)\n\n"
+        + "\n".join(rl)
+    )
+    ck = [
+        f"- {n}: {r['checkpoint']['file_bytes']:,} bytes on disk, theoretical {r['checkpoint']['theoretical_bytes']:,.0f} "
+        f"({r['checkpoint']['file_bytes'] / r['checkpoint']['theoretical_bytes'] - 1:+.1%}); with 16-bit scales {r['checkpoint']['theoretical_bytes_16bit_scales']:,.0f}"
+        for n, r in v.items()
+        if "theoretical_bytes" in (r.get("checkpoint") or {})
+    ]
     if ck:
         out.append("Checkpoint size against theory\n\n" + "\n".join(ck))
-    steps = [f"- {n}: {r['decode_step_ms']:.1f} ms per decode step (b={bs[0]}, best round), of which linears + head {r['linears_ms_per_step']:.1f} ms ({r['linears_ms_per_step'] / r['decode_step_ms']:.0%}, each timed alone)"
-             for n, r in v.items() if "decode_step_ms" in r]
+    steps = [
+        f"- {n}: {r['decode_step_ms']:.1f} ms per decode step (b={bs[0]}, best round), of which linears + head {r['linears_ms_per_step']:.1f} ms ({r['linears_ms_per_step'] / r['decode_step_ms']:.0%}, each timed alone)"
+        for n, r in v.items()
+        if "decode_step_ms" in r
+    ]
     if steps:
         out.append("Where a decode step goes\n\n" + "\n".join(steps))
     if result.get("layer_kernels"):
         kh = ["variant", "kernel", "shape", "rows", "fp32 us", "bf16 us", "module us", "vs fp32", "vs faster"]
         kl = ["| " + " | ".join(kh) + " |", "|" + "---|" * len(kh)]
         for k in result["layer_kernels"]:
-            kl.append(f"| {k['variant']} | {k['kernel']} | {k['shape'][0]}x{k['shape'][1]} | {k['rows']} | {k['fp32_us']:.0f} | {k['bf16_us']:.0f} | {k['module_us']:.0f} | {k['speedup_vs_fp32']:.2f}x | {k['speedup_vs_best']:.2f}x |")
+            kl.append(
+                f"| {k['variant']} | {k['kernel']} | {k['shape'][0]}x{k['shape'][1]} | {k['rows']} | {k['fp32_us']:.0f} | {k['bf16_us']:.0f} | {k['module_us']:.0f} | {k['speedup_vs_fp32']:.2f}x | {k['speedup_vs_best']:.2f}x |"
+            )
         out.append("Per-layer kernels (fastest of repeated calls)\n\n" + "\n".join(kl))
     return "\n\n".join(out)
 

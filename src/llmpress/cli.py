@@ -1,4 +1,5 @@
 """Command line: `llmpress compress|eval|recipes`. The CLI owns the console."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (same code path)")
     p.add_argument("--eval-windows", type=_windows, default=64, help="test windows for perplexity (an integer or 'all'; default 64)")
     p.add_argument("--seqlen", type=_at_least(2), default=512, help="tokens per window (default 512; 2048 selectable)")
-    p.add_argument("--eval-data", default="wiki", help="perplexity text: wiki, news, code (packaged) or a .txt/.jsonl path; several comma-separated (wiki,news,code): one perplexity each (default: wiki)")
+    p.add_argument(
+        "--eval-data",
+        default="wiki",
+        help="perplexity text: wiki, news, code (packaged) or a .txt/.jsonl path; several comma-separated (wiki,news,code): one perplexity each (default: wiki)",
+    )
     p.add_argument("--json", dest="json_path", help="write the report as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines (errors and warnings still print)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what each step does (INFO level)")
@@ -96,17 +101,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", required=True, help="preset name (see `llmpress recipes`) or YAML file")
     c.add_argument("--out", help="output folder (written atomically)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    c.add_argument("--calib-data", default=None, help="calibration text: wiki, news, code (packaged) or a .txt/.jsonl path, or a mix: wiki,news (equal shares) or wiki:0.75,news:0.25 (default: wiki)")
+    c.add_argument(
+        "--calib-data",
+        default=None,
+        help="calibration text: wiki, news, code (packaged) or a .txt/.jsonl path, or a mix: wiki,news (equal shares) or wiki:0.75,news:0.25 (default: wiki)",
+    )
     c.add_argument("--calib-samples", type=_at_least(1), default=128, help="calibration windows drawn from --calib-data (default 128)")
     c.add_argument("--calib-seqlen", type=_at_least(2), default=512, help="tokens per calibration window (default 512)")
     c.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw (default 0)")
     c.add_argument("--batch-size", type=_at_least(1), default=8, help="calibration windows per forward pass")
-    c.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
-                   help="gather all of a block's statistics before compressing any of its linears (default: group by group, in data-flow order)")
+    c.add_argument(
+        "--no-true-sequential",
+        dest="true_sequential",
+        action="store_false",
+        help="gather all of a block's statistics before compressing any of its linears (default: group by group, in data-flow order)",
+    )
     c.add_argument("--offload-dir", help="keep block activations on disk in this folder")
     c.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluations")
-    c.add_argument("--format", dest="save_format", choices=("packed", "hf-fakequant"), default="packed",
-                   help="packed: low-bit checkpoint for `llmpress.load_compressed` / export (default); hf-fakequant: dequantized HF folder")
+    c.add_argument(
+        "--format",
+        dest="save_format",
+        choices=("packed", "hf-fakequant"),
+        default="packed",
+        help="packed: low-bit checkpoint for `llmpress.load_compressed` / export (default); hf-fakequant: dequantized HF folder",
+    )
     _add_common(c)
 
     e = sub.add_parser("eval", help="perplexity, size and bits of a model or a compressed folder")
@@ -115,11 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="convert a packed checkpoint to a format other tools load")
     x.add_argument("checkpoint", help="folder written by `llmpress compress --out`")
-    x.add_argument("--format", dest="export_format", choices=("compressed-tensors",), default="compressed-tensors",
-                   help="compressed-tensors: what llm-compressor writes; transformers and vLLM load it")
+    x.add_argument(
+        "--format",
+        dest="export_format",
+        choices=("compressed-tensors",),
+        default="compressed-tensors",
+        help="compressed-tensors: what llm-compressor writes; transformers and vLLM load it",
+    )
     x.add_argument("--out", required=True, help="output folder (written atomically)")
-    x.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="dtype of scales and unquantized tensors (auto: as stored; vLLM wants bfloat16 or float16)")
+    x.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="dtype of scales and unquantized tensors (auto: as stored; vLLM wants bfloat16 or float16)",
+    )
     x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     b = sub.add_parser("bench", help="serving speed and memory: compressed checkpoints against fp32 and bf16, one run")
@@ -142,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True
+    )
     try:
         from transformers.utils import logging as hf_logging
 
@@ -174,15 +203,26 @@ def compress_options(args) -> dict:
     from .calib.engine import EngineOptions
 
     calib = api.CalibConfig(
-        source="wiki" if args.calib_data is None else args.calib_data, n_samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed, batch_size=args.batch_size
+        source="wiki" if args.calib_data is None else args.calib_data,
+        n_samples=args.calib_samples,
+        seqlen=args.calib_seqlen,
+        seed=args.seed,
+        batch_size=args.batch_size,
     )
     engine = EngineOptions(
         batch_size=args.batch_size, true_sequential=args.true_sequential, offload_dir=args.offload_dir, progress=not args.no_progress
     )
     return dict(
-        model_spec=args.model, recipe=args.recipe, out=args.out, json_path=args.json_path, calib=calib,
-        evaluation=None if args.no_eval else eval_config(args), device=args.device, overwrite=args.overwrite,
-        engine=engine, save_format=args.save_format,
+        model_spec=args.model,
+        recipe=args.recipe,
+        out=args.out,
+        json_path=args.json_path,
+        calib=calib,
+        evaluation=None if args.no_eval else eval_config(args),
+        device=args.device,
+        overwrite=args.overwrite,
+        engine=engine,
+        save_format=args.save_format,
     )
 
 
@@ -206,8 +246,14 @@ def _dispatch(args) -> int:
     if args.command == "bench":
         from . import bench
 
-        cfg = bench.BenchConfig(prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, batches=tuple(args.batches), repeats=args.repeats,
-                                layer_kernels=not args.no_layers, memory_probe=not args.no_memory_probe)
+        cfg = bench.BenchConfig(
+            prefill_tokens=args.prefill_tokens,
+            decode_tokens=args.decode_tokens,
+            batches=tuple(args.batches),
+            repeats=args.repeats,
+            layer_kernels=not args.no_layers,
+            memory_probe=not args.no_memory_probe,
+        )
         result = bench.run(args.models, args.baseline, cfg, progress=lambda m: progress.note(f"bench: {m}"))
         print(bench.table(result))
         if args.json_path:

@@ -9,6 +9,7 @@ corpus's 50 evaluation documents to every 10th background document), and a third
 (BSD-3-Clause), split by file (every 10th file is the test split). Users may pass a plain
 text file or a JSONL file with a ``text`` field.
 """
+
 from __future__ import annotations
 
 import bz2

@@ -8,6 +8,7 @@ own mapping and tensor processor, written to disk and dropped; the safetensors h
 written last (data first into a sibling file, then header + data into the weights file).
 The values are transformers' (checked tensor for tensor on SmolLM2's GGUF).
 """
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,9 @@ def convert(path: Path, folder: Path) -> None:
     offset = 0
     with open(data_path, "wb") as data:
         for t in reader.tensors:
-            result = processor.process(weights=gguf.dequantize(t.data, t.tensor_type), name=t.name, tensor_key_mapping=mapping, parsed_parameters=parsed)
+            result = processor.process(
+                weights=gguf.dequantize(t.data, t.tensor_type), name=t.name, tensor_key_mapping=mapping, parsed_parameters=parsed
+            )
             if result.name not in mapping or mapping[result.name] not in wanted:
                 continue
             arr = np.ascontiguousarray(result.weights, dtype=np.float32)

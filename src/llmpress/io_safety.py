@@ -15,6 +15,7 @@ next to it: a second run with the same ``--out`` is refused while the first is a
 run killed outright (SIGKILL, power loss) leaves its lock and temporary sibling behind;
 the next run with the same ``--out`` removes them once their PID is dead, with one notice.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -183,7 +184,9 @@ class OutputLock:
         except OSError as e:
             self.created_dirs = [a for a in missing if a.is_dir()]
             self._remove_created_dirs()
-            raise UserError(f"output {str(self.out)!r}: cannot create folder {str(self.out.parent)!r} ({_os_reason(e)}); choose another --out") from None
+            raise UserError(
+                f"output {str(self.out)!r}: cannot create folder {str(self.out.parent)!r} ({_os_reason(e)}); choose another --out"
+            ) from None
         self.created_dirs = missing  # deepest first: removed in this order if the run fails
 
     def _take(self, stale_notice: list[str]) -> None:
@@ -202,7 +205,9 @@ class OutputLock:
                 stale_notice.append(lp.name)
                 continue
             except OSError as e:
-                raise UserError(f"output {str(self.out)!r}: cannot write in {str(self.out.parent)!r} ({_os_reason(e)}); choose another --out") from None
+                raise UserError(
+                    f"output {str(self.out)!r}: cannot write in {str(self.out.parent)!r} ({_os_reason(e)}); choose another --out"
+                ) from None
             with os.fdopen(fd, "w") as f:
                 f.write(f"{os.getpid()}\n")
             self._clean_leftovers(stale_notice)

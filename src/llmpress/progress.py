@@ -19,6 +19,7 @@ redraws: a bar prints plain lines at 0%, 25%, 50%, 75% and 100%, plus a heartbea
 ``HEARTBEAT_S`` seconds passed without one; a nested bar prints nothing of its own and
 appears as a suffix of its parent's lines.
 """
+
 from __future__ import annotations
 
 import contextlib

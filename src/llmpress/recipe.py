@@ -13,6 +13,7 @@ YAML form::
 ``Linear`` means every linear inside the decoder blocks. ``re:`` patterns must match the
 whole module name (``re:.*self_attn\\.(q|k|v)_proj``).
 """
+
 from __future__ import annotations
 
 import re

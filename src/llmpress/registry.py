@@ -12,6 +12,7 @@ else is imported, so parsing a recipe loads only the algorithms it names). Looki
 by its config type (:func:`method_for_config`) imports the config's own module.
 :func:`load_all` imports every registering module (to list them all).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -114,7 +115,9 @@ def register(name: str, config_cls: type, needs: tuple[str, ...] = (), scope: st
     def deco(fn: Callable) -> Callable:
         if dict.__contains__(METHODS, name):
             raise RuntimeError(f"method {name!r} registered twice")
-        METHODS[name] = Method(name=name, config_cls=config_cls, apply=fn, needs=tuple(needs), scope=scope, summary=summary or (fn.__doc__ or "").strip().split("\n")[0])
+        METHODS[name] = Method(
+            name=name, config_cls=config_cls, apply=fn, needs=tuple(needs), scope=scope, summary=summary or (fn.__doc__ or "").strip().split("\n")[0]
+        )
         return fn
 
     return deco

@@ -1,4 +1,5 @@
 """The compression report: one object, written as JSON and printed as a table."""
+
 from __future__ import annotations
 
 import json

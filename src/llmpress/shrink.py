@@ -17,6 +17,7 @@ Figures made under a shrink are not the model's: every report records the variab
 force (``test_shrink`` in the JSON, a line under the table) and the first use logs a
 one-line warning. Malformed values are a :class:`UserError` naming the variable.
 """
+
 from __future__ import annotations
 
 import logging

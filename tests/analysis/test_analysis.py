@@ -1,4 +1,5 @@
 """The analysis pipeline on tiny random models: hooks, planted outliers, interventions, report, CLI."""
+
 import json
 import re
 import shutil
@@ -181,13 +182,47 @@ def test_cli_analyze(tiny_model_dir, tiny_text_file, tmp_path, capsys):
     from llmpress.cli import main
 
     out = tmp_path / "an"
-    rc = main(["analyze", str(tiny_model_dir), "--out", str(out), "--windows", "2", "--seqlen", "16", "--data", str(tiny_text_file), "--no-progress", "--no-interventions", "--layers", "1"])
+    rc = main(
+        [
+            "analyze",
+            str(tiny_model_dir),
+            "--out",
+            str(out),
+            "--windows",
+            "2",
+            "--seqlen",
+            "16",
+            "--data",
+            str(tiny_text_file),
+            "--no-progress",
+            "--no-interventions",
+            "--layers",
+            "1",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "llmpress analyze" in text and "report:" in text
     assert (out / "report.html").exists() and (out / "analysis.json").exists()
     assert json.loads((out / "analysis.json").read_text())["layers_3d"] == [1]
-    rc = main(["analyze", str(tiny_model_dir), "--out", str(tmp_path / "bad"), "--windows", "1", "--seqlen", "16", "--data", str(tiny_text_file), "--no-progress", "--no-interventions", "--layers", "7"])
+    rc = main(
+        [
+            "analyze",
+            str(tiny_model_dir),
+            "--out",
+            str(tmp_path / "bad"),
+            "--windows",
+            "1",
+            "--seqlen",
+            "16",
+            "--data",
+            str(tiny_text_file),
+            "--no-progress",
+            "--no-interventions",
+            "--layers",
+            "7",
+        ]
+    )
     assert rc == 2 and "out of range" in capsys.readouterr().err
 
 
@@ -204,10 +239,27 @@ def test_analyze_shares_windows_among_sources(tiny_model_dir, tiny_text_file, tm
     cfg = AnalysisConfig(windows=3, seqlen=16, source=f"{tiny_text_file},{other}")
     windows, counts = analysis_windows(tok, model, cfg)
     assert counts == {str(tiny_text_file): 2, str(other): 1}
-    alone = [api.evaluation_windows(tok, model, api.EvalConfig(source=str(f), seqlen=16, max_windows=n)) for f, n in ((tiny_text_file, 2), (other, 1))]
+    alone = [
+        api.evaluation_windows(tok, model, api.EvalConfig(source=str(f), seqlen=16, max_windows=n)) for f, n in ((tiny_text_file, 2), (other, 1))
+    ]
     assert torch.equal(windows, torch.cat(alone)) and not torch.equal(alone[0][:1], alone[1])
     out = tmp_path / "an"
-    rc = main(["analyze", str(tiny_model_dir), "--out", str(out), "--windows", "3", "--seqlen", "16", "--data", cfg.source, "--no-progress", "--no-interventions"])
+    rc = main(
+        [
+            "analyze",
+            str(tiny_model_dir),
+            "--out",
+            str(out),
+            "--windows",
+            "3",
+            "--seqlen",
+            "16",
+            "--data",
+            cfg.source,
+            "--no-progress",
+            "--no-interventions",
+        ]
+    )
     assert rc == 0
     assert json.loads((out / "analysis.json").read_text())["windows_by_source"] == counts
     assert f"3 windows x 16 tokens of {tiny_text_file} 2, {other} 1" in capsys.readouterr().out
@@ -230,11 +282,28 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
     tok = tiny_tokenizer()
     m = tiny_llama(vocab=len(tok))
-    an = analyze(m, tok, AnalysisConfig(windows=1, seqlen=16, progress=False, interventions=False, tokens_3d=8, layers_3d=(1,)), windows=random_windows(1, 16, len(tok)))
+    an = analyze(
+        m,
+        tok,
+        AnalysisConfig(windows=1, seqlen=16, progress=False, interventions=False, tokens_3d=8, layers_3d=(1,)),
+        windows=random_windows(1, 16, len(tok)),
+    )
     write_outputs(an, tmp_path / "r")
     shot = tmp_path / "shot.png"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2400", (tmp_path / "r" / "report.html").as_uri()]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1280,2400",
+        (tmp_path / "r" / "report.html").as_uri(),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     img = mpimg.imread(shot)[..., :3]
     colored = (abs(img[..., 0] - img[..., 1]) + abs(img[..., 1] - img[..., 2]) > 0.1).mean()

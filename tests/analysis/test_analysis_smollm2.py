@@ -1,4 +1,5 @@
 """The analysis finds SmolLM2-135M's known outliers (slow: loads the packaged model)."""
+
 import pytest
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,5 @@
 """Detectors on synthetic matrices: planted outliers are found exactly, Gaussian noise gives none."""
+
 import pytest
 import torch
 

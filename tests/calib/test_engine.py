@@ -1,4 +1,5 @@
 """The sequential engine: statistics each linear receives, propagation, data-free and act-quant paths."""
+
 from __future__ import annotations
 
 import os
@@ -73,6 +74,7 @@ def reference_stats(model, windows: torch.Tensor) -> dict[str, dict]:
     sums: dict[str, list] = {}
     handles = []
     for name, mod in _block_linears(model).items():
+
         def hook(_m, inputs, _name=name):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
             s = sums.setdefault(_name, [0.0, 0, 0.0, None, 0.0])

@@ -1,4 +1,5 @@
 """The staged single-pass engine gives the same result as the grouped multi-pass one."""
+
 import copy
 
 import pytest

@@ -1,5 +1,6 @@
 """Memory: chunked perplexity equals the plain computation, the per-phase peak RSS table,
 and the report's on-disk checkpoint size and output file permissions."""
+
 from __future__ import annotations
 
 import json
@@ -112,7 +113,9 @@ def test_phase_tracker_attributes_a_peak_to_its_phase():
     assert big["peak_rss_mb"] >= big["rss_start_mb"] + 190
     assert small["peak_rss_mb"] < big["peak_rss_mb"] - 150  # the reset worked: big's 200 MB is not in small
     assert small["peak_rss_mb"] >= small["rss_end_mb"] > 0
-    assert tr.peak[1] == max(rows.values(), key=lambda r: r["peak_rss_mb"])["phase"] and tr.peak[0] == pytest.approx(max(r["peak_rss_mb"] for r in rows.values()), abs=0.1)
+    assert tr.peak[1] == max(rows.values(), key=lambda r: r["peak_rss_mb"])["phase"] and tr.peak[0] == pytest.approx(
+        max(r["peak_rss_mb"] for r in rows.values()), abs=0.1
+    )
     assert "| big | " in tr.markdown() and y.numel() == 1000
 
 

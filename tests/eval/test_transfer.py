@@ -1,6 +1,7 @@
 """Quality beyond the calibration text (issue 22): a channel the calibration text never
 activates keeps round-to-nearest weights, so the error on text that does activate it stays
 bounded by RTN's."""
+
 from __future__ import annotations
 
 import copy
@@ -100,21 +101,48 @@ def test_compress_with_several_sources_measures_the_reference_and_warns(tmp_path
     a.write_text(TINY_TEXT * 3)
     b.write_text(" ".join(f"{i * 7919 % 100000:05d}" for i in range(3000)))
     out = tmp_path / "r.json"
-    rc = main(["compress", str(model_dir), "--recipe", "gptq-w4g64", "--calib-data", str(a), "--eval-data", f"{a},{b}",
-               "--calib-samples", "8", "--calib-seqlen", "32", "--seqlen", "32", "--eval-windows", "3", "--no-progress", "--json", str(out)])
+    rc = main(
+        [
+            "compress",
+            str(model_dir),
+            "--recipe",
+            "gptq-w4g64",
+            "--calib-data",
+            str(a),
+            "--eval-data",
+            f"{a},{b}",
+            "--calib-samples",
+            "8",
+            "--calib-seqlen",
+            "32",
+            "--seqlen",
+            "32",
+            "--eval-windows",
+            "3",
+            "--no-progress",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     rep = json.loads(out.read_text())
     ref = rep["reference"]
     assert ref["recipe"] == "RTN W4 g64" and list(ref["ppl_by_source"]) == [str(a), str(b)]
     # the reference equals compressing with the counterpart recipe, scored on the same windows
-    same = api.run_pipeline(str(model_dir), reference_recipe(load_recipe("gptq-w4g64")),
-                            evaluation=api.EvalConfig(source=f"{a},{b}", seqlen=32, max_windows=3), engine=api.EngineOptions(progress=False))
+    same = api.run_pipeline(
+        str(model_dir),
+        reference_recipe(load_recipe("gptq-w4g64")),
+        evaluation=api.EvalConfig(source=f"{a},{b}", seqlen=32, max_windows=3),
+        engine=api.EngineOptions(progress=False),
+    )
     assert same.compressed["ppl_by_source"] == ref["ppl_by_source"]
     assert same.reference is None  # data-free recipes have no counterpart to beat
     # the reference pass is its own memory phase (and absent when nothing is measured)
     assert [p["phase"] for p in rep["memory"]["phases"]][3:5] == ["baseline_eval", "reference_eval"]
     assert "reference_eval" not in [p["phase"] for p in same.memory["phases"]]
-    expected = held_out_warnings(calib_sources=(str(a),), compressed=rep["compressed"]["ppl_by_source"], reference=ref["ppl_by_source"], method="gptq")
+    expected = held_out_warnings(
+        calib_sources=(str(a),), compressed=rep["compressed"]["ppl_by_source"], reference=ref["ppl_by_source"], method="gptq"
+    )
     assert ref["warnings"] == expected
     printed = capsys.readouterr()
     assert all(f"llmpress: warning: {w}" in printed.err for w in expected)

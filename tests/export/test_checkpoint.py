@@ -1,5 +1,6 @@
 """Packed checkpoints: every packing round-trips exactly, the loaded model equals the
 fake-quantized one (dequantize fallback), and damaged checkpoints fail with a UserError."""
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,11 @@ SCHEMES = [
     for b in (2, 3, 4, 5, 6, 7, 8)
     for sym in (True, False)
     for gran in ("tensor", "channel", "group")
-] + [QuantArgs(kind="ternary", granularity="channel"), QuantArgs(kind="ternary", granularity="group", group_size=16), QuantArgs(kind="binary", granularity="channel")]
+] + [
+    QuantArgs(kind="ternary", granularity="channel"),
+    QuantArgs(kind="ternary", granularity="group", group_size=16),
+    QuantArgs(kind="binary", granularity="channel"),
+]
 
 
 def _weight(out=40, inp=48, seed=0):
@@ -182,8 +187,10 @@ def test_quantized_tied_head_rebuilds_the_embedding(tmp_path, backend):
     """W4 blocks + int8 head tied to the embedding: the embedding is stored once, as the
     head's codes, and looked up from them; outputs equal the fake-quantized model's."""
     m = tiny_llama()
-    recipe = [stage("rtn", weights=QuantArgs(bits=4, group_size=32)),
-              stage("rtn", targets=["lm_head"], ignore=[], weights=QuantArgs(bits=8, granularity="channel"))]
+    recipe = [
+        stage("rtn", weights=QuantArgs(bits=4, group_size=32)),
+        stage("rtn", targets=["lm_head"], ignore=[], weights=QuantArgs(bits=8, granularity="channel")),
+    ]
     llmpress.compress(m, recipe, engine=QUIET)
     assert m.lm_head.weight is m.model.embed_tokens.weight  # tied and quantized together
     ids = random_windows(2, 24)
@@ -206,13 +213,15 @@ def test_quantized_tied_head_rebuilds_the_embedding(tmp_path, backend):
     assert read_manifest(plain)["file_bytes"] - meta["file_bytes"] == pytest.approx(V * D * 3 - V * 4, abs=4096)
 
 
-@pytest.mark.parametrize("head", [QuantArgs(bits=8, granularity="channel", symmetric=False), QuantArgs(bits=4, group_size=32)],
-                         ids=["int8-asym-channel", "int4-g32"])
+@pytest.mark.parametrize(
+    "head", [QuantArgs(bits=8, granularity="channel", symmetric=False), QuantArgs(bits=4, group_size=32)], ids=["int8-asym-channel", "int4-g32"]
+)
 def test_quantized_tied_head_other_schemes(tmp_path, head):
     """Heads without symmetric per-row scales: the embedding is dequantized whole, still exact."""
     m = tiny_llama()
-    llmpress.compress(m, [stage("rtn", weights=QuantArgs(bits=4, group_size=32)),
-                          stage("rtn", targets=["lm_head"], ignore=[], weights=head)], engine=QUIET)
+    llmpress.compress(
+        m, [stage("rtn", weights=QuantArgs(bits=4, group_size=32)), stage("rtn", targets=["lm_head"], ignore=[], weights=head)], engine=QUIET
+    )
     ids = random_windows(2, 24)
     with torch.no_grad():
         emb_ref = m.model.embed_tokens(ids)
@@ -297,8 +306,21 @@ def test_cli_compress_writes_packed_and_eval_reads_it(tmp_path, tiny_model_dir, 
     from llmpress.cli import main
 
     out = tmp_path / "w4"
-    args = ["compress", str(tiny_model_dir), "--recipe", "rtn-w4g64", "--out", str(out), "--eval-data", str(tiny_text_file),
-            "--eval-windows", "2", "--seqlen", "32", "--no-progress"]
+    args = [
+        "compress",
+        str(tiny_model_dir),
+        "--recipe",
+        "rtn-w4g64",
+        "--out",
+        str(out),
+        "--eval-data",
+        str(tiny_text_file),
+        "--eval-windows",
+        "2",
+        "--seqlen",
+        "32",
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert read_manifest(out)["format"] == FORMAT_V1  # no run-time part: readable by older llmpress
     rep = json.loads((out / META_FILE).read_text())["report"]

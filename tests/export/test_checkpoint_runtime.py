@@ -10,6 +10,7 @@ logits are equal up to float32 rounding, asserted as a relative error <= 1e-6 (i
 from fake quantization's in the last bits; a later layer's per-token activation rounding
 can then flip one int8 code (seen: 7e-4 relative on gemma3 QuaRot W8A8), so <= 1e-2.
 """
+
 from __future__ import annotations
 
 import functools
@@ -169,7 +170,7 @@ def test_runtime_tensors_are_checked_like_the_others(rotated, tmp_path):
     for change, msg in [
         (lambda m: m["tensors"][key].update(sha256="0" * 64), "sha256"),
         (lambda m: m["tensors"][key].update(shape=[1]), "the config says"),
-        (lambda m: m["runtime"]["rotations"][key[len(RUNTIME_PREFIX):].split(".")[0]].update(kind="dense"), "run-time tensors"),
+        (lambda m: m["runtime"]["rotations"][key[len(RUNTIME_PREFIX) :].split(".")[0]].update(kind="dense"), "run-time tensors"),
         (lambda m: m["runtime"].update(format="llmpress-rotation-runtime-v9"), "newer llmpress"),
     ]:
         folder = tmp_path / "c"

@@ -1,5 +1,6 @@
 """Export to compressed-tensors: transformers loads it and reproduces llmpress's logits, and the
 tensors are bit for bit what compressed-tensors' own compressors write."""
+
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ from llmpress.quant.core import quantize
 from llmpress.registry import ModuleRecord
 
 import compressed_tensors as ct  # noqa: E402  (a pinned dev dependency: a missing one is a failure, not a skip)
+
 A8 = QuantArgs(bits=8, granularity="token")
 
 
@@ -32,8 +34,11 @@ def _compressed(weights, acts=None, prune24=False):
                     drop = w.abs().argsort(-1)[..., :2]  # the 2 smallest of every 4
                     w.scatter_(-1, drop, 0.0)
     if weights is None:  # sparse only
-        m.llmpress_records = {n: ModuleRecord(name=n, out_features=mod.out_features, in_features=mod.in_features, methods=["prune"], sparsity=0.5)
-                              for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and n != "lm_head"}
+        m.llmpress_records = {
+            n: ModuleRecord(name=n, out_features=mod.out_features, in_features=mod.in_features, methods=["prune"], sparsity=0.5)
+            for n, mod in m.named_modules()
+            if isinstance(mod, torch.nn.Linear) and n != "lm_head"
+        }
         return m
     llmpress.compress(m, stage("rtn", weights=weights, activations=acts, ignore=["lm_head"]), engine=QUIET)
     if prune24:
@@ -106,10 +111,18 @@ def test_w8a8_int_quantized(tmp_path):
     assert (got - ref).abs().max() < 0.02 * ref.abs().max()
 
 
-@pytest.mark.parametrize("weights", [
-    QuantArgs(bits=4, group_size=32), QuantArgs(bits=4, group_size=32, symmetric=False), QuantArgs(bits=4, granularity="channel", symmetric=False),
-    QuantArgs(bits=3, group_size=32, symmetric=False), QuantArgs(bits=8, granularity="channel"), QuantArgs(bits=8, granularity="channel", symmetric=False),
-], ids=lambda a: a.describe().replace(" ", "-"))
+@pytest.mark.parametrize(
+    "weights",
+    [
+        QuantArgs(bits=4, group_size=32),
+        QuantArgs(bits=4, group_size=32, symmetric=False),
+        QuantArgs(bits=4, granularity="channel", symmetric=False),
+        QuantArgs(bits=3, group_size=32, symmetric=False),
+        QuantArgs(bits=8, granularity="channel"),
+        QuantArgs(bits=8, granularity="channel", symmetric=False),
+    ],
+    ids=lambda a: a.describe().replace(" ", "-"),
+)
 def test_tensors_equal_compressed_tensors_compressor(tmp_path, weights):
     """What compressed-tensors' PackedQuantizationCompressor writes for the same weights."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
@@ -152,7 +165,9 @@ def test_sparse_only_layers_export_dense(tmp_path):
     recs = m.llmpress_records  # compress() replaced the records: up_proj quantized (pruned too) ...
     for n, mod in m.named_modules():
         if isinstance(mod, torch.nn.Linear) and n != "lm_head":
-            recs.setdefault(n, ModuleRecord(name=n, out_features=mod.out_features, in_features=mod.in_features, methods=["prune"])).sparsity = 0.5  # ... the rest pruned only
+            recs.setdefault(
+                n, ModuleRecord(name=n, out_features=mod.out_features, in_features=mod.in_features, methods=["prune"])
+            ).sparsity = 0.5  # ... the rest pruned only
     src, out = _export(tmp_path, m)
     packed = json.loads((src / "llmpress.json").read_text())["layers"]
     assert packed["model.layers.0.mlp.down_proj"]["kind"] == "sparse" and packed["model.layers.0.mlp.up_proj"]["kind"] == "quant"
@@ -169,8 +184,14 @@ def test_sparse_only_layers_export_dense(tmp_path):
 
 def test_mixed_schemes_get_one_group_each(tmp_path):
     m = tiny_llama()
-    llmpress.compress(m, [stage("rtn", weights=QuantArgs(bits=4, group_size=32), targets=["re:.*mlp.*"]),
-                          stage("rtn", weights=QuantArgs(bits=8, granularity="channel"), targets=["re:.*self_attn.*"])], engine=QUIET)
+    llmpress.compress(
+        m,
+        [
+            stage("rtn", weights=QuantArgs(bits=4, group_size=32), targets=["re:.*mlp.*"]),
+            stage("rtn", weights=QuantArgs(bits=8, granularity="channel"), targets=["re:.*self_attn.*"]),
+        ],
+        engine=QUIET,
+    )
     _, out = _export(tmp_path, m)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert len(cfg["config_groups"]) == 2 and cfg["ignore"] == ["lm_head"]
@@ -187,8 +208,14 @@ def test_quantized_tied_head_exports_untied(tmp_path):
     """W4 blocks + int8 head tied to the embedding (rtn-w4g64-head8's layout): the export
     writes the embedding dense, unties it, and transformers reproduces the logits."""
     m = tiny_llama()
-    llmpress.compress(m, [stage("rtn", weights=QuantArgs(bits=4, group_size=32)),
-                          stage("rtn", targets=["lm_head"], ignore=[], weights=QuantArgs(bits=8, granularity="channel"))], engine=QUIET)
+    llmpress.compress(
+        m,
+        [
+            stage("rtn", weights=QuantArgs(bits=4, group_size=32)),
+            stage("rtn", targets=["lm_head"], ignore=[], weights=QuantArgs(bits=8, granularity="channel")),
+        ],
+        engine=QUIET,
+    )
     _, out = _export(tmp_path, m)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False and "lm_head" not in cfg["quantization_config"]["ignore"]
@@ -229,11 +256,14 @@ def test_unrepresentable_schemes_are_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("preset, what", [
-    ("quarot-w4a8", "online rotations (q/k per head x2, o_proj input x2, down_proj input x2, norm output x4)"),
-    ("kv4", "KV-cache quantizers (2 attention modules)"),
-    ("llm-int8", "LLM.int8() decomposition (14 linears)"),
-])
+@pytest.mark.parametrize(
+    "preset, what",
+    [
+        ("quarot-w4a8", "online rotations (q/k per head x2, o_proj input x2, down_proj input x2, norm output x4)"),
+        ("kv4", "KV-cache quantizers (2 attention modules)"),
+        ("llm-int8", "LLM.int8() decomposition (14 linears)"),
+    ],
+)
 def test_run_time_parts_are_refused_naming_them(tmp_path, capsys, preset, what):
     """compressed-tensors loaders would run the model without its rotations / KV
     quantizers / LLM.int8() columns: refused in one line, nothing written."""
@@ -276,7 +306,13 @@ def test_codes_match_llmpress_quantize():
     a = QuantArgs(bits=4, group_size=32, symmetric=False)
     wq, qp = quantize_weight(w, a)
     ours = quantize(wq, qp, a) - 8
-    theirs = ct_quantize(wq, qp.scale, (qp.zero_point - 8).to(torch.int8), QuantizationArgs(num_bits=4, symmetric=False, strategy="group", group_size=32), dtype=torch.int8)
+    theirs = ct_quantize(
+        wq,
+        qp.scale,
+        (qp.zero_point - 8).to(torch.int8),
+        QuantizationArgs(num_bits=4, symmetric=False, strategy="group", group_size=32),
+        dtype=torch.int8,
+    )
     assert torch.equal(ours.to(torch.int8), theirs)
 
 

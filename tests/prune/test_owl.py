@@ -1,4 +1,5 @@
 """OWL: per-block sparsity offsets from the outlier ratio of Wanda scores."""
+
 from __future__ import annotations
 
 import pytest
@@ -54,7 +55,10 @@ def test_block_with_planted_outliers_is_pruned_less(pruner):
     kw = {"per_row": True} if pruner == "magnitude" else {}
     llmpress.compress(m, [stage("owl", lam=0.1, windows=8), stage(pruner, sparsity=0.5, **kw)], data=data, engine=QUIET)
     rec = m.llmpress_records
-    per_block = [sum(r.sparsity * r.n_params for n, r in rec.items() if f"layers.{i}." in n) / sum(r.n_params for n, r in rec.items() if f"layers.{i}." in n) for i in range(4)]
+    per_block = [
+        sum(r.sparsity * r.n_params for n, r in rec.items() if f"layers.{i}." in n) / sum(r.n_params for n, r in rec.items() if f"layers.{i}." in n)
+        for i in range(4)
+    ]
     assert min(per_block) == per_block[2] and per_block[2] < 0.45  # the outlier block keeps more
     assert max(per_block) - min(per_block) == pytest.approx(0.2, abs=0.02)
     total = sum(r.sparsity * r.n_params for r in rec.values()) / sum(r.n_params for r in rec.values())

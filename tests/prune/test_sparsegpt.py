@@ -1,4 +1,5 @@
 """SparseGPT and the mask helpers: exact patterns, error against magnitude, the OBS oracle, engine."""
+
 import logging
 
 import pytest
@@ -20,6 +21,7 @@ W4G8 = QuantArgs(bits=4, group_size=8)
 
 # --- mask helpers -----------------------------------------------------------------------
 
+
 def test_nm_mask_keeps_the_n_largest_of_each_run():
     s = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.1, 0.2, 0.4, 0.3]])
     assert nm_prune_mask(s, 2, 4).tolist() == [[False, True, False, True, True, True, False, False]]
@@ -40,6 +42,7 @@ def test_topk_and_row_masks_hit_exact_counts():
 
 
 # --- the solver -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("sparsity,rows,cols,bs", [(0.5, 16, 32, 8), (0.3, 7, 24, 16), (0.7, 9, 40, 128), (0.5, 5, 37, 10)])
 def test_unstructured_hits_the_exact_overall_sparsity(sparsity, rows, cols, bs):
@@ -116,7 +119,11 @@ def test_beats_magnitude_pruning_on_correlated_inputs(pattern):
 
 
 @pytest.mark.parametrize("static", [True, False])
-@pytest.mark.parametrize("args", [W4G8, QuantArgs(bits=3, group_size=8, symmetric=False), QuantArgs(bits=4, granularity="channel"), QuantArgs(kind="ternary", group_size=8)], ids=lambda a: a.describe())
+@pytest.mark.parametrize(
+    "args",
+    [W4G8, QuantArgs(bits=3, group_size=8, symmetric=False), QuantArgs(bits=4, granularity="channel"), QuantArgs(kind="ternary", group_size=8)],
+    ids=lambda a: a.describe(),
+)
 def test_joint_sparsity_and_quantization(args, static):
     W, X, H = correlated_problem(rows=12, cols=32, seed=5)
     res = sparsegpt_prune(W, H, 0.5, block_size=16, weights=args, static_groups=static)
@@ -178,11 +185,14 @@ def test_config_validation_names_the_field():
         sparsegpt_prune(torch.randn(3, 10), torch.eye(10), n=2, m=4)
 
 
-@pytest.mark.parametrize("preset,check", [
-    ("sparsegpt-50", lambda w: sparsity_of(w) == pytest.approx(0.5)),
-    ("sparsegpt-2of4", lambda w: is_nm(w, 2, 4)),
-    ("sparsegpt-50-w4g64", lambda w: sparsity_of(w) >= 0.5),
-])
+@pytest.mark.parametrize(
+    "preset,check",
+    [
+        ("sparsegpt-50", lambda w: sparsity_of(w) == pytest.approx(0.5)),
+        ("sparsegpt-2of4", lambda w: is_nm(w, 2, 4)),
+        ("sparsegpt-50-w4g64", lambda w: sparsity_of(w) >= 0.5),
+    ],
+)
 def test_presets_run_through_the_engine(preset, check):
     m = tiny_llama()
     rep = compress(m, preset, data=random_windows(8, 32))

@@ -1,4 +1,5 @@
 """Wanda and magnitude pruning: scores, exact per-row / N:M masks, methods end to end."""
+
 import pytest
 import torch
 
@@ -51,10 +52,13 @@ def test_uniform_norms_equal_magnitude():
     assert torch.equal(w.masked_fill(mask, 0), magnitude_prune(w, 0.25))
 
 
-@pytest.mark.parametrize("cfg,check", [
-    (dict(sparsity=0.5), lambda w: abs(float((w == 0).float().mean()) - 0.5) < 1e-6),
-    (dict(n=2, m=4), lambda w: is_nm(w, 2, 4)),
-])
+@pytest.mark.parametrize(
+    "cfg,check",
+    [
+        (dict(sparsity=0.5), lambda w: abs(float((w == 0).float().mean()) - 0.5) < 1e-6),
+        (dict(n=2, m=4), lambda w: is_nm(w, 2, 4)),
+    ],
+)
 @pytest.mark.parametrize("method", ["wanda", "magnitude"])
 def test_pruning_methods_end_to_end(method, cfg, check):
     m = tiny_llama()

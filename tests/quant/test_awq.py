@@ -1,4 +1,5 @@
 """AWQ: scale formula, clip search, folding keeps the float model, quantized error vs RTN."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """GPTQ: exactness against the OBQ oracle, error against RTN, grid, dampening, dead inputs, engine."""
+
 import logging
 
 import pytest
@@ -52,7 +53,9 @@ def test_dynamic_groups_beat_rtn_but_static_groups_do_better(bits):
     assert sum(ratio) / len(ratio) < 1.0, ratio
 
 
-@pytest.mark.parametrize("args", [QuantArgs(bits=3, granularity="channel"), W4G8, QuantArgs(bits=4, group_size=8, symmetric=False)], ids=lambda a: a.describe())
+@pytest.mark.parametrize(
+    "args", [QuantArgs(bits=3, granularity="channel"), W4G8, QuantArgs(bits=4, group_size=8, symmetric=False)], ids=lambda a: a.describe()
+)
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_is_obq_in_a_fixed_order(args, act_order):
     # Theory: with the grid fixed before the loop, GPTQ is exactly OBQ run with one
@@ -92,7 +95,9 @@ def test_loss_estimate_is_the_damped_error():
     assert layer_error(W, res.weight, damped(H)) == pytest.approx(2 * res.loss, rel=1e-3)
 
 
-@pytest.mark.parametrize("args", [W4G8, QuantArgs(bits=3, group_size=8, symmetric=False), QuantArgs(bits=4, granularity="channel")], ids=lambda a: a.describe())
+@pytest.mark.parametrize(
+    "args", [W4G8, QuantArgs(bits=3, group_size=8, symmetric=False), QuantArgs(bits=4, granularity="channel")], ids=lambda a: a.describe()
+)
 @pytest.mark.parametrize("act_order,static", [(False, False), (False, True), (True, True)])
 def test_lazy_batches_do_not_change_the_result(args, act_order, static):
     # block sizes that split groups (5, 7) exercise the pending-update path of dynamic groups
@@ -103,14 +108,18 @@ def test_lazy_batches_do_not_change_the_result(args, act_order, static):
         assert torch.allclose(res.weight, ref.weight, atol=1e-5), bs
 
 
-@pytest.mark.parametrize("args", [
-    W4G8,
-    QuantArgs(bits=3, group_size=8, symmetric=False),
-    QuantArgs(bits=4, group_size=8, observer="mse", mse_grid=20),
-    QuantArgs(bits=2, granularity="channel"),
-    QuantArgs(bits=4, granularity="tensor"),
-    QuantArgs(kind="ternary", group_size=8),
-], ids=lambda a: a.describe())
+@pytest.mark.parametrize(
+    "args",
+    [
+        W4G8,
+        QuantArgs(bits=3, group_size=8, symmetric=False),
+        QuantArgs(bits=4, group_size=8, observer="mse", mse_grid=20),
+        QuantArgs(bits=2, granularity="channel"),
+        QuantArgs(bits=4, granularity="tensor"),
+        QuantArgs(kind="ternary", group_size=8),
+    ],
+    ids=lambda a: a.describe(),
+)
 @pytest.mark.parametrize("act_order,static", [(False, False), (False, True), (True, True)])
 def test_codes_are_exact_grid_values(args, act_order, static):
     W, X, H = correlated_problem(rows=8, cols=32, seed=3)

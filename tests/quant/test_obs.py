@@ -1,4 +1,5 @@
 """The OBS/OBQ reference (exact one-weight-at-a-time): the oracle of GPTQ and SparseGPT."""
+
 import pytest
 import torch
 

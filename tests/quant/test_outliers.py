@@ -1,4 +1,5 @@
 """Kept outlier weights: exact top fraction, dense + sparse split, honest bits accounting."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """Packing integer codes into int32 words: exact round trips and the documented bit layout."""
+
 from __future__ import annotations
 
 import pytest

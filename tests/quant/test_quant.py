@@ -1,4 +1,5 @@
 """Quantization primitives: the seeds' formulas, error bounds, grids, observers, accounting."""
+
 from __future__ import annotations
 
 import math
@@ -167,7 +168,10 @@ def test_seed_example_ternary():
     # idempotent: the output is already ternary with the same alpha
     torch.testing.assert_close(fake_quantize(expect, args), expect, rtol=1e-6, atol=0)
     # the default ratio 0.7 puts the threshold above 1.1, so those entries drop to 0
-    assert quantize(w, compute_qparams(w, QuantArgs(kind="ternary", granularity="channel")), QuantArgs(kind="ternary", granularity="channel")).tolist() == [[0, 1, 0, 0, -1, -1]] * 2
+    assert (
+        quantize(w, compute_qparams(w, QuantArgs(kind="ternary", granularity="channel")), QuantArgs(kind="ternary", granularity="channel")).tolist()
+        == [[0, 1, 0, 0, -1, -1]] * 2
+    )
 
 
 def test_seed_example_binary():
@@ -265,7 +269,11 @@ def test_mse_observer_importance_weights_the_error():
 def test_group_size_not_dividing_names_layer_and_sizes():
     w = torch.randn(4, 100)
     args = QuantArgs(bits=4, group_size=64)
-    for fn in (lambda: compute_qparams(w, args, "model.layers.3.mlp.down_proj"), lambda: quantize_weight(w, args, "model.layers.3.mlp.down_proj"), lambda: fake_quantize(w, args, name="model.layers.3.mlp.down_proj")):
+    for fn in (
+        lambda: compute_qparams(w, args, "model.layers.3.mlp.down_proj"),
+        lambda: quantize_weight(w, args, "model.layers.3.mlp.down_proj"),
+        lambda: fake_quantize(w, args, name="model.layers.3.mlp.down_proj"),
+    ):
         with pytest.raises(UserError) as ei:
             fn()
         msg = str(ei.value)

@@ -1,6 +1,7 @@
 """llmpress's own CPU kernels (runtime/csrc/lowbit_cpu.cpp): exact layouts, products equal to
 dequantize-then-multiply, module choice. Built once per machine (about a minute); skipped only
 where the CPU or the environment rules them out, never because a build failed."""
+
 from __future__ import annotations
 
 import functools
@@ -76,10 +77,16 @@ def test_bad_arguments_are_named(ext):
         ext.int4_mm(torch.zeros(1, 64), p, torch.ones(8, 2), s, 64)
 
 
-@pytest.mark.parametrize("args", [
-    QuantArgs(bits=4, group_size=64), QuantArgs(bits=4, group_size=32, symmetric=False),
-    QuantArgs(bits=4, granularity="channel"), QuantArgs(bits=4, granularity="tensor", symmetric=False),
-], ids=lambda a: a.describe().replace(" ", "-"))
+@pytest.mark.parametrize(
+    "args",
+    [
+        QuantArgs(bits=4, group_size=64),
+        QuantArgs(bits=4, group_size=32, symmetric=False),
+        QuantArgs(bits=4, granularity="channel"),
+        QuantArgs(bits=4, granularity="tensor", symmetric=False),
+    ],
+    ids=lambda a: a.describe().replace(" ", "-"),
+)
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
 def test_int4_module_equals_fake_quant(ext, args, rows):
     spec, t, wq, b = _stored(args)

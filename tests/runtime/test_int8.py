@@ -1,4 +1,5 @@
 """W8A8 runtime: exact integer GEMM backends, Int8Linear vs fake-quant and float, conversion."""
+
 import warnings
 
 import pytest

@@ -1,4 +1,5 @@
 """LLM.int8(): decomposition exactness, outlier detection and counters, recipe method."""
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -1,4 +1,5 @@
 """Runtime linears: each CPU kernel against the exact dequantize fallback, and which one is chosen."""
+
 from __future__ import annotations
 
 import functools
@@ -20,11 +21,19 @@ def _x(rows, inp, seed=1):
     return torch.randn(rows, inp, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("args", [
-    QuantArgs(bits=4, group_size=32), QuantArgs(bits=4, group_size=64), QuantArgs(bits=4, group_size=128),
-    QuantArgs(bits=4, group_size=64, symmetric=False), QuantArgs(bits=4, granularity="channel"),
-    QuantArgs(bits=4, granularity="channel", symmetric=False), QuantArgs(bits=4, granularity="tensor"),
-], ids=lambda a: a.describe().replace(" ", "-"))
+@pytest.mark.parametrize(
+    "args",
+    [
+        QuantArgs(bits=4, group_size=32),
+        QuantArgs(bits=4, group_size=64),
+        QuantArgs(bits=4, group_size=128),
+        QuantArgs(bits=4, group_size=64, symmetric=False),
+        QuantArgs(bits=4, granularity="channel"),
+        QuantArgs(bits=4, granularity="channel", symmetric=False),
+        QuantArgs(bits=4, granularity="tensor"),
+    ],
+    ids=lambda a: a.describe().replace(" ", "-"),
+)
 @pytest.mark.parametrize("rows", [1, 5, 33])
 def test_int4_kernel_matches_fallback(args, rows):
     spec, t, wq, b = _stored(args, bias=True)
@@ -78,13 +87,16 @@ def test_w8a8_uses_integer_gemm():
         assert rel_err(mod(x), ref(x)) < 1e-5  # same integers, float rounding of the rescale only
 
 
-@pytest.mark.parametrize("args,out,why", [
-    (QuantArgs(bits=3, group_size=64), 64, "3 bits"),
-    (QuantArgs(bits=4, group_size=16), 64, "group 16 unsupported by the kernel"),
-    (QuantArgs(bits=8, group_size=64), 64, "8-bit groups"),
-    (QuantArgs(bits=8, granularity="channel", symmetric=False), 64, "8-bit asymmetric"),
-    (QuantArgs(kind="ternary", granularity="channel"), 64, "ternary"),
-])
+@pytest.mark.parametrize(
+    "args,out,why",
+    [
+        (QuantArgs(bits=3, group_size=64), 64, "3 bits"),
+        (QuantArgs(bits=4, group_size=16), 64, "group 16 unsupported by the kernel"),
+        (QuantArgs(bits=8, group_size=64), 64, "8-bit groups"),
+        (QuantArgs(bits=8, granularity="channel", symmetric=False), 64, "8-bit asymmetric"),
+        (QuantArgs(kind="ternary", granularity="channel"), 64, "ternary"),
+    ],
+)
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_fallback_where_no_kernel_applies(args, out, why, backend):
     spec, t, wq, _ = _stored(args, out=out)

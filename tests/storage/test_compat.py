@@ -2,6 +2,7 @@
 llmpress before it (tests/fixtures/packed_forms_v1, made by tests/fixtures/packed_forms.py
 with the code of commit ae56f6b) still loads to the same logits, and the current writers
 produce the very same bytes (packed and compressed-tensors) and size figures."""
+
 from __future__ import annotations
 
 import hashlib
@@ -37,9 +38,16 @@ def test_old_folder_loads_to_the_same_logits(tmp_path):
 def test_old_folder_records_every_form():
     meta = json.loads((OLD / "llmpress.json").read_text())
     kinds = {(d["kind"], d["structure"], bool(d["exceptions"]), d["g_idx"], (d["weights"] or {}).get("kind")) for d in meta["layers"].values()}
-    assert {("quant", None, False, False, "ternary"), ("quant", None, False, False, "binary"), ("quant", None, True, False, "int"),
-            ("quant", None, False, True, "int"), ("sparse", "2:4", False, False, None), ("sparse", "unstructured", False, False, None),
-            ("dense", None, False, False, None), ("quant", "2:4", False, False, "int")} <= kinds
+    assert {
+        ("quant", None, False, False, "ternary"),
+        ("quant", None, False, False, "binary"),
+        ("quant", None, True, False, "int"),
+        ("quant", None, False, True, "int"),
+        ("sparse", "2:4", False, False, None),
+        ("sparse", "unstructured", False, False, None),
+        ("dense", None, False, False, None),
+        ("quant", "2:4", False, False, "int"),
+    } <= kinds
     assert meta["tied_quant_embeddings"] == {"model.embed_tokens.weight": "lm_head"}  # the int8 head
 
 

@@ -1,6 +1,7 @@
 """The storage-form interface: forms are found by name, and a new form is one class (here
 defined in this test file) that the packed writer, the loader, the size accounting and the
 compressed-tensors export all use without any other change."""
+
 from __future__ import annotations
 
 import json
@@ -80,7 +81,10 @@ def _toy_model():
 def test_builtin_forms_are_found_from_the_sources():
     index = form_index()
     assert {k: index[k] for k in ("quant", "sparse", "dense")} == {
-        "quant": "llmpress.storage.forms.int_grid", "sparse": "llmpress.storage.forms.sparse_mask", "dense": "llmpress.storage.forms.dense"}
+        "quant": "llmpress.storage.forms.int_grid",
+        "sparse": "llmpress.storage.forms.sparse_mask",
+        "dense": "llmpress.storage.forms.dense",
+    }
     assert form_names()[:3] == ["quant", "sparse", "dense"] and "toy_sign" in form_names()
     assert type(get_form("quant")).__name__ == "IntGrid"
     with pytest.raises(UserError, match="storage form 'nope' unknown; this llmpress knows quant, sparse, dense"):

@@ -83,7 +83,15 @@ def test_online_rotation_kinds_match_their_matrix():
     rots = [
         OnlineRotation(n, "hadamard"),
         OnlineRotation(n, "dense", matrix=random_orthogonal(n, g)),
-        OnlineRotation(n, "blocks", blocks=(torch.stack([random_orthogonal(16, g) for _ in range(3)]), torch.randperm(n, generator=g), torch.stack([random_orthogonal(16, g) for _ in range(3)]))),
+        OnlineRotation(
+            n,
+            "blocks",
+            blocks=(
+                torch.stack([random_orthogonal(16, g) for _ in range(3)]),
+                torch.randperm(n, generator=g),
+                torch.stack([random_orthogonal(16, g) for _ in range(3)]),
+            ),
+        ),
     ]
     x = torch.randn(4, n, dtype=torch.float64)
     for r in rots:

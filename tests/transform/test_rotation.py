@@ -76,7 +76,11 @@ def test_online_down_rotation_precedes_activation_quant():
     h = m.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda _m, i: seen.__setitem__("x", i[0].detach()))
     logits(m, ids)
     h.remove()
-    compress(m, [stage("quarot"), stage("rtn", targets=[r"re:.*mlp\.down_proj"], weights=None, activations=QuantArgs(bits=8, granularity="token"))], data=ids)
+    compress(
+        m,
+        [stage("quarot"), stage("rtn", targets=[r"re:.*mlp\.down_proj"], weights=None, activations=QuantArgs(bits=8, granularity="token"))],
+        data=ids,
+    )
     down = m.model.layers[0].mlp.down_proj
     assert isinstance(down, ActQuantLinear)
     h = down.register_forward_pre_hook(lambda _m, i: seen.__setitem__("y", i[0].detach()))
@@ -317,8 +321,17 @@ def _tiny_qwen(kind: str):
         from transformers import Qwen2Config as C, Qwen2ForCausalLM as M
     else:  # QK-norm
         from transformers import Qwen3Config as C, Qwen3ForCausalLM as M
-    cfg = C(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True)
+    cfg = C(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
     m = M(cfg).eval()
     with torch.no_grad():
         for n, p in m.named_parameters():

@@ -1,4 +1,5 @@
 """SmoothQuant / OS+ shift: scale formula, folding keeps the float model, method end to end."""
+
 import pytest
 import torch
 

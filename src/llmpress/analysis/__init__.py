@@ -10,6 +10,7 @@ outlier features, super weights, quantization difficulty, interventions, report.
 Detectors are pure functions in :mod:`llmpress.analysis.detect`. Heavy imports
 (matplotlib) happen only when plots are drawn.
 """
+
 from __future__ import annotations
 
 from .detect import Thresholds

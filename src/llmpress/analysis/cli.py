@@ -1,4 +1,5 @@
 """The ``llmpress analyze`` subcommand (parser and handler; the CLI owns the console)."""
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     a.add_argument("--out", help="output folder for report.html, analysis.json and img/ (default: print the summary only)")
     a.add_argument("--windows", type=_positive, default=8, help="test windows analyzed and used for the perplexities (default 8)")
     a.add_argument("--seqlen", type=_positive, default=512, help="tokens per window (default 512)")
-    a.add_argument("--data", default="wiki", help="text: wiki, news, code (packaged) or a .txt/.jsonl path; a comma list (wiki,code) shares the windows equally")
+    a.add_argument(
+        "--data", default="wiki", help="text: wiki, news, code (packaged) or a .txt/.jsonl path; a comma list (wiki,code) shares the windows equally"
+    )
     a.add_argument("--batch-size", type=_positive, default=4, help="windows per forward pass (default 4)")
     a.add_argument("--layers", type=_layers, help="layers of the 3D plots, e.g. 2,11,29 (default: chosen from the findings)")
     a.add_argument("--no-interventions", action="store_true", help="skip the perplexity interventions (fastest)")
-    a.add_argument("--features-k", type=_positive, help="dimensions removed in the outlier-feature intervention (default: the detected ones, at most 8)")
+    a.add_argument(
+        "--features-k", type=_positive, help="dimensions removed in the outlier-feature intervention (default: the detected ones, at most 8)"
+    )
     a.add_argument("--massive-eta", type=float, default=300.0, help="massive activation: |a| > ETA x mean |a| of its layer (default 300)")
     a.add_argument("--massive-gamma", type=float, default=50.0, help="massive activation: and |a| > GAMMA (default 50)")
     a.add_argument("--channel-eta", type=float, default=3.0, help="channel-wise outlier: |channel mean| > ETA x std + mean |a| (default 3)")

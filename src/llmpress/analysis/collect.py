@@ -16,6 +16,7 @@ medians, the few largest elements and the (position, channel) pairs flagged as m
 Full tensors are captured only by :func:`capture`, for the layers chosen for 3D plots,
 on one sequence.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -396,11 +397,25 @@ def collect(
     finally:
         hooks.remove()
     gammas = {role: [norm_scale(get_module(b, path), spec.norm_kind) for b in blks] for role, path in roles.items()}
-    return Collected(spec=spec, n_layers=n_layers, hidden=hidden, n_seqs=int(windows.shape[0]), seqlen=T, stats=stats, int8=int8, int8_all=int8_all, norm_gamma=gammas, thresholds=thresholds, first_tokens=windows[0, :16].tolist())
+    return Collected(
+        spec=spec,
+        n_layers=n_layers,
+        hidden=hidden,
+        n_seqs=int(windows.shape[0]),
+        seqlen=T,
+        stats=stats,
+        int8=int8,
+        int8_all=int8_all,
+        norm_gamma=gammas,
+        thresholds=thresholds,
+        first_tokens=windows[0, :16].tolist(),
+    )
 
 
 @torch.no_grad()
-def capture(model: nn.Module, input_ids: torch.Tensor, layers: list[int], sites: tuple[str, ...] = ("resid", "qkv_in")) -> dict[str, dict[int, torch.Tensor]]:
+def capture(
+    model: nn.Module, input_ids: torch.Tensor, layers: list[int], sites: tuple[str, ...] = ("resid", "qkv_in")
+) -> dict[str, dict[int, torch.Tensor]]:
     """Full tensors [tokens, channels] of one sequence at ``layers`` for ``sites`` (for 3D plots)."""
     spec = get_arch(model)
     layers_set = set(layers)
@@ -473,4 +488,3 @@ def block_hooks(model: nn.Module, fn_by_layer: dict[int, callable]):
     finally:
         for h in handles:
             h.remove()
-

@@ -16,6 +16,7 @@ Definitions (the seeds of issue 5, and the papers they cite):
 - *difficulty*: effective int8 levels per channel under a per-tensor scale, max/median
   ratio, kurtosis (:func:`difficulty`).
 """
+
 from __future__ import annotations
 
 import math
@@ -91,9 +92,7 @@ def sun_mask(a: torch.Tensor, min_abs: float = DEFAULT.sun_min, ratio: float = D
     return (a > min_abs) & (a >= ratio * med)
 
 
-def massive_activations(
-    a: torch.Tensor, eta: float = DEFAULT.massive_eta, gamma: float = DEFAULT.massive_gamma
-) -> list[tuple[int, int, float]]:
+def massive_activations(a: torch.Tensor, eta: float = DEFAULT.massive_eta, gamma: float = DEFAULT.massive_gamma) -> list[tuple[int, int, float]]:
     """(token, channel, value) of every massive activation of one matrix, largest first."""
     a = _matrix(a)
     if a.dim() != 2:

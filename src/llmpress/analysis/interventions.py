@@ -10,6 +10,7 @@
 Each intervention is a context manager over forward hooks or a temporary weight edit;
 the model is left as it was.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -154,10 +155,18 @@ def run_interventions(
         every = list(range(mlayers[0], col.n_layers))
         for mode in ("zero", "mean"):
             with massive_replaced(model, col, mode, first) as cnt:
-                measure(f"massive->{mode} @L{first[0]}", f"massive activations set to {mode} in the residual stream after layer {first[0]} (where they first appear)", changed=cnt)
+                measure(
+                    f"massive->{mode} @L{first[0]}",
+                    f"massive activations set to {mode} in the residual stream after layer {first[0]} (where they first appear)",
+                    changed=cnt,
+                )
         for mode in ("zero", "mean"):
             with massive_replaced(model, col, mode, every) as cnt:
-                measure(f"massive->{mode} @L{every[0]}+", f"massive activations set to {mode} in the residual stream after every layer from {every[0]} on", changed=cnt)
+                measure(
+                    f"massive->{mode} @L{every[0]}+",
+                    f"massive activations set to {mode} in the residual stream after every layer from {every[0]} on",
+                    changed=cnt,
+                )
     if super_weights:
         with weights_zeroed(model, super_weights):
             coords = ", ".join(f"L{s['layer']}[{s['row']},{s['col']}]" for s in super_weights)

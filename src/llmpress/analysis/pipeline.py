@@ -4,6 +4,7 @@
 the images, the raw collected statistics); ``run(model_spec, out, cfg)`` loads the
 model, analyzes it and writes the HTML report, the JSON file and the images.
 """
+
 from __future__ import annotations
 
 import logging
@@ -166,7 +167,16 @@ def channel_findings(col: Collected) -> dict:
                 continue
             mean, std, mabs = s.channel_mean(), s.channel_std(), s.channel_meanabs()
             tot_abs = float(s.ch_abs.sum() / max(s.n * s.channels, 1))
-            rows = [{"channel": c, "mean": _r(float(mean[c])), "std": _r(float(std[c])), "ratio_to_mean_abs": _r(float(mabs[c]) / tot_abs if tot_abs else 0.0), "frac_seqs": _r(float(frac[c]))} for c in chans]
+            rows = [
+                {
+                    "channel": c,
+                    "mean": _r(float(mean[c])),
+                    "std": _r(float(std[c])),
+                    "ratio_to_mean_abs": _r(float(mabs[c]) / tot_abs if tot_abs else 0.0),
+                    "frac_seqs": _r(float(frac[c])),
+                }
+                for c in chans
+            ]
             rows.sort(key=lambda r: -(r["ratio_to_mean_abs"] or 0))
             per_layer[str(li)] = rows
             for c in chans:
@@ -238,7 +248,10 @@ def int8_findings(col: Collected) -> dict:
             "features": feats,
             "n_layers_tracked": tr.n_layers,
             "n_positions": tr.n_positions,
-            "details": [{"channel": c, "layer_frac": _r(float(s["layer_frac"][c])), "seq_frac": _r(float(s["seq_frac"][c])), "hits": int(s["hits"][c])} for c in (feats or rank)[:16]],
+            "details": [
+                {"channel": c, "layer_frac": _r(float(s["layer_frac"][c])), "seq_frac": _r(float(s["seq_frac"][c])), "hits": int(s["hits"][c])}
+                for c in (feats or rank)[:16]
+            ],
             "ranking": rank[:32],
         }
     return out
@@ -248,7 +261,10 @@ def difficulty_findings(col: Collected, wstats: dict) -> dict:
     act = {}
     for site, st in col.stats.items():
         act[site] = [{"layer": li, **{k: _r(v) for k, v in st[li].difficulty().items()}} for li in sorted(st)]
-    weights = {role: [({k: _r(v) if not isinstance(v, list) else v for k, v in d.items()} if d else None) for d in rows] for role, rows in wstats["layers"].items()}
+    weights = {
+        role: [({k: _r(v) if not isinstance(v, list) else v for k, v in d.items()} if d else None) for d in rows]
+        for role, rows in wstats["layers"].items()
+    }
     flat = [(site, r) for site, rows in act.items() for r in rows if r["max_over_median"] is not None]
     hardest = sorted(flat, key=lambda sr: -(sr[1]["max_over_median"] or 0))[:8]
     wflat = [(role, i, d) for role, rows in weights.items() for i, d in enumerate(rows) if d]
@@ -387,11 +403,27 @@ def _plots(model, windows, an: Analysis, wstats: dict, cfg: AnalysisConfig) -> N
                 }
     positions = [0, 1] + [p["pos"] for p in mf["pairs"][:6] if p["pos"] not in (0, 1)]
     positions = list(dict.fromkeys(positions))[:5]
-    img["top_magnitudes"] = {"title": "Top magnitudes across layers", "caption": "residual stream: mean over sequences of the top-1/2/3 |x| and the median |x| per layer (left); max |x| at tracked token positions (right)", "png": plots.top_magnitudes(col, "resid", positions)}
-    img["channel_heatmaps"] = {"title": "Per-channel max heat maps", "caption": "max |x| of every channel at every layer (log color); vertical lines are channel-wise outliers / massive channels", "png": plots.channel_heatmaps(col)}
-    img["weight_outliers"] = {"title": "Weight outliers: Wq, Wk, Wv across layers", "caption": "max |w| of every input column (log color); vertical lines are input channels whose weights are systematically large or small, often the activation outlier channels (compare with the heat maps above)", "png": plots.weight_outliers(wstats["column_absmax"])}
+    img["top_magnitudes"] = {
+        "title": "Top magnitudes across layers",
+        "caption": "residual stream: mean over sequences of the top-1/2/3 |x| and the median |x| per layer (left); max |x| at tracked token positions (right)",
+        "png": plots.top_magnitudes(col, "resid", positions),
+    }
+    img["channel_heatmaps"] = {
+        "title": "Per-channel max heat maps",
+        "caption": "max |x| of every channel at every layer (log color); vertical lines are channel-wise outliers / massive channels",
+        "png": plots.channel_heatmaps(col),
+    }
+    img["weight_outliers"] = {
+        "title": "Weight outliers: Wq, Wk, Wv across layers",
+        "caption": "max |w| of every input column (log color); vertical lines are input channels whose weights are systematically large or small, often the activation outlier channels (compare with the heat maps above)",
+        "png": plots.weight_outliers(wstats["column_absmax"]),
+    }
     hl = mf["top"]["layer"] if mf.get("top") else col.n_layers // 2
-    img["histograms"] = {"title": f"Histograms (log scale), layer {hl}", "caption": "counts of log10 |x| at each site of one layer", "png": plots.histograms(col, hl)}
+    img["histograms"] = {
+        "title": f"Histograms (log scale), layer {hl}",
+        "caption": "counts of log10 |x| at each site of one layer",
+        "png": plots.histograms(col, hl),
+    }
     for role, rows in s["norm_trace"].items():
         if not rows:
             continue
@@ -399,9 +431,21 @@ def _plots(model, windows, an: Analysis, wstats: dict, cfg: AnalysisConfig) -> N
         chans = [r["channel"] for r in rows if r["layer"] == best["layer"]]
         png = plots.norm_trace(col, role, best["layer"], chans)
         if png:
-            img[f"norm_trace_{role}"] = {"title": f"Channel outliers through the {role} norm, layer {best['layer']}", "caption": "mean |x| per channel before the norm, after standardization, after the scale, and |gamma|", "png": png}
-    img["difficulty"] = {"title": "Quantization difficulty per layer", "caption": "max/median ratio and median effective int8 levels per channel under one per-tensor scale (256 = every channel uses the full grid)", "png": plots.difficulty_plot(s["difficulty"]["activations"], wstats["layers"])}
-    img["super_weight_search"] = {"title": "Super weight search", "caption": "max |x| into and |y| out of every down projection, per search iteration (each iteration zeroes one more weight)", "png": plots.superweight_profile(s["super_weights"])}
+            img[f"norm_trace_{role}"] = {
+                "title": f"Channel outliers through the {role} norm, layer {best['layer']}",
+                "caption": "mean |x| per channel before the norm, after standardization, after the scale, and |gamma|",
+                "png": png,
+            }
+    img["difficulty"] = {
+        "title": "Quantization difficulty per layer",
+        "caption": "max/median ratio and median effective int8 levels per channel under one per-tensor scale (256 = every channel uses the full grid)",
+        "png": plots.difficulty_plot(s["difficulty"]["activations"], wstats["layers"]),
+    }
+    img["super_weight_search"] = {
+        "title": "Super weight search",
+        "caption": "max |x| into and |y| out of every down projection, per search iteration (each iteration zeroes one more weight)",
+        "png": plots.superweight_profile(s["super_weights"]),
+    }
 
 
 def run(model_spec: str, out: str | None = None, cfg: AnalysisConfig = AnalysisConfig(), device: str = "cpu") -> Analysis:

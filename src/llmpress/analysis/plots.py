@@ -1,4 +1,5 @@
 """Pictures of the analysis (PNG bytes, matplotlib Agg backend, no display needed)."""
+
 from __future__ import annotations
 
 import io
@@ -85,12 +86,19 @@ def channel_heatmaps(col: Collected, sites: tuple[str, ...] = ("resid", "qkv_in"
         st = col.site(site)
         layers = sorted(st)
         m = torch.stack([st[li].ch_absmax for li in layers]).numpy()
-        im = ax.imshow(np.maximum(m, 1e-3), aspect="auto", interpolation="nearest", norm=LogNorm(vmin=max(m[m > 0].min(), 1e-3) if (m > 0).any() else 1e-3, vmax=max(m.max(), 1e-2)), cmap="magma", origin="lower")
+        im = ax.imshow(
+            np.maximum(m, 1e-3),
+            aspect="auto",
+            interpolation="nearest",
+            norm=LogNorm(vmin=max(m[m > 0].min(), 1e-3) if (m > 0).any() else 1e-3, vmax=max(m.max(), 1e-2)),
+            cmap="magma",
+            origin="lower",
+        )
         ax.set_title(f"{site}: per-channel max |x|", fontsize=9)
         ax.set_xlabel("channel")
         ax.set_ylabel("layer")
         fig.colorbar(im, ax=ax, fraction=0.03)
-    for ax in list(axes.flat)[len(sites):]:
+    for ax in list(axes.flat)[len(sites) :]:
         ax.axis("off")
     fig.tight_layout()
     return _png(fig)
@@ -102,7 +110,9 @@ def weight_outliers(column_absmax: dict[str, torch.Tensor]) -> bytes:
     fig, axes = plt.subplots(1, len(roles), figsize=(4.2 * len(roles), 3.4), squeeze=False)
     for ax, r in zip(axes.flat, roles):
         m = column_absmax[r].numpy()
-        im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap="viridis", origin="lower", norm=LogNorm(vmin=max(m.min(), 1e-4), vmax=max(m.max(), 1e-3)))
+        im = ax.imshow(
+            m, aspect="auto", interpolation="nearest", cmap="viridis", origin="lower", norm=LogNorm(vmin=max(m.min(), 1e-4), vmax=max(m.max(), 1e-3))
+        )
         ax.set_title(f"W{r}: max |w| per input channel", fontsize=9)
         ax.set_xlabel("input channel")
         ax.set_ylabel("layer")
@@ -170,7 +180,15 @@ def difficulty_plot(act: dict[str, list[dict]], weights: dict[str, list]) -> byt
         xs = [i for i, r in enumerate(rows) if r]
         axes[1, 0].plot(xs, [rows[i]["max_over_median"] for i in xs], "-o", ms=2, label=f"W{role}")
         axes[1, 1].plot(xs, [rows[i]["eff_levels_median"] for i in xs], "-o", ms=2, label=f"W{role}")
-    for ax, t in zip(axes.flat, ("activations: max / median |x|", "activations: median effective int8 levels per channel (per-tensor scale)", "weights: max / median |w|", "weights: median effective int8 levels per output row (per-tensor scale)")):
+    for ax, t in zip(
+        axes.flat,
+        (
+            "activations: max / median |x|",
+            "activations: median effective int8 levels per channel (per-tensor scale)",
+            "weights: max / median |w|",
+            "weights: median effective int8 levels per output row (per-tensor scale)",
+        ),
+    ):
         ax.set_title(t, fontsize=9)
         ax.set_yscale("log")
         ax.set_xlabel("layer")

@@ -3,6 +3,7 @@
 The HTML embeds every image as base64 and loads nothing from the network (no scripts,
 no fonts, no stylesheets from elsewhere): it opens offline and can be mailed as is.
 """
+
 from __future__ import annotations
 
 import base64
@@ -46,8 +47,14 @@ def to_json(an) -> str:
     """The summary plus the per-channel maxima of every site and layer (every number)."""
     col = an.collected
     d = dict(an.summary)
-    d["per_channel_absmax"] = {site: {str(li): [float(f"{v:.4g}") for v in st.ch_absmax.tolist()] for li, st in sorted(sts.items())} for site, sts in col.stats.items()}
-    d["per_position_absmax"] = {site: {str(li): [float(f"{v:.4g}") for v in st.pos_absmax.tolist()] for li, st in sorted(sts.items())} for site, sts in col.stats.items() if site == "resid"}
+    d["per_channel_absmax"] = {
+        site: {str(li): [float(f"{v:.4g}") for v in st.ch_absmax.tolist()] for li, st in sorted(sts.items())} for site, sts in col.stats.items()
+    }
+    d["per_position_absmax"] = {
+        site: {str(li): [float(f"{v:.4g}") for v in st.pos_absmax.tolist()] for li, st in sorted(sts.items())}
+        for site, sts in col.stats.items()
+        if site == "resid"
+    }
     d["norm_gamma"] = {role: [[float(f"{v:.4g}") for v in g.tolist()] for g in gs] for role, gs in col.norm_gamma.items()}
     d["images"] = {k: {"title": v["title"], "caption": v["caption"], "file": f"img/{k}.png"} for k, v in an.images.items()}
     return json.dumps(_clean(d), indent=1, default=_json_default) + "\n"
@@ -117,7 +124,9 @@ def headline(s: dict) -> list[str]:
             f"Massive activation (|x| > {s['thresholds']['massive_eta']:g} x mean|x| and > {s['thresholds']['massive_gamma']:g}) at token {p['pos']}, channel {p['channel']}: "
             f"layers {_ranges(p['layers'])}, peak {_f(p['max_abs'])}, at half its peak or more from layer {p['from_layer_half_peak']} on."
         )
-        lines.append(f"First layer with massive activations: {mf['first_layer_eta_rule']} (eta/gamma rule), {mf['first_layer_sun_rule']} (Sun et al.: > {s['thresholds']['sun_min']:g} and >= {s['thresholds']['sun_ratio']:g}x median).")
+        lines.append(
+            f"First layer with massive activations: {mf['first_layer_eta_rule']} (eta/gamma rule), {mf['first_layer_sun_rule']} (Sun et al.: > {s['thresholds']['sun_min']:g} and >= {s['thresholds']['sun_ratio']:g}x median)."
+        )
     else:
         lines.append("No massive activation in the residual stream (eta/gamma rule).")
     if mf.get("next_channels"):
@@ -129,17 +138,35 @@ def headline(s: dict) -> list[str]:
             lines.append(f"Channel-wise outliers at {site}: in {co[site]['n_layers']} layers; most frequent channels {top_c}.")
     f8 = s["int8_features"]["all"]
     if f8["features"]:
-        lines.append(f"LLM.int8() outlier features (|x| >= {s['thresholds']['int8_magnitude']:g}, >= 25% of layers, >= 6% of positions) at the q/k/v and gate/up inputs: {f8['features'][:12]}.")
+        lines.append(
+            f"LLM.int8() outlier features (|x| >= {s['thresholds']['int8_magnitude']:g}, >= 25% of layers, >= 6% of positions) at the q/k/v and gate/up inputs: {f8['features'][:12]}."
+        )
     else:
         lines.append("No LLM.int8() outlier feature at the q/k/v and gate/up inputs.")
     sws = s["super_weights"]["super_weights"]
     if sws:
-        lines.append("Super weight(s): " + "; ".join(f"{w['module']}[{w['row']}, {w['col']}] = {_f(w['weight'])} (output spike {_f(w['output'])} at token {w['token']})" for w in sws) + ".")
+        lines.append(
+            "Super weight(s): "
+            + "; ".join(
+                f"{w['module']}[{w['row']}, {w['col']}] = {_f(w['weight'])} (output spike {_f(w['output'])} at token {w['token']})" for w in sws
+            )
+            + "."
+        )
     else:
-        lines.append("No super weight: no down_proj output spike." + (f" ({s['super_weights']['post_norm_note']})" if s["super_weights"].get("post_norm_note") else ""))
+        lines.append(
+            "No super weight: no down_proj output spike."
+            + (f" ({s['super_weights']['post_norm_note']})" if s["super_weights"].get("post_norm_note") else "")
+        )
     hard = s["difficulty"]["hardest_activations"][:3]
     if hard:
-        lines.append("Hardest activations for per-tensor int8: " + "; ".join(f"{h['site']} L{h['layer']} (max/median {_f(h['max_over_median'])}, median channel uses {_f(h['eff_levels_median'])} of 256 levels)" for h in hard) + ".")
+        lines.append(
+            "Hardest activations for per-tensor int8: "
+            + "; ".join(
+                f"{h['site']} L{h['layer']} (max/median {_f(h['max_over_median'])}, median channel uses {_f(h['eff_levels_median'])} of 256 levels)"
+                for h in hard
+            )
+            + "."
+        )
     return lines
 
 
@@ -181,11 +208,17 @@ def implications(s: dict) -> list[str]:
         )
     sws = s["super_weights"]["super_weights"]
     if sws:
-        out.append(f"Keep the super weight(s) in full precision: {len(sws)} scalar(s) " + ", ".join(f"{w['module']}[{w['row']}, {w['col']}]" for w in sws) + "; round-to-nearest with a per-row scale would also crush the other weights of that row.")
+        out.append(
+            f"Keep the super weight(s) in full precision: {len(sws)} scalar(s) "
+            + ", ".join(f"{w['module']}[{w['row']}, {w['col']}]" for w in sws)
+            + "; round-to-nearest with a per-row scale would also crush the other weights of that row."
+        )
     hw = s["difficulty"]["hardest_weights"][:1]
     if hw:
         h = hw[0]
-        out.append(f"Hardest weight matrix for a per-tensor scale: W{h['role']} of layer {h['layer']} (max/median {_f(h['max_over_median'])}, kurtosis {_f(h['kurtosis'])}); per-channel or group scales fix most of it.")
+        out.append(
+            f"Hardest weight matrix for a per-tensor scale: W{h['role']} of layer {h['layer']} (max/median {_f(h['max_over_median'])}, kurtosis {_f(h['kurtosis'])}); per-channel or group scales fix most of it."
+        )
     return out
 
 
@@ -222,7 +255,10 @@ def _texts(s: dict) -> str:
 
 def console_summary(an) -> str:
     s = an.summary
-    out = [f"llmpress analyze {s['model']} ({s['family']}, {s['n_layers']} layers, hidden {s['hidden']}; {s['windows']} windows x {s['seqlen']} tokens{_texts(s)})", ""]
+    out = [
+        f"llmpress analyze {s['model']} ({s['family']}, {s['n_layers']} layers, hidden {s['hidden']}; {s['windows']} windows x {s['seqlen']} tokens{_texts(s)})",
+        "",
+    ]
     out += [f"- {line}" for line in headline(s)]
     tab = intervention_table(s)
     if tab:
@@ -254,7 +290,12 @@ def _table(rows: list[list], left: tuple[int, ...] = (0,)) -> str:
     if not rows:
         return ""
     h = "".join(f"<th class='l'>{html.escape(str(c))}</th>" if i in left else f"<th>{html.escape(str(c))}</th>" for i, c in enumerate(rows[0]))
-    body = "".join("<tr>" + "".join(f"<td class='l'>{html.escape(_f(c))}</td>" if i in left else f"<td>{html.escape(_f(c))}</td>" for i, c in enumerate(r)) + "</tr>" for r in rows[1:])
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td class='l'>{html.escape(_f(c))}</td>" if i in left else f"<td>{html.escape(_f(c))}</td>" for i, c in enumerate(r))
+        + "</tr>"
+        for r in rows[1:]
+    )
     return f"<table><tr>{h}</tr>{body}</table>"
 
 
@@ -295,9 +336,15 @@ def _html_interventions(s: dict) -> list[str]:
         parts.append("<h2>What happens if outliers are removed</h2>")
         parts.append(f"<p>Perplexity on the same windows, and the next token after the prompt <code>{html.escape(iv['prompt'])}</code>.</p>")
         parts.append(_table(tab, left=(0, 3)))
-        parts.append("<ul class='find'>" + "".join(f"<li><b>{html.escape(r['name'])}</b>: {html.escape(r['description'])}</li>" for r in iv["rows"][1:]) + "</ul>")
+        parts.append(
+            "<ul class='find'>"
+            + "".join(f"<li><b>{html.escape(r['name'])}</b>: {html.escape(r['description'])}</li>" for r in iv["rows"][1:])
+            + "</ul>"
+        )
         if not iv.get("features_detected", True) and iv.get("feature_dims"):
-            parts.append("<p class='note'>No dimension meets the LLM.int8() outlier-feature criteria; the feature intervention removes the dimensions with the most |x| &ge; 6 hits (then the largest peak magnitudes) instead.</p>")
+            parts.append(
+                "<p class='note'>No dimension meets the LLM.int8() outlier-feature criteria; the feature intervention removes the dimensions with the most |x| &ge; 6 hits (then the largest peak magnitudes) instead.</p>"
+            )
     return parts
 
 
@@ -307,8 +354,10 @@ def _html_massive(s: dict, imgs: dict) -> list[str]:
     parts: list[str] = []
     mf = s["massive"]
     parts.append("<h2>Massive activations</h2>")
-    parts.append(f"<p>An element A<sub>ij</sub> of one sequence's matrix is massive when |A<sub>ij</sub>| &gt; {th['massive_eta']:g} &middot; mean(|A|) and |A<sub>ij</sub>| &gt; {th['massive_gamma']:g}; "
-                 f"Sun et al.'s rule: |A<sub>ij</sub>| &gt; {th['sun_min']:g} and &ge; {th['sun_ratio']:g}&times; the median |A|. A (token, channel) pair is listed when flagged in at least half of the sequences.</p>")
+    parts.append(
+        f"<p>An element A<sub>ij</sub> of one sequence's matrix is massive when |A<sub>ij</sub>| &gt; {th['massive_eta']:g} &middot; mean(|A|) and |A<sub>ij</sub>| &gt; {th['massive_gamma']:g}; "
+        f"Sun et al.'s rule: |A<sub>ij</sub>| &gt; {th['sun_min']:g} and &ge; {th['sun_ratio']:g}&times; the median |A|. A (token, channel) pair is listed when flagged in at least half of the sequences.</p>"
+    )
     rows = [["token", "channel", "layers", "peak |x|", "from layer (>= half peak)"]]
     for p in mf["pairs"][:10]:
         rows.append([p["pos"], p["channel"], _ranges(p["layers"]), p["max_abs"], p["from_layer_half_peak"]])
@@ -334,8 +383,10 @@ def _html_channels(s: dict, imgs: dict) -> list[str]:
     th = s["thresholds"]
     parts: list[str] = []
     parts.append("<h2>Channel-wise outliers</h2>")
-    parts.append(f"<p>Channel i of a sequence's matrix A is a channel-wise outlier when |mean(A<sub>i</sub>)| &gt; {th['channel_eta']:g} &middot; std(A) + mean(|A|) and std(A<sub>i</sub>) &lt; {th['channel_beta']:g} "
-                 "(mean and std over the tokens; listed when flagged in at least half of the sequences).</p>")
+    parts.append(
+        f"<p>Channel i of a sequence's matrix A is a channel-wise outlier when |mean(A<sub>i</sub>)| &gt; {th['channel_eta']:g} &middot; std(A) + mean(|A|) and std(A<sub>i</sub>) &lt; {th['channel_beta']:g} "
+        "(mean and std over the tokens; listed when flagged in at least half of the sequences).</p>"
+    )
     rows = [["site", "layers with outliers", "most frequent channels (layers)"]]
     for site, r in s["channel_outliers"].items():
         rows.append([site, r["n_layers"], ", ".join(f"{c['channel']} ({c['layers']})" for c in r["channels_by_layers"][:6])])
@@ -343,13 +394,27 @@ def _html_channels(s: dict, imgs: dict) -> list[str]:
     parts.append("<div class='grid'>" + "".join(_img(imgs[k]) for k in imgs if k.startswith("surface_qkv_in")) + "</div>")
     if "channel_heatmaps" in imgs:
         parts.append(_img(imgs["channel_heatmaps"]))
-    parts.append("<h3>Where they come from: the norm</h3><p>Channel |mean| relative to the tensor's mean |x|: before the norm, after x/rms(x), after the scale &gamma;. "
-                 "&gamma; gain = after scale / after standardization; a channel whose gain is far above 1 is made an outlier by &gamma; (a high percentile); one already large before the norm comes from the residual stream (W<sub>out</sub> of earlier layers).</p>")
+    parts.append(
+        "<h3>Where they come from: the norm</h3><p>Channel |mean| relative to the tensor's mean |x|: before the norm, after x/rms(x), after the scale &gamma;. "
+        "&gamma; gain = after scale / after standardization; a channel whose gain is far above 1 is made an outlier by &gamma; (a high percentile); one already large before the norm comes from the residual stream (W<sub>out</sub> of earlier layers).</p>"
+    )
     for role, rows_ in s["norm_trace"].items():
         rows = [["layer", "channel", "flagged", "before norm", "after std", "after scale", "gamma", "gamma pct", "gamma gain"]]
         strong = sorted(rows_, key=lambda r: -(r["rel_out"] or 0))[:12]
         for r in strong:
-            rows.append([r["layer"], r["channel"], "yes" if r["flagged"] else "", r["rel_in"], r["rel_std"], r["rel_out"], r["gamma"], r["gamma_percentile"], r["gamma_gain"]])
+            rows.append(
+                [
+                    r["layer"],
+                    r["channel"],
+                    "yes" if r["flagged"] else "",
+                    r["rel_in"],
+                    r["rel_std"],
+                    r["rel_out"],
+                    r["gamma"],
+                    r["gamma_percentile"],
+                    r["gamma_gain"],
+                ]
+            )
         parts.append(f"<h3>{role} norm (strongest 12)</h3>" + _table(rows))
         if f"norm_trace_{role}" in imgs:
             parts.append(_img(imgs[f"norm_trace_{role}"]))
@@ -361,10 +426,14 @@ def _html_int8(s: dict) -> list[str]:
     th = s["thresholds"]
     parts: list[str] = []
     parts.append("<h2>LLM.int8() outlier features</h2>")
-    parts.append(f"<p>A hidden dimension with |x| &ge; {th['int8_magnitude']:g} in at least {100 * th['int8_layer_frac']:g}% of the layers and at least {100 * th['int8_seq_frac']:g}% of the sequence positions, "
-                 "tracked at the inputs of q/k/v and gate/up (each counts as a layer).</p>")
+    parts.append(
+        f"<p>A hidden dimension with |x| &ge; {th['int8_magnitude']:g} in at least {100 * th['int8_layer_frac']:g}% of the layers and at least {100 * th['int8_seq_frac']:g}% of the sequence positions, "
+        "tracked at the inputs of q/k/v and gate/up (each counts as a layer).</p>"
+    )
     for name, r in s["int8_features"].items():
-        rows = [["channel", "layer fraction", "position fraction", "hits"]] + [[d["channel"], d["layer_frac"], d["seq_frac"], d["hits"]] for d in r["details"][:10]]
+        rows = [["channel", "layer fraction", "position fraction", "hits"]] + [
+            [d["channel"], d["layer_frac"], d["seq_frac"], d["hits"]] for d in r["details"][:10]
+        ]
         label = "both sites" if name == "all" else name
         parts.append(f"<h3>{html.escape(label)}: {len(r['features'])} feature(s) {html.escape(str(r['features'][:16]))}</h3>" + _table(rows))
     return parts
@@ -375,8 +444,10 @@ def _html_super_weights(s: dict, imgs: dict) -> list[str]:
     parts: list[str] = []
     sw = s["super_weights"]
     parts.append("<h2>Super weights</h2>")
-    parts.append(f"<p>Prompt <code>{html.escape(sw['prompt'])}</code>; at every down projection Y = X W<sup>T</sup> the output spike gives the row, the input spike at the same token the column; "
-                 "the weight is zeroed and the search repeats until the largest activation is gone.</p>")
+    parts.append(
+        f"<p>Prompt <code>{html.escape(sw['prompt'])}</code>; at every down projection Y = X W<sup>T</sup> the output spike gives the row, the input spike at the same token the column; "
+        "the weight is zeroed and the search repeats until the largest activation is gone.</p>"
+    )
     rows = [["module", "row", "column", "weight", "token", "output spike", "input spike", "share of output"]]
     for w in sw["super_weights"]:
         rows.append([w["module"], w["row"], w["col"], w["weight"], w["token"], w["output"], w["input"], w["share"]])
@@ -395,15 +466,30 @@ def _html_difficulty(s: dict, imgs: dict) -> list[str]:
     """Quantization difficulty of activations and weights."""
     parts: list[str] = []
     d = s["difficulty"]
-    parts.append("<h2>Quantization difficulty</h2><p>Effective int8 levels of a channel under one per-tensor scale: 2<sup>8</sup> &middot; m<sub>i</sub> / m (m<sub>i</sub> the channel's max |x|, m the tensor's). "
-                 "Activations: channels = hidden dimensions; weights: channels = output rows. Kurtosis is Pearson's (3 for a Gaussian).</p>")
+    parts.append(
+        "<h2>Quantization difficulty</h2><p>Effective int8 levels of a channel under one per-tensor scale: 2<sup>8</sup> &middot; m<sub>i</sub> / m (m<sub>i</sub> the channel's max |x|, m the tensor's). "
+        "Activations: channels = hidden dimensions; weights: channels = output rows. Kurtosis is Pearson's (3 for a Gaussian).</p>"
+    )
     rows = [["site", "layer", "max |x|", "max / median", "median eff. levels", "channels < 16 levels", "kurtosis"]]
     for h in d["hardest_activations"]:
-        rows.append([h["site"], h["layer"], h["absmax"], h["max_over_median"], h["eff_levels_median"], h["frac_channels_under_16_levels"], h["kurtosis"]])
+        rows.append(
+            [h["site"], h["layer"], h["absmax"], h["max_over_median"], h["eff_levels_median"], h["frac_channels_under_16_levels"], h["kurtosis"]]
+        )
     parts.append("<h3>Hardest activations</h3>" + _table(rows))
     rows = [["weight", "layer", "max |w|", "at [row, col]", "max / median", "median eff. levels", "rows < 16 levels", "kurtosis"]]
     for h in d["hardest_weights"]:
-        rows.append([f"W{h['role']}", h["layer"], h["absmax"], f"[{h['argmax_row']}, {h['argmax_col']}]", h["max_over_median"], h["eff_levels_median"], h["frac_channels_under_16_levels"], h["kurtosis"]])
+        rows.append(
+            [
+                f"W{h['role']}",
+                h["layer"],
+                h["absmax"],
+                f"[{h['argmax_row']}, {h['argmax_col']}]",
+                h["max_over_median"],
+                h["eff_levels_median"],
+                h["frac_channels_under_16_levels"],
+                h["kurtosis"],
+            ]
+        )
     parts.append("<h3>Hardest weights</h3>" + _table(rows))
     for k in ("difficulty", "weight_outliers"):
         if k in imgs:

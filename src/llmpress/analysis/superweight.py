@@ -8,6 +8,7 @@ Remove it (set to 0), run again, repeat until the largest down-projection activa
 is gone (below ``sw_stop_ratio`` of the first one) or no layer spikes any more. The
 model's weights are restored before returning.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,7 +64,9 @@ def down_proj_io(model: nn.Module, input_ids: torch.Tensor, spec: ArchSpec | Non
     hs = []
     for li, blk in enumerate(blocks(model, spec)):
         mod = get_module(blk, spec.down)
-        hs.append(mod.register_forward_hook(lambda m, i, o, li=li: cap.__setitem__(li, (i[0][0].detach().float().cpu(), o[0].detach().float().cpu()))))
+        hs.append(
+            mod.register_forward_hook(lambda m, i, o, li=li: cap.__setitem__(li, (i[0][0].detach().float().cpu(), o[0].detach().float().cpu())))
+        )
     try:
         backbone(model)(input_ids=input_ids[:1].to(next(model.parameters()).device), use_cache=False)
     finally:
@@ -107,11 +110,23 @@ def find_super_weights(model: nn.Module, input_ids: torch.Tensor, thresholds: de
             mod = get_module(blks[li], spec.down)
             done = {(s.row, s.col) for s, _ in removed if s.layer == li}
             cand = detect.super_weight_candidate(x, y, mod.weight.detach().cpu(), exclude=done)
-            sw = SuperWeight(layer=li, module=f"{spec.blocks}.{li}.{spec.down}", row=cand.row, col=cand.col, weight=cand.weight, token=cand.token, output=cand.output, input=cand.input, share=cand.share)
+            sw = SuperWeight(
+                layer=li,
+                module=f"{spec.blocks}.{li}.{spec.down}",
+                row=cand.row,
+                col=cand.col,
+                weight=cand.weight,
+                token=cand.token,
+                output=cand.output,
+                input=cand.input,
+                share=cand.share,
+            )
             rec["candidate"] = sw.to_dict()
             removed.append((sw, float(mod.weight[cand.row, cand.col])))
             mod.weight[cand.row, cand.col] = 0.0
-            log.info("super weight candidate %s[%d, %d] = %.4g (output spike %.4g at token %d)", sw.module, sw.row, sw.col, sw.weight, sw.output, sw.token)
+            log.info(
+                "super weight candidate %s[%d, %d] = %.4g (output spike %.4g at token %d)", sw.module, sw.row, sw.col, sw.weight, sw.output, sw.token
+            )
     finally:
         for sw, old in reversed(removed):
             get_module(blks[sw.layer], spec.down).weight[sw.row, sw.col] = old

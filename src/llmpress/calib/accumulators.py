@@ -3,6 +3,7 @@
 Every accumulator has the same shape: ``add(x)`` with the layer input [..., in_features],
 ``result()`` with the statistic, ``free()`` to drop its buffers.
 """
+
 from __future__ import annotations
 
 import torch
@@ -123,6 +124,4 @@ class TokenAbsMax(Accumulator):
         self.parts = []
 
 
-ACCUMULATORS: dict[str, type[Accumulator]] = {
-    cls.name: cls for cls in (HessianAccumulator, InputChannelStats, TokenAbsMax)
-}
+ACCUMULATORS: dict[str, type[Accumulator]] = {cls.name: cls for cls in (HessianAccumulator, InputChannelStats, TokenAbsMax)}

@@ -4,6 +4,7 @@
 block's keyword arguments); ``ActivationStore`` keeps per-batch tensors in memory or on
 disk; ``run_batches`` is the one loop that runs a block over its calibration batches.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict

@@ -4,6 +4,7 @@
 some of its sub-modules; ``RunState`` applies each targeted linear's stages and keeps the
 records and timings of the whole run; ``BlockContext`` is what a block-scope method sees.
 """
+
 from __future__ import annotations
 
 import time
@@ -42,7 +43,9 @@ def _feeder(accs: dict[str, Accumulator]):
     return hook
 
 
-def collect_stats(runner: nn.Module, modules: dict[str, nn.Module], needs: dict[str, set[str]], inputs: ActivationStore, call_args: list) -> dict[str, dict]:
+def collect_stats(
+    runner: nn.Module, modules: dict[str, nn.Module], needs: dict[str, set[str]], inputs: ActivationStore, call_args: list
+) -> dict[str, dict]:
     """Statistics of each named module's input over the calibration batches run through
     ``runner`` (the block, or whatever leads to the modules); the accumulators are freed."""
     accs, handles = attach(modules, needs)

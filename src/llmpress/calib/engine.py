@@ -13,6 +13,7 @@
    forward per block (see :mod:`llmpress.calib.fused`).
 Only one block's inputs and outputs are held at a time (optionally on disk).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,7 +37,14 @@ from .block import BlockContext, RunState, collect_stats, local_all, solve_secon
 from .fused import fusable, solve_block_fused
 
 __all__ = [
-    "ActivationStore", "BlockContext", "EngineOptions", "EngineResult", "capture_block_inputs", "local_all", "plan", "run",
+    "ActivationStore",
+    "BlockContext",
+    "EngineOptions",
+    "EngineResult",
+    "capture_block_inputs",
+    "local_all",
+    "plan",
+    "run",
 ]
 
 log = logging.getLogger(__name__)
@@ -160,7 +168,9 @@ def _run_block_stages(state: RunState, block_stages: list, ctx: BlockContext) ->
             state.seconds[key] = state.seconds.get(key, 0.0) + time.perf_counter() - t
 
 
-def _solve_block(state: RunState, opts: EngineOptions, block: nn.Module, prefix: str, inputs: ActivationStore, call_args: list, keep_outputs: bool) -> ActivationStore | None:
+def _solve_block(
+    state: RunState, opts: EngineOptions, block: nn.Module, prefix: str, inputs: ActivationStore, call_args: list, keep_outputs: bool
+) -> ActivationStore | None:
     """Compress one block's targeted linears; its outputs for the next block (None when
     ``keep_outputs`` is False and the grouped path need not compute them)."""
     local = state.local_targets(prefix)
@@ -189,7 +199,9 @@ def _with_unnamed(groups: tuple[tuple[str, ...], ...], local: dict[str, str]) ->
     return groups[:-1] + (groups[-1] + extra,) if extra else groups
 
 
-def _solve_group(state: RunState, block: nn.Module, prefix: str, local: dict[str, str], group: tuple[str, ...], inputs: ActivationStore, call_args: list) -> None:
+def _solve_group(
+    state: RunState, block: nn.Module, prefix: str, local: dict[str, str], group: tuple[str, ...], inputs: ActivationStore, call_args: list
+) -> None:
     """Statistics of one group's targeted linears from a full pass over the block, then
     their stages; their activation quantizers are wrapped so later groups see them."""
     members = {loc: get_module(block, loc) for loc in group if loc in local}

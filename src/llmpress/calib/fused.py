@@ -13,6 +13,7 @@ was already compressed is replayed from a cache instead of recomputed:
 The block's outputs then come from a forward where attention and MLP are both replays,
 so each linear's matmul runs once.
 """
+
 from __future__ import annotations
 
 import torch
@@ -124,7 +125,9 @@ def _copy_stat(v):
     return v
 
 
-def _solve_group(run: RunState, passes: _Passes, prefix: str, local: dict[str, str], group: tuple[str, ...], keep: ActivationStore | None = None) -> None:
+def _solve_group(
+    run: RunState, passes: _Passes, prefix: str, local: dict[str, str], group: tuple[str, ...], keep: ActivationStore | None = None
+) -> None:
     """Gather the statistics of ``group``'s shared input (caching it in ``keep``), then
     compress the group's targeted linears and wrap their activation quantizers."""
     mods = {loc: get_module(passes.block, loc) for loc in group}
@@ -138,7 +141,9 @@ def _solve_group(run: RunState, passes: _Passes, prefix: str, local: dict[str, s
     wrap_act_quant(passes.block, prefix, [local[loc] for loc in group if loc in local], run.records)
 
 
-def solve_block_fused(run: RunState, block: nn.Module, prefix: str, local: dict[str, str], inputs: ActivationStore, call_args: list) -> ActivationStore:
+def solve_block_fused(
+    run: RunState, block: nn.Module, prefix: str, local: dict[str, str], inputs: ActivationStore, call_args: list
+) -> ActivationStore:
     """Compress the targeted linears of one block (``local``: local -> full name), each
     group's statistics gathered after the earlier groups were compressed; return the
     block's outputs for the next block."""

@@ -1,4 +1,5 @@
 """Evaluation: perplexity, size, memory."""
+
 from .perplexity import perplexity
 from .size import model_size
 

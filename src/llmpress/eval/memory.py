@@ -10,6 +10,7 @@ only its current RSS at the end.
 
 Megabytes are 10**6 bytes throughout.
 """
+
 from __future__ import annotations
 
 import re
@@ -101,7 +102,13 @@ class Phase:
 
     def to_dict(self) -> dict:
         r = lambda v: None if v is None else round(v, 1)  # noqa: E731
-        return {"phase": self.name, "peak_rss_mb": r(self.peak_rss_mb), "rss_start_mb": r(self.rss_start_mb), "rss_end_mb": r(self.rss_end_mb), "exact": self.exact}
+        return {
+            "phase": self.name,
+            "peak_rss_mb": r(self.peak_rss_mb),
+            "rss_start_mb": r(self.rss_start_mb),
+            "rss_end_mb": r(self.rss_end_mb),
+            "exact": self.exact,
+        }
 
 
 class PhaseTracker:
@@ -158,10 +165,13 @@ class PhaseTracker:
 
 def phase_markdown(rows: list[dict]) -> str:
     """The per-phase table of a report (``report.memory["phases"]``) as markdown."""
+
     def f(v):
         return "-" if v is None else f"{v:.0f}"
 
     lines = ["| phase | peak RSS (MB) | RSS at start (MB) | RSS at end (MB) |", "|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['phase']} | {f(r['peak_rss_mb'])}{'' if r.get('exact', True) else ' (<= earlier peak)'} | {f(r['rss_start_mb'])} | {f(r['rss_end_mb'])} |")
+        lines.append(
+            f"| {r['phase']} | {f(r['peak_rss_mb'])}{'' if r.get('exact', True) else ' (<= earlier peak)'} | {f(r['rss_start_mb'])} | {f(r['rss_end_mb'])} |"
+        )
     return "\n".join(lines)

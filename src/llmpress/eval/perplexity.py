@@ -9,6 +9,7 @@ computation up to float summation order. Models whose head is not a per-token ma
 whose forward does more than ``head(decoder(x))`` in a way this module does not know (checked
 on the first 8 tokens against the model's own logits), are evaluated the plain way.
 """
+
 from __future__ import annotations
 
 import math

@@ -7,6 +7,7 @@ text; :func:`held_out_warnings` says when. The counterpart is evaluated on the
 *uncompressed* model with forward hooks that swap each targeted linear's weight for its
 data-free version during its own forward only, so the extra memory is one layer's weight.
 """
+
 from __future__ import annotations
 
 import math

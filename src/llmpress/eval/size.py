@@ -6,6 +6,7 @@ bits plus scales (16-bit) and zero points); every other tensor counts at ``dense
 (16 by default, the usual fp16/bf16 storage), for the baseline and the compressed model
 alike, so the ratio is fair. Tied weights (embeddings shared with the output head) count once.
 """
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -23,7 +24,7 @@ def model_size(model: nn.Module, records: dict[str, ModuleRecord] | None = None,
     n_params = 0
     quantized = {}
     for name, mod in model.named_modules():
-        rec = records.get(name) or (records.get(name[: -len('.linear')]) if name.endswith('.linear') else None)
+        rec = records.get(name) or (records.get(name[: -len(".linear")]) if name.endswith(".linear") else None)
         for pname, p in mod.named_parameters(recurse=False):
             if id(p) in seen:
                 continue

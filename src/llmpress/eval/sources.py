@@ -5,6 +5,7 @@ windows of a source are built when needed (from the on-disk token cache after th
 time) and dropped when the next source's are built, so a run holds one source's windows
 and token stream, never all of them; a single source is built once and kept, as before.
 """
+
 from __future__ import annotations
 
 from typing import Callable

@@ -3,6 +3,7 @@
 (:mod:`llmpress.storage.form` for the interface and :class:`LinearSpec`,
 :mod:`llmpress.storage.grid` for the integer-grid maths, :mod:`llmpress.storage.forms`
 for one file per form)."""
+
 from __future__ import annotations
 
 import torch
@@ -27,9 +28,25 @@ from ..storage.grid import (
 encode_linear = encode_layer
 
 __all__ = [
-    "Decoded", "LinearSpec", "code_offset", "codes_of", "decode_qparams", "decode_quant", "decode_sparse", "decode_weight",
-    "dequant", "dequant_decoded", "encode_linear", "form_names", "from_unsigned", "pack", "pack_unsigned", "structure_of",
-    "to_unsigned", "unpack_unsigned", "zero_code",
+    "Decoded",
+    "LinearSpec",
+    "code_offset",
+    "codes_of",
+    "decode_qparams",
+    "decode_quant",
+    "decode_sparse",
+    "decode_weight",
+    "dequant",
+    "dequant_decoded",
+    "encode_linear",
+    "form_names",
+    "from_unsigned",
+    "pack",
+    "pack_unsigned",
+    "structure_of",
+    "to_unsigned",
+    "unpack_unsigned",
+    "zero_code",
 ]
 
 

@@ -37,6 +37,7 @@ for the whole checkpoint, naming what: the run-time part of a packed v2 checkpoi
 added biases; see :mod:`llmpress.export.runtime_state`), which a compressed-tensors
 loader would not run.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,7 +56,16 @@ from .packed import _DTYPES, META_FILE, _layer_tensors, _open_checked, check_pac
 from .skeleton import skeleton as _skeleton
 
 CT_VERSION = "0.20.0"
-_COPY = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
+_COPY = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
 
 
 def scheme_of(name: str, spec: LinearSpec) -> tuple[dict, str] | None:

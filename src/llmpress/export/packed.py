@@ -34,6 +34,7 @@ from config.json without initializing weights, compressed linears become runtime
 modules (:func:`llmpress.runtime.qlinear.build_linear`), the other tensors are loaded as
 stored, then the run-time part is re-attached. docs/checkpoint.md describes the format.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -63,7 +64,10 @@ FORMAT = "llmpress-packed-v2"  # + run-time modules and structure edits (export/
 VERSION = 2
 META_FILE = "llmpress.json"
 WEIGHTS_FILE = "model.llmpress.safetensors"
-_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)}
+_DTYPES = {
+    str(d): d
+    for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
+}
 
 
 def packed_version(meta: dict | None) -> int | None:
@@ -78,7 +82,9 @@ def check_packed(folder: Path, meta: dict | None) -> int:
     if v is None:
         raise UserError(f"{folder}: not a packed llmpress checkpoint (format {None if meta is None else meta.get('format')!r}, expected {FORMAT!r})")
     if v > VERSION:
-        raise UserError(f"{folder}: written by a newer llmpress (format {meta['format']}; this llmpress reads up to {FORMAT}): upgrade llmpress to load it")
+        raise UserError(
+            f"{folder}: written by a newer llmpress (format {meta['format']}; this llmpress reads up to {FORMAT}): upgrade llmpress to load it"
+        )
     return v
 
 
@@ -120,7 +126,9 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
                     continue
                 if rec.weight_args is not None:
                     dense_fallback.append(name)
-                spec = LinearSpec(kind="dense", out_features=mod.out_features, in_features=mod.in_features, act_args=rec.act_args, methods=list(rec.methods))
+                spec = LinearSpec(
+                    kind="dense", out_features=mod.out_features, in_features=mod.in_features, act_args=rec.act_args, methods=list(rec.methods)
+                )
             else:
                 spec, enc_t = enc
                 del state[f"{name}.weight"]
@@ -130,7 +138,8 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
         if dense_fallback:
             log.warning(
                 "%d quantized layer(s) hold weights off their recorded grid (changed after quantization?) and are stored dense: %s",
-                len(dense_fallback), ", ".join(dense_fallback[:5]) + (" ..." if len(dense_fallback) > 5 else ""),
+                len(dense_fallback),
+                ", ".join(dense_fallback[:5]) + (" ..." if len(dense_fallback) > 5 else ""),
             )
         tied_quant, tied = _find_ties(model, state, layers, tensors)
         tensors.update(extra_t)
@@ -231,7 +240,7 @@ def _open_checked(folder: Path, meta: dict, verify: bool) -> dict[str, torch.Ten
 
 def _layer_tensors(name: str, spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     pre = f"{name}."
-    out = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre) and k[len(pre):] not in ("weight", "bias")}
+    out = {k[len(pre) :]: v for k, v in tensors.items() if k.startswith(pre) and k[len(pre) :] not in ("weight", "bias")}
     shapes = spec.expected_shapes()  # None: any length
     if set(out) != set(shapes):
         raise UserError(f"checkpoint layer {name}: stores {sorted(out)}, its scheme needs {sorted(shapes)}")
@@ -261,7 +270,9 @@ def load_packed(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
     dtype = dtype or _DTYPES.get(meta.get("dtype"), torch.float32)
     model = _skeleton(config, dtype)
     runtime_state.prepare(model, meta, tensors, what)
-    records = _load_linears(model, specs=specs, layer_t=layer_t, tensors=tensors, dtype=dtype, backend=backend, device=device, int8=meta.get("llm_int8") or {})
+    records = _load_linears(
+        model, specs=specs, layer_t=layer_t, tensors=tensors, dtype=dtype, backend=backend, device=device, int8=meta.get("llm_int8") or {}
+    )
     dense = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
     replaced = tuple(f"{n}." for n, s in specs.items() if s.kind != "dense")  # runtime modules' own buffers
@@ -288,7 +299,9 @@ def load_packed(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
     return model, tok
 
 
-def _load_linears(model: nn.Module, *, specs: dict[str, LinearSpec], layer_t: dict, tensors: dict, dtype, backend: str, device: str, int8: dict) -> dict[str, ModuleRecord]:
+def _load_linears(
+    model: nn.Module, *, specs: dict[str, LinearSpec], layer_t: dict, tensors: dict, dtype, backend: str, device: str, int8: dict
+) -> dict[str, ModuleRecord]:
     """Stored linears into the skeleton: runtime modules (compressed), the decoded weight
     (LLM.int8() linears, converted once loaded); their tensors leave ``tensors``."""
     from ..runtime.qlinear import build_linear
@@ -358,7 +371,14 @@ class QuantEmbedding(nn.Module):
     per call. Equal to the fake-quantized model's tied embedding either way. ``embed_scale``:
     the factor a scaled embedding (gemma3's sqrt(hidden)) multiplies its rows with."""
 
-    def __init__(self, linear: nn.Module, padding_idx: int | None = None, dtype: torch.dtype = torch.float32, row_scales: torch.Tensor | None = None, embed_scale: torch.Tensor | None = None):
+    def __init__(
+        self,
+        linear: nn.Module,
+        padding_idx: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        row_scales: torch.Tensor | None = None,
+        embed_scale: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.dtype = dtype
         self.linear = [linear]  # not a submodule: the head owns its buffers (counted once)
@@ -388,7 +408,17 @@ class QuantEmbedding(nn.Module):
 
 def _record(name: str, spec: LinearSpec, t: dict | None) -> ModuleRecord:
     qp = get_form(spec.kind).qparams(spec, t)
-    return ModuleRecord(name=name, out_features=spec.out_features, in_features=spec.in_features, methods=list(spec.methods), weight_args=spec.weight_args, qparams=qp, act_args=spec.act_args, sparsity=spec.sparsity, form=spec.kind)
+    return ModuleRecord(
+        name=name,
+        out_features=spec.out_features,
+        in_features=spec.in_features,
+        methods=list(spec.methods),
+        weight_args=spec.weight_args,
+        qparams=qp,
+        act_args=spec.act_args,
+        sparsity=spec.sparsity,
+        form=spec.kind,
+    )
 
 
 def checkpoint_accounting(meta: dict) -> dict:
@@ -400,6 +430,7 @@ def checkpoint_accounting(meta: dict) -> dict:
     scales at their stored width (float32) and at 16 bits (what ``bits_per_weight``
     accounting assumes).
     """
+
     def numel(shape) -> int:
         n = 1
         for d in shape:
@@ -418,7 +449,7 @@ def checkpoint_accounting(meta: dict) -> dict:
             continue
         keys = {k for k in tensors if k.startswith(name + ".") and not k.endswith((".weight", ".bias"))}
         layer_keys |= keys
-        layer_bytes = {k[len(name) + 1:]: nbytes(tensors[k]) for k in keys}
+        layer_bytes = {k[len(name) + 1 :]: nbytes(tensors[k]) for k in keys}
         for sb in theory:
             theory[sb] += get_form(spec.kind).stored_bits(spec, layer_bytes, sb)
     other = sum(nbytes(v) for k, v in tensors.items() if k not in layer_keys)

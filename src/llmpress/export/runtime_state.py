@@ -20,6 +20,7 @@ without (per-module quantizers: activations, KV cache, LLM.int8); online rotatio
 OS+ shifts change the function itself, and :func:`check_save_format` refuses them from
 the recipe alone, before any model is loaded.
 """
+
 from __future__ import annotations
 
 import re
@@ -54,7 +55,9 @@ def collect(model: nn.Module, state: dict[str, torch.Tensor], reference: set[str
     :data:`RUNTIME_PREFIX`.
     """
     kinds = {"llmpress_attn": AttentionRuntime, "llmpress_down_in": OnlineRotation, "llmpress_out_rot": OnlineRotation}
-    odd = [f"{n}.{a}" for n, m in model.named_modules() for a, k in kinds.items() if getattr(m, a, None) is not None and not isinstance(getattr(m, a), k)]
+    odd = [
+        f"{n}.{a}" for n, m in model.named_modules() for a, k in kinds.items() if getattr(m, a, None) is not None and not isinstance(getattr(m, a), k)
+    ]
     if odd:
         raise UserError(f"the model carries run-time modules llmpress cannot save ({_some(odd)}); a checkpoint could not rebuild them")
     desc: dict = {}
@@ -133,10 +136,12 @@ def prepare(model: nn.Module, desc: dict, tensors: dict[str, torch.Tensor], what
 def runtime_tensors(tensors: dict[str, torch.Tensor], desc: dict, what: str) -> dict[str, torch.Tensor]:
     """Remove and return the run-time tensors of ``tensors`` (prefix stripped), checked
     against what the description needs."""
-    got = {k[len(RUNTIME_PREFIX):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(RUNTIME_PREFIX)]}
+    got = {k[len(RUNTIME_PREFIX) :]: tensors.pop(k) for k in [k for k in tensors if k.startswith(RUNTIME_PREFIX)]}
     rt = desc.get("runtime")
     if rt is not None and rt.get("format") != rotation_state.FORMAT:
-        raise UserError(f"{what}: run-time section {rt.get('format')!r} unknown (this llmpress reads {rotation_state.FORMAT}); written by a newer llmpress?")
+        raise UserError(
+            f"{what}: run-time section {rt.get('format')!r} unknown (this llmpress reads {rotation_state.FORMAT}); written by a newer llmpress?"
+        )
     try:
         need = rotation_state.tensor_names(rt) if rt is not None else set()
     except (KeyError, TypeError, AttributeError) as e:
@@ -184,7 +189,9 @@ def fakequant_meta(model: nn.Module) -> dict:
     desc, _ = collect(model, state, set(skeleton(model.config, meta=True).state_dict()))
     bad = _refused_in_hf(desc)
     if bad:
-        raise UserError(f"--format hf-fakequant cannot store {', '.join(bad)}: a Hugging Face folder runs without them as another model; save in the default packed format")
+        raise UserError(
+            f"--format hf-fakequant cannot store {', '.join(bad)}: a Hugging Face folder runs without them as another model; save in the default packed format"
+        )
     return {k: desc[k] for k in ("runtime", "llm_int8") if k in desc}
 
 
@@ -192,7 +199,9 @@ def attach_fakequant(model: nn.Module, meta: dict, where: str) -> None:
     """Re-attach what :func:`fakequant_meta` stored to a model loaded from the folder."""
     m = re.fullmatch(r"llmpress-fakequant-v(\d+)", str(meta.get("format", "")))
     if m and int(m.group(1)) > 1:
-        raise UserError(f"{where}: written by a newer llmpress (format {meta['format']}; this llmpress reads up to {FAKEQUANT_FORMAT}): upgrade llmpress")
+        raise UserError(
+            f"{where}: written by a newer llmpress (format {meta['format']}; this llmpress reads up to {FAKEQUANT_FORMAT}): upgrade llmpress"
+        )
     attach(model, meta, {}, where)
 
 

@@ -1,4 +1,5 @@
 """A fresh model of a config, with uninitialized (or meta-device) tensors."""
+
 from __future__ import annotations
 
 import torch

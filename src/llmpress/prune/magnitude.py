@@ -1,5 +1,6 @@
 """Magnitude pruning: the data-free baseline. Zero the smallest |w| of each output row
 (``per_row``, the comparison group Wanda uses), of the whole layer, or N:M."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

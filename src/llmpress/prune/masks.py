@@ -6,6 +6,7 @@ w^2 / [H^-1]_jj^2; Wanda: |w| * ||X_j||).
 N:M semi-structured sparsity keeps ``n`` non-zeros in every ``m`` consecutive input
 columns of each row (2:4, 4:8), the layout sparse tensor cores accelerate.
 """
+
 from __future__ import annotations
 
 import torch

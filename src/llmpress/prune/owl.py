@@ -12,6 +12,7 @@ The ``owl`` stage (model scope, before the engine) stores each targeted linear's
 (s_l - s) on the module; the unstructured pruning stages that follow (``sparsegpt``,
 ``wanda``, ``magnitude``) add it to their own ``sparsity``. N:M patterns ignore it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -69,11 +70,13 @@ def block_outlier_ratios(model: nn.Module, spec, data: torch.Tensor, names: list
     sumsq: dict[str, torch.Tensor] = {}
     handles = []
     for n in names:
+
         def hook(_mod, inp, _out, _n=n):
             x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
             acc = sumsq.get(_n)
             sq = (x * x).sum(0)
             sumsq[_n] = sq if acc is None else acc + sq
+
         handles.append(get_module(model, n).register_forward_hook(hook))
     dev = next(model.parameters()).device
     try:

@@ -20,6 +20,7 @@ With ``weights`` (QuantArgs) the kept weights are quantized in the same pass (jo
 sparsity + quantization; scales from the original weight, see ``static_groups``);
 pruned weights are exact zeros of the grid.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,7 +32,16 @@ from ..errors import RecipeError, UserError
 from ..quant.args import QuantArgs
 from ..quant.core import QParams, compute_qparams
 from ..quant.hessian import inverse_cholesky, layer_error, prepare
-from ..quant.sweep import ColumnQuantizer, SweepBlock, activation_order, column_sweep, importance, record_solver_notes, solver_threads, validate_solver_fields
+from ..quant.sweep import (
+    ColumnQuantizer,
+    SweepBlock,
+    activation_order,
+    column_sweep,
+    importance,
+    record_solver_notes,
+    solver_threads,
+    validate_solver_fields,
+)
 from ..registry import ModuleContext, register
 from .masks import describe_pattern, effective_sparsity, nm_prune_mask, sparsity_of, topk_prune_mask, validate_pattern
 
@@ -162,7 +172,14 @@ def sparsegpt_prune(
         return res
 
 
-def refit_to_mask(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, damp: float = 0.01, swept: torch.Tensor | None = None, max_chunk_bytes: int = 1 << 28) -> torch.Tensor:
+def refit_to_mask(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    mask: torch.Tensor,
+    damp: float = 0.01,
+    swept: torch.Tensor | None = None,
+    max_chunk_bytes: int = 1 << 28,
+) -> torch.Tensor:
     """The kept weights that minimize ``tr((W - W0) H (W - W0)^T)`` for a fixed mask.
 
     Row r with kept columns K and pruned P (w_P = 0): ``w_K = w0_K + H_KK^-1 H_KP w0_P``
@@ -247,10 +264,24 @@ def _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name, 
 
     Qt, Et = column_sweep(Wt, U, block_size, target, start_block)
     loss = float(Et.double().pow(2).sum() / 2)
-    return SparseGPTResult(weight=Qt.t().contiguous(), mask=Mt.t().contiguous(), qparams=None if cq is None else cq.qparams(), damp=fac.damp, damp_retries=fac.retries, loss=loss, dead=int(dead.sum()), fallback=fac.fallback)
+    return SparseGPTResult(
+        weight=Qt.t().contiguous(),
+        mask=Mt.t().contiguous(),
+        qparams=None if cq is None else cq.qparams(),
+        damp=fac.damp,
+        damp_retries=fac.retries,
+        loss=loss,
+        dead=int(dead.sum()),
+        fallback=fac.fallback,
+    )
 
 
-@register("sparsegpt", SparseGPT, needs=("hessian",), summary="SparseGPT: one-shot pruning (unstructured or N:M) with OBS compensation, optionally joint quantization")
+@register(
+    "sparsegpt",
+    SparseGPT,
+    needs=("hessian",),
+    summary="SparseGPT: one-shot pruning (unstructured or N:M) with OBS compensation, optionally joint quantization",
+)
 def sparsegpt(ctx: ModuleContext, cfg: SparseGPT) -> None:
     sparsity = effective_sparsity(ctx.module, cfg.sparsity, cfg.m)
     res = sparsegpt_prune(

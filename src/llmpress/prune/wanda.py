@@ -7,6 +7,7 @@ of ``m`` consecutive input columns of a row keeps its ``n`` highest scores. No w
 update. Run by the sequential engine, each block's norms come from inputs that already
 went through the pruned earlier blocks.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

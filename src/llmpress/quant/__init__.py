@@ -1,4 +1,5 @@
 """Quantization primitives and weight solvers."""
+
 from .args import QuantArgs
 from .core import compute_qparams, dequantize, fake_quantize, quantize, quantize_weight
 from .pack import pack_codes, unpack_codes

@@ -1,4 +1,5 @@
 """Quantization arguments: one frozen dataclass, validated on construction."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields

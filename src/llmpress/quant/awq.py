@@ -17,6 +17,7 @@ to minimize the error of the group's partial output ``X_g w_g`` on a token subsa
 Finally the weights are quantized with round-to-nearest on the same grid
 (``quantize: true``) or left in float for a following stage (``[awq(quantize=false), gptq]``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -102,7 +103,9 @@ def _clamp_groups(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ratio, a
     return torch.maximum(torch.minimum(wg, (hi * ratio).unsqueeze(-1)), (lo * ratio).unsqueeze(-1))
 
 
-def clip_search(weight: torch.Tensor, x: torch.Tensor, args: QuantArgs, grid: int = 20, max_shrink: float = 0.5, row_chunk: int = 256) -> torch.Tensor:
+def clip_search(
+    weight: torch.Tensor, x: torch.Tensor, args: QuantArgs, grid: int = 20, max_shrink: float = 0.5, row_chunk: int = 256
+) -> torch.Tensor:
     """Clip ratio per quantization group [out, G] minimizing the group's output error.
 
     For group g of row o: err(p) = mean_t (x_tg . w_og - x_tg . Q_p(w_og))^2 where Q_p
@@ -184,7 +187,9 @@ def _subsample(x: torch.Tensor, n: int) -> torch.Tensor:
     return x[idx]
 
 
-@register("awq", AWQ, scope="block", summary="AWQ: activation-aware per-channel scales (grid search) + clipping search, then RTN or a following stage")
+@register(
+    "awq", AWQ, scope="block", summary="AWQ: activation-aware per-channel scales (grid search) + clipping search, then RTN or a following stage"
+)
 def awq(ctx, cfg: AWQ) -> None:
     spec = ctx.spec
     groups = [g for g in scale_groups(spec, cfg.attn_out, cfg.mlp_out) if all(p in ctx.targets for p in g.linears)]

@@ -11,6 +11,7 @@ Statistics are taken per group: a weight [out, in] is viewed as [R, G, g]
 (tensor: [1, 1, out*in]; channel: [out, 1, in]; group: [out, in/g, g]); an activation
 [..., d] per token is viewed as [tokens, 1, d].
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -114,7 +115,7 @@ def _mse_search(xg, lo, hi, args: QuantArgs, importance) -> QParams:
     (about 3x fewer evaluations than a flat grid, same optimum to within one fine step).
     """
     step = args.mse_maxshrink / args.mse_grid
-    n_coarse = max(2, int(round(args.mse_grid ** 0.5 * 2)))
+    n_coarse = max(2, int(round(args.mse_grid**0.5 * 2)))
     coarse = max(1, args.mse_grid // n_coarse)  # fine steps per coarse step
     best_err = torch.full_like(lo, float("inf"))
     best_p = torch.ones_like(lo)
@@ -158,7 +159,9 @@ def fake_quantize(x: torch.Tensor, args: QuantArgs, qp: QParams | None = None, n
     return _dequant(_codes(xg, qp, args), qp).reshape(x.shape).to(x.dtype)
 
 
-def quantize_weight(w: torch.Tensor, args: QuantArgs, name: str | None = None, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, QParams]:
+def quantize_weight(
+    w: torch.Tensor, args: QuantArgs, name: str | None = None, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, QParams]:
     """Round-to-nearest on a weight: (dequantized weight, qparams)."""
     qp = compute_qparams(w, args, name, importance)
     return fake_quantize(w, args, qp, name), qp

@@ -29,6 +29,7 @@ from the original weight before the loop. Group scales are computed
 The result holds the dequantized weight and QParams such that
 ``quantize(W_hat, qparams, args)`` returns the exact integer codes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -180,7 +181,16 @@ def _gptq(W, H, dead, args, block_size, damp, act_order, static, mse_importance,
     Q = Qt.t()
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    return GPTQResult(weight=Q.contiguous(), qparams=cq.qparams(), damp=fac.damp, damp_retries=fac.retries, loss=loss, dead=int(dead.sum()), perm=perm, fallback=fac.fallback)
+    return GPTQResult(
+        weight=Q.contiguous(),
+        qparams=cq.qparams(),
+        damp=fac.damp,
+        damp_retries=fac.retries,
+        loss=loss,
+        dead=int(dead.sum()),
+        perm=perm,
+        fallback=fac.fallback,
+    )
 
 
 @register("gptq", GPTQ, needs=("hessian",), summary="GPTQ: second-order weight quantization with error feedback (OBS family)")

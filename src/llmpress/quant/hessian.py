@@ -11,6 +11,7 @@ divided by sqrt of its diagonal is row i of the *upper Cholesky factor* U of H^-
 (``H^-1 = U^T U``). So one Cholesky replaces all the rank-one eliminations: GPTQ's
 reformulation, used by GPTQ and SparseGPT alike.
 """
+
 from __future__ import annotations
 
 import logging
@@ -88,12 +89,20 @@ def inverse_cholesky(H: torch.Tensor, damp: float, name: str | None = None) -> I
             U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info2) == 0 and torch.isfinite(U).all():
                 if attempt:
-                    log.warning("%sCholesky failed at lower damping; succeeded with damp=%.3g after %d retr%s",
-                                f"{name}: " if name else "", d, attempt, "y" if attempt == 1 else "ies")
+                    log.warning(
+                        "%sCholesky failed at lower damping; succeeded with damp=%.3g after %d retr%s",
+                        f"{name}: " if name else "",
+                        d,
+                        attempt,
+                        "y" if attempt == 1 else "ies",
+                    )
                 return InverseFactor(U=U, damp=d, retries=attempt)
         d = d * DAMP_GROWTH if d > 0 else 0.01
-    log.warning("%sno damping up to %.3g made the Hessian positive definite; falling back to its diagonal (no error feedback)",
-                f"{name}: " if name else "", d / DAMP_GROWTH)
+    log.warning(
+        "%sno damping up to %.3g made the Hessian positive definite; falling back to its diagonal (no error feedback)",
+        f"{name}: " if name else "",
+        d / DAMP_GROWTH,
+    )
     dg = diag.abs()
     dg = torch.where(dg > 0, dg, torch.ones_like(dg))
     U = torch.diag(dg.rsqrt())

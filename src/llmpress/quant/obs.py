@@ -15,6 +15,7 @@ O(rows * cols^2) per removed weight in float64: only for small matrices (a test 
 GPTQ equals OBQ with a fixed column order shared by all rows (and the grid fixed before
 the loop); OBQ's greedy order per row is usually a little better, never guaranteed.
 """
+
 from __future__ import annotations
 
 import torch

@@ -17,6 +17,7 @@ Storage, counted honestly in the record (``notes["extra_bits"]``, which
 :meth:`ModuleRecord.bits_per_weight` adds): 16-bit value + 16-bit column index per kept
 weight, plus (out + 1) 32-bit row pointers.
 """
+
 from __future__ import annotations
 
 import warnings

@@ -5,6 +5,7 @@ consecutive codes along the last dimension becomes ``b`` int32 words holding a 3
 little-endian stream: code j occupies bits [j*b, (j+1)*b). For b in {1, 2, 4, 8} this is
 the usual layout (32/b codes per word, code i at bit i*b).
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,7 +15,7 @@ def pack_codes(codes: torch.Tensor, bits: int, offset: int = 0) -> torch.Tensor:
     """codes [..., n] (integers in [-offset, 2^bits - offset)) -> int32 [..., ceil(n/32) * bits]."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits={bits}: packing supports 1 to 8 bits")
-    u = (codes.to(torch.int64) + offset)
+    u = codes.to(torch.int64) + offset
     if u.numel() and (int(u.min()) < 0 or int(u.max()) >= 2**bits):
         raise ValueError(f"codes out of range for {bits}-bit packing with offset {offset}")
     *lead, n = u.shape

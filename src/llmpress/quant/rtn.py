@@ -1,4 +1,5 @@
 """Round-to-nearest: quantize each weight independently (no data)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

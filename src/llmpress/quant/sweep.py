@@ -17,6 +17,7 @@ optionally, work at the start of each block, e.g. SparseGPT's mask selection).
 Everything works on the transposed weight ``Wt`` [C, R] (column j of W is the contiguous
 row j of Wt).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -144,6 +145,7 @@ def current_rows(Wt, E1, U, i1: int, i: int, i2: int, c0: int, c1: int) -> torch
     if i > 0:
         beyond = beyond - U[i1 : i1 + i, i2:c1].t() @ E1[:i]
     return torch.cat([inside, beyond], dim=0)
+
 
 @dataclass(kw_only=True)
 class SweepBlock:

@@ -1,4 +1,5 @@
 """Runtime modules used by compressed models."""
+
 from .act_quant import ActQuantLinear
 
 __all__ = ["ActQuantLinear"]

@@ -4,6 +4,7 @@ The input of the linear is quantized per token at run time (scale from each toke
 range), multiplied with the (already quantized) weight, and the result stays in floating
 point: dequantization happens before any non-linear function, as the seeds describe.
 """
+
 from __future__ import annotations
 
 import torch

@@ -18,6 +18,7 @@ with the OpenMP runtime torch itself uses. Where it cannot be built (no compiler
 AVX2, ``LLMPRESS_CPU_KERNELS=0``) :func:`kernels` returns None and the runtime uses
 torch's kernels; the reason is logged once.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -93,8 +94,12 @@ def _build():
         progress.note(BUILD_NOTICE)
     t = time.perf_counter()
     mod = load(
-        name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-        build_directory=str(build), verbose=False,
+        name=name,
+        sources=[str(SOURCE)],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build),
+        verbose=False,
     )
     if compiling:
         progress.note(f"llmpress CPU kernels built in {time.perf_counter() - t:.0f} s (cached in {build})")

@@ -27,6 +27,7 @@ Integer GEMM backends (:func:`int8_mm`), all exact:
   FMAs over integer products, equal to the integer sum up to float32 rounding (partial
   sums can pass 2^24 for K > 1040), streaming each weight byte once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -74,7 +75,11 @@ def _mm_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         key = ("int_mm_failed", a.device.type)
         if key not in _state:
             _state[key] = True
-            warnings.warn(f"torch._int_mm failed for shapes {tuple(a.shape)} x {tuple(b.shape)} ({e}); using the int32-accumulate path", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"torch._int_mm failed for shapes {tuple(a.shape)} x {tuple(b.shape)} ({e}); using the int32-accumulate path",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return _mm_int32(a, b)
 
 
@@ -133,7 +138,9 @@ def weight_codes(weight: torch.Tensor, qparams: QParams | None = None) -> tuple[
     return codes, scale
 
 
-def int8_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+def int8_linear(
+    x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "auto"
+) -> torch.Tensor:
     """Per-token dynamic int8 activations times int8 weights, int32 accumulate, float out."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -185,8 +192,13 @@ class Int8Linear(nn.Module):
 def _is_a8_token(args) -> bool:
     # the integer kernels take s_t = max|x_t| / 127: other grids stay fake-quantized
     return (
-        args.kind == "int" and args.bits == 8 and args.symmetric and args.granularity == "token"
-        and args.observer == "minmax" and not args.full_range and args.clip_ratio == 1.0
+        args.kind == "int"
+        and args.bits == 8
+        and args.symmetric
+        and args.granularity == "token"
+        and args.observer == "minmax"
+        and not args.full_range
+        and args.clip_ratio == 1.0
     )
 
 

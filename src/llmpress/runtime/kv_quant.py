@@ -25,6 +25,7 @@ only keys need the online one (RoPE sits between k_proj and the cache).
 
 In training (SpinQuant) the quantizers use a straight-through estimator.
 """
+
 from __future__ import annotations
 
 import copy

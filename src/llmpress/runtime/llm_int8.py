@@ -14,6 +14,7 @@ float (or W8A16) matmul. Each module counts the share of outlier columns per cal
 ``llm_int8`` recipe method puts the live counters into the layer's record notes, and
 :func:`llm_int8_stats` reads them after an evaluation.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,7 +52,14 @@ def llm_int8_matmul(
 
 
 def new_counters(threshold: float, in_features: int) -> dict:
-    return {"threshold": threshold, "in_features": in_features, "calls": 0, "mean_outlier_share": 0.0, "max_outlier_share": 0.0, "last_outlier_columns": 0}
+    return {
+        "threshold": threshold,
+        "in_features": in_features,
+        "calls": 0,
+        "mean_outlier_share": 0.0,
+        "max_outlier_share": 0.0,
+        "last_outlier_columns": 0,
+    }
 
 
 class LLMInt8Linear(nn.Linear):
@@ -82,7 +90,9 @@ class LLMInt8Linear(nn.Linear):
         return super().extra_repr() + f", llm_int8(threshold={self.threshold}, backend={self.backend})"
 
 
-def install_llm_int8(linear: nn.Linear, threshold: float = 6.0, outlier_weights: str = "int8", backend: str = "auto", qparams: QParams | None = None) -> QParams:
+def install_llm_int8(
+    linear: nn.Linear, threshold: float = 6.0, outlier_weights: str = "int8", backend: str = "auto", qparams: QParams | None = None
+) -> QParams:
     """Turn ``linear`` into an :class:`LLMInt8Linear` in place; returns the weight's qparams.
 
     With ``outlier_weights="int8"`` the float weight is replaced by its dequantized int8

@@ -30,6 +30,7 @@ non-persistent: a state dict holds the folded weights only; the packed checkpoin
 these modules beside it (:mod:`llmpress.runtime.rotation_state`,
 :mod:`llmpress.export.runtime_state`) and re-attaches them when loaded.
 """
+
 from __future__ import annotations
 
 import functools

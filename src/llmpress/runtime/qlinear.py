@@ -32,6 +32,7 @@ activations the name says; torch's float32 path of these kernels is a slow refer
 loop on x86, see benchmarks/serve_bench.py). Outputs then match the fake-quantized
 model to bfloat16 rounding of the activations, not bit for bit.
 """
+
 from __future__ import annotations
 
 import logging
@@ -99,7 +100,14 @@ class DequantLinear(_Base):
     def _decoded(self) -> Decoded:
         from ..quant.core import QParams
 
-        return Decoded(codes=self.codes, qparams=QParams(scale=self.scale, zero_point=self.zero_point), args=self.args, g_idx=self.g_idx, exc_index=self.exc_index, exc_value=self.exc_value)
+        return Decoded(
+            codes=self.codes,
+            qparams=QParams(scale=self.scale, zero_point=self.zero_point),
+            args=self.args,
+            g_idx=self.g_idx,
+            exc_index=self.exc_index,
+            exc_value=self.exc_value,
+        )
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         if self.args is None:
@@ -254,7 +262,14 @@ class Int8WeightOnlyLinear(_Base):
         return self._out(torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scales), x)
 
 
-def build_linear(spec: LinearSpec, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, backend: str = "auto", device: str | torch.device = "cpu", act_dtype: torch.dtype = KERNEL_ACT_DTYPE) -> nn.Module:
+def build_linear(
+    spec: LinearSpec,
+    tensors: dict[str, torch.Tensor],
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+    device: str | torch.device = "cpu",
+    act_dtype: torch.dtype = KERNEL_ACT_DTYPE,
+) -> nn.Module:
     """The runtime module for one stored linear: its storage form's ``build``.
 
     For integer grids (:mod:`llmpress.storage.forms.int_grid`): ``backend="dequant"`` always

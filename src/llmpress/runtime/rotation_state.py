@@ -12,6 +12,7 @@ Hadamard rotations carry no tensors (rebuilt from their size).
 Found generically from the attachment attributes: ``llmpress_attn`` on attention modules,
 ``llmpress_down_in`` on MLPs, ``llmpress_out_rot`` on norms.
 """
+
 from __future__ import annotations
 
 import torch

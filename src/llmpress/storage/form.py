@@ -23,6 +23,7 @@ runtime floor, above this module, since each names its runtime module). :func:`e
 picks a layer's form (``record.form``, else an integer grid when the layer has weight
 quantization arguments, else a sparse mask when it was pruned).
 """
+
 from __future__ import annotations
 
 import functools
@@ -93,13 +94,22 @@ class LinearSpec:
             form = get_form(kind)
             version = int(d.get("version", 1))
             if version > form.version:
-                raise UserError(f"checkpoint config {where}: storage form {kind!r} v{version} is newer than this llmpress reads (v{form.version}); upgrade llmpress")
+                raise UserError(
+                    f"checkpoint config {where}: storage form {kind!r} v{version} is newer than this llmpress reads (v{form.version}); upgrade llmpress"
+                )
             spec = cls(
-                kind=kind, out_features=out_f, in_features=in_f,
+                kind=kind,
+                out_features=out_f,
+                in_features=in_f,
                 weight_args=QuantArgs.from_dict(d["weights"], f"{where}.weights") if d.get("weights") else None,
                 act_args=QuantArgs.from_dict(d["activations"], f"{where}.activations") if d.get("activations") else None,
-                sparsity=float(d.get("sparsity", 0.0)), structure=d.get("structure"), has_g_idx=bool(d.get("g_idx", False)),
-                n_exceptions=int(d.get("exceptions", 0)), methods=list(d.get("methods", [])), meta=dict(d.get("meta") or {}), version=version,
+                sparsity=float(d.get("sparsity", 0.0)),
+                structure=d.get("structure"),
+                has_g_idx=bool(d.get("g_idx", False)),
+                n_exceptions=int(d.get("exceptions", 0)),
+                methods=list(d.get("methods", [])),
+                meta=dict(d.get("meta") or {}),
+                version=version,
             )
             form.check_spec(spec)
             return spec
@@ -152,10 +162,18 @@ class LayerState:
         """From a :class:`~llmpress.registry.ModuleRecord` (the one place that reads its ``notes``)."""
         g_idx = record.notes.get("g_idx")
         return cls(
-            name=record.name, out_features=record.out_features, in_features=record.in_features, weight=weight,
-            weight_args=record.weight_args, qparams=record.qparams, act_args=record.act_args, sparsity=record.sparsity,
-            methods=list(record.methods), g_idx=None if g_idx is None else torch.as_tensor(g_idx, dtype=torch.int32).reshape(-1),
-            extra_bits=float(record.notes.get("extra_bits", 0)), form=getattr(record, "form", None),
+            name=record.name,
+            out_features=record.out_features,
+            in_features=record.in_features,
+            weight=weight,
+            weight_args=record.weight_args,
+            qparams=record.qparams,
+            act_args=record.act_args,
+            sparsity=record.sparsity,
+            methods=list(record.methods),
+            g_idx=None if g_idx is None else torch.as_tensor(g_idx, dtype=torch.int32).reshape(-1),
+            extra_bits=float(record.notes.get("extra_bits", 0)),
+            form=getattr(record, "form", None),
         )
 
 
@@ -183,7 +201,16 @@ class StorageForm:
         """Theoretical bits of the stored layer (``nbytes``: bytes of each of its tensors)."""
         return 8.0 * sum(nbytes.values())
 
-    def build(self, spec: LinearSpec, tensors: dict[str, torch.Tensor], *, bias: torch.Tensor | None = None, backend: str = "auto", device: str | torch.device = "cpu", act_dtype: torch.dtype | None = None):
+    def build(
+        self,
+        spec: LinearSpec,
+        tensors: dict[str, torch.Tensor],
+        *,
+        bias: torch.Tensor | None = None,
+        backend: str = "auto",
+        device: str | torch.device = "cpu",
+        act_dtype: torch.dtype | None = None,
+    ):
         """The runtime module serving the layer (activation quantization included)."""
         raise NotImplementedError
 
@@ -206,8 +233,17 @@ class StorageForm:
         """A :class:`LinearSpec` of this form with the fields every form records."""
         pruned = state.sparsity > 0  # zeros a pruning method made (not a grid's natural zero codes)
         structure = structure_of(state.weight) if pruned and state.weight is not None else None
-        return LinearSpec(kind=self.name, out_features=state.out_features, in_features=state.in_features, act_args=state.act_args,
-                          sparsity=state.sparsity, structure=structure, methods=list(state.methods), version=self.version, **kw)
+        return LinearSpec(
+            kind=self.name,
+            out_features=state.out_features,
+            in_features=state.in_features,
+            act_args=state.act_args,
+            sparsity=state.sparsity,
+            structure=structure,
+            methods=list(state.methods),
+            version=self.version,
+            **kw,
+        )
 
 
 def structure_of(weight: torch.Tensor) -> str | None:

@@ -4,6 +4,7 @@ with an optional column -> group index, and the decoded form runtime modules com
 The layout (``qweight``, ``scale``, ``zero_point``, ``g_idx``, ``exc_index``/``exc_value``)
 is described in :mod:`llmpress.storage.forms.int_grid`, the form that stores it.
 """
+
 from __future__ import annotations
 
 import sys
@@ -142,7 +143,9 @@ def decode_quant(spec: LinearSpec, t: dict[str, torch.Tensor]) -> Decoded:
     a = spec.weight_args
     u = unpack_unsigned(t["qweight"], a.bits, spec.in_features)
     codes = from_unsigned(u, a).to(torch.int8 if a.bits < 8 or a.symmetric else torch.int16)
-    return Decoded(codes=codes, qparams=decode_qparams(spec, t), args=a, g_idx=t.get("g_idx"), exc_index=t.get("exc_index"), exc_value=t.get("exc_value"))
+    return Decoded(
+        codes=codes, qparams=decode_qparams(spec, t), args=a, g_idx=t.get("g_idx"), exc_index=t.get("exc_index"), exc_value=t.get("exc_value")
+    )
 
 
 def dequant_decoded(d: Decoded, dtype=torch.float32) -> torch.Tensor:

@@ -29,6 +29,7 @@ Where the invariance allows (see :mod:`llmpress.transform.rotate`):
   itself does not rotate the cache). The paper's optional smoothing step is left to a
   separate smoothing stage.
 """
+
 from __future__ import annotations
 
 import logging
@@ -165,8 +166,10 @@ def collect_inputs(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, site
     handles = []
     for i, block in enumerate(layers):
         for s, path in sites.items():
+
             def hook(_m, inp, _k=(i, s)):
                 samplers[_k].add(inp[0])
+
             handles.append(get_module(block, path).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -245,10 +248,7 @@ def duquant(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
             x = torch.cat([samples[(i, s)] for i in range(n) for s in ("attn_in", "mlp_in")])
             plan.residual = search(x, cfg.seed, "residual").matrix().T.contiguous()
         else:
-            plan.norm_in = [
-                tuple(search(samples[(i, s)], cfg.seed + i, f"block {i} {s}") for s in ("attn_in", "mlp_in"))
-                for i in range(n)
-            ]
+            plan.norm_in = [tuple(search(samples[(i, s)], cfg.seed + i, f"block {i} {s}") for s in ("attn_in", "mlp_in")) for i in range(n)]
         if cfg.online_o:
             big_q = torch.block_diag(*([q_values] * n_h)).float() if q_values is not None else None
             plan.o_in = []
@@ -261,6 +261,12 @@ def duquant(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
             plan.down_in = [search(samples[(i, "down_in")], cfg.seed + 2000 + i, f"block {i} down_in") for i in range(n)]
     if cfg.rotate_qk:
         plan.qk = [online(hd, "hadamard", cfg.seed + 4, "q/k head")] * n
-    plan.notes = {"method": "duquant", "block_size": cfg.block_size, "steps": cfg.steps, "windows": int(windows.shape[0]), "residual_mode": "offline" if offline else "online"}
+    plan.notes = {
+        "method": "duquant",
+        "block_size": cfg.block_size,
+        "steps": cfg.steps,
+        "windows": int(windows.shape[0]),
+        "residual_mode": "offline" if offline else "online",
+    }
     summary = apply_plan(model, spec, plan)
     log.info("duquant: %s", summary)

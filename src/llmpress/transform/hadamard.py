@@ -22,6 +22,7 @@ Convention: a transform of a row vector x is ``x @ M.T`` (``y_i = sum_j M_ij x_j
 by fast Walsh-Hadamard butterflies (:func:`fwht`) or, faster on CPU, as two small matrix
 products H_a X S_b with n = a * b (the Kronecker structure of H_n).
 """
+
 from __future__ import annotations
 
 import functools

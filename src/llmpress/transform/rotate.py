@@ -3,6 +3,7 @@
 The rotations themselves (norm fusion, residual/value/online rotations, the plan that
 applies them) are in :mod:`llmpress.transform.rotation`, shared with DuQuant and SpinQuant.
 """
+
 from __future__ import annotations
 
 import logging
@@ -102,4 +103,6 @@ def kv_quant(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
             if a is not None and a.granularity == "group" and hd % a.group_size:
                 raise UserError(f"kv_quant.{what}: group_size {a.group_size} does not divide head_dim {hd}")
         set_kv_quant(attn, cfg.keys, cfg.values)
-    record_transform(model, {"method": "kv_quant", "keys": cfg.keys.describe() if cfg.keys else None, "values": cfg.values.describe() if cfg.values else None})
+    record_transform(
+        model, {"method": "kv_quant", "keys": cfg.keys.describe() if cfg.keys else None, "values": cfg.values.describe() if cfg.values else None}
+    )

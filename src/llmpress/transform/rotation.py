@@ -41,6 +41,7 @@ the attention output and the down_proj input, exactly as for llama; (3) q/k per 
 after RoPE and QK-norm (the QK-norm acts before the online rotation, so it is untouched).
 The post-norms themselves, the final norm and the (unquantized, tied) head stay as they are.
 """
+
 from __future__ import annotations
 
 import logging

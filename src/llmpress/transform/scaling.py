@@ -22,6 +22,7 @@ into v_proj's bias (softmax rows sum to one: ``attn(V - z) = attn(V) - z``); aft
 gated product of the MLP there is no place to subtract a constant, so up -> down takes
 scales only.
 """
+
 from __future__ import annotations
 
 import math
@@ -270,6 +271,7 @@ def capture_calls(ctx, paths: list[str], n_batches: int) -> dict[str, list[tuple
     calls: dict[str, list] = {p: [] for p in paths}
     handles = []
     for p in dict.fromkeys(paths):
+
         def hook(_m, args, kwargs, _p=p):
             calls[_p].append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
 

@@ -18,6 +18,7 @@ With ``shift`` (Outlier Suppression+, Wei et al., 2023) each channel is first ce
 linears' biases (created when missing) and, after a norm, a :class:`NormShift` wrapper;
 the scales are then computed on the centred ranges ``(max_j - min_j) / 2``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -139,7 +140,12 @@ def score_candidate(ctx, groups, gstats, alphas: list, cfg, ref: list[torch.Tens
     return sum(e for e, _ in per_batch) / max(sum(n for _, n in per_batch), 1)
 
 
-@register("smoothquant", SmoothQuant, scope="block", summary="SmoothQuant: migrate activation outliers into the weights (per-channel scales folded offline), optional OS+ shift")
+@register(
+    "smoothquant",
+    SmoothQuant,
+    scope="block",
+    summary="SmoothQuant: migrate activation outliers into the weights (per-channel scales folded offline), optional OS+ shift",
+)
 def smoothquant(ctx, cfg: SmoothQuant) -> None:
     groups = [g for g in scale_groups(ctx.spec, cfg.attn_out, cfg.mlp_out) if all(p in ctx.targets for p in g.linears)]
     if not groups:

@@ -30,6 +30,7 @@ Gemma3: its post-norms block the residual rotation (see :mod:`.rotate`); R1 is t
 learned -- the norm outputs get the fixed online Hadamard, as in QuaRot -- and only R2
 is learned.
 """
+
 from __future__ import annotations
 
 import logging
@@ -446,7 +447,9 @@ def spinquant(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
     r1, r2, losses, trace = learn_rotations(model, spec, cfg, windows, r1, r2, o_rot, down_rot, qk_rot, val)
     best_step = min(trace, key=lambda t: t[1])[0] if trace else cfg.steps
     errs = [orthogonality_error(r) for r in ([r1] if r1 is not None else []) + r2]
-    plan = RotationPlan(residual=r1, values=r2, o_in=[o_rot] * n if o_rot else None, down_in=[down_rot] * n if down_rot else None, qk=[qk_rot] * n if qk_rot else None)
+    plan = RotationPlan(
+        residual=r1, values=r2, o_in=[o_rot] * n if o_rot else None, down_in=[down_rot] * n if down_rot else None, qk=[qk_rot] * n if qk_rot else None
+    )
     plan.notes = {
         "method": "spinquant",
         "steps": cfg.steps,

@@ -2,6 +2,7 @@
 (a layer with activation quantization only, or a quantized layer whose weight left its
 grid after quantization). The form stores no tensors of its own; the spec keeps the
 activation quantizer, which the loader wraps around the plain linear."""
+
 from __future__ import annotations
 
 from ...errors import UserError

@@ -29,6 +29,7 @@ applies, else :class:`~llmpress.runtime.qlinear.DequantLinear` (exact). compress
 ``pack-quantized`` (weight-only) or ``int-quantized`` (W8A8); ternary / binary codes,
 act-order groups, kept outliers and unsupported activation schemes are refused.
 """
+
 from __future__ import annotations
 
 import torch

@@ -10,6 +10,7 @@ kernel). Size accounting: at ``dense_bits`` per weight like an uncompressed line
 runtime gains nothing from the zeros); the checkpoint holds 1 mask bit per weight plus the
 kept values. compressed-tensors 0.20 has no sparse format: the layer exports dense.
 """
+
 from __future__ import annotations
 
 import torch
