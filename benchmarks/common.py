@@ -11,7 +11,6 @@ from pathlib import Path
 from llmpress import api, models
 from llmpress.eval.perplexity import perplexity
 
-
 EVAL_SOURCES = "wiki,news,code"  # the three test texts of issue 22 (docs/second-order.md)
 
 

@@ -53,7 +53,6 @@ VARIANTS = {
     "gptq-natural-restricted-grid": (_gptq(act_order=False, weights={**W4, "full_range": False}), {}),
     "gptq-act-order-shrink0.2": (_gptq(act_order=True, shrink=0.2), {}),
     "gptq-act-order-shrink0.5": (_gptq(act_order=True, shrink=0.5), {}),
-    "gptq-act-order-damp0.1": (_gptq(act_order=True, damp=0.1), {}),
     "gptq-act-order-damp0.3": (_gptq(act_order=True, damp=0.3), {}),
     "gptq-act-order-damp1": (_gptq(act_order=True, damp=1.0), {}),
     "gptq-w3-act-order-damp1": (_gptq(act_order=True, damp=1.0, weights={**W4, "bits": 3}), {}),
@@ -230,7 +229,6 @@ def main(argv=None) -> int:
 def peer_row(model_name: str, calib: torch.Tensor, windows: dict, out: Path) -> dict:
     """llm-compressor in its own environment on the same calibration and test windows."""
     import numpy as np
-
     from gptq_vs_peer import ensure_peer_venv, run_peer
 
     problem = ensure_peer_venv()

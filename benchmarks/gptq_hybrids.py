@@ -15,7 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))

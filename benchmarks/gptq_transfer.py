@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import forward_each  # noqa: E402
+
 from llmpress import api, models  # noqa: E402
 from llmpress.quant.args import QuantArgs  # noqa: E402
 from llmpress.quant.core import fake_quantize  # noqa: E402
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
         print(f"block {b} done ({time.time() - t0:.0f} s)", file=sys.stderr)
     rtn = {d: tot[("rtn", 0.0)][d][0] / tot[("rtn", 0.0)][d][1] for d in domains}
     rows = []
-    print(f"\n| setting | shrink | " + " | ".join(f"{d} err / RTN" for d in domains) + " |")
+    print("\n| setting | shrink | " + " | ".join(f"{d} err / RTN" for d in domains) + " |")
     print("|---|---|" + "---|" * len(domains))
     for key, v in tot.items():
         r = {d: (v[d][0] / v[d][1]) / rtn[d] for d in domains}

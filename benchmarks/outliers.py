@@ -43,7 +43,7 @@ from llmpress import api, models
 from llmpress.calib.engine import EngineOptions
 from llmpress.quant import QuantArgs
 from llmpress.recipe import stage
-from llmpress.registry import METHODS, get_method
+from llmpress.registry import get_method
 
 SECTIONS = ("w8a8", "awq", "prune", "llm_int8", "outliers", "osplus", "gemma")
 W8 = QuantArgs(bits=8, granularity="channel")
@@ -159,7 +159,7 @@ class Runner:
 
 
 def _alpha_summary(rep) -> dict:
-    alphas = [l["smoothquant"]["alpha"] for n, l in rep.layers.items() if n.endswith("q_proj") and "smoothquant" in l]
+    alphas = [lr["smoothquant"]["alpha"] for n, lr in rep.layers.items() if n.endswith("q_proj") and "smoothquant" in lr]
     return {"alpha_per_block": alphas}
 
 

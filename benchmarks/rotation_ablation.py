@@ -109,7 +109,7 @@ def rtn_layers(base, ev, seed: int, residual: str = "offline") -> None:
         ks = [k for k in a if k.endswith(kind) and k in b]
         if not ks:
             continue
-        mean = lambda d, i: sum(d[k][i] for k in ks) / len(ks)  # noqa: E731
+        mean = lambda d, i: sum(d[k][i] for k in ks) / len(ks)  # noqa: E731, B023  (used within this iteration)
         worst = max(ks, key=lambda k: b[k][0] / a[k][0])
         print(
             f"| {kind} | {mean(a, 0):.4f} | {mean(b, 0):.4f} | {mean(a, 1):.4f} | {mean(b, 1):.4f} | {worst.split('.')[0]} ({b[worst][0] / a[worst][0]:.2f}x) |"

@@ -327,7 +327,7 @@ def markdown(res: dict, cols: list[str]) -> str:
         lines += [f"Each cell: {next(iter(fp_by))} ppl (x fp), then the ratio to full precision on " + " / ".join(list(fp_by)[1:]) + ".", ""]
     lines.append("| method | " + " | ".join(f"{c} ppl (x fp)" for c in cols) + " |")
     lines.append("|---|" + "---|" * len(cols))
-    for r, row in res["rows"].items():
+    for row in res["rows"].values():
         cells = []
         for c in cols:
             x = row["columns"].get(c)

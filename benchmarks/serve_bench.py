@@ -22,9 +22,8 @@ import json
 import sys
 from pathlib import Path
 
-from llmpress import api
+from llmpress import api, bench
 from llmpress.export.packed import read_manifest
-from llmpress import bench
 
 CHECKPOINTS = {"w4": "rtn-w4g64", "w4h8": "rtn-w4g64-head8", "w8a8": "rtn-w8a8"}
 ORDER = ["w8a8", "w4", "w4h8"]

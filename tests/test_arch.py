@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch.nn as nn
-
 from conftest import TINY_MODELS, tiny_llama
+
 from llmpress.arch import ARCHS, blocks, get_arch, get_module, set_module, supported
 from llmpress.errors import UnsupportedArchitecture
 

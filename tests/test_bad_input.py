@@ -17,9 +17,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import save_tiny_model
 from helpers import cli_fails, listing
+
 from llmpress import api
 from llmpress.cli import main
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from llmpress import bench
 from llmpress.cli import main
 from llmpress.errors import UserError
-from llmpress import bench
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_bench_cli(tmp_path, w4_dir, tiny_model_dir, capsys, monkeypatch):
     res = json.loads(js.read_text())
     assert res["baseline"] == str(tiny_model_dir)
     assert list(res["variants"]) == ["fp32", "bf16", "w4"]
-    for name, v in res["variants"].items():
+    for v in res["variants"].values():
         assert v["prefill_ms"] > 0 and v["decode_tok_s_b1"] > 0 and v["decode_tok_s_b2"] > 0
         assert len(v["raw_seconds"]["prefill"]) == 1
     fp32, bf16, w4 = (res["variants"][k] for k in ("fp32", "bf16", "w4"))

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import llmpress
 from conftest import tiny_llama, tiny_tokenizer
 from helpers import cli_fails, listing, weights_copy
+
+import llmpress
 from llmpress import CalibConfig, EvalConfig, compress, stage
 from llmpress.api import evaluation_windows, run_pipeline
 from llmpress.cli import main

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_tokenizer
+
 from llmpress import data
 from llmpress.errors import UserError
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from llmpress.calib.activations import ActivationStore, run_batches
-from llmpress.calib.engine import ActivationStore as EngineStore, BlockContext, EngineOptions
+from llmpress.calib.engine import ActivationStore as EngineStore
+from llmpress.calib.engine import BlockContext, EngineOptions
 
 
 class _Block(nn.Module):

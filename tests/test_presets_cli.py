@@ -35,12 +35,12 @@ from dataclasses import fields
 import pytest
 import torch
 import torch.nn as nn
+from conftest import shrink_env
 
 import llmpress
-from conftest import shrink_env
 from llmpress import cli
-from llmpress.arch import get_module
 from llmpress.api import EvalConfig, evaluation_windows
+from llmpress.arch import get_module
 from llmpress.eval.perplexity import perplexity
 from llmpress.export import runtime_state
 from llmpress.export.packed import FORMAT, FORMAT_V1, read_manifest

@@ -10,14 +10,13 @@ import re
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 from llmpress import compress, progress
 from llmpress.calib.engine import EngineOptions
 from llmpress.eval.perplexity import perplexity
 from llmpress.recipe import stage
 from llmpress.runtime import cpu_kernels
-
-from conftest import tiny_llama
 
 PLAIN = re.compile(r"^(?P<desc>[^:]+): +(?P<pct>\d+)% (?P<n>\d+)/(?P<total>\d+) (?P<unit>\w+) \[[^\]]+\]")
 

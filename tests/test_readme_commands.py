@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import save_tiny_model, shrink_env
+
 from llmpress.cli import build_parser
 from llmpress.data import PACKAGED as DATA_PACKAGED
 from llmpress.models import PACKAGED

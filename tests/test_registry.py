@@ -14,13 +14,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
 from conftest import tiny_llama
 from helpers import weights_copy
-from llmpress import RecipeError, compress, stage
+
+from llmpress import RecipeError, compress, registry, stage
 from llmpress.recipe import Recipe
 from llmpress.registry import METHODS, ModuleContext, get_method, load_all, method_for_config, method_index, register
-from llmpress import registry
 
 
 # ----------------------------------------------------------------------------- a new method, in one file

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 import pytest
+from conftest import shrink_env
 
 import llmpress
-from conftest import shrink_env
 from llmpress import models, shrink
 from llmpress.api import CalibConfig, EvalConfig, calibration_windows, evaluation_windows
 from llmpress.errors import UserError

@@ -11,8 +11,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import TINY_TEXT, save_tiny_model, tiny_gemma3, tiny_llama, tiny_tokenizer
+
 from llmpress import api, data
 from llmpress.cli import build_parser, compress_options, eval_config, main
 from llmpress.errors import UserError

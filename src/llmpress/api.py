@@ -16,22 +16,23 @@ import torch.nn as nn
 
 from . import data as data_mod
 from . import io_safety, models, shrink
-from .progress import scope as progress_scope
-from .prune.masks import clear_sparsity_offsets
 from .arch import get_arch, get_module, set_module
-from .calib.engine import EngineOptions, plan, run as run_engine
+from .calib.engine import EngineOptions, plan
+from .calib.engine import run as run_engine
 from .errors import UserError
 from .eval.memory import PhaseTracker, peak_gpu_mb, peak_rss_mb
 from .eval.perplexity import perplexity
 from .eval.reference import check_transfer, measure_reference
 from .eval.reference import wanted as wanted_reference
-from .eval.sources import SourceWindows, evaluation_record, set_ppl
 from .eval.size import model_size
+from .eval.sources import SourceWindows, evaluation_record, set_ppl
+from .progress import scope as progress_scope
+from .prune.masks import clear_sparsity_offsets
+from .quant.args import QuantArgs
 from .recipe import Recipe, Stage, load_recipe
-from .registry import METHODS, ModuleRecord, get_method
+from .registry import METHODS, ModuleRecord
 from .report import Report, checkpoint_bytes
 from .runtime.act_quant import ActQuantLinear
-from .quant.args import QuantArgs
 
 log = logging.getLogger(__name__)
 META_FILE = "llmpress.json"

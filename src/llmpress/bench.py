@@ -34,7 +34,8 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -256,9 +257,9 @@ def layer_kernels(name: str, model: nn.Module, base: nn.Module, cfg: BenchConfig
             x = torch.randn(m, inner.in_features)
             xb = x.to(torch.bfloat16)
             n = cfg.kernel_calls if m < 64 else max(1, cfg.kernel_calls // 10)
-            t32 = _best_time(lambda: F.linear(x, w32), n)
-            t16 = _best_time(lambda: F.linear(xb, w16), n)
-            tq = _best_time(lambda: mod(x), n)
+            t32 = _best_time(partial(F.linear, x, w32), n)
+            t16 = _best_time(partial(F.linear, xb, w16), n)
+            tq = _best_time(partial(mod, x), n)
             rows.append(
                 {
                     "variant": name,
@@ -283,7 +284,7 @@ def linear_seconds(model: nn.Module) -> float:
     total = 0.0
     for _, mod, inner in _leaf_linears(model):
         x = torch.randn(1, inner.in_features, dtype=dtype)
-        total += _best_time(lambda: mod(x), 20)
+        total += _best_time(partial(mod, x), 20)
     return total
 
 

@@ -167,7 +167,7 @@ class OutputLock:
     created_dirs: list[Path] = field(default_factory=list)
     held: bool = False
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
         self._make_parents()
         try:
             self._take(stale_notice=[])
@@ -244,7 +244,7 @@ class OutputLock:
                 break
         self.created_dirs = []
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -12,9 +12,9 @@ import importlib
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -128,7 +128,7 @@ def _release_memory() -> None:
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1 or os.sep in spec and not "/" in spec
+    return spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1 or os.sep in spec and "/" not in spec
 
 
 def resolve(spec: str) -> tuple[str, bool]:
@@ -200,9 +200,8 @@ def load(
     trust_remote_code: bool = False,
 ):
     """Load ``spec`` (packaged alias, local folder or hub id) as (model, tokenizer), eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, local = resolve(spec)
     kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)

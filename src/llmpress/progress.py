@@ -72,7 +72,7 @@ def is_terminal(stream=None) -> bool:
         return True
 
 
-def _stack() -> list["Bar"]:
+def _stack() -> list[Bar]:
     if not hasattr(_local, "stack"):
         _local.stack = []
     return _local.stack
@@ -162,7 +162,7 @@ class Bar:
         if self.parent is not None and self._tqdm is None:
             self.parent._plain_tick()
 
-    def __enter__(self) -> "Bar":
+    def __enter__(self) -> Bar:
         return self
 
     def __exit__(self, exc_type, *_exc) -> None:

@@ -17,7 +17,7 @@ whole module name (``re:.*self_attn\\.(q|k|v)_proj``).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "recipe") -> "Recipe":
+    def from_dict(cls, d: Any, where: str = "recipe") -> Recipe:
         if not isinstance(d, dict):
             raise RecipeError(f"{where}: expected a mapping with a 'stages' list, got {type(d).__name__}")
         bad = sorted(set(d) - {"name", "description", "stages"})
@@ -85,7 +85,7 @@ class Recipe:
         )
 
     @classmethod
-    def from_yaml(cls, text: str, where: str = "recipe") -> "Recipe":
+    def from_yaml(cls, text: str, where: str = "recipe") -> Recipe:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:

@@ -21,9 +21,10 @@ import importlib
 import importlib.util
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -123,7 +124,7 @@ def register(name: str, config_cls: type, needs: tuple[str, ...] = (), scope: st
     return deco
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _scan(package: str) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
     """((method name, module), ...) and the modules that import from the registry and call
     ``register(`` at all, read from the package's source files (nothing is imported)."""

@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 import torch
-
 from conftest import random_windows, tiny_gemma3, tiny_llama, tiny_tokenizer
+
 from llmpress.analysis import AnalysisConfig, analyze
 from llmpress.analysis.collect import SITES, backbone, capture, collect, norm_scale
 from llmpress.analysis.interventions import features_zeroed, massive_layers, massive_replaced

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import TINY_MODELS, random_windows, tiny_llama
 from helpers import logits, rel_err
+
 from llmpress import compress, stage
 from llmpress.calib import engine as engine_mod
 from llmpress.calib.engine import EngineOptions

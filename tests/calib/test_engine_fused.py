@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import random_windows, tiny_gemma3, tiny_llama
+
 from llmpress import QuantArgs, compress, stage
 from llmpress.calib.engine import EngineOptions
 

@@ -1,6 +1,6 @@
 import torch
-
 from conftest import tiny_llama
+
 from llmpress import compress, stage
 from llmpress.quant import QuantArgs, fake_quantize
 

@@ -11,16 +11,16 @@ import sys
 
 import pytest
 import torch
-
 from conftest import random_windows, tiny_gemma3, tiny_llama
+
 from llmpress.api import CalibConfig, EvalConfig, evaluate, run_pipeline
 from llmpress.eval.memory import PhaseTracker, hwm_mb, phase_markdown, reset_hwm, rss_mb
 from llmpress.eval.perplexity import perplexity, split_head
-
-ppl_mod = sys.modules["llmpress.eval.perplexity"]  # the package re-exports the function under the module's name
 from llmpress.quant import QuantArgs
 from llmpress.report import Report, file_mode, write_atomic
 from llmpress.runtime.act_quant import ActQuantLinear
+
+ppl_mod = sys.modules["llmpress.eval.perplexity"]  # the package re-exports the function under the module's name
 
 PIPELINE_PHASES = ["startup", "load", "eval_data", "baseline_eval", "compress", "compressed_eval", "save"]
 

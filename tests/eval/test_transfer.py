@@ -7,11 +7,10 @@ from __future__ import annotations
 import copy
 
 import torch
+from conftest import random_windows, tiny_llama
 
 from llmpress import QuantArgs, api, stage
 from llmpress.quant.core import quantize_weight
-
-from conftest import random_windows, tiny_llama
 
 W4G16 = QuantArgs(bits=4, symmetric=True, granularity="group", group_size=16, observer="minmax")
 DEAD = 5  # hidden channel planted dead for calibration
@@ -91,6 +90,7 @@ def test_compress_with_several_sources_measures_the_reference_and_warns(tmp_path
     import json
 
     from conftest import TINY_TEXT, save_tiny_model
+
     from llmpress.cli import main
     from llmpress.eval.reference import held_out_warnings, reference_recipe
     from llmpress.recipe import load_recipe

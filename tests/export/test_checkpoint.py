@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-
-import llmpress
 from conftest import random_windows, tiny_gemma3, tiny_llama, tiny_tokenizer
 from helpers import QUIET
+
+import llmpress
 from llmpress import api, stage
 from llmpress.errors import UserError
 from llmpress.export import codec
@@ -19,7 +19,6 @@ from llmpress.quant import QuantArgs, pack_codes, quantize_weight, unpack_codes
 from llmpress.registry import ModuleRecord
 from llmpress.runtime.act_quant import ActQuantLinear
 from llmpress.runtime.qlinear import DequantLinear
-
 
 SCHEMES = [
     QuantArgs(bits=b, symmetric=sym, granularity=gran, group_size=16 if gran == "group" else None)

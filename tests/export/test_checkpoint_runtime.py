@@ -18,14 +18,14 @@ import json
 
 import pytest
 import torch
-
-import llmpress
 from conftest import random_windows, tiny_gemma3, tiny_llama, tiny_tokenizer
 from helpers import QUIET, logits, rel_err
+
+import llmpress
 from llmpress import api
 from llmpress.errors import UserError
 from llmpress.export.packed import FORMAT, FORMAT_V1, META_FILE, read_manifest
-from llmpress.export.runtime_state import RUNTIME_PREFIX, ROTATION_METHODS, check_save_format
+from llmpress.export.runtime_state import ROTATION_METHODS, RUNTIME_PREFIX, check_save_format
 from llmpress.recipe import Recipe, load_recipe, presets
 from llmpress.runtime.rotation_state import export_runtime
 

@@ -6,20 +6,19 @@ from __future__ import annotations
 import json
 import re
 
+import compressed_tensors  # noqa: F401  (a pinned dev dependency: a missing one is a failure, not a skip)
 import pytest
 import torch
-
-import llmpress
 from conftest import random_windows, tiny_llama, tiny_tokenizer
 from helpers import QUIET
+
+import llmpress
 from llmpress import api, stage
 from llmpress.errors import UserError
 from llmpress.export.compressed_tensors import export_compressed_tensors
 from llmpress.quant import QuantArgs
 from llmpress.quant.core import quantize
 from llmpress.registry import ModuleRecord
-
-import compressed_tensors as ct  # noqa: E402  (a pinned dev dependency: a missing one is a failure, not a skip)
 
 A8 = QuantArgs(bits=8, granularity="token")
 

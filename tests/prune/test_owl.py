@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import llmpress
 from conftest import random_windows, tiny_llama
 from helpers import QUIET
+
+import llmpress
 from llmpress import stage
 from llmpress.errors import RecipeError
 from llmpress.prune.owl import ATTR, OWL, effective_sparsity, outlier_ratio, owl_offsets

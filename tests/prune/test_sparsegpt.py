@@ -5,9 +5,9 @@ import logging
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import random_windows, tiny_llama
 from obs_problems import correlated_problem, damped, output_error
+
 from llmpress import RecipeError, UserError, compress, stage
 from llmpress.prune.masks import is_nm, magnitude_prune, nm_prune_mask, row_prune_mask, sparsity_of, topk_prune_mask
 from llmpress.prune.sparsegpt import SparseGPT, sparsegpt, sparsegpt_prune
@@ -238,7 +238,10 @@ def test_refit_is_the_least_squares_optimum_for_the_mask(seed):
         K = (~swept.mask[r]).nonzero().squeeze(1)
         sol = torch.linalg.lstsq(x[:, K].double(), (x.double() @ w0[r].double()).unsqueeze(1)).solution.squeeze(1)
         assert torch.allclose(fit[r, K].double(), sol, rtol=1e-3, atol=1e-3)
-    err = lambda w: float(((x @ (w - w0).t()) ** 2).sum())
+
+    def err(w):
+        return float(((x @ (w - w0).t()) ** 2).sum())
+
     assert err(fit) < err(swept.weight)  # strictly better than the one-directional sweep
 
 
@@ -250,7 +253,10 @@ def test_refit_option_end_to_end():
     a = sparsegpt_prune(w0, H, 0.5, per_row=True, block_size=16)
     b = sparsegpt_prune(w0, H, 0.5, per_row=True, block_size=16, refit=True)
     assert torch.equal(a.mask, b.mask) and torch.equal(b.weight == 0, b.mask | (w0 == 0))
-    err = lambda w: float(((x @ (w - w0).t()) ** 2).sum())
+
+    def err(w):
+        return float(((x @ (w - w0).t()) ** 2).sum())
+
     assert err(b.weight) < err(a.weight)
     with pytest.raises(Exception, match="refit"):
         sparsegpt_prune(w0, H, 0.5, refit=True, weights=QuantArgs(bits=4, group_size=16))

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import random_windows, tiny_llama
+
 from llmpress import compress, stage
 from llmpress.errors import RecipeError
 from llmpress.prune.magnitude import Magnitude  # noqa: F401  (registers "magnitude")

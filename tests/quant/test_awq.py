@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
 from conftest import random_windows, tiny_gemma3, tiny_llama
 from helpers import logits, rel_err
+
 from llmpress import compress, stage
 from llmpress.errors import RecipeError
 from llmpress.quant import QuantArgs, fake_quantize

@@ -5,10 +5,10 @@ import logging
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import random_windows, tiny_llama
 from helpers import rel_err
 from obs_problems import correlated_problem, damped, output_error
+
 from llmpress import RecipeError, UserError, compress, load_recipe, stage
 from llmpress.quant import QuantArgs, dequantize, quantize, quantize_weight
 from llmpress.quant.gptq import GPTQ, gptq, gptq_quantize

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from obs_problems import correlated_problem, damped, output_error
+
 from llmpress.prune.masks import magnitude_prune
 from llmpress.quant import QuantArgs, quantize, quantize_weight
 from llmpress.quant.hessian import inverse_cholesky, layer_error

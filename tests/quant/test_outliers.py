@@ -1,9 +1,8 @@
 """Kept outlier weights: exact top fraction, dense + sparse split, honest bits accounting."""
 
-import pytest
 import torch
-
 from conftest import random_windows, tiny_llama
+
 from llmpress import compress, stage
 from llmpress.eval.size import model_size
 from llmpress.quant import QuantArgs, fake_quantize

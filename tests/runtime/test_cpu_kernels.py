@@ -8,8 +8,8 @@ import functools
 
 import pytest
 import torch
-
 from helpers import rel_max_err, stored_linear
+
 from llmpress.export import codec
 from llmpress.quant import QuantArgs
 from llmpress.runtime import cpu_kernels

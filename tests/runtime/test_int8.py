@@ -5,9 +5,9 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import random_windows, tiny_llama
 from helpers import rel_err
+
 from llmpress import compress, stage
 from llmpress.quant import QuantArgs
 from llmpress.runtime import int8 as int8_mod

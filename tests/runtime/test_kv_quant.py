@@ -1,8 +1,8 @@
 import pytest
 import torch
-
 from conftest import TINY_MODELS, random_windows, tiny_llama
 from helpers import logits, rel_err
+
 from llmpress import compress, stage
 from llmpress.errors import UserError
 from llmpress.quant import QuantArgs

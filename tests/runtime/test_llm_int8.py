@@ -3,9 +3,9 @@
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import random_windows, tiny_llama
 from helpers import rel_err
+
 from llmpress import compress, stage
 from llmpress.quant import QuantArgs, fake_quantize
 from llmpress.runtime.int8 import weight_codes

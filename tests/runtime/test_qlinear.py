@@ -6,13 +6,12 @@ import functools
 
 import pytest
 import torch
-
 from helpers import rel_err, stored_linear
+
 from llmpress.export import codec
 from llmpress.quant import QuantArgs
 from llmpress.runtime.act_quant import ActQuantLinear
 from llmpress.runtime.qlinear import DequantLinear, Int4Linear, Int8WeightOnlyLinear, LowbitInt4Linear, build_linear, int4_group_size
-
 
 _stored = functools.partial(stored_linear, out=64, inp=256)
 

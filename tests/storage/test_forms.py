@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import tiny_llama
+
 from llmpress.errors import UserError
 from llmpress.eval.size import model_size
 from llmpress.export.compressed_tensors import export_compressed_tensors

@@ -2,16 +2,16 @@ import re
 
 import pytest
 import torch
-
 from conftest import TINY_MODELS, random_windows, tiny_gemma3, tiny_llama
 from helpers import logits, rel_err
+
 from llmpress import compress, stage
 from llmpress.arch import get_arch
 from llmpress.errors import UnsupportedArchitecture
 from llmpress.quant import QuantArgs
 from llmpress.runtime.act_quant import ActQuantLinear
 from llmpress.runtime.online_hadamard import block_matmul
-from llmpress.transform.duquant import greedy_block_rotation, spreading_rotation, zigzag_permutation, duquant_transform
+from llmpress.transform.duquant import duquant_transform, greedy_block_rotation, spreading_rotation, zigzag_permutation
 from llmpress.transform.hadamard import hadamard_transform
 from llmpress.transform.rotate import fuse_norms, rotate_residual
 
@@ -318,9 +318,11 @@ def test_second_rotation_is_refused():
 def _tiny_qwen(kind: str):
     torch.manual_seed(0)
     if kind == "qwen2":  # q/k/v biases
-        from transformers import Qwen2Config as C, Qwen2ForCausalLM as M
+        from transformers import Qwen2Config as C
+        from transformers import Qwen2ForCausalLM as M
     else:  # QK-norm
-        from transformers import Qwen3Config as C, Qwen3ForCausalLM as M
+        from transformers import Qwen3Config as C
+        from transformers import Qwen3ForCausalLM as M
     cfg = C(
         vocab_size=256,
         hidden_size=64,

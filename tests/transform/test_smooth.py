@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
 from conftest import random_windows, tiny_gemma3, tiny_llama
 from helpers import logits, rel_err
+
 from llmpress import compress, stage
 from llmpress.arch import blocks, get_arch, get_module
 from llmpress.errors import RecipeError
@@ -142,7 +142,7 @@ def test_smoothquant_per_group_alphas():
     ref = logits(m, ids)
     rep = compress(m, [stage("smoothquant", grid=3, per_group=True, search_windows=4)], random_windows(8, 24))
     assert rel_err(logits(m, ids), ref) < 1e-4
-    notes = {n: l["smoothquant"]["alpha"] for n, l in rep.layers.items()}
+    notes = {n: lr["smoothquant"]["alpha"] for n, lr in rep.layers.items()}
     assert all(a in (None, 0.0, 0.5, 1.0) for a in notes.values())
     # q/k/v share a group, hence an alpha
     assert notes["model.layers.0.self_attn.q_proj"] == notes["model.layers.0.self_attn.v_proj"]

@@ -1,8 +1,8 @@
 import pytest
 import torch
-
 from conftest import random_windows, tiny_gemma3, tiny_llama
 from helpers import rel_err
+
 from llmpress import compress, stage
 from llmpress.quant import QuantArgs
 from llmpress.transform.hadamard import random_orthogonal
@@ -114,9 +114,8 @@ def test_spinquant_keeps_the_best_held_out_iterate(lr, monkeypatch):
 def test_training_simulation_is_exact_without_quantizers(mk, rotate_weights):
     """Both simulation paths (rotated weights / rotated activations) compute the float model."""
     from llmpress.arch import get_arch
-    from llmpress.transform.rotate import attention_of, fuse_norms, head_layout, residual_rotatable
+    from llmpress.transform.rotate import attention_of, fuse_norms, head_layout, online, residual_rotatable
     from llmpress.transform.spinquant import SpinQuant, _Sim
-    from llmpress.transform.rotate import online
 
     m = mk()
     spec = get_arch(m)

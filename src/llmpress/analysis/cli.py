@@ -58,8 +58,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from .pipeline import AnalysisConfig, run as run_analysis
     from .detect import Thresholds
+    from .pipeline import AnalysisConfig
+    from .pipeline import run as run_analysis
     from .report import console_summary
 
     th = Thresholds(

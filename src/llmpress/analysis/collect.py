@@ -169,7 +169,7 @@ class SiteStats:
             self.seq_median.append(float(smed[b]))
             self.seq_meanabs.append(float(smean[b]))
             self.seq_topk.append([float(v) for v in tv[b]])
-            for v, i in zip(tv[b].tolist(), ti[b].tolist()):
+            for i in ti[b].tolist():
                 p, c = divmod(i, C)
                 self.top.append((float(x[b, p, c]), seq_offset + b, p, c))
         self.top.sort(key=lambda r: -abs(r[0]))

@@ -20,8 +20,8 @@ Definitions (the seeds of issue 5, and the papers they cite):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
 
 import torch
 

@@ -19,8 +19,7 @@ from .. import api, models
 from .. import data as data_mod
 from ..arch import get_arch
 from ..errors import UserError
-from . import detect
-from .collect import INT8_SITES, SITES, Collected, capture, collect, norm_roles, weight_stats
+from .collect import INT8_SITES, SITES, Collected, capture, collect, weight_stats
 from .detect import Thresholds
 from .interventions import DEFAULT_TOP1_PROMPT, run_interventions
 from .superweight import DEFAULT_PROMPT, find_super_weights, prompt_ids
@@ -313,8 +312,9 @@ def analysis_windows(tokenizer, model, cfg: AnalysisConfig) -> tuple[torch.Tenso
     return torch.cat(list(parts.values())), {s: int(w.shape[0]) for s, w in parts.items()}
 
 
-def analyze(model: nn.Module, tokenizer, cfg: AnalysisConfig = AnalysisConfig(), windows: torch.Tensor | None = None) -> Analysis:
+def analyze(model: nn.Module, tokenizer, cfg: AnalysisConfig | None = None, windows: torch.Tensor | None = None) -> Analysis:
     """Analyze ``model`` on ``windows`` (default: ``cfg.windows`` evaluation windows of the test text)."""
+    cfg = cfg if cfg is not None else AnalysisConfig()
     spec = get_arch(model)
     seconds: dict[str, float] = {}
     th = cfg.thresholds
@@ -448,10 +448,11 @@ def _plots(model, windows, an: Analysis, wstats: dict, cfg: AnalysisConfig) -> N
     }
 
 
-def run(model_spec: str, out: str | None = None, cfg: AnalysisConfig = AnalysisConfig(), device: str = "cpu") -> Analysis:
+def run(model_spec: str, out: str | None = None, cfg: AnalysisConfig | None = None, device: str = "cpu") -> Analysis:
     """Load ``model_spec``, analyze it, write ``report.html``, ``analysis.json`` and PNGs to ``out``."""
     from .report import write_outputs
 
+    cfg = cfg if cfg is not None else AnalysisConfig()
     data_mod.check_sources(_sources(cfg))  # a malformed list or a missing file fails before the model loads
     t = time.perf_counter()
     model, tok = models.load(model_spec, device=device)

@@ -16,7 +16,6 @@ import torch
 
 from ..io_safety import write_atomic
 
-
 FMT = "{:.4g}"
 
 

@@ -19,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import progress as progress_mod
-
 from .memory import trim_malloc
 
 LOGITS_BUDGET = 1 << 21  # elements of one chunk of logits (8 MB in float32)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 
-import torch
 from torch import nn
 
 from ..recipe import Recipe, Stage

@@ -8,7 +8,7 @@ and token stream, never all of them; a single source is built once and kept, as 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

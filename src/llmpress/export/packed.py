@@ -52,8 +52,8 @@ from ..errors import UserError
 from ..eval.memory import trim_malloc
 from ..registry import ModuleRecord
 from ..runtime.act_quant import ActQuantLinear
-from . import runtime_state
 from ..storage.form import LinearSpec, decode_weight, get_form
+from . import runtime_state
 from .codec import encode_linear
 from .skeleton import skeleton as _skeleton
 

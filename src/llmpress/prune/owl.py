@@ -87,10 +87,10 @@ def block_outlier_ratios(model: nn.Module, spec, data: torch.Tensor, names: list
             h.remove()
     per_block: dict[int, list[torch.Tensor]] = {}
     for n in names:
-        l = _block_of(n, spec)
+        block = _block_of(n, spec)
         w = get_module(model, n).weight.detach().abs().float()
-        per_block.setdefault(l, []).append(w * sumsq[n].sqrt().to(w.device).unsqueeze(0))
-    return {l: outlier_ratio(s, cfg.m) for l, s in sorted(per_block.items())}
+        per_block.setdefault(block, []).append(w * sumsq[n].sqrt().to(w.device).unsqueeze(0))
+    return {block: outlier_ratio(s, cfg.m) for block, s in sorted(per_block.items())}
 
 
 @register("owl", OWL, scope="model", summary="OWL: per-block sparsity offsets from the outlier ratio of |W|*||x|| (for the pruning stages after it)")

@@ -96,7 +96,7 @@ class QuantArgs:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "quant") -> "QuantArgs":
+    def from_dict(cls, d: dict, where: str = "quant") -> QuantArgs:
         if isinstance(d, QuantArgs):
             return d
         if not isinstance(d, dict):

@@ -29,8 +29,6 @@ from .. import progress
 from ..arch import get_module
 from ..errors import RecipeError
 from ..registry import register
-from .args import QuantArgs
-from .core import QParams, _codes, _dequant, _int_params, fake_quantize, group_view, quantize_weight
 from ..transform.scaling import (
     apply_smoothing,
     batches_for,
@@ -42,6 +40,8 @@ from ..transform.scaling import (
     run_calls,
     scale_groups,
 )
+from .args import QuantArgs
+from .core import QParams, _codes, _dequant, _int_params, fake_quantize, group_view, quantize_weight
 
 log = logging.getLogger(__name__)
 

@@ -164,7 +164,7 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = w_codes.shape
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, qparams: QParams | None = None, backend: str = "auto") -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, qparams: QParams | None = None, backend: str = "auto") -> Int8Linear:
         codes, scale = weight_codes(linear.weight, qparams)
         return cls(codes, scale, linear.bias, backend)
 

@@ -41,9 +41,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..quant.args import QuantArgs
 from ..storage.form import LinearSpec, get_form
 from ..storage.grid import Decoded, dequant_decoded
-from ..quant.args import QuantArgs
 
 log = logging.getLogger(__name__)
 

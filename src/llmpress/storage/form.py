@@ -85,7 +85,7 @@ class LinearSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, where: str) -> "LinearSpec":
+    def from_dict(cls, d: dict, where: str) -> LinearSpec:
         try:
             kind = d["kind"]
             out_f, in_f = (int(v) for v in d["shape"])
@@ -158,7 +158,7 @@ class LayerState:
         return self.out_features * self.in_features
 
     @classmethod
-    def of(cls, record, weight: torch.Tensor | None = None) -> "LayerState":
+    def of(cls, record, weight: torch.Tensor | None = None) -> LayerState:
         """From a :class:`~llmpress.registry.ModuleRecord` (the one place that reads its ``notes``)."""
         g_idx = record.notes.get("g_idx")
         return cls(
@@ -277,7 +277,7 @@ def register_form(name: str):
     return deco
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _scan(package: str) -> tuple[tuple[str, str], ...]:
     spec = importlib.util.find_spec(package)
     found = []

@@ -80,7 +80,7 @@ def sylvester(n: int) -> torch.Tensor:
     return h
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base_construction(m: int) -> tuple[str, tuple[int, ...]] | None:
     """How to build a Hadamard matrix of order m that is not a power of two, or None."""
     if m % 4:
@@ -99,7 +99,7 @@ def _buildable(m: int) -> bool:
     return m >= 1 and (m & (m - 1) == 0 or _base_construction(m) is not None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hadamard_factor(n: int) -> tuple[int, int] | None:
     """(m, 2^k) with n = m * 2^k, H_m constructible and m as small as possible; None if none."""
     if n < 1:
@@ -117,7 +117,7 @@ def has_hadamard(n: int) -> bool:
     return hadamard_factor(n) is not None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hadamard_small(m: int) -> torch.Tensor:
     if m & (m - 1) == 0:
         return sylvester(m)
@@ -160,7 +160,7 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     return y.reshape(shape)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kron_split(n: int) -> tuple[int, int]:
     """(a, b) with n = a * b, H_n = H_a (x) S_b (S_b Sylvester), a = m * 2^j as close to sqrt(n) as allowed."""
     f = hadamard_factor(n)

@@ -47,7 +47,7 @@ from ..errors import UserError
 from ..quant.args import QuantArgs
 from ..quant.core import fake_quantize
 from ..registry import register
-from ..runtime.kv_quant import attention_runtime, detach_attention_runtime, ste_fake_quantize
+from ..runtime.kv_quant import attention_runtime, detach_attention_runtime
 from ..runtime.online_hadamard import attach_mlp_input, detach_mlp_input
 from .hadamard import orthogonal_matrix
 from .rotation import (
@@ -124,7 +124,7 @@ def _ste(x: torch.Tensor, args: QuantArgs | None) -> torch.Tensor:
 class _SimLinear(nn.Module):
     """A decoder linear during training: weight recomputed from the live rotations."""
 
-    def __init__(self, orig: nn.Linear, role: str, sim: "_Sim", layer: int, right_fixed: torch.Tensor | None = None):
+    def __init__(self, orig: nn.Linear, role: str, sim: _Sim, layer: int, right_fixed: torch.Tensor | None = None):
         super().__init__()
         self.orig, self.role, self.sim, self.layer = orig, role, sim, layer
         w = orig.weight.detach().float()
