@@ -1,12 +1,12 @@
 """GGUF -> float32 safetensors, one tensor at a time.
 
 transformers' GGUF loader dequantizes every tensor into one state dict and builds the
-model from it: the whole float32 model (540 MB for SmolLM2-135M) plus the GGUF reader
-(its memory map and ~100 MB of parsed metadata) are resident together, the peak of a
-cold-cache run. Here each tensor is dequantized, renamed and permuted with transformers'
-own mapping and tensor processor, written to disk and dropped; the safetensors header is
-written last (data first into a sibling file, then header + data into the weights file).
-The values are transformers' (checked tensor for tensor on SmolLM2's GGUF).
+model from it: the whole float32 model plus the GGUF reader (its memory map and parsed
+metadata) are resident together, the peak of a cold-cache run. Here each tensor is
+dequantized, renamed and permuted with transformers' own mapping and tensor processor,
+written to disk and dropped; the safetensors header is written last (data first into a
+sibling file, then header + data into the weights file).
+The values are the ones transformers' own loader produces.
 """
 
 from __future__ import annotations

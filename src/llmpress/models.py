@@ -104,7 +104,7 @@ def packaged_folder(alias: str) -> Path:
         _clear_gguf_quant_flags(model)
     try:
         with atomic_folder(target, keep_existing=True) as tmp:  # a concurrent conversion may win the race
-            if model is None:  # tensor by tensor: never the whole float32 model in memory (-380 MB peak)
+            if model is None:  # tensor by tensor: never the whole float32 model in memory
                 gguf_stream.convert(gguf, tmp)
             else:
                 model.save_pretrained(tmp, safe_serialization=True)
@@ -118,7 +118,7 @@ def packaged_folder(alias: str) -> Path:
 def _release_memory() -> None:
     """Collect the converted model and give its memory back to the system: the caller loads
     the safetensors folder next, and the conversion's freed (fragmented) heap would otherwise
-    stay resident under everything that follows (~425 MB for SmolLM2-135M)."""
+    stay resident under everything that follows."""
     import gc
 
     from .eval.memory import trim_malloc

@@ -279,9 +279,8 @@ class Collected:
 @contextlib.contextmanager
 def single_thread():
     """Run the statistics single-threaded: these are many small element-wise ops, and on a
-    busy machine a 2-thread pool waits for its second thread at every op (measured 8 ms
-    per op on a 512x576 tensor with another process on the other core, 0.05 ms with one
-    thread). The model's own matmuls keep every thread."""
+    busy machine a 2-thread pool waits for its second thread at every op, far longer than
+    the op itself takes on one thread. The model's own matmuls keep every thread."""
     n = torch.get_num_threads()
     if n == 1:
         yield

@@ -4,7 +4,7 @@ Every detector takes an activation matrix ``A`` of shape [tokens, channels] (one
 sequence at one point of the network; a leading batch dimension is accepted where
 noted) or a weight matrix, and thresholds from :class:`Thresholds`.
 
-Definitions (the seeds of issue 5, and the papers they cite):
+Definitions (and the papers they come from):
 
 - *massive activation* (Raman et al. 2025, lecture notes): an element with
   ``|A_ij| > eta * mean(|A|)`` and ``|A_ij| > gamma`` (eta=300, gamma=50).

@@ -123,7 +123,7 @@ def _run_data_free(model: nn.Module, state: RunState, desc: str, bars: bool) -> 
     """No stage needs data: each targeted linear's stages, one linear at a time."""
     for name, _ in progress.track(state.targets.items(), desc, "linear", on=bars):
         state.apply(name, get_module(model, name), {})
-        trim_malloc()  # a layer's temporaries, freed between kept qparams, go back (up to ~150 MB on SmolLM2)
+        trim_malloc()  # a layer's temporaries, freed between kept qparams, go back to the system
     wrap_act_quant(model, "", list(state.targets), state.records)
     return EngineResult(state.records, state.seconds)
 

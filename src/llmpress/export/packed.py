@@ -89,7 +89,7 @@ def check_packed(folder: Path, meta: dict | None) -> int:
 
 
 def sha256(t: torch.Tensor) -> str:
-    # hashed through the buffer protocol: no bytes copy of the tensor (113 MB for SmolLM2's embedding)
+    # hashed through the buffer protocol: no bytes copy of the tensor (as large as an embedding matrix)
     return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
@@ -134,7 +134,7 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
                 del state[f"{name}.weight"]
                 tensors.update({f"{name}.{k}": v for k, v in enc_t.items()})
             layers[name] = spec.to_dict()
-            trim_malloc()  # encoding temporaries freed between the kept codes: ~70 MB resident on SmolLM2 otherwise
+            trim_malloc()  # encoding temporaries freed between the kept codes would stay resident otherwise
         if dense_fallback:
             log.warning(
                 "%d quantized layer(s) hold weights off their recorded grid (changed after quantization?) and are stored dense: %s",

@@ -10,19 +10,18 @@ block; the rest of the matrix receives the block's accumulated errors in one GEM
 
 Quantization grid: :func:`llmpress.quant.core.compute_qparams` with the stage's
 QuantArgs (min-max or MSE observer; the MSE observer's clipping search weights each
-column's error by ``diag(H)``, which on SmolLM2's layers lowers GPTQ's layer error by
-~10% at W4 and ~15% at W3 against the unweighted search, and avoids its worst cases:
-clipping a weight that multiplies a massive activation). Per-tensor and per-channel scales are computed
-from the original weight before the loop. Group scales are computed
+column's error by ``diag(H)``, which lowers GPTQ's layer error against the unweighted
+search and avoids its worst cases: clipping a weight that multiplies a massive
+activation). Per-tensor and per-channel scales are computed from the original weight
+before the loop. Group scales are computed
 
 - with ``static_groups`` (the default): for all groups from the original weight before
   the loop. Required with activation order (columns taken by descending ``diag(H)``):
   the groups stay the contiguous column ranges of the original layout, so packing needs
   no permutation index. With the min-max observer it is also as good or better: the
   error feedback makes later columns grow, and min-max scales fitted to the grown
-  columns are coarser (on SmolLM2's layers: equal at W4, ~3% lower error at W3; more on
-  the synthetic problems of tests/quant/test_gptq.py). With the MSE observer, fitting as
-  reached did ~5% better on SmolLM2's layers;
+  columns are coarser (see the synthetic problems of tests/quant/test_gptq.py). With the
+  MSE observer, fitting the groups as they are reached can do better;
 - without: when the loop reaches the group's first column, from the group's current
   (error-updated) weights, as in the GPTQ paper's reference code.
 
@@ -61,8 +60,8 @@ log = logging.getLogger(__name__)
 class GPTQ:
     """GPTQ stage config. ``damp``: fraction of mean(diag H) added to the diagonal
     (raised automatically when the Cholesky factorization fails). ``act_order`` (default
-    on): columns by descending diag(H); natural order was worse on every text measured,
-    most of all off the calibration text (docs/second-order.md). ``static_groups``:
+    on): columns by descending diag(H), which does better than the natural order, most of
+    all off the calibration text (docs/second-order.md). ``static_groups``:
     group scales from the original weight before the loop (required with ``act_order``)
     rather than from the updated weights as each group is reached."""
 

@@ -1,7 +1,7 @@
 """llmpress's own CPU kernels for low-bit weights at small batch (decode), built on demand.
 
 torch's int4 weight-only CPU kernel (``_weight_int4pack_mm_for_cpu``) is compute-bound on
-AVX2 CPUs: slower than an fp32 GEMV at SmolLM2's shapes when the weights are in cache
+AVX2 CPUs: slower than an fp32 GEMV at small models' shapes when the weights are in cache
 (see benchmarks/serve_bench.py). ``csrc/lowbit_cpu.cpp`` holds AVX2/FMA kernels that
 stream each packed weight once for up to 4 activation rows at a time and keep float32
 activations (the arithmetic of dequantize-then-multiply, up to summation order):

@@ -21,7 +21,7 @@ I to ~1e-13; the forward pass uses float32 copies.
 Budget (CPU): a step is a forward and backward pass of the model on ``batch x seqlen``
 tokens; with float weights in the loss (default) the rotations are applied to the
 activations (a few tokens x d^2 products per block), with quantized weights every weight
-is re-rotated and fake-quantized each step (~100 GFLOP per step on SmolLM2-135M). The
+is re-rotated and fake-quantized each step (d^2 work per weight matrix per step). The
 default 40 steps of 1 x 256 tokens from 16 calibration windows take a few minutes on 2
 cores. The paper uses 100 steps of 800 samples x 2048 tokens on GPUs; this is a
 small-budget version.
@@ -298,7 +298,7 @@ class SpinQuant:
     quantizers simulated in the training loss (match them to the stages that follow).
     ``weights: null`` (default) learns with float weights, as the paper does before GPTQ;
     it lets the loop rotate activations (tokens x d^2) instead of rebuilding and
-    fake-quantizing every weight each step (~4x faster on CPU). Set it to the RTN
+    fake-quantizing every weight each step (much cheaper on CPU). Set it to the RTN
     quantizer to make the rotation weight-aware.
     ``steps`` Cayley SGD steps of ``batch`` windows of ``seqlen`` tokens drawn from the
     first ``windows`` calibration windows; ``lr`` with linear decay to 0; ``max_step``
