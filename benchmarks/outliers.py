@@ -92,7 +92,7 @@ class Runner:
         return {"ppl": self.fp}
 
     def run(self, section: str, label: str, recipe, after=None, then=(), **extra) -> dict:
-        """Compress a copy with ``recipe``, evaluate; ``then``: (label, fn(model) -> info)
+        """Compress a copy with ``recipe``, evaluate; ``then``: (label, fn(model, report) -> info)
         further conversions of the same compressed model, each evaluated as its own row."""
         if label in self.done:  # same recipe already measured in this run (another section)
             return self.done[label]
@@ -128,7 +128,7 @@ class Runner:
         self.emit(row)
         self.done[label] = row
         for lab, fn in then:
-            more = fn(m)
+            more = fn(m, rep)
             p, es = self.ppl(m, lab)
             self.emit({**row, "method": lab, "ppl_by_source": p, "eval_s": es, **more})
         del m
@@ -166,10 +166,10 @@ def _alpha_summary(rep) -> dict:
 def w8a8(r: Runner) -> None:
     r.run("w8a8", "RTN W8A8 (per-token act)", "rtn-w8a8")
 
-    def to_int8(m):
+    def to_int8(m, rep):
         from llmpress.runtime.int8 import convert_to_int8
 
-        return {"int8_linears": len(convert_to_int8(m, backend="fp32_exact"))}
+        return {"int8_linears": len(convert_to_int8(m, backend="fp32_exact", records=rep.result.records))}
 
     r.run(
         "w8a8",

@@ -303,6 +303,8 @@ def test_readme_python_snippet_runs_as_written(tmp_path, doc_env):
     bits, size_mb = (float(x) for x in res.stdout.split())
     assert bits == 4.25  # RTN W4 g64: 4 bits + one 16-bit scale per 64 weights
     assert 0 < size_mb < 1  # the tiny stand-in, about 0.07 MB under the size convention
+    layers = json.loads((tmp_path / "smollm2-w4" / "llmpress.json").read_text())["layers"]
+    assert layers and {d["kind"] for d in layers.values()} == {"quant"}  # saved packed, as compressed
 
 
 def test_a_documented_refusal_must_refuse(tmp_path, doc_env):

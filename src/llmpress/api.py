@@ -8,7 +8,7 @@ import logging
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -17,8 +17,9 @@ import torch.nn as nn
 from . import data as data_mod
 from . import io_safety, models, shrink
 from .arch import get_arch, get_module, set_module
-from .calib.engine import EngineOptions, plan
+from .calib.engine import EngineOptions
 from .calib.engine import run as run_engine
+from .calib.plan import CompressResult, Plan, build_plan
 from .errors import UserError
 from .eval.memory import PhaseTracker, peak_gpu_mb, peak_rss_mb
 from .eval.perplexity import perplexity
@@ -27,10 +28,9 @@ from .eval.reference import wanted as wanted_reference
 from .eval.size import model_size
 from .eval.sources import SourceWindows, evaluation_record, set_ppl
 from .progress import scope as progress_scope
-from .prune.masks import clear_sparsity_offsets
 from .quant.args import QuantArgs
 from .recipe import Recipe, Stage, load_recipe
-from .registry import METHODS, ModuleRecord
+from .registry import METHODS, ModelStageOutput, ModuleRecord
 from .report import Report, checkpoint_bytes
 from .runtime.act_quant import ActQuantLinear
 
@@ -147,13 +147,15 @@ def compress(
     """
     if isinstance(model, str):
         model, tokenizer = models.load(model)
-    recipe = _as_recipe(recipe)
-    spec = get_arch(model)
-    validate(model, recipe)
+    return _compress(model, validate(model, _as_recipe(recipe)), data, tokenizer=tokenizer, calib=calib, engine=engine)
+
+
+def _compress(model, plan: Plan, data: torch.Tensor | None, *, tokenizer, calib: CalibConfig, engine: EngineOptions | None) -> Report:
+    """:func:`compress` with the plan already built and checked (:func:`validate`)."""
     engine = engine or EngineOptions(batch_size=calib.batch_size)
     seconds: dict[str, float] = {}
     calib_info = {}
-    if needs_calibration(recipe) and data is None:
+    if plan.needs_data and data is None:
         if tokenizer is None:
             raise UserError("this recipe needs calibration data: pass `data` (token windows) or `tokenizer`")
         t = time.perf_counter()
@@ -165,28 +167,33 @@ def compress(
         if sum(counts.values()) == data.shape[0]:  # windows drawn with ``calib`` (not ones passed in)
             calib_info["windows_by_source"] = counts
     t0 = time.perf_counter()
-    for i, st in enumerate(recipe.stages):  # model-wide transforms first, in recipe order
-        m = METHODS[st.method]
-        if m.scope == "model":
-            t = time.perf_counter()
-            with progress_scope(engine.progress):  # model-scope methods' bars follow the engine's switch
-                m.apply(model, spec, data, st)
-            seconds[f"stage{i}:{st.method}"] = time.perf_counter() - t
-    try:
-        result = run_engine(model, spec, recipe, data, engine)
-    finally:
-        clear_sparsity_offsets(model)  # per-module sparsity offsets (OWL) live for one compress() only
+    settings: dict[str, dict] = {}  # per linear, what model-scope stages left for the stages after them
+    summaries: dict[str, dict] = {}
+    for i, st in plan.model_stages:  # model-wide transforms first, in recipe order
+        t = time.perf_counter()
+        with progress_scope(engine.progress):  # model-scope methods' bars follow the engine's switch
+            out = METHODS[st.method].apply(model, plan.spec, data, st)
+        seconds[f"stage{i}:{st.method}"] = time.perf_counter() - t
+        if isinstance(out, ModelStageOutput):
+            for name, kv in out.per_linear.items():
+                settings.setdefault(name, {}).update(kv)
+            if out.summary:
+                summaries[f"stage{i}:{st.method}"] = out.summary
+    result = run_engine(model, plan, data, engine, settings)
     seconds.update(result.seconds)
     seconds["compress_total"] = time.perf_counter() - t0
     report = Report(
         model=getattr(model, "llmpress_source", getattr(model.config, "_name_or_path", "?")),
-        recipe=recipe.to_dict(),
+        recipe=plan.recipe.to_dict(),
         compressed=model_size(model, result.records),
         seconds=seconds,
         calibration=calib_info,
         layers={n: _record_summary(r) for n, r in result.records.items()},
+        stages=summaries,
     )
-    model.llmpress_records = result.records  # type: ignore[attr-defined]
+    report.result = CompressResult(
+        records=result.records, act_quant=tuple(n for n, r in result.records.items() if r.act_args is not None), stages=summaries
+    )
     report.peak_rss_mb = peak_rss_mb()
     report.peak_gpu_mb = peak_gpu_mb()
     return report
@@ -194,7 +201,7 @@ def compress(
 
 def needs_calibration(recipe) -> bool:
     """Whether some stage of ``recipe`` gathers statistics from calibration data."""
-    return any(METHODS[s.method].needs or METHODS[s.method].scope != "module" for s in _as_recipe(recipe).stages)
+    return any(METHODS[s.method].needs or METHODS[s.method].scope != "module" for s in _as_recipe(recipe).stages)  # = Plan.needs_data
 
 
 def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
@@ -216,23 +223,13 @@ def check_finite(model: nn.Module) -> None:
             )
 
 
-def validate(model: nn.Module, recipe: Recipe) -> None:
-    """Check a recipe against a model before touching any weight (group sizes, empty targets, finite weights)."""
-    spec = get_arch(model)
-    targets = plan(model, spec, recipe)
-    for i, st in enumerate(recipe.stages):
-        if METHODS[st.method].scope != "model" and not any(
-            st.matches(n, n.startswith(spec.blocks + ".")) for n, m in model.named_modules() if isinstance(m, nn.Linear)
-        ):
-            raise UserError(f"recipe stage {i} ({st.method}) matches no linear layer: targets {list(st.targets)}, ignore {list(st.ignore)}")
-    for name, sts in targets.items():
-        mod = get_module(model, name)
-        for _, st in sts:
-            for f in fields(st.config):
-                qa = getattr(st.config, f.name)
-                if isinstance(qa, QuantArgs) and qa.granularity == "group" and mod.in_features % qa.group_size:
-                    raise UserError(f"layer {name}: {f.name} group_size {qa.group_size} does not divide the input dimension {mod.in_features}")
+def validate(model: nn.Module, recipe: Recipe) -> Plan:
+    """Check a recipe against a model before touching any weight (empty targets, group
+    sizes, statistics outside the blocks, finite weights); returns the plan that
+    :func:`compress` executes (:func:`llmpress.calib.plan.build_plan`)."""
+    plan = build_plan(model, _as_recipe(recipe))
     check_finite(model)
+    return plan
 
 
 def _record_summary(r: ModuleRecord) -> dict:
@@ -271,53 +268,73 @@ SAVE_FORMATS = ("packed", "hf-fakequant")
 def save(model: nn.Module, tokenizer, out: Path, *, report: Report | None = None, overwrite: bool = False, format: str = "packed") -> Path:
     """Save the compressed model.
 
+    ``report``: what :func:`compress` returned; its ``result`` (per-layer records, the
+    linears with run-time activation quantization) says how each layer is stored. Without
+    it the weights are stored as they are (dense), which is refused for a model that
+    compress() changed (it carries activation quantizers) since the checkpoint would lose them.
     ``format="packed"`` (default): the packed checkpoint of :mod:`llmpress.export.packed`
     (low-bit codes, scales, zero points, masks; :func:`load_compressed` rebuilds it with
     runtime modules). ``"hf-fakequant"``: an HF safetensors folder of the dequantized
     weights + llmpress.json (loads in plain transformers, full size).
-    Written into a temporary sibling folder and renamed at the end: an interrupted save
-    leaves nothing at ``out``.
+    The model is read, not changed. Written into a temporary sibling folder and renamed at
+    the end: an interrupted save leaves nothing at ``out``.
     """
     if format not in SAVE_FORMATS:
         raise UserError(f"save format {format!r} unknown; expected one of {', '.join(SAVE_FORMATS)}")
+    result = _result_of(model, report)
     out = Path(out)
     if os.path.lexists(out):
         io_safety.check_out(out, overwrite)  # the one message for an existing folder (without overwrite) or file
-    wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuantLinear)]
     try:
         with io_safety.atomic_folder(out, overwrite=overwrite) as tmp:
-            _save_into(tmp, model, tokenizer, report, format, wrapped)
+            _save_into(tmp, model, tokenizer, report, format, result)
     except OSError as e:
         raise io_safety.write_error(out, e) from None
-    finally:
-        for n, m in wrapped:
-            set_module(model, n, m)
     return out
 
 
-def _save_into(tmp: Path, model: nn.Module, tokenizer, report: Report | None, format: str, wrapped: list) -> None:
+def _result_of(model: nn.Module, report: Report | None) -> CompressResult:
+    """The compress result a save writes: ``report.result``, or none for an untouched model."""
+    result = getattr(report, "result", None)
+    if result is not None:
+        return result
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, ActQuantLinear)]
+    if wrapped:
+        raise UserError(
+            f"the model was compressed ({wrapped[0]} quantizes its inputs at run time): pass report=, what compress() returned, "
+            "so the checkpoint stores each layer as compressed"
+        )
+    return CompressResult()
+
+
+def _save_into(tmp: Path, model: nn.Module, tokenizer, report: Report | None, format: str, result: CompressResult) -> None:
     """Write the checkpoint of ``format`` into the (temporary) folder ``tmp``."""
     if format == "packed":
         from .export.packed import write_packed
 
-        records = getattr(model, "llmpress_records", None) or {}
-        write_packed(model, tokenizer, tmp, records, {"report": report.to_dict() if report else None})
+        write_packed(model, tokenizer, tmp, result.records, {"report": report.to_dict() if report else None})
     else:
         from .export.runtime_state import fakequant_meta
+        from .runtime.act_quant import plain_state_dict
 
-        for n, m in wrapped:  # plain Linear names on disk, so transformers loads the folder
-            set_module(model, n, m.linear)
         runtime = fakequant_meta(model)  # KV-cache quantizers, LLM.int8(); refuses online rotations
-        model.save_pretrained(tmp, safe_serialization=True)
+        # plain Linear names on disk, so transformers loads the folder
+        model.save_pretrained(tmp, state_dict=plain_state_dict(model), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        acts = _act_args(model)
         meta = {
             "format": "llmpress-fakequant-v1",
-            "activation_quant": {n: m.args.to_dict() for n, m in wrapped},
+            "activation_quant": {n: a.to_dict() for n, a in acts.items()},
             **runtime,
             "report": report.to_dict() if report else None,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=repr))
+
+
+def _act_args(model: nn.Module) -> dict[str, QuantArgs]:
+    """The activation quantizer of each wrapped linear, by its plain name."""
+    return {n: m.args for n, m in model.named_modules() if isinstance(m, ActQuantLinear)}
 
 
 def load_compressed(path: str, device: str = "cpu", backend: str = "auto", dtype: torch.dtype | None = None):
@@ -392,10 +409,10 @@ def _pipeline(
     phases.start("load")
     t = time.perf_counter()
     model, tok = models.load(model_spec, device=device)
-    validate(model, recipe)  # group sizes, empty targets, finite weights: fail before the baseline evaluation
+    plan = validate(model, recipe)  # group sizes, empty targets, finite weights: fail before the baseline evaluation
     seconds["load"] = time.perf_counter() - t
     calib_data = None
-    if needs_calibration(recipe):  # too little text fails now, not after the baseline evaluation
+    if plan.needs_data:  # too little text fails now, not after the baseline evaluation
         t = time.perf_counter()
         calib_data = calibration_windows(tok, model, calib)
         seconds["calibration_data"] = time.perf_counter() - t
@@ -419,7 +436,7 @@ def _pipeline(
                                           progress=progress, blocks=get_arch(model).blocks)  # fmt: skip
             seconds["reference_eval"] = time.perf_counter() - t
     phases.start("compress")
-    report = compress(model, recipe, calib_data, tokenizer=tok, calib=calib, engine=engine)
+    report = _compress(model, plan, calib_data, tokenizer=tok, calib=calib, engine=engine)
     report.model = model_spec
     report.baseline = baseline
     report.seconds = {**seconds, **report.seconds}

@@ -66,6 +66,8 @@ class ModuleContext:
     module: nn.Linear
     stats: dict[str, Any]
     record: ModuleRecord
+    # settings a model-scope stage left for this linear's later stages (OWL: "sparsity_offset")
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -73,6 +75,16 @@ class ModuleContext:
 
     def set_weight(self, w: torch.Tensor) -> None:
         self.module.weight.data.copy_(w.to(self.module.weight.dtype))
+
+
+@dataclass(kw_only=True)
+class ModelStageOutput:
+    """What a model-scope handler may return (instead of None): per-linear settings for the
+    stages after it (``per_linear[name][key]``, handed to them as ``ModuleContext.settings``)
+    and a summary that the report keeps under ``stages``."""
+
+    per_linear: dict[str, dict[str, Any]] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -84,7 +96,8 @@ class Method:
     # "module": apply(ModuleContext, cfg) per targeted linear, inside the engine;
     # "block": apply(BlockContext, cfg) once per decoder block, before its module stages
     #          (smoothing/AWQ-style scale search that needs the block's calibration inputs);
-    # "model": apply(model, spec, calib_windows, stage) once, before the engine (rotations).
+    # "model": apply(model, spec, calib_windows, stage) once, before the engine (rotations);
+    #          returns None or a ModelStageOutput.
     scope: str = "module"
     summary: str = ""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,11 @@ class Report:
     # the recipe's data-free counterpart on the same sources (eval/reference.py), when measured
     reference: dict | None = None
     layers: dict[str, dict] = field(default_factory=dict)
+    stages: dict[str, dict] = field(default_factory=dict)  # what model-scope stages reported (OWL's ratios), by stage
     environment: dict = field(default_factory=dict)
     test_shrink: dict | None = field(default_factory=_shrink_in_force)  # tests only: LLMPRESS_TEST_* in force
+    # what compress() did, for save() and the exporters (llmpress.calib.plan.CompressResult); not in the JSON
+    result: Any = field(default=None, repr=False, compare=False)
 
     @property
     def bits_per_weight(self) -> float | None:
@@ -40,7 +43,8 @@ class Report:
         return self.compressed.get("size_mb")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = asdict(replace(self, result=None))
+        del d["result"]
         d["bits_per_weight"] = self.bits_per_weight
         d["size_mb"] = self.size_mb
         bp, cp = self.baseline.get("ppl"), self.compressed.get("ppl")

@@ -121,8 +121,7 @@ def test_sparse_only_and_sparse_quantized():
 
 def _compressed(model_fn, weights, activations=None, **kw):
     m = model_fn()
-    llmpress.compress(m, stage("rtn", weights=weights, activations=activations, **kw), engine=QUIET)
-    return m
+    return m, llmpress.compress(m, stage("rtn", weights=weights, activations=activations, **kw), engine=QUIET)
 
 
 CASES = [
@@ -139,11 +138,11 @@ CASES = [
 @pytest.mark.parametrize("name,weights,acts", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_save_load_equals_fake_quant(tmp_path, name, weights, acts, family):
-    m = _compressed(tiny_llama if family == "llama" else tiny_gemma3, weights, acts)
+    m, rep = _compressed(tiny_llama if family == "llama" else tiny_gemma3, weights, acts)
     ids = random_windows(2, 24)
     with torch.no_grad():
         ref = m(ids).logits
-    out = api.save(m, tiny_tokenizer(), tmp_path / "ck")
+    out = api.save(m, tiny_tokenizer(), tmp_path / "ck", report=rep)
     meta = read_manifest(out)
     assert meta["format"] == FORMAT_V1 and len(meta["layers"]) == 14 and not meta["dense_layers"]
     loaded, tok = llmpress.load_compressed(str(out), backend="dequant")
@@ -155,26 +154,26 @@ def test_save_load_equals_fake_quant(tmp_path, name, weights, acts, family):
         got = loaded(ids).logits
     assert torch.equal(got, ref)  # the dequantize fallback is exact
     # the records come back (scheme and scales)
-    r0 = m.llmpress_records["model.layers.0.self_attn.q_proj"]
+    r0 = rep.result.records["model.layers.0.self_attn.q_proj"]
     r1 = loaded.llmpress_records["model.layers.0.self_attn.q_proj"]
     assert r1.weight_args == r0.weight_args and r1.act_args == r0.act_args and torch.equal(r1.qparams.scale, r0.qparams.scale)
 
 
 def test_tied_embeddings_and_sizes(tmp_path):
-    m = _compressed(tiny_llama, QuantArgs(bits=4, group_size=32), ignore=["lm_head"])
-    out = api.save(m, None, tmp_path / "ck")
+    m, rep = _compressed(tiny_llama, QuantArgs(bits=4, group_size=32), ignore=["lm_head"])
+    out = api.save(m, None, tmp_path / "ck", report=rep)
     meta = read_manifest(out)
     assert meta["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
     loaded, _ = llmpress.load_compressed(str(out))
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     acc = checkpoint_accounting(meta)
     # theory: 4 bits per quantized weight + a float32 scale per 32, the rest as stored
-    lin = sum(r.n_params for r in m.llmpress_records.values())
-    other = sum(p.numel() * 4 for n, p in m.named_parameters() if not any(n.startswith(k + ".weight") for k in m.llmpress_records))
+    lin = sum(r.n_params for r in rep.result.records.values())
+    other = sum(p.numel() * 4 for n, p in m.named_parameters() if not any(n.startswith(k + ".weight") for k in rep.result.records))
     assert acc["theoretical_bytes"] == lin * 4 / 8 + lin / 32 * 4 + other
     assert acc["tensor_bytes"] == acc["theoretical_bytes"]
     assert 0 < acc["file_bytes"] - acc["tensor_bytes"] < 16_000  # the safetensors header
-    size = api.evaluate.__globals__["model_size"](m, m.llmpress_records)
+    size = api.evaluate.__globals__["model_size"](m, rep.result.records)
     from llmpress.export.packed import packed_model_size
 
     assert packed_model_size(loaded)["size_mb"] == pytest.approx(size["size_mb"])
@@ -190,12 +189,12 @@ def test_quantized_tied_head_rebuilds_the_embedding(tmp_path, backend):
         stage("rtn", weights=QuantArgs(bits=4, group_size=32)),
         stage("rtn", targets=["lm_head"], ignore=[], weights=QuantArgs(bits=8, granularity="channel")),
     ]
-    llmpress.compress(m, recipe, engine=QUIET)
+    rep = llmpress.compress(m, recipe, engine=QUIET)
     assert m.lm_head.weight is m.model.embed_tokens.weight  # tied and quantized together
     ids = random_windows(2, 24)
     with torch.no_grad():
         ref, emb_ref = m(ids).logits, m.model.embed_tokens(ids)
-    out = api.save(m, None, tmp_path / "ck")
+    out = api.save(m, None, tmp_path / "ck", report=rep)
     meta = read_manifest(out)
     assert meta["tied_quant_embeddings"] == {"model.embed_tokens.weight": "lm_head"}
     assert "model.embed_tokens.weight" not in meta["tensors"] and meta["layers"]["lm_head"]["kind"] == "quant"
@@ -208,7 +207,8 @@ def test_quantized_tied_head_rebuilds_the_embedding(tmp_path, backend):
     assert float((got - ref).abs().max() / ref.abs().max()) <= tol
     # one copy of the table: the int8 codes (1 byte per entry) instead of float32 (4)
     V, D = m.lm_head.weight.shape
-    plain = api.save(_compressed(tiny_llama, QuantArgs(bits=4, group_size=32), ignore=["lm_head"]), None, tmp_path / "plain")
+    m2, rep2 = _compressed(tiny_llama, QuantArgs(bits=4, group_size=32), ignore=["lm_head"])
+    plain = api.save(m2, None, tmp_path / "plain", report=rep2)
     assert read_manifest(plain)["file_bytes"] - meta["file_bytes"] == pytest.approx(V * D * 3 - V * 4, abs=4096)
 
 
@@ -218,21 +218,21 @@ def test_quantized_tied_head_rebuilds_the_embedding(tmp_path, backend):
 def test_quantized_tied_head_other_schemes(tmp_path, head):
     """Heads without symmetric per-row scales: the embedding is dequantized whole, still exact."""
     m = tiny_llama()
-    llmpress.compress(
+    rep = llmpress.compress(
         m, [stage("rtn", weights=QuantArgs(bits=4, group_size=32)), stage("rtn", targets=["lm_head"], ignore=[], weights=head)], engine=QUIET
     )
     ids = random_windows(2, 24)
     with torch.no_grad():
         emb_ref = m.model.embed_tokens(ids)
-    loaded, _ = llmpress.load_compressed(str(api.save(m, None, tmp_path / "ck")), backend="dequant")
+    loaded, _ = llmpress.load_compressed(str(api.save(m, None, tmp_path / "ck", report=rep)), backend="dequant")
     assert loaded.model.embed_tokens.row_scales is None
     with torch.no_grad():
         assert torch.equal(loaded.model.embed_tokens(ids), emb_ref)
 
 
 def test_hf_fakequant_format_still_available(tmp_path):
-    m = _compressed(tiny_llama, QuantArgs(bits=4, group_size=32), QuantArgs(bits=8, granularity="token"))
-    out = api.save(m, tiny_tokenizer(), tmp_path / "hf", format="hf-fakequant")
+    m, rep = _compressed(tiny_llama, QuantArgs(bits=4, group_size=32), QuantArgs(bits=8, granularity="token"))
+    out = api.save(m, tiny_tokenizer(), tmp_path / "hf", report=rep, format="hf-fakequant")
     assert (out / "model.safetensors").exists() and read_manifest(out)["format"] == "llmpress-fakequant-v1"
     ids = random_windows(1, 16)
     loaded, _ = llmpress.load_compressed(str(out))
@@ -244,8 +244,8 @@ def test_hf_fakequant_format_still_available(tmp_path):
 
 @pytest.fixture
 def saved(tmp_path):
-    m = _compressed(tiny_llama, QuantArgs(bits=4, group_size=32))
-    return api.save(m, tiny_tokenizer(), tmp_path / "ck")
+    m, rep = _compressed(tiny_llama, QuantArgs(bits=4, group_size=32))
+    return api.save(m, tiny_tokenizer(), tmp_path / "ck", report=rep)
 
 
 def test_truncated_checkpoint(saved):
@@ -334,8 +334,8 @@ def test_cli_compress_writes_packed_and_eval_reads_it(tmp_path, tiny_model_dir, 
 
 
 def test_online_runtime_modules_are_refused(tmp_path):
-    m = _compressed(tiny_llama, QuantArgs(bits=4, group_size=32))
+    m, rep = _compressed(tiny_llama, QuantArgs(bits=4, group_size=32))
     m.model.layers[0].mlp.llmpress_down_in = torch.nn.Identity()  # not an online rotation llmpress knows
     with pytest.raises(UserError, match="run-time modules llmpress cannot save .*layers.0.mlp.llmpress_down_in"):
-        api.save(m, None, tmp_path / "ck")
+        api.save(m, None, tmp_path / "ck", report=rep)
     assert not (tmp_path / "ck").exists() and list(tmp_path.iterdir()) == []

@@ -43,8 +43,7 @@ def _tokenizer():
 
 def _compressed(make, recipe, ids):
     m = make()
-    api.compress(m, recipe, data=ids, engine=QUIET)
-    return m
+    return m, api.compress(m, recipe, data=ids, engine=QUIET)
 
 
 def _runtime(model) -> dict:
@@ -52,29 +51,29 @@ def _runtime(model) -> dict:
     return json.loads(json.dumps(export_runtime(model)[0], default=repr))
 
 
-def _act_args(model) -> dict:
-    return {n: r.act_args for n, r in model.llmpress_records.items() if r.act_args is not None}
+def _act_args(records) -> dict:
+    return {n: r.act_args for n, r in records.items() if r.act_args is not None}
 
 
-def _check_round_trip(m, ids, folder):
+def _check_round_trip(m, rep, ids, folder):
     """Save ``m`` packed into ``folder``, load it with both backends, compare."""
     want = logits(m, ids)
-    api.save(m, None, folder)
+    api.save(m, None, folder, report=rep)
     meta = read_manifest(folder)
     desc = _runtime(m)
     for backend, tol in (("dequant", DEQUANT_TOL), ("auto", AUTO_TOL)):
         loaded, _ = llmpress.load_compressed(str(folder), backend=backend)
         assert rel_err(logits(loaded, ids), want) <= tol, backend
         assert _runtime(loaded) == desc  # the same rotations and KV quantizers, re-attached
-        assert _act_args(loaded) == _act_args(m)  # activation quantizers (clip_ratio included)
+        assert _act_args(loaded.llmpress_records) == _act_args(rep.result.records)  # activation quantizers (clip_ratio included)
     return meta
 
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_saves_packed_and_loads_the_same_model(name, tmp_path):
     ids = random_windows(4, 32)
-    m = _compressed(tiny_llama, name, ids)
-    meta = _check_round_trip(m, ids, tmp_path / "ck")
+    m, rep = _compressed(tiny_llama, name, ids)
+    meta = _check_round_trip(m, rep, ids, tmp_path / "ck")
     extras = [k for k in ("runtime", "llm_int8", "structure") if k in meta]
     assert meta["format"] == (FORMAT if extras else FORMAT_V1)  # v1 (older readers) when nothing run-time
     assert ("runtime" in meta) == (name in RUNTIME_PRESETS)  # every rotation / KV preset stores its runtime
@@ -88,10 +87,10 @@ def test_every_preset_saves_packed_and_loads_the_same_model(name, tmp_path):
     if refused:
         assert "hf-fakequant cannot store" in refused and "packed" in refused
         with pytest.raises(UserError, match="hf-fakequant cannot store"):  # the save-time check agrees
-            api.save(m, None, tmp_path / "hf", format="hf-fakequant")
+            api.save(m, None, tmp_path / "hf", report=rep, format="hf-fakequant")
         assert not (tmp_path / "hf").exists()
     else:
-        api.save(m, _tokenizer(), tmp_path / "hf", format="hf-fakequant")
+        api.save(m, _tokenizer(), tmp_path / "hf", report=rep, format="hf-fakequant")
         loaded, _ = llmpress.load_compressed(str(tmp_path / "hf"))
         assert rel_err(logits(loaded, ids), logits(m, ids)) <= DEQUANT_TOL
         assert _runtime(loaded) == _runtime(m)
@@ -102,8 +101,8 @@ def test_rotation_presets_on_gemma3(name, tmp_path):
     """gemma3: norm-output rotations, scaled (sqrt(hidden)) embeddings; head8 quantizes
     the tied head, so the embedding is rebuilt from the head's codes."""
     ids = random_windows(4, 32)
-    m = _compressed(tiny_gemma3, name, ids)
-    meta = _check_round_trip(m, ids, tmp_path / "ck")
+    m, rep = _compressed(tiny_gemma3, name, ids)
+    meta = _check_round_trip(m, rep, ids, tmp_path / "ck")
     if name != "kv4" and name in RUNTIME_PRESETS:
         assert meta["runtime"]["out_rot"]  # gemma3's post-norms: rotations on the norm outputs
     if name == "rtn-w4g64-head8":
@@ -114,8 +113,8 @@ def test_rotation_presets_on_gemma3(name, tmp_path):
 def test_loaded_kv4_generates_like_the_compressed_model(name, tmp_path):
     """The generation path (a cache filled token by token) of a loaded KV4 checkpoint."""
     ids = random_windows(4, 32)
-    m = _compressed(tiny_llama, name, ids)
-    api.save(m, None, tmp_path / "ck")
+    m, rep = _compressed(tiny_llama, name, ids)
+    api.save(m, None, tmp_path / "ck", report=rep)
     loaded, _ = llmpress.load_compressed(str(tmp_path / "ck"), backend="dequant")
     prompt = ids[:1, :12]
     kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=2)
@@ -134,22 +133,22 @@ def test_os_plus_shift_round_trips_and_hf_fakequant_refuses_it(tmp_path):
     d["stages"][0]["shift"] = True
     recipe = Recipe.from_dict(d)
     ids = random_windows(4, 32)
-    m = _compressed(tiny_llama, recipe, ids)
-    meta = _check_round_trip(m, ids, tmp_path / "ck")
+    m, rep = _compressed(tiny_llama, recipe, ids)
+    meta = _check_round_trip(m, rep, ids, tmp_path / "ck")
     assert meta["format"] == FORMAT and meta["structure"]["norm_shifts"] and meta["structure"]["biases"]
     with pytest.raises(UserError, match="OS\\+ shifts"):
         check_save_format(recipe, "hf-fakequant")
     with pytest.raises(UserError, match="OS\\+ norm shifts"):
-        api.save(m, None, tmp_path / "hf", format="hf-fakequant")
+        api.save(m, None, tmp_path / "hf", report=rep, format="hf-fakequant")
 
 
 @pytest.fixture(scope="module")
 def rotated(tmp_path_factory):
     """A saved duquant-w4a8 checkpoint (block rotations + permutations: run-time tensors)."""
     ids = random_windows(4, 32)
-    m = _compressed(tiny_llama, "duquant-w4a8", ids)
+    m, rep = _compressed(tiny_llama, "duquant-w4a8", ids)
     folder = tmp_path_factory.mktemp("rot") / "ck"
-    api.save(m, None, folder)
+    api.save(m, None, folder, report=rep)
     return folder
 
 
@@ -203,8 +202,8 @@ def test_a_newer_format_is_refused_by_name(rotated, tmp_path):
 def test_v1_checkpoint_without_runtime_still_loads(tmp_path):
     """A v1 manifest as llmpress wrote it before run-time sections existed."""
     ids = random_windows(2, 16)
-    m = _compressed(tiny_llama, "rtn-w4g64", ids)
-    api.save(m, None, tmp_path / "ck")
+    m, rep = _compressed(tiny_llama, "rtn-w4g64", ids)
+    api.save(m, None, tmp_path / "ck", report=rep)
     meta = read_manifest(tmp_path / "ck")
     assert meta["format"] == FORMAT_V1 and not any(k in meta for k in ("runtime", "llm_int8", "structure"))
     assert not any(k.startswith(RUNTIME_PREFIX) for k in meta["tensors"])
@@ -234,12 +233,12 @@ def test_cli_hf_fakequant_rotation_exits_2_with_one_line(tmp_path, tiny_model_di
 def test_tensors_no_method_explains_are_refused(tmp_path):
     """Anything a fresh model lacks (or has) that no known method explains: refused, nothing written."""
     ids = random_windows(2, 16)
-    m = _compressed(tiny_llama, "rtn-w4g64", ids)
+    m, rep = _compressed(tiny_llama, "rtn-w4g64", ids)
     m.model.layers[0].mlp.register_buffer("stray", torch.ones(3))
     with pytest.raises(UserError, match="no llmpress method explains .*layers.0.mlp.stray"):
-        api.save(m, None, tmp_path / "ck")
+        api.save(m, None, tmp_path / "ck", report=rep)
     del m.model.layers[0].mlp.stray
     m.model.layers[1].post_attention_layernorm = torch.nn.Identity()
     with pytest.raises(UserError, match="lacks tensors its architecture has .*layers.1.post_attention_layernorm.weight"):
-        api.save(m, None, tmp_path / "ck")
+        api.save(m, None, tmp_path / "ck", report=rep)
     assert list(tmp_path.iterdir()) == []

@@ -14,11 +14,13 @@ from helpers import QUIET
 
 import llmpress
 from llmpress import api, stage
+from llmpress.calib.plan import CompressResult
 from llmpress.errors import UserError
 from llmpress.export.compressed_tensors import export_compressed_tensors
 from llmpress.quant import QuantArgs
 from llmpress.quant.core import quantize
 from llmpress.registry import ModuleRecord
+from llmpress.report import Report
 
 A8 = QuantArgs(bits=8, granularity="token")
 
@@ -33,21 +35,27 @@ def _compressed(weights, acts=None, prune24=False):
                     drop = w.abs().argsort(-1)[..., :2]  # the 2 smallest of every 4
                     w.scatter_(-1, drop, 0.0)
     if weights is None:  # sparse only
-        m.llmpress_records = {
-            n: ModuleRecord(name=n, out_features=mod.out_features, in_features=mod.in_features, methods=["prune"], sparsity=0.5)
-            for n, mod in m.named_modules()
-            if isinstance(mod, torch.nn.Linear) and n != "lm_head"
-        }
-        return m
-    llmpress.compress(m, stage("rtn", weights=weights, activations=acts, ignore=["lm_head"]), engine=QUIET)
+        return m, _report(
+            {
+                n: ModuleRecord(name=n, out_features=mod.out_features, in_features=mod.in_features, methods=["prune"], sparsity=0.5)
+                for n, mod in m.named_modules()
+                if isinstance(mod, torch.nn.Linear) and n != "lm_head"
+            }
+        )
+    rep = llmpress.compress(m, stage("rtn", weights=weights, activations=acts, ignore=["lm_head"]), engine=QUIET)
     if prune24:
-        for r in m.llmpress_records.values():
+        for r in rep.result.records.values():
             r.sparsity = 0.5
-    return m
+    return m, rep
 
 
-def _export(tmp_path, m, dtype="auto"):
-    src = api.save(m, tiny_tokenizer(), tmp_path / "packed")
+def _report(records):
+    """A report carrying hand-made records (what compress() would return)."""
+    return Report(model="tiny", recipe={}, result=CompressResult(records=records))
+
+
+def _export(tmp_path, m, rep, dtype="auto"):
+    src = api.save(m, tiny_tokenizer(), tmp_path / "packed", report=rep)
     return src, export_compressed_tensors(src, tmp_path / "ct", dtype=dtype)
 
 
@@ -70,8 +78,8 @@ WEIGHT_ONLY = [
 
 @pytest.mark.parametrize("name,weights", WEIGHT_ONLY, ids=[w[0] for w in WEIGHT_ONLY])
 def test_transformers_loads_export_with_llmpress_logits(tmp_path, name, weights):
-    m = _compressed(weights)
-    src, out = _export(tmp_path, m)
+    m, rep = _compressed(weights)
+    src, out = _export(tmp_path, m, rep)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
     assert cfg["ignore"] == ["lm_head"] and list(cfg["config_groups"]) == ["group_0"]
@@ -91,8 +99,8 @@ def test_transformers_loads_export_with_llmpress_logits(tmp_path, name, weights)
 
 
 def test_w8a8_int_quantized(tmp_path):
-    m = _compressed(QuantArgs(bits=8, granularity="channel"), A8)
-    _, out = _export(tmp_path, m)
+    m, rep = _compressed(QuantArgs(bits=8, granularity="channel"), A8)
+    _, out = _export(tmp_path, m, rep)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["format"] == "int-quantized"
     g = cfg["config_groups"]["group_0"]
@@ -128,13 +136,13 @@ def test_tensors_equal_compressed_tensors_compressor(tmp_path, weights):
     from compressed_tensors.quantization import QuantizationScheme
     from safetensors.torch import load_file
 
-    m = _compressed(weights)
-    _, out = _export(tmp_path, m)
+    m, rep = _compressed(weights)
+    _, out = _export(tmp_path, m, rep)
     scheme_json = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
     scheme = QuantizationScheme.model_validate(scheme_json)
     t = load_file(str(out / "model.safetensors"))
     half = 1 << (weights.bits - 1)
-    for name, rec in m.llmpress_records.items():
+    for name, rec in rep.result.records.items():
         w = m.get_submodule(name).weight.detach()
         sd = {"weight": w, "weight_scale": rec.qparams.scale.clone()}
         if not weights.symmetric:  # compressed-tensors counts zero points in [-2^(b-1), 2^(b-1))
@@ -146,8 +154,8 @@ def test_tensors_equal_compressed_tensors_compressor(tmp_path, weights):
 
 
 def test_two_four_sparse_exports(tmp_path):
-    m = _compressed(QuantArgs(bits=4, group_size=32), prune24=True)
-    _, out = _export(tmp_path, m)
+    m, rep = _compressed(QuantArgs(bits=4, group_size=32), prune24=True)
+    _, out = _export(tmp_path, m, rep)
     meta = json.loads((out / "llmpress.json").read_text())
     assert meta["sparsity"]["model.layers.0.mlp.up_proj"] == {"structure": "2:4", "sparsity": 0.5}
     hf = _hf(out)
@@ -159,15 +167,15 @@ def test_two_four_sparse_exports(tmp_path):
 
 
 def test_sparse_only_layers_export_dense(tmp_path):
-    m = _compressed(None, prune24=True)  # every linear 2:4-pruned, records say sparsity 0.5
-    llmpress.compress(m, stage("rtn", weights=QuantArgs(bits=4, group_size=32), targets=["re:.*up_proj$"]), engine=QUIET)
-    recs = m.llmpress_records  # compress() replaced the records: up_proj quantized (pruned too) ...
+    m, _ = _compressed(None, prune24=True)  # every linear 2:4-pruned
+    rep = llmpress.compress(m, stage("rtn", weights=QuantArgs(bits=4, group_size=32), targets=["re:.*up_proj$"]), engine=QUIET)
+    recs = rep.result.records  # up_proj quantized (pruned too) ...
     for n, mod in m.named_modules():
         if isinstance(mod, torch.nn.Linear) and n != "lm_head":
             recs.setdefault(
                 n, ModuleRecord(name=n, out_features=mod.out_features, in_features=mod.in_features, methods=["prune"])
             ).sparsity = 0.5  # ... the rest pruned only
-    src, out = _export(tmp_path, m)
+    src, out = _export(tmp_path, m, rep)
     packed = json.loads((src / "llmpress.json").read_text())["layers"]
     assert packed["model.layers.0.mlp.down_proj"]["kind"] == "sparse" and packed["model.layers.0.mlp.up_proj"]["kind"] == "quant"
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -183,7 +191,7 @@ def test_sparse_only_layers_export_dense(tmp_path):
 
 def test_mixed_schemes_get_one_group_each(tmp_path):
     m = tiny_llama()
-    llmpress.compress(
+    rep = llmpress.compress(
         m,
         [
             stage("rtn", weights=QuantArgs(bits=4, group_size=32), targets=["re:.*mlp.*"]),
@@ -191,11 +199,11 @@ def test_mixed_schemes_get_one_group_each(tmp_path):
         ],
         engine=QUIET,
     )
-    _, out = _export(tmp_path, m)
+    _, out = _export(tmp_path, m, rep)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert len(cfg["config_groups"]) == 2 and cfg["ignore"] == ["lm_head"]
     targets = sorted(t for g in cfg["config_groups"].values() for t in g["targets"])
-    assert targets == sorted(m.llmpress_records)
+    assert targets == sorted(rep.result.records)
     hf = _hf(out)
     ids = random_windows(1, 16)
     with torch.no_grad():
@@ -207,7 +215,7 @@ def test_quantized_tied_head_exports_untied(tmp_path):
     """W4 blocks + int8 head tied to the embedding (rtn-w4g64-head8's layout): the export
     writes the embedding dense, unties it, and transformers reproduces the logits."""
     m = tiny_llama()
-    llmpress.compress(
+    rep = llmpress.compress(
         m,
         [
             stage("rtn", weights=QuantArgs(bits=4, group_size=32)),
@@ -215,7 +223,7 @@ def test_quantized_tied_head_exports_untied(tmp_path):
         ],
         engine=QUIET,
     )
-    _, out = _export(tmp_path, m)
+    _, out = _export(tmp_path, m, rep)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False and "lm_head" not in cfg["quantization_config"]["ignore"]
     hf = _hf(out)
@@ -227,8 +235,8 @@ def test_quantized_tied_head_exports_untied(tmp_path):
 
 
 def test_bfloat16_export(tmp_path):
-    m = _compressed(QuantArgs(bits=4, group_size=32))
-    _, out = _export(tmp_path, m, "bfloat16")
+    m, rep = _compressed(QuantArgs(bits=4, group_size=32))
+    _, out = _export(tmp_path, m, rep, "bfloat16")
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     hf = _hf(out, torch.bfloat16)
     assert hf.model.layers[0].mlp.up_proj.weight_scale.dtype == torch.bfloat16
@@ -240,16 +248,16 @@ def test_bfloat16_export(tmp_path):
 
 
 def test_unrepresentable_schemes_are_refused(tmp_path):
-    m = _compressed(QuantArgs(kind="ternary", granularity="channel"))
-    src = api.save(m, None, tmp_path / "t")
+    m, rep = _compressed(QuantArgs(kind="ternary", granularity="channel"))
+    src = api.save(m, None, tmp_path / "t", report=rep)
     with pytest.raises(UserError, match="ternary weights cannot be stored"):
         export_compressed_tensors(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     with pytest.raises(UserError, match="not a packed llmpress checkpoint"):
         export_compressed_tensors(tmp_path, tmp_path / "out")
     # clipped dynamic activations: vLLM would quantize them over the plain range
-    m = _compressed(QuantArgs(bits=8, granularity="channel"), QuantArgs(bits=8, granularity="token", clip_ratio=0.9))
-    src = api.save(m, None, tmp_path / "clip")
+    m, rep = _compressed(QuantArgs(bits=8, granularity="channel"), QuantArgs(bits=8, granularity="token", clip_ratio=0.9))
+    src = api.save(m, None, tmp_path / "clip", report=rep)
     with pytest.raises(UserError, match="clip0.9"):
         export_compressed_tensors(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -269,8 +277,8 @@ def test_run_time_parts_are_refused_naming_them(tmp_path, capsys, preset, what):
     from llmpress.cli import main
 
     m = tiny_llama()
-    llmpress.compress(m, preset, data=random_windows(2, 16), engine=QUIET)
-    src = api.save(m, None, tmp_path / "packed")
+    rep = llmpress.compress(m, preset, data=random_windows(2, 16), engine=QUIET)
+    src = api.save(m, None, tmp_path / "packed", report=rep)
     with pytest.raises(UserError, match=f"{re.escape(what)} cannot be stored in compressed-tensors"):
         export_compressed_tensors(src, tmp_path / "ct")
     assert main(["export", str(src), "--out", str(tmp_path / "ct")]) == 2
@@ -282,8 +290,8 @@ def test_run_time_parts_are_refused_naming_them(tmp_path, capsys, preset, what):
 def test_cli_export(tmp_path, capsys):
     from llmpress.cli import main
 
-    m = _compressed(QuantArgs(bits=4, group_size=32))
-    src = api.save(m, tiny_tokenizer(), tmp_path / "packed")
+    m, rep = _compressed(QuantArgs(bits=4, group_size=32))
+    src = api.save(m, tiny_tokenizer(), tmp_path / "packed", report=rep)
     out = tmp_path / "ct"
     assert main(["export", str(src), "--format", "compressed-tensors", "--out", str(out)]) == 0
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
@@ -321,8 +329,8 @@ def test_smollm2_w4g64_checkpoint_and_export(tmp_path):
     from llmpress.export.packed import checkpoint_accounting, read_manifest
 
     m, tok = llmpress.load("smollm2-135m")
-    llmpress.compress(m, "rtn-w4g64", engine=QUIET)
-    src = api.save(m, tok, tmp_path / "w4")
+    rep = llmpress.compress(m, "rtn-w4g64", engine=QUIET)
+    src = api.save(m, tok, tmp_path / "w4", report=rep)
     acc = checkpoint_accounting(read_manifest(src))
     assert abs(acc["file_bytes"] / acc["theoretical_bytes"] - 1) < 0.01
     assert abs(acc["file_bytes"] / acc["theoretical_bytes_16bit_scales"] - 1) < 0.10

@@ -10,7 +10,7 @@ from helpers import QUIET
 import llmpress
 from llmpress import stage
 from llmpress.errors import RecipeError
-from llmpress.prune.owl import ATTR, OWL, effective_sparsity, outlier_ratio, owl_offsets
+from llmpress.prune.owl import OWL, effective_sparsity, outlier_ratio, owl_offsets
 
 
 def test_offsets_keep_the_mean_and_spread():
@@ -28,13 +28,11 @@ def test_outlier_ratio_counts_entries_above_m_means():
 
 
 def test_effective_sparsity_clips_and_ignores_nm():
-    mod = torch.nn.Linear(4, 4)
-    assert effective_sparsity(mod, 0.5) == 0.5
-    setattr(mod, ATTR, -0.08)
-    assert effective_sparsity(mod, 0.5) == pytest.approx(0.42)
-    assert effective_sparsity(mod, 0.5, m=4) == 0.5
-    setattr(mod, ATTR, 0.7)
-    assert effective_sparsity(mod, 0.5) == 0.99
+    assert effective_sparsity(0.5) == 0.5
+    assert effective_sparsity(0.5, -0.08) == pytest.approx(0.42)
+    assert effective_sparsity(0.5, -0.08, m=4) == 0.5
+    assert effective_sparsity(0.5, 0.7) == 0.99
+    assert effective_sparsity(0.05, -0.08) == 0.0
 
 
 def test_config_errors():
@@ -53,8 +51,8 @@ def test_block_with_planted_outliers_is_pruned_less(pruner):
                 mod.weight[:, :2] *= 40.0
     data = random_windows(8, 32)
     kw = {"per_row": True} if pruner == "magnitude" else {}
-    llmpress.compress(m, [stage("owl", lam=0.1, windows=8), stage(pruner, sparsity=0.5, **kw)], data=data, engine=QUIET)
-    rec = m.llmpress_records
+    report = llmpress.compress(m, [stage("owl", lam=0.1, windows=8), stage(pruner, sparsity=0.5, **kw)], data=data, engine=QUIET)
+    rec = report.result.records
     per_block = [
         sum(r.sparsity * r.n_params for n, r in rec.items() if f"layers.{i}." in n) / sum(r.n_params for n, r in rec.items() if f"layers.{i}." in n)
         for i in range(4)
@@ -63,5 +61,6 @@ def test_block_with_planted_outliers_is_pruned_less(pruner):
     assert max(per_block) - min(per_block) == pytest.approx(0.2, abs=0.02)
     total = sum(r.sparsity * r.n_params for r in rec.values()) / sum(r.n_params for r in rec.values())
     assert total == pytest.approx(0.5, abs=0.01)
-    assert set(m.llmpress_owl["outlier_ratio"]) == {0, 1, 2, 3}
-    assert not any(hasattr(mod, ATTR) for mod in m.modules())  # offsets do not outlive the call
+    assert set(report.stages["stage0:owl"]["outlier_ratio"]) == {0, 1, 2, 3}
+    assert report.to_dict()["stages"]["stage0:owl"]["sparsity_offset"] == report.stages["stage0:owl"]["sparsity_offset"]
+    assert not [k for mod in m.modules() for k in vars(mod) if k.startswith("llmpress")]  # nothing left on the modules

@@ -112,7 +112,7 @@ def test_awq_then_gptq_recipe():
     assert layer["weights"] == W3.describe()
     assert 0.0 <= layer["awq"]["alpha"] <= 1.0
     assert any(not torch.equal(blk.input_layernorm.weight, n) for blk, n in zip(m.model.layers, norms))  # scales folded
-    for name, rec in m.llmpress_records.items():
+    for name, rec in rep.result.records.items():
         codes = quantize(dict(m.named_modules())[name].weight.data, rec.qparams, rec.weight_args)
         assert torch.equal(codes, torch.round(codes)) and -4 <= codes.min() and codes.max() <= 3, name
     assert rel_err(logits(m, ids), ref) < 0.95 * rel_err(logits(rtn, ids), ref)

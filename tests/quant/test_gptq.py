@@ -246,7 +246,7 @@ def test_presets_run_through_the_engine(preset):
     assert set(rep.layers) == {n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and n != "lm_head"}
     for name, info in rep.layers.items():
         assert info["methods"] == ["gptq"] and info["damp"] == cfg.damp and info["damp_retries"] == 0
-        rec = m.llmpress_records[name]
+        rec = rep.result.records[name]
         w = dict(m.named_modules())[name].weight.data
         codes = quantize(w, rec.qparams, rec.weight_args)
         assert torch.equal(codes, torch.round(codes))
@@ -271,7 +271,7 @@ def test_gptq_stage_with_activation_quantization():
     wrapped = {n: mod for n, mod in m.named_modules() if isinstance(mod, ActQuantLinear)}
     assert set(wrapped) == set(rep.layers) and all(mod.args == a8 for mod in wrapped.values())
     for name, mod in wrapped.items():
-        rec = m.llmpress_records[name]
+        rec = rep.result.records[name]
         codes = quantize(mod.weight.data, rec.qparams, rec.weight_args)
         assert torch.equal(codes, torch.round(codes)) and codes.abs().max() <= 8
     ids = random_windows(2, 16, seed=5)

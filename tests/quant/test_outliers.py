@@ -60,6 +60,6 @@ def test_outliers_method_end_to_end():
     assert layer["extra_bits"] == csr_extra_bits(nnz, 64)
     expect = 3 + 16 / 32 + csr_extra_bits(nnz, 64) / (64 * 128)
     assert abs(layer["bits_per_weight"] - round(expect, 4)) < 1e-4
-    size = model_size(m, m.llmpress_records)
+    size = model_size(m, rep.result.records)
     assert size["bits_per_weight"] > 3.5  # the sparse part is counted
     assert abs(size["bits_per_weight"] - rep.bits_per_weight) < 1e-12

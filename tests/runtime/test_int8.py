@@ -79,11 +79,11 @@ def test_int8_linear_close_to_fake_quant_and_float(backend, rows):
 
 def test_convert_rtn_w8a8_model():
     m = tiny_llama()
-    compress(m, [stage("rtn", weights=W8, activations=A8)])
+    rep = compress(m, [stage("rtn", weights=W8, activations=A8)])
     ids = random_windows(2, 24, seed=1)
     with torch.no_grad():
         ref = m(input_ids=ids).logits
-    names = convert_to_int8(m, backend="fp32_exact")
+    names = convert_to_int8(m, backend="fp32_exact", records=rep.result.records)
     assert len(names) == 14 and all(isinstance(m.get_submodule(n), Int8Linear) for n in names)
     with torch.no_grad():
         y = m(input_ids=ids).logits

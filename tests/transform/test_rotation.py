@@ -269,11 +269,10 @@ def test_rotation_presets_match_their_names(name):
     assert tuple(r.stages[-1].ignore) == ("lm_head",)
 
 
-def _on_recorded_grid(m) -> int:
+def _on_recorded_grid(m, recs) -> int:
     """Number of recorded linears; fails unless each one's weight is exactly on its grid."""
     from llmpress.quant import quantize
 
-    recs = m.llmpress_records
     for name, rec in recs.items():
         if rec.weight_args is None:
             continue
@@ -293,12 +292,12 @@ def test_quarot_presets_on_tiny_llama_cost_what_their_bits_say():
     for name in ["quarot-w8a8", "kv4", "quarot-w4a8", "quarot-w4a4kv4-rtn"]:
         m = tiny_llama()
         before = {n: p.detach().clone() for n, p in m.named_parameters()}
-        compress(m, name, data=random_windows(2, 32))
+        rep = compress(m, name, data=random_windows(2, 32))
         err[name] = rel_err(logits(m, ids), ref)
         if name == "kv4":  # only the KV cache: no weight changed
             assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
             continue
-        assert _on_recorded_grid(m) == 14
+        assert _on_recorded_grid(m, rep.result.records) == 14
         acts = {n: mod.args.bits for n, mod in m.named_modules() if isinstance(mod, ActQuantLinear)}
         assert len(acts) == 14 and set(acts.values()) == {int(name.split("-w")[1][2])}
     assert 1e-3 < err["quarot-w8a8"] < 0.02

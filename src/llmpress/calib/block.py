@@ -8,7 +8,7 @@ records and timings of the whole run; ``BlockContext`` is what a block-scope met
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -62,12 +62,15 @@ def collect_stats(
     return out
 
 
-def apply_stages(name: str, module: nn.Module, stages: list[tuple[int, Stage]], stats: dict, records: dict, seconds: dict) -> None:
-    """Run each (index, stage) handler on one linear, timing it under ``stage{i}:{method}``."""
+def apply_stages(
+    name: str, module: nn.Module, stages: tuple[tuple[int, Stage], ...], stats: dict, records: dict, seconds: dict, settings: dict | None = None
+) -> None:
+    """Run each (index, stage) handler on one linear, timing it under ``stage{i}:{method}``;
+    ``settings``: what model-scope stages left for this linear (``ModuleContext.settings``)."""
     rec = records.setdefault(name, ModuleRecord(name=name, out_features=module.out_features, in_features=module.in_features))
     for i, st in stages:
         t = time.perf_counter()
-        get_method(st.method).apply(ModuleContext(name=name, module=module, stats=stats, record=rec), st.config)
+        get_method(st.method).apply(ModuleContext(name=name, module=module, stats=stats, record=rec, settings=settings or {}), st.config)
         rec.methods.append(st.method)
         seconds[f"stage{i}:{st.method}"] = seconds.get(f"stage{i}:{st.method}", 0.0) + time.perf_counter() - t
 
@@ -90,18 +93,19 @@ def solve_seconds(seconds: dict) -> float:
 
 @dataclass(kw_only=True)
 class RunState:
-    """One engine run: the plan, the statistics each linear needs, and what it produced."""
+    """One engine run: the plan's targets and needs, and what the run produced."""
 
     spec: ArchSpec
-    targets: dict[str, list[tuple[int, Stage]]]  # full name -> (index, stage) pairs acting on it
-    needs: dict[str, set[str]]  # full name -> statistics its stages need
+    targets: dict[str, tuple[tuple[int, Stage], ...]]  # full name -> (index, stage) pairs acting on it
+    needs: dict[str, frozenset[str]]  # full name -> statistics its stages need
+    settings: dict[str, dict] = field(default_factory=dict)  # full name -> settings from model-scope stages
     offload: Path | None = None  # folder for activations kept on disk
     records: dict[str, ModuleRecord]
     seconds: dict[str, float]
     forward_s: float = 0.0  # calibration forwards (solvers excluded)
 
     def apply(self, name: str, module: nn.Module, stats: dict) -> None:
-        apply_stages(name, module, self.targets[name], stats, self.records, self.seconds)
+        apply_stages(name, module, self.targets[name], stats, self.records, self.seconds, self.settings.get(name))
 
     def local_targets(self, prefix: str) -> dict[str, str]:
         """The targeted linears under ``prefix``: local name -> full name."""

@@ -28,13 +28,13 @@ import torch
 import torch.nn as nn
 
 from .. import progress
-from ..arch import ArchSpec, get_module
+from ..arch import get_module
 from ..eval.memory import trim_malloc
-from ..recipe import Recipe, Stage
 from ..registry import METHODS, ModuleRecord
 from .activations import ActivationStore, capture_block_inputs, run_batches
 from .block import BlockContext, RunState, collect_stats, local_all, solve_seconds, wrap_act_quant
 from .fused import fusable, solve_block_fused
+from .plan import Plan, build_plan
 
 __all__ = [
     "ActivationStore",
@@ -42,8 +42,8 @@ __all__ = [
     "EngineOptions",
     "EngineResult",
     "capture_block_inputs",
+    "build_plan",
     "local_all",
-    "plan",
     "run",
 ]
 
@@ -68,52 +68,30 @@ class EngineResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def plan(model: nn.Module, spec: ArchSpec, recipe: Recipe) -> dict[str, list[tuple[int, Stage]]]:
-    """Map each targeted linear's full name to the (index, stage) pairs that act on it."""
-    out: dict[str, list[tuple[int, Stage]]] = {}
-    prefix = spec.blocks + "."
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        in_blocks = name.startswith(prefix)
-        sts = [(i, s) for i, s in enumerate(recipe.stages) if METHODS[s.method].scope == "module" and s.matches(name, in_blocks)]
-        if sts:
-            out[name] = sts
-    return out
-
-
-def _desc(recipe: Recipe) -> str:
-    """The engine's bar names the methods it runs: ``compress (awq, gptq)``."""
-    names = dict.fromkeys(s.method for s in recipe.stages if METHODS[s.method].scope != "model")
-    return f"compress ({', '.join(names)})" if names else "compress"
-
-
-def run(model: nn.Module, spec: ArchSpec, recipe: Recipe, calib: torch.Tensor | None, opts: EngineOptions | None = None) -> EngineResult:
-    """Apply the recipe's module stages; sequentially over blocks when any stage needs data.
-    ``opts.progress`` False silences every bar and notice below (block-scope methods too)."""
+def run(model: nn.Module, plan: Plan, calib: torch.Tensor | None, opts: EngineOptions | None = None,
+        settings: dict[str, dict] | None = None) -> EngineResult:  # fmt: skip
+    """Execute ``plan``'s block and module stages; sequentially over blocks when any stage
+    needs data. ``settings``: per-linear settings left by model-scope stages (handed to the
+    module stages as ``ModuleContext.settings``). ``opts.progress`` False silences every bar
+    and notice below (block-scope methods too)."""
     opts = opts or EngineOptions()
     with progress.scope(opts.progress):
-        return _run(model, spec, recipe, calib, opts)
+        return _run(model, plan, calib, opts, settings or {})
 
 
-def _run(model: nn.Module, spec: ArchSpec, recipe: Recipe, calib: torch.Tensor | None, opts: EngineOptions) -> EngineResult:
-    targets = plan(model, spec, recipe)
-    needs = {n: {a for _, s in sts for a in METHODS[s.method].needs} for n, sts in targets.items()}
-    state = RunState(spec=spec, targets=targets, needs=needs, records={}, seconds={})
-    block_stages = [(i, s) for i, s in enumerate(recipe.stages) if METHODS[s.method].scope == "block"]
-    if not any(needs.values()) and not block_stages:
-        return _run_data_free(model, state, _desc(recipe), opts.progress)
+def _run(model: nn.Module, plan: Plan, calib: torch.Tensor | None, opts: EngineOptions, settings: dict[str, dict]) -> EngineResult:
+    spec = plan.spec
+    state = RunState(spec=spec, targets=plan.targets, needs=plan.needs, settings=settings, records={}, seconds={})
+    if not plan.engine_needs_data:
+        return _run_data_free(model, state, plan.description(), opts.progress)
     if calib is None:
         raise ValueError("this recipe needs calibration data (a stage gathers statistics)")
-    outside = [n for n in targets if not n.startswith(spec.blocks + ".") and needs[n]]
-    if any(n != spec.lm_head for n in outside):
-        raise ValueError(f"statistics for linears outside the decoder blocks are only gathered for {spec.lm_head}: {outside}")
     device = next(model.parameters()).device
     if opts.offload_dir:
         Path(opts.offload_dir).expanduser().mkdir(parents=True, exist_ok=True)  # a new folder is fine
         state.offload = Path(tempfile.mkdtemp(prefix="llmpress-act-", dir=Path(opts.offload_dir).expanduser()))
     try:
-        return _run_sequential(model, state, calib.to(device), opts, block_stages, _desc(recipe))
+        return _run_sequential(model, state, calib.to(device), opts, list(plan.block_stages), plan.description())
     finally:
         if state.offload is not None:
             shutil.rmtree(state.offload, ignore_errors=True)

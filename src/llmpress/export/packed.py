@@ -51,7 +51,7 @@ from ..arch import get_module, set_module
 from ..errors import UserError
 from ..eval.memory import trim_malloc
 from ..registry import ModuleRecord
-from ..runtime.act_quant import ActQuantLinear
+from ..runtime.act_quant import ActQuantLinear, plain, plain_state_dict
 from ..storage.form import LinearSpec, decode_weight, get_form
 from . import runtime_state
 from .codec import encode_linear
@@ -93,84 +93,75 @@ def sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
-def _unwrapped(model: nn.Module) -> list[tuple[str, ActQuantLinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuantLinear)]
-
-
 def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, ModuleRecord], extra_meta: dict | None = None) -> dict:
     """Write the packed checkpoint of ``model`` into the existing empty ``folder``.
 
-    ``records``: ``model.llmpress_records`` (what compress() did to each linear).
+    ``records``: what compress() did to each linear (``report.result.records``, see
+    :class:`llmpress.calib.plan.CompressResult`). The model is read, not changed: its
+    activation-quantization wrappers are stored under the plain linears' names.
     Returns the manifest written to llmpress.json. The format is :data:`FORMAT_V1` when
     the model has no run-time modules nor structure edits (readable by older llmpress),
     :data:`FORMAT` otherwise.
     """
     from safetensors.torch import save_file
 
-    wrapped = _unwrapped(model)
-    for n, m in wrapped:  # plain Linear names while reading the state dict
-        set_module(model, n, m.linear)
-    try:
-        state = model.state_dict()
-        extras, extra_t = runtime_state.collect(model, state, set(_skeleton(model.config, meta=True).state_dict()))
-        layers: dict[str, dict] = {}
-        tensors: dict[str, torch.Tensor] = {}
-        dense_fallback = []
-        for name, rec in records.items():
-            mod = get_module(model, name)
-            if not isinstance(mod, nn.Linear):
-                raise UserError(f"layer {name}: expected a Linear to store, found {type(mod).__name__}")
-            enc = encode_linear(mod.weight, rec)
-            if enc is None:
-                if rec.weight_args is None and rec.act_args is None:
-                    continue
-                if rec.weight_args is not None:
-                    dense_fallback.append(name)
-                spec = LinearSpec(
-                    kind="dense", out_features=mod.out_features, in_features=mod.in_features, act_args=rec.act_args, methods=list(rec.methods)
-                )
-            else:
-                spec, enc_t = enc
-                del state[f"{name}.weight"]
-                tensors.update({f"{name}.{k}": v for k, v in enc_t.items()})
-            layers[name] = spec.to_dict()
-            trim_malloc()  # encoding temporaries freed between the kept codes would stay resident otherwise
-        if dense_fallback:
-            log.warning(
-                "%d quantized layer(s) hold weights off their recorded grid (changed after quantization?) and are stored dense: %s",
-                len(dense_fallback),
-                ", ".join(dense_fallback[:5]) + (" ..." if len(dense_fallback) > 5 else ""),
+    state = plain_state_dict(model)  # the names without activation-quantization wrappers
+    extras, extra_t = runtime_state.collect(model, state, set(_skeleton(model.config, meta=True).state_dict()))
+    layers: dict[str, dict] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    dense_fallback = []
+    for name, rec in records.items():
+        mod = plain(get_module(model, name))
+        if not isinstance(mod, nn.Linear):
+            raise UserError(f"layer {name}: expected a Linear to store, found {type(mod).__name__}")
+        enc = encode_linear(mod.weight, rec)
+        if enc is None:
+            if rec.weight_args is None and rec.act_args is None:
+                continue
+            if rec.weight_args is not None:
+                dense_fallback.append(name)
+            spec = LinearSpec(
+                kind="dense", out_features=mod.out_features, in_features=mod.in_features, act_args=rec.act_args, methods=list(rec.methods)
             )
-        tied_quant, tied = _find_ties(model, state, layers, tensors)
-        tensors.update(extra_t)
-        path = folder / WEIGHTS_FILE
-        # one metadata key: safetensors writes the metadata map in hash order, which differs
-        # between processes, so two keys made the same command write different bytes
-        save_file(tensors, str(path), metadata={"format": "pt"})
-        manifest = {
-            "format": FORMAT if extras else FORMAT_V1,
-            "weights_file": WEIGHTS_FILE,
-            "file_bytes": path.stat().st_size,
-            "dtype": str(next(p.dtype for p in model.parameters() if p.is_floating_point())),
-            "layers": layers,
-            "tied": tied,
-            "tied_quant_embeddings": tied_quant,
-            "dense_layers": dense_fallback,
-            "tensors": {k: {"dtype": str(v.dtype), "shape": list(v.shape), "sha256": sha256(v)} for k, v in tensors.items()},
-            **extras,
-            **(extra_meta or {}),
-        }
-        model.config.save_pretrained(folder)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        (folder / META_FILE).write_text(json.dumps(manifest, indent=1, default=repr))
-        return manifest
-    finally:
-        for n, m in wrapped:
-            set_module(model, n, m)
+        else:
+            spec, enc_t = enc
+            del state[f"{name}.weight"]
+            tensors.update({f"{name}.{k}": v for k, v in enc_t.items()})
+        layers[name] = spec.to_dict()
+        trim_malloc()  # encoding temporaries freed between the kept codes would stay resident otherwise
+    if dense_fallback:
+        log.warning(
+            "%d quantized layer(s) hold weights off their recorded grid (changed after quantization?) and are stored dense: %s",
+            len(dense_fallback),
+            ", ".join(dense_fallback[:5]) + (" ..." if len(dense_fallback) > 5 else ""),
+        )
+    tied_quant, tied = _find_ties(model, state, layers, tensors)
+    tensors.update(extra_t)
+    path = folder / WEIGHTS_FILE
+    # one metadata key: safetensors writes the metadata map in hash order, which differs
+    # between processes, so two keys made the same command write different bytes
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    manifest = {
+        "format": FORMAT if extras else FORMAT_V1,
+        "weights_file": WEIGHTS_FILE,
+        "file_bytes": path.stat().st_size,
+        "dtype": str(next(p.dtype for p in model.parameters() if p.is_floating_point())),
+        "layers": layers,
+        "tied": tied,
+        "tied_quant_embeddings": tied_quant,
+        "dense_layers": dense_fallback,
+        "tensors": {k: {"dtype": str(v.dtype), "shape": list(v.shape), "sha256": sha256(v)} for k, v in tensors.items()},
+        **extras,
+        **(extra_meta or {}),
+    }
+    model.config.save_pretrained(folder)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    (folder / META_FILE).write_text(json.dumps(manifest, indent=1, default=repr))
+    return manifest
 
 
 def _find_ties(model: nn.Module, state: dict, layers: dict, tensors: dict) -> tuple[dict[str, str], dict[str, str]]:
@@ -178,10 +169,10 @@ def _find_ties(model: nn.Module, state: dict, layers: dict, tensors: dict) -> tu
     the untied rest of ``state`` goes into ``tensors``."""
     # an embedding tied to a stored (quantized) linear: rebuilt from that linear's codes
     tied_quant: dict[str, str] = {}
-    qptr = {get_module(model, n).weight.data_ptr(): n for n, d in layers.items() if d["kind"] == "quant"}
+    qptr = {plain(get_module(model, n)).weight.data_ptr(): n for n, d in layers.items() if d["kind"] == "quant"}
     for k in [k for k, v in state.items() if k.endswith(".weight") and v.data_ptr() in qptr]:
         owner = get_module(model, k.rsplit(".", 1)[0])
-        if isinstance(owner, nn.Embedding) and tuple(state[k].shape) == tuple(get_module(model, qptr[state[k].data_ptr()]).weight.shape):
+        if isinstance(owner, nn.Embedding) and tuple(state[k].shape) == tuple(plain(get_module(model, qptr[state[k].data_ptr()])).weight.shape):
             tied_quant[k] = qptr[state.pop(k).data_ptr()]
     tied: dict[str, str] = {}
     seen: dict[tuple, str] = {}

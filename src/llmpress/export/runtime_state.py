@@ -31,6 +31,7 @@ import torch.nn as nn
 from ..arch import get_module, set_module
 from ..errors import UserError
 from ..runtime import rotation_state
+from ..runtime.act_quant import plain, plain_state_dict
 from ..runtime.kv_quant import AttentionRuntime
 from ..runtime.llm_int8 import LLMInt8Linear, install_llm_int8
 from ..runtime.online_hadamard import OnlineRotation
@@ -49,7 +50,7 @@ def _some(names: list[str], n: int = 3) -> str:
 def collect(model: nn.Module, state: dict[str, torch.Tensor], reference: set[str]) -> tuple[dict, dict[str, torch.Tensor]]:
     """(description, tensors) of what ``model`` holds beyond a fresh model of its config.
 
-    ``state``: the model's state dict (activation-quantization wrappers removed);
+    ``state``: the model's state dict under plain names (:func:`llmpress.runtime.act_quant.plain_state_dict`);
     ``reference``: the state-dict keys of a fresh model. Description keys (each only when
     present): ``runtime``, ``llm_int8``, ``structure``; tensor names start with
     :data:`RUNTIME_PREFIX`.
@@ -77,7 +78,7 @@ def collect(model: nn.Module, state: dict[str, torch.Tensor], reference: set[str
         owner, _, leaf = k.rpartition(".")
         if any(k.startswith(f"{p}.") for p in shifts):
             continue
-        if leaf == "bias" and isinstance(get_module(model, owner), nn.Linear):
+        if leaf == "bias" and isinstance(plain(get_module(model, owner)), nn.Linear):
             biases.append(owner)
         else:
             unknown.append(k)
@@ -185,7 +186,7 @@ def fakequant_meta(model: nn.Module) -> dict:
     """llmpress.json keys of an hf-fakequant folder beyond ``activation_quant``: the
     KV-cache quantizers and LLM.int8() linears, which the folder's plain weights run
     without. Refuses models plain transformers would run as another function."""
-    state = model.state_dict()
+    state = plain_state_dict(model)
     desc, _ = collect(model, state, set(skeleton(model.config, meta=True).state_dict()))
     bad = _refused_in_hf(desc)
     if bad:

@@ -25,7 +25,7 @@ class Magnitude:
 
 @register("magnitude", Magnitude, summary="magnitude pruning: smallest |w| per row, per layer, or N:M (no data)")
 def magnitude(ctx: ModuleContext, cfg: Magnitude) -> None:
-    sparsity = effective_sparsity(ctx.module, cfg.sparsity, cfg.m)
+    sparsity = effective_sparsity(cfg.sparsity, ctx.settings.get("sparsity_offset"), cfg.m)
     ctx.set_weight(magnitude_prune(ctx.weight, sparsity, cfg.n, cfg.m, cfg.per_row))
     ctx.record.sparsity = sparsity_of(ctx.weight)
     ctx.record.notes["pattern"] = describe_pattern(sparsity, cfg.n, cfg.m) + ("" if cfg.m or cfg.per_row else " per layer")

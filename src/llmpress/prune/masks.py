@@ -87,21 +87,9 @@ def sparsity_of(weight: torch.Tensor) -> float:
     return float((weight == 0).sum()) / max(weight.numel(), 1)
 
 
-# Per-layer sparsity offsets (OWL): a model-scope stage stores one on a linear for the length
-# of one compress(); the unstructured pruning stages after it add it to their own sparsity.
-SPARSITY_OFFSET_ATTR = "llmpress_sparsity_offset"
-
-
-def effective_sparsity(module: torch.nn.Module, sparsity: float, m: int = 0) -> float:
-    """``sparsity`` plus the offset stored on ``module`` (unstructured only), clipped to [0, 0.99]."""
-    off = getattr(module, SPARSITY_OFFSET_ATTR, None)
-    if off is None or m:
+def effective_sparsity(sparsity: float, offset: float | None = None, m: int = 0) -> float:
+    """``sparsity`` plus a per-layer ``offset`` (OWL's, from ``ModuleContext.settings``;
+    unstructured only: N:M patterns ignore it), clipped to [0, 0.99]."""
+    if offset is None or m:
         return sparsity
-    return min(max(sparsity + float(off), 0.0), 0.99)
-
-
-def clear_sparsity_offsets(model: torch.nn.Module) -> None:
-    """Remove every stored offset (they live for one compress() only)."""
-    for mod in model.modules():
-        if hasattr(mod, SPARSITY_OFFSET_ATTR):
-            delattr(mod, SPARSITY_OFFSET_ATTR)
+    return min(max(sparsity + float(offset), 0.0), 0.99)

@@ -8,9 +8,10 @@ r_l = 2 * lam * (D_l - min D) / (max D - min D), block l keeps a density of
 (1 - s) + r_l - mean(r): the mean over blocks stays at the target s, the spread is 2 lam,
 and blocks with more outliers are pruned less.
 
-The ``owl`` stage (model scope, before the engine) stores each targeted linear's offset
-(s_l - s) on the module; the unstructured pruning stages that follow (``sparsegpt``,
-``wanda``, ``magnitude``) add it to their own ``sparsity``. N:M patterns ignore it.
+The ``owl`` stage (model scope, before the engine) returns each targeted linear's offset
+(s_l - s) as a per-linear setting (``ModelStageOutput.per_linear[name]["sparsity_offset"]``);
+the unstructured pruning stages that follow (``sparsegpt``, ``wanda``, ``magnitude``) read it
+from ``ctx.settings`` and add it to their own ``sparsity``. N:M patterns ignore it.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ import torch.nn as nn
 
 from ..arch import get_module
 from ..errors import RecipeError
-from ..registry import register
-from .masks import SPARSITY_OFFSET_ATTR as ATTR
+from ..registry import ModelStageOutput, register
 from .masks import effective_sparsity  # noqa: F401  (importable from here as before)
 
 
@@ -94,7 +94,7 @@ def block_outlier_ratios(model: nn.Module, spec, data: torch.Tensor, names: list
 
 
 @register("owl", OWL, scope="model", summary="OWL: per-block sparsity offsets from the outlier ratio of |W|*||x|| (for the pruning stages after it)")
-def owl(model: nn.Module, spec, data, stage) -> None:
+def owl(model: nn.Module, spec, data, stage) -> ModelStageOutput:
     cfg: OWL = stage.config
     if data is None:
         raise RecipeError("owl needs calibration data")
@@ -103,6 +103,7 @@ def owl(model: nn.Module, spec, data, stage) -> None:
         raise RecipeError(f"owl: no linear matches targets {list(stage.targets)}")
     ratios = block_outlier_ratios(model, spec, data, names, cfg)
     offsets = dict(zip(ratios, owl_offsets(list(ratios.values()), cfg.lam)))
-    for n in names:
-        setattr(get_module(model, n), ATTR, offsets[_block_of(n, spec)])
-    model.llmpress_owl = {"outlier_ratio": ratios, "sparsity_offset": offsets}  # type: ignore[attr-defined]
+    return ModelStageOutput(
+        per_linear={n: {"sparsity_offset": offsets[_block_of(n, spec)]} for n in names},
+        summary={"outlier_ratio": ratios, "sparsity_offset": offsets},
+    )

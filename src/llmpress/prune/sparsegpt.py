@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RecipeError, UserError
-from ..quant.args import QuantArgs
+from ..quant.args import QuantArgs, check_group_divides
 from ..quant.core import QParams, compute_qparams
 from ..quant.hessian import inverse_cholesky, layer_error, prepare
 from ..quant.sweep import (
@@ -144,8 +144,7 @@ def sparsegpt_prune(
             _check_weight_args(weights)
         except RecipeError as e:
             raise UserError(f"{where}{e}") from None
-        if weights.granularity == "group" and C % weights.group_size:
-            raise UserError(f"{where}group_size {weights.group_size} does not divide the input dimension {C}")
+        check_group_divides(weights, C, where)
         dynamic = weights.granularity == "group" and not static_groups
     if act_order and (m or dynamic):
         raise UserError(f"{where}act_order needs unstructured sparsity and static group scales")
@@ -283,7 +282,7 @@ def _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name, 
     summary="SparseGPT: one-shot pruning (unstructured or N:M) with OBS compensation, optionally joint quantization",
 )
 def sparsegpt(ctx: ModuleContext, cfg: SparseGPT) -> None:
-    sparsity = effective_sparsity(ctx.module, cfg.sparsity, cfg.m)
+    sparsity = effective_sparsity(cfg.sparsity, ctx.settings.get("sparsity_offset"), cfg.m)
     res = sparsegpt_prune(
         ctx.weight,
         ctx.stats["hessian"],

@@ -47,7 +47,7 @@ class Wanda:
 
 @register("wanda", Wanda, needs=("channel_stats",), summary="Wanda: prune |w| * ||x_j|| per output row (unstructured or N:M)")
 def wanda(ctx: ModuleContext, cfg: Wanda) -> None:
-    sparsity = effective_sparsity(ctx.module, cfg.sparsity, cfg.m)
+    sparsity = effective_sparsity(cfg.sparsity, ctx.settings.get("sparsity_offset"), cfg.m)
     mask = wanda_mask(ctx.weight, ctx.stats["channel_stats"]["l2"], sparsity, cfg.n, cfg.m)
     ctx.set_weight(ctx.weight.masked_fill(mask, 0))
     ctx.record.sparsity = sparsity_of(ctx.weight)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from ..errors import RecipeError
+from ..errors import RecipeError, UserError
 
 KINDS = ("int", "ternary", "binary")
 GRANULARITIES = ("tensor", "channel", "group", "token")
@@ -111,3 +111,10 @@ class QuantArgs:
             raise RecipeError(f"{where}: {e}") from None
         except TypeError as e:
             raise RecipeError(f"{where}: {e}") from None
+
+
+def check_group_divides(args: QuantArgs, in_features: int, where: str = "") -> None:
+    """Refuse group quantization whose group size does not divide the input dimension (the
+    one place this is checked: the plan, GPTQ and SparseGPT call it)."""
+    if args.granularity == "group" and in_features % args.group_size:
+        raise UserError(f"{where}group_size {args.group_size} does not divide the input dimension {in_features}")

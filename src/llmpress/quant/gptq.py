@@ -38,7 +38,7 @@ import torch
 
 from ..errors import RecipeError, UserError
 from ..registry import ModuleContext, register
-from .args import QuantArgs
+from .args import QuantArgs, check_group_divides
 from .core import QParams, compute_qparams
 from .hessian import inverse_cholesky, prepare
 from .sweep import (  # noqa: F401  (ColumnQuantizer, current_rows, record_solver_notes: importable from here as before)
@@ -131,8 +131,7 @@ def gptq_quantize(
     if args.granularity == "token":
         raise UserError("GPTQ quantizes weights: granularity 'token' is for activations")
     C = weight.shape[-1]
-    if args.granularity == "group" and C % args.group_size:
-        raise UserError(f"{'layer ' + name + ': ' if name else ''}group_size {args.group_size} does not divide the input dimension {C}")
+    check_group_divides(args, C, f"layer {name}: " if name else "")
     static = bool(static_groups)
     if act_order and args.granularity == "group" and not static:
         raise UserError("GPTQ: act_order with group quantization needs static groups")

@@ -41,3 +41,26 @@ class ActQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"act={self.args.describe()}"
+
+
+def plain(module: nn.Module) -> nn.Module:
+    """The linear inside an activation-quantization wrapper (any other module as it is)."""
+    return module.linear if isinstance(module, ActQuantLinear) else module
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` under the names the model has without its activation-quantization
+    wrappers (``...q_proj.linear.weight`` -> ``...q_proj.weight``), so a checkpoint loads into
+    plain transformers; the model itself is not changed."""
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, ActQuantLinear)}
+    state = model.state_dict()
+    if not wrapped:
+        return state
+    out = {}
+    for k, v in state.items():
+        owner, sep, rest = k.partition(".linear.")
+        while sep and owner not in wrapped:  # a ".linear." deeper in the name
+            head, sep, rest = rest.partition(".linear.")
+            owner = f"{owner}.linear.{head}"
+        out[f"{owner}.{rest}" if sep else k] = v
+    return out

@@ -202,15 +202,18 @@ def _is_a8_token(args) -> bool:
     )
 
 
-def convert_to_int8(model: nn.Module, backend: str = "auto", all_linears: bool = False, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
+def convert_to_int8(
+    model: nn.Module, backend: str = "auto", all_linears: bool = False, skip: tuple[str, ...] = ("lm_head",), records: dict | None = None
+) -> list[str]:
     """Replace W8A8 fake-quant linears by :class:`Int8Linear`; returns the converted names.
 
     Converts every ``ActQuantLinear`` with symmetric 8-bit per-token activations (what
     ``rtn`` / ``smoothquant`` + ``rtn`` W8A8 recipes install), using the weight's recorded
-    per-channel qparams when present (``model.llmpress_records``). With ``all_linears``
-    also plain ``nn.Linear`` modules (weights quantized per channel here: RTN W8A8).
+    per-channel qparams when present (``records``: ``report.result.records`` of the compress,
+    or those of a loaded packed checkpoint). With ``all_linears`` also plain ``nn.Linear``
+    modules (weights quantized per channel here: RTN W8A8).
     """
-    records = getattr(model, "llmpress_records", {}) or {}
+    records = records if records is not None else getattr(model, "llmpress_records", None) or {}
     done = []
     from ..arch import set_module
 

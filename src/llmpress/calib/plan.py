@@ -1,0 +1,110 @@
+"""One compress, planned and checked once: which stage acts on which linear, which statistics
+each linear needs, and everything about the recipe that can be checked against the model
+before a weight changes (empty targets, group sizes that do not divide an input, statistics
+asked for outside the decoder blocks). The engine executes the plan; nothing re-derives it.
+
+What a compress produced (:class:`CompressResult`: per-linear records, the linears whose
+inputs are quantized at run time, what model-scope stages reported) travels as an explicit
+object to :func:`llmpress.api.save` and the exporters, not as attributes on the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch.nn as nn
+
+from ..arch import ArchSpec, get_arch
+from ..errors import UserError
+from ..quant.args import QuantArgs, check_group_divides
+from ..recipe import Recipe, Stage
+from ..registry import METHODS, ModuleRecord
+
+__all__ = ["CompressResult", "Plan", "build_plan"]
+
+
+@dataclass(kw_only=True, frozen=True)
+class Plan:
+    """A recipe matched against one model (see :func:`build_plan`)."""
+
+    spec: ArchSpec
+    recipe: Recipe
+    targets: dict[str, tuple[tuple[int, Stage], ...]]  # linear full name -> (index, stage) acting on it, recipe order
+    needs: dict[str, frozenset[str]]  # linear full name -> statistics its stages gather
+    model_stages: tuple[tuple[int, Stage], ...]  # before the engine (rotations, OWL)
+    block_stages: tuple[tuple[int, Stage], ...]  # once per decoder block (AWQ, SmoothQuant)
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the engine runs sequentially on calibration data (some stage gathers statistics)."""
+        return bool(self.model_stages or self.block_stages or any(self.needs.values()))
+
+    @property
+    def engine_needs_data(self) -> bool:
+        return bool(self.block_stages or any(self.needs.values()))
+
+    def local_targets(self, prefix: str) -> dict[str, str]:
+        """The targeted linears under ``prefix``: local name -> full name."""
+        return {n[len(prefix) + 1 :]: n for n in self.targets if n.startswith(prefix + ".")}
+
+    def outside_blocks(self) -> list[str]:
+        """Targeted linears outside the decoder blocks (the head, usually), in model order."""
+        return [n for n in self.targets if not n.startswith(self.spec.blocks + ".")]
+
+    def description(self) -> str:
+        """The engine's bar names the methods it runs: ``compress (awq, gptq)``."""
+        names = dict.fromkeys(s.method for _, s in (*self.block_stages, *(p for sts in self.targets.values() for p in sts)))
+        return f"compress ({', '.join(names)})" if names else "compress"
+
+
+def build_plan(model: nn.Module, recipe: Recipe) -> Plan:
+    """Match ``recipe`` against ``model`` and check it; raises :class:`UserError` naming the
+    first problem. Model-scope stages (rotations, OWL) keep every linear's name and shape,
+    so the plan made before they run holds after them."""
+    spec = get_arch(model)
+    prefix = spec.blocks + "."
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    stages = list(enumerate(recipe.stages))
+    targets: dict[str, tuple[tuple[int, Stage], ...]] = {}
+    for name, _ in linears:
+        sts = tuple((i, s) for i, s in stages if METHODS[s.method].scope == "module" and s.matches(name, name.startswith(prefix)))
+        if sts:
+            targets[name] = sts
+    for i, st in stages:
+        if METHODS[st.method].scope != "model" and not any(st.matches(n, n.startswith(prefix)) for n, _ in linears):
+            raise UserError(f"recipe stage {i} ({st.method}) matches no linear layer: targets {list(st.targets)}, ignore {list(st.ignore)}")
+    shapes = dict(linears)
+    for name, sts in targets.items():
+        for _, st in sts:
+            for f in fields(st.config):
+                qa = getattr(st.config, f.name)
+                if isinstance(qa, QuantArgs):
+                    check_group_divides(qa, shapes[name].in_features, f"layer {name}: {f.name} ")
+    needs = {n: frozenset(a for _, s in sts for a in METHODS[s.method].needs) for n, sts in targets.items()}
+    stray = [n for n in targets if not n.startswith(prefix) and needs[n] and n != spec.lm_head]
+    if stray:
+        raise UserError(f"statistics for linears outside the decoder blocks are only gathered for {spec.lm_head}: {stray}")
+    return Plan(
+        spec=spec,
+        recipe=recipe,
+        targets=targets,
+        needs=needs,
+        model_stages=tuple((i, s) for i, s in stages if METHODS[s.method].scope == "model"),
+        block_stages=tuple((i, s) for i, s in stages if METHODS[s.method].scope == "block"),
+    )
+
+
+@dataclass(kw_only=True)
+class CompressResult:
+    """What one compress did: enough to size, save and export the model it changed.
+
+    ``records``: per targeted linear, what its stages did (grid, qparams, sparsity, form).
+    ``act_quant``: the linears whose inputs are quantized at run time (the engine wrapped
+    them in :class:`llmpress.runtime.act_quant.ActQuantLinear` so the model in memory runs
+    as it will be served). ``stages``: what model-scope stages reported (``stage{i}:{method}``).
+    """
+
+    records: dict[str, ModuleRecord] = field(default_factory=dict)
+    act_quant: tuple[str, ...] = ()
+    stages: dict[str, Any] = field(default_factory=dict)
