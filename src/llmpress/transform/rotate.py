@@ -1,4 +1,4 @@
-"""QuaRot (Ashkboos et al., 2024) and KV-cache quantization, as model-scope methods.
+"""QuaRot (Ashkboos et al., 2024) as a model-scope method (KV-cache quantization: :mod:`llmpress.transform.kv_cache`).
 
 The rotations themselves (norm fusion, residual/value/online rotations, the plan that
 applies them) are in :mod:`llmpress.transform.rotation`, shared with DuQuant and SpinQuant.
@@ -7,15 +7,13 @@ applies them) are in :mod:`llmpress.transform.rotation`, shared with DuQuant and
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch.nn as nn
 
-from ..arch import ArchSpec, get_module
+from ..arch import ArchSpec
 from ..errors import UserError
-from ..quant.args import QuantArgs
 from ..registry import register
-from ..runtime.kv_quant import set_kv_quant
 from .hadamard import orthogonal_matrix
 from .rotation import (  # noqa: F401  (the shared rotation names stay importable from here)
     RotationPlan,
@@ -32,9 +30,6 @@ from .rotation import (  # noqa: F401  (the shared rotation names stay importabl
 )
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- QuaRot
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -80,29 +75,3 @@ def quarot(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
     plan.notes["residual_kind"] = kind
     summary = apply_plan(model, spec, plan)
     log.info("quarot: %s", summary)
-
-
-# ----------------------------------------------------------------------------- KV cache
-
-
-@dataclass(frozen=True)
-class KVQuant:
-    """Fake-quantize keys (after RoPE and any online rotation) and values per head and token."""
-
-    keys: QuantArgs | None = field(default_factory=lambda: QuantArgs(bits=4, symmetric=False, granularity="token"))
-    values: QuantArgs | None = field(default_factory=lambda: QuantArgs(bits=4, symmetric=False, granularity="token"))
-
-
-@register("kv_quant", KVQuant, scope="model", summary="KV-cache quantization (per head and token, keys after RoPE)")
-def kv_quant(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
-    cfg: KVQuant = stage.config
-    for block in get_module(model, spec.blocks):
-        attn = attention_of(block, spec)
-        hd, _, _ = head_layout(attn)
-        for what, a in (("keys", cfg.keys), ("values", cfg.values)):
-            if a is not None and a.granularity == "group" and hd % a.group_size:
-                raise UserError(f"kv_quant.{what}: group_size {a.group_size} does not divide head_dim {hd}")
-        set_kv_quant(attn, cfg.keys, cfg.values)
-    record_transform(
-        model, {"method": "kv_quant", "keys": cfg.keys.describe() if cfg.keys else None, "values": cfg.values.describe() if cfg.values else None}
-    )
