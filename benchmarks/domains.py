@@ -72,6 +72,13 @@ VARIANTS = {
         {"method": "awq", "targets": ["Linear"], "ignore": ["lm_head"], "weights": W4, "quantize": False, "grid": 20, "search_windows": 8, "clip": False},
         {"method": "gptq", "targets": ["Linear"], "ignore": ["lm_head", "re:.*down_proj"], "weights": W4, "block_size": 128, "damp": 0.3, "act_order": True},
         {"method": "rtn", "targets": ["re:.*down_proj"], "weights": W4}]}, {}),
+    "awq-gptq-w4g64-damp0.3-down-damp1": ({"name": "variant", "stages": [
+        {"method": "awq", "targets": ["Linear"], "ignore": ["lm_head"], "weights": W4, "quantize": False, "grid": 20, "search_windows": 8, "clip": False},
+        {"method": "gptq", "targets": ["Linear"], "ignore": ["lm_head", "re:.*down_proj"], "weights": W4, "block_size": 128, "damp": 0.3, "act_order": True},
+        {"method": "gptq", "targets": ["re:.*down_proj"], "weights": W4, "block_size": 128, "damp": 1.0, "act_order": True}]}, {}),
+    "gptq-act-order-damp0.3-down-rtn": ({"name": "variant", "stages": [
+        {"method": "gptq", "targets": ["Linear"], "ignore": ["lm_head", "re:.*down_proj"], "weights": W4, "block_size": 128, "damp": 0.3, "act_order": True},
+        {"method": "rtn", "targets": ["re:.*down_proj"], "weights": W4}]}, {}),
     "sparsegpt-50-damp0.3": ({"name": "variant", "stages": [
         {"method": "sparsegpt", "targets": ["Linear"], "ignore": ["lm_head"], "sparsity": 0.5, "block_size": 128, "damp": 0.3, "per_row": True, "refit": True}]}, {}),
     "gptq-natural-unfused": (_gptq(act_order=False), {"fused": False}),

@@ -49,6 +49,9 @@ class ModuleRecord:
     sparsity: float = 0.0
     notes: dict[str, Any] = field(default_factory=dict)
     form: str | None = None  # storage form to write (llmpress.storage.forms); None: int grid if weight_args, sparse mask if pruned
+    # tensors a method hands to its storage form as they are (low-rank factors, codebook indices
+    # and entries): the form stores these rather than recomputing them from the weight
+    payload: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def n_params(self) -> int:

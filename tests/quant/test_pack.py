@@ -20,7 +20,7 @@ def _stream_reference(codes: list[int], bits: int) -> list[int]:
     return words
 
 
-@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("bits", range(1, 17))  # 9-16: codebook indices (up to 2^16 entries)
 @pytest.mark.parametrize("n", [1, 7, 31, 32, 33, 64, 100, 257])
 def test_round_trip_unsigned(bits, n):
     g = torch.Generator().manual_seed(bits * 1000 + n)
@@ -107,8 +107,21 @@ def test_out_of_range_codes_raise(bits):
 
 
 def test_bad_widths_raise():
-    for bits in (0, 9, 16):
+    for bits in (0, -3, 17, 32):
         with pytest.raises(ValueError, match="bits"):
             pack_codes(torch.tensor([0]), bits)
     with pytest.raises(ValueError, match="multiple"):
         unpack_codes(torch.zeros(5, dtype=torch.int32), 4, 8)
+
+
+def test_16_bit_indices_two_per_word_and_widths_outside_are_refused():
+    idx = torch.tensor([0xFFFF, 1, 0x1234, 0x8000] + [0] * 28)
+    packed = pack_codes(idx, 16)
+    assert packed.shape == (16,)
+    assert (packed[0].item() & 0xFFFFFFFF) == 0x0001FFFF and (packed[1].item() & 0xFFFFFFFF) == 0x80001234
+    assert torch.equal(unpack_codes(packed, 16, 32), idx)
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match="1 to 16 bits"):
+            pack_codes(idx % 2, bad)
+        with pytest.raises(ValueError, match="1 to 16 bits"):
+            unpack_codes(packed, bad, 4)

@@ -154,3 +154,75 @@ def test_registering_a_name_twice_fails():
     with pytest.raises(RuntimeError, match="registered twice"):
         register_form("quant")(type("Other", (StorageForm,), {}))
     assert type(FORMS["quant"]).__name__ == "IntGrid"
+
+
+class FactorLinear(torch.nn.Module):
+    """Runtime module of the toy factored form: two matmuls, x B^T A^T."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, bias=None):
+        super().__init__()
+        self.register_buffer("a", a, persistent=False)
+        self.register_buffer("b", b, persistent=False)
+        self.bias = bias
+
+    def forward(self, x):
+        return F.linear(F.linear(x, self.b.to(x.dtype)), self.a.to(x.dtype), self.bias)
+
+
+@register_form("toy_factors")
+class ToyFactors(StorageForm):
+    """W = A B from the factors the method handed over (``payload``), never recomputed from W."""
+
+    def encode(self, state):
+        a, b = state.payload.get("a"), state.payload.get("b")
+        if a is None or b is None or not torch.equal(a @ b, state.weight):
+            return None
+        return self.spec(state, meta={"rank": a.shape[1]}), {"a": a.contiguous(), "b": b.contiguous()}
+
+    def decode(self, spec, tensors, dtype=torch.float32):
+        return (tensors["a"] @ tensors["b"]).to(dtype)
+
+    def expected_shapes(self, spec):
+        r = spec.meta["rank"]
+        return {"a": (spec.out_features, r), "b": (r, spec.in_features)}
+
+    def bits_per_weight(self, state, dense_bits=16):
+        r = state.payload["a"].shape[1]
+        return dense_bits * r * (state.out_features + state.in_features) / state.n_params
+
+    def stored_bits(self, spec, nbytes, scale_bits):
+        return 8 * nbytes
+
+    def build(self, spec, tensors, *, bias=None, backend="auto", device="cpu", act_dtype=None):
+        return FactorLinear(tensors["a"].float(), tensors["b"].float(), bias)
+
+
+def test_a_method_hands_tensors_to_its_form_through_the_payload(tmp_path):
+    """The low-rank gap of docs/DEVELOPING.md: the factors reach the form as the method made them."""
+    m = tiny_llama(seed=4, layers=1)
+    lin = m.get_submodule(NAME)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(128, 4, generator=g), torch.randn(4, 64, generator=g)
+    with torch.no_grad():
+        lin.weight.copy_(a @ b)
+    rec = ModuleRecord(name=NAME, out_features=128, in_features=64, methods=["toy"], form="toy_factors", payload={"a": a, "b": b})
+    assert LayerState.of(rec).payload.keys() == {"a", "b"} and not rec.notes
+    assert rec.bits_per_weight() == pytest.approx(16 * 4 * (128 + 64) / (128 * 64))
+    ids = torch.tensor([[1, 5, 9, 30, 2]])
+    with torch.no_grad():
+        want = m(ids).logits
+    folder = tmp_path / "packed"
+    folder.mkdir()
+    manifest = write_packed(m, None, folder, {NAME: rec})
+    assert manifest["layers"][NAME]["kind"] == "toy_factors" and manifest["layers"][NAME]["meta"] == {"rank": 4}
+    loaded, _ = load_packed(folder)
+    assert isinstance(loaded.get_submodule(NAME), FactorLinear)
+    assert torch.equal(loaded.get_submodule(NAME).a, a)  # the method's factors, bit for bit
+    with torch.no_grad():
+        assert (loaded(ids).logits - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_16_bit_codebook_indices_pack_and_unpack_without_overflow():
+    idx = torch.tensor([[0, 65535, 40000, 1, 32768, 12345, 7, 65534]])
+    back = unpack_unsigned(pack_unsigned(idx, 16), 16, 8)
+    assert back.dtype == torch.int32 and torch.equal(back.long(), idx)

@@ -1,4 +1,5 @@
-"""Pack integer codes into int32 words and back, exactly, for any width 1-8 bits.
+"""Pack integer codes into int32 words and back, exactly, for any width 1-16 bits (weight
+grids use 1-8; codebook indices up to 16, e.g. 2^16-entry codebooks).
 
 Codes are first made unsigned (symmetric codes are offset by 2^(b-1)). Each run of 32
 consecutive codes along the last dimension becomes ``b`` int32 words holding a 32*b-bit
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import torch
 
+MAX_BITS = 16
+
 
 def pack_codes(codes: torch.Tensor, bits: int, offset: int = 0) -> torch.Tensor:
     """codes [..., n] (integers in [-offset, 2^bits - offset)) -> int32 [..., ceil(n/32) * bits]."""
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits={bits}: packing supports 1 to 8 bits")
+    if not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"bits={bits}: packing supports 1 to {MAX_BITS} bits")
     u = codes.to(torch.int64) + offset
     if u.numel() and (int(u.min()) < 0 or int(u.max()) >= 2**bits):
         raise ValueError(f"codes out of range for {bits}-bit packing with offset {offset}")
@@ -33,6 +36,8 @@ def pack_codes(codes: torch.Tensor, bits: int, offset: int = 0) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int, offset: int = 0) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: int32 [..., C*bits] -> int64 codes [..., n]."""
+    if not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"bits={bits}: packing supports 1 to {MAX_BITS} bits")
     *lead, m = packed.shape
     if m % bits:
         raise ValueError(f"packed length {m} is not a multiple of bits={bits}")

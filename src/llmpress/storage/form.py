@@ -152,6 +152,7 @@ class LayerState:
     g_idx: torch.Tensor | None = None  # int32 [in]: group of each input column (act-order groups)
     extra_bits: float = 0.0  # storage beside the form's own tensors that a method accounts for (e.g. CSR outliers)
     form: str | None = None  # the form a method asked for (None: chosen from weight_args / sparsity)
+    payload: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors the method handed to its form (ModuleRecord.payload)
 
     @property
     def n_params(self) -> int:
@@ -174,6 +175,7 @@ class LayerState:
             g_idx=None if g_idx is None else torch.as_tensor(g_idx, dtype=torch.int32).reshape(-1),
             extra_bits=float(record.notes.get("extra_bits", 0)),
             form=getattr(record, "form", None),
+            payload=dict(getattr(record, "payload", None) or {}),
         )
 
 

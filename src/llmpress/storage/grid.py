@@ -65,8 +65,9 @@ def pack_unsigned(u: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_unsigned(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Unsigned codes [..., n] (int16) of :func:`pack_codes` words; byte-split fast path
-    for 1/2/4/8 bits (the stream is little-endian, code i at bit i*bits)."""
+    """Unsigned codes [..., n] of :func:`pack_codes` words (int16 up to 15 bits, int32 for 16:
+    codebook indices); byte-split fast path for 1/2/4/8 bits (the stream is little-endian,
+    code i at bit i*bits)."""
     if bits in (1, 2, 4, 8) and sys.byteorder == "little" and packed.dtype == torch.int32:
         per = 8 // bits
         b = packed.contiguous().view(torch.uint8).to(torch.int16)  # [..., 4 * words]
@@ -76,7 +77,7 @@ def unpack_unsigned(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         if u.shape[-1] < n:
             raise ValueError(f"packed tensor holds {u.shape[-1]} codes, fewer than n={n}")
         return u[..., :n]
-    return unpack_codes(packed, bits, n).to(torch.int16)
+    return unpack_codes(packed, bits, n).to(torch.int16 if bits < 16 else torch.int32)
 
 
 # ---- quantization grid with an optional column -> group index ---------------------------
