@@ -1,7 +1,10 @@
 """Statistics of a linear layer's inputs, gathered over calibration batches.
 
 Every accumulator has the same shape: ``add(x)`` with the layer input [..., in_features],
-``result()`` with the statistic, ``free()`` to drop its buffers.
+``reduce(group)`` to combine the ranks' partial statistics (data-parallel calibration,
+:mod:`llmpress.calib.dist`; nothing on one rank), ``result()`` with the statistic,
+``free()`` to drop its buffers. :func:`finish` does the last three in order, where the
+statistics are consumed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ class Accumulator:
         raise NotImplementedError
 
     def result(self):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def reduce(self, group) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
     def free(self) -> None:
@@ -64,6 +70,16 @@ class HessianAccumulator(Accumulator):
         self.sum += gram(x)  # in the input's precision, summed in float64
         self.n += x.shape[0]
 
+    def reduce(self, group) -> None:
+        """Sum over ranks. Each batch's product is float32 and the running sum float64, so the
+        terms add exactly in any order unless their magnitudes span more than 2^29: the ranks'
+        sum equals the one-process sum (the tests check it bit for bit)."""
+        if group.active:
+            if self.sum is None:
+                raise RuntimeError("Hessian accumulator saw no data on this rank (fewer calibration batches than ranks)")
+            group.sum_(self.sum)
+            self.n = group.sum_int(self.n)
+
     def result(self) -> torch.Tensor:
         if self.sum is None:
             raise RuntimeError("Hessian accumulator saw no data")
@@ -95,6 +111,15 @@ class InputChannelStats(Accumulator):
             self.abssum += s
         self.n += x.shape[0]
 
+    def reduce(self, group) -> None:
+        if group.active:
+            if self.sq is None:
+                raise RuntimeError("channel statistics accumulator saw no data on this rank (fewer calibration batches than ranks)")
+            group.sum_(self.sq)
+            group.max_(self.absmax)
+            group.sum_(self.abssum)
+            self.n = group.sum_int(self.n)
+
     def result(self) -> dict[str, torch.Tensor]:
         if self.sq is None:
             raise RuntimeError("channel statistics accumulator saw no data")
@@ -117,11 +142,27 @@ class TokenAbsMax(Accumulator):
     def add(self, x: torch.Tensor) -> None:
         self.parts.append(x.reshape(-1, x.shape[-1]).abs().amax(-1).float().cpu())
 
+    def reduce(self, group) -> None:
+        """Every rank's tokens, in rank order (= batch order: ranks hold contiguous shares)."""
+        if group.active:
+            self.parts = [p for parts in group.gather(self.parts) for p in parts]
+
     def result(self) -> torch.Tensor:
         return torch.cat(self.parts) if self.parts else torch.empty(0)
 
     def free(self) -> None:
         self.parts = []
+
+
+def finish(accs: dict[str, Accumulator], group) -> dict:
+    """Reduce each accumulator over the ranks, read its result, free it (in name order, the
+    same on every rank, so the collectives line up)."""
+    out = {}
+    for k in sorted(accs):
+        accs[k].reduce(group)
+        out[k] = accs[k].result()
+        accs[k].free()
+    return out
 
 
 ACCUMULATORS: dict[str, type[Accumulator]] = {cls.name: cls for cls in (HessianAccumulator, InputChannelStats, TokenAbsMax)}

@@ -18,8 +18,9 @@ from ..arch import ArchSpec, get_module, set_module
 from ..recipe import Stage
 from ..registry import ModuleContext, ModuleRecord, get_method
 from ..runtime.act_quant import ActQuantLinear
-from .accumulators import ACCUMULATORS, Accumulator
+from .accumulators import ACCUMULATORS, Accumulator, finish
 from .activations import ActivationStore, run_batches
+from .dist import ONE_RANK, Group
 
 
 def attach(modules: dict[str, nn.Module], needs: dict[str, set[str]]):
@@ -44,22 +45,18 @@ def _feeder(accs: dict[str, Accumulator]):
 
 
 def collect_stats(
-    runner: nn.Module, modules: dict[str, nn.Module], needs: dict[str, set[str]], inputs: ActivationStore, call_args: list
+    runner: nn.Module, modules: dict[str, nn.Module], needs: dict[str, set[str]], inputs: ActivationStore, call_args: list, group: Group = ONE_RANK
 ) -> dict[str, dict]:
     """Statistics of each named module's input over the calibration batches run through
-    ``runner`` (the block, or whatever leads to the modules); the accumulators are freed."""
+    ``runner`` (the block, or whatever leads to the modules), reduced over the ranks of
+    ``group``; the accumulators are freed."""
     accs, handles = attach(modules, needs)
     try:
         run_batches(runner, inputs, call_args)
     finally:
         for h in handles:
             h.remove()
-    out = {}
-    for name, a in accs.items():
-        out[name] = {k: acc.result() for k, acc in a.items()}
-        for acc in a.values():
-            acc.free()
-    return out
+    return {name: finish(accs[name], group) for name in sorted(accs)}
 
 
 def apply_stages(
@@ -103,13 +100,38 @@ class RunState:
     records: dict[str, ModuleRecord]
     seconds: dict[str, float]
     forward_s: float = 0.0  # calibration forwards (solvers excluded)
+    group: Group = field(default_factory=Group)  # data-parallel ranks (llmpress.calib.dist)
 
     def apply(self, name: str, module: nn.Module, stats: dict) -> None:
         apply_stages(name, module, self.targets[name], stats, self.records, self.seconds, self.settings.get(name))
 
+    def apply_group(self, items: list[tuple[str, nn.Module, dict]]) -> None:
+        """(full name, module, statistics) of linears solved at the same point: with several
+        ranks each is solved on one rank (by cost) and its weight and record broadcast from
+        there, in the order given; on one rank, :meth:`apply` each."""
+        if not self.group.active:
+            for name, mod, stats in items:
+                self.apply(name, mod, stats)
+            return
+        owners = self.group.assign({name: _solve_cost(mod, self.needs.get(name, ())) for name, mod, _ in items})
+        for name, mod, stats in items:
+            if owners[name] == self.group.rank:
+                self.apply(name, mod, stats)
+        for name, mod, _ in items:
+            self.group.broadcast_(mod.weight.data, owners[name])
+            if mod.bias is not None:
+                self.group.broadcast_(mod.bias.data, owners[name])
+            self.records[name] = self.group.broadcast(self.records.get(name), owners[name])
+
     def local_targets(self, prefix: str) -> dict[str, str]:
         """The targeted linears under ``prefix``: local name -> full name."""
         return {n[len(prefix) + 1 :]: n for n in self.targets if n.startswith(prefix + ".")}
+
+
+def _solve_cost(module: nn.Module, needs) -> float:
+    """Relative cost of a linear's solve: second-order solvers ~ out * in^2, the rest ~ out * in."""
+    n = float(module.out_features * module.in_features)
+    return n * module.in_features if "hessian" in needs else n
 
 
 def local_all(block: nn.Module, prefix: str) -> dict[str, str]:
@@ -134,15 +156,43 @@ class BlockContext:
     call_args: list
     targets: dict[str, str]  # local name -> full name, linears this stage targets
     records: dict[str, ModuleRecord]
+    group: Group = field(default_factory=Group)  # data-parallel ranks: ``inputs`` are this rank's share
+    total_batches: int | None = None  # calibration batches over all ranks (default: len(inputs))
+    batch_windows: int | None = None  # windows per batch (default: the first batch's)
+    _first: list = field(default_factory=list, repr=False)  # the global first batches gathered here (several ranks)
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.inputs) if self.total_batches is None else self.total_batches
+
+    @property
+    def windows_per_batch(self) -> int:
+        return self.batch_windows or (self.inputs[0].shape[0] if len(self.inputs) else 0)
 
     def collect(self, needs: dict[str, set[str]]) -> dict[str, dict]:
+        """Statistics over every calibration batch (all ranks')."""
         mods = {loc: get_module(self.block, loc) for loc in needs}
-        return collect_stats(self.block, mods, needs, self.inputs, self.call_args)
+        return collect_stats(self.block, mods, needs, self.inputs, self.call_args, self.group)
 
     def run(self, *, block: nn.Module | None = None, batches: int | None = None, each=None) -> None:
         """Run ``block`` (default this block; a modified copy to score it) on the first
-        ``batches`` calibration batches; ``each(b, y)`` receives each output."""
-        run_batches(self.block if block is None else block, self.inputs, self.call_args, batches=batches, each=each)
+        ``batches`` calibration batches (of all ranks: every rank runs the same ones, so a
+        search finds the same transform everywhere); ``each(b, y)`` receives each output."""
+        inputs, call_args = self._leading(batches)
+        run_batches(self.block if block is None else block, inputs, call_args, batches=batches, each=each)
+
+    def _leading(self, batches: int | None):
+        """(inputs, call arguments) holding the first ``batches`` batches of all ranks: this
+        rank's own on one rank; else gathered once from the ranks that hold them."""
+        if not self.group.active:
+            return self.inputs, self.call_args
+        n = self.n_batches if batches is None else min(batches, self.n_batches)
+        mine = self.group.share(self.n_batches)
+        for g in range(len(self._first), n):
+            owner = self.group.owner_of(g, self.n_batches)
+            local = g - mine.start
+            self._first.append(self.group.broadcast((self.inputs[local], self.call_args[local]) if owner == self.group.rank else None, owner))
+        return [x for x, _ in self._first], [a for _, a in self._first]
 
     def outputs(self, module: nn.Module | None = None, batches: int | None = None) -> list[torch.Tensor]:
         """Outputs of ``module`` (a sub-module of the block, default the block) per batch."""

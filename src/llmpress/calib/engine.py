@@ -29,8 +29,10 @@ import torch.nn as nn
 
 from .. import progress
 from ..arch import get_module
+from ..errors import UserError
 from ..eval.memory import trim_malloc
 from ..registry import METHODS, ModuleRecord
+from . import dist
 from .activations import ActivationStore, capture_block_inputs, run_batches
 from .block import BlockContext, RunState, collect_stats, local_all, solve_seconds, wrap_act_quant
 from .fused import fusable, solve_block_fused
@@ -81,7 +83,7 @@ def run(model: nn.Module, plan: Plan, calib: torch.Tensor | None, opts: EngineOp
 
 def _run(model: nn.Module, plan: Plan, calib: torch.Tensor | None, opts: EngineOptions, settings: dict[str, dict]) -> EngineResult:
     spec = plan.spec
-    state = RunState(spec=spec, targets=plan.targets, needs=plan.needs, settings=settings, records={}, seconds={})
+    state = RunState(spec=spec, targets=plan.targets, needs=plan.needs, settings=settings, records={}, seconds={}, group=dist.current())
     if not plan.engine_needs_data:
         return _run_data_free(model, state, plan.description(), opts.progress)
     if calib is None:
@@ -111,13 +113,18 @@ def _run_sequential(model: nn.Module, state: RunState, calib: torch.Tensor, opts
     spec = state.spec
     inputs = ActivationStore(state.offload)
     t = time.perf_counter()
-    call_args = capture_block_inputs(model, spec, list(calib.split(opts.batch_size)), inputs)
+    batches = list(calib.split(opts.batch_size))
+    if len(batches) < state.group.world:
+        raise UserError(f"{len(batches)} calibration batches for {state.group.world} ranks: use more windows or a smaller --batch-size")
+    mine = [batches[i] for i in state.group.share(len(batches))]  # every batch on one rank: contiguous shares
+    call_args = capture_block_inputs(model, spec, mine, inputs)
     state.seconds["capture"] = time.perf_counter() - t
     layers = get_module(model, spec.blocks)
     head_needs = state.needs.get(spec.lm_head)
     for i in progress.track(range(len(layers)), desc, "block", on=opts.progress):
         block, prefix = layers[i], f"{spec.blocks}.{i}"
-        ctx = BlockContext(index=i, prefix=prefix, block=block, spec=spec, inputs=inputs, call_args=call_args[i], targets={}, records=state.records)
+        ctx = BlockContext(index=i, prefix=prefix, block=block, spec=spec, inputs=inputs, call_args=call_args[i], targets={}, records=state.records,
+                           group=state.group, total_batches=len(batches), batch_windows=opts.batch_size)  # fmt: skip
         _run_block_stages(state, block_stages, ctx)
         keep_outputs = i < len(layers) - 1 or bool(head_needs)
         outputs = _solve_block(state, opts, block, prefix, inputs, call_args[i], keep_outputs)
@@ -189,10 +196,9 @@ def _solve_group(
     stats: dict[str, dict] = {}
     if any(member_needs.values()):
         t = time.perf_counter()
-        stats = collect_stats(block, members, member_needs, inputs, call_args)
+        stats = collect_stats(block, members, member_needs, inputs, call_args, state.group)
         state.forward_s += time.perf_counter() - t
-    for loc, mod in members.items():
-        state.apply(local[loc], mod, stats.pop(loc, {}))
+    state.apply_group([(local[loc], mod, stats.pop(loc, {})) for loc, mod in members.items()])
     wrap_act_quant(block, prefix, [local[loc] for loc in members], state.records)
 
 
@@ -201,5 +207,5 @@ def _solve_lm_head(model: nn.Module, state: RunState, hidden: ActivationStore) -
     spec = state.spec
     head = get_module(model, spec.lm_head)
     to_head = nn.Sequential(get_module(model, spec.final_norm), head)
-    stats = collect_stats(to_head, {spec.lm_head: head}, {spec.lm_head: state.needs[spec.lm_head]}, hidden, [((), {})] * len(hidden))
-    state.apply(spec.lm_head, head, stats[spec.lm_head])
+    stats = collect_stats(to_head, {spec.lm_head: head}, {spec.lm_head: state.needs[spec.lm_head]}, hidden, [((), {})] * len(hidden), state.group)
+    state.apply_group([(spec.lm_head, head, stats[spec.lm_head])])

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..arch import ArchSpec, get_module, set_module
-from .accumulators import ACCUMULATORS
+from .accumulators import ACCUMULATORS, finish
 from .activations import ActivationStore, run_batches
 from .block import RunState, wrap_act_quant
 
@@ -110,11 +110,9 @@ class _GroupInput:
         if self.keep is not None:
             self.keep.append(x)
 
-    def results(self) -> dict:
-        out = {k: acc.result() for k, acc in self.accs.items()}
-        for acc in self.accs.values():
-            acc.free()
-        return out
+    def results(self, group) -> dict:
+        """The statistics, reduced over the ranks of ``group``; the accumulators are freed."""
+        return finish(self.accs, group)
 
 
 def _copy_stat(v):
@@ -134,10 +132,9 @@ def _solve_group(
     needs = {loc: run.needs.get(local.get(loc, ""), set()) for loc in group}
     seen = _GroupInput(set().union(*needs.values()), keep)
     passes.reach(list(mods.values()), seen.add)
-    results = seen.results()
-    for loc, mod in mods.items():
-        if loc in local:
-            run.apply(local[loc], mod, {k: _copy_stat(results[k]) for k in needs[loc]})  # a solver may edit its copy
+    results = seen.results(run.group)
+    # a solver may edit its copy of the statistics
+    run.apply_group([(local[loc], mod, {k: _copy_stat(results[k]) for k in needs[loc]}) for loc, mod in mods.items() if loc in local])
     wrap_act_quant(passes.block, prefix, [local[loc] for loc in group if loc in local], run.records)
 
 

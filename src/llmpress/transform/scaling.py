@@ -57,6 +57,13 @@ class ChannelMinMax(Accumulator):
             torch.minimum(self.min, lo, out=self.min)
             torch.maximum(self.max, hi, out=self.max)
 
+    def reduce(self, group) -> None:
+        if group.active:
+            if self.min is None:
+                raise RuntimeError("channel min/max accumulator saw no data on this rank (fewer calibration batches than ranks)")
+            group.min_(self.min)
+            group.max_(self.max)
+
     def result(self) -> dict[str, torch.Tensor]:
         if self.min is None:
             raise RuntimeError("channel min/max accumulator saw no data")
@@ -257,12 +264,11 @@ def apply_smoothing(block: nn.Module, spec: ArchSpec, g: ScaleGroup, s: torch.Te
 
 # --------------------------------------------------------------------------- calibration helpers
 def batches_for(ctx, windows: int) -> int:
-    """How many of the block's calibration batches hold ``windows`` windows (at least 1)."""
-    n = len(ctx.inputs)
+    """How many of the block's calibration batches (over all ranks) hold ``windows`` windows (at least 1)."""
+    n = ctx.n_batches
     if n == 0:
         return 0
-    per = ctx.inputs[0].shape[0]
-    return max(1, min(n, math.ceil(windows / per)))
+    return max(1, min(n, math.ceil(windows / ctx.windows_per_batch)))
 
 
 @torch.no_grad()
