@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import platform
 import time
@@ -15,6 +16,7 @@ import torch.nn as nn
 from . import data as data_mod
 from . import io_safety, models, shrink
 from .arch import get_arch
+from .calib import dist
 from .calib.engine import EngineOptions
 from .calib.engine import run as run_engine
 from .calib.plan import CompressResult, Plan, build_plan
@@ -247,6 +249,7 @@ def _environment(device) -> dict:
         "python": platform.python_version(),
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "ranks": dist.current().world,  # data-parallel processes (--nproc / torchrun)
         "cpu": platform.processor() or platform.machine(),
     }
 
@@ -290,7 +293,8 @@ def run_pipeline(
     io_safety.check_work_folder(engine.offload_dir if engine else None)
     # a missing or empty text file fails now, even if unused
     data_mod.check_sources([s for s, _ in calib.mix] + list(evaluation.sources if evaluation is not None else ()))
-    with io_safety.OutputLock(out=out_path) if out_path is not None else contextlib.nullcontext():
+    first = dist.current().rank == 0  # with several ranks (torchrun) only the first one writes
+    with io_safety.OutputLock(out=out_path) if out_path is not None and first else contextlib.nullcontext():
         return _pipeline(
             model_spec, recipe, out_path=out_path, json_path=json_path, calib=calib, evaluation=evaluation,
             device=device, overwrite=overwrite, engine=engine, save_format=save_format,
@@ -301,6 +305,8 @@ def _pipeline(
     model_spec: str, recipe: Recipe, *, out_path: Path | None, json_path: str | None, calib: CalibConfig,
     evaluation: EvalConfig | None, device: str, overwrite: bool, engine: EngineOptions | None, save_format: str,
 ) -> Report:  # fmt: skip
+    group = dist.current()  # data-parallel ranks (torchrun): windows shared out, only rank 0 writes
+    measure = functools.partial(perplexity, group=group)
     progress = engine.progress if engine else True
     seconds: dict[str, float] = {}
     phases = PhaseTracker()  # peak RSS per phase; everything before this line is "startup"
@@ -324,14 +330,14 @@ def _pipeline(
         seconds["eval_data"] = time.perf_counter() - t
         phases.start("baseline_eval")
         t = time.perf_counter()
-        set_ppl(baseline, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="baseline ppl", measure=perplexity))
+        set_ppl(baseline, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="baseline ppl", measure=measure))
         seconds["baseline_eval"] = time.perf_counter() - t
         calib_sources = tuple(s for s, _ in calib.mix)
         if wanted_reference(recipe, windows.sources, calib_sources):  # the data-free counterpart, while the weights are the original ones
             phases.start("reference_eval")
             t = time.perf_counter()
             reference = measure_reference(model, recipe, windows, calib_sources=calib_sources, batch_size=evaluation.batch_size,
-                                          progress=progress, blocks=get_arch(model).blocks)  # fmt: skip
+                                          progress=progress, blocks=get_arch(model).blocks, measure=measure)  # fmt: skip
             seconds["reference_eval"] = time.perf_counter() - t
     phases.start("compress")
     report = _compress(model, plan, calib_data, tokenizer=tok, calib=calib, engine=engine)
@@ -341,14 +347,14 @@ def _pipeline(
     if windows is not None:
         phases.start("compressed_eval")
         t = time.perf_counter()
-        by_source = windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="compressed ppl", measure=perplexity)
+        by_source = windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="compressed ppl", measure=measure)
         set_ppl(report.compressed, by_source)
         report.seconds["compressed_eval"] = time.perf_counter() - t
         report.evaluation = evaluation_record(asdict(evaluation), shapes)
         report.reference = reference
         check_transfer(report, tuple(src for src, _ in calib.mix))
     report.environment = _environment(device)
-    if out_path is not None:
+    if out_path is not None and group.rank == 0:
         phases.start("save")
         t = time.perf_counter()
         save(model, tok, out_path, report=report, overwrite=overwrite, format=save_format)
@@ -357,8 +363,9 @@ def _pipeline(
     phases.stop()
     report.set_memory(phases)
     report.peak_gpu_mb = peak_gpu_mb()
-    if json_path:
+    if json_path and group.rank == 0:
         report.write_json(json_path)
+    group.barrier()  # the other ranks leave once the checkpoint is written
     return report
 
 

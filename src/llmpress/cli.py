@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="gather all of a block's statistics before compressing any of its linears (default: group by group, in data-flow order)",
     )
     c.add_argument("--offload-dir", help="keep block activations on disk in this folder")
+    c.add_argument(
+        "--nproc",
+        type=_at_least(1),
+        default=1,
+        help="data-parallel calibration on N local processes (torch.distributed; the same result as one; or launch with torchrun)",
+    )
     c.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluations")
     c.add_argument(
         "--format",
@@ -168,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True
     )
@@ -179,11 +187,18 @@ def main(argv: list[str] | None = None) -> int:
         with progress.scope(not getattr(args, "no_progress", False)):  # --no-progress: every bar and notice
             return _dispatch(args)
     except UserError as e:
-        print(f"llmpress: error: {_one_line(e)}", file=sys.stderr)
+        if _rank() == 0:  # every rank meets the same refusal: one line, from the first
+            print(f"llmpress: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("llmpress: interrupted; no output was written", file=sys.stderr)
         return 130
+
+
+def _rank() -> int:
+    from .calib import dist
+
+    return dist.current().rank
 
 
 def _one_line(e: Exception) -> str:
@@ -265,6 +280,17 @@ def _dispatch(args) -> int:
             print(f"results: {args.json_path}")
         return 0
     if args.command == "compress":
+        from .calib import dist
+
+        if args.nproc > 1 and not dist.launched():
+            from . import launch
+
+            return launch.spawn(args.nproc, launch.without_nproc(args.argv))
+        group, args.device = dist.init_from_env(args.device)
+        if group.rank > 0:  # rank 0 prints and writes
+            with progress.scope(False):
+                api.run_pipeline(**compress_options(args))
+            return 0
         if args.calib_data is not None and not api.needs_calibration(args.recipe):
             from .data import check_sources, parse_sources
 

@@ -19,6 +19,7 @@ one-rank group and every method here is a no-op: the single-process path is unch
 from __future__ import annotations
 
 import heapq
+import os
 from dataclasses import dataclass
 
 import torch
@@ -112,3 +113,25 @@ def current() -> Group:
     if dist.is_available() and dist.is_initialized():
         return Group(rank=dist.get_rank(), world=dist.get_world_size())
     return Group()
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun as one of several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: str) -> tuple[Group, str]:
+    """Join the process group torchrun set up (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ...):
+    gloo on CPU, NCCL on CUDA with one GPU per rank (``cuda`` becomes ``cuda:LOCAL_RANK``).
+    Returns (group, device); outside torchrun the one-rank group and ``device`` unchanged."""
+    if not launched():
+        return current(), device
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = f"cuda:{local}"
+        import torch.cuda
+
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return current(), device

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import progress as progress_mod
+from ..calib.dist import Group
 from .memory import trim_malloc
 
 LOGITS_BUDGET = 1 << 21  # elements of one chunk of logits (8 MB in float32)
@@ -29,15 +30,23 @@ _TOKENWISE_MODULES = ("llmpress.runtime.qlinear", "llmpress.runtime.int8")
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False, desc: str = "ppl", chunked: bool = True) -> float:
+def perplexity(
+    model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False, desc: str = "ppl", chunked: bool = True, group: Group | None = None
+) -> float:
     """Perplexity of ``model`` on ``windows`` [n, L]; each window predicts its tokens 2..L.
 
     ``chunked=False`` forces the plain computation (full logits per batch), for tests.
+    ``group`` (data-parallel ranks, :mod:`llmpress.calib.dist`): each rank scores its
+    contiguous share of the windows and the log-likelihood sums are added over the ranks
+    (the same perplexity up to float summation order and batch composition).
     """
     device = next(model.parameters()).device
     parts = split_head(model) if chunked else None
     if parts is not None and not _agrees(model, parts, windows[:1, :8].to(device)):
         parts = None  # the model's logits are not head(decoder(x)) after all: the plain way
+    if group is not None and group.active:
+        mine = group.share(windows.shape[0])
+        windows = windows[mine.start : mine.stop]
     nll = 0.0
     count = 0
     trim_malloc()  # what earlier steps freed but malloc kept would sit under every batch
@@ -50,6 +59,9 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
             nll += _chunked_nll(*parts, batch)
         count += target.numel()
         trim_malloc()  # the batch's freed activations go back to the system, not into the next batch's peak
+    if group is not None and group.active:
+        total = group.sum_(torch.tensor([nll, float(count)], dtype=torch.float64))
+        nll, count = float(total[0]), int(total[1])
     return math.exp(nll / count)
 
 

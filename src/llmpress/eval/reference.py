@@ -128,16 +128,18 @@ def wanted(recipe: Recipe, sources, calib_sources) -> bool:
 
 
 def measure_reference(model: nn.Module, recipe: Recipe, windows, *, calib_sources: tuple[str, ...], batch_size: int,
-                      progress: bool, blocks: str) -> dict | None:  # fmt: skip
+                      progress: bool, blocks: str, measure=None) -> dict | None:  # fmt: skip
     """``report.reference`` before compression: the data-free counterpart's perplexity on every
     evaluated source, when the check means something (several sources, a calibration source
     among them, a counterpart exists); else None. ``windows``: an
-    :class:`llmpress.eval.sources.SourceWindows`."""
+    :class:`llmpress.eval.sources.SourceWindows`; ``measure``: the perplexity function
+    (default :func:`llmpress.eval.perplexity.perplexity`)."""
     if not wanted(recipe, windows.sources, calib_sources):
         return None
     ref = reference_recipe(recipe)
     with swapped_weights(model, ref, blocks):
-        by_source = windows.perplexities(model, batch_size=batch_size, progress=progress, desc="data-free reference ppl")
+        kw = {"measure": measure} if measure is not None else {}
+        by_source = windows.perplexities(model, batch_size=batch_size, progress=progress, desc="data-free reference ppl", **kw)
     return {"recipe": describe(ref), "ppl_by_source": by_source}
 
 

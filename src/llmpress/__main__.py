@@ -1,0 +1,7 @@
+"""``python -m llmpress`` (what torchrun launches: ``torchrun --nproc-per-node N -m llmpress compress ...``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
