@@ -285,7 +285,7 @@ def _dispatch(args) -> int:
         if args.nproc > 1 and not dist.launched():
             from . import launch
 
-            return launch.spawn(args.nproc, launch.without_nproc(args.argv))
+            return launch.spawn(args.nproc, launch.without_nproc(args.argv), main)
         group, args.device = dist.init_from_env(args.device)
         if group.rank > 0:  # rank 0 prints and writes
             with progress.scope(False):

@@ -31,22 +31,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank: int, world: int, port: int, argv: list[str]) -> None:
+def _child(rank: int, world: int, port: int, entry, argv: list[str]) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     if "OMP_NUM_THREADS" not in os.environ:  # the cores shared out, not each rank on all of them
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world))
-    from .cli import main
-
-    raise SystemExit(main(argv))
+    raise SystemExit(entry(argv))
 
 
-def spawn(n: int, argv: list[str]) -> int:
-    """Run ``llmpress ARGV`` (``--nproc`` removed) on ``n`` processes; their exit code."""
+def spawn(n: int, argv: list[str], entry) -> int:
+    """Run ``entry(argv)`` (the CLI's ``main``, ``--nproc`` removed from ``argv``) on ``n``
+    processes; their exit code."""
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_child, args=(r, n, port, argv), name=f"llmpress-rank{r}") for r in range(n)]
+    procs = [ctx.Process(target=_child, args=(r, n, port, entry, argv), name=f"llmpress-rank{r}") for r in range(n)]
     for p in procs:
         p.start()
     try:
