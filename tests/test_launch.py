@@ -55,6 +55,18 @@ def test_a_refusal_on_two_processes_is_one_line_and_exit_2(tmp_path, tiny_model_
     assert not (tmp_path / "o").exists()
 
 
+def test_torchrun_launch_writes_what_one_process_writes(tmp_path, tiny_model_dir, env):
+    """The README's other launch: ``torchrun --nproc-per-node 2 -m llmpress compress ...``."""
+    one = _compress(tiny_model_dir, tmp_path / "one", env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "llmpress", "compress", str(tiny_model_dir),
+           "--recipe", "gptq-w4g64", "--out", str(tmp_path / "tr"), "--batch-size", "1", "--no-eval"]  # fmt: skip
+    tr = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert one.returncode == 0 and tr.returncode == 0, tr.stderr[-2000:]
+    a, b = load_file(str(tmp_path / "one" / "model.llmpress.safetensors")), load_file(str(tmp_path / "tr" / "model.llmpress.safetensors"))
+    assert set(a) == set(b) and all((a[k] == b[k]).all() for k in a)
+    assert json.loads((tmp_path / "tr" / "llmpress.json").read_text())["report"]["environment"]["ranks"] == 2
+
+
 def test_without_nproc():
     assert without_nproc(["compress", "m", "--nproc", "2", "--out", "o"]) == ["compress", "m", "--out", "o"]
     assert without_nproc(["compress", "m", "--nproc=4"]) == ["compress", "m"]

@@ -106,3 +106,79 @@ def test_shares_owners_and_costs():
     owners = Group(rank=0, world=2).assign({"a": 1.0, "b": 5.0, "c": 4.0, "d": 2.0})
     assert owners == {"b": 0, "c": 1, "d": 1, "a": 0}  # b | c, then d onto the lighter, then a
     assert Group().assign({"a": 1.0}) == {"a": 0} and not Group().active
+
+
+class _Record:
+    """Rank 1 of a pair in one process: keeps what its accumulator contributes, in call order."""
+
+    active, rank, world = True, 1, 2
+
+    def __init__(self):
+        self.sent = []
+
+    def _keep(self, v):
+        self.sent.append(v.clone() if isinstance(v, torch.Tensor) else v)
+        return v
+
+    sum_ = max_ = min_ = sum_int = _keep
+
+    def gather(self, obj):
+        self._keep(obj)
+        return [obj]
+
+
+class _Combine:
+    """Rank 0 of the pair: each collective combines its value with rank 1's, as gloo would."""
+
+    active, rank, world = True, 0, 2
+
+    def __init__(self, other: _Record):
+        self.got = list(other.sent)
+
+    def sum_(self, t):
+        return t.add_(self.got.pop(0))
+
+    def max_(self, t):
+        return torch.maximum(t, self.got.pop(0), out=t)
+
+    def min_(self, t):
+        return torch.minimum(t, self.got.pop(0), out=t)
+
+    def sum_int(self, n):
+        return n + self.got.pop(0)
+
+    def gather(self, obj):
+        return [obj, self.got.pop(0)]
+
+
+@pytest.mark.parametrize("name", ["hessian", "channel_stats", "token_absmax", "channel_minmax"])
+def test_each_statistic_reduces_to_the_one_process_value(name):
+    import llmpress.transform.scaling  # noqa: F401  (registers channel_minmax)
+    from llmpress.calib.accumulators import ACCUMULATORS
+
+    xs = [torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(i)) * (i + 1) for i in range(4)]
+    one, a, b = ACCUMULATORS[name](), ACCUMULATORS[name](), ACCUMULATORS[name]()
+    for i, x in enumerate(xs):
+        one.add(x)
+        (a if i < 2 else b).add(x)  # contiguous shares: batches 0-1 on rank 0, 2-3 on rank 1
+    rec = _Record()
+    b.reduce(rec)
+    a.reduce(_Combine(rec))
+    want, got = one.result(), a.result()
+    if isinstance(want, dict):
+        assert want.keys() == got.keys()
+        for k in want:
+            assert torch.equal(torch.as_tensor(got[k]), torch.as_tensor(want[k])), k
+    else:
+        assert torch.equal(got, want)
+
+
+def test_batches_shrink_so_every_rank_has_one():
+    from llmpress.calib.engine import _batch_size
+    from llmpress.errors import UserError
+
+    assert _batch_size(128, 8, 2, False) == 8
+    assert _batch_size(4, 8, 2, False) == 2  # 1 batch of 8 for 2 ranks: 2 of 2
+    assert _batch_size(5, 8, 4, False) == 1  # 5 batches of 1 for 4 ranks (batches of 2 would leave one rank idle)
+    with pytest.raises(UserError, match="3 calibration windows for 4 ranks"):
+        _batch_size(3, 8, 4, False)

@@ -113,9 +113,8 @@ def _run_sequential(model: nn.Module, state: RunState, calib: torch.Tensor, opts
     spec = state.spec
     inputs = ActivationStore(state.offload)
     t = time.perf_counter()
-    batches = list(calib.split(opts.batch_size))
-    if len(batches) < state.group.world:
-        raise UserError(f"{len(batches)} calibration batches for {state.group.world} ranks: use more windows or a smaller --batch-size")
+    batch_size = _batch_size(calib.shape[0], opts.batch_size, state.group.world, opts.progress)
+    batches = list(calib.split(batch_size))
     mine = [batches[i] for i in state.group.share(len(batches))]  # every batch on one rank: contiguous shares
     call_args = capture_block_inputs(model, spec, mine, inputs)
     state.seconds["capture"] = time.perf_counter() - t
@@ -124,7 +123,7 @@ def _run_sequential(model: nn.Module, state: RunState, calib: torch.Tensor, opts
     for i in progress.track(range(len(layers)), desc, "block", on=opts.progress):
         block, prefix = layers[i], f"{spec.blocks}.{i}"
         ctx = BlockContext(index=i, prefix=prefix, block=block, spec=spec, inputs=inputs, call_args=call_args[i], targets={}, records=state.records,
-                           group=state.group, total_batches=len(batches), batch_windows=opts.batch_size)  # fmt: skip
+                           group=state.group, total_batches=len(batches), batch_windows=batch_size)  # fmt: skip
         _run_block_stages(state, block_stages, ctx)
         keep_outputs = i < len(layers) - 1 or bool(head_needs)
         outputs = _solve_block(state, opts, block, prefix, inputs, call_args[i], keep_outputs)
@@ -140,6 +139,19 @@ def _run_sequential(model: nn.Module, state: RunState, calib: torch.Tensor, opts
     wrap_act_quant(model, "", outside, state.records)
     state.seconds["calibration_forward"] = state.forward_s
     return EngineResult(state.records, state.seconds)
+
+
+def _batch_size(windows: int, batch_size: int, ranks: int, bars: bool) -> int:
+    """Windows per calibration batch: ``batch_size``, smaller when there would be fewer
+    batches than ranks (every rank needs one)."""
+    if windows < ranks:
+        raise UserError(f"{windows} calibration windows for {ranks} ranks: every rank needs one; use more --calib-samples or fewer processes")
+    if -(-windows // batch_size) >= ranks:
+        return batch_size
+    smaller = windows // ranks  # at least 1; ceil(windows / smaller) >= ranks
+    if bars:
+        progress.note(f"{windows} calibration windows in batches of {batch_size} leave ranks without data: batches of {smaller} instead")
+    return smaller
 
 
 def _run_block_stages(state: RunState, block_stages: list, ctx: BlockContext) -> None:
