@@ -154,6 +154,25 @@ def readme_table(res: dict, keys=None) -> str:
     return "\n".join(lines)
 
 
+# preset -> its row in the Wikipedia-calibrated JSON (the presets' settings were measured there as variants)
+PRESET_ROWS = {"gptq-w4g64": "gptq-act-order-damp0.3", "awq-gptq-w4g64": "awq-gptq-w4g64-damp0.3", "gptq-w3g64": "gptq-w3-act-order-damp1",
+               "awq-gptq-w3g64": "awq-gptq-w3g64-damp1"}  # fmt: skip
+
+
+def mix_table(mix: dict, wiki: dict) -> str:
+    """Each preset of ``mix`` (calibrated on a mix) under its Wikipedia-calibrated row of ``wiki``
+    (same test windows), with the held-out texts' change."""
+    fp = mix["fp"]
+    held = [s for s in fp if s not in mix["calib"].split(",")]
+    lines = ["| preset | calibration | " + " | ".join(fp) + " |", "|---|---|" + "---|" * len(fp)]
+    for k, row in mix["rows"].items():
+        ref = wiki["rows"].get(PRESET_ROWS.get(k, k))
+        if ref is not None:
+            lines.append(f"| `{k}` | {wiki.get('calib')} | " + " | ".join(cells(ref["ppl"], fp)) + " |")
+        lines.append(f"| `{k}` | {mix['calib']} ({', '.join(held)} held out) | " + " | ".join(cells(row["ppl"], fp)) + " |")
+    return "\n".join(lines)
+
+
 def table(res: dict) -> str:
     sources = list(res["fp"])
     head = "| method | " + " | ".join(f"{s} ppl (x fp)" for s in sources) + " | bits/weight |"
@@ -180,9 +199,15 @@ def main(argv=None) -> int:
     ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
     ap.add_argument("--also", nargs="*", default=[], help="with --table: JSONs of other runs on the same windows whose rows join the table")
     ap.add_argument("--readme", action="store_true", help="with --table: the README's labels and counterpart column")
+    ap.add_argument(
+        "--mix-table", help="with --table: print --out's presets (calibrated on a mix) against their rows in this Wikipedia-calibrated JSON"
+    )
     a = ap.parse_args(argv)
     out = Path(a.out)
     res = _load(out)
+    if a.table and a.mix_table:
+        print(mix_table(res, _load(Path(a.mix_table))))
+        return 0
     if a.table:
         for f in a.also:  # rows of other runs on the same test windows (e.g. the --peer run)
             other = _load(Path(f))
