@@ -13,7 +13,7 @@ from llmpress.runtime.act_quant import ActQuantLinear
 from llmpress.runtime.online_hadamard import block_matmul
 from llmpress.transform.duquant import duquant_transform, greedy_block_rotation, spreading_rotation, zigzag_permutation
 from llmpress.transform.hadamard import hadamard_transform
-from llmpress.transform.rotate import fuse_norms, rotate_residual
+from llmpress.transform.rotation import fuse_norms, rotate_residual
 
 
 @pytest.mark.parametrize("family", TINY_MODELS)

@@ -114,7 +114,7 @@ def test_spinquant_keeps_the_best_held_out_iterate(lr, monkeypatch):
 def test_training_simulation_is_exact_without_quantizers(mk, rotate_weights):
     """Both simulation paths (rotated weights / rotated activations) compute the float model."""
     from llmpress.arch import get_arch
-    from llmpress.transform.rotate import attention_of, fuse_norms, head_layout, online, residual_rotatable
+    from llmpress.transform.rotation import attention_of, fuse_norms, head_layout, online, residual_rotatable
     from llmpress.transform.spinquant import SpinQuant, _Sim
 
     m = mk()
@@ -151,7 +151,7 @@ def test_training_gradient_matches_finite_differences(rotate_weights, monkeypatc
     """
     from llmpress.arch import get_arch
     from llmpress.transform import spinquant as sq
-    from llmpress.transform.rotate import attention_of, fuse_norms, head_layout, online
+    from llmpress.transform.rotation import attention_of, fuse_norms, head_layout, online
 
     monkeypatch.setattr(sq, "_ste", lambda x, args: x if args is None else x + 0.3 * torch.tanh(2.0 * x))
     m = tiny_llama()

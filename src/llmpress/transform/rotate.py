@@ -15,19 +15,7 @@ from ..arch import ArchSpec
 from ..errors import UserError
 from ..registry import register
 from .hadamard import orthogonal_matrix
-from .rotation import (  # noqa: F401  (the shared rotation names stay importable from here)
-    RotationPlan,
-    apply_plan,
-    attention_of,
-    fuse_norms,
-    head_layout,
-    hidden_size,
-    online,
-    record_transform,
-    residual_rotatable,
-    rotate_residual,
-    standard_plan,
-)
+from .rotation import apply_plan, hidden_size, residual_rotatable, standard_plan
 
 log = logging.getLogger(__name__)
 
