@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -273,13 +275,17 @@ def run_pipeline(
     overwrite: bool = False,
     engine: EngineOptions | None = None,
     save_format: str = "packed",
+    resume: bool = False,
 ) -> Report:
     """Load, evaluate the baseline, compress, evaluate again, save: what `llmpress compress` does.
 
     Everything checkable is checked before the model loads (recipe, settings, output
     folder, text files) or right after, before the baseline evaluation (the recipe
     against the model, finite weights, enough tokens for the windows). The output
-    folder is locked for the whole run (:mod:`llmpress.io_safety`).
+    folder is locked for the whole run (:mod:`llmpress.io_safety`). With ``out``, each
+    finished block is kept beside it (``.NAME.resume``, removed once the checkpoint is
+    saved) and ``resume`` continues a killed run after its last finished block
+    (:mod:`llmpress.calib.resume`).
     """
     if save_format not in SAVE_FORMATS:
         raise UserError(f"save format {save_format!r} unknown; expected one of {', '.join(SAVE_FORMATS)}")
@@ -289,6 +295,7 @@ def run_pipeline(
 
         check_save_format(recipe, save_format)
     out_path = _prepare_out(out, overwrite)
+    engine = _with_checkpoints(engine or EngineOptions(batch_size=calib.batch_size), recipe, out_path, resume)
     io_safety.check_file_out(json_path)
     io_safety.check_work_folder(engine.offload_dir if engine else None)
     # a missing or empty text file fails now, even if unused
@@ -299,6 +306,24 @@ def run_pipeline(
             model_spec, recipe, out_path=out_path, json_path=json_path, calib=calib, evaluation=evaluation,
             device=device, overwrite=overwrite, engine=engine, save_format=save_format,
         )  # fmt: skip
+
+
+def _with_checkpoints(engine: EngineOptions, recipe: Recipe, out_path: Path | None, resume: bool) -> EngineOptions:
+    """Block checkpoints beside ``out`` when the recipe allows them (refused with ``resume``
+    when it does not, or without ``out``)."""
+    from .calib.resume import check_resumable
+
+    if resume and out_path is None:
+        raise UserError("--resume needs --out: the finished blocks are kept beside the output folder")
+    try:
+        check_resumable(recipe, dist.current().world)
+    except UserError:
+        if resume:
+            raise
+        return engine
+    if out_path is None:
+        return engine
+    return dataclasses.replace(engine, checkpoint_dir=str(io_safety.resume_path(out_path)), resume=resume)
 
 
 def _pipeline(
@@ -359,6 +384,8 @@ def _pipeline(
         t = time.perf_counter()
         save(model, tok, out_path, report=report, overwrite=overwrite, format=save_format)
         report.seconds["save"] = time.perf_counter() - t
+        if engine is not None and engine.checkpoint_dir:  # saved: the finished blocks are no longer needed
+            shutil.rmtree(engine.checkpoint_dir, ignore_errors=True)
         report.compressed["checkpoint_bytes"] = checkpoint_bytes(out_path)
     phases.stop()
     report.set_memory(phases)

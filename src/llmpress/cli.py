@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--offload-dir", help="keep block activations on disk in this folder")
     c.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed run with the same command after its last finished block (kept beside --out as .NAME.resume)",
+    )
+    c.add_argument(
         "--nproc",
         type=_at_least(1),
         default=1,
@@ -238,6 +243,7 @@ def compress_options(args) -> dict:
         overwrite=args.overwrite,
         engine=engine,
         save_format=args.save_format,
+        resume=args.resume,
     )
 
 

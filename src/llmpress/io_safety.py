@@ -40,6 +40,11 @@ def lock_path(out: Path) -> Path:
     return out.with_name(f".{out.name}.lock")
 
 
+def resume_path(out: Path) -> Path:
+    """Where a run towards ``out`` keeps its finished blocks (llmpress.calib.resume)."""
+    return out.with_name(f".{out.name}.resume")
+
+
 def temp_sibling(out: Path) -> Path:
     """A new private folder beside ``out`` whose name carries this process's PID."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))

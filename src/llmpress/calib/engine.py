@@ -37,6 +37,7 @@ from .activations import ActivationStore, capture_block_inputs, run_batches
 from .block import BlockContext, RunState, collect_stats, local_all, solve_seconds, wrap_act_quant
 from .fused import fusable, solve_block_fused
 from .plan import Plan, build_plan
+from .resume import BlockCheckpoints, check_resumable, fingerprint
 
 __all__ = [
     "ActivationStore",
@@ -62,6 +63,10 @@ class EngineOptions:
     fused: bool = True
     offload_dir: str | None = None  # keep block activations on disk instead of in memory
     progress: bool = True
+    # after each block, what it left goes here (calib/resume.py); with resume, a run picks up
+    # after the last block a killed run finished
+    checkpoint_dir: str | None = None
+    resume: bool = False
 
 
 @dataclass
@@ -92,8 +97,12 @@ def _run(model: nn.Module, plan: Plan, calib: torch.Tensor | None, opts: EngineO
     if opts.offload_dir:
         Path(opts.offload_dir).expanduser().mkdir(parents=True, exist_ok=True)  # a new folder is fine
         state.offload = Path(tempfile.mkdtemp(prefix="llmpress-act-", dir=Path(opts.offload_dir).expanduser()))
+    ckpt = None
+    if opts.checkpoint_dir:
+        check_resumable(plan.recipe, state.group.world)
+        ckpt = BlockCheckpoints(opts.checkpoint_dir, fingerprint(model, plan.recipe.to_dict(), calib))
     try:
-        return _run_sequential(model, state, calib.to(device), opts, list(plan.block_stages), plan.description())
+        return _run_sequential(model, state, calib.to(device), opts, list(plan.block_stages), plan.description(), ckpt)
     finally:
         if state.offload is not None:
             shutil.rmtree(state.offload, ignore_errors=True)
@@ -108,8 +117,11 @@ def _run_data_free(model: nn.Module, state: RunState, desc: str, bars: bool) -> 
     return EngineResult(state.records, state.seconds)
 
 
-def _run_sequential(model: nn.Module, state: RunState, calib: torch.Tensor, opts: EngineOptions, block_stages: list, desc: str) -> EngineResult:
-    """Block by block: each block's stages on the outputs of the compressed blocks before it."""
+def _run_sequential(
+    model: nn.Module, state: RunState, calib: torch.Tensor, opts: EngineOptions, block_stages: list, desc: str, ckpt: BlockCheckpoints | None = None
+) -> EngineResult:
+    """Block by block: each block's stages on the outputs of the compressed blocks before it
+    (``ckpt``: each finished block kept on disk; blocks a killed run finished are loaded)."""
     spec = state.spec
     inputs = ActivationStore(state.offload)
     t = time.perf_counter()
@@ -120,13 +132,23 @@ def _run_sequential(model: nn.Module, state: RunState, calib: torch.Tensor, opts
     state.seconds["capture"] = time.perf_counter() - t
     layers = get_module(model, spec.blocks)
     head_needs = state.needs.get(spec.lm_head)
+    start = 0 if ckpt is None else _resume(ckpt, opts.resume, state, layers, calib.device)
+    if start:
+        inputs.clear()
+        inputs = ActivationStore(state.offload)
+        for x in ckpt.inputs(start, calib.device) if start < len(layers) or head_needs else ():
+            inputs.append(x)
     for i in progress.track(range(len(layers)), desc, "block", on=opts.progress):
+        if i < start:
+            continue
         block, prefix = layers[i], f"{spec.blocks}.{i}"
         ctx = BlockContext(index=i, prefix=prefix, block=block, spec=spec, inputs=inputs, call_args=call_args[i], targets={}, records=state.records,
                            group=state.group, total_batches=len(batches), batch_windows=batch_size)  # fmt: skip
         _run_block_stages(state, block_stages, ctx)
         keep_outputs = i < len(layers) - 1 or bool(head_needs)
         outputs = _solve_block(state, opts, block, prefix, inputs, call_args[i], keep_outputs)
+        if ckpt is not None:
+            ckpt.save(i, block, prefix, state.records, outputs)
         if outputs is not None:
             inputs.clear()
             inputs = outputs
@@ -139,6 +161,19 @@ def _run_sequential(model: nn.Module, state: RunState, calib: torch.Tensor, opts
     wrap_act_quant(model, "", outside, state.records)
     state.seconds["calibration_forward"] = state.forward_s
     return EngineResult(state.records, state.seconds)
+
+
+def _resume(ckpt: BlockCheckpoints, resume: bool, state: RunState, layers, device) -> int:
+    """Load the blocks a killed run finished (when ``resume``); the first block to compress."""
+    done = ckpt.start(resume)
+    for i in range(done + 1):
+        prefix = f"{state.spec.blocks}.{i}"
+        recs = ckpt.restore(i, layers[i], prefix)
+        state.records.update(recs)
+        wrap_act_quant(layers[i], prefix, list(recs), state.records)
+    if done >= 0:
+        progress.note(f"resumed after block {done}: {done + 1} of {len(layers)} blocks loaded from {ckpt.folder}")
+    return done + 1
 
 
 def _batch_size(windows: int, batch_size: int, ranks: int, bars: bool) -> int:
