@@ -91,11 +91,8 @@ def recipes_table(rows: list[tuple[str, str]], line_width: int | None = None) ->
     return "\n".join(out)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="llmpress", description="Compress causal LMs and report what it cost.")
-    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}", help="print the installed llmpress version and exit")
-    sub = ap.add_subparsers(dest="command", required=True)
-
+def _add_compress(sub) -> None:
+    """The `compress` subcommand's arguments."""
     c = sub.add_parser("compress", help="compress a model with a recipe, evaluate before/after, save")
     c.add_argument("model", help="packaged alias (smollm2-135m, gemma3-270m), local HF folder, or hub id")
     c.add_argument("--recipe", required=True, help="preset name (see `llmpress recipes`) or YAML file")
@@ -137,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="packed: low-bit checkpoint for `llmpress.load_compressed` / export (default); hf-fakequant: dequantized HF folder",
     )
     _add_common(c)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="llmpress", description="Compress causal LMs and report what it cost.")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}", help="print the installed llmpress version and exit")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    _add_compress(sub)
 
     e = sub.add_parser("eval", help="perplexity, size and bits of a model or a compressed folder")
     e.add_argument("model", help="folder written by `llmpress compress --out`, or any model `compress` accepts")
