@@ -8,6 +8,7 @@ import functools
 import logging
 import platform
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,10 +31,13 @@ from .eval.reference import check_transfer, measure_reference
 from .eval.reference import wanted as wanted_reference
 from .eval.size import model_size
 from .eval.sources import SourceWindows, evaluation_record, set_ppl
+from .eval.streamed import EvalStreams
+from .export.sharded import ShardedWriter
 from .progress import scope as progress_scope
 from .recipe import Recipe, Stage, load_recipe
 from .registry import METHODS, ModelStageOutput, ModuleRecord
 from .report import Report, checkpoint_bytes
+from .streamed import StreamedModel, StreamIO, check_streamable
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +280,7 @@ def run_pipeline(
     engine: EngineOptions | None = None,
     save_format: str = "packed",
     resume: bool = False,
+    stream: bool = False,
 ) -> Report:
     """Load, evaluate the baseline, compress, evaluate again, save: what `llmpress compress` does.
 
@@ -285,7 +290,8 @@ def run_pipeline(
     folder is locked for the whole run (:mod:`llmpress.io_safety`). With ``out``, each
     finished block is kept beside it (``.NAME.resume``, removed once the checkpoint is
     saved) and ``resume`` continues a killed run after its last finished block
-    (:mod:`llmpress.calib.resume`).
+    (:mod:`llmpress.calib.resume`). ``stream``: the model is never whole in memory; its
+    blocks are read, compressed and written one at a time (:mod:`llmpress.streamed`).
     """
     if save_format not in SAVE_FORMATS:
         raise UserError(f"save format {save_format!r} unknown; expected one of {', '.join(SAVE_FORMATS)}")
@@ -294,14 +300,20 @@ def run_pipeline(
         from .export.runtime_state import check_save_format
 
         check_save_format(recipe, save_format)
+    if stream:
+        check_streamable(recipe, dist.current().world, resume)
     out_path = _prepare_out(out, overwrite)
-    engine = _with_checkpoints(engine or EngineOptions(batch_size=calib.batch_size), recipe, out_path, resume)
+    engine = engine or EngineOptions(batch_size=calib.batch_size)
+    engine = engine if stream else _with_checkpoints(engine, recipe, out_path, resume)
     io_safety.check_file_out(json_path)
     io_safety.check_work_folder(engine.offload_dir if engine else None)
     # a missing or empty text file fails now, even if unused
     data_mod.check_sources([s for s, _ in calib.mix] + list(evaluation.sources if evaluation is not None else ()))
     first = dist.current().rank == 0  # with several ranks (torchrun) only the first one writes
     with io_safety.OutputLock(out=out_path) if out_path is not None and first else contextlib.nullcontext():
+        if stream:
+            return _stream_pipeline(model_spec, recipe, out_path=out_path, json_path=json_path, calib=calib, evaluation=evaluation,
+                                    overwrite=overwrite, engine=engine, save_format=save_format)  # fmt: skip
         return _pipeline(
             model_spec, recipe, out_path=out_path, json_path=json_path, calib=calib, evaluation=evaluation,
             device=device, overwrite=overwrite, engine=engine, save_format=save_format,
@@ -393,6 +405,55 @@ def _pipeline(
     if json_path and group.rank == 0:
         report.write_json(json_path)
     group.barrier()  # the other ranks leave once the checkpoint is written
+    return report
+
+
+def _stream_pipeline(
+    model_spec: str, recipe: Recipe, *, out_path: Path | None, json_path: str | None, calib: CalibConfig,
+    evaluation: EvalConfig | None, overwrite: bool, engine: EngineOptions, save_format: str,
+) -> Report:  # fmt: skip
+    """:func:`run_pipeline` with the blocks streamed from the model's safetensors files
+    (:mod:`llmpress.streamed`): baseline and compressed perplexity in the same pass."""
+    phases = PhaseTracker()
+    phases.start("load")
+    t = time.perf_counter()
+    where, local = models.resolve(model_spec)
+    if not local:
+        raise UserError(f"--stream reads the safetensors files of a local folder; {model_spec!r} is not one (download it first)")
+    sm = StreamedModel(where)
+    model, tok = sm.model, models.load_tokenizer(sm.folder)
+    plan = validate(model, recipe)
+    seconds = {"load": time.perf_counter() - t}
+    calib_data = calibration_windows(tok, model, calib) if plan.needs_data else None
+    evals = shapes = None
+    work = tempfile.TemporaryDirectory(prefix="llmpress-eval-", dir=engine.offload_dir)  # evaluation activations on disk
+    if evaluation is not None:
+        phases.start("eval_data")
+        by_source = {s: evaluation_windows(tok, model, evaluation, s) for s in evaluation.sources}
+        shapes = {s: tuple(int(d) for d in w.shape) for s, w in by_source.items()}
+        evals = EvalStreams(model, sm.spec, by_source, batch_size=evaluation.batch_size, folder=Path(work.name))
+    phases.start("compress")
+    with work, io_safety.atomic_folder(out_path, overwrite=overwrite) if out_path else contextlib.nullcontext() as tmp:
+        writer = ShardedWriter(tmp, save_format, len(sm.layers) + 1) if tmp is not None else None
+        io = StreamIO(sm, writer=writer, evals=evals)
+        report = _compress(model, plan, calib_data, tokenizer=tok, calib=calib, engine=dataclasses.replace(engine, blocks=io))
+        report.model, report.baseline = model_spec, model_size(model)
+        report.seconds = {**seconds, **report.seconds}
+        if evals is not None:
+            set_ppl(report.baseline, evals.baseline)
+            set_ppl(report.compressed, evals.compressed())
+            report.evaluation = evaluation_record(asdict(evaluation), shapes)
+            check_transfer(report, tuple(src for src, _ in calib.mix))
+        report.environment = {**_environment("cpu"), "streamed": True, "max_blocks_in_memory": sm.max_loaded}
+        if writer is not None:
+            phases.start("save")
+            writer.finish(model, tok, report.result.records, sm.spec.blocks, {"report": report.to_dict()})
+    if out_path is not None:
+        report.compressed["checkpoint_bytes"] = checkpoint_bytes(out_path)
+    phases.stop()
+    report.set_memory(phases)
+    if json_path:
+        report.write_json(json_path)
     return report
 
 

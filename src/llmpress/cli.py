@@ -120,6 +120,12 @@ def _add_compress(sub) -> None:
         help="continue a killed run with the same command after its last finished block (kept beside --out as .NAME.resume)",
     )
     c.add_argument(
+        "--stream",
+        action="store_true",
+        help="never hold the whole model: read each block's weights from the folder's safetensors files when it is compressed, "
+        "write it to --out right after (peak memory: embeddings + head + one block + activations)",
+    )
+    c.add_argument(
         "--nproc",
         type=_at_least(1),
         default=1,
@@ -249,6 +255,7 @@ def compress_options(args) -> dict:
         engine=engine,
         save_format=args.save_format,
         resume=args.resume,
+        stream=args.stream,
     )
 
 

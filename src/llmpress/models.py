@@ -193,6 +193,16 @@ def check_weight_files(folder: Path, trust_remote_code: bool = False) -> None:
         )
 
 
+def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
+    """The tokenizer of a local model folder."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the tokenizer of {str(folder)!r}: {e}") from e
+
+
 def load(
     spec: str = DEFAULT_MODEL,
     device: str | torch.device = "cpu",

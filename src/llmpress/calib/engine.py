@@ -67,6 +67,10 @@ class EngineOptions:
     # after the last block a killed run finished
     checkpoint_dir: str | None = None
     resume: bool = False
+    # block hooks of a streamed compress (llmpress.streamed.StreamIO): ``load(i, block, prefix)``
+    # before block i's stages reads its weights, ``done(i, block, prefix, records)`` once it is
+    # compressed writes and frees it; the blocks are then never all in memory
+    blocks: object | None = None
 
 
 @dataclass
@@ -89,6 +93,8 @@ def run(model: nn.Module, plan: Plan, calib: torch.Tensor | None, opts: EngineOp
 def _run(model: nn.Module, plan: Plan, calib: torch.Tensor | None, opts: EngineOptions, settings: dict[str, dict]) -> EngineResult:
     spec = plan.spec
     state = RunState(spec=spec, targets=plan.targets, needs=plan.needs, settings=settings, records={}, seconds={}, group=dist.current())
+    if not plan.engine_needs_data and opts.blocks is not None:
+        return _run_data_free_blocks(model, state, plan.description(), opts)
     if not plan.engine_needs_data:
         return _run_data_free(model, state, plan.description(), opts.progress)
     if calib is None:
@@ -117,6 +123,25 @@ def _run_data_free(model: nn.Module, state: RunState, desc: str, bars: bool) -> 
     return EngineResult(state.records, state.seconds)
 
 
+def _run_data_free_blocks(model: nn.Module, state: RunState, desc: str, opts: EngineOptions) -> EngineResult:
+    """No stage needs data, the blocks streamed (``opts.blocks``): each block read, its
+    linears compressed one at a time, written; then the linears outside the blocks."""
+    layers = get_module(model, state.spec.blocks)
+    for i in progress.track(range(len(layers)), desc, "block", on=opts.progress):
+        prefix = f"{state.spec.blocks}.{i}"
+        opts.blocks.load(i, layers[i], prefix)
+        local = state.local_targets(prefix)
+        for loc, name in local.items():
+            state.apply(name, get_module(layers[i], loc), {})
+        wrap_act_quant(layers[i], prefix, list(local.values()), state.records)
+        opts.blocks.done(i, layers[i], prefix, state.records)
+    outside = [n for n in state.targets if not n.startswith(state.spec.blocks + ".")]
+    for name in outside:
+        state.apply(name, get_module(model, name), {})
+    wrap_act_quant(model, "", outside, state.records)
+    return EngineResult(state.records, state.seconds)
+
+
 def _run_sequential(
     model: nn.Module, state: RunState, calib: torch.Tensor, opts: EngineOptions, block_stages: list, desc: str, ckpt: BlockCheckpoints | None = None
 ) -> EngineResult:
@@ -142,6 +167,8 @@ def _run_sequential(
         if i < start:
             continue
         block, prefix = layers[i], f"{spec.blocks}.{i}"
+        if opts.blocks is not None:
+            opts.blocks.load(i, block, prefix)
         ctx = BlockContext(index=i, prefix=prefix, block=block, spec=spec, inputs=inputs, call_args=call_args[i], targets={}, records=state.records,
                            group=state.group, total_batches=len(batches), batch_windows=batch_size)  # fmt: skip
         _run_block_stages(state, block_stages, ctx)
@@ -149,6 +176,8 @@ def _run_sequential(
         outputs = _solve_block(state, opts, block, prefix, inputs, call_args[i], keep_outputs)
         if ckpt is not None:
             ckpt.save(i, block, prefix, state.records, outputs)
+        if opts.blocks is not None:
+            opts.blocks.done(i, block, prefix, state.records)
         if outputs is not None:
             inputs.clear()
             inputs = outputs

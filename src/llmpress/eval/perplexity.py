@@ -90,7 +90,12 @@ def _agrees(model, parts: tuple, probe: torch.Tensor) -> bool:
 
 
 def _chunked_nll(body: nn.Module, head: nn.Module, softcap: float | None, batch: torch.Tensor) -> float:
-    hidden = body(input_ids=batch, use_cache=False).last_hidden_state
+    return hidden_nll(head, softcap, body(input_ids=batch, use_cache=False).last_hidden_state, batch)
+
+
+def hidden_nll(head: nn.Module, softcap: float | None, hidden: torch.Tensor, batch: torch.Tensor) -> float:
+    """Summed negative log-likelihood of ``batch``'s tokens 2..L from the decoder's final
+    hidden states (after the final norm), the head applied a chunk of tokens at a time."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     del hidden
     target = batch[:, 1:].reshape(-1)

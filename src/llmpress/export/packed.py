@@ -60,8 +60,10 @@ from .skeleton import skeleton as _skeleton
 log = logging.getLogger(__name__)
 
 FORMAT_V1 = "llmpress-packed-v1"  # tensors and linears' schemes only
-FORMAT = "llmpress-packed-v2"  # + run-time modules and structure edits (export/runtime_state.py)
-VERSION = 2
+FORMAT_V2 = "llmpress-packed-v2"  # + run-time modules and structure edits (export/runtime_state.py)
+FORMAT = FORMAT_V2
+FORMAT_SHARDED = "llmpress-packed-v3"  # + the tensors in several files (a streamed compress, export/sharded.py)
+VERSION = 3
 META_FILE = "llmpress.json"
 WEIGHTS_FILE = "model.llmpress.safetensors"
 _DTYPES = {
@@ -83,7 +85,7 @@ def check_packed(folder: Path, meta: dict | None) -> int:
         raise UserError(f"{folder}: not a packed llmpress checkpoint (format {None if meta is None else meta.get('format')!r}, expected {FORMAT!r})")
     if v > VERSION:
         raise UserError(
-            f"{folder}: written by a newer llmpress (format {meta['format']}; this llmpress reads up to {FORMAT}): upgrade llmpress to load it"
+            f"{folder}: written by a newer llmpress (format {meta['format']}; this llmpress reads up to {FORMAT_SHARDED}): upgrade llmpress to load it"
         )
     return v
 
@@ -107,34 +109,8 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
 
     state = plain_state_dict(model)  # the names without activation-quantization wrappers
     extras, extra_t = runtime_state.collect(model, state, set(_skeleton(model.config, meta=True).state_dict()))
-    layers: dict[str, dict] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    dense_fallback = []
-    for name, rec in records.items():
-        mod = plain(get_module(model, name))
-        if not isinstance(mod, nn.Linear):
-            raise UserError(f"layer {name}: expected a Linear to store, found {type(mod).__name__}")
-        enc = encode_linear(mod.weight, rec)
-        if enc is None:
-            if rec.weight_args is None and rec.act_args is None:
-                continue
-            if rec.weight_args is not None:
-                dense_fallback.append(name)
-            spec = LinearSpec(
-                kind="dense", out_features=mod.out_features, in_features=mod.in_features, act_args=rec.act_args, methods=list(rec.methods)
-            )
-        else:
-            spec, enc_t = enc
-            del state[f"{name}.weight"]
-            tensors.update({f"{name}.{k}": v for k, v in enc_t.items()})
-        layers[name] = spec.to_dict()
-        trim_malloc()  # encoding temporaries freed between the kept codes would stay resident otherwise
-    if dense_fallback:
-        log.warning(
-            "%d quantized layer(s) hold weights off their recorded grid (changed after quantization?) and are stored dense: %s",
-            len(dense_fallback),
-            ", ".join(dense_fallback[:5]) + (" ..." if len(dense_fallback) > 5 else ""),
-        )
+    layers, tensors, dense_fallback = encode_records(model, state, records)
+    warn_dense(dense_fallback)
     tied_quant, tied = _find_ties(model, state, layers, tensors)
     tensors.update(extra_t)
     path = folder / WEIGHTS_FILE
@@ -154,6 +130,12 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
         **extras,
         **(extra_meta or {}),
     }
+    write_folder_files(folder, model, tokenizer, manifest)
+    return manifest
+
+
+def write_folder_files(folder: Path, model: nn.Module, tokenizer, manifest: dict) -> None:
+    """config.json, generation_config.json, the tokenizer files and llmpress.json."""
     model.config.save_pretrained(folder)
     gen = getattr(model, "generation_config", None)
     if gen is not None:
@@ -161,7 +143,47 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     (folder / META_FILE).write_text(json.dumps(manifest, indent=1, default=repr))
-    return manifest
+
+
+def encode_records(root: nn.Module, state: dict[str, torch.Tensor], records: dict[str, ModuleRecord], prefix: str = "") -> tuple[dict, dict, list]:
+    """(layers, tensors, dense_fallback) of the compressed linears under ``root``: each
+    record's storage form (its LinearSpec in ``layers``, its tensors under ``NAME.``); their
+    dense weights are removed from ``state`` (``root``'s plain state dict; names in both are
+    ``prefix`` + the name under ``root``)."""
+    layers: dict[str, dict] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    dense_fallback = []
+    for name, rec in records.items():
+        if not name.startswith(prefix):
+            continue
+        mod = plain(get_module(root, name[len(prefix) :]))
+        if not isinstance(mod, nn.Linear):
+            raise UserError(f"layer {name}: expected a Linear to store, found {type(mod).__name__}")
+        enc = encode_linear(mod.weight, rec)
+        if enc is None:
+            if rec.weight_args is None and rec.act_args is None:
+                continue
+            if rec.weight_args is not None:
+                dense_fallback.append(name)
+            spec = LinearSpec(
+                kind="dense", out_features=mod.out_features, in_features=mod.in_features, act_args=rec.act_args, methods=list(rec.methods)
+            )
+        else:
+            spec, enc_t = enc
+            del state[f"{name}.weight"]
+            tensors.update({f"{name}.{k}": v for k, v in enc_t.items()})
+        layers[name] = spec.to_dict()
+        trim_malloc()  # encoding temporaries freed between the kept codes would stay resident otherwise
+    return layers, tensors, dense_fallback
+
+
+def warn_dense(dense_fallback: list[str]) -> None:
+    if dense_fallback:
+        log.warning(
+            "%d quantized layer(s) hold weights off their recorded grid (changed after quantization?) and are stored dense: %s",
+            len(dense_fallback),
+            ", ".join(dense_fallback[:5]) + (" ..." if len(dense_fallback) > 5 else ""),
+        )
 
 
 def _find_ties(model: nn.Module, state: dict, layers: dict, tensors: dict) -> tuple[dict[str, str], dict[str, str]]:
@@ -202,19 +224,9 @@ def read_manifest(folder: str | Path) -> dict | None:
 
 def _open_checked(folder: Path, meta: dict, verify: bool) -> dict[str, torch.Tensor]:
     """All tensors of a packed checkpoint, after checking them against the manifest."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    where = folder / meta.get("weights_file", WEIGHTS_FILE)
-    if not where.exists():
-        raise UserError(f"checkpoint {folder}: weights file {where.name} is missing")
-    size = where.stat().st_size
-    if size != meta.get("file_bytes"):
-        raise UserError(f"checkpoint {folder}: {where.name} has {size} bytes, the config says {meta.get('file_bytes')} (truncated or replaced)")
-    try:
-        tensors = load_file(str(where))
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise UserError(f"checkpoint {folder}: cannot read {where.name}: {e}") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for name, nbytes in _weight_files(meta):
+        tensors.update(_read_weights(folder, name, nbytes))
     expected = meta.get("tensors") or {}
     missing = sorted(set(expected) - set(tensors))
     unknown = sorted(set(tensors) - set(expected))
@@ -227,6 +239,30 @@ def _open_checked(folder: Path, meta: dict, verify: bool) -> dict[str, torch.Ten
         if verify and sha256(t) != info["sha256"]:
             raise UserError(f"checkpoint {folder}: tensor {k} fails its sha256 check (corrupted or tampered)")
     return tensors
+
+
+def _weight_files(meta: dict) -> list[tuple[str, int | None]]:
+    """(file name, its size) of each weights file a manifest names: one (v1, v2) or several (v3)."""
+    files = meta.get("weights_files")
+    if isinstance(files, list):
+        return [(str(f.get("name")), f.get("file_bytes")) for f in files if isinstance(f, dict)]
+    return [(meta.get("weights_file", WEIGHTS_FILE), meta.get("file_bytes"))]
+
+
+def _read_weights(folder: Path, name: str, nbytes: int | None) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    where = folder / name
+    if not where.exists():
+        raise UserError(f"checkpoint {folder}: weights file {where.name} is missing")
+    size = where.stat().st_size
+    if size != nbytes:
+        raise UserError(f"checkpoint {folder}: {where.name} has {size} bytes, the config says {nbytes} (truncated or replaced)")
+    try:
+        return load_file(str(where))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise UserError(f"checkpoint {folder}: cannot read {where.name}: {e}") from None
 
 
 def _layer_tensors(name: str, spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

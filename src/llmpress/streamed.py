@@ -1,0 +1,175 @@
+"""Compress a model larger than memory: weights read block by block, written as soon as compressed.
+
+``llmpress compress FOLDER --stream`` (``run_pipeline(stream=True)``):
+
+1. :class:`StreamedModel` builds the model from config.json on the meta device (no memory),
+   checks the safetensors files against it (:class:`llmpress.weights.WeightIndex`: a missing
+   shard, a tensor no file holds, a shape config.json contradicts, each named), and reads the
+   tensors outside the decoder blocks (embeddings, final norm, head; rotary tables are rebuilt).
+2. The sequential engine runs as always, with :class:`StreamIO` as its block hooks: block
+   ``i``'s weights are read (memory-mapped, each tensor once) just before its stages, and once
+   it is compressed its tensors go to their own file in the output folder
+   (:class:`llmpress.export.sharded.ShardedWriter`) and the block returns to the meta device.
+3. Perplexity is measured in the same pass (:class:`llmpress.eval.streamed.EvalStreams`):
+   the test windows' hidden states go through each original block (baseline) and through
+   the compressed block (result), so neither evaluation needs the whole model in memory.
+
+Peak memory: embeddings + head + one block + the calibration activations (on disk with
+``--offload-dir``) + the evaluation activations (always on disk). What streaming does not do
+yet, refused before anything loads (:func:`check_streamable`): model-scope stages (rotations,
+OWL, the KV-cache quantizer transform the whole model at once), LLM.int8() and OS+ shifts
+(run-time modules), several ranks, and ``--resume``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .arch import get_arch, get_module
+from .errors import UserError
+from .eval.memory import trim_malloc
+from .registry import METHODS
+from .weights import WeightIndex
+
+__all__ = ["StreamedModel", "StreamIO", "check_streamable"]
+
+
+def check_streamable(recipe, ranks: int = 1, resume: bool = False) -> None:
+    """Refuse, from the recipe alone, what a streamed compress cannot do (see the module doc)."""
+    for i, st in enumerate(recipe.stages):
+        why = None
+        if METHODS[st.method].scope == "model":
+            why = "transforms the whole model at once"
+        elif st.method == "llm_int8":
+            why = "adds run-time modules"
+        elif st.method == "smoothquant" and getattr(st.config, "shift", False):
+            why = "adds run-time norm shifts (shift: true)"
+        if why:
+            raise UserError(f"--stream: recipe stage {i} ({st.method}) {why}, which a streamed compress does not do yet; run it without --stream")
+    if ranks > 1:
+        raise UserError("--stream runs in one process for now; drop --nproc / torchrun, or --stream")
+    if resume:
+        raise UserError("--stream cannot --resume yet: a streamed run writes its blocks into the output folder as it goes; run it again without --resume")
+
+
+class StreamedModel:
+    """A causal LM whose decoder blocks live on the meta device until :meth:`load_block`."""
+
+    def __init__(self, folder: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.folder = Path(folder)
+        self.dtype = dtype
+        self.index = WeightIndex(self.folder)  # a missing shard fails here, before any model code
+        config = AutoConfig.from_pretrained(self.folder, local_files_only=True, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.model.eval()
+        self.model.llmpress_source = str(folder)
+        self.spec = get_arch(self.model)
+        self.layers = get_module(self.model, self.spec.blocks)
+        state = self.model.state_dict()
+        self.tied = {k for k in state if self._tied_to(k) is not None}
+        self.index.check({k: tuple(v.shape) for k, v in state.items()}, tied=self.tied)
+        self.loaded: set[int] = set()  # blocks materialized now
+        self.max_loaded = 0  # the most blocks ever materialized at once (tests)
+        self._load_outside()
+
+    def _tied_to(self, name: str) -> str | None:
+        """The tensor ``name`` shares (tied output embeddings), or None."""
+        cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        if name == f"{self.spec.lm_head}.weight" and getattr(cfg, "tie_word_embeddings", False):
+            return f"{self.spec.embed}.weight"
+        return None
+
+    def _load_outside(self) -> None:
+        """Every tensor outside the decoder blocks, read; buffers computed at construction
+        (rotary tables, embedding scales) taken from a one-block copy of the model built on the CPU."""
+        blocks = self.spec.blocks + "."
+        donor = None
+        for name, mod in list(self.model.named_modules()):
+            if name == self.spec.blocks or name.startswith(blocks):
+                continue
+            for n in [n for n in mod._non_persistent_buffers_set if mod._buffers.get(n) is not None]:
+                donor = donor if donor is not None else _one_block_copy(self.model.config)
+                mod._buffers[n] = get_module(donor, name)._buffers[n]
+            tensors = {n: self.index.read(f"{name}.{n}" if name else n, self.dtype)
+                       for n, p in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
+                       if p.device.type == "meta" and self._tied_to(f"{name}.{n}" if name else n) is None}  # fmt: skip
+            if tensors:
+                mod.load_state_dict(tensors, strict=False, assign=True)
+        del donor
+        for k in self.tied:
+            owner, _, leaf = k.rpartition(".")
+            src_owner, _, src_leaf = self._tied_to(k).rpartition(".")
+            setattr(get_module(self.model, owner), leaf, getattr(get_module(self.model, src_owner), src_leaf))
+
+    def load_block(self, i: int) -> nn.Module:
+        """Block ``i`` with its weights read from the folder (each tensor once)."""
+        block, prefix = self.layers[i], f"{self.spec.blocks}.{i}"
+        if any(b.device.type == "meta" for n, b in block.named_buffers() if n.rpartition(".")[2] in _non_persistent(block)):
+            raise UserError(f"--stream: block {prefix} has buffers computed when built; run without --stream")
+        tensors = {n: self.index.read(f"{prefix}.{n}", self.dtype) for n in block.state_dict()}
+        block.load_state_dict(tensors, strict=True, assign=True)
+        _check_finite(prefix, tensors)
+        self.loaded.add(i)
+        self.max_loaded = max(self.max_loaded, len(self.loaded))
+        return block
+
+    def free_block(self, i: int) -> None:
+        """Block ``i`` back on the meta device: its memory is returned."""
+        self.layers[i].to("meta")
+        self.loaded.discard(i)
+        trim_malloc()
+
+
+def _one_block_copy(config) -> nn.Module:
+    """The model with one decoder block, its weights allocated but never written (so they
+    take no memory): where the buffers a model computes when built are taken from."""
+    import copy
+
+    from .export.skeleton import skeleton
+
+    cfg = copy.deepcopy(config)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    text.num_hidden_layers = 1
+    if getattr(text, "layer_types", None):
+        text.layer_types = text.layer_types[:1]
+    return skeleton(cfg)
+
+
+def _non_persistent(block: nn.Module) -> set[str]:
+    return {n for m in block.modules() for n in m._non_persistent_buffers_set}
+
+
+def _check_finite(prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+    for n, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(
+                f"model weight {prefix}.{n} has NaN or Inf values; the checkpoint is damaged: use an intact copy of the model "
+                "(the output folder was not written)"
+            )
+
+
+class StreamIO:
+    """The engine's block hooks for a streamed compress: read a block before its stages
+    (and run the baseline evaluation through it), write and free it once compressed (after
+    the compressed evaluation went through it)."""
+
+    def __init__(self, streamed: StreamedModel, *, writer=None, evals=None):
+        self.streamed, self.writer, self.evals = streamed, writer, evals
+
+    def load(self, i: int, block: nn.Module, prefix: str) -> None:
+        self.streamed.load_block(i)
+        if self.evals is not None:
+            self.evals.baseline_block(i, block, last=i == len(self.streamed.layers) - 1)
+
+    def done(self, i: int, block: nn.Module, prefix: str, records: dict) -> None:
+        if self.evals is not None:
+            self.evals.compressed_block(i, block)
+        if self.writer is not None:
+            self.writer.write_block(block, prefix, records)
+        self.streamed.free_block(i)
