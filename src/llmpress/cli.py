@@ -303,6 +303,11 @@ def _dispatch(args) -> int:
         if args.nproc > 1 and not dist.launched():
             from . import launch
 
+            if args.stream:
+                from .streamed import check_streamable
+
+                check_streamable(api._as_recipe(args.recipe), args.nproc)  # refused once, before any process starts
+
             return launch.spawn(args.nproc, launch.without_nproc(args.argv), main)
         group, args.device = dist.init_from_env(args.device)
         if group.rank > 0:  # rank 0 prints and writes

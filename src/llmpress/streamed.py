@@ -52,7 +52,9 @@ def check_streamable(recipe, ranks: int = 1, resume: bool = False) -> None:
     if ranks > 1:
         raise UserError("--stream runs in one process for now; drop --nproc / torchrun, or --stream")
     if resume:
-        raise UserError("--stream cannot --resume yet: a streamed run writes its blocks into the output folder as it goes; run it again without --resume")
+        raise UserError(
+            "--stream cannot --resume yet: a streamed run writes its blocks into the output folder as it goes; run it again without --resume"
+        )
 
 
 class StreamedModel:

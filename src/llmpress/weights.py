@@ -41,7 +41,9 @@ class WeightIndex:
                         self.where[k] = f
                         self.shapes[k] = tuple(sf.get_slice(k).get_shape())
             except (SafetensorError, OSError) as e:
-                raise UserError(f"model folder {str(self.folder)!r}: {f} is damaged or truncated ({e}); download or convert the model again") from None
+                raise UserError(
+                    f"model folder {str(self.folder)!r}: {f} is damaged or truncated ({e}); download or convert the model again"
+                ) from None
 
     def _files(self) -> list[str]:
         index = self.folder / INDEX_FILE
