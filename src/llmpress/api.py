@@ -313,7 +313,7 @@ def run_pipeline(
     with io_safety.OutputLock(out=out_path) if out_path is not None and first else contextlib.nullcontext():
         if stream:
             return _stream_pipeline(model_spec, recipe, out_path=out_path, json_path=json_path, calib=calib, evaluation=evaluation,
-                                    overwrite=overwrite, engine=engine, save_format=save_format)  # fmt: skip
+                                    device=device, overwrite=overwrite, engine=engine, save_format=save_format)  # fmt: skip
         return _pipeline(
             model_spec, recipe, out_path=out_path, json_path=json_path, calib=calib, evaluation=evaluation,
             device=device, overwrite=overwrite, engine=engine, save_format=save_format,
@@ -410,7 +410,7 @@ def _pipeline(
 
 def _stream_pipeline(
     model_spec: str, recipe: Recipe, *, out_path: Path | None, json_path: str | None, calib: CalibConfig,
-    evaluation: EvalConfig | None, overwrite: bool, engine: EngineOptions, save_format: str,
+    evaluation: EvalConfig | None, device: str, overwrite: bool, engine: EngineOptions, save_format: str,
 ) -> Report:  # fmt: skip
     """:func:`run_pipeline` with the blocks streamed from the model's safetensors files
     (:mod:`llmpress.streamed`): baseline and compressed perplexity in the same pass."""
@@ -420,7 +420,7 @@ def _stream_pipeline(
     where, local = models.resolve(model_spec)
     if not local:
         raise UserError(f"--stream reads the safetensors files of a local folder; {model_spec!r} is not one (download it first)")
-    sm = StreamedModel(where)
+    sm = StreamedModel(where, device=device)
     model, tok = sm.model, models.load_tokenizer(sm.folder)
     plan = validate(model, recipe)
     seconds = {"load": time.perf_counter() - t}
@@ -438,13 +438,14 @@ def _stream_pipeline(
         io = StreamIO(sm, writer=writer, evals=evals)
         report = _compress(model, plan, calib_data, tokenizer=tok, calib=calib, engine=dataclasses.replace(engine, blocks=io))
         report.model, report.baseline = model_spec, model_size(model)
-        report.seconds = {**seconds, **report.seconds}
+        report.seconds = {**seconds, **report.seconds, **io.seconds}
         if evals is not None:
             set_ppl(report.baseline, evals.baseline)
             set_ppl(report.compressed, evals.compressed())
             report.evaluation = evaluation_record(asdict(evaluation), shapes)
             check_transfer(report, tuple(src for src, _ in calib.mix))
-        report.environment = {**_environment("cpu"), "streamed": True, "max_blocks_in_memory": sm.max_loaded}
+        report.environment = {**_environment(device), "streamed": True, "max_blocks_in_memory": sm.max_loaded,
+                              "block_seconds": [round(x, 3) for x in io.block_seconds]}  # fmt: skip
         if writer is not None:
             phases.start("save")
             writer.finish(model, tok, report.result.records, sm.spec.blocks, {"report": report.to_dict()})

@@ -23,6 +23,7 @@ OWL, the KV-cache quantizer transform the whole model at once), LLM.int8() and O
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -60,11 +61,13 @@ def check_streamable(recipe, ranks: int = 1, resume: bool = False) -> None:
 class StreamedModel:
     """A causal LM whose decoder blocks live on the meta device until :meth:`load_block`."""
 
-    def __init__(self, folder: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    def __init__(
+        self, folder: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", trust_remote_code: bool = False
+    ):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.folder = Path(folder)
-        self.dtype = dtype
+        self.dtype, self.device = dtype, torch.device(device)
         self.index = WeightIndex(self.folder)  # a missing shard fails here, before any model code
         config = AutoConfig.from_pretrained(self.folder, local_files_only=True, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
@@ -97,8 +100,8 @@ class StreamedModel:
                 continue
             for n in [n for n in mod._non_persistent_buffers_set if mod._buffers.get(n) is not None]:
                 donor = donor if donor is not None else _one_block_copy(self.model.config)
-                mod._buffers[n] = get_module(donor, name)._buffers[n]
-            tensors = {n: self.index.read(f"{name}.{n}" if name else n, self.dtype)
+                mod._buffers[n] = get_module(donor, name)._buffers[n].to(self.device)
+            tensors = {n: self._read(f"{name}.{n}" if name else n)
                        for n, p in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
                        if p.device.type == "meta" and self._tied_to(f"{name}.{n}" if name else n) is None}  # fmt: skip
             if tensors:
@@ -109,12 +112,16 @@ class StreamedModel:
             src_owner, _, src_leaf = self._tied_to(k).rpartition(".")
             setattr(get_module(self.model, owner), leaf, getattr(get_module(self.model, src_owner), src_leaf))
 
+    def _read(self, name: str) -> torch.Tensor:
+        t = self.index.read(name, self.dtype)
+        return t if self.device.type == "cpu" else t.to(self.device)
+
     def load_block(self, i: int) -> nn.Module:
         """Block ``i`` with its weights read from the folder (each tensor once)."""
         block, prefix = self.layers[i], f"{self.spec.blocks}.{i}"
         if any(b.device.type == "meta" for n, b in block.named_buffers() if n.rpartition(".")[2] in _non_persistent(block)):
             raise UserError(f"--stream: block {prefix} has buffers computed when built; run without --stream")
-        tensors = {n: self.index.read(f"{prefix}.{n}", self.dtype) for n in block.state_dict()}
+        tensors = {n: self._read(f"{prefix}.{n}") for n in block.state_dict()}
         block.load_state_dict(tensors, strict=True, assign=True)
         _check_finite(prefix, tensors)
         self.loaded.add(i)
@@ -163,15 +170,25 @@ class StreamIO:
 
     def __init__(self, streamed: StreamedModel, *, writer=None, evals=None):
         self.streamed, self.writer, self.evals = streamed, writer, evals
+        self.seconds = {"stream_read": 0.0, "stream_eval": 0.0, "stream_write": 0.0}
+        self.block_seconds: list[float] = []  # wall time of each block, from its read to its write
+        self._started = 0.0
+
+    def _timed(self, key: str, fn, *args) -> None:
+        t = time.perf_counter()
+        fn(*args)
+        self.seconds[key] += time.perf_counter() - t
 
     def load(self, i: int, block: nn.Module, prefix: str) -> None:
-        self.streamed.load_block(i)
+        self._started = time.perf_counter()
+        self._timed("stream_read", self.streamed.load_block, i)
         if self.evals is not None:
-            self.evals.baseline_block(i, block, last=i == len(self.streamed.layers) - 1)
+            self._timed("stream_eval", self.evals.baseline_block, i, block, i == len(self.streamed.layers) - 1)
 
     def done(self, i: int, block: nn.Module, prefix: str, records: dict) -> None:
         if self.evals is not None:
-            self.evals.compressed_block(i, block)
+            self._timed("stream_eval", self.evals.compressed_block, i, block)
         if self.writer is not None:
-            self.writer.write_block(block, prefix, records)
+            self._timed("stream_write", self.writer.write_block, block, prefix, records)
         self.streamed.free_block(i)
+        self.block_seconds.append(time.perf_counter() - self._started)

@@ -33,7 +33,6 @@ class WeightIndex:
         self.where: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.reads: Counter[str] = Counter()
-        self._open: dict[str, object] = {}
         for f in self.files:
             try:
                 with safe_open(str(self.folder / f), framework="pt") as sf:
@@ -83,20 +82,20 @@ class WeightIndex:
                 )
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Tensor ``name``, copied out of its file's memory map (cast to ``dtype``)."""
+        """Tensor ``name`` out of its file (cast to ``dtype``). The file is mapped for this read
+        only: pages of a file kept mapped would count in the process's resident memory as they
+        are read, until the whole model's files did."""
         from safetensors import safe_open
 
         f = self.where.get(name)
         if f is None:
             raise UserError(f"model folder {str(self.folder)!r}: no weights file holds {name}")
-        handle = self._open.get(f)
-        if handle is None:
-            handle = self._open[f] = safe_open(str(self.folder / f), framework="pt")
-        t = handle.get_tensor(name)
+        with safe_open(str(self.folder / f), framework="pt") as handle:
+            t = handle.get_tensor(name)
         self.reads[name] += 1
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             return t.to(dtype)
-        return t.clone()  # own memory, not the file's pages
+        return t
 
     def bytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in self.files)
