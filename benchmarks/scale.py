@@ -88,7 +88,7 @@ def tensors_equal(a: Path, b: Path) -> bool:
     return set(ta) == set(tb) and all(bool((ta[k] == tb[k]).all()) for k in ta)
 
 
-def make_synth(folder: Path, tokenizer_from: Path, seed: int = 0) -> dict:
+def make_synth(folder: Path, tokenizer_from: Path, shape: dict, seed: int = 0) -> dict:
     """The synthetic model: config.json, one safetensors shard per block (+ one for the rest), the index."""
     import torch
     from safetensors.torch import save_file
@@ -96,7 +96,7 @@ def make_synth(folder: Path, tokenizer_from: Path, seed: int = 0) -> dict:
 
     tok_files = [f for f in tokenizer_from.iterdir() if f.name.startswith(("tokenizer", "special_tokens", "chat_template"))]
     vocab = json.loads((tokenizer_from / "config.json").read_text())["vocab_size"]
-    cfg = LlamaConfig(vocab_size=vocab, tie_word_embeddings=True, max_position_embeddings=4096, **SYNTH)
+    cfg = LlamaConfig(vocab_size=vocab, tie_word_embeddings=True, max_position_embeddings=4096, **shape)
     if (folder / "config.json").exists():
         return cfg.to_dict()
     tmp = folder.with_name(folder.name + ".tmp")
@@ -133,11 +133,11 @@ def make_synth(folder: Path, tokenizer_from: Path, seed: int = 0) -> dict:
     return cfg.to_dict()
 
 
-def synth(out: Path, calib_samples: int) -> dict:
+def synth(out: Path, calib_samples: int, shape: dict) -> dict:
     from llmpress.models import packaged_folder
 
-    folder = ROOT / "runs" / "scale" / "synth"
-    cfg = make_synth(folder, packaged_folder("smollm2-135m"))
+    folder = ROOT / "runs" / "scale" / f"synth-{shape['hidden_size']}x{shape['intermediate_size']}x{shape['num_hidden_layers']}"
+    cfg = make_synth(folder, packaged_folder("smollm2-135m"), shape)
     h, inter, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     kv = cfg["num_key_value_heads"] * (h // cfg["num_attention_heads"])
     block_params = 2 * h * h + 2 * kv * h + 3 * h * inter + 2 * h
@@ -235,13 +235,18 @@ def main() -> None:
     ap.add_argument("--sections", default="synth,smollm2,ranks,resume")
     ap.add_argument("--calib-samples", type=int, default=16, help="calibration windows of the synthetic model's GPTQ run")
     ap.add_argument("--out", default="runs/bench/scale.json")
+    ap.add_argument("--synth-shape", default=None, help="hidden,intermediate,layers of the synthetic model (default: 3072,8192,32)")
     a = ap.parse_args()
+    shape = dict(SYNTH)
+    if a.synth_shape:
+        h, inter, n = (int(x) for x in a.synth_shape.split(","))
+        shape.update(hidden_size=h, intermediate_size=inter, num_hidden_layers=n, num_attention_heads=h // 128, num_key_value_heads=max(1, h // 384))
     work = ROOT / "runs" / "scale"
     work.mkdir(parents=True, exist_ok=True)
     path = ROOT / a.out
     res = json.loads(path.read_text()) if path.exists() else {}
     for sec in a.sections.split(","):
-        fn = {"synth": lambda: synth(work, a.calib_samples), "smollm2": lambda: smollm2(work), "ranks": lambda: ranks(work),
+        fn = {"synth": lambda: synth(work, a.calib_samples, shape), "smollm2": lambda: smollm2(work), "ranks": lambda: ranks(work),
               "resume": lambda: resume(work)}[sec]  # fmt: skip
         res[sec] = json.loads(json.dumps(fn()))
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -191,3 +191,21 @@ def test_weight_index_reads_and_checks(tmp_path):
     with pytest.raises(UserError, match="no weights file holds model.extra"):
         idx.check({"model.extra": (1,)})
     idx.check({name: idx.shapes[name]})  # agrees: no error
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_streamed_eval_equals_in_memory(tmp_path, family):
+    model = sharded(tmp_path / "model", family)
+    mem = api.evaluate(str(model), EVAL, progress=False)
+    streamed = api.evaluate(str(model), EVAL, progress=False, stream=True)
+    assert streamed.compressed["ppl_by_source"] == mem.compressed["ppl_by_source"]
+    assert streamed.compressed["n_params"] == mem.compressed["n_params"]
+    assert streamed.environment["max_blocks_in_memory"] == 1
+
+
+def test_streamed_eval_refuses_a_checkpoint(tmp_path, capsys):
+    model = sharded(tmp_path / "model")
+    out = tmp_path / "o"
+    assert run_cli(["compress", str(model), "--recipe", "rtn-w4g64", "--out", str(out), "--no-progress", "--no-eval"]) == 0
+    capsys.readouterr()
+    cli_fails(capsys, ["eval", str(out), "--stream"], "written by llmpress", "without --stream")

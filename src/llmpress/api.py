@@ -37,7 +37,8 @@ from .progress import scope as progress_scope
 from .recipe import Recipe, Stage, load_recipe
 from .registry import METHODS, ModelStageOutput, ModuleRecord
 from .report import Report, checkpoint_bytes
-from .streamed import StreamedModel, StreamIO, check_streamable
+from .streamed import StreamedModel, StreamIO, check_streamable, streamed_perplexities
+from .weights import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -206,25 +207,6 @@ def _compress(model, plan: Plan, data: torch.Tensor | None, *, tokenizer, calib:
 def needs_calibration(recipe) -> bool:
     """Whether some stage of ``recipe`` gathers statistics from calibration data."""
     return any(METHODS[s.method].needs or METHODS[s.method].scope != "module" for s in _as_recipe(recipe).stages)  # = Plan.needs_data
-
-
-def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
-    """torch.isfinite(t).all() a million elements at a time: on a whole embedding matrix the
-    temporaries alone would raise the peak RSS by a multiple of its size (the check runs on
-    every compress)."""
-    flat = t.reshape(-1)
-    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
-
-
-def check_finite(model: nn.Module) -> None:
-    """Refuse a model with NaN or Inf weights: every method would turn them into a useless checkpoint."""
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and p.device.type != "meta" and not _all_finite(p.detach()):
-            bad = p.detach().isnan().sum().item(), p.detach().isinf().sum().item()
-            raise UserError(
-                f"model weight {name} has {bad[0]} NaN and {bad[1]} Inf values; the checkpoint is damaged: "
-                "use an intact copy of the model (nothing was compressed)"
-            )
 
 
 def validate(model: nn.Module, recipe: Recipe) -> Plan:
@@ -458,14 +440,19 @@ def _stream_pipeline(
     return report
 
 
-def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: str = "cpu", progress: bool = True) -> Report:
-    """Perplexity, size and bits of a model or a folder saved by llmpress."""
+def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: str = "cpu", progress: bool = True, stream: bool = False) -> Report:
+    """Perplexity, size and bits of a model or a folder saved by llmpress. ``stream``: a model
+    folder (not a compressed checkpoint) evaluated one block in memory at a time."""
     data_mod.check_sources(evaluation.sources)  # a missing or empty text file fails before the model loads
     phases = PhaseTracker()
     phases.start("load")
     t = time.perf_counter()
-    with progress_scope(progress):  # building the CPU kernels (first use) says so, unless silenced
-        model, tok = load_compressed(model_spec, device)
+    if stream:
+        sm = _streamed_for_eval(model_spec, device)
+        model, tok = sm.model, models.load_tokenizer(sm.folder)
+    else:
+        with progress_scope(progress):  # building the CPU kernels (first use) says so, unless silenced
+            model, tok = load_compressed(model_spec, device)
     seconds = {"load": time.perf_counter() - t}
     phases.start("eval_data")
     windows = SourceWindows(lambda s: evaluation_windows(tok, model, evaluation, s), evaluation.sources)
@@ -474,12 +461,29 @@ def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: 
     t = time.perf_counter()
     from .export.packed import packed_model_size
 
-    size = packed_model_size(model) or model_size(model, saved_records(model_spec))
-    set_ppl(size, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="ppl", measure=perplexity))
+    if stream:
+        size = model_size(model)
+        by_source = streamed_perplexities(sm, {s: windows(s) for s in evaluation.sources}, batch_size=evaluation.batch_size, bars=progress)
+    else:
+        size = packed_model_size(model) or model_size(model, saved_records(model_spec))
+        by_source = windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="ppl", measure=perplexity)
+    set_ppl(size, by_source)
     seconds["eval"] = time.perf_counter() - t
     rep = Report(model=model_spec, recipe={}, compressed=size, seconds=seconds)
     rep.evaluation = evaluation_record(asdict(evaluation), shapes)
-    rep.environment = _environment(device)
+    rep.environment = {**_environment(device), **({"streamed": True, "max_blocks_in_memory": sm.max_loaded} if stream else {})}
     phases.stop()
     rep.set_memory(phases)
     return rep
+
+
+def _streamed_for_eval(model_spec: str, device: str) -> StreamedModel:
+    where, local = models.resolve(model_spec)
+    if not local:
+        raise UserError(f"--stream reads the safetensors files of a local folder; {model_spec!r} is not one (download it first)")
+    if (Path(where) / META_FILE).exists():
+        raise UserError(
+            f"--stream evaluates a model's own safetensors folder; {model_spec!r} was written by llmpress and is loaded whole "
+            "(a compressed checkpoint is a fraction of the float32 model): evaluate it without --stream"
+        )
+    return StreamedModel(where, device=device)

@@ -151,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity, size and bits of a model or a compressed folder")
     e.add_argument("model", help="folder written by `llmpress compress --out`, or any model `compress` accepts")
+    e.add_argument(
+        "--stream",
+        action="store_true",
+        help="a model folder larger than memory: one decoder block read at a time (not for checkpoints written by llmpress)",
+    )
     _add_common(e)
 
     x = sub.add_parser("export", help="convert a packed checkpoint to a format other tools load")
@@ -331,7 +336,7 @@ def _dispatch(args) -> int:
             print(f"report: {args.json_path}")
         return 0
     if args.command == "eval":
-        report = api.evaluate(args.model, evaluation=eval_config(args), device=args.device, progress=not args.no_progress)
+        report = api.evaluate(args.model, evaluation=eval_config(args), device=args.device, progress=not args.no_progress, stream=args.stream)
         if args.json_path:
             report.write_json(args.json_path)
         print(json.dumps({k: report.compressed[k] for k in ("ppl", "ppl_by_source", "bits_per_weight", "size_mb", "n_params")}, indent=2))

@@ -33,9 +33,9 @@ from .arch import get_arch, get_module
 from .errors import UserError
 from .eval.memory import trim_malloc
 from .registry import METHODS
-from .weights import WeightIndex
+from .weights import WeightIndex, check_finite_tensors
 
-__all__ = ["StreamedModel", "StreamIO", "check_streamable"]
+__all__ = ["StreamedModel", "StreamIO", "check_streamable", "streamed_perplexities"]
 
 
 def check_streamable(recipe, ranks: int = 1, resume: bool = False) -> None:
@@ -123,7 +123,7 @@ class StreamedModel:
             raise UserError(f"--stream: block {prefix} has buffers computed when built; run without --stream")
         tensors = {n: self._read(f"{prefix}.{n}") for n in block.state_dict()}
         block.load_state_dict(tensors, strict=True, assign=True)
-        _check_finite(prefix, tensors)
+        check_finite_tensors(tensors, prefix + ".", "the output folder was not written")
         self.loaded.add(i)
         self.max_loaded = max(self.max_loaded, len(self.loaded))
         return block
@@ -152,15 +152,6 @@ def _one_block_copy(config) -> nn.Module:
 
 def _non_persistent(block: nn.Module) -> set[str]:
     return {n for m in block.modules() for n in m._non_persistent_buffers_set}
-
-
-def _check_finite(prefix: str, tensors: dict[str, torch.Tensor]) -> None:
-    for n, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise UserError(
-                f"model weight {prefix}.{n} has NaN or Inf values; the checkpoint is damaged: use an intact copy of the model "
-                "(the output folder was not written)"
-            )
 
 
 class StreamIO:
@@ -192,3 +183,21 @@ class StreamIO:
             self._timed("stream_write", self.writer.write_block, block, prefix, records)
         self.streamed.free_block(i)
         self.block_seconds.append(time.perf_counter() - self._started)
+
+
+def streamed_perplexities(sm: StreamedModel, windows: dict[str, torch.Tensor], *, batch_size: int, folder: str | None = None,
+                          bars: bool = True) -> dict[str, float]:  # fmt: skip
+    """Perplexity of the model of ``sm`` on each source's windows, one block in memory at a time
+    (the hidden states between blocks on disk, in a temporary folder under ``folder``)."""
+    import tempfile
+
+    from . import progress
+    from .eval.streamed import EvalStreams
+
+    with tempfile.TemporaryDirectory(prefix="llmpress-eval-", dir=folder) as work:
+        evals = EvalStreams(sm.model, sm.spec, windows, batch_size=batch_size, folder=Path(work))
+        n = len(sm.layers)
+        for i in progress.track(range(n), "ppl (streamed)", "block", on=bars):
+            evals.baseline_block(i, sm.load_block(i), last=i == n - 1)
+            sm.free_block(i)
+    return evals.baseline

@@ -13,10 +13,14 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -99,3 +103,27 @@ class WeightIndex:
 
     def bytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in self.files)
+
+
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """torch.isfinite(t).all() a million elements at a time: on a whole embedding matrix the
+    temporaries alone would raise the peak RSS by a multiple of its size (the check runs on
+    every compress)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
+def check_finite_tensors(tensors: dict[str, torch.Tensor], prefix: str = "", after: str = "nothing was compressed") -> None:
+    """Refuse NaN or Inf weights: every method would turn them into a useless checkpoint."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.device.type != "meta" and not _all_finite(t.detach()):
+            bad = t.detach().isnan().sum().item(), t.detach().isinf().sum().item()
+            raise UserError(
+                f"model weight {prefix}{name} has {bad[0]} NaN and {bad[1]} Inf values; the checkpoint is damaged: "
+                f"use an intact copy of the model ({after})"
+            )
+
+
+def check_finite(model: nn.Module) -> None:
+    """:func:`check_finite_tensors` on every parameter of ``model`` (those on the meta device skipped)."""
+    check_finite_tensors(dict(model.named_parameters()))
