@@ -157,7 +157,6 @@ def test_nonfinite_block_is_refused_and_nothing_written(tmp_path, capsys, outs):
     [
         (["--recipe", "quarot-w4a4kv4-gptq"], "transforms the whole model"),
         (["--recipe", "llm-int8"], "run-time modules"),
-        (["--recipe", "gptq-w4g64", "--resume"], "--resume"),
         (["--recipe", "gptq-w4g64", "--nproc", "2"], "one process"),
     ],
 )
@@ -209,3 +208,49 @@ def test_streamed_eval_refuses_a_checkpoint(tmp_path, capsys):
     assert run_cli(["compress", str(model), "--recipe", "rtn-w4g64", "--out", str(out), "--no-progress", "--no-eval"]) == 0
     capsys.readouterr()
     cli_fails(capsys, ["eval", str(out), "--stream"], "written by llmpress", "without --stream")
+
+
+KILL = """
+import os, signal, sys
+from llmpress.calib import resume
+from llmpress.cli import main
+save = resume.BlockCheckpoints.save
+def killing(self, i, *a, **kw):
+    save(self, i, *a, **kw)
+    if i == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+resume.BlockCheckpoints.save = killing
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkilled_streamed_run_resumes_to_the_same_folder(tmp_path):
+    """--stream killed (SIGKILL) after block 0, then --resume: every weights file byte for byte
+    the uninterrupted streamed run's, the same perplexities; the killed run's partial output
+    folder and the block checkpoints are gone."""
+    import os
+    import subprocess
+    import sys
+
+    model = sharded(tmp_path / "model")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = ["compress", str(model), "--recipe", "gptq-w4g64", "--stream", "--calib-samples", "6", "--calib-seqlen", "24", "--batch-size", "2",
+            "--eval-data", "wiki,news", "--eval-windows", "2", "--seqlen", "24"]  # fmt: skip
+    runs = tmp_path / "runs"
+    plain = subprocess.run([sys.executable, "-m", "llmpress", *argv, "--out", str(runs / "a")], env=env, capture_output=True, text=True)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    out = runs / "b"
+    killed = subprocess.run([sys.executable, "-c", KILL, *argv, "--out", str(out)], env=env, capture_output=True, text=True)
+    assert killed.returncode == -9 and not out.exists()
+    assert (runs / ".b.resume" / "block-0.json").exists() and any(p.name.startswith(".b.tmp-") for p in runs.iterdir())
+    again = subprocess.run([sys.executable, "-m", "llmpress", *argv, "--out", str(out), "--resume"], env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed after block 0" in again.stderr
+    files = sorted(p.name for p in (runs / "a").glob("*.safetensors"))
+    assert files == sorted(p.name for p in out.glob("*.safetensors")) and len(files) == 3
+    for f in files:
+        assert (out / f).read_bytes() == (runs / "a" / f).read_bytes(), f
+    ra, rb = (json.loads((p / "llmpress.json").read_text())["report"] for p in (runs / "a", out))
+    for fig in ("baseline", "compressed"):
+        assert rb[fig]["ppl_by_source"] == ra[fig]["ppl_by_source"], fig
+    assert sorted(p.name for p in runs.iterdir()) == ["a", "b"]

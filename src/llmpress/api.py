@@ -283,10 +283,9 @@ def run_pipeline(
 
         check_save_format(recipe, save_format)
     if stream:
-        check_streamable(recipe, dist.current().world, resume)
+        check_streamable(recipe, dist.current().world)
     out_path = _prepare_out(out, overwrite)
-    engine = engine or EngineOptions(batch_size=calib.batch_size)
-    engine = engine if stream else _with_checkpoints(engine, recipe, out_path, resume)
+    engine = _with_checkpoints(engine or EngineOptions(batch_size=calib.batch_size), recipe, out_path, resume)
     io_safety.check_file_out(json_path)
     io_safety.check_work_folder(engine.offload_dir if engine else None)
     # a missing or empty text file fails now, even if unused
@@ -432,6 +431,8 @@ def _stream_pipeline(
             phases.start("save")
             writer.finish(model, tok, report.result.records, sm.spec.blocks, {"report": report.to_dict()})
     if out_path is not None:
+        if engine.checkpoint_dir:  # saved: the finished blocks are no longer needed
+            shutil.rmtree(engine.checkpoint_dir, ignore_errors=True)
         report.compressed["checkpoint_bytes"] = checkpoint_bytes(out_path)
     phases.stop()
     report.set_memory(phases)

@@ -18,7 +18,9 @@ Peak memory: embeddings + head + one block + the calibration activations (on dis
 ``--offload-dir``) + the evaluation activations (always on disk). What streaming does not do
 yet, refused before anything loads (:func:`check_streamable`): model-scope stages (rotations,
 OWL, the KV-cache quantizer transform the whole model at once), LLM.int8() and OS+ shifts
-(run-time modules), several ranks, and ``--resume``.
+(run-time modules) and several ranks. ``--resume`` works as in memory (the finished blocks
+kept beside the output folder); a resumed streamed run reads and writes the finished blocks
+again (from their checkpoints), so the output folder is still written in one piece.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from .weights import WeightIndex, check_finite_tensors
 __all__ = ["StreamedModel", "StreamIO", "check_streamable", "streamed_perplexities"]
 
 
-def check_streamable(recipe, ranks: int = 1, resume: bool = False) -> None:
+def check_streamable(recipe, ranks: int = 1) -> None:
     """Refuse, from the recipe alone, what a streamed compress cannot do (see the module doc)."""
     for i, st in enumerate(recipe.stages):
         why = None
@@ -52,10 +54,6 @@ def check_streamable(recipe, ranks: int = 1, resume: bool = False) -> None:
             raise UserError(f"--stream: recipe stage {i} ({st.method}) {why}, which a streamed compress does not do yet; run it without --stream")
     if ranks > 1:
         raise UserError("--stream runs in one process for now; drop --nproc / torchrun, or --stream")
-    if resume:
-        raise UserError(
-            "--stream cannot --resume yet: a streamed run writes its blocks into the output folder as it goes; run it again without --resume"
-        )
 
 
 class StreamedModel:

@@ -157,7 +157,7 @@ def _run_sequential(
     state.seconds["capture"] = time.perf_counter() - t
     layers = get_module(model, spec.blocks)
     head_needs = state.needs.get(spec.lm_head)
-    start = 0 if ckpt is None else _resume(ckpt, opts.resume, state, layers, calib.device)
+    start = 0 if ckpt is None else _resume(ckpt, opts.resume, state, layers, opts.blocks)
     if start:
         inputs.clear()
         inputs = ActivationStore(state.offload)
@@ -192,14 +192,20 @@ def _run_sequential(
     return EngineResult(state.records, state.seconds)
 
 
-def _resume(ckpt: BlockCheckpoints, resume: bool, state: RunState, layers, device) -> int:
-    """Load the blocks a killed run finished (when ``resume``); the first block to compress."""
+def _resume(ckpt: BlockCheckpoints, resume: bool, state: RunState, layers, blocks=None) -> int:
+    """Load the blocks a killed run finished (when ``resume``); the first block to compress.
+    Streamed (``blocks``): each finished block is read, replaced by its checkpoint and written
+    again, through the same hooks as a compressed block (so the evaluation streams pass it too)."""
     done = ckpt.start(resume)
     for i in range(done + 1):
         prefix = f"{state.spec.blocks}.{i}"
+        if blocks is not None:
+            blocks.load(i, layers[i], prefix)
         recs = ckpt.restore(i, layers[i], prefix)
         state.records.update(recs)
         wrap_act_quant(layers[i], prefix, list(recs), state.records)
+        if blocks is not None:
+            blocks.done(i, layers[i], prefix, state.records)
     if done >= 0:
         progress.note(f"resumed after block {done}: {done + 1} of {len(layers)} blocks loaded from {ckpt.folder}")
     return done + 1
