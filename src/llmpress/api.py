@@ -32,7 +32,6 @@ from .eval.reference import wanted as wanted_reference
 from .eval.size import model_size
 from .eval.sources import SourceWindows, evaluation_record, set_ppl
 from .eval.streamed import EvalStreams
-from .export.sharded import ShardedWriter
 from .progress import scope as progress_scope
 from .recipe import Recipe, Stage, load_recipe
 from .registry import METHODS, ModelStageOutput, ModuleRecord
@@ -395,6 +394,8 @@ def _stream_pipeline(
 ) -> Report:  # fmt: skip
     """:func:`run_pipeline` with the blocks streamed from the model's safetensors files
     (:mod:`llmpress.streamed`): baseline and compressed perplexity in the same pass."""
+    from .export.sharded import ShardedWriter  # the checkpoint writers load when a run saves (not on import)
+
     phases = PhaseTracker()
     phases.start("load")
     t = time.perf_counter()
