@@ -77,6 +77,7 @@ class StreamedModel:
         state = self.model.state_dict()
         self.tied = {k for k in state if self._tied_to(k) is not None}
         self.index.check({k: tuple(v.shape) for k, v in state.items()}, tied=self.tied)
+        self.outside_loaded = False
         self.loaded: set[int] = set()  # blocks materialized now
         self.max_loaded = 0  # the most blocks ever materialized at once (tests)
         self._load_outside()
@@ -88,27 +89,50 @@ class StreamedModel:
             return f"{self.spec.embed}.weight"
         return None
 
+    def _outside_modules(self):
+        blocks = self.spec.blocks + "."
+        return [(n, m) for n, m in self.model.named_modules() if n != self.spec.blocks and not n.startswith(blocks)]
+
     def _load_outside(self) -> None:
         """Every tensor outside the decoder blocks, read; buffers computed at construction
         (rotary tables, embedding scales) taken from a one-block copy of the model built on the CPU."""
-        blocks = self.spec.blocks + "."
         donor = None
-        for name, mod in list(self.model.named_modules()):
-            if name == self.spec.blocks or name.startswith(blocks):
-                continue
+        for name, mod in self._outside_modules():
             for n in [n for n in mod._non_persistent_buffers_set if mod._buffers.get(n) is not None]:
                 donor = donor if donor is not None else _one_block_copy(self.model.config)
                 mod._buffers[n] = get_module(donor, name)._buffers[n].to(self.device)
+        del donor
+        self.reload_outside()
+
+    def reload_outside(self) -> None:
+        """Read the stored tensors outside the blocks that are not in memory (all of them at
+        first; after :meth:`release_outside`, what it released)."""
+        for name, mod in self._outside_modules():
+            persistent = [(n, p) for n, p in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
+                          if n not in mod._non_persistent_buffers_set]  # fmt: skip
             tensors = {n: self._read(f"{name}.{n}" if name else n)
-                       for n, p in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
-                       if p.device.type == "meta" and self._tied_to(f"{name}.{n}" if name else n) is None}  # fmt: skip
+                       for n, p in persistent if p.device.type == "meta" and self._tied_to(f"{name}.{n}" if name else n) is None}  # fmt: skip
             if tensors:
                 mod.load_state_dict(tensors, strict=False, assign=True)
-        del donor
         for k in self.tied:
             owner, _, leaf = k.rpartition(".")
             src_owner, _, src_leaf = self._tied_to(k).rpartition(".")
             setattr(get_module(self.model, owner), leaf, getattr(get_module(self.model, src_owner), src_leaf))
+        self.outside_loaded = True
+
+    def release_outside(self) -> None:
+        """The stored tensors outside the blocks (embeddings, head, final norm) back on the meta
+        device while the blocks are processed: nothing between the block inputs' capture and the
+        end of the last block needs them. :meth:`reload_outside` reads them again."""
+        for _name, mod in self._outside_modules():
+            for n, p in list(mod.named_parameters(recurse=False)):
+                if p.device.type != "meta":
+                    setattr(mod, n, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad))
+            for n, b in list(mod.named_buffers(recurse=False)):
+                if n not in mod._non_persistent_buffers_set and b is not None and b.device.type != "meta":
+                    mod._buffers[n] = torch.empty_like(b, device="meta")
+        self.outside_loaded = False
+        trim_malloc()
 
     def _read(self, name: str) -> torch.Tensor:
         t = self.index.read(name, self.dtype)
@@ -170,9 +194,19 @@ class StreamIO:
 
     def load(self, i: int, block: nn.Module, prefix: str) -> None:
         self._started = time.perf_counter()
+        if self.streamed.outside_loaded:  # the inputs of block 0 are captured: embeddings and head wait on disk
+            self.streamed.release_outside()
         self._timed("stream_read", self.streamed.load_block, i)
         if self.evals is not None:
-            self._timed("stream_eval", self.evals.baseline_block, i, block, i == len(self.streamed.layers) - 1)
+            self._timed("stream_eval", self.evals.baseline_block, i, block)
+
+    def after_blocks(self) -> None:
+        """The last block is written: the tensors outside the blocks come back (the head is
+        compressed next, when targeted), and the baseline perplexity is measured with the
+        original head."""
+        self._timed("stream_read", self.streamed.reload_outside)
+        if self.evals is not None:
+            self._timed("stream_eval", self.evals.finish_baseline)
 
     def done(self, i: int, block: nn.Module, prefix: str, records: dict) -> None:
         if self.evals is not None:
@@ -194,8 +228,10 @@ def streamed_perplexities(sm: StreamedModel, windows: dict[str, torch.Tensor], *
 
     with tempfile.TemporaryDirectory(prefix="llmpress-eval-", dir=folder) as work:
         evals = EvalStreams(sm.model, sm.spec, windows, batch_size=batch_size, folder=Path(work))
-        n = len(sm.layers)
-        for i in progress.track(range(n), "ppl (streamed)", "block", on=bars):
-            evals.baseline_block(i, sm.load_block(i), last=i == n - 1)
+        sm.release_outside()
+        for i in progress.track(range(len(sm.layers)), "ppl (streamed)", "block", on=bars):
+            evals.baseline_block(i, sm.load_block(i))
             sm.free_block(i)
+        sm.reload_outside()
+        evals.finish_baseline()
     return evals.baseline

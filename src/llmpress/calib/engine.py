@@ -69,7 +69,8 @@ class EngineOptions:
     resume: bool = False
     # block hooks of a streamed compress (llmpress.streamed.StreamIO): ``load(i, block, prefix)``
     # before block i's stages reads its weights, ``done(i, block, prefix, records)`` once it is
-    # compressed writes and frees it; the blocks are then never all in memory
+    # compressed writes and frees it, ``after_blocks()`` before the head; the blocks are then
+    # never all in memory
     blocks: object | None = None
 
 
@@ -135,6 +136,7 @@ def _run_data_free_blocks(model: nn.Module, state: RunState, desc: str, opts: En
             state.apply(name, get_module(layers[i], loc), {})
         wrap_act_quant(layers[i], prefix, list(local.values()), state.records)
         opts.blocks.done(i, layers[i], prefix, state.records)
+    opts.blocks.after_blocks()
     outside = [n for n in state.targets if not n.startswith(state.spec.blocks + ".")]
     for name in outside:
         state.apply(name, get_module(model, name), {})
@@ -181,6 +183,8 @@ def _run_sequential(
         if outputs is not None:
             inputs.clear()
             inputs = outputs
+    if opts.blocks is not None:
+        opts.blocks.after_blocks()
     if head_needs:
         _solve_lm_head(model, state, inputs)
     inputs.clear()

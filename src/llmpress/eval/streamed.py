@@ -44,16 +44,18 @@ class EvalStreams:
             run_batches(block, store, self.call_args[i], each=lambda _b, y: out.append(y))
         return out
 
-    def baseline_block(self, i: int, block: nn.Module, last: bool) -> None:
-        """The baseline stream through the original block ``i`` (before any stage touches it);
-        after the last block, the baseline perplexity (the head is still the original one)."""
+    def baseline_block(self, i: int, block: nn.Module) -> None:
+        """The baseline stream through the original block ``i`` (before any stage touches it)."""
         out = self._advance(block, i, self.base)
         if self.base is not self.comp:
             self.base.clear()
         self.base = out
-        if last:
-            self.baseline = self._perplexities(self.base)
-            self.base.clear()
+
+    def finish_baseline(self) -> None:
+        """The baseline perplexity, after the last block (with the original head: before the
+        head is compressed, when it is)."""
+        self.baseline = self._perplexities(self.base)
+        self.base.clear()
 
     def compressed_block(self, i: int, block: nn.Module) -> None:
         out = self._advance(block, i, self.comp)
