@@ -58,6 +58,22 @@ class Plan:
         return f"compress ({', '.join(names)})" if names else "compress"
 
 
+def _check_layer_stages(name: str, sts: tuple[tuple[int, Stage], ...], lin: nn.Linear) -> None:
+    """Per-linear checks a stage's config defines (``check_layer(out, in, name)``: a low-rank
+    rank that would not save parameters), and no stage after one that replaces the weight by
+    factors (``replaces_weight``), whose factors no later stage can act on yet."""
+    for k, (i, st) in enumerate(sts):
+        check = getattr(st.config, "check_layer", None)
+        if check is not None:
+            check(lin.out_features, lin.in_features, f"layer {name}")
+        if getattr(st.config, "replaces_weight", False) and k + 1 < len(sts):
+            j, later = sts[k + 1]
+            raise UserError(
+                f"layer {name}: recipe stage {j} ({later.method}) after stage {i} ({st.method}), which factors the weight: "
+                "stages acting on low-rank factors (quantizing them) are not in llmpress yet; put them before it or drop one"
+            )
+
+
 def build_plan(model: nn.Module, recipe: Recipe) -> Plan:
     """Match ``recipe`` against ``model`` and check it; raises :class:`UserError` naming the
     first problem. Model-scope stages (rotations, OWL) keep every linear's name and shape,
@@ -76,6 +92,7 @@ def build_plan(model: nn.Module, recipe: Recipe) -> Plan:
             raise UserError(f"recipe stage {i} ({st.method}) matches no linear layer: targets {list(st.targets)}, ignore {list(st.ignore)}")
     shapes = dict(linears)
     for name, sts in targets.items():
+        _check_layer_stages(name, sts, shapes[name])
         for _, st in sts:
             for f in fields(st.config):
                 qa = getattr(st.config, f.name)

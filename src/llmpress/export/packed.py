@@ -434,7 +434,8 @@ class QuantEmbedding(nn.Module):
 
 
 def _record(name: str, spec: LinearSpec, t: dict | None) -> ModuleRecord:
-    qp = get_form(spec.kind).qparams(spec, t)
+    form = get_form(spec.kind)
+    qp = form.qparams(spec, t)
     return ModuleRecord(
         name=name,
         out_features=spec.out_features,
@@ -445,6 +446,7 @@ def _record(name: str, spec: LinearSpec, t: dict | None) -> ModuleRecord:
         act_args=spec.act_args,
         sparsity=spec.sparsity,
         form=spec.kind,
+        payload=form.payload(spec, t),
     )
 
 

@@ -220,6 +220,10 @@ class StorageForm:
         """Quantization parameters a loaded model's record keeps (None: none)."""
         return None
 
+    def payload(self, spec: LinearSpec, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """Tensors a loaded model's record keeps for this form's accounting (low-rank factors)."""
+        return {}
+
     def check_spec(self, spec: LinearSpec) -> None:
         """Raise ValueError when a checkpoint's entry lacks what this form needs."""
 

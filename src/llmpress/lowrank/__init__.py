@@ -1,0 +1,1 @@
+"""Low-rank factorization: SVD, ASVD, SVD-LLM (docs/lowrank.md)."""

@@ -1,0 +1,53 @@
+"""ASVD (Yuan et al., 2023): activation-aware SVD.
+
+Scale input channel j by s_j = mean|x_j|^alpha (over the calibration tokens), factor
+``W diag(s)`` and fold ``diag(s)^-1`` into B: the truncation then keeps what matters for
+inputs of typical magnitude. alpha = 0 is plain SVD. With ``alpha`` unset it is chosen per
+layer from ``alphas`` by the output error on the calibration tokens,
+``tr((W - A B) H (W - A B)^T)`` with H the layer's input Gram matrix (exact, no forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+from ..registry import ModuleContext, register
+from .core import RankTarget, output_error, scaled_factors, store_factors
+
+MIN_SCALE = 1e-6  # of the largest channel's mean |x|: dead channels keep a finite scale
+
+
+@dataclass(kw_only=True, frozen=True)
+class ASVD(RankTarget):
+    alpha: float | None = None  # None: searched per layer over ``alphas``
+    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        grid = (self.alpha,) if self.alpha is not None else self.alphas
+        if not grid or any(not 0 <= a <= 2 for a in grid):
+            raise UserError(f"asvd alpha values {list(grid)} must lie in [0, 2]")
+
+
+def channel_scale(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
+    m = mean_abs.double()
+    return m.clamp_min(MIN_SCALE * float(m.max() or 1.0)).pow(alpha)
+
+
+@register("asvd", ASVD, needs=("channel_stats", "hessian"), summary="ASVD: SVD of W diag(mean|x|^alpha), alpha searched by output error")
+def asvd(ctx: ModuleContext, cfg: ASVD) -> None:
+    W = ctx.weight
+    m, n = W.shape
+    r = cfg.rank_of(m, n, ctx.name)
+    mean_abs, H = ctx.stats["channel_stats"]["mean_abs"].to(W.device), ctx.stats["hessian"].to(W.device)
+    best = None
+    for alpha in (cfg.alpha,) if cfg.alpha is not None else cfg.alphas:
+        A, B = scaled_factors(W, channel_scale(mean_abs, alpha), r)
+        err = output_error(W, A, B, H)
+        if best is None or err < best[0]:
+            best = (err, alpha, A, B)
+    err, alpha, A, B = best
+    store_factors(ctx, A, B, alpha=alpha, output_error=err)

@@ -1,0 +1,168 @@
+"""Low-rank factorization of a linear's weight: W [m, n] ~ A [m, r] @ B [r, n].
+
+The maths every low-rank method shares (no modules, no data loading):
+
+- **Accounting** (the seeds' "Low-rank Approximation"): a factored linear stores and
+  multiplies r(m + n) numbers instead of mn, so it saves parameters and MACs only while
+  ``r < mn / (m + n)`` (the break-even rank); per token a dense linear costs mn MACs, the
+  factored one r(m + n). :func:`rank_for_ratio` turns a target parameter ratio into a rank and
+  refuses one that would not save anything.
+- **Truncated SVD** with the singular values split evenly between the factors:
+  ``A = U_r S_r^1/2``, ``B = S_r^1/2 V_r^T`` (:func:`svd_factors`).
+- **Scaled factorization** (ASVD): factor ``W diag(s)`` and fold ``diag(s)^-1`` into B, so
+  the truncation drops what matters least for inputs of typical magnitude ``s``.
+- **Whitened factorization** (SVD-LLM): with ``H = X^T X = L L^T`` (Cholesky), the output
+  error of any W_hat is ``tr((W - W_hat) H (W - W_hat)^T) = ||(W - W_hat) L||_F^2``; so
+  factoring ``W L`` and folding ``L^-1`` into B makes each dropped singular value of ``W L``
+  exactly the output error it costs (:func:`whitened_factors`). A Gram matrix that is not
+  positive definite (dead input channels, fewer tokens than channels) gets a diagonal shift
+  (:func:`whitening_factor`), reported with the layer.
+- **Refit**: with B fixed, the A minimizing the output error is ``W H B^T (B H B^T)^-1``
+  (:func:`refit_left`).
+Everything runs in float64; the factors come back in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+
+SHIFT_START = 1e-8  # first diagonal shift tried, as a fraction of mean(diag H)
+SHIFT_GROWTH = 100.0
+SHIFT_TRIES = 6
+
+
+def break_even_rank(m: int, n: int) -> float:
+    """The rank at which a factored [m, n] linear stores as many numbers as the dense one."""
+    return m * n / (m + n)
+
+
+def lowrank_params(m: int, n: int, r: int) -> int:
+    """Numbers a rank-``r`` factorization of an [m, n] weight stores (= MACs per token)."""
+    return r * (m + n)
+
+
+def param_ratio(m: int, n: int, r: int) -> float:
+    return lowrank_params(m, n, r) / (m * n)
+
+
+def rank_for_ratio(m: int, n: int, ratio: float, what: str = "") -> int:
+    """The largest rank whose factors hold at most ``ratio`` of an [m, n] weight's parameters;
+    refused when that rank would not save parameters or is 0."""
+    where = f"{what}: " if what else ""
+    if not 0 < ratio <= 1:
+        raise UserError(f"{where}low-rank parameter ratio {ratio} must be in (0, 1]")
+    r = int(ratio * m * n // (m + n))
+    return check_rank(m, n, r, what)
+
+
+def check_rank(m: int, n: int, r: int, what: str = "") -> int:
+    where = f"{what}: " if what else ""
+    if r < 1:
+        raise UserError(f"{where}rank {r} for a [{m}, {n}] weight: a factorization needs rank 1 or more (raise the ratio)")
+    if lowrank_params(m, n, r) >= m * n:
+        raise UserError(
+            f"{where}rank {r} of a [{m}, {n}] weight stores {lowrank_params(m, n, r)} numbers, no fewer than the dense {m * n} "
+            f"(break-even rank {break_even_rank(m, n):.1f}): a factorization would not save parameters"
+        )
+    return r
+
+
+def svd_factors(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A [m, r], B [r, n], all singular values) of ``M``'s rank-r truncation, sqrt(S) in each factor."""
+    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+    root = S[:r].sqrt()
+    return U[:, :r] * root, root[:, None] * Vh[:r], S
+
+
+def scaled_factors(W: torch.Tensor, scale: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of ``W diag(scale)`` with ``diag(scale)^-1`` folded into B (ASVD)."""
+    s = scale.double()
+    A, B, _ = svd_factors(W.double() * s, r)
+    return A, B / s
+
+
+@dataclass(kw_only=True)
+class Whitening:
+    L: torch.Tensor  # lower Cholesky factor of H + shift * mean(diag H) * I, float64
+    shift: float  # 0.0 when H itself was positive definite
+
+
+def whitening_factor(H: torch.Tensor, what: str = "") -> Whitening:
+    """Cholesky factor of the Gram matrix, with the smallest diagonal shift (x100 per try)
+    that makes it positive definite."""
+    Hd = H.double()
+    if not torch.isfinite(Hd).all():
+        raise UserError(f"{what + ': ' if what else ''}the input Gram matrix has non-finite entries")
+    mean = float(torch.diagonal(Hd).abs().mean()) or 1.0
+    eye = torch.eye(Hd.shape[0], dtype=Hd.dtype, device=Hd.device)
+    shift = 0.0
+    for _ in range(SHIFT_TRIES + 1):
+        L, info = torch.linalg.cholesky_ex(Hd + shift * mean * eye)
+        if int(info) == 0:
+            return Whitening(L=L, shift=shift)
+        shift = SHIFT_START if shift == 0 else shift * SHIFT_GROWTH
+    raise UserError(
+        f"{what + ': ' if what else ''}the input Gram matrix stays indefinite with a shift of {shift / SHIFT_GROWTH:g} x its mean diagonal"
+    )
+
+
+def whitened_factors(W: torch.Tensor, L: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A, B, singular values of ``W L``): the truncation of ``W L`` with ``L^-1`` folded into B."""
+    A, M, S = svd_factors(W.double() @ L, r)
+    # B = M L^-1  <=>  L^T B^T = M^T
+    B = torch.linalg.solve_triangular(L.T, M.T, upper=True).T
+    return A, B, S
+
+
+def refit_left(W: torch.Tensor, B: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """The A minimizing ``tr((W - A B) H (W - A B)^T)`` for fixed B: ``W H B^T (B H B^T)^-1``."""
+    Wd, Bd, Hd = W.double(), B.double(), H.double()
+    HB = Hd @ Bd.T  # [n, r]
+    G = Bd @ HB  # [r, r]
+    return torch.linalg.solve(G, (Wd @ HB).T).T
+
+
+def output_error(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr((W - A B) H (W - A B)^T)``: with H = X^T X, ``||X (W - A B)^T||_F^2``."""
+    D = W.double() - A.double() @ B.double()
+    return float(((D @ H.double()) * D).sum())
+
+
+@dataclass(kw_only=True, frozen=True)
+class RankTarget:
+    """The size of a factorization: ``rank`` when given, else the largest rank whose factors
+    hold at most ``ratio`` of the dense weight's parameters."""
+
+    ratio: float = 0.8
+    rank: int | None = None
+
+    def __post_init__(self):
+        if not 0 < self.ratio <= 1:
+            raise UserError(f"low-rank parameter ratio {self.ratio} must be in (0, 1]")
+        if self.rank is not None and self.rank < 1:
+            raise UserError(f"low-rank rank {self.rank} must be 1 or more")
+
+    replaces_weight = True  # the plan refuses stages after it on the same linear (llmpress.calib.plan)
+
+    def check_layer(self, m: int, n: int, what: str = "") -> None:
+        self.rank_of(m, n, what)
+
+    def rank_of(self, m: int, n: int, what: str = "") -> int:
+        return check_rank(m, n, self.rank, what) if self.rank is not None else rank_for_ratio(m, n, self.ratio, what)
+
+
+def store_factors(ctx, A: torch.Tensor, B: torch.Tensor, **notes) -> None:
+    """Put the factors in a linear (its weight becomes ``A @ B``, computed as the storage
+    form and the runtime module compute it) and in its record (form ``lowrank``)."""
+    dtype = ctx.weight.dtype
+    A, B = A.to(dtype).contiguous(), B.to(dtype).contiguous()
+    ctx.set_weight(A @ B)
+    rec = ctx.record
+    rec.form = "lowrank"
+    rec.payload = {"A": A, "B": B}
+    m, n = ctx.weight.shape
+    rec.notes.update(rank=int(A.shape[1]), param_ratio=round(param_ratio(m, n, int(A.shape[1])), 4), **notes)

@@ -1,0 +1,25 @@
+"""Truncated SVD (no data): W ~ A B with A = U_r S_r^1/2, B = S_r^1/2 V_r^T.
+
+Keeps the r largest singular values of the weight itself: optimal for the weight's
+Frobenius error, blind to which inputs matter (the seeds' "problem of SVD": the error that
+counts is the output's, ||(W - A B) X||)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..registry import ModuleContext, register
+from .core import RankTarget, store_factors, svd_factors
+
+
+@dataclass(kw_only=True, frozen=True)
+class SVD(RankTarget):
+    pass
+
+
+@register("svd", SVD, summary="truncated SVD: W ~ A B at a target parameter ratio (no data)")
+def svd(ctx: ModuleContext, cfg: SVD) -> None:
+    m, n = ctx.weight.shape
+    r = cfg.rank_of(m, n, ctx.name)
+    A, B, S = svd_factors(ctx.weight, r)
+    store_factors(ctx, A, B, kept_energy=round(float((S[:r] ** 2).sum() / (S**2).sum()), 6))

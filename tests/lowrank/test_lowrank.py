@@ -1,0 +1,158 @@
+"""Low rank (llmpress/lowrank): accounting, SVD / ASVD / SVD-LLM maths, the stored form and its
+runtime module, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import random_windows, tiny_llama
+from helpers import QUIET, logits
+
+from llmpress import api, compress, load_compressed, stage
+from llmpress.errors import LlmpressError, UserError
+from llmpress.lowrank.asvd import ASVD, asvd
+from llmpress.lowrank.core import (
+    break_even_rank,
+    output_error,
+    rank_for_ratio,
+    refit_left,
+    scaled_factors,
+    svd_factors,
+    whitened_factors,
+    whitening_factor,
+)
+from llmpress.lowrank.svd_llm import SVDLLM, svd_llm
+from llmpress.registry import ModuleContext, ModuleRecord
+from llmpress.runtime.lowrank import LowRankLinear
+
+
+def _problem(m=12, n=16, tokens=64, seed=0, dead: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+    X = torch.randn(tokens, n, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, n, dtype=torch.float64)
+    if dead is not None:
+        X[:, dead] = 0
+    return W, X, X.T @ X
+
+
+def test_accounting_break_even_and_ratio():
+    # parameters mn -> r(m + n); break-even at mn / (m + n)
+    assert break_even_rank(576, 576) == 288
+    assert rank_for_ratio(576, 1536, 0.8) == int(0.8 * 576 * 1536 // (576 + 1536))
+    r = rank_for_ratio(576, 1536, 0.5)
+    assert r * (576 + 1536) <= 0.5 * 576 * 1536 < (r + 1) * (576 + 1536)
+    with pytest.raises(UserError, match="would not save parameters"):
+        rank_for_ratio(576, 576, 1.0)  # r = 288 stores exactly mn
+    with pytest.raises(UserError, match=r"must be in \(0, 1\]"):
+        rank_for_ratio(8, 8, 0.0)
+    with pytest.raises(UserError, match="rank 1 or more"):
+        rank_for_ratio(8, 8, 0.05)
+
+
+def test_svd_is_the_best_frobenius_truncation():
+    W, _, _ = _problem()
+    A, B, S = svd_factors(W, 5)
+    err = float(((W - A @ B) ** 2).sum())
+    assert err == pytest.approx(float((S[5:] ** 2).sum()), rel=1e-10)
+    # sqrt(S) in each factor: the factors are balanced
+    assert torch.allclose(A.norm(dim=0), B.norm(dim=1), rtol=1e-10)
+
+
+def test_whitening_makes_each_dropped_value_its_output_error():
+    W, X, H = _problem()
+    wh = whitening_factor(H)
+    assert wh.shift == 0.0
+    for r in (1, 4, 7):
+        A, B, S = whitened_factors(W, wh.L, r)
+        direct = float(((X @ (W - A @ B).T) ** 2).sum())  # ||X (W - A B)^T||^2 on the tokens themselves
+        assert direct == pytest.approx(float((S[r:] ** 2).sum()), rel=1e-8)
+        assert output_error(W, A, B, H) == pytest.approx(direct, rel=1e-8)
+        # no rank-r factorization does better on these tokens: not plain SVD, not a refit
+        a2, b2, _ = svd_factors(W, r)
+        assert output_error(W, a2, b2, H) > direct
+        assert output_error(W, refit_left(W, B, H), B, H) == pytest.approx(direct, rel=1e-8)
+
+
+def test_refit_lowers_the_error_of_any_right_factor():
+    W, _, H = _problem(seed=3)
+    A, B, _ = svd_factors(W, 4)
+    assert output_error(W, refit_left(W, B, H), B, H) < output_error(W, A, B, H)
+
+
+def test_asvd_alpha_zero_is_svd_and_search_never_worse():
+    W, X, H = _problem(seed=1)
+    a0, b0 = scaled_factors(W, X.abs().mean(0) ** 0.0, 5)
+    a, b, _ = svd_factors(W, 5)
+    assert torch.allclose(a0 @ b0, a @ b, atol=1e-12)
+
+    def run(cfg):
+        lin = nn.Linear(16, 12, bias=False)
+        lin.weight.data = W.float().clone()
+        rec = ModuleRecord(name="l", out_features=12, in_features=16)
+        stats = {"channel_stats": {"mean_abs": X.abs().mean(0).float()}, "hessian": H.float()}
+        asvd(ModuleContext(name="l", module=lin, stats=stats, record=rec), cfg)
+        return rec, lin
+
+    plain, _ = run(ASVD(rank=5, alpha=0.0))
+    searched, lin = run(ASVD(rank=5))
+    assert searched.notes["output_error"] <= plain.notes["output_error"]
+    assert searched.form == "lowrank" and torch.equal(searched.payload["A"] @ searched.payload["B"], lin.weight.data)
+
+
+def test_svd_llm_shifts_a_singular_gram_and_reports_it():
+    W, X, H = _problem(dead=3)
+    lin = nn.Linear(16, 12, bias=False)
+    lin.weight.data = W.float().clone()
+    rec = ModuleRecord(name="l", out_features=12, in_features=16)
+    svd_llm(ModuleContext(name="l", module=lin, stats={"hessian": H.float()}, record=rec), SVDLLM(rank=6))
+    assert rec.notes["whitening_shift"] > 0
+    assert torch.isfinite(rec.payload["A"]).all() and torch.isfinite(rec.payload["B"]).all()
+    # the dead channel sees no data: the error on the tokens is still the (near-)optimal one
+    best = output_error(W, *whitened_factors(W, whitening_factor(H + 1e-9 * torch.eye(16, dtype=H.dtype)).L, 6)[:2], H)
+    assert rec.notes["output_error"] <= best * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("method", ["svd", "asvd", "svd_llm"])
+def test_compress_save_load_serves_two_matmuls(tmp_path, method):
+    model = tiny_llama()
+    ids = random_windows(8, 32)
+    rep = compress(model, [stage(method, targets=["Linear"], ignore=["lm_head"], ratio=0.5)], data=ids, engine=QUIET)
+    recs = rep.result.records
+    q = recs["model.layers.0.self_attn.q_proj"]
+    m, n = q.out_features, q.in_features
+    r = q.notes["rank"]
+    assert r == rank_for_ratio(m, n, 0.5)
+    assert q.bits_per_weight() == pytest.approx(16 * r * (m + n) / (m * n))
+    expected = logits(model, ids[:2])
+    api.save(model, None, tmp_path / "c", report=rep)
+    back, _ = load_compressed(str(tmp_path / "c"))
+    mod = back.model.layers[0].self_attn.q_proj
+    assert isinstance(mod, LowRankLinear) and (mod.rank, mod.out_features, mod.in_features) == (r, m, n)
+    assert torch.allclose(logits(back, ids[:2]), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_rank_too_large_is_refused_before_anything_changes():
+    model = tiny_llama()
+    before = model.model.layers[0].self_attn.q_proj.weight.clone()
+    with pytest.raises(LlmpressError, match="would not save parameters"):
+        compress(model, [stage("svd", targets=["Linear"], ignore=["lm_head"], rank=10_000)], engine=QUIET)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)
+
+
+def test_a_stage_after_factoring_is_refused_before_anything_changes():
+    model = tiny_llama()
+    before = model.model.layers[0].self_attn.q_proj.weight.clone()
+    with pytest.raises(LlmpressError, match=r"stage 1 \(rtn\) after stage 0 \(svd\).*not in llmpress yet"):
+        compress(model, [stage("svd", targets=["Linear"], ignore=["lm_head"], ratio=0.5), stage("rtn", targets=["Linear"], ignore=["lm_head"])],
+                 engine=QUIET)  # fmt: skip
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)
+
+
+def test_quantized_then_factored_is_allowed_and_stored_as_factors(tmp_path):
+    model = tiny_llama()
+    rep = compress(model, [stage("rtn", targets=["Linear"], ignore=["lm_head"]), stage("svd", targets=["Linear"], ignore=["lm_head"], ratio=0.5)],
+                   engine=QUIET)  # fmt: skip
+    api.save(model, None, tmp_path / "c", report=rep)
+    back, _ = load_compressed(str(tmp_path / "c"))
+    assert isinstance(back.model.layers[1].mlp.down_proj, LowRankLinear)
