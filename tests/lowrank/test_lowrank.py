@@ -156,3 +156,21 @@ def test_quantized_then_factored_is_allowed_and_stored_as_factors(tmp_path):
     api.save(model, None, tmp_path / "c", report=rep)
     back, _ = load_compressed(str(tmp_path / "c"))
     assert isinstance(back.model.layers[1].mlp.down_proj, LowRankLinear)
+
+
+def test_qkv_accounting_matches_the_seeds():
+    from llmpress.lowrank.core import qkv_costs, qsvd_ratios
+
+    E, L, r = 4096, 32, 512
+    c = qkv_costs(E, E, E, r, L)
+    assert (c["separate"]["params"], c["separate"]["macs"], c["separate"]["cache"]) == (6 * L * r * E, 6 * r * E, 2 * r * L)
+    assert (c["joint"]["params"], c["joint"]["macs"], c["joint"]["cache"]) == (4 * L * r * E, 4 * r * E, r * L)
+    # the QSVD-noQ cells: R1 = 4r/(3E) -> R2 = r/(2E) = 0.375 R1
+    for r1, r2 in ((1.0, 37.5), (0.9, 33.75), (0.8, 30), (0.7, 26.25), (0.6, 22.5), (0.533, 20), (0.467, 17.5), (0.4, 15)):
+        R1, R2 = qsvd_ratios(E, E, E, r1 * 3 * E / 4)  # the rank giving that parameter ratio
+        assert R1 == pytest.approx(r1) and 100 * R2 == pytest.approx(r2, abs=0.02)
+    R1, R2 = qsvd_ratios(E, E, E, 768)
+    assert R1 == pytest.approx(4 * 768 / (3 * E)) and R2 == pytest.approx(0.375 * R1)
+    # grouped-query attention (SmolLM2-135M: 9 query heads, 3 key/value heads of 64): the general formula
+    R1, R2 = qsvd_ratios(576, 576, 192, 96)
+    assert R1 == pytest.approx(96 * (576 + 960) / (576 * 960)) and R2 == pytest.approx(96 / 384)

@@ -166,3 +166,27 @@ def store_factors(ctx, A: torch.Tensor, B: torch.Tensor, **notes) -> None:
     rec.payload = {"A": A, "B": B}
     m, n = ctx.weight.shape
     rec.notes.update(rank=int(A.shape[1]), param_ratio=round(param_ratio(m, n, int(A.shape[1])), 4), **notes)
+
+
+def qkv_costs(hidden: int, q_dim: int, kv_dim: int, rank: int, layers: int = 1) -> dict[str, dict[str, int]]:
+    """Parameters, MACs per token and cached numbers per token of q/k/v over ``layers`` layers:
+    dense, factored separately (each of q, k, v at ``rank``: K and V cache their rank-r latents)
+    and jointly (one factorization of [W_q; W_k; W_v], QSVD: one shared rank-r latent cached).
+    ``q_dim`` = query heads x head dim, ``kv_dim`` = key/value heads x head dim (grouped-query
+    attention: kv_dim < q_dim). With equal heads (q_dim = kv_dim = E = hidden) this is the seeds'
+    6LrE / 6rE / 2rL (separate) against 4LrE / 4rE / rL (joint)."""
+    E, out = hidden, q_dim + 2 * kv_dim
+    sep = rank * (3 * E + q_dim + 2 * kv_dim)
+    joint = rank * (E + out)
+    return {
+        "dense": {"params": layers * E * out, "macs": E * out, "cache": layers * 2 * kv_dim},
+        "separate": {"params": layers * sep, "macs": sep, "cache": layers * 2 * rank},
+        "joint": {"params": layers * joint, "macs": joint, "cache": layers * rank},
+    }
+
+
+def qsvd_ratios(hidden: int, q_dim: int, kv_dim: int, rank: int) -> tuple[float, float]:
+    """(R1, R2) of a joint q/k/v factorization: its parameters over the dense q/k/v's, its cached
+    latent over the K/V cache it replaces. Equal heads: R1 = 4r/(3E), R2 = r/(2E) = 0.375 R1."""
+    c = qkv_costs(hidden, q_dim, kv_dim, rank)
+    return c["joint"]["params"] / c["dense"]["params"], c["joint"]["cache"] / c["dense"]["cache"]
