@@ -174,3 +174,58 @@ def test_qkv_accounting_matches_the_seeds():
     # grouped-query attention (SmolLM2-135M: 9 query heads, 3 key/value heads of 64): the general formula
     R1, R2 = qsvd_ratios(576, 576, 192, 96)
     assert R1 == pytest.approx(96 * (576 + 960) / (576 * 960)) and R2 == pytest.approx(96 / 384)
+
+
+def test_allocation_spends_the_budget_and_favours_important_layers():
+    from llmpress.lowrank.allocate import allocate
+
+    shapes = {"a": (64, 64), "b": (64, 64), "c": (32, 96)}
+    scores = {"a": torch.linspace(10, 1, 64).double(), "b": torch.linspace(1, 0.1, 64).double(), "c": torch.linspace(5, 0.5, 32).double()}
+    total = sum(m * n for m, n in shapes.values())
+    for ratio in (0.2, 0.5, 0.8):
+        ranks = allocate(scores, shapes, ratio)
+        spent = sum(r * sum(shapes[k]) for k, r in ranks.items())
+        assert spent <= ratio * total
+        # nothing that still fits was left: every layer below its cap costs more than what is left
+        left = ratio * total - spent
+        caps = {k: -(-m * n // (m + n)) - 1 for k, (m, n) in shapes.items()}
+        assert all(ranks[k] == caps[k] or sum(shapes[k]) > left for k in shapes), (ranks, left)
+        assert all(1 <= ranks[k] <= caps[k] for k in shapes)
+    ranks = allocate(scores, shapes, 0.4)
+    assert ranks["a"] > ranks["b"]
+
+
+def test_singular_value_gradients_are_the_reparametrized_ones():
+    from llmpress.lowrank.allocate import LowRankAlloc, singular_value_grads
+
+    model = tiny_llama()
+    ids = random_windows(2, 16)
+    name = "model.layers.1.mlp.down_proj"
+    ((S, g),) = singular_value_grads(model, [name], ids, LowRankAlloc(windows=2, batch_size=2)).values()
+    lin = model.model.layers[1].mlp.down_proj
+    U, S2, Vh = torch.linalg.svd(lin.weight.detach().double(), full_matrices=False)
+    s = S2.clone().requires_grad_(True)
+    w0 = lin.weight.data.clone()
+    del lin.weight
+    lin.weight = (U * s) @ Vh  # W as a function of its singular values
+    lin.weight = lin.weight.float()
+    logits_ = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(logits_.reshape(-1, logits_.shape[-1]), ids[:, 1:].reshape(-1))
+    (gs,) = torch.autograd.grad(loss, s)
+    assert torch.allclose(g, gs.abs(), rtol=1e-3, atol=1e-7)
+    assert torch.allclose(S, S2) and w0.shape == (64, 128)
+
+
+def test_allocated_ranks_reach_the_factor_stage(tmp_path):
+    model = tiny_llama()
+    ids = random_windows(8, 32)
+    recipe = [stage("lowrank_alloc", targets=["Linear"], ignore=["lm_head"], ratio=0.5, windows=4),
+              stage("svd_llm", targets=["Linear"], ignore=["lm_head"])]  # fmt: skip
+    rep = compress(model, recipe, data=ids, engine=QUIET)
+    (summary,) = rep.result.stages.values()
+    recs = rep.result.records
+    assert {n: r.notes["rank"] for n, r in recs.items()} == summary["ranks"]
+    total = sum(r.out_features * r.in_features for r in recs.values())
+    spent = sum(r.notes["rank"] * (r.out_features + r.in_features) for r in recs.values())
+    assert 0.5 * total - max(r.out_features + r.in_features for r in recs.values()) < spent <= 0.5 * total
+    assert len(set(summary["ranks"].values())) > 1  # not uniform

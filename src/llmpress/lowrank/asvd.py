@@ -40,8 +40,7 @@ def channel_scale(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
 @register("asvd", ASVD, needs=("channel_stats", "hessian"), summary="ASVD: SVD of W diag(mean|x|^alpha), alpha searched by output error")
 def asvd(ctx: ModuleContext, cfg: ASVD) -> None:
     W = ctx.weight
-    m, n = W.shape
-    r = cfg.rank_of(m, n, ctx.name)
+    r = cfg.layer_rank(ctx)
     mean_abs, H = ctx.stats["channel_stats"]["mean_abs"].to(W.device), ctx.stats["hessian"].to(W.device)
     best = None
     for alpha in (cfg.alpha,) if cfg.alpha is not None else cfg.alphas:

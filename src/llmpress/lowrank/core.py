@@ -154,6 +154,13 @@ class RankTarget:
     def rank_of(self, m: int, n: int, what: str = "") -> int:
         return check_rank(m, n, self.rank, what) if self.rank is not None else rank_for_ratio(m, n, self.ratio, what)
 
+    def layer_rank(self, ctx) -> int:
+        """The rank of the linear of ``ctx``: what a ``lowrank_alloc`` stage before it chose
+        (``ctx.settings["rank"]``), else :meth:`rank_of`."""
+        m, n = ctx.weight.shape
+        chosen = ctx.settings.get("rank")
+        return check_rank(m, n, int(chosen), ctx.name) if chosen is not None else self.rank_of(m, n, ctx.name)
+
 
 def store_factors(ctx, A: torch.Tensor, B: torch.Tensor, **notes) -> None:
     """Put the factors in a linear (its weight becomes ``A @ B``, computed as the storage

@@ -19,7 +19,6 @@ class SVD(RankTarget):
 
 @register("svd", SVD, summary="truncated SVD: W ~ A B at a target parameter ratio (no data)")
 def svd(ctx: ModuleContext, cfg: SVD) -> None:
-    m, n = ctx.weight.shape
-    r = cfg.rank_of(m, n, ctx.name)
+    r = cfg.layer_rank(ctx)
     A, B, S = svd_factors(ctx.weight, r)
     store_factors(ctx, A, B, kept_energy=round(float((S[:r] ** 2).sum() / (S**2).sum()), 6))

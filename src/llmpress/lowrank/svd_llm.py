@@ -24,8 +24,7 @@ class SVDLLM(RankTarget):
 @register("svd_llm", SVDLLM, needs=("hessian",), summary="SVD-LLM: SVD of W L (H = L L^T, Cholesky-whitened), each dropped value = its output error")
 def svd_llm(ctx: ModuleContext, cfg: SVDLLM) -> None:
     W = ctx.weight
-    m, n = W.shape
-    r = cfg.rank_of(m, n, ctx.name)
+    r = cfg.layer_rank(ctx)
     H = ctx.stats["hessian"].to(W.device)
     wh = whitening_factor(H, ctx.name)
     A, B, S = whitened_factors(W, wh.L, r)
