@@ -83,6 +83,9 @@ def weight_bits(preset: str) -> int | None:
     return min(bits) if bits else None
 
 
+LOWRANK = ("svd", "asvd", "svd_llm", "qsvd")
+
+
 def check_report(rep: dict, preset: str) -> None:
     assert rep["model"] == "smollm2-135m" and rep["recipe"]["name"] == preset
     assert set(rep["test_shrink"]) == {"LLMPRESS_TEST_MODELS", "LLMPRESS_TEST_WINDOWS", "LLMPRESS_TEST_SEQLEN"}
@@ -93,7 +96,12 @@ def check_report(rep: dict, preset: str) -> None:
     assert 0.5 < rep["compressed"]["ppl"] / rep["baseline"]["ppl"] < 2, (rep["baseline"]["ppl"], rep["compressed"]["ppl"])
     b = weight_bits(preset)
     bpw = rep["bits_per_weight"]
-    if b is None:
+    ratios = [st["ratio"] for st in rep["recipe"]["stages"] if st["method"] in LOWRANK]
+    if ratios:  # low rank: the factors' 16-bit numbers, at most the ratio of each factored layer's
+        factored = [lay["bits_per_weight"] for lay in rep["layers"].values() if lay.get("rank")]
+        assert factored and all(0 < x <= 16 * min(ratios) for x in factored), sorted(set(factored))
+        assert bpw < 16, bpw
+    elif b is None:
         assert bpw == 16, bpw
     else:  # each quantized linear within a bit of its width (scales, zero points, kept outliers); the whole
         # may sit higher: a rotation unties the head from the embedding and the float head counts as a linear

@@ -221,7 +221,13 @@ def build_config(cls: type, d: dict, where: str):
     for k, v in d.items():
         hint = hints.get(k)
         args = typing.get_args(hint) or (hint,)
-        if QuantArgs in args and v is not None:
+        if v is None and type(None) in args:
+            pass  # an optional field left unset
+        elif typing.get_origin(hint) is tuple:  # a list in YAML: each item a number (tuple[float, ...])
+            if not isinstance(v, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v):
+                raise RecipeError(f"{where}.{k}: expected a list of numbers, got {v!r}")
+            v = tuple(v)
+        elif QuantArgs in args and v is not None:
             v = QuantArgs.from_dict(v, f"{where}.{k}")
         elif bool not in args and any(a in (int, float) for a in args) and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise RecipeError(f"{where}.{k}: expected a number, got {v!r}")

@@ -229,3 +229,49 @@ def test_allocated_ranks_reach_the_factor_stage(tmp_path):
     spent = sum(r.notes["rank"] * (r.out_features + r.in_features) for r in recs.values())
     assert 0.5 * total - max(r.out_features + r.in_features for r in recs.values()) < spent <= 0.5 * total
     assert len(set(summary["ranks"].values())) > 1  # not uniform
+
+
+def test_qsvd_one_shared_right_factor_stored_once(tmp_path):
+    from llmpress.export.packed import checkpoint_accounting, read_manifest
+
+    model = tiny_llama()
+    ids = random_windows(8, 32)
+    attn = model.model.layers[0].self_attn
+    W = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach().double().clone()
+    rep = compress(model, "qsvd-80", data=ids, engine=QUIET)
+    recs = rep.result.records
+    q, k, v = (recs[f"model.layers.0.self_attn.{p}_proj"] for p in "qkv")
+    assert q.payload["B"] is k.payload["B"] is v.payload["B"]
+    m, n = W.shape
+    r = q.notes["joint_rank"]
+    assert r == rank_for_ratio(m, n, 0.8)
+    A = torch.cat([q.payload["A"], k.payload["A"], v.payload["A"]]).double()
+    # the model now holds the stacked product; a rank-r matrix, not the original weight
+    now = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach().double()
+    assert torch.allclose(now, A @ q.payload["B"].double(), atol=1e-6)
+    assert int(torch.linalg.matrix_rank(now, rtol=1e-5)) == r < int(torch.linalg.matrix_rank(W, rtol=1e-5))
+    # B counted once: the three layers' bits add up to r(m + n) numbers at 16 bits
+    total_bits = sum(x.bits_per_weight() * x.out_features * x.in_features for x in (q, k, v))
+    assert total_bits == pytest.approx(16 * r * (m + n))
+    expected = logits(model, ids[:2])
+    api.save(model, None, tmp_path / "c", report=rep)
+    meta = read_manifest(tmp_path / "c")
+    assert "model.layers.0.self_attn.k_proj.B" not in meta["tensors"] and "model.layers.0.self_attn.q_proj.B" in meta["tensors"]
+    assert meta["layers"]["model.layers.0.self_attn.v_proj"]["meta"]["shared"] == {"B": "model.layers.0.self_attn.q_proj"}
+    acc = checkpoint_accounting(meta)
+    assert acc["compressed_linear_bytes"] == sum(4 * numel for numel in [r * (m + n)] * 2)  # two blocks, float32 factors
+    back, _ = load_compressed(str(tmp_path / "c"))
+    a = back.model.layers[0].self_attn
+    assert isinstance(a.k_proj, LowRankLinear) and a.k_proj.B.data_ptr() == a.q_proj.B.data_ptr()
+    assert torch.allclose(logits(back, ids[:2]), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_qsvd_with_a_module_stage_on_qkv_is_refused():
+    with pytest.raises(LlmpressError, match=r"block-scope stages run first"):
+        compress(tiny_llama(), [stage("qsvd", targets=["re:.*self_attn\\.(q|k|v)_proj$"], ratio=0.8), stage("rtn", targets=["Linear"], ignore=["lm_head"])],
+                 data=random_windows(4, 16), engine=QUIET)  # fmt: skip
+
+
+def test_qsvd_needs_all_three_projections():
+    with pytest.raises(LlmpressError, match="factors q, k and v together"):
+        compress(tiny_llama(), [stage("qsvd", targets=["re:.*self_attn\\.(q|k)_proj$"], ratio=0.8)], data=random_windows(4, 16), engine=QUIET)

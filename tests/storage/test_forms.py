@@ -137,8 +137,8 @@ def test_newer_form_version_and_unknown_kind_are_refused():
     d = {"kind": "quant", "shape": [4, 32], "weights": {"bits": 4, "granularity": "channel"}, "version": 2}
     with pytest.raises(UserError, match="storage form 'quant' v2 is newer than this llmpress reads .v1.; upgrade llmpress"):
         LinearSpec.from_dict(d, "layers.l")
-    with pytest.raises(UserError, match=r"kind 'lowrank' unknown \(this llmpress reads quant, sparse, dense"):
-        LinearSpec.from_dict({**d, "kind": "lowrank", "version": 1}, "layers.l")
+    with pytest.raises(UserError, match=r"kind 'no-such-form' unknown \(this llmpress reads quant, sparse, dense"):
+        LinearSpec.from_dict({**d, "kind": "no-such-form", "version": 1}, "layers.l")
     with pytest.raises(UserError, match="a quantized layer needs 'weights'"):
         LinearSpec.from_dict({"kind": "quant", "shape": [4, 32]}, "layers.l")
 

@@ -98,6 +98,15 @@ def build_plan(model: nn.Module, recipe: Recipe) -> Plan:
                 qa = getattr(st.config, f.name)
                 if isinstance(qa, QuantArgs):
                     check_group_divides(qa, shapes[name].in_features, f"layer {name}: {f.name} ")
+    for i, st in stages:  # a block-scope stage that factors weights runs before every module stage of its block
+        if METHODS[st.method].scope == "block" and getattr(st.config, "replaces_weight", False):
+            hit = [n for n in targets if n.startswith(prefix) and st.matches(n, True)]
+            if hit:
+                j, later = targets[hit[0]][0]
+                raise UserError(
+                    f"layer {hit[0]}: recipe stage {j} ({later.method}) would run after stage {i} ({st.method}), which factors the weight "
+                    "(block-scope stages run first): stages acting on low-rank factors (quantizing them) are not in llmpress yet"
+                )
     needs = {n: frozenset(a for _, s in sts for a in METHODS[s.method].needs) for n, sts in targets.items()}
     stray = [n for n in targets if not n.startswith(prefix) and needs[n] and n != spec.lm_head]
     if stray:

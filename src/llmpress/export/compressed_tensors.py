@@ -52,7 +52,7 @@ from ..errors import UserError
 from ..io_safety import OutputLock, atomic_folder, check_out, write_error
 from ..storage.form import LinearSpec, decode_weight, get_form
 from . import runtime_state
-from .packed import _DTYPES, META_FILE, _layer_tensors, _open_checked, check_packed, packed_version, read_manifest
+from .packed import _DTYPES, META_FILE, _open_checked, check_packed, layers_tensors, packed_version, read_manifest
 from .skeleton import skeleton as _skeleton
 
 CT_VERSION = "0.20.0"
@@ -165,15 +165,16 @@ def _convert(src: Path, meta: dict, dt: torch.dtype) -> _Converted:
     # embeddings stored as a quantized head's codes: written dense (the head stays quantized, untied)
     conv = _Converted(tensors={}, groups={}, structure={}, tied_quant={lin: emb for emb, lin in (meta.get("tied_quant_embeddings") or {}).items()})
     result = conv.tensors
+    all_lt = layers_tensors(specs, tensors)
     for name, spec in specs.items():
         if spec.structure:
             conv.structure[name] = {"structure": spec.structure, "sparsity": spec.sparsity}
         got = scheme_of(name, spec)
         if spec.kind == "dense":
             continue
-        lt = _layer_tensors(name, spec, tensors)
+        lt = all_lt.pop(name)
         for k in lt:
-            del tensors[f"{name}.{k}"]
+            tensors.pop(f"{name}.{k}", None)  # a shared tensor is stored under its owner's name
         if name in conv.tied_quant:
             result[conv.tied_quant[name]] = decode_weight(spec, lt, dt).contiguous()
         if got is None:  # sparse-only: dense weight

@@ -55,6 +55,7 @@ from ..runtime.act_quant import ActQuantLinear, plain, plain_state_dict
 from ..storage.form import LinearSpec, decode_weight, get_form
 from . import runtime_state
 from .codec import encode_linear
+from .packed_size import _DTYPES, checkpoint_accounting, packed_model_size  # noqa: F401 (their home before)
 from .skeleton import skeleton as _skeleton
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,6 @@ FORMAT_SHARDED = "llmpress-packed-v3"  # + the tensors in several files (a strea
 VERSION = 3
 META_FILE = "llmpress.json"
 WEIGHTS_FILE = "model.llmpress.safetensors"
-_DTYPES = {
-    str(d): d
-    for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
-}
 
 
 def packed_version(meta: dict | None) -> int | None:
@@ -265,6 +262,18 @@ def _read_weights(folder: Path, name: str, nbytes: int | None) -> dict[str, torc
         raise UserError(f"checkpoint {folder}: cannot read {where.name}: {e}") from None
 
 
+def layers_tensors(specs: dict[str, LinearSpec], tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each stored (non-dense) layer's tensors, checked against its scheme, with the tensors it
+    shares with another layer (``meta.shared``: QSVD's B) handed over from that layer."""
+    out = {n: _layer_tensors(n, s, tensors) for n, s in specs.items() if s.kind != "dense"}
+    for name, spec in specs.items():
+        for key, owner in (spec.meta.get("shared") or {}).items():
+            if key not in out.get(owner, {}):
+                raise UserError(f"checkpoint layer {name}: its {key} is stored with {owner}, which the checkpoint does not hold")
+            out[name][key] = out[owner][key]
+    return out
+
+
 def _layer_tensors(name: str, spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     pre = f"{name}."
     out = {k[len(pre) :]: v for k, v in tensors.items() if k.startswith(pre) and k[len(pre) :] not in ("weight", "bias")}
@@ -292,7 +301,7 @@ def load_packed(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
     tensors = _open_checked(folder, meta, verify)
     rt_tensors = runtime_state.runtime_tensors(tensors, meta, what)  # kept as stored (float64 rotations)
     specs = {n: LinearSpec.from_dict(d, f"layers.{n}") for n, d in (meta.get("layers") or {}).items()}
-    layer_t = {n: _layer_tensors(n, s, tensors) for n, s in specs.items() if s.kind != "dense"}
+    layer_t = layers_tensors(specs, tensors)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     dtype = dtype or _DTYPES.get(meta.get("dtype"), torch.float32)
     model = _skeleton(config, dtype)
@@ -352,7 +361,7 @@ def _load_linears(
                 raise UserError(f"checkpoint layer {name}: bias {'missing' if bias is None else 'unexpected'}")
             set_module(model, name, build_linear(spec, layer_t[name], None if bias is None else bias.to(dtype), backend, device))
         for k in layer_t[name]:
-            del tensors[f"{name}.{k}"]
+            tensors.pop(f"{name}.{k}", None)  # a shared tensor is stored under its owner's name
     return records
 
 
@@ -448,59 +457,3 @@ def _record(name: str, spec: LinearSpec, t: dict | None) -> ModuleRecord:
         form=spec.kind,
         payload=form.payload(spec, t),
     )
-
-
-def checkpoint_accounting(meta: dict) -> dict:
-    """Bytes of a packed checkpoint against its theoretical size.
-
-    Theoretical: per compressed linear its storage form's ``stored_bits`` (integer grids:
-    ``bits`` per weight plus scales and zero points at ``bits``; sparse masks: 1 bit per
-    weight plus the kept values); every other tensor at its stored dtype. Given with the
-    scales at their stored width (float32) and at 16 bits (what ``bits_per_weight``
-    accounting assumes).
-    """
-
-    def numel(shape) -> int:
-        n = 1
-        for d in shape:
-            n *= d
-        return n
-
-    def nbytes(info) -> int:
-        return numel(info["shape"]) * torch.empty((), dtype=_DTYPES[info["dtype"]]).element_size()
-
-    tensors = meta.get("tensors") or {}
-    theory = {32: 0.0, 16: 0.0}
-    layer_keys = set()
-    for name, d in (meta.get("layers") or {}).items():
-        spec = LinearSpec.from_dict(d, f"layers.{name}")
-        if spec.kind == "dense":
-            continue
-        keys = {k for k in tensors if k.startswith(name + ".") and not k.endswith((".weight", ".bias"))}
-        layer_keys |= keys
-        layer_bytes = {k[len(name) + 1 :]: nbytes(tensors[k]) for k in keys}
-        for sb in theory:
-            theory[sb] += get_form(spec.kind).stored_bits(spec, layer_bytes, sb)
-    other = sum(nbytes(v) for k, v in tensors.items() if k not in layer_keys)
-    return {
-        "file_bytes": meta.get("file_bytes"),
-        "tensor_bytes": sum(nbytes(v) for v in tensors.values()),
-        "compressed_linear_bytes": sum(nbytes(tensors[k]) for k in layer_keys),
-        "other_bytes": other,
-        "theoretical_bytes": theory[32] / 8 + other,
-        "theoretical_bytes_16bit_scales": theory[16] / 8 + other,
-    }
-
-
-def packed_model_size(model: nn.Module) -> dict | None:
-    """:func:`llmpress.eval.size.model_size` of a model loaded by :func:`load_packed` (None
-    for other models): counted on a meta-device skeleton of the architecture, since
-    runtime modules hold buffers, not parameters; plus the checkpoint's bytes."""
-    meta = getattr(model, "llmpress_manifest", None)
-    if meta is None:
-        return None
-    from ..eval.size import model_size
-
-    size = model_size(_skeleton(model.config, meta=True), getattr(model, "llmpress_records", {}))
-    size["checkpoint_bytes"] = meta.get("file_bytes")
-    return size

@@ -49,4 +49,4 @@ def asvd(ctx: ModuleContext, cfg: ASVD) -> None:
         if best is None or err < best[0]:
             best = (err, alpha, A, B)
     err, alpha, A, B = best
-    store_factors(ctx, A, B, alpha=alpha, output_error=err)
+    store_factors(ctx.module, ctx.record, A, B, alpha=alpha, output_error=err)

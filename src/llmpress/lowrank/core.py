@@ -162,17 +162,16 @@ class RankTarget:
         return check_rank(m, n, int(chosen), ctx.name) if chosen is not None else self.rank_of(m, n, ctx.name)
 
 
-def store_factors(ctx, A: torch.Tensor, B: torch.Tensor, **notes) -> None:
+def store_factors(module, record, A: torch.Tensor, B: torch.Tensor, **notes) -> None:
     """Put the factors in a linear (its weight becomes ``A @ B``, computed as the storage
     form and the runtime module compute it) and in its record (form ``lowrank``)."""
-    dtype = ctx.weight.dtype
+    dtype = module.weight.dtype
     A, B = A.to(dtype).contiguous(), B.to(dtype).contiguous()
-    ctx.set_weight(A @ B)
-    rec = ctx.record
-    rec.form = "lowrank"
-    rec.payload = {"A": A, "B": B}
-    m, n = ctx.weight.shape
-    rec.notes.update(rank=int(A.shape[1]), param_ratio=round(param_ratio(m, n, int(A.shape[1])), 4), **notes)
+    module.weight.data.copy_(A @ B)
+    record.form = "lowrank"
+    record.payload = {"A": A, "B": B}
+    m, n = module.weight.shape
+    record.notes.update(rank=int(A.shape[1]), param_ratio=round(param_ratio(m, n, int(A.shape[1])), 4), **notes)
 
 
 def qkv_costs(hidden: int, q_dim: int, kv_dim: int, rank: int, layers: int = 1) -> dict[str, dict[str, int]]:

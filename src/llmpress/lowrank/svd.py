@@ -21,4 +21,4 @@ class SVD(RankTarget):
 def svd(ctx: ModuleContext, cfg: SVD) -> None:
     r = cfg.layer_rank(ctx)
     A, B, S = svd_factors(ctx.weight, r)
-    store_factors(ctx, A, B, kept_energy=round(float((S[:r] ** 2).sum() / (S**2).sum()), 6))
+    store_factors(ctx.module, ctx.record, A, B, kept_energy=round(float((S[:r] ** 2).sum() / (S**2).sum()), 6))

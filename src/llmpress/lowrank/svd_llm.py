@@ -30,4 +30,6 @@ def svd_llm(ctx: ModuleContext, cfg: SVDLLM) -> None:
     A, B, S = whitened_factors(W, wh.L, r)
     if cfg.refit:  # on the shifted Gram matrix when H itself is singular (B H B^T may be too)
         A = refit_left(W, B, H if wh.shift == 0 else wh.L @ wh.L.T)
-    store_factors(ctx, A, B, whitening_shift=wh.shift, dropped_error=float((S[r:] ** 2).sum()), output_error=output_error(W, A, B, H))
+    store_factors(
+        ctx.module, ctx.record, A, B, whitening_shift=wh.shift, dropped_error=float((S[r:] ** 2).sum()), output_error=output_error(W, A, B, H)
+    )

@@ -153,6 +153,7 @@ class LayerState:
     extra_bits: float = 0.0  # storage beside the form's own tensors that a method accounts for (e.g. CSR outliers)
     form: str | None = None  # the form a method asked for (None: chosen from weight_args / sparsity)
     payload: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors the method handed to its form (ModuleRecord.payload)
+    shared: dict[str, str] = field(default_factory=dict)  # payload tensors another layer stores: key -> that layer's name (QSVD's B)
 
     @property
     def n_params(self) -> int:
@@ -176,6 +177,7 @@ class LayerState:
             extra_bits=float(record.notes.get("extra_bits", 0)),
             form=getattr(record, "form", None),
             payload=dict(getattr(record, "payload", None) or {}),
+            shared=dict(record.notes.get("shared") or {}),
         )
 
 

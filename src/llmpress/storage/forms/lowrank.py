@@ -1,7 +1,8 @@
 """Storage form ``lowrank``: a factored linear, W = A @ B.
 
 Tensors: ``A`` [out, rank] and ``B`` [rank, in] at the weight's dtype; the spec's ``meta``
-holds ``rank``. The method hands the factors over in ``payload``; the form stores them only
+holds ``rank``, and ``shared: {"B": NAME}`` when B is another layer's (QSVD: k_proj and v_proj
+use q_proj's B, stored once with q_proj; the loader hands it to them). The method hands the factors over in ``payload``; the form stores them only
 while the model's weight is still exactly their product (a later stage that changed the
 weight, e.g. quantized it, makes the writer store the layer dense and say so).
 
@@ -32,27 +33,34 @@ class LowRank(StorageForm):
             return None
         if not torch.equal((A.to(state.weight.dtype) @ B.to(state.weight.dtype)), state.weight):
             return None  # the weight changed after factoring: stored dense
-        return self.spec(state, meta={"rank": int(A.shape[1])}), {"A": A.contiguous(), "B": B.contiguous()}
+        meta = {"rank": int(A.shape[1]), **({"shared": dict(state.shared)} if state.shared else {})}
+        tensors = {k: v.contiguous() for k, v in (("A", A), ("B", B)) if k not in state.shared}
+        return self.spec(state, meta=meta), tensors
 
     def decode(self, spec, tensors, dtype=None):
         dtype = dtype or tensors["A"].dtype
         return tensors["A"].to(dtype) @ tensors["B"].to(dtype)
 
     def payload(self, spec, tensors):
-        return {k: tensors[k] for k in ("A", "B")} if tensors else {}
+        return {k: tensors[k] for k in ("A", "B") if k in tensors} if tensors else {}
 
     def check_spec(self, spec):
         r = spec.meta.get("rank")
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"a lowrank layer needs meta.rank >= 1, found {r!r}")
+        shared = spec.meta.get("shared", {})
+        if not isinstance(shared, dict) or set(shared) - {"B"} or not all(isinstance(v, str) for v in shared.values()):
+            raise ValueError(f"a lowrank layer's meta.shared maps B to the layer storing it, found {shared!r}")
 
     def expected_shapes(self, spec):
         r = spec.meta["rank"]
-        return {"A": (spec.out_features, r), "B": (r, spec.in_features)}
+        own = {"A": (spec.out_features, r), "B": (r, spec.in_features)}
+        return {k: v for k, v in own.items() if k not in spec.meta.get("shared", {})}
 
     def bits_per_weight(self, state, dense_bits=16):
         r = state.payload["A"].shape[1] if "A" in state.payload else 0
-        return dense_bits * r * (state.out_features + state.in_features) / state.n_params + state.extra_bits / state.n_params
+        numbers = r * state.out_features + (0 if "B" in state.shared else r * state.in_features)  # a shared B counts with its owner
+        return (dense_bits * numbers + state.extra_bits) / state.n_params
 
     def build(self, spec, tensors, *, bias=None, backend="auto", device="cpu", act_dtype=None):
         mod = LowRankLinear(tensors["A"].to(device), tensors["B"].to(device), bias)
