@@ -97,9 +97,9 @@ def check_report(rep: dict, preset: str) -> None:
     b = weight_bits(preset)
     bpw = rep["bits_per_weight"]
     ratios = [st["ratio"] for st in rep["recipe"]["stages"] if st["method"] in LOWRANK]
-    if ratios:  # low rank: the factors' 16-bit numbers, at most the ratio of each factored layer's
-        factored = [lay["bits_per_weight"] for lay in rep["layers"].values() if lay.get("rank")]
-        assert factored and all(0 < x <= 16 * min(ratios) for x in factored), sorted(set(factored))
+    if ratios:  # low rank: the factors' 16-bit numbers, at most the ratio of the factored layers' (QSVD's shared B counts once)
+        factored = [(lay["bits_per_weight"], lay["shape"][0] * lay["shape"][1]) for lay in rep["layers"].values() if lay.get("rank")]
+        assert factored and 0 < sum(b * n for b, n in factored) <= 16 * min(ratios) * sum(n for _, n in factored), factored
         assert bpw < 16, bpw
     elif b is None:
         assert bpw == 16, bpw
