@@ -14,6 +14,7 @@ perplexity (wiki) against the ratio per method (runs/bench/lowrank-MODEL.png).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -47,6 +48,59 @@ def plot(rows: list[dict], fp: float, path: Path, model: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def cache_per_token(cfg, ratio: float) -> dict:
+    """K/V cache numbers per token and layer: dense (2 d_kv) against QSVD's latent (its rank)."""
+    from llmpress.lowrank.core import rank_for_ratio
+
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    q_dim, kv_dim = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    r = rank_for_ratio(q_dim + 2 * kv_dim, cfg.hidden_size, ratio)
+    return {"dense": 2 * kv_dim, "latent": r, "ratio": r / (2 * kv_dim)}
+
+
+def decode_speed(b: Bench, ratio: float, context: int, new_tokens: int = 64) -> dict:
+    """Greedy decode tokens/s after a ``context``-token prompt and the prompt's prefill seconds, for the
+    full-precision model, the QSVD checkpoint served with its latent cache, and the same factors with
+    the usual K/V cache; with the cache's bytes at the end."""
+    import copy
+    import tempfile
+    import time
+
+    import torch
+    from transformers import DynamicCache
+
+    from llmpress import api, load_compressed
+    from llmpress.runtime.latent_kv import LatentKVAttention
+
+    prompt = b.sets[next(iter(b.sets))].reshape(1, -1)[:, :context]
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        m = copy.deepcopy(b.model)
+        rep = api.compress(m, [stage("qsvd", targets=["re:.*self_attn\\.(q|k|v)_proj$"], ratio=ratio)], b.calib, tokenizer=b.tok, calib=b.calib_cfg)
+        api.save(m, b.tok, Path(tmp) / "q", report=rep)
+        del m
+        latent, _ = load_compressed(str(Path(tmp) / "q"))
+        factored, _ = load_compressed(str(Path(tmp) / "q"))
+        for layer in factored.model.layers:
+            if isinstance(layer.self_attn, LatentKVAttention):
+                layer.self_attn = layer.self_attn.attn
+        for name, model in (("fp32", b.model), ("qsvd latent cache", latent), ("qsvd factors, K/V cache", factored)):
+            cache = DynamicCache(config=model.config)
+            with torch.no_grad():
+                t = time.perf_counter()
+                model(input_ids=prompt, past_key_values=cache, use_cache=True)
+                prefill = time.perf_counter() - t
+                cache = DynamicCache(config=model.config)
+                t = time.perf_counter()
+                model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, past_key_values=cache)
+                total = time.perf_counter() - t
+            nbytes = sum(x.keys.numel() * x.keys.element_size() + x.values.numel() * x.values.element_size() for x in cache.layers)
+            res[name] = {"prefill_s": round(prefill, 3), "decode_tok_s": round(new_tokens / max(total - prefill, 1e-9), 2),
+                         "cache_bytes": nbytes, "cache_bytes_per_token": nbytes / (context + new_tokens - 1)}  # fmt: skip
+            print(f"  decode at {context} tokens: {name}: {res[name]}", flush=True)
+    return {"context": context, "new_tokens": new_tokens, "ratio": ratio, "models": res}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -57,6 +111,9 @@ def main() -> None:
     ap.add_argument("--eval", default=EVAL_SOURCES)
     ap.add_argument("--fp-ppl", type=float)
     ap.add_argument("--no-alloc", action="store_true", help="uniform ranks only (no lowrank_alloc rows)")
+    ap.add_argument("--qsvd-ratios", type=float, nargs="*", default=[0.8, 0.53],
+                    help="QSVD on q/k/v against separate svd_llm of q/k/v at these ratios (none: skip)")  # fmt: skip
+    ap.add_argument("--context", type=int, default=2048, help="prompt tokens of the decode measurement")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     b = Bench(a.model, eval_windows=a.windows, calib_samples=a.calib, fp_ppl=a.fp_ppl, eval_sources=a.eval)
@@ -67,8 +124,23 @@ def main() -> None:
             if not a.no_alloc:
                 alloc = stage("lowrank_alloc", targets=["Linear"], ignore=["lm_head"], ratio=ratio)
                 b.run(f"{m} ratio {ratio}, allocated ranks", [alloc, st], lowrank=m, param_ratio=ratio, ranks="allocated")
+    qkv = ["re:.*self_attn\\.(q|k|v)_proj$"]
+    decode = {}
+    for ratio in a.qsvd_ratios:
+        for m in ("qsvd", "svd_llm"):
+            label = f"{m} of q/k/v ratio {ratio}" + (" (joint, latent cache)" if m == "qsvd" else " (each separately)")
+            row = b.run(label, [stage(m, targets=qkv, ratio=ratio)], lowrank=m, param_ratio=ratio, ranks="qkv")
+            if m == "qsvd":
+                row["cache"] = cache_per_token(b.model.config, ratio)
+                print(f"  KV cache numbers per token and layer: {row['cache']}", flush=True)
+    if a.qsvd_ratios:
+        decode = decode_speed(b, a.qsvd_ratios[-1], a.context)
     out = Path(a.out or f"runs/bench/lowrank-{a.model}.json")
     b.save(str(out))
+    if decode:
+        data = json.loads(out.read_text())
+        data["decode"] = decode
+        out.write_text(json.dumps(data, indent=2, default=str))
     plot(b.rows, b.fp_ppl, out.with_suffix(".png"), a.model)
     print(b.table())
 

@@ -275,3 +275,39 @@ def test_qsvd_with_a_module_stage_on_qkv_is_refused():
 def test_qsvd_needs_all_three_projections():
     with pytest.raises(LlmpressError, match="factors q, k and v together"):
         compress(tiny_llama(), [stage("qsvd", targets=["re:.*self_attn\\.(q|k)_proj$"], ratio=0.8)], data=random_windows(4, 16), engine=QUIET)
+
+
+def test_qsvd_latent_cache_decodes_as_the_factored_model(tmp_path):
+    """The loaded QSVD checkpoint caches the r-number latent instead of K and V; greedy decoding
+    gives the tokens and (to float rounding) the logits of the same factors without the latent cache."""
+    from transformers import DynamicCache
+
+    from llmpress.runtime.latent_kv import LatentKVAttention
+
+    model = tiny_llama()
+    rep = compress(model, "qsvd-80", data=random_windows(8, 32), engine=QUIET)
+    api.save(model, None, tmp_path / "c", report=rep)
+    latent, _ = load_compressed(str(tmp_path / "c"))
+    plain, _ = load_compressed(str(tmp_path / "c"))
+    for layer in plain.model.layers:  # the same factors, K and V cached as usual
+        if isinstance(layer.self_attn, LatentKVAttention):
+            layer.self_attn = layer.self_attn.attn
+    assert latent.llmpress_latent_kv == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    prompt = random_windows(1, 12, seed=5)
+    outs = []
+    for m in (latent, plain):
+        cache = DynamicCache(config=m.config)
+        with torch.no_grad():
+            out = m.generate(prompt, max_new_tokens=8, do_sample=False, past_key_values=cache, output_logits=True, return_dict_in_generate=True)
+        outs.append((out, cache))
+    (a, ca), (b, cb) = outs
+    assert torch.equal(a.sequences, b.sequences)
+    assert all(torch.allclose(x, y, atol=1e-4, rtol=1e-4) for x, y in zip(a.logits, b.logits))
+    r = latent.model.layers[0].self_attn.rank
+    cfg = latent.config
+    kv_dim = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    tokens = a.sequences.shape[1] - 1  # the last token is generated, not cached
+    latent_numbers = sum(layer.keys.numel() + layer.values.numel() for layer in ca.layers)
+    plain_numbers = sum(layer.keys.numel() + layer.values.numel() for layer in cb.layers)
+    assert latent_numbers == cfg.num_hidden_layers * tokens * r
+    assert plain_numbers == cfg.num_hidden_layers * tokens * 2 * kv_dim

@@ -322,6 +322,9 @@ def load_packed(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
             set_module(model, name, ActQuantLinear(get_module(model, name), spec.act_args))
     int8_qp = {n: records[n].qparams for n in (meta.get("llm_int8") or {}) if n in records and records[n].qparams is not None}
     runtime_state.attach(model, meta, rt_tensors, what, int8_qp)
+    from ..runtime.latent_kv import attach_latent_kv
+
+    model.llmpress_latent_kv = attach_latent_kv(model)  # type: ignore[attr-defined]  # QSVD: the shared latent is the KV cache
     model.eval().to(device)
     del tensors, dense, layer_t
     _release_freed_memory()

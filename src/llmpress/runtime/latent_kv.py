@@ -1,0 +1,115 @@
+"""QSVD's latent KV cache: an attention whose q/k/v share one right factor caches the latent.
+
+After QSVD (:mod:`llmpress.lowrank.qsvd`) q_proj, k_proj and v_proj are
+:class:`~llmpress.runtime.lowrank.LowRankLinear` modules sharing ``B`` [r, E]. Their keys and
+values are functions of the latent ``h = x B^T`` (r numbers per token), so
+:class:`LatentKVAttention` caches h in place of K and V (2 d_kv numbers per token: 384 on
+SmolLM2-135M) and rebuilds them at every step: ``K = h A_k^T`` and ``V = h A_v^T`` per head, then
+RoPE on the rebuilt keys at their positions (RoPE cannot be applied before caching: it does not
+commute with the rebuild). The trade is QSVD's: less cache memory and bandwidth for
+``T r (2 d_kv)`` more multiply-adds per step over a context of T tokens.
+
+The cache is the model's own ``past_key_values`` (transformers' Cache): each layer stores
+``h`` as its "keys" ([batch, 1, T, r]) and an empty tensor ([batch, 1, T, 0]) as its "values",
+so ``generate`` and the cache bookkeeping (lengths, masks) work unchanged and the cache's bytes
+are the latent's. Keys get RoPE at positions 0..T-1: sequences without left padding (one prompt,
+or a batch of prompts of the same length). Llama-family attention only (q/k/v/o, one rotary
+table, no query/key norms); other attention modules keep their factored linears and K/V cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .lowrank import LowRankLinear
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [batch, 1, seq, head_dim]
+    return x * cos + _rotate_half(x) * sin
+
+
+def _heads(y: torch.Tensor, head_dim: int) -> torch.Tensor:
+    b, t, _ = y.shape
+    return y.view(b, t, -1, head_dim).transpose(1, 2)
+
+
+def shares_latent(attn: nn.Module) -> bool:
+    """Whether ``attn``'s q/k/v are low-rank linears with one shared right factor."""
+    mods = [getattr(attn, p, None) for p in ("q_proj", "k_proj", "v_proj")]
+    if not all(isinstance(m, LowRankLinear) for m in mods):
+        return False
+    b = mods[0].B
+    return all(m.B.data_ptr() == b.data_ptr() and m.B.shape == b.shape for m in mods[1:])
+
+
+class LatentKVAttention(nn.Module):
+    """A Llama-family attention serving QSVD's shared latent as its KV cache."""
+
+    latent_kv = True
+
+    def __init__(self, attn: nn.Module, rotary: nn.Module):
+        super().__init__()
+        self.attn = attn
+        object.__setattr__(self, "_rotary", rotary)  # the model's rotary table, not a submodule of this one
+        self.layer_idx = attn.layer_idx
+        self.rank = attn.q_proj.rank
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        a = self.attn
+        q_lin, k_lin, v_lin = a.q_proj, a.k_proj, a.v_proj
+        h = F.linear(hidden_states, q_lin.B.to(hidden_states.dtype))  # [batch, t, r]: what the cache keeps
+        q = _heads(_apply_a(q_lin, h), a.head_dim)
+        b, t = h.shape[:2]
+        if past_key_values is not None:
+            cached, _ = past_key_values.update(h[:, None], h.new_zeros(b, 1, t, 0), self.layer_idx)
+            h_all = cached[:, 0]
+        else:
+            h_all = h
+        k, v = _heads(_apply_a(k_lin, h_all), a.head_dim), _heads(_apply_a(v_lin, h_all), a.head_dim)
+        cos, sin = position_embeddings
+        q = _rope(q, cos, sin)
+        if h_all.shape[1] == t:
+            k = _rope(k, cos, sin)
+        else:
+            positions = torch.arange(h_all.shape[1], device=h.device)[None].expand(b, -1)
+            k = _rope(k, *self._rotary(v, positions))
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(a.config._attn_implementation, None)
+        if interface is None:
+            from transformers.models.llama.modeling_llama import eager_attention_forward as interface
+        out, weights = interface(a, q, k, v, attention_mask, dropout=0.0, scaling=a.scaling, **kwargs)
+        out = out.reshape(b, t, -1).contiguous()
+        return a.o_proj(out), weights
+
+
+def _apply_a(lin: LowRankLinear, h: torch.Tensor) -> torch.Tensor:
+    return F.linear(h, lin.A.to(h.dtype), None if lin.bias is None else lin.bias.to(h.dtype))
+
+
+def attach_latent_kv(model: nn.Module) -> list[str]:
+    """Serve every Llama-family attention of ``model`` whose q/k/v share a latent with
+    :class:`LatentKVAttention`; the names of the attention modules changed."""
+    body = getattr(model, "model", None)
+    rotary = getattr(body, "rotary_emb", None)
+    layers = getattr(body, "layers", None)
+    if rotary is None or layers is None or not hasattr(rotary, "inv_freq"):
+        return []
+    done = []
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or isinstance(attn, LatentKVAttention) or not shares_latent(attn):
+            continue
+        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm") or getattr(attn, "sliding_window", None) or getattr(attn, "llmpress_attn", None):
+            continue  # query/key norms, local attention or a run-time attention function: not this module's forward
+        layer.self_attn = LatentKVAttention(attn, rotary)
+        done.append(f"model.layers.{i}.self_attn")
+    return done
