@@ -59,8 +59,17 @@ class LatentKVAttention(nn.Module):
         super().__init__()
         self.attn = attn
         object.__setattr__(self, "_rotary", rotary)  # the model's rotary table, not a submodule of this one
-        self.layer_idx = attn.layer_idx
         self.rank = attn.q_proj.rank
+
+    def __getattr__(self, name: str):
+        """What the wrapped attention has (q_proj, o_proj, config, layer_idx, ...): code that
+        inspects a model's attention keeps working."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "attn":
+                raise
+            return getattr(self.attn, name)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
