@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import EVAL_SOURCES, Bench, main_guard  # noqa: E402
 
+from llmpress.quant.args import QuantArgs  # noqa: E402
 from llmpress.recipe import stage  # noqa: E402
 
 METHODS = ("svd", "asvd", "svd_llm")
@@ -114,6 +115,7 @@ def main() -> None:
     ap.add_argument("--qsvd-ratios", type=float, nargs="*", default=[0.8, 0.53],
                     help="QSVD on q/k/v against separate svd_llm of q/k/v at these ratios (none: skip)")  # fmt: skip
     ap.add_argument("--context", type=int, default=2048, help="prompt tokens of the decode measurement")
+    ap.add_argument("--no-lrq", action="store_true", help="skip low rank + W4 factors against GPTQ W3 at about the same bytes")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     b = Bench(a.model, eval_windows=a.windows, calib_samples=a.calib, fp_ppl=a.fp_ppl, eval_sources=a.eval)
@@ -133,6 +135,11 @@ def main() -> None:
             if m == "qsvd":
                 row["cache"] = cache_per_token(b.model.config, ratio)
                 print(f"  KV cache numbers per token and layer: {row['cache']}", flush=True)
+    if not a.no_lrq:  # the same bytes two ways: W4 g64 factors holding 3.25/4.25 of the parameters, or GPTQ W3 g64
+        w4 = QuantArgs(bits=4, symmetric=True, granularity="group", group_size=64, full_range=True)
+        b.run("svd_llm ratio 0.765 + W4 g64 factors", [stage("svd_llm", targets=["Linear"], ignore=["lm_head"], ratio=0.765, weights=w4)],
+              lowrank="svd_llm", param_ratio=0.765, ranks="lrq")  # fmt: skip
+        b.run("gptq-w3g64 (same bytes)", "gptq-w3g64", ranks="lrq")
     if a.qsvd_ratios:
         decode = decode_speed(b, a.qsvd_ratios[-1], a.context)
     out = Path(a.out or f"runs/bench/lowrank-{a.model}.json")

@@ -311,3 +311,57 @@ def test_qsvd_latent_cache_decodes_as_the_factored_model(tmp_path):
     plain_numbers = sum(layer.keys.numel() + layer.values.numel() for layer in cb.layers)
     assert latent_numbers == cfg.num_hidden_layers * tokens * r
     assert plain_numbers == cfg.num_hidden_layers * tokens * 2 * kv_dim
+
+
+@pytest.mark.parametrize("method", ["svd", "svd_llm"])
+def test_quantized_factors_store_serve_and_count(tmp_path, method):
+    from llmpress.quant.args import QuantArgs
+    from llmpress.quant.core import bits_per_weight as grid_bits
+
+    W4 = QuantArgs(bits=4, granularity="group", group_size=8)
+    model = tiny_llama()
+    ids = random_windows(8, 32)
+    rep = compress(model, [stage(method, targets=["Linear"], ignore=["lm_head"], ratio=0.6, weights=W4)], data=ids, engine=QUIET)
+    rec = rep.result.records["model.layers.0.mlp.down_proj"]
+    m, n, r = rec.out_features, rec.in_features, rec.notes["rank"]
+    assert r % 8 == 0 and r == rank_for_ratio(m, n, 0.6) // 8 * 8 < rank_for_ratio(m, n, 0.6)  # rounded down to whole groups of A's input
+    # each factor on its grid: codes times scales give it back
+    from llmpress.quant.core import QParams, fake_quantize
+
+    for f in "AB":
+        t = rec.payload[f]
+        assert torch.equal(fake_quantize(t, W4, QParams(scale=rec.payload[f"{f}.scale"], zero_point=None)), t)
+    assert rec.bits_per_weight() == pytest.approx((grid_bits(W4, r, m) * m * r + grid_bits(W4, n, r) * r * n) / (m * n))
+    expected = logits(model, ids[:2])
+    api.save(model, None, tmp_path / "c", report=rep)
+    back, _ = load_compressed(str(tmp_path / "c"))
+    assert isinstance(back.model.layers[0].mlp.down_proj, LowRankLinear)
+    assert torch.allclose(logits(back, ids[:2]), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_quantized_factors_need_a_group_that_divides_the_rank():
+    from llmpress.quant.args import QuantArgs
+
+    with pytest.raises(LlmpressError, match="factor A .input = the rank 10"):
+        compress(tiny_llama(), [stage("svd", targets=["Linear"], ignore=["lm_head"], rank=10,
+                                      weights=QuantArgs(bits=4, granularity="group", group_size=16))], engine=QUIET)  # fmt: skip
+
+
+def test_qsvd_quantized_factors_keep_one_b_and_the_latent_cache(tmp_path):
+    from llmpress.quant.args import QuantArgs
+
+    model = tiny_llama()
+    ids = random_windows(8, 32)
+    W4 = QuantArgs(bits=4, granularity="group", group_size=8)
+    rep = compress(model, [stage("qsvd", targets=["re:.*self_attn\\.(q|k|v)_proj$"], ratio=0.8, weights=W4)], data=ids, engine=QUIET)
+    expected = logits(model, ids[:2])
+    api.save(model, None, tmp_path / "c", report=rep)
+    from llmpress.export.packed import read_manifest
+
+    meta = read_manifest(tmp_path / "c")
+    assert "model.layers.0.self_attn.q_proj.B.qweight" in meta["tensors"] and not any(
+        k.startswith("model.layers.0.self_attn.k_proj.B") for k in meta["tensors"]
+    )
+    back, _ = load_compressed(str(tmp_path / "c"))
+    assert back.llmpress_latent_kv == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert torch.allclose(logits(back, ids[:2]), expected, atol=1e-4, rtol=1e-4)

@@ -268,9 +268,10 @@ def layers_tensors(specs: dict[str, LinearSpec], tensors: dict[str, torch.Tensor
     out = {n: _layer_tensors(n, s, tensors) for n, s in specs.items() if s.kind != "dense"}
     for name, spec in specs.items():
         for key, owner in (spec.meta.get("shared") or {}).items():
-            if key not in out.get(owner, {}):
+            held = {k: v for k, v in out.get(owner, {}).items() if k == key or k.startswith(key + ".")}  # a factor, or its grid's tensors
+            if not held:
                 raise UserError(f"checkpoint layer {name}: its {key} is stored with {owner}, which the checkpoint does not hold")
-            out[name][key] = out[owner][key]
+            out[name].update(held)
     return out
 
 

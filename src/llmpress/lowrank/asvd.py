@@ -15,7 +15,7 @@ import torch
 
 from ..errors import UserError
 from ..registry import ModuleContext, register
-from .core import RankTarget, output_error, scaled_factors, store_factors
+from .core import RankTarget, output_error, quantize_factors, scaled_factors, store_factors
 
 MIN_SCALE = 1e-6  # of the largest channel's mean |x|: dead channels keep a finite scale
 
@@ -49,4 +49,8 @@ def asvd(ctx: ModuleContext, cfg: ASVD) -> None:
         if best is None or err < best[0]:
             best = (err, alpha, A, B)
     err, alpha, A, B = best
-    store_factors(ctx.module, ctx.record, A, B, alpha=alpha, output_error=err)
+    q = None
+    if cfg.weights is not None:
+        A, B, q = quantize_factors(A, B, cfg.weights, W=W.double(), H=H, name=ctx.name)
+        err = output_error(W, A, B, H)
+    store_factors(ctx.module, ctx.record, A, B, args=cfg.weights, qparams=q, alpha=alpha, output_error=err)

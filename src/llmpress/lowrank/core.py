@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from ..quant.args import QuantArgs, check_group_divides
+from ..quant.core import quantize_weight
 
 SHIFT_START = 1e-8  # first diagonal shift tried, as a fraction of mean(diag H)
 SHIFT_GROWTH = 100.0
@@ -135,10 +137,14 @@ def output_error(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, H: torch.Ten
 @dataclass(kw_only=True, frozen=True)
 class RankTarget:
     """The size of a factorization: ``rank`` when given, else the largest rank whose factors
-    hold at most ``ratio`` of the dense weight's parameters."""
+    hold at most ``ratio`` of the dense weight's parameters. ``weights``: both factors
+    quantized to that grid (round to nearest; after a whitened method, B first and A refit to
+    the quantized B in closed form, then quantized); with group quantization the rank of a
+    ``ratio`` is rounded down to a multiple of the group size (A's input dimension is the rank)."""
 
     ratio: float = 0.8
     rank: int | None = None
+    weights: QuantArgs | None = None
 
     def __post_init__(self):
         if not 0 < self.ratio <= 1:
@@ -152,24 +158,59 @@ class RankTarget:
         self.rank_of(m, n, what)
 
     def rank_of(self, m: int, n: int, what: str = "") -> int:
-        return check_rank(m, n, self.rank, what) if self.rank is not None else rank_for_ratio(m, n, self.ratio, what)
+        if self.rank is not None:
+            r = check_rank(m, n, self.rank, what)
+        else:
+            r = rank_for_ratio(m, n, self.ratio, what)
+            g = self.weights.group_size if self.weights is not None and self.weights.granularity == "group" else 1
+            r = check_rank(m, n, r // g * g, what) if r >= g else r
+        if self.weights is not None:
+            check_group_divides(self.weights, n, f"{what + ': ' if what else ''}factor B: ")
+            check_group_divides(self.weights, r, f"{what + ': ' if what else ''}factor A (input = the rank {r}): ")
+        return r
 
     def layer_rank(self, ctx) -> int:
         """The rank of the linear of ``ctx``: what a ``lowrank_alloc`` stage before it chose
         (``ctx.settings["rank"]``), else :meth:`rank_of`."""
         m, n = ctx.weight.shape
         chosen = ctx.settings.get("rank")
-        return check_rank(m, n, int(chosen), ctx.name) if chosen is not None else self.rank_of(m, n, ctx.name)
+        if chosen is None:
+            return self.rank_of(m, n, ctx.name)
+        r = int(chosen)
+        if self.weights is not None and self.weights.granularity == "group":
+            r = max(self.weights.group_size, r // self.weights.group_size * self.weights.group_size)
+        r = check_rank(m, n, r, ctx.name)
+        if self.weights is not None:
+            check_group_divides(self.weights, r, f"{ctx.name}: factor A (input = the rank {r}): ")
+        return r
 
 
-def store_factors(module, record, A: torch.Tensor, B: torch.Tensor, **notes) -> None:
+def quantize_factors(A: torch.Tensor, B: torch.Tensor, args: QuantArgs, *, W: torch.Tensor | None = None, H: torch.Tensor | None = None,
+                     name: str = "") -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """(A_q, B_q, their scales and zero points as payload tensors): B rounded to nearest; with
+    the weight and its input Gram matrix (``W``, ``H``), A refit to the rounded B first (so A
+    absorbs B's rounding error), then rounded."""
+    Bq, qb = quantize_weight(B.float(), args, f"{name}.B")
+    if W is not None and H is not None:
+        A = refit_left(W, Bq.double(), H)
+    Aq, qa = quantize_weight(A.float(), args, f"{name}.A")
+    extra = {"A.scale": qa.scale, "B.scale": qb.scale}
+    if qa.zero_point is not None:
+        extra.update({"A.zero_point": qa.zero_point, "B.zero_point": qb.zero_point})
+    return Aq, Bq, extra
+
+
+def store_factors(module, record, A: torch.Tensor, B: torch.Tensor, *, args: QuantArgs | None = None, qparams: dict | None = None,
+                  **notes) -> None:  # fmt: skip
     """Put the factors in a linear (its weight becomes ``A @ B``, computed as the storage
-    form and the runtime module compute it) and in its record (form ``lowrank``)."""
+    form and the runtime module compute it) and in its record (form ``lowrank``; with
+    ``args``, the factors are on that grid and ``qparams`` holds their scales)."""
     dtype = module.weight.dtype
     A, B = A.to(dtype).contiguous(), B.to(dtype).contiguous()
     module.weight.data.copy_(A @ B)
     record.form = "lowrank"
-    record.payload = {"A": A, "B": B}
+    record.payload = {"A": A, "B": B, **(qparams or {})}
+    record.weight_args = args
     m, n = module.weight.shape
     record.notes.update(rank=int(A.shape[1]), param_ratio=round(param_ratio(m, n, int(A.shape[1])), 4), **notes)
 

@@ -29,7 +29,7 @@ from ..arch import get_module
 from ..calib.accumulators import HessianAccumulator
 from ..errors import RecipeError
 from ..registry import register
-from .core import RankTarget, output_error, refit_left, store_factors, whitened_factors, whitening_factor
+from .core import RankTarget, output_error, quantize_factors, refit_left, store_factors, whitened_factors, whitening_factor
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -66,8 +66,12 @@ def qsvd(ctx, cfg: QSVD) -> None:
     H = input_gram(ctx, spec.q)
     wh = whitening_factor(H, f"qsvd block {ctx.index}")
     A, B, S = whitened_factors(W, wh.L, r)
+    Hr = H if wh.shift == 0 else wh.L @ wh.L.T
     if cfg.refit:
-        A = refit_left(W, B, H if wh.shift == 0 else wh.L @ wh.L.T)
+        A = refit_left(W, B, Hr)
+    q = None
+    if cfg.weights is not None:
+        A, B, q = quantize_factors(A, B, cfg.weights, W=W, H=Hr, name=f"qsvd block {ctx.index}")
     err = output_error(W, A, B, H)
     B = B.to(lins[0].weight.dtype).contiguous()
     q_name = f"{ctx.prefix}.{spec.q}"
@@ -76,8 +80,13 @@ def qsvd(ctx, cfg: QSVD) -> None:
         rows = lin.out_features
         rec = ctx.record(loc)
         rec.methods.append("qsvd")
-        store_factors(lin, rec, A[start : start + rows], B, whitening_shift=wh.shift, output_error_qkv=err, joint_rank=r)
+        fq = None
+        if q is not None:  # this linear's rows of A's scales (one row of scales per output row)
+            fq = {k: (v[start : start + rows] if k.startswith("A.") and v.shape[0] == A.shape[0] else v) for k, v in q.items()}
+        store_factors(
+            lin, rec, A[start : start + rows], B, args=cfg.weights, qparams=fq, whitening_shift=wh.shift, output_error_qkv=err, joint_rank=r
+        )
         if loc != spec.q:
             rec.notes["shared"] = {"B": q_name}  # stored once, with q_proj
-            rec.payload["B"] = ctx.records[q_name].payload["B"]  # the same tensor object
+            rec.payload.update({k: v for k, v in ctx.records[q_name].payload.items() if k == "B" or k.startswith("B.")})  # the same tensors
         start += rows

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..registry import ModuleContext, register
-from .core import RankTarget, store_factors, svd_factors
+from .core import RankTarget, quantize_factors, store_factors, svd_factors
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -21,4 +21,7 @@ class SVD(RankTarget):
 def svd(ctx: ModuleContext, cfg: SVD) -> None:
     r = cfg.layer_rank(ctx)
     A, B, S = svd_factors(ctx.weight, r)
-    store_factors(ctx.module, ctx.record, A, B, kept_energy=round(float((S[:r] ** 2).sum() / (S**2).sum()), 6))
+    q = None
+    if cfg.weights is not None:
+        A, B, q = quantize_factors(A, B, cfg.weights, name=ctx.name)
+    store_factors(ctx.module, ctx.record, A, B, args=cfg.weights, qparams=q, kept_energy=round(float((S[:r] ** 2).sum() / (S**2).sum()), 6))

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..registry import ModuleContext, register
-from .core import RankTarget, output_error, refit_left, store_factors, whitened_factors, whitening_factor
+from .core import RankTarget, output_error, quantize_factors, refit_left, store_factors, whitened_factors, whitening_factor
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -28,8 +28,11 @@ def svd_llm(ctx: ModuleContext, cfg: SVDLLM) -> None:
     H = ctx.stats["hessian"].to(W.device)
     wh = whitening_factor(H, ctx.name)
     A, B, S = whitened_factors(W, wh.L, r)
-    if cfg.refit:  # on the shifted Gram matrix when H itself is singular (B H B^T may be too)
-        A = refit_left(W, B, H if wh.shift == 0 else wh.L @ wh.L.T)
-    store_factors(
-        ctx.module, ctx.record, A, B, whitening_shift=wh.shift, dropped_error=float((S[r:] ** 2).sum()), output_error=output_error(W, A, B, H)
-    )
+    Hr = H if wh.shift == 0 else wh.L @ wh.L.T  # the shifted Gram matrix when H itself is singular (B H B^T may be too)
+    if cfg.refit:
+        A = refit_left(W, B, Hr)
+    q = None
+    if cfg.weights is not None:
+        A, B, q = quantize_factors(A, B, cfg.weights, W=W.double(), H=Hr, name=ctx.name)
+    store_factors(ctx.module, ctx.record, A, B, args=cfg.weights, qparams=q, whitening_shift=wh.shift, dropped_error=float((S[r:] ** 2).sum()),
+                  output_error=output_error(W, A, B, H))  # fmt: skip

@@ -2,14 +2,18 @@
 
 Tensors: ``A`` [out, rank] and ``B`` [rank, in] at the weight's dtype; the spec's ``meta``
 holds ``rank``, and ``shared: {"B": NAME}`` when B is another layer's (QSVD: k_proj and v_proj
-use q_proj's B, stored once with q_proj; the loader hands it to them). The method hands the factors over in ``payload``; the form stores them only
-while the model's weight is still exactly their product (a later stage that changed the
-weight, e.g. quantized it, makes the writer store the layer dense and say so).
+use q_proj's B, stored once with q_proj; the loader hands it to them). Quantized factors (the
+method's ``weights``): each factor is stored as an integer grid (:mod:`.int_grid`) under
+``A.`` / ``B.`` (``A.qweight``, ``A.scale``, ...), its grid's entry under ``meta.factors``.
+The method hands the factors over in ``payload`` (with their scales); the form stores them
+only while the model's weight is still exactly their product (a later change makes the
+writer store the layer dense and say so).
 
-Runtime: :class:`~llmpress.runtime.lowrank.LowRankLinear` (two matmuls). Size: the factors'
-r(out + in) numbers at ``dense_bits`` each, i.e. ``dense_bits * r (out + in) / (out * in)``
-bits per weight of the dense layer. compressed-tensors has no low-rank form: the export
-writes the dense product (same outputs, no saving) and says so.
+Runtime: :class:`~llmpress.runtime.lowrank.LowRankLinear` (two matmuls, the factors decoded
+to float). Size: each factor's numbers at ``dense_bits`` (float) or at its grid's bits with
+scales (quantized), over out * in; a shared B counts with the layer that stores it.
+compressed-tensors has no low-rank form: the export writes the dense product (same outputs,
+no saving) and says so.
 """
 
 from __future__ import annotations
@@ -18,11 +22,21 @@ import logging
 
 import torch
 
+from ...quant.core import QParams
 from ...runtime.act_quant import ActQuantLinear
 from ...runtime.lowrank import LowRankLinear
-from ..form import StorageForm, register_form
+from ..form import LayerState, LinearSpec, StorageForm, get_form, register_form
 
 log = logging.getLogger(__name__)
+FACTORS = ("A", "B")
+
+
+def _shape(f: str, out_f: int, in_f: int, r: int) -> tuple[int, int]:
+    return (out_f, r) if f == "A" else (r, in_f)
+
+
+def _own(f: str, shared: dict) -> bool:
+    return f not in shared
 
 
 @register_form("lowrank")
@@ -33,16 +47,53 @@ class LowRank(StorageForm):
             return None
         if not torch.equal((A.to(state.weight.dtype) @ B.to(state.weight.dtype)), state.weight):
             return None  # the weight changed after factoring: stored dense
-        meta = {"rank": int(A.shape[1]), **({"shared": dict(state.shared)} if state.shared else {})}
-        tensors = {k: v.contiguous() for k, v in (("A", A), ("B", B)) if k not in state.shared}
-        return self.spec(state, meta=meta), tensors
+        meta: dict = {"rank": int(A.shape[1]), **({"shared": dict(state.shared)} if state.shared else {})}
+        tensors: dict[str, torch.Tensor] = {}
+        for f, t in (("A", A), ("B", B)):
+            if not _own(f, state.shared):
+                continue
+            if state.weight_args is None:
+                tensors[f] = t.contiguous()
+                continue
+            zp = state.payload.get(f"{f}.zero_point")
+            fs = LayerState(name=f"{state.name}.{f}", out_features=t.shape[0], in_features=t.shape[1], weight=t, weight_args=state.weight_args,
+                            qparams=QParams(scale=state.payload[f"{f}.scale"], zero_point=zp))  # fmt: skip
+            enc = get_form("quant").encode(fs)
+            if enc is None:
+                return None
+            spec_f, t_f = enc
+            meta.setdefault("factors", {})[f] = spec_f.to_dict()
+            tensors.update({f"{f}.{k}": v for k, v in t_f.items()})
+        if state.weight_args is not None and "factors" not in meta:
+            meta["factors"] = {}
+        return self.spec(state, weight_args=state.weight_args, meta=meta), tensors
+
+    def _factor(self, spec, f: str, tensors, dtype):
+        if spec.weight_args is None:
+            return tensors[f].to(dtype)
+        codes = tensors[f"{f}.qweight"]
+        cached = getattr(codes, "_llmpress_decoded", None)  # a shared factor is decoded once, for every layer using it
+        if cached is not None and cached.dtype == dtype:
+            return cached
+        fs = LinearSpec.from_dict(spec.meta["factors"][f], f"factor {f}") if f in spec.meta.get("factors", {}) else self._shared_spec(spec, f)
+        out = get_form("quant").decode(fs, {k[len(f) + 1 :]: v for k, v in tensors.items() if k.startswith(f + ".")}, dtype)
+        codes._llmpress_decoded = out
+        return out
+
+    def _shared_spec(self, spec, f: str) -> LinearSpec:
+        """The grid of a factor another layer stores (same arguments, its shape)."""
+        r = spec.meta["rank"]
+        out_f, in_f = _shape(f, spec.out_features, spec.in_features, r)
+        return LinearSpec(kind="quant", out_features=out_f, in_features=in_f, weight_args=spec.weight_args)
 
     def decode(self, spec, tensors, dtype=None):
-        dtype = dtype or tensors["A"].dtype
-        return tensors["A"].to(dtype) @ tensors["B"].to(dtype)
+        dtype = dtype or torch.float32
+        return self._factor(spec, "A", tensors, dtype) @ self._factor(spec, "B", tensors, dtype)
 
     def payload(self, spec, tensors):
-        return {k: tensors[k] for k in ("A", "B") if k in tensors} if tensors else {}
+        if not tensors:
+            return {}
+        return {f: self._factor(spec, f, tensors, torch.float32) for f in FACTORS if f in tensors or any(k.startswith(f + ".") for k in tensors)}
 
     def check_spec(self, spec):
         r = spec.meta.get("rank")
@@ -51,19 +102,45 @@ class LowRank(StorageForm):
         shared = spec.meta.get("shared", {})
         if not isinstance(shared, dict) or set(shared) - {"B"} or not all(isinstance(v, str) for v in shared.values()):
             raise ValueError(f"a lowrank layer's meta.shared maps B to the layer storing it, found {shared!r}")
+        if spec.weight_args is not None:
+            own = [f for f in FACTORS if _own(f, shared)]
+            if set(spec.meta.get("factors", {})) != set(own):
+                raise ValueError(f"a lowrank layer with quantized factors needs meta.factors for {own}")
+            for f in own:
+                LinearSpec.from_dict(spec.meta["factors"][f], f"factor {f}")
 
     def expected_shapes(self, spec):
         r = spec.meta["rank"]
-        own = {"A": (spec.out_features, r), "B": (r, spec.in_features)}
-        return {k: v for k, v in own.items() if k not in spec.meta.get("shared", {})}
+        shared = spec.meta.get("shared", {})
+        out = {}
+        for f in FACTORS:
+            if not _own(f, shared):
+                continue
+            if spec.weight_args is None:
+                out[f] = _shape(f, spec.out_features, spec.in_features, r)
+            else:
+                fs = LinearSpec.from_dict(spec.meta["factors"][f], f"factor {f}")
+                out.update({f"{f}.{k}": v for k, v in fs.expected_shapes().items()})
+        return out
 
     def bits_per_weight(self, state, dense_bits=16):
-        r = state.payload["A"].shape[1] if "A" in state.payload else 0
-        numbers = r * state.out_features + (0 if "B" in state.shared else r * state.in_features)  # a shared B counts with its owner
-        return (dense_bits * numbers + state.extra_bits) / state.n_params
+        A = state.payload.get("A")
+        r = A.shape[1] if A is not None else 0
+        bits = 0.0
+        for f in FACTORS:
+            if not _own(f, state.shared):
+                continue  # a shared B counts with its owner
+            out_f, in_f = _shape(f, state.out_features, state.in_features, r)
+            if state.weight_args is None:
+                bits += dense_bits * out_f * in_f
+            else:
+                fs = LayerState(name=f, out_features=out_f, in_features=in_f, weight_args=state.weight_args)
+                bits += get_form("quant").bits_per_weight(fs, dense_bits) * out_f * in_f
+        return (bits + state.extra_bits) / state.n_params
 
     def build(self, spec, tensors, *, bias=None, backend="auto", device="cpu", act_dtype=None):
-        mod = LowRankLinear(tensors["A"].to(device), tensors["B"].to(device), bias)
+        A, B = (self._factor(spec, f, tensors, torch.float32) for f in FACTORS)
+        mod = LowRankLinear(A.to(device), B.to(device), bias)
         return ActQuantLinear(mod, spec.act_args) if spec.act_args else mod
 
     def ct_scheme(self, name, spec):
