@@ -133,7 +133,7 @@ def make_synth(folder: Path, tokenizer_from: Path, shape: dict, seed: int = 0) -
     return cfg.to_dict()
 
 
-def synth(out: Path, calib_samples: int, shape: dict) -> dict:
+def synth(out: Path, calib_samples: int, shape: dict, recipes: tuple[str, ...] = ("rtn-w4g64", "gptq-w4g64")) -> dict:
     from llmpress.models import packaged_folder
 
     folder = ROOT / "runs" / "scale" / f"synth-{shape['hidden_size']}x{shape['intermediate_size']}x{shape['num_hidden_layers']}"
@@ -145,7 +145,8 @@ def synth(out: Path, calib_samples: int, shape: dict) -> dict:
     res = {"config": {k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")}, "params": params,
            "fp32_gb": params * 4 / GB, "one_block_fp32_gb": block_params * 4 / GB, "embeddings_fp32_gb": cfg["vocab_size"] * h * 4 / GB,
            "files_gb": sum(f.stat().st_size for f in folder.glob("*.safetensors")) / GB}  # fmt: skip
-    for recipe, extra in (("rtn-w4g64", []), ("gptq-w4g64", ["--calib-samples", str(calib_samples)])):
+    for recipe in recipes:
+        extra = [] if recipe.startswith("rtn") else ["--calib-samples", str(calib_samples)]
         o = out / f"synth-{recipe}"
         shutil.rmtree(o, ignore_errors=True)
         r = run(["compress", str(folder), "--recipe", recipe, "--stream", "--no-eval", "--no-progress", "--out", str(o),
@@ -208,7 +209,7 @@ def summary(res: dict) -> str:
                   f"one block {s['one_block_fp32_gb']:.2f} GB, embeddings {s['embeddings_fp32_gb']:.2f} GB", "",
                   "| recipe (--stream) | peak RSS GB | bound GB | wall s | median s per block | read s | write s | checkpoint GB |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in ("rtn-w4g64", "gptq-w4g64"):
+        for r in [k for k in s if k.startswith(("rtn", "gptq"))]:
             x = s[r]
             lines.append(f"| {r} | {x['peak_rss_mb'] / 1e3:.2f} | {x['bound_gb']:.2f} | {x['wall_s']:.0f} | {x['block_seconds_median']:.1f} | "
                          f"{x['read_s']:.0f} | {x['write_s']:.0f} | {x['checkpoint_gb']:.2f} |")  # fmt: skip
@@ -235,6 +236,7 @@ def main() -> None:
     ap.add_argument("--sections", default="synth,smollm2,ranks,resume")
     ap.add_argument("--calib-samples", type=int, default=16, help="calibration windows of the synthetic model's GPTQ run")
     ap.add_argument("--out", default="runs/bench/scale.json")
+    ap.add_argument("--synth-recipes", default="rtn-w4g64,gptq-w4g64", help="recipes of the synthetic model's runs")
     ap.add_argument("--synth-shape", default=None, help="hidden,intermediate,layers of the synthetic model (default: 3072,8192,32)")
     a = ap.parse_args()
     shape = dict(SYNTH)
@@ -246,7 +248,7 @@ def main() -> None:
     path = ROOT / a.out
     res = json.loads(path.read_text()) if path.exists() else {}
     for sec in a.sections.split(","):
-        fn = {"synth": lambda: synth(work, a.calib_samples, shape), "smollm2": lambda: smollm2(work), "ranks": lambda: ranks(work),
+        fn = {"synth": lambda: synth(work, a.calib_samples, shape, tuple(a.synth_recipes.split(","))), "smollm2": lambda: smollm2(work), "ranks": lambda: ranks(work),
               "resume": lambda: resume(work)}[sec]  # fmt: skip
         res[sec] = json.loads(json.dumps(fn()))
         path.parent.mkdir(parents=True, exist_ok=True)
