@@ -126,6 +126,9 @@ def main() -> None:
             if not a.no_alloc:
                 alloc = stage("lowrank_alloc", targets=["Linear"], ignore=["lm_head"], ratio=ratio)
                 b.run(f"{m} ratio {ratio}, allocated ranks", [alloc, st], lowrank=m, param_ratio=ratio, ranks="allocated")
+                if m == "svd_llm":  # ASVD's measured per-layer sensitivity sweep, the allocation to compare with
+                    sweep = stage("lowrank_sweep", targets=["Linear"], ignore=["lm_head"], ratio=ratio)
+                    b.run(f"{m} ratio {ratio}, ranks by sensitivity sweep", [sweep, st], lowrank=m, param_ratio=ratio, ranks="sweep")
     qkv = ["re:.*self_attn\\.(q|k|v)_proj$"]
     decode = {}
     for ratio in a.qsvd_ratios:

@@ -365,3 +365,31 @@ def test_qsvd_quantized_factors_keep_one_b_and_the_latent_cache(tmp_path):
     back, _ = load_compressed(str(tmp_path / "c"))
     assert back.llmpress_latent_kv == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     assert torch.allclose(logits(back, ids[:2]), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_sweep_choice_meets_the_budget_and_spares_the_sensitive_layer():
+    from llmpress.lowrank.core import rank_for_ratio as rfr
+    from llmpress.lowrank.sweep import choose
+
+    shapes = {"a": (64, 64), "b": (64, 64)}
+    sens = {"a": {0.3: 5.0, 0.5: 2.0, 0.7: 0.5, 0.9: 0.1}, "b": {0.3: 0.02, 0.5: 0.01, 0.7: 0.005, 0.9: 0.001}}
+    total = 2 * 64 * 64
+    for budget in (0.4, 0.6, 0.8):
+        ratios = choose(sens, shapes, budget)
+        spent = sum(rfr(*shapes[n], r) * sum(shapes[n]) for n, r in ratios.items())
+        assert spent <= budget * total
+        assert ratios["a"] >= ratios["b"]  # the sensitive layer keeps more
+    assert choose(sens, shapes, 0.6) == {"a": 0.9, "b": 0.3}
+
+
+def test_sweep_ranks_reach_the_factor_stage():
+    model = tiny_llama()
+    recipe = [stage("lowrank_sweep", targets=["Linear"], ignore=["lm_head"], ratio=0.6, ratios=[0.3, 0.6, 0.9], windows=2),
+              stage("svd", targets=["Linear"], ignore=["lm_head"])]  # fmt: skip
+    rep = compress(model, recipe, data=random_windows(4, 16), engine=QUIET)
+    (summary,) = rep.result.stages.values()
+    recs = rep.result.records
+    assert {n: r.notes["rank"] for n, r in recs.items()} == summary["ranks"]
+    total = sum(r.out_features * r.in_features for r in recs.values())
+    assert sum(r.notes["rank"] * (r.out_features + r.in_features) for r in recs.values()) <= 0.6 * total
+    assert set(summary["layer_ratios"].values()) <= {0.3, 0.6, 0.9}
