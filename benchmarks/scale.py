@@ -153,8 +153,9 @@ def synth(out: Path, calib_samples: int, shape: dict, recipes: tuple[str, ...] =
                  "--json", str(out / f"synth-{recipe}.json"), "--overwrite", *extra])  # fmt: skip
         rep = report(out / f"synth-{recipe}.json")
         blocks = rep["environment"]["block_seconds"]
-        # activations: the calibration windows' hidden states in and out of a block, float32
-        act_gb = 2 * calib_samples * 512 * h * 4 / GB if recipe != "rtn-w4g64" else 0.0
+        # activations the fused engine keeps for a block, float32: its inputs and outputs, o_proj's
+        # and down_proj's inputs (calib/fused.py), for every calibration window
+        act_gb = calib_samples * 512 * (3 * h + inter) * 4 / GB if recipe != "rtn-w4g64" else 0.0
         hess_gb = (h * h + inter * inter) * 8 / GB if recipe != "rtn-w4g64" else 0.0  # the largest Hessians alive at once, float64
         res[recipe] = {**r, "block_seconds_median": sorted(blocks)[len(blocks) // 2], "block_seconds_max": max(blocks),
                        "compress_s": rep["seconds"]["compress_total"], "read_s": rep["seconds"]["stream_read"],
