@@ -57,9 +57,11 @@ def run(argv: list[str], *, kill_after_blocks: int | None = None) -> dict:
         if kill_after_blocks is not None and not killed and m and int(m.group(1)) >= kill_after_blocks:
             os.kill(proc.pid, signal.SIGKILL)
             killed = True
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, status, _usage = os.wait4(proc.pid, 0)
     rc = os.waitstatus_to_exitcode(status)
-    out = {"argv": argv, "rc": rc, "wall_s": round(time.perf_counter() - t, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "killed": killed}
+    # no peak RSS from wait4: its ru_maxrss also holds this (forking) process's size at the fork, so every
+    # child would report at least that; the peak is the run's own (its --json report, VmHWM per phase)
+    out = {"argv": argv, "rc": rc, "wall_s": round(time.perf_counter() - t, 1), "killed": killed}
     if rc != 0 and not killed:
         print("\n".join(tail), file=sys.stderr)
         raise SystemExit(f"llmpress {' '.join(argv)} failed with exit code {rc}")
@@ -147,11 +149,13 @@ def synth(out: Path, calib_samples: int, shape: dict, recipes: tuple[str, ...] =
            "files_gb": sum(f.stat().st_size for f in folder.glob("*.safetensors")) / GB}  # fmt: skip
     for recipe in recipes:
         extra = [] if recipe.startswith("rtn") else ["--calib-samples", str(calib_samples)]
-        o = out / f"synth-{recipe}"
+        o = out / f"{folder.name}-{recipe}"
         shutil.rmtree(o, ignore_errors=True)
+        js = out / f"{folder.name}-{recipe}.json"
         r = run(["compress", str(folder), "--recipe", recipe, "--stream", "--no-eval", "--no-progress", "--out", str(o),
-                 "--json", str(out / f"synth-{recipe}.json"), "--overwrite", *extra])  # fmt: skip
-        rep = report(out / f"synth-{recipe}.json")
+                 "--json", str(js), "--overwrite", *extra])  # fmt: skip
+        rep = report(js)
+        r["peak_rss_mb"] = rep["peak_rss_mb"]
         blocks = rep["environment"]["block_seconds"]
         # activations the fused engine keeps for a block, float32: its inputs and outputs, o_proj's
         # and down_proj's inputs (calib/fused.py), for every calibration window
@@ -173,7 +177,9 @@ def smollm2(out: Path) -> dict:
         res[mode] = run(["compress", "smollm2-135m", "--recipe", "gptq-w4g64", "--out", str(o), "--overwrite", "--no-progress",
                          "--json", str(out / f"smollm2-{mode}.json"), *flags])  # fmt: skip
         rep = report(out / f"smollm2-{mode}.json")
-        res[mode].update(baseline=rep["baseline"]["ppl"], compressed=rep["compressed"]["ppl"], compress_s=rep["seconds"]["compress_total"])
+        phases = {p["phase"]: p["peak_rss_mb"] for p in rep["memory"]["phases"]}
+        res[mode].update(baseline=rep["baseline"]["ppl"], compressed=rep["compressed"]["ppl"], compress_s=rep["seconds"]["compress_total"],
+                         peak_rss_mb=rep["peak_rss_mb"], load_peak_mb=phases.get("load"), compress_peak_mb=phases.get("compress"))  # fmt: skip
         print(json.dumps({mode: res[mode]}, indent=1), flush=True)
     res["same_tensors"] = tensors_equal(out / "smollm2-in-memory", out / "smollm2-streamed")
     return res
@@ -184,7 +190,8 @@ def ranks(out: Path) -> dict:
     for n in (1, 2):
         o = out / f"ranks-{n}"
         res[n] = run(["compress", "smollm2-135m", "--recipe", "gptq-w4g64", "--no-eval", "--no-progress", "--out", str(o), "--overwrite",
-                      "--nproc", str(n)])  # fmt: skip
+                      "--nproc", str(n), "--json", str(out / f"ranks-{n}.json")])  # fmt: skip
+        res[n]["peak_rss_mb"] = report(out / f"ranks-{n}.json")["peak_rss_mb"]  # rank 0's
         print(json.dumps({n: res[n]}, indent=1), flush=True)
     res["same_bytes"] = digest(out / "ranks-1") == digest(out / "ranks-2")
     return res
@@ -224,7 +231,7 @@ def summary(res: dict) -> str:
     r = res.get("ranks")
     if r:
         lines += ["", f"1 rank: {r['1']['wall_s']:.0f} s, peak RSS {r['1']['peak_rss_mb']:.0f} MB; 2 ranks: {r['2']['wall_s']:.0f} s, "
-                  f"peak RSS {r['2']['peak_rss_mb']:.0f} MB (the launcher; each rank is a child); same weights file: {r['same_bytes']}"]  # fmt: skip
+                  f"peak RSS of rank 0 {r['2']['peak_rss_mb']:.0f} MB; same weights file: {r['same_bytes']}"]  # fmt: skip
     z = res.get("resume")
     if z:
         lines += ["", f"killed after block 10 (SIGKILL) at {z['killed_run']['wall_s']:.0f} s, resumed run {z['resumed_run']['wall_s']:.0f} s; "
