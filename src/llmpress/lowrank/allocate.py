@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..arch import get_module
 from ..errors import RecipeError
 from ..registry import ModelStageOutput, register
+from .core import stage_linears
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -96,16 +97,10 @@ def allocate(scores: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]]
 )
 def lowrank_alloc(model: nn.Module, spec, data, stage) -> ModelStageOutput:
     cfg: LowRankAlloc = stage.config
-    if data is None:
-        raise RecipeError("lowrank_alloc needs calibration data")
-    prefix = spec.blocks + "."
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and stage.matches(n, n.startswith(prefix))]
-    if not names:
-        raise RecipeError(f"lowrank_alloc: no linear matches targets {list(stage.targets)}")
-    found = singular_value_grads(model, names, data, cfg)
+    shapes = stage_linears(model, spec, stage, data, "lowrank_alloc")
+    found = singular_value_grads(model, list(shapes), data, cfg)
     # importance of each singular value, sorted as the factor stages keep them (largest s first)
     scores = {n: (s * g if cfg.score == "taylor" else g) for n, (s, g) in found.items()}
-    shapes = {n: tuple(get_module(model, n).weight.shape) for n in names}
     ranks = allocate(scores, shapes, cfg.ratio)
     params = {n: r * sum(shapes[n]) for n, r in ranks.items()}
     total = sum(m * n for m, n in shapes.values())

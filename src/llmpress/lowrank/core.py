@@ -237,3 +237,19 @@ def qsvd_ratios(hidden: int, q_dim: int, kv_dim: int, rank: int) -> tuple[float,
     latent over the K/V cache it replaces. Equal heads: R1 = 4r/(3E), R2 = r/(2E) = 0.375 R1."""
     c = qkv_costs(hidden, q_dim, kv_dim, rank)
     return c["joint"]["params"] / c["dense"]["params"], c["joint"]["cache"] / c["dense"]["cache"]
+
+
+def stage_linears(model, spec, stage, data, method: str) -> dict[str, tuple[int, int]]:
+    """[out, in] of each linear a model-scope allocation stage targets (in model order); refuses
+    a stage without calibration data or matching no linear."""
+    import torch.nn as nn
+
+    from ..errors import RecipeError
+
+    if data is None:
+        raise RecipeError(f"{method} needs calibration data")
+    prefix = spec.blocks + "."
+    shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, nn.Linear) and stage.matches(n, n.startswith(prefix))}
+    if not shapes:
+        raise RecipeError(f"{method}: no linear matches targets {list(stage.targets)}")
+    return shapes

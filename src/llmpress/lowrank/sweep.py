@@ -27,7 +27,7 @@ from .. import progress
 from ..arch import get_module
 from ..errors import RecipeError
 from ..registry import ModelStageOutput, register
-from .core import rank_for_ratio
+from .core import rank_for_ratio, stage_linears
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -111,13 +111,8 @@ def choose(sens: dict[str, dict[float, float]], shapes: dict[str, tuple[int, int
 )
 def lowrank_sweep(model: nn.Module, spec, data, stage) -> ModelStageOutput:
     cfg: LowRankSweep = stage.config
-    if data is None:
-        raise RecipeError("lowrank_sweep needs calibration data")
-    prefix = spec.blocks + "."
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and stage.matches(n, n.startswith(prefix))]
-    if not names:
-        raise RecipeError(f"lowrank_sweep: no linear matches targets {list(stage.targets)}")
-    shapes = {n: tuple(get_module(model, n).weight.shape) for n in names}
+    shapes = stage_linears(model, spec, stage, data, "lowrank_sweep")
+    names = list(shapes)
     for n in names:
         for r in cfg.ratios:
             rank_for_ratio(*shapes[n], r, n)  # every candidate must be a valid factorization, before any evaluation
