@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from ..registry import ModuleRecord
 from ..runtime.act_quant import plain_state_dict
-from .packed import FORMAT_SHARDED, META_FILE, _find_ties, encode_records, sha256, warn_dense, write_folder_files
+from .packed import FORMAT_SHARDED, _find_ties, encode_records, sha256, warn_dense, write_folder_files
 
 
 class ShardedWriter:
@@ -107,11 +107,5 @@ class ShardedWriter:
             "activation_quant": {n: r.act_args.to_dict() for n, r in records.items() if r.act_args is not None},
             **(extra_meta or {}),
         }
-        model.config.save_pretrained(self.folder)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(self.folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(self.folder)
-        (self.folder / META_FILE).write_text(json.dumps(meta, indent=2, default=repr))
+        write_folder_files(self.folder, model, tokenizer, meta)  # config, tokenizer, llmpress.json: as the packed folder
         return meta
