@@ -133,8 +133,14 @@ def _solve_group(
     seen = _GroupInput(set().union(*needs.values()), keep)
     passes.reach(list(mods.values()), seen.add)
     results = seen.results(run.group)
-    # a solver may edit its copy of the statistics
-    run.apply_group([(local[loc], mod, {k: _copy_stat(results[k]) for k in needs[loc]}) for loc, mod in mods.items() if loc in local])
+    # a solver may edit its statistics: each linear gets its own copy, except the last one
+    # that needs a statistic, which gets the original (a 14336-wide down_proj's float64
+    # Hessian is 1.6 GB: a group of one makes no copy)
+    solved = [loc for loc in mods if loc in local]
+    last = {k: loc for loc in solved for k in needs[loc]}
+    items = [(local[loc], mods[loc], {k: results[k] if last[k] == loc else _copy_stat(results[k]) for k in needs[loc]}) for loc in solved]
+    del results
+    run.apply_group(items)
     wrap_act_quant(passes.block, prefix, [local[loc] for loc in group if loc in local], run.records)
 
 
