@@ -71,6 +71,15 @@ class ModuleContext:
     record: ModuleRecord
     # settings a model-scope stage left for this linear's later stages (OWL: "sparsity_offset")
     settings: dict[str, Any] = field(default_factory=dict)
+    # statistics no later stage on this linear reads: :meth:`take` hands them over
+    last_use: frozenset[str] = frozenset()
+
+    def take(self, key: str) -> tuple[Any, bool]:
+        """(statistic, owned): a statistic no later stage reads leaves ``stats`` and is the
+        handler's to overwrite and free (a Hessian copy less at the solver's peak)."""
+        if key in self.last_use:
+            return self.stats.pop(key), True
+        return self.stats[key], False
 
     @property
     def weight(self) -> torch.Tensor:

@@ -330,3 +330,43 @@ def test_diag_floor_bounds_the_updates_on_rare_inputs():
     assert output_error(W, res.weight, X) < output_error(W, quantize_weight(W, W4G8)[0], X)  # still beats RTN in domain
     with pytest.raises(RecipeError, match="diag_floor"):
         GPTQ(weights=W4G8, diag_floor=-0.1)
+
+
+def test_an_owned_hessian_is_used_in_place_with_the_same_result():
+    W, X, H = correlated_problem(rows=6, cols=16, seed=3)
+    X[:, 5] = 0
+    H = 2.0 / X.shape[0] * X.T @ X
+    keep = H.clone()
+    a = gptq_quantize(W, H, W4G8, act_order=True)
+    assert torch.equal(H, keep)  # not owned: the caller's Hessian untouched
+    b = gptq_quantize(W, H, W4G8, act_order=True, hessian_owned=True)
+    assert torch.equal(a.weight, b.weight) and a.dead == b.dead == 1
+    assert H[5, 5] > 0  # owned: the dead input's diagonal was filled in place, no copy made
+
+
+def test_the_last_stage_needing_a_statistic_takes_it():
+    from llmpress.calib.block import apply_stages
+    from llmpress.registry import ModuleContext, get_method
+
+    seen = []
+    gptq_method = get_method("gptq")
+    orig = gptq_method.apply
+
+    def spy(ctx, cfg):
+        seen.append(ctx.last_use)
+        return orig(ctx, cfg)
+
+    object.__setattr__(gptq_method, "apply", spy)
+    try:
+        W, X, H = correlated_problem(rows=6, cols=16, seed=3)
+        lin = torch.nn.Linear(16, 6, bias=False)
+        lin.weight.data.copy_(W)
+        st = stage("gptq", weights=W4G8)
+        stats = {"hessian": H.clone()}
+        apply_stages("x", lin, ((0, st), (1, st)), stats, {}, {})
+    finally:
+        object.__setattr__(gptq_method, "apply", orig)
+    assert seen == [frozenset(), frozenset({"hessian"})]  # the first leaves it for the second
+    assert "hessian" not in stats  # the second took it
+    ctx = ModuleContext(name="x", module=lin, stats={"hessian": H}, record=None)
+    assert ctx.take("hessian") == (H, False) and "hessian" in ctx.stats

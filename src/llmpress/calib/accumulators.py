@@ -83,7 +83,10 @@ class HessianAccumulator(Accumulator):
     def result(self) -> torch.Tensor:
         if self.sum is None:
             raise RuntimeError("Hessian accumulator saw no data")
-        return (2.0 / self.n * self.sum).float()
+        # read once: the running sum is scaled in place and handed over (no float64
+        # temporary beside it: 1.6 GB each for a 14336-wide input)
+        s, self.sum = self.sum, None
+        return s.mul_(2.0 / self.n).float()
 
 
 class InputChannelStats(Accumulator):

@@ -65,9 +65,12 @@ def apply_stages(
     """Run each (index, stage) handler on one linear, timing it under ``stage{i}:{method}``;
     ``settings``: what model-scope stages left for this linear (``ModuleContext.settings``)."""
     rec = records.setdefault(name, ModuleRecord(name=name, out_features=module.out_features, in_features=module.in_features))
-    for i, st in stages:
+    for j, (i, st) in enumerate(stages):
         t = time.perf_counter()
-        get_method(st.method).apply(ModuleContext(name=name, module=module, stats=stats, record=rec, settings=settings or {}), st.config)
+        later = {k for _, s in stages[j + 1 :] for k in get_method(s.method).needs}
+        last = frozenset(k for k in get_method(st.method).needs if k not in later)
+        ctx = ModuleContext(name=name, module=module, stats=stats, record=rec, settings=settings or {}, last_use=last)
+        get_method(st.method).apply(ctx, st.config)
         rec.methods.append(st.method)
         seconds[f"stage{i}:{st.method}"] = seconds.get(f"stage{i}:{st.method}", 0.0) + time.perf_counter() - t
 

@@ -116,6 +116,7 @@ def gptq_quantize(
     shrink: float = 0.0,
     diag_floor: float = 0.0,
     name: str | None = None,
+    hessian_owned: bool = False,
 ) -> GPTQResult:
     """GPTQ on one weight [out, in] with the layer Hessian [in, in] (2/n X^T X).
 
@@ -125,7 +126,8 @@ def gptq_quantize(
     feedback between columns, i.e. round-to-nearest). ``diag_floor``: raise every ``H_jj``
     below ``diag_floor * mean(diag H)`` to it, so the error feedback cannot load inputs that
     are rare in the calibration text (an MLP neuron that fires on code, say) with large
-    changes that are cheap there and costly where they fire.
+    changes that are cheap there and costly where they fire. ``hessian_owned``: the caller
+    gives ``hessian`` up (it may be overwritten; no copy is made).
     """
     validate_solver_fields(block_size, damp)
     if args.granularity == "token":
@@ -136,7 +138,8 @@ def gptq_quantize(
     if act_order and args.granularity == "group" and not static:
         raise UserError("GPTQ: act_order with group quantization needs static groups")
     with solver_threads(weight.device):
-        W, H, dead = prepare(weight, hessian, name)
+        W, H, dead = prepare(weight, hessian, name, owned=hessian_owned)
+        del hessian
         if shrink:  # off-diagonal entries scaled by 1 - shrink, the diagonal kept
             d = torch.diagonal(H).clone()
             H.mul_(1.0 - shrink)
@@ -157,7 +160,7 @@ def _gptq(W, H, dead, args, block_size, damp, act_order, static, mse_importance,
 
     perm = activation_order(H) if act_order else None
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
+        W, H = W[:, perm], H[perm.unsqueeze(1), perm]  # one [C, C] copy, not two
     col_index = perm.tolist() if perm is not None else list(range(C))
 
     fac = inverse_cholesky(H, damp, name)
@@ -193,9 +196,10 @@ def _gptq(W, H, dead, args, block_size, damp, act_order, static, mse_importance,
 
 @register("gptq", GPTQ, needs=("hessian",), summary="GPTQ: second-order weight quantization with error feedback (OBS family)")
 def gptq(ctx: ModuleContext, cfg: GPTQ) -> None:
+    hessian, owned = ctx.take("hessian")
     res = gptq_quantize(
         ctx.weight,
-        ctx.stats["hessian"],
+        hessian,
         cfg.weights,
         block_size=cfg.block_size,
         damp=cfg.damp,
@@ -204,6 +208,7 @@ def gptq(ctx: ModuleContext, cfg: GPTQ) -> None:
         shrink=cfg.shrink,
         diag_floor=cfg.diag_floor,
         name=ctx.name,
+        hessian_owned=owned,
     )
     ctx.set_weight(res.weight)
     rec = ctx.record
