@@ -51,10 +51,15 @@ def _run(recipe, folder, resume=False, crash_after=None, layers=3):
     return m, rep
 
 
+def _bits(t):
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
 def _same(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert set(sa) == set(sb)
-    assert not [k for k in sa if not torch.equal(sa[k], sb[k])]
+    # bit for bit (torch.equal would take -0.0 for 0.0)
+    assert not [k for k in sa if sa[k].dtype != sb[k].dtype or not torch.equal(_bits(sa[k]), _bits(sb[k]))]
     assert [type(x).__name__ for x in a.modules()] == [type(x).__name__ for x in b.modules()]  # wrappers too
 
 
@@ -85,6 +90,48 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, name, crash
         assert (r2.methods, r2.weight_args, r2.act_args, r2.sparsity) == (r.methods, r.weight_args, r.act_args, r.sparsity), n
         if r.qparams is not None:
             assert torch.equal(r2.qparams.scale, r.qparams.scale), n
+
+
+def test_checkpoints_keep_grid_weights_as_packed_codes(tmp_path):
+    from safetensors import safe_open
+
+    with pytest.raises(Crash):
+        _run(RECIPES["gptq-a8"], tmp_path / "ck", crash_after=0)
+    with safe_open(str(tmp_path / "ck" / "block-0.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        codes = {k: f.get_tensor(k) for k in keys if k.startswith("codes.")}
+    linears = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert sorted(codes) == sorted(f"codes.block.{n}.weight" for n in linears)
+    assert not {f"block.{n}.weight" for n in linears} & keys  # no float copy beside the codes
+    m = tiny_llama(seed=2, layers=3)
+    for n in linears:  # 4 bits per weight: an eighth of float32
+        w = m.get_submodule(f"model.layers.0.{n}").weight
+        assert codes[f"codes.block.{n}.weight"].numel() * 32 == w.numel() * 4
+    # the sign of -0.0 survives: a weight rounded to code 0 from below stays -0.0 after the resume
+    want, _ = _run(RECIPES["gptq-a8"], tmp_path / "plain")
+    got, _ = _run(RECIPES["gptq-a8"], tmp_path / "ck", resume=True)
+    w = want.get_submodule("model.layers.0.mlp.down_proj").weight
+    negzero = (w == 0) & torch.signbit(w)
+    assert negzero.any()
+    assert torch.equal(torch.signbit(got.get_submodule("model.layers.0.mlp.down_proj").weight), torch.signbit(w))
+
+
+def test_a_weight_off_its_grid_stays_float(tmp_path):
+    from llmpress.calib.resume import _grid_codes
+
+    w = torch.randn(4, 64)
+    args = QuantArgs(bits=4, group_size=32)
+    from llmpress.quant.core import compute_qparams, fake_quantize
+
+    qp = compute_qparams(w, args)
+    rec = ModuleRecord(name="x", out_features=4, in_features=64, weight_args=args, qparams=qp)
+    assert _grid_codes(w, rec) is None  # not on the grid: kept as float
+    q = fake_quantize(w, args, qp)
+    parts = _grid_codes(q, rec)
+    assert parts is not None and parts["codes"].dtype == torch.int32
+    q2 = q.clone()
+    q2[0, 0] += 1e-3  # one weight off the grid
+    assert _grid_codes(q2, rec) is None
 
 
 def test_another_run_is_refused_and_a_fresh_run_starts_over(tmp_path):

@@ -4,7 +4,10 @@ After block i is compressed the engine writes, each file atomically (temporary n
 rename), into the run's checkpoint folder:
 
 - ``block-i.safetensors``: the block's tensors (activation-quantization wrappers under the
-  plain linears' names) and the tensors of its linears' records (qparams, g_idx, payload);
+  plain linears' names) and the tensors of its linears' records (qparams, g_idx, payload).
+  A weight on an integer grid is kept as its packed codes (``codes.<name>``, 4 bits per
+  weight at W4 instead of 32) when dequantizing them with the record's scales gives back
+  the weight bit for bit, which is checked as it is written; any other weight stays float;
 - ``inputs-(i+1)-b.safetensors``, one per calibration batch b: the block's outputs, the next
   block's inputs (one file per batch, so writing holds one batch's bytes at a time; the
   previous block's inputs are then removed: one set of activations on disk);
@@ -32,11 +35,12 @@ import torch.nn as nn
 from ..errors import UserError
 from ..io_safety import atomic_file, write_atomic
 from ..quant.args import QuantArgs
-from ..quant.core import QParams
+from ..quant.core import QParams, dequantize, quantize
+from ..quant.pack import pack_codes, unpack_codes
 from ..registry import ModuleRecord
 from ..runtime.act_quant import plain_state_dict
 
-FORMAT = "llmpress-resume-v1"
+FORMAT = "llmpress-resume-v2"
 _TENSOR = "__tensor__"
 
 
@@ -142,6 +146,11 @@ class BlockCheckpoints:
             meta, tensors = record_state(records[name])
             metas[name] = meta
             state.update({f"records.{name}.{k}": v for k, v in tensors.items()})
+            key = f"block.{name[len(prefix) + 1 :]}.weight"
+            parts = _grid_codes(state.get(key), records[name])
+            if parts is not None:
+                state.update({f"{part}.{key}": v for part, v in parts.items()})
+                del state[key]
         _save(self.folder / f"block-{i}.safetensors", _untie(state))
         if outputs is not None:
             for j in range(len(outputs)):
@@ -155,13 +164,17 @@ class BlockCheckpoints:
         from safetensors.torch import load_file
 
         t = load_file(str(self.folder / f"block-{i}.safetensors"))
+        metas = json.loads((self.folder / f"block-{i}.json").read_text())["records"]
+        for k in [k for k in t if k.startswith("codes.")]:
+            key = k[len("codes.") :]
+            name = prefix + "." + key[len("block.") : -len(".weight")]
+            rec = record_from_state(metas[name], _record_tensors(t, name))
+            t[key] = _from_codes({part: t.pop(f"{part}.{key}") for part in ("codes", "negzero") if f"{part}.{key}" in t}, rec)
         state = {k[len("block.") :]: v for k, v in t.items() if k.startswith("block.")}
         missing, unexpected = block.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise UserError(f"--resume: {self.folder}/block-{i}.safetensors does not match the model's block {i} ({(missing + unexpected)[:3]})")
-        metas = json.loads((self.folder / f"block-{i}.json").read_text())["records"]
-        return {name: record_from_state(meta, {k[len(f"records.{name}.") :]: v for k, v in t.items() if k.startswith(f"records.{name}.")})
-                for name, meta in metas.items()}  # fmt: skip
+        return {name: record_from_state(meta, _record_tensors(t, name)) for name, meta in metas.items()}
 
     def inputs(self, i: int, device):
         """Block i's calibration inputs, one batch at a time (what block i - 1 left)."""
@@ -177,6 +190,46 @@ class BlockCheckpoints:
             for f in self.folder.iterdir():
                 f.unlink()
             self.folder.rmdir()
+
+
+def _record_tensors(t: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    p = f"records.{name}."
+    return {k[len(p) :]: v for k, v in t.items() if k.startswith(p)}
+
+
+def _grid_codes(w: torch.Tensor | None, rec: ModuleRecord) -> dict[str, torch.Tensor] | None:
+    """The packed integer codes of ``w`` when it lies on the record's integer grid exactly
+    (its codes, dequantized, give ``w`` back bit for bit; where ``w`` holds -0.0, a 1-bit
+    mask keeps the sign); else None (the weight stays float)."""
+    a, qp = rec.weight_args, rec.qparams
+    if w is None or a is None or qp is None or a.kind != "int" or a.granularity == "token":
+        return None
+    if w.dtype != torch.float32 or w.dim() != 2 or w.shape[1] != rec.in_features:
+        return None
+    try:
+        codes = quantize(w, qp, a).to(torch.int64)
+        back = dequantize(codes.to(torch.float32), qp, a)
+    except (RuntimeError, ValueError):  # qparams of another layout (a method's own storage form)
+        return None
+    if back.shape != w.shape:
+        return None
+    negzero = (w == 0) & torch.signbit(w)
+    back[negzero] = -0.0
+    if not torch.equal(back.view(torch.int32), w.view(torch.int32)):
+        return None
+    out = {"codes": pack_codes(codes, a.bits, offset=-a.qmin)}
+    if negzero.any():
+        out["negzero"] = pack_codes(negzero.to(torch.int64), 1)
+    return out
+
+
+def _from_codes(parts: dict[str, torch.Tensor], rec: ModuleRecord) -> torch.Tensor:
+    a = rec.weight_args
+    codes = unpack_codes(parts["codes"], a.bits, rec.in_features, offset=-a.qmin)
+    w = dequantize(codes.to(torch.float32), rec.qparams, a)
+    if "negzero" in parts:
+        w[unpack_codes(parts["negzero"], 1, rec.in_features).bool()] = -0.0
+    return w
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
