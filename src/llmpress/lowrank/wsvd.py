@@ -27,7 +27,7 @@ from .core import RankTarget, quantize_factors, store_factors, svd_factors
 
 @dataclass(kw_only=True, frozen=True)
 class WSVD(RankTarget):
-    steps: int = 300
+    steps: int = 200
     lr: float = 0.01
     floor: float = 1e-3  # of the mean importance
 
