@@ -50,7 +50,7 @@ def importance(model: nn.Module, names: list[str], data: torch.Tensor, cfg: Weig
         for k, g in grads.items():
             term = g.detach().float().pow(2) if cfg.score == "fisher" else g.detach().float().abs()
             acc[k] = term if k not in acc else acc[k].add_(term)
-    for k, v in acc.items():
+    for v in acc.values():
         v.div_(n)
         if cfg.score == "grad":
             v.pow_(2)
@@ -68,6 +68,10 @@ def weight_importance(model: nn.Module, spec, data, stage) -> ModelStageOutput:
         raise RecipeError(f"weight_importance: the loss has no gradient with respect to {zero[:3]} on the calibration windows")
     return ModelStageOutput(
         per_linear={n: {"importance": v} for n, v in imp.items()},
-        summary={"score": cfg.score, "windows": min(cfg.windows, int(data.shape[0])), "linears": len(imp),
-                 "bytes": sum(v.numel() * 4 for v in imp.values())},  # fmt: skip
+        summary={
+            "score": cfg.score,
+            "windows": min(cfg.windows, int(data.shape[0])),
+            "linears": len(imp),
+            "bytes": sum(v.numel() * 4 for v in imp.values()),
+        },  # fmt: skip
     )
