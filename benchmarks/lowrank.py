@@ -2,13 +2,16 @@
 parameter ratio, per method, on the three test texts.
 
     flock /tmp/llmpress-heavy.lock .venv/bin/python benchmarks/lowrank.py [--model smollm2-135m] [--ratios 0.9 0.8 0.7 0.6]
-        [--methods svd asvd svd_llm] [--fp-ppl X]
+        [--methods svd asvd svd_llm wsvd asvd_fisher] [--eval wiki] [--no-sweep] [--fp-ppl X]
 
 Every Linear but lm_head factored at the same ratio (uniform ranks) and, unless --no-alloc,
 with ranks allocated across layers under the same total budget (lowrank_alloc), 128 calibration windows of
 512 tokens from the packaged Wikipedia training split, 64 test windows per text. Prints one line
 per run, then a markdown table; writes runs/bench/lowrank-MODEL.json and a PNG plot of
-perplexity (wiki) against the ratio per method (runs/bench/lowrank-MODEL.png).
+perplexity (wiki) against the ratio per method (runs/bench/lowrank-MODEL.png). 100% of the
+parameters is the unfactored model (a factorization at the break-even rank saves nothing and
+is refused), drawn as the full-precision line. ``wsvd`` and ``asvd_fisher`` run a
+``weight_importance`` stage (16 windows of gradients) before the factor stage.
 """
 
 from __future__ import annotations
@@ -24,7 +27,18 @@ from common import EVAL_SOURCES, Bench, main_guard  # noqa: E402
 from llmpress.quant.args import QuantArgs  # noqa: E402
 from llmpress.recipe import stage  # noqa: E402
 
-METHODS = ("svd", "asvd", "svd_llm")
+METHODS = ("svd", "asvd", "svd_llm", "wsvd", "asvd_fisher")
+
+
+def factor_stages(method: str, ratio: float, **extra) -> list:
+    """The stages of one low-rank method on every Linear but lm_head (wsvd and ASVD's Fisher
+    variant read a weight_importance stage before them)."""
+    lin = dict(targets=["Linear"], ignore=["lm_head"])
+    if method == "wsvd":
+        return [stage("weight_importance", **lin), stage("wsvd", ratio=ratio, **lin, **extra)]
+    if method == "asvd_fisher":
+        return [stage("weight_importance", **lin), stage("asvd", ratio=ratio, scale="fisher", **lin, **extra)]
+    return [stage(method, ratio=ratio, **lin, **extra)]
 
 
 def plot(rows: list[dict], fp: float, path: Path, model: str) -> None:
@@ -112,6 +126,7 @@ def main() -> None:
     ap.add_argument("--eval", default=EVAL_SOURCES)
     ap.add_argument("--fp-ppl", type=float)
     ap.add_argument("--no-alloc", action="store_true", help="uniform ranks only (no lowrank_alloc rows)")
+    ap.add_argument("--no-sweep", action="store_true", help="no sensitivity-sweep rows")
     ap.add_argument("--qsvd-ratios", type=float, nargs="*", default=[0.8, 0.53],
                     help="QSVD on q/k/v against separate svd_llm of q/k/v at these ratios (none: skip)")  # fmt: skip
     ap.add_argument("--context", type=int, default=2048, help="prompt tokens of the decode measurement")
@@ -121,14 +136,14 @@ def main() -> None:
     b = Bench(a.model, eval_windows=a.windows, calib_samples=a.calib, fp_ppl=a.fp_ppl, eval_sources=a.eval)
     for ratio in a.ratios:
         for m in a.methods:
-            st = stage(m, targets=["Linear"], ignore=["lm_head"], ratio=ratio)
-            b.run(f"{m} ratio {ratio}", [st], lowrank=m, param_ratio=ratio, ranks="uniform")
+            sts = factor_stages(m, ratio)
+            b.run(f"{m} ratio {ratio}", sts, lowrank=m, param_ratio=ratio, ranks="uniform")
             if not a.no_alloc:
                 alloc = stage("lowrank_alloc", targets=["Linear"], ignore=["lm_head"], ratio=ratio)
-                b.run(f"{m} ratio {ratio}, allocated ranks", [alloc, st], lowrank=m, param_ratio=ratio, ranks="allocated")
-                if m == "svd_llm":  # ASVD's measured per-layer sensitivity sweep, the allocation to compare with
+                b.run(f"{m} ratio {ratio}, allocated ranks", [alloc, *sts], lowrank=m, param_ratio=ratio, ranks="allocated")
+                if m == "svd_llm" and not a.no_sweep:  # ASVD's measured per-layer sensitivity sweep, the allocation to compare with
                     sweep = stage("lowrank_sweep", targets=["Linear"], ignore=["lm_head"], ratio=ratio)
-                    b.run(f"{m} ratio {ratio}, ranks by sensitivity sweep", [sweep, st], lowrank=m, param_ratio=ratio, ranks="sweep")
+                    b.run(f"{m} ratio {ratio}, ranks by sensitivity sweep", [sweep, *sts], lowrank=m, param_ratio=ratio, ranks="sweep")
     qkv = ["re:.*self_attn\\.(q|k|v)_proj$"]
     decode = {}
     for ratio in a.qsvd_ratios:
@@ -140,8 +155,9 @@ def main() -> None:
                 print(f"  KV cache numbers per token and layer: {row['cache']}", flush=True)
     if not a.no_lrq:  # the same bytes two ways: W4 g64 factors holding 3.25/4.25 of the parameters, or GPTQ W3 g64
         w4 = QuantArgs(bits=4, symmetric=True, granularity="group", group_size=64, full_range=True)
-        b.run("svd_llm ratio 0.765 + W4 g64 factors", [stage("svd_llm", targets=["Linear"], ignore=["lm_head"], ratio=0.765, weights=w4)],
-              lowrank="svd_llm", param_ratio=0.765, ranks="lrq")  # fmt: skip
+        for solver in ("rtn", "gptq"):
+            b.run(f"svd_llm ratio 0.765 + W4 g64 factors ({solver})", factor_stages("svd_llm", 0.765, weights=w4, solver=solver),
+                  lowrank="svd_llm", param_ratio=0.765, ranks="lrq")  # fmt: skip
         b.run("gptq-w3g64 (same bytes)", "gptq-w3g64", ranks="lrq")
     if a.qsvd_ratios:
         decode = decode_speed(b, a.qsvd_ratios[-1], a.context)

@@ -83,7 +83,7 @@ def weight_bits(preset: str) -> int | None:
     return min(bits) if bits else None
 
 
-LOWRANK = ("svd", "asvd", "svd_llm", "qsvd")
+LOWRANK = ("svd", "asvd", "svd_llm", "qsvd", "wsvd")
 
 
 def check_report(rep: dict, preset: str) -> None:

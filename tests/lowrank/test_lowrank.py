@@ -313,15 +313,15 @@ def test_qsvd_latent_cache_decodes_as_the_factored_model(tmp_path):
     assert plain_numbers == cfg.num_hidden_layers * tokens * 2 * kv_dim
 
 
-@pytest.mark.parametrize("method", ["svd", "svd_llm"])
-def test_quantized_factors_store_serve_and_count(tmp_path, method):
+@pytest.mark.parametrize("method,solver", [("svd", "rtn"), ("svd_llm", "rtn"), ("svd_llm", "gptq")])
+def test_quantized_factors_store_serve_and_count(tmp_path, method, solver):
     from llmpress.quant.args import QuantArgs
     from llmpress.quant.core import bits_per_weight as grid_bits
 
     W4 = QuantArgs(bits=4, granularity="group", group_size=8)
     model = tiny_llama()
     ids = random_windows(8, 32)
-    rep = compress(model, [stage(method, targets=["Linear"], ignore=["lm_head"], ratio=0.6, weights=W4)], data=ids, engine=QUIET)
+    rep = compress(model, [stage(method, targets=["Linear"], ignore=["lm_head"], ratio=0.6, weights=W4, solver=solver)], data=ids, engine=QUIET)
     rec = rep.result.records["model.layers.0.mlp.down_proj"]
     m, n, r = rec.out_features, rec.in_features, rec.notes["rank"]
     assert r % 8 == 0 and r == rank_for_ratio(m, n, 0.6) // 8 * 8 < rank_for_ratio(m, n, 0.6)  # rounded down to whole groups of A's input
@@ -393,3 +393,119 @@ def test_sweep_ranks_reach_the_factor_stage():
     total = sum(r.out_features * r.in_features for r in recs.values())
     assert sum(r.notes["rank"] * (r.out_features + r.in_features) for r in recs.values()) <= 0.6 * total
     assert set(summary["layer_ratios"].values()) <= {0.3, 0.6, 0.9}
+
+
+def test_gptq_on_the_factors_beats_rounding_them():
+    """GPTQ on each factor with its own input statistics (B: H; A: B_q H B_q^T) lowers the
+    output error of the quantized factorization below round-to-nearest's."""
+    from llmpress.lowrank.core import quantize_factors
+    from llmpress.quant.args import QuantArgs
+    from llmpress.quant.core import QParams, fake_quantize
+
+    W3 = QuantArgs(bits=3, granularity="group", group_size=16)
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(64, 128, generator=g, dtype=torch.float64)
+    mix = torch.randn(128, 128, generator=g, dtype=torch.float64)
+    X = torch.randn(1024, 128, generator=g, dtype=torch.float64) @ mix  # correlated inputs: error feedback has room
+    H = X.T @ X / 1024
+    A, B, _ = whitened_factors(W, whitening_factor(H).L, 32)
+    base = output_error(W, A, B, H)  # the truncation's share
+    added = {}
+    for solver in ("rtn", "gptq"):
+        Aq, Bq, q = quantize_factors(A, B, W3, W=W, H=H, solver=solver)
+        assert torch.equal(fake_quantize(Aq.float(), W3, QParams(scale=q["A.scale"], zero_point=None)), Aq.float())  # on the grid
+        added[solver] = output_error(W, Aq.double(), Bq.double(), H) - base
+    assert 0 < added["gptq"] < 0.95 * added["rtn"], added
+
+
+def test_factor_solver_gptq_is_refused_without_statistics_or_grid():
+    from llmpress.lowrank.svd import SVD
+    from llmpress.lowrank.wsvd import WSVD
+    from llmpress.quant.args import QuantArgs
+
+    W4 = QuantArgs(bits=4, granularity="group", group_size=8)
+    with pytest.raises(UserError, match="svd uses no calibration data"):
+        SVD(ratio=0.5, weights=W4, solver="gptq")
+    with pytest.raises(UserError, match="wsvd: solver gptq"):
+        WSVD(ratio=0.5, weights=W4, solver="gptq")
+    with pytest.raises(UserError, match="set weights"):
+        SVDLLM(ratio=0.5, solver="gptq")
+    with pytest.raises(UserError, match="expected rtn or gptq"):
+        SVDLLM(ratio=0.5, solver="awq")
+
+
+def test_weighted_factors_lower_the_weighted_error_and_keep_svd_when_uniform():
+    from llmpress.lowrank.wsvd import weighted_factors
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(24, 32, generator=g)
+    # uniform weights: the truncated SVD is optimal; descent cannot beat it (the best iterate is kept)
+    A, B, start, final = weighted_factors(W, torch.ones_like(W), 6, steps=50, lr=0.01)
+    A0, B0, _ = svd_factors(W.double(), 6)
+    assert final <= start and final == pytest.approx(start, rel=1e-3)
+    # heavy weights on a few rows: the weighted error falls well below the SVD's
+    a = torch.ones_like(W)
+    a[:4] = 100.0
+    A, B, start, final = weighted_factors(W, a, 6, steps=300, lr=0.01)
+    assert final < 0.7 * start
+    an = a / a.sum()
+    assert float(((W - A @ B) ** 2 * an).sum()) == pytest.approx(final, rel=1e-4)
+    svd_rows = float(((W - (A0 @ B0).float())[:4] ** 2).sum())
+    assert float(((W - A @ B)[:4] ** 2).sum()) < 0.5 * svd_rows  # the important rows are kept better
+
+
+def test_weight_importance_is_the_mean_squared_gradient():
+    import torch.nn.functional as F
+
+    from llmpress.arch import get_arch
+    from llmpress.lowrank.importance import WeightImportance, importance
+
+    model = tiny_llama()
+    ids = random_windows(4, 16)
+    name = "model.layers.1.mlp.up_proj"
+    got = importance(model, [name], ids, WeightImportance(windows=4, batch_size=2))[name]
+    got_g = importance(model, [name], ids, WeightImportance(score="grad", windows=4, batch_size=2))[name]
+    w = model.get_submodule(name).weight
+    sq, ab = torch.zeros_like(w), torch.zeros_like(w)
+    for i in (0, 2):
+        x = ids[i : i + 2]
+        logit = model(input_ids=x).logits[:, :-1]
+        loss = F.cross_entropy(logit.reshape(-1, logit.shape[-1]), x[:, 1:].reshape(-1))
+        (gw,) = torch.autograd.grad(loss, [w])
+        sq += gw**2 / 2
+        ab += gw.abs() / 2
+    assert torch.allclose(got, sq, rtol=1e-4, atol=1e-12)
+    assert torch.allclose(got_g, ab**2, rtol=1e-4, atol=1e-12)
+    assert get_arch(model) is not None and not any(p.requires_grad is False for p in model.parameters())  # flags restored
+
+
+def test_wsvd_needs_weight_importance_before_it():
+    model = tiny_llama()
+    ids = random_windows(4, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UserError, match=r"stage 0 \(wsvd\) needs a weight_importance stage"):
+        compress(model, [stage("wsvd", targets=["Linear"], ignore=["lm_head"], ratio=0.5)], data=ids, engine=QUIET)
+    with pytest.raises(UserError, match=r"stage 1 \(asvd\) needs a weight_importance stage"):
+        compress(model, [stage("weight_importance", targets=["re:.*q_proj$"]), stage("asvd", targets=["Linear"], ignore=["lm_head"],
+                 ratio=0.5, scale="fisher")], data=ids, engine=QUIET)  # fmt: skip
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("second", ["wsvd", "asvd-fisher"])
+def test_importance_weighted_methods_compress_and_serve(tmp_path, second):
+    model = tiny_llama()
+    ids = random_windows(8, 32)
+    lin = dict(targets=["Linear"], ignore=["lm_head"], ratio=0.5)
+    st = stage("wsvd", steps=40, **lin) if second == "wsvd" else stage("asvd", scale="fisher", **lin)
+    rep = compress(model, [stage("weight_importance", targets=["Linear"], ignore=["lm_head"], windows=4), st], data=ids, engine=QUIET)
+    rec = rep.result.records["model.layers.0.mlp.down_proj"]
+    assert rec.form == "lowrank" and rec.notes["rank"] == rank_for_ratio(rec.out_features, rec.in_features, 0.5)
+    if second == "wsvd":
+        assert rec.notes["weighted_error"] < rec.notes["weighted_error_svd"]
+    summary = rep.result.stages["stage0:weight_importance"]
+    assert summary["score"] == "fisher" and summary["linears"] == 14
+    expected = logits(model, ids[:2])
+    api.save(model, None, tmp_path / "c", report=rep)
+    back, _ = load_compressed(str(tmp_path / "c"))
+    assert isinstance(back.model.layers[0].mlp.down_proj, LowRankLinear)
+    assert torch.allclose(logits(back, ids[:2]), expected, atol=1e-4, rtol=1e-4)

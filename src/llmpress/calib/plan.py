@@ -58,11 +58,17 @@ class Plan:
         return f"compress ({', '.join(names)})" if names else "compress"
 
 
-def _check_layer_stages(name: str, sts: tuple[tuple[int, Stage], ...], lin: nn.Linear) -> None:
+def _check_layer_stages(
+    name: str, sts: tuple[tuple[int, Stage], ...], lin: nn.Linear, model_stages: list[tuple[int, Stage]], in_blocks: bool
+) -> None:
     """Per-linear checks a stage's config defines (``check_layer(out, in, name)``: a low-rank
-    rank that would not save parameters), and no stage after one that replaces the weight by
-    factors (``replaces_weight``), whose factors no later stage can act on yet."""
+    rank that would not save parameters), a model-scope stage it needs before it on this
+    linear (``requires_stage``: wsvd's weight_importance), and no stage after one that
+    replaces the weight by factors (``replaces_weight``), whose factors no later stage can act on yet."""
     for k, (i, st) in enumerate(sts):
+        need = getattr(st.config, "requires_stage", None)
+        if need and not any(ms.method == need and j < i and ms.matches(name, in_blocks) for j, ms in model_stages):
+            raise UserError(f"layer {name}: recipe stage {i} ({st.method}) needs a {need} stage before it targeting this linear")
         check = getattr(st.config, "check_layer", None)
         if check is not None:
             check(lin.out_features, lin.in_features, f"layer {name}")
@@ -92,7 +98,8 @@ def build_plan(model: nn.Module, recipe: Recipe) -> Plan:
             raise UserError(f"recipe stage {i} ({st.method}) matches no linear layer: targets {list(st.targets)}, ignore {list(st.ignore)}")
     shapes = dict(linears)
     for name, sts in targets.items():
-        _check_layer_stages(name, sts, shapes[name])
+        model_stages = [(i, s) for i, s in stages if METHODS[s.method].scope == "model"]
+        _check_layer_stages(name, sts, shapes[name], model_stages, name.startswith(prefix))
         for _, st in sts:
             for f in fields(st.config):
                 qa = getattr(st.config, f.name)

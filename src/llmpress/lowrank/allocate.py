@@ -45,10 +45,9 @@ class LowRankAlloc:
             raise RecipeError(f"lowrank_alloc score {self.score!r}: expected taylor or grad")
 
 
-def singular_value_grads(model: nn.Module, names: list[str], data: torch.Tensor, cfg: LowRankAlloc) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(singular values, sum over batches of |dL/ds_i|) of each named linear's weight."""
-    svds = {n: torch.linalg.svd(get_module(model, n).weight.detach().double(), full_matrices=False) for n in names}
-    acc = {n: torch.zeros(svds[n][1].shape[0], dtype=torch.float64) for n in names}
+def weight_grads(model: nn.Module, names: list[str], data: torch.Tensor, windows: int, batch_size: int):
+    """Per batch of the first ``windows`` calibration windows, ``{name: dL/dW}`` of each named
+    linear (the next-token cross-entropy; only those weights require gradients, restored after)."""
     params = [(n, get_module(model, n).weight) for n in names]
     flags = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -57,18 +56,27 @@ def singular_value_grads(model: nn.Module, names: list[str], data: torch.Tensor,
         w.requires_grad_(True)
     dev = next(model.parameters()).device
     try:
-        for i in range(0, min(cfg.windows, data.shape[0]), cfg.batch_size):
-            ids = data[i : min(i + cfg.batch_size, cfg.windows)].to(dev)
+        for i in range(0, min(windows, data.shape[0]), batch_size):
+            ids = data[i : min(i + batch_size, windows)].to(dev)
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
             grads = torch.autograd.grad(loss, [w for _, w in params])
-            for (n, _), g in zip(params, grads):
-                U, _, Vh = svds[n]
-                acc[n] += ((U.T @ g.double()) * Vh).sum(1).abs()  # u_i^T G v_i for every i
-            del logits, loss, grads
+            del logits, loss
+            yield {n: g for (n, _), g in zip(params, grads)}
+            del grads
     finally:
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
+
+
+def singular_value_grads(model: nn.Module, names: list[str], data: torch.Tensor, cfg: LowRankAlloc) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(singular values, sum over batches of |dL/ds_i|) of each named linear's weight."""
+    svds = {n: torch.linalg.svd(get_module(model, n).weight.detach().double(), full_matrices=False) for n in names}
+    acc = {n: torch.zeros(svds[n][1].shape[0], dtype=torch.float64) for n in names}
+    for grads in weight_grads(model, names, data, cfg.windows, cfg.batch_size):
+        for n, g in grads.items():
+            U, _, Vh = svds[n]
+            acc[n] += ((U.T @ g.double()) * Vh).sum(1).abs()  # u_i^T G v_i for every i
     return {n: (svds[n][1], acc[n]) for n in names}
 
 

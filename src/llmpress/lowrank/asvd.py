@@ -5,6 +5,11 @@ Scale input channel j by s_j = mean|x_j|^alpha (over the calibration tokens), fa
 inputs of typical magnitude. alpha = 0 is plain SVD. With ``alpha`` unset it is chosen per
 layer from ``alphas`` by the output error on the calibration tokens,
 ``tr((W - A B) H (W - A B)^T)`` with H the layer's input Gram matrix (exact, no forward).
+
+``scale: fisher`` (the Fisher variant, as in Fisher-weighted SVD): the channel measure is
+``sqrt(sum_i F_ij)`` instead of mean|x_j|, with F the per-weight Fisher diagonal a
+``weight_importance`` stage before it measured, so alpha = 1 weighs each input column's
+squared error by its Fisher information; alpha is searched the same way.
 """
 
 from __future__ import annotations
@@ -24,9 +29,16 @@ MIN_SCALE = 1e-6  # of the largest channel's mean |x|: dead channels keep a fini
 class ASVD(RankTarget):
     alpha: float | None = None  # None: searched per layer over ``alphas``
     alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    scale: str = "activation"  # "activation": mean|x_j|; "fisher": sqrt(sum_i F_ij) (needs weight_importance)
+
+    @property
+    def requires_stage(self) -> str | None:
+        return "weight_importance" if self.scale == "fisher" else None
 
     def __post_init__(self):
         super().__post_init__()
+        if self.scale not in ("activation", "fisher"):
+            raise UserError(f"asvd scale {self.scale!r}: expected activation or fisher")
         grid = (self.alpha,) if self.alpha is not None else self.alphas
         if not grid or any(not 0 <= a <= 2 for a in grid):
             raise UserError(f"asvd alpha values {list(grid)} must lie in [0, 2]")
@@ -41,7 +53,14 @@ def channel_scale(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
 def asvd(ctx: ModuleContext, cfg: ASVD) -> None:
     W = ctx.weight
     r = cfg.layer_rank(ctx)
-    mean_abs, H = ctx.stats["channel_stats"]["mean_abs"].to(W.device), ctx.stats["hessian"].to(W.device)
+    H = ctx.stats["hessian"].to(W.device)
+    if cfg.scale == "fisher":
+        imp = ctx.settings.get("importance")
+        if imp is None:
+            raise UserError(f"{ctx.name}: asvd scale fisher needs a weight_importance stage before it targeting this linear")
+        mean_abs = imp.to(W.device).double().sum(0).sqrt()
+    else:
+        mean_abs = ctx.stats["channel_stats"]["mean_abs"].to(W.device)
     best = None
     for alpha in (cfg.alpha,) if cfg.alpha is not None else cfg.alphas:
         A, B = scaled_factors(W, channel_scale(mean_abs, alpha), r)
@@ -51,6 +70,6 @@ def asvd(ctx: ModuleContext, cfg: ASVD) -> None:
     err, alpha, A, B = best
     q = None
     if cfg.weights is not None:
-        A, B, q = quantize_factors(A, B, cfg.weights, W=W.double(), H=H, name=ctx.name)
+        A, B, q = quantize_factors(A, B, cfg.weights, W=W.double(), H=H, name=ctx.name, solver=cfg.solver)
         err = output_error(W, A, B, H)
     store_factors(ctx.module, ctx.record, A, B, args=cfg.weights, qparams=q, alpha=alpha, output_error=err)

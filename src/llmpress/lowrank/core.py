@@ -140,17 +140,25 @@ class RankTarget:
     hold at most ``ratio`` of the dense weight's parameters. ``weights``: both factors
     quantized to that grid (round to nearest; after a whitened method, B first and A refit to
     the quantized B in closed form, then quantized); with group quantization the rank of a
-    ``ratio`` is rounded down to a multiple of the group size (A's input dimension is the rank)."""
+    ``ratio`` is rounded down to a multiple of the group size (A's input dimension is the rank).
+    ``solver``: how the factors are put on that grid: ``rtn`` (round to nearest) or ``gptq``
+    (each factor by GPTQ with its own input statistics: B's input is the layer's, Gram matrix
+    H; A's is the latent B x, Gram matrix B H B^T; the methods that gather H only)."""
 
     ratio: float = 0.8
     rank: int | None = None
     weights: QuantArgs | None = None
+    solver: str = "rtn"
 
     def __post_init__(self):
         if not 0 < self.ratio <= 1:
             raise UserError(f"low-rank parameter ratio {self.ratio} must be in (0, 1]")
         if self.rank is not None and self.rank < 1:
             raise UserError(f"low-rank rank {self.rank} must be 1 or more")
+        if self.solver not in ("rtn", "gptq"):
+            raise UserError(f"low-rank factor solver {self.solver!r}: expected rtn or gptq")
+        if self.solver == "gptq" and self.weights is None:
+            raise UserError("low-rank factor solver gptq: set weights (the grid the factors are quantized to)")
 
     replaces_weight = True  # the plan refuses stages after it on the same linear (llmpress.calib.plan)
 
@@ -186,18 +194,35 @@ class RankTarget:
 
 
 def quantize_factors(A: torch.Tensor, B: torch.Tensor, args: QuantArgs, *, W: torch.Tensor | None = None, H: torch.Tensor | None = None,
-                     name: str = "") -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
-    """(A_q, B_q, their scales and zero points as payload tensors): B rounded to nearest; with
-    the weight and its input Gram matrix (``W``, ``H``), A refit to the rounded B first (so A
-    absorbs B's rounding error), then rounded."""
-    Bq, qb = quantize_weight(B.float(), args, f"{name}.B")
-    if W is not None and H is not None:
+                     name: str = "", solver: str = "rtn") -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """(A_q, B_q, their scales and zero points as payload tensors): B rounded to nearest (or by
+    GPTQ on H, ``solver: gptq``); with the weight and its input Gram matrix (``W``, ``H``), A
+    refit to the quantized B first (so A absorbs B's error), then rounded (or GPTQ on the
+    latent's Gram matrix B_q H B_q^T)."""
+    if solver == "gptq":
+        if W is None or H is None:
+            raise UserError(f"{name}: factor solver gptq needs the layer's input statistics")
+        Bq, qb = _gptq_factor(B, H, args, f"{name}.B")
         A = refit_left(W, Bq.double(), H)
-    Aq, qa = quantize_weight(A.float(), args, f"{name}.A")
+        Aq, qa = _gptq_factor(A, Bq.double() @ H.double() @ Bq.double().T, args, f"{name}.A")
+    else:
+        Bq, qb = quantize_weight(B.float(), args, f"{name}.B")
+        if W is not None and H is not None:
+            A = refit_left(W, Bq.double(), H)
+        Aq, qa = quantize_weight(A.float(), args, f"{name}.A")
     extra = {"A.scale": qa.scale, "B.scale": qb.scale}
     if qa.zero_point is not None:
         extra.update({"A.zero_point": qa.zero_point, "B.zero_point": qb.zero_point})
     return Aq, Bq, extra
+
+
+def _gptq_factor(M: torch.Tensor, H: torch.Tensor, args: QuantArgs, name: str):
+    """GPTQ with the settings of the ``gptq-*`` presets (activation order, static groups,
+    damping 0.3 of the mean diagonal: the choice measured on held-out text, docs/second-order.md)."""
+    from ..quant.gptq import gptq_quantize
+
+    res = gptq_quantize(M.float(), H.float(), args, act_order=True, static_groups=True, damp=0.3, name=name)
+    return res.weight, res.qparams
 
 
 def store_factors(module, record, A: torch.Tensor, B: torch.Tensor, *, args: QuantArgs | None = None, qparams: dict | None = None,

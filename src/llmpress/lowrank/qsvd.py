@@ -71,7 +71,7 @@ def qsvd(ctx, cfg: QSVD) -> None:
         A = refit_left(W, B, Hr)
     q = None
     if cfg.weights is not None:
-        A, B, q = quantize_factors(A, B, cfg.weights, W=W, H=Hr, name=f"qsvd block {ctx.index}")
+        A, B, q = quantize_factors(A, B, cfg.weights, W=W, H=Hr, name=f"qsvd block {ctx.index}", solver=cfg.solver)
     err = output_error(W, A, B, H)
     B = B.to(lins[0].weight.dtype).contiguous()
     q_name = f"{ctx.prefix}.{spec.q}"

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import UserError
 from ..registry import ModuleContext, register
 from .core import RankTarget, quantize_factors, store_factors, svd_factors
 
 
 @dataclass(kw_only=True, frozen=True)
 class SVD(RankTarget):
-    pass
+    def __post_init__(self):
+        super().__post_init__()
+        if self.solver == "gptq":
+            raise UserError("svd uses no calibration data: factor solver gptq needs the layer's input statistics (use svd_llm or asvd)")
 
 
 @register("svd", SVD, summary="truncated SVD: W ~ A B at a target parameter ratio (no data)")

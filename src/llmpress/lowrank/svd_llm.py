@@ -33,6 +33,6 @@ def svd_llm(ctx: ModuleContext, cfg: SVDLLM) -> None:
         A = refit_left(W, B, Hr)
     q = None
     if cfg.weights is not None:
-        A, B, q = quantize_factors(A, B, cfg.weights, W=W.double(), H=Hr, name=ctx.name)
+        A, B, q = quantize_factors(A, B, cfg.weights, W=W.double(), H=Hr, name=ctx.name, solver=cfg.solver)
     store_factors(ctx.module, ctx.record, A, B, args=cfg.weights, qparams=q, whitening_shift=wh.shift, dropped_error=float((S[r:] ** 2).sum()),
                   output_error=output_error(W, A, B, H))  # fmt: skip
