@@ -161,3 +161,34 @@ def test_model_checks():
         build_cache(m, f"kivi:2,g{hd * 2},r{hd * 2}")
     with pytest.raises(UserError, match="larger than the model's context"):
         build_cache(m, f"window:{m.config.max_position_embeddings + 1}")
+
+
+def test_cli_eval_with_kv_policies(tiny_alias_folders, tmp_path, monkeypatch):
+    import json
+
+    from conftest import shrink_env
+
+    from llmpress.cli import main
+
+    for k, v in shrink_env(tiny_alias_folders).items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "kv.json"
+    rc = main(["eval", "smollm2-135m", "--kv", "full", "--kv", "sinks:4,200", "--kv", "window:8", "--kv", "kivi:2,g16,r16",
+               "--tokens", "4096", "--passkey", "--no-progress", "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    rows = {r["policy"]: r for r in rep["policies"]}
+    assert rep["tokens"] == 32  # capped by the test shrink
+    assert rows["sinks:4,200"]["ppl"] == pytest.approx(rows["full"]["ppl"], rel=1e-5)  # the budget covers the stream
+    assert rows["window:8"]["ppl"] != pytest.approx(rows["full"]["ppl"], rel=1e-5)
+    assert rows["window:8"]["cache_bytes_peak"] < rows["full"]["cache_bytes_peak"] / 2
+    assert isinstance(rows["full"]["passkey"]["correct"], bool) and rows["full"]["passkey"]["context"] >= 32
+
+
+def test_cli_refuses_a_bad_policy_before_loading(capsys):
+    from llmpress.cli import main
+
+    rc = main(["eval", "no-such-model", "--kv", "kivi:5"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bits must be one of" in err[0]

@@ -91,6 +91,12 @@ def passkey_prompt(tokenizer, filler: torch.Tensor, key: str, context: int, dept
     return prompt, answer
 
 
+def passkey_min_context(tokenizer, filler: int = 16) -> int:
+    """Tokens of the planted sentence and the question, plus ``filler`` tokens of text."""
+    n = len(tokenizer(PASSKEY_INTRO.format(key="71432"), add_special_tokens=False)["input_ids"])
+    return n + len(tokenizer(PASSKEY_QUESTION, add_special_tokens=False)["input_ids"]) + filler
+
+
 @torch.no_grad()
 def passkey(model: nn.Module, tokenizer, filler: torch.Tensor, policy: KVPolicy | str, *, context: int, depth: float = 0.1,
             key: str = "71432", chunk: int = 64) -> dict:  # fmt: skip
@@ -114,3 +120,39 @@ def passkey(model: nn.Module, tokenizer, filler: torch.Tensor, policy: KVPolicy 
         unobserve_attention(model)
     return {"policy": policy.describe(), "context": context, "depth": depth, "correct": got == answer.tolist(),
             "key_logprob": lp / answer.numel()}  # fmt: skip
+
+
+def evaluate_kv(model_spec: str, policies: list[str], *, tokens: int = 4096, source: str = "wiki", chunk: int = 1,
+                passkey_check: bool = False, device: str = "cpu", progress: bool = True) -> dict:  # fmt: skip
+    """``llmpress eval MODEL --kv SPEC ...``: each policy on the same stream of ``tokens``
+    tokens of ``source``'s test text (capped by the test shrink), and with ``passkey_check`` the
+    planted-key retrieval at that context. Every policy is parsed before the model loads."""
+    from .. import data as data_mod
+    from .. import shrink
+    from ..api import load_compressed
+    from ..errors import UserError
+    from ..kvcache.build import check_policy
+    from ..progress import scope as progress_scope
+
+    parsed = [parse_policy(p) for p in policies]
+    data_mod.check_sources([source])
+    with progress_scope(progress):
+        model, tok = load_compressed(model_spec, device)
+    n = shrink.cap_seqlen(tokens)
+    for p in parsed:
+        check_policy(p, model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config, context=n)
+    stream = data_mod.token_stream(source, "test", tok)
+    if stream.numel() < n + 1:
+        raise UserError(f"--tokens {n}: the {source} test text has only {stream.numel()} tokens")
+    ids = stream[:n].clone()
+    rows = []
+    for p in parsed:
+        row = stream_perplexity(model, ids, p, chunk=chunk)
+        if passkey_check:  # at the stream's length, or the shortest context that holds the planted sentence and the question
+            row["passkey"] = passkey(model, tok, stream[n:], p, context=max(n, passkey_min_context(tok)))
+        rows.append(row)
+        if progress:
+            print(f"kv {row['policy']}: ppl {row['ppl']:.3f}, cache {row['cache_bytes_peak'] / 2**20:.2f} MiB at peak, "
+                  f"{row['tok_per_s']:.1f} tok/s" + (f", passkey {'found' if row['passkey']['correct'] else 'lost'}" if passkey_check else ""),
+                  flush=True)  # fmt: skip
+    return {"model": model_spec, "source": source, "tokens": n, "chunk": chunk, "policies": rows}
