@@ -173,13 +173,13 @@ def test_cli_eval_with_kv_policies(tiny_alias_folders, tmp_path, monkeypatch):
     for k, v in shrink_env(tiny_alias_folders).items():
         monkeypatch.setenv(k, v)
     out = tmp_path / "kv.json"
-    rc = main(["eval", "smollm2-135m", "--kv", "full", "--kv", "sinks:4,200", "--kv", "window:8", "--kv", "kivi:2,g16,r16",
+    rc = main(["eval", "smollm2-135m", "--kv", "full", "--kv", "sinks:4,1020", "--kv", "window:8", "--kv", "kivi:2",
                "--tokens", "4096", "--passkey", "--no-progress", "--json", str(out)])  # fmt: skip
     assert rc == 0
     rep = json.loads(out.read_text())
     rows = {r["policy"]: r for r in rep["policies"]}
     assert rep["tokens"] == 32  # capped by the test shrink
-    assert rows["sinks:4,200"]["ppl"] == pytest.approx(rows["full"]["ppl"], rel=1e-5)  # the budget covers the stream
+    assert rows["sinks:4,1020"]["ppl"] == pytest.approx(rows["full"]["ppl"], rel=1e-5)  # the budget covers the stream
     assert rows["window:8"]["ppl"] != pytest.approx(rows["full"]["ppl"], rel=1e-5)
     assert rows["window:8"]["cache_bytes_peak"] < rows["full"]["cache_bytes_peak"] / 2
     assert isinstance(rows["full"]["passkey"]["correct"], bool) and rows["full"]["passkey"]["context"] >= 32

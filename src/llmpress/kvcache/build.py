@@ -4,8 +4,8 @@ Specs (``--kv`` on the CLI; ``+`` joins an eviction policy and KIVI storage):
 
 - ``full``: every token in the model's precision (transformers' own dynamic cache);
 - ``kivi:BITS[,gG][,rR]``: KIVI, 2 or 4 bits (also 3, 8), key groups of G tokens and value
-  groups of G channels (default 32, must divide the head dimension), the last R tokens (default
-  128, a multiple of G) in precision;
+  groups of G channels (default: the largest divisor of the head dimension up to 32, KIVI's
+  group; a given G must divide it), the last R tokens (default 128, a multiple of G) in precision;
 - ``sinks:S,W``: StreamingLLM, the first S tokens and the last W; ``window:W`` = ``sinks:0,W``;
 - ``h2o:H,W``: H2O, the H tokens of largest accumulated attention (per key/value head) and the
   last W;
@@ -39,7 +39,7 @@ class KVPolicy:
     heavy: int = 0
     positions: str = "cache"
     kivi_bits: int | None = None
-    kivi_group: int = 32
+    kivi_group: int | None = None  # None: the largest divisor of the head dimension up to 32
     kivi_residual: int = 128
 
     @property
@@ -60,7 +60,7 @@ class KVPolicy:
         if self.evicts and self.positions != "cache":
             parts[-1] += f",pos={self.positions}"
         if self.kivi_bits:
-            parts.append(f"kivi:{self.kivi_bits},g{self.kivi_group},r{self.kivi_residual}")
+            parts.append(f"kivi:{self.kivi_bits}" + (f",g{self.kivi_group}" if self.kivi_group else "") + f",r{self.kivi_residual}")
         return "+".join(parts) or "full"
 
 
@@ -124,26 +124,41 @@ def parse_policy(spec: str) -> KVPolicy:
         if fields["window"] < 1:
             raise UserError(f"--kv {name}: the recent window must hold at least 1 token")
     p = KVPolicy(**fields)
-    if p.kivi_bits and p.kivi_residual % p.kivi_group:
+    if p.kivi_bits and p.kivi_group and p.kivi_residual % p.kivi_group:
         raise UserError(f"--kv kivi: the residual ({p.kivi_residual}) must be a multiple of the group ({p.kivi_group})")
     if p.kivi_bits and p.kind == "h2o":
         raise UserError("--kv h2o+kivi: evicting single tokens from per-channel quantized key groups is not supported (sinks or window compose with kivi)")
-    if p.kivi_bits and p.evicts and p.window < p.kivi_residual + p.kivi_group:
-        raise UserError(f"--kv: with kivi the window ({p.window}) must hold at least the residual plus one group ({p.kivi_residual + p.kivi_group})")
+    if p.kivi_bits and p.evicts and p.window < p.kivi_residual + (p.kivi_group or 32):
+        raise UserError(f"--kv: with kivi the window ({p.window}) must hold at least the residual plus one group ({p.kivi_residual + (p.kivi_group or 32)})")
     return p
 
 
 def check_policy(policy: KVPolicy, config, context: int | None = None) -> None:
     """Refuse a policy the model cannot run: a KIVI group not dividing the head dimension, a
     budget beyond the model's context, original positions past it (``context``: stream length)."""
-    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if policy.kivi_bits and hd % policy.kivi_group:
+    hd = head_dim(config)
+    if policy.kivi_bits and hd % kivi_group(policy, config):
         raise UserError(f"--kv kivi: group {policy.kivi_group} does not divide the head dimension {hd}")
+    if policy.kivi_bits and policy.kivi_residual % kivi_group(policy, config):
+        raise UserError(f"--kv kivi: the residual ({policy.kivi_residual}) must be a multiple of the group ({kivi_group(policy, config)})")
     limit = getattr(config, "max_position_embeddings", None)
     if policy.evicts and policy.positions == "original" and limit and context and context > limit:
         raise UserError(f"--kv pos=original: {context} tokens run past the model's context of {limit} positions; use pos=cache")
     if policy.evicts and limit and policy.budget > limit:
         raise UserError(f"--kv: the cache budget ({policy.budget} tokens) is larger than the model's context ({limit} positions)")
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kivi_group(policy: KVPolicy, config) -> int:
+    """The group a KIVI policy uses on a model: given, or the largest divisor of the head
+    dimension up to 32 (KIVI's 32 on heads of 64 or 128)."""
+    if policy.kivi_group:
+        return policy.kivi_group
+    hd = head_dim(config)
+    return max(g for g in range(1, min(32, hd) + 1) if hd % g == 0)
 
 
 def _text_config(model: nn.Module):
@@ -165,7 +180,7 @@ def build_cache(model: nn.Module, policy: KVPolicy | str) -> Cache:
     if policy.evicts and policy.positions == "cache" and any(f is None for f in freqs):
         raise UserError("--kv pos=cache: the model's rotary frequencies were not found; use pos=original")
     types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-    kivi = dict(bits=policy.kivi_bits, group=policy.kivi_group, residual=policy.kivi_residual) if policy.kivi_bits else None
+    kivi = dict(bits=policy.kivi_bits, group=kivi_group(policy, cfg), residual=policy.kivi_residual) if policy.kivi_bits else None
     layers = []
     for i, t in enumerate(types):
         if t == "sliding_attention":
