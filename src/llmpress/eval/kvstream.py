@@ -145,9 +145,16 @@ def evaluate_kv(model_spec: str, policies: list[str], *, tokens: int = 4096, sou
     if stream.numel() < n + 1:
         raise UserError(f"--tokens {n}: the {source} test text has only {stream.numel()} tokens")
     ids = stream[:n].clone()
+    from .memory import hwm_mb, reset_hwm, rss_mb, trim_malloc
+
     rows = []
     for p in parsed:
+        trim_malloc()
+        exact = reset_hwm()
+        base = rss_mb()
         row = stream_perplexity(model, ids, p, chunk=chunk)
+        if exact:  # this policy's own peak, and what it added to the model in memory
+            row["peak_rss_mb"], row["rss_before_mb"] = round(hwm_mb(), 1), round(base, 1)
         if passkey_check:  # at the stream's length, or the shortest context that holds the planted sentence and the question
             row["passkey"] = passkey(model, tok, stream[n:], p, context=max(n, passkey_min_context(tok)))
         rows.append(row)
