@@ -127,9 +127,13 @@ def parse_policy(spec: str) -> KVPolicy:
     if p.kivi_bits and p.kivi_group and p.kivi_residual % p.kivi_group:
         raise UserError(f"--kv kivi: the residual ({p.kivi_residual}) must be a multiple of the group ({p.kivi_group})")
     if p.kivi_bits and p.kind == "h2o":
-        raise UserError("--kv h2o+kivi: evicting single tokens from per-channel quantized key groups is not supported (sinks or window compose with kivi)")
+        raise UserError(
+            "--kv h2o+kivi: evicting single tokens from per-channel quantized key groups is not supported (sinks or window compose with kivi)"
+        )
     if p.kivi_bits and p.evicts and p.window < p.kivi_residual + (p.kivi_group or 32):
-        raise UserError(f"--kv: with kivi the window ({p.window}) must hold at least the residual plus one group ({p.kivi_residual + (p.kivi_group or 32)})")
+        raise UserError(
+            f"--kv: with kivi the window ({p.window}) must hold at least the residual plus one group ({p.kivi_residual + (p.kivi_group or 32)})"
+        )
     return p
 
 
