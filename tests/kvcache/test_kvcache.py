@@ -192,3 +192,19 @@ def test_cli_refuses_a_bad_policy_before_loading(capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bits must be one of" in err[0]
+
+
+def test_gemma3_local_layers_keep_their_sliding_cache_and_global_layers_take_the_policy():
+    from conftest import tiny_gemma3
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    torch.manual_seed(0)
+    m = tiny_gemma3(layers=6)  # five local layers, then one global
+    ids = torch.randint(0, m.config.vocab_size, (48,))
+    with torch.no_grad():
+        ref = float(torch.exp(F.cross_entropy(m(input_ids=ids[None]).logits[0, :-1], ids[1:])))
+    for spec in ("sinks:4,60", "h2o:30,30", "kivi:8,r16"):
+        assert stream_perplexity(m, ids, spec)["ppl"] == pytest.approx(ref, rel=1e-4)
+    assert stream_perplexity(m, ids, "window:8")["ppl"] != pytest.approx(ref, rel=1e-4)
+    cache = build_cache(m, "window:8")
+    assert [type(x) for x in cache.layers] == [DynamicSlidingWindowLayer] * 5 + [PolicyLayer]
