@@ -88,11 +88,14 @@ def tiny_model_dir(tmp_path):
     return save_tiny_model(tmp_path / "tiny-llama")
 
 
-def save_tiny_model(folder, family: str = "llama", mutate=None):
+def save_tiny_model(folder, family: str = "llama", mutate=None, context: int | None = None):
     """Save a tiny random model of ``family`` (llama or gemma3) with the tiny tokenizer: an HF folder.
-    ``mutate(model)``, when given, edits the weights (under ``no_grad``) before saving."""
+    ``mutate(model)``, when given, edits the weights (under ``no_grad``) before saving; ``context``:
+    the config's ``max_position_embeddings`` (the aliases' stand-ins take the real models')."""
     tok = tiny_tokenizer()
     model = TINY_MODELS[family](vocab=len(tok))
+    if context is not None:
+        model.config.max_position_embeddings = context
     if mutate is not None:
         with torch.no_grad():
             mutate(model)
@@ -103,6 +106,7 @@ def save_tiny_model(folder, family: str = "llama", mutate=None):
 
 # the packaged aliases and the tiny stand-ins the test shrink points them at
 TINY_ALIASES = {"smollm2-135m": "llama", "gemma3-270m": "gemma3"}
+ALIAS_CONTEXT = {"smollm2-135m": 8192, "gemma3-270m": 32768}  # the real models' max_position_embeddings
 SHRINK_WINDOWS = 4  # calibration samples and evaluation windows
 SHRINK_SEQLEN = 32  # tokens per window
 
@@ -111,7 +115,7 @@ SHRINK_SEQLEN = 32  # tokens per window
 def tiny_alias_folders(tmp_path_factory) -> dict:
     """alias -> saved tiny model folder, for ``LLMPRESS_TEST_MODELS`` (made once per session)."""
     root = tmp_path_factory.mktemp("tiny-aliases")
-    return {alias: save_tiny_model(root / alias, family) for alias, family in TINY_ALIASES.items()}
+    return {alias: save_tiny_model(root / alias, family, context=ALIAS_CONTEXT[alias]) for alias, family in TINY_ALIASES.items()}
 
 
 def shrink_env(folders: dict, windows: int = SHRINK_WINDOWS, seqlen: int = SHRINK_SEQLEN) -> dict:

@@ -156,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a model folder larger than memory: one decoder block read at a time (not for checkpoints written by llmpress)",
     )
+    e.add_argument(
+        "--kv",
+        action="append",
+        metavar="POLICY",
+        help="long-text evaluation with a KV-cache policy, token by token (repeatable): full, kivi:2, kivi:4, sinks:4,1020, "
+        "window:1024, h2o:256,256, sinks:4,1020+kivi:4 (docs/kvcache.md)",
+    )
+    e.add_argument("--tokens", type=_at_least(2), default=4096, help="with --kv: tokens in the evaluated stream (default 4096)")
+    e.add_argument("--kv-chunk", type=_at_least(1), default=1, help="with --kv: tokens fed per step (default 1: token by token)")
+    e.add_argument("--passkey", action="store_true", help="with --kv: also a key planted early in the text, asked for at the end")
     _add_common(e)
 
     x = sub.add_parser("export", help="convert a packed checkpoint to a format other tools load")
@@ -334,6 +344,19 @@ def _dispatch(args) -> int:
             print(f"saved: {args.out}")
         if args.json_path:
             print(f"report: {args.json_path}")
+        return 0
+    if args.command == "eval" and args.kv:
+        from .eval.kvstream import evaluate_kv
+
+        if args.stream:
+            raise UserError("--kv evaluates a model in memory; not with --stream")
+        out = evaluate_kv(args.model, args.kv, tokens=args.tokens, source=args.eval_data.split(",")[0], chunk=args.kv_chunk,
+                          passkey_check=args.passkey, device=args.device, progress=not args.no_progress)  # fmt: skip
+        if args.json_path:
+            from .report import write_atomic
+
+            write_atomic(__import__("pathlib").Path(args.json_path), json.dumps(out, indent=2))
+        print(json.dumps(out["policies"], indent=2))
         return 0
     if args.command == "eval":
         report = api.evaluate(args.model, evaluation=eval_config(args), device=args.device, progress=not args.no_progress, stream=args.stream)
