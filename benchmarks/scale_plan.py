@@ -134,13 +134,16 @@ def times(windows: int, seqlen: int, measured: str | None) -> None:
               + " / ".join(f"{per[n] * layers / 3600:.1f}" for n in (1, 2, 4)) + " |")  # fmt: skip
     h, inter, layers, heads, kv, _ = MODELS["Llama-3.1-8B"]
     f = block_flop(h, inter, heads, kv, windows * seqlen, seqlen)
-    one = block_seconds(f, 1.0, 1.0, 1)
-    print("\nLlama-3-8B against llm-compressor's published GPTQ times (same shapes as 3.1-8B):\n")
-    print("| ranks | llm-compressor s | rate it implies for this FLOP model, TFLOP/s | llmpress model speed-up over 1 rank | llm-compressor's |")
-    print("|---|---|---|---|---|")
+    big = block_flop(h, inter, heads, kv, 512 * 2048, 2048)  # llm-compressor's examples: 512 samples of 2048 tokens
+    print("\nLlama-3-8B against llm-compressor's published GPTQ times (same shapes as 3.1-8B; their calibration set is not")
+    print(f"part of the figures: the rate each implies is given for {windows} x {seqlen} tokens and for 512 x 2048):\n")
+    print(f"| GPUs | llm-compressor s | implied TFLOP/s per GPU, {windows}x{seqlen} | ... 512x2048 | llm-compressor speed-up | "
+          "llmpress model speed-up, this machine's rates |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     for n, secs in PEER_8B_SECONDS.items():
         sp = block_seconds(f, r["gemm_flops"], r["solve_flops"], 1) / block_seconds(f, r["gemm_flops"], r["solve_flops"], n)
-        print(f"| {n} | {secs} | {one * layers / secs / n / 1e12:.1f} per GPU | {sp:.2f}x | {PEER_8B_SECONDS[1] / secs:.2f}x |")
+        rate = [block_seconds(x, 1.0, 1.0, 1) * layers / secs / n / 1e12 for x in (f, big)]
+        print(f"| {n} | {secs} | {rate[0]:.1f} | {rate[1]:.1f} | {PEER_8B_SECONDS[1] / secs:.2f}x | {sp:.2f}x |")
 
 
 def rows(windows: int, seqlen: int, ranks: int) -> list[dict]:
