@@ -201,7 +201,17 @@ def check_compress(args, res, cwd: Path) -> None:
         assert logits.shape == (1, ids.shape[1], model.config.vocab_size) and torch.isfinite(logits).all()
 
 
+def check_eval_kv(args, res, cwd: Path) -> None:
+    rows = json.loads(res.stdout[res.stdout.index("[") :])
+    assert len(rows) == len(args.kv) and all(_finite_ppl(r["ppl"]) and r["cache_bytes_peak"] > 0 for r in rows), rows
+    assert not args.passkey or all(isinstance(r["passkey"]["correct"], bool) for r in rows), rows
+    if args.json_path:
+        assert json.loads((cwd / args.json_path).read_text())["test_shrink"]
+
+
 def check_eval(args, res, cwd: Path) -> None:
+    if args.kv:
+        return check_eval_kv(args, res, cwd)
     out = json.loads(res.stdout[res.stdout.index("{") :])
     assert _finite_ppl(out["ppl"]) and 0 < out["bits_per_weight"] <= 32 and out["n_params"] > 0, out
     sources = [s for _, s in _sources(args.eval_data)]

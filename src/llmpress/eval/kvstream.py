@@ -162,4 +162,4 @@ def evaluate_kv(model_spec: str, policies: list[str], *, tokens: int = 4096, sou
             print(f"kv {row['policy']}: ppl {row['ppl']:.3f}, cache {row['cache_bytes_peak'] / 2**20:.2f} MiB at peak, "
                   f"{row['tok_per_s']:.1f} tok/s" + (f", passkey {'found' if row['passkey']['correct'] else 'lost'}" if passkey_check else ""),
                   flush=True)  # fmt: skip
-    return {"model": model_spec, "source": source, "tokens": n, "chunk": chunk, "policies": rows}
+    return {"model": model_spec, "source": source, "tokens": n, "chunk": chunk, "policies": rows, "test_shrink": shrink.in_force()}
