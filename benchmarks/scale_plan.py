@@ -152,6 +152,7 @@ def rows(windows: int, seqlen: int, ranks: int) -> list[dict]:
         p = block_params(h, inter, heads, kv)
         hess = sum(d * d for d in hessian_inputs(h, inter))
         tokens = windows * seqlen
+        f = block_flop(h, inter, heads, kv, tokens, seqlen)
         out.append({
             "model": name,
             "weights_gb_bf16": (p * layers + 2 * vocab * h) * 2 / GB,
@@ -163,9 +164,9 @@ def rows(windows: int, seqlen: int, ranks: int) -> list[dict]:
             "largest_hessian_gb_fp64": inter * inter * 8 / GB,
             "allreduce_gb_per_block": hess * 8 / GB,  # one all-reduce of every Hessian sum per block
             "allreduce_tb_model": hess * 8 * layers / 1e12,
-            "solve_tflop_block": sum(o * i * i for o, i in ((h, h), (kv * h // heads, h), (kv * h // heads, h), (h, h), (inter, h), (inter, h), (h, inter))) / 1e12,
-            "forward_tflop_block": 2 * p * tokens / 1e12,
-            "gram_tflop_block": 2 * tokens * hess / 1e12,
+            "solve_tflop_block": sum(c for _, c in f["solves"]) / 1e12,
+            "forward_tflop_block": f["forward"] / 1e12,
+            "gram_tflop_block": f["gram"] / 1e12,
         })  # fmt: skip
     return out
 
