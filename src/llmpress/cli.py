@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import sys
+from pathlib import Path
 
 from . import progress
 from .analysis import cli as analysis_cli
@@ -292,26 +293,7 @@ def _dispatch(args) -> int:
         print(f"exported {args.checkpoint} as {args.export_format}: {out}")
         return 0
     if args.command == "bench":
-        from . import bench
-
-        cfg = bench.BenchConfig(
-            prefill_tokens=args.prefill_tokens,
-            decode_tokens=args.decode_tokens,
-            batches=tuple(args.batches),
-            repeats=args.repeats,
-            layer_kernels=not args.no_layers,
-            memory_probe=not args.no_memory_probe,
-        )
-        result = bench.run(args.models, args.baseline, cfg, progress=lambda m: progress.note(f"bench: {m}"))
-        print(bench.table(result))
-        if args.json_path:
-            from pathlib import Path
-
-            from .report import write_atomic
-
-            write_atomic(Path(args.json_path), json.dumps(result, indent=2, default=repr))
-            print(f"results: {args.json_path}")
-        return 0
+        return _cmd_bench(args)
     if args.command == "compress":
         from .calib import dist
 
@@ -345,7 +327,15 @@ def _dispatch(args) -> int:
         if args.json_path:
             print(f"report: {args.json_path}")
         return 0
-    if args.command == "eval" and args.kv:
+    if args.command == "eval":
+        return _cmd_eval(args)
+    raise AssertionError(args.command)
+
+
+def _cmd_eval(args) -> int:
+    from . import api
+
+    if args.kv:
         from .eval.kvstream import evaluate_kv
 
         if args.stream:
@@ -355,16 +345,35 @@ def _dispatch(args) -> int:
         if args.json_path:
             from .report import write_atomic
 
-            write_atomic(__import__("pathlib").Path(args.json_path), json.dumps(out, indent=2))
+            write_atomic(Path(args.json_path), json.dumps(out, indent=2))
         print(json.dumps(out["policies"], indent=2))
         return 0
-    if args.command == "eval":
-        report = api.evaluate(args.model, evaluation=eval_config(args), device=args.device, progress=not args.no_progress, stream=args.stream)
-        if args.json_path:
-            report.write_json(args.json_path)
-        print(json.dumps({k: report.compressed[k] for k in ("ppl", "ppl_by_source", "bits_per_weight", "size_mb", "n_params")}, indent=2))
-        return 0
-    raise AssertionError(args.command)
+    report = api.evaluate(args.model, evaluation=eval_config(args), device=args.device, progress=not args.no_progress, stream=args.stream)
+    if args.json_path:
+        report.write_json(args.json_path)
+    print(json.dumps({k: report.compressed[k] for k in ("ppl", "ppl_by_source", "bits_per_weight", "size_mb", "n_params")}, indent=2))
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from . import bench
+
+    cfg = bench.BenchConfig(
+        prefill_tokens=args.prefill_tokens,
+        decode_tokens=args.decode_tokens,
+        batches=tuple(args.batches),
+        repeats=args.repeats,
+        layer_kernels=not args.no_layers,
+        memory_probe=not args.no_memory_probe,
+    )
+    result = bench.run(args.models, args.baseline, cfg, progress=lambda m: progress.note(f"bench: {m}"))
+    print(bench.table(result))
+    if args.json_path:
+        from .report import write_atomic
+
+        write_atomic(Path(args.json_path), json.dumps(result, indent=2, default=repr))
+        print(f"results: {args.json_path}")
+    return 0
 
 
 if __name__ == "__main__":
