@@ -107,6 +107,9 @@ def test_planted_sink_found_with_its_massive_activation():
     assert a["uniform_mass0"] == pytest.approx(sum(1 / (i + 1) for i in range(4, 32)) / 28, rel=1e-3)
     # token 0's key is huge on the planted kv heads of layer 1; its query is not (a constant bias)
     assert min(a["head_norm_ratios"]["k"][1]) > 5 and l1["k_ratio"] > 5
+    # the planted rotary dimension D/2 - 1 = 7 carries the largest q and k values of every token
+    assert l1["q_dim_peak_at"][1] == 7 and l1["k_dim_peak_at"][1] == 7 and l1["k_dim_peak"] > 10
+    assert a["link"]["corr_log_h0_mass0"] is None  # two layers: too few for a correlation
     # the link: massive at token 0, channel CHANNEL, in the residual from block 0 on, entering the onset layer 1
     link = a["link"]
     assert link["onset_layer"] == 1 and link["first_massive_layer_tok0"] == 0 and link["massive_before_onset"] is True
@@ -115,6 +118,14 @@ def test_planted_sink_found_with_its_massive_activation():
     assert link["entering_onset"]["massive"]["value"] == pytest.approx(100, rel=0.05)
     assert l1["massive_in"]["channel"] == CHANNEL and l0["massive_in"] is None
     assert l0["h0_in"] == pytest.approx(100, rel=1e-3) and l0["h0_in_over_median"] > 1000
+
+
+def test_correlation_of_token0_magnitude_and_mass():
+    from llmpress.analysis.sinks import _corr
+
+    assert _corr([1.0, 10.0, 100.0], [0.1, 0.3, 0.5]) == pytest.approx(1.0)
+    assert _corr([100.0, 10.0, 1.0], [0.1, 0.3, 0.5]) == pytest.approx(-1.0)
+    assert _corr([1.0, None, 100.0], [0.1, 0.3, 0.5]) is None  # fewer than 3 layers with a magnitude
 
 
 def test_norm_ratios_are_token0_over_the_median_of_the_others():
@@ -134,6 +145,7 @@ def test_norm_ratios_are_token0_over_the_median_of_the_others():
             assert float(wmed) == pytest.approx(float(whole[:, 1:].median(-1).values.sum()), rel=1e-6)
             assert torch.allclose(h0.float(), per_head[:, :, 0].sum(0), rtol=1e-6)
             assert torch.allclose(hmed.float(), per_head[:, :, 1:].median(-1).values.sum(0), rtol=1e-6)
+            assert torch.allclose(st.dim_abs[name][li].float(), x[:, :, 1:].abs().sum((0, 2)), rtol=1e-5)
     # RoPE is a rotation: q and k norms after it are those of the projections' outputs
     attn = m.model.layers[0].self_attn
     got = {}
@@ -167,7 +179,7 @@ def test_cli_analyze_attention_on_by_default_and_off_with_the_flag(tiny_model_di
     assert (tmp_path / "on" / "img" / "attention_sinks.png").stat().st_size > 1000
     html = (tmp_path / "on" / "report.html").read_text()
     assert "<h2>Attention sinks</h2>" in html and "Attention mass on token 0" in html
-    assert "Attention sink: queries give token 0" in printed
+    assert "Attention sink: queries give token 0" in printed and "At token 0 of layer" in printed
     assert _analyze(main, tiny_model_dir, tiny_text_file, tmp_path / "off", "--no-attention") == 0
     data = json.loads((tmp_path / "off" / "analysis.json").read_text())
     assert "attention_sinks" not in data and "attention" not in data["seconds"]

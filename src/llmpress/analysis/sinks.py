@@ -20,6 +20,7 @@ where the layer has one. Nothing relies on ``output_attentions`` (sdpa does not 
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -192,6 +193,7 @@ class SinkStats:
         self.mass0: dict[int, torch.Tensor] = {}  # layer -> [H] sum over sequences of the mean over queries
         self.massk: dict[int, torch.Tensor] = {}
         self.norms: dict[str, dict[int, list[torch.Tensor]]] = {"q": {}, "k": {}, "v": {}}
+        self.dim_abs: dict[str, dict[int, torch.Tensor]] = {"q": {}, "k": {}, "v": {}}  # sum of |x| over tokens 1.. per [head, dim]
         self.seqs: dict[int, int] = {}
         self.seqlen = 0
         self.windows: dict[int, int | None] = {}
@@ -212,6 +214,7 @@ class SinkStats:
             parts = _norm_ratio_parts(x)
             old = self.norms[name].get(li)
             self.norms[name][li] = list(parts) if old is None else [a + b for a, b in zip(old, parts)]
+            self.dim_abs[name][li] = self.dim_abs[name].get(li, 0) + x[:, :, 1:, :].float().abs().sum((0, 2)).double()
         self.seqs[li] = self.seqs.get(li, 0) + B
 
     def uniform(self) -> tuple[float, float]:
@@ -283,11 +286,25 @@ def _layer_row(st: SinkStats, col: Collected, massive: dict[int, dict], li: int)
         row[f"{name}_norm0"] = _r(float(w0) / n)
         row[f"{name}_norm_median"] = _r(float(wmed) / n)
         row[f"{name}_ratio"] = _ratio(float(w0), float(wmed))
+        d = st.dim_abs[name][li]  # [heads, D]: massive values concentrated in a few dimensions (of every token)
+        row[f"{name}_dim_peak"] = _ratio(float(d.max()), float(d.flatten().median()))
+        row[f"{name}_dim_peak_at"] = list(divmod(int(d.argmax()), d.shape[1]))  # [head, dim]
     h0, med = _tok0_entering(col, li)
     row["h0_in"] = _r(h0) if h0 is not None else None
     row["h0_in_over_median"] = _ratio(h0, med) if h0 is not None and med else None
     row["massive_in"] = massive.get(li - 1)  # flagged at token 0 of the residual entering this layer
     return row
+
+
+def _corr(h0: list, mass: list) -> float | None:
+    """Pearson correlation over layers of log10 |h| entering (token 0) and the mass on token 0."""
+    pts = [(math.log10(h), m) for h, m in zip(h0, mass) if h is not None and h > 0]
+    if len(pts) < 3:
+        return None
+    x, y = torch.tensor(pts, dtype=torch.float64).T
+    x, y = x - x.mean(), y - y.mean()
+    den = float(x.norm() * y.norm())
+    return _r(float((x * y).sum()) / den) if den else None
 
 
 def sink_findings(st: SinkStats, col: Collected, mf: dict) -> dict:
@@ -308,6 +325,7 @@ def sink_findings(st: SinkStats, col: Collected, mf: dict) -> dict:
         "massive_pair_tok0": None if pair is None else {k: pair[k] for k in ("channel", "layers", "max_abs", "from_layer_half_peak")},
         "entering_onset": None if onset is None else {"h0": rows[layers.index(onset)]["h0_in"], "massive": massive.get(onset - 1)},
         "massive_before_onset": None if onset is None or not flagged else flagged[0] < onset,
+        "corr_log_h0_mass0": _corr([r["h0_in"] for r in rows], [r["mass0_mean"] for r in rows]),
     }
     ratios = {}
     for name in ("q", "k", "v"):
@@ -319,6 +337,7 @@ def sink_findings(st: SinkStats, col: Collected, mf: dict) -> dict:
         "uniform_mass0": _r(u0),
         "uniform_first_k": _r(uk),
         "mass0_mean_all": _r(sum(r["mass0_mean"] for r in rows) / max(len(rows), 1)),
+        "dim_peak_mean": {n: _r(sum(r[f"{n}_dim_peak"] or 0 for r in rows) / max(len(rows), 1)) for n in ("q", "k", "v")},
         "sink_layers": sink_layers,
         "top_layers": [{"layer": r["layer"], "mass0_mean": r["mass0_mean"]} for r in top],
         "link": link,
