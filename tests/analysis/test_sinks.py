@@ -185,3 +185,22 @@ def test_cli_analyze_attention_on_by_default_and_off_with_the_flag(tiny_model_di
     assert "attention_sinks" not in data and "attention" not in data["seconds"]
     assert not (tmp_path / "off" / "img" / "attention_sinks.png").exists()
     assert "Attention sinks" not in (tmp_path / "off" / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_smollm2_attention_sink_follows_the_massive_activation():
+    from llmpress import models
+
+    model, tok = models.load("smollm2-135m")
+    cfg = AnalysisConfig(windows=2, seqlen=256, interventions=False, plots=False, progress=False)
+    a = analyze(model, tok, cfg).summary["attention_sinks"]
+    mass = [r["mass0_mean"] for r in a["per_layer"]]
+    assert len(a["mass0"]) == 30 and len(a["mass0"][0]) == 9
+    assert max(mass[:2]) < 0.03 and min(mass[12:29]) > 0.2 and max(mass) > 0.5  # no sink at the bottom, one from layer 12
+    assert mass[11] < 0.05 < 0.1 < min(mass[3:10])  # it follows token 0's ~700 at layers 3-9, gone at 11
+    link = a["link"]
+    assert link["massive_pair_tok0"]["channel"] == 507 and link["first_massive_layer_tok0"] <= 3
+    assert 12 <= link["onset_layer"] <= 16 and link["massive_before_onset"] and link["corr_log_h0_mass0"] > 0.7
+    assert link["entering_onset"]["massive"]["channel"] == 507 and link["entering_onset"]["h0"] > 1.5e4
+    assert all(r["k_ratio"] < 0.6 and r["v_ratio"] < 0.6 for r in a["per_layer"][12:29])  # token 0's q/k/v are small
+    assert min(a["dim_peak_mean"]["q"], a["dim_peak_mean"]["k"]) > 2 * a["dim_peak_mean"]["v"]
