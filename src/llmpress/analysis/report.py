@@ -167,8 +167,7 @@ def headline(s: dict) -> list[str]:
             )
             + "."
         )
-    lines += sinks_report.headline(s)
-    return lines
+    return lines + sinks_report.headline(s)
 
 
 def implications(s: dict) -> list[str]:
