@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from conftest import random_windows, tiny_gemma3, tiny_llama, tiny_tokenizer
 
-from llmpress.analysis import AnalysisConfig, analyze
+from llmpress.analysis import AnalysisConfig, analyze, sinks
 from llmpress.analysis.sinks import LayerAttention, SinkStats, attention_of, attention_probs
 
 
@@ -24,16 +24,18 @@ def test_probabilities_equal_eager_attention(make):
         ref = m(ids, output_attentions=True, use_cache=False).attentions
     assert len(mine) == len(ref) == m.config.num_hidden_layers
     for la, r in zip(mine, ref):
-        assert la.probs.shape == r.shape == (3, 4, 32, 32)
-        assert torch.allclose(la.probs, r.float(), atol=1e-5, rtol=0)
+        assert la.probs().shape == r.shape == (3, 4, 32, 32)
+        assert torch.allclose(la.probs(), r.float(), atol=1e-5, rtol=0)
+        assert torch.equal(la.probs(5, 9), la.probs()[:, :, 5:9])  # a chunk of queries
     types = getattr(m.config, "layer_types", None)
     if types:  # the window really cuts: query 31 sees keys 16..31 only on sliding layers
         assert types[0] == "sliding_attention" and types[5] == "full_attention"
-        assert float(mine[0].probs[..., 31, :16].abs().max()) == 0.0
-        assert float(mine[5].probs[..., 31, :16].sum(-1).min()) > 0.0
+        assert float(mine[0].probs()[..., 31, :16].abs().max()) == 0.0
+        assert float(mine[5].probs()[..., 31, :16].sum(-1).min()) > 0.0
 
 
-def test_uniform_attention_gives_the_uniform_baseline():
+@pytest.mark.parametrize("chunk", [256, 5])
+def test_uniform_attention_gives_the_uniform_baseline(chunk, monkeypatch):
     """q = 0: every query spreads evenly over the keys it sees; the mass on token 0 is then the mean
     of 1/(i+1) over queries i >= 4, on the first 4 keys the mean of min(4, i+1)/(i+1)."""
     B, H, KV, T, D = 2, 4, 2, 12, 8
@@ -42,8 +44,9 @@ def test_uniform_attention_gives_the_uniform_baseline():
     p = attention_probs(q, k, scaling=0.3)
     assert torch.allclose(p.sum(-1), torch.ones(B, H, T))
     assert torch.allclose(p[0, 0, 5], torch.tensor([1 / 6] * 6 + [0.0] * 6))
+    monkeypatch.setattr(sinks, "QUERY_CHUNK", chunk)  # 5: queries 4..8 and 9..11 in two softmaxes
     st = SinkStats(1)
-    st.update(0, LayerAttention(q=q, k=k, v=v, probs=p))
+    st.update(0, LayerAttention(q=q, k=k, v=v, scaling=0.3))
     u0, uk = st.uniform()
     assert u0 == pytest.approx(sum(1 / (i + 1) for i in range(4, T)) / (T - 4))
     assert uk == pytest.approx(sum(4 / (i + 1) for i in range(4, T)) / (T - 4))
@@ -96,7 +99,7 @@ def test_planted_sink_found_with_its_massive_activation():
     with torch.no_grad():
         ref = m(w[:2], output_attentions=True, use_cache=False).attentions
     for la, r in zip(mine, ref):
-        assert torch.allclose(la.probs, r, atol=1e-5, rtol=0)
+        assert torch.allclose(la.probs(), r, atol=1e-5, rtol=0)
     cfg = AnalysisConfig(windows=4, seqlen=32, progress=False, interventions=False, plots=False)
     a = analyze(m, tok, cfg, windows=w).summary["attention_sinks"]
     l0, l1 = a["per_layer"]

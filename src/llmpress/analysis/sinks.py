@@ -35,16 +35,22 @@ from .collect import Collected, backbone
 MIN_QUERY = 4  # queries at positions < MIN_QUERY are left out of the mass (they have few keys to choose from)
 FIRST_K = 4  # "the first tokens": keys 0..FIRST_K-1
 SINK_MASS = 0.5  # a layer is a sink layer when its heads give token 0 this much on average
+QUERY_CHUNK = 256  # queries per softmax: memory B x H x QUERY_CHUNK x T, not x T x T
 
 
 @dataclass(kw_only=True)
 class LayerAttention:
-    """One layer's attention on one batch: q and k after RoPE, v, and the probabilities."""
+    """One layer's attention on one batch: q and k after RoPE, v, and what turns them into probabilities."""
 
     q: torch.Tensor  # [B, H, T, D]
     k: torch.Tensor  # [B, KV, T, D]
     v: torch.Tensor  # [B, KV, T, D]
-    probs: torch.Tensor  # [B, H, T, T] float32
+    scaling: float
+    window: int | None = None  # sliding window of the layer
+
+    def probs(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """[B, H, stop - start, T] float32: the probabilities of queries start..stop-1 (default: all)."""
+        return attention_probs(self.q[:, :, start:stop], self.k, scaling=self.scaling, window=self.window, start=start)
 
 
 def attention_module(block: nn.Module, spec: ArchSpec) -> nn.Module:
@@ -75,19 +81,21 @@ def sliding_window(attn: nn.Module) -> int | None:
     return getattr(getattr(attn, "config", None), "sliding_window", None)
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, *, scaling: float, window: int | None = None) -> torch.Tensor:
+def attention_probs(q: torch.Tensor, k: torch.Tensor, *, scaling: float, window: int | None = None, start: int = 0) -> torch.Tensor:
     """softmax(q k^T * scaling) under the causal mask (and a sliding window), in float32.
 
-    ``q`` [B, H, T, D], ``k`` [B, KV, T, D] with H a multiple of KV: query head h reads key
-    head h // (H / KV), as transformers' ``repeat_kv`` does.
+    ``q`` [B, H, Tq, D] the queries at positions start..start+Tq-1, ``k`` [B, KV, T, D] every
+    key, H a multiple of KV: query head h reads key head h // (H / KV), as transformers'
+    ``repeat_kv`` does.
     """
-    H, KV, T = q.shape[1], k.shape[1], q.shape[2]
+    H, KV, T = q.shape[1], k.shape[1], k.shape[2]
     k = k.float().repeat_interleave(H // KV, dim=1)
     s = torch.matmul(q.float(), k.transpose(-1, -2)) * scaling
-    i = torch.arange(T, device=q.device)
-    allowed = i[None, :] <= i[:, None]
+    i = torch.arange(start, start + q.shape[2], device=q.device)
+    j = torch.arange(T, device=q.device)
+    allowed = j[None, :] <= i[:, None]
     if window is not None:
-        allowed &= i[None, :] > i[:, None] - window
+        allowed &= j[None, :] > i[:, None] - window
     s = s.masked_fill(~allowed, float("-inf"))
     return torch.softmax(s, dim=-1)
 
@@ -136,7 +144,7 @@ def _layer_hooks(li: int, attn: nn.Module, spec: ArchSpec, on_layer) -> list:
         q, k = rope(_heads(store["q"], D), _heads(store["k"], D), cos, sin)
         v = _heads(store["v"], D)
         store.clear()
-        on_layer(li, LayerAttention(q=q, k=k, v=v, probs=attention_probs(q, k, scaling=scaling, window=window)))
+        on_layer(li, LayerAttention(q=q, k=k, v=v, scaling=scaling, window=window))
 
     handles.append(attn.register_forward_hook(post))
     return handles
@@ -173,8 +181,8 @@ def _norm_ratio_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     """x [B, n, T, D] -> per-head (token-0 norm, median norm of tokens 1..) summed over the batch,
     and the same for the whole vector (every head concatenated)."""
     x = x.float()
-    per_head = x.norm(dim=-1)  # [B, n, T]
-    whole = x.transpose(1, 2).flatten(2).norm(dim=-1)  # [B, T]
+    per_head = x.norm(dim=-1).cpu()  # [B, n, T]
+    whole = x.transpose(1, 2).flatten(2).norm(dim=-1).cpu()  # [B, T]
     return (
         per_head[:, :, 0].sum(0).double(),
         per_head[:, :, 1:].median(dim=-1).values.sum(0).double(),
@@ -199,22 +207,24 @@ class SinkStats:
         self.windows: dict[int, int | None] = {}
 
     def update(self, li: int, la: LayerAttention) -> None:
-        p = la.probs
-        B, H, T, _ = p.shape
+        B, H, T, _ = la.q.shape
         if T < 2:
             raise ValueError("attention sinks need windows of at least 2 tokens")
         self.seqlen = T
         mq = min(self.min_query, T - 1)
-        q = p[:, :, mq:, :]  # [B, H, Tq, T]
-        m0 = q[..., 0].mean(-1).sum(0).double()
-        mk = q[..., : self.first_k].sum(-1).mean(-1).sum(0).double()
-        self.mass0[li] = self.mass0.get(li, 0) + m0
-        self.massk[li] = self.massk.get(li, 0) + mk
+        m0 = torch.zeros(H, dtype=torch.float64)
+        mk = torch.zeros(H, dtype=torch.float64)
+        for a in range(mq, T, QUERY_CHUNK):  # sums over the batch and the queries >= mq
+            p = la.probs(a, min(a + QUERY_CHUNK, T))  # [B, H, chunk, T]
+            m0 += p[..., 0].sum((0, 2)).double().cpu()
+            mk += p[..., : self.first_k].sum(-1).sum((0, 2)).double().cpu()
+        self.mass0[li] = self.mass0.get(li, 0) + m0 / (T - mq)
+        self.massk[li] = self.massk.get(li, 0) + mk / (T - mq)
         for name, x in (("q", la.q), ("k", la.k), ("v", la.v)):
             parts = _norm_ratio_parts(x)
             old = self.norms[name].get(li)
             self.norms[name][li] = list(parts) if old is None else [a + b for a, b in zip(old, parts)]
-            self.dim_abs[name][li] = self.dim_abs[name].get(li, 0) + x[:, :, 1:, :].float().abs().sum((0, 2)).double()
+            self.dim_abs[name][li] = self.dim_abs[name].get(li, 0) + x[:, :, 1:, :].float().abs().sum((0, 2)).double().cpu()
         self.seqs[li] = self.seqs.get(li, 0) + B
 
     def uniform(self) -> tuple[float, float]:
