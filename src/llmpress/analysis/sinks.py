@@ -6,16 +6,19 @@ For every layer and head, on the analysis windows:
   (and to keys 0..``first_k``-1), averaged over those queries and the windows; next to it
   the mass uniform causal attention would give (mean of 1/(i+1));
 - the norms of q and k after RoPE and of v at token 0 against the median norm over the
-  other tokens (the massive values of a sink token show up in q and k, not in v);
+  other tokens (RoPE rotates: the norms are the projections'), and how much the largest
+  (head, dimension) of q, k, v exceeds the median one over every token (massive values in
+  a few dimensions of q and k, the seeds say not in v);
 - the hidden-state magnitude at token 0 entering each layer, with the massive activations
   the residual-stream statistics already flagged there (:mod:`.collect`, ``massive_findings``).
 
 The probabilities are computed here from what the attention module itself computed: q/k/v
-are the outputs of its projections (and of its per-head q/k norms, gemma3/qwen3), RoPE is
+are the outputs of its projections (and of its per-head q/k norms, gemma3 and qwen3), RoPE is
 the model module's own ``apply_rotary_pos_emb`` with the ``position_embeddings`` the
 decoder layer hands to the attention (a forward pre-hook with its keyword arguments), then
 grouped-query attention, the module's ``scaling``, the causal mask and a sliding window
-where the layer has one. Nothing relies on ``output_attentions`` (sdpa does not return it).
+where the layer has one, one chunk of queries at a time. Nothing relies on
+``output_attentions`` (sdpa does not return it).
 """
 
 from __future__ import annotations
