@@ -30,6 +30,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "analyze",
         help="where and why a model is hard to quantize: outliers, super weights, interventions, HTML report",
         description="Find massive activations, channel-wise outliers, LLM.int8() outlier features and super weights; "
+        "measure the attention sinks (attention mass on token 0 per layer and head); "
         "measure per-layer quantization difficulty and what removing outliers does to perplexity; "
         "write a self-contained HTML report, a JSON file and PNGs.",
     )
