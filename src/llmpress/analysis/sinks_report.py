@@ -46,8 +46,8 @@ def headline(s: dict) -> list[str]:
     link, pair = a["link"], a["link"].get("massive_pair_tok0")
     if pair:
         line = (
-            f"The massive activation at token 0 (channel {pair['channel']}, peak {_g(pair['max_abs'])}) is flagged from layer "
-            f"{link['first_massive_layer_tok0']} on"
+            f"Massive activations at token 0 are flagged from layer {link['first_massive_layer_tok0']} on (the largest: channel {pair['channel']}, "
+            f"peak {_g(pair['max_abs'])}, layers {_ranges(pair['layers'])})"
         )
         line += f"; token-0 attention first reaches {a['sink_mass']:g} at layer {link['onset_layer']}" if link["onset_layer"] is not None else ""
         line += f" (correlation over layers of log |h| at token 0 entering a layer and its mass on token 0: {_g(link['corr_log_h0_mass0'])})."
