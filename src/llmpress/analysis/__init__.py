@@ -1,5 +1,5 @@
 """Data-distribution analysis: massive activations, channel-wise outliers, LLM.int8()
-outlier features, super weights, quantization difficulty, interventions, report.
+outlier features, super weights, quantization difficulty, interventions, attention sinks, report.
 
 ``llmpress analyze MODEL`` runs :func:`run`; in Python::
 

@@ -30,6 +30,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "analyze",
         help="where and why a model is hard to quantize: outliers, super weights, interventions, HTML report",
         description="Find massive activations, channel-wise outliers, LLM.int8() outlier features and super weights; "
+        "measure the attention sinks (attention mass on token 0 per layer and head); "
         "measure per-layer quantization difficulty and what removing outliers does to perplexity; "
         "write a self-contained HTML report, a JSON file and PNGs.",
     )
@@ -43,6 +44,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=_positive, default=4, help="windows per forward pass (default 4)")
     a.add_argument("--layers", type=_layers, help="layers of the 3D plots, e.g. 2,11,29 (default: chosen from the findings)")
     a.add_argument("--no-interventions", action="store_true", help="skip the perplexity interventions (fastest)")
+    a.add_argument("--no-attention", action="store_true", help="skip the attention-sink view (one forward pass less)")
     a.add_argument(
         "--features-k", type=_positive, help="dimensions removed in the outlier-feature intervention (default: the detected ones, at most 8)"
     )
@@ -78,6 +80,7 @@ def run(args) -> int:
         layers_3d=args.layers,
         thresholds=th,
         interventions=not args.no_interventions,
+        attention=not args.no_attention,
         features_k=args.features_k,
         plots=bool(args.out),
         progress=not args.no_progress,

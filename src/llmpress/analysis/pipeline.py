@@ -22,6 +22,7 @@ from ..errors import UserError
 from .collect import INT8_SITES, SITES, Collected, capture, collect, weight_stats
 from .detect import Thresholds
 from .interventions import DEFAULT_TOP1_PROMPT, run_interventions
+from .sinks import analyze_sinks
 from .superweight import DEFAULT_PROMPT, find_super_weights, prompt_ids
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class AnalysisConfig:
     tokens_3d: int = 64  # tokens shown in the 3D surfaces
     thresholds: Thresholds = field(default_factory=Thresholds)
     interventions: bool = True
+    attention: bool = True  # the attention-sink view (one more forward pass)
     super_weight_prompt: str = DEFAULT_PROMPT
     top1_prompt: str = DEFAULT_TOP1_PROMPT
     features_k: int | None = None  # dims removed in the outlier-feature intervention (default: the detected ones, at most 8)
@@ -348,6 +350,10 @@ def analyze(model: nn.Module, tokenizer, cfg: AnalysisConfig | None = None, wind
         "difficulty": difficulty_findings(col, wstats),
     }
     seconds["detect"] = time.perf_counter() - t
+    if cfg.attention:
+        t = time.perf_counter()
+        summary["attention_sinks"] = analyze_sinks(model, windows, col, mf, cfg.batch_size, cfg.progress)
+        seconds["attention"] = time.perf_counter() - t
     t = time.perf_counter()
     sw_ids = prompt_ids(tokenizer, model, cfg.super_weight_prompt)
     search = find_super_weights(model, sw_ids, th)
@@ -446,6 +452,12 @@ def _plots(model, windows, an: Analysis, wstats: dict, cfg: AnalysisConfig) -> N
         "caption": "max |x| into and |y| out of every down projection, per search iteration (each iteration zeroes one more weight)",
         "png": plots.superweight_profile(s["super_weights"]),
     }
+    if "attention_sinks" in s:
+        img["attention_sinks"] = {
+            "title": "Attention mass on token 0",
+            "caption": f"mean attention probability every query at position >= {s['attention_sinks']['min_query']} gives to key 0, per layer and head (mean over queries and windows)",
+            "png": plots.sink_heatmap(s["attention_sinks"]["mass0"]),
+        }
 
 
 def run(model_spec: str, out: str | None = None, cfg: AnalysisConfig | None = None, device: str = "cpu") -> Analysis:

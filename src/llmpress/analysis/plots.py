@@ -216,5 +216,25 @@ def superweight_profile(search: dict) -> bytes:
     return _png(fig)
 
 
+def sink_heatmap(mass0: list[list[float]]) -> bytes:
+    """Layers x heads heat map of the attention mass on token 0 (0..1), the values written in."""
+    a = np.array(mass0, dtype=float)
+    L, H = a.shape
+    fig, ax = plt.subplots(figsize=(min(2.0 + 0.55 * H, 11), min(1.5 + 0.28 * L, 12)))
+    im = ax.imshow(a, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    if L * H <= 600:
+        for li in range(L):
+            for h in range(H):
+                ax.text(h, li, f"{a[li, h]:.2f}", ha="center", va="center", fontsize=6, color="black" if a[li, h] > 0.6 else "white")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("attention mass on token 0", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def site_label(site: str) -> str:
     return SITES.get(site, site)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..io_safety import write_atomic
+from . import sinks_report
 
 FMT = "{:.4g}"
 
@@ -166,7 +167,7 @@ def headline(s: dict) -> list[str]:
             )
             + "."
         )
-    return lines
+    return lines + sinks_report.headline(s)
 
 
 def implications(s: dict) -> list[str]:
@@ -306,8 +307,8 @@ def _img(im: dict) -> str:
 def to_html(an) -> str:
     """The self-contained HTML report: findings, then one section per kind of outlier."""
     s, imgs = an.summary, an.images
-    parts = _html_intro(s) + _html_interventions(s) + _html_massive(s, imgs) + _html_channels(s, imgs)
-    parts += _html_int8(s) + _html_super_weights(s, imgs) + _html_difficulty(s, imgs)
+    parts = _html_intro(s) + _html_interventions(s) + _html_massive(s, imgs) + sinks_report.html_section(s, imgs, table=_table, img=_img)
+    parts += _html_channels(s, imgs) + _html_int8(s) + _html_super_weights(s, imgs) + _html_difficulty(s, imgs)
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in s.get("seconds", {}).items())
     parts.append(f"<p class='meta'>Wall time: {html.escape(secs)}. Every number is in analysis.json.</p></body></html>")
     return "\n".join(parts)
