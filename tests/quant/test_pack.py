@@ -125,3 +125,17 @@ def test_16_bit_indices_two_per_word_and_widths_outside_are_refused():
             pack_codes(idx % 2, bad)
         with pytest.raises(ValueError, match="1 to 16 bits"):
             unpack_codes(packed, bad, 4)
+
+
+def test_packing_in_row_slices_is_the_same_as_at_once(monkeypatch):
+    """Large tensors are packed a slice of rows at a time (bounded int64 temporaries): same words."""
+    from llmpress.quant import pack
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-8, 8, (300, 70), generator=g)
+    whole = pack.pack_codes(codes, 4, offset=8)
+    monkeypatch.setattr(pack, "CHUNK_ELEMENTS", 500)  # a few rows per slice
+    assert torch.equal(pack.pack_codes(codes, 4, offset=8), whole)
+    assert torch.equal(pack.unpack_codes(whole, 4, 70, offset=8), codes)
+    three = torch.randint(0, 8, (4, 5, 33), generator=g)
+    assert torch.equal(pack.unpack_codes(pack.pack_codes(three, 3), 3, 33), three)

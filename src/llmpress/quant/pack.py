@@ -12,12 +12,32 @@ from __future__ import annotations
 import torch
 
 MAX_BITS = 16
+# int64 temporaries per slice of rows: packing spreads every code into int64 bits (8 * bits
+# bytes per code), so a 14336 x 4096 matrix at once would take 3.8 GB; slices keep it at 64 MB
+CHUNK_ELEMENTS = 1 << 23
+
+
+def _by_rows(fn, t: torch.Tensor, per_row: int, *args) -> torch.Tensor:
+    """``fn(t, *args)`` on slices of ``t``'s rows (all but the last dimension flattened) of at
+    most ``CHUNK_ELEMENTS`` temporaries (``per_row`` each row), the same result as one call."""
+    rows = t.numel() // max(1, t.shape[-1]) if t.dim() else 1
+    if t.dim() < 2 or rows * per_row <= CHUNK_ELEMENTS:
+        return fn(t, *args)
+    lead = t.shape[:-1]
+    flat = t.reshape(-1, t.shape[-1])
+    step = max(1, CHUNK_ELEMENTS // max(1, per_row))
+    out = torch.cat([fn(flat[i : i + step], *args) for i in range(0, flat.shape[0], step)])
+    return out.reshape(*lead, out.shape[-1])
 
 
 def pack_codes(codes: torch.Tensor, bits: int, offset: int = 0) -> torch.Tensor:
     """codes [..., n] (integers in [-offset, 2^bits - offset)) -> int32 [..., ceil(n/32) * bits]."""
     if not 1 <= bits <= MAX_BITS:
         raise ValueError(f"bits={bits}: packing supports 1 to {MAX_BITS} bits")
+    return _by_rows(_pack, codes, (codes.shape[-1] + 31) // 32 * 32 * bits if codes.dim() else 0, bits, offset)
+
+
+def _pack(codes: torch.Tensor, bits: int, offset: int) -> torch.Tensor:
     u = codes.to(torch.int64) + offset
     if u.numel() and (int(u.min()) < 0 or int(u.max()) >= 2**bits):
         raise ValueError(f"codes out of range for {bits}-bit packing with offset {offset}")
@@ -38,6 +58,12 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int, offset: int = 0) -> to
     """Inverse of :func:`pack_codes`: int32 [..., C*bits] -> int64 codes [..., n]."""
     if not 1 <= bits <= MAX_BITS:
         raise ValueError(f"bits={bits}: packing supports 1 to {MAX_BITS} bits")
+    if packed.shape[-1] % bits:
+        raise ValueError(f"packed length {packed.shape[-1]} is not a multiple of bits={bits}")
+    return _by_rows(_unpack, packed, packed.shape[-1] * 32 if packed.dim() else 0, bits, n, offset)
+
+
+def _unpack(packed: torch.Tensor, bits: int, n: int, offset: int) -> torch.Tensor:
     *lead, m = packed.shape
     if m % bits:
         raise ValueError(f"packed length {m} is not a multiple of bits={bits}")
