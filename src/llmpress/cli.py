@@ -266,6 +266,20 @@ def compress_options(args) -> dict:
     )
 
 
+def _export(args) -> int:
+    if args.export_format == "gguf":
+        from .export.gguf import export_gguf, summary
+
+        out = export_gguf(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        print(f"exported {args.checkpoint} as gguf: {out} (tensors by type: {summary(out)})")
+        return 0
+    from .export.compressed_tensors import export_compressed_tensors
+
+    out = export_compressed_tensors(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"exported {args.checkpoint} as {args.export_format}: {out}")
+    return 0
+
+
 def _dispatch(args) -> int:
     from . import api
 
@@ -278,17 +292,7 @@ def _dispatch(args) -> int:
         print(recipes_table([(name, load_recipe(name).description) for name in presets()], wrap))
         return 0
     if args.command == "export":
-        if args.export_format == "gguf":
-            from .export.gguf import export_gguf, summary
-
-            out = export_gguf(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
-            print(f"exported {args.checkpoint} as gguf: {out} (tensors by type: {summary(out)})")
-            return 0
-        from .export.compressed_tensors import export_compressed_tensors
-
-        out = export_compressed_tensors(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
-        print(f"exported {args.checkpoint} as {args.export_format}: {out}")
-        return 0
+        return _export(args)
     if args.command == "bench":
         from . import bench
 

@@ -136,7 +136,9 @@ def test_metadata_and_tokenizer(tmp_path):
 
 def test_quantized_tied_head_is_the_embedding(tmp_path):
     w = QuantArgs(bits=8, group_size=32, scale_dtype="float16")
-    src, _ = _packed(tmp_path, [stage("rtn", weights=w), stage("rtn", targets=["lm_head"], ignore=[], weights=w)])  # lm_head quantized too: tied to the embedding
+    src, _ = _packed(
+        tmp_path, [stage("rtn", weights=w), stage("rtn", targets=["lm_head"], ignore=[], weights=w)]
+    )  # lm_head quantized too: tied to the embedding
     out = export_gguf(src, tmp_path / "m.gguf")
     got = _tensors(out)
     assert "output.weight" not in got and got["token_embd.weight"].tensor_type.name == "Q8_0"
@@ -256,3 +258,10 @@ def test_scale_dtype_float16_gives_fp16_scales(symmetric):
         QuantArgs(scale_dtype="bfloat16")
     with pytest.raises(RecipeError, match="scale_dtype applies to integer grids"):
         QuantArgs(kind="ternary", scale_dtype="float16")
+
+
+def test_run_time_part_is_refused(tmp_path):
+    src, _ = _packed(tmp_path, "quarot-w4a4kv4-rtn")
+    with pytest.raises(UserError, match=r"online rotations .* cannot be stored in GGUF"):
+        export_gguf(src, tmp_path / "q.gguf")
+    assert not (tmp_path / "q.gguf").exists()

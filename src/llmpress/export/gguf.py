@@ -116,7 +116,9 @@ def _source_manifest(src: Path) -> dict:
     check_packed(src, meta)
     extras = runtime_state.summary(meta)
     if extras:
-        raise UserError(f"{src}: {', '.join(extras)} cannot be stored in GGUF (llama.cpp would run the model without them); export a checkpoint without them")
+        raise UserError(
+            f"{src}: {', '.join(extras)} cannot be stored in GGUF (llama.cpp would run the model without them); export a checkpoint without them"
+        )
     return meta
 
 

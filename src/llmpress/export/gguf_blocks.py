@@ -78,9 +78,7 @@ def block_type(name: str, spec: LinearSpec) -> str:
     why = _why_not(spec)
     if why is not None:
         grid = spec.weight_args.describe() if spec.weight_args is not None else spec.kind
-        raise UserError(
-            f"layer {name} ({grid}) has no exact GGUF form: {why}; compress with a group-32 preset such as {nearest_preset(spec)}"
-        )
+        raise UserError(f"layer {name} ({grid}) has no exact GGUF form: {why}; compress with a group-32 preset such as {nearest_preset(spec)}")
     a = spec.weight_args
     return "Q8_0" if a.bits == 8 else ("Q4_0" if a.symmetric else "Q4_1")
 
