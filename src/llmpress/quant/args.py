@@ -104,7 +104,10 @@ class QuantArgs:
         return desc + (" fp16-scales" if self.scale_dtype == "float16" else "")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["scale_dtype"] == "float32":  # the default left out: manifests written before the field stay byte for byte
+            del d["scale_dtype"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "quant") -> QuantArgs:
