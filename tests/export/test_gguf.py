@@ -265,3 +265,18 @@ def test_run_time_part_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"online rotations .* cannot be stored in GGUF"):
         export_gguf(src, tmp_path / "q.gguf")
     assert not (tmp_path / "q.gguf").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_q4_0_exports_bit_for_bit(tmp_path):
+    """The packaged SmolLM2-135M (Llama, GQA 9/3 heads, tied embeddings, 49152 tokens) through
+    rtn-q4_0: every linear of the GGUF equals llmpress's weights, metadata from its config."""
+    model, tok = llmpress.load("smollm2-135m")
+    rep = api.compress(model, "rtn-q4_0", engine=QUIET)
+    src = api.save(model, tok, tmp_path / "packed", report=rep)
+    out = export_gguf(src, tmp_path / "smollm2.gguf")
+    assert _check_linears(out, src, n_layers=30) == {"Q4_0"}
+    r = gguf.GGUFReader(out)
+    assert [_field(r, k) for k in ("llama.block_count", "llama.attention.head_count", "llama.attention.head_count_kv")] == [30, 9, 3]
+    assert len(_field(r, "tokenizer.ggml.tokens")) == 49152 and len(r.fields["tokenizer.ggml.merges"].data) > 40000
+    assert "output.weight" not in _tensors(out)
