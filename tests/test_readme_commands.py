@@ -220,7 +220,20 @@ def check_eval(args, res, cwd: Path) -> None:
         assert json.loads((cwd / args.json_path).read_text())["test_shrink"]
 
 
-CHECKS = {"recipes": check_recipes, "compress": check_compress, "eval": check_eval}
+def check_export(args, res, cwd: Path) -> None:
+    out = cwd / args.out
+    assert f"as {args.export_format}: {args.out}" in res.stdout, res.stdout
+    if args.export_format == "gguf":
+        import gguf
+
+        r = gguf.GGUFReader(out)
+        assert r.fields["general.architecture"].contents() == "llama"
+        assert any(t.tensor_type.name in ("Q4_0", "Q8_0", "Q4_1") for t in r.tensors), [t.tensor_type.name for t in r.tensors]
+    else:
+        assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+
+
+CHECKS = {"recipes": check_recipes, "compress": check_compress, "eval": check_eval, "export": check_export}
 
 
 # --- the tests -------------------------------------------------------------------------------------

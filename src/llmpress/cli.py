@@ -174,16 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument(
         "--format",
         dest="export_format",
-        choices=("compressed-tensors",),
+        choices=("compressed-tensors", "gguf"),
         default="compressed-tensors",
-        help="compressed-tensors: what llm-compressor writes; transformers and vLLM load it",
+        help="compressed-tensors: what llm-compressor writes; transformers and vLLM load it. "
+        "gguf: one file for llama.cpp / ollama (Llama models; Q4_0 / Q8_0 / Q4_1 grids such as the *-q4_0 presets', exactly)",
     )
-    x.add_argument("--out", required=True, help="output folder (written atomically)")
+    x.add_argument("--out", required=True, help="output folder (gguf: output file), written atomically")
     x.add_argument(
         "--dtype",
         default="auto",
         choices=("auto", "float32", "bfloat16", "float16"),
-        help="dtype of scales and unquantized tensors (auto: as stored; vLLM wants bfloat16 or float16)",
+        help="dtype of scales and unquantized tensors (auto: as stored; vLLM wants bfloat16 or float16). "
+        "gguf: unquantized tensors (auto: float16 for 2-D weights, float32 for norms, as llama.cpp; float32 or float16 for all)",
     )
     x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
@@ -275,6 +277,20 @@ def compress_options(args) -> dict:
     )
 
 
+def _export(args) -> int:
+    if args.export_format == "gguf":
+        from .export.gguf import export_gguf, summary
+
+        out = export_gguf(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        print(f"exported {args.checkpoint} as gguf: {out} (tensors by type: {summary(out)})")
+        return 0
+    from .export.compressed_tensors import export_compressed_tensors
+
+    out = export_compressed_tensors(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"exported {args.checkpoint} as {args.export_format}: {out}")
+    return 0
+
+
 def _dispatch(args) -> int:
     from . import api
 
@@ -287,11 +303,7 @@ def _dispatch(args) -> int:
         print(recipes_table([(name, load_recipe(name).description) for name in presets()], wrap))
         return 0
     if args.command == "export":
-        from .export.compressed_tensors import export_compressed_tensors
-
-        out = export_compressed_tensors(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
-        print(f"exported {args.checkpoint} as {args.export_format}: {out}")
-        return 0
+        return _export(args)
     if args.command == "bench":
         return _cmd_bench(args)
     if args.command == "compress":

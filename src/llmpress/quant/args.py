@@ -9,6 +9,7 @@ from ..errors import RecipeError, UserError
 KINDS = ("int", "ternary", "binary")
 GRANULARITIES = ("tensor", "channel", "group", "token")
 OBSERVERS = ("minmax", "mse")
+SCALE_DTYPES = ("float32", "float16")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -27,6 +28,10 @@ class QuantArgs:
     values beyond clamp to the extreme codes (QuaRot clips activations at 0.9 and the KV
     cache at 0.95: after a rotation the values are near Gaussian and a slightly smaller
     step wins more than the clamped tail loses).
+    ``scale_dtype`` (integers): ``float16`` rounds every scale to a float16 value (and,
+    asymmetric, to one whose products with the zero points are float16 values too), so
+    that formats storing fp16 scales (GGUF ``Q4_0`` / ``Q8_0`` / ``Q4_1``) hold the grid
+    exactly; ``float32`` (default) keeps the scales as computed.
     """
 
     bits: int = 4
@@ -42,6 +47,7 @@ class QuantArgs:
     scale_bits: int = 16  # storage of scales, for bits-per-weight accounting
     full_range: bool = False
     clip_ratio: float = 1.0
+    scale_dtype: str = "float32"
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -67,6 +73,10 @@ class QuantArgs:
             raise RecipeError(f"clip_ratio={self.clip_ratio!r} must lie in (0, 1]")
         if self.clip_ratio != 1.0 and self.kind != "int":
             raise RecipeError("clip_ratio applies to integer grids (kind: int)")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise RecipeError(f"scale_dtype {self.scale_dtype!r} unknown; expected one of {', '.join(SCALE_DTYPES)}")
+        if self.scale_dtype != "float32" and self.kind != "int":
+            raise RecipeError("scale_dtype applies to integer grids (kind: int)")
         if not 0.0 < self.mse_maxshrink < 1.0:
             raise RecipeError(f"mse_maxshrink={self.mse_maxshrink!r} must lie in (0, 1)")
 
@@ -90,10 +100,14 @@ class QuantArgs:
         g = {"group": f"g{self.group_size}", "channel": "per-channel", "tensor": "per-tensor", "token": "per-token"}[self.granularity]
         kind = {"int": f"int{self.bits}", "ternary": "ternary", "binary": "binary"}[self.kind]
         sym = "" if self.kind != "int" else (" sym" if self.symmetric else " asym")
-        return f"{kind}{sym} {g}" + (" mse" if self.observer == "mse" else "") + (f" clip{self.clip_ratio:g}" if self.clip_ratio != 1.0 else "")
+        desc = f"{kind}{sym} {g}" + (" mse" if self.observer == "mse" else "") + (f" clip{self.clip_ratio:g}" if self.clip_ratio != 1.0 else "")
+        return desc + (" fp16-scales" if self.scale_dtype == "float16" else "")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["scale_dtype"] == "float32":  # the default left out: manifests written before the field stay byte for byte
+            del d["scale_dtype"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "quant") -> QuantArgs:

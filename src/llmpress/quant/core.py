@@ -54,12 +54,30 @@ def _int_params(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> QParams:
     if args.symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
         scale = (amax / (args.qmax + 0.5 if args.full_range else args.qmax)).clamp_min(_EPS)
-        return QParams(scale=scale)
+        return QParams(scale=_stored_scale(scale, args))
     lo = lo.clamp_max(0)
     hi = hi.clamp_min(0)
-    scale = ((hi - lo) / (args.qmax - args.qmin)).clamp_min(_EPS)
+    scale = _stored_scale(((hi - lo) / (args.qmax - args.qmin)).clamp_min(_EPS), args)
     zero = torch.round(-lo / scale).clamp(args.qmin, args.qmax)
     return QParams(scale=scale, zero_point=zero)
+
+
+# the smallest positive float16 (a subnormal): a scale rounded to float16 never becomes 0
+_FP16_TINY = 2.0**-24
+
+
+def _stored_scale(scale: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """``scale`` as the format stores it (``args.scale_dtype``): float16 values, held in
+    float32. Asymmetric grids of up to 4 bits keep ``bits`` fewer significant bits (7 of
+    float16's 11 at 4 bits), so that a zero point (< 2^bits) times the scale is a float16
+    value too (GGUF ``Q4_1`` stores ``-zero * scale`` as its fp16 minimum)."""
+    if args.scale_dtype != "float16":
+        return scale
+    if not args.symmetric and args.bits <= 4:
+        m, e = torch.frexp(scale)  # scale = m * 2^e, m in [0.5, 1)
+        keep = 2.0 ** (11 - args.bits)
+        scale = torch.ldexp(torch.round(m * keep) / keep, e)
+    return scale.to(torch.float16).float().clamp_min(_FP16_TINY)
 
 
 def _sign_params(xg: torch.Tensor, args: QuantArgs) -> QParams:
