@@ -51,8 +51,7 @@ import torch.nn as nn
 from ..errors import UserError
 from ..io_safety import OutputLock, atomic_folder, check_out, write_error
 from ..storage.form import LinearSpec, decode_weight, get_form
-from . import runtime_state
-from .packed import _DTYPES, META_FILE, _open_checked, check_packed, layers_tensors, packed_version, read_manifest
+from .packed import _DTYPES, META_FILE, _open_checked, exportable_manifest, layers_tensors
 from .skeleton import skeleton as _skeleton
 
 CT_VERSION = "0.20.0"
@@ -107,17 +106,7 @@ def _quantization_config(src: Path, groups: dict[str, dict]) -> dict:
 
 def _source_manifest(src: Path) -> dict:
     """The manifest of a packed checkpoint compressed-tensors can hold, else a UserError."""
-    meta = read_manifest(src)
-    if packed_version(meta) is None:
-        raise UserError(f"{src}: not a packed llmpress checkpoint (write one with `llmpress compress ... --out DIR`)")
-    check_packed(src, meta)
-    extras = runtime_state.summary(meta)
-    if extras:
-        raise UserError(
-            f"{src}: {', '.join(extras)} cannot be stored in compressed-tensors (transformers and vLLM would run the "
-            "model without them); export a checkpoint compressed without quarot/duquant/spinquant/kv_quant/llm_int8/OS+ shifts"
-        )
-    return meta
+    return exportable_manifest(src, "compressed-tensors", "transformers and vLLM would run the model without them")
 
 
 def export_compressed_tensors(src: str | Path, out: str | Path, *, dtype: str = "auto", overwrite: bool = False) -> Path:

@@ -33,9 +33,8 @@ import torch
 from ..errors import UserError
 from ..io_safety import atomic_file, check_file_out, write_error
 from ..storage.form import LinearSpec
-from . import runtime_state
 from .gguf_blocks import to_blocks
-from .packed import _open_checked, check_packed, layers_tensors, packed_version, read_manifest
+from .packed import _open_checked, exportable_manifest, layers_tensors
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +109,7 @@ class _Tensor:
 
 
 def _source_manifest(src: Path) -> dict:
-    meta = read_manifest(src)
-    if packed_version(meta) is None:
-        raise UserError(f"{src}: not a packed llmpress checkpoint (write one with `llmpress compress ... --out DIR`)")
-    check_packed(src, meta)
-    extras = runtime_state.summary(meta)
-    if extras:
-        raise UserError(
-            f"{src}: {', '.join(extras)} cannot be stored in GGUF (llama.cpp would run the model without them); export a checkpoint without them"
-        )
-    return meta
+    return exportable_manifest(src, "GGUF", "llama.cpp would run the model without them")
 
 
 def _gguf_name(hf: str, n_layers: int) -> str:
