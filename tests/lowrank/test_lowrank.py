@@ -401,6 +401,7 @@ def test_gptq_on_the_factors_beats_rounding_them():
     from llmpress.lowrank.core import quantize_factors
     from llmpress.quant.args import QuantArgs
     from llmpress.quant.core import QParams, fake_quantize
+    from llmpress.quant.gptq_solve import gptq_quantize
 
     W3 = QuantArgs(bits=3, granularity="group", group_size=16)
     g = torch.Generator().manual_seed(1)
@@ -412,7 +413,7 @@ def test_gptq_on_the_factors_beats_rounding_them():
     base = output_error(W, A, B, H)  # the truncation's share
     added = {}
     for solver in ("rtn", "gptq"):
-        Aq, Bq, q = quantize_factors(A, B, W3, W=W, H=H, solver=solver)
+        Aq, Bq, q = quantize_factors(A, B, W3, W=W, H=H, gptq=gptq_quantize if solver == "gptq" else None)
         assert torch.equal(fake_quantize(Aq.float(), W3, QParams(scale=q["A.scale"], zero_point=None)), Aq.float())  # on the grid
         added[solver] = output_error(W, Aq.double(), Bq.double(), H) - base
     assert 0 < added["gptq"] < 0.95 * added["rtn"], added

@@ -128,6 +128,7 @@ def evaluate_kv(model_spec: str, policies: list[str], *, tokens: int = 4096, sou
     tokens of ``source``'s test text (capped by the test shrink), and with ``passkey_check`` the
     planted-key retrieval at that context. Every policy is parsed before the model loads."""
     from .. import data as data_mod
+    from .. import progress as progress_mod
     from .. import shrink
     from ..api import load_compressed
     from ..errors import UserError
@@ -159,7 +160,7 @@ def evaluate_kv(model_spec: str, policies: list[str], *, tokens: int = 4096, sou
             row["passkey"] = passkey(model, tok, stream[n:], p, context=max(n, passkey_min_context(tok)))
         rows.append(row)
         if progress:
-            print(f"kv {row['policy']}: ppl {row['ppl']:.3f}, cache {row['cache_bytes_peak'] / 2**20:.2f} MiB at peak, "
-                  f"{row['tok_per_s']:.1f} tok/s" + (f", passkey {'found' if row['passkey']['correct'] else 'lost'}" if passkey_check else ""),
-                  flush=True)  # fmt: skip
+            found = (", passkey " + ("found" if row["passkey"]["correct"] else "lost")) if passkey_check else ""
+            mib = row["cache_bytes_peak"] / 2**20
+            progress_mod.note(f"kv {row['policy']}: ppl {row['ppl']:.3f}, cache {mib:.2f} MiB at peak, {row['tok_per_s']:.1f} tok/s{found}")
     return {"model": model_spec, "source": source, "tokens": n, "chunk": chunk, "policies": rows, "test_shrink": shrink.in_force()}

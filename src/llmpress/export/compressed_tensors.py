@@ -51,8 +51,9 @@ import torch.nn as nn
 from ..errors import UserError
 from ..io_safety import OutputLock, atomic_folder, check_out, write_error
 from ..storage.form import LinearSpec, decode_weight, get_form
-from .packed import _DTYPES, META_FILE, _open_checked, exportable_manifest, layers_tensors
+from .packed import _DTYPES, META_FILE, _open_checked, layers_tensors
 from .skeleton import skeleton as _skeleton
+from .source import exportable_manifest
 
 CT_VERSION = "0.20.0"
 _COPY = (

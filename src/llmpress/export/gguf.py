@@ -34,7 +34,8 @@ from ..errors import UserError
 from ..io_safety import atomic_file, check_file_out, write_error
 from ..storage.form import LinearSpec
 from .gguf_blocks import to_blocks
-from .packed import _open_checked, exportable_manifest, layers_tensors
+from .packed import _open_checked, layers_tensors
+from .source import exportable_manifest
 
 log = logging.getLogger(__name__)
 

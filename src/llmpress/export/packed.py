@@ -75,20 +75,6 @@ def packed_version(meta: dict | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def exportable_manifest(src: Path, target: str, consequence: str) -> dict:
-    """The manifest of a packed checkpoint another format can hold (no run-time parts:
-    rotations, KV-cache or activation quantizers, LLM.int8(), OS+ shifts), else a UserError
-    naming ``target`` and what its runtime would do without them (``consequence``)."""
-    meta = read_manifest(src)
-    if packed_version(meta) is None:
-        raise UserError(f"{src}: not a packed llmpress checkpoint (write one with `llmpress compress ... --out DIR`)")
-    check_packed(src, meta)
-    extras = runtime_state.summary(meta)
-    if extras:
-        raise UserError(f"{src}: {', '.join(extras)} cannot be stored in {target} ({consequence}); export a checkpoint without them")
-    return meta
-
-
 def check_packed(folder: Path, meta: dict | None) -> int:
     """The format version of a packed checkpoint this llmpress can read, else a UserError."""
     v = packed_version(meta)

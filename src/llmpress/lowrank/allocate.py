@@ -21,12 +21,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..arch import get_module
 from ..errors import RecipeError
 from ..registry import ModelStageOutput, register
-from .core import stage_linears
+from .core import stage_linears, weight_grads
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -43,30 +42,6 @@ class LowRankAlloc:
             raise RecipeError("lowrank_alloc windows and batch_size must be at least 1")
         if self.score not in ("taylor", "grad"):
             raise RecipeError(f"lowrank_alloc score {self.score!r}: expected taylor or grad")
-
-
-def weight_grads(model: nn.Module, names: list[str], data: torch.Tensor, windows: int, batch_size: int):
-    """Per batch of the first ``windows`` calibration windows, ``{name: dL/dW}`` of each named
-    linear (the next-token cross-entropy; only those weights require gradients, restored after)."""
-    params = [(n, get_module(model, n).weight) for n in names]
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for _, w in params:
-        w.requires_grad_(True)
-    dev = next(model.parameters()).device
-    try:
-        for i in range(0, min(windows, data.shape[0]), batch_size):
-            ids = data[i : min(i + batch_size, windows)].to(dev)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-            grads = torch.autograd.grad(loss, [w for _, w in params])
-            del logits, loss
-            yield {n: g for (n, _), g in zip(params, grads)}
-            del grads
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
 
 
 def singular_value_grads(model: nn.Module, names: list[str], data: torch.Tensor, cfg: LowRankAlloc) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from ..quant.gptq_solve import gptq_quantize
 from ..registry import ModuleContext, register
 from .core import RankTarget, output_error, quantize_factors, scaled_factors, store_factors
 
@@ -70,6 +71,6 @@ def asvd(ctx: ModuleContext, cfg: ASVD) -> None:
     err, alpha, A, B = best
     q = None
     if cfg.weights is not None:
-        A, B, q = quantize_factors(A, B, cfg.weights, W=W.double(), H=H, name=ctx.name, solver=cfg.solver)
+        A, B, q = quantize_factors(A, B, cfg.weights, W=W.double(), H=H, name=ctx.name, gptq=gptq_quantize if cfg.solver == "gptq" else None)
         err = output_error(W, A, B, H)
     store_factors(ctx.module, ctx.record, A, B, args=cfg.weights, qparams=q, alpha=alpha, output_error=err)

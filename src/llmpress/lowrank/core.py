@@ -27,7 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
+from ..arch import get_module
 from ..errors import UserError
 from ..quant.args import QuantArgs, check_group_divides
 from ..quant.core import quantize_weight
@@ -194,17 +197,18 @@ class RankTarget:
 
 
 def quantize_factors(A: torch.Tensor, B: torch.Tensor, args: QuantArgs, *, W: torch.Tensor | None = None, H: torch.Tensor | None = None,
-                     name: str = "", solver: str = "rtn") -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+                     name: str = "", gptq=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
     """(A_q, B_q, their scales and zero points as payload tensors): B rounded to nearest (or by
-    GPTQ on H, ``solver: gptq``); with the weight and its input Gram matrix (``W``, ``H``), A
-    refit to the quantized B first (so A absorbs B's error), then rounded (or GPTQ on the
-    latent's Gram matrix B_q H B_q^T)."""
-    if solver == "gptq":
+    GPTQ on H: ``gptq`` is then the solver, ``llmpress.quant.gptq.gptq_quantize``, passed by the
+    method so this maths module does not import a method); with the weight and its input Gram
+    matrix (``W``, ``H``), A refit to the quantized B first (so A absorbs B's error), then
+    rounded (or GPTQ on the latent's Gram matrix B_q H B_q^T)."""
+    if gptq is not None:
         if W is None or H is None:
             raise UserError(f"{name}: factor solver gptq needs the layer's input statistics")
-        Bq, qb = _gptq_factor(B, H, args, f"{name}.B")
+        Bq, qb = _gptq_factor(gptq, B, H, args, f"{name}.B")
         A = refit_left(W, Bq.double(), H)
-        Aq, qa = _gptq_factor(A, Bq.double() @ H.double() @ Bq.double().T, args, f"{name}.A")
+        Aq, qa = _gptq_factor(gptq, A, Bq.double() @ H.double() @ Bq.double().T, args, f"{name}.A")
     else:
         Bq, qb = quantize_weight(B.float(), args, f"{name}.B")
         if W is not None and H is not None:
@@ -216,12 +220,10 @@ def quantize_factors(A: torch.Tensor, B: torch.Tensor, args: QuantArgs, *, W: to
     return Aq, Bq, extra
 
 
-def _gptq_factor(M: torch.Tensor, H: torch.Tensor, args: QuantArgs, name: str):
+def _gptq_factor(gptq, M: torch.Tensor, H: torch.Tensor, args: QuantArgs, name: str):
     """GPTQ with the settings of the ``gptq-*`` presets (activation order, static groups,
     damping 0.3 of the mean diagonal: the choice measured on held-out text, docs/second-order.md)."""
-    from ..quant.gptq import gptq_quantize
-
-    res = gptq_quantize(M.float(), H.float(), args, act_order=True, static_groups=True, damp=0.3, name=name)
+    res = gptq(M.float(), H.float(), args, act_order=True, static_groups=True, damp=0.3, name=name)
     return res.weight, res.qparams
 
 
@@ -278,3 +280,27 @@ def stage_linears(model, spec, stage, data, method: str) -> dict[str, tuple[int,
     if not shapes:
         raise RecipeError(f"{method}: no linear matches targets {list(stage.targets)}")
     return shapes
+
+
+def weight_grads(model: nn.Module, names: list[str], data: torch.Tensor, windows: int, batch_size: int):
+    """Per batch of the first ``windows`` calibration windows, ``{name: dL/dW}`` of each named
+    linear (the next-token cross-entropy; only those weights require gradients, restored after)."""
+    params = [(n, get_module(model, n).weight) for n in names]
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, w in params:
+        w.requires_grad_(True)
+    dev = next(model.parameters()).device
+    try:
+        for i in range(0, min(windows, data.shape[0]), batch_size):
+            ids = data[i : min(i + batch_size, windows)].to(dev)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            grads = torch.autograd.grad(loss, [w for _, w in params])
+            del logits, loss
+            yield {n: g for (n, _), g in zip(params, grads)}
+            del grads
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])

@@ -24,8 +24,7 @@ import torch.nn as nn
 
 from ..errors import RecipeError
 from ..registry import ModelStageOutput, register
-from .allocate import weight_grads
-from .core import stage_linears
+from .core import stage_linears, weight_grads
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -28,6 +28,7 @@ import torch
 from ..arch import get_module
 from ..calib.accumulators import HessianAccumulator
 from ..errors import RecipeError
+from ..quant.gptq_solve import gptq_quantize
 from ..registry import register
 from .core import RankTarget, output_error, quantize_factors, refit_left, store_factors, whitened_factors, whitening_factor
 
@@ -71,7 +72,7 @@ def qsvd(ctx, cfg: QSVD) -> None:
         A = refit_left(W, B, Hr)
     q = None
     if cfg.weights is not None:
-        A, B, q = quantize_factors(A, B, cfg.weights, W=W, H=Hr, name=f"qsvd block {ctx.index}", solver=cfg.solver)
+        A, B, q = quantize_factors(A, B, cfg.weights, W=W, H=Hr, name=f"qsvd block {ctx.index}", gptq=gptq_quantize if cfg.solver == "gptq" else None)
     err = output_error(W, A, B, H)
     B = B.to(lins[0].weight.dtype).contiguous()
     q_name = f"{ctx.prefix}.{spec.q}"

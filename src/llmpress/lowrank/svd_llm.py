@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..quant.gptq_solve import gptq_quantize
 from ..registry import ModuleContext, register
 from .core import RankTarget, output_error, quantize_factors, refit_left, store_factors, whitened_factors, whitening_factor
 
@@ -33,6 +34,6 @@ def svd_llm(ctx: ModuleContext, cfg: SVDLLM) -> None:
         A = refit_left(W, B, Hr)
     q = None
     if cfg.weights is not None:
-        A, B, q = quantize_factors(A, B, cfg.weights, W=W.double(), H=Hr, name=ctx.name, solver=cfg.solver)
+        A, B, q = quantize_factors(A, B, cfg.weights, W=W.double(), H=Hr, name=ctx.name, gptq=gptq_quantize if cfg.solver == "gptq" else None)
     store_factors(ctx.module, ctx.record, A, B, args=cfg.weights, qparams=q, whitening_shift=wh.shift, dropped_error=float((S[r:] ** 2).sum()),
                   output_error=output_error(W, A, B, H))  # fmt: skip
