@@ -132,7 +132,7 @@ def evaluate_kv(model_spec: str, policies: list[str], *, tokens: int = 4096, sou
     from .. import shrink
     from ..api import load_compressed
     from ..errors import UserError
-    from ..kvcache.build import check_policy
+    from ..kvcache.build import check_policy, text_config
     from ..progress import scope as progress_scope
 
     parsed = [parse_policy(p) for p in policies]
@@ -141,7 +141,7 @@ def evaluate_kv(model_spec: str, policies: list[str], *, tokens: int = 4096, sou
         model, tok = load_compressed(model_spec, device)
     n = shrink.cap_seqlen(tokens)
     for p in parsed:
-        check_policy(p, model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config, context=n)
+        check_policy(p, text_config(model), context=n)
     stream = data_mod.token_stream(source, "test", tok)
     if stream.numel() < n + 1:
         raise UserError(f"--tokens {n}: the {source} test text has only {stream.numel()} tokens")

@@ -165,7 +165,7 @@ def kivi_group(policy: KVPolicy, config) -> int:
     return max(g for g in range(1, min(32, hd) + 1) if hd % g == 0)
 
 
-def _text_config(model: nn.Module):
+def text_config(model: nn.Module):
     cfg = model.config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
@@ -178,7 +178,7 @@ def build_cache(model: nn.Module, policy: KVPolicy | str) -> Cache:
     the model; :func:`observe_attention`)."""
     if isinstance(policy, str):
         policy = parse_policy(policy)
-    cfg = _text_config(model)
+    cfg = text_config(model)
     check_policy(policy, cfg)
     freqs = layer_inv_freqs(model)
     if policy.evicts and policy.positions == "cache" and any(f is None for f in freqs):
@@ -226,7 +226,7 @@ def observe_attention(model: nn.Module, cache: Cache) -> None:
     for m in model.modules():
         if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups"):
             m._llmpress_cache = cache
-    for c in {id(x): x for x in (model.config, _text_config(model))}.values():
+    for c in {id(x): x for x in (model.config, text_config(model))}.values():
         if not hasattr(c, "_llmpress_attn"):
             c._llmpress_attn = c._attn_implementation
         c._attn_implementation = OBSERVED
@@ -236,7 +236,7 @@ def unobserve_attention(model: nn.Module) -> None:
     for m in model.modules():
         if hasattr(m, "_llmpress_cache"):
             del m._llmpress_cache
-    for c in {id(x): x for x in (model.config, _text_config(model))}.values():
+    for c in {id(x): x for x in (model.config, text_config(model))}.values():
         if hasattr(c, "_llmpress_attn"):
             c._attn_implementation = c._llmpress_attn
             del c._llmpress_attn

@@ -93,12 +93,8 @@ class KIVIStore:
         G = self.group
         while self.k.shape[-2] >= self.residual + G:
             self.kq.append(quantize_keys(self.k[:, :, :G], self.bits))
-            self.vq.append(quantize_values(self.v[:, :, :G], self.bits, self.group_v))
+            self.vq.append(quantize_values(self.v[:, :, :G], self.bits, G))
             self.k, self.v = self.k[:, :, G:].contiguous(), self.v[:, :, G:].contiguous()
-
-    @property
-    def group_v(self) -> int:
-        return self.group
 
     def drop_oldest_groups(self, n: int) -> None:
         """Forget the ``n`` oldest quantized groups (eviction composes at group granularity)."""
@@ -109,7 +105,7 @@ class KIVIStore:
         """Every token's K and V, dequantized (oldest first) [B, H, T, D]."""
         dt = self.k.dtype
         ks = [dequantize_keys(p, dt) for p in self.kq] + [self.k]
-        vs = [dequantize_values(p, self.group_v, dt) for p in self.vq] + [self.v]
+        vs = [dequantize_values(p, self.group, dt) for p in self.vq] + [self.v]
         return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)
 
     def nbytes(self) -> int:
