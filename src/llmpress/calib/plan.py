@@ -83,7 +83,8 @@ def _check_layer_stages(
 def build_plan(model: nn.Module, recipe: Recipe) -> Plan:
     """Match ``recipe`` against ``model`` and check it; raises :class:`UserError` naming the
     first problem. Model-scope stages (rotations, OWL) keep every linear's name and shape,
-    so the plan made before they run holds after them."""
+    so the plan made before they run holds after them; one whose config says
+    ``reshapes_model`` (structured pruning) is followed by a new plan of the smaller model."""
     spec = get_arch(model)
     prefix = spec.blocks + "."
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
