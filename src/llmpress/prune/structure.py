@@ -31,9 +31,11 @@ from ..errors import UserError
 __all__ = [
     "drop_blocks",
     "head_layout",
+    "head_rows",
     "keep_heads",
     "keep_mlp_channels",
     "refit_columns",
+    "set_sizes",
     "text_config",
 ]
 
@@ -110,7 +112,7 @@ def keep_mlp_channels(block: nn.Module, spec: ArchSpec, keep: torch.Tensor, down
         mlp.intermediate_size = int(keep.numel())
 
 
-def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """The weight rows (or columns) of ``heads``: head h owns ``h*head_dim ... h*head_dim + head_dim - 1``."""
     return (heads.long().unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
 
@@ -124,8 +126,8 @@ def keep_heads(
     ``o_weight``: the kept columns of o_proj as refitted (:func:`refit_columns`)."""
     if len(q_heads) % len(kv_heads):
         raise UserError(f"{len(q_heads)} query heads cannot share {len(kv_heads)} key/value heads evenly")
-    q_rows = _head_rows(q_heads, head_dim)
-    kv_rows = _head_rows(kv_heads, head_dim)
+    q_rows = head_rows(q_heads, head_dim)
+    kv_rows = head_rows(kv_heads, head_dim)
     _slice_linear(get_module(block, spec.q), rows=q_rows)
     _slice_linear(get_module(block, spec.k), rows=kv_rows)
     _slice_linear(get_module(block, spec.v), rows=kv_rows)
