@@ -39,7 +39,13 @@ def test_saved_pruned_model_loads_in_plain_transformers(tmp_path, family):
     want = logits(m, ids)
     save(m, tok, tmp_path / "hf", report=report, format="hf-fakequant")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert (cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (2, 96, 2, 1, 16)
+    assert (cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (
+        2,
+        96,
+        2,
+        1,
+        16,
+    )
     if family == "gemma3":
         assert len(cfg["layer_types"]) == 2
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()

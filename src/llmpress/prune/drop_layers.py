@@ -25,6 +25,7 @@ import torch.nn as nn
 from ..arch import get_module
 from ..errors import RecipeError, UserError
 from ..registry import ModelStageOutput, register
+from .distill import Distill, recover, teacher_copy
 from .importance import block_influence, drop_one_perplexity
 from .structure import drop_blocks
 
@@ -44,6 +45,8 @@ class DropLayers:
     importance: str = "block_influence"
     windows: int = 32
     batch_size: int = 4
+    recover_steps: int = 0  # distillation steps towards the model as it was before this stage (0: none)
+    recover_lr: float = 1e-4
     reshapes_model: ClassVar[bool] = True  # the stages after it are planned on the smaller model
 
     def __post_init__(self):
@@ -57,6 +60,7 @@ class DropLayers:
             raise RecipeError(f"importance={self.importance!r}: expected one of {', '.join(IMPORTANCE)}")
         if self.windows < 1 or self.batch_size < 1:
             raise RecipeError("windows and batch_size must be at least 1")
+        Distill(steps=self.recover_steps, lr=self.recover_lr)  # the recovery settings, checked now
 
     def n_removed(self, blocks: int) -> int:
         """How many of ``blocks`` decoder blocks go (refused when that is all of them)."""
@@ -86,8 +90,12 @@ def drop_layers(model: nn.Module, spec, data, stage) -> ModelStageOutput:
         base, scores = drop_one_perplexity(model, spec, data, windows=cfg.windows, batch_size=cfg.batch_size)
         summary["calibration_ppl"] = base
     removed = least_important(scores, n)
+    teacher = teacher_copy(model, cfg.recover_steps if removed else 0)
     if removed:
         drop_blocks(model, spec, removed)
     log.info("drop_layers: removed blocks %s of %d (%s)", removed, n_blocks, cfg.importance)
     summary.update(scores={i: s for i, s in enumerate(scores)}, removed=removed, blocks_after=n_blocks - len(removed))
+    rec = recover(model, teacher, data, steps=cfg.recover_steps, lr=cfg.recover_lr, batch_size=cfg.batch_size)
+    if rec is not None:
+        summary["recovery"] = rec
     return ModelStageOutput(summary=summary)

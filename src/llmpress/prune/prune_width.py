@@ -32,6 +32,7 @@ import torch.nn as nn
 from ..arch import ArchSpec, get_module
 from ..errors import RecipeError, UserError
 from ..registry import ModelStageOutput, register
+from .distill import Distill, recover, teacher_copy
 from .importance import input_stats
 from .structure import head_layout, head_rows, keep_heads, keep_mlp_channels, refit_columns, set_sizes
 
@@ -54,6 +55,8 @@ class PruneWidth:
     damp: float = 0.01
     windows: int = 32
     batch_size: int = 4
+    recover_steps: int = 0  # distillation steps towards the model as it was before this stage (0: none)
+    recover_lr: float = 1e-4
     reshapes_model: ClassVar[bool] = True  # the stages after it are planned on the smaller model
 
     def __post_init__(self):
@@ -67,6 +70,7 @@ class PruneWidth:
             raise RecipeError(f"damp={self.damp!r}: expected a value >= 0")
         if self.windows < 1 or self.batch_size < 1:
             raise RecipeError("windows and batch_size must be at least 1")
+        Distill(steps=self.recover_steps, lr=self.recover_lr)  # the recovery settings, checked now
 
 
 def kept_count(total: int, ratio: float, multiple_of: int, what: str) -> int:
@@ -199,6 +203,10 @@ def prune_width(model: nn.Module, spec, data, stage) -> ModelStageOutput:
         raise RecipeError("prune_width needs calibration data")
     layers = get_module(model, spec.blocks)
     run = _prune_mlp if cfg.structure == "mlp" else _prune_heads
+    teacher = teacher_copy(model, cfg.recover_steps)
     summary = run(model, spec, data, cfg, spec.blocks, layers)
     log.info("prune_width: %s %s -> %s per block", cfg.structure, summary["before"], summary["after"])
+    rec = recover(model, teacher, data, steps=cfg.recover_steps, lr=cfg.recover_lr, batch_size=cfg.batch_size)
+    if rec is not None:
+        summary["recovery"] = rec
     return ModelStageOutput(summary={"structure": cfg.structure, "ratio": cfg.ratio, "update": cfg.update, **summary})
