@@ -57,7 +57,9 @@ def test_config_errors():
         Distill(lr=0)
 
 
-@pytest.mark.parametrize("st", [{"method": "drop_layers", "count": 1}, {"method": "prune_width", "structure": "heads", "ratio": 0.5, "update": False}])
+@pytest.mark.parametrize(
+    "st", [{"method": "drop_layers", "count": 1}, {"method": "prune_width", "structure": "heads", "ratio": 0.5, "update": False}]
+)
 def test_a_pruning_stage_recovers_towards_the_model_before_it(st):
     from helpers import QUIET
 
