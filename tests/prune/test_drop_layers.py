@@ -106,3 +106,17 @@ def test_config_and_removal_errors():
         drop_blocks(m, llmpress.arch.get_arch(m), [0, 1])
     with pytest.raises(UserError, match="out of range"):
         drop_blocks(m, llmpress.arch.get_arch(m), [5])
+
+
+def test_a_structural_stage_after_per_layer_settings_is_refused():
+    """OWL's offsets name linears by block index: a block removed after it would shift them."""
+    m = tiny_llama(layers=3)
+    with pytest.raises(UserError, match="put it first"):
+        llmpress.compress(
+            m, [stage("owl", windows=2), stage("drop_layers", count=1), stage("wanda", sparsity=0.5)], data=random_windows(2, 16), engine=QUIET
+        )
+    assert len(m.model.layers) == 3
+    report = llmpress.compress(
+        m, [stage("drop_layers", count=1), stage("owl", windows=2), stage("wanda", sparsity=0.5)], data=random_windows(2, 16), engine=QUIET
+    )
+    assert set(report.stages["stage1:owl"]["sparsity_offset"]) == {0, 1}
