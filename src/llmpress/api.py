@@ -186,7 +186,7 @@ def _compress(model, plan: Plan, data: torch.Tensor | None, *, tokenizer, calib:
             if out.summary:
                 summaries[f"stage{i}:{st.method}"] = out.summary
     if any(getattr(st.config, "reshapes_model", False) for _, st in plan.model_stages):
-        plan = build_plan(model, plan.recipe)  # blocks, heads or channels removed: the later stages act on the smaller model
+        plan = build_plan(model, plan.recipe, reshaped=True)  # blocks, heads or channels removed: the later stages act on the smaller model
     result = run_engine(model, plan, data, engine, settings)
     seconds.update(result.seconds)
     seconds["compress_total"] = time.perf_counter() - t0

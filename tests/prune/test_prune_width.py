@@ -132,3 +132,22 @@ def test_errors():
     no_mlp.model.layers[0].mlp.down_proj = torch.nn.Identity()
     with pytest.raises(UserError, match="needs mlp.down_proj"):
         _prune(no_mlp, structure="mlp", ratio=0.5)
+
+
+@pytest.mark.parametrize(
+    "family,st,match",
+    [
+        ("llama", {"method": "prune_width", "structure": "heads", "ratio": 0.8}, "removes every one"),
+        ("llama", {"method": "drop_layers", "count": 2}, "leaves none"),
+        ("gemma3", {"method": "slicegpt", "fraction": 0.25}, "post"),
+        ("llama", {"method": "slicegpt", "fraction": 0.5, "multiple_of": 64}, "keeps none"),
+    ],
+)
+def test_the_plan_refuses_before_anything_runs(family, st, match):
+    """`validate` (what `llmpress compress` calls right after loading, before the baseline
+    evaluation) runs each structural stage's own checks against the model."""
+    m = TINY_MODELS[family](layers=2)
+    with pytest.raises(UserError, match=match):
+        llmpress.api.validate(m, llmpress.recipe.Recipe.from_dict({"stages": [st]}))
+    # after a structural stage the next one's sizes are unknown until it ran: checked when it runs
+    llmpress.api.validate(m, llmpress.recipe.Recipe.from_dict({"stages": [{"method": "prune_width", "ratio": 0.0}, st]}))

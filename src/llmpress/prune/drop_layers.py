@@ -62,6 +62,10 @@ class DropLayers:
             raise RecipeError("windows and batch_size must be at least 1")
         Distill(steps=self.recover_steps, lr=self.recover_lr)  # the recovery settings, checked now
 
+    def check_model(self, model: nn.Module, spec) -> None:
+        """Refuse, when the recipe is planned, a count that removes every block."""
+        self.n_removed(len(get_module(model, spec.blocks)))
+
     def n_removed(self, blocks: int) -> int:
         """How many of ``blocks`` decoder blocks go (refused when that is all of them)."""
         n = self.count if self.count is not None else round(self.fraction * blocks)

@@ -72,6 +72,24 @@ class PruneWidth:
             raise RecipeError("windows and batch_size must be at least 1")
         Distill(steps=self.recover_steps, lr=self.recover_lr)  # the recovery settings, checked now
 
+    def check_model(self, model: nn.Module, spec: ArchSpec) -> None:
+        """Refuse, when the recipe is planned, a structure the model lacks or a ratio that removes all of it."""
+        check_width(model, spec, self)
+
+
+def check_width(model: nn.Module, spec: ArchSpec, cfg: PruneWidth) -> tuple[int, int]:
+    """The structure exists and the ratio leaves some of it: (kept per block, kept per group).
+    For ``mlp`` the first is the channels kept; for heads (kv groups kept, query heads per group)."""
+    _check_structure(model, spec, cfg)
+    if cfg.structure == "mlp":
+        inter = get_module(get_module(model, spec.blocks)[0], spec.down).in_features
+        return kept_count(inter, cfg.ratio, cfg.multiple_of, "MLP channels"), 0
+    _, n_h, n_kv = head_layout(model)
+    g = n_h // n_kv
+    if cfg.structure == "heads":
+        return kept_count(n_kv, cfg.ratio, 1, "key/value groups (attention heads)"), g
+    return n_kv, kept_count(g, cfg.ratio, 1, "query heads per key/value head")
+
 
 def kept_count(total: int, ratio: float, multiple_of: int, what: str) -> int:
     """How many of ``total`` structures a block keeps: ``total - round(ratio * total)``, rounded
@@ -145,7 +163,7 @@ def _norms(stat: torch.Tensor) -> torch.Tensor:
 
 def _prune_mlp(model: nn.Module, spec: ArchSpec, data, cfg: PruneWidth, prefix: str, layers) -> dict:
     inter = get_module(layers[0], spec.down).in_features
-    keep_n = kept_count(inter, cfg.ratio, cfg.multiple_of, "MLP channels")
+    keep_n, _ = check_width(model, spec, cfg)
     reader = spec.gate or spec.up
     x_names = [f"{prefix}.{i}.{reader}" for i in range(len(layers))]
     d_names = [f"{prefix}.{i}.{spec.down}" for i in range(len(layers))]
@@ -175,11 +193,7 @@ def _kept_heads(cfg: PruneWidth, q: torch.Tensor, kv: torch.Tensor, keep_kv: int
 
 def _prune_heads(model: nn.Module, spec: ArchSpec, data, cfg: PruneWidth, prefix: str, layers) -> dict:
     hd, n_h, n_kv = head_layout(model)
-    g = n_h // n_kv
-    if cfg.structure == "heads":
-        keep_kv, keep_per_group = kept_count(n_kv, cfg.ratio, 1, "key/value groups (attention heads)"), g
-    else:
-        keep_kv, keep_per_group = n_kv, kept_count(g, cfg.ratio, 1, "query heads per key/value head")
+    keep_kv, keep_per_group = check_width(model, spec, cfg)
     x_names = [f"{prefix}.{i}.{spec.q}" for i in range(len(layers))]
     o_names = [f"{prefix}.{i}.{spec.o}" for i in range(len(layers))]
     stats = _stats(model, data, cfg, x_names, o_names)
@@ -198,7 +212,6 @@ def _prune_heads(model: nn.Module, spec: ArchSpec, data, cfg: PruneWidth, prefix
 @register("prune_width", PruneWidth, scope="model", summary="width pruning: MLP channels or attention heads by summed |W|*||x||")
 def prune_width(model: nn.Module, spec, data, stage) -> ModelStageOutput:
     cfg: PruneWidth = stage.config
-    _check_structure(model, spec, cfg)
     if data is None:
         raise RecipeError("prune_width needs calibration data")
     layers = get_module(model, spec.blocks)

@@ -58,6 +58,14 @@ class SliceGPT:
         if self.multiple_of < 1 or self.windows < 1 or self.batch_size < 1:
             raise RecipeError("multiple_of, windows and batch_size must be at least 1")
 
+    def check_model(self, model: nn.Module, spec: ArchSpec) -> None:
+        """Refuse, when the recipe is planned, gemma3 (post-norms) or a fraction that keeps nothing."""
+        if not residual_rotatable(spec):
+            raise UnsupportedArchitecture(
+                f"slicegpt: {spec.family} applies norms to sub-layer outputs ({', '.join(spec.post_norms)}), which block a residual rotation"
+            )
+        self.kept(hidden_size(model, spec))
+
     def kept(self, d: int) -> int:
         keep = d - round(self.fraction * d)
         if self.multiple_of > 1:
@@ -153,10 +161,7 @@ def slice_residual(model: nn.Module, spec: ArchSpec, q: torch.Tensor) -> None:
 @register("slicegpt", SliceGPT, scope="model", summary="SliceGPT: rotate the residual stream onto its PCA basis and slice the hidden size")
 def slicegpt(model: nn.Module, spec: ArchSpec, data, stage) -> ModelStageOutput:
     cfg: SliceGPT = stage.config
-    if not residual_rotatable(spec):
-        raise UnsupportedArchitecture(
-            f"slicegpt: {spec.family} applies norms to sub-layer outputs ({', '.join(spec.post_norms)}), which block a residual rotation"
-        )
+    cfg.check_model(model, spec)
     if data is None:
         raise RecipeError("slicegpt needs calibration data")
     d = hidden_size(model, spec)
