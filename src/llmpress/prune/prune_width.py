@@ -99,7 +99,8 @@ def kept_count(total: int, ratio: float, multiple_of: int, what: str) -> int:
         keep = min(total, int(round(keep / multiple_of)) * multiple_of)
     if keep <= 0:
         raise UserError(
-            f"prune_width: removing {ratio:.0%} of {total} {what} (multiple_of {multiple_of}) removes every one of each block; remove fewer"
+            f"prune_width: removing {ratio:.0%} of {total} {what}{f' (kept count a multiple of {multiple_of})' if multiple_of > 1 else ''} "
+            "removes every one of each block; remove fewer"
         )
     return keep
 
