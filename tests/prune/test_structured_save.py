@@ -81,3 +81,22 @@ def test_group_size_that_no_longer_divides_is_refused():
     w4 = {"bits": 4, "symmetric": True, "granularity": "group", "group_size": 64}
     with pytest.raises(llmpress.errors.UserError, match="group"):
         _pruned("llama", extra=[stage("rtn", weights=w4)])
+
+
+def test_sliced_then_quantized_saves_packed(tmp_path):
+    """SliceGPT (hidden 64 -> 48, head untied) then RTN W4 g16: the packed checkpoint has the
+    smaller hidden size and serves the in-memory model's logits."""
+    tok = tiny_tokenizer()
+    m = TINY_MODELS["llama"](layers=2, vocab=len(tok))
+    w4 = {"bits": 4, "symmetric": True, "granularity": "group", "group_size": 16}
+    report = llmpress.compress(
+        m, [stage("slicegpt", fraction=0.25), stage("rtn", weights=w4)], data=random_windows(8, 32, vocab=len(tok)), engine=QUIET
+    )
+    assert report.result.records["model.layers.0.self_attn.q_proj"].in_features == 48
+    ids = random_windows(2, 32, vocab=len(tok), seed=7)
+    want = logits(m, ids)
+    save(m, tok, tmp_path / "packed", report=report)
+    cfg = json.loads((tmp_path / "packed" / "config.json").read_text())
+    assert (cfg["hidden_size"], cfg["tie_word_embeddings"]) == (48, False)
+    loaded, _ = load_compressed(str(tmp_path / "packed"), backend="dequant")
+    torch.testing.assert_close(logits(loaded, ids), want, rtol=0, atol=1e-4)
