@@ -132,15 +132,17 @@ def head_scores(q, k, v, o, x_l2: torch.Tensor, a_l2: torch.Tensor, head_dim: in
 
 def _check_structure(model: nn.Module, spec: ArchSpec, cfg: PruneWidth) -> None:
     """A clear error for a structure the model does not have in a removable form."""
-    block = get_module(model, spec.blocks)[0]
     paths = (spec.up, spec.down) if cfg.structure == "mlp" else (spec.q, spec.k, spec.v, spec.o)
-    for p in paths:
-        try:
-            mod = get_module(block, p)
-        except (AttributeError, IndexError):
-            mod = None
-        if not isinstance(mod, nn.Linear):
-            raise UserError(f"prune_width: structure {cfg.structure!r} needs {p} as a plain linear in every block; {type(model).__name__} has none")
+    for i, block in enumerate(get_module(model, spec.blocks)):
+        for p in paths:
+            try:
+                mod = get_module(block, p)
+            except (AttributeError, IndexError):
+                mod = None
+            if not isinstance(mod, nn.Linear):
+                raise UserError(
+                    f"prune_width: structure {cfg.structure!r} needs {p} as a plain linear in every block; block {i} of {type(model).__name__} has none"
+                )
     if cfg.structure == "query_heads":
         _, n_h, n_kv = head_layout(model)
         if n_h == n_kv:
