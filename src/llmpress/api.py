@@ -174,6 +174,8 @@ def _compress(model, plan: Plan, data: torch.Tensor | None, *, tokenizer, calib:
     settings: dict[str, dict] = {}  # per linear, what model-scope stages left for the stages after them
     summaries: dict[str, dict] = {}
     for i, st in plan.model_stages:  # model-wide transforms first, in recipe order
+        if settings and getattr(st.config, "reshapes_model", False):  # they name linears by their block index
+            raise UserError(f"recipe stage {i} ({st.method}) removes structures after a stage that left per-layer settings: put it first")
         t = time.perf_counter()
         with progress_scope(engine.progress):  # model-scope methods' bars follow the engine's switch
             out = METHODS[st.method].apply(model, plan.spec, data, st)
@@ -183,6 +185,8 @@ def _compress(model, plan: Plan, data: torch.Tensor | None, *, tokenizer, calib:
                 settings.setdefault(name, {}).update(kv)
             if out.summary:
                 summaries[f"stage{i}:{st.method}"] = out.summary
+    if any(getattr(st.config, "reshapes_model", False) for _, st in plan.model_stages):
+        plan = build_plan(model, plan.recipe, reshaped=True)  # blocks, heads or channels removed: the later stages act on the smaller model
     result = run_engine(model, plan, data, engine, settings)
     seconds.update(result.seconds)
     seconds["compress_total"] = time.perf_counter() - t0
