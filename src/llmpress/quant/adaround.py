@@ -3,12 +3,12 @@ from the layer Hessian the engine accumulates (no stored activations). The maths
 :mod:`llmpress.quant.adaround_core`; this is the method's config and handler.
 
 Cost: ``iters`` steps of Adam, each one product ``(W - W_hat) H`` ([out, in] x [in, in];
-the gradient reuses it) and some twenty element-wise passes over the weight. Measured on
-random layers of SmolLM2-135M's shapes (one decoder block's seven linears, 4-bit g64, one
-thread, on the shared 2-core machine at a load average of ~7): 1.4 s of set-up and 0.46 s
-per step per block, i.e. about 24 minutes of one such core for the 210 linears at the
-default 100 steps (the matrix products are about a third of a step); ``iters: 50`` halves
-it. On an idle core it is several times faster (the products alone run at ~70 GFLOP/s).
+the gradient reuses it) and some twenty element-wise passes over the weight. On random
+layers of SmolLM2-135M's shapes (``benchmarks/learned_layers.py``: one decoder block's
+seven linears, 4-bit g64, one thread) a step of a block takes 0.17 s of CPU time and the
+set-up 0.5 s, so the default 100 steps over the 210 linears take about 9 minutes of one
+core (19 minutes of wall time on the shared 2-core machine at a load average of 7.5);
+``iters: 50`` halves it.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class AdaRound:
     beta_end: float = 2.0
     warmup: float = 0.2
     learn_scale: bool = False
-    scale_lr: float = 1e-3
+    scale_lr: float = 1e-2
     scale_min: float = 0.5
     activations: QuantArgs | None = None
 

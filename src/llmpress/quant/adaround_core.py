@@ -60,7 +60,7 @@ class AdaRoundOptions:
     beta_end: float = 2.0
     warmup: float = 0.2
     learn_scale: bool = False
-    scale_lr: float = 1e-3
+    scale_lr: float = 1e-2
     scale_min: float = 0.5
 
     def __post_init__(self):
