@@ -46,13 +46,15 @@ class BitPlan:
     bits_per_weight: float  # achieved average over the planned linears
     budget: float
     cost: float  # summed tr(dW H dW^T) of the choice
-    uniform: dict[str, tuple[float, float]]  # label -> (bits per weight, summed cost) with every linear at it
+    uniform: dict[str, tuple[float, float] | None]  # label -> (bits per weight, summed cost) with every linear at it; None: not every linear can
     exact: bool
 
     def table(self) -> str:
         n = {lab: sum(1 for v in self.choice.values() if v == lab) for lab in self.uniform}
         lines = [f"{'setting':<10} {'bits/weight':>11} {'layer error if uniform':>23} {'linears chosen':>15}"]
-        lines += [f"{lab:<10} {bpw:>11.4f} {cost:>23.6g} {n[lab]:>15}" for lab, (bpw, cost) in self.uniform.items()]
+        for lab, u in self.uniform.items():
+            figs = f"{u[0]:>11.4f} {u[1]:>23.6g}" if u else f"{'-':>11} {'(not for every linear)':>23}"
+            lines.append(f"{lab:<10} {figs} {n[lab]:>15}")
         lines.append(f"{'mixed':<10} {self.bits_per_weight:>11.4f} {self.cost:>23.6g} {len(self.choice):>15}  (budget {self.budget:g} bits/weight)")
         return "\n".join(lines)
 
@@ -141,7 +143,7 @@ def plan_bits(
     alloc = allocate(costs, sizes, budget_total)
     labels = list(cands)
     choice = {n: labels[options[i][k]] for i, (n, k) in enumerate(zip(names, alloc.choice))}
-    uniform = {}
+    uniform: dict[str, tuple[float, float] | None] = dict.fromkeys(labels)
     for j, lab in enumerate(labels):
         if all(j in o for o in options):
             pos = [o.index(j) for o in options]

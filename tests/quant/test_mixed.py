@@ -140,6 +140,14 @@ def test_plan_keeps_the_head_stage():
     assert sum(len(st.targets) for st in plan.recipe.stages if st not in heads) == 14
 
 
+def test_a_setting_offered_only_where_its_group_divides():
+    # tiny llama: inputs of 64 (attention, gate/up) and 128 (down_proj); g128 fits down_proj only
+    plan = plan_bits(tiny_llama(), random_windows(2, 16), base=load_recipe("rtn-w4g64"), candidates="w2g32,w4g128", budget=8.0)
+    assert plan.uniform["w4g128"] is None and plan.uniform["w2g32"] is not None
+    assert {n for n, lab in plan.choice.items() if lab == "w4g128"} == {f"model.layers.{i}.mlp.down_proj" for i in range(2)}
+    assert "(not for every linear)" in plan.table()
+
+
 def test_cli(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "mixed.yaml"
     argv = ["plan-bits", str(tiny_model_dir), "--budget", "3.5", "--candidates", "w3g32,w4g32", "--out", str(out)]
