@@ -132,6 +132,15 @@ def test_plan_bits_recipe_compresses_within_budget():
         plan_bits(m, data, base=load_recipe("rtn-w4g64"), candidates="w2g32,w4g32", budget=2.1)
 
 
+def test_plan_is_deterministic():
+    data = random_windows(4, 16)
+    a, b = (
+        plan_bits(tiny_llama(), data, base=load_recipe("gptq-w4g64"), candidates="w2g32,w3g32,w4g32", budget=3.0, solver="gptq") for _ in range(2)
+    )
+    assert a.choice == b.choice and a.cost == b.cost and a.recipe.to_yaml() == b.recipe.to_yaml()
+    assert a.bits_per_weight <= 3.0
+
+
 def test_plan_keeps_the_head_stage():
     m = tiny_llama()
     plan = plan_bits(m, random_windows(2, 16), base=load_recipe("rtn-w4g64-head8"), candidates="w3g32,w4g32", budget=3.6)
