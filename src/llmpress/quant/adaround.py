@@ -61,8 +61,8 @@ class AdaRound:
 
 @register("adaround", AdaRound, needs=("hessian",), summary="AdaRound/AdaQuant: learned rounding (and group scales) per linear from its Hessian")
 def adaround(ctx: ModuleContext, cfg: AdaRound) -> None:
-    hessian, _owned = ctx.take("hessian")
-    res = adaround_quantize(ctx.weight, hessian, cfg.weights, options=cfg.options(), name=ctx.name)
+    hessian, owned = ctx.take("hessian")
+    res = adaround_quantize(ctx.weight, hessian, cfg.weights, options=cfg.options(), name=ctx.name, hessian_owned=owned)
     ctx.set_weight(res.weight)
     rec = ctx.record
     rec.weight_args = cfg.weights

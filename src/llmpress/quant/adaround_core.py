@@ -204,13 +204,20 @@ def _optimize(grid: _Grid, W: torch.Tensor, H: torch.Tensor, e_rtn: float, o: Ad
 
 
 def adaround_quantize(
-    weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, *, options: AdaRoundOptions | None = None, name: str | None = None
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    args: QuantArgs,
+    *,
+    options: AdaRoundOptions | None = None,
+    name: str | None = None,
+    hessian_owned: bool = False,
 ) -> AdaRoundResult:
     """Learned rounding of ``weight`` [out, in] on the grid of ``args``, minimizing
-    ``tr((W - W_hat) H (W - W_hat)^T)`` with the layer Hessian ``hessian`` [in, in]."""
+    ``tr((W - W_hat) H (W - W_hat)^T)`` with the layer Hessian ``hessian`` [in, in]
+    (``hessian_owned``: the caller gives it up, so it is used in place, not copied)."""
     o = options or AdaRoundOptions()
     _check(weight, args, name, o.learn_scale)
-    W, H, _dead = prepare(weight, hessian, name)
+    W, H, _dead = prepare(weight, hessian, name, owned=hessian_owned)
     grid, qp0 = _start_grid(W, H, args, name)
     with torch.no_grad():
         rtn_up = torch.round(grid.base + grid.rest) - grid.base  # torch's half-to-even, as nearest rounding does
