@@ -138,6 +138,8 @@ def _inputs(args) -> list[tuple[str, str]]:
         return [("model", m.rsplit("@", 1)[0]) for m in args.models] + ([("model", args.baseline)] if args.baseline else [])
     if cmd == "analyze":
         return [("model", args.model), ("data", args.data)]
+    if cmd == "plan-bits":
+        return [("model", args.model), ("recipe", args.base), *_sources(args.calib_data)]
     return []
 
 
@@ -233,7 +235,16 @@ def check_export(args, res, cwd: Path) -> None:
         assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
 
 
-CHECKS = {"recipes": check_recipes, "compress": check_compress, "eval": check_eval, "export": check_export}
+def check_plan_bits(args, res, cwd: Path) -> None:
+    from llmpress.recipe import Recipe
+
+    recipe = Recipe.from_yaml((cwd / args.out).read_text())  # a recipe `compress --recipe` reads
+    assert recipe.name.endswith(f"-mixed{args.budget:g}") and f"recipe: {args.out}" in res.stdout, res.stdout
+    bpw = float(next(line.split()[1] for line in res.stdout.splitlines() if line.startswith("mixed ")))
+    assert bpw <= args.budget
+
+
+CHECKS = {"recipes": check_recipes, "compress": check_compress, "eval": check_eval, "export": check_export, "plan-bits": check_plan_bits}
 
 
 # --- the tests -------------------------------------------------------------------------------------

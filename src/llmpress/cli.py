@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import progress
+from . import bitplan, progress
 from .analysis import cli as analysis_cli
 from .errors import UserError
 
@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("recipes", help="list the preset recipes")
     analysis_cli.add_parser(sub)
+    bitplan.add_parser(sub)
     return ap
 
 
@@ -296,6 +297,8 @@ def _dispatch(args) -> int:
 
     if args.command == "analyze":
         return analysis_cli.run(args)
+    if args.command == "plan-bits":
+        return bitplan.run(args)
     if args.command == "recipes":
         from .recipe import load_recipe, presets
 
