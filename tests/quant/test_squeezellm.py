@@ -117,7 +117,7 @@ def test_form_encodes_bit_for_bit_and_counts_every_byte(bits, group_size, fracti
     assert form.stored_bits(spec, nbytes, 16) == bits_total
     back = LinearSpec.from_dict(spec.to_dict(), "layers.l")
     assert back.meta == spec.meta and back.n_exceptions == nnz
-    mod = form.build(back, tensors)
+    mod = form.build(back, tensors, backend="dequant")  # the exact module (tests/runtime/test_lut_kernel.py: the kernel)
     x = torch.randn(5, 64)
     assert isinstance(mod, LutLinear) and torch.equal(mod(x), torch.nn.functional.linear(x, res.weight))
     assert form.payload(back, tensors)["table"].shape == res.table.shape
@@ -152,10 +152,12 @@ def test_compress_save_load_same_logits(tmp_path, solver):
     assert rec.bits_per_weight() == pytest.approx(codebook_bits(R, C, 3, 1, nnz) / (R * C))
     expected = logits(model, ids[:2])
     api.save(model, tiny_tokenizer(), tmp_path / "c", report=rep)
-    back, _ = load_compressed(str(tmp_path / "c"))
+    back, _ = load_compressed(str(tmp_path / "c"), backend="dequant")
     mod = back.model.layers[0].mlp.down_proj
     assert isinstance(mod, LutLinear) and mod.exc_index.numel() == nnz
     assert torch.equal(logits(back, ids[:2]), expected)
+    fast, _ = load_compressed(str(tmp_path / "c"))  # the lookup-table kernel where it builds: equal up to summation order
+    assert torch.allclose(logits(fast, ids[:2]), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
     loaded = back.llmpress_records["model.layers.0.mlp.down_proj"]
     assert loaded.bits_per_weight() == pytest.approx(rec.bits_per_weight())
     # no compressed-tensors or GGUF form: refused, naming the layer

@@ -3,10 +3,17 @@
 table of 2^b values per row (or per group of input columns), optional weights kept off the
 tables (flat positions and float16 values).
 
-For now each call rebuilds the weight by table lookup (``table[row, group(j), code]``, then
-the kept weights scattered in) and runs one GEMM: outputs equal the compressed model's
-exactly (the same float32 weight, the same ``F.linear``). A lookup-table kernel for decode
-(no dense weight) is the next step (docs/codebooks.md).
+- :class:`LutLinear` (every layer; ``backend="dequant"``): each call rebuilds the weight by
+  table lookup (``table[row, group(j), code]``, then the kept weights scattered in) and runs
+  one GEMM: outputs equal the compressed model's exactly (the same float32 weight, the same
+  ``F.linear``).
+- :class:`LowbitLutLinear` (at most 16 entries, groups of a multiple of 32 columns, CPU with
+  llmpress's kernels; the first choice of ``backend="auto"``): codes packed two per byte in
+  the int4 kernels' layout and float32 tables padded to 16 entries; up to ``SMALL_M``
+  activation rows go through ``lut4_mm`` (the weights looked up in registers, no dense
+  weight), the kept weights added as a sparse correction x[:, j] (v - table[code]); more
+  rows (prefill) dequantize once (``lut4_dequant``) and run one GEMM. Outputs equal the
+  compressed model's up to float32 summation order.
 """
 
 from __future__ import annotations
@@ -16,6 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..quant.nuq import lookup
+from .cpu_kernels import SMALL_M, kernels, pack_int4
+
+LUT_KERNEL_ENTRIES = 16
 
 
 def lut_weight(
@@ -58,3 +68,63 @@ class LutLinear(nn.Module):
     def extra_repr(self) -> str:
         G, K = self.table.shape[1:]
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, tables={G}x{K}, kernel={self.kernel}"
+
+
+def lut_kernel_applies(in_features: int, groups: int, entries: int) -> bool:
+    """Whether :class:`LowbitLutLinear` can serve the layer (the kernels themselves aside)."""
+    gs = in_features // groups
+    return entries <= LUT_KERNEL_ENTRIES and gs % 32 == 0 and in_features % gs == 0
+
+
+class LowbitLutLinear(nn.Module):
+    kernel = "lowbit-lut4"
+
+    def __init__(self, codes: torch.Tensor, table: torch.Tensor, *, exc_index=None, exc_value=None, bias: torch.Tensor | None = None):
+        super().__init__()
+        R, C = codes.shape
+        G, K = table.shape[1], table.shape[2]
+        if not lut_kernel_applies(C, G, K):
+            raise ValueError(f"the lookup-table kernel takes at most {LUT_KERNEL_ENTRIES} entries and groups of a multiple of 32 columns")
+        self.out_features, self.in_features, self.group_size = R, C, C // G
+        self.bits = max(1, (K - 1).bit_length())
+        t = table.float()
+        t16 = torch.cat([t, t[..., -1:].expand(R, G, LUT_KERNEL_ENTRIES - K)], dim=2) if K < LUT_KERNEL_ENTRIES else t
+        self.register_buffer("packed", pack_int4(codes.to(torch.int32)), persistent=False)
+        self.register_buffer("table", t16.contiguous(), persistent=False)
+        rows = cols = delta = None
+        if exc_index is not None and exc_index.numel():
+            rows, cols = exc_index // C, exc_index % C
+            delta = exc_value.float() - lookup(table, codes).reshape(-1)[exc_index]
+        self.register_buffer("exc_index", exc_index, persistent=False)
+        self.register_buffer("exc_value", exc_value, persistent=False)
+        self.register_buffer("exc_rows", rows, persistent=False)
+        self.register_buffer("exc_cols", cols, persistent=False)
+        self.register_buffer("exc_delta", delta, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dequantized_weight()
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        w = kernels().lut4_dequant(self.packed, self.table, self.group_size)
+        if self.exc_index is not None:
+            w.view(-1)[self.exc_index] = self.exc_value.float()
+        return w.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        if x2.shape[0] <= SMALL_M:
+            y = kernels().lut4_mm(x2, self.packed, self.table, self.group_size)
+            if self.exc_delta is not None:
+                y.index_add_(1, self.exc_rows, x2[:, self.exc_cols] * self.exc_delta)
+        else:
+            y = F.linear(x2, self.dequantized_weight())
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}, kernel={self.kernel}"
+        )

@@ -23,7 +23,9 @@ uint8 [out, in], ``table``, ``exc_index`` int64 flat positions); the form stores
 while the model's weight is still exactly what they decode to (checked bit for bit; otherwise
 the writer stores the layer dense and says so).
 
-Runtime: :class:`~llmpress.runtime.lut_linear.LutLinear` (table lookup, then one GEMM).
+Runtime (:mod:`llmpress.runtime.lut_linear`): ``backend="dequant"`` :class:`LutLinear` (table
+lookup, then one GEMM: exact); ``"auto"`` on CPU :class:`LowbitLutLinear` (llmpress's
+lookup-table kernel, up to 16 entries, groups of a multiple of 32 columns) where it applies.
 compressed-tensors and GGUF have no such form: exporting refuses, naming the layer.
 """
 
@@ -34,7 +36,7 @@ import torch
 from ...quant.kmeans import MAX_BITS
 from ...quant.nuq import codebook_bits
 from ...runtime.act_quant import ActQuantLinear
-from ...runtime.lut_linear import LutLinear, lut_weight
+from ...runtime.lut_linear import LowbitLutLinear, LutLinear, lut_kernel_applies, lut_weight
 from ..form import LinearSpec, StorageForm, register_form
 from ..grid import pack_unsigned, unpack_unsigned, words
 
@@ -125,9 +127,16 @@ class Codebook(StorageForm):
         return {"codes": codes, "table": table, **({"exc_index": flat} if flat is not None else {})}
 
     def build(self, spec, tensors, *, bias=None, backend="auto", device="cpu", act_dtype=None):
+        if backend not in ("auto", "torch", "dequant"):
+            raise ValueError(f"backend {backend!r} unknown; expected auto, torch or dequant")
         codes, table, flat, values = self._parts(spec, tensors)
         dev = torch.device(device)
-        mod = LutLinear(
+        cls = LutLinear
+        if backend == "auto" and dev.type == "cpu" and lut_kernel_applies(spec.in_features, table.shape[1], table.shape[2]):
+            from ...runtime.cpu_kernels import kernels
+
+            cls = LowbitLutLinear if kernels() is not None else LutLinear
+        mod = cls(
             codes.to(dev),
             table.to(dev),
             exc_index=None if flat is None else flat.to(dev),
