@@ -14,6 +14,7 @@ from llmpress.registry import ModuleRecord
 from llmpress.runtime import cpu_kernels
 from llmpress.runtime.lut_linear import LowbitLutLinear, LutLinear, lut_weight
 from llmpress.storage.form import encode_layer, get_form
+from llmpress.storage.grid import pack_unsigned
 
 pytestmark = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None, reason=str(cpu_kernels.unavailable_reason()))
 
@@ -55,13 +56,16 @@ def test_raw_kernel_against_a_dense_product(ext):
     N, K, gs = 24, 256, 64
     codes = torch.randint(0, 16, (N, K), generator=g)
     table = torch.randn(N, K // gs, 16, generator=g)
-    packed = cpu_kernels.pack_int4(codes)
+    packed = pack_unsigned(codes, 4)
     dense = table.reshape(N, -1).gather(1, codes + (torch.arange(K) // gs * 16))
     assert torch.equal(ext.lut4_dequant(packed, table.contiguous(), gs), dense)
     x = torch.randn(3, K, generator=g)
-    assert rel_max_err(ext.lut4_mm(x, packed, table.contiguous(), gs), x @ dense.t()) < 1e-5
+    assert rel_max_err(ext.lut4_mm(x, packed, table.contiguous(), gs, 16), x @ dense.t()) < 1e-5
+    c8 = codes % 8  # at most 8 entries: the one-register path
+    dense8 = table.reshape(N, -1).gather(1, c8 + (torch.arange(K) // gs * 16))
+    assert rel_max_err(ext.lut4_mm(x, pack_unsigned(c8, 4), table.contiguous(), gs, 8), x @ dense8.t()) < 1e-5
     with pytest.raises(RuntimeError, match="multiple of 32"):
-        ext.lut4_mm(x, packed, table.contiguous(), 48)
+        ext.lut4_mm(x, packed, table.contiguous(), 48, 16)
 
 
 def test_the_form_builds_the_kernel_where_it_applies(ext):

@@ -9,7 +9,8 @@ tables (flat positions and float16 values).
   ``F.linear``).
 - :class:`LowbitLutLinear` (at most 16 entries, groups of a multiple of 32 columns, CPU with
   llmpress's kernels; the first choice of ``backend="auto"``): codes packed two per byte in
-  the int4 kernels' layout and float32 tables padded to 16 entries; up to ``SMALL_M``
+  int32 words (4 bits each, the stream of :mod:`llmpress.quant.pack`) and float32 tables
+  padded to 16 entries; up to ``SMALL_M``
   activation rows go through ``lut4_mm`` (the weights looked up in registers, no dense
   weight), the kept weights added as a sparse correction x[:, j] (v - table[code]); more
   rows (prefill) dequantize once (``lut4_dequant``) and run one GEMM. Outputs equal the
@@ -23,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..quant.nuq import lookup
-from .cpu_kernels import SMALL_M, kernels, pack_int4
+from ..storage.grid import pack_unsigned
+from .cpu_kernels import SMALL_M, kernels
 
 LUT_KERNEL_ENTRIES = 16
 
@@ -89,7 +91,8 @@ class LowbitLutLinear(nn.Module):
         self.bits = max(1, (K - 1).bit_length())
         t = table.float()
         t16 = torch.cat([t, t[..., -1:].expand(R, G, LUT_KERNEL_ENTRIES - K)], dim=2) if K < LUT_KERNEL_ENTRIES else t
-        self.register_buffer("packed", pack_int4(codes.to(torch.int32)), persistent=False)
+        self.entries = K
+        self.register_buffer("packed", pack_unsigned(codes.to(torch.int64), 4), persistent=False)  # 8 codes per int32 word
         self.register_buffer("table", t16.contiguous(), persistent=False)
         rows = cols = delta = None
         if exc_index is not None and exc_index.numel():
@@ -115,7 +118,7 @@ class LowbitLutLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float().contiguous()
         if x2.shape[0] <= SMALL_M:
-            y = kernels().lut4_mm(x2, self.packed, self.table, self.group_size)
+            y = kernels().lut4_mm(x2, self.packed, self.table, self.group_size, self.entries)
             if self.exc_delta is not None:
                 y.index_add_(1, self.exc_rows, x2[:, self.exc_cols] * self.exc_delta)
         else:

@@ -10,10 +10,13 @@
 //
 // int8 layout: int8 [N, K] with one float32 scale per output row, w = q * s.
 //
-// Lookup tables (codebook weights, at most 16 entries): codes 0..15 in the int4 layout above,
-// one float32 table of 16 entries per output row and group of `gs` columns (gs % 32 == 0),
-// w = table[n, g, q]. The 16 entries sit in two registers; 8 codes are looked up with two
-// vpermps (the low 3 bits) and a blend on bit 3: no dense weight is formed.
+// Lookup tables (codebook weights, at most 16 entries): codes 0..15 as 4-bit nibbles of int32
+// words [N, K/8] (column 8w + i at bits 4i..4i+3 of word w: the little-endian stream of
+// llmpress.quant.pack at 4 bits), one float32 table of 16 entries per output row and group
+// of `gs` columns (gs % 32 == 0), w = table[n, g, q]. The entries sit in one register (at
+// most 8: one vpermps per 8 weights) or two (16: two vpermps and a blend on bit 3); the
+// codes of 8 columns come from one broadcast load and a variable shift. No dense weight
+// is formed.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -112,42 +115,57 @@ void int8_rows(const float* x, int64_t ldx, const int8_t* w, const float* sc, fl
   }
 }
 
-// The 16 weights of 8 packed bytes (columns j and j + 8 of a block) looked up in T0 | T1.
-inline void lookup16(const uint8_t* p, __m256 T0, __m256 T1, __m256& lo, __m256& hi) {
-  const __m256i nib = _mm256_set1_epi32(0xF);
-  const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  const __m256i cl = _mm256_and_si256(q, nib), ch = _mm256_srli_epi32(q, 4);
-  lo = _mm256_blendv_ps(_mm256_permutevar8x32_ps(T0, cl), _mm256_permutevar8x32_ps(T1, cl), _mm256_castsi256_ps(_mm256_slli_epi32(cl, 28)));
-  hi = _mm256_blendv_ps(_mm256_permutevar8x32_ps(T0, ch), _mm256_permutevar8x32_ps(T1, ch), _mm256_castsi256_ps(_mm256_slli_epi32(ch, 28)));
+// 8 consecutive codes (the nibbles of one little-endian int32 word, column 8w + i at bits
+// 4i..4i+3) looked up in T0 (and T1 for codes 8..15): a broadcast load, a variable shift and
+// one vpermps (at most 8 entries) or two and a blend on bit 3 (16 entries).
+template <bool WIDE>
+inline __m256 lookup8(const int32_t* p, __m256 T0, __m256 T1) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), nib = _mm256_set1_epi32(0xF);
+  const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(*p), shifts), nib);
+  if (!WIDE) return _mm256_permutevar8x32_ps(T0, c);
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(T0, c), _mm256_permutevar8x32_ps(T1, c), _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
 }
 
-// MB (1..4) activation rows against output rows [n0, n1): 32 columns per step (4 chains
-// for one row, 2 per row otherwise).
-template <int MB>
-void lut4_rows(const float* x, int64_t ldx, const uint8_t* w, const float* tab, float* y, int64_t ldy,
-               int64_t n0, int64_t n1, int64_t K, int64_t gs) {
+// MB (1..4) activation rows against output rows [n0, n1): 32 columns (4 words) per step,
+// 4 accumulator chains per row.
+template <int MB, bool WIDE>
+void lut_rows(const float* x, int64_t ldx, const int32_t* w, const float* tab, float* y, int64_t ldy,
+              int64_t n0, int64_t n1, int64_t K, int64_t gs) {
   const int64_t G = K / gs;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wr = w + n * (K / 2);
+    const int32_t* wr = w + n * (K / 8);
     __m256 a[MB], b[MB], c[MB], d[MB];
     for (int m = 0; m < MB; ++m) a[m] = b[m] = c[m] = d[m] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; ++g) {
       const float* t = tab + (n * G + g) * 16;
       const __m256 T0 = _mm256_loadu_ps(t), T1 = _mm256_loadu_ps(t + 8);
       for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
-        __m256 l0, h0, l1, h1;
-        lookup16(wr + k / 2, T0, T1, l0, h0);
-        lookup16(wr + k / 2 + 8, T0, T1, l1, h1);
+        const int32_t* p = wr + k / 8;
+        const __m256 v0 = lookup8<WIDE>(p, T0, T1), v1 = lookup8<WIDE>(p + 1, T0, T1);
+        const __m256 v2 = lookup8<WIDE>(p + 2, T0, T1), v3 = lookup8<WIDE>(p + 3, T0, T1);
         for (int m = 0; m < MB; ++m) {
           const float* xm = x + m * ldx + k;
-          a[m] = _mm256_fmadd_ps(l0, _mm256_loadu_ps(xm), a[m]);
-          b[m] = _mm256_fmadd_ps(h0, _mm256_loadu_ps(xm + 8), b[m]);
-          c[m] = _mm256_fmadd_ps(l1, _mm256_loadu_ps(xm + 16), c[m]);
-          d[m] = _mm256_fmadd_ps(h1, _mm256_loadu_ps(xm + 24), d[m]);
+          a[m] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xm), a[m]);
+          b[m] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xm + 8), b[m]);
+          c[m] = _mm256_fmadd_ps(v2, _mm256_loadu_ps(xm + 16), c[m]);
+          d[m] = _mm256_fmadd_ps(v3, _mm256_loadu_ps(xm + 24), d[m]);
         }
       }
     }
     for (int m = 0; m < MB; ++m) y[m * ldy + n] = hsum(_mm256_add_ps(_mm256_add_ps(a[m], b[m]), _mm256_add_ps(c[m], d[m])));
+  }
+}
+
+template <bool WIDE>
+void lut_all(const float* xp, const int32_t* wp, const float* tp, float* yp, int64_t M, int64_t N, int64_t K, int64_t gs,
+             int64_t n0, int64_t n1) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) lut_rows<4, WIDE>(xp + m * K, K, wp, tp, yp + m * N, N, n0, n1, K, gs);
+  switch (M - m) {
+    case 3: lut_rows<3, WIDE>(xp + m * K, K, wp, tp, yp + m * N, N, n0, n1, K, gs); break;
+    case 2: lut_rows<2, WIDE>(xp + m * K, K, wp, tp, yp + m * N, N, n0, n1, K, gs); break;
+    case 1: lut_rows<1, WIDE>(xp + m * K, K, wp, tp, yp + m * N, N, n0, n1, K, gs); break;
+    default: break;
   }
 }
 
@@ -239,58 +257,52 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
 }
 
 void check_lut(const at::Tensor& packed, const at::Tensor& table, int64_t gs) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8 [N, K/2]");
-  const int64_t N = packed.size(0), K = packed.size(1) * 2;
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kInt && packed.is_contiguous(), "packed must be contiguous int32 [N, K/8]");
+  const int64_t N = packed.size(0), K = packed.size(1) * 8;
   TORCH_CHECK(gs > 0 && gs % 32 == 0 && K % gs == 0, "group size must be a multiple of 32 dividing K");
   TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous() && table.numel() == N * (K / gs) * 16, "table must be float32 [N, K/gs, 16]");
 }
 
-at::Tensor lut4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& table, int64_t gs) {
+at::Tensor lut4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& table, int64_t gs, int64_t entries) {
   check_lut(packed, table, gs);
-  const int64_t N = packed.size(0), K = packed.size(1) * 2, M = x.size(0);
+  TORCH_CHECK(entries >= 1 && entries <= 16, "a table holds 1 to 16 entries");
+  const int64_t N = packed.size(0), K = packed.size(1) * 8, M = x.size(0);
   check_x(x, K);
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
-  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const int32_t* wp = packed.data_ptr<int32_t>();
   const float* tp = table.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, grain(N), [&](int64_t n0, int64_t n1) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) lut4_rows<4>(xp + m * K, K, wp, tp, yp + m * N, N, n0, n1, K, gs);
-    switch (M - m) {
-      case 3: lut4_rows<3>(xp + m * K, K, wp, tp, yp + m * N, N, n0, n1, K, gs); break;
-      case 2: lut4_rows<2>(xp + m * K, K, wp, tp, yp + m * N, N, n0, n1, K, gs); break;
-      case 1: lut4_rows<1>(xp + m * K, K, wp, tp, yp + m * N, N, n0, n1, K, gs); break;
-      default: break;
-    }
+    if (entries > 8)
+      lut_all<true>(xp, wp, tp, yp, M, N, K, gs, n0, n1);
+    else
+      lut_all<false>(xp, wp, tp, yp, M, N, K, gs, n0, n1);
   });
   return y;
 }
 
 at::Tensor lut4_dequant(const at::Tensor& packed, const at::Tensor& table, int64_t gs) {
   check_lut(packed, table, gs);
-  const int64_t N = packed.size(0), K = packed.size(1) * 2, G = K / gs;
+  const int64_t N = packed.size(0), K = packed.size(1) * 8, G = K / gs;
   at::Tensor w = at::empty({N, K}, table.options());
-  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const int32_t* wp = packed.data_ptr<int32_t>();
   const float* tp = table.data_ptr<float>();
   float* out = w.data_ptr<float>();
   at::parallel_for(0, N, grain(N), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
-      for (int64_t k = 0; k < K; k += 16) {
+      for (int64_t k = 0; k < K; k += 8) {
         const float* t = tp + (n * G + k / gs) * 16;
-        for (int j = 0; j < 8; ++j) {
-          const uint8_t b = wp[n * (K / 2) + k / 2 + j];
-          out[n * K + k + j] = t[b & 0xF];
-          out[n * K + k + j + 8] = t[b >> 4];
-        }
+        const uint32_t word = static_cast<uint32_t>(wp[n * (K / 8) + k / 8]);
+        for (int i = 0; i < 8; ++i) out[n * K + k + i] = t[(word >> (4 * i)) & 0xF];
       }
   });
   return w;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lut4_mm", &lut4_mm, "x [M,K] f32 @ table lookups (int4-b16 codes, f32 [N,G,16] tables) [N,K]^T -> [M,N]");
-  m.def("lut4_dequant", &lut4_dequant, "table lookups (int4-b16 codes, f32 [N,G,16] tables) -> float32 [N,K]");
+  m.def("lut4_mm", &lut4_mm, "x [M,K] f32 @ table lookups (4-bit codes in int32 words, f32 [N,G,16] tables) [N,K]^T -> [M,N]");
+  m.def("lut4_dequant", &lut4_dequant, "table lookups (4-bit codes in int32 words, f32 [N,G,16] tables) -> float32 [N,K]");
   m.def("int4_mm", &int4_mm, "x [M,K] f32 @ int4 (llmpress-int4-b16) [N,K]^T -> [M,N]");
   m.def("int4_dequant", &int4_dequant, "int4 (llmpress-int4-b16) -> float32 [N,K]");
   m.def("int8_mm", &int8_mm, "x [M,K] f32 @ (int8 [N,K] * scale[N])^T -> [M,N]");
