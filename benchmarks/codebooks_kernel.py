@@ -1,6 +1,7 @@
 """Decode-time matmul of the lookup-table kernel against llmpress's int4 kernel and float32, at
 SmolLM2-135M's linear shapes, on random weights (no model is run): median microseconds per
-call for 1 and 8 activation rows.
+call for 1 and 8 activation rows. LUT: per-row tables, the default path (AVX-512 where the
+CPU has it) and the AVX2 path.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/codebooks_kernel.py [--threads 1]
 """
@@ -38,6 +39,8 @@ def cells(ext, layer: dict, x: torch.Tensor) -> list[float]:
         median_us(lambda: ext.int4_mm(x, packed4, sc, zp, 64)),
         median_us(lambda: layer["lut4"](x)),
         median_us(lambda: layer["lut3"](x)),
+        median_us(lambda: layer["lut4_avx2"](x)),
+        median_us(lambda: layer["lut3_avx2"](x)),
     ]
 
 
@@ -51,6 +54,8 @@ def layer_of(n: int, k: int) -> dict:
         "zp": torch.full((n, k // 64), 8.0),
         "lut4": LowbitLutLinear(r4.codes, r4.table),
         "lut3": LowbitLutLinear(r3.codes, r3.table),
+        "lut4_avx2": LowbitLutLinear(r4.codes, r4.table, avx512=False),
+        "lut3_avx2": LowbitLutLinear(r3.codes, r3.table, avx512=False),
     }
 
 
@@ -61,7 +66,9 @@ def main():
     torch.set_num_threads(a.threads)
     ext = cpu_kernels.kernels()
     assert ext is not None, cpu_kernels._state.get("reason")
-    print("| shape (out x in) | rows | fp32 F.linear | int4 g64 kernel | LUT 4-bit per row | LUT 3-bit per row |\n|---|---|---|---|---|---|")
+    print(f"AVX-512 lookup path: {bool(ext.lut_avx512())}")
+    print("| shape (out x in) | rows | fp32 F.linear | int4 g64 kernel | LUT 4-bit | LUT 3-bit | LUT 4-bit AVX2 | LUT 3-bit AVX2 |")
+    print("|---|---|---|---|---|---|---|---|")
     for n, k in SHAPES:
         layer = layer_of(n, k)
         for m in (1, 8):

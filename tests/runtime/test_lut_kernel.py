@@ -37,9 +37,12 @@ def _layer(R, C, bits, group_size, fraction, seed=0):
 @pytest.mark.parametrize(
     "R,C,bits,group_size,fraction", [(96, 576, 4, None, 0.0), (40, 128, 3, 32, 0.01), (17, 64, 2, None, 0.02), (33, 1536, 4, 64, 0.005)]
 )
-def test_kernel_equals_lookup_then_multiply(ext, R, C, bits, group_size, fraction):
+@pytest.mark.parametrize("avx512", [False, True])
+def test_kernel_equals_lookup_then_multiply(ext, R, C, bits, group_size, fraction, avx512):
+    if avx512 and not ext.lut_avx512():
+        pytest.skip("no AVX-512 on this CPU")
     res, flat, vals = _layer(R, C, bits, group_size, fraction)
-    mod = LowbitLutLinear(res.codes, res.table, exc_index=flat, exc_value=vals, bias=torch.randn(R))
+    mod = LowbitLutLinear(res.codes, res.table, exc_index=flat, exc_value=vals, bias=torch.randn(R), avx512=avx512)
     ref = LutLinear(res.codes, res.table, exc_index=flat, exc_value=vals, bias=mod.bias)
     assert torch.equal(mod.dequantized_weight(), res.weight) and torch.equal(ref.dequantized_weight(), res.weight)
     for M in (1, 2, 3, 4, 5, 8, 9, 16):
@@ -58,14 +61,14 @@ def test_raw_kernel_against_a_dense_product(ext):
     table = torch.randn(N, K // gs, 16, generator=g)
     packed = pack_unsigned(codes, 4)
     dense = table.reshape(N, -1).gather(1, codes + (torch.arange(K) // gs * 16))
-    assert torch.equal(ext.lut4_dequant(packed, table.contiguous(), gs), dense)
+    assert torch.equal(ext.lut4_dequant(packed, table.contiguous(), gs, 0), dense)
     x = torch.randn(3, K, generator=g)
-    assert rel_max_err(ext.lut4_mm(x, packed, table.contiguous(), gs, 16), x @ dense.t()) < 1e-5
+    assert rel_max_err(ext.lut4_mm(x, packed, table.contiguous(), gs, 16, 0), x @ dense.t()) < 1e-5
     c8 = codes % 8  # at most 8 entries: the one-register path
     dense8 = table.reshape(N, -1).gather(1, c8 + (torch.arange(K) // gs * 16))
-    assert rel_max_err(ext.lut4_mm(x, pack_unsigned(c8, 4), table.contiguous(), gs, 8), x @ dense8.t()) < 1e-5
+    assert rel_max_err(ext.lut4_mm(x, pack_unsigned(c8, 4), table.contiguous(), gs, 8, 0), x @ dense8.t()) < 1e-5
     with pytest.raises(RuntimeError, match="multiple of 32"):
-        ext.lut4_mm(x, packed, table.contiguous(), 48, 16)
+        ext.lut4_mm(x, packed, table.contiguous(), 48, 16, 0)
 
 
 def test_the_form_builds_the_kernel_where_it_applies(ext):

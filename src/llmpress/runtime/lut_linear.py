@@ -10,7 +10,8 @@ tables (flat positions and float16 values).
 - :class:`LowbitLutLinear` (at most 16 entries, groups of a multiple of 32 columns, CPU with
   llmpress's kernels; the first choice of ``backend="auto"``): codes packed two per byte in
   int32 words (4 bits each, the stream of :mod:`llmpress.quant.pack`) and float32 tables
-  padded to 16 entries; up to ``SMALL_M``
+  padded to 16 entries (with AVX-512: all 16 entries in one register, one permute per 16
+  weights, codes of each 16 columns stored even columns first); up to ``SMALL_M``
   activation rows go through ``lut4_mm`` (the weights looked up in registers, no dense
   weight), the kept weights added as a sparse correction x[:, j] (v - table[code]); more
   rows (prefill) dequantize once (``lut4_dequant``) and run one GEMM. Outputs equal the
@@ -81,10 +82,20 @@ def lut_kernel_applies(in_features: int, groups: int, entries: int) -> bool:
 class LowbitLutLinear(nn.Module):
     kernel = "lowbit-lut4"
 
-    def __init__(self, codes: torch.Tensor, table: torch.Tensor, *, exc_index=None, exc_value=None, bias: torch.Tensor | None = None):
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        table: torch.Tensor,
+        *,
+        exc_index=None,
+        exc_value=None,
+        bias: torch.Tensor | None = None,
+        avx512: bool | None = None,
+    ):
         super().__init__()
         R, C = codes.shape
         G, K = table.shape[1], table.shape[2]
+        self.layout = int(kernels().lut_avx512() if avx512 is None else avx512)
         if not lut_kernel_applies(C, G, K):
             raise ValueError(f"the lookup-table kernel takes at most {LUT_KERNEL_ENTRIES} entries and groups of a multiple of 32 columns")
         self.out_features, self.in_features, self.group_size = R, C, C // G
@@ -92,7 +103,10 @@ class LowbitLutLinear(nn.Module):
         t = table.float()
         t16 = torch.cat([t, t[..., -1:].expand(R, G, LUT_KERNEL_ENTRIES - K)], dim=2) if K < LUT_KERNEL_ENTRIES else t
         self.entries = K
-        self.register_buffer("packed", pack_unsigned(codes.to(torch.int64), 4), persistent=False)  # 8 codes per int32 word
+        u = codes.to(torch.int64)
+        if self.layout == 1:  # per 16 columns: the even ones in one word, the odd ones in the next
+            u = u.reshape(R, C // 16, 8, 2).transpose(2, 3).reshape(R, C)
+        self.register_buffer("packed", pack_unsigned(u, 4), persistent=False)  # 8 codes per int32 word
         self.register_buffer("table", t16.contiguous(), persistent=False)
         rows = cols = delta = None
         if exc_index is not None and exc_index.numel():
@@ -110,7 +124,7 @@ class LowbitLutLinear(nn.Module):
         return self.dequantized_weight()
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        w = kernels().lut4_dequant(self.packed, self.table, self.group_size)
+        w = kernels().lut4_dequant(self.packed, self.table, self.group_size, self.layout)
         if self.exc_index is not None:
             w.view(-1)[self.exc_index] = self.exc_value.float()
         return w.to(dtype)
@@ -118,7 +132,7 @@ class LowbitLutLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float().contiguous()
         if x2.shape[0] <= SMALL_M:
-            y = kernels().lut4_mm(x2, self.packed, self.table, self.group_size, self.entries)
+            y = kernels().lut4_mm(x2, self.packed, self.table, self.group_size, self.entries, self.layout)
             if self.exc_delta is not None:
                 y.index_add_(1, self.exc_rows, x2[:, self.exc_cols] * self.exc_delta)
         else:
