@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_windows, tiny_llama, tiny_tokenizer
+from conftest import random_windows, tiny_gemma3, tiny_llama, tiny_tokenizer
 from helpers import QUIET, logits
 
 from llmpress import api, compress, load_compressed, stage
@@ -139,9 +139,9 @@ def test_bad_specs_are_refused():
         LinearSpec.from_dict({**base, "meta": {"bits": 2, "groups": 3}}, "layers.x")
 
 
-@pytest.mark.parametrize("solver", ["round", "gptq"])
-def test_compress_save_load_same_logits(tmp_path, solver):
-    model = tiny_llama()
+@pytest.mark.parametrize("solver,make", [("round", tiny_llama), ("gptq", tiny_llama), ("gptq", tiny_gemma3)])
+def test_compress_save_load_same_logits(tmp_path, solver, make):
+    model = make()
     ids = random_windows(8, 32)
     st = stage("squeezellm", targets=["Linear"], ignore=["lm_head"], bits=3, outlier_fraction=0.005, solver=solver)
     rep = compress(model, [st], data=ids, engine=QUIET)
