@@ -32,6 +32,7 @@ from .eval.reference import wanted as wanted_reference
 from .eval.size import model_size
 from .eval.sources import SourceWindows, evaluation_record, set_ppl
 from .eval.streamed import EvalStreams
+from .eval.tasks import TaskConfig, check_run, record, score_tasks
 from .progress import scope as progress_scope
 from .recipe import Recipe, Stage, load_recipe
 from .registry import METHODS, ModelStageOutput, ModuleRecord
@@ -262,6 +263,7 @@ def run_pipeline(
     save_format: str = "packed",
     resume: bool = False,
     stream: bool = False,
+    tasks: TaskConfig | None = None,
 ) -> Report:
     """Load, evaluate the baseline, compress, evaluate again, save: what `llmpress compress` does.
 
@@ -273,6 +275,7 @@ def run_pipeline(
     saved) and ``resume`` continues a killed run after its last finished block
     (:mod:`llmpress.calib.resume`). ``stream``: the model is never whole in memory; its
     blocks are read, compressed and written one at a time (:mod:`llmpress.streamed`).
+    ``tasks``: downstream tasks scored before and after (:mod:`llmpress.eval.tasks`).
     """
     if save_format not in SAVE_FORMATS:
         raise UserError(f"save format {save_format!r} unknown; expected one of {', '.join(SAVE_FORMATS)}")
@@ -289,6 +292,8 @@ def run_pipeline(
     io_safety.check_work_folder(engine.offload_dir if engine else None)
     # a missing or empty text file fails now, even if unused
     data_mod.check_sources([s for s, _ in calib.mix] + list(evaluation.sources if evaluation is not None else ()))
+    if tasks is not None:  # an unknown task or a bad task file fails before the model loads
+        check_run(tasks, stream=stream, ranks=dist.current().world)
     first = dist.current().rank == 0  # with several ranks (torchrun) only the first one writes
     with io_safety.OutputLock(out=out_path) if out_path is not None and first else contextlib.nullcontext():
         if stream:
@@ -296,7 +301,7 @@ def run_pipeline(
                                     device=device, overwrite=overwrite, engine=engine, save_format=save_format)  # fmt: skip
         return _pipeline(
             model_spec, recipe, out_path=out_path, json_path=json_path, calib=calib, evaluation=evaluation,
-            device=device, overwrite=overwrite, engine=engine, save_format=save_format,
+            device=device, overwrite=overwrite, engine=engine, save_format=save_format, tasks=tasks,
         )  # fmt: skip
 
 
@@ -320,7 +325,7 @@ def _with_checkpoints(engine: EngineOptions, recipe: Recipe, out_path: Path | No
 
 def _pipeline(
     model_spec: str, recipe: Recipe, *, out_path: Path | None, json_path: str | None, calib: CalibConfig,
-    evaluation: EvalConfig | None, device: str, overwrite: bool, engine: EngineOptions | None, save_format: str,
+    evaluation: EvalConfig | None, device: str, overwrite: bool, engine: EngineOptions | None, save_format: str, tasks: TaskConfig | None,
 ) -> Report:  # fmt: skip
     group = dist.current()  # data-parallel ranks (torchrun): windows shared out, only rank 0 writes
     measure = functools.partial(perplexity, group=group)
@@ -356,6 +361,9 @@ def _pipeline(
             reference = measure_reference(model, recipe, windows, calib_sources=calib_sources, batch_size=evaluation.batch_size,
                                           progress=progress, blocks=get_arch(model).blocks, measure=measure)  # fmt: skip
             seconds["reference_eval"] = time.perf_counter() - t
+    if tasks is not None:
+        phases.start("baseline_tasks")
+        seconds["baseline_tasks"], baseline["tasks"] = score_tasks(model, tok, tasks, desc="baseline tasks", show_progress=progress)
     phases.start("compress")
     report = _compress(model, plan, calib_data, tokenizer=tok, calib=calib, engine=engine)
     report.model = model_spec
@@ -370,6 +378,10 @@ def _pipeline(
         report.evaluation = evaluation_record(asdict(evaluation), shapes)
         report.reference = reference
         check_transfer(report, tuple(src for src, _ in calib.mix))
+    if tasks is not None:
+        phases.start("compressed_tasks")
+        report.seconds["compressed_tasks"], report.compressed["tasks"] = score_tasks(model, tok, tasks, desc="compressed tasks", show_progress=progress)
+        report.evaluation["tasks"] = record(tasks)
     report.environment = _environment(device)
     if out_path is not None and group.rank == 0:
         phases.start("save")
@@ -442,10 +454,15 @@ def _stream_pipeline(
     return report
 
 
-def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: str = "cpu", progress: bool = True, stream: bool = False) -> Report:
+def evaluate(
+    model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: str = "cpu", progress: bool = True, stream: bool = False, tasks: TaskConfig | None = None
+) -> Report:
     """Perplexity, size and bits of a model or a folder saved by llmpress. ``stream``: a model
-    folder (not a compressed checkpoint) evaluated one block in memory at a time."""
+    folder (not a compressed checkpoint) evaluated one block in memory at a time. ``tasks``:
+    downstream tasks too (:mod:`llmpress.eval.tasks`)."""
     data_mod.check_sources(evaluation.sources)  # a missing or empty text file fails before the model loads
+    if tasks is not None:
+        check_run(tasks, stream=stream)
     phases = PhaseTracker()
     phases.start("load")
     t = time.perf_counter()
@@ -471,8 +488,11 @@ def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: 
         by_source = windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="ppl", measure=perplexity)
     set_ppl(size, by_source)
     seconds["eval"] = time.perf_counter() - t
+    if tasks is not None:
+        phases.start("tasks")
+        seconds["tasks"], size["tasks"] = score_tasks(model, tok, tasks, desc="tasks", show_progress=progress)
     rep = Report(model=model_spec, recipe={}, compressed=size, seconds=seconds)
-    rep.evaluation = evaluation_record(asdict(evaluation), shapes)
+    rep.evaluation = evaluation_record(asdict(evaluation), shapes) | ({"tasks": record(tasks)} if tasks is not None else {})
     rep.environment = {**_environment(device), **({"streamed": True, "max_blocks_in_memory": sm.max_loaded} if stream else {})}
     phases.stop()
     rep.set_memory(phases)
