@@ -292,8 +292,7 @@ def run_pipeline(
     io_safety.check_work_folder(engine.offload_dir if engine else None)
     # a missing or empty text file fails now, even if unused
     data_mod.check_sources([s for s, _ in calib.mix] + list(evaluation.sources if evaluation is not None else ()))
-    if tasks is not None:  # an unknown task or a bad task file fails before the model loads
-        check_run(tasks, stream=stream, ranks=dist.current().world)
+    check_run(tasks, stream=stream, ranks=dist.current().world)  # an unknown task or a bad task file fails now
     first = dist.current().rank == 0  # with several ranks (torchrun) only the first one writes
     with io_safety.OutputLock(out=out_path) if out_path is not None and first else contextlib.nullcontext():
         if stream:
@@ -361,9 +360,7 @@ def _pipeline(
             reference = measure_reference(model, recipe, windows, calib_sources=calib_sources, batch_size=evaluation.batch_size,
                                           progress=progress, blocks=get_arch(model).blocks, measure=measure)  # fmt: skip
             seconds["reference_eval"] = time.perf_counter() - t
-    if tasks is not None:
-        phases.start("baseline_tasks")
-        seconds["baseline_tasks"], baseline["tasks"] = score_tasks(model, tok, tasks, desc="baseline tasks", show_progress=progress)
+    score_tasks(model, tok, tasks, phase="baseline_tasks", phases=phases, seconds=seconds, figures=baseline, show_progress=progress)
     phases.start("compress")
     report = _compress(model, plan, calib_data, tokenizer=tok, calib=calib, engine=engine)
     report.model = model_spec
@@ -378,10 +375,8 @@ def _pipeline(
         report.evaluation = evaluation_record(asdict(evaluation), shapes)
         report.reference = reference
         check_transfer(report, tuple(src for src, _ in calib.mix))
-    if tasks is not None:
-        phases.start("compressed_tasks")
-        report.seconds["compressed_tasks"], report.compressed["tasks"] = score_tasks(model, tok, tasks, desc="compressed tasks", show_progress=progress)
-        report.evaluation["tasks"] = record(tasks)
+    score_tasks(model, tok, tasks, phase="compressed_tasks", phases=phases, seconds=report.seconds, figures=report.compressed, show_progress=progress)
+    report.evaluation.update(record(tasks))
     report.environment = _environment(device)
     if out_path is not None and group.rank == 0:
         phases.start("save")
@@ -454,15 +449,13 @@ def _stream_pipeline(
     return report
 
 
-def evaluate(
-    model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: str = "cpu", progress: bool = True, stream: bool = False, tasks: TaskConfig | None = None
-) -> Report:
+def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: str = "cpu", progress: bool = True, stream: bool = False,
+             tasks: TaskConfig | None = None) -> Report:  # fmt: skip
     """Perplexity, size and bits of a model or a folder saved by llmpress. ``stream``: a model
     folder (not a compressed checkpoint) evaluated one block in memory at a time. ``tasks``:
     downstream tasks too (:mod:`llmpress.eval.tasks`)."""
     data_mod.check_sources(evaluation.sources)  # a missing or empty text file fails before the model loads
-    if tasks is not None:
-        check_run(tasks, stream=stream)
+    check_run(tasks, stream=stream)
     phases = PhaseTracker()
     phases.start("load")
     t = time.perf_counter()
@@ -488,11 +481,9 @@ def evaluate(
         by_source = windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="ppl", measure=perplexity)
     set_ppl(size, by_source)
     seconds["eval"] = time.perf_counter() - t
-    if tasks is not None:
-        phases.start("tasks")
-        seconds["tasks"], size["tasks"] = score_tasks(model, tok, tasks, desc="tasks", show_progress=progress)
+    score_tasks(model, tok, tasks, phase="tasks", phases=phases, seconds=seconds, figures=size, show_progress=progress)
     rep = Report(model=model_spec, recipe={}, compressed=size, seconds=seconds)
-    rep.evaluation = evaluation_record(asdict(evaluation), shapes) | ({"tasks": record(tasks)} if tasks is not None else {})
+    rep.evaluation = evaluation_record(asdict(evaluation), shapes) | record(tasks)
     rep.environment = {**_environment(device), **({"streamed": True, "max_blocks_in_memory": sm.max_loaded} if stream else {})}
     phases.stop()
     rep.set_memory(phases)

@@ -381,7 +381,9 @@ def _cmd_eval(args) -> int:
         print(json.dumps(out["policies"], indent=2))
         return 0
     tasks = task_config(args)
-    report = api.evaluate(args.model, evaluation=eval_config(args), device=args.device, progress=not args.no_progress, stream=args.stream, tasks=tasks)
+    report = api.evaluate(
+        args.model, evaluation=eval_config(args), device=args.device, progress=not args.no_progress, stream=args.stream, tasks=tasks
+    )
     if args.json_path:
         report.write_json(args.json_path)
     if tasks:  # the table first: what follows it is one JSON object

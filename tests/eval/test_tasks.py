@@ -75,12 +75,10 @@ def test_task_settings_are_checked():
 
 
 def test_summarize_reads_lm_eval_results():
-    out = {
-        "results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1, "perplexity,none": 3.0, "perplexity_stderr,none": "N/A",
-                          "exact_match,strict": 1.0}},  # fmt: skip
-        "n-samples": {"t": {"original": 10, "effective": 4}},
-    }
-    assert summarize(out) == {"t": {"acc": 0.5, "acc_stderr": 0.1, "perplexity": 3.0, "perplexity_stderr": None, "exact_match,strict": 1.0, "samples": 4}}
+    res = {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1, "perplexity,none": 3.0, "perplexity_stderr,none": "N/A", "exact_match,strict": 1.0}
+    out = {"results": {"t": res}, "n-samples": {"t": {"original": 10, "effective": 4}}}
+    want = {"acc": 0.5, "acc_stderr": 0.1, "perplexity": 3.0, "perplexity_stderr": None, "exact_match,strict": 1.0, "samples": 4}
+    assert summarize(out) == {"t": want}
 
 
 # --- the harness against a direct computation -----------------------------------------------------
@@ -163,7 +161,7 @@ def test_compress_and_eval_report_the_task_scores(tmp_path, capsys, restore_logg
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     model_dir = save_tiny_model(tmp_path / "tiny")
     out, js = tmp_path / "w4", tmp_path / "w4.json"
-    common = ["--tasks", "llmpress_wiki_lastword,llmpress_news_lastword", "--tasks-limit", "6", "--eval-windows", "2", "--seqlen", "32", "--no-progress"]
+    common = "--tasks llmpress_wiki_lastword,llmpress_news_lastword --tasks-limit 6 --eval-windows 2 --seqlen 32 --no-progress".split()
     assert main(["compress", str(model_dir), "--recipe", "rtn-w4g64", "--calib-samples", "2", "--out", str(out), "--json", str(js), *common]) == 0
     table = capsys.readouterr().out
     rep = json.loads(js.read_text())

@@ -36,6 +36,7 @@ from .task_files import LASTWORD_TASKS, write_task
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'llmpress[tasks]'"
+HUB_HINT = " (its dataset comes from the Hugging Face hub: offline, point --tasks at a task file with local data)"
 FEWSHOT_SEED = 1234  # lm-eval's default seed of the few-shot draw
 CHUNK = 64  # requests per call to the adapter (one progress step)
 BOOTSTRAP_ITERS = 1000  # draws for the standard error of aggregates without a closed form (perplexity)
@@ -109,8 +110,7 @@ def load_tasks(cfg: TaskConfig, folder: Path) -> dict:
             raise
         except Exception as e:  # lm-eval and datasets raise many types for a bad file or an unreachable dataset
             what = f"task file {n!r}" if kinds[n] == "file" else f"task {n!r}"
-            hint = "" if kinds[n] != "harness" else " (its dataset comes from the Hugging Face hub: offline, point --tasks at a task file with local data)"
-            raise UserError(f"{what} does not load: {type(e).__name__}: {_one_line(e)}{hint}") from None
+            raise UserError(f"{what} does not load: {type(e).__name__}: {_one_line(e)}{HUB_HINT if kinds[n] == 'harness' else ''}") from None
         for key in loaded:
             loaded[key].update(one.get(key) or {})
     return loaded
@@ -192,28 +192,36 @@ def _quiet():
 
 def _with_bar(lm, desc: str, stderr) -> None:
     """Route ``lm``'s request methods through llmpress's progress bar (on ``stderr``, the
-    console's), in chunks of :data:`CHUNK` requests, lm-eval's own bar off. Results come
-    back in request order, as lm-eval's methods return them."""
+    console's; lm-eval's own bar off), :data:`CHUNK` requests per step."""
     for method in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        setattr(lm, method, _chunked(getattr(lm, method), f"{desc} ({method})", stderr))
 
-        def call(requests, disable_tqdm: bool = False, _score=getattr(lm, method), _method=method):
-            out: list = []
-            with contextlib.redirect_stderr(stderr), progress.bar(len(requests), f"{desc} ({_method})", unit="request") as b:
-                for i in range(0, len(requests), CHUNK):
-                    chunk = requests[i : i + CHUNK]
-                    out.extend(_score(chunk, disable_tqdm=True))
-                    b.update(len(chunk))
-            return out
 
-        setattr(lm, method, call)
+def _chunked(score, label: str, stderr):
+    """``score`` (an adapter's request method) called on consecutive chunks of the requests,
+    one progress step each; the results come back in request order, as ``score`` returns them."""
+
+    def call(requests, disable_tqdm: bool = False):
+        out: list = []
+        with contextlib.redirect_stderr(stderr), progress.bar(len(requests), label, unit="request") as b:
+            for i in range(0, len(requests), CHUNK):
+                chunk = requests[i : i + CHUNK]
+                out.extend(score(chunk, disable_tqdm=True))
+                b.update(len(chunk))
+        return out
+
+    return call
 
 
 def _one_line(e: Exception) -> str:
     return "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())[:500]
 
 
-def check_run(cfg: TaskConfig, *, stream: bool = False, ranks: int = 1) -> None:
-    """Refuse what cannot score tasks (a streamed model, several ranks), then :func:`check_tasks`."""
+def check_run(cfg: TaskConfig | None, *, stream: bool = False, ranks: int = 1) -> None:
+    """Refuse what cannot score tasks (a streamed model, several ranks), then :func:`check_tasks`
+    (nothing to check without tasks)."""
+    if cfg is None:
+        return
     if stream:
         raise UserError("--tasks scores the model in memory through lm-evaluation-harness; not with --stream")
     if ranks > 1:
@@ -221,21 +229,28 @@ def check_run(cfg: TaskConfig, *, stream: bool = False, ranks: int = 1) -> None:
     check_tasks(cfg)
 
 
-def score_tasks(model, tokenizer, cfg: TaskConfig, *, desc: str, show_progress: bool = True) -> tuple[float, dict[str, dict]]:
-    """(seconds, :func:`run_tasks`'s figures) of ``model``; the BOS token prepended when the
-    model's architecture needs it (:attr:`llmpress.arch.ArchSpec.needs_bos`)."""
+def score_tasks(model, tokenizer, cfg: TaskConfig | None, *, phase: str, phases, seconds: dict, figures: dict, show_progress: bool = True) -> None:
+    """Score ``model`` on the tasks of ``cfg`` (nothing without tasks) as step ``phase``: the
+    figures (:func:`run_tasks`) go to ``figures["tasks"]``, the wall time to ``seconds[phase]``,
+    the memory to ``phases`` (a :class:`llmpress.eval.memory.PhaseTracker`). The BOS token is
+    prepended when the model's architecture needs it (:attr:`llmpress.arch.ArchSpec.needs_bos`)."""
+    if cfg is None:
+        return
     try:
         bos = get_arch(model).needs_bos
     except UserError:
         bos = False
+    phases.start(phase)
     t = time.perf_counter()
     with progress.scope(show_progress):
-        out = run_tasks(model, tokenizer, cfg, bos=bos, desc=desc)
-    return time.perf_counter() - t, out
+        figures["tasks"] = run_tasks(model, tokenizer, cfg, bos=bos, desc=phase.replace("_", " "))
+    seconds[phase] = time.perf_counter() - t
 
 
-def record(cfg: TaskConfig) -> dict:
-    """The task settings for a report's ``evaluation["tasks"]``."""
+def record(cfg: TaskConfig | None) -> dict:
+    """``{"tasks": settings}`` for a report's ``evaluation`` (empty without tasks)."""
+    if cfg is None:
+        return {}
     from importlib.metadata import version
 
-    return {"names": list(cfg.names), "limit": shrink.cap_windows(cfg.limit), "batch_size": cfg.batch_size, "lm_eval": version("lm_eval")}
+    return {"tasks": {"names": list(cfg.names), "limit": shrink.cap_windows(cfg.limit), "batch_size": cfg.batch_size, "lm_eval": version("lm_eval")}}
