@@ -202,6 +202,12 @@ def test_bad_tasks_are_refused_before_anything_is_written(tmp_path, capsys, rest
                                                       "dataset_kwargs": {"data_files": {"test": str(tmp_path / "missing.jsonl")}},
                                                       "doc_to_text": "{{a}}", "doc_to_target": "{{b}}"}))  # fmt: skip
     assert "missing.jsonl" in _refused([*run, str(tmp_path / "nodata.yaml")], capsys)
+    (tmp_path / "docs.jsonl").write_text('{"a": "a context", "b": "word"}\n')
+    wrong = {"task": "wrong", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(tmp_path / "docs.jsonl")}}, "test_split": "test"}
+    (tmp_path / "field.yaml").write_text(json.dumps({**wrong, "output_type": "loglikelihood", "doc_to_text": "{{zzz}}", "doc_to_target": "{{b}}"}))
+    assert "'zzz' is undefined" in _refused([*run, str(tmp_path / "field.yaml")], capsys)
+    (tmp_path / "kind.yaml").write_text(json.dumps({**wrong, "output_type": "perplexity", "doc_to_text": "{{a}}", "doc_to_target": "{{b}}"}))
+    assert "invalid output_type 'perplexity'" in _refused([*run, str(tmp_path / "kind.yaml")], capsys)
     (tmp_path / "notask.yaml").write_text("dataset_path: json\n")
     assert "notask.yaml" in _refused([*run, str(tmp_path / "notask.yaml")], capsys)
     assert "not found" in _refused([*run, str(tmp_path / "absent.yaml")], capsys)

@@ -138,10 +138,7 @@ def run_tasks(model, tokenizer, cfg: TaskConfig, *, bos: bool = False, desc: str
         # a copy: the adapter may give the tokenizer a padding token, and the caller may save this one
         lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=cfg.batch_size, add_bos_token=True if bos else None)
         _with_bar(lm, desc, console)
-        try:
-            out = evaluate(lm=lm, task_dict=loaded, limit=shrink.cap_windows(cfg.limit), bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False)
-        except (RuntimeError, ValueError, IndexError) as e:
-            raise UserError(f"task evaluation failed: {type(e).__name__}: {_one_line(e)}") from None
+        out = evaluate(lm=lm, task_dict=loaded, limit=shrink.cap_windows(cfg.limit), bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False)
     return summarize(out)
 
 
