@@ -32,6 +32,7 @@ from .eval.reference import wanted as wanted_reference
 from .eval.size import model_size
 from .eval.sources import SourceWindows, evaluation_record, set_ppl
 from .eval.streamed import EvalStreams
+from .eval.tasks import TaskConfig, check_run, record, score_tasks
 from .progress import scope as progress_scope
 from .recipe import Recipe, Stage, load_recipe
 from .registry import METHODS, ModelStageOutput, ModuleRecord
@@ -266,6 +267,7 @@ def run_pipeline(
     save_format: str = "packed",
     resume: bool = False,
     stream: bool = False,
+    tasks: TaskConfig | None = None,
 ) -> Report:
     """Load, evaluate the baseline, compress, evaluate again, save: what `llmpress compress` does.
 
@@ -277,6 +279,7 @@ def run_pipeline(
     saved) and ``resume`` continues a killed run after its last finished block
     (:mod:`llmpress.calib.resume`). ``stream``: the model is never whole in memory; its
     blocks are read, compressed and written one at a time (:mod:`llmpress.streamed`).
+    ``tasks``: downstream tasks scored before and after (:mod:`llmpress.eval.tasks`).
     """
     if save_format not in SAVE_FORMATS:
         raise UserError(f"save format {save_format!r} unknown; expected one of {', '.join(SAVE_FORMATS)}")
@@ -293,6 +296,7 @@ def run_pipeline(
     io_safety.check_work_folder(engine.offload_dir if engine else None)
     # a missing or empty text file fails now, even if unused
     data_mod.check_sources([s for s, _ in calib.mix] + list(evaluation.sources if evaluation is not None else ()))
+    check_run(tasks, stream=stream, ranks=dist.current().world)  # an unknown task or a bad task file fails now
     first = dist.current().rank == 0  # with several ranks (torchrun) only the first one writes
     with io_safety.OutputLock(out=out_path) if out_path is not None and first else contextlib.nullcontext():
         if stream:
@@ -300,7 +304,7 @@ def run_pipeline(
                                     device=device, overwrite=overwrite, engine=engine, save_format=save_format)  # fmt: skip
         return _pipeline(
             model_spec, recipe, out_path=out_path, json_path=json_path, calib=calib, evaluation=evaluation,
-            device=device, overwrite=overwrite, engine=engine, save_format=save_format,
+            device=device, overwrite=overwrite, engine=engine, save_format=save_format, tasks=tasks,
         )  # fmt: skip
 
 
@@ -324,7 +328,7 @@ def _with_checkpoints(engine: EngineOptions, recipe: Recipe, out_path: Path | No
 
 def _pipeline(
     model_spec: str, recipe: Recipe, *, out_path: Path | None, json_path: str | None, calib: CalibConfig,
-    evaluation: EvalConfig | None, device: str, overwrite: bool, engine: EngineOptions | None, save_format: str,
+    evaluation: EvalConfig | None, device: str, overwrite: bool, engine: EngineOptions | None, save_format: str, tasks: TaskConfig | None,
 ) -> Report:  # fmt: skip
     group = dist.current()  # data-parallel ranks (torchrun): windows shared out, only rank 0 writes
     measure = functools.partial(perplexity, group=group)
@@ -360,6 +364,7 @@ def _pipeline(
             reference = measure_reference(model, recipe, windows, calib_sources=calib_sources, batch_size=evaluation.batch_size,
                                           progress=progress, blocks=get_arch(model).blocks, measure=measure)  # fmt: skip
             seconds["reference_eval"] = time.perf_counter() - t
+    score_tasks(model, tok, tasks, phase="baseline_tasks", phases=phases, seconds=seconds, figures=baseline, show_progress=progress)
     phases.start("compress")
     report = _compress(model, plan, calib_data, tokenizer=tok, calib=calib, engine=engine)
     report.model = model_spec
@@ -374,6 +379,8 @@ def _pipeline(
         report.evaluation = evaluation_record(asdict(evaluation), shapes)
         report.reference = reference
         check_transfer(report, tuple(src for src, _ in calib.mix))
+    score_tasks(model, tok, tasks, phase="compressed_tasks", phases=phases, seconds=report.seconds, figures=report.compressed, show_progress=progress)
+    report.evaluation.update(record(tasks))
     report.environment = _environment(device)
     if out_path is not None and group.rank == 0:
         phases.start("save")
@@ -446,10 +453,13 @@ def _stream_pipeline(
     return report
 
 
-def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: str = "cpu", progress: bool = True, stream: bool = False) -> Report:
+def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: str = "cpu", progress: bool = True, stream: bool = False,
+             tasks: TaskConfig | None = None) -> Report:  # fmt: skip
     """Perplexity, size and bits of a model or a folder saved by llmpress. ``stream``: a model
-    folder (not a compressed checkpoint) evaluated one block in memory at a time."""
+    folder (not a compressed checkpoint) evaluated one block in memory at a time. ``tasks``:
+    downstream tasks too (:mod:`llmpress.eval.tasks`)."""
     data_mod.check_sources(evaluation.sources)  # a missing or empty text file fails before the model loads
+    check_run(tasks, stream=stream)
     phases = PhaseTracker()
     phases.start("load")
     t = time.perf_counter()
@@ -475,8 +485,9 @@ def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: 
         by_source = windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="ppl", measure=perplexity)
     set_ppl(size, by_source)
     seconds["eval"] = time.perf_counter() - t
+    score_tasks(model, tok, tasks, phase="tasks", phases=phases, seconds=seconds, figures=size, show_progress=progress)
     rep = Report(model=model_spec, recipe={}, compressed=size, seconds=seconds)
-    rep.evaluation = evaluation_record(asdict(evaluation), shapes)
+    rep.evaluation = evaluation_record(asdict(evaluation), shapes) | record(tasks)
     rep.environment = {**_environment(device), **({"streamed": True, "max_blocks_in_memory": sm.max_loaded} if stream else {})}
     phases.stop()
     rep.set_memory(phases)

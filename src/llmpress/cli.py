@@ -23,6 +23,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default="wiki",
         help="perplexity text: wiki, news, code (packaged) or a .txt/.jsonl path; several comma-separated (wiki,news,code): one perplexity each (default: wiki)",
     )
+    p.add_argument(
+        "--tasks",
+        help="downstream tasks through lm-evaluation-harness (pip install 'llmpress[tasks]'), comma-separated: "
+        "llmpress_wiki_lastword, llmpress_news_lastword (shipped, offline), task YAML files, or lm-eval task names",
+    )
+    p.add_argument("--tasks-limit", type=_at_least(1), help="with --tasks: at most this many documents per task (default: all)")
     p.add_argument("--json", dest="json_path", help="write the report as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines (errors and warnings still print)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what each step does (INFO level)")
@@ -247,6 +253,17 @@ def eval_config(args):
     return api.EvalConfig(source=args.eval_data, seqlen=args.seqlen, max_windows=args.eval_windows)
 
 
+def task_config(args):
+    """The downstream tasks of a parsed `compress` / `eval` command line (None without --tasks)."""
+    if args.tasks is None:
+        if args.tasks_limit is not None:
+            raise UserError("--tasks-limit applies to --tasks; no tasks were given")
+        return None
+    from .eval.tasks import TaskConfig, parse_tasks
+
+    return TaskConfig(names=parse_tasks(args.tasks), limit=args.tasks_limit)
+
+
 def compress_options(args) -> dict:
     """Keyword arguments of :func:`llmpress.api.run_pipeline` for a parsed `compress` command line."""
     from . import api
@@ -275,6 +292,7 @@ def compress_options(args) -> dict:
         save_format=args.save_format,
         resume=args.resume,
         stream=args.stream,
+        tasks=task_config(args),
     )
 
 
@@ -355,6 +373,8 @@ def _cmd_eval(args) -> int:
 
         if args.stream:
             raise UserError("--kv evaluates a model in memory; not with --stream")
+        if args.tasks:
+            raise UserError("--tasks is not evaluated with --kv; run them in separate commands")
         out = evaluate_kv(args.model, args.kv, tokens=args.tokens, source=args.eval_data.split(",")[0], chunk=args.kv_chunk,
                           passkey_check=args.passkey, device=args.device, progress=not args.no_progress)  # fmt: skip
         if args.json_path:
@@ -363,10 +383,16 @@ def _cmd_eval(args) -> int:
             write_atomic(Path(args.json_path), json.dumps(out, indent=2))
         print(json.dumps(out["policies"], indent=2))
         return 0
-    report = api.evaluate(args.model, evaluation=eval_config(args), device=args.device, progress=not args.no_progress, stream=args.stream)
+    tasks = task_config(args)
+    report = api.evaluate(
+        args.model, evaluation=eval_config(args), device=args.device, progress=not args.no_progress, stream=args.stream, tasks=tasks
+    )
     if args.json_path:
         report.write_json(args.json_path)
-    print(json.dumps({k: report.compressed[k] for k in ("ppl", "ppl_by_source", "bits_per_weight", "size_mb", "n_params")}, indent=2))
+    if tasks:  # the table first: what follows it is one JSON object
+        print(report.task_table())
+    keys = ("ppl", "ppl_by_source", "bits_per_weight", "size_mb", "n_params") + (("tasks",) if tasks else ())
+    print(json.dumps({k: report.compressed[k] for k in keys}, indent=2))
     return 0
 
 
