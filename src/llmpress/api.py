@@ -25,6 +25,7 @@ from .calib.engine import run as run_engine
 from .calib.plan import CompressResult, Plan, build_plan
 from .checkpoint import META_FILE, SAVE_FORMATS, load_compressed, save, saved_records  # noqa: F401 (the public API's save/load)
 from .errors import UserError
+from .eval.kl import BaselineLogprobs, set_kl
 from .eval.memory import PhaseTracker, peak_gpu_mb, peak_rss_mb
 from .eval.perplexity import perplexity
 from .eval.reference import check_transfer, measure_reference
@@ -68,12 +69,14 @@ class EvalConfig:
     seqlen: int = 512
     max_windows: int | None = 64
     batch_size: int = 1  # windows per forward: larger is slightly faster on CPU and raises peak RSS
+    kl_windows: int = 8  # of each source's windows, the first ones scored for KL divergence and top-1 (eval/kl.py); 0: off
 
     def __post_init__(self):
         _at_least(self.seqlen, 2, "evaluation window length (--seqlen)")
         if self.max_windows is not None:
             _at_least(self.max_windows, 1, "evaluation windows (--eval-windows)")
         _at_least(self.batch_size, 1, "evaluation batch size")
+        _at_least(self.kl_windows, 0, "KL divergence windows (--kl-windows)")
         _ = self.sources  # a malformed source list fails here
 
     @property
@@ -339,6 +342,7 @@ def _pipeline(
         seconds["calibration_data"] = time.perf_counter() - t
     baseline: dict = model_size(model)
     windows = reference = None
+    record = _logprob_record(evaluation, engine.offload_dir if engine else None)
     if evaluation is not None:
         phases.start("eval_data")
         t = time.perf_counter()
@@ -347,7 +351,8 @@ def _pipeline(
         seconds["eval_data"] = time.perf_counter() - t
         phases.start("baseline_eval")
         t = time.perf_counter()
-        set_ppl(baseline, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="baseline ppl", measure=measure))
+        set_ppl(baseline, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="baseline ppl", measure=measure,
+                                               kl=record.recorder if record else None))  # fmt: skip
         seconds["baseline_eval"] = time.perf_counter() - t
         calib_sources = tuple(s for s, _ in calib.mix)
         if wanted_reference(recipe, windows.sources, calib_sources):  # the data-free counterpart, while the weights are the original ones
@@ -364,10 +369,14 @@ def _pipeline(
     if windows is not None:
         phases.start("compressed_eval")
         t = time.perf_counter()
-        by_source = windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="compressed ppl", measure=measure)
+        by_source = windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="compressed ppl", measure=measure,
+                                         kl=record.comparer if record else None)  # fmt: skip
         set_ppl(report.compressed, by_source)
         report.seconds["compressed_eval"] = time.perf_counter() - t
         report.evaluation = evaluation_record(asdict(evaluation), shapes)
+        if record is not None:
+            set_kl(report, record.stats)
+            record.close()
         report.reference = reference
         check_transfer(report, tuple(src for src, _ in calib.mix))
     report.environment = _environment(device)
@@ -386,6 +395,14 @@ def _pipeline(
         report.write_json(json_path)
     group.barrier()  # the other ranks leave once the checkpoint is written
     return report
+
+
+def _logprob_record(evaluation: EvalConfig | None, folder: str | None) -> BaselineLogprobs | None:
+    """Where the baseline's next-token log-probabilities wait for the compressed model
+    (:mod:`llmpress.eval.kl`, a temporary folder under ``folder``); None when KL is off."""
+    if evaluation is None or not evaluation.kl_windows:
+        return None
+    return BaselineLogprobs(evaluation.kl_windows, folder)
 
 
 def _stream_pipeline(
@@ -413,7 +430,8 @@ def _stream_pipeline(
         phases.start("eval_data")
         by_source = {s: evaluation_windows(tok, model, evaluation, s) for s in evaluation.sources}
         shapes = {s: tuple(int(d) for d in w.shape) for s, w in by_source.items()}
-        evals = EvalStreams(model, sm.spec, by_source, batch_size=evaluation.batch_size, folder=Path(work.name))
+        evals = EvalStreams(model, sm.spec, by_source, batch_size=evaluation.batch_size, folder=Path(work.name),
+                            kl=_logprob_record(evaluation, work.name))  # fmt: skip
     phases.start("compress")
     with work, io_safety.atomic_folder(out_path, overwrite=overwrite) if out_path else contextlib.nullcontext() as tmp:
         writer = ShardedWriter(tmp, save_format, len(sm.layers) + 1) if tmp is not None else None
@@ -425,6 +443,8 @@ def _stream_pipeline(
             set_ppl(report.baseline, evals.baseline)
             set_ppl(report.compressed, evals.compressed())
             report.evaluation = evaluation_record(asdict(evaluation), shapes)
+            if evals.kl is not None:
+                set_kl(report, evals.kl.stats)
             check_transfer(report, tuple(src for src, _ in calib.mix))
         report.environment = {**_environment(device), "streamed": True, "max_blocks_in_memory": sm.max_loaded,
                               "block_seconds": [round(x, 3) for x in io.block_seconds]}  # fmt: skip
@@ -442,11 +462,25 @@ def _stream_pipeline(
     return report
 
 
-def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: str = "cpu", progress: bool = True, stream: bool = False) -> Report:
+def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: str = "cpu", progress: bool = True, stream: bool = False,
+             baseline: str | None = None) -> Report:  # fmt: skip
     """Perplexity, size and bits of a model or a folder saved by llmpress. ``stream``: a model
-    folder (not a compressed checkpoint) evaluated one block in memory at a time."""
+    folder (not a compressed checkpoint) evaluated one block in memory at a time. ``baseline``:
+    a reference model (the full-precision one) evaluated first on the same windows, then freed:
+    its perplexity in ``report.baseline`` and KL divergence and top-1 agreement against it in
+    ``report.compressed`` (:mod:`llmpress.eval.kl`)."""
     data_mod.check_sources(evaluation.sources)  # a missing or empty text file fails before the model loads
+    if baseline is not None and stream:
+        raise UserError("--baseline evaluates both models in memory, one after the other; not with --stream")
     phases = PhaseTracker()
+    seconds: dict[str, float] = {}
+    record = _logprob_record(evaluation, None) if baseline is not None else None
+    base: dict = {}
+    if baseline is not None:  # first, and freed before the evaluated model loads: never two models in memory
+        phases.start("baseline_eval")
+        t = time.perf_counter()
+        base = _baseline_figures(baseline, evaluation, record, device=device, progress=progress)
+        seconds["baseline_eval"] = time.perf_counter() - t
     phases.start("load")
     t = time.perf_counter()
     if stream:
@@ -455,7 +489,7 @@ def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: 
     else:
         with progress_scope(progress):  # building the CPU kernels (first use) says so, unless silenced
             model, tok = load_compressed(model_spec, device)
-    seconds = {"load": time.perf_counter() - t}
+    seconds["load"] = time.perf_counter() - t
     phases.start("eval_data")
     windows = SourceWindows(lambda s: evaluation_windows(tok, model, evaluation, s), evaluation.sources)
     shapes = windows.shapes()
@@ -468,15 +502,34 @@ def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: 
         by_source = streamed_perplexities(sm, {s: windows(s) for s in evaluation.sources}, batch_size=evaluation.batch_size, bars=progress)
     else:
         size = packed_model_size(model) or model_size(model, saved_records(model_spec))
-        by_source = windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="ppl", measure=perplexity)
+        by_source = windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="ppl", measure=perplexity,
+                                         kl=record.comparer if record else None)  # fmt: skip
     set_ppl(size, by_source)
     seconds["eval"] = time.perf_counter() - t
-    rep = Report(model=model_spec, recipe={}, compressed=size, seconds=seconds)
+    rep = Report(model=model_spec, recipe={}, baseline=base, compressed=size, seconds=seconds)
     rep.evaluation = evaluation_record(asdict(evaluation), shapes)
+    if record is not None:
+        set_kl(rep, record.stats)
+        record.close()
+        rep.evaluation["baseline_model"] = baseline
     rep.environment = {**_environment(device), **({"streamed": True, "max_blocks_in_memory": sm.max_loaded} if stream else {})}
     phases.stop()
     rep.set_memory(phases)
     return rep
+
+
+def _baseline_figures(spec: str, evaluation: EvalConfig, record: BaselineLogprobs | None, *, device: str, progress: bool) -> dict:
+    """Size and perplexity of the reference model ``spec`` for :func:`evaluate`, its next-token
+    log-probabilities recorded in ``record``; the model is freed on return."""
+    from .export.packed import packed_model_size
+
+    with progress_scope(progress):
+        model, tok = load_compressed(spec, device)
+    windows = SourceWindows(lambda s: evaluation_windows(tok, model, evaluation, s), evaluation.sources)
+    figures = packed_model_size(model) or model_size(model, saved_records(spec))
+    set_ppl(figures, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="baseline ppl",
+                                          kl=record.recorder if record else None))  # fmt: skip
+    return figures
 
 
 def _streamed_for_eval(model_spec: str, device: str) -> StreamedModel:

@@ -71,6 +71,18 @@ class Report:
                 rows.append((f"{self.reference['recipe']} ({s})", "", f"{ref[s]:.3f} ({ref[s] / base[s]:.3f}x)"))
         return rows
 
+    def kl_rows(self) -> list[tuple[str, str, str]]:
+        """The table's rows of agreement with the baseline (:mod:`llmpress.eval.kl`): KL divergence
+        (mean and 99th percentile, nats per token) and top-1 agreement, per source when several."""
+        kl, p99, top1 = (self.compressed.get(k) or {} for k in ("kl_by_source", "kl_p99_by_source", "top1_by_source"))
+        rows = []
+        for s in kl:
+            where = f" ({s})" if len(kl) > 1 else ""
+            if kl[s] is not None:
+                rows.append((f"KL divergence, mean / p99{where}", "", f"{kl[s]:.4f} / {p99[s]:.4f}"))
+                rows.append((f"top-1 agreement{where}", "", f"{100 * top1[s]:.1f}%"))
+        return rows
+
     def set_memory(self, tracker) -> None:
         """Peak RSS, the phase that set it and the per-phase table of a
         :class:`llmpress.eval.memory.PhaseTracker`."""
@@ -83,7 +95,7 @@ class Report:
 
     def table(self) -> str:
         ppl_rows = self.ppl_rows()
-        rows = [("", "baseline", "compressed"), *ppl_rows]
+        rows = [("", "baseline", "compressed"), *ppl_rows, *self.kl_rows()]
         f = _fmt
         for key, label, fmt in (
             ("bits_per_weight", "bits per weight (linears)", ".3f"),
