@@ -25,7 +25,7 @@ from .calib.engine import run as run_engine
 from .calib.plan import CompressResult, Plan, build_plan
 from .checkpoint import META_FILE, SAVE_FORMATS, load_compressed, save, saved_records  # noqa: F401 (the public API's save/load)
 from .errors import UserError
-from .eval.kl import BaselineLogprobs, set_kl
+from .eval.kl import BaselineLogprobs, baseline_record, set_kl
 from .eval.memory import PhaseTracker, peak_gpu_mb, peak_rss_mb
 from .eval.perplexity import perplexity
 from .eval.reference import check_transfer, measure_reference
@@ -342,7 +342,7 @@ def _pipeline(
         seconds["calibration_data"] = time.perf_counter() - t
     baseline: dict = model_size(model)
     windows = reference = None
-    record = _logprob_record(evaluation, engine.offload_dir if engine else None)
+    record = baseline_record(evaluation, engine.offload_dir if engine else None)  # None without evaluation or KL
     if evaluation is not None:
         phases.start("eval_data")
         t = time.perf_counter()
@@ -397,14 +397,6 @@ def _pipeline(
     return report
 
 
-def _logprob_record(evaluation: EvalConfig | None, folder: str | None) -> BaselineLogprobs | None:
-    """Where the baseline's next-token log-probabilities wait for the compressed model
-    (:mod:`llmpress.eval.kl`, a temporary folder under ``folder``); None when KL is off."""
-    if evaluation is None or not evaluation.kl_windows:
-        return None
-    return BaselineLogprobs(evaluation.kl_windows, folder)
-
-
 def _stream_pipeline(
     model_spec: str, recipe: Recipe, *, out_path: Path | None, json_path: str | None, calib: CalibConfig,
     evaluation: EvalConfig | None, device: str, overwrite: bool, engine: EngineOptions, save_format: str,
@@ -431,7 +423,7 @@ def _stream_pipeline(
         by_source = {s: evaluation_windows(tok, model, evaluation, s) for s in evaluation.sources}
         shapes = {s: tuple(int(d) for d in w.shape) for s, w in by_source.items()}
         evals = EvalStreams(model, sm.spec, by_source, batch_size=evaluation.batch_size, folder=Path(work.name),
-                            kl=_logprob_record(evaluation, work.name))  # fmt: skip
+                            kl=baseline_record(evaluation, work.name))  # fmt: skip
     phases.start("compress")
     with work, io_safety.atomic_folder(out_path, overwrite=overwrite) if out_path else contextlib.nullcontext() as tmp:
         writer = ShardedWriter(tmp, save_format, len(sm.layers) + 1) if tmp is not None else None
@@ -465,17 +457,14 @@ def _stream_pipeline(
 def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: str = "cpu", progress: bool = True, stream: bool = False,
              baseline: str | None = None) -> Report:  # fmt: skip
     """Perplexity, size and bits of a model or a folder saved by llmpress. ``stream``: a model
-    folder (not a compressed checkpoint) evaluated one block in memory at a time. ``baseline``:
-    a reference model (the full-precision one) evaluated first on the same windows, then freed:
-    its perplexity in ``report.baseline`` and KL divergence and top-1 agreement against it in
-    ``report.compressed`` (:mod:`llmpress.eval.kl`)."""
+    folder (not a compressed checkpoint) evaluated one block in memory at a time. ``baseline``: a
+    reference model evaluated first on the same windows, then freed (``report.baseline``), and
+    KL divergence and top-1 agreement against it (:mod:`llmpress.eval.kl`)."""
     data_mod.check_sources(evaluation.sources)  # a missing or empty text file fails before the model loads
     if baseline is not None and stream:
         raise UserError("--baseline evaluates both models in memory, one after the other; not with --stream")
-    phases = PhaseTracker()
-    seconds: dict[str, float] = {}
-    record = _logprob_record(evaluation, None) if baseline is not None else None
-    base: dict = {}
+    phases, seconds, base = PhaseTracker(), {}, {}
+    record = baseline_record(evaluation if baseline is not None else None)
     if baseline is not None:  # first, and freed before the evaluated model loads: never two models in memory
         phases.start("baseline_eval")
         t = time.perf_counter()
@@ -519,8 +508,7 @@ def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: 
 
 
 def _baseline_figures(spec: str, evaluation: EvalConfig, record: BaselineLogprobs | None, *, device: str, progress: bool) -> dict:
-    """Size and perplexity of the reference model ``spec`` for :func:`evaluate`, its next-token
-    log-probabilities recorded in ``record``; the model is freed on return."""
+    """Size and perplexity of :func:`evaluate`'s ``baseline`` model, its log-probabilities into ``record``."""
     from .export.packed import packed_model_size
 
     with progress_scope(progress):
