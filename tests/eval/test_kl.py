@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_windows, save_tiny_model, tiny_llama
+from conftest import random_windows, save_tiny_model, tiny_llama, tiny_tokenizer
 from helpers import QUIET, cli_fails, run_cli
 
 from llmpress import api
@@ -150,3 +150,16 @@ def test_cli_eval_baseline(tmp_path, capsys):
     assert run_cli(argv) == 0
     assert "kl" not in json.loads(capsys.readouterr().out)  # no baseline, no divergence
     cli_fails(capsys, [*argv, "--baseline", str(model), "--stream"], "--baseline", "not with --stream")
+
+
+def test_cli_kl_refusals(tmp_path, capsys):
+    model = save_tiny_model(tmp_path / "m")
+    other = tmp_path / "wide"  # the same tokenizer, a model with a wider vocabulary
+    tiny_llama(vocab=300).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    argv = ["eval", str(model), "--seqlen", "32", "--eval-windows", "2", "--no-progress", "--json", str(tmp_path / "r.json")]
+    cli_fails(capsys, [*argv, "--kl-windows", "-1"], "argument --kl-windows: must be at least 0, got -1")
+    cli_fails(capsys, [*argv, "--baseline", str(model), "--stream"], "--baseline evaluates both models in memory", "not with --stream")
+    cli_fails(capsys, [*argv, "--baseline", str(model), "--kv", "full"], "--kv evaluates a model in memory on its own; not with --baseline")
+    cli_fails(capsys, [*argv, "--baseline", str(other)], "the model's vocabulary has", "entries, the baseline's 300: no KL divergence")
+    assert not (tmp_path / "r.json").exists()
