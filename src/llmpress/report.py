@@ -79,8 +79,8 @@ class Report:
         for s in kl:
             where = f" ({s})" if len(kl) > 1 else ""
             if kl[s] is not None:
-                rows.append((f"KL divergence, mean / p99{where}", "", f"{kl[s]:.4f} / {p99[s]:.4f}"))
-                rows.append((f"top-1 agreement{where}", "", f"{100 * top1[s]:.1f}%"))
+                rows.append((f"KL divergence, mean / p99{where}", "", f"{kl[s]:.4g} / {p99[s]:.4g}"))
+                rows.append((f"top-1 agreement{where}", "", f"{100 * top1[s]:.2f}%"))
         return rows
 
     def set_memory(self, tracker) -> None:

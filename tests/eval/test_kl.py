@@ -94,8 +94,9 @@ def _keys(figures: dict) -> dict:
     return {k: figures[k] for k in ("kl_by_source", "kl_p99_by_source", "top1_by_source")}
 
 
-def test_quantized_model_same_kl_through_every_path(tmp_path, monkeypatch):
-    model = save_tiny_model(tmp_path / "m")
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_quantized_model_same_kl_through_every_path(tmp_path, monkeypatch, family):
+    model = save_tiny_model(tmp_path / "m", family)
     kw = dict(calib=api.CalibConfig(n_samples=4, seqlen=32, batch_size=4), evaluation=EVAL, engine=QUIET)
     mem = api.run_pipeline(str(model), "rtn-w4g64", out=str(tmp_path / "q"), json_path=str(tmp_path / "r.json"), **kw)
     streamed = api.run_pipeline(str(model), "rtn-w4g64", stream=True, **kw)
@@ -129,9 +130,9 @@ def test_cli_compress_prints_them_and_kl_windows_0_turns_them_off(tmp_path, caps
     rep = json.loads((tmp_path / "r.json").read_text())["compressed"]
     for s in ("wiki", "news"):
         row = next(ln for ln in out.splitlines() if ln.startswith(f"KL divergence, mean / p99 ({s})"))
-        assert row.split()[-3:] == [f"{rep['kl_by_source'][s]:.4f}", "/", f"{rep['kl_p99_by_source'][s]:.4f}"]
+        assert row.split()[-3:] == [f"{rep['kl_by_source'][s]:.4g}", "/", f"{rep['kl_p99_by_source'][s]:.4g}"]
         row = next(ln for ln in out.splitlines() if ln.startswith(f"top-1 agreement ({s})"))
-        assert row.split()[-1] == f"{100 * rep['top1_by_source'][s]:.1f}%"
+        assert row.split()[-1] == f"{100 * rep['top1_by_source'][s]:.2f}%"
     assert run_cli([*base, "--kl-windows", "0", "--json", str(tmp_path / "off.json")]) == 0
     assert "KL divergence" not in capsys.readouterr().out
     assert "kl" not in json.loads((tmp_path / "off.json").read_text())["compressed"]
