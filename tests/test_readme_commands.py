@@ -224,6 +224,8 @@ def check_compress(args, res, cwd: Path) -> None:
                 assert fig["ppl"] == fig["ppl_by_source"][sources[0]]
             if len(sources) > 1:
                 assert all(f"perplexity ({s})" in res.stdout for s in sources), res.stdout
+            if args.kl_windows:  # KL divergence and top-1 agreement per source (llmpress/eval/kl.py)
+                assert list(rep["compressed"]["kl_by_source"]) == sources and "KL divergence" in res.stdout, res.stdout
         assert 0 < rep["bits_per_weight"] < 16 and rep["peak_rss_mb"] > 0 and rep["seconds"]["compress_total"] >= 0
         check_tasks(args, [rep["baseline"], rep["compressed"]], res.stdout)
     if args.out:
@@ -254,6 +256,8 @@ def check_eval(args, res, cwd: Path) -> None:
     check_tasks(args, [out], res.stdout)
     sources = [s for _, s in _sources(args.eval_data)]
     assert list(out["ppl_by_source"]) == sources and out["ppl"] == out["ppl_by_source"][sources[0]], out
+    if args.baseline and args.kl_windows:
+        assert list(out["kl_by_source"]) == sources and 0 <= out["top1"] <= 1, out
     if args.json_path:
         assert json.loads((cwd / args.json_path).read_text())["test_shrink"]
 

@@ -25,6 +25,7 @@ from .calib.engine import run as run_engine
 from .calib.plan import CompressResult, Plan, build_plan
 from .checkpoint import META_FILE, SAVE_FORMATS, load_compressed, save, saved_records  # noqa: F401 (the public API's save/load)
 from .errors import UserError
+from .eval.kl import BaselineLogprobs, baseline_record, set_kl
 from .eval.memory import PhaseTracker, peak_gpu_mb, peak_rss_mb
 from .eval.perplexity import perplexity
 from .eval.reference import check_transfer, measure_reference
@@ -32,7 +33,8 @@ from .eval.reference import wanted as wanted_reference
 from .eval.size import model_size
 from .eval.sources import SourceWindows, evaluation_record, set_ppl
 from .eval.streamed import EvalStreams
-from .eval.tasks import TaskConfig, check_run, record, score_tasks
+from .eval.tasks import TaskConfig, check_run, score_tasks
+from .eval.tasks import record as tasks_record
 from .progress import scope as progress_scope
 from .recipe import Recipe, Stage, load_recipe
 from .registry import METHODS, ModelStageOutput, ModuleRecord
@@ -69,12 +71,14 @@ class EvalConfig:
     seqlen: int = 512
     max_windows: int | None = 64
     batch_size: int = 1  # windows per forward: larger is slightly faster on CPU and raises peak RSS
+    kl_windows: int = 8  # of each source's windows, the first ones scored for KL divergence and top-1 (eval/kl.py); 0: off
 
     def __post_init__(self):
         _at_least(self.seqlen, 2, "evaluation window length (--seqlen)")
         if self.max_windows is not None:
             _at_least(self.max_windows, 1, "evaluation windows (--eval-windows)")
         _at_least(self.batch_size, 1, "evaluation batch size")
+        _at_least(self.kl_windows, 0, "KL divergence windows (--kl-windows)")
         _ = self.sources  # a malformed source list fails here
 
     @property
@@ -347,6 +351,7 @@ def _pipeline(
         seconds["calibration_data"] = time.perf_counter() - t
     baseline: dict = model_size(model)
     windows = reference = None
+    record = baseline_record(evaluation, engine.offload_dir if engine else None)  # None without evaluation or KL
     if evaluation is not None:
         phases.start("eval_data")
         t = time.perf_counter()
@@ -355,7 +360,8 @@ def _pipeline(
         seconds["eval_data"] = time.perf_counter() - t
         phases.start("baseline_eval")
         t = time.perf_counter()
-        set_ppl(baseline, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="baseline ppl", measure=measure))
+        set_ppl(baseline, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="baseline ppl", measure=measure,
+                                               kl=record.recorder if record else None))  # fmt: skip
         seconds["baseline_eval"] = time.perf_counter() - t
         calib_sources = tuple(s for s, _ in calib.mix)
         if wanted_reference(recipe, windows.sources, calib_sources):  # the data-free counterpart, while the weights are the original ones
@@ -373,14 +379,18 @@ def _pipeline(
     if windows is not None:
         phases.start("compressed_eval")
         t = time.perf_counter()
-        by_source = windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="compressed ppl", measure=measure)
+        by_source = windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="compressed ppl", measure=measure,
+                                         kl=record.comparer if record else None)  # fmt: skip
         set_ppl(report.compressed, by_source)
         report.seconds["compressed_eval"] = time.perf_counter() - t
         report.evaluation = evaluation_record(asdict(evaluation), shapes)
+        if record is not None:
+            set_kl(report, record.stats)
+            record.close()
         report.reference = reference
         check_transfer(report, tuple(src for src, _ in calib.mix))
     score_tasks(model, tok, tasks, phase="compressed_tasks", phases=phases, seconds=report.seconds, figures=report.compressed, show_progress=progress)
-    report.evaluation.update(record(tasks))
+    report.evaluation.update(tasks_record(tasks))
     report.environment = _environment(device)
     if out_path is not None and group.rank == 0:
         phases.start("save")
@@ -424,7 +434,8 @@ def _stream_pipeline(
         phases.start("eval_data")
         by_source = {s: evaluation_windows(tok, model, evaluation, s) for s in evaluation.sources}
         shapes = {s: tuple(int(d) for d in w.shape) for s, w in by_source.items()}
-        evals = EvalStreams(model, sm.spec, by_source, batch_size=evaluation.batch_size, folder=Path(work.name))
+        evals = EvalStreams(model, sm.spec, by_source, batch_size=evaluation.batch_size, folder=Path(work.name),
+                            kl=baseline_record(evaluation, work.name))  # fmt: skip
     phases.start("compress")
     with work, io_safety.atomic_folder(out_path, overwrite=overwrite) if out_path else contextlib.nullcontext() as tmp:
         writer = ShardedWriter(tmp, save_format, len(sm.layers) + 1) if tmp is not None else None
@@ -436,6 +447,8 @@ def _stream_pipeline(
             set_ppl(report.baseline, evals.baseline)
             set_ppl(report.compressed, evals.compressed())
             report.evaluation = evaluation_record(asdict(evaluation), shapes)
+            if evals.kl is not None:
+                set_kl(report, evals.kl.stats)
             check_transfer(report, tuple(src for src, _ in calib.mix))
         report.environment = {**_environment(device), "streamed": True, "max_blocks_in_memory": sm.max_loaded,
                               "block_seconds": [round(x, 3) for x in io.block_seconds]}  # fmt: skip
@@ -454,13 +467,23 @@ def _stream_pipeline(
 
 
 def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: str = "cpu", progress: bool = True, stream: bool = False,
-             tasks: TaskConfig | None = None) -> Report:  # fmt: skip
+             baseline: str | None = None, tasks: TaskConfig | None = None) -> Report:  # fmt: skip
     """Perplexity, size and bits of a model or a folder saved by llmpress. ``stream``: a model
-    folder (not a compressed checkpoint) evaluated one block in memory at a time. ``tasks``:
+    folder (not a compressed checkpoint) evaluated one block in memory at a time. ``baseline``: a
+    reference model evaluated first on the same windows, then freed (``report.baseline``), and
+    KL divergence and top-1 agreement against it (:mod:`llmpress.eval.kl`). ``tasks``:
     downstream tasks too (:mod:`llmpress.eval.tasks`)."""
     data_mod.check_sources(evaluation.sources)  # a missing or empty text file fails before the model loads
     check_run(tasks, stream=stream)
-    phases = PhaseTracker()
+    if baseline is not None and stream:
+        raise UserError("--baseline evaluates both models in memory, one after the other; not with --stream")
+    phases, seconds, base = PhaseTracker(), {}, {}
+    record = baseline_record(evaluation if baseline is not None else None)
+    if baseline is not None:  # first, and freed before the evaluated model loads: never two models in memory
+        phases.start("baseline_eval")
+        t = time.perf_counter()
+        base = _baseline_figures(baseline, evaluation, record, device=device, progress=progress)
+        seconds["baseline_eval"] = time.perf_counter() - t
     phases.start("load")
     t = time.perf_counter()
     if stream:
@@ -469,7 +492,7 @@ def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: 
     else:
         with progress_scope(progress):  # building the CPU kernels (first use) says so, unless silenced
             model, tok = load_compressed(model_spec, device)
-    seconds = {"load": time.perf_counter() - t}
+    seconds["load"] = time.perf_counter() - t
     phases.start("eval_data")
     windows = SourceWindows(lambda s: evaluation_windows(tok, model, evaluation, s), evaluation.sources)
     shapes = windows.shapes()
@@ -482,16 +505,34 @@ def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: 
         by_source = streamed_perplexities(sm, {s: windows(s) for s in evaluation.sources}, batch_size=evaluation.batch_size, bars=progress)
     else:
         size = packed_model_size(model) or model_size(model, saved_records(model_spec))
-        by_source = windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="ppl", measure=perplexity)
+        by_source = windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="ppl", measure=perplexity,
+                                         kl=record.comparer if record else None)  # fmt: skip
     set_ppl(size, by_source)
     seconds["eval"] = time.perf_counter() - t
     score_tasks(model, tok, tasks, phase="tasks", phases=phases, seconds=seconds, figures=size, show_progress=progress)
-    rep = Report(model=model_spec, recipe={}, compressed=size, seconds=seconds)
-    rep.evaluation = evaluation_record(asdict(evaluation), shapes) | record(tasks)
+    rep = Report(model=model_spec, recipe={}, baseline=base, compressed=size, seconds=seconds)
+    rep.evaluation = evaluation_record(asdict(evaluation), shapes) | tasks_record(tasks)
+    if record is not None:
+        set_kl(rep, record.stats)
+        record.close()
+        rep.evaluation["baseline_model"] = baseline
     rep.environment = {**_environment(device), **({"streamed": True, "max_blocks_in_memory": sm.max_loaded} if stream else {})}
     phases.stop()
     rep.set_memory(phases)
     return rep
+
+
+def _baseline_figures(spec: str, evaluation: EvalConfig, record: BaselineLogprobs | None, *, device: str, progress: bool) -> dict:
+    """Size and perplexity of :func:`evaluate`'s ``baseline`` model, its log-probabilities into ``record``."""
+    from .export.packed import packed_model_size
+
+    with progress_scope(progress):
+        model, tok = load_compressed(spec, device)
+    windows = SourceWindows(lambda s: evaluation_windows(tok, model, evaluation, s), evaluation.sources)
+    figures = packed_model_size(model) or model_size(model, saved_records(spec))
+    set_ppl(figures, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="baseline ppl",
+                                          kl=record.recorder if record else None))  # fmt: skip
+    return figures
 
 
 def _streamed_for_eval(model_spec: str, device: str) -> StreamedModel:

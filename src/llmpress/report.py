@@ -90,6 +90,18 @@ class Report:
         w = max((len(r[0]) for r in rows), default=0)
         return "\n".join(f"{label:<{w}}  {value}" for label, value in rows)
 
+    def kl_rows(self) -> list[tuple[str, str, str]]:
+        """The table's rows of agreement with the baseline (:mod:`llmpress.eval.kl`): KL divergence
+        (mean and 99th percentile, nats per token) and top-1 agreement, per source when several."""
+        kl, p99, top1 = (self.compressed.get(k) or {} for k in ("kl_by_source", "kl_p99_by_source", "top1_by_source"))
+        rows = []
+        for s in kl:
+            where = f" ({s})" if len(kl) > 1 else ""
+            if kl[s] is not None:
+                rows.append((f"KL divergence, mean / p99{where}", "", f"{kl[s]:.4g} / {p99[s]:.4g}"))
+                rows.append((f"top-1 agreement{where}", "", f"{100 * top1[s]:.2f}%"))
+        return rows
+
     def set_memory(self, tracker) -> None:
         """Peak RSS, the phase that set it and the per-phase table of a
         :class:`llmpress.eval.memory.PhaseTracker`."""
@@ -102,7 +114,7 @@ class Report:
 
     def table(self) -> str:
         ppl_rows = self.ppl_rows()
-        rows = [("", "baseline", "compressed"), *ppl_rows, *self.task_rows()]
+        rows = [("", "baseline", "compressed"), *ppl_rows, *self.kl_rows(), *self.task_rows()]
         f = _fmt
         for key, label, fmt in (
             ("bits_per_weight", "bits per weight (linears)", ".3f"),
