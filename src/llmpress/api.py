@@ -6,18 +6,17 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from . import data as data_mod
-from . import io_safety, models, shrink
+from . import io_safety, models
 from .arch import get_arch
 from .calib import dist
 from .calib.engine import EngineOptions
@@ -25,7 +24,7 @@ from .calib.engine import run as run_engine
 from .calib.plan import CompressResult, Plan, build_plan
 from .checkpoint import META_FILE, SAVE_FORMATS, load_compressed, save, saved_records  # noqa: F401 (the public API's save/load)
 from .errors import UserError
-from .eval.kl import BaselineLogprobs, baseline_record, set_kl
+from .eval.kl import baseline_record, set_kl
 from .eval.memory import PhaseTracker, peak_gpu_mb, peak_rss_mb
 from .eval.perplexity import perplexity
 from .eval.reference import check_transfer, measure_reference
@@ -35,95 +34,16 @@ from .eval.sources import SourceWindows, evaluation_record, set_ppl
 from .eval.streamed import EvalStreams
 from .eval.tasks import TaskConfig, check_run, score_tasks
 from .eval.tasks import record as tasks_record
+from .evaluation import evaluate  # noqa: F401 (re-exported)
 from .progress import scope as progress_scope
 from .recipe import Recipe, Stage, load_recipe
 from .registry import METHODS, ModelStageOutput, ModuleRecord
 from .report import Report, checkpoint_bytes
-from .streamed import StreamedModel, StreamIO, check_streamable, streamed_perplexities
+from .settings import CalibConfig, EvalConfig, at_least, bos_for, calibration_counts, calibration_windows, environment, evaluation_windows  # noqa: F401 (re-exported)
+from .streamed import StreamedModel, StreamIO, check_streamable
 from .weights import check_finite
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(kw_only=True, frozen=True)
-class CalibConfig:
-    source: str = "wiki"  # "wiki", "news", "code", a text/JSONL file path, or a mix: "wiki,news", "wiki:0.75,news:0.25"
-    n_samples: int = 128
-    seqlen: int = 512
-    seed: int = 0
-    batch_size: int = 8
-
-    def __post_init__(self):
-        _at_least(self.n_samples, 1, "calibration samples (--calib-samples)")
-        _at_least(self.seqlen, 2, "calibration window length (--calib-seqlen)")
-        _at_least(self.batch_size, 1, "batch size (--batch-size)")
-        _ = self.mix  # a malformed source list fails here
-
-    @property
-    def mix(self) -> tuple[tuple[str, float], ...]:
-        """(source, share) of :attr:`source`, shares summing to 1 (see :func:`llmpress.data.parse_sources`)."""
-        return tuple(data_mod.parse_sources(self.source, shares=True, what="calibration data (--calib-data)"))
-
-
-@dataclass(kw_only=True, frozen=True)
-class EvalConfig:
-    source: str = "wiki"  # one source or several, comma-separated: "wiki,news,code,path/to/file.txt"
-    seqlen: int = 512
-    max_windows: int | None = 64
-    batch_size: int = 1  # windows per forward: larger is slightly faster on CPU and raises peak RSS
-    kl_windows: int = 8  # of each source's windows, the first ones scored for KL divergence and top-1 (eval/kl.py); 0: off
-
-    def __post_init__(self):
-        _at_least(self.seqlen, 2, "evaluation window length (--seqlen)")
-        if self.max_windows is not None:
-            _at_least(self.max_windows, 1, "evaluation windows (--eval-windows)")
-        _at_least(self.batch_size, 1, "evaluation batch size")
-        _at_least(self.kl_windows, 0, "KL divergence windows (--kl-windows)")
-        _ = self.sources  # a malformed source list fails here
-
-    @property
-    def sources(self) -> tuple[str, ...]:
-        """The evaluation sources of :attr:`source`, in the order given (the first one's figures are ``ppl``)."""
-        return tuple(s for s, _ in data_mod.parse_sources(self.source, shares=False, what="evaluation data (--eval-data)"))
-
-
-def _at_least(value, low: int, what: str) -> None:
-    """Settings that would fail deep inside a run (a division by zero, an empty tensor) fail here."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise UserError(f"{what} must be an integer of at least {low}, got {value!r}")
-
-
-def _bos(tokenizer, model) -> int | None:
-    try:
-        needs = get_arch(model).needs_bos
-    except UserError:
-        needs = False
-    return tokenizer.bos_token_id if needs else None
-
-
-def calibration_windows(tokenizer, model, cfg: CalibConfig = CalibConfig()) -> torch.Tensor:
-    """``cfg.n_samples`` windows of ``cfg.seqlen`` tokens (both capped by the test shrink, if set),
-    from one source or a mix (:func:`llmpress.data.mixed_calib_windows`)."""
-    n, seqlen = shrink.cap_windows(cfg.n_samples), shrink.cap_seqlen(cfg.seqlen)
-
-    def stream_of(source: str) -> torch.Tensor:
-        return data_mod.token_stream(source, "calib", tokenizer)
-
-    return data_mod.mixed_calib_windows(stream_of, list(cfg.mix), n, seqlen, cfg.seed, _bos(tokenizer, model))
-
-
-def calibration_counts(cfg: CalibConfig = CalibConfig()) -> dict[str, int]:
-    """{source: windows drawn from it} of :func:`calibration_windows` with ``cfg``."""
-    names, shares = zip(*cfg.mix)
-    return dict(zip(names, data_mod.mix_counts(list(shares), shrink.cap_windows(cfg.n_samples))))
-
-
-def evaluation_windows(tokenizer, model, cfg: EvalConfig = EvalConfig(), source: str | None = None) -> torch.Tensor:
-    """Test windows of ``source`` (default: the first of ``cfg.sources``); their number and
-    length capped by the test shrink, if set."""
-    stream = data_mod.token_stream(source or cfg.sources[0], "test", tokenizer)
-    n, seqlen = shrink.cap_windows(cfg.max_windows), shrink.cap_seqlen(cfg.seqlen)
-    return data_mod.eval_windows(stream, seqlen, n, _bos(tokenizer, model))
 
 
 def _as_recipe(recipe) -> Recipe:
@@ -236,17 +156,6 @@ def _record_summary(r: ModuleRecord) -> dict:
         "bits_per_weight": round(r.bits_per_weight(), 4),
         "sparsity": r.sparsity,
         **r.notes,
-    }
-
-
-def _environment(device) -> dict:
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "ranks": dist.current().world,  # data-parallel processes (--nproc / torchrun)
-        "cpu": platform.processor() or platform.machine(),
     }
 
 
@@ -391,7 +300,7 @@ def _pipeline(
         check_transfer(report, tuple(src for src, _ in calib.mix))
     score_tasks(model, tok, tasks, phase="compressed_tasks", phases=phases, seconds=report.seconds, figures=report.compressed, show_progress=progress)
     report.evaluation.update(tasks_record(tasks))
-    report.environment = _environment(device)
+    report.environment = environment(device)
     if out_path is not None and group.rank == 0:
         phases.start("save")
         t = time.perf_counter()
@@ -450,7 +359,7 @@ def _stream_pipeline(
             if evals.kl is not None:
                 set_kl(report, evals.kl.stats)
             check_transfer(report, tuple(src for src, _ in calib.mix))
-        report.environment = {**_environment(device), "streamed": True, "max_blocks_in_memory": sm.max_loaded,
+        report.environment = {**environment(device), "streamed": True, "max_blocks_in_memory": sm.max_loaded,
                               "block_seconds": [round(x, 3) for x in io.block_seconds]}  # fmt: skip
         if writer is not None:
             phases.start("save")
@@ -464,84 +373,3 @@ def _stream_pipeline(
     if json_path:
         report.write_json(json_path)
     return report
-
-
-def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: str = "cpu", progress: bool = True, stream: bool = False,
-             baseline: str | None = None, tasks: TaskConfig | None = None) -> Report:  # fmt: skip
-    """Perplexity, size and bits of a model or a folder saved by llmpress. ``stream``: a model
-    folder (not a compressed checkpoint) evaluated one block in memory at a time. ``baseline``: a
-    reference model evaluated first on the same windows, then freed (``report.baseline``), and
-    KL divergence and top-1 agreement against it (:mod:`llmpress.eval.kl`). ``tasks``:
-    downstream tasks too (:mod:`llmpress.eval.tasks`)."""
-    data_mod.check_sources(evaluation.sources)  # a missing or empty text file fails before the model loads
-    check_run(tasks, stream=stream)
-    if baseline is not None and stream:
-        raise UserError("--baseline evaluates both models in memory, one after the other; not with --stream")
-    phases, seconds, base = PhaseTracker(), {}, {}
-    record = baseline_record(evaluation if baseline is not None else None)
-    if baseline is not None:  # first, and freed before the evaluated model loads: never two models in memory
-        phases.start("baseline_eval")
-        t = time.perf_counter()
-        base = _baseline_figures(baseline, evaluation, record, device=device, progress=progress)
-        seconds["baseline_eval"] = time.perf_counter() - t
-    phases.start("load")
-    t = time.perf_counter()
-    if stream:
-        sm = _streamed_for_eval(model_spec, device)
-        model, tok = sm.model, models.load_tokenizer(sm.folder)
-    else:
-        with progress_scope(progress):  # building the CPU kernels (first use) says so, unless silenced
-            model, tok = load_compressed(model_spec, device)
-    seconds["load"] = time.perf_counter() - t
-    phases.start("eval_data")
-    windows = SourceWindows(lambda s: evaluation_windows(tok, model, evaluation, s), evaluation.sources)
-    shapes = windows.shapes()
-    phases.start("eval")
-    t = time.perf_counter()
-    from .export.packed import packed_model_size
-
-    if stream:
-        size = model_size(model)
-        by_source = streamed_perplexities(sm, {s: windows(s) for s in evaluation.sources}, batch_size=evaluation.batch_size, bars=progress)
-    else:
-        size = packed_model_size(model) or model_size(model, saved_records(model_spec))
-        by_source = windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="ppl", measure=perplexity,
-                                         kl=record.comparer if record else None)  # fmt: skip
-    set_ppl(size, by_source)
-    seconds["eval"] = time.perf_counter() - t
-    score_tasks(model, tok, tasks, phase="tasks", phases=phases, seconds=seconds, figures=size, show_progress=progress)
-    rep = Report(model=model_spec, recipe={}, baseline=base, compressed=size, seconds=seconds)
-    rep.evaluation = evaluation_record(asdict(evaluation), shapes) | tasks_record(tasks)
-    if record is not None:
-        set_kl(rep, record.stats)
-        record.close()
-        rep.evaluation["baseline_model"] = baseline
-    rep.environment = {**_environment(device), **({"streamed": True, "max_blocks_in_memory": sm.max_loaded} if stream else {})}
-    phases.stop()
-    rep.set_memory(phases)
-    return rep
-
-
-def _baseline_figures(spec: str, evaluation: EvalConfig, record: BaselineLogprobs | None, *, device: str, progress: bool) -> dict:
-    """Size and perplexity of :func:`evaluate`'s ``baseline`` model, its log-probabilities into ``record``."""
-    from .export.packed import packed_model_size
-
-    with progress_scope(progress):
-        model, tok = load_compressed(spec, device)
-    windows = SourceWindows(lambda s: evaluation_windows(tok, model, evaluation, s), evaluation.sources)
-    figures = packed_model_size(model) or model_size(model, saved_records(spec))
-    set_ppl(figures, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="baseline ppl",
-                                          kl=record.recorder if record else None))  # fmt: skip
-    return figures
-
-
-def _streamed_for_eval(model_spec: str, device: str) -> StreamedModel:
-    where, local = models.resolve(model_spec)
-    if not local:
-        raise UserError(f"--stream reads the safetensors files of a local folder; {model_spec!r} is not one (download it first)")
-    if (Path(where) / META_FILE).exists():
-        raise UserError(
-            f"--stream evaluates a model's own safetensors folder; {model_spec!r} was written by llmpress and is loaded whole "
-            "(a compressed checkpoint is a fraction of the float32 model): evaluate it without --stream"
-        )
-    return StreamedModel(where, device=device)
