@@ -63,7 +63,9 @@ def test_learned_block_beats_round_to_nearest(make, args):
     assert res.error < 0.85 * e_rtn
 
 
-@pytest.mark.parametrize("args", [W3G32, ASYM, QuantArgs(bits=4, group_size=32, full_range=True), QuantArgs(bits=4, group_size=32, scale_dtype="float16")])
+@pytest.mark.parametrize(
+    "args", [W3G32, ASYM, QuantArgs(bits=4, group_size=32, full_range=True), QuantArgs(bits=4, group_size=32, scale_dtype="float16")]
+)
 def test_codes_on_grid_and_clipping_never_widens(args):
     block, xs, calls, ys = _block_calls(tiny_llama())
     quants = _quants(block, args)

@@ -124,9 +124,6 @@ class LearnedQuant:
     def params(self) -> list[torch.Tensor]:
         return [p for p in (self.v, self.alpha, self.beta) if p is not None]
 
-    def bounds(self) -> tuple[float, float]:
-        return -0.5, 0.5
-
     def _range(self):
         a = 1.0 if self.alpha is None else self.alpha
         b = a if self.args.symmetric else (1.0 if self.beta is None else self.beta)
@@ -354,10 +351,18 @@ def capture_block(ctx, batches: int | None):
     return xs, calls, ys
 
 
-@register("blockwise", Blockwise, scope="block", summary="block-wise reconstruction: rounding offsets + clipping learned per block by SignSGD (AutoRound-style)")
+@register(
+    "blockwise",
+    Blockwise,
+    scope="block",
+    summary="block-wise reconstruction: rounding offsets + clipping learned per block by SignSGD (AutoRound-style)",
+)
 def blockwise(ctx, cfg: Blockwise) -> None:
     xs, calls, ys = capture_block(ctx, cfg.batches)
-    quants = {loc: LearnedQuant(get_module(ctx.block, loc).weight.data, cfg.weights, learn_clip=cfg.learn_clip, name=full) for loc, full in ctx.targets.items()}
+    quants = {
+        loc: LearnedQuant(get_module(ctx.block, loc).weight.data, cfg.weights, learn_clip=cfg.learn_clip, name=full)
+        for loc, full in ctx.targets.items()
+    }
     with progress.bar(cfg.iters, f"blockwise block {ctx.index}", "step") as bar:
         res = learn_block(ctx.block, quants, xs, calls, ys, cfg.options(), bar=bar)
     del xs, calls, ys
