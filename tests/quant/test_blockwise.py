@@ -159,16 +159,16 @@ def test_presets_parse():
         assert cfg.mode == "sequential" and cfg.iters == 100 and cfg.lr == 0.01
 
 
-@pytest.mark.parametrize("args", [W3G32, ASYM])
-def test_tiny_model_compresses_saves_and_reloads(tmp_path, args):
-    m = tiny_llama()
+@pytest.mark.parametrize(("make", "args"), [(tiny_llama, W3G32), (tiny_llama, ASYM), (tiny_gemma3, W3G32)])
+def test_tiny_model_compresses_saves_and_reloads(tmp_path, make, args):
+    m = make()
     rep = compress(m, stage("blockwise", weights=args, iters=40), data=random_windows(8, 32), engine=QUIET)
     recs = rep.result.records
     assert len(recs) == 14
     notes = [r.notes["blockwise"] for r in recs.values()]
     assert all(n["block_mse"] <= n["block_mse_rtn"] for n in notes)
     assert any(n["moved"] > 0 for n in notes)
-    rtn = tiny_llama()
+    rtn = make()
     compress(rtn, stage("rtn", weights=args), engine=QUIET)
     name = "model.layers.1.mlp.down_proj"
     q = lambda mod: dict(mod.named_modules())[name].weight  # noqa: E731
