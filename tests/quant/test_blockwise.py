@@ -11,6 +11,7 @@ import llmpress
 from llmpress import RecipeError, UserError, api, compress, load_recipe, stage
 from llmpress.quant import QuantArgs, compute_qparams, dequantize, quantize, quantize_weight
 from llmpress.quant.blockwise import Blockwise, BlockwiseOptions, LearnedQuant, block_error, learn_block, slice_call
+from llmpress.recipe import Recipe
 
 W3G32 = QuantArgs(bits=3, group_size=32)
 ASYM = QuantArgs(bits=3, group_size=32, symmetric=False)
@@ -140,8 +141,6 @@ def test_bad_options(fields, fragment):
 def test_bad_recipe_fields():
     with pytest.raises(RecipeError, match="lr"):
         stage("blockwise", lr=0)
-    with pytest.raises(RecipeError, match="parallel"):
-        stage("blockwise", mode="parallel")
     with pytest.raises(RecipeError, match="mode="):
         stage("blockwise", mode="sideways")
     with pytest.raises(RecipeError, match="observer"):
@@ -183,3 +182,46 @@ def test_tiny_model_compresses_saves_and_reloads(tmp_path, make, args):
     assert torch.equal(got, want)
     r = loaded.llmpress_records[name]
     assert r.weight_args == args and torch.equal(r.qparams.scale, recs[name].qparams.scale)
+
+
+def test_parallel_mode_learns_on_full_precision_inputs(tmp_path):
+    """Parallel: block 1 learns on the full-precision model's block-1 inputs (not the
+    compressed block 0's outputs), so its result differs from sequential mode's; block 0,
+    whose inputs are the same in both modes, gives the same codes."""
+    args = QuantArgs(bits=3, group_size=32)
+    data = random_windows(8, 32)
+    models = {}
+    for mode in ("sequential", "parallel"):
+        m = tiny_llama()
+        rep = compress(m, stage("blockwise", weights=args, iters=30, mode=mode), data=data, engine=QUIET)
+        models[mode] = (m, rep)
+    w = lambda m, n: dict(m.named_modules())[n].weight  # noqa: E731
+    seq, par = models["sequential"][0], models["parallel"][0]
+    assert torch.equal(w(seq, "model.layers.0.mlp.down_proj"), w(par, "model.layers.0.mlp.down_proj"))
+    assert not torch.equal(w(seq, "model.layers.1.mlp.down_proj"), w(par, "model.layers.1.mlp.down_proj"))
+    # block 1's target in parallel mode is the dense model's block-1 output: its RTN error
+    # there is measured against the dense stream
+    _, xs, calls, ys = _block_calls(tiny_llama(), index=1, n=8, seqlen=32, batch=8)
+    notes = models["parallel"][1].result.records["model.layers.1.mlp.down_proj"].notes["blockwise"]
+    block = tiny_llama().model.layers[1]
+    assert notes["block_mse_rtn"] == pytest.approx(block_error(block, _quants(block, args), xs, calls, ys), rel=1e-4)
+    m, rep = models["parallel"]
+    ids = random_windows(2, 24, seed=3)
+    with torch.no_grad():
+        want = m(ids).logits
+    out = api.save(m, None, tmp_path / "ck", report=rep)
+    loaded, _ = llmpress.load_compressed(str(out), backend="dequant")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)
+
+
+def test_parallel_mode_refuses_resume():
+    from llmpress.calib.resume import check_resumable
+
+    with pytest.raises(UserError, match="full-precision stream"):
+        check_resumable(load_recipe_from(stage("blockwise", mode="parallel")))
+    check_resumable(load_recipe_from(stage("blockwise")))
+
+
+def load_recipe_from(st):
+    return Recipe(stages=(st,))

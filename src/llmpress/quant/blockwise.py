@@ -23,9 +23,10 @@ learned block does worse than round-to-nearest over all the calibration batches,
 
 Mode ``sequential``: inputs are what the engine hands a block-scope stage (the outputs of
 the already-compressed blocks before it), targets the full-precision block on those same
-inputs. ``parallel`` (full-precision inputs and targets) needs the engine to carry the
-full-precision activation stream beside the compressed one; it does not today (see
-docs/learned.md), so it is refused.
+inputs. ``parallel``: inputs and targets both from the full-precision model; the config's
+``needs_fp_stream`` makes the engine carry the full-precision block inputs beside the
+compressed ones (one more activation store, one block forward per block; one process, no
+block checkpoints).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from .args import QuantArgs, check_group_divides
 from .core import QParams, _dequant, _int_params, group_view
 
 _EPS = 1e-12
-MODES = ("sequential",)
+MODES = ("sequential", "parallel")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -302,7 +303,8 @@ def learn_block(
 class Blockwise:
     """Block-wise reconstruction stage (see the module docstring). ``weights``: the grid
     (observer min-max: the learned clipping replaces the MSE search). ``mode``:
-    ``sequential`` only (``parallel`` needs the engine's full-precision stream, not there).
+    ``sequential`` (inputs: the compressed blocks' outputs) or ``parallel`` (inputs and
+    targets from the full-precision model).
     ``batches``: calibration batches learned on (None: all the engine has)."""
 
     weights: QuantArgs = field(default_factory=lambda: QuantArgs(bits=4, group_size=64))
@@ -319,19 +321,28 @@ class Blockwise:
     def __post_init__(self):
         check_block_options(self, RecipeError)
         check_grid(self.weights, RecipeError)
-        if self.mode == "parallel":
-            raise RecipeError(
-                "mode: 'parallel' needs the full-precision inputs of every block, which the sequential engine does not "
-                "carry (it holds only the compressed stream); use mode: sequential"
-            )
         if self.mode not in MODES:
             raise RecipeError(f"mode={self.mode!r}: expected one of {', '.join(MODES)}")
         if self.batches is not None and (isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1):
             raise RecipeError(f"batches={self.batches!r}: expected an integer of at least 1 (or null: all)")
 
+    @property
+    def needs_fp_stream(self) -> bool:
+        """Parallel mode: the engine carries the full-precision model's block inputs."""
+        return self.mode == "parallel"
+
     def options(self) -> BlockwiseOptions:
         keys = ("iters", "lr", "clip_lr", "learn_clip", "clip_min", "windows_per_step", "keep_best")
         return BlockwiseOptions(**{k: getattr(self, k) for k in keys})
+
+
+def _parallel_data(ctx, batches: int | None):
+    """The full-precision model's inputs of this block, their call arguments and the
+    full-precision block's outputs on them (the engine's stream, ``needs_fp_stream``)."""
+    if ctx.fp_inputs is None or ctx.fp_outputs is None:
+        raise UserError("blockwise mode parallel: the engine gave this block no full-precision inputs")
+    n = len(ctx.fp_inputs) if batches is None else min(batches, len(ctx.fp_inputs))
+    return [ctx.fp_inputs[b] for b in range(n)], [ctx.call_args[b] for b in range(n)], [ctx.fp_outputs[b] for b in range(n)]
 
 
 def capture_block(ctx, batches: int | None):
@@ -358,7 +369,7 @@ def capture_block(ctx, batches: int | None):
     summary="block-wise reconstruction: rounding offsets + clipping learned per block by SignSGD (AutoRound-style)",
 )
 def blockwise(ctx, cfg: Blockwise) -> None:
-    xs, calls, ys = capture_block(ctx, cfg.batches)
+    xs, calls, ys = _parallel_data(ctx, cfg.batches) if cfg.mode == "parallel" else capture_block(ctx, cfg.batches)
     quants = {
         loc: LearnedQuant(get_module(ctx.block, loc).weight.data, cfg.weights, learn_clip=cfg.learn_clip, name=full)
         for loc, full in ctx.targets.items()
