@@ -50,7 +50,9 @@ class GPTVQ:
         for field in ("kmeans_iters", "refine_iters", "seed"):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (field != "seed" and v > MAX_ITERS):
-                raise RecipeError(f"{field}={v!r}: expected an integer in [0, {MAX_ITERS}]" if field != "seed" else f"seed={v!r}: expected a non-negative integer")
+                raise RecipeError(
+                    f"{field}={v!r}: expected an integer in [0, {MAX_ITERS}]" if field != "seed" else f"seed={v!r}: expected a non-negative integer"
+                )
         validate_solver_fields(self.block_size, self.damp)
 
     def check_layer(self, out_features: int, in_features: int, where: str) -> None:

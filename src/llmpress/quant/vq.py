@@ -65,9 +65,7 @@ def check_vq(dim, bits) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
         raise UserError(f"bits={bits!r}: vector quantization takes 1 to {MAX_BITS} bits per weight")
     if dim * bits > MAX_INDEX_BITS:
-        raise UserError(
-            f"dim={dim}, bits={bits}: 2^{dim * bits} codewords per table; at most 2^{MAX_INDEX_BITS} (use fewer bits or shorter vectors)"
-        )
+        raise UserError(f"dim={dim}, bits={bits}: 2^{dim * bits} codewords per table; at most 2^{MAX_INDEX_BITS} (use fewer bits or shorter vectors)")
     return 1 << (dim * bits)
 
 
