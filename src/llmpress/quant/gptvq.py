@@ -23,14 +23,16 @@ MAX_ITERS = 1000
 class GPTVQ:
     """``dim``: weights per vector (2, 4, 8); ``bits``: bits per weight (index of dim * bits
     bits, 2^(dim * bits) codewords per table); ``group_size``: input columns sharing one table
-    (all rows); ``kmeans_iters``: Lloyd iterations of the H-diagonal-weighted k-means start;
-    ``refine_iters``: least-squares (conjugate-gradient) steps on the tables after assignment
+    (all rows; null: one table per layer); ``kmeans_iters``: Lloyd iterations of the H-diagonal-weighted k-means start;
+    ``row_scale``: divide each row by its float16 RMS before fitting the shared tables
+    (GPTVQ's normalization; one float16 per row more); ``refine_iters``: least-squares (conjugate-gradient) steps on the tables after assignment
     (0: none); ``block_size``, ``damp``: as in GPTQ (the sweep runs in the natural column
     order); ``seed``: the k-means start."""
 
     dim: int = 2
     bits: int = 2
-    group_size: int = 64
+    group_size: int | None = 64
+    row_scale: bool = True
     kmeans_iters: int = 25
     refine_iters: int = 10
     block_size: int = 128
@@ -43,9 +45,9 @@ class GPTVQ:
         except UserError as e:
             raise RecipeError(str(e)) from None
         g = self.group_size
-        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
-            raise RecipeError(f"group_size={g!r}: expected a positive integer")
-        if g % self.dim:
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+            raise RecipeError(f"group_size={g!r}: expected a positive integer, or null for one table per layer")
+        if g is not None and g % self.dim:
             raise RecipeError(f"group_size={g}: the vector size {self.dim} does not divide the group")
         for field in ("kmeans_iters", "refine_iters", "seed"):
             v = getattr(self, field)
@@ -53,6 +55,8 @@ class GPTVQ:
                 raise RecipeError(
                     f"{field}={v!r}: expected an integer in [0, {MAX_ITERS}]" if field != "seed" else f"seed={v!r}: expected a non-negative integer"
                 )
+        if not isinstance(self.row_scale, bool):
+            raise RecipeError(f"row_scale={self.row_scale!r}: expected true or false")
         validate_solver_fields(self.block_size, self.damp)
 
     def check_layer(self, out_features: int, in_features: int, where: str) -> None:
@@ -74,6 +78,7 @@ def gptvq(ctx: ModuleContext, cfg: GPTVQ) -> None:
         cfg.dim,
         cfg.bits,
         group_size=cfg.group_size,
+        row_scale=cfg.row_scale,
         block_size=cfg.block_size,
         damp=cfg.damp,
         kmeans_iters=cfg.kmeans_iters,
@@ -84,5 +89,5 @@ def gptvq(ctx: ModuleContext, cfg: GPTVQ) -> None:
     ctx.set_weight(res.weight)
     rec = ctx.record
     rec.form = "vq"
-    rec.payload = {"codes": res.codes, "table": res.table}
-    rec.notes.update(dim=cfg.dim, bits=cfg.bits, group_size=cfg.group_size, layer_error=res.loss, damp=res.damp)
+    rec.payload = {"codes": res.codes, "table": res.table, **({"scale": res.scale} if res.scale is not None else {})}
+    rec.notes.update(dim=cfg.dim, bits=cfg.bits, group_size=cfg.group_size, row_scale=cfg.row_scale, layer_error=res.loss, damp=res.damp)

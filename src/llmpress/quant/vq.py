@@ -2,10 +2,12 @@
 of the ``gptvq`` method.
 
 A weight W [R, C] is cut into vectors of ``dim`` = d consecutive input columns of one row,
-v = W[o, j:j+d] (j a multiple of d). Every group of ``group_size`` input columns (all rows)
-has one float16 codebook of K = 2^(d b) entries of d values; each vector is stored as the
+v = W[o, j:j+d] (j a multiple of d). Every group of ``group_size`` input columns (all rows;
+None: the whole layer) has one float16 codebook of K = 2^(d b) entries of d values; each vector is stored as the
 (d b)-bit index of its codeword, i.e. b bits per weight, plus K d 16 bits per group for the
-table.
+table. With ``row_scale`` each row is first divided by its float16 RMS s_o (GPTVQ's
+normalization: rows of different scale share the tables), the codeword values multiplied back,
+q = s_o c (one float16 per row more).
 
 1. **Codebook initialization** (:func:`kmeans_vq`): k-means on the group's R g / d vectors
    under the Hessian-diagonal-weighted distance sum_t H_{j+t,j+t} (v_t - c_t)^2 (the diagonal
@@ -54,6 +56,7 @@ class VQResult:
     weight: torch.Tensor  # [R, C] float32: the codewords (float16 values)
     codes: torch.Tensor  # [R, C / d] int64: index of each vector's codeword in its group's table
     table: torch.Tensor  # [G, K, d] float16
+    scale: torch.Tensor | None = None  # [R] float16: each row's codewords are scaled by it (``row_scale``)
     loss: float | None = None  # the layer error tr((W - Q) H (W - Q)^T) after assignment (None: rounding)
     damp: float | None = None
 
@@ -71,34 +74,43 @@ def check_vq(dim, bits) -> int:
 
 def check_vq_shape(rows: int, cols: int, dim: int, bits: int, group_size, where: str = "") -> int:
     """Groups per row, or a UserError (vector size not dividing the group, group not dividing
-    the row, fewer vectors in a group than codewords)."""
+    the row, fewer vectors in a group than codewords); ``group_size`` None: one table for the
+    whole layer."""
     k = check_vq(dim, bits)
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise UserError(f"{where}group_size={group_size!r}: expected a positive integer")
-    if group_size % dim:
-        raise UserError(f"{where}vector size {dim} does not divide the group of {group_size} columns")
-    if cols % group_size:
-        raise UserError(f"{where}group_size {group_size} does not divide the input dimension {cols}")
-    if rows * group_size // dim < k:
-        raise UserError(f"{where}{k} codewords for groups of {rows * group_size // dim} vectors: use fewer bits or a larger group")
-    return cols // group_size
+    g = cols if group_size is None else group_size
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise UserError(f"{where}group_size={group_size!r}: expected a positive integer or null")
+    if g % dim:
+        raise UserError(f"{where}vector size {dim} does not divide the group of {g} columns")
+    if cols % g:
+        raise UserError(f"{where}group_size {g} does not divide the input dimension {cols}")
+    if rows * g // dim < k:
+        raise UserError(f"{where}{k} codewords for groups of {rows * g // dim} vectors: use fewer bits or a larger group")
+    return cols // g
 
 
-def vq_bits(rows: int, cols: int, dim: int, bits: int, groups: int) -> int:
-    """Bits of a VQ-compressed [rows, cols] weight: b bits per weight of codes, and ``groups``
-    float16 tables of 2^(d b) codewords of d values."""
-    return rows * cols * bits + groups * (1 << (dim * bits)) * dim * TABLE_BITS
+def vq_bits(rows: int, cols: int, dim: int, bits: int, groups: int, row_scale: bool = False) -> int:
+    """Bits of a VQ-compressed [rows, cols] weight: b bits per weight of codes, ``groups``
+    float16 tables of 2^(d b) codewords of d values, and a float16 scale per row (``row_scale``)."""
+    return rows * cols * bits + groups * (1 << (dim * bits)) * dim * TABLE_BITS + (rows * TABLE_BITS if row_scale else 0)
 
 
-def vq_lookup(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+def vq_lookup(table: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """Tables [G, K, d] at codes [R, C / d] -> float32 [R, C] (vector v lies in columns
-    v d .. v d + d - 1 and uses table v d // (C / G))."""
+    v d .. v d + d - 1 and uses table v d // (C / G)), times each row's ``scale`` [R] if given."""
     G, K, d = table.shape
     R, V = codes.shape
     C = V * d
     gidx = torch.arange(V, device=codes.device) * d // (C // G)
     flat = table.float().reshape(G * K, d)
-    return flat[(gidx * K).unsqueeze(0) + codes.long()].reshape(R, C)
+    w = flat[(gidx * K).unsqueeze(0) + codes.long()].reshape(R, C)
+    return w if scale is None else w * scale.float().to(w.device).unsqueeze(1)
+
+
+def row_scales(W: torch.Tensor) -> torch.Tensor:
+    """float16 [R]: each row's root mean square (1 for an all-zero row)."""
+    s = W.float().pow(2).mean(1).sqrt().half()
+    return torch.where(s > 0, s, torch.ones_like(s))
 
 
 def _vectors(w: torch.Tensor, group_size: int, dim: int) -> torch.Tensor:
@@ -151,12 +163,11 @@ def kmeans_vq(x: torch.Tensor, k: int, weights: torch.Tensor | None = None, *, i
     return c
 
 
-def init_tables(W: torch.Tensor, hdiag: torch.Tensor, dim: int, bits: int, group_size: int, *, iters: int, seed: int) -> torch.Tensor:
-    """float16 tables [G, K, d]: H-diagonal-weighted k-means of each group's vectors."""
-    R, C = W.shape
+def init_tables(W: torch.Tensor, weights: torch.Tensor, dim: int, bits: int, group_size: int, *, iters: int, seed: int) -> torch.Tensor:
+    """float16 tables [G, K, d]: k-means of each group's vectors of ``W`` [R, C], each weight
+    counted with ``weights`` [R, C] (H_jj, times s_o^2 for scaled rows)."""
     k = 1 << (dim * bits)
-    xs = _vectors(W, group_size, dim)
-    ws = _vectors(hdiag.float().to(W.device).expand(R, C), group_size, dim)
+    xs, ws = _vectors(W, group_size, dim), _vectors(weights.float().to(W.device), group_size, dim)
     return torch.stack([kmeans_vq(xs[i], k, ws[i], iters=iters, seed=seed + i) for i in range(xs.shape[0])]).half()
 
 
@@ -167,13 +178,25 @@ def _codes_of(table: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, R: i
     return codes.reshape(G, R, group_size // dim).permute(1, 0, 2).reshape(R, -1)
 
 
+def _normalized(W: torch.Tensor, hdiag: torch.Tensor, row_scale: bool):
+    """(rows scaled to unit RMS or as they are, the k-means weights H_jj s_o^2 [R, C], the scales or None)."""
+    R, C = W.shape
+    hd = hdiag.float().clamp(min=0).to(W.device).expand(R, C)
+    if not row_scale:
+        return W, hd, None
+    s = row_scales(W)
+    sf = s.float().unsqueeze(1)
+    return W / sf, hd * sf * sf, s
+
+
 def vq_round(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     dim: int,
     bits: int,
     *,
-    group_size: int,
+    group_size: int | None,
+    row_scale: bool = False,
     table: torch.Tensor | None = None,
     kmeans_iters: int = 25,
     seed: int = 0,
@@ -182,27 +205,30 @@ def vq_round(
     feedback); ``table`` [G, K, d] given or fitted as in :func:`vq_gptq`."""
     R, C = weight.shape
     check_vq_shape(R, C, dim, bits, group_size)
-    W = weight.detach().float()
-    hd = torch.diagonal(hessian).float().clamp(min=0).to(W.device)
+    group_size = C if group_size is None else group_size
+    Wn, wts, s = _normalized(weight.detach().float(), torch.diagonal(hessian), row_scale)
     if table is None:
-        table = init_tables(W, hd, dim, bits, group_size, iters=kmeans_iters, seed=seed)
-    ws = _vectors(hd.expand(R, C), group_size, dim)
-    codes = _codes_of(table, _vectors(W, group_size, dim), ws, R, dim, group_size)
-    return VQResult(weight=vq_lookup(table, codes), codes=codes, table=table)
+        table = init_tables(Wn, wts, dim, bits, group_size, iters=kmeans_iters, seed=seed)
+    codes = _codes_of(table, _vectors(Wn, group_size, dim), _vectors(wts, group_size, dim), R, dim, group_size)
+    return VQResult(weight=vq_lookup(table, codes, s), codes=codes, table=table, scale=s)
 
 
-def refine_tables(W: torch.Tensor, H: torch.Tensor, table: torch.Tensor, codes: torch.Tensor, iters: int) -> torch.Tensor:
-    """Tables [G, K, d] (float64) lowering tr((W - Q(T)) H (W - Q(T))^T) with the codes fixed:
-    ``iters`` conjugate-gradient steps on the normal equations P^T (P T H) = P^T (W H), where
-    P T = Q reads each weight's codeword entry and P^T adds a [R, C] matrix onto the entries."""
+def refine_tables(
+    W: torch.Tensor, H: torch.Tensor, table: torch.Tensor, codes: torch.Tensor, iters: int, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Tables [G, K, d] (float64) lowering tr((W - Q(T)) H (W - Q(T))^T) with the codes (and
+    row scales) fixed: ``iters`` conjugate-gradient steps on the normal equations
+    P^T (P T H) = P^T (W H), where P T = Q reads each weight's codeword entry (times its row's
+    scale) and P^T adds a [R, C] matrix (times the row scales) onto the entries."""
     G, K, d = table.shape
     R, C = W.shape
     gidx = torch.arange(C // d, device=codes.device) * d // (C // G)
     idx = (((gidx * K).unsqueeze(0) + codes.long()) * d).unsqueeze(2) + torch.arange(d, device=codes.device)
     idx = idx.reshape(-1)  # flat entry of each weight, [R * C]
+    sc = torch.ones(R, 1, dtype=torch.float64, device=W.device) if scale is None else scale.double().to(W.device).unsqueeze(1)
     Hd = H.double()
-    P = lambda t: t[idx].reshape(R, C)  # noqa: E731
-    Pt = lambda m: torch.zeros(G * K * d, dtype=torch.float64, device=W.device).index_add_(0, idx, m.reshape(-1))  # noqa: E731
+    P = lambda t: t[idx].reshape(R, C) * sc  # noqa: E731
+    Pt = lambda m: torch.zeros(G * K * d, dtype=torch.float64, device=W.device).index_add_(0, idx, (m * sc).reshape(-1))  # noqa: E731
     x = table.double().reshape(-1).clone()
     r = Pt((W.double() - P(x)) @ Hd)
     p = r.clone()
@@ -223,13 +249,40 @@ def refine_tables(W: torch.Tensor, H: torch.Tensor, table: torch.Tensor, codes: 
     return x.reshape(G, K, d)
 
 
+def _sweep(W: torch.Tensor, U: torch.Tensor, tabs: torch.Tensor, scale, dim: int, group_size: int, block_size: int) -> torch.Tensor:
+    """Codes [R, C / d] by the column sweep: at the first column of each vector, the d
+    columns' current values go to the codeword nearest under || (v - s c) U_SS^-1 ||^2."""
+    R, C = W.shape
+    codes = torch.empty(C // dim, R, dtype=torch.int64, device=W.device)
+    chosen = torch.empty(R, dim, device=W.device)
+    sf = None if scale is None else scale.float().to(W.device).unsqueeze(1)
+    eye = torch.eye(dim, device=W.device)
+
+    def target(blk: SweepBlock, i: int, w: torch.Tensor, q: torch.Tensor) -> None:
+        j = blk.i1 + i
+        t = j % dim
+        if t == 0:
+            A = torch.linalg.solve_triangular(blk.U1[i : i + dim, i : i + dim], eye, upper=True)
+            tab = tabs[j // group_size]
+            v = blk.W1[i : i + dim].t()
+            code = assign((v if sf is None else v / sf) @ A, tab @ A)  # s_o^2 scales a row's distances alike
+            codes[j // dim] = code
+            chosen.copy_(tab[code] if sf is None else tab[code] * sf)
+        q.copy_(chosen[:, t])
+
+    bs = max(dim, block_size // dim * dim)  # a vector never straddles two blocks
+    column_sweep(W.clone().t().contiguous(), U, bs, target)
+    return codes.t().contiguous()
+
+
 def vq_gptq(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     dim: int,
     bits: int,
     *,
-    group_size: int,
+    group_size: int | None,
+    row_scale: bool = False,
     block_size: int = 128,
     damp: float = 0.01,
     kmeans_iters: int = 25,
@@ -239,36 +292,24 @@ def vq_gptq(
     name: str | None = None,
 ) -> VQResult:
     """GPTVQ: H-diagonal k-means tables (or ``table`` given), codes by the column sweep with
-    error feedback, then ``refine_iters`` least-squares steps on the tables."""
+    error feedback, then ``refine_iters`` least-squares steps on the tables. ``row_scale``:
+    each row is divided by its float16 RMS before the tables are fitted and multiplied back
+    after lookup (one more float16 per row)."""
     validate_solver_fields(block_size, damp)
     R, C = weight.shape
     check_vq_shape(R, C, dim, bits, group_size, f"layer {name}: " if name else "")
+    group_size = C if group_size is None else group_size
     with solver_threads(weight.device):
         W, H, _ = prepare(weight, hessian, name)
+        Wn, wts, s = _normalized(W, torch.diagonal(H), row_scale)
         if table is None:
-            table = init_tables(W, torch.diagonal(H), dim, bits, group_size, iters=kmeans_iters, seed=seed)
+            table = init_tables(Wn, wts, dim, bits, group_size, iters=kmeans_iters, seed=seed)
+        del Wn, wts
         fac = inverse_cholesky(H, damp, name)
-        tabs = table.float()  # [G, K, d]
-        codes = torch.empty(C // dim, R, dtype=torch.int64, device=W.device)
-        chosen = torch.empty(R, dim, device=W.device)
-
-        def target(blk: SweepBlock, i: int, w: torch.Tensor, q: torch.Tensor) -> None:
-            j = blk.i1 + i
-            t = j % dim
-            if t == 0:
-                A = torch.linalg.solve_triangular(blk.U1[i : i + dim, i : i + dim], torch.eye(dim, device=W.device), upper=True)
-                tab = tabs[j // group_size]
-                code = assign(blk.W1[i : i + dim].t() @ A, tab @ A)
-                codes[j // dim] = code
-                chosen.copy_(tab[code])
-            q.copy_(chosen[:, t])
-
-        bs = max(dim, block_size // dim * dim)  # a vector never straddles two blocks
-        column_sweep(W.clone().t().contiguous(), fac.U, bs, target)
-        codes = codes.t().contiguous()
+        codes = _sweep(W, fac.U, table.float(), s, dim, group_size, block_size)
         if refine_iters > 0:
-            table = refine_tables(W, H, table, codes, refine_iters).half()
-        Q = vq_lookup(table, codes)
+            table = refine_tables(W, H, table, codes, refine_iters, s).half()
+        Q = vq_lookup(table, codes, s)
         D = (W - Q).double()
         loss = float(((D @ H.double()) * D).sum())
-    return VQResult(weight=Q, codes=codes, table=table, loss=loss, damp=fac.damp)
+    return VQResult(weight=Q, codes=codes, table=table, scale=s, loss=loss, damp=fac.damp)

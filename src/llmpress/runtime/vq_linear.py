@@ -1,7 +1,7 @@
 """A vector-quantized linear at run time (the ``vq`` storage form,
 :mod:`llmpress.storage.forms.vq`): one index per vector of d consecutive input columns of a
 row (held as int32 [out, in / d]) into float16 tables [G, K, d], one table per group of input
-columns. Each call rebuilds the weight by table lookup and runs one GEMM (no kernel): the
+columns, optionally times a float16 scale per row. Each call rebuilds the weight by table lookup and runs one GEMM (no kernel): the
 outputs equal the compressed model's exactly (the same float32 weight, the same ``F.linear``).
 """
 
@@ -17,7 +17,7 @@ from ..quant.vq import vq_lookup
 class VQLinear(nn.Module):
     kernel = "vq-dequant"
 
-    def __init__(self, codes: torch.Tensor, table: torch.Tensor, *, bias: torch.Tensor | None = None):
+    def __init__(self, codes: torch.Tensor, table: torch.Tensor, *, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None):
         super().__init__()
         if codes.dim() != 2 or table.dim() != 3 or (codes.shape[1] * table.shape[2]) % table.shape[0]:
             raise ValueError(f"codes {tuple(codes.shape)} and tables {tuple(table.shape)} do not fit")
@@ -25,6 +25,7 @@ class VQLinear(nn.Module):
         self.in_features = codes.shape[1] * table.shape[2]
         self.register_buffer("codes", codes.to(torch.int32).contiguous(), persistent=False)
         self.register_buffer("table", table.contiguous(), persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
 
     @property
@@ -33,7 +34,7 @@ class VQLinear(nn.Module):
         return self.dequantized_weight()
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        return vq_lookup(self.table, self.codes).to(dtype)
+        return vq_lookup(self.table, self.codes, self.scale).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight(torch.float32)

@@ -7,15 +7,18 @@ Tensors:
 - ``codes``: the indices [out, in / d], packed into int32 words with
   :func:`llmpress.storage.grid.pack_unsigned` at d b bits each ([out, ceil(in / d / 32) * d b]);
 - ``table``: float16 [G, 2^(d b), d]; vector v (columns v d .. v d + d - 1) uses table
-  v d // (in / G).
+  v d // (in / G);
+- ``scale``: float16 [out] (only with ``meta.row_scale``): row o's codewords are multiplied by it.
 
-``meta``: ``{"dim": d, "bits": b, "groups": G}`` (b: bits per weight).
+``meta``: ``{"dim": d, "bits": b, "groups": G}`` (b: bits per weight), plus ``"row_scale": true``
+when rows are scaled.
 
 Size, counted the same by :meth:`VQForm.bits_per_weight` (the report) and by the bytes the
-checkpoint holds (when in / d is a multiple of 32): out * in * b + G * 2^(d b) * d * 16.
+checkpoint holds (when in / d is a multiple of 32): out * in * b + G * 2^(d b) * d * 16
+(+ out * 16 with row scales).
 
 The indices and tables come from the method (``record.payload``: ``codes`` [out, in / d],
-``table``); they are stored only while the model's weight is still exactly what they decode to
+``table``, optional ``scale``); they are stored only while the model's weight is still exactly what they decode to
 (checked bit for bit; otherwise the writer stores the layer dense and says so). Runtime:
 :class:`llmpress.runtime.vq_linear.VQLinear` (table lookup, then one GEMM: exact).
 compressed-tensors and GGUF have no such form: exporting refuses, naming the layer.
@@ -42,6 +45,8 @@ class VQForm(StorageForm):
             raise ValueError(f"a vq layer needs meta.bits in 1..{MAX_BITS} with dim * bits <= {MAX_INDEX_BITS}, found {b!r}")
         if not isinstance(g, int) or g < 1 or spec.in_features % g or (spec.in_features // g) % d:
             raise ValueError(f"a vq layer needs meta.groups dividing its {spec.in_features} input columns into whole vectors, found {g!r}")
+        if spec.meta.get("row_scale", False) not in (True, False):
+            raise ValueError(f"a vq layer's meta.row_scale is true or false, found {spec.meta['row_scale']!r}")
 
     def encode(self, state):
         p, w = state.payload, state.weight
@@ -55,7 +60,13 @@ class VQForm(StorageForm):
         if d not in DIMS or K != 1 << ib or ib % d or tuple(codes.shape) != (R, C // d) or C % G or (C // G) % d:
             return None
         tensors = {"codes": pack_unsigned(codes.cpu().long(), ib), "table": table.cpu().half().contiguous()}
-        spec = self.spec(state, meta={"dim": d, "bits": ib // d, "groups": G})
+        scale = p.get("scale")
+        if scale is not None:
+            if tuple(scale.shape) != (R,):
+                return None
+            tensors["scale"] = scale.cpu().half().contiguous()
+        meta = {"dim": d, "bits": ib // d, "groups": G, **({"row_scale": True} if scale is not None else {})}
+        spec = self.spec(state, meta=meta)
         if not torch.equal(self.decode(spec, tensors, w.dtype), w):
             return None
         return spec, tensors
@@ -65,32 +76,36 @@ class VQForm(StorageForm):
         return unpack_unsigned(tensors["codes"], d * b, spec.in_features // d).to(torch.int32)
 
     def decode(self, spec, tensors, dtype=torch.float32):
-        return vq_lookup(tensors["table"], self._codes(spec, tensors)).to(dtype)
+        return vq_lookup(tensors["table"], self._codes(spec, tensors), tensors.get("scale")).to(dtype)
 
     def expected_shapes(self, spec):
         R, C = spec.out_features, spec.in_features
         d, b, G = spec.meta["dim"], spec.meta["bits"], spec.meta["groups"]
-        return {"codes": (R, words(C // d, d * b)), "table": (G, 1 << (d * b), d)}
+        shapes = {"codes": (R, words(C // d, d * b)), "table": (G, 1 << (d * b), d)}
+        return {**shapes, "scale": (R,)} if spec.meta.get("row_scale") else shapes
 
     def bits_per_weight(self, state, dense_bits=16):
         table = state.payload.get("table")
         if table is None:  # no tables handed over: counted as the dense weight
             return float(dense_bits) + state.extra_bits / state.n_params
         G, K, d = table.shape
-        bits = vq_bits(state.out_features, state.in_features, d, (K.bit_length() - 1) // d, G)
+        scaled = state.payload.get("scale") is not None
+        bits = vq_bits(state.out_features, state.in_features, d, (K.bit_length() - 1) // d, G, scaled)
         return (bits + state.extra_bits) / state.n_params
 
     def stored_bits(self, spec, nbytes, scale_bits):
-        return spec.out_features * spec.in_features * spec.meta["bits"] + 8 * nbytes["table"]
+        return spec.out_features * spec.in_features * spec.meta["bits"] + 8 * (nbytes["table"] + nbytes.get("scale", 0))
 
     def payload(self, spec, tensors):
         if not tensors:
             return {}
-        return {"codes": self._codes(spec, tensors), "table": tensors["table"]}
+        out = {"codes": self._codes(spec, tensors), "table": tensors["table"]}
+        return {**out, "scale": tensors["scale"]} if "scale" in tensors else out
 
     def build(self, spec, tensors, *, bias=None, backend="auto", device="cpu", act_dtype=None):
         if backend not in ("auto", "torch", "dequant"):
             raise ValueError(f"backend {backend!r} unknown; expected auto, torch or dequant")
         dev = torch.device(device)
-        mod = VQLinear(self._codes(spec, tensors).to(dev), tensors["table"].to(dev), bias=bias)
+        scale = tensors.get("scale")
+        mod = VQLinear(self._codes(spec, tensors).to(dev), tensors["table"].to(dev), scale=None if scale is None else scale.to(dev), bias=bias)
         return ActQuantLinear(mod, spec.act_args) if spec.act_args else mod
