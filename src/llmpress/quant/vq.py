@@ -49,6 +49,8 @@ MAX_BITS = 4  # bits per weight
 MAX_INDEX_BITS = 12  # at most 4096 codewords per table
 TABLE_BITS = 16  # float16 entries
 CHUNK = 1 << 22  # distance-matrix elements per slice
+KMEANS_BUDGET = 1 << 24  # k-means runs on at most max(KMEANS_BUDGET / k, 64 k) vectors (a seeded sample)
+KMEANS_SETTLED = 1e-3  # k-means stops once fewer than this share of the vectors change centroid
 
 
 @dataclass(kw_only=True)
@@ -135,21 +137,34 @@ def assign(x: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None = None) -> t
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
 
 
-def kmeans_vq(x: torch.Tensor, k: int, weights: torch.Tensor | None = None, *, iters: int = 25, seed: int = 0) -> torch.Tensor:
+def kmeans_vq(
+    x: torch.Tensor, k: int, weights: torch.Tensor | None = None, *, iters: int = 25, seed: int = 0, budget: int | None = KMEANS_BUDGET
+) -> torch.Tensor:
     """Weighted k-means of the vectors ``x`` [N, d] (``weights`` [N, d] >= 0 per coordinate):
-    centroids [k, d] float32. Start: k distinct vectors drawn with a seeded generator; each
-    iteration assigns every vector to its nearest centroid and moves each centroid, coordinate
-    by coordinate, to the weighted mean of its vectors; an empty centroid takes the vector
-    served worst."""
+    centroids [k, d] float32. With more than n = max(``budget`` / k, 64 k) vectors, a seeded
+    sample of n stands in for them (each iteration then costs about ``budget`` distances; None:
+    all). Start: k distinct vectors drawn with a seeded generator;
+    each iteration assigns every vector to its nearest centroid and moves each centroid,
+    coordinate by coordinate, to the weighted mean of its vectors; an empty centroid takes the
+    vector served worst. It stops early once fewer than ``KMEANS_SETTLED`` of the vectors
+    change centroid in an iteration."""
     x = x.float()
     N, d = x.shape
     if k > N:
         raise UserError(f"{k} codewords for {N} vectors")
     w = torch.ones_like(x) if weights is None else weights.float().clamp(min=0)
     g = torch.Generator().manual_seed(seed)
+    n = N if budget is None else max(budget // k, 64 * k)
+    if N > n:
+        pick = torch.randperm(N, generator=g)[:n].to(x.device)
+        x, w, N = x[pick], w[pick], n
     c = x[torch.randperm(N, generator=g)[:k].to(x.device)].clone()
+    prev = None
     for _ in range(iters):
         a = assign(x, c, w)
+        if prev is not None and int((a != prev).sum()) < KMEANS_SETTLED * N:
+            break
+        prev = a
         num = torch.zeros(k, d, device=x.device).index_add_(0, a, w * x)
         den = torch.zeros(k, d, device=x.device).index_add_(0, a, w)
         new = torch.where(den > 0, num / den.clamp(min=1e-30), c)
