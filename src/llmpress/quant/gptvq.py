@@ -1,0 +1,93 @@
+"""GPTVQ-style vector quantization (van Baalen et al., 2024): vectors of ``dim`` consecutive
+input columns of a row, one float16 codebook of 2^(dim * bits) codewords per group of
+``group_size`` input columns (all rows), initialized by Hessian-diagonal-weighted k-means,
+codes assigned with GPTQ's error feedback (d columns at once, under the inverse-Hessian
+distance), tables refined by least squares on the layer error. The maths is
+:mod:`llmpress.quant.vq`; the layer is stored in the ``vq`` form
+(:mod:`llmpress.storage.forms.vq`). Formulas and figures: docs/codebooks.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import RecipeError, UserError
+from ..registry import ModuleContext, register
+from .sweep import validate_solver_fields
+from .vq import check_vq, check_vq_shape, vq_gptq
+
+MAX_ITERS = 1000
+
+
+@dataclass(kw_only=True, frozen=True)
+class GPTVQ:
+    """``dim``: weights per vector (2, 4, 8); ``bits``: bits per weight (index of dim * bits
+    bits, 2^(dim * bits) codewords per table); ``group_size``: input columns sharing one table
+    (all rows; null: one table per layer); ``kmeans_iters``: Lloyd iterations of the H-diagonal-weighted k-means start;
+    ``row_scale``: divide each row by its float16 RMS before fitting the shared tables
+    (GPTVQ's normalization; one float16 per row more); ``refine_iters``: least-squares (conjugate-gradient) steps on the tables after assignment
+    (0: none); ``block_size``, ``damp``: as in GPTQ (the sweep runs in the natural column
+    order); ``seed``: the k-means start."""
+
+    dim: int = 2
+    bits: int = 2
+    group_size: int | None = 64
+    row_scale: bool = True
+    kmeans_iters: int = 25
+    refine_iters: int = 10
+    block_size: int = 128
+    damp: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self):
+        try:
+            check_vq(self.dim, self.bits)
+        except UserError as e:
+            raise RecipeError(str(e)) from None
+        g = self.group_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+            raise RecipeError(f"group_size={g!r}: expected a positive integer, or null for one table per layer")
+        if g is not None and g % self.dim:
+            raise RecipeError(f"group_size={g}: the vector size {self.dim} does not divide the group")
+        for field in ("kmeans_iters", "refine_iters", "seed"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (field != "seed" and v > MAX_ITERS):
+                raise RecipeError(
+                    f"{field}={v!r}: expected an integer in [0, {MAX_ITERS}]" if field != "seed" else f"seed={v!r}: expected a non-negative integer"
+                )
+        if not isinstance(self.row_scale, bool):
+            raise RecipeError(f"row_scale={self.row_scale!r}: expected true or false")
+        validate_solver_fields(self.block_size, self.damp)
+
+    def check_layer(self, out_features: int, in_features: int, where: str) -> None:
+        """Checked by the plan on every targeted linear before anything changes."""
+        check_vq_shape(out_features, in_features, self.dim, self.bits, self.group_size, f"{where}: ")
+
+
+@register(
+    "gptvq",
+    GPTVQ,
+    needs=("hessian",),
+    summary="vector quantization (GPTVQ: d-dim codebooks per column group, GPTQ error feedback, least-squares table refinement)",
+)
+def gptvq(ctx: ModuleContext, cfg: GPTVQ) -> None:
+    hessian, _ = ctx.take("hessian")
+    res = vq_gptq(
+        ctx.weight,
+        hessian,
+        cfg.dim,
+        cfg.bits,
+        group_size=cfg.group_size,
+        row_scale=cfg.row_scale,
+        block_size=cfg.block_size,
+        damp=cfg.damp,
+        kmeans_iters=cfg.kmeans_iters,
+        refine_iters=cfg.refine_iters,
+        seed=cfg.seed,
+        name=ctx.name,
+    )
+    ctx.set_weight(res.weight)
+    rec = ctx.record
+    rec.form = "vq"
+    rec.payload = {"codes": res.codes, "table": res.table, **({"scale": res.scale} if res.scale is not None else {})}
+    rec.notes.update(dim=cfg.dim, bits=cfg.bits, group_size=cfg.group_size, row_scale=cfg.row_scale, layer_error=res.loss, damp=res.damp)

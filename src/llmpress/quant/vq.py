@@ -1,0 +1,330 @@
+"""Vector quantization with Hessian error feedback (GPTVQ, van Baalen et al., 2024): the maths
+of the ``gptvq`` method.
+
+A weight W [R, C] is cut into vectors of ``dim`` = d consecutive input columns of one row,
+v = W[o, j:j+d] (j a multiple of d). Every group of ``group_size`` input columns (all rows;
+None: the whole layer) has one float16 codebook of K = 2^(d b) entries of d values; each vector is stored as the
+(d b)-bit index of its codeword, i.e. b bits per weight, plus K d 16 bits per group for the
+table. With ``row_scale`` each row is first divided by its float16 RMS s_o (GPTVQ's
+normalization: rows of different scale share the tables), the codeword values multiplied back,
+q = s_o c (one float16 per row more).
+
+1. **Codebook initialization** (:func:`kmeans_vq`): k-means on the group's R g / d vectors
+   under the Hessian-diagonal-weighted distance sum_t H_{j+t,j+t} (v_t - c_t)^2 (the diagonal
+   term of the layer's output error, as SqueezeLLM weighs its scalar k-means); seeded random
+   start among the vectors, Lloyd's iterations (empty clusters re-seeded with the worst-served
+   vectors).
+2. **Assignment with error feedback** (:func:`vq_gptq`): GPTQ's column sweep
+   (:func:`llmpress.quant.sweep.column_sweep`) in the natural column order; at the first column
+   of each vector the d columns' current values (already updated by every earlier column) go
+   jointly to the codeword nearest under the distance of the error they add to the layer's
+   output,
+
+       dist(v, c) = (v - c) (U_SS^T U_SS)^-1 (v - c)^T = || (v - c) U_SS^-1 ||^2,
+
+   where H^-1 = U^T U (upper Cholesky factor of the damped inverse Hessian) and S the d
+   columns; the sweep then spreads the d errors one column at a time, which is the same as
+   the block update W_rest -= (W_S - Q_S) U_SS^-1 U_{S,rest}.
+3. **Codebook refinement** (``refine_iters``): with the codes fixed, the tables minimize the
+   exact layer error tr((W - Q(T)) H (W - Q(T))^T), a linear least-squares problem in the
+   entries T; a few conjugate-gradient steps from the k-means tables (each one GEMM with H)
+   only lower it. The tables are then rounded to float16 and Q re-read from them.
+
+:func:`vq_round` (each vector to its nearest codeword under the H-diagonal distance, the same
+tables) is the baseline the error feedback is measured against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+from .hessian import inverse_cholesky, prepare
+from .sweep import SweepBlock, column_sweep, solver_threads, validate_solver_fields
+
+DIMS = (2, 4, 8)
+MAX_BITS = 4  # bits per weight
+MAX_INDEX_BITS = 12  # at most 4096 codewords per table
+TABLE_BITS = 16  # float16 entries
+CHUNK = 1 << 22  # distance-matrix elements per slice
+KMEANS_BUDGET = 1 << 24  # k-means runs on at most max(KMEANS_BUDGET / k, 64 k) vectors (a seeded sample)
+KMEANS_SETTLED = 1e-3  # k-means stops once fewer than this share of the vectors change centroid
+
+
+@dataclass(kw_only=True)
+class VQResult:
+    weight: torch.Tensor  # [R, C] float32: the codewords (float16 values)
+    codes: torch.Tensor  # [R, C / d] int64: index of each vector's codeword in its group's table
+    table: torch.Tensor  # [G, K, d] float16
+    scale: torch.Tensor | None = None  # [R] float16: each row's codewords are scaled by it (``row_scale``)
+    loss: float | None = None  # the layer error tr((W - Q) H (W - Q)^T) after assignment (None: rounding)
+    damp: float | None = None
+
+
+def check_vq(dim, bits) -> int:
+    """K = 2^(dim * bits) codewords, or a UserError."""
+    if isinstance(dim, bool) or dim not in DIMS:
+        raise UserError(f"dim={dim!r}: vector quantization takes vectors of {', '.join(map(str, DIMS))} weights")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+        raise UserError(f"bits={bits!r}: vector quantization takes 1 to {MAX_BITS} bits per weight")
+    if dim * bits > MAX_INDEX_BITS:
+        raise UserError(f"dim={dim}, bits={bits}: 2^{dim * bits} codewords per table; at most 2^{MAX_INDEX_BITS} (use fewer bits or shorter vectors)")
+    return 1 << (dim * bits)
+
+
+def check_vq_shape(rows: int, cols: int, dim: int, bits: int, group_size, where: str = "") -> int:
+    """Groups per row, or a UserError (vector size not dividing the group, group not dividing
+    the row, fewer vectors in a group than codewords); ``group_size`` None: one table for the
+    whole layer."""
+    k = check_vq(dim, bits)
+    g = cols if group_size is None else group_size
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise UserError(f"{where}group_size={group_size!r}: expected a positive integer or null")
+    if g % dim:
+        raise UserError(f"{where}vector size {dim} does not divide the group of {g} columns")
+    if cols % g:
+        raise UserError(f"{where}group_size {g} does not divide the input dimension {cols}")
+    if rows * g // dim < k:
+        raise UserError(f"{where}{k} codewords for groups of {rows * g // dim} vectors: use fewer bits or a larger group")
+    return cols // g
+
+
+def vq_bits(rows: int, cols: int, dim: int, bits: int, groups: int, row_scale: bool = False) -> int:
+    """Bits of a VQ-compressed [rows, cols] weight: b bits per weight of codes, ``groups``
+    float16 tables of 2^(d b) codewords of d values, and a float16 scale per row (``row_scale``)."""
+    return rows * cols * bits + groups * (1 << (dim * bits)) * dim * TABLE_BITS + (rows * TABLE_BITS if row_scale else 0)
+
+
+def vq_lookup(table: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Tables [G, K, d] at codes [R, C / d] -> float32 [R, C] (vector v lies in columns
+    v d .. v d + d - 1 and uses table v d // (C / G)), times each row's ``scale`` [R] if given."""
+    G, K, d = table.shape
+    R, V = codes.shape
+    C = V * d
+    gidx = torch.arange(V, device=codes.device) * d // (C // G)
+    flat = table.float().reshape(G * K, d)
+    w = flat[(gidx * K).unsqueeze(0) + codes.long()].reshape(R, C)
+    return w if scale is None else w * scale.float().to(w.device).unsqueeze(1)
+
+
+def row_scales(W: torch.Tensor) -> torch.Tensor:
+    """float16 [R]: each row's root mean square (1 for an all-zero row)."""
+    s = W.float().pow(2).mean(1).sqrt().half()
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def _vectors(w: torch.Tensor, group_size: int, dim: int) -> torch.Tensor:
+    """[G, R * g / d, d]: the vectors of each group of ``group_size`` columns."""
+    R, C = w.shape
+    G = C // group_size
+    return w.reshape(R, G, group_size // dim, dim).permute(1, 0, 2, 3).reshape(G, -1, dim)
+
+
+def _distances(x: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """sum_t w_t (x_t - c_t)^2 up to a per-row constant: [N, K]."""
+    if w is None:
+        return (c * c).sum(1) - 2 * x @ c.t()
+    return w @ (c * c).t() - 2 * (w * x) @ c.t()
+
+
+def assign(x: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Index of the nearest row of ``c`` [K, d] for each row of ``x`` [N, d] under the
+    ``w``-weighted distance (w [N, d] or None: Euclidean); in slices of ``CHUNK`` elements."""
+    n = max(1, CHUNK // c.shape[0])
+    out = [_distances(x[i : i + n], c, None if w is None else w[i : i + n]).argmin(1) for i in range(0, x.shape[0], n)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+
+
+def kmeans_vq(
+    x: torch.Tensor, k: int, weights: torch.Tensor | None = None, *, iters: int = 25, seed: int = 0, budget: int | None = KMEANS_BUDGET
+) -> torch.Tensor:
+    """Weighted k-means of the vectors ``x`` [N, d] (``weights`` [N, d] >= 0 per coordinate):
+    centroids [k, d] float32. With more than n = max(``budget`` / k, 64 k) vectors, a seeded
+    sample of n stands in for them (each iteration then costs about ``budget`` distances; None:
+    all). Start: k distinct vectors drawn with a seeded generator;
+    each iteration assigns every vector to its nearest centroid and moves each centroid,
+    coordinate by coordinate, to the weighted mean of its vectors; an empty centroid takes the
+    vector served worst. It stops early once fewer than ``KMEANS_SETTLED`` of the vectors
+    change centroid in an iteration."""
+    x = x.float()
+    N, d = x.shape
+    if k > N:
+        raise UserError(f"{k} codewords for {N} vectors")
+    w = torch.ones_like(x) if weights is None else weights.float().clamp(min=0)
+    g = torch.Generator().manual_seed(seed)
+    n = N if budget is None else max(budget // k, 64 * k)
+    if N > n:
+        pick = torch.randperm(N, generator=g)[:n].to(x.device)
+        x, w, N = x[pick], w[pick], n
+    c = x[torch.randperm(N, generator=g)[:k].to(x.device)].clone()
+    prev = None
+    for _ in range(iters):
+        a = assign(x, c, w)
+        if prev is not None and int((a != prev).sum()) < KMEANS_SETTLED * N:
+            break
+        prev = a
+        num = torch.zeros(k, d, device=x.device).index_add_(0, a, w * x)
+        den = torch.zeros(k, d, device=x.device).index_add_(0, a, w)
+        new = torch.where(den > 0, num / den.clamp(min=1e-30), c)
+        empty = (torch.bincount(a, minlength=k) == 0).nonzero().squeeze(1)
+        if empty.numel():
+            err = (w * (x - c[a]).pow(2)).sum(1)
+            new[empty] = x[torch.topk(err, empty.numel()).indices]
+        if torch.equal(new, c):
+            break
+        c = new
+    return c
+
+
+def init_tables(W: torch.Tensor, weights: torch.Tensor, dim: int, bits: int, group_size: int, *, iters: int, seed: int) -> torch.Tensor:
+    """float16 tables [G, K, d]: k-means of each group's vectors of ``W`` [R, C], each weight
+    counted with ``weights`` [R, C] (H_jj, times s_o^2 for scaled rows)."""
+    k = 1 << (dim * bits)
+    xs, ws = _vectors(W, group_size, dim), _vectors(weights.float().to(W.device), group_size, dim)
+    return torch.stack([kmeans_vq(xs[i], k, ws[i], iters=iters, seed=seed + i) for i in range(xs.shape[0])]).half()
+
+
+def _codes_of(table: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, R: int, dim: int, group_size: int) -> torch.Tensor:
+    """Codes [R, C / d] of the grouped vectors ``x`` [G, R g / d, d]."""
+    G = table.shape[0]
+    codes = torch.stack([assign(x[i], table[i].float(), None if w is None else w[i]) for i in range(G)])
+    return codes.reshape(G, R, group_size // dim).permute(1, 0, 2).reshape(R, -1)
+
+
+def _normalized(W: torch.Tensor, hdiag: torch.Tensor, row_scale: bool):
+    """(rows scaled to unit RMS or as they are, the k-means weights H_jj s_o^2 [R, C], the scales or None)."""
+    R, C = W.shape
+    hd = hdiag.float().clamp(min=0).to(W.device).expand(R, C)
+    if not row_scale:
+        return W, hd, None
+    s = row_scales(W)
+    sf = s.float().unsqueeze(1)
+    return W / sf, hd * sf * sf, s
+
+
+def vq_round(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    dim: int,
+    bits: int,
+    *,
+    group_size: int | None,
+    row_scale: bool = False,
+    table: torch.Tensor | None = None,
+    kmeans_iters: int = 25,
+    seed: int = 0,
+) -> VQResult:
+    """Each vector to its nearest codeword under the H-diagonal-weighted distance (no error
+    feedback); ``table`` [G, K, d] given or fitted as in :func:`vq_gptq`."""
+    R, C = weight.shape
+    check_vq_shape(R, C, dim, bits, group_size)
+    group_size = C if group_size is None else group_size
+    Wn, wts, s = _normalized(weight.detach().float(), torch.diagonal(hessian), row_scale)
+    if table is None:
+        table = init_tables(Wn, wts, dim, bits, group_size, iters=kmeans_iters, seed=seed)
+    codes = _codes_of(table, _vectors(Wn, group_size, dim), _vectors(wts, group_size, dim), R, dim, group_size)
+    return VQResult(weight=vq_lookup(table, codes, s), codes=codes, table=table, scale=s)
+
+
+def refine_tables(
+    W: torch.Tensor, H: torch.Tensor, table: torch.Tensor, codes: torch.Tensor, iters: int, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Tables [G, K, d] (float64) lowering tr((W - Q(T)) H (W - Q(T))^T) with the codes (and
+    row scales) fixed: ``iters`` conjugate-gradient steps on the normal equations
+    P^T (P T H) = P^T (W H), where P T = Q reads each weight's codeword entry (times its row's
+    scale) and P^T adds a [R, C] matrix (times the row scales) onto the entries."""
+    G, K, d = table.shape
+    R, C = W.shape
+    gidx = torch.arange(C // d, device=codes.device) * d // (C // G)
+    idx = (((gidx * K).unsqueeze(0) + codes.long()) * d).unsqueeze(2) + torch.arange(d, device=codes.device)
+    idx = idx.reshape(-1)  # flat entry of each weight, [R * C]
+    sc = torch.ones(R, 1, dtype=torch.float64, device=W.device) if scale is None else scale.double().to(W.device).unsqueeze(1)
+    Hd = H.double()
+    P = lambda t: t[idx].reshape(R, C) * sc  # noqa: E731
+    Pt = lambda m: torch.zeros(G * K * d, dtype=torch.float64, device=W.device).index_add_(0, idx, (m * sc).reshape(-1))  # noqa: E731
+    x = table.double().reshape(-1).clone()
+    r = Pt((W.double() - P(x)) @ Hd)
+    p = r.clone()
+    rr = float(r @ r)
+    for _ in range(iters):
+        if rr <= 0:
+            break
+        Ap = Pt(P(p) @ Hd)
+        pap = float(p @ Ap)
+        if pap <= 0:
+            break
+        a = rr / pap
+        x += a * p
+        r -= a * Ap
+        rr_new = float(r @ r)
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return x.reshape(G, K, d)
+
+
+def _sweep(W: torch.Tensor, U: torch.Tensor, tabs: torch.Tensor, scale, dim: int, group_size: int, block_size: int) -> torch.Tensor:
+    """Codes [R, C / d] by the column sweep: at the first column of each vector, the d
+    columns' current values go to the codeword nearest under || (v - s c) U_SS^-1 ||^2."""
+    R, C = W.shape
+    codes = torch.empty(C // dim, R, dtype=torch.int64, device=W.device)
+    chosen = torch.empty(R, dim, device=W.device)
+    sf = None if scale is None else scale.float().to(W.device).unsqueeze(1)
+    eye = torch.eye(dim, device=W.device)
+
+    def target(blk: SweepBlock, i: int, w: torch.Tensor, q: torch.Tensor) -> None:
+        j = blk.i1 + i
+        t = j % dim
+        if t == 0:
+            A = torch.linalg.solve_triangular(blk.U1[i : i + dim, i : i + dim], eye, upper=True)
+            tab = tabs[j // group_size]
+            v = blk.W1[i : i + dim].t()
+            code = assign((v if sf is None else v / sf) @ A, tab @ A)  # s_o^2 scales a row's distances alike
+            codes[j // dim] = code
+            chosen.copy_(tab[code] if sf is None else tab[code] * sf)
+        q.copy_(chosen[:, t])
+
+    bs = max(dim, block_size // dim * dim)  # a vector never straddles two blocks
+    column_sweep(W.clone().t().contiguous(), U, bs, target)
+    return codes.t().contiguous()
+
+
+def vq_gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    dim: int,
+    bits: int,
+    *,
+    group_size: int | None,
+    row_scale: bool = False,
+    block_size: int = 128,
+    damp: float = 0.01,
+    kmeans_iters: int = 25,
+    refine_iters: int = 10,
+    seed: int = 0,
+    table: torch.Tensor | None = None,
+    name: str | None = None,
+) -> VQResult:
+    """GPTVQ: H-diagonal k-means tables (or ``table`` given), codes by the column sweep with
+    error feedback, then ``refine_iters`` least-squares steps on the tables. ``row_scale``:
+    each row is divided by its float16 RMS before the tables are fitted and multiplied back
+    after lookup (one more float16 per row)."""
+    validate_solver_fields(block_size, damp)
+    R, C = weight.shape
+    check_vq_shape(R, C, dim, bits, group_size, f"layer {name}: " if name else "")
+    group_size = C if group_size is None else group_size
+    with solver_threads(weight.device):
+        W, H, _ = prepare(weight, hessian, name)
+        Wn, wts, s = _normalized(W, torch.diagonal(H), row_scale)
+        if table is None:
+            table = init_tables(Wn, wts, dim, bits, group_size, iters=kmeans_iters, seed=seed)
+        del Wn, wts
+        fac = inverse_cholesky(H, damp, name)
+        codes = _sweep(W, fac.U, table.float(), s, dim, group_size, block_size)
+        if refine_iters > 0:
+            table = refine_tables(W, H, table, codes, refine_iters, s).half()
+        Q = vq_lookup(table, codes, s)
+        D = (W - Q).double()
+        loss = float(((D @ H.double()) * D).sum())
+    return VQResult(weight=Q, codes=codes, table=table, scale=s, loss=loss, damp=fac.damp)

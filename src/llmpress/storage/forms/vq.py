@@ -1,0 +1,111 @@
+"""Storage form ``vq``: vector quantization (GPTVQ). Each vector of d consecutive input columns
+of a row is stored as the (d b)-bit index of its codeword in the float16 table of its group of
+input columns.
+
+Tensors:
+
+- ``codes``: the indices [out, in / d], packed into int32 words with
+  :func:`llmpress.storage.grid.pack_unsigned` at d b bits each ([out, ceil(in / d / 32) * d b]);
+- ``table``: float16 [G, 2^(d b), d]; vector v (columns v d .. v d + d - 1) uses table
+  v d // (in / G);
+- ``scale``: float16 [out] (only with ``meta.row_scale``): row o's codewords are multiplied by it.
+
+``meta``: ``{"dim": d, "bits": b, "groups": G}`` (b: bits per weight), plus ``"row_scale": true``
+when rows are scaled.
+
+Size, counted the same by :meth:`VQForm.bits_per_weight` (the report) and by the bytes the
+checkpoint holds (when in / d is a multiple of 32): out * in * b + G * 2^(d b) * d * 16
+(+ out * 16 with row scales).
+
+The indices and tables come from the method (``record.payload``: ``codes`` [out, in / d],
+``table``, optional ``scale``); they are stored only while the model's weight is still exactly what they decode to
+(checked bit for bit; otherwise the writer stores the layer dense and says so). Runtime:
+:class:`llmpress.runtime.vq_linear.VQLinear` (table lookup, then one GEMM: exact).
+compressed-tensors and GGUF have no such form: exporting refuses, naming the layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...quant.vq import DIMS, MAX_BITS, MAX_INDEX_BITS, vq_bits, vq_lookup
+from ...runtime.act_quant import ActQuantLinear
+from ...runtime.vq_linear import VQLinear
+from ..form import StorageForm, register_form
+from ..grid import pack_unsigned, unpack_unsigned, words
+
+
+@register_form("vq")
+class VQForm(StorageForm):
+    def check_spec(self, spec) -> None:
+        d, b, g = (spec.meta.get(k) for k in ("dim", "bits", "groups"))
+        if d not in DIMS or spec.in_features % d:
+            raise ValueError(f"a vq layer needs meta.dim in {DIMS} dividing its {spec.in_features} input columns, found {d!r}")
+        if not isinstance(b, int) or not 1 <= b <= MAX_BITS or d * b > MAX_INDEX_BITS:
+            raise ValueError(f"a vq layer needs meta.bits in 1..{MAX_BITS} with dim * bits <= {MAX_INDEX_BITS}, found {b!r}")
+        if not isinstance(g, int) or g < 1 or spec.in_features % g or (spec.in_features // g) % d:
+            raise ValueError(f"a vq layer needs meta.groups dividing its {spec.in_features} input columns into whole vectors, found {g!r}")
+        if spec.meta.get("row_scale", False) not in (True, False):
+            raise ValueError(f"a vq layer's meta.row_scale is true or false, found {spec.meta['row_scale']!r}")
+
+    def encode(self, state):
+        p, w = state.payload, state.weight
+        codes, table = p.get("codes"), p.get("table")
+        if codes is None or table is None or w is None or table.dim() != 3:
+            return None
+        w = w.detach().cpu()
+        R, C = w.shape
+        G, K, d = table.shape
+        ib = K.bit_length() - 1
+        if d not in DIMS or K != 1 << ib or ib % d or tuple(codes.shape) != (R, C // d) or C % G or (C // G) % d:
+            return None
+        tensors = {"codes": pack_unsigned(codes.cpu().long(), ib), "table": table.cpu().half().contiguous()}
+        scale = p.get("scale")
+        if scale is not None:
+            if tuple(scale.shape) != (R,):
+                return None
+            tensors["scale"] = scale.cpu().half().contiguous()
+        meta = {"dim": d, "bits": ib // d, "groups": G, **({"row_scale": True} if scale is not None else {})}
+        spec = self.spec(state, meta=meta)
+        if not torch.equal(self.decode(spec, tensors, w.dtype), w):
+            return None
+        return spec, tensors
+
+    def _codes(self, spec, tensors):
+        d, b = spec.meta["dim"], spec.meta["bits"]
+        return unpack_unsigned(tensors["codes"], d * b, spec.in_features // d).to(torch.int32)
+
+    def decode(self, spec, tensors, dtype=torch.float32):
+        return vq_lookup(tensors["table"], self._codes(spec, tensors), tensors.get("scale")).to(dtype)
+
+    def expected_shapes(self, spec):
+        R, C = spec.out_features, spec.in_features
+        d, b, G = spec.meta["dim"], spec.meta["bits"], spec.meta["groups"]
+        shapes = {"codes": (R, words(C // d, d * b)), "table": (G, 1 << (d * b), d)}
+        return {**shapes, "scale": (R,)} if spec.meta.get("row_scale") else shapes
+
+    def bits_per_weight(self, state, dense_bits=16):
+        table = state.payload.get("table")
+        if table is None:  # no tables handed over: counted as the dense weight
+            return float(dense_bits) + state.extra_bits / state.n_params
+        G, K, d = table.shape
+        scaled = state.payload.get("scale") is not None
+        bits = vq_bits(state.out_features, state.in_features, d, (K.bit_length() - 1) // d, G, scaled)
+        return (bits + state.extra_bits) / state.n_params
+
+    def stored_bits(self, spec, nbytes, scale_bits):
+        return spec.out_features * spec.in_features * spec.meta["bits"] + 8 * (nbytes["table"] + nbytes.get("scale", 0))
+
+    def payload(self, spec, tensors):
+        if not tensors:
+            return {}
+        out = {"codes": self._codes(spec, tensors), "table": tensors["table"]}
+        return {**out, "scale": tensors["scale"]} if "scale" in tensors else out
+
+    def build(self, spec, tensors, *, bias=None, backend="auto", device="cpu", act_dtype=None):
+        if backend not in ("auto", "torch", "dequant"):
+            raise ValueError(f"backend {backend!r} unknown; expected auto, torch or dequant")
+        dev = torch.device(device)
+        scale = tensors.get("scale")
+        mod = VQLinear(self._codes(spec, tensors).to(dev), tensors["table"].to(dev), scale=None if scale is None else scale.to(dev), bias=bias)
+        return ActQuantLinear(mod, spec.act_args) if spec.act_args else mod

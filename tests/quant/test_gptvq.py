@@ -1,0 +1,179 @@
+"""Vector quantization (quant/vq.py, the gptvq method), its storage form ``vq`` and runtime
+module: error feedback against nearest-codeword assignment, table refinement, byte accounting,
+checkpoint round trip, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_windows, tiny_gemma3, tiny_llama, tiny_tokenizer
+from helpers import QUIET, logits
+
+from llmpress import api, compress, load_compressed, stage
+from llmpress.errors import RecipeError, UserError
+from llmpress.quant.gptvq import GPTVQ
+from llmpress.quant.hessian import layer_error
+from llmpress.quant.vq import assign, kmeans_vq, vq_bits, vq_gptq, vq_lookup, vq_round
+from llmpress.registry import ModuleRecord
+from llmpress.runtime.vq_linear import VQLinear
+from llmpress.storage.form import LinearSpec, encode_layer, get_form
+
+
+def _problem(R=32, C=128, tokens=1024, seed=0):
+    """A weight and the Hessian of correlated inputs with uneven channel scales."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(R, C, generator=g) * 0.05
+    mix = torch.randn(C, C, generator=g) * 0.3 + torch.eye(C)
+    X = torch.randn(tokens, C, generator=g) @ mix * (torch.rand(C, generator=g) * 2 + 0.1)
+    return W, 2 / tokens * X.t() @ X
+
+
+def test_lookup_reads_each_vector_from_its_group_table():
+    table = torch.arange(2 * 4 * 2, dtype=torch.float16).reshape(2, 4, 2)  # G=2 tables of 4 pairs
+    codes = torch.tensor([[0, 3, 1, 2], [2, 2, 0, 1]])  # 8 columns: vectors 0-1 in group 0, 2-3 in group 1
+    w = vq_lookup(table, codes)
+    assert w.tolist() == [[0, 1, 6, 7, 10, 11, 12, 13], [4, 5, 4, 5, 8, 9, 10, 11]]
+
+
+def test_weighted_kmeans_recovers_clusters_and_assigns_nearest():
+    g = torch.Generator().manual_seed(3)
+    centres = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [1.0, -1.0], [-1.0, -1.0]])
+    x = centres.repeat(50, 1) + 0.05 * torch.randn(200, 2, generator=g)
+    c = kmeans_vq(x, 4, torch.ones_like(x), iters=50, seed=1)
+    assert torch.allclose(c[assign(centres, c)], centres, atol=0.03)
+    # weighting one coordinate to zero: the nearest codeword ignores it
+    cb = torch.tensor([[0.0, 5.0], [1.0, -5.0]])
+    assert assign(torch.tensor([[0.9, 4.0]]), cb, torch.tensor([[1.0, 0.0]])).item() == 1
+    assert assign(torch.tensor([[0.9, 4.0]]), cb).item() == 0
+
+
+@pytest.mark.parametrize("dim,bits,row_scale", [(2, 2, False), (2, 3, False), (4, 2, False), (2, 2, True), (4, 2, True)])
+def test_error_feedback_beats_nearest_codeword_and_refinement_lowers_it(dim, bits, row_scale):
+    W, H = _problem(R=128, seed=dim + bits)
+    if row_scale:  # rows of uneven scale
+        W = W * torch.exp(torch.randn(128, 1, generator=torch.Generator().manual_seed(9)))
+    rnd = vq_round(W, H, dim, bits, group_size=64, row_scale=row_scale)
+    assert rnd.table.shape == (2, 2 ** (dim * bits), dim) and rnd.table.dtype == torch.float16
+    assert torch.equal(rnd.weight, vq_lookup(rnd.table, rnd.codes, rnd.scale)) and (rnd.scale is not None) == row_scale
+    fb = vq_gptq(W, H, dim, bits, group_size=64, table=rnd.table, refine_iters=0, row_scale=row_scale)
+    assert torch.equal(fb.table, rnd.table) and torch.equal(fb.weight, vq_lookup(fb.table, fb.codes, fb.scale))
+    e_rnd, e_fb = layer_error(W, rnd.weight, H), layer_error(W, fb.weight, H)
+    assert fb.loss == pytest.approx(e_fb, rel=1e-6)
+    assert e_fb < 0.9 * e_rnd
+    ref = vq_gptq(W, H, dim, bits, group_size=64, table=rnd.table, refine_iters=10, row_scale=row_scale)
+    assert torch.equal(ref.codes, fb.codes) and torch.equal(ref.weight, vq_lookup(ref.table, ref.codes, ref.scale))
+    assert layer_error(W, ref.weight, H) < e_fb
+
+
+def test_row_scales_let_rows_of_uneven_scale_share_a_table():
+    W, H = _problem(R=128, seed=4)
+    W = W * torch.exp(torch.randn(128, 1, generator=torch.Generator().manual_seed(9)))
+    plain = vq_gptq(W, H, 2, 2, group_size=64)
+    scaled = vq_gptq(W, H, 2, 2, group_size=64, row_scale=True)
+    assert torch.equal(scaled.scale, W.pow(2).mean(1).sqrt().half())
+    assert layer_error(W, scaled.weight, H) < 0.8 * layer_error(W, plain.weight, H)
+    whole = vq_gptq(W, H, 4, 2, group_size=None, row_scale=True, refine_iters=2)  # one table for the layer
+    assert whole.table.shape == (1, 256, 4) and torch.equal(whole.weight, vq_lookup(whole.table, whole.codes, whole.scale))
+
+
+def _record(res, R, C):
+    rec = ModuleRecord(name="l", out_features=R, in_features=C, form="vq")
+    rec.payload = {"codes": res.codes, "table": res.table, **({"scale": res.scale} if res.scale is not None else {})}
+    return rec
+
+
+@pytest.mark.parametrize("dim,bits,group_size,row_scale", [(2, 2, 64, False), (2, 3, 128, True), (4, 2, 128, False), (8, 1, 128, True)])
+def test_form_encodes_bit_for_bit_and_counts_every_byte(dim, bits, group_size, row_scale):
+    R, C = 24, 256
+    W, H = _problem(R=R, C=C)
+    res = vq_gptq(W, H, dim, bits, group_size=group_size, refine_iters=2, row_scale=row_scale)
+    rec = _record(res, R, C)
+    spec, tensors = encode_layer(res.weight, rec)
+    form = get_form("vq")
+    G = C // group_size
+    assert spec.kind == "vq" and spec.meta == {"dim": dim, "bits": bits, "groups": G, **({"row_scale": True} if row_scale else {})}
+    assert torch.equal(form.decode(spec, tensors), res.weight)
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == spec.expected_shapes()
+    total = vq_bits(R, C, dim, bits, G, row_scale)
+    assert total == R * C * bits + G * 2 ** (dim * bits) * dim * 16 + (R * 16 if row_scale else 0)
+    assert rec.bits_per_weight() == pytest.approx(total / (R * C))
+    nbytes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
+    if (C // dim) % 32 == 0:
+        assert 8 * sum(nbytes.values()) == total  # whole words: the checkpoint holds exactly what is counted
+    assert form.stored_bits(spec, nbytes, 16) == total
+    back = LinearSpec.from_dict(spec.to_dict(), "layers.l")
+    mod = form.build(back, tensors)
+    x = torch.randn(5, C)
+    assert isinstance(mod, VQLinear) and torch.equal(mod(x), torch.nn.functional.linear(x, res.weight))
+    assert torch.equal(form.payload(back, tensors)["codes"].long(), res.codes)
+    assert ("scale" in form.payload(back, tensors)) == row_scale
+
+
+def test_a_weight_changed_after_quantization_is_not_encoded():
+    W, H = _problem(R=8, C=64)
+    res = vq_round(W, H, 2, 2, group_size=64)
+    changed = res.weight.clone()
+    changed[0, 0] += 1e-3
+    assert encode_layer(changed, _record(res, 8, 64)) is None
+
+
+def test_bad_input_is_refused():
+    W, H = _problem(R=8, C=64)
+    with pytest.raises(UserError, match="vector size 4 does not divide the group of 30 columns"):
+        vq_gptq(W, H, 4, 2, group_size=30)
+    with pytest.raises(UserError, match="bits=5: vector quantization takes 1 to 4 bits per weight"):
+        vq_gptq(W, H, 2, 5, group_size=64)
+    with pytest.raises(UserError, match="dim=3"):
+        vq_round(W, H, 3, 2, group_size=63)
+    with pytest.raises(UserError, match="256 codewords for groups of 128 vectors"):
+        vq_gptq(W, H, 4, 2, group_size=64)
+    for kw, msg in [
+        ({"bits": 0}, "1 to 4 bits per weight"),
+        ({"bits": 2.5}, "1 to 4 bits per weight"),
+        ({"dim": 4, "bits": 4}, "2\\^16 codewords per table; at most 2\\^12"),
+        ({"dim": 4, "group_size": 66}, "vector size 4 does not divide the group"),
+        ({"refine_iters": -1}, "refine_iters=-1"),
+        ({"row_scale": 1}, "row_scale=1"),
+        ({"damp": -1.0}, "damp=-1.0"),
+    ]:
+        with pytest.raises(RecipeError, match=msg):
+            GPTVQ(**kw)
+    base = {"kind": "vq", "shape": [4, 32], "weights": None}
+    with pytest.raises(UserError, match="meta.dim in"):
+        LinearSpec.from_dict({**base, "meta": {"dim": 3, "bits": 2, "groups": 1}}, "layers.x")
+    with pytest.raises(UserError, match="meta.bits in 1..4"):
+        LinearSpec.from_dict({**base, "meta": {"dim": 2, "bits": 7, "groups": 1}}, "layers.x")
+
+
+def test_layer_refusal_changes_nothing():
+    model = tiny_llama()
+    before = model.model.layers[0].mlp.down_proj.weight.clone()
+    with pytest.raises(UserError, match=r"layer model\.layers\.0\.self_attn\.q_proj: group_size 48 does not divide the input dimension 64"):
+        compress(model, [stage("gptvq", targets=["Linear"], ignore=["lm_head"], group_size=48)], data=random_windows(4, 16), engine=QUIET)
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)
+
+
+@pytest.mark.parametrize("make,dim,bits,group_size", [(tiny_llama, 2, 2, 32), (tiny_llama, 2, 3, None), (tiny_gemma3, 4, 1, 32)])
+def test_compress_save_load_same_logits(tmp_path, make, dim, bits, group_size):
+    model = make()
+    ids = random_windows(8, 32)
+    st = stage("gptvq", targets=["Linear"], ignore=["lm_head"], dim=dim, bits=bits, group_size=group_size, refine_iters=3)
+    rep = compress(model, [st], data=ids, engine=QUIET)
+    name = "model.layers.0.mlp.down_proj"
+    rec = rep.result.records[name]
+    R, C = rec.out_features, rec.in_features
+    assert rec.form == "vq" and rec.notes["dim"] == dim
+    G = 1 if group_size is None else C // group_size
+    assert rec.bits_per_weight() == pytest.approx(vq_bits(R, C, dim, bits, G, True) / (R * C))
+    expected = logits(model, ids[:2])
+    api.save(model, tiny_tokenizer(), tmp_path / "c", report=rep)
+    back, _ = load_compressed(str(tmp_path / "c"))
+    mod = back.model.layers[0].mlp.down_proj
+    assert isinstance(mod, VQLinear) and mod.table.shape == (G, 2 ** (dim * bits), dim) and mod.scale.shape == (R,)
+    assert torch.equal(logits(back, ids[:2]), expected)
+    assert back.llmpress_records[name].bits_per_weight() == pytest.approx(rec.bits_per_weight())
+    from llmpress.export.compressed_tensors import export_compressed_tensors
+
+    with pytest.raises(UserError, match=r"layer model\.layers\.\d\.\S+: storage form 'vq'"):
+        export_compressed_tensors(tmp_path / "c", tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
