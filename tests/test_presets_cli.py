@@ -74,6 +74,8 @@ def weight_bits(preset: str) -> int | None:
     for st in load_recipe(preset).stages:
         for f in fields(st.config):
             v = getattr(st.config, f.name)
+            if f.name == "bits" and isinstance(v, int) and not isinstance(v, bool):  # codebook methods: 2^bits table entries
+                bits.append(v)
             if not f.name.endswith("weights"):
                 continue
             if isinstance(v, QuantArgs):
@@ -103,6 +105,10 @@ def check_report(rep: dict, preset: str) -> None:
         assert bpw < 16, bpw
     elif b is None:
         assert bpw == 16, bpw
+    elif cb := [(lay["bits"], lay["bits_per_weight"]) for lay in rep["layers"].values() if lay.get("weights") is None and "bits" in lay]:
+        # codebook layers: b-bit indices plus 2^b float16 entries per row (heavy on the tiny model's 64-wide rows) and kept weights
+        assert all(w < x <= 16 for w, x in cb), cb
+        assert b <= bpw <= 16, (b, bpw)
     else:  # each quantized linear within a bit of its width (scales, zero points, kept outliers); the whole
         # may sit higher: a rotation unties the head from the embedding and the float head counts as a linear
         layer_bits = [lay["bits_per_weight"] for lay in rep["layers"].values() if lay.get("weights")]

@@ -18,6 +18,7 @@ in a subprocess with the same environment.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -30,10 +31,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_model, shrink_env
+from conftest import SHRINK_WINDOWS, save_tiny_model, shrink_env
 
 from llmpress.cli import build_parser
 from llmpress.data import PACKAGED as DATA_PACKAGED
+from llmpress.eval.tasks import INSTALL_HINT as TASKS_HINT
+from llmpress.eval.tasks import parse_tasks
 from llmpress.models import PACKAGED
 from llmpress.recipe import presets
 
@@ -44,6 +47,7 @@ TIMEOUT_S = 600
 FENCE = re.compile(r"^\s*(```+|~~~+)\s*([\w+-]*)")
 REFUSAL = re.compile(r"^llmpress( \w+)?: error: \S")  # ours, or argparse's "llmpress compress: error: ..."
 EXIT_NOTE = re.compile(r"#\s*exit(?:s| code)?\s+(\d+)\b")
+HAVE_HARNESS = importlib.util.find_spec("lm_eval") is not None  # the optional `tasks` extra (`make install` installs it)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -94,8 +98,8 @@ def doc_commands() -> list[DocCommand]:
     return [c for p in DOCS for c in commands_in(p.read_text(), p.relative_to(ROOT).as_posix())]
 
 
-def readme_blocks(lang: str) -> list[str]:
-    return ["\n".join(body) + "\n" for b_lang, _, body in fenced_blocks((ROOT / "README.md").read_text()) if b_lang == lang]
+def readme_blocks(lang: str, doc: str = "README.md") -> list[str]:
+    return ["\n".join(body) + "\n" for b_lang, _, body in fenced_blocks((ROOT / doc).read_text()) if b_lang == lang]
 
 
 # --- files users bring, keyed exactly as the docs write them --------------------------------
@@ -116,7 +120,15 @@ def _jsonl(path: Path) -> None:
     path.write_text("".join(json.dumps({"text": TINY_TEXT[i:] + TINY_TEXT}) + "\n" for i in range(0, 400, 40)))
 
 
-PLACEHOLDERS = {"./my-hf-folder": _hf_folder, "my-recipe.yaml": _readme_recipe, "my.jsonl": _jsonl}
+def _task_file(path: Path) -> None:
+    """The task file and its documents as docs/tasks.md shows them (the data file is named in the YAML)."""
+    (yaml_block,) = readme_blocks("yaml", "docs/tasks.md")
+    (jsonl_block,) = readme_blocks("jsonl", "docs/tasks.md")
+    path.write_text(yaml_block)
+    (path.parent / "my-task.jsonl").write_text(jsonl_block)
+
+
+PLACEHOLDERS = {"./my-hf-folder": _hf_folder, "my-recipe.yaml": _readme_recipe, "my.jsonl": _jsonl, "my-task.yaml": _task_file}
 
 
 def _sources(value: str) -> list[tuple[str, str]]:
@@ -128,17 +140,26 @@ def _sources(value: str) -> list[tuple[str, str]]:
 def _inputs(args) -> list[tuple[str, str]]:
     """(kind, value) of every file or model a parsed command reads."""
     cmd = args.command
+    tasks = [("task", t) for t in parse_tasks(getattr(args, "tasks", None) or "") if t.endswith((".yaml", ".yml"))]  # task files
     if cmd == "compress":
-        return [("model", args.model), ("recipe", args.recipe), *_sources(args.calib_data or "wiki"), *_sources(args.eval_data)]
+        return [("model", args.model), ("recipe", args.recipe), *_sources(args.calib_data or "wiki"), *_sources(args.eval_data), *tasks]
     if cmd == "eval":
-        return [("model", args.model), *_sources(args.eval_data)]
+        return [("model", args.model), *_sources(args.eval_data), *tasks]
     if cmd == "export":
         return [("model", args.checkpoint)]
     if cmd == "bench":
         return [("model", m.rsplit("@", 1)[0]) for m in args.models] + ([("model", args.baseline)] if args.baseline else [])
     if cmd == "analyze":
         return [("model", args.model), ("data", args.data)]
+    if cmd == "plan-bits":
+        return [("model", args.model), ("recipe", args.base), *_sources(args.calib_data)]
     return []
+
+
+def _expected_exit(c: DocCommand, args) -> int:
+    """The documented exit code; where lm-evaluation-harness (the `tasks` extra) is not installed, a
+    command with --tasks must refuse (exit 2) naming the extra."""
+    return 2 if args is not None and getattr(args, "tasks", None) and not HAVE_HARNESS else c.exit_code
 
 
 def _builtin(kind: str, value: str) -> bool:
@@ -165,6 +186,21 @@ def _finite_ppl(v) -> bool:
     return isinstance(v, float) and math.isfinite(v) and v > 1
 
 
+def check_tasks(args, figures: list[dict], stdout: str) -> None:
+    """--tasks: every task scored in each of ``figures`` (baseline and compressed, or the one model), on
+    the documents the shrink allows, its accuracy and, where the task has one, perplexity in the table."""
+    if not args.tasks:
+        return
+    cap = SHRINK_WINDOWS  # doc_env's window cap, which caps the documents per task too
+    n_items = len(parse_tasks(args.tasks))
+    for fig in figures:
+        assert len(fig["tasks"]) == n_items, fig["tasks"]
+        for name, row in fig["tasks"].items():
+            assert 0 <= row["acc"] <= 1 and 1 <= row["samples"] <= min(cap, args.tasks_limit or cap), (name, row)
+            assert f"{name} acc ({row['samples']} docs)" in stdout, stdout
+            assert "perplexity" not in row or row["perplexity"] >= 1, (name, row)
+
+
 def check_recipes(args, res, cwd: Path) -> None:
     listed = {line.split()[0] for line in res.stdout.splitlines() if line.strip()}
     assert listed == set(presets()), sorted(listed ^ set(presets()))
@@ -188,7 +224,10 @@ def check_compress(args, res, cwd: Path) -> None:
                 assert fig["ppl"] == fig["ppl_by_source"][sources[0]]
             if len(sources) > 1:
                 assert all(f"perplexity ({s})" in res.stdout for s in sources), res.stdout
+            if args.kl_windows:  # KL divergence and top-1 agreement per source (llmpress/eval/kl.py)
+                assert list(rep["compressed"]["kl_by_source"]) == sources and "KL divergence" in res.stdout, res.stdout
         assert 0 < rep["bits_per_weight"] < 16 and rep["peak_rss_mb"] > 0 and rep["seconds"]["compress_total"] >= 0
+        check_tasks(args, [rep["baseline"], rep["compressed"]], res.stdout)
     if args.out:
         assert f"saved: {args.out}" in res.stdout
         if args.save_format == "packed":
@@ -212,10 +251,13 @@ def check_eval_kv(args, res, cwd: Path) -> None:
 def check_eval(args, res, cwd: Path) -> None:
     if args.kv:
         return check_eval_kv(args, res, cwd)
-    out = json.loads(res.stdout[res.stdout.index("{") :])
+    out = json.loads(res.stdout[res.stdout.index("{") :])  # after the task rows, with --tasks
     assert _finite_ppl(out["ppl"]) and 0 < out["bits_per_weight"] <= 32 and out["n_params"] > 0, out
+    check_tasks(args, [out], res.stdout)
     sources = [s for _, s in _sources(args.eval_data)]
     assert list(out["ppl_by_source"]) == sources and out["ppl"] == out["ppl_by_source"][sources[0]], out
+    if args.baseline and args.kl_windows:
+        assert list(out["kl_by_source"]) == sources and 0 <= out["top1"] <= 1, out
     if args.json_path:
         assert json.loads((cwd / args.json_path).read_text())["test_shrink"]
 
@@ -233,7 +275,16 @@ def check_export(args, res, cwd: Path) -> None:
         assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
 
 
-CHECKS = {"recipes": check_recipes, "compress": check_compress, "eval": check_eval, "export": check_export}
+def check_plan_bits(args, res, cwd: Path) -> None:
+    from llmpress.recipe import Recipe
+
+    recipe = Recipe.from_yaml((cwd / args.out).read_text())  # a recipe `compress --recipe` reads
+    assert recipe.name.endswith(f"-mixed{args.budget:g}") and f"recipe: {args.out}" in res.stdout, res.stdout
+    bpw = float(next(line.split()[1] for line in res.stdout.splitlines() if line.startswith("mixed ")))
+    assert bpw <= args.budget
+
+
+CHECKS = {"recipes": check_recipes, "compress": check_compress, "eval": check_eval, "export": check_export, "plan-bits": check_plan_bits}
 
 
 # --- the tests -------------------------------------------------------------------------------------
@@ -300,11 +351,14 @@ def run_documented(c: DocCommand, parser, cwd: Path, env: dict) -> str | None:
     missing = provide_inputs(args, cwd) if args is not None else []
     if missing and c.exit_code == 0:
         return f"{c.where}: `{c.text}` reads {', '.join(missing)}: add it to PLACEHOLDERS"
+    expected = _expected_exit(c, args)
     res = subprocess.run([str(LLMPRESS), *c.argv[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    if res.returncode != c.exit_code or "Traceback" in res.stderr:
-        return f"{c.where}: `{c.text}` exit {res.returncode}, documented {c.exit_code}:\n{res.stderr[-3000:]}"
-    if c.exit_code:  # a documented refusal: one line saying what is wrong
+    if res.returncode != expected or "Traceback" in res.stderr:
+        return f"{c.where}: `{c.text}` exit {res.returncode}, documented {expected}:\n{res.stderr[-3000:]}"
+    if expected:  # a documented refusal: one line saying what is wrong
         last = (res.stderr.strip().splitlines() or [""])[-1]
+        if expected != c.exit_code and not last.endswith(TASKS_HINT):
+            return f"{c.where}: `{c.text}` without lm-evaluation-harness must name {TASKS_HINT!r}; stderr ends {last!r}"
         return None if REFUSAL.match(last) else f"{c.where}: `{c.text}` exit {res.returncode}, but stderr ends {last!r}"
     try:
         CHECKS[args.command](args, res, cwd)

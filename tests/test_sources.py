@@ -114,7 +114,7 @@ def test_single_source_draws_the_same_windows_as_before(tok, texts, source, fami
     source = texts[1] if source == "file" else source
     model = (tiny_llama if family == "llama" else tiny_gemma3)(vocab=len(tok))
     bos = {"llama": None, "gemma3": tok.bos_token_id}[family]  # gemma3 windows start with BOS
-    assert api._bos(tok, model) == bos
+    assert api.bos_for(tok, model) == bos
     cfg = api.CalibConfig(source=source, n_samples=9, seqlen=32, seed=3)
     got = api.calibration_windows(tok, model, cfg)
     stream = data.token_stream(source, "calib", tok)
@@ -138,7 +138,7 @@ def test_mix_counts_proportions_order_and_determinism(tok, texts):
     digits, letters = texts
     cfg = api.CalibConfig(source=f"{digits}:0.75,{letters}:0.25", n_samples=12, seqlen=24, seed=5)
     w = api.calibration_windows(tok, model, cfg)
-    assert w.shape == (12, 24) and (w[:, 0] == tok.bos_token_id).all() and api._bos(tok, model) == tok.bos_token_id
+    assert w.shape == (12, 24) and (w[:, 0] == tok.bos_token_id).all() and api.bos_for(tok, model) == tok.bos_token_id
     origin = _from_digits(tok, w)
     assert origin.count(True) == 9 and origin.count(False) == 3
     assert origin != sorted(origin, reverse=True)  # shuffled, not 9 digit windows then 3 letter ones

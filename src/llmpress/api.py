@@ -6,18 +6,17 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from . import data as data_mod
-from . import io_safety, models, shrink
+from . import io_safety, models
 from .arch import get_arch
 from .calib import dist
 from .calib.engine import EngineOptions
@@ -25,6 +24,7 @@ from .calib.engine import run as run_engine
 from .calib.plan import CompressResult, Plan, build_plan
 from .checkpoint import META_FILE, SAVE_FORMATS, load_compressed, save, saved_records  # noqa: F401 (the public API's save/load)
 from .errors import UserError
+from .eval.kl import baseline_record, set_kl
 from .eval.memory import PhaseTracker, peak_gpu_mb, peak_rss_mb
 from .eval.perplexity import perplexity
 from .eval.reference import check_transfer, measure_reference
@@ -32,93 +32,18 @@ from .eval.reference import wanted as wanted_reference
 from .eval.size import model_size
 from .eval.sources import SourceWindows, evaluation_record, set_ppl
 from .eval.streamed import EvalStreams
+from .eval.tasks import TaskConfig, check_run, score_tasks
+from .eval.tasks import record as tasks_record
+from .evaluation import evaluate  # noqa: F401 (re-exported)
 from .progress import scope as progress_scope
 from .recipe import Recipe, Stage, load_recipe
 from .registry import METHODS, ModelStageOutput, ModuleRecord
 from .report import Report, checkpoint_bytes
-from .streamed import StreamedModel, StreamIO, check_streamable, streamed_perplexities
+from .settings import CalibConfig, EvalConfig, at_least, bos_for, calibration_counts, calibration_windows, environment, evaluation_windows  # noqa: F401 (re-exported)
+from .streamed import StreamedModel, StreamIO, check_streamable
 from .weights import check_finite
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(kw_only=True, frozen=True)
-class CalibConfig:
-    source: str = "wiki"  # "wiki", "news", "code", a text/JSONL file path, or a mix: "wiki,news", "wiki:0.75,news:0.25"
-    n_samples: int = 128
-    seqlen: int = 512
-    seed: int = 0
-    batch_size: int = 8
-
-    def __post_init__(self):
-        _at_least(self.n_samples, 1, "calibration samples (--calib-samples)")
-        _at_least(self.seqlen, 2, "calibration window length (--calib-seqlen)")
-        _at_least(self.batch_size, 1, "batch size (--batch-size)")
-        _ = self.mix  # a malformed source list fails here
-
-    @property
-    def mix(self) -> tuple[tuple[str, float], ...]:
-        """(source, share) of :attr:`source`, shares summing to 1 (see :func:`llmpress.data.parse_sources`)."""
-        return tuple(data_mod.parse_sources(self.source, shares=True, what="calibration data (--calib-data)"))
-
-
-@dataclass(kw_only=True, frozen=True)
-class EvalConfig:
-    source: str = "wiki"  # one source or several, comma-separated: "wiki,news,code,path/to/file.txt"
-    seqlen: int = 512
-    max_windows: int | None = 64
-    batch_size: int = 1  # windows per forward: larger is slightly faster on CPU and raises peak RSS
-
-    def __post_init__(self):
-        _at_least(self.seqlen, 2, "evaluation window length (--seqlen)")
-        if self.max_windows is not None:
-            _at_least(self.max_windows, 1, "evaluation windows (--eval-windows)")
-        _at_least(self.batch_size, 1, "evaluation batch size")
-        _ = self.sources  # a malformed source list fails here
-
-    @property
-    def sources(self) -> tuple[str, ...]:
-        """The evaluation sources of :attr:`source`, in the order given (the first one's figures are ``ppl``)."""
-        return tuple(s for s, _ in data_mod.parse_sources(self.source, shares=False, what="evaluation data (--eval-data)"))
-
-
-def _at_least(value, low: int, what: str) -> None:
-    """Settings that would fail deep inside a run (a division by zero, an empty tensor) fail here."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise UserError(f"{what} must be an integer of at least {low}, got {value!r}")
-
-
-def _bos(tokenizer, model) -> int | None:
-    try:
-        needs = get_arch(model).needs_bos
-    except UserError:
-        needs = False
-    return tokenizer.bos_token_id if needs else None
-
-
-def calibration_windows(tokenizer, model, cfg: CalibConfig = CalibConfig()) -> torch.Tensor:
-    """``cfg.n_samples`` windows of ``cfg.seqlen`` tokens (both capped by the test shrink, if set),
-    from one source or a mix (:func:`llmpress.data.mixed_calib_windows`)."""
-    n, seqlen = shrink.cap_windows(cfg.n_samples), shrink.cap_seqlen(cfg.seqlen)
-
-    def stream_of(source: str) -> torch.Tensor:
-        return data_mod.token_stream(source, "calib", tokenizer)
-
-    return data_mod.mixed_calib_windows(stream_of, list(cfg.mix), n, seqlen, cfg.seed, _bos(tokenizer, model))
-
-
-def calibration_counts(cfg: CalibConfig = CalibConfig()) -> dict[str, int]:
-    """{source: windows drawn from it} of :func:`calibration_windows` with ``cfg``."""
-    names, shares = zip(*cfg.mix)
-    return dict(zip(names, data_mod.mix_counts(list(shares), shrink.cap_windows(cfg.n_samples))))
-
-
-def evaluation_windows(tokenizer, model, cfg: EvalConfig = EvalConfig(), source: str | None = None) -> torch.Tensor:
-    """Test windows of ``source`` (default: the first of ``cfg.sources``); their number and
-    length capped by the test shrink, if set."""
-    stream = data_mod.token_stream(source or cfg.sources[0], "test", tokenizer)
-    n, seqlen = shrink.cap_windows(cfg.max_windows), shrink.cap_seqlen(cfg.seqlen)
-    return data_mod.eval_windows(stream, seqlen, n, _bos(tokenizer, model))
 
 
 def _as_recipe(recipe) -> Recipe:
@@ -174,6 +99,8 @@ def _compress(model, plan: Plan, data: torch.Tensor | None, *, tokenizer, calib:
     settings: dict[str, dict] = {}  # per linear, what model-scope stages left for the stages after them
     summaries: dict[str, dict] = {}
     for i, st in plan.model_stages:  # model-wide transforms first, in recipe order
+        if settings and getattr(st.config, "reshapes_model", False):  # they name linears by their block index
+            raise UserError(f"recipe stage {i} ({st.method}) removes structures after a stage that left per-layer settings: put it first")
         t = time.perf_counter()
         with progress_scope(engine.progress):  # model-scope methods' bars follow the engine's switch
             out = METHODS[st.method].apply(model, plan.spec, data, st)
@@ -183,6 +110,8 @@ def _compress(model, plan: Plan, data: torch.Tensor | None, *, tokenizer, calib:
                 settings.setdefault(name, {}).update(kv)
             if out.summary:
                 summaries[f"stage{i}:{st.method}"] = out.summary
+    if any(getattr(st.config, "reshapes_model", False) for _, st in plan.model_stages):
+        plan = build_plan(model, plan.recipe, reshaped=True)  # blocks, heads or channels removed: the later stages act on the smaller model
     result = run_engine(model, plan, data, engine, settings)
     seconds.update(result.seconds)
     seconds["compress_total"] = time.perf_counter() - t0
@@ -230,17 +159,6 @@ def _record_summary(r: ModuleRecord) -> dict:
     }
 
 
-def _environment(device) -> dict:
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "ranks": dist.current().world,  # data-parallel processes (--nproc / torchrun)
-        "cpu": platform.processor() or platform.machine(),
-    }
-
-
 def _prepare_out(out: str | None, overwrite: bool) -> Path | None:
     """The output folder, refused now if it could not be written at the end (see :mod:`llmpress.io_safety`)."""
     if out is None:
@@ -262,6 +180,7 @@ def run_pipeline(
     save_format: str = "packed",
     resume: bool = False,
     stream: bool = False,
+    tasks: TaskConfig | None = None,
 ) -> Report:
     """Load, evaluate the baseline, compress, evaluate again, save: what `llmpress compress` does.
 
@@ -273,6 +192,7 @@ def run_pipeline(
     saved) and ``resume`` continues a killed run after its last finished block
     (:mod:`llmpress.calib.resume`). ``stream``: the model is never whole in memory; its
     blocks are read, compressed and written one at a time (:mod:`llmpress.streamed`).
+    ``tasks``: downstream tasks scored before and after (:mod:`llmpress.eval.tasks`).
     """
     if save_format not in SAVE_FORMATS:
         raise UserError(f"save format {save_format!r} unknown; expected one of {', '.join(SAVE_FORMATS)}")
@@ -289,6 +209,7 @@ def run_pipeline(
     io_safety.check_work_folder(engine.offload_dir if engine else None)
     # a missing or empty text file fails now, even if unused
     data_mod.check_sources([s for s, _ in calib.mix] + list(evaluation.sources if evaluation is not None else ()))
+    check_run(tasks, stream=stream, ranks=dist.current().world)  # an unknown task or a bad task file fails now
     first = dist.current().rank == 0  # with several ranks (torchrun) only the first one writes
     with io_safety.OutputLock(out=out_path) if out_path is not None and first else contextlib.nullcontext():
         if stream:
@@ -296,7 +217,7 @@ def run_pipeline(
                                     device=device, overwrite=overwrite, engine=engine, save_format=save_format)  # fmt: skip
         return _pipeline(
             model_spec, recipe, out_path=out_path, json_path=json_path, calib=calib, evaluation=evaluation,
-            device=device, overwrite=overwrite, engine=engine, save_format=save_format,
+            device=device, overwrite=overwrite, engine=engine, save_format=save_format, tasks=tasks,
         )  # fmt: skip
 
 
@@ -320,7 +241,7 @@ def _with_checkpoints(engine: EngineOptions, recipe: Recipe, out_path: Path | No
 
 def _pipeline(
     model_spec: str, recipe: Recipe, *, out_path: Path | None, json_path: str | None, calib: CalibConfig,
-    evaluation: EvalConfig | None, device: str, overwrite: bool, engine: EngineOptions | None, save_format: str,
+    evaluation: EvalConfig | None, device: str, overwrite: bool, engine: EngineOptions | None, save_format: str, tasks: TaskConfig | None,
 ) -> Report:  # fmt: skip
     group = dist.current()  # data-parallel ranks (torchrun): windows shared out, only rank 0 writes
     measure = functools.partial(perplexity, group=group)
@@ -339,6 +260,7 @@ def _pipeline(
         seconds["calibration_data"] = time.perf_counter() - t
     baseline: dict = model_size(model)
     windows = reference = None
+    record = baseline_record(evaluation, engine.offload_dir if engine else None)  # None without evaluation or KL
     if evaluation is not None:
         phases.start("eval_data")
         t = time.perf_counter()
@@ -347,7 +269,8 @@ def _pipeline(
         seconds["eval_data"] = time.perf_counter() - t
         phases.start("baseline_eval")
         t = time.perf_counter()
-        set_ppl(baseline, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="baseline ppl", measure=measure))
+        set_ppl(baseline, windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="baseline ppl", measure=measure,
+                                               kl=record.recorder if record else None))  # fmt: skip
         seconds["baseline_eval"] = time.perf_counter() - t
         calib_sources = tuple(s for s, _ in calib.mix)
         if wanted_reference(recipe, windows.sources, calib_sources):  # the data-free counterpart, while the weights are the original ones
@@ -356,6 +279,7 @@ def _pipeline(
             reference = measure_reference(model, recipe, windows, calib_sources=calib_sources, batch_size=evaluation.batch_size,
                                           progress=progress, blocks=get_arch(model).blocks, measure=measure)  # fmt: skip
             seconds["reference_eval"] = time.perf_counter() - t
+    score_tasks(model, tok, tasks, phase="baseline_tasks", phases=phases, seconds=seconds, figures=baseline, show_progress=progress)
     phases.start("compress")
     report = _compress(model, plan, calib_data, tokenizer=tok, calib=calib, engine=engine)
     report.model = model_spec
@@ -364,13 +288,19 @@ def _pipeline(
     if windows is not None:
         phases.start("compressed_eval")
         t = time.perf_counter()
-        by_source = windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="compressed ppl", measure=measure)
+        by_source = windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="compressed ppl", measure=measure,
+                                         kl=record.comparer if record else None)  # fmt: skip
         set_ppl(report.compressed, by_source)
         report.seconds["compressed_eval"] = time.perf_counter() - t
         report.evaluation = evaluation_record(asdict(evaluation), shapes)
+        if record is not None:
+            set_kl(report, record.stats)
+            record.close()
         report.reference = reference
         check_transfer(report, tuple(src for src, _ in calib.mix))
-    report.environment = _environment(device)
+    score_tasks(model, tok, tasks, phase="compressed_tasks", phases=phases, seconds=report.seconds, figures=report.compressed, show_progress=progress)
+    report.evaluation.update(tasks_record(tasks))
+    report.environment = environment(device)
     if out_path is not None and group.rank == 0:
         phases.start("save")
         t = time.perf_counter()
@@ -413,7 +343,8 @@ def _stream_pipeline(
         phases.start("eval_data")
         by_source = {s: evaluation_windows(tok, model, evaluation, s) for s in evaluation.sources}
         shapes = {s: tuple(int(d) for d in w.shape) for s, w in by_source.items()}
-        evals = EvalStreams(model, sm.spec, by_source, batch_size=evaluation.batch_size, folder=Path(work.name))
+        evals = EvalStreams(model, sm.spec, by_source, batch_size=evaluation.batch_size, folder=Path(work.name),
+                            kl=baseline_record(evaluation, work.name))  # fmt: skip
     phases.start("compress")
     with work, io_safety.atomic_folder(out_path, overwrite=overwrite) if out_path else contextlib.nullcontext() as tmp:
         writer = ShardedWriter(tmp, save_format, len(sm.layers) + 1) if tmp is not None else None
@@ -425,8 +356,10 @@ def _stream_pipeline(
             set_ppl(report.baseline, evals.baseline)
             set_ppl(report.compressed, evals.compressed())
             report.evaluation = evaluation_record(asdict(evaluation), shapes)
+            if evals.kl is not None:
+                set_kl(report, evals.kl.stats)
             check_transfer(report, tuple(src for src, _ in calib.mix))
-        report.environment = {**_environment(device), "streamed": True, "max_blocks_in_memory": sm.max_loaded,
+        report.environment = {**environment(device), "streamed": True, "max_blocks_in_memory": sm.max_loaded,
                               "block_seconds": [round(x, 3) for x in io.block_seconds]}  # fmt: skip
         if writer is not None:
             phases.start("save")
@@ -440,52 +373,3 @@ def _stream_pipeline(
     if json_path:
         report.write_json(json_path)
     return report
-
-
-def evaluate(model_spec: str, evaluation: EvalConfig = EvalConfig(), *, device: str = "cpu", progress: bool = True, stream: bool = False) -> Report:
-    """Perplexity, size and bits of a model or a folder saved by llmpress. ``stream``: a model
-    folder (not a compressed checkpoint) evaluated one block in memory at a time."""
-    data_mod.check_sources(evaluation.sources)  # a missing or empty text file fails before the model loads
-    phases = PhaseTracker()
-    phases.start("load")
-    t = time.perf_counter()
-    if stream:
-        sm = _streamed_for_eval(model_spec, device)
-        model, tok = sm.model, models.load_tokenizer(sm.folder)
-    else:
-        with progress_scope(progress):  # building the CPU kernels (first use) says so, unless silenced
-            model, tok = load_compressed(model_spec, device)
-    seconds = {"load": time.perf_counter() - t}
-    phases.start("eval_data")
-    windows = SourceWindows(lambda s: evaluation_windows(tok, model, evaluation, s), evaluation.sources)
-    shapes = windows.shapes()
-    phases.start("eval")
-    t = time.perf_counter()
-    from .export.packed import packed_model_size
-
-    if stream:
-        size = model_size(model)
-        by_source = streamed_perplexities(sm, {s: windows(s) for s in evaluation.sources}, batch_size=evaluation.batch_size, bars=progress)
-    else:
-        size = packed_model_size(model) or model_size(model, saved_records(model_spec))
-        by_source = windows.perplexities(model, batch_size=evaluation.batch_size, progress=progress, desc="ppl", measure=perplexity)
-    set_ppl(size, by_source)
-    seconds["eval"] = time.perf_counter() - t
-    rep = Report(model=model_spec, recipe={}, compressed=size, seconds=seconds)
-    rep.evaluation = evaluation_record(asdict(evaluation), shapes)
-    rep.environment = {**_environment(device), **({"streamed": True, "max_blocks_in_memory": sm.max_loaded} if stream else {})}
-    phases.stop()
-    rep.set_memory(phases)
-    return rep
-
-
-def _streamed_for_eval(model_spec: str, device: str) -> StreamedModel:
-    where, local = models.resolve(model_spec)
-    if not local:
-        raise UserError(f"--stream reads the safetensors files of a local folder; {model_spec!r} is not one (download it first)")
-    if (Path(where) / META_FILE).exists():
-        raise UserError(
-            f"--stream evaluates a model's own safetensors folder; {model_spec!r} was written by llmpress and is loaded whole "
-            "(a compressed checkpoint is a fraction of the float32 model): evaluate it without --stream"
-        )
-    return StreamedModel(where, device=device)

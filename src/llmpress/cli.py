@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import progress
+from . import bitplan, progress
 from .analysis import cli as analysis_cli
 from .errors import UserError
 
@@ -22,6 +22,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--eval-data",
         default="wiki",
         help="perplexity text: wiki, news, code (packaged) or a .txt/.jsonl path; several comma-separated (wiki,news,code): one perplexity each (default: wiki)",
+    )
+    p.add_argument(
+        "--tasks",
+        help="downstream tasks through lm-evaluation-harness (pip install 'llmpress[tasks]'), comma-separated: "
+        "llmpress_wiki_lastword, llmpress_news_lastword (shipped, offline), task YAML files, or lm-eval task names",
+    )
+    p.add_argument("--tasks-limit", type=_at_least(1), help="with --tasks: at most this many documents per task (default: all)")
+    p.add_argument(
+        "--kl-windows",
+        type=_at_least(0),
+        default=8,
+        help="of each source's test windows, the first N also scored for KL divergence and top-1 agreement with the baseline "
+        "(its log-probabilities wait on disk: N x seqlen x vocab x 2 bytes; 0: off; default 8)",
     )
     p.add_argument("--json", dest="json_path", help="write the report as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines (errors and warnings still print)")
@@ -164,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="long-text evaluation with a KV-cache policy, token by token (repeatable): full, kivi:2, kivi:4, sinks:4,1020, "
         "window:1024, h2o:256,256, sinks:4,1020+kivi:4 (docs/kvcache.md)",
     )
+    e.add_argument(
+        "--baseline",
+        metavar="MODEL",
+        help="also evaluate this reference model (the full-precision one) first, on the same windows: its perplexity, and KL "
+        "divergence and top-1 agreement against it",
+    )
     e.add_argument("--tokens", type=_at_least(2), default=4096, help="with --kv: tokens in the evaluated stream (default 4096)")
     e.add_argument("--kv-chunk", type=_at_least(1), default=1, help="with --kv: tokens fed per step (default 1: token by token)")
     e.add_argument("--passkey", action="store_true", help="with --kv: also a key planted early in the text, asked for at the end")
@@ -204,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("recipes", help="list the preset recipes")
     analysis_cli.add_parser(sub)
+    bitplan.add_parser(sub)
     return ap
 
 
@@ -243,7 +263,18 @@ def eval_config(args):
     """The evaluation settings of a parsed `compress` / `eval` command line."""
     from . import api
 
-    return api.EvalConfig(source=args.eval_data, seqlen=args.seqlen, max_windows=args.eval_windows)
+    return api.EvalConfig(source=args.eval_data, seqlen=args.seqlen, max_windows=args.eval_windows, kl_windows=args.kl_windows)
+
+
+def task_config(args):
+    """The downstream tasks of a parsed `compress` / `eval` command line (None without --tasks)."""
+    if args.tasks is None:
+        if args.tasks_limit is not None:
+            raise UserError("--tasks-limit applies to --tasks; no tasks were given")
+        return None
+    from .eval.tasks import TaskConfig, parse_tasks
+
+    return TaskConfig(names=parse_tasks(args.tasks), limit=args.tasks_limit)
 
 
 def compress_options(args) -> dict:
@@ -274,6 +305,7 @@ def compress_options(args) -> dict:
         save_format=args.save_format,
         resume=args.resume,
         stream=args.stream,
+        tasks=task_config(args),
     )
 
 
@@ -296,6 +328,8 @@ def _dispatch(args) -> int:
 
     if args.command == "analyze":
         return analysis_cli.run(args)
+    if args.command == "plan-bits":
+        return bitplan.run(args)
     if args.command == "recipes":
         from .recipe import load_recipe, presets
 
@@ -350,8 +384,10 @@ def _cmd_eval(args) -> int:
     if args.kv:
         from .eval.kvstream import evaluate_kv
 
-        if args.stream:
-            raise UserError("--kv evaluates a model in memory; not with --stream")
+        if args.stream or args.baseline:
+            raise UserError(f"--kv evaluates a model in memory on its own; not with {'--stream' if args.stream else '--baseline'}")
+        if args.tasks:
+            raise UserError("--tasks is not evaluated with --kv; run them in separate commands")
         out = evaluate_kv(args.model, args.kv, tokens=args.tokens, source=args.eval_data.split(",")[0], chunk=args.kv_chunk,
                           passkey_check=args.passkey, device=args.device, progress=not args.no_progress)  # fmt: skip
         if args.json_path:
@@ -360,10 +396,19 @@ def _cmd_eval(args) -> int:
             write_atomic(Path(args.json_path), json.dumps(out, indent=2))
         print(json.dumps(out["policies"], indent=2))
         return 0
-    report = api.evaluate(args.model, evaluation=eval_config(args), device=args.device, progress=not args.no_progress, stream=args.stream)
+    tasks = task_config(args)
+    report = api.evaluate(args.model, evaluation=eval_config(args), device=args.device, progress=not args.no_progress, stream=args.stream,
+                          baseline=args.baseline, tasks=tasks)  # fmt: skip
     if args.json_path:
         report.write_json(args.json_path)
-    print(json.dumps({k: report.compressed[k] for k in ("ppl", "ppl_by_source", "bits_per_weight", "size_mb", "n_params")}, indent=2))
+    if tasks:  # the table first: what follows it is one JSON object
+        print(report.task_table())
+    keys = ("ppl", "ppl_by_source", "bits_per_weight", "size_mb", "n_params", *(k + s for k in ("kl", "kl_p99", "top1") for s in ("", "_by_source")))
+    keys += ("tasks",) if tasks else ()
+    shown = {k: report.compressed[k] for k in keys if k in report.compressed}
+    if report.baseline:
+        shown["baseline_ppl_by_source"] = report.baseline["ppl_by_source"]
+    print(json.dumps(shown, indent=2))
     return 0
 
 

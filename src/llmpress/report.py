@@ -71,6 +71,37 @@ class Report:
                 rows.append((f"{self.reference['recipe']} ({s})", "", f"{ref[s]:.3f} ({ref[s] / base[s]:.3f}x)"))
         return rows
 
+    def task_rows(self) -> list[tuple[str, str, str]]:
+        """The table's downstream-task rows (:mod:`llmpress.eval.tasks`): one per task and
+        metric, ``value ± standard error``, baseline and compressed."""
+        base, comp = self.baseline.get("tasks") or {}, self.compressed.get("tasks") or {}
+        rows = []
+        for task in dict.fromkeys([*base, *comp]):
+            b, c = base.get(task) or {}, comp.get(task) or {}
+            n = c.get("samples", b.get("samples"))
+            for m in dict.fromkeys([*b, *c]):
+                if m != "samples" and not m.partition(",")[0].endswith("_stderr"):
+                    rows.append((f"{task} {m}" + (f" ({n} docs)" if n is not None else ""), _task_cell(b, m), _task_cell(c, m)))
+        return rows
+
+    def task_table(self) -> str:
+        """The task rows of a single model (``llmpress eval --tasks``): task, metric, value."""
+        rows = [(label, c) for label, _, c in self.task_rows()]
+        w = max((len(r[0]) for r in rows), default=0)
+        return "\n".join(f"{label:<{w}}  {value}" for label, value in rows)
+
+    def kl_rows(self) -> list[tuple[str, str, str]]:
+        """The table's rows of agreement with the baseline (:mod:`llmpress.eval.kl`): KL divergence
+        (mean and 99th percentile, nats per token) and top-1 agreement, per source when several."""
+        kl, p99, top1 = (self.compressed.get(k) or {} for k in ("kl_by_source", "kl_p99_by_source", "top1_by_source"))
+        rows = []
+        for s in kl:
+            where = f" ({s})" if len(kl) > 1 else ""
+            if kl[s] is not None:
+                rows.append((f"KL divergence, mean / p99{where}", "", f"{kl[s]:.4g} / {p99[s]:.4g}"))
+                rows.append((f"top-1 agreement{where}", "", f"{100 * top1[s]:.2f}%"))
+        return rows
+
     def set_memory(self, tracker) -> None:
         """Peak RSS, the phase that set it and the per-phase table of a
         :class:`llmpress.eval.memory.PhaseTracker`."""
@@ -83,7 +114,7 @@ class Report:
 
     def table(self) -> str:
         ppl_rows = self.ppl_rows()
-        rows = [("", "baseline", "compressed"), *ppl_rows]
+        rows = [("", "baseline", "compressed"), *ppl_rows, *self.kl_rows(), *self.task_rows()]
         f = _fmt
         for key, label, fmt in (
             ("bits_per_weight", "bits per weight (linears)", ".3f"),
@@ -115,6 +146,16 @@ class Report:
 
 def _fmt(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
+
+
+def _task_cell(figures: dict, metric: str) -> str:
+    """``value ± stderr`` of one task metric (``-`` when absent)."""
+    v = figures.get(metric)
+    if v is None:
+        return "-"
+    name, sep, filt = metric.partition(",")
+    err = figures.get(f"{name}_stderr{sep}{filt}")
+    return f"{v:.4g}" + (f" ± {err:.2g}" if err is not None else "")
 
 
 def _jsonable(o):

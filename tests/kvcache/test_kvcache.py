@@ -126,6 +126,22 @@ def test_streaming_perplexity_is_the_ordinary_one_when_the_cache_covers():
     assert small["cache_bytes_peak"] < stream_perplexity(m, ids, "full")["cache_bytes_peak"] / 3
 
 
+def test_streaming_perplexity_takes_a_ready_cache_and_its_byte_counter():
+    from transformers import DynamicCache
+
+    torch.manual_seed(1)
+    m = tiny_llama()
+    ids = torch.randint(0, m.config.vocab_size, (40,))
+    ref = stream_perplexity(m, ids, "full", chunk=8)
+    calls = []
+    got = stream_perplexity(m, ids, "full", chunk=8, cache=DynamicCache(config=m.config), nbytes=lambda c: calls.append(1) or 7)
+    assert got["ppl"] == pytest.approx(ref["ppl"], rel=1e-5)
+    assert got["cache_bytes"] == 7 and len(calls) == 6  # once per chunk (5) and at the end
+    evicting = stream_perplexity(m, ids, "full", chunk=8, cache=build_cache(m, "window:8"))
+    assert evicting["ppl"] == pytest.approx(stream_perplexity(m, ids, "window:8", chunk=8)["ppl"], rel=1e-6)
+    assert evicting["ppl"] != pytest.approx(ref["ppl"], rel=1e-4)
+
+
 def test_eviction_keeps_the_cache_flat():
     m = tiny_llama()
     ids = torch.randint(0, m.config.vocab_size, (1, 60))

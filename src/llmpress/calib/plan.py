@@ -80,10 +80,12 @@ def _check_layer_stages(
             )
 
 
-def build_plan(model: nn.Module, recipe: Recipe) -> Plan:
+def build_plan(model: nn.Module, recipe: Recipe, *, reshaped: bool = False) -> Plan:
     """Match ``recipe`` against ``model`` and check it; raises :class:`UserError` naming the
     first problem. Model-scope stages (rotations, OWL) keep every linear's name and shape,
-    so the plan made before they run holds after them."""
+    so the plan made before they run holds after them; one whose config says
+    ``reshapes_model`` (structured pruning) is followed by a new plan of the smaller model
+    (``reshaped``: the model-scope stages already ran, their own checks are not repeated)."""
     spec = get_arch(model)
     prefix = spec.blocks + "."
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -94,6 +96,9 @@ def build_plan(model: nn.Module, recipe: Recipe) -> Plan:
         if sts:
             targets[name] = sts
     for i, st in stages:
+        check_model = getattr(st.config, "check_model", None)  # a model-scope stage's own checks against the model (structured pruning)
+        if check_model is not None and not reshaped and not any(getattr(s.config, "reshapes_model", False) for _, s in stages[:i]):
+            check_model(model, spec)
         if METHODS[st.method].scope != "model" and not any(st.matches(n, n.startswith(prefix)) for n, _ in linears):
             raise UserError(f"recipe stage {i} ({st.method}) matches no linear layer: targets {list(st.targets)}, ignore {list(st.ignore)}")
     shapes = dict(linears)

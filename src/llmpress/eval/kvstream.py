@@ -28,13 +28,16 @@ from ..kvcache.build import KVPolicy, build_cache, cache_bytes, parse_policy, un
 
 
 @torch.no_grad()
-def stream_perplexity(model: nn.Module, ids: torch.Tensor, policy: KVPolicy | str, *, chunk: int = 1, progress=None) -> dict:
+def stream_perplexity(model: nn.Module, ids: torch.Tensor, policy: KVPolicy | str, *, chunk: int = 1, progress=None, cache=None,
+                      nbytes=cache_bytes) -> dict:  # fmt: skip
     """Perplexity of the stream ``ids`` [N] predicted token by token (``chunk`` at a time)
-    through a cache with ``policy``; with the cache's bytes at the end and at their peak."""
+    through a cache with ``policy``; with the cache's bytes at the end and at their peak.
+    ``cache``: a ready transformers cache instead of the policy's (a benchmark's peer cache,
+    ``policy`` then only names it), with ``nbytes`` counting its bytes."""
     policy = parse_policy(policy) if isinstance(policy, str) else policy
     ids = ids.reshape(-1)
     dev = next(model.parameters()).device
-    cache = build_cache(model, policy)
+    cache = build_cache(model, policy) if cache is None else cache
     nll, n, peak = 0.0, 0, 0
     t0 = time.perf_counter()
     try:
@@ -44,14 +47,14 @@ def stream_perplexity(model: nn.Module, ids: torch.Tensor, policy: KVPolicy | st
             target = ids[start + 1 : start + 1 + x.numel()].to(dev)
             nll += float(F.cross_entropy(logits, target, reduction="sum"))
             n += target.numel()
-            peak = max(peak, cache_bytes(cache))
+            peak = max(peak, nbytes(cache))
             if progress is not None:
                 progress(n)
     finally:
         unobserve_attention(model)
     secs = time.perf_counter() - t0
     return {"policy": policy.describe(), "tokens": int(ids.numel()), "ppl": float(torch.exp(torch.tensor(nll / n))), "nll": nll,
-            "seconds": round(secs, 3), "tok_per_s": round(n / secs, 2), "cache_bytes": cache_bytes(cache), "cache_bytes_peak": peak}  # fmt: skip
+            "seconds": round(secs, 3), "tok_per_s": round(n / secs, 2), "cache_bytes": nbytes(cache), "cache_bytes_peak": peak}  # fmt: skip
 
 
 @torch.no_grad()

@@ -31,7 +31,14 @@ _TOKENWISE_MODULES = ("llmpress.runtime.qlinear", "llmpress.runtime.int8")
 
 @torch.no_grad()
 def perplexity(
-    model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False, desc: str = "ppl", chunked: bool = True, group: Group | None = None
+    model,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    progress: bool = False,
+    desc: str = "ppl",
+    chunked: bool = True,
+    group: Group | None = None,
+    kl=None,
 ) -> float:
     """Perplexity of ``model`` on ``windows`` [n, L]; each window predicts its tokens 2..L.
 
@@ -39,14 +46,19 @@ def perplexity(
     ``group`` (data-parallel ranks, :mod:`llmpress.calib.dist`): each rank scores its
     contiguous share of the windows and the log-likelihood sums are added over the ranks
     (the same perplexity up to float summation order and batch composition).
+    ``kl``: a recorder or comparer of :class:`llmpress.eval.kl.BaselineLogprobs` that sees the
+    logits of every scored token, in order, a chunk at a time.
     """
     device = next(model.parameters()).device
     parts = split_head(model) if chunked else None
     if parts is not None and not _agrees(model, parts, windows[:1, :8].to(device)):
         parts = None  # the model's logits are not head(decoder(x)) after all: the plain way
+    first = 0
     if group is not None and group.active:
         mine = group.share(windows.shape[0])
-        windows = windows[mine.start : mine.stop]
+        windows, first = windows[mine.start : mine.stop], mine.start
+    if kl is not None:
+        kl.start(windows, first)
     nll = 0.0
     count = 0
     trim_malloc()  # what earlier steps freed but malloc kept would sit under every batch
@@ -54,20 +66,25 @@ def perplexity(
         batch = batch.to(device)
         target = batch[:, 1:]
         if parts is None:
-            nll += _plain_nll(model, batch)
+            nll += _plain_nll(model, batch, kl)
         else:
-            nll += _chunked_nll(*parts, batch)
+            nll += _chunked_nll(*parts, batch, kl)
         count += target.numel()
         trim_malloc()  # the batch's freed activations go back to the system, not into the next batch's peak
     if group is not None and group.active:
         total = group.sum_(torch.tensor([nll, float(count)], dtype=torch.float64))
         nll, count = float(total[0]), int(total[1])
+    if kl is not None:
+        kl.finish(group)
     return math.exp(nll / count)
 
 
-def _plain_nll(model, batch: torch.Tensor) -> float:
+def _plain_nll(model, batch: torch.Tensor, kl=None) -> float:
     logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
     target = batch[:, 1:]
+    if kl is not None:
+        for row in logits:  # a window at a time: a view, where the whole batch's rows would be a copy
+            kl.add(row)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
 
 
@@ -89,13 +106,14 @@ def _agrees(model, parts: tuple, probe: torch.Tensor) -> bool:
     return torch.allclose(mine, full, rtol=1e-4, atol=1e-4 * scale, equal_nan=True)
 
 
-def _chunked_nll(body: nn.Module, head: nn.Module, softcap: float | None, batch: torch.Tensor) -> float:
-    return hidden_nll(head, softcap, body(input_ids=batch, use_cache=False).last_hidden_state, batch)
+def _chunked_nll(body: nn.Module, head: nn.Module, softcap: float | None, batch: torch.Tensor, kl=None) -> float:
+    return hidden_nll(head, softcap, body(input_ids=batch, use_cache=False).last_hidden_state, batch, kl)
 
 
-def hidden_nll(head: nn.Module, softcap: float | None, hidden: torch.Tensor, batch: torch.Tensor) -> float:
+def hidden_nll(head: nn.Module, softcap: float | None, hidden: torch.Tensor, batch: torch.Tensor, kl=None) -> float:
     """Summed negative log-likelihood of ``batch``'s tokens 2..L from the decoder's final
-    hidden states (after the final norm), the head applied a chunk of tokens at a time."""
+    hidden states (after the final norm), the head applied a chunk of tokens at a time
+    (each chunk's logits shown to ``kl`` first, when given: see :func:`perplexity`)."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     del hidden
     target = batch[:, 1:].reshape(-1)
@@ -103,7 +121,10 @@ def hidden_nll(head: nn.Module, softcap: float | None, hidden: torch.Tensor, bat
     step = max(1, LOGITS_BUDGET // vocab)
     total = 0.0
     for s in range(0, h.shape[0], step):
-        total += _nll_sum(_head_logits(head, softcap, h[s : s + step]), target[s : s + step])
+        logits = _head_logits(head, softcap, h[s : s + step])
+        if kl is not None:
+            kl.add(logits)
+        total += _nll_sum(logits, target[s : s + step])
     return total
 
 

@@ -33,11 +33,13 @@ class SourceWindows:
         """(windows, tokens per window) of every source; too little text in any source fails here."""
         return {s: tuple(int(d) for d in self(s).shape) for s in self.sources}
 
-    def perplexities(self, model, *, batch_size: int, progress: bool, desc: str, measure=perplexity) -> dict[str, float]:
+    def perplexities(self, model, *, batch_size: int, progress: bool, desc: str, measure=perplexity, kl=None) -> dict[str, float]:
         """{source: ``measure`` (:func:`llmpress.eval.perplexity.perplexity`) of ``model`` on its windows},
-        in the order of the sources."""
+        in the order of the sources. ``kl(source)``: the recorder or comparer of baseline
+        log-probabilities (:mod:`llmpress.eval.kl`) each source's measurement feeds."""
         several = len(self.sources) > 1
-        return {s: measure(model, self(s), batch_size, progress, f"{desc} ({s})" if several else desc) for s in self.sources}
+        extra = (lambda s: {"kl": kl(s)}) if kl is not None else (lambda s: {})
+        return {s: measure(model, self(s), batch_size, progress, f"{desc} ({s})" if several else desc, **extra(s)) for s in self.sources}
 
 
 def evaluation_record(evaluation: dict, shapes: dict[str, tuple[int, int]]) -> dict:

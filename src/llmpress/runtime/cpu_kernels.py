@@ -10,7 +10,9 @@ activations (the arithmetic of dequantize-then-multiply, up to summation order):
   in the "llmpress-int4-b16" layout (:func:`pack_int4`), ``w = (q - z) * s`` per group;
 - ``int4_dequant(packed, scales, zeros, group_size)``: the float32 weight (for prefill:
   dequantize once per call, then one float GEMM);
-- ``int8_mm(x, codes, scales)``: x times int8 weights with one scale per output row.
+- ``int8_mm(x, codes, scales)``: x times int8 weights with one scale per output row;
+- ``lut4_mm`` / ``lut4_dequant``: lookup-table (codebook) weights of at most 16 entries
+  (:mod:`llmpress.runtime.lut_linear`), with an AVX-512 path chosen at run time.
 
 The extension is compiled once per machine with torch's C++ extension builder (g++ and
 ninja) into ``$LLMPRESS_CACHE/kernels`` (default ``~/.cache/llmpress``), parallelized

@@ -9,6 +9,14 @@
 // float32 arithmetic as dequantize-then-multiply up to summation order.
 //
 // int8 layout: int8 [N, K] with one float32 scale per output row, w = q * s.
+//
+// Lookup tables (codebook weights, at most 16 entries): codes 0..15 as 4-bit nibbles of int32
+// words [N, K/8] (column 8w + i at bits 4i..4i+3 of word w: the little-endian stream of
+// llmpress.quant.pack at 4 bits), one float32 table of 16 entries per output row and group
+// of `gs` columns (gs % 32 == 0), w = table[n, g, q]. The entries sit in one register (at
+// most 8: one vpermps per 8 weights) or two (16: two vpermps and a blend on bit 3); the
+// codes of 8 columns come from one broadcast load and a variable shift. No dense weight
+// is formed.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -107,6 +115,104 @@ void int8_rows(const float* x, int64_t ldx, const int8_t* w, const float* sc, fl
   }
 }
 
+// 8 consecutive codes (the nibbles of one little-endian int32 word, column 8w + i at bits
+// 4i..4i+3) looked up in T0 (and T1 for codes 8..15): a broadcast load, a variable shift and
+// one vpermps (at most 8 entries) or two and a blend on bit 3 (16 entries).
+template <bool WIDE>
+inline __m256 lookup8(const int32_t* p, __m256 T0, __m256 T1) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), nib = _mm256_set1_epi32(0xF);
+  const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(*p), shifts), nib);
+  if (!WIDE) return _mm256_permutevar8x32_ps(T0, c);
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(T0, c), _mm256_permutevar8x32_ps(T1, c), _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
+}
+
+// MB (1..4) activation rows against output rows [n0, n1): 32 columns (4 words) per step,
+// 4 accumulator chains per row.
+template <int MB, bool WIDE>
+void lut_rows(const float* x, int64_t ldx, const int32_t* w, const float* tab, float* y, int64_t ldy,
+              int64_t n0, int64_t n1, int64_t K, int64_t gs) {
+  const int64_t G = K / gs;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int32_t* wr = w + n * (K / 8);
+    __m256 a[MB], b[MB], c[MB], d[MB];
+    for (int m = 0; m < MB; ++m) a[m] = b[m] = c[m] = d[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const float* t = tab + (n * G + g) * 16;
+      const __m256 T0 = _mm256_loadu_ps(t), T1 = _mm256_loadu_ps(t + 8);
+      for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+        const int32_t* p = wr + k / 8;
+        const __m256 v0 = lookup8<WIDE>(p, T0, T1), v1 = lookup8<WIDE>(p + 1, T0, T1);
+        const __m256 v2 = lookup8<WIDE>(p + 2, T0, T1), v3 = lookup8<WIDE>(p + 3, T0, T1);
+        for (int m = 0; m < MB; ++m) {
+          const float* xm = x + m * ldx + k;
+          a[m] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xm), a[m]);
+          b[m] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xm + 8), b[m]);
+          c[m] = _mm256_fmadd_ps(v2, _mm256_loadu_ps(xm + 16), c[m]);
+          d[m] = _mm256_fmadd_ps(v3, _mm256_loadu_ps(xm + 24), d[m]);
+        }
+      }
+    }
+    for (int m = 0; m < MB; ++m) y[m * ldy + n] = hsum(_mm256_add_ps(_mm256_add_ps(a[m], b[m]), _mm256_add_ps(c[m], d[m])));
+  }
+}
+
+// AVX-512 (chosen at run time where the CPU has it): all 16 entries in one register, one
+// vpermps per 16 weights. Layout "pairs": per 16 columns a 64-bit word whose low half holds
+// the even columns (nibble i = column 2i) and whose high half the odd ones, so a 64-bit
+// broadcast and a 32-bit variable shift put column j in lane j.
+__attribute__((target("avx512f"))) inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+template <int MB>
+__attribute__((target("avx512f"))) void lut_rows512(const float* x, int64_t ldx, const int32_t* w, const float* tab, float* y,
+                                                    int64_t ldy, int64_t n0, int64_t n1, int64_t K, int64_t gs) {
+  const int64_t G = K / gs;
+  const __m512i shifts = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i nib = _mm512_set1_epi32(0xF);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t* wr = reinterpret_cast<const int64_t*>(w + n * (K / 8));
+    __m512 a[MB], b[MB];
+    for (int m = 0; m < MB; ++m) a[m] = b[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 T = _mm512_loadu_ps(tab + (n * G + g) * 16);
+      for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+        const int64_t* p = wr + k / 16;
+        const __m512 v0 = _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi64(p[0]), shifts), nib), T);
+        const __m512 v1 = _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi64(p[1]), shifts), nib), T);
+        for (int m = 0; m < MB; ++m) {
+          a[m] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + m * ldx + k), a[m]);
+          b[m] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x + m * ldx + k + 16), b[m]);
+        }
+      }
+    }
+    for (int m = 0; m < MB; ++m) y[m * ldy + n] = hsum512(_mm512_add_ps(a[m], b[m]));
+  }
+}
+
+__attribute__((target("avx512f"))) void lut_all512(const float* xp, const int32_t* wp, const float* tp, float* yp, int64_t M, int64_t N,
+                                                   int64_t K, int64_t gs, int64_t n0, int64_t n1) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) lut_rows512<4>(xp + m * K, K, wp, tp, yp + m * N, N, n0, n1, K, gs);
+  switch (M - m) {
+    case 3: lut_rows512<3>(xp + m * K, K, wp, tp, yp + m * N, N, n0, n1, K, gs); break;
+    case 2: lut_rows512<2>(xp + m * K, K, wp, tp, yp + m * N, N, n0, n1, K, gs); break;
+    case 1: lut_rows512<1>(xp + m * K, K, wp, tp, yp + m * N, N, n0, n1, K, gs); break;
+    default: break;
+  }
+}
+
+template <bool WIDE>
+void lut_all(const float* xp, const int32_t* wp, const float* tp, float* yp, int64_t M, int64_t N, int64_t K, int64_t gs,
+             int64_t n0, int64_t n1) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) lut_rows<4, WIDE>(xp + m * K, K, wp, tp, yp + m * N, N, n0, n1, K, gs);
+  switch (M - m) {
+    case 3: lut_rows<3, WIDE>(xp + m * K, K, wp, tp, yp + m * N, N, n0, n1, K, gs); break;
+    case 2: lut_rows<2, WIDE>(xp + m * K, K, wp, tp, yp + m * N, N, n0, n1, K, gs); break;
+    case 1: lut_rows<1, WIDE>(xp + m * K, K, wp, tp, yp + m * N, N, n0, n1, K, gs); break;
+    default: break;
+  }
+}
+
 int64_t grain(int64_t N) {
   const int64_t t = std::max<int64_t>(1, at::get_num_threads());
   return std::max<int64_t>(16, (N + 4 * t - 1) / (4 * t));
@@ -194,7 +300,65 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   return y;
 }
 
+void check_lut(const at::Tensor& packed, const at::Tensor& table, int64_t gs) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kInt && packed.is_contiguous(), "packed must be contiguous int32 [N, K/8]");
+  const int64_t N = packed.size(0), K = packed.size(1) * 8;
+  TORCH_CHECK(gs > 0 && gs % 32 == 0 && K % gs == 0, "group size must be a multiple of 32 dividing K");
+  TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous() && table.numel() == N * (K / gs) * 16, "table must be float32 [N, K/gs, 16]");
+}
+
+bool lut_avx512() { return __builtin_cpu_supports("avx512f"); }
+
+// layout 0: column 8w + i at nibble i of word w; layout 1 ("pairs", AVX-512 only): per 16
+// columns, nibble i of the even word = column 2i, of the odd word = column 2i + 1.
+at::Tensor lut4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& table, int64_t gs, int64_t entries, int64_t layout) {
+  check_lut(packed, table, gs);
+  TORCH_CHECK(entries >= 1 && entries <= 16, "a table holds 1 to 16 entries");
+  TORCH_CHECK(layout == 0 || (layout == 1 && lut_avx512()), "layout 1 needs AVX-512");
+  const int64_t N = packed.size(0), K = packed.size(1) * 8, M = x.size(0);
+  check_x(x, K);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int32_t* wp = packed.data_ptr<int32_t>();
+  const float* tp = table.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, grain(N), [&](int64_t n0, int64_t n1) {
+    if (layout == 1)
+      lut_all512(xp, wp, tp, yp, M, N, K, gs, n0, n1);
+    else if (entries > 8)
+      lut_all<true>(xp, wp, tp, yp, M, N, K, gs, n0, n1);
+    else
+      lut_all<false>(xp, wp, tp, yp, M, N, K, gs, n0, n1);
+  });
+  return y;
+}
+
+at::Tensor lut4_dequant(const at::Tensor& packed, const at::Tensor& table, int64_t gs, int64_t layout) {
+  check_lut(packed, table, gs);
+  TORCH_CHECK(layout == 0 || layout == 1, "layout must be 0 or 1");
+  const int64_t N = packed.size(0), K = packed.size(1) * 8, G = K / gs;
+  at::Tensor w = at::empty({N, K}, table.options());
+  const int32_t* wp = packed.data_ptr<int32_t>();
+  const float* tp = table.data_ptr<float>();
+  float* out = w.data_ptr<float>();
+  at::parallel_for(0, N, grain(N), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = 0; k < K; k += 8) {
+        const float* t = tp + (n * G + k / gs) * 16;
+        const uint32_t word = static_cast<uint32_t>(wp[n * (K / 8) + k / 8]);
+        for (int i = 0; i < 8; ++i) {
+          const int64_t col = layout == 0 ? k + i : (k & ~int64_t(15)) + 2 * i + ((k >> 3) & 1);
+          out[n * K + col] = t[(word >> (4 * i)) & 0xF];
+        }
+      }
+  });
+  return w;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lut4_mm", &lut4_mm, "x [M,K] f32 @ table lookups (4-bit codes in int32 words, f32 [N,G,16] tables) [N,K]^T -> [M,N]");
+  m.def("lut_avx512", &lut_avx512, "whether the AVX-512 lookup-table path (layout 1) runs here");
+  m.def("lut4_dequant", &lut4_dequant, "table lookups (4-bit codes in int32 words, f32 [N,G,16] tables) -> float32 [N,K]");
   m.def("int4_mm", &int4_mm, "x [M,K] f32 @ int4 (llmpress-int4-b16) [N,K]^T -> [M,N]");
   m.def("int4_dequant", &int4_dequant, "int4 (llmpress-int4-b16) -> float32 [N,K]");
   m.def("int8_mm", &int8_mm, "x [M,K] f32 @ (int8 [N,K] * scale[N])^T -> [M,N]");

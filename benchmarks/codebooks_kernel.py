@@ -1,0 +1,80 @@
+"""Decode-time matmul of the lookup-table kernel against llmpress's int4 kernel and float32, at
+SmolLM2-135M's linear shapes, on random weights (no model is run): median microseconds per
+call for 1 and 8 activation rows. LUT: per-row tables, the default path (AVX-512 where the
+CPU has it) and the AVX2 path.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/codebooks_kernel.py [--threads 1]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from llmpress.quant.nuq import nuq_round
+from llmpress.runtime import cpu_kernels
+from llmpress.runtime.lut_linear import LowbitLutLinear
+
+SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))  # q/o, k/v, gate/up, down
+
+
+def median_us(fn, reps=200):
+    for _ in range(10):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return 1e6 * statistics.median(ts)
+
+
+def cells(ext, layer: dict, x: torch.Tensor) -> list[float]:
+    """Median microseconds of each implementation on activation rows ``x``."""
+    w, packed4, sc, zp = layer["w"], layer["packed4"], layer["sc"], layer["zp"]
+    return [
+        median_us(lambda: F.linear(x, w)),
+        median_us(lambda: ext.int4_mm(x, packed4, sc, zp, 64)),
+        median_us(lambda: layer["lut4"](x)),
+        median_us(lambda: layer["lut3"](x)),
+        median_us(lambda: layer["lut4_avx2"](x)),
+        median_us(lambda: layer["lut3_avx2"](x)),
+    ]
+
+
+def layer_of(n: int, k: int) -> dict:
+    w = torch.randn(n, k) * 0.05
+    r4, r3 = nuq_round(w, 4), nuq_round(w, 3)
+    return {
+        "w": w,
+        "packed4": cpu_kernels.pack_int4(torch.randint(0, 16, (n, k))),
+        "sc": torch.rand(n, k // 64) * 0.01,
+        "zp": torch.full((n, k // 64), 8.0),
+        "lut4": LowbitLutLinear(r4.codes, r4.table),
+        "lut3": LowbitLutLinear(r3.codes, r3.table),
+        "lut4_avx2": LowbitLutLinear(r4.codes, r4.table, avx512=False),
+        "lut3_avx2": LowbitLutLinear(r3.codes, r3.table, avx512=False),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    ext = cpu_kernels.kernels()
+    assert ext is not None, cpu_kernels._state.get("reason")
+    print(f"AVX-512 lookup path: {bool(ext.lut_avx512())}")
+    print("| shape (out x in) | rows | fp32 F.linear | int4 g64 kernel | LUT 4-bit | LUT 3-bit | LUT 4-bit AVX2 | LUT 3-bit AVX2 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, k in SHAPES:
+        layer = layer_of(n, k)
+        for m in (1, 8):
+            row = cells(ext, layer, torch.randn(m, k))
+            print(f"| {n} x {k} | {m} | " + " | ".join(f"{c:.1f}" for c in row) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Structured pruning on SmolLM2-135M (or gemma-3-270m): perplexity at 10/20/30% of the
+decoder-block parameters removed, per method, before and after recovery, next to SparseGPT
+(unstructured) at the same share; and the real speed of each smaller model.
+
+    flock /tmp/llmpress-heavy.lock .venv/bin/python benchmarks/structured.py [--shares 0.1 0.2 0.3] [--recover 200]
+
+Methods per share s of the decoder-block parameters (SmolLM2: a block is 3.54M parameters,
+75% of them in the MLP):
+- ``layers``: ``drop_layers`` (Block Influence) of round(s * blocks) blocks;
+- ``mlp``: ``prune_width`` MLP channels at ratio s / (MLP share of a block), refit on;
+- ``slicegpt``: ``slicegpt`` at fraction s (llama family; the untied head adds vocab x d');
+- ``sparsegpt``: SparseGPT at sparsity s on every block linear (same parameter count, dense shapes).
+With ``--recover N`` the structured rows are repeated with N distillation steps
+(``recover_steps``) on the calibration windows.
+
+Speed (fp32, this process, median of ``--repeats``): one prefill of 512 tokens at batch 1;
+decode tokens/s at batch 1 and 8 (32-token prompt, ``--decode`` new tokens); the packed
+checkpoint's bytes. Writes runs/bench/structured.json and prints a markdown table.
+"""
+
+import argparse
+import copy
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import EVAL_SOURCES, Bench, main_guard, score  # noqa: E402
+
+from llmpress import api  # noqa: E402
+from llmpress.arch import get_arch, get_module  # noqa: E402
+from llmpress.bench import decode, prefill_seconds  # noqa: E402
+from llmpress.recipe import Recipe  # noqa: E402
+
+
+def mlp_share(model) -> float:
+    """Share of a decoder block's linear parameters in its MLP."""
+    spec = get_arch(model)
+    block = get_module(model, spec.blocks)[0]
+    size = {p: get_module(block, p).weight.numel() for p in spec.block_linears()}
+    mlp = sum(v for p, v in size.items() if p in (spec.gate, spec.up, spec.down))
+    return mlp / sum(size.values())
+
+
+def recipes(model, share: float, recover: int) -> dict[str, dict]:
+    """label -> recipe dict for one share of the decoder parameters."""
+    n_blocks = len(get_module(model, get_arch(model).blocks))
+    rec = {"recover_steps": recover} if recover else {}
+    tag = f" + KD {recover}" if recover else ""
+    out = {
+        f"layers {share:.0%}{tag}": {"method": "drop_layers", "count": round(share * n_blocks), **rec},
+        f"mlp {share:.0%}{tag}": {"method": "prune_width", "structure": "mlp", "ratio": min(share / mlp_share(model), 0.95), **rec},
+    }
+    if not recover:
+        if not get_arch(model).post_norms:
+            out[f"slicegpt {share:.0%}"] = {"method": "slicegpt", "fraction": share}
+        out[f"sparsegpt {share:.0%} (unstructured)"] = {"method": "sparsegpt", "sparsity": share, "per_row": True}
+    return {k: {"stages": [v]} for k, v in out.items()}
+
+
+def speed(model, tok, repeats: int, new_tokens: int) -> dict:
+    """Prefill seconds (512 tokens), decode tokens/s at batch 1 and 8 (medians)."""
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size if hasattr(model.config, "vocab_size") else len(tok)
+    ids = torch.randint(10, vocab, (8, 512), generator=g)
+    prefill_seconds(model, ids[:1])  # warm-up (first-call allocations)
+    decode(model, ids[:8, :32], 2)
+    pre = statistics.median(prefill_seconds(model, ids[:1]) for _ in range(repeats))
+    tps = {}
+    for b in (1, 8):
+        secs = statistics.median(decode(model, ids[:b, :32], new_tokens)[0] for _ in range(repeats))
+        tps[b] = b * new_tokens / secs
+    return {"prefill_512_s": pre, "decode_tps_b1": tps[1], "decode_tps_b8": tps[8]}
+
+
+def checkpoint_bytes(model, tok, report) -> int:
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "ckpt"
+        api.save(model, tok, out, report=report)
+        return sum(f.stat().st_size for f in out.iterdir() if f.name.endswith(".safetensors"))
+
+
+def run_row(b: Bench, label: str, recipe: dict, a) -> dict:
+    m = copy.deepcopy(b.model)
+    r = Recipe.from_dict(recipe)
+    t = time.perf_counter()
+    rep = api.compress(m, r, b.calib, tokenizer=b.tok, calib=b.calib_cfg)
+    cs = time.perf_counter() - t
+    t = time.perf_counter()
+    ppl = score(m, b.sets, progress=True, desc=label)
+    extra = {"n_params": rep.compressed["n_params"], "stages": rep.stages}
+    if a.speed:
+        extra.update(speed(m, b.tok, a.repeats, a.decode), checkpoint_bytes=checkpoint_bytes(m, b.tok, rep))
+    return b.add_row(label, ppl, rep.bits_per_weight, time.perf_counter() - t, cs, **extra)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--calib", type=int, default=128, help="calibration windows of 512 tokens")
+    ap.add_argument("--eval", default=EVAL_SOURCES, help="test texts, one column each (an --eval-data list)")
+    ap.add_argument("--shares", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    ap.add_argument("--recover", type=int, default=0, help="also each structured row with this many distillation steps")
+    ap.add_argument("--no-speed", dest="speed", action="store_false")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decode", type=int, default=64, help="new tokens per decode measurement")
+    ap.add_argument("--out", default="runs/bench/structured.json")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    b = Bench(a.model, eval_windows=a.windows, calib_samples=a.calib, eval_sources=a.eval)
+    if a.speed:
+        dense = b.rows[0]
+        dense.update(speed(b.model, b.tok, a.repeats, a.decode), n_params=sum(p.numel() for p in b.model.parameters()))
+    for share in a.shares:
+        for recover in (0, a.recover) if a.recover else (0,):
+            for label, recipe in recipes(b.model, share, recover).items():
+                run_row(b, label, recipe, a)
+    print()
+    print(b.table())
+    if a.speed:
+        base = b.rows[0]
+        print("\n| method | params (M) | prefill 512 s (x) | decode b1 tok/s (x) | decode b8 tok/s (x) | checkpoint MB |\n|---|---|---|---|---|---|")
+        for r in b.rows:
+            ck = f"{r['checkpoint_bytes'] / 1e6:.1f}" if "checkpoint_bytes" in r else "-"
+            print(f"| {r['method']} | {r['n_params'] / 1e6:.1f} | {r['prefill_512_s']:.3f} ({base['prefill_512_s'] / r['prefill_512_s']:.2f}x) | "
+                  f"{r['decode_tps_b1']:.1f} ({r['decode_tps_b1'] / base['decode_tps_b1']:.2f}x) | "
+                  f"{r['decode_tps_b8']:.1f} ({r['decode_tps_b8'] / base['decode_tps_b8']:.2f}x) | {ck} |")  # fmt: skip
+    b.save(a.out)
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,238 @@
+"""``llmpress plan-bits``: a mixed-precision recipe under an average bits-per-weight budget.
+
+1. The Hessian ``H = 2/n X^T X`` of every linear of the decoder blocks that the base
+   recipe's quantizing stages target, from one pass of the dense model over the
+   calibration windows (all held at once: about 1 GB for SmolLM2-135M in float64 sums).
+2. The cost of each candidate setting on each linear, ``tr(dW H dW^T)``, with dW the error
+   of nearest rounding (``--solver rtn``) or of GPTQ (``--solver gptq``, the base stage's
+   damping and order when it is a GPTQ stage) at that setting.
+3. The allocation (:func:`llmpress.quant.mixed.allocate`): the smallest summed cost whose
+   size, counted as eval/size.py counts it, stays within the budget.
+4. The recipe: every stage of the base recipe that quantizes weights of the block linears
+   becomes one stage per chosen setting, with the setting's bits/group size and an explicit
+   ``targets`` list (``ignore: []``); the other stages stay as they are. It is an ordinary
+   YAML recipe: read it, edit it, pass it to ``llmpress compress --recipe``.
+
+The budget counts the planned linears only (the output head and embeddings keep what the
+base recipe does with them).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+
+from . import progress
+from .arch import get_arch, get_module
+from .calib.accumulators import HessianAccumulator
+from .errors import UserError
+from .quant.args import QuantArgs
+from .quant.core import quantize_weight
+from .quant.gptq_solve import gptq_quantize
+from .quant.hessian import layer_error
+from .quant.mixed import allocate, budget_bits, parse_candidates, setting_bits
+from .recipe import Recipe, Stage
+
+SOLVERS = ("rtn", "gptq")
+
+
+@dataclass(kw_only=True)
+class BitPlan:
+    recipe: Recipe
+    choice: dict[str, str]  # linear -> candidate label
+    bits_per_weight: float  # achieved average over the planned linears
+    budget: float
+    cost: float  # summed tr(dW H dW^T) of the choice
+    uniform: dict[str, tuple[float, float] | None]  # label -> (bits per weight, summed cost) with every linear at it; None: not every linear can
+    exact: bool
+
+    def table(self) -> str:
+        n = {lab: sum(1 for v in self.choice.values() if v == lab) for lab in self.uniform}
+        lines = [f"{'setting':<10} {'bits/weight':>11} {'layer error if uniform':>23} {'linears chosen':>15}"]
+        for lab, u in self.uniform.items():
+            figs = f"{u[0]:>11.4f} {u[1]:>23.6g}" if u else f"{'-':>11} {'(not for every linear)':>23}"
+            lines.append(f"{lab:<10} {figs} {n[lab]:>15}")
+        lines.append(f"{'mixed':<10} {self.bits_per_weight:>11.4f} {self.cost:>23.6g} {len(self.choice):>15}  (budget {self.budget:g} bits/weight)")
+        return "\n".join(lines)
+
+
+def _quantizing_stages(base: Recipe) -> list[int]:
+    idx = [i for i, s in enumerate(base.stages) if isinstance(getattr(s.config, "weights", None), QuantArgs)]
+    if not idx:
+        raise UserError(f"recipe {base.name!r}: no stage quantizes weights (a stage with a 'weights' field); plan-bits splits such a stage")
+    return idx
+
+
+def planned_linears(model: nn.Module, base: Recipe) -> list[str]:
+    """The block linears some quantizing stage of ``base`` targets, in model order."""
+    spec = get_arch(model)
+    stages = [base.stages[i] for i in _quantizing_stages(base)]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.startswith(spec.blocks + ".") and any(s.matches(n, True) for s in stages)
+    ]
+    if not names:
+        raise UserError(f"recipe {base.name!r}: its quantizing stages target no linear of the decoder blocks")
+    return names
+
+
+@torch.no_grad()
+def collect_hessians(model: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """H = 2/n X^T X of each named linear from one dense pass over ``windows``."""
+    accs = {n: HessianAccumulator() for n in names}
+    handles = [get_module(model, n).register_forward_hook(lambda _m, inp, _o, a=accs[n]: a.add(inp[0].detach())) for n in names]
+    dev = next(model.parameters()).device
+    try:
+        for i in progress.track(range(0, windows.shape[0], batch_size), "plan-bits: Hessians", "batch"):
+            model(input_ids=windows[i : i + batch_size].to(dev), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: a.result() for n, a in accs.items()}
+
+
+def setting_cost(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, solver: str = "rtn", stage_config=None) -> float:
+    """tr(dW H dW^T) of quantizing ``weight`` at ``args`` with ``solver``."""
+    if solver == "rtn":
+        w_hat, _ = quantize_weight(weight.float(), args)
+    else:
+        kw = {k: getattr(stage_config, k) for k in ("damp", "act_order", "static_groups", "block_size") if hasattr(stage_config, k)}
+        w_hat = gptq_quantize(weight, hessian, args, **{"act_order": True, "damp": 0.01, **kw}).weight
+    return layer_error(weight.float(), w_hat, hessian)
+
+
+def _cost_table(model, names, hessians, cands, solver, stage_config):
+    """(costs, sizes) per linear and candidate; a candidate whose group size does not divide
+    a linear's input is left out for that linear (infinite cost is not an option: no entry)."""
+    costs, sizes, options = [], [], []
+    for n in progress.track(names, "plan-bits: layer errors", "linear"):
+        w = get_module(model, n).weight.detach()
+        H = hessians.pop(n)
+        c, b, o = [], [], []
+        for k, args in enumerate(cands.values()):
+            if args.granularity == "group" and w.shape[1] % args.group_size:
+                continue
+            c.append(setting_cost(w, H, args, solver, stage_config))
+            b.append(setting_bits(args, w.shape[0], w.shape[1]))
+            o.append(k)
+        if not o:
+            raise UserError(f"layer {n}: no candidate setting fits its input dimension {w.shape[1]} (group sizes must divide it)")
+        costs.append(c)
+        sizes.append(b)
+        options.append(o)
+    return costs, sizes, options
+
+
+def plan_bits(
+    model: nn.Module, windows: torch.Tensor, *, base: Recipe, candidates: str | list[str], budget: float, solver: str = "rtn", batch_size: int = 8
+) -> BitPlan:
+    """The mixed-precision plan of ``model`` (see the module docstring)."""
+    if solver not in SOLVERS:
+        raise UserError(f"solver {solver!r} unknown; expected one of {', '.join(SOLVERS)}")
+    qidx = _quantizing_stages(base)
+    first = base.stages[qidx[0]].config
+    cands = parse_candidates(candidates, first.weights)
+    names = planned_linears(model, base)
+    n_weights = sum(get_module(model, n).weight.numel() for n in names)
+    budget_total = budget_bits(budget, n_weights)
+    costs, sizes, options = _cost_table(model, names, collect_hessians(model, names, windows, batch_size), cands, solver, first)
+    alloc = allocate(costs, sizes, budget_total)
+    labels = list(cands)
+    choice = {n: labels[options[i][k]] for i, (n, k) in enumerate(zip(names, alloc.choice))}
+    uniform: dict[str, tuple[float, float] | None] = dict.fromkeys(labels)
+    for j, lab in enumerate(labels):
+        if all(j in o for o in options):
+            pos = [o.index(j) for o in options]
+            bits = sum(sizes[i][p] for i, p in enumerate(pos))
+            uniform[lab] = (bits / n_weights, sum(costs[i][p] for i, p in enumerate(pos)))
+    spec = get_arch(model)
+    others = {n: n.startswith(spec.blocks + ".") for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in choice}
+    recipe = mixed_recipe(base, choice, labels, budget=budget, solver=solver, bpw=alloc.total_bits / n_weights, others=others)
+    return BitPlan(
+        recipe=recipe,
+        choice=choice,
+        bits_per_weight=alloc.total_bits / n_weights,
+        budget=budget,
+        cost=alloc.total_cost,
+        uniform=uniform,
+        exact=alloc.exact,
+    )
+
+
+def mixed_recipe(
+    base: Recipe, choice: dict[str, str], labels: list[str], *, budget: float, solver: str, bpw: float, others: dict[str, bool] | None = None
+) -> Recipe:
+    """``base`` with each quantizing stage split into one stage per chosen setting (explicit
+    targets, ``ignore: []``); the other stages as they are. ``others``: the model's linears
+    outside the plan (name -> inside the decoder blocks): a stage that also targets some of
+    them (a named output head) keeps them, with its own setting, in a stage of its own."""
+    stages: list[Stage] = []
+    quantizing = _quantizing_stages(base)
+    for i, st in enumerate(base.stages):
+        if i not in quantizing:
+            stages.append(st)
+            continue
+        mine = [n for n in choice if st.matches(n, True)]
+        cands = parse_candidates(labels, st.config.weights)
+        for lab in labels:
+            targets = tuple(n for n in mine if choice[n] == lab)
+            if targets:
+                stages.append(Stage(method=st.method, config=replace(st.config, weights=cands[lab]), targets=targets, ignore=()))
+        if any(st.matches(n, inside) for n, inside in (others or {}).items()):
+            stages.append(Stage(method=st.method, config=st.config, targets=st.targets, ignore=st.ignore + tuple(mine)))
+    desc = (
+        f"{base.name} with per-linear settings from `llmpress plan-bits` (solver {solver}, candidates {','.join(labels)}): "
+        f"{bpw:.4f} bits per weight on the block linears within a budget of {budget:g}"
+    )
+    return Recipe(stages=tuple(stages), name=f"{base.name}-mixed{budget:g}", description=desc)
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("plan-bits", help="mixed precision: pick each linear's bits under an average bits-per-weight budget, write the recipe")
+    p.add_argument("model", help="packaged alias (smollm2-135m, gemma3-270m), local HF folder, or hub id")
+    p.add_argument("--budget", type=float, required=True, help="average bits per weight of the block linears, scales included (e.g. 3.25)")
+    p.add_argument("--candidates", default="w2g64,w3g64,w4g64,w8g64", help="settings to choose from (default w2g64,w3g64,w4g64,w8g64)")
+    p.add_argument("--base", default="gptq-w4g64", help="recipe whose quantizing stages are split per setting (default gptq-w4g64)")
+    p.add_argument("--solver", choices=SOLVERS, default="rtn", help="error measured per setting: nearest rounding (fast) or GPTQ")
+    p.add_argument("--out", required=True, help="the recipe YAML written (atomically)")
+    p.add_argument("--calib-data", default="wiki", help="calibration text (as `compress --calib-data`; default wiki)")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw (default 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what each step does (INFO level)")
+    return p
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from . import api, models
+    from .io_safety import check_file_out, write_atomic
+    from .recipe import load_recipe
+
+    base = load_recipe(args.base)  # everything checkable before the model loads
+    cands = parse_candidates(args.candidates, base.stages[_quantizing_stages(base)[0]].config.weights)
+    budget_bits(args.budget, 1)
+    if args.budget < min(a.bits for a in cands.values()):
+        raise UserError(
+            f"budget {args.budget:g} bits per weight is below the smallest candidate ({min(a.bits for a in cands.values())} bits plus its scales)"
+        )
+    check_file_out(args.out, "--out")
+    calib = api.CalibConfig(
+        source=args.calib_data, n_samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed, batch_size=args.batch_size
+    )
+    model, tok = models.load(args.model, device=args.device)
+    windows = api.calibration_windows(tok, model, calib)
+    plan = plan_bits(model, windows, base=base, candidates=args.candidates, budget=args.budget, solver=args.solver, batch_size=args.batch_size)
+    write_atomic(Path(args.out), plan.recipe.to_yaml())
+    print(f"llmpress plan-bits {args.model} --budget {args.budget:g} (solver {args.solver})")
+    print(plan.table())
+    print(f"recipe: {args.out}  (llmpress compress {args.model} --recipe {args.out})")
+    return 0

@@ -1,0 +1,147 @@
+"""Recovery by knowledge distillation: a short training run of a compressed (student) model
+towards the full model's (teacher's) next-token distributions on calibration windows.
+
+Loss per token position (Hinton et al. 2015), with temperature T:
+
+    T^2 * KL( softmax(z_teacher / T) || softmax(z_student / T) )
+
+averaged over every position of a batch. AdamW on every floating-point parameter of the
+student (``train="all"``) or only on its norm gains and biases (``"norms"``: few parameters,
+little memory). Batches are drawn with a seeded generator, so a run is reproducible.
+:func:`kl_to_teacher` measures the same KL (T = 1) on any windows, e.g. held-out ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import RecipeError
+from ..progress import track
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Distill", "distill", "kl_to_teacher"]
+
+
+@dataclass(kw_only=True, frozen=True)
+class Distill:
+    """``steps`` optimizer steps of ``batch_size`` windows at learning rate ``lr`` (AdamW,
+    weight decay 0), ``temperature`` T, ``train`` all parameters or only ``norms``; ``seed``
+    draws the batches."""
+
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 4
+    temperature: float = 1.0
+    train: str = "all"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 0 or self.batch_size < 1:
+            raise RecipeError("distillation: steps must be >= 0 and batch_size >= 1")
+        if not self.lr > 0 or not self.temperature > 0:
+            raise RecipeError("distillation: lr and temperature must be positive")
+        if self.train not in ("all", "norms"):
+            raise RecipeError(f"distillation: train={self.train!r}: expected all or norms")
+
+
+def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over positions of T^2 KL(p_teacher || p_student) at temperature T."""
+    v = student_logits.shape[-1]
+    s = F.log_softmax(student_logits.float().reshape(-1, v) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float().reshape(-1, v) / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+@torch.no_grad()
+def kl_to_teacher(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean per-token KL(teacher || student) (T = 1, nats) over ``windows`` [n, L]."""
+    dev = next(student.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        ids = windows[i : i + batch_size].to(dev)
+        kl = _kl(student(input_ids=ids, use_cache=False).logits, teacher(input_ids=ids, use_cache=False).logits, 1.0)
+        total += float(kl) * ids.numel()
+        count += ids.numel()
+    return total / max(count, 1)
+
+
+def _trainable(model: nn.Module, train: str) -> list[nn.Parameter]:
+    out, seen = [], set()
+    for name, p in model.named_parameters():
+        if id(p) in seen or not p.is_floating_point():
+            continue
+        seen.add(id(p))
+        if train == "all" or "norm" in name or name.endswith(".bias"):
+            out.append(p)
+    return out
+
+
+def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: Distill = Distill()) -> dict:
+    """Train ``student`` in place towards ``teacher`` on ``windows`` [n, L]; returns the KL on
+    those windows before and after, the steps and the seconds taken. A run that ends with a
+    higher KL than it started puts the trained parameters back (``kept`` False,
+    ``kl_trained`` the KL it reached)."""
+    dev = next(student.parameters()).device
+    params = _trainable(student, cfg.train)
+    flags = {id(p): p.requires_grad for p in student.parameters()}
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    kl_before = kl_to_teacher(student, teacher, windows, cfg.batch_size)
+    start = {id(p): p.detach().clone() for p in params}
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    was_training = student.training
+    student.train(False)  # no dropout: the student is trained as it is served
+    try:
+        for _ in track(range(cfg.steps), "distillation", "step"):
+            ids = windows[torch.randint(0, windows.shape[0], (cfg.batch_size,), generator=gen)].to(dev)
+            with torch.no_grad():
+                target = teacher(input_ids=ids, use_cache=False).logits
+            loss = _kl(student(input_ids=ids, use_cache=False).logits, target, cfg.temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        opt.zero_grad(set_to_none=True)
+        for p in student.parameters():
+            p.requires_grad_(flags[id(p)])
+        student.train(was_training)
+    kl_after = kl_to_teacher(student, teacher, windows, cfg.batch_size)
+    kept = kl_after <= kl_before
+    if not kept:  # the run made things worse (learning rate too high for a close start): back to where it began
+        with torch.no_grad():
+            for p in params:
+                p.copy_(start[id(p)])
+        log.warning("distillation: KL rose %.4f -> %.4f in %d steps; the weights before it are kept (lower lr)", kl_before, kl_after, cfg.steps)
+    else:
+        log.info("distillation: KL %.4f -> %.4f in %d steps", kl_before, kl_after, cfg.steps)
+    return {"kl_before": kl_before, "kl_after": kl_after if kept else kl_before, "kl_trained": kl_after, "kept": kept,
+            "steps": cfg.steps, "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+def teacher_copy(model: nn.Module, steps: int) -> nn.Module | None:
+    """A frozen copy of ``model`` to distill from after it is pruned (None when ``steps`` is 0)."""
+    if not steps:
+        return None
+    teacher = copy.deepcopy(model)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def recover(student: nn.Module, teacher: nn.Module | None, windows: torch.Tensor, *, steps: int, lr: float, batch_size: int) -> dict | None:
+    """:func:`distill` of a pruning stage's result towards its ``teacher`` (None: no recovery)."""
+    if teacher is None:
+        return None
+    return distill(student, teacher, windows, Distill(steps=steps, lr=lr, batch_size=batch_size))

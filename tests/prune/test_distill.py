@@ -1,0 +1,87 @@
+"""Recovery by distillation: a pruned tiny model trained towards the full one."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import random_windows, tiny_llama
+
+import llmpress
+from llmpress.errors import RecipeError
+from llmpress.prune.distill import Distill, distill, kl_to_teacher
+from llmpress.prune.structure import drop_blocks
+
+TRAIN = random_windows(64, 32, seed=1)
+HELD_OUT = random_windows(8, 32, seed=2)
+
+
+def _pair():
+    teacher = tiny_llama(layers=3)
+    with torch.no_grad():  # sharper next-token distributions than a random model's near-uniform ones
+        teacher.model.norm.weight.mul_(6.0)
+    student = copy.deepcopy(teacher)
+    drop_blocks(student, llmpress.arch.get_arch(student), [1])
+    return teacher, student
+
+
+def test_distillation_lowers_the_held_out_kl():
+    teacher, student = _pair()
+    before = kl_to_teacher(student, teacher, HELD_OUT)
+    assert before > 0.05
+    out = distill(student, teacher, TRAIN, Distill(steps=30, lr=3e-4, seed=0))
+    after = kl_to_teacher(student, teacher, HELD_OUT)
+    assert out["kl_after"] < out["kl_before"] and after < 0.6 * before, (before, after, out)
+    assert all(not p.requires_grad or p.grad is None for p in student.parameters())  # no gradients left behind
+    assert kl_to_teacher(teacher, teacher, HELD_OUT) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_is_seeded_and_norms_only_trains_norms():
+    teacher, a = _pair()
+    b = copy.deepcopy(a)
+    distill(a, teacher, TRAIN, Distill(steps=3, lr=1e-3, seed=4))
+    distill(b, teacher, TRAIN, Distill(steps=3, lr=1e-3, seed=4))
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+    c = copy.deepcopy(b)
+    distill(c, teacher, TRAIN, Distill(steps=3, lr=1e-2, train="norms"))
+    changed = {n for (n, p), q in zip(c.named_parameters(), b.parameters()) if not torch.equal(p, q)}
+    assert changed and all("norm" in n for n in changed)
+
+
+def test_config_errors():
+    with pytest.raises(RecipeError, match="train"):
+        Distill(train="lora")
+    with pytest.raises(RecipeError, match="lr"):
+        Distill(lr=0)
+
+
+@pytest.mark.parametrize(
+    "st", [{"method": "drop_layers", "count": 1}, {"method": "prune_width", "structure": "heads", "ratio": 0.5, "update": False}]
+)
+def test_a_pruning_stage_recovers_towards_the_model_before_it(st):
+    from helpers import QUIET
+
+    teacher = tiny_llama(layers=3)
+    with torch.no_grad():
+        teacher.model.norm.weight.mul_(6.0)
+    m = copy.deepcopy(teacher)
+    recipe = llmpress.recipe.Recipe.from_dict({"stages": [{**st, "recover_steps": 20, "recover_lr": 1e-4}]})
+    report = llmpress.compress(m, recipe, data=TRAIN, engine=QUIET)
+    rec = next(iter(report.stages.values()))["recovery"]
+    assert rec["steps"] == 20 and rec["kept"] and rec["kl_after"] < 0.7 * rec["kl_before"]
+    assert kl_to_teacher(m, teacher, TRAIN) == pytest.approx(rec["kl_after"], rel=1e-4)
+    with pytest.raises(RecipeError, match="lr"):
+        llmpress.recipe.Recipe.from_dict({"stages": [{**st, "recover_steps": 5, "recover_lr": 0.0}]})
+
+
+def test_a_run_that_raises_the_kl_is_undone():
+    teacher = tiny_llama(layers=2)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.model.layers[0].mlp.down_proj.weight.mul_(0.9)  # very close to the teacher
+    before = [p.detach().clone() for p in student.parameters()]
+    out = distill(student, teacher, TRAIN[:8], Distill(steps=5, lr=0.05))  # far too high a learning rate
+    assert not out["kept"] and out["kl_trained"] > out["kl_before"] == out["kl_after"]
+    assert all(torch.equal(p, q) for p, q in zip(student.parameters(), before))

@@ -1,0 +1,171 @@
+"""Mixed precision: the allocator (budget, optimum against brute force, bad input) and
+`plan-bits` (costs from Hessians, the written recipe compresses a tiny model)."""
+
+import itertools
+import random
+
+import pytest
+import yaml
+from conftest import random_windows, tiny_llama
+from helpers import QUIET, cli_fails, run_cli
+
+from llmpress import UserError, compress
+from llmpress.bitplan import collect_hessians, plan_bits, setting_cost
+from llmpress.quant import QuantArgs, quantize_weight
+from llmpress.quant.hessian import layer_error
+from llmpress.quant.mixed import allocate, budget_bits, parse_candidate, parse_candidates, setting_bits
+from llmpress.recipe import Recipe, load_recipe
+
+
+def brute_force(costs, sizes, budget):
+    best = None
+    for pick in itertools.product(*[range(len(c)) for c in costs]):
+        if sum(sizes[i][k] for i, k in enumerate(pick)) <= budget:
+            cost = sum(costs[i][k] for i, k in enumerate(pick))
+            if best is None or cost < best[0]:
+                best = (cost, list(pick))
+    return best
+
+
+def random_problem(seed, layers=6, options=4):
+    rng = random.Random(seed)
+    sizes = [[rng.randint(1, 40) * 8 for _ in range(options)] for _ in range(layers)]
+    costs = [[rng.uniform(0, 10) for _ in range(options)] for _ in range(layers)]
+    return costs, sizes
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_allocation_is_the_brute_force_optimum_within_budget(seed):
+    costs, sizes = random_problem(seed)
+    lo, hi = sum(min(b) for b in sizes), sum(max(b) for b in sizes)
+    for budget in (lo, (lo + hi) // 3, (lo + hi) // 2, hi):
+        a = allocate(costs, sizes, budget)
+        want = brute_force(costs, sizes, budget)
+        assert a.exact and a.total_bits <= budget
+        assert a.total_cost == pytest.approx(want[0], abs=1e-9)
+        assert a.total_bits == sum(sizes[i][k] for i, k in enumerate(a.choice))
+
+
+def test_planted_mix():
+    # three layers of 100 weights at 2, 3 or 4 bits: layer 1 is very sensitive, layer 2 is not;
+    # 3 bits per weight on average (900 bits): 3/4/2 bits is the best mix (a brute force agrees)
+    sizes = [[200, 300, 400]] * 3
+    costs = [[5.0, 2.0, 1.0], [100.0, 10.0, 1.0], [0.5, 0.3, 0.2]]
+    a = allocate(costs, sizes, 900)
+    assert a.choice == brute_force(costs, sizes, 900)[1] == [1, 2, 0] and a.total_bits == 900 and a.total_cost == pytest.approx(2.0 + 1.0 + 0.5)
+    # 100 bits less: the sensitive layer keeps 4 bits, the other two drop to 2
+    b = allocate(costs, sizes, 800)
+    assert b.choice == [0, 2, 0] and b.total_cost == pytest.approx(5.0 + 1.0 + 0.5)
+
+
+def test_coarse_grid_never_exceeds_budget():
+    costs, sizes = random_problem(3, layers=8)
+    sizes = [[s + 1 for s in b] for b in sizes]  # gcd 1: a fine grid
+    lo, hi = sum(min(b) for b in sizes), sum(max(b) for b in sizes)
+    for budget in range(lo, hi, 37):
+        a = allocate(costs, sizes, budget, max_steps=16)
+        assert not a.exact or budget <= 16
+        assert a.total_bits <= budget
+        assert a.total_cost >= brute_force(costs, sizes, budget)[0] - 1e-9
+
+
+def test_bad_input():
+    with pytest.raises(UserError, match="below the smallest option"):
+        allocate([[1.0, 2.0]], [[100, 50]], 49)
+    with pytest.raises(UserError, match="no linear"):
+        allocate([], [], 10)
+    with pytest.raises(UserError, match="at least one option"):
+        allocate([[]], [[]], 10)
+    with pytest.raises(UserError, match="empty"):
+        parse_candidates(" , ", QuantArgs())
+    with pytest.raises(UserError, match="twice"):
+        parse_candidates("w4g64,w4g64", QuantArgs())
+    with pytest.raises(UserError, match="wBITS"):
+        parse_candidate("int4", QuantArgs())
+    with pytest.raises(UserError, match="2 to 8"):
+        parse_candidate("w9g64", QuantArgs())
+    with pytest.raises(UserError, match="budget"):
+        budget_bits(0.0, 10)
+
+
+def test_candidates_and_sizes_match_the_size_report():
+    base = QuantArgs(bits=4, group_size=64, full_range=True)
+    c = parse_candidates("w2g64,W3g32,w8", base)
+    assert c["w2g64"] == QuantArgs(bits=2, group_size=64, full_range=True)
+    assert c["w3g32"].group_size == 32 and c["w8"].granularity == "channel" and c["w8"].full_range
+    # 4 bits + a 16-bit scale per 64 weights
+    assert setting_bits(QuantArgs(bits=4, group_size=64), 8, 128) == 8 * 128 * 4 + 8 * 2 * 16
+    m = tiny_llama()
+    rep = compress(m, [__import__("llmpress").stage("rtn", weights=c["w3g32"])], engine=QUIET)
+    r = rep.result.records["model.layers.0.mlp.down_proj"]
+    assert setting_bits(c["w3g32"], r.out_features, r.in_features) == pytest.approx(r.bits_per_weight() * r.n_params)
+
+
+def test_costs_are_hessian_weighted_errors():
+    m = tiny_llama()
+    name = "model.layers.1.mlp.down_proj"
+    H = collect_hessians(m, [name], random_windows(4, 16))[name]
+    w = dict(m.named_modules())[name].weight.detach()
+    args = QuantArgs(bits=3, group_size=32)
+    rtn, _ = quantize_weight(w, args)
+    assert setting_cost(w, H, args, "rtn") == pytest.approx(layer_error(w, rtn, H))
+    assert setting_cost(w, H, args, "gptq") < setting_cost(w, H, args, "rtn")
+    assert setting_cost(w, H, QuantArgs(bits=8, group_size=32), "rtn") < setting_cost(w, H, args, "rtn")
+
+
+def test_plan_bits_recipe_compresses_within_budget():
+    m = tiny_llama()
+    data = random_windows(4, 32)
+    plan = plan_bits(m, data, base=load_recipe("gptq-w4g64"), candidates="w2g32,w3g32,w4g32", budget=3.4)
+    assert plan.bits_per_weight <= 3.4 and plan.exact
+    assert len(plan.choice) == 14 and len(set(plan.choice.values())) >= 2
+    assert plan.uniform["w3g32"][1] > plan.cost > plan.uniform["w4g32"][1]
+    # the recipe round-trips through YAML and compresses to the planned bits
+    recipe = Recipe.from_yaml(plan.recipe.to_yaml())
+    assert all(st.ignore == () and all(t in plan.choice for t in st.targets) for st in recipe.stages)
+    rep = compress(tiny_llama(), recipe, data=data, engine=QUIET)
+    recs = rep.result.records
+    assert {n: f"w{r.weight_args.bits}g{r.weight_args.group_size}" for n, r in recs.items()} == plan.choice
+    bits = sum(r.bits_per_weight() * r.n_params for r in recs.values()) / sum(r.n_params for r in recs.values())
+    assert bits == pytest.approx(plan.bits_per_weight)
+    with pytest.raises(UserError, match="below the smallest option"):
+        plan_bits(m, data, base=load_recipe("rtn-w4g64"), candidates="w2g32,w4g32", budget=2.1)
+
+
+def test_plan_is_deterministic():
+    data = random_windows(4, 16)
+    a, b = (
+        plan_bits(tiny_llama(), data, base=load_recipe("gptq-w4g64"), candidates="w2g32,w3g32,w4g32", budget=3.0, solver="gptq") for _ in range(2)
+    )
+    assert a.choice == b.choice and a.cost == b.cost and a.recipe.to_yaml() == b.recipe.to_yaml()
+    assert a.bits_per_weight <= 3.0
+
+
+def test_plan_keeps_the_head_stage():
+    m = tiny_llama()
+    plan = plan_bits(m, random_windows(2, 16), base=load_recipe("rtn-w4g64-head8"), candidates="w3g32,w4g32", budget=3.6)
+    heads = [st for st in plan.recipe.stages if "lm_head" in st.targets]
+    assert len(heads) == 1 and heads[0].config.weights.bits == 8
+    assert sum(len(st.targets) for st in plan.recipe.stages if st not in heads) == 14
+
+
+def test_a_setting_offered_only_where_its_group_divides():
+    # tiny llama: inputs of 64 (attention, gate/up) and 128 (down_proj); g128 fits down_proj only
+    plan = plan_bits(tiny_llama(), random_windows(2, 16), base=load_recipe("rtn-w4g64"), candidates="w2g32,w4g128", budget=8.0)
+    assert plan.uniform["w4g128"] is None and plan.uniform["w2g32"] is not None
+    assert {n for n, lab in plan.choice.items() if lab == "w4g128"} == {f"model.layers.{i}.mlp.down_proj" for i in range(2)}
+    assert "(not for every linear)" in plan.table()
+
+
+def test_cli(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "mixed.yaml"
+    argv = ["plan-bits", str(tiny_model_dir), "--budget", "3.5", "--candidates", "w3g32,w4g32", "--out", str(out)]
+    argv += ["--calib-samples", "4", "--calib-seqlen", "32", "--no-progress"]
+    assert run_cli(argv) == 0
+    text = capsys.readouterr().out
+    assert "mixed" in text and str(out) in text
+    d = yaml.safe_load(out.read_text())
+    assert d["name"] == "gptq-w4g64-mixed3.5" and {s["weights"]["bits"] for s in d["stages"]} <= {3, 4}
+    cli_fails(capsys, argv[:3] + ["1.5"] + argv[4:], "below the smallest candidate")
+    cli_fails(capsys, argv[:5] + [" "] + argv[6:], "empty")
+    cli_fails(capsys, argv + ["--base", "magnitude-50"], "no stage quantizes weights")
