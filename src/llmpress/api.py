@@ -24,6 +24,7 @@ from .calib.engine import run as run_engine
 from .calib.plan import CompressResult, Plan, build_plan
 from .checkpoint import META_FILE, SAVE_FORMATS, load_compressed, save, saved_records  # noqa: F401 (the public API's save/load)
 from .errors import UserError
+from .eval.generate import agreement, greedy_continuations
 from .eval.kl import baseline_record, set_kl
 from .eval.memory import PhaseTracker, peak_gpu_mb, peak_rss_mb
 from .eval.perplexity import perplexity
@@ -280,6 +281,7 @@ def _pipeline(
                                           progress=progress, blocks=get_arch(model).blocks, measure=measure)  # fmt: skip
             seconds["reference_eval"] = time.perf_counter() - t
     score_tasks(model, tok, tasks, phase="baseline_tasks", phases=phases, seconds=seconds, figures=baseline, show_progress=progress)
+    _generations(model, tok, evaluation, baseline, phases=phases, seconds=seconds, phase="baseline_generate")
     phases.start("compress")
     report = _compress(model, plan, calib_data, tokenizer=tok, calib=calib, engine=engine)
     report.model = model_spec
@@ -299,6 +301,7 @@ def _pipeline(
         report.reference = reference
         check_transfer(report, tuple(src for src, _ in calib.mix))
     score_tasks(model, tok, tasks, phase="compressed_tasks", phases=phases, seconds=report.seconds, figures=report.compressed, show_progress=progress)
+    _generations(model, tok, evaluation, report.compressed, phases=phases, seconds=report.seconds, phase="compressed_generate", before=baseline)
     report.evaluation.update(tasks_record(tasks))
     report.environment = environment(device)
     if out_path is not None and group.rank == 0:
@@ -316,6 +319,19 @@ def _pipeline(
         report.write_json(json_path)
     group.barrier()  # the other ranks leave once the checkpoint is written
     return report
+
+
+def _generations(model, tok, evaluation: EvalConfig | None, figures: dict, *, phases, seconds: dict, phase: str, before: dict | None = None) -> None:
+    """Greedy continuations of the fixed prompts into ``figures["generations"]`` (and, after
+    compression, their agreement with ``before``'s); nothing without evaluation or with 0 tokens."""
+    if evaluation is None or not evaluation.generate_tokens:
+        return
+    phases.start(phase)
+    t = time.perf_counter()
+    figures["generations"] = greedy_continuations(model, tok, new_tokens=evaluation.generate_tokens, bos=bos_for(tok, model))
+    if before is not None and "generations" in before:
+        figures["generation_agreement"] = agreement(before["generations"], figures["generations"])
+    seconds[phase] = time.perf_counter() - t
 
 
 def _stream_pipeline(

@@ -36,6 +36,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="of each source's test windows, the first N also scored for KL divergence and top-1 agreement with the baseline "
         "(its log-probabilities wait on disk: N x seqlen x vocab x 2 bytes; 0: off; default 8)",
     )
+    p.add_argument(
+        "--generate-tokens",
+        type=_at_least(0),
+        default=24,
+        help="compress: greedy tokens after each of a few fixed prompts, before and after compression, in the report (0: off; default 24)",
+    )
     p.add_argument("--json", dest="json_path", help="write the report as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines (errors and warnings still print)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what each step does (INFO level)")
@@ -263,7 +269,8 @@ def eval_config(args):
     """The evaluation settings of a parsed `compress` / `eval` command line."""
     from . import api
 
-    return api.EvalConfig(source=args.eval_data, seqlen=args.seqlen, max_windows=args.eval_windows, kl_windows=args.kl_windows)
+    return api.EvalConfig(source=args.eval_data, seqlen=args.seqlen, max_windows=args.eval_windows, kl_windows=args.kl_windows,
+                          generate_tokens=args.generate_tokens)  # fmt: skip
 
 
 def task_config(args):

@@ -102,6 +102,14 @@ class Report:
                 rows.append((f"top-1 agreement{where}", "", f"{100 * top1[s]:.2f}%"))
         return rows
 
+    def generation_rows(self) -> list[tuple[str, str, str]]:
+        """The table's row of greedy continuations (:mod:`llmpress.eval.generate`): prompts continued
+        as the baseline does, and the mean share of tokens before the first difference."""
+        g = self.compressed.get("generation_agreement")
+        if not g:
+            return []
+        return [("greedy continuations as baseline's", "", f"{g['identical']}/{g['prompts']} (first {100 * g['common_prefix']:.0f}% of tokens)")]
+
     def set_memory(self, tracker) -> None:
         """Peak RSS, the phase that set it and the per-phase table of a
         :class:`llmpress.eval.memory.PhaseTracker`."""
@@ -114,7 +122,7 @@ class Report:
 
     def table(self) -> str:
         ppl_rows = self.ppl_rows()
-        rows = [("", "baseline", "compressed"), *ppl_rows, *self.kl_rows(), *self.task_rows()]
+        rows = [("", "baseline", "compressed"), *ppl_rows, *self.kl_rows(), *self.task_rows(), *self.generation_rows()]
         f = _fmt
         for key, label, fmt in (
             ("bits_per_weight", "bits per weight (linears)", ".3f"),

@@ -43,6 +43,7 @@ class EvalConfig:
     max_windows: int | None = 64
     batch_size: int = 1  # windows per forward: larger is slightly faster on CPU and raises peak RSS
     kl_windows: int = 8  # of each source's windows, the first ones scored for KL divergence and top-1 (eval/kl.py); 0: off
+    generate_tokens: int = 24  # greedy tokens after each fixed prompt, before and after compression (eval/generate.py); 0: off
 
     def __post_init__(self):
         at_least(self.seqlen, 2, "evaluation window length (--seqlen)")
@@ -50,6 +51,7 @@ class EvalConfig:
             at_least(self.max_windows, 1, "evaluation windows (--eval-windows)")
         at_least(self.batch_size, 1, "evaluation batch size")
         at_least(self.kl_windows, 0, "KL divergence windows (--kl-windows)")
+        at_least(self.generate_tokens, 0, "greedy tokens per prompt (--generate-tokens)")
         _ = self.sources  # a malformed source list fails here
 
     @property

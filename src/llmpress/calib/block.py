@@ -162,6 +162,10 @@ class BlockContext:
     group: Group = field(default_factory=Group)  # data-parallel ranks: ``inputs`` are this rank's share
     total_batches: int | None = None  # calibration batches over all ranks (default: len(inputs))
     batch_windows: int | None = None  # windows per batch (default: the first batch's)
+    # the full-precision model's inputs of this block and this block's outputs on them, per
+    # batch: only when a block stage's config has ``needs_fp_stream`` (None otherwise)
+    fp_inputs: ActivationStore | None = None
+    fp_outputs: ActivationStore | None = None
     _first: list = field(default_factory=list, repr=False)  # the global first batches gathered here (several ranks)
 
     @property

@@ -160,6 +160,7 @@ def _run_sequential(
     layers = get_module(model, spec.blocks)
     head_needs = state.needs.get(spec.lm_head)
     start = 0 if ckpt is None else _resume(ckpt, opts.resume, state, layers, opts.blocks)
+    fp = _FullPrecisionStream(inputs, state) if any(getattr(st.config, "needs_fp_stream", False) for _, st in block_stages) else None
     if start:
         inputs.clear()
         inputs = ActivationStore(state.offload)
@@ -173,7 +174,11 @@ def _run_sequential(
             opts.blocks.load(i, block, prefix)
         ctx = BlockContext(index=i, prefix=prefix, block=block, spec=spec, inputs=inputs, call_args=call_args[i], targets={}, records=state.records,
                            group=state.group, total_batches=len(batches), batch_windows=batch_size)  # fmt: skip
+        if fp is not None:
+            ctx.fp_inputs, ctx.fp_outputs = fp.inputs, fp.step(block, call_args[i])
         _run_block_stages(state, block_stages, ctx)
+        if fp is not None:
+            fp.advance()
         keep_outputs = i < len(layers) - 1 or bool(head_needs)
         outputs = _solve_block(state, opts, block, prefix, inputs, call_args[i], keep_outputs)
         if ckpt is not None:
@@ -194,6 +199,33 @@ def _run_sequential(
     wrap_act_quant(model, "", outside, state.records)
     state.seconds["calibration_forward"] = state.forward_s
     return EngineResult(state.records, state.seconds)
+
+
+class _FullPrecisionStream:
+    """The full-precision model's block inputs, carried beside the compressed ones for block
+    stages that ask for them (``needs_fp_stream`` on their config: parallel-mode
+    reconstruction). One more activation store; one forward per block of the block as it
+    is before its stages (whose outputs are the next block's full-precision inputs)."""
+
+    def __init__(self, captured: ActivationStore, state: RunState):
+        if state.group.active:
+            raise UserError("a block stage needs the full-precision inputs of every block (parallel mode): not with several processes yet")
+        self.state = state
+        self.inputs = ActivationStore(state.offload)
+        for b in range(len(captured)):
+            self.inputs.append(captured[b])
+        self.outputs: ActivationStore | None = None
+
+    def step(self, block: nn.Module, call_args: list) -> ActivationStore:
+        t = time.perf_counter()
+        self.outputs = ActivationStore(self.state.offload)
+        run_batches(block, self.inputs, call_args, each=lambda _b, y: self.outputs.append(y))
+        self.state.forward_s += time.perf_counter() - t
+        return self.outputs
+
+    def advance(self) -> None:
+        self.inputs.clear()
+        self.inputs, self.outputs = self.outputs, None
 
 
 def _resume(ckpt: BlockCheckpoints, resume: bool, state: RunState, layers, blocks=None) -> int:

@@ -95,6 +95,10 @@ def check_resumable(recipe, ranks: int = 1) -> None:
             raise UserError(
                 f"--resume: recipe stage {i} ({st.method}) changes the block's modules ({what}), which a block checkpoint does not rebuild"
             )
+        if getattr(st.config, "needs_fp_stream", False):
+            raise UserError(
+                f"--resume: recipe stage {i} ({st.method}) needs the full-precision stream of block inputs, which a block checkpoint does not keep"
+            )
     if ranks > 1:
         raise UserError("--resume: not with several processes yet (each rank would keep its own activations)")
 

@@ -1,0 +1,404 @@
+"""Block-wise reconstruction (AutoRound's scheme, Cheng et al., 2023): per decoder block,
+learn every targeted linear's rounding offsets and per-group clipping factors by SignSGD,
+minimizing the mean squared error between the quantized block's output and its target.
+
+For each linear, per quantization group (weights ``w``, range ``[lo, hi]`` from min-max):
+
+    lo' = beta * lo,  hi' = alpha * hi,          alpha, beta in [clip_min, 1]
+    s   = (hi' - lo') / (qmax - qmin),  z = round(-lo' / s)          (asymmetric)
+    s   = alpha * max(|lo|, |hi|) / qmax  (or qmax + 1/2, full range),  z = 0  (symmetric)
+    q   = clamp(round(w / s + V) + z, qmin, qmax),  V in [-1/2, 1/2]
+    w^  = s (q - z)
+
+``round`` passes gradients straight through (STE). Loss: ``mean((block_q(x) - y)^2)``
+over a few calibration windows per step. Update (SignSGD, linear decay to 0 as AutoRound):
+``p <- clamp(p - lr_t sign(dL/dp))``, ``lr_t = lr (1 - t / iters)``, for V (clamped to
+[-1/2, 1/2]) and alpha/beta (clamped to [clip_min, 1]: a range only narrows, never
+widens beyond min-max). V, alpha, beta start at 0, 1, 1: step 0 is round-to-nearest on
+the min-max grid. The parameters of the step with the lowest loss are kept (as AutoRound).
+At the end the codes are hard, ``round(w / s + V) + z`` on the grid of ``_int_params(beta lo,
+alpha hi)`` (the stage's QuantArgs, float16 scales included), so the record's qparams are an
+ordinary integer grid that the packed checkpoint stores and verifies bit for bit. If the
+learned block does worse than round-to-nearest over all the calibration batches, RTN is kept.
+
+Mode ``sequential``: inputs are what the engine hands a block-scope stage (the outputs of
+the already-compressed blocks before it), targets the full-precision block on those same
+inputs. ``parallel``: inputs and targets both from the full-precision model; the config's
+``needs_fp_stream`` makes the engine carry the full-precision block inputs beside the
+compressed ones (one more activation store, one block forward per block; one process, no
+block checkpoints).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from .. import progress
+from ..arch import get_module
+from ..errors import RecipeError, UserError
+from ..registry import register
+from .args import QuantArgs, check_group_divides
+from .core import QParams, _dequant, _int_params, group_view
+
+_EPS = 1e-12
+MODES = ("sequential", "parallel")
+
+
+@dataclass(kw_only=True, frozen=True)
+class BlockwiseOptions:
+    """``iters`` SignSGD steps per block, ``lr`` for the offsets V (AutoRound: 1/iters),
+    ``clip_lr`` for the clipping factors (default: ``lr``), ``windows_per_step`` calibration
+    windows per step (taken in turn from the engine's batches), ``learn_clip`` with factors
+    in [``clip_min``, 1], ``keep_best``: keep the step with the lowest loss."""
+
+    iters: int = 100
+    lr: float = 0.01
+    clip_lr: float | None = None
+    learn_clip: bool = True
+    clip_min: float = 0.5
+    windows_per_step: int = 2
+    keep_best: bool = True
+
+    def __post_init__(self):
+        check_block_options(self)
+
+
+def check_block_options(o, error: type[UserError] = UserError) -> None:
+    """Refuse options the optimization cannot run with, naming the field (``error``:
+    RecipeError from the method's config)."""
+
+    def number(key):
+        v = getattr(o, key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise error(f"{key}={v!r}: expected a number")
+        return v
+
+    for key in ("iters", "windows_per_step"):
+        v = getattr(o, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise error(f"{key}={v!r}: expected an integer of at least 1")
+    if number("lr") <= 0:
+        raise error(f"lr={o.lr!r}: expected a positive number")
+    if o.clip_lr is not None and number("clip_lr") <= 0:
+        raise error(f"clip_lr={o.clip_lr!r}: expected a positive number")
+    if not 0.0 < number("clip_min") <= 1.0:
+        raise error(f"clip_min={o.clip_min!r}: expected a fraction in (0, 1]")
+
+
+def check_grid(args: QuantArgs | None, error: type[UserError] = UserError, where: str = "") -> None:
+    if args is None:
+        raise error("weights: blockwise needs weight quantization arguments")
+    if args.kind != "int":
+        raise error(f"{where}weights.kind: blockwise learns the rounding of integer grids, not {args.kind!r}")
+    if args.granularity == "token":
+        raise error(f"{where}weights.granularity: 'token' is for activations; use tensor, channel or group")
+    if args.observer != "minmax":
+        raise error(f"{where}weights.observer: blockwise learns its own clipping from the min-max range; use observer: minmax")
+
+
+def _ste_round(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+class LearnedQuant:
+    """One linear's learnable quantizer: offsets V [R, G, g], clipping factors alpha (hi)
+    and beta (lo, asymmetric grids only) [R, G]."""
+
+    def __init__(self, weight: torch.Tensor, args: QuantArgs, *, learn_clip: bool, name: str | None = None):
+        check_grid(args, UserError, f"layer {name}: " if name else "")
+        if weight.dim() == 2:
+            check_group_divides(args, weight.shape[1], f"layer {name}: " if name else "")
+        self.args, self.shape, self.dtype = args, weight.shape, weight.dtype
+        self.wg = group_view(weight.detach().float(), args, name).clone()
+        lo, hi = self.wg.amin(-1), self.wg.amax(-1)
+        self.lo, self.hi = lo * args.clip_ratio, hi * args.clip_ratio
+        self.v = torch.zeros_like(self.wg, requires_grad=True)
+        self.alpha = torch.ones_like(self.lo, requires_grad=True) if learn_clip else None
+        self.beta = torch.ones_like(self.lo, requires_grad=True) if learn_clip and not args.symmetric else None
+
+    def params(self) -> list[torch.Tensor]:
+        return [p for p in (self.v, self.alpha, self.beta) if p is not None]
+
+    def _range(self):
+        a = 1.0 if self.alpha is None else self.alpha
+        b = a if self.args.symmetric else (1.0 if self.beta is None else self.beta)
+        return self.lo * b, self.hi * a
+
+    def soft(self) -> torch.Tensor:
+        """The weight the block computes with during learning (differentiable in V, alpha, beta)."""
+        args = self.args
+        lo, hi = self._range()
+        if args.symmetric:
+            amax = torch.maximum(lo.abs(), hi.abs())
+            s = (amax / (args.qmax + 0.5 if args.full_range else args.qmax)).clamp_min(_EPS).unsqueeze(-1)
+            z = 0.0
+        else:
+            lo, hi = lo.clamp_max(0), hi.clamp_min(0)
+            s = ((hi - lo) / (args.qmax - args.qmin)).clamp_min(_EPS).unsqueeze(-1)
+            z = torch.clamp(_ste_round(-lo.unsqueeze(-1) / s), args.qmin, args.qmax)
+        q = torch.clamp(_ste_round(self.wg / s + self.v) + z, args.qmin, args.qmax)
+        return ((q - z) * s).reshape(self.shape).to(self.dtype)
+
+    def hard(self) -> tuple[torch.Tensor, QParams, torch.Tensor]:
+        """(weight on the grid, its qparams, its integer codes) from the current V, alpha, beta."""
+        with torch.no_grad():
+            lo, hi = self._range()
+            qp = _int_params(lo.detach(), hi.detach(), self.args)
+            z = 0.0 if qp.zero_point is None else qp.zero_point.unsqueeze(-1)
+            codes = torch.clamp(torch.round(self.wg / qp.scale.unsqueeze(-1) + self.v) + z, self.args.qmin, self.args.qmax)
+            w = _dequant(codes, qp).reshape(self.shape).to(self.dtype)
+        return w, qp, codes
+
+    def clip_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha, beta) as used (ones where not learned)."""
+        a = torch.ones_like(self.lo) if self.alpha is None else self.alpha.detach()
+        b = a if self.args.symmetric else (torch.ones_like(self.lo) if self.beta is None else self.beta.detach())
+        return a, b
+
+    def project(self, clip_min: float) -> None:
+        with torch.no_grad():
+            self.v.clamp_(-0.5, 0.5)
+            for p in (self.alpha, self.beta):
+                if p is not None:
+                    p.clamp_(clip_min, 1.0)
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params()]
+
+    def restore(self, values: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.params(), values):
+                p.copy_(v)
+
+    def reset(self) -> None:
+        """Back to round-to-nearest on the min-max grid."""
+        with torch.no_grad():
+            self.v.zero_()
+            for p in (self.alpha, self.beta):
+                if p is not None:
+                    p.fill_(1.0)
+
+
+def slice_call(x: torch.Tensor, args: tuple, kwargs: dict, start: int, stop: int):
+    """Windows ``start:stop`` of a batch: ``x`` and every call tensor of 2+ dims whose first
+    dimension is the batch's (masks, position ids, rotary tables; a 1-d cache_position and
+    tables shared by the batch, first dimension 1, stay whole)."""
+    n = x.shape[0]
+
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == n and n > 1:
+            return v[start:stop]
+        if isinstance(v, tuple):
+            return tuple(cut(e) for e in v)
+        return v
+
+    return x[start:stop], tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+
+def _forward(block: nn.Module, weights: dict[str, torch.Tensor], x, args, kwargs) -> torch.Tensor:
+    y = functional_call(block, weights, (x, *args), kwargs)
+    return y[0] if isinstance(y, tuple) else y
+
+
+def _steps(xs: Sequence[torch.Tensor], wps: int):
+    """(batch, start, stop) of every step's windows, in turn over the batches."""
+    chunks = []
+    for b in range(len(xs)):
+        n = xs[b].shape[0]
+        chunks += [(b, i, min(n, i + wps)) for i in range(0, n, wps)]
+    return chunks
+
+
+def block_error(block: nn.Module, quants: dict[str, LearnedQuant], xs, call_args, ys, *, hard: bool = True) -> float:
+    """Mean squared error of the block's output over every calibration batch, with the
+    quantizers' hard (or soft) weights in place of the targeted linears' weights."""
+    with torch.no_grad():
+        weights = {f"{loc}.weight": (q.hard()[0] if hard else q.soft()) for loc, q in quants.items()}
+        total, count = 0.0, 0
+        for b in range(len(xs)):
+            args, kwargs = call_args[b]
+            y = _forward(block, weights, xs[b], args, kwargs)
+            total += float((y.float() - ys[b].float()).pow(2).sum())
+            count += y.numel()
+    return total / max(count, 1)
+
+
+@dataclass(kw_only=True)
+class BlockResult:
+    error_rtn: float  # block output MSE over all calibration batches, round-to-nearest (min-max grid)
+    error: float  # the same for the result
+    kept_rtn: bool = False  # the learned parameters did worse: round-to-nearest kept
+    best_step: int = 0
+    losses: list[float] = field(default_factory=list)  # per step (the mini-batch loss before the update)
+
+
+def learn_block(
+    block: nn.Module,
+    quants: dict[str, LearnedQuant],
+    xs: Sequence[torch.Tensor],
+    call_args: Sequence,
+    ys: Sequence[torch.Tensor],
+    options: BlockwiseOptions | None = None,
+    bar=None,
+) -> BlockResult:
+    """SignSGD on every quantizer's V (and clipping factors) against the block's targets
+    ``ys`` for inputs ``xs`` (with their call arguments). The quantizers end at the best
+    (or last) step, or back at round-to-nearest if that was better over all batches.
+    The block's own weights are not changed (the caller writes ``hard()``)."""
+    o = options or BlockwiseOptions()
+    clip_lr = o.lr if o.clip_lr is None else o.clip_lr
+    frozen = [(p, p.requires_grad) for p in block.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    chunks = _steps(xs, o.windows_per_step)
+    best, best_loss, best_step, losses = None, math.inf, 0, []
+    try:
+        with torch.enable_grad():
+            for step in range(o.iters):
+                b, i, j = chunks[step % len(chunks)]
+                x, args, kwargs = slice_call(xs[b], *call_args[b], i, j)
+                weights = {f"{loc}.weight": q.soft() for loc, q in quants.items()}
+                loss = (_forward(block, weights, x, args, kwargs).float() - ys[b][i:j].float()).pow(2).mean()
+                value = float(loss.detach())
+                losses.append(value)
+                if o.keep_best and value < best_loss:
+                    best_loss, best_step, best = value, step, {loc: q.snapshot() for loc, q in quants.items()}
+                params = [(p, o.lr if p is q.v else clip_lr) for q in quants.values() for p in q.params()]
+                grads = torch.autograd.grad(loss, [p for p, _ in params], allow_unused=True)
+                decay = 1.0 - step / o.iters
+                with torch.no_grad():
+                    for (p, lr), g in zip(params, grads):
+                        if g is not None:
+                            p.sub_(torch.sign(g) * (lr * decay))
+                for q in quants.values():
+                    q.project(o.clip_min)
+                if bar is not None:
+                    bar.update(1, f"loss {value:.3g}")
+    finally:
+        for p, req in frozen:
+            p.requires_grad_(req)
+    if best is not None:
+        for loc, q in quants.items():
+            q.restore(best[loc])
+    err = block_error(block, quants, xs, call_args, ys)
+    saved = {loc: q.snapshot() for loc, q in quants.items()}
+    for q in quants.values():
+        q.reset()
+    err_rtn = block_error(block, quants, xs, call_args, ys)
+    if err > err_rtn:
+        return BlockResult(error_rtn=err_rtn, error=err_rtn, kept_rtn=True, best_step=best_step, losses=losses)
+    for loc, q in quants.items():
+        q.restore(saved[loc])
+    return BlockResult(error_rtn=err_rtn, error=err, best_step=best_step, losses=losses)
+
+
+# --------------------------------------------------------------------------- method
+@dataclass(kw_only=True, frozen=True)
+class Blockwise:
+    """Block-wise reconstruction stage (see the module docstring). ``weights``: the grid
+    (observer min-max: the learned clipping replaces the MSE search). ``mode``:
+    ``sequential`` (inputs: the compressed blocks' outputs) or ``parallel`` (inputs and
+    targets from the full-precision model).
+    ``batches``: calibration batches learned on (None: all the engine has)."""
+
+    weights: QuantArgs = field(default_factory=lambda: QuantArgs(bits=4, group_size=64))
+    mode: str = "sequential"
+    iters: int = 100
+    lr: float = 0.01
+    clip_lr: float | None = None
+    learn_clip: bool = True
+    clip_min: float = 0.5
+    windows_per_step: int = 2
+    keep_best: bool = True
+    batches: int | None = None
+
+    def __post_init__(self):
+        check_block_options(self, RecipeError)
+        check_grid(self.weights, RecipeError)
+        if self.mode not in MODES:
+            raise RecipeError(f"mode={self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.batches is not None and (isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1):
+            raise RecipeError(f"batches={self.batches!r}: expected an integer of at least 1 (or null: all)")
+
+    @property
+    def needs_fp_stream(self) -> bool:
+        """Parallel mode: the engine carries the full-precision model's block inputs."""
+        return self.mode == "parallel"
+
+    def options(self) -> BlockwiseOptions:
+        keys = ("iters", "lr", "clip_lr", "learn_clip", "clip_min", "windows_per_step", "keep_best")
+        return BlockwiseOptions(**{k: getattr(self, k) for k in keys})
+
+
+def _parallel_data(ctx, batches: int | None):
+    """The full-precision model's inputs of this block, their call arguments and the
+    full-precision block's outputs on them (the engine's stream, ``needs_fp_stream``)."""
+    if ctx.fp_inputs is None or ctx.fp_outputs is None:
+        raise UserError("blockwise mode parallel: the engine gave this block no full-precision inputs")
+    n = len(ctx.fp_inputs) if batches is None else min(batches, len(ctx.fp_inputs))
+    return [ctx.fp_inputs[b] for b in range(n)], [ctx.call_args[b] for b in range(n)], [ctx.fp_outputs[b] for b in range(n)]
+
+
+def capture_block(ctx, batches: int | None):
+    """One pass of the block as it is (full precision): per batch its input, its call
+    arguments and its output (the target)."""
+    xs, calls, ys = [], [], []
+
+    def pre(_m, args, kwargs):
+        xs.append(args[0].detach())
+        calls.append((tuple(args[1:]), dict(kwargs)))
+
+    h = ctx.block.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        ctx.run(batches=batches, each=lambda _b, y: ys.append(y.detach()))
+    finally:
+        h.remove()
+    return xs, calls, ys
+
+
+@register(
+    "blockwise",
+    Blockwise,
+    scope="block",
+    summary="block-wise reconstruction: rounding offsets + clipping learned per block by SignSGD (AutoRound-style)",
+)
+def blockwise(ctx, cfg: Blockwise) -> None:
+    xs, calls, ys = _parallel_data(ctx, cfg.batches) if cfg.mode == "parallel" else capture_block(ctx, cfg.batches)
+    quants = {
+        loc: LearnedQuant(get_module(ctx.block, loc).weight.data, cfg.weights, learn_clip=cfg.learn_clip, name=full)
+        for loc, full in ctx.targets.items()
+    }
+    with progress.bar(cfg.iters, f"blockwise block {ctx.index}", "step") as bar:
+        res = learn_block(ctx.block, quants, xs, calls, ys, cfg.options(), bar=bar)
+    del xs, calls, ys
+    for loc, q in quants.items():
+        w, qp, codes = q.hard()
+        lin = get_module(ctx.block, loc)
+        lin.weight.data.copy_(w)
+        rec = ctx.record(loc)
+        rec.methods.append("blockwise")
+        rec.weight_args = cfg.weights
+        rec.qparams = qp
+        a, b = q.clip_factors()
+        rec.notes["blockwise"] = {
+            "block_mse_rtn": res.error_rtn,
+            "block_mse": res.error,
+            "kept_rtn": res.kept_rtn,
+            "best_step": res.best_step,
+            "clip_mean": round(float(a.mean()), 4),
+            "clip_lo_mean": round(float(b.mean()), 4),
+            "moved": round(float((codes != _rtn_codes(q)).float().mean()), 4),
+        }
+
+
+def _rtn_codes(q: LearnedQuant) -> torch.Tensor:
+    """Nearest-rounding codes of the quantizer's weight on its min-max grid."""
+    qp = _int_params(q.lo, q.hi, q.args)
+    z = 0.0 if qp.zero_point is None else qp.zero_point.unsqueeze(-1)
+    return torch.clamp(torch.round(q.wg / qp.scale.unsqueeze(-1)) + z, q.args.qmin, q.args.qmax)
