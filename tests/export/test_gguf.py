@@ -280,3 +280,26 @@ def test_smollm2_q4_0_exports_bit_for_bit(tmp_path):
     assert [_field(r, k) for k in ("llama.block_count", "llama.attention.head_count", "llama.attention.head_count_kv")] == [30, 9, 3]
     assert len(_field(r, "tokenizer.ggml.tokens")) == 49152 and len(r.fields["tokenizer.ggml.merges"].data) > 40000
     assert "output.weight" not in _tensors(out)
+
+
+@pytest.mark.parametrize(
+    ("pre", "name"),
+    [
+        ({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}, "gpt-2"),
+        (
+            {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "add_prefix_space": False}]},
+            "smollm",
+        ),
+        ({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": False}, {"type": "ByteLevel"}]}, None),
+        ({"type": "ByteLevel", "add_prefix_space": True}, None),
+        ({"type": "Metaspace"}, None),
+    ],
+)
+def test_pre_tokenizer_names_only_exact_llama_cpp_matches(pre, name):
+    from llmpress.export.gguf import _pre_tokenizer
+
+    if name is None:
+        with pytest.raises(UserError, match="no known llama.cpp name"):
+            _pre_tokenizer({"pre_tokenizer": pre})
+    else:
+        assert _pre_tokenizer({"pre_tokenizer": pre}) == name

@@ -198,13 +198,24 @@ def _add_hparams(w, hp: _Hparams) -> None:
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
+def _byte_level_gpt2(pre: dict) -> bool:
+    return pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space", False)
+
+
 def _pre_tokenizer(tj: dict) -> str:
-    """llama.cpp's pre-tokenizer name for a tokenizer.json (the GPT-2 byte-level split), or a UserError."""
+    """llama.cpp's pre-tokenizer name for a tokenizer.json, or a UserError. Two exact matches:
+    the GPT-2 byte-level split (``gpt-2``), and digits split one by one before it (``smollm``:
+    llama.cpp's regex list for it is ``\\p{N}`` then the GPT-2 expression, what
+    SmolLM's ``Sequence[Digits(individual_digits), ByteLevel]`` does)."""
     pre = tj.get("pre_tokenizer") or {}
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space", False):
+    if _byte_level_gpt2(pre):
         return "gpt-2"
+    parts = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else []
+    if len(parts) == 2 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits") and _byte_level_gpt2(parts[1]):
+        return "smollm"
     raise UserError(
-        f"tokenizer pre-tokenizer {json.dumps(pre)[:120]} has no known llama.cpp name in this export (supported: byte-level BPE with the GPT-2 split)"
+        f"tokenizer pre-tokenizer {json.dumps(pre)[:120]} has no known llama.cpp name in this export "
+        "(supported: byte-level BPE with the GPT-2 split, optionally after single-digit splitting)"
     )
 
 
