@@ -22,7 +22,7 @@ from llmpress.runtime.act_quant import ActQuantLinear
 
 ppl_mod = sys.modules["llmpress.eval.perplexity"]  # the package re-exports the function under the module's name
 
-PIPELINE_PHASES = ["startup", "load", "eval_data", "baseline_eval", "compress", "compressed_eval", "save"]
+PIPELINE_PHASES = ["startup", "load", "eval_data", "baseline_eval", "baseline_generate", "compress", "compressed_eval", "compressed_generate", "save"]
 
 
 def _plain_reference(model, windows, batch_size) -> float:
