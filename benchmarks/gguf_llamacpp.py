@@ -81,24 +81,33 @@ class LlamaCpp:
         return torch.from_numpy(llm.scores[: len(window)].copy())
 
 
-def window_stats(base: torch.Tensor, other: torch.Tensor, tokens: torch.Tensor) -> dict:
-    """Summed NLL of ``other`` on tokens 2..L, per-position KL(base || other), top-1 matches."""
-    lb, lo = torch.log_softmax(base[:-1].double(), -1), torch.log_softmax(other[:-1].double(), -1)
+def window_stats(base_logp: torch.Tensor, other: torch.Tensor, tokens: torch.Tensor) -> dict:
+    """Summed NLL of ``other`` (logits) on tokens 2..L, per-position KL(base || other) from the
+    base's log-probabilities, top-1 matches."""
+    lb, lo = base_logp[:-1].float(), torch.log_softmax(other[:-1].float(), -1)
     nll = -lo.gather(1, tokens[1:, None]).sum().item()
     kl = (lb.exp() * (lb - lo)).sum(-1)
     top1 = (lb.argmax(-1) == lo.argmax(-1)).sum().item()
     return {"nll": nll, "kl": kl, "top1": top1, "n": tokens.numel() - 1}
 
 
-def score_file(cpp: LlamaCpp, path: Path, base_llm, sets: dict) -> dict:
+def base_logprobs(cpp: LlamaCpp, path: Path, sets: dict) -> dict:
+    """The F32 file's next-token log-probabilities on every window, float16 in memory
+    (16 windows x 512 x 49152 x 2 B = 0.8 GB per source), computed once for every file's KL."""
+    llm = cpp.load(path, n_ctx=next(iter(sets.values())).shape[1])
+    out = {src: [torch.log_softmax(cpp.logits(llm, w.tolist()), -1).half() for w in windows] for src, windows in sets.items()}
+    del llm
+    return out
+
+
+def score_file(cpp: LlamaCpp, path: Path, base: dict, sets: dict) -> dict:
     """Perplexity on llmpress's windows, KL from the F32 file and top-1 agreement, per source."""
     llm = cpp.load(path, n_ctx=next(iter(sets.values())).shape[1])
     out = {}
     for src, windows in sets.items():
         nll, n, top1, kls = 0.0, 0, 0, []
-        for w in windows:
-            ids = w.tolist()
-            s = window_stats(cpp.logits(base_llm, ids), cpp.logits(llm, ids), w)
+        for w, lb in zip(windows, base[src]):
+            s = window_stats(lb, cpp.logits(llm, w.tolist()), w)
             nll, n, top1 = nll + s["nll"], n + s["n"], top1 + s["top1"]
             kls.append(s["kl"])
         kl = torch.cat(kls)
@@ -140,7 +149,7 @@ def llmpress_vs_llamacpp(cpp: LlamaCpp, gguf_path: Path, ckpt: Path, windows: to
             ours = model(w[None]).logits[0].float()
         theirs = cpp.logits(llm, w.tolist())
         worst = max(worst, (ours - theirs).abs().max().item() / ours.std().item())
-        s = window_stats(ours, theirs, w)
+        s = window_stats(torch.log_softmax(ours, -1), theirs, w)
         kls.append(s["kl"])
         top1, n = top1 + s["top1"], n + s["n"]
     return {"max_abs_logit_diff_over_std": worst, "kl_mean": torch.cat(kls).mean().item(), "top1": top1 / n}
@@ -192,17 +201,17 @@ def peer_files(cpp: LlamaCpp, base: Path, calib_txt: Path, types: list[str], cal
 
 
 def table(rows: list[dict]) -> str:
-    srcs = list(rows[0]["ppl"])
+    srcs, lsrcs = list(rows[0]["ppl"]), list(rows[0]["llama_perplexity"])
     base = rows[0]
     head = ("| file | bytes | " + " | ".join(f"{s} ppl (x F32)" for s in srcs) + " | KL mean / p99 (wiki) | top-1 (wiki) | "
-            + " | ".join(f"llama-perplexity {s}" for s in srcs) + " | prefill / decode tok/s |")  # fmt: skip
+            + " | ".join(f"llama-perplexity {s}" for s in lsrcs) + " | prefill / decode tok/s |")  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         cells = [f"{r['ppl'][s]['ppl']:.3f} ({r['ppl'][s]['ppl'] / base['ppl'][s]['ppl']:.3f}x)" for s in srcs]
         w = r["ppl"][srcs[0]]
         sp = r.get("speed") or {}
         lines.append(f"| {r['file']} | {r['bytes']:,} | " + " | ".join(cells) + f" | {w['kl_mean']:.4f} / {w['kl_p99']:.3f} | {w['top1']:.3f} | "
-                     + " | ".join(f"{r['llama_perplexity'][s]:.3f}" for s in srcs)
+                     + " | ".join(f"{r['llama_perplexity'][s]:.3f}" for s in lsrcs)
                      + f" | {sp.get('prefill_tok_s', 0):.0f} / {sp.get('decode_tok_s', 0):.1f} |")  # fmt: skip
     checks = [f"- {r['file']}: llama.cpp vs llmpress on the same checkpoint: max |logit diff| / std {r['vs_llmpress']['max_abs_logit_diff_over_std']:.4f}, "
               f"KL {r['vs_llmpress']['kl_mean']:.2e}, top-1 {r['vs_llmpress']['top1']:.4f}" for r in rows if r.get("vs_llmpress")]  # fmt: skip
@@ -222,6 +231,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--check-windows", type=int, default=4, help="windows for the llama.cpp-vs-llmpress logit check")
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--perplexity-sources", type=int, default=1, help="sources (the first N) also scored by llama-perplexity")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "gguf")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "gguf-llamacpp.json")
     ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
@@ -248,17 +258,22 @@ def main() -> None:
     calib_txt = write_text(tok, calib, work / "calib.txt")
     ours = {f"llmpress {p}": llmpress_file(a.model, p, a.calib_samples, work) for p in a.presets.split(",")}
     base = base_file(cpp, folder, tokenizer_metadata(folder, len(tok))["pre"], work)
-    files = {"F32 (llama.cpp convert_hf_to_gguf)": base, **peer_files(cpp, base, calib_txt, a.peer_types.split(","), a.calib_samples, work),
-             **{k: v[0] for k, v in ours.items()}}  # fmt: skip
-    base_llm = cpp.load(base, n_ctx=next(iter(sets.values())).shape[1])
+    peers = peer_files(cpp, base, calib_txt, a.peer_types.split(","), a.calib_samples, work)
+    ordered = [*(v for k, v in peers.items() if "imatrix" in k), *(v for k, v in peers.items() if "imatrix" not in k)]
+    mine = [v[0] for v in ours.values()]
+    names = {v: k for k, v in peers.items()} | {v[0]: k for k, v in ours.items()}
+    files = {"F32 (llama.cpp convert_hf_to_gguf)": base}  # then llmpress's and llama.cpp's files in turn, imatrix ones first
+    for i in range(max(len(ordered), len(mine))):
+        files |= {names[p]: p for p in (mine[i : i + 1] + ordered[i : i + 1])}
+    base_lp = base_logprobs(cpp, base, sets)
     done = {r["file"] for r in rows}
     for label, path in files.items():
         if label in done:
             continue
         print(label, flush=True)
         t = time.perf_counter()
-        row = {"file": label, "path": str(path), "bytes": path.stat().st_size, "ppl": score_file(cpp, path, base_llm, sets),
-               "llama_perplexity": llama_perplexity(cpp, path, texts, a.eval_windows, work)}  # fmt: skip
+        row = {"file": label, "path": str(path), "bytes": path.stat().st_size, "ppl": score_file(cpp, path, base_lp, sets),
+               "llama_perplexity": llama_perplexity(cpp, path, {s: texts[s] for s in list(texts)[: a.perplexity_sources]}, a.eval_windows, work)}  # fmt: skip
         if label in ours:
             row["vs_llmpress"] = llmpress_vs_llamacpp(cpp, path, ours[label][1], sets[next(iter(sets))][: a.check_windows])
         if not a.no_speed:
