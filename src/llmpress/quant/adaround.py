@@ -13,7 +13,7 @@ core (19 minutes of wall time on the shared 2-core machine at a load average of 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ..errors import RecipeError
 from ..registry import ModuleContext, register
@@ -22,7 +22,7 @@ from .args import QuantArgs
 
 
 @dataclass(kw_only=True, frozen=True)
-class AdaRound:
+class AdaRound(AdaRoundOptions):
     """``weights``: the grid (its observer gives the starting scales: ``minmax`` or
     ``mse``, the latter weighted by diag(H)). ``iters``/``lr``: Adam on the rounding
     variables; ``lam``: weight of the rounding regularizer (the layer error is normalized
@@ -32,15 +32,6 @@ class AdaRound:
     starting scale."""
 
     weights: QuantArgs = field(default_factory=QuantArgs)
-    iters: int = 100
-    lr: float = 0.1
-    lam: float = 20.0
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    warmup: float = 0.2
-    learn_scale: bool = False
-    scale_lr: float = 1e-2
-    scale_min: float = 0.5
     activations: QuantArgs | None = None
 
     def __post_init__(self):
@@ -55,8 +46,8 @@ class AdaRound:
             raise RecipeError("learn_scale: the learned scales are float32; set weights.scale_dtype: float32")
 
     def options(self) -> AdaRoundOptions:
-        keys = ("iters", "lr", "lam", "beta_start", "beta_end", "warmup", "learn_scale", "scale_lr", "scale_min")
-        return AdaRoundOptions(**{k: getattr(self, k) for k in keys})
+        """The optimization's own settings (the fields this config inherits)."""
+        return AdaRoundOptions(**{f.name: getattr(self, f.name) for f in fields(AdaRoundOptions)})
 
 
 @register("adaround", AdaRound, needs=("hessian",), summary="AdaRound/AdaQuant: learned rounding (and group scales) per linear from its Hessian")
