@@ -202,9 +202,10 @@ def peer_files(cpp: LlamaCpp, base: Path, calib_txt: Path, types: list[str], cal
 
 def table(rows: list[dict]) -> str:
     srcs, lsrcs = list(rows[0]["ppl"]), list(rows[0]["llama_perplexity"])
+    speed = any(r.get("speed") for r in rows)
     base = rows[0]
     head = ("| file | bytes | " + " | ".join(f"{s} ppl (x F32)" for s in srcs) + " | KL mean / p99 (wiki) | top-1 (wiki) | "
-            + " | ".join(f"llama-perplexity {s}" for s in lsrcs) + " | prefill / decode tok/s |")  # fmt: skip
+            + " | ".join(f"llama-perplexity {s}" for s in lsrcs) + " |" + (" prefill / decode tok/s |" if speed else ""))  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         cells = [f"{r['ppl'][s]['ppl']:.3f} ({r['ppl'][s]['ppl'] / base['ppl'][s]['ppl']:.3f}x)" for s in srcs]
@@ -212,7 +213,7 @@ def table(rows: list[dict]) -> str:
         sp = r.get("speed") or {}
         lines.append(f"| {r['file']} | {r['bytes']:,} | " + " | ".join(cells) + f" | {w['kl_mean']:.4f} / {w['kl_p99']:.3f} | {w['top1']:.3f} | "
                      + " | ".join(f"{r['llama_perplexity'][s]:.3f}" for s in lsrcs)
-                     + f" | {sp.get('prefill_tok_s', 0):.0f} / {sp.get('decode_tok_s', 0):.1f} |")  # fmt: skip
+                     + " |" + (f" {sp.get('prefill_tok_s', 0):.0f} / {sp.get('decode_tok_s', 0):.1f} |" if speed else ""))  # fmt: skip
     checks = [f"- {r['file']}: llama.cpp vs llmpress on the same checkpoint: max |logit diff| / std {r['vs_llmpress']['max_abs_logit_diff_over_std']:.4f}, "
               f"KL {r['vs_llmpress']['kl_mean']:.2e}, top-1 {r['vs_llmpress']['top1']:.4f}" for r in rows if r.get("vs_llmpress")]  # fmt: skip
     return "\n".join(lines + [""] + checks)
