@@ -19,7 +19,6 @@ base recipe does with them).
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, replace
 
 import torch
@@ -191,48 +190,15 @@ def mixed_recipe(
     return Recipe(stages=tuple(stages), name=f"{base.name}-mixed{budget:g}", description=desc)
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("plan-bits", help="mixed precision: pick each linear's bits under an average bits-per-weight budget, write the recipe")
-    p.add_argument("model", help="packaged alias (smollm2-135m, gemma3-270m), local HF folder, or hub id")
-    p.add_argument("--budget", type=float, required=True, help="average bits per weight of the block linears, scales included (e.g. 3.25)")
-    p.add_argument("--candidates", default="w2g64,w3g64,w4g64,w8g64", help="settings to choose from (default w2g64,w3g64,w4g64,w8g64)")
-    p.add_argument("--base", default="gptq-w4g64", help="recipe whose quantizing stages are split per setting (default gptq-w4g64)")
-    p.add_argument("--solver", choices=SOLVERS, default="rtn", help="error measured per setting: nearest rounding (fast) or GPTQ")
-    p.add_argument("--out", required=True, help="the recipe YAML written (atomically)")
-    p.add_argument("--calib-data", default="wiki", help="calibration text (as `compress --calib-data`; default wiki)")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw (default 0)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what each step does (INFO level)")
-    return p
-
-
-def run(args) -> int:
-    from pathlib import Path
-
-    from . import api, models
-    from .io_safety import check_file_out, write_atomic
+def check_request(base_name: str, candidates: str, budget: float) -> Recipe:
+    """What `plan-bits` can check before the model loads: the base recipe, the candidate
+    settings and a budget no candidate set can go under (UserError naming the problem)."""
     from .recipe import load_recipe
 
-    base = load_recipe(args.base)  # everything checkable before the model loads
-    cands = parse_candidates(args.candidates, base.stages[_quantizing_stages(base)[0]].config.weights)
-    budget_bits(args.budget, 1)
-    if args.budget < min(a.bits for a in cands.values()):
-        raise UserError(
-            f"budget {args.budget:g} bits per weight is below the smallest candidate ({min(a.bits for a in cands.values())} bits plus its scales)"
-        )
-    check_file_out(args.out, "--out")
-    calib = api.CalibConfig(
-        source=args.calib_data, n_samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed, batch_size=args.batch_size
-    )
-    model, tok = models.load(args.model, device=args.device)
-    windows = api.calibration_windows(tok, model, calib)
-    plan = plan_bits(model, windows, base=base, candidates=args.candidates, budget=args.budget, solver=args.solver, batch_size=args.batch_size)
-    write_atomic(Path(args.out), plan.recipe.to_yaml())
-    print(f"llmpress plan-bits {args.model} --budget {args.budget:g} (solver {args.solver})")
-    print(plan.table())
-    print(f"recipe: {args.out}  (llmpress compress {args.model} --recipe {args.out})")
-    return 0
+    base = load_recipe(base_name)
+    cands = parse_candidates(candidates, base.stages[_quantizing_stages(base)[0]].config.weights)
+    budget_bits(budget, 1)
+    smallest = min(a.bits for a in cands.values())
+    if budget < smallest:
+        raise UserError(f"budget {budget:g} bits per weight is below the smallest candidate ({smallest} bits plus its scales)")
+    return base

@@ -111,6 +111,53 @@ def recipes_table(rows: list[tuple[str, str]], line_width: int | None = None) ->
     return "\n".join(out)
 
 
+def _add_calib(p: argparse.ArgumentParser, default: str | None) -> None:
+    """The calibration-data arguments (`compress`, `plan-bits`)."""
+    p.add_argument(
+        "--calib-data",
+        default=default,
+        help="calibration text: wiki, news, code (packaged) or a .txt/.jsonl path, or a mix: wiki,news (equal shares) or wiki:0.75,news:0.25 (default: wiki)",
+    )
+    p.add_argument("--calib-samples", type=_at_least(1), default=128, help="calibration windows drawn from --calib-data (default 128)")
+    p.add_argument("--calib-seqlen", type=_at_least(2), default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw (default 0)")
+    p.add_argument("--batch-size", type=_at_least(1), default=8, help="calibration windows per forward pass")
+
+
+def _add_plan_bits(sub) -> None:
+    """The `plan-bits` subcommand's arguments (:mod:`llmpress.bitplan`)."""
+    p = sub.add_parser("plan-bits", help="mixed precision: pick each linear's bits under an average bits-per-weight budget, write the recipe")
+    p.add_argument("model", help="packaged alias (smollm2-135m, gemma3-270m), local HF folder, or hub id")
+    p.add_argument("--budget", type=float, required=True, help="average bits per weight of the block linears, scales included (e.g. 3.25)")
+    p.add_argument("--candidates", default="w2g64,w3g64,w4g64,w8g64", help="settings to choose from (default w2g64,w3g64,w4g64,w8g64)")
+    p.add_argument("--base", default="gptq-w4g64", help="recipe whose quantizing stages are split per setting (default gptq-w4g64)")
+    p.add_argument("--solver", choices=bitplan.SOLVERS, default="rtn", help="error measured per setting: nearest rounding (fast) or GPTQ")
+    p.add_argument("--out", required=True, help="the recipe YAML written (atomically)")
+    _add_calib(p, default="wiki")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what each step does (INFO level)")
+
+
+def _cmd_plan_bits(args) -> int:
+    from . import api, models
+    from .io_safety import check_file_out, write_atomic
+
+    base = bitplan.check_request(args.base, args.candidates, args.budget)  # everything checkable before the model loads
+    check_file_out(args.out, "--out")
+    calib = api.CalibConfig(source=args.calib_data, n_samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
+                            batch_size=args.batch_size)  # fmt: skip
+    model, tok = models.load(args.model, device=args.device)
+    windows = api.calibration_windows(tok, model, calib)
+    plan = bitplan.plan_bits(model, windows, base=base, candidates=args.candidates, budget=args.budget, solver=args.solver,
+                             batch_size=args.batch_size)  # fmt: skip
+    write_atomic(Path(args.out), plan.recipe.to_yaml())
+    print(f"llmpress plan-bits {args.model} --budget {args.budget:g} (solver {args.solver})")
+    print(plan.table())
+    print(f"recipe: {args.out}  (llmpress compress {args.model} --recipe {args.out})")
+    return 0
+
+
 def _add_compress(sub) -> None:
     """The `compress` subcommand's arguments."""
     c = sub.add_parser("compress", help="compress a model with a recipe, evaluate before/after, save")
@@ -118,15 +165,7 @@ def _add_compress(sub) -> None:
     c.add_argument("--recipe", required=True, help="preset name (see `llmpress recipes`) or YAML file")
     c.add_argument("--out", help="output folder (written atomically)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    c.add_argument(
-        "--calib-data",
-        default=None,
-        help="calibration text: wiki, news, code (packaged) or a .txt/.jsonl path, or a mix: wiki,news (equal shares) or wiki:0.75,news:0.25 (default: wiki)",
-    )
-    c.add_argument("--calib-samples", type=_at_least(1), default=128, help="calibration windows drawn from --calib-data (default 128)")
-    c.add_argument("--calib-seqlen", type=_at_least(2), default=512, help="tokens per calibration window (default 512)")
-    c.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw (default 0)")
-    c.add_argument("--batch-size", type=_at_least(1), default=8, help="calibration windows per forward pass")
+    _add_calib(c, default=None)
     c.add_argument(
         "--no-true-sequential",
         dest="true_sequential",
@@ -229,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("recipes", help="list the preset recipes")
     analysis_cli.add_parser(sub)
-    bitplan.add_parser(sub)
+    _add_plan_bits(sub)
     return ap
 
 
@@ -336,7 +375,7 @@ def _dispatch(args) -> int:
     if args.command == "analyze":
         return analysis_cli.run(args)
     if args.command == "plan-bits":
-        return bitplan.run(args)
+        return _cmd_plan_bits(args)
     if args.command == "recipes":
         from .recipe import load_recipe, presets
 
