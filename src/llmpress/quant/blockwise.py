@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -300,7 +300,7 @@ def learn_block(
 
 # --------------------------------------------------------------------------- method
 @dataclass(kw_only=True, frozen=True)
-class Blockwise:
+class Blockwise(BlockwiseOptions):
     """Block-wise reconstruction stage (see the module docstring). ``weights``: the grid
     (observer min-max: the learned clipping replaces the MSE search). ``mode``:
     ``sequential`` (inputs: the compressed blocks' outputs) or ``parallel`` (inputs and
@@ -309,13 +309,6 @@ class Blockwise:
 
     weights: QuantArgs = field(default_factory=lambda: QuantArgs(bits=4, group_size=64))
     mode: str = "sequential"
-    iters: int = 100
-    lr: float = 0.01
-    clip_lr: float | None = None
-    learn_clip: bool = True
-    clip_min: float = 0.5
-    windows_per_step: int = 2
-    keep_best: bool = True
     batches: int | None = None
 
     def __post_init__(self):
@@ -332,8 +325,8 @@ class Blockwise:
         return self.mode == "parallel"
 
     def options(self) -> BlockwiseOptions:
-        keys = ("iters", "lr", "clip_lr", "learn_clip", "clip_min", "windows_per_step", "keep_best")
-        return BlockwiseOptions(**{k: getattr(self, k) for k in keys})
+        """The optimization's own settings (the fields this config inherits)."""
+        return BlockwiseOptions(**{f.name: getattr(self, f.name) for f in fields(BlockwiseOptions)})
 
 
 def _parallel_data(ctx, batches: int | None):
