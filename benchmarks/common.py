@@ -35,7 +35,7 @@ class Bench:
     each evaluation source (``ppl``/``ratio`` are the first source's, ``ppl_by_source`` all)."""
 
     def __init__(self, model: str = "smollm2-135m", eval_windows: int = 64, calib_samples: int = 128, seqlen: int = 512, seed: int = 0,
-                 fp_ppl: float | None = None, eval_sources: str = EVAL_SOURCES):  # fmt: skip
+                 fp_ppl: float | None = None, eval_sources: str = EVAL_SOURCES, out: str | None = None):  # fmt: skip
         self.name = model
         self.model, self.tok = models.load(model)
         self.sets = eval_sets(self.tok, self.model, eval_sources, eval_windows, seqlen)
@@ -43,6 +43,11 @@ class Bench:
         self.calib_cfg = api.CalibConfig(n_samples=calib_samples, seqlen=seqlen, seed=seed)
         self._calib = None
         self.rows: list[dict] = []
+        # out: the JSON written after every row; one from an earlier run with the same settings is resumed
+        self.out, self.settings = out, {"eval_windows": eval_windows, "calib_samples": calib_samples, "seqlen": seqlen, "seed": seed,
+                                        "sources": list(self.sets)}  # fmt: skip
+        if self._resume():
+            return
         t = time.perf_counter()
         # fp_ppl: the first source's full-precision figure measured before on the same windows (saves an evaluation)
         first = next(iter(self.sets))
@@ -63,10 +68,33 @@ class Bench:
                "ratio_by_source": {s: ppl[s] / self.fp[s] for s in ppl}, "bits_per_weight": bits, "compress_s": compress_s,
                "eval_s": eval_s, **extra}  # fmt: skip
         self.rows.append(row)
+        if self.out:
+            self.save(self.out)
         print(f"{label:<40} " + "  ".join(cells(ppl, self.fp)) + f"  bits {bits:6.3f}  compress {compress_s:7.1f}s", flush=True)
         return row
 
+    def _resume(self) -> bool:
+        """Take the full-precision figures and the finished rows of ``self.out`` when it was written
+        with the same model and settings (an interrupted run goes on where it stopped)."""
+        if not self.out or not Path(self.out).is_file():
+            return False
+        old = json.loads(Path(self.out).read_text())
+        if old.get("model") != self.name or old.get("settings") != self.settings:
+            print(f"{self.out}: other model or settings, not resumed (it will be overwritten)", flush=True)
+            return False
+        self.fp, self.rows = old["fp"], old["rows"]
+        self.fp_ppl = self.fp[next(iter(self.fp))]
+        print(f"resumed {self.out}: {len(self.rows)} rows", flush=True)
+        return True
+
+    def done(self, label: str) -> dict | None:
+        """The row already measured under ``label`` (resumed), or None."""
+        return next((r for r in self.rows if r["method"] == label), None)
+
     def run(self, label: str, recipe, **extra):
+        if (row := self.done(label)) is not None:
+            print(f"{label:<40} (from {self.out})", flush=True)
+            return row
         m = copy.deepcopy(self.model)
         t = time.perf_counter()
         r = api._as_recipe(recipe)
@@ -91,7 +119,12 @@ class Bench:
 
     def save(self, path: str) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({"model": self.name, "fp": self.fp, "rows": self.rows}, indent=2, default=str))
+        old = json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+        extra = {k: v for k, v in old.items() if k not in ("model", "settings", "fp", "rows")} if old.get("settings") == self.settings else {}
+        data = {"model": self.name, "settings": self.settings, "fp": self.fp, "rows": self.rows, **extra}
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        tmp.replace(path)
 
 
 def main_guard(fn):

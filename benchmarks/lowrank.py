@@ -133,7 +133,8 @@ def main() -> None:
     ap.add_argument("--no-lrq", action="store_true", help="skip low rank + W4 factors against GPTQ W3 at about the same bytes")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    b = Bench(a.model, eval_windows=a.windows, calib_samples=a.calib, fp_ppl=a.fp_ppl, eval_sources=a.eval)
+    out = Path(a.out or f"runs/bench/lowrank-{a.model}.json")
+    b = Bench(a.model, eval_windows=a.windows, calib_samples=a.calib, fp_ppl=a.fp_ppl, eval_sources=a.eval, out=str(out))
     for ratio in a.ratios:
         for m in a.methods:
             sts = factor_stages(m, ratio)
@@ -159,9 +160,8 @@ def main() -> None:
             b.run(f"svd_llm ratio 0.765 + W4 g64 factors ({solver})", factor_stages("svd_llm", 0.765, weights=w4, solver=solver),
                   lowrank="svd_llm", param_ratio=0.765, ranks="lrq")  # fmt: skip
         b.run("gptq-w3g64 (same bytes)", "gptq-w3g64", ranks="lrq")
-    if a.qsvd_ratios:
+    if a.qsvd_ratios and "decode" not in json.loads(out.read_text()):
         decode = decode_speed(b, a.qsvd_ratios[-1], a.context)
-    out = Path(a.out or f"runs/bench/lowrank-{a.model}.json")
     b.save(str(out))
     if decode:
         data = json.loads(out.read_text())

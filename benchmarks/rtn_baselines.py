@@ -61,7 +61,8 @@ def main():
         "--fp-ppl", type=float, help="the first --eval source's full-precision perplexity measured before on the same windows (skips that evaluation)"
     )
     a = ap.parse_args()
-    b = Bench(a.model, eval_windows=a.windows, fp_ppl=a.fp_ppl, eval_sources=a.eval)
+    out = "runs/bench/rtn_baselines.json" if a.rows == "int" else f"runs/bench/rtn_baselines-{a.rows}.json"
+    b = Bench(a.model, eval_windows=a.windows, fp_ppl=a.fp_ppl, eval_sources=a.eval, out=out)
     rows = {**ROWS["int"], **ROWS["sign"]} if a.rows == "all" else ROWS[a.rows]
     for label, recipe in rows.items():
         b.run(label, recipe)
@@ -72,7 +73,7 @@ def main():
         print("\nrelative weight error ||Q(W) - W|| / ||W||, mean over the linears:")
         print("\n".join(f"  {k:<12} {v:.3f}" for k, v in errs.items()))
         b.rows.append({"method": "relative weight error", **errs})
-    b.save("runs/bench/rtn_baselines.json" if a.rows == "int" else f"runs/bench/rtn_baselines-{a.rows}.json")
+    b.save(out)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def main():
     ap.add_argument("--out", default="runs/bench/second_order.json")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    b = Bench(a.model, eval_windows=a.windows, calib_samples=a.calib, fp_ppl=a.fp_ppl, eval_sources=a.eval)
+    b = Bench(a.model, eval_windows=a.windows, calib_samples=a.calib, fp_ppl=a.fp_ppl, eval_sources=a.eval, out=a.out)
     for preset in a.only or PRESETS:
         row = b.run(preset, preset)
         sec = row.get("seconds", {})

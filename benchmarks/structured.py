@@ -86,6 +86,8 @@ def checkpoint_bytes(model, tok, report) -> int:
 
 
 def run_row(b: Bench, label: str, recipe: dict, a) -> dict:
+    if (row := b.done(label)) is not None:  # resumed from --out
+        return row
     m = copy.deepcopy(b.model)
     r = Recipe.from_dict(recipe)
     t = time.perf_counter()
@@ -113,8 +115,8 @@ def main():
     ap.add_argument("--out", default="runs/bench/structured.json")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    b = Bench(a.model, eval_windows=a.windows, calib_samples=a.calib, eval_sources=a.eval)
-    if a.speed:
+    b = Bench(a.model, eval_windows=a.windows, calib_samples=a.calib, eval_sources=a.eval, out=a.out)
+    if a.speed and "decode_tps_b1" not in b.rows[0]:
         dense = b.rows[0]
         dense.update(speed(b.model, b.tok, a.repeats, a.decode), n_params=sum(p.numel() for p in b.model.parameters()))
     for share in a.shares:
