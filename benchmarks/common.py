@@ -140,7 +140,10 @@ def preset_recipe(name: str, rename: str | None = None, **changes) -> dict:
     d = yaml.safe_load(presets()[name].read_text())
     for st in d["stages"]:
         for k, v in changes.items():
-            st[k] = {**st[k], **v} if isinstance(v, dict) and isinstance(st.get(k), dict) else v
+            if not isinstance(v, dict):
+                st[k] = v
+            elif isinstance(st.get(k), dict):  # a stage without that mapping (e.g. no weights) keeps none
+                st[k] = {**st[k], **v}
     d["name"] = rename or name
     d["description"] = f"{name} with {changes}"
     return d
