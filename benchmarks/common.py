@@ -179,7 +179,8 @@ class Resumable:
         settings = {"model": model, "eval_windows": windows, "calib_samples": calib, "seqlen": seqlen, "seed": seed}
         old = {k: self.res.get(k) for k in settings if k in self.res}
         if old and old != {k: settings[k] for k in old}:
-            raise SystemExit(f"{self.out} was made with other settings ({old}); pass another --out")
+            print(f"{self.out} was made with other settings ({old}); pass another --out", file=sys.stderr)
+            sys.exit(2)
         self.res.update(settings)
         self.model, self.tok = models.load(model)
         self.sets = eval_sets(self.tok, self.model, sources, windows, seqlen)

@@ -91,5 +91,8 @@ def test_rows_resume_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch, caps
     assert cb.main(args) == 0
     assert "rtn-w4g64: in " in capsys.readouterr().out
     assert json.loads(out.read_text())["rows"] == first["rows"]
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(SystemExit) as e:
         cb.main(args[:3] + ["3"] + args[4:])
+    assert e.value.code == 2
+    assert "was made with other settings" in capsys.readouterr().err
+    assert json.loads(out.read_text())["rows"] == first["rows"]
