@@ -176,7 +176,10 @@ class Resumable:
 
         self.out, self.name = Path(out), model
         self.res = load_results(self.out)
-        settings = {"model": model, "eval_windows": windows, "calib_samples": calib, "seqlen": seqlen, "seed": seed}
+        from llmpress import shrink
+
+        settings = {"model": model, "eval_windows": windows, "calib_samples": calib, "seqlen": seqlen, "seed": seed,
+                    "test_shrink": shrink.in_force()}  # fmt: skip
         old = {k: self.res.get(k) for k in settings if k in self.res}
         if old and old != {k: settings[k] for k in old}:
             print(f"{self.out} was made with other settings ({old}); pass another --out", file=sys.stderr)

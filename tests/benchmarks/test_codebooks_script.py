@@ -88,6 +88,7 @@ def test_rows_resume_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch, caps
     assert row["bits_per_weight"] == pytest.approx(4.25)
     assert set(row["ppl"]) == set(first["fp"]) == {"wiki", "news", "code"}
     assert first["windows"] == {"wiki": 2, "news": 2, "code": 2}
+    assert first["test_shrink"] == {"LLMPRESS_TEST_SEQLEN": "32"}
     assert cb.main(args) == 0
     assert "rtn-w4g64: in " in capsys.readouterr().out
     assert json.loads(out.read_text())["rows"] == first["rows"]
