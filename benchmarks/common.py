@@ -145,3 +145,157 @@ def forward_each(model, windows, hooks) -> None:
     finally:
         for h in hooks:
             h.remove()
+
+
+# ---- resumable tables (domains.py, codebooks.py, learned.py): rows appended to a JSON as they finish
+
+
+def load_results(path: Path) -> dict:
+    """A resumable benchmark JSON (``{"fp": {source: ppl}, "rows": {key: row}}``), empty when missing."""
+    return json.loads(path.read_text()) if path.exists() else {"rows": {}, "fp": {}}
+
+
+def save_results(path: Path, res: dict) -> None:
+    """Write ``res`` atomically (a temporary file renamed over ``path``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1, default=str))
+    tmp.replace(path)
+
+
+def preset_recipe(name: str, rename: str | None = None, **changes) -> dict:
+    """Preset ``name`` as a recipe dict with ``changes`` set on every stage (``weights`` merged
+    into the stage's own): e.g. ``preset_recipe("gptq-w3g64", "gptq-w2g64", weights={"bits": 2})``."""
+    import yaml
+
+    from llmpress.recipe import presets
+
+    d = yaml.safe_load(presets()[name].read_text())
+    for st in d["stages"]:
+        for k, v in changes.items():
+            if not isinstance(v, dict):
+                st[k] = v
+            elif isinstance(st.get(k), dict):  # a stage without that mapping (e.g. no weights) keeps none
+                st[k] = {**st[k], **v}
+    d["name"] = rename or name
+    d["description"] = f"{name} with {changes}"
+    return d
+
+
+def model_folder(model: str) -> Path:
+    """The HF folder of a packaged alias (converted once) or of a local model folder."""
+    return models.packaged_folder(model) if model in models.PACKAGED else Path(model)
+
+
+def pick_rows(known: dict, wanted: str | None) -> list[str]:
+    """``--rows``: a comma list of keys of ``known`` (all when empty); SystemExit(2) naming unknown keys."""
+    if not wanted:
+        return list(known)
+    keys = [k for k in wanted.split(",") if k]
+    bad = [k for k in keys if k not in known]
+    if bad:
+        print(f"unknown row(s) {', '.join(bad)}; known: {', '.join(known)}", file=sys.stderr)
+        sys.exit(2)
+    return keys
+
+
+class Resumable:
+    """One model, its test windows and full-precision figures, and a JSON of rows by key: a row
+    already in the JSON is skipped, each new one is written as soon as it finishes. The JSON
+    must have been made with the same model, test windows and calibration windows."""
+
+    def __init__(self, out: Path, model: str, windows: int = 64, calib: int = 128, seqlen: int = 512, sources: str = EVAL_SOURCES, seed: int = 0):  # fmt: skip
+        import torch
+
+        self.out, self.name = Path(out), model
+        self.res = load_results(self.out)
+        from llmpress import shrink
+
+        settings = {"model": model, "eval_windows": windows, "calib_samples": calib, "seqlen": seqlen, "seed": seed,
+                    "test_shrink": shrink.in_force()}  # fmt: skip
+        old = {k: self.res.get(k) for k in settings if k in self.res}
+        if old and old != {k: settings[k] for k in old}:
+            print(f"{self.out} was made with other settings ({old}); pass another --out", file=sys.stderr)
+            sys.exit(2)
+        self.res.update(settings)
+        self.model, self.tok = models.load(model)
+        self.sets = eval_sets(self.tok, self.model, sources, windows, seqlen)
+        self.res["windows"] = {s: int(w.shape[0]) for s, w in self.sets.items()}
+        self.res["threads"] = torch.get_num_threads()
+        for s, w in self.sets.items():
+            if s not in self.res["fp"]:
+                self.res["fp"][s] = perplexity(self.model, w, progress=True, desc=f"fp32 {s}")
+                save_results(self.out, self.res)
+        self.calib_cfg = api.CalibConfig(n_samples=calib, seqlen=seqlen, seed=seed)
+        self._calib = None
+
+    @property
+    def calib(self):
+        if self._calib is None:
+            self._calib = api.calibration_windows(self.tok, self.model, self.calib_cfg)
+        return self._calib
+
+    def done(self, key: str) -> bool:
+        if key in self.res["rows"]:
+            print(f"{key}: in {self.out}, skipped", flush=True)
+            return True
+        return False
+
+    def record(self, key: str, ppl: dict, bits: float, compress_s: float, **extra) -> dict:
+        """Add row ``key`` (perplexity per source, bits per weight, compression wall seconds) and save."""
+        row = {"ppl": ppl, "bits_per_weight": bits, "compress_s": compress_s, **extra}
+        self.res["rows"][key] = row
+        save_results(self.out, self.res)
+        print(f"{key}: " + "  ".join(cells(ppl, self.res["fp"])) + f"  bits {bits:.3f}  compress {compress_s:.1f}s", flush=True)
+        return row
+
+    def compress(self, key: str, recipe, setup_s: float = 0.0, **extra) -> dict | None:
+        """Row ``key``: ``recipe`` (preset name, dict or Recipe) through ``api.compress`` on a fresh
+        copy, scored on every source; ``setup_s`` (e.g. planning) is added to the wall time."""
+        if self.done(key):
+            return None
+        m = copy.deepcopy(self.model)
+        r = api._as_recipe(recipe)
+        t = time.perf_counter()
+        rep = api.compress(m, r, self.calib if api.needs_calibration(r) else None, tokenizer=self.tok, calib=self.calib_cfg)
+        cs = time.perf_counter() - t + setup_s
+        t = time.perf_counter()
+        ppl = score(m, self.sets, progress=True, desc=key)
+        row = self.record(key, ppl, rep.bits_per_weight, cs, eval_s=time.perf_counter() - t, recipe=r.to_dict(), **extra)
+        del m
+        return row
+
+
+def results_table(res: dict, order: list[str] | None = None, labels: dict | None = None, group=None) -> str:
+    """Markdown of a resumable JSON: one line per row (``order``, else the JSON's), perplexity
+    and ratio to fp per source, bits per weight, compression seconds. ``labels``: key -> shown
+    name; ``group(key, row)``: a first column (e.g. the bits class)."""
+    fp = res["fp"]
+    g = ["class"] if group else []
+    lines = [f"model {res.get('model')}; test windows " + ", ".join(f"{s} {n}" for s, n in (res.get("windows") or {}).items())
+             + f"; {res.get('calib_samples')} calibration windows; fp32 " + ", ".join(f"{s} {v:.3f}" for s, v in fp.items()), "",
+             "| " + " | ".join(g + ["method"] + [f"{s} ppl (x fp)" for s in fp] + ["bits/weight", "compress s"]) + " |",
+             "|" + "---|" * (len(g) + len(fp) + 3)]  # fmt: skip
+    for k in order or list(res["rows"]):
+        r = res["rows"].get(k)
+        if r is None:
+            continue
+        first = [group(k, r)] if group else []
+        lines.append("| " + " | ".join(first + [(labels or {}).get(k, k)] + cells(r["ppl"], fp)
+                                        + [f"{r['bits_per_weight']:.3f}", f"{r['compress_s']:.1f}"]) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def ensure_peer_venv(venv: Path, script: Path, pkg: str) -> str | None:
+    """Make a peer tool's virtual environment ``venv`` with ``script`` (a peer_*.sh calling
+    peer_venv.sh) unless its install stamp for ``pkg`` ("name==version") is there; return
+    why it failed, or None."""
+    import subprocess
+
+    if (venv / f".installed-{pkg.replace('==', '-')}").exists():
+        return None
+    print(f"creating {venv} ({pkg}) with {script.name} ...", flush=True)
+    r = subprocess.run(["bash", str(script), str(venv)], capture_output=True, text=True)
+    if r.returncode:
+        return f"{script.name} failed (exit {r.returncode}): {(r.stderr or r.stdout)[-2000:]}"
+    return None

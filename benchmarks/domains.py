@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import cells, eval_sets  # noqa: E402
+from common import load_results as _load  # noqa: E402
+from common import save_results as _save  # noqa: E402
 
 from llmpress import api, models
 from llmpress.calib.engine import EngineOptions
@@ -85,17 +86,6 @@ VARIANTS = {
     "gptq-natural-fp-inputs": (_gptq(act_order=False), {"true_sequential": False}),
 }
 # fmt: on
-
-
-def _load(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {"rows": {}, "fp": {}}
-
-
-def _save(path: Path, res: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1, default=str))
-    tmp.replace(path)
 
 
 PEER_ROW = "llm-compressor 0.14 GPTQ W4 g64 (actorder static)"

@@ -35,18 +35,15 @@ from llmpress import QuantArgs, api, models, stage
 from llmpress.eval.perplexity import perplexity
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import ensure_peer_venv as _ensure_venv  # noqa: E402
+
 PEER_PY = HERE / ".venv-peer" / "bin" / "python"
 
 
 def ensure_peer_venv() -> str | None:
     """Create the peer's virtual environment if needed; return why it failed, or None."""
-    if (HERE / ".venv-peer" / ".installed-llmcompressor-0.14.0.1").exists():
-        return None
-    print("creating benchmarks/.venv-peer (llmcompressor==0.14.0.1) ...", flush=True)
-    r = subprocess.run(["bash", str(HERE / "peer_venv.sh")], capture_output=True, text=True)
-    if r.returncode:
-        return f"peer_venv.sh failed (exit {r.returncode}): {(r.stderr or r.stdout)[-2000:]}"
-    return None
+    return _ensure_venv(HERE / ".venv-peer", HERE / "peer_venv.sh", "llmcompressor==0.14.0.1")
 
 
 def run_peer(folder: Path, calib_npy: Path, eval_npy, bits: int, group: int, actorder: str, out: Path) -> dict:

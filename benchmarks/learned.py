@@ -1,0 +1,214 @@
+"""Learned rounding and mixed precision (issue 19): GPTQ, AWQ + GPTQ, AdaRound, block-wise
+reconstruction (sequential and parallel), OmniQuant-style and Intel's AutoRound (peer) at W4,
+W3 and W2 g64 weight-only, and mixed precision from ``llmpress plan-bits`` at 3.25 and 4.25
+average bits per weight beside the uniform rows, on the three test texts with wall times.
+
+    flock /tmp/llmpress-heavy.lock .venv/bin/python benchmarks/learned.py [--model smollm2-135m] [--rows a,b]
+    .venv/bin/python benchmarks/learned.py --table [--out runs/bench/learned-smollm2-135m.json]
+
+Each llmpress row compresses a fresh copy of the model with ``llmpress.api.compress``
+(``--calib`` windows of 512 tokens from the packaged Wikipedia training split, seed 0) and
+measures perplexity on ``--windows`` test windows of each text. W2 rows without a preset are
+the W3 preset at 2 bits (the recipe is stored in the row). OmniQuant rows run only when the
+preset exists (``omniquant-w4g64`` / ``omniquant-w3g64``); otherwise they are skipped with a note.
+
+Mixed rows: ``llmpress.bitplan.plan_bits`` (what ``llmpress plan-bits`` runs) on the same
+calibration windows, base ``--plan-base``, candidates ``--candidates``, layer errors of
+nearest rounding (``mixed-B-rtn``) or of GPTQ (``mixed-B-gptq``), then the planned recipe through ``api.compress``; its wall time includes
+the planning; the recipe is written beside the JSON (``...-mixed-3.25-rtn.yaml``).
+
+AutoRound rows: ``auto-round`` 0.16.1 in its own virtual environment (``--peer-venv``, made
+by benchmarks/peer_autoround.sh when missing), run as a child process
+(benchmarks/peer_autoround_worker.py) on the same HF folder of the model and the same
+calibration windows (handed over as safetensors), W{bits} g64 symmetric, its default
+(200 iterations) and its "light" setting (50 iterations, lr 5e-3); it hands back the
+fake-quantized weights of the linears it quantized, which are loaded into a copy of the model
+here and scored with llmpress's perplexity on the same test windows. Bits per weight: bits +
+16/64 (a float16 scale per group, as llmpress counts its own symmetric g64 rows); compress s:
+AutoRound's constructor and quantize() (with its torch.compile unless ``--peer-compile off``).
+
+Rows are written to the JSON as they finish and rows already there are skipped (resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import (  # noqa: E402
+    Resumable,
+    ensure_peer_venv,
+    load_results,
+    main_guard,
+    model_folder,
+    pick_rows,
+    preset_recipe,
+    results_table,
+    score,
+)
+
+HERE = Path(__file__).resolve().parent
+PEER_PKG = "auto-round==0.16.1"
+PEER_SETTINGS = {"default": {"iters": 200}, "light": {"iters": 50, "lr": 5e-3}}  # AutoRound's own recipes (auto_round/cli/main.py)
+MIXED_BUDGETS = (3.25, 4.25)
+PLAN_SOLVERS = ("rtn", "gptq")  # plan-bits --solver: the layer errors of nearest rounding or of GPTQ
+
+
+def _uniform(bits: int) -> dict:
+    """key -> row spec of the uniform W{bits} g64 rows."""
+
+    def preset(name: str) -> dict:
+        if bits == 2:  # no W2 preset: the W3 one at 2 bits
+            return {"kind": "recipe", "from": name.replace("w2", "w3"), "bits": 2}
+        return {"kind": "preset", "name": name}
+
+    rows = {
+        f"gptq-w{bits}g64": preset(f"gptq-w{bits}g64"),
+        f"awq-gptq-w{bits}g64": preset(f"awq-gptq-w{bits}g64"),
+        f"adaround-w{bits}g64": preset(f"adaround-w{bits}g64"),
+        f"blockwise-w{bits}g64": preset(f"blockwise-w{bits}g64"),
+        f"blockwise-w{bits}g64-parallel": {**preset(f"blockwise-w{bits}g64"), "mode": "parallel"},
+        f"omniquant-w{bits}g64": {**preset(f"omniquant-w{bits}g64"), "optional": True},
+    }
+    rows.update({f"autoround-w{bits}g64-{s}": {"kind": "peer", "bits": bits, "setting": s} for s in PEER_SETTINGS})
+    return rows
+
+
+ROWS = {k: {**v, "class": f"W{b} g64"} for b in (4, 3, 2) for k, v in _uniform(b).items()}
+ROWS.update({f"mixed-{b:g}-{s}": {"kind": "mixed", "budget": b, "solver": s, "class": f"{b:g} avg"} for b in MIXED_BUDGETS for s in PLAN_SOLVERS})
+
+
+def recipe_of(key: str, spec: dict):
+    """The recipe of an llmpress row (preset name or recipe dict), or None when its preset is missing."""
+    from llmpress.recipe import presets
+
+    base = spec.get("from", spec.get("name"))
+    if base not in presets():
+        return None
+    changes = {}
+    if spec.get("bits"):
+        changes["weights"] = {"bits": spec["bits"]}
+    if spec.get("mode"):
+        changes["mode"] = spec["mode"]
+    return preset_recipe(base, key, **changes) if changes else base
+
+
+def label(key: str) -> str:
+    """The row's name in the table: its key, with the mode of the sequential block-wise rows and
+    the preset that the W2 rows come from."""
+    spec = ROWS.get(key, {})
+    notes = ["sequential"] if key.startswith("blockwise") and not spec.get("mode") else []
+    notes += [f"{spec['from']} at 2 bits"] if spec.get("from") else []
+    return f"{key} ({', '.join(notes)})" if notes else key
+
+
+def table(res: dict) -> str:
+    order = list(ROWS) + [k for k in res["rows"] if k not in ROWS]
+    labels = {k: label(k) for k in order}
+    return results_table(res, order=order, labels=labels, group=lambda k, r: ROWS[k]["class"] if k in ROWS else "")
+
+
+def mixed_row(rt: Resumable, key: str, budget: float, solver: str, a) -> None:
+    """plan_bits under ``budget`` (costs by ``solver``) on the calibration windows, then the
+    planned recipe; the recipe YAML is written beside the JSON."""
+    from llmpress.bitplan import plan_bits
+    from llmpress.recipe import load_recipe
+
+    if rt.done(key):
+        return
+    t = time.perf_counter()
+    plan = plan_bits(rt.model, rt.calib, base=load_recipe(a.plan_base), candidates=a.candidates, budget=budget, solver=solver)
+    plan_s = time.perf_counter() - t
+    print(plan.table(), flush=True)
+    path = rt.out.with_name(f"{rt.out.stem}-{key}.yaml")
+    path.write_text(plan.recipe.to_yaml())
+    rt.compress(key, plan.recipe, setup_s=plan_s, plan_s=plan_s, plan_bits_per_weight=plan.bits_per_weight, plan_base=a.plan_base,
+                plan_solver=solver, candidates=a.candidates, choice=plan.choice, recipe_yaml=str(path))  # fmt: skip
+
+
+def peer_row(rt: Resumable, key: str, spec: dict, a) -> None:
+    """AutoRound in its own environment on the same windows; its fake-quantized linears scored here."""
+    from safetensors.torch import load_file, save_file
+
+    from llmpress.arch import get_module
+
+    if rt.done(key):
+        return
+    venv = Path(a.peer_venv)
+    problem = ensure_peer_venv(venv, HERE / "peer_autoround.sh", PEER_PKG)
+    if problem:
+        print(f"{key}: skipped, the AutoRound environment is unavailable: {problem}", flush=True)
+        return
+    work = rt.out.with_name(f"{rt.out.stem}-peer") / key
+    work.mkdir(parents=True, exist_ok=True)
+    save_file({"input_ids": rt.calib.to(torch.int64).contiguous()}, str(work / "calib.safetensors"))
+    setting = PEER_SETTINGS[spec["setting"]]
+    cmd = [str(venv / "bin" / "python"), str(HERE / "peer_autoround_worker.py"), "--model", str(model_folder(rt.name)), "--calib",
+           str(work / "calib.safetensors"), "--bits", str(spec["bits"]), "--group-size", "64", "--iters", str(setting["iters"]),
+           "--compile", a.peer_compile, "--out", str(work)] + (["--lr", str(setting["lr"])] if "lr" in setting else [])  # fmt: skip
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    process_s = time.perf_counter() - t
+    (work / "worker.log").write_text(r.stdout + r.stderr)
+    if r.returncode:
+        print(f"{key}: skipped, the AutoRound worker exited {r.returncode} (log {work / 'worker.log'}): {r.stderr[-1500:]}", flush=True)
+        return
+    import json
+
+    info = json.loads((work / "result.json").read_text())
+    m = copy.deepcopy(rt.model)
+    with torch.no_grad():
+        for name, w in load_file(str(work / "weights.safetensors")).items():
+            get_module(m, name.removesuffix(".weight")).weight.copy_(w)
+    t = time.perf_counter()
+    ppl = score(m, rt.sets, progress=True, desc=key)
+    rt.record(key, ppl, spec["bits"] + 16 / 64, info["compress_s"], eval_s=time.perf_counter() - t, process_s=process_s,
+              peer={k: v for k, v in info.items() if k != "linears"}, linears=len(info["linears"]))  # fmt: skip
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m or a local HF folder")
+    ap.add_argument("--windows", type=int, default=64, help="test windows of 512 tokens per text")
+    ap.add_argument("--calib", type=int, default=128, help="calibration windows of 512 tokens")
+    ap.add_argument("--rows", default="", help=f"comma list of rows (default all): {','.join(ROWS)}")
+    ap.add_argument("--out", help="results JSON (default runs/bench/learned-MODEL.json)")
+    ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
+    ap.add_argument("--plan-base", default="gptq-w4g64", help="mixed rows: plan-bits --base (default gptq-w4g64)")
+    ap.add_argument("--candidates", default="w2g64,w3g64,w4g64,w8g64", help="mixed rows: plan-bits --candidates")
+    ap.add_argument("--peer-venv", default=str(HERE / ".venv-autoround"), help="AutoRound's environment (made when missing)")
+    ap.add_argument("--peer-compile", choices=("auto", "on", "off"), default="auto", help="AutoRound's torch.compile (auto: its default)")
+    a = ap.parse_args(argv)
+    tag = Path(a.model).name
+    out = Path(a.out or f"runs/bench/learned-{tag}.json")
+    if a.table:
+        if not out.exists():
+            print(f"no results at {out}", file=sys.stderr)
+            return 2
+        print(table(load_results(out)))
+        return 0
+    keys = pick_rows(ROWS, a.rows)
+    rt = Resumable(out, a.model, windows=a.windows, calib=a.calib)
+    for key in keys:
+        spec = ROWS[key]
+        if spec["kind"] == "mixed":
+            mixed_row(rt, key, spec["budget"], spec["solver"], a)
+        elif spec["kind"] == "peer":
+            peer_row(rt, key, spec, a)
+        elif (recipe := recipe_of(key, spec)) is None:
+            print(f"{key}: skipped, no preset {spec.get('from', spec.get('name'))} in this checkout", flush=True)
+        else:
+            rt.compress(key, recipe, bits_class=spec["class"])
+    print(table(rt.res))
+    return 0
+
+
+if __name__ == "__main__":
+    main_guard(lambda: sys.exit(main()))

@@ -1,0 +1,56 @@
+"""benchmarks/learned.py (issue 19): the table of a fabricated results JSON and the row specs
+(W2 and parallel variants of the presets, a missing preset skipped); no model is loaded."""
+
+import json
+
+from bench_scripts import load_script
+
+lr = load_script("learned")
+
+RES = {
+    "model": "smollm2-135m",
+    "windows": {"wiki": 64, "news": 25, "code": 64},
+    "calib_samples": 128,
+    "fp": {"wiki": 10.0, "news": 20.0, "code": 5.0},
+    "rows": {
+        "mixed-3.25-gptq": {"ppl": {"wiki": 15.0, "news": 26.0, "code": 6.5}, "bits_per_weight": 3.2491, "compress_s": 99.0},
+        "autoround-w3g64-light": {"ppl": {"wiki": 16.0, "news": 28.0, "code": 7.0}, "bits_per_weight": 3.25, "compress_s": 250.5},
+        "blockwise-w3g64-parallel": {"ppl": {"wiki": 17.0, "news": 29.0, "code": 7.25}, "bits_per_weight": 3.25, "compress_s": 120.0},
+        "gptq-w4g64": {"ppl": {"wiki": 12.8, "news": 25.0, "code": 6.0}, "bits_per_weight": 4.25, "compress_s": 61.0},
+    },
+}
+
+
+def test_table_values_classes_and_order(tmp_path, capsys):
+    path = tmp_path / "learned.json"
+    path.write_text(json.dumps(RES))
+    assert lr.main(["--table", "--out", str(path)]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| W") or ln.startswith("| 3")]
+    assert rows == [
+        "| W4 g64 | gptq-w4g64 | 12.800 (1.280x) | 25.000 (1.250x) | 6.000 (1.200x) | 4.250 | 61.0 |",
+        "| W3 g64 | blockwise-w3g64-parallel | 17.000 (1.700x) | 29.000 (1.450x) | 7.250 (1.450x) | 3.250 | 120.0 |",
+        "| W3 g64 | autoround-w3g64-light | 16.000 (1.600x) | 28.000 (1.400x) | 7.000 (1.400x) | 3.250 | 250.5 |",
+        "| 3.25 avg | mixed-3.25-gptq | 15.000 (1.500x) | 26.000 (1.300x) | 6.500 (1.300x) | 3.249 | 99.0 |",
+    ]
+
+
+def test_row_specs():
+    assert lr.label("blockwise-w3g64") == "blockwise-w3g64 (sequential)"
+    assert lr.label("blockwise-w2g64-parallel") == "blockwise-w2g64-parallel (blockwise-w3g64 at 2 bits)"
+    assert lr.label("gptq-w4g64") == "gptq-w4g64"
+    assert lr.recipe_of("gptq-w4g64", lr.ROWS["gptq-w4g64"]) == "gptq-w4g64"
+    par = lr.recipe_of("blockwise-w2g64-parallel", lr.ROWS["blockwise-w2g64-parallel"])
+    st = par["stages"][0]
+    assert (st["method"], st["mode"], st["weights"]["bits"], st["weights"]["group_size"]) == ("blockwise", "parallel", 2, 64)
+    awq = lr.recipe_of("awq-gptq-w2g64", lr.ROWS["awq-gptq-w2g64"])
+    assert [s["weights"]["bits"] for s in awq["stages"]] == [2, 2]  # the AWQ search and GPTQ both at 2 bits
+    assert lr.recipe_of("x", {"kind": "preset", "name": "no-such-preset"}) is None
+    peers = {k: v for k, v in lr.ROWS.items() if v["kind"] == "peer"}
+    assert len(peers) == 6 and lr.PEER_SETTINGS["light"] == {"iters": 50, "lr": 5e-3}
+    mixed = {k: (v["budget"], v["solver"]) for k, v in lr.ROWS.items() if v["kind"] == "mixed"}
+    assert mixed == {
+        "mixed-3.25-rtn": (3.25, "rtn"),
+        "mixed-3.25-gptq": (3.25, "gptq"),
+        "mixed-4.25-rtn": (4.25, "rtn"),
+        "mixed-4.25-gptq": (4.25, "gptq"),
+    }
