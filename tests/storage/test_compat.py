@@ -29,8 +29,13 @@ def test_old_folder_loads_to_the_same_logits(tmp_path):
 
     folder = tmp_path / "old"
     shutil.copytree(OLD, folder)
+    packed_forms.write(tmp_path / "new")  # today's writer, same model and recipe
+    got = packed_forms.logits(folder, "dequant")
+    assert torch.equal(got, packed_forms.logits(tmp_path / "new", "dequant"))  # bit for bit, same machine
+    # the logits stored when the fixture was made: equal up to the float summation order of
+    # another CPU's kernels (they were bit for bit on the machine that made them)
     expected = load_file(str(OLD / "expected.safetensors"))["logits"]
-    assert torch.equal(packed_forms.logits(folder, "dequant"), expected)  # bit for bit
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
     auto = packed_forms.logits(folder, "auto")  # CPU kernels where they apply (bf16 activations for torch's)
     assert (auto - expected).abs().max() <= 0.02 * expected.abs().max()
 
