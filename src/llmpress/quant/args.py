@@ -24,6 +24,12 @@ class QuantArgs:
     (symmetric integers): ``S = max|x| / (qmax + 1/2)`` so that all ``2^b`` codes are
     used (the positive extreme clips by half a step; the convention of llm-compressor
     and compressed-tensors), instead of ``S = max|x| / qmax`` (``2^b - 1`` codes).
+    ``signed_scale`` (symmetric integers, instead of ``full_range``): the sign-aware scale
+    of llama.cpp's reference ``Q4_0``: ``S = x_m / qmin`` with ``x_m`` the group's signed
+    value of largest magnitude, so that ``x_m`` lands exactly on the code ``qmin = -2^(b-1)``
+    and the other side gets up to ``qmax * |S|``; ``S`` is negative where ``x_m`` is
+    positive (ties: the negative value, a positive scale). All ``2^b`` codes are used and
+    no value clips by half a step, as ``full_range``'s positive extreme does.
     ``clip_ratio`` (integers): a fixed clipping of each group's range, ``[c*min, c*max]``,
     values beyond clamp to the extreme codes (QuaRot clips activations at 0.9 and the KV
     cache at 0.95: after a rotation the values are near Gaussian and a slightly smaller
@@ -46,6 +52,7 @@ class QuantArgs:
     ternary_threshold: float = 0.7  # s = ternary_threshold * mean|W| (per group)
     scale_bits: int = 16  # storage of scales, for bits-per-weight accounting
     full_range: bool = False
+    signed_scale: bool = False
     clip_ratio: float = 1.0
     scale_dtype: str = "float32"
 
@@ -67,6 +74,12 @@ class QuantArgs:
             object.__setattr__(self, "group_size", None)
         if self.full_range and (self.kind != "int" or not self.symmetric):
             raise RecipeError("full_range applies to symmetric integer grids (kind: int, symmetric: true)")
+        if self.signed_scale and (self.kind != "int" or not self.symmetric):
+            raise RecipeError("signed_scale applies to symmetric integer grids (kind: int, symmetric: true)")
+        if self.signed_scale and self.full_range:
+            raise RecipeError(
+                "signed_scale and full_range are two rules for the symmetric scale (x_m / -2^(b-1) or max|x| / (2^(b-1) - 1/2)); choose one"
+            )
         if self.observer not in OBSERVERS:
             raise RecipeError(f"observer {self.observer!r} unknown; expected one of {', '.join(OBSERVERS)}")
         if not (isinstance(self.clip_ratio, (int, float)) and 0.0 < self.clip_ratio <= 1.0):
@@ -100,6 +113,7 @@ class QuantArgs:
         g = {"group": f"g{self.group_size}", "channel": "per-channel", "tensor": "per-tensor", "token": "per-token"}[self.granularity]
         kind = {"int": f"int{self.bits}", "ternary": "ternary", "binary": "binary"}[self.kind]
         sym = "" if self.kind != "int" else (" sym" if self.symmetric else " asym")
+        sym += " signed-scale" if self.signed_scale else ""
         desc = f"{kind}{sym} {g}" + (" mse" if self.observer == "mse" else "") + (f" clip{self.clip_ratio:g}" if self.clip_ratio != 1.0 else "")
         return desc + (" fp16-scales" if self.scale_dtype == "float16" else "")
 
@@ -107,6 +121,8 @@ class QuantArgs:
         d = asdict(self)
         if d["scale_dtype"] == "float32":  # the default left out: manifests written before the field stay byte for byte
             del d["scale_dtype"]
+        if not d["signed_scale"]:  # likewise
+            del d["signed_scale"]
         return d
 
     @classmethod

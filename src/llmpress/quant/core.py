@@ -2,7 +2,9 @@
 
 Integer quantization:  q = round(clamp(x / S, qmin, qmax)) (+ z when asymmetric),
 x_hat = (q - z) * S.  Symmetric: S = max|x| / qmax, z = 0, q in [-2^(b-1), 2^(b-1)-1]
-(``full_range``: S = max|x| / (qmax + 1/2), every code used).
+(``full_range``: S = max|x| / (qmax + 1/2), every code used; ``signed_scale``:
+S = x_m / qmin with x_m the signed value of largest |x|, negative where x_m > 0, so x_m is
+exactly the code qmin = -2^(b-1): llama.cpp's Q4_0 rule).
 Asymmetric: S = (max - min) / (2^b - 1), z = round(-min / S), q in [0, 2^b - 1].
 Ternary: alpha = mean |x| over the entries with |x| > s, Q(x) = alpha * sign(x) where
 |x| > s else 0. Binary: alpha = mean |x|, Q(x) = alpha * sign(x).
@@ -50,11 +52,26 @@ def group_view(x: torch.Tensor, args: QuantArgs, name: str | None = None) -> tor
     return rows.reshape(rows.shape[0], d // g, g)
 
 
+def floor_magnitude(scale: torch.Tensor, floor: float) -> torch.Tensor:
+    """``scale`` with every magnitude below ``floor`` raised to it, the sign kept (0: +floor);
+    ``clamp_min(floor)`` for non-negative scales."""
+    return torch.where(scale.abs() < floor, torch.where(scale < 0, -floor, floor), scale)
+
+
+def symmetric_scale(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """The symmetric scale of groups with minimum ``lo`` and maximum ``hi`` (differentiable
+    in both: blockwise learning uses it): ``max|x| / qmax``, ``/ (qmax + 1/2)`` with
+    ``full_range``, ``x_m / qmin`` with ``signed_scale`` (x_m: lo or hi, whichever is larger
+    in magnitude; a tie takes lo, a positive scale); magnitudes floored at 1e-12."""
+    if args.signed_scale:
+        return floor_magnitude(torch.where(hi.abs() > lo.abs(), hi, lo) / args.qmin, _EPS)
+    amax = torch.maximum(lo.abs(), hi.abs())
+    return (amax / (args.qmax + 0.5 if args.full_range else args.qmax)).clamp_min(_EPS)
+
+
 def _int_params(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> QParams:
     if args.symmetric:
-        amax = torch.maximum(lo.abs(), hi.abs())
-        scale = (amax / (args.qmax + 0.5 if args.full_range else args.qmax)).clamp_min(_EPS)
-        return QParams(scale=_stored_scale(scale, args))
+        return QParams(scale=_stored_scale(symmetric_scale(lo, hi, args), args))
     lo = lo.clamp_max(0)
     hi = hi.clamp_min(0)
     scale = _stored_scale(((hi - lo) / (args.qmax - args.qmin)).clamp_min(_EPS), args)
@@ -77,7 +94,7 @@ def _stored_scale(scale: torch.Tensor, args: QuantArgs) -> torch.Tensor:
         m, e = torch.frexp(scale)  # scale = m * 2^e, m in [0.5, 1)
         keep = 2.0 ** (11 - args.bits)
         scale = torch.ldexp(torch.round(m * keep) / keep, e)
-    return scale.to(torch.float16).float().clamp_min(_FP16_TINY)
+    return floor_magnitude(scale.to(torch.float16).float(), _FP16_TINY)
 
 
 def _sign_params(xg: torch.Tensor, args: QuantArgs) -> QParams:
