@@ -6,8 +6,11 @@ dimension):
 
 - ``Q4_0`` (18 bytes): fp16 ``d``, 16 bytes of 4-bit codes (byte j: weight j in the low
   nibble, weight j + 16 in the high one), value ``(q - 8) * d``: llmpress's symmetric int4
-  grid with groups of 32 (``full_range`` or not: codes -8..7 either way), ``d`` = its scale;
-- ``Q8_0`` (34 bytes): fp16 ``d``, 32 int8 codes, value ``q * d``: symmetric int8, groups of 32;
+  grid with groups of 32 (``signed_scale``, llama.cpp's own ``d = x_m / -8`` with ``d``
+  negative where the extreme is positive, ``full_range`` or plain: codes -8..7 each way),
+  ``d`` = its scale;
+- ``Q8_0`` (34 bytes): fp16 ``d``, 32 int8 codes, value ``q * d``: symmetric int8, groups of 32
+  (llama.cpp's ``d = max|x| / 127`` is the plain symmetric grid, ``rtn-q8_0``);
 - ``Q4_1`` (20 bytes): fp16 ``d``, fp16 ``m``, 16 bytes of codes 0..15 as ``Q4_0``, value
   ``q * d + m``: asymmetric int4, groups of 32, ``d`` = scale, ``m = -zero_point * scale``.
 
