@@ -38,6 +38,13 @@ class QuantArgs:
     asymmetric, to one whose products with the zero points are float16 values too), so
     that formats storing fp16 scales (GGUF ``Q4_0`` / ``Q8_0`` / ``Q4_1``) hold the grid
     exactly; ``float32`` (default) keeps the scales as computed.
+    ``super_block`` (symmetric integer groups with ``scale_dtype: float16``): the two-level
+    scales of GGUF's ``Q6_K``: the groups of each run of ``super_block`` input columns
+    share one float16 ``d`` and each group's scale is ``d * sc``, ``sc`` an int8 code
+    (``d = s_m / -128``, ``s_m`` the run's signed group scale of largest magnitude, whose
+    code is then exactly -128; a code 0 becomes 1, so no scale vanishes). The weights'
+    codes are rounded against these stored scales. ``Q6_K``: ``bits: 6, group_size: 16,
+    super_block: 256, signed_scale: true``.
     """
 
     bits: int = 4
@@ -55,6 +62,7 @@ class QuantArgs:
     signed_scale: bool = False
     clip_ratio: float = 1.0
     scale_dtype: str = "float32"
+    super_block: int | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -90,8 +98,21 @@ class QuantArgs:
             raise RecipeError(f"scale_dtype {self.scale_dtype!r} unknown; expected one of {', '.join(SCALE_DTYPES)}")
         if self.scale_dtype != "float32" and self.kind != "int":
             raise RecipeError("scale_dtype applies to integer grids (kind: int)")
+        if self.super_block is not None:
+            self._check_super_block()
         if not 0.0 < self.mse_maxshrink < 1.0:
             raise RecipeError(f"mse_maxshrink={self.mse_maxshrink!r} must lie in (0, 1)")
+
+    def _check_super_block(self) -> None:
+        sb, g = self.super_block, self.group_size
+        if isinstance(sb, bool) or not isinstance(sb, int) or sb < 1:
+            raise RecipeError(f"super_block={sb!r}: expected a positive number of input columns (Q6_K: 256)")
+        if self.kind != "int" or not self.symmetric or self.granularity != "group" or self.scale_dtype != "float16":
+            raise RecipeError(
+                "super_block applies to symmetric integer groups with float16 scales (kind: int, symmetric: true, granularity: group, scale_dtype: float16)"
+            )
+        if sb % g or sb // g < 2:
+            raise RecipeError(f"super_block={sb} must be a multiple (2 or more) of group_size {g}")
 
     @property
     def qmin(self) -> int:
@@ -115,14 +136,16 @@ class QuantArgs:
         sym = "" if self.kind != "int" else (" sym" if self.symmetric else " asym")
         sym += " signed-scale" if self.signed_scale else ""
         desc = f"{kind}{sym} {g}" + (" mse" if self.observer == "mse" else "") + (f" clip{self.clip_ratio:g}" if self.clip_ratio != 1.0 else "")
+        desc += f" in {self.super_block}s" if self.super_block else ""
         return desc + (" fp16-scales" if self.scale_dtype == "float16" else "")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         if d["scale_dtype"] == "float32":  # the default left out: manifests written before the field stay byte for byte
             del d["scale_dtype"]
-        if not d["signed_scale"]:  # likewise
-            del d["signed_scale"]
+        for key, default in (("signed_scale", False), ("super_block", None)):  # likewise
+            if d[key] == default:
+                del d[key]
         return d
 
     @classmethod
@@ -148,3 +171,5 @@ def check_group_divides(args: QuantArgs, in_features: int, where: str = "") -> N
     one place this is checked: the plan, GPTQ and SparseGPT call it)."""
     if args.granularity == "group" and in_features % args.group_size:
         raise UserError(f"{where}group_size {args.group_size} does not divide the input dimension {in_features}")
+    if args.super_block and in_features % args.super_block:
+        raise UserError(f"{where}super_block {args.super_block} does not divide the input dimension {in_features}")

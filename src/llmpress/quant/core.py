@@ -49,6 +49,9 @@ def group_view(x: torch.Tensor, args: QuantArgs, name: str | None = None) -> tor
             f"{where}group_size {g} does not divide the input dimension {d}"
             + (f" (divisors that work: {', '.join(map(str, divisors))})" if divisors else "")
         )
+    if args.super_block and d % args.super_block:
+        where = f"layer {name}: " if name else ""
+        raise UserError(f"{where}super_block {args.super_block} does not divide the input dimension {d}")
     return rows.reshape(rows.shape[0], d // g, g)
 
 
@@ -85,16 +88,30 @@ _FP16_TINY = 2.0**-24
 
 def _stored_scale(scale: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     """``scale`` as the format stores it (``args.scale_dtype``): float16 values, held in
-    float32. Asymmetric grids of up to 4 bits keep ``bits`` fewer significant bits (7 of
+    float32. Asymmetric grids of up to 5 bits keep ``bits`` fewer significant bits (7 of
     float16's 11 at 4 bits), so that a zero point (< 2^bits) times the scale is a float16
-    value too (GGUF ``Q4_1`` stores ``-zero * scale`` as its fp16 minimum)."""
+    value too (GGUF ``Q4_1`` / ``Q5_1`` store ``-zero * scale`` as their fp16 minimum).
+    ``super_block``: then the two-level form (:func:`_two_level`)."""
     if args.scale_dtype != "float16":
         return scale
-    if not args.symmetric and args.bits <= 4:
+    if not args.symmetric and args.bits <= 5:
         m, e = torch.frexp(scale)  # scale = m * 2^e, m in [0.5, 1)
         keep = 2.0 ** (11 - args.bits)
         scale = torch.ldexp(torch.round(m * keep) / keep, e)
-    return floor_magnitude(scale.to(torch.float16).float(), _FP16_TINY)
+    scale = floor_magnitude(scale.to(torch.float16).float(), _FP16_TINY)
+    return _two_level(scale, args.super_block // args.group_size) if args.super_block else scale
+
+
+def _two_level(scale: torch.Tensor, k: int) -> torch.Tensor:
+    """Group scales [R, G] as ``d * sc``: per run of ``k`` groups one float16 ``d`` (the run's
+    signed extreme / -128) and int8 codes ``sc`` (the extreme's exactly -128, none 0)."""
+    R, G = scale.shape
+    runs = scale.reshape(R, G // k, k)
+    idx = runs.abs().argmax(-1, keepdim=True)
+    d = floor_magnitude((runs.gather(-1, idx) / -128).to(torch.float16).float(), _FP16_TINY)
+    sc = torch.round(runs / d).clamp_(-128, 127).scatter_(-1, idx, -128.0)
+    sc = torch.where(sc == 0, 1.0, sc)
+    return (d * sc).reshape(R, G)
 
 
 def _sign_params(xg: torch.Tensor, args: QuantArgs) -> QParams:
@@ -212,4 +229,6 @@ def bits_per_weight(args: QuantArgs, in_features: int, out_features: int) -> flo
     else:
         groups = out_features * (in_features // args.group_size)
     overhead = groups * (args.scale_bits + (args.bits if args.has_zero_point else 0))
+    if args.super_block:  # int8 group scales, one scale_bits super-scale per super-block
+        overhead = groups * 8 + n // args.super_block * args.scale_bits
     return args.bits + overhead / n
