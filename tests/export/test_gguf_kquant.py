@@ -17,6 +17,8 @@ import llmpress
 from llmpress import RecipeError, UserError, api, stage
 from llmpress.export.gguf import export_gguf
 from llmpress.export.gguf_layouts import q6_k_blocks, q6_k_scales, small_blocks
+from llmpress.export.packed import read_manifest
+from llmpress.export.packed_size import checkpoint_accounting
 from llmpress.quant import QuantArgs, compute_qparams, quantize
 from llmpress.quant.core import bits_per_weight, fake_quantize
 from llmpress.quant.gptq import GPTQ, gptq_quantize
@@ -114,6 +116,13 @@ def test_q6_k_export_bit_for_bit(tmp_path):
     r = gguf.GGUFReader(out)
     assert r.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q6_K)
     assert _tensors(out)["blk.0.ffn_down.weight"].data.shape == (256, 2 * 210)
+    acc = checkpoint_accounting(read_manifest(src))  # the 16-bit-scale size counts Q6_K's 6.5625 bits per weight
+    n = sum(
+        m.weight.numel()
+        for name, m in tiny_llama(hidden=256, inter=512, vocab=len(_tokenizer())).named_modules()
+        if "layers." in name and hasattr(m, "in_features")
+    )
+    assert acc["theoretical_bytes_16bit_scales"] - acc["other_bytes"] == n * 6.5625 / 8
     loaded, _ = llmpress.load_compressed(str(src), backend="auto")  # serves: no int6 kernel, the exact decode
     want = llmpress.load_compressed(str(src), backend="dequant")[0]
     ids = random_windows(1, 8, vocab=len(_tokenizer()))
