@@ -54,7 +54,7 @@ def _llama_logits(llama_cpp, path, windows: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("preset", ["rtn-q4_0", "gptq-q4_0", "rtn-q8_0", "rtn-q4_1"])
+@pytest.mark.parametrize("preset", ["rtn-q4_0", "gptq-q4_0", "rtn-q8_0", "rtn-q4_1", "rtn-q5_0", "gptq-q4_0-head8"])
 def test_llama_cpp_runs_the_exported_file_like_llmpress(tmp_path, llama_cpp, preset):
     src, _ = _packed(tmp_path, preset, model=_model())
     path = export_gguf(src, tmp_path / "m.gguf")

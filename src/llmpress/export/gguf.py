@@ -8,8 +8,9 @@ as GGUF metadata. Tensor names and metadata keys are the ones llama.cpp's
 layout (:func:`rope_permute`).
 
 Compressed linears become GGUF blocks only where the grids coincide exactly
-(:mod:`llmpress.export.gguf_blocks`: ``Q4_0``, ``Q8_0``, ``Q4_1``, each checked bit for
-bit against llmpress's dequantized weight); any layer without an exact form refuses the
+(:mod:`llmpress.export.gguf_blocks`: ``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1``, ``Q8_0``,
+``Q6_K``, each checked bit for bit against llmpress's dequantized weight); any layer
+without an exact form refuses the
 whole export, naming the layer, its grid and the nearest preset that exports. Unquantized
 tensors are written as float: ``dtype="auto"`` gives 2-D weights (embeddings, a float
 head) float16 and 1-D ones (norms, biases) float32, as llama.cpp's converter does;
@@ -106,7 +107,7 @@ def rope_unpermute(rows: np.ndarray, n_head: int) -> np.ndarray:
 class _Tensor:
     name: str  # GGUF name
     data: np.ndarray  # uint8 blocks [out, bytes] for a block type, float otherwise
-    qtype: str  # Q4_0 / Q4_1 / Q8_0 / F16 / F32
+    qtype: str  # a block type (Q4_0, Q8_0, Q6_K, ...), F16 or F32
 
 
 def _source_manifest(src: Path) -> dict:
@@ -174,7 +175,7 @@ def _file_type(tensors: list[_Tensor]):
     ft = gguf.LlamaFileType
     quant = Counter(t.qtype for t in tensors if t.qtype.startswith("Q"))
     if quant:
-        return {"Q4_0": ft.MOSTLY_Q4_0, "Q4_1": ft.MOSTLY_Q4_1, "Q8_0": ft.MOSTLY_Q8_0}[quant.most_common(1)[0][0]]
+        return getattr(ft, f"MOSTLY_{quant.most_common(1)[0][0]}")
     return ft.MOSTLY_F16 if any(t.qtype == "F16" for t in tensors) else ft.ALL_F32
 
 

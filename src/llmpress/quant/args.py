@@ -24,6 +24,12 @@ class QuantArgs:
     (symmetric integers): ``S = max|x| / (qmax + 1/2)`` so that all ``2^b`` codes are
     used (the positive extreme clips by half a step; the convention of llm-compressor
     and compressed-tensors), instead of ``S = max|x| / qmax`` (``2^b - 1`` codes).
+    ``signed_scale`` (symmetric integers, instead of ``full_range``): the sign-aware scale
+    of llama.cpp's reference ``Q4_0``: ``S = x_m / qmin`` with ``x_m`` the group's signed
+    value of largest magnitude, so that ``x_m`` lands exactly on the code ``qmin = -2^(b-1)``
+    and the other side gets up to ``qmax * |S|``; ``S`` is negative where ``x_m`` is
+    positive (ties: the negative value, a positive scale). All ``2^b`` codes are used and
+    no value clips by half a step, as ``full_range``'s positive extreme does.
     ``clip_ratio`` (integers): a fixed clipping of each group's range, ``[c*min, c*max]``,
     values beyond clamp to the extreme codes (QuaRot clips activations at 0.9 and the KV
     cache at 0.95: after a rotation the values are near Gaussian and a slightly smaller
@@ -32,6 +38,13 @@ class QuantArgs:
     asymmetric, to one whose products with the zero points are float16 values too), so
     that formats storing fp16 scales (GGUF ``Q4_0`` / ``Q8_0`` / ``Q4_1``) hold the grid
     exactly; ``float32`` (default) keeps the scales as computed.
+    ``super_block`` (symmetric integer groups with ``scale_dtype: float16``): the two-level
+    scales of GGUF's ``Q6_K``: the groups of each run of ``super_block`` input columns
+    share one float16 ``d`` and each group's scale is ``d * sc``, ``sc`` an int8 code
+    (``d = s_m / -128``, ``s_m`` the run's signed group scale of largest magnitude, whose
+    code is then exactly -128; a code 0 becomes 1, so no scale vanishes). The weights'
+    codes are rounded against these stored scales. ``Q6_K``: ``bits: 6, group_size: 16,
+    super_block: 256, signed_scale: true``.
     """
 
     bits: int = 4
@@ -46,8 +59,10 @@ class QuantArgs:
     ternary_threshold: float = 0.7  # s = ternary_threshold * mean|W| (per group)
     scale_bits: int = 16  # storage of scales, for bits-per-weight accounting
     full_range: bool = False
+    signed_scale: bool = False
     clip_ratio: float = 1.0
     scale_dtype: str = "float32"
+    super_block: int | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -67,6 +82,12 @@ class QuantArgs:
             object.__setattr__(self, "group_size", None)
         if self.full_range and (self.kind != "int" or not self.symmetric):
             raise RecipeError("full_range applies to symmetric integer grids (kind: int, symmetric: true)")
+        if self.signed_scale and (self.kind != "int" or not self.symmetric):
+            raise RecipeError("signed_scale applies to symmetric integer grids (kind: int, symmetric: true)")
+        if self.signed_scale and self.full_range:
+            raise RecipeError(
+                "signed_scale and full_range are two rules for the symmetric scale (x_m / -2^(b-1) or max|x| / (2^(b-1) - 1/2)); choose one"
+            )
         if self.observer not in OBSERVERS:
             raise RecipeError(f"observer {self.observer!r} unknown; expected one of {', '.join(OBSERVERS)}")
         if not (isinstance(self.clip_ratio, (int, float)) and 0.0 < self.clip_ratio <= 1.0):
@@ -77,8 +98,21 @@ class QuantArgs:
             raise RecipeError(f"scale_dtype {self.scale_dtype!r} unknown; expected one of {', '.join(SCALE_DTYPES)}")
         if self.scale_dtype != "float32" and self.kind != "int":
             raise RecipeError("scale_dtype applies to integer grids (kind: int)")
+        if self.super_block is not None:
+            self._check_super_block()
         if not 0.0 < self.mse_maxshrink < 1.0:
             raise RecipeError(f"mse_maxshrink={self.mse_maxshrink!r} must lie in (0, 1)")
+
+    def _check_super_block(self) -> None:
+        sb, g = self.super_block, self.group_size
+        if isinstance(sb, bool) or not isinstance(sb, int) or sb < 1:
+            raise RecipeError(f"super_block={sb!r}: expected a positive number of input columns (Q6_K: 256)")
+        if self.kind != "int" or not self.symmetric or self.granularity != "group" or self.scale_dtype != "float16":
+            raise RecipeError(
+                "super_block applies to symmetric integer groups with float16 scales (kind: int, symmetric: true, granularity: group, scale_dtype: float16)"
+            )
+        if sb % g or sb // g < 2:
+            raise RecipeError(f"super_block={sb} must be a multiple (2 or more) of group_size {g}")
 
     @property
     def qmin(self) -> int:
@@ -100,13 +134,18 @@ class QuantArgs:
         g = {"group": f"g{self.group_size}", "channel": "per-channel", "tensor": "per-tensor", "token": "per-token"}[self.granularity]
         kind = {"int": f"int{self.bits}", "ternary": "ternary", "binary": "binary"}[self.kind]
         sym = "" if self.kind != "int" else (" sym" if self.symmetric else " asym")
+        sym += " signed-scale" if self.signed_scale else ""
         desc = f"{kind}{sym} {g}" + (" mse" if self.observer == "mse" else "") + (f" clip{self.clip_ratio:g}" if self.clip_ratio != 1.0 else "")
+        desc += f" in {self.super_block}s" if self.super_block else ""
         return desc + (" fp16-scales" if self.scale_dtype == "float16" else "")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         if d["scale_dtype"] == "float32":  # the default left out: manifests written before the field stay byte for byte
             del d["scale_dtype"]
+        for key, default in (("signed_scale", False), ("super_block", None)):  # likewise
+            if d[key] == default:
+                del d[key]
         return d
 
     @classmethod
@@ -132,3 +171,5 @@ def check_group_divides(args: QuantArgs, in_features: int, where: str = "") -> N
     one place this is checked: the plan, GPTQ and SparseGPT call it)."""
     if args.granularity == "group" and in_features % args.group_size:
         raise UserError(f"{where}group_size {args.group_size} does not divide the input dimension {in_features}")
+    if args.super_block and in_features % args.super_block:
+        raise UserError(f"{where}super_block {args.super_block} does not divide the input dimension {in_features}")

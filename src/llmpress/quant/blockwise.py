@@ -6,7 +6,7 @@ For each linear, per quantization group (weights ``w``, range ``[lo, hi]`` from 
 
     lo' = beta * lo,  hi' = alpha * hi,          alpha, beta in [clip_min, 1]
     s   = (hi' - lo') / (qmax - qmin),  z = round(-lo' / s)          (asymmetric)
-    s   = alpha * max(|lo|, |hi|) / qmax  (or qmax + 1/2, full range),  z = 0  (symmetric)
+    s   = alpha * max(|lo|, |hi|) / qmax  (qmax + 1/2 with full_range; alpha * x_m / qmin with signed_scale),  z = 0  (symmetric)
     q   = clamp(round(w / s + V) + z, qmin, qmax),  V in [-1/2, 1/2]
     w^  = s (q - z)
 
@@ -44,7 +44,7 @@ from ..arch import get_module
 from ..errors import RecipeError, UserError
 from ..registry import register
 from .args import QuantArgs, check_group_divides
-from .core import QParams, _dequant, _int_params, group_view
+from .core import QParams, _dequant, _int_params, group_view, symmetric_scale
 
 _EPS = 1e-12
 MODES = ("sequential", "parallel")
@@ -135,8 +135,7 @@ class LearnedQuant:
         args = self.args
         lo, hi = self._range()
         if args.symmetric:
-            amax = torch.maximum(lo.abs(), hi.abs())
-            s = (amax / (args.qmax + 0.5 if args.full_range else args.qmax)).clamp_min(_EPS).unsqueeze(-1)
+            s = symmetric_scale(lo, hi, args).unsqueeze(-1)
             z = 0.0
         else:
             lo, hi = lo.clamp_max(0), hi.clamp_min(0)

@@ -2,7 +2,9 @@
 
 Integer quantization:  q = round(clamp(x / S, qmin, qmax)) (+ z when asymmetric),
 x_hat = (q - z) * S.  Symmetric: S = max|x| / qmax, z = 0, q in [-2^(b-1), 2^(b-1)-1]
-(``full_range``: S = max|x| / (qmax + 1/2), every code used).
+(``full_range``: S = max|x| / (qmax + 1/2), every code used; ``signed_scale``:
+S = x_m / qmin with x_m the signed value of largest |x|, negative where x_m > 0, so x_m is
+exactly the code qmin = -2^(b-1): llama.cpp's Q4_0 rule).
 Asymmetric: S = (max - min) / (2^b - 1), z = round(-min / S), q in [0, 2^b - 1].
 Ternary: alpha = mean |x| over the entries with |x| > s, Q(x) = alpha * sign(x) where
 |x| > s else 0. Binary: alpha = mean |x|, Q(x) = alpha * sign(x).
@@ -47,14 +49,32 @@ def group_view(x: torch.Tensor, args: QuantArgs, name: str | None = None) -> tor
             f"{where}group_size {g} does not divide the input dimension {d}"
             + (f" (divisors that work: {', '.join(map(str, divisors))})" if divisors else "")
         )
+    if args.super_block and d % args.super_block:
+        where = f"layer {name}: " if name else ""
+        raise UserError(f"{where}super_block {args.super_block} does not divide the input dimension {d}")
     return rows.reshape(rows.shape[0], d // g, g)
+
+
+def floor_magnitude(scale: torch.Tensor, floor: float) -> torch.Tensor:
+    """``scale`` with every magnitude below ``floor`` raised to it, the sign kept (0: +floor);
+    ``clamp_min(floor)`` for non-negative scales."""
+    return torch.where(scale.abs() < floor, torch.where(scale < 0, -floor, floor), scale)
+
+
+def symmetric_scale(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """The symmetric scale of groups with minimum ``lo`` and maximum ``hi`` (differentiable
+    in both: blockwise learning uses it): ``max|x| / qmax``, ``/ (qmax + 1/2)`` with
+    ``full_range``, ``x_m / qmin`` with ``signed_scale`` (x_m: lo or hi, whichever is larger
+    in magnitude; a tie takes lo, a positive scale); magnitudes floored at 1e-12."""
+    if args.signed_scale:
+        return floor_magnitude(torch.where(hi.abs() > lo.abs(), hi, lo) / args.qmin, _EPS)
+    amax = torch.maximum(lo.abs(), hi.abs())
+    return (amax / (args.qmax + 0.5 if args.full_range else args.qmax)).clamp_min(_EPS)
 
 
 def _int_params(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> QParams:
     if args.symmetric:
-        amax = torch.maximum(lo.abs(), hi.abs())
-        scale = (amax / (args.qmax + 0.5 if args.full_range else args.qmax)).clamp_min(_EPS)
-        return QParams(scale=_stored_scale(scale, args))
+        return QParams(scale=_stored_scale(symmetric_scale(lo, hi, args), args))
     lo = lo.clamp_max(0)
     hi = hi.clamp_min(0)
     scale = _stored_scale(((hi - lo) / (args.qmax - args.qmin)).clamp_min(_EPS), args)
@@ -68,16 +88,30 @@ _FP16_TINY = 2.0**-24
 
 def _stored_scale(scale: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     """``scale`` as the format stores it (``args.scale_dtype``): float16 values, held in
-    float32. Asymmetric grids of up to 4 bits keep ``bits`` fewer significant bits (7 of
+    float32. Asymmetric grids of up to 5 bits keep ``bits`` fewer significant bits (7 of
     float16's 11 at 4 bits), so that a zero point (< 2^bits) times the scale is a float16
-    value too (GGUF ``Q4_1`` stores ``-zero * scale`` as its fp16 minimum)."""
+    value too (GGUF ``Q4_1`` / ``Q5_1`` store ``-zero * scale`` as their fp16 minimum).
+    ``super_block``: then the two-level form (:func:`_two_level`)."""
     if args.scale_dtype != "float16":
         return scale
-    if not args.symmetric and args.bits <= 4:
+    if not args.symmetric and args.bits <= 5:
         m, e = torch.frexp(scale)  # scale = m * 2^e, m in [0.5, 1)
         keep = 2.0 ** (11 - args.bits)
         scale = torch.ldexp(torch.round(m * keep) / keep, e)
-    return scale.to(torch.float16).float().clamp_min(_FP16_TINY)
+    scale = floor_magnitude(scale.to(torch.float16).float(), _FP16_TINY)
+    return _two_level(scale, args.super_block // args.group_size) if args.super_block else scale
+
+
+def _two_level(scale: torch.Tensor, k: int) -> torch.Tensor:
+    """Group scales [R, G] as ``d * sc``: per run of ``k`` groups one float16 ``d`` (the run's
+    signed extreme / -128) and int8 codes ``sc`` (the extreme's exactly -128, none 0)."""
+    R, G = scale.shape
+    runs = scale.reshape(R, G // k, k)
+    idx = runs.abs().argmax(-1, keepdim=True)
+    d = floor_magnitude((runs.gather(-1, idx) / -128).to(torch.float16).float(), _FP16_TINY)
+    sc = torch.round(runs / d).clamp_(-128, 127).scatter_(-1, idx, -128.0)
+    sc = torch.where(sc == 0, 1.0, sc)
+    return (d * sc).reshape(R, G)
 
 
 def _sign_params(xg: torch.Tensor, args: QuantArgs) -> QParams:
@@ -195,4 +229,6 @@ def bits_per_weight(args: QuantArgs, in_features: int, out_features: int) -> flo
     else:
         groups = out_features * (in_features // args.group_size)
     overhead = groups * (args.scale_bits + (args.bits if args.has_zero_point else 0))
+    if args.super_block:  # int8 group scales, one scale_bits super-scale per super-block
+        overhead = groups * 8 + n // args.super_block * args.scale_bits
     return args.bits + overhead / n

@@ -81,6 +81,10 @@ class GPTQ:
             raise RecipeError("weights: GPTQ needs weight quantization arguments")
         if self.weights.granularity == "token":
             raise RecipeError("weights.granularity: 'token' is for activations; use tensor, channel or group")
+        if self.weights.super_block and not self.static_groups:
+            raise RecipeError(
+                "static_groups: two-level scales (weights.super_block) need static_groups: true (a super-block's scales are fitted together)"
+            )
         if self.act_order and self.weights.granularity == "group" and not self.static_groups:
             raise RecipeError(
                 "static_groups: act_order with group quantization needs static_groups: true "

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import RecipeError
+from ..errors import RecipeError, UserError
 from .args import QuantArgs
 from .core import QParams, _codes, _dequant, compute_qparams
 
@@ -72,7 +72,7 @@ class ColumnQuantizer:
         self.tt = torch.zeros(self.n_groups, rows, device=device) if args.kind == "ternary" else None
         self.fixed: QParams | None = None  # per-tensor params as computed ([1, 1])
         # argument set for computing one group's params from a [R, g] slice
-        self.slice_args = dataclasses.replace(args, granularity="channel", group_size=None) if self.gsize else args
+        self.slice_args = dataclasses.replace(args, granularity="channel", group_size=None, super_block=None) if self.gsize else args
 
     def group_of(self, col: int) -> int:
         return col // self.gsize if self.gsize else 0
@@ -89,6 +89,11 @@ class ColumnQuantizer:
     def fit_group(self, cols: torch.Tensor, g: int, importance: torch.Tensor | None = None) -> None:
         """Params of group g from its current values ``cols`` [R, group_size]; ``importance``
         [group_size] weights the MSE observer's error per column."""
+        if self.args.super_block:
+            raise UserError(
+                "two-level scales (super_block) are fitted for a whole super-block at once: use static_groups: true "
+                "(the groups' scales from the original weight)"
+            )
         imp = None if importance is None else importance.reshape(1, 1, -1)
         self.set(compute_qparams(cols, self.slice_args, importance=imp), g)
 

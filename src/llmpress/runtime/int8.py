@@ -198,6 +198,7 @@ def _is_a8_token(args) -> bool:
         and args.granularity == "token"
         and args.observer == "minmax"
         and not args.full_range
+        and not args.signed_scale
         and args.clip_ratio == 1.0
     )
 

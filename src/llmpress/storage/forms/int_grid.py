@@ -126,7 +126,10 @@ class IntGrid(StorageForm):
     def stored_bits(self, spec, nbytes, scale_bits):
         a = spec.weight_args
         groups = spec.scale_shape[0] * spec.scale_shape[1]
-        grid = spec.out_features * spec.in_features * a.bits + groups * (scale_bits + (a.bits if a.has_zero_point else 0))
+        n = spec.out_features * spec.in_features
+        grid = n * a.bits + groups * (scale_bits + (a.bits if a.has_zero_point else 0))
+        if a.super_block and scale_bits < 32:  # two-level scales as GGUF's Q6_K holds them (the file: float32 products)
+            grid = n * a.bits + groups * 8 + n // a.super_block * scale_bits
         return grid + sum(8 * nbytes[k] for k in ("g_idx", "exc_index", "exc_value") if k in nbytes)
 
     def qparams(self, spec, tensors):

@@ -1,0 +1,96 @@
+"""Byte layouts of GGUF block types (``ggml-common.h``), as pure functions from llmpress's
+codes and scales to uint8 blocks; which grid maps to which type, and the check that the
+mapping is exact, are :mod:`llmpress.export.gguf_blocks`'.
+
+Blocks run along a row (the input dimension). Codes are signed llmpress codes; each type
+stores them unsigned:
+
+- ``Q4_0`` (32 weights, 18 bytes): fp16 ``d``; 16 bytes of nibbles, byte j holding weight j
+  (low nibble) and j + 16 (high); value ``(u - 8) * d``;
+- ``Q4_1`` (20 bytes): fp16 ``d``, fp16 ``m``, nibbles as ``Q4_0``; value ``u * d + m``;
+- ``Q5_0`` (22 bytes): fp16 ``d``; a little-endian uint32 whose bit j is bit 4 of weight j;
+  the low nibbles as ``Q4_0``; value ``(u - 16) * d``;
+- ``Q5_1`` (24 bytes): fp16 ``d``, fp16 ``m``, then as ``Q5_0``; value ``u * d + m``;
+- ``Q8_0`` (34 bytes): fp16 ``d``, 32 int8 codes; value ``q * d``;
+- ``Q6_K`` (256 weights in 16 groups of 16, 210 bytes): 128 bytes ``ql``, 64 bytes ``qh``,
+  16 int8 group scales ``sc``, fp16 ``d``; value ``d * sc[j // 16] * (u - 32)``. Weight
+  ``w = 128 h + 64 s + j`` (h, s in {0, 1}, j < 64) has its low 4 bits in ``ql[64 h + j]``
+  at bit ``4 s``; weight ``w = 128 h + 32 t + j`` (t < 4, j < 32) its high 2 bits in
+  ``qh[32 h + j]`` at bit ``2 t``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+QK = 32  # weights per block of Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0
+QK_K = 256  # weights per super-block of the K-quants
+OFFSET = {"Q4_0": 8, "Q4_1": 0, "Q5_0": 16, "Q5_1": 0, "Q8_0": 0, "Q6_K": 32}  # unsigned = signed code + offset
+
+
+def fp16_exact(x: torch.Tensor) -> bool:
+    h = x.to(torch.float16)
+    return bool(torch.isfinite(h).all()) and torch.equal(h.float(), x.float())
+
+
+def fp16_bytes(x: torch.Tensor) -> np.ndarray:
+    """float32 [...] -> uint8 [..., 2] of its float16 values (little-endian)."""
+    return x.to(torch.float16).contiguous().numpy().view(np.uint8).reshape(*x.shape, 2)
+
+
+def nibbles(u: torch.Tensor) -> np.ndarray:
+    """uint8 codes [..., 32] (their low 4 bits) -> [..., 16]: weight j low nibble, j + 16 high."""
+    u = u.to(torch.uint8) & 15
+    return (u[..., : QK // 2] | (u[..., QK // 2 :] << 4)).contiguous().numpy()
+
+
+def fifth_bits(u: torch.Tensor) -> np.ndarray:
+    """uint8 codes 0..31 [..., 32] -> [..., 4]: a little-endian uint32, bit j = bit 4 of weight j."""
+    bits = ((u.to(torch.int16) >> 4) & 1).reshape(*u.shape[:-1], 4, 8)  # byte k holds weights 8k .. 8k + 7
+    return (bits << torch.arange(8, dtype=torch.int16)).sum(-1).to(torch.uint8).contiguous().numpy()
+
+
+def small_blocks(qtype: str, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> np.ndarray:
+    """Blocks of 32 [R, G, bytes] from codes [R, G, 32], scales [R, G] and (``Q4_1`` /
+    ``Q5_1``) minimums [R, G], all already checked representable."""
+    u = codes.to(torch.int16) + OFFSET[qtype]
+    heads = [fp16_bytes(scale)] + ([fp16_bytes(minimum)] if minimum is not None else [])
+    if qtype == "Q8_0":
+        body = [codes.to(torch.int8).contiguous().numpy().view(np.uint8)]
+    elif qtype in ("Q5_0", "Q5_1"):
+        body = [fifth_bits(u), nibbles(u)]
+    else:
+        body = [nibbles(u)]
+    return np.concatenate([*heads, *body], axis=-1)
+
+
+def q6_k_scales(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Group scales [R, n, 16] of super-blocks -> (fp16-valued ``d`` [R, n], int8-valued ``sc``
+    [R, n, 16]) with ``d * sc`` equal to them bit for bit, or None. ``d`` is the super-block's
+    signed extreme over -128 (what llmpress's ``super_block`` grid stores)."""
+    idx = scale.abs().argmax(-1, keepdim=True)
+    d = scale.gather(-1, idx) / -128
+    sc = torch.round(scale / d)
+    if not (fp16_exact(d) and bool((d != 0).all()) and bool(((sc >= -128) & (sc <= 127)).all())):
+        return None
+    if not torch.equal(d * sc, scale):
+        return None
+    return d.squeeze(-1), sc
+
+
+def q6_k_blocks(codes: torch.Tensor, d: torch.Tensor, sc: torch.Tensor) -> np.ndarray:
+    """``Q6_K`` blocks [R, n, 210] from codes -32..31 [R, n, 256], ``d`` [R, n], ``sc`` [R, n, 16]."""
+    R, n, _ = codes.shape
+    u = (codes.to(torch.int16) + OFFSET["Q6_K"]).to(torch.uint8).reshape(R, n, 2, 128)  # [.., h, 128]
+    low, high = u & 15, u >> 4
+    ql = low[..., :64] | (low[..., 64:] << 4)  # [.., h, 64]: weight 64 s + j at bit 4 s
+    hq = high.reshape(R, n, 2, 4, 32)  # [.., h, t, 32]
+    qh = hq[..., 0, :] | (hq[..., 1, :] << 2) | (hq[..., 2, :] << 4) | (hq[..., 3, :] << 6)
+    parts = [
+        ql.reshape(R, n, 128).contiguous().numpy(),
+        qh.reshape(R, n, 64).contiguous().numpy(),
+        sc.to(torch.int8).contiguous().numpy().view(np.uint8),
+        fp16_bytes(d),
+    ]
+    return np.concatenate(parts, axis=-1)
