@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Resumable, load_results, main_guard, pick_rows, preset_recipe, results_table, save_results  # noqa: E402
+from common import Resumable, main_guard, pick_rows, preset_recipe, print_saved_table, results_path, results_table, save_results  # noqa: E402
 
 # key -> (bits class, recipe: a preset name or a recipe dict)
 ROWS = {
@@ -125,21 +125,16 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the speed section")
     ap.add_argument("--ckpt", help="folder of the speed section's checkpoints (default runs/bench/codebooks-ckpt-MODEL)")
     a = ap.parse_args(argv)
-    tag = Path(a.model).name
-    out = Path(a.out or f"runs/bench/codebooks-{tag}.json")
+    out = results_path(a.out, "codebooks", a.model)
     if a.table:
-        if not out.exists():
-            print(f"no results at {out}", file=sys.stderr)
-            return 2
-        print(table(load_results(out)))
-        return 0
+        return print_saved_table(out, table)
     keys = pick_rows(ROWS, a.rows)
     speed_keys = pick_rows(ROWS, a.speed_rows) if a.speed or a.speed_only else []
     rt = Resumable(out, a.model, windows=a.windows, calib=a.calib)
     for key in [] if a.speed_only else keys:
         rt.compress(key, ROWS[key][1], bits_class=ROWS[key][0])
     if speed_keys:
-        speed(rt, speed_keys, Path(a.ckpt or f"runs/bench/codebooks-ckpt-{tag}"), a.repeats)
+        speed(rt, speed_keys, Path(a.ckpt or f"runs/bench/codebooks-ckpt-{Path(a.model).name}"), a.repeats)
     print(table(rt.res))
     return 0
 

@@ -187,6 +187,20 @@ def model_folder(model: str) -> Path:
     return models.packaged_folder(model) if model in models.PACKAGED else Path(model)
 
 
+def results_path(out: str | None, script: str, model: str) -> Path:
+    """``--out``, or runs/bench/SCRIPT-MODEL.json (the model's folder name for a local path)."""
+    return Path(out or f"runs/bench/{script}-{Path(model).name}.json")
+
+
+def print_saved_table(out: Path, table) -> int:
+    """``--table``: print ``table`` of the results JSON ``out``; 2 (with a message) when there is none."""
+    if not out.exists():
+        print(f"no results at {out}", file=sys.stderr)
+        return 2
+    print(table(load_results(out)))
+    return 0
+
+
 def pick_rows(known: dict, wanted: str | None) -> list[str]:
     """``--rows``: a comma list of keys of ``known`` (all when empty); SystemExit(2) naming unknown keys."""
     if not wanted:

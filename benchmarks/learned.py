@@ -45,11 +45,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     Resumable,
     ensure_peer_venv,
-    load_results,
     main_guard,
     model_folder,
     pick_rows,
     preset_recipe,
+    print_saved_table,
+    results_path,
     results_table,
     score,
 )
@@ -186,14 +187,9 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-venv", default=str(HERE / ".venv-autoround"), help="AutoRound's environment (made when missing)")
     ap.add_argument("--peer-compile", choices=("auto", "on", "off"), default="auto", help="AutoRound's torch.compile (auto: its default)")
     a = ap.parse_args(argv)
-    tag = Path(a.model).name
-    out = Path(a.out or f"runs/bench/learned-{tag}.json")
+    out = results_path(a.out, "learned", a.model)
     if a.table:
-        if not out.exists():
-            print(f"no results at {out}", file=sys.stderr)
-            return 2
-        print(table(load_results(out)))
-        return 0
+        return print_saved_table(out, table)
     keys = pick_rows(ROWS, a.rows)
     rt = Resumable(out, a.model, windows=a.windows, calib=a.calib)
     for key in keys:
