@@ -177,6 +177,17 @@ def _refused(capsys, argv):
     return code, err[-1]
 
 
+def _export_refused(tmp_path, capsys, src, words):
+    """``llmpress export --format gguf`` of ``src`` exits 2 with one line naming the first layer and
+    every word of ``words``, and writes nothing."""
+    out = tmp_path / "outs" / "m.gguf"
+    out.parent.mkdir()
+    code, line = _refused(capsys, ["export", "--format", "gguf", str(src), "--out", str(out)])
+    assert code == 2 and line.startswith("llmpress: error: layer model.layers.0.self_attn.q_proj ("), line
+    assert all(w in line for w in words), line
+    assert list(out.parent.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "weights,words",
     [
@@ -190,12 +201,7 @@ def _refused(capsys, argv):
 )
 def test_grid_without_exact_form_is_refused_and_nothing_written(tmp_path, capsys, restore_logging, weights, words):
     src, _ = _packed(tmp_path, [stage("rtn", weights=weights, ignore=["lm_head"])])
-    out = tmp_path / "outs" / "m.gguf"
-    out.parent.mkdir()
-    code, line = _refused(capsys, ["export", "--format", "gguf", str(src), "--out", str(out)])
-    assert code == 2 and line.startswith("llmpress: error: layer model.layers.0.self_attn.q_proj ("), line
-    assert all(w in line for w in words), line
-    assert list(out.parent.iterdir()) == []
+    _export_refused(tmp_path, capsys, src, words)
 
 
 def test_activation_quantization_and_other_architectures_are_refused(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from conftest import random_windows
 from helpers import logits, rel_err
 from safetensors.torch import load_file
-from test_gguf import _bits, _check_linears, _gguf_weight, _model, _packed, _refused, _tensors, _tokenizer
+from test_gguf import _bits, _check_linears, _export_refused, _gguf_weight, _model, _packed, _tensors, _tokenizer
 
 import llmpress
 from llmpress import stage
@@ -113,12 +113,7 @@ def test_head8_presets_write_the_tied_head_as_q8_0(tmp_path, preset):
 )
 def test_signed_grid_without_a_block_type_is_refused(tmp_path, capsys, restore_logging, weights, words):
     src, _ = _packed(tmp_path, [stage("rtn", weights=weights, ignore=["lm_head"])])
-    out = tmp_path / "outs" / "m.gguf"
-    out.parent.mkdir()
-    code, line = _refused(capsys, ["export", "--format", "gguf", str(src), "--out", str(out)])
-    assert code == 2 and line.startswith("llmpress: error: layer model.layers.0.self_attn.q_proj ("), line
-    assert all(w in line for w in words), line
-    assert list(out.parent.iterdir()) == []
+    _export_refused(tmp_path, capsys, src, words)
 
 
 def test_signed_int8_is_exact_q8_0(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import random_windows, tiny_llama
 from helpers import QUIET
-from test_gguf import _check_linears, _packed, _refused, _tensors, _tokenizer
+from test_gguf import _check_linears, _export_refused, _packed, _tensors, _tokenizer
 
 import llmpress
 from llmpress import RecipeError, UserError, api, stage
@@ -159,9 +159,4 @@ def test_k_quant_refusals(tmp_path, capsys, restore_logging, weights, words):
             _packed(tmp_path, [stage("rtn", weights=weights, ignore=["lm_head"])])
         return
     src = _wide_packed(tmp_path, weights) if weights.super_block else _packed(tmp_path, [stage("rtn", weights=weights, ignore=["lm_head"])])[0]
-    out = tmp_path / "outs" / "m.gguf"
-    out.parent.mkdir()
-    code, line = _refused(capsys, ["export", "--format", "gguf", str(src), "--out", str(out)])
-    assert code == 2 and line.startswith("llmpress: error: layer model.layers.0.self_attn.q_proj ("), line
-    assert all(w in line for w in words), line
-    assert list(out.parent.iterdir()) == []
+    _export_refused(tmp_path, capsys, src, words)
