@@ -34,7 +34,9 @@ def _notes(rep):
     return {n: r.notes["omniquant"] for n, r in rep.result.records.items()}
 
 
-@pytest.mark.parametrize("args", [W3G32, ASYM, QuantArgs(bits=4, group_size=32, full_range=True), QuantArgs(bits=4, group_size=32, scale_dtype="float16")])
+@pytest.mark.parametrize(
+    "args", [W3G32, ASYM, QuantArgs(bits=4, group_size=32, full_range=True), QuantArgs(bits=4, group_size=32, scale_dtype="float16")]
+)
 def test_learned_clipping_never_widens_beyond_min_max(args):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(16, 64, generator=g)
@@ -100,7 +102,9 @@ def test_deterministic():
 
 def test_keeps_round_to_nearest_when_learning_loses():
     m = tiny_llama()
-    rep = compress(m, stage("omniquant", weights=W3G32, iters=3, lr=50.0, let_lr=5.0, keep_best=False, shift=True), data=random_windows(8, 32), engine=QUIET)
+    rep = compress(
+        m, stage("omniquant", weights=W3G32, iters=3, lr=50.0, let_lr=5.0, keep_best=False, shift=True), data=random_windows(8, 32), engine=QUIET
+    )
     ref = tiny_llama()
     for name, n in _notes(rep).items():
         assert n["kept_rtn"] and n["block_mse"] == n["block_mse_rtn"]
@@ -176,7 +180,9 @@ def test_after_quarot_w4a4(tmp_path):
     m = tiny_llama()
     recipe = [
         stage("quarot", rotation="random_hadamard", residual="online"),
-        stage("kv_quant", keys=QuantArgs(bits=4, symmetric=False, granularity="token"), values=QuantArgs(bits=4, symmetric=False, granularity="token")),
+        stage(
+            "kv_quant", keys=QuantArgs(bits=4, symmetric=False, granularity="token"), values=QuantArgs(bits=4, symmetric=False, granularity="token")
+        ),
         stage("omniquant", targets=["Linear"], ignore=["lm_head"], weights=QuantArgs(bits=4, group_size=32), activations=A4, iters=40),
     ]
     rep = compress(m, recipe, data=random_windows(8, 32), engine=QUIET)
