@@ -197,3 +197,12 @@ def test_after_quarot_w4a4(tmp_path):
     loaded, _ = llmpress.load_compressed(str(out), backend="dequant")
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, want, atol=1e-4 * float(want.abs().max()))
+
+
+def test_bfloat16_model_keeps_its_dtype_and_learns():
+    m = planted().to(torch.bfloat16)
+    rep = compress(m, stage("omniquant", weights=W3G32, activations=A4, shift=None, iters=30), data=random_windows(8, 32), engine=QUIET)
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+    notes = _notes(rep)
+    assert all(n["block_mse"] < n["block_mse_rtn"] for n in notes.values())
+    assert m.model.layers[0].self_attn.q_proj.bias is not None  # shift: null = on with activations

@@ -63,8 +63,9 @@ class ClipQuant:
         check_group_divides(args, weight.shape[-1], f"layer {name}: " if name else "")
         self.args, self.name = args, name
         rows = group_view(weight.detach().float(), args, name).shape[:2]
-        self.g = torch.full(rows, float(init), requires_grad=True) if learn else None
-        self.b = torch.full(rows, float(init), requires_grad=True) if learn and not args.symmetric else None
+        dev = weight.device
+        self.g = torch.full(rows, float(init), device=dev, requires_grad=True) if learn else None
+        self.b = torch.full(rows, float(init), device=dev, requires_grad=True) if learn and not args.symmetric else None
 
     def params(self) -> list[torch.Tensor]:
         return [p for p in (self.g, self.b) if p is not None]
@@ -244,7 +245,7 @@ def init_let(ctx, cfg: OmniQuant) -> tuple[LetState, list]:
             z, act = ((hi + lo) / 2).float(), ((hi - lo) / 2).float()
         elif cfg.activations is not None:
             act = red(stats[g.linears[0]]["channel_stats"]["absmax"], "max").float()
-        s0 = torch.ones(n)
+        s0 = torch.ones(n, device=get_module(ctx.block, g.linears[0]).weight.device)
         if cfg.activations is not None and act is not None:
             wmax = torch.stack([get_module(ctx.block, p).weight.detach().abs().amax(0).float() for p in g.linears]).amax(0)
             s0 = smooth_scales(act, red(wmax, "max"), cfg.let_alpha)

@@ -160,7 +160,7 @@ def let_tensors(
             t[f"{g.prev}.weight"] = get(f"{g.prev}.weight") / s.unsqueeze(1)
             if f"{g.prev}.bias" in base or f"{g.prev}.bias" in t:
                 t[f"{g.prev}.bias"] = get(f"{g.prev}.bias") / s
-    return t
+    return {n: v.to(base[n].dtype) for n, v in t.items()}  # the block's own dtypes (a float32 scale on a bf16 block)
 
 
 def block_tensors(block: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
