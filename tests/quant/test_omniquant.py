@@ -206,3 +206,14 @@ def test_bfloat16_model_keeps_its_dtype_and_learns():
     notes = _notes(rep)
     assert all(n["block_mse"] < n["block_mse_rtn"] for n in notes.values())
     assert m.model.layers[0].self_attn.q_proj.bias is not None  # shift: null = on with activations
+
+
+def test_resume_refused_only_with_shifts():
+    from llmpress.calib.resume import check_resumable
+    from llmpress.recipe import Recipe
+
+    check_resumable(Recipe(stages=(stage("omniquant"),)))
+    check_resumable(Recipe(stages=(stage("omniquant", activations=A4),)))  # scales only: the block's tensors say it all
+    for kw in ({"shift": True}, {"shift": None, "activations": A4}):
+        with pytest.raises(UserError, match="omniquant's shifts"):
+            check_resumable(Recipe(stages=(stage("omniquant", **kw),)))
