@@ -24,6 +24,7 @@ RECIPES = {
     "sparsegpt": [stage("sparsegpt", sparsity=0.5)],
     "quarot-gptq": "quarot-w4a4kv4-gptq",
     "gptq+head": [stage("gptq", weights=W4), stage("gptq", targets=["lm_head"], ignore=[], weights=QuantArgs(bits=8, granularity="channel"))],
+    "omniquant-a8": [stage("omniquant", weights=W4, activations=A8, iters=10)],  # LET scales live in the norm / linear tensors
 }
 
 

@@ -7,7 +7,7 @@ from helpers import logits, rel_err
 
 from llmpress import compress, stage
 from llmpress.arch import get_arch
-from llmpress.errors import UnsupportedArchitecture
+from llmpress.errors import UnsupportedArchitecture, UserError
 from llmpress.quant import QuantArgs
 from llmpress.runtime.act_quant import ActQuantLinear
 from llmpress.runtime.online_hadamard import block_matmul
@@ -305,7 +305,6 @@ def test_quarot_presets_on_tiny_llama_cost_what_their_bits_say():
 
 
 def test_second_rotation_is_refused():
-    from llmpress.errors import UserError
 
     m = tiny_llama()
     ids = random_windows(2, 16)
@@ -412,3 +411,41 @@ def test_quarot_online_residual_on_llama_keeps_outputs_and_gains():
     assert m.llmpress_transforms[-1]["online"]["norm_in"]["blocks"] == 2 * len(m.model.layers)  # two norms per block
     with pytest.raises(Exception, match="residual"):
         compress(tiny_llama(), [stage("quarot", residual="sideways")], data=ids)
+
+
+@pytest.mark.parametrize("family", TINY_MODELS)
+@pytest.mark.parametrize("norms", [True, False])
+def test_duquant_smoothing_keeps_fp_outputs_and_moves_the_weights(family, norms):
+    from llmpress.transform.duquant import smooth_model
+
+    m = TINY_MODELS[family]()
+    with torch.no_grad():  # an outlier channel at the attention input: smoothing has work to do
+        m.model.layers[0].input_layernorm.weight[5] += 10.0
+    ids = random_windows(4, 32)
+    ref = logits(m, ids)
+    spec = get_arch(m)
+    norm0 = m.model.layers[0].input_layernorm.weight.detach().clone()
+    down0 = m.model.layers[1].mlp.down_proj.weight.detach().clone()
+    n = smooth_model(m, spec, ids, alpha=0.6, norms=norms)
+    assert n == 2 * (4 if norms else 2)
+    assert rel_err(logits(m, ids), ref) < 1e-5
+    assert torch.equal(m.model.layers[0].input_layernorm.weight, norm0) != norms
+    assert not torch.equal(m.model.layers[1].mlp.down_proj.weight, down0)
+    if norms:  # the outlier channel is scaled down at the norm, up in q/k/v's columns
+        assert m.model.layers[0].input_layernorm.weight[5].abs() < norm0[5].abs() / 2
+
+
+def test_duquant_smoothing_options():
+    from llmpress.transform.duquant import DuQuant
+
+    with pytest.raises(UserError, match="smooth_alpha"):
+        DuQuant(smooth_alpha=1.5)
+    with pytest.raises(UserError, match="smooth"):
+        DuQuant(smooth="yes")
+    assert DuQuant().smooth and DuQuant().smooth_alpha == 0.6
+    m = tiny_llama()
+    compress(m, [stage("duquant", block_size=16, steps=4, windows=2, residual="online")], data=random_windows(4, 32))
+    assert m.llmpress_transforms[-1]["smoothed_points"] == 8 and m.llmpress_transforms[-1]["smooth_alpha"] == 0.6
+    m = tiny_llama()
+    compress(m, [stage("duquant", block_size=16, steps=4, windows=2, residual="offline", smooth=False)], data=random_windows(4, 32))
+    assert m.llmpress_transforms[-1]["smoothed_points"] == 0

@@ -18,7 +18,8 @@ fingerprint, the model's shapes); a resume with anything else is refused. A resu
 re-runs the model-scope stages (deterministic), loads blocks 0..k, wraps their
 activation quantizers from the records, and continues at block k+1 with the saved inputs,
 so it produces the uninterrupted run's result bit for bit. Stages that change a block's
-module structure beyond those wrappers (LLM.int8()'s linears, SmoothQuant's ``shift``) are
+module structure beyond those wrappers (LLM.int8()'s linears, SmoothQuant's ``shift``,
+OmniQuant's shifts) are
 refused for resume before any work starts.
 """
 
@@ -90,8 +91,11 @@ def record_from_state(meta: dict, tensors: dict[str, torch.Tensor]) -> ModuleRec
 def check_resumable(recipe, ranks: int = 1) -> None:
     """Refuse checkpoints (and so --resume) for what a block checkpoint cannot rebuild."""
     for i, st in enumerate(recipe.stages):
-        if st.method == "llm_int8" or (st.method == "smoothquant" and getattr(st.config, "shift", False)):
-            what = "LLM.int8()'s linears" if st.method == "llm_int8" else "SmoothQuant's shift (norm wrappers)"
+        shifts = (st.method == "smoothquant" and getattr(st.config, "shift", False)) or (
+            st.method == "omniquant" and getattr(st.config, "shift_on", False)
+        )
+        if st.method == "llm_int8" or shifts:
+            what = "LLM.int8()'s linears" if st.method == "llm_int8" else f"{st.method}'s shifts (norm wrappers, added biases)"
             raise UserError(
                 f"--resume: recipe stage {i} ({st.method}) changes the block's modules ({what}), which a block checkpoint does not rebuild"
             )

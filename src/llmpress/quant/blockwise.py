@@ -37,14 +37,26 @@ from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call
 
 from .. import progress
 from ..arch import get_module
 from ..errors import RecipeError, UserError
 from ..registry import register
 from .args import QuantArgs, check_group_divides
+from .block_recon import (
+    block_forward,
+    capture_block,
+    check_block_options,
+    check_grid,
+    output_error,
+    parallel_data,
+    slice_call,
+    ste_round,
+    step_chunks,
+)
 from .core import QParams, _dequant, _int_params, group_view, symmetric_scale
+
+__all__ = ["Blockwise", "BlockwiseOptions", "LearnedQuant", "block_error", "capture_block", "learn_block", "slice_call"]
 
 _EPS = 1e-12
 MODES = ("sequential", "parallel")
@@ -67,43 +79,6 @@ class BlockwiseOptions:
 
     def __post_init__(self):
         check_block_options(self)
-
-
-def check_block_options(o, error: type[UserError] = UserError) -> None:
-    """Refuse options the optimization cannot run with, naming the field (``error``:
-    RecipeError from the method's config)."""
-
-    def number(key):
-        v = getattr(o, key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise error(f"{key}={v!r}: expected a number")
-        return v
-
-    for key in ("iters", "windows_per_step"):
-        v = getattr(o, key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise error(f"{key}={v!r}: expected an integer of at least 1")
-    if number("lr") <= 0:
-        raise error(f"lr={o.lr!r}: expected a positive number")
-    if o.clip_lr is not None and number("clip_lr") <= 0:
-        raise error(f"clip_lr={o.clip_lr!r}: expected a positive number")
-    if not 0.0 < number("clip_min") <= 1.0:
-        raise error(f"clip_min={o.clip_min!r}: expected a fraction in (0, 1]")
-
-
-def check_grid(args: QuantArgs | None, error: type[UserError] = UserError, where: str = "") -> None:
-    if args is None:
-        raise error("weights: blockwise needs weight quantization arguments")
-    if args.kind != "int":
-        raise error(f"{where}weights.kind: blockwise learns the rounding of integer grids, not {args.kind!r}")
-    if args.granularity == "token":
-        raise error(f"{where}weights.granularity: 'token' is for activations; use tensor, channel or group")
-    if args.observer != "minmax":
-        raise error(f"{where}weights.observer: blockwise learns its own clipping from the min-max range; use observer: minmax")
-
-
-def _ste_round(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
 
 
 class LearnedQuant:
@@ -140,8 +115,8 @@ class LearnedQuant:
         else:
             lo, hi = lo.clamp_max(0), hi.clamp_min(0)
             s = ((hi - lo) / (args.qmax - args.qmin)).clamp_min(_EPS).unsqueeze(-1)
-            z = torch.clamp(_ste_round(-lo.unsqueeze(-1) / s), args.qmin, args.qmax)
-        q = torch.clamp(_ste_round(self.wg / s + self.v) + z, args.qmin, args.qmax)
+            z = torch.clamp(ste_round(-lo.unsqueeze(-1) / s), args.qmin, args.qmax)
+        q = torch.clamp(ste_round(self.wg / s + self.v) + z, args.qmin, args.qmax)
         return ((q - z) * s).reshape(self.shape).to(self.dtype)
 
     def hard(self) -> tuple[torch.Tensor, QParams, torch.Tensor]:
@@ -184,48 +159,12 @@ class LearnedQuant:
                     p.fill_(1.0)
 
 
-def slice_call(x: torch.Tensor, args: tuple, kwargs: dict, start: int, stop: int):
-    """Windows ``start:stop`` of a batch: ``x`` and every call tensor of 2+ dims whose first
-    dimension is the batch's (masks, position ids, rotary tables; a 1-d cache_position and
-    tables shared by the batch, first dimension 1, stay whole)."""
-    n = x.shape[0]
-
-    def cut(v):
-        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == n and n > 1:
-            return v[start:stop]
-        if isinstance(v, tuple):
-            return tuple(cut(e) for e in v)
-        return v
-
-    return x[start:stop], tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
-
-
-def _forward(block: nn.Module, weights: dict[str, torch.Tensor], x, args, kwargs) -> torch.Tensor:
-    y = functional_call(block, weights, (x, *args), kwargs)
-    return y[0] if isinstance(y, tuple) else y
-
-
-def _steps(xs: Sequence[torch.Tensor], wps: int):
-    """(batch, start, stop) of every step's windows, in turn over the batches."""
-    chunks = []
-    for b in range(len(xs)):
-        n = xs[b].shape[0]
-        chunks += [(b, i, min(n, i + wps)) for i in range(0, n, wps)]
-    return chunks
-
-
 def block_error(block: nn.Module, quants: dict[str, LearnedQuant], xs, call_args, ys, *, hard: bool = True) -> float:
     """Mean squared error of the block's output over every calibration batch, with the
     quantizers' hard (or soft) weights in place of the targeted linears' weights."""
     with torch.no_grad():
         weights = {f"{loc}.weight": (q.hard()[0] if hard else q.soft()) for loc, q in quants.items()}
-        total, count = 0.0, 0
-        for b in range(len(xs)):
-            args, kwargs = call_args[b]
-            y = _forward(block, weights, xs[b], args, kwargs)
-            total += float((y.float() - ys[b].float()).pow(2).sum())
-            count += y.numel()
-    return total / max(count, 1)
+    return output_error(block, weights, xs, call_args, ys)
 
 
 @dataclass(kw_only=True)
@@ -255,7 +194,7 @@ def learn_block(
     frozen = [(p, p.requires_grad) for p in block.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
-    chunks = _steps(xs, o.windows_per_step)
+    chunks = step_chunks(xs, o.windows_per_step)
     best, best_loss, best_step, losses = None, math.inf, 0, []
     try:
         with torch.enable_grad():
@@ -263,7 +202,7 @@ def learn_block(
                 b, i, j = chunks[step % len(chunks)]
                 x, args, kwargs = slice_call(xs[b], *call_args[b], i, j)
                 weights = {f"{loc}.weight": q.soft() for loc, q in quants.items()}
-                loss = (_forward(block, weights, x, args, kwargs).float() - ys[b][i:j].float()).pow(2).mean()
+                loss = (block_forward(block, weights, x, args, kwargs).float() - ys[b][i:j].float()).pow(2).mean()
                 value = float(loss.detach())
                 losses.append(value)
                 if o.keep_best and value < best_loss:
@@ -328,32 +267,6 @@ class Blockwise(BlockwiseOptions):
         return BlockwiseOptions(**{f.name: getattr(self, f.name) for f in fields(BlockwiseOptions)})
 
 
-def _parallel_data(ctx, batches: int | None):
-    """The full-precision model's inputs of this block, their call arguments and the
-    full-precision block's outputs on them (the engine's stream, ``needs_fp_stream``)."""
-    if ctx.fp_inputs is None or ctx.fp_outputs is None:
-        raise UserError("blockwise mode parallel: the engine gave this block no full-precision inputs")
-    n = len(ctx.fp_inputs) if batches is None else min(batches, len(ctx.fp_inputs))
-    return [ctx.fp_inputs[b] for b in range(n)], [ctx.call_args[b] for b in range(n)], [ctx.fp_outputs[b] for b in range(n)]
-
-
-def capture_block(ctx, batches: int | None):
-    """One pass of the block as it is (full precision): per batch its input, its call
-    arguments and its output (the target)."""
-    xs, calls, ys = [], [], []
-
-    def pre(_m, args, kwargs):
-        xs.append(args[0].detach())
-        calls.append((tuple(args[1:]), dict(kwargs)))
-
-    h = ctx.block.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        ctx.run(batches=batches, each=lambda _b, y: ys.append(y.detach()))
-    finally:
-        h.remove()
-    return xs, calls, ys
-
-
 @register(
     "blockwise",
     Blockwise,
@@ -361,7 +274,7 @@ def capture_block(ctx, batches: int | None):
     summary="block-wise reconstruction: rounding offsets + clipping learned per block by SignSGD (AutoRound-style)",
 )
 def blockwise(ctx, cfg: Blockwise) -> None:
-    xs, calls, ys = _parallel_data(ctx, cfg.batches) if cfg.mode == "parallel" else capture_block(ctx, cfg.batches)
+    xs, calls, ys = parallel_data(ctx, cfg.batches) if cfg.mode == "parallel" else capture_block(ctx, cfg.batches)
     quants = {
         loc: LearnedQuant(get_module(ctx.block, loc).weight.data, cfg.weights, learn_clip=cfg.learn_clip, name=full)
         for loc, full in ctx.targets.items()

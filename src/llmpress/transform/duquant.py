@@ -26,8 +26,19 @@ Where the invariance allows (see :mod:`llmpress.transform.rotate`):
 - gemma3 (post-norms block the residual): online transforms of each block's
   input_layernorm and pre_feedforward_layernorm outputs, built per block;
 - values and q/k per head: Hadamard, as in QuaRot (the KV cache needs them; DuQuant
-  itself does not rotate the cache). The paper's optional smoothing step is left to a
-  separate smoothing stage.
+  itself does not rotate the cache).
+
+Smoothing (``smooth``, the paper's first step, before the rotations and the permutation):
+per equivalence point of every block (norm -> q/k/v, v -> o, norm -> gate/up, up -> down;
+:mod:`llmpress.transform.scaling`) a per-channel scale
+
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
+
+from the calibration activations, folded like SmoothQuant's (norm weight / v_proj rows /
+up_proj rows divided, the readers' columns multiplied: the float model is unchanged). The
+rotation statistics are then taken on the smoothed model. ``smooth_alpha`` = 0.6, the value
+of the authors' released runs. With ``residual: offline`` the norm points are left out: the
+residual rotation fuses the norm gains into the readers, which would undo a norm scale.
 """
 
 from __future__ import annotations
@@ -53,6 +64,7 @@ from .rotation import (
     online,
     residual_rotatable,
 )
+from .scaling import apply_smoothing, group_weight_absmax, head_geometry, heads_to_kv, scale_groups, smooth_scales
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +193,41 @@ def collect_inputs(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, site
     return {k: v.result() for k, v in samplers.items()}
 
 
+@torch.no_grad()
+def smooth_model(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, alpha: float, norms: bool = True, batch: int = 4) -> int:
+    """DuQuant's smoothing step: per block and equivalence point, the SmoothQuant scale from
+    the calibration activations' per-channel max |x| (``alpha``), folded into the block (the
+    float function is unchanged). ``norms``: include the norm -> linears points. Returns the
+    number of points smoothed."""
+    layers = get_module(model, spec.blocks)
+    groups = [g for g in scale_groups(spec) if norms or g.kind != "norm"]
+    if not groups:
+        return 0
+    absmax: dict[tuple[int, int], torch.Tensor] = {}
+    handles = []
+    for i, block in enumerate(layers):
+        for k, g in enumerate(groups):
+
+            def hook(_m, inp, _key=(i, k)):
+                m = inp[0].detach().reshape(-1, inp[0].shape[-1]).abs().amax(0).float()
+                absmax[_key] = m if _key not in absmax else torch.maximum(absmax[_key], m)
+
+            handles.append(get_module(block, g.linears[0]).register_forward_pre_hook(hook))
+    try:
+        for ids in progress.track(windows.split(batch), "duquant smoothing statistics", "batch"):
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    for i, block in enumerate(layers):
+        for k, g in enumerate(groups):
+            act = absmax[(i, k)]
+            if g.kind == "v":
+                act = heads_to_kv(act, head_geometry(block, spec), "max")
+            apply_smoothing(block, spec, g, smooth_scales(act, group_weight_absmax(block, spec, g), alpha))
+    return len(layers) * len(groups)
+
+
 # ----------------------------------------------------------------------------- method
 
 
@@ -204,10 +251,16 @@ class DuQuant:
     rotate_values: bool = True
     rotate_qk: bool = True
     residual: str = "offline"
+    smooth: bool = True
+    smooth_alpha: float = 0.6
 
     def __post_init__(self):
         if self.block_size < 2 or self.steps < 0 or self.windows < 1:
             raise UserError("duquant: block_size >= 2, steps >= 0 and windows >= 1 required")
+        if not isinstance(self.smooth, bool):
+            raise UserError(f"duquant.smooth {self.smooth!r}: expected true or false")
+        if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) or not 0.0 <= self.smooth_alpha <= 1.0:
+            raise UserError(f"duquant.smooth_alpha {self.smooth_alpha!r}: expected a value in [0, 1]")
         if self.residual not in ("offline", "online"):
             raise UserError(f"duquant.residual {self.residual!r}: expected offline or online")
 
@@ -220,6 +273,8 @@ def duquant(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
     offline = residual_rotatable(spec) and cfg.residual == "offline"
     if offline:  # statistics of the plain norm outputs the residual rotation will see
         fuse_norms(model, spec, final=True)
+    windows = calib_windows[: cfg.windows]
+    smoothed = smooth_model(model, spec, windows, cfg.smooth_alpha, norms=not offline) if cfg.smooth else 0
     layers = get_module(model, spec.blocks)
     n = len(layers)
     hd, n_h, _ = head_layout(attention_of(layers[0], spec))
@@ -228,7 +283,6 @@ def duquant(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
         sites["o_in"] = spec.o
     if cfg.online_down:
         sites["down_in"] = spec.down
-    windows = calib_windows[: cfg.windows]
     samples = collect_inputs(model, spec, windows, sites, batch=4, top=cfg.top, rand=cfg.random, seed=cfg.seed)
 
     plan = RotationPlan()
@@ -267,6 +321,8 @@ def duquant(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
         "steps": cfg.steps,
         "windows": int(windows.shape[0]),
         "residual_mode": "offline" if offline else "online",
+        "smooth_alpha": cfg.smooth_alpha if cfg.smooth else None,
+        "smoothed_points": smoothed,
     }
     summary = apply_plan(model, spec, plan)
     log.info("duquant: %s", summary)

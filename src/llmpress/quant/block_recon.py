@@ -1,0 +1,133 @@
+"""What the block-wise reconstruction methods share (``blockwise``, ``omniquant``): the
+checks of a learnable integer grid, straight-through rounding, the capture of a block's
+calibration inputs / call arguments / full-precision outputs, the split of those batches
+into training steps and the functional forward of a block with substituted tensors.
+
+A method imports no other method, so this lives on the maths floor; nothing here holds
+state or hooks beyond the one capture pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from ..errors import UserError
+from .args import QuantArgs
+
+
+def check_block_options(o, error: type[UserError] = UserError) -> None:
+    """Refuse options the optimization cannot run with, naming the field (``error``:
+    RecipeError from the method's config): ``iters``/``windows_per_step`` integers >= 1,
+    ``lr`` (and ``clip_lr`` / ``let_lr`` where the object has them) positive, ``clip_min``
+    (where present) in (0, 1]."""
+
+    def number(key):
+        v = getattr(o, key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise error(f"{key}={v!r}: expected a number")
+        return v
+
+    for key in ("iters", "windows_per_step"):
+        v = getattr(o, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise error(f"{key}={v!r}: expected an integer of at least 1")
+    if number("lr") <= 0:
+        raise error(f"lr={o.lr!r}: expected a positive number")
+    for key in ("clip_lr", "let_lr"):
+        if getattr(o, key, None) is not None and number(key) <= 0:
+            raise error(f"{key}={getattr(o, key)!r}: expected a positive number")
+    if hasattr(o, "clip_min") and not 0.0 < number("clip_min") <= 1.0:
+        raise error(f"clip_min={o.clip_min!r}: expected a fraction in (0, 1]")
+
+
+def check_grid(args: QuantArgs | None, error: type[UserError] = UserError, where: str = "", method: str = "blockwise") -> None:
+    """A grid whose rounding / clipping a block method can learn: integer, min-max observer."""
+    if args is None:
+        raise error(f"weights: {method} needs weight quantization arguments")
+    if args.kind != "int":
+        raise error(f"{where}weights.kind: {method} learns the rounding of integer grids, not {args.kind!r}")
+    if args.granularity == "token":
+        raise error(f"{where}weights.granularity: 'token' is for activations; use tensor, channel or group")
+    if args.observer != "minmax":
+        raise error(f"{where}weights.observer: {method} learns its own clipping from the min-max range; use observer: minmax")
+
+
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def slice_call(x: torch.Tensor, args: tuple, kwargs: dict, start: int, stop: int):
+    """Windows ``start:stop`` of a batch: ``x`` and every call tensor of 2+ dims whose first
+    dimension is the batch's (masks, position ids, rotary tables; a 1-d cache_position and
+    tables shared by the batch, first dimension 1, stay whole)."""
+    n = x.shape[0]
+
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == n and n > 1:
+            return v[start:stop]
+        if isinstance(v, tuple):
+            return tuple(cut(e) for e in v)
+        return v
+
+    return x[start:stop], tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+
+def block_forward(block: nn.Module, tensors: dict[str, torch.Tensor], x, args, kwargs) -> torch.Tensor:
+    """The block's hidden-state output with ``tensors`` (parameter / buffer name -> value)
+    in place of its own."""
+    y = functional_call(block, tensors, (x, *args), kwargs)
+    return y[0] if isinstance(y, tuple) else y
+
+
+def step_chunks(xs: Sequence[torch.Tensor], wps: int) -> list[tuple[int, int, int]]:
+    """(batch, start, stop) of every step's windows, in turn over the batches."""
+    chunks = []
+    for b in range(len(xs)):
+        n = xs[b].shape[0]
+        chunks += [(b, i, min(n, i + wps)) for i in range(0, n, wps)]
+    return chunks
+
+
+def output_error(block: nn.Module, tensors: dict[str, torch.Tensor], xs, call_args, ys) -> float:
+    """Mean squared error of the block's output over every calibration batch with
+    ``tensors`` substituted (no gradient)."""
+    with torch.no_grad():
+        total, count = 0.0, 0
+        for b in range(len(xs)):
+            args, kwargs = call_args[b]
+            y = block_forward(block, tensors, xs[b], args, kwargs)
+            total += float((y.float() - ys[b].float()).pow(2).sum())
+            count += y.numel()
+    return total / max(count, 1)
+
+
+def capture_block(ctx, batches: int | None):
+    """One pass of the block as it is (full precision): per batch its input, its call
+    arguments and its output (the target)."""
+    xs, calls, ys = [], [], []
+
+    def pre(_m, args, kwargs):
+        xs.append(args[0].detach())
+        calls.append((tuple(args[1:]), dict(kwargs)))
+
+    h = ctx.block.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        ctx.run(batches=batches, each=lambda _b, y: ys.append(y.detach()))
+    finally:
+        h.remove()
+    return xs, calls, ys
+
+
+def parallel_data(ctx, batches: int | None, method: str = "blockwise"):
+    """The full-precision model's inputs of this block, their call arguments and the
+    full-precision block's outputs on them (the engine's stream, ``needs_fp_stream``)."""
+    if ctx.fp_inputs is None or ctx.fp_outputs is None:
+        raise UserError(f"{method} mode parallel: the engine gave this block no full-precision inputs")
+    n = len(ctx.fp_inputs) if batches is None else min(batches, len(ctx.fp_inputs))
+    return [ctx.fp_inputs[b] for b in range(n)], [ctx.call_args[b] for b in range(n)], [ctx.fp_outputs[b] for b in range(n)]
