@@ -72,6 +72,32 @@ def tiny_tokenizer(vocab: int = 256):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
 
 
+def tiny_spm_tokenizer(vocab: int = 400):
+    """A Gemma-style tokenizer (what a SentencePiece BPE model converted to tokenizer.json is):
+    <pad> <eos> <bos> <unk> at ids 0-3, the 256 <0xNN> byte tokens, then pieces learned on
+    TINY_TEXT; spaces written as U+2581 by the normalizer, byte fallback, a BOS prepended, and a
+    merge for every split of a piece into two pieces, grouped by the piece they make (in id order)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    learner = Tokenizer(models.BPE(unk_token="<unk>"))
+    learner.normalizer = normalizers.Replace(" ", "\u2581")
+    trainer = trainers.BpeTrainer(vocab_size=vocab - 256, special_tokens=specials, max_token_length=8)
+    learner.train_from_iterator([TINY_TEXT[:400]] * 4, trainer)
+    learned = sorted(learner.get_vocab().items(), key=lambda kv: kv[1])
+    pieces = specials + [f"<0x{b:02X}>" for b in range(256)] + [t for t, _ in learned if t not in specials]
+    ids = {t: i for i, t in enumerate(pieces)}
+    merges = [(t[:k], t[k:]) for t in pieces[260:] for k in range(1, len(t)) if t[:k] in ids and t[k:] in ids]
+    tok = Tokenizer(models.BPE(vocab=ids, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 2)])
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>")
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

@@ -212,7 +212,7 @@ def test_activation_quantization_and_other_architectures_are_refused(tmp_path):
     assert not (tmp_path / "a.gguf").exists()
     cfg = (src / "config.json").read_text().replace('"model_type": "llama"', '"model_type": "mistral"')
     (src / "config.json").write_text(cfg)
-    with pytest.raises(UserError, match="supports the Llama architecture"):
+    with pytest.raises(UserError, match="supports the Llama and Gemma 3 architectures"):
         export_gguf(src, tmp_path / "a.gguf")
 
 
