@@ -36,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,11 +92,20 @@ def window_stats(base_logp: torch.Tensor, other: torch.Tensor, tokens: torch.Ten
     return {"nll": nll, "kl": kl, "top1": top1, "n": tokens.numel() - 1}
 
 
-def base_logprobs(cpp: LlamaCpp, path: Path, sets: dict) -> dict:
-    """The F32 file's next-token log-probabilities on every window, float16 in memory
-    (16 windows x 512 x 49152 x 2 B = 0.8 GB per source), computed once for every file's KL."""
+def base_logprobs(cpp: LlamaCpp, path: Path, sets: dict, work: Path) -> dict:
+    """The F32 file's next-token log-probabilities on every window, computed once for every
+    file's KL, float16 in a file under ``work`` read back window by window (a memory map): 64
+    windows x 512 x 49152 x 2 B = 3.2 GB per source for SmolLM2, 17 GB for gemma-3-270m's
+    262144-token vocabulary, more than this machine's memory for three sources."""
     llm = cpp.load(path, n_ctx=next(iter(sets.values())).shape[1])
-    out = {src: [torch.log_softmax(cpp.logits(llm, w.tolist()), -1).half() for w in windows] for src, windows in sets.items()}
+    out = {}
+    for src, windows in sets.items():
+        n_vocab = llm.n_vocab()
+        mm = np.memmap(work / f"base-logprobs-{src}.f16", dtype=np.float16, mode="w+", shape=(len(windows), windows.shape[1], n_vocab))
+        for i, w in enumerate(windows):
+            mm[i] = torch.log_softmax(cpp.logits(llm, w.tolist()), -1).half().numpy()
+        mm.flush()
+        out[src] = [torch.from_numpy(mm[i]) for i in range(len(windows))]
     del llm
     return out
 
@@ -172,13 +182,19 @@ def llmpress_file(model: str, preset: str, calib_samples: int, work: Path) -> tu
     return out, ckpt
 
 
-def base_file(cpp: LlamaCpp, folder: Path, pre: str, work: Path) -> Path:
-    """F32 GGUF by llama.cpp's converter, its pre-tokenizer name set to llmpress's (``pre``)."""
+def base_file(cpp: LlamaCpp, folder: Path, tok: dict, work: Path) -> Path:
+    """F32 GGUF by llama.cpp's converter with llmpress's tokenizer metadata (``tok``, what
+    ``tokenizer_metadata`` gives): a byte-level BPE file gets llmpress's pre-tokenizer name; a
+    SentencePiece-style tokenizer.json without tokenizer.model (gemma3-270m) goes through
+    ``llamacpp_convert.py``, which writes llmpress's vocabulary in the converter's place."""
     raw, out = work / "f32-converted.gguf", work / "F32.gguf"
     if not out.exists():
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path[:2])}
+        if tok["model"] == "llama":
+            sh([sys.executable, REPO / "benchmarks" / "llamacpp_convert.py", cpp.src, folder, "--outtype", "f32", "--outfile", out], env=env)
+            return out
         sh([sys.executable, cpp.src / "convert_hf_to_gguf.py", folder, "--outtype", "f32", "--outfile", raw], env=env)
-        sh([sys.executable, cpp.src / "gguf-py" / "gguf" / "scripts" / "gguf_new_metadata.py", raw, out, "--pre-tokenizer", pre, "--force"],
+        sh([sys.executable, cpp.src / "gguf-py" / "gguf" / "scripts" / "gguf_new_metadata.py", raw, out, "--pre-tokenizer", tok["pre"], "--force"],
            env={**env, "PYTHONPATH": f"{cpp.src / 'gguf-py'}{os.pathsep}{env['PYTHONPATH']}"})  # fmt: skip
         raw.unlink()
     return out
@@ -252,13 +268,14 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model, tok = models.load(a.model)
     folder = models.packaged_folder(a.model) if not Path(a.model).exists() else Path(a.model)
+    model_vocab = model.config.vocab_size
     sets = eval_sets(tok, model, a.sources, a.eval_windows)
     calib = api.calibration_windows(tok, model, api.CalibConfig(n_samples=a.calib_samples))
     del model
     texts = {s: write_text(tok, w, work / f"test-{s}.txt") for s, w in sets.items()}
     calib_txt = write_text(tok, calib, work / "calib.txt")
     ours = {f"llmpress {p}": llmpress_file(a.model, p, a.calib_samples, work) for p in a.presets.split(",")}
-    base = base_file(cpp, folder, tokenizer_metadata(folder, len(tok))["pre"], work)
+    base = base_file(cpp, folder, tokenizer_metadata(folder, model_vocab), work)
     peers = peer_files(cpp, base, calib_txt, a.peer_types.split(","), a.calib_samples, work)
     ordered = [*(v for k, v in peers.items() if "imatrix" in k), *(v for k, v in peers.items() if "imatrix" not in k)]
     mine = [v[0] for v in ours.values()]
@@ -266,7 +283,7 @@ def main() -> None:
     files = {"F32 (llama.cpp convert_hf_to_gguf)": base}  # then llmpress's and llama.cpp's files in turn, imatrix ones first
     for i in range(max(len(ordered), len(mine))):
         files |= {names[p]: p for p in (mine[i : i + 1] + ordered[i : i + 1])}
-    base_lp = base_logprobs(cpp, base, sets)
+    base_lp = base_logprobs(cpp, base, sets, work)
     done = {r["file"] for r in rows}
     for label, path in files.items():
         if label in done:

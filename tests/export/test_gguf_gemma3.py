@@ -137,7 +137,7 @@ def test_gemma3_metadata_and_tokenizer(tmp_path):
     tokens, types, scores = (_field(r, f"tokenizer.ggml.{k}") for k in ("tokens", "token_type", "scores"))
     assert tokens == tok.convert_ids_to_tokens(list(range(len(tok))))
     T = gguf.TokenType
-    assert types[:4] == [T.CONTROL, T.CONTROL, T.CONTROL, T.UNKNOWN] and set(types[4:260]) == {T.BYTE} and set(types[260:]) == {T.NORMAL}
+    assert types[:4] == [T.CONTROL] * 4 and set(types[4:260]) == {T.BYTE} and set(types[260:]) == {T.NORMAL}
     assert scores[:4] == [-1000.0] * 4 and len(scores) == len(tok)
 
 

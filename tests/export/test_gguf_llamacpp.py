@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import random_windows
 from test_gguf import _model, _packed, _tokenizer
+from test_gguf_gemma3 import _packed as _gemma_packed
+from test_gguf_gemma3 import _tokenizer as _gemma_tokenizer
+from test_gguf_gemma3 import tiny_gemma3_head256
 
 from llmpress import checkpoint
+from llmpress.export import gguf_arch
 from llmpress.export.gguf import export_gguf
 
 LIB = os.environ.get("LLMPRESS_LLAMA_CPP")
@@ -62,20 +67,81 @@ def test_llama_cpp_runs_the_exported_file_like_llmpress(tmp_path, llama_cpp, pre
     windows = random_windows(3, 24, vocab=len(_tokenizer()), seed=7)
     with torch.no_grad():
         want = ours(windows).logits.float()
-    got = _llama_logits(llama_cpp, path, windows)
-    assert got.shape == want.shape
-    diff = (got - want).abs().max().item() / want.std().item()
-    lw, lg = torch.log_softmax(want.double(), -1), torch.log_softmax(got.double(), -1)
-    kl = (lw.exp() * (lw - lg)).sum(-1).mean().item()
-    top1 = (want.argmax(-1) == got.argmax(-1)).float().mean().item()
-    assert diff < 0.05 and kl < 1e-3 and top1 >= 0.97, (diff, kl, top1)
+    _assert_close(_llama_logits(llama_cpp, path, windows), want)
     # and the comparison can fail: a file of other weights is far off
     other = export_gguf(_packed(tmp_path / "other", preset, model=_model().apply(_perturb))[0], tmp_path / "other.gguf")
     far = (_llama_logits(llama_cpp, other, windows) - want).abs().max().item() / want.std().item()
     assert far > 0.05
 
 
+def _assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape
+    diff = (got - want).abs().max().item() / want.std().item()
+    lw, lg = torch.log_softmax(want.double(), -1), torch.log_softmax(got.double(), -1)
+    kl = (lw.exp() * (lw - lg)).sum(-1).mean().item()
+    top1 = (want.argmax(-1) == got.argmax(-1)).float().mean().item()
+    assert diff < 0.05 and kl < 1e-3 and top1 >= 0.97, (diff, kl, top1)
+
+
+@pytest.mark.parametrize("preset", ["rtn-q4_0", "rtn-q8_0", None])
+def test_llama_cpp_runs_an_exported_gemma3_like_llmpress(tmp_path, llama_cpp, preset, monkeypatch):
+    """Gemma 3 (norms stored w + 1, sliding layers of window 8 within 24 tokens, one global layer,
+    head_dim 256 > hidden 64; None: the float checkpoint), same tolerance as Llama's."""
+    src, _ = _gemma_packed(tmp_path, preset, model=tiny_gemma3_head256())
+    path = export_gguf(src, tmp_path / "m.gguf")
+    ours, _ = checkpoint.load_compressed(src)
+    windows = random_windows(3, 24, vocab=len(_gemma_tokenizer()), seed=7)
+    with torch.no_grad():
+        want = ours(windows).logits.float()
+    _assert_close(_llama_logits(llama_cpp, path, windows), want)
+    # and the comparison can fail: the same file with the norms as HF stores them (w, not w + 1)
+    monkeypatch.setattr(gguf_arch.Hparams, "norm_shift", property(lambda self: 0.0))
+    other = export_gguf(src, tmp_path / "unshifted.gguf")
+    far = (_llama_logits(llama_cpp, other, windows) - want).abs().max().item() / want.std().item()
+    assert far > 0.05
+
+
+def test_llama_cpp_tokenizes_gemma3_text_like_the_checkpoint(tmp_path, llama_cpp):
+    """llama.cpp's SentencePiece tokenizer on the exported vocabulary (scores from the merges)
+    gives the checkpoint's Hugging Face token ids, BOS first."""
+    from conftest import TINY_TEXT
+
+    src, _ = _gemma_packed(tmp_path, "rtn-q8_0", model=tiny_gemma3_head256(layers=1))
+    llm = llama_cpp.Llama(model_path=str(export_gguf(src, tmp_path / "m.gguf")), n_ctx=64, vocab_only=True, verbose=False)
+    tok = _gemma_tokenizer()
+    for text in [TINY_TEXT[:400], "Outliers in quantization, n\u00e9e 2024: a few bits!  Two  spaces. ", "zebra quick"]:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok(text)["input_ids"], text
+
+
 def _perturb(module):
     if isinstance(module, torch.nn.Linear) and module.out_features != len(_tokenizer()):
         with torch.no_grad():
             module.weight.mul_(-1.0)
+
+
+def test_llama_cpp_converter_writes_what_llmpress_writes_for_gemma3(tmp_path):
+    """llama.cpp's own convert_hf_to_gguf.py (through benchmarks/llamacpp_convert.py, which gives
+    it llmpress's tokenizer metadata) on the float tiny Gemma 3: every tensor bit for bit what
+    llmpress's float32 export of the same model holds, every metadata key it writes the same."""
+    import subprocess
+
+    import gguf
+    import numpy as np
+
+    m = tiny_gemma3_head256()
+    m.save_pretrained(tmp_path / "hf")
+    _gemma_tokenizer().save_pretrained(tmp_path / "hf")
+    src, _ = _gemma_packed(tmp_path, None, model=m)
+    ours = gguf.GGUFReader(export_gguf(src, tmp_path / "ours.gguf", dtype="float32"))
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "llamacpp_convert.py"
+    cpp_src = Path(PY.split(":")[0]) / "vendor" / "llama.cpp"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*PY.split(":"), *sys.path])}
+    subprocess.run([sys.executable, script, cpp_src, tmp_path / "hf", "--outtype", "f32", "--outfile", tmp_path / "conv.gguf"], check=True, env=env)
+    theirs = gguf.GGUFReader(tmp_path / "conv.gguf")
+    ta, tb = ({t.name: t for t in r.tensors} for r in (ours, theirs))
+    assert set(ta) == set(tb)
+    for n, t in ta.items():
+        assert t.tensor_type == tb[n].tensor_type and np.array_equal(t.data.view(np.uint8), tb[n].data.view(np.uint8)), n
+    fa, fb = ({k: f.contents() for k, f in r.fields.items() if not k.startswith(("GGUF.", "general."))} for r in (ours, theirs))
+    assert fb == {k: fa.get(k) for k in fb}  # theirs is a subset of ours, equal values
+    assert set(fa) - set(fb) == {"gemma3.attention.sliding_window_pattern", "gemma3.vocab_size"}  # what ours adds

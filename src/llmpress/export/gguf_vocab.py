@@ -12,8 +12,11 @@ Two forms, told apart by the tokenizer, each the one llama.cpp runs exactly:
   tokens is a merge and the merges of one token are consecutive (what a SentencePiece model
   converted to tokenizer.json has: Gemma's 514,906 merges are), so each token's score is minus
   the rank of its first merge; a tokenizer.json without that structure is refused. Token
-  types as the converter's: ``<0xNN>`` bytes BYTE, the unknown token UNKNOWN, special added
-  tokens CONTROL, other added tokens USER_DEFINED (score -1000).
+  types as the converter's: ``<0xNN>`` bytes BYTE, special added tokens CONTROL (Gemma's
+  ``<unk>`` too: its tokenizer_config marks it special), other added tokens USER_DEFINED (score
+  -1000), an unknown token that is not an added one UNKNOWN. Gemma's runs of spaces (``▁▁``...)
+  are ordinary merged tokens here, as in the tokenizer.json llmpress runs (Gemma's
+  tokenizer.model has them as user-defined pieces of real spaces).
 """
 
 from __future__ import annotations
@@ -137,7 +140,7 @@ def _spm_tokens(tj: dict, n_vocab: int) -> tuple[list[str], list[float], list[in
         if i in added:
             special = added[i].get("special")
             tokens[i] = t if special else t.replace(SPACE, " ")
-            score[i], types[i] = -1000.0, int(T.UNKNOWN if t == unk else T.CONTROL if special else T.USER_DEFINED)
+            score[i], types[i] = -1000.0, int(T.CONTROL if special else T.USER_DEFINED)  # the converter: special wins over unknown
         else:
             types[i] = int(T.UNKNOWN if t == unk else T.BYTE if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t) else T.NORMAL)
     return tokens, score, types
