@@ -246,3 +246,30 @@ def test_tokenizer_llama_cpp_would_split_differently_is_refused(tmp_path, edit, 
     with pytest.raises(UserError, match=words):
         export_gguf(src, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+SPM_MODEL = {"type": "BPE", "byte_fallback": True, "vocab": {}, "merges": []}
+REPLACE = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+
+
+@pytest.mark.parametrize(
+    ("normalizer", "pre", "prefix"),
+    [
+        (REPLACE, None, False),  # Gemma 3 as transformers writes it from the GGUF
+        (REPLACE, {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False}, False),
+        ({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"}, REPLACE]}, None, True),  # Llama 2
+        ({"type": "Sequence", "normalizers": [REPLACE, {"type": "Prepend", "prepend": "\u2581"}]}, None, None),
+        (REPLACE, {"type": "Metaspace"}, None),
+        ({"type": "NFKC"}, None, None),
+    ],
+)
+def test_sentencepiece_style_shapes(normalizer, pre, prefix):
+    from llmpress.export.gguf_vocab import _space_prefix, kind
+
+    tj = {"model": SPM_MODEL, "normalizer": normalizer, "pre_tokenizer": pre}
+    assert _space_prefix(tj) is prefix
+    if prefix is None:
+        with pytest.raises(UserError, match="would split text differently"):
+            kind(tj)
+    else:
+        assert kind(tj) == "llama"
