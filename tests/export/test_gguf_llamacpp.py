@@ -74,31 +74,36 @@ def test_llama_cpp_runs_the_exported_file_like_llmpress(tmp_path, llama_cpp, pre
     assert far > 0.05
 
 
-def _assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+def _assert_close(got: torch.Tensor, want: torch.Tensor, max_diff: float = 0.05, max_kl: float = 1e-3, min_top1: float = 0.97) -> None:
     assert got.shape == want.shape
     diff = (got - want).abs().max().item() / want.std().item()
     lw, lg = torch.log_softmax(want.double(), -1), torch.log_softmax(got.double(), -1)
     kl = (lw.exp() * (lw - lg)).sum(-1).mean().item()
     top1 = (want.argmax(-1) == got.argmax(-1)).float().mean().item()
-    assert diff < 0.05 and kl < 1e-3 and top1 >= 0.97, (diff, kl, top1)
+    assert diff < max_diff and kl < max_kl and top1 >= min_top1, (diff, kl, top1)
 
 
 @pytest.mark.parametrize("preset", ["rtn-q4_0", "rtn-q8_0", None])
 def test_llama_cpp_runs_an_exported_gemma3_like_llmpress(tmp_path, llama_cpp, preset, monkeypatch):
     """Gemma 3 (norms stored w + 1, sliding layers of window 8 within 24 tokens, one global layer,
-    head_dim 256 > hidden 64; None: the float checkpoint), same tolerance as Llama's."""
+    head_dim 256 > hidden 64; None: the float checkpoint). Tolerance: the float file agrees to
+    0.008 std (the embedding / tied head at float16); the Q8_0 and Q4_0 files to 0.15 std, KL
+    1e-5, top-1 70/72: llama.cpp rounds the inputs of quantized linears to Q8_0 blocks, and
+    llmpress's own model with its 42 linear inputs so rounded moves by 0.14 std (6 layers, two
+    more norms a block than Llama's 2-layer model, hence wider than its 0.05). The wrong file
+    (norms as HF stores them) is 4.4 std off, KL 1.4e-2, top-1 0."""
     src, _ = _gemma_packed(tmp_path, preset, model=tiny_gemma3_head256())
     path = export_gguf(src, tmp_path / "m.gguf")
     ours, _ = checkpoint.load_compressed(src)
     windows = random_windows(3, 24, vocab=len(_gemma_tokenizer()), seed=7)
     with torch.no_grad():
         want = ours(windows).logits.float()
-    _assert_close(_llama_logits(llama_cpp, path, windows), want)
+    _assert_close(_llama_logits(llama_cpp, path, windows), want, max_diff=0.25, max_kl=1e-4, min_top1=0.95)
     # and the comparison can fail: the same file with the norms as HF stores them (w, not w + 1)
     monkeypatch.setattr(gguf_arch.Hparams, "norm_shift", property(lambda self: 0.0))
     other = export_gguf(src, tmp_path / "unshifted.gguf")
     far = (_llama_logits(llama_cpp, other, windows) - want).abs().max().item() / want.std().item()
-    assert far > 0.05
+    assert far > 1.0
 
 
 def test_llama_cpp_tokenizes_gemma3_text_like_the_checkpoint(tmp_path, llama_cpp):
