@@ -273,3 +273,14 @@ def test_sentencepiece_style_shapes(normalizer, pre, prefix):
             kind(tj)
     else:
         assert kind(tj) == "llama"
+
+
+def test_gemma3_quantized_tied_head_is_the_embedding(tmp_path):
+    src, _ = _packed(tmp_path, "gptq-q4_0-head8")
+    got = _tensors(export_gguf(src, tmp_path / "m.gguf"))
+    assert "output.weight" not in got and got["token_embd.weight"].tensor_type.name == "Q8_0"
+    t = got["token_embd.weight"]
+    loaded, _ = llmpress.load_compressed(str(src), backend="dequant")
+    w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(int(t.shape[1]), int(t.shape[0]))
+    assert np.array_equal(_bits(w), _bits(loaded.lm_head.dequantized_weight(torch.float32).numpy()))
+    assert got["blk.0.attn_q.weight"].tensor_type.name == "Q4_0"
