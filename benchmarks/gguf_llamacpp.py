@@ -132,9 +132,12 @@ def llama_perplexity(cpp: LlamaCpp, path: Path, texts: dict, chunks: int, work: 
     for src, txt in texts.items():
         log = cpp.tool("llama-perplexity", "-m", path, "-f", txt, "-c", 512, "--chunks", chunks, "-t", cpp.threads, "-b", 512)
         m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log)
-        if m is None:
+        # the running value after the last chunk (stdout) is the final estimate; llama.cpp's
+        # asynchronous logger can exit before it writes the "Final estimate" line (stderr)
+        running = re.findall(r"\[(\d+)\]([0-9.]+),", log)
+        if m is None and not running:
             raise SystemExit(f"no perplexity in llama-perplexity's output for {path}:\n{log[-2000:]}")
-        out[src] = float(m.group(1))
+        out[src] = float(m.group(1)) if m is not None else float(running[-1][1])
     return out
 
 
@@ -189,7 +192,7 @@ def base_file(cpp: LlamaCpp, folder: Path, tok: dict, work: Path) -> Path:
     ``llamacpp_convert.py``, which writes llmpress's vocabulary in the converter's place."""
     raw, out = work / "f32-converted.gguf", work / "F32.gguf"
     if not out.exists():
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path[:2])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([*sys.path[:2], *filter(None, [os.environ.get("PYTHONPATH")])])}
         if tok["model"] == "llama":
             sh([sys.executable, REPO / "benchmarks" / "llamacpp_convert.py", cpp.src, folder, "--outtype", "f32", "--outfile", out], env=env)
             return out
@@ -264,7 +267,7 @@ def main() -> None:
     from llmpress.export.gguf import tokenizer_metadata
 
     cpp = LlamaCpp(a.llama_cpp, a.llama_cpp_py, a.threads)
-    work = a.work / a.model
+    work = a.work / Path(a.model).name  # an alias, or a folder's name (never the folder itself)
     work.mkdir(parents=True, exist_ok=True)
     model, tok = models.load(a.model)
     folder = models.packaged_folder(a.model) if not Path(a.model).exists() else Path(a.model)
