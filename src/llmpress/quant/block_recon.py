@@ -18,6 +18,7 @@ from torch.func import functional_call
 
 from ..errors import UserError
 from .args import QuantArgs
+from .core import symmetric_scale
 
 
 def check_block_options(o, error: type[UserError] = UserError) -> None:
@@ -60,6 +61,22 @@ def check_grid(args: QuantArgs | None, error: type[UserError] = UserError, where
 def ste_round(x: torch.Tensor) -> torch.Tensor:
     """round(x) forward, identity backward (straight-through estimator)."""
     return x + (torch.round(x) - x).detach()
+
+
+def ste_fake_quant(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs, offset=0.0) -> torch.Tensor:
+    """Grouped weights ``wg`` [.., G, g] fake-quantized on the grid of the range ``[lo, hi]`` per
+    group (symmetric: ``core.symmetric_scale``; asymmetric: min-max with a rounded zero point),
+    codes ``round(w / s + offset)``, differentiable through the straight-through rounding (in
+    ``wg``, the range and ``offset``). Shared by blockwise and omniquant."""
+    if args.symmetric:
+        s = symmetric_scale(lo, hi, args).unsqueeze(-1)
+        z = 0.0
+    else:
+        lo, hi = lo.clamp_max(0), hi.clamp_min(0)
+        s = ((hi - lo) / (args.qmax - args.qmin)).clamp_min(1e-12).unsqueeze(-1)
+        z = torch.clamp(ste_round(-lo.unsqueeze(-1) / s), args.qmin, args.qmax)
+    q = torch.clamp(ste_round(wg / s + offset) + z, args.qmin, args.qmax)
+    return (q - z) * s
 
 
 def slice_call(x: torch.Tensor, args: tuple, kwargs: dict, start: int, stop: int):

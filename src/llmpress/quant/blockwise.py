@@ -51,10 +51,10 @@ from .block_recon import (
     output_error,
     parallel_data,
     slice_call,
-    ste_round,
+    ste_fake_quant,
     step_chunks,
 )
-from .core import QParams, _dequant, _int_params, group_view, symmetric_scale
+from .core import QParams, _dequant, _int_params, group_view
 
 __all__ = ["Blockwise", "BlockwiseOptions", "LearnedQuant", "block_error", "capture_block", "learn_block", "slice_call"]
 
@@ -107,17 +107,8 @@ class LearnedQuant:
 
     def soft(self) -> torch.Tensor:
         """The weight the block computes with during learning (differentiable in V, alpha, beta)."""
-        args = self.args
         lo, hi = self._range()
-        if args.symmetric:
-            s = symmetric_scale(lo, hi, args).unsqueeze(-1)
-            z = 0.0
-        else:
-            lo, hi = lo.clamp_max(0), hi.clamp_min(0)
-            s = ((hi - lo) / (args.qmax - args.qmin)).clamp_min(_EPS).unsqueeze(-1)
-            z = torch.clamp(ste_round(-lo.unsqueeze(-1) / s), args.qmin, args.qmax)
-        q = torch.clamp(ste_round(self.wg / s + self.v) + z, args.qmin, args.qmax)
-        return ((q - z) * s).reshape(self.shape).to(self.dtype)
+        return ste_fake_quant(self.wg, lo, hi, self.args, self.v).reshape(self.shape).to(self.dtype)
 
     def hard(self) -> tuple[torch.Tensor, QParams, torch.Tensor]:
         """(weight on the grid, its qparams, its integer codes) from the current V, alpha, beta."""

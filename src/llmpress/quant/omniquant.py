@@ -49,8 +49,17 @@ from ..runtime.act_quant import ActQuantLinear
 from ..transform.equivalent import block_tensors, fold_let, let_groups, let_tensors, prepare_shifts, shift_allowed, undo_shifts
 from ..transform.scaling import head_geometry, heads_to_kv, smooth_scales
 from .args import QuantArgs, check_group_divides
-from .block_recon import block_forward, capture_block, check_block_options, check_grid, output_error, slice_call, ste_round, step_chunks
-from .core import QParams, _int_params, dequantize, fake_quantize, group_view, quantize, quantize_weight, symmetric_scale
+from .block_recon import (
+    block_forward,
+    capture_block,
+    check_block_options,
+    check_grid,
+    output_error,
+    slice_call,
+    ste_fake_quant,
+    step_chunks,
+)
+from .core import QParams, _int_params, dequantize, fake_quantize, group_view, quantize, quantize_weight
 
 _EPS = 1e-12
 
@@ -83,18 +92,9 @@ class ClipQuant:
 
     def soft(self, w: torch.Tensor) -> torch.Tensor:
         """Fake-quantized ``w``, differentiable in ``w`` and the clipping logits."""
-        a = self.args
-        wg = group_view(w.float(), a, self.name)
+        wg = group_view(w.float(), self.args, self.name)
         lo, hi = self._range(wg)
-        if a.symmetric:
-            s = symmetric_scale(lo, hi, a).unsqueeze(-1)
-            z = 0.0
-        else:
-            lo, hi = lo.clamp_max(0), hi.clamp_min(0)
-            s = ((hi - lo) / (a.qmax - a.qmin)).clamp_min(_EPS).unsqueeze(-1)
-            z = torch.clamp(ste_round(-lo.unsqueeze(-1) / s), a.qmin, a.qmax)
-        q = torch.clamp(ste_round(wg / s) + z, a.qmin, a.qmax)
-        return ((q - z) * s).reshape(w.shape).to(w.dtype)
+        return ste_fake_quant(wg, lo, hi, self.args).reshape(w.shape).to(w.dtype)
 
     def hard(self, w: torch.Tensor) -> tuple[torch.Tensor, QParams]:
         """(``w`` on the integer grid of the learned range, its qparams)."""
