@@ -170,3 +170,16 @@ def test_parsing_a_recipe_imports_only_the_methods_it_names():
     assert {"llmpress.quant.gptq", "llmpress.quant.rtn"} <= loaded
     others = set(method_index().values()) - {"llmpress.quant.gptq", "llmpress.quant.rtn"}
     assert not loaded & others, sorted(loaded & others)
+
+
+def test_membership_finds_a_method_not_imported_yet():
+    """``name in METHODS`` in a fresh process: true for a method whose module is not imported yet
+    (benchmarks/rotations.py asks before it runs GPTQ rows), false for an unknown name."""
+    code = (
+        "import sys\n"
+        "from llmpress.registry import METHODS\n"
+        "before = 'llmpress.quant.gptq' in sys.modules\n"
+        "print(before, 'gptq' in METHODS, 'no-such-method' in METHODS, 3 in METHODS)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True", "False", "False"]

@@ -124,6 +124,19 @@ class _Methods(dict):
             return dict.__getitem__(self, name)
         raise KeyError(name)
 
+    def __contains__(self, name: object) -> bool:
+        """``name in METHODS`` is true for a method not imported yet too (``"gptq" in METHODS``
+        in a fresh process), as ``METHODS[name]`` finds it."""
+        if dict.__contains__(self, name):
+            return True
+        if not isinstance(name, str):
+            return False
+        try:
+            self[name]
+        except KeyError:
+            return False
+        return True
+
 
 METHODS: dict[str, Method] = _Methods()
 
