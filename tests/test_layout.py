@@ -10,6 +10,7 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src" / "llmpress"
 SHARED = {"fixtures"}  # not a package's tests: data the tests read
+SCRIPTS = {"benchmarks"}  # tests of the repository's scripts outside the package (benchmarks/*.py)
 
 
 def _test_files() -> list[Path]:
@@ -17,7 +18,8 @@ def _test_files() -> list[Path]:
 
 
 def test_each_test_folder_is_a_package_of_src():
-    folders = {p.name for p in TESTS.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))} - SHARED
+    folders = {p.name for p in TESTS.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))} - SHARED - SCRIPTS
+    assert all((TESTS.parent / s).is_dir() for s in SCRIPTS)
     packages = {p.parent.name for p in SRC.glob("*/__init__.py")}
     assert folders <= packages, sorted(folders - packages)
     assert {"quant", "prune", "transform", "calib", "export", "runtime", "storage", "eval", "analysis"} <= folders
