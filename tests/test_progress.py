@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 
@@ -92,8 +93,36 @@ def test_scope_silences_everything_and_does_not_leak(capsys):
             assert not progress.enabled()
     assert progress.enabled()  # reset on exit
     assert capsys.readouterr().err == ""
+
+
+@pytest.fixture
+def shown_notes():
+    """Notes shown as the command line shows them (progress.show_notes), undone afterwards."""
+    notes = logging.getLogger("llmpress.progress")
+    saved = list(notes.handlers), notes.level, notes.propagate
+    progress.show_notes()
+    yield
+    notes.handlers[:] = saved[0]
+    notes.setLevel(saved[1])
+    notes.propagate = saved[2]
+
+
+def test_the_library_logs_notes_and_prints_nothing(capsys, caplog):
+    with caplog.at_level(logging.INFO, logger="llmpress.progress"):
+        progress.note("logged")
+        with progress.scope(False):
+            progress.note("hidden")
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [("llmpress.progress", logging.INFO, "logged")]
+    assert capsys.readouterr().err == ""
+
+
+def test_notes_shown_as_bare_lines_where_the_cli_asks(capsys, shown_notes):
+    progress.show_notes()  # idempotent: still one handler
     progress.note("shown")
     assert capsys.readouterr().err == "shown\n"
+    with progress.scope(False):
+        progress.note("hidden")
+    assert capsys.readouterr().err == ""
 
 
 def test_bar_with_on_false_or_nothing_to_do_is_silent(capsys):
@@ -234,7 +263,7 @@ def fake_build(monkeypatch, tmp_path):
     return calls
 
 
-def test_kernel_build_says_so_on_first_use_only(capsys, fake_build, tmp_path):
+def test_kernel_build_says_so_on_first_use_only(capsys, fake_build, tmp_path, shown_notes):
     cpu_kernels._build()
     err = capsys.readouterr().err
     assert _lines(err)[0] == cpu_kernels.BUILD_NOTICE == "building llmpress CPU kernels (first use, ~1 min)..."

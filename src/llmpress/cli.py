@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own bars cover the long steps
+        progress.show_notes()  # the library logs its notices; the command line shows them
         with progress.scope(not getattr(args, "no_progress", False)):  # --no-progress: every bar and notice
             return _dispatch(args)
     except UserError as e:

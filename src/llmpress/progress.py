@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import io
+import logging
 import os
 import sys
 import threading
@@ -89,17 +90,43 @@ def _fmt_seconds(s: float) -> str:
     return f"{h}h{m:02d}m"
 
 
-def note(message: str) -> None:
-    """Print one line on stderr when progress is on (above a terminal bar, if one is open)."""
-    if not enabled():
-        return
+_notes = logging.getLogger(__name__)  # llmpress.progress: one-line notices of long steps (INFO)
+
+
+def _write(line: str) -> None:
+    """One line on the progress stream, above an open terminal bar if there is one."""
     stream = _stream()
     if is_terminal(stream) and _stack():
         from tqdm.auto import tqdm
 
-        tqdm.write(message, file=stream)
+        tqdm.write(line, file=stream)
     else:
-        print(message, file=stream, flush=True)
+        stream.write(line + "\n")
+        stream.flush()
+
+
+class _NoteHandler(logging.Handler):
+    """Shows ``llmpress.progress`` notes as bare lines on the progress stream (see :func:`show_notes`)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _write(self.format(record))
+
+
+def note(message: str) -> None:
+    """A one-line notice for the user while progress is on, logged at INFO on
+    ``llmpress.progress``: the library never prints it itself; the command line shows it
+    (:func:`show_notes`), a Python user through their own logging configuration."""
+    if enabled():
+        _notes.info(message)
+
+
+def show_notes() -> None:
+    """Show ``llmpress.progress`` notes as bare lines on the progress stream (what the command
+    line does; idempotent). They no longer propagate, so ``-v`` does not print them twice."""
+    if not any(isinstance(h, _NoteHandler) for h in _notes.handlers):
+        _notes.addHandler(_NoteHandler())
+    _notes.setLevel(logging.INFO)
+    _notes.propagate = False
 
 
 class Bar:
@@ -221,7 +248,7 @@ class Bar:
             parts.append("| " + " | ".join(nested))
         if final:
             parts.append("done")
-        print(" ".join(parts), file=_stream(), flush=True)
+        _write(" ".join(parts))
         self._last = now
         if mark is not None:
             self._printed.add(mark)

@@ -255,8 +255,8 @@ def _batch_size(windows: int, batch_size: int, ranks: int, bars: bool) -> int:
     if -(-windows // batch_size) >= ranks:
         return batch_size
     smaller = windows // ranks  # at least 1; ceil(windows / smaller) >= ranks
-    if bars:
-        progress.note(f"{windows} calibration windows in batches of {batch_size} leave ranks without data: batches of {smaller} instead")
+    if bars:  # one rank says it (a warning: shown with --no-progress too)
+        log.warning("%d calibration windows in batches of %d leave ranks without data: batches of %d instead", windows, batch_size, smaller)
     return smaller
 
 

@@ -71,8 +71,8 @@ def kernels():
                 mod = _build()
             except Exception as e:  # compiler missing, build failure: fall back, say why
                 why = f"build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
-                progress.note(f"llmpress CPU kernels not used ({why}); torch's kernels serve low-bit layers")
-        if mod is None:
+                log.warning("llmpress CPU kernels not used (%s); torch's kernels serve low-bit layers", why)
+        else:  # the platform has no use for them (no AVX2, kernels switched off): no warning
             log.info("llmpress CPU kernels not used (%s); torch's kernels serve low-bit layers", why)
         _state["module"], _state["reason"] = mod, why
         return mod
