@@ -24,13 +24,12 @@ rounds, per-layer kernel times). Codebook checkpoints run on the lookup-table ke
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Resumable, main_guard, pick_rows, preset_recipe, print_saved_table, results_path, results_table, save_results  # noqa: E402
+from common import Resumable, main_guard, pick_rows, preset_recipe, print_saved_table, results_path, results_table, save_results, table_parser  # noqa: E402
 
 # key -> (bits class, recipe: a preset name or a recipe dict)
 ROWS = {
@@ -112,13 +111,7 @@ def speed(rt: Resumable, keys: list[str], ckpt: Path, repeats: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m or a local HF folder")
-    ap.add_argument("--windows", type=int, default=64, help="test windows of 512 tokens per text")
-    ap.add_argument("--calib", type=int, default=128, help="calibration windows of 512 tokens")
-    ap.add_argument("--rows", default="", help=f"comma list of rows (default all): {','.join(ROWS)}")
-    ap.add_argument("--out", help="results JSON (default runs/bench/codebooks-MODEL.json)")
-    ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
+    ap = table_parser(__doc__, "codebooks", ROWS)
     ap.add_argument("--speed", action="store_true", help="also the serving section (see above)")
     ap.add_argument("--speed-rows", default=SPEED_ROWS, help=f"rows whose checkpoints are served (default {SPEED_ROWS})")
     ap.add_argument("--speed-only", action="store_true", help="only the serving section (no perplexity rows)")

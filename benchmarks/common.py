@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import sys
@@ -185,6 +186,19 @@ def preset_recipe(name: str, rename: str | None = None, **changes) -> dict:
 def model_folder(model: str) -> Path:
     """The HF folder of a packaged alias (converted once) or of a local model folder."""
     return models.packaged_folder(model) if model in models.PACKAGED else Path(model)
+
+
+def table_parser(doc: str, script: str, rows) -> argparse.ArgumentParser:
+    """The arguments every resumable table script takes (model, test and calibration windows,
+    --rows, --out, --table); the script adds its own."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m or a local HF folder")
+    ap.add_argument("--windows", type=int, default=64, help="test windows of 512 tokens per text")
+    ap.add_argument("--calib", type=int, default=128, help="calibration windows of 512 tokens")
+    ap.add_argument("--rows", default="", help=f"comma list of rows (default all): {','.join(rows)}")
+    ap.add_argument("--out", help=f"results JSON (default runs/bench/{script}-MODEL.json)")
+    ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
+    return ap
 
 
 def results_path(out: str | None, script: str, model: str) -> Path:

@@ -32,7 +32,6 @@ Rows are written to the JSON as they finish and rows already there are skipped (
 
 from __future__ import annotations
 
-import argparse
 import copy
 import subprocess
 import sys
@@ -53,6 +52,7 @@ from common import (  # noqa: E402
     results_path,
     results_table,
     score,
+    table_parser,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -175,13 +175,7 @@ def peer_row(rt: Resumable, key: str, spec: dict, a) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m or a local HF folder")
-    ap.add_argument("--windows", type=int, default=64, help="test windows of 512 tokens per text")
-    ap.add_argument("--calib", type=int, default=128, help="calibration windows of 512 tokens")
-    ap.add_argument("--rows", default="", help=f"comma list of rows (default all): {','.join(ROWS)}")
-    ap.add_argument("--out", help="results JSON (default runs/bench/learned-MODEL.json)")
-    ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
+    ap = table_parser(__doc__, "learned", ROWS)
     ap.add_argument("--plan-base", default="gptq-w4g64", help="mixed rows: plan-bits --base (default gptq-w4g64)")
     ap.add_argument("--candidates", default="w2g64,w3g64,w4g64,w8g64", help="mixed rows: plan-bits --candidates")
     ap.add_argument("--peer-venv", default=str(HERE / ".venv-autoround"), help="AutoRound's environment (made when missing)")
