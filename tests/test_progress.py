@@ -97,14 +97,9 @@ def test_scope_silences_everything_and_does_not_leak(capsys):
 
 @pytest.fixture
 def shown_notes():
-    """Notes shown as the command line shows them (progress.show_notes), undone afterwards."""
-    notes = logging.getLogger("llmpress.progress")
-    saved = list(notes.handlers), notes.level, notes.propagate
-    progress.show_notes()
-    yield
-    notes.handlers[:] = saved[0]
-    notes.setLevel(saved[1])
-    notes.propagate = saved[2]
+    """Notes shown as the command line shows them (progress.show_notes)."""
+    with progress.show_notes():
+        yield
 
 
 def test_the_library_logs_notes_and_prints_nothing(capsys, caplog):
@@ -117,8 +112,8 @@ def test_the_library_logs_notes_and_prints_nothing(capsys, caplog):
 
 
 def test_notes_shown_as_bare_lines_where_the_cli_asks(capsys, shown_notes):
-    progress.show_notes()  # idempotent: still one handler
-    progress.note("shown")
+    with progress.show_notes():  # nests: still one handler
+        progress.note("shown")
     assert capsys.readouterr().err == "shown\n"
     with progress.scope(False):
         progress.note("hidden")
@@ -328,3 +323,15 @@ def test_cli_compress_log_has_lines_not_redraws(capsys, tmp_path, tiny_model_dir
     assert [ln.split(":")[0] for ln in _lines(err) if "100%" in ln] == ["baseline ppl", "compress (rtn)", "compressed ppl"]
     assert main(args[:5] + [str(tmp_path / "o2")] + args[6:] + ["--no-progress"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_the_command_line_leaves_the_notes_logger_as_it_found_it(capsys):
+    from llmpress import cli
+
+    notes = logging.getLogger("llmpress.progress")
+    before = list(notes.handlers), notes.level, notes.propagate
+    assert cli.main(["recipes"]) == 0
+    assert (list(notes.handlers), notes.level, notes.propagate) == before
+    with progress.show_notes():
+        assert len(notes.handlers) == len(before[0]) + 1 and notes.propagate is False
+    assert (list(notes.handlers), notes.level, notes.propagate) == before

@@ -283,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own bars cover the long steps
-        progress.show_notes()  # the library logs its notices; the command line shows them
-        with progress.scope(not getattr(args, "no_progress", False)):  # --no-progress: every bar and notice
+        # the library logs its notices, the command line shows them; --no-progress: every bar and notice
+        with progress.show_notes(), progress.scope(not getattr(args, "no_progress", False)):
             return _dispatch(args)
     except UserError as e:
         if _rank() == 0:  # every rank meets the same refusal: one line, from the first

@@ -120,13 +120,23 @@ def note(message: str) -> None:
         _notes.info(message)
 
 
-def show_notes() -> None:
-    """Show ``llmpress.progress`` notes as bare lines on the progress stream (what the command
-    line does; idempotent). They no longer propagate, so ``-v`` does not print them twice."""
+@contextlib.contextmanager
+def show_notes() -> Iterator[None]:
+    """Within the block, show ``llmpress.progress`` notes as bare lines on the progress stream
+    (what the command line does; nests). They do not propagate meanwhile, so ``-v`` does not
+    print them twice; the logger is restored on exit, so a caller that runs the command line
+    in-process (tests, notebooks) is left as it was."""
+    saved = list(_notes.handlers), _notes.level, _notes.propagate
     if not any(isinstance(h, _NoteHandler) for h in _notes.handlers):
         _notes.addHandler(_NoteHandler())
     _notes.setLevel(logging.INFO)
     _notes.propagate = False
+    try:
+        yield
+    finally:
+        _notes.handlers[:] = saved[0]
+        _notes.setLevel(saved[1])
+        _notes.propagate = saved[2]
 
 
 class Bar:
