@@ -230,6 +230,7 @@ ROTATION_PRESETS = [
     "quarot-w4a4kv4-rtn",
     "quarot-w4a4kv4-gptq",
     "duquant-w4a4kv4",
+    "duquant-w4a4kv4-gptq",
     "duquant-w4a8",
     "spinquant-w4a4kv4",
     "spinquant-w4a4kv4-gptq",
