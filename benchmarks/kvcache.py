@@ -16,6 +16,9 @@ and about 30x slower on a CPU); decode speed is measured token by token after a 
   targets per forward, and its per-token cost measured with stride 1 on 64 targets), and
   sinks + window (`sinks:S,1024-S` for S in 1, 4, 8);
 - kivi: `full`, `kivi:4`, `kivi:2` at 2k/4k/8k tokens: perplexity, cache bytes, tokens/s;
+- kv4: the ``kv4`` preset (keys after RoPE and values fake-quantized to int4 per head and token
+  inside attention, the cache kept in model precision: no byte saved) at 2k/4k/8k tokens, the
+  row KIVI replaces;
 - h2o: H2O at 20% and 50% of a 4096-token stream (half heavy hitters, half recent) against the
   window of the same budget: perplexity and the passkey at 4096 tokens;
 - memory: cache bytes and peak RSS against context (1k/2k/4k/8k) for full, kivi:2 and sinks:4,1020;
@@ -46,7 +49,7 @@ from llmpress import load_compressed  # noqa: E402
 from llmpress.eval.kvstream import passkey, recompute_perplexity, stream_perplexity  # noqa: E402
 from llmpress.eval.memory import hwm_mb, reset_hwm, trim_malloc  # noqa: E402
 
-SECTIONS = ("streaming", "kivi", "h2o", "memory", "peer")
+SECTIONS = ("streaming", "kivi", "kv4", "h2o", "memory", "peer")
 
 
 class Rows:
@@ -167,6 +170,19 @@ def main() -> None:
                 out.add("kivi", {**measured(stream_perplexity, model, stream[:n], spec, chunk=a.chunk), "context": n})
                 if n == 4096:
                     out.add("decode", decode_speed(model, stream, spec, n, a.decode_tokens))
+    if "kv4" in secs:
+        import copy
+
+        from llmpress import api
+
+        fake = copy.deepcopy(model)
+        api.compress(fake, "kv4", data=stream[:512][None])  # no statistics: one window satisfies the engine
+        for n in (2048, 4096, 8192):
+            row = measured(stream_perplexity, fake, stream[:n], "full", chunk=a.chunk)
+            out.add("kv4", {**row, "policy": "kv4 preset (int4 fake-quantized in attention, cache in model precision)", "context": n})
+            if n == 4096:
+                out.add("decode", {**decode_speed(fake, stream, "full", n, a.decode_tokens), "policy": "kv4 preset"})
+        del fake
     if "h2o" in secs:
         n = 4096
         for frac in (0.2, 0.5):
