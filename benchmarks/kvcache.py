@@ -30,7 +30,9 @@ and about 30x slower on a CPU); decode speed is measured token by token after a 
   V/bin/pip install optimum-quanto==0.2.7``, which installs nothing else but setuptools);
   without it the section records why it was skipped.
 
-Rows are appended to the JSON as they finish (a partial run keeps them).
+Rows are appended to the JSON as they finish (a partial run keeps them). ``--table A.json
+[B.json ...]`` prints the markdown tables of one or more such files (e.g. a run per section) and
+stops.
 """
 
 from __future__ import annotations
@@ -139,6 +141,64 @@ def decode_speed(model, stream, spec: str, context: int, new: int) -> dict:
     }
 
 
+def _mib(b) -> str:
+    return f"{b / 2**20:.1f}" if b is not None else "-"
+
+
+def _x(v: float, ref: float | None) -> str:
+    return f"{v:.3f} ({v / ref:.3f}x)" if ref else f"{v:.3f}"
+
+
+def tables(rows: list[dict]) -> str:
+    """Markdown tables of the benchmark rows (any mix of sections)."""
+    by = lambda sec: [r for r in rows if r.get("section") == sec]  # noqa: E731
+    dec = {(r["policy"], r["context"]): r for r in by("decode")}
+    out = []
+    if st := by("streaming"):
+        ref = next((r["ppl"] for r in st if r["policy"].startswith("recompute") and "note" not in r), None)
+        out += ["| policy | ppl (x recompute) | tokens/s in the stream | cache MiB at peak | decode tokens/s after 2k |", "|---|---|---|---|---|"]
+        for r in st:
+            d = dec.get((r["policy"], 2048), {})
+            name = r["policy"] + (f" ({r['note']})" if "note" in r else "")
+            out.append(f"| {name} | {_x(r['ppl'], ref)} | {r['tok_per_s']} | {_mib(r.get('cache_bytes_peak'))} | {d.get('decode_tok_s', '-')} |")
+        out.append("")
+    q = by("kivi") + by("kv4") + by("peer")
+    if q:
+        full = {r["context"]: r for r in q if r["policy"] == "full"}
+        ctx = sorted({r["context"] for r in q if "context" in r})
+        out += [
+            "| policy | " + " | ".join(f"ppl {c} (x full)" for c in ctx) + " | cache MiB at 4k (x bf16) | decode tokens/s at 4k |",
+            "|---|" + "---|" * (len(ctx) + 2),
+        ]
+        for pol in dict.fromkeys(r["policy"] for r in q if "skipped" not in r):
+            cells = {r["context"]: r for r in q if r["policy"] == pol}
+            ppl = " | ".join(_x(cells[c]["ppl"], full.get(c, {}).get("ppl")) if c in cells else "-" for c in ctx)
+            c4, f4 = cells.get(4096, {}).get("cache_bytes_peak"), full.get(4096, {}).get("cache_bytes_peak")
+            bf16 = f"{_mib(c4)} ({c4 / (f4 / 2):.3f}x)" if c4 and f4 else "-"  # the full cache holds fp32 (the model's precision)
+            key = "kv4 preset" if pol.startswith("kv4") else pol
+            out.append(f"| {pol} | {ppl} | {bf16} | {dec.get((key, 4096), {}).get('decode_tok_s', '-')} |")
+        out += [f"| {r['policy']} | skipped: {r['skipped']} |" for r in q if "skipped" in r] + [""]
+    if h := by("h2o"):
+        out += ["| budget | policy | ppl | passkey retrieved | key log-prob |", "|---|---|---|---|---|"]
+        for r in h:
+            pk = r.get("passkey", {})
+            out.append(
+                f"| {r['fraction']:.0%} ({r['budget']}) | {r['policy']} | {r['ppl']:.3f} | {pk.get('correct')} | {pk.get('key_logprob', float('nan')):.3f} |"
+            )
+        out.append("")
+    if m := by("memory"):
+        pols = list(dict.fromkeys(r["policy"] for r in m))
+        out += ["| context | " + " | ".join(f"{p} cache MiB / peak RSS MiB" for p in pols) + " |", "|---|" + "---|" * len(pols)]
+        for c in sorted({r["context"] for r in m}):
+            cells = {r["policy"]: r for r in m if r["context"] == c}
+            out.append(
+                f"| {c} | "
+                + " | ".join(f"{_mib(cells[p].get('cache_bytes_peak'))} / {cells[p].get('peak_rss_mb', '-')}" if p in cells else "-" for p in pols)
+                + " |"
+            )
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -150,7 +210,11 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=2048, help="context before the decode-speed measurement")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="print the tables of these result files and stop")
     a = ap.parse_args()
+    if a.table:
+        print(tables([r for f in a.table for r in json.loads(Path(f).read_text())["rows"]]))
+        return
     model, tok = load_compressed(a.model)
     stream = data_mod.token_stream("wiki", "test", tok)
     out = Rows(Path(a.out or f"runs/bench/kvcache-{a.model}.json"), {"model": a.model, "text": "wiki test", "tokens": a.tokens})
