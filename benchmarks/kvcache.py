@@ -21,6 +21,11 @@ and about 30x slower on a CPU); decode speed is measured token by token after a 
   row KIVI replaces;
 - h2o: H2O at 20% and 50% of a 4096-token stream (half heavy hitters, half recent) against the
   window of the same budget: perplexity and the passkey at 4096 tokens;
+- speed: decode tokens/s only, for the tables' speed columns, meant for an otherwise idle
+  machine (the other sections' speeds suffer from anything else running): after 2k tokens
+  ``full``, the window, sinks + window and re-computation; after 4k ``full``, KIVI, the ``kv4``
+  preset and the peer's caches (when optimum-quanto is there). The tables take a policy's last
+  decode row, so list the speed run's file last;
 - memory: cache bytes and peak RSS against context (1k/2k/4k/8k) for full, kivi:2 and sinks:4,1020;
 - peer: transformers' own ``QuantizedCache`` (optimum-quanto backend, 4 and 2 bits, its defaults:
   groups of 64 along the channel axis for both K and V, 128 recent tokens in full precision)
@@ -51,7 +56,7 @@ from llmpress import load_compressed  # noqa: E402
 from llmpress.eval.kvstream import passkey, recompute_perplexity, stream_perplexity  # noqa: E402
 from llmpress.eval.memory import hwm_mb, reset_hwm, trim_malloc  # noqa: E402
 
-SECTIONS = ("streaming", "kivi", "kv4", "h2o", "memory", "peer")
+SECTIONS = ("streaming", "kivi", "kv4", "h2o", "memory", "peer")  # and "speed", run on its own
 
 
 class Rows:
@@ -111,15 +116,17 @@ def peer_rows(model, stream, n: int, chunk: int) -> list[dict]:
     return rows
 
 
-def decode_speed(model, stream, spec: str, context: int, new: int) -> dict:
+def decode_speed(model, stream, spec: str, context: int, new: int, *, cache=None, nbytes=None) -> dict:
     """Tokens/s of ``new`` greedy-free decode steps (the text's own next tokens, one at a time)
-    after a ``context``-token prefill in chunks of 512, with the policy's cache."""
+    after a ``context``-token prefill in chunks of 512, with the policy's cache (or a ready
+    ``cache`` counted by ``nbytes``: a peer's)."""
     import torch
 
-    from llmpress.kvcache import build_cache
+    from llmpress.kvcache import build_cache, parse_policy
     from llmpress.kvcache.build import cache_bytes, unobserve_attention
 
-    cache = build_cache(model, spec)
+    nbytes = nbytes or cache_bytes
+    cache = build_cache(model, spec) if cache is None else cache
     try:
         with torch.no_grad():
             t = time.perf_counter()
@@ -133,12 +140,52 @@ def decode_speed(model, stream, spec: str, context: int, new: int) -> dict:
     finally:
         unobserve_attention(model)
     return {
-        "policy": spec,
+        "policy": parse_policy(spec).describe(),  # as the perplexity rows name it
         "context": context,
         "prefill_s": round(prefill, 2),
         "decode_tok_s": round(new / dec, 2),
-        "cache_bytes": cache_bytes(cache),
+        "cache_bytes": nbytes(cache),
     }
+
+
+def recompute_speed(model, stream, window: int, context: int, new: int) -> dict:
+    """Tokens/s of the sliding window with re-computation as a decoder: each of ``new`` tokens
+    after ``context`` predicted by a fresh forward over the ``window`` tokens before it."""
+    import torch
+
+    with torch.no_grad():
+        t = time.perf_counter()
+        for i in range(context, context + new):
+            model(input_ids=stream[i - window : i][None], use_cache=False)
+        dec = time.perf_counter() - t
+    return {"policy": f"recompute:{window}", "context": context, "decode_tok_s": round(new / dec, 2), "cache_bytes": 0}
+
+
+def speed_rows(model, stream, a, out: Rows) -> None:
+    """The ``speed`` section (module doc)."""
+    import copy
+
+    from llmpress import api
+
+    W, new = a.cache, a.decode_tokens
+    for spec in ("full", f"window:{W}", f"sinks:4,{W - 4}"):
+        out.add("decode", decode_speed(model, stream, spec, a.prefill, new))
+    out.add("decode", recompute_speed(model, stream, W, a.prefill, new))
+    for spec in ("full", "kivi:4", "kivi:2"):
+        out.add("decode", decode_speed(model, stream, spec, 4096, new))
+    fake = copy.deepcopy(model)
+    api.compress(fake, "kv4", data=stream[:512][None])
+    out.add("decode", {**decode_speed(fake, stream, "full", 4096, new), "policy": "kv4 preset"})
+    del fake
+    try:
+        import optimum.quanto  # noqa: F401
+        from transformers import QuantizedCache
+    except ImportError:
+        return
+    for bits in (4, 2):
+        cache = QuantizedCache(backend="quanto", config=model.config, nbits=bits)
+        row = decode_speed(model, stream, "full", 4096, new, cache=cache, nbytes=peer_cache_bytes)
+        out.add("decode", {**row, "policy": f"transformers QuantizedCache quanto int{bits} (group 64, residual 128)"})
 
 
 def _mib(b) -> str:
@@ -158,7 +205,7 @@ def tables(rows: list[dict]) -> str:
         ref = next((r["ppl"] for r in st if r["policy"].startswith("recompute") and "note" not in r), None)
         out += ["| policy | ppl (x recompute) | tokens/s in the stream | cache MiB at peak | decode tokens/s after 2k |", "|---|---|---|---|---|"]
         for r in st:
-            d = dec.get((r["policy"], 2048), {})
+            d = {} if "note" in r else dec.get((r["policy"].split(",stride")[0], 2048), {})
             name = r["policy"] + (f" ({r['note']})" if "note" in r else "")
             out.append(f"| {name} | {_x(r['ppl'], ref)} | {r['tok_per_s']} | {_mib(r.get('cache_bytes_peak'))} | {d.get('decode_tok_s', '-')} |")
         out.append("")
@@ -260,6 +307,8 @@ def main() -> None:
             out.add("peer", {**measured(stream_perplexity, model, stream[:4096], spec, chunk=a.chunk), "context": 4096})
         for row in peer_rows(model, stream, 4096, a.chunk):
             out.add("peer", row)
+    if "speed" in secs:
+        speed_rows(model, stream, a, out)
     if "memory" in secs:
         for n in (1024, 2048, 4096, 8192):
             for spec in ("full", "kivi:2", "sinks:4,1020"):
