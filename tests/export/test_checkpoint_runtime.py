@@ -187,8 +187,8 @@ def test_a_newer_format_is_refused_by_name(rotated, tmp_path):
 
     folder = tmp_path / "c"
     shutil.copytree(rotated, folder)
-    _edit(folder, lambda m: m.update(format="llmpress-packed-v4"))
-    with pytest.raises(UserError, match="written by a newer llmpress .*llmpress-packed-v4.*reads up to llmpress-packed-v3"):
+    _edit(folder, lambda m: m.update(format="llmpress-packed-v5"))
+    with pytest.raises(UserError, match="written by a newer llmpress .*llmpress-packed-v5.*reads up to llmpress-packed-v4"):
         llmpress.load_compressed(str(folder))
     with pytest.raises(UserError, match="written by a newer llmpress"):
         export_compressed_tensors(folder, tmp_path / "ct")
