@@ -16,6 +16,7 @@ import llmpress
 from llmpress import stage
 from llmpress.checkpoint import load_compressed, save
 from llmpress.errors import RecipeError, UserError
+from llmpress.export.packed_size import packed_model_size
 from llmpress.prune.allocation import global_removals, unit_costs
 from llmpress.prune.prune_width import PruneWidth
 
@@ -143,6 +144,7 @@ def test_packed_checkpoint_of_blocks_of_their_own_sizes(tmp_path, family):
     loaded, _ = load_compressed(str(tmp_path / "packed"))
     assert [b.mlp.down_proj.in_features for b in loaded.model.layers] == [s[0] for s in sizes]
     torch.testing.assert_close(logits(loaded, ids), want, rtol=0, atol=1e-5)
+    assert packed_model_size(loaded)["n_params"] == sum(p.numel() for p in m.parameters())  # counted at each block's size
     with torch.no_grad():
         out = loaded(input_ids=ids[:, :24], use_cache=True)
         step = loaded(input_ids=ids[:, 24:], past_key_values=out.past_key_values, use_cache=True)
@@ -192,6 +194,13 @@ def test_global_pruning_then_gptq_w4_saves_packed(tmp_path):
     save(m, tok, tmp_path / "packed", report=report)
     loaded, _ = load_compressed(str(tmp_path / "packed"), backend="dequant")
     torch.testing.assert_close(logits(loaded, ids), want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["quarot", "duquant", "spinquant"])
+def test_rotations_refuse_blocks_of_their_own_sizes(method):
+    m = _plant_mlp(tiny_llama(layers=3))
+    with pytest.raises(UserError, match=f"{method} needs decoder blocks of one size"):
+        _prune(m, [stage("prune_width", ratio=0.25, allocation="global"), stage(method)])
 
 
 def test_bad_input():
