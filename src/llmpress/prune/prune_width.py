@@ -1,6 +1,7 @@
 """Width pruning: remove whole MLP intermediate channels or attention heads, the same number
-in every decoder block, so the model's config describes the smaller sizes and the saved
-checkpoint loads in plain transformers.
+in every decoder block (the config then describes the smaller sizes and the saved checkpoint
+loads in plain transformers) or, with ``allocation: global``, per-block counts from one
+ranking over all blocks.
 
 Importance (Wanda-style, summed over the weights of one structure; the "Wanda-sp" of An et
 al. 2024): with ||X_j|| the L2 norm of input feature j over the calibration tokens,
@@ -20,9 +21,8 @@ by one ranking over all blocks of the scores normalized per block
 (:mod:`llmpress.prune.allocation`: why the block mean), no block losing more than
 ``max_ratio`` (default 0.9) of its structures nor all; the blocks then differ in size,
 which the packed checkpoint records and only it can hold (docs/structured.md).
-With ``update`` the matrix that
-reads the removed structures (down_proj, o_proj) is refitted on its kept inputs by least
-squares over the calibration inputs (:func:`llmpress.prune.structure.refit_columns`, the
+With ``update`` the matrix that reads the removed structures (down_proj, o_proj) is
+refitted, block by block, on its kept inputs by least squares over the calibration inputs (:func:`llmpress.prune.structure.refit_columns`, the
 structured form of OBS); without it the result equals the original model with those
 channels / heads zeroed.
 """
