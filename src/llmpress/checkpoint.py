@@ -40,12 +40,17 @@ def save(model: nn.Module, tokenizer, out: Path, *, report: Report | None = None
     if format not in SAVE_FORMATS:
         raise UserError(f"save format {format!r} unknown; expected one of {', '.join(SAVE_FORMATS)}")
     result = _result_of(model, report)
+    runtime = None
+    if format == "hf-fakequant":  # what the folder cannot hold is refused before anything is written
+        from .export.runtime_state import fakequant_meta
+
+        runtime = fakequant_meta(model)  # KV-cache quantizers, LLM.int8(); refuses online rotations, per-block sizes
     out = Path(out)
     if os.path.lexists(out):
         io_safety.check_out(out, overwrite)  # the one message for an existing folder (without overwrite) or file
     try:
         with io_safety.atomic_folder(out, overwrite=overwrite) as tmp:
-            _save_into(tmp, model, tokenizer, report, format, result)
+            _save_into(tmp, model, tokenizer, report, format, result, runtime)
     except OSError as e:
         raise io_safety.write_error(out, e) from None
     return out
@@ -65,17 +70,16 @@ def _result_of(model: nn.Module, report: Report | None) -> CompressResult:
     return CompressResult()
 
 
-def _save_into(tmp: Path, model: nn.Module, tokenizer, report: Report | None, format: str, result: CompressResult) -> None:
-    """Write the checkpoint of ``format`` into the (temporary) folder ``tmp``."""
+def _save_into(tmp: Path, model: nn.Module, tokenizer, report: Report | None, format: str, result: CompressResult, runtime: dict | None) -> None:
+    """Write the checkpoint of ``format`` into the (temporary) folder ``tmp``
+    (``runtime``: hf-fakequant's :func:`~llmpress.export.runtime_state.fakequant_meta`)."""
     if format == "packed":
         from .export.packed import write_packed
 
         write_packed(model, tokenizer, tmp, result.records, {"report": report.to_dict() if report else None})
     else:
-        from .export.runtime_state import fakequant_meta
         from .runtime.act_quant import plain_state_dict
 
-        runtime = fakequant_meta(model)  # KV-cache quantizers, LLM.int8(); refuses online rotations
         # plain Linear names on disk, so transformers loads the folder
         model.save_pretrained(tmp, state_dict=plain_state_dict(model), safe_serialization=True)
         if tokenizer is not None:
@@ -84,7 +88,7 @@ def _save_into(tmp: Path, model: nn.Module, tokenizer, report: Report | None, fo
         meta = {
             "format": "llmpress-fakequant-v1",
             "activation_quant": {n: a.to_dict() for n, a in acts.items()},
-            **runtime,
+            **(runtime or {}),
             "report": report.to_dict() if report else None,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=repr))

@@ -124,8 +124,11 @@ def test_errors():
     with pytest.raises(UserError, match="removes every one"):  # 2 kv groups, round(1.6) = 2 removed
         _prune(m, structure="heads", ratio=0.8)
     assert m.config.num_key_value_heads == 2 and m.model.layers[0].self_attn.k_proj.weight.shape[0] == 32
-    mha = tiny_llama(layers=2)
-    mha.config.num_key_value_heads = 4  # every query head its own kv head: no query heads to take within a group
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_llama(layers=2).config
+    cfg.num_key_value_heads = 4  # every query head its own kv head: no query heads to take within a group
+    mha = LlamaForCausalLM(cfg).eval()
     with pytest.raises(UserError, match="query_heads"):
         _prune(mha, structure="query_heads", ratio=0.5)
     no_mlp = tiny_llama(layers=2)

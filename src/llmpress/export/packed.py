@@ -14,14 +14,18 @@ Folder layout::
                                   LinearSpec (scheme, shape, activation quantization,
                                   sparsity), per tensor its dtype, shape and sha256,
                                   the weights file's size, tied names, the report; v2
-                                  also ``runtime`` / ``llm_int8`` / ``structure``
+                                  also ``runtime`` / ``llm_int8`` / ``structure``;
+                                  v4 also ``structure.block_sizes``
 
 Versions: ``llmpress-packed-v1`` holds tensors and linears' schemes only;
 ``llmpress-packed-v2`` adds the run-time part of the model
 (:mod:`llmpress.export.runtime_state`: online rotations, KV-cache quantizers, LLM.int8()
 linears, OS+ norm shifts and added biases). A model without a run-time part is written as
 v1, so older llmpress reads it; an older llmpress refuses v2 (it would drop the run-time
-part silently). A version newer than :data:`VERSION` is refused by name.
+part silently). ``llmpress-packed-v4``: decoder blocks of their own sizes
+(``structure.block_sizes``, ``prune_width allocation: global``), which an older llmpress
+would try to load into the config's uniform shapes. A version newer than :data:`VERSION` is
+refused by name.
 
 The weights file is deliberately not called model.safetensors: transformers cannot
 read it, and refuses the folder instead of building a model with random weights.
@@ -64,7 +68,8 @@ FORMAT_V1 = "llmpress-packed-v1"  # tensors and linears' schemes only
 FORMAT_V2 = "llmpress-packed-v2"  # + run-time modules and structure edits (export/runtime_state.py)
 FORMAT = FORMAT_V2
 FORMAT_SHARDED = "llmpress-packed-v3"  # + the tensors in several files (a streamed compress, export/sharded.py)
-VERSION = 3
+FORMAT_BLOCK_SIZES = "llmpress-packed-v4"  # + decoder blocks of their own sizes (structure.block_sizes)
+VERSION = 4
 META_FILE = "llmpress.json"
 WEIGHTS_FILE = "model.llmpress.safetensors"
 
@@ -82,7 +87,7 @@ def check_packed(folder: Path, meta: dict | None) -> int:
         raise UserError(f"{folder}: not a packed llmpress checkpoint (format {None if meta is None else meta.get('format')!r}, expected {FORMAT!r})")
     if v > VERSION:
         raise UserError(
-            f"{folder}: written by a newer llmpress (format {meta['format']}; this llmpress reads up to {FORMAT_SHARDED}): upgrade llmpress to load it"
+            f"{folder}: written by a newer llmpress (format {meta['format']}; this llmpress reads up to {FORMAT_BLOCK_SIZES}): upgrade llmpress to load it"
         )
     return v
 
@@ -100,7 +105,7 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
     activation-quantization wrappers are stored under the plain linears' names.
     Returns the manifest written to llmpress.json. The format is :data:`FORMAT_V1` when
     the model has no run-time modules nor structure edits (readable by older llmpress),
-    :data:`FORMAT` otherwise.
+    :data:`FORMAT_BLOCK_SIZES` when its blocks differ in size, :data:`FORMAT` otherwise.
     """
     from safetensors.torch import save_file
 
@@ -115,7 +120,7 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
     # between processes, so two keys made the same command write different bytes
     save_file(tensors, str(path), metadata={"format": "pt"})
     manifest = {
-        "format": FORMAT if extras else FORMAT_V1,
+        "format": _format_of(extras),
         "weights_file": WEIGHTS_FILE,
         "file_bytes": path.stat().st_size,
         "dtype": str(next(p.dtype for p in model.parameters() if p.is_floating_point())),
@@ -129,6 +134,13 @@ def write_packed(model: nn.Module, tokenizer, folder: Path, records: dict[str, M
     }
     write_folder_files(folder, model, tokenizer, manifest)
     return manifest
+
+
+def _format_of(extras: dict) -> str:
+    """The oldest format that holds what ``extras`` (:func:`runtime_state.collect`) describes."""
+    if (extras.get("structure") or {}).get("block_sizes"):
+        return FORMAT_BLOCK_SIZES
+    return FORMAT if extras else FORMAT_V1
 
 
 def write_folder_files(folder: Path, model: nn.Module, tokenizer, manifest: dict) -> None:

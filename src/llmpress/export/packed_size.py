@@ -66,6 +66,13 @@ def packed_model_size(model: nn.Module) -> dict | None:
         return None
     from ..eval.size import model_size
 
-    size = model_size(_skeleton(model.config, meta=True), getattr(model, "llmpress_records", {}))
+    skel = _skeleton(model.config, meta=True)
+    sizes = (meta.get("structure") or {}).get("block_sizes")
+    if sizes:  # blocks of their own sizes: the skeleton of the config has the largest block's
+        from ..arch import get_arch
+        from ..prune.structure import resize_blocks
+
+        resize_blocks(skel, get_arch(skel), sizes)
+    size = model_size(skel, getattr(model, "llmpress_records", {}))
     size["checkpoint_bytes"] = meta.get("file_bytes")
     return size

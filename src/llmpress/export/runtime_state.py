@@ -9,7 +9,9 @@ its architecture holds:
 - LLM.int8() linears (:mod:`llmpress.runtime.llm_int8`): a threshold and a GEMM backend;
 - structure edits (OS+ shifts of ``smoothquant shift: true``): a :class:`NormShift`
   wrapped around a norm (its weight moves to ``NORM.norm.weight``, plus ``NORM.shift``)
-  and biases created on linears that had none.
+  and biases created on linears that had none; decoder blocks of their own sizes
+  (``prune_width allocation: global``): ``block_sizes``, each block's intermediate size
+  and head counts, the config holding the largest (:mod:`llmpress.prune.structure`).
 
 :func:`collect` describes them (JSON) and returns the tensors of the run-time modules;
 :func:`prepare` (before the tensors are loaded) and :func:`attach` (after) rebuild them
@@ -17,8 +19,9 @@ on a fresh model. A tensor no known method explains is refused: nothing could re
 
 The Hugging Face ``hf-fakequant`` folder carries only what plain transformers can run
 without (per-module quantizers: activations, KV cache, LLM.int8); online rotations and
-OS+ shifts change the function itself, and :func:`check_save_format` refuses them from
-the recipe alone, before any model is loaded.
+OS+ shifts change the function itself, per-block sizes are more than one config.json
+describes, and :func:`check_save_format` refuses them from the recipe alone, before any
+model is loaded.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ import re
 import torch
 import torch.nn as nn
 
-from ..arch import get_module, set_module
-from ..errors import UserError
+from ..arch import get_arch, get_module, set_module
+from ..errors import UnsupportedArchitecture, UserError
+from ..prune.structure import block_sizes, resize_blocks
 from ..runtime import rotation_state
 from ..runtime.act_quant import plain, plain_state_dict
 from ..runtime.kv_quant import AttentionRuntime
@@ -41,6 +45,8 @@ from .skeleton import skeleton
 RUNTIME_PREFIX = "llmpress.runtime."  # reserved prefix of run-time tensors in the weights file
 ROTATION_METHODS = ("quarot", "duquant", "spinquant")  # methods that attach online rotations
 FAKEQUANT_FORMAT = "llmpress-fakequant-v1"
+PER_BLOCK = "decoder blocks of different sizes"
+PER_BLOCK_FIX = "one Hugging Face config.json gives every block the same intermediate_size and head counts: save in the default packed format"
 
 
 def _some(names: list[str], n: int = 3) -> str:
@@ -90,9 +96,19 @@ def collect(model: nn.Module, state: dict[str, torch.Tensor], reference: set[str
     gone = sorted(k for k in reference - set(state) if not any(k.startswith(f"{p}.") for p in shifts))
     if gone:
         raise UserError(f"the model lacks tensors its architecture has ({_some(gone, 4)}); a checkpoint of it could not be loaded")
-    if shifts or biases:
-        desc["structure"] = {"norm_shifts": shifts, "biases": biases}
+    sizes = _block_sizes(model)
+    if shifts or biases or sizes:
+        desc["structure"] = {"norm_shifts": shifts, "biases": biases, **({"block_sizes": sizes} if sizes else {})}
     return desc, tensors
+
+
+def _block_sizes(model: nn.Module) -> list[dict] | None:
+    """Each decoder block's sizes when they differ from the config's (None: the config describes them)."""
+    try:
+        spec = get_arch(model)
+    except UnsupportedArchitecture:
+        return None
+    return block_sizes(model, spec)
 
 
 def summary(desc: dict) -> list[str]:
@@ -105,6 +121,8 @@ def summary(desc: dict) -> list[str]:
         out.append(f"OS+ norm shifts ({len(st['norm_shifts'])} norms)")
     if st.get("biases"):
         out.append(f"biases added to {len(st['biases'])} linears")
+    if st.get("block_sizes"):
+        out.append(f"per-block sizes ({len(st['block_sizes'])} blocks)")
     return out
 
 
@@ -113,9 +131,12 @@ def _where(what: str, path: str, e: Exception) -> UserError:
 
 
 def prepare(model: nn.Module, desc: dict, tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Structure edits of ``desc`` on a fresh model, before its tensors are loaded:
-    biases created (zeros), norms wrapped in :class:`NormShift` (shift from ``tensors``)."""
+    """Structure edits of ``desc`` on a fresh model, before its tensors are loaded: blocks
+    cut to their own sizes, biases created (zeros), norms wrapped in :class:`NormShift`
+    (shift from ``tensors``)."""
     st = desc.get("structure") or {}
+    if st.get("block_sizes") is not None:
+        resize_blocks(model, get_arch(model), st["block_sizes"], what)
     for path in st.get("biases", []):
         try:
             lin = get_module(model, path)
@@ -188,6 +209,8 @@ def fakequant_meta(model: nn.Module) -> dict:
     without. Refuses models plain transformers would run as another function."""
     state = plain_state_dict(model)
     desc, _ = collect(model, state, set(skeleton(model.config, meta=True).state_dict()))
+    if (desc.get("structure") or {}).get("block_sizes"):
+        raise UserError(f"--format hf-fakequant cannot store {PER_BLOCK}; {PER_BLOCK_FIX}")
     bad = _refused_in_hf(desc)
     if bad:
         raise UserError(
@@ -209,11 +232,13 @@ def attach_fakequant(model: nn.Module, meta: dict, where: str) -> None:
 def check_save_format(recipe, save_format: str) -> None:
     """Refuse, from the recipe alone (before any model is loaded), a save format that
     cannot hold what the recipe makes. The packed format holds every method's result;
-    hf-fakequant cannot hold online rotations nor OS+ shifts."""
+    hf-fakequant cannot hold online rotations, OS+ shifts nor per-block sizes."""
     if save_format != "hf-fakequant":
         return
     for i, st in enumerate(recipe.stages):
         what = None
+        if st.method == "prune_width" and getattr(st.config, "allocation", "uniform") != "uniform":
+            raise UserError(f"--format hf-fakequant cannot store {PER_BLOCK} (recipe stage {i}: prune_width allocation global); {PER_BLOCK_FIX}")
         if st.method in ROTATION_METHODS:
             what = f"the online rotations of {st.method}"
         elif st.method == "smoothquant" and getattr(st.config, "shift", False):

@@ -1,6 +1,7 @@
 """Width pruning: remove whole MLP intermediate channels or attention heads, the same number
-in every decoder block, so the model's config describes the smaller sizes and the saved
-checkpoint loads in plain transformers.
+in every decoder block (the config then describes the smaller sizes and the saved checkpoint
+loads in plain transformers) or, with ``allocation: global``, per-block counts from one
+ranking over all blocks.
 
 Importance (Wanda-style, summed over the weights of one structure; the "Wanda-sp" of An et
 al. 2024): with ||X_j|| the L2 norm of input feature j over the calibration tokens,
@@ -12,10 +13,16 @@ al. 2024): with ||X_j|| the L2 norm of input feature j over the calibration toke
   head and the query heads that read it; SmolLM2: 3 groups of 3 query heads), scored as the
   sum of the group's heads; ``query_heads`` removes the same number of query heads from
   every group and keeps every kv head.
-The ``round(ratio * n)`` lowest-scored structures of each block go (``multiple_of`` rounds the
-MLP channels kept, e.g. to a later quantizer's group size). With ``update`` the matrix that
-reads the removed structures (down_proj, o_proj) is refitted on its kept inputs by least
-squares over the calibration inputs (:func:`llmpress.prune.structure.refit_columns`, the
+``allocation: uniform`` (the default): the ``round(ratio * n)`` lowest-scored structures of
+each block go (``multiple_of`` rounds the MLP channels kept, e.g. to a later quantizer's
+group size), so the config describes the smaller model and the HF folder loads in plain
+transformers. ``allocation: global``: the same total, ``round(ratio * n * blocks)``, chosen
+by one ranking over all blocks of the scores normalized per block
+(:mod:`llmpress.prune.allocation`: why the block mean), no block losing more than
+``max_ratio`` (default 0.9) of its structures nor all; the blocks then differ in size,
+which the packed checkpoint records and only it can hold (docs/structured.md).
+With ``update`` the matrix that reads the removed structures (down_proj, o_proj) is
+refitted, block by block, on its kept inputs by least squares over the calibration inputs (:func:`llmpress.prune.structure.refit_columns`, the
 structured form of OBS); without it the result equals the original model with those
 channels / heads zeroed.
 """
@@ -32,13 +39,16 @@ import torch.nn as nn
 from ..arch import ArchSpec, get_module
 from ..errors import RecipeError, UserError
 from ..registry import ModelStageOutput, register
+from .allocation import global_removals, unit_costs
 from .distill import Distill, recover, teacher_copy
 from .importance import input_stats
-from .structure import head_layout, head_rows, keep_heads, keep_mlp_channels, refit_columns, set_sizes
+from .structure import block_heads, head_layout, head_rows, keep_heads, keep_mlp_channels, refit_columns, sync_config
 
 log = logging.getLogger(__name__)
 
 STRUCTURES = ("mlp", "heads", "query_heads")
+ALLOCATIONS = ("uniform", "global")
+DEFAULT_MAX_RATIO = 0.9  # allocation: global, when max_ratio is not given
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -46,10 +56,14 @@ class PruneWidth:
     """prune_width stage: remove ``ratio`` of each block's ``structure`` (mlp, heads = whole
     key/value groups, query_heads = query heads within each group), ``multiple_of``: MLP
     channels kept rounded to a multiple of it; ``update``: refit down_proj / o_proj (damping
-    ``damp``); statistics from ``windows`` calibration windows in batches of ``batch_size``."""
+    ``damp``); statistics from ``windows`` calibration windows in batches of ``batch_size``.
+    ``allocation``: ``uniform`` (each block loses ``ratio``) or ``global`` (``ratio`` of all
+    blocks' structures, ranked together; each block loses at most ``max_ratio``, default 0.9)."""
 
     structure: str = "mlp"
     ratio: float = 0.2
+    allocation: str = "uniform"
+    max_ratio: float | None = None  # allocation: global only (default DEFAULT_MAX_RATIO)
     multiple_of: int = 1
     update: bool = True
     damp: float = 0.01
@@ -66,29 +80,76 @@ class PruneWidth:
             raise RecipeError(f"ratio={self.ratio!r}: expected a value in [0, 1) (the share of each block's {self.structure} removed)")
         if self.multiple_of < 1:
             raise RecipeError(f"multiple_of={self.multiple_of!r}: expected a positive integer")
+        if self.allocation not in ALLOCATIONS:
+            raise RecipeError(f"allocation={self.allocation!r}: expected one of {', '.join(ALLOCATIONS)}")
+        if self.max_ratio is not None and self.allocation != "global":
+            raise RecipeError("max_ratio applies to allocation: global only (uniform removes ratio from every block)")
+        if self.max_ratio is not None and not (isinstance(self.max_ratio, (int, float)) and 0.0 < self.max_ratio < 1.0):
+            raise RecipeError(f"max_ratio={self.max_ratio!r}: expected a value in (0, 1) (the most of one block's {self.structure} removed)")
+        if self.allocation == "global" and self.ratio > self.cap_ratio:
+            raise RecipeError(f"ratio={self.ratio!r} above max_ratio={self.cap_ratio!r}: no allocation removes more than every block's cap")
         if self.damp < 0:
             raise RecipeError(f"damp={self.damp!r}: expected a value >= 0")
         if self.windows < 1 or self.batch_size < 1:
             raise RecipeError("windows and batch_size must be at least 1")
         Distill(steps=self.recover_steps, lr=self.recover_lr)  # the recovery settings, checked now
 
+    @property
+    def cap_ratio(self) -> float:
+        """The most of one block's structures ``allocation: global`` removes."""
+        return DEFAULT_MAX_RATIO if self.max_ratio is None else float(self.max_ratio)
+
     def check_model(self, model: nn.Module, spec: ArchSpec) -> None:
         """Refuse, when the recipe is planned, a structure the model lacks or a ratio that removes all of it."""
         check_width(model, spec, self)
 
 
-def check_width(model: nn.Module, spec: ArchSpec, cfg: PruneWidth) -> tuple[int, int]:
-    """The structure exists and the ratio leaves some of it: (kept per block, kept per group).
-    For ``mlp`` the first is the channels kept; for heads (kv groups kept, query heads per group)."""
-    _check_structure(model, spec, cfg)
+WHAT = {"mlp": "MLP channels", "heads": "key/value groups (attention heads)", "query_heads": "query heads per key/value head"}
+
+
+def _units(model: nn.Module, spec: ArchSpec, cfg: PruneWidth) -> list[int]:
+    """Each block's count of what ``ratio`` applies to: MLP channels, kv groups, or query
+    heads per group."""
+    layers = get_module(model, spec.blocks)
     if cfg.structure == "mlp":
-        inter = get_module(get_module(model, spec.blocks)[0], spec.down).in_features
-        return kept_count(inter, cfg.ratio, cfg.multiple_of, "MLP channels"), 0
-    _, n_h, n_kv = head_layout(model)
-    g = n_h // n_kv
-    if cfg.structure == "heads":
-        return kept_count(n_kv, cfg.ratio, 1, "key/value groups (attention heads)"), g
-    return n_kv, kept_count(g, cfg.ratio, 1, "query heads per key/value head")
+        return [get_module(b, spec.down).in_features for b in layers]
+    hd = head_layout(model)[0]
+    heads = [block_heads(b, spec, hd) for b in layers]
+    return [n_kv if cfg.structure == "heads" else n_h // n_kv for n_h, n_kv in heads]
+
+
+def check_width(model: nn.Module, spec: ArchSpec, cfg: PruneWidth) -> None:
+    """The structure exists in every block and the ratio leaves some of it in each."""
+    _check_structure(model, spec, cfg)
+    units = _units(model, spec, cfg)
+    if cfg.allocation == "uniform":
+        for n in units:
+            kept_count(n, cfg.ratio, cfg.multiple_of if cfg.structure == "mlp" else 1, WHAT[cfg.structure])
+        return
+    m = cfg.multiple_of if cfg.structure == "mlp" else 1
+    odd = [i for i, n in enumerate(units) if n % m]
+    if odd:
+        raise UserError(
+            f"prune_width: allocation global removes MLP channels {m} at a time (multiple_of); block {odd[0]} has {units[odd[0]]}, "
+            f"not a multiple of {m}: use a multiple_of that divides it"
+        )
+    global_removals([torch.zeros(n // m) for n in units], cfg.ratio, cfg.cap_ratio, WHAT[cfg.structure])
+
+
+def allocate(cfg: PruneWidth, scores: list[torch.Tensor]) -> list[int]:
+    """Structures (query heads: per group) each block keeps, from its scores: [n] per block
+    (MLP channels, kv groups) or [kv groups, per group] (query_heads)."""
+    m = cfg.multiple_of if cfg.structure == "mlp" else 1
+    sizes = [s.shape[-1] if s.dim() == 2 else len(s) for s in scores]
+    if cfg.allocation == "uniform":
+        return [kept_count(n, cfg.ratio, m, WHAT[cfg.structure]) for n in sizes]
+    gone = global_removals([unit_costs(s, m) for s in scores], cfg.ratio, cfg.cap_ratio, WHAT[cfg.structure])
+    return [n - k * m for n, k in zip(sizes, gone)]
+
+
+def _one_or_all(xs: list):
+    """A value every block shares, else the list of each block's."""
+    return xs[0] if all(x == xs[0] for x in xs) else list(xs)
 
 
 def kept_count(total: int, ratio: float, multiple_of: int, what: str) -> int:
@@ -144,11 +205,12 @@ def _check_structure(model: nn.Module, spec: ArchSpec, cfg: PruneWidth) -> None:
                     f"prune_width: structure {cfg.structure!r} needs {p} as a plain linear in every block; block {i} of {type(model).__name__} has none"
                 )
     if cfg.structure == "query_heads":
-        _, n_h, n_kv = head_layout(model)
-        if n_h == n_kv:
-            raise UserError(
-                f"prune_width: structure 'query_heads' needs several query heads per key/value head; this model has {n_h} of each: use 'heads'"
-            )
+        hd = head_layout(model)[0]
+        for n_h, n_kv in (block_heads(b, spec, hd) for b in get_module(model, spec.blocks)):
+            if n_h == n_kv:
+                raise UserError(
+                    f"prune_width: structure 'query_heads' needs several query heads per key/value head; this model has {n_h} of each: use 'heads'"
+                )
 
 
 def _stats(model: nn.Module, data, cfg: PruneWidth, inputs: list[str], readers: list[str]) -> dict[str, torch.Tensor]:
@@ -165,51 +227,67 @@ def _norms(stat: torch.Tensor) -> torch.Tensor:
 
 
 def _prune_mlp(model: nn.Module, spec: ArchSpec, data, cfg: PruneWidth, prefix: str, layers) -> dict:
-    inter = get_module(layers[0], spec.down).in_features
-    keep_n, _ = check_width(model, spec, cfg)
+    check_width(model, spec, cfg)
     reader = spec.gate or spec.up
     x_names = [f"{prefix}.{i}.{reader}" for i in range(len(layers))]
     d_names = [f"{prefix}.{i}.{spec.down}" for i in range(len(layers))]
     stats = _stats(model, data, cfg, x_names, d_names)
-    removed = {}
+    scores = []
     for i, block in enumerate(layers):
         gate = get_module(block, spec.gate).weight if spec.gate else None
+        up, down = get_module(block, spec.up).weight, get_module(block, spec.down).weight
+        scores.append(mlp_channel_scores(gate, up, down, _norms(stats[x_names[i]]), _norms(stats[d_names[i]])))
+    kept = allocate(cfg, scores)
+    removed = {}
+    for i, block in enumerate(layers):
         down = get_module(block, spec.down).weight
-        scores = mlp_channel_scores(gate, get_module(block, spec.up).weight, down, _norms(stats[x_names[i]]), _norms(stats[d_names[i]]))
-        keep = top(scores, keep_n)
+        keep = top(scores[i], kept[i])
         new_down = refit_columns(down.data, stats[d_names[i]], keep, cfg.damp) if cfg.update else None
         keep_mlp_channels(block, spec, keep, down_weight=new_down)
-        removed[i] = sorted(set(range(inter)) - set(keep.tolist()))
-    set_sizes(model, intermediate=keep_n)
-    return {"before": inter, "after": keep_n, "removed": removed}
+        removed[i] = sorted(set(range(len(scores[i]))) - set(keep.tolist()))
+    sync_config(model, spec)
+    return {"before": _one_or_all([len(s) for s in scores]), "after": _one_or_all(kept), "removed": removed}
 
 
-def _kept_heads(cfg: PruneWidth, q: torch.Tensor, kv: torch.Tensor, keep_kv: int, keep_per_group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(query heads, kv heads) one block keeps, from its head scores (the grouping preserved)."""
+def _kept_heads(cfg: PruneWidth, q: torch.Tensor, kv: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query heads, kv heads) one block keeps, from its head scores (the grouping preserved):
+    ``keep`` kv groups (heads) or query heads per group (query_heads)."""
     n_kv, g = len(kv), len(q) // len(kv)
     if cfg.structure == "heads":
-        kv_keep = top(kv + q.view(n_kv, g).sum(1), keep_kv)
+        kv_keep = top(_group_scores(q, kv), keep)
         return (kv_keep.unsqueeze(1) * g + torch.arange(g)).flatten(), kv_keep
-    q_keep = torch.cat([j * g + top(q[j * g : (j + 1) * g], keep_per_group) for j in range(n_kv)])
+    q_keep = torch.cat([j * g + top(q[j * g : (j + 1) * g], keep) for j in range(n_kv)])
     return q_keep, torch.arange(n_kv)
 
 
+def _group_scores(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    """A key/value group's score: its kv head's plus its query heads'."""
+    return kv + q.view(len(kv), -1).sum(1)
+
+
 def _prune_heads(model: nn.Module, spec: ArchSpec, data, cfg: PruneWidth, prefix: str, layers) -> dict:
-    hd, n_h, n_kv = head_layout(model)
-    keep_kv, keep_per_group = check_width(model, spec, cfg)
+    check_width(model, spec, cfg)
+    hd = head_layout(model)[0]
     x_names = [f"{prefix}.{i}.{spec.q}" for i in range(len(layers))]
     o_names = [f"{prefix}.{i}.{spec.o}" for i in range(len(layers))]
     stats = _stats(model, data, cfg, x_names, o_names)
-    removed = {}
+    qkv = []
     for i, block in enumerate(layers):
         w = {p: get_module(block, p).weight for p in (spec.q, spec.k, spec.v, spec.o)}
-        q, kv = head_scores(w[spec.q], w[spec.k], w[spec.v], w[spec.o], _norms(stats[x_names[i]]), _norms(stats[o_names[i]]), hd)
-        q_keep, kv_keep = _kept_heads(cfg, q, kv, keep_kv, keep_per_group)
-        new_o = refit_columns(w[spec.o].data, stats[o_names[i]], head_rows(q_keep, hd), cfg.damp) if cfg.update else None
+        qkv.append(head_scores(w[spec.q], w[spec.k], w[spec.v], w[spec.o], _norms(stats[x_names[i]]), _norms(stats[o_names[i]]), hd))
+    per_block = [_group_scores(q, kv) if cfg.structure == "heads" else q.view(len(kv), -1) for q, kv in qkv]
+    kept = allocate(cfg, per_block)
+    removed, before, after = {}, [], []
+    for i, block in enumerate(layers):
+        (q, kv), o = qkv[i], get_module(block, spec.o)
+        q_keep, kv_keep = _kept_heads(cfg, q, kv, kept[i])
+        new_o = refit_columns(o.weight.data, stats[o_names[i]], head_rows(q_keep, hd), cfg.damp) if cfg.update else None
         keep_heads(block, spec, head_dim=hd, q_heads=q_keep, kv_heads=kv_keep, o_weight=new_o)
-        removed[i] = sorted(set(range(n_h)) - set(q_keep.tolist()))
-    set_sizes(model, heads=keep_kv * keep_per_group, kv_heads=keep_kv)
-    return {"before": {"heads": n_h, "kv_heads": n_kv}, "after": {"heads": keep_kv * keep_per_group, "kv_heads": keep_kv}, "removed": removed}
+        removed[i] = sorted(set(range(len(q))) - set(q_keep.tolist()))
+        before.append({"heads": len(q), "kv_heads": len(kv)})
+        after.append({"heads": len(q_keep), "kv_heads": len(kv_keep)})
+    sync_config(model, spec, heads=True)
+    return {"before": _one_or_all(before), "after": _one_or_all(after), "removed": removed}
 
 
 @register("prune_width", PruneWidth, scope="model", summary="width pruning: MLP channels or attention heads by summed |W|*||x||")
@@ -221,8 +299,8 @@ def prune_width(model: nn.Module, spec, data, stage) -> ModelStageOutput:
     run = _prune_mlp if cfg.structure == "mlp" else _prune_heads
     teacher = teacher_copy(model, cfg.recover_steps)
     summary = run(model, spec, data, cfg, spec.blocks, layers)
-    log.info("prune_width: %s %s -> %s per block", cfg.structure, summary["before"], summary["after"])
+    log.info("prune_width (%s): %s %s -> %s per block", cfg.allocation, cfg.structure, summary["before"], summary["after"])
     rec = recover(model, teacher, data, steps=cfg.recover_steps, lr=cfg.recover_lr, batch_size=cfg.batch_size)
     if rec is not None:
         summary["recovery"] = rec
-    return ModelStageOutput(summary={"structure": cfg.structure, "ratio": cfg.ratio, "update": cfg.update, **summary})
+    return ModelStageOutput(summary={"structure": cfg.structure, "ratio": cfg.ratio, "allocation": cfg.allocation, "update": cfg.update, **summary})

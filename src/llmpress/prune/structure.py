@@ -16,8 +16,10 @@ config.json with the smaller sizes and ``AutoModelForCausalLM`` loads it back.
 - :func:`refit_columns`: the least-squares update of the columns a linear keeps after some
   of its inputs are removed (the structured form of OBS: ``W_K + W_R G_RK G_KK^-1``).
 
-Removal is uniform across blocks (every block keeps the same sizes): that is what one
-config.json can describe. Sizes per block would need the packed format's own loader.
+Sizes may differ per block (``prune_width allocation: global``): one config.json cannot
+describe that, so the config holds the largest block's sizes (:func:`sync_config`), the
+packed checkpoint records each block's (:func:`block_sizes`) and its loader cuts a fresh
+model of the config down to them (:func:`resize_blocks`) before the weights go in.
 """
 
 from __future__ import annotations
@@ -29,15 +31,21 @@ from ..arch import ArchSpec, get_module
 from ..errors import UserError
 
 __all__ = [
+    "block_heads",
+    "block_sizes",
     "drop_blocks",
     "head_layout",
     "head_rows",
     "keep_heads",
     "keep_mlp_channels",
     "refit_columns",
+    "resize_blocks",
     "set_sizes",
+    "sync_config",
     "text_config",
 ]
+
+SIZE_KEYS = ("intermediate_size", "num_attention_heads", "num_key_value_heads")
 
 
 def text_config(model: nn.Module):
@@ -171,3 +179,76 @@ def refit_columns(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, 
         rhs = rhs + reg * weight.double()[:, keep]
     chol = torch.linalg.cholesky(g_kk)
     return torch.cholesky_solve(rhs.T, chol).T.to(weight.dtype)
+
+
+def block_heads(block: nn.Module, spec: ArchSpec, head_dim: int) -> tuple[int, int]:
+    """(query heads, key/value heads) of one block, from its q_proj and k_proj rows."""
+    return get_module(block, spec.q).out_features // head_dim, get_module(block, spec.k).out_features // head_dim
+
+
+def _sizes_of(block: nn.Module, spec: ArchSpec, head_dim: int) -> dict[str, int | None]:
+    """One block's sizes (None where a module has no plain shape, e.g. a low-rank factor pair)."""
+    from ..runtime.act_quant import plain
+
+    def dim(path: str, attr: str, per: int = 1) -> int | None:
+        try:
+            n = getattr(plain(get_module(block, path)), attr, None)
+        except (AttributeError, IndexError):
+            return None
+        return n // per if isinstance(n, int) else None
+
+    return {
+        "intermediate_size": dim(spec.down, "in_features"),
+        "num_attention_heads": dim(spec.q, "out_features", head_dim),
+        "num_key_value_heads": dim(spec.k, "out_features", head_dim),
+    }
+
+
+def block_sizes(model: nn.Module, spec: ArchSpec) -> list[dict[str, int]] | None:
+    """Each decoder block's ``intermediate_size`` / ``num_attention_heads`` /
+    ``num_key_value_heads`` when some block differs from the config; None when the config
+    describes every block (what a plain Hugging Face model of it holds)."""
+    cfg = text_config(model)
+    hd, n_h, n_kv = head_layout(model)
+    want = {"intermediate_size": getattr(cfg, "intermediate_size", None), "num_attention_heads": n_h, "num_key_value_heads": n_kv}
+    out = []
+    for block in get_module(model, spec.blocks):
+        got = _sizes_of(block, spec, hd)
+        out.append({k: got[k] if got[k] is not None else want[k] for k in SIZE_KEYS})
+    return out if any(b[k] != want[k] for b in out for k in SIZE_KEYS) else None
+
+
+def sync_config(model: nn.Module, spec: ArchSpec, *, heads: bool = False) -> None:
+    """The config's sizes from the blocks: the largest block's (every block's when uniform);
+    ``heads``: the head counts too (head_dim written explicitly)."""
+    sizes = block_sizes(model, spec)
+    if sizes is None:
+        return
+    big = {k: max(b[k] for b in sizes) for k in SIZE_KEYS}
+    if heads:
+        set_sizes(model, intermediate=big["intermediate_size"], heads=big["num_attention_heads"], kv_heads=big["num_key_value_heads"])
+    else:
+        set_sizes(model, intermediate=big["intermediate_size"])
+
+
+def resize_blocks(model: nn.Module, spec: ArchSpec, sizes: list[dict], what: str = "model") -> None:
+    """Cut a fresh model of the (largest-block) config down to each block's ``sizes`` (its
+    first channels / heads kept: the loaded tensors replace them), before its weights load."""
+    layers = get_module(model, spec.blocks)
+    if not isinstance(sizes, list) or len(sizes) != len(layers):
+        raise UserError(f"{what}: block sizes for {len(sizes) if isinstance(sizes, list) else '?'} blocks, the config has {len(layers)}")
+    hd = head_layout(model)[0]
+    for i, (block, want) in enumerate(zip(layers, sizes)):
+        try:
+            inter, n_h, n_kv = (int(want[k]) for k in SIZE_KEYS)
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{what}: block {i} sizes {want!r} malformed (expected {', '.join(SIZE_KEYS)})") from None
+        have = _sizes_of(block, spec, hd)
+        if inter > have["intermediate_size"] or n_h > have["num_attention_heads"] or n_kv > have["num_key_value_heads"]:
+            raise UserError(f"{what}: block {i} sizes {want} exceed the config's {have}")
+        if inter != have["intermediate_size"]:
+            keep_mlp_channels(block, spec, torch.arange(inter))
+        if (n_h, n_kv) != (have["num_attention_heads"], have["num_key_value_heads"]):
+            if n_kv < 1 or n_h % n_kv:
+                raise UserError(f"{what}: block {i} has {n_h} query heads on {n_kv} key/value heads")
+            keep_heads(block, spec, head_dim=hd, q_heads=torch.arange(n_h), kv_heads=torch.arange(n_kv))

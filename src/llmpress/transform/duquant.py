@@ -59,6 +59,7 @@ from .rotation import (
     RotationPlan,
     apply_plan,
     attention_of,
+    check_uniform_blocks,
     fuse_norms,
     head_layout,
     online,
@@ -268,6 +269,7 @@ class DuQuant:
 @register("duquant", DuQuant, scope="model", summary="DuQuant: greedy block rotations + zigzag permutation (residual / online per block)")
 def duquant(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
     cfg: DuQuant = stage.config
+    check_uniform_blocks(model, spec, "duquant")
     if calib_windows is None:
         raise UserError("duquant needs calibration windows")
     offline = residual_rotatable(spec) and cfg.residual == "offline"

@@ -15,7 +15,7 @@ from ..arch import ArchSpec
 from ..errors import UserError
 from ..registry import register
 from .hadamard import orthogonal_matrix
-from .rotation import apply_plan, hidden_size, residual_rotatable, standard_plan
+from .rotation import apply_plan, check_uniform_blocks, hidden_size, residual_rotatable, standard_plan
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class QuaRot:
 @register("quarot", QuaRot, scope="model", summary="QuaRot: Hadamard rotations of the residual stream, values, o/down inputs and q/k")
 def quarot(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
     cfg: QuaRot = stage.config
+    check_uniform_blocks(model, spec, "quarot")
     residual = None
     kind = cfg.rotation
     if residual_rotatable(spec) and cfg.residual == "offline":

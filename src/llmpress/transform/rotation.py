@@ -87,6 +87,20 @@ def head_layout(attn: nn.Module) -> tuple[int, int, int]:
     return int(hd), int(n_h), int(n_kv)
 
 
+def check_uniform_blocks(model: nn.Module, spec: ArchSpec, method: str) -> None:
+    """Refuse a model whose decoder blocks differ in size (``prune_width allocation: global``):
+    the rotation plans share one size per site across blocks."""
+    shapes = {
+        tuple(getattr(get_module(b, p), a, None) for p, a in ((spec.q, "out_features"), (spec.k, "out_features"), (spec.down, "in_features")))
+        for b in get_module(model, spec.blocks)
+    }
+    if len(shapes) > 1:
+        raise UserError(
+            f"{method} needs decoder blocks of one size; these differ (prune_width allocation: global): "
+            "put the rotation before the pruning stage or prune with allocation: uniform"
+        )
+
+
 def residual_rotatable(spec: ArchSpec) -> bool:
     """Whether the residual stream can be rotated offline (no norm on sub-layer outputs)."""
     return not spec.post_norms

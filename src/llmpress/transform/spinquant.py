@@ -54,6 +54,7 @@ from .rotation import (
     RotationPlan,
     apply_plan,
     attention_of,
+    check_uniform_blocks,
     fuse_norms,
     head_layout,
     hidden_size,
@@ -417,6 +418,7 @@ def learn_rotations(model, spec, cfg: SpinQuant, windows: torch.Tensor, r1_init,
 @register("spinquant", SpinQuant, scope="model", summary="SpinQuant: Cayley-SGD-learned residual and per-head rotations (+ fixed Hadamards)")
 def spinquant(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
     cfg: SpinQuant = stage.config
+    check_uniform_blocks(model, spec, "spinquant")
     if calib_windows is None:
         raise UserError("spinquant needs calibration windows")
     t = time.perf_counter()
