@@ -8,6 +8,8 @@ Methods per share s of the decoder-block parameters (SmolLM2: a block is 3.54M p
 75% of them in the MLP):
 - ``layers``: ``drop_layers`` (Block Influence) of round(s * blocks) blocks;
 - ``mlp``: ``prune_width`` MLP channels at ratio s / (MLP share of a block), refit on;
+- ``mlp global``: the same number of MLP channels in total, ranked across blocks (``allocation:
+  global``, 32 at a time, at most half of a block's), so blocks keep different sizes;
 - ``slicegpt``: ``slicegpt`` at fraction s (llama family; the untied head adds vocab x d');
 - ``sparsegpt``: SparseGPT at sparsity s on every block linear (same parameter count, dense shapes).
 With ``--recover N`` the structured rows are repeated with N distillation steps
@@ -55,6 +57,15 @@ def recipes(model, share: float, recover: int) -> dict[str, dict]:
     out = {
         f"layers {share:.0%}{tag}": {"method": "drop_layers", "count": round(share * n_blocks), **rec},
         f"mlp {share:.0%}{tag}": {"method": "prune_width", "structure": "mlp", "ratio": min(share / mlp_share(model), 0.95), **rec},
+        f"mlp global {share:.0%}{tag}": {  # the same channels in total, chosen across blocks (per-layer sizes)
+            "method": "prune_width",
+            "structure": "mlp",
+            "ratio": min(share / mlp_share(model), 0.95),
+            "allocation": "global",
+            "multiple_of": 32,
+            "max_ratio": 0.5,
+            **rec,
+        },
     }
     if not recover:
         if not get_arch(model).post_norms:
