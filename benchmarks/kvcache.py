@@ -253,6 +253,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16384, help="stream length of the streaming section")
     ap.add_argument("--cache", type=int, default=1024, help="cache budget of the streaming section")
     ap.add_argument("--recompute-stride", type=int, default=64)
+    ap.add_argument("--sinks", type=int, nargs="+", default=[1, 4, 8], help="sink counts of the streaming section")
     ap.add_argument("--chunk", type=int, default=32, help="tokens per step of the perplexity streams")
     ap.add_argument("--prefill", type=int, default=2048, help="context before the decode-speed measurement")
     ap.add_argument("--decode-tokens", type=int, default=64)
@@ -268,7 +269,7 @@ def main() -> None:
     secs = a.sections.split(",")
     if "streaming" in secs:
         ids, W = stream[: a.tokens], a.cache
-        for spec in ("full", f"window:{W}", *(f"sinks:{s},{W - s}" for s in (1, 4, 8))):
+        for spec in ("full", f"window:{W}", *(f"sinks:{s},{W - s}" for s in a.sinks)):
             out.add("streaming", measured(stream_perplexity, model, ids, spec, chunk=a.chunk))
             out.add("decode", decode_speed(model, stream, spec, a.prefill, a.decode_tokens))
         out.add("streaming", recompute_perplexity(model, ids, W, stride=a.recompute_stride))
