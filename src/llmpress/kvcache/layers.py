@@ -77,7 +77,7 @@ class PolicyLayer(DynamicLayer):
         return min(c, self.sinks + self.heavy + self.window)
 
     def _groups_to_drop(self) -> int:
-        return max(0, min((len(self.store) - self.window) // self.store.group, len(self.store.kq)))
+        return max(0, min((len(self.store) - self.window) // self.store.group, self.store.groups))
 
     def get_max_length(self) -> int:
         return -1 if self.window is None else self.sinks + self.window + self.heavy
