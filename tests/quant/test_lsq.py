@@ -82,6 +82,22 @@ def test_one_candidate_is_the_least_squares_refit_of_minmax_rounding():
     assert err == pytest.approx(0.08 - 0.0043, abs=1e-4) and err < 0.08
 
 
+def test_magnitude_weights_are_llama_cpp_s():
+    """lsq_magnitude: w_j = importance_j * sqrt(sigma^2 + x_j^2), sigma^2 the mean square of
+    the whole row (both groups of 2 here), as llama.cpp's quantize_row_q4_0_impl weighs."""
+    x = torch.tensor([[1.0, -2.2, 0.3, 4.0]])
+    a = QuantArgs(bits=4, group_size=2, signed_scale=True, observer="lsq", lsq_steps=0, lsq_magnitude=True)
+    imp = torch.tensor([1.0, 4.0, 1.0, 1.0])
+    w = imp * (x.pow(2).mean() + x.pow(2)).sqrt()
+    for g, (q0, q1) in enumerate([(4, -8), (-1, -8)]):  # codes on the rule's scales -2.2 / -8, 4 / -8
+        xs, ws = x[0, 2 * g : 2 * g + 2], w[0, 2 * g : 2 * g + 2]
+        q = torch.tensor([q0, q1], dtype=torch.float32)
+        want = float((ws * xs * q).sum() / (ws * q * q).sum())
+        got = float(compute_qparams(x, a, importance=imp.reshape(1, 2, 2)).scale[0, g])
+        assert got == pytest.approx(want, rel=1e-6), g
+    assert not QuantArgs(observer="lsq").lsq_magnitude  # the default: the importance alone
+
+
 @pytest.mark.parametrize("grid", ["q4_0", "asym4-fp16"])
 def test_scales_stay_float16_values(grid):
     torch.manual_seed(1)
@@ -122,6 +138,7 @@ def test_two_level_scales_after_the_search():
         ({"lsq_step": 2.0}, "lsq_step=2.0"),
         ({"bits": 2, "lsq_steps": 10}, "lsq_steps \\* lsq_step = 1 must stay below the 1 grid steps"),
         ({"lsq_steps": 80}, "lsq_steps \\* lsq_step = 8 must stay below the 7 grid steps"),
+        ({"lsq_magnitude": 1}, "lsq_magnitude=1: expected true or false"),
     ],
 )
 def test_bad_options_are_refused(fields, fragment):
@@ -131,12 +148,19 @@ def test_bad_options_are_refused(fields, fragment):
         QuantArgs.from_dict({"observer": "lsq", **fields}, "weights")
 
 
+def test_magnitude_needs_the_lsq_observer():
+    with pytest.raises(RecipeError, match="lsq_magnitude weights the lsq observer's search; observer is mse"):
+        QuantArgs(observer="mse", lsq_magnitude=True)
+
+
 def test_manifest_round_trip_and_description():
     a = QuantArgs(bits=4, group_size=32, signed_scale=True, scale_dtype="float16", observer="lsq")
     assert "lsq_steps" not in a.to_dict() and "lsq_step" not in a.to_dict()  # defaults left out
     assert QuantArgs.from_dict(a.to_dict()) == a
     b = replace(a, lsq_steps=4, lsq_step=0.2)
     assert b.to_dict()["lsq_steps"] == 4 and QuantArgs.from_dict(b.to_dict()) == b
+    c = replace(a, lsq_magnitude=True)
+    assert "lsq_magnitude" not in a.to_dict() and c.to_dict()["lsq_magnitude"] is True and QuantArgs.from_dict(c.to_dict()) == c
     assert a.describe() == "int4 sym signed-scale g32 lsq fp16-scales" and a.takes_importance
     assert a.lsq_span == 8 and replace(a, signed_scale=False).lsq_span == 7 and replace(a, symmetric=False, signed_scale=False).lsq_span == 15
 

@@ -24,8 +24,9 @@ class QuantArgs:
     of a clipping ratio minimizing the lp error of each group) or ``lsq`` (integers: llama.cpp's
     imatrix scale search: for ``2 lsq_steps + 1`` candidate scales, the extreme on
     ``N + k lsq_step`` steps instead of the rule's ``N``, round, refit the scale by weighted
-    least squares, keep the one of least weighted squared error; see
-    :func:`llmpress.quant.core._lsq_search`). ``full_range``
+    least squares, keep the one of least weighted squared error; ``lsq_magnitude``: each
+    value's weight also times ``sqrt(sigma^2 + x^2)``, ``sigma^2`` the mean square of its
+    row, as llama.cpp's ``Q4_0`` / ``Q5_0`` weigh it; see :func:`llmpress.quant.core._lsq_search`). ``full_range``
     (symmetric integers): ``S = max|x| / (qmax + 1/2)`` so that all ``2^b`` codes are
     used (the positive extreme clips by half a step; the convention of llm-compressor
     and compressed-tensors), instead of ``S = max|x| / qmax`` (``2^b - 1`` codes).
@@ -63,6 +64,7 @@ class QuantArgs:
     mse_norm: float = 2.4
     lsq_steps: int = 9  # candidates each side of the rule's scale (llama.cpp's make_qx_quants: 9)
     lsq_step: float = 0.1  # their spacing, in grid steps of the extreme (llama.cpp: 0.1)
+    lsq_magnitude: bool = False  # weights also by sqrt(sigma^2 + x^2), sigma^2 the row's mean square (llama.cpp's Q4_0 / Q5_0)
     ternary_threshold: float = 0.7  # s = ternary_threshold * mean|W| (per group)
     scale_bits: int = 16  # storage of scales, for bits-per-weight accounting
     full_range: bool = False
@@ -117,7 +119,11 @@ class QuantArgs:
             raise RecipeError(f"lsq_steps={k!r}: expected an integer number of candidates each side in [0, 100]")
         if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0.0 < step <= 1.0:
             raise RecipeError(f"lsq_step={step!r}: expected a candidate spacing in (0, 1] grid steps")
+        if not isinstance(self.lsq_magnitude, bool):
+            raise RecipeError(f"lsq_magnitude={self.lsq_magnitude!r}: expected true or false")
         if self.observer != "lsq":
+            if self.lsq_magnitude:
+                raise RecipeError(f"lsq_magnitude weights the lsq observer's search; observer is {self.observer}")
             return
         if self.kind != "int":
             raise RecipeError(f"observer lsq applies to integer grids (kind: int), not {self.kind}")
@@ -187,7 +193,13 @@ class QuantArgs:
         d = asdict(self)
         if d["scale_dtype"] == "float32":  # the default left out: manifests written before the field stay byte for byte
             del d["scale_dtype"]
-        for key, default in (("signed_scale", False), ("super_block", None), ("lsq_steps", 9), ("lsq_step", 0.1)):  # likewise
+        for key, default in (
+            ("signed_scale", False),
+            ("super_block", None),
+            ("lsq_steps", 9),
+            ("lsq_step", 0.1),
+            ("lsq_magnitude", False),
+        ):  # likewise
             if d[key] == default:
                 del d[key]
         return d

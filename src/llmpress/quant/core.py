@@ -203,7 +203,8 @@ def _lsq_search(xg, lo, hi, args: QuantArgs, importance) -> QParams:
     ``signed_scale`` 4 bits, llama.cpp's ``-(8 + 0.1 k) / x_m``), the group rounded on that
     scale (codes ``q``, zero point ``z`` as the rule gives it), and the scale refitted by
     weighted least squares with the codes fixed, ``S = sum w x (q-z) / sum w (q-z)^2``
-    (``w``: ``importance``, 1 without). The refitted scale is rounded as stored
+    (``w``: ``importance``, 1 without; ``lsq_magnitude``: times ``sqrt(sigma^2 + x^2)``,
+    ``sigma^2`` the mean square of the row of the group view). The refitted scale is rounded as stored
     (``scale_dtype``), the group re-rounded to its nearest codes on it (as ``quantize``
     does), and the candidate of least ``sum w (x - x_hat)^2`` kept; the rule's own params
     (``minmax``) are a candidate too, so the error is never above min-max's. ``super_block``:
@@ -212,6 +213,8 @@ def _lsq_search(xg, lo, hi, args: QuantArgs, importance) -> QParams:
     """
     free = dataclasses.replace(args, super_block=None) if args.super_block else args
     w = torch.ones((), dtype=xg.dtype, device=xg.device) if importance is None else importance.to(xg.dtype)
+    if args.lsq_magnitude:  # llama.cpp's Q4_0 / Q5_0: qw * sqrt(sigma2 + x^2), sigma2 the row's mean square
+        w = w * (xg.pow(2).mean((-2, -1), keepdim=True) + xg.pow(2)).sqrt()
 
     def error(qp: QParams) -> torch.Tensor:
         return ((_dequant(_codes(xg, qp, free), qp) - xg).pow_(2) * w).sum(-1)
