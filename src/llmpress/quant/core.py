@@ -204,8 +204,8 @@ def _lsq_search(xg, lo, hi, args: QuantArgs, importance) -> QParams:
     scale (codes ``q``, zero point ``z`` as the rule gives it), and the scale refitted by
     weighted least squares with the codes fixed, ``S = sum w x (q-z) / sum w (q-z)^2``
     (``w``: ``importance``, 1 without; ``lsq_magnitude``: times ``sqrt(sigma^2 + x^2)``,
-    ``sigma^2`` the mean square of the row of the group view). The refitted scale is rounded as stored
-    (``scale_dtype``), the group re-rounded to its nearest codes on it (as ``quantize``
+    ``sigma^2`` the mean square of the row of the group view). The refitted scale is
+    rounded as stored (``scale_dtype``), the group re-rounded to its nearest codes on it (as ``quantize``
     does), and the candidate of least ``sum w (x - x_hat)^2`` kept; the rule's own params
     (``minmax``) are a candidate too, so the error is never above min-max's. ``super_block``:
     the search runs on float16 group scales, then the chosen ones take the two-level form.
@@ -229,7 +229,7 @@ def _lsq_search(xg, lo, hi, args: QuantArgs, importance) -> QParams:
         if cand.zero_point is not None:
             q = q - cand.zero_point.unsqueeze(-1)
         num, den = (w * xg * q).sum(-1), (w * q * q).sum(-1)
-        fit = torch.where(den > 0, num / den.clamp_min(_EPS), cand.scale)
+        fit = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), cand.scale)
         fit = _stored_scale(floor_magnitude(fit, _EPS), free)
         cand = QParams(scale=fit, zero_point=cand.zero_point)
         err = error(cand)
