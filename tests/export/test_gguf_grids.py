@@ -5,6 +5,8 @@ presets' Q8_0 tied head; refusals of the signed grid where GGUF has no block typ
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import gguf
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ import llmpress
 from llmpress import stage
 from llmpress.export.gguf import export_gguf
 from llmpress.quant import QuantArgs
+from llmpress.quant.core import compute_qparams
 from llmpress.recipe import load_recipe
 
 Q4_0_PRESETS = ["rtn-q4_0", "gptq-q4_0", "awq-gptq-q4_0"]
@@ -25,14 +28,14 @@ Q4_0_PRESETS = ["rtn-q4_0", "gptq-q4_0", "awq-gptq-q4_0"]
 PLAIN = {"self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.down_proj": "ffn_down"}
 
 
-@pytest.mark.parametrize("preset", Q4_0_PRESETS + [p + "-head8" for p in Q4_0_PRESETS])
+@pytest.mark.parametrize("preset", Q4_0_PRESETS + [p + "-head8" for p in Q4_0_PRESETS] + ["awq-gptq-q4_0-head8-lsq"])
 def test_q4_0_presets_quantize_on_the_sign_aware_grid(preset):
     stages = load_recipe(preset).stages
     body = [s for s in stages if "lm_head" not in s.targets]
     assert body and all(s.config.weights.signed_scale and not s.config.weights.full_range for s in body)
     assert all(s.config.weights.group_size == 32 and s.config.weights.scale_dtype == "float16" for s in body)
     heads = [s for s in stages if tuple(s.targets) == ("lm_head",)]
-    assert len(heads) == (1 if preset.endswith("-head8") else 0)
+    assert len(heads) == (1 if "-head8" in preset else 0)
     for s in heads:  # Q8_0 as llama.cpp computes it: d = max|x| / 127
         w = s.config.weights
         assert (w.bits, w.group_size, w.symmetric, w.signed_scale, w.full_range, w.scale_dtype) == (8, 32, True, False, False, "float16")
@@ -77,7 +80,7 @@ def test_negative_scales_survive_the_checkpoint_and_serve(tmp_path):
     assert _check_linears(export_gguf(src, tmp_path / "m.gguf"), src) == {"Q4_0"}
 
 
-@pytest.mark.parametrize("preset", ["rtn-q4_0-head8", "gptq-q4_0-head8"])
+@pytest.mark.parametrize("preset", ["rtn-q4_0-head8", "gptq-q4_0-head8", "awq-gptq-q4_0-head8-lsq"])
 def test_head8_presets_write_the_tied_head_as_q8_0(tmp_path, preset):
     src, m = _packed(tmp_path, preset)
     out = export_gguf(src, tmp_path / "m.gguf")
@@ -96,7 +99,7 @@ def test_head8_presets_write_the_tied_head_as_q8_0(tmp_path, preset):
     assert 0 < live.sum() < len(live) and (ours[~live, 2:] == 0).all()
     assert np.array_equal(ours[live, :2], ref[live, :2]) and np.mean(ours[:, 2:] == ref[:, 2:]) > 0.99
     # an F16 embedding (2 bytes a weight) became 34 bytes per 32 weights
-    plain, _ = _packed(tmp_path / "plain", preset.removesuffix("-head8"))
+    plain, _ = _packed(tmp_path / "plain", preset.split("-head8")[0])
     size = {p: p.stat().st_size for p in (out, export_gguf(plain, tmp_path / "plain.gguf"))}
     n = emb.n_elements
     assert size[tmp_path / "plain.gguf"] - size[out] == pytest.approx(2 * n - 34 * n // 32, abs=4096)
@@ -124,3 +127,24 @@ def test_signed_int8_is_exact_q8_0(tmp_path):
     assert _check_linears(out, src) == {"Q8_0"}
     d = np.asarray(_tensors(out)["blk.0.ffn_down.weight"].data).reshape(-1, 34)[:, :2].copy().view(np.float16)
     assert (d < 0).any() and (d > 0).any()
+
+
+@pytest.mark.parametrize(
+    ("weights", "qtype"),
+    [
+        (QuantArgs(bits=4, group_size=32, signed_scale=True, scale_dtype="float16", observer="lsq"), "Q4_0"),
+        (QuantArgs(bits=4, group_size=32, symmetric=False, scale_dtype="float16", observer="lsq"), "Q4_1"),
+    ],
+    ids=["q4_0", "q4_1"],
+)
+def test_lsq_observer_scales_export_exactly(tmp_path, weights, qtype):
+    """The lsq observer's refitted scales are still one float16 scale per block of 32 on the
+    same grid: the export writes them bit for bit; they are not the min-max rule's."""
+    m = _model()
+    orig = m.get_submodule("model.layers.0.mlp.down_proj").weight.detach().float().clone()
+    src, _ = _packed(tmp_path, [stage("rtn", weights=weights, ignore=["lm_head"])], model=m)
+    assert _check_linears(export_gguf(src, tmp_path / "m.gguf"), src) == {qtype}
+    stored = load_file(str(next(src.glob("*.safetensors"))))["model.layers.0.mlp.down_proj.scale"]
+    rule = compute_qparams(orig, replace(weights, observer="minmax")).scale
+    assert stored.shape == rule.shape and torch.equal(stored.half().float(), stored)
+    assert bool((stored != rule).any())

@@ -114,6 +114,8 @@ def test_lazy_batches_do_not_change_the_result(args, act_order, static):
         W4G8,
         QuantArgs(bits=3, group_size=8, symmetric=False),
         QuantArgs(bits=4, group_size=8, observer="mse", mse_grid=20),
+        QuantArgs(bits=4, group_size=8, observer="lsq", signed_scale=True, scale_dtype="float16"),
+        QuantArgs(bits=3, group_size=8, observer="lsq", symmetric=False),
         QuantArgs(bits=2, granularity="channel"),
         QuantArgs(bits=4, granularity="tensor"),
         QuantArgs(kind="ternary", group_size=8),
@@ -136,7 +138,7 @@ def test_codes_are_exact_grid_values(args, act_order, static):
         from llmpress.quant import compute_qparams
 
         imp = None
-        if args.observer == "mse":  # the MSE search weights columns by diag(H)
+        if args.takes_importance:  # the mse / lsq search weights columns by diag(H)
             imp = H.diagonal().reshape(1, -1, args.group_size or 32)
         assert torch.equal(res.qparams.scale, compute_qparams(W, args, importance=imp).scale)
 

@@ -155,7 +155,7 @@ def sparsegpt_prune(
         if weights is not None:
             cq = ColumnQuantizer(weights, R, C, W.device)
             if not dynamic:
-                hd = torch.diagonal(H) if weights.observer == "mse" else None  # as GPTQ: MSE weighted by diag(H)
+                hd = torch.diagonal(H) if weights.takes_importance else None  # as GPTQ: the mse / lsq search weighted by diag(H)
                 cq.set(compute_qparams(W, weights, name, importance=importance(hd, weights, C)))
         W0, H0 = (W.clone(), H) if refit else (None, None)
         perm = activation_order(H) if act_order else None
@@ -254,7 +254,7 @@ def _sparsegpt(W, H, dead, sparsity, n, m, block_size, damp, cq, dynamic, name, 
             cols = blk.current(i, j, j + gs).clone()
             known = M1[i : i + cols.shape[0]]  # masks of the group's columns chosen so far
             cols[: known.shape[0]].masked_fill_(known, 0.0)
-            cq.fit_group(cols.t(), j // gs, hdiag[j : j + gs] if cq.args.observer == "mse" else None)
+            cq.fit_group(cols.t(), j // gs, hdiag[j : j + gs] if cq.args.takes_importance else None)
         mk = M1[i]
         if cq is None:
             q.copy_(w).masked_fill_(mk, 0.0)

@@ -24,7 +24,7 @@ from .args import QuantArgs
 @dataclass(kw_only=True, frozen=True)
 class AdaRound(AdaRoundOptions):
     """``weights``: the grid (its observer gives the starting scales: ``minmax`` or
-    ``mse``, the latter weighted by diag(H)). ``iters``/``lr``: Adam on the rounding
+    ``mse`` or ``lsq``, the latter two weighted by diag(H)). ``iters``/``lr``: Adam on the rounding
     variables; ``lam``: weight of the rounding regularizer (the layer error is normalized
     to 1 at nearest rounding); ``beta_start``/``beta_end``: its annealed exponent;
     ``warmup``: share of the steps without it. ``learn_scale`` (AdaQuant): learn each

@@ -143,7 +143,7 @@ class _Grid:
 
 def _start_grid(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, name) -> tuple[_Grid, QParams]:
     R, C = W.shape
-    importance = group_view(torch.diagonal(H).expand(R, C), args, name) if args.observer == "mse" else None
+    importance = group_view(torch.diagonal(H).expand(R, C), args, name) if args.takes_importance else None
     qp = compute_qparams(W, args, name, importance)
     wg = group_view(W, args, name)
     s = qp.scale.unsqueeze(-1)

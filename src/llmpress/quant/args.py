@@ -8,7 +8,8 @@ from ..errors import RecipeError, UserError
 
 KINDS = ("int", "ternary", "binary")
 GRANULARITIES = ("tensor", "channel", "group", "token")
-OBSERVERS = ("minmax", "mse")
+OBSERVERS = ("minmax", "mse", "lsq")
+IMPORTANCE_OBSERVERS = ("mse", "lsq")  # the observers whose search a per-input-column importance weights
 SCALE_DTYPES = ("float32", "float16")
 
 
@@ -19,8 +20,13 @@ class QuantArgs:
     ``bits``: 2-8 for integers (ternary is 2-bit storage, binary 1-bit).
     ``granularity``: ``tensor`` (one scale), ``channel`` (one per output row of a weight),
     ``group`` (one per ``group_size`` consecutive input columns of a row), ``token``
-    (activations: one per token row). ``observer``: ``minmax`` or ``mse`` (grid search
-    of a clipping ratio minimizing the lp error of each group). ``full_range``
+    (activations: one per token row). ``observer``: ``minmax``, ``mse`` (grid search
+    of a clipping ratio minimizing the lp error of each group) or ``lsq`` (integers: llama.cpp's
+    imatrix scale search: for ``2 lsq_steps + 1`` candidate scales, the extreme on
+    ``N + k lsq_step`` steps instead of the rule's ``N``, round, refit the scale by weighted
+    least squares, keep the one of least weighted squared error; ``lsq_magnitude``: each
+    value's weight also times ``sqrt(sigma^2 + x^2)``, ``sigma^2`` the mean square of its
+    row, as llama.cpp's ``Q4_0`` / ``Q5_0`` weigh it; see :func:`llmpress.quant.core._lsq_search`). ``full_range``
     (symmetric integers): ``S = max|x| / (qmax + 1/2)`` so that all ``2^b`` codes are
     used (the positive extreme clips by half a step; the convention of llm-compressor
     and compressed-tensors), instead of ``S = max|x| / qmax`` (``2^b - 1`` codes).
@@ -56,6 +62,9 @@ class QuantArgs:
     mse_grid: int = 100
     mse_maxshrink: float = 0.8
     mse_norm: float = 2.4
+    lsq_steps: int = 9  # candidates each side of the rule's scale (llama.cpp's make_qx_quants: 9)
+    lsq_step: float = 0.1  # their spacing, in grid steps of the extreme (llama.cpp: 0.1)
+    lsq_magnitude: bool = False  # weights also by sqrt(sigma^2 + x^2), sigma^2 the row's mean square (llama.cpp's Q4_0 / Q5_0)
     ternary_threshold: float = 0.7  # s = ternary_threshold * mean|W| (per group)
     scale_bits: int = 16  # storage of scales, for bits-per-weight accounting
     full_range: bool = False
@@ -102,6 +111,43 @@ class QuantArgs:
             self._check_super_block()
         if not 0.0 < self.mse_maxshrink < 1.0:
             raise RecipeError(f"mse_maxshrink={self.mse_maxshrink!r} must lie in (0, 1)")
+        self._check_lsq()
+
+    def _check_lsq(self) -> None:
+        k, step = self.lsq_steps, self.lsq_step
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 100:
+            raise RecipeError(f"lsq_steps={k!r}: expected an integer number of candidates each side in [0, 100]")
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0.0 < step <= 1.0:
+            raise RecipeError(f"lsq_step={step!r}: expected a candidate spacing in (0, 1] grid steps")
+        if not isinstance(self.lsq_magnitude, bool):
+            raise RecipeError(f"lsq_magnitude={self.lsq_magnitude!r}: expected true or false")
+        if self.observer != "lsq":
+            if self.lsq_magnitude:
+                raise RecipeError(f"lsq_magnitude weights the lsq observer's search; observer is {self.observer}")
+            return
+        if self.kind != "int":
+            raise RecipeError(f"observer lsq applies to integer grids (kind: int), not {self.kind}")
+        if k * step >= self.lsq_span:
+            raise RecipeError(
+                f"lsq_steps * lsq_step = {k * step:g} must stay below the {self.lsq_span:g} grid steps of the scale rule "
+                "(the largest candidate scale would be infinite)"
+            )
+
+    @property
+    def lsq_span(self) -> float:
+        """The grid steps the scale rule puts between 0 and the extreme (symmetric) or between
+        the minimum and the maximum (asymmetric): scale = extreme / lsq_span."""
+        if not self.symmetric:
+            return float(self.qmax - self.qmin)
+        if self.signed_scale:
+            return float(-self.qmin)
+        return self.qmax + (0.5 if self.full_range else 0.0)
+
+    @property
+    def takes_importance(self) -> bool:
+        """Whether the observer's search weights each input column's error by an importance
+        (GPTQ, SparseGPT and AdaRound pass diag(H))."""
+        return self.kind == "int" and self.observer in IMPORTANCE_OBSERVERS
 
     def _check_super_block(self) -> None:
         sb, g = self.super_block, self.group_size
@@ -135,7 +181,11 @@ class QuantArgs:
         kind = {"int": f"int{self.bits}", "ternary": "ternary", "binary": "binary"}[self.kind]
         sym = "" if self.kind != "int" else (" sym" if self.symmetric else " asym")
         sym += " signed-scale" if self.signed_scale else ""
-        desc = f"{kind}{sym} {g}" + (" mse" if self.observer == "mse" else "") + (f" clip{self.clip_ratio:g}" if self.clip_ratio != 1.0 else "")
+        desc = (
+            f"{kind}{sym} {g}"
+            + (f" {self.observer}" if self.observer != "minmax" else "")
+            + (f" clip{self.clip_ratio:g}" if self.clip_ratio != 1.0 else "")
+        )
         desc += f" in {self.super_block}s" if self.super_block else ""
         return desc + (" fp16-scales" if self.scale_dtype == "float16" else "")
 
@@ -143,7 +193,13 @@ class QuantArgs:
         d = asdict(self)
         if d["scale_dtype"] == "float32":  # the default left out: manifests written before the field stay byte for byte
             del d["scale_dtype"]
-        for key, default in (("signed_scale", False), ("super_block", None)):  # likewise
+        for key, default in (
+            ("signed_scale", False),
+            ("super_block", None),
+            ("lsq_steps", 9),
+            ("lsq_step", 0.1),
+            ("lsq_magnitude", False),
+        ):  # likewise
             if d[key] == default:
                 del d[key]
         return d

@@ -43,9 +43,9 @@ def gptq_quantize(
 ) -> GPTQResult:
     """GPTQ on one weight [out, in] with the layer Hessian [in, in] (2/n X^T X).
 
-    ``mse_importance``: with the MSE observer, weight each column's clipping error by
-    ``H_jj`` (its input's mean square), so clipping spares the columns that feed large
-    activations. ``shrink``: solve with ``(1 - shrink) H + shrink diag(H)`` (1: no error
+    ``mse_importance``: with an observer that searches the scale (``mse``, ``lsq``), weight
+    each column's error by ``H_jj`` (its input's mean square, llama.cpp's importance matrix),
+    so the scales favour the columns that feed large activations. ``shrink``: solve with ``(1 - shrink) H + shrink diag(H)`` (1: no error
     feedback between columns, i.e. round-to-nearest). ``diag_floor``: raise every ``H_jj``
     below ``diag_floor * mean(diag H)`` to it, so the error feedback cannot load inputs that
     are rare in the calibration text (an MLP neuron that fires on code, say) with large
@@ -76,7 +76,7 @@ def gptq_quantize(
 def _gptq(W, H, dead, args, block_size, damp, act_order, static, mse_importance, name) -> GPTQResult:
     R, C = W.shape
     cq = ColumnQuantizer(args, R, C, W.device)
-    hdiag = torch.diagonal(H).clone() if mse_importance and args.observer == "mse" else None
+    hdiag = torch.diagonal(H).clone() if mse_importance and args.takes_importance else None
     if args.granularity != "group" or static:
         # from the original weight, before the loop
         cq.set(compute_qparams(W, args, name, importance=importance(hdiag, args, C)))

@@ -88,7 +88,7 @@ class ColumnQuantizer:
 
     def fit_group(self, cols: torch.Tensor, g: int, importance: torch.Tensor | None = None) -> None:
         """Params of group g from its current values ``cols`` [R, group_size]; ``importance``
-        [group_size] weights the MSE observer's error per column."""
+        [group_size] weights the mse / lsq observer's error per column."""
         if self.args.super_block:
             raise UserError(
                 "two-level scales (super_block) are fitted for a whole super-block at once: use static_groups: true "
