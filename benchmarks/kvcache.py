@@ -15,7 +15,9 @@ and about 30x slower on a CPU); decode speed is measured token by token after a 
   sliding window with re-computation (1024 tokens before each target; --recompute-stride
   targets per forward, and its per-token cost measured with stride 1 on 64 targets), and
   sinks + window (`sinks:S,1024-S` for S in 1, 4, 8);
-- kivi: `full`, `kivi:4`, `kivi:2` at 2k/4k/8k tokens: perplexity, cache bytes, tokens/s;
+- kivi: `full`, `kivi:4`, `kivi:2` (KIVI as published) and `kivi:4,s1`, `kivi:2,s1` (the first
+  token, the attention sink, kept in precision) at 2k/4k/8k tokens: perplexity, cache bytes,
+  tokens/s (``--kivi`` lists them);
 - kv4: the ``kv4`` preset (keys after RoPE and values fake-quantized to int4 per head and token
   inside attention, the cache kept in model precision: no byte saved) at 2k/4k/8k tokens, the
   row KIVI replaces;
@@ -171,7 +173,7 @@ def speed_rows(model, stream, a, out: Rows) -> None:
     for spec in ("full", f"window:{W}", f"sinks:4,{W - 4}"):
         out.add("decode", decode_speed(model, stream, spec, a.prefill, new))
     out.add("decode", recompute_speed(model, stream, W, a.prefill, new))
-    for spec in ("full", "kivi:4", "kivi:2"):
+    for spec in ("full", "kivi:4", "kivi:2", "kivi:2,s1"):
         out.add("decode", decode_speed(model, stream, spec, 4096, new))
     fake = copy.deepcopy(model)
     api.compress(fake, "kv4", data=stream[:512][None])
@@ -253,6 +255,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16384, help="stream length of the streaming section")
     ap.add_argument("--cache", type=int, default=1024, help="cache budget of the streaming section")
     ap.add_argument("--recompute-stride", type=int, default=64)
+    ap.add_argument("--kivi", nargs="+", default=["full", "kivi:4", "kivi:2", "kivi:4,s1", "kivi:2,s1"], help="policies of the kivi section")
     ap.add_argument("--sinks", type=int, nargs="+", default=[1, 4, 8], help="sink counts of the streaming section")
     ap.add_argument("--chunk", type=int, default=32, help="tokens per step of the perplexity streams")
     ap.add_argument("--prefill", type=int, default=2048, help="context before the decode-speed measurement")
@@ -278,7 +281,7 @@ def main() -> None:
         out.add("streaming", {**one, "note": f"stride 1 on the first {W + 64} tokens: cost per token", "seconds": round(time.perf_counter() - t, 2)})
     if "kivi" in secs:
         for n in (2048, 4096, 8192):
-            for spec in ("full", "kivi:4", "kivi:2"):
+            for spec in a.kivi:
                 out.add("kivi", {**measured(stream_perplexity, model, stream[:n], spec, chunk=a.chunk), "context": n})
                 if n == 4096:
                     out.add("decode", decode_speed(model, stream, spec, n, a.decode_tokens))

@@ -25,7 +25,9 @@ def _stream_logits(model, ids, spec, prefill=10):
     return torch.cat(out, 1), cache
 
 
-@pytest.mark.parametrize("spec", ["full", "sinks:4,100", "window:100", "h2o:50,50", "kivi:8,g16,r16", "sinks:2,80+kivi:8,g16,r16"])
+@pytest.mark.parametrize(
+    "spec", ["full", "sinks:4,100", "window:100", "h2o:50,50", "kivi:8,g16,r16", "kivi:8,g16,r16,s2", "sinks:2,80+kivi:8,g16,r16"]
+)
 def test_a_cache_whose_budget_covers_the_sequence_is_the_dense_cache(spec):
     torch.manual_seed(0)
     m = tiny_llama()
@@ -224,3 +226,27 @@ def test_gemma3_local_layers_keep_their_sliding_cache_and_global_layers_take_the
     assert stream_perplexity(m, ids, "window:8")["ppl"] != pytest.approx(ref, rel=1e-4)
     cache = build_cache(m, "window:8")
     assert [type(x) for x in cache.layers] == [DynamicSlidingWindowLayer] * 5 + [PolicyLayer]
+
+
+def test_kivi_precision_sinks_keep_the_first_tokens_exact_and_quantize_the_rest():
+    """kivi:B,sS: the first S tokens' keys and values stay as computed (the attention sink
+    carries massive values a per-channel group would spread over its 2-bit steps); the rest is
+    KIVI as without the option."""
+    torch.manual_seed(0)
+    m = tiny_llama()
+    ids = torch.randint(0, m.config.vocab_size, (1, 70))
+    p = parse_policy("kivi:2,g16,r16,s3")
+    assert (p.sinks, p.window, p.kivi_bits, p.evicts) == (3, None, 2, False)
+    assert parse_policy(p.describe()) == p and p.describe() == "kivi:2,g16,r16,s3"
+    with torch.no_grad():
+        _, full = _stream_logits(m, ids, "full")
+        got, kept = _stream_logits(m, ids, "kivi:2,g16,r16,s3")
+        _, plain = _stream_logits(m, ids, "kivi:2,g16,r16")
+    for f, k, q in zip(full.layers, kept.layers, plain.layers):
+        assert torch.equal(k.sink_k, f.keys[:, :, :3]) and torch.equal(k.sink_v, f.values[:, :, :3])
+        assert len(k.store) == 67 and len(q.store) == 70
+        kk, _ = k.store.full()
+        assert not torch.equal(kk, f.keys[:, :, 3:])  # the rest is on the 2-bit grid
+    assert kept.get_seq_length() == 70
+    with pytest.raises(UserError, match="give the sinks there"):
+        parse_policy("sinks:4,100+kivi:2,s1")

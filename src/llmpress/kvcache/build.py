@@ -3,9 +3,12 @@
 Specs (``--kv`` on the CLI; ``+`` joins an eviction policy and KIVI storage):
 
 - ``full``: every token in the model's precision (transformers' own dynamic cache);
-- ``kivi:BITS[,gG][,rR]``: KIVI, 2 or 4 bits (also 3, 8), key groups of G tokens and value
+- ``kivi:BITS[,gG][,rR][,sS]``: KIVI, 2 or 4 bits (also 3, 8), key groups of G tokens and value
   groups of G channels (default: the largest divisor of the head dimension up to 32, KIVI's
   group; a given G must divide it), the last R tokens (default 128, a multiple of G) in precision;
+  ``sS``: also the first S tokens in precision (the attention sinks, whose massive keys and
+  values a shared per-channel group cannot hold at 2 bits; default 0, KIVI as published; with an
+  eviction policy give the sinks there instead: ``sinks:S,W+kivi:B``);
 - ``sinks:S,W``: StreamingLLM, the first S tokens and the last W; ``window:W`` = ``sinks:0,W``;
 - ``h2o:H,W``: H2O, the H tokens of largest accumulated attention (per key/value head) and the
   last W;
@@ -13,7 +16,7 @@ Specs (``--kv`` on the CLI; ``+`` joins an eviction policy and KIVI storage):
   inside the cache, StreamingLLM's scheme; a stream may run past the training length) or
   ``pos=original``.
 
-Examples: ``kivi:2``, ``sinks:4,1020``, ``h2o:256,256``, ``sinks:4,1020+kivi:4``.
+Examples: ``kivi:2``, ``kivi:2,s1``, ``sinks:4,1020``, ``h2o:256,256``, ``sinks:4,1020+kivi:4``.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ class KVPolicy:
         if self.evicts and self.positions != "cache":
             parts[-1] += f",pos={self.positions}"
         if self.kivi_bits:
-            parts.append(f"kivi:{self.kivi_bits}" + (f",g{self.kivi_group}" if self.kivi_group else "") + f",r{self.kivi_residual}")
+            sinks = f",s{self.sinks}" if self.sinks and not self.evicts else ""  # precision sinks without eviction
+            parts.append(f"kivi:{self.kivi_bits}" + (f",g{self.kivi_group}" if self.kivi_group else "") + f",r{self.kivi_residual}{sinks}")
         return "+".join(parts) or "full"
 
 
@@ -79,6 +83,7 @@ def _ints(args: list[str], n: int, what: str) -> list[int]:
 def parse_policy(spec: str) -> KVPolicy:
     """A :class:`KVPolicy` from a spec string (module doc); a clear error naming what is wrong."""
     fields: dict = {}
+    kivi_sinks = None
     for part in [p.strip() for p in str(spec).split("+") if p.strip()] or ["full"]:
         name, _, rest = part.partition(":")
         args = [a.strip() for a in rest.split(",") if a.strip()] if rest else []
@@ -98,8 +103,10 @@ def parse_policy(spec: str) -> KVPolicy:
             for a in nums[1:]:
                 if a[:1] in ("g", "r") and a[1:].isdigit() and int(a[1:]) > 0:
                     fields["kivi_group" if a[0] == "g" else "kivi_residual"] = int(a[1:])
+                elif a[:1] == "s" and a[1:].isdigit():
+                    kivi_sinks = int(a[1:])
                 else:
-                    raise UserError(f"--kv kivi: {a!r} is not gN (group) or rN (residual tokens)")
+                    raise UserError(f"--kv kivi: {a!r} is not gN (group), rN (residual tokens) or sN (first tokens in precision)")
             if opts:
                 raise UserError(f"--kv kivi: unknown options {opts}")
             continue
@@ -123,6 +130,10 @@ def parse_policy(spec: str) -> KVPolicy:
             fields["positions"] = v
         if fields["window"] < 1:
             raise UserError(f"--kv {name}: the recent window must hold at least 1 token")
+    if kivi_sinks:
+        if "kind" in fields:
+            raise UserError(f"--kv kivi:...,s{kivi_sinks}: with an eviction policy give the sinks there (sinks:S,W+kivi:B)")
+        fields["sinks"] = kivi_sinks
     p = KVPolicy(**fields)
     if p.kivi_bits and p.kivi_group and p.kivi_residual % p.kivi_group:
         raise UserError(f"--kv kivi: the residual ({p.kivi_residual}) must be a multiple of the group ({p.kivi_group})")
