@@ -28,6 +28,9 @@ and about 30x slower on a CPU); decode speed is measured token by token after a 
   ``full``, the window, sinks + window and re-computation; after 4k ``full``, KIVI, the ``kv4``
   preset and the peer's caches (when optimum-quanto is there). The tables take a policy's last
   decode row, so list the speed run's file last;
+- bytes: each KIVI setting's cache bytes at 4k tokens for a model run in bfloat16 (the goals
+  compare with a bfloat16 cache; the benchmark's model runs in float32), from the caches' own
+  ``update`` fed random keys and values of the right shapes;
 - memory: cache bytes and peak RSS against context (1k/2k/4k/8k) for full, kivi:2 and sinks:4,1020;
 - peer: transformers' own ``QuantizedCache`` (optimum-quanto backend, 4 and 2 bits, its defaults:
   groups of 64 along the channel axis for both K and V, 128 recent tokens in full precision)
@@ -58,7 +61,7 @@ from llmpress import load_compressed  # noqa: E402
 from llmpress.eval.kvstream import passkey, recompute_perplexity, stream_perplexity  # noqa: E402
 from llmpress.eval.memory import hwm_mb, reset_hwm, trim_malloc  # noqa: E402
 
-SECTIONS = ("streaming", "kivi", "kv4", "h2o", "memory", "peer")  # and "speed", run on its own
+SECTIONS = ("streaming", "kivi", "kv4", "h2o", "memory", "peer", "bytes")  # and "speed", run on its own
 
 
 class Rows:
@@ -190,6 +193,39 @@ def speed_rows(model, stream, a, out: Rows) -> None:
         out.add("decode", {**row, "policy": f"transformers QuantizedCache quanto int{bits} (group 64, residual 128)"})
 
 
+def bytes_rows(model, specs: list[str], n: int, dtype) -> list[dict]:
+    """Cache bytes after ``n`` tokens when the model runs in ``dtype`` (e.g. bfloat16 while the
+    benchmark's model is float32): each policy's cache is fed random keys and values of the
+    model's cache shapes in ``dtype`` through its own ``update`` (the bytes depend on shapes
+    and dtypes only), also transformers' quanto cache when optimum-quanto is here."""
+    import torch
+
+    from llmpress.kvcache import build_cache, parse_policy
+    from llmpress.kvcache.build import cache_bytes, head_dim, text_config
+
+    cfg = text_config(model)
+    shape = (1, cfg.num_key_value_heads, n, head_dim(cfg))
+    g = torch.Generator().manual_seed(0)
+    caches = [(parse_policy(s).describe(), build_cache(model, s), cache_bytes) for s in specs]
+    try:
+        import optimum.quanto  # noqa: F401
+        from transformers import QuantizedCache
+
+        for bits in (4, 2):
+            name = f"transformers QuantizedCache quanto int{bits} (group 64, residual 128)"
+            caches.append((name, QuantizedCache(backend="quanto", config=model.config, nbits=bits), peer_cache_bytes))
+    except ImportError:
+        pass
+    rows = []
+    for name, cache, count in caches:
+        for i in range(cfg.num_hidden_layers):
+            for s in range(0, n, 512):  # as a chunked prefill would
+                k = torch.randn(*shape[:2], min(512, n - s), shape[3], generator=g).to(dtype)
+                cache.update(k, torch.randn(k.shape, generator=g).to(dtype), i)
+        rows.append({"policy": name, "context": n, "dtype": str(dtype).removeprefix("torch."), "cache_bytes": count(cache)})
+    return rows
+
+
 def _mib(b) -> str:
     return f"{b / 2**20:.1f}" if b is not None else "-"
 
@@ -313,6 +349,11 @@ def main() -> None:
             out.add("peer", row)
     if "speed" in secs:
         speed_rows(model, stream, a, out)
+    if "bytes" in secs:
+        import torch
+
+        for row in bytes_rows(model, ["full", *[k for k in a.kivi if k != "full"], "kivi:2,g64", "kivi:2,g64,s1"], 4096, torch.bfloat16):
+            out.add("bytes", row)
     if "memory" in secs:
         for n in (1024, 2048, 4096, 8192):
             for spec in ("full", "kivi:2", "sinks:4,1020"):
