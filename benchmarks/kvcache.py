@@ -352,7 +352,7 @@ def main() -> None:
     if "bytes" in secs:
         import torch
 
-        for row in bytes_rows(model, ["full", *[k for k in a.kivi if k != "full"], "kivi:2,g64", "kivi:2,g64,s1"], 4096, torch.bfloat16):
+        for row in bytes_rows(model, list(dict.fromkeys(["full", "kivi:4", "kivi:2", *a.kivi, "kivi:2,g64", "kivi:2,g64,s1"])), 4096, torch.bfloat16):
             out.add("bytes", row)
     if "memory" in secs:
         for n in (1024, 2048, 4096, 8192):
