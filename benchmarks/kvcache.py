@@ -244,11 +244,11 @@ def tables(rows: list[dict]) -> str:
     out = []
     if st := by("streaming"):
         ref = next((r["ppl"] for r in st if r["policy"].startswith("recompute") and "note" not in r), None)
-        out += ["| policy | ppl (x recompute) | tokens/s in the stream | cache MiB at peak | decode tokens/s after 2k |", "|---|---|---|---|---|"]
+        out += ["| policy | ppl (x recompute) | cache MiB at peak | decode tokens/s after 2k |", "|---|---|---|---|"]
         for r in (r for r in st if "note" not in r):  # (an earlier stride-1 cost row: see the decode column)
             d = {} if "note" in r else dec.get((r["policy"].split(",stride")[0], 2048), {})
             name = r["policy"] + (f" ({r['note']})" if "note" in r else "")
-            out.append(f"| {name} | {_x(r['ppl'], ref)} | {r['tok_per_s']} | {_mib(r.get('cache_bytes_peak'))} | {d.get('decode_tok_s', '-')} |")
+            out.append(f"| {name} | {_x(r['ppl'], ref)} | {_mib(r.get('cache_bytes_peak'))} | {d.get('decode_tok_s', '-')} |")
         out.append("")
     q = by("kivi") + by("kv4") + by("peer")
     if q:
@@ -303,10 +303,17 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=2048, help="context before the decode-speed measurement")
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--table", nargs="+", metavar="JSON", help="print the tables of these result files and stop")
+    ap.add_argument(
+        "--table",
+        nargs="+",
+        metavar="JSON",
+        help="print the tables of these result files and stop (decode speeds: from the last file that has any, e.g. a speed run's)",
+    )
     a = ap.parse_args()
     if a.table:
-        print(tables([r for f in a.table for r in json.loads(Path(f).read_text())["rows"]]))
+        files = [json.loads(Path(f).read_text())["rows"] for f in a.table]
+        speed = next((rs for rs in reversed(files) if any(r["section"] == "decode" for r in rs)), [])  # the last file with speeds
+        print(tables([r for rs in files for r in rs if r["section"] != "decode"] + [r for r in speed if r["section"] == "decode"]))
         return
     model, tok = load_compressed(a.model)
     stream = data_mod.token_stream("wiki", "test", tok)
