@@ -169,20 +169,27 @@ def recompute_speed(model, stream, window: int, context: int, new: int) -> dict:
     return {"policy": f"recompute:{window}", "context": context, "decode_tok_s": round(new / dec, 2), "cache_bytes": 0}
 
 
-def speed_rows(model, stream, a, out: Rows) -> None:
-    """The ``speed`` section (module doc)."""
+def kv4_model(model, stream):
+    """A copy of ``model`` with the ``kv4`` preset (K/V fake-quantized in attention); it gathers
+    no statistics, so one window satisfies the engine."""
     import copy
 
     from llmpress import api
 
+    fake = copy.deepcopy(model)
+    api.compress(fake, "kv4", data=stream[:512][None])
+    return fake
+
+
+def speed_rows(model, stream, a, out: Rows) -> None:
+    """The ``speed`` section (module doc)."""
     W, new = a.cache, a.decode_tokens
     for spec in ("full", f"window:{W}", f"sinks:4,{W - 4}"):
         out.add("decode", decode_speed(model, stream, spec, a.prefill, new))
     out.add("decode", recompute_speed(model, stream, W, a.prefill, new))
     for spec in ("full", "kivi:4", "kivi:2", "kivi:2,s1"):
         out.add("decode", decode_speed(model, stream, spec, 4096, new))
-    fake = copy.deepcopy(model)
-    api.compress(fake, "kv4", data=stream[:512][None])
+    fake = kv4_model(model, stream)
     out.add("decode", {**decode_speed(fake, stream, "full", 4096, new), "policy": "kv4 preset"})
     del fake
     try:
@@ -333,12 +340,7 @@ def main() -> None:
                 if n == 4096:
                     out.add("decode", decode_speed(model, stream, spec, n, a.decode_tokens))
     if "kv4" in secs:
-        import copy
-
-        from llmpress import api
-
-        fake = copy.deepcopy(model)
-        api.compress(fake, "kv4", data=stream[:512][None])  # no statistics: one window satisfies the engine
+        fake = kv4_model(model, stream)
         for n in (2048, 4096, 8192):
             row = measured(stream_perplexity, fake, stream[:n], "full", chunk=a.chunk)
             out.add("kv4", {**row, "policy": "kv4 preset (int4 fake-quantized in attention, cache in model precision)", "context": n})
