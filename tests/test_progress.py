@@ -325,13 +325,15 @@ def test_cli_compress_log_has_lines_not_redraws(capsys, tmp_path, tiny_model_dir
     assert capsys.readouterr().err == ""
 
 
-def test_the_command_line_leaves_the_notes_logger_as_it_found_it(capsys):
+def test_the_command_line_leaves_the_loggers_as_it_found_them(capsys):
     from llmpress import cli
 
-    notes = logging.getLogger("llmpress.progress")
+    notes, root = logging.getLogger("llmpress.progress"), logging.getLogger()
     before = list(notes.handlers), notes.level, notes.propagate
+    root_before = list(root.handlers), root.level
     assert cli.main(["recipes"]) == 0
     assert (list(notes.handlers), notes.level, notes.propagate) == before
+    assert (list(root.handlers), root.level) == root_before  # basicConfig(force=True) undone
     with progress.show_notes():
         assert len(notes.handlers) == len(before[0]) + 1 and notes.propagate is False
     assert (list(notes.handlers), notes.level, notes.propagate) == before

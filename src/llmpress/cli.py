@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    root = logging.getLogger()
+    saved = list(root.handlers), root.level  # restored on exit: an in-process caller keeps its logging
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True
     )
@@ -293,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmpress: interrupted; no output was written", file=sys.stderr)
         return 130
+    finally:
+        for h in root.handlers:
+            if h not in saved[0]:
+                h.close()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
 
 
 def _rank() -> int:
