@@ -26,7 +26,9 @@ def _stream_logits(model, ids, spec, prefill=10):
 
 
 @pytest.mark.parametrize(
-    "spec", ["full", "sinks:4,100", "window:100", "h2o:50,50", "kivi:8,g16,r16", "kivi:8,g16,r16,s2", "sinks:2,80+kivi:8,g16,r16"]
+    "spec",
+    ["full", "sinks:4,100", "window:100", "h2o:50,50", "kivi:8,g16,r16", "kivi:8,g16,r16,s2", "sinks:2,80+kivi:8,g16,r16",
+     "kivi:8,g16,r16,s2,pre", "sinks:2,80+kivi:8,g16,r16,pre"],  # fmt: skip
 )
 def test_a_cache_whose_budget_covers_the_sequence_is_the_dense_cache(spec):
     torch.manual_seed(0)
@@ -250,3 +252,38 @@ def test_kivi_precision_sinks_keep_the_first_tokens_exact_and_quantize_the_rest(
     assert kept.get_seq_length() == 70
     with pytest.raises(UserError, match="give the sinks there"):
         parse_policy("sinks:4,100+kivi:2,s1")
+
+
+def test_pre_rope_keys_are_quantized_before_their_rotation():
+    """kivi:...,pre: a key group is rotated back to before RoPE, quantized, and rotated forward
+    when read. Keys that are one steady vector before RoPE (a channel's outlier at every token)
+    come back exactly, at any start position; quantized after RoPE the same keys turn through
+    each pair's circle over the group and take the 2-bit grid's error."""
+    m = tiny_llama()
+    inv = layer_inv_freqs(m)[0]
+    D = 2 * inv.numel()
+    steady = (torch.randn(1, 2, 1, D) * torch.linspace(0.5, 6, D)).expand(1, 2, 96, D)
+    for start in (0, 37):
+        keys = shift_keys(steady, torch.arange(start, start + 96), inv)  # after RoPE at positions start..
+        pre, post = KIVIStore(bits=2, group=16, residual=16, inv_freq=inv), KIVIStore(bits=2, group=16, residual=16)
+        for s in range(0, 96, 24):  # in chunks, as a prefill and decode would
+            pre.append(keys[:, :, s : s + 24], keys[:, :, s : s + 24], pos=start + s)
+            post.append(keys[:, :, s : s + 24], keys[:, :, s : s + 24], pos=start + s)
+        assert pre.groups == post.groups == 5 and pre.nbytes() == post.nbytes()
+        kp, _ = pre.full()
+        kq, _ = post.full()
+        assert (kp - keys).abs().max() < 1e-4
+        assert (kq - keys).abs().max() > 0.05
+        pre.drop_oldest_groups(2)  # eviction keeps the later groups at their positions
+        assert (pre.full()[0] - keys[:, :, 32:]).abs().max() < 1e-4
+    p = parse_policy("kivi:2,s1,pre")
+    assert p.kivi_prerope and parse_policy(p.describe()) == p and p.describe() == "kivi:2,r128,s1,pre"
+    with pytest.raises(UserError, match="pre .keys before RoPE."):
+        parse_policy("kivi:2,prerope")
+
+
+def test_pre_rope_needs_the_rotary_frequencies():
+    m = tiny_llama()
+    m.model.rotary_emb = None
+    with pytest.raises(UserError, match="drop pre"):
+        build_cache(m, "kivi:2,pre")

@@ -8,7 +8,9 @@ Specs (``--kv`` on the CLI; ``+`` joins an eviction policy and KIVI storage):
   group; a given G must divide it), the last R tokens (default 128, a multiple of G) in precision;
   ``sS``: also the first S tokens in precision (the attention sinks, whose massive keys and
   values a shared per-channel group cannot hold at 2 bits; default 0, KIVI as published; with an
-  eviction policy give the sinks there instead: ``sinks:S,W+kivi:B``);
+  eviction policy give the sinks there instead: ``sinks:S,W+kivi:B``); ``pre``: keys quantized
+  before RoPE (KVQuant; rotated back by their position, forward again when read: the same
+  bytes, a much smaller 2-bit error on rotary models);
 - ``sinks:S,W``: StreamingLLM, the first S tokens and the last W; ``window:W`` = ``sinks:0,W``;
 - ``h2o:H,W``: H2O, the H tokens of largest accumulated attention (per key/value head) and the
   last W;
@@ -16,7 +18,7 @@ Specs (``--kv`` on the CLI; ``+`` joins an eviction policy and KIVI storage):
   inside the cache, StreamingLLM's scheme; a stream may run past the training length) or
   ``pos=original``.
 
-Examples: ``kivi:2``, ``kivi:2,s1``, ``sinks:4,1020``, ``h2o:256,256``, ``sinks:4,1020+kivi:4``.
+Examples: ``kivi:2``, ``kivi:2,s1,pre``, ``sinks:4,1020``, ``h2o:256,256``, ``sinks:4,1020+kivi:4``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class KVPolicy:
     kivi_bits: int | None = None
     kivi_group: int | None = None  # None: the largest divisor of the head dimension up to 32
     kivi_residual: int = 128
+    kivi_prerope: bool = False  # keys quantized before RoPE (KVQuant)
 
     @property
     def evicts(self) -> bool:
@@ -64,7 +67,7 @@ class KVPolicy:
             parts[-1] += f",pos={self.positions}"
         if self.kivi_bits:
             sinks = f",s{self.sinks}" if self.sinks and not self.evicts else ""  # precision sinks without eviction
-            parts.append(f"kivi:{self.kivi_bits}" + (f",g{self.kivi_group}" if self.kivi_group else "") + f",r{self.kivi_residual}{sinks}")
+            parts.append(f"kivi:{self.kivi_bits}" + (f",g{self.kivi_group}" if self.kivi_group else "") + f",r{self.kivi_residual}{sinks}" + (",pre" if self.kivi_prerope else ""))
         return "+".join(parts) or "full"
 
 
@@ -105,8 +108,12 @@ def parse_policy(spec: str) -> KVPolicy:
                     fields["kivi_group" if a[0] == "g" else "kivi_residual"] = int(a[1:])
                 elif a[:1] == "s" and a[1:].isdigit():
                     kivi_sinks = int(a[1:])
+                elif a == "pre":
+                    fields["kivi_prerope"] = True
                 else:
-                    raise UserError(f"--kv kivi: {a!r} is not gN (group), rN (residual tokens) or sN (first tokens in precision)")
+                    raise UserError(
+                        f"--kv kivi: {a!r} is not gN (group), rN (residual tokens), sN (first tokens in precision) or pre (keys before RoPE)"
+                    )
             if opts:
                 raise UserError(f"--kv kivi: unknown options {opts}")
             continue
@@ -176,6 +183,10 @@ def kivi_group(policy: KVPolicy, config) -> int:
     return max(g for g in range(1, min(32, hd) + 1) if hd % g == 0)
 
 
+def _types(cfg) -> list[str]:
+    return getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+
+
 def text_config(model: nn.Module):
     cfg = model.config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -194,15 +205,19 @@ def build_cache(model: nn.Module, policy: KVPolicy | str) -> Cache:
     freqs = layer_inv_freqs(model)
     if policy.evicts and policy.positions == "cache" and any(f is None for f in freqs):
         raise UserError("--kv pos=cache: the model's rotary frequencies were not found; use pos=original")
-    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    if policy.kivi_prerope and any(f is None for f, t in zip(freqs, _types(cfg)) if t != "sliding_attention"):
+        raise UserError("--kv kivi:...,pre: the model's rotary frequencies were not found; drop pre")
+    types = _types(cfg)
     kivi = dict(bits=policy.kivi_bits, group=kivi_group(policy, cfg), residual=policy.kivi_residual) if policy.kivi_bits else None
     layers = []
     for i, t in enumerate(types):
         if t == "sliding_attention":
             layers.append(DynamicSlidingWindowLayer(sliding_window=cfg.sliding_window))
         else:
-            layers.append(PolicyLayer(sinks=policy.sinks, window=policy.window, heavy=policy.heavy, kivi=kivi,
-                                      positions=policy.positions, inv_freq=freqs[i] if i < len(freqs) else None))  # fmt: skip
+            f = freqs[i] if i < len(freqs) else None
+            kv = None if kivi is None else {**kivi, "inv_freq": f if policy.kivi_prerope else None}
+            layers.append(PolicyLayer(sinks=policy.sinks, window=policy.window, heavy=policy.heavy, kivi=kv,
+                                      positions=policy.positions, inv_freq=f))  # fmt: skip
     cache = Cache(layers=layers)
     cache.llmpress_policy = policy
     if policy.kind == "h2o":

@@ -14,6 +14,14 @@ The store keeps its quantized part in a few contiguous tensors (codes, scales an
 and of V, all groups oldest first): appending quantizes every completed group at once,
 :meth:`KIVIStore.full` dequantizes them all with a handful of tensor ops, and eviction slices.
 Nothing is kept dequantized across steps: beyond the residual only codes, scales and minima.
+
+Pre-RoPE keys (KVQuant, Hooper et al., 2024; ``inv_freq`` given): a key group is quantized
+after undoing its rotary rotation (each token rotated back by its own position) and rotated
+forward again when dequantized. Before RoPE a key channel holds a steady value across tokens
+(its outliers too); after RoPE each pair of channels turns at its own frequency, so one
+channel's range over G tokens spans the pair's whole circle and a 2-bit grid wastes most of
+its levels. Rotations are orthogonal and both directions use the same angles, so nothing but
+the quantization error changes; the residual stays as the model gave it.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..quant.pack import pack_codes, unpack_codes
+from .rope import shift_keys
 
 
 @dataclass(kw_only=True)
@@ -118,8 +127,10 @@ class KIVIStore:
     [B, H, N*G, D/G, 1]), grown by concatenation: no spare capacity, so :meth:`nbytes` is
     what is held."""
 
-    def __init__(self, *, bits: int, group: int, residual: int):
+    def __init__(self, *, bits: int, group: int, residual: int, inv_freq: torch.Tensor | None = None):
         self.bits, self.group, self.residual = bits, group, residual
+        self.inv_freq = inv_freq  # given: keys quantized before RoPE (module doc)
+        self.start = 0  # rotary position of the oldest token held (tokens held sit at consecutive positions)
         self.kq: Packed | None = None
         self.vq: Packed | None = None
         self.groups = 0  # quantized groups held
@@ -129,14 +140,24 @@ class KIVIStore:
     def __len__(self) -> int:
         return self.groups * self.group + (0 if self.k is None else self.k.shape[-2])
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _positions(self, first: int, n: int, device) -> torch.Tensor:
+        return torch.arange(self.start + first, self.start + first + n, device=device)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, pos: int | None = None) -> None:
+        """Add tokens (oldest first); ``pos``: the rotary position of the first (needed for
+        pre-RoPE keys when the store starts later than position 0, e.g. after sinks)."""
+        if not len(self) and pos is not None:
+            self.start = pos
         self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
         self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)
         G = self.group
         n = max(0, (self.k.shape[-2] - self.residual) // G)  # the groups that leave the residual
         if not n:
             return
-        self.kq = _cat(self.kq, quantize_keys(self.k[:, :, : n * G], self.bits, G))
+        kg = self.k[:, :, : n * G]
+        if self.inv_freq is not None:  # back to before RoPE: each token rotated by minus its position
+            kg = shift_keys(kg, -self._positions(self.groups * G, n * G, kg.device), self.inv_freq)
+        self.kq = _cat(self.kq, quantize_keys(kg, self.bits, G))
         self.vq = _cat(self.vq, quantize_values(self.v[:, :, : n * G], self.bits, G))
         self.k, self.v = self.k[:, :, n * G :].contiguous(), self.v[:, :, n * G :].contiguous()
         self.groups += n
@@ -150,13 +171,17 @@ class KIVIStore:
         self.kq = _tail(self.kq, n * G, n) if n < self.groups else None
         self.vq = _tail(self.vq, n * G, n * G) if n < self.groups else None
         self.groups -= n
+        self.start += n * G
 
     def full(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every token's K and V, dequantized (oldest first) [B, H, T, D]."""
         if self.kq is None:
             return self.k, self.v
         dt = self.k.dtype
-        k = torch.cat([dequantize_keys(self.kq, dt), self.k], dim=-2)
+        kq = dequantize_keys(self.kq, dt)
+        if self.inv_freq is not None:
+            kq = shift_keys(kq, self._positions(0, kq.shape[-2], kq.device), self.inv_freq)
+        k = torch.cat([kq, self.k], dim=-2)
         v = torch.cat([dequantize_values(self.vq, self.group, dt), self.v], dim=-2)
         return k, v
 

@@ -164,7 +164,7 @@ class PolicyLayer(DynamicLayer):
                 if self.positions == "cache" and self.sink_k is not None:
                     self.sink_k = shift_keys(self.sink_k, torch.tensor(groups * G), self.inv_freq)
         if k.shape[-2]:
-            self.store.append(k, v)
+            self.store.append(k, v, pos=self.seen - k.shape[-2])  # the rotary position of k's first token
         kk, vv = self.store.full() if len(self.store) else (k[:, :, :0], v[:, :, :0])
         if self.sink_k is not None:
             kk, vv = torch.cat([self.sink_k, kk], dim=-2), torch.cat([self.sink_v, vv], dim=-2)
