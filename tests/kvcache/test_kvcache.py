@@ -27,8 +27,17 @@ def _stream_logits(model, ids, spec, prefill=10):
 
 @pytest.mark.parametrize(
     "spec",
-    ["full", "sinks:4,100", "window:100", "h2o:50,50", "kivi:8,g16,r16", "kivi:8,g16,r16,s2", "sinks:2,80+kivi:8,g16,r16",
-     "kivi:8,g16,r16,s2,pre", "sinks:2,80+kivi:8,g16,r16,pre"],  # fmt: skip
+    [
+        "full",
+        "sinks:4,100",
+        "window:100",
+        "h2o:50,50",
+        "kivi:8,g16,r16",
+        "kivi:8,g16,r16,s2",
+        "sinks:2,80+kivi:8,g16,r16",
+        "kivi:8,g16,r16,s2,pre",
+        "sinks:2,80+kivi:8,g16,r16,pre",
+    ],  # fmt: skip
 )
 def test_a_cache_whose_budget_covers_the_sequence_is_the_dense_cache(spec):
     torch.manual_seed(0)

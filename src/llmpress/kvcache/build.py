@@ -67,7 +67,12 @@ class KVPolicy:
             parts[-1] += f",pos={self.positions}"
         if self.kivi_bits:
             sinks = f",s{self.sinks}" if self.sinks and not self.evicts else ""  # precision sinks without eviction
-            parts.append(f"kivi:{self.kivi_bits}" + (f",g{self.kivi_group}" if self.kivi_group else "") + f",r{self.kivi_residual}{sinks}" + (",pre" if self.kivi_prerope else ""))
+            parts.append(
+                f"kivi:{self.kivi_bits}"
+                + (f",g{self.kivi_group}" if self.kivi_group else "")
+                + f",r{self.kivi_residual}{sinks}"
+                + (",pre" if self.kivi_prerope else "")
+            )
         return "+".join(parts) or "full"
 
 
