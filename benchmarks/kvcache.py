@@ -16,8 +16,9 @@ and about 30x slower on a CPU); decode speed is measured token by token after a 
   targets per forward; as a decoder, a fresh forward over the 1024 tokens before each of
   --decode-tokens tokens), and
   sinks + window (`sinks:S,1024-S` for S in 1, 4, 8);
-- kivi: `full`, `kivi:4`, `kivi:2` (KIVI as published) and `kivi:4,s1`, `kivi:2,s1` (the first
-  token, the attention sink, kept in precision) at 2k/4k/8k tokens: perplexity, cache bytes,
+- kivi: `full`, `kivi:4`, `kivi:2` (KIVI as published), `kivi:4,s1`, `kivi:2,s1` (the first
+  token, the attention sink, kept in precision) and `kivi:2,pre`, `kivi:2,s1,pre` (keys
+  quantized before RoPE, KVQuant) at 2k/4k/8k tokens: perplexity, cache bytes,
   tokens/s (``--kivi`` lists them);
 - kv4: the ``kv4`` preset (keys after RoPE and values fake-quantized to int4 per head and token
   inside attention, the cache kept in model precision: no byte saved) at 2k/4k/8k tokens, the
@@ -41,7 +42,19 @@ and about 30x slower on a CPU); decode speed is measured token by token after a 
   run this section from a benchmark venv that has it (``python3 -m venv V && echo
   $PWD/.venv/lib/python3.11/site-packages > V/lib/python3.11/site-packages/main.pth &&
   V/bin/pip install optimum-quanto==0.2.7``, which installs nothing else but setuptools);
-  without it the section records why it was skipped.
+  without it the section records why it was skipped;
+- kvpress: NVIDIA's kvpress (0.5.5) beside llmpress's eviction at 20% and 50% of a 4096-token
+  context: the perplexity of the 512 tokens after the context and the planted pass key.
+  kvpress compresses the cache once, after a one-shot prefill that saw every token
+  (``StreamingLLMPress`` with 4 sinks, ``SnapKVPress``: heavy hitters scored by the last
+  queries of the prompt); llmpress's caches evict while the context streams in (64 tokens per
+  step; ``h2o`` and ``sinks:4``). kvpress 0.5.5 requires transformers < 5.3 and the project pins
+  5.23, so it cannot be installed next to the project with its dependencies: this section runs
+  from a venv that has it without them (``V/bin/pip install --no-deps kvpress==0.5.5 cachetools
+  fire termcolor`` on a venv made as for the peer section), and passes the prefill's
+  ``cache_position`` itself (transformers 5.3+ no longer hands it to attention modules, where
+  kvpress's hooks read it) and the later tokens' ``position_ids`` (the cache kvpress compressed
+  is shorter than the positions its tokens had).
 
 Rows are appended to the JSON as they finish (a partial run keeps them). ``--table A.json
 [B.json ...]`` prints the markdown tables of one or more such files (e.g. a run per section) and
@@ -64,7 +77,7 @@ from llmpress import load_compressed  # noqa: E402
 from llmpress.eval.kvstream import passkey, recompute_perplexity, stream_perplexity  # noqa: E402
 from llmpress.eval.memory import hwm_mb, reset_hwm, trim_malloc  # noqa: E402
 
-SECTIONS = ("streaming", "kivi", "kv4", "h2o", "memory", "peer", "bytes")  # and "speed" (run on its own), "passkey" (in h2o)
+SECTIONS = ("streaming", "kivi", "kv4", "h2o", "memory", "peer", "bytes")  # and "speed" (run on its own), "passkey" (in h2o), "kvpress"
 
 
 class Rows:
@@ -187,7 +200,7 @@ def speed_rows(model, stream, a, out: Rows) -> None:
     for spec in ("full", f"window:{W}", f"sinks:4,{W - 4}"):
         out.add("decode", decode_speed(model, stream, spec, a.prefill, new))
     out.add("decode", recompute_speed(model, stream, W, a.prefill, new))
-    for spec in ("full", "kivi:4", "kivi:2", "kivi:2,s1"):
+    for spec in ("full", "kivi:4", "kivi:2", "kivi:2,s1", "kivi:2,s1,pre"):
         out.add("decode", decode_speed(model, stream, spec, 4096, new))
     fake = kv4_model(model, stream)
     out.add("decode", {**decode_speed(fake, stream, "full", 4096, new), "policy": "kv4 preset"})
@@ -201,6 +214,107 @@ def speed_rows(model, stream, a, out: Rows) -> None:
         cache = QuantizedCache(backend="quanto", config=model.config, nbits=bits)
         row = decode_speed(model, stream, "full", 4096, new, cache=cache, nbytes=peer_cache_bytes)
         out.add("decode", {**row, "policy": f"transformers QuantizedCache quanto int{bits} (group 64, residual 128)"})
+
+
+def _after_context(model, cache, ids, n: int, *, prefill) -> tuple:
+    """``prefill(ids[:n])`` fills ``cache``; then the tokens after the context are fed 32 at a
+    time at their own positions: (perplexity of ids[n+1:], the last logits)."""
+    import torch
+    import torch.nn.functional as F
+
+    prefill(ids[:n])
+    nll, cnt, logits = 0.0, 0, None
+    with torch.no_grad():
+        for s in range(n, ids.numel() - 1, 32):
+            x = ids[s : min(s + 32, ids.numel() - 1)]
+            logits = model(input_ids=x[None], past_key_values=cache, use_cache=True, position_ids=torch.arange(s, s + x.numel())[None]).logits[0]
+            nll += float(F.cross_entropy(logits.float(), ids[s + 1 : s + 1 + x.numel()], reduction="sum"))
+            cnt += x.numel()
+    return float(torch.exp(torch.tensor(nll / cnt))), logits
+
+
+def _key(model, cache, prompt, ask: int, answer, *, prefill) -> dict:
+    """The pass key after ``prefill(prompt[:-ask])``: the question, then the key's tokens one at
+    a time (exact greedy match and mean log-probability, as ``llmpress.eval.kvstream.passkey``)."""
+    import torch
+
+    n = prompt.numel() - ask
+    prefill(prompt[:n])
+    got, lp = [], 0.0
+    with torch.no_grad():
+        logits = model(input_ids=prompt[n:][None], past_key_values=cache, use_cache=True, position_ids=torch.arange(n, prompt.numel())[None]).logits[
+            0, -1
+        ]
+        pos = prompt.numel()
+        for t in answer.tolist():
+            lp += float(torch.log_softmax(logits.float(), dim=-1)[t])
+            got.append(int(logits.argmax()))
+            logits = model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True, position_ids=torch.tensor([[pos]])).logits[0, -1]
+            pos += 1
+    return {"correct": got == answer.tolist(), "key_logprob": lp / answer.numel()}
+
+
+def kvpress_rows(model, tok, stream, n: int = 4096, after: int = 512) -> list[dict]:
+    """The ``kvpress`` section (module doc)."""
+    import torch
+    from transformers import DynamicCache
+
+    from llmpress.eval.kvstream import PASSKEY_QUESTION, passkey_prompt
+    from llmpress.kvcache import build_cache
+    from llmpress.kvcache.build import unobserve_attention
+
+    try:
+        from kvpress import SnapKVPress, StreamingLLMPress
+    except ImportError as e:
+        return [{"policy": "kvpress", "skipped": f"kvpress not installed here ({e})"}]
+    ids = stream[: n + after + 1]
+    prompt, answer = passkey_prompt(tok, stream[n:], "71432", n, 0.1)
+    ask = len(tok(PASSKEY_QUESTION, add_special_tokens=False)["input_ids"])
+
+    def ours(spec):
+        def run(task):
+            cache = build_cache(model, spec)
+
+            def prefill(x):
+                with torch.no_grad():
+                    for s in range(0, x.numel(), 64):
+                        model(input_ids=x[s : s + 64][None], past_key_values=cache, use_cache=True)
+
+            try:
+                return task(cache, prefill)
+            finally:
+                unobserve_attention(model)
+
+        return run
+
+    def theirs(press):
+        def run(task):
+            cache = DynamicCache()
+
+            def prefill(x):
+                with torch.no_grad(), press(model):
+                    model(input_ids=x[None], past_key_values=cache, use_cache=True, cache_position=torch.arange(x.numel()))
+
+            return task(cache, prefill)
+
+        return run
+
+    rows = []
+    for frac in (1.0, 0.2, 0.5):
+        b = int(frac * n)
+        runs = [("llmpress", "full", ours("full"))] if frac == 1.0 else [
+            ("llmpress", f"h2o:{b // 2},{b - b // 2}", ours(f"h2o:{b // 2},{b - b // 2}")),
+            ("llmpress", f"sinks:4,{b - 4}", ours(f"sinks:4,{b - 4}")),
+            ("kvpress 0.5.5", f"SnapKVPress(compression_ratio={1 - frac:.1f})", theirs(SnapKVPress(compression_ratio=1 - frac))),
+            ("kvpress 0.5.5", f"StreamingLLMPress(compression_ratio={1 - frac:.1f}, n_sink=4)", theirs(StreamingLLMPress(compression_ratio=1 - frac, n_sink=4))),
+        ]  # fmt: skip
+        for tool, name, run in runs:
+            t = time.perf_counter()
+            ppl, _ = run(lambda cache, prefill: _after_context(model, cache, ids, n, prefill=prefill))
+            key = run(lambda cache, prefill: _key(model, cache, prompt, ask, answer, prefill=prefill))
+            rows.append({"tool": tool, "policy": name, "budget": b, "fraction": frac, "context": n,
+                         f"ppl_next{after}": ppl, "passkey": key, "seconds": round(time.perf_counter() - t, 1)})  # fmt: skip
+    return rows
 
 
 def bytes_rows(model, specs: list[str], n: int, dtype) -> list[dict]:
@@ -284,6 +398,18 @@ def tables(rows: list[dict]) -> str:
                 f"| {r['fraction']:.0%} ({r['budget']}) | {r['policy']} | {round(r['ppl'], 3) if 'ppl' in r else '(as full in the kivi table)'} | {pk.get('correct')} | {pk.get('key_logprob', float('nan')):.3f} |"
             )
         out.append("")
+    if kp := by("kvpress"):
+        ref = next((r for r in kp if r.get("fraction") == 1.0), None)
+        out += ["| budget | tool | policy | ppl of the next 512 tokens (x full) | passkey retrieved | key log-prob |", "|---|---|---|---|---|---|"]
+        for r in kp:
+            if "skipped" in r:
+                out.append(f"| - | {r['policy']} | skipped: {r['skipped']} | | | |")
+                continue
+            ppl = _x(r["ppl_next512"], ref["ppl_next512"] if ref else None)
+            out.append(
+                f"| {r['fraction']:.0%} ({r['budget']}) | {r['tool']} | {r['policy']} | {ppl} | {r['passkey']['correct']} | {r['passkey']['key_logprob']:.3f} |"
+            )
+        out.append("")
     if m := by("memory"):
         pols = list(dict.fromkeys(r["policy"] for r in m))
         out += ["| context | " + " | ".join(f"{p} cache MiB / peak RSS MiB" for p in pols) + " |", "|---|" + "---|" * len(pols)]
@@ -304,7 +430,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16384, help="stream length of the streaming section")
     ap.add_argument("--cache", type=int, default=1024, help="cache budget of the streaming section")
     ap.add_argument("--recompute-stride", type=int, default=64)
-    ap.add_argument("--kivi", nargs="+", default=["full", "kivi:4", "kivi:2", "kivi:4,s1", "kivi:2,s1"], help="policies of the kivi section")
+    ap.add_argument(
+        "--kivi",
+        nargs="+",
+        default=["full", "kivi:4", "kivi:2", "kivi:4,s1", "kivi:2,s1", "kivi:2,pre", "kivi:2,s1,pre"],
+        help="policies of the kivi section",
+    )
     ap.add_argument("--sinks", type=int, nargs="+", default=[1, 4, 8], help="sink counts of the streaming section")
     ap.add_argument("--chunk", type=int, default=32, help="tokens per step of the perplexity streams")
     ap.add_argument("--prefill", type=int, default=2048, help="context before the decode-speed measurement")
@@ -364,10 +495,18 @@ def main() -> None:
             out.add("peer", row)
     if "speed" in secs:
         speed_rows(model, stream, a, out)
+    if "kvpress" in secs:
+        for row in kvpress_rows(model, tok, stream):
+            out.add("kvpress", row)
     if "bytes" in secs:
         import torch
 
-        for row in bytes_rows(model, list(dict.fromkeys(["full", "kivi:4", "kivi:2", *a.kivi, "kivi:2,g64", "kivi:2,g64,s1"])), 4096, torch.bfloat16):
+        for row in bytes_rows(
+            model,
+            list(dict.fromkeys(["full", "kivi:4", "kivi:2", *a.kivi, "kivi:2,g64", "kivi:2,g64,s1", "kivi:2,g64,s1,pre"])),
+            4096,
+            torch.bfloat16,
+        ):
             out.add("bytes", row)
     if "memory" in secs:
         for n in (1024, 2048, 4096, 8192):
