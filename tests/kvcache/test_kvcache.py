@@ -296,3 +296,32 @@ def test_pre_rope_needs_the_rotary_frequencies():
     m.model.rotary_emb = None
     with pytest.raises(UserError, match="drop pre"):
         build_cache(m, "kivi:2,pre")
+
+
+def test_gemma3_local_layers_are_kivi_quantized_within_their_window():
+    """With KIVI the local (sliding-window) layers hold their window in codes too, evicted a
+    group at a time: the model's sliding mask hides the extra tokens, so 8-bit codes give the
+    dense logits over a stream 2.6 windows long, and the local layers hold no more than the
+    window plus a group."""
+    from conftest import tiny_gemma3
+
+    from llmpress.kvcache.layers import SlidingKIVILayer
+
+    torch.manual_seed(0)
+    m = tiny_gemma3(layers=6)
+    m.config.sliding_window = 96
+    for layer in m.model.layers:
+        if layer.self_attn.sliding_window:
+            layer.self_attn.sliding_window = 96
+    ids = torch.randint(0, m.config.vocab_size, (1, 250))
+    with torch.no_grad():
+        ref = m(input_ids=ids).logits
+        got, cache = _stream_logits(m, ids, "kivi:8,g8,r16")
+        _, dense = _stream_logits(m, ids, "full")
+        two, low = _stream_logits(m, ids, "kivi:2,g8,r16,pre")
+    assert [type(x) for x in cache.layers] == [SlidingKIVILayer] * 5 + [PolicyLayer]
+    assert (got - ref).abs().max() < 2e-2 * ref.abs().max()
+    assert (two - ref).abs().max() > 5 * (got - ref).abs().max()  # the local layers' codes count
+    assert all(96 < x.cached() <= 104 for x in cache.layers[:5]) and cache.layers[5].cached() == 250
+    local = lambda c: sum(x.keys.numel() * 8 if not isinstance(x, PolicyLayer) else x.nbytes() for x in c.layers[:5])  # noqa: E731
+    assert local(low) < 0.6 * local(dense)  # 2-bit codes for the older tokens of the window, as in the global layer

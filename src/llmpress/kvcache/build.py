@@ -30,7 +30,7 @@ import torch.nn as nn
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from ..errors import UserError
-from .layers import PolicyLayer
+from .layers import PolicyLayer, SlidingKIVILayer
 from .rope import layer_inv_freqs
 
 KIVI_BITS = (2, 3, 4, 8)
@@ -200,7 +200,8 @@ def text_config(model: nn.Module):
 def build_cache(model: nn.Module, policy: KVPolicy | str) -> Cache:
     """A fresh cache for one generation or one streamed evaluation with ``policy``. Full
     attention layers get the policy; a model's sliding-window layers (gemma3's local layers)
-    keep transformers' sliding-window cache (already bounded). With H2O the model's attention
+    keep their window (already bounded): in KIVI codes when the policy has KIVI and the window
+    holds the residual plus a group, otherwise as transformers' sliding-window cache. With H2O the model's attention
     runs as eager attention that reports its probabilities to the cache (installed here, on
     the model; :func:`observe_attention`)."""
     if isinstance(policy, str):
@@ -210,17 +211,21 @@ def build_cache(model: nn.Module, policy: KVPolicy | str) -> Cache:
     freqs = layer_inv_freqs(model)
     if policy.evicts and policy.positions == "cache" and any(f is None for f in freqs):
         raise UserError("--kv pos=cache: the model's rotary frequencies were not found; use pos=original")
-    if policy.kivi_prerope and any(f is None for f, t in zip(freqs, _types(cfg)) if t != "sliding_attention"):
+    if policy.kivi_prerope and any(f is None for f in freqs):
         raise UserError("--kv kivi:...,pre: the model's rotary frequencies were not found; drop pre")
     types = _types(cfg)
     kivi = dict(bits=policy.kivi_bits, group=kivi_group(policy, cfg), residual=policy.kivi_residual) if policy.kivi_bits else None
     layers = []
     for i, t in enumerate(types):
+        f = freqs[i] if i < len(freqs) else None
+        kv = None if kivi is None else {**kivi, "inv_freq": f if policy.kivi_prerope else None}
         if t == "sliding_attention":
-            layers.append(DynamicSlidingWindowLayer(sliding_window=cfg.sliding_window))
+            W = cfg.sliding_window
+            if kv is not None and W >= kv["residual"] + kv["group"]:
+                layers.append(SlidingKIVILayer(window=W, kivi=kv, positions="original", inv_freq=f))
+            else:
+                layers.append(DynamicSlidingWindowLayer(sliding_window=W))
         else:
-            f = freqs[i] if i < len(freqs) else None
-            kv = None if kivi is None else {**kivi, "inv_freq": f if policy.kivi_prerope else None}
             layers.append(PolicyLayer(sinks=policy.sinks, window=policy.window, heavy=policy.heavy, kivi=kv,
                                       positions=policy.positions, inv_freq=f))  # fmt: skip
     cache = Cache(layers=layers)

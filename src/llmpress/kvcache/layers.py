@@ -196,3 +196,13 @@ class PolicyLayer(DynamicLayer):
         s = probs.float().sum(2).reshape(B, Hkv, Hq // Hkv, T).sum(2)
         n = min(T, self.scores.shape[-1])
         self.scores[..., -n:] += s[..., -n:]
+
+
+class SlidingKIVILayer(PolicyLayer):
+    """A sliding-window attention layer (gemma3's local layers) stored in KIVI codes: the last
+    ``window`` tokens (the model's sliding window) kept, evicted a quantized group at a time,
+    so it holds between ``window`` and ``window + G`` tokens; the model's sliding mask (built
+    from this layer's mask sizes, as for transformers' own sliding layer) hides the extra ones.
+    Keys stay at their original positions."""
+
+    is_sliding = True
