@@ -131,7 +131,10 @@ def peer_rows(model, stream, n: int, chunk: int) -> list[dict]:
         return [{"policy": "transformers QuantizedCache (quanto)", "skipped": f"optimum-quanto not installed here ({e})"}]
     rows = []
     for bits in (4, 2):
-        cache = QuantizedCache(backend="quanto", config=model.config, nbits=bits)
+        try:
+            cache = QuantizedCache(backend="quanto", config=model.config, nbits=bits)
+        except ValueError as e:  # e.g. gemma3: "only supported for models with only full attention layers"
+            return [{"policy": "transformers QuantizedCache (quanto)", "skipped": str(e).split(". ")[0]}]
         row = measured(stream_perplexity, model, stream[:n], "full", chunk=chunk, cache=cache, nbytes=peer_cache_bytes)
         rows.append({**row, "policy": f"transformers QuantizedCache quanto int{bits} (group 64, residual 128)", "context": n})
     return rows
@@ -211,7 +214,10 @@ def speed_rows(model, stream, a, out: Rows) -> None:
     except ImportError:
         return
     for bits in (4, 2):
-        cache = QuantizedCache(backend="quanto", config=model.config, nbits=bits)
+        try:
+            cache = QuantizedCache(backend="quanto", config=model.config, nbits=bits)
+        except ValueError:  # sliding-window layers: refused (the peer section records why)
+            return
         row = decode_speed(model, stream, "full", 4096, new, cache=cache, nbytes=peer_cache_bytes)
         out.add("decode", {**row, "policy": f"transformers QuantizedCache quanto int{bits} (group 64, residual 128)"})
 
@@ -338,7 +344,7 @@ def bytes_rows(model, specs: list[str], n: int, dtype) -> list[dict]:
         for bits in (4, 2):
             name = f"transformers QuantizedCache quanto int{bits} (group 64, residual 128)"
             caches.append((name, QuantizedCache(backend="quanto", config=model.config, nbits=bits), peer_cache_bytes))
-    except ImportError:
+    except (ImportError, ValueError):  # not installed, or the model has sliding-window layers (refused)
         pass
     rows = []
     for name, cache, count in caches:
