@@ -222,21 +222,21 @@ def speed_rows(model, stream, a, out: Rows) -> None:
         out.add("decode", {**row, "policy": f"transformers QuantizedCache quanto int{bits} (group 64, residual 128)"})
 
 
-def _after_context(model, cache, ids, n: int, *, prefill) -> tuple:
+def _after_context(model, cache, ids, n: int, *, prefill) -> float:
     """``prefill(ids[:n])`` fills ``cache``; then the tokens after the context are fed 32 at a
-    time at their own positions: (perplexity of ids[n+1:], the last logits)."""
+    time at their own positions: the perplexity of ids[n+1:]."""
     import torch
     import torch.nn.functional as F
 
     prefill(ids[:n])
-    nll, cnt, logits = 0.0, 0, None
+    nll, cnt = 0.0, 0
     with torch.no_grad():
         for s in range(n, ids.numel() - 1, 32):
             x = ids[s : min(s + 32, ids.numel() - 1)]
             logits = model(input_ids=x[None], past_key_values=cache, use_cache=True, position_ids=torch.arange(s, s + x.numel())[None]).logits[0]
             nll += float(F.cross_entropy(logits.float(), ids[s + 1 : s + 1 + x.numel()], reduction="sum"))
             cnt += x.numel()
-    return float(torch.exp(torch.tensor(nll / cnt))), logits
+    return float(torch.exp(torch.tensor(nll / cnt)))
 
 
 def _key(model, cache, prompt, ask: int, answer, *, prefill) -> dict:
@@ -316,7 +316,7 @@ def kvpress_rows(model, tok, stream, n: int = 4096, after: int = 512) -> list[di
         ]  # fmt: skip
         for tool, name, run in runs:
             t = time.perf_counter()
-            ppl, _ = run(lambda cache, prefill: _after_context(model, cache, ids, n, prefill=prefill))
+            ppl = run(lambda cache, prefill: _after_context(model, cache, ids, n, prefill=prefill))
             key = run(lambda cache, prefill: _key(model, cache, prompt, ask, answer, prefill=prefill))
             rows.append({"tool": tool, "policy": name, "budget": b, "fraction": frac, "context": n,
                          f"ppl_next{after}": ppl, "passkey": key, "seconds": round(time.perf_counter() - t, 1)})  # fmt: skip

@@ -188,10 +188,6 @@ def kivi_group(policy: KVPolicy, config) -> int:
     return max(g for g in range(1, min(32, hd) + 1) if hd % g == 0)
 
 
-def _types(cfg) -> list[str]:
-    return getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-
-
 def text_config(model: nn.Module):
     cfg = model.config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -213,7 +209,7 @@ def build_cache(model: nn.Module, policy: KVPolicy | str) -> Cache:
         raise UserError("--kv pos=cache: the model's rotary frequencies were not found; use pos=original")
     if policy.kivi_prerope and any(f is None for f in freqs):
         raise UserError("--kv kivi:...,pre: the model's rotary frequencies were not found; drop pre")
-    types = _types(cfg)
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
     kivi = dict(bits=policy.kivi_bits, group=kivi_group(policy, cfg), residual=policy.kivi_residual) if policy.kivi_bits else None
     layers = []
     for i, t in enumerate(types):
