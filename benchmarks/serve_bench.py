@@ -72,8 +72,8 @@ def main() -> int:
 
 def memory_only(dirs: list[str], cfg, out: Path) -> int:
     variants, _ = bench.plan_variants(dirs)
-    bare = bench._run_probe(bench.Variant(name="none", kind="none", path=""), cfg)["rss_mb"]
-    rows = {v.name: bench._run_probe(v, cfg) for v in variants}
+    bare = bench.run_probe(bench.Variant(name="none", kind="none", path=""), cfg)["rss_mb"]
+    rows = {v.name: bench.run_probe(v, cfg) for v in variants}
     lines = [
         f"bare process (python + torch + transformers): {bare:.0f} MB RSS",
         "",

@@ -17,7 +17,7 @@ With ``--recover N`` the structured rows are repeated with N distillation steps
 
 Speed (fp32, this process, median of ``--repeats``): one prefill of 512 tokens at batch 1;
 decode tokens/s at batch 1 and 8 (32-token prompt, ``--decode`` new tokens); the packed
-checkpoint's bytes. Writes runs/bench/structured.json and prints a markdown table.
+checkpoint's bytes and the peak RSS of a fresh process loading it (one prefill, a few decode steps at batch 8). Writes runs/bench/structured.json and prints a markdown table.
 """
 
 import argparse
@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import EVAL_SOURCES, Bench, main_guard, score  # noqa: E402
 
-from llmpress import api  # noqa: E402
+from llmpress import api, bench  # noqa: E402
 from llmpress.arch import get_arch, get_module  # noqa: E402
 from llmpress.bench import decode, prefill_seconds  # noqa: E402
 from llmpress.recipe import Recipe  # noqa: E402
@@ -89,15 +89,29 @@ def speed(model, tok, repeats: int, new_tokens: int) -> dict:
     return {"prefill_512_s": pre, "decode_tps_b1": tps[1], "decode_tps_b8": tps[8]}
 
 
-def checkpoint_bytes(model, tok, report) -> int:
+def saved(model, tok, report) -> dict:
+    """The packed checkpoint's bytes and the peak RSS of a fresh process that loads it and runs
+    one prefill of 512 tokens and a few decode steps at batch 8 (``llmpress.bench.probe``)."""
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "ckpt"
         api.save(model, tok, out, report=report)
-        return sum(f.stat().st_size for f in out.iterdir() if f.name.endswith(".safetensors"))
+        size = sum(f.stat().st_size for f in out.iterdir() if f.name.endswith(".safetensors"))
+        mem = bench.run_probe(bench.Variant(name="row", kind="packed", path=str(out)), bench.BenchConfig())
+    return {"checkpoint_bytes": size, "peak_rss_mb": mem["peak_rss_mb"]}
+
+
+def add_memory(b: Bench, row: dict, recipe: dict) -> None:
+    """Peak RSS of a row measured before it was recorded (compressed again, not evaluated)."""
+    m = copy.deepcopy(b.model)
+    rep = api.compress(m, Recipe.from_dict(recipe), b.calib, tokenizer=b.tok, calib=b.calib_cfg)
+    row.update(saved(m, b.tok, rep))
+    b.save(b.out)
 
 
 def run_row(b: Bench, label: str, recipe: dict, a) -> dict:
     if (row := b.done(label)) is not None:  # resumed from --out
+        if a.speed and "peak_rss_mb" not in row:
+            add_memory(b, row, recipe)
         return row
     m = copy.deepcopy(b.model)
     r = Recipe.from_dict(recipe)
@@ -108,7 +122,7 @@ def run_row(b: Bench, label: str, recipe: dict, a) -> dict:
     ppl = score(m, b.sets, progress=True, desc=label)
     extra = {"n_params": rep.compressed["n_params"], "stages": rep.stages}
     if a.speed:
-        extra.update(speed(m, b.tok, a.repeats, a.decode), checkpoint_bytes=checkpoint_bytes(m, b.tok, rep))
+        extra.update(speed(m, b.tok, a.repeats, a.decode), **saved(m, b.tok, rep))
     return b.add_row(label, ppl, rep.bits_per_weight, time.perf_counter() - t, cs, **extra)
 
 
@@ -130,6 +144,12 @@ def main():
     if a.speed and "decode_tps_b1" not in b.rows[0]:
         dense = b.rows[0]
         dense.update(speed(b.model, b.tok, a.repeats, a.decode), n_params=sum(p.numel() for p in b.model.parameters()))
+    if a.speed and "peak_rss_mb" not in b.rows[0]:
+        fp = bench.run_probe(bench.Variant(name="fp32", kind="dense", path=a.model), bench.BenchConfig())
+        b.rows[0].update(
+            peak_rss_mb=fp["peak_rss_mb"],
+            bare_process_rss_mb=bench.run_probe(bench.Variant(name="none", kind="none", path=""), bench.BenchConfig())["rss_mb"],
+        )
     for share in a.shares:
         for recover in (0, a.recover) if a.recover else (0,):
             for label, recipe in recipes(b.model, share, recover).items():
@@ -138,12 +158,15 @@ def main():
     print(b.table())
     if a.speed:
         base = b.rows[0]
-        print("\n| method | params (M) | prefill 512 s (x) | decode b1 tok/s (x) | decode b8 tok/s (x) | checkpoint MB |\n|---|---|---|---|---|---|")
+        print(
+            "\n| method | params (M) | prefill 512 s (x) | decode b1 tok/s (x) | decode b8 tok/s (x) | peak RSS MB | checkpoint MB |\n|---|---|---|---|---|---|---|"
+        )
         for r in b.rows:
             ck = f"{r['checkpoint_bytes'] / 1e6:.1f}" if "checkpoint_bytes" in r else "-"
+            rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
             print(f"| {r['method']} | {r['n_params'] / 1e6:.1f} | {r['prefill_512_s']:.3f} ({base['prefill_512_s'] / r['prefill_512_s']:.2f}x) | "
                   f"{r['decode_tps_b1']:.1f} ({r['decode_tps_b1'] / base['decode_tps_b1']:.2f}x) | "
-                  f"{r['decode_tps_b8']:.1f} ({r['decode_tps_b8'] / base['decode_tps_b8']:.2f}x) | {ck} |")  # fmt: skip
+                  f"{r['decode_tps_b8']:.1f} ({r['decode_tps_b8'] / base['decode_tps_b8']:.2f}x) | {rss} | {ck} |")  # fmt: skip
     b.save(a.out)
 
 

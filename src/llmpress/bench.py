@@ -196,7 +196,9 @@ def probe(variant: Variant, cfg: BenchConfig) -> dict:
     }
 
 
-def _run_probe(variant: Variant, cfg: BenchConfig) -> dict:
+def run_probe(variant: Variant, cfg: BenchConfig) -> dict:
+    """:func:`probe` of ``variant`` in a fresh Python process (its peak RSS is the variant's
+    alone); ``kind="none"``: the RSS of a process that only imported the libraries."""
     arg = json.dumps({"variant": asdict(variant), "config": asdict(cfg)})
     res = subprocess.run([sys.executable, "-m", "llmpress.bench", arg], capture_output=True, text=True)
     if res.returncode != 0:
@@ -318,9 +320,9 @@ def run(targets: list[str], baseline: str | None = None, cfg: BenchConfig = Benc
     result: dict = {"config": asdict(cfg), "baseline": base_spec, "environment": _environment(), "variants": {}}
     if cfg.memory_probe:
         say("memory probes (one fresh process per variant)")
-        result["bare_process_rss_mb"] = _run_probe(Variant(name="none", kind="none", path=""), cfg)["rss_mb"]
+        result["bare_process_rss_mb"] = run_probe(Variant(name="none", kind="none", path=""), cfg)["rss_mb"]
         for v in variants:
-            result["variants"][v.name] = {"memory": _run_probe(v, cfg)}
+            result["variants"][v.name] = {"memory": run_probe(v, cfg)}
     loaded = {}
     for v in variants:
         say(f"loading {v.name}")
@@ -455,7 +457,7 @@ def table(result: dict) -> str:
 
 def _probe_main(arg: str) -> dict:
     """What a probe subprocess measures; the process entry below writes it to stdout as one
-    JSON line, the channel `_run_probe` reads (not a log message)."""
+    JSON line, the channel `run_probe` reads (not a log message)."""
     d = json.loads(arg)
     cfg = BenchConfig(**{**d["config"], "batches": tuple(d["config"]["batches"])})
     v = Variant(**d["variant"])

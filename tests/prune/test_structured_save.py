@@ -100,3 +100,19 @@ def test_sliced_then_quantized_saves_packed(tmp_path):
     assert (cfg["hidden_size"], cfg["tie_word_embeddings"]) == (48, False)
     loaded, _ = load_compressed(str(tmp_path / "packed"), backend="dequant")
     torch.testing.assert_close(logits(loaded, ids), want, rtol=0, atol=1e-4)
+
+
+def test_slice_share_that_the_head_count_does_not_divide_saves(tmp_path):
+    """20% of 64 is 12.8 channels: 51 kept would be computed and then refused by transformers'
+    config check (4 heads); the kept size is rounded to a multiple of the heads (52) and the
+    HF folder loads in plain transformers with the in-memory logits."""
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    m = TINY_MODELS["llama"](layers=2, vocab=len(tok))
+    report = llmpress.compress(m, [stage("slicegpt", fraction=0.2)], data=random_windows(8, 32, vocab=len(tok)), engine=QUIET)
+    assert report.stages["stage0:slicegpt"]["hidden_after"] == 52
+    ids = random_windows(2, 32, vocab=len(tok), seed=7)
+    save(m, tok, tmp_path / "hf", report=report, format="hf-fakequant")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(logits(plain, ids), logits(m, ids), rtol=0, atol=1e-4)

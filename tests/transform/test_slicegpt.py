@@ -85,5 +85,10 @@ def test_errors():
     with pytest.raises(RecipeError, match="keeps none"):
         SliceGPT(fraction=0.2, multiple_of=128).kept(64)
     assert SliceGPT(fraction=0.25, multiple_of=32).kept(576) == 448
+    # SmolLM2 (9 heads): the kept size is a multiple of the head count too (transformers' config check)
+    assert SliceGPT(fraction=0.2).kept(576, 9) == 459 and SliceGPT(fraction=0.25).kept(576, 9) == 432
+    assert SliceGPT(fraction=0.2, multiple_of=2).kept(576, 9) == 468  # nearest multiple of 18 to 460.8
+    with pytest.raises(RecipeError, match="slices nothing"):
+        SliceGPT(fraction=0.25, multiple_of=32).kept(576, 9)  # steps of 288: 432 rounds back to 576
     with pytest.raises(UserError, match="post"):
         _slice(tiny_gemma3(layers=2), fraction=0.25)

@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 @dataclass(kw_only=True, frozen=True)
 class SliceGPT:
     """slicegpt stage: slice ``fraction`` of the hidden size (kept size rounded to a multiple
-    of ``multiple_of``), PCA from ``windows`` calibration windows in batches of ``batch_size``."""
+    of ``multiple_of`` and of the attention head count: transformers refuses a config whose
+    hidden size is not one), PCA from ``windows`` calibration windows in batches of ``batch_size``."""
 
     fraction: float = 0.25
     multiple_of: int = 1
@@ -64,15 +65,27 @@ class SliceGPT:
             raise UnsupportedArchitecture(
                 f"slicegpt: {spec.family} applies norms to sub-layer outputs ({', '.join(spec.post_norms)}), which block a residual rotation"
             )
-        self.kept(hidden_size(model, spec))
+        self.kept(hidden_size(model, spec), heads(model))
 
-    def kept(self, d: int) -> int:
-        keep = d - round(self.fraction * d)
-        if self.multiple_of > 1:
-            keep = min(d, int(round(keep / self.multiple_of)) * self.multiple_of)
+    def kept(self, d: int, n_heads: int = 1) -> int:
+        """The hidden size left of ``d``: the nearest multiple of lcm(multiple_of, n_heads)."""
+        step = math.lcm(self.multiple_of, n_heads)
+        keep = min(d, int(round((d - round(self.fraction * d)) / step)) * step)
+        why = (
+            f"in steps of {step} (multiple_of {self.multiple_of}, {n_heads} attention heads: the saved config needs a hidden size divisible by both)"
+        )
         if keep <= 0:
-            raise RecipeError(f"slicegpt: fraction {self.fraction} with multiple_of {self.multiple_of} keeps none of {d} hidden channels")
+            raise RecipeError(f"slicegpt: fraction {self.fraction} keeps none of {d} hidden channels {why}")
+        if keep == d and self.fraction > 0:
+            raise RecipeError(
+                f"slicegpt: fraction {self.fraction} slices nothing of {d} hidden channels {why}; lower multiple_of or raise the fraction"
+            )
         return keep
+
+
+def heads(model: nn.Module) -> int:
+    """The attention head count of the model's config (1 when it has none)."""
+    return int(getattr(model.config, "num_attention_heads", None) or 1)
 
 
 @torch.no_grad()
@@ -165,7 +178,7 @@ def slicegpt(model: nn.Module, spec: ArchSpec, data, stage) -> ModelStageOutput:
     if data is None:
         raise RecipeError("slicegpt needs calibration data")
     d = hidden_size(model, spec)
-    keep = cfg.kept(d)
+    keep = cfg.kept(d, heads(model))
     vals, vecs = residual_pca(model, spec, data, windows=cfg.windows, batch_size=cfg.batch_size)
     fuse_norms(model, spec, final=True)
     slice_residual(model, spec, vecs[:, :keep])
