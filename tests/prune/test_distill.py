@@ -10,7 +10,7 @@ from conftest import random_windows, tiny_llama
 
 import llmpress
 from llmpress.errors import RecipeError
-from llmpress.prune.distill import Distill, distill, kl_to_teacher
+from llmpress.prune.distill import Distill, distill, kl_to_teacher, split
 from llmpress.prune.structure import drop_blocks
 
 TRAIN = random_windows(64, 32, seed=1)
@@ -50,11 +50,26 @@ def test_distillation_is_seeded_and_norms_only_trains_norms():
     assert changed and all("norm" in n for n in changed)
 
 
+def test_held_out_windows_and_shorter_training_windows():
+    cfg = Distill(held_out=8, seqlen=8)
+    train, held, k = split(TRAIN, cfg)
+    assert k == 8 and torch.equal(held, TRAIN[-8:]) and train.shape == (56 * 4, 8)
+    assert torch.equal(train[:4].reshape(-1), TRAIN[0])  # the same tokens, cut in order
+    train, held, k = split(TRAIN[:7], Distill(held_out=8))  # fewer than 8 windows: none held out
+    assert k == 0 and train is held
+    teacher, student = _pair()
+    out = distill(student, teacher, TRAIN, Distill(steps=20, lr=3e-4, seqlen=16))
+    assert out["kept"] and out["kl_after"] < 0.8 * out["kl_before"] and out["train_tokens"] == 20 * 4 * 16
+    assert out["kl_after"] == pytest.approx(kl_to_teacher(student, teacher, TRAIN[-8:]), rel=1e-4)
+
+
 def test_config_errors():
     with pytest.raises(RecipeError, match="train"):
         Distill(train="lora")
     with pytest.raises(RecipeError, match="lr"):
         Distill(lr=0)
+    with pytest.raises(RecipeError, match="seqlen"):
+        Distill(seqlen=1)
 
 
 @pytest.mark.parametrize(
@@ -70,8 +85,9 @@ def test_a_pruning_stage_recovers_towards_the_model_before_it(st):
     recipe = llmpress.recipe.Recipe.from_dict({"stages": [{**st, "recover_steps": 20, "recover_lr": 1e-4}]})
     report = llmpress.compress(m, recipe, data=TRAIN, engine=QUIET)
     rec = next(iter(report.stages.values()))["recovery"]
-    assert rec["steps"] == 20 and rec["kept"] and rec["kl_after"] < 0.7 * rec["kl_before"]
-    assert kl_to_teacher(m, teacher, TRAIN) == pytest.approx(rec["kl_after"], rel=1e-4)
+    assert rec["steps"] == 20 and rec["kept"] and rec["kl_after"] < 0.8 * rec["kl_before"]
+    assert rec["held_out"] == 8 and rec["train_tokens"] == 20 * 4 * 32
+    assert kl_to_teacher(m, teacher, TRAIN[-8:]) == pytest.approx(rec["kl_after"], rel=1e-4)  # measured on the held-out windows
     with pytest.raises(RecipeError, match="lr"):
         llmpress.recipe.Recipe.from_dict({"stages": [{**st, "recover_steps": 5, "recover_lr": 0.0}]})
 

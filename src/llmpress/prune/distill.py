@@ -8,7 +8,11 @@ Loss per token position (Hinton et al. 2015), with temperature T:
 averaged over every position of a batch. AdamW on every floating-point parameter of the
 student (``train="all"``) or only on its norm gains and biases (``"norms"``: few parameters,
 little memory). Batches are drawn with a seeded generator, so a run is reproducible.
-:func:`kl_to_teacher` measures the same KL (T = 1) on any windows, e.g. held-out ones.
+The last ``held_out`` windows are not trained on: the KL before and after (and whether the
+run is kept) is measured on them, which costs two forwards of a few windows instead of the
+whole set. ``seqlen`` cuts the windows shorter for training: a token costs less in a short
+window (attention) and more steps fit a budget. :func:`kl_to_teacher` measures the same KL
+(T = 1) on any windows.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ __all__ = ["Distill", "distill", "kl_to_teacher"]
 class Distill:
     """``steps`` optimizer steps of ``batch_size`` windows at learning rate ``lr`` (AdamW,
     weight decay 0), ``temperature`` T, ``train`` all parameters or only ``norms``; ``seed``
-    draws the batches."""
+    draws the batches; ``held_out`` windows (at most; never more than an eighth) kept aside
+    for the KL; ``seqlen`` > 0 cuts the training windows to that many tokens."""
 
     steps: int = 100
     lr: float = 1e-4
@@ -42,10 +47,14 @@ class Distill:
     temperature: float = 1.0
     train: str = "all"
     seed: int = 0
+    held_out: int = 8
+    seqlen: int = 0
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1:
             raise RecipeError("distillation: steps must be >= 0 and batch_size >= 1")
+        if self.held_out < 0 or self.seqlen < 0 or 0 < self.seqlen < 2:
+            raise RecipeError("distillation: held_out must be >= 0 and seqlen 0 (as given) or >= 2")
         if not self.lr > 0 or not self.temperature > 0:
             raise RecipeError("distillation: lr and temperature must be positive")
         if self.train not in ("all", "norms"):
@@ -84,19 +93,33 @@ def _trainable(model: nn.Module, train: str) -> list[nn.Parameter]:
     return out
 
 
+def split(windows: torch.Tensor, cfg: Distill) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(training windows, measured windows, how many are held out) of ``windows`` [n, L]: the
+    last min(held_out, n // 8) are held out (when that is none, every window is trained on and
+    measured), and the training ones are cut to ``seqlen`` tokens (a shorter rest is dropped)."""
+    n = windows.shape[0]
+    k = min(cfg.held_out, n // 8)
+    train, held = (windows[: n - k], windows[n - k :]) if k else (windows, windows)
+    if cfg.seqlen and cfg.seqlen < train.shape[1]:
+        per = train.shape[1] // cfg.seqlen
+        train = train[:, : per * cfg.seqlen].reshape(-1, cfg.seqlen)
+    return train, held, k
+
+
 def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: Distill = Distill()) -> dict:
-    """Train ``student`` in place towards ``teacher`` on ``windows`` [n, L]; returns the KL on
-    those windows before and after, the steps and the seconds taken. A run that ends with a
-    higher KL than it started puts the trained parameters back (``kept`` False,
-    ``kl_trained`` the KL it reached)."""
+    """Train ``student`` in place towards ``teacher`` on ``windows`` [n, L] (less the held-out
+    ones, :func:`split`); returns the held-out KL before and after, the steps and the seconds
+    taken. A run that ends with a higher held-out KL than it started puts the trained
+    parameters back (``kept`` False, ``kl_trained`` the KL it reached)."""
     dev = next(student.parameters()).device
+    windows, held, n_held = split(windows, cfg)
     params = _trainable(student, cfg.train)
     flags = {id(p): p.requires_grad for p in student.parameters()}
     for p in student.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    kl_before = kl_to_teacher(student, teacher, windows, cfg.batch_size)
+    kl_before = kl_to_teacher(student, teacher, held, cfg.batch_size)
     start = {id(p): p.detach().clone() for p in params}
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -117,7 +140,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: 
         for p in student.parameters():
             p.requires_grad_(flags[id(p)])
         student.train(was_training)
-    kl_after = kl_to_teacher(student, teacher, windows, cfg.batch_size)
+    kl_after = kl_to_teacher(student, teacher, held, cfg.batch_size)
     kept = kl_after <= kl_before
     if not kept:  # the run made things worse (learning rate too high for a close start): back to where it began
         with torch.no_grad():
@@ -127,7 +150,8 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: 
     else:
         log.info("distillation: KL %.4f -> %.4f in %d steps", kl_before, kl_after, cfg.steps)
     return {"kl_before": kl_before, "kl_after": kl_after if kept else kl_before, "kl_trained": kl_after, "kept": kept,
-            "steps": cfg.steps, "seconds": time.perf_counter() - t0}  # fmt: skip
+            "steps": cfg.steps, "seconds": time.perf_counter() - t0, "held_out": n_held,
+            "train_tokens": cfg.steps * cfg.batch_size * windows.shape[1]}  # fmt: skip
 
 
 def teacher_copy(model: nn.Module, steps: int) -> nn.Module | None:
@@ -140,8 +164,10 @@ def teacher_copy(model: nn.Module, steps: int) -> nn.Module | None:
     return teacher
 
 
-def recover(student: nn.Module, teacher: nn.Module | None, windows: torch.Tensor, *, steps: int, lr: float, batch_size: int) -> dict | None:
+def recover(
+    student: nn.Module, teacher: nn.Module | None, windows: torch.Tensor, *, steps: int, lr: float, batch_size: int, seqlen: int = 0
+) -> dict | None:
     """:func:`distill` of a pruning stage's result towards its ``teacher`` (None: no recovery)."""
     if teacher is None:
         return None
-    return distill(student, teacher, windows, Distill(steps=steps, lr=lr, batch_size=batch_size))
+    return distill(student, teacher, windows, Distill(steps=steps, lr=lr, batch_size=batch_size, seqlen=seqlen))

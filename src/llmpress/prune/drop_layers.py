@@ -47,6 +47,7 @@ class DropLayers:
     batch_size: int = 4
     recover_steps: int = 0  # distillation steps towards the model as it was before this stage (0: none)
     recover_lr: float = 1e-4
+    recover_seqlen: int = 0  # distillation windows cut to this many tokens (0: the calibration windows' length)
     reshapes_model: ClassVar[bool] = True  # the stages after it are planned on the smaller model
 
     def __post_init__(self):
@@ -60,7 +61,7 @@ class DropLayers:
             raise RecipeError(f"importance={self.importance!r}: expected one of {', '.join(IMPORTANCE)}")
         if self.windows < 1 or self.batch_size < 1:
             raise RecipeError("windows and batch_size must be at least 1")
-        Distill(steps=self.recover_steps, lr=self.recover_lr)  # the recovery settings, checked now
+        Distill(steps=self.recover_steps, lr=self.recover_lr, seqlen=self.recover_seqlen)  # the recovery settings, checked now
 
     def check_model(self, model: nn.Module, spec) -> None:
         """Refuse, when the recipe is planned, a count that removes every block."""
@@ -99,7 +100,7 @@ def drop_layers(model: nn.Module, spec, data, stage) -> ModelStageOutput:
         drop_blocks(model, spec, removed)
     log.info("drop_layers: removed blocks %s of %d (%s)", removed, n_blocks, cfg.importance)
     summary.update(scores={i: s for i, s in enumerate(scores)}, removed=removed, blocks_after=n_blocks - len(removed))
-    rec = recover(model, teacher, data, steps=cfg.recover_steps, lr=cfg.recover_lr, batch_size=cfg.batch_size)
+    rec = recover(model, teacher, data, steps=cfg.recover_steps, lr=cfg.recover_lr, batch_size=cfg.batch_size, seqlen=cfg.recover_seqlen)
     if rec is not None:
         summary["recovery"] = rec
     return ModelStageOutput(summary=summary)

@@ -71,6 +71,7 @@ class PruneWidth:
     batch_size: int = 4
     recover_steps: int = 0  # distillation steps towards the model as it was before this stage (0: none)
     recover_lr: float = 1e-4
+    recover_seqlen: int = 0  # distillation windows cut to this many tokens (0: the calibration windows' length)
     reshapes_model: ClassVar[bool] = True  # the stages after it are planned on the smaller model
 
     def __post_init__(self):
@@ -92,7 +93,7 @@ class PruneWidth:
             raise RecipeError(f"damp={self.damp!r}: expected a value >= 0")
         if self.windows < 1 or self.batch_size < 1:
             raise RecipeError("windows and batch_size must be at least 1")
-        Distill(steps=self.recover_steps, lr=self.recover_lr)  # the recovery settings, checked now
+        Distill(steps=self.recover_steps, lr=self.recover_lr, seqlen=self.recover_seqlen)  # the recovery settings, checked now
 
     @property
     def cap_ratio(self) -> float:
@@ -300,7 +301,7 @@ def prune_width(model: nn.Module, spec, data, stage) -> ModelStageOutput:
     teacher = teacher_copy(model, cfg.recover_steps)
     summary = run(model, spec, data, cfg, spec.blocks, layers)
     log.info("prune_width (%s): %s %s -> %s per block", cfg.allocation, cfg.structure, summary["before"], summary["after"])
-    rec = recover(model, teacher, data, steps=cfg.recover_steps, lr=cfg.recover_lr, batch_size=cfg.batch_size)
+    rec = recover(model, teacher, data, steps=cfg.recover_steps, lr=cfg.recover_lr, batch_size=cfg.batch_size, seqlen=cfg.recover_seqlen)
     if rec is not None:
         summary["recovery"] = rec
     return ModelStageOutput(summary={"structure": cfg.structure, "ratio": cfg.ratio, "allocation": cfg.allocation, "update": cfg.update, **summary})
