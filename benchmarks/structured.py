@@ -24,6 +24,7 @@ checkpoint's bytes and the peak RSS of a fresh process loading it (one prefill, 
 
 import argparse
 import copy
+import json
 import logging
 import statistics
 import sys
@@ -91,6 +92,32 @@ def speed(model, tok, repeats: int, new_tokens: int) -> dict:
     return {"prefill_512_s": pre, "decode_tps_b1": tps[1], "decode_tps_b8": tps[8]}
 
 
+def side_by_side(b: Bench, share: float, rounds: int, a) -> dict:
+    """Speed of the full model and of each structured model at ``share`` (no recovery: it does
+    not change shapes), measured in turns in this one process, ``rounds`` times; medians per
+    model. The rows' own speed figures come from different moments of a long run (load of the
+    machine differs); this table is the one to compare."""
+    models = {"full precision (fp32)": b.model}
+    for label, recipe in recipes(b.model, share, 0).items():
+        if label.startswith("sparsegpt"):
+            continue  # dense shapes: the full model's speed
+        m = copy.deepcopy(b.model)
+        api.compress(m, Recipe.from_dict(recipe), b.calib, tokenizer=b.tok, calib=b.calib_cfg)
+        models[label] = m
+    seen: dict[str, list[dict]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for label, m in models.items():
+            seen[label].append(speed(m, b.tok, a.repeats, a.decode))
+    out = {label: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for label, runs in seen.items()}
+    base = out["full precision (fp32)"]
+    print("\n| method (speed side by side) | prefill 512 s (x) | decode b1 tok/s (x) | decode b8 tok/s (x) |\n|---|---|---|---|")
+    for label, r in out.items():
+        print(f"| {label} | {r['prefill_512_s']:.3f} ({base['prefill_512_s'] / r['prefill_512_s']:.2f}x) | "
+              f"{r['decode_tps_b1']:.1f} ({r['decode_tps_b1'] / base['decode_tps_b1']:.2f}x) | "
+              f"{r['decode_tps_b8']:.1f} ({r['decode_tps_b8'] / base['decode_tps_b8']:.2f}x) |")  # fmt: skip
+    return out
+
+
 def saved(model, tok, report) -> dict:
     """The packed checkpoint's bytes and the peak RSS of a fresh process that loads it and runs
     one prefill of 512 tokens and a few decode steps at batch 8 (``llmpress.bench.probe``)."""
@@ -143,6 +170,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode", type=int, default=64, help="new tokens per decode measurement")
     ap.add_argument("--out", default="runs/bench/structured.json")
+    ap.add_argument("--side-by-side", type=int, default=0, metavar="ROUNDS",
+                    help="only the speed table: the full model and each structured model of the first share, measured in turns")  # fmt: skip
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     b = Bench(a.model, eval_windows=a.windows, calib_samples=a.calib, eval_sources=a.eval, out=a.out)
@@ -155,6 +184,13 @@ def main():
             peak_rss_mb=fp["peak_rss_mb"],
             bare_process_rss_mb=bench.run_probe(bench.Variant(name="none", kind="none", path=""), bench.BenchConfig())["rss_mb"],
         )
+    if a.side_by_side:
+        table = side_by_side(b, a.shares[0], a.side_by_side, a)
+        b.save(a.out)  # keeps keys other than the rows: the table goes in beside them
+        res = json.loads(Path(a.out).read_text())
+        res[f"speed_side_by_side_{a.shares[0]:g}"] = table
+        Path(a.out).write_text(json.dumps(res, indent=1))
+        return
     for share in a.shares:
         for recover in (0, a.recover) if a.recover else (0,):
             for label, recipe in recipes(b.model, share, recover, a.recover_lr, a.recover_seqlen).items():
