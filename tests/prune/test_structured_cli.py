@@ -46,3 +46,11 @@ def test_structured_missing_structure(tmp_path, outs, tiny_text_file, capsys):
     r = _recipe(tmp_path, "{method: prune_width, structure: experts}")
     cli_fails(capsys, _run(gemma, tiny_text_file, outs / "o", r), "structure='experts'", "mlp, heads, query_heads")
     assert listing(outs) == []
+
+
+def test_slice_that_rounds_back_to_nothing(tmp_path, outs, tiny_model_dir, tiny_text_file, capsys):
+    """64 hidden channels, 4 heads, multiple_of 32: 25% keeps 48, which rounds to 64 in steps of
+    32; refused when the recipe is planned, before anything is written."""
+    r = _recipe(tmp_path, "{method: slicegpt, fraction: 0.25, multiple_of: 32}")
+    cli_fails(capsys, _run(tiny_model_dir, tiny_text_file, outs / "o", r), "slices nothing of 64", "in steps of 32")
+    assert listing(outs) == []
