@@ -19,7 +19,9 @@ seconds, tokens) is kept in the JSON.
 
 Speed (fp32, this process, median of ``--repeats``): one prefill of 512 tokens at batch 1;
 decode tokens/s at batch 1 and 8 (32-token prompt, ``--decode`` new tokens); the packed
-checkpoint's bytes and the peak RSS of a fresh process loading it (one prefill, a few decode steps at batch 8). Writes runs/bench/structured.json and prints a markdown table.
+checkpoint's bytes and the peak RSS of a fresh process loading it (one prefill, a few decode
+steps at batch 8). ``--side-by-side R`` measures only the speed table, every model in turns in
+one process, R rounds. Writes runs/bench/structured.json and prints markdown tables.
 """
 
 import argparse

@@ -59,7 +59,7 @@ def test_held_out_windows_and_shorter_training_windows():
     assert k == 0 and train is held
     teacher, student = _pair()
     out = distill(student, teacher, TRAIN, Distill(steps=20, lr=3e-4, seqlen=16))
-    assert out["kept"] and out["kl_after"] < 0.8 * out["kl_before"] and out["train_tokens"] == 20 * 4 * 16
+    assert out["kept"] and out["kl_after"] < 0.6 * out["kl_before"] and out["train_tokens"] == 20 * 4 * 16
     assert out["kl_after"] == pytest.approx(kl_to_teacher(student, teacher, TRAIN[-8:]), rel=1e-4)
 
 
@@ -82,11 +82,11 @@ def test_a_pruning_stage_recovers_towards_the_model_before_it(st):
     with torch.no_grad():
         teacher.model.norm.weight.mul_(6.0)
     m = copy.deepcopy(teacher)
-    recipe = llmpress.recipe.Recipe.from_dict({"stages": [{**st, "recover_steps": 20, "recover_lr": 1e-4}]})
+    recipe = llmpress.recipe.Recipe.from_dict({"stages": [{**st, "recover_steps": 30, "recover_lr": 1e-4}]})
     report = llmpress.compress(m, recipe, data=TRAIN, engine=QUIET)
     rec = next(iter(report.stages.values()))["recovery"]
-    assert rec["steps"] == 20 and rec["kept"] and rec["kl_after"] < 0.8 * rec["kl_before"]
-    assert rec["held_out"] == 8 and rec["train_tokens"] == 20 * 4 * 32
+    assert rec["steps"] == 30 and rec["kept"] and rec["kl_after"] < 0.7 * rec["kl_before"]
+    assert rec["held_out"] == 8 and rec["train_tokens"] == 30 * 4 * 32
     assert kl_to_teacher(m, teacher, TRAIN[-8:]) == pytest.approx(rec["kl_after"], rel=1e-4)  # measured on the held-out windows
     with pytest.raises(RecipeError, match="lr"):
         llmpress.recipe.Recipe.from_dict({"stages": [{**st, "recover_steps": 5, "recover_lr": 0.0}]})
