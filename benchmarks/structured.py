@@ -10,6 +10,9 @@ Methods per share s of the decoder-block parameters (SmolLM2: a block is 3.54M p
 - ``mlp``: ``prune_width`` MLP channels at ratio s / (MLP share of a block), refit on;
 - ``mlp global``: the same number of MLP channels in total, ranked across blocks (``allocation:
   global``, 32 at a time, at most half of a block's), so blocks keep different sizes;
+- ``heads+mlp``: ``prune_width`` one query head of each key/value group (``query_heads``; 6.25% of
+  a SmolLM2 block), then MLP channels for the rest of s;
+- ``layers ppl`` (20% only, slow): ``drop_layers`` by each block's measured drop-one perplexity;
 - ``slicegpt``: ``slicegpt`` at fraction s (llama family; the untied head adds vocab x d');
 - ``sparsegpt``: SparseGPT at sparsity s on every block linear (same parameter count, dense shapes).
 With ``--recover N`` the structured rows are repeated with N distillation steps
@@ -54,6 +57,20 @@ def mlp_share(model) -> float:
     return mlp / sum(size.values())
 
 
+def query_head_share(model) -> tuple[float, float] | None:
+    """(share of a block's linear parameters that one query head per key/value group carries
+    in q_proj and o_proj, the ``query_heads`` ratio that removes exactly it); None when each
+    group has a single query head."""
+    spec, cfg = get_arch(model), model.config
+    per_group = cfg.num_attention_heads // getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    if per_group < 2:
+        return None
+    block = get_module(model, spec.blocks)[0]
+    size = {p: get_module(block, p).weight.numel() for p in spec.block_linears()}
+    q_o = size[spec.q] + size[spec.o]
+    return q_o / per_group / sum(size.values()), 1.0 / per_group
+
+
 def recipes(model, share: float, recover: int, recover_lr: float = 3e-4, recover_seqlen: int = 256) -> dict[str, dict]:
     """label -> recipe dict for one share of the decoder parameters."""
     n_blocks = len(get_module(model, get_arch(model).blocks))
@@ -72,11 +89,20 @@ def recipes(model, share: float, recover: int, recover_lr: float = 3e-4, recover
             **rec,
         },
     }
+    qh = query_head_share(model)
+    if qh is not None and share > qh[0] and not recover:  # one query head per group, then MLP channels for the rest
+        # (no KD row: a stage's recovery distils towards the model before that stage, here the one without the heads)
+        out[f"heads+mlp {share:.0%}"] = [
+            {"method": "prune_width", "structure": "query_heads", "ratio": qh[1]},
+            {"method": "prune_width", "structure": "mlp", "ratio": (share - qh[0]) / mlp_share(model)},
+        ]
+    if share == 0.2 and not recover:  # ShortGPT's other importance: each block's measured drop-one perplexity (slow)
+        out["layers ppl 20%"] = {"method": "drop_layers", "count": round(share * n_blocks), "importance": "ppl"}
+    if not get_arch(model).post_norms:
+        out[f"slicegpt {share:.0%}{tag}"] = {"method": "slicegpt", "fraction": share, **rec}
     if not recover:
-        if not get_arch(model).post_norms:
-            out[f"slicegpt {share:.0%}"] = {"method": "slicegpt", "fraction": share}
         out[f"sparsegpt {share:.0%} (unstructured)"] = {"method": "sparsegpt", "sparsity": share, "per_row": True}
-    return {k: {"stages": [v]} for k, v in out.items()}
+    return {k: {"stages": v if isinstance(v, list) else [v]} for k, v in out.items()}
 
 
 def speed(model, tok, repeats: int, new_tokens: int) -> dict:
@@ -166,7 +192,7 @@ def main():
     ap.add_argument("--shares", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     ap.add_argument("--recover", type=int, default=0, help="also each structured row with this many distillation steps")
     ap.add_argument("--recover-lr", type=float, default=3e-4)
-    ap.add_argument("--methods", nargs="+", default=None, help="only these (layers, mlp, 'mlp global', slicegpt, sparsegpt)")
+    ap.add_argument("--methods", nargs="+", default=None, help="only these (layers, 'layers ppl', mlp, 'mlp global', heads+mlp, slicegpt, sparsegpt)")
     ap.add_argument("--recover-seqlen", type=int, default=256, help="distillation windows of this many tokens (0: 512)")
     ap.add_argument("--no-speed", dest="speed", action="store_false")
     ap.add_argument("--repeats", type=int, default=3)

@@ -73,7 +73,12 @@ def test_config_errors():
 
 
 @pytest.mark.parametrize(
-    "st", [{"method": "drop_layers", "count": 1}, {"method": "prune_width", "structure": "heads", "ratio": 0.5, "update": False}]
+    "st",
+    [
+        {"method": "drop_layers", "count": 1},
+        {"method": "prune_width", "structure": "heads", "ratio": 0.5, "update": False},
+        {"method": "slicegpt", "fraction": 0.25},
+    ],
 )
 def test_a_pruning_stage_recovers_towards_the_model_before_it(st):
     from helpers import QUIET

@@ -378,6 +378,7 @@ def _load_linears(
             set_module(model, name, build_linear(spec, layer_t[name], None if bias is None else bias.to(dtype), backend, device))
         for k in layer_t[name]:
             tensors.pop(f"{name}.{k}", None)  # a shared tensor is stored under its owner's name
+        layer_t[name] = dict.fromkeys(layer_t[name])  # only the names stay: a decoded form's stored tensors are freed now, not at the end
     return records
 
 

@@ -31,7 +31,7 @@ from ..progress import track
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Distill", "distill", "kl_to_teacher"]
+__all__ = ["Distill", "Recovery", "distill", "kl_to_teacher"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -152,6 +152,29 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: 
     return {"kl_before": kl_before, "kl_after": kl_after if kept else kl_before, "kl_trained": kl_after, "kept": kept,
             "steps": cfg.steps, "seconds": time.perf_counter() - t0, "held_out": n_held,
             "train_tokens": cfg.steps * cfg.batch_size * windows.shape[1]}  # fmt: skip
+
+
+@dataclass(kw_only=True, frozen=True)
+class Recovery:
+    """The recovery settings of a structured stage (drop_layers, prune_width, slicegpt):
+    ``recover_steps`` distillation steps (0: none) towards the model as it was before the
+    stage, at ``recover_lr``, on windows cut to ``recover_seqlen`` tokens (0: as given)."""
+
+    recover_steps: int = 0
+    recover_lr: float = 1e-4
+    recover_seqlen: int = 0
+
+    def check_recovery(self) -> None:
+        """Refuse bad recovery settings when the recipe is read."""
+        Distill(steps=self.recover_steps, lr=self.recover_lr, seqlen=self.recover_seqlen)
+
+    def teacher(self, model: nn.Module, changed: bool = True) -> nn.Module | None:
+        """A frozen copy of ``model`` before the stage changes it (None: no recovery to run)."""
+        return teacher_copy(model, self.recover_steps if changed else 0)
+
+    def recover(self, model: nn.Module, teacher: nn.Module | None, data: torch.Tensor, batch_size: int) -> dict | None:
+        """Distil ``model`` towards ``teacher`` with these settings (None when there is no teacher)."""
+        return recover(model, teacher, data, steps=self.recover_steps, lr=self.recover_lr, batch_size=batch_size, seqlen=self.recover_seqlen)
 
 
 def teacher_copy(model: nn.Module, steps: int) -> nn.Module | None:

@@ -25,7 +25,7 @@ import torch.nn as nn
 from ..arch import get_module
 from ..errors import RecipeError, UserError
 from ..registry import ModelStageOutput, register
-from .distill import Distill, recover, teacher_copy
+from .distill import Recovery
 from .importance import block_influence, drop_one_perplexity
 from .structure import drop_blocks
 
@@ -35,7 +35,7 @@ IMPORTANCE = ("block_influence", "ppl")
 
 
 @dataclass(kw_only=True, frozen=True)
-class DropLayers:
+class DropLayers(Recovery):
     """drop_layers stage: ``fraction`` of the decoder blocks (rounded to the nearest count) or
     ``count`` blocks, chosen by ``importance`` (block_influence or ppl) measured on
     ``windows`` calibration windows in batches of ``batch_size``."""
@@ -45,9 +45,6 @@ class DropLayers:
     importance: str = "block_influence"
     windows: int = 32
     batch_size: int = 4
-    recover_steps: int = 0  # distillation steps towards the model as it was before this stage (0: none)
-    recover_lr: float = 1e-4
-    recover_seqlen: int = 0  # distillation windows cut to this many tokens (0: the calibration windows' length)
     reshapes_model: ClassVar[bool] = True  # the stages after it are planned on the smaller model
 
     def __post_init__(self):
@@ -61,7 +58,7 @@ class DropLayers:
             raise RecipeError(f"importance={self.importance!r}: expected one of {', '.join(IMPORTANCE)}")
         if self.windows < 1 or self.batch_size < 1:
             raise RecipeError("windows and batch_size must be at least 1")
-        Distill(steps=self.recover_steps, lr=self.recover_lr, seqlen=self.recover_seqlen)  # the recovery settings, checked now
+        self.check_recovery()
 
     def check_model(self, model: nn.Module, spec) -> None:
         """Refuse, when the recipe is planned, a count that removes every block."""
@@ -95,12 +92,12 @@ def drop_layers(model: nn.Module, spec, data, stage) -> ModelStageOutput:
         base, scores = drop_one_perplexity(model, spec, data, windows=cfg.windows, batch_size=cfg.batch_size)
         summary["calibration_ppl"] = base
     removed = least_important(scores, n)
-    teacher = teacher_copy(model, cfg.recover_steps if removed else 0)
+    teacher = cfg.teacher(model, changed=bool(removed))
     if removed:
         drop_blocks(model, spec, removed)
     log.info("drop_layers: removed blocks %s of %d (%s)", removed, n_blocks, cfg.importance)
     summary.update(scores={i: s for i, s in enumerate(scores)}, removed=removed, blocks_after=n_blocks - len(removed))
-    rec = recover(model, teacher, data, steps=cfg.recover_steps, lr=cfg.recover_lr, batch_size=cfg.batch_size, seqlen=cfg.recover_seqlen)
+    rec = cfg.recover(model, teacher, data, cfg.batch_size)
     if rec is not None:
         summary["recovery"] = rec
     return ModelStageOutput(summary=summary)

@@ -40,7 +40,7 @@ from ..arch import ArchSpec, get_module
 from ..errors import RecipeError, UserError
 from ..registry import ModelStageOutput, register
 from .allocation import global_removals, unit_costs
-from .distill import Distill, recover, teacher_copy
+from .distill import Recovery
 from .importance import input_stats
 from .structure import block_heads, head_layout, head_rows, keep_heads, keep_mlp_channels, refit_columns, sync_config
 
@@ -52,7 +52,7 @@ DEFAULT_MAX_RATIO = 0.9  # allocation: global, when max_ratio is not given
 
 
 @dataclass(kw_only=True, frozen=True)
-class PruneWidth:
+class PruneWidth(Recovery):
     """prune_width stage: remove ``ratio`` of each block's ``structure`` (mlp, heads = whole
     key/value groups, query_heads = query heads within each group), ``multiple_of``: MLP
     channels kept rounded to a multiple of it; ``update``: refit down_proj / o_proj (damping
@@ -69,9 +69,6 @@ class PruneWidth:
     damp: float = 0.01
     windows: int = 32
     batch_size: int = 4
-    recover_steps: int = 0  # distillation steps towards the model as it was before this stage (0: none)
-    recover_lr: float = 1e-4
-    recover_seqlen: int = 0  # distillation windows cut to this many tokens (0: the calibration windows' length)
     reshapes_model: ClassVar[bool] = True  # the stages after it are planned on the smaller model
 
     def __post_init__(self):
@@ -93,7 +90,7 @@ class PruneWidth:
             raise RecipeError(f"damp={self.damp!r}: expected a value >= 0")
         if self.windows < 1 or self.batch_size < 1:
             raise RecipeError("windows and batch_size must be at least 1")
-        Distill(steps=self.recover_steps, lr=self.recover_lr, seqlen=self.recover_seqlen)  # the recovery settings, checked now
+        self.check_recovery()
 
     @property
     def cap_ratio(self) -> float:
@@ -298,10 +295,10 @@ def prune_width(model: nn.Module, spec, data, stage) -> ModelStageOutput:
         raise RecipeError("prune_width needs calibration data")
     layers = get_module(model, spec.blocks)
     run = _prune_mlp if cfg.structure == "mlp" else _prune_heads
-    teacher = teacher_copy(model, cfg.recover_steps)
+    teacher = cfg.teacher(model)
     summary = run(model, spec, data, cfg, spec.blocks, layers)
     log.info("prune_width (%s): %s %s -> %s per block", cfg.allocation, cfg.structure, summary["before"], summary["after"])
-    rec = recover(model, teacher, data, steps=cfg.recover_steps, lr=cfg.recover_lr, batch_size=cfg.batch_size, seqlen=cfg.recover_seqlen)
+    rec = cfg.recover(model, teacher, data, cfg.batch_size)
     if rec is not None:
         summary["recovery"] = rec
     return ModelStageOutput(summary={"structure": cfg.structure, "ratio": cfg.ratio, "allocation": cfg.allocation, "update": cfg.update, **summary})

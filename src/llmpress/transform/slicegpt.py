@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from ..arch import ArchSpec, get_module
 from ..errors import RecipeError, UnsupportedArchitecture
+from ..prune.distill import Recovery
 from ..registry import ModelStageOutput, register
 from .rotation import fuse_norms, hidden_size, residual_rotatable
 
@@ -42,10 +43,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True, frozen=True)
-class SliceGPT:
+class SliceGPT(Recovery):
     """slicegpt stage: slice ``fraction`` of the hidden size (kept size rounded to a multiple
     of ``multiple_of`` and of the attention head count: transformers refuses a config whose
-    hidden size is not one), PCA from ``windows`` calibration windows in batches of ``batch_size``."""
+    hidden size is not one), PCA from ``windows`` calibration windows in batches of ``batch_size``;
+    ``recover_*``: distillation towards the unsliced model afterwards (:class:`~llmpress.prune.distill.Recovery`)."""
 
     fraction: float = 0.25
     multiple_of: int = 1
@@ -58,6 +60,7 @@ class SliceGPT:
             raise RecipeError(f"fraction={self.fraction!r}: expected a value in [0, 1) (the share of the hidden size sliced)")
         if self.multiple_of < 1 or self.windows < 1 or self.batch_size < 1:
             raise RecipeError("multiple_of, windows and batch_size must be at least 1")
+        self.check_recovery()
 
     def check_model(self, model: nn.Module, spec: ArchSpec) -> None:
         """Refuse, when the recipe is planned, gemma3 (post-norms) or a fraction that keeps nothing."""
@@ -180,8 +183,12 @@ def slicegpt(model: nn.Module, spec: ArchSpec, data, stage) -> ModelStageOutput:
     d = hidden_size(model, spec)
     keep = cfg.kept(d, heads(model))
     vals, vecs = residual_pca(model, spec, data, windows=cfg.windows, batch_size=cfg.batch_size)
+    teacher = cfg.teacher(model)
     fuse_norms(model, spec, final=True)
     slice_residual(model, spec, vecs[:, :keep])
     kept_share = float(vals[:keep].sum() / vals.sum())
     log.info("slicegpt: hidden size %d -> %d (%.4f of the normalized residual variance kept)", d, keep, kept_share)
-    return ModelStageOutput(summary={"hidden_before": d, "hidden_after": keep, "variance_kept": kept_share})
+    summary = {"hidden_before": d, "hidden_after": keep, "variance_kept": kept_share}
+    if (rec := cfg.recover(model, teacher, data, cfg.batch_size)) is not None:
+        summary["recovery"] = rec
+    return ModelStageOutput(summary=summary)
