@@ -60,6 +60,7 @@ from ..storage.form import LinearSpec, decode_weight, get_form
 from . import runtime_state
 from .codec import encode_linear
 from .packed_size import _DTYPES, checkpoint_accounting, packed_model_size  # noqa: F401 (their home before)
+from .mapped import drop_pages, mapped_ranges
 from .skeleton import skeleton as _skeleton
 
 log = logging.getLogger(__name__)
@@ -320,7 +321,15 @@ def load_packed(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
     model = _skeleton(config, dtype)
     runtime_state.prepare(model, meta, tensors, what)
     records = _load_linears(
-        model, specs=specs, layer_t=layer_t, tensors=tensors, dtype=dtype, backend=backend, device=device, int8=meta.get("llm_int8") or {}
+        model,
+        specs=specs,
+        layer_t=layer_t,
+        tensors=tensors,
+        dtype=dtype,
+        backend=backend,
+        device=device,
+        int8=meta.get("llm_int8") or {},
+        mapped=mapped_ranges([folder / name for name, _ in _weight_files(meta)]),
     )
     dense = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
@@ -352,10 +361,20 @@ def load_packed(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
 
 
 def _load_linears(
-    model: nn.Module, *, specs: dict[str, LinearSpec], layer_t: dict, tensors: dict, dtype, backend: str, device: str, int8: dict
+    model: nn.Module,
+    *,
+    specs: dict[str, LinearSpec],
+    layer_t: dict,
+    tensors: dict,
+    dtype,
+    backend: str,
+    device: str,
+    int8: dict,
+    mapped: list[tuple[int, int]] = (),
 ) -> dict[str, ModuleRecord]:
     """Stored linears into the skeleton: runtime modules (compressed), the decoded weight
-    (LLM.int8() linears, converted once loaded); their tensors leave ``tensors``."""
+    (LLM.int8() linears, converted once loaded); their tensors leave ``tensors``, and the pages
+    of a decoded layer's stored tensors in the ``mapped`` weights file go back to the kernel."""
     from ..runtime.qlinear import build_linear
 
     records = {}
@@ -376,8 +395,11 @@ def _load_linears(
             if (bias is None) != (lin.bias is None):
                 raise UserError(f"checkpoint layer {name}: bias {'missing' if bias is None else 'unexpected'}")
             set_module(model, name, build_linear(spec, layer_t[name], None if bias is None else bias.to(dtype), backend, device))
-        for k in layer_t[name]:
+        decoded = name in int8 or get_form(spec.kind).decodes_at_load
+        for k, t in layer_t[name].items():
             tensors.pop(f"{name}.{k}", None)  # a shared tensor is stored under its owner's name
+            if decoded:
+                drop_pages(t, mapped)
         layer_t[name] = dict.fromkeys(layer_t[name])  # only the names stay: a decoded form's stored tensors are freed now, not at the end
     return records
 
@@ -406,14 +428,12 @@ def _tie(model: nn.Module, meta: dict, specs: dict, records: dict, layer_t: dict
 def _release_freed_memory() -> None:
     """Hand the float skeleton's freed weights back to the OS (glibc keeps freed heap pages
     otherwise: a packed W4 model would hold its fp32 skeleton's size in RSS)."""
-    import ctypes
     import gc
 
+    from ..eval.memory import trim_malloc
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    trim_malloc()
 
 
 class QuantEmbedding(nn.Module):

@@ -188,6 +188,7 @@ class StorageForm:
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1
     counts_as_compressed: ClassVar[bool] = True  # eval/size.py's "quantized_linears"
+    decodes_at_load: ClassVar[bool] = False  # its runtime module holds a decoded copy, not the stored tensors
 
     def encode(self, state: LayerState) -> tuple[LinearSpec, dict[str, torch.Tensor]] | None:
         raise NotImplementedError

@@ -25,6 +25,7 @@ from ..grid import pack_unsigned, unpack_unsigned, words
 @register_form("sparse")
 class SparseMask(StorageForm):
     counts_as_compressed = False
+    decodes_at_load = True
 
     def encode(self, state):
         w = state.weight
