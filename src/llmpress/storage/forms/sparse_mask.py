@@ -19,7 +19,7 @@ from ...errors import UserError
 from ...runtime.act_quant import ActQuantLinear
 from ...runtime.qlinear import DequantLinear
 from ..form import StorageForm, register_form
-from ..grid import pack_unsigned, unpack_unsigned, words
+from ..grid import pack_unsigned, unpack_mask, words
 
 
 @register_form("sparse")
@@ -33,13 +33,12 @@ class SparseMask(StorageForm):
         return self.spec(state), {"mask": pack_unsigned(mask.to(torch.uint8), 1), "values": w[mask].contiguous()}
 
     def decode(self, spec, tensors, dtype=None):
-        mask = unpack_unsigned(tensors["mask"], 1, spec.in_features).bool()
+        mask = unpack_mask(tensors["mask"], spec.in_features)
         values = tensors["values"]
-        if int(mask.sum()) != values.numel():
-            raise UserError(f"sparse layer: mask keeps {int(mask.sum())} weights but {values.numel()} values are stored")
-        w = torch.zeros(mask.shape, dtype=dtype or values.dtype)
-        w[mask] = values.to(w.dtype)
-        return w
+        kept = int(torch.count_nonzero(mask))
+        if kept != values.numel():
+            raise UserError(f"sparse layer: mask keeps {kept} weights but {values.numel()} values are stored")
+        return torch.zeros(mask.shape, dtype=dtype or values.dtype).masked_scatter_(mask, values.to(dtype or values.dtype))
 
     def expected_shapes(self, spec):
         return {"mask": (spec.out_features, words(spec.in_features, 1)), "values": None}
