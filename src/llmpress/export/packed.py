@@ -59,8 +59,8 @@ from ..runtime.act_quant import ActQuantLinear, plain, plain_state_dict
 from ..storage.form import LinearSpec, decode_weight, get_form
 from . import runtime_state
 from .codec import encode_linear
-from .packed_size import _DTYPES, checkpoint_accounting, packed_model_size  # noqa: F401 (their home before)
 from .mapped import drop_pages, mapped_ranges
+from .packed_size import _DTYPES, checkpoint_accounting, packed_model_size  # noqa: F401 (their home before)
 from .skeleton import skeleton as _skeleton
 
 log = logging.getLogger(__name__)
