@@ -370,7 +370,7 @@ def _load_linears(
     backend: str,
     device: str,
     int8: dict,
-    mapped: list[tuple[int, int]] = (),
+    mapped: list[tuple[int, int]] | None = None,
 ) -> dict[str, ModuleRecord]:
     """Stored linears into the skeleton: runtime modules (compressed), the decoded weight
     (LLM.int8() linears, converted once loaded); their tensors leave ``tensors``, and the pages
@@ -399,7 +399,7 @@ def _load_linears(
         for k, t in layer_t[name].items():
             tensors.pop(f"{name}.{k}", None)  # a shared tensor is stored under its owner's name
             if decoded:
-                drop_pages(t, mapped)
+                drop_pages(t, mapped or [])
         layer_t[name] = dict.fromkeys(layer_t[name])  # only the names stay: a decoded form's stored tensors are freed now, not at the end
     return records
 
