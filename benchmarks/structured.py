@@ -17,7 +17,8 @@ Methods per share s of the decoder-block parameters (SmolLM2: a block is 3.54M p
 - ``sparsegpt``: SparseGPT at sparsity s on every block linear (same parameter count, dense shapes).
 With ``--recover N`` the structured rows are repeated with N distillation steps
 (``recover_steps``, batches of 4 windows of ``--recover-seqlen`` tokens at ``--recover-lr``)
-on the calibration windows; the row's recovery summary (held-out KL before and after,
+on the calibration windows (``heads+mlp``: one ``distill`` stage after both cuts, towards the
+full model); the row's recovery summary (held-out KL before and after,
 seconds, tokens) is kept in the JSON.
 
 Speed (fp32, this process, median of ``--repeats``): one prefill of 512 tokens at batch 1;
@@ -90,12 +91,13 @@ def recipes(model, share: float, recover: int, recover_lr: float = 3e-4, recover
         },
     }
     qh = query_head_share(model)
-    if qh is not None and share > qh[0] and not recover:  # one query head per group, then MLP channels for the rest
-        # (no KD row: a stage's recovery distils towards the model before that stage, here the one without the heads)
-        out[f"heads+mlp {share:.0%}"] = [
+    if qh is not None and share > qh[0]:  # one query head per group, then MLP channels for the rest
+        out[f"heads+mlp {share:.0%}{tag}"] = [
             {"method": "prune_width", "structure": "query_heads", "ratio": qh[1]},
             {"method": "prune_width", "structure": "mlp", "ratio": (share - qh[0]) / mlp_share(model)},
         ]
+        if recover:  # both cuts recover together, towards the full model (a distill stage, not a stage's own recovery)
+            out[f"heads+mlp {share:.0%}{tag}"].append({"method": "distill", "steps": recover, "lr": recover_lr, "seqlen": recover_seqlen})
     if share == 0.2 and not recover:  # ShortGPT's other importance: each block's measured drop-one perplexity (slow)
         out["layers ppl 20%"] = {"method": "drop_layers", "count": round(share * n_blocks), "importance": "ppl"}
     if not get_arch(model).post_norms:

@@ -37,6 +37,7 @@ from .eval.tasks import TaskConfig, check_run, score_tasks
 from .eval.tasks import record as tasks_record
 from .evaluation import evaluate  # noqa: F401 (re-exported)
 from .progress import scope as progress_scope
+from .prune.distill import original_model, teacher_copy
 from .recipe import Recipe, Stage, load_recipe
 from .registry import METHODS, ModelStageOutput, ModuleRecord
 from .report import Report, checkpoint_bytes
@@ -99,18 +100,20 @@ def _compress(model, plan: Plan, data: torch.Tensor | None, *, tokenizer, calib:
     t0 = time.perf_counter()
     settings: dict[str, dict] = {}  # per linear, what model-scope stages left for the stages after them
     summaries: dict[str, dict] = {}
-    for i, st in plan.model_stages:  # model-wide transforms first, in recipe order
-        if settings and getattr(st.config, "reshapes_model", False):  # they name linears by their block index
-            raise UserError(f"recipe stage {i} ({st.method}) removes structures after a stage that left per-layer settings: put it first")
-        t = time.perf_counter()
-        with progress_scope(engine.progress):  # model-scope methods' bars follow the engine's switch
-            out = METHODS[st.method].apply(model, plan.spec, data, st)
-        seconds[f"stage{i}:{st.method}"] = time.perf_counter() - t
-        if isinstance(out, ModelStageOutput):
-            for name, kv in out.per_linear.items():
-                settings.setdefault(name, {}).update(kv)
-            if out.summary:
-                summaries[f"stage{i}:{st.method}"] = out.summary
+    keep = any(getattr(st.config, "keeps_original", False) for _, st in plan.model_stages)  # a distill stage's teacher
+    with original_model(teacher_copy(model, 1) if keep else None):
+        for i, st in plan.model_stages:  # model-wide transforms first, in recipe order
+            if settings and getattr(st.config, "reshapes_model", False):  # they name linears by their block index
+                raise UserError(f"recipe stage {i} ({st.method}) removes structures after a stage that left per-layer settings: put it first")
+            t = time.perf_counter()
+            with progress_scope(engine.progress):  # model-scope methods' bars follow the engine's switch
+                out = METHODS[st.method].apply(model, plan.spec, data, st)
+            seconds[f"stage{i}:{st.method}"] = time.perf_counter() - t
+            if isinstance(out, ModelStageOutput):
+                for name, kv in out.per_linear.items():
+                    settings.setdefault(name, {}).update(kv)
+                if out.summary:
+                    summaries[f"stage{i}:{st.method}"] = out.summary
     if any(getattr(st.config, "reshapes_model", False) for _, st in plan.model_stages):
         plan = build_plan(model, plan.recipe, reshaped=True)  # blocks, heads or channels removed: the later stages act on the smaller model
     result = run_engine(model, plan, data, engine, settings)

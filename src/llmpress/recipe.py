@@ -62,6 +62,12 @@ class Recipe:
     name: str = "custom"
     description: str = ""
 
+    def __post_init__(self):
+        for i, s in enumerate(self.stages):  # a stage that only makes sense at some places in a recipe (distill)
+            check = getattr(s.config, "check_position", None)
+            if check is not None:
+                check(i, self.stages)
+
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "stages": [s.to_dict() for s in self.stages]}
 

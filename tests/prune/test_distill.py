@@ -106,3 +106,42 @@ def test_a_run_that_raises_the_kl_is_undone():
     out = distill(student, teacher, TRAIN[:8], Distill(steps=5, lr=0.05))  # far too high a learning rate
     assert not out["kept"] and out["kl_trained"] > out["kl_before"] == out["kl_after"]
     assert all(torch.equal(p, q) for p, q in zip(student.parameters(), before))
+
+
+def test_a_distill_stage_recovers_several_cuts_towards_the_model_the_recipe_received():
+    from helpers import QUIET
+
+    teacher = tiny_llama(layers=3)
+    with torch.no_grad():
+        teacher.model.norm.weight.mul_(6.0)
+    cuts = [
+        {"method": "prune_width", "structure": "query_heads", "ratio": 0.5, "update": False},
+        {"method": "prune_width", "structure": "mlp", "ratio": 0.5, "update": False},
+    ]
+    cut = copy.deepcopy(teacher)  # the same cuts without the distillation: what the stage starts from
+    llmpress.compress(cut, llmpress.recipe.Recipe.from_dict({"stages": cuts}), data=TRAIN, engine=QUIET)
+    heads_only = copy.deepcopy(teacher)  # the model before the last cut: a per-stage teacher would be this one
+    llmpress.compress(heads_only, llmpress.recipe.Recipe.from_dict({"stages": cuts[:1]}), data=TRAIN, engine=QUIET)
+    m = copy.deepcopy(teacher)
+    recipe = llmpress.recipe.Recipe.from_dict({"stages": [*cuts, {"method": "distill", "steps": 30, "lr": 1e-4}]})
+    report = llmpress.compress(m, recipe, data=TRAIN, engine=QUIET)
+    rec = report.stages["stage2:distill"]["recovery"]
+    held = TRAIN[-8:]
+    assert rec["kl_before"] == pytest.approx(kl_to_teacher(cut, teacher, held), rel=1e-4)  # measured against the full model
+    assert abs(rec["kl_before"] - kl_to_teacher(cut, heads_only, held)) > 0.05 * rec["kl_before"]
+    assert rec["kept"] and rec["kl_after"] < 0.7 * rec["kl_before"]
+    assert kl_to_teacher(m, teacher, held) == pytest.approx(rec["kl_after"], rel=1e-4)
+    assert m.model.layers[0].mlp.gate_proj.out_features == cut.model.layers[0].mlp.gate_proj.out_features < 128
+
+
+@pytest.mark.parametrize(
+    ("stages", "message"),
+    [
+        ([{"method": "distill"}], "nothing before it"),
+        ([{"method": "drop_layers", "count": 1}, {"method": "rtn", "weights": {"bits": 4}}, {"method": "distill"}], "before stage 1 \\(rtn\\)"),
+        ([{"method": "drop_layers", "count": 1}, {"method": "distill", "steps": 5, "lr": 0.0}], "lr"),
+    ],
+)
+def test_a_distill_stage_in_the_wrong_place_is_refused_when_read(stages, message):
+    with pytest.raises(RecipeError, match=message):
+        llmpress.recipe.Recipe.from_dict({"stages": stages})

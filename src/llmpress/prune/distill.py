@@ -13,6 +13,11 @@ run is kept) is measured on them, which costs two forwards of a few windows inst
 whole set. ``seqlen`` cuts the windows shorter for training: a token costs less in a short
 window (attention) and more steps fit a budget. :func:`kl_to_teacher` measures the same KL
 (T = 1) on any windows.
+
+Two ways to run it in a recipe: a structured stage's own ``recover_steps`` (:class:`Recovery`:
+the teacher is the model as it was before that stage), or a ``distill`` stage after the
+pruning stages (:mod:`llmpress.prune.distill_stage`: the teacher is the model as the recipe received it,
+so several cuts, e.g. query heads then MLP channels, recover together towards the full model).
 """
 
 from __future__ import annotations
@@ -20,7 +25,11 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -28,10 +37,11 @@ import torch.nn.functional as F
 
 from ..errors import RecipeError
 from ..progress import track
+from ..registry import get_method
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Distill", "Recovery", "distill", "kl_to_teacher"]
+__all__ = ["Distill", "Recovery", "current_original", "distill", "kl_to_teacher", "original_model"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -39,7 +49,8 @@ class Distill:
     """``steps`` optimizer steps of ``batch_size`` windows at learning rate ``lr`` (AdamW,
     weight decay 0), ``temperature`` T, ``train`` all parameters or only ``norms``; ``seed``
     draws the batches; ``held_out`` windows (at most; never more than an eighth) kept aside
-    for the KL; ``seqlen`` > 0 cuts the training windows to that many tokens."""
+    for the KL; ``seqlen`` > 0 cuts the training windows to that many tokens. Also the
+    config of the recipe stage ``distill`` (:mod:`llmpress.prune.distill_stage`)."""
 
     steps: int = 100
     lr: float = 1e-4
@@ -49,6 +60,7 @@ class Distill:
     seed: int = 0
     held_out: int = 8
     seqlen: int = 0
+    keeps_original: ClassVar[bool] = True  # as a recipe stage: compress keeps a frozen copy of the model it received
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1:
@@ -59,6 +71,19 @@ class Distill:
             raise RecipeError("distillation: lr and temperature must be positive")
         if self.train not in ("all", "norms"):
             raise RecipeError(f"distillation: train={self.train!r}: expected all or norms")
+
+    def check_position(self, index: int, stages) -> None:
+        """As recipe stage ``index`` of ``stages``: refused first (nothing to recover: the
+        teacher would be the model itself) or after a stage of the sequential engine (model-
+        scope stages run before the engine, so it would train before that stage, not after)."""
+        if index == 0:
+            raise RecipeError("recipe stage 0 (distill): nothing before it to recover from; put it after the pruning stages")
+        late = next((j for j in range(index) if get_method(stages[j].method).scope != "model"), None)
+        if late is not None:
+            raise RecipeError(
+                f"recipe stage {index} (distill) runs before the quantization stages (model-wide stages run first): "
+                f"put it before stage {late} ({stages[late].method})"
+            )
 
 
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -194,3 +219,22 @@ def recover(
     if teacher is None:
         return None
     return distill(student, teacher, windows, Distill(steps=steps, lr=lr, batch_size=batch_size, seqlen=seqlen))
+
+
+_ORIGINAL: ContextVar[nn.Module | None] = ContextVar("llmpress_original_model", default=None)
+
+
+@contextmanager
+def original_model(model: nn.Module | None) -> Iterator[None]:
+    """Within it, a ``distill`` stage distils towards ``model`` (a frozen copy of the model
+    as :func:`llmpress.api.compress` received it)."""
+    token = _ORIGINAL.set(model)
+    try:
+        yield
+    finally:
+        _ORIGINAL.reset(token)
+
+
+def current_original() -> nn.Module | None:
+    """The teacher :func:`original_model` set (None outside it)."""
+    return _ORIGINAL.get()
