@@ -65,7 +65,7 @@ def test_held_out_windows_and_shorter_training_windows():
 
 def test_config_errors():
     with pytest.raises(RecipeError, match="train"):
-        Distill(train="lora")
+        Distill(train="adapters")
     with pytest.raises(RecipeError, match="lr"):
         Distill(lr=0)
     with pytest.raises(RecipeError, match="seqlen"):
@@ -145,3 +145,62 @@ def test_a_distill_stage_recovers_several_cuts_towards_the_model_the_recipe_rece
 def test_a_distill_stage_in_the_wrong_place_is_refused_when_read(stages, message):
     with pytest.raises(RecipeError, match=message):
         llmpress.recipe.Recipe.from_dict({"stages": stages})
+
+
+def test_lora_recovery_changes_only_block_linears_by_low_rank_updates():
+    from llmpress.prune.lora import LoRA
+
+    teacher, student = _pair()
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    rank = 4
+    out = distill(student, teacher, TRAIN, Distill(steps=30, lr=3e-3, train="lora", lora_rank=rank, lora_alpha=8.0))
+    assert out["kept"] and out["kl_after"] < 0.7 * out["kl_before"], out
+    assert out["kl_after"] == pytest.approx(kl_to_teacher(student, teacher, TRAIN[-8:]), rel=1e-4)  # merged = trained
+    linears = {n: m for n, m in student.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")}
+    assert out["trained_parameters"] == sum(rank * (m.in_features + m.out_features) for m in linears.values())
+    assert all(not m._forward_hooks for m in student.modules())  # nothing of LoRA left to save
+    for n, p in student.named_parameters():
+        delta = p.detach() - before[n]
+        if n.removesuffix(".weight") in linears:
+            assert 0 < torch.linalg.matrix_rank(delta.double(), rtol=1e-6) <= rank, n
+        else:
+            assert torch.equal(delta, torch.zeros_like(delta)), n  # embeddings and norms untouched
+    model = tiny_llama(layers=2)
+    lora = LoRA(model, rank=rank, alpha=8.0, seed=1)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.normal_(0, 0.1)
+        ids = HELD_OUT[:2]
+        adapted = model(input_ids=ids).logits
+        lora.merge()
+        assert torch.allclose(model(input_ids=ids).logits, adapted, atol=1e-4)
+
+
+def test_lora_run_that_raises_the_kl_leaves_the_weights_alone():
+    teacher = tiny_llama(layers=2)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.model.layers[0].mlp.down_proj.weight.mul_(0.9)
+    before = [p.detach().clone() for p in student.parameters()]
+    out = distill(student, teacher, TRAIN[:8], Distill(steps=5, lr=0.5, train="lora"))
+    assert not out["kept"] and out["kl_trained"] > out["kl_before"]
+    assert all(torch.equal(p, q) for p, q in zip(student.parameters(), before))
+    assert all(not m._forward_hooks for m in student.modules())
+    with pytest.raises(RecipeError, match="lora_rank"):
+        Distill(train="lora", lora_rank=0)
+
+
+def test_a_stage_recovers_with_lora():
+    from helpers import QUIET
+
+    teacher = tiny_llama(layers=3)
+    with torch.no_grad():
+        teacher.model.norm.weight.mul_(6.0)
+    m = copy.deepcopy(teacher)
+    st = {"method": "drop_layers", "count": 1, "recover_steps": 30, "recover_lr": 1e-3, "recover_train": "lora", "recover_lora_rank": 16}
+    report = llmpress.compress(m, llmpress.recipe.Recipe.from_dict({"stages": [st]}), data=TRAIN, engine=QUIET)
+    rec = report.stages["stage0:drop_layers"]["recovery"]
+    assert rec["train"] == "lora" and rec["kept"] and rec["kl_after"] < 0.7 * rec["kl_before"]
+    assert torch.equal(m.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
+    with pytest.raises(RecipeError, match="train"):
+        llmpress.recipe.Recipe.from_dict({"stages": [{**st, "recover_train": "qlora"}]})

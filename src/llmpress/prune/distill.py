@@ -6,8 +6,10 @@ Loss per token position (Hinton et al. 2015), with temperature T:
     T^2 * KL( softmax(z_teacher / T) || softmax(z_student / T) )
 
 averaged over every position of a batch. AdamW on every floating-point parameter of the
-student (``train="all"``) or only on its norm gains and biases (``"norms"``: few parameters,
-little memory). Batches are drawn with a seeded generator, so a run is reproducible.
+student (``train="all"``), only on its norm gains and biases (``"norms"``: few parameters,
+little memory), or on low-rank adapters of the block linears merged into the weights afterwards
+(``"lora"``, :mod:`llmpress.prune.lora`: gradients and AdamW moments for r(m + n) numbers per
+linear instead of mn). Batches are drawn with a seeded generator, so a run is reproducible.
 The last ``held_out`` windows are not trained on: the KL before and after (and whether the
 run is kept) is measured on them, which costs two forwards of a few windows instead of the
 whole set. ``seqlen`` cuts the windows shorter for training: a token costs less in a short
@@ -23,6 +25,7 @@ so several cuts, e.g. query heads then MLP channels, recover together towards th
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -38,8 +41,11 @@ import torch.nn.functional as F
 from ..errors import RecipeError
 from ..progress import track
 from ..registry import get_method
+from .lora import LoRA
 
 log = logging.getLogger(__name__)
+
+TRAIN = ("all", "norms", "lora")
 
 __all__ = ["Distill", "Recovery", "current_original", "distill", "kl_to_teacher", "original_model"]
 
@@ -47,7 +53,8 @@ __all__ = ["Distill", "Recovery", "current_original", "distill", "kl_to_teacher"
 @dataclass(kw_only=True, frozen=True)
 class Distill:
     """``steps`` optimizer steps of ``batch_size`` windows at learning rate ``lr`` (AdamW,
-    weight decay 0), ``temperature`` T, ``train`` all parameters or only ``norms``; ``seed``
+    weight decay 0), ``temperature`` T, ``train`` all parameters, only ``norms`` or ``lora``
+    adapters of rank ``lora_rank`` (scale ``lora_alpha / lora_rank``); ``seed``
     draws the batches; ``held_out`` windows (at most; never more than an eighth) kept aside
     for the KL; ``seqlen`` > 0 cuts the training windows to that many tokens. Also the
     config of the recipe stage ``distill`` (:mod:`llmpress.prune.distill_stage`)."""
@@ -60,6 +67,8 @@ class Distill:
     seed: int = 0
     held_out: int = 8
     seqlen: int = 0
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
     keeps_original: ClassVar[bool] = True  # as a recipe stage: compress keeps a frozen copy of the model it received
 
     def __post_init__(self):
@@ -69,8 +78,10 @@ class Distill:
             raise RecipeError("distillation: held_out must be >= 0 and seqlen 0 (as given) or >= 2")
         if not self.lr > 0 or not self.temperature > 0:
             raise RecipeError("distillation: lr and temperature must be positive")
-        if self.train not in ("all", "norms"):
-            raise RecipeError(f"distillation: train={self.train!r}: expected all or norms")
+        if self.train not in TRAIN:
+            raise RecipeError(f"distillation: train={self.train!r}: expected one of {', '.join(TRAIN)}")
+        if self.lora_rank < 1 or not self.lora_alpha > 0:
+            raise RecipeError(f"distillation: lora_rank={self.lora_rank!r} must be >= 1 and lora_alpha={self.lora_alpha!r} positive")
 
     def check_position(self, index: int, stages) -> None:
         """As recipe stage ``index`` of ``stages``: refused first (nothing to recover: the
@@ -135,20 +146,53 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: 
     """Train ``student`` in place towards ``teacher`` on ``windows`` [n, L] (less the held-out
     ones, :func:`split`); returns the held-out KL before and after, the steps and the seconds
     taken. A run that ends with a higher held-out KL than it started puts the trained
-    parameters back (``kept`` False, ``kl_trained`` the KL it reached)."""
+    parameters back (``kept`` False, ``kl_trained`` the KL it reached); LoRA adapters are
+    merged into the weights when the run is kept and dropped otherwise."""
     dev = next(student.parameters()).device
     windows, held, n_held = split(windows, cfg)
-    params = _trainable(student, cfg.train)
+    lora = LoRA(student, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed) if cfg.train == "lora" else None
+    params = lora.parameters() if lora else _trainable(student, cfg.train)
     flags = {id(p): p.requires_grad for p in student.parameters()}
     for p in student.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    kl_before = kl_to_teacher(student, teacher, held, cfg.batch_size)
-    start = {id(p): p.detach().clone() for p in params}
+    t0 = time.perf_counter()
+    try:
+        kl_before = kl_to_teacher(student, teacher, held, cfg.batch_size)
+        start = {} if lora else {id(p): p.detach().clone() for p in params}
+        _train(student, teacher, windows, params, cfg)
+        kl_after = kl_to_teacher(student, teacher, held, cfg.batch_size)
+    except BaseException:
+        if lora:
+            lora.remove()
+        raise
+    finally:
+        for p in student.parameters():
+            p.requires_grad_(flags[id(p)])
+    kept = kl_after <= kl_before
+    if lora:
+        lora.merge() if kept else lora.remove()
+    elif not kept:
+        with torch.no_grad():
+            for p in params:
+                p.copy_(start[id(p)])
+    if not kept:  # the run made things worse (learning rate too high for a close start): back to where it began
+        log.warning("distillation: KL rose %.4f -> %.4f in %d steps; the weights before it are kept (lower lr)", kl_before, kl_after, cfg.steps)
+    else:
+        log.info("distillation: KL %.4f -> %.4f in %d steps", kl_before, kl_after, cfg.steps)
+    return {"kl_before": kl_before, "kl_after": kl_after if kept else kl_before, "kl_trained": kl_after, "kept": kept,
+            "steps": cfg.steps, "seconds": time.perf_counter() - t0, "held_out": n_held, "train": cfg.train,
+            "trained_parameters": sum(p.numel() for p in params),
+            "train_tokens": cfg.steps * cfg.batch_size * windows.shape[1]}  # fmt: skip
+
+
+def _train(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, params: list[nn.Parameter], cfg: Distill) -> None:
+    """``cfg.steps`` AdamW steps on ``params`` of the KL of ``student`` to ``teacher`` on
+    batches drawn (seeded) from ``windows``."""
+    dev = next(student.parameters()).device
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
-    t0 = time.perf_counter()
     was_training = student.training
     student.train(False)  # no dropout: the student is trained as it is served
     try:
@@ -162,36 +206,29 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: 
             opt.step()
     finally:
         opt.zero_grad(set_to_none=True)
-        for p in student.parameters():
-            p.requires_grad_(flags[id(p)])
         student.train(was_training)
-    kl_after = kl_to_teacher(student, teacher, held, cfg.batch_size)
-    kept = kl_after <= kl_before
-    if not kept:  # the run made things worse (learning rate too high for a close start): back to where it began
-        with torch.no_grad():
-            for p in params:
-                p.copy_(start[id(p)])
-        log.warning("distillation: KL rose %.4f -> %.4f in %d steps; the weights before it are kept (lower lr)", kl_before, kl_after, cfg.steps)
-    else:
-        log.info("distillation: KL %.4f -> %.4f in %d steps", kl_before, kl_after, cfg.steps)
-    return {"kl_before": kl_before, "kl_after": kl_after if kept else kl_before, "kl_trained": kl_after, "kept": kept,
-            "steps": cfg.steps, "seconds": time.perf_counter() - t0, "held_out": n_held,
-            "train_tokens": cfg.steps * cfg.batch_size * windows.shape[1]}  # fmt: skip
 
 
 @dataclass(kw_only=True, frozen=True)
 class Recovery:
     """The recovery settings of a structured stage (drop_layers, prune_width, slicegpt):
     ``recover_steps`` distillation steps (0: none) towards the model as it was before the
-    stage, at ``recover_lr``, on windows cut to ``recover_seqlen`` tokens (0: as given)."""
+    stage, at ``recover_lr``, on windows cut to ``recover_seqlen`` tokens (0: as given),
+    training ``recover_train`` (all, norms or lora; LoRA of rank ``recover_lora_rank``)."""
 
     recover_steps: int = 0
     recover_lr: float = 1e-4
     recover_seqlen: int = 0
+    recover_train: str = "all"
+    recover_lora_rank: int = 16
 
     def check_recovery(self) -> None:
         """Refuse bad recovery settings when the recipe is read."""
-        Distill(steps=self.recover_steps, lr=self.recover_lr, seqlen=self.recover_seqlen)
+        self._distill()
+
+    def _distill(self) -> Distill:
+        return Distill(steps=self.recover_steps, lr=self.recover_lr, seqlen=self.recover_seqlen, train=self.recover_train,
+                       lora_rank=self.recover_lora_rank, lora_alpha=2.0 * self.recover_lora_rank)  # fmt: skip
 
     def teacher(self, model: nn.Module, changed: bool = True) -> nn.Module | None:
         """A frozen copy of ``model`` before the stage changes it (None: no recovery to run)."""
@@ -199,7 +236,9 @@ class Recovery:
 
     def recover(self, model: nn.Module, teacher: nn.Module | None, data: torch.Tensor, batch_size: int) -> dict | None:
         """Distil ``model`` towards ``teacher`` with these settings (None when there is no teacher)."""
-        return recover(model, teacher, data, steps=self.recover_steps, lr=self.recover_lr, batch_size=batch_size, seqlen=self.recover_seqlen)
+        if teacher is None:
+            return None
+        return distill(model, teacher, data, dataclasses.replace(self._distill(), batch_size=batch_size))
 
 
 def teacher_copy(model: nn.Module, steps: int) -> nn.Module | None:
@@ -210,15 +249,6 @@ def teacher_copy(model: nn.Module, steps: int) -> nn.Module | None:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
-
-
-def recover(
-    student: nn.Module, teacher: nn.Module | None, windows: torch.Tensor, *, steps: int, lr: float, batch_size: int, seqlen: int = 0
-) -> dict | None:
-    """:func:`distill` of a pruning stage's result towards its ``teacher`` (None: no recovery)."""
-    if teacher is None:
-        return None
-    return distill(student, teacher, windows, Distill(steps=steps, lr=lr, batch_size=batch_size, seqlen=seqlen))
 
 
 _ORIGINAL: ContextVar[nn.Module | None] = ContextVar("llmpress_original_model", default=None)
