@@ -148,7 +148,6 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: 
     taken. A run that ends with a higher held-out KL than it started puts the trained
     parameters back (``kept`` False, ``kl_trained`` the KL it reached); LoRA adapters are
     merged into the weights when the run is kept and dropped otherwise."""
-    dev = next(student.parameters()).device
     windows, held, n_held = split(windows, cfg)
     lora = LoRA(student, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed) if cfg.train == "lora" else None
     params = lora.parameters() if lora else _trainable(student, cfg.train)
