@@ -204,3 +204,29 @@ def test_a_stage_recovers_with_lora():
     assert torch.equal(m.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
     with pytest.raises(RecipeError, match="train"):
         llmpress.recipe.Recipe.from_dict({"stages": [{**st, "recover_train": "qlora"}]})
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_the_loss_in_chunks_of_positions_equals_the_plain_one(family, monkeypatch):
+    from conftest import TINY_MODELS
+
+    import llmpress.prune.distill as d
+
+    teacher = TINY_MODELS[family](layers=2)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    ids = random_windows(3, 40, seed=3)
+    monkeypatch.setattr(d, "LOGITS_BUDGET", 256 * 16)  # 16 positions a chunk: 8 chunks of 120 positions
+    heads = d._heads(student, teacher, ids[:1, :8])
+    assert heads is not None
+    grads = []
+    for h in (heads, None):
+        student.zero_grad()
+        loss = d._loss(student, teacher, ids, 2.0, h)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in student.parameters()]))
+    (chunked, g_chunked), (plain, g_plain) = grads
+    assert float(plain) > 1e-6 and float(chunked) == pytest.approx(float(plain), rel=1e-5)
+    for a, b in zip(g_chunked, g_plain):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))

@@ -20,13 +20,10 @@ import torch.nn.functional as F
 
 from .. import progress as progress_mod
 from ..calib.dist import Group
+from ..runtime.head import LOGITS_BUDGET, agrees, head_logits, split_head
 from .memory import trim_malloc
 
-LOGITS_BUDGET = 1 << 21  # elements of one chunk of logits (8 MB in float32)
-# config fields that rescale logits after the head in some transformers models: not
-# reproduced here, so such models take the plain path
-_LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier_scale", "logit_multiplier")
-_TOKENWISE_MODULES = ("llmpress.runtime.qlinear", "llmpress.runtime.int8")
+__all__ = ["LOGITS_BUDGET", "hidden_nll", "perplexity", "split_head"]
 
 
 @torch.no_grad()
@@ -51,7 +48,7 @@ def perplexity(
     """
     device = next(model.parameters()).device
     parts = split_head(model) if chunked else None
-    if parts is not None and not _agrees(model, parts, windows[:1, :8].to(device)):
+    if parts is not None and not agrees(model, parts, windows[:1, :8].to(device)):
         parts = None  # the model's logits are not head(decoder(x)) after all: the plain way
     first = 0
     if group is not None and group.active:
@@ -88,24 +85,6 @@ def _plain_nll(model, batch: torch.Tensor, kl=None) -> float:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
 
 
-def _head_logits(head: nn.Module, softcap: float | None, h: torch.Tensor) -> torch.Tensor:
-    logits = head(h).float()
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
-
-
-def _agrees(model, parts: tuple, probe: torch.Tensor) -> bool:
-    """The decomposition reproduces the model's own logits on a few tokens."""
-    body, head, softcap = parts
-    full = model(input_ids=probe, use_cache=False).logits.float()
-    mine = _head_logits(head, softcap, body(input_ids=probe, use_cache=False).last_hidden_state)
-    if mine.shape != full.shape:
-        return False
-    scale = float(full.abs().nan_to_num(0.0, 0.0, 0.0).max())  # NaN weights (a broken model) must not crash here
-    return torch.allclose(mine, full, rtol=1e-4, atol=1e-4 * scale, equal_nan=True)
-
-
 def _chunked_nll(body: nn.Module, head: nn.Module, softcap: float | None, batch: torch.Tensor, kl=None) -> float:
     return hidden_nll(head, softcap, body(input_ids=batch, use_cache=False).last_hidden_state, batch, kl)
 
@@ -121,7 +100,7 @@ def hidden_nll(head: nn.Module, softcap: float | None, hidden: torch.Tensor, bat
     step = max(1, LOGITS_BUDGET // vocab)
     total = 0.0
     for s in range(0, h.shape[0], step):
-        logits = _head_logits(head, softcap, h[s : s + step])
+        logits = head_logits(head, softcap, h[s : s + step])
         if kl is not None:
             kl.add(logits)
         total += _nll_sum(logits, target[s : s + step])
@@ -135,35 +114,3 @@ def _nll_sum(logits: torch.Tensor, target: torch.Tensor) -> float:
     top = logits.amax(dim=1, keepdim=True)
     lse = logits.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
     return (lse - picked).sum().item()
-
-
-def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None] | None:
-    """(decoder, output head, final logit softcap) of a causal LM whose logits are
-    ``softcap(head(decoder(x).last_hidden_state))`` with a per-token head; None otherwise."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    body = getattr(model, "base_model", None)
-    if head is None or body is None or body is model:
-        return None
-    if model._forward_hooks or model._forward_pre_hooks or "forward" in vars(model):
-        return None  # the top-level forward was changed: only the model itself knows its logits
-    if not _tokenwise(head):
-        return None
-    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
-    if any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in _LOGIT_SCALES):
-        return None
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    return body, head, softcap
-
-
-def _tokenwise(head: nn.Module) -> bool:
-    """True when ``head`` maps each token independently (so chunking tokens changes nothing)."""
-    from ..runtime.act_quant import ActQuantLinear
-
-    for m in head.modules():
-        if isinstance(m, ActQuantLinear):
-            if m.args.granularity not in ("token", "group"):
-                return False  # per-tensor / per-channel dynamic scales see the whole batch
-        elif not (type(m) is nn.Linear or type(m).__module__ in _TOKENWISE_MODULES):
-            return False
-    return True

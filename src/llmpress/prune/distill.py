@@ -37,10 +37,12 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import RecipeError
 from ..progress import track
 from ..registry import get_method
+from ..runtime.head import LOGITS_BUDGET, agrees, head_logits, split_head
 from .lora import LoRA
 
 log = logging.getLogger(__name__)
@@ -105,15 +107,57 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature:
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
 
 
+def _heads(student: nn.Module, teacher: nn.Module, probe: torch.Tensor) -> tuple | None:
+    """(student's, teacher's) (decoder, head, softcap) when both models' logits are a per-token
+    head over their decoder's output (checked on ``probe``), so the loss can be taken a chunk of
+    tokens at a time; None: the plain way."""
+    parts = split_head(student), split_head(teacher)
+    if parts[0] is None or parts[1] is None:
+        return None
+    with torch.no_grad():
+        return parts if agrees(student, parts[0], probe) and agrees(teacher, parts[1], probe) else None
+
+
+def _chunk_kl(h_s: torch.Tensor, h_t: torch.Tensor, s_head, s_cap, t_head, t_cap, temperature: float) -> torch.Tensor:
+    """Sum over the chunk's positions of KL(p_teacher || p_student) at temperature T."""
+    s = F.log_softmax(head_logits(s_head, s_cap, h_s) / temperature, dim=-1)
+    with torch.no_grad():
+        t = F.log_softmax(head_logits(t_head, t_cap, h_t) / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="sum")
+
+
+def _loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, temperature: float, heads: tuple | None) -> torch.Tensor:
+    """:func:`_kl` of the two models on ``ids``. With ``heads`` (:func:`_heads`) the heads and the
+    loss run a chunk of positions at a time under activation checkpointing, so neither model's
+    [batch, seq, vocab] logits (nor their log-softmax and gradient copies) exist at once: the
+    backward recomputes one chunk's logits at a time. The same value up to summation order."""
+    if heads is None:
+        with torch.no_grad():
+            target = teacher(input_ids=ids, use_cache=False).logits
+        return _kl(student(input_ids=ids, use_cache=False).logits, target, temperature)
+    (s_body, s_head, s_cap), (t_body, t_head, t_cap) = heads
+    h_s = s_body(input_ids=ids, use_cache=False).last_hidden_state
+    with torch.no_grad():
+        h_t = t_body(input_ids=ids, use_cache=False).last_hidden_state
+    h_s, h_t = h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1])
+    n = h_s.shape[0]
+    step = max(1, LOGITS_BUDGET // max(getattr(s_head, "out_features", 0), 1))
+    total = h_s.new_zeros((), dtype=torch.float32)
+    for i in range(0, n, step):
+        args = (h_s[i : i + step], h_t[i : i + step], s_head, s_cap, t_head, t_cap, temperature)
+        total = total + (checkpoint(_chunk_kl, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_kl(*args))
+    return total / n * temperature**2
+
+
 @torch.no_grad()
 def kl_to_teacher(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
     """Mean per-token KL(teacher || student) (T = 1, nats) over ``windows`` [n, L]."""
     dev = next(student.parameters()).device
+    heads = _heads(student, teacher, windows[:1, :8].to(dev))
     total, count = 0.0, 0
     for i in range(0, windows.shape[0], batch_size):
         ids = windows[i : i + batch_size].to(dev)
-        kl = _kl(student(input_ids=ids, use_cache=False).logits, teacher(input_ids=ids, use_cache=False).logits, 1.0)
-        total += float(kl) * ids.numel()
+        total += float(_loss(student, teacher, ids, 1.0, heads)) * ids.numel()
         count += ids.numel()
     return total / max(count, 1)
 
@@ -192,14 +236,13 @@ def _train(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, params
     dev = next(student.parameters()).device
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
+    heads = _heads(student, teacher, windows[:1, :8].to(dev))
     was_training = student.training
     student.train(False)  # no dropout: the student is trained as it is served
     try:
         for _ in track(range(cfg.steps), "distillation", "step"):
             ids = windows[torch.randint(0, windows.shape[0], (cfg.batch_size,), generator=gen)].to(dev)
-            with torch.no_grad():
-                target = teacher(input_ids=ids, use_cache=False).logits
-            loss = _kl(student(input_ids=ids, use_cache=False).logits, target, cfg.temperature)
+            loss = _loss(student, teacher, ids, cfg.temperature, heads)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

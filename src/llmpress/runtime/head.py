@@ -1,0 +1,69 @@
+"""The output head of a causal LM as a separate step: ``split_head`` finds (decoder, head,
+final-logit softcap) for a model whose logits are ``softcap(head(decoder(x)))`` with a
+per-token head, so callers can apply the head to a chunk of tokens at a time (perplexity,
+distillation) instead of materializing [batch, seq, vocab] logits at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["LOGITS_BUDGET", "agrees", "head_logits", "split_head"]
+
+LOGITS_BUDGET = 1 << 21  # elements of one chunk of logits (8 MB in float32)
+
+# config fields that rescale logits after the head in some transformers models: not
+# reproduced here, so such models take the plain path
+_LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier_scale", "logit_multiplier")
+_TOKENWISE_MODULES = ("llmpress.runtime.qlinear", "llmpress.runtime.int8")
+
+
+def head_logits(head: nn.Module, softcap: float | None, h: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def agrees(model, parts: tuple, probe: torch.Tensor) -> bool:
+    """The decomposition reproduces the model's own logits on a few tokens."""
+    body, head, softcap = parts
+    full = model(input_ids=probe, use_cache=False).logits.float()
+    mine = head_logits(head, softcap, body(input_ids=probe, use_cache=False).last_hidden_state)
+    if mine.shape != full.shape:
+        return False
+    scale = float(full.abs().nan_to_num(0.0, 0.0, 0.0).max())  # NaN weights (a broken model) must not crash here
+    return torch.allclose(mine, full, rtol=1e-4, atol=1e-4 * scale, equal_nan=True)
+
+
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None] | None:
+    """(decoder, output head, final logit softcap) of a causal LM whose logits are
+    ``softcap(head(decoder(x).last_hidden_state))`` with a per-token head; None otherwise."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    body = getattr(model, "base_model", None)
+    if head is None or body is None or body is model:
+        return None
+    if model._forward_hooks or model._forward_pre_hooks or "forward" in vars(model):
+        return None  # the top-level forward was changed: only the model itself knows its logits
+    if not _tokenwise(head):
+        return None
+    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    if any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in _LOGIT_SCALES):
+        return None
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return body, head, softcap
+
+
+def _tokenwise(head: nn.Module) -> bool:
+    """True when ``head`` maps each token independently (so chunking tokens changes nothing)."""
+    from .act_quant import ActQuantLinear
+
+    for m in head.modules():
+        if isinstance(m, ActQuantLinear):
+            if m.args.granularity not in ("token", "group"):
+                return False  # per-tensor / per-channel dynamic scales see the whole batch
+        elif not (type(m) is nn.Linear or type(m).__module__ in _TOKENWISE_MODULES):
+            return False
+    return True
