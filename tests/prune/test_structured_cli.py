@@ -39,6 +39,14 @@ def test_structured_removes_every_head(tmp_path, outs, tiny_model_dir, tiny_text
     assert listing(outs) == []
 
 
+def test_distill_stage_out_of_place(tmp_path, outs, tiny_model_dir, tiny_text_file, capsys):
+    r = _recipe(tmp_path, "{method: distill, steps: 5}")
+    cli_fails(capsys, _run(tiny_model_dir, tiny_text_file, outs / "o", r), "recipe stage 0 (distill): nothing before it")
+    r.write_text("stages:\n  - {method: drop_layers, count: 1}\n  - {method: rtn, weights: {bits: 4}}\n  - {method: distill}\n")
+    cli_fails(capsys, _run(tiny_model_dir, tiny_text_file, outs / "o", r), "recipe stage 2 (distill) runs before", "before stage 1 (rtn)")
+    assert listing(outs) == []
+
+
 def test_structured_missing_structure(tmp_path, outs, tiny_text_file, capsys):
     gemma = save_tiny_model(tmp_path / "tiny-gemma", "gemma3")
     r = _recipe(tmp_path, "{method: slicegpt, fraction: 0.25}")
