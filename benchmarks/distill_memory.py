@@ -1,5 +1,6 @@
 """What recovery by distillation adds to a compress's peak RSS, per ``recover_train`` (all
-parameters, norms only, LoRA adapters), on SmolLM2-135M (or ``--model``).
+parameters, norms only, LoRA adapters) with and without ``recover_checkpoint``, on
+SmolLM2-135M (or ``--model``).
 
     .venv/bin/python benchmarks/distill_memory.py [--steps 3] [--windows 16]
 
@@ -19,7 +20,7 @@ import json
 import subprocess
 import sys
 
-MODES = ("none", "all", "norms", "lora")
+MODES = ("none", "all", "all+checkpoint", "norms", "lora", "lora+checkpoint")
 
 
 def child(model_name: str, mode: str, steps: int, windows: int) -> dict:
@@ -36,7 +37,8 @@ def child(model_name: str, mode: str, steps: int, windows: int) -> dict:
     n_blocks = model.config.num_hidden_layers
     stage = {"method": "drop_layers", "count": max(1, round(0.2 * n_blocks)), "windows": 4}
     if mode != "none":
-        stage.update(recover_steps=steps, recover_lr=3e-4, recover_seqlen=256, recover_train=mode)
+        train, _, ckpt = mode.partition("+")
+        stage.update(recover_steps=steps, recover_lr=3e-4, recover_seqlen=256, recover_train=train, recover_checkpoint=bool(ckpt))
     t = time.perf_counter()
     report = llmpress.compress(model, llmpress.recipe.Recipe.from_dict({"stages": [stage]}), data=data)
     rec = next(iter(report.stages.values())).get("recovery") or {}

@@ -230,3 +230,20 @@ def test_the_loss_in_chunks_of_positions_equals_the_plain_one(family, monkeypatc
     assert float(plain) > 1e-6 and float(chunked) == pytest.approx(float(plain), rel=1e-5)
     for a, b in zip(g_chunked, g_plain):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
+
+
+def test_checkpointed_blocks_give_the_same_training_and_recompute_in_the_backward():
+    teacher, a = _pair()
+    b = copy.deepcopy(a)
+    calls = {"plain": 0, "checkpointed": 0}
+    for m, key in ((a, "plain"), (b, "checkpointed")):
+        m.model.layers[-1].mlp.register_forward_pre_hook(
+            lambda *_, k=key: calls.__setitem__(k, calls[k] + 1)
+        )  # (a recompute stops once it has what the backward needs: before the mlp returns)
+    distill(a, teacher, TRAIN, Distill(steps=3, lr=1e-3, seed=4))
+    out = distill(b, teacher, TRAIN, Distill(steps=3, lr=1e-3, seed=4, checkpoint=True))
+    assert calls["plain"] > 3 and calls["checkpointed"] == calls["plain"] + 3, calls  # one recompute per step's backward
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), n
+    assert out["kept"] and not b.model.layers[0].training and not b.model.is_gradient_checkpointing
+    assert not b.model.layers[0].self_attn.training  # dropout stayed off inside the checkpointed blocks
