@@ -72,11 +72,13 @@ def query_head_share(model) -> tuple[float, float] | None:
     return q_o / per_group / sum(size.values()), 1.0 / per_group
 
 
-def recipes(model, share: float, recover: int, recover_lr: float = 3e-4, recover_seqlen: int = 256) -> dict[str, dict]:
+def recipes(model, share: float, recover: int, recover_lr: float = 3e-4, recover_seqlen: int = 256, recover_train: str = "all") -> dict[str, dict]:
     """label -> recipe dict for one share of the decoder parameters."""
     n_blocks = len(get_module(model, get_arch(model).blocks))
     rec = {"recover_steps": recover, "recover_lr": recover_lr, "recover_seqlen": recover_seqlen} if recover else {}
-    tag = f" + KD {recover} lr {recover_lr:g}" if recover else ""
+    if recover and recover_train != "all":
+        rec["recover_train"] = recover_train
+    tag = f" + KD {recover} lr {recover_lr:g}" + ("" if recover_train == "all" else f" {recover_train}") if recover else ""
     out = {
         f"layers {share:.0%}{tag}": {"method": "drop_layers", "count": round(share * n_blocks), **rec},
         f"mlp {share:.0%}{tag}": {"method": "prune_width", "structure": "mlp", "ratio": min(share / mlp_share(model), 0.95), **rec},
@@ -97,7 +99,9 @@ def recipes(model, share: float, recover: int, recover_lr: float = 3e-4, recover
             {"method": "prune_width", "structure": "mlp", "ratio": (share - qh[0]) / mlp_share(model)},
         ]
         if recover:  # both cuts recover together, towards the full model (a distill stage, not a stage's own recovery)
-            out[f"heads+mlp {share:.0%}{tag}"].append({"method": "distill", "steps": recover, "lr": recover_lr, "seqlen": recover_seqlen})
+            out[f"heads+mlp {share:.0%}{tag}"].append(
+                {"method": "distill", "steps": recover, "lr": recover_lr, "seqlen": recover_seqlen, "train": recover_train}
+            )
     if share == 0.2 and not recover:  # ShortGPT's other importance: each block's measured drop-one perplexity (slow)
         out["layers ppl 20%"] = {"method": "drop_layers", "count": round(share * n_blocks), "importance": "ppl"}
     if not get_arch(model).post_norms:
@@ -195,6 +199,7 @@ def main():
     ap.add_argument("--recover", type=int, default=0, help="also each structured row with this many distillation steps")
     ap.add_argument("--recover-lr", type=float, default=3e-4)
     ap.add_argument("--methods", nargs="+", default=None, help="only these (layers, 'layers ppl', mlp, 'mlp global', heads+mlp, slicegpt, sparsegpt)")
+    ap.add_argument("--recover-train", default="all", choices=["all", "norms", "lora"], help="what distillation trains (recover_train)")
     ap.add_argument("--recover-seqlen", type=int, default=256, help="distillation windows of this many tokens (0: 512)")
     ap.add_argument("--no-speed", dest="speed", action="store_false")
     ap.add_argument("--repeats", type=int, default=3)
@@ -223,7 +228,7 @@ def main():
         return
     for share in a.shares:
         for recover in (0, a.recover) if a.recover else (0,):
-            for label, recipe in recipes(b.model, share, recover, a.recover_lr, a.recover_seqlen).items():
+            for label, recipe in recipes(b.model, share, recover, a.recover_lr, a.recover_seqlen, a.recover_train).items():
                 if a.methods is None or label.split(f" {share:.0%}")[0] in a.methods:
                     run_row(b, label, recipe, a)
     print()

@@ -150,3 +150,43 @@ def test_llama_cpp_converter_writes_what_llmpress_writes_for_gemma3(tmp_path):
     fa, fb = ({k: f.contents() for k, f in r.fields.items() if not k.startswith(("GGUF.", "general."))} for r in (ours, theirs))
     assert fb == {k: fa.get(k) for k in fb}  # theirs is a subset of ours, equal values
     assert set(fa) - set(fb) == {"gemma3.attention.sliding_window_pattern", "gemma3.vocab_size"}  # what ours adds
+
+
+def test_readme_gguf_path_runs_as_written(tmp_path):
+    """The README's GGUF block as a user runs it, line by line in one folder: ``llmpress`` lines
+    through the installed entry point (the test shrink: packaged aliases -> tiny models), the
+    ``llama-`` lines through the built llama.cpp tools. Asserted: every line exits 0, llama.cpp's
+    perplexity is a finite number above 1 and llama-bench reports a token rate. The stand-in for
+    the alias has a tokenizer with BPE merges (the session's tiny aliases have none at 256
+    tokens, and llama.cpp refuses a byte-level BPE vocabulary without merges)."""
+    import math
+    import re
+    import shlex
+    import subprocess
+
+    from conftest import TINY_MODELS, TINY_TEXT, shrink_env, tiny_tokenizer
+    from test_readme_commands import LLMPRESS, ROOT, fenced_blocks
+
+    (block,) = [body for _, _, body in fenced_blocks((ROOT / "README.md").read_text()) if any(x.startswith("llama-") for x in body)]
+    lines = [shlex.split(x, comments=True) for x in block if x.strip()]
+    assert [a[0] for a in lines] == ["llmpress", "llmpress", "llama-perplexity", "llama-bench"]
+    tok = tiny_tokenizer(vocab=320)
+    model = TINY_MODELS["llama"](vocab=len(tok))
+    model.config.max_position_embeddings = 8192
+    model.save_pretrained(tmp_path / "alias", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "alias")
+    env = {**os.environ, **shrink_env({"smollm2-135m": tmp_path / "alias"}), "OMP_NUM_THREADS": "1", "LD_LIBRARY_PATH": LIB}
+    (tmp_path / "wiki.test.txt").write_text(TINY_TEXT * 40)  # the user's text file: enough tokens for a few 512-token chunks
+    outs = []
+    for argv in lines:
+        exe = str(LLMPRESS) if argv[0] == "llmpress" else str(Path(LIB) / argv[0])
+        res = subprocess.run([exe, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, (argv, res.stdout[-3000:] + res.stderr[-3000:])
+        outs.append(res.stdout + res.stderr)
+    # the running estimate after each chunk goes to stdout; the last one is the final figure (the
+    # "Final estimate" line goes through llama.cpp's log thread, which may not flush before exit)
+    chunks = re.findall(r"\[(\d+)\]([\d.]+),", outs[2])
+    assert len(chunks) > 1, outs[2][-3000:]
+    ppl = float(chunks[-1][1])
+    assert math.isfinite(ppl) and ppl > 1
+    assert re.search(r"\|\s*tg\d+\s*\|\s*[\d.]+ ± [\d.]+", outs[3]), outs[3][-2000:]
