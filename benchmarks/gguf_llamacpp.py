@@ -22,7 +22,8 @@ does) through llama.cpp's library, with KL divergence from the F32 file's next-t
 distribution (mean and 99th percentile) and top-1 agreement; prefill and decode tokens/s by
 ``llama-bench``. For llmpress's files also the largest logit difference and the KL between
 llama.cpp running the GGUF and llmpress running the same checkpoint (part 2's check).
-Rows are appended to the JSON as they finish; ``--table`` prints it.
+Rows are appended to the JSON as they finish; ``--table`` prints it; ``--speed-side-by-side N``
+measures every file's speed again, in turns, N rounds (the comparable speed figures).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -150,6 +152,21 @@ def bench_speed(cpp: LlamaCpp, path: Path) -> dict:
     return speed
 
 
+def speed_side_by_side(cpp: LlamaCpp, rows: list[dict], rounds: int) -> None:
+    """Every file's ``llama-bench`` speeds measured in turns, ``rounds`` times (one repetition
+    each), the median kept in ``row["speed"]``: the files then share the machine's load, so the
+    ratios hold on a busy machine where a row's own figure (taken when that row ran) does not."""
+    runs: dict[str, list[dict]] = {r["file"]: [] for r in rows}
+    for _ in range(rounds):
+        for r in rows:
+            raw = cpp.tool("llama-bench", "-m", r["path"], "-p", 512, "-n", 128, "-t", cpp.threads, "-r", 1, "-o", "json")
+            runs[r["file"]].append({("prefill_tok_s" if x.get("n_prompt", 0) > 0 else "decode_tok_s"): x["avg_ts"]
+                                    for x in json.loads(raw[raw.index("[") : raw.rindex("]") + 1])})  # fmt: skip
+    for r in rows:
+        r["speed"] = {k: statistics.median(x[k] for x in runs[r["file"]]) for k in ("prefill_tok_s", "decode_tok_s")}
+        r["speed"]["rounds"] = rounds
+
+
 def llmpress_vs_llamacpp(cpp: LlamaCpp, gguf_path: Path, ckpt: Path, windows: torch.Tensor) -> dict:
     """llama.cpp running the exported GGUF against llmpress running the checkpoint it came from."""
     from llmpress import checkpoint
@@ -255,9 +272,16 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "gguf")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "gguf-llamacpp.json")
     ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
+    ap.add_argument("--speed-side-by-side", type=int, default=0, metavar="ROUNDS",
+                    help="measure every file of --out again in turns (medians of ROUNDS) and stop")  # fmt: skip
     a = ap.parse_args()
     rows = json.loads(a.out.read_text()) if a.out.exists() else []
     if a.table:
+        print(table(rows))
+        return
+    if a.speed_side_by_side:
+        speed_side_by_side(LlamaCpp(a.llama_cpp, a.llama_cpp_py, a.threads), rows, a.speed_side_by_side)
+        a.out.write_text(json.dumps(rows, indent=1))
         print(table(rows))
         return
     sys.path.insert(0, str(Path(__file__).parent))
