@@ -42,7 +42,7 @@ def test_chunked_perplexity_matches_plain(make, softcap, monkeypatch):
     model.config.final_logit_softcapping = softcap  # gemma-style capping, applied by both paths
     windows = random_windows(n=5, seqlen=33)
     vocab = model.get_output_embeddings().out_features
-    monkeypatch.setattr(ppl_mod, "LOGITS_BUDGET", vocab * 7)  # chunks of 7 tokens: 64 = 9 * 7 + 1
+    monkeypatch.setattr(ppl_mod, "chunk_tokens", lambda v, hidden, share=8: 7 if v == vocab else 0)  # chunks of 7 tokens: 64 = 9 * 7 + 1
     body, head, cap = split_head(model)
     assert body is model.model and head is model.lm_head and cap == softcap
     seen = []
@@ -57,6 +57,19 @@ def test_chunked_perplexity_matches_plain(make, softcap, monkeypatch):
     if softcap is not None:  # the capping really is applied
         model.config.final_logit_softcapping = None
         assert perplexity(model, windows, batch_size=2, chunked=False) != pytest.approx(plain, rel=1e-3)
+
+
+def test_chunk_tokens_budget_and_floor():
+    from llmpress.runtime.head import LOGITS_BUDGET, chunk_tokens
+
+    assert chunk_tokens(32000, 256) == LOGITS_BUDGET // 32000 == 65  # a small model: the budget rules
+    assert chunk_tokens(49152, 576) == 72 > LOGITS_BUDGET // 49152  # SmolLM2: the floor, hidden / 8
+    assert chunk_tokens(262144, 640) == 80 > LOGITS_BUDGET // 262144  # gemma-3-270m
+    assert chunk_tokens(262144, 640, share=16) == 40
+    # the floor's bound: a chunk's logits under 1 / share of the head weight (both float32)
+    for vocab, hidden in ((262144, 640), (128256, 4096), (151936, 896)):
+        n = chunk_tokens(vocab, hidden)
+        assert n * vocab <= max(LOGITS_BUDGET, vocab * hidden // 8)
 
 
 def test_unknown_logit_transform_takes_the_plain_path(monkeypatch):

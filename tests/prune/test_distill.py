@@ -217,7 +217,7 @@ def test_the_loss_in_chunks_of_positions_equals_the_plain_one(family, monkeypatc
     with torch.no_grad():
         student.model.layers[0].mlp.down_proj.weight.mul_(0.5)
     ids = random_windows(3, 40, seed=3)
-    monkeypatch.setattr(d, "LOGITS_BUDGET", 256 * 16)  # 16 positions a chunk: 8 chunks of 120 positions
+    monkeypatch.setattr(d, "chunk_tokens", lambda *a, **k: 16)  # 16 positions a chunk: 8 chunks of 120 positions
     heads = d._heads(student, teacher, ids[:1, :8])
     assert heads is not None
     grads = []

@@ -3,7 +3,8 @@
 The output head is applied in chunks of tokens: a batch's full logits [batch, seq, vocab]
 in float32 (plus the copies ``log_softmax`` makes) are the largest tensors of an
 evaluation (4 x 511 x 49152 x 4 bytes = 402 MB per copy on SmolLM2-135M), while a chunk
-of at most ``LOGITS_BUDGET`` elements keeps them to tens of MB. The decoder runs once per
+of ``LOGITS_BUDGET`` elements keeps them to tens of MB (at least ``hidden / 8`` tokens a chunk,
+:func:`llmpress.runtime.head.chunk_tokens`: under an eighth of the head weight's bytes). The decoder runs once per
 batch as before; only the head and the loss are chunked, so the result equals the plain
 computation up to float summation order. Models whose head is not a per-token map, or
 whose forward does more than ``head(decoder(x))`` in a way this module does not know (checked
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import progress as progress_mod
 from ..calib.dist import Group
-from ..runtime.head import LOGITS_BUDGET, agrees, head_logits, split_head
+from ..runtime.head import LOGITS_BUDGET, agrees, chunk_tokens, head_logits, split_head
 from .memory import trim_malloc
 
 __all__ = ["LOGITS_BUDGET", "hidden_nll", "perplexity", "split_head"]
@@ -97,7 +98,7 @@ def hidden_nll(head: nn.Module, softcap: float | None, hidden: torch.Tensor, bat
     del hidden
     target = batch[:, 1:].reshape(-1)
     vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
-    step = max(1, LOGITS_BUDGET // vocab)
+    step = chunk_tokens(vocab, h.shape[-1])
     total = 0.0
     for s in range(0, h.shape[0], step):
         logits = head_logits(head, softcap, h[s : s + step])

@@ -43,7 +43,7 @@ from ..arch import get_arch, get_module
 from ..errors import RecipeError
 from ..progress import track
 from ..registry import get_method
-from ..runtime.head import LOGITS_BUDGET, agrees, head_logits, split_head
+from ..runtime.head import agrees, chunk_tokens, head_logits, split_head
 from .lora import LoRA
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,8 @@ def _loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, temperature
         h_t = t_body(input_ids=ids, use_cache=False).last_hidden_state
     h_s, h_t = h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1])
     n = h_s.shape[0]
-    step = max(1, LOGITS_BUDGET // max(getattr(s_head, "out_features", 0), 1))
+    # several logit-sized tensors live at once in a chunk's loss and backward: a smaller floor than eval's
+    step = chunk_tokens(getattr(s_head, "out_features", 0), h_s.shape[-1], share=16)
     total = h_s.new_zeros((), dtype=torch.float32)
     for i in range(0, n, step):
         args = (h_s[i : i + step], h_t[i : i + step], s_head, s_cap, t_head, t_cap, temperature)
