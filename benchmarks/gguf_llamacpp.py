@@ -143,9 +143,9 @@ def llama_perplexity(cpp: LlamaCpp, path: Path, texts: dict, chunks: int, work: 
     return out
 
 
-def bench_speed(cpp: LlamaCpp, path: Path) -> dict:
-    """Prefill (512 tokens) and decode (128 tokens) tokens/s by ``llama-bench``, 3 repetitions."""
-    raw = cpp.tool("llama-bench", "-m", path, "-p", 512, "-n", 128, "-t", cpp.threads, "-r", 3, "-o", "json")
+def bench_speed(cpp: LlamaCpp, path: Path, reps: int = 3) -> dict:
+    """Prefill (512 tokens) and decode (128 tokens) tokens/s by ``llama-bench``, ``reps`` repetitions."""
+    raw = cpp.tool("llama-bench", "-m", path, "-p", 512, "-n", 128, "-t", cpp.threads, "-r", reps, "-o", "json")
     speed = {}
     for r in json.loads(raw[raw.index("[") : raw.rindex("]") + 1]):
         speed["prefill_tok_s" if r.get("n_prompt", 0) > 0 else "decode_tok_s"] = r["avg_ts"]
@@ -159,9 +159,7 @@ def speed_side_by_side(cpp: LlamaCpp, rows: list[dict], rounds: int) -> None:
     runs: dict[str, list[dict]] = {r["file"]: [] for r in rows}
     for _ in range(rounds):
         for r in rows:
-            raw = cpp.tool("llama-bench", "-m", r["path"], "-p", 512, "-n", 128, "-t", cpp.threads, "-r", 1, "-o", "json")
-            runs[r["file"]].append({("prefill_tok_s" if x.get("n_prompt", 0) > 0 else "decode_tok_s"): x["avg_ts"]
-                                    for x in json.loads(raw[raw.index("[") : raw.rindex("]") + 1])})  # fmt: skip
+            runs[r["file"]].append(bench_speed(cpp, Path(r["path"]), reps=1))
     for r in rows:
         r["speed"] = {k: statistics.median(x[k] for x in runs[r["file"]]) for k in ("prefill_tok_s", "decode_tok_s")}
         r["speed"]["rounds"] = rounds
