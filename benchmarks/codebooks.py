@@ -90,7 +90,7 @@ def speed(rt: Resumable, keys: list[str], ckpt: Path, repeats: int) -> dict:
     """Save the packed checkpoints of ``keys`` and INT4 (compressed on ``rt``'s calibration
     windows, kept under ``ckpt``) and run llmpress.bench on them against the model."""
     from llmpress import api, bench
-    from llmpress.export.packed import read_manifest
+    from llmpress.export.packed_load import read_manifest
 
     dirs = []
     for key in [INT4, *[k for k in keys if k != INT4]]:

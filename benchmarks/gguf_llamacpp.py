@@ -29,6 +29,7 @@ measures every file's speed again, in turns, N rounds (the comparable speed figu
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -100,13 +101,22 @@ def base_logprobs(cpp: LlamaCpp, path: Path, sets: dict, work: Path) -> dict:
     windows x 512 x 49152 x 2 B = 3.2 GB per source for SmolLM2, 17 GB for gemma-3-270m's
     262144-token vocabulary, more than this machine's memory for three sources."""
     llm = cpp.load(path, n_ctx=next(iter(sets.values())).shape[1])
+    n_vocab = llm.n_vocab()
     out = {}
     for src, windows in sets.items():
-        n_vocab = llm.n_vocab()
-        mm = np.memmap(work / f"base-logprobs-{src}.f16", dtype=np.float16, mode="w+", shape=(len(windows), windows.shape[1], n_vocab))
-        for i, w in enumerate(windows):
-            mm[i] = torch.log_softmax(cpp.logits(llm, w.tolist()), -1).half().numpy()
-        mm.flush()
+        file, shape = work / f"base-logprobs-{src}.f16", (len(windows), windows.shape[1], n_vocab)
+        # a finished file is reused when the F32 file and the windows are the same (a resumed run)
+        key = f"{path.stat().st_size} {path.stat().st_mtime_ns} {hashlib.sha256(windows.numpy().tobytes()).hexdigest()}"
+        done = file.with_suffix(".done")
+        if done.exists() and done.read_text() == key and file.stat().st_size == np.prod(shape) * 2:
+            mm = np.memmap(file, dtype=np.float16, mode="r+", shape=shape)  # r+: torch wants writable memory
+        else:
+            done.unlink(missing_ok=True)
+            mm = np.memmap(file, dtype=np.float16, mode="w+", shape=shape)
+            for i, w in enumerate(windows):
+                mm[i] = torch.log_softmax(cpp.logits(llm, w.tolist()), -1).half().numpy()
+            mm.flush()
+            done.write_text(key)
         out[src] = [torch.from_numpy(mm[i]) for i in range(len(windows))]
     del llm
     return out

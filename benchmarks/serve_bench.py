@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from llmpress import api, bench
-from llmpress.export.packed import read_manifest
+from llmpress.export.packed_load import read_manifest
 
 CHECKPOINTS = {"w4": "rtn-w4g64", "w4h8": "rtn-w4g64-head8", "w8a8": "rtn-w8a8"}
 ORDER = ["w8a8", "w4", "w4h8"]

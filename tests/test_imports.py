@@ -215,7 +215,7 @@ def test_the_graph_sees_relative_absolute_and_function_level_imports(package):
     g = package["graph"]
     assert "llmpress.quant.sweep" in g["llmpress.prune.sparsegpt"]  # from ..quant.sweep import ...
     assert "llmpress.quant" in g["llmpress.prune.sparsegpt"]  # ... runs llmpress/quant/__init__.py
-    assert "llmpress.runtime.qlinear" in g["llmpress.export.packed"]  # inside a function
+    assert "llmpress.runtime.qlinear" in g["llmpress.export.packed_load"]  # inside a function
     assert "llmpress.api" in g["llmpress.bench"]
     assert "llmpress.registry" not in g["llmpress.quant.args"]
 

@@ -43,7 +43,8 @@ from llmpress.api import EvalConfig, evaluation_windows
 from llmpress.arch import get_module
 from llmpress.eval.perplexity import perplexity
 from llmpress.export import runtime_state
-from llmpress.export.packed import FORMAT, FORMAT_V1, read_manifest
+from llmpress.export.packed import FORMAT, FORMAT_V1
+from llmpress.export.packed_load import read_manifest
 from llmpress.quant.args import QuantArgs
 from llmpress.recipe import load_recipe, presets
 

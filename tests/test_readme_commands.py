@@ -208,7 +208,8 @@ def check_recipes(args, res, cwd: Path) -> None:
 
 def check_compress(args, res, cwd: Path) -> None:
     from llmpress import load_compressed
-    from llmpress.export.packed import check_packed, read_manifest
+    from llmpress.export.packed import check_packed
+    from llmpress.export.packed_load import read_manifest
 
     assert "perplexity" in res.stdout and "TEST SHRINK in force" in res.stdout, res.stdout
     if args.json_path:

@@ -80,7 +80,8 @@ def plan_variants(targets: list[str], baseline: str | None = None) -> tuple[list
     """fp32 and bf16 of the baseline, then one variant per packed checkpoint in ``targets``
     (``DIR@torch`` / ``DIR@dequant``: that checkpoint with torch's kernels / the exact
     fallback, beside the default ``auto``)."""
-    from .export.packed import packed_version, read_manifest
+    from .export.packed import packed_version
+    from .export.packed_load import read_manifest
     from .runtime.qlinear import BACKENDS
 
     packed, bases = [], set()
@@ -291,7 +292,8 @@ def linear_seconds(model: nn.Module) -> float:
 
 
 def checkpoint_bytes(variant: Variant, baseline_files: int | None) -> dict:
-    from .export.packed import checkpoint_accounting, read_manifest
+    from .export.packed import checkpoint_accounting
+    from .export.packed_load import read_manifest
 
     if variant.kind == "packed":
         return checkpoint_accounting(read_manifest(variant.path))

@@ -107,7 +107,8 @@ def load_compressed(path: str, device: str = "cpu", backend: str = "auto", dtype
     fallback (outputs equal the fake-quantized model's). ``hf-fakequant`` folders get
     their dynamic activation quantization back.
     """
-    from .export.packed import load_packed, packed_version, read_manifest
+    from .export.packed import packed_version
+    from .export.packed_load import load_packed, read_manifest
     from .export.runtime_state import attach_fakequant
 
     if Path(path).is_dir() and packed_version(read_manifest(path)) is not None:

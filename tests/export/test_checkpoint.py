@@ -14,7 +14,8 @@ import llmpress
 from llmpress import api, stage
 from llmpress.errors import UserError
 from llmpress.export import codec
-from llmpress.export.packed import FORMAT_V1, META_FILE, WEIGHTS_FILE, checkpoint_accounting, read_manifest
+from llmpress.export.packed import FORMAT_V1, META_FILE, WEIGHTS_FILE, checkpoint_accounting
+from llmpress.export.packed_load import read_manifest
 from llmpress.quant import QuantArgs, pack_codes, quantize_weight, unpack_codes
 from llmpress.registry import ModuleRecord
 from llmpress.runtime.act_quant import ActQuantLinear

@@ -24,7 +24,8 @@ from helpers import QUIET, logits, rel_err
 import llmpress
 from llmpress import api
 from llmpress.errors import UserError
-from llmpress.export.packed import FORMAT, FORMAT_BLOCK_SIZES, FORMAT_V1, META_FILE, read_manifest
+from llmpress.export.packed import FORMAT, FORMAT_BLOCK_SIZES, FORMAT_V1, META_FILE
+from llmpress.export.packed_load import read_manifest
 from llmpress.export.runtime_state import ROTATION_METHODS, RUNTIME_PREFIX, check_save_format
 from llmpress.recipe import Recipe, load_recipe, presets
 from llmpress.runtime.rotation_state import export_runtime

@@ -326,7 +326,8 @@ def test_codes_match_llmpress_quantize():
 @pytest.mark.slow
 def test_smollm2_w4g64_checkpoint_and_export(tmp_path):
     """SmolLM2-135M, RTN W4 g64: checkpoint size near theory, exact reload, transformers loads the export."""
-    from llmpress.export.packed import checkpoint_accounting, read_manifest
+    from llmpress.export.packed import checkpoint_accounting
+    from llmpress.export.packed_load import read_manifest
 
     m, tok = llmpress.load("smollm2-135m")
     rep = llmpress.compress(m, "rtn-w4g64", engine=QUIET)

@@ -17,7 +17,7 @@ import llmpress
 from llmpress import RecipeError, UserError, api, stage
 from llmpress.export.gguf import export_gguf
 from llmpress.export.gguf_layouts import q6_k_blocks, q6_k_scales, small_blocks
-from llmpress.export.packed import read_manifest
+from llmpress.export.packed_load import read_manifest
 from llmpress.export.packed_size import checkpoint_accounting
 from llmpress.quant import QuantArgs, compute_qparams, quantize
 from llmpress.quant.core import bits_per_weight, fake_quantize

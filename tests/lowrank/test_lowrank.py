@@ -232,7 +232,8 @@ def test_allocated_ranks_reach_the_factor_stage(tmp_path):
 
 
 def test_qsvd_one_shared_right_factor_stored_once(tmp_path):
-    from llmpress.export.packed import checkpoint_accounting, read_manifest
+    from llmpress.export.packed import checkpoint_accounting
+    from llmpress.export.packed_load import read_manifest
 
     model = tiny_llama()
     ids = random_windows(8, 32)
@@ -356,7 +357,7 @@ def test_qsvd_quantized_factors_keep_one_b_and_the_latent_cache(tmp_path):
     rep = compress(model, [stage("qsvd", targets=["re:.*self_attn\\.(q|k|v)_proj$"], ratio=0.8, weights=W4)], data=ids, engine=QUIET)
     expected = logits(model, ids[:2])
     api.save(model, None, tmp_path / "c", report=rep)
-    from llmpress.export.packed import read_manifest
+    from llmpress.export.packed_load import read_manifest
 
     meta = read_manifest(tmp_path / "c")
     assert "model.layers.0.self_attn.q_proj.B.qweight" in meta["tensors"] and not any(

@@ -15,7 +15,8 @@ from conftest import tiny_llama
 from llmpress.errors import UserError
 from llmpress.eval.size import model_size
 from llmpress.export.compressed_tensors import export_compressed_tensors
-from llmpress.export.packed import checkpoint_accounting, load_packed, packed_model_size, write_packed
+from llmpress.export.packed import checkpoint_accounting, packed_model_size, write_packed
+from llmpress.export.packed_load import load_packed
 from llmpress.registry import ModuleRecord
 from llmpress.storage.form import FORMS, LayerState, LinearSpec, StorageForm, encode_layer, form_index, form_names, get_form, register_form
 from llmpress.storage.grid import pack_unsigned, unpack_mask, unpack_unsigned, words

@@ -51,7 +51,8 @@ import torch.nn as nn
 from ..errors import UserError
 from ..io_safety import OutputLock, atomic_folder, check_out, write_error
 from ..storage.form import LinearSpec, decode_weight, get_form
-from .packed import _DTYPES, META_FILE, _open_checked, layers_tensors
+from .packed import _DTYPES, META_FILE
+from .packed_load import layers_tensors, open_checked
 from .skeleton import skeleton as _skeleton
 from .source import exportable_manifest
 
@@ -150,7 +151,7 @@ class _Converted:
 
 def _convert(src: Path, meta: dict, dt: torch.dtype) -> _Converted:
     """Every tensor of the packed checkpoint in its compressed-tensors form."""
-    tensors = _open_checked(src, meta, verify=True)
+    tensors = open_checked(src, meta, verify=True)
     specs = {n: LinearSpec.from_dict(d, f"layers.{n}") for n, d in (meta.get("layers") or {}).items()}
     # embeddings stored as a quantized head's codes: written dense (the head stays quantized, untied)
     conv = _Converted(tensors={}, groups={}, structure={}, tied_quant={lin: emb for emb, lin in (meta.get("tied_quant_embeddings") or {}).items()})

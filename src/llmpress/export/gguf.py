@@ -39,7 +39,7 @@ from .gguf_arch import Hparams, add_hparams, gguf_name, hparams, permute_rows, r
 from .gguf_blocks import to_blocks
 from .gguf_vocab import add_tokenizer, tokenizer_metadata
 from .gguf_vocab import pre_tokenizer as _pre_tokenizer
-from .packed import _open_checked, layers_tensors
+from .packed_load import layers_tensors, open_checked
 from .source import exportable_manifest
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def _float_tensor(t: torch.Tensor, dtype: str) -> tuple[np.ndarray, str]:
 
 def convert(src: Path, meta: dict, hp: Hparams, dtype: str) -> list[_Tensor]:
     """Every tensor of the checkpoint as a GGUF tensor, checked; nothing is written."""
-    tensors = _open_checked(src, meta, verify=True)
+    tensors = open_checked(src, meta, verify=True)
     specs = {n: LinearSpec.from_dict(d, f"layers.{n}") for n, d in (meta.get("layers") or {}).items()}
     all_lt = layers_tensors(specs, tensors)
     tied_quant = meta.get("tied_quant_embeddings") or {}

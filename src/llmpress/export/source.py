@@ -6,7 +6,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from . import runtime_state
-from .packed import check_packed, packed_version, read_manifest
+from .packed import check_packed, packed_version
+from .packed_load import read_manifest
 
 
 def exportable_manifest(src: Path, target: str, consequence: str) -> dict:

@@ -22,7 +22,7 @@ Quantized sparse weights need no mask: a pruned weight is the zero code. Every e
 checked on the spot: the weight rebuilt from the tensors must equal the model's weight bit
 for bit, or :meth:`IntGrid.encode` returns None (the writer then stores that weight dense,
 and says so). The int8 output head is this form too (8-bit per-channel codes, served by
-the int8 kernels; a tied embedding gathers rows of its codes, see export/packed.py).
+the int8 kernels; a tied embedding gathers rows of its codes, see export/packed_load.py).
 
 Runtime (:meth:`IntGrid.build`): the fastest kernel of :mod:`llmpress.runtime.qlinear` that
 applies, else :class:`~llmpress.runtime.qlinear.DequantLinear` (exact). compressed-tensors:
