@@ -1,4 +1,4 @@
-"""GGUF Q5_0 / Q5_1 and Q6_K: byte layouts against the gguf package's own dequantizer
+"""GGUF Q5_0 / Q5_1, Q6_K and Q4_K: byte layouts against the gguf package's own dequantizer
 (random codes, every bit position), llmpress's two-level ``super_block`` grid (Q6_K's int8
 group scales of an fp16 d) in RTN and GPTQ, the export bit for bit on a tiny Llama with
 256-wide rows, and refusals (rows not a multiple of 256, grids near Q6_K but not it)."""
@@ -16,7 +16,7 @@ from test_gguf import _check_linears, _export_refused, _packed, _tensors, _token
 import llmpress
 from llmpress import RecipeError, UserError, api, stage
 from llmpress.export.gguf import export_gguf
-from llmpress.export.gguf_layouts import q6_k_blocks, q6_k_scales, small_blocks
+from llmpress.export.gguf_layouts import q4_k_blocks, q6_k_blocks, q6_k_scales, small_blocks
 from llmpress.export.packed_load import read_manifest
 from llmpress.export.packed_size import checkpoint_accounting
 from llmpress.quant import QuantArgs, compute_qparams, quantize
@@ -49,6 +49,21 @@ def test_q6_k_layout_decodes_in_gguf():
     sc = torch.randint(-128, 128, (2, 3, 16), generator=g).float()
     got = _dequant(q6_k_blocks(codes, d, sc), T.Q6_K).reshape(2, 3, 16, 16)
     want = (d.unsqueeze(-1) * sc).unsqueeze(-1) * codes.float().reshape(2, 3, 16, 16)
+    assert np.array_equal(got, want.numpy())
+
+
+def test_q4_k_layout_decodes_in_gguf():
+    """Every 6-bit scale and minimum value at every group position (both packings: groups
+    0-3 and 4-7), every nibble position: gguf's own Q4_K decoder reads what llmpress wrote."""
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 16, (8, 8, 256), generator=g)
+    d = torch.rand(8, 8, generator=g).half().float()
+    dmin = torch.rand(8, 8, generator=g).half().float()
+    sc = torch.arange(64).reshape(8, 8).roll(3, 0).float()  # [8 blocks x 8 groups]: all of 0..63
+    m = torch.arange(64).flip(0).reshape(8, 8).float()
+    sc, m = sc.expand(8, 8, 8), m.expand(8, 8, 8)
+    got = _dequant(q4_k_blocks(codes, d, sc, dmin, m), T.Q4_K).reshape(8, 8, 8, 32)
+    want = (d.unsqueeze(-1) * sc).unsqueeze(-1) * codes.float().reshape(8, 8, 8, 32) - (dmin.unsqueeze(-1) * m).unsqueeze(-1)
     assert np.array_equal(got, want.numpy())
 
 

@@ -17,6 +17,13 @@ stores them unsigned:
   ``w = 128 h + 64 s + j`` (h, s in {0, 1}, j < 64) has its low 4 bits in ``ql[64 h + j]``
   at bit ``4 s``; weight ``w = 128 h + 32 t + j`` (t < 4, j < 32) its high 2 bits in
   ``qh[32 h + j]`` at bit ``2 t``.
+- ``Q4_K`` (256 weights in 8 groups of 32, 144 bytes): fp16 ``d``, fp16 ``dmin``, 12 bytes of
+  6-bit unsigned group scales ``sc`` and minimums ``m``, 128 bytes of nibbles; value
+  ``d * sc[j // 32] * u - dmin * m[j // 32]``, ``u`` in 0..15. Group ``g < 4`` has ``sc`` in
+  the low 6 bits of byte ``g``, ``m`` in those of byte ``g + 4``; group ``g >= 4`` has the low
+  4 bits of ``sc`` / ``m`` in the low / high nibble of byte ``g + 4`` and their top 2 bits in
+  the top 2 bits of byte ``g - 4`` / ``g``. Weight ``64 c + 32 h + j`` (c < 4, h in {0, 1},
+  j < 32) is nibble ``h`` of byte ``32 c + j``.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch
 
 QK = 32  # weights per block of Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0
 QK_K = 256  # weights per super-block of the K-quants
-OFFSET = {"Q4_0": 8, "Q4_1": 0, "Q5_0": 16, "Q5_1": 0, "Q8_0": 0, "Q6_K": 32}  # unsigned = signed code + offset
+OFFSET = {"Q4_0": 8, "Q4_1": 0, "Q5_0": 16, "Q5_1": 0, "Q8_0": 0, "Q6_K": 32, "Q4_K": 0}  # unsigned = signed code + offset
 
 
 def fp16_exact(x: torch.Tensor) -> bool:
@@ -94,3 +101,21 @@ def q6_k_blocks(codes: torch.Tensor, d: torch.Tensor, sc: torch.Tensor) -> np.nd
         fp16_bytes(d),
     ]
     return np.concatenate(parts, axis=-1)
+
+
+def q4_k_blocks(codes: torch.Tensor, d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor, m: torch.Tensor) -> np.ndarray:
+    """``Q4_K`` blocks [R, n, 144] from unsigned codes 0..15 [R, n, 256], fp16-valued ``d`` and
+    ``dmin`` [R, n], 6-bit ``sc`` and ``m`` [R, n, 8] (value ``d * sc * u - dmin * m``)."""
+    R, n, _ = codes.shape
+    sc, m = sc.to(torch.uint8), m.to(torch.uint8)
+    scales = torch.cat(
+        [
+            (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6),  # bytes 0-3
+            (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6),  # bytes 4-7
+            (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4),  # bytes 8-11
+        ],
+        dim=-1,
+    )
+    u = codes.to(torch.uint8).reshape(R, n, 4, 2, 32)  # [.., c, h, j]
+    qs = (u[..., 0, :] | (u[..., 1, :] << 4)).reshape(R, n, 128)
+    return np.concatenate([fp16_bytes(d), fp16_bytes(dmin), scales.contiguous().numpy(), qs.contiguous().numpy()], axis=-1)
