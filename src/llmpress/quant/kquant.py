@@ -1,0 +1,182 @@
+"""GGUF ``Q4_K``'s grid: asymmetric 4-bit groups of 32 whose scale and minimum are both
+two-level (per super-block of 256 weights one float16 ``d`` and ``dmin``, per group 6-bit
+unsigned codes ``sc`` and ``m``), so a weight is ``d * sc * u - dmin * m`` with ``u`` in 0..15.
+
+:func:`q4_k_params` follows llama.cpp's reference quantizer (``quantize_row_q4_K_ref``),
+vectorized over every group of a matrix:
+
+1. per group, the (scale, minimum) search of ``make_qkx2_quants``: from the group's range
+   ``[min(x, 0), max(x)]``, candidate step counts ``15 + rmin + rdelta * i`` (i = 0..nstep)
+   each round the group, then refit scale and minimum by weighted least squares with the
+   codes fixed (a minimum above 0 is clamped to 0 and the scale refitted alone); the
+   candidate of least weighted squared error is kept, the min-max rounding being the first;
+   weights ``sqrt(mean x^2) + |x|`` (the reference's), or, given an ``importance`` (e.g. the
+   input columns' ``diag(H)``), ``importance * sqrt(sigma^2 + x^2)`` with ``sigma^2`` twice the
+   super-block's mean square and the finer search (``-0.9``, ``0.05``, 36 steps) that
+   llama.cpp uses with an importance matrix;
+2. per super-block ``d = fp16(max scale / 63)``, ``dmin = fp16(max minimum / 63)``, the group
+   codes rounded to nearest (at most 63) (with an importance: see below);
+3. every weight re-rounded on its group's stored ``d * sc`` and ``dmin * m``; a group whose
+   stored scale is 0 keeps the search's codes.
+
+With an importance the second level is llama.cpp's ``make_qp_quants`` instead (a search
+of the step count, then coordinate descent on the 6-bit codes weighted by each group's
+weight sum). Sums run in a different order than llama.cpp's
+sequential loops, so a near-tie between two candidates can resolve differently (the test
+against llama.cpp's own quantizer states how often).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+
+QK_K, GROUP, NMAX, SMAX = 256, 32, 15, 63
+
+
+@dataclass
+class Q4KParams:
+    """A matrix [R, C] on the Q4_K grid: ``d``, ``dmin`` [R, C/256] (float16 values in
+    float32), ``sc``, ``m`` [R, C/256, 8] (integers 0..63) and ``codes`` [R, C] (0..15)."""
+
+    d: torch.Tensor
+    dmin: torch.Tensor
+    sc: torch.Tensor
+    m: torch.Tensor
+    codes: torch.Tensor
+
+    def scale_min(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each group's stored scale ``d * sc`` and minimum ``dmin * m``, [R, C/256, 8]."""
+        return self.d.unsqueeze(-1) * self.sc, self.dmin.unsqueeze(-1) * self.m
+
+    def dequantize(self) -> torch.Tensor:
+        """``d * sc * u - dmin * m`` in float32, in llama.cpp's order of operations."""
+        s, mn = self.scale_min()
+        R, n, _ = s.shape
+        u = self.codes.reshape(R, n, QK_K // GROUP, GROUP)
+        return (s.unsqueeze(-1) * u - mn.unsqueeze(-1)).reshape(self.codes.shape)
+
+
+def _search(x: torch.Tensor, w: torch.Tensor, rmin: float, rdelta: float, nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``make_qkx2_quants`` over groups x, w [N, 32]: (scale [N], minimum >= 0 [N], codes [N, 32]).
+
+    As in llama.cpp, a candidate that wins moves the offset the later candidates round from
+    (their range is ``max - best minimum so far``)."""
+    hi = x.amax(-1)
+    low = x.amin(-1).clamp(max=0.0)
+    flat = hi == low
+    sum_w, sum_x = w.sum(-1), (w * x).sum(-1)
+
+    def round_on(steps: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        iscale = steps / torch.where(flat, 1.0, hi - low)
+        return torch.round(iscale.unsqueeze(-1) * (x - low.unsqueeze(-1))).clamp_(0, NMAX)
+
+    def error(scale: torch.Tensor, low: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return (w * (scale.unsqueeze(-1) * q + low.unsqueeze(-1) - x).pow(2)).sum(-1)
+
+    best_q = round_on(torch.tensor(float(NMAX)), low)
+    best_scale = 1 / (NMAX / torch.where(flat, 1.0, hi - low))  # as llama.cpp: 1 / iscale
+    best_err = error(best_scale, low, best_q)
+    f32 = torch.float32
+    for i in range(nstep + 1):  # the step count in float32, as llama.cpp computes it
+        q = round_on(torch.tensor(rmin, dtype=f32) + torch.tensor(rdelta, dtype=f32) * i + NMAX, low)
+        sum_l, sum_l2, sum_xl = (w * q).sum(-1), (w * q * q).sum(-1), (w * q * x).sum(-1)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        ok = D > 0
+        Ds = torch.where(ok, D, 1.0)
+        scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
+        this_low = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
+        pos = this_low > 0
+        scale = torch.where(pos, sum_xl / torch.where(sum_l2 > 0, sum_l2, 1.0), scale)
+        this_low = torch.where(pos, 0.0, this_low)
+        err = error(scale, this_low, q)
+        better = ok & (err < best_err)
+        best_err = torch.where(better, err, best_err)
+        best_scale, low = torch.where(better, scale, best_scale), torch.where(better, this_low, low)
+        best_q = torch.where(better.unsqueeze(-1), q, best_q)
+    best_scale = torch.where(flat, 0.0, best_scale)
+    best_q = torch.where(flat.unsqueeze(-1), 0.0, best_q)
+    return best_scale, -low, best_q
+
+
+def _two_level(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per super-block values [.., 8] >= 0 -> (fp16-valued ``d`` = max / 63 [..], codes 0..63
+    [.., 8] rounded to nearest): the reference quantizer's second level."""
+    top = v.amax(-1).clamp(min=0.0)
+    inv = torch.where(top > 0, SMAX / torch.where(top > 0, top, 1.0), 0.0)
+    codes = torch.round(inv.unsqueeze(-1) * v).clamp_(0, SMAX)
+    return (top / SMAX).to(torch.float16).float(), codes
+
+
+def _two_level_weighted(v: torch.Tensor, sw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The second level with an importance (llama.cpp's ``make_qp_quants``): per super-block
+    [.., 8] values ``v`` >= 0 and group weights ``sw``, the step count ``63 + 0.1 k`` (k = -4..4)
+    of least weighted error, then up to 5 passes of coordinate descent on the codes that
+    raise the least-squares fit ``(sum w v l)^2 / sum w l^2``, and ``d`` that fit's
+    ``sum w v l / sum w l^2`` (float16)."""
+    f32 = torch.float32
+    top = v.amax(-1).clamp(min=0.0)
+    dead = top < 1e-15
+    topn = torch.where(dead, 1.0, top).unsqueeze(-1)
+
+    def codes_on(iscale: torch.Tensor) -> torch.Tensor:
+        return torch.round(iscale * v).clamp_(max=SMAX)
+
+    iscale = SMAX / topn
+    best = (sw * (v - codes_on(iscale) / iscale).pow(2)).sum(-1)
+    for k in (-4, -3, -2, -1, 1, 2, 3, 4):
+        cand = (torch.tensor(0.1, dtype=f32) * k + SMAX) / topn
+        err = (sw * (v - codes_on(cand) / cand).pow(2)).sum(-1)
+        better = (err < best).unsqueeze(-1)
+        best = torch.where(better.squeeze(-1), err, best)
+        iscale = torch.where(better, cand, iscale)
+    L = codes_on(iscale)
+    sumlx, suml2 = (sw * v * L).sum(-1), (sw * L * L).sum(-1)
+    for _ in range(5):
+        changed = torch.zeros_like(dead)
+        for i in range(v.shape[-1]):
+            w, x, li = sw[..., i], v[..., i], L[..., i]
+            slx, sl2 = sumlx - w * x * li, suml2 - w * li * li
+            ok = (slx > 0) & (sl2 > 0)
+            new = torch.round(x * sl2 / torch.where(ok, slx, 1.0)).clamp_(max=SMAX)
+            slx, sl2 = slx + w * x * new, sl2 + w * new * new
+            take = ok & (new != li) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            L[..., i] = torch.where(take, new, li)
+            sumlx, suml2 = torch.where(take, slx, sumlx), torch.where(take, sl2, suml2)
+            changed |= take
+        if not bool(changed.any()):
+            break
+    d = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1.0), 0.0)
+    return torch.where(dead, 0.0, d).to(torch.float16).float(), torch.where(dead.unsqueeze(-1), 0.0, L)
+
+
+def q4_k_params(w: torch.Tensor, importance: torch.Tensor | None = None) -> Q4KParams:
+    """The Q4_K form of a matrix ``w`` [R, C] (C a multiple of 256); ``importance`` [C] or
+    [R, C] (non-negative) weights each input column's error."""
+    if w.dim() != 2 or w.shape[1] % QK_K:
+        raise UserError(f"Q4_K needs rows of a multiple of {QK_K} weights, got a matrix of shape {list(w.shape)}")
+    R, C = w.shape
+    n = C // QK_K
+    x = w.detach().float().reshape(R, n, QK_K // GROUP, GROUP)
+    if importance is None:
+        av = x.pow(2).mean(-1, keepdim=True).sqrt()
+        weights, search = av + x.abs(), (-1.0, 0.1, 20)
+    else:
+        imp = importance.detach().float().expand(R, C).reshape(R, n, QK_K // GROUP, GROUP)
+        sigma2 = 2 * x.pow(2).mean((-2, -1), keepdim=True)
+        weights, search = imp * (sigma2 + x.pow(2)).sqrt(), (-0.9, 0.05, 36)
+    scale, low, q = _search(x.reshape(-1, GROUP), weights.reshape(-1, GROUP), *search)
+    scale, low = scale.reshape(R, n, -1), low.reshape(R, n, -1)
+    if importance is None:
+        (d, sc), (dmin, m) = _two_level(scale), _two_level(low)
+    else:
+        sw = weights.sum(-1)
+        (d, sc), (dmin, m) = _two_level_weighted(scale, sw), _two_level_weighted(low, sw)
+    s, mn = d.unsqueeze(-1) * sc, dmin.unsqueeze(-1) * m
+    s_safe = torch.where(s > 0, s, 1.0).unsqueeze(-1)
+    u = torch.round((x + mn.unsqueeze(-1)) / s_safe).clamp_(0, NMAX)
+    u = torch.where((s > 0).unsqueeze(-1), u, q.reshape(x.shape))
+    return Q4KParams(d=d, dmin=dmin, sc=sc, m=m, codes=u.reshape(R, C))
