@@ -102,7 +102,7 @@ def _search(x: torch.Tensor, w: torch.Tensor, rmin: float, rdelta: float, nstep:
     return best_scale, -low, best_q
 
 
-def _two_level(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _two_level_nearest(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per super-block values [.., 8] >= 0 -> (fp16-valued ``d`` = max / 63 [..], codes 0..63
     [.., 8] rounded to nearest): the reference quantizer's second level."""
     top = v.amax(-1).clamp(min=0.0)
@@ -171,12 +171,12 @@ def q4_k_params(w: torch.Tensor, importance: torch.Tensor | None = None) -> Q4KP
     scale, low, q = _search(x.reshape(-1, GROUP), weights.reshape(-1, GROUP), *search)
     scale, low = scale.reshape(R, n, -1), low.reshape(R, n, -1)
     if importance is None:
-        (d, sc), (dmin, m) = _two_level(scale), _two_level(low)
+        (d, sc), (dmin, m) = _two_level_nearest(scale), _two_level_nearest(low)
     else:
         sw = weights.sum(-1)
         (d, sc), (dmin, m) = _two_level_weighted(scale, sw), _two_level_weighted(low, sw)
-    s, mn = d.unsqueeze(-1) * sc, dmin.unsqueeze(-1) * m
-    s_safe = torch.where(s > 0, s, 1.0).unsqueeze(-1)
-    u = torch.round((x + mn.unsqueeze(-1)) / s_safe).clamp_(0, NMAX)
-    u = torch.where((s > 0).unsqueeze(-1), u, q.reshape(x.shape))
-    return Q4KParams(d=d, dmin=dmin, sc=sc, m=m, codes=u.reshape(R, C))
+    out = Q4KParams(d=d, dmin=dmin, sc=sc, m=m, codes=q.reshape(R, C))
+    s, mn = out.scale_min()  # every weight re-rounded on the stored values (the search's codes where s = 0)
+    u = torch.round((x + mn.unsqueeze(-1)) / torch.where(s > 0, s, 1.0).unsqueeze(-1)).clamp_(0, NMAX)
+    out.codes = torch.where((s > 0).unsqueeze(-1), u, q.reshape(x.shape)).reshape(R, C)
+    return out
