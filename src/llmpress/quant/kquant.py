@@ -37,7 +37,7 @@ from ..errors import UserError
 QK_K, GROUP, NMAX, SMAX = 256, 32, 15, 63
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Q4KParams:
     """A matrix [R, C] on the Q4_K grid: ``d``, ``dmin`` [R, C/256] (float16 values in
     float32), ``sc``, ``m`` [R, C/256, 8] (integers 0..63) and ``codes`` [R, C] (0..15)."""
