@@ -102,6 +102,8 @@ def _file_type(tensors: list[_Tensor]):
 
     ft = gguf.LlamaFileType
     quant = Counter(t.qtype for t in tensors if t.qtype.startswith("Q"))
+    if "Q4_K" in quant:  # llama.cpp's names for its Q4_K mixtures (with Q6_K tensors: _M)
+        return ft.MOSTLY_Q4_K_M if "Q6_K" in quant else ft.MOSTLY_Q4_K_S
     if quant:
         return getattr(ft, f"MOSTLY_{quant.most_common(1)[0][0]}")
     return ft.MOSTLY_F16 if any(t.qtype == "F16" for t in tensors) else ft.ALL_F32

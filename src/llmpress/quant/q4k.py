@@ -1,0 +1,248 @@
+"""GGUF K-quant grids as a method: ``Q4_K`` (:mod:`llmpress.quant.kquant`, stored in the
+``q4_k`` form) and llama.cpp's per-tensor type mixtures (``Q4_K_M``), solved with GPTQ.
+
+``kquant`` quantizes each targeted linear onto one GGUF block type:
+
+- ``Q4_K``: the grid of :func:`~llmpress.quant.kquant.q4_k_params` (llama.cpp's search, with
+  the input columns' ``diag(H)`` as its importance matrix when ``importance`` is on), then,
+  with ``solver: gptq``, GPTQ's column sweep onto that fixed grid (codes
+  ``clamp(round((w + dmin*m) / (d*sc)), 0, 15)``, error feedback, activation order; the grid
+  is fitted once on the weight before the sweep, as GPTQ's static groups);
+- ``Q5_0``, ``Q8_0``, ``Q6_K``: llmpress's integer grids of the same name (the ``gptq-q5_0`` /
+  ``rtn-q8_0`` presets' grids, the ``Q6_K`` two-level grid), solved by the GPTQ solver
+  (``solver: round``: no error feedback between columns).
+
+Rows of a width that is not a multiple of 256 have no K-quant: like llama.cpp, such a layer
+falls back to ``Q5_0`` (for ``Q4_K``) or ``Q8_0`` (for ``Q6_K``), and its record says so.
+
+``gguf_mix`` (a model-scope stage before it) assigns each linear its type the way
+llama.cpp's ``llama-quantize`` does for a file type: ``q4_k_m`` gives ``Q6_K`` to the value
+projections and MLP down projections of the layers that get more bits (the first and last
+eighth of the blocks and every third block between) and to the output head, ``Q4_K`` to
+everything else; ``q4_k_s`` gives ``Q4_K`` everywhere but the head (``Q6_K``). The
+``kquant`` stage after it reads that type (``ModuleContext.settings``); without it, every
+layer takes the stage's ``type``. Figures: docs/checkpoint.md.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..errors import RecipeError
+from ..registry import ModelStageOutput, ModuleContext, register
+from .args import QuantArgs
+from .gptq_solve import GPTQResult, gptq_quantize
+from .hessian import inverse_cholesky, prepare
+from .kquant import GROUP, NMAX, QK_K, Q4KParams, q4_k_params
+from .sweep import SweepBlock, activation_order, column_sweep, record_solver_notes, solver_threads, validate_solver_fields
+
+TYPES = ("Q4_K", "Q6_K", "Q5_0", "Q8_0")
+FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}  # llama.cpp's, for rows not a multiple of 256
+MIXES = ("q4_k_m", "q4_k_s")
+SOLVERS = ("gptq", "round")
+
+
+def grid_args(qtype: str, importance: bool) -> QuantArgs:
+    """The integer grid of ``Q5_0`` / ``Q8_0`` / ``Q6_K`` (float16 scales, as GGUF stores them)."""
+    if qtype == "Q5_0":
+        return QuantArgs(
+            bits=5,
+            symmetric=True,
+            granularity="group",
+            group_size=32,
+            observer="lsq" if importance else "minmax",
+            signed_scale=True,
+            scale_dtype="float16",
+        )
+    if qtype == "Q8_0":  # llama.cpp: d = max|x| / 127, no search
+        return QuantArgs(bits=8, symmetric=True, granularity="group", group_size=32, observer="minmax", scale_dtype="float16")
+    if qtype == "Q6_K":
+        return QuantArgs(
+            bits=6, symmetric=True, granularity="group", group_size=16, super_block=QK_K, observer="minmax", signed_scale=True, scale_dtype="float16"
+        )
+    raise ValueError(qtype)
+
+
+def storable_type(qtype: str, in_features: int) -> str:
+    """``qtype``, or llama.cpp's fallback when rows of ``in_features`` hold no K-quant block."""
+    return FALLBACK[qtype] if qtype in FALLBACK and in_features % QK_K else qtype
+
+
+def more_bits(block: int, n_blocks: int) -> bool:
+    """llama.cpp's ``use_more_bits``: the first and last eighth of the blocks, every third between."""
+    return block < n_blocks // 8 or block >= 7 * n_blocks // 8 or (block - n_blocks // 8) % 3 == 2
+
+
+def mix_type(mix: str, role: str, block: int | None, n_blocks: int) -> str:
+    """The type ``mix`` gives a linear of ``role`` (``v``, ``down``, ``head`` or ``other``) in ``block``."""
+    if role == "head":
+        return "Q6_K"
+    if mix == "q4_k_m" and role in ("v", "down") and block is not None and more_bits(block, n_blocks):
+        return "Q6_K"
+    return "Q4_K"
+
+
+@dataclass(kw_only=True, frozen=True)
+class GGUFMix:
+    """``mix``: the llama.cpp file type whose per-tensor types the ``kquant`` stage after it
+    takes: ``q4_k_m`` or ``q4_k_s``."""
+
+    mix: str = "q4_k_m"
+
+    def __post_init__(self):
+        if self.mix not in MIXES:
+            raise RecipeError(f"mix={self.mix!r}: expected one of {', '.join(MIXES)}")
+
+
+_BLOCK = re.compile(r"\.(\d+)\.")
+
+
+@register("gguf_mix", GGUFMix, scope="model", summary="llama.cpp's per-tensor GGUF types of a file type (Q4_K_M), for the kquant stage after it")
+def gguf_mix(model: nn.Module, spec, data, stage) -> ModelStageOutput:
+    cfg: GGUFMix = stage.config
+    n_blocks = len(model.get_submodule(spec.blocks))
+    per_linear, counts = {}, {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        in_blocks = name.startswith(spec.blocks + ".")
+        if not stage.matches(name, in_blocks):
+            continue
+        block = None
+        if in_blocks:
+            block = int(_BLOCK.match(name[len(spec.blocks) :]).group(1))
+        role = "head" if name == spec.lm_head else "v" if name.endswith("." + spec.v) else "down" if name.endswith("." + spec.down) else "other"
+        qtype = storable_type(mix_type(cfg.mix, role, block, n_blocks), mod.in_features)
+        per_linear[name] = {"gguf_type": qtype}
+        counts[qtype] = counts.get(qtype, 0) + 1
+    if not per_linear:
+        raise RecipeError(f"gguf_mix: no linear matches targets {list(stage.targets)}")
+    return ModelStageOutput(per_linear=per_linear, summary={"mix": cfg.mix, "types": dict(sorted(counts.items()))})
+
+
+@dataclass(kw_only=True, frozen=True)
+class KQuant:
+    """``type``: the GGUF block type of every targeted linear (``Q4_K``, ``Q6_K``, ``Q5_0``,
+    ``Q8_0``) unless a ``gguf_mix`` stage before it chose one; rows of a width that is not a
+    multiple of 256 fall back to ``Q5_0`` / ``Q8_0`` as in llama.cpp. ``importance``: weight
+    the grid searches by the input columns' ``diag(H)`` (llama.cpp's importance matrix).
+    ``solver``: ``gptq`` (error feedback; ``block_size``, ``damp``, ``act_order`` as in GPTQ)
+    or ``round`` (each weight to its nearest grid value)."""
+
+    type: str = "Q4_K"
+    importance: bool = True
+    solver: str = "gptq"
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = True
+
+    def __post_init__(self):
+        if self.type not in TYPES:
+            raise RecipeError(f"type={self.type!r}: expected one of {', '.join(TYPES)}")
+        if self.solver not in SOLVERS:
+            raise RecipeError(f"solver={self.solver!r}: expected one of {', '.join(SOLVERS)}")
+        if not isinstance(self.importance, bool) or not isinstance(self.act_order, bool):
+            raise RecipeError("importance and act_order are true or false")
+        validate_solver_fields(self.block_size, self.damp)
+
+    def check_layer(self, out_features: int, in_features: int, where: str) -> None:
+        """Checked by the plan on every targeted linear before anything changes."""
+        if in_features % 32:
+            raise RecipeError(f"{where}: {in_features} input columns; GGUF blocks need a multiple of 32")
+
+
+def q4_k_gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    importance: bool,
+    block_size: int,
+    damp: float,
+    act_order: bool,
+    name: str | None = None,
+    hessian_owned: bool = False,
+) -> tuple[GPTQResult, Q4KParams]:
+    """GPTQ onto the Q4_K grid fitted to ``weight`` [R, C] before the sweep (C a multiple of
+    256): (result with the dequantized weight, the grid with the sweep's codes)."""
+    with solver_threads(weight.device):
+        W, H, dead = prepare(weight, hessian, name, owned=hessian_owned)
+        del hessian
+        R, C = W.shape
+        p = q4_k_params(W, importance=torch.diagonal(H).clone() if importance else None)
+        s, mn = (t.reshape(R, C // GROUP).t().contiguous() for t in p.scale_min())  # [groups, R]
+        live = s > 0
+        safe = torch.where(live, s, torch.ones_like(s))
+        perm = activation_order(H) if act_order else None
+        if perm is not None:
+            W, H = W[:, perm], H[perm.unsqueeze(1), perm]
+        cols = perm.tolist() if perm is not None else list(range(C))
+        fac = inverse_cholesky(H, damp, name)
+        del H
+        Wt = W.t().contiguous()
+        del W
+        codes_t = p.codes.t().contiguous()  # [C, R]; a group whose scale is 0 keeps the search's codes
+
+        def target(blk: SweepBlock, i: int, w: torch.Tensor, q: torch.Tensor) -> None:
+            c = cols[blk.i1 + i]
+            g = c // GROUP
+            u = torch.round((w + mn[g]) / safe[g]).clamp_(0, NMAX)
+            u = torch.where(live[g], u, codes_t[c])
+            codes_t[c] = u
+            torch.sub(s[g] * u, mn[g], out=q)
+
+        Qt, Et = column_sweep(Wt, fac.U, block_size, target)
+        Q = Qt.t()
+        if perm is not None:
+            Q = Q[:, torch.argsort(perm)]
+        p.codes = codes_t.t().contiguous()
+        res = GPTQResult(
+            weight=Q.contiguous(),
+            qparams=None,
+            damp=fac.damp,
+            damp_retries=fac.retries,
+            loss=float(Et.double().pow(2).sum() / 2),
+            dead=int(dead.sum()),
+            perm=perm,
+            fallback=fac.fallback,
+        )
+        return res, p
+
+
+@register(
+    "kquant",
+    KQuant,
+    needs=("hessian",),
+    summary="GGUF K-quants (Q4_K; Q6_K/Q5_0/Q8_0 in llama.cpp's Q4_K_M mixture) with GPTQ and an importance matrix",
+)
+def kquant(ctx: ModuleContext, cfg: KQuant) -> None:
+    hessian, owned = ctx.take("hessian")
+    C = ctx.weight.shape[1]
+    chosen = ctx.settings.get("gguf_type", cfg.type)
+    qtype = storable_type(chosen, C)
+    rec = ctx.record
+    rec.notes.update(gguf_type=qtype, solver=cfg.solver, importance=cfg.importance)
+    if qtype != chosen:
+        rec.notes["gguf_fallback_from"] = chosen
+    common = dict(block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order, name=ctx.name, hessian_owned=owned)
+    if qtype == "Q4_K":
+        if cfg.solver == "round":
+            H = hessian.float()
+            p = q4_k_params(ctx.weight.float(), importance=torch.diagonal(H).clone() if cfg.importance else None)
+            ctx.set_weight(p.dequantize())
+        else:
+            res, p = q4_k_gptq(ctx.weight, hessian, importance=cfg.importance, **common)
+            ctx.set_weight(res.weight)
+            record_solver_notes(rec, res, "gptq_loss")
+        rec.form = "q4_k"
+        rec.payload = {"codes": p.codes, "d": p.d, "dmin": p.dmin, "sc": p.sc, "m": p.m}
+        return
+    args = grid_args(qtype, cfg.importance)
+    res = gptq_quantize(ctx.weight, hessian, args, static_groups=True, shrink=1.0 if cfg.solver == "round" else 0.0, **common)
+    ctx.set_weight(res.weight)
+    rec.weight_args = args
+    rec.qparams = res.qparams
+    record_solver_notes(rec, res, "gptq_loss")

@@ -1,0 +1,111 @@
+"""Storage form ``q4_k``: GGUF's ``Q4_K`` grid (:mod:`llmpress.quant.kquant`): asymmetric 4-bit
+groups of 32 whose scale and minimum are both two-level, so a weight is
+``d * sc * u - dmin * m`` (``u`` in 0..15; one float16 ``d`` and ``dmin`` per super-block of
+256 weights along the row, 6-bit ``sc`` and ``m`` per group).
+
+Tensors, named after their role:
+
+- ``codes``: ``u`` packed into int32 words with :func:`llmpress.storage.grid.pack_unsigned`
+  along the input dimension ([out, in / 8]);
+- ``d``, ``dmin``: float16 [out, in / 256];
+- ``sc``, ``m``: uint8 [out, in / 256, 8] (values 0..63).
+
+Size, counted the same by :meth:`Q4K.bits_per_weight` (the report) and :meth:`Q4K.stored_bits`
+(the checkpoint): 4 bits per weight, 2 x 16 bits per 256 weights and 2 x 6 bits per 32, i.e.
+4.5 bits per weight, what a GGUF ``Q4_K`` block (144 bytes per 256 weights) holds; the
+checkpoint keeps ``sc`` and ``m`` in whole bytes (4.625 bits on disk).
+
+The method (:mod:`llmpress.quant.q4k`) hands over ``codes`` [out, in] and the four grid
+tensors (``record.payload``); the form stores them only while the model's weight is still
+exactly what they decode to (checked bit for bit; otherwise the writer stores the layer dense
+and says so). Runtime: the weight is decoded once at load (:class:`DequantLinear`; llama.cpp
+serves the GGUF export with its own Q4_K kernels). GGUF: ``Q4_K``, byte for byte
+(:mod:`llmpress.export.gguf_blocks`); compressed-tensors has no such grid and refuses, naming
+the layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...quant.kquant import GROUP, QK_K, Q4KParams
+from ...runtime.act_quant import ActQuantLinear
+from ...runtime.qlinear import DequantLinear
+from ..form import LinearSpec, StorageForm, register_form
+from ..grid import pack_unsigned, unpack_unsigned, words
+
+BITS_PER_WEIGHT = 4 + (16 + 16) / QK_K + (6 + 6) / GROUP  # 4.5
+PAYLOAD = ("codes", "d", "dmin", "sc", "m")
+
+
+def params_of(spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> Q4KParams:
+    """The stored grid as :class:`Q4KParams` (float32 ``d``/``dmin``, float32 codes)."""
+    R, C = spec.out_features, spec.in_features
+    return Q4KParams(
+        d=tensors["d"].float(),
+        dmin=tensors["dmin"].float(),
+        sc=tensors["sc"].float(),
+        m=tensors["m"].float(),
+        codes=unpack_unsigned(tensors["codes"], 4, C).reshape(R, C).float(),
+    )
+
+
+@register_form("q4_k")
+class Q4K(StorageForm):
+    decodes_at_load = True
+
+    def check_spec(self, spec: LinearSpec) -> None:
+        if spec.in_features % QK_K:
+            raise ValueError(f"a q4_k layer needs a multiple of {QK_K} input columns, found {spec.in_features}")
+
+    def encode(self, state):
+        p, w = state.payload, state.weight
+        if w is None or any(p.get(k) is None for k in PAYLOAD):
+            return None
+        w = w.detach().cpu()
+        R, C = w.shape
+        n = C // QK_K
+        if C % QK_K or tuple(p["codes"].shape) != (R, C) or tuple(p["d"].shape) != (R, n) or tuple(p["sc"].shape) != (R, n, QK_K // GROUP):
+            return None
+        d, dmin = p["d"].cpu().float(), p["dmin"].cpu().float()
+        if not (torch.equal(d.half().float(), d) and torch.equal(dmin.half().float(), dmin)):
+            return None
+        tensors = {
+            "codes": pack_unsigned(p["codes"].cpu().long().clamp(0, 15), 4),
+            "d": d.half().contiguous(),
+            "dmin": dmin.half().contiguous(),
+            "sc": p["sc"].cpu().clamp(0, 63).to(torch.uint8).contiguous(),
+            "m": p["m"].cpu().clamp(0, 63).to(torch.uint8).contiguous(),
+        }
+        spec = self.spec(state)
+        if not torch.equal(self.decode(spec, tensors, w.dtype), w):
+            return None
+        return spec, tensors
+
+    def decode(self, spec, tensors, dtype=torch.float32):
+        return params_of(spec, tensors).dequantize().to(dtype)
+
+    def expected_shapes(self, spec):
+        R, C = spec.out_features, spec.in_features
+        n = C // QK_K
+        return {"codes": (R, words(C, 4)), "d": (R, n), "dmin": (R, n), "sc": (R, n, QK_K // GROUP), "m": (R, n, QK_K // GROUP)}
+
+    def bits_per_weight(self, state, dense_bits=16):
+        if state.payload.get("codes") is None:  # no grid handed over: counted as the dense weight
+            return float(dense_bits) + state.extra_bits / state.n_params
+        return BITS_PER_WEIGHT + state.extra_bits / state.n_params
+
+    def stored_bits(self, spec, nbytes, scale_bits):
+        return spec.out_features * spec.in_features * BITS_PER_WEIGHT
+
+    def payload(self, spec, tensors):
+        if not tensors:
+            return {}
+        p = params_of(spec, tensors)
+        return {"codes": p.codes, "d": p.d, "dmin": p.dmin, "sc": p.sc, "m": p.m}
+
+    def build(self, spec, tensors, *, bias=None, backend="auto", device="cpu", act_dtype=None):
+        if backend not in ("auto", "torch", "dequant"):
+            raise ValueError(f"backend {backend!r} unknown; expected auto, torch or dequant")
+        mod = DequantLinear(self.decode(spec, tensors).to(device), bias)
+        return ActQuantLinear(mod, spec.act_args) if spec.act_args else mod

@@ -1,0 +1,156 @@
+"""The ``kquant`` method and the ``q4_k`` storage form (issue 21): GPTQ onto the Q4_K grid
+decodes exactly and beats the grid's own rounding on a correlated problem; llama.cpp's Q4_K_M
+type assignment (more-bits blocks, 256-column fallbacks) on a tiny Llama; the awq-gptq-q4_k_m
+preset exports bit for bit as GGUF with those types; sizes; refusals."""
+
+from __future__ import annotations
+
+import collections
+import sys
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+from conftest import random_windows, tiny_llama
+from helpers import QUIET
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "export"))
+from test_gguf import _check_linears, _tensors, _tokenizer  # noqa: E402
+
+import llmpress  # noqa: E402
+from llmpress import RecipeError, UserError, api, stage  # noqa: E402
+from llmpress.export.compressed_tensors import export_compressed_tensors  # noqa: E402
+from llmpress.export.gguf import export_gguf  # noqa: E402
+from llmpress.export.packed_load import read_manifest  # noqa: E402
+from llmpress.export.packed_size import checkpoint_accounting  # noqa: E402
+from llmpress.quant.kquant import q4_k_params  # noqa: E402
+from llmpress.quant.q4k import GGUFMix, KQuant, mix_type, more_bits, q4_k_gptq, storable_type  # noqa: E402
+
+
+def _problem(R=48, C=512, seed=0):
+    """A weight and a Hessian of correlated inputs with spread-out scales."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(R, C, generator=g)
+    X = torch.randn(4096, C // 8, generator=g) @ torch.randn(C // 8, C, generator=g) + 0.3 * torch.randn(4096, C, generator=g)
+    X = X * torch.linspace(0.2, 3.0, C)
+    return W, 2 * X.t() @ X / X.shape[0]
+
+
+def _err(Wq, W, H):
+    D = Wq - W
+    return float(((D @ H) * D).sum())
+
+
+def test_gptq_on_the_q4_k_grid_decodes_exactly_and_beats_rounding():
+    W, H = _problem()
+    res, p = q4_k_gptq(W, H, importance=True, block_size=64, damp=0.01, act_order=True)
+    assert torch.equal(res.weight, p.dequantize())  # the weight is exactly the grid's
+    assert int(p.codes.min()) >= 0 and int(p.codes.max()) <= 15
+    assert torch.equal(p.d.half().float(), p.d) and float(p.sc.max()) <= 63
+    plain, weighted = _err(q4_k_params(W).dequantize(), W, H), _err(q4_k_params(W, importance=torch.diagonal(H)).dequantize(), W, H)
+    gptq = _err(res.weight, W, H)
+    assert weighted < plain and gptq < 0.8 * weighted, (plain, weighted, gptq)
+    # the grid is the one fitted before the sweep: GPTQ only moves codes
+    p0 = q4_k_params(W, importance=torch.diagonal(H))
+    assert torch.equal(p.d, p0.d) and torch.equal(p.sc, p0.sc) and not torch.equal(p.codes, p0.codes)
+
+
+def test_llama_cpp_type_assignment():
+    # 30 blocks (SmolLM2): llama.cpp's Q4_K_M file has 14 attn_v / ffn_down tensors at the higher type
+    n = 30
+    more = [i for i in range(n) if more_bits(i, n)]
+    assert len(more) == 14 and more[:3] == [0, 1, 2] and more[-4:] == [26, 27, 28, 29]
+    assert all((i - 3) % 3 == 2 for i in more if 3 <= i < 26)
+    assert mix_type("q4_k_m", "v", 0, n) == "Q6_K" and mix_type("q4_k_m", "v", 3, n) == "Q4_K"
+    assert mix_type("q4_k_s", "down", 0, n) == "Q4_K" and mix_type("q4_k_s", "head", None, n) == "Q6_K"
+    assert mix_type("q4_k_m", "other", 0, n) == "Q4_K"
+    assert [storable_type(t, 576) for t in ("Q4_K", "Q6_K", "Q5_0")] == ["Q5_0", "Q8_0", "Q5_0"]
+    assert [storable_type(t, 1536) for t in ("Q4_K", "Q6_K")] == ["Q4_K", "Q6_K"]
+
+
+def _compressed(tmp_path, hidden, recipe="awq-gptq-q4_k_m", layers=8):
+    m = tiny_llama(layers=layers, hidden=hidden, inter=512, vocab=len(_tokenizer()))
+    rep = api.compress(m, recipe, data=random_windows(4, 32, vocab=len(_tokenizer())), engine=QUIET)
+    return api.save(m, _tokenizer(), tmp_path / f"packed{hidden}", report=rep), rep
+
+
+@pytest.mark.parametrize(
+    ("hidden", "want"),
+    [
+        # 8 blocks: more bits in blocks 0, 3, 6, 7
+        (256, {("attn_v", "Q6_K"): 4, ("attn_v", "Q4_K"): 4, ("ffn_down", "Q6_K"): 4, ("ffn_down", "Q4_K"): 4, ("token_embd", "Q6_K"): 1}),
+        # rows of 96: Q4_K -> Q5_0, Q6_K -> Q8_0 (ffn_down's 512-wide rows keep the K-quants)
+        (96, {("attn_v", "Q8_0"): 4, ("attn_v", "Q5_0"): 4, ("ffn_down", "Q6_K"): 4, ("ffn_down", "Q4_K"): 4, ("token_embd", "Q8_0"): 1}),
+    ],
+)
+def test_q4_k_m_preset_exports_llama_cpp_types_bit_for_bit(tmp_path, hidden, want):
+    src, rep = _compressed(tmp_path, hidden)
+    out = export_gguf(src, tmp_path / "m.gguf", dtype="float32")
+    assert _check_linears(out, src, n_layers=8) == ({"Q4_K", "Q6_K"} if hidden == 256 else {"Q5_0", "Q8_0", "Q4_K", "Q6_K"})
+    types = collections.Counter((n.split(".")[-2], t.tensor_type.name) for n, t in _tensors(out).items() if t.tensor_type.name.startswith("Q"))
+    for key, count in want.items():
+        assert types[key] == count, (key, types)
+    other = "Q4_K" if hidden == 256 else "Q5_0"
+    assert all(types[(r, other)] == 8 for r in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up")), types
+    r = gguf.GGUFReader(out)
+    assert r.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    assert rep.stages["stage0:gguf_mix"]["types"] == {t: sum(c for (_, tt), c in types.items() if tt == t) for t in sorted({t for _, t in types})}
+    mf = read_manifest(src)
+    down = mf["layers"]["model.layers.1.mlp.down_proj"]
+    assert down["kind"] == "q4_k"
+    if hidden == 96:
+        assert mf["layers"]["model.layers.1.self_attn.q_proj"]["kind"] == "quant"
+
+
+def test_q4_k_layers_count_4_5_bits_and_load(tmp_path):
+    recipe = [stage("kquant", ignore=["lm_head"], type="Q4_K", damp=0.1)]
+    src, rep = _compressed(tmp_path, 256, recipe=recipe, layers=2)
+    n = sum(
+        mod.weight.numel() for name, mod in tiny_llama(hidden=256, inter=512).named_modules() if "layers." in name and hasattr(mod, "in_features")
+    )
+    acc = checkpoint_accounting(read_manifest(src))
+    assert acc["theoretical_bytes_16bit_scales"] - acc["other_bytes"] == n * 4.5 / 8
+    assert {round(v["bits_per_weight"], 6) for v in rep.layers.values()} == {4.5}
+    loaded, _ = llmpress.load_compressed(str(src))
+    m = tiny_llama(hidden=256, inter=512, vocab=len(_tokenizer()))
+    x = random_windows(2, 16, vocab=len(_tokenizer()), seed=3)
+    with torch.no_grad():
+        diff = (loaded(x).logits - m(x).logits).abs().max()
+    assert 0 < float(diff) < 1.0  # quantized, and close to the float model
+    with pytest.raises(UserError, match="q4_k"):
+        export_compressed_tensors(src, tmp_path / "ct")
+
+
+def test_round_solver_is_the_grid_search():
+    W, H = _problem(R=16, C=256, seed=1)
+    from llmpress.quant.q4k import kquant
+    from llmpress.registry import ModuleContext, ModuleRecord
+
+    lin = torch.nn.Linear(256, 16, bias=False)
+    lin.weight.data.copy_(W)
+    rec = ModuleRecord(name="x", out_features=16, in_features=256)
+    kquant(ModuleContext(name="x", module=lin, stats={"hessian": H}, record=rec), KQuant(solver="round"))
+    assert torch.equal(lin.weight.data, q4_k_params(W, importance=torch.diagonal(H)).dequantize())
+    assert rec.form == "q4_k" and rec.notes["gguf_type"] == "Q4_K"
+
+
+@pytest.mark.parametrize(
+    ("cls", "fields", "fragment"),
+    [
+        (KQuant, {"type": "Q3_K"}, "type='Q3_K'"),
+        (KQuant, {"solver": "sgd"}, "solver='sgd'"),
+        (KQuant, {"damp": -1.0}, "damp"),
+        (GGUFMix, {"mix": "q5_k_m"}, "mix='q5_k_m'"),
+    ],
+)
+def test_bad_fields(cls, fields, fragment):
+    with pytest.raises(RecipeError, match=fragment):
+        cls(**fields)
+
+
+def test_rows_off_32_are_refused_before_work():
+    m, fresh = tiny_llama(hidden=48, inter=80), tiny_llama(hidden=48, inter=80)
+    with pytest.raises(RecipeError, match="48 input columns; GGUF blocks need a multiple of 32"):
+        api.compress(m, [stage("kquant")], data=random_windows(2, 16), engine=QUIET)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), fresh.state_dict().values()))
