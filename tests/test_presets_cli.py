@@ -112,9 +112,11 @@ def check_report(rep: dict, preset: str) -> None:
         assert b <= bpw <= 16, (b, bpw)
     else:  # each quantized linear within a bit of its width (scales, zero points, kept outliers); the whole
         # may sit higher: a rotation unties the head from the embedding and the float head counts as a linear
-        layer_bits = [lay["bits_per_weight"] for lay in rep["layers"].values() if lay.get("weights")]
-        widths = {st["weights"]["bits"] for st in rep["recipe"]["stages"] if st.get("weights")} or {b}  # e.g. W4 blocks + int8 head
-        assert layer_bits and all(any(w <= x <= w + 1 for w in widths) for x in layer_bits), (widths, sorted(set(layer_bits)))
+        # (each against its own grid's width: W4 blocks + int8 head, or a GGUF mixture of Q5_0 / Q8_0 / Q6_K)
+        layer_bits = [(lay["weight_args"]["bits"], lay["bits_per_weight"]) for lay in rep["layers"].values() if lay.get("weight_args")]
+        assert layer_bits and all(w <= x <= w + 1 for w, x in layer_bits), sorted(set(layer_bits))
+        k_quant = [lay["bits_per_weight"] for lay in rep["layers"].values() if lay.get("gguf_type") == "Q4_K"]
+        assert all(x == 4.5 for x in k_quant), k_quant  # Q4_K: 144 bytes per 256 weights
         assert b <= bpw <= 16, (b, bpw)
     assert rep["baseline"]["bits_per_weight"] == 16
     for k in ("load", "baseline_eval", "compress_total", "compressed_eval", "save"):
