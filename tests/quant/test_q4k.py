@@ -154,3 +154,21 @@ def test_rows_off_32_are_refused_before_work():
     with pytest.raises(RecipeError, match="48 input columns; GGUF blocks need a multiple of 32"):
         api.compress(m, [stage("kquant")], data=random_windows(2, 16), engine=QUIET)
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_tied_head_on_q4_k_is_the_embedding(tmp_path):
+    """A Q4_K head of a tied model: the loaded embedding reads the head's decoded rows (the
+    same logits as the compressed model) and the GGUF file holds it once, as token_embd."""
+    m = tiny_llama(hidden=256, inter=512, vocab=len(_tokenizer()))
+    rep = api.compress(
+        m, [stage("kquant", targets=["lm_head"], ignore=[], type="Q4_K")], data=random_windows(4, 32, vocab=len(_tokenizer())), engine=QUIET
+    )
+    src = api.save(m, _tokenizer(), tmp_path / "packed", report=rep)
+    assert read_manifest(src)["tied_quant_embeddings"] == {"model.embed_tokens.weight": "lm_head"}
+    loaded, _ = llmpress.load_compressed(str(src))
+    x = random_windows(2, 16, vocab=len(_tokenizer()), seed=3)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, m(x).logits)
+    assert not torch.equal(m.model.embed_tokens.weight, tiny_llama(hidden=256, inter=512, vocab=len(_tokenizer())).model.embed_tokens.weight)
+    types = {n: t.tensor_type.name for n, t in _tensors(export_gguf(src, tmp_path / "m.gguf")).items() if not n.startswith("blk")}
+    assert types == {"token_embd.weight": "Q4_K", "output_norm.weight": "F32"}

@@ -50,7 +50,7 @@ from ..errors import UserError
 from ..eval.memory import trim_malloc
 from ..registry import ModuleRecord
 from ..runtime.act_quant import plain, plain_state_dict
-from ..storage.form import LinearSpec
+from ..storage.form import LinearSpec, get_form
 from . import runtime_state
 from .codec import encode_linear
 from .packed_size import _DTYPES, checkpoint_accounting, packed_model_size  # noqa: F401 (their home before)
@@ -194,7 +194,7 @@ def _find_ties(model: nn.Module, state: dict, layers: dict, tensors: dict) -> tu
     the untied rest of ``state`` goes into ``tensors``."""
     # an embedding tied to a stored (quantized) linear: rebuilt from that linear's codes
     tied_quant: dict[str, str] = {}
-    qptr = {plain(get_module(model, n)).weight.data_ptr(): n for n, d in layers.items() if d["kind"] == "quant"}
+    qptr = {plain(get_module(model, n)).weight.data_ptr(): n for n, d in layers.items() if get_form(d["kind"]).ties_embedding}
     for k in [k for k, v in state.items() if k.endswith(".weight") and v.data_ptr() in qptr]:
         owner = get_module(model, k.rsplit(".", 1)[0])
         if isinstance(owner, nn.Embedding) and tuple(state[k].shape) == tuple(plain(get_module(model, qptr[state[k].data_ptr()])).weight.shape):

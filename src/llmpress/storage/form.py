@@ -189,6 +189,7 @@ class StorageForm:
     version: ClassVar[int] = 1
     counts_as_compressed: ClassVar[bool] = True  # eval/size.py's "quantized_linears"
     decodes_at_load: ClassVar[bool] = False  # its runtime module holds a decoded copy, not the stored tensors
+    ties_embedding: ClassVar[bool] = False  # a tied embedding may read its rows from this form's runtime module (its dequantized_weight)
 
     def encode(self, state: LayerState) -> tuple[LinearSpec, dict[str, torch.Tensor]] | None:
         raise NotImplementedError

@@ -60,6 +60,8 @@ MAX_EXCEPTIONS = 0.05
 
 @register_form("quant")
 class IntGrid(StorageForm):
+    ties_embedding = True
+
     def check_spec(self, spec: LinearSpec) -> None:
         if spec.weight_args is None:
             raise ValueError("a quantized layer needs 'weights'")

@@ -53,6 +53,7 @@ def params_of(spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> Q4KParams:
 @register_form("q4_k")
 class Q4K(StorageForm):
     decodes_at_load = True
+    ties_embedding = True
 
     def check_spec(self, spec: LinearSpec) -> None:
         if spec.in_features % QK_K:
