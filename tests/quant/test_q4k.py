@@ -26,6 +26,7 @@ from llmpress.export.packed_load import read_manifest  # noqa: E402
 from llmpress.export.packed_size import checkpoint_accounting  # noqa: E402
 from llmpress.quant.kquant import q4_k_params  # noqa: E402
 from llmpress.quant.q4k import GGUFMix, KQuant, mix_type, more_bits, q4_k_gptq, storable_type  # noqa: E402
+from llmpress.runtime.cpu_kernels import kernels  # noqa: E402
 
 
 def _problem(R=48, C=512, seed=0):
@@ -118,6 +119,15 @@ def test_q4_k_layers_count_4_5_bits_and_load(tmp_path):
     with torch.no_grad():
         diff = (loaded(x).logits - m(x).logits).abs().max()
     assert 0 < float(diff) < 1.0  # quantized, and close to the float model
+    # served by the int4 kernel (a float offset per group) where it is built, within float rounding of the exact weight
+    exact, _ = llmpress.load_compressed(str(src), backend="dequant")
+    lin, ref = loaded.model.layers[1].mlp.down_proj, exact.model.layers[1].mlp.down_proj
+    assert type(lin).__name__ == ("LowbitInt4Linear" if kernels() is not None else "DequantLinear")
+    assert type(ref).__name__ == "DequantLinear"
+    w = ref.dequantized_weight()
+    assert float((lin.dequantized_weight() - w).abs().max()) <= 1e-6 * float(w.abs().max())
+    with torch.no_grad():
+        assert torch.allclose(loaded(x).logits, exact(x).logits, atol=1e-4, rtol=0)
     with pytest.raises(UserError, match="q4_k"):
         export_compressed_tensors(src, tmp_path / "ct")
 
@@ -165,10 +175,12 @@ def test_tied_head_on_q4_k_is_the_embedding(tmp_path):
     )
     src = api.save(m, _tokenizer(), tmp_path / "packed", report=rep)
     assert read_manifest(src)["tied_quant_embeddings"] == {"model.embed_tokens.weight": "lm_head"}
-    loaded, _ = llmpress.load_compressed(str(src))
+    loaded, _ = llmpress.load_compressed(str(src), backend="dequant")
+    served, _ = llmpress.load_compressed(str(src))
     x = random_windows(2, 16, vocab=len(_tokenizer()), seed=3)
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, m(x).logits)
+        assert torch.allclose(served(x).logits, m(x).logits, atol=1e-4, rtol=0)
     assert not torch.equal(m.model.embed_tokens.weight, tiny_llama(hidden=256, inter=512, vocab=len(_tokenizer())).model.embed_tokens.weight)
     types = {n: t.tensor_type.name for n, t in _tensors(export_gguf(src, tmp_path / "m.gguf")).items() if not n.startswith("blk")}
     assert types == {"token_embd.weight": "Q4_K", "output_norm.weight": "F32"}

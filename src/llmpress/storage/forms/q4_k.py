@@ -18,8 +18,9 @@ checkpoint keeps ``sc`` and ``m`` in whole bytes (4.625 bits on disk).
 The method (:mod:`llmpress.quant.q4k`) hands over ``codes`` [out, in] and the four grid
 tensors (``record.payload``); the form stores them only while the model's weight is still
 exactly what they decode to (checked bit for bit; otherwise the writer stores the layer dense
-and says so). Runtime: the weight is decoded once at load (:class:`DequantLinear`; llama.cpp
-serves the GGUF export with its own Q4_K kernels). GGUF: ``Q4_K``, byte for byte
+and says so). Runtime (:meth:`Q4K.build`): llmpress's CPU int4 kernel with a float offset per
+group, else the weight decoded once at load (:class:`DequantLinear`, exact); llama.cpp serves
+the GGUF export with its own Q4_K kernels. GGUF: ``Q4_K``, byte for byte
 (:mod:`llmpress.export.gguf_blocks`); compressed-tensors has no such grid and refuses, naming
 the layer.
 """
@@ -28,14 +29,17 @@ from __future__ import annotations
 
 import torch
 
+from ...quant.args import QuantArgs
+from ...quant.core import QParams
 from ...quant.kquant import GROUP, QK_K, Q4KParams
 from ...runtime.act_quant import ActQuantLinear
-from ...runtime.qlinear import DequantLinear
+from ...runtime.qlinear import DequantLinear, LowbitInt4Linear
 from ..form import LinearSpec, StorageForm, register_form
-from ..grid import pack_unsigned, unpack_unsigned, words
+from ..grid import Decoded, pack_unsigned, unpack_unsigned, words
 
 BITS_PER_WEIGHT = 4 + (16 + 16) / QK_K + (6 + 6) / GROUP  # 4.5
 PAYLOAD = ("codes", "d", "dmin", "sc", "m")
+KERNEL_ARGS = QuantArgs(bits=4, symmetric=False, granularity="group", group_size=GROUP)  # the int4 kernel's view: (u - z) * s
 
 
 def params_of(spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> Q4KParams:
@@ -106,7 +110,29 @@ class Q4K(StorageForm):
         return {"codes": p.codes, "d": p.d, "dmin": p.dmin, "sc": p.sc, "m": p.m}
 
     def build(self, spec, tensors, *, bias=None, backend="auto", device="cpu", act_dtype=None):
+        """``backend="auto"`` on CPU: llmpress's int4 kernel (the packed codes, a float scale and
+        offset per group: 6 bits per weight in memory; within float rounding of the exact
+        weight); otherwise, or where a group's scale is 0 with a nonzero minimum, the weight
+        decoded once (:class:`DequantLinear`, exact)."""
         if backend not in ("auto", "torch", "dequant"):
             raise ValueError(f"backend {backend!r} unknown; expected auto, torch or dequant")
-        mod = DequantLinear(self.decode(spec, tensors).to(device), bias)
+        mod = _kernel_linear(spec, tensors, bias) if backend == "auto" and torch.device(device).type == "cpu" else None
+        if mod is None:
+            mod = DequantLinear(self.decode(spec, tensors).to(device), bias)
         return ActQuantLinear(mod, spec.act_args) if spec.act_args else mod
+
+
+def _kernel_linear(spec: LinearSpec, tensors: dict[str, torch.Tensor], bias) -> LowbitInt4Linear | None:
+    """The int4 kernel's module: ``d*sc*u - dmin*m = (u - z) * s`` with ``s = d*sc``, ``z = dmin*m / s``."""
+    from ...runtime.cpu_kernels import kernels
+
+    if kernels() is None:
+        return None
+    p = params_of(spec, tensors)
+    R, C = spec.out_features, spec.in_features
+    s, mn = (t.reshape(R, C // GROUP) for t in p.scale_min())
+    if bool(((s == 0) & (mn != 0)).any()):  # a constant group: no (u - z) * s form
+        return None
+    z = torch.where(s > 0, mn / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+    decoded = Decoded(codes=p.codes.to(torch.int8), qparams=QParams(scale=s, zero_point=z), args=KERNEL_ARGS)
+    return LowbitInt4Linear(decoded, GROUP, bias)
