@@ -321,9 +321,11 @@ def _solve_group(
 
 
 def _solve_lm_head(model: nn.Module, state: RunState, hidden: ActivationStore) -> None:
-    """The head's statistics from the last block's outputs through the final norm."""
+    """The head's statistics from the last block's outputs through the final norm (the norm
+    runs into an identity tap that stands for the head's input: no [tokens, vocab] logits)."""
     spec = state.spec
     head = get_module(model, spec.lm_head)
-    to_head = nn.Sequential(get_module(model, spec.final_norm), head)
-    stats = collect_stats(to_head, {spec.lm_head: head}, {spec.lm_head: state.needs[spec.lm_head]}, hidden, [((), {})] * len(hidden), state.group)
+    tap = nn.Identity()
+    to_head = nn.Sequential(get_module(model, spec.final_norm), tap)
+    stats = collect_stats(to_head, {spec.lm_head: tap}, {spec.lm_head: state.needs[spec.lm_head]}, hidden, [((), {})] * len(hidden), state.group)
     state.apply_group([(spec.lm_head, head, stats[spec.lm_head])])
