@@ -184,3 +184,24 @@ def test_tied_head_on_q4_k_is_the_embedding(tmp_path):
     assert not torch.equal(m.model.embed_tokens.weight, tiny_llama(hidden=256, inter=512, vocab=len(_tokenizer())).model.embed_tokens.weight)
     types = {n: t.tensor_type.name for n, t in _tensors(export_gguf(src, tmp_path / "m.gguf")).items() if not n.startswith("blk")}
     assert types == {"token_embd.weight": "Q4_K", "output_norm.weight": "F32"}
+
+
+def test_round_solver_weighs_a_dead_input_as_an_average_one():
+    """A column the calibration never saw (H_jj = 0) is weighed in the grid search as an
+    average live input (as GPTQ's preparation treats it), not given no weight at all."""
+    W, H = _problem(R=8, C=256, seed=2)
+    H[:32, :] = 0.0
+    H[:, :32] = 0.0  # the first group of 32 columns is dead
+    from llmpress.quant.q4k import kquant
+    from llmpress.registry import ModuleContext, ModuleRecord
+
+    lin = torch.nn.Linear(256, 8, bias=False)
+    lin.weight.data.copy_(W)
+    kquant(
+        ModuleContext(name="x", module=lin, stats={"hessian": H.clone()}, record=ModuleRecord(name="x", out_features=8, in_features=256)),
+        KQuant(solver="round"),
+    )
+    d = torch.diagonal(H).clone()
+    d[:32] = d[32:].mean()
+    assert torch.equal(lin.weight.data, q4_k_params(W, importance=d).dequantize())
+    assert not torch.equal(lin.weight.data, q4_k_params(W, importance=torch.diagonal(H)).dequantize())

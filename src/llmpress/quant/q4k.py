@@ -230,8 +230,8 @@ def kquant(ctx: ModuleContext, cfg: KQuant) -> None:
     common = dict(block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order, name=ctx.name, hessian_owned=owned)
     if qtype == "Q4_K":
         if cfg.solver == "round":
-            H = hessian.float()
-            p = q4_k_params(ctx.weight.float(), importance=torch.diagonal(H).clone() if cfg.importance else None)
+            W, H, _ = prepare(ctx.weight, hessian, ctx.name, owned=owned)  # dead inputs weigh as an average one
+            p = q4_k_params(W, importance=torch.diagonal(H).clone() if cfg.importance else None)
             ctx.set_weight(p.dequantize())
         else:
             res, p = q4_k_gptq(ctx.weight, hessian, importance=cfg.importance, **common)
