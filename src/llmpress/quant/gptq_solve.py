@@ -17,7 +17,7 @@ from .sweep import ColumnQuantizer, SweepBlock, activation_order, column_sweep, 
 @dataclass(kw_only=True)
 class GPTQResult:
     weight: torch.Tensor  # [R, C] float32, dequantized
-    qparams: QParams
+    qparams: QParams | None  # None: a grid of another form, handed back beside the result (Q4_K)
     damp: float  # dampening used (fraction of mean diag H)
     damp_retries: int
     loss: float  # sum over weights of (w - q)^2 / (2 [H^-1]_qq): the OBS estimate of the error
@@ -80,34 +80,40 @@ def _gptq(W, H, dead, args, block_size, damp, act_order, static, mse_importance,
     if args.granularity != "group" or static:
         # from the original weight, before the loop
         cq.set(compute_qparams(W, args, name, importance=importance(hdiag, args, C)))
+    gs = args.group_size if args.granularity == "group" and not static else None  # groups fitted as reached
 
+    def target(blk: SweepBlock, i: int, col: int, w: torch.Tensor, q: torch.Tensor) -> None:
+        j = blk.i1 + i
+        if gs and j % gs == 0:
+            cq.fit_group(blk.current(i, j, j + gs).t(), j // gs, None if hdiag is None else hdiag[j : j + gs])
+        cq.quantize_into(w, col, q)
+
+    return sweep_solve(W, H, dead, target, qparams=cq.qparams, block_size=block_size, damp=damp, act_order=act_order, name=name)
+
+
+def sweep_solve(W, H, dead, target, *, qparams, block_size: int, damp: float, act_order: bool, name: str | None) -> GPTQResult:
+    """GPTQ's loop on prepared ``W`` [R, C] / ``H`` (both given up): the columns in activation
+    order (or as they are), the inverse Cholesky factor, the OBS sweep with ``target(blk, i,
+    col, w, q)`` writing column ``col``'s grid value of ``w`` into ``q``, the columns put back.
+    ``qparams()`` gives the result's grid once the sweep is done (Q4_K: None, its grid is
+    handed back beside the result)."""
+    C = W.shape[1]
     perm = activation_order(H) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm.unsqueeze(1), perm]  # one [C, C] copy, not two
     col_index = perm.tolist() if perm is not None else list(range(C))
-
     fac = inverse_cholesky(H, damp, name)
-    U = fac.U
     del H
-
     Wt = W.t().contiguous()
     del W
-    gs = args.group_size if args.granularity == "group" and not static else None  # groups fitted as reached
-
-    def target(blk: SweepBlock, i: int, w: torch.Tensor, q: torch.Tensor) -> None:
-        j = blk.i1 + i
-        if gs and j % gs == 0:
-            cq.fit_group(blk.current(i, j, j + gs).t(), j // gs, None if hdiag is None else hdiag[j : j + gs])
-        cq.quantize_into(w, col_index[j], q)
-
-    Qt, Et = column_sweep(Wt, U, block_size, target)
+    Qt, Et = column_sweep(Wt, fac.U, block_size, lambda blk, i, w, q: target(blk, i, col_index[blk.i1 + i], w, q))
     loss = float(Et.double().pow(2).sum() / 2)
     Q = Qt.t()
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     return GPTQResult(
         weight=Q.contiguous(),
-        qparams=cq.qparams(),
+        qparams=qparams(),
         damp=fac.damp,
         damp_retries=fac.retries,
         loss=loss,

@@ -35,10 +35,10 @@ import torch.nn as nn
 from ..errors import RecipeError
 from ..registry import ModelStageOutput, ModuleContext, register
 from .args import QuantArgs
-from .gptq_solve import GPTQResult, gptq_quantize
-from .hessian import inverse_cholesky, prepare
+from .gptq_solve import GPTQResult, gptq_quantize, sweep_solve
+from .hessian import prepare
 from .kquant import GROUP, NMAX, QK_K, Q4KParams, q4_k_params
-from .sweep import SweepBlock, activation_order, column_sweep, record_solver_notes, solver_threads, validate_solver_fields
+from .sweep import SweepBlock, record_solver_notes, solver_threads, validate_solver_fields
 
 TYPES = ("Q4_K", "Q6_K", "Q5_0", "Q8_0")
 FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}  # llama.cpp's, for rows not a multiple of 256
@@ -176,39 +176,17 @@ def q4_k_gptq(
         s, mn = (t.reshape(R, C // GROUP).t().contiguous() for t in p.scale_min())  # [groups, R]
         live = s > 0
         safe = torch.where(live, s, torch.ones_like(s))
-        perm = activation_order(H) if act_order else None
-        if perm is not None:
-            W, H = W[:, perm], H[perm.unsqueeze(1), perm]
-        cols = perm.tolist() if perm is not None else list(range(C))
-        fac = inverse_cholesky(H, damp, name)
-        del H
-        Wt = W.t().contiguous()
-        del W
         codes_t = p.codes.t().contiguous()  # [C, R]; a group whose scale is 0 keeps the search's codes
 
-        def target(blk: SweepBlock, i: int, w: torch.Tensor, q: torch.Tensor) -> None:
-            c = cols[blk.i1 + i]
+        def target(blk: SweepBlock, i: int, c: int, w: torch.Tensor, q: torch.Tensor) -> None:
             g = c // GROUP
             u = torch.round((w + mn[g]) / safe[g]).clamp_(0, NMAX)
             u = torch.where(live[g], u, codes_t[c])
             codes_t[c] = u
             torch.sub(s[g] * u, mn[g], out=q)
 
-        Qt, Et = column_sweep(Wt, fac.U, block_size, target)
-        Q = Qt.t()
-        if perm is not None:
-            Q = Q[:, torch.argsort(perm)]
+        res = sweep_solve(W, H, dead, target, qparams=lambda: None, block_size=block_size, damp=damp, act_order=act_order, name=name)
         p.codes = codes_t.t().contiguous()
-        res = GPTQResult(
-            weight=Q.contiguous(),
-            qparams=None,
-            damp=fac.damp,
-            damp_retries=fac.retries,
-            loss=float(Et.double().pow(2).sum() / 2),
-            dead=int(dead.sum()),
-            perm=perm,
-            fallback=fac.fallback,
-        )
         return res, p
 
 
