@@ -1,7 +1,7 @@
-"""GGUF Q4_K's grid (llmpress.quant.kquant): the stored form decodes in the gguf package to
-exactly llmpress's dequantized weights; an importance moves the error to the columns it
-does not protect; against llama.cpp's own quantizer (where it is built) the blocks are the
-same bytes except near-ties of float summation order."""
+"""GGUF Q4_K's and Q5_K's grids (llmpress.quant.kquant): the stored form decodes in the gguf
+package to exactly llmpress's dequantized weights; an importance moves the error to the
+columns it does not protect; against llama.cpp's own quantizer (where it is built) the blocks
+are the same bytes except near-ties of float summation order."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from llmpress import UserError
-from llmpress.export.gguf_layouts import q4_k_blocks
-from llmpress.quant.kquant import q4_k_params
+from llmpress.export.gguf_layouts import q4_k_blocks, q5_k_blocks
+from llmpress.quant.kquant import k_params, q4_k_params
 
 T = gguf.GGMLQuantizationType
 
@@ -31,22 +31,26 @@ def _weights(rows: int = 16, cols: int = 512, seed: int = 0) -> torch.Tensor:
 
 
 def _blocks(p, rows: int, cols: int) -> np.ndarray:
-    return q4_k_blocks(p.codes.reshape(rows, cols // 256, 256), p.d, p.sc, p.dmin, p.m)
+    layout = q4_k_blocks if p.bits == 4 else q5_k_blocks
+    return layout(p.codes.reshape(rows, cols // 256, 256), p.d, p.sc, p.dmin, p.m)
 
 
+@pytest.mark.parametrize("bits", [4, 5])
 @pytest.mark.parametrize("importance", [False, True])
-def test_q4_k_form_decodes_in_gguf_to_llmpress_weights(importance):
+def test_k_form_decodes_in_gguf_to_llmpress_weights(importance, bits):
     w = _weights()
-    p = q4_k_params(w, torch.rand(512, generator=torch.Generator().manual_seed(1)) if importance else None)
-    assert p.codes.min() >= 0 and p.codes.max() <= 15 and p.sc.max() <= 63 and p.m.max() <= 63
+    p = k_params(w, torch.rand(512, generator=torch.Generator().manual_seed(1)) if importance else None, bits=bits)
+    assert p.codes.min() >= 0 and p.codes.max() == 2**bits - 1 and p.sc.max() <= 63 and p.m.max() <= 63
     assert torch.equal(p.d, p.d.half().float()) and torch.equal(p.dmin, p.dmin.half().float())
-    got = gguf.quants.dequantize(_blocks(p, 16, 512).reshape(16, -1), T.Q4_K)
+    blocks = _blocks(p, 16, 512)
+    assert blocks.shape == (16, 2, 144 if bits == 4 else 176)
+    got = gguf.quants.dequantize(blocks.reshape(16, -1), T.Q4_K if bits == 4 else T.Q5_K)
     assert np.array_equal(got, p.dequantize().numpy())
     deq = p.dequantize()
     assert torch.equal(deq[1, :256], torch.zeros(256))  # zeros stay exactly zero
-    assert (deq - w).abs().max() < 0.05 * w.abs().max()
+    assert (deq - w).abs().max() < (0.05 if bits == 4 else 0.025) * w.abs().max()
     rel = ((deq - w).pow(2).sum() / w.pow(2).sum()).item()
-    assert rel < 0.02  # 4-bit groups of 32: about 1% of the energy
+    assert rel < (0.02 if bits == 4 else 0.005)  # groups of 32: about 1% of the energy at 4 bits, a quarter of it at 5
 
 
 def test_importance_protects_the_columns_it_weights():
@@ -63,20 +67,26 @@ def test_importance_protects_the_columns_it_weights():
     assert err(weighted, rest) > err(plain, rest)
 
 
-def test_rows_not_a_multiple_of_256_are_refused():
-    with pytest.raises(UserError, match="multiple of 256"):
+def test_rows_not_a_multiple_of_256_and_other_widths_are_refused():
+    with pytest.raises(UserError, match="Q4_K needs rows of a multiple of 256"):
         q4_k_params(torch.randn(4, 320))
+    with pytest.raises(UserError, match="Q5_K needs rows of a multiple of 256"):
+        k_params(torch.randn(4, 320), bits=5)
+    with pytest.raises(UserError, match="4 or 5 bits"):
+        k_params(torch.randn(4, 256), bits=3)
 
 
 LIB = os.environ.get("LLMPRESS_LLAMA_CPP")
 
 
 @pytest.mark.skipif(not LIB, reason="llama.cpp not built: run benchmarks/llamacpp_build.sh and set LLMPRESS_LLAMA_CPP")
+@pytest.mark.parametrize("bits", [4, 5])
 @pytest.mark.parametrize("importance", [False, True])
-def test_same_blocks_as_llama_cpp_quantizer(importance):
+def test_same_blocks_as_llama_cpp_quantizer(importance, bits):
     """ggml's own ``ggml_quantize_chunk`` (the reference quantizer without an importance,
-    the imatrix one with): at least 95% of the 144-byte blocks identical, the weighted error
-    within 0.5% of llama.cpp's (measured: 99.2% / 98.4% identical on this matrix)."""
+    the imatrix one with): at least 95% of the 144-byte (Q5_K: 176-byte) blocks identical, the
+    weighted error within 0.5% of llama.cpp's (measured: Q4_K 99.2% / 98.4%, Q5_K 99.2% /
+    98.8% identical on this matrix)."""
     lib = ctypes.CDLL(str(Path(LIB) / "libggml-base.so"))
     f = lib.ggml_quantize_chunk
     f.restype = ctypes.c_size_t
@@ -86,13 +96,14 @@ def test_same_blocks_as_llama_cpp_quantizer(importance):
     w[:, 5] *= 20
     imp = torch.rand(C, generator=torch.Generator().manual_seed(1)) + 0.1 if importance else None
     x = np.ascontiguousarray(w.numpy())
-    theirs = np.zeros((R, C // 256, 144), dtype=np.uint8)
+    qt = T.Q4_K if bits == 4 else T.Q5_K
+    theirs = np.zeros((R, C // 256, 144 if bits == 4 else 176), dtype=np.uint8)
     qw = None if imp is None else np.ascontiguousarray(imp.numpy())
-    f(int(T.Q4_K), x.ctypes.data, theirs.ctypes.data, 0, R, C, None if qw is None else qw.ctypes.data)
-    p = q4_k_params(w, imp)
+    f(int(qt), x.ctypes.data, theirs.ctypes.data, 0, R, C, None if qw is None else qw.ctypes.data)
+    p = k_params(w, imp, bits=bits)
     ours = _blocks(p, R, C)
     assert (ours == theirs).all(-1).mean() >= 0.95
     weight = 1.0 if imp is None else imp.numpy()
-    e_theirs = (((gguf.quants.dequantize(theirs.reshape(R, -1), T.Q4_K) - x) ** 2) * weight).sum()
+    e_theirs = (((gguf.quants.dequantize(theirs.reshape(R, -1), qt) - x) ** 2) * weight).sum()
     e_ours = (((p.dequantize().numpy() - x) ** 2) * weight).sum()
     assert abs(e_ours / e_theirs - 1) < 0.005

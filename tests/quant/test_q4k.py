@@ -1,7 +1,8 @@
-"""The ``kquant`` method and the ``q4_k`` storage form (issue 21): GPTQ onto the Q4_K grid
-decodes exactly and beats the grid's own rounding on a correlated problem; llama.cpp's Q4_K_M
-type assignment (more-bits blocks, 256-column fallbacks) on a tiny Llama; the awq-gptq-q4_k_m
-preset exports bit for bit as GGUF with those types; sizes; refusals."""
+"""The ``kquant`` method and the ``q4_k`` / ``q5_k`` storage forms (issue 21): GPTQ onto the
+Q4_K and Q5_K grids decodes exactly and beats the grid's own rounding on a correlated problem;
+llama.cpp's Q4_K_M / Q4_K_S / Q5_K_M / Q5_K_S type assignment (more-bits blocks, 256-column
+fallbacks) on a tiny Llama; the awq-gptq-q4_k_m and -q5_k_m presets export bit for bit as GGUF
+with those types and file types; sizes; refusals."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from llmpress.export.compressed_tensors import export_compressed_tensors  # noqa
 from llmpress.export.gguf import export_gguf  # noqa: E402
 from llmpress.export.packed_load import read_manifest  # noqa: E402
 from llmpress.export.packed_size import checkpoint_accounting  # noqa: E402
-from llmpress.quant.kquant import q4_k_params  # noqa: E402
-from llmpress.quant.q4k import GGUFMix, KQuant, mix_type, more_bits, q4_k_gptq, storable_type  # noqa: E402
+from llmpress.quant.kquant import q4_k_params, q5_k_params  # noqa: E402
+from llmpress.quant.q4k import GGUFMix, KQuant, k_gptq, mix_type, more_bits, storable_type  # noqa: E402
 from llmpress.runtime.cpu_kernels import kernels  # noqa: E402
 
 
@@ -43,17 +44,21 @@ def _err(Wq, W, H):
     return float(((D @ H) * D).sum())
 
 
-def test_gptq_on_the_q4_k_grid_decodes_exactly_and_beats_rounding():
+@pytest.mark.parametrize(("bits", "params"), [(4, q4_k_params), (5, q5_k_params)])
+def test_gptq_on_the_k_grid_decodes_exactly_and_beats_rounding(bits, params):
     W, H = _problem()
-    res, p = q4_k_gptq(W, H, importance=True, block_size=64, damp=0.01, act_order=True)
+    res, p = k_gptq(W, H, bits=bits, importance=True, block_size=64, damp=0.01, act_order=True)
     assert torch.equal(res.weight, p.dequantize())  # the weight is exactly the grid's
-    assert int(p.codes.min()) >= 0 and int(p.codes.max()) <= 15
+    assert int(p.codes.min()) >= 0 and int(p.codes.max()) == 2**bits - 1 and p.bits == bits
     assert torch.equal(p.d.half().float(), p.d) and float(p.sc.max()) <= 63
-    plain, weighted = _err(q4_k_params(W).dequantize(), W, H), _err(q4_k_params(W, importance=torch.diagonal(H)).dequantize(), W, H)
+    plain, weighted = _err(params(W).dequantize(), W, H), _err(params(W, importance=torch.diagonal(H)).dequantize(), W, H)
     gptq = _err(res.weight, W, H)
     assert weighted < plain and gptq < 0.8 * weighted, (plain, weighted, gptq)
+    if bits == 5:  # one more bit: about a quarter of Q4_K's error
+        q4 = _err(k_gptq(W, H, bits=4, importance=True, block_size=64, damp=0.01, act_order=True)[0].weight, W, H)
+        assert gptq < 0.4 * q4, (gptq, q4)
     # the grid is the one fitted before the sweep: GPTQ only moves codes
-    p0 = q4_k_params(W, importance=torch.diagonal(H))
+    p0 = params(W, importance=torch.diagonal(H))
     assert torch.equal(p.d, p0.d) and torch.equal(p.sc, p0.sc) and not torch.equal(p.codes, p0.codes)
 
 
@@ -64,10 +69,19 @@ def test_llama_cpp_type_assignment():
     assert len(more) == 14 and more[:3] == [0, 1, 2] and more[-4:] == [26, 27, 28, 29]
     assert all((i - 3) % 3 == 2 for i in more if 3 <= i < 26)
     assert mix_type("q4_k_m", "v", 0, n) == "Q6_K" and mix_type("q4_k_m", "v", 3, n) == "Q4_K"
-    assert mix_type("q4_k_s", "down", 0, n) == "Q4_K" and mix_type("q4_k_s", "head", None, n) == "Q6_K"
+    assert mix_type("q4_k_s", "down", 3, n) == "Q4_K" and mix_type("q4_k_s", "head", None, n) == "Q6_K"
     assert mix_type("q4_k_m", "other", 0, n) == "Q4_K"
-    assert [storable_type(t, 576) for t in ("Q4_K", "Q6_K", "Q5_0")] == ["Q5_0", "Q8_0", "Q5_0"]
-    assert [storable_type(t, 1536) for t in ("Q4_K", "Q6_K")] == ["Q4_K", "Q6_K"]
+    # Q4_K_S: Q5_K for attn_v of the first 4 blocks and ffn_down of the first n/8 (3 of 30)
+    s = {r: [i for i in range(n) if mix_type("q4_k_s", r, i, n) == "Q5_K"] for r in ("v", "down", "other")}
+    assert s == {"v": [0, 1, 2, 3], "down": [0, 1, 2], "other": []}
+    assert mix_type("q4_k_s", "v", 4, n) == "Q4_K" and mix_type("q4_k_s", "head", None, n) == "Q6_K"
+    # Q5_K_M: Q4_K_M's rule over Q5_K; Q5_K_S: Q5_K everywhere but the head
+    for r in ("v", "down"):
+        assert [mix_type("q5_k_m", r, i, n) for i in range(n)] == ["Q6_K" if i in more else "Q5_K" for i in range(n)]
+    assert mix_type("q5_k_m", "other", 0, n) == "Q5_K" and mix_type("q5_k_m", "head", None, n) == "Q6_K"
+    assert {mix_type("q5_k_s", r, i, n) for r in ("v", "down", "other") for i in range(n)} == {"Q5_K"}
+    assert [storable_type(t, 576) for t in ("Q4_K", "Q5_K", "Q6_K", "Q5_0")] == ["Q5_0", "Q5_1", "Q8_0", "Q5_0"]
+    assert [storable_type(t, 1536) for t in ("Q4_K", "Q5_K", "Q6_K")] == ["Q4_K", "Q5_K", "Q6_K"]
 
 
 def _compressed(tmp_path, hidden, recipe="awq-gptq-q4_k_m", layers=8):
@@ -102,6 +116,57 @@ def test_q4_k_m_preset_exports_llama_cpp_types_bit_for_bit(tmp_path, hidden, wan
     assert down["kind"] == "q4_k"
     if hidden == 96:
         assert mf["layers"]["model.layers.1.self_attn.q_proj"]["kind"] == "quant"
+
+
+@pytest.mark.parametrize(
+    ("preset", "hidden", "want", "file_type"),
+    [
+        # 8 blocks: more bits (Q6_K) in blocks 0, 3, 6, 7; Q5_K elsewhere
+        ("awq-gptq-q5_k_m", 256, {("attn_v", "Q6_K"): 4, ("attn_v", "Q5_K"): 4, ("ffn_down", "Q6_K"): 4, ("ffn_down", "Q5_K"): 4,
+                                  ("attn_q", "Q5_K"): 8, ("ffn_up", "Q5_K"): 8, ("token_embd", "Q6_K"): 1}, "MOSTLY_Q5_K_M"),
+        # rows of 96: Q5_K -> Q5_1, Q6_K -> Q8_0
+        ("awq-gptq-q5_k_m", 96, {("attn_v", "Q8_0"): 4, ("attn_v", "Q5_1"): 4, ("ffn_down", "Q6_K"): 4, ("ffn_down", "Q5_K"): 4,
+                                 ("attn_q", "Q5_1"): 8, ("ffn_up", "Q5_1"): 8, ("token_embd", "Q8_0"): 1}, "MOSTLY_Q5_K_M"),
+        # Q5_K for attn_v of blocks 0-3 and ffn_down of block 0 (8 / 8), Q4_K elsewhere, the head Q6_K
+        ("awq-gptq-q4_k_s", 256, {("attn_v", "Q5_K"): 4, ("attn_v", "Q4_K"): 4, ("ffn_down", "Q5_K"): 1, ("ffn_down", "Q4_K"): 7,
+                                  ("attn_q", "Q4_K"): 8, ("token_embd", "Q6_K"): 1}, "MOSTLY_Q4_K_S"),
+    ],
+)  # fmt: skip
+def test_other_k_mix_presets_export_llama_cpp_types_bit_for_bit(tmp_path, preset, hidden, want, file_type):
+    src, rep = _compressed(tmp_path, hidden, recipe=preset)
+    out = export_gguf(src, tmp_path / "m.gguf", dtype="float32")
+    got = _check_linears(out, src, n_layers=8)  # every linear decodes in gguf to llmpress's weight bit for bit
+    types = collections.Counter((n.split(".")[-2], t.tensor_type.name) for n, t in _tensors(out).items() if t.tensor_type.name.startswith("Q"))
+    for key, count in want.items():
+        assert types[key] == count, (key, types)
+    assert got == {t for (role, t) in types if role != "token_embd"}
+    assert gguf.GGUFReader(out).fields["general.file_type"].contents() == int(getattr(gguf.LlamaFileType, file_type))
+    kinds = collections.Counter(v["kind"] for v in read_manifest(src)["layers"].values())
+    assert kinds["q5_k"] == sum(c for (_, t), c in types.items() if t == "Q5_K")
+
+
+def test_q5_k_layers_count_5_5_bits_and_load_exactly(tmp_path):
+    recipe = [stage("kquant", ignore=["lm_head"], type="Q5_K", damp=0.1)]
+    src, rep = _compressed(tmp_path, 256, recipe=recipe, layers=2)
+    n = sum(
+        mod.weight.numel() for name, mod in tiny_llama(hidden=256, inter=512).named_modules() if "layers." in name and hasattr(mod, "in_features")
+    )
+    acc = checkpoint_accounting(read_manifest(src))
+    assert acc["theoretical_bytes_16bit_scales"] - acc["other_bytes"] == n * 5.5 / 8
+    assert {round(v["bits_per_weight"], 6) for v in rep.layers.values()} == {5.5}
+    loaded, _ = llmpress.load_compressed(str(src))
+    lin = loaded.model.layers[1].mlp.down_proj
+    assert type(lin).__name__ == "DequantLinear"  # no 5-bit kernel: decoded once, exact
+    q4_src, _ = _compressed(tmp_path / "q4", 256, recipe=[stage("kquant", ignore=["lm_head"], type="Q4_K", damp=0.1)], layers=2)
+    m = tiny_llama(hidden=256, inter=512, vocab=len(_tokenizer()))
+    x = random_windows(2, 16, vocab=len(_tokenizer()), seed=3)
+    q4, _ = llmpress.load_compressed(str(q4_src), backend="dequant")
+    with torch.no_grad():
+        ref = m(x).logits
+        err5, err4 = (loaded(x).logits - ref).pow(2).mean(), (q4(x).logits - ref).pow(2).mean()
+    assert 0 < float(err5) < 0.5 * float(err4)  # one more bit: nearer the float model
+    with pytest.raises(UserError, match="q5_k"):
+        export_compressed_tensors(src, tmp_path / "ct")
 
 
 def test_q4_k_layers_count_4_5_bits_and_load(tmp_path):
@@ -151,7 +216,7 @@ def test_round_solver_is_the_grid_search():
         (KQuant, {"type": "Q3_K"}, "type='Q3_K'"),
         (KQuant, {"solver": "sgd"}, "solver='sgd'"),
         (KQuant, {"damp": -1.0}, "damp"),
-        (GGUFMix, {"mix": "q5_k_m"}, "mix='q5_k_m'"),
+        (GGUFMix, {"mix": "q3_k_m"}, "mix='q3_k_m'"),
     ],
 )
 def test_bad_fields(cls, fields, fragment):

@@ -102,10 +102,13 @@ def _file_type(tensors: list[_Tensor]):
 
     ft = gguf.LlamaFileType
     quant = Counter(t.qtype for t in tensors if t.qtype.startswith("Q"))
-    if "Q4_K" in quant:  # llama.cpp's names for its Q4_K mixtures (with Q6_K tensors: _M)
-        return ft.MOSTLY_Q4_K_M if "Q6_K" in quant else ft.MOSTLY_Q4_K_S
+    blocks = {t.qtype for t in tensors if t.name.startswith("blk.")}  # the head and embedding are Q6_K in every K mixture
+    for k in ("Q4_K", "Q5_K"):  # llama.cpp's names for its K mixtures (Q6_K in the blocks: _M; Q4_K_S holds some Q5_K)
+        if k in blocks:
+            return getattr(ft, f"MOSTLY_{k}_M" if "Q6_K" in blocks else f"MOSTLY_{k}_S")
     if quant:
-        return getattr(ft, f"MOSTLY_{quant.most_common(1)[0][0]}")
+        top = quant.most_common(1)[0][0]
+        return getattr(ft, f"MOSTLY_{top}_S" if top in ("Q4_K", "Q5_K") else f"MOSTLY_{top}")
     return ft.MOSTLY_F16 if any(t.qtype == "F16" for t in tensors) else ft.ALL_F32
 
 

@@ -13,8 +13,8 @@ input dimension):
   ``m = -zero_point * scale``;
 - ``Q6_K``: symmetric int6 in groups of 16 with two-level scales in super-blocks of 256
   (``super_block: 256``): the group scales are ``d * sc`` with fp16 ``d`` and int8 ``sc``;
-- ``Q4_K``: the ``q4_k`` storage form (the ``kquant`` method), whose grid is GGUF's own:
-  its tensors are the block's fields.
+- ``Q4_K`` / ``Q5_K``: the ``q4_k`` / ``q5_k`` storage forms (the ``kquant`` method), whose
+  grids are GGUF's own: their tensors are the block's fields.
 
 Exact means: every stored scale (and ``m``; ``Q6_K``: ``d`` and ``sc``) is representable,
 and the gguf package's own dequantization of the blocks equals llmpress's dequantized weight
@@ -34,10 +34,11 @@ from ..errors import UserError
 from ..storage.form import LinearSpec, decode_weight
 from ..storage.forms.q4_k import params_of
 from ..storage.grid import decode_quant
-from .gguf_layouts import QK, QK_K, fp16_exact, q4_k_blocks, q6_k_blocks, q6_k_scales, small_blocks
+from .gguf_layouts import QK, QK_K, fp16_exact, q4_k_blocks, q5_k_blocks, q6_k_blocks, q6_k_scales, small_blocks
 
 # (bits, symmetric) of a group-32 grid -> its block type
 SMALL = {(4, True): "Q4_0", (4, False): "Q4_1", (5, True): "Q5_0", (5, False): "Q5_1", (8, True): "Q8_0"}
+K_FORMS = {"q4_k": ("Q4_K", q4_k_blocks), "q5_k": ("Q5_K", q5_k_blocks)}  # storage form -> (block type, layout)
 Q6_K_GRID = "bits: 6, group_size: 16, super_block: 256, signed_scale: true, scale_dtype: float16"
 
 
@@ -85,7 +86,7 @@ def _why_not(spec: LinearSpec) -> str | None:
         if spec.act_args is not None and a is None:
             return f"activation quantization ({spec.act_args.describe()}) without weight quantization"
         return "weights stored dense, off their recorded grid"
-    if spec.kind == "q4_k":
+    if spec.kind in K_FORMS:
         return f"activation quantization ({spec.act_args.describe()}), which GGUF files do not carry" if spec.act_args else None
     if spec.kind != "quant":
         return {"lowrank": "low-rank factors", "sparse": "sparsity without a quantized grid"}.get(spec.kind, f"storage form {spec.kind!r}")
@@ -97,14 +98,14 @@ def _why_not(spec: LinearSpec) -> str | None:
 
 
 def block_type(name: str, spec: LinearSpec) -> str:
-    """``Q4_0`` / ``Q4_1`` / ``Q5_0`` / ``Q5_1`` / ``Q8_0`` / ``Q6_K`` / ``Q4_K`` for the layer, or a
+    """``Q4_0`` / ``Q4_1`` / ``Q5_0`` / ``Q5_1`` / ``Q8_0`` / ``Q6_K`` / ``Q4_K`` / ``Q5_K`` for the layer, or a
     UserError naming it, its grid and the nearest preset that exports."""
     why = _why_not(spec)
     if why is not None:
         grid = spec.weight_args.describe() if spec.weight_args is not None else spec.kind
         raise UserError(f"layer {name} ({grid}) has no exact GGUF form: {why}; compress with a group-32 preset such as {nearest_preset(spec)}")
-    if spec.kind == "q4_k":
-        return "Q4_K"
+    if spec.kind in K_FORMS:
+        return K_FORMS[spec.kind][0]
     a = spec.weight_args
     return "Q6_K" if a.super_block else SMALL[(a.bits, a.symmetric)]
 
@@ -113,10 +114,10 @@ def encode_blocks(spec: LinearSpec, tensors: dict[str, torch.Tensor], qtype: str
     """uint8 [out, blocks * block bytes] of the layer in ``qtype``; None when a scale (or a
     minimum, or ``Q6_K``'s ``d`` / ``sc``) is not representable."""
     out_f, in_f = spec.out_features, spec.in_features
-    if qtype == "Q4_K":
+    if spec.kind in K_FORMS:
         p = params_of(spec, tensors)
         n = in_f // QK_K
-        return q4_k_blocks(p.codes.reshape(out_f, n, QK_K), p.d, p.sc, p.dmin, p.m).reshape(out_f, -1)
+        return K_FORMS[spec.kind][1](p.codes.reshape(out_f, n, QK_K), p.d, p.sc, p.dmin, p.m).reshape(out_f, -1)
     d = decode_quant(spec, tensors)
     if qtype == "Q6_K":
         ds = q6_k_scales(d.qparams.scale.float().reshape(out_f, in_f // QK_K, QK_K // 16))

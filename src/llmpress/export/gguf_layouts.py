@@ -24,6 +24,9 @@ stores them unsigned:
   4 bits of ``sc`` / ``m`` in the low / high nibble of byte ``g + 4`` and their top 2 bits in
   the top 2 bits of byte ``g - 4`` / ``g``. Weight ``64 c + 32 h + j`` (c < 4, h in {0, 1},
   j < 32) is nibble ``h`` of byte ``32 c + j``.
+- ``Q5_K`` (256 weights, 176 bytes): ``Q4_K``'s ``d``, ``dmin`` and 12 scale bytes, then 32
+  bytes ``qh``, then ``Q4_K``'s 128 bytes of low nibbles; ``u`` in 0..31, weight ``32 g + j``
+  (group g < 8, j < 32) has its bit 4 at bit ``g`` of ``qh[j]``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 
 QK = 32  # weights per block of Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0
 QK_K = 256  # weights per super-block of the K-quants
-OFFSET = {"Q4_0": 8, "Q4_1": 0, "Q5_0": 16, "Q5_1": 0, "Q8_0": 0, "Q6_K": 32, "Q4_K": 0}  # unsigned = signed code + offset
+OFFSET = {"Q4_0": 8, "Q4_1": 0, "Q5_0": 16, "Q5_1": 0, "Q8_0": 0, "Q6_K": 32, "Q4_K": 0, "Q5_K": 0}  # unsigned = signed code + offset
 
 
 def fp16_exact(x: torch.Tensor) -> bool:
@@ -103,10 +106,8 @@ def q6_k_blocks(codes: torch.Tensor, d: torch.Tensor, sc: torch.Tensor) -> np.nd
     return np.concatenate(parts, axis=-1)
 
 
-def q4_k_blocks(codes: torch.Tensor, d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor, m: torch.Tensor) -> np.ndarray:
-    """``Q4_K`` blocks [R, n, 144] from unsigned codes 0..15 [R, n, 256], fp16-valued ``d`` and
-    ``dmin`` [R, n], 6-bit ``sc`` and ``m`` [R, n, 8] (value ``d * sc * u - dmin * m``)."""
-    R, n, _ = codes.shape
+def k_scale_bytes(sc: torch.Tensor, m: torch.Tensor) -> np.ndarray:
+    """The 12 bytes of 6-bit group scales and minimums [R, n, 8] of a ``Q4_K`` / ``Q5_K`` block."""
     sc, m = sc.to(torch.uint8), m.to(torch.uint8)
     scales = torch.cat(
         [
@@ -116,6 +117,26 @@ def q4_k_blocks(codes: torch.Tensor, d: torch.Tensor, sc: torch.Tensor, dmin: to
         ],
         dim=-1,
     )
-    u = codes.to(torch.uint8).reshape(R, n, 4, 2, 32)  # [.., c, h, j]
-    qs = (u[..., 0, :] | (u[..., 1, :] << 4)).reshape(R, n, 128)
-    return np.concatenate([fp16_bytes(d), fp16_bytes(dmin), scales.contiguous().numpy(), qs.contiguous().numpy()], axis=-1)
+    return scales.contiguous().numpy()
+
+
+def _k_nibbles(u: torch.Tensor) -> np.ndarray:
+    """The 128 bytes of low nibbles of unsigned codes [R, n, 256]: weight ``64 c + 32 h + j`` in
+    nibble ``h`` of byte ``32 c + j``."""
+    R, n, _ = u.shape
+    u = (u.to(torch.uint8) & 15).reshape(R, n, 4, 2, 32)  # [.., c, h, j]
+    return (u[..., 0, :] | (u[..., 1, :] << 4)).reshape(R, n, 128).contiguous().numpy()
+
+
+def q4_k_blocks(codes: torch.Tensor, d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor, m: torch.Tensor) -> np.ndarray:
+    """``Q4_K`` blocks [R, n, 144] from unsigned codes 0..15 [R, n, 256], fp16-valued ``d`` and
+    ``dmin`` [R, n], 6-bit ``sc`` and ``m`` [R, n, 8] (value ``d * sc * u - dmin * m``)."""
+    return np.concatenate([fp16_bytes(d), fp16_bytes(dmin), k_scale_bytes(sc, m), _k_nibbles(codes)], axis=-1)
+
+
+def q5_k_blocks(codes: torch.Tensor, d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor, m: torch.Tensor) -> np.ndarray:
+    """``Q5_K`` blocks [R, n, 176] from unsigned codes 0..31 [R, n, 256] and the grid as :func:`q4_k_blocks`."""
+    R, n, _ = codes.shape
+    high = ((codes.to(torch.int16) >> 4) & 1).reshape(R, n, 8, 32)  # [.., g, j]
+    qh = (high << torch.arange(8, dtype=torch.int16).reshape(8, 1)).sum(-2).to(torch.uint8)  # [.., j]: bit g
+    return np.concatenate([fp16_bytes(d), fp16_bytes(dmin), k_scale_bytes(sc, m), qh.contiguous().numpy(), _k_nibbles(codes)], axis=-1)

@@ -1,12 +1,15 @@
-"""GGUF ``Q4_K``'s grid: asymmetric 4-bit groups of 32 whose scale and minimum are both
-two-level (per super-block of 256 weights one float16 ``d`` and ``dmin``, per group 6-bit
-unsigned codes ``sc`` and ``m``), so a weight is ``d * sc * u - dmin * m`` with ``u`` in 0..15.
+"""GGUF ``Q4_K``'s and ``Q5_K``'s grids: asymmetric 4-bit (5-bit) groups of 32 whose scale
+and minimum are both two-level (per super-block of 256 weights one float16 ``d`` and
+``dmin``, per group 6-bit unsigned codes ``sc`` and ``m``), so a weight is
+``d * sc * u - dmin * m`` with ``u`` in 0..15 (0..31). The two types differ only in the
+codes' width and the first search's candidates.
 
-:func:`q4_k_params` follows llama.cpp's reference quantizer (``quantize_row_q4_K_ref``),
-vectorized over every group of a matrix:
+:func:`q4_k_params` / :func:`q5_k_params` follow llama.cpp's reference quantizers
+(``quantize_row_q4_K_ref`` / ``_q5_K_ref``), vectorized over every group of a matrix:
 
 1. per group, the (scale, minimum) search of ``make_qkx2_quants``: from the group's range
-   ``[min(x, 0), max(x)]``, candidate step counts ``15 + rmin + rdelta * i`` (i = 0..nstep)
+   ``[min(x, 0), max(x)]``, candidate step counts ``nmax + rmin + rdelta * i`` (i = 0..nstep;
+   ``nmax`` 15 or 31, ``(rmin, rdelta, nstep)`` (-1, 0.1, 20) for Q4_K, (-0.5, 0.1, 15) for Q5_K)
    each round the group, then refit scale and minimum by weighted least squares with the
    codes fixed (a minimum above 0 is clamped to 0 and the scale refitted alone); the
    candidate of least weighted squared error is kept, the min-max rounding being the first;
@@ -34,19 +37,28 @@ import torch
 
 from ..errors import UserError
 
-QK_K, GROUP, NMAX, SMAX = 256, 32, 15, 63
+QK_K, GROUP, SMAX = 256, 32, 63
+PLAIN_SEARCH = {4: (-1.0, 0.1, 20), 5: (-0.5, 0.1, 15)}  # (rmin, rdelta, nstep) of the reference quantizers
+WEIGHTED_SEARCH = (-0.9, 0.05, 36)  # with an importance matrix, both types
+
+
+def nmax(bits: int) -> int:
+    """The largest code of a ``bits``-wide K-quant (15 for Q4_K, 31 for Q5_K)."""
+    return (1 << bits) - 1
 
 
 @dataclass(kw_only=True)
-class Q4KParams:
-    """A matrix [R, C] on the Q4_K grid: ``d``, ``dmin`` [R, C/256] (float16 values in
-    float32), ``sc``, ``m`` [R, C/256, 8] (integers 0..63) and ``codes`` [R, C] (0..15)."""
+class KParams:
+    """A matrix [R, C] on the Q4_K (``bits`` 4) or Q5_K (``bits`` 5) grid: ``d``, ``dmin``
+    [R, C/256] (float16 values in float32), ``sc``, ``m`` [R, C/256, 8] (integers 0..63) and
+    ``codes`` [R, C] (0..15 / 0..31)."""
 
     d: torch.Tensor
     dmin: torch.Tensor
     sc: torch.Tensor
     m: torch.Tensor
     codes: torch.Tensor
+    bits: int = 4
 
     def scale_min(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each group's stored scale ``d * sc`` and minimum ``dmin * m``, [R, C/256, 8]."""
@@ -60,8 +72,9 @@ class Q4KParams:
         return (s.unsqueeze(-1) * u - mn.unsqueeze(-1)).reshape(self.codes.shape)
 
 
-def _search(x: torch.Tensor, w: torch.Tensor, rmin: float, rdelta: float, nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``make_qkx2_quants`` over groups x, w [N, 32]: (scale [N], minimum >= 0 [N], codes [N, 32]).
+def _search(x: torch.Tensor, w: torch.Tensor, rmin: float, rdelta: float, nstep: int, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``make_qkx2_quants`` over groups x, w [N, 32] with codes 0..``top``: (scale [N],
+    minimum >= 0 [N], codes [N, 32]).
 
     As in llama.cpp, a candidate that wins moves the offset the later candidates round from
     (their range is ``max - best minimum so far``)."""
@@ -72,17 +85,17 @@ def _search(x: torch.Tensor, w: torch.Tensor, rmin: float, rdelta: float, nstep:
 
     def round_on(steps: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         iscale = steps / torch.where(flat, 1.0, hi - low)
-        return torch.round(iscale.unsqueeze(-1) * (x - low.unsqueeze(-1))).clamp_(0, NMAX)
+        return torch.round(iscale.unsqueeze(-1) * (x - low.unsqueeze(-1))).clamp_(0, top)
 
     def error(scale: torch.Tensor, low: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         return (w * (scale.unsqueeze(-1) * q + low.unsqueeze(-1) - x).pow(2)).sum(-1)
 
-    best_q = round_on(torch.tensor(float(NMAX)), low)
-    best_scale = 1 / (NMAX / torch.where(flat, 1.0, hi - low))  # as llama.cpp: 1 / iscale
+    best_q = round_on(torch.tensor(float(top)), low)
+    best_scale = 1 / (top / torch.where(flat, 1.0, hi - low))  # as llama.cpp: 1 / iscale
     best_err = error(best_scale, low, best_q)
     f32 = torch.float32
     for i in range(nstep + 1):  # the step count in float32, as llama.cpp computes it
-        q = round_on(torch.tensor(rmin, dtype=f32) + torch.tensor(rdelta, dtype=f32) * i + NMAX, low)
+        q = round_on(torch.tensor(rmin, dtype=f32) + torch.tensor(rdelta, dtype=f32) * i + top, low)
         sum_l, sum_l2, sum_xl = (w * q).sum(-1), (w * q * q).sum(-1), (w * q * x).sum(-1)
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
@@ -153,30 +166,44 @@ def _two_level_weighted(v: torch.Tensor, sw: torch.Tensor) -> tuple[torch.Tensor
     return torch.where(dead, 0.0, d).to(torch.float16).float(), torch.where(dead.unsqueeze(-1), 0.0, L)
 
 
-def q4_k_params(w: torch.Tensor, importance: torch.Tensor | None = None) -> Q4KParams:
+def q4_k_params(w: torch.Tensor, importance: torch.Tensor | None = None) -> KParams:
     """The Q4_K form of a matrix ``w`` [R, C] (C a multiple of 256); ``importance`` [C] or
     [R, C] (non-negative) weights each input column's error."""
+    return k_params(w, importance, bits=4)
+
+
+def q5_k_params(w: torch.Tensor, importance: torch.Tensor | None = None) -> KParams:
+    """The Q5_K form of ``w``, as :func:`q4_k_params`."""
+    return k_params(w, importance, bits=5)
+
+
+def k_params(w: torch.Tensor, importance: torch.Tensor | None = None, *, bits: int) -> KParams:
+    """The Q4_K (``bits`` 4) or Q5_K (5) form of a matrix ``w`` [R, C] (C a multiple of 256)."""
+    if bits not in PLAIN_SEARCH:
+        raise UserError(f"K-quant grids are 4 or 5 bits here (Q4_K, Q5_K), not {bits}")
+    name = f"Q{bits}_K"
     if w.dim() != 2 or w.shape[1] % QK_K:
-        raise UserError(f"Q4_K needs rows of a multiple of {QK_K} weights, got a matrix of shape {list(w.shape)}")
+        raise UserError(f"{name} needs rows of a multiple of {QK_K} weights, got a matrix of shape {list(w.shape)}")
     R, C = w.shape
     n = C // QK_K
+    top = nmax(bits)
     x = w.detach().float().reshape(R, n, QK_K // GROUP, GROUP)
     if importance is None:
         av = x.pow(2).mean(-1, keepdim=True).sqrt()
-        weights, search = av + x.abs(), (-1.0, 0.1, 20)
+        weights, search = av + x.abs(), PLAIN_SEARCH[bits]
     else:
         imp = importance.detach().float().expand(R, C).reshape(R, n, QK_K // GROUP, GROUP)
         sigma2 = 2 * x.pow(2).mean((-2, -1), keepdim=True)
-        weights, search = imp * (sigma2 + x.pow(2)).sqrt(), (-0.9, 0.05, 36)
-    scale, low, q = _search(x.reshape(-1, GROUP), weights.reshape(-1, GROUP), *search)
+        weights, search = imp * (sigma2 + x.pow(2)).sqrt(), WEIGHTED_SEARCH
+    scale, low, q = _search(x.reshape(-1, GROUP), weights.reshape(-1, GROUP), *search, top)
     scale, low = scale.reshape(R, n, -1), low.reshape(R, n, -1)
     if importance is None:
         (d, sc), (dmin, m) = _two_level_nearest(scale), _two_level_nearest(low)
     else:
         sw = weights.sum(-1)
         (d, sc), (dmin, m) = _two_level_weighted(scale, sw), _two_level_weighted(low, sw)
-    out = Q4KParams(d=d, dmin=dmin, sc=sc, m=m, codes=q.reshape(R, C))
+    out = KParams(d=d, dmin=dmin, sc=sc, m=m, codes=q.reshape(R, C), bits=bits)
     s, mn = out.scale_min()  # every weight re-rounded on the stored values (the search's codes where s = 0)
-    u = torch.round((x + mn.unsqueeze(-1)) / torch.where(s > 0, s, 1.0).unsqueeze(-1)).clamp_(0, NMAX)
+    u = torch.round((x + mn.unsqueeze(-1)) / torch.where(s > 0, s, 1.0).unsqueeze(-1)).clamp_(0, top)
     out.codes = torch.where((s > 0).unsqueeze(-1), u, q.reshape(x.shape)).reshape(R, C)
     return out

@@ -1,26 +1,35 @@
-"""GGUF K-quant grids as a method: ``Q4_K`` (:mod:`llmpress.quant.kquant`, stored in the
-``q4_k`` form) and llama.cpp's per-tensor type mixtures (``Q4_K_M``), solved with GPTQ.
+"""GGUF K-quant grids as a method: ``Q4_K`` and ``Q5_K`` (:mod:`llmpress.quant.kquant`, stored
+in the ``q4_k`` / ``q5_k`` forms) and llama.cpp's per-tensor type mixtures (``Q4_K_M``,
+``Q4_K_S``, ``Q5_K_M``, ``Q5_K_S``), solved with GPTQ.
 
 ``kquant`` quantizes each targeted linear onto one GGUF block type:
 
-- ``Q4_K``: the grid of :func:`~llmpress.quant.kquant.q4_k_params` (llama.cpp's search, with
-  the input columns' ``diag(H)`` as its importance matrix when ``importance`` is on), then,
-  with ``solver: gptq``, GPTQ's column sweep onto that fixed grid (codes
-  ``clamp(round((w + dmin*m) / (d*sc)), 0, 15)``, error feedback, activation order; the grid
-  is fitted once on the weight before the sweep, as GPTQ's static groups);
-- ``Q5_0``, ``Q8_0``, ``Q6_K``: llmpress's integer grids of the same name (the ``gptq-q5_0`` /
-  ``rtn-q8_0`` presets' grids, the ``Q6_K`` two-level grid), solved by the GPTQ solver
-  (``solver: round``: no error feedback between columns).
+- ``Q4_K`` / ``Q5_K``: the grid of :func:`~llmpress.quant.kquant.k_params` (llama.cpp's
+  search, with the input columns' ``diag(H)`` as its importance matrix when ``importance``
+  is on), then, with ``solver: gptq``, GPTQ's column sweep onto that fixed grid (codes
+  ``clamp(round((w + dmin*m) / (d*sc)), 0, 15)`` (31 for Q5_K), error feedback, activation
+  order; the grid is fitted once on the weight before the sweep, as GPTQ's static groups);
+- ``Q5_0``, ``Q5_1``, ``Q8_0``, ``Q6_K``: llmpress's integer grids of the same name (the
+  ``gptq-q5_0`` / ``rtn-q8_0`` presets' grids, asymmetric int5 with float16 scales and
+  minimums, the ``Q6_K`` two-level grid), solved by the GPTQ solver (``solver: round``: no
+  error feedback between columns).
 
 Rows of a width that is not a multiple of 256 have no K-quant: like llama.cpp, such a layer
-falls back to ``Q5_0`` (for ``Q4_K``) or ``Q8_0`` (for ``Q6_K``), and its record says so.
+falls back to ``Q5_0`` (for ``Q4_K``), ``Q5_1`` (for ``Q5_K``) or ``Q8_0`` (for ``Q6_K``),
+and its record says so.
 
 ``gguf_mix`` (a model-scope stage before it) assigns each linear its type the way
-llama.cpp's ``llama-quantize`` does for a file type: ``q4_k_m`` gives ``Q6_K`` to the value
-projections and MLP down projections of the layers that get more bits (the first and last
-eighth of the blocks and every third block between) and to the output head, ``Q4_K`` to
-everything else; ``q4_k_s`` gives ``Q4_K`` everywhere but the head (``Q6_K``). The
-``kquant`` stage after it reads that type (``ModuleContext.settings``); without it, every
+llama.cpp's ``llama-quantize`` does for a file type (``llama_tensor_get_type``; every mix
+gives the output head ``Q6_K``):
+
+- ``q4_k_m`` / ``q5_k_m``: ``Q6_K`` for the value projections and MLP down projections of the
+  layers that get more bits (the first and last eighth of the blocks and every third block
+  between), ``Q4_K`` / ``Q5_K`` for everything else;
+- ``q4_k_s``: ``Q5_K`` for the value projections of the first 4 blocks and the down
+  projections of the first eighth, ``Q4_K`` elsewhere;
+- ``q5_k_s``: ``Q5_K`` everywhere.
+
+The ``kquant`` stage after it reads that type (``ModuleContext.settings``); without it, every
 layer takes the stage's ``type``. Figures: docs/checkpoint.md.
 """
 
@@ -37,17 +46,18 @@ from ..registry import ModelStageOutput, ModuleContext, register
 from .args import QuantArgs
 from .gptq_solve import GPTQResult, gptq_quantize, sweep_solve
 from .hessian import prepare
-from .kquant import GROUP, NMAX, QK_K, Q4KParams, q4_k_params
+from .kquant import GROUP, QK_K, KParams, k_params, nmax
 from .sweep import SweepBlock, record_solver_notes, solver_threads, validate_solver_fields
 
-TYPES = ("Q4_K", "Q6_K", "Q5_0", "Q8_0")
-FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}  # llama.cpp's, for rows not a multiple of 256
-MIXES = ("q4_k_m", "q4_k_s")
+K_BITS = {"Q4_K": 4, "Q5_K": 5}  # the K-quants of kquant.py's grids, by their code width
+TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q8_0")
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama.cpp's, for rows not a multiple of 256
+MIXES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s")
 SOLVERS = ("gptq", "round")
 
 
 def grid_args(qtype: str, importance: bool) -> QuantArgs:
-    """The integer grid of ``Q5_0`` / ``Q8_0`` / ``Q6_K`` (float16 scales, as GGUF stores them)."""
+    """The integer grid of ``Q5_0`` / ``Q5_1`` / ``Q8_0`` / ``Q6_K`` (float16 scales, as GGUF stores them)."""
     if qtype == "Q5_0":
         return QuantArgs(
             bits=5,
@@ -58,6 +68,8 @@ def grid_args(qtype: str, importance: bool) -> QuantArgs:
             signed_scale=True,
             scale_dtype="float16",
         )
+    if qtype == "Q5_1":  # min-max scales rounded so that scale and scale x zero point are float16 values (as rtn-q4_1)
+        return QuantArgs(bits=5, symmetric=False, granularity="group", group_size=32, observer="minmax", scale_dtype="float16")
     if qtype == "Q8_0":  # llama.cpp: d = max|x| / 127, no search
         return QuantArgs(bits=8, symmetric=True, granularity="group", group_size=32, observer="minmax", scale_dtype="float16")
     if qtype == "Q6_K":
@@ -78,18 +90,24 @@ def more_bits(block: int, n_blocks: int) -> bool:
 
 
 def mix_type(mix: str, role: str, block: int | None, n_blocks: int) -> str:
-    """The type ``mix`` gives a linear of ``role`` (``v``, ``down``, ``head`` or ``other``) in ``block``."""
+    """The type ``mix`` gives a linear of ``role`` (``v``, ``down``, ``head`` or ``other``) in
+    ``block`` (llama.cpp's ``llama_tensor_get_type`` for that file type)."""
+    base = "Q5_K" if mix.startswith("q5_k") else "Q4_K"
     if role == "head":
         return "Q6_K"
-    if mix == "q4_k_m" and role in ("v", "down") and block is not None and more_bits(block, n_blocks):
-        return "Q6_K"
-    return "Q4_K"
+    if block is None or role not in ("v", "down"):
+        return base
+    if mix in ("q4_k_m", "q5_k_m"):
+        return "Q6_K" if more_bits(block, n_blocks) else base
+    if mix == "q4_k_s" and (block < 4 if role == "v" else block < n_blocks // 8):
+        return "Q5_K"
+    return base
 
 
 @dataclass(kw_only=True, frozen=True)
 class GGUFMix:
     """``mix``: the llama.cpp file type whose per-tensor types the ``kquant`` stage after it
-    takes: ``q4_k_m`` or ``q4_k_s``."""
+    takes: ``q4_k_m``, ``q4_k_s``, ``q5_k_m`` or ``q5_k_s``."""
 
     mix: str = "q4_k_m"
 
@@ -101,7 +119,12 @@ class GGUFMix:
 _BLOCK = re.compile(r"\.(\d+)\.")
 
 
-@register("gguf_mix", GGUFMix, scope="model", summary="llama.cpp's per-tensor GGUF types of a file type (Q4_K_M), for the kquant stage after it")
+@register(
+    "gguf_mix",
+    GGUFMix,
+    scope="model",
+    summary="llama.cpp's per-tensor GGUF types of a file type (Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S), for the kquant stage after it",
+)
 def gguf_mix(model: nn.Module, spec, data, stage) -> ModelStageOutput:
     cfg: GGUFMix = stage.config
     n_blocks = len(model.get_submodule(spec.blocks))
@@ -126,9 +149,9 @@ def gguf_mix(model: nn.Module, spec, data, stage) -> ModelStageOutput:
 
 @dataclass(kw_only=True, frozen=True)
 class KQuant:
-    """``type``: the GGUF block type of every targeted linear (``Q4_K``, ``Q6_K``, ``Q5_0``,
-    ``Q8_0``) unless a ``gguf_mix`` stage before it chose one; rows of a width that is not a
-    multiple of 256 fall back to ``Q5_0`` / ``Q8_0`` as in llama.cpp. ``importance``: weight
+    """``type``: the GGUF block type of every targeted linear (``Q4_K``, ``Q5_K``, ``Q6_K``,
+    ``Q5_0``, ``Q5_1``, ``Q8_0``) unless a ``gguf_mix`` stage before it chose one; rows of a
+    width that is not a multiple of 256 fall back to ``Q5_0`` / ``Q5_1`` / ``Q8_0`` as in llama.cpp. ``importance``: weight
     the grid searches by the input columns' ``diag(H)`` (llama.cpp's importance matrix).
     ``solver``: ``gptq`` (error feedback; ``block_size``, ``damp``, ``act_order`` as in GPTQ)
     or ``round`` (each weight to its nearest grid value)."""
@@ -155,24 +178,27 @@ class KQuant:
             raise RecipeError(f"{where}: {in_features} input columns; GGUF blocks need a multiple of 32")
 
 
-def q4_k_gptq(
+def k_gptq(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     *,
+    bits: int = 4,
     importance: bool,
     block_size: int,
     damp: float,
     act_order: bool,
     name: str | None = None,
     hessian_owned: bool = False,
-) -> tuple[GPTQResult, Q4KParams]:
-    """GPTQ onto the Q4_K grid fitted to ``weight`` [R, C] before the sweep (C a multiple of
-    256): (result with the dequantized weight, the grid with the sweep's codes)."""
+) -> tuple[GPTQResult, KParams]:
+    """GPTQ onto the Q4_K (``bits`` 4) or Q5_K (5) grid fitted to ``weight`` [R, C] before the
+    sweep (C a multiple of 256): (result with the dequantized weight, the grid with the sweep's
+    codes)."""
     with solver_threads(weight.device):
         W, H, dead = prepare(weight, hessian, name, owned=hessian_owned)
         del hessian
         R, C = W.shape
-        p = q4_k_params(W, importance=torch.diagonal(H).clone() if importance else None)
+        p = k_params(W, importance=torch.diagonal(H).clone() if importance else None, bits=bits)
+        top = nmax(bits)
         s, mn = (t.reshape(R, C // GROUP).t().contiguous() for t in p.scale_min())  # [groups, R]
         live = s > 0
         safe = torch.where(live, s, torch.ones_like(s))
@@ -180,7 +206,7 @@ def q4_k_gptq(
 
         def target(blk: SweepBlock, i: int, c: int, w: torch.Tensor, q: torch.Tensor) -> None:
             g = c // GROUP
-            u = torch.round((w + mn[g]) / safe[g]).clamp_(0, NMAX)
+            u = torch.round((w + mn[g]) / safe[g]).clamp_(0, top)
             u = torch.where(live[g], u, codes_t[c])
             codes_t[c] = u
             torch.sub(s[g] * u, mn[g], out=q)
@@ -194,7 +220,7 @@ def q4_k_gptq(
     "kquant",
     KQuant,
     needs=("hessian",),
-    summary="GGUF K-quants (Q4_K; Q6_K/Q5_0/Q8_0 in llama.cpp's Q4_K_M mixture) with GPTQ and an importance matrix",
+    summary="GGUF K-quants (Q4_K, Q5_K; Q6_K/Q5_0/Q5_1/Q8_0 in llama.cpp's mixtures) with GPTQ and an importance matrix",
 )
 def kquant(ctx: ModuleContext, cfg: KQuant) -> None:
     hessian, owned = ctx.take("hessian")
@@ -206,16 +232,17 @@ def kquant(ctx: ModuleContext, cfg: KQuant) -> None:
     if qtype != chosen:
         rec.notes["gguf_fallback_from"] = chosen
     common = dict(block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order, name=ctx.name, hessian_owned=owned)
-    if qtype == "Q4_K":
+    if qtype in K_BITS:
+        bits = K_BITS[qtype]
         if cfg.solver == "round":
             W, H, _ = prepare(ctx.weight, hessian, ctx.name, owned=owned)  # dead inputs weigh as an average one
-            p = q4_k_params(W, importance=torch.diagonal(H).clone() if cfg.importance else None)
+            p = k_params(W, importance=torch.diagonal(H).clone() if cfg.importance else None, bits=bits)
             ctx.set_weight(p.dequantize())
         else:
-            res, p = q4_k_gptq(ctx.weight, hessian, importance=cfg.importance, **common)
+            res, p = k_gptq(ctx.weight, hessian, bits=bits, importance=cfg.importance, **common)
             ctx.set_weight(res.weight)
             record_solver_notes(rec, res, "gptq_loss")
-        rec.form = "q4_k"
+        rec.form = qtype.lower()
         rec.payload = {"codes": p.codes, "d": p.d, "dmin": p.dmin, "sc": p.sc, "m": p.m}
         return
     args = grid_args(qtype, cfg.importance)

@@ -1,28 +1,29 @@
-"""Storage form ``q4_k``: GGUF's ``Q4_K`` grid (:mod:`llmpress.quant.kquant`): asymmetric 4-bit
-groups of 32 whose scale and minimum are both two-level, so a weight is
-``d * sc * u - dmin * m`` (``u`` in 0..15; one float16 ``d`` and ``dmin`` per super-block of
-256 weights along the row, 6-bit ``sc`` and ``m`` per group).
+"""Storage forms ``q4_k`` and ``q5_k``: GGUF's ``Q4_K`` / ``Q5_K`` grids
+(:mod:`llmpress.quant.kquant`): asymmetric 4-bit (5-bit) groups of 32 whose scale and
+minimum are both two-level, so a weight is ``d * sc * u - dmin * m`` (``u`` in 0..15 / 0..31;
+one float16 ``d`` and ``dmin`` per super-block of 256 weights along the row, 6-bit ``sc`` and
+``m`` per group).
 
 Tensors, named after their role:
 
 - ``codes``: ``u`` packed into int32 words with :func:`llmpress.storage.grid.pack_unsigned`
-  along the input dimension ([out, in / 8]);
+  along the input dimension ([out, in * b / 32], b = 4 or 5);
 - ``d``, ``dmin``: float16 [out, in / 256];
 - ``sc``, ``m``: uint8 [out, in / 256, 8] (values 0..63).
 
 Size, counted the same by :meth:`Q4K.bits_per_weight` (the report) and :meth:`Q4K.stored_bits`
-(the checkpoint): 4 bits per weight, 2 x 16 bits per 256 weights and 2 x 6 bits per 32, i.e.
-4.5 bits per weight, what a GGUF ``Q4_K`` block (144 bytes per 256 weights) holds; the
-checkpoint keeps ``sc`` and ``m`` in whole bytes (4.625 bits on disk).
+(the checkpoint): b bits per weight, 2 x 16 bits per 256 weights and 2 x 6 bits per 32, i.e.
+4.5 (5.5) bits per weight, what a GGUF ``Q4_K`` (``Q5_K``) block of 144 (176) bytes per 256
+weights holds; the checkpoint keeps ``sc`` and ``m`` in whole bytes (0.125 bits more on disk).
 
 The method (:mod:`llmpress.quant.q4k`) hands over ``codes`` [out, in] and the four grid
 tensors (``record.payload``); the form stores them only while the model's weight is still
 exactly what they decode to (checked bit for bit; otherwise the writer stores the layer dense
-and says so). Runtime (:meth:`Q4K.build`): llmpress's CPU int4 kernel with a float offset per
-group, else the weight decoded once at load (:class:`DequantLinear`, exact); llama.cpp serves
-the GGUF export with its own Q4_K kernels. GGUF: ``Q4_K``, byte for byte
-(:mod:`llmpress.export.gguf_blocks`); compressed-tensors has no such grid and refuses, naming
-the layer.
+and says so). Runtime (:meth:`Q4K.build`): ``q4_k`` through llmpress's CPU int4 kernel with a
+float offset per group, else (and ``q5_k`` always) the weight decoded once at load
+(:class:`DequantLinear`, exact); llama.cpp serves the GGUF export with its own K-quant
+kernels. GGUF: ``Q4_K`` / ``Q5_K``, byte for byte (:mod:`llmpress.export.gguf_blocks`);
+compressed-tensors has no such grid and refuses, naming the layer.
 """
 
 from __future__ import annotations
@@ -31,26 +32,30 @@ import torch
 
 from ...quant.args import QuantArgs
 from ...quant.core import QParams
-from ...quant.kquant import GROUP, QK_K, Q4KParams
+from ...quant.kquant import GROUP, QK_K, KParams, nmax
 from ...runtime.act_quant import ActQuantLinear
 from ...runtime.qlinear import DequantLinear, LowbitInt4Linear
 from ..form import LinearSpec, StorageForm, register_form
 from ..grid import Decoded, pack_unsigned, unpack_unsigned, words
 
-BITS_PER_WEIGHT = 4 + (16 + 16) / QK_K + (6 + 6) / GROUP  # 4.5
+GRID_BITS = (16 + 16) / QK_K + (6 + 6) / GROUP  # d, dmin per 256 and sc, m per 32: 0.5 bits per weight
+CODE_BITS = {"q4_k": 4, "q5_k": 5}
 PAYLOAD = ("codes", "d", "dmin", "sc", "m")
 KERNEL_ARGS = QuantArgs(bits=4, symmetric=False, granularity="group", group_size=GROUP)  # the int4 kernel's view: (u - z) * s
 
 
-def params_of(spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> Q4KParams:
-    """The stored grid as :class:`Q4KParams` (float32 ``d``/``dmin``, float32 codes)."""
+def params_of(spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> KParams:
+    """The stored grid (``spec.kind`` ``q4_k`` or ``q5_k``) as :class:`KParams` (float32
+    ``d``/``dmin``, float32 codes)."""
     R, C = spec.out_features, spec.in_features
-    return Q4KParams(
+    bits = CODE_BITS[spec.kind]
+    return KParams(
         d=tensors["d"].float(),
         dmin=tensors["dmin"].float(),
         sc=tensors["sc"].float(),
         m=tensors["m"].float(),
-        codes=unpack_unsigned(tensors["codes"], 4, C).reshape(R, C).float(),
+        codes=unpack_unsigned(tensors["codes"], bits, C).reshape(R, C).float(),
+        bits=bits,
     )
 
 
@@ -59,9 +64,13 @@ class Q4K(StorageForm):
     decodes_at_load = True
     ties_embedding = True
 
+    @property
+    def code_bits(self) -> int:
+        return CODE_BITS[self.name]
+
     def check_spec(self, spec: LinearSpec) -> None:
         if spec.in_features % QK_K:
-            raise ValueError(f"a q4_k layer needs a multiple of {QK_K} input columns, found {spec.in_features}")
+            raise ValueError(f"a {self.name} layer needs a multiple of {QK_K} input columns, found {spec.in_features}")
 
     def encode(self, state):
         p, w = state.payload, state.weight
@@ -76,7 +85,7 @@ class Q4K(StorageForm):
         if not (torch.equal(d.half().float(), d) and torch.equal(dmin.half().float(), dmin)):
             return None
         tensors = {
-            "codes": pack_unsigned(p["codes"].cpu().long().clamp(0, 15), 4),
+            "codes": pack_unsigned(p["codes"].cpu().long().clamp(0, nmax(self.code_bits)), self.code_bits),
             "d": d.half().contiguous(),
             "dmin": dmin.half().contiguous(),
             "sc": p["sc"].cpu().clamp(0, 63).to(torch.uint8).contiguous(),
@@ -93,15 +102,15 @@ class Q4K(StorageForm):
     def expected_shapes(self, spec):
         R, C = spec.out_features, spec.in_features
         n = C // QK_K
-        return {"codes": (R, words(C, 4)), "d": (R, n), "dmin": (R, n), "sc": (R, n, QK_K // GROUP), "m": (R, n, QK_K // GROUP)}
+        return {"codes": (R, words(C, self.code_bits)), "d": (R, n), "dmin": (R, n), "sc": (R, n, QK_K // GROUP), "m": (R, n, QK_K // GROUP)}
 
     def bits_per_weight(self, state, dense_bits=16):
         if state.payload.get("codes") is None:  # no grid handed over: counted as the dense weight
             return float(dense_bits) + state.extra_bits / state.n_params
-        return BITS_PER_WEIGHT + state.extra_bits / state.n_params
+        return self.code_bits + GRID_BITS + state.extra_bits / state.n_params
 
     def stored_bits(self, spec, nbytes, scale_bits):
-        return spec.out_features * spec.in_features * BITS_PER_WEIGHT
+        return spec.out_features * spec.in_features * (self.code_bits + GRID_BITS)
 
     def payload(self, spec, tensors):
         if not tensors:
@@ -110,16 +119,22 @@ class Q4K(StorageForm):
         return {"codes": p.codes, "d": p.d, "dmin": p.dmin, "sc": p.sc, "m": p.m}
 
     def build(self, spec, tensors, *, bias=None, backend="auto", device="cpu", act_dtype=None):
-        """``backend="auto"`` on CPU: llmpress's int4 kernel (the packed codes, a float scale and
-        offset per group: 6 bits per weight in memory; within float rounding of the exact
-        weight); otherwise, or where a group's scale is 0 with a nonzero minimum, the weight
-        decoded once (:class:`DequantLinear`, exact)."""
+        """``backend="auto"`` on CPU, ``q4_k``: llmpress's int4 kernel (the packed codes, a float
+        scale and offset per group: 6 bits per weight in memory; within float rounding of the
+        exact weight); otherwise (``q5_k``: no 5-bit kernel), or where a group's scale is 0 with
+        a nonzero minimum, the weight decoded once (:class:`DequantLinear`, exact)."""
         if backend not in ("auto", "torch", "dequant"):
             raise ValueError(f"backend {backend!r} unknown; expected auto, torch or dequant")
-        mod = _kernel_linear(spec, tensors, bias) if backend == "auto" and torch.device(device).type == "cpu" else None
+        kernel = backend == "auto" and self.code_bits == 4 and torch.device(device).type == "cpu"
+        mod = _kernel_linear(spec, tensors, bias) if kernel else None
         if mod is None:
             mod = DequantLinear(self.decode(spec, tensors).to(device), bias)
         return ActQuantLinear(mod, spec.act_args) if spec.act_args else mod
+
+
+@register_form("q5_k")
+class Q5K(Q4K):
+    """GGUF's ``Q5_K``: the ``q4_k`` form with 5-bit codes (5.5 bits per weight)."""
 
 
 def _kernel_linear(spec: LinearSpec, tensors: dict[str, torch.Tensor], bias) -> LowbitInt4Linear | None:
