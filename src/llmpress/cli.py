@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("compressed-tensors", "gguf"),
         default="compressed-tensors",
         help="compressed-tensors: what llm-compressor writes; transformers and vLLM load it. "
-        "gguf: one file for llama.cpp / ollama (Llama and Gemma 3 models; Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q6_K grids such as the *-q4_0 presets', exactly)",
+        "gguf: one file for llama.cpp / ollama (Llama and Gemma 3 models; Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 and K-quant grids such as the *-q4_0 and *-q4_k_m presets', exactly)",
     )
     x.add_argument("--out", required=True, help="output folder (gguf: output file), written atomically")
     x.add_argument(

@@ -1,7 +1,8 @@
-"""GGUF Q5_0 / Q5_1, Q6_K and Q4_K: byte layouts against the gguf package's own dequantizer
-(random codes, every bit position), llmpress's two-level ``super_block`` grid (Q6_K's int8
-group scales of an fp16 d) in RTN and GPTQ, the export bit for bit on a tiny Llama with
-256-wide rows, and refusals (rows not a multiple of 256, grids near Q6_K but not it)."""
+"""GGUF Q5_0 / Q5_1, Q6_K, Q3_K, Q4_K and Q5_K: byte layouts against the gguf package's own
+dequantizer (random codes, every bit position), llmpress's two-level ``super_block`` grid
+(Q6_K's int8 and Q3_K's 6-bit group scales of an fp16 d) in RTN and GPTQ, the export bit for
+bit on a tiny Llama with 256-wide rows, and refusals (rows not a multiple of 256, grids near
+Q6_K but not it)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from test_gguf import _check_linears, _export_refused, _packed, _tensors, _token
 import llmpress
 from llmpress import RecipeError, UserError, api, stage
 from llmpress.export.gguf import export_gguf
-from llmpress.export.gguf_layouts import q4_k_blocks, q6_k_blocks, q6_k_scales, small_blocks
+from llmpress.export.gguf_layouts import q3_k_blocks, q4_k_blocks, q5_k_blocks, q6_k_blocks, q6_k_scales, small_blocks
 from llmpress.export.packed_load import read_manifest
 from llmpress.export.packed_size import checkpoint_accounting
 from llmpress.quant import QuantArgs, compute_qparams, quantize
@@ -24,6 +25,7 @@ from llmpress.quant.core import bits_per_weight, fake_quantize
 from llmpress.quant.gptq import GPTQ, gptq_quantize
 
 Q6K = QuantArgs(bits=6, group_size=16, super_block=256, signed_scale=True, scale_dtype="float16")
+Q3K = QuantArgs(bits=3, group_size=16, super_block=256, signed_scale=True, scale_dtype="float16", group_scale_bits=6)
 T = gguf.GGMLQuantizationType
 
 
@@ -50,6 +52,49 @@ def test_q6_k_layout_decodes_in_gguf():
     got = _dequant(q6_k_blocks(codes, d, sc), T.Q6_K).reshape(2, 3, 16, 16)
     want = (d.unsqueeze(-1) * sc).unsqueeze(-1) * codes.float().reshape(2, 3, 16, 16)
     assert np.array_equal(got, want.numpy())
+
+
+def test_q3_k_layout_decodes_in_gguf():
+    """Every 6-bit scale code at every group position (both nibbles, all four top-bit pairs),
+    every code at every bit position: gguf's own Q3_K decoder reads what llmpress wrote."""
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(-4, 4, (4, 4, 256), generator=g)
+    d = (torch.rand(4, 4, generator=g) - 0.5).half().float()
+    sc = (torch.arange(64).reshape(4, 16) - 32).float()  # [4 blocks x 16 groups]: all of -32..31
+    sc = torch.stack([sc.roll(k, 0) for k in range(4)])  # [4 rows, 4 blocks, 16]
+    blocks = q3_k_blocks(codes, d, sc)
+    assert blocks.shape == (4, 4, 110)
+    got = _dequant(blocks, T.Q3_K).reshape(4, 4, 16, 16)
+    want = (d.unsqueeze(-1) * sc).unsqueeze(-1) * codes.float().reshape(4, 4, 16, 16)
+    assert np.array_equal(got, want.numpy())
+
+
+def test_q5_k_layout_decodes_in_gguf():
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 32, (8, 8, 256), generator=g)
+    d, dmin = torch.rand(8, 8, generator=g).half().float(), torch.rand(8, 8, generator=g).half().float()
+    sc = torch.arange(64).reshape(8, 8).roll(5, 0).float().expand(8, 8, 8)
+    m = torch.arange(64).flip(0).reshape(8, 8).float().expand(8, 8, 8)
+    got = _dequant(q5_k_blocks(codes, d, sc, dmin, m), T.Q5_K).reshape(8, 8, 8, 32)
+    want = (d.unsqueeze(-1) * sc).unsqueeze(-1) * codes.float().reshape(8, 8, 8, 32) - (dmin.unsqueeze(-1) * m).unsqueeze(-1)
+    assert np.array_equal(got, want.numpy())
+
+
+def test_q3_k_grid_has_6_bit_group_scales_and_exports(tmp_path):
+    torch.manual_seed(0)
+    w = torch.randn(8, 512) * 0.02
+    qp = compute_qparams(w, Q3K)
+    d, sc = q6_k_scales(qp.scale.reshape(8, 2, 16), 6)
+    assert float(sc.min()) == -32 and float(sc.max()) <= 31 and bool((sc == -32).any(-1).all())
+    codes = quantize(w, qp, Q3K)
+    assert int(codes.min()) == -4 and int(codes.max()) <= 3
+    assert bits_per_weight(Q3K, 512, 8) == 3.4375  # Q3_K: 110 bytes per 256 weights
+    assert Q3K.to_dict()["group_scale_bits"] == 6 and "group_scale_bits" not in Q6K.to_dict()
+    src = _wide_packed(tmp_path, Q3K)
+    out = export_gguf(src, tmp_path / "m.gguf")
+    assert _check_linears(out, src) == {"Q3_K"}
+    assert gguf.GGUFReader(out).fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q3_K_S)
+    assert _tensors(out)["blk.0.ffn_down.weight"].data.shape == (256, 2 * 110)
 
 
 def test_q4_k_layout_decodes_in_gguf():
@@ -95,6 +140,8 @@ def test_super_block_grid_is_q6_k_scales():
         ({"super_block": 24, "group_size": 16, "scale_dtype": "float16"}, "multiple"),
         ({"super_block": 16, "group_size": 16, "scale_dtype": "float16"}, "multiple"),
         ({"super_block": True, "group_size": 16, "scale_dtype": "float16"}, "positive number"),
+        ({"super_block": 256, "group_size": 16, "scale_dtype": "float16", "group_scale_bits": 9}, "2 to 8 bits"),
+        ({"group_size": 16, "scale_dtype": "float16", "group_scale_bits": 6}, "applies to two-level scales"),
     ],
 )
 def test_bad_super_block_fields(fields, fragment):
@@ -163,7 +210,7 @@ def test_q5_1_grid_exports_bit_for_bit(tmp_path):
     "weights,words",
     [
         (Q6K, ["super_block 256 does not divide the input dimension 64"]),
-        (QuantArgs(bits=4, group_size=16, super_block=256, scale_dtype="float16"), ["Q6_K only", "super_block: 256"]),
+        (QuantArgs(bits=4, group_size=16, super_block=256, scale_dtype="float16"), ["map to Q6_K", "or Q3_K", "super_block: 256"]),
         (QuantArgs(bits=6, group_size=32, signed_scale=True, scale_dtype="float16"), ["no 6-bit symmetric block type", "gptq-q5_0"]),
     ],
     ids=["narrow-rows", "int4-two-level", "int6-g32"],

@@ -74,14 +74,16 @@ def test_llama_cpp_runs_the_exported_file_like_llmpress(tmp_path, llama_cpp, pre
     assert far > 0.05
 
 
-@pytest.mark.parametrize("preset", ["awq-gptq-q4_k_m", "awq-gptq-q5_k_m"])
-def test_llama_cpp_runs_llmpress_k_mixes_like_llmpress(tmp_path, llama_cpp, preset):
-    """awq-gptq-q4_k_m (q5_k_m) on a tiny Llama with 256-wide rows (Q4_K (Q5_K) and Q6_K
-    blocks) and on the 64-wide one (the Q5_0 (Q5_1) / Q8_0 fallbacks beside K-quant down
-    projections): llama.cpp's logits agree with llmpress's. Tolerance as for Gemma 3 (0.15 std, KL 1e-4, top-1 95%): the
+@pytest.mark.parametrize(("preset", "min_top1"), [("awq-gptq-q4_k_m", 0.95), ("awq-gptq-q5_k_m", 0.95), ("awq-gptq-q3_k_m", 0.9)])
+def test_llama_cpp_runs_llmpress_k_mixes_like_llmpress(tmp_path, llama_cpp, preset, min_top1):
+    """awq-gptq-q4_k_m (q5_k_m, q3_k_m) on a tiny Llama with 256-wide rows (Q4_K (Q5_K; Q3_K,
+    Q4_K, Q5_K) and Q6_K blocks) and on the 64-wide one (the Q5_0 (Q5_1; Q4_0, Q5_0, Q5_1) /
+    Q8_0 fallbacks beside K-quant down projections): llama.cpp's logits agree with llmpress's. Tolerance as for Gemma 3 (0.15 std, KL 1e-4, top-1 95%): the
     K-quant products round the activations to 8 bits per block of 256 (Q8_K), coarser than the
     Q8_0 blocks of 32 beside Q4_0, over 8 layers (measured: 0.072 std, KL 1.3e-5, top-1 95.8%);
-    the same file of sign-flipped weights is far off."""
+    the same file of sign-flipped weights is far off. At Q3_K_M the 3-bit tiny model's logits
+    are flatter and near-ties flip more often (measured: KL 1.3e-5 as at Q4_K_M, top-1 91.7%),
+    so top-1 is held to 90% there."""
     from conftest import tiny_llama
 
     windows = random_windows(3, 24, vocab=len(_tokenizer()), seed=7)
@@ -92,7 +94,7 @@ def test_llama_cpp_runs_llmpress_k_mixes_like_llmpress(tmp_path, llama_cpp, pres
         ours, _ = checkpoint.load_compressed(src)
         with torch.no_grad():
             want = ours(windows).logits.float()
-        _assert_close(_llama_logits(llama_cpp, path, windows), want, max_diff=0.15, max_kl=1e-4, min_top1=0.95)
+        _assert_close(_llama_logits(llama_cpp, path, windows), want, max_diff=0.15, max_kl=1e-4, min_top1=min_top1)
     flipped = tiny_llama(layers=8, hidden=64, inter=512, vocab=len(_tokenizer())).apply(_perturb)
     other = export_gguf(_packed(tmp_path / "other", preset, model=flipped)[0], tmp_path / "other.gguf")
     far = (_llama_logits(llama_cpp, other, windows) - want).abs().max().item() / want.std().item()

@@ -80,8 +80,16 @@ def test_llama_cpp_type_assignment():
         assert [mix_type("q5_k_m", r, i, n) for i in range(n)] == ["Q6_K" if i in more else "Q5_K" for i in range(n)]
     assert mix_type("q5_k_m", "other", 0, n) == "Q5_K" and mix_type("q5_k_m", "head", None, n) == "Q6_K"
     assert {mix_type("q5_k_s", r, i, n) for r in ("v", "down", "other") for i in range(n)} == {"Q5_K"}
-    assert [storable_type(t, 576) for t in ("Q4_K", "Q5_K", "Q6_K", "Q5_0")] == ["Q5_0", "Q5_1", "Q8_0", "Q5_0"]
-    assert [storable_type(t, 1536) for t in ("Q4_K", "Q5_K", "Q6_K")] == ["Q4_K", "Q5_K", "Q6_K"]
+    # Q3_K_M: attn_v Q5_K in blocks 0-1, Q4_K after; ffn_down Q5_K in the first n/16 (1 of 30), Q4_K after;
+    # attn_output Q4_K; Q3_K_L: Q5_K for all three; Q3_K_S: Q3_K everywhere but the head
+    assert [mix_type("q3_k_m", "v", i, n) for i in range(4)] == ["Q5_K", "Q5_K", "Q4_K", "Q4_K"]
+    assert [mix_type("q3_k_m", "down", i, n) for i in range(3)] == ["Q5_K", "Q4_K", "Q4_K"]
+    assert {mix_type("q3_k_m", "o", i, n) for i in range(n)} == {"Q4_K"} and mix_type("q3_k_m", "other", 0, n) == "Q3_K"
+    assert {mix_type("q3_k_l", r, i, n) for r in ("v", "down", "o") for i in range(n)} == {"Q5_K"}
+    assert mix_type("q3_k_l", "other", 5, n) == "Q3_K" and mix_type("q3_k_l", "head", None, n) == "Q6_K"
+    assert {mix_type("q3_k_s", r, i, n) for r in ("v", "down", "o", "other") for i in range(n)} == {"Q3_K"}
+    assert [storable_type(t, 576) for t in ("Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q5_0")] == ["Q4_0", "Q5_0", "Q5_1", "Q8_0", "Q5_0"]
+    assert [storable_type(t, 1536) for t in ("Q3_K", "Q4_K", "Q5_K", "Q6_K")] == ["Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
 
 def _compressed(tmp_path, hidden, recipe="awq-gptq-q4_k_m", layers=8):
@@ -130,6 +138,12 @@ def test_q4_k_m_preset_exports_llama_cpp_types_bit_for_bit(tmp_path, hidden, wan
         # Q5_K for attn_v of blocks 0-3 and ffn_down of block 0 (8 / 8), Q4_K elsewhere, the head Q6_K
         ("awq-gptq-q4_k_s", 256, {("attn_v", "Q5_K"): 4, ("attn_v", "Q4_K"): 4, ("ffn_down", "Q5_K"): 1, ("ffn_down", "Q4_K"): 7,
                                   ("attn_q", "Q4_K"): 8, ("token_embd", "Q6_K"): 1}, "MOSTLY_Q4_K_S"),
+        # Q5_K for attn_v of blocks 0-1, Q4_K for the other attn_v, every ffn_down (8 / 16 = 0 first blocks) and attn_output
+        ("awq-gptq-q3_k_m", 256, {("attn_v", "Q5_K"): 2, ("attn_v", "Q4_K"): 6, ("ffn_down", "Q4_K"): 8, ("attn_output", "Q4_K"): 8,
+                                  ("attn_q", "Q3_K"): 8, ("ffn_gate", "Q3_K"): 8, ("token_embd", "Q6_K"): 1}, "MOSTLY_Q3_K_M"),
+        # rows of 96: Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1
+        ("awq-gptq-q3_k_m", 96, {("attn_v", "Q5_1"): 2, ("attn_v", "Q5_0"): 6, ("ffn_down", "Q4_K"): 8, ("attn_output", "Q5_0"): 8,
+                                 ("attn_q", "Q4_0"): 8, ("ffn_gate", "Q4_0"): 8, ("token_embd", "Q8_0"): 1}, "MOSTLY_Q3_K_M"),
     ],
 )  # fmt: skip
 def test_other_k_mix_presets_export_llama_cpp_types_bit_for_bit(tmp_path, preset, hidden, want, file_type):
@@ -213,10 +227,10 @@ def test_round_solver_is_the_grid_search():
 @pytest.mark.parametrize(
     ("cls", "fields", "fragment"),
     [
-        (KQuant, {"type": "Q3_K"}, "type='Q3_K'"),
+        (KQuant, {"type": "Q2_K"}, "type='Q2_K'"),
         (KQuant, {"solver": "sgd"}, "solver='sgd'"),
         (KQuant, {"damp": -1.0}, "damp"),
-        (GGUFMix, {"mix": "q3_k_m"}, "mix='q3_k_m'"),
+        (GGUFMix, {"mix": "q2_k"}, "mix='q2_k'"),
     ],
 )
 def test_bad_fields(cls, fields, fragment):

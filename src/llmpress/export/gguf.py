@@ -10,7 +10,8 @@ permuted into llama.cpp's rotary layout, Gemma's norms stored as ``w + 1``; the 
 
 Compressed linears become GGUF blocks only where the grids coincide exactly
 (:mod:`llmpress.export.gguf_blocks`: ``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1``, ``Q8_0``,
-``Q6_K``, each checked bit for bit against llmpress's dequantized weight); any layer
+``Q3_K``, ``Q4_K``, ``Q5_K``, ``Q6_K``, each checked bit for bit against llmpress's
+dequantized weight); any layer
 without an exact form refuses the
 whole export, naming the layer, its grid and the nearest preset that exports. Unquantized
 tensors are written as float: ``dtype="auto"`` gives 2-D weights (embeddings, a float
@@ -97,27 +98,41 @@ def convert(src: Path, meta: dict, hp: Hparams, dtype: str) -> list[_Tensor]:
     return out
 
 
-def _file_type(tensors: list[_Tensor]):
+def _recorded_mix(meta: dict) -> str | None:
+    """The llama.cpp file type a ``gguf_mix`` stage of the checkpoint's recipe chose (e.g.
+    ``q3_k_m``), from the report kept in its manifest; None without one."""
+    stages = (meta.get("report") or {}).get("stages") or {}
+    return next((v.get("mix") for k, v in stages.items() if k.endswith(":gguf_mix") and isinstance(v, dict)), None)
+
+
+def _file_type(tensors: list[_Tensor], mix: str | None = None):
+    """The file's ``general.file_type``: the ``gguf_mix`` stage's type where the recipe had one
+    (its name even where narrow rows fell back to other types, as llama-quantize writes it),
+    else read from the tensors' types."""
     import gguf
 
     ft = gguf.LlamaFileType
+    if mix is not None and hasattr(ft, f"MOSTLY_{mix.upper()}"):
+        return getattr(ft, f"MOSTLY_{mix.upper()}")
     quant = Counter(t.qtype for t in tensors if t.qtype.startswith("Q"))
     blocks = {t.qtype for t in tensors if t.name.startswith("blk.")}  # the head and embedding are Q6_K in every K mixture
-    for k in ("Q4_K", "Q5_K"):  # llama.cpp's names for its K mixtures (Q6_K in the blocks: _M; Q4_K_S holds some Q5_K)
+    if "Q3_K" in blocks:  # llama.cpp's names for its K mixtures: Q3_K_M holds Q4_K, Q3_K_L Q5_K, Q3_K_S neither
+        return ft.MOSTLY_Q3_K_M if "Q4_K" in blocks else ft.MOSTLY_Q3_K_L if "Q5_K" in blocks else ft.MOSTLY_Q3_K_S
+    for k in ("Q4_K", "Q5_K"):  # Q6_K in the blocks: _M (Q4_K_S holds some Q5_K)
         if k in blocks:
             return getattr(ft, f"MOSTLY_{k}_M" if "Q6_K" in blocks else f"MOSTLY_{k}_S")
     if quant:
         top = quant.most_common(1)[0][0]
-        return getattr(ft, f"MOSTLY_{top}_S" if top in ("Q4_K", "Q5_K") else f"MOSTLY_{top}")
+        return getattr(ft, f"MOSTLY_{top}_S" if top in ("Q3_K", "Q4_K", "Q5_K") else f"MOSTLY_{top}")
     return ft.MOSTLY_F16 if any(t.qtype == "F16" for t in tensors) else ft.ALL_F32
 
 
-def _write(path: Path, src: Path, hp: Hparams, tensors: list[_Tensor], tok: dict) -> None:
+def _write(path: Path, src: Path, hp: Hparams, tensors: list[_Tensor], tok: dict, mix: str | None = None) -> None:
     import gguf
 
     w = gguf.GGUFWriter(path, hp.arch)
     add_hparams(w, hp)
-    w.add_file_type(_file_type(tensors))
+    w.add_file_type(_file_type(tensors, mix))
     add_tokenizer(w, src, tok, hp.vocab, add_bos=hp.arch == "gemma3")
     qt = gguf.GGMLQuantizationType
     for t in tensors:
@@ -151,7 +166,7 @@ def export_gguf(src: str | Path, out: str | Path, *, dtype: str = "auto", overwr
     tok = tokenizer_metadata(src, hp.vocab)
     try:
         with atomic_file(out, suffix=".tmp") as tmp:
-            _write(tmp, src, hp, tensors, tok)
+            _write(tmp, src, hp, tensors, tok, _recorded_mix(meta))
     except OSError as e:
         raise write_error(out, e) from None
     log.info("wrote %s: %s", out, dict(Counter(t.qtype for t in tensors)))

@@ -13,6 +13,7 @@ input dimension):
   ``m = -zero_point * scale``;
 - ``Q6_K``: symmetric int6 in groups of 16 with two-level scales in super-blocks of 256
   (``super_block: 256``): the group scales are ``d * sc`` with fp16 ``d`` and int8 ``sc``;
+- ``Q3_K``: the same with int3 codes and 6-bit ``sc`` (``group_scale_bits: 6``);
 - ``Q4_K`` / ``Q5_K``: the ``q4_k`` / ``q5_k`` storage forms (the ``kquant`` method), whose
   grids are GGUF's own: their tensors are the block's fields.
 
@@ -34,12 +35,13 @@ from ..errors import UserError
 from ..storage.form import LinearSpec, decode_weight
 from ..storage.forms.q4_k import params_of
 from ..storage.grid import decode_quant
-from .gguf_layouts import QK, QK_K, fp16_exact, q4_k_blocks, q5_k_blocks, q6_k_blocks, q6_k_scales, small_blocks
+from .gguf_layouts import QK, QK_K, fp16_exact, q3_k_blocks, q4_k_blocks, q5_k_blocks, q6_k_blocks, q6_k_scales, small_blocks
 
 # (bits, symmetric) of a group-32 grid -> its block type
 SMALL = {(4, True): "Q4_0", (4, False): "Q4_1", (5, True): "Q5_0", (5, False): "Q5_1", (8, True): "Q8_0"}
 K_FORMS = {"q4_k": ("Q4_K", q4_k_blocks), "q5_k": ("Q5_K", q5_k_blocks)}  # storage form -> (block type, layout)
 Q6_K_GRID = "bits: 6, group_size: 16, super_block: 256, signed_scale: true, scale_dtype: float16"
+TWO_LEVEL = {(6, 8): "Q6_K", (3, 6): "Q3_K"}  # (bits, group_scale_bits) of a symmetric group-16 grid in runs of 256
 
 
 def _qtype(name: str):
@@ -64,10 +66,10 @@ def _why_not_grid(spec: LinearSpec) -> str | None:
     """Why a quantized layer's integer grid has no block type (None: it has one)."""
     a = spec.weight_args
     if a.super_block:
-        if (a.bits, a.symmetric, a.group_size, a.super_block) != (6, True, 16, QK_K):
-            return f"two-level scales map to Q6_K only ({Q6_K_GRID})"
+        if (a.symmetric, a.group_size, a.super_block) != (True, 16, QK_K) or (a.bits, a.group_scale_bits) not in TWO_LEVEL:
+            return f"two-level scales map to Q6_K ({Q6_K_GRID}) or Q3_K (the same with bits: 3, group_scale_bits: 6) only"
         if spec.in_features % QK_K:
-            return f"Q6_K needs rows of a multiple of {QK_K} weights"
+            return f"{TWO_LEVEL[(a.bits, a.group_scale_bits)]} needs rows of a multiple of {QK_K} weights"
     elif a.granularity != "group" or a.group_size != QK:
         return "GGUF blocks hold 32 weights with one scale each (Q6_K: 16 with two-level scales in super-blocks of 256)"
     if spec.has_g_idx:
@@ -98,7 +100,7 @@ def _why_not(spec: LinearSpec) -> str | None:
 
 
 def block_type(name: str, spec: LinearSpec) -> str:
-    """``Q4_0`` / ``Q4_1`` / ``Q5_0`` / ``Q5_1`` / ``Q8_0`` / ``Q6_K`` / ``Q4_K`` / ``Q5_K`` for the layer, or a
+    """``Q4_0`` / ``Q4_1`` / ``Q5_0`` / ``Q5_1`` / ``Q8_0`` / ``Q3_K`` / ``Q6_K`` / ``Q4_K`` / ``Q5_K`` for the layer, or a
     UserError naming it, its grid and the nearest preset that exports."""
     why = _why_not(spec)
     if why is not None:
@@ -107,7 +109,7 @@ def block_type(name: str, spec: LinearSpec) -> str:
     if spec.kind in K_FORMS:
         return K_FORMS[spec.kind][0]
     a = spec.weight_args
-    return "Q6_K" if a.super_block else SMALL[(a.bits, a.symmetric)]
+    return TWO_LEVEL[(a.bits, a.group_scale_bits)] if a.super_block else SMALL[(a.bits, a.symmetric)]
 
 
 def encode_blocks(spec: LinearSpec, tensors: dict[str, torch.Tensor], qtype: str) -> np.ndarray | None:
@@ -119,11 +121,12 @@ def encode_blocks(spec: LinearSpec, tensors: dict[str, torch.Tensor], qtype: str
         n = in_f // QK_K
         return K_FORMS[spec.kind][1](p.codes.reshape(out_f, n, QK_K), p.d, p.sc, p.dmin, p.m).reshape(out_f, -1)
     d = decode_quant(spec, tensors)
-    if qtype == "Q6_K":
-        ds = q6_k_scales(d.qparams.scale.float().reshape(out_f, in_f // QK_K, QK_K // 16))
+    if qtype in ("Q6_K", "Q3_K"):
+        ds = q6_k_scales(d.qparams.scale.float().reshape(out_f, in_f // QK_K, QK_K // 16), spec.weight_args.group_scale_bits)
         if ds is None:
             return None
-        return q6_k_blocks(d.codes.reshape(out_f, in_f // QK_K, QK_K), *ds).reshape(out_f, -1)
+        layout = q6_k_blocks if qtype == "Q6_K" else q3_k_blocks
+        return layout(d.codes.reshape(out_f, in_f // QK_K, QK_K), *ds).reshape(out_f, -1)
     scale = d.qparams.scale.float().reshape(out_f, in_f // QK)
     minimum = -d.qparams.zero_point.float().reshape(out_f, in_f // QK) * scale if qtype in ("Q4_1", "Q5_1") else None
     if not all(fp16_exact(p) for p in (scale, minimum) if p is not None):
@@ -140,10 +143,10 @@ def dequantize_blocks(data: np.ndarray, qtype: str) -> np.ndarray:
 
 def _not_exact(name: str, spec: LinearSpec, qtype: str) -> UserError:
     grid = spec.weight_args.describe()
-    if qtype == "Q6_K":
+    if qtype in ("Q6_K", "Q3_K"):
         return UserError(
-            f"layer {name} ({grid}): its group scales are not d x int8 of one float16 d per 256 weights, so Q6_K would change "
-            f"its weights; compress with weights {{{Q6_K_GRID}}}"
+            f"layer {name} ({grid}): its group scales are not d x a {spec.weight_args.group_scale_bits}-bit code of one float16 d "
+            f"per 256 weights, so {qtype} would change its weights; compress with weights {{{Q6_K_GRID}}} (Q3_K: bits 3, group_scale_bits 6)"
         )
     what = "scales or scale x zero point products" if qtype in ("Q4_1", "Q5_1") else "scales"
     return UserError(

@@ -24,6 +24,12 @@ stores them unsigned:
   4 bits of ``sc`` / ``m`` in the low / high nibble of byte ``g + 4`` and their top 2 bits in
   the top 2 bits of byte ``g - 4`` / ``g``. Weight ``64 c + 32 h + j`` (c < 4, h in {0, 1},
   j < 32) is nibble ``h`` of byte ``32 c + j``.
+- ``Q3_K`` (256 weights in 16 groups of 16, 110 bytes): 32 bytes ``hmask``, 64 bytes ``qs``,
+  12 bytes of 6-bit group scales (stored ``sc + 32``), fp16 ``d``; value
+  ``d * sc[j // 16] * (u - 4)``, ``u`` in 0..7. Weight ``w = 128 c + 32 t + j`` (c in {0, 1},
+  t < 4, j < 32) has its low 2 bits in ``qs[32 c + j]`` at bit ``2 t`` and its bit 2 in
+  ``hmask[j]`` at bit ``4 c + t``; scale ``g`` has its low 4 bits in nibble ``g // 8`` of byte
+  ``g % 8`` and its top 2 bits in byte ``8 + g % 4`` at bit ``2 (g // 4)``.
 - ``Q5_K`` (256 weights, 176 bytes): ``Q4_K``'s ``d``, ``dmin`` and 12 scale bytes, then 32
   bytes ``qh``, then ``Q4_K``'s 128 bytes of low nibbles; ``u`` in 0..31, weight ``32 g + j``
   (group g < 8, j < 32) has its bit 4 at bit ``g`` of ``qh[j]``.
@@ -36,7 +42,7 @@ import torch
 
 QK = 32  # weights per block of Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0
 QK_K = 256  # weights per super-block of the K-quants
-OFFSET = {"Q4_0": 8, "Q4_1": 0, "Q5_0": 16, "Q5_1": 0, "Q8_0": 0, "Q6_K": 32, "Q4_K": 0, "Q5_K": 0}  # unsigned = signed code + offset
+OFFSET = {"Q4_0": 8, "Q4_1": 0, "Q5_0": 16, "Q5_1": 0, "Q8_0": 0, "Q6_K": 32, "Q3_K": 4, "Q4_K": 0, "Q5_K": 0}  # unsigned = signed code + offset
 
 
 def fp16_exact(x: torch.Tensor) -> bool:
@@ -75,14 +81,16 @@ def small_blocks(qtype: str, codes: torch.Tensor, scale: torch.Tensor, minimum: 
     return np.concatenate([*heads, *body], axis=-1)
 
 
-def q6_k_scales(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Group scales [R, n, 16] of super-blocks -> (fp16-valued ``d`` [R, n], int8-valued ``sc``
-    [R, n, 16]) with ``d * sc`` equal to them bit for bit, or None. ``d`` is the super-block's
-    signed extreme over -128 (what llmpress's ``super_block`` grid stores)."""
+def q6_k_scales(scale: torch.Tensor, code_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Group scales [R, n, 16] of super-blocks -> (fp16-valued ``d`` [R, n], ``code_bits``-wide
+    signed ``sc`` [R, n, 16]; ``Q6_K`` 8, ``Q3_K`` 6) with ``d * sc`` equal to them bit for
+    bit, or None. ``d`` is the super-block's signed extreme over -2^(b-1) (what llmpress's
+    ``super_block`` grid stores)."""
+    top = 2 ** (code_bits - 1)
     idx = scale.abs().argmax(-1, keepdim=True)
-    d = scale.gather(-1, idx) / -128
+    d = scale.gather(-1, idx) / -top
     sc = torch.round(scale / d)
-    if not (fp16_exact(d) and bool((d != 0).all()) and bool(((sc >= -128) & (sc <= 127)).all())):
+    if not (fp16_exact(d) and bool((d != 0).all()) and bool(((sc >= -top) & (sc <= top - 1)).all())):
         return None
     if not torch.equal(d * sc, scale):
         return None
@@ -101,6 +109,29 @@ def q6_k_blocks(codes: torch.Tensor, d: torch.Tensor, sc: torch.Tensor) -> np.nd
         ql.reshape(R, n, 128).contiguous().numpy(),
         qh.reshape(R, n, 64).contiguous().numpy(),
         sc.to(torch.int8).contiguous().numpy().view(np.uint8),
+        fp16_bytes(d),
+    ]
+    return np.concatenate(parts, axis=-1)
+
+
+def q3_k_blocks(codes: torch.Tensor, d: torch.Tensor, sc: torch.Tensor) -> np.ndarray:
+    """``Q3_K`` blocks [R, n, 110] from codes -4..3 [R, n, 256], ``d`` [R, n], ``sc`` -32..31 [R, n, 16]."""
+    R, n, _ = codes.shape
+    u = (codes.to(torch.int16) + OFFSET["Q3_K"]).reshape(R, n, 2, 4, 32)  # [.., c, t, j]
+    shift = torch.arange(4, dtype=torch.int16).reshape(4, 1)
+    qs = ((u & 3) << (2 * shift)).sum(-2).to(torch.uint8)  # [.., c, j]: weight 128 c + 32 t + j at bit 2 t
+    hbit = ((u >> 2) & 1).reshape(R, n, 8, 32)  # [.., 4 c + t, j]
+    hmask = (hbit << torch.arange(8, dtype=torch.int16).reshape(8, 1)).sum(-2).to(torch.uint8)
+    v = (sc.to(torch.int16) + 32).to(torch.uint8)  # 0..63
+    low = v & 15
+    lows = low[..., :8] | (low[..., 8:] << 4)  # byte g % 8, nibble g // 8
+    high = (v >> 4).reshape(R, n, 4, 4)  # [.., g // 4, g % 4]
+    highs = (high[..., 0, :] | (high[..., 1, :] << 2) | (high[..., 2, :] << 4) | (high[..., 3, :] << 6)).to(torch.uint8)
+    parts = [
+        hmask.contiguous().numpy(),
+        qs.reshape(R, n, 64).contiguous().numpy(),
+        lows.contiguous().numpy(),
+        highs.contiguous().numpy(),
         fp16_bytes(d),
     ]
     return np.concatenate(parts, axis=-1)

@@ -50,7 +50,10 @@ class QuantArgs:
     (``d = s_m / -128``, ``s_m`` the run's signed group scale of largest magnitude, whose
     code is then exactly -128; a code 0 becomes 1, so no scale vanishes). The weights'
     codes are rounded against these stored scales. ``Q6_K``: ``bits: 6, group_size: 16,
-    super_block: 256, signed_scale: true``.
+    super_block: 256, signed_scale: true``. ``group_scale_bits`` (default 8) is the width of
+    the ``sc`` codes: ``d = s_m / -2^(k-1)``, codes in ``-2^(k-1) .. 2^(k-1) - 1``; GGUF's
+    ``Q3_K`` stores 6-bit codes: ``bits: 3, group_size: 16, super_block: 256, signed_scale:
+    true, group_scale_bits: 6``.
     """
 
     bits: int = 4
@@ -72,6 +75,7 @@ class QuantArgs:
     clip_ratio: float = 1.0
     scale_dtype: str = "float32"
     super_block: int | None = None
+    group_scale_bits: int = 8  # super_block: the width of each group's scale code
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -109,6 +113,8 @@ class QuantArgs:
             raise RecipeError("scale_dtype applies to integer grids (kind: int)")
         if self.super_block is not None:
             self._check_super_block()
+        elif self.group_scale_bits != 8:
+            raise RecipeError(f"group_scale_bits={self.group_scale_bits!r} applies to two-level scales (super_block)")
         if not 0.0 < self.mse_maxshrink < 1.0:
             raise RecipeError(f"mse_maxshrink={self.mse_maxshrink!r} must lie in (0, 1)")
         self._check_lsq()
@@ -159,6 +165,9 @@ class QuantArgs:
             )
         if sb % g or sb // g < 2:
             raise RecipeError(f"super_block={sb} must be a multiple (2 or more) of group_size {g}")
+        k = self.group_scale_bits
+        if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= 8:
+            raise RecipeError(f"group_scale_bits={k!r}: expected 2 to 8 bits per group scale code (Q6_K: 8, Q3_K: 6)")
 
     @property
     def qmin(self) -> int:
@@ -187,6 +196,7 @@ class QuantArgs:
             + (f" clip{self.clip_ratio:g}" if self.clip_ratio != 1.0 else "")
         )
         desc += f" in {self.super_block}s" if self.super_block else ""
+        desc += f" ({self.group_scale_bits}-bit group scales)" if self.group_scale_bits != 8 else ""
         return desc + (" fp16-scales" if self.scale_dtype == "float16" else "")
 
     def to_dict(self) -> dict:
@@ -196,6 +206,7 @@ class QuantArgs:
         for key, default in (
             ("signed_scale", False),
             ("super_block", None),
+            ("group_scale_bits", 8),
             ("lsq_steps", 9),
             ("lsq_step", 0.1),
             ("lsq_magnitude", False),

@@ -100,17 +100,19 @@ def _stored_scale(scale: torch.Tensor, args: QuantArgs) -> torch.Tensor:
         keep = 2.0 ** (11 - args.bits)
         scale = torch.ldexp(torch.round(m * keep) / keep, e)
     scale = floor_magnitude(scale.to(torch.float16).float(), _FP16_TINY)
-    return _two_level(scale, args.super_block // args.group_size) if args.super_block else scale
+    return _two_level(scale, args.super_block // args.group_size, args.group_scale_bits) if args.super_block else scale
 
 
-def _two_level(scale: torch.Tensor, k: int) -> torch.Tensor:
+def _two_level(scale: torch.Tensor, k: int, code_bits: int = 8) -> torch.Tensor:
     """Group scales [R, G] as ``d * sc``: per run of ``k`` groups one float16 ``d`` (the run's
-    signed extreme / -128) and int8 codes ``sc`` (the extreme's exactly -128, none 0)."""
+    signed extreme / -2^(b-1), b = ``code_bits``) and b-bit signed codes ``sc`` (the extreme's
+    exactly -2^(b-1), none 0)."""
     R, G = scale.shape
+    top = float(2 ** (code_bits - 1))
     runs = scale.reshape(R, G // k, k)
     idx = runs.abs().argmax(-1, keepdim=True)
-    d = floor_magnitude((runs.gather(-1, idx) / -128).to(torch.float16).float(), _FP16_TINY)
-    sc = torch.round(runs / d).clamp_(-128, 127).scatter_(-1, idx, -128.0)
+    d = floor_magnitude((runs.gather(-1, idx) / -top).to(torch.float16).float(), _FP16_TINY)
+    sc = torch.round(runs / d).clamp_(-top, top - 1).scatter_(-1, idx, -top)
     sc = torch.where(sc == 0, 1.0, sc)
     return (d * sc).reshape(R, G)
 
@@ -211,7 +213,7 @@ def _lsq_search(xg, lo, hi, args: QuantArgs, importance) -> QParams:
     the search runs on float16 group scales, then the chosen ones take the two-level form.
     Vectorized over groups: one pass per candidate.
     """
-    free = dataclasses.replace(args, super_block=None) if args.super_block else args
+    free = dataclasses.replace(args, super_block=None, group_scale_bits=8) if args.super_block else args
     w = torch.ones((), dtype=xg.dtype, device=xg.device) if importance is None else importance.to(xg.dtype)
     if args.lsq_magnitude:  # llama.cpp's Q4_0 / Q5_0: qw * sqrt(sigma2 + x^2), sigma2 the row's mean square
         w = w * (xg.pow(2).mean((-2, -1), keepdim=True) + xg.pow(2)).sqrt()
@@ -240,7 +242,7 @@ def _lsq_search(xg, lo, hi, args: QuantArgs, importance) -> QParams:
             zero_point=None if best.zero_point is None else torch.where(better, cand.zero_point, best.zero_point),
         )
     if args.super_block:
-        best.scale = _two_level(best.scale, args.super_block // args.group_size)
+        best.scale = _two_level(best.scale, args.super_block // args.group_size, args.group_scale_bits)
     return best
 
 
@@ -281,6 +283,6 @@ def bits_per_weight(args: QuantArgs, in_features: int, out_features: int) -> flo
     else:
         groups = out_features * (in_features // args.group_size)
     overhead = groups * (args.scale_bits + (args.bits if args.has_zero_point else 0))
-    if args.super_block:  # int8 group scales, one scale_bits super-scale per super-block
-        overhead = groups * 8 + n // args.super_block * args.scale_bits
+    if args.super_block:  # group_scale_bits-wide group scale codes, one scale_bits super-scale per super-block
+        overhead = groups * args.group_scale_bits + n // args.super_block * args.scale_bits
     return args.bits + overhead / n

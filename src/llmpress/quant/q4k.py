@@ -1,6 +1,7 @@
 """GGUF K-quant grids as a method: ``Q4_K`` and ``Q5_K`` (:mod:`llmpress.quant.kquant`, stored
-in the ``q4_k`` / ``q5_k`` forms) and llama.cpp's per-tensor type mixtures (``Q4_K_M``,
-``Q4_K_S``, ``Q5_K_M``, ``Q5_K_S``), solved with GPTQ.
+in the ``q4_k`` / ``q5_k`` forms), ``Q3_K`` and ``Q6_K`` (llmpress's two-level integer grids),
+and llama.cpp's per-tensor type mixtures (``Q3_K_S`` / ``_M`` / ``_L``, ``Q4_K_S`` / ``_M``,
+``Q5_K_S`` / ``_M``), solved with GPTQ.
 
 ``kquant`` quantizes each targeted linear onto one GGUF block type:
 
@@ -9,14 +10,15 @@ in the ``q4_k`` / ``q5_k`` forms) and llama.cpp's per-tensor type mixtures (``Q4
   is on), then, with ``solver: gptq``, GPTQ's column sweep onto that fixed grid (codes
   ``clamp(round((w + dmin*m) / (d*sc)), 0, 15)`` (31 for Q5_K), error feedback, activation
   order; the grid is fitted once on the weight before the sweep, as GPTQ's static groups);
-- ``Q5_0``, ``Q5_1``, ``Q8_0``, ``Q6_K``: llmpress's integer grids of the same name (the
-  ``gptq-q5_0`` / ``rtn-q8_0`` presets' grids, asymmetric int5 with float16 scales and
-  minimums, the ``Q6_K`` two-level grid), solved by the GPTQ solver (``solver: round``: no
+- ``Q4_0``, ``Q5_0``, ``Q5_1``, ``Q8_0``, ``Q3_K``, ``Q6_K``: llmpress's integer grids of the
+  same name (the ``gptq-q4_0`` / ``gptq-q5_0`` / ``rtn-q8_0`` presets' grids, asymmetric int5
+  with float16 scales and minimums, the two-level grids: int3 / int6 in groups of 16 whose
+  scales are ``d * sc``, ``sc`` 6 / 8 bits), solved by the GPTQ solver (``solver: round``: no
   error feedback between columns).
 
 Rows of a width that is not a multiple of 256 have no K-quant: like llama.cpp, such a layer
-falls back to ``Q5_0`` (for ``Q4_K``), ``Q5_1`` (for ``Q5_K``) or ``Q8_0`` (for ``Q6_K``),
-and its record says so.
+falls back to ``Q4_0`` (for ``Q3_K``), ``Q5_0`` (for ``Q4_K``), ``Q5_1`` (for ``Q5_K``) or
+``Q8_0`` (for ``Q6_K``), and its record says so.
 
 ``gguf_mix`` (a model-scope stage before it) assigns each linear its type the way
 llama.cpp's ``llama-quantize`` does for a file type (``llama_tensor_get_type``; every mix
@@ -27,7 +29,12 @@ gives the output head ``Q6_K``):
   between), ``Q4_K`` / ``Q5_K`` for everything else;
 - ``q4_k_s``: ``Q5_K`` for the value projections of the first 4 blocks and the down
   projections of the first eighth, ``Q4_K`` elsewhere;
-- ``q5_k_s``: ``Q5_K`` everywhere.
+- ``q5_k_s``: ``Q5_K`` everywhere;
+- ``q3_k_m``: ``Q5_K`` for the value projections of the first 2 blocks and the down
+  projections of the first sixteenth, ``Q4_K`` for the other value and down projections and
+  for every attention output projection, ``Q3_K`` elsewhere;
+- ``q3_k_l``: ``Q5_K`` for every value, down and attention output projection, ``Q3_K``
+  elsewhere; ``q3_k_s``: ``Q3_K`` everywhere.
 
 The ``kquant`` stage after it reads that type (``ModuleContext.settings``); without it, every
 layer takes the stage's ``type``. Figures: docs/checkpoint.md.
@@ -50,17 +57,19 @@ from .kquant import GROUP, QK_K, KParams, k_params, nmax
 from .sweep import SweepBlock, record_solver_notes, solver_threads, validate_solver_fields
 
 K_BITS = {"Q4_K": 4, "Q5_K": 5}  # the K-quants of kquant.py's grids, by their code width
-TYPES = ("Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q8_0")
-FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama.cpp's, for rows not a multiple of 256
-MIXES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s")
+TYPES = ("Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_0", "Q5_1", "Q8_0")
+FALLBACK = {"Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama.cpp's, for rows not a multiple of 256
+MIXES = ("q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m")
 SOLVERS = ("gptq", "round")
 
 
 def grid_args(qtype: str, importance: bool) -> QuantArgs:
-    """The integer grid of ``Q5_0`` / ``Q5_1`` / ``Q8_0`` / ``Q6_K`` (float16 scales, as GGUF stores them)."""
-    if qtype == "Q5_0":
+    """The integer grid of ``Q4_0`` / ``Q5_0`` / ``Q5_1`` / ``Q8_0`` / ``Q3_K`` / ``Q6_K``
+    (float16 scales, as GGUF stores them; the symmetric 3- to 5-bit grids search their scales
+    with ``diag(H)`` when ``importance`` is on, as llama.cpp's importance-matrix quantizers do)."""
+    if qtype in ("Q4_0", "Q5_0"):
         return QuantArgs(
-            bits=5,
+            bits=int(qtype[1]),
             symmetric=True,
             granularity="group",
             group_size=32,
@@ -76,6 +85,18 @@ def grid_args(qtype: str, importance: bool) -> QuantArgs:
         return QuantArgs(
             bits=6, symmetric=True, granularity="group", group_size=16, super_block=QK_K, observer="minmax", signed_scale=True, scale_dtype="float16"
         )
+    if qtype == "Q3_K":  # llama.cpp: d = s_m / -32, 6-bit sc
+        return QuantArgs(
+            bits=3,
+            symmetric=True,
+            granularity="group",
+            group_size=16,
+            super_block=QK_K,
+            group_scale_bits=6,
+            observer="lsq" if importance else "minmax",
+            signed_scale=True,
+            scale_dtype="float16",
+        )
     raise ValueError(qtype)
 
 
@@ -90,13 +111,19 @@ def more_bits(block: int, n_blocks: int) -> bool:
 
 
 def mix_type(mix: str, role: str, block: int | None, n_blocks: int) -> str:
-    """The type ``mix`` gives a linear of ``role`` (``v``, ``down``, ``head`` or ``other``) in
-    ``block`` (llama.cpp's ``llama_tensor_get_type`` for that file type)."""
-    base = "Q5_K" if mix.startswith("q5_k") else "Q4_K"
+    """The type ``mix`` gives a linear of ``role`` (``v``, ``down``, ``o``, ``head`` or
+    ``other``) in ``block`` (llama.cpp's ``llama_tensor_get_type`` for that file type)."""
+    base = {"3": "Q3_K", "4": "Q4_K", "5": "Q5_K"}[mix[1]]
     if role == "head":
         return "Q6_K"
+    if mix == "q3_k_l" and role in ("v", "down", "o"):
+        return "Q5_K"
+    if mix == "q3_k_m" and role == "o":
+        return "Q4_K"
     if block is None or role not in ("v", "down"):
         return base
+    if mix == "q3_k_m":
+        return "Q5_K" if block < (2 if role == "v" else n_blocks // 16) else "Q4_K"
     if mix in ("q4_k_m", "q5_k_m"):
         return "Q6_K" if more_bits(block, n_blocks) else base
     if mix == "q4_k_s" and (block < 4 if role == "v" else block < n_blocks // 8):
@@ -107,7 +134,7 @@ def mix_type(mix: str, role: str, block: int | None, n_blocks: int) -> str:
 @dataclass(kw_only=True, frozen=True)
 class GGUFMix:
     """``mix``: the llama.cpp file type whose per-tensor types the ``kquant`` stage after it
-    takes: ``q4_k_m``, ``q4_k_s``, ``q5_k_m`` or ``q5_k_s``."""
+    takes: ``q3_k_s``, ``q3_k_m``, ``q3_k_l``, ``q4_k_s``, ``q4_k_m``, ``q5_k_s`` or ``q5_k_m``."""
 
     mix: str = "q4_k_m"
 
@@ -123,7 +150,7 @@ _BLOCK = re.compile(r"\.(\d+)\.")
     "gguf_mix",
     GGUFMix,
     scope="model",
-    summary="llama.cpp's per-tensor GGUF types of a file type (Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S), for the kquant stage after it",
+    summary="llama.cpp's per-tensor GGUF types of a file type (Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M), for the kquant stage after it",
 )
 def gguf_mix(model: nn.Module, spec, data, stage) -> ModelStageOutput:
     cfg: GGUFMix = stage.config
@@ -138,7 +165,8 @@ def gguf_mix(model: nn.Module, spec, data, stage) -> ModelStageOutput:
         block = None
         if in_blocks:
             block = int(_BLOCK.match(name[len(spec.blocks) :]).group(1))
-        role = "head" if name == spec.lm_head else "v" if name.endswith("." + spec.v) else "down" if name.endswith("." + spec.down) else "other"
+        role = next((r for r, p in (("v", spec.v), ("down", spec.down), ("o", spec.o)) if name.endswith("." + p)), "other")
+        role = "head" if name == spec.lm_head else role
         qtype = storable_type(mix_type(cfg.mix, role, block, n_blocks), mod.in_features)
         per_linear[name] = {"gguf_type": qtype}
         counts[qtype] = counts.get(qtype, 0) + 1
@@ -149,9 +177,10 @@ def gguf_mix(model: nn.Module, spec, data, stage) -> ModelStageOutput:
 
 @dataclass(kw_only=True, frozen=True)
 class KQuant:
-    """``type``: the GGUF block type of every targeted linear (``Q4_K``, ``Q5_K``, ``Q6_K``,
-    ``Q5_0``, ``Q5_1``, ``Q8_0``) unless a ``gguf_mix`` stage before it chose one; rows of a
-    width that is not a multiple of 256 fall back to ``Q5_0`` / ``Q5_1`` / ``Q8_0`` as in llama.cpp. ``importance``: weight
+    """``type``: the GGUF block type of every targeted linear (``Q3_K``, ``Q4_K``, ``Q5_K``,
+    ``Q6_K``, ``Q4_0``, ``Q5_0``, ``Q5_1``, ``Q8_0``) unless a ``gguf_mix`` stage before it chose
+    one; rows of a width that is not a multiple of 256 fall back to ``Q4_0`` / ``Q5_0`` / ``Q5_1``
+    / ``Q8_0`` as in llama.cpp. ``importance``: weight
     the grid searches by the input columns' ``diag(H)`` (llama.cpp's importance matrix).
     ``solver``: ``gptq`` (error feedback; ``block_size``, ``damp``, ``act_order`` as in GPTQ)
     or ``round`` (each weight to its nearest grid value)."""
@@ -220,7 +249,7 @@ def k_gptq(
     "kquant",
     KQuant,
     needs=("hessian",),
-    summary="GGUF K-quants (Q4_K, Q5_K; Q6_K/Q5_0/Q5_1/Q8_0 in llama.cpp's mixtures) with GPTQ and an importance matrix",
+    summary="GGUF K-quants (Q3_K, Q4_K, Q5_K, Q6_K; Q4_0/Q5_0/Q5_1/Q8_0 in llama.cpp's mixtures) with GPTQ and an importance matrix",
 )
 def kquant(ctx: ModuleContext, cfg: KQuant) -> None:
     hessian, owned = ctx.take("hessian")

@@ -72,7 +72,9 @@ class ColumnQuantizer:
         self.tt = torch.zeros(self.n_groups, rows, device=device) if args.kind == "ternary" else None
         self.fixed: QParams | None = None  # per-tensor params as computed ([1, 1])
         # argument set for computing one group's params from a [R, g] slice
-        self.slice_args = dataclasses.replace(args, granularity="channel", group_size=None, super_block=None) if self.gsize else args
+        self.slice_args = (
+            dataclasses.replace(args, granularity="channel", group_size=None, super_block=None, group_scale_bits=8) if self.gsize else args
+        )
 
     def group_of(self, col: int) -> int:
         return col // self.gsize if self.gsize else 0

@@ -130,8 +130,8 @@ class IntGrid(StorageForm):
         groups = spec.scale_shape[0] * spec.scale_shape[1]
         n = spec.out_features * spec.in_features
         grid = n * a.bits + groups * (scale_bits + (a.bits if a.has_zero_point else 0))
-        if a.super_block and scale_bits < 32:  # two-level scales as GGUF's Q6_K holds them (the file: float32 products)
-            grid = n * a.bits + groups * 8 + n // a.super_block * scale_bits
+        if a.super_block and scale_bits < 32:  # two-level scales as GGUF's Q6_K / Q3_K hold them (the file: float32 products)
+            grid = n * a.bits + groups * a.group_scale_bits + n // a.super_block * scale_bits
         return grid + sum(8 * nbytes[k] for k in ("g_idx", "exc_index", "exc_value") if k in nbytes)
 
     def qparams(self, spec, tensors):
