@@ -70,6 +70,10 @@ def test_config_errors():
         Distill(lr=0)
     with pytest.raises(RecipeError, match="seqlen"):
         Distill(seqlen=1)
+    with pytest.raises(RecipeError, match="check_every"):
+        Distill(check_every=-1)
+    with pytest.raises(RecipeError, match="backoff"):
+        Distill(backoff=1.5)
 
 
 @pytest.mark.parametrize(
@@ -106,6 +110,27 @@ def test_a_run_that_raises_the_kl_is_undone():
     out = distill(student, teacher, TRAIN[:8], Distill(steps=5, lr=0.05))  # far too high a learning rate
     assert not out["kept"] and out["kl_trained"] > out["kl_before"] == out["kl_after"]
     assert all(torch.equal(p, q) for p, q in zip(student.parameters(), before))
+
+
+def test_checks_keep_the_best_parameters_and_back_off_a_learning_rate_too_high():
+    """lr 0.02 overshoots on the tiny pair: without backoff every check is above the start and
+    the start is kept; with checks every 5 steps and 3 backoffs (lr / 3 each, from the best
+    parameters) the run recovers; at a good lr the checks change nothing (same batches, same
+    steps: the same parameters as a run checked only at the end)."""
+    teacher, a = _pair()
+    b, c, d = copy.deepcopy(a), copy.deepcopy(a), copy.deepcopy(a)
+    stuck = distill(a, teacher, TRAIN, Distill(steps=30, lr=0.02, check_every=5, backoff=0))
+    assert not stuck["kept"] and stuck["backoffs"] == 0 and len(stuck["checks"]) == 6
+    assert all(kl > stuck["kl_before"] for _, kl in stuck["checks"])
+    out = distill(b, teacher, TRAIN, Distill(steps=30, lr=0.02, check_every=5, backoff=3))
+    assert out["kept"] and out["backoffs"] == 3 and out["lr_final"] == pytest.approx(0.02 / 27)
+    assert out["kl_after"] < 0.8 * out["kl_before"] and out["kl_after"] == min(kl for _, kl in out["checks"])
+    assert out["kl_after"] == pytest.approx(kl_to_teacher(b, teacher, TRAIN[-8:]), rel=1e-5)  # the best check's parameters
+    checked = distill(c, teacher, TRAIN, Distill(steps=20, lr=3e-4, check_every=5))
+    plain = distill(d, teacher, TRAIN, Distill(steps=20, lr=3e-4, check_every=0))
+    assert checked["backoffs"] == 0 and [s for s, _ in checked["checks"]] == [5, 10, 15, 20] and plain["checks"] == [[20, plain["kl_after"]]]
+    for p, q in zip(c.parameters(), d.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_a_distill_stage_recovers_several_cuts_towards_the_model_the_recipe_received():

@@ -10,9 +10,12 @@ student (``train="all"``), only on its norm gains and biases (``"norms"``: few p
 little memory), or on low-rank adapters of the block linears merged into the weights afterwards
 (``"lora"``, :mod:`llmpress.prune.lora`: gradients and AdamW moments for r(m + n) numbers per
 linear instead of mn). Batches are drawn with a seeded generator, so a run is reproducible.
-The last ``held_out`` windows are not trained on: the KL before and after (and whether the
-run is kept) is measured on them, which costs two forwards of a few windows instead of the
-whole set. ``seqlen`` cuts the windows shorter for training: a token costs less in a short
+The last ``held_out`` windows are not trained on: the KL before, every ``check_every`` steps
+and after is measured on them (two forwards of a few windows instead of the whole set), the
+parameters of the lowest held-out KL are what the run keeps (the start's, when no check beat
+it), and a check above the best so far puts the best parameters back and divides the learning
+rate by 3 (at most ``backoff`` times): a learning rate too high for a close start costs a few
+checks instead of the whole run. ``seqlen`` cuts the windows shorter for training: a token costs less in a short
 window (attention) and more steps fit a budget. :func:`kl_to_teacher` measures the same KL
 (T = 1) on any windows.
 
@@ -61,8 +64,10 @@ class Distill:
     decoder blocks' activations are recomputed in the backward instead of kept (less memory,
     about a third more compute); ``seed``
     draws the batches; ``held_out`` windows (at most; never more than an eighth) kept aside
-    for the KL; ``seqlen`` > 0 cuts the training windows to that many tokens. Also the
-    config of the recipe stage ``distill`` (:mod:`llmpress.prune.distill_stage`)."""
+    for the KL; ``seqlen`` > 0 cuts the training windows to that many tokens; the held-out KL
+    is checked every ``check_every`` steps (0: only at the end), the best parameters kept, and
+    up to ``backoff`` checks that rose cut the learning rate by 3. Also the config of the
+    recipe stage ``distill`` (:mod:`llmpress.prune.distill_stage`)."""
 
     steps: int = 100
     lr: float = 1e-4
@@ -75,6 +80,8 @@ class Distill:
     lora_rank: int = 16
     lora_alpha: float = 32.0
     checkpoint: bool = False
+    check_every: int = 25
+    backoff: int = 2
     keeps_original: ClassVar[bool] = True  # as a recipe stage: compress keeps a frozen copy of the model it received
 
     def __post_init__(self):
@@ -88,6 +95,10 @@ class Distill:
             raise RecipeError(f"distillation: train={self.train!r}: expected one of {', '.join(TRAIN)}")
         if self.lora_rank < 1 or not self.lora_alpha > 0:
             raise RecipeError(f"distillation: lora_rank={self.lora_rank!r} must be >= 1 and lora_alpha={self.lora_alpha!r} positive")
+        for k in ("check_every", "backoff"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise RecipeError(f"distillation: {k}={v!r} must be a whole number >= 0")
 
     def check_position(self, index: int, stages) -> None:
         """As recipe stage ``index`` of ``stages``: refused first (nothing to recover: the
@@ -193,10 +204,11 @@ def split(windows: torch.Tensor, cfg: Distill) -> tuple[torch.Tensor, torch.Tens
 
 def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: Distill = Distill()) -> dict:
     """Train ``student`` in place towards ``teacher`` on ``windows`` [n, L] (less the held-out
-    ones, :func:`split`); returns the held-out KL before and after, the steps and the seconds
-    taken. A run that ends with a higher held-out KL than it started puts the trained
-    parameters back (``kept`` False, ``kl_trained`` the KL it reached); LoRA adapters are
-    merged into the weights when the run is kept and dropped otherwise."""
+    ones, :func:`split`); returns the held-out KL before and after, the steps, the checks and
+    the seconds taken. The student ends with the parameters of the lowest held-out KL among
+    the start and the checks (``kept`` False: the start's, ``kl_trained`` the KL the run
+    reached); LoRA adapters are merged into the weights when the run is kept and dropped
+    otherwise."""
     windows, held, n_held = split(windows, cfg)
     lora = LoRA(student, rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=cfg.seed) if cfg.train == "lora" else None
     params = lora.parameters() if lora else _trainable(student, cfg.train)
@@ -208,9 +220,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: 
     t0 = time.perf_counter()
     try:
         kl_before = kl_to_teacher(student, teacher, held, cfg.batch_size)
-        start = {} if lora else {id(p): p.detach().clone() for p in params}
-        _train(student, teacher, windows, params, cfg)
-        kl_after = kl_to_teacher(student, teacher, held, cfg.batch_size)
+        run = _train(student, teacher, windows, held, params, cfg, kl_before)
     except BaseException:
         if lora:
             lora.remove()
@@ -218,43 +228,67 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: 
     finally:
         for p in student.parameters():
             p.requires_grad_(flags[id(p)])
-    kept = kl_after <= kl_before
+    kept = run["best_kl"] < kl_before
     if lora:
         lora.merge() if kept else lora.remove()
-    elif not kept:
-        with torch.no_grad():
-            for p in params:
-                p.copy_(start[id(p)])
-    if not kept:  # the run made things worse (learning rate too high for a close start): back to where it began
-        log.warning("distillation: KL rose %.4f -> %.4f in %d steps; the weights before it are kept (lower lr)", kl_before, kl_after, cfg.steps)
+    if not kept:  # no check beat the start (learning rate too high for a close start): the start is kept
+        log.warning("distillation: held-out KL %.4f never went below %.4f in %d steps; the weights before it are kept (lower lr)",
+                    run["kl_trained"], kl_before, cfg.steps)  # fmt: skip
     else:
-        log.info("distillation: KL %.4f -> %.4f in %d steps", kl_before, kl_after, cfg.steps)
-    return {"kl_before": kl_before, "kl_after": kl_after if kept else kl_before, "kl_trained": kl_after, "kept": kept,
-            "steps": cfg.steps, "seconds": time.perf_counter() - t0, "held_out": n_held, "train": cfg.train,
+        log.info("distillation: KL %.4f -> %.4f in %d steps", kl_before, run["best_kl"], cfg.steps)
+    return {"kl_before": kl_before, "kl_after": run["best_kl"] if kept else kl_before, "kl_trained": run["kl_trained"], "kept": kept,
+            "steps": cfg.steps, "best_step": run["best_step"], "checks": run["checks"], "backoffs": run["backoffs"], "lr_final": run["lr"],
+            "seconds": time.perf_counter() - t0, "held_out": n_held, "train": cfg.train,
             "trained_parameters": sum(p.numel() for p in params),
             "train_tokens": cfg.steps * cfg.batch_size * windows.shape[1]}  # fmt: skip
 
 
-def _train(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, params: list[nn.Parameter], cfg: Distill) -> None:
+def _train(
+    student: nn.Module, teacher: nn.Module, windows: torch.Tensor, held: torch.Tensor, params: list[nn.Parameter], cfg: Distill, kl_before: float
+) -> dict:
     """``cfg.steps`` AdamW steps on ``params`` of the KL of ``student`` to ``teacher`` on
-    batches drawn (seeded) from ``windows``."""
+    batches drawn (seeded) from ``windows``, the held-out KL on ``held`` checked every
+    ``cfg.check_every`` steps and at the end; ends with ``params`` at the best check (or as
+    they started). Returns the best KL and its step, the last check's KL, every check, the
+    backoffs taken and the learning rate reached."""
     dev = next(student.parameters()).device
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    lr = cfg.lr
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     heads = _heads(student, teacher, windows[:1, :8].to(dev))
+    best = [p.detach().clone() for p in params]  # one copy, updated in place: the start, then the best check
+    best_kl, best_step, last_kl, checks, backoffs = kl_before, 0, kl_before, [], 0
     was_training = student.training
     student.train(False)  # no dropout: the student is trained as it is served
     try:
         with _block_checkpointing(student, cfg.checkpoint):
-            for _ in track(range(cfg.steps), "distillation", "step"):
+            for step in track(range(1, cfg.steps + 1), "distillation", "step"):
                 ids = windows[torch.randint(0, windows.shape[0], (cfg.batch_size,), generator=gen)].to(dev)
                 loss = _loss(student, teacher, ids, cfg.temperature, heads)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if step != cfg.steps and not (cfg.check_every and step % cfg.check_every == 0):
+                    continue
+                last_kl = kl_to_teacher(student, teacher, held, cfg.batch_size)
+                checks.append([step, last_kl])
+                with torch.no_grad():
+                    if last_kl < best_kl:
+                        best_kl, best_step = last_kl, step
+                        for b, p in zip(best, params):
+                            b.copy_(p)
+                        continue
+                    for b, p in zip(best, params):  # the check rose: back to the best parameters
+                        p.copy_(b)
+                if step < cfg.steps and backoffs < cfg.backoff:
+                    backoffs += 1
+                    lr /= 3.0
+                    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # fresh moments from the best point
+                    log.info("distillation: held-out KL %.4f above the best %.4f at step %d; lr -> %.3g", last_kl, best_kl, step, lr)
     finally:
         opt.zero_grad(set_to_none=True)
         student.train(was_training)
+    return {"best_kl": best_kl, "best_step": best_step, "kl_trained": last_kl, "checks": checks, "backoffs": backoffs, "lr": lr}
 
 
 @contextmanager
