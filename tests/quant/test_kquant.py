@@ -79,14 +79,9 @@ def test_rows_not_a_multiple_of_256_and_other_widths_are_refused():
 LIB = os.environ.get("LLMPRESS_LLAMA_CPP")
 
 
-@pytest.mark.skipif(not LIB, reason="llama.cpp not built: run benchmarks/llamacpp_build.sh and set LLMPRESS_LLAMA_CPP")
-@pytest.mark.parametrize("bits", [4, 5])
-@pytest.mark.parametrize("importance", [False, True])
-def test_same_blocks_as_llama_cpp_quantizer(importance, bits):
-    """ggml's own ``ggml_quantize_chunk`` (the reference quantizer without an importance,
-    the imatrix one with): at least 95% of the 144-byte (Q5_K: 176-byte) blocks identical, the
-    weighted error within 0.5% of llama.cpp's (measured: Q4_K 99.2% / 98.4%, Q5_K 99.2% /
-    98.8% identical on this matrix)."""
+def _llama_cpp_quantized(qtype, block_bytes: int, importance: bool):
+    """A 64 x 1024 weight with an outlier column, its importance (or None), the weight as
+    numpy, and ggml's own ``ggml_quantize_chunk`` blocks of it in ``qtype``."""
     lib = ctypes.CDLL(str(Path(LIB) / "libggml-base.so"))
     f = lib.ggml_quantize_chunk
     f.restype = ctypes.c_size_t
@@ -96,10 +91,23 @@ def test_same_blocks_as_llama_cpp_quantizer(importance, bits):
     w[:, 5] *= 20
     imp = torch.rand(C, generator=torch.Generator().manual_seed(1)) + 0.1 if importance else None
     x = np.ascontiguousarray(w.numpy())
-    qt = T.Q4_K if bits == 4 else T.Q5_K
-    theirs = np.zeros((R, C // 256, 144 if bits == 4 else 176), dtype=np.uint8)
+    theirs = np.zeros((R, C // 256, block_bytes), dtype=np.uint8)
     qw = None if imp is None else np.ascontiguousarray(imp.numpy())
-    f(int(qt), x.ctypes.data, theirs.ctypes.data, 0, R, C, None if qw is None else qw.ctypes.data)
+    f(int(qtype), x.ctypes.data, theirs.ctypes.data, 0, R, C, None if qw is None else qw.ctypes.data)
+    return w, imp, x, theirs
+
+
+@pytest.mark.skipif(not LIB, reason="llama.cpp not built: run benchmarks/llamacpp_build.sh and set LLMPRESS_LLAMA_CPP")
+@pytest.mark.parametrize("bits", [4, 5])
+@pytest.mark.parametrize("importance", [False, True])
+def test_same_blocks_as_llama_cpp_quantizer(importance, bits):
+    """ggml's own ``ggml_quantize_chunk`` (the reference quantizer without an importance,
+    the imatrix one with): at least 95% of the 144-byte (Q5_K: 176-byte) blocks identical, the
+    weighted error within 0.5% of llama.cpp's (measured: Q4_K 99.2% / 98.4%, Q5_K 99.2% /
+    98.8% identical on this matrix)."""
+    qt = T.Q4_K if bits == 4 else T.Q5_K
+    w, imp, x, theirs = _llama_cpp_quantized(qt, 144 if bits == 4 else 176, importance)
+    R, C = w.shape
     p = k_params(w, imp, bits=bits)
     ours = _blocks(p, R, C)
     assert (ours == theirs).all(-1).mean() >= 0.95
@@ -121,18 +129,8 @@ def test_q3_k_grid_search_against_llama_cpp_quantizer(importance):
     from llmpress.quant.core import compute_qparams, fake_quantize
     from llmpress.quant.q4k import grid_args
 
-    lib = ctypes.CDLL(str(Path(LIB) / "libggml-base.so"))
-    f = lib.ggml_quantize_chunk
-    f.restype = ctypes.c_size_t
-    f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    R, C = 64, 1024
-    w = torch.randn(R, C, generator=torch.Generator().manual_seed(0)) * 0.02
-    w[:, 5] *= 20
-    imp = torch.rand(C, generator=torch.Generator().manual_seed(1)) + 0.1 if importance else None
-    x = np.ascontiguousarray(w.numpy())
-    theirs = np.zeros((R, C // 256, 110), dtype=np.uint8)
-    qw = None if imp is None else np.ascontiguousarray(imp.numpy())
-    f(int(T.Q3_K), x.ctypes.data, theirs.ctypes.data, 0, R, C, None if qw is None else qw.ctypes.data)
+    w, imp, x, theirs = _llama_cpp_quantized(T.Q3_K, 110, importance)
+    R, C = w.shape
     weight = 1.0 if imp is None else imp.numpy()
     e_theirs = (((gguf.quants.dequantize(theirs.reshape(R, -1), T.Q3_K) - x) ** 2) * weight).sum()
 

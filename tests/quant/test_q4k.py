@@ -159,19 +159,25 @@ def test_other_k_mix_presets_export_llama_cpp_types_bit_for_bit(tmp_path, preset
     assert kinds["q5_k"] == sum(c for (_, t), c in types.items() if t == "Q5_K")
 
 
-def test_q5_k_layers_count_5_5_bits_and_load_exactly(tmp_path):
-    recipe = [stage("kquant", ignore=["lm_head"], type="Q5_K", damp=0.1)]
-    src, rep = _compressed(tmp_path, 256, recipe=recipe, layers=2)
+def _k_layers(tmp_path, qtype: str, bits_per_weight: float):
+    """A 2-block 256-wide tiny Llama whose block linears are all ``qtype``, saved; checks that
+    the checkpoint and the report count ``bits_per_weight`` for them."""
+    src, rep = _compressed(tmp_path, 256, recipe=[stage("kquant", ignore=["lm_head"], type=qtype, damp=0.1)], layers=2)
     n = sum(
         mod.weight.numel() for name, mod in tiny_llama(hidden=256, inter=512).named_modules() if "layers." in name and hasattr(mod, "in_features")
     )
     acc = checkpoint_accounting(read_manifest(src))
-    assert acc["theoretical_bytes_16bit_scales"] - acc["other_bytes"] == n * 5.5 / 8
-    assert {round(v["bits_per_weight"], 6) for v in rep.layers.values()} == {5.5}
+    assert acc["theoretical_bytes_16bit_scales"] - acc["other_bytes"] == n * bits_per_weight / 8
+    assert {round(v["bits_per_weight"], 6) for v in rep.layers.values()} == {bits_per_weight}
+    return src
+
+
+def test_q5_k_layers_count_5_5_bits_and_load_exactly(tmp_path):
+    src = _k_layers(tmp_path, "Q5_K", 5.5)
     loaded, _ = llmpress.load_compressed(str(src))
     lin = loaded.model.layers[1].mlp.down_proj
     assert type(lin).__name__ == "DequantLinear"  # no 5-bit kernel: decoded once, exact
-    q4_src, _ = _compressed(tmp_path / "q4", 256, recipe=[stage("kquant", ignore=["lm_head"], type="Q4_K", damp=0.1)], layers=2)
+    q4_src = _k_layers(tmp_path / "q4", "Q4_K", 4.5)
     m = tiny_llama(hidden=256, inter=512, vocab=len(_tokenizer()))
     x = random_windows(2, 16, vocab=len(_tokenizer()), seed=3)
     q4, _ = llmpress.load_compressed(str(q4_src), backend="dequant")
@@ -184,14 +190,7 @@ def test_q5_k_layers_count_5_5_bits_and_load_exactly(tmp_path):
 
 
 def test_q4_k_layers_count_4_5_bits_and_load(tmp_path):
-    recipe = [stage("kquant", ignore=["lm_head"], type="Q4_K", damp=0.1)]
-    src, rep = _compressed(tmp_path, 256, recipe=recipe, layers=2)
-    n = sum(
-        mod.weight.numel() for name, mod in tiny_llama(hidden=256, inter=512).named_modules() if "layers." in name and hasattr(mod, "in_features")
-    )
-    acc = checkpoint_accounting(read_manifest(src))
-    assert acc["theoretical_bytes_16bit_scales"] - acc["other_bytes"] == n * 4.5 / 8
-    assert {round(v["bits_per_weight"], 6) for v in rep.layers.values()} == {4.5}
+    src = _k_layers(tmp_path, "Q4_K", 4.5)
     loaded, _ = llmpress.load_compressed(str(src))
     m = tiny_llama(hidden=256, inter=512, vocab=len(_tokenizer()))
     x = random_windows(2, 16, vocab=len(_tokenizer()), seed=3)
