@@ -115,8 +115,9 @@ def check_report(rep: dict, preset: str) -> None:
         # (each against its own grid's width: W4 blocks + int8 head, or a GGUF mixture of Q5_0 / Q8_0 / Q6_K)
         layer_bits = [(lay["weight_args"]["bits"], lay["bits_per_weight"]) for lay in rep["layers"].values() if lay.get("weight_args")]
         assert layer_bits and all(w <= x <= w + 1 for w, x in layer_bits), sorted(set(layer_bits))
-        k_quant = [lay["bits_per_weight"] for lay in rep["layers"].values() if lay.get("gguf_type") == "Q4_K"]
-        assert all(x == 4.5 for x in k_quant), k_quant  # Q4_K: 144 bytes per 256 weights
+        k_bits = {"Q4_K": 4.5, "Q5_K": 5.5}  # 144 / 176 bytes per 256 weights
+        k_quant = [(lay["gguf_type"], lay["bits_per_weight"]) for lay in rep["layers"].values() if lay.get("gguf_type") in k_bits]
+        assert all(x == k_bits[t] for t, x in k_quant), k_quant
         assert b <= bpw <= 16, (b, bpw)
     assert rep["baseline"]["bits_per_weight"] == 16
     for k in ("load", "baseline_eval", "compress_total", "compressed_eval", "save"):
