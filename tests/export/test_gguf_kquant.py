@@ -17,7 +17,7 @@ from test_gguf import _check_linears, _export_refused, _packed, _tensors, _token
 import llmpress
 from llmpress import RecipeError, UserError, api, stage
 from llmpress.export.gguf import export_gguf
-from llmpress.export.gguf_layouts import q3_k_blocks, q4_k_blocks, q5_k_blocks, q6_k_blocks, q6_k_scales, small_blocks
+from llmpress.export.gguf_layouts import iq4_nl_blocks, iq4_xs_blocks, q3_k_blocks, q4_k_blocks, q5_k_blocks, q6_k_blocks, q6_k_scales, small_blocks
 from llmpress.export.packed_load import read_manifest
 from llmpress.export.packed_size import checkpoint_accounting
 from llmpress.quant import QuantArgs, compute_qparams, quantize
@@ -67,6 +67,24 @@ def test_q3_k_layout_decodes_in_gguf():
     got = _dequant(blocks, T.Q3_K).reshape(4, 4, 16, 16)
     want = (d.unsqueeze(-1) * sc).unsqueeze(-1) * codes.float().reshape(4, 4, 16, 16)
     assert np.array_equal(got, want.numpy())
+
+
+def test_iq4_layouts_decode_in_gguf():
+    """Every 6-bit block scale code at every block position (IQ4_XS) and every table level at
+    every nibble position: gguf's own IQ4_NL / IQ4_XS decoders read what llmpress wrote."""
+    from llmpress.quant.iq4 import levels
+
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 16, (8, 8, 256), generator=g)
+    d = (torch.rand(8, 8, generator=g) - 0.5).half().float()
+    sc = (torch.arange(64).reshape(8, 8) - 32).float()  # [8 super-blocks x 8 blocks]: all of -32..31
+    sc = torch.stack([sc.roll(k, 0) for k in range(8)])
+    got = _dequant(iq4_xs_blocks(codes, d, sc), T.IQ4_XS).reshape(8, 8, 8, 32)
+    want = (d.unsqueeze(-1) * sc).unsqueeze(-1) * levels()[codes].reshape(8, 8, 8, 32)
+    assert np.array_equal(got, want.numpy())
+    dn = (torch.rand(8, 64, generator=g) - 0.5).half().float()
+    got = _dequant(iq4_nl_blocks(codes.reshape(8, 64, 32), dn), T.IQ4_NL).reshape(8, 64, 32)
+    assert np.array_equal(got, (dn.unsqueeze(-1) * levels()[codes.reshape(8, 64, 32)]).numpy())
 
 
 def test_q5_k_layout_decodes_in_gguf():

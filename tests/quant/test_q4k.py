@@ -25,8 +25,9 @@ from llmpress.export.compressed_tensors import export_compressed_tensors  # noqa
 from llmpress.export.gguf import export_gguf  # noqa: E402
 from llmpress.export.packed_load import read_manifest  # noqa: E402
 from llmpress.export.packed_size import checkpoint_accounting  # noqa: E402
+from llmpress.quant.iq4 import iq4_params  # noqa: E402
 from llmpress.quant.kquant import q4_k_params, q5_k_params  # noqa: E402
-from llmpress.quant.q4k import GGUFMix, KQuant, k_gptq, mix_type, more_bits, storable_type  # noqa: E402
+from llmpress.quant.q4k import GGUFMix, KQuant, grid_gptq, mix_type, more_bits, storable_type  # noqa: E402
 from llmpress.runtime.cpu_kernels import kernels  # noqa: E402
 
 
@@ -44,22 +45,34 @@ def _err(Wq, W, H):
     return float(((D @ H) * D).sum())
 
 
-@pytest.mark.parametrize(("bits", "params"), [(4, q4_k_params), (5, q5_k_params)])
-def test_gptq_on_the_k_grid_decodes_exactly_and_beats_rounding(bits, params):
+def _gptq(W, H, qtype):
+    return grid_gptq(W, H, qtype=qtype, importance=True, block_size=64, damp=0.01, act_order=True)
+
+
+@pytest.mark.parametrize(
+    ("qtype", "params", "top"),
+    [
+        ("Q4_K", q4_k_params, 15),
+        ("Q5_K", q5_k_params, 31),
+        ("IQ4_NL", lambda W, importance=None: iq4_params(W, importance, xs=False), 15),
+        ("IQ4_XS", lambda W, importance=None: iq4_params(W, importance, xs=True), 15),
+    ],
+)
+def test_gptq_on_a_fixed_gguf_grid_decodes_exactly_and_beats_rounding(qtype, params, top):
     W, H = _problem()
-    res, p = k_gptq(W, H, bits=bits, importance=True, block_size=64, damp=0.01, act_order=True)
+    res, p = _gptq(W, H, qtype)
     assert torch.equal(res.weight, p.dequantize())  # the weight is exactly the grid's
-    assert int(p.codes.min()) >= 0 and int(p.codes.max()) == 2**bits - 1 and p.bits == bits
-    assert torch.equal(p.d.half().float(), p.d) and float(p.sc.max()) <= 63
+    assert int(p.codes.min()) >= 0 and int(p.codes.max()) == top
+    assert torch.equal(p.d.half().float(), p.d)
     plain, weighted = _err(params(W).dequantize(), W, H), _err(params(W, importance=torch.diagonal(H)).dequantize(), W, H)
     gptq = _err(res.weight, W, H)
     assert weighted < plain and gptq < 0.8 * weighted, (plain, weighted, gptq)
-    if bits == 5:  # one more bit: about a quarter of Q4_K's error
-        q4 = _err(k_gptq(W, H, bits=4, importance=True, block_size=64, damp=0.01, act_order=True)[0].weight, W, H)
+    if qtype == "Q5_K":  # one more bit: about a quarter of Q4_K's error
+        q4 = _err(_gptq(W, H, "Q4_K")[0].weight, W, H)
         assert gptq < 0.4 * q4, (gptq, q4)
     # the grid is the one fitted before the sweep: GPTQ only moves codes
     p0 = params(W, importance=torch.diagonal(H))
-    assert torch.equal(p.d, p0.d) and torch.equal(p.sc, p0.sc) and not torch.equal(p.codes, p0.codes)
+    assert torch.equal(p.d, p0.d) and (p.sc is None or torch.equal(p.sc, p0.sc)) and not torch.equal(p.codes, p0.codes)
 
 
 def test_llama_cpp_type_assignment():
@@ -90,6 +103,11 @@ def test_llama_cpp_type_assignment():
     assert {mix_type("q3_k_s", r, i, n) for r in ("v", "down", "o", "other") for i in range(n)} == {"Q3_K"}
     assert [storable_type(t, 576) for t in ("Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q5_0")] == ["Q4_0", "Q5_0", "Q5_1", "Q8_0", "Q5_0"]
     assert [storable_type(t, 1536) for t in ("Q3_K", "Q4_K", "Q5_K", "Q6_K")] == ["Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+    # IQ4_NL / IQ4_XS: the type everywhere; attn_v Q5_K where 4+ query heads share a key/value head (SmolLM2: 3)
+    assert {mix_type("iq4_xs", r, i, n, gqa=3) for r in ("v", "down", "o", "other") for i in range(n)} == {"IQ4_XS"}
+    assert mix_type("iq4_xs", "v", 7, n, gqa=4) == "Q5_K" and mix_type("iq4_nl", "down", 0, n, gqa=8) == "IQ4_NL"
+    assert mix_type("iq4_nl", "head", None, n) == "Q6_K"
+    assert [storable_type("IQ4_XS", c) for c in (576, 1536)] == ["IQ4_NL", "IQ4_XS"]
 
 
 def _compressed(tmp_path, hidden, recipe="awq-gptq-q4_k_m", layers=8):
@@ -111,7 +129,7 @@ def test_q4_k_m_preset_exports_llama_cpp_types_bit_for_bit(tmp_path, hidden, wan
     src, rep = _compressed(tmp_path, hidden)
     out = export_gguf(src, tmp_path / "m.gguf", dtype="float32")
     assert _check_linears(out, src, n_layers=8) == ({"Q4_K", "Q6_K"} if hidden == 256 else {"Q5_0", "Q8_0", "Q4_K", "Q6_K"})
-    types = collections.Counter((n.split(".")[-2], t.tensor_type.name) for n, t in _tensors(out).items() if t.tensor_type.name.startswith("Q"))
+    types = collections.Counter((n.split(".")[-2], t.tensor_type.name) for n, t in _tensors(out).items() if t.tensor_type.name not in ("F16", "F32"))
     for key, count in want.items():
         assert types[key] == count, (key, types)
     other = "Q4_K" if hidden == 256 else "Q5_0"
@@ -141,6 +159,12 @@ def test_q4_k_m_preset_exports_llama_cpp_types_bit_for_bit(tmp_path, hidden, wan
         # Q5_K for attn_v of blocks 0-1, Q4_K for the other attn_v, every ffn_down (8 / 16 = 0 first blocks) and attn_output
         ("awq-gptq-q3_k_m", 256, {("attn_v", "Q5_K"): 2, ("attn_v", "Q4_K"): 6, ("ffn_down", "Q4_K"): 8, ("attn_output", "Q4_K"): 8,
                                   ("attn_q", "Q3_K"): 8, ("ffn_gate", "Q3_K"): 8, ("token_embd", "Q6_K"): 1}, "MOSTLY_Q3_K_M"),
+        # IQ4_XS everywhere (the tiny Llama's 4 query heads share 2 key/value heads: no Q5_K attn_v)
+        ("awq-gptq-iq4_xs", 256, {("attn_v", "IQ4_XS"): 8, ("ffn_down", "IQ4_XS"): 8, ("attn_q", "IQ4_XS"): 8, ("ffn_up", "IQ4_XS"): 8,
+                                  ("token_embd", "Q6_K"): 1}, "MOSTLY_IQ4_XS"),
+        # rows of 96: IQ4_XS -> IQ4_NL, Q6_K -> Q8_0
+        ("awq-gptq-iq4_xs", 96, {("attn_v", "IQ4_NL"): 8, ("ffn_down", "IQ4_XS"): 8, ("attn_q", "IQ4_NL"): 8, ("token_embd", "Q8_0"): 1},
+         "MOSTLY_IQ4_XS"),
         # rows of 96: Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1
         ("awq-gptq-q3_k_m", 96, {("attn_v", "Q5_1"): 2, ("attn_v", "Q5_0"): 6, ("ffn_down", "Q4_K"): 8, ("attn_output", "Q5_0"): 8,
                                  ("attn_q", "Q4_0"): 8, ("ffn_gate", "Q4_0"): 8, ("token_embd", "Q8_0"): 1}, "MOSTLY_Q3_K_M"),
@@ -150,13 +174,14 @@ def test_other_k_mix_presets_export_llama_cpp_types_bit_for_bit(tmp_path, preset
     src, rep = _compressed(tmp_path, hidden, recipe=preset)
     out = export_gguf(src, tmp_path / "m.gguf", dtype="float32")
     got = _check_linears(out, src, n_layers=8)  # every linear decodes in gguf to llmpress's weight bit for bit
-    types = collections.Counter((n.split(".")[-2], t.tensor_type.name) for n, t in _tensors(out).items() if t.tensor_type.name.startswith("Q"))
+    types = collections.Counter((n.split(".")[-2], t.tensor_type.name) for n, t in _tensors(out).items() if t.tensor_type.name not in ("F16", "F32"))
     for key, count in want.items():
         assert types[key] == count, (key, types)
     assert got == {t for (role, t) in types if role != "token_embd"}
     assert gguf.GGUFReader(out).fields["general.file_type"].contents() == int(getattr(gguf.LlamaFileType, file_type))
     kinds = collections.Counter(v["kind"] for v in read_manifest(src)["layers"].values())
-    assert kinds["q5_k"] == sum(c for (_, t), c in types.items() if t == "Q5_K")
+    for form, qtype in (("q4_k", "Q4_K"), ("q5_k", "Q5_K"), ("iq4_nl", "IQ4_NL"), ("iq4_xs", "IQ4_XS")):
+        assert kinds[form] == sum(c for (_, t), c in types.items() if t == qtype), (form, kinds)
 
 
 def _k_layers(tmp_path, qtype: str, bits_per_weight: float):

@@ -46,6 +46,7 @@ from .source import exportable_manifest
 log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "float16")
+FLOAT_TYPES = ("F16", "F32")  # every other tensor type is a block type
 __all__ = ["export_gguf", "summary", "tokenizer_metadata", "rope_permute", "rope_unpermute", "_pre_tokenizer"]
 
 
@@ -114,7 +115,7 @@ def _file_type(tensors: list[_Tensor], mix: str | None = None):
     ft = gguf.LlamaFileType
     if mix is not None and hasattr(ft, f"MOSTLY_{mix.upper()}"):
         return getattr(ft, f"MOSTLY_{mix.upper()}")
-    quant = Counter(t.qtype for t in tensors if t.qtype.startswith("Q"))
+    quant = Counter(t.qtype for t in tensors if t.qtype not in FLOAT_TYPES)
     blocks = {t.qtype for t in tensors if t.name.startswith("blk.")}  # the head and embedding are Q6_K in every K mixture
     if "Q3_K" in blocks:  # llama.cpp's names for its K mixtures: Q3_K_M holds Q4_K, Q3_K_L Q5_K, Q3_K_S neither
         return ft.MOSTLY_Q3_K_M if "Q4_K" in blocks else ft.MOSTLY_Q3_K_L if "Q5_K" in blocks else ft.MOSTLY_Q3_K_S
@@ -136,7 +137,7 @@ def _write(path: Path, src: Path, hp: Hparams, tensors: list[_Tensor], tok: dict
     add_tokenizer(w, src, tok, hp.vocab, add_bos=hp.arch == "gemma3")
     qt = gguf.GGMLQuantizationType
     for t in tensors:
-        raw = getattr(qt, t.qtype) if t.qtype.startswith("Q") else None
+        raw = getattr(qt, t.qtype) if t.qtype not in FLOAT_TYPES else None
         w.add_tensor(t.name, t.data, raw_dtype=raw)
     try:
         w.write_header_to_file()

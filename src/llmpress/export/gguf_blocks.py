@@ -15,7 +15,8 @@ input dimension):
   (``super_block: 256``): the group scales are ``d * sc`` with fp16 ``d`` and int8 ``sc``;
 - ``Q3_K``: the same with int3 codes and 6-bit ``sc`` (``group_scale_bits: 6``);
 - ``Q4_K`` / ``Q5_K``: the ``q4_k`` / ``q5_k`` storage forms (the ``kquant`` method), whose
-  grids are GGUF's own: their tensors are the block's fields.
+  grids are GGUF's own: their tensors are the block's fields;
+- ``IQ4_NL`` / ``IQ4_XS``: the ``iq4_nl`` / ``iq4_xs`` storage forms (``kquant``), likewise.
 
 Exact means: every stored scale (and ``m``; ``Q6_K``: ``d`` and ``sc``) is representable,
 and the gguf package's own dequantization of the blocks equals llmpress's dequantized weight
@@ -33,13 +34,28 @@ import torch
 
 from ..errors import UserError
 from ..storage.form import LinearSpec, decode_weight
+from ..storage.forms.iq4 import params_of as iq4_params_of
 from ..storage.forms.q4_k import params_of
 from ..storage.grid import decode_quant
-from .gguf_layouts import QK, QK_K, fp16_exact, q3_k_blocks, q4_k_blocks, q5_k_blocks, q6_k_blocks, q6_k_scales, small_blocks
+from .gguf_layouts import (
+    QK,
+    QK_K,
+    fp16_exact,
+    iq4_nl_blocks,
+    iq4_xs_blocks,
+    q3_k_blocks,
+    q4_k_blocks,
+    q5_k_blocks,
+    q6_k_blocks,
+    q6_k_scales,
+    small_blocks,
+)
 
 # (bits, symmetric) of a group-32 grid -> its block type
 SMALL = {(4, True): "Q4_0", (4, False): "Q4_1", (5, True): "Q5_0", (5, False): "Q5_1", (8, True): "Q8_0"}
 K_FORMS = {"q4_k": ("Q4_K", q4_k_blocks), "q5_k": ("Q5_K", q5_k_blocks)}  # storage form -> (block type, layout)
+IQ4_FORMS = {"iq4_nl": "IQ4_NL", "iq4_xs": "IQ4_XS"}
+OWN_GRIDS = {**{k: v[0] for k, v in K_FORMS.items()}, **IQ4_FORMS}  # forms whose tensors are a block type's fields
 Q6_K_GRID = "bits: 6, group_size: 16, super_block: 256, signed_scale: true, scale_dtype: float16"
 TWO_LEVEL = {(6, 8): "Q6_K", (3, 6): "Q3_K"}  # (bits, group_scale_bits) of a symmetric group-16 grid in runs of 256
 
@@ -88,7 +104,7 @@ def _why_not(spec: LinearSpec) -> str | None:
         if spec.act_args is not None and a is None:
             return f"activation quantization ({spec.act_args.describe()}) without weight quantization"
         return "weights stored dense, off their recorded grid"
-    if spec.kind in K_FORMS:
+    if spec.kind in OWN_GRIDS:
         return f"activation quantization ({spec.act_args.describe()}), which GGUF files do not carry" if spec.act_args else None
     if spec.kind != "quant":
         return {"lowrank": "low-rank factors", "sparse": "sparsity without a quantized grid"}.get(spec.kind, f"storage form {spec.kind!r}")
@@ -100,14 +116,15 @@ def _why_not(spec: LinearSpec) -> str | None:
 
 
 def block_type(name: str, spec: LinearSpec) -> str:
-    """``Q4_0`` / ``Q4_1`` / ``Q5_0`` / ``Q5_1`` / ``Q8_0`` / ``Q3_K`` / ``Q6_K`` / ``Q4_K`` / ``Q5_K`` for the layer, or a
+    """``Q4_0`` / ``Q4_1`` / ``Q5_0`` / ``Q5_1`` / ``Q8_0`` / ``Q3_K`` / ``Q6_K`` / ``Q4_K`` / ``Q5_K`` /
+    ``IQ4_NL`` / ``IQ4_XS`` for the layer, or a
     UserError naming it, its grid and the nearest preset that exports."""
     why = _why_not(spec)
     if why is not None:
         grid = spec.weight_args.describe() if spec.weight_args is not None else spec.kind
         raise UserError(f"layer {name} ({grid}) has no exact GGUF form: {why}; compress with a group-32 preset such as {nearest_preset(spec)}")
-    if spec.kind in K_FORMS:
-        return K_FORMS[spec.kind][0]
+    if spec.kind in OWN_GRIDS:
+        return OWN_GRIDS[spec.kind]
     a = spec.weight_args
     return TWO_LEVEL[(a.bits, a.group_scale_bits)] if a.super_block else SMALL[(a.bits, a.symmetric)]
 
@@ -116,6 +133,11 @@ def encode_blocks(spec: LinearSpec, tensors: dict[str, torch.Tensor], qtype: str
     """uint8 [out, blocks * block bytes] of the layer in ``qtype``; None when a scale (or a
     minimum, or ``Q6_K``'s ``d`` / ``sc``) is not representable."""
     out_f, in_f = spec.out_features, spec.in_features
+    if spec.kind in IQ4_FORMS:
+        p = iq4_params_of(spec, tensors)
+        if p.sc is None:
+            return iq4_nl_blocks(p.codes.reshape(out_f, in_f // QK, QK), p.d).reshape(out_f, -1)
+        return iq4_xs_blocks(p.codes.reshape(out_f, in_f // QK_K, QK_K), p.d, p.sc).reshape(out_f, -1)
     if spec.kind in K_FORMS:
         p = params_of(spec, tensors)
         n = in_f // QK_K

@@ -30,6 +30,12 @@ stores them unsigned:
   t < 4, j < 32) has its low 2 bits in ``qs[32 c + j]`` at bit ``2 t`` and its bit 2 in
   ``hmask[j]`` at bit ``4 c + t``; scale ``g`` has its low 4 bits in nibble ``g // 8`` of byte
   ``g % 8`` and its top 2 bits in byte ``8 + g % 4`` at bit ``2 (g // 4)``.
+- ``IQ4_NL`` (32 weights, 18 bytes): fp16 ``d``, nibbles as ``Q4_0``; value ``d * K[u]``, K
+  the 16-level table of :mod:`llmpress.quant.iq4`;
+- ``IQ4_XS`` (256 weights in 8 blocks of 32, 136 bytes): fp16 ``d``, a little-endian uint16 holding
+  the top 2 bits of block ``b``'s 6-bit scale ``sc + 32`` at bit ``2 b``, 4 bytes of their low
+  4 bits (block ``b`` in nibble ``b % 2`` of byte ``b // 2``), then each block's 16 bytes of
+  nibbles as ``IQ4_NL``; value ``(d * sc) * K[u]``.
 - ``Q5_K`` (256 weights, 176 bytes): ``Q4_K``'s ``d``, ``dmin`` and 12 scale bytes, then 32
   bytes ``qh``, then ``Q4_K``'s 128 bytes of low nibbles; ``u`` in 0..31, weight ``32 g + j``
   (group g < 8, j < 32) has its bit 4 at bit ``g`` of ``qh[j]``.
@@ -79,6 +85,24 @@ def small_blocks(qtype: str, codes: torch.Tensor, scale: torch.Tensor, minimum: 
     else:
         body = [nibbles(u)]
     return np.concatenate([*heads, *body], axis=-1)
+
+
+def iq4_nl_blocks(codes: torch.Tensor, d: torch.Tensor) -> np.ndarray:
+    """``IQ4_NL`` blocks [R, G, 18] from codes 0..15 [R, G, 32] and fp16-valued ``d`` [R, G]."""
+    return np.concatenate([fp16_bytes(d), nibbles(codes)], axis=-1)
+
+
+def iq4_xs_blocks(codes: torch.Tensor, d: torch.Tensor, sc: torch.Tensor) -> np.ndarray:
+    """``IQ4_XS`` blocks [R, n, 136] from codes 0..15 [R, n, 256], fp16-valued ``d`` [R, n] and
+    6-bit signed ``sc`` [R, n, 8]."""
+    R, n, _ = codes.shape
+    v = (sc.to(torch.int32) + 32).clamp(0, 63)  # [.., 8]
+    high = ((v >> 4) << (2 * torch.arange(8, dtype=torch.int32))).sum(-1)  # uint16: block b at bit 2 b
+    high_bytes = torch.stack([high & 255, high >> 8], dim=-1).to(torch.uint8)
+    low = (v & 15).to(torch.uint8)
+    low_bytes = low[..., 0::2] | (low[..., 1::2] << 4)
+    qs = nibbles(codes.reshape(R, n, 8, 32)).reshape(R, n, 128)
+    return np.concatenate([fp16_bytes(d), high_bytes.contiguous().numpy(), low_bytes.contiguous().numpy(), qs], axis=-1)
 
 
 def q6_k_scales(scale: torch.Tensor, code_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor] | None:

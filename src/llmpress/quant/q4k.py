@@ -1,7 +1,8 @@
-"""GGUF K-quant grids as a method: ``Q4_K`` and ``Q5_K`` (:mod:`llmpress.quant.kquant`, stored
-in the ``q4_k`` / ``q5_k`` forms), ``Q3_K`` and ``Q6_K`` (llmpress's two-level integer grids),
+"""GGUF K-quant and IQ4 grids as a method: ``Q4_K`` and ``Q5_K`` (:mod:`llmpress.quant.kquant`,
+stored in the ``q4_k`` / ``q5_k`` forms), ``IQ4_NL`` and ``IQ4_XS`` (:mod:`llmpress.quant.iq4`,
+the ``iq4_nl`` / ``iq4_xs`` forms), ``Q3_K`` and ``Q6_K`` (llmpress's two-level integer grids),
 and llama.cpp's per-tensor type mixtures (``Q3_K_S`` / ``_M`` / ``_L``, ``Q4_K_S`` / ``_M``,
-``Q5_K_S`` / ``_M``), solved with GPTQ.
+``Q5_K_S`` / ``_M``, ``IQ4_NL``, ``IQ4_XS``), solved with GPTQ.
 
 ``kquant`` quantizes each targeted linear onto one GGUF block type:
 
@@ -10,6 +11,8 @@ and llama.cpp's per-tensor type mixtures (``Q3_K_S`` / ``_M`` / ``_L``, ``Q4_K_S
   is on), then, with ``solver: gptq``, GPTQ's column sweep onto that fixed grid (codes
   ``clamp(round((w + dmin*m) / (d*sc)), 0, 15)`` (31 for Q5_K), error feedback, activation
   order; the grid is fitted once on the weight before the sweep, as GPTQ's static groups);
+- ``IQ4_NL`` / ``IQ4_XS``: likewise on the grid of :func:`~llmpress.quant.iq4.iq4_params`
+  (llama.cpp's search of each block's scale), each weight to its nearest table level;
 - ``Q4_0``, ``Q5_0``, ``Q5_1``, ``Q8_0``, ``Q3_K``, ``Q6_K``: llmpress's integer grids of the
   same name (the ``gptq-q4_0`` / ``gptq-q5_0`` / ``rtn-q8_0`` presets' grids, asymmetric int5
   with float16 scales and minimums, the two-level grids: int3 / int6 in groups of 16 whose
@@ -17,8 +20,8 @@ and llama.cpp's per-tensor type mixtures (``Q3_K_S`` / ``_M`` / ``_L``, ``Q4_K_S
   error feedback between columns).
 
 Rows of a width that is not a multiple of 256 have no K-quant: like llama.cpp, such a layer
-falls back to ``Q4_0`` (for ``Q3_K``), ``Q5_0`` (for ``Q4_K``), ``Q5_1`` (for ``Q5_K``) or
-``Q8_0`` (for ``Q6_K``), and its record says so.
+falls back to ``Q4_0`` (for ``Q3_K``), ``Q5_0`` (for ``Q4_K``), ``Q5_1`` (for ``Q5_K``),
+``Q8_0`` (for ``Q6_K``) or ``IQ4_NL`` (for ``IQ4_XS``), and its record says so.
 
 ``gguf_mix`` (a model-scope stage before it) assigns each linear its type the way
 llama.cpp's ``llama-quantize`` does for a file type (``llama_tensor_get_type``; every mix
@@ -34,7 +37,10 @@ gives the output head ``Q6_K``):
   projections of the first sixteenth, ``Q4_K`` for the other value and down projections and
   for every attention output projection, ``Q3_K`` elsewhere;
 - ``q3_k_l``: ``Q5_K`` for every value, down and attention output projection, ``Q3_K``
-  elsewhere; ``q3_k_s``: ``Q3_K`` everywhere.
+  elsewhere; ``q3_k_s``: ``Q3_K`` everywhere;
+- ``iq4_nl`` / ``iq4_xs``: that type everywhere, the value projections ``Q5_K`` where 4 or more
+  query heads share a key/value head (llama.cpp's rule with an importance matrix, which the
+  ``kquant`` stage always has).
 
 The ``kquant`` stage after it reads that type (``ModuleContext.settings``); without it, every
 layer takes the stage's ``type``. Figures: docs/checkpoint.md.
@@ -53,13 +59,16 @@ from ..registry import ModelStageOutput, ModuleContext, register
 from .args import QuantArgs
 from .gptq_solve import GPTQResult, gptq_quantize, sweep_solve
 from .hessian import prepare
+from .iq4 import BLOCK as IQ4_BLOCK
+from .iq4 import IQ4Params, iq4_params, levels, nearest_level
 from .kquant import GROUP, QK_K, KParams, k_params, nmax
 from .sweep import SweepBlock, record_solver_notes, solver_threads, validate_solver_fields
 
 K_BITS = {"Q4_K": 4, "Q5_K": 5}  # the K-quants of kquant.py's grids, by their code width
-TYPES = ("Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_0", "Q5_1", "Q8_0")
-FALLBACK = {"Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama.cpp's, for rows not a multiple of 256
-MIXES = ("q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m")
+OWN_FORMS = {"Q4_K": "q4_k", "Q5_K": "q5_k", "IQ4_NL": "iq4_nl", "IQ4_XS": "iq4_xs"}  # types with a storage form of their own
+TYPES = ("Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q4_0", "Q5_0", "Q5_1", "Q8_0")
+FALLBACK = {"Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}  # llama.cpp's, for rows not a multiple of 256
+MIXES = ("q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "iq4_nl", "iq4_xs")
 SOLVERS = ("gptq", "round")
 
 
@@ -110,12 +119,15 @@ def more_bits(block: int, n_blocks: int) -> bool:
     return block < n_blocks // 8 or block >= 7 * n_blocks // 8 or (block - n_blocks // 8) % 3 == 2
 
 
-def mix_type(mix: str, role: str, block: int | None, n_blocks: int) -> str:
+def mix_type(mix: str, role: str, block: int | None, n_blocks: int, gqa: int = 1) -> str:
     """The type ``mix`` gives a linear of ``role`` (``v``, ``down``, ``o``, ``head`` or
-    ``other``) in ``block`` (llama.cpp's ``llama_tensor_get_type`` for that file type)."""
-    base = {"3": "Q3_K", "4": "Q4_K", "5": "Q5_K"}[mix[1]]
+    ``other``) in ``block`` (llama.cpp's ``llama_tensor_get_type`` for that file type, with an
+    importance matrix); ``gqa``: query heads per key/value head."""
     if role == "head":
         return "Q6_K"
+    if mix.startswith("iq4"):
+        return "Q5_K" if role == "v" and gqa >= 4 else mix.upper()
+    base = {"3": "Q3_K", "4": "Q4_K", "5": "Q5_K"}[mix[1]]
     if mix == "q3_k_l" and role in ("v", "down", "o"):
         return "Q5_K"
     if mix == "q3_k_m" and role == "o":
@@ -134,7 +146,8 @@ def mix_type(mix: str, role: str, block: int | None, n_blocks: int) -> str:
 @dataclass(kw_only=True, frozen=True)
 class GGUFMix:
     """``mix``: the llama.cpp file type whose per-tensor types the ``kquant`` stage after it
-    takes: ``q3_k_s``, ``q3_k_m``, ``q3_k_l``, ``q4_k_s``, ``q4_k_m``, ``q5_k_s`` or ``q5_k_m``."""
+    takes: ``q3_k_s``, ``q3_k_m``, ``q3_k_l``, ``q4_k_s``, ``q4_k_m``, ``q5_k_s``, ``q5_k_m``,
+    ``iq4_nl`` or ``iq4_xs``."""
 
     mix: str = "q4_k_m"
 
@@ -150,11 +163,13 @@ _BLOCK = re.compile(r"\.(\d+)\.")
     "gguf_mix",
     GGUFMix,
     scope="model",
-    summary="llama.cpp's per-tensor GGUF types of a file type (Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M), for the kquant stage after it",
+    summary="llama.cpp's per-tensor GGUF types of a file type (Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, IQ4_NL, IQ4_XS), for the kquant stage after it",
 )
 def gguf_mix(model: nn.Module, spec, data, stage) -> ModelStageOutput:
     cfg: GGUFMix = stage.config
     n_blocks = len(model.get_submodule(spec.blocks))
+    c = getattr(model.config, "get_text_config", lambda: model.config)()
+    gqa = getattr(c, "num_attention_heads", 1) // (getattr(c, "num_key_value_heads", None) or getattr(c, "num_attention_heads", 1))
     per_linear, counts = {}, {}
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
@@ -167,7 +182,7 @@ def gguf_mix(model: nn.Module, spec, data, stage) -> ModelStageOutput:
             block = int(_BLOCK.match(name[len(spec.blocks) :]).group(1))
         role = next((r for r, p in (("v", spec.v), ("down", spec.down), ("o", spec.o)) if name.endswith("." + p)), "other")
         role = "head" if name == spec.lm_head else role
-        qtype = storable_type(mix_type(cfg.mix, role, block, n_blocks), mod.in_features)
+        qtype = storable_type(mix_type(cfg.mix, role, block, n_blocks, gqa), mod.in_features)
         per_linear[name] = {"gguf_type": qtype}
         counts[qtype] = counts.get(qtype, 0) + 1
     if not per_linear:
@@ -178,9 +193,9 @@ def gguf_mix(model: nn.Module, spec, data, stage) -> ModelStageOutput:
 @dataclass(kw_only=True, frozen=True)
 class KQuant:
     """``type``: the GGUF block type of every targeted linear (``Q3_K``, ``Q4_K``, ``Q5_K``,
-    ``Q6_K``, ``Q4_0``, ``Q5_0``, ``Q5_1``, ``Q8_0``) unless a ``gguf_mix`` stage before it chose
-    one; rows of a width that is not a multiple of 256 fall back to ``Q4_0`` / ``Q5_0`` / ``Q5_1``
-    / ``Q8_0`` as in llama.cpp. ``importance``: weight
+    ``Q6_K``, ``IQ4_NL``, ``IQ4_XS``, ``Q4_0``, ``Q5_0``, ``Q5_1``, ``Q8_0``) unless a
+    ``gguf_mix`` stage before it chose one; rows of a width that is not a multiple of 256 fall
+    back to ``Q4_0`` / ``Q5_0`` / ``Q5_1`` / ``Q8_0`` / ``IQ4_NL`` as in llama.cpp. ``importance``: weight
     the grid searches by the input columns' ``diag(H)`` (llama.cpp's importance matrix).
     ``solver``: ``gptq`` (error feedback; ``block_size``, ``damp``, ``act_order`` as in GPTQ)
     or ``round`` (each weight to its nearest grid value)."""
@@ -207,49 +222,83 @@ class KQuant:
             raise RecipeError(f"{where}: {in_features} input columns; GGUF blocks need a multiple of 32")
 
 
-def k_gptq(
+def _k_target(W: torch.Tensor, importance: torch.Tensor | None, bits: int):
+    """The Q4_K / Q5_K grid fitted to ``W`` [R, C], its codes [C, R] and the sweep's target:
+    each column's codes ``clamp(round((w + dmin*m) / (d*sc)), 0, 2^bits - 1)`` on that fixed
+    grid (a group whose scale is 0 keeps the search's codes)."""
+    R, C = W.shape
+    p = k_params(W, importance=importance, bits=bits)
+    top = nmax(bits)
+    s, mn = (t.reshape(R, C // GROUP).t().contiguous() for t in p.scale_min())  # [groups, R]
+    live = s > 0
+    safe = torch.where(live, s, torch.ones_like(s))
+    codes_t = p.codes.t().contiguous()
+
+    def target(blk: SweepBlock, i: int, c: int, w: torch.Tensor, q: torch.Tensor) -> None:
+        g = c // GROUP
+        u = torch.round((w + mn[g]) / safe[g]).clamp_(0, top)
+        u = torch.where(live[g], u, codes_t[c])
+        codes_t[c] = u
+        torch.sub(s[g] * u, mn[g], out=q)
+
+    return p, codes_t, target
+
+
+def _iq4_target(W: torch.Tensor, importance: torch.Tensor | None, xs: bool):
+    """The IQ4_NL / IQ4_XS grid fitted to ``W``, its codes [C, R] and the sweep's target: each
+    column's nearest table level at its block's fixed scale."""
+    p = iq4_params(W, importance, xs=xs)
+    s = p.scales().t().contiguous()  # [blocks, R]
+    inv = torch.where(s != 0, 1.0 / torch.where(s != 0, s, torch.ones_like(s)), torch.zeros_like(s))
+    table = levels(W.device)
+    codes_t = p.codes.t().contiguous()
+
+    def target(blk: SweepBlock, i: int, c: int, w: torch.Tensor, q: torch.Tensor) -> None:
+        g = c // IQ4_BLOCK
+        u = nearest_level(w * inv[g])
+        codes_t[c] = u
+        torch.mul(s[g], table[u], out=q)
+
+    return p, codes_t, target
+
+
+def grid_gptq(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     *,
-    bits: int = 4,
+    qtype: str = "Q4_K",
     importance: bool,
     block_size: int,
     damp: float,
     act_order: bool,
     name: str | None = None,
     hessian_owned: bool = False,
-) -> tuple[GPTQResult, KParams]:
-    """GPTQ onto the Q4_K (``bits`` 4) or Q5_K (5) grid fitted to ``weight`` [R, C] before the
-    sweep (C a multiple of 256): (result with the dequantized weight, the grid with the sweep's
-    codes)."""
+) -> tuple[GPTQResult, KParams | IQ4Params]:
+    """GPTQ onto the ``Q4_K`` / ``Q5_K`` / ``IQ4_NL`` / ``IQ4_XS`` grid fitted to ``weight``
+    [R, C] before the sweep (as GPTQ's static groups): (result with the dequantized weight, the
+    grid with the sweep's codes)."""
     with solver_threads(weight.device):
         W, H, dead = prepare(weight, hessian, name, owned=hessian_owned)
         del hessian
-        R, C = W.shape
-        p = k_params(W, importance=torch.diagonal(H).clone() if importance else None, bits=bits)
-        top = nmax(bits)
-        s, mn = (t.reshape(R, C // GROUP).t().contiguous() for t in p.scale_min())  # [groups, R]
-        live = s > 0
-        safe = torch.where(live, s, torch.ones_like(s))
-        codes_t = p.codes.t().contiguous()  # [C, R]; a group whose scale is 0 keeps the search's codes
-
-        def target(blk: SweepBlock, i: int, c: int, w: torch.Tensor, q: torch.Tensor) -> None:
-            g = c // GROUP
-            u = torch.round((w + mn[g]) / safe[g]).clamp_(0, top)
-            u = torch.where(live[g], u, codes_t[c])
-            codes_t[c] = u
-            torch.sub(s[g] * u, mn[g], out=q)
-
+        imp = torch.diagonal(H).clone() if importance else None
+        p, codes_t, target = _k_target(W, imp, K_BITS[qtype]) if qtype in K_BITS else _iq4_target(W, imp, qtype == "IQ4_XS")
         res = sweep_solve(W, H, dead, target, qparams=lambda: None, block_size=block_size, damp=damp, act_order=act_order, name=name)
         p.codes = codes_t.t().contiguous()
         return res, p
+
+
+def own_grid(W: torch.Tensor, importance: torch.Tensor | None, qtype: str) -> KParams | IQ4Params:
+    """The ``Q4_K`` / ``Q5_K`` / ``IQ4_NL`` / ``IQ4_XS`` grid of ``W`` by its search alone (``solver: round``)."""
+    if qtype in K_BITS:
+        return k_params(W, importance=importance, bits=K_BITS[qtype])
+    return iq4_params(W, importance, xs=qtype == "IQ4_XS")
 
 
 @register(
     "kquant",
     KQuant,
     needs=("hessian",),
-    summary="GGUF K-quants (Q3_K, Q4_K, Q5_K, Q6_K; Q4_0/Q5_0/Q5_1/Q8_0 in llama.cpp's mixtures) with GPTQ and an importance matrix",
+    summary="GGUF K-quants and IQ4 (Q3_K-Q6_K, IQ4_NL, IQ4_XS; Q4_0/Q5_0/Q5_1/Q8_0 in llama.cpp's mixtures) with GPTQ and an importance matrix",
 )
 def kquant(ctx: ModuleContext, cfg: KQuant) -> None:
     hessian, owned = ctx.take("hessian")
@@ -261,18 +310,17 @@ def kquant(ctx: ModuleContext, cfg: KQuant) -> None:
     if qtype != chosen:
         rec.notes["gguf_fallback_from"] = chosen
     common = dict(block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order, name=ctx.name, hessian_owned=owned)
-    if qtype in K_BITS:
-        bits = K_BITS[qtype]
+    if qtype in OWN_FORMS:
         if cfg.solver == "round":
             W, H, _ = prepare(ctx.weight, hessian, ctx.name, owned=owned)  # dead inputs weigh as an average one
-            p = k_params(W, importance=torch.diagonal(H).clone() if cfg.importance else None, bits=bits)
+            p = own_grid(W, torch.diagonal(H).clone() if cfg.importance else None, qtype)
             ctx.set_weight(p.dequantize())
         else:
-            res, p = k_gptq(ctx.weight, hessian, bits=bits, importance=cfg.importance, **common)
+            res, p = grid_gptq(ctx.weight, hessian, qtype=qtype, importance=cfg.importance, **common)
             ctx.set_weight(res.weight)
             record_solver_notes(rec, res, "gptq_loss")
-        rec.form = qtype.lower()
-        rec.payload = {"codes": p.codes, "d": p.d, "dmin": p.dmin, "sc": p.sc, "m": p.m}
+        rec.form = OWN_FORMS[qtype]
+        rec.payload = {k: v for k, v in vars(p).items() if k in ("codes", "d", "dmin", "sc", "m") and v is not None}
         return
     args = grid_args(qtype, cfg.importance)
     res = gptq_quantize(ctx.weight, hessian, args, static_groups=True, shrink=1.0 if cfg.solver == "round" else 0.0, **common)
