@@ -17,7 +17,17 @@ from test_gguf import _check_linears, _export_refused, _packed, _tensors, _token
 import llmpress
 from llmpress import RecipeError, UserError, api, stage
 from llmpress.export.gguf import export_gguf
-from llmpress.export.gguf_layouts import iq4_nl_blocks, iq4_xs_blocks, q3_k_blocks, q4_k_blocks, q5_k_blocks, q6_k_blocks, q6_k_scales, small_blocks
+from llmpress.export.gguf_layouts import (
+    iq4_nl_blocks,
+    iq4_xs_blocks,
+    q2_k_blocks,
+    q3_k_blocks,
+    q4_k_blocks,
+    q5_k_blocks,
+    q6_k_blocks,
+    q6_k_scales,
+    small_blocks,
+)
 from llmpress.export.packed_load import read_manifest
 from llmpress.export.packed_size import checkpoint_accounting
 from llmpress.quant import QuantArgs, compute_qparams, quantize
@@ -85,6 +95,20 @@ def test_iq4_layouts_decode_in_gguf():
     dn = (torch.rand(8, 64, generator=g) - 0.5).half().float()
     got = _dequant(iq4_nl_blocks(codes.reshape(8, 64, 32), dn), T.IQ4_NL).reshape(8, 64, 32)
     assert np.array_equal(got, (dn.unsqueeze(-1) * levels()[codes.reshape(8, 64, 32)]).numpy())
+
+
+def test_q2_k_layout_decodes_in_gguf():
+    """Every 4-bit scale and minimum at every group position, every code at every bit pair."""
+    g = torch.Generator().manual_seed(6)
+    codes = torch.randint(0, 4, (16, 16, 256), generator=g)
+    d, dmin = torch.rand(16, 16, generator=g).half().float(), torch.rand(16, 16, generator=g).half().float()
+    sc = torch.stack([torch.arange(16).roll(k) for k in range(16)]).float().expand(16, 16, 16)
+    m = torch.stack([torch.arange(16).flip(0).roll(k) for k in range(16)]).float().expand(16, 16, 16)
+    blocks = q2_k_blocks(codes, d, sc, dmin, m)
+    assert blocks.shape == (16, 16, 84)
+    got = _dequant(blocks, T.Q2_K).reshape(16, 16, 16, 16)
+    want = (d.unsqueeze(-1) * sc).unsqueeze(-1) * codes.float().reshape(16, 16, 16, 16) - (dmin.unsqueeze(-1) * m).unsqueeze(-1)
+    assert np.array_equal(got, want.numpy())
 
 
 def test_q5_k_layout_decodes_in_gguf():

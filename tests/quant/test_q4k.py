@@ -26,7 +26,7 @@ from llmpress.export.gguf import export_gguf  # noqa: E402
 from llmpress.export.packed_load import read_manifest  # noqa: E402
 from llmpress.export.packed_size import checkpoint_accounting  # noqa: E402
 from llmpress.quant.iq4 import iq4_params  # noqa: E402
-from llmpress.quant.kquant import q4_k_params, q5_k_params  # noqa: E402
+from llmpress.quant.kquant import k_params, q4_k_params, q5_k_params  # noqa: E402
 from llmpress.quant.q4k import GGUFMix, KQuant, grid_gptq, mix_type, more_bits, storable_type  # noqa: E402
 from llmpress.runtime.cpu_kernels import kernels  # noqa: E402
 
@@ -52,6 +52,7 @@ def _gptq(W, H, qtype):
 @pytest.mark.parametrize(
     ("qtype", "params", "top"),
     [
+        ("Q2_K", lambda W, importance=None: k_params(W, importance, bits=2), 3),
         ("Q4_K", q4_k_params, 15),
         ("Q5_K", q5_k_params, 31),
         ("IQ4_NL", lambda W, importance=None: iq4_params(W, importance, xs=False), 15),
@@ -107,6 +108,11 @@ def test_llama_cpp_type_assignment():
     assert {mix_type("iq4_xs", r, i, n, gqa=3) for r in ("v", "down", "o", "other") for i in range(n)} == {"IQ4_XS"}
     assert mix_type("iq4_xs", "v", 7, n, gqa=4) == "Q5_K" and mix_type("iq4_nl", "down", 0, n, gqa=8) == "IQ4_NL"
     assert mix_type("iq4_nl", "head", None, n) == "Q6_K"
+    # Q2_K: Q3_K for attn_v (Q4_K at GQA >= 4), ffn_down and attn_output; Q2_K_S: Q4_K for the first n/8 ffn_down
+    assert [mix_type("q2_k", r, 5, n, gqa=3) for r in ("v", "down", "o", "other")] == ["Q3_K", "Q3_K", "Q3_K", "Q2_K"]
+    assert mix_type("q2_k", "v", 5, n, gqa=4) == "Q4_K" and mix_type("q2_k_s", "v", 5, n, gqa=3) == "Q2_K"
+    assert [mix_type("q2_k_s", "down", i, n) for i in (2, 3)] == ["Q4_K", "Q2_K"] and mix_type("q2_k_s", "o", 0, n) == "Q2_K"
+    assert storable_type("Q2_K", 576) == "Q4_0"
     assert [storable_type("IQ4_XS", c) for c in (576, 1536)] == ["IQ4_NL", "IQ4_XS"]
 
 
@@ -159,6 +165,9 @@ def test_q4_k_m_preset_exports_llama_cpp_types_bit_for_bit(tmp_path, hidden, wan
         # Q5_K for attn_v of blocks 0-1, Q4_K for the other attn_v, every ffn_down (8 / 16 = 0 first blocks) and attn_output
         ("awq-gptq-q3_k_m", 256, {("attn_v", "Q5_K"): 2, ("attn_v", "Q4_K"): 6, ("ffn_down", "Q4_K"): 8, ("attn_output", "Q4_K"): 8,
                                   ("attn_q", "Q3_K"): 8, ("ffn_gate", "Q3_K"): 8, ("token_embd", "Q6_K"): 1}, "MOSTLY_Q3_K_M"),
+        # Q3_K for attn_v (2 query heads per key/value head), ffn_down and attn_output; Q2_K elsewhere
+        ("awq-gptq-q2_k", 256, {("attn_v", "Q3_K"): 8, ("ffn_down", "Q3_K"): 8, ("attn_output", "Q3_K"): 8, ("attn_q", "Q2_K"): 8,
+                                ("ffn_up", "Q2_K"): 8, ("token_embd", "Q6_K"): 1}, "MOSTLY_Q2_K"),
         # IQ4_XS everywhere (the tiny Llama's 4 query heads share 2 key/value heads: no Q5_K attn_v)
         ("awq-gptq-iq4_xs", 256, {("attn_v", "IQ4_XS"): 8, ("ffn_down", "IQ4_XS"): 8, ("attn_q", "IQ4_XS"): 8, ("ffn_up", "IQ4_XS"): 8,
                                   ("token_embd", "Q6_K"): 1}, "MOSTLY_IQ4_XS"),
@@ -180,7 +189,7 @@ def test_other_k_mix_presets_export_llama_cpp_types_bit_for_bit(tmp_path, preset
     assert got == {t for (role, t) in types if role != "token_embd"}
     assert gguf.GGUFReader(out).fields["general.file_type"].contents() == int(getattr(gguf.LlamaFileType, file_type))
     kinds = collections.Counter(v["kind"] for v in read_manifest(src)["layers"].values())
-    for form, qtype in (("q4_k", "Q4_K"), ("q5_k", "Q5_K"), ("iq4_nl", "IQ4_NL"), ("iq4_xs", "IQ4_XS")):
+    for form, qtype in (("q2_k", "Q2_K"), ("q4_k", "Q4_K"), ("q5_k", "Q5_K"), ("iq4_nl", "IQ4_NL"), ("iq4_xs", "IQ4_XS")):
         assert kinds[form] == sum(c for (_, t), c in types.items() if t == qtype), (form, kinds)
 
 
@@ -212,6 +221,16 @@ def test_q5_k_layers_count_5_5_bits_and_load_exactly(tmp_path):
     assert 0 < float(err5) < 0.5 * float(err4)  # one more bit: nearer the float model
     with pytest.raises(UserError, match="q5_k"):
         export_compressed_tensors(src, tmp_path / "ct")
+
+
+def test_q2_k_layers_count_2_625_bits_and_load_exactly(tmp_path):
+    src = _k_layers(tmp_path, "Q2_K", 2.625)
+    exact, _ = llmpress.load_compressed(str(src), backend="dequant")
+    served, _ = llmpress.load_compressed(str(src))
+    assert type(served.model.layers[1].mlp.down_proj).__name__ == "DequantLinear"
+    x = random_windows(2, 16, vocab=len(_tokenizer()), seed=3)
+    with torch.no_grad():
+        assert torch.equal(served(x).logits, exact(x).logits)
 
 
 def test_q4_k_layers_count_4_5_bits_and_load(tmp_path):
@@ -251,10 +270,10 @@ def test_round_solver_is_the_grid_search():
 @pytest.mark.parametrize(
     ("cls", "fields", "fragment"),
     [
-        (KQuant, {"type": "Q2_K"}, "type='Q2_K'"),
+        (KQuant, {"type": "IQ3_S"}, "type='IQ3_S'"),
         (KQuant, {"solver": "sgd"}, "solver='sgd'"),
         (KQuant, {"damp": -1.0}, "damp"),
-        (GGUFMix, {"mix": "q2_k"}, "mix='q2_k'"),
+        (GGUFMix, {"mix": "iq2_xs"}, "mix='iq2_xs'"),
     ],
 )
 def test_bad_fields(cls, fields, fragment):

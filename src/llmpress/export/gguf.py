@@ -117,7 +117,9 @@ def _file_type(tensors: list[_Tensor], mix: str | None = None):
         return getattr(ft, f"MOSTLY_{mix.upper()}")
     quant = Counter(t.qtype for t in tensors if t.qtype not in FLOAT_TYPES)
     blocks = {t.qtype for t in tensors if t.name.startswith("blk.")}  # the head and embedding are Q6_K in every K mixture
-    if "Q3_K" in blocks:  # llama.cpp's names for its K mixtures: Q3_K_M holds Q4_K, Q3_K_L Q5_K, Q3_K_S neither
+    if "Q2_K" in blocks:  # llama.cpp's names for its K mixtures: Q2_K holds Q3_K beside Q2_K
+        return ft.MOSTLY_Q2_K if "Q3_K" in blocks else ft.MOSTLY_Q2_K_S
+    if "Q3_K" in blocks:  # Q3_K_M holds Q4_K, Q3_K_L Q5_K, Q3_K_S neither
         return ft.MOSTLY_Q3_K_M if "Q4_K" in blocks else ft.MOSTLY_Q3_K_L if "Q5_K" in blocks else ft.MOSTLY_Q3_K_S
     for k in ("Q4_K", "Q5_K"):  # Q6_K in the blocks: _M (Q4_K_S holds some Q5_K)
         if k in blocks:

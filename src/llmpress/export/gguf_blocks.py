@@ -14,7 +14,7 @@ input dimension):
 - ``Q6_K``: symmetric int6 in groups of 16 with two-level scales in super-blocks of 256
   (``super_block: 256``): the group scales are ``d * sc`` with fp16 ``d`` and int8 ``sc``;
 - ``Q3_K``: the same with int3 codes and 6-bit ``sc`` (``group_scale_bits: 6``);
-- ``Q4_K`` / ``Q5_K``: the ``q4_k`` / ``q5_k`` storage forms (the ``kquant`` method), whose
+- ``Q2_K`` / ``Q4_K`` / ``Q5_K``: the ``q2_k`` / ``q4_k`` / ``q5_k`` storage forms (the ``kquant`` method), whose
   grids are GGUF's own: their tensors are the block's fields;
 - ``IQ4_NL`` / ``IQ4_XS``: the ``iq4_nl`` / ``iq4_xs`` storage forms (``kquant``), likewise.
 
@@ -43,6 +43,7 @@ from .gguf_layouts import (
     fp16_exact,
     iq4_nl_blocks,
     iq4_xs_blocks,
+    q2_k_blocks,
     q3_k_blocks,
     q4_k_blocks,
     q5_k_blocks,
@@ -53,7 +54,7 @@ from .gguf_layouts import (
 
 # (bits, symmetric) of a group-32 grid -> its block type
 SMALL = {(4, True): "Q4_0", (4, False): "Q4_1", (5, True): "Q5_0", (5, False): "Q5_1", (8, True): "Q8_0"}
-K_FORMS = {"q4_k": ("Q4_K", q4_k_blocks), "q5_k": ("Q5_K", q5_k_blocks)}  # storage form -> (block type, layout)
+K_FORMS = {"q2_k": ("Q2_K", q2_k_blocks), "q4_k": ("Q4_K", q4_k_blocks), "q5_k": ("Q5_K", q5_k_blocks)}  # storage form -> (block type, layout)
 IQ4_FORMS = {"iq4_nl": "IQ4_NL", "iq4_xs": "IQ4_XS"}
 OWN_GRIDS = {**{k: v[0] for k, v in K_FORMS.items()}, **IQ4_FORMS}  # forms whose tensors are a block type's fields
 Q6_K_GRID = "bits: 6, group_size: 16, super_block: 256, signed_scale: true, scale_dtype: float16"
@@ -116,7 +117,7 @@ def _why_not(spec: LinearSpec) -> str | None:
 
 
 def block_type(name: str, spec: LinearSpec) -> str:
-    """``Q4_0`` / ``Q4_1`` / ``Q5_0`` / ``Q5_1`` / ``Q8_0`` / ``Q3_K`` / ``Q6_K`` / ``Q4_K`` / ``Q5_K`` /
+    """``Q4_0`` / ``Q4_1`` / ``Q5_0`` / ``Q5_1`` / ``Q8_0`` / ``Q2_K`` / ``Q3_K`` / ``Q6_K`` / ``Q4_K`` / ``Q5_K`` /
     ``IQ4_NL`` / ``IQ4_XS`` for the layer, or a
     UserError naming it, its grid and the nearest preset that exports."""
     why = _why_not(spec)

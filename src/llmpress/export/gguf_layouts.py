@@ -24,6 +24,10 @@ stores them unsigned:
   4 bits of ``sc`` / ``m`` in the low / high nibble of byte ``g + 4`` and their top 2 bits in
   the top 2 bits of byte ``g - 4`` / ``g``. Weight ``64 c + 32 h + j`` (c < 4, h in {0, 1},
   j < 32) is nibble ``h`` of byte ``32 c + j``.
+- ``Q2_K`` (256 weights in 16 groups of 16, 84 bytes): 16 bytes of 4-bit ``sc`` (low nibble)
+  and ``m`` (high nibble), 64 bytes ``qs``, fp16 ``d``, fp16 ``dmin``; value
+  ``d * sc * u - dmin * m``, ``u`` in 0..3; weight ``128 c + 32 t + j`` at bit ``2 t`` of
+  ``qs[32 c + j]``.
 - ``Q3_K`` (256 weights in 16 groups of 16, 110 bytes): 32 bytes ``hmask``, 64 bytes ``qs``,
   12 bytes of 6-bit group scales (stored ``sc + 32``), fp16 ``d``; value
   ``d * sc[j // 16] * (u - 4)``, ``u`` in 0..7. Weight ``w = 128 c + 32 t + j`` (c in {0, 1},
@@ -48,7 +52,18 @@ import torch
 
 QK = 32  # weights per block of Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0
 QK_K = 256  # weights per super-block of the K-quants
-OFFSET = {"Q4_0": 8, "Q4_1": 0, "Q5_0": 16, "Q5_1": 0, "Q8_0": 0, "Q6_K": 32, "Q3_K": 4, "Q4_K": 0, "Q5_K": 0}  # unsigned = signed code + offset
+OFFSET = {
+    "Q4_0": 8,
+    "Q4_1": 0,
+    "Q5_0": 16,
+    "Q5_1": 0,
+    "Q8_0": 0,
+    "Q6_K": 32,
+    "Q2_K": 0,
+    "Q3_K": 4,
+    "Q4_K": 0,
+    "Q5_K": 0,
+}  # unsigned = signed code + offset
 
 
 def fp16_exact(x: torch.Tensor) -> bool:
@@ -138,13 +153,27 @@ def q6_k_blocks(codes: torch.Tensor, d: torch.Tensor, sc: torch.Tensor) -> np.nd
     return np.concatenate(parts, axis=-1)
 
 
+def _two_bit_planes(u: torch.Tensor) -> torch.Tensor:
+    """Codes 0..3 [R, n, 256] -> uint8 [R, n, 64]: weight ``128 c + 32 t + j`` at bit ``2 t`` of byte ``32 c + j``."""
+    R, n, _ = u.shape
+    u = (u.to(torch.int16) & 3).reshape(R, n, 2, 4, 32)  # [.., c, t, j]
+    shift = torch.arange(4, dtype=torch.int16).reshape(4, 1)
+    return (u << (2 * shift)).sum(-2).to(torch.uint8).reshape(R, n, 64)
+
+
+def q2_k_blocks(codes: torch.Tensor, d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor, m: torch.Tensor) -> np.ndarray:
+    """``Q2_K`` blocks [R, n, 84] from unsigned codes 0..3 [R, n, 256], fp16-valued ``d`` /
+    ``dmin`` [R, n] and 4-bit ``sc`` / ``m`` [R, n, 16] (value ``d * sc * u - dmin * m``)."""
+    scales = (sc.to(torch.uint8) & 15) | ((m.to(torch.uint8) & 15) << 4)
+    return np.concatenate([scales.contiguous().numpy(), _two_bit_planes(codes).numpy(), fp16_bytes(d), fp16_bytes(dmin)], axis=-1)
+
+
 def q3_k_blocks(codes: torch.Tensor, d: torch.Tensor, sc: torch.Tensor) -> np.ndarray:
     """``Q3_K`` blocks [R, n, 110] from codes -4..3 [R, n, 256], ``d`` [R, n], ``sc`` -32..31 [R, n, 16]."""
     R, n, _ = codes.shape
-    u = (codes.to(torch.int16) + OFFSET["Q3_K"]).reshape(R, n, 2, 4, 32)  # [.., c, t, j]
-    shift = torch.arange(4, dtype=torch.int16).reshape(4, 1)
-    qs = ((u & 3) << (2 * shift)).sum(-2).to(torch.uint8)  # [.., c, j]: weight 128 c + 32 t + j at bit 2 t
-    hbit = ((u >> 2) & 1).reshape(R, n, 8, 32)  # [.., 4 c + t, j]
+    u = codes.to(torch.int16) + OFFSET["Q3_K"]
+    qs = _two_bit_planes(u)  # the low 2 bits
+    hbit = ((u >> 2) & 1).reshape(R, n, 8, 32)  # [.., 4 c + t, j]: weight 128 c + 32 t + j
     hmask = (hbit << torch.arange(8, dtype=torch.int16).reshape(8, 1)).sum(-2).to(torch.uint8)
     v = (sc.to(torch.int16) + 32).to(torch.uint8)  # 0..63
     low = v & 15

@@ -38,8 +38,18 @@ import torch
 from ..errors import UserError
 
 QK_K, GROUP, SMAX = 256, 32, 63
-PLAIN_SEARCH = {4: (-1.0, 0.1, 20), 5: (-0.5, 0.1, 15)}  # (rmin, rdelta, nstep) of the reference quantizers
-WEIGHTED_SEARCH = (-0.9, 0.05, 36)  # with an importance matrix, both types
+PLAIN_SEARCH = {2: (-0.5, 0.1, 15), 4: (-1.0, 0.1, 20), 5: (-0.5, 0.1, 15)}  # (rmin, rdelta, nstep) of the reference quantizers
+WEIGHTED_SEARCH = (-0.9, 0.05, 36)  # with an importance matrix, every type
+
+
+def group_of(bits: int) -> int:
+    """Weights per group: 16 for Q2_K, 32 for Q4_K / Q5_K."""
+    return 16 if bits == 2 else GROUP
+
+
+def smax_of(bits: int) -> int:
+    """The largest second-level code: 15 (4-bit ``sc`` / ``m``) for Q2_K, 63 (6-bit) for Q4_K / Q5_K."""
+    return 15 if bits == 2 else SMAX
 
 
 def nmax(bits: int) -> int:
@@ -60,21 +70,28 @@ class KParams:
     codes: torch.Tensor
     bits: int = 4
 
+    @property
+    def group(self) -> int:
+        return group_of(self.bits)
+
     def scale_min(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each group's stored scale ``d * sc`` and minimum ``dmin * m``, [R, C/256, 8]."""
+        """Each group's stored scale ``d * sc`` and minimum ``dmin * m``, [R, C/256, 256/group]."""
         return self.d.unsqueeze(-1) * self.sc, self.dmin.unsqueeze(-1) * self.m
 
     def dequantize(self) -> torch.Tensor:
         """``d * sc * u - dmin * m`` in float32, in llama.cpp's order of operations."""
         s, mn = self.scale_min()
         R, n, _ = s.shape
-        u = self.codes.reshape(R, n, QK_K // GROUP, GROUP)
+        u = self.codes.reshape(R, n, QK_K // self.group, self.group)
         return (s.unsqueeze(-1) * u - mn.unsqueeze(-1)).reshape(self.codes.shape)
 
 
-def _search(x: torch.Tensor, w: torch.Tensor, rmin: float, rdelta: float, nstep: int, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``make_qkx2_quants`` over groups x, w [N, 32] with codes 0..``top``: (scale [N],
-    minimum >= 0 [N], codes [N, 32]).
+def _search(
+    x: torch.Tensor, w: torch.Tensor, rmin: float, rdelta: float, nstep: int, top: int, mad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``make_qkx2_quants`` over groups x, w [N, g] with codes 0..``top``: (scale [N],
+    minimum >= 0 [N], codes [N, g]); candidates compared by weighted squared error, or by
+    weighted absolute error with ``mad`` (Q2_K's reference).
 
     As in llama.cpp, a candidate that wins moves the offset the later candidates round from
     (their range is ``max - best minimum so far``)."""
@@ -88,7 +105,8 @@ def _search(x: torch.Tensor, w: torch.Tensor, rmin: float, rdelta: float, nstep:
         return torch.round(iscale.unsqueeze(-1) * (x - low.unsqueeze(-1))).clamp_(0, top)
 
     def error(scale: torch.Tensor, low: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        return (w * (scale.unsqueeze(-1) * q + low.unsqueeze(-1) - x).pow(2)).sum(-1)
+        diff = scale.unsqueeze(-1) * q + low.unsqueeze(-1) - x
+        return (w * (diff.abs() if mad else diff.pow(2))).sum(-1)
 
     best_q = round_on(torch.tensor(float(top)), low)
     best_scale = 1 / (top / torch.where(flat, 1.0, hi - low))  # as llama.cpp: 1 / iscale
@@ -115,18 +133,18 @@ def _search(x: torch.Tensor, w: torch.Tensor, rmin: float, rdelta: float, nstep:
     return best_scale, -low, best_q
 
 
-def _two_level_nearest(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per super-block values [.., 8] >= 0 -> (fp16-valued ``d`` = max / 63 [..], codes 0..63
-    [.., 8] rounded to nearest): the reference quantizer's second level."""
+def _two_level_nearest(v: torch.Tensor, smax: int = SMAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per super-block values [.., k] >= 0 -> (fp16-valued ``d`` = max / smax [..], codes
+    0..smax [.., k] rounded to nearest): the reference quantizer's second level."""
     top = v.amax(-1).clamp(min=0.0)
-    inv = torch.where(top > 0, SMAX / torch.where(top > 0, top, 1.0), 0.0)
-    codes = torch.round(inv.unsqueeze(-1) * v).clamp_(0, SMAX)
-    return (top / SMAX).to(torch.float16).float(), codes
+    inv = torch.where(top > 0, smax / torch.where(top > 0, top, 1.0), 0.0)
+    codes = torch.round(inv.unsqueeze(-1) * v).clamp_(0, smax)
+    return (top / smax).to(torch.float16).float(), codes
 
 
-def _two_level_weighted(v: torch.Tensor, sw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _two_level_weighted(v: torch.Tensor, sw: torch.Tensor, smax: int = SMAX) -> tuple[torch.Tensor, torch.Tensor]:
     """The second level with an importance (llama.cpp's ``make_qp_quants``): per super-block
-    [.., 8] values ``v`` >= 0 and group weights ``sw``, the step count ``63 + 0.1 k`` (k = -4..4)
+    [.., k] values ``v`` >= 0 and group weights ``sw``, the step count ``smax + 0.1 k`` (k = -4..4)
     of least weighted error, then up to 5 passes of coordinate descent on the codes that
     raise the least-squares fit ``(sum w v l)^2 / sum w l^2``, and ``d`` that fit's
     ``sum w v l / sum w l^2`` (float16)."""
@@ -136,12 +154,12 @@ def _two_level_weighted(v: torch.Tensor, sw: torch.Tensor) -> tuple[torch.Tensor
     topn = torch.where(dead, 1.0, top).unsqueeze(-1)
 
     def codes_on(iscale: torch.Tensor) -> torch.Tensor:
-        return torch.round(iscale * v).clamp_(max=SMAX)
+        return torch.round(iscale * v).clamp_(max=smax)
 
-    iscale = SMAX / topn
+    iscale = smax / topn
     best = (sw * (v - codes_on(iscale) / iscale).pow(2)).sum(-1)
     for k in (-4, -3, -2, -1, 1, 2, 3, 4):
-        cand = (torch.tensor(0.1, dtype=f32) * k + SMAX) / topn
+        cand = (torch.tensor(0.1, dtype=f32) * k + smax) / topn
         err = (sw * (v - codes_on(cand) / cand).pow(2)).sum(-1)
         better = (err < best).unsqueeze(-1)
         best = torch.where(better.squeeze(-1), err, best)
@@ -154,7 +172,7 @@ def _two_level_weighted(v: torch.Tensor, sw: torch.Tensor) -> tuple[torch.Tensor
             w, x, li = sw[..., i], v[..., i], L[..., i]
             slx, sl2 = sumlx - w * x * li, suml2 - w * li * li
             ok = (slx > 0) & (sl2 > 0)
-            new = torch.round(x * sl2 / torch.where(ok, slx, 1.0)).clamp_(max=SMAX)
+            new = torch.round(x * sl2 / torch.where(ok, slx, 1.0)).clamp_(max=smax)
             slx, sl2 = slx + w * x * new, sl2 + w * new * new
             take = ok & (new != li) & (slx * slx * suml2 > sumlx * sumlx * sl2)
             L[..., i] = torch.where(take, new, li)
@@ -178,30 +196,36 @@ def q5_k_params(w: torch.Tensor, importance: torch.Tensor | None = None) -> KPar
 
 
 def k_params(w: torch.Tensor, importance: torch.Tensor | None = None, *, bits: int) -> KParams:
-    """The Q4_K (``bits`` 4) or Q5_K (5) form of a matrix ``w`` [R, C] (C a multiple of 256)."""
+    """The Q2_K (``bits`` 2), Q4_K (4) or Q5_K (5) form of a matrix ``w`` [R, C] (C a multiple
+    of 256). Q2_K differs beyond its width as llama.cpp's does: groups of 16, 4-bit ``sc`` /
+    ``m``, the plain search weighted by ``|x|`` and compared by absolute error, ``sigma^2`` the
+    super-block's mean square (not twice it) under an importance."""
     if bits not in PLAIN_SEARCH:
-        raise UserError(f"K-quant grids are 4 or 5 bits here (Q4_K, Q5_K), not {bits}")
+        raise UserError(f"K-quant grids are 2, 4 or 5 bits here (Q2_K, Q4_K, Q5_K), not {bits}")
     name = f"Q{bits}_K"
     if w.dim() != 2 or w.shape[1] % QK_K:
         raise UserError(f"{name} needs rows of a multiple of {QK_K} weights, got a matrix of shape {list(w.shape)}")
     R, C = w.shape
-    n = C // QK_K
+    n, g, smax = C // QK_K, group_of(bits), smax_of(bits)
     top = nmax(bits)
-    x = w.detach().float().reshape(R, n, QK_K // GROUP, GROUP)
-    if importance is None:
+    x = w.detach().float().reshape(R, n, QK_K // g, g)
+    mad = False
+    if importance is None and bits == 2:
+        weights, search, mad = x.abs(), PLAIN_SEARCH[bits], True
+    elif importance is None:
         av = x.pow(2).mean(-1, keepdim=True).sqrt()
         weights, search = av + x.abs(), PLAIN_SEARCH[bits]
     else:
-        imp = importance.detach().float().expand(R, C).reshape(R, n, QK_K // GROUP, GROUP)
-        sigma2 = 2 * x.pow(2).mean((-2, -1), keepdim=True)
+        imp = importance.detach().float().expand(R, C).reshape(R, n, QK_K // g, g)
+        sigma2 = (1 if bits == 2 else 2) * x.pow(2).mean((-2, -1), keepdim=True)
         weights, search = imp * (sigma2 + x.pow(2)).sqrt(), WEIGHTED_SEARCH
-    scale, low, q = _search(x.reshape(-1, GROUP), weights.reshape(-1, GROUP), *search, top)
+    scale, low, q = _search(x.reshape(-1, g), weights.reshape(-1, g), *search, top, mad=mad)
     scale, low = scale.reshape(R, n, -1), low.reshape(R, n, -1)
     if importance is None:
-        (d, sc), (dmin, m) = _two_level_nearest(scale), _two_level_nearest(low)
+        (d, sc), (dmin, m) = _two_level_nearest(scale, smax), _two_level_nearest(low, smax)
     else:
         sw = weights.sum(-1)
-        (d, sc), (dmin, m) = _two_level_weighted(scale, sw), _two_level_weighted(low, sw)
+        (d, sc), (dmin, m) = _two_level_weighted(scale, sw, smax), _two_level_weighted(low, sw, smax)
     out = KParams(d=d, dmin=dmin, sc=sc, m=m, codes=q.reshape(R, C), bits=bits)
     s, mn = out.scale_min()  # every weight re-rounded on the stored values (the search's codes where s = 0)
     u = torch.round((x + mn.unsqueeze(-1)) / torch.where(s > 0, s, 1.0).unsqueeze(-1)).clamp_(0, top)

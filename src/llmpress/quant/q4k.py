@@ -1,12 +1,12 @@
-"""GGUF K-quant and IQ4 grids as a method: ``Q4_K`` and ``Q5_K`` (:mod:`llmpress.quant.kquant`,
-stored in the ``q4_k`` / ``q5_k`` forms), ``IQ4_NL`` and ``IQ4_XS`` (:mod:`llmpress.quant.iq4`,
+"""GGUF K-quant and IQ4 grids as a method: ``Q2_K``, ``Q4_K`` and ``Q5_K``
+(:mod:`llmpress.quant.kquant`, stored in the ``q2_k`` / ``q4_k`` / ``q5_k`` forms), ``IQ4_NL`` and ``IQ4_XS`` (:mod:`llmpress.quant.iq4`,
 the ``iq4_nl`` / ``iq4_xs`` forms), ``Q3_K`` and ``Q6_K`` (llmpress's two-level integer grids),
-and llama.cpp's per-tensor type mixtures (``Q3_K_S`` / ``_M`` / ``_L``, ``Q4_K_S`` / ``_M``,
+and llama.cpp's per-tensor type mixtures (``Q2_K``, ``Q2_K_S``, ``Q3_K_S`` / ``_M`` / ``_L``, ``Q4_K_S`` / ``_M``,
 ``Q5_K_S`` / ``_M``, ``IQ4_NL``, ``IQ4_XS``), solved with GPTQ.
 
 ``kquant`` quantizes each targeted linear onto one GGUF block type:
 
-- ``Q4_K`` / ``Q5_K``: the grid of :func:`~llmpress.quant.kquant.k_params` (llama.cpp's
+- ``Q2_K`` / ``Q4_K`` / ``Q5_K``: the grid of :func:`~llmpress.quant.kquant.k_params` (llama.cpp's
   search, with the input columns' ``diag(H)`` as its importance matrix when ``importance``
   is on), then, with ``solver: gptq``, GPTQ's column sweep onto that fixed grid (codes
   ``clamp(round((w + dmin*m) / (d*sc)), 0, 15)`` (31 for Q5_K), error feedback, activation
@@ -20,7 +20,7 @@ and llama.cpp's per-tensor type mixtures (``Q3_K_S`` / ``_M`` / ``_L``, ``Q4_K_S
   error feedback between columns).
 
 Rows of a width that is not a multiple of 256 have no K-quant: like llama.cpp, such a layer
-falls back to ``Q4_0`` (for ``Q3_K``), ``Q5_0`` (for ``Q4_K``), ``Q5_1`` (for ``Q5_K``),
+falls back to ``Q4_0`` (for ``Q2_K`` and ``Q3_K``), ``Q5_0`` (for ``Q4_K``), ``Q5_1`` (for ``Q5_K``),
 ``Q8_0`` (for ``Q6_K``) or ``IQ4_NL`` (for ``IQ4_XS``), and its record says so.
 
 ``gguf_mix`` (a model-scope stage before it) assigns each linear its type the way
@@ -38,6 +38,10 @@ gives the output head ``Q6_K``):
   for every attention output projection, ``Q3_K`` elsewhere;
 - ``q3_k_l``: ``Q5_K`` for every value, down and attention output projection, ``Q3_K``
   elsewhere; ``q3_k_s``: ``Q3_K`` everywhere;
+- ``q2_k``: ``Q3_K`` for the value (``Q4_K`` at 4+ query heads per key/value head), down and
+  attention output projections, ``Q2_K`` elsewhere; ``q2_k_s``: ``Q4_K`` for the down
+  projections of the first eighth and (at 4+ query heads per key/value head) the value
+  projections, ``Q2_K`` elsewhere;
 - ``iq4_nl`` / ``iq4_xs``: that type everywhere, the value projections ``Q5_K`` where 4 or more
   query heads share a key/value head (llama.cpp's rule with an importance matrix, which the
   ``kquant`` stage always has).
@@ -61,14 +65,21 @@ from .gptq_solve import GPTQResult, gptq_quantize, sweep_solve
 from .hessian import prepare
 from .iq4 import BLOCK as IQ4_BLOCK
 from .iq4 import IQ4Params, iq4_params, levels, nearest_level
-from .kquant import GROUP, QK_K, KParams, k_params, nmax
+from .kquant import QK_K, KParams, k_params, nmax
 from .sweep import SweepBlock, record_solver_notes, solver_threads, validate_solver_fields
 
-K_BITS = {"Q4_K": 4, "Q5_K": 5}  # the K-quants of kquant.py's grids, by their code width
-OWN_FORMS = {"Q4_K": "q4_k", "Q5_K": "q5_k", "IQ4_NL": "iq4_nl", "IQ4_XS": "iq4_xs"}  # types with a storage form of their own
-TYPES = ("Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q4_0", "Q5_0", "Q5_1", "Q8_0")
-FALLBACK = {"Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}  # llama.cpp's, for rows not a multiple of 256
-MIXES = ("q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "iq4_nl", "iq4_xs")
+K_BITS = {"Q2_K": 2, "Q4_K": 4, "Q5_K": 5}  # the K-quants of kquant.py's grids, by their code width
+OWN_FORMS = {"Q2_K": "q2_k", "Q4_K": "q4_k", "Q5_K": "q5_k", "IQ4_NL": "iq4_nl", "IQ4_XS": "iq4_xs"}  # types with a storage form of their own
+TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q4_0", "Q5_0", "Q5_1", "Q8_0")
+FALLBACK = {
+    "Q2_K": "Q4_0",
+    "Q3_K": "Q4_0",
+    "Q4_K": "Q5_0",
+    "Q5_K": "Q5_1",
+    "Q6_K": "Q8_0",
+    "IQ4_XS": "IQ4_NL",
+}  # llama.cpp's, for rows not a multiple of 256
+MIXES = ("q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "iq4_nl", "iq4_xs")
 SOLVERS = ("gptq", "round")
 
 
@@ -127,6 +138,12 @@ def mix_type(mix: str, role: str, block: int | None, n_blocks: int, gqa: int = 1
         return "Q6_K"
     if mix.startswith("iq4"):
         return "Q5_K" if role == "v" and gqa >= 4 else mix.upper()
+    if mix.startswith("q2_k"):
+        if role == "v" and (gqa >= 4 or mix == "q2_k"):
+            return "Q4_K" if gqa >= 4 else "Q3_K"
+        if mix == "q2_k" and role in ("down", "o"):
+            return "Q3_K"
+        return "Q4_K" if mix == "q2_k_s" and role == "down" and block is not None and block < n_blocks // 8 else "Q2_K"
     base = {"3": "Q3_K", "4": "Q4_K", "5": "Q5_K"}[mix[1]]
     if mix == "q3_k_l" and role in ("v", "down", "o"):
         return "Q5_K"
@@ -146,7 +163,7 @@ def mix_type(mix: str, role: str, block: int | None, n_blocks: int, gqa: int = 1
 @dataclass(kw_only=True, frozen=True)
 class GGUFMix:
     """``mix``: the llama.cpp file type whose per-tensor types the ``kquant`` stage after it
-    takes: ``q3_k_s``, ``q3_k_m``, ``q3_k_l``, ``q4_k_s``, ``q4_k_m``, ``q5_k_s``, ``q5_k_m``,
+    takes: ``q2_k``, ``q2_k_s``, ``q3_k_s``, ``q3_k_m``, ``q3_k_l``, ``q4_k_s``, ``q4_k_m``, ``q5_k_s``, ``q5_k_m``,
     ``iq4_nl`` or ``iq4_xs``."""
 
     mix: str = "q4_k_m"
@@ -163,7 +180,7 @@ _BLOCK = re.compile(r"\.(\d+)\.")
     "gguf_mix",
     GGUFMix,
     scope="model",
-    summary="llama.cpp's per-tensor GGUF types of a file type (Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, IQ4_NL, IQ4_XS), for the kquant stage after it",
+    summary="llama.cpp's per-tensor GGUF types of a file type (Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, IQ4_NL, IQ4_XS), for the kquant stage after it",
 )
 def gguf_mix(model: nn.Module, spec, data, stage) -> ModelStageOutput:
     cfg: GGUFMix = stage.config
@@ -193,7 +210,7 @@ def gguf_mix(model: nn.Module, spec, data, stage) -> ModelStageOutput:
 @dataclass(kw_only=True, frozen=True)
 class KQuant:
     """``type``: the GGUF block type of every targeted linear (``Q3_K``, ``Q4_K``, ``Q5_K``,
-    ``Q6_K``, ``IQ4_NL``, ``IQ4_XS``, ``Q4_0``, ``Q5_0``, ``Q5_1``, ``Q8_0``) unless a
+    ``Q6_K``, ``Q2_K``, ``IQ4_NL``, ``IQ4_XS``, ``Q4_0``, ``Q5_0``, ``Q5_1``, ``Q8_0``) unless a
     ``gguf_mix`` stage before it chose one; rows of a width that is not a multiple of 256 fall
     back to ``Q4_0`` / ``Q5_0`` / ``Q5_1`` / ``Q8_0`` / ``IQ4_NL`` as in llama.cpp. ``importance``: weight
     the grid searches by the input columns' ``diag(H)`` (llama.cpp's importance matrix).
@@ -228,14 +245,14 @@ def _k_target(W: torch.Tensor, importance: torch.Tensor | None, bits: int):
     grid (a group whose scale is 0 keeps the search's codes)."""
     R, C = W.shape
     p = k_params(W, importance=importance, bits=bits)
-    top = nmax(bits)
-    s, mn = (t.reshape(R, C // GROUP).t().contiguous() for t in p.scale_min())  # [groups, R]
+    top, group = nmax(bits), p.group
+    s, mn = (t.reshape(R, C // group).t().contiguous() for t in p.scale_min())  # [groups, R]
     live = s > 0
     safe = torch.where(live, s, torch.ones_like(s))
     codes_t = p.codes.t().contiguous()
 
     def target(blk: SweepBlock, i: int, c: int, w: torch.Tensor, q: torch.Tensor) -> None:
-        g = c // GROUP
+        g = c // group
         u = torch.round((w + mn[g]) / safe[g]).clamp_(0, top)
         u = torch.where(live[g], u, codes_t[c])
         codes_t[c] = u
@@ -298,7 +315,7 @@ def own_grid(W: torch.Tensor, importance: torch.Tensor | None, qtype: str) -> KP
     "kquant",
     KQuant,
     needs=("hessian",),
-    summary="GGUF K-quants and IQ4 (Q3_K-Q6_K, IQ4_NL, IQ4_XS; Q4_0/Q5_0/Q5_1/Q8_0 in llama.cpp's mixtures) with GPTQ and an importance matrix",
+    summary="GGUF K-quants and IQ4 (Q2_K-Q6_K, IQ4_NL, IQ4_XS; Q4_0/Q5_0/Q5_1/Q8_0 in llama.cpp's mixtures) with GPTQ and an importance matrix",
 )
 def kquant(ctx: ModuleContext, cfg: KQuant) -> None:
     hessian, owned = ctx.take("hessian")

@@ -1,8 +1,8 @@
-"""Storage forms ``q4_k`` and ``q5_k``: GGUF's ``Q4_K`` / ``Q5_K`` grids
-(:mod:`llmpress.quant.kquant`): asymmetric 4-bit (5-bit) groups of 32 whose scale and
-minimum are both two-level, so a weight is ``d * sc * u - dmin * m`` (``u`` in 0..15 / 0..31;
-one float16 ``d`` and ``dmin`` per super-block of 256 weights along the row, 6-bit ``sc`` and
-``m`` per group).
+"""Storage forms ``q4_k``, ``q5_k`` and ``q2_k``: GGUF's ``Q4_K`` / ``Q5_K`` / ``Q2_K`` grids
+(:mod:`llmpress.quant.kquant`): asymmetric 4-bit (5-bit) groups of 32 (2-bit groups of 16)
+whose scale and minimum are both two-level, so a weight is ``d * sc * u - dmin * m`` (``u`` in
+0..15 / 0..31 / 0..3; one float16 ``d`` and ``dmin`` per super-block of 256 weights along the
+row, 6-bit (Q2_K: 4-bit) ``sc`` and ``m`` per group).
 
 Tensors, named after their role:
 
@@ -14,7 +14,8 @@ Tensors, named after their role:
 Size, counted the same by :meth:`Q4K.bits_per_weight` (the report) and :meth:`Q4K.stored_bits`
 (the checkpoint): b bits per weight, 2 x 16 bits per 256 weights and 2 x 6 bits per 32, i.e.
 4.5 (5.5) bits per weight, what a GGUF ``Q4_K`` (``Q5_K``) block of 144 (176) bytes per 256
-weights holds; the checkpoint keeps ``sc`` and ``m`` in whole bytes (0.125 bits more on disk).
+weights holds (``Q2_K``: 2 + 0.125 + 8 / 16 = 2.625, 84 bytes); the checkpoint keeps ``sc`` and
+``m`` in whole bytes.
 
 The method (:mod:`llmpress.quant.q4k`) hands over ``codes`` [out, in] and the four grid
 tensors (``record.payload``); the form stores them only while the model's weight is still
@@ -32,14 +33,21 @@ import torch
 
 from ...quant.args import QuantArgs
 from ...quant.core import QParams
-from ...quant.kquant import GROUP, QK_K, KParams, nmax
+from ...quant.kquant import GROUP, QK_K, KParams, group_of, nmax, smax_of
 from ...runtime.act_quant import ActQuantLinear
 from ...runtime.qlinear import DequantLinear, LowbitInt4Linear
 from ..form import LinearSpec, StorageForm, register_form
 from ..grid import Decoded, pack_unsigned, unpack_unsigned, words
 
-GRID_BITS = (16 + 16) / QK_K + (6 + 6) / GROUP  # d, dmin per 256 and sc, m per 32: 0.5 bits per weight
-CODE_BITS = {"q4_k": 4, "q5_k": 5}
+CODE_BITS = {"q2_k": 2, "q4_k": 4, "q5_k": 5}
+
+
+def grid_bits(bits: int) -> float:
+    """``d``, ``dmin`` per 256 and ``sc``, ``m`` per group: 0.5 bits per weight for Q4_K / Q5_K
+    (6-bit codes per 32), 0.625 for Q2_K (4-bit codes per 16)."""
+    return (16 + 16) / QK_K + 2 * smax_of(bits).bit_length() / group_of(bits)
+
+
 PAYLOAD = ("codes", "d", "dmin", "sc", "m")
 KERNEL_ARGS = QuantArgs(bits=4, symmetric=False, granularity="group", group_size=GROUP)  # the int4 kernel's view: (u - z) * s
 
@@ -79,7 +87,8 @@ class Q4K(StorageForm):
         w = w.detach().cpu()
         R, C = w.shape
         n = C // QK_K
-        if C % QK_K or tuple(p["codes"].shape) != (R, C) or tuple(p["d"].shape) != (R, n) or tuple(p["sc"].shape) != (R, n, QK_K // GROUP):
+        per = QK_K // group_of(self.code_bits)
+        if C % QK_K or tuple(p["codes"].shape) != (R, C) or tuple(p["d"].shape) != (R, n) or tuple(p["sc"].shape) != (R, n, per):
             return None
         d, dmin = p["d"].cpu().float(), p["dmin"].cpu().float()
         if not (torch.equal(d.half().float(), d) and torch.equal(dmin.half().float(), dmin)):
@@ -88,8 +97,8 @@ class Q4K(StorageForm):
             "codes": pack_unsigned(p["codes"].cpu().long().clamp(0, nmax(self.code_bits)), self.code_bits),
             "d": d.half().contiguous(),
             "dmin": dmin.half().contiguous(),
-            "sc": p["sc"].cpu().clamp(0, 63).to(torch.uint8).contiguous(),
-            "m": p["m"].cpu().clamp(0, 63).to(torch.uint8).contiguous(),
+            "sc": p["sc"].cpu().clamp(0, smax_of(self.code_bits)).to(torch.uint8).contiguous(),
+            "m": p["m"].cpu().clamp(0, smax_of(self.code_bits)).to(torch.uint8).contiguous(),
         }
         spec = self.spec(state)
         if not torch.equal(self.decode(spec, tensors, w.dtype), w):
@@ -102,15 +111,16 @@ class Q4K(StorageForm):
     def expected_shapes(self, spec):
         R, C = spec.out_features, spec.in_features
         n = C // QK_K
-        return {"codes": (R, words(C, self.code_bits)), "d": (R, n), "dmin": (R, n), "sc": (R, n, QK_K // GROUP), "m": (R, n, QK_K // GROUP)}
+        per = QK_K // group_of(self.code_bits)
+        return {"codes": (R, words(C, self.code_bits)), "d": (R, n), "dmin": (R, n), "sc": (R, n, per), "m": (R, n, per)}
 
     def bits_per_weight(self, state, dense_bits=16):
         if state.payload.get("codes") is None:  # no grid handed over: counted as the dense weight
             return float(dense_bits) + state.extra_bits / state.n_params
-        return self.code_bits + GRID_BITS + state.extra_bits / state.n_params
+        return self.code_bits + grid_bits(self.code_bits) + state.extra_bits / state.n_params
 
     def stored_bits(self, spec, nbytes, scale_bits):
-        return spec.out_features * spec.in_features * (self.code_bits + GRID_BITS)
+        return spec.out_features * spec.in_features * (self.code_bits + grid_bits(self.code_bits))
 
     def payload(self, spec, tensors):
         if not tensors:
@@ -135,6 +145,11 @@ class Q4K(StorageForm):
 @register_form("q5_k")
 class Q5K(Q4K):
     """GGUF's ``Q5_K``: the ``q4_k`` form with 5-bit codes (5.5 bits per weight)."""
+
+
+@register_form("q2_k")
+class Q2K(Q4K):
+    """GGUF's ``Q2_K``: 2-bit codes in groups of 16 with 4-bit ``sc`` / ``m`` (2.625 bits per weight)."""
 
 
 def _kernel_linear(spec: LinearSpec, tensors: dict[str, torch.Tensor], bias) -> LowbitInt4Linear | None:
