@@ -75,7 +75,8 @@ def test_llama_cpp_runs_the_exported_file_like_llmpress(tmp_path, llama_cpp, pre
 
 
 @pytest.mark.parametrize(
-    ("preset", "min_top1"), [("awq-gptq-q4_k_m", 0.95), ("awq-gptq-q5_k_m", 0.95), ("awq-gptq-q3_k_m", 0.9), ("awq-gptq-iq4_xs", 0.95)]
+    ("preset", "min_top1"),
+    [("awq-gptq-q4_k_m", 0.95), ("awq-gptq-q5_k_m", 0.95), ("awq-gptq-q3_k_m", 0.9), ("awq-gptq-q2_k", 0.9), ("awq-gptq-iq4_xs", 0.95)],
 )
 def test_llama_cpp_runs_llmpress_k_mixes_like_llmpress(tmp_path, llama_cpp, preset, min_top1):
     """awq-gptq-q4_k_m (q5_k_m, q3_k_m) on a tiny Llama with 256-wide rows (Q4_K (Q5_K; Q3_K,

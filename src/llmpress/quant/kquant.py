@@ -1,8 +1,11 @@
-"""GGUF ``Q4_K``'s and ``Q5_K``'s grids: asymmetric 4-bit (5-bit) groups of 32 whose scale
-and minimum are both two-level (per super-block of 256 weights one float16 ``d`` and
-``dmin``, per group 6-bit unsigned codes ``sc`` and ``m``), so a weight is
-``d * sc * u - dmin * m`` with ``u`` in 0..15 (0..31). The two types differ only in the
-codes' width and the first search's candidates.
+"""GGUF ``Q4_K``'s, ``Q5_K``'s and ``Q2_K``'s grids: asymmetric 4-bit (5-bit) groups of 32
+whose scale and minimum are both two-level (per super-block of 256 weights one float16 ``d``
+and ``dmin``, per group 6-bit unsigned codes ``sc`` and ``m``), so a weight is
+``d * sc * u - dmin * m`` with ``u`` in 0..15 (0..31). Q4_K and Q5_K differ only in the
+codes' width and the first search's candidates; ``Q2_K`` has 2-bit codes in groups of 16 with
+4-bit ``sc`` / ``m`` (second level over 15), weights ``|x|`` and candidates compared by
+absolute error in its plain search, ``sigma^2`` the super-block's mean square (not twice it)
+under an importance, as llama.cpp's.
 
 :func:`q4_k_params` / :func:`q5_k_params` follow llama.cpp's reference quantizers
 (``quantize_row_q4_K_ref`` / ``_q5_K_ref``), vectorized over every group of a matrix:
