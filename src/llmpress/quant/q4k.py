@@ -138,12 +138,13 @@ def mix_type(mix: str, role: str, block: int | None, n_blocks: int, gqa: int = 1
         return "Q6_K"
     if mix.startswith("iq4"):
         return "Q5_K" if role == "v" and gqa >= 4 else mix.upper()
-    if mix.startswith("q2_k"):
-        if role == "v" and (gqa >= 4 or mix == "q2_k"):
+    if mix == "q2_k":
+        if role == "v":
             return "Q4_K" if gqa >= 4 else "Q3_K"
-        if mix == "q2_k" and role in ("down", "o"):
-            return "Q3_K"
-        return "Q4_K" if mix == "q2_k_s" and role == "down" and block is not None and block < n_blocks // 8 else "Q2_K"
+        return "Q3_K" if role in ("down", "o") else "Q2_K"
+    if mix == "q2_k_s":
+        early_down = role == "down" and block is not None and block < n_blocks // 8
+        return "Q4_K" if early_down or (role == "v" and gqa >= 4) else "Q2_K"
     base = {"3": "Q3_K", "4": "Q4_K", "5": "Q5_K"}[mix[1]]
     if mix == "q3_k_l" and role in ("v", "down", "o"):
         return "Q5_K"
