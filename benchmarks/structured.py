@@ -133,8 +133,8 @@ def side_by_side(b: Bench, share: float, rounds: int, a) -> dict:
     machine differs); this table is the one to compare."""
     models = {"full precision (fp32)": b.model}
     for label, recipe in recipes(b.model, share, 0).items():
-        if label.startswith("sparsegpt"):
-            continue  # dense shapes: the full model's speed
+        if label.startswith(("sparsegpt", "layers ppl")):
+            continue  # dense shapes: the full model's speed; drop-one perplexity: the same shapes as `layers` (and 20 slow minutes)
         m = copy.deepcopy(b.model)
         api.compress(m, Recipe.from_dict(recipe), b.calib, tokenizer=b.tok, calib=b.calib_cfg)
         models[label] = m
