@@ -130,8 +130,11 @@ def side_by_side(b: Bench, share: float, rounds: int, a) -> dict:
     """Speed of the full model and of each structured model at ``share`` (no recovery: it does
     not change shapes), measured in turns in this one process, ``rounds`` times; medians per
     model. The rows' own speed figures come from different moments of a long run (load of the
-    machine differs); this table is the one to compare."""
-    models = {"full precision (fp32)": b.model}
+    machine differs); this table is the one to compare. The full model is measured as a copy
+    too, so that every model's tensors were allocated the same way (fresh copies, not the ones
+    the loader made): gemma-3-270m's first table had every cut at 1.37-1.44x the loaded full
+    model's decode, far more than the bytes removed explain."""
+    models = {"full precision (fp32)": copy.deepcopy(b.model)}
     for label, recipe in recipes(b.model, share, 0).items():
         if label.startswith(("sparsegpt", "layers ppl")):
             continue  # dense shapes: the full model's speed; drop-one perplexity: the same shapes as `layers` (and 20 slow minutes)
