@@ -27,8 +27,9 @@ import torch
 from ...quant.iq4 import BLOCK, SUPER, IQ4Params
 from ...runtime.act_quant import ActQuantLinear
 from ...runtime.qlinear import DequantLinear
-from ..form import LinearSpec, StorageForm, register_form
+from ..form import LinearSpec, register_form
 from ..grid import pack_unsigned, unpack_unsigned, words
+from .own_grid import OwnGridForm, fp16_valued
 
 
 def params_of(spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> IQ4Params:
@@ -41,10 +42,7 @@ def params_of(spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> IQ4Params:
 
 
 @register_form("iq4_nl")
-class IQ4NL(StorageForm):
-    decodes_at_load = True
-    ties_embedding = True
-
+class IQ4NL(OwnGridForm):
     @property
     def xs(self) -> bool:
         return self.name == "iq4_xs"
@@ -54,37 +52,30 @@ class IQ4NL(StorageForm):
         """Input columns a row's length must be a multiple of."""
         return SUPER if self.xs else BLOCK
 
-    def grid_bits(self) -> float:
-        return 16 / SUPER + 6 / BLOCK if self.xs else 16 / BLOCK
+    def total_bits(self) -> float:
+        return 4 + (16 / SUPER + 6 / BLOCK if self.xs else 16 / BLOCK)
 
     def check_spec(self, spec: LinearSpec) -> None:
         if spec.in_features % self.unit:
             raise ValueError(f"a {self.name} layer needs a multiple of {self.unit} input columns, found {spec.in_features}")
 
-    def encode(self, state):
-        p, w = state.payload, state.weight
-        keys = ("codes", "d", "sc") if self.xs else ("codes", "d")
-        if w is None or any(p.get(k) is None for k in keys):
-            return None
-        w = w.detach().cpu()
-        R, C = w.shape
-        if C % self.unit or tuple(p["codes"].shape) != (R, C) or tuple(p["d"].shape) != (R, C // self.unit):
-            return None
-        d = p["d"].cpu().float()
-        if not torch.equal(d.half().float(), d):
-            return None
-        tensors = {"codes": pack_unsigned(p["codes"].cpu().long().clamp(0, 15), 4), "d": d.half().contiguous()}
-        if self.xs:
-            if tuple(p["sc"].shape) != (R, C // SUPER, SUPER // BLOCK):
-                return None
-            tensors["sc"] = p["sc"].cpu().clamp(-32, 31).to(torch.int8).contiguous()
-        spec = self.spec(state)
-        if not torch.equal(self.decode(spec, tensors, w.dtype), w):
-            return None
-        return spec, tensors
+    def params_of(self, spec, tensors):
+        return params_of(spec, tensors)
 
-    def decode(self, spec, tensors, dtype=torch.float32):
-        return params_of(spec, tensors).dequantize().to(dtype)
+    def pack(self, payload, rows, cols):
+        if payload.get("d") is None or (self.xs and payload.get("sc") is None):
+            return None
+        if cols % self.unit or tuple(payload["codes"].shape) != (rows, cols) or tuple(payload["d"].shape) != (rows, cols // self.unit):
+            return None
+        d = payload["d"].float()
+        if not fp16_valued(d):
+            return None
+        tensors = {"codes": pack_unsigned(payload["codes"].long().clamp(0, 15), 4), "d": d.half().contiguous()}
+        if self.xs:
+            if tuple(payload["sc"].shape) != (rows, cols // SUPER, SUPER // BLOCK):
+                return None
+            tensors["sc"] = payload["sc"].clamp(-32, 31).to(torch.int8).contiguous()
+        return tensors
 
     def expected_shapes(self, spec):
         R, C = spec.out_features, spec.in_features
@@ -92,20 +83,6 @@ class IQ4NL(StorageForm):
         if self.xs:
             out["sc"] = (R, C // SUPER, SUPER // BLOCK)
         return out
-
-    def bits_per_weight(self, state, dense_bits=16):
-        if state.payload.get("codes") is None:  # no grid handed over: counted as the dense weight
-            return float(dense_bits) + state.extra_bits / state.n_params
-        return 4 + self.grid_bits() + state.extra_bits / state.n_params
-
-    def stored_bits(self, spec, nbytes, scale_bits):
-        return spec.out_features * spec.in_features * (4 + self.grid_bits())
-
-    def payload(self, spec, tensors):
-        if not tensors:
-            return {}
-        p = params_of(spec, tensors)
-        return {"codes": p.codes, "d": p.d, **({"sc": p.sc} if p.sc is not None else {})}
 
     def build(self, spec, tensors, *, bias=None, backend="auto", device="cpu", act_dtype=None):
         """The weight decoded once (:class:`DequantLinear`, exact) for every backend: no IQ4 kernel here."""

@@ -36,8 +36,9 @@ from ...quant.core import QParams
 from ...quant.kquant import GROUP, QK_K, KParams, group_of, nmax, smax_of
 from ...runtime.act_quant import ActQuantLinear
 from ...runtime.qlinear import DequantLinear, LowbitInt4Linear
-from ..form import LinearSpec, StorageForm, register_form
+from ..form import LinearSpec, register_form
 from ..grid import Decoded, pack_unsigned, unpack_unsigned, words
+from .own_grid import OwnGridForm, fp16_valued
 
 CODE_BITS = {"q2_k": 2, "q4_k": 4, "q5_k": 5}
 
@@ -68,10 +69,7 @@ def params_of(spec: LinearSpec, tensors: dict[str, torch.Tensor]) -> KParams:
 
 
 @register_form("q4_k")
-class Q4K(StorageForm):
-    decodes_at_load = True
-    ties_embedding = True
-
+class Q4K(OwnGridForm):
     @property
     def code_bits(self) -> int:
         return CODE_BITS[self.name]
@@ -80,53 +78,36 @@ class Q4K(StorageForm):
         if spec.in_features % QK_K:
             raise ValueError(f"a {self.name} layer needs a multiple of {QK_K} input columns, found {spec.in_features}")
 
-    def encode(self, state):
-        p, w = state.payload, state.weight
-        if w is None or any(p.get(k) is None for k in PAYLOAD):
+    def params_of(self, spec, tensors):
+        return params_of(spec, tensors)
+
+    def total_bits(self) -> float:
+        return self.code_bits + grid_bits(self.code_bits)
+
+    def pack(self, payload, rows, cols):
+        if any(payload.get(k) is None for k in PAYLOAD):
             return None
-        w = w.detach().cpu()
-        R, C = w.shape
-        n = C // QK_K
-        per = QK_K // group_of(self.code_bits)
-        if C % QK_K or tuple(p["codes"].shape) != (R, C) or tuple(p["d"].shape) != (R, n) or tuple(p["sc"].shape) != (R, n, per):
+        n, per = cols // QK_K, QK_K // group_of(self.code_bits)
+        shapes = {"codes": (rows, cols), "d": (rows, n), "dmin": (rows, n), "sc": (rows, n, per), "m": (rows, n, per)}
+        if cols % QK_K or any(tuple(payload[k].shape) != v for k, v in shapes.items()):
             return None
-        d, dmin = p["d"].cpu().float(), p["dmin"].cpu().float()
-        if not (torch.equal(d.half().float(), d) and torch.equal(dmin.half().float(), dmin)):
+        d, dmin = payload["d"].float(), payload["dmin"].float()
+        if not (fp16_valued(d) and fp16_valued(dmin)):
             return None
-        tensors = {
-            "codes": pack_unsigned(p["codes"].cpu().long().clamp(0, nmax(self.code_bits)), self.code_bits),
+        top = smax_of(self.code_bits)
+        return {
+            "codes": pack_unsigned(payload["codes"].long().clamp(0, nmax(self.code_bits)), self.code_bits),
             "d": d.half().contiguous(),
             "dmin": dmin.half().contiguous(),
-            "sc": p["sc"].cpu().clamp(0, smax_of(self.code_bits)).to(torch.uint8).contiguous(),
-            "m": p["m"].cpu().clamp(0, smax_of(self.code_bits)).to(torch.uint8).contiguous(),
+            "sc": payload["sc"].clamp(0, top).to(torch.uint8).contiguous(),
+            "m": payload["m"].clamp(0, top).to(torch.uint8).contiguous(),
         }
-        spec = self.spec(state)
-        if not torch.equal(self.decode(spec, tensors, w.dtype), w):
-            return None
-        return spec, tensors
-
-    def decode(self, spec, tensors, dtype=torch.float32):
-        return params_of(spec, tensors).dequantize().to(dtype)
 
     def expected_shapes(self, spec):
         R, C = spec.out_features, spec.in_features
         n = C // QK_K
         per = QK_K // group_of(self.code_bits)
         return {"codes": (R, words(C, self.code_bits)), "d": (R, n), "dmin": (R, n), "sc": (R, n, per), "m": (R, n, per)}
-
-    def bits_per_weight(self, state, dense_bits=16):
-        if state.payload.get("codes") is None:  # no grid handed over: counted as the dense weight
-            return float(dense_bits) + state.extra_bits / state.n_params
-        return self.code_bits + grid_bits(self.code_bits) + state.extra_bits / state.n_params
-
-    def stored_bits(self, spec, nbytes, scale_bits):
-        return spec.out_features * spec.in_features * (self.code_bits + grid_bits(self.code_bits))
-
-    def payload(self, spec, tensors):
-        if not tensors:
-            return {}
-        p = params_of(spec, tensors)
-        return {"codes": p.codes, "d": p.d, "dmin": p.dmin, "sc": p.sc, "m": p.m}
 
     def build(self, spec, tensors, *, bias=None, backend="auto", device="cpu", act_dtype=None):
         """``backend="auto"`` on CPU, ``q4_k``: llmpress's int4 kernel (the packed codes, a float
