@@ -10,8 +10,8 @@ permuted into llama.cpp's rotary layout, Gemma's norms stored as ``w + 1``; the 
 
 Compressed linears become GGUF blocks only where the grids coincide exactly
 (:mod:`llmpress.export.gguf_blocks`: ``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1``, ``Q8_0``,
-``Q3_K``, ``Q4_K``, ``Q5_K``, ``Q6_K``, each checked bit for bit against llmpress's
-dequantized weight); any layer
+``Q2_K``, ``Q3_K``, ``Q4_K``, ``Q5_K``, ``Q6_K``, ``IQ4_NL``, ``IQ4_XS``, each checked bit for
+bit against llmpress's dequantized weight); any layer
 without an exact form refuses the
 whole export, naming the layer, its grid and the nearest preset that exports. Unquantized
 tensors are written as float: ``dtype="auto"`` gives 2-D weights (embeddings, a float
