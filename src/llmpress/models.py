@@ -229,5 +229,8 @@ def load(
         raise UserError(f"could not load {spec!r} from the hub (offline, or no safetensors weights?): {e}") from e
     model.eval()
     model.to(device)
+    from .export.mapped import own_memory
+
+    own_memory(model)  # views of the mapped weights file ran at half speed (export/mapped.py)
     model.llmpress_source = spec  # type: ignore[attr-defined]
     return model, tok

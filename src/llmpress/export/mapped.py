@@ -9,6 +9,13 @@ held 455 MB of them next to the 425 MB of decoded linears. ``MADV_DONTNEED`` on 
 mapping drops a page from the process; if anything read it again it would be faulted back in
 from the file, unchanged, so the call never alters what a tensor holds (only pages written
 in place, which nothing here does, would revert). Linux only; elsewhere a no-op.
+
+Tensors a model keeps as views of the mapping are moved into memory of their own at load
+(:func:`own_memory`): on this project's 2-core machine a matrix-vector product over a view of a
+privately mapped weights file ran at half the speed of the same product over a copy (gemma-3-270m's
+670 MB tied head: 90 ms against 48 ms; the loaded model decoded 15.6 tok/s against 20.4 for a
+copy of itself), and the pages of a mapping are the kernel's to drop and read again under
+memory pressure, in the middle of a decode.
 """
 
 from __future__ import annotations
@@ -24,15 +31,17 @@ MADV_DONTNEED = 4
 _PAGE = mmap.PAGESIZE
 
 
-def mapped_ranges(files: list[Path]) -> list[tuple[int, int]]:
-    """(start, end) addresses of this process's mappings of ``files`` (empty off Linux)."""
-    want = {str(Path(f).resolve()) for f in files}
+def mapped_ranges(files: list[Path] | None = None) -> list[tuple[int, int]]:
+    """(start, end) addresses of this process's mappings of ``files`` (empty off Linux); with
+    ``files`` None, of every mapped ``.safetensors`` file."""
+    want = None if files is None else {str(Path(f).resolve()) for f in files}
     out = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 parts = line.split(None, 5)
-                if len(parts) == 6 and parts[5].strip() in want:
+                path = parts[5].strip() if len(parts) == 6 else ""
+                if path and (path.endswith(".safetensors") if want is None else path in want):
                     lo, hi = parts[0].split("-")
                     out.append((int(lo, 16), int(hi, 16)))
     except OSError:
@@ -60,3 +69,36 @@ def drop_pages(t: torch.Tensor, ranges: list[tuple[int, int]]) -> int:
     except (OSError, AttributeError):
         return 0
     return last - first
+
+
+def _inside(t: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    if t.device.type != "cpu" or t.numel() == 0:
+        return False
+    start = t.data_ptr()
+    return any(lo <= start < hi for lo, hi in ranges)
+
+
+def own_memory(module: torch.nn.Module, ranges: list[tuple[int, int]] | None = None) -> int:
+    """Move every parameter and buffer of ``module`` that views a mapped weights file (``ranges``;
+    None: every mapped ``.safetensors``) into memory of its own, one tensor at a time, releasing
+    the file's pages behind it, so the peak stays the weights plus one tensor. Ties survive:
+    a tensor object shared by several modules is moved once, and two views of the same bytes
+    become views of the same copy. Bytes moved."""
+    ranges = mapped_ranges() if ranges is None else ranges
+    if not ranges:
+        return 0
+    moved, done, copies = 0, set(), {}
+    for mod in module.modules():
+        for t in [*mod._parameters.values(), *mod._buffers.values()]:
+            if t is None or id(t) in done or not _inside(t, ranges):
+                continue
+            done.add(id(t))
+            key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+            old = t.data
+            if key not in copies:
+                copies[key] = old.clone(memory_format=torch.contiguous_format)
+                moved += old.numel() * old.element_size()
+            t.data = copies[key]
+            drop_pages(old, ranges)
+            del old
+    return moved

@@ -27,7 +27,7 @@ from ..registry import ModuleRecord
 from ..runtime.act_quant import ActQuantLinear
 from ..storage.form import LinearSpec, decode_weight, get_form
 from . import runtime_state
-from .mapped import drop_pages, mapped_ranges
+from .mapped import drop_pages, mapped_ranges, own_memory
 from .packed import META_FILE, WEIGHTS_FILE, check_packed, sha256
 from .packed_size import _DTYPES
 from .skeleton import skeleton as _skeleton
@@ -137,6 +137,7 @@ def load_packed(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
     dtype = dtype or _DTYPES.get(meta.get("dtype"), torch.float32)
     model = _skeleton(config, dtype)
     runtime_state.prepare(model, meta, tensors, what)
+    mapped = mapped_ranges([folder / name for name, _ in _weight_files(meta)])
     records = _load_linears(
         model,
         specs=specs,
@@ -146,7 +147,7 @@ def load_packed(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
         backend=backend,
         device=device,
         int8=meta.get("llm_int8") or {},
-        mapped=mapped_ranges([folder / name for name, _ in _weight_files(meta)]),
+        mapped=mapped,
     )
     dense = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
@@ -166,6 +167,7 @@ def load_packed(folder: str | Path, device: str = "cpu", dtype: torch.dtype | No
     model.llmpress_latent_kv = attach_latent_kv(model)  # type: ignore[attr-defined]  # QSVD: the shared latent is the KV cache
     model.eval().to(device)
     del tensors, dense, layer_t
+    own_memory(model, mapped)  # what still views the file (embeddings, norms, dense layers) runs faster in memory of its own
     _release_freed_memory()
     model.llmpress_records = records  # type: ignore[attr-defined]
     model.llmpress_manifest = meta  # type: ignore[attr-defined]
