@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 from llmpress import api, models
+from llmpress.bench import decode, prefill_seconds
 from llmpress.eval.perplexity import perplexity
 
 EVAL_SOURCES = "wiki,news,code"  # the three test texts of issue 22 (docs/second-order.md)
@@ -327,3 +331,18 @@ def ensure_peer_venv(venv: Path, script: Path, pkg: str) -> str | None:
     if r.returncode:
         return f"{script.name} failed (exit {r.returncode}): {(r.stderr or r.stdout)[-2000:]}"
     return None
+
+
+def speed(model, tok, repeats: int, new_tokens: int) -> dict:
+    """Prefill seconds (512 tokens), decode tokens/s at batch 1 and 8 (medians)."""
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size if hasattr(model.config, "vocab_size") else len(tok)
+    ids = torch.randint(10, vocab, (8, 512), generator=g)
+    prefill_seconds(model, ids[:1])  # warm-up (first-call allocations)
+    decode(model, ids[:8, :32], 2)
+    pre = statistics.median(prefill_seconds(model, ids[:1]) for _ in range(repeats))
+    tps = {}
+    for b in (1, 8):
+        secs = statistics.median(decode(model, ids[:b, :32], new_tokens)[0] for _ in range(repeats))
+        tps[b] = b * new_tokens / secs
+    return {"prefill_512_s": pre, "decode_tps_b1": tps[1], "decode_tps_b8": tps[8]}

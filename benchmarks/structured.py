@@ -38,14 +38,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from common import EVAL_SOURCES, Bench, main_guard, score  # noqa: E402
+from common import EVAL_SOURCES, Bench, main_guard, score, speed  # noqa: E402
 
 from llmpress import api, bench  # noqa: E402
 from llmpress.arch import get_arch, get_module  # noqa: E402
-from llmpress.bench import decode, prefill_seconds  # noqa: E402
 from llmpress.recipe import Recipe  # noqa: E402
 
 
@@ -109,21 +106,6 @@ def recipes(model, share: float, recover: int, recover_lr: float = 3e-4, recover
     if not recover:
         out[f"sparsegpt {share:.0%} (unstructured)"] = {"method": "sparsegpt", "sparsity": share, "per_row": True}
     return {k: {"stages": v if isinstance(v, list) else [v]} for k, v in out.items()}
-
-
-def speed(model, tok, repeats: int, new_tokens: int) -> dict:
-    """Prefill seconds (512 tokens), decode tokens/s at batch 1 and 8 (medians)."""
-    g = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size if hasattr(model.config, "vocab_size") else len(tok)
-    ids = torch.randint(10, vocab, (8, 512), generator=g)
-    prefill_seconds(model, ids[:1])  # warm-up (first-call allocations)
-    decode(model, ids[:8, :32], 2)
-    pre = statistics.median(prefill_seconds(model, ids[:1]) for _ in range(repeats))
-    tps = {}
-    for b in (1, 8):
-        secs = statistics.median(decode(model, ids[:b, :32], new_tokens)[0] for _ in range(repeats))
-        tps[b] = b * new_tokens / secs
-    return {"prefill_512_s": pre, "decode_tps_b1": tps[1], "decode_tps_b8": tps[8]}
 
 
 def side_by_side(b: Bench, share: float, rounds: int, a) -> dict:
