@@ -55,6 +55,12 @@ def test_int4_mm_equals_dequantized_product(ext, N, K, gs, M):
     y = ext.int4_mm(x, p, s, z, gs)
     assert y.shape == (M, N)
     assert rel_max_err(y, x.double() @ w.double().T) < 2e-6
+    paths = [0, 1] if ext.cpu_avx512() else [0]  # AVX2, and AVX-512 where the CPU has it (the default there)
+    for avx512 in paths:
+        assert rel_max_err(ext.int4_mm(x, p, s, z, gs, avx512=avx512), x.double() @ w.double().T) < 2e-6
+    if not ext.cpu_avx512():
+        with pytest.raises(RuntimeError, match="no AVX-512"):
+            ext.int4_mm(x, p, s, z, gs, avx512=1)
 
 
 def test_int8_mm_equals_dequantized_product(ext):

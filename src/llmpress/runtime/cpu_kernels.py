@@ -6,8 +6,11 @@ AVX2 CPUs: slower than an fp32 GEMV at small models' shapes when the weights are
 stream each packed weight once for up to 4 activation rows at a time and keep float32
 activations (the arithmetic of dequantize-then-multiply, up to summation order):
 
-- ``int4_mm(x, packed, scales, zeros, group_size)``: x [M, K] float32 times int4 weights
-  in the "llmpress-int4-b16" layout (:func:`pack_int4`), ``w = (q - z) * s`` per group;
+- ``int4_mm(x, packed, scales, zeros, group_size, avx512=-1)``: x [M, K] float32 times int4
+  weights in the "llmpress-int4-b16" layout (:func:`pack_int4`), ``w = (q - z) * s`` per
+  group; on a CPU with AVX-512 a 16-lane path over the same layout (the activation rows
+  permuted once per call to match it), 1.1-1.4x the AVX2 one per layer on a Xeon
+  (``avx512=0`` forces AVX2; ``cpu_avx512()`` says which runs);
 - ``int4_dequant(packed, scales, zeros, group_size)``: the float32 weight (for prefill:
   dequantize once per call, then one float GEMM);
 - ``int8_mm(x, codes, scales)``: x times int8 weights with one scale per output row;

@@ -1,4 +1,5 @@
-// llmpress CPU kernels for low-bit weights at small batch (decode): AVX2 + FMA.
+// llmpress CPU kernels for low-bit weights at small batch (decode): AVX2 + FMA, and AVX-512
+// paths chosen at run time where the CPU has them (int4, lookup tables).
 //
 // int4 layout ("llmpress-int4-b16"): weights [N, K] as codes q in 0..15, packed two per
 // byte into uint8 [N, K/2]; within each block of 16 consecutive input columns, byte j
@@ -21,6 +22,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -93,6 +95,61 @@ void int4_rows(const float* x, int64_t ldx, const uint8_t* w, const float* sc, c
       for (int m = 0; m < MB; ++m) tot[m] = _mm256_fmadd_ps(_mm256_add_ps(a[m], b[m]), s, tot[m]);
     }
     for (int m = 0; m < MB; ++m) y[m * ldy + n] = hsum(tot[m]);
+  }
+}
+
+// AVX-512 (chosen at run time where the CPU has it; same layout): 32 columns, two blocks of
+// 16, per step. One 16-byte load widens to 16 lanes whose low nibbles are columns 0-7 and
+// 16-23 of the 32 and whose high nibbles are columns 8-15 and 24-31; the activation rows are
+// permuted once per call into that order (permute_x32), so each half is one 16-float load.
+__attribute__((target("avx512f"))) void permute_x32(const float* x, float* xp, int64_t n) {
+  for (int64_t k = 0; k < n; k += 32)
+    for (int j = 0; j < 8; ++j) {
+      xp[k + j] = x[k + j];
+      xp[k + 8 + j] = x[k + 16 + j];
+      xp[k + 16 + j] = x[k + 8 + j];
+      xp[k + 24 + j] = x[k + 24 + j];
+    }
+}
+
+template <int MB>
+__attribute__((target("avx512f"))) void int4_rows512(const float* xp, int64_t ldx, const uint8_t* w, const float* sc,
+                                                     const float* zp, float* y, int64_t ldy, int64_t n0, int64_t n1,
+                                                     int64_t K, int64_t gs) {
+  const int64_t G = K / gs;
+  const __m512i nib = _mm512_set1_epi32(0xF), magic = _mm512_set1_epi32(0x4B000000);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * (K / 2);
+    __m512 tot[MB], a[MB], b[MB];
+    for (int m = 0; m < MB; ++m) tot[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 z2 = _mm512_set1_ps(8388608.0f + zp[n * G + g]);
+      for (int m = 0; m < MB; ++m) a[m] = b[m] = _mm512_setzero_ps();
+      for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k / 2)));
+        const __m512 lo = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(q, nib), magic)), z2);
+        const __m512 hi = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32(q, 4), magic)), z2);
+        for (int m = 0; m < MB; ++m) {
+          a[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp + m * ldx + k), a[m]);
+          b[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp + m * ldx + k + 16), b[m]);
+        }
+      }
+      const __m512 s = _mm512_set1_ps(sc[n * G + g]);
+      for (int m = 0; m < MB; ++m) tot[m] = _mm512_fmadd_ps(_mm512_add_ps(a[m], b[m]), s, tot[m]);
+    }
+    for (int m = 0; m < MB; ++m) y[m * ldy + n] = _mm512_reduce_add_ps(tot[m]);
+  }
+}
+
+__attribute__((target("avx512f"))) void int4_all512(const float* xp, const uint8_t* wp, const float* sp, const float* zp, float* yp,
+                                                    int64_t M, int64_t N, int64_t K, int64_t gs, int64_t n0, int64_t n1) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) int4_rows512<4>(xp + m * K, K, wp, sp, zp, yp + m * N, N, n0, n1, K, gs);
+  switch (M - m) {
+    case 3: int4_rows512<3>(xp + m * K, K, wp, sp, zp, yp + m * N, N, n0, n1, K, gs); break;
+    case 2: int4_rows512<2>(xp + m * K, K, wp, sp, zp, yp + m * N, N, n0, n1, K, gs); break;
+    case 1: int4_rows512<1>(xp + m * K, K, wp, sp, zp, yp + m * N, N, n0, n1, K, gs); break;
+    default: break;
   }
 }
 
@@ -225,8 +282,12 @@ void check_x(const at::Tensor& x, int64_t K) {
 
 }  // namespace
 
+bool cpu_avx512() { return __builtin_cpu_supports("avx512f"); }
+
+// avx512: 1 the AVX-512 path (refused where the CPU lacks it), 0 the AVX2 one, -1 (default)
+// AVX-512 where the CPU has it.
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                   const at::Tensor& zeros, int64_t gs) {
+                   const at::Tensor& zeros, int64_t gs, int64_t avx512) {
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8 [N, K/2]");
   const int64_t N = packed.size(0), K = packed.size(1) * 2, M = x.size(0);
   check_x(x, K);
@@ -239,6 +300,14 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   const float* sp = scales.data_ptr<float>();
   const float* zp = zeros.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  TORCH_CHECK(avx512 != 1 || cpu_avx512(), "avx512=1: this CPU has no AVX-512");
+  if (avx512 != 0 && cpu_avx512()) {
+    std::vector<float> xperm(static_cast<size_t>(M * K));
+    for (int64_t m = 0; m < M; ++m) permute_x32(xp + m * K, xperm.data() + m * K, K);
+    const float* xq = xperm.data();
+    at::parallel_for(0, N, grain(N), [&](int64_t n0, int64_t n1) { int4_all512(xq, wp, sp, zp, yp, M, N, K, gs, n0, n1); });
+    return y;
+  }
   at::parallel_for(0, N, grain(N), [&](int64_t n0, int64_t n1) {
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) int4_rows<4>(xp + m * K, K, wp, sp, zp, yp + m * N, N, n0, n1, K, gs);
@@ -307,7 +376,7 @@ void check_lut(const at::Tensor& packed, const at::Tensor& table, int64_t gs) {
   TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous() && table.numel() == N * (K / gs) * 16, "table must be float32 [N, K/gs, 16]");
 }
 
-bool lut_avx512() { return __builtin_cpu_supports("avx512f"); }
+bool lut_avx512() { return cpu_avx512(); }
 
 // layout 0: column 8w + i at nibble i of word w; layout 1 ("pairs", AVX-512 only): per 16
 // columns, nibble i of the even word = column 2i, of the odd word = column 2i + 1.
@@ -357,9 +426,11 @@ at::Tensor lut4_dequant(const at::Tensor& packed, const at::Tensor& table, int64
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lut4_mm", &lut4_mm, "x [M,K] f32 @ table lookups (4-bit codes in int32 words, f32 [N,G,16] tables) [N,K]^T -> [M,N]");
+  m.def("cpu_avx512", &cpu_avx512, "whether this CPU has AVX-512 (the int4 and lookup-table kernels' AVX-512 paths)");
   m.def("lut_avx512", &lut_avx512, "whether the AVX-512 lookup-table path (layout 1) runs here");
   m.def("lut4_dequant", &lut4_dequant, "table lookups (4-bit codes in int32 words, f32 [N,G,16] tables) -> float32 [N,K]");
-  m.def("int4_mm", &int4_mm, "x [M,K] f32 @ int4 (llmpress-int4-b16) [N,K]^T -> [M,N]");
+  m.def("int4_mm", &int4_mm, "x [M,K] f32 @ int4 (llmpress-int4-b16) [N,K]^T -> [M,N]; avx512: -1 where the CPU has it, 0 AVX2, 1 AVX-512",
+        py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("zeros"), py::arg("gs"), py::arg("avx512") = -1);
   m.def("int4_dequant", &int4_dequant, "int4 (llmpress-int4-b16) -> float32 [N,K]");
   m.def("int8_mm", &int8_mm, "x [M,K] f32 @ (int8 [N,K] * scale[N])^T -> [M,N]");
 }
