@@ -69,7 +69,17 @@ def test_int8_mm_equals_dequantized_product(ext):
     s = torch.rand(96, generator=g)
     for M in (1, 3, 6):
         x = torch.randn(M, 576, generator=g)
-        assert rel_max_err(ext.int8_mm(x, c, s), x.double() @ (c.double() * s.double()[:, None]).T) < 2e-6
+        ref = x.double() @ (c.double() * s.double()[:, None]).T
+        assert rel_max_err(ext.int8_mm(x, c, s), ref) < 2e-6
+        for avx512 in [0, 1] if ext.cpu_avx512() else [0]:
+            assert rel_max_err(ext.int8_mm(x, c, s, avx512=avx512), ref) < 2e-6
+            assert (
+                rel_max_err(
+                    ext.int8_mm(x[:, :560].contiguous(), c[:, :560].contiguous(), s, avx512=avx512),
+                    ref - ref + x[:, :560].double() @ (c[:, :560].double() * s.double()[:, None]).T,
+                )
+                < 2e-6
+            )  # K % 32 == 16
 
 
 def test_bad_arguments_are_named(ext):

@@ -1,5 +1,5 @@
 // llmpress CPU kernels for low-bit weights at small batch (decode): AVX2 + FMA, and AVX-512
-// paths chosen at run time where the CPU has them (int4, lookup tables).
+// paths chosen at run time where the CPU has them (int4, int8, lookup tables).
 //
 // int4 layout ("llmpress-int4-b16"): weights [N, K] as codes q in 0..15, packed two per
 // byte into uint8 [N, K/2]; within each block of 16 consecutive input columns, byte j
@@ -169,6 +169,43 @@ void int8_rows(const float* x, int64_t ldx, const int8_t* w, const float* sc, fl
       }
     }
     for (int m = 0; m < MB; ++m) y[m * ldy + n] = hsum(_mm256_add_ps(acc[0][m], acc[1][m])) * sc[n];
+  }
+}
+
+// AVX-512: 32 columns per step (two 16-lane converts), two accumulator chains per row.
+template <int MB>
+__attribute__((target("avx512f"))) void int8_rows512(const float* x, int64_t ldx, const int8_t* w, const float* sc, float* y,
+                                                     int64_t ldy, int64_t n0, int64_t n1, int64_t K) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = w + n * K;
+    __m512 acc[2][MB];
+    for (int m = 0; m < MB; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k))));
+      const __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k + 16))));
+      for (int m = 0; m < MB; ++m) {
+        acc[0][m] = _mm512_fmadd_ps(a, _mm512_loadu_ps(x + m * ldx + k), acc[0][m]);
+        acc[1][m] = _mm512_fmadd_ps(b, _mm512_loadu_ps(x + m * ldx + k + 16), acc[1][m]);
+      }
+    }
+    if (k < K) {  // K % 32 == 16: one more 16-lane step
+      const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k))));
+      for (int m = 0; m < MB; ++m) acc[0][m] = _mm512_fmadd_ps(a, _mm512_loadu_ps(x + m * ldx + k), acc[0][m]);
+    }
+    for (int m = 0; m < MB; ++m) y[m * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m])) * sc[n];
+  }
+}
+
+__attribute__((target("avx512f"))) void int8_all512(const float* xp, const int8_t* wp, const float* sp, float* yp, int64_t M, int64_t N,
+                                                    int64_t K, int64_t n0, int64_t n1) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) int8_rows512<4>(xp + m * K, K, wp, sp, yp + m * N, N, n0, n1, K);
+  switch (M - m) {
+    case 3: int8_rows512<3>(xp + m * K, K, wp, sp, yp + m * N, N, n0, n1, K); break;
+    case 2: int8_rows512<2>(xp + m * K, K, wp, sp, yp + m * N, N, n0, n1, K); break;
+    case 1: int8_rows512<1>(xp + m * K, K, wp, sp, yp + m * N, N, n0, n1, K); break;
+    default: break;
   }
 }
 
@@ -345,7 +382,7 @@ at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& scales, cons
   return w;
 }
 
-at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t avx512) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(), "codes must be contiguous int8 [N, K]");
   const int64_t N = codes.size(0), K = codes.size(1), M = x.size(0);
   check_x(x, K);
@@ -356,6 +393,11 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   const int8_t* wp = codes.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  TORCH_CHECK(avx512 != 1 || cpu_avx512(), "avx512=1: this CPU has no AVX-512");
+  if (avx512 != 0 && cpu_avx512()) {
+    at::parallel_for(0, N, grain(N), [&](int64_t n0, int64_t n1) { int8_all512(xp, wp, sp, yp, M, N, K, n0, n1); });
+    return y;
+  }
   at::parallel_for(0, N, grain(N), [&](int64_t n0, int64_t n1) {
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) int8_rows<4>(xp + m * K, K, wp, sp, yp + m * N, N, n0, n1, K);
@@ -432,5 +474,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "x [M,K] f32 @ int4 (llmpress-int4-b16) [N,K]^T -> [M,N]; avx512: -1 where the CPU has it, 0 AVX2, 1 AVX-512",
         py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("zeros"), py::arg("gs"), py::arg("avx512") = -1);
   m.def("int4_dequant", &int4_dequant, "int4 (llmpress-int4-b16) -> float32 [N,K]");
-  m.def("int8_mm", &int8_mm, "x [M,K] f32 @ (int8 [N,K] * scale[N])^T -> [M,N]");
+  m.def("int8_mm", &int8_mm, "x [M,K] f32 @ (int8 [N,K] * scale[N])^T -> [M,N]; avx512 as int4_mm", py::arg("x"), py::arg("codes"),
+        py::arg("scales"), py::arg("avx512") = -1);
 }
