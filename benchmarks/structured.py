@@ -115,8 +115,8 @@ def side_by_side(b: Bench, share: float, rounds: int, a) -> dict:
     machine differs); this table is the one to compare. The full model is measured as a copy
     too, so that every model's tensors were allocated the same way (fresh copies, not the ones
     the loader made): gemma-3-270m's first table had every cut at 1.37-1.44x the loaded full
-    model's decode, far more than the bytes removed explain. The cause: the loaded model ran on
-    views of the mapped weights file, which ``llmpress.load`` no longer leaves (export/mapped.py)."""
+    model's decode, far more than the bytes removed explain (not reproduced since: see
+    benchmarks/mapped_load.py)."""
     models = {"full precision (fp32)": copy.deepcopy(b.model)}
     for label, recipe in recipes(b.model, share, 0).items():
         if label.startswith(("sparsegpt", "layers ppl")):

@@ -231,6 +231,6 @@ def load(
     model.to(device)
     from .export.mapped import own_memory
 
-    own_memory(model)  # views of the mapped weights file ran at half speed (export/mapped.py)
+    own_memory(model)  # not views of the mapped weights file: pages the kernel may drop mid-decode (export/mapped.py)
     model.llmpress_source = spec  # type: ignore[attr-defined]
     return model, tok

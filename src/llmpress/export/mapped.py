@@ -11,11 +11,12 @@ from the file, unchanged, so the call never alters what a tensor holds (only pag
 in place, which nothing here does, would revert). Linux only; elsewhere a no-op.
 
 Tensors a model keeps as views of the mapping are moved into memory of their own at load
-(:func:`own_memory`): on this project's 2-core machine a matrix-vector product over a view of a
-privately mapped weights file ran at half the speed of the same product over a copy (gemma-3-270m's
-670 MB tied head: 90 ms against 48 ms; the loaded model decoded 15.6 tok/s against 20.4 for a
-copy of itself), and the pages of a mapping are the kernel's to drop and read again under
-memory pressure, in the middle of a decode.
+(:func:`own_memory`): the pages of a mapping are the kernel's to drop and read again from the
+file under memory pressure, in the middle of a decode, and a model's speed should not depend
+on the page cache. Once, beside another heavy process, a matrix-vector product over gemma-3-270m's
+mapped 670 MB head ran at half the speed of one over a copy (90 against 48 ms); on the idle
+machine the two run at the same speed (benchmarks/mapped_load.py), so the move is for
+robustness, not a measured speed-up. It costs one copy of the weights at load, no memory.
 """
 
 from __future__ import annotations
