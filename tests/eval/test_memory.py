@@ -111,7 +111,8 @@ def test_split_head_refuses_heads_that_mix_tokens():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and clear_refs are Linux-only")
 def test_phase_tracker_attributes_a_peak_to_its_phase():
-    assert reset_hwm()  # the kernel lets a process reset its own high-water mark
+    if not reset_hwm():  # some sandboxes accept the write and keep the mark: the fallback test covers them
+        pytest.skip("this kernel does not reset VmHWM through clear_refs")
     tr = PhaseTracker()
     tr.start("big")
     x = torch.ones(50_000_000)  # 200 MB, touched
@@ -238,3 +239,16 @@ def test_streamed_gguf_conversion_equals_transformers(tmp_path):
     assert all(torch.equal(a[k].view(torch.int32), b[k].view(torch.int32)) for k in a)
     for name in ("config.json", "generation_config.json"):
         assert json.loads((tmp_path / "a" / name).read_text()) == json.loads((tmp_path / "b" / name).read_text())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux-only")
+def test_a_kernel_that_ignores_the_reset_is_found_out(monkeypatch, tmp_path):
+    from llmpress.eval import memory
+
+    ignored = tmp_path / "clear_refs"  # the write succeeds, the mark stays: what the CI sandbox does
+    ignored.write_text("")
+    monkeypatch.setattr(memory, "_CLEAR_REFS", str(ignored))
+    monkeypatch.setattr(memory, "_reset_works", None)
+    assert memory.reset_hwm() is False
+    assert ignored.read_text() == "5"  # the probe did write, and then saw the mark had not fallen
+    assert memory.reset_hwm() is False and memory._reset_works is False  # decided once

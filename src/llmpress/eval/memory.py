@@ -51,13 +51,46 @@ def hwm_mb() -> float:
 
 
 def reset_hwm() -> bool:
-    """Reset the kernel's RSS high-water mark to the current RSS; False where unsupported."""
+    """Reset the kernel's RSS high-water mark to the current RSS; False where unsupported.
+
+    Some kernels (sandboxes, emulated /proc) accept the write to ``clear_refs`` and leave
+    the mark where it was, so the first call checks once that a reset really lowers it
+    (:func:`_reset_lowers_the_mark`) and every later call trusts that answer."""
+    global _reset_works
+    if _reset_works is None:
+        _reset_works = _reset_lowers_the_mark()
+    return _reset_works and _write_clear_refs()
+
+
+def _write_clear_refs() -> bool:
     try:
         with open(_CLEAR_REFS, "w") as f:
             f.write("5")
     except OSError:
         return False
     return True
+
+
+_PROBE_BYTES = 64 * 2**20  # an anonymous mapping, so freeing it returns the pages at once
+
+
+def _reset_lowers_the_mark() -> bool:
+    """Raise the mark by a touched 64 MiB mapping, unmap it, reset, and see the mark fall."""
+    import mmap
+
+    if _status_kib("VmHWM") is None:
+        return False
+    buf = mmap.mmap(-1, _PROBE_BYTES)
+    for off in range(0, _PROBE_BYTES, mmap.PAGESIZE):
+        buf[off] = 1
+    buf.close()
+    if not _write_clear_refs():
+        return False
+    hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
+    return hwm is not None and rss is not None and (hwm - rss) * 1024 < _PROBE_BYTES // 2
+
+
+_reset_works: bool | None = None
 
 
 def trim_malloc() -> None:
