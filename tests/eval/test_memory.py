@@ -109,15 +109,23 @@ def test_split_head_refuses_heads_that_mix_tokens():
     assert split_head(model) is None
 
 
+def _touch_and_unmap(nbytes: int) -> None:
+    import mmap
+
+    buf = mmap.mmap(-1, nbytes)
+    for off in range(0, nbytes, mmap.PAGESIZE):
+        buf[off] = 1
+    buf.close()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and clear_refs are Linux-only")
 def test_phase_tracker_attributes_a_peak_to_its_phase():
     if not reset_hwm():  # some sandboxes accept the write and keep the mark: the fallback test covers them
         pytest.skip("this kernel does not reset VmHWM through clear_refs")
     tr = PhaseTracker()
     tr.start("big")
-    x = torch.ones(50_000_000)  # 200 MB, touched
-    del x
-    tr.start("small")
+    _touch_and_unmap(200 * 10**6)  # an anonymous mapping, so its pages leave the moment it closes
+    tr.start("small")  # (a freed torch tensor stayed resident in the full suite)
     y = torch.ones(1000)
     tr.stop()
     rows = {r["phase"]: r for r in tr.table()}
@@ -162,11 +170,12 @@ def test_pipeline_reports_phases_checkpoint_bytes_and_modes(tmp_path, tiny_model
         os.umask(old)
     phases = rep.memory["phases"]
     assert [p["phase"] for p in phases] == PIPELINE_PHASES
-    assert rep.memory["hwm_reset"] is sys.platform.startswith("linux")
-    peaks = [p["peak_rss_mb"] for p in phases]
-    assert all(50 < v < 20_000 for v in peaks)  # a python + torch process, a tiny model
-    assert rep.peak_rss_mb == pytest.approx(max(peaks), abs=0.1) and rep.peak_rss_phase == phases[peaks.index(max(peaks))]["phase"]
-    for p in phases[1:]:
+    assert rep.memory["hwm_reset"] is reset_hwm()  # every phase exact where the kernel resets the mark
+    known = [p for p in phases if p["exact"]]  # without resets, a phase that did not raise the mark has no peak
+    peaks = [p["peak_rss_mb"] for p in known]
+    assert known[0] is phases[0] and all(50 < v < 20_000 for v in peaks)  # a python + torch process, a tiny model
+    assert rep.peak_rss_mb == pytest.approx(max(peaks), abs=0.1) and rep.peak_rss_phase == known[peaks.index(max(peaks))]["phase"]
+    for p in known[1:]:
         assert p["peak_rss_mb"] >= max(p["rss_start_mb"], p["rss_end_mb"]) - 0.5
     # the real bytes on disk beside the size convention
     files = [p for p in out.rglob("*") if p.is_file()]
