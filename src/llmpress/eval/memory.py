@@ -75,7 +75,9 @@ _PROBE_BYTES = 64 * 2**20  # an anonymous mapping, so freeing it returns the pag
 
 
 def _reset_lowers_the_mark() -> bool:
-    """Raise the mark by a touched 64 MiB mapping, unmap it, reset, and see the mark fall."""
+    """Raise the mark by a touched 64 MiB mapping, unmap it, reset, and see the mark fall.
+    Where the reset does not work the process mark keeps the probe's 64 MiB above the RSS
+    of that moment (the first phase boundary, before the model is loaded, in the CLI)."""
     import mmap
 
     if _status_kib("VmHWM") is None:
