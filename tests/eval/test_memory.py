@@ -14,7 +14,7 @@ import torch
 from conftest import random_windows, tiny_gemma3, tiny_llama
 
 from llmpress.api import CalibConfig, EvalConfig, evaluate, run_pipeline
-from llmpress.eval.memory import PhaseTracker, hwm_mb, phase_markdown, reset_hwm, rss_mb
+from llmpress.eval.memory import PhaseTracker, hwm_mb, phase_markdown, reset_hwm, rss_mb, touch_and_unmap
 from llmpress.eval.perplexity import perplexity, split_head
 from llmpress.quant import QuantArgs
 from llmpress.report import Report, file_mode, write_atomic
@@ -109,22 +109,13 @@ def test_split_head_refuses_heads_that_mix_tokens():
     assert split_head(model) is None
 
 
-def _touch_and_unmap(nbytes: int) -> None:
-    import mmap
-
-    buf = mmap.mmap(-1, nbytes)
-    for off in range(0, nbytes, mmap.PAGESIZE):
-        buf[off] = 1
-    buf.close()
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and clear_refs are Linux-only")
 def test_phase_tracker_attributes_a_peak_to_its_phase():
     if not reset_hwm():  # some sandboxes accept the write and keep the mark: the fallback test covers them
         pytest.skip("this kernel does not reset VmHWM through clear_refs")
     tr = PhaseTracker()
     tr.start("big")
-    _touch_and_unmap(200 * 10**6)  # an anonymous mapping, so its pages leave the moment it closes
+    touch_and_unmap(200 * 10**6)  # an anonymous mapping, so its pages leave the moment it closes
     tr.start("small")  # (a freed torch tensor stayed resident in the full suite)
     y = torch.ones(1000)
     tr.stop()

@@ -78,14 +78,9 @@ def _reset_lowers_the_mark() -> bool:
     """Raise the mark by a touched 64 MiB mapping, unmap it, reset, and see the mark fall.
     Where the reset does not work the process mark keeps the probe's 64 MiB above the RSS
     of that moment (the first phase boundary, before the model is loaded, in the CLI)."""
-    import mmap
-
     if _status_kib("VmHWM") is None:
         return False
-    buf = mmap.mmap(-1, _PROBE_BYTES)
-    for off in range(0, _PROBE_BYTES, mmap.PAGESIZE):
-        buf[off] = 1
-    buf.close()
+    touch_and_unmap(_PROBE_BYTES)
     if not _write_clear_refs():
         return False
     hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
@@ -93,6 +88,17 @@ def _reset_lowers_the_mark() -> bool:
 
 
 _reset_works: bool | None = None
+
+
+def touch_and_unmap(nbytes: int) -> None:
+    """Make ``nbytes`` resident (an anonymous mapping, every page touched) and unmap them:
+    the mark rises by ``nbytes`` and the RSS falls back at once, whatever the allocator keeps."""
+    import mmap
+
+    buf = mmap.mmap(-1, nbytes)
+    for off in range(0, nbytes, mmap.PAGESIZE):
+        buf[off] = 1
+    buf.close()
 
 
 def trim_malloc() -> None:
