@@ -11,6 +11,8 @@ Each llmpress row compresses a fresh copy of the model with ``llmpress.api.compr
 measures perplexity on ``--windows`` test windows of each text. W2 rows without a preset are
 the W3 preset at 2 bits (the recipe is stored in the row). OmniQuant rows run only when the
 preset exists (``omniquant-w4g64`` / ``omniquant-w3g64``); otherwise they are skipped with a note.
+``awq-blockwise-*`` rows: the AWQ stage of the ``awq-gptq`` preset (its scales folded, nothing
+rounded), then the ``blockwise`` preset's stage, as ``awq-gptq`` puts AWQ before GPTQ.
 
 Mixed rows: ``llmpress.bitplan.plan_bits`` (what ``llmpress plan-bits`` runs) on the same
 calibration windows, base ``--plan-base``, candidates ``--candidates``, layer errors of
@@ -26,6 +28,11 @@ fake-quantized weights of the linears it quantized, which are loaded into a copy
 here and scored with llmpress's perplexity on the same test windows. Bits per weight: bits +
 16/64 (a float16 scale per group, as llmpress counts its own symmetric g64 rows); compress s:
 AutoRound's constructor and quantize() (with its torch.compile unless ``--peer-compile off``).
+
+W4A4KV4 rows: the presets ``quarot-w4a4kv4-gptq`` and ``duquant-w4a4kv4-gptq`` (the best
+W4A4KV4 settings before learned clipping) beside ``quarot-w4a4kv4-omniquant`` (QuaRot's online
+rotations, then OmniQuant's learned weight clipping trained with the int4 activations in the
+loop), on the same windows.
 
 Rows are written to the JSON as they finish and rows already there are skipped (resume).
 """
@@ -59,7 +66,12 @@ HERE = Path(__file__).resolve().parent
 PEER_PKG = "auto-round==0.16.1"
 PEER_SETTINGS = {"default": {"iters": 200}, "light": {"iters": 50, "lr": 5e-3}}  # AutoRound's own recipes (auto_round/cli/main.py)
 MIXED_BUDGETS = (3.25, 4.25)
-PLAN_SOLVERS = ("rtn", "gptq")  # plan-bits --solver: the layer errors of nearest rounding or of GPTQ
+PLAN_SOLVERS = ("rtn", "gptq")
+W4A4_ROWS = (
+    "quarot-w4a4kv4-gptq",
+    "duquant-w4a4kv4-gptq",
+    "quarot-w4a4kv4-omniquant",
+)  # rotations + GPTQ against + learned clipping  # plan-bits --solver: the layer errors of nearest rounding or of GPTQ
 
 
 def _uniform(bits: int) -> dict:
@@ -70,12 +82,16 @@ def _uniform(bits: int) -> dict:
             return {"kind": "recipe", "from": name.replace("w2", "w3"), "bits": 2}
         return {"kind": "preset", "name": name}
 
+    def stack(first: str, then: str) -> dict:  # first's AWQ stage, then the stages of ``then``
+        return {**preset(then), "awq_from": first.replace("w2", "w3")}
+
     rows = {
         f"gptq-w{bits}g64": preset(f"gptq-w{bits}g64"),
         f"awq-gptq-w{bits}g64": preset(f"awq-gptq-w{bits}g64"),
         f"adaround-w{bits}g64": preset(f"adaround-w{bits}g64"),
         f"blockwise-w{bits}g64": preset(f"blockwise-w{bits}g64"),
         f"blockwise-w{bits}g64-parallel": {**preset(f"blockwise-w{bits}g64"), "mode": "parallel"},
+        f"awq-blockwise-w{bits}g64": stack(f"awq-gptq-w{bits}g64", f"blockwise-w{bits}g64"),
         f"omniquant-w{bits}g64": {**preset(f"omniquant-w{bits}g64"), "optional": True},
     }
     rows.update({f"autoround-w{bits}g64-{s}": {"kind": "peer", "bits": bits, "setting": s} for s in PEER_SETTINGS})
@@ -84,6 +100,7 @@ def _uniform(bits: int) -> dict:
 
 ROWS = {k: {**v, "class": f"W{b} g64"} for b in (4, 3, 2) for k, v in _uniform(b).items()}
 ROWS.update({f"mixed-{b:g}-{s}": {"kind": "mixed", "budget": b, "solver": s, "class": f"{b:g} avg"} for b in MIXED_BUDGETS for s in PLAN_SOLVERS})
+ROWS.update({k: {"kind": "preset", "name": k, "class": "W4A4KV4"} for k in W4A4_ROWS})
 
 
 def recipe_of(key: str, spec: dict):
@@ -98,6 +115,14 @@ def recipe_of(key: str, spec: dict):
         changes["weights"] = {"bits": spec["bits"]}
     if spec.get("mode"):
         changes["mode"] = spec["mode"]
+    if spec.get("awq_from"):  # AWQ's scales (its stage of the awq-gptq preset), then the row's own stages
+        if spec["awq_from"] not in presets():
+            return None
+        awq = [st for st in preset_recipe(spec["awq_from"], key, **changes)["stages"] if st["method"] == "awq"]
+        d = preset_recipe(base, key, **changes)
+        d["stages"] = awq + d["stages"]
+        d["description"] = f"AWQ scales from {spec['awq_from']}, then {d['description']}"
+        return d
     return preset_recipe(base, key, **changes) if changes else base
 
 
@@ -105,7 +130,8 @@ def label(key: str) -> str:
     """The row's name in the table: its key, with the mode of the sequential block-wise rows and
     the preset that the W2 rows come from."""
     spec = ROWS.get(key, {})
-    notes = ["sequential"] if key.startswith("blockwise") and not spec.get("mode") else []
+    notes = ["AWQ scales first"] if spec.get("awq_from") else []
+    notes += ["sequential"] if "blockwise" in key and not spec.get("mode") else []
     notes += [f"{spec['from']} at 2 bits"] if spec.get("from") else []
     return f"{key} ({', '.join(notes)})" if notes else key
 

@@ -54,3 +54,24 @@ def test_row_specs():
         "mixed-4.25-rtn": (4.25, "rtn"),
         "mixed-4.25-gptq": (4.25, "gptq"),
     }
+
+
+def test_w4a4_rows_are_existing_presets():
+    from llmpress.recipe import presets
+
+    rows = {k: v for k, v in lr.ROWS.items() if v["class"] == "W4A4KV4"}
+    assert set(rows) == {"quarot-w4a4kv4-gptq", "duquant-w4a4kv4-gptq", "quarot-w4a4kv4-omniquant"}
+    assert all(lr.recipe_of(k, v) == k and k in presets() for k, v in rows.items())
+
+
+def test_awq_blockwise_rows_put_awq_first():
+    from llmpress.recipe import Recipe
+
+    for bits in (4, 3, 2):
+        key = f"awq-blockwise-w{bits}g64"
+        d = lr.recipe_of(key, lr.ROWS[key])
+        assert [st["method"] for st in d["stages"]] == ["awq", "blockwise"]
+        assert [st["weights"]["bits"] for st in d["stages"]] == [bits, bits]
+        assert d["stages"][0]["quantize"] is False  # AWQ only scales; blockwise rounds
+        assert [st.method for st in Recipe.from_dict(d).stages] == ["awq", "blockwise"]  # a valid recipe
+    assert lr.label("awq-blockwise-w2g64") == "awq-blockwise-w2g64 (AWQ scales first, sequential, blockwise-w3g64 at 2 bits)"

@@ -110,6 +110,44 @@ def test_keeps_round_to_nearest_when_learning_loses():
         assert torch.equal(w, quantize_weight(dict(block.named_modules())[n].weight.data, W3G32)[0])
 
 
+@pytest.mark.parametrize("args", [QuantArgs(bits=4, group_size=16, full_range=True), QuantArgs(bits=2, group_size=16)])
+@pytest.mark.parametrize("with_offset", [True, False])
+def test_fused_symmetric_fake_quant_matches_the_unfused_expression(args, with_offset):
+    """The fused symmetric path gives the value and the straight-through gradients (weights,
+    offsets, clipping factors through the scale) of clamp(round(w / s + v)) s written out,
+    codes clamped at both ends included."""
+    from llmpress.quant.block_recon import ste_fake_quant, ste_round
+    from llmpress.quant.core import symmetric_scale
+
+    gen = torch.Generator().manual_seed(0)
+    wg = torch.randn(6, 3, 16, generator=gen)
+    v0 = torch.rand(wg.shape, generator=gen) - 0.5
+    g = torch.randn(wg.shape, generator=gen)
+    a0 = 0.6 + 0.4 * torch.rand(6, 3, generator=gen)  # clipped groups: codes beyond the grid get clamped
+
+    def run(fused):
+        w, v, a = wg.clone().requires_grad_(True), v0.clone().requires_grad_(True), a0.clone().requires_grad_(True)
+        lo, hi = w.amin(-1) * a, w.amax(-1) * a
+        off = v if with_offset else 0.0
+        if fused:
+            out = ste_fake_quant(w, lo, hi, args, off)
+        else:
+            s = symmetric_scale(lo, hi, args).unsqueeze(-1)
+            out = torch.clamp(ste_round(w / s + off), args.qmin, args.qmax) * s
+        grads = torch.autograd.grad(out, [w, v, a], g, allow_unused=True)
+        return out.detach(), grads
+
+    (o1, g1), (o2, g2) = run(True), run(False)
+    assert torch.equal(o1, o2)
+    s = symmetric_scale(wg.amin(-1) * a0, wg.amax(-1) * a0, args).unsqueeze(-1)
+    assert ((wg / s + v0).round() > args.qmax).any()  # the clamp is exercised
+    for x, y in zip(g1, g2):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert g1[2].abs().sum() > 0  # the clipping factors do get a gradient
+
+
 def test_slice_call_cuts_batch_tensors_only():
     x = torch.randn(4, 5, 8)
     cos, sin = torch.randn(4, 5, 2), torch.randn(1, 5, 2)
