@@ -5,7 +5,8 @@ on a random block of SmolLM2-135M's shapes.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src:tests .venv/bin/python benchmarks/blockwise_tiny.py [--part block|model|time|all]
 
-The tiny models are those of tests/conftest.py (hidden 64, MLP 128, random weights).
+The tiny models are those of tests/conftest.py (hidden 64, MLP 128, random weights), learned
+with float32 matmuls (`amp: false`); the timing part measures both.
 """
 
 import argparse
@@ -59,7 +60,7 @@ def part_block():
             block, xs, calls, ys = block_calls(m, random_windows(16, 32, seed=0))
             _, hx, hc, hy = block_calls(m, random_windows(16, 32, seed=7))
             q = quants_of(block, args)
-            res = learn_block(block, q, xs, calls, ys, BlockwiseOptions())
+            res = learn_block(block, q, xs, calls, ys, BlockwiseOptions(amp=False))
             held = block_error(block, q, hx, hc, hy)
             for v in q.values():
                 v.reset()
@@ -79,8 +80,8 @@ def part_model(layers: int):
             for st in (
                 stage("rtn", weights=args),
                 stage("gptq", weights=args),
-                stage("blockwise", weights=args),
-                stage("blockwise", weights=args, mode="parallel"),
+                stage("blockwise", weights=args, amp=False),
+                stage("blockwise", weights=args, mode="parallel", amp=False),
             ):
                 m = make(layers=layers)
                 compress(m, st, data=calib, engine=QUIET)
@@ -91,6 +92,9 @@ def part_model(layers: int):
 
 
 def part_time():
+    """CPU seconds per learning step on a block of SmolLM2-135M's shapes: 2 and 8 windows of
+    512 tokens per step, float32 and bfloat16 (``amp``) matmuls; and the final comparison
+    with nearest rounding."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -98,15 +102,17 @@ def part_time():
     m = LlamaForCausalLM(cfg).eval()
     block, xs, calls, ys = block_calls(m, torch.randint(0, 512, (16, 512)), batch=8)
     args = QuantArgs(bits=4, group_size=64, full_range=True)
-    cpu = {}
-    for iters in (2, 12):
-        q = quants_of(block, args)
-        t = time.process_time()
-        learn_block(block, q, xs, calls, ys, BlockwiseOptions(iters=iters, windows_per_step=2))
-        cpu[iters] = time.process_time() - t
-    step = (cpu[12] - cpu[2]) / 10
-    print(f"SmolLM2-135M-shaped block, 2 windows x 512 tokens per step: {step:.3f} s CPU per step; "
-          f"final comparison with RTN over 2 batches of 8 windows: {cpu[2] - 2 * step:.2f} s")  # fmt: skip
+    for amp in (False, True):
+        for wps in (2, 8):
+            cpu = {}
+            for iters in (2, 12):
+                q = quants_of(block, args)
+                t = time.process_time()
+                learn_block(block, q, xs, calls, ys, BlockwiseOptions(iters=iters, windows_per_step=wps, amp=amp))
+                cpu[iters] = time.process_time() - t
+            step = (cpu[12] - cpu[2]) / 10
+            print(f"SmolLM2-135M-shaped block, {wps} windows x 512 tokens per step, {'bfloat16' if amp else 'float32'} matmuls: "
+                  f"{step:.3f} s CPU per step; final comparison with RTN over 2 batches of 8 windows: {cpu[2] - 2 * step:.2f} s")  # fmt: skip
 
 
 if __name__ == "__main__":

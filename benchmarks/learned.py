@@ -67,6 +67,7 @@ PEER_PKG = "auto-round==0.16.1"
 PEER_SETTINGS = {"default": {"iters": 200}, "light": {"iters": 50, "lr": 5e-3}}  # AutoRound's own recipes (auto_round/cli/main.py)
 MIXED_BUDGETS = (3.25, 4.25)
 PLAN_SOLVERS = ("rtn", "gptq")
+LIGHT = {"iters": 50, "lr": 5e-3, "windows_per_step": 8}  # blockwise at AutoRound's light setting (its batch of 8 windows)
 W4A4_ROWS = (
     "quarot-w4a4kv4-gptq",
     "duquant-w4a4kv4-gptq",
@@ -92,6 +93,8 @@ def _uniform(bits: int) -> dict:
         f"blockwise-w{bits}g64": preset(f"blockwise-w{bits}g64"),
         f"blockwise-w{bits}g64-parallel": {**preset(f"blockwise-w{bits}g64"), "mode": "parallel"},
         f"awq-blockwise-w{bits}g64": stack(f"awq-gptq-w{bits}g64", f"blockwise-w{bits}g64"),
+        f"blockwise-w{bits}g64-light": {**preset(f"blockwise-w{bits}g64"), "set": LIGHT},
+        f"awq-blockwise-w{bits}g64-light": {**stack(f"awq-gptq-w{bits}g64", f"blockwise-w{bits}g64"), "set": LIGHT},
         f"omniquant-w{bits}g64": {**preset(f"omniquant-w{bits}g64"), "optional": True},
     }
     rows.update({f"autoround-w{bits}g64-{s}": {"kind": "peer", "bits": bits, "setting": s} for s in PEER_SETTINGS})
@@ -115,10 +118,12 @@ def recipe_of(key: str, spec: dict):
         changes["weights"] = {"bits": spec["bits"]}
     if spec.get("mode"):
         changes["mode"] = spec["mode"]
+    changes.update(spec.get("set", {}))
     if spec.get("awq_from"):  # AWQ's scales (its stage of the awq-gptq preset), then the row's own stages
         if spec["awq_from"] not in presets():
             return None
-        awq = [st for st in preset_recipe(spec["awq_from"], key, **changes)["stages"] if st["method"] == "awq"]
+        grid = {k: v for k, v in changes.items() if k == "weights"}  # the row's other changes are the blockwise stage's
+        awq = [st for st in preset_recipe(spec["awq_from"], key, **grid)["stages"] if st["method"] == "awq"]
         d = preset_recipe(base, key, **changes)
         d["stages"] = awq + d["stages"]
         d["description"] = f"AWQ scales from {spec['awq_from']}, then {d['description']}"
@@ -132,6 +137,7 @@ def label(key: str) -> str:
     spec = ROWS.get(key, {})
     notes = ["AWQ scales first"] if spec.get("awq_from") else []
     notes += ["sequential"] if "blockwise" in key and not spec.get("mode") else []
+    notes += [f"{s['iters']} steps of {s['windows_per_step']} windows, lr {s['lr']:g}"] if (s := spec.get("set")) else []
     notes += [f"{spec['from']} at 2 bits"] if spec.get("from") else []
     return f"{key} ({', '.join(notes)})" if notes else key
 

@@ -51,7 +51,7 @@ def test_learned_block_beats_round_to_nearest(make, args):
     torch.manual_seed(0)
     block, xs, calls, ys = _block_calls(make())
     quants = _quants(block, args)
-    res = learn_block(block, quants, xs, calls, ys, BlockwiseOptions(iters=80, lr=0.02, windows_per_step=2))
+    res = learn_block(block, quants, xs, calls, ys, BlockwiseOptions(iters=80, lr=0.02, windows_per_step=2, amp=False))
     assert not res.kept_rtn and len(res.losses) == 80
     # RTN on the same block, computed independently of the quantizers
     rtn = {f"{n}.weight": quantize_weight(m.weight.data, args)[0] for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -62,6 +62,27 @@ def test_learned_block_beats_round_to_nearest(make, args):
     assert res.error_rtn == pytest.approx(e_rtn, rel=1e-4)
     assert res.error == pytest.approx(block_error(block, quants, xs, calls, ys))
     assert res.error < 0.85 * e_rtn
+
+
+def test_bfloat16_steps_still_learn_and_auto_follows_the_hardware():
+    """amp: true runs the steps' matmuls in bfloat16 (the losses differ from float32's) and
+    still beats nearest rounding by the float32 measure; auto is on exactly where bfloat16
+    is native."""
+    from llmpress.quant.block_recon import autocast_for, native_bf16
+
+    torch.manual_seed(0)
+    block, xs, calls, ys = _block_calls(tiny_llama())
+    runs = {}
+    for amp in (True, False):
+        quants = _quants(block, W3G32)
+        runs[amp] = learn_block(block, quants, xs, calls, ys, BlockwiseOptions(iters=40, lr=0.02, windows_per_step=2, amp=amp))
+    assert runs[True].losses[0] != runs[False].losses[0]  # bfloat16 did run
+    assert runs[True].losses[0] == pytest.approx(runs[False].losses[0], rel=0.05)
+    assert not runs[True].kept_rtn and runs[True].error < 0.9 * runs[True].error_rtn
+    cpu = torch.device("cpu")
+    assert autocast_for(True, cpu).fast_dtype == torch.bfloat16 and autocast_for(True, cpu)._enabled
+    assert not autocast_for(False, cpu)._enabled
+    assert autocast_for("auto", cpu)._enabled == native_bf16(cpu)
 
 
 @pytest.mark.parametrize(
@@ -167,6 +188,8 @@ def test_slice_call_cuts_batch_tensors_only():
         ({"windows_per_step": 0}, "windows_per_step=0"),
         ({"clip_min": 0.0}, "clip_min"),
         ({"clip_lr": -1.0}, "clip_lr"),
+        ({"amp": "yes"}, "amp='yes'"),
+        ({"amp": 1}, "amp=1"),
     ],
 )
 def test_bad_options(fields, fragment):
@@ -205,6 +228,9 @@ def test_tiny_model_compresses_saves_and_reloads(tmp_path, make, args):
     notes = [r.notes["blockwise"] for r in recs.values()]
     assert all(n["block_mse"] <= n["block_mse_rtn"] for n in notes)
     assert any(n["moved"] > 0 for n in notes)
+    from llmpress.quant.block_recon import native_bf16
+
+    assert {n["bf16_steps"] for n in notes} == {native_bf16(torch.device("cpu"))}  # amp: auto
     rtn = make()
     compress(rtn, stage("rtn", weights=args), engine=QUIET)
     name = "model.layers.1.mlp.down_proj"

@@ -44,6 +44,30 @@ def check_block_options(o, error: type[UserError] = UserError) -> None:
             raise error(f"{key}={getattr(o, key)!r}: expected a positive number")
     if hasattr(o, "clip_min") and not 0.0 < number("clip_min") <= 1.0:
         raise error(f"clip_min={o.clip_min!r}: expected a fraction in (0, 1]")
+    if hasattr(o, "amp") and not any(o.amp is a or (isinstance(a, str) and o.amp == a) for a in AMP_SETTINGS):
+        raise error(f"amp={o.amp!r}: expected true, false or auto")
+
+
+AMP_SETTINGS = (True, False, "auto")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls are native here: a GPU, or a CPU with AMX tiles or
+    AVX-512 BF16 (elsewhere bfloat16 is emulated and slower than float32)."""
+    if device.type != "cpu":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def amp_on(setting, device: torch.device) -> bool:
+    """Whether an ``amp`` setting (True, False, "auto") means bfloat16 steps on ``device``."""
+    return setting is True or (setting == "auto" and native_bf16(device))
+
+
+def autocast_for(setting, device: torch.device):
+    """The learning step's autocast: bfloat16 matmuls when :func:`amp_on`, otherwise a
+    no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_on(setting, device))
 
 
 def check_grid(args: QuantArgs | None, error: type[UserError] = UserError, where: str = "", method: str = "blockwise") -> None:

@@ -44,6 +44,8 @@ from ..errors import RecipeError, UserError
 from ..registry import register
 from .args import QuantArgs, check_group_divides
 from .block_recon import (
+    amp_on,
+    autocast_for,
     block_forward,
     capture_block,
     check_block_options,
@@ -67,7 +69,9 @@ class BlockwiseOptions:
     """``iters`` SignSGD steps per block, ``lr`` for the offsets V (AutoRound: 1/iters),
     ``clip_lr`` for the clipping factors (default: ``lr``), ``windows_per_step`` calibration
     windows per step (taken in turn from the engine's batches), ``learn_clip`` with factors
-    in [``clip_min``, 1], ``keep_best``: keep the step with the lowest loss."""
+    in [``clip_min``, 1], ``keep_best``: keep the step with the lowest loss; ``amp``: the
+    learning steps' matmuls in bfloat16 (``auto``: where they are native, AMX / AVX-512 BF16
+    CPUs and GPUs; the final comparison with nearest rounding stays float32)."""
 
     iters: int = 100
     lr: float = 0.01
@@ -76,6 +80,7 @@ class BlockwiseOptions:
     clip_min: float = 0.5
     windows_per_step: int = 2
     keep_best: bool = True
+    amp: bool | str = "auto"
 
     def __post_init__(self):
         check_block_options(self)
@@ -188,7 +193,7 @@ def learn_block(
     chunks = step_chunks(xs, o.windows_per_step)
     best, best_loss, best_step, losses = None, math.inf, 0, []
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), autocast_for(o.amp, xs[0].device):
             for step in range(o.iters):
                 b, i, j = chunks[step % len(chunks)]
                 x, args, kwargs = slice_call(xs[b], *call_args[b], i, j)
@@ -290,6 +295,7 @@ def blockwise(ctx, cfg: Blockwise) -> None:
             "clip_mean": round(float(a.mean()), 4),
             "clip_lo_mean": round(float(b.mean()), 4),
             "moved": round(float((codes != _rtn_codes(q)).float().mean()), 4),
+            "bf16_steps": amp_on(cfg.amp, w.device),
         }
 
 
