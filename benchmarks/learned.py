@@ -68,6 +68,7 @@ PEER_SETTINGS = {"default": {"iters": 200}, "light": {"iters": 50, "lr": 5e-3}} 
 MIXED_BUDGETS = (3.25, 4.25)
 PLAN_SOLVERS = ("rtn", "gptq")
 LIGHT = {"iters": 50, "lr": 5e-3, "windows_per_step": 8}  # blockwise at AutoRound's light setting (its batch of 8 windows)
+SIGNED = {"weights": {"signed_scale": True, "full_range": False}}  # the sign-aware scale x_m / -2^(b-1) (AutoRound's, GGUF's Q4_0)
 W4A4_ROWS = (
     "quarot-w4a4kv4-gptq",
     "duquant-w4a4kv4-gptq",
@@ -94,6 +95,9 @@ def _uniform(bits: int) -> dict:
         f"blockwise-w{bits}g64-parallel": {**preset(f"blockwise-w{bits}g64"), "mode": "parallel"},
         f"awq-blockwise-w{bits}g64": stack(f"awq-gptq-w{bits}g64", f"blockwise-w{bits}g64"),
         f"blockwise-w{bits}g64-light": {**preset(f"blockwise-w{bits}g64"), "set": LIGHT},
+        f"blockwise-w{bits}g64-signed": {**preset(f"blockwise-w{bits}g64"), "set": SIGNED},
+        f"awq-blockwise-w{bits}g64-signed": {**stack(f"awq-gptq-w{bits}g64", f"blockwise-w{bits}g64"), "set": SIGNED},
+        f"blockwise-w{bits}g64-corrective": {**preset(f"blockwise-w{bits}g64"), "set": {**SIGNED, "mode": "corrective"}},
         f"awq-blockwise-w{bits}g64-light": {**stack(f"awq-gptq-w{bits}g64", f"blockwise-w{bits}g64"), "set": LIGHT},
         f"omniquant-w{bits}g64": {**preset(f"omniquant-w{bits}g64"), "optional": True},
     }
@@ -118,7 +122,8 @@ def recipe_of(key: str, spec: dict):
         changes["weights"] = {"bits": spec["bits"]}
     if spec.get("mode"):
         changes["mode"] = spec["mode"]
-    changes.update(spec.get("set", {}))
+    for k, v in spec.get("set", {}).items():
+        changes[k] = {**changes.get(k, {}), **v} if isinstance(v, dict) else v
     if spec.get("awq_from"):  # AWQ's scales (its stage of the awq-gptq preset), then the row's own stages
         if spec["awq_from"] not in presets():
             return None
@@ -136,8 +141,11 @@ def label(key: str) -> str:
     the preset that the W2 rows come from."""
     spec = ROWS.get(key, {})
     notes = ["AWQ scales first"] if spec.get("awq_from") else []
-    notes += ["sequential"] if "blockwise" in key and not spec.get("mode") else []
-    notes += [f"{s['iters']} steps of {s['windows_per_step']} windows, lr {s['lr']:g}"] if (s := spec.get("set")) else []
+    notes += ["sequential"] if "blockwise" in key and not spec.get("mode") and "mode" not in spec.get("set", {}) else []
+    notes += [spec["set"]["mode"]] if "mode" in spec.get("set", {}) else []
+    s = spec.get("set", {})
+    notes += [f"{s['iters']} steps of {s['windows_per_step']} windows, lr {s['lr']:g}"] if "iters" in s else []
+    notes += ["sign-aware scale"] if s.get("weights", {}).get("signed_scale") else []
     notes += [f"{spec['from']} at 2 bits"] if spec.get("from") else []
     return f"{key} ({', '.join(notes)})" if notes else key
 

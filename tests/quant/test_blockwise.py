@@ -257,7 +257,7 @@ def test_parallel_mode_learns_on_full_precision_inputs(tmp_path):
     models = {}
     for mode in ("sequential", "parallel"):
         m = tiny_llama()
-        rep = compress(m, stage("blockwise", weights=args, iters=30, mode=mode), data=data, engine=QUIET)
+        rep = compress(m, stage("blockwise", weights=args, iters=30, mode=mode, amp=False), data=data, engine=QUIET)
         models[mode] = (m, rep)
     w = lambda m, n: dict(m.named_modules())[n].weight  # noqa: E731
     seq, par = models["sequential"][0], models["parallel"][0]
@@ -277,6 +277,31 @@ def test_parallel_mode_learns_on_full_precision_inputs(tmp_path):
     loaded, _ = llmpress.load_compressed(str(out), backend="dequant")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, want)
+
+
+def test_corrective_mode_learns_compressed_inputs_against_the_dense_model():
+    """Corrective (AutoRound's): block 1 learns on the compressed block 0's outputs against the
+    dense model's block-1 outputs; block 0 (same inputs and targets as sequential) gives the
+    same codes as sequential mode, block 1 does not."""
+    args = QuantArgs(bits=3, group_size=32)
+    data = random_windows(8, 32)
+    models = {}
+    for mode in ("sequential", "corrective"):
+        m = tiny_llama()
+        rep = compress(m, stage("blockwise", weights=args, iters=30, mode=mode, amp=False), data=data, engine=QUIET)
+        models[mode] = (m, rep)
+    w = lambda m, n: dict(m.named_modules())[n].weight  # noqa: E731
+    seq, cor = models["sequential"][0], models["corrective"][0]
+    assert torch.equal(w(seq, "model.layers.0.mlp.down_proj"), w(cor, "model.layers.0.mlp.down_proj"))
+    assert not torch.equal(w(seq, "model.layers.1.mlp.down_proj"), w(cor, "model.layers.1.mlp.down_proj"))
+    _, xs_c, calls, _ = _block_calls(cor, index=1, n=8, seqlen=32, batch=8)  # block 0 compressed: block 1's inputs
+    _, xs_d, _, ys_d = _block_calls(tiny_llama(), index=1, n=8, seqlen=32, batch=8)  # the dense model's
+    assert not torch.equal(xs_c[0], xs_d[0])
+    block = tiny_llama().model.layers[1]
+    notes = models["corrective"][1].result.records["model.layers.1.mlp.down_proj"].notes["blockwise"]
+    assert notes["block_mse_rtn"] == pytest.approx(block_error(block, _quants(block, args), xs_c, calls, ys_d), rel=1e-4)
+    assert notes["block_mse_rtn"] != pytest.approx(block_error(block, _quants(block, args), xs_d, calls, ys_d), rel=1e-3)
+    assert notes["block_mse"] < notes["block_mse_rtn"]
 
 
 def test_parallel_mode_refuses_resume():

@@ -205,3 +205,14 @@ def parallel_data(ctx, batches: int | None, method: str = "blockwise"):
         raise UserError(f"{method} mode parallel: the engine gave this block no full-precision inputs")
     n = len(ctx.fp_inputs) if batches is None else min(batches, len(ctx.fp_inputs))
     return [ctx.fp_inputs[b] for b in range(n)], [ctx.call_args[b] for b in range(n)], [ctx.fp_outputs[b] for b in range(n)]
+
+
+def corrective_data(ctx, batches: int | None, method: str = "blockwise"):
+    """This block's compressed inputs (the outputs of the compressed blocks before it) with
+    their call arguments, and as targets the full-precision model's outputs of this block
+    (the engine's stream, ``needs_fp_stream``): the block learns to undo the error that
+    reaches it too, as AutoRound does."""
+    if ctx.fp_outputs is None:
+        raise UserError(f"{method} mode corrective: the engine gave this block no full-precision outputs")
+    n = len(ctx.inputs) if batches is None else min(batches, len(ctx.inputs))
+    return [ctx.inputs[b] for b in range(n)], [ctx.call_args[b] for b in range(n)], [ctx.fp_outputs[b] for b in range(n)]

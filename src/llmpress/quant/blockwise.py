@@ -6,7 +6,7 @@ For each linear, per quantization group (weights ``w``, range ``[lo, hi]`` from 
 
     lo' = beta * lo,  hi' = alpha * hi,          alpha, beta in [clip_min, 1]
     s   = (hi' - lo') / (qmax - qmin),  z = round(-lo' / s)          (asymmetric)
-    s   = alpha * max(|lo|, |hi|) / qmax  (qmax + 1/2 with full_range; alpha * x_m / qmin with signed_scale),  z = 0  (symmetric)
+    s   = max(|lo'|, |hi'|) / qmax  (qmax + 1/2 with full_range; x_m' / qmin with signed_scale),  z = 0  (symmetric)
     q   = clamp(round(w / s + V) + z, qmin, qmax),  V in [-1/2, 1/2]
     w^  = s (q - z)
 
@@ -26,7 +26,9 @@ the already-compressed blocks before it), targets the full-precision block on th
 inputs. ``parallel``: inputs and targets both from the full-precision model; the config's
 ``needs_fp_stream`` makes the engine carry the full-precision block inputs beside the
 compressed ones (one more activation store, one block forward per block; one process, no
-block checkpoints).
+block checkpoints). ``corrective`` (AutoRound's default): inputs from the compressed blocks,
+targets the full-precision model's outputs of the block (the same stream as parallel mode),
+so each block also learns to undo the error that reaches it.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from .block_recon import (
     capture_block,
     check_block_options,
     check_grid,
+    corrective_data,
     output_error,
     parallel_data,
     slice_call,
@@ -61,7 +64,7 @@ from .core import QParams, _dequant, _int_params, group_view
 __all__ = ["Blockwise", "BlockwiseOptions", "LearnedQuant", "block_error", "capture_block", "learn_block", "slice_call"]
 
 _EPS = 1e-12
-MODES = ("sequential", "parallel")
+MODES = ("sequential", "parallel", "corrective")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -71,7 +74,7 @@ class BlockwiseOptions:
     windows per step (taken in turn from the engine's batches), ``learn_clip`` with factors
     in [``clip_min``, 1], ``keep_best``: keep the step with the lowest loss; ``amp``: the
     learning steps' matmuls in bfloat16 (``auto``: where they are native, AMX / AVX-512 BF16
-    CPUs and GPUs; the final comparison with nearest rounding stays float32)."""
+    CPUs and GPUs; the final comparison with nearest rounding too)."""
 
     iters: int = 100
     lr: float = 0.01
@@ -88,7 +91,8 @@ class BlockwiseOptions:
 
 class LearnedQuant:
     """One linear's learnable quantizer: offsets V [R, G, g], clipping factors alpha (hi)
-    and beta (lo, asymmetric grids only) [R, G]."""
+    and beta (lo) [R, G]; on a symmetric grid the scale follows whichever scaled end is the
+    larger in magnitude (as AutoRound's two factors)."""
 
     def __init__(self, weight: torch.Tensor, args: QuantArgs, *, learn_clip: bool, name: str | None = None):
         check_grid(args, UserError, f"layer {name}: " if name else "")
@@ -100,14 +104,14 @@ class LearnedQuant:
         self.lo, self.hi = lo * args.clip_ratio, hi * args.clip_ratio
         self.v = torch.zeros_like(self.wg, requires_grad=True)
         self.alpha = torch.ones_like(self.lo, requires_grad=True) if learn_clip else None
-        self.beta = torch.ones_like(self.lo, requires_grad=True) if learn_clip and not args.symmetric else None
+        self.beta = torch.ones_like(self.lo, requires_grad=True) if learn_clip else None  # the low end's own factor, symmetric grids too
 
     def params(self) -> list[torch.Tensor]:
         return [p for p in (self.v, self.alpha, self.beta) if p is not None]
 
     def _range(self):
         a = 1.0 if self.alpha is None else self.alpha
-        b = a if self.args.symmetric else (1.0 if self.beta is None else self.beta)
+        b = 1.0 if self.beta is None else self.beta
         return self.lo * b, self.hi * a
 
     def soft(self) -> torch.Tensor:
@@ -128,7 +132,7 @@ class LearnedQuant:
     def clip_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha, beta) as used (ones where not learned)."""
         a = torch.ones_like(self.lo) if self.alpha is None else self.alpha.detach()
-        b = a if self.args.symmetric else (torch.ones_like(self.lo) if self.beta is None else self.beta.detach())
+        b = torch.ones_like(self.lo) if self.beta is None else self.beta.detach()
         return a, b
 
     def project(self, clip_min: float) -> None:
@@ -220,11 +224,12 @@ def learn_block(
     if best is not None:
         for loc, q in quants.items():
             q.restore(best[loc])
-    err = block_error(block, quants, xs, call_args, ys)
-    saved = {loc: q.snapshot() for loc, q in quants.items()}
-    for q in quants.values():
-        q.reset()
-    err_rtn = block_error(block, quants, xs, call_args, ys)
+    with autocast_for(o.amp, xs[0].device):  # the comparison at the steps' precision
+        err = block_error(block, quants, xs, call_args, ys)
+        saved = {loc: q.snapshot() for loc, q in quants.items()}
+        for q in quants.values():
+            q.reset()
+        err_rtn = block_error(block, quants, xs, call_args, ys)
     if err > err_rtn:
         return BlockResult(error_rtn=err_rtn, error=err_rtn, kept_rtn=True, best_step=best_step, losses=losses)
     for loc, q in quants.items():
@@ -237,8 +242,9 @@ def learn_block(
 class Blockwise(BlockwiseOptions):
     """Block-wise reconstruction stage (see the module docstring). ``weights``: the grid
     (observer min-max: the learned clipping replaces the MSE search). ``mode``:
-    ``sequential`` (inputs: the compressed blocks' outputs) or ``parallel`` (inputs and
-    targets from the full-precision model).
+    ``sequential`` (inputs: the compressed blocks' outputs), ``parallel`` (inputs and
+    targets from the full-precision model) or ``corrective`` (compressed inputs, the
+    full-precision model's targets).
     ``batches``: calibration batches learned on (None: all the engine has)."""
 
     weights: QuantArgs = field(default_factory=lambda: QuantArgs(bits=4, group_size=64))
@@ -255,8 +261,9 @@ class Blockwise(BlockwiseOptions):
 
     @property
     def needs_fp_stream(self) -> bool:
-        """Parallel mode: the engine carries the full-precision model's block inputs."""
-        return self.mode == "parallel"
+        """Parallel and corrective modes: the engine carries the full-precision model's block
+        inputs (and runs each block on them before its stages)."""
+        return self.mode in ("parallel", "corrective")
 
     def options(self) -> BlockwiseOptions:
         """The optimization's own settings (the fields this config inherits)."""
@@ -270,7 +277,8 @@ class Blockwise(BlockwiseOptions):
     summary="block-wise reconstruction: rounding offsets + clipping learned per block by SignSGD (AutoRound-style)",
 )
 def blockwise(ctx, cfg: Blockwise) -> None:
-    xs, calls, ys = parallel_data(ctx, cfg.batches) if cfg.mode == "parallel" else capture_block(ctx, cfg.batches)
+    data = {"parallel": parallel_data, "corrective": corrective_data}.get(cfg.mode, capture_block)
+    xs, calls, ys = data(ctx, cfg.batches)
     quants = {
         loc: LearnedQuant(get_module(ctx.block, loc).weight.data, cfg.weights, learn_clip=cfg.learn_clip, name=full)
         for loc, full in ctx.targets.items()
