@@ -276,7 +276,8 @@ class Resumable:
     def record(self, key: str, ppl: dict, bits: float, compress_s: float, **extra) -> dict:
         """Add row ``key`` (perplexity per source, bits per weight, compression wall seconds) and save."""
         row = {"ppl": ppl, "bits_per_weight": bits, "compress_s": compress_s, **extra}
-        self.res["rows"][key] = row
+        on_disk = load_results(self.out).get("rows", {})  # rows another run (or a hand) wrote meanwhile stay
+        self.res["rows"] = {**on_disk, key: row}
         save_results(self.out, self.res)
         print(f"{key}: " + "  ".join(cells(ppl, self.res["fp"])) + f"  bits {bits:.3f}  compress {compress_s:.1f}s", flush=True)
         return row

@@ -5,7 +5,12 @@
    calibration windows (all held at once: about 1 GB for SmolLM2-135M in float64 sums).
 2. The cost of each candidate setting on each linear, ``tr(dW H dW^T)``, with dW the error
    of nearest rounding (``--solver rtn``) or of GPTQ (``--solver gptq``, the base stage's
-   damping and order when it is a GPTQ stage) at that setting.
+   damping and order when it is a GPTQ stage) at that setting; with ``--weighting fisher``
+   (the default) each output channel's share weighted by ``f_j = E[(dL/dy_j)^2]``, the
+   squared gradient of the model's next-token loss with respect to that output (one
+   backward pass of the dense model per batch): ``sum_j f_j (dW H dW^T)_jj``, a second-order
+   estimate of the loss increase, so that layers whose errors the rest of the network
+   amplifies weigh more than their raw output error says.
 3. The allocation (:func:`llmpress.quant.mixed.allocate`): the smallest summed cost whose
    size, counted as eval/size.py counts it, stays within the budget.
 4. The recipe: every stage of the base recipe that quantizes weights of the block linears
@@ -36,6 +41,7 @@ from .quant.mixed import allocate, budget_bits, parse_candidates, setting_bits
 from .recipe import Recipe, Stage
 
 SOLVERS = ("rtn", "gptq")
+WEIGHTINGS = ("fisher", "none")  # each layer's output error weighted by the loss's sensitivity to it, or summed as it is
 
 
 @dataclass(kw_only=True)
@@ -94,17 +100,64 @@ def collect_hessians(model: nn.Module, names: list[str], windows: torch.Tensor, 
     return {n: a.result() for n, a in accs.items()}
 
 
-def setting_cost(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, solver: str = "rtn", stage_config=None) -> float:
-    """tr(dW H dW^T) of quantizing ``weight`` at ``args`` with ``solver``."""
+def collect_fisher(model: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int = 2) -> dict[str, torch.Tensor]:
+    """Per named linear, the mean over tokens of the squared gradient of the model's
+    next-token loss with respect to each output channel, ``f_j = E_t[(dL/dy_tj)^2]`` (the
+    diagonal empirical Fisher of the layer's outputs), from a forward and backward pass of
+    the dense model per batch of ``windows``. The weights are not given gradients: the
+    graph starts at the input embeddings."""
+    sums = {n: None for n in names}
+    count = [0]
+
+    def out_hook(name):
+        def hook(_m, _inp, out):
+            def grad_hook(g, _n=name):
+                sq = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0)
+                sums[_n] = sq if sums[_n] is None else sums[_n] + sq
+
+            if out.requires_grad:
+                out.register_hook(grad_hook)
+
+        return hook
+
+    handles = [get_module(model, n).register_forward_hook(out_hook(n)) for n in names]
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    dev = next(model.parameters()).device
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for i in progress.track(range(0, windows.shape[0], batch_size), "plan-bits: output gradients", "batch"):
+                ids = windows[i : i + batch_size].to(dev)
+                emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+                loss = model(inputs_embeds=emb, labels=ids, use_cache=False).loss
+                loss.backward()
+                count[0] += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, req in frozen:
+            p.requires_grad_(req)
+    return {n: (v / max(count[0], 1)).double() for n, v in sums.items() if v is not None}
+
+
+def setting_cost(
+    weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, solver: str = "rtn", stage_config=None, fisher: torch.Tensor | None = None
+) -> float:
+    """tr(dW H dW^T) of quantizing ``weight`` at ``args`` with ``solver``; with ``fisher``
+    (per output channel) each row's error weighted by it, ``sum_j f_j (dW H dW^T)_jj``."""
     if solver == "rtn":
         w_hat, _ = quantize_weight(weight.float(), args)
     else:
         kw = {k: getattr(stage_config, k) for k in ("damp", "act_order", "static_groups", "block_size") if hasattr(stage_config, k)}
         w_hat = gptq_quantize(weight, hessian, args, **{"act_order": True, "damp": 0.01, **kw}).weight
-    return layer_error(weight.float(), w_hat, hessian)
+    if fisher is None:
+        return layer_error(weight.float(), w_hat, hessian)
+    D = (weight.float() - w_hat).double()
+    return float((((D @ hessian.double()) * D).sum(1) * fisher).sum())
 
 
-def _cost_table(model, names, hessians, cands, solver, stage_config):
+def _cost_table(model, names, hessians, cands, solver, stage_config, fisher=None):
     """(costs, sizes) per linear and candidate; a candidate whose group size does not divide
     a linear's input is left out for that linear (infinite cost is not an option: no entry)."""
     costs, sizes, options = [], [], []
@@ -115,7 +168,7 @@ def _cost_table(model, names, hessians, cands, solver, stage_config):
         for k, args in enumerate(cands.values()):
             if args.granularity == "group" and w.shape[1] % args.group_size:
                 continue
-            c.append(setting_cost(w, H, args, solver, stage_config))
+            c.append(setting_cost(w, H, args, solver, stage_config, fisher=None if fisher is None else fisher[n]))
             b.append(setting_bits(args, w.shape[0], w.shape[1]))
             o.append(k)
         if not o:
@@ -127,18 +180,29 @@ def _cost_table(model, names, hessians, cands, solver, stage_config):
 
 
 def plan_bits(
-    model: nn.Module, windows: torch.Tensor, *, base: Recipe, candidates: str | list[str], budget: float, solver: str = "rtn", batch_size: int = 8
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    base: Recipe,
+    candidates: str | list[str],
+    budget: float,
+    solver: str = "rtn",
+    batch_size: int = 8,
+    weighting: str = "fisher",
 ) -> BitPlan:
     """The mixed-precision plan of ``model`` (see the module docstring)."""
     if solver not in SOLVERS:
         raise UserError(f"solver {solver!r} unknown; expected one of {', '.join(SOLVERS)}")
+    if weighting not in WEIGHTINGS:
+        raise UserError(f"weighting {weighting!r} unknown; expected one of {', '.join(WEIGHTINGS)}")
     qidx = _quantizing_stages(base)
     first = base.stages[qidx[0]].config
     cands = parse_candidates(candidates, first.weights)
     names = planned_linears(model, base)
     n_weights = sum(get_module(model, n).weight.numel() for n in names)
     budget_total = budget_bits(budget, n_weights)
-    costs, sizes, options = _cost_table(model, names, collect_hessians(model, names, windows, batch_size), cands, solver, first)
+    fisher = collect_fisher(model, names, windows) if weighting == "fisher" else None
+    costs, sizes, options = _cost_table(model, names, collect_hessians(model, names, windows, batch_size), cands, solver, first, fisher)
     alloc = allocate(costs, sizes, budget_total)
     labels = list(cands)
     choice = {n: labels[options[i][k]] for i, (n, k) in enumerate(zip(names, alloc.choice))}

@@ -132,6 +132,8 @@ def _add_plan_bits(sub) -> None:
     p.add_argument("--candidates", default="w2g64,w3g64,w4g64,w8g64", help="settings to choose from (default w2g64,w3g64,w4g64,w8g64)")
     p.add_argument("--base", default="gptq-w4g64", help="recipe whose quantizing stages are split per setting (default gptq-w4g64)")
     p.add_argument("--solver", choices=bitplan.SOLVERS, default="rtn", help="error measured per setting: nearest rounding (fast) or GPTQ")
+    p.add_argument("--weighting", choices=bitplan.WEIGHTINGS, default="fisher",
+                   help="fisher (default): each layer's output error weighted by the loss's squared gradient there; none: summed as it is")  # fmt: skip
     p.add_argument("--out", required=True, help="the recipe YAML written (atomically)")
     _add_calib(p, default="wiki")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -150,7 +152,7 @@ def _cmd_plan_bits(args) -> int:
     model, tok = models.load(args.model, device=args.device)
     windows = api.calibration_windows(tok, model, calib)
     plan = bitplan.plan_bits(model, windows, base=base, candidates=args.candidates, budget=args.budget, solver=args.solver,
-                             batch_size=args.batch_size)  # fmt: skip
+                             batch_size=args.batch_size, weighting=args.weighting)  # fmt: skip
     write_atomic(Path(args.out), plan.recipe.to_yaml())
     print(f"llmpress plan-bits {args.model} --budget {args.budget:g} (solver {args.solver})")
     print(plan.table())

@@ -28,15 +28,18 @@ def test_table_values_classes_and_order(tmp_path, capsys):
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| W") or ln.startswith("| 3")]
     assert rows == [
         "| W4 g64 | gptq-w4g64 | 12.800 (1.280x) | 25.000 (1.250x) | 6.000 (1.200x) | 4.250 | 61.0 |",
-        "| W3 g64 | blockwise-w3g64-parallel | 17.000 (1.700x) | 29.000 (1.450x) | 7.250 (1.450x) | 3.250 | 120.0 |",
+        "| W3 g64 | blockwise-w3g64-parallel (parallel) | 17.000 (1.700x) | 29.000 (1.450x) | 7.250 (1.450x) | 3.250 | 120.0 |",
         "| W3 g64 | autoround-w3g64-light | 16.000 (1.600x) | 28.000 (1.400x) | 7.000 (1.400x) | 3.250 | 250.5 |",
         "| 3.25 avg | mixed-3.25-gptq | 15.000 (1.500x) | 26.000 (1.300x) | 6.500 (1.300x) | 3.249 | 99.0 |",
     ]
 
 
 def test_row_specs():
-    assert lr.label("blockwise-w3g64") == "blockwise-w3g64 (sequential)"
-    assert lr.label("blockwise-w2g64-parallel") == "blockwise-w2g64-parallel (blockwise-w3g64 at 2 bits)"
+    assert lr.label("blockwise-w3g64") == "blockwise-w3g64 (corrective)"  # the preset's mode
+    assert lr.label("blockwise-w3g64-sequential") == "blockwise-w3g64-sequential (sequential)"
+    assert lr.label("blockwise-w4g64-v1").startswith("blockwise-w4g64-v1: blockwise-w4g64 before")
+    assert lr.ROWS["mixed-3.25-rtn-unweighted"]["weighting"] == "none" and "weighting" not in lr.ROWS["mixed-3.25-rtn"]
+    assert lr.label("blockwise-w2g64-parallel") == "blockwise-w2g64-parallel (parallel, blockwise-w3g64 at 2 bits)"
     assert lr.label("gptq-w4g64") == "gptq-w4g64"
     assert lr.recipe_of("gptq-w4g64", lr.ROWS["gptq-w4g64"]) == "gptq-w4g64"
     par = lr.recipe_of("blockwise-w2g64-parallel", lr.ROWS["blockwise-w2g64-parallel"])
@@ -53,6 +56,8 @@ def test_row_specs():
         "mixed-3.25-gptq": (3.25, "gptq"),
         "mixed-4.25-rtn": (4.25, "rtn"),
         "mixed-4.25-gptq": (4.25, "gptq"),
+        "mixed-3.25-rtn-unweighted": (3.25, "rtn"),
+        "mixed-4.25-rtn-unweighted": (4.25, "rtn"),
     }
 
 
@@ -74,4 +79,4 @@ def test_awq_blockwise_rows_put_awq_first():
         assert [st["weights"]["bits"] for st in d["stages"]] == [bits, bits]
         assert d["stages"][0]["quantize"] is False  # AWQ only scales; blockwise rounds
         assert [st.method for st in Recipe.from_dict(d).stages] == ["awq", "blockwise"]  # a valid recipe
-    assert lr.label("awq-blockwise-w2g64") == "awq-blockwise-w2g64 (AWQ scales first, sequential, blockwise-w3g64 at 2 bits)"
+    assert lr.label("awq-blockwise-w2g64") == "awq-blockwise-w2g64 (AWQ scales first, corrective, blockwise-w3g64 at 2 bits)"

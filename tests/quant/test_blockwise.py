@@ -216,7 +216,8 @@ def test_presets_parse():
     for name, bits in (("blockwise-w4g64", 4), ("blockwise-w3g64", 3)):
         cfg = load_recipe(name).stages[0].config
         assert isinstance(cfg, Blockwise) and cfg.weights.bits == bits and cfg.weights.group_size == 64
-        assert cfg.mode == "sequential" and cfg.iters == 100 and cfg.lr == 0.01
+        assert cfg.mode == "corrective" and cfg.weights.signed_scale and cfg.iters == 100 and cfg.lr == 0.01
+        assert cfg.needs_fp_stream
 
 
 @pytest.mark.parametrize(("make", "args"), [(tiny_llama, W3G32), (tiny_llama, ASYM), (tiny_gemma3, W3G32)])

@@ -113,6 +113,55 @@ def test_costs_are_hessian_weighted_errors():
     assert setting_cost(w, H, QuantArgs(bits=8, group_size=32), "rtn") < setting_cost(w, H, args, "rtn")
 
 
+def test_fisher_is_the_mean_squared_output_gradient_and_weights_rows():
+    """collect_fisher gives E_t[(dL/dy_tj)^2] of a linear's outputs (checked against autograd
+    on the same windows), and setting_cost weights each output row's error by it."""
+    import torch
+
+    from llmpress.bitplan import collect_fisher
+
+    m = tiny_llama()
+    name = "model.layers.1.mlp.down_proj"
+    ids = random_windows(4, 16)
+    f = collect_fisher(m, [name], ids, batch_size=2)[name]
+    outs = []
+    def keep(_m, _i, o):
+        o.retain_grad()
+        outs.append(o)
+
+    h = dict(m.named_modules())[name].register_forward_hook(keep)
+    want = 0.0
+    for b in ids.split(2):
+        outs.clear()
+        emb = m.get_input_embeddings()(b).detach().requires_grad_(True)
+        m(inputs_embeds=emb, labels=b).loss.backward()
+        want = want + outs[0].grad.pow(2).reshape(-1, outs[0].shape[-1]).sum(0)
+    h.remove()
+    m.zero_grad(set_to_none=True)
+    torch.testing.assert_close(f, (want / ids.numel()).double(), rtol=1e-5, atol=1e-12)
+    assert all(p.grad is None for p in m.parameters())  # collect_fisher gives the weights no gradients
+    H = collect_hessians(m, [name], ids)[name]
+    w = dict(m.named_modules())[name].weight.detach()
+    args = QuantArgs(bits=3, group_size=32)
+    rtn, _ = quantize_weight(w, args)
+    ones = torch.ones(w.shape[0], dtype=torch.float64)
+    assert setting_cost(w, H, args, "rtn", fisher=ones) == pytest.approx(layer_error(w, rtn, H))
+    row = torch.zeros(w.shape[0], dtype=torch.float64)
+    row[5] = 2.0
+    D = (w - rtn).double()
+    assert setting_cost(w, H, args, "rtn", fisher=row) == pytest.approx(2.0 * float(D[5] @ H.double() @ D[5]))
+
+
+def test_fisher_weighting_changes_the_plan_and_unknown_weighting_is_refused():
+    data = random_windows(4, 32)
+    plans = {wt: plan_bits(tiny_llama(), data, base=load_recipe("gptq-w4g64"), candidates="w2g32,w3g32,w4g32,w8g32", budget=3.25, weighting=wt)
+             for wt in ("fisher", "none")}  # fmt: skip
+    assert all(p.bits_per_weight <= 3.25 for p in plans.values())
+    assert plans["fisher"].choice != plans["none"].choice
+    with pytest.raises(UserError, match="weighting 'hessian' unknown"):
+        plan_bits(tiny_llama(), data, base=load_recipe("gptq-w4g64"), candidates="w3g32,w4g32", budget=3.5, weighting="hessian")
+
+
 def test_plan_bits_recipe_compresses_within_budget():
     m = tiny_llama()
     data = random_windows(4, 32)
