@@ -103,7 +103,12 @@ def _uniform(bits: int) -> dict:
 
 ROWS = {k: {**v, "class": f"W{b} g64"} for b in (4, 3, 2) for k, v in _uniform(b).items()}
 ROWS.update({f"mixed-{b:g}-{s}": {"kind": "mixed", "budget": b, "solver": s, "class": f"{b:g} avg"} for b in MIXED_BUDGETS for s in PLAN_SOLVERS})
-ROWS.update({f"mixed-{b:g}-rtn-unweighted": {"kind": "mixed", "budget": b, "solver": "rtn", "weighting": "none", "class": f"{b:g} avg"} for b in MIXED_BUDGETS})
+ROWS.update(
+    {
+        f"mixed-{b:g}-rtn-unweighted": {"kind": "mixed", "budget": b, "solver": "rtn", "weighting": "none", "class": f"{b:g} avg"}
+        for b in MIXED_BUDGETS
+    }
+)
 # rows measured with settings since changed (kept in the JSON under these keys, labelled here)
 LEGACY = {
     "blockwise-w4g64-v1": "blockwise-w4g64 before 2026-12-04 (sequential, full-range grid, one clipping factor, float32 steps)",

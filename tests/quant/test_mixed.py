@@ -125,6 +125,7 @@ def test_fisher_is_the_mean_squared_output_gradient_and_weights_rows():
     ids = random_windows(4, 16)
     f = collect_fisher(m, [name], ids, batch_size=2)[name]
     outs = []
+
     def keep(_m, _i, o):
         o.retain_grad()
         outs.append(o)
