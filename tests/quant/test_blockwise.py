@@ -249,21 +249,29 @@ def test_tiny_model_compresses_saves_and_reloads(tmp_path, make, args):
     assert r.weight_args == args and torch.equal(r.qparams.scale, recs[name].qparams.scale)
 
 
+def _against_sequential(mode: str, args: QuantArgs) -> dict:
+    """Tiny llama compressed in ``mode`` and in sequential mode (float32 steps), mode ->
+    (model, report); block 0 (same inputs and targets in every mode) has the same codes in
+    both, block 1 does not."""
+    data = random_windows(8, 32)
+    models = {}
+    for md in ("sequential", mode):
+        m = tiny_llama()
+        rep = compress(m, stage("blockwise", weights=args, iters=30, mode=md, amp=False), data=data, engine=QUIET)
+        models[md] = (m, rep)
+    w = lambda m, n: dict(m.named_modules())[n].weight  # noqa: E731
+    seq, other = models["sequential"][0], models[mode][0]
+    assert torch.equal(w(seq, "model.layers.0.mlp.down_proj"), w(other, "model.layers.0.mlp.down_proj"))
+    assert not torch.equal(w(seq, "model.layers.1.mlp.down_proj"), w(other, "model.layers.1.mlp.down_proj"))
+    return models
+
+
 def test_parallel_mode_learns_on_full_precision_inputs(tmp_path):
     """Parallel: block 1 learns on the full-precision model's block-1 inputs (not the
     compressed block 0's outputs), so its result differs from sequential mode's; block 0,
     whose inputs are the same in both modes, gives the same codes."""
     args = QuantArgs(bits=3, group_size=32)
-    data = random_windows(8, 32)
-    models = {}
-    for mode in ("sequential", "parallel"):
-        m = tiny_llama()
-        rep = compress(m, stage("blockwise", weights=args, iters=30, mode=mode, amp=False), data=data, engine=QUIET)
-        models[mode] = (m, rep)
-    w = lambda m, n: dict(m.named_modules())[n].weight  # noqa: E731
-    seq, par = models["sequential"][0], models["parallel"][0]
-    assert torch.equal(w(seq, "model.layers.0.mlp.down_proj"), w(par, "model.layers.0.mlp.down_proj"))
-    assert not torch.equal(w(seq, "model.layers.1.mlp.down_proj"), w(par, "model.layers.1.mlp.down_proj"))
+    models = _against_sequential("parallel", args)
     # block 1's target in parallel mode is the dense model's block-1 output: its RTN error
     # there is measured against the dense stream
     _, xs, calls, ys = _block_calls(tiny_llama(), index=1, n=8, seqlen=32, batch=8)
@@ -285,16 +293,8 @@ def test_corrective_mode_learns_compressed_inputs_against_the_dense_model():
     dense model's block-1 outputs; block 0 (same inputs and targets as sequential) gives the
     same codes as sequential mode, block 1 does not."""
     args = QuantArgs(bits=3, group_size=32)
-    data = random_windows(8, 32)
-    models = {}
-    for mode in ("sequential", "corrective"):
-        m = tiny_llama()
-        rep = compress(m, stage("blockwise", weights=args, iters=30, mode=mode, amp=False), data=data, engine=QUIET)
-        models[mode] = (m, rep)
-    w = lambda m, n: dict(m.named_modules())[n].weight  # noqa: E731
-    seq, cor = models["sequential"][0], models["corrective"][0]
-    assert torch.equal(w(seq, "model.layers.0.mlp.down_proj"), w(cor, "model.layers.0.mlp.down_proj"))
-    assert not torch.equal(w(seq, "model.layers.1.mlp.down_proj"), w(cor, "model.layers.1.mlp.down_proj"))
+    models = _against_sequential("corrective", args)
+    cor = models["corrective"][0]
     _, xs_c, calls, _ = _block_calls(cor, index=1, n=8, seqlen=32, batch=8)  # block 0 compressed: block 1's inputs
     _, xs_d, _, ys_d = _block_calls(tiny_llama(), index=1, n=8, seqlen=32, batch=8)  # the dense model's
     assert not torch.equal(xs_c[0], xs_d[0])
