@@ -94,7 +94,7 @@ def ste_fake_quant(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, args: Q
     ``wg``, the range and ``offset``). Shared by blockwise and omniquant."""
     if args.symmetric:
         s = symmetric_scale(lo, hi, args).unsqueeze(-1)
-        v = offset if isinstance(offset, torch.Tensor) else None
+        v = offset if isinstance(offset, torch.Tensor) else None if offset == 0 else torch.full_like(wg, offset)
         return _SymmetricFakeQuant.apply(wg, v, s, args.qmin, args.qmax)
     else:
         lo, hi = lo.clamp_max(0), hi.clamp_min(0)
@@ -132,7 +132,7 @@ class _SymmetricFakeQuant(torch.autograd.Function):
             gv = torch.where(inside, g * s, 0.0)
         if need_s:
             t = torch.where(inside, w / s, 0.0)
-            gs = (g * q.sub_(t)).sum(-1, keepdim=True)  # q is not used again
+            gs = (g * (q - t)).sum(-1, keepdim=True)
         return gw, gv, gs, None, None
 
 
