@@ -163,7 +163,9 @@ def label(key: str) -> str:
 def table(res: dict) -> str:
     order = list(ROWS) + [k for k in res["rows"] if k not in ROWS]
     labels = {k: label(k) for k in order}
-    return results_table(res, order=order, labels=labels, group=lambda k, r: ROWS[k]["class"] if k in ROWS else "W4 g64, earlier" if k in LEGACY else "")
+    return results_table(
+        res, order=order, labels=labels, group=lambda k, r: ROWS[k]["class"] if k in ROWS else "W4 g64, earlier" if k in LEGACY else ""
+    )
 
 
 def mixed_row(rt: Resumable, key: str, budget: float, solver: str, a, weighting: str = "fisher") -> None:
