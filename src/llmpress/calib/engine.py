@@ -203,13 +203,15 @@ def _run_sequential(
 
 class _FullPrecisionStream:
     """The full-precision model's block inputs, carried beside the compressed ones for block
-    stages that ask for them (``needs_fp_stream`` on their config: parallel-mode
+    stages that ask for them (``needs_fp_stream`` on their config: parallel- and corrective-mode
     reconstruction). One more activation store; one forward per block of the block as it
     is before its stages (whose outputs are the next block's full-precision inputs)."""
 
     def __init__(self, captured: ActivationStore, state: RunState):
         if state.group.active:
-            raise UserError("a block stage needs the full-precision inputs of every block (parallel mode): not with several processes yet")
+            raise UserError(
+                "a block stage needs the full-precision inputs of every block (parallel or corrective mode): not with several processes yet"
+            )
         self.state = state
         self.inputs = ActivationStore(state.offload)
         for b in range(len(captured)):
