@@ -32,7 +32,9 @@ AutoRound's constructor and quantize() (with its torch.compile unless ``--peer-c
 W4A4KV4 rows: the presets ``quarot-w4a4kv4-gptq`` and ``duquant-w4a4kv4-gptq`` (the best
 W4A4KV4 settings before learned clipping) beside ``quarot-w4a4kv4-omniquant`` (QuaRot's online
 rotations, then OmniQuant's learned weight clipping trained with the int4 activations in the
-loop), on the same windows.
+loop) and ``duquant-w4a4kv4-blockwise`` (DuQuant, then block-wise reconstruction with the int4
+activations in the loop, corrective targets), on the same windows; ``duquant-w4a4kv4-gptq-alpha-auto``:
+the GPTQ preset with DuQuant's smoothing exponent searched per point (``smooth_alpha: auto``).
 
 Rows are written to the JSON as they finish and rows already there are skipped (resume).
 """
@@ -72,7 +74,8 @@ W4A4_ROWS = (
     "quarot-w4a4kv4-gptq",
     "duquant-w4a4kv4-gptq",
     "quarot-w4a4kv4-omniquant",
-)  # rotations + GPTQ against + learned clipping  # plan-bits --solver: the layer errors of nearest rounding or of GPTQ
+    "duquant-w4a4kv4-blockwise",
+)  # rotations + GPTQ against learned clipping, and block-wise reconstruction with int4 activations in the loop
 
 
 def _uniform(bits: int) -> dict:
@@ -117,6 +120,12 @@ LEGACY = {
     "blockwise-w4g64-v2": "blockwise-w4g64 v1 + sign-aware scale + bfloat16 steps (still sequential, one clipping factor)",
 }
 ROWS.update({k: {"kind": "preset", "name": k, "class": "W4A4KV4"} for k in W4A4_ROWS})
+ROWS["duquant-w4a4kv4-gptq-alpha-auto"] = {
+    "kind": "preset",
+    "name": "duquant-w4a4kv4-gptq",
+    "stage_set": {"duquant": {"smooth_alpha": "auto"}},
+    "class": "W4A4KV4",
+}
 
 
 def recipe_of(key: str, spec: dict):
@@ -142,6 +151,12 @@ def recipe_of(key: str, spec: dict):
         d["stages"] = awq + d["stages"]
         d["description"] = f"AWQ scales from {spec['awq_from']}, then {d['description']}"
         return d
+    if spec.get("stage_set"):  # fields of one method's stage (e.g. duquant's smooth_alpha)
+        d = preset_recipe(base, key, **changes)
+        for st in d["stages"]:
+            st.update(spec["stage_set"].get(st["method"], {}))
+        d["description"] = f"{base} with {spec['stage_set']}"
+        return d
     return preset_recipe(base, key, **changes) if changes else base
 
 
@@ -156,6 +171,7 @@ def label(key: str) -> str:
     s = spec.get("set", {})
     notes += [f"{s['iters']} steps of {s['windows_per_step']} windows, lr {s['lr']:g}"] if "iters" in s else []
     notes += ["layer errors unweighted"] if spec.get("weighting") == "none" else []
+    notes += [f"{m}: {v}" for m, v in spec.get("stage_set", {}).items()]
     notes += [f"{spec['from']} at 2 bits"] if spec.get("from") else []
     return f"{key} ({', '.join(notes)})" if notes else key
 

@@ -104,7 +104,7 @@ def part_duquant():
             stage("rtn", weights=a, activations=A4, **lin),
         ]
 
-    cols = {"no smoothing": duq(False), "alpha 0.5": duq(True, 0.5), "alpha 0.6 (default)": duq(True)}
+    cols = {"no smoothing": duq(False), "alpha 0.5": duq(True, 0.5), "alpha 0.6 (default)": duq(True), "alpha auto": duq(True, "auto")}
     table("DuQuant (online, block 16) + RTN W4A4", cols, [("W4 g32", QuantArgs(bits=4, group_size=32))])
 
 

@@ -207,6 +207,7 @@ def run_pipeline(
         check_save_format(recipe, save_format)
     if stream:
         check_streamable(recipe, dist.current().world)
+    dist.check_ranks(recipe, dist.current().world)
     out_path = _prepare_out(out, overwrite)
     engine = _with_checkpoints(engine or EngineOptions(batch_size=calib.batch_size), recipe, out_path, resume)
     io_safety.check_file_out(json_path)

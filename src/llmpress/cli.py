@@ -407,6 +407,7 @@ def _dispatch(args) -> int:
                 from .streamed import check_streamable
 
                 check_streamable(api._as_recipe(args.recipe), args.nproc)  # refused once, before any process starts
+            dist.check_ranks(api._as_recipe(args.recipe), args.nproc)  # likewise
 
             return launch.spawn(args.nproc, launch.without_nproc(args.argv), main)
         group, args.device = dist.init_from_env(args.device)

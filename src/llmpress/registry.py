@@ -251,10 +251,14 @@ def build_config(cls: type, d: dict, where: str):
             v = tuple(v)
         elif QuantArgs in args and v is not None:
             v = QuantArgs.from_dict(v, f"{where}.{k}")
-        elif bool not in args and any(a in (int, float) for a in args) and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        elif (
+            bool not in args and str not in args and any(a in (int, float) for a in args) and (isinstance(v, bool) or not isinstance(v, (int, float)))
+        ):
             raise RecipeError(f"{where}.{k}: expected a number, got {v!r}")
         elif bool in args and str in args and not isinstance(v, (bool, str)):  # true / false or a word (amp: auto)
             raise RecipeError(f"{where}.{k}: expected true, false or a word, got {v!r}")
+        elif bool not in args and str in args and float in args and (isinstance(v, bool) or not isinstance(v, (int, float, str))):
+            raise RecipeError(f"{where}.{k}: expected a number or a word, got {v!r}")  # a value or auto
         elif bool in args and str not in args and not isinstance(v, bool):
             raise RecipeError(f"{where}.{k}: expected true or false, got {v!r}")
         kwargs[k] = v

@@ -191,3 +191,23 @@ def test_batches_shrink_so_every_rank_has_one():
     assert _batch_size(5, 8, 4, False) == 1  # 5 batches of 1 for 4 ranks (batches of 2 would leave one rank idle)
     with pytest.raises(UserError, match="3 calibration windows for 4 ranks"):
         _batch_size(3, 8, 4, False)
+
+
+@pytest.mark.parametrize("recipe", ["blockwise-w4g64", "duquant-w4a4kv4-blockwise"])
+def test_full_precision_stream_refused_with_several_processes_before_loading(tmp_path, capsys, recipe):
+    """Corrective / parallel reconstruction needs the dense model's block inputs, which ranks do not
+    carry: refused from the recipe before any process starts or any model loads (the folder is missing)."""
+    from helpers import cli_fails
+
+    from llmpress.calib.dist import check_ranks
+    from llmpress.recipe import load_recipe
+
+    cli_fails(
+        capsys,
+        ["compress", str(tmp_path / "no-such-model"), "--recipe", recipe, "--nproc", "2", "--out", str(tmp_path / "o")],
+        "mode corrective",
+        "one process",
+    )
+    assert not (tmp_path / "o").exists()
+    check_ranks(load_recipe(recipe), 1)  # one process: fine
+    check_ranks(load_recipe("gptq-w4g64"), 2)  # no full-precision stream: fine

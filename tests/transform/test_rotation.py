@@ -231,6 +231,7 @@ ROTATION_PRESETS = [
     "quarot-w4a4kv4-gptq",
     "duquant-w4a4kv4",
     "duquant-w4a4kv4-gptq",
+    "duquant-w4a4kv4-blockwise",
     "duquant-w4a8",
     "spinquant-w4a4kv4",
     "spinquant-w4a4kv4-gptq",
@@ -240,7 +241,7 @@ ROTATION_PRESETS = [
 ]
 
 
-_PRESET_NAME = re.compile(r"^(?P<rot>quarot|duquant|spinquant)-w(?P<w>\d)a(?P<a>\d)(kv(?P<kv>\d))?(-(?P<solver>rtn|gptq))?$|^kv(?P<kv_only>\d)$")
+_PRESET_NAME = re.compile(r"^(?P<rot>quarot|duquant|spinquant)-w(?P<w>\d)a(?P<a>\d)(kv(?P<kv>\d))?(-(?P<solver>rtn|gptq|blockwise))?$|^kv(?P<kv_only>\d)$")
 
 
 @pytest.mark.parametrize("name", ROTATION_PRESETS)
@@ -427,8 +428,8 @@ def test_duquant_smoothing_keeps_fp_outputs_and_moves_the_weights(family, norms)
     spec = get_arch(m)
     norm0 = m.model.layers[0].input_layernorm.weight.detach().clone()
     down0 = m.model.layers[1].mlp.down_proj.weight.detach().clone()
-    n = smooth_model(m, spec, ids, alpha=0.6, norms=norms)
-    assert n == 2 * (4 if norms else 2)
+    n, alphas = smooth_model(m, spec, ids, alpha=0.6, norms=norms)
+    assert n == 2 * (4 if norms else 2) and all(set(a.values()) == {0.6} for a in alphas)
     assert rel_err(logits(m, ids), ref) < 1e-5
     assert torch.equal(m.model.layers[0].input_layernorm.weight, norm0) != norms
     assert not torch.equal(m.model.layers[1].mlp.down_proj.weight, down0)
@@ -439,8 +440,19 @@ def test_duquant_smoothing_keeps_fp_outputs_and_moves_the_weights(family, norms)
 def test_duquant_smoothing_options():
     from llmpress.transform.duquant import DuQuant
 
-    with pytest.raises(UserError, match="smooth_alpha"):
-        DuQuant(smooth_alpha=1.5)
+    for bad in (1.5, "best", -0.1):
+        with pytest.raises(UserError, match="smooth_alpha"):
+            DuQuant(smooth_alpha=bad)
+    with pytest.raises(UserError, match="smooth_grid"):
+        DuQuant(smooth_alpha="auto", smooth_grid=())
+    with pytest.raises(UserError, match="search_act_bits"):
+        DuQuant(smooth_alpha="auto", search_act_bits=1)
+    from llmpress.registry import build_config
+
+    assert build_config(DuQuant, {"smooth_alpha": "auto"}, "stage").smooth_alpha == "auto"
+    assert build_config(DuQuant, {"smooth_alpha": 0.5}, "stage").smooth_alpha == 0.5
+    with pytest.raises(UserError, match=r"stage\.smooth_alpha: expected a number or a word"):
+        build_config(DuQuant, {"smooth_alpha": [0.5]}, "stage")
     with pytest.raises(UserError, match="smooth"):
         DuQuant(smooth="yes")
     assert DuQuant().smooth and DuQuant().smooth_alpha == 0.6
@@ -450,3 +462,43 @@ def test_duquant_smoothing_options():
     m = tiny_llama()
     compress(m, [stage("duquant", block_size=16, steps=4, windows=2, residual="offline", smooth=False)], data=random_windows(4, 32))
     assert m.llmpress_transforms[-1]["smoothed_points"] == 0
+
+
+def test_smoothing_error_prefers_smoothing_an_outlier_channel():
+    from llmpress.transform.duquant import AlphaSearch, smoothing_error
+    from llmpress.transform.scaling import smooth_scales
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g)
+    x[:, 3] *= 60.0  # one channel far larger than the rest: 4-bit tokens lose the others
+    w = torch.randn(32, 64, generator=g)
+    search = AlphaSearch(
+        grid=(0.5,), block_size=16, steps=0, seed=0, weights=QuantArgs(bits=4, group_size=64), activations=QuantArgs(bits=4, granularity="token")
+    )
+    s = smooth_scales(x.abs().amax(0), w.abs().amax(0), 0.5)
+    plain, smoothed = smoothing_error(x, [w], None, search, 0), smoothing_error(x, [w], s, search, 0)
+    assert smoothed < 0.5 * plain
+    ref = float((x @ w.T - fake_quant_pair(x, w)).pow(2).sum())
+    assert abs(plain - ref) <= 1e-4 * ref  # steps 0: the transform is a permutation, exact for per-token / group-64 scales
+
+
+def fake_quant_pair(x, w):
+    from llmpress.quant.core import fake_quantize
+
+    return fake_quantize(x, QuantArgs(bits=4, granularity="token")) @ fake_quantize(w, QuantArgs(bits=4, group_size=64)).T
+
+
+@pytest.mark.parametrize("family", TINY_MODELS)
+def test_duquant_alpha_search_keeps_fp_outputs_and_records_choices(family):
+    m = TINY_MODELS[family]()
+    with torch.no_grad():  # a planted outlier channel at block 0's attention input
+        m.model.layers[0].input_layernorm.weight[5] += 10.0
+    ids = random_windows(4, 32)
+    ref = logits(m, ids)
+    compress(m, [stage("duquant", block_size=16, steps=4, windows=4, residual="online", smooth_alpha="auto", smooth_grid=[0.4, 0.6])], data=ids)
+    assert rel_err(logits(m, ids), ref) < 1e-4
+    t = m.llmpress_transforms[-1]
+    alphas = t["smooth_alphas"]
+    assert len(alphas) == len(m.model.layers) and all(set(a.values()) <= {None, 0.4, 0.6} for a in alphas)
+    assert alphas[0]["input_layernorm"] is not None  # the planted channel is smoothed
+    assert t["smoothed_points"] == sum(v is not None for a in alphas for v in a.values())

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import UserError
+
 
 @dataclass(frozen=True)
 class Group:
@@ -113,6 +115,20 @@ def current() -> Group:
     if dist.is_available() and dist.is_initialized():
         return Group(rank=dist.get_rank(), world=dist.get_world_size())
     return Group()
+
+
+def check_ranks(recipe, ranks: int) -> None:
+    """Refuse, from the recipe alone, what several processes cannot run yet: a block stage that
+    needs the full-precision stream of block inputs (parallel / corrective reconstruction)."""
+    if ranks <= 1:
+        return
+    for i, st in enumerate(recipe.stages):
+        if getattr(st.config, "needs_fp_stream", False):
+            mode = getattr(st.config, "mode", "")
+            raise UserError(
+                f"recipe stage {i} ({st.method}{', mode ' + mode if mode else ''}) needs the full-precision inputs of every block, "
+                "which several processes do not carry yet; run it in one process (drop --nproc / torchrun)"
+            )
 
 
 def launched() -> bool:

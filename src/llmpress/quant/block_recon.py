@@ -4,11 +4,12 @@ calibration inputs / call arguments / full-precision outputs, the split of those
 into training steps and the functional forward of a block with substituted tensors.
 
 A method imports no other method, so this lives on the maths floor; nothing here holds
-state or hooks beyond the one capture pass.
+state or hooks beyond the one capture pass and the activation fake quantization while training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -16,9 +17,10 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from ..arch import get_module
 from ..errors import UserError
 from .args import QuantArgs
-from .core import symmetric_scale
+from .core import fake_quantize, symmetric_scale
 
 
 def check_block_options(o, error: type[UserError] = UserError) -> None:
@@ -216,3 +218,22 @@ def corrective_data(ctx, batches: int | None, method: str = "blockwise"):
         raise UserError(f"{method} mode corrective: the engine gave this block no full-precision outputs")
     n = len(ctx.inputs) if batches is None else min(batches, len(ctx.inputs))
     return [ctx.inputs[b] for b in range(n)], [ctx.call_args[b] for b in range(n)], [ctx.fp_outputs[b] for b in range(n)]
+
+
+@contextlib.contextmanager
+def act_quant_hooks(block: nn.Module, locs, args: QuantArgs | None):
+    """Fake-quantize the inputs of the named linears (straight-through) while inside."""
+    if args is None:
+        yield
+        return
+
+    def hook(_m, a):
+        x = a[0]
+        return (x + (fake_quantize(x.detach(), args) - x.detach()),) + tuple(a[1:])
+
+    handles = [get_module(block, loc).register_forward_pre_hook(hook) for loc in locs]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

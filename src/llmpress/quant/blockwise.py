@@ -41,11 +41,13 @@ import torch
 import torch.nn as nn
 
 from .. import progress
-from ..arch import get_module
+from ..arch import get_module, set_module
 from ..errors import RecipeError, UserError
 from ..registry import register
+from ..runtime.act_quant import ActQuantLinear
 from .args import QuantArgs, check_group_divides
 from .block_recon import (
+    act_quant_hooks,
     amp_on,
     autocast_for,
     block_forward,
@@ -245,11 +247,14 @@ class Blockwise(BlockwiseOptions):
     ``sequential`` (inputs: the compressed blocks' outputs), ``parallel`` (inputs and
     targets from the full-precision model) or ``corrective`` (compressed inputs, the
     full-precision model's targets).
-    ``batches``: calibration batches learned on (None: all the engine has)."""
+    ``batches``: calibration batches learned on (None: all the engine has).
+    ``activations``: per-token fake quantization of the targeted linears' inputs while
+    learning (straight-through), kept at run time as with ``rtn``/``gptq`` (W4A4, W4A8)."""
 
     weights: QuantArgs = field(default_factory=lambda: QuantArgs(bits=4, group_size=64))
     mode: str = "sequential"
     batches: int | None = None
+    activations: QuantArgs | None = None
 
     def __post_init__(self):
         check_block_options(self, RecipeError)
@@ -258,6 +263,8 @@ class Blockwise(BlockwiseOptions):
             raise RecipeError(f"mode={self.mode!r}: expected one of {', '.join(MODES)}")
         if self.batches is not None and (isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1):
             raise RecipeError(f"batches={self.batches!r}: expected an integer of at least 1 (or null: all)")
+        if self.activations is not None and (self.activations.kind != "int" or self.activations.granularity != "token"):
+            raise RecipeError("activations: blockwise quantizes activations per token on an integer grid (kind: int, granularity: token)")
 
     @property
     def needs_fp_stream(self) -> bool:
@@ -284,7 +291,8 @@ def blockwise(ctx, cfg: Blockwise) -> None:
         for loc, full in ctx.targets.items()
     }
     with progress.bar(cfg.iters, f"blockwise block {ctx.index}", "step") as bar:
-        res = learn_block(ctx.block, quants, xs, calls, ys, cfg.options(), bar=bar)
+        with act_quant_hooks(ctx.block, list(quants), cfg.activations):  # the RTN comparison with them too
+            res = learn_block(ctx.block, quants, xs, calls, ys, cfg.options(), bar=bar)
     del xs, calls, ys
     for loc, q in quants.items():
         w, qp, codes = q.hard()
@@ -305,6 +313,10 @@ def blockwise(ctx, cfg: Blockwise) -> None:
             "moved": round(float((codes != _rtn_codes(q)).float().mean()), 4),
             "bf16_steps": amp_on(cfg.amp, w.device),
         }
+        if cfg.activations is not None:
+            rec.act_args = cfg.activations
+            if not isinstance(lin, ActQuantLinear):
+                set_module(ctx.block, loc, ActQuantLinear(lin, cfg.activations))
 
 
 def _rtn_codes(q: LearnedQuant) -> torch.Tensor:

@@ -34,12 +34,10 @@ a quantized q/k (KV cache), and RoPE / QK-norm constrain it.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 
 from .. import progress
 from ..arch import get_module, set_module
@@ -50,6 +48,7 @@ from ..transform.equivalent import block_tensors, fold_let, let_groups, let_tens
 from ..transform.scaling import head_geometry, heads_to_kv, smooth_scales
 from .args import QuantArgs, check_group_divides
 from .block_recon import (
+    act_quant_hooks,
     block_forward,
     capture_block,
     check_block_options,
@@ -59,7 +58,7 @@ from .block_recon import (
     ste_fake_quant,
     step_chunks,
 )
-from .core import QParams, _int_params, dequantize, fake_quantize, group_view, quantize, quantize_weight
+from .core import QParams, _int_params, dequantize, group_view, quantize, quantize_weight
 
 _EPS = 1e-12
 
@@ -130,25 +129,6 @@ def quantized_tensors(block, spec, quants: dict[str, ClipQuant], let: LetState, 
         w = t.get(f"{loc}.weight", base[f"{loc}.weight"])
         t[f"{loc}.weight"] = q.hard(w)[0] if hard else q.soft(w)
     return t
-
-
-@contextlib.contextmanager
-def act_quant_hooks(block: nn.Module, locs, args: QuantArgs | None):
-    """Fake-quantize the inputs of the named linears (straight-through) while inside."""
-    if args is None:
-        yield
-        return
-
-    def hook(_m, a):
-        x = a[0]
-        return (x + (fake_quantize(x.detach(), args) - x.detach()),) + tuple(a[1:])
-
-    handles = [get_module(block, loc).register_forward_pre_hook(hook) for loc in locs]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @dataclass(kw_only=True)

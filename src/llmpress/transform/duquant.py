@@ -36,9 +36,18 @@ per equivalence point of every block (norm -> q/k/v, v -> o, norm -> gate/up, up
 
 from the calibration activations, folded like SmoothQuant's (norm weight / v_proj rows /
 up_proj rows divided, the readers' columns multiplied: the float model is unchanged). The
-rotation statistics are then taken on the smoothed model. ``smooth_alpha`` = 0.6, the value
-of the authors' released runs. With ``residual: offline`` the norm points are left out: the
-residual rotation fuses the norm gains into the readers, which would undo a norm scale.
+rotation statistics are then taken on the smoothed model. ``smooth_alpha`` = 0.6 is the value
+of the authors' released runs; ``smooth_alpha: auto`` searches it per point instead: for each
+alpha of ``smooth_grid`` and for no smoothing at all, the point's calibration rows X (largest
+and random tokens) and its readers' weights W are smoothed, the DuQuant transform R of the
+smoothed rows is built, and both sides are quantized as the later stages will
+(weights RTN ``search_weight_bits`` sym g64, activations per token ``search_act_bits`` sym):
+
+    err(alpha) = sum over readers ||X W^T - Q_a(X/s R^T) Q_w(W s R^T)^T||^2
+
+the alpha of least error is kept (the transform summary lists the choices). With
+``residual: offline`` the norm points are left out: the residual rotation fuses the norm gains
+into the readers, which would undo a norm scale.
 """
 
 from __future__ import annotations
@@ -52,6 +61,8 @@ import torch.nn as nn
 from .. import progress
 from ..arch import ArchSpec, get_module
 from ..errors import UserError
+from ..quant.args import QuantArgs
+from ..quant.core import fake_quantize
 from ..registry import register
 from ..runtime.online_hadamard import OnlineRotation, block_matmul
 from .hadamard import orthogonal_matrix, random_orthogonal
@@ -65,7 +76,7 @@ from .rotation import (
     online,
     residual_rotatable,
 )
-from .scaling import apply_smoothing, group_weight_absmax, head_geometry, heads_to_kv, scale_groups, smooth_scales
+from .scaling import apply_smoothing, group_weight_absmax, head_geometry, heads_to_kv, kv_to_heads, scale_groups, smooth_scales
 
 log = logging.getLogger(__name__)
 
@@ -194,17 +205,51 @@ def collect_inputs(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, site
     return {k: v.result() for k, v in samplers.items()}
 
 
+@dataclass(kw_only=True, frozen=True)
+class AlphaSearch:
+    """How ``smooth_alpha: auto`` scores a candidate (see the module doc)."""
+
+    grid: tuple[float, ...]
+    block_size: int
+    steps: int
+    seed: int
+    weights: QuantArgs
+    activations: QuantArgs
+
+
+def smoothing_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor | None, search: AlphaSearch, seed: int) -> float:
+    """sum_W ||x W^T - Q_a(x/s R^T) Q_w(W s R^T)^T||^2 with R DuQuant's transform of x/s
+    (``s`` None: no smoothing); x [n, d] float32, each W [out, d] in the same column space."""
+    xs = x if s is None else x / s
+    rot = duquant_transform(xs, search.block_size, search.steps, seed).matrix().float()
+    xq = fake_quantize(xs @ rot.T, search.activations)
+    wargs = search.weights
+    if x.shape[1] % wargs.group_size:  # a width the group does not divide: one scale per row
+        wargs = QuantArgs(bits=wargs.bits, symmetric=True, granularity="channel")
+    err = 0.0
+    for w in weights:
+        ws = w if s is None else w * s
+        wq = fake_quantize(ws @ rot.T, wargs)
+        err += float((x @ w.T - xq @ wq.T).pow(2).sum())
+    return err
+
+
 @torch.no_grad()
-def smooth_model(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, alpha: float, norms: bool = True, batch: int = 4) -> int:
+def smooth_model(
+    model: nn.Module, spec: ArchSpec, windows: torch.Tensor, alpha: float, norms: bool = True, batch: int = 4, search: AlphaSearch | None = None
+) -> tuple[int, list[dict[str, float | None]]]:
     """DuQuant's smoothing step: per block and equivalence point, the SmoothQuant scale from
-    the calibration activations' per-channel max |x| (``alpha``), folded into the block (the
-    float function is unchanged). ``norms``: include the norm -> linears points. Returns the
-    number of points smoothed."""
+    the calibration activations' per-channel max |x| (``alpha``, or with ``search`` the
+    candidate of least :func:`smoothing_error`, None meaning not smoothed), folded into the
+    block (the float function is unchanged). ``norms``: include the norm -> linears points.
+    Returns the number of points smoothed and, per block, the alpha chosen at each point."""
     layers = get_module(model, spec.blocks)
     groups = [g for g in scale_groups(spec) if norms or g.kind != "norm"]
     if not groups:
-        return 0
+        return 0, []
     absmax: dict[tuple[int, int], torch.Tensor] = {}
+    gen = torch.Generator().manual_seed(search.seed if search else 0)
+    samplers = {(i, k): RowSampler(64, 512, gen) for i in range(len(layers)) for k in range(len(groups))} if search else {}
     handles = []
     for i, block in enumerate(layers):
         for k, g in enumerate(groups):
@@ -212,6 +257,8 @@ def smooth_model(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, alpha:
             def hook(_m, inp, _key=(i, k)):
                 m = inp[0].detach().reshape(-1, inp[0].shape[-1]).abs().amax(0).float()
                 absmax[_key] = m if _key not in absmax else torch.maximum(absmax[_key], m)
+                if _key in samplers:
+                    samplers[_key].add(inp[0])
 
             handles.append(get_module(block, g.linears[0]).register_forward_pre_hook(hook))
     try:
@@ -220,13 +267,37 @@ def smooth_model(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, alpha:
     finally:
         for h in handles:
             h.remove()
-    for i, block in enumerate(layers):
-        for k, g in enumerate(groups):
-            act = absmax[(i, k)]
-            if g.kind == "v":
-                act = heads_to_kv(act, head_geometry(block, spec), "max")
-            apply_smoothing(block, spec, g, smooth_scales(act, group_weight_absmax(block, spec, g), alpha))
-    return len(layers) * len(groups)
+    chosen: list[dict[str, float | None]] = []
+    with progress.bar(len(layers) * len(groups), "duquant alpha search", "point", on=None if search else False) as bar:
+        for i, block in enumerate(layers):
+            picks: dict[str, float | None] = {}
+            for k, g in enumerate(groups):
+                act = absmax[(i, k)]
+                geo = head_geometry(block, spec) if g.kind == "v" else None
+                if geo is not None:
+                    act = heads_to_kv(act, geo, "max")
+                w_absmax = group_weight_absmax(block, spec, g)
+                a: float | None = alpha
+                if search:
+                    a = _search_alpha(samplers.pop((i, k)).result(), block, spec, g, act, w_absmax, geo, search, i * len(groups) + k)
+                    bar.update(1, f"block {i} {g.prev}: {a}")
+                picks[g.prev] = a
+                if a is not None:
+                    apply_smoothing(block, spec, g, smooth_scales(act, w_absmax, a))
+            chosen.append(picks)
+    return sum(a is not None for p in chosen for a in p.values()), chosen
+
+
+def _search_alpha(x, block, spec: ArchSpec, g, act, w_absmax, geo, search: AlphaSearch, seed: int) -> float | None:
+    """The grid's alpha (or None: no smoothing) of least :func:`smoothing_error` at one point."""
+    weights = [get_module(block, p).weight.detach().float() for p in g.linears]
+    cols = (lambda t: kv_to_heads(t, geo)) if geo is not None else (lambda t: t)
+    best, best_err = None, smoothing_error(x, weights, None, search, search.seed + seed)
+    for a in search.grid:
+        err = smoothing_error(x, weights, cols(smooth_scales(act, w_absmax, a)), search, search.seed + seed)
+        if err < best_err:
+            best, best_err = a, err
+    return best
 
 
 # ----------------------------------------------------------------------------- method
@@ -253,15 +324,24 @@ class DuQuant:
     rotate_qk: bool = True
     residual: str = "offline"
     smooth: bool = True
-    smooth_alpha: float = 0.6
+    smooth_alpha: float | str = 0.6
+    smooth_grid: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    search_weight_bits: int = 4
+    search_act_bits: int = 4
 
     def __post_init__(self):
         if self.block_size < 2 or self.steps < 0 or self.windows < 1:
             raise UserError("duquant: block_size >= 2, steps >= 0 and windows >= 1 required")
         if not isinstance(self.smooth, bool):
             raise UserError(f"duquant.smooth {self.smooth!r}: expected true or false")
-        if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) or not 0.0 <= self.smooth_alpha <= 1.0:
-            raise UserError(f"duquant.smooth_alpha {self.smooth_alpha!r}: expected a value in [0, 1]")
+        a = self.smooth_alpha
+        if a != "auto" and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0):
+            raise UserError(f"duquant.smooth_alpha {a!r}: expected a value in [0, 1] or auto")
+        if not self.smooth_grid or any(isinstance(v, bool) or not 0.0 <= v <= 1.0 for v in self.smooth_grid):
+            raise UserError(f"duquant.smooth_grid {list(self.smooth_grid)!r}: expected a non-empty list of values in [0, 1]")
+        for k in ("search_weight_bits", "search_act_bits"):
+            if isinstance(getattr(self, k), bool) or getattr(self, k) not in range(2, 9):
+                raise UserError(f"duquant.{k} {getattr(self, k)!r}: expected an integer from 2 to 8")
         if self.residual not in ("offline", "online"):
             raise UserError(f"duquant.residual {self.residual!r}: expected offline or online")
 
@@ -276,7 +356,17 @@ def duquant(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
     if offline:  # statistics of the plain norm outputs the residual rotation will see
         fuse_norms(model, spec, final=True)
     windows = calib_windows[: cfg.windows]
-    smoothed = smooth_model(model, spec, windows, cfg.smooth_alpha, norms=not offline) if cfg.smooth else 0
+    search = None
+    if cfg.smooth_alpha == "auto":
+        search = AlphaSearch(
+            grid=tuple(cfg.smooth_grid),
+            block_size=cfg.block_size,
+            steps=cfg.steps,
+            seed=cfg.seed,
+            weights=QuantArgs(bits=cfg.search_weight_bits, symmetric=True, granularity="group", group_size=64),
+            activations=QuantArgs(bits=cfg.search_act_bits, symmetric=True, granularity="token"),
+        )
+    smoothed, alphas = smooth_model(model, spec, windows, cfg.smooth_alpha, norms=not offline, search=search) if cfg.smooth else (0, [])
     layers = get_module(model, spec.blocks)
     n = len(layers)
     hd, n_h, _ = head_layout(attention_of(layers[0], spec))
@@ -325,6 +415,7 @@ def duquant(model: nn.Module, spec: ArchSpec, calib_windows, stage) -> None:
         "residual_mode": "offline" if offline else "online",
         "smooth_alpha": cfg.smooth_alpha if cfg.smooth else None,
         "smoothed_points": smoothed,
+        "smooth_alphas": alphas if search else None,
     }
     summary = apply_plan(model, spec, plan)
     log.info("duquant: %s", summary)
