@@ -24,10 +24,12 @@ base recipe does with them).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from . import progress
 from .arch import get_arch, get_module
@@ -85,11 +87,33 @@ def planned_linears(model: nn.Module, base: Recipe) -> list[str]:
     return names
 
 
+def shared_inputs(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """name -> the first of ``names`` that reads the same input (the linears one norm feeds,
+    q/k/v and gate/up, share it: one Hessian serves them all)."""
+    spec = get_arch(model)
+    first: dict[tuple[str, int], str] = {}
+    owner = {}
+    for n in names:
+        prefix, _, local = _split_block(n, spec.blocks)
+        k = next((i for i, f in enumerate(spec.norm_feeds) if local in f.linears), None)
+        owner[n] = n if k is None else first.setdefault((prefix, k), n)
+    return owner
+
+
+def _split_block(name: str, blocks: str) -> tuple[str, str, str]:
+    """'model.layers.3.mlp.up_proj' -> ('model.layers.3', '.', 'mlp.up_proj')."""
+    rest = name[len(blocks) + 1 :]
+    idx, _, local = rest.partition(".")
+    return f"{blocks}.{idx}", ".", local
+
+
 @torch.no_grad()
 def collect_hessians(model: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """H = 2/n X^T X of each named linear from one dense pass over ``windows``."""
-    accs = {n: HessianAccumulator() for n in names}
-    handles = [get_module(model, n).register_forward_hook(lambda _m, inp, _o, a=accs[n]: a.add(inp[0].detach())) for n in names]
+    """H = 2/n X^T X of each named linear from one dense pass over ``windows`` (one matrix,
+    the same tensor, for the linears that read the same input)."""
+    owner = shared_inputs(model, names)
+    accs = {n: HessianAccumulator() for n in names if owner[n] == n}
+    handles = [get_module(model, n).register_forward_hook(lambda _m, inp, _o, a=accs[n]: a.add(inp[0].detach())) for n in accs]
     dev = next(model.parameters()).device
     try:
         for i in progress.track(range(0, windows.shape[0], batch_size), "plan-bits: Hessians", "batch"):
@@ -97,7 +121,8 @@ def collect_hessians(model: nn.Module, names: list[str], windows: torch.Tensor, 
     finally:
         for h in handles:
             h.remove()
-    return {n: a.result() for n, a in accs.items()}
+    done = {n: a.result() for n, a in accs.items()}
+    return {n: done[owner[n]] for n in names}
 
 
 def collect_fisher(model: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int = 2) -> dict[str, torch.Tensor]:
@@ -123,7 +148,10 @@ def collect_fisher(model: nn.Module, names: list[str], windows: torch.Tensor, ba
     handles = [get_module(model, n).register_forward_hook(out_hook(n)) for n in names]
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     dev = next(model.parameters()).device
+    layers = get_module(model, get_arch(model).blocks)
     try:
+        for layer in layers:  # each block recomputed in the backward: the pass keeps block inputs, not activations
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
         for p, _ in frozen:
             p.requires_grad_(False)
         with torch.enable_grad():
@@ -134,6 +162,8 @@ def collect_fisher(model: nn.Module, names: list[str], windows: torch.Tensor, ba
                 loss.backward()
                 count[0] += ids.numel()
     finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
         for h in handles:
             h.remove()
         for p, req in frozen:

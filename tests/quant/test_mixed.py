@@ -5,6 +5,7 @@ import itertools
 import random
 
 import pytest
+import torch
 import yaml
 from conftest import random_windows, tiny_llama
 from helpers import QUIET, cli_fails, run_cli
@@ -113,6 +114,20 @@ def test_costs_are_hessian_weighted_errors():
     assert setting_cost(w, H, QuantArgs(bits=8, group_size=32), "rtn") < setting_cost(w, H, args, "rtn")
 
 
+def test_linears_reading_one_input_share_one_hessian():
+    m = tiny_llama()
+    ids = random_windows(4, 16)
+    names = [
+        f"model.layers.1.{p}"
+        for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")
+    ]
+    H = collect_hessians(m, names, ids)
+    assert H[names[0]] is H[names[1]] is H[names[2]] and H[names[4]] is H[names[5]]
+    assert H[names[3]] is not H[names[0]] and H[names[4]] is not H[names[0]]
+    for n in names:  # each equal to the linear's own, computed alone
+        torch.testing.assert_close(H[n], collect_hessians(m, [n], ids)[n])
+
+
 def test_fisher_is_the_mean_squared_output_gradient_and_weights_rows():
     """collect_fisher gives E_t[(dL/dy_tj)^2] of a linear's outputs (checked against autograd
     on the same windows), and setting_cost weights each output row's error by it."""
@@ -141,6 +156,7 @@ def test_fisher_is_the_mean_squared_output_gradient_and_weights_rows():
     m.zero_grad(set_to_none=True)
     torch.testing.assert_close(f, (want / ids.numel()).double(), rtol=1e-5, atol=1e-12)
     assert all(p.grad is None for p in m.parameters())  # collect_fisher gives the weights no gradients
+    assert all("forward" not in layer.__dict__ for layer in m.model.layers)  # the blocks' checkpointing undone
     H = collect_hessians(m, [name], ids)[name]
     w = dict(m.named_modules())[name].weight.detach()
     args = QuantArgs(bits=3, group_size=32)
