@@ -70,6 +70,7 @@ PEER_SETTINGS = {"default": {"iters": 200}, "light": {"iters": 50, "lr": 5e-3}} 
 MIXED_BUDGETS = (3.25, 4.25)
 PLAN_SOLVERS = ("rtn", "gptq")
 LIGHT = {"iters": 50, "lr": 5e-3, "windows_per_step": 8}  # blockwise at AutoRound's light setting (its batch of 8 windows)
+HEAVY = {"iters": 200, "lr": 5e-3, "windows_per_step": 8}  # blockwise at AutoRound's default setting (200 steps of 8 windows, lr 1/iters)
 W4A4_ROWS = (
     "quarot-w4a4kv4-gptq",
     "duquant-w4a4kv4-gptq",
@@ -97,6 +98,7 @@ def _uniform(bits: int) -> dict:
         f"blockwise-w{bits}g64-parallel": {**preset(f"blockwise-w{bits}g64"), "mode": "parallel"},
         f"awq-blockwise-w{bits}g64": stack(f"awq-gptq-w{bits}g64", f"blockwise-w{bits}g64"),
         f"blockwise-w{bits}g64-light": {**preset(f"blockwise-w{bits}g64"), "set": LIGHT},
+        f"blockwise-w{bits}g64-heavy": {**preset(f"blockwise-w{bits}g64"), "set": HEAVY},
         f"blockwise-w{bits}g64-sequential": {**preset(f"blockwise-w{bits}g64"), "mode": "sequential"},
         f"omniquant-w{bits}g64": {**preset(f"omniquant-w{bits}g64"), "optional": True},
     }
