@@ -241,7 +241,9 @@ ROTATION_PRESETS = [
 ]
 
 
-_PRESET_NAME = re.compile(r"^(?P<rot>quarot|duquant|spinquant)-w(?P<w>\d)a(?P<a>\d)(kv(?P<kv>\d))?(-(?P<solver>rtn|gptq|blockwise))?$|^kv(?P<kv_only>\d)$")
+_PRESET_NAME = re.compile(
+    r"^(?P<rot>quarot|duquant|spinquant)-w(?P<w>\d)a(?P<a>\d)(kv(?P<kv>\d))?(-(?P<solver>rtn|gptq|blockwise))?$|^kv(?P<kv_only>\d)$"
+)
 
 
 @pytest.mark.parametrize("name", ROTATION_PRESETS)
