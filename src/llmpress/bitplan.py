@@ -94,17 +94,16 @@ def shared_inputs(model: nn.Module, names: list[str]) -> dict[str, str]:
     first: dict[tuple[str, int], str] = {}
     owner = {}
     for n in names:
-        prefix, _, local = _split_block(n, spec.blocks)
+        prefix, local = _split_block(n, spec.blocks)
         k = next((i for i, f in enumerate(spec.norm_feeds) if local in f.linears), None)
         owner[n] = n if k is None else first.setdefault((prefix, k), n)
     return owner
 
 
-def _split_block(name: str, blocks: str) -> tuple[str, str, str]:
-    """'model.layers.3.mlp.up_proj' -> ('model.layers.3', '.', 'mlp.up_proj')."""
-    rest = name[len(blocks) + 1 :]
-    idx, _, local = rest.partition(".")
-    return f"{blocks}.{idx}", ".", local
+def _split_block(name: str, blocks: str) -> tuple[str, str]:
+    """'model.layers.3.mlp.up_proj' -> ('model.layers.3', 'mlp.up_proj')."""
+    idx, _, local = name[len(blocks) + 1 :].partition(".")
+    return f"{blocks}.{idx}", local
 
 
 @torch.no_grad()
