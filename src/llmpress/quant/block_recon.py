@@ -220,6 +220,12 @@ def corrective_data(ctx, batches: int | None, method: str = "blockwise"):
     return [ctx.inputs[b] for b in range(n)], [ctx.call_args[b] for b in range(n)], [ctx.fp_outputs[b] for b in range(n)]
 
 
+def check_activations(args: QuantArgs | None, error: type[UserError], method: str) -> None:
+    """Activations a block method fake-quantizes while learning: per token, integer grid."""
+    if args is not None and (args.kind != "int" or args.granularity != "token"):
+        raise error(f"activations: {method} quantizes activations per token on an integer grid (kind: int, granularity: token)")
+
+
 @contextlib.contextmanager
 def act_quant_hooks(block: nn.Module, locs, args: QuantArgs | None):
     """Fake-quantize the inputs of the named linears (straight-through) while inside."""

@@ -52,6 +52,7 @@ from .block_recon import (
     autocast_for,
     block_forward,
     capture_block,
+    check_activations,
     check_block_options,
     check_grid,
     corrective_data,
@@ -263,8 +264,7 @@ class Blockwise(BlockwiseOptions):
             raise RecipeError(f"mode={self.mode!r}: expected one of {', '.join(MODES)}")
         if self.batches is not None and (isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1):
             raise RecipeError(f"batches={self.batches!r}: expected an integer of at least 1 (or null: all)")
-        if self.activations is not None and (self.activations.kind != "int" or self.activations.granularity != "token"):
-            raise RecipeError("activations: blockwise quantizes activations per token on an integer grid (kind: int, granularity: token)")
+        check_activations(self.activations, RecipeError, "blockwise")
 
     @property
     def needs_fp_stream(self) -> bool:

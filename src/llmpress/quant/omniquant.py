@@ -51,6 +51,7 @@ from .block_recon import (
     act_quant_hooks,
     block_forward,
     capture_block,
+    check_activations,
     check_block_options,
     check_grid,
     output_error,
@@ -277,8 +278,7 @@ class OmniQuant:
             raise RecipeError(f"let_alpha={self.let_alpha!r}: expected a value in [0, 1]")
         if isinstance(self.lwc_init, bool) or not isinstance(self.lwc_init, (int, float)) or not math.isfinite(self.lwc_init):
             raise RecipeError(f"lwc_init={self.lwc_init!r}: expected a number")
-        if self.activations is not None and (self.activations.kind != "int" or self.activations.granularity != "token"):
-            raise RecipeError("activations: omniquant quantizes activations per token on an integer grid (kind: int, granularity: token)")
+        check_activations(self.activations, RecipeError, "omniquant")
         if self.batches is not None and (isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1):
             raise RecipeError(f"batches={self.batches!r}: expected an integer of at least 1 (or null: all)")
 

@@ -217,9 +217,13 @@ class AlphaSearch:
     activations: QuantArgs
 
 
-def smoothing_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor | None, search: AlphaSearch, seed: int) -> float:
+def smoothing_error(
+    x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor | None, search: AlphaSearch, seed: int, refs: list[torch.Tensor] | None = None
+) -> float:
     """sum_W ||x W^T - Q_a(x/s R^T) Q_w(W s R^T)^T||^2 with R DuQuant's transform of x/s
-    (``s`` None: no smoothing); x [n, d] float32, each W [out, d] in the same column space."""
+    (``s`` None: no smoothing); x [n, d] float32, each W [out, d] in the same column space.
+    ``refs``: the products x W^T when the caller has them (one per candidate otherwise)."""
+    refs = refs if refs is not None else [x @ w.T for w in weights]
     xs = x if s is None else x / s
     rot = duquant_transform(xs, search.block_size, search.steps, seed).matrix().float()
     xq = fake_quantize(xs @ rot.T, search.activations)
@@ -227,16 +231,16 @@ def smoothing_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tenso
     if x.shape[1] % wargs.group_size:  # a width the group does not divide: one scale per row
         wargs = QuantArgs(bits=wargs.bits, symmetric=True, granularity="channel")
     err = 0.0
-    for w in weights:
+    for w, ref in zip(weights, refs):
         ws = w if s is None else w * s
         wq = fake_quantize(ws @ rot.T, wargs)
-        err += float((x @ w.T - xq @ wq.T).pow(2).sum())
+        err += float((ref - xq @ wq.T).pow(2).sum())
     return err
 
 
 @torch.no_grad()
 def smooth_model(
-    model: nn.Module, spec: ArchSpec, windows: torch.Tensor, alpha: float, norms: bool = True, batch: int = 4, search: AlphaSearch | None = None
+    model: nn.Module, spec: ArchSpec, windows: torch.Tensor, alpha: float | str, norms: bool = True, batch: int = 4, search: AlphaSearch | None = None
 ) -> tuple[int, list[dict[str, float | None]]]:
     """DuQuant's smoothing step: per block and equivalence point, the SmoothQuant scale from
     the calibration activations' per-channel max |x| (``alpha``, or with ``search`` the
@@ -279,7 +283,7 @@ def smooth_model(
                 w_absmax = group_weight_absmax(block, spec, g)
                 a: float | None = alpha
                 if search:
-                    a = _search_alpha(samplers.pop((i, k)).result(), block, spec, g, act, w_absmax, geo, search, i * len(groups) + k)
+                    a = _search_alpha(samplers.pop((i, k)).result(), block, g, act, w_absmax, geo, search, i * len(groups) + k)
                     bar.update(1, f"block {i} {g.prev}: {a}")
                 picks[g.prev] = a
                 if a is not None:
@@ -288,13 +292,14 @@ def smooth_model(
     return sum(a is not None for p in chosen for a in p.values()), chosen
 
 
-def _search_alpha(x, block, spec: ArchSpec, g, act, w_absmax, geo, search: AlphaSearch, seed: int) -> float | None:
+def _search_alpha(x, block, g, act, w_absmax, geo, search: AlphaSearch, seed: int) -> float | None:
     """The grid's alpha (or None: no smoothing) of least :func:`smoothing_error` at one point."""
     weights = [get_module(block, p).weight.detach().float() for p in g.linears]
+    refs = [x @ w.T for w in weights]
     cols = (lambda t: kv_to_heads(t, geo)) if geo is not None else (lambda t: t)
-    best, best_err = None, smoothing_error(x, weights, None, search, search.seed + seed)
+    best, best_err = None, smoothing_error(x, weights, None, search, search.seed + seed, refs)
     for a in search.grid:
-        err = smoothing_error(x, weights, cols(smooth_scales(act, w_absmax, a)), search, search.seed + seed)
+        err = smoothing_error(x, weights, cols(smooth_scales(act, w_absmax, a)), search, search.seed + seed, refs)
         if err < best_err:
             best, best_err = a, err
     return best
