@@ -114,6 +114,14 @@ ROWS.update(
         for b in MIXED_BUDGETS
     }
 )
+# the plan compressed by block-wise reconstruction: plan-bits on the W3 preset (costs after GPTQ),
+# its per-setting stages learned together, one pass per block (calib/plan.py joint_runs)
+ROWS.update(
+    {
+        f"mixed-{b:g}-blockwise": {"kind": "mixed", "budget": b, "solver": "gptq", "base": "blockwise-w3g64", "class": f"{b:g} avg"}
+        for b in MIXED_BUDGETS
+    }
+)
 # rows measured with settings since changed (kept in the JSON under these keys, labelled here)
 LEGACY = {
     "blockwise-w4g64-v1": "blockwise-w4g64 before 2026-12-04 (sequential, full-range grid, one clipping factor, float32 steps)",
@@ -173,6 +181,7 @@ def label(key: str) -> str:
     s = spec.get("set", {})
     notes += [f"{s['iters']} steps of {s['windows_per_step']} windows, lr {s['lr']:g}"] if "iters" in s else []
     notes += ["layer errors unweighted"] if spec.get("weighting") == "none" else []
+    notes += [f"plan on {spec['base']}, layer errors after GPTQ"] if spec.get("base") else []
     notes += [f"{m}: {v}" for m, v in spec.get("stage_set", {}).items()]
     notes += [f"{spec['from']} at 2 bits"] if spec.get("from") else []
     return f"{key} ({', '.join(notes)})" if notes else key
@@ -186,21 +195,23 @@ def table(res: dict) -> str:
     )
 
 
-def mixed_row(rt: Resumable, key: str, budget: float, solver: str, a, weighting: str = "fisher") -> None:
+def mixed_row(rt: Resumable, key: str, budget: float, solver: str, a, weighting: str = "fisher", base: str | None = None) -> None:
     """plan_bits under ``budget`` (costs by ``solver``) on the calibration windows, then the
-    planned recipe; the recipe YAML is written beside the JSON."""
+    planned recipe; the recipe YAML is written beside the JSON. ``base``: the plan's base
+    recipe (default ``--plan-base``)."""
     from llmpress.bitplan import plan_bits
     from llmpress.recipe import load_recipe
 
     if rt.done(key):
         return
+    base = base or a.plan_base
     t = time.perf_counter()
-    plan = plan_bits(rt.model, rt.calib, base=load_recipe(a.plan_base), candidates=a.candidates, budget=budget, solver=solver, weighting=weighting)
+    plan = plan_bits(rt.model, rt.calib, base=load_recipe(base), candidates=a.candidates, budget=budget, solver=solver, weighting=weighting)
     plan_s = time.perf_counter() - t
     print(plan.table(), flush=True)
     path = rt.out.with_name(f"{rt.out.stem}-{key}.yaml")
     path.write_text(plan.recipe.to_yaml())
-    rt.compress(key, plan.recipe, setup_s=plan_s, plan_s=plan_s, plan_bits_per_weight=plan.bits_per_weight, plan_base=a.plan_base,
+    rt.compress(key, plan.recipe, setup_s=plan_s, plan_s=plan_s, plan_bits_per_weight=plan.bits_per_weight, plan_base=base,
                 plan_solver=solver, plan_weighting=weighting, candidates=a.candidates, choice=plan.choice, recipe_yaml=str(path))  # fmt: skip
 
 
@@ -259,7 +270,7 @@ def main(argv=None) -> int:
     for key in keys:
         spec = ROWS[key]
         if spec["kind"] == "mixed":
-            mixed_row(rt, key, spec["budget"], spec["solver"], a, spec.get("weighting", "fisher"))
+            mixed_row(rt, key, spec["budget"], spec["solver"], a, spec.get("weighting", "fisher"), spec.get("base"))
         elif spec["kind"] == "peer":
             peer_row(rt, key, spec, a)
         elif (recipe := recipe_of(key, spec)) is None:

@@ -16,7 +16,9 @@
 4. The recipe: every stage of the base recipe that quantizes weights of the block linears
    becomes one stage per chosen setting, with the setting's bits/group size and an explicit
    ``targets`` list (``ignore: []``); the other stages stay as they are. It is an ordinary
-   YAML recipe: read it, edit it, pass it to ``llmpress compress --recipe``.
+   YAML recipe: read it, edit it, pass it to ``llmpress compress --recipe``. Block methods
+   registered with ``joint_grids`` (blockwise, omniquant) run such consecutive stages as one
+   learning pass per block, each linear on its own grid (``calib.plan.joint_runs``).
 
 The budget counts the planned linears only (the output head and embeddings keep what the
 base recipe does with them).

@@ -112,6 +112,10 @@ class Method:
     #          returns None or a ModelStageOutput.
     scope: str = "module"
     summary: str = ""
+    # block scope: consecutive stages of this method that differ only in their grid
+    # (``weights``) and name their targets explicitly (a plan-bits recipe) run as one call,
+    # each target's grid in ``BlockContext.grids`` (block-wise reconstruction learns them together)
+    joint_grids: bool = False
 
 
 class _Methods(dict):
@@ -145,7 +149,7 @@ PACKAGES: list[str] = [__name__.rpartition(".")[0]]
 _REGISTRATION = re.compile(r"^@register\(\s*[\"']([^\"']+)[\"']", re.M)
 
 
-def register(name: str, config_cls: type, needs: tuple[str, ...] = (), scope: str = "module", summary: str = ""):
+def register(name: str, config_cls: type, needs: tuple[str, ...] = (), scope: str = "module", summary: str = "", joint_grids: bool = False):
     """Decorator: ``@register("rtn", RTN, needs=(...), scope=...)`` on the method's handler.
 
     Written at the start of a line in a module of one of :data:`PACKAGES`, the method is
@@ -155,7 +159,13 @@ def register(name: str, config_cls: type, needs: tuple[str, ...] = (), scope: st
         if dict.__contains__(METHODS, name):
             raise RuntimeError(f"method {name!r} registered twice")
         METHODS[name] = Method(
-            name=name, config_cls=config_cls, apply=fn, needs=tuple(needs), scope=scope, summary=summary or (fn.__doc__ or "").strip().split("\n")[0]
+            name=name,
+            config_cls=config_cls,
+            apply=fn,
+            needs=tuple(needs),
+            scope=scope,
+            summary=summary or (fn.__doc__ or "").strip().split("\n")[0],
+            joint_grids=joint_grids,
         )
         return fn
 

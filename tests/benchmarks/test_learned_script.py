@@ -58,7 +58,11 @@ def test_row_specs():
         "mixed-4.25-gptq": (4.25, "gptq"),
         "mixed-3.25-rtn-unweighted": (3.25, "rtn"),
         "mixed-4.25-rtn-unweighted": (4.25, "rtn"),
+        "mixed-3.25-blockwise": (3.25, "gptq"),
+        "mixed-4.25-blockwise": (4.25, "gptq"),
     }
+    assert lr.ROWS["mixed-3.25-blockwise"]["base"] == "blockwise-w3g64" and "base" not in lr.ROWS["mixed-3.25-gptq"]
+    assert lr.label("mixed-3.25-blockwise") == "mixed-3.25-blockwise (corrective, plan on blockwise-w3g64, layer errors after GPTQ)"
 
 
 def test_w4a4_rows_are_existing_presets():

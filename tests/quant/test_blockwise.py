@@ -346,3 +346,66 @@ def test_activations_in_the_loop_are_kept_at_run_time_and_beat_rtn_w4a4(tmp_path
     loaded, _ = llmpress.load_compressed(str(out), backend="dequant")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, got)
+
+
+def _bw(targets, bits, **kw):
+    return stage("blockwise", targets=targets, ignore=(), weights=QuantArgs(bits=bits, group_size=32, signed_scale=True), iters=10, amp=False, **kw)
+
+
+def test_joint_runs_group_only_plan_bits_shaped_stages():
+    from llmpress.calib.plan import joint_runs
+
+    q, k = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
+    a, b = _bw([q], 3), _bw([k], 4)
+    assert [len(r) for r in joint_runs([(0, a), (1, b)])] == [2]
+    cases = {
+        "overlapping targets": _bw([q, k], 4),
+        "a pattern": _bw(["Linear"], 4),
+        "another setting": _bw([k], 4, lr=0.02),
+        "another method": stage("awq", targets=[k], ignore=(), weights=QuantArgs(bits=4, group_size=32)),
+    }
+    for why, other in cases.items():
+        assert [len(r) for r in joint_runs([(0, a), (1, other)])] == [1, 1], why
+
+
+BASES = {
+    "blockwise": lambda: stage("blockwise", weights=QuantArgs(bits=4, group_size=32, signed_scale=True), iters=20, amp=False),
+    "omniquant": lambda: stage("omniquant", weights=QuantArgs(bits=4, group_size=32), iters=10),
+}
+
+
+@pytest.mark.parametrize("method", list(BASES))
+def test_plan_bits_stages_learn_together_with_their_own_grids(monkeypatch, method):
+    """A plan-bits recipe on a blockwise (omniquant) base: one call per block with every
+    target's planned grid (not one pass per setting), records as planned."""
+    import dataclasses
+
+    from llmpress.bitplan import plan_bits
+    from llmpress.registry import METHODS
+
+    data = random_windows(8, 32)
+    base = Recipe(stages=(BASES[method](),))
+    plan = plan_bits(tiny_llama(), data, base=base, candidates="w2g32,w3g32,w4g32", budget=3.2)
+    recipe = Recipe.from_yaml(plan.recipe.to_yaml())
+    assert len(recipe.stages) >= 2 and len(set(plan.choice.values())) >= 2
+    calls, orig = [], METHODS[method]
+
+    def spy(ctx, cfg):
+        calls.append({loc: g.bits for loc, g in (ctx.grids or {}).items()})
+        return orig.apply(ctx, cfg)
+
+    monkeypatch.setitem(METHODS, method, dataclasses.replace(orig, apply=spy))
+    m = tiny_llama()
+    rep = compress(m, recipe, data=data, engine=QUIET)
+    assert len(calls) == 2 and all(len(c) == 7 for c in calls)
+    want = {n: int(lab[1]) for n, lab in plan.choice.items()}
+    assert {f"model.layers.{i}.{loc}": bits for i, c in enumerate(calls) for loc, bits in c.items()} == want
+    recs = rep.result.records
+    assert {n: r.weight_args.bits for n, r in recs.items()} == want
+    assert all(r.notes[method]["block_mse"] <= r.notes[method]["block_mse_rtn"] for r in recs.values())
+    mods = dict(m.named_modules())
+    for n, r in recs.items():  # each linear on its own grid: integer codes within that grid's range
+        w = mods[n].weight.detach().float()
+        codes = w.reshape(w.shape[0], -1, 32) / r.qparams.scale.float().unsqueeze(-1)
+        assert torch.allclose(codes, codes.round(), atol=1e-3), n
+        assert codes.round().min() >= r.weight_args.qmin and codes.round().max() <= r.weight_args.qmax, n

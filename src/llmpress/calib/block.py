@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -166,6 +167,9 @@ class BlockContext:
     # batch: only when a block stage's config has ``needs_fp_stream`` (None otherwise)
     fp_inputs: ActivationStore | None = None
     fp_outputs: ActivationStore | None = None
+    # local name -> grid (QuantArgs) of each target, when stages that differ only in their
+    # grid run as one call (a method registered with ``joint_grids``); None: the config's own
+    grids: dict[str, Any] | None = None
     _first: list = field(default_factory=list, repr=False)  # the global first batches gathered here (several ranks)
 
     @property

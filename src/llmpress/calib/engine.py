@@ -36,7 +36,7 @@ from . import dist
 from .activations import ActivationStore, capture_block_inputs, run_batches
 from .block import BlockContext, RunState, collect_stats, local_all, solve_seconds, wrap_act_quant
 from .fused import fusable, solve_block_fused
-from .plan import Plan, build_plan
+from .plan import Plan, build_plan, joint_runs
 from .resume import BlockCheckpoints, check_resumable, fingerprint
 
 __all__ = [
@@ -263,12 +263,20 @@ def _batch_size(windows: int, batch_size: int, ranks: int, bars: bool) -> int:
 
 
 def _run_block_stages(state: RunState, block_stages: list, ctx: BlockContext) -> None:
-    """Each block-scope stage (AWQ, SmoothQuant) on the block's linears it targets."""
-    for si, st in block_stages:
-        sel = {loc: full for loc, full in local_all(ctx.block, ctx.prefix).items() if st.matches(full, True)}
+    """Each block-scope stage (AWQ, SmoothQuant, block-wise reconstruction) on the block's
+    linears it targets; stages that learn together (:func:`joint_runs`) in one call, each
+    target with its own grid (``ctx.grids``)."""
+    linears = local_all(ctx.block, ctx.prefix)
+    for run in joint_runs(block_stages):
+        sel, grids = {}, {}
+        for _, st in run:
+            for loc, full in linears.items():
+                if loc not in sel and st.matches(full, True):
+                    sel[loc], grids[loc] = full, getattr(st.config, "weights", None)
         if sel:
+            si, st = run[0]
             t = time.perf_counter()
-            METHODS[st.method].apply(dataclasses.replace(ctx, targets=sel), st.config)
+            METHODS[st.method].apply(dataclasses.replace(ctx, targets=sel, grids=grids if len(run) > 1 else None), st.config)
             key = f"stage{si}:{st.method}"
             state.seconds[key] = state.seconds.get(key, 0.0) + time.perf_counter() - t
 

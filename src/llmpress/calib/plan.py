@@ -10,7 +10,7 @@ object to :func:`llmpress.api.save` and the exporters, not as attributes on the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch.nn as nn
@@ -21,7 +21,7 @@ from ..quant.args import QuantArgs, check_group_divides
 from ..recipe import Recipe, Stage
 from ..registry import METHODS, ModuleRecord
 
-__all__ = ["CompressResult", "Plan", "build_plan"]
+__all__ = ["CompressResult", "Plan", "build_plan", "joint_runs"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -56,6 +56,36 @@ class Plan:
         """The engine's bar names the methods it runs: ``compress (awq, gptq)``."""
         names = dict.fromkeys(s.method for _, s in (*self.block_stages, *(p for sts in self.targets.values() for p in sts)))
         return f"compress ({', '.join(names)})" if names else "compress"
+
+
+def _explicit(st: Stage) -> frozenset[str] | None:
+    """The stage's targets when they are plain names (no ``Linear``, no ``re:``), else None."""
+    if any(t == "Linear" or t.startswith("re:") for t in st.targets):
+        return None
+    return frozenset(st.targets) - frozenset(st.ignore)
+
+
+def _joins(run: list[tuple[int, Stage]], st: Stage) -> bool:
+    first = run[0][1]
+    if st.method != first.method or not METHODS[st.method].joint_grids:
+        return False
+    if not isinstance(getattr(st.config, "weights", None), QuantArgs) or replace(st.config, weights=first.config.weights) != first.config:
+        return False
+    mine = _explicit(st)
+    if mine is None or any(_explicit(s) is None for _, s in run):
+        return False
+    return all(not (mine & _explicit(s)) for _, s in run)
+
+
+def joint_runs(block_stages) -> tuple[tuple[tuple[int, Stage], ...], ...]:
+    """``block_stages`` grouped into the engine's calls (see :meth:`Plan.block_runs`)."""
+    runs: list[list[tuple[int, Stage]]] = []
+    for i, st in block_stages:
+        if runs and _joins(runs[-1], st):
+            runs[-1].append((i, st))
+        else:
+            runs.append([(i, st)])
+    return tuple(tuple(r) for r in runs)
 
 
 def _check_layer_stages(

@@ -281,13 +281,15 @@ class Blockwise(BlockwiseOptions):
     "blockwise",
     Blockwise,
     scope="block",
+    joint_grids=True,
     summary="block-wise reconstruction: rounding offsets + clipping learned per block by SignSGD (AutoRound-style)",
 )
 def blockwise(ctx, cfg: Blockwise) -> None:
     data = {"parallel": parallel_data, "corrective": corrective_data}.get(cfg.mode, capture_block)
     xs, calls, ys = data(ctx, cfg.batches)
+    grids = {loc: (ctx.grids or {}).get(loc) or cfg.weights for loc in ctx.targets}  # plan-bits stages learn together, each its grid
     quants = {
-        loc: LearnedQuant(get_module(ctx.block, loc).weight.data, cfg.weights, learn_clip=cfg.learn_clip, name=full)
+        loc: LearnedQuant(get_module(ctx.block, loc).weight.data, grids[loc], learn_clip=cfg.learn_clip, name=full)
         for loc, full in ctx.targets.items()
     }
     with progress.bar(cfg.iters, f"blockwise block {ctx.index}", "step") as bar:
@@ -300,7 +302,7 @@ def blockwise(ctx, cfg: Blockwise) -> None:
         lin.weight.data.copy_(w)
         rec = ctx.record(loc)
         rec.methods.append("blockwise")
-        rec.weight_args = cfg.weights
+        rec.weight_args = grids[loc]
         rec.qparams = qp
         a, b = q.clip_factors()
         rec.notes["blockwise"] = {

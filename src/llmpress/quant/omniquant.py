@@ -187,7 +187,7 @@ def learn_block(block, spec, quants, let: LetState, data, cfg: OmniQuant, bar=No
             base = block_tensors(block)
             with torch.no_grad():
                 err = output_error(block, quantized_tensors(block, spec, quants, let, base, hard=True), xs, calls, ys)
-                rtn = {f"{loc}.weight": quantize_weight(base[f"{loc}.weight"], cfg.weights)[0] for loc in quants}
+                rtn = {f"{loc}.weight": quantize_weight(base[f"{loc}.weight"], q.args)[0] for loc, q in quants.items()}
             err_rtn = output_error(block, rtn, xs, calls, ys)
     finally:
         for p, req in frozen:
@@ -291,11 +291,13 @@ class OmniQuant:
     "omniquant",
     OmniQuant,
     scope="block",
+    joint_grids=True,
     summary="OmniQuant: learnable weight clipping + equivalent transformations (scales/shifts folded), learned per block by AdamW",
 )
 def omniquant(ctx, cfg: OmniQuant) -> None:
+    grids = ctx.grids or {}  # plan-bits stages learn together, each linear on its own grid
     quants = {
-        loc: ClipQuant(get_module(ctx.block, loc).weight.data, cfg.weights, learn=cfg.lwc, init=cfg.lwc_init, name=full)
+        loc: ClipQuant(get_module(ctx.block, loc).weight.data, grids.get(loc) or cfg.weights, learn=cfg.lwc, init=cfg.lwc_init, name=full)
         for loc, full in ctx.targets.items()
     }
     let, rotated = init_let(ctx, cfg)
@@ -313,7 +315,7 @@ def omniquant(ctx, cfg: OmniQuant) -> None:
         lin.weight.data.copy_(w)
         rec = ctx.record(loc)
         rec.methods.append("omniquant")
-        rec.weight_args, rec.qparams = cfg.weights, qp
+        rec.weight_args, rec.qparams = q.args, qp
         gamma, _ = q.factors()
         rec.notes["omniquant"] = {
             "block_mse_rtn": res.error_rtn,
