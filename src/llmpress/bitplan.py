@@ -1,8 +1,9 @@
 """``llmpress plan-bits``: a mixed-precision recipe under an average bits-per-weight budget.
 
 1. The Hessian ``H = 2/n X^T X`` of every linear of the decoder blocks that the base
-   recipe's quantizing stages target, from one pass of the dense model over the
-   calibration windows (all held at once: about 1 GB for SmolLM2-135M in float64 sums).
+   recipe's quantizing stages target, from the dense model run block by block over the
+   calibration windows; one block's matrices at a time (float64 sums), its costs (2.)
+   measured before the next block's are gathered.
 2. The cost of each candidate setting on each linear, ``tr(dW H dW^T)``, with dW the error
    of nearest rounding (``--solver rtn``) or of GPTQ (``--solver gptq``, the base stage's
    damping and order when it is a GPTQ stage) at that setting; with ``--weighting fisher``
@@ -27,15 +28,18 @@ base recipe does with them).
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import progress
 from .arch import get_arch, get_module
 from .calib.accumulators import HessianAccumulator
+from .calib.activations import ActivationStore, capture_block_inputs, run_batches
 from .errors import UserError
 from .quant.args import QuantArgs
 from .quant.core import quantize_weight
@@ -43,6 +47,7 @@ from .quant.gptq_solve import gptq_quantize
 from .quant.hessian import layer_error
 from .quant.mixed import allocate, budget_bits, parse_candidates, setting_bits
 from .recipe import Recipe, Stage
+from .runtime.head import agrees, chunk_tokens, head_logits, split_head
 
 SOLVERS = ("rtn", "gptq")
 WEIGHTINGS = ("fisher", "none")  # each layer's output error weighted by the loss's sensitivity to it, or summed as it is
@@ -108,22 +113,44 @@ def _split_block(name: str, blocks: str) -> tuple[str, str]:
     return f"{blocks}.{idx}", local
 
 
-@torch.no_grad()
 def collect_hessians(model: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """H = 2/n X^T X of each named linear from one dense pass over ``windows`` (one matrix,
-    the same tensor, for the linears that read the same input)."""
+    """H = 2/n X^T X of each named linear of the decoder blocks from a dense pass over
+    ``windows`` (one matrix, the same tensor, for the linears that read the same input)."""
+    return {n: H for blk in block_hessians(model, names, windows, batch_size) for n, H in blk.items()}
+
+
+@torch.no_grad()
+def block_hessians(model: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int = 8) -> Iterator[dict[str, torch.Tensor]]:
+    """Per decoder block in order, ``H = 2/n X^T X`` of its linears among ``names`` (in
+    ``names`` order), from the dense model run block by block over ``windows``: the blocks'
+    inputs are kept (one hidden state per window), and only one block's matrices are alive
+    while the caller uses them (one tensor for the linears that read the same input)."""
+    spec = get_arch(model)
     owner = shared_inputs(model, names)
-    accs = {n: HessianAccumulator() for n in names if owner[n] == n}
-    handles = [get_module(model, n).register_forward_hook(lambda _m, inp, _o, a=accs[n]: a.add(inp[0].detach())) for n in accs]
     dev = next(model.parameters()).device
-    try:
-        for i in progress.track(range(0, windows.shape[0], batch_size), "plan-bits: Hessians", "batch"):
-            model(input_ids=windows[i : i + batch_size].to(dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    done = {n: a.result() for n, a in accs.items()}
-    return {n: done[owner[n]] for n in names}
+    inputs = ActivationStore()
+    call_args = capture_block_inputs(model, spec, list(windows.to(dev).split(batch_size)), inputs)
+    layers = get_module(model, spec.blocks)
+    by_block: dict[int, list[str]] = {}
+    for n in names:
+        by_block.setdefault(int(n[len(spec.blocks) + 1 :].split(".", 1)[0]), []).append(n)
+    for i in progress.track(range(len(layers)), "plan-bits: Hessians and layer errors", "block"):
+        mine = by_block.get(i, [])
+        accs = {n: HessianAccumulator() for n in mine if owner[n] == n}
+        handles = [get_module(model, n).register_forward_hook(lambda _m, inp, _o, a=accs[n]: a.add(inp[0].detach())) for n in accs]
+        outputs = ActivationStore()
+        try:
+            keep = outputs.append if i + 1 < len(layers) else None  # the last block's outputs feed nothing
+            run_batches(layers[i], inputs, call_args[i], each=None if keep is None else lambda _b, y, k=keep: k(y))
+        finally:
+            for h in handles:
+                h.remove()
+        inputs.clear()
+        inputs = outputs
+        done = {n: a.result() for n, a in accs.items()}
+        del accs
+        yield {n: done[owner[n]] for n in mine}
+        del done
 
 
 def collect_fisher(model: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int = 2) -> dict[str, torch.Tensor]:
@@ -146,9 +173,14 @@ def collect_fisher(model: nn.Module, names: list[str], windows: torch.Tensor, ba
 
         return hook
 
+    dev = next(model.parameters()).device
+    parts = split_head(model)
+    with torch.no_grad():
+        same = parts is not None and agrees(model, parts, windows[:1, :8].to(dev))
+    if not same:
+        parts = None  # the model's logits are not head(decoder(x)): its own loss, full logits
     handles = [get_module(model, n).register_forward_hook(out_hook(n)) for n in names]
     frozen = [(p, p.requires_grad) for p in model.parameters()]
-    dev = next(model.parameters()).device
     layers = get_module(model, get_arch(model).blocks)
     try:
         for layer in layers:  # each block recomputed in the backward: the pass keeps block inputs, not activations
@@ -159,8 +191,7 @@ def collect_fisher(model: nn.Module, names: list[str], windows: torch.Tensor, ba
             for i in progress.track(range(0, windows.shape[0], batch_size), "plan-bits: output gradients", "batch"):
                 ids = windows[i : i + batch_size].to(dev)
                 emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-                loss = model(inputs_embeds=emb, labels=ids, use_cache=False).loss
-                loss.backward()
+                next_token_loss(model, parts, emb, ids).backward()
                 count[0] += ids.numel()
     finally:
         for layer in layers:
@@ -170,6 +201,28 @@ def collect_fisher(model: nn.Module, names: list[str], windows: torch.Tensor, ba
         for p, req in frozen:
             p.requires_grad_(req)
     return {n: (v / max(count[0], 1)).double() for n, v in sums.items() if v is not None}
+
+
+def _nll_sum(head: nn.Module, softcap: float | None, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head_logits(head, softcap, h), target, reduction="sum")
+
+
+def next_token_loss(model: nn.Module, parts, emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The mean next-token loss of ``ids`` (the model's own ``labels`` loss). With ``parts``
+    (:func:`llmpress.runtime.head.split_head`) the head and the loss run a chunk of tokens at
+    a time, each chunk recomputed in the backward pass: no [tokens, vocab] logits (nor their
+    gradient) are held for the whole batch (402 MB a copy for 2 windows of SmolLM2-135M)."""
+    if parts is None:
+        return model(inputs_embeds=emb, labels=ids, use_cache=False).loss
+    body, head, softcap = parts
+    h = body(inputs_embeds=emb, use_cache=False).last_hidden_state[:, :-1]
+    h = h.reshape(-1, h.shape[-1])
+    target = ids[:, 1:].reshape(-1)
+    step = chunk_tokens(head.weight.shape[0], h.shape[-1])
+    total = sum(
+        checkpoint(_nll_sum, head, softcap, h[s : s + step], target[s : s + step], use_reentrant=False) for s in range(0, target.numel(), step)
+    )
+    return total / target.numel()
 
 
 def setting_cost(
@@ -189,12 +242,13 @@ def setting_cost(
 
 
 def _cost_table(model, names, hessians, cands, solver, stage_config, fisher=None):
-    """(costs, sizes) per linear and candidate; a candidate whose group size does not divide
-    a linear's input is left out for that linear (infinite cost is not an option: no entry)."""
+    """(costs, sizes) per linear and candidate, in ``names`` order, from ``hessians`` (per
+    block, :func:`block_hessians`: each block's matrices freed before the next block's are
+    gathered); a candidate whose group size does not divide a linear's input is left out for
+    that linear (infinite cost is not an option: no entry)."""
     costs, sizes, options = [], [], []
-    for n in progress.track(names, "plan-bits: layer errors", "linear"):
+    for n, H in ((n, H) for blk in hessians for n, H in blk.items()):
         w = get_module(model, n).weight.detach()
-        H = hessians.pop(n)
         c, b, o = [], [], []
         for k, args in enumerate(cands.values()):
             if args.granularity == "group" and w.shape[1] % args.group_size:
@@ -233,7 +287,7 @@ def plan_bits(
     n_weights = sum(get_module(model, n).weight.numel() for n in names)
     budget_total = budget_bits(budget, n_weights)
     fisher = collect_fisher(model, names, windows) if weighting == "fisher" else None
-    costs, sizes, options = _cost_table(model, names, collect_hessians(model, names, windows, batch_size), cands, solver, first, fisher)
+    costs, sizes, options = _cost_table(model, names, block_hessians(model, names, windows, batch_size), cands, solver, first, fisher)
     alloc = allocate(costs, sizes, budget_total)
     labels = list(cands)
     choice = {n: labels[options[i][k]] for i, (n, k) in enumerate(zip(names, alloc.choice))}

@@ -128,17 +128,54 @@ def test_linears_reading_one_input_share_one_hessian():
         torch.testing.assert_close(H[n], collect_hessians(m, [n], ids)[n])
 
 
-def test_fisher_is_the_mean_squared_output_gradient_and_weights_rows():
+def test_block_by_block_hessians_equal_a_whole_model_pass_and_come_one_block_at_a_time():
+    """The dense model run block by block gives each linear the matrix that hooks on one
+    whole-model forward give; each block's matrices come (and go) before the next block runs."""
+    from llmpress.bitplan import block_hessians
+    from llmpress.calib.accumulators import HessianAccumulator
+
+    m = tiny_llama()
+    ids = random_windows(6, 16)
+    names = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and n.startswith("model.layers.")]
+    accs = {n: HessianAccumulator() for n in names}
+    hooks = [dict(m.named_modules())[n].register_forward_hook(lambda _m, i, _o, a=accs[n]: a.add(i[0].detach())) for n in names]
+    with torch.no_grad():
+        for b in ids.split(4):
+            m(input_ids=b, use_cache=False)
+    for h in hooks:
+        h.remove()
+    seen = []
+    ran = []
+    probe = m.model.layers[1].register_forward_hook(lambda *_: ran.append(len(seen)))
+    for blk in block_hessians(m, names, ids, batch_size=4):
+        seen.append(blk)
+    probe.remove()
+    assert [sorted(b) for b in seen] == [sorted(n for n in names if n.startswith(f"model.layers.{i}.")) for i in range(2)]
+    assert ran and set(ran) == {1}  # block 1 ran after block 0's matrices were handed over
+    for blk in seen:
+        for n, H in blk.items():
+            torch.testing.assert_close(H, accs[n].result(), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_fisher_is_the_mean_squared_output_gradient_and_weights_rows(monkeypatch, chunk):
     """collect_fisher gives E_t[(dL/dy_tj)^2] of a linear's outputs (checked against autograd
-    on the same windows), and setting_cost weights each output row's error by it."""
+    on the same windows, the model's own loss), and setting_cost weights each output row's
+    error by it; the head and loss a few tokens at a time (``chunk``) give the same."""
     import torch
 
+    import llmpress.bitplan as bp
     from llmpress.bitplan import collect_fisher
 
+    if chunk is not None:
+        calls = []
+        monkeypatch.setattr(bp, "chunk_tokens", lambda *_a: calls.append(1) or chunk)
     m = tiny_llama()
     name = "model.layers.1.mlp.down_proj"
     ids = random_windows(4, 16)
     f = collect_fisher(m, [name], ids, batch_size=2)[name]
+    if chunk is not None:
+        assert calls  # the chunked loss ran (2 x 15 scored tokens a batch: 6 chunks)
     outs = []
 
     def keep(_m, _i, o):
