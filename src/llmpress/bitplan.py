@@ -131,11 +131,11 @@ def block_hessians(model: nn.Module, names: list[str], windows: torch.Tensor, ba
     inputs = ActivationStore()
     call_args = capture_block_inputs(model, spec, list(windows.to(dev).split(batch_size)), inputs)
     layers = get_module(model, spec.blocks)
-    by_block: dict[int, list[str]] = {}
+    by_block: dict[str, list[str]] = {}
     for n in names:
-        by_block.setdefault(int(n[len(spec.blocks) + 1 :].split(".", 1)[0]), []).append(n)
+        by_block.setdefault(_split_block(n, spec.blocks)[0], []).append(n)
     for i in progress.track(range(len(layers)), "plan-bits: Hessians and layer errors", "block"):
-        mine = by_block.get(i, [])
+        mine = by_block.get(f"{spec.blocks}.{i}", [])
         accs = {n: HessianAccumulator() for n in mine if owner[n] == n}
         handles = [get_module(model, n).register_forward_hook(lambda _m, inp, _o, a=accs[n]: a.add(inp[0].detach())) for n in accs]
         outputs = ActivationStore()

@@ -172,6 +172,10 @@ class BlockContext:
     grids: dict[str, Any] | None = None
     _first: list = field(default_factory=list, repr=False)  # the global first batches gathered here (several ranks)
 
+    def grid(self, loc: str, default):
+        """The grid of target ``loc``: its own in a joint call (``grids``), else ``default``."""
+        return (self.grids or {}).get(loc) or default
+
     @property
     def n_batches(self) -> int:
         return len(self.inputs) if self.total_batches is None else self.total_batches

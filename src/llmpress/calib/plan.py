@@ -78,7 +78,10 @@ def _joins(run: list[tuple[int, Stage]], st: Stage) -> bool:
 
 
 def joint_runs(block_stages) -> tuple[tuple[tuple[int, Stage], ...], ...]:
-    """``block_stages`` grouped into the engine's calls (see :meth:`Plan.block_runs`)."""
+    """``block_stages`` grouped into the engine's calls: one call per stage, except that
+    consecutive stages of a method registered with ``joint_grids`` whose configs differ only in
+    ``weights`` and whose targets are disjoint lists of names (what ``plan-bits`` writes) make
+    one call, each target on its own grid (``BlockContext.grids``)."""
     runs: list[list[tuple[int, Stage]]] = []
     for i, st in block_stages:
         if runs and _joins(runs[-1], st):

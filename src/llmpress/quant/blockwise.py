@@ -287,7 +287,7 @@ class Blockwise(BlockwiseOptions):
 def blockwise(ctx, cfg: Blockwise) -> None:
     data = {"parallel": parallel_data, "corrective": corrective_data}.get(cfg.mode, capture_block)
     xs, calls, ys = data(ctx, cfg.batches)
-    grids = {loc: (ctx.grids or {}).get(loc) or cfg.weights for loc in ctx.targets}  # plan-bits stages learn together, each its grid
+    grids = {loc: ctx.grid(loc, cfg.weights) for loc in ctx.targets}  # plan-bits stages learn together, each its grid
     quants = {
         loc: LearnedQuant(get_module(ctx.block, loc).weight.data, grids[loc], learn_clip=cfg.learn_clip, name=full)
         for loc, full in ctx.targets.items()

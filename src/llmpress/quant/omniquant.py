@@ -295,9 +295,8 @@ class OmniQuant:
     summary="OmniQuant: learnable weight clipping + equivalent transformations (scales/shifts folded), learned per block by AdamW",
 )
 def omniquant(ctx, cfg: OmniQuant) -> None:
-    grids = ctx.grids or {}  # plan-bits stages learn together, each linear on its own grid
-    quants = {
-        loc: ClipQuant(get_module(ctx.block, loc).weight.data, grids.get(loc) or cfg.weights, learn=cfg.lwc, init=cfg.lwc_init, name=full)
+    quants = {  # plan-bits stages learn together, each linear on its own grid (ctx.grid)
+        loc: ClipQuant(get_module(ctx.block, loc).weight.data, ctx.grid(loc, cfg.weights), learn=cfg.lwc, init=cfg.lwc_init, name=full)
         for loc, full in ctx.targets.items()
     }
     let, rotated = init_let(ctx, cfg)
