@@ -165,7 +165,9 @@ def test_pipeline_reports_phases_checkpoint_bytes_and_modes(tmp_path, tiny_model
     known = [p for p in phases if p["exact"]]  # without resets, a phase that did not raise the mark has no peak
     peaks = [p["peak_rss_mb"] for p in known]
     assert known[0] is phases[0] and all(50 < v < 20_000 for v in peaks)  # a python + torch process, a tiny model
-    assert rep.peak_rss_mb == pytest.approx(max(peaks), abs=0.1) and rep.peak_rss_phase == known[peaks.index(max(peaks))]["phase"]
+    assert rep.peak_rss_mb == pytest.approx(max(peaks), abs=0.1)
+    by_phase = {p["phase"]: p["peak_rss_mb"] for p in known}  # the table rounds: two phases may tie at 0.1 MB
+    assert by_phase[rep.peak_rss_phase] == pytest.approx(max(peaks), abs=0.1)
     for p in known[1:]:
         assert p["peak_rss_mb"] >= max(p["rss_start_mb"], p["rss_end_mb"]) - 0.5
     # the real bytes on disk beside the size convention
