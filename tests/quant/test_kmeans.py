@@ -79,6 +79,33 @@ def test_binned_dp_then_lloyd_near_the_optimum_and_quantile_lloyd_worse():
         assert float(lloyd.sum()) > float(binned.sum())
 
 
+def test_windowed_programme_exact_over_full_windows_and_never_worse_than_its_start():
+    from llmpress.quant.kmeans import _dp_rows, _means, _prefix, _prepare, _windowed_dp
+
+    g = torch.Generator().manual_seed(1)
+    x, w, k = torch.randn(8, 60, generator=g), torch.rand(8, 60, generator=g), 5
+    xs, ws, _ = _prepare(x, k, w, "")
+    R, n = xs.shape
+    cw, cwx, cwxx = _prefix(ws), _prefix(ws * xs), _prefix(ws * xs * xs)
+
+    def err(b):  # the within-run weighted squared error of the runs ``b``
+        c = _means(xs, cw, cwx, b)
+        out = torch.zeros(R, dtype=torch.float64)
+        for j in range(k):
+            m = (torch.arange(n) >= b[:, j : j + 1]) & (torch.arange(n) < b[:, j + 1 : j + 2])
+            out += (m * ws * (xs - c[:, j : j + 1]) ** 2).sum(1)
+        return out
+
+    every = torch.arange(n + 1).expand(R, k - 1, n + 1)  # each boundary free over every value
+    exact = _dp_rows(xs, cw, cwx, cwxx, torch.arange(n + 1).expand(R, n + 1), k)
+    assert torch.allclose(err(_windowed_dp(cw, cwx, cwxx, every, n)), err(exact), rtol=1e-9)
+    coarse = _dp_rows(xs, cw, cwx, cwxx, torch.arange(0, n + 1, 10).expand(R, -1), k)  # runs of 10 values
+    win = (coarse[:, 1:-1].unsqueeze(2) + torch.arange(-3, 4)).clamp_(0, n)
+    moved = _windowed_dp(cw, cwx, cwxx, win, n)
+    assert bool((err(moved) <= err(coarse) + 1e-12).all()) and float(err(moved).sum()) < float(err(coarse).sum())
+    assert bool(((moved[:, 1:-1] - coarse[:, 1:-1]).abs() <= 3).all())  # each boundary stayed in its window
+
+
 def test_weights_pull_the_centroids():
     x = torch.tensor([[0.0, 1.0, 10.0, 11.0]])
     heavy = torch.tensor([[1.0, 9.0, 1.0, 1.0]])

@@ -11,7 +11,10 @@ with prefix sums of s, s x and s x^2 over the sorted row the cost of any run is 
 - :func:`kmeans_1d` (the default) first solves the problem exactly over partitions whose run
   boundaries fall on ``bins`` (128) equal-count runs of the sorted row, by dynamic programming
   D_j(i) = min_l D_{j-1}(l) + cost(l, i) (O(K B^2) per row, every row of a layer at once in
-  [rows, B + 1, B + 1] slices), then polishes with Lloyd's iterations on the values: the cluster
+  [rows, B + 1, B + 1] slices), then moves each boundary to its best place among the values
+  within two runs of it (the same programme, boundary j only in its own window: O(K m^2) per
+  row for windows of m values; repeated, centred on the new boundaries, at most 4 times), then
+  polishes with Lloyd's iterations on the values: the cluster
   of c_k is the run between the midpoints (c_{k-1} + c_k)/2 and (c_k + c_{k+1})/2
   (``searchsorted``), its new centroid the weighted mean of the run, read off the prefix sums.
   A row of at most ``bins`` values gets the exact optimum. The DP start keeps Lloyd out of
@@ -35,6 +38,8 @@ from ..errors import UserError
 MAX_BITS = 8  # 256-entry tables
 DEFAULT_ITERS = 100
 DEFAULT_BINS = 128  # dynamic programme over at most this many runs of each sorted row
+REFINE_ROUNDS = 4  # windowed programmes, each centred on the last one's boundaries (fewer once they stay put)
+REFINE_REACH = 2  # each boundary searched within this many of the first programme's runs either side
 DP_CHUNK = 1 << 22  # rows per DP slice: about this many float64 per [rows, B + 1, B + 1] temporary
 
 
@@ -156,8 +161,9 @@ def kmeans_1d(
 
     The optimal partition whose run boundaries fall on ``bins`` equal-count runs of the
     sorted row (dynamic programming; every value its own run when n <= ``bins`` or ``bins``
-    is None: then the result is the exact optimum), the programme again over every value
-    within one run of each boundary found, then Lloyd's iterations on the values from there
+    is None: then the result is the exact optimum), each boundary then moved to its best place
+    among the values within ``REFINE_REACH`` runs of it (:func:`_windowed_dp`, up to
+    ``REFINE_ROUNDS`` times), then Lloyd's iterations on the values from there
     (``iters``; they only lower the error).
     Returns (centroids [R, k] float32 ascending, codes [R, n] int64: each value's nearest centroid)."""
     xs, ws, _ = _prepare(x, k, weights, where)
@@ -169,12 +175,44 @@ def kmeans_1d(
     B = max(bins, k)
     pos = torch.linspace(0, n, B + 1, dtype=torch.float64, device=xs.device).round().long().unique().expand(R, -1)
     b = _dp_rows(xs, cw, cwx, cwxx, pos, k)
-    # again over every value within a run's length of each boundary found
-    h = -(-n // B)
-    win = (b[:, 1:-1].unsqueeze(2) + torch.arange(-h, h + 1, device=xs.device)).clamp_(0, n).reshape(R, -1)
-    ends = torch.tensor([0, n], device=xs.device).expand(R, 2)
-    b = _dp_rows(xs, cw, cwx, cwxx, torch.cat([ends, win], dim=1).sort(dim=1).values, k)
+    # again over every value within REFINE_REACH runs of each boundary found, boundary j in its own window
+    h = REFINE_REACH * -(-n // B)
+    for _ in range(REFINE_ROUNDS):
+        win = (b[:, 1:-1].unsqueeze(2) + torch.arange(-h, h + 1, device=xs.device)).clamp_(0, n)
+        b, old = _windowed_dp(cw, cwx, cwxx, win, n), b
+        if torch.equal(b, old):
+            break
     return _done(x, _lloyd(xs, cw, cwx, _means(xs, cw, cwx, b), iters))
+
+
+def _windowed_dp(cw: torch.Tensor, cwx: torch.Tensor, cwxx: torch.Tensor, win: torch.Tensor, n: int) -> torch.Tensor:
+    """Run boundaries [R, k + 1] of the best partition of each sorted row whose inner boundary j
+    lies in ``win[:, j - 1]`` [R, k - 1, m] (ascending positions): the programme
+    D_j(i) = min_l D_{j-1}(l) + cost(l, i) with l over window j - 1 and i over window j only,
+    O(k m^2) per row instead of O(k (k m)^2) over the union of the windows."""
+    R, k1, m = win.shape
+    dev = cw.device
+
+    def cost(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:  # [R, a], [R, b] -> [R, a, b]; inf where lo > hi
+        w = cw.gather(1, hi).unsqueeze(1) - cw.gather(1, lo).unsqueeze(2)
+        s = cwx.gather(1, hi).unsqueeze(1) - cwx.gather(1, lo).unsqueeze(2)
+        q = cwxx.gather(1, hi).unsqueeze(1) - cwxx.gather(1, lo).unsqueeze(2)
+        c = (q - s * s / w.clamp(min=1e-300)).clamp_(min=0)
+        return c.masked_fill_(lo.unsqueeze(2) > hi.unsqueeze(1), float("inf"))
+
+    zero, end = torch.zeros(R, 1, dtype=torch.int64, device=dev), torch.full((R, 1), n, dtype=torch.int64, device=dev)
+    stops = [zero] + [win[:, j] for j in range(k1)] + [end]
+    D = torch.zeros(R, 1, dtype=cw.dtype, device=dev)
+    back = []
+    for j in range(1, len(stops)):
+        D, arg = (D.unsqueeze(2) + cost(stops[j - 1], stops[j])).min(dim=1)
+        back.append(arg)
+    idx = torch.zeros(R, 1, dtype=torch.int64, device=dev)
+    bounds = [end]
+    for j in range(len(stops) - 1, 0, -1):
+        idx = back[j - 1].gather(1, idx)
+        bounds.append(stops[j - 1].gather(1, idx))
+    return torch.cat(bounds[::-1], dim=1)
 
 
 def _done(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
