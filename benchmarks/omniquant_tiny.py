@@ -111,19 +111,23 @@ def part_duquant():
 def part_time():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=512, hidden_size=576, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9, num_key_value_heads=3)
+    torch.manual_seed(0)
     ids = torch.randint(0, 512, (16, 512))
-    cpu = {}
-    for iters in (2, 12):
-        m = LlamaForCausalLM(cfg).eval()
-        t = time.process_time()
-        compress(
-            m, stage("omniquant", weights=QuantArgs(bits=4, group_size=64), iters=iters, **{"targets": ["re:.*layers.*"]}), data=ids, engine=QUIET
+    for amp in (False, True):
+        cpu = {}
+        for iters in (2, 12):
+            torch.manual_seed(0)
+            m = LlamaForCausalLM(cfg).eval()
+            t = time.process_time()
+            st = stage("omniquant", weights=QuantArgs(bits=4, group_size=64), iters=iters, amp=amp, **{"targets": ["re:.*layers.*"]})
+            compress(m, st, data=ids, engine=QUIET)
+            cpu[iters] = time.process_time() - t
+        step = (cpu[12] - cpu[2]) / 10
+        kind = "bfloat16 steps (amp: true)" if amp else "float32 steps (amp: false)"
+        print(
+            f"SmolLM2-135M-shaped block, 2 windows x 512 tokens per step, {kind}: {step:.3f} s CPU per step; the rest of a block: {cpu[2] - 2 * step:.2f} s"
         )
-        cpu[iters] = time.process_time() - t
-    step = (cpu[12] - cpu[2]) / 10
-    print(f"\nSmolLM2-135M-shaped block, 2 windows x 512 tokens per step: {step:.3f} s CPU per step; the rest of a block: {cpu[2] - 2 * step:.2f} s")
 
 
 if __name__ == "__main__":

@@ -208,6 +208,26 @@ def test_bfloat16_model_keeps_its_dtype_and_learns():
     assert m.model.layers[0].self_attn.q_proj.bias is not None  # shift: null = on with activations
 
 
+def test_bfloat16_steps_learn_and_auto_follows_the_hardware():
+    """amp: true runs the steps (and the comparison with RTN) under bfloat16 autocast: other
+    errors than float32's, still far below round-to-nearest; auto is on where bfloat16 is native."""
+    from llmpress.quant.block_recon import native_bf16
+
+    data, runs = random_windows(8, 32), {}
+    for amp in (True, False, "auto"):
+        rep = compress(planted(), stage("omniquant", weights=W3G32, iters=60, amp=amp), data=data, engine=QUIET)
+        runs[amp] = _notes(rep)
+    for amp, notes in runs.items():
+        want = native_bf16(torch.device("cpu")) if amp == "auto" else amp
+        assert {n["bf16_steps"] for n in notes.values()} == {want}
+        assert all(not n["kept_rtn"] and n["block_mse"] < 0.6 * n["block_mse_rtn"] for n in notes.values())
+    q = "model.layers.0.self_attn.q_proj"
+    assert runs[True][q]["block_mse"] != runs[False][q]["block_mse"]  # bfloat16 did run
+    assert runs[True][q]["block_mse"] == pytest.approx(runs[False][q]["block_mse"], rel=0.5)
+    with pytest.raises(RecipeError, match="amp="):
+        OmniQuant(amp="yes")
+
+
 def test_resume_refused_only_with_shifts():
     from llmpress.calib.resume import check_resumable
     from llmpress.recipe import Recipe

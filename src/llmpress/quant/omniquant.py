@@ -20,7 +20,9 @@ v -> o, norm -> gate/up, up -> down), a per-channel scale ``s = exp(log_s)`` (an
 ``shift``, a shift ``delta``): ``X W^T = ((X - delta) / s)(W diag(s))^T + W delta``, the
 linear's weight quantized after the transformation. With ``activations`` the targeted
 linears' inputs are fake-quantized (straight-through) during training as at run time.
-AdamW, no weight decay: ``lr`` for LWC, ``let_lr`` for LET.
+AdamW, no weight decay: ``lr`` for LWC, ``let_lr`` for LET; with ``amp`` (default ``auto``:
+where bfloat16 matmuls are native) the steps run under bfloat16 autocast, the parameters,
+the loss and the folding stay float32 / float64.
 
 The scales start at 1 (weight-only) or at SmoothQuant's ``max|X|^a / max|W|^(1-a)`` with
 ``a = let_alpha`` (with activations); the shifts at the channel midpoints (OS+). At the end
@@ -49,6 +51,8 @@ from ..transform.scaling import head_geometry, heads_to_kv, smooth_scales
 from .args import QuantArgs, check_group_divides
 from .block_recon import (
     act_quant_hooks,
+    amp_on,
+    autocast_for,
     block_forward,
     capture_block,
     check_activations,
@@ -151,7 +155,7 @@ def train(block, spec, quants, let: LetState, data, cfg: OmniQuant, bar=None) ->
     chunks = step_chunks(xs, cfg.windows_per_step)
     base = block_tensors(block)
     best, best_loss, best_step, losses = None, math.inf, 0, []
-    with torch.enable_grad():
+    with torch.enable_grad(), autocast_for(cfg.amp, xs[0].device):
         for step in range(cfg.iters):
             b, i, j = chunks[step % len(chunks)]
             x, args, kwargs = slice_call(xs[b], *calls[b], i, j)
@@ -185,10 +189,11 @@ def learn_block(block, spec, quants, let: LetState, data, cfg: OmniQuant, bar=No
         with act_quant_hooks(block, list(quants), cfg.activations):
             best_step, losses = train(block, spec, quants, let, data, cfg, bar)
             base = block_tensors(block)
-            with torch.no_grad():
-                err = output_error(block, quantized_tensors(block, spec, quants, let, base, hard=True), xs, calls, ys)
-                rtn = {f"{loc}.weight": quantize_weight(base[f"{loc}.weight"], q.args)[0] for loc, q in quants.items()}
-            err_rtn = output_error(block, rtn, xs, calls, ys)
+            with autocast_for(cfg.amp, xs[0].device):  # the comparison at the steps' precision
+                with torch.no_grad():
+                    err = output_error(block, quantized_tensors(block, spec, quants, let, base, hard=True), xs, calls, ys)
+                    rtn = {f"{loc}.weight": quantize_weight(base[f"{loc}.weight"], q.args)[0] for loc, q in quants.items()}
+                err_rtn = output_error(block, rtn, xs, calls, ys)
     finally:
         for p, req in frozen:
             p.requires_grad_(req)
@@ -248,7 +253,8 @@ class OmniQuant:
     adds LET shifts (None: only with activations; creates biases, see docs/learned.md);
     ``let_alpha`` the SmoothQuant exponent of the scales' start (with activations);
     ``lwc_init`` the clipping logits' start (sigmoid(4) = 0.982); ``batches`` calibration
-    batches learned on (None: all)."""
+    batches learned on (None: all); ``amp``: the steps' matmuls (and the final comparison
+    with round-to-nearest) in bfloat16 (``auto``: where bfloat16 is native, as ``blockwise``)."""
 
     weights: QuantArgs = field(default_factory=lambda: QuantArgs(bits=4, group_size=64))
     activations: QuantArgs | None = None
@@ -263,6 +269,7 @@ class OmniQuant:
     windows_per_step: int = 2
     keep_best: bool = True
     batches: int | None = None
+    amp: bool | str = "auto"
 
     def __post_init__(self):
         check_block_options(self, RecipeError)
@@ -324,6 +331,7 @@ def omniquant(ctx, cfg: OmniQuant) -> None:
             "clip_mean": round(float(gamma.detach().mean()) if torch.is_tensor(gamma) else 1.0, 4),
             "let": let_of.get(loc, []),
             "let_skipped_rotated": [g.prev for g in rotated],
+            "bf16_steps": amp_on(cfg.amp, lin.weight.device),
         }
         if cfg.activations is not None:
             rec.act_args = cfg.activations
