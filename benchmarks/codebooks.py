@@ -42,6 +42,7 @@ ROWS = {
     "awq-gptq-w3g64": ("~3", "awq-gptq-w3g64"),
     "squeezellm-w3": ("~3", "squeezellm-w3"),
     "squeezellm-w3-sparse0.45": ("~3", "squeezellm-w3-sparse0.45"),
+    "squeezellm-w3-fisher": ("~3", "squeezellm-w3-fisher"),
     "gptq-nuq-w3": ("~3", "gptq-nuq-w3"),
     "gptvq-2d-w3": ("~3", "gptvq-2d-w3"),
     "rtn-w2g64": ("~2", preset_recipe("rtn-w3g64", "rtn-w2g64", weights={"bits": 2, "full_range": True})),

@@ -12,7 +12,7 @@ from helpers import QUIET, logits
 from llmpress import api, compress, load_compressed, stage
 from llmpress.errors import RecipeError, UserError
 from llmpress.quant.hessian import layer_error
-from llmpress.quant.nuq import codebook_bits, column_sensitivity, csr_bits, lookup, nuq_gptq, nuq_round
+from llmpress.quant.nuq import codebook_bits, column_sensitivity, csr_bits, lookup, nuq_gptq, nuq_round, weight_sensitivity
 from llmpress.quant.squeezellm import SqueezeLLM
 from llmpress.registry import ModuleRecord
 from llmpress.runtime.lut_linear import LutLinear
@@ -173,7 +173,7 @@ def test_config_and_layer_refusals():
         ({"bits": 9}, "1 to 8 bits"),
         ({"bits": 0}, "1 to 8 bits"),
         ({"group_size": 4, "bits": 3}, "at least 2.bits = 8 weights"),
-        ({"sensitivity": "fisher"}, "sensitivity='fisher'"),
+        ({"sensitivity": "hutchinson"}, "sensitivity='hutchinson'"),
         ({"outlier_fraction": 0.2}, "outlier_fraction=0.2"),
         ({"solver": "obq"}, "solver='obq'"),
     ]:
@@ -186,4 +186,46 @@ def test_config_and_layer_refusals():
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)
     with pytest.raises(UserError, match="8 bits = 256 table entries for rows of 64 weights"):
         compress(model, [stage("squeezellm", targets=["Linear"], ignore=["lm_head"], bits=8)], data=random_windows(4, 16), engine=QUIET)
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)
+
+
+def test_per_weight_sensitivity_pulls_the_tables_toward_important_weights():
+    """Fisher-weighted k-means ([R, C] weights): a weight given a large importance ends up
+    nearer its entry than with the column (H-diagonal) weights, rows alike otherwise."""
+    W, H = _problem()
+    col = column_sensitivity(H, "hessian_diag", 64)
+    imp = col.expand(16, 64).clone()
+    hot = torch.zeros(16, 64, dtype=torch.bool)
+    hot[torch.arange(16), torch.arange(16) * 3] = True  # one weight per row
+    imp[hot] *= 1e4
+    base = nuq_round(W, 2, col_weights=col)
+    fisher = nuq_round(W, 2, col_weights=weight_sensitivity(imp))
+    err = lambda r: (r.weight - W).abs()  # noqa: E731
+    assert float(err(fisher)[hot].mean()) < 0.2 * float(err(base)[hot].mean())
+    assert _nearest_ok(fisher, W)
+    # zeros count as rare, not free; a non-finite score is refused
+    z = weight_sensitivity(torch.tensor([[0.0, 2.0], [4.0, 0.0]]))
+    assert torch.allclose(z, torch.tensor([[3e-3, 2.0], [4.0, 3e-3]]))
+    with pytest.raises(UserError, match="non-finite"):
+        weight_sensitivity(torch.tensor([[float("nan"), 1.0]]))
+    with pytest.raises(UserError, match="per weight"):
+        column_sensitivity(H, "fisher", 64)
+
+
+def test_fisher_sensitivity_reads_weight_importance_and_is_refused_without_it():
+    lin = dict(targets=["Linear"], ignore=["lm_head"])
+    data = random_windows(8, 16)
+    outs = {}
+    for sens in ("fisher", "hessian_diag"):
+        model = tiny_llama()
+        sts = [stage("weight_importance", windows=4, **lin)] if sens == "fisher" else []
+        rep = compress(model, [*sts, stage("squeezellm", bits=2, sensitivity=sens, **lin)], data=data, engine=QUIET)
+        rec = rep.result.records["model.layers.0.mlp.down_proj"]
+        assert rec.form == "codebook" and rec.notes["sensitivity"] == sens
+        outs[sens] = rec.payload["table"].float()
+    assert not torch.allclose(outs["fisher"], outs["hessian_diag"])  # other weights, other tables
+    model = tiny_llama()
+    before = model.model.layers[0].mlp.down_proj.weight.clone()
+    with pytest.raises(UserError, match=r"stage 0 \(squeezellm\) needs a weight_importance stage before it"):
+        compress(model, [stage("squeezellm", bits=2, sensitivity="fisher", **lin)], data=data, engine=QUIET)
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)

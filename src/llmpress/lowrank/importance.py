@@ -10,7 +10,8 @@ is ``score: fisher``: ``F_ij = mean_b g_ij^2`` (default), or ``score: grad``:
 
 The result travels to the later stages of each linear as the setting ``importance`` (a
 float32 tensor of the weight's shape; ``wsvd`` weighs its reconstruction error by it, ``asvd``
-with ``scale: fisher`` scales input channels by its column sums). Memory: one float32 copy of
+with ``scale: fisher`` scales input channels by its column sums; ``squeezellm`` with
+``sensitivity: fisher`` weighs its k-means by it). Memory: one float32 copy of
 every targeted weight, held until the engine ends (the model in memory needs its gradients
 anyway: a model-scope stage, not for ``--stream``).
 """
@@ -57,7 +58,7 @@ def importance(model: nn.Module, names: list[str], data: torch.Tensor, cfg: Weig
 
 
 @register("weight_importance", WeightImportance, scope="model",
-          summary="per-weight importance (Fisher diagonal or squared mean |gradient|) for the low-rank stages after it")  # fmt: skip
+          summary="per-weight importance (Fisher diagonal or squared mean |gradient|) for the stages after it (wsvd, asvd fisher, squeezellm fisher)")  # fmt: skip
 def weight_importance(model: nn.Module, spec, data, stage) -> ModelStageOutput:
     cfg: WeightImportance = stage.config
     shapes = stage_linears(model, spec, stage, data, "weight_importance")

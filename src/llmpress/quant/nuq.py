@@ -8,8 +8,13 @@ entry (b bits) and the tables in float16.
 Sensitivity (``sensitivity``): ``hessian_diag`` weighs weight (o, j) by H_jj = 2/n ||X_j||^2,
 the diagonal of the layer Hessian: the term (w - q)^2 H_jj is what the weight's error adds to
 the layer's output error ||(W - Q) X||^2 when the errors of a row's weights are taken as
-uncorrelated (SqueezeLLM uses the Fisher information, the same quantity measured on the loss
-instead of the layer output); ``uniform``: plain k-means.
+uncorrelated; ``fisher`` (SqueezeLLM's own choice) weighs it by F_oj = mean g_oj^2, the
+diagonal of the Fisher information of the next-token loss (the ``weight_importance`` stage
+before it measures it on calibration windows): the same second-order term measured on the
+model's loss instead of the layer's output, so it also sees how much the rest of the network
+amplifies or forgives each output row; ``uniform``: plain k-means. A weight of zero
+sensitivity (a dead input, a zero gradient) counts as a rare one, 1e-3 of the layer's mean,
+not a free one.
 
 Dense-and-sparse (``outlier_fraction``): every weight is scored by s_j (w_oj - mean_o)^2 (its
 distance from the row's centre on the scale of the error it adds; SqueezeLLM keeps outliers
@@ -43,7 +48,8 @@ from .hessian import inverse_cholesky, prepare
 from .kmeans import DEFAULT_BINS, check_bits, fp16_codebook, kmeans_1d
 from .sweep import SweepBlock, activation_order, column_sweep, solver_threads, validate_solver_fields
 
-SENSITIVITIES = ("hessian_diag", "uniform")
+SENSITIVITIES = ("hessian_diag", "uniform", "fisher")
+FLOOR = 1e-3  # a zero sensitivity counts as this share of the layer's mean
 VALUE_BITS, INDEX_BITS, ROWPTR_BITS = 16, 16, 32  # kept outliers, stored as CSR
 
 
@@ -83,12 +89,26 @@ def column_sensitivity(hessian: torch.Tensor | None, kind: str, cols: int) -> to
         raise UserError(f"sensitivity {kind!r} unknown; expected one of {', '.join(SENSITIVITIES)}")
     if kind == "uniform":
         return None
+    if kind == "fisher":
+        raise UserError("sensitivity 'fisher' is per weight: use weight_sensitivity with a weight_importance stage's scores")
     if hessian is None:
         raise UserError("sensitivity 'hessian_diag' needs the layer Hessian (calibration data)")
-    d = torch.diagonal(hessian).float().clamp(min=0)
+    return _floored(torch.diagonal(hessian).float(), torch.ones(cols))
+
+
+def weight_sensitivity(importance: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    """Per-weight k-means weights [R, C] from a ``weight_importance`` stage's Fisher scores."""
+    if not bool(torch.isfinite(importance).all()):
+        raise UserError(f"{'layer ' + name + ': ' if name else ''}the weight importance holds non-finite values (a diverged gradient pass)")
+    return _floored(importance.float(), torch.ones_like(importance, dtype=torch.float32))
+
+
+def _floored(d: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """``d`` clamped at 0 and at FLOOR times the mean of its positive entries (all zero: ``dead``)."""
+    d = d.clamp(min=0)
     live = d[d > 0]
     # a dead input (never active in the calibration text) counts as a rare one, not a free one
-    return d.clamp(min=1e-3 * float(live.mean())) if live.numel() else torch.ones(cols)
+    return d.clamp(min=FLOOR * float(live.mean())) if live.numel() else dead
 
 
 def check_shape(cols: int, bits: int, group_size: int | None, where: str = "") -> int:
@@ -114,7 +134,8 @@ def fit_codebooks(
     *,
     bins: int = DEFAULT_BINS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """float16 tables [R, G, K] and nearest codes [R, C] (int64) of ``w`` [R, C]; ``keep``
+    """float16 tables [R, G, K] and nearest codes [R, C] (int64) of ``w`` [R, C], the k-means
+    weighted by ``col_weights`` ([C] per input column or [R, C] per weight; None: equal); ``keep``
     (bool [R, C]) marks weights left out of the fit (kept outliers)."""
     R, C = w.shape
     G = check_shape(C, bits, group_size)

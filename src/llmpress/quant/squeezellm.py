@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..errors import RecipeError, UserError
 from ..registry import ModuleContext, register
 from .kmeans import check_bits
-from .nuq import SENSITIVITIES, check_shape, column_sensitivity, nuq_gptq, nuq_round
+from .nuq import SENSITIVITIES, check_shape, column_sensitivity, nuq_gptq, nuq_round, weight_sensitivity
 from .sweep import validate_solver_fields
 
 SOLVERS = ("round", "gptq")
@@ -24,7 +24,8 @@ MAX_OUTLIER_FRACTION = 0.05
 class SqueezeLLM:
     """``bits``: 2^bits table entries per row (``group_size`` None) or per group of
     ``group_size`` input columns. ``sensitivity``: ``hessian_diag`` (k-means weighted by the
-    input's mean square H_jj) or ``uniform``. ``outlier_fraction``: share of the layer's weights
+    input's mean square H_jj), ``fisher`` (by each weight's Fisher information, SqueezeLLM's
+    choice: needs a ``weight_importance`` stage before it) or ``uniform``. ``outlier_fraction``: share of the layer's weights
     kept in float16 off the tables (dense-and-sparse; SqueezeLLM keeps 0.05-0.45%).
     ``solver``: ``round`` (nearest entry) or ``gptq`` (column sweep with error feedback onto
     the tables; ``block_size``, ``damp``, ``act_order`` as in GPTQ)."""
@@ -57,6 +58,11 @@ class SqueezeLLM:
             raise RecipeError(f"solver={self.solver!r}: expected one of {', '.join(SOLVERS)}")
         validate_solver_fields(self.block_size, self.damp)
 
+    @property
+    def requires_stage(self) -> str | None:
+        """The plan refuses ``sensitivity: fisher`` without a weight_importance stage before it."""
+        return "weight_importance" if self.sensitivity == "fisher" else None
+
     def check_layer(self, out_features: int, in_features: int, where: str) -> None:
         """Checked by the plan on every targeted linear before anything changes."""
         check_shape(in_features, self.bits, self.group_size, f"{where}: ")
@@ -72,7 +78,13 @@ def squeezellm(ctx: ModuleContext, cfg: SqueezeLLM) -> None:
     hessian, _ = ctx.take("hessian")
     C = ctx.weight.shape[1]
     check_shape(C, cfg.bits, cfg.group_size, f"layer {ctx.name}: ")
-    s = column_sensitivity(hessian, cfg.sensitivity, C)
+    if cfg.sensitivity == "fisher":
+        imp = ctx.settings.get("importance")
+        if imp is None:
+            raise UserError(f"{ctx.name}: sensitivity fisher needs a weight_importance stage before it targeting this linear")
+        s = weight_sensitivity(imp.to(ctx.weight.device), ctx.name)
+    else:
+        s = column_sensitivity(hessian, cfg.sensitivity, C)
     common = dict(group_size=cfg.group_size, col_weights=s, outlier_fraction=cfg.outlier_fraction)
     if cfg.solver == "gptq":
         res = nuq_gptq(ctx.weight, hessian, cfg.bits, block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order, name=ctx.name, **common)
