@@ -1,7 +1,8 @@
 """Decode-time matmul of the lookup-table kernel against llmpress's int4 kernel and float32, at
 SmolLM2-135M's linear shapes, on random weights (no model is run): median microseconds per
 call for 1 and 8 activation rows. LUT: per-row tables, the default path (AVX-512 where the
-CPU has it) and the AVX2 path.
+CPU has it) and the AVX2 path. VQ 2-bit: 2-d vectors, 16 codewords per 64 input columns, row
+scales (`gptvq-2d-w2`'s layout) served by ``vq16_mm`` (lookup tables of the activations).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/codebooks_kernel.py [--threads 1]
 """
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from llmpress.quant.nuq import nuq_round
 from llmpress.runtime import cpu_kernels
 from llmpress.runtime.lut_linear import LowbitLutLinear
+from llmpress.runtime.vq_linear import LowbitVQLinear
 
 SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))  # q/o, k/v, gate/up, down
 
@@ -41,6 +43,7 @@ def cells(ext, layer: dict, x: torch.Tensor) -> list[float]:
         median_us(lambda: layer["lut3"](x)),
         median_us(lambda: layer["lut4_avx2"](x)),
         median_us(lambda: layer["lut3_avx2"](x)),
+        median_us(lambda: layer["vq2"](x)),
     ]
 
 
@@ -56,6 +59,7 @@ def layer_of(n: int, k: int) -> dict:
         "lut3": LowbitLutLinear(r3.codes, r3.table),
         "lut4_avx2": LowbitLutLinear(r4.codes, r4.table, avx512=False),
         "lut3_avx2": LowbitLutLinear(r3.codes, r3.table, avx512=False),
+        "vq2": LowbitVQLinear(torch.randint(0, 16, (n, k // 2)), torch.randn(k // 64, 16, 2).half(), scale=torch.rand(n).half()),
     }
 
 
@@ -67,8 +71,8 @@ def main():
     ext = cpu_kernels.kernels()
     assert ext is not None, cpu_kernels._state.get("reason")
     print(f"AVX-512 lookup path: {bool(ext.lut_avx512())}")
-    print("| shape (out x in) | rows | fp32 F.linear | int4 g64 kernel | LUT 4-bit | LUT 3-bit | LUT 4-bit AVX2 | LUT 3-bit AVX2 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape (out x in) | rows | fp32 F.linear | int4 g64 kernel | LUT 4-bit | LUT 3-bit | LUT 4-bit AVX2 | LUT 3-bit AVX2 | VQ 2-bit |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n, k in SHAPES:
         layer = layer_of(n, k)
         for m in (1, 8):

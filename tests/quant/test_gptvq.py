@@ -15,7 +15,8 @@ from llmpress.quant.gptvq import GPTVQ
 from llmpress.quant.hessian import layer_error
 from llmpress.quant.vq import assign, kmeans_vq, vq_bits, vq_gptq, vq_lookup, vq_round
 from llmpress.registry import ModuleRecord
-from llmpress.runtime.vq_linear import VQLinear
+from llmpress.runtime import cpu_kernels
+from llmpress.runtime.vq_linear import LowbitVQLinear, VQLinear
 from llmpress.storage.form import LinearSpec, encode_layer, get_form
 
 
@@ -167,11 +168,17 @@ def test_compress_save_load_same_logits(tmp_path, make, dim, bits, group_size):
     assert rec.bits_per_weight() == pytest.approx(vq_bits(R, C, dim, bits, G, True) / (R * C))
     expected = logits(model, ids[:2])
     api.save(model, tiny_tokenizer(), tmp_path / "c", report=rep)
-    back, _ = load_compressed(str(tmp_path / "c"))
+    back, _ = load_compressed(str(tmp_path / "c"), backend="dequant")
     mod = back.model.layers[0].mlp.down_proj
     assert isinstance(mod, VQLinear) and mod.table.shape == (G, 2 ** (dim * bits), dim) and mod.scale.shape == (R,)
     assert torch.equal(logits(back, ids[:2]), expected)
     assert back.llmpress_records[name].bits_per_weight() == pytest.approx(rec.bits_per_weight())
+    # the default backend: llmpress's kernel where a layer has 16 codewords (and the kernels build here)
+    auto, _ = load_compressed(str(tmp_path / "c"))
+    kernel = dim * bits == 4 and cpu_kernels.kernels() is not None
+    assert isinstance(auto.model.layers[0].mlp.down_proj, LowbitVQLinear if kernel else VQLinear)
+    got = logits(auto, ids[:2])
+    assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
     from llmpress.export.compressed_tensors import export_compressed_tensors
 
     with pytest.raises(UserError, match=r"layer model\.layers\.\d\.\S+: storage form 'vq'"):

@@ -16,7 +16,10 @@ activations (the arithmetic of dequantize-then-multiply, up to summation order):
 - ``int8_mm(x, codes, scales, avx512=-1)``: x times int8 weights with one scale per output
   row (an AVX-512 path too, 1.2-1.5x);
 - ``lut4_mm`` / ``lut4_dequant``: lookup-table (codebook) weights of at most 16 entries
-  (:mod:`llmpress.runtime.lut_linear`), with an AVX-512 path chosen at run time.
+  (:mod:`llmpress.runtime.lut_linear`), with an AVX-512 path chosen at run time;
+- ``vq16_mm(P, codes, scale, avx512=-1)`` (``csrc/vq_cpu.cpp``): vector-quantized weights
+  with 16 codewords, served by lookup tables of the activations
+  (:class:`llmpress.runtime.vq_linear.LowbitVQLinear`).
 
 The extension is compiled once per machine with torch's C++ extension builder (g++ and
 ninja) into ``$LLMPRESS_CACHE/kernels`` (default ``~/.cache/llmpress``), parallelized
@@ -42,6 +45,7 @@ from .. import progress
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "lowbit_cpu.cpp"
+SOURCES = (SOURCE, Path(__file__).parent / "csrc" / "vq_cpu.cpp")  # one extension; the module is defined in SOURCE
 CAPABLE = ("AVX2", "AVX512")
 BUILD_NOTICE = "building llmpress CPU kernels (first use, ~1 min)..."
 SMALL_M = 8  # activation rows up to which the GEMV kernels run; above: dequantize + GEMM
@@ -89,7 +93,7 @@ def _build():
     bindir = os.path.dirname(sys.executable)
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-    src = SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in SOURCES)
     tag = hashlib.sha256(src + torch.__version__.encode()).hexdigest()[:12]
     build = cache_dir() / tag
     build.mkdir(parents=True, exist_ok=True)
@@ -101,7 +105,7 @@ def _build():
     t = time.perf_counter()
     mod = load(
         name=name,
-        sources=[str(SOURCE)],
+        sources=[str(p) for p in SOURCES],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
         build_directory=str(build),

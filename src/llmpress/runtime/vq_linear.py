@@ -1,8 +1,14 @@
 """A vector-quantized linear at run time (the ``vq`` storage form,
 :mod:`llmpress.storage.forms.vq`): one index per vector of d consecutive input columns of a
 row (held as int32 [out, in / d]) into float16 tables [G, K, d], one table per group of input
-columns, optionally times a float16 scale per row. Each call rebuilds the weight by table lookup and runs one GEMM (no kernel): the
-outputs equal the compressed model's exactly (the same float32 weight, the same ``F.linear``).
+columns, optionally times a float16 scale per row.
+
+- :class:`VQLinear` (every layer; ``backend="dequant"``): each call rebuilds the weight by table
+  lookup and runs one GEMM: the outputs equal the compressed model's exactly (the same float32
+  weight, the same ``F.linear``).
+- :class:`LowbitVQLinear` (16 codewords, rows in blocks of 16, a CPU with llmpress's kernels:
+  the first choice of ``backend="auto"``): lookup tables of the activations (``vq16_mm``),
+  equal up to float32 summation order.
 """
 
 from __future__ import annotations
@@ -43,3 +49,84 @@ class VQLinear(nn.Module):
     def extra_repr(self) -> str:
         G, K, d = self.table.shape
         return f"in_features={self.in_features}, out_features={self.out_features}, dim={d}, tables={G}x{K}, kernel={self.kernel}"
+
+
+VQ_KERNEL_CODEWORDS = 16  # the kernel's tables hold one register of float32 entries
+VQ_KERNEL_ROWS = 16  # output rows per block of the "vq16-r16" code layout
+
+
+def vq_kernel_applies(out_features: int, codewords: int) -> bool:
+    """Whether :class:`LowbitVQLinear` can serve a layer (the kernels themselves aside)."""
+    return codewords == VQ_KERNEL_CODEWORDS and out_features % VQ_KERNEL_ROWS == 0
+
+
+def pack_vq16(codes: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 [N, V] (N % 16 == 0) -> uint8 [N / 16, V, 8] ("vq16-r16"): per block of 16
+    rows and per vector, byte j holds row j in its low nibble and row j + 8 in its high one."""
+    N, V = codes.shape
+    if N % VQ_KERNEL_ROWS:
+        raise ValueError(f"the vq16 layout needs a multiple of {VQ_KERNEL_ROWS} rows, got {N}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
+        raise ValueError("vq16 codes must lie in 0..15")
+    b = codes.to(torch.uint8).reshape(N // 16, 2, 8, V)
+    return (b[:, 0] | (b[:, 1] << 4)).permute(0, 2, 1).contiguous()
+
+
+def unpack_vq16(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_vq16`: uint8 [N / 16, V, 8] -> int64 codes [N, V]."""
+    NB, V, _ = packed.shape
+    b = packed.permute(0, 2, 1)  # [NB, 8, V]
+    return torch.stack([b & 0xF, b >> 4], dim=1).reshape(NB * 16, V).long()
+
+
+class LowbitVQLinear(nn.Module):
+    """A ``vq`` layer of 16 codewords served by llmpress's CPU kernel (``vq16_mm``,
+    ``csrc/vq_cpu.cpp``): up to ``SMALL_M`` activation rows are multiplied through lookup
+    tables of the activations, P[m, v, k] = x[m, vector v] . T[g(v), k], then
+    y[m, n] = s[n] sum_v P[m, v, code[n, v]] (16 rows per register lookup; codes 4 bits per
+    vector in memory, no dense weight formed); more rows (prefill) rebuild the weight once and
+    run one GEMM. Outputs equal the compressed model's up to float32 summation order."""
+
+    kernel = "lowbit-vq16"
+
+    def __init__(
+        self, codes: torch.Tensor, table: torch.Tensor, *, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None, avx512: int = -1
+    ):
+        super().__init__()
+        from .cpu_kernels import kernels
+
+        G, K, d = table.shape
+        R, V = codes.shape
+        if not vq_kernel_applies(R, K) or (V * d) % G or (V // G) * G != V:
+            raise ValueError(f"the vq16 kernel takes {VQ_KERNEL_CODEWORDS} codewords, rows in blocks of {VQ_KERNEL_ROWS} and whole vectors per group")
+        self.out_features, self.in_features, self.dim, self.groups = R, V * d, d, G
+        self.avx512 = int(avx512)
+        self._k = kernels()
+        self.register_buffer("packed", pack_vq16(codes), persistent=False)
+        self.register_buffer("table", table.float().contiguous(), persistent=False)  # [G, 16, d]
+        self.register_buffer("table_t", self.table.transpose(1, 2).contiguous(), persistent=False)  # [G, d, 16]: the kernel's
+        ones = torch.ones(R, device=codes.device)
+        self.register_buffer("scale", (ones if scale is None else scale.float()).contiguous(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dequantized_weight()
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        return vq_lookup(self.table, unpack_vq16(self.packed), self.scale).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .cpu_kernels import SMALL_M
+
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        if x2.shape[0] <= SMALL_M:
+            y = self._k.vq16_mm(x2, self.packed, self.table_t, self.scale, self.avx512)
+        else:
+            y = F.linear(x2, self.dequantized_weight())
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dim={self.dim}, tables={self.groups}x16, kernel={self.kernel}"

@@ -20,7 +20,10 @@ checkpoint holds (when in / d is a multiple of 32): out * in * b + G * 2^(d b) *
 The indices and tables come from the method (``record.payload``: ``codes`` [out, in / d],
 ``table``, optional ``scale``); they are stored only while the model's weight is still exactly what they decode to
 (checked bit for bit; otherwise the writer stores the layer dense and says so). Runtime:
-:class:`llmpress.runtime.vq_linear.VQLinear` (table lookup, then one GEMM: exact).
+:class:`llmpress.runtime.vq_linear.VQLinear` (table lookup, then one GEMM: exact; ``backend``
+``torch`` / ``dequant``), or for 16 codewords and rows in blocks of 16 on a CPU with llmpress's
+kernels (``backend="auto"``) :class:`llmpress.runtime.vq_linear.LowbitVQLinear` (lookup tables
+of the activations; equal up to float32 summation order).
 compressed-tensors and GGUF have no such form: exporting refuses, naming the layer.
 """
 
@@ -30,7 +33,7 @@ import torch
 
 from ...quant.vq import DIMS, MAX_BITS, MAX_INDEX_BITS, vq_bits, vq_lookup
 from ...runtime.act_quant import ActQuantLinear
-from ...runtime.vq_linear import VQLinear
+from ...runtime.vq_linear import LowbitVQLinear, VQLinear, vq_kernel_applies
 from ..form import StorageForm, register_form
 from ..grid import pack_unsigned, unpack_unsigned, words
 
@@ -107,5 +110,10 @@ class VQForm(StorageForm):
             raise ValueError(f"backend {backend!r} unknown; expected auto, torch or dequant")
         dev = torch.device(device)
         scale = tensors.get("scale")
-        mod = VQLinear(self._codes(spec, tensors).to(dev), tensors["table"].to(dev), scale=None if scale is None else scale.to(dev), bias=bias)
+        cls = VQLinear
+        if backend == "auto" and dev.type == "cpu" and vq_kernel_applies(spec.out_features, tensors["table"].shape[1]):
+            from ...runtime.cpu_kernels import kernels
+
+            cls = LowbitVQLinear if kernels() is not None else VQLinear
+        mod = cls(self._codes(spec, tensors).to(dev), tensors["table"].to(dev), scale=None if scale is None else scale.to(dev), bias=bias)
         return ActQuantLinear(mod, spec.act_args) if spec.act_args else mod

@@ -1,0 +1,88 @@
+"""The vector-quantization CPU kernel (runtime/csrc/vq_cpu.cpp ``vq16_mm``) and its module
+(runtime/vq_linear.py ``LowbitVQLinear``): the packed layout round trip, products equal to
+lookup-then-multiply up to summation order across shapes, vector sizes, groups, row scales and
+batch sizes (AVX-512 and the scalar loop), and the module the ``vq`` form builds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import rel_max_err
+
+from llmpress.quant.vq import vq_lookup, vq_round
+from llmpress.registry import ModuleRecord
+from llmpress.runtime import cpu_kernels
+from llmpress.runtime.vq_linear import LowbitVQLinear, VQLinear, pack_vq16, unpack_vq16
+from llmpress.storage.form import encode_layer, get_form
+
+pytestmark = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None, reason=str(cpu_kernels.unavailable_reason()))
+
+
+@pytest.fixture(scope="module")
+def ext():
+    mod = cpu_kernels.kernels()
+    assert mod is not None, f"the kernels did not build: {cpu_kernels._state.get('reason')}"
+    return mod
+
+
+def test_layout_round_trip_and_refusals():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (48, 10), generator=g)
+    packed = pack_vq16(codes)
+    assert packed.shape == (3, 10, 8) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_vq16(packed), codes)
+    assert int(packed[1, 4, 2]) == int(codes[16 + 2, 4]) | (int(codes[16 + 8 + 2, 4]) << 4)  # row j low nibble, row j + 8 high
+    with pytest.raises(ValueError, match="multiple of 16 rows"):
+        pack_vq16(codes[:40])
+    with pytest.raises(ValueError, match="0..15"):
+        pack_vq16(codes + 16)
+
+
+@pytest.mark.parametrize("R,C,dim,groups,scaled", [(576, 576, 2, 9, True), (64, 1536, 2, 24, False), (32, 128, 4, 1, True), (16, 96, 2, 3, True)])
+@pytest.mark.parametrize("avx512", [0, 1])
+def test_kernel_equals_lookup_then_multiply(ext, R, C, dim, groups, scaled, avx512):
+    if avx512 and not ext.vq16_avx512():
+        pytest.skip("no AVX-512 on this CPU")
+    g = torch.Generator().manual_seed(R + C)
+    codes = torch.randint(0, 16, (R, C // dim), generator=g)
+    table = torch.randn(groups, 16, dim, generator=g).half()
+    scale = (torch.rand(R, generator=g) + 0.5).half() if scaled else None
+    bias = torch.randn(R, generator=g)
+    mod = LowbitVQLinear(codes, table, scale=scale, bias=bias, avx512=avx512)
+    ref = VQLinear(codes, table, scale=scale, bias=bias)
+    assert torch.equal(mod.dequantized_weight(), vq_lookup(table, codes, scale))
+    for M in (1, 2, 3, 4, 5, 8, 9):
+        x = torch.randn(M, C, generator=torch.Generator().manual_seed(M))
+        got, want = mod(x), ref(x)
+        assert got.shape == want.shape and rel_max_err(got, want) < 1e-5, (M, rel_max_err(got, want))
+    x3 = torch.randn(2, 3, C)  # leading dimensions kept
+    assert mod(x3).shape == (2, 3, R) and rel_max_err(mod(x3), ref(x3)) < 1e-5
+
+
+def test_raw_kernel_refuses_mismatched_shapes(ext):
+    codes = pack_vq16(torch.randint(0, 16, (16, 8)))
+    tables = torch.randn(2, 2, 16)
+    with pytest.raises(RuntimeError, match="float32 \\[M, 16\\]"):
+        ext.vq16_mm(torch.randn(1, 12), codes, tables, torch.ones(16), 0)
+    with pytest.raises(RuntimeError, match="do not split into 3 groups"):
+        ext.vq16_mm(torch.randn(1, 16), codes, torch.randn(3, 2, 16), torch.ones(16), 0)
+    with pytest.raises(RuntimeError, match="scale must be float32"):
+        ext.vq16_mm(torch.randn(1, 16), codes, tables, torch.ones(8), 0)
+
+
+def test_the_form_builds_the_kernel_where_it_applies(ext):
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(32, 64, generator=g) * 0.05
+    X = torch.randn(256, 64, generator=g)
+    H = 2 / 256 * X.t() @ X
+    form = get_form("vq")
+    for R, bits, want in ((32, 2, LowbitVQLinear), (24, 2, VQLinear), (32, 3, VQLinear)):  # 24 rows / 64 codewords: no kernel
+        res = vq_round(W[:R], H, 2, bits, group_size=32, row_scale=True)
+        rec = ModuleRecord(name="l", out_features=R, in_features=64, form="vq")
+        rec.payload = {"codes": res.codes, "table": res.table, "scale": res.scale}
+        spec, tensors = encode_layer(res.weight, rec)
+        auto, exact = form.build(spec, tensors), form.build(spec, tensors, backend="dequant")
+        assert type(auto) is want and type(exact) is VQLinear
+        x = torch.randn(3, 64)
+        assert torch.equal(exact(x), torch.nn.functional.linear(x, res.weight))
+        assert rel_max_err(auto(x), exact(x)) < 1e-5
