@@ -1,7 +1,8 @@
 """Decode-time matmul of the lookup-table kernel against llmpress's int4 kernel and float32, at
 SmolLM2-135M's linear shapes, on random weights (no model is run): median microseconds per
-call for 1 and 8 activation rows. LUT: per-row tables, the default path (AVX-512 where the
-CPU has it) and the AVX2 path. VQ 2-bit: 2-d vectors, 16 codewords per 64 input columns, row
+call for 1 and 8 activation rows, each a raw kernel call on the modules' buffers (no module
+overhead: like for like with the int4 column). LUT: per-row tables, the default path (AVX-512
+where the CPU has it) and the AVX2 path. VQ 2-bit: 2-d vectors, 16 codewords per 64 input columns, row
 scales (`gptvq-2d-w2`'s layout) served by ``vq16_mm`` (lookup tables of the activations).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/codebooks_kernel.py [--threads 1]
@@ -33,17 +34,18 @@ def median_us(fn, reps=200):
     return 1e6 * statistics.median(ts)
 
 
+def lut_call(ext, mod: LowbitLutLinear):
+    return lambda x: ext.lut4_mm(x, mod.packed, mod.table, mod.group_size, mod.entries, mod.layout)
+
+
 def cells(ext, layer: dict, x: torch.Tensor) -> list[float]:
     """Median microseconds of each implementation on activation rows ``x``."""
-    w, packed4, sc, zp = layer["w"], layer["packed4"], layer["sc"], layer["zp"]
+    w, packed4, sc, zp, vq = layer["w"], layer["packed4"], layer["sc"], layer["zp"], layer["vq2"]
     return [
         median_us(lambda: F.linear(x, w)),
         median_us(lambda: ext.int4_mm(x, packed4, sc, zp, 64)),
-        median_us(lambda: layer["lut4"](x)),
-        median_us(lambda: layer["lut3"](x)),
-        median_us(lambda: layer["lut4_avx2"](x)),
-        median_us(lambda: layer["lut3_avx2"](x)),
-        median_us(lambda: layer["vq2"](x)),
+        *(median_us(lambda k=k: lut_call(ext, layer[k])(x)) for k in ("lut4", "lut3", "lut4_avx2", "lut3_avx2")),
+        median_us(lambda: ext.vq16_mm(x, vq.packed, vq.table_t, vq.scale, -1)),
     ]
 
 

@@ -261,7 +261,6 @@ __attribute__((target("avx512f"))) void lut_rows512(const float* x, int64_t ldx,
                                                     int64_t ldy, int64_t n0, int64_t n1, int64_t K, int64_t gs) {
   const int64_t G = K / gs;
   const __m512i shifts = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
-  const __m512i nib = _mm512_set1_epi32(0xF);
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t* wr = reinterpret_cast<const int64_t*>(w + n * (K / 8));
     __m512 a[MB], b[MB];
@@ -270,8 +269,9 @@ __attribute__((target("avx512f"))) void lut_rows512(const float* x, int64_t ldx,
       const __m512 T = _mm512_loadu_ps(tab + (n * G + g) * 16);
       for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
         const int64_t* p = wr + k / 16;
-        const __m512 v0 = _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi64(p[0]), shifts), nib), T);
-        const __m512 v1 = _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi64(p[1]), shifts), nib), T);
+        // vpermps reads only the low 4 bits of each lane's index: no mask needed after the shift
+        const __m512 v0 = _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi64(p[0]), shifts), T);
+        const __m512 v1 = _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi64(p[1]), shifts), T);
         for (int m = 0; m < MB; ++m) {
           a[m] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + m * ldx + k), a[m]);
           b[m] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x + m * ldx + k + 16), b[m]);
