@@ -50,6 +50,7 @@ ROWS = {
     "gptvq-2d-w2": ("~2", "gptvq-2d-w2"),
     "gptvq-4d-w2": ("~2", "gptvq-4d-w2"),
     "gptvq-4d-w2-g192": ("~2", preset_recipe("gptvq-4d-w2", "gptvq-4d-w2-g192", group_size=192)),
+    "gptvq-2d-w2-r64": ("~2", preset_recipe("gptvq-2d-w2", "gptvq-2d-w2-r64", row_group_size=64)),
 }
 LABELS = {"rtn-w2g64": "rtn-w2g64 (rtn-w3g64 at 2 bits, full-range grid)", "gptq-w2g64": "gptq-w2g64 (gptq-w3g64 at 2 bits)"}
 INT4 = "rtn-w4g64"  # the int4 kernel's checkpoint in the speed section

@@ -45,7 +45,7 @@ def cells(ext, layer: dict, x: torch.Tensor) -> list[float]:
         median_us(lambda: F.linear(x, w)),
         median_us(lambda: ext.int4_mm(x, packed4, sc, zp, 64)),
         *(median_us(lambda k=k: lut_call(ext, layer[k])(x)) for k in ("lut4", "lut3", "lut4_avx2", "lut3_avx2")),
-        median_us(lambda: ext.vq16_mm(x, vq.packed, vq.table_t, vq.scale, -1)),
+        median_us(lambda: ext.vq16_mm(x, vq.packed, vq.table_t, vq.scale, 1, -1)),
     ]
 
 

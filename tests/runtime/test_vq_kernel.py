@@ -38,19 +38,27 @@ def test_layout_round_trip_and_refusals():
         pack_vq16(codes + 16)
 
 
-@pytest.mark.parametrize("R,C,dim,groups,scaled", [(576, 576, 2, 9, True), (64, 1536, 2, 24, False), (32, 128, 4, 1, True), (16, 96, 2, 3, True)])
+@pytest.mark.parametrize(
+    "R,C,dim,groups,row_groups,scaled",
+    [(576, 576, 2, 9, 1, True), (64, 1536, 2, 24, 1, False), (32, 128, 4, 1, 1, True), (16, 96, 2, 3, 1, True), (96, 128, 2, 2, 3, True)],
+)
 @pytest.mark.parametrize("avx512", [0, 1])
-def test_kernel_equals_lookup_then_multiply(ext, R, C, dim, groups, scaled, avx512):
+def test_kernel_equals_lookup_then_multiply(ext, R, C, dim, groups, row_groups, scaled, avx512):
     if avx512 and not ext.vq16_avx512():
         pytest.skip("no AVX-512 on this CPU")
     g = torch.Generator().manual_seed(R + C)
     codes = torch.randint(0, 16, (R, C // dim), generator=g)
-    table = torch.randn(groups, 16, dim, generator=g).half()
+    table = torch.randn(groups * row_groups, 16, dim, generator=g).half()
     scale = (torch.rand(R, generator=g) + 0.5).half() if scaled else None
     bias = torch.randn(R, generator=g)
-    mod = LowbitVQLinear(codes, table, scale=scale, bias=bias, avx512=avx512)
-    ref = VQLinear(codes, table, scale=scale, bias=bias)
-    assert torch.equal(mod.dequantized_weight(), vq_lookup(table, codes, scale))
+    mod = LowbitVQLinear(codes, table, scale=scale, bias=bias, row_groups=row_groups, avx512=avx512)
+    ref = VQLinear(codes, table, scale=scale, bias=bias, row_groups=row_groups)
+    assert torch.equal(mod.dequantized_weight(), vq_lookup(table, codes, scale, row_groups))
+    if row_groups > 1:  # each block of rows reads its own tables
+        assert not torch.equal(
+            ref.dequantized_weight(),
+            VQLinear(codes, table[:groups].repeat(row_groups, 1, 1), scale=scale, row_groups=row_groups).dequantized_weight(),
+        )
     for M in (1, 2, 3, 4, 5, 8, 9):
         x = torch.randn(M, C, generator=torch.Generator().manual_seed(M))
         got, want = mod(x), ref(x)
@@ -63,11 +71,13 @@ def test_raw_kernel_refuses_mismatched_shapes(ext):
     codes = pack_vq16(torch.randint(0, 16, (16, 8)))
     tables = torch.randn(2, 2, 16)
     with pytest.raises(RuntimeError, match="float32 \\[M, 16\\]"):
-        ext.vq16_mm(torch.randn(1, 12), codes, tables, torch.ones(16), 0)
+        ext.vq16_mm(torch.randn(1, 12), codes, tables, torch.ones(16), 1, 0)
     with pytest.raises(RuntimeError, match="do not split into 3 groups"):
-        ext.vq16_mm(torch.randn(1, 16), codes, torch.randn(3, 2, 16), torch.ones(16), 0)
+        ext.vq16_mm(torch.randn(1, 16), codes, torch.randn(3, 2, 16), torch.ones(16), 1, 0)
+    with pytest.raises(RuntimeError, match="row_groups=3 must divide"):
+        ext.vq16_mm(torch.randn(1, 16), codes, tables, torch.ones(16), 3, 0)
     with pytest.raises(RuntimeError, match="scale must be float32"):
-        ext.vq16_mm(torch.randn(1, 16), codes, tables, torch.ones(8), 0)
+        ext.vq16_mm(torch.randn(1, 16), codes, tables, torch.ones(8), 1, 0)
 
 
 def test_the_form_builds_the_kernel_where_it_applies(ext):

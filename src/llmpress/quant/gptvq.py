@@ -23,7 +23,9 @@ MAX_ITERS = 1000
 class GPTVQ:
     """``dim``: weights per vector (2, 4, 8); ``bits``: bits per weight (index of dim * bits
     bits, 2^(dim * bits) codewords per table); ``group_size``: input columns sharing one table
-    (all rows; null: one table per layer); ``kmeans_iters``: Lloyd iterations of the H-diagonal-weighted k-means start;
+    (null: one column group); ``row_group_size``: output rows sharing each column group's
+    table (null: all rows; a divisor gives every block of that many rows tables of its own,
+    more local codewords at 2^(d b) d 16 bits each); ``kmeans_iters``: Lloyd iterations of the H-diagonal-weighted k-means start;
     ``row_scale``: divide each row by its float16 RMS before fitting the shared tables
     (GPTVQ's normalization; one float16 per row more); ``refine_iters``: least-squares (conjugate-gradient) steps on the tables after assignment
     (0: none); ``block_size``, ``damp``: as in GPTQ (the sweep runs in the natural column
@@ -32,6 +34,7 @@ class GPTVQ:
     dim: int = 2
     bits: int = 2
     group_size: int | None = 64
+    row_group_size: int | None = None
     row_scale: bool = True
     kmeans_iters: int = 25
     refine_iters: int = 10
@@ -49,6 +52,9 @@ class GPTVQ:
             raise RecipeError(f"group_size={g!r}: expected a positive integer, or null for one table per layer")
         if g is not None and g % self.dim:
             raise RecipeError(f"group_size={g}: the vector size {self.dim} does not divide the group")
+        rg = self.row_group_size
+        if rg is not None and (isinstance(rg, bool) or not isinstance(rg, int) or rg < 1):
+            raise RecipeError(f"row_group_size={rg!r}: expected a positive integer, or null for tables shared by all rows")
         for field in ("kmeans_iters", "refine_iters", "seed"):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (field != "seed" and v > MAX_ITERS):
@@ -61,7 +67,7 @@ class GPTVQ:
 
     def check_layer(self, out_features: int, in_features: int, where: str) -> None:
         """Checked by the plan on every targeted linear before anything changes."""
-        check_vq_shape(out_features, in_features, self.dim, self.bits, self.group_size, f"{where}: ")
+        check_vq_shape(out_features, in_features, self.dim, self.bits, self.group_size, f"{where}: ", row_group_size=self.row_group_size)
 
 
 @register(
@@ -85,9 +91,11 @@ def gptvq(ctx: ModuleContext, cfg: GPTVQ) -> None:
         refine_iters=cfg.refine_iters,
         seed=cfg.seed,
         name=ctx.name,
+        row_group_size=cfg.row_group_size,
     )
     ctx.set_weight(res.weight)
     rec = ctx.record
     rec.form = "vq"
-    rec.payload = {"codes": res.codes, "table": res.table, **({"scale": res.scale} if res.scale is not None else {})}
-    rec.notes.update(dim=cfg.dim, bits=cfg.bits, group_size=cfg.group_size, row_scale=cfg.row_scale, layer_error=res.loss, damp=res.damp)
+    rec.payload = {"codes": res.codes, "table": res.table, "row_groups": res.row_groups, **({"scale": res.scale} if res.scale is not None else {})}
+    rec.notes.update(dim=cfg.dim, bits=cfg.bits, group_size=cfg.group_size, row_group_size=cfg.row_group_size, row_scale=cfg.row_scale)
+    rec.notes.update(layer_error=res.loss, damp=res.damp)

@@ -57,10 +57,11 @@ KMEANS_SETTLED = 1e-3  # k-means stops once fewer than this share of the vectors
 class VQResult:
     weight: torch.Tensor  # [R, C] float32: the codewords (float16 values)
     codes: torch.Tensor  # [R, C / d] int64: index of each vector's codeword in its group's table
-    table: torch.Tensor  # [G, K, d] float16
+    table: torch.Tensor  # [G, K, d] float16 (G = row groups x column groups, row-group major)
     scale: torch.Tensor | None = None  # [R] float16: each row's codewords are scaled by it (``row_scale``)
     loss: float | None = None  # the layer error tr((W - Q) H (W - Q)^T) after assignment (None: rounding)
     damp: float | None = None
+    row_groups: int = 1  # blocks of rows with tables of their own
 
 
 def check_vq(dim, bits) -> int:
@@ -74,10 +75,11 @@ def check_vq(dim, bits) -> int:
     return 1 << (dim * bits)
 
 
-def check_vq_shape(rows: int, cols: int, dim: int, bits: int, group_size, where: str = "") -> int:
-    """Groups per row, or a UserError (vector size not dividing the group, group not dividing
-    the row, fewer vectors in a group than codewords); ``group_size`` None: one table for the
-    whole layer."""
+def check_vq_shape(rows: int, cols: int, dim: int, bits: int, group_size, where: str = "", row_group_size=None) -> int:
+    """Column groups per row, or a UserError (vector size not dividing the group, group not
+    dividing the row, a row group not dividing the rows, fewer vectors in a table's block than
+    codewords); ``group_size`` None: one column group; ``row_group_size`` None: all rows share
+    each column group's table."""
     k = check_vq(dim, bits)
     g = cols if group_size is None else group_size
     if isinstance(g, bool) or not isinstance(g, int) or g < 1:
@@ -86,8 +88,13 @@ def check_vq_shape(rows: int, cols: int, dim: int, bits: int, group_size, where:
         raise UserError(f"{where}vector size {dim} does not divide the group of {g} columns")
     if cols % g:
         raise UserError(f"{where}group_size {g} does not divide the input dimension {cols}")
-    if rows * g // dim < k:
-        raise UserError(f"{where}{k} codewords for groups of {rows * g // dim} vectors: use fewer bits or a larger group")
+    rg = rows if row_group_size is None else row_group_size
+    if isinstance(rg, bool) or not isinstance(rg, int) or rg < 1:
+        raise UserError(f"{where}row_group_size={row_group_size!r}: expected a positive integer or null")
+    if rows % rg:
+        raise UserError(f"{where}row_group_size {rg} does not divide the {rows} output rows")
+    if rg * g // dim < k:
+        raise UserError(f"{where}{k} codewords for groups of {rg * g // dim} vectors: use fewer bits or a larger group")
     return cols // g
 
 
@@ -97,15 +104,21 @@ def vq_bits(rows: int, cols: int, dim: int, bits: int, groups: int, row_scale: b
     return rows * cols * bits + groups * (1 << (dim * bits)) * dim * TABLE_BITS + (rows * TABLE_BITS if row_scale else 0)
 
 
-def vq_lookup(table: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def table_index(R: int, V: int, G: int, row_groups: int = 1, device=None) -> torch.Tensor:
+    """[R, V]: the table of vector v of row o, (o // (R / Gr)) Gc + v // (V / Gc) with
+    Gc = G / Gr column groups (tables row-group major)."""
+    gc = G // row_groups
+    rows = torch.arange(R, device=device) // (R // row_groups) * gc
+    return rows.unsqueeze(1) + (torch.arange(V, device=device) // (V // gc)).unsqueeze(0)
+
+
+def vq_lookup(table: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor | None = None, row_groups: int = 1) -> torch.Tensor:
     """Tables [G, K, d] at codes [R, C / d] -> float32 [R, C] (vector v lies in columns
-    v d .. v d + d - 1 and uses table v d // (C / G)), times each row's ``scale`` [R] if given."""
+    v d .. v d + d - 1; its table: :func:`table_index`), times each row's ``scale`` [R] if given."""
     G, K, d = table.shape
     R, V = codes.shape
-    C = V * d
-    gidx = torch.arange(V, device=codes.device) * d // (C // G)
     flat = table.float().reshape(G * K, d)
-    w = flat[(gidx * K).unsqueeze(0) + codes.long()].reshape(R, C)
+    w = flat[table_index(R, V, G, row_groups, codes.device) * K + codes.long()].reshape(R, V * d)
     return w if scale is None else w * scale.float().to(w.device).unsqueeze(1)
 
 
@@ -115,11 +128,12 @@ def row_scales(W: torch.Tensor) -> torch.Tensor:
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
-def _vectors(w: torch.Tensor, group_size: int, dim: int) -> torch.Tensor:
-    """[G, R * g / d, d]: the vectors of each group of ``group_size`` columns."""
+def _vectors(w: torch.Tensor, group_size: int, dim: int, row_groups: int = 1) -> torch.Tensor:
+    """[Gr Gc, (R / Gr) g / d, d]: the vectors of each block of rows and ``group_size`` columns
+    (row-group major, as the tables)."""
     R, C = w.shape
     G = C // group_size
-    return w.reshape(R, G, group_size // dim, dim).permute(1, 0, 2, 3).reshape(G, -1, dim)
+    return w.reshape(row_groups, R // row_groups, G, group_size // dim, dim).permute(0, 2, 1, 3, 4).reshape(row_groups * G, -1, dim)
 
 
 def _distances(x: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
@@ -178,19 +192,21 @@ def kmeans_vq(
     return c
 
 
-def init_tables(W: torch.Tensor, weights: torch.Tensor, dim: int, bits: int, group_size: int, *, iters: int, seed: int) -> torch.Tensor:
-    """float16 tables [G, K, d]: k-means of each group's vectors of ``W`` [R, C], each weight
+def init_tables(
+    W: torch.Tensor, weights: torch.Tensor, dim: int, bits: int, group_size: int, *, iters: int, seed: int, row_groups: int = 1
+) -> torch.Tensor:
+    """float16 tables [G, K, d]: k-means of each block's vectors of ``W`` [R, C], each weight
     counted with ``weights`` [R, C] (H_jj, times s_o^2 for scaled rows)."""
     k = 1 << (dim * bits)
-    xs, ws = _vectors(W, group_size, dim), _vectors(weights.float().to(W.device), group_size, dim)
+    xs, ws = _vectors(W, group_size, dim, row_groups), _vectors(weights.float().to(W.device), group_size, dim, row_groups)
     return torch.stack([kmeans_vq(xs[i], k, ws[i], iters=iters, seed=seed + i) for i in range(xs.shape[0])]).half()
 
 
-def _codes_of(table: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, R: int, dim: int, group_size: int) -> torch.Tensor:
-    """Codes [R, C / d] of the grouped vectors ``x`` [G, R g / d, d]."""
+def _codes_of(table: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, R: int, dim: int, group_size: int, row_groups: int = 1) -> torch.Tensor:
+    """Codes [R, C / d] of the grouped vectors ``x`` [Gr Gc, (R / Gr) g / d, d]."""
     G = table.shape[0]
     codes = torch.stack([assign(x[i], table[i].float(), None if w is None else w[i]) for i in range(G)])
-    return codes.reshape(G, R, group_size // dim).permute(1, 0, 2).reshape(R, -1)
+    return codes.reshape(row_groups, G // row_groups, R // row_groups, group_size // dim).permute(0, 2, 1, 3).reshape(R, -1)
 
 
 def _normalized(W: torch.Tensor, hdiag: torch.Tensor, row_scale: bool):
@@ -215,21 +231,23 @@ def vq_round(
     table: torch.Tensor | None = None,
     kmeans_iters: int = 25,
     seed: int = 0,
+    row_group_size: int | None = None,
 ) -> VQResult:
     """Each vector to its nearest codeword under the H-diagonal-weighted distance (no error
     feedback); ``table`` [G, K, d] given or fitted as in :func:`vq_gptq`."""
     R, C = weight.shape
-    check_vq_shape(R, C, dim, bits, group_size)
+    check_vq_shape(R, C, dim, bits, group_size, row_group_size=row_group_size)
     group_size = C if group_size is None else group_size
+    rgs = R // (R if row_group_size is None else row_group_size)
     Wn, wts, s = _normalized(weight.detach().float(), torch.diagonal(hessian), row_scale)
     if table is None:
-        table = init_tables(Wn, wts, dim, bits, group_size, iters=kmeans_iters, seed=seed)
-    codes = _codes_of(table, _vectors(Wn, group_size, dim), _vectors(wts, group_size, dim), R, dim, group_size)
-    return VQResult(weight=vq_lookup(table, codes, s), codes=codes, table=table, scale=s)
+        table = init_tables(Wn, wts, dim, bits, group_size, iters=kmeans_iters, seed=seed, row_groups=rgs)
+    codes = _codes_of(table, _vectors(Wn, group_size, dim, rgs), _vectors(wts, group_size, dim, rgs), R, dim, group_size, rgs)
+    return VQResult(weight=vq_lookup(table, codes, s, rgs), codes=codes, table=table, scale=s, row_groups=rgs)
 
 
 def refine_tables(
-    W: torch.Tensor, H: torch.Tensor, table: torch.Tensor, codes: torch.Tensor, iters: int, scale: torch.Tensor | None = None
+    W: torch.Tensor, H: torch.Tensor, table: torch.Tensor, codes: torch.Tensor, iters: int, scale: torch.Tensor | None = None, row_groups: int = 1
 ) -> torch.Tensor:
     """Tables [G, K, d] (float64) lowering tr((W - Q(T)) H (W - Q(T))^T) with the codes (and
     row scales) fixed: ``iters`` conjugate-gradient steps on the normal equations
@@ -237,8 +255,8 @@ def refine_tables(
     scale) and P^T adds a [R, C] matrix (times the row scales) onto the entries."""
     G, K, d = table.shape
     R, C = W.shape
-    gidx = torch.arange(C // d, device=codes.device) * d // (C // G)
-    idx = (((gidx * K).unsqueeze(0) + codes.long()) * d).unsqueeze(2) + torch.arange(d, device=codes.device)
+    tidx = table_index(R, C // d, G, row_groups, codes.device)
+    idx = ((tidx * K + codes.long()) * d).unsqueeze(2) + torch.arange(d, device=codes.device)
     idx = idx.reshape(-1)  # flat entry of each weight, [R * C]
     sc = torch.ones(R, 1, dtype=torch.float64, device=W.device) if scale is None else scale.double().to(W.device).unsqueeze(1)
     Hd = H.double()
@@ -264,10 +282,14 @@ def refine_tables(
     return x.reshape(G, K, d)
 
 
-def _sweep(W: torch.Tensor, U: torch.Tensor, tabs: torch.Tensor, scale, dim: int, group_size: int, block_size: int) -> torch.Tensor:
+def _sweep(
+    W: torch.Tensor, U: torch.Tensor, tabs: torch.Tensor, scale, dim: int, group_size: int, block_size: int, row_groups: int = 1
+) -> torch.Tensor:
     """Codes [R, C / d] by the column sweep: at the first column of each vector, the d
-    columns' current values go to the codeword nearest under || (v - s c) U_SS^-1 ||^2."""
+    columns' current values go to the codeword nearest under || (v - s c) U_SS^-1 ||^2
+    (each block of rows in its own table)."""
     R, C = W.shape
+    gc, rows = C // group_size, R // row_groups
     codes = torch.empty(C // dim, R, dtype=torch.int64, device=W.device)
     chosen = torch.empty(R, dim, device=W.device)
     sf = None if scale is None else scale.float().to(W.device).unsqueeze(1)
@@ -278,11 +300,14 @@ def _sweep(W: torch.Tensor, U: torch.Tensor, tabs: torch.Tensor, scale, dim: int
         t = j % dim
         if t == 0:
             A = torch.linalg.solve_triangular(blk.U1[i : i + dim, i : i + dim], eye, upper=True)
-            tab = tabs[j // group_size]
             v = blk.W1[i : i + dim].t()
-            code = assign((v if sf is None else v / sf) @ A, tab @ A)  # s_o^2 scales a row's distances alike
-            codes[j // dim] = code
-            chosen.copy_(tab[code] if sf is None else tab[code] * sf)
+            vn = (v if sf is None else v / sf) @ A  # s_o^2 scales a row's distances alike
+            for r in range(row_groups):
+                sl = slice(r * rows, (r + 1) * rows)
+                tab = tabs[r * gc + j // group_size]
+                code = assign(vn[sl], tab @ A)
+                codes[j // dim, sl] = code
+                chosen[sl] = tab[code] if sf is None else tab[code] * sf[sl]
         q.copy_(chosen[:, t])
 
     bs = max(dim, block_size // dim * dim)  # a vector never straddles two blocks
@@ -305,26 +330,29 @@ def vq_gptq(
     seed: int = 0,
     table: torch.Tensor | None = None,
     name: str | None = None,
+    row_group_size: int | None = None,
 ) -> VQResult:
     """GPTVQ: H-diagonal k-means tables (or ``table`` given), codes by the column sweep with
     error feedback, then ``refine_iters`` least-squares steps on the tables. ``row_scale``:
     each row is divided by its float16 RMS before the tables are fitted and multiplied back
-    after lookup (one more float16 per row)."""
+    after lookup (one more float16 per row). ``row_group_size``: rows sharing one table per
+    column group (None: all rows)."""
     validate_solver_fields(block_size, damp)
     R, C = weight.shape
-    check_vq_shape(R, C, dim, bits, group_size, f"layer {name}: " if name else "")
+    check_vq_shape(R, C, dim, bits, group_size, f"layer {name}: " if name else "", row_group_size=row_group_size)
     group_size = C if group_size is None else group_size
+    rgs = R // (R if row_group_size is None else row_group_size)
     with solver_threads(weight.device):
         W, H, _ = prepare(weight, hessian, name)
         Wn, wts, s = _normalized(W, torch.diagonal(H), row_scale)
         if table is None:
-            table = init_tables(Wn, wts, dim, bits, group_size, iters=kmeans_iters, seed=seed)
+            table = init_tables(Wn, wts, dim, bits, group_size, iters=kmeans_iters, seed=seed, row_groups=rgs)
         del Wn, wts
         fac = inverse_cholesky(H, damp, name)
-        codes = _sweep(W, fac.U, table.float(), s, dim, group_size, block_size)
+        codes = _sweep(W, fac.U, table.float(), s, dim, group_size, block_size, rgs)
         if refine_iters > 0:
-            table = refine_tables(W, H, table, codes, refine_iters, s).half()
-        Q = vq_lookup(table, codes, s)
+            table = refine_tables(W, H, table, codes, refine_iters, s, rgs).half()
+        Q = vq_lookup(table, codes, s, rgs)
         D = (W - Q).double()
         loss = float(((D @ H.double()) * D).sum())
-    return VQResult(weight=Q, codes=codes, table=table, scale=s, loss=loss, damp=fac.damp)
+    return VQResult(weight=Q, codes=codes, table=table, scale=s, loss=loss, damp=fac.damp, row_groups=rgs)

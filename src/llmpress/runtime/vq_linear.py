@@ -23,12 +23,16 @@ from ..quant.vq import vq_lookup
 class VQLinear(nn.Module):
     kernel = "vq-dequant"
 
-    def __init__(self, codes: torch.Tensor, table: torch.Tensor, *, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+    def __init__(
+        self, codes: torch.Tensor, table: torch.Tensor, *, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None, row_groups: int = 1
+    ):
         super().__init__()
-        if codes.dim() != 2 or table.dim() != 3 or (codes.shape[1] * table.shape[2]) % table.shape[0]:
-            raise ValueError(f"codes {tuple(codes.shape)} and tables {tuple(table.shape)} do not fit")
+        G = table.shape[0] if table.dim() == 3 else 0
+        if codes.dim() != 2 or not G or G % row_groups or codes.shape[0] % row_groups or (codes.shape[1] * table.shape[2]) % (G // row_groups):
+            raise ValueError(f"codes {tuple(codes.shape)} and tables {tuple(table.shape)} ({row_groups} row groups) do not fit")
         self.out_features = codes.shape[0]
         self.in_features = codes.shape[1] * table.shape[2]
+        self.row_groups = row_groups
         self.register_buffer("codes", codes.to(torch.int32).contiguous(), persistent=False)
         self.register_buffer("table", table.contiguous(), persistent=False)
         self.register_buffer("scale", scale, persistent=False)
@@ -40,7 +44,7 @@ class VQLinear(nn.Module):
         return self.dequantized_weight()
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        return vq_lookup(self.table, self.codes, self.scale).to(dtype)
+        return vq_lookup(self.table, self.codes, self.scale, self.row_groups).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight(torch.float32)
@@ -55,9 +59,10 @@ VQ_KERNEL_CODEWORDS = 16  # the kernel's tables hold one register of float32 ent
 VQ_KERNEL_ROWS = 16  # output rows per block of the "vq16-r16" code layout
 
 
-def vq_kernel_applies(out_features: int, codewords: int) -> bool:
-    """Whether :class:`LowbitVQLinear` can serve a layer (the kernels themselves aside)."""
-    return codewords == VQ_KERNEL_CODEWORDS and out_features % VQ_KERNEL_ROWS == 0
+def vq_kernel_applies(out_features: int, codewords: int, row_groups: int = 1) -> bool:
+    """Whether :class:`LowbitVQLinear` can serve a layer (the kernels themselves aside): 16
+    codewords, each row group a whole number of blocks of 16 rows."""
+    return codewords == VQ_KERNEL_CODEWORDS and out_features % (VQ_KERNEL_ROWS * row_groups) == 0
 
 
 def pack_vq16(codes: torch.Tensor) -> torch.Tensor:
@@ -90,16 +95,25 @@ class LowbitVQLinear(nn.Module):
     kernel = "lowbit-vq16"
 
     def __init__(
-        self, codes: torch.Tensor, table: torch.Tensor, *, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None, avx512: int = -1
+        self,
+        codes: torch.Tensor,
+        table: torch.Tensor,
+        *,
+        scale: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        row_groups: int = 1,
+        avx512: int = -1,
     ):
         super().__init__()
         from .cpu_kernels import kernels
 
         G, K, d = table.shape
         R, V = codes.shape
-        if not vq_kernel_applies(R, K) or (V * d) % G or (V // G) * G != V:
-            raise ValueError(f"the vq16 kernel takes {VQ_KERNEL_CODEWORDS} codewords, rows in blocks of {VQ_KERNEL_ROWS} and whole vectors per group")
-        self.out_features, self.in_features, self.dim, self.groups = R, V * d, d, G
+        if not vq_kernel_applies(R, K, row_groups) or G % row_groups or V % (G // row_groups):
+            raise ValueError(
+                f"the vq16 kernel takes {VQ_KERNEL_CODEWORDS} codewords, row groups in blocks of {VQ_KERNEL_ROWS} rows and whole vectors per group"
+            )
+        self.out_features, self.in_features, self.dim, self.groups, self.row_groups = R, V * d, d, G, row_groups
         self.avx512 = int(avx512)
         self._k = kernels()
         self.register_buffer("packed", pack_vq16(codes), persistent=False)
@@ -114,14 +128,14 @@ class LowbitVQLinear(nn.Module):
         return self.dequantized_weight()
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        return vq_lookup(self.table, unpack_vq16(self.packed), self.scale).to(dtype)
+        return vq_lookup(self.table, unpack_vq16(self.packed), self.scale, self.row_groups).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .cpu_kernels import SMALL_M
 
         x2 = x.reshape(-1, self.in_features).float().contiguous()
         if x2.shape[0] <= SMALL_M:
-            y = self._k.vq16_mm(x2, self.packed, self.table_t, self.scale, self.avx512)
+            y = self._k.vq16_mm(x2, self.packed, self.table_t, self.scale, self.row_groups, self.avx512)
         else:
             y = F.linear(x2, self.dequantized_weight())
         if self.bias is not None:

@@ -103,38 +103,51 @@ void vq16_tables(const float* x, const float* Tt, float* P, int64_t M, int64_t V
 bool vq16_avx512() { return __builtin_cpu_supports("avx512f"); }
 
 // x: float32 [M, K]; codes: uint8 [N / 16, V, 8] ("vq16-r16", V = K / d); tables: float32
-// [G, d, 16] (the codewords transposed: entry k of coordinate t at [g, t, k]); scale: float32
-// [N]; avx512: -1 where the CPU has it, 0 the scalar loops, 1 AVX-512 (refused where the CPU
-// lacks it). Returns y float32 [M, N].
-at::Tensor vq16_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables, const at::Tensor& scale, int64_t avx512) {
+// [G, d, 16] (the codewords transposed: entry k of coordinate t at [g, t, k]; G = row_groups
+// blocks of N / row_groups rows times the column groups, row-group major); scale: float32 [N];
+// avx512: -1 where the CPU has it, 0 the scalar loops, 1 AVX-512 (refused where the CPU lacks
+// it). Returns y float32 [M, N].
+at::Tensor vq16_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables, const at::Tensor& scale, int64_t row_groups,
+                   int64_t avx512) {
   TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.size(2) == 8,
               "codes must be contiguous uint8 [N/16, V, 8]");
   TORCH_CHECK(tables.dim() == 3 && tables.scalar_type() == at::kFloat && tables.is_contiguous() && tables.size(2) == 16,
               "tables must be contiguous float32 [G, d, 16]");
-  const int64_t G = tables.size(0), d = tables.size(1), V = codes.size(1), NB = codes.size(0), N = NB * 16;
-  TORCH_CHECK(d >= 1 && G >= 1 && V % G == 0, "the ", V, " vectors per row do not split into ", G, " groups");
+  const int64_t G = tables.size(0), d = tables.size(1), V = codes.size(1), NB = codes.size(0), N = NB * 16, RG = row_groups;
+  TORCH_CHECK(RG >= 1 && G % RG == 0 && NB % RG == 0, "row_groups=", RG, " must divide the ", G, " tables and the ", NB, " blocks of 16 rows");
+  const int64_t GC = G / RG;
+  TORCH_CHECK(d >= 1 && GC >= 1 && V % GC == 0, "the ", V, " vectors per row do not split into ", GC, " groups");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == V * d,
               "x must be a contiguous float32 [M, ", V * d, "] tensor");
   const int64_t M = x.size(0);
   TORCH_CHECK(scale.dim() == 1 && scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.size(0) == N, "scale must be float32 [N]");
   TORCH_CHECK(avx512 == -1 || avx512 == 0 || (avx512 == 1 && vq16_avx512()), "avx512=1 needs a CPU with AVX-512");
   const bool wide = avx512 == 1 || (avx512 == -1 && vq16_avx512());
-  at::Tensor P = at::empty({M, V, 16}, x.options());
-  if (wide)
-    vq16_tables512(x.data_ptr<float>(), tables.data_ptr<float>(), P.data_ptr<float>(), M, V, d, G);
-  else
-    vq16_tables(x.data_ptr<float>(), tables.data_ptr<float>(), P.data_ptr<float>(), M, V, d, G);
+  at::Tensor P = at::empty({RG, M, V, 16}, x.options());  // per block of rows: its own tables
+  for (int64_t r = 0; r < RG; ++r) {
+    const float* tr = tables.data_ptr<float>() + r * GC * d * 16;
+    float* pr = P.data_ptr<float>() + r * M * V * 16;
+    if (wide)
+      vq16_tables512(x.data_ptr<float>(), tr, pr, M, V, d, GC);
+    else
+      vq16_tables(x.data_ptr<float>(), tr, pr, M, V, d, GC);
+  }
   at::Tensor y = at::empty({M, N}, x.options());
   const float* pp = P.data_ptr<float>();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t t = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per = NB / RG;  // blocks of 16 rows per row group
   at::parallel_for(0, NB, std::max<int64_t>(1, (NB + 4 * t - 1) / (4 * t)), [&](int64_t nb0, int64_t nb1) {
-    if (wide)
-      vq16_rows512(pp, cp, sp, yp, M, N, V, nb0, nb1);
-    else
-      vq16_rows(pp, cp, sp, yp, M, N, V, nb0, nb1);
+    for (int64_t nb = nb0; nb < nb1;) {  // runs of blocks within one row group
+      const int64_t r = nb / per, end = std::min(nb1, (r + 1) * per);
+      if (wide)
+        vq16_rows512(pp + r * M * V * 16, cp, sp, yp, M, N, V, nb, end);
+      else
+        vq16_rows(pp + r * M * V * 16, cp, sp, yp, M, N, V, nb, end);
+      nb = end;
+    }
   });
   return y;
 }

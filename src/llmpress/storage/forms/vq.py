@@ -6,12 +6,13 @@ Tensors:
 
 - ``codes``: the indices [out, in / d], packed into int32 words with
   :func:`llmpress.storage.grid.pack_unsigned` at d b bits each ([out, ceil(in / d / 32) * d b]);
-- ``table``: float16 [G, 2^(d b), d]; vector v (columns v d .. v d + d - 1) uses table
-  v d // (in / G);
+- ``table``: float16 [G, 2^(d b), d]; with Gr = ``meta.row_groups`` (default 1) blocks of
+  out / Gr rows and Gc = G / Gr groups of input columns, vector v (columns v d .. v d + d - 1)
+  of row o uses table (o // (out / Gr)) Gc + v d // (in / Gc);
 - ``scale``: float16 [out] (only with ``meta.row_scale``): row o's codewords are multiplied by it.
 
 ``meta``: ``{"dim": d, "bits": b, "groups": G}`` (b: bits per weight), plus ``"row_scale": true``
-when rows are scaled.
+when rows are scaled and ``"row_groups": Gr`` when Gr > 1.
 
 Size, counted the same by :meth:`VQForm.bits_per_weight` (the report) and by the bytes the
 checkpoint holds (when in / d is a multiple of 32): out * in * b + G * 2^(d b) * d * 16
@@ -46,8 +47,13 @@ class VQForm(StorageForm):
             raise ValueError(f"a vq layer needs meta.dim in {DIMS} dividing its {spec.in_features} input columns, found {d!r}")
         if not isinstance(b, int) or not 1 <= b <= MAX_BITS or d * b > MAX_INDEX_BITS:
             raise ValueError(f"a vq layer needs meta.bits in 1..{MAX_BITS} with dim * bits <= {MAX_INDEX_BITS}, found {b!r}")
-        if not isinstance(g, int) or g < 1 or spec.in_features % g or (spec.in_features // g) % d:
-            raise ValueError(f"a vq layer needs meta.groups dividing its {spec.in_features} input columns into whole vectors, found {g!r}")
+        rg = spec.meta.get("row_groups", 1)
+        if isinstance(rg, bool) or not isinstance(rg, int) or rg < 1 or spec.out_features % rg:
+            raise ValueError(f"a vq layer's meta.row_groups divides its {spec.out_features} output rows, found {rg!r}")
+        if not isinstance(g, int) or g < 1 or g % rg or spec.in_features % (g // rg) or (spec.in_features // (g // rg)) % d:
+            raise ValueError(
+                f"a vq layer needs meta.groups (row groups x column groups) dividing its {spec.in_features} input columns into whole vectors, found {g!r}"
+            )
         if spec.meta.get("row_scale", False) not in (True, False):
             raise ValueError(f"a vq layer's meta.row_scale is true or false, found {spec.meta['row_scale']!r}")
 
@@ -60,7 +66,11 @@ class VQForm(StorageForm):
         R, C = w.shape
         G, K, d = table.shape
         ib = K.bit_length() - 1
-        if d not in DIMS or K != 1 << ib or ib % d or tuple(codes.shape) != (R, C // d) or C % G or (C // G) % d:
+        rg = p.get("row_groups", 1)
+        if d not in DIMS or K != 1 << ib or ib % d or tuple(codes.shape) != (R, C // d) or G % rg or R % rg:
+            return None
+        gc = G // rg
+        if C % gc or (C // gc) % d:
             return None
         tensors = {"codes": pack_unsigned(codes.cpu().long(), ib), "table": table.cpu().half().contiguous()}
         scale = p.get("scale")
@@ -68,7 +78,13 @@ class VQForm(StorageForm):
             if tuple(scale.shape) != (R,):
                 return None
             tensors["scale"] = scale.cpu().half().contiguous()
-        meta = {"dim": d, "bits": ib // d, "groups": G, **({"row_scale": True} if scale is not None else {})}
+        meta = {
+            "dim": d,
+            "bits": ib // d,
+            "groups": G,
+            **({"row_scale": True} if scale is not None else {}),
+            **({"row_groups": rg} if rg > 1 else {}),
+        }
         spec = self.spec(state, meta=meta)
         if not torch.equal(self.decode(spec, tensors, w.dtype), w):
             return None
@@ -79,7 +95,7 @@ class VQForm(StorageForm):
         return unpack_unsigned(tensors["codes"], d * b, spec.in_features // d).to(torch.int32)
 
     def decode(self, spec, tensors, dtype=torch.float32):
-        return vq_lookup(tensors["table"], self._codes(spec, tensors), tensors.get("scale")).to(dtype)
+        return vq_lookup(tensors["table"], self._codes(spec, tensors), tensors.get("scale"), spec.meta.get("row_groups", 1)).to(dtype)
 
     def expected_shapes(self, spec):
         R, C = spec.out_features, spec.in_features
@@ -102,7 +118,7 @@ class VQForm(StorageForm):
     def payload(self, spec, tensors):
         if not tensors:
             return {}
-        out = {"codes": self._codes(spec, tensors), "table": tensors["table"]}
+        out = {"codes": self._codes(spec, tensors), "table": tensors["table"], "row_groups": spec.meta.get("row_groups", 1)}
         return {**out, "scale": tensors["scale"]} if "scale" in tensors else out
 
     def build(self, spec, tensors, *, bias=None, backend="auto", device="cpu", act_dtype=None):
@@ -110,10 +126,11 @@ class VQForm(StorageForm):
             raise ValueError(f"backend {backend!r} unknown; expected auto, torch or dequant")
         dev = torch.device(device)
         scale = tensors.get("scale")
-        cls = VQLinear
-        if backend == "auto" and dev.type == "cpu" and vq_kernel_applies(spec.out_features, tensors["table"].shape[1]):
+        cls, rg = VQLinear, spec.meta.get("row_groups", 1)
+        if backend == "auto" and dev.type == "cpu" and vq_kernel_applies(spec.out_features, tensors["table"].shape[1], rg):
             from ...runtime.cpu_kernels import kernels
 
             cls = LowbitVQLinear if kernels() is not None else VQLinear
-        mod = cls(self._codes(spec, tensors).to(dev), tensors["table"].to(dev), scale=None if scale is None else scale.to(dev), bias=bias)
+        codes, table = self._codes(spec, tensors).to(dev), tensors["table"].to(dev)
+        mod = cls(codes, table, scale=None if scale is None else scale.to(dev), bias=bias, row_groups=rg)
         return ActQuantLinear(mod, spec.act_args) if spec.act_args else mod
