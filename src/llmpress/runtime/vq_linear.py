@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..quant.vq import vq_lookup
+from .qlinear import _Lowbit
 
 
 class VQLinear(nn.Module):
@@ -84,7 +85,7 @@ def unpack_vq16(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([b & 0xF, b >> 4], dim=1).reshape(NB * 16, V).long()
 
 
-class LowbitVQLinear(nn.Module):
+class LowbitVQLinear(_Lowbit):
     """A ``vq`` layer of 16 codewords served by llmpress's CPU kernel (``vq16_mm``,
     ``csrc/vq_cpu.cpp``): up to ``SMALL_M`` activation rows are multiplied through lookup
     tables of the activations, P[m, v, k] = x[m, vector v] . T[g(v), k], then
@@ -104,43 +105,25 @@ class LowbitVQLinear(nn.Module):
         row_groups: int = 1,
         avx512: int = -1,
     ):
-        super().__init__()
-        from .cpu_kernels import kernels
-
         G, K, d = table.shape
         R, V = codes.shape
         if not vq_kernel_applies(R, K, row_groups) or G % row_groups or V % (G // row_groups):
             raise ValueError(
                 f"the vq16 kernel takes {VQ_KERNEL_CODEWORDS} codewords, row groups in blocks of {VQ_KERNEL_ROWS} rows and whole vectors per group"
             )
-        self.out_features, self.in_features, self.dim, self.groups, self.row_groups = R, V * d, d, G, row_groups
-        self.avx512 = int(avx512)
-        self._k = kernels()
+        super().__init__(R, V * d, bias)
+        self.dim, self.groups, self.row_groups, self.avx512 = d, G, row_groups, int(avx512)
         self.register_buffer("packed", pack_vq16(codes), persistent=False)
         self.register_buffer("table", table.float().contiguous(), persistent=False)  # [G, 16, d]
         self.register_buffer("table_t", self.table.transpose(1, 2).contiguous(), persistent=False)  # [G, d, 16]: the kernel's
         ones = torch.ones(R, device=codes.device)
         self.register_buffer("scale", (ones if scale is None else scale.float()).contiguous(), persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.dequantized_weight()
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         return vq_lookup(self.table, unpack_vq16(self.packed), self.scale, self.row_groups).to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .cpu_kernels import SMALL_M
-
-        x2 = x.reshape(-1, self.in_features).float().contiguous()
-        if x2.shape[0] <= SMALL_M:
-            y = self._k.vq16_mm(x2, self.packed, self.table_t, self.scale, self.row_groups, self.avx512)
-        else:
-            y = F.linear(x2, self.dequantized_weight())
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+    def _small(self, ext, x2: torch.Tensor) -> torch.Tensor:
+        return ext.vq16_mm(x2, self.packed, self.table_t, self.scale, self.row_groups, self.avx512)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dim={self.dim}, tables={self.groups}x16, kernel={self.kernel}"
