@@ -21,13 +21,6 @@ pytestmark = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None, re
 _stored = functools.partial(stored_linear, out=96, inp=576, bias=True)
 
 
-@pytest.fixture(scope="module")
-def ext():
-    mod = cpu_kernels.kernels()
-    assert mod is not None, f"the kernels did not build: {cpu_kernels._state.get('reason')}"
-    return mod
-
-
 def test_pack_roundtrip_and_layout():
     q = torch.randint(0, 16, (5, 64), generator=torch.Generator().manual_seed(0))
     p = cpu_kernels.pack_int4(q)

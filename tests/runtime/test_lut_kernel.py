@@ -19,13 +19,6 @@ from llmpress.storage.grid import pack_unsigned
 pytestmark = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None, reason=str(cpu_kernels.unavailable_reason()))
 
 
-@pytest.fixture(scope="module")
-def ext():
-    mod = cpu_kernels.kernels()
-    assert mod is not None, f"the kernels did not build: {cpu_kernels._state.get('reason')}"
-    return mod
-
-
 def _layer(R, C, bits, group_size, fraction, seed=0):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(R, C, generator=g) * 0.05

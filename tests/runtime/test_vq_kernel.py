@@ -18,13 +18,6 @@ from llmpress.storage.form import encode_layer, get_form
 pytestmark = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None, reason=str(cpu_kernels.unavailable_reason()))
 
 
-@pytest.fixture(scope="module")
-def ext():
-    mod = cpu_kernels.kernels()
-    assert mod is not None, f"the kernels did not build: {cpu_kernels._state.get('reason')}"
-    return mod
-
-
 def test_layout_round_trip_and_refusals():
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (48, 10), generator=g)
