@@ -189,3 +189,13 @@ def restore_logging():
 def private_cache(tmp_path, monkeypatch):
     """Token caches and converted models go to the test's folder, not the user's cache."""
     monkeypatch.setenv("LLMPRESS_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def ext():
+    """The compiled CPU-kernel extension (the kernel test files skip where it cannot be used)."""
+    from llmpress.runtime import cpu_kernels
+
+    mod = cpu_kernels.kernels()
+    assert mod is not None, f"the kernels did not build: {cpu_kernels._state.get('reason')}"
+    return mod
