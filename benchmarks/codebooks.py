@@ -19,7 +19,8 @@ calibration windows, saved under ``--ckpt``) and of ``rtn-w4g64`` (the int4 kern
 ``load_compressed``, measured by ``llmpress bench``'s code (llmpress.bench.run: prefill of 512
 tokens, greedy decode of 128 new tokens at batch 1 and 8, median of ``--repeats`` interleaved
 rounds, per-layer kernel times). Codebook checkpoints run on the lookup-table kernel
-(LowbitLutLinear) where it applies; VQ checkpoints on VQLinear (table lookup, then GEMM).
+(LowbitLutLinear) where it applies; VQ checkpoints on LowbitVQLinear (``vq16_mm`` for 16
+codewords, ``vq8_mm`` for 32..256).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ ROWS = {
 }
 LABELS = {"rtn-w2g64": "rtn-w2g64 (rtn-w3g64 at 2 bits, full-range grid)", "gptq-w2g64": "gptq-w2g64 (gptq-w3g64 at 2 bits)"}
 INT4 = "rtn-w4g64"  # the int4 kernel's checkpoint in the speed section
-SPEED_ROWS = "squeezellm-w4,squeezellm-w3,gptvq-2d-w2"
+SPEED_ROWS = "squeezellm-w4,gptq-nuq-w3,gptvq-2d-w2,gptvq-4d-w2"
 
 
 def table(res: dict) -> str:

@@ -2,8 +2,10 @@
 SmolLM2-135M's linear shapes, on random weights (no model is run): median microseconds per
 call for 1 and 8 activation rows, each a raw kernel call on the modules' buffers (no module
 overhead: like for like with the int4 column). LUT: per-row tables, the default path (AVX-512
-where the CPU has it) and the AVX2 path. VQ 2-bit: 2-d vectors, 16 codewords per 64 input columns, row
-scales (`gptvq-2d-w2`'s layout) served by ``vq16_mm`` (lookup tables of the activations).
+where the CPU has it) and the AVX2 path. VQ, all with row scales and served by lookup tables of
+the activations: 2-bit 2-d, 16 codewords per 64 input columns (`gptvq-2d-w2`'s layout,
+``vq16_mm``); 2-bit 4-d, one 256-codeword table per layer (`gptvq-4d-w2`, ``vq8_mm``); 3-bit
+2-d, 64 codewords per 64 columns (`gptvq-2d-w3`, ``vq8_mm``).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/codebooks_kernel.py [--threads 1]
 """
@@ -40,13 +42,18 @@ def lut_call(ext, mod: LowbitLutLinear):
 
 def cells(ext, layer: dict, x: torch.Tensor) -> list[float]:
     """Median microseconds of each implementation on activation rows ``x``."""
-    w, packed4, sc, zp, vq = layer["w"], layer["packed4"], layer["sc"], layer["zp"], layer["vq2"]
+    w, packed4, sc, zp = layer["w"], layer["packed4"], layer["sc"], layer["zp"]
     return [
         median_us(lambda: F.linear(x, w)),
         median_us(lambda: ext.int4_mm(x, packed4, sc, zp, 64)),
         *(median_us(lambda k=k: lut_call(ext, layer[k])(x)) for k in ("lut4", "lut3", "lut4_avx2", "lut3_avx2")),
-        median_us(lambda: ext.vq16_mm(x, vq.packed, vq.table_t, vq.scale, 1, -1)),
+        *(median_us(lambda k=k: vq_call(ext, layer[k])(x)) for k in ("vq2", "vq2_4d", "vq3")),
     ]
+
+
+def vq_call(ext, mod: LowbitVQLinear):
+    mm = ext.vq8_mm if mod.wide else ext.vq16_mm
+    return lambda x: mm(x, mod.packed, mod.table_t, mod.scale, mod.row_groups, -1)
 
 
 def layer_of(n: int, k: int) -> dict:
@@ -62,6 +69,8 @@ def layer_of(n: int, k: int) -> dict:
         "lut4_avx2": LowbitLutLinear(r4.codes, r4.table, avx512=False),
         "lut3_avx2": LowbitLutLinear(r3.codes, r3.table, avx512=False),
         "vq2": LowbitVQLinear(torch.randint(0, 16, (n, k // 2)), torch.randn(k // 64, 16, 2).half(), scale=torch.rand(n).half()),
+        "vq2_4d": LowbitVQLinear(torch.randint(0, 256, (n, k // 4)), torch.randn(1, 256, 4).half(), scale=torch.rand(n).half()),
+        "vq3": LowbitVQLinear(torch.randint(0, 64, (n, k // 2)), torch.randn(k // 64, 64, 2).half(), scale=torch.rand(n).half()),
     }
 
 
@@ -73,8 +82,10 @@ def main():
     ext = cpu_kernels.kernels()
     assert ext is not None, cpu_kernels._state.get("reason")
     print(f"AVX-512 lookup path: {bool(ext.lut_avx512())}")
-    print("| shape (out x in) | rows | fp32 F.linear | int4 g64 kernel | LUT 4-bit | LUT 3-bit | LUT 4-bit AVX2 | LUT 3-bit AVX2 | VQ 2-bit |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| shape (out x in) | rows | fp32 F.linear | int4 g64 kernel | LUT 4-bit | LUT 3-bit | LUT 4-bit AVX2 | LUT 3-bit AVX2 | VQ 2-bit 2-d/16 | VQ 2-bit 4-d/256 | VQ 3-bit 2-d/64 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n, k in SHAPES:
         layer = layer_of(n, k)
         for m in (1, 8):

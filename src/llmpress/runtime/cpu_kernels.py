@@ -17,8 +17,8 @@ activations (the arithmetic of dequantize-then-multiply, up to summation order):
   row (an AVX-512 path too, 1.2-1.5x);
 - ``lut4_mm`` / ``lut4_dequant``: lookup-table (codebook) weights of at most 16 entries
   (:mod:`llmpress.runtime.lut_linear`), with an AVX-512 path chosen at run time;
-- ``vq16_mm(P, codes, scale, avx512=-1)`` (``csrc/vq_cpu.cpp``): vector-quantized weights
-  with 16 codewords, served by lookup tables of the activations
+- ``vq16_mm`` / ``vq8_mm(x, codes, tables, scale, row_groups=1, avx512=-1)`` (``csrc/vq_cpu.cpp``): vector-quantized weights
+  with 16 (or 32..256) codewords, served by lookup tables of the activations
   (:class:`llmpress.runtime.vq_linear.LowbitVQLinear`).
 
 The extension is compiled once per machine with torch's C++ extension builder (g++ and

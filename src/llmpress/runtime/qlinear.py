@@ -144,6 +144,8 @@ class _Lowbit(_Base):
     """llmpress's CPU kernels: up to ``SMALL_M`` rows through ``_small``, more (prefill)
     through one float32 GEMM on the dequantized weight."""
 
+    small_m: int | None = None  # rows up to which ``_small`` runs (None: cpu_kernels.SMALL_M)
+
     def _small(self, ext, x2: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -152,7 +154,7 @@ class _Lowbit(_Base):
 
         x2 = x.reshape(-1, self.in_features).float().contiguous()
         ext = kernels()
-        if ext is not None and x2.shape[0] <= SMALL_M:
+        if ext is not None and x2.shape[0] <= (SMALL_M if self.small_m is None else self.small_m):
             y = self._small(ext, x2)
         else:
             y = F.linear(x2, self.dequantized_weight())

@@ -6,9 +6,9 @@ columns, optionally times a float16 scale per row.
 - :class:`VQLinear` (every layer; ``backend="dequant"``): each call rebuilds the weight by table
   lookup and runs one GEMM: the outputs equal the compressed model's exactly (the same float32
   weight, the same ``F.linear``).
-- :class:`LowbitVQLinear` (16 codewords, rows in blocks of 16, a CPU with llmpress's kernels:
-  the first choice of ``backend="auto"``): lookup tables of the activations (``vq16_mm``),
-  equal up to float32 summation order.
+- :class:`LowbitVQLinear` (16, 32, 64, 128 or 256 codewords, rows in blocks of 16, a CPU with
+  llmpress's kernels: the first choice of ``backend="auto"``): lookup tables of the
+  activations (``vq16_mm`` / ``vq8_mm``), equal up to float32 summation order.
 """
 
 from __future__ import annotations
@@ -56,25 +56,32 @@ class VQLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, dim={d}, tables={G}x{K}, kernel={self.kernel}"
 
 
-VQ_KERNEL_CODEWORDS = 16  # the kernel's tables hold one register of float32 entries
-VQ_KERNEL_ROWS = 16  # output rows per block of the "vq16-r16" code layout
+VQ_KERNEL_CODEWORDS = 16  # vq16_mm: the tables hold one register of float32 entries
+VQ_WIDE_CODEWORDS = (32, 64, 128, 256)  # vq8_mm: one byte per code, a gather per 16 rows
+VQ_KERNEL_ROWS = 16  # output rows per block of both code layouts
 
 
 def vq_kernel_applies(out_features: int, codewords: int, row_groups: int = 1) -> bool:
     """Whether :class:`LowbitVQLinear` can serve a layer (the kernels themselves aside): 16
-    codewords, each row group a whole number of blocks of 16 rows."""
-    return codewords == VQ_KERNEL_CODEWORDS and out_features % (VQ_KERNEL_ROWS * row_groups) == 0
+    codewords (``vq16_mm``) or 32, 64, 128 or 256 (``vq8_mm``),
+    each row group a whole number of blocks of 16 rows."""
+    return (codewords == VQ_KERNEL_CODEWORDS or codewords in VQ_WIDE_CODEWORDS) and out_features % (VQ_KERNEL_ROWS * row_groups) == 0
+
+
+def _check_codes(codes: torch.Tensor, K: int, layout: str) -> int:
+    N = codes.shape[0]
+    if N % VQ_KERNEL_ROWS:
+        raise ValueError(f"the {layout} layout needs a multiple of {VQ_KERNEL_ROWS} rows, got {N}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= K):
+        raise ValueError(f"{layout} codes must lie in 0..{K - 1}")
+    return N
 
 
 def pack_vq16(codes: torch.Tensor) -> torch.Tensor:
     """Codes 0..15 [N, V] (N % 16 == 0) -> uint8 [N / 16, V, 8] ("vq16-r16"): per block of 16
     rows and per vector, byte j holds row j in its low nibble and row j + 8 in its high one."""
-    N, V = codes.shape
-    if N % VQ_KERNEL_ROWS:
-        raise ValueError(f"the vq16 layout needs a multiple of {VQ_KERNEL_ROWS} rows, got {N}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
-        raise ValueError("vq16 codes must lie in 0..15")
-    b = codes.to(torch.uint8).reshape(N // 16, 2, 8, V)
+    N = _check_codes(codes, 16, "vq16")
+    b = codes.to(torch.uint8).reshape(N // 16, 2, 8, codes.shape[1])
     return (b[:, 0] | (b[:, 1] << 4)).permute(0, 2, 1).contiguous()
 
 
@@ -85,13 +92,27 @@ def unpack_vq16(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([b & 0xF, b >> 4], dim=1).reshape(NB * 16, V).long()
 
 
+def pack_vq8(codes: torch.Tensor, codewords: int = 256) -> torch.Tensor:
+    """Codes 0..codewords-1 [N, V] (N % 16 == 0) -> uint8 [N / 16, V, 16] ("vq8-r16"): per
+    block of 16 rows and per vector, byte j is row j's code."""
+    N = _check_codes(codes, min(codewords, 256), "vq8")
+    return codes.to(torch.uint8).reshape(N // 16, 16, codes.shape[1]).permute(0, 2, 1).contiguous()
+
+
+def unpack_vq8(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_vq8`: uint8 [N / 16, V, 16] -> int64 codes [N, V]."""
+    NB, V, _ = packed.shape
+    return packed.permute(0, 2, 1).reshape(NB * 16, V).long()
+
+
 class LowbitVQLinear(_Lowbit):
-    """A ``vq`` layer of 16 codewords served by llmpress's CPU kernel (``vq16_mm``,
-    ``csrc/vq_cpu.cpp``): up to ``SMALL_M`` activation rows are multiplied through lookup
-    tables of the activations, P[m, v, k] = x[m, vector v] . T[g(v), k], then
-    y[m, n] = s[n] sum_v P[m, v, code[n, v]] (16 rows per register lookup; codes 4 bits per
-    vector in memory, no dense weight formed); more rows (prefill) rebuild the weight once and
-    run one GEMM. Outputs equal the compressed model's up to float32 summation order."""
+    """A ``vq`` layer served by llmpress's CPU kernels (``csrc/vq_cpu.cpp``): up to ``SMALL_M``
+    activation rows are multiplied through lookup tables of the activations,
+    P[m, v, k] = x[m, vector v] . T[g(v), k], then y[m, n] = s[n] sum_v P[m, v, code[n, v]]
+    (no dense weight formed). 16 codewords: ``vq16_mm``, codes 4 bits per vector, 16 rows per
+    register lookup; 32..256 codewords: ``vq8_mm``, one byte per code, 16 rows per gather.
+    More rows (prefill) rebuild the weight once and run one GEMM. Outputs equal the compressed
+    model's up to float32 summation order."""
 
     kernel = "lowbit-vq16"
 
@@ -109,21 +130,37 @@ class LowbitVQLinear(_Lowbit):
         R, V = codes.shape
         if not vq_kernel_applies(R, K, row_groups) or G % row_groups or V % (G // row_groups):
             raise ValueError(
-                f"the vq16 kernel takes {VQ_KERNEL_CODEWORDS} codewords, row groups in blocks of {VQ_KERNEL_ROWS} rows and whole vectors per group"
+                f"the vq kernels take {VQ_KERNEL_CODEWORDS} or {'/'.join(map(str, VQ_WIDE_CODEWORDS))} codewords, "
+                f"row groups in blocks of {VQ_KERNEL_ROWS} rows and whole vectors per group"
             )
         super().__init__(R, V * d, bias)
-        self.dim, self.groups, self.row_groups, self.avx512 = d, G, row_groups, int(avx512)
-        self.register_buffer("packed", pack_vq16(codes), persistent=False)
-        self.register_buffer("table", table.float().contiguous(), persistent=False)  # [G, 16, d]
-        self.register_buffer("table_t", self.table.transpose(1, 2).contiguous(), persistent=False)  # [G, d, 16]: the kernel's
+        self.dim, self.groups, self.codewords, self.row_groups, self.avx512 = d, G, K, row_groups, int(avx512)
+        self.wide = K != VQ_KERNEL_CODEWORDS
+        if self.wide:
+            self.kernel = "lowbit-vq8"
+            if K >= 128:  # a gather per 16 rows and activation row: dequantize + GEMM wins from ~5 rows
+                self.small_m = 4
+        self.register_buffer("packed", pack_vq8(codes, K) if self.wide else pack_vq16(codes), persistent=False)
+        self.register_buffer("table", table.float().contiguous(), persistent=False)  # [G, K, d]
+        self.register_buffer("table_t", self.table.transpose(1, 2).contiguous(), persistent=False)  # [G, d, K]: the kernel's
         ones = torch.ones(R, device=codes.device)
         self.register_buffer("scale", (ones if scale is None else scale.float()).contiguous(), persistent=False)
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        return vq_lookup(self.table, unpack_vq16(self.packed), self.scale, self.row_groups).to(dtype)
+        from .cpu_kernels import kernels
+
+        ext = kernels()
+        if ext is not None:  # prefill: ~20x torch's indexing
+            return ext.vq_dequant(self.packed, self.table, self.scale, self.row_groups).to(dtype)
+        codes = unpack_vq8(self.packed) if self.wide else unpack_vq16(self.packed)
+        return vq_lookup(self.table, codes, self.scale, self.row_groups).to(dtype)
 
     def _small(self, ext, x2: torch.Tensor) -> torch.Tensor:
-        return ext.vq16_mm(x2, self.packed, self.table_t, self.scale, self.row_groups, self.avx512)
+        mm = ext.vq8_mm if self.wide else ext.vq16_mm
+        return mm(x2, self.packed, self.table_t, self.scale, self.row_groups, self.avx512)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, dim={self.dim}, tables={self.groups}x16, kernel={self.kernel}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, dim={self.dim}, "
+            f"tables={self.groups}x{self.codewords}, kernel={self.kernel}"
+        )

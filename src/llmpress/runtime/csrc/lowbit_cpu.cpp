@@ -470,10 +470,17 @@ at::Tensor lut4_dequant(const at::Tensor& packed, const at::Tensor& table, int64
 bool vq16_avx512();
 at::Tensor vq16_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables, const at::Tensor& scale, int64_t row_groups,
                    int64_t avx512);
+at::Tensor vq8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables, const at::Tensor& scale, int64_t row_groups,
+                  int64_t avx512);
+at::Tensor vq_dequant(const at::Tensor& codes, const at::Tensor& tables, const at::Tensor& scale, int64_t row_groups);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vq16_mm", &vq16_mm, "x [M,K] f32 @ 16-codeword VQ weights (codes uint8 [N/16,K/d,8], tables f32 [G,d,16], scale [N])^T -> [M,N]",
         py::arg("x"), py::arg("codes"), py::arg("tables"), py::arg("scale"), py::arg("row_groups") = 1, py::arg("avx512") = -1);
+  m.def("vq8_mm", &vq8_mm, "x [M,K] f32 @ VQ weights of 16..256 codewords (codes uint8 [N/16,K/d,16], tables f32 [G,d,C], scale [N])^T -> [M,N]",
+        py::arg("x"), py::arg("codes"), py::arg("tables"), py::arg("scale"), py::arg("row_groups") = 1, py::arg("avx512") = -1);
+  m.def("vq_dequant", &vq_dequant, "either VQ code layout (uint8 [N/16,V,8|16]) and tables f32 [G,K,d], scale [N] -> float32 [N, V d]",
+        py::arg("codes"), py::arg("tables"), py::arg("scale"), py::arg("row_groups") = 1);
   m.def("vq16_avx512", &vq16_avx512, "whether the AVX-512 path of vq16_mm runs here");
   m.def("lut4_mm", &lut4_mm, "x [M,K] f32 @ table lookups (4-bit codes in int32 words, f32 [N,G,16] tables) [N,K]^T -> [M,N]");
   m.def("cpu_avx512", &cpu_avx512, "whether this CPU has AVX-512 (the int4 and lookup-table kernels' AVX-512 paths)");

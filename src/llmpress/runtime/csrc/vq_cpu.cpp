@@ -98,6 +98,132 @@ void vq16_tables(const float* x, const float* Tt, float* P, int64_t M, int64_t V
       }
 }
 
+
+// ---- 32..256 codewords (d * b = 5..8 index bits: 2-d at 3 bits, 4-d at 2 bits) ----------------
+// Layout "vq8-r16": one byte per code, the codes of 16 consecutive output rows for one vector
+// in 16 bytes: uint8 [N / 16, V, 16]. P[m, v] holds K entries (too many for a register), so
+// AVX-512 looks 16 rows up at once with one gather (vgatherdps) from P[m, v, :].
+
+template <int MB>
+__attribute__((target("avx512f"))) void vq8_block512(const float* P, int64_t ldp, const uint8_t* codes, const float* scale, float* y,
+                                                     int64_t ldy, int64_t nb, int64_t V, int64_t K) {
+  __m512 a[MB], b[MB];
+  for (int m = 0; m < MB; ++m) a[m] = b[m] = _mm512_setzero_ps();
+  const uint8_t* c = codes + nb * V * 16;
+  int64_t v = 0;
+  for (; v + 2 <= V; v += 2) {
+    const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + v * 16)));
+    const __m512i i1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + v * 16 + 16)));
+    for (int m = 0; m < MB; ++m) {
+      a[m] = _mm512_add_ps(a[m], _mm512_i32gather_ps(i0, P + m * ldp + v * K, 4));
+      b[m] = _mm512_add_ps(b[m], _mm512_i32gather_ps(i1, P + m * ldp + (v + 1) * K, 4));
+    }
+  }
+  if (v < V) {
+    const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + v * 16)));
+    for (int m = 0; m < MB; ++m) a[m] = _mm512_add_ps(a[m], _mm512_i32gather_ps(i0, P + m * ldp + v * K, 4));
+  }
+  const __m512 s = _mm512_loadu_ps(scale + nb * 16);
+  for (int m = 0; m < MB; ++m) _mm512_storeu_ps(y + m * ldy + nb * 16, _mm512_mul_ps(_mm512_add_ps(a[m], b[m]), s));
+}
+
+// The K = 16 NR entries of P[m, v] looked up for 16 rows without a gather: vpermt2ps picks from
+// a pair of registers by the code's low 5 bits, then blends by bits 5, 6 and 7 halve the pairs.
+template <int NR>
+__attribute__((target("avx512f"))) inline __m512 vq8_tree(const float* p, __m512i idx) {
+  __m512 r[NR / 2];
+  for (int i = 0; i < NR / 2; ++i) r[i] = _mm512_permutex2var_ps(_mm512_loadu_ps(p + 32 * i), idx, _mm512_loadu_ps(p + 32 * i + 16));
+  int bit = 32;
+  for (int n = NR / 2; n > 1; n /= 2, bit *= 2) {
+    const __mmask16 k = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(bit));
+    for (int i = 0; i < n / 2; ++i) r[i] = _mm512_mask_blend_ps(k, r[2 * i], r[2 * i + 1]);
+  }
+  return r[0];
+}
+
+template <int MB, int NR>
+__attribute__((target("avx512f"))) void vq8_tree_block512(const float* P, int64_t ldp, const uint8_t* codes, const float* scale, float* y,
+                                                          int64_t ldy, int64_t nb, int64_t V) {
+  constexpr int K = NR * 16;
+  __m512 a[MB];
+  for (int m = 0; m < MB; ++m) a[m] = _mm512_setzero_ps();
+  const uint8_t* c = codes + nb * V * 16;
+  for (int64_t v = 0; v < V; ++v) {
+    const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + v * 16)));
+    for (int m = 0; m < MB; ++m) a[m] = _mm512_add_ps(a[m], vq8_tree<NR>(P + m * ldp + v * K, i0));
+  }
+  const __m512 s = _mm512_loadu_ps(scale + nb * 16);
+  for (int m = 0; m < MB; ++m) _mm512_storeu_ps(y + m * ldy + nb * 16, _mm512_mul_ps(a[m], s));
+}
+
+template <int NR>
+__attribute__((target("avx512f"))) void vq8_tree_rows512(const float* P, const uint8_t* codes, const float* scale, float* y, int64_t M,
+                                                         int64_t N, int64_t V, int64_t nb0, int64_t nb1) {
+  const int64_t ldp = V * NR * 16;
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) vq8_tree_block512<2, NR>(P + m * ldp, ldp, codes, scale, y + m * N, N, nb, V);
+    if (m < M) vq8_tree_block512<1, NR>(P + m * ldp, ldp, codes, scale, y + m * N, N, nb, V);
+  }
+}
+
+__attribute__((target("avx512f"))) void vq8_rows512(const float* P, const uint8_t* codes, const float* scale, float* y, int64_t M, int64_t N,
+                                                    int64_t V, int64_t K, int64_t nb0, int64_t nb1) {
+  const int64_t ldp = V * K;
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) vq8_block512<4>(P + m * ldp, ldp, codes, scale, y + m * N, N, nb, V, K);
+    switch (M - m) {
+      case 3: vq8_block512<3>(P + m * ldp, ldp, codes, scale, y + m * N, N, nb, V, K); break;
+      case 2: vq8_block512<2>(P + m * ldp, ldp, codes, scale, y + m * N, N, nb, V, K); break;
+      case 1: vq8_block512<1>(P + m * ldp, ldp, codes, scale, y + m * N, N, nb, V, K); break;
+      default: break;
+    }
+  }
+}
+
+void vq8_rows(const float* P, const uint8_t* codes, const float* scale, float* y, int64_t M, int64_t N, int64_t V, int64_t K, int64_t nb0,
+              int64_t nb1) {
+  for (int64_t nb = nb0; nb < nb1; ++nb)
+    for (int64_t m = 0; m < M; ++m) {
+      float acc[16] = {0.f};
+      for (int64_t v = 0; v < V; ++v) {
+        const uint8_t* c = codes + (nb * V + v) * 16;
+        const float* p = P + (m * V + v) * K;
+        for (int j = 0; j < 16; ++j) acc[j] += p[c[j]];
+      }
+      for (int j = 0; j < 16; ++j) y[m * N + nb * 16 + j] = acc[j] * scale[nb * 16 + j];
+    }
+}
+
+// P [M, V, K] from x [M, V d] and Tt [G, d, K] (K a multiple of 16).
+__attribute__((target("avx512f"))) void vq8_tables512(const float* x, const float* Tt, float* P, int64_t M, int64_t V, int64_t d, int64_t G,
+                                                      int64_t K) {
+  const int64_t per = V / G;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t v = 0; v < V; ++v) {
+      const float* t = Tt + (v / per) * d * K;
+      const float* xv = x + m * V * d + v * d;
+      float* p = P + (m * V + v) * K;
+      for (int64_t k = 0; k < K; k += 16) {
+        __m512 acc = _mm512_mul_ps(_mm512_set1_ps(xv[0]), _mm512_loadu_ps(t + k));
+        for (int64_t j = 1; j < d; ++j) acc = _mm512_fmadd_ps(_mm512_set1_ps(xv[j]), _mm512_loadu_ps(t + j * K + k), acc);
+        _mm512_storeu_ps(p + k, acc);
+      }
+    }
+}
+
+void vq8_tables(const float* x, const float* Tt, float* P, int64_t M, int64_t V, int64_t d, int64_t G, int64_t K) {
+  const int64_t per = V / G;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t v = 0; v < V; ++v)
+      for (int64_t k = 0; k < K; ++k) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < d; ++j) acc += x[m * V * d + v * d + j] * Tt[((v / per) * d + j) * K + k];
+        P[(m * V + v) * K + k] = acc;
+      }
+}
+
 }  // namespace
 
 bool vq16_avx512() { return __builtin_cpu_supports("avx512f"); }
@@ -150,4 +276,109 @@ at::Tensor vq16_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
     }
   });
   return y;
+}
+
+// As vq16_mm for 32..256 codewords (K a multiple of 16): codes uint8 [N / 16, V, 16] ("vq8-r16",
+// byte j of [nb, v] is row nb * 16 + j's code for vector v); tables float32 [G, d, K].
+at::Tensor vq8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables, const at::Tensor& scale, int64_t row_groups,
+                  int64_t avx512) {
+  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.size(2) == 16,
+              "codes must be contiguous uint8 [N/16, V, 16]");
+  TORCH_CHECK(tables.dim() == 3 && tables.scalar_type() == at::kFloat && tables.is_contiguous(), "tables must be contiguous float32 [G, d, K]");
+  const int64_t G = tables.size(0), d = tables.size(1), K = tables.size(2), V = codes.size(1), NB = codes.size(0), N = NB * 16;
+  const int64_t RG = row_groups;
+  TORCH_CHECK(K >= 16 && K <= 256 && K % 16 == 0, "the tables hold ", K, " codewords; vq8_mm takes 16..256 in steps of 16");
+  TORCH_CHECK(RG >= 1 && G % RG == 0 && NB % RG == 0, "row_groups=", RG, " must divide the ", G, " tables and the ", NB, " blocks of 16 rows");
+  const int64_t GC = G / RG;
+  TORCH_CHECK(d >= 1 && GC >= 1 && V % GC == 0, "the ", V, " vectors per row do not split into ", GC, " groups");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == V * d,
+              "x must be a contiguous float32 [M, ", V * d, "] tensor");
+  const int64_t M = x.size(0);
+  TORCH_CHECK(scale.dim() == 1 && scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.size(0) == N, "scale must be float32 [N]");
+  TORCH_CHECK(avx512 == -1 || avx512 == 0 || (avx512 == 1 && vq16_avx512()), "avx512=1 needs a CPU with AVX-512");
+  const bool wide = avx512 == 1 || (avx512 == -1 && vq16_avx512());
+  // 32 and 64 codewords: the register tree (2.4x the gather's speed at 64); 128 and 256: the
+  // gather (the tree's 16 loads and 15 shuffles per vector lose to it at 256)
+  const bool tree = K <= 64;
+  // codes are bytes: 256 floats of slack after P keep a code >= K (refused where the codes are
+  // packed, not re-checked per call) inside the buffer
+  at::Tensor P = at::empty({RG * M * V * K + 256}, x.options());
+  for (int64_t r = 0; r < RG; ++r) {
+    const float* tr = tables.data_ptr<float>() + r * GC * d * K;
+    float* pr = P.data_ptr<float>() + r * M * V * K;
+    if (wide)
+      vq8_tables512(x.data_ptr<float>(), tr, pr, M, V, d, GC, K);
+    else
+      vq8_tables(x.data_ptr<float>(), tr, pr, M, V, d, GC, K);
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* pp = P.data_ptr<float>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t t = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per = NB / RG;
+  at::parallel_for(0, NB, std::max<int64_t>(1, (NB + 4 * t - 1) / (4 * t)), [&](int64_t nb0, int64_t nb1) {
+    for (int64_t nb = nb0; nb < nb1;) {
+      const int64_t r = nb / per, end = std::min(nb1, (r + 1) * per);
+      const float* pr = pp + r * M * V * K;
+      if (wide && tree && K == 32)
+        vq8_tree_rows512<2>(pr, cp, sp, yp, M, N, V, nb, end);
+      else if (wide && tree && K == 64)
+        vq8_tree_rows512<4>(pr, cp, sp, yp, M, N, V, nb, end);
+      else if (wide)
+        vq8_rows512(pr, cp, sp, yp, M, N, V, K, nb, end);
+      else
+        vq8_rows(pp + r * M * V * K, cp, sp, yp, M, N, V, K, nb, end);
+      nb = end;
+    }
+  });
+  return y;
+}
+
+// The dense weight of either code layout (prefill: one GEMM after it): codes "vq16-r16" uint8
+// [N / 16, V, 8] (nibbles) or "vq8-r16" uint8 [N / 16, V, 16]; tables float32 [G, K, d] (not
+// transposed); scale float32 [N]. Returns float32 [N, V d], w[n, v d + t] = s[n] T[g, code, t].
+at::Tensor vq_dequant(const at::Tensor& codes, const at::Tensor& tables, const at::Tensor& scale, int64_t row_groups) {
+  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() && (codes.size(2) == 8 || codes.size(2) == 16),
+              "codes must be contiguous uint8 [N/16, V, 8] or [N/16, V, 16]");
+  TORCH_CHECK(tables.dim() == 3 && tables.scalar_type() == at::kFloat && tables.is_contiguous(), "tables must be contiguous float32 [G, K, d]");
+  const bool nibbles = codes.size(2) == 8;
+  const int64_t G = tables.size(0), K = tables.size(1), d = tables.size(2), NB = codes.size(0), V = codes.size(1), N = NB * 16, RG = row_groups;
+  TORCH_CHECK(K == (nibbles ? 16 : K) && K <= 256, "the tables hold ", K, " codewords, the codes' layout ", nibbles ? 16 : 256, " at most");
+  TORCH_CHECK(RG >= 1 && G % RG == 0 && NB % RG == 0 && V % (G / RG) == 0, "row_groups=", RG, " does not fit ", G, " tables, ", NB,
+              " blocks of 16 rows and ", V, " vectors per row");
+  TORCH_CHECK(scale.dim() == 1 && scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.size(0) == N, "scale must be float32 [N]");
+  const int64_t GC = G / RG, per_g = V / GC, per_r = NB / RG;
+  at::Tensor w = at::empty({N, V * d}, tables.options());
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* tp = tables.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  float* wp = w.data_ptr<float>();
+  const int64_t cw = codes.size(2);
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t nb = n / 16, j = n % 16, r = nb / per_r;
+      const int64_t byte = nibbles ? (j & 7) : j, shift = nibbles && j >= 8 ? 4 : 0, mask = nibbles ? 0xF : 0xFF;
+      const float s = sp[n];
+      float* row = wp + n * V * d;
+      const uint8_t* c = cp + nb * V * cw + byte;
+      for (int64_t g = 0; g < GC; ++g) {
+        const float* tg = tp + (r * GC + g) * K * d;
+        for (int64_t v = g * per_g; v < (g + 1) * per_g; ++v) {
+          const int64_t code = std::min<int64_t>((c[v * cw] >> shift) & mask, K - 1);
+          const float* t = tg + code * d;
+          float* o = row + v * d;
+          if (d == 2) {
+            o[0] = s * t[0], o[1] = s * t[1];
+          } else if (d == 4) {
+            o[0] = s * t[0], o[1] = s * t[1], o[2] = s * t[2], o[3] = s * t[3];
+          } else {
+            for (int64_t q = 0; q < d; ++q) o[q] = s * t[q];
+          }
+        }
+      }
+    }
+  });
+  return w;
 }
