@@ -66,6 +66,21 @@ def test_error_feedback_beats_nearest_codeword_and_refinement_lowers_it(dim, bit
     assert layer_error(W, ref.weight, H) < e_fb
 
 
+@pytest.mark.parametrize("dim,group_size", [(2, 64), (4, None)])
+def test_em_rounds_reassign_on_refined_tables_and_never_raise_the_error(dim, group_size):
+    W, H = _problem(R=128, seed=11)
+    W = W * torch.exp(torch.randn(128, 1, generator=torch.Generator().manual_seed(2)) * 0.5)
+    one = vq_gptq(W, H, dim, 2, group_size=group_size, row_scale=True)
+    three = vq_gptq(W, H, dim, 2, group_size=group_size, row_scale=True, em_rounds=3)
+    # round 2 sweeps on round 1's refined tables: the codes move
+    two_manual = vq_gptq(W, H, dim, 2, group_size=group_size, row_scale=True, table=one.table)
+    assert not torch.equal(two_manual.codes, one.codes)
+    e1, e3 = layer_error(W, one.weight, H), layer_error(W, three.weight, H)
+    assert three.loss == pytest.approx(e3, rel=1e-6) and e3 <= e1
+    assert e3 <= layer_error(W, two_manual.weight, H) + 1e-9  # the kept round is the lowest seen
+    assert torch.equal(three.weight, vq_lookup(three.table, three.codes, three.scale))
+
+
 def test_row_scales_let_rows_of_uneven_scale_share_a_table():
     W, H = _problem(R=128, seed=4)
     W = W * torch.exp(torch.randn(128, 1, generator=torch.Generator().manual_seed(9)))
@@ -136,6 +151,8 @@ def test_bad_input_is_refused():
         ({"refine_iters": -1}, "refine_iters=-1"),
         ({"row_scale": 1}, "row_scale=1"),
         ({"damp": -1.0}, "damp=-1.0"),
+        ({"em_rounds": 0}, "em_rounds=0"),
+        ({"em_rounds": True}, "em_rounds=True"),
     ]:
         with pytest.raises(RecipeError, match=msg):
             GPTVQ(**kw)
@@ -173,9 +190,9 @@ def test_compress_save_load_same_logits(tmp_path, make, dim, bits, group_size):
     assert isinstance(mod, VQLinear) and mod.table.shape == (G, 2 ** (dim * bits), dim) and mod.scale.shape == (R,)
     assert torch.equal(logits(back, ids[:2]), expected)
     assert back.llmpress_records[name].bits_per_weight() == pytest.approx(rec.bits_per_weight())
-    # the default backend: llmpress's kernel where a layer has 16 codewords (and the kernels build here)
+    # the default backend: llmpress's kernels where a layer has 16..256 codewords (and they build here)
     auto, _ = load_compressed(str(tmp_path / "c"))
-    kernel = dim * bits == 4 and cpu_kernels.kernels() is not None
+    kernel = 4 <= dim * bits <= 8 and cpu_kernels.kernels() is not None
     assert isinstance(auto.model.layers[0].mlp.down_proj, LowbitVQLinear if kernel else VQLinear)
     got = logits(auto, ids[:2])
     assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())

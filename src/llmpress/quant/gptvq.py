@@ -17,6 +17,7 @@ from .sweep import validate_solver_fields
 from .vq import check_vq, check_vq_shape, vq_gptq
 
 MAX_ITERS = 1000
+MAX_EM_ROUNDS = 20
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -28,7 +29,8 @@ class GPTVQ:
     more local codewords at 2^(d b) d 16 bits each); ``kmeans_iters``: Lloyd iterations of the H-diagonal-weighted k-means start;
     ``row_scale``: divide each row by its float16 RMS before fitting the shared tables
     (GPTVQ's normalization; one float16 per row more); ``refine_iters``: least-squares (conjugate-gradient) steps on the tables after assignment
-    (0: none); ``block_size``, ``damp``: as in GPTQ (the sweep runs in the natural column
+    (0: none); ``em_rounds``: sweep + refinement rounds, each on the previous round's tables
+    (1: GPTVQ's one pass; the lowest-error round is kept); ``block_size``, ``damp``: as in GPTQ (the sweep runs in the natural column
     order); ``seed``: the k-means start."""
 
     dim: int = 2
@@ -38,6 +40,7 @@ class GPTVQ:
     row_scale: bool = True
     kmeans_iters: int = 25
     refine_iters: int = 10
+    em_rounds: int = 1
     block_size: int = 128
     damp: float = 0.01
     seed: int = 0
@@ -55,6 +58,8 @@ class GPTVQ:
         rg = self.row_group_size
         if rg is not None and (isinstance(rg, bool) or not isinstance(rg, int) or rg < 1):
             raise RecipeError(f"row_group_size={rg!r}: expected a positive integer, or null for tables shared by all rows")
+        if isinstance(self.em_rounds, bool) or not isinstance(self.em_rounds, int) or not 1 <= self.em_rounds <= MAX_EM_ROUNDS:
+            raise RecipeError(f"em_rounds={self.em_rounds!r}: expected an integer in [1, {MAX_EM_ROUNDS}]")
         for field in ("kmeans_iters", "refine_iters", "seed"):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (field != "seed" and v > MAX_ITERS):
@@ -92,10 +97,12 @@ def gptvq(ctx: ModuleContext, cfg: GPTVQ) -> None:
         seed=cfg.seed,
         name=ctx.name,
         row_group_size=cfg.row_group_size,
+        em_rounds=cfg.em_rounds,
     )
     ctx.set_weight(res.weight)
     rec = ctx.record
     rec.form = "vq"
     rec.payload = {"codes": res.codes, "table": res.table, "row_groups": res.row_groups, **({"scale": res.scale} if res.scale is not None else {})}
     rec.notes.update(dim=cfg.dim, bits=cfg.bits, group_size=cfg.group_size, row_group_size=cfg.row_group_size, row_scale=cfg.row_scale)
+    rec.notes.update(em_rounds=cfg.em_rounds)
     rec.notes.update(layer_error=res.loss, damp=res.damp)

@@ -331,9 +331,13 @@ def vq_gptq(
     table: torch.Tensor | None = None,
     name: str | None = None,
     row_group_size: int | None = None,
+    em_rounds: int = 1,
 ) -> VQResult:
     """GPTVQ: H-diagonal k-means tables (or ``table`` given), codes by the column sweep with
-    error feedback, then ``refine_iters`` least-squares steps on the tables. ``row_scale``:
+    error feedback, then ``refine_iters`` least-squares steps on the tables; ``em_rounds`` > 1
+    repeats sweep and refinement on the refined tables (each round's codes are the best under
+    its tables, each round's tables the best for its codes; the lower-error round is kept, so
+    more rounds never raise the layer error). ``row_scale``:
     each row is divided by its float16 RMS before the tables are fitted and multiplied back
     after lookup (one more float16 per row). ``row_group_size``: rows sharing one table per
     column group (None: all rows)."""
@@ -349,10 +353,16 @@ def vq_gptq(
             table = init_tables(Wn, wts, dim, bits, group_size, iters=kmeans_iters, seed=seed, row_groups=rgs)
         del Wn, wts
         fac = inverse_cholesky(H, damp, name)
-        codes = _sweep(W, fac.U, table.float(), s, dim, group_size, block_size, rgs)
-        if refine_iters > 0:
-            table = refine_tables(W, H, table, codes, refine_iters, s, rgs).half()
-        Q = vq_lookup(table, codes, s, rgs)
-        D = (W - Q).double()
-        loss = float(((D @ H.double()) * D).sum())
+        best = None
+        for _ in range(max(1, em_rounds)):
+            codes = _sweep(W, fac.U, table.float(), s, dim, group_size, block_size, rgs)
+            if refine_iters > 0:
+                table = refine_tables(W, H, table, codes, refine_iters, s, rgs).half()
+            Q = vq_lookup(table, codes, s, rgs)
+            D = (W - Q).double()
+            loss = float(((D @ H.double()) * D).sum())
+            if best is None or loss < best[0]:
+                best = (loss, Q, codes, table)
+            del D
+        loss, Q, codes, table = best
     return VQResult(weight=Q, codes=codes, table=table, scale=s, loss=loss, damp=fac.damp, row_groups=rgs)

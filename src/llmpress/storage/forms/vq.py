@@ -22,7 +22,7 @@ The indices and tables come from the method (``record.payload``: ``codes`` [out,
 ``table``, optional ``scale``); they are stored only while the model's weight is still exactly what they decode to
 (checked bit for bit; otherwise the writer stores the layer dense and says so). Runtime:
 :class:`llmpress.runtime.vq_linear.VQLinear` (table lookup, then one GEMM: exact; ``backend``
-``torch`` / ``dequant``), or for 16 codewords and rows in blocks of 16 on a CPU with llmpress's
+``torch`` / ``dequant``), or for 16 to 256 codewords and rows in blocks of 16 on a CPU with llmpress's
 kernels (``backend="auto"``) :class:`llmpress.runtime.vq_linear.LowbitVQLinear` (lookup tables
 of the activations; equal up to float32 summation order).
 compressed-tensors and GGUF have no such form: exporting refuses, naming the layer.
