@@ -139,8 +139,9 @@ def _vectors(w: torch.Tensor, group_size: int, dim: int, row_groups: int = 1) ->
 def _distances(x: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     """sum_t w_t (x_t - c_t)^2 up to a per-row constant: [N, K]."""
     if w is None:
-        return (c * c).sum(1) - 2 * x @ c.t()
-    return w @ (c * c).t() - 2 * (w * x) @ c.t()
+        return torch.addmm((c * c).sum(1), x, c.t(), alpha=-2)
+    # one GEMM of inner size 2d: [w, w x] @ [c^2, -2 c]^T (two of size d cost twice the passes)
+    return torch.cat([w, w * x], 1) @ torch.cat([c * c, -2 * c], 1).t()
 
 
 def assign(x: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
