@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Resumable, main_guard, pick_rows, preset_recipe, print_saved_table, results_path, results_table, save_results, table_parser  # noqa: E402
 
 
-
 def stacked(name: str, first: str, then: str) -> dict:
     """The first stage of preset ``first`` (e.g. AWQ's scales, searched on its W3 g64 proxy
     grid) followed by preset ``then``'s stages."""

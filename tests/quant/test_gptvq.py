@@ -13,7 +13,7 @@ from llmpress import api, compress, load_compressed, stage
 from llmpress.errors import RecipeError, UserError
 from llmpress.quant.gptvq import GPTVQ
 from llmpress.quant.hessian import layer_error
-from llmpress.quant.vq import assign, kmeans_vq, vq_bits, vq_gptq, vq_lookup, vq_round
+from llmpress.quant.vq import assign, dequantize_tables, kmeans_vq, quantize_tables, vq_bits, vq_gptq, vq_lookup, vq_round
 from llmpress.registry import ModuleRecord
 from llmpress.runtime import cpu_kernels
 from llmpress.runtime.vq_linear import LowbitVQLinear, VQLinear
@@ -95,23 +95,53 @@ def test_row_scales_let_rows_of_uneven_scale_share_a_table():
 def _record(res, R, C):
     rec = ModuleRecord(name="l", out_features=R, in_features=C, form="vq")
     rec.payload = {"codes": res.codes, "table": res.table, "row_groups": res.row_groups, **({"scale": res.scale} if res.scale is not None else {})}
+    if res.table_q is not None:
+        rec.payload.update(table_q=res.table_q, table_scale=res.table_scale)
     return rec
 
 
-@pytest.mark.parametrize("dim,bits,group_size,row_scale", [(2, 2, 64, False), (2, 3, 128, True), (4, 2, 128, False), (8, 1, 128, True)])
-def test_form_encodes_bit_for_bit_and_counts_every_byte(dim, bits, group_size, row_scale):
+def test_int8_tables_round_trip_and_cost_half():
+    g = torch.Generator().manual_seed(7)
+    t = torch.randn(3, 16, 2, generator=g) * torch.tensor([0.01, 1.0, 30.0])[:, None, None]
+    q, s, deq = quantize_tables(t)
+    assert q.dtype == torch.int8 and s.dtype == torch.float16 and s.shape == (3,)
+    assert torch.equal(deq, dequantize_tables(q, s)) and int(q.abs().max()) == 127
+    assert bool(((deq - t).abs() <= s.float()[:, None, None] * 0.5 + 1e-6 * t.abs()).all())  # half a step, per table
+    q2, s2, deq2 = quantize_tables(deq)  # idempotent: a rounded table stays as it is
+    assert torch.equal(q2, q) and torch.equal(s2, s) and torch.equal(deq2, deq)
+    assert torch.equal(quantize_tables(torch.zeros(1, 4, 2))[2], torch.zeros(1, 4, 2))
+    W, H = _problem(R=64, C=128, seed=3)
+    f16 = vq_gptq(W, H, 2, 2, group_size=32, row_scale=True)
+    i8 = vq_gptq(W, H, 2, 2, group_size=32, row_scale=True, table_bits=8)
+    assert f16.table_q is None and i8.table.dtype == torch.float32
+    assert torch.equal(i8.table, dequantize_tables(i8.table_q, i8.table_scale))
+    assert torch.equal(i8.weight, vq_lookup(i8.table, i8.codes, i8.scale))
+    assert layer_error(W, i8.weight, H) < 1.05 * layer_error(W, f16.weight, H)
+    G = 128 // 32
+    assert vq_bits(64, 128, 2, 2, G, True) - vq_bits(64, 128, 2, 2, G, True, table_bits=8) == G * (16 * 2 * 8 - 16)
+    with pytest.raises(UserError, match="table_bits=4"):
+        vq_gptq(W, H, 2, 2, group_size=32, table_bits=4)
+
+
+@pytest.mark.parametrize(
+    "dim,bits,group_size,row_scale,tb",
+    [(2, 2, 64, False, 16), (2, 3, 128, True, 16), (4, 2, 128, False, 16), (8, 1, 128, True, 16), (2, 2, 64, True, 8)],
+)
+def test_form_encodes_bit_for_bit_and_counts_every_byte(dim, bits, group_size, row_scale, tb):
     R, C = 24, 256
     W, H = _problem(R=R, C=C)
-    res = vq_gptq(W, H, dim, bits, group_size=group_size, refine_iters=2, row_scale=row_scale)
+    res = vq_gptq(W, H, dim, bits, group_size=group_size, refine_iters=2, row_scale=row_scale, table_bits=tb)
     rec = _record(res, R, C)
     spec, tensors = encode_layer(res.weight, rec)
     form = get_form("vq")
     G = C // group_size
-    assert spec.kind == "vq" and spec.meta == {"dim": dim, "bits": bits, "groups": G, **({"row_scale": True} if row_scale else {})}
+    extra = {"table_bits": 8} if tb == 8 else {}
+    assert spec.kind == "vq" and spec.meta == {"dim": dim, "bits": bits, "groups": G, **({"row_scale": True} if row_scale else {}), **extra}
     assert torch.equal(form.decode(spec, tensors), res.weight)
     assert {k: tuple(v.shape) for k, v in tensors.items()} == spec.expected_shapes()
-    total = vq_bits(R, C, dim, bits, G, row_scale)
-    assert total == R * C * bits + G * 2 ** (dim * bits) * dim * 16 + (R * 16 if row_scale else 0)
+    assert tensors["table"].dtype == (torch.int8 if tb == 8 else torch.float16)
+    total = vq_bits(R, C, dim, bits, G, row_scale, table_bits=tb)
+    assert total == R * C * bits + G * (2 ** (dim * bits) * dim * tb + (16 if tb == 8 else 0)) + (R * 16 if row_scale else 0)
     assert rec.bits_per_weight() == pytest.approx(total / (R * C))
     nbytes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
     if (C // dim) % 32 == 0:
@@ -123,6 +153,10 @@ def test_form_encodes_bit_for_bit_and_counts_every_byte(dim, bits, group_size, r
     assert isinstance(mod, VQLinear) and torch.equal(mod(x), torch.nn.functional.linear(x, res.weight))
     assert torch.equal(form.payload(back, tensors)["codes"].long(), res.codes)
     assert ("scale" in form.payload(back, tensors)) == row_scale
+    again = _record(res, R, C)  # re-encoding a loaded layer keeps its 8-bit tables
+    again.payload = {**form.payload(back, tensors)}
+    spec2, tensors2 = encode_layer(res.weight, again)
+    assert spec2.meta == spec.meta and all(torch.equal(tensors2[k], tensors[k]) for k in tensors)
 
 
 def test_a_weight_changed_after_quantization_is_not_encoded():
@@ -153,6 +187,7 @@ def test_bad_input_is_refused():
         ({"damp": -1.0}, "damp=-1.0"),
         ({"em_rounds": 0}, "em_rounds=0"),
         ({"em_rounds": True}, "em_rounds=True"),
+        ({"table_bits": 4}, "table_bits=4"),
     ]:
         with pytest.raises(RecipeError, match=msg):
             GPTVQ(**kw)
@@ -171,18 +206,21 @@ def test_layer_refusal_changes_nothing():
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)
 
 
-@pytest.mark.parametrize("make,dim,bits,group_size", [(tiny_llama, 2, 2, 32), (tiny_llama, 2, 3, None), (tiny_gemma3, 4, 1, 32)])
-def test_compress_save_load_same_logits(tmp_path, make, dim, bits, group_size):
+@pytest.mark.parametrize(
+    "make,dim,bits,group_size,tb",
+    [(tiny_llama, 2, 2, 32, 16), (tiny_llama, 2, 3, None, 16), (tiny_gemma3, 4, 1, 32, 16), (tiny_llama, 4, 2, None, 8)],
+)
+def test_compress_save_load_same_logits(tmp_path, make, dim, bits, group_size, tb):
     model = make()
     ids = random_windows(8, 32)
-    st = stage("gptvq", targets=["Linear"], ignore=["lm_head"], dim=dim, bits=bits, group_size=group_size, refine_iters=3)
+    st = stage("gptvq", targets=["Linear"], ignore=["lm_head"], dim=dim, bits=bits, group_size=group_size, refine_iters=3, table_bits=tb)
     rep = compress(model, [st], data=ids, engine=QUIET)
     name = "model.layers.0.mlp.down_proj"
     rec = rep.result.records[name]
     R, C = rec.out_features, rec.in_features
     assert rec.form == "vq" and rec.notes["dim"] == dim
     G = 1 if group_size is None else C // group_size
-    assert rec.bits_per_weight() == pytest.approx(vq_bits(R, C, dim, bits, G, True) / (R * C))
+    assert rec.bits_per_weight() == pytest.approx(vq_bits(R, C, dim, bits, G, True, table_bits=tb) / (R * C))
     expected = logits(model, ids[:2])
     api.save(model, tiny_tokenizer(), tmp_path / "c", report=rep)
     back, _ = load_compressed(str(tmp_path / "c"), backend="dequant")

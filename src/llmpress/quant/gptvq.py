@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ..errors import RecipeError, UserError
 from ..registry import ModuleContext, register
 from .sweep import validate_solver_fields
-from .vq import check_vq, check_vq_shape, vq_gptq
+from .vq import check_table_bits, check_vq, check_vq_shape, vq_gptq
 
 MAX_ITERS = 1000
 MAX_EM_ROUNDS = 20
@@ -30,7 +30,9 @@ class GPTVQ:
     ``row_scale``: divide each row by its float16 RMS before fitting the shared tables
     (GPTVQ's normalization; one float16 per row more); ``refine_iters``: least-squares (conjugate-gradient) steps on the tables after assignment
     (0: none); ``em_rounds``: sweep + refinement rounds, each on the previous round's tables
-    (1: GPTVQ's one pass; the lowest-error round is kept); ``block_size``, ``damp``: as in GPTQ (the sweep runs in the natural column
+    (1: GPTVQ's one pass; the lowest-error round is kept); ``table_bits``: 16 (float16 tables)
+    or 8 (int8 entries and a float16 scale per table: half the table bytes, so more local
+    tables fit a budget); ``block_size``, ``damp``: as in GPTQ (the sweep runs in the natural column
     order); ``seed``: the k-means start."""
 
     dim: int = 2
@@ -41,6 +43,7 @@ class GPTVQ:
     kmeans_iters: int = 25
     refine_iters: int = 10
     em_rounds: int = 1
+    table_bits: int = 16
     block_size: int = 128
     damp: float = 0.01
     seed: int = 0
@@ -48,6 +51,7 @@ class GPTVQ:
     def __post_init__(self):
         try:
             check_vq(self.dim, self.bits)
+            check_table_bits(self.table_bits)
         except UserError as e:
             raise RecipeError(str(e)) from None
         g = self.group_size
@@ -98,11 +102,14 @@ def gptvq(ctx: ModuleContext, cfg: GPTVQ) -> None:
         name=ctx.name,
         row_group_size=cfg.row_group_size,
         em_rounds=cfg.em_rounds,
+        table_bits=cfg.table_bits,
     )
     ctx.set_weight(res.weight)
     rec = ctx.record
     rec.form = "vq"
     rec.payload = {"codes": res.codes, "table": res.table, "row_groups": res.row_groups, **({"scale": res.scale} if res.scale is not None else {})}
+    if res.table_q is not None:
+        rec.payload.update(table_q=res.table_q, table_scale=res.table_scale)
     rec.notes.update(dim=cfg.dim, bits=cfg.bits, group_size=cfg.group_size, row_group_size=cfg.row_group_size, row_scale=cfg.row_scale)
-    rec.notes.update(em_rounds=cfg.em_rounds)
+    rec.notes.update(em_rounds=cfg.em_rounds, table_bits=cfg.table_bits)
     rec.notes.update(layer_error=res.loss, damp=res.damp)

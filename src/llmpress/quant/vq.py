@@ -29,6 +29,10 @@ q = s_o c (one float16 per row more).
    exact layer error tr((W - Q(T)) H (W - Q(T))^T), a linear least-squares problem in the
    entries T; a few conjugate-gradient steps from the k-means tables (each one GEMM with H)
    only lower it. The tables are then rounded to float16 and Q re-read from them.
+4. **Compact tables** (``table_bits=8``, GPTVQ's codebook quantization): each table is stored
+   as int8 entries times one float16 scale, s_g = max |T_g| / 127; the k-means start and every
+   refined table are rounded so before codes are assigned to them (the sweep sees the values
+   the checkpoint holds). K d 8 + 16 bits per table instead of K d 16.
 
 :func:`vq_round` (each vector to its nearest codeword under the H-diagonal distance, the same
 tables) is the baseline the error feedback is measured against.
@@ -48,6 +52,7 @@ DIMS = (2, 4, 8)
 MAX_BITS = 4  # bits per weight
 MAX_INDEX_BITS = 12  # at most 4096 codewords per table
 TABLE_BITS = 16  # float16 entries
+TABLE_BITS_CHOICES = (16, 8)  # float16 tables, or int8 entries with a float16 scale per table
 CHUNK = 1 << 22  # distance-matrix elements per slice
 KMEANS_BUDGET = 1 << 24  # k-means runs on at most max(KMEANS_BUDGET / k, 64 k) vectors (a seeded sample)
 KMEANS_SETTLED = 1e-3  # k-means stops once fewer than this share of the vectors change centroid
@@ -62,6 +67,8 @@ class VQResult:
     loss: float | None = None  # the layer error tr((W - Q) H (W - Q)^T) after assignment (None: rounding)
     damp: float | None = None
     row_groups: int = 1  # blocks of rows with tables of their own
+    table_q: torch.Tensor | None = None  # [G, K, d] int8 (``table_bits=8``): table = table_q * table_scale
+    table_scale: torch.Tensor | None = None  # [G] float16
 
 
 def check_vq(dim, bits) -> int:
@@ -98,10 +105,34 @@ def check_vq_shape(rows: int, cols: int, dim: int, bits: int, group_size, where:
     return cols // g
 
 
-def vq_bits(rows: int, cols: int, dim: int, bits: int, groups: int, row_scale: bool = False) -> int:
+def vq_bits(rows: int, cols: int, dim: int, bits: int, groups: int, row_scale: bool = False, table_bits: int = TABLE_BITS) -> int:
     """Bits of a VQ-compressed [rows, cols] weight: b bits per weight of codes, ``groups``
-    float16 tables of 2^(d b) codewords of d values, and a float16 scale per row (``row_scale``)."""
-    return rows * cols * bits + groups * (1 << (dim * bits)) * dim * TABLE_BITS + (rows * TABLE_BITS if row_scale else 0)
+    tables of 2^(d b) codewords of d values (float16, or ``table_bits`` = 8: int8 entries and a
+    float16 scale per table), and a float16 scale per row (``row_scale``)."""
+    tables = groups * ((1 << (dim * bits)) * dim * table_bits + (TABLE_BITS if table_bits != TABLE_BITS else 0))
+    return rows * cols * bits + tables + (rows * TABLE_BITS if row_scale else 0)
+
+
+def check_table_bits(table_bits) -> int:
+    if isinstance(table_bits, bool) or table_bits not in TABLE_BITS_CHOICES:
+        raise UserError(f"table_bits={table_bits!r}: tables are stored in 16 bits (float16) or 8 (int8 times a float16 scale per table)")
+    return table_bits
+
+
+def quantize_tables(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tables [G, K, d] -> (int8 entries, float16 scales [G], the float32 tables they decode to:
+    entries times scale, exactly as the checkpoint's reader computes them). s_g = max |T_g| /
+    127 rounded to float16 (1 for an all-zero table)."""
+    t = table.float()
+    s = (t.abs().amax(dim=(1, 2)) / 127).half()
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round(t / s.float()[:, None, None]).clamp(-127, 127).to(torch.int8)
+    return q, s, dequantize_tables(q, s)
+
+
+def dequantize_tables(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """int8 entries [G, K, d] times float16 scales [G] -> float32 tables."""
+    return q.float() * s.float()[:, None, None]
 
 
 def table_index(R: int, V: int, G: int, row_groups: int = 1, device=None) -> torch.Tensor:
@@ -333,18 +364,23 @@ def vq_gptq(
     name: str | None = None,
     row_group_size: int | None = None,
     em_rounds: int = 1,
+    table_bits: int = TABLE_BITS,
 ) -> VQResult:
     """GPTVQ: H-diagonal k-means tables (or ``table`` given), codes by the column sweep with
     error feedback, then ``refine_iters`` least-squares steps on the tables; ``em_rounds`` > 1
     repeats sweep and refinement on the refined tables (each round's codes are the best under
     its tables, each round's tables the best for its codes; the lower-error round is kept, so
-    more rounds never raise the layer error). ``row_scale``:
+    more rounds never raise the layer error). ``table_bits=8``: tables of int8 entries and a
+    float16 scale each, rounded so before every assignment. ``row_scale``:
     each row is divided by its float16 RMS before the tables are fitted and multiplied back
     after lookup (one more float16 per row). ``row_group_size``: rows sharing one table per
     column group (None: all rows)."""
     validate_solver_fields(block_size, damp)
+    check_table_bits(table_bits)
     R, C = weight.shape
     check_vq_shape(R, C, dim, bits, group_size, f"layer {name}: " if name else "", row_group_size=row_group_size)
+    compact = table_bits != TABLE_BITS
+    rounded = (lambda t: quantize_tables(t)[2]) if compact else (lambda t: t.half())  # noqa: E731
     group_size = C if group_size is None else group_size
     rgs = R // (R if row_group_size is None else row_group_size)
     with solver_threads(weight.device):
@@ -352,13 +388,14 @@ def vq_gptq(
         Wn, wts, s = _normalized(W, torch.diagonal(H), row_scale)
         if table is None:
             table = init_tables(Wn, wts, dim, bits, group_size, iters=kmeans_iters, seed=seed, row_groups=rgs)
+        table = rounded(table)
         del Wn, wts
         fac = inverse_cholesky(H, damp, name)
         best = None
         for _ in range(max(1, em_rounds)):
             codes = _sweep(W, fac.U, table.float(), s, dim, group_size, block_size, rgs)
             if refine_iters > 0:
-                table = refine_tables(W, H, table, codes, refine_iters, s, rgs).half()
+                table = rounded(refine_tables(W, H, table, codes, refine_iters, s, rgs))
             Q = vq_lookup(table, codes, s, rgs)
             D = (W - Q).double()
             loss = float(((D @ H.double()) * D).sum())
@@ -366,4 +403,5 @@ def vq_gptq(
                 best = (loss, Q, codes, table)
             del D
         loss, Q, codes, table = best
-    return VQResult(weight=Q, codes=codes, table=table, scale=s, loss=loss, damp=fac.damp, row_groups=rgs)
+    tq, ts = quantize_tables(table)[:2] if compact else (None, None)  # exact: the table is already on its grid
+    return VQResult(weight=Q, codes=codes, table=table, scale=s, loss=loss, damp=fac.damp, row_groups=rgs, table_q=tq, table_scale=ts)
