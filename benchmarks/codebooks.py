@@ -33,11 +33,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Resumable, main_guard, pick_rows, preset_recipe, print_saved_table, results_path, results_table, save_results, table_parser  # noqa: E402
 
 
-def stacked(name: str, first: str, then: str) -> dict:
+def stacked(name: str, first: str, then: str | dict) -> dict:
     """The first stage of preset ``first`` (e.g. AWQ's scales, searched on its W3 g64 proxy
-    grid) followed by preset ``then``'s stages."""
-    a, b = preset_recipe(first), preset_recipe(then)
-    return {"name": name, "description": f"{first}'s first stage, then {then}", "stages": [a["stages"][0], *b["stages"]]}
+    grid) followed by the stages of ``then`` (a preset name or a recipe dict)."""
+    a, b = preset_recipe(first), preset_recipe(then) if isinstance(then, str) else then
+    return {"name": name, "description": f"{first}'s first stage, then {b['name']}", "stages": [a["stages"][0], *b["stages"]]}
+
+
+VQ_AUTO = preset_recipe("gptvq-4d-w2", "gptvq-4d-w2-auto", group_size="auto", table_bits=8, table_budget=0.2)
 
 
 # key -> (bits class, recipe: a preset name or a recipe dict)
@@ -62,6 +65,8 @@ ROWS = {
     "gptvq-2d-w2-r64": ("~2", preset_recipe("gptvq-2d-w2", "gptvq-2d-w2-r64", row_group_size=64)),
     "gptvq-4d-w2-em3": ("~2", preset_recipe("gptvq-4d-w2", "gptvq-4d-w2-em3", em_rounds=3)),
     "awq-gptvq-4d-w2": ("~2", stacked("awq-gptvq-4d-w2", "awq-gptq-w3g64", "gptvq-4d-w2")),
+    "gptvq-4d-w2-auto": ("~2", VQ_AUTO),
+    "awq-gptvq-4d-w2-auto": ("~2", stacked("awq-gptvq-4d-w2-auto", "awq-gptq-w3g64", VQ_AUTO)),
 }
 LABELS = {"rtn-w2g64": "rtn-w2g64 (rtn-w3g64 at 2 bits, full-range grid)", "gptq-w2g64": "gptq-w2g64 (gptq-w3g64 at 2 bits)"}
 INT4 = "rtn-w4g64"  # the int4 kernel's checkpoint in the speed section

@@ -13,7 +13,7 @@ from llmpress import api, compress, load_compressed, stage
 from llmpress.errors import RecipeError, UserError
 from llmpress.quant.gptvq import GPTVQ
 from llmpress.quant.hessian import layer_error
-from llmpress.quant.vq import assign, dequantize_tables, kmeans_vq, quantize_tables, vq_bits, vq_gptq, vq_lookup, vq_round
+from llmpress.quant.vq import assign, auto_group_size, dequantize_tables, kmeans_vq, quantize_tables, vq_bits, vq_gptq, vq_lookup, vq_round
 from llmpress.registry import ModuleRecord
 from llmpress.runtime import cpu_kernels
 from llmpress.runtime.vq_linear import LowbitVQLinear, VQLinear
@@ -188,6 +188,8 @@ def test_bad_input_is_refused():
         ({"em_rounds": 0}, "em_rounds=0"),
         ({"em_rounds": True}, "em_rounds=True"),
         ({"table_bits": 4}, "table_bits=4"),
+        ({"group_size": "auto", "table_budget": 0}, "table_budget=0"),
+        ({"group_size": "wide"}, "group_size='wide'"),
     ]:
         with pytest.raises(RecipeError, match=msg):
             GPTVQ(**kw)
@@ -293,3 +295,43 @@ def test_row_groups_through_the_engine_and_the_checkpoint(tmp_path):
     auto, _ = load_compressed(str(tmp_path / "c"))
     got = logits(auto, ids[:2])
     assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+
+
+def test_auto_group_size_spends_the_table_budget_on_any_width():
+    # 4-d, 256 codewords, float16 tables: 16384 bits per table
+    for R, C in ((576, 576), (192, 576), (1536, 576), (576, 1536), (640, 640), (256, 640)):
+        for tb, budget in ((16, 0.1), (8, 0.1), (8, 0.25)):
+            g = auto_group_size(R, C, 4, 2, table_bits=tb, budget=budget)
+            per_table = 256 * 4 * tb + (16 if tb == 8 else 0)
+            G = 1 if g is None else C // g
+            assert g is None or (C % g == 0 and g % 4 == 0 and R * g // 4 >= 256)
+            if g is not None:  # within the budget, and the next smaller valid group is not
+                assert G * per_table <= budget * R * C
+                smaller = [h for h in range(4, g, 4) if C % h == 0 and R * h // 4 >= 256]
+                assert all((C // h) * per_table > budget * R * C for h in smaller)
+    assert auto_group_size(576, 576, 4, 2, budget=0.1) == 288  # 2 tables: 0.099 bits; 3 (g192) would cost 0.148
+    assert auto_group_size(576, 576, 4, 2, table_bits=8, budget=0.1) == 144  # 8-bit tables: 4 of them (0.099 bits)
+    assert auto_group_size(192, 576, 4, 2, budget=0.1) is None  # k/v: one table is all the budget allows
+    cfg = GPTVQ(dim=4, bits=2, group_size="auto", table_budget=0.1, table_bits=8)
+    assert cfg.layer_group_size(576, 576) == 144 and cfg.layer_group_size(192, 576) is None and cfg.layer_group_size(1536, 576) == 64
+    cfg.check_layer(192, 576, "k_proj")
+
+
+def test_auto_groups_through_the_engine():
+    model = tiny_llama()
+    ids = random_windows(8, 32)
+    rep = compress(
+        model, [stage("gptvq", targets=["Linear"], ignore=["lm_head"], dim=2, bits=2, group_size="auto", table_budget=0.2)], data=ids, engine=QUIET
+    )
+    seen = False
+    for name, rec in rep.result.records.items():
+        if rec.form != "vq":
+            continue
+        g = rec.notes["group_size"]
+        assert g == auto_group_size(rec.out_features, rec.in_features, 2, 2, budget=0.2)
+        G = 1 if g is None else rec.in_features // g
+        assert rec.bits_per_weight() == pytest.approx(vq_bits(rec.out_features, rec.in_features, 2, 2, G, True) / rec.n_params)
+        if g is not None:  # a smaller group than the row: its tables within the budget
+            assert rec.bits_per_weight() <= 2 + 0.2 + 16 / rec.in_features + 1e-9
+            seen = True
+    assert seen

@@ -14,17 +14,20 @@ from dataclasses import dataclass
 from ..errors import RecipeError, UserError
 from ..registry import ModuleContext, register
 from .sweep import validate_solver_fields
-from .vq import check_table_bits, check_vq, check_vq_shape, vq_gptq
+from .vq import auto_group_size, check_table_bits, check_vq, check_vq_shape, vq_gptq
 
 MAX_ITERS = 1000
 MAX_EM_ROUNDS = 20
+MAX_TABLE_BUDGET = 4.0  # bits per weight
 
 
 @dataclass(kw_only=True, frozen=True)
 class GPTVQ:
     """``dim``: weights per vector (2, 4, 8); ``bits``: bits per weight (index of dim * bits
     bits, 2^(dim * bits) codewords per table); ``group_size``: input columns sharing one table
-    (null: one column group); ``row_group_size``: output rows sharing each column group's
+    (null: one column group; ``auto``: per layer the smallest group whose tables cost at most
+    ``table_budget`` bits per weight, so layers of any width get tables at one overhead);
+    ``row_group_size``: output rows sharing each column group's
     table (null: all rows; a divisor gives every block of that many rows tables of its own,
     more local codewords at 2^(d b) d 16 bits each); ``kmeans_iters``: Lloyd iterations of the H-diagonal-weighted k-means start;
     ``row_scale``: divide each row by its float16 RMS before fitting the shared tables
@@ -37,7 +40,8 @@ class GPTVQ:
 
     dim: int = 2
     bits: int = 2
-    group_size: int | None = 64
+    group_size: int | str | None = 64
+    table_budget: float = 0.1
     row_group_size: int | None = None
     row_scale: bool = True
     kmeans_iters: int = 25
@@ -55,9 +59,13 @@ class GPTVQ:
         except UserError as e:
             raise RecipeError(str(e)) from None
         g = self.group_size
-        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
-            raise RecipeError(f"group_size={g!r}: expected a positive integer, or null for one table per layer")
-        if g is not None and g % self.dim:
+        if g == "auto":
+            b = self.table_budget
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= MAX_TABLE_BUDGET:
+                raise RecipeError(f"table_budget={b!r}: expected bits per weight for the tables in (0, {MAX_TABLE_BUDGET}]")
+        elif g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+            raise RecipeError(f"group_size={g!r}: expected a positive integer, auto (the table_budget rule), or null for one table per layer")
+        elif g is not None and g % self.dim:
             raise RecipeError(f"group_size={g}: the vector size {self.dim} does not divide the group")
         rg = self.row_group_size
         if rg is not None and (isinstance(rg, bool) or not isinstance(rg, int) or rg < 1):
@@ -74,9 +82,18 @@ class GPTVQ:
             raise RecipeError(f"row_scale={self.row_scale!r}: expected true or false")
         validate_solver_fields(self.block_size, self.damp)
 
+    def layer_group_size(self, out_features: int, in_features: int) -> int | None:
+        """The group of input columns a [out, in] linear gets (``auto``: :func:`auto_group_size`)."""
+        if self.group_size != "auto":
+            return self.group_size
+        return auto_group_size(
+            out_features, in_features, self.dim, self.bits, table_bits=self.table_bits, budget=self.table_budget, row_group_size=self.row_group_size
+        )
+
     def check_layer(self, out_features: int, in_features: int, where: str) -> None:
         """Checked by the plan on every targeted linear before anything changes."""
-        check_vq_shape(out_features, in_features, self.dim, self.bits, self.group_size, f"{where}: ", row_group_size=self.row_group_size)
+        g = self.layer_group_size(out_features, in_features)
+        check_vq_shape(out_features, in_features, self.dim, self.bits, g, f"{where}: ", row_group_size=self.row_group_size)
 
 
 @register(
@@ -87,12 +104,13 @@ class GPTVQ:
 )
 def gptvq(ctx: ModuleContext, cfg: GPTVQ) -> None:
     hessian, _ = ctx.take("hessian")
+    group_size = cfg.layer_group_size(*ctx.weight.shape)
     res = vq_gptq(
         ctx.weight,
         hessian,
         cfg.dim,
         cfg.bits,
-        group_size=cfg.group_size,
+        group_size=group_size,
         row_scale=cfg.row_scale,
         block_size=cfg.block_size,
         damp=cfg.damp,
@@ -110,6 +128,6 @@ def gptvq(ctx: ModuleContext, cfg: GPTVQ) -> None:
     rec.payload = {"codes": res.codes, "table": res.table, "row_groups": res.row_groups, **({"scale": res.scale} if res.scale is not None else {})}
     if res.table_q is not None:
         rec.payload.update(table_q=res.table_q, table_scale=res.table_scale)
-    rec.notes.update(dim=cfg.dim, bits=cfg.bits, group_size=cfg.group_size, row_group_size=cfg.row_group_size, row_scale=cfg.row_scale)
+    rec.notes.update(dim=cfg.dim, bits=cfg.bits, group_size=group_size, row_group_size=cfg.row_group_size, row_scale=cfg.row_scale)
     rec.notes.update(em_rounds=cfg.em_rounds, table_bits=cfg.table_bits)
     rec.notes.update(layer_error=res.loss, damp=res.damp)

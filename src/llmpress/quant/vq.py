@@ -113,6 +113,23 @@ def vq_bits(rows: int, cols: int, dim: int, bits: int, groups: int, row_scale: b
     return rows * cols * bits + tables + (rows * TABLE_BITS if row_scale else 0)
 
 
+def auto_group_size(rows: int, cols: int, dim: int, bits: int, *, table_bits: int = TABLE_BITS, budget: float, row_group_size=None) -> int | None:
+    """``group_size: auto``: the smallest group of input columns (a multiple of ``dim`` dividing
+    ``cols``, each table's block holding at least as many vectors as codewords) whose tables
+    cost at most ``budget`` bits per weight of the layer; None (one column group) when no
+    smaller group fits. Small layers thus get few tables and large ones many, at the same
+    overhead, whatever their widths."""
+    k = 1 << (dim * bits)
+    rg = rows if row_group_size is None else row_group_size
+    per_table = k * dim * table_bits + (TABLE_BITS if table_bits != TABLE_BITS else 0)
+    for g in range(dim, cols, dim):
+        if cols % g or rg * g // dim < k:
+            continue
+        if (cols // g) * (rows // rg) * per_table <= budget * rows * cols:
+            return g
+    return None
+
+
 def check_table_bits(table_bits) -> int:
     if isinstance(table_bits, bool) or table_bits not in TABLE_BITS_CHOICES:
         raise UserError(f"table_bits={table_bits!r}: tables are stored in 16 bits (float16) or 8 (int8 times a float16 scale per table)")
