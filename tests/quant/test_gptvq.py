@@ -324,7 +324,7 @@ def test_auto_groups_through_the_engine():
         model, [stage("gptvq", targets=["Linear"], ignore=["lm_head"], dim=2, bits=2, group_size="auto", table_budget=0.2)], data=ids, engine=QUIET
     )
     seen = False
-    for name, rec in rep.result.records.items():
+    for rec in rep.result.records.values():
         if rec.form != "vq":
             continue
         g = rec.notes["group_size"]
