@@ -70,7 +70,7 @@ ROWS = {
 }
 LABELS = {"rtn-w2g64": "rtn-w2g64 (rtn-w3g64 at 2 bits, full-range grid)", "gptq-w2g64": "gptq-w2g64 (gptq-w3g64 at 2 bits)"}
 INT4 = "rtn-w4g64"  # the int4 kernel's checkpoint in the speed section
-SPEED_ROWS = "squeezellm-w4,gptq-nuq-w3,gptvq-2d-w2,gptvq-4d-w2"
+SPEED_ROWS = "squeezellm-w4,gptq-nuq-w3,gptvq-2d-w2,gptvq-4d-w2-auto"
 
 
 def table(res: dict) -> str:
@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--speed-only", action="store_true", help="only the serving section (no perplexity rows)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the speed section")
     ap.add_argument("--ckpt", help="folder of the speed section's checkpoints (default runs/bench/codebooks-ckpt-MODEL)")
+    ap.add_argument("--save-ckpt", action="store_true", help="save each row's packed checkpoint under --ckpt (the speed section then reuses it)")
     a = ap.parse_args(argv)
     out = results_path(a.out, "codebooks", a.model)
     if a.table:
@@ -143,10 +144,11 @@ def main(argv=None) -> int:
     keys = pick_rows(ROWS, a.rows)
     speed_keys = pick_rows(ROWS, a.speed_rows) if a.speed or a.speed_only else []
     rt = Resumable(out, a.model, windows=a.windows, calib=a.calib)
+    ckpt = Path(a.ckpt or f"runs/bench/codebooks-ckpt-{Path(a.model).name}")
     for key in [] if a.speed_only else keys:
-        rt.compress(key, ROWS[key][1], bits_class=ROWS[key][0])
+        rt.compress(key, ROWS[key][1], bits_class=ROWS[key][0], save_to=ckpt / key if a.save_ckpt else None)
     if speed_keys:
-        speed(rt, speed_keys, Path(a.ckpt or f"runs/bench/codebooks-ckpt-{Path(a.model).name}"), a.repeats)
+        speed(rt, speed_keys, ckpt, a.repeats)
     print(table(rt.res))
     return 0
 

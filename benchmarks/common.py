@@ -282,9 +282,10 @@ class Resumable:
         print(f"{key}: " + "  ".join(cells(ppl, self.res["fp"])) + f"  bits {bits:.3f}  compress {compress_s:.1f}s", flush=True)
         return row
 
-    def compress(self, key: str, recipe, setup_s: float = 0.0, **extra) -> dict | None:
+    def compress(self, key: str, recipe, setup_s: float = 0.0, save_to: Path | None = None, **extra) -> dict | None:
         """Row ``key``: ``recipe`` (preset name, dict or Recipe) through ``api.compress`` on a fresh
-        copy, scored on every source; ``setup_s`` (e.g. planning) is added to the wall time."""
+        copy, scored on every source; ``setup_s`` (e.g. planning) is added to the wall time;
+        ``save_to``: also save the packed checkpoint there (e.g. for a serving section)."""
         if self.done(key):
             return None
         m = copy.deepcopy(self.model)
@@ -295,6 +296,8 @@ class Resumable:
         t = time.perf_counter()
         ppl = score(m, self.sets, progress=True, desc=key)
         row = self.record(key, ppl, rep.bits_per_weight, cs, eval_s=time.perf_counter() - t, recipe=r.to_dict(), **extra)
+        if save_to is not None:
+            api.save(m, self.tok, save_to, report=rep, overwrite=True)
         del m
         return row
 
