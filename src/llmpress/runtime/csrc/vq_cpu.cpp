@@ -228,6 +228,63 @@ void vq8_tables(const float* x, const float* Tt, float* P, int64_t M, int64_t V,
 
 bool vq16_avx512() { return __builtin_cpu_supports("avx512f"); }
 
+namespace {
+
+// What both drivers check and need: x [M, V d], codes uint8 [N / 16, V, cb] (cb bytes per
+// block of 16 rows and vector), tables float32 [G, d, K] (G = RG row groups x GC column groups),
+// scale float32 [N].
+struct VQCall {
+  int64_t G, d, K, V, NB, N, RG, GC, M;
+  bool wide;
+};
+
+VQCall vq_check(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables, const at::Tensor& scale, int64_t row_groups,
+                int64_t avx512, int64_t cb) {
+  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.size(2) == cb,
+              "codes must be contiguous uint8 [N/16, V, ", cb, "]");
+  TORCH_CHECK(tables.dim() == 3 && tables.scalar_type() == at::kFloat && tables.is_contiguous(), "tables must be contiguous float32 [G, d, K]");
+  VQCall c{};
+  c.G = tables.size(0), c.d = tables.size(1), c.K = tables.size(2), c.V = codes.size(1), c.NB = codes.size(0), c.N = c.NB * 16;
+  c.RG = row_groups;
+  TORCH_CHECK(c.RG >= 1 && c.G % c.RG == 0 && c.NB % c.RG == 0, "row_groups=", c.RG, " must divide the ", c.G, " tables and the ", c.NB,
+              " blocks of 16 rows");
+  c.GC = c.G / c.RG;
+  TORCH_CHECK(c.d >= 1 && c.GC >= 1 && c.V % c.GC == 0, "the ", c.V, " vectors per row do not split into ", c.GC, " groups");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == c.V * c.d,
+              "x must be a contiguous float32 [M, ", c.V * c.d, "] tensor");
+  c.M = x.size(0);
+  TORCH_CHECK(scale.dim() == 1 && scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.size(0) == c.N,
+              "scale must be float32 [N]");
+  TORCH_CHECK(avx512 == -1 || avx512 == 0 || (avx512 == 1 && vq16_avx512()), "avx512=1 needs a CPU with AVX-512");
+  c.wide = avx512 == 1 || (avx512 == -1 && vq16_avx512());
+  return c;
+}
+
+// The activation tables P [RG, M, V, K] (+ ``slack`` floats), each row group from its own tables,
+// then ``rows(P of the row group, nb0, nb1)`` over runs of blocks of 16 rows within one row group,
+// in parallel. Returns y [M, N].
+template <class Tables, class Rows>
+at::Tensor vq_drive(const VQCall& c, const at::Tensor& x, const at::Tensor& tables, int64_t slack, Tables make_tables, Rows rows) {
+  at::Tensor P = at::empty({c.RG * c.M * c.V * c.K + slack}, x.options());
+  for (int64_t r = 0; r < c.RG; ++r)
+    make_tables(tables.data_ptr<float>() + r * c.GC * c.d * c.K, P.data_ptr<float>() + r * c.M * c.V * c.K);
+  at::Tensor y = at::empty({c.M, c.N}, x.options());
+  const float* pp = P.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t t = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per = c.NB / c.RG;  // blocks of 16 rows per row group
+  at::parallel_for(0, c.NB, std::max<int64_t>(1, (c.NB + 4 * t - 1) / (4 * t)), [&](int64_t nb0, int64_t nb1) {
+    for (int64_t nb = nb0; nb < nb1;) {
+      const int64_t r = nb / per, end = std::min(nb1, (r + 1) * per);
+      rows(pp + r * c.M * c.V * c.K, yp, nb, end);
+      nb = end;
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
 // x: float32 [M, K]; codes: uint8 [N / 16, V, 8] ("vq16-r16", V = K / d); tables: float32
 // [G, d, 16] (the codewords transposed: entry k of coordinate t at [g, t, k]; G = row_groups
 // blocks of N / row_groups rows times the column groups, row-group major); scale: float32 [N];
@@ -235,105 +292,59 @@ bool vq16_avx512() { return __builtin_cpu_supports("avx512f"); }
 // it). Returns y float32 [M, N].
 at::Tensor vq16_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables, const at::Tensor& scale, int64_t row_groups,
                    int64_t avx512) {
-  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.size(2) == 8,
-              "codes must be contiguous uint8 [N/16, V, 8]");
-  TORCH_CHECK(tables.dim() == 3 && tables.scalar_type() == at::kFloat && tables.is_contiguous() && tables.size(2) == 16,
-              "tables must be contiguous float32 [G, d, 16]");
-  const int64_t G = tables.size(0), d = tables.size(1), V = codes.size(1), NB = codes.size(0), N = NB * 16, RG = row_groups;
-  TORCH_CHECK(RG >= 1 && G % RG == 0 && NB % RG == 0, "row_groups=", RG, " must divide the ", G, " tables and the ", NB, " blocks of 16 rows");
-  const int64_t GC = G / RG;
-  TORCH_CHECK(d >= 1 && GC >= 1 && V % GC == 0, "the ", V, " vectors per row do not split into ", GC, " groups");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == V * d,
-              "x must be a contiguous float32 [M, ", V * d, "] tensor");
-  const int64_t M = x.size(0);
-  TORCH_CHECK(scale.dim() == 1 && scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.size(0) == N, "scale must be float32 [N]");
-  TORCH_CHECK(avx512 == -1 || avx512 == 0 || (avx512 == 1 && vq16_avx512()), "avx512=1 needs a CPU with AVX-512");
-  const bool wide = avx512 == 1 || (avx512 == -1 && vq16_avx512());
-  at::Tensor P = at::empty({RG, M, V, 16}, x.options());  // per block of rows: its own tables
-  for (int64_t r = 0; r < RG; ++r) {
-    const float* tr = tables.data_ptr<float>() + r * GC * d * 16;
-    float* pr = P.data_ptr<float>() + r * M * V * 16;
-    if (wide)
-      vq16_tables512(x.data_ptr<float>(), tr, pr, M, V, d, GC);
-    else
-      vq16_tables(x.data_ptr<float>(), tr, pr, M, V, d, GC);
-  }
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* pp = P.data_ptr<float>();
+  const VQCall c = vq_check(x, codes, tables, scale, row_groups, avx512, 8);
+  TORCH_CHECK(c.K == 16, "tables must be contiguous float32 [G, d, 16]");
+  const float* xp = x.data_ptr<float>();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t t = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t per = NB / RG;  // blocks of 16 rows per row group
-  at::parallel_for(0, NB, std::max<int64_t>(1, (NB + 4 * t - 1) / (4 * t)), [&](int64_t nb0, int64_t nb1) {
-    for (int64_t nb = nb0; nb < nb1;) {  // runs of blocks within one row group
-      const int64_t r = nb / per, end = std::min(nb1, (r + 1) * per);
-      if (wide)
-        vq16_rows512(pp + r * M * V * 16, cp, sp, yp, M, N, V, nb, end);
-      else
-        vq16_rows(pp + r * M * V * 16, cp, sp, yp, M, N, V, nb, end);
-      nb = end;
-    }
-  });
-  return y;
+  return vq_drive(
+      c, x, tables, 0,
+      [&](const float* tr, float* pr) {
+        if (c.wide)
+          vq16_tables512(xp, tr, pr, c.M, c.V, c.d, c.GC);
+        else
+          vq16_tables(xp, tr, pr, c.M, c.V, c.d, c.GC);
+      },
+      [&](const float* pr, float* yp, int64_t nb0, int64_t nb1) {
+        if (c.wide)
+          vq16_rows512(pr, cp, sp, yp, c.M, c.N, c.V, nb0, nb1);
+        else
+          vq16_rows(pr, cp, sp, yp, c.M, c.N, c.V, nb0, nb1);
+      });
 }
 
 // As vq16_mm for 32..256 codewords (K a multiple of 16): codes uint8 [N / 16, V, 16] ("vq8-r16",
 // byte j of [nb, v] is row nb * 16 + j's code for vector v); tables float32 [G, d, K].
 at::Tensor vq8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables, const at::Tensor& scale, int64_t row_groups,
                   int64_t avx512) {
-  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.size(2) == 16,
-              "codes must be contiguous uint8 [N/16, V, 16]");
-  TORCH_CHECK(tables.dim() == 3 && tables.scalar_type() == at::kFloat && tables.is_contiguous(), "tables must be contiguous float32 [G, d, K]");
-  const int64_t G = tables.size(0), d = tables.size(1), K = tables.size(2), V = codes.size(1), NB = codes.size(0), N = NB * 16;
-  const int64_t RG = row_groups;
-  TORCH_CHECK(K >= 16 && K <= 256 && K % 16 == 0, "the tables hold ", K, " codewords; vq8_mm takes 16..256 in steps of 16");
-  TORCH_CHECK(RG >= 1 && G % RG == 0 && NB % RG == 0, "row_groups=", RG, " must divide the ", G, " tables and the ", NB, " blocks of 16 rows");
-  const int64_t GC = G / RG;
-  TORCH_CHECK(d >= 1 && GC >= 1 && V % GC == 0, "the ", V, " vectors per row do not split into ", GC, " groups");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == V * d,
-              "x must be a contiguous float32 [M, ", V * d, "] tensor");
-  const int64_t M = x.size(0);
-  TORCH_CHECK(scale.dim() == 1 && scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.size(0) == N, "scale must be float32 [N]");
-  TORCH_CHECK(avx512 == -1 || avx512 == 0 || (avx512 == 1 && vq16_avx512()), "avx512=1 needs a CPU with AVX-512");
-  const bool wide = avx512 == 1 || (avx512 == -1 && vq16_avx512());
+  const VQCall c = vq_check(x, codes, tables, scale, row_groups, avx512, 16);
+  TORCH_CHECK(c.K >= 16 && c.K <= 256 && c.K % 16 == 0, "the tables hold ", c.K, " codewords; vq8_mm takes 16..256 in steps of 16");
   // 32 and 64 codewords: the register tree (2.4x the gather's speed at 64); 128 and 256: the
   // gather (the tree's 16 loads and 15 shuffles per vector lose to it at 256)
-  const bool tree = K <= 64;
-  // codes are bytes: 256 floats of slack after P keep a code >= K (refused where the codes are
-  // packed, not re-checked per call) inside the buffer
-  at::Tensor P = at::empty({RG * M * V * K + 256}, x.options());
-  for (int64_t r = 0; r < RG; ++r) {
-    const float* tr = tables.data_ptr<float>() + r * GC * d * K;
-    float* pr = P.data_ptr<float>() + r * M * V * K;
-    if (wide)
-      vq8_tables512(x.data_ptr<float>(), tr, pr, M, V, d, GC, K);
-    else
-      vq8_tables(x.data_ptr<float>(), tr, pr, M, V, d, GC, K);
-  }
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* pp = P.data_ptr<float>();
+  const bool tree = c.K <= 64;
+  const float* xp = x.data_ptr<float>();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t t = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t per = NB / RG;
-  at::parallel_for(0, NB, std::max<int64_t>(1, (NB + 4 * t - 1) / (4 * t)), [&](int64_t nb0, int64_t nb1) {
-    for (int64_t nb = nb0; nb < nb1;) {
-      const int64_t r = nb / per, end = std::min(nb1, (r + 1) * per);
-      const float* pr = pp + r * M * V * K;
-      if (wide && tree && K == 32)
-        vq8_tree_rows512<2>(pr, cp, sp, yp, M, N, V, nb, end);
-      else if (wide && tree && K == 64)
-        vq8_tree_rows512<4>(pr, cp, sp, yp, M, N, V, nb, end);
-      else if (wide)
-        vq8_rows512(pr, cp, sp, yp, M, N, V, K, nb, end);
-      else
-        vq8_rows(pp + r * M * V * K, cp, sp, yp, M, N, V, K, nb, end);
-      nb = end;
-    }
-  });
-  return y;
+  // codes are bytes: 256 floats of slack after P keep a code >= K (refused where the codes are
+  // packed, not re-checked per call) inside the buffer
+  return vq_drive(
+      c, x, tables, 256,
+      [&](const float* tr, float* pr) {
+        if (c.wide)
+          vq8_tables512(xp, tr, pr, c.M, c.V, c.d, c.GC, c.K);
+        else
+          vq8_tables(xp, tr, pr, c.M, c.V, c.d, c.GC, c.K);
+      },
+      [&](const float* pr, float* yp, int64_t nb0, int64_t nb1) {
+        if (c.wide && tree && c.K == 32)
+          vq8_tree_rows512<2>(pr, cp, sp, yp, c.M, c.N, c.V, nb0, nb1);
+        else if (c.wide && tree && c.K == 64)
+          vq8_tree_rows512<4>(pr, cp, sp, yp, c.M, c.N, c.V, nb0, nb1);
+        else if (c.wide)
+          vq8_rows512(pr, cp, sp, yp, c.M, c.N, c.V, c.K, nb0, nb1);
+        else
+          vq8_rows(pr, cp, sp, yp, c.M, c.N, c.V, c.K, nb0, nb1);
+      });
 }
 
 // The dense weight of either code layout (prefill: one GEMM after it): codes "vq16-r16" uint8
