@@ -97,3 +97,39 @@ def test_rows_resume_on_a_tiny_model(tiny_model_dir, tmp_path, monkeypatch, caps
     assert e.value.code == 2
     assert "was made with other settings" in capsys.readouterr().err
     assert json.loads(out.read_text())["rows"] == first["rows"]
+
+
+def test_save_ckpt_keeps_the_row_checkpoint_for_the_speed_section(tiny_model_dir, tmp_path, monkeypatch):
+    from llmpress.export.packed_load import read_manifest
+
+    monkeypatch.setenv("LLMPRESS_TEST_SEQLEN", "32")
+    ck = tmp_path / "ck"
+    args = [
+        "--model",
+        str(tiny_model_dir),
+        "--windows",
+        "2",
+        "--calib",
+        "4",
+        "--rows",
+        "rtn-w4g64",
+        "--out",
+        str(tmp_path / "cb.json"),
+        "--ckpt",
+        str(ck),
+    ]
+    assert cb.main(args) == 0
+    assert read_manifest(ck / "rtn-w4g64") is None  # no checkpoint without --save-ckpt
+    assert cb.main([*args[:-4], "--rows", "rtn-w3g64", *args[-4:], "--save-ckpt"]) == 0
+    man = read_manifest(ck / "rtn-w3g64")
+    assert man is not None and json.loads((tmp_path / "cb.json").read_text())["rows"].keys() == {"rtn-w4g64", "rtn-w3g64"}
+
+
+def test_auto_and_stacked_rows():
+    from llmpress.api import _as_recipe
+
+    auto = _as_recipe(cb.ROWS["gptvq-4d-w2-auto"][1]).stages[0].config
+    assert (auto.dim, auto.bits, auto.group_size, auto.table_bits, auto.table_budget) == (4, 2, "auto", 8, 0.2)
+    awq = _as_recipe(cb.ROWS["awq-gptvq-4d-w2-auto"][1])
+    assert [s.method for s in awq.stages] == ["awq", "gptvq"] and awq.stages[1].config == auto
+    assert awq.stages[0].config.quantize is False and awq.stages[0].config.weights.bits == 3
