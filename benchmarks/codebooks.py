@@ -40,9 +40,6 @@ def stacked(name: str, first: str, then: str | dict) -> dict:
     return {"name": name, "description": f"{first}'s first stage, then {b['name']}", "stages": [a["stages"][0], *b["stages"]]}
 
 
-VQ_AUTO = preset_recipe("gptvq-4d-w2", "gptvq-4d-w2-auto", group_size="auto", table_bits=8, table_budget=0.2)
-
-
 # key -> (bits class, recipe: a preset name or a recipe dict)
 ROWS = {
     "rtn-w4g64": ("~4", "rtn-w4g64"),
@@ -60,17 +57,20 @@ ROWS = {
     "rtn-w2g64": ("~2", preset_recipe("rtn-w3g64", "rtn-w2g64", weights={"bits": 2, "full_range": True})),
     "gptq-w2g64": ("~2", preset_recipe("gptq-w3g64", "gptq-w2g64", weights={"bits": 2})),
     "gptvq-2d-w2": ("~2", "gptvq-2d-w2"),
+    "gptvq-4d-w2-layer": ("~2", preset_recipe("gptvq-4d-w2", "gptvq-4d-w2-layer", group_size=None, table_bits=16)),
+    "gptvq-4d-w2-g192": ("~2", preset_recipe("gptvq-4d-w2", "gptvq-4d-w2-g192", group_size=192, table_bits=16)),
     "gptvq-4d-w2": ("~2", "gptvq-4d-w2"),
-    "gptvq-4d-w2-g192": ("~2", preset_recipe("gptvq-4d-w2", "gptvq-4d-w2-g192", group_size=192)),
     "gptvq-2d-w2-r64": ("~2", preset_recipe("gptvq-2d-w2", "gptvq-2d-w2-r64", row_group_size=64)),
     "gptvq-4d-w2-em3": ("~2", preset_recipe("gptvq-4d-w2", "gptvq-4d-w2-em3", em_rounds=3)),
     "awq-gptvq-4d-w2": ("~2", stacked("awq-gptvq-4d-w2", "awq-gptq-w3g64", "gptvq-4d-w2")),
-    "gptvq-4d-w2-auto": ("~2", VQ_AUTO),
-    "awq-gptvq-4d-w2-auto": ("~2", stacked("awq-gptvq-4d-w2-auto", "awq-gptq-w3g64", VQ_AUTO)),
 }
-LABELS = {"rtn-w2g64": "rtn-w2g64 (rtn-w3g64 at 2 bits, full-range grid)", "gptq-w2g64": "gptq-w2g64 (gptq-w3g64 at 2 bits)"}
+LABELS = {
+    "rtn-w2g64": "rtn-w2g64 (rtn-w3g64 at 2 bits, full-range grid)",
+    "gptq-w2g64": "gptq-w2g64 (gptq-w3g64 at 2 bits)",
+    "gptvq-4d-w2-layer": "gptvq-4d-w2-layer (one float16 table per layer: the preset before 2026-12-04)",
+}
 INT4 = "rtn-w4g64"  # the int4 kernel's checkpoint in the speed section
-SPEED_ROWS = "squeezellm-w4,gptq-nuq-w3,gptvq-2d-w2,gptvq-4d-w2-auto"
+SPEED_ROWS = "squeezellm-w4,gptq-nuq-w3,gptvq-2d-w2,gptvq-4d-w2"
 
 
 def table(res: dict) -> str:

@@ -125,11 +125,14 @@ def test_save_ckpt_keeps_the_row_checkpoint_for_the_speed_section(tiny_model_dir
     assert man is not None and json.loads((tmp_path / "cb.json").read_text())["rows"].keys() == {"rtn-w4g64", "rtn-w3g64"}
 
 
-def test_auto_and_stacked_rows():
+def test_vq_rows_are_the_preset_and_its_named_variants():
     from llmpress.api import _as_recipe
 
-    auto = _as_recipe(cb.ROWS["gptvq-4d-w2-auto"][1]).stages[0].config
+    auto = _as_recipe(cb.ROWS["gptvq-4d-w2"][1]).stages[0].config  # the preset
     assert (auto.dim, auto.bits, auto.group_size, auto.table_bits, auto.table_budget) == (4, 2, "auto", 8, 0.2)
-    awq = _as_recipe(cb.ROWS["awq-gptvq-4d-w2-auto"][1])
+    layer = _as_recipe(cb.ROWS["gptvq-4d-w2-layer"][1]).stages[0].config
+    g192 = _as_recipe(cb.ROWS["gptvq-4d-w2-g192"][1]).stages[0].config
+    assert (layer.group_size, layer.table_bits, g192.group_size, g192.table_bits) == (None, 16, 192, 16)
+    awq = _as_recipe(cb.ROWS["awq-gptvq-4d-w2"][1])
     assert [s.method for s in awq.stages] == ["awq", "gptvq"] and awq.stages[1].config == auto
     assert awq.stages[0].config.quantize is False and awq.stages[0].config.weights.bits == 3
