@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import RecipeError, UserError
 from ..registry import ModuleContext, register
 from .sweep import validate_solver_fields
@@ -125,7 +127,10 @@ def gptvq(ctx: ModuleContext, cfg: GPTVQ) -> None:
     ctx.set_weight(res.weight)
     rec = ctx.record
     rec.form = "vq"
-    rec.payload = {"codes": res.codes, "table": res.table, "row_groups": res.row_groups, **({"scale": res.scale} if res.scale is not None else {})}
+    # the codes wait in the record until the save: in the smallest integer type that holds them
+    # (uint8 up to 256 codewords: 1 byte per vector instead of int64's 8)
+    codes = res.codes.to(torch.uint8 if res.table.shape[1] <= 256 else torch.int16)
+    rec.payload = {"codes": codes, "table": res.table, "row_groups": res.row_groups, **({"scale": res.scale} if res.scale is not None else {})}
     if res.table_q is not None:
         rec.payload.update(table_q=res.table_q, table_scale=res.table_scale)
     rec.notes.update(dim=cfg.dim, bits=cfg.bits, group_size=group_size, row_group_size=cfg.row_group_size, row_scale=cfg.row_scale)
