@@ -76,7 +76,7 @@ def test_em_rounds_reassign_on_refined_tables_and_never_raise_the_error(dim, gro
     two_manual = vq_gptq(W, H, dim, 2, group_size=group_size, row_scale=True, table=one.table)
     assert not torch.equal(two_manual.codes, one.codes)
     e1, e3 = layer_error(W, one.weight, H), layer_error(W, three.weight, H)
-    assert three.loss == pytest.approx(e3, rel=1e-6) and e3 <= e1
+    assert three.loss == pytest.approx(e3, rel=1e-6) and e3 < 0.995 * e1  # the later rounds did run and help
     assert e3 <= layer_error(W, two_manual.weight, H) + 1e-9  # the kept round is the lowest seen
     assert torch.equal(three.weight, vq_lookup(three.table, three.codes, three.scale))
 

@@ -93,9 +93,9 @@ def unpack_vq16(packed: torch.Tensor) -> torch.Tensor:
 
 
 def pack_vq8(codes: torch.Tensor, codewords: int = 256) -> torch.Tensor:
-    """Codes 0..codewords-1 [N, V] (N % 16 == 0) -> uint8 [N / 16, V, 16] ("vq8-r16"): per
+    """Codes 0..codewords-1 [N, V] (N % 16 == 0, codewords <= 256) -> uint8 [N / 16, V, 16] ("vq8-r16"): per
     block of 16 rows and per vector, byte j is row j's code."""
-    N = _check_codes(codes, min(codewords, 256), "vq8")
+    N = _check_codes(codes, codewords, "vq8")
     return codes.to(torch.uint8).reshape(N // 16, 16, codes.shape[1]).permute(0, 2, 1).contiguous()
 
 
