@@ -3,6 +3,7 @@ parameter ratio, per method, on the three test texts.
 
     flock /tmp/llmpress-heavy.lock .venv/bin/python benchmarks/lowrank.py [--model smollm2-135m] [--ratios 0.9 0.8 0.7 0.6]
         [--methods svd asvd svd_llm wsvd asvd_fisher] [--eval wiki] [--no-sweep] [--fp-ppl X]
+    flock /tmp/llmpress-heavy.lock .venv/bin/python benchmarks/lowrank.py --serve   # serving only
 
 Every Linear but lm_head factored at the same ratio (uniform ranks) and, unless --no-alloc,
 with ranks allocated across layers under the same total budget (lowrank_alloc), 128 calibration windows of
@@ -12,6 +13,12 @@ perplexity (wiki) against the ratio per method (runs/bench/lowrank-MODEL.png). 1
 parameters is the unfactored model (a factorization at the break-even rank saves nothing and
 is refused), drawn as the full-precision line. ``wsvd`` and ``asvd_fisher`` run a
 ``weight_importance`` stage (16 windows of gradients) before the factor stage.
+
+``--serve``: llmpress.bench (decode tokens/s at batch 1 and 8, prefill, resident bytes) on
+three packed checkpoints kept under runs/bench/lowrank-ckpt-MODEL: every linear but lm_head
+factored by svd_llm at 0.765 of its parameters with W4 g64 factors (GPTQ), served by
+llmpress's int4 kernel; the same factors in float32; and RTN W4 g64 (dense int4, same
+kernel). Stored under "serve" in the JSON.
 """
 
 from __future__ import annotations
@@ -116,6 +123,45 @@ def decode_speed(b: Bench, ratio: float, context: int, new_tokens: int = 64) -> 
     return {"context": context, "new_tokens": new_tokens, "ratio": ratio, "models": res}
 
 
+SERVE_ROWS = {  # checkpoint name: recipe (the serving section)
+    "rtn-w4g64": "rtn-w4g64",
+    "svd_llm-0.765": factor_stages("svd_llm", 0.765),
+    "svd_llm-0.765-w4g64": factor_stages(
+        "svd_llm", 0.765, weights=QuantArgs(bits=4, symmetric=True, granularity="group", group_size=64, full_range=True), solver="gptq"
+    ),
+}
+
+
+def serve(model: str, calib: int, ckpt: Path, repeats: int) -> dict:
+    """Serving of factored checkpoints (llmpress.bench, packed checkpoints kept under ``ckpt``):
+    W4 g64 factors through the int4 kernel against float factors and the dense int4 model."""
+    import copy
+
+    from llmpress import api, bench, models
+    from llmpress.export.packed_load import read_manifest
+
+    m0, tok = models.load(model)
+    cfg = api.CalibConfig(n_samples=calib, seqlen=512, seed=0)
+    windows = None
+    dirs = []
+    for name, recipe in SERVE_ROWS.items():
+        d = ckpt / name
+        if read_manifest(d) is None:
+            print(f"serve: making {d}", flush=True)
+            if windows is None and api.needs_calibration(api._as_recipe(recipe)):
+                windows = api.calibration_windows(tok, m0, cfg)
+            m = copy.deepcopy(m0)
+            rep = api.compress(m, recipe, windows, tokenizer=tok, calib=cfg)
+            api.save(m, tok, d, report=rep, overwrite=True)
+            del m
+        dirs.append(str(d))
+    del m0
+    result = bench.run(dirs, model, bench.BenchConfig(repeats=repeats, memory_probe=False),
+                       progress=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))  # fmt: skip
+    print(bench.table(result), flush=True)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -132,8 +178,19 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=2048, help="prompt tokens of the decode measurement")
     ap.add_argument("--no-lrq", action="store_true", help="skip low rank + W4 factors against GPTQ W3 at about the same bytes")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--serve", action="store_true", help="only the serving section: W4 factors through the int4 kernel against float factors and dense int4"
+    )
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the serving section")
     a = ap.parse_args()
     out = Path(a.out or f"runs/bench/lowrank-{a.model}.json")
+    if a.serve:
+        result = serve(a.model, a.calib, Path(f"runs/bench/lowrank-ckpt-{Path(a.model).name}"), a.repeats)
+        data = json.loads(out.read_text()) if out.exists() else {}
+        data["serve"] = result
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=2, default=str))
+        return
     b = Bench(a.model, eval_windows=a.windows, calib_samples=a.calib, fp_ppl=a.fp_ppl, eval_sources=a.eval, out=str(out))
     for ratio in a.ratios:
         for m in a.methods:

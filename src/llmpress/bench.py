@@ -231,6 +231,7 @@ def _leaf_linears(model: nn.Module):
             wrappers.append(name)
             yield name, mod, mod.linear
         elif isinstance(mod, nn.Linear) or hasattr(mod, "kernel") or type(mod).__name__ == "Int8Linear":
+            wrappers.append(name)  # a module of its own kernel: its parts (a low-rank layer's factors) are not linears of the model
             yield name, mod, mod
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .lowrank import LowRankLinear
 
@@ -46,8 +45,7 @@ def shares_latent(attn: nn.Module) -> bool:
     mods = [getattr(attn, p, None) for p in ("q_proj", "k_proj", "v_proj")]
     if not all(isinstance(m, LowRankLinear) for m in mods):
         return False
-    b = mods[0].B
-    return all(m.B.data_ptr() == b.data_ptr() and m.B.shape == b.shape for m in mods[1:])
+    return all(m.b is mods[0].b for m in mods[1:])
 
 
 class LatentKVAttention(nn.Module):
@@ -76,15 +74,15 @@ class LatentKVAttention(nn.Module):
 
         a = self.attn
         q_lin, k_lin, v_lin = a.q_proj, a.k_proj, a.v_proj
-        h = F.linear(hidden_states, q_lin.B.to(hidden_states.dtype))  # [batch, t, r]: what the cache keeps
-        q = _heads(_apply_a(q_lin, h), a.head_dim)
+        h = q_lin.latent(hidden_states)  # [batch, t, r]: what the cache keeps
+        q = _heads(q_lin.expand(h), a.head_dim)
         b, t = h.shape[:2]
         if past_key_values is not None:
             cached, _ = past_key_values.update(h[:, None], h.new_zeros(b, 1, t, 0), self.layer_idx)
             h_all = cached[:, 0]
         else:
             h_all = h
-        k, v = _heads(_apply_a(k_lin, h_all), a.head_dim), _heads(_apply_a(v_lin, h_all), a.head_dim)
+        k, v = _heads(k_lin.expand(h_all), a.head_dim), _heads(v_lin.expand(h_all), a.head_dim)
         cos, sin = position_embeddings
         q = _rope(q, cos, sin)
         if h_all.shape[1] == t:
@@ -98,10 +96,6 @@ class LatentKVAttention(nn.Module):
         out, weights = interface(a, q, k, v, attention_mask, dropout=0.0, scaling=a.scaling, **kwargs)
         out = out.reshape(b, t, -1).contiguous()
         return a.o_proj(out), weights
-
-
-def _apply_a(lin: LowRankLinear, h: torch.Tensor) -> torch.Tensor:
-    return F.linear(h, lin.A.to(h.dtype), None if lin.bias is None else lin.bias.to(h.dtype))
 
 
 def attach_latent_kv(model: nn.Module) -> list[str]:

@@ -9,8 +9,8 @@ The method hands the factors over in ``payload`` (with their scales); the form s
 only while the model's weight is still exactly their product (a later change makes the
 writer store the layer dense and say so).
 
-Runtime: :class:`~llmpress.runtime.lowrank.LowRankLinear` (two matmuls, the factors decoded
-to float). Size: each factor's numbers at ``dense_bits`` (float) or at its grid's bits with
+Runtime: :class:`~llmpress.runtime.lowrank.LowRankLinear` (two matmuls; quantized factors
+served by their grid's kernel, e.g. llmpress's int4 kernel, float factors as float). Size: each factor's numbers at ``dense_bits`` (float) or at its grid's bits with
 scales (quantized), over out * in; a shared B counts with the layer that stores it.
 compressed-tensors has no low-rank form: the export writes the dense product (same outputs,
 no saving) and says so.
@@ -25,6 +25,7 @@ import torch
 from ...quant.core import QParams
 from ...runtime.act_quant import ActQuantLinear
 from ...runtime.lowrank import LowRankLinear
+from ...runtime.qlinear import DequantLinear
 from ..form import LayerState, LinearSpec, StorageForm, get_form, register_form
 
 log = logging.getLogger(__name__)
@@ -138,9 +139,25 @@ class LowRank(StorageForm):
                 bits += get_form("quant").bits_per_weight(fs, dense_bits) * out_f * in_f
         return (bits + state.extra_bits) / state.n_params
 
+    def _factor_module(self, spec, f: str, tensors, backend, device, act_dtype):
+        """Factor ``f`` as a linear module: quantized factors through their grid's kernel (a
+        shared factor is built once: the layers using it hold the same module)."""
+        key = tensors[f] if spec.weight_args is None else tensors[f"{f}.qweight"]
+        cached = getattr(key, "_llmpress_module", None)
+        if cached is not None:
+            return cached
+        if spec.weight_args is None:
+            mod = DequantLinear(self._factor(spec, f, tensors, torch.float32).to(device))
+        else:
+            fs = LinearSpec.from_dict(spec.meta["factors"][f], f"factor {f}") if f in spec.meta.get("factors", {}) else self._shared_spec(spec, f)
+            sub = {k[len(f) + 1 :]: v for k, v in tensors.items() if k.startswith(f + ".")}
+            mod = get_form("quant").build(fs, sub, backend=backend, device=device, act_dtype=act_dtype)
+        key._llmpress_module = mod
+        return mod
+
     def build(self, spec, tensors, *, bias=None, backend="auto", device="cpu", act_dtype=None):
-        A, B = (self._factor(spec, f, tensors, torch.float32) for f in FACTORS)
-        mod = LowRankLinear(A.to(device), B.to(device), bias)
+        A, B = (self._factor_module(spec, f, tensors, backend, device, act_dtype) for f in FACTORS)
+        mod = LowRankLinear(A, B, bias)
         return ActQuantLinear(mod, spec.act_args) if spec.act_args else mod
 
     def ct_scheme(self, name, spec):
