@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..arch import ArchSpec, get_module, set_module
+from ..eval.memory import trim_malloc
 from ..recipe import Stage
 from ..registry import ModuleContext, ModuleRecord, get_method
 from ..runtime.act_quant import ActQuantLinear
@@ -108,6 +109,7 @@ class RunState:
 
     def apply(self, name: str, module: nn.Module, stats: dict) -> None:
         apply_stages(name, module, self.targets[name], stats, self.records, self.seconds, self.settings.get(name))
+        trim_malloc()  # a solver's freed temporaries would stay resident (malloc's arenas) and pile up layer after layer
 
     def apply_group(self, items: list[tuple[str, nn.Module, dict]]) -> None:
         """(full name, module, statistics) of linears solved at the same point: with several
