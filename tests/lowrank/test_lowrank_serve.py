@@ -18,14 +18,20 @@ def _buffer_bytes(mod: torch.nn.Module) -> int:
     return sum(b.numel() * b.element_size() for b in mod.buffers())
 
 
-def test_w4_factors_run_the_int4_kernel_stay_4bit_in_memory_and_match(tmp_path, ext):
+def _served(tmp_path, st):
+    """(the compressed model's logits on two windows, the two windows, the checkpoint loaded
+    with the kernels, loaded with backend="dequant")."""
     model = tiny_llama()
     ids = random_windows(8, 32)
-    rep = compress(model, [stage("svd_llm", targets=["re:.*mlp\\..*_proj$"], rank=32, weights=W4G32)], data=ids, engine=QUIET)
-    expected = logits(model, ids[:2])
+    rep = compress(model, [st], data=ids, engine=QUIET)
     api.save(model, None, tmp_path / "c", report=rep)
     back, _ = load_compressed(str(tmp_path / "c"))
     exact, _ = load_compressed(str(tmp_path / "c"), backend="dequant")
+    return logits(model, ids[:2]), ids[:2], back, exact
+
+
+def test_w4_factors_run_the_int4_kernel_stay_4bit_in_memory_and_match(tmp_path, ext):
+    expected, ids, back, exact = _served(tmp_path, stage("svd_llm", targets=["re:.*mlp\\..*_proj$"], rank=32, weights=W4G32))
     for name in ("gate_proj", "up_proj", "down_proj"):
         mod = getattr(back.model.layers[0].mlp, name)
         assert isinstance(mod, LowRankLinear) and mod.kernel == "lowrank/llmpress_int4_cpu"
@@ -39,7 +45,7 @@ def test_w4_factors_run_the_int4_kernel_stay_4bit_in_memory_and_match(tmp_path, 
         x = torch.randn(3, n)
         for rows in (1, 3):
             assert torch.allclose(mod(x[:rows]), ref(x[:rows]), atol=1e-5, rtol=1e-5)
-    assert torch.allclose(logits(back, ids[:2]), expected, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(logits(back, ids), expected, atol=1e-4, rtol=1e-4)
     from llmpress.bench import _leaf_linears
 
     leaves = [n for n, _, _ in _leaf_linears(back)]  # what the serving benchmark times: a factored layer once, not its factors
@@ -58,18 +64,12 @@ def test_float_factors_stay_float_and_are_one_module_each():
 def test_qsvd_w4_factors_share_one_b_module_and_decode_with_the_latent_cache(tmp_path, ext):
     from llmpress.runtime.latent_kv import LatentKVAttention
 
-    model = tiny_llama()
-    ids = random_windows(8, 32)
-    rep = compress(model, [stage("qsvd", targets=["re:.*self_attn\\.(q|k|v)_proj$"], ratio=0.8, weights=W4G32)], data=ids, engine=QUIET)
-    expected = logits(model, ids[:2])
-    api.save(model, None, tmp_path / "c", report=rep)
-    latent, _ = load_compressed(str(tmp_path / "c"))
-    plain, _ = load_compressed(str(tmp_path / "c"), backend="dequant")
+    expected, ids, latent, plain = _served(tmp_path, stage("qsvd", targets=["re:.*self_attn\\.(q|k|v)_proj$"], ratio=0.8, weights=W4G32))
     a = latent.model.layers[0].self_attn
     assert isinstance(a, LatentKVAttention)
     assert isinstance(a.q_proj.b, LowbitInt4Linear) and a.k_proj.b is a.q_proj.b and a.v_proj.b is a.q_proj.b
     assert a.q_proj.a is not a.k_proj.a
-    assert torch.allclose(logits(latent, ids[:2]), expected, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(logits(latent, ids), expected, atol=1e-4, rtol=1e-4)
     for layer in plain.model.layers:  # exact factors, K and V cached as usual
         if isinstance(layer.self_attn, LatentKVAttention):
             layer.self_attn = layer.self_attn.attn
