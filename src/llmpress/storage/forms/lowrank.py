@@ -143,16 +143,19 @@ class LowRank(StorageForm):
         """Factor ``f`` as a linear module: quantized factors through their grid's kernel (a
         shared factor is built once: the layers using it hold the same module)."""
         key = tensors[f] if spec.weight_args is None else tensors[f"{f}.qweight"]
-        cached = getattr(key, "_llmpress_module", None)
-        if cached is not None:
-            return cached
+        built = getattr(key, "_llmpress_modules", None)
+        if built is None:
+            built = key._llmpress_modules = {}
+        how = (backend, str(device), act_dtype)
+        if how in built:
+            return built[how]
         if spec.weight_args is None:
             mod = DequantLinear(self._factor(spec, f, tensors, torch.float32).to(device))
         else:
             fs = LinearSpec.from_dict(spec.meta["factors"][f], f"factor {f}") if f in spec.meta.get("factors", {}) else self._shared_spec(spec, f)
             sub = {k[len(f) + 1 :]: v for k, v in tensors.items() if k.startswith(f + ".")}
             mod = get_form("quant").build(fs, sub, backend=backend, device=device, act_dtype=act_dtype)
-        key._llmpress_module = mod
+        built[how] = mod
         return mod
 
     def build(self, spec, tensors, *, bias=None, backend="auto", device="cpu", act_dtype=None):
