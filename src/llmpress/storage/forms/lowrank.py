@@ -76,10 +76,14 @@ class LowRank(StorageForm):
         cached = getattr(codes, "_llmpress_decoded", None)  # a shared factor is decoded once, for every layer using it
         if cached is not None and cached.dtype == dtype:
             return cached
-        fs = LinearSpec.from_dict(spec.meta["factors"][f], f"factor {f}") if f in spec.meta.get("factors", {}) else self._shared_spec(spec, f)
-        out = get_form("quant").decode(fs, {k[len(f) + 1 :]: v for k, v in tensors.items() if k.startswith(f + ".")}, dtype)
+        out = get_form("quant").decode(*self._grid(spec, f, tensors), dtype)
         codes._llmpress_decoded = out
         return out
+
+    def _grid(self, spec, f: str, tensors) -> tuple[LinearSpec, dict]:
+        """Quantized factor ``f``: its grid's spec and its tensors (names without ``f.``)."""
+        fs = LinearSpec.from_dict(spec.meta["factors"][f], f"factor {f}") if f in spec.meta.get("factors", {}) else self._shared_spec(spec, f)
+        return fs, {k[len(f) + 1 :]: v for k, v in tensors.items() if k.startswith(f + ".")}
 
     def _shared_spec(self, spec, f: str) -> LinearSpec:
         """The grid of a factor another layer stores (same arguments, its shape)."""
@@ -152,9 +156,7 @@ class LowRank(StorageForm):
         if spec.weight_args is None:
             mod = DequantLinear(self._factor(spec, f, tensors, torch.float32).to(device))
         else:
-            fs = LinearSpec.from_dict(spec.meta["factors"][f], f"factor {f}") if f in spec.meta.get("factors", {}) else self._shared_spec(spec, f)
-            sub = {k[len(f) + 1 :]: v for k, v in tensors.items() if k.startswith(f + ".")}
-            mod = get_form("quant").build(fs, sub, backend=backend, device=device, act_dtype=act_dtype)
+            mod = get_form("quant").build(*self._grid(spec, f, tensors), backend=backend, device=device, act_dtype=act_dtype)
         built[how] = mod
         return mod
 
