@@ -39,7 +39,15 @@ def test_layout_round_trip_and_refusals():
 
 @pytest.mark.parametrize(
     "R,C,dim,groups,row_groups,scaled",
-    [(576, 576, 2, 9, 1, True), (64, 1536, 2, 24, 1, False), (32, 128, 4, 1, 1, True), (16, 96, 2, 3, 1, True), (96, 128, 2, 2, 3, True)],
+    [
+        (576, 576, 2, 9, 1, True),
+        (64, 1536, 2, 24, 1, False),
+        (32, 128, 4, 1, 1, True),
+        (16, 96, 2, 3, 1, True),
+        (96, 128, 2, 2, 3, True),
+        (48, 192, 4, 3, 1, True),
+        (64, 128, 8, 2, 2, False),
+    ],
 )
 @pytest.mark.parametrize("avx512", [0, 1])
 @pytest.mark.parametrize("K", [16, 64, 256])
@@ -60,10 +68,17 @@ def test_kernel_equals_lookup_then_multiply(ext, R, C, dim, groups, row_groups, 
             ref.dequantized_weight(),
             VQLinear(codes, table[:groups].repeat(row_groups, 1, 1), scale=scale, row_groups=row_groups).dequantized_weight(),
         )
-    for M in (1, 2, 3, 4, 5, 8, 9):
-        x = torch.randn(M, C, generator=torch.Generator().manual_seed(M))
-        got, want = mod(x), ref(x)
-        assert got.shape == want.shape and rel_max_err(got, want) < 1e-5, (M, rel_max_err(got, want))
+    assert mod.quad == (K != 16 and dim % 4 == 0 and avx512 == 1)
+    old = ext.vq_direct_from()
+    try:  # the activation tables, then the direct path (one weight lookup shared by the rows), at every batch
+        for direct_from in (10**6, 1):
+            ext.vq_direct_from(direct_from, direct_from, direct_from)
+            for M in (1, 2, 3, 4, 5, 8, 9, 13, 32, 33):  # 33: dequantize + GEMM
+                x = torch.randn(M, C, generator=torch.Generator().manual_seed(M))
+                got, want = mod(x), ref(x)
+                assert got.shape == want.shape and rel_max_err(got, want) < 1e-5, (M, direct_from, rel_max_err(got, want))
+    finally:
+        ext.vq_direct_from(*old)
     x3 = torch.randn(2, 3, C)  # leading dimensions kept
     assert mod(x3).shape == (2, 3, R) and rel_max_err(mod(x3), ref(x3)) < 1e-5
 
@@ -86,6 +101,10 @@ def test_raw_kernel_refuses_mismatched_shapes(ext):
         ext.vq8_mm(torch.randn(1, 16), codes, torch.randn(1, 2, 64), torch.ones(16), 1, 0)
     with pytest.raises(RuntimeError, match="float32 \\[M, 16\\]"):
         ext.vq8_mm(torch.randn(1, 12), wide, torch.randn(1, 2, 64), torch.ones(16), 1, 0)
+    with pytest.raises(RuntimeError, match="4k coordinates and at most 256 codewords, not d=2"):
+        ext.vq_quad_mm(torch.randn(1, 16), wide, torch.randn(1, 64, 2), torch.ones(16), 1)
+    with pytest.raises(RuntimeError, match="float32 \\[G, K, d\\]"):
+        ext.vq_quad_mm(torch.randn(1, 16), wide, torch.randn(1, 64, 4).double(), torch.ones(16), 1)
     with pytest.raises(RuntimeError, match="row_groups=2 does not fit"):
         ext.vq_dequant(wide, torch.randn(1, 64, 2), torch.ones(16), 2)
     with pytest.raises(RuntimeError, match="the codes' layout 16 at most"):

@@ -18,7 +18,9 @@ activations (the arithmetic of dequantize-then-multiply, up to summation order):
 - ``lut4_mm`` / ``lut4_dequant``: lookup-table (codebook) weights of at most 16 entries
   (:mod:`llmpress.runtime.lut_linear`), with an AVX-512 path chosen at run time;
 - ``vq16_mm`` / ``vq8_mm(x, codes, tables, scale, row_groups=1, avx512=-1)`` (``csrc/vq_cpu.cpp``): vector-quantized weights
-  with 16 (or 32..256) codewords, served by lookup tables of the activations
+  with 16 (or 32..256) codewords, served by lookup tables of the activations at a few rows and
+  by one weight lookup shared among the rows at more (``vq_direct_from`` reads and sets where);
+  ``vq_quad_mm``: vectors of 4k coordinates by 128-bit codeword loads (AVX-512)
   (:class:`llmpress.runtime.vq_linear.LowbitVQLinear`).
 
 The extension is compiled once per machine with torch's C++ extension builder (g++ and

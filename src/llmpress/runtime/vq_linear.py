@@ -106,15 +106,19 @@ def unpack_vq8(packed: torch.Tensor) -> torch.Tensor:
 
 
 class LowbitVQLinear(_Lowbit):
-    """A ``vq`` layer served by llmpress's CPU kernels (``csrc/vq_cpu.cpp``): up to ``SMALL_M``
-    activation rows are multiplied through lookup tables of the activations,
-    P[m, v, k] = x[m, vector v] . T[g(v), k], then y[m, n] = s[n] sum_v P[m, v, code[n, v]]
-    (no dense weight formed). 16 codewords: ``vq16_mm``, codes 4 bits per vector, 16 rows per
-    register lookup; 32..256 codewords: ``vq8_mm``, one byte per code, 16 rows per gather.
-    More rows (prefill) rebuild the weight once and run one GEMM. Outputs equal the compressed
-    model's up to float32 summation order."""
+    """A ``vq`` layer served by llmpress's CPU kernels (``csrc/vq_cpu.cpp``), no dense weight
+    formed for up to ``small_m`` (32) activation rows. A few rows are multiplied through
+    lookup tables of the activations, P[m, v, k] = x[m, vector v] . T[g(v), k], then
+    y[m, n] = s[n] sum_v P[m, v, code[n, v]]: 16 codewords ``vq16_mm`` (codes 4 bits per
+    vector, 16 rows per register lookup), 32..256 codewords ``vq8_mm`` (one byte per code,
+    16 rows per gather or register tree). More rows share one lookup of the weights among
+    them (the kernels' direct path; vectors of 4k coordinates: ``vq_quad_mm`` from 2 rows,
+    128-bit loads of the codewords instead of gathers). Beyond ``small_m`` rows (prefill) the
+    weight is rebuilt once and one GEMM runs. Outputs equal the compressed model's up to
+    float32 summation order."""
 
     kernel = "lowbit-vq16"
+    small_m = 32  # the kernels up to 32 activation rows: ~1.3-3x dequantize + GEMM from 8 to 32 (runs/kbench)
 
     def __init__(
         self,
@@ -136,10 +140,13 @@ class LowbitVQLinear(_Lowbit):
         super().__init__(R, V * d, bias)
         self.dim, self.groups, self.codewords, self.row_groups, self.avx512 = d, G, K, row_groups, int(avx512)
         self.wide = K != VQ_KERNEL_CODEWORDS
+        self.quad = False  # vq_quad_mm from 2 activation rows (vectors of 4k coordinates, AVX-512)
         if self.wide:
             self.kernel = "lowbit-vq8"
-            if K >= 128:  # a gather per 16 rows and activation row: dequantize + GEMM wins from ~5 rows
-                self.small_m = 4
+            from .cpu_kernels import kernels
+
+            ext = kernels()
+            self.quad = d % 4 == 0 and self.avx512 != 0 and ext is not None and bool(ext.vq16_avx512())
         self.register_buffer("packed", pack_vq8(codes, K) if self.wide else pack_vq16(codes), persistent=False)
         self.register_buffer("table", table.float().contiguous(), persistent=False)  # [G, K, d]
         self.register_buffer("table_t", self.table.transpose(1, 2).contiguous(), persistent=False)  # [G, d, K]: the kernel's
@@ -156,6 +163,8 @@ class LowbitVQLinear(_Lowbit):
         return vq_lookup(self.table, codes, self.scale, self.row_groups).to(dtype)
 
     def _small(self, ext, x2: torch.Tensor) -> torch.Tensor:
+        if self.quad and x2.shape[0] >= 2:
+            return ext.vq_quad_mm(x2, self.packed, self.table, self.scale, self.row_groups)
         mm = ext.vq8_mm if self.wide else ext.vq16_mm
         return mm(x2, self.packed, self.table_t, self.scale, self.row_groups, self.avx512)
 

@@ -468,6 +468,8 @@ at::Tensor lut4_dequant(const at::Tensor& packed, const at::Tensor& table, int64
 
 // vq_cpu.cpp
 bool vq16_avx512();
+std::vector<int64_t> vq_direct_from(int64_t k16, int64_t tree, int64_t gather);
+at::Tensor vq_quad_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables, const at::Tensor& scale, int64_t row_groups);
 at::Tensor vq16_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables, const at::Tensor& scale, int64_t row_groups,
                    int64_t avx512);
 at::Tensor vq8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables, const at::Tensor& scale, int64_t row_groups,
@@ -481,6 +483,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("codes"), py::arg("tables"), py::arg("scale"), py::arg("row_groups") = 1, py::arg("avx512") = -1);
   m.def("vq_dequant", &vq_dequant, "either VQ code layout (uint8 [N/16,V,8|16]) and tables f32 [G,K,d], scale [N] -> float32 [N, V d]",
         py::arg("codes"), py::arg("tables"), py::arg("scale"), py::arg("row_groups") = 1);
+  m.def("vq_direct_from", &vq_direct_from,
+        "activation rows from which vq16_mm / vq8_mm (tree: 32-64 codewords, gather: 128-256) share one weight lookup among the rows; "
+        "each argument > 0 sets it; returns the previous [vq16, tree, gather]",
+        py::arg("vq16") = 0, py::arg("tree") = 0, py::arg("gather") = 0);
+  m.def("vq_quad_mm", &vq_quad_mm, "as vq8_mm for vectors of 4k coordinates (AVX-512): tables f32 [G,K,d] not transposed",
+        py::arg("x"), py::arg("codes"), py::arg("tables"), py::arg("scale"), py::arg("row_groups") = 1);
   m.def("vq16_avx512", &vq16_avx512, "whether the AVX-512 path of vq16_mm runs here");
   m.def("lut4_mm", &lut4_mm, "x [M,K] f32 @ table lookups (4-bit codes in int32 words, f32 [N,G,16] tables) [N,K]^T -> [M,N]");
   m.def("cpu_avx512", &cpu_avx512, "whether this CPU has AVX-512 (the int4 and lookup-table kernels' AVX-512 paths)");

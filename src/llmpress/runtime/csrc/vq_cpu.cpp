@@ -10,7 +10,10 @@
 // holding row j (low nibble) and row j + 8 (high nibble): uint8 [N / 16, V, 8]. AVX-512: the
 // 16 entries of P[m, v] sit in one register; one 8-byte load widened to 16 lanes, a variable
 // shift, and one vpermps look up 16 rows at once (vpermps reads the low 4 bits of each lane).
-// Elsewhere a scalar loop over the same layout. Float32 throughout: the outputs equal the
+// Elsewhere a scalar loop over the same layout. From a dozen activation rows (32..256
+// codewords: from 3) the direct path looks each weight up once for all rows instead
+// (vq_direct_rows512), and vectors of 4k coordinates have their own (vq_quad_mm: codeword
+// quarters loaded 128 bits at a time, no gathers). Float32 throughout: the outputs equal the
 // dequantized weight's product up to summation order.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -105,29 +108,6 @@ void vq16_tables(const float* x, const float* Tt, float* P, int64_t M, int64_t V
 // in 16 bytes: uint8 [N / 16, V, 16]. P[m, v] holds K entries (too many for a register), so
 // AVX-512 looks 16 rows up at once with one gather (vgatherdps) from P[m, v, :].
 
-template <int MB>
-__attribute__((target("avx512f"))) void vq8_block512(const float* P, int64_t ldp, const uint8_t* codes, const float* scale, float* y,
-                                                     int64_t ldy, int64_t nb, int64_t V, int64_t K) {
-  __m512 a[MB], b[MB];
-  for (int m = 0; m < MB; ++m) a[m] = b[m] = _mm512_setzero_ps();
-  const uint8_t* c = codes + nb * V * 16;
-  int64_t v = 0;
-  for (; v + 2 <= V; v += 2) {
-    const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + v * 16)));
-    const __m512i i1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + v * 16 + 16)));
-    for (int m = 0; m < MB; ++m) {
-      a[m] = _mm512_add_ps(a[m], _mm512_i32gather_ps(i0, P + m * ldp + v * K, 4));
-      b[m] = _mm512_add_ps(b[m], _mm512_i32gather_ps(i1, P + m * ldp + (v + 1) * K, 4));
-    }
-  }
-  if (v < V) {
-    const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + v * 16)));
-    for (int m = 0; m < MB; ++m) a[m] = _mm512_add_ps(a[m], _mm512_i32gather_ps(i0, P + m * ldp + v * K, 4));
-  }
-  const __m512 s = _mm512_loadu_ps(scale + nb * 16);
-  for (int m = 0; m < MB; ++m) _mm512_storeu_ps(y + m * ldy + nb * 16, _mm512_mul_ps(_mm512_add_ps(a[m], b[m]), s));
-}
-
 // The K = 16 NR entries of P[m, v] looked up for 16 rows without a gather: vpermt2ps picks from
 // a pair of registers by the code's low 5 bits, then blends by bits 5, 6 and 7 halve the pairs.
 template <int NR>
@@ -168,16 +148,158 @@ __attribute__((target("avx512f"))) void vq8_tree_rows512(const float* P, const u
   }
 }
 
+// The gather path in chunks of vectors: P[m, v0..v1) of every activation row fits in L1 (P of a
+// whole row is V KB at 256 codewords, an L2-sized array that each block of 16 rows would
+// otherwise re-read), every block of rows runs over the chunk, partial sums kept in y, the
+// row scale applied after the last chunk. 2.2x the unchunked loop on a 576 x 1536 layer.
+template <int MB>
+__attribute__((target("avx512f"))) void vq8_chunk512(const float* P, int64_t ldp, const uint8_t* codes, float* y, int64_t ldy, int64_t nb,
+                                                     int64_t V, int64_t K, int64_t v0, int64_t v1) {
+  __m512 a[MB], b[MB];
+  for (int m = 0; m < MB; ++m) a[m] = v0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(y + m * ldy + nb * 16), b[m] = _mm512_setzero_ps();
+  const uint8_t* c = codes + nb * V * 16;
+  int64_t v = v0;
+  for (; v + 2 <= v1; v += 2) {
+    const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + v * 16)));
+    const __m512i i1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + v * 16 + 16)));
+    for (int m = 0; m < MB; ++m) {
+      a[m] = _mm512_add_ps(a[m], _mm512_i32gather_ps(i0, P + m * ldp + v * K, 4));
+      b[m] = _mm512_add_ps(b[m], _mm512_i32gather_ps(i1, P + m * ldp + (v + 1) * K, 4));
+    }
+  }
+  if (v < v1) {
+    const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + v * 16)));
+    for (int m = 0; m < MB; ++m) a[m] = _mm512_add_ps(a[m], _mm512_i32gather_ps(i0, P + m * ldp + v * K, 4));
+  }
+  for (int m = 0; m < MB; ++m) _mm512_storeu_ps(y + m * ldy + nb * 16, _mm512_add_ps(a[m], b[m]));
+}
+
 __attribute__((target("avx512f"))) void vq8_rows512(const float* P, const uint8_t* codes, const float* scale, float* y, int64_t M, int64_t N,
                                                     int64_t V, int64_t K, int64_t nb0, int64_t nb1) {
   const int64_t ldp = V * K;
+  const int64_t chunk = std::max<int64_t>(2, (32 * 1024 / 4) / (M * K));  // 32 KB of P per chunk
+  for (int64_t v0 = 0; v0 < V; v0 += chunk) {
+    const int64_t v1 = std::min(V, v0 + chunk);
+    for (int64_t nb = nb0; nb < nb1; ++nb) {
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) vq8_chunk512<4>(P + m * ldp, ldp, codes, y + m * N, N, nb, V, K, v0, v1);
+      switch (M - m) {
+        case 3: vq8_chunk512<3>(P + m * ldp, ldp, codes, y + m * N, N, nb, V, K, v0, v1); break;
+        case 2: vq8_chunk512<2>(P + m * ldp, ldp, codes, y + m * N, N, nb, V, K, v0, v1); break;
+        case 1: vq8_chunk512<1>(P + m * ldp, ldp, codes, y + m * N, N, nb, V, K, v0, v1); break;
+        default: break;
+      }
+    }
+  }
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const __m512 s = _mm512_loadu_ps(scale + nb * 16);
+    for (int64_t m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + nb * 16, _mm512_mul_ps(_mm512_loadu_ps(y + m * N + nb * 16), s));
+  }
+}
+
+// ---- the direct path (more activation rows): the weights of 16 rows looked up once per
+// coordinate and shared by every activation row -------------------------------------------
+// For each vector v and coordinate t the 16 rows' weights w = T[g(v), code[n, v], t] come from
+// one lookup (vq16: a vpermps from the table's register; vq8: a gather from the L1-resident
+// table), then MB activation rows each take one FMA. No activation tables are built, so the
+// cost per weight falls with the batch as a GEMM's does; the tables path costs a lookup per
+// activation row and vector.
+template <int MB, bool NIB>
+__attribute__((target("avx512f"))) void vq_direct_block512(const float* x, int64_t ldx, const uint8_t* codes, const float* Tt, const float* scale,
+                                                           float* y, int64_t ldy, int64_t nb, int64_t V, int64_t d, int64_t K, int64_t per) {
+  const __m512i shifts = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4);
+  __m512 a[MB];
+  for (int m = 0; m < MB; ++m) a[m] = _mm512_setzero_ps();
+  const int64_t cb = NIB ? 8 : 16;
+  const uint8_t* c = codes + nb * V * cb;
+  for (int64_t v = 0; v < V; ++v) {
+    __m512i idx;
+    if (NIB) {
+      const __m128i c0 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + v * 8));
+      idx = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(c0, c0)), shifts);  // vpermps reads the low 4 bits
+    } else {
+      idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + v * 16)));
+    }
+    const float* t = Tt + (v / per) * d * K;
+    const float* xv = x + v * d;
+    for (int64_t j = 0; j < d; ++j) {
+      const __m512 w = NIB ? _mm512_permutexvar_ps(idx, _mm512_loadu_ps(t + j * 16)) : _mm512_i32gather_ps(idx, t + j * K, 4);
+      for (int m = 0; m < MB; ++m) a[m] = _mm512_fmadd_ps(_mm512_set1_ps(xv[m * ldx + j]), w, a[m]);
+    }
+  }
+  const __m512 s = _mm512_loadu_ps(scale + nb * 16);
+  for (int m = 0; m < MB; ++m) _mm512_storeu_ps(y + m * ldy + nb * 16, _mm512_mul_ps(a[m], s));
+}
+
+// The direct path without gathers for vectors of 4k coordinates (the codes of 16 rows index
+// codewords of whole 128-bit quarters): one register holds the 4-coordinate quarter of 4
+// rows' codewords (one load and three 128-bit inserts), one FMA with the activation quarter
+// broadcast to the 4 lanes; the 4 coordinates of each row are summed once at the end. A
+// gather per 16 rows and coordinate (vgatherdps, slow where the CPU's microcode guards it)
+// costs several times these loads.
+template <int MB>
+__attribute__((target("avx512f"))) void vq_quad_block512(const float* x, int64_t ldx, const uint8_t* codes, const float* T, const float* scale,
+                                                         float* y, int64_t ldy, int64_t nb, int64_t V, int64_t d, int64_t K, int64_t per) {
+  __m512 a[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int z = 0; z < 4; ++z) a[m][z] = _mm512_setzero_ps();
+  const uint8_t* c = codes + nb * V * 16;
+  for (int64_t v = 0; v < V; ++v) {
+    const uint8_t* cv = c + v * 16;
+    const float* tg = T + (v / per) * K * d;
+    for (int64_t h = 0; h < d; h += 4) {
+      __m512 w[4];
+      for (int z = 0; z < 4; ++z) {
+        __m512 r = _mm512_castps128_ps512(_mm_loadu_ps(tg + cv[4 * z] * d + h));
+        r = _mm512_insertf32x4(r, _mm_loadu_ps(tg + cv[4 * z + 1] * d + h), 1);
+        r = _mm512_insertf32x4(r, _mm_loadu_ps(tg + cv[4 * z + 2] * d + h), 2);
+        w[z] = _mm512_insertf32x4(r, _mm_loadu_ps(tg + cv[4 * z + 3] * d + h), 3);
+      }
+      for (int m = 0; m < MB; ++m) {
+        const __m512 xb = _mm512_broadcast_f32x4(_mm_loadu_ps(x + m * ldx + v * d + h));
+        for (int z = 0; z < 4; ++z) a[m][z] = _mm512_fmadd_ps(w[z], xb, a[m][z]);
+      }
+    }
+  }
+  alignas(64) float tmp[64];
+  for (int m = 0; m < MB; ++m) {
+    for (int z = 0; z < 4; ++z) _mm512_store_ps(tmp + 16 * z, a[m][z]);
+    for (int j = 0; j < 16; ++j)
+      y[m * ldy + nb * 16 + j] = scale[nb * 16 + j] * ((tmp[4 * j] + tmp[4 * j + 1]) + (tmp[4 * j + 2] + tmp[4 * j + 3]));
+  }
+}
+
+__attribute__((target("avx512f"))) void vq_quad_rows512(const float* x, const uint8_t* codes, const float* T, const float* scale, float* y,
+                                                        int64_t M, int64_t N, int64_t V, int64_t d, int64_t K, int64_t per, int64_t nb0,
+                                                        int64_t nb1) {
+  const int64_t ldx = V * d;
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) vq8_block512<4>(P + m * ldp, ldp, codes, scale, y + m * N, N, nb, V, K);
+    for (; m + 6 <= M; m += 6) vq_quad_block512<6>(x + m * ldx, ldx, codes, T, scale, y + m * N, N, nb, V, d, K, per);
     switch (M - m) {
-      case 3: vq8_block512<3>(P + m * ldp, ldp, codes, scale, y + m * N, N, nb, V, K); break;
-      case 2: vq8_block512<2>(P + m * ldp, ldp, codes, scale, y + m * N, N, nb, V, K); break;
-      case 1: vq8_block512<1>(P + m * ldp, ldp, codes, scale, y + m * N, N, nb, V, K); break;
+      case 5: vq_quad_block512<5>(x + m * ldx, ldx, codes, T, scale, y + m * N, N, nb, V, d, K, per); break;
+      case 4: vq_quad_block512<4>(x + m * ldx, ldx, codes, T, scale, y + m * N, N, nb, V, d, K, per); break;
+      case 3: vq_quad_block512<3>(x + m * ldx, ldx, codes, T, scale, y + m * N, N, nb, V, d, K, per); break;
+      case 2: vq_quad_block512<2>(x + m * ldx, ldx, codes, T, scale, y + m * N, N, nb, V, d, K, per); break;
+      case 1: vq_quad_block512<1>(x + m * ldx, ldx, codes, T, scale, y + m * N, N, nb, V, d, K, per); break;
+      default: break;
+    }
+  }
+}
+
+template <bool NIB>
+__attribute__((target("avx512f"))) void vq_direct_rows512(const float* x, const uint8_t* codes, const float* Tt, const float* scale, float* y,
+                                                          int64_t M, int64_t N, int64_t V, int64_t d, int64_t K, int64_t per, int64_t nb0,
+                                                          int64_t nb1) {
+  const int64_t ldx = V * d;
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    int64_t m = 0;
+    for (; m + 12 <= M; m += 12) vq_direct_block512<12, NIB>(x + m * ldx, ldx, codes, Tt, scale, y + m * N, N, nb, V, d, K, per);
+    for (; m + 4 <= M; m += 4) vq_direct_block512<4, NIB>(x + m * ldx, ldx, codes, Tt, scale, y + m * N, N, nb, V, d, K, per);
+    switch (M - m) {
+      case 3: vq_direct_block512<3, NIB>(x + m * ldx, ldx, codes, Tt, scale, y + m * N, N, nb, V, d, K, per); break;
+      case 2: vq_direct_block512<2, NIB>(x + m * ldx, ldx, codes, Tt, scale, y + m * N, N, nb, V, d, K, per); break;
+      case 1: vq_direct_block512<1, NIB>(x + m * ldx, ldx, codes, Tt, scale, y + m * N, N, nb, V, d, K, per); break;
       default: break;
     }
   }
@@ -229,6 +351,19 @@ void vq8_tables(const float* x, const float* Tt, float* P, int64_t M, int64_t V,
 
 bool vq16_avx512() { return __builtin_cpu_supports("avx512f"); }
 
+// Activation rows from which the direct path runs (AVX-512): measured per layout on the Xeon
+// (runs/kbench/vqbench.py); below, the activation tables.
+// vq_direct_from() reads and sets them (tests and benchmarks force either path).
+int64_t kDirect16 = 12, kDirectTree = 12, kDirectGather = 3;
+
+std::vector<int64_t> vq_direct_from(int64_t k16, int64_t tree, int64_t gather) {
+  std::vector<int64_t> old{kDirect16, kDirectTree, kDirectGather};
+  if (k16 > 0) kDirect16 = k16;
+  if (tree > 0) kDirectTree = tree;
+  if (gather > 0) kDirectGather = gather;
+  return old;
+}
+
 namespace {
 
 // What both drivers check and need: x [M, V d], codes uint8 [N / 16, V, cb] (cb bytes per
@@ -240,12 +375,13 @@ struct VQCall {
 };
 
 VQCall vq_check(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables, const at::Tensor& scale, int64_t row_groups,
-                int64_t avx512, int64_t cb) {
+                int64_t avx512, int64_t cb, bool kd = false) {
   TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.size(2) == cb,
               "codes must be contiguous uint8 [N/16, V, ", cb, "]");
-  TORCH_CHECK(tables.dim() == 3 && tables.scalar_type() == at::kFloat && tables.is_contiguous(), "tables must be contiguous float32 [G, d, K]");
+  TORCH_CHECK(tables.dim() == 3 && tables.scalar_type() == at::kFloat && tables.is_contiguous(), "tables must be contiguous float32 ",
+              kd ? "[G, K, d]" : "[G, d, K]");
   VQCall c{};
-  c.G = tables.size(0), c.d = tables.size(1), c.K = tables.size(2), c.V = codes.size(1), c.NB = codes.size(0), c.N = c.NB * 16;
+  c.G = tables.size(0), c.d = tables.size(kd ? 2 : 1), c.K = tables.size(kd ? 1 : 2), c.V = codes.size(1), c.NB = codes.size(0), c.N = c.NB * 16;
   c.RG = row_groups;
   TORCH_CHECK(c.RG >= 1 && c.G % c.RG == 0 && c.NB % c.RG == 0, "row_groups=", c.RG, " must divide the ", c.G, " tables and the ", c.NB,
               " blocks of 16 rows");
@@ -288,6 +424,29 @@ at::Tensor vq_drive(const VQCall& c, const at::Tensor& x, const at::Tensor& tabl
   return y;
 }
 
+// The direct path over every block of 16 rows in parallel (each row group reads its own tables).
+at::Tensor vq_direct(const VQCall& c, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables, const at::Tensor& scale, bool nib) {
+  at::Tensor y = at::empty({c.M, c.N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* tp = tables.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t t = std::max<int64_t>(1, at::get_num_threads()), per_r = c.NB / c.RG, per_g = c.V / c.GC;
+  at::parallel_for(0, c.NB, std::max<int64_t>(1, (c.NB + 4 * t - 1) / (4 * t)), [&](int64_t nb0, int64_t nb1) {
+    for (int64_t nb = nb0; nb < nb1;) {
+      const int64_t r = nb / per_r, end = std::min(nb1, (r + 1) * per_r);
+      const float* tr = tp + r * c.GC * c.d * c.K;
+      if (nib)
+        vq_direct_rows512<true>(xp, cp, tr, sp, yp, c.M, c.N, c.V, c.d, c.K, per_g, nb, end);
+      else
+        vq_direct_rows512<false>(xp, cp, tr, sp, yp, c.M, c.N, c.V, c.d, c.K, per_g, nb, end);
+      nb = end;
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 // x: float32 [M, K]; codes: uint8 [N / 16, V, 8] ("vq16-r16", V = K / d); tables: float32
@@ -299,6 +458,7 @@ at::Tensor vq16_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
                    int64_t avx512) {
   const VQCall c = vq_check(x, codes, tables, scale, row_groups, avx512, 8);
   TORCH_CHECK(c.K == 16, "tables must be contiguous float32 [G, d, 16]");
+  if (c.wide && c.M >= kDirect16) return vq_direct(c, x, codes, tables, scale, true);
   const float* xp = x.data_ptr<float>();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
@@ -327,6 +487,7 @@ at::Tensor vq8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
   // 32 and 64 codewords: the register tree (2.4x the gather's speed at 64); 128 and 256: the
   // gather (the tree's 16 loads and 15 shuffles per vector lose to it at 256)
   const bool tree = c.K <= 64;
+  if (c.wide && c.M >= (tree ? kDirectTree : kDirectGather)) return vq_direct(c, x, codes, tables, scale, false);
   const float* xp = x.data_ptr<float>();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
@@ -397,4 +558,27 @@ at::Tensor vq_dequant(const at::Tensor& codes, const at::Tensor& tables, const a
     }
   });
   return w;
+}
+
+// As vq8_mm for vectors of 4k coordinates, AVX-512 only, through the quarter loads
+// (vq_quad_rows512) at every batch size: codes uint8 [N / 16, V, 16] ("vq8-r16"); tables float32
+// [G, K, d] (not transposed: each codeword's coordinates contiguous), K <= 256.
+at::Tensor vq_quad_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables, const at::Tensor& scale, int64_t row_groups) {
+  const VQCall c = vq_check(x, codes, tables, scale, row_groups, 1, 16, true);
+  TORCH_CHECK(c.d % 4 == 0 && c.K <= 256, "vq_quad_mm takes vectors of 4k coordinates and at most 256 codewords, not d=", c.d, ", ", c.K);
+  at::Tensor y = at::empty({c.M, c.N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* tp = tables.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t t = std::max<int64_t>(1, at::get_num_threads()), per_r = c.NB / c.RG, per_g = c.V / c.GC;
+  at::parallel_for(0, c.NB, std::max<int64_t>(1, (c.NB + 4 * t - 1) / (4 * t)), [&](int64_t nb0, int64_t nb1) {
+    for (int64_t nb = nb0; nb < nb1;) {
+      const int64_t r = nb / per_r, end = std::min(nb1, (r + 1) * per_r);
+      vq_quad_rows512(xp, cp, tp + r * c.GC * c.K * c.d, sp, yp, c.M, c.N, c.V, c.d, c.K, per_g, nb, end);
+      nb = end;
+    }
+  });
+  return y;
 }
