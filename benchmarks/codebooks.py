@@ -57,17 +57,20 @@ ROWS = {
     "rtn-w2g64": ("~2", preset_recipe("rtn-w3g64", "rtn-w2g64", weights={"bits": 2, "full_range": True})),
     "gptq-w2g64": ("~2", preset_recipe("gptq-w3g64", "gptq-w2g64", weights={"bits": 2})),
     "gptvq-2d-w2": ("~2", "gptvq-2d-w2"),
-    "gptvq-4d-w2-layer": ("~2", preset_recipe("gptvq-4d-w2", "gptvq-4d-w2-layer", group_size=None, table_bits=16)),
-    "gptvq-4d-w2-g192": ("~2", preset_recipe("gptvq-4d-w2", "gptvq-4d-w2-g192", group_size=192, table_bits=16)),
+    # the variants below keep the one EM round they were measured with (the preset's default until 2026-12-05)
+    "gptvq-4d-w2-layer": ("~2", preset_recipe("gptvq-4d-w2", "gptvq-4d-w2-layer", group_size=None, table_bits=16, em_rounds=1)),
+    "gptvq-4d-w2-g192": ("~2", preset_recipe("gptvq-4d-w2", "gptvq-4d-w2-g192", group_size=192, table_bits=16, em_rounds=1)),
+    "gptvq-4d-w2-em1": ("~2", preset_recipe("gptvq-4d-w2", "gptvq-4d-w2-em1", em_rounds=1)),
     "gptvq-4d-w2": ("~2", "gptvq-4d-w2"),
     "gptvq-2d-w2-r64": ("~2", preset_recipe("gptvq-2d-w2", "gptvq-2d-w2-r64", row_group_size=64)),
-    "gptvq-4d-w2-em3": ("~2", preset_recipe("gptvq-4d-w2", "gptvq-4d-w2-em3", em_rounds=3)),
-    "awq-gptvq-4d-w2": ("~2", stacked("awq-gptvq-4d-w2", "awq-gptq-w3g64", "gptvq-4d-w2")),
+    "awq-gptvq-4d-w2": ("~2", stacked("awq-gptvq-4d-w2", "awq-gptq-w3g64", preset_recipe("gptvq-4d-w2", "gptvq-4d-w2-em1", em_rounds=1))),
 }
 LABELS = {
     "rtn-w2g64": "rtn-w2g64 (rtn-w3g64 at 2 bits, full-range grid)",
     "gptq-w2g64": "gptq-w2g64 (gptq-w3g64 at 2 bits)",
     "gptvq-4d-w2-layer": "gptvq-4d-w2-layer (one float16 table per layer: the preset before 2026-12-04)",
+    "gptvq-4d-w2-em1": "gptvq-4d-w2-em1 (one EM round: the preset before 2026-12-05)",
+    "awq-gptvq-4d-w2": "awq-gptvq-4d-w2 (AWQ scales, then gptvq-4d-w2-em1)",
 }
 INT4 = "rtn-w4g64"  # the int4 kernel's checkpoint in the speed section
 SPEED_ROWS = "squeezellm-w4,gptq-nuq-w3,gptvq-2d-w2,gptvq-4d-w2"
@@ -89,7 +92,7 @@ def speed_table(result: dict) -> str:
     v = result["variants"]
     ref = v.get(INT4)
     bs = result["config"]["batches"]
-    head = ["checkpoint", "prefill ms"] + [f"decode tok/s b={b}" for b in bs] + ["checkpoint MB"]
+    head = ["checkpoint", "prefill ms"] + [f"decode tok/s b={b}" for b in bs] + ["linears ms/step b=1 (head apart)", "checkpoint MB"]
     lines = [
         f"Serving (llmpress.bench, {result['environment'].get('threads')} threads; ratios: against {INT4}, the int4 kernel)",
         "",
@@ -101,7 +104,12 @@ def speed_table(result: dict) -> str:
         mb = ck.get("file_bytes") or ck.get("computed_bytes")
         pre = f"{r['prefill_ms']:.0f}" + (f" ({ref['prefill_ms'] / r['prefill_ms']:.2f}x)" if ref else "")
         dec = [f"{r[f'decode_tok_s_b{b}']:.1f}" + (f" ({r[f'decode_tok_s_b{b}'] / ref[f'decode_tok_s_b{b}']:.2f}x)" if ref else "") for b in bs]
-        lines.append("| " + " | ".join([name, pre, *dec, f"{mb / 1e6:.1f}" if mb else "-"]) + " |")
+        lin = "-"
+        if "head_ms_per_step" in r:  # the compressed linears alone: the output head is float in every checkpoint
+            body = r["linears_ms_per_step"] - r["head_ms_per_step"]
+            ref_body = ref["linears_ms_per_step"] - ref["head_ms_per_step"] if ref and "head_ms_per_step" in ref else None
+            lin = f"{body:.2f}" + (f" ({ref_body / body:.2f}x)" if ref_body else "") + f" + {r['head_ms_per_step']:.2f}"
+        lines.append("| " + " | ".join([name, pre, *dec, lin, f"{mb / 1e6:.1f}" if mb else "-"]) + " |")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """benchmarks/codebooks.py (issue 18): the table of a fabricated results JSON, the row picking,
 and the W2 recipes built from the W3 presets (no model is loaded)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -23,8 +24,23 @@ RES = {
         "config": {"batches": [1, 8]},
         "environment": {"threads": 2},
         "variants": {
-            "rtn-w4g64": {"prefill_ms": 100.0, "decode_tok_s_b1": 50.0, "decode_tok_s_b8": 200.0, "checkpoint": {"file_bytes": 80e6}},
-            "squeezellm-w3": {"prefill_ms": 50.0, "decode_tok_s_b1": 75.0, "decode_tok_s_b8": 100.0, "checkpoint": {"file_bytes": 60e6}},
+            "rtn-w4g64": {
+                "prefill_ms": 100.0,
+                "decode_tok_s_b1": 50.0,
+                "decode_tok_s_b8": 200.0,
+                "checkpoint": {"file_bytes": 80e6},
+                "linears_ms_per_step": 9.0,
+                "head_ms_per_step": 3.0,
+            },
+            "squeezellm-w3": {
+                "prefill_ms": 50.0,
+                "decode_tok_s_b1": 75.0,
+                "decode_tok_s_b8": 100.0,
+                "checkpoint": {"file_bytes": 60e6},
+                "linears_ms_per_step": 7.0,
+                "head_ms_per_step": 3.0,
+            },
+            "bf16": {"prefill_ms": 80.0, "decode_tok_s_b1": 40.0, "decode_tok_s_b8": 150.0, "checkpoint": {"computed_bytes": 200e6}},
         },
     },
 }
@@ -45,8 +61,9 @@ def test_table_values_classes_and_order():
 
 def test_speed_table_ratios_against_the_int4_checkpoint():
     text = cb.table(RES)
-    assert "| rtn-w4g64 | 100 (1.00x) | 50.0 (1.00x) | 200.0 (1.00x) | 80.0 |" in text
-    assert "| squeezellm-w3 | 50 (2.00x) | 75.0 (1.50x) | 100.0 (0.50x) | 60.0 |" in text
+    assert "| rtn-w4g64 | 100 (1.00x) | 50.0 (1.00x) | 200.0 (1.00x) | 6.00 (1.00x) + 3.00 | 80.0 |" in text
+    assert "| squeezellm-w3 | 50 (2.00x) | 75.0 (1.50x) | 100.0 (0.50x) | 4.00 (1.50x) + 3.00 | 60.0 |" in text
+    assert "| bf16 | 80 (1.25x) | 40.0 (0.80x) | 150.0 (0.75x) | - | 200.0 |" in text  # no per-step split recorded
 
 
 def test_table_command_reads_the_json(tmp_path, capsys):
@@ -129,10 +146,13 @@ def test_vq_rows_are_the_preset_and_its_named_variants():
     from llmpress.api import _as_recipe
 
     auto = _as_recipe(cb.ROWS["gptvq-4d-w2"][1]).stages[0].config  # the preset
-    assert (auto.dim, auto.bits, auto.group_size, auto.table_bits, auto.table_budget) == (4, 2, "auto", 8, 0.2)
+    assert (auto.dim, auto.bits, auto.group_size, auto.table_bits, auto.table_budget, auto.em_rounds) == (4, 2, "auto", 8, 0.2, 3)
     layer = _as_recipe(cb.ROWS["gptvq-4d-w2-layer"][1]).stages[0].config
     g192 = _as_recipe(cb.ROWS["gptvq-4d-w2-g192"][1]).stages[0].config
+    em1 = _as_recipe(cb.ROWS["gptvq-4d-w2-em1"][1]).stages[0].config
     assert (layer.group_size, layer.table_bits, g192.group_size, g192.table_bits) == (None, 16, 192, 16)
+    assert layer.em_rounds == g192.em_rounds == em1.em_rounds == 1  # the rows as measured, before the preset's three rounds
+    assert dataclasses.replace(em1, em_rounds=3) == auto
     awq = _as_recipe(cb.ROWS["awq-gptvq-4d-w2"][1])
-    assert [s.method for s in awq.stages] == ["awq", "gptvq"] and awq.stages[1].config == auto
+    assert [s.method for s in awq.stages] == ["awq", "gptvq"] and awq.stages[1].config == em1
     assert awq.stages[0].config.quantize is False and awq.stages[0].config.weights.bits == 3
