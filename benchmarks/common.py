@@ -125,7 +125,7 @@ class Bench:
     def save(self, path: str) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         old = json.loads(Path(path).read_text()) if Path(path).is_file() else {}
-        extra = {k: v for k, v in old.items() if k not in ("model", "settings", "fp", "rows")} if old.get("settings") == self.settings else {}
+        extra = {k: v for k, v in old.items() if k not in ("model", "settings", "fp", "rows")} if old.get("settings") in (None, self.settings) else {}
         data = {"model": self.name, "settings": self.settings, "fp": self.fp, "rows": self.rows, **extra}
         tmp = Path(path).with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=2, default=str))
