@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -269,40 +270,37 @@ __attribute__((target("avx512f"))) void vq_quad_block512(const float* x, int64_t
   }
 }
 
-__attribute__((target("avx512f"))) void vq_quad_rows512(const float* x, const uint8_t* codes, const float* T, const float* scale, float* y,
-                                                        int64_t M, int64_t N, int64_t V, int64_t d, int64_t K, int64_t per, int64_t nb0,
-                                                        int64_t nb1) {
-  const int64_t ldx = V * d;
-  for (int64_t nb = nb0; nb < nb1; ++nb) {
-    int64_t m = 0;
-    for (; m + 6 <= M; m += 6) vq_quad_block512<6>(x + m * ldx, ldx, codes, T, scale, y + m * N, N, nb, V, d, K, per);
-    switch (M - m) {
-      case 5: vq_quad_block512<5>(x + m * ldx, ldx, codes, T, scale, y + m * N, N, nb, V, d, K, per); break;
-      case 4: vq_quad_block512<4>(x + m * ldx, ldx, codes, T, scale, y + m * N, N, nb, V, d, K, per); break;
-      case 3: vq_quad_block512<3>(x + m * ldx, ldx, codes, T, scale, y + m * N, N, nb, V, d, K, per); break;
-      case 2: vq_quad_block512<2>(x + m * ldx, ldx, codes, T, scale, y + m * N, N, nb, V, d, K, per); break;
-      case 1: vq_quad_block512<1>(x + m * ldx, ldx, codes, T, scale, y + m * N, N, nb, V, d, K, per); break;
-      default: break;
-    }
+// blk(std::integral_constant<int, MB>, m) over the activation rows in blocks of BIG, then 4, 3, 2, 1.
+template <int BIG, class Blk>
+inline void by_row_blocks(int64_t M, Blk blk) {
+  int64_t m = 0;
+  for (; m + BIG <= M; m += BIG) blk(std::integral_constant<int, BIG>{}, m);
+  for (; m + 4 <= M; m += 4) blk(std::integral_constant<int, 4>{}, m);
+  switch (M - m) {
+    case 3: blk(std::integral_constant<int, 3>{}, m); break;
+    case 2: blk(std::integral_constant<int, 2>{}, m); break;
+    case 1: blk(std::integral_constant<int, 1>{}, m); break;
+    default: break;
   }
 }
 
-template <bool NIB>
-__attribute__((target("avx512f"))) void vq_direct_rows512(const float* x, const uint8_t* codes, const float* Tt, const float* scale, float* y,
-                                                          int64_t M, int64_t N, int64_t V, int64_t d, int64_t K, int64_t per, int64_t nb0,
-                                                          int64_t nb1) {
+void vq_quad_rows512(const float* x, const uint8_t* codes, const float* T, const float* scale, float* y, int64_t M, int64_t N, int64_t V,
+                     int64_t d, int64_t K, int64_t per, int64_t nb0, int64_t nb1) {
   const int64_t ldx = V * d;
-  for (int64_t nb = nb0; nb < nb1; ++nb) {
-    int64_t m = 0;
-    for (; m + 12 <= M; m += 12) vq_direct_block512<12, NIB>(x + m * ldx, ldx, codes, Tt, scale, y + m * N, N, nb, V, d, K, per);
-    for (; m + 4 <= M; m += 4) vq_direct_block512<4, NIB>(x + m * ldx, ldx, codes, Tt, scale, y + m * N, N, nb, V, d, K, per);
-    switch (M - m) {
-      case 3: vq_direct_block512<3, NIB>(x + m * ldx, ldx, codes, Tt, scale, y + m * N, N, nb, V, d, K, per); break;
-      case 2: vq_direct_block512<2, NIB>(x + m * ldx, ldx, codes, Tt, scale, y + m * N, N, nb, V, d, K, per); break;
-      case 1: vq_direct_block512<1, NIB>(x + m * ldx, ldx, codes, Tt, scale, y + m * N, N, nb, V, d, K, per); break;
-      default: break;
-    }
-  }
+  for (int64_t nb = nb0; nb < nb1; ++nb)
+    by_row_blocks<6>(M, [&](auto mb, int64_t m) {
+      vq_quad_block512<decltype(mb)::value>(x + m * ldx, ldx, codes, T, scale, y + m * N, N, nb, V, d, K, per);
+    });
+}
+
+template <bool NIB>
+void vq_direct_rows512(const float* x, const uint8_t* codes, const float* Tt, const float* scale, float* y, int64_t M, int64_t N, int64_t V,
+                       int64_t d, int64_t K, int64_t per, int64_t nb0, int64_t nb1) {
+  const int64_t ldx = V * d;
+  for (int64_t nb = nb0; nb < nb1; ++nb)
+    by_row_blocks<12>(M, [&](auto mb, int64_t m) {
+      vq_direct_block512<decltype(mb)::value, NIB>(x + m * ldx, ldx, codes, Tt, scale, y + m * N, N, nb, V, d, K, per);
+    });
 }
 
 void vq8_rows(const float* P, const uint8_t* codes, const float* scale, float* y, int64_t M, int64_t N, int64_t V, int64_t K, int64_t nb0,
@@ -397,9 +395,26 @@ VQCall vq_check(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
   return c;
 }
 
+// y [M, N] from ``rows(r, y, nb0, nb1)`` over runs of blocks of 16 rows within one row group r,
+// in parallel.
+template <class Rows>
+at::Tensor vq_blocks(const VQCall& c, const at::Tensor& x, Rows rows) {
+  at::Tensor y = at::empty({c.M, c.N}, x.options());
+  float* yp = y.data_ptr<float>();
+  const int64_t t = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per = c.NB / c.RG;  // blocks of 16 rows per row group
+  at::parallel_for(0, c.NB, std::max<int64_t>(1, (c.NB + 4 * t - 1) / (4 * t)), [&](int64_t nb0, int64_t nb1) {
+    for (int64_t nb = nb0; nb < nb1;) {
+      const int64_t r = nb / per, end = std::min(nb1, (r + 1) * per);
+      rows(r, yp, nb, end);
+      nb = end;
+    }
+  });
+  return y;
+}
+
 // The activation tables P [RG, M, V, K] (+ ``slack`` floats), each row group from its own tables,
-// then ``rows(P of the row group, nb0, nb1)`` over runs of blocks of 16 rows within one row group,
-// in parallel. Returns y [M, N].
+// then ``rows(P of the row group, y, nb0, nb1)`` (vq_blocks).
 template <class Tables, class Rows>
 at::Tensor vq_drive(const VQCall& c, const at::Tensor& x, const at::Tensor& tables, int64_t slack, Tables make_tables, Rows rows) {
   // P lives in a buffer of the calling thread, kept between calls: a fresh allocation per call
@@ -409,42 +424,27 @@ at::Tensor vq_drive(const VQCall& c, const at::Tensor& x, const at::Tensor& tabl
   if (buf.size() < need) buf.resize(need);
   float* P = buf.data();
   for (int64_t r = 0; r < c.RG; ++r) make_tables(tables.data_ptr<float>() + r * c.GC * c.d * c.K, P + r * c.M * c.V * c.K);
-  at::Tensor y = at::empty({c.M, c.N}, x.options());
   const float* pp = P;
-  float* yp = y.data_ptr<float>();
-  const int64_t t = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t per = c.NB / c.RG;  // blocks of 16 rows per row group
-  at::parallel_for(0, c.NB, std::max<int64_t>(1, (c.NB + 4 * t - 1) / (4 * t)), [&](int64_t nb0, int64_t nb1) {
-    for (int64_t nb = nb0; nb < nb1;) {
-      const int64_t r = nb / per, end = std::min(nb1, (r + 1) * per);
-      rows(pp + r * c.M * c.V * c.K, yp, nb, end);
-      nb = end;
-    }
-  });
-  return y;
+  return vq_blocks(c, x, [&](int64_t r, float* yp, int64_t nb0, int64_t nb1) { rows(pp + r * c.M * c.V * c.K, yp, nb0, nb1); });
 }
 
-// The direct path over every block of 16 rows in parallel (each row group reads its own tables).
-at::Tensor vq_direct(const VQCall& c, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables, const at::Tensor& scale, bool nib) {
-  at::Tensor y = at::empty({c.M, c.N}, x.options());
+// The direct paths (each row group reads its own tables: [G, d, K], or [G, K, d] for kQuad).
+enum Direct { kNibbles, kGather, kQuad };
+at::Tensor vq_direct(const VQCall& c, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables, const at::Tensor& scale, Direct how) {
   const float* xp = x.data_ptr<float>();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float* tp = tables.data_ptr<float>();
   const float* sp = scale.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t t = std::max<int64_t>(1, at::get_num_threads()), per_r = c.NB / c.RG, per_g = c.V / c.GC;
-  at::parallel_for(0, c.NB, std::max<int64_t>(1, (c.NB + 4 * t - 1) / (4 * t)), [&](int64_t nb0, int64_t nb1) {
-    for (int64_t nb = nb0; nb < nb1;) {
-      const int64_t r = nb / per_r, end = std::min(nb1, (r + 1) * per_r);
-      const float* tr = tp + r * c.GC * c.d * c.K;
-      if (nib)
-        vq_direct_rows512<true>(xp, cp, tr, sp, yp, c.M, c.N, c.V, c.d, c.K, per_g, nb, end);
-      else
-        vq_direct_rows512<false>(xp, cp, tr, sp, yp, c.M, c.N, c.V, c.d, c.K, per_g, nb, end);
-      nb = end;
-    }
+  const int64_t per_g = c.V / c.GC;
+  return vq_blocks(c, x, [&](int64_t r, float* yp, int64_t nb0, int64_t nb1) {
+    const float* tr = tp + r * c.GC * c.d * c.K;
+    if (how == kQuad)
+      vq_quad_rows512(xp, cp, tr, sp, yp, c.M, c.N, c.V, c.d, c.K, per_g, nb0, nb1);
+    else if (how == kNibbles)
+      vq_direct_rows512<true>(xp, cp, tr, sp, yp, c.M, c.N, c.V, c.d, c.K, per_g, nb0, nb1);
+    else
+      vq_direct_rows512<false>(xp, cp, tr, sp, yp, c.M, c.N, c.V, c.d, c.K, per_g, nb0, nb1);
   });
-  return y;
 }
 
 }  // namespace
@@ -458,7 +458,7 @@ at::Tensor vq16_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
                    int64_t avx512) {
   const VQCall c = vq_check(x, codes, tables, scale, row_groups, avx512, 8);
   TORCH_CHECK(c.K == 16, "tables must be contiguous float32 [G, d, 16]");
-  if (c.wide && c.M >= kDirect16) return vq_direct(c, x, codes, tables, scale, true);
+  if (c.wide && c.M >= kDirect16) return vq_direct(c, x, codes, tables, scale, kNibbles);
   const float* xp = x.data_ptr<float>();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
@@ -487,7 +487,7 @@ at::Tensor vq8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
   // 32 and 64 codewords: the register tree (2.4x the gather's speed at 64); 128 and 256: the
   // gather (the tree's 16 loads and 15 shuffles per vector lose to it at 256)
   const bool tree = c.K <= 64;
-  if (c.wide && c.M >= (tree ? kDirectTree : kDirectGather)) return vq_direct(c, x, codes, tables, scale, false);
+  if (c.wide && c.M >= (tree ? kDirectTree : kDirectGather)) return vq_direct(c, x, codes, tables, scale, kGather);
   const float* xp = x.data_ptr<float>();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
@@ -566,19 +566,5 @@ at::Tensor vq_dequant(const at::Tensor& codes, const at::Tensor& tables, const a
 at::Tensor vq_quad_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tables, const at::Tensor& scale, int64_t row_groups) {
   const VQCall c = vq_check(x, codes, tables, scale, row_groups, 1, 16, true);
   TORCH_CHECK(c.d % 4 == 0 && c.K <= 256, "vq_quad_mm takes vectors of 4k coordinates and at most 256 codewords, not d=", c.d, ", ", c.K);
-  at::Tensor y = at::empty({c.M, c.N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const float* tp = tables.data_ptr<float>();
-  const float* sp = scale.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t t = std::max<int64_t>(1, at::get_num_threads()), per_r = c.NB / c.RG, per_g = c.V / c.GC;
-  at::parallel_for(0, c.NB, std::max<int64_t>(1, (c.NB + 4 * t - 1) / (4 * t)), [&](int64_t nb0, int64_t nb1) {
-    for (int64_t nb = nb0; nb < nb1;) {
-      const int64_t r = nb / per_r, end = std::min(nb1, (r + 1) * per_r);
-      vq_quad_rows512(xp, cp, tp + r * c.GC * c.K * c.d, sp, yp, c.M, c.N, c.V, c.d, c.K, per_g, nb, end);
-      nb = end;
-    }
-  });
-  return y;
+  return vq_direct(c, x, codes, tables, scale, kQuad);
 }
