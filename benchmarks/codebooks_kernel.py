@@ -1,11 +1,13 @@
 """Decode-time matmul of the lookup-table kernel against llmpress's int4 kernel and float32, at
 SmolLM2-135M's linear shapes, on random weights (no model is run): median microseconds per
 call for 1 and 8 activation rows, each a raw kernel call on the modules' buffers (no module
-overhead: like for like with the int4 column). LUT: per-row tables, the default path (AVX-512
-where the CPU has it) and the AVX2 path. VQ, all with row scales and served by lookup tables of
-the activations: 2-bit 2-d, 16 codewords per 64 input columns (`gptvq-2d-w2`'s layout,
-``vq16_mm``); 2-bit 4-d, one 256-codeword table per layer (`gptvq-4d-w2`, ``vq8_mm``); 3-bit
-2-d, 64 codewords per 64 columns (`gptvq-2d-w3`, ``vq8_mm``).
+overhead: like for like with the int4 column), for 1, 8 and 16 activation rows. LUT: per-row
+tables, the default path (AVX-512 where the CPU has it) and the AVX2 path. VQ, all with row
+scales, through the call the module makes (lookup tables of the activations at a few rows, the
+direct path at more, ``vq_quad_mm`` for 4-d vectors from 2 rows): 2-bit 2-d, 16 codewords per
+64 input columns (`gptvq-2d-w2`'s layout, ``vq16_mm``); 2-bit 4-d, 256-codeword tables per
+column group as ``group_size: auto`` picks them (`gptvq-4d-w2`); 3-bit 2-d, 64 codewords per 64
+columns (`gptvq-2d-w3`, ``vq8_mm``).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/codebooks_kernel.py [--threads 1]
 """
@@ -52,8 +54,16 @@ def cells(ext, layer: dict, x: torch.Tensor) -> list[float]:
 
 
 def vq_call(ext, mod: LowbitVQLinear):
-    mm = ext.vq8_mm if mod.wide else ext.vq16_mm
-    return lambda x: mm(x, mod.packed, mod.table_t, mod.scale, mod.row_groups, -1)
+    """The kernel call the module makes for a few rows (``_small``: the activation tables, the
+    direct path or ``vq_quad_mm``, by the rows and the layout), without the module's reshapes."""
+    return lambda x: mod._small(ext, x)
+
+
+def vq4d_groups(n: int, k: int, budget: float = 0.2) -> int:
+    """Column groups of gptvq-4d-w2's ``group_size: auto`` on an n x k layer: the smallest group
+    (a multiple of 4 dividing k) whose 8-bit 256 x 4 tables cost at most ``budget`` bits a weight."""
+    g = next(g for g in range(4, k + 1, 4) if k % g == 0 and (256 * 4 * 8 + 16) / (n * g) <= budget)
+    return k // g
 
 
 def layer_of(n: int, k: int) -> dict:
@@ -69,7 +79,7 @@ def layer_of(n: int, k: int) -> dict:
         "lut4_avx2": LowbitLutLinear(r4.codes, r4.table, avx512=False),
         "lut3_avx2": LowbitLutLinear(r3.codes, r3.table, avx512=False),
         "vq2": LowbitVQLinear(torch.randint(0, 16, (n, k // 2)), torch.randn(k // 64, 16, 2).half(), scale=torch.rand(n).half()),
-        "vq2_4d": LowbitVQLinear(torch.randint(0, 256, (n, k // 4)), torch.randn(1, 256, 4).half(), scale=torch.rand(n).half()),
+        "vq2_4d": LowbitVQLinear(torch.randint(0, 256, (n, k // 4)), torch.randn(vq4d_groups(n, k), 256, 4).half(), scale=torch.rand(n).half()),
         "vq3": LowbitVQLinear(torch.randint(0, 64, (n, k // 2)), torch.randn(k // 64, 64, 2).half(), scale=torch.rand(n).half()),
     }
 
@@ -88,7 +98,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n, k in SHAPES:
         layer = layer_of(n, k)
-        for m in (1, 8):
+        for m in (1, 8, 16):
             row = cells(ext, layer, torch.randn(m, k))
             print(f"| {n} x {k} | {m} | " + " | ".join(f"{c:.1f}" for c in row) + " |")
 
