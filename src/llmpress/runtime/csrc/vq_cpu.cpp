@@ -24,15 +24,18 @@
 
 namespace {
 
+// Every function of the tables path adds the unscaled sums over the vectors [v0, v1) into y
+// (one thread's partial result, zeroed by the driver); the driver adds the threads' parts and
+// applies the row scale.
 template <int MB>
-__attribute__((target("avx512f"))) void vq16_block512(const float* P, int64_t ldp, const uint8_t* codes, const float* scale, float* y,
-                                                      int64_t ldy, int64_t nb, int64_t V) {
+__attribute__((target("avx512f"))) void vq16_block512(const float* P, int64_t ldp, const uint8_t* codes, float* y, int64_t ldy, int64_t nb,
+                                                      int64_t V, int64_t v0, int64_t v1) {
   const __m512i shifts = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4);
   __m512 a[MB], b[MB];
   for (int m = 0; m < MB; ++m) a[m] = b[m] = _mm512_setzero_ps();
   const uint8_t* c = codes + nb * V * 8;
-  int64_t v = 0;
-  for (; v + 2 <= V; v += 2) {
+  int64_t v = v0;
+  for (; v + 2 <= v1; v += 2) {
     const __m128i c0 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + v * 8));
     const __m128i c1 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + v * 8 + 8));
     const __m512i i0 = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(c0, c0)), shifts);
@@ -42,64 +45,42 @@ __attribute__((target("avx512f"))) void vq16_block512(const float* P, int64_t ld
       b[m] = _mm512_add_ps(b[m], _mm512_permutexvar_ps(i1, _mm512_loadu_ps(P + m * ldp + v * 16 + 16)));
     }
   }
-  if (v < V) {
+  if (v < v1) {
     const __m128i c0 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + v * 8));
     const __m512i i0 = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(c0, c0)), shifts);
     for (int m = 0; m < MB; ++m) a[m] = _mm512_add_ps(a[m], _mm512_permutexvar_ps(i0, _mm512_loadu_ps(P + m * ldp + v * 16)));
   }
-  const __m512 s = _mm512_loadu_ps(scale + nb * 16);
-  for (int m = 0; m < MB; ++m) _mm512_storeu_ps(y + m * ldy + nb * 16, _mm512_mul_ps(_mm512_add_ps(a[m], b[m]), s));
+  for (int m = 0; m < MB; ++m) {
+    float* o = y + m * ldy + nb * 16;
+    _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_add_ps(a[m], b[m])));
+  }
 }
 
-__attribute__((target("avx512f"))) void vq16_rows512(const float* P, const uint8_t* codes, const float* scale, float* y, int64_t M,
-                                                     int64_t N, int64_t V, int64_t nb0, int64_t nb1) {
+__attribute__((target("avx512f"))) void vq16_rows512(const float* P, const uint8_t* codes, float* y, int64_t M, int64_t N, int64_t V,
+                                                     int64_t nb0, int64_t nb1, int64_t v0, int64_t v1) {
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) vq16_block512<4>(P + m * V * 16, V * 16, codes, scale, y + m * N, N, nb, V);
+    for (; m + 4 <= M; m += 4) vq16_block512<4>(P + m * V * 16, V * 16, codes, y + m * N, N, nb, V, v0, v1);
     switch (M - m) {
-      case 3: vq16_block512<3>(P + m * V * 16, V * 16, codes, scale, y + m * N, N, nb, V); break;
-      case 2: vq16_block512<2>(P + m * V * 16, V * 16, codes, scale, y + m * N, N, nb, V); break;
-      case 1: vq16_block512<1>(P + m * V * 16, V * 16, codes, scale, y + m * N, N, nb, V); break;
+      case 3: vq16_block512<3>(P + m * V * 16, V * 16, codes, y + m * N, N, nb, V, v0, v1); break;
+      case 2: vq16_block512<2>(P + m * V * 16, V * 16, codes, y + m * N, N, nb, V, v0, v1); break;
+      case 1: vq16_block512<1>(P + m * V * 16, V * 16, codes, y + m * N, N, nb, V, v0, v1); break;
       default: break;
     }
   }
 }
 
-void vq16_rows(const float* P, const uint8_t* codes, const float* scale, float* y, int64_t M, int64_t N, int64_t V, int64_t nb0,
-               int64_t nb1) {
+void vq16_rows(const float* P, const uint8_t* codes, float* y, int64_t M, int64_t N, int64_t V, int64_t nb0, int64_t nb1, int64_t v0,
+               int64_t v1) {
   for (int64_t nb = nb0; nb < nb1; ++nb)
     for (int64_t m = 0; m < M; ++m)
       for (int j = 0; j < 16; ++j) {
         float acc = 0.f;
-        for (int64_t v = 0; v < V; ++v) {
+        for (int64_t v = v0; v < v1; ++v) {
           const uint8_t byte = codes[(nb * V + v) * 8 + (j & 7)];
           acc += P[(m * V + v) * 16 + (j < 8 ? byte & 0xF : byte >> 4)];
         }
-        y[m * N + nb * 16 + j] = acc * scale[nb * 16 + j];
-      }
-}
-
-// P [M, V, 16] from x [M, V d] and the tables transposed to Tt [G, d, 16] (V / G vectors per group).
-__attribute__((target("avx512f"))) void vq16_tables512(const float* x, const float* Tt, float* P, int64_t M, int64_t V, int64_t d, int64_t G) {
-  const int64_t per = V / G;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t v = 0; v < V; ++v) {
-      const float* t = Tt + (v / per) * d * 16;
-      const float* xv = x + m * V * d + v * d;
-      __m512 acc = _mm512_mul_ps(_mm512_set1_ps(xv[0]), _mm512_loadu_ps(t));
-      for (int64_t j = 1; j < d; ++j) acc = _mm512_fmadd_ps(_mm512_set1_ps(xv[j]), _mm512_loadu_ps(t + j * 16), acc);
-      _mm512_storeu_ps(P + (m * V + v) * 16, acc);
-    }
-}
-
-void vq16_tables(const float* x, const float* Tt, float* P, int64_t M, int64_t V, int64_t d, int64_t G) {
-  const int64_t per = V / G;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t v = 0; v < V; ++v)
-      for (int k = 0; k < 16; ++k) {
-        float acc = 0.f;
-        for (int64_t j = 0; j < d; ++j) acc += x[m * V * d + v * d + j] * Tt[((v / per) * d + j) * 16 + k];
-        P[(m * V + v) * 16 + k] = acc;
+        y[m * N + nb * 16 + j] += acc;
       }
 }
 
@@ -124,43 +105,45 @@ __attribute__((target("avx512f"))) inline __m512 vq8_tree(const float* p, __m512
 }
 
 template <int MB, int NR>
-__attribute__((target("avx512f"))) void vq8_tree_block512(const float* P, int64_t ldp, const uint8_t* codes, const float* scale, float* y,
-                                                          int64_t ldy, int64_t nb, int64_t V) {
+__attribute__((target("avx512f"))) void vq8_tree_block512(const float* P, int64_t ldp, const uint8_t* codes, float* y, int64_t ldy, int64_t nb,
+                                                          int64_t V, int64_t v0, int64_t v1) {
   constexpr int K = NR * 16;
   __m512 a[MB];
   for (int m = 0; m < MB; ++m) a[m] = _mm512_setzero_ps();
   const uint8_t* c = codes + nb * V * 16;
-  for (int64_t v = 0; v < V; ++v) {
+  for (int64_t v = v0; v < v1; ++v) {
     const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + v * 16)));
     for (int m = 0; m < MB; ++m) a[m] = _mm512_add_ps(a[m], vq8_tree<NR>(P + m * ldp + v * K, i0));
   }
-  const __m512 s = _mm512_loadu_ps(scale + nb * 16);
-  for (int m = 0; m < MB; ++m) _mm512_storeu_ps(y + m * ldy + nb * 16, _mm512_mul_ps(a[m], s));
-}
-
-template <int NR>
-__attribute__((target("avx512f"))) void vq8_tree_rows512(const float* P, const uint8_t* codes, const float* scale, float* y, int64_t M,
-                                                         int64_t N, int64_t V, int64_t nb0, int64_t nb1) {
-  const int64_t ldp = V * NR * 16;
-  for (int64_t nb = nb0; nb < nb1; ++nb) {
-    int64_t m = 0;
-    for (; m + 2 <= M; m += 2) vq8_tree_block512<2, NR>(P + m * ldp, ldp, codes, scale, y + m * N, N, nb, V);
-    if (m < M) vq8_tree_block512<1, NR>(P + m * ldp, ldp, codes, scale, y + m * N, N, nb, V);
+  for (int m = 0; m < MB; ++m) {
+    float* o = y + m * ldy + nb * 16;
+    _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), a[m]));
   }
 }
 
-// The gather path in chunks of vectors: P[m, v0..v1) of every activation row fits in L1 (P of a
+template <int NR>
+__attribute__((target("avx512f"))) void vq8_tree_rows512(const float* P, const uint8_t* codes, float* y, int64_t M, int64_t N, int64_t V,
+                                                         int64_t nb0, int64_t nb1, int64_t v0, int64_t v1) {
+  const int64_t ldp = V * NR * 16;
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) vq8_tree_block512<2, NR>(P + m * ldp, ldp, codes, y + m * N, N, nb, V, v0, v1);
+    if (m < M) vq8_tree_block512<1, NR>(P + m * ldp, ldp, codes, y + m * N, N, nb, V, v0, v1);
+  }
+}
+
+// The gather path in chunks of vectors: P[m, c0..c1) of every activation row fits in L1 (P of a
 // whole row is V KB at 256 codewords, an L2-sized array that each block of 16 rows would
-// otherwise re-read), every block of rows runs over the chunk, partial sums kept in y, the
-// row scale applied after the last chunk. 2.2x the unchunked loop on a 576 x 1536 layer.
+// otherwise re-read), every block of rows runs over the chunk, partial sums kept in y.
+// 2.2x the unchunked loop on a 576 x 1536 layer.
 template <int MB>
 __attribute__((target("avx512f"))) void vq8_chunk512(const float* P, int64_t ldp, const uint8_t* codes, float* y, int64_t ldy, int64_t nb,
-                                                     int64_t V, int64_t K, int64_t v0, int64_t v1) {
+                                                     int64_t V, int64_t K, int64_t c0, int64_t c1) {
   __m512 a[MB], b[MB];
-  for (int m = 0; m < MB; ++m) a[m] = v0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(y + m * ldy + nb * 16), b[m] = _mm512_setzero_ps();
+  for (int m = 0; m < MB; ++m) a[m] = _mm512_loadu_ps(y + m * ldy + nb * 16), b[m] = _mm512_setzero_ps();
   const uint8_t* c = codes + nb * V * 16;
-  int64_t v = v0;
-  for (; v + 2 <= v1; v += 2) {
+  int64_t v = c0;
+  for (; v + 2 <= c1; v += 2) {
     const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + v * 16)));
     const __m512i i1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + v * 16 + 16)));
     for (int m = 0; m < MB; ++m) {
@@ -168,33 +151,29 @@ __attribute__((target("avx512f"))) void vq8_chunk512(const float* P, int64_t ldp
       b[m] = _mm512_add_ps(b[m], _mm512_i32gather_ps(i1, P + m * ldp + (v + 1) * K, 4));
     }
   }
-  if (v < v1) {
+  if (v < c1) {
     const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + v * 16)));
     for (int m = 0; m < MB; ++m) a[m] = _mm512_add_ps(a[m], _mm512_i32gather_ps(i0, P + m * ldp + v * K, 4));
   }
   for (int m = 0; m < MB; ++m) _mm512_storeu_ps(y + m * ldy + nb * 16, _mm512_add_ps(a[m], b[m]));
 }
 
-__attribute__((target("avx512f"))) void vq8_rows512(const float* P, const uint8_t* codes, const float* scale, float* y, int64_t M, int64_t N,
-                                                    int64_t V, int64_t K, int64_t nb0, int64_t nb1) {
+__attribute__((target("avx512f"))) void vq8_rows512(const float* P, const uint8_t* codes, float* y, int64_t M, int64_t N, int64_t V, int64_t K,
+                                                    int64_t nb0, int64_t nb1, int64_t v0, int64_t v1) {
   const int64_t ldp = V * K;
   const int64_t chunk = std::max<int64_t>(2, (32 * 1024 / 4) / (M * K));  // 32 KB of P per chunk
-  for (int64_t v0 = 0; v0 < V; v0 += chunk) {
-    const int64_t v1 = std::min(V, v0 + chunk);
+  for (int64_t c0 = v0; c0 < v1; c0 += chunk) {
+    const int64_t c1 = std::min(v1, c0 + chunk);
     for (int64_t nb = nb0; nb < nb1; ++nb) {
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) vq8_chunk512<4>(P + m * ldp, ldp, codes, y + m * N, N, nb, V, K, v0, v1);
+      for (; m + 4 <= M; m += 4) vq8_chunk512<4>(P + m * ldp, ldp, codes, y + m * N, N, nb, V, K, c0, c1);
       switch (M - m) {
-        case 3: vq8_chunk512<3>(P + m * ldp, ldp, codes, y + m * N, N, nb, V, K, v0, v1); break;
-        case 2: vq8_chunk512<2>(P + m * ldp, ldp, codes, y + m * N, N, nb, V, K, v0, v1); break;
-        case 1: vq8_chunk512<1>(P + m * ldp, ldp, codes, y + m * N, N, nb, V, K, v0, v1); break;
+        case 3: vq8_chunk512<3>(P + m * ldp, ldp, codes, y + m * N, N, nb, V, K, c0, c1); break;
+        case 2: vq8_chunk512<2>(P + m * ldp, ldp, codes, y + m * N, N, nb, V, K, c0, c1); break;
+        case 1: vq8_chunk512<1>(P + m * ldp, ldp, codes, y + m * N, N, nb, V, K, c0, c1); break;
         default: break;
       }
     }
-  }
-  for (int64_t nb = nb0; nb < nb1; ++nb) {
-    const __m512 s = _mm512_loadu_ps(scale + nb * 16);
-    for (int64_t m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + nb * 16, _mm512_mul_ps(_mm512_loadu_ps(y + m * N + nb * 16), s));
   }
 }
 
@@ -303,26 +282,27 @@ void vq_direct_rows512(const float* x, const uint8_t* codes, const float* Tt, co
     });
 }
 
-void vq8_rows(const float* P, const uint8_t* codes, const float* scale, float* y, int64_t M, int64_t N, int64_t V, int64_t K, int64_t nb0,
-              int64_t nb1) {
+void vq8_rows(const float* P, const uint8_t* codes, float* y, int64_t M, int64_t N, int64_t V, int64_t K, int64_t nb0, int64_t nb1, int64_t v0,
+              int64_t v1) {
   for (int64_t nb = nb0; nb < nb1; ++nb)
     for (int64_t m = 0; m < M; ++m) {
       float acc[16] = {0.f};
-      for (int64_t v = 0; v < V; ++v) {
+      for (int64_t v = v0; v < v1; ++v) {
         const uint8_t* c = codes + (nb * V + v) * 16;
         const float* p = P + (m * V + v) * K;
         for (int j = 0; j < 16; ++j) acc[j] += p[c[j]];
       }
-      for (int j = 0; j < 16; ++j) y[m * N + nb * 16 + j] = acc[j] * scale[nb * 16 + j];
+      for (int j = 0; j < 16; ++j) y[m * N + nb * 16 + j] += acc[j];
     }
 }
 
-// P [M, V, K] from x [M, V d] and Tt [G, d, K] (K a multiple of 16).
-__attribute__((target("avx512f"))) void vq8_tables512(const float* x, const float* Tt, float* P, int64_t M, int64_t V, int64_t d, int64_t G,
-                                                      int64_t K) {
+// P[m, v] for the vectors [v0, v1) (P laid out [M, V, K]) from x [M, V d] and the tables
+// transposed to Tt [G, d, K] (V / G vectors per group; K a multiple of 16).
+__attribute__((target("avx512f"))) void vq_tables512(const float* x, const float* Tt, float* P, int64_t M, int64_t V, int64_t d, int64_t G,
+                                                     int64_t K, int64_t v0, int64_t v1) {
   const int64_t per = V / G;
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t v = 0; v < V; ++v) {
+    for (int64_t v = v0; v < v1; ++v) {
       const float* t = Tt + (v / per) * d * K;
       const float* xv = x + m * V * d + v * d;
       float* p = P + (m * V + v) * K;
@@ -334,10 +314,10 @@ __attribute__((target("avx512f"))) void vq8_tables512(const float* x, const floa
     }
 }
 
-void vq8_tables(const float* x, const float* Tt, float* P, int64_t M, int64_t V, int64_t d, int64_t G, int64_t K) {
+void vq_tables(const float* x, const float* Tt, float* P, int64_t M, int64_t V, int64_t d, int64_t G, int64_t K, int64_t v0, int64_t v1) {
   const int64_t per = V / G;
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t v = 0; v < V; ++v)
+    for (int64_t v = v0; v < v1; ++v)
       for (int64_t k = 0; k < K; ++k) {
         float acc = 0.f;
         for (int64_t j = 0; j < d; ++j) acc += x[m * V * d + v * d + j] * Tt[((v / per) * d + j) * K + k];
@@ -413,19 +393,47 @@ at::Tensor vq_blocks(const VQCall& c, const at::Tensor& x, Rows rows) {
   return y;
 }
 
-// The activation tables P [RG, M, V, K] (+ ``slack`` floats), each row group from its own tables,
-// then ``rows(P of the row group, y, nb0, nb1)`` (vq_blocks).
-template <class Tables, class Rows>
-at::Tensor vq_drive(const VQCall& c, const at::Tensor& x, const at::Tensor& tables, int64_t slack, Tables make_tables, Rows rows) {
-  // P lives in a buffer of the calling thread, kept between calls: a fresh allocation per call
-  // (147 KB at batch 8) came back cold or freshly mapped on every layer of a decode step
-  static thread_local std::vector<float> buf;
-  const size_t need = static_cast<size_t>(c.RG * c.M * c.V * c.K + slack);
-  if (buf.size() < need) buf.resize(need);
-  float* P = buf.data();
-  for (int64_t r = 0; r < c.RG; ++r) make_tables(tables.data_ptr<float>() + r * c.GC * c.d * c.K, P + r * c.M * c.V * c.K);
-  const float* pp = P;
-  return vq_blocks(c, x, [&](int64_t r, float* yp, int64_t nb0, int64_t nb1) { rows(pp + r * c.M * c.V * c.K, yp, nb0, nb1); });
+// The activation-tables path. The vectors are split into one part per thread; each thread builds
+// P[m, v] = x[m, vector v] . T[g(v), :] for its part in its own buffer (kept between calls: a
+// fresh allocation per call came back cold or freshly mapped on every layer of a decode step),
+// adds its part's sums over every block of rows into its own partial y, and the parts are added
+// and scaled at the end. Built by one thread and read by all (split over the rows instead), P
+// crossed between the cores' caches on every call: 2.3x slower at batch 1 on 384-vector rows
+// with 256 codewords, where P is 384 KB. ``rows(P, y, nb0, nb1, v0, v1)`` runs one row group.
+template <class Rows>
+at::Tensor vq_drive(const VQCall& c, const at::Tensor& x, const at::Tensor& tables, const at::Tensor& scale, int64_t slack, Rows rows) {
+  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), c.V / 16));
+  const int64_t per = c.NB / c.RG, plane = c.M * c.V * c.K, MN = c.M * c.N;
+  at::Tensor part = at::zeros({T, c.M, c.N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* tp = tables.data_ptr<float>();
+  float* pp = part.data_ptr<float>();
+  at::parallel_for(0, T, 1, [&](int64_t p0, int64_t p1) {
+    static thread_local std::vector<float> buf;
+    const size_t need = static_cast<size_t>(c.RG * plane + slack);
+    if (buf.size() < need) buf.resize(need);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t v0 = c.V * p / T, v1 = c.V * (p + 1) / T;
+      for (int64_t r = 0; r < c.RG; ++r) {
+        float* P = buf.data() + r * plane;
+        const float* tr = tp + r * c.GC * c.d * c.K;
+        if (c.wide)
+          vq_tables512(xp, tr, P, c.M, c.V, c.d, c.GC, c.K, v0, v1);
+        else
+          vq_tables(xp, tr, P, c.M, c.V, c.d, c.GC, c.K, v0, v1);
+        rows(P, pp + p * MN, r * per, (r + 1) * per, v0, v1);
+      }
+    }
+  });
+  at::Tensor y = at::empty({c.M, c.N}, x.options());
+  float* yp = y.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  for (int64_t i = 0; i < MN; ++i) yp[i] = pp[i];
+  for (int64_t p = 1; p < T; ++p)
+    for (int64_t i = 0; i < MN; ++i) yp[i] += pp[p * MN + i];
+  for (int64_t m = 0; m < c.M; ++m)
+    for (int64_t n = 0; n < c.N; ++n) yp[m * c.N + n] *= sp[n];
+  return y;
 }
 
 // The direct paths (each row group reads its own tables: [G, d, K], or [G, K, d] for kQuad).
@@ -459,23 +467,13 @@ at::Tensor vq16_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   const VQCall c = vq_check(x, codes, tables, scale, row_groups, avx512, 8);
   TORCH_CHECK(c.K == 16, "tables must be contiguous float32 [G, d, 16]");
   if (c.wide && c.M >= kDirect16) return vq_direct(c, x, codes, tables, scale, kNibbles);
-  const float* xp = x.data_ptr<float>();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const float* sp = scale.data_ptr<float>();
-  return vq_drive(
-      c, x, tables, 0,
-      [&](const float* tr, float* pr) {
-        if (c.wide)
-          vq16_tables512(xp, tr, pr, c.M, c.V, c.d, c.GC);
-        else
-          vq16_tables(xp, tr, pr, c.M, c.V, c.d, c.GC);
-      },
-      [&](const float* pr, float* yp, int64_t nb0, int64_t nb1) {
-        if (c.wide)
-          vq16_rows512(pr, cp, sp, yp, c.M, c.N, c.V, nb0, nb1);
-        else
-          vq16_rows(pr, cp, sp, yp, c.M, c.N, c.V, nb0, nb1);
-      });
+  return vq_drive(c, x, tables, scale, 0, [&](const float* P, float* yp, int64_t nb0, int64_t nb1, int64_t v0, int64_t v1) {
+    if (c.wide)
+      vq16_rows512(P, cp, yp, c.M, c.N, c.V, nb0, nb1, v0, v1);
+    else
+      vq16_rows(P, cp, yp, c.M, c.N, c.V, nb0, nb1, v0, v1);
+  });
 }
 
 // As vq16_mm for 32..256 codewords (K a multiple of 16): codes uint8 [N / 16, V, 16] ("vq8-r16",
@@ -488,29 +486,19 @@ at::Tensor vq8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
   // gather (the tree's 16 loads and 15 shuffles per vector lose to it at 256)
   const bool tree = c.K <= 64;
   if (c.wide && c.M >= (tree ? kDirectTree : kDirectGather)) return vq_direct(c, x, codes, tables, scale, kGather);
-  const float* xp = x.data_ptr<float>();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const float* sp = scale.data_ptr<float>();
   // codes are bytes: 256 floats of slack after P keep a code >= K (refused where the codes are
   // packed, not re-checked per call) inside the buffer
-  return vq_drive(
-      c, x, tables, 256,
-      [&](const float* tr, float* pr) {
-        if (c.wide)
-          vq8_tables512(xp, tr, pr, c.M, c.V, c.d, c.GC, c.K);
-        else
-          vq8_tables(xp, tr, pr, c.M, c.V, c.d, c.GC, c.K);
-      },
-      [&](const float* pr, float* yp, int64_t nb0, int64_t nb1) {
-        if (c.wide && tree && c.K == 32)
-          vq8_tree_rows512<2>(pr, cp, sp, yp, c.M, c.N, c.V, nb0, nb1);
-        else if (c.wide && tree && c.K == 64)
-          vq8_tree_rows512<4>(pr, cp, sp, yp, c.M, c.N, c.V, nb0, nb1);
-        else if (c.wide)
-          vq8_rows512(pr, cp, sp, yp, c.M, c.N, c.V, c.K, nb0, nb1);
-        else
-          vq8_rows(pr, cp, sp, yp, c.M, c.N, c.V, c.K, nb0, nb1);
-      });
+  return vq_drive(c, x, tables, scale, 256, [&](const float* P, float* yp, int64_t nb0, int64_t nb1, int64_t v0, int64_t v1) {
+    if (c.wide && tree && c.K == 32)
+      vq8_tree_rows512<2>(P, cp, yp, c.M, c.N, c.V, nb0, nb1, v0, v1);
+    else if (c.wide && tree && c.K == 64)
+      vq8_tree_rows512<4>(P, cp, yp, c.M, c.N, c.V, nb0, nb1, v0, v1);
+    else if (c.wide)
+      vq8_rows512(P, cp, yp, c.M, c.N, c.V, c.K, nb0, nb1, v0, v1);
+    else
+      vq8_rows(P, cp, yp, c.M, c.N, c.V, c.K, nb0, nb1, v0, v1);
+  });
 }
 
 // The dense weight of either code layout (prefill: one GEMM after it): codes "vq16-r16" uint8
