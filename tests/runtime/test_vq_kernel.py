@@ -69,6 +69,7 @@ def test_kernel_equals_lookup_then_multiply(ext, R, C, dim, groups, row_groups, 
             VQLinear(codes, table[:groups].repeat(row_groups, 1, 1), scale=scale, row_groups=row_groups).dequantized_weight(),
         )
     assert mod.quad == (K != 16 and dim % 4 == 0 and avx512 == 1)
+    assert mod.small_m == (8 if K != 16 and not mod.quad else 32)
     old = ext.vq_direct_from()
     try:  # the activation tables, then the direct path (one weight lookup shared by the rows), at every batch
         for direct_from in (10**6, 1):

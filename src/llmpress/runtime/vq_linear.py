@@ -107,7 +107,8 @@ def unpack_vq8(packed: torch.Tensor) -> torch.Tensor:
 
 class LowbitVQLinear(_Lowbit):
     """A ``vq`` layer served by llmpress's CPU kernels (``csrc/vq_cpu.cpp``), no dense weight
-    formed for up to ``small_m`` (32) activation rows. A few rows are multiplied through
+    formed for up to ``small_m`` activation rows (32; 8 for the 32..256-codeword layouts the
+    quad loads do not take). A few rows are multiplied through
     lookup tables of the activations, P[m, v, k] = x[m, vector v] . T[g(v), k], then
     y[m, n] = s[n] sum_v P[m, v, code[n, v]]: 16 codewords ``vq16_mm`` (codes 4 bits per
     vector, 16 rows per register lookup), 32..256 codewords ``vq8_mm`` (one byte per code,
@@ -118,7 +119,7 @@ class LowbitVQLinear(_Lowbit):
     float32 summation order."""
 
     kernel = "lowbit-vq16"
-    small_m = 32  # the kernels up to 32 activation rows: ~1.3-3x dequantize + GEMM from 8 to 32 (runs/kbench)
+    small_m = 32  # the kernels up to 32 activation rows (16 codewords, 4-d quad loads): 1.3-3x dequantize + GEMM from 8 to 32
 
     def __init__(
         self,
@@ -147,6 +148,8 @@ class LowbitVQLinear(_Lowbit):
 
             ext = kernels()
             self.quad = d % 4 == 0 and self.avx512 != 0 and ext is not None and bool(ext.vq16_avx512())
+            if not self.quad:  # a register tree or a gather per lookup: dequantize + GEMM wins from ~16 rows
+                self.small_m = 8
         self.register_buffer("packed", pack_vq8(codes, K) if self.wide else pack_vq16(codes), persistent=False)
         self.register_buffer("table", table.float().contiguous(), persistent=False)  # [G, K, d]
         self.register_buffer("table_t", self.table.transpose(1, 2).contiguous(), persistent=False)  # [G, d, K]: the kernel's
