@@ -55,3 +55,20 @@ def test_extra_keys_kept_across_saves(tmp_path):
     out.write_text(json.dumps(data))
     b.add_row("rtn", {"wiki": 12.0}, 4.25, 1.0, 2.0)
     assert json.loads(out.read_text())["decode"] == {"tok_s": 5}
+
+
+def test_a_json_without_table_settings_keeps_its_sections(tmp_path):
+    """A file holding only another section (lowrank.py --serve writes one) is not resumed, but
+    the first table row keeps that section; a file of other settings loses its sections."""
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps({"serve": {"tok_s": 7}}))
+    b = _bench(out)
+    assert not b._resume()
+    b.fp, b.fp_ppl = {"wiki": 10.0}, 10.0
+    b.add_row("full precision", dict(b.fp), 32.0, 1.0, 0.0)
+    saved = json.loads(out.read_text())
+    assert saved["serve"] == {"tok_s": 7} and [r["method"] for r in saved["rows"]] == ["full precision"]
+    other = _bench(out, {**SETTINGS, "eval_windows": 64})
+    other.fp, other.fp_ppl = {"wiki": 11.0}, 11.0
+    other.add_row("full precision", dict(other.fp), 32.0, 1.0, 0.0)
+    assert "serve" not in json.loads(out.read_text())
