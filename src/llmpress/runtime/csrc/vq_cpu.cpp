@@ -398,7 +398,7 @@ at::Tensor vq_blocks(const VQCall& c, const at::Tensor& x, Rows rows) {
 // fresh allocation per call came back cold or freshly mapped on every layer of a decode step),
 // adds its part's sums over every block of rows into its own partial y, and the parts are added
 // and scaled at the end. Built by one thread and read by all (split over the rows instead), P
-// crossed between the cores' caches on every call: 2.3x slower at batch 1 on 384-vector rows
+// crossed between the cores' caches on every call: 1.7x slower at batch 1 on 384-vector rows
 // with 256 codewords, where P is 384 KB. ``rows(P, y, nb0, nb1, v0, v1)`` runs one row group.
 template <class Rows>
 at::Tensor vq_drive(const VQCall& c, const at::Tensor& x, const at::Tensor& tables, const at::Tensor& scale, int64_t slack, Rows rows) {
