@@ -49,23 +49,33 @@ def factor_stages(method: str, ratio: float, **extra) -> list:
 
 
 def plot(rows: list[dict], fp: float, path: Path, model: str) -> None:
+    """Perplexity (first text) against the kept parameter ratio: every linear factored per method and
+    rank choice (left); q/k/v only, QSVD's joint factorization against each separately (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    qkv = [r for r in rows if r.get("ranks") == "qkv"]
+    fig, axes = plt.subplots(1, 2 if qkv else 1, figsize=(11 if qkv else 6, 4), squeeze=False)
+    ax = axes[0][0]
     for m in METHODS:
-        for ranks, ls in (("uniform", "-"), ("allocated", "--")):
+        for ranks, ls in (("uniform", "-"), ("allocated", "--"), ("sweep", ":")):
             pts = sorted((r["param_ratio"], r["ppl"]) for r in rows if r.get("lowrank") == m and r.get("ranks") == ranks)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls=ls, label=f"{m} ({ranks})")
-    ax.axhline(fp, color="gray", ls="--", label="fp32")
-    ax.set_xlabel("parameters of the targeted linears (fraction kept)")
-    ax.set_ylabel("perplexity (wiki, log scale)")
-    ax.set_yscale("log")
-    ax.set_title(f"low rank on {model}")
-    ax.legend()
+    ax.set_title(f"every linear but lm_head, {model}")
+    if qkv:
+        for m, label in (("qsvd", "qsvd (joint q/k/v, latent cache)"), ("svd_llm", "svd_llm of q, k, v separately")):
+            pts = sorted((r["param_ratio"], r["ppl"]) for r in qkv if r.get("lowrank") == m)
+            axes[0][1].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        axes[0][1].set_title(f"q/k/v projections only, {model}")
+    for a in axes[0]:
+        a.axhline(fp, color="gray", ls="--", label="fp32")
+        a.set_xlabel("parameters of the targeted linears (fraction kept)")
+        a.set_ylabel("perplexity (wiki, log scale)")
+        a.set_yscale("log")
+        a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -172,10 +182,14 @@ def main() -> None:
     ap.add_argument("--eval", default=EVAL_SOURCES)
     ap.add_argument("--fp-ppl", type=float)
     ap.add_argument("--no-alloc", action="store_true", help="uniform ranks only (no lowrank_alloc rows)")
+    ap.add_argument("--alloc-ratios", type=float, nargs="*", help="ratios with allocated-rank rows (default: every ratio)")
     ap.add_argument("--no-sweep", action="store_true", help="no sensitivity-sweep rows")
+    ap.add_argument("--sweep-windows", type=int, help="windows of the sweep's loss (default: lowrank_sweep's)")
+    ap.add_argument("--sweep-ratios", type=float, nargs="+", help="candidate per-layer ratios of the sweep (default: lowrank_sweep's)")
     ap.add_argument("--qsvd-ratios", type=float, nargs="*", default=[0.8, 0.53],
                     help="QSVD on q/k/v against separate svd_llm of q/k/v at these ratios (none: skip)")  # fmt: skip
     ap.add_argument("--context", type=int, default=2048, help="prompt tokens of the decode measurement")
+    ap.add_argument("--decode-only", action="store_true", help="only the QSVD decode measurement, at the last --qsvd-ratios")
     ap.add_argument("--no-lrq", action="store_true", help="skip low rank + W4 factors against GPTQ W3 at about the same bytes")
     ap.add_argument("--out", default=None)
     ap.add_argument(
@@ -192,15 +206,21 @@ def main() -> None:
         out.write_text(json.dumps(data, indent=2, default=str))
         return
     b = Bench(a.model, eval_windows=a.windows, calib_samples=a.calib, fp_ppl=a.fp_ppl, eval_sources=a.eval, out=str(out))
+    if a.decode_only:
+        data = json.loads(out.read_text())
+        data["decode"] = decode_speed(b, a.qsvd_ratios[-1], a.context)
+        out.write_text(json.dumps(data, indent=2, default=str))
+        return
+    sweep_args = {k: v for k, v in (("windows", a.sweep_windows), ("ratios", a.sweep_ratios)) if v}
     for ratio in a.ratios:
         for m in a.methods:
             sts = factor_stages(m, ratio)
             b.run(f"{m} ratio {ratio}", sts, lowrank=m, param_ratio=ratio, ranks="uniform")
-            if not a.no_alloc:
+            if not a.no_alloc and (a.alloc_ratios is None or ratio in a.alloc_ratios):
                 alloc = stage("lowrank_alloc", targets=["Linear"], ignore=["lm_head"], ratio=ratio)
                 b.run(f"{m} ratio {ratio}, allocated ranks", [alloc, *sts], lowrank=m, param_ratio=ratio, ranks="allocated")
                 if m == "svd_llm" and not a.no_sweep:  # ASVD's measured per-layer sensitivity sweep, the allocation to compare with
-                    sweep = stage("lowrank_sweep", targets=["Linear"], ignore=["lm_head"], ratio=ratio)
+                    sweep = stage("lowrank_sweep", targets=["Linear"], ignore=["lm_head"], ratio=ratio, **sweep_args)
                     b.run(f"{m} ratio {ratio}, ranks by sensitivity sweep", [sweep, *sts], lowrank=m, param_ratio=ratio, ranks="sweep")
     qkv = ["re:.*self_attn\\.(q|k|v)_proj$"]
     decode = {}
