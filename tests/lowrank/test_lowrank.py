@@ -511,3 +511,19 @@ def test_importance_weighted_methods_compress_and_serve(tmp_path, second):
     back, _ = load_compressed(str(tmp_path / "c"))
     assert isinstance(back.model.layers[0].mlp.down_proj, LowRankLinear)
     assert torch.allclose(logits(back, ids[:2]), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_sweep_replay_of_earlier_blocks_gives_the_full_recomputation():
+    """The sweep skips the blocks before the truncated layer's (their recorded outputs replay):
+    the loss increases equal recomputing the whole model, over several batches."""
+    from llmpress.lowrank.sweep import LowRankSweep, sensitivities
+
+    model = tiny_llama()
+    data = random_windows(6, 16)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.o_proj"]
+    cfg = LowRankSweep(ratio=0.6, ratios=(0.3, 0.6), windows=5, batch_size=2)
+    fast = sensitivities(model, names, data, cfg)
+    slow = sensitivities(model, names, data, cfg, replay=False)
+    assert all(abs(fast[n][r] - slow[n][r]) < 1e-6 * max(1.0, abs(slow[n][r])) for n in names for r in cfg.ratios)
+    assert all(abs(slow[n][0.3]) > 1e-4 for n in names[1:])  # block 1 replays block 0: a wrong batch would move these
+    assert not any("forward" in vars(b) for b in model.model.layers)  # the blocks are restored

@@ -10,8 +10,9 @@ layer taking the smallest ratio whose increase stays under it spends at most the
 takes the largest. The ranks travel to the factor stage after it as per-linear settings (``rank``),
 like ``lowrank_alloc``'s.
 
-Cost: one loss evaluation per (layer, ratio) pair: 210 linears x 5 ratios = 1050 forward passes of
-``windows`` windows on SmolLM2-135M. The truncations are plain SVD (no data), the factor stage
+Cost: one loss evaluation per (layer, ratio) pair: 210 linears x 4 ratios = 840 forward passes of
+``windows`` windows on SmolLM2-135M, each starting at the truncated layer's block (the blocks
+before it replay their recorded outputs), so on average about half the blocks run. The truncations are plain SVD (no data), the factor stage
 afterwards may be any low-rank method.
 """
 
@@ -24,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import progress
-from ..arch import get_module
+from ..arch import blocks, get_module
 from ..errors import RecipeError
 from ..registry import ModelStageOutput, register
 from .core import rank_for_ratio, stage_linears
@@ -47,10 +48,12 @@ class LowRankSweep:
 
 
 @torch.no_grad()
-def _loss(model: nn.Module, data: torch.Tensor, cfg: LowRankSweep) -> float:
+def _loss(model: nn.Module, data: torch.Tensor, cfg: LowRankSweep, at_batch=None) -> float:
     dev = next(model.parameters()).device
     total, count = 0.0, 0
-    for i in range(0, min(cfg.windows, data.shape[0]), cfg.batch_size):
+    for b, i in enumerate(range(0, min(cfg.windows, data.shape[0]), cfg.batch_size)):
+        if at_batch is not None:
+            at_batch(b)
         ids = data[i : min(i + cfg.batch_size, cfg.windows)].to(dev)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
@@ -58,9 +61,46 @@ def _loss(model: nn.Module, data: torch.Tensor, cfg: LowRankSweep) -> float:
     return total / count
 
 
-def sensitivities(model: nn.Module, names: list[str], data: torch.Tensor, cfg: LowRankSweep) -> dict[str, dict[float, float]]:
-    """Loss increase of each layer truncated alone at each ratio."""
-    base = _loss(model, data, cfg)
+class _Replay:
+    """Skips the decoder blocks before the perturbed one: the unperturbed pass records every
+    block's output per batch; while a linear of block ``l`` is truncated, blocks ``0..l-1`` return
+    their recorded outputs without computing (their inputs are unchanged, so the outputs are the
+    same tensors), and only blocks ``l..L-1`` and the head run. Holds ``windows x seqlen x hidden``
+    numbers per block."""
+
+    def __init__(self, model: nn.Module):
+        self.blocks = list(blocks(model))
+        self.outs: list[list] = [[] for _ in self.blocks]
+        self.batch = 0
+
+    def record(self, model: nn.Module, data: torch.Tensor, cfg: LowRankSweep) -> float:
+        hooks = [blk.register_forward_hook(lambda mod, args, out, j=j: self.outs[j].append(out)) for j, blk in enumerate(self.blocks)]
+        try:
+            return _loss(model, data, cfg)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def block_of(self, model: nn.Module, names: list[str]) -> dict[str, int]:
+        where = {id(m): j for j, blk in enumerate(self.blocks) for m in blk.modules()}
+        return {n: where.get(id(get_module(model, n)), 0) for n in names}
+
+    def loss(self, model: nn.Module, data: torch.Tensor, cfg: LowRankSweep, first: int) -> float:
+        for j in range(first):
+            self.blocks[j].forward = lambda *a, j=j, **k: self.outs[j][self.batch]
+        try:
+            return _loss(model, data, cfg, at_batch=lambda b: setattr(self, "batch", b))
+        finally:
+            for j in range(first):
+                del self.blocks[j].forward
+
+
+def sensitivities(model: nn.Module, names: list[str], data: torch.Tensor, cfg: LowRankSweep, replay: bool = True) -> dict[str, dict[float, float]]:
+    """Loss increase of each layer truncated alone at each ratio (``replay``: the blocks before
+    the layer's own are not recomputed, see ``_Replay``; False recomputes the whole model)."""
+    rp = _Replay(model)
+    base = rp.record(model, data, cfg) if replay else _loss(model, data, cfg)
+    first = rp.block_of(model, names) if replay else dict.fromkeys(names, 0)
     out: dict[str, dict[float, float]] = {}
     with progress.bar(len(names) * len(cfg.ratios), "lowrank_sweep", "eval") as bar:
         for n in names:
@@ -72,7 +112,7 @@ def sensitivities(model: nn.Module, names: list[str], data: torch.Tensor, cfg: L
             for ratio in cfg.ratios:
                 r = rank_for_ratio(m, k, ratio, n)
                 lin.weight.data.copy_(((U[:, :r] * S[:r]) @ Vh[:r]).to(w0.dtype))  # the rank-r truncation (one SVD per layer)
-                out[n][ratio] = _loss(model, data, cfg) - base
+                out[n][ratio] = rp.loss(model, data, cfg, first[n]) - base
                 bar.update(1, f"{n} {ratio}")
             lin.weight.data.copy_(w0)
     return out
