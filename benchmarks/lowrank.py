@@ -56,7 +56,7 @@ def plot(rows: list[dict], fp: float, path: Path, model: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    qkv = [r for r in rows if r.get("ranks") == "qkv"]
+    qkv = [r for r in rows if str(r.get("ranks")).startswith("qkv")]
     fig, axes = plt.subplots(1, 2 if qkv else 1, figsize=(11 if qkv else 6, 4), squeeze=False)
     ax = axes[0][0]
     for m in METHODS:
@@ -66,9 +66,11 @@ def plot(rows: list[dict], fp: float, path: Path, model: str) -> None:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls=ls, label=f"{m} ({ranks})")
     ax.set_title(f"every linear but lm_head, {model}")
     if qkv:
-        for m, label in (("qsvd", "qsvd (joint q/k/v, latent cache)"), ("svd_llm", "svd_llm of q, k, v separately")):
-            pts = sorted((r["param_ratio"], r["ppl"]) for r in qkv if r.get("lowrank") == m)
-            axes[0][1].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        for m, ranks, label in (("qsvd", "qkv", "qsvd (joint q/k/v, latent cache)"), ("qsvd", "qkv-allocated", "qsvd, ranks allocated"),
+                                ("svd_llm", "qkv", "svd_llm of q, k, v separately")):  # fmt: skip
+            pts = sorted((r["param_ratio"], r["ppl"]) for r in qkv if r.get("lowrank") == m and r["ranks"] == ranks)
+            if pts:
+                axes[0][1].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls="--" if "alloc" in ranks else "-", label=label)
         axes[0][1].set_title(f"q/k/v projections only, {model}")
     for a in axes[0]:
         a.axhline(fp, color="gray", ls="--", label="fp32")
@@ -188,6 +190,9 @@ def main() -> None:
     ap.add_argument("--sweep-ratios", type=float, nargs="+", help="candidate per-layer ratios of the sweep (default: lowrank_sweep's)")
     ap.add_argument("--qsvd-ratios", type=float, nargs="*", default=[0.8, 0.53],
                     help="QSVD on q/k/v against separate svd_llm of q/k/v at these ratios (none: skip)")  # fmt: skip
+    ap.add_argument(
+        "--qsvd-alloc", type=float, nargs="*", help="of --qsvd-ratios, those with a QSVD row of allocated ranks (lowrank_alloc joint: qkv)"
+    )
     ap.add_argument("--context", type=int, default=2048, help="prompt tokens of the decode measurement")
     ap.add_argument("--decode-only", action="store_true", help="only the QSVD decode measurement, at the last --qsvd-ratios")
     ap.add_argument("--no-lrq", action="store_true", help="skip low rank + W4 factors against GPTQ W3 at about the same bytes")
@@ -231,6 +236,10 @@ def main() -> None:
             if m == "qsvd":
                 row["cache"] = cache_per_token(b.model.config, ratio)
                 print(f"  KV cache numbers per token and layer: {row['cache']}", flush=True)
+        if ratio in (a.qsvd_alloc or ()):  # QSVD's own allocation: one rank per block's stacked q/k/v, by importance
+            alloc = stage("lowrank_alloc", targets=qkv, ratio=ratio, joint="qkv")
+            b.run(f"qsvd of q/k/v ratio {ratio}, ranks allocated across blocks", [alloc, stage("qsvd", targets=qkv)],
+                  lowrank="qsvd", param_ratio=ratio, ranks="qkv-allocated")  # fmt: skip
     if not a.no_lrq:  # the same bytes two ways: W4 g64 factors holding 3.25/4.25 of the parameters, or GPTQ W3 g64
         w4 = QuantArgs(bits=4, symmetric=True, granularity="group", group_size=64, full_range=True)
         for solver in ("rtn", "gptq"):

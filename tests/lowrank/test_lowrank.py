@@ -527,3 +527,39 @@ def test_sweep_replay_of_earlier_blocks_gives_the_full_recomputation():
     assert all(abs(fast[n][r] - slow[n][r]) < 1e-6 * max(1.0, abs(slow[n][r])) for n in names for r in cfg.ratios)
     assert all(abs(slow[n][0.3]) > 1e-4 for n in names[1:])  # block 1 replays block 0: a wrong batch would move these
     assert not any("forward" in vars(b) for b in model.model.layers)  # the blocks are restored
+
+
+QKV = ["re:.*self_attn\\.(q|k|v)_proj$"]
+
+
+def test_joint_allocation_gives_qsvd_one_rank_per_block_within_the_budget():
+    """lowrank_alloc with joint: qkv scores the singular values of each block's stacked q/k/v
+    and gives the three one rank, which qsvd keeps; the budget counts r (d_q + 2 d_kv + E)."""
+    model = tiny_llama(layers=3)
+    recipe = [stage("lowrank_alloc", targets=QKV, ratio=0.5, joint="qkv", windows=2), stage("qsvd", targets=QKV)]
+    rep = compress(model, recipe, data=random_windows(4, 16), engine=QUIET)
+    (summary,) = rep.result.stages.values()
+    recs = rep.result.records
+    per_block = {}
+    for i in range(3):
+        ranks = {summary["ranks"][f"model.layers.{i}.self_attn.{p}_proj"] for p in "qkv"}
+        (r,) = ranks  # one rank for the three
+        assert all(recs[f"model.layers.{i}.self_attn.{p}_proj"].notes["joint_rank"] == r for p in "qkv")
+        per_block[i] = r
+    m, n = 64 + 2 * 32, 64  # stacked q/k/v of the tiny model: 4 heads of 16, 2 key/value heads
+    assert sum(r * (m + n) for r in per_block.values()) <= 0.5 * 3 * m * n
+    assert sum(r * (m + n) for r in per_block.values()) > 0.5 * 3 * m * n - (m + n)  # spent to within one value
+    assert summary["spent_ratio"] == pytest.approx(sum(r * (m + n) for r in per_block.values()) / (3 * m * n), abs=1e-6)
+
+
+def test_qsvd_refuses_per_linear_ranks_and_joint_refuses_other_linears():
+    data = random_windows(4, 16)
+    with pytest.raises(LlmpressError, match="joint: qkv"):  # separate allocation gives q (64x64) and k (32x64) different ranks
+        compress(tiny_llama(), [stage("lowrank_alloc", targets=QKV, ratio=0.5, windows=2), stage("qsvd", targets=QKV)], data=data, engine=QUIET)
+    with pytest.raises(LlmpressError, match="q/k/v projections only"):
+        compress(tiny_llama(), [stage("lowrank_alloc", targets=["Linear"], ignore=["lm_head"], ratio=0.5, joint="qkv"), stage("qsvd", targets=QKV)],
+                 data=data, engine=QUIET)  # fmt: skip
+    with pytest.raises(LlmpressError, match="needs q, k and v"):
+        compress(tiny_llama(), [stage("lowrank_alloc", targets=["re:.*self_attn\\.(q|k)_proj$"], ratio=0.5, joint="qkv")], data=data, engine=QUIET)
+    with pytest.raises(LlmpressError, match="expected qkv"):
+        stage("lowrank_alloc", targets=QKV, joint="mlp")

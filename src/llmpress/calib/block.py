@@ -172,6 +172,8 @@ class BlockContext:
     # local name -> grid (QuantArgs) of each target, when stages that differ only in their
     # grid run as one call (a method registered with ``joint_grids``); None: the config's own
     grids: dict[str, Any] | None = None
+    # local name -> what model-scope stages left for that linear (lowrank_alloc's "rank")
+    settings: dict[str, dict] = field(default_factory=dict)
     _first: list = field(default_factory=list, repr=False)  # the global first batches gathered here (several ranks)
 
     def grid(self, loc: str, default):

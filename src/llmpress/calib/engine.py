@@ -173,7 +173,8 @@ def _run_sequential(
         if opts.blocks is not None:
             opts.blocks.load(i, block, prefix)
         ctx = BlockContext(index=i, prefix=prefix, block=block, spec=spec, inputs=inputs, call_args=call_args[i], targets={}, records=state.records,
-                           group=state.group, total_batches=len(batches), batch_windows=batch_size)  # fmt: skip
+                           group=state.group, total_batches=len(batches), batch_windows=batch_size,
+                           settings={n[len(prefix) + 1 :]: v for n, v in state.settings.items() if n.startswith(prefix + ".")})  # fmt: skip
         if fp is not None:
             ctx.fp_inputs, ctx.fp_outputs = fp.inputs, fp.step(block, call_args[i])
         _run_block_stages(state, block_stages, ctx)

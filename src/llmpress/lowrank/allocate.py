@@ -13,6 +13,11 @@ they fit, and a layer's rank is how many of its values were taken (the factor st
 many: its own ratio is then ignored). No layer gets a rank that saves nothing or a rank of 0,
 so the budget is spent to within one layer's m + n. The ranks travel to the factor stages as
 per-linear settings (``rank``) and the report keeps them under ``stages``.
+
+``joint: qkv`` allocates for QSVD (the seeds' QSVD rank allocation): each block's q, k and v
+are one unit, the stacked ``[W_q; W_k; W_v]`` whose singular values QSVD keeps; its gradient is
+the stacked gradients, a value costs ``d_q + 2 d_kv + E`` parameters, and q, k and v all get the
+unit's rank (which ``qsvd`` reads as its joint rank).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class LowRankAlloc:
     windows: int = 16  # calibration windows for the gradients
     batch_size: int = 2
     score: str = "taylor"  # "taylor": s_i * sum |dL/ds_i|; "grad": sum |dL/ds_i|
+    joint: str | None = None  # "qkv": each block's stacked q/k/v is one unit (for qsvd)
 
     def __post_init__(self):
         if not 0 < self.ratio < 1:
@@ -42,17 +48,43 @@ class LowRankAlloc:
             raise RecipeError("lowrank_alloc windows and batch_size must be at least 1")
         if self.score not in ("taylor", "grad"):
             raise RecipeError(f"lowrank_alloc score {self.score!r}: expected taylor or grad")
+        if self.joint not in (None, "qkv"):
+            raise RecipeError(f"lowrank_alloc joint {self.joint!r}: expected qkv (or none)")
 
 
-def singular_value_grads(model: nn.Module, names: list[str], data: torch.Tensor, cfg: LowRankAlloc) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(singular values, sum over batches of |dL/ds_i|) of each named linear's weight."""
-    svds = {n: torch.linalg.svd(get_module(model, n).weight.detach().double(), full_matrices=False) for n in names}
-    acc = {n: torch.zeros(svds[n][1].shape[0], dtype=torch.float64) for n in names}
+def singular_value_grads(
+    model: nn.Module, units: dict[str, list[str]], data: torch.Tensor, cfg: LowRankAlloc
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(singular values, sum over batches of |dL/ds_i|) of each unit's weight: a unit is one
+    linear, or several stacked along their outputs (QSVD's q/k/v), whose gradient is theirs stacked."""
+
+    def stacked(get):
+        return {u: torch.cat([get(n) for n in names]).double() for u, names in units.items()}
+
+    svds = {u: torch.linalg.svd(w, full_matrices=False) for u, w in stacked(lambda n: get_module(model, n).weight.detach()).items()}
+    acc = {u: torch.zeros(svds[u][1].shape[0], dtype=torch.float64) for u in units}
+    names = [n for ns in units.values() for n in ns]
     for grads in weight_grads(model, names, data, cfg.windows, cfg.batch_size):
-        for n, g in grads.items():
-            U, _, Vh = svds[n]
-            acc[n] += ((U.T @ g.double()) * Vh).sum(1).abs()  # u_i^T G v_i for every i
-    return {n: (svds[n][1], acc[n]) for n in names}
+        for u, g in stacked(grads.__getitem__).items():
+            U, _, Vh = svds[u]
+            acc[u] += ((U.T @ g) * Vh).sum(1).abs()  # u_i^T G v_i for every i
+    return {u: (svds[u][1], acc[u]) for u in units}
+
+
+def qkv_units(shapes: dict[str, tuple[int, int]], spec) -> dict[str, list[str]]:
+    """Each block's [q, k, v] projections as one unit (named by the block), refusing a target list
+    that holds part of a block's three or anything else."""
+    units: dict[str, list[str]] = {}
+    for n in shapes:
+        block, _, local = n[len(spec.blocks) + 1 :].partition(".")
+        if local not in (spec.q, spec.k, spec.v):
+            raise RecipeError(f"lowrank_alloc joint: qkv allocates q/k/v projections only, but {n} is targeted")
+        units.setdefault(f"{spec.blocks}.{block}", []).append(n)
+    for u, names in units.items():
+        if len(names) != 3:
+            raise RecipeError(f"lowrank_alloc joint: qkv needs q, k and v of {u} together; it targets {names}")
+        names.sort(key=lambda n, u=u: (spec.q, spec.k, spec.v).index(n[len(u) + 1 :]))
+    return units
 
 
 def allocate(scores: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], ratio: float) -> dict[str, int]:
@@ -81,13 +113,16 @@ def allocate(scores: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]]
 def lowrank_alloc(model: nn.Module, spec, data, stage) -> ModelStageOutput:
     cfg: LowRankAlloc = stage.config
     shapes = stage_linears(model, spec, stage, data, "lowrank_alloc")
-    found = singular_value_grads(model, list(shapes), data, cfg)
+    units = qkv_units(shapes, spec) if cfg.joint == "qkv" else {n: [n] for n in shapes}
+    unit_shapes = {u: (sum(shapes[n][0] for n in names), shapes[names[0]][1]) for u, names in units.items()}
+    found = singular_value_grads(model, units, data, cfg)
     # importance of each singular value, sorted as the factor stages keep them (largest s first)
-    scores = {n: (s * g if cfg.score == "taylor" else g) for n, (s, g) in found.items()}
-    ranks = allocate(scores, shapes, cfg.ratio)
-    params = {n: r * sum(shapes[n]) for n, r in ranks.items()}
+    scores = {u: (s * g if cfg.score == "taylor" else g) for u, (s, g) in found.items()}
+    unit_ranks = allocate(scores, unit_shapes, cfg.ratio)
+    ranks = {n: unit_ranks[u] for u, names in units.items() for n in names}
+    spent = sum(r * sum(unit_shapes[u]) for u, r in unit_ranks.items())
     total = sum(m * n for m, n in shapes.values())
     return ModelStageOutput(
         per_linear={n: {"rank": r} for n, r in ranks.items()},
-        summary={"ratio": cfg.ratio, "spent_ratio": round(sum(params.values()) / total, 6), "ranks": ranks},
+        summary={"ratio": cfg.ratio, "spent_ratio": round(spent / total, 6), "ranks": ranks, **({"joint": cfg.joint} if cfg.joint else {})},
     )

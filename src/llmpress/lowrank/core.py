@@ -184,15 +184,19 @@ class RankTarget:
         """The rank of the linear of ``ctx``: what a ``lowrank_alloc`` stage before it chose
         (``ctx.settings["rank"]``), else :meth:`rank_of`."""
         m, n = ctx.weight.shape
-        chosen = ctx.settings.get("rank")
+        return self.chosen_rank(m, n, ctx.settings.get("rank"), ctx.name)
+
+    def chosen_rank(self, m: int, n: int, chosen, what: str = "") -> int:
+        """The rank an allocation stage chose (``chosen``; None: :meth:`rank_of`), rounded down to
+        a multiple of the factors' group size."""
         if chosen is None:
-            return self.rank_of(m, n, ctx.name)
+            return self.rank_of(m, n, what)
         r = int(chosen)
         if self.weights is not None and self.weights.granularity == "group":
             r = max(self.weights.group_size, r // self.weights.group_size * self.weights.group_size)
-        r = check_rank(m, n, r, ctx.name)
+        r = check_rank(m, n, r, what)
         if self.weights is not None:
-            check_group_divides(self.weights, r, f"{ctx.name}: factor A (input = the rank {r}): ")
+            check_group_divides(self.weights, r, f"{what}: factor A (input = the rank {r}): ")
         return r
 
 

@@ -12,7 +12,9 @@ with the input Gram matrix ``H = X^T X = L L^T`` over the calibration tokens, th
 Grouped-query attention (SmolLM2: 9 query heads, 3 key/value heads of 64) only changes the
 shapes: d_q = 576, d_kv = 192, so the stacked weight is [960, 576] and the cost formulas of
 :func:`llmpress.lowrank.core.qkv_costs` apply. The rank comes from ``ratio`` of the stacked
-weight's parameters (``r (d_q + 2 d_kv + E) <= ratio (d_q + 2 d_kv) E``) or ``rank``.
+weight's parameters (``r (d_q + 2 d_kv + E) <= ratio (d_q + 2 d_kv) E``), ``rank``, or the joint
+rank a ``lowrank_alloc`` stage with ``joint: qkv`` chose for the block (QSVD's importance-based
+allocation; ranks chosen per linear are refused: q, k and v share one).
 
 Storage: each of q/k/v is a ``lowrank`` layer; k_proj and v_proj store only their A and name
 q_proj's B as shared (``meta.shared``), so B is stored once. A block-scope stage: it needs
@@ -63,7 +65,13 @@ def qsvd(ctx, cfg: QSVD) -> None:
     lins = [get_module(ctx.block, loc) for loc in locs]
     W = torch.cat([lin.weight.data for lin in lins]).double()
     m, n = W.shape
-    r = cfg.rank_of(m, n, f"qsvd block {ctx.index} (stacked q/k/v [{m}, {n}])")
+    chosen = {ctx.settings.get(loc, {}).get("rank") for loc in locs}
+    if len(chosen) > 1:
+        raise RecipeError(
+            f"qsvd block {ctx.index}: q, k and v were given different ranks {sorted(chosen, key=str)} by an allocation stage; "
+            "QSVD factors them with one rank: use lowrank_alloc with joint: qkv"
+        )
+    r = cfg.chosen_rank(m, n, chosen.pop(), f"qsvd block {ctx.index} (stacked q/k/v [{m}, {n}])")
     H = input_gram(ctx, spec.q)
     wh = whitening_factor(H, f"qsvd block {ctx.index}")
     A, B, S = whitened_factors(W, wh.L, r)
