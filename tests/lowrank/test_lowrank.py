@@ -201,7 +201,7 @@ def test_singular_value_gradients_are_the_reparametrized_ones():
     model = tiny_llama()
     ids = random_windows(2, 16)
     name = "model.layers.1.mlp.down_proj"
-    ((S, g),) = singular_value_grads(model, [name], ids, LowRankAlloc(windows=2, batch_size=2)).values()
+    ((S, g),) = singular_value_grads(model, {name: [name]}, ids, LowRankAlloc(windows=2, batch_size=2)).values()
     lin = model.model.layers[1].mlp.down_proj
     U, S2, Vh = torch.linalg.svd(lin.weight.detach().double(), full_matrices=False)
     s = S2.clone().requires_grad_(True)
