@@ -67,6 +67,7 @@ def plot(rows: list[dict], fp: float, path: Path, model: str) -> None:
     ax.set_title(f"every linear but lm_head, {model}")
     if qkv:
         for m, ranks, label in (("qsvd", "qkv", "qsvd (joint q/k/v, latent cache)"), ("qsvd", "qkv-allocated", "qsvd, ranks allocated"),
+                                ("qsvd", "qkv-allocated-proportional", "qsvd, ranks allocated (proportional rule)"),
                                 ("svd_llm", "qkv", "svd_llm of q, k, v separately")):  # fmt: skip
             pts = sorted((r["param_ratio"], r["ppl"]) for r in qkv if r.get("lowrank") == m and r["ranks"] == ranks)
             if pts:
@@ -193,6 +194,7 @@ def main() -> None:
     ap.add_argument(
         "--qsvd-alloc", type=float, nargs="*", help="of --qsvd-ratios, those with a QSVD row of allocated ranks (lowrank_alloc joint: qkv)"
     )
+    ap.add_argument("--qsvd-alloc-rules", nargs="+", default=["greedy"], choices=["greedy", "proportional"], help="lowrank_alloc rules of those rows")
     ap.add_argument("--context", type=int, default=2048, help="prompt tokens of the decode measurement")
     ap.add_argument("--decode-only", action="store_true", help="only the QSVD decode measurement, at the last --qsvd-ratios")
     ap.add_argument("--no-lrq", action="store_true", help="skip low rank + W4 factors against GPTQ W3 at about the same bytes")
@@ -236,10 +238,11 @@ def main() -> None:
             if m == "qsvd":
                 row["cache"] = cache_per_token(b.model.config, ratio)
                 print(f"  KV cache numbers per token and layer: {row['cache']}", flush=True)
-        if ratio in (a.qsvd_alloc or ()):  # QSVD's own allocation: one rank per block's stacked q/k/v, by importance
-            alloc = stage("lowrank_alloc", targets=qkv, ratio=ratio, joint="qkv")
-            b.run(f"qsvd of q/k/v ratio {ratio}, ranks allocated across blocks", [alloc, stage("qsvd", targets=qkv)],
-                  lowrank="qsvd", param_ratio=ratio, ranks="qkv-allocated")  # fmt: skip
+        for rule in a.qsvd_alloc_rules if ratio in (a.qsvd_alloc or ()) else ():  # QSVD's own allocation: one rank per block's q/k/v
+            alloc = stage("lowrank_alloc", targets=qkv, ratio=ratio, joint="qkv", rule=rule)
+            tail = "" if rule == "greedy" else f" ({rule} rule)"
+            b.run(f"qsvd of q/k/v ratio {ratio}, ranks allocated across blocks{tail}", [alloc, stage("qsvd", targets=qkv)],
+                  lowrank="qsvd", param_ratio=ratio, ranks="qkv-allocated" + tail.replace(" rule)", "").replace(" (", "-"))  # fmt: skip
     if not a.no_lrq:  # the same bytes two ways: W4 g64 factors holding 3.25/4.25 of the parameters, or GPTQ W3 g64
         w4 = QuantArgs(bits=4, symmetric=True, granularity="group", group_size=64, full_range=True)
         for solver in ("rtn", "gptq"):

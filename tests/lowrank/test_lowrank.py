@@ -195,6 +195,23 @@ def test_allocation_spends_the_budget_and_favours_important_layers():
     assert ranks["a"] > ranks["b"]
 
 
+def test_proportional_allocation_shares_the_budget_by_importance():
+    """The seeds' QSVD rule: each layer's parameters in proportion to its summed scores, a layer
+    past its break-even rank capped and its excess shared by the others, within the budget."""
+    from llmpress.lowrank.allocate import allocate_proportional
+
+    shapes = {"a": (64, 64), "b": (64, 64), "c": (64, 64)}
+    scores = {"a": torch.full((64,), 3.0).double(), "b": torch.full((64,), 1.0).double(), "c": torch.full((64,), 0.0).double()}
+    ranks = allocate_proportional(scores, shapes, 0.3)  # 0.3 * 3 * 4096 = 28.8 ranks of 128: 1 each, then 25.8 shared 3:1:0
+    assert ranks == {"a": 1 + 19, "b": 1 + 6, "c": 1}
+    ranks = allocate_proportional(scores, shapes, 0.6)  # a's share (1 + 42.6 ranks) passes its cap of 31
+    assert ranks["a"] == 31 and ranks["b"] == 1 + int(0.6 * 3 * 32 - 3 - 30) and ranks["c"] == 1
+    for ratio in (0.1, 0.5, 0.9):
+        r = allocate_proportional(scores, shapes, ratio)
+        assert sum(v * 128 for v in r.values()) <= ratio * 3 * 4096  # within the budget
+        assert all(1 <= v <= 31 for v in r.values())
+
+
 def test_singular_value_gradients_are_the_reparametrized_ones():
     from llmpress.lowrank.allocate import LowRankAlloc, singular_value_grads
 
@@ -532,11 +549,12 @@ def test_sweep_replay_of_earlier_blocks_gives_the_full_recomputation():
 QKV = ["re:.*self_attn\\.(q|k|v)_proj$"]
 
 
-def test_joint_allocation_gives_qsvd_one_rank_per_block_within_the_budget():
+@pytest.mark.parametrize("rule", ["greedy", "proportional"])
+def test_joint_allocation_gives_qsvd_one_rank_per_block_within_the_budget(rule):
     """lowrank_alloc with joint: qkv scores the singular values of each block's stacked q/k/v
     and gives the three one rank, which qsvd keeps; the budget counts r (d_q + 2 d_kv + E)."""
     model = tiny_llama(layers=3)
-    recipe = [stage("lowrank_alloc", targets=QKV, ratio=0.5, joint="qkv", windows=2), stage("qsvd", targets=QKV)]
+    recipe = [stage("lowrank_alloc", targets=QKV, ratio=0.5, joint="qkv", windows=2, rule=rule), stage("qsvd", targets=QKV)]
     rep = compress(model, recipe, data=random_windows(4, 16), engine=QUIET)
     (summary,) = rep.result.stages.values()
     recs = rep.result.records
@@ -548,7 +566,7 @@ def test_joint_allocation_gives_qsvd_one_rank_per_block_within_the_budget():
         per_block[i] = r
     m, n = 64 + 2 * 32, 64  # stacked q/k/v of the tiny model: 4 heads of 16, 2 key/value heads
     assert sum(r * (m + n) for r in per_block.values()) <= 0.5 * 3 * m * n
-    assert sum(r * (m + n) for r in per_block.values()) > 0.5 * 3 * m * n - (m + n)  # spent to within one value
+    assert sum(r * (m + n) for r in per_block.values()) > 0.5 * 3 * m * n - 3 * (m + n)  # spent to within one value per block
     assert summary["spent_ratio"] == pytest.approx(sum(r * (m + n) for r in per_block.values()) / (3 * m * n), abs=1e-6)
 
 

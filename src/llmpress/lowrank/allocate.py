@@ -40,6 +40,7 @@ class LowRankAlloc:
     batch_size: int = 2
     score: str = "taylor"  # "taylor": s_i * sum |dL/ds_i|; "grad": sum |dL/ds_i|
     joint: str | None = None  # "qkv": each block's stacked q/k/v is one unit (for qsvd)
+    rule: str = "greedy"  # "greedy": values by score per parameter; "proportional": each layer's parameters in proportion to its summed scores
 
     def __post_init__(self):
         if not 0 < self.ratio < 1:
@@ -48,6 +49,8 @@ class LowRankAlloc:
             raise RecipeError("lowrank_alloc windows and batch_size must be at least 1")
         if self.score not in ("taylor", "grad"):
             raise RecipeError(f"lowrank_alloc score {self.score!r}: expected taylor or grad")
+        if self.rule not in ("greedy", "proportional"):
+            raise RecipeError(f"lowrank_alloc rule {self.rule!r}: expected greedy or proportional")
         if self.joint not in (None, "qkv"):
             raise RecipeError(f"lowrank_alloc joint {self.joint!r}: expected qkv (or none)")
 
@@ -104,6 +107,31 @@ def allocate(scores: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]]
     return ranks
 
 
+def allocate_proportional(scores: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], ratio: float) -> dict[str, int]:
+    """Ranks per layer: rank 1 each, then the rest of the budget ``ratio * sum(mn)`` shared with
+    each layer's parameters in proportion to its importance (the sum of its scores), a layer
+    capped below its break-even rank with its excess shared among the others; rounded down, so
+    within the budget."""
+    cost = {k: m + n for k, (m, n) in shapes.items()}
+    room = {k: max(0, -(-m * n // (m + n)) - 2) for k, (m, n) in shapes.items()}  # ranks above 1 below break-even
+    imp = {k: max(float(sc.sum()), 0.0) for k, sc in scores.items()}
+    left = ratio * sum(m * n for m, n in shapes.values()) - sum(cost.values())
+    extra: dict[str, float] = {}
+    free = set(shapes)
+    while free and left > 0:  # water-filling: what capped layers leave goes to the others
+        total = sum(imp[k] for k in free)
+        share = {k: left * (imp[k] / total if total > 0 else 1 / len(free)) / cost[k] for k in free}
+        over = {k for k in free if share[k] >= room[k]}
+        if not over:
+            extra.update(share)
+            break
+        for k in over:
+            extra[k] = room[k]
+            left -= room[k] * cost[k]
+        free -= over
+    return {k: 1 + min(room[k], int(extra.get(k, 0))) for k in shapes}
+
+
 @register(
     "lowrank_alloc",
     LowRankAlloc,
@@ -118,11 +146,17 @@ def lowrank_alloc(model: nn.Module, spec, data, stage) -> ModelStageOutput:
     found = singular_value_grads(model, units, data, cfg)
     # importance of each singular value, sorted as the factor stages keep them (largest s first)
     scores = {u: (s * g if cfg.score == "taylor" else g) for u, (s, g) in found.items()}
-    unit_ranks = allocate(scores, unit_shapes, cfg.ratio)
+    unit_ranks = (allocate if cfg.rule == "greedy" else allocate_proportional)(scores, unit_shapes, cfg.ratio)
     ranks = {n: unit_ranks[u] for u, names in units.items() for n in names}
     spent = sum(r * sum(unit_shapes[u]) for u, r in unit_ranks.items())
     total = sum(m * n for m, n in shapes.values())
     return ModelStageOutput(
         per_linear={n: {"rank": r} for n, r in ranks.items()},
-        summary={"ratio": cfg.ratio, "spent_ratio": round(spent / total, 6), "ranks": ranks, **({"joint": cfg.joint} if cfg.joint else {})},
+        summary={
+            "ratio": cfg.ratio,
+            "spent_ratio": round(spent / total, 6),
+            "ranks": ranks,
+            "rule": cfg.rule,
+            **({"joint": cfg.joint} if cfg.joint else {}),
+        },
     )
