@@ -83,6 +83,28 @@ def plot(rows: list[dict], fp: float, path: Path, model: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _num(x: float) -> str:
+    return f"{x:.3f}" if x < 100 else f"{x:.1f}" if x < 1e5 else f"{x:.3g}"
+
+
+def grid_table(rows: list[dict], fp: float) -> str:
+    """Markdown: one line per method and rank choice, one column per kept-parameter ratio, each
+    cell the first text's perplexity and its ratio to full precision."""
+    runs = [r for r in rows if r.get("lowrank")]
+    ratios = sorted({r["param_ratio"] for r in runs}, reverse=True)
+    keys = list(dict.fromkeys((r["lowrank"], r["ranks"]) for r in runs))
+    what = {"uniform": "uniform ranks", "allocated": "allocated ranks", "sweep": "ranks by sensitivity sweep", "qkv": "q/k/v only",
+            "qkv-allocated": "q/k/v only, allocated ranks", "qkv-allocated-proportional": "q/k/v only, allocated (proportional)", "lrq": "+ W4 factors"}  # fmt: skip
+    lines = ["| method | " + " | ".join(f"{x:g}" for x in ratios) + " |", "|---|" + "---|" * len(ratios)]
+    for m, ranks in keys:
+        cells = []
+        for x in ratios:
+            hit = [r for r in runs if (r["lowrank"], r["ranks"], r["param_ratio"]) == (m, ranks, x)]
+            cells.append(f"{_num(hit[0]['ppl'])} ({_num(hit[0]['ppl'] / fp)}x)" if hit else "")
+        lines.append(f"| `{m}`, {what.get(ranks, ranks)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def cache_per_token(cfg, ratio: float) -> dict:
     """K/V cache numbers per token and layer: dense (2 d_kv) against QSVD's latent (its rank)."""
     from llmpress.lowrank.core import rank_for_ratio
@@ -199,12 +221,18 @@ def main() -> None:
     ap.add_argument("--decode-only", action="store_true", help="only the QSVD decode measurement, at the last --qsvd-ratios")
     ap.add_argument("--no-lrq", action="store_true", help="skip low rank + W4 factors against GPTQ W3 at about the same bytes")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--table-only", action="store_true", help="print the tables and redraw the plot of --out, measure nothing")
     ap.add_argument(
         "--serve", action="store_true", help="only the serving section: W4 factors through the int4 kernel against float factors and dense int4"
     )
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the serving section")
     a = ap.parse_args()
     out = Path(a.out or f"runs/bench/lowrank-{a.model}.json")
+    if a.table_only:
+        data = json.loads(out.read_text())
+        plot(data["rows"], data["rows"][0]["ppl"], out.with_suffix(".png"), a.model)
+        print(grid_table(data["rows"], data["rows"][0]["ppl"]))
+        return
     if a.serve:
         result = serve(a.model, a.calib, Path(f"runs/bench/lowrank-ckpt-{Path(a.model).name}"), a.repeats)
         data = json.loads(out.read_text()) if out.exists() else {}
@@ -258,6 +286,7 @@ def main() -> None:
         out.write_text(json.dumps(data, indent=2, default=str))
     plot(b.rows, b.fp_ppl, out.with_suffix(".png"), a.model)
     print(b.table())
+    print(grid_table(b.rows, b.fp_ppl))
 
 
 if __name__ == "__main__":
