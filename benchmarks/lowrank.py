@@ -218,7 +218,6 @@ def main() -> None:
     )
     ap.add_argument("--qsvd-alloc-rules", nargs="+", default=["greedy"], choices=["greedy", "proportional"], help="lowrank_alloc rules of those rows")
     ap.add_argument("--context", type=int, default=2048, help="prompt tokens of the decode measurement")
-    ap.add_argument("--decode-only", action="store_true", help="only the QSVD decode measurement, at the last --qsvd-ratios")
     ap.add_argument("--no-lrq", action="store_true", help="skip low rank + W4 factors against GPTQ W3 at about the same bytes")
     ap.add_argument("--out", default=None)
     ap.add_argument("--table-only", action="store_true", help="print the tables and redraw the plot of --out, measure nothing")
@@ -230,8 +229,9 @@ def main() -> None:
     out = Path(a.out or f"runs/bench/lowrank-{a.model}.json")
     if a.table_only:
         data = json.loads(out.read_text())
-        plot(data["rows"], data["rows"][0]["ppl"], out.with_suffix(".png"), a.model)
-        print(grid_table(data["rows"], data["rows"][0]["ppl"]))
+        fp = next(iter(data["fp"].values()))
+        plot(data["rows"], fp, out.with_suffix(".png"), a.model)
+        print(grid_table(data["rows"], fp))
         return
     if a.serve:
         result = serve(a.model, a.calib, Path(f"runs/bench/lowrank-ckpt-{Path(a.model).name}"), a.repeats)
@@ -241,11 +241,6 @@ def main() -> None:
         out.write_text(json.dumps(data, indent=2, default=str))
         return
     b = Bench(a.model, eval_windows=a.windows, calib_samples=a.calib, fp_ppl=a.fp_ppl, eval_sources=a.eval, out=str(out))
-    if a.decode_only:
-        data = json.loads(out.read_text())
-        data["decode"] = decode_speed(b, a.qsvd_ratios[-1], a.context)
-        out.write_text(json.dumps(data, indent=2, default=str))
-        return
     sweep_args = {k: v for k, v in (("windows", a.sweep_windows), ("ratios", a.sweep_ratios)) if v}
     for ratio in a.ratios:
         for m in a.methods:
@@ -268,9 +263,10 @@ def main() -> None:
                 print(f"  KV cache numbers per token and layer: {row['cache']}", flush=True)
         for rule in a.qsvd_alloc_rules if ratio in (a.qsvd_alloc or ()) else ():  # QSVD's own allocation: one rank per block's q/k/v
             alloc = stage("lowrank_alloc", targets=qkv, ratio=ratio, joint="qkv", rule=rule)
-            tail = "" if rule == "greedy" else f" ({rule} rule)"
-            b.run(f"qsvd of q/k/v ratio {ratio}, ranks allocated across blocks{tail}", [alloc, stage("qsvd", targets=qkv)],
-                  lowrank="qsvd", param_ratio=ratio, ranks="qkv-allocated" + tail.replace(" rule)", "").replace(" (", "-"))  # fmt: skip
+            greedy = rule == "greedy"
+            b.run(f"qsvd of q/k/v ratio {ratio}, ranks allocated across blocks" + ("" if greedy else f" ({rule} rule)"),
+                  [alloc, stage("qsvd", targets=qkv)], lowrank="qsvd", param_ratio=ratio,
+                  ranks="qkv-allocated" if greedy else f"qkv-allocated-{rule}")  # fmt: skip
     if not a.no_lrq:  # the same bytes two ways: W4 g64 factors holding 3.25/4.25 of the parameters, or GPTQ W3 g64
         w4 = QuantArgs(bits=4, symmetric=True, granularity="group", group_size=64, full_range=True)
         for solver in ("rtn", "gptq"):

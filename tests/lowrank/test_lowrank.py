@@ -566,7 +566,8 @@ def test_joint_allocation_gives_qsvd_one_rank_per_block_within_the_budget(rule):
         per_block[i] = r
     m, n = 64 + 2 * 32, 64  # stacked q/k/v of the tiny model: 4 heads of 16, 2 key/value heads
     assert sum(r * (m + n) for r in per_block.values()) <= 0.5 * 3 * m * n
-    assert sum(r * (m + n) for r in per_block.values()) > 0.5 * 3 * m * n - 3 * (m + n)  # spent to within one value per block
+    slack = (m + n) if rule == "greedy" else 3 * (m + n)  # greedy: within one value; proportional: one rounding per block
+    assert sum(r * (m + n) for r in per_block.values()) > 0.5 * 3 * m * n - slack
     assert summary["spent_ratio"] == pytest.approx(sum(r * (m + n) for r in per_block.values()) / (3 * m * n), abs=1e-6)
 
 

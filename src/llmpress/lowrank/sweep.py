@@ -12,8 +12,8 @@ like ``lowrank_alloc``'s.
 
 Cost: one loss evaluation per (layer, ratio) pair: 210 linears x 4 ratios = 840 forward passes of
 ``windows`` windows on SmolLM2-135M, each starting at the truncated layer's block (the blocks
-before it replay their recorded outputs), so on average about half the blocks run. The truncations are plain SVD (no data), the factor stage
-afterwards may be any low-rank method.
+before it replay their recorded outputs), so on average about half the blocks run. The
+truncations are plain SVD (no data), the factor stage afterwards may be any low-rank method.
 """
 
 from __future__ import annotations
