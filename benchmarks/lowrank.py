@@ -137,6 +137,9 @@ def decode_speed(b: Bench, ratio: float, context: int, new_tokens: int = 64) -> 
         api.save(m, b.tok, Path(tmp) / "q", report=rep)
         del m
         latent, _ = load_compressed(str(Path(tmp) / "q"))
+        if not any(isinstance(layer.self_attn, LatentKVAttention) for layer in latent.model.layers):
+            print("  decode: this architecture's attention is not served with the latent cache; not measured", flush=True)
+            return {"context": context, "ratio": ratio, "served": False}
         factored, _ = load_compressed(str(Path(tmp) / "q"))
         for layer in factored.model.layers:
             if isinstance(layer.self_attn, LatentKVAttention):
