@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from conftest import random_windows, tiny_llama
+from conftest import TINY_MODELS, random_windows, tiny_llama
 from helpers import QUIET, logits
 
 from llmpress import api, compress, load_compressed, stage
@@ -295,14 +295,17 @@ def test_qsvd_needs_all_three_projections():
         compress(tiny_llama(), [stage("qsvd", targets=["re:.*self_attn\\.(q|k)_proj$"], ratio=0.8)], data=random_windows(4, 16), engine=QUIET)
 
 
-def test_qsvd_latent_cache_decodes_as_the_factored_model(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_qsvd_latent_cache_decodes_as_the_factored_model(tmp_path, family):
     """The loaded QSVD checkpoint caches the r-number latent instead of K and V; greedy decoding
-    gives the tokens and (to float rounding) the logits of the same factors without the latent cache."""
+    gives the tokens and (to float rounding) the logits of the same factors without the latent cache.
+    Gemma 3: head norms on the rebuilt keys, two rotary tables, and a prompt longer than the
+    sliding window (16) so the local layer's cache drops latents and its keys' positions shift."""
     from transformers import DynamicCache
 
     from llmpress.runtime.latent_kv import LatentKVAttention
 
-    model = tiny_llama()
+    model = TINY_MODELS[family]()
     rep = compress(model, "qsvd-80", data=random_windows(8, 32), engine=QUIET)
     api.save(model, None, tmp_path / "c", report=rep)
     latent, _ = load_compressed(str(tmp_path / "c"))
@@ -311,7 +314,7 @@ def test_qsvd_latent_cache_decodes_as_the_factored_model(tmp_path):
         if isinstance(layer.self_attn, LatentKVAttention):
             layer.self_attn = layer.self_attn.attn
     assert latent.llmpress_latent_kv == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
-    prompt = random_windows(1, 12, seed=5)
+    prompt = random_windows(1, 12 if family == "llama" else 20, seed=5)
     outs = []
     for m in (latent, plain):
         cache = DynamicCache(config=m.config)
@@ -323,12 +326,16 @@ def test_qsvd_latent_cache_decodes_as_the_factored_model(tmp_path):
     assert all(torch.allclose(x, y, atol=1e-4, rtol=1e-4) for x, y in zip(a.logits, b.logits))
     r = latent.model.layers[0].self_attn.rank
     cfg = latent.config
-    kv_dim = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    kv_dim = cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     tokens = a.sequences.shape[1] - 1  # the last token is generated, not cached
+    kept = [
+        min(tokens, cfg.sliding_window - 1) if t == "sliding_attention" else tokens
+        for t in getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    ]
     latent_numbers = sum(layer.keys.numel() + layer.values.numel() for layer in ca.layers)
     plain_numbers = sum(layer.keys.numel() + layer.values.numel() for layer in cb.layers)
-    assert latent_numbers == cfg.num_hidden_layers * tokens * r
-    assert plain_numbers == cfg.num_hidden_layers * tokens * 2 * kv_dim
+    assert latent_numbers == sum(kept) * r
+    assert plain_numbers == sum(kept) * 2 * kv_dim
 
 
 @pytest.mark.parametrize("method,solver", [("svd", "rtn"), ("svd_llm", "rtn"), ("svd_llm", "gptq")])

@@ -12,9 +12,12 @@ commute with the rebuild). The trade is QSVD's: less cache memory and bandwidth 
 The cache is the model's own ``past_key_values`` (transformers' Cache): each layer stores
 ``h`` as its "keys" ([batch, 1, T, r]) and an empty tensor ([batch, 1, T, 0]) as its "values",
 so ``generate`` and the cache bookkeeping (lengths, masks) work unchanged and the cache's bytes
-are the latent's. Keys get RoPE at positions 0..T-1: sequences without left padding (one prompt,
-or a batch of prompts of the same length). Llama-family attention only (q/k/v/o, one rotary
-table, no query/key norms); other attention modules keep their factored linears and K/V cache.
+are the latent's. The T' cached latents end at the current token, so their keys get RoPE at
+positions P-T'..P-1 (P tokens so far): sequences without left padding (one prompt, or a batch of
+prompts of the same length). Llama-family attention (q/k/v/o, one rotary table) and Gemma 3's
+(query/key RMS norms on the rebuilt heads before RoPE, a rotary table per layer type,
+sliding-window layers whose cache keeps the window's last latents); other attention modules
+(logit soft-capping, a run-time attention function) keep their factored linears and K/V cache.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def shares_latent(attn: nn.Module) -> bool:
 
 
 class LatentKVAttention(nn.Module):
-    """A Llama-family attention serving QSVD's shared latent as its KV cache."""
+    """A Llama-family or Gemma 3 attention serving QSVD's shared latent as its KV cache."""
 
     latent_kv = True
 
@@ -70,6 +73,8 @@ class LatentKVAttention(nn.Module):
             return getattr(self.attn, name)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        import sys
+
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         a = self.attn
@@ -83,36 +88,51 @@ class LatentKVAttention(nn.Module):
         else:
             h_all = h
         k, v = _heads(k_lin.expand(h_all), a.head_dim), _heads(v_lin.expand(h_all), a.head_dim)
+        if hasattr(a, "q_norm"):  # Gemma 3: RMS norm of each query and key head, before RoPE
+            q, k = a.q_norm(q), a.k_norm(k)
         cos, sin = position_embeddings
         q = _rope(q, cos, sin)
         if h_all.shape[1] == t:
             k = _rope(k, cos, sin)
         else:
-            positions = torch.arange(h_all.shape[1], device=h.device)[None].expand(b, -1)
-            k = _rope(k, *self._rotary(v, positions))
+            k = _rope(k, *self._key_rope(v, h_all.shape[1], kwargs.get("position_ids")))
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(a.config._attn_implementation, None)
-        if interface is None:
-            from transformers.models.llama.modeling_llama import eager_attention_forward as interface
+        if interface is None:  # eager: the attention's own module's function
+            interface = sys.modules[type(a).__module__].eager_attention_forward
+        if getattr(a, "sliding_window", None):
+            kwargs["sliding_window"] = a.sliding_window
         out, weights = interface(a, q, k, v, attention_mask, dropout=0.0, scaling=a.scaling, **kwargs)
         out = out.reshape(b, t, -1).contiguous()
         return a.o_proj(out), weights
 
+    def _key_rope(self, like: torch.Tensor, length: int, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin at the positions of the ``length`` cached latents: the last ones up to the current
+        token (a sliding-window layer keeps only the window's)."""
+        end = int(position_ids[0, -1]) + 1 if position_ids is not None else length
+        positions = torch.arange(end - length, end, device=like.device)[None].expand(like.shape[0], -1)
+        layer_type = getattr(self.attn, "layer_type", None)
+        return self._rotary(like, positions) if layer_type is None else self._rotary(like, positions, layer_type)
+
 
 def attach_latent_kv(model: nn.Module) -> list[str]:
-    """Serve every Llama-family attention of ``model`` whose q/k/v share a latent with
+    """Serve every Llama-family or Gemma 3 attention of ``model`` whose q/k/v share a latent with
     :class:`LatentKVAttention`; the names of the attention modules changed."""
     body = getattr(model, "model", None)
     rotary = getattr(body, "rotary_emb", None)
     layers = getattr(body, "layers", None)
-    if rotary is None or layers is None or not hasattr(rotary, "inv_freq"):
+    if rotary is None or layers is None or not (hasattr(rotary, "inv_freq") or hasattr(rotary, "layer_types")):
         return []
     done = []
     for i, layer in enumerate(layers):
         attn = getattr(layer, "self_attn", None)
         if attn is None or isinstance(attn, LatentKVAttention) or not shares_latent(attn):
             continue
-        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm") or getattr(attn, "sliding_window", None) or getattr(attn, "llmpress_attn", None):
-            continue  # query/key norms, local attention or a run-time attention function: not this module's forward
+        if (
+            hasattr(attn, "q_norm") != hasattr(attn, "k_norm")
+            or getattr(attn, "attn_logit_softcapping", None)
+            or getattr(attn, "llmpress_attn", None)
+        ):
+            continue  # one-sided head norms, soft-capped logits or a run-time attention function: not this module's forward
         layer.self_attn = LatentKVAttention(attn, rotary)
         done.append(f"model.layers.{i}.self_attn")
     return done
