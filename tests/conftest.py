@@ -12,7 +12,8 @@ TINY_TEXT = (
 ) * 20
 
 
-def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, inter: int = 128, vocab: int = 256):
+def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, inter: int = 128, vocab: int = 256, **config):
+    """A tiny random Llama; ``config``: more LlamaConfig fields (e.g. ``attention_bias=True``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -28,8 +29,15 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, inter: int = 12
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,
+        **config,
     )
-    return LlamaForCausalLM(cfg).eval()
+    m = LlamaForCausalLM(cfg).eval()
+    if config.get("attention_bias"):
+        with torch.no_grad():  # random biases (the default init is zero)
+            for n, p in m.named_parameters():
+                if n.endswith("proj.bias"):
+                    p.normal_(0, 0.5)
+    return m
 
 
 def tiny_gemma3(seed: int = 0, layers: int = 2, hidden: int = 64, inter: int = 128, vocab: int = 256):

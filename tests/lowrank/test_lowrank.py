@@ -295,17 +295,19 @@ def test_qsvd_needs_all_three_projections():
         compress(tiny_llama(), [stage("qsvd", targets=["re:.*self_attn\\.(q|k)_proj$"], ratio=0.8)], data=random_windows(4, 16), engine=QUIET)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "llama-bias", "gemma3"])
 def test_qsvd_latent_cache_decodes_as_the_factored_model(tmp_path, family):
     """The loaded QSVD checkpoint caches the r-number latent instead of K and V; greedy decoding
-    gives the tokens and (to float rounding) the logits of the same factors without the latent cache.
-    Gemma 3: head norms on the rebuilt keys, two rotary tables, and a prompt longer than the
-    sliding window (16) so the local layer's cache drops latents and its keys' positions shift."""
+    gives the tokens and (to float rounding) the logits of the same factors without the latent cache
+    (decode steps take the values through the attention as latents, prefill rebuilds them).
+    Biased q/k/v (Qwen2-like); Gemma 3: head norms on the rebuilt keys, two rotary tables, and a
+    prompt longer than the sliding window (16) so the local layer's cache drops latents and its
+    keys' positions shift."""
     from transformers import DynamicCache
 
     from llmpress.runtime.latent_kv import LatentKVAttention
 
-    model = TINY_MODELS[family]()
+    model = tiny_llama(attention_bias=True) if family == "llama-bias" else TINY_MODELS[family]()
     rep = compress(model, "qsvd-80", data=random_windows(8, 32), engine=QUIET)
     api.save(model, None, tmp_path / "c", report=rep)
     latent, _ = load_compressed(str(tmp_path / "c"))
@@ -314,7 +316,7 @@ def test_qsvd_latent_cache_decodes_as_the_factored_model(tmp_path, family):
         if isinstance(layer.self_attn, LatentKVAttention):
             layer.self_attn = layer.self_attn.attn
     assert latent.llmpress_latent_kv == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
-    prompt = random_windows(1, 12 if family == "llama" else 20, seed=5)
+    prompt = random_windows(1, 20 if family == "gemma3" else 12, seed=5)
     outs = []
     for m in (latent, plain):
         cache = DynamicCache(config=m.config)

@@ -4,10 +4,14 @@ After QSVD (:mod:`llmpress.lowrank.qsvd`) q_proj, k_proj and v_proj are
 :class:`~llmpress.runtime.lowrank.LowRankLinear` modules sharing ``B`` [r, E]. Their keys and
 values are functions of the latent ``h = x B^T`` (r numbers per token), so
 :class:`LatentKVAttention` caches h in place of K and V (2 d_kv numbers per token: 384 on
-SmolLM2-135M) and rebuilds them at every step: ``K = h A_k^T`` and ``V = h A_v^T`` per head, then
-RoPE on the rebuilt keys at their positions (RoPE cannot be applied before caching: it does not
-commute with the rebuild). The trade is QSVD's: less cache memory and bandwidth for
-``T r (2 d_kv)`` more multiply-adds per step over a context of T tokens.
+SmolLM2-135M). Keys are rebuilt at every step, ``K = h A_k^T`` per head, then RoPE at their
+positions (RoPE cannot be applied before caching: it does not commute with the rebuild). Values
+need no RoPE, so a decode step never rebuilds them: ``P V = (P h) A_v^T``, the attention weights
+P of each query head applied to the latent and the result expanded by that head's rows of A_v
+(the absorption multi-head latent attention uses); a prefill, where rebuilding V once is
+cheaper than expanding every query position, rebuilds them. The trade is QSVD's: less cache
+memory and bandwidth for about ``T r d_kv`` more multiply-adds per decode step over a context of
+T tokens (the key rebuild).
 
 The cache is the model's own ``past_key_values`` (transformers' Cache): each layer stores
 ``h`` as its "keys" ([batch, 1, T, r]) and an empty tensor ([batch, 1, T, 0]) as its "values",
@@ -87,7 +91,13 @@ class LatentKVAttention(nn.Module):
             h_all = cached[:, 0]
         else:
             h_all = h
-        k, v = _heads(k_lin.expand(h_all), a.head_dim), _heads(v_lin.expand(h_all), a.head_dim)
+        n_heads, length = q.shape[1], h_all.shape[1]
+        # values need no RoPE, so P V = (P h) A_v^T: the latent goes through the attention and each
+        # head's output is expanded once, when that costs less than rebuilding V (a decode step)
+        absorb = n_heads * t * self.rank * (length + a.head_dim) < length * self.rank * v_lin.out_features + n_heads * t * length * a.head_dim
+        k = _heads(k_lin.expand(h_all), a.head_dim)
+        n_kv = k.shape[1]
+        v = h_all[:, None].expand(b, n_kv, length, self.rank) if absorb else _heads(v_lin.expand(h_all), a.head_dim)
         if hasattr(a, "q_norm"):  # Gemma 3: RMS norm of each query and key head, before RoPE
             q, k = a.q_norm(q), a.k_norm(k)
         cos, sin = position_embeddings
@@ -95,13 +105,18 @@ class LatentKVAttention(nn.Module):
         if h_all.shape[1] == t:
             k = _rope(k, cos, sin)
         else:
-            k = _rope(k, *self._key_rope(v, h_all.shape[1], kwargs.get("position_ids")))
+            k = _rope(k, *self._key_rope(k, length, kwargs.get("position_ids")))
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(a.config._attn_implementation, None)
         if interface is None:  # eager: the attention's own module's function
             interface = sys.modules[type(a).__module__].eager_attention_forward
         if getattr(a, "sliding_window", None):
             kwargs["sliding_window"] = a.sliding_window
         out, weights = interface(a, q, k, v, attention_mask, dropout=0.0, scaling=a.scaling, **kwargs)
+        if absorb:  # [b, t, heads, r]: each query head through its key/value head's rows of A_v
+            groups = n_heads // n_kv
+            out = torch.einsum("bthr,hdr->bthd", out, v_lin.A.view(n_kv, a.head_dim, self.rank).repeat_interleave(groups, 0).to(out.dtype))
+            if v_lin.bias is not None:  # each row of the attention weights sums to 1
+                out = out + v_lin.bias.view(n_kv, a.head_dim).repeat_interleave(groups, 0).to(out.dtype)
         out = out.reshape(b, t, -1).contiguous()
         return a.o_proj(out), weights
 
