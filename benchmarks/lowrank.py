@@ -14,6 +14,9 @@ parameters is the unfactored model (a factorization at the break-even rank saves
 is refused), drawn as the full-precision line. ``wsvd`` and ``asvd_fisher`` run a
 ``weight_importance`` stage (16 windows of gradients) before the factor stage.
 
+``--tune-ratios R ...``: svd_llm then ``lowrank_tune`` (each block's factors trained against the
+full-precision model's block output), uniform and allocated ranks.
+
 ``--serve``: llmpress.bench (decode tokens/s at batch 1 and 8, prefill, resident bytes) on
 three packed checkpoints kept under runs/bench/lowrank-ckpt-MODEL: every linear but lm_head
 factored by svd_llm at 0.765 of its parameters with W4 g64 factors (GPTQ), served by
@@ -60,7 +63,7 @@ def plot(rows: list[dict], fp: float, path: Path, model: str) -> None:
     fig, axes = plt.subplots(1, 2 if qkv else 1, figsize=(11 if qkv else 6, 4), squeeze=False)
     ax = axes[0][0]
     for m in METHODS:
-        for ranks, ls in (("uniform", "-"), ("allocated", "--"), ("sweep", ":")):
+        for ranks, ls in (("uniform", "-"), ("allocated", "--"), ("sweep", ":"), ("uniform-tuned", "-."), ("allocated-tuned", "-.")):
             pts = sorted((r["param_ratio"], r["ppl"]) for r in rows if r.get("lowrank") == m and r.get("ranks") == ranks)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls=ls, label=f"{m} ({ranks})")
@@ -94,6 +97,7 @@ def grid_table(rows: list[dict], fp: float) -> str:
     ratios = sorted({r["param_ratio"] for r in runs}, reverse=True)
     keys = list(dict.fromkeys((r["lowrank"], r["ranks"]) for r in runs))
     what = {"uniform": "uniform ranks", "allocated": "allocated ranks", "sweep": "ranks by sensitivity sweep", "qkv": "q/k/v only",
+            "uniform-tuned": "uniform ranks, tuned (lowrank_tune)", "allocated-tuned": "allocated ranks, tuned (lowrank_tune)",
             "qkv-allocated": "q/k/v only, allocated ranks", "qkv-allocated-proportional": "q/k/v only, allocated (proportional)", "lrq": "+ W4 factors"}  # fmt: skip
     lines = ["| method | " + " | ".join(f"{x:g}" for x in ratios) + " |", "|---|" + "---|" * len(ratios)]
     for m, ranks in keys:
@@ -220,6 +224,9 @@ def main() -> None:
         "--qsvd-alloc", type=float, nargs="*", help="of --qsvd-ratios, those with a QSVD row of allocated ranks (lowrank_alloc joint: qkv)"
     )
     ap.add_argument("--qsvd-alloc-rules", nargs="+", default=["greedy"], choices=["greedy", "proportional"], help="lowrank_alloc rules of those rows")
+    ap.add_argument("--tune-ratios", type=float, nargs="*", default=[],
+                    help="ratios with svd_llm + lowrank_tune rows (uniform and allocated ranks)")  # fmt: skip
+    ap.add_argument("--tune-iters", type=int, default=None, help="lowrank_tune steps per block (default: the stage's)")
     ap.add_argument("--context", type=int, default=2048, help="prompt tokens of the decode measurement")
     ap.add_argument("--no-lrq", action="store_true", help="skip low rank + W4 factors against GPTQ W3 at about the same bytes")
     ap.add_argument("--out", default=None)
@@ -255,6 +262,15 @@ def main() -> None:
                 if m == "svd_llm" and not a.no_sweep:  # ASVD's measured per-layer sensitivity sweep, the allocation to compare with
                     sweep = stage("lowrank_sweep", targets=["Linear"], ignore=["lm_head"], ratio=ratio, **sweep_args)
                     b.run(f"{m} ratio {ratio}, ranks by sensitivity sweep", [sweep, *sts], lowrank=m, param_ratio=ratio, ranks="sweep")
+    tune_args = {"iters": a.tune_iters} if a.tune_iters else {}
+    for ratio in a.tune_ratios:  # the factors of each block trained together against its full-precision output
+        tune = stage("lowrank_tune", targets=["Linear"], ignore=["lm_head"], **tune_args)
+        it = f", {a.tune_iters} steps" if a.tune_iters else ""
+        alloc = stage("lowrank_alloc", targets=["Linear"], ignore=["lm_head"], ratio=ratio)
+        b.run(f"svd_llm ratio {ratio}, allocated ranks, tuned{it}", [alloc, *factor_stages("svd_llm", ratio), tune], lowrank="svd_llm",
+              param_ratio=ratio, ranks="allocated-tuned")  # fmt: skip
+        b.run(f"svd_llm ratio {ratio}, tuned{it}", [*factor_stages("svd_llm", ratio), tune], lowrank="svd_llm", param_ratio=ratio,
+              ranks="uniform-tuned")  # fmt: skip
     qkv = ["re:.*self_attn\\.(q|k|v)_proj$"]
     decode = {}
     for ratio in a.qsvd_ratios:

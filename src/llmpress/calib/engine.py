@@ -6,8 +6,9 @@
    first one the hidden states.
 2. For each block: run its block-scope stages, then attach the statistics accumulators
    that the stages targeting its linears need, run the calibration batches through the
-   block, call each stage's handler per module, then run the block again so the next
-   block sees the compressed outputs. With ``true_sequential`` the linears are taken
+   block, call each stage's handler per module, run the block-scope stages whose config
+   says ``after_module_stages`` (``lowrank_tune``, which trains the factors the module
+   stages left), then run the block again so the next block sees the compressed outputs. With ``true_sequential`` the linears are taken
    group by group in data-flow order (q/k/v, o, gate/up, down), each group's statistics
    gathered after the earlier groups were compressed; ``fused`` does that in about one
    forward per block (see :mod:`llmpress.calib.fused`).
@@ -160,6 +161,8 @@ def _run_sequential(
     layers = get_module(model, spec.blocks)
     head_needs = state.needs.get(spec.lm_head)
     start = 0 if ckpt is None else _resume(ckpt, opts.resume, state, layers, opts.blocks)
+    after = [(j, st) for j, st in block_stages if getattr(st.config, "after_module_stages", False)]
+    before = [(j, st) for j, st in block_stages if (j, st) not in after]
     fp = _FullPrecisionStream(inputs, state) if any(getattr(st.config, "needs_fp_stream", False) for _, st in block_stages) else None
     if start:
         inputs.clear()
@@ -177,11 +180,18 @@ def _run_sequential(
                            settings={n[len(prefix) + 1 :]: v for n, v in state.settings.items() if n.startswith(prefix + ".")})  # fmt: skip
         if fp is not None:
             ctx.fp_inputs, ctx.fp_outputs = fp.inputs, fp.step(block, call_args[i])
-        _run_block_stages(state, block_stages, ctx)
-        if fp is not None:
+        _run_block_stages(state, before, ctx)
+        if fp is not None and not after:
             fp.advance()
         keep_outputs = i < len(layers) - 1 or bool(head_needs)
-        outputs = _solve_block(state, opts, block, prefix, inputs, call_args[i], keep_outputs)
+        outputs = _solve_block(state, opts, block, prefix, inputs, call_args[i], keep_outputs and not after)
+        if after:  # stages that act on what the module stages left (lowrank_tune), then the outputs again
+            if outputs is not None:
+                outputs.clear()
+            _run_block_stages(state, after, ctx)
+            if fp is not None:
+                fp.advance()
+            outputs = _block_outputs(state, block, inputs, call_args[i]) if keep_outputs else None
         if ckpt is not None:
             ckpt.save(i, block, prefix, state.records, outputs)
         if opts.blocks is not None:
@@ -297,8 +307,11 @@ def _solve_block(
     for group in _with_unnamed(groups, local):
         _solve_group(state, block, prefix, local, group, inputs, call_args)
     wrap_act_quant(block, prefix, list(local.values()), state.records)
-    if not keep_outputs:
-        return None
+    return _block_outputs(state, block, inputs, call_args) if keep_outputs else None
+
+
+def _block_outputs(state: RunState, block: nn.Module, inputs: ActivationStore, call_args: list) -> ActivationStore:
+    """The block's outputs on ``inputs``: the next block's inputs."""
     outputs = ActivationStore(state.offload)
     t = time.perf_counter()
     run_batches(block, inputs, call_args, each=lambda _b, y: outputs.append(y))

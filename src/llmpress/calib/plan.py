@@ -113,6 +113,23 @@ def _check_layer_stages(
             )
 
 
+def _check_factor_stages(stages: list[tuple[int, Stage]], names: list[str], prefix: str) -> None:
+    """A stage that trains low-rank factors (``requires_factors``: lowrank_tune) needs, on each
+    linear it targets, an earlier stage that factors the weight into float factors."""
+    for i, st in stages:
+        if not getattr(st.config, "requires_factors", False):
+            continue
+        for name in (n for n in names if n.startswith(prefix) and st.matches(n, True)):  # a block-scope stage: the blocks' linears
+            fac = [(j, s) for j, s in stages[:i] if getattr(s.config, "replaces_weight", False) and s.matches(name, True)]
+            if not fac:
+                raise UserError(f"layer {name}: recipe stage {i} ({st.method}) needs a low-rank stage before it that factors this linear")
+            j, s = fac[-1]
+            if getattr(s.config, "weights", None) is not None:
+                raise UserError(
+                    f"layer {name}: recipe stage {i} ({st.method}) trains float factors; stage {j} ({s.method}) quantizes them (drop its weights)"
+                )
+
+
 def build_plan(model: nn.Module, recipe: Recipe, *, reshaped: bool = False) -> Plan:
     """Match ``recipe`` against ``model`` and check it; raises :class:`UserError` naming the
     first problem. Model-scope stages (rotations, OWL) keep every linear's name and shape,
@@ -152,6 +169,7 @@ def build_plan(model: nn.Module, recipe: Recipe, *, reshaped: bool = False) -> P
                     f"layer {hit[0]}: recipe stage {j} ({later.method}) would run after stage {i} ({st.method}), which factors the weight "
                     "(block-scope stages run first): stages acting on low-rank factors (quantizing them) are not in llmpress yet"
                 )
+    _check_factor_stages(stages, [n for n, _ in linears], prefix)
     needs = {n: frozenset(a for _, s in sts for a in METHODS[s.method].needs) for n, sts in targets.items()}
     stray = [n for n in targets if not n.startswith(prefix) and needs[n] and n != spec.lm_head]
     if stray:
