@@ -100,8 +100,10 @@ def tune_block(ctx, cfg: LowRankTune, pairs, leaves, xs, calls, ys, bar=None) ->
     back at the start if the tuning did not lower the block's error over every batch."""
     block = ctx.block
 
+    dtypes = {loc: get_module(block, loc).weight.dtype for loc in pairs}  # the model's (bfloat16 models train float32 leaves)
+
     def weights():
-        return {f"{loc}.weight": leaves[id(A)] @ leaves[id(B)] for loc, (A, B) in pairs.items()}
+        return {f"{loc}.weight": (leaves[id(A)] @ leaves[id(B)]).to(dtypes[loc]) for loc, (A, B) in pairs.items()}
 
     frozen = [(p, p.requires_grad) for p in block.parameters()]
     for p, _ in frozen:
