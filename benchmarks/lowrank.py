@@ -227,6 +227,7 @@ def main() -> None:
     ap.add_argument("--tune-ratios", type=float, nargs="*", default=[],
                     help="ratios with svd_llm + lowrank_tune rows (uniform and allocated ranks)")  # fmt: skip
     ap.add_argument("--tune-iters", type=int, default=None, help="lowrank_tune steps per block (default: the stage's)")
+    ap.add_argument("--tune-lr", type=float, default=None, help="lowrank_tune relative step size (default: the stage's)")
     ap.add_argument("--context", type=int, default=2048, help="prompt tokens of the decode measurement")
     ap.add_argument("--no-lrq", action="store_true", help="skip low rank + W4 factors against GPTQ W3 at about the same bytes")
     ap.add_argument("--out", default=None)
@@ -262,15 +263,15 @@ def main() -> None:
                 if m == "svd_llm" and not a.no_sweep:  # ASVD's measured per-layer sensitivity sweep, the allocation to compare with
                     sweep = stage("lowrank_sweep", targets=["Linear"], ignore=["lm_head"], ratio=ratio, **sweep_args)
                     b.run(f"{m} ratio {ratio}, ranks by sensitivity sweep", [sweep, *sts], lowrank=m, param_ratio=ratio, ranks="sweep")
-    tune_args = {"iters": a.tune_iters} if a.tune_iters else {}
+    tune_args = {k: v for k, v in (("iters", a.tune_iters), ("lr", a.tune_lr)) if v}
     for ratio in a.tune_ratios:  # the factors of each block trained together against its full-precision output
         tune = stage("lowrank_tune", targets=["Linear"], ignore=["lm_head"], **tune_args)
-        it = f", {a.tune_iters} steps" if a.tune_iters else ""
+        it = "".join(f", {k} {v:g}" for k, v in tune_args.items())
         alloc = stage("lowrank_alloc", targets=["Linear"], ignore=["lm_head"], ratio=ratio)
         b.run(f"svd_llm ratio {ratio}, allocated ranks, tuned{it}", [alloc, *factor_stages("svd_llm", ratio), tune], lowrank="svd_llm",
-              param_ratio=ratio, ranks="allocated-tuned")  # fmt: skip
+              param_ratio=ratio, ranks=f"allocated-tuned{it}")  # fmt: skip
         b.run(f"svd_llm ratio {ratio}, tuned{it}", [*factor_stages("svd_llm", ratio), tune], lowrank="svd_llm", param_ratio=ratio,
-              ranks="uniform-tuned")  # fmt: skip
+              ranks=f"uniform-tuned{it}")  # fmt: skip
     qkv = ["re:.*self_attn\\.(q|k|v)_proj$"]
     decode = {}
     for ratio in a.qsvd_ratios:
