@@ -227,6 +227,7 @@ def main() -> None:
     ap.add_argument("--tune-ratios", type=float, nargs="*", default=[],
                     help="ratios with svd_llm + lowrank_tune rows (uniform and allocated ranks)")  # fmt: skip
     ap.add_argument("--tune-iters", type=int, default=None, help="lowrank_tune steps per block (default: the stage's)")
+    ap.add_argument("--lrq-tune", action="store_true", help="also the W4-factor row with lowrank_tune (trained through the grid)")
     ap.add_argument("--tune-lr", type=float, default=None, help="lowrank_tune relative step size (default: the stage's)")
     ap.add_argument("--context", type=int, default=2048, help="prompt tokens of the decode measurement")
     ap.add_argument("--no-lrq", action="store_true", help="skip low rank + W4 factors against GPTQ W3 at about the same bytes")
@@ -292,6 +293,9 @@ def main() -> None:
         for solver in ("rtn", "gptq"):
             b.run(f"svd_llm ratio 0.765 + W4 g64 factors ({solver})", factor_stages("svd_llm", 0.765, weights=w4, solver=solver),
                   lowrank="svd_llm", param_ratio=0.765, ranks="lrq")  # fmt: skip
+        if a.lrq_tune:
+            b.run("svd_llm ratio 0.765 + W4 g64 factors (gptq), tuned", [*factor_stages("svd_llm", 0.765, weights=w4, solver="gptq"),
+                  stage("lowrank_tune", targets=["Linear"], ignore=["lm_head"], **tune_args)], lowrank="svd_llm", param_ratio=0.765, ranks="lrq")  # fmt: skip
         b.run("gptq-w3g64 (same bytes)", "gptq-w3g64", ranks="lrq")
     if a.qsvd_ratios and "decode" not in json.loads(out.read_text()):
         decode = decode_speed(b, a.qsvd_ratios[-1], a.context)

@@ -115,19 +115,13 @@ def _check_layer_stages(
 
 def _check_factor_stages(stages: list[tuple[int, Stage]], names: list[str], prefix: str) -> None:
     """A stage that trains low-rank factors (``requires_factors``: lowrank_tune) needs, on each
-    linear it targets, an earlier stage that factors the weight into float factors."""
+    linear it targets, an earlier stage that factors the weight."""
     for i, st in stages:
         if not getattr(st.config, "requires_factors", False):
             continue
         for name in (n for n in names if n.startswith(prefix) and st.matches(n, True)):  # a block-scope stage: the blocks' linears
-            fac = [(j, s) for j, s in stages[:i] if getattr(s.config, "replaces_weight", False) and s.matches(name, True)]
-            if not fac:
+            if not any(getattr(s.config, "replaces_weight", False) and s.matches(name, True) for _, s in stages[:i]):
                 raise UserError(f"layer {name}: recipe stage {i} ({st.method}) needs a low-rank stage before it that factors this linear")
-            j, s = fac[-1]
-            if getattr(s.config, "weights", None) is not None:
-                raise UserError(
-                    f"layer {name}: recipe stage {i} ({st.method}) trains float factors; stage {j} ({s.method}) quantizes them (drop its weights)"
-                )
 
 
 def build_plan(model: nn.Module, recipe: Recipe, *, reshaped: bool = False) -> Plan:

@@ -19,8 +19,10 @@ before, targets the full-precision model's outputs of the block, so each block a
 the error that reaches it) and ``parallel`` (inputs and targets from the full-precision
 model); not ``sequential``, whose targets (the uncompressed block on the compressed inputs)
 are gone once the block is factored. The stage runs after the module stages of its
-block (``after_module_stages``), so it sees the factors; float factors only (factors
-quantized in the factoring stage are refused when the recipe is read).
+block (``after_module_stages``), so it sees the factors. Factors the factoring stage put on
+a grid (``weights:``, by RTN or GPTQ) are trained through that grid (each step uses their
+nearest-rounded values, the gradient passing straight through) and rounded to nearest again at
+the end, with new scales: the bytes and the grid stay.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from ..quant.block_recon import (
     slice_call,
     step_chunks,
 )
+from ..quant.core import fake_quantize, quantize_weight
 from ..registry import register
 
 MODES = ("corrective", "parallel")
@@ -78,40 +81,48 @@ class LowRankTune:
         return True  # both modes' targets are the full-precision model's
 
 
-def _factors(ctx) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[int, torch.Tensor]]:
-    """Per target its (A, B) as stored by the factoring stage, and one float32 leaf tensor per
-    distinct factor (QSVD's q/k/v share one B: one leaf)."""
-    pairs, leaves = {}, {}
+def _factors(ctx) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[int, torch.Tensor], dict[int, object]]:
+    """Per target its (A, B) as stored by the factoring stage, one float32 leaf tensor per
+    distinct factor (QSVD's q/k/v share one B: one leaf) and each leaf's grid (None: float)."""
+    pairs, leaves, grids = {}, {}, {}
     for loc, full in ctx.targets.items():
         rec = ctx.record(loc)
         if rec.form != "lowrank":
             raise UserError(f"layer {full}: lowrank_tune needs a low-rank factoring stage before it on this linear")
-        if rec.weight_args is not None:
-            raise UserError(f"layer {full}: lowrank_tune trains float factors; these are quantized (drop weights from the factoring stage)")
         A, B = rec.payload["A"], rec.payload["B"]
         for t in (A, B):
             leaves.setdefault(id(t), t.detach().float().clone().requires_grad_(True))
+            grids[id(t)] = rec.weight_args
         pairs[loc] = (A, B)
-    return pairs, leaves
+    return pairs, leaves, grids
 
 
-def tune_block(ctx, cfg: LowRankTune, pairs, leaves, xs, calls, ys, bar=None) -> dict:
-    """Adam on the factor leaves against the targets; the leaves end at the tuned values, or
-    back at the start if the tuning did not lower the block's error over every batch."""
+def _on_grid(leaf: torch.Tensor, args) -> torch.Tensor:
+    """The leaf's nearest-rounded value on ``args``'s grid, the gradient straight through
+    (the leaf itself without a grid)."""
+    if args is None:
+        return leaf
+    return leaf + (fake_quantize(leaf.detach(), args) - leaf.detach())
+
+
+def tune_block(ctx, cfg: LowRankTune, pairs, leaves, xs, calls, ys, grids=None, bar=None) -> dict:
+    """Adam on the factor leaves against the targets (through each leaf's grid in ``grids``).
+    ``kept_start`` in the result: the tuned factors (rounded to their grids) did not lower the
+    block's error over every batch below the stored factors' (the caller keeps those)."""
     block = ctx.block
-
+    grids = grids or {}
     dtypes = {loc: get_module(block, loc).weight.dtype for loc in pairs}  # the model's (bfloat16 models train float32 leaves)
 
     def weights():
-        return {f"{loc}.weight": (leaves[id(A)] @ leaves[id(B)]).to(dtypes[loc]) for loc, (A, B) in pairs.items()}
+        f = {k: _on_grid(v, grids.get(k)) for k, v in leaves.items()}
+        return {f"{loc}.weight": (f[id(A)] @ f[id(B)]).to(dtypes[loc]) for loc, (A, B) in pairs.items()}
 
     frozen = [(p, p.requires_grad) for p in block.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
-    start = {k: v.detach().clone() for k, v in leaves.items()}
     device = xs[0].device
-    with torch.no_grad(), autocast_for(cfg.amp, device):
-        before = output_error(block, weights(), xs, calls, ys)
+    with torch.no_grad(), autocast_for(cfg.amp, device):  # the factors as stored (GPTQ's codes on a grid)
+        before = output_error(block, {f"{loc}.weight": (A.float() @ B.float()).to(dtypes[loc]) for loc, (A, B) in pairs.items()}, xs, calls, ys)
     params = list(leaves.values())
     opt = torch.optim.Adam([{"params": [p], "lr": cfg.lr * float(p.detach().pow(2).mean().sqrt())} for p in params])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / cfg.iters)
@@ -136,10 +147,6 @@ def tune_block(ctx, cfg: LowRankTune, pairs, leaves, xs, calls, ys, bar=None) ->
     with torch.no_grad(), autocast_for(cfg.amp, device):
         after = output_error(block, weights(), xs, calls, ys)
     kept = not (after < before) or not math.isfinite(after)
-    if kept:
-        with torch.no_grad():
-            for k, v in leaves.items():
-                v.copy_(start[k])
     return {"block_mse_before": before, "block_mse_after": before if kept else after, "kept_start": kept,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "bf16_steps": amp_on(cfg.amp, device)}  # fmt: skip
@@ -152,20 +159,34 @@ def tune_block(ctx, cfg: LowRankTune, pairs, leaves, xs, calls, ys, bar=None) ->
     summary="train a block's low-rank factors together against the block's full-precision output (after factoring)",
 )
 def lowrank_tune(ctx, cfg: LowRankTune) -> None:
-    pairs, leaves = _factors(ctx)
+    pairs, leaves, grids = _factors(ctx)
     data = parallel_data if cfg.mode == "parallel" else corrective_data
     xs, calls, ys = data(ctx, cfg.batches, method="lowrank_tune")
     with progress.bar(cfg.iters, f"lowrank_tune block {ctx.index}", "step") as bar:
-        res = tune_block(ctx, cfg, pairs, leaves, xs, calls, ys, bar=bar)
+        res = tune_block(ctx, cfg, pairs, leaves, xs, calls, ys, grids=grids, bar=bar)
     del xs, calls, ys
-    tuned = {}  # one stored tensor per leaf, so a shared B stays one tensor
-    for loc, (A, B) in pairs.items():
-        lin = get_module(ctx.block, loc)
-        dtype = lin.weight.dtype
-        a = tuned.setdefault(id(A), leaves[id(A)].detach().to(dtype).contiguous())
-        b = tuned.setdefault(id(B), leaves[id(B)].detach().to(dtype).contiguous())
-        lin.weight.data.copy_(a @ b)
+    for loc in pairs:
         rec = ctx.record(loc)
-        rec.payload["A"], rec.payload["B"] = a, b
         rec.methods.append("lowrank_tune")
         rec.notes["lowrank_tune"] = res
+    if res["kept_start"]:
+        return
+    stored = {}  # per leaf: (tensor, its grid's payload entries), once, so a shared B stays one tensor
+
+    def final(key: int, name: str, dtype) -> tuple[torch.Tensor, dict]:
+        if key not in stored:
+            v, args = leaves[key].detach(), grids[key]
+            if args is None:
+                stored[key] = (v.to(dtype).contiguous(), {})
+            else:
+                w, qp = quantize_weight(v, args, name)
+                extra = {"scale": qp.scale} if qp.zero_point is None else {"scale": qp.scale, "zero_point": qp.zero_point}
+                stored[key] = (w.to(dtype).contiguous(), extra)
+        return stored[key]
+
+    for loc, (A, B) in pairs.items():
+        lin = get_module(ctx.block, loc)
+        rec = ctx.record(loc)
+        (a, qa), (b, qb) = final(id(A), f"{rec.name}.A", lin.weight.dtype), final(id(B), f"{rec.name}.B", lin.weight.dtype)
+        lin.weight.data.copy_(a @ b)
+        rec.payload.update({"A": a, "B": b, **{f"A.{k}": v for k, v in qa.items()}, **{f"B.{k}": v for k, v in qb.items()}})
