@@ -242,7 +242,7 @@ def main() -> None:
     ap.add_argument(
         "--serve", action="store_true", help="only the serving section: W4 factors through the int4 kernel against float factors and dense int4"
     )
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the serving section")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the serving and decode sections")
     a = ap.parse_args()
     out = Path(a.out or f"runs/bench/lowrank-{a.model}.json")
     if a.table_only:
