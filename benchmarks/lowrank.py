@@ -123,7 +123,9 @@ def decode_speed(b: Bench, ratio: float, context: int, new_tokens: int = 64, rou
     """Greedy decode tokens/s after a ``context``-token prompt and the prompt's prefill seconds, for the
     full-precision model, the QSVD checkpoint served with its latent cache, and the same factors with
     the usual K/V cache, the models interleaved over ``rounds`` rounds, each figure the best round
-    (all rounds kept); with the cache's bytes at the end."""
+    (all rounds kept); with the cache's bytes at the end. Prefill: ``generate`` of one token (the
+    prompt's forward with the head on its last position only); decode: the extra seconds of
+    ``new_tokens`` more, per token."""
     import copy
     import tempfile
     import time
@@ -153,20 +155,18 @@ def decode_speed(b: Bench, ratio: float, context: int, new_tokens: int = 64, rou
         times = {name: [] for name in models}
         for _ in range(rounds):
             for name, model in models.items():
-                cache = DynamicCache(config=model.config)
-                with torch.no_grad():
-                    t = time.perf_counter()
-                    model(input_ids=prompt, past_key_values=cache, use_cache=True)
-                    prefill = time.perf_counter() - t
+                took = []
+                for n in (1, new_tokens + 1):
                     cache = DynamicCache(config=model.config)
                     t = time.perf_counter()
-                    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, past_key_values=cache)
-                    total = time.perf_counter() - t
-                times[name].append((prefill, max(total - prefill, 1e-9)))
+                    with torch.no_grad():
+                        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, past_key_values=cache)
+                    took.append(time.perf_counter() - t)
+                times[name].append((took[0], max(took[1] - took[0], 1e-9)))
                 nbytes = sum(x.keys.numel() * x.keys.element_size() + x.values.numel() * x.values.element_size() for x in cache.layers)
                 res[name] = {"prefill_s": round(min(p for p, _ in times[name]), 3), "decode_tok_s": round(new_tokens / min(d for _, d in times[name]), 2),
                              "rounds": [[round(p, 3), round(new_tokens / d, 2)] for p, d in times[name]],
-                             "cache_bytes": nbytes, "cache_bytes_per_token": nbytes / (context + new_tokens - 1)}  # fmt: skip
+                             "cache_bytes": nbytes, "cache_bytes_per_token": nbytes / (context + new_tokens)}  # fmt: skip
                 print(f"  decode at {context} tokens: {name}: {res[name]}", flush=True)
     return {"context": context, "new_tokens": new_tokens, "ratio": ratio, "rounds": rounds, "models": res}
 
