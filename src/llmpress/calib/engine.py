@@ -9,9 +9,10 @@
    block, call each stage's handler per module, run the block-scope stages whose config
    says ``after_module_stages`` (``lowrank_tune``, which trains the factors the module
    stages left), then run the block again so the next block sees the compressed outputs.
-   With ``true_sequential`` the linears are taken group by group in data-flow order (q/k/v, o, gate/up, down), each group's statistics
-   gathered after the earlier groups were compressed; ``fused`` does that in about one
-   forward per block (see :mod:`llmpress.calib.fused`).
+   With ``true_sequential`` the linears are taken group by group in data-flow order
+   (q/k/v, o, gate/up, down), each group's statistics gathered after the earlier groups
+   were compressed; ``fused`` does that in about one forward per block (see
+   :mod:`llmpress.calib.fused`).
 Only one block's inputs and outputs are held at a time (optionally on disk).
 """
 
