@@ -105,11 +105,10 @@ def _on_grid(leaf: torch.Tensor, args) -> torch.Tensor:
     return leaf + (fake_quantize(leaf.detach(), args) - leaf.detach())
 
 
-def tune_block(ctx, cfg: LowRankTune, pairs, leaves, xs, calls, ys, grids=None, bar=None) -> dict:
+def tune_block(block: torch.nn.Module, cfg: LowRankTune, pairs, leaves, xs, calls, ys, grids=None, bar=None) -> dict:
     """Adam on the factor leaves against the targets (through each leaf's grid in ``grids``).
     ``kept_start`` in the result: the tuned factors (rounded to their grids) did not lower the
     block's error over every batch below the stored factors' (the caller keeps those)."""
-    block = ctx.block
     grids = grids or {}
     dtypes = {loc: get_module(block, loc).weight.dtype for loc in pairs}  # the model's (bfloat16 models train float32 leaves)
 
@@ -163,7 +162,7 @@ def lowrank_tune(ctx, cfg: LowRankTune) -> None:
     data = parallel_data if cfg.mode == "parallel" else corrective_data
     xs, calls, ys = data(ctx, cfg.batches, method="lowrank_tune")
     with progress.bar(cfg.iters, f"lowrank_tune block {ctx.index}", "step") as bar:
-        res = tune_block(ctx, cfg, pairs, leaves, xs, calls, ys, grids=grids, bar=bar)
+        res = tune_block(ctx.block, cfg, pairs, leaves, xs, calls, ys, grids=grids, bar=bar)
     del xs, calls, ys
     for loc in pairs:
         rec = ctx.record(loc)
