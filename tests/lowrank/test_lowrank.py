@@ -591,3 +591,53 @@ def test_qsvd_refuses_per_linear_ranks_and_joint_refuses_other_linears():
         compress(tiny_llama(), [stage("lowrank_alloc", targets=["re:.*self_attn\\.(q|k)_proj$"], ratio=0.5, joint="qkv")], data=data, engine=QUIET)
     with pytest.raises(LlmpressError, match="expected qkv"):
         stage("lowrank_alloc", targets=QKV, joint="mlp")
+
+
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
+def test_weight_grads_hands_each_gradient_once_and_cleans_up(family):
+    """The streamed gradients (blocks recomputed in the backward pass) equal autograd's on the
+    plain forward, one per weight and batch; nothing is left in ``.grad``, every parameter's
+    requires_grad is restored and the blocks' own forward is back."""
+    from llmpress.lowrank.core import weight_grads
+
+    model = TINY_MODELS[family]()
+    ids = random_windows(4, 16)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # a flag to restore
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    got, calls = [], []
+    layer = model.model.layers[1]
+    inner = layer.forward
+    layer.forward = lambda *a, **k: calls.append(1) or inner(*a, **k)  # counts the block's forward runs
+    batches = weight_grads(model, names, ids, 4, 2, lambda n, g: got.append((n, g.clone())))
+    assert len(calls) == 2 * batches  # recomputed in each backward pass, not kept
+    del layer.forward
+    assert batches == 2 and sorted(n for n, _ in got) == sorted(names * 2)
+    for b in range(2):
+        x = ids[2 * b : 2 * b + 2]
+        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        want = torch.autograd.grad(loss, [model.get_submodule(n).weight for n in names])
+        for n, w in zip(names, want):
+            assert torch.allclose([g for m, g in got if m == n][b], w, rtol=1e-4, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert not any("forward" in layer.__dict__ for layer in model.model.layers)
+
+
+def test_joint_unit_gradients_are_the_stacked_weights():
+    """A q/k/v unit's singular-value gradients are those of the stacked weight (its members'
+    gradients joined in order, whatever order the backward pass delivers them in)."""
+    from llmpress.lowrank.allocate import LowRankAlloc, singular_value_grads
+
+    model = tiny_llama()
+    ids = random_windows(2, 16)
+    names = [f"model.layers.1.self_attn.{p}_proj" for p in "qkv"]
+    ((S, g),) = singular_value_grads(model, {"u": names}, ids, LowRankAlloc(windows=2, batch_size=2)).values()
+    W = torch.cat([model.get_submodule(n).weight.detach() for n in names]).double()
+    U, S2, Vh = torch.linalg.svd(W, full_matrices=False)
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    G = torch.cat(torch.autograd.grad(loss, [model.get_submodule(n).weight for n in names])).double()
+    assert torch.allclose(S, S2)
+    assert torch.allclose(g, ((U.T @ G) * Vh).sum(1).abs(), rtol=1e-3, atol=1e-7)

@@ -59,19 +59,32 @@ def singular_value_grads(
     model: nn.Module, units: dict[str, list[str]], data: torch.Tensor, cfg: LowRankAlloc
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(singular values, sum over batches of |dL/ds_i|) of each unit's weight: a unit is one
-    linear, or several stacked along their outputs (QSVD's q/k/v), whose gradient is theirs stacked."""
+    linear, or several stacked along their outputs (QSVD's q/k/v), whose gradient is theirs stacked.
+    Memory: each unit's singular vectors in float32 (the SVD itself in float64, one unit at a
+    time), about 1.3 weight-sized copies for the whole pass; each gradient is projected as the
+    backward pass delivers it (a unit's members wait for each other) and dropped."""
+    svals, vecs = {}, {}
+    for u, names in units.items():
+        U, S, Vh = torch.linalg.svd(torch.cat([get_module(model, n).weight.detach() for n in names]).double(), full_matrices=False)
+        svals[u], vecs[u] = S, (U.float(), Vh.float())
+        del U, Vh
+    acc = {u: torch.zeros(svals[u].shape[0], dtype=torch.float64) for u in units}
+    unit_of = {n: u for u, names in units.items() for n in names}
+    waiting: dict[str, dict[str, torch.Tensor]] = {}
 
-    def stacked(get):
-        return {u: torch.cat([get(n) for n in names]).double() for u, names in units.items()}
+    def consume(name: str, g: torch.Tensor) -> None:
+        u = unit_of[name]
+        got = waiting.setdefault(u, {})
+        got[name] = g.detach()
+        if len(got) < len(units[u]):
+            return
+        G = torch.cat([got[n].float() for n in units[u]])
+        del waiting[u]
+        U, Vh = vecs[u]
+        acc[u] += ((U.T @ G) * Vh).sum(1).abs().double()  # u_i^T G v_i for every i
 
-    svds = {u: torch.linalg.svd(w, full_matrices=False) for u, w in stacked(lambda n: get_module(model, n).weight.detach()).items()}
-    acc = {u: torch.zeros(svds[u][1].shape[0], dtype=torch.float64) for u in units}
-    names = [n for ns in units.values() for n in ns]
-    for grads in weight_grads(model, names, data, cfg.windows, cfg.batch_size):
-        for u, g in stacked(grads.__getitem__).items():
-            U, _, Vh = svds[u]
-            acc[u] += ((U.T @ g) * Vh).sum(1).abs()  # u_i^T G v_i for every i
-    return {u: (svds[u][1], acc[u]) for u in units}
+    weight_grads(model, [n for ns in units.values() for n in ns], data, cfg.windows, cfg.batch_size, consume)
+    return {u: (svals[u], acc[u]) for u in units}
 
 
 def qkv_units(shapes: dict[str, tuple[int, int]], spec) -> dict[str, list[str]]:

@@ -44,12 +44,12 @@ class WeightImportance:
 def importance(model: nn.Module, names: list[str], data: torch.Tensor, cfg: WeightImportance) -> dict[str, torch.Tensor]:
     """Each named linear's per-weight importance (see the module doc), float32."""
     acc: dict[str, torch.Tensor] = {}
-    n = 0
-    for grads in weight_grads(model, names, data, cfg.windows, cfg.batch_size):
-        n += 1
-        for k, g in grads.items():
-            term = g.detach().float().pow(2) if cfg.score == "fisher" else g.detach().float().abs()
-            acc[k] = term if k not in acc else acc[k].add_(term)
+
+    def consume(k: str, g: torch.Tensor) -> None:
+        term = g.detach().float().pow(2) if cfg.score == "fisher" else g.detach().float().abs()
+        acc[k] = term if k not in acc else acc[k].add_(term)
+
+    n = weight_grads(model, names, data, cfg.windows, cfg.batch_size, consume)
     for v in acc.values():
         v.div_(n)
         if cfg.score == "grad":
