@@ -27,14 +27,11 @@ base recipe does with them).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from . import progress
 from .arch import get_arch, get_module
@@ -47,7 +44,7 @@ from .quant.gptq_solve import gptq_quantize
 from .quant.hessian import layer_error
 from .quant.mixed import allocate, budget_bits, parse_candidates, setting_bits
 from .recipe import Recipe, Stage
-from .runtime.head import agrees, chunk_tokens, head_logits, split_head
+from .runtime.head import loss_parts, next_token_loss, recomputed_blocks
 
 SOLVERS = ("rtn", "gptq")
 WEIGHTINGS = ("fisher", "none")  # each layer's output error weighted by the loss's sensitivity to it, or summed as it is
@@ -174,55 +171,24 @@ def collect_fisher(model: nn.Module, names: list[str], windows: torch.Tensor, ba
         return hook
 
     dev = next(model.parameters()).device
-    parts = split_head(model)
-    with torch.no_grad():
-        same = parts is not None and agrees(model, parts, windows[:1, :8].to(dev))
-    if not same:
-        parts = None  # the model's logits are not head(decoder(x)): its own loss, full logits
+    parts = loss_parts(model, windows[:1, :8].to(dev))
     handles = [get_module(model, n).register_forward_hook(out_hook(n)) for n in names]
     frozen = [(p, p.requires_grad) for p in model.parameters()]
-    layers = get_module(model, get_arch(model).blocks)
     try:
-        for layer in layers:  # each block recomputed in the backward: the pass keeps block inputs, not activations
-            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
         for p, _ in frozen:
             p.requires_grad_(False)
-        with torch.enable_grad():
+        with torch.enable_grad(), recomputed_blocks(get_module(model, get_arch(model).blocks)):
             for i in progress.track(range(0, windows.shape[0], batch_size), "plan-bits: output gradients", "batch"):
                 ids = windows[i : i + batch_size].to(dev)
                 emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-                next_token_loss(model, parts, emb, ids).backward()
+                next_token_loss(model, parts, ids, emb).backward()
                 count[0] += ids.numel()
     finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
         for h in handles:
             h.remove()
         for p, req in frozen:
             p.requires_grad_(req)
     return {n: (v / max(count[0], 1)).double() for n, v in sums.items() if v is not None}
-
-
-def _nll_sum(head: nn.Module, softcap: float | None, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head_logits(head, softcap, h), target, reduction="sum")
-
-
-def next_token_loss(model: nn.Module, parts, emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The mean next-token loss of ``ids`` (the model's own ``labels`` loss). With ``parts``
-    (:func:`llmpress.runtime.head.split_head`) the head and the loss run a chunk of tokens at
-    a time, each chunk recomputed in the backward pass: no [tokens, vocab] logits (nor their
-    gradient) are held for the whole batch (402 MB a copy for 2 windows of SmolLM2-135M)."""
-    if parts is None:
-        return model(inputs_embeds=emb, labels=ids, use_cache=False).loss
-    body, head, softcap = parts
-    h = body(inputs_embeds=emb, use_cache=False).last_hidden_state[:, :-1]
-    h = h.reshape(-1, h.shape[-1])
-    target = ids[:, 1:].reshape(-1)
-    step = chunk_tokens(head.weight.shape[0], h.shape[-1])
-    total = sum(
-        checkpoint(_nll_sum, head, softcap, h[s : s + step], target[s : s + step], use_reentrant=False) for s in range(0, target.numel(), step)
-    )
-    return total / target.numel()
 
 
 def setting_cost(

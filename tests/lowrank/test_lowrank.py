@@ -598,7 +598,7 @@ def test_weight_grads_hands_each_gradient_once_and_cleans_up(family):
     """The streamed gradients (blocks recomputed in the backward pass) equal autograd's on the
     plain forward, one per weight and batch; nothing is left in ``.grad``, every parameter's
     requires_grad is restored and the blocks' own forward is back."""
-    from llmpress.lowrank.core import weight_grads
+    from llmpress.lowrank.grads import weight_grads
 
     model = TINY_MODELS[family]()
     ids = random_windows(4, 16)
@@ -608,7 +608,7 @@ def test_weight_grads_hands_each_gradient_once_and_cleans_up(family):
     got, calls = [], []
     layer = model.model.layers[1]
     inner = layer.forward
-    layer.forward = lambda *a, **k: calls.append(1) or inner(*a, **k)  # counts the block's forward runs
+    layer.forward = lambda *a, **k: (torch.is_grad_enabled() and calls.append(1)) or inner(*a, **k)  # the block's runs with gradients
     batches = weight_grads(model, names, ids, 4, 2, lambda n, g: got.append((n, g.clone())))
     assert len(calls) == 2 * batches  # recomputed in each backward pass, not kept
     del layer.forward

@@ -164,12 +164,12 @@ def test_fisher_is_the_mean_squared_output_gradient_and_weights_rows(monkeypatch
     error by it; the head and loss a few tokens at a time (``chunk``) give the same."""
     import torch
 
-    import llmpress.bitplan as bp
+    import llmpress.runtime.head as head
     from llmpress.bitplan import collect_fisher
 
     if chunk is not None:
         calls = []
-        monkeypatch.setattr(bp, "chunk_tokens", lambda *_a: calls.append(1) or chunk)
+        monkeypatch.setattr(head, "chunk_tokens", lambda *_a: calls.append(1) or chunk)
     m = tiny_llama()
     name = "model.layers.1.mlp.down_proj"
     ids = random_windows(4, 16)

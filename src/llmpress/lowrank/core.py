@@ -24,14 +24,11 @@ Everything runs in float64; the factors come back in float32.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..arch import blocks, get_module
 from ..errors import UserError
 from ..quant.args import QuantArgs, check_group_divides
 from ..quant.core import quantize_weight
@@ -274,7 +271,6 @@ def qsvd_ratios(hidden: int, q_dim: int, kv_dim: int, rank: int) -> tuple[float,
 def stage_linears(model, spec, stage, data, method: str) -> dict[str, tuple[int, int]]:
     """[out, in] of each linear a model-scope allocation stage targets (in model order); refuses
     a stage without calibration data or matching no linear."""
-    import torch.nn as nn
 
     from ..errors import RecipeError
 
@@ -285,67 +281,3 @@ def stage_linears(model, spec, stage, data, method: str) -> dict[str, tuple[int,
     if not shapes:
         raise RecipeError(f"{method}: no linear matches targets {list(stage.targets)}")
     return shapes
-
-
-@contextlib.contextmanager
-def _recomputed(layers: nn.ModuleList):
-    """Inside, each layer's forward runs under activation checkpointing (non-reentrant: its
-    keyword arguments pass through, its activations are recomputed in the backward pass)."""
-    from torch.utils.checkpoint import checkpoint
-
-    own = []
-    for layer in layers:
-        fwd = layer.forward
-        own.append((layer, layer.__dict__.get("forward")))
-        layer.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
-    try:
-        yield
-    finally:
-        for layer, before in own:
-            if before is None:
-                del layer.forward
-            else:
-                layer.forward = before
-
-
-def weight_grads(model: nn.Module, names: list[str], data: torch.Tensor, windows: int, batch_size: int, consume) -> int:
-    """One backward pass per batch of the first ``windows`` calibration windows (the next-token
-    cross-entropy); ``consume(name, dL/dW)`` receives each named linear's gradient as soon as
-    the pass has it, which is then dropped: never every gradient at once (one weight-sized
-    copy of the targeted linears less at the peak). Only those weights require gradients
-    during the passes (restored after). Each decoder block's activations are recomputed in the
-    backward pass instead of kept (one more forward per pass): the pass holds the blocks'
-    inputs and one block's working set, not every block's. Returns the number of batches."""
-    params = [(n, get_module(model, n).weight) for n in names]
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    handles = []
-    for n, w in params:
-        w.requires_grad_(True)
-        w.grad = None
-
-        def hook(p, n=n):
-            g, p.grad = p.grad, None
-            consume(n, g)
-
-        handles.append(w.register_post_accumulate_grad_hook(hook))
-    dev = next(model.parameters()).device
-    batches = 0
-    try:
-        with torch.enable_grad(), _recomputed(blocks(model)):
-            for i in range(0, min(windows, data.shape[0]), batch_size):
-                ids = data[i : min(i + batch_size, windows)].to(dev)
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-                del logits
-                loss.backward()
-                del loss
-                batches += 1
-    finally:
-        for h in handles:
-            h.remove()
-        for p in model.parameters():
-            p.grad = None
-            p.requires_grad_(flags[id(p)])
-    return batches

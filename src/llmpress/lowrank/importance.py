@@ -25,7 +25,8 @@ import torch.nn as nn
 
 from ..errors import RecipeError
 from ..registry import ModelStageOutput, register
-from .core import stage_linears, weight_grads
+from .core import stage_linears
+from .grads import weight_grads
 
 
 @dataclass(kw_only=True, frozen=True)

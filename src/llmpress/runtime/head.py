@@ -1,15 +1,21 @@
 """The output head of a causal LM as a separate step: ``split_head`` finds (decoder, head,
 final-logit softcap) for a model whose logits are ``softcap(head(decoder(x)))`` with a
 per-token head, so callers can apply the head to a chunk of tokens at a time (perplexity,
-distillation) instead of materializing [batch, seq, vocab] logits at once.
+distillation) instead of materializing [batch, seq, vocab] logits at once;
+``next_token_loss`` and ``recomputed_blocks`` keep a backward pass through the whole model
+(gradient-based importance, plan-bits' output gradients) near one block's working set.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["LOGITS_BUDGET", "agrees", "chunk_tokens", "head_logits", "split_head"]
+__all__ = ["LOGITS_BUDGET", "agrees", "chunk_tokens", "head_logits", "loss_parts", "next_token_loss", "recomputed_blocks", "split_head"]
 
 LOGITS_BUDGET = 1 << 21  # elements of one chunk of logits (8 MB in float32)
 
@@ -81,3 +87,56 @@ def _tokenwise(head: nn.Module) -> bool:
         elif not (type(m) is nn.Linear or type(m).__module__ in _TOKENWISE_MODULES):
             return False
     return True
+
+
+def loss_parts(model: nn.Module, probe: torch.Tensor):
+    """``split_head``'s parts when they reproduce the model's logits on ``probe`` (a few
+    tokens), else None (the model's own loss, full logits)."""
+    parts = split_head(model)
+    with torch.no_grad():
+        return parts if parts is not None and agrees(model, parts, probe) else None
+
+
+def _nll_sum(head: nn.Module, softcap: float | None, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head_logits(head, softcap, h), target, reduction="sum")
+
+
+def next_token_loss(model: nn.Module, parts, ids: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean next-token loss of ``ids`` (the model's own ``labels`` loss; inputs ``emb``
+    when given, else ``ids``). With ``parts`` (:func:`loss_parts`) the head and the loss run a
+    chunk of tokens at a time, each chunk recomputed in the backward pass: no [tokens, vocab]
+    logits (nor their gradient) are held for the whole batch (402 MB a copy for 2 windows of
+    SmolLM2-135M)."""
+    inputs = {"input_ids": ids} if emb is None else {"inputs_embeds": emb}
+    if parts is None:
+        return model(**inputs, labels=ids, use_cache=False).loss
+    body, head, softcap = parts
+    h = body(**inputs, use_cache=False).last_hidden_state[:, :-1]
+    h = h.reshape(-1, h.shape[-1])
+    target = ids[:, 1:].reshape(-1)
+    step = chunk_tokens(head.weight.shape[0], h.shape[-1])
+    total = sum(
+        checkpoint(_nll_sum, head, softcap, h[s : s + step], target[s : s + step], use_reentrant=False) for s in range(0, target.numel(), step)
+    )
+    return total / target.numel()
+
+
+@contextlib.contextmanager
+def recomputed_blocks(layers: nn.ModuleList):
+    """Inside, each layer's forward runs under activation checkpointing (non-reentrant: its
+    keyword arguments pass through): a backward pass through the model recomputes each
+    block's activations instead of keeping every block's, holding the blocks' inputs and one
+    block's working set."""
+    own = []
+    for layer in layers:
+        fwd = layer.forward
+        own.append((layer, layer.__dict__.get("forward")))
+        layer.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+    try:
+        yield
+    finally:
+        for layer, before in own:
+            if before is None:
+                del layer.forward
+            else:
+                layer.forward = before
