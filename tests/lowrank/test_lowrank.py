@@ -641,3 +641,16 @@ def test_joint_unit_gradients_are_the_stacked_weights():
     G = torch.cat(torch.autograd.grad(loss, [model.get_submodule(n).weight for n in names])).double()
     assert torch.allclose(S, S2)
     assert torch.allclose(g, ((U.T @ G) * Vh).sum(1).abs(), rtol=1e-3, atol=1e-7)
+
+
+def test_weight_grads_refuses_a_weight_the_loss_does_not_reach():
+    """A linear outside the forward pass gets no gradient: a clear error, not a missing score."""
+    from llmpress.lowrank.grads import weight_grads
+
+    model = tiny_llama()
+    model.model.layers[0].spare = nn.Linear(8, 8)  # registered, never called
+    got = []
+    with pytest.raises(UserError, match="spare"):
+        weight_grads(model, ["model.layers.0.spare", "model.layers.0.mlp.up_proj"], random_windows(2, 16), 2, 2, lambda n, g: got.append(n))
+    assert got == ["model.layers.0.mlp.up_proj"]
+    assert all(p.grad is None for p in model.parameters())

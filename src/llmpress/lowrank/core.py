@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
+from ..errors import RecipeError, UserError
 from ..quant.args import QuantArgs, check_group_divides
 from ..quant.core import quantize_weight
 
@@ -271,9 +271,6 @@ def qsvd_ratios(hidden: int, q_dim: int, kv_dim: int, rank: int) -> tuple[float,
 def stage_linears(model, spec, stage, data, method: str) -> dict[str, tuple[int, int]]:
     """[out, in] of each linear a model-scope allocation stage targets (in model order); refuses
     a stage without calibration data or matching no linear."""
-
-    from ..errors import RecipeError
-
     if data is None:
         raise RecipeError(f"{method} needs calibration data")
     prefix = spec.blocks + "."

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..arch import blocks, get_module
+from ..errors import UserError
 from ..runtime.head import loss_parts, next_token_loss, recomputed_blocks
 
 
@@ -21,18 +22,20 @@ def weight_grads(model: nn.Module, names: list[str], data: torch.Tensor, windows
     those weights require gradients during the passes (restored after). Each decoder block's
     activations are recomputed in the backward pass instead of kept (one more forward per
     pass), and the head runs a chunk of tokens at a time where the model's logits are
-    ``head(decoder(x))`` (``runtime.head.loss_parts``). Returns the number of batches."""
+    ``head(decoder(x))`` (``runtime.head.loss_parts``). A named weight the loss does not reach
+    is refused (it would get no gradient, hence no score). Returns the number of batches."""
     params = [(n, get_module(model, n).weight) for n in names]
     flags = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    handles = []
+    handles, got = [], dict.fromkeys(names, 0)
     for n, w in params:
         w.requires_grad_(True)
         w.grad = None
 
         def hook(p, n=n):
             g, p.grad = p.grad, None
+            got[n] += 1
             consume(n, g)
 
         handles.append(w.register_post_accumulate_grad_hook(hook))
@@ -50,4 +53,7 @@ def weight_grads(model: nn.Module, names: list[str], data: torch.Tensor, windows
         for p in model.parameters():
             p.grad = None
             p.requires_grad_(flags[id(p)])
+    missed = [n for n, k in got.items() if k < batches]
+    if missed:
+        raise UserError(f"the calibration loss does not depend on {missed[:3]} (no gradient): not a layer of the model's forward pass")
     return batches
