@@ -161,7 +161,9 @@ def main():
     if a.fp_ppl is not None:
         fp_by = {first: a.fp_ppl, **fp_by}
     fp = fp_by[first]
-    print("full precision ppl " + ", ".join(f"{s} {v:.3f}" for s, v in fp_by.items()) + (" (first given)" if a.fp_ppl is not None else ""), flush=True)
+    print(
+        "full precision ppl " + ", ".join(f"{s} {v:.3f}" for s, v in fp_by.items()) + (" (first given)" if a.fp_ppl is not None else ""), flush=True
+    )
     peer_problem = None if a.skip_peer else ensure_peer_venv()
     if peer_problem:
         print(f"PEER UNAVAILABLE: {peer_problem}", flush=True)

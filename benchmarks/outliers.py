@@ -200,11 +200,17 @@ def awq(r: Runner) -> None:
         return
     # both as the presets: full-range symmetric grid, activation order, static groups
     r.run("awq", "GPTQ W3 g64 (gptq-w3g64)", "gptq-w3g64")
-    r.run("awq", "AWQ + GPTQ W3 g64 (awq-gptq-w3g64)", "awq-gptq-w3g64")
-    if r.extra:  # AWQ's clipping is tuned for round-to-nearest; GPTQ rounds its own way
+    r.run("awq", "AWQ scales + GPTQ W3 g64 (awq-gptq-w3g64)", "awq-gptq-w3g64")
+    if r.extra:
         rec = api._as_recipe("awq-gptq-w3g64")
-        awq_stage = dataclasses.replace(rec.stages[0], config=dataclasses.replace(rec.stages[0].config, clip=False))
-        r.run("awq", "AWQ scales (no clip search) + GPTQ W3 g64", [awq_stage, rec.stages[1]])
+        awq_st, gptq_st = rec.stages
+        # AWQ's clip search is tuned for round-to-nearest; GPTQ rounds its own way
+        clip = dataclasses.replace(awq_st, config=dataclasses.replace(awq_st.config, clip=True))
+        r.run("awq", "AWQ scales + clip search + GPTQ W3 g64", [clip, gptq_st])
+        # the field's damping (the presets' setting before issue 22's held-out rule)
+        damp = dataclasses.replace(gptq_st, config=dataclasses.replace(gptq_st.config, damp=0.01))
+        r.run("awq", "GPTQ W3 g64, damp 0.01 (the old gptq-w3g64)", [damp])
+        r.run("awq", "AWQ scales + GPTQ W3 g64, damp 0.01 (the old awq-gptq-w3g64)", [awq_st, damp])
 
 
 def prune(r: Runner) -> None:
