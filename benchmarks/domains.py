@@ -39,6 +39,20 @@ def _gptq(**kw) -> dict:
                                            "block_size": 128, "damp": 0.01, **kw}]}  # fmt: skip
 
 
+def _preset_gptq(name: str, **kw) -> dict:
+    """Preset ``name`` with ``kw`` set on its GPTQ stage only (e.g. QuaRot + GPTQ in activation order)."""
+    import yaml
+
+    from llmpress.recipe import presets
+
+    d = yaml.safe_load(presets()[name].read_text())
+    for st in d["stages"]:
+        if st["method"] == "gptq":
+            st.update(kw)
+    d["name"] = "variant"
+    return d
+
+
 # name -> (recipe, engine options): the knobs of issue 22's GPTQ study
 # fmt: off
 VARIANTS = {
@@ -82,6 +96,8 @@ VARIANTS = {
         {"method": "rtn", "targets": ["re:.*down_proj"], "weights": W4}]}, {}),
     "sparsegpt-50-damp0.3": ({"name": "variant", "stages": [
         {"method": "sparsegpt", "targets": ["Linear"], "ignore": ["lm_head"], "sparsity": 0.5, "block_size": 128, "damp": 0.3, "per_row": True, "refit": True}]}, {}),
+    "quarot-w4a4kv4-gptq-act-order": (_preset_gptq("quarot-w4a4kv4-gptq", act_order=True, static_groups=True), {}),
+    "quarot-w4a4kv4-gptq-act-order-damp0.3": (_preset_gptq("quarot-w4a4kv4-gptq", act_order=True, static_groups=True, damp=0.3), {}),
     "gptq-natural-unfused": (_gptq(act_order=False), {"fused": False}),
     "gptq-natural-fp-inputs": (_gptq(act_order=False), {"true_sequential": False}),
 }
@@ -120,6 +136,8 @@ README_ROWS = {
     "smoothquant-w8a8": ("SmoothQuant W8A8 (`smoothquant-w8a8`)", "rtn-w8a8"),
     "quarot-w4a4kv4-rtn": ("QuaRot + RTN W4A4KV4 (`quarot-w4a4kv4-rtn`)", None),
     "quarot-w4a4kv4-gptq": ("QuaRot + GPTQ W4A4KV4 (`quarot-w4a4kv4-gptq`)", "quarot-w4a4kv4-rtn"),
+    "quarot-w4a4kv4-gptq-act-order": ("QuaRot + GPTQ W4A4KV4, activation order (static groups)", "quarot-w4a4kv4-rtn"),
+    "quarot-w4a4kv4-gptq-act-order-damp0.3": ("QuaRot + GPTQ W4A4KV4, activation order, damp 0.3", "quarot-w4a4kv4-rtn"),
     "magnitude-50": ("magnitude 50% (`magnitude-50`)", None),
     "wanda-50": ("Wanda 50% (`wanda-50`)", "magnitude-50"),
     "sparsegpt-50": ("SparseGPT 50%, damp 0.01 (`sparsegpt-50`)", "magnitude-50"),
