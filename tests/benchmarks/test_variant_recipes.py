@@ -1,0 +1,53 @@
+"""The benchmark rows say what they run: variant recipes differ from their preset only where the label says."""
+
+from bench_scripts import load_script
+
+from llmpress import api
+
+
+def _stages(recipe):
+    return api._as_recipe(recipe).stages
+
+
+def test_domains_quarot_act_order_changes_only_the_gptq_stage():
+    domains = load_script("domains")
+    base = _stages("quarot-w4a4kv4-gptq")
+    for name, damp in (("quarot-w4a4kv4-gptq-act-order", 0.01), ("quarot-w4a4kv4-gptq-act-order-damp0.3", 0.3)):
+        recipe, engine = domains.VARIANTS[name]
+        got = _stages(recipe)
+        assert [s.method for s in got] == [s.method for s in base]
+        assert engine == {}
+        for old, new in zip(base, got):
+            if new.method == "gptq":
+                assert (new.config.act_order, new.config.static_groups, new.config.damp) == (True, True, damp)
+                assert not old.config.act_order
+                assert new.config.weights == old.config.weights and new.config.activations == old.config.activations
+            else:
+                assert new.config == old.config
+        assert name in domains.README_ROWS and domains.README_ROWS[name][1] == "quarot-w4a4kv4-rtn"
+
+
+class _Recorder:
+    extra = True
+
+    def __init__(self):
+        self.rows = {}
+
+    def run(self, section, label, recipe, **kw):
+        self.rows[label] = _stages(recipe)
+        return {}
+
+
+def test_outliers_awq_section_rows_match_their_labels():
+    outliers = load_script("outliers")
+    r = _Recorder()
+    outliers.awq(r)
+    preset = _stages("awq-gptq-w3g64")
+    assert not preset[0].config.clip and preset[1].config.damp == 1.0  # the preset the labels describe
+    clip = r.rows["AWQ scales + clip search + GPTQ W3 g64"]
+    assert clip[0].config.clip and clip[1].config == preset[1].config
+    old_gptq = r.rows["GPTQ W3 g64, damp 0.01 (the old gptq-w3g64)"]
+    assert [s.method for s in old_gptq] == ["gptq"] and old_gptq[0].config.damp == 0.01
+    old_awq_gptq = r.rows["AWQ scales + GPTQ W3 g64, damp 0.01 (the old awq-gptq-w3g64)"]
+    assert old_awq_gptq[0].config == preset[0].config and old_awq_gptq[1].config.damp == 0.01
+    assert old_awq_gptq[1].config.weights == preset[1].config.weights
