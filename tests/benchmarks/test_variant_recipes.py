@@ -9,22 +9,26 @@ def _stages(recipe):
     return api._as_recipe(recipe).stages
 
 
-def test_domains_quarot_act_order_changes_only_the_gptq_stage():
+def test_domains_quarot_gptq_variants_change_only_the_gptq_stage():
     domains = load_script("domains")
     base = _stages("quarot-w4a4kv4-gptq")
-    for name, damp in (("quarot-w4a4kv4-gptq-act-order", 0.01), ("quarot-w4a4kv4-gptq-act-order-damp0.3", 0.3)):
+    cases = {"quarot-w4a4kv4-gptq-natural": (False, 0.01), "quarot-w4a4kv4-gptq-act-order": (True, 0.01),
+             "quarot-w4a4kv4-gptq-act-order-damp0.3": (True, 0.3)}  # fmt: skip
+    for name, (act_order, damp) in cases.items():
         recipe, engine = domains.VARIANTS[name]
         got = _stages(recipe)
         assert [s.method for s in got] == [s.method for s in base]
         assert engine == {}
         for old, new in zip(base, got):
             if new.method == "gptq":
-                assert (new.config.act_order, new.config.static_groups, new.config.damp) == (True, True, damp)
-                assert not old.config.act_order
+                assert (new.config.act_order, new.config.static_groups, new.config.damp) == (act_order, True, damp)
                 assert new.config.weights == old.config.weights and new.config.activations == old.config.activations
             else:
                 assert new.config == old.config
         assert name in domains.README_ROWS and domains.README_ROWS[name][1] == "quarot-w4a4kv4-rtn"
+    # the preset is the setting its README row names (activation order, damp 0.3)
+    gptq = next(s for s in base if s.method == "gptq")
+    assert (gptq.config.act_order, gptq.config.damp) == (True, 0.3)
 
 
 class _Recorder:
