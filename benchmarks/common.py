@@ -168,15 +168,18 @@ def save_results(path: Path, res: dict) -> None:
     tmp.replace(path)
 
 
-def preset_recipe(name: str, rename: str | None = None, **changes) -> dict:
-    """Preset ``name`` as a recipe dict with ``changes`` set on every stage (``weights`` merged
-    into the stage's own): e.g. ``preset_recipe("gptq-w3g64", "gptq-w2g64", weights={"bits": 2})``."""
+def preset_recipe(name: str, rename: str | None = None, only: str | None = None, **changes) -> dict:
+    """Preset ``name`` as a recipe dict with ``changes`` set on every stage (``only``: on the
+    stages of that method) (``weights`` merged into the stage's own): e.g.
+    ``preset_recipe("gptq-w3g64", "gptq-w2g64", weights={"bits": 2})``."""
     import yaml
 
     from llmpress.recipe import presets
 
     d = yaml.safe_load(presets()[name].read_text())
     for st in d["stages"]:
+        if only is not None and st["method"] != only:
+            continue
         for k, v in changes.items():
             if not isinstance(v, dict):
                 st[k] = v

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cells, eval_sets  # noqa: E402
+from common import cells, eval_sets, preset_recipe  # noqa: E402
 from common import load_results as _load  # noqa: E402
 from common import save_results as _save  # noqa: E402
 
@@ -37,20 +37,6 @@ W4 = {"bits": 4, "symmetric": True, "granularity": "group", "group_size": 64, "o
 def _gptq(**kw) -> dict:
     return {"name": "variant", "stages": [{"method": "gptq", "targets": ["Linear"], "ignore": ["lm_head"], "weights": W4,
                                            "block_size": 128, "damp": 0.01, **kw}]}  # fmt: skip
-
-
-def _preset_gptq(name: str, **kw) -> dict:
-    """Preset ``name`` with ``kw`` set on its GPTQ stage only (e.g. QuaRot + GPTQ in activation order)."""
-    import yaml
-
-    from llmpress.recipe import presets
-
-    d = yaml.safe_load(presets()[name].read_text())
-    for st in d["stages"]:
-        if st["method"] == "gptq":
-            st.update(kw)
-    d["name"] = "variant"
-    return d
 
 
 # name -> (recipe, engine options): the knobs of issue 22's GPTQ study
@@ -96,9 +82,9 @@ VARIANTS = {
         {"method": "rtn", "targets": ["re:.*down_proj"], "weights": W4}]}, {}),
     "sparsegpt-50-damp0.3": ({"name": "variant", "stages": [
         {"method": "sparsegpt", "targets": ["Linear"], "ignore": ["lm_head"], "sparsity": 0.5, "block_size": 128, "damp": 0.3, "per_row": True, "refit": True}]}, {}),
-    "quarot-w4a4kv4-gptq-natural": (_preset_gptq("quarot-w4a4kv4-gptq", act_order=False, static_groups=True, damp=0.01), {}),
-    "quarot-w4a4kv4-gptq-act-order": (_preset_gptq("quarot-w4a4kv4-gptq", act_order=True, static_groups=True, damp=0.01), {}),
-    "quarot-w4a4kv4-gptq-act-order-damp0.3": (_preset_gptq("quarot-w4a4kv4-gptq", act_order=True, static_groups=True, damp=0.3), {}),
+    "quarot-w4a4kv4-gptq-natural": (preset_recipe("quarot-w4a4kv4-gptq", "variant", only="gptq", act_order=False, static_groups=True, damp=0.01), {}),
+    "quarot-w4a4kv4-gptq-act-order": (preset_recipe("quarot-w4a4kv4-gptq", "variant", only="gptq", act_order=True, static_groups=True, damp=0.01), {}),
+    "quarot-w4a4kv4-gptq-act-order-damp0.3": (preset_recipe("quarot-w4a4kv4-gptq", "variant", only="gptq", act_order=True, static_groups=True, damp=0.3), {}),
     "gptq-natural-unfused": (_gptq(act_order=False), {"fused": False}),
     "gptq-natural-fp-inputs": (_gptq(act_order=False), {"true_sequential": False}),
 }
