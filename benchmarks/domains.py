@@ -122,7 +122,8 @@ README_ROWS = {
     "rtn-w8a8": ("RTN W8A8, per-token activations (`rtn-w8a8`)", None),
     "smoothquant-w8a8": ("SmoothQuant W8A8 (`smoothquant-w8a8`)", "rtn-w8a8"),
     "quarot-w4a4kv4-rtn": ("QuaRot + RTN W4A4KV4 (`quarot-w4a4kv4-rtn`)", None),
-    "quarot-w4a4kv4-gptq": ("QuaRot + GPTQ W4A4KV4 (`quarot-w4a4kv4-gptq`)", "quarot-w4a4kv4-rtn"),
+    # the JSONs of 2026-12-01 hold the preset as it was then (natural order, damp 0.01), as for gptq-w3g64 above
+    "quarot-w4a4kv4-gptq": ("QuaRot + GPTQ W4A4KV4, natural order, damp 0.01 (the old `quarot-w4a4kv4-gptq`)", "quarot-w4a4kv4-rtn"),
     "quarot-w4a4kv4-gptq-natural": ("QuaRot + GPTQ W4A4KV4, natural order, damp 0.01 (the old `quarot-w4a4kv4-gptq`)", "quarot-w4a4kv4-rtn"),
     "quarot-w4a4kv4-gptq-act-order": ("QuaRot + GPTQ W4A4KV4, activation order, damp 0.01", "quarot-w4a4kv4-rtn"),
     "quarot-w4a4kv4-gptq-act-order-damp0.3": ("**QuaRot + GPTQ W4A4KV4, activation order, damp 0.3 (`quarot-w4a4kv4-gptq`)**", "quarot-w4a4kv4-rtn"),
