@@ -133,10 +133,16 @@ class Bench:
 
 
 def main_guard(fn):
+    """Run a script's main: Ctrl-C exits 130, bad input (``UserError``) one line and exit code 2."""
+    from llmpress.errors import UserError
+
     try:
         fn()
     except KeyboardInterrupt:
         sys.exit(130)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def forward_each(model, windows, hooks) -> None:

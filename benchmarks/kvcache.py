@@ -74,6 +74,7 @@ from common import main_guard  # noqa: E402
 
 from llmpress import data as data_mod  # noqa: E402
 from llmpress import load_compressed  # noqa: E402
+from llmpress.errors import UserError  # noqa: E402
 from llmpress.eval.kvstream import passkey, recompute_perplexity, stream_perplexity  # noqa: E402
 from llmpress.eval.memory import hwm_mb, reset_hwm, trim_malloc  # noqa: E402
 
@@ -84,8 +85,10 @@ class Rows:
     def __init__(self, path: Path, meta: dict):
         self.path, self.data = path, {"meta": meta, "rows": []}
 
+    text = "wiki"
+
     def add(self, section: str, row: dict) -> None:
-        row = {"section": section, **row}
+        row = {"section": section, "text": self.text, **row}
         self.data["rows"].append(row)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.data, indent=1))
@@ -365,7 +368,15 @@ def _x(v: float, ref: float | None) -> str:
 
 
 def tables(rows: list[dict]) -> str:
-    """Markdown tables of the benchmark rows (any mix of sections)."""
+    """Markdown tables of the benchmark rows (any mix of sections), one set per test text (rows
+    from before ``--text`` existed are on wiki)."""
+    texts = list(dict.fromkeys(r.get("text", "wiki") for r in rows))
+    if len(texts) == 1:
+        return _tables(rows)
+    return "\n\n".join(f"Test text: {t}\n\n" + _tables([r for r in rows if r.get("text", "wiki") == t]) for t in texts)
+
+
+def _tables(rows: list[dict]) -> str:
     by = lambda sec: [r for r in rows if r.get("section") == sec]  # noqa: E731
     dec = {(r["policy"], r["context"]): r for r in by("decode")}
     out = []
@@ -429,6 +440,23 @@ def tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+CONTEXTS = (2048, 4096, 8192)  # the kivi and kv4 sections
+
+
+def check_length(secs: list[str], n: int, a) -> tuple[int, ...]:
+    """The kivi/kv4 contexts the text is long enough for; a clear error when a section needs more
+    than the text has (the h2o section's passkey needs 4096 tokens after its 4096-token stream)."""
+    need = {"streaming": a.tokens, "h2o": 8192, "passkey": 8192, "peer": 4096, "kvpress": 4096 + 512, "memory": 8192,
+            "speed": max(a.prefill, 4096) + a.decode_tokens}  # fmt: skip
+    short = [f"{s} needs {need[s]}" for s in secs if s in need and need[s] > n]
+    if short:
+        raise UserError(f"--text {a.text}: {n} test tokens, too short for " + ", ".join(short))
+    fits = tuple(c for c in CONTEXTS if c <= n)
+    if not fits and any(s in secs for s in ("kivi", "kv4")):
+        raise UserError(f"--text {a.text}: {n} test tokens, shorter than the kivi/kv4 contexts {CONTEXTS}")
+    return fits
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -446,6 +474,12 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=32, help="tokens per step of the perplexity streams")
     ap.add_argument("--prefill", type=int, default=2048, help="context before the decode-speed measurement")
     ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument(
+        "--text",
+        default="wiki",
+        help="test text of every section: wiki, news, code (packaged) or a text file; news (12.9k tokens) is long enough "
+        "for the kivi, kv4, h2o and memory sections, not for a 16k stream",
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument(
         "--table",
@@ -459,10 +493,14 @@ def main() -> None:
         speed = next((rs for rs in reversed(files) if any(r["section"] == "decode" for r in rs)), [])  # the last file with speeds
         print(tables([r for rs in files for r in rs if r["section"] != "decode"] + [r for r in speed if r["section"] == "decode"]))
         return
-    model, tok = load_compressed(a.model)
-    stream = data_mod.token_stream("wiki", "test", tok)
-    out = Rows(Path(a.out or f"runs/bench/kvcache-{a.model}.json"), {"model": a.model, "text": "wiki test", "tokens": a.tokens})
     secs = a.sections.split(",")
+    data_mod.check_sources([a.text])
+    model, tok = load_compressed(a.model)
+    stream = data_mod.token_stream(a.text, "test", tok)
+    fits = check_length(secs, stream.numel(), a)  # contexts this text is long enough for (fail fast on the rest)
+    suffix = "" if a.text == "wiki" else f"-{Path(a.text).stem}"
+    out = Rows(Path(a.out or f"runs/bench/kvcache-{a.model}{suffix}.json"), {"model": a.model, "text": f"{a.text} test", "tokens": a.tokens})
+    out.text = a.text
     if "streaming" in secs:
         ids, W = stream[: a.tokens], a.cache
         for spec in ("full", f"window:{W}", *(f"sinks:{s},{W - s}" for s in a.sinks)):
@@ -471,14 +509,14 @@ def main() -> None:
         out.add("streaming", recompute_perplexity(model, ids, W, stride=a.recompute_stride))
         out.add("decode", recompute_speed(model, stream, W, a.prefill, a.decode_tokens))  # the exact baseline as a decoder
     if "kivi" in secs:
-        for n in (2048, 4096, 8192):
+        for n in fits:
             for spec in a.kivi:
                 out.add("kivi", {**measured(stream_perplexity, model, stream[:n], spec, chunk=a.chunk), "context": n})
                 if n == 4096:
                     out.add("decode", decode_speed(model, stream, spec, n, a.decode_tokens))
     if "kv4" in secs:
         fake = kv4_model(model, stream)
-        for n in (2048, 4096, 8192):
+        for n in fits:
             row = measured(stream_perplexity, fake, stream[:n], "full", chunk=a.chunk)
             out.add("kv4", {**row, "policy": "kv4 preset (int4 fake-quantized in attention, cache in model precision)", "context": n})
             if n == 4096:
