@@ -39,6 +39,24 @@ def _gptq(**kw) -> dict:
                                            "block_size": 128, "damp": 0.01, **kw}]}  # fmt: skip
 
 
+def gptq_as_rtn(preset: str) -> dict:
+    """``preset`` with its GPTQ stage rounded to nearest instead (same targets, weights and
+    activations): the data-free counterpart of a rotation + GPTQ preset."""
+    d = preset_recipe(preset, f"{preset}-as-rtn")
+    keep = ("targets", "ignore", "weights", "activations")
+    d["stages"] = [{"method": "rtn", **{k: st[k] for k in keep if k in st}} if st["method"] == "gptq" else st for st in d["stages"]]
+    d["description"] = f"{preset} with round-to-nearest in place of GPTQ"
+    return d
+
+
+def _rotation_gptq_variants(preset: str) -> dict:
+    """The act-order / damping variants of a rotation + GPTQ preset, and its RTN counterpart."""
+    v = {f"{preset}-{tag}": (preset_recipe(preset, "variant", only="gptq", act_order=ao, static_groups=True, damp=d), {})
+         for tag, ao, d in (("natural", False, 0.01), ("act-order", True, 0.01), ("act-order-damp0.3", True, 0.3))}  # fmt: skip
+    v[f"{preset}-as-rtn"] = (gptq_as_rtn(preset), {})
+    return v
+
+
 # name -> (recipe, engine options): the knobs of issue 22's GPTQ study
 # fmt: off
 VARIANTS = {
@@ -82,9 +100,9 @@ VARIANTS = {
         {"method": "rtn", "targets": ["re:.*down_proj"], "weights": W4}]}, {}),
     "sparsegpt-50-damp0.3": ({"name": "variant", "stages": [
         {"method": "sparsegpt", "targets": ["Linear"], "ignore": ["lm_head"], "sparsity": 0.5, "block_size": 128, "damp": 0.3, "per_row": True, "refit": True}]}, {}),
-    "quarot-w4a4kv4-gptq-natural": (preset_recipe("quarot-w4a4kv4-gptq", "variant", only="gptq", act_order=False, static_groups=True, damp=0.01), {}),
-    "quarot-w4a4kv4-gptq-act-order": (preset_recipe("quarot-w4a4kv4-gptq", "variant", only="gptq", act_order=True, static_groups=True, damp=0.01), {}),
-    "quarot-w4a4kv4-gptq-act-order-damp0.3": (preset_recipe("quarot-w4a4kv4-gptq", "variant", only="gptq", act_order=True, static_groups=True, damp=0.3), {}),
+    **_rotation_gptq_variants("quarot-w4a4kv4-gptq"),
+    **_rotation_gptq_variants("duquant-w4a4kv4-gptq"),
+    **_rotation_gptq_variants("spinquant-w4a4kv4-gptq"),
     "gptq-natural-unfused": (_gptq(act_order=False), {"fused": False}),
     "gptq-natural-fp-inputs": (_gptq(act_order=False), {"true_sequential": False}),
 }
@@ -127,6 +145,18 @@ README_ROWS = {
     "quarot-w4a4kv4-gptq-natural": ("QuaRot + GPTQ W4A4KV4, natural order, damp 0.01 (the old `quarot-w4a4kv4-gptq`)", "quarot-w4a4kv4-rtn"),
     "quarot-w4a4kv4-gptq-act-order": ("QuaRot + GPTQ W4A4KV4, activation order, damp 0.01", "quarot-w4a4kv4-rtn"),
     "quarot-w4a4kv4-gptq-act-order-damp0.3": ("**QuaRot + GPTQ W4A4KV4, activation order, damp 0.3 (`quarot-w4a4kv4-gptq`)**", "quarot-w4a4kv4-rtn"),
+    # the data-free counterparts of DuQuant's and SpinQuant's GPTQ presets: the same stages, RTN in place of GPTQ
+    "duquant-w4a4kv4-gptq-as-rtn": ("DuQuant + RTN W4A4KV4, clipped as `duquant-w4a4kv4-gptq`", None),
+    "duquant-w4a4kv4-gptq-natural": ("DuQuant + GPTQ W4A4KV4, natural order, damp 0.01 (`duquant-w4a4kv4-gptq`)", "duquant-w4a4kv4-gptq-as-rtn"),
+    "duquant-w4a4kv4-gptq-act-order": ("DuQuant + GPTQ W4A4KV4, activation order, damp 0.01", "duquant-w4a4kv4-gptq-as-rtn"),
+    "duquant-w4a4kv4-gptq-act-order-damp0.3": ("DuQuant + GPTQ W4A4KV4, activation order, damp 0.3", "duquant-w4a4kv4-gptq-as-rtn"),
+    "spinquant-w4a4kv4-gptq-as-rtn": ("SpinQuant + RTN W4A4KV4 (`spinquant-w4a4kv4`)", None),
+    "spinquant-w4a4kv4-gptq-natural": (
+        "SpinQuant + GPTQ W4A4KV4, natural order, damp 0.01 (`spinquant-w4a4kv4-gptq`)",
+        "spinquant-w4a4kv4-gptq-as-rtn",
+    ),
+    "spinquant-w4a4kv4-gptq-act-order": ("SpinQuant + GPTQ W4A4KV4, activation order, damp 0.01", "spinquant-w4a4kv4-gptq-as-rtn"),
+    "spinquant-w4a4kv4-gptq-act-order-damp0.3": ("SpinQuant + GPTQ W4A4KV4, activation order, damp 0.3", "spinquant-w4a4kv4-gptq-as-rtn"),
     "magnitude-50": ("magnitude 50% (`magnitude-50`)", None),
     "wanda-50": ("Wanda 50% (`wanda-50`)", "magnitude-50"),
     "sparsegpt-50": ("SparseGPT 50%, damp 0.01 (`sparsegpt-50`)", "magnitude-50"),

@@ -1,5 +1,6 @@
 """The benchmark rows say what they run: variant recipes differ from their preset only where the label says."""
 
+import pytest
 from bench_scripts import load_script
 
 from llmpress import api
@@ -9,11 +10,11 @@ def _stages(recipe):
     return api._as_recipe(recipe).stages
 
 
-def test_domains_quarot_gptq_variants_change_only_the_gptq_stage():
+@pytest.mark.parametrize("preset", ["quarot-w4a4kv4-gptq", "duquant-w4a4kv4-gptq", "spinquant-w4a4kv4-gptq"])
+def test_domains_rotation_gptq_variants_change_only_the_gptq_stage(preset):
     domains = load_script("domains")
-    base = _stages("quarot-w4a4kv4-gptq")
-    cases = {"quarot-w4a4kv4-gptq-natural": (False, 0.01), "quarot-w4a4kv4-gptq-act-order": (True, 0.01),
-             "quarot-w4a4kv4-gptq-act-order-damp0.3": (True, 0.3)}  # fmt: skip
+    base = _stages(preset)
+    cases = {f"{preset}-natural": (False, 0.01), f"{preset}-act-order": (True, 0.01), f"{preset}-act-order-damp0.3": (True, 0.3)}
     for name, (act_order, damp) in cases.items():
         recipe, engine = domains.VARIANTS[name]
         got = _stages(recipe)
@@ -25,10 +26,28 @@ def test_domains_quarot_gptq_variants_change_only_the_gptq_stage():
                 assert new.config.weights == old.config.weights and new.config.activations == old.config.activations
             else:
                 assert new.config == old.config
-        assert name in domains.README_ROWS and domains.README_ROWS[name][1] == "quarot-w4a4kv4-rtn"
-    # the preset is the setting its README row names (activation order, damp 0.3)
-    gptq = next(s for s in base if s.method == "gptq")
+        counterpart = "quarot-w4a4kv4-rtn" if preset.startswith("quarot") else f"{preset}-as-rtn"
+        assert name in domains.README_ROWS and domains.README_ROWS[name][1] == counterpart
+    # the RTN counterpart: the same stages, round to nearest on the GPTQ stage's grid and activations
+    rtn = _stages(domains.VARIANTS[f"{preset}-as-rtn"][0])
+    assert [s.method for s in rtn] == [("rtn" if s.method == "gptq" else s.method) for s in base]
+    for old, new in zip(base, rtn):
+        if old.method == "gptq":
+            assert new.config.weights == old.config.weights and new.config.activations == old.config.activations
+            assert new.targets == old.targets and new.ignore == old.ignore
+        else:
+            assert new.config == old.config
+
+
+def test_rotation_presets_settings_and_counterparts():
+    # quarot's preset is the setting its README row names (activation order, damp 0.3)
+    gptq = next(s for s in _stages("quarot-w4a4kv4-gptq") if s.method == "gptq")
     assert (gptq.config.act_order, gptq.config.damp) == (True, 0.3)
+    # spinquant's RTN counterpart is the spinquant-w4a4kv4 preset itself
+    domains = load_script("domains")
+    got = _stages(domains.VARIANTS["spinquant-w4a4kv4-gptq-as-rtn"][0])
+    want = _stages("spinquant-w4a4kv4")
+    assert [(s.method, s.config) for s in got] == [(s.method, s.config) for s in want]
 
 
 class _Recorder:
