@@ -318,6 +318,55 @@ def table(path: Path) -> str:
     return "\n".join(lines)
 
 
+# README labels of the rows (JSON label -> README label); rows not named here keep their label
+README_LABELS = {
+    "RTN W3 g64": "RTN W3 g64 (`rtn-w3g64`)",
+    "AWQ W3 g64": "AWQ W3 g64 (`awq-w3g64`)",
+    "RTN W4 g64": "RTN W4 g64 (`rtn-w4g64`)",
+    "AWQ W4 g64": "AWQ W4 g64 (`awq-w4g64`)",
+    "GPTQ W3 g64 (gptq-w3g64)": "GPTQ W3 g64 (`gptq-w3g64`, damp 1)",
+    "AWQ scales + GPTQ W3 g64 (awq-gptq-w3g64)": "**AWQ scales + GPTQ W3 g64 (`awq-gptq-w3g64`, damp 1)**",
+    "RTN W8A8 (per-token act)": "RTN W8A8, per-token int8 activations (`rtn-w8a8`)",
+    "SmoothQuant W8A8 (per-token act)": "**SmoothQuant W8A8, alpha searched per block (`smoothquant-w8a8`)**",
+    "SmoothQuant W8A8 as Int8Linear (integer GEMM)": "the same model as `Int8Linear` (integer GEMM, exact)",
+    "RTN W8A8 (per-tensor dynamic act)": "RTN W8A8, per-tensor dynamic activations",
+    "SmoothQuant W8A8 (per-tensor dynamic act)": "SmoothQuant W8A8, per-tensor dynamic activations",
+    "OS+ (shift + scale) W8A8 (per-token act)": "OS+ W8A8: SmoothQuant with `shift: true` (channel midpoint shift, then scales)",
+    "RTN W4 g64 A8 (per-token act, rtn-w4a8)": "RTN W4 g64 A8, per-token int8 activations (`rtn-w4a8`)",
+    "SmoothQuant W4 g64 A8 (per-token act)": "SmoothQuant W4 g64 A8 (alpha searched on the W4A8 block)",
+    "OS+ (shift + scale) W4 g64 A8 (per-token act)": "OS+ W4 g64 A8",
+    "RTN W3 g64 + 0.5% fp16 outliers (CSR)": "RTN W3 g64 + 0.5% fp16 outliers (CSR, `w3g64-outliers0.5`)",
+    "RTN W3 g64 + 0.5% outliers, |w|*||x|| score": "RTN W3 g64 + 0.5% outliers chosen by `|w| ||x||` instead of the error score",
+    "LLM.int8() threshold 6 (eval batch 4x512)": "LLM.int8() (`llm-int8`: threshold 6, fp32 outlier columns, int8 rest)",
+    "RTN W8 per-channel, weights only (rtn-w8)": "RTN W8 per-channel weights only (`rtn-w8`: LLM.int8()'s weights alone)",
+    "LLM.int8() threshold 2 (eval batch 4x512)": "LLM.int8() threshold 2",
+    "LLM.int8() threshold 1 (eval batch 4x512)": "LLM.int8() threshold 1",
+    "magnitude 50% (per row)": "magnitude 50% per row (`magnitude-50`)",
+    "Wanda 50% (sequential)": "Wanda 50%, sequential (`wanda-50`)",
+    "magnitude 2:4": "magnitude 2:4 (`magnitude-2of4`)",
+    "Wanda 2:4 (sequential)": "Wanda 2:4, sequential (`wanda-2of4`)",
+}
+
+
+def readme_table(path: Path, model: str = "smollm2-135m", sections=None) -> str:
+    """The README's three-text table of one model's rows (in run order, each label once: the
+    first row with it), ``sections`` to keep only those, with bits per weight."""
+    rows = [x for x in json.loads(path.read_text())["rows"] if x["model"] == model]
+    base = next(x for x in rows if x["section"] == "baseline")
+    fp = base["ppl_by_source"]
+    lines = ["| method | " + " | ".join(fp) + " | bits/weight |", "|---|" + "---|" * (len(fp) + 1)]
+    lines.append("| full precision (fp32) | " + " | ".join(f"{v:.3f}" for v in fp.values()) + " | 16 |")
+    seen = set()
+    for x in rows:
+        if x["section"] == "baseline" or x["method"] in seen or (sections and x["section"] not in sections):
+            continue
+        seen.add(x["method"])
+        lines.append(
+            f"| {README_LABELS.get(x['method'], x['method'])} | " + " | ".join(cells(x["ppl_by_source"], fp)) + f" | {x['bits_per_weight']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sections", default=",".join(SECTIONS))
@@ -337,8 +386,14 @@ def main() -> None:
         type=float,
         help="SmolLM2's full-precision perplexity on the first --eval source measured before on the same windows (skips that evaluation)",
     )
+    ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
+    ap.add_argument("--readme", metavar="MODEL", help="with --table: the README's table of MODEL's rows (e.g. smollm2-135m)")
     a = ap.parse_args()
     out = Path(a.out)
+    if a.table:
+        secs = [s for s in a.sections.split(",") if s] if a.sections != ",".join(SECTIONS) else None
+        print(readme_table(out, a.readme, secs) if a.readme else table(out))
+        return
     secs = [s for s in a.sections.split(",") if s]
     bad = [s for s in secs if s not in SECTIONS]
     if bad:

@@ -1,5 +1,7 @@
 """The benchmark rows say what they run: variant recipes differ from their preset only where the label says."""
 
+import json
+
 import pytest
 from bench_scripts import load_script
 
@@ -74,3 +76,24 @@ def test_outliers_awq_section_rows_match_their_labels():
     old_awq_gptq = r.rows["AWQ scales + GPTQ W3 g64, damp 0.01 (the old awq-gptq-w3g64)"]
     assert old_awq_gptq[0].config == preset[0].config and old_awq_gptq[1].config.damp == 0.01
     assert old_awq_gptq[1].config.weights == preset[1].config.weights
+
+
+def test_outliers_readme_table_one_row_per_label_with_ratios(tmp_path):
+    outliers = load_script("outliers")
+    fp = {"wiki": 10.0, "news": 20.0}
+
+    def row(section, method, wiki, news, model="smollm2-135m"):
+        return {"model": model, "section": section, "method": method, "ppl_by_source": {"wiki": wiki, "news": news}, "bits_per_weight": 3.25}
+
+    rows = [row("baseline", "full precision (fp32)", *fp.values()), row("awq", "RTN W3 g64", 30.0, 80.0),
+            row("outliers", "RTN W3 g64", 31.0, 81.0), row("prune", "Wanda 2:4 (sequential)", 15.0, 50.0),
+            row("baseline", "full precision (fp32)", 7.0, 7.0, model="gemma3-270m")]  # fmt: skip
+    path = tmp_path / "o.json"
+    path.write_text(json.dumps({"rows": rows}))
+    lines = outliers.readme_table(path, "smollm2-135m").splitlines()
+    assert lines[2] == "| full precision (fp32) | 10.000 | 20.000 | 16 |"
+    assert lines[3] == "| RTN W3 g64 (`rtn-w3g64`) | 30.000 (3.000x) | 80.000 (4.000x) | 3.25 |"  # the first row of a label
+    assert lines[4].startswith("| Wanda 2:4, sequential (`wanda-2of4`) | 15.000 (1.500x) | 50.000 (2.500x)")
+    assert len(lines) == 5
+    only = outliers.readme_table(path, "smollm2-135m", ["prune"]).splitlines()
+    assert len(only) == 4 and "wanda-2of4" in only[3]
