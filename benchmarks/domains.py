@@ -100,6 +100,10 @@ VARIANTS = {
         {"method": "rtn", "targets": ["re:.*down_proj"], "weights": W4}]}, {}),
     "sparsegpt-50-damp0.3": ({"name": "variant", "stages": [
         {"method": "sparsegpt", "targets": ["Linear"], "ignore": ["lm_head"], "sparsity": 0.5, "block_size": 128, "damp": 0.3, "per_row": True, "refit": True}]}, {}),
+    # the pruning table's SparseGPT ablations: the paper's block-wide masks, per-row masks without the refit
+    "sparsegpt-50-block-masks": (preset_recipe("sparsegpt-50", "variant", per_row=False, refit=False), {}),
+    "sparsegpt-50-no-refit": (preset_recipe("sparsegpt-50", "variant", refit=False), {}),
+    "sparsegpt-2of4-no-refit": (preset_recipe("sparsegpt-2of4", "variant", refit=False), {}),
     **_rotation_gptq_variants("quarot-w4a4kv4-gptq"),
     **_rotation_gptq_variants("duquant-w4a4kv4-gptq"),
     **_rotation_gptq_variants("spinquant-w4a4kv4-gptq"),
@@ -161,6 +165,13 @@ README_ROWS = {
     "wanda-50": ("Wanda 50% (`wanda-50`)", "magnitude-50"),
     "sparsegpt-50": ("SparseGPT 50%, damp 0.01 (`sparsegpt-50`)", "magnitude-50"),
     "sparsegpt-50-damp0.3": ("SparseGPT 50%, damp 0.3", "magnitude-50"),
+    "sparsegpt-50-block-masks": ("SparseGPT 50%, block-wide masks, no refit (the paper)", "magnitude-50"),
+    "sparsegpt-50-no-refit": ("SparseGPT 50%, per-row masks, no refit", "magnitude-50"),
+    "magnitude-2of4": ("magnitude 2:4 (`magnitude-2of4`)", None),
+    "wanda-2of4": ("Wanda 2:4 (`wanda-2of4`)", "magnitude-2of4"),
+    "sparsegpt-2of4": ("SparseGPT 2:4 + refit (`sparsegpt-2of4`)", "magnitude-2of4"),
+    "sparsegpt-2of4-no-refit": ("SparseGPT 2:4, no refit", "magnitude-2of4"),
+    "sparsegpt-50-w4g64": ("SparseGPT 50% + W4 g64 in one pass (`sparsegpt-50-w4g64`)", None),
 }
 
 

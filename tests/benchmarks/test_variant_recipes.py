@@ -97,3 +97,17 @@ def test_outliers_readme_table_one_row_per_label_with_ratios(tmp_path):
     assert len(lines) == 5
     only = outliers.readme_table(path, "smollm2-135m", ["prune"]).splitlines()
     assert len(only) == 4 and "wanda-2of4" in only[3]
+
+
+def test_domains_sparsegpt_ablations_change_only_mask_scope_and_refit():
+    domains = load_script("domains")
+    cases = {"sparsegpt-50-block-masks": ("sparsegpt-50", False, False), "sparsegpt-50-no-refit": ("sparsegpt-50", True, False),
+             "sparsegpt-2of4-no-refit": ("sparsegpt-2of4", None, False)}  # fmt: skip
+    for name, (preset, per_row, refit) in cases.items():
+        (old,), (new,) = _stages(preset), _stages(domains.VARIANTS[name][0])
+        assert new.config.refit is refit and old.config.refit is True
+        if per_row is not None:
+            assert new.config.per_row is per_row
+        same = {k: v for k, v in vars(old.config).items() if k not in ("refit", "per_row")}
+        assert same == {k: v for k, v in vars(new.config).items() if k not in ("refit", "per_row")}
+        assert name in domains.README_ROWS
