@@ -82,10 +82,8 @@ SECTIONS = ("streaming", "kivi", "kv4", "h2o", "memory", "peer", "bytes")  # and
 
 
 class Rows:
-    def __init__(self, path: Path, meta: dict):
-        self.path, self.data = path, {"meta": meta, "rows": []}
-
-    text = "wiki"
+    def __init__(self, path: Path, meta: dict, text: str = "wiki"):
+        self.path, self.data, self.text = path, {"meta": meta, "rows": []}, text
 
     def add(self, section: str, row: dict) -> None:
         row = {"section": section, "text": self.text, **row}
@@ -499,8 +497,7 @@ def main() -> None:
     stream = data_mod.token_stream(a.text, "test", tok)
     fits = check_length(secs, stream.numel(), a)  # contexts this text is long enough for (fail fast on the rest)
     suffix = "" if a.text == "wiki" else f"-{Path(a.text).stem}"
-    out = Rows(Path(a.out or f"runs/bench/kvcache-{a.model}{suffix}.json"), {"model": a.model, "text": f"{a.text} test", "tokens": a.tokens})
-    out.text = a.text
+    out = Rows(Path(a.out or f"runs/bench/kvcache-{a.model}{suffix}.json"), {"model": a.model, "text": f"{a.text} test", "tokens": a.tokens}, a.text)
     if "streaming" in secs:
         ids, W = stream[: a.tokens], a.cache
         for spec in ("full", f"window:{W}", *(f"sinks:{s},{W - s}" for s in a.sinks)):
