@@ -115,6 +115,16 @@ VARIANTS = {
 
 PEER_ROW = "llm-compressor 0.14 GPTQ W4 g64 (actorder static)"
 
+
+def _rotation_readme_rows(preset: str, name: str, rtn_label: str) -> dict:
+    """README rows of ``_rotation_gptq_variants(preset)``: the natural-order row is the preset."""
+    rtn = f"{preset}-as-rtn"
+    return {rtn: (rtn_label, None),
+            f"{preset}-natural": (f"{name} + GPTQ W4A4KV4, natural order, damp 0.01 (`{preset}`)", rtn),
+            f"{preset}-act-order": (f"{name} + GPTQ W4A4KV4, activation order, damp 0.01", rtn),
+            f"{preset}-act-order-damp0.3": (f"{name} + GPTQ W4A4KV4, activation order, damp 0.3", rtn)}  # fmt: skip
+
+
 # README rows: key in the JSON -> (label, key of the data-free counterpart or None). Presets are
 # named by their preset; variants say what they change.
 README_ROWS = {
@@ -149,18 +159,9 @@ README_ROWS = {
     "quarot-w4a4kv4-gptq-natural": ("QuaRot + GPTQ W4A4KV4, natural order, damp 0.01 (the old `quarot-w4a4kv4-gptq`)", "quarot-w4a4kv4-rtn"),
     "quarot-w4a4kv4-gptq-act-order": ("QuaRot + GPTQ W4A4KV4, activation order, damp 0.01", "quarot-w4a4kv4-rtn"),
     "quarot-w4a4kv4-gptq-act-order-damp0.3": ("**QuaRot + GPTQ W4A4KV4, activation order, damp 0.3 (`quarot-w4a4kv4-gptq`)**", "quarot-w4a4kv4-rtn"),
-    # the data-free counterparts of DuQuant's and SpinQuant's GPTQ presets: the same stages, RTN in place of GPTQ
-    "duquant-w4a4kv4-gptq-as-rtn": ("DuQuant + RTN W4A4KV4, clipped as `duquant-w4a4kv4-gptq`", None),
-    "duquant-w4a4kv4-gptq-natural": ("DuQuant + GPTQ W4A4KV4, natural order, damp 0.01 (`duquant-w4a4kv4-gptq`)", "duquant-w4a4kv4-gptq-as-rtn"),
-    "duquant-w4a4kv4-gptq-act-order": ("DuQuant + GPTQ W4A4KV4, activation order, damp 0.01", "duquant-w4a4kv4-gptq-as-rtn"),
-    "duquant-w4a4kv4-gptq-act-order-damp0.3": ("DuQuant + GPTQ W4A4KV4, activation order, damp 0.3", "duquant-w4a4kv4-gptq-as-rtn"),
-    "spinquant-w4a4kv4-gptq-as-rtn": ("SpinQuant + RTN W4A4KV4 (`spinquant-w4a4kv4`)", None),
-    "spinquant-w4a4kv4-gptq-natural": (
-        "SpinQuant + GPTQ W4A4KV4, natural order, damp 0.01 (`spinquant-w4a4kv4-gptq`)",
-        "spinquant-w4a4kv4-gptq-as-rtn",
-    ),
-    "spinquant-w4a4kv4-gptq-act-order": ("SpinQuant + GPTQ W4A4KV4, activation order, damp 0.01", "spinquant-w4a4kv4-gptq-as-rtn"),
-    "spinquant-w4a4kv4-gptq-act-order-damp0.3": ("SpinQuant + GPTQ W4A4KV4, activation order, damp 0.3", "spinquant-w4a4kv4-gptq-as-rtn"),
+    # DuQuant's and SpinQuant's GPTQ presets and their counterparts (the same stages, RTN in place of GPTQ)
+    **_rotation_readme_rows("duquant-w4a4kv4-gptq", "DuQuant", "DuQuant + RTN W4A4KV4, clipped as `duquant-w4a4kv4-gptq`"),
+    **_rotation_readme_rows("spinquant-w4a4kv4-gptq", "SpinQuant", "SpinQuant + RTN W4A4KV4 (`spinquant-w4a4kv4`)"),
     "magnitude-50": ("magnitude 50% (`magnitude-50`)", None),
     "wanda-50": ("Wanda 50% (`wanda-50`)", "magnitude-50"),
     "sparsegpt-50": ("SparseGPT 50%, damp 0.01 (`sparsegpt-50`)", "magnitude-50"),
