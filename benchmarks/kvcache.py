@@ -374,6 +374,39 @@ def tables(rows: list[dict]) -> str:
     return "\n\n".join(f"Test text: {t}\n\n" + _tables([r for r in rows if r.get("text", "wiki") == t]) for t in texts)
 
 
+def across(rows: list[dict]) -> str:
+    """One table per section with a column per test text: each KIVI/kv4 policy's perplexity as a
+    ratio to the full cache at every context, and each eviction policy's ratio at 4096 tokens with
+    the planted key's log-probability (rows of several runs, one per ``--text``)."""
+    texts = list(dict.fromkeys(r.get("text", "wiki") for r in rows))
+    q = [r for r in rows if r.get("section") in ("kivi", "kv4") and "ppl" in r]
+    full = {(r.get("text", "wiki"), r["context"]): r["ppl"] for r in q if r["policy"] == "full"}
+    out = []
+    if q:
+        ctx = sorted({r["context"] for r in q})
+        head = " | ".join(f"{t} {' / '.join(f'{c // 1024}k' for c in ctx)}" for t in texts)
+        out += [f"| policy (ppl x full cache) | {head} |", "|---|" + "---|" * len(texts)]
+        for pol in dict.fromkeys(r["policy"] for r in q if r["policy"] != "full"):
+            cell = {(r.get("text", "wiki"), r["context"]): r["ppl"] for r in q if r["policy"] == pol}
+            ratio = lambda t, c: f"{cell[t, c] / full[t, c]:.3f}x" if (t, c) in cell and (t, c) in full else "-"  # noqa: E731
+            out.append(f"| {pol} | " + " | ".join(" / ".join(ratio(t, c) for c in ctx) for t in texts) + " |")
+        out.append("")
+    h = [r for r in rows if r.get("section") == "h2o"]
+    if h:
+        out += ["| budget | policy | " + " | ".join(f"{t}: ppl x full, key log-prob" for t in texts) + " |", "|---|---|" + "---|" * len(texts)]
+        for key in dict.fromkeys((r["fraction"], r["budget"], r["policy"]) for r in h):
+            cells = []
+            for t in texts:
+                r = next((r for r in h if r.get("text", "wiki") == t and (r["fraction"], r["budget"], r["policy"]) == key), None)
+                ref = full.get((t, r["budget"])) if r else None
+                ppl = f"{r['ppl'] / ref:.3f}x" if r and "ppl" in r and ref else "1.000x" if r and key[0] == 1.0 else "-"
+                pk = r.get("passkey", {}) if r else {}
+                cells.append(f"{ppl}, {pk['key_logprob']:.2f}{' (found)' if pk.get('correct') else ''}" if pk else ppl)
+            out.append(f"| {key[0]:.0%} ({key[1]}) | {key[2]} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def _tables(rows: list[dict]) -> str:
     by = lambda sec: [r for r in rows if r.get("section") == sec]  # noqa: E731
     dec = {(r["policy"], r["context"]): r for r in by("decode")}
@@ -485,9 +518,13 @@ def main() -> None:
         metavar="JSON",
         help="print the tables of these result files and stop (decode speeds: from the last file that has any, e.g. a speed run's)",
     )
+    ap.add_argument("--across", action="store_true", help="with --table: one column per test text (files of runs with different --text)")
     a = ap.parse_args()
     if a.table:
         files = [json.loads(Path(f).read_text())["rows"] for f in a.table]
+        if a.across:
+            print(across([r for rs in files for r in rs]))
+            return
         speed = next((rs for rs in reversed(files) if any(r["section"] == "decode" for r in rs)), [])  # the last file with speeds
         print(tables([r for rs in files for r in rs if r["section"] != "decode"] + [r for r in speed if r["section"] == "decode"]))
         return
