@@ -374,6 +374,10 @@ def tables(rows: list[dict]) -> str:
     return "\n\n".join(f"Test text: {t}\n\n" + _tables([r for r in rows if r.get("text", "wiki") == t]) for t in texts)
 
 
+def _ratio(cell: dict, full: dict, key) -> str:
+    return f"{cell[key] / full[key]:.3f}x" if key in cell and key in full else "-"
+
+
 def across(rows: list[dict]) -> str:
     """One table per section with a column per test text: each KIVI/kv4 policy's perplexity as a
     ratio to the full cache at every context, and each eviction policy's ratio at 4096 tokens with
@@ -388,8 +392,7 @@ def across(rows: list[dict]) -> str:
         out += [f"| policy (ppl x full cache) | {head} |", "|---|" + "---|" * len(texts)]
         for pol in dict.fromkeys(r["policy"] for r in q if r["policy"] != "full"):
             cell = {(r.get("text", "wiki"), r["context"]): r["ppl"] for r in q if r["policy"] == pol}
-            ratio = lambda t, c: f"{cell[t, c] / full[t, c]:.3f}x" if (t, c) in cell and (t, c) in full else "-"  # noqa: E731
-            out.append(f"| {pol} | " + " | ".join(" / ".join(ratio(t, c) for c in ctx) for t in texts) + " |")
+            out.append(f"| {pol} | " + " | ".join(" / ".join(_ratio(cell, full, (t, c)) for c in ctx) for t in texts) + " |")
         out.append("")
     h = [r for r in rows if r.get("section") == "h2o"]
     if h:
