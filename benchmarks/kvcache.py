@@ -401,7 +401,7 @@ def across(rows: list[dict]) -> str:
             cells = []
             for t in texts:
                 r = next((r for r in h if r.get("text", "wiki") == t and (r["fraction"], r["budget"], r["policy"]) == key), None)
-                ref = full.get((t, r["budget"])) if r else None
+                ref = full.get((t, r.get("tokens", 4096))) if r else None
                 ppl = f"{r['ppl'] / ref:.3f}x" if r and "ppl" in r and ref else "1.000x" if r and key[0] == 1.0 else "-"
                 pk = r.get("passkey", {}) if r else {}
                 cells.append(f"{ppl}, {pk['key_logprob']:.2f}{' (found)' if pk.get('correct') else ''}" if pk else ppl)

@@ -49,11 +49,11 @@ def test_tables_split_by_text_with_ratios_to_full_on_the_same_text():
 def test_across_gives_a_column_per_text_with_ratios_to_that_texts_full_cache():
     rows = [_kivi(None, "full", 10.0), _kivi(None, "kivi:2", 11.0), _kivi("code", "full", 4.0), _kivi("code", "kivi:2", 5.0)]
     rows += [{**_kivi("code", "kivi:2", 6.0), "context": 4096}, {**_kivi("code", "full", 5.0), "context": 4096}]
-    h2o = {"section": "h2o", "text": "code", "fraction": 0.2, "budget": 4096, "policy": "h2o:1,1", "ppl": 5.5}
+    h2o = {"section": "h2o", "text": "code", "fraction": 0.2, "budget": 819, "tokens": 4096, "policy": "h2o:1,1", "ppl": 5.5}
     h2o["passkey"] = {"correct": False, "key_logprob": -1.5}
     full = {"section": "h2o", "text": "code", "fraction": 1.0, "budget": 4096, "policy": "full", "passkey": {"correct": True, "key_logprob": -0.1}}
     out = kv.across(rows + [full, h2o])
     assert "| policy (ppl x full cache) | wiki 2k / 4k | code 2k / 4k |" in out
     assert "| kivi:2 | 1.100x / - | 1.250x / 1.200x |" in out  # wiki has no 4k row: a dash, not a ratio to another text
     assert "| 100% (4096) | full | - | 1.000x, -0.10 (found) |" in out
-    assert "| 20% (4096) | h2o:1,1 | - | 1.100x, -1.50 |" in out  # 5.5 against the full cache's 5.0 at 4096 on code
+    assert "| 20% (819) | h2o:1,1 | - | 1.100x, -1.50 |" in out  # 5.5 against the full cache's 5.0 at 4096 on code
