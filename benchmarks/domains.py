@@ -116,13 +116,20 @@ VARIANTS = {
 PEER_ROW = "llm-compressor 0.14 GPTQ W4 g64 (actorder static)"
 
 
-def _rotation_readme_rows(preset: str, name: str, rtn_label: str) -> dict:
-    """README rows of ``_rotation_gptq_variants(preset)``: the natural-order row is the preset."""
+def _rotation_readme_rows(preset: str, name: str, rtn_label: str, *, chosen: str = "natural") -> dict:
+    """README rows of ``_rotation_gptq_variants(preset)``; ``chosen`` is the variant the preset now is
+    (the natural-order row was every preset before the held-out rule chose)."""
     rtn = f"{preset}-as-rtn"
-    return {rtn: (rtn_label, None),
-            f"{preset}-natural": (f"{name} + GPTQ W4A4KV4, natural order, damp 0.01 (`{preset}`)", rtn),
-            f"{preset}-act-order": (f"{name} + GPTQ W4A4KV4, activation order, damp 0.01", rtn),
-            f"{preset}-act-order-damp0.3": (f"{name} + GPTQ W4A4KV4, activation order, damp 0.3", rtn)}  # fmt: skip
+    rows = {"natural": "natural order, damp 0.01", "act-order": "activation order, damp 0.01", "act-order-damp0.3": "activation order, damp 0.3"}
+    out = {rtn: (rtn_label, None)}
+    for tag, what in rows.items():
+        label = f"{name} + GPTQ W4A4KV4, {what}"
+        if tag == chosen:
+            label = f"**{label} (`{preset}`)**"
+        elif tag == "natural":
+            label += f" (`{preset}` until 2026-12-05)"
+        out[f"{preset}-{tag}"] = (label, rtn)
+    return out
 
 
 # README rows: key in the JSON -> (label, key of the data-free counterpart or None). Presets are
@@ -160,7 +167,7 @@ README_ROWS = {
     "quarot-w4a4kv4-gptq-act-order": ("QuaRot + GPTQ W4A4KV4, activation order, damp 0.01", "quarot-w4a4kv4-rtn"),
     "quarot-w4a4kv4-gptq-act-order-damp0.3": ("**QuaRot + GPTQ W4A4KV4, activation order, damp 0.3 (`quarot-w4a4kv4-gptq`)**", "quarot-w4a4kv4-rtn"),
     # DuQuant's and SpinQuant's GPTQ presets and their counterparts (the same stages, RTN in place of GPTQ)
-    **_rotation_readme_rows("duquant-w4a4kv4-gptq", "DuQuant", "DuQuant + RTN W4A4KV4, clipped as `duquant-w4a4kv4-gptq`"),
+    **_rotation_readme_rows("duquant-w4a4kv4-gptq", "DuQuant", "DuQuant + RTN W4A4KV4, clipped as `duquant-w4a4kv4-gptq`", chosen="act-order-damp0.3"),
     **_rotation_readme_rows("spinquant-w4a4kv4-gptq", "SpinQuant", "SpinQuant + RTN W4A4KV4 (`spinquant-w4a4kv4`)"),
     "magnitude-50": ("magnitude 50% (`magnitude-50`)", None),
     "wanda-50": ("Wanda 50% (`wanda-50`)", "magnitude-50"),
