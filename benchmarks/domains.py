@@ -167,7 +167,9 @@ README_ROWS = {
     "quarot-w4a4kv4-gptq-act-order": ("QuaRot + GPTQ W4A4KV4, activation order, damp 0.01", "quarot-w4a4kv4-rtn"),
     "quarot-w4a4kv4-gptq-act-order-damp0.3": ("**QuaRot + GPTQ W4A4KV4, activation order, damp 0.3 (`quarot-w4a4kv4-gptq`)**", "quarot-w4a4kv4-rtn"),
     # DuQuant's and SpinQuant's GPTQ presets and their counterparts (the same stages, RTN in place of GPTQ)
-    **_rotation_readme_rows("duquant-w4a4kv4-gptq", "DuQuant", "DuQuant + RTN W4A4KV4, clipped as `duquant-w4a4kv4-gptq`", chosen="act-order-damp0.3"),
+    **_rotation_readme_rows(
+        "duquant-w4a4kv4-gptq", "DuQuant", "DuQuant + RTN W4A4KV4, clipped as `duquant-w4a4kv4-gptq`", chosen="act-order-damp0.3"
+    ),
     **_rotation_readme_rows("spinquant-w4a4kv4-gptq", "SpinQuant", "SpinQuant + RTN W4A4KV4 (`spinquant-w4a4kv4`)"),
     "magnitude-50": ("magnitude 50% (`magnitude-50`)", None),
     "wanda-50": ("Wanda 50% (`wanda-50`)", "magnitude-50"),

@@ -45,8 +45,14 @@ def test_rotation_presets_settings_and_counterparts():
     # quarot's preset is the setting its README row names (activation order, damp 0.3)
     gptq = next(s for s in _stages("quarot-w4a4kv4-gptq") if s.method == "gptq")
     assert (gptq.config.act_order, gptq.config.damp) == (True, 0.3)
-    # spinquant's RTN counterpart is the spinquant-w4a4kv4 preset itself
+    # so is duquant's since 2026-12-05, and the README row that names the preset is that variant's
+    gptq = next(s for s in _stages("duquant-w4a4kv4-gptq") if s.method == "gptq")
+    assert (gptq.config.act_order, gptq.config.static_groups, gptq.config.damp) == (True, True, 0.3)
     domains = load_script("domains")
+    named = [k for k, (label, _) in domains.README_ROWS.items() if "(`duquant-w4a4kv4-gptq`)" in label]
+    assert named == ["duquant-w4a4kv4-gptq-act-order-damp0.3"]
+    assert "until 2026-12-05" in domains.README_ROWS["duquant-w4a4kv4-gptq-natural"][0]
+    # spinquant's RTN counterpart is the spinquant-w4a4kv4 preset itself
     got = _stages(domains.VARIANTS["spinquant-w4a4kv4-gptq-as-rtn"][0])
     want = _stages("spinquant-w4a4kv4")
     assert [(s.method, s.config) for s in got] == [(s.method, s.config) for s in want]
