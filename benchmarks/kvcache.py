@@ -58,7 +58,8 @@ and about 30x slower on a CPU); decode speed is measured token by token after a 
 
 Rows are appended to the JSON as they finish (a partial run keeps them). ``--table A.json
 [B.json ...]`` prints the markdown tables of one or more such files (e.g. a run per section) and
-stops.
+stops; with ``--across`` (files of runs on different ``--text``) one table per section with a
+column per test text.
 """
 
 from __future__ import annotations
