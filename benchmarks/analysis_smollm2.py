@@ -1,6 +1,9 @@
 """Outlier analysis of SmolLM2-135M (or another model): findings and the intervention table.
 
-    flock /tmp/llmpress-heavy.lock .venv/bin/python benchmarks/analysis_smollm2.py [--windows 8] [--seqlen 512]
+    flock /tmp/llmpress-heavy.lock .venv/bin/python benchmarks/analysis_smollm2.py [--windows 8] [--seqlen 512] [--data wiki,news,code]
+
+`--data` with several texts shares the windows among them (the findings pool them) and gives
+each intervention a perplexity per text beside the pooled one.
 
 Runs `llmpress.analysis.analyze` (massive activations, channel-wise outliers, LLM.int8()
 features, super weights, difficulty, interventions), writes the HTML report and JSON to
@@ -19,17 +22,38 @@ from llmpress.analysis import AnalysisConfig, analyze
 from llmpress.analysis.report import console_summary, write_outputs
 
 
+def markdown_table(rows: list[dict]) -> list[str]:
+    """The intervention table as markdown: pooled perplexity and ratio, then one column per text."""
+    texts = list(rows[0].get("ppl_by_source") or {})
+    head = ["intervention", "ppl", "ratio", *[f"{t} ppl (x)" for t in texts], "top-1 next token", "p(top-1)", "p(original top-1)"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        per = [f"{r['ppl_by_source'][t]:.4g} ({r['ratio_by_source'][t]:.3g}x)" for t in texts]
+        cells = [
+            r["name"],
+            f"{r['ppl']:.4g}",
+            f"{r['ppl_ratio']:.3g}",
+            *per,
+            repr(r["top1"]),
+            f"{r['top1_prob']:.3f}",
+            f"{r.get('ref_prob', r['top1_prob']):.3f}",
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--random-seeds", type=int, default=2)
+    ap.add_argument("--data", default="wiki", help="text(s), as `llmpress analyze --data`: wiki, news, code, a file, or a comma list")
     ap.add_argument("--out", help="report folder (default runs/analysis-<model>)")
     a = ap.parse_args()
     t = time.perf_counter()
     model, tok = models.load(a.model)
-    an = analyze(model, tok, AnalysisConfig(windows=a.windows, seqlen=a.seqlen, random_seeds=a.random_seeds))
+    an = analyze(model, tok, AnalysisConfig(windows=a.windows, seqlen=a.seqlen, random_seeds=a.random_seeds, source=a.data))
     an.summary["model"] = a.model
     out = Path(a.out or f"runs/analysis-{a.model}")
     write_outputs(an, out)
@@ -41,12 +65,8 @@ def main():
     print()
     print(f"model {a.model}, {s['windows']} test windows of {s['seqlen']} tokens; prompt {iv['prompt']!r}; total {wall:.0f} s")
     print()
-    print("| intervention | ppl | ratio | top-1 next token | p(top-1) | p(original top-1) |")
-    print("|---|---|---|---|---|---|")
-    for r in iv["rows"]:
-        print(
-            f"| {r['name']} | {r['ppl']:.3f} | {r['ppl_ratio']:.3f} | {r['top1']!r} | {r['top1_prob']:.3f} | {r.get('ref_prob', r['top1_prob']):.3f} |"
-        )
+    for line in markdown_table(iv["rows"]):
+        print(line)
     bench = Path(f"runs/bench/analysis_{a.model}.json")
     bench.parent.mkdir(parents=True, exist_ok=True)
     bench.write_text(
@@ -55,6 +75,7 @@ def main():
                 "model": a.model,
                 "windows": s["windows"],
                 "seqlen": s["seqlen"],
+                "windows_by_source": s.get("windows_by_source"),
                 "wall_s": wall,
                 "seconds": s["seconds"],
                 "massive_top": s["massive"]["top"],

@@ -273,6 +273,42 @@ def test_analyze_shares_windows_among_sources(tiny_model_dir, tiny_text_file, tm
     assert rc == 2 and "missing.txt" in err and "Traceback" not in err
 
 
+def test_interventions_report_each_text(tiny_model_dir, tiny_text_file, tmp_path):
+    """With windows from several texts every intervention gets a perplexity per text: each one
+    is the perplexity of that text's windows alone, the pooled figure is the one over all
+    windows, and the ratios are to the same text's unmodified perplexity."""
+    from llmpress import models
+    from llmpress.analysis.interventions import _source_slices
+    from llmpress.analysis.report import intervention_table
+    from llmpress.eval.perplexity import perplexity
+
+    other = tmp_path / "digits.txt"
+    other.write_text(" ".join(f"{i * 7919 % 100000:05d}" for i in range(3000)))
+    model, tok = models.load(str(tiny_model_dir))
+    _plant_super_weight(model, 1, 9, 21)
+    cfg = AnalysisConfig(windows=3, seqlen=16, source=f"{tiny_text_file},{other}", progress=False, plots=False, attention=False, random_seeds=1)
+    an = analyze(model, tok, cfg)
+    rows = an.summary["interventions"]["rows"]
+    texts = [str(tiny_text_file), str(other)]
+    assert [list(r["ppl_by_source"]) for r in rows] == [texts] * len(rows) and len(rows) >= 3
+    assert rows[0]["ratio_by_source"] == dict.fromkeys(texts, 1.0)
+    from llmpress.analysis.pipeline import analysis_windows
+
+    windows, _ = analysis_windows(tok, model, cfg)
+    base = {t: perplexity(model, w) for t, w in zip(texts, (windows[:2], windows[2:]))}
+    assert rows[0]["ppl_by_source"] == pytest.approx(base, rel=1e-5)
+    assert rows[0]["ppl"] == pytest.approx(perplexity(model, windows), rel=1e-5)
+    sw = next(r for r in rows if r["name"] == "super weights -> 0")
+    for t in texts:
+        assert sw["ratio_by_source"][t] == pytest.approx(sw["ppl_by_source"][t] / base[t], rel=1e-5)
+    assert len({round(v, 6) for v in sw["ratio_by_source"].values()}) == 2  # the texts differ
+    tab = intervention_table(an.summary)
+    assert tab[0][3:5] == [f"{t} ppl (x)" for t in texts] and tab[0][5] == "top-1 next token"
+    assert _source_slices({"a": 2}, 2) == {} and _source_slices({"a": 2, "b": 1}, 3) == {"a": (0, 2), "b": (2, 3)}
+    with pytest.raises(ValueError, match="do not add up"):
+        _source_slices({"a": 2, "b": 2}, 3)
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

@@ -117,6 +117,29 @@ def next_token(model: nn.Module, tokenizer, ids: torch.Tensor, reference: int | 
     return out
 
 
+def _ratio(ppl: float, ref: float) -> float:
+    return ppl / ref if math.isfinite(ppl) else float("inf")
+
+
+def _source_slices(sources: dict[str, int] | None, n: int) -> dict[str, tuple[int, int]]:
+    """{text: (first, end)} over the concatenated windows; {} for one text (or none given)."""
+    if not sources or len(sources) < 2:
+        return {}
+    if sum(sources.values()) != n:
+        raise ValueError(f"the per-text window counts {sources} do not add up to the {n} windows")
+    out, a = {}, 0
+    for s, k in sources.items():
+        out[s] = (a, a + k)
+        a += k
+    return out
+
+
+def _pooled(by: dict[str, float], counts: dict[str, int]) -> float:
+    """The perplexity over all windows from the per-text ones (windows of equal length)."""
+    n = sum(counts.values())
+    return math.exp(sum(counts[s] * math.log(v) for s, v in by.items()) / n) if all(math.isfinite(v) for v in by.values()) else float("inf")
+
+
 def run_interventions(
     model: nn.Module,
     tokenizer,
@@ -129,24 +152,39 @@ def run_interventions(
     batch_size: int = 4,
     prompt: str = DEFAULT_TOP1_PROMPT,
     progress: bool = False,
+    sources: dict[str, int] | None = None,
 ) -> dict:
-    """Perplexity on ``windows`` and the prompt's top-1 under every intervention."""
+    """Perplexity on ``windows`` and the prompt's top-1 under every intervention.
+
+    ``sources`` ({text: number of windows}, in the order the windows are concatenated): with
+    more than one text each row also gets the perplexity and its ratio per text
+    (``ppl_by_source``, ``ratio_by_source``); ``ppl`` stays the one over all windows."""
     ids = prompt_ids(tokenizer, model, prompt)
     rows: list[dict] = []
     base = {}
+    slices = _source_slices(sources, windows.shape[0])
 
     def measure(name: str, desc: str, **extra) -> dict:
-        ppl = perplexity(model, windows, batch_size, progress, name)
+        if slices:
+            by = {s: perplexity(model, windows[a:b], batch_size, progress, f"{name} [{s}]") for s, (a, b) in slices.items()}
+            ppl = _pooled(by, {s: b - a for s, (a, b) in slices.items()})
+            extra = {"ppl_by_source": by, **extra}
+        else:
+            ppl = perplexity(model, windows, batch_size, progress, name)
         nt = next_token(model, tokenizer, ids, base.get("top1_id"))
         row = {"name": name, "description": desc, "ppl": ppl, **nt, **extra}
         if base:
-            row["ppl_ratio"] = ppl / base["ppl"] if math.isfinite(ppl) else float("inf")
+            row["ppl_ratio"] = _ratio(ppl, base["ppl"])
+            if slices:
+                row["ratio_by_source"] = {s: _ratio(v, base["ppl_by_source"][s]) for s, v in row["ppl_by_source"].items()}
         rows.append(row)
         log.info("%-28s ppl %.3f  top-1 %r p=%.3f", name, ppl, nt["top1"], nt["top1_prob"])
         return row
 
     base.update(measure("none", "original model"))
     base["ppl_ratio"] = rows[0]["ppl_ratio"] = 1.0
+    if slices:
+        rows[0]["ratio_by_source"] = dict.fromkeys(slices, 1.0)
 
     mlayers = massive_layers(col)
     info: dict = {"massive_layers": mlayers, "super_weights": super_weights, "prompt": prompt}

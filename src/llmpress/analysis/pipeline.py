@@ -373,7 +373,18 @@ def analyze(model: nn.Module, tokenizer, cfg: AnalysisConfig | None = None, wind
         dims = feats["features"] + [c for c in feats["ranking"] if c not in set(feats["features"])]
         k = cfg.features_k or (min(len(feats["features"]), 8) if feats["features"] else min(4, len(dims)))
         summary["interventions"] = run_interventions(
-            model, tokenizer, windows, col, search["super_weights"], dims, k, cfg.random_seeds, cfg.batch_size, cfg.top1_prompt, cfg.progress
+            model,
+            tokenizer,
+            windows,
+            col,
+            search["super_weights"],
+            dims,
+            k=k,
+            random_seeds=cfg.random_seeds,
+            batch_size=cfg.batch_size,
+            prompt=cfg.top1_prompt,
+            progress=cfg.progress,
+            sources=by_source,
         )
         summary["interventions"]["features_detected"] = bool(feats["features"])
         seconds["interventions"] = time.perf_counter() - t

@@ -241,10 +241,18 @@ def intervention_table(s: dict) -> list[list[str]]:
     iv = s.get("interventions")
     if not iv:
         return []
-    rows = [["intervention", "ppl", "ratio", "top-1 next token", "p(top-1)", "p(original top-1)"]]
+    texts = list(iv["rows"][0].get("ppl_by_source") or {})
+    rows = [["intervention", "ppl", "ratio", *[f"{t} ppl (x)" for t in texts], "top-1 next token", "p(top-1)", "p(original top-1)"]]
     for r in iv["rows"]:
-        rows.append([r["name"], _f(r["ppl"]), _f(r.get("ppl_ratio")), repr(r["top1"]), _f(r["top1_prob"]), _f(r.get("ref_prob", r["top1_prob"]))])
+        per = [f"{_f(r['ppl_by_source'][t])} ({_f(r['ratio_by_source'][t])}x)" for t in texts]
+        rows.append(
+            [r["name"], _f(r["ppl"]), _f(r.get("ppl_ratio")), *per, repr(r["top1"]), _f(r["top1_prob"]), _f(r.get("ref_prob", r["top1_prob"]))]
+        )
     return rows
+
+
+def _top1_col(tab: list[list[str]]) -> int:
+    return tab[0].index("top-1 next token")
 
 
 def _texts(s: dict) -> str:
@@ -265,7 +273,7 @@ def console_summary(an) -> str:
         out += ["", f"interventions (perplexity on the same {s['windows']} windows; prompt {s['interventions']['prompt']!r}):"]
         w = [max(len(r[i]) for r in tab) for i in range(len(tab[0]))]
         for j, r in enumerate(tab):
-            out.append("  ".join(c.ljust(w[i]) if i in (0, 3) else c.rjust(w[i]) for i, c in enumerate(r)))
+            out.append("  ".join(c.ljust(w[i]) if i in (0, _top1_col(tab)) else c.rjust(w[i]) for i, c in enumerate(r)))
             if j == 0:
                 out.append("-" * (sum(w) + 2 * (len(w) - 1)))
     if s.get("outputs"):
@@ -335,7 +343,7 @@ def _html_interventions(s: dict) -> list[str]:
         iv = s["interventions"]
         parts.append("<h2>What happens if outliers are removed</h2>")
         parts.append(f"<p>Perplexity on the same windows, and the next token after the prompt <code>{html.escape(iv['prompt'])}</code>.</p>")
-        parts.append(_table(tab, left=(0, 3)))
+        parts.append(_table(tab, left=(0, _top1_col(tab))))
         parts.append(
             "<ul class='find'>"
             + "".join(f"<li><b>{html.escape(r['name'])}</b>: {html.escape(r['description'])}</li>" for r in iv["rows"][1:])
