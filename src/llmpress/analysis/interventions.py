@@ -140,6 +140,49 @@ def _pooled(by: dict[str, float], counts: dict[str, int]) -> float:
     return math.exp(sum(counts[s] * math.log(v) for s, v in by.items()) / n) if all(math.isfinite(v) for v in by.values()) else float("inf")
 
 
+class _Measure:
+    """Scores the model as it is now (perplexity, per text when there are several, and the
+    prompt's top-1) and appends the row; the first row is the reference of the ratios."""
+
+    def __init__(self, model, tokenizer, windows, ids, batch_size, progress, sources):
+        self.model, self.tokenizer, self.windows, self.ids = model, tokenizer, windows, ids
+        self.batch_size, self.progress = batch_size, progress
+        self.slices = _source_slices(sources, windows.shape[0])
+        self.rows: list[dict] = []
+
+    def _ppl(self, name: str) -> tuple[float, dict]:
+        if not self.slices:
+            return perplexity(self.model, self.windows, self.batch_size, self.progress, name), {}
+        by = {s: perplexity(self.model, self.windows[a:b], self.batch_size, self.progress, f"{name} [{s}]") for s, (a, b) in self.slices.items()}
+        return _pooled(by, {s: b - a for s, (a, b) in self.slices.items()}), {"ppl_by_source": by}
+
+    def __call__(self, name: str, desc: str, **extra) -> dict:
+        ppl, per = self._ppl(name)
+        base = self.rows[0] if self.rows else None
+        nt = next_token(self.model, self.tokenizer, self.ids, base["top1_id"] if base else None)
+        row = {"name": name, "description": desc, "ppl": ppl, **nt, **per, **extra}
+        row["ppl_ratio"] = _ratio(ppl, base["ppl"]) if base else 1.0
+        if self.slices:
+            ref = base["ppl_by_source"] if base else per["ppl_by_source"]
+            row["ratio_by_source"] = {s: _ratio(v, ref[s]) for s, v in per["ppl_by_source"].items()}
+        self.rows.append(row)
+        log.info("%-28s ppl %.3f  top-1 %r p=%.3f", name, ppl, nt["top1"], nt["top1_prob"])
+        return row
+
+
+def _massive_rows(model: nn.Module, col: Collected, mlayers: list[int], measure: _Measure) -> None:
+    """Massive activations set to zero and to their mean, where they first appear and from there on."""
+    first = mlayers[:1]
+    every = list(range(mlayers[0], col.n_layers))
+    for layers, name, where in (
+        (first, f"@L{first[0]}", f"after layer {first[0]} (where they first appear)"),
+        (every, f"@L{every[0]}+", f"after every layer from {every[0]} on"),
+    ):
+        for mode in ("zero", "mean"):
+            with massive_replaced(model, col, mode, layers) as cnt:
+                measure(f"massive->{mode} {name}", f"massive activations set to {mode} in the residual stream {where}", changed=cnt)
+
+
 def run_interventions(
     model: nn.Module,
     tokenizer,
@@ -159,52 +202,12 @@ def run_interventions(
     ``sources`` ({text: number of windows}, in the order the windows are concatenated): with
     more than one text each row also gets the perplexity and its ratio per text
     (``ppl_by_source``, ``ratio_by_source``); ``ppl`` stays the one over all windows."""
-    ids = prompt_ids(tokenizer, model, prompt)
-    rows: list[dict] = []
-    base = {}
-    slices = _source_slices(sources, windows.shape[0])
-
-    def measure(name: str, desc: str, **extra) -> dict:
-        if slices:
-            by = {s: perplexity(model, windows[a:b], batch_size, progress, f"{name} [{s}]") for s, (a, b) in slices.items()}
-            ppl = _pooled(by, {s: b - a for s, (a, b) in slices.items()})
-            extra = {"ppl_by_source": by, **extra}
-        else:
-            ppl = perplexity(model, windows, batch_size, progress, name)
-        nt = next_token(model, tokenizer, ids, base.get("top1_id"))
-        row = {"name": name, "description": desc, "ppl": ppl, **nt, **extra}
-        if base:
-            row["ppl_ratio"] = _ratio(ppl, base["ppl"])
-            if slices:
-                row["ratio_by_source"] = {s: _ratio(v, base["ppl_by_source"][s]) for s, v in row["ppl_by_source"].items()}
-        rows.append(row)
-        log.info("%-28s ppl %.3f  top-1 %r p=%.3f", name, ppl, nt["top1"], nt["top1_prob"])
-        return row
-
-    base.update(measure("none", "original model"))
-    base["ppl_ratio"] = rows[0]["ppl_ratio"] = 1.0
-    if slices:
-        rows[0]["ratio_by_source"] = dict.fromkeys(slices, 1.0)
-
+    measure = _Measure(model, tokenizer, windows, prompt_ids(tokenizer, model, prompt), batch_size, progress, sources)
+    measure("none", "original model")
     mlayers = massive_layers(col)
     info: dict = {"massive_layers": mlayers, "super_weights": super_weights, "prompt": prompt}
     if mlayers:
-        first = mlayers[:1]
-        every = list(range(mlayers[0], col.n_layers))
-        for mode in ("zero", "mean"):
-            with massive_replaced(model, col, mode, first) as cnt:
-                measure(
-                    f"massive->{mode} @L{first[0]}",
-                    f"massive activations set to {mode} in the residual stream after layer {first[0]} (where they first appear)",
-                    changed=cnt,
-                )
-        for mode in ("zero", "mean"):
-            with massive_replaced(model, col, mode, every) as cnt:
-                measure(
-                    f"massive->{mode} @L{every[0]}+",
-                    f"massive activations set to {mode} in the residual stream after every layer from {every[0]} on",
-                    changed=cnt,
-                )
+        _massive_rows(model, col, mlayers, measure)
     if super_weights:
         with weights_zeroed(model, super_weights):
             coords = ", ".join(f"L{s['layer']}[{s['row']},{s['col']}]" for s in super_weights)
@@ -227,4 +230,4 @@ def run_interventions(
             dims = pool[torch.randperm(pool.numel(), generator=g)[: len(top)]].tolist()
             with features_zeroed(model, dims):
                 measure(f"random-{len(top)} dims -> 0 (#{s})", f"random hidden dims {sorted(dims)} zeroed at the same places", dims=sorted(dims))
-    return {"rows": rows, **info}
+    return {"rows": measure.rows, **info}

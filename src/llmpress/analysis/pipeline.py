@@ -314,6 +314,29 @@ def analysis_windows(tokenizer, model, cfg: AnalysisConfig) -> tuple[torch.Tenso
     return torch.cat(list(parts.values())), {s: int(w.shape[0]) for s, w in parts.items()}
 
 
+def _interventions(model, tokenizer, windows, col: Collected, summary: dict, cfg: AnalysisConfig) -> dict:
+    feats = summary["int8_features"]["all"]
+    # detected features first, then the most frequent |x| >= 6 dims, then the largest ones
+    dims = feats["features"] + [c for c in feats["ranking"] if c not in set(feats["features"])]
+    k = cfg.features_k or (min(len(feats["features"]), 8) if feats["features"] else min(4, len(dims)))
+    out = run_interventions(
+        model,
+        tokenizer,
+        windows,
+        col,
+        summary["super_weights"]["super_weights"],
+        dims,
+        k=k,
+        random_seeds=cfg.random_seeds,
+        batch_size=cfg.batch_size,
+        prompt=cfg.top1_prompt,
+        progress=cfg.progress,
+        sources=summary["windows_by_source"],
+    )
+    out["features_detected"] = bool(feats["features"])
+    return out
+
+
 def analyze(model: nn.Module, tokenizer, cfg: AnalysisConfig | None = None, windows: torch.Tensor | None = None) -> Analysis:
     """Analyze ``model`` on ``windows`` (default: ``cfg.windows`` evaluation windows of the test text)."""
     cfg = cfg if cfg is not None else AnalysisConfig()
@@ -368,25 +391,7 @@ def analyze(model: nn.Module, tokenizer, cfg: AnalysisConfig | None = None, wind
     seconds["super_weights"] = time.perf_counter() - t
     if cfg.interventions:
         t = time.perf_counter()
-        feats = summary["int8_features"]["all"]
-        # detected features first, then the most frequent |x| >= 6 dims, then the largest ones
-        dims = feats["features"] + [c for c in feats["ranking"] if c not in set(feats["features"])]
-        k = cfg.features_k or (min(len(feats["features"]), 8) if feats["features"] else min(4, len(dims)))
-        summary["interventions"] = run_interventions(
-            model,
-            tokenizer,
-            windows,
-            col,
-            search["super_weights"],
-            dims,
-            k=k,
-            random_seeds=cfg.random_seeds,
-            batch_size=cfg.batch_size,
-            prompt=cfg.top1_prompt,
-            progress=cfg.progress,
-            sources=by_source,
-        )
-        summary["interventions"]["features_detected"] = bool(feats["features"])
+        summary["interventions"] = _interventions(model, tokenizer, windows, col, summary, cfg)
         seconds["interventions"] = time.perf_counter() - t
     an = Analysis(summary=summary, collected=col)
     if cfg.plots:

@@ -122,7 +122,7 @@ def headline(s: dict) -> list[str]:
         p = mf["pairs"][0]
         lines.append(
             f"Massive activation (|x| > {s['thresholds']['massive_eta']:g} x mean|x| and > {s['thresholds']['massive_gamma']:g}) at token {p['pos']}, channel {p['channel']}: "
-            f"layers {_ranges(p['layers'])}, peak {_f(p['max_abs'])}, at half its peak or more from layer {p['from_layer_half_peak']} on."
+            f"layers {sinks_report.ranges(p['layers'])}, peak {_f(p['max_abs'])}, at half its peak or more from layer {p['from_layer_half_peak']} on."
         )
         lines.append(
             f"First layer with massive activations: {mf['first_layer_eta_rule']} (eta/gamma rule), {mf['first_layer_sun_rule']} (Sun et al.: > {s['thresholds']['sun_min']:g} and >= {s['thresholds']['sun_ratio']:g}x median)."
@@ -220,21 +220,6 @@ def implications(s: dict) -> list[str]:
             f"Hardest weight matrix for a per-tensor scale: W{h['role']} of layer {h['layer']} (max/median {_f(h['max_over_median'])}, kurtosis {_f(h['kurtosis'])}); per-channel or group scales fix most of it."
         )
     return out
-
-
-def _ranges(xs: list[int]) -> str:
-    xs = sorted(xs)
-    if not xs:
-        return "-"
-    out, start, prev = [], xs[0], xs[0]
-    for x in xs[1:] + [None]:
-        if x is not None and x == prev + 1:
-            prev = x
-            continue
-        out.append(f"{start}" if start == prev else f"{start}-{prev}")
-        if x is not None:
-            start = prev = x
-    return ", ".join(out)
 
 
 def intervention_table(s: dict) -> list[list[str]]:
@@ -368,7 +353,7 @@ def _html_massive(s: dict, imgs: dict) -> list[str]:
     )
     rows = [["token", "channel", "layers", "peak |x|", "from layer (>= half peak)"]]
     for p in mf["pairs"][:10]:
-        rows.append([p["pos"], p["channel"], _ranges(p["layers"]), p["max_abs"], p["from_layer_half_peak"]])
+        rows.append([p["pos"], p["channel"], sinks_report.ranges(p["layers"]), p["max_abs"], p["from_layer_half_peak"]])
     parts.append(_table(rows))
     rows = [["layer", "max |x|", "median |x|", "max / median", "massive (eta/gamma)", "massive (Sun)"]]
     for r in mf["per_layer"]:
@@ -377,7 +362,7 @@ def _html_massive(s: dict, imgs: dict) -> list[str]:
     rows = [["site", "layers with massive activations", "largest: token", "channel", "max |x|", "at layer"]]
     for site, r in s["massive_by_site"].items():
         b = r["largest"] or {}
-        rows.append([site, _ranges(r["layers"]), b.get("pos"), b.get("channel"), b.get("max_abs"), b.get("layer")])
+        rows.append([site, sinks_report.ranges(r["layers"]), b.get("pos"), b.get("channel"), b.get("max_abs"), b.get("layer")])
     parts.append("<h3>Every site</h3>" + _table(rows))
     parts.append("<div class='grid'>" + "".join(_img(imgs[k]) for k in imgs if k.startswith("surface_resid")) + "</div>")
     for k in ("top_magnitudes", "histograms"):

@@ -13,9 +13,10 @@ def _g(v, nd: int = 3) -> str:
     return "-" if v is None else f"{v:.{nd}g}"
 
 
-def _ranges(xs: list[int]) -> str:
+def ranges(xs: list[int]) -> str:
+    """'1-3, 7' for [1, 2, 3, 7] (any order); '-' for none."""
     out: list[str] = []
-    for x in xs:
+    for x in sorted(xs):
         if out and isinstance(out[-1], list) and out[-1][1] == x - 1:
             out[-1][1] = x
         else:
@@ -36,7 +37,7 @@ def headline(s: dict) -> list[str]:
         f"head {r['mass0_max_head']} {_g(r['mass0_max'])})."
     )
     if a["sink_layers"]:
-        line += f" Layers with >= {a['sink_mass']:g} of the mass on token 0: {_ranges(a['sink_layers'])}."
+        line += f" Layers with >= {a['sink_mass']:g} of the mass on token 0: {ranges(a['sink_layers'])}."
     lines = [line]
     line = f"At token 0 of layer {top['layer']} the norms are {_g(r['q_ratio'])}x (q), {_g(r['k_ratio'])}x (k), {_g(r['v_ratio'])}x (v) the median of the other tokens."
     dp = a.get("dim_peak_mean")
@@ -47,7 +48,7 @@ def headline(s: dict) -> list[str]:
     if pair:
         line = (
             f"Massive activations at token 0 are flagged from layer {link['first_massive_layer_tok0']} on (the largest: channel {pair['channel']}, "
-            f"peak {_g(pair['max_abs'])}, layers {_ranges(pair['layers'])})"
+            f"peak {_g(pair['max_abs'])}, layers {ranges(pair['layers'])})"
         )
         line += f"; token-0 attention first reaches {a['sink_mass']:g} at layer {link['onset_layer']}" if link["onset_layer"] is not None else ""
         line += f" (correlation over layers of log |h| at token 0 entering a layer and its mass on token 0: {_g(link['corr_log_h0_mass0'])})."
