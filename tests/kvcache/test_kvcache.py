@@ -134,6 +134,11 @@ def test_streaming_perplexity_is_the_ordinary_one_when_the_cache_covers():
     for spec, chunk in (("full", 1), ("full", 16), ("sinks:4,60", 1)):
         assert stream_perplexity(m, ids, spec, chunk=chunk)["ppl"] == pytest.approx(ref, rel=1e-4)
     assert recompute_perplexity(m, ids, 64)["ppl"] == pytest.approx(ref, rel=1e-4)
+    with torch.no_grad():
+        each = F.cross_entropy(m(input_ids=ids[None]).logits[0, :-1], ids[1:], reduction="none")
+    got = stream_perplexity(m, ids, "full", chunk=16, token_nll=True)
+    assert got["token_nll"].shape == (47,) and torch.allclose(got["token_nll"], each, atol=1e-4)
+    assert float(got["token_nll"].sum()) == pytest.approx(got["nll"], rel=1e-6) and "token_nll" not in stream_perplexity(m, ids, "full")
     small = stream_perplexity(m, ids, "window:8")
     assert small["ppl"] != pytest.approx(ref, rel=1e-4)
     assert small["cache_bytes_peak"] < stream_perplexity(m, ids, "full")["cache_bytes_peak"] / 3

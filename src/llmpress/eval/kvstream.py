@@ -29,24 +29,29 @@ from ..kvcache.build import KVPolicy, build_cache, cache_bytes, parse_policy, un
 
 @torch.no_grad()
 def stream_perplexity(model: nn.Module, ids: torch.Tensor, policy: KVPolicy | str, *, chunk: int = 1, progress=None, cache=None,
-                      nbytes=cache_bytes) -> dict:  # fmt: skip
+                      nbytes=cache_bytes, token_nll: bool = False) -> dict:  # fmt: skip
     """Perplexity of the stream ``ids`` [N] predicted token by token (``chunk`` at a time)
     through a cache with ``policy``; with the cache's bytes at the end and at their peak.
     ``cache``: a ready transformers cache instead of the policy's (a benchmark's peer cache,
-    ``policy`` then only names it), with ``nbytes`` counting its bytes."""
+    ``policy`` then only names it), with ``nbytes`` counting its bytes. ``token_nll``: also
+    the negative log-likelihood of every target ``ids[1:]`` (``"token_nll"``, a float tensor
+    [N - 1]), to see which tokens a policy costs."""
     policy = parse_policy(policy) if isinstance(policy, str) else policy
     ids = ids.reshape(-1)
     dev = next(model.parameters()).device
     cache = build_cache(model, policy) if cache is None else cache
-    nll, n, peak = 0.0, 0, 0
+    nll, n, peak, per = 0.0, 0, 0, []
     t0 = time.perf_counter()
     try:
         for start in range(0, ids.numel() - 1, chunk):
             x = ids[start : min(start + chunk, ids.numel() - 1)].to(dev)
             logits = model(input_ids=x[None], past_key_values=cache, use_cache=True).logits[0].float()
             target = ids[start + 1 : start + 1 + x.numel()].to(dev)
-            nll += float(F.cross_entropy(logits, target, reduction="sum"))
+            losses = F.cross_entropy(logits, target, reduction="none")
+            nll += float(losses.sum())
             n += target.numel()
+            if token_nll:
+                per.append(losses.cpu())
             peak = max(peak, nbytes(cache))
             if progress is not None:
                 progress(n)
@@ -54,7 +59,8 @@ def stream_perplexity(model: nn.Module, ids: torch.Tensor, policy: KVPolicy | st
         unobserve_attention(model)
     secs = time.perf_counter() - t0
     return {"policy": policy.describe(), "tokens": int(ids.numel()), "ppl": float(torch.exp(torch.tensor(nll / n))), "nll": nll,
-            "seconds": round(secs, 3), "tok_per_s": round(n / secs, 2), "cache_bytes": nbytes(cache), "cache_bytes_peak": peak}  # fmt: skip
+            "seconds": round(secs, 3), "tok_per_s": round(n / secs, 2), "cache_bytes": nbytes(cache), "cache_bytes_peak": peak,
+            **({"token_nll": torch.cat(per)} if token_nll else {})}  # fmt: skip
 
 
 @torch.no_grad()
