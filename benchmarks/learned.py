@@ -33,7 +33,8 @@ W4A4KV4 rows: the presets ``quarot-w4a4kv4-gptq`` and ``duquant-w4a4kv4-gptq`` (
 W4A4KV4 settings before learned clipping) beside ``quarot-w4a4kv4-omniquant`` (QuaRot's online
 rotations, then OmniQuant's learned weight clipping trained with the int4 activations in the
 loop) and ``duquant-w4a4kv4-blockwise`` (DuQuant, then block-wise reconstruction with the int4
-activations in the loop, corrective targets), on the same windows; ``duquant-w4a4kv4-gptq-alpha-auto``:
+activations in the loop, corrective targets) and ``quarot-w4a4kv4-blockwise`` (the same after
+QuaRot's rotations), on the same windows; ``duquant-w4a4kv4-gptq-alpha-auto``:
 the GPTQ preset with DuQuant's smoothing exponent searched per point (``smooth_alpha: auto``).
 
 Rows are written to the JSON as they finish and rows already there are skipped (resume).
@@ -77,6 +78,7 @@ W4A4_ROWS = (
     "duquant-w4a4kv4-gptq",
     "quarot-w4a4kv4-omniquant",
     "duquant-w4a4kv4-blockwise",
+    "quarot-w4a4kv4-blockwise",
 )  # rotations + GPTQ against learned clipping, and block-wise reconstruction with int4 activations in the loop
 
 

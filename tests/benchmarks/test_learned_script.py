@@ -69,7 +69,7 @@ def test_w4a4_rows_are_existing_presets():
     from llmpress.recipe import presets
 
     rows = {k: v for k, v in lr.ROWS.items() if v["class"] == "W4A4KV4"}
-    presets_rows = {"quarot-w4a4kv4-gptq", "duquant-w4a4kv4-gptq", "quarot-w4a4kv4-omniquant", "duquant-w4a4kv4-blockwise"}
+    presets_rows = {"quarot-w4a4kv4-gptq", "duquant-w4a4kv4-gptq", "quarot-w4a4kv4-omniquant", "duquant-w4a4kv4-blockwise", "quarot-w4a4kv4-blockwise"}
     assert set(rows) == presets_rows | {"duquant-w4a4kv4-gptq-alpha-auto"}
     assert all(lr.recipe_of(k, rows[k]) == k and k in presets() for k in presets_rows)
     auto = lr.recipe_of("duquant-w4a4kv4-gptq-alpha-auto", rows["duquant-w4a4kv4-gptq-alpha-auto"])

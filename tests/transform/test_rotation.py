@@ -232,6 +232,7 @@ ROTATION_PRESETS = [
     "duquant-w4a4kv4",
     "duquant-w4a4kv4-gptq",
     "duquant-w4a4kv4-blockwise",
+    "quarot-w4a4kv4-blockwise",
     "duquant-w4a8",
     "spinquant-w4a4kv4",
     "spinquant-w4a4kv4-gptq",
