@@ -127,6 +127,10 @@ ROWS.update(
         for b in MIXED_BUDGETS
     }
 )
+# the same plan with group sizes as well as bit widths to choose from (a finer knapsack: W3 g128 at
+# 3.125 bits frees bytes that W4 g64 or W3 g32 can spend where the layer errors are largest)
+GROUP_CANDIDATES = "w2g64,w3g128,w3g64,w3g32,w4g128,w4g64,w8g64"
+ROWS["mixed-3.25-blockwise-groups"] = {**ROWS["mixed-3.25-blockwise"], "candidates": GROUP_CANDIDATES}
 # rows measured with settings since changed (kept in the JSON under these keys, labelled here)
 LEGACY = {
     "blockwise-w4g64-v1": "blockwise-w4g64 before 2026-12-04 (sequential, full-range grid, one clipping factor, float32 steps)",
@@ -187,6 +191,7 @@ def label(key: str) -> str:
     notes += [f"{s['iters']} steps of {s['windows_per_step']} windows, lr {s['lr']:g}"] if "iters" in s else []
     notes += ["layer errors unweighted"] if spec.get("weighting") == "none" else []
     notes += [f"plan on {spec['base']}, layer errors after GPTQ"] if spec.get("base") else []
+    notes += [f"candidates {spec['candidates']}"] if spec.get("candidates") else []
     notes += [f"{m}: {v}" for m, v in spec.get("stage_set", {}).items()]
     notes += [f"{spec['from']} at 2 bits"] if spec.get("from") else []
     return f"{key} ({', '.join(notes)})" if notes else key
@@ -200,24 +205,27 @@ def table(res: dict) -> str:
     )
 
 
-def mixed_row(rt: Resumable, key: str, budget: float, solver: str, a, weighting: str = "fisher", base: str | None = None) -> None:
+def mixed_row(
+    rt: Resumable, key: str, budget: float, solver: str, a, weighting: str = "fisher", base: str | None = None, candidates: str | None = None
+) -> None:
     """plan_bits under ``budget`` (costs by ``solver``) on the calibration windows, then the
     planned recipe; the recipe YAML is written beside the JSON. ``base``: the plan's base
-    recipe (default ``--plan-base``)."""
+    recipe (default ``--plan-base``); ``candidates``: the row's own (default ``--candidates``)."""
     from llmpress.bitplan import plan_bits
     from llmpress.recipe import load_recipe
 
     if rt.done(key):
         return
     base = base or a.plan_base
+    candidates = candidates or a.candidates
     t = time.perf_counter()
-    plan = plan_bits(rt.model, rt.calib, base=load_recipe(base), candidates=a.candidates, budget=budget, solver=solver, weighting=weighting)
+    plan = plan_bits(rt.model, rt.calib, base=load_recipe(base), candidates=candidates, budget=budget, solver=solver, weighting=weighting)
     plan_s = time.perf_counter() - t
     print(plan.table(), flush=True)
     path = rt.out.with_name(f"{rt.out.stem}-{key}.yaml")
     path.write_text(plan.recipe.to_yaml())
     rt.compress(key, plan.recipe, setup_s=plan_s, plan_s=plan_s, plan_bits_per_weight=plan.bits_per_weight, plan_base=base,
-                plan_solver=solver, plan_weighting=weighting, candidates=a.candidates, choice=plan.choice, recipe_yaml=str(path))  # fmt: skip
+                plan_solver=solver, plan_weighting=weighting, candidates=candidates, choice=plan.choice, recipe_yaml=str(path))  # fmt: skip
 
 
 def peer_row(rt: Resumable, key: str, spec: dict, a) -> None:
@@ -275,7 +283,7 @@ def main(argv=None) -> int:
     for key in keys:
         spec = ROWS[key]
         if spec["kind"] == "mixed":
-            mixed_row(rt, key, spec["budget"], spec["solver"], a, spec.get("weighting", "fisher"), spec.get("base"))
+            mixed_row(rt, key, spec["budget"], spec["solver"], a, spec.get("weighting", "fisher"), spec.get("base"), spec.get("candidates"))
         elif spec["kind"] == "peer":
             peer_row(rt, key, spec, a)
         elif (recipe := recipe_of(key, spec)) is None:

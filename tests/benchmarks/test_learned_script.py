@@ -60,16 +60,27 @@ def test_row_specs():
         "mixed-4.25-rtn-unweighted": (4.25, "rtn"),
         "mixed-3.25-blockwise": (3.25, "gptq"),
         "mixed-4.25-blockwise": (4.25, "gptq"),
+        "mixed-3.25-blockwise-groups": (3.25, "gptq"),
     }
     assert lr.ROWS["mixed-3.25-blockwise"]["base"] == "blockwise-w3g64" and "base" not in lr.ROWS["mixed-3.25-gptq"]
     assert lr.label("mixed-3.25-blockwise") == "mixed-3.25-blockwise (corrective, plan on blockwise-w3g64, layer errors after GPTQ)"
+    groups = lr.ROWS["mixed-3.25-blockwise-groups"]
+    assert {k: v for k, v in groups.items() if k != "candidates"} == lr.ROWS["mixed-3.25-blockwise"]
+    assert "w3g128" in groups["candidates"] and "w3g32" in groups["candidates"]
+    assert lr.label("mixed-3.25-blockwise-groups").endswith(f"layer errors after GPTQ, candidates {lr.GROUP_CANDIDATES})")
 
 
 def test_w4a4_rows_are_existing_presets():
     from llmpress.recipe import presets
 
     rows = {k: v for k, v in lr.ROWS.items() if v["class"] == "W4A4KV4"}
-    presets_rows = {"quarot-w4a4kv4-gptq", "duquant-w4a4kv4-gptq", "quarot-w4a4kv4-omniquant", "duquant-w4a4kv4-blockwise", "quarot-w4a4kv4-blockwise"}
+    presets_rows = {
+        "quarot-w4a4kv4-gptq",
+        "duquant-w4a4kv4-gptq",
+        "quarot-w4a4kv4-omniquant",
+        "duquant-w4a4kv4-blockwise",
+        "quarot-w4a4kv4-blockwise",
+    }
     assert set(rows) == presets_rows | {"duquant-w4a4kv4-gptq-alpha-auto"}
     assert all(lr.recipe_of(k, rows[k]) == k and k in presets() for k in presets_rows)
     auto = lr.recipe_of("duquant-w4a4kv4-gptq-alpha-auto", rows["duquant-w4a4kv4-gptq-alpha-auto"])

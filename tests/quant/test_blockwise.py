@@ -374,6 +374,24 @@ BASES = {
 }
 
 
+def test_plan_with_group_sizes_keeps_each_linears_group_size():
+    """Candidates that differ in group size as well as bits: the joint block-wise pass gives
+    every linear the planned bits and group size, and the scales have that many groups."""
+    from llmpress.bitplan import plan_bits
+
+    data = random_windows(8, 32)
+    base = Recipe(stages=(BASES["blockwise"](),))
+    plan = plan_bits(tiny_llama(), data, base=base, candidates="w2g32,w3g16,w3g32,w4g16,w4g32", budget=3.3)
+    assert len({lab[2:] for lab in plan.choice.values()}) == 2  # both group sizes chosen somewhere
+    m = tiny_llama()
+    rep = compress(m, Recipe.from_yaml(plan.recipe.to_yaml()), data=data, engine=QUIET)
+    recs = rep.result.records
+    assert {n: f"w{r.weight_args.bits}g{r.weight_args.group_size}" for n, r in recs.items()} == plan.choice
+    mods = dict(m.named_modules())
+    for n, r in recs.items():
+        assert r.qparams.scale.shape[-1] == mods[n].weight.shape[1] // r.weight_args.group_size, n
+
+
 @pytest.mark.parametrize("method", list(BASES))
 def test_plan_bits_stages_learn_together_with_their_own_grids(monkeypatch, method):
     """A plan-bits recipe on a blockwise (omniquant) base: one call per block with every
