@@ -24,8 +24,9 @@ Run (heavy: about an hour or more on 2 CPU cores)::
 
 Rows ending in ``-clip`` (e.g. ``quarot-gptq-clip``) use QuaRot's fixed clipping of the
 4-bit quantizers (activations at 0.9 of each token's range, KV cache at 0.95) and fill the
-W4A4KV4 column only. ``--merge a.json b.json --out p`` joins runs with the same settings
-(e.g. rows added later) into one table.
+W4A4KV4 column only. GPTQ rows use the gptq stage's defaults (activation order, damp 0.01);
+``--gptq-damp 0.3`` gives them the W4A4KV4 presets' damping. ``--merge a.json b.json --out p``
+joins runs with the same settings (e.g. rows added later) into one table.
 
 Small check: ``--eval-windows 4 --calib-windows 8 --rows quarot-rtn --columns W4A4KV4``.
 """
@@ -155,7 +156,9 @@ def difficulty(model, windows: torch.Tensor) -> dict:
 # ----------------------------------------------------------------------------- runs
 
 
-def quant_stages(row_method: str, col: dict, smooth: bool, clip: bool = False):
+def quant_stages(row_method: str, col: dict, smooth: bool, clip: bool = False, gptq_damp: float | None = None):
+    """The stages after the rotation: SmoothQuant's scales (its rows), the KV quantizer, then the
+    weight method with the column's activations; ``gptq_damp`` overrides GPTQ's damping."""
     weights, acts, kv = col["weights"], col["activations"], col["kv"]
     if clip:
         acts = dataclasses.replace(acts, clip_ratio=ACT_CLIP)
@@ -166,7 +169,8 @@ def quant_stages(row_method: str, col: dict, smooth: bool, clip: bool = False):
         st.append(stage("smoothquant", weights=weights, activations=acts))
     if kv is not None:
         st.append(stage("kv_quant", keys=kv, values=kv))
-    st.append(stage(method, weights=weights, activations=acts))
+    extra = {"damp": gptq_damp} if method == "gptq" and gptq_damp is not None else {}
+    st.append(stage(method, weights=weights, activations=acts, **extra))
     return st
 
 
@@ -182,6 +186,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--eval", default=EVAL_SOURCES, help="test texts (an --eval-data list); each cell gives the first one's ppl and every source's ratio"
+    )
+    ap.add_argument(
+        "--gptq-damp",
+        type=float,
+        default=None,
+        help="GPTQ rows: damping (fraction of the mean Hessian diagonal; default the gptq stage's 0.01; the W4A4KV4 presets use 0.3)",
     )
     ap.add_argument("--no-metrics", action="store_true")
     ap.add_argument("--out", default=None, help="path prefix for .json and .md results")
@@ -259,13 +269,14 @@ def main(argv=None) -> int:
             rot_r, w, clip = parse_row(r)
             if rot_r != rot_name:
                 continue
-            tag = f", clipped (A {ACT_CLIP:g}, KV {KV_CLIP:g})" if clip else ""
+            tag = f", damp {args.gptq_damp:g}" if w == "gptq" and args.gptq_damp is not None else ""
+            tag += f", clipped (A {ACT_CLIP:g}, KV {KV_CLIP:g})" if clip else ""
             results["rows"][r] = {"label": f"{label} + {w.upper()}{tag}", "rotation": rot_name, "columns": {}}
             jobs += [(r, w, c, clip) for c in cols if (w == "rtn" or c in GPTQ_COLUMNS) and (not clip or c == "W4A4KV4")]
         for k, (r, w, c, clip) in enumerate(jobs):
             m = copy.deepcopy(model) if k < len(jobs) - 1 else model
             t = time.perf_counter()
-            rep = compress(m, quant_stages(w, COLUMNS[c], smooth=rot == "smoothquant", clip=clip), data=cal)
+            rep = compress(m, quant_stages(w, COLUMNS[c], smooth=rot == "smoothquant", clip=clip, gptq_damp=args.gptq_damp), data=cal)
             qs = time.perf_counter() - t
             t = time.perf_counter()
             p_by = score(m, sets)
@@ -297,6 +308,9 @@ def merge(results: list[dict]) -> dict:
     """One result from several runs of this script (same model, windows and settings)."""
     first = results[0]
     keys = ("eval_windows", "seqlen", "calib_windows", "seed", "spin_steps", "eval")
+    gptq = [r for r in results if any(parse_row(k)[1] == "gptq" for k in r["rows"])]
+    if len({r["args"].get("gptq_damp") for r in gptq}) > 1:  # RTN rows do not depend on it
+        raise SystemExit(f"cannot merge GPTQ rows of runs with different --gptq-damp: {[r['args'].get('gptq_damp') for r in gptq]}")
     for r in results[1:]:
         if r["model"] != first["model"] or any(r["args"].get(k) != first["args"].get(k) for k in keys):
             raise SystemExit(f"cannot merge runs with different settings: {[(k, r['args'].get(k), first['args'].get(k)) for k in keys]}")
