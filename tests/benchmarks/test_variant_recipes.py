@@ -52,6 +52,12 @@ def test_rotation_presets_settings_and_counterparts():
     named = [k for k, (label, _) in domains.README_ROWS.items() if "(`duquant-w4a4kv4-gptq`)" in label]
     assert named == ["duquant-w4a4kv4-gptq-act-order-damp0.3"]
     assert "until 2026-12-05" in domains.README_ROWS["duquant-w4a4kv4-gptq-natural"][0]
+    # spinquant's preset keeps natural order and damp 0.01 (the held-out rule's choice, 2026-12-06), and
+    # its README row that names the preset is the natural-order variant's
+    gptq = next(s for s in _stages("spinquant-w4a4kv4-gptq") if s.method == "gptq")
+    assert (gptq.config.act_order, gptq.config.damp) == (False, 0.01)
+    named = [k for k, (label, _) in domains.README_ROWS.items() if "(`spinquant-w4a4kv4-gptq`)" in label]
+    assert named == ["spinquant-w4a4kv4-gptq-natural"]
     # spinquant's RTN counterpart is the spinquant-w4a4kv4 preset itself
     got = _stages(domains.VARIANTS["spinquant-w4a4kv4-gptq-as-rtn"][0])
     want = _stages("spinquant-w4a4kv4")
