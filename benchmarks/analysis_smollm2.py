@@ -19,27 +19,13 @@ from pathlib import Path
 
 from llmpress import models
 from llmpress.analysis import AnalysisConfig, analyze
-from llmpress.analysis.report import console_summary, write_outputs
+from llmpress.analysis.report import console_summary, intervention_table, write_outputs
 
 
-def markdown_table(rows: list[dict]) -> list[str]:
-    """The intervention table as markdown: pooled perplexity and ratio, then one column per text."""
-    texts = list(rows[0].get("ppl_by_source") or {})
-    head = ["intervention", "ppl", "ratio", *[f"{t} ppl (x)" for t in texts], "top-1 next token", "p(top-1)", "p(original top-1)"]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        per = [f"{r['ppl_by_source'][t]:.4g} ({r['ratio_by_source'][t]:.3g}x)" for t in texts]
-        cells = [
-            r["name"],
-            f"{r['ppl']:.4g}",
-            f"{r['ppl_ratio']:.3g}",
-            *per,
-            repr(r["top1"]),
-            f"{r['top1_prob']:.3f}",
-            f"{r.get('ref_prob', r['top1_prob']):.3f}",
-        ]
-        out.append("| " + " | ".join(cells) + " |")
-    return out
+def markdown_table(summary: dict) -> list[str]:
+    """The report's intervention table (pooled perplexity and ratio, one column per text) as markdown."""
+    tab = intervention_table(summary)
+    return ["| " + " | ".join(tab[0]) + " |", "|" + "---|" * len(tab[0])] + ["| " + " | ".join(r) + " |" for r in tab[1:]]
 
 
 def main():
@@ -65,7 +51,7 @@ def main():
     print()
     print(f"model {a.model}, {s['windows']} test windows of {s['seqlen']} tokens; prompt {iv['prompt']!r}; total {wall:.0f} s")
     print()
-    for line in markdown_table(iv["rows"]):
+    for line in markdown_table(s):
         print(line)
     bench = Path(f"runs/bench/analysis_{a.model}.json")
     bench.parent.mkdir(parents=True, exist_ok=True)
