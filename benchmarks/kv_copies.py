@@ -9,7 +9,7 @@ the stream: an induction head predicts it by attending to the token after the ea
 ``ids[t-1]``. Its *distance* is how many positions back the latest such occurrence is. Each text
 is streamed through the full cache and through each policy (``--chunk`` tokens per step, as
 ``benchmarks/kvcache.py``'s kivi section), and each policy's extra negative log-likelihood over
-the full cache is split by copy distance. With the default edges, a copy within 128 positions
+the full cache is split by copy distance. With the default edges, a copy within 128 positions mostly
 finds its source in KIVI's full-precision residual window; a farther one only as a quantized key.
 So if a text loses more than another under a quantized cache, this says whether the loss sits in
 the copies it reads from far back (the keys' precision) or spreads over every token.
