@@ -49,6 +49,25 @@ def gptq_as_rtn(preset: str) -> dict:
     return d
 
 
+def kmix_data_free(preset: str) -> dict:
+    """The data-free counterpart of an ``awq-gptq-<gguf type>`` preset: the same per-tensor
+    GGUF types (its ``gguf_mix`` stage), without AWQ's scales, each type's grid searched
+    without an importance matrix and rounded to nearest (``kquant`` ``solver: round``): what
+    ``llama-quantize`` writes without an imatrix."""
+    d = preset_recipe(preset, f"{preset}-data-free")
+    d["stages"] = [{**st, "importance": False, "solver": "round"} if st["method"] == "kquant" else st
+                   for st in d["stages"] if st["method"] != "awq"]  # fmt: skip
+    for st in d["stages"]:
+        if st["method"] == "kquant":
+            for k in ("block_size", "damp", "act_order"):
+                st.pop(k, None)
+    d["description"] = f"{preset} without calibration data: no AWQ scales, no importance, rounded to nearest"
+    return d
+
+
+KMIX_PRESETS = ("awq-gptq-q4_k_m", "awq-gptq-q4_k_s", "awq-gptq-q5_k_m", "awq-gptq-q3_k_m", "awq-gptq-q2_k", "awq-gptq-iq4_xs")
+
+
 def _rotation_gptq_variants(preset: str) -> dict:
     """The act-order / damping variants of a rotation + GPTQ preset, and its RTN counterpart."""
     v = {f"{preset}-{tag}": (preset_recipe(preset, "variant", only="gptq", act_order=ao, static_groups=True, damp=d), {})
@@ -107,6 +126,7 @@ VARIANTS = {
     **_rotation_gptq_variants("quarot-w4a4kv4-gptq"),
     **_rotation_gptq_variants("duquant-w4a4kv4-gptq"),
     **_rotation_gptq_variants("spinquant-w4a4kv4-gptq"),
+    **{f"{p}-data-free": (kmix_data_free(p), {}) for p in KMIX_PRESETS},
     "gptq-natural-unfused": (_gptq(act_order=False), {"fused": False}),
     "gptq-natural-fp-inputs": (_gptq(act_order=False), {"true_sequential": False}),
 }
@@ -293,7 +313,8 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         rep = api.compress(m, recipe, calib if api.needs_calibration(recipe) else None, tokenizer=tok, calib=cfg,
                            engine=EngineOptions(**engine_kw))  # fmt: skip
-        row = {"compress_s": time.perf_counter() - t, "bits_per_weight": rep.bits_per_weight, "ppl": {}, "threads": torch.get_num_threads()}
+        row = {"compress_s": time.perf_counter() - t, "bits_per_weight": rep.bits_per_weight, "size_mb": rep.size_mb,
+               "n_params": sum(p.numel() for p in m.parameters()), "ppl": {}, "threads": torch.get_num_threads()}  # fmt: skip
         for s in sources:
             row["ppl"][s] = perplexity(m, windows[s], 1, False)
         res["rows"][name] = row
