@@ -245,11 +245,14 @@ def mix_table(mix: dict, wiki: dict) -> str:
 
 def table(res: dict) -> str:
     sources = list(res["fp"])
-    head = "| method | " + " | ".join(f"{s} ppl (x fp)" for s in sources) + " | bits/weight |"
+    sized = any("n_params" in r for r in res["rows"].values())  # rows since the size columns exist
+    head = "| method | " + " | ".join(f"{s} ppl (x fp)" for s in sources) + " | bits/weight |" + (" parameters (M) | size MB |" if sized else "")
     lines = [f"calibration: {res.get('calib')}; fp32: " + ", ".join(f"{s} {v:.3f}" for s, v in res["fp"].items()), "", head,
-             "|---|" + "---|" * (len(sources) + 1)]  # fmt: skip
+             "|---|" + "---|" * (len(sources) + 1 + 2 * sized)]  # fmt: skip
     for name, r in res["rows"].items():
-        lines.append(f"| {name} | " + " | ".join(cells(r["ppl"], res["fp"])) + f" | {r.get('bits_per_weight', 0):.3f} |")
+        mb = f"{r['size_mb']:.1f}" if r.get("size_mb") is not None else "-"
+        size = f" {r['n_params'] / 1e6:.1f} | {mb} |" if "n_params" in r else (" - | - |" if sized else "")
+        lines.append(f"| {name} | " + " | ".join(cells(r["ppl"], res["fp"])) + f" | {r.get('bits_per_weight', 0):.3f} |" + size)
     return "\n".join(lines)
 
 
