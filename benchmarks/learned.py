@@ -131,6 +131,14 @@ ROWS.update(
 # 3.125 bits frees bytes that W4 g64 or W3 g32 can spend where the layer errors are largest)
 GROUP_CANDIDATES = "w2g64,w3g128,w3g64,w3g32,w4g128,w4g64,w8g64"
 ROWS["mixed-3.25-blockwise-groups"] = {**ROWS["mixed-3.25-blockwise"], "candidates": GROUP_CANDIDATES}
+# the plan on the best uniform W3 preset: AWQ's scales stay one search over every linear (on the W3
+# grid; plan-bits splits only stages that store codes), the block-wise stages split per setting
+ROWS.update(
+    {
+        f"mixed-{b:g}-awq-blockwise": {"kind": "mixed", "budget": b, "solver": "gptq", "base": "awq-blockwise-w3g64", "class": f"{b:g} avg"}
+        for b in MIXED_BUDGETS
+    }
+)
 # rows measured with settings since changed (kept in the JSON under these keys, labelled here)
 LEGACY = {
     "blockwise-w4g64-v1": "blockwise-w4g64 before 2026-12-04 (sequential, full-range grid, one clipping factor, float32 steps)",

@@ -71,7 +71,15 @@ class BitPlan:
 
 
 def _quantizing_stages(base: Recipe) -> list[int]:
-    idx = [i for i, s in enumerate(base.stages) if isinstance(getattr(s.config, "weights", None), QuantArgs)]
+    """The stages that store weights on a grid (a ``weights`` field); a stage that only
+    searches on one and stores nothing (AWQ's ``quantize: false``, scales for a later stage)
+    stays whole: split per setting it would leave every group whose linears got different
+    settings without scales."""
+    idx = [
+        i
+        for i, s in enumerate(base.stages)
+        if isinstance(getattr(s.config, "weights", None), QuantArgs) and getattr(s.config, "quantize", True) is not False
+    ]
     if not idx:
         raise UserError(f"recipe {base.name!r}: no stage quantizes weights (a stage with a 'weights' field); plan-bits splits such a stage")
     return idx

@@ -272,3 +272,28 @@ def test_cli(tmp_path, tiny_model_dir, capsys):
     cli_fails(capsys, argv[:3] + ["1.5"] + argv[4:], "below the smallest candidate")
     cli_fails(capsys, argv[:5] + [" "] + argv[6:], "empty")
     cli_fails(capsys, argv + ["--base", "magnitude-50"], "no stage quantizes weights")
+
+
+def test_a_search_only_stage_stays_whole():
+    """AWQ with ``quantize: false`` stores nothing: the plan keeps it as one stage over every linear
+    (split per setting, a group whose linears got different settings would get no scales), so
+    the planned recipe's AWQ scales every linear that the base recipe's AWQ scales."""
+    m, data = tiny_llama(), random_windows(4, 32)
+    base = load_recipe("awq-gptq-w4g64")
+    plan = plan_bits(m, data, base=base, candidates="w2g32,w3g32,w4g32", budget=3.0, solver="rtn")
+    awq = [st for st in plan.recipe.stages if st.method == "awq"]
+    assert len(awq) == 1 and awq[0].targets == base.stages[0].targets
+    gptq = [st for st in plan.recipe.stages if st.method == "gptq"]
+    assert len(gptq) >= 2 and sorted(t for st in gptq for t in st.targets) == sorted(plan.choice)
+
+    def scaled(recipe):
+        recs = compress(tiny_llama(), recipe, data=data, engine=QUIET).result.records
+        return {n for n, r in recs.items() if "alpha" in r.notes.get("awq", {})}
+
+    # the plan mixes settings inside some group that AWQ scales together (q/k/v or gate/up)
+    groups = [[f"model.layers.{i}.self_attn.{p}_proj" for p in "qkv"] for i in range(2)] + [
+        [f"model.layers.{i}.mlp.{p}_proj" for p in ("gate", "up")] for i in range(2)
+    ]
+    assert any(len({plan.choice[n] for n in g}) > 1 for g in groups)
+    ref = scaled(base)
+    assert ref and scaled(plan.recipe) == ref
