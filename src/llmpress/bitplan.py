@@ -16,7 +16,8 @@
    size, counted as eval/size.py counts it, stays within the budget.
 4. The recipe: every stage of the base recipe that quantizes weights of the block linears
    becomes one stage per chosen setting, with the setting's bits/group size and an explicit
-   ``targets`` list (``ignore: []``); the other stages stay as they are. It is an ordinary
+   ``targets`` list (``ignore: []``); the other stages stay as they are (AWQ's search-only
+   stage too: its scales are searched on the base grid for every linear). It is an ordinary
    YAML recipe: read it, edit it, pass it to ``llmpress compress --recipe``. Block methods
    registered with ``joint_grids`` (blockwise, omniquant) run such consecutive stages as one
    learning pass per block, each linear on its own grid (``calib.plan.joint_runs``).
