@@ -79,6 +79,9 @@ ROTATIONS = {
     "duquant": (lambda a: stage("duquant", seed=a.seed), "DuQuant"),
     "duquant-online": (lambda a: stage("duquant", seed=a.seed, residual="online"), "DuQuant (online per block)"),
     "spinquant": (lambda a: stage("spinquant", seed=a.seed, steps=a.spin_steps), "SpinQuant"),
+    # the rotations learned against the W4 RTN weights (rounded in the loss, the paper's setting
+    # for RTN) instead of float weights (the stage default, the paper's setting before GPTQ)
+    "spinquant-wq": (lambda a: stage("spinquant", seed=a.seed, steps=a.spin_steps, weights=W4), "SpinQuant (W4 weights rounded in its loss)"),
 }
 # a row is rotation-weightmethod[-clip]; rows sharing a rotation share one rotated model.
 # -clip: QuaRot's fixed clipping of the 4-bit quantizers (activations 0.9, KV cache 0.95),
