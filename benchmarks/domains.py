@@ -127,6 +127,8 @@ VARIANTS = {
     **_rotation_gptq_variants("duquant-w4a4kv4-gptq"),
     **_rotation_gptq_variants("spinquant-w4a4kv4-gptq"),
     **{f"{p}-data-free": (kmix_data_free(p), {}) for p in KMIX_PRESETS},
+    # qsvd-80's data-free counterpart: plain truncated SVD of q, k and v, each to 80% of its parameters
+    "qkv-svd-80": ({"name": "variant", "stages": [{"method": "svd", "targets": ["re:.*self_attn\\.(q|k|v)_proj$"], "ratio": 0.8}]}, {}),
     "gptq-natural-unfused": (_gptq(act_order=False), {"fused": False}),
     "gptq-natural-fp-inputs": (_gptq(act_order=False), {"true_sequential": False}),
 }
