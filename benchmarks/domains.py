@@ -55,12 +55,9 @@ def kmix_data_free(preset: str) -> dict:
     without an importance matrix and rounded to nearest (``kquant`` ``solver: round``): what
     ``llama-quantize`` writes without an imatrix."""
     d = preset_recipe(preset, f"{preset}-data-free")
-    d["stages"] = [{**st, "importance": False, "solver": "round"} if st["method"] == "kquant" else st
+    gptq_fields = ("block_size", "damp", "act_order")  # the GPTQ solver's, unused when rounding
+    d["stages"] = [{**{k: v for k, v in st.items() if k not in gptq_fields}, "importance": False, "solver": "round"} if st["method"] == "kquant" else st
                    for st in d["stages"] if st["method"] != "awq"]  # fmt: skip
-    for st in d["stages"]:
-        if st["method"] == "kquant":
-            for k in ("block_size", "damp", "act_order"):
-                st.pop(k, None)
     d["description"] = f"{preset} without calibration data: no AWQ scales, no importance, rounded to nearest"
     return d
 
@@ -247,13 +244,12 @@ def mix_table(mix: dict, wiki: dict) -> str:
 
 def table(res: dict) -> str:
     sources = list(res["fp"])
-    sized = any("n_params" in r for r in res["rows"].values())  # rows since the size columns exist
-    head = "| method | " + " | ".join(f"{s} ppl (x fp)" for s in sources) + " | bits/weight |" + (" parameters (M) | size MB |" if sized else "")
+    sized = any(r.get("size_mb") is not None for r in res["rows"].values())  # rows since the size column exists
+    head = "| method | " + " | ".join(f"{s} ppl (x fp)" for s in sources) + " | bits/weight |" + (" size MB |" if sized else "")
     lines = [f"calibration: {res.get('calib')}; fp32: " + ", ".join(f"{s} {v:.3f}" for s, v in res["fp"].items()), "", head,
-             "|---|" + "---|" * (len(sources) + 1 + 2 * sized)]  # fmt: skip
+             "|---|" + "---|" * (len(sources) + 1 + sized)]  # fmt: skip
     for name, r in res["rows"].items():
-        mb = f"{r['size_mb']:.1f}" if r.get("size_mb") is not None else "-"
-        size = f" {r['n_params'] / 1e6:.1f} | {mb} |" if "n_params" in r else (" - | - |" if sized else "")
+        size = (f" {r['size_mb']:.1f} |" if r.get("size_mb") is not None else " - |") if sized else ""
         lines.append(f"| {name} | " + " | ".join(cells(r["ppl"], res["fp"])) + f" | {r.get('bits_per_weight', 0):.3f} |" + size)
     return "\n".join(lines)
 
@@ -318,8 +314,8 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         rep = api.compress(m, recipe, calib if api.needs_calibration(recipe) else None, tokenizer=tok, calib=cfg,
                            engine=EngineOptions(**engine_kw))  # fmt: skip
-        row = {"compress_s": time.perf_counter() - t, "bits_per_weight": rep.bits_per_weight, "size_mb": rep.size_mb,
-               "n_params": sum(p.numel() for p in m.parameters()), "ppl": {}, "threads": torch.get_num_threads()}  # fmt: skip
+        row = {"compress_s": time.perf_counter() - t, "bits_per_weight": rep.bits_per_weight, "size_mb": rep.size_mb, "ppl": {},
+               "threads": torch.get_num_threads()}  # fmt: skip
         for s in sources:
             row["ppl"][s] = perplexity(m, windows[s], 1, False)
         res["rows"][name] = row
