@@ -61,7 +61,10 @@ def test_row_specs():
         "mixed-3.25-blockwise": (3.25, "gptq"),
         "mixed-4.25-blockwise": (4.25, "gptq"),
         "mixed-3.25-blockwise-groups": (3.25, "gptq"),
+        "mixed-3.25-awq-blockwise": (3.25, "gptq"),
+        "mixed-4.25-awq-blockwise": (4.25, "gptq"),
     }
+    assert {lr.ROWS[f"mixed-{b}-awq-blockwise"]["base"] for b in ("3.25", "4.25")} == {"awq-blockwise-w3g64"}
     assert lr.ROWS["mixed-3.25-blockwise"]["base"] == "blockwise-w3g64" and "base" not in lr.ROWS["mixed-3.25-gptq"]
     assert lr.label("mixed-3.25-blockwise") == "mixed-3.25-blockwise (corrective, plan on blockwise-w3g64, layer errors after GPTQ)"
     groups = lr.ROWS["mixed-3.25-blockwise-groups"]
