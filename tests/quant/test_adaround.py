@@ -102,6 +102,7 @@ def test_keeps_nearest_rounding_when_learning_loses():
         ({"lam": -1.0}, "lam=-1.0"),
         ({"scale_min": 0.0}, "scale_min"),
         ({"warmup": 1.0}, "warmup"),
+        ({"damp": -0.1}, "damp=-0.1"),
         ({"weights": QuantArgs(kind="ternary")}, "integer grids"),
         ({"learn_scale": True, "weights": QuantArgs(scale_dtype="float16")}, "scale_dtype"),
     ],
@@ -116,6 +117,22 @@ def test_bad_config(fields, fragment):
             )
         else:
             AdaRoundOptions(**fields)
+
+
+def test_damping_trades_calibration_error_for_held_out_error():
+    """Damped, the loss gains a plain weight-error term: on inputs whose channels do not
+    correlate as the calibration ones do, the error falls (towards nearest rounding's), and on
+    the calibration inputs it rises; far damping gives nearest rounding's codes."""
+    g = torch.Generator().manual_seed(7)
+    held_out = torch.randn(2048, 32, generator=g) * torch.logspace(-0.5, 0.5, 32)  # same channel scales, no mixing
+    for seed in range(3):
+        W, X, H = correlated_problem(rows=16, cols=32, seed=seed)
+        rtn, _ = quantize_weight(W, W4G16)
+        res = {d: adaround_quantize(W, H, W4G16, options=AdaRoundOptions(iters=300, damp=d)) for d in (0.0, 1.0, 1e6)}
+        held = {d: output_error(W, r.weight, held_out) for d, r in res.items()}
+        calib = {d: output_error(W, r.weight, X) for d, r in res.items()}
+        assert held[1.0] < held[0.0] and calib[1.0] > calib[0.0], (seed, held, calib)
+        assert res[1e6].flipped < 0.01 and held[1e6] <= 1.01 * output_error(W, rtn, held_out), seed
 
 
 def test_bad_recipe_field_names_it():

@@ -29,7 +29,9 @@ class AdaRound(AdaRoundOptions):
     to 1 at nearest rounding); ``beta_start``/``beta_end``: its annealed exponent;
     ``warmup``: share of the steps without it. ``learn_scale`` (AdaQuant): learn each
     group's scale too (``scale_lr``), only ever narrowed, down to ``scale_min`` times the
-    starting scale."""
+    starting scale. ``damp``: fraction of the Hessian's mean diagonal added to its diagonal
+    (as GPTQ's), a plain weight-error term that keeps the rounding from fitting the
+    calibration text's correlations alone."""
 
     weights: QuantArgs = field(default_factory=QuantArgs)
     activations: QuantArgs | None = None
