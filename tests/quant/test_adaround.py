@@ -143,9 +143,10 @@ def test_bad_recipe_field_names_it():
 
 
 def test_presets_parse():
-    for name, bits in (("adaround-w4g64", 4), ("adaround-w3g64", 3)):
+    for name, bits, damp in (("adaround-w4g64", 4, 1.0), ("adaround-w3g64", 3, 0.0)):  # W4's damping by the held-out rule
         cfg = load_recipe(name).stages[0].config
         assert isinstance(cfg, AdaRound) and cfg.weights.bits == bits and cfg.weights.group_size == 64 and cfg.iters == 100
+        assert cfg.damp == damp
 
 
 def test_tiny_model_compresses_saves_and_reloads(tmp_path):
