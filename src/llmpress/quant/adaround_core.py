@@ -33,9 +33,9 @@ the result is a deterministic function of the inputs (on the same torch build an
 
 ``damp``: ``damp * mean(diag H)`` is added to H's diagonal before anything else (the
 starting grid's search, ``E_rtn``, the loss), as GPTQ damps its Hessian: the loss gains a
-plain weight-error term ``damp * mean(diag H) * ||dW||^2``, which keeps the rounding of
-inputs the calibration text rarely lights from being fitted to that text alone (issue 22:
-undamped, ``adaround-w4g64`` lost to nearest rounding on code).
+plain weight-error term ``damp * mean(diag H) * ||dW||^2``, which keeps the rounding from
+leaning on the calibration text's input correlations, which other text does not share
+(issue 22: undamped, ``adaround-w4g64`` lost to nearest rounding on code).
 """
 
 from __future__ import annotations
