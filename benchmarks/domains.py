@@ -127,7 +127,7 @@ VARIANTS = {
     # qsvd-80's data-free counterpart: plain truncated SVD of q, k and v, each to 80% of its parameters
     "qkv-svd-80": ({"name": "variant", "stages": [{"method": "svd", "targets": ["re:.*self_attn\\.(q|k|v)_proj$"], "ratio": 0.8}]}, {}),
     # AdaRound's Hessian damped as GPTQ's (issue 22: undamped, adaround-w4g64 lost to RTN on code)
-    **{f"adaround-w4g64-damp{d:g}": (preset_recipe("adaround-w4g64", "variant", only="adaround", damp=d), {}) for d in (0.3, 1.0)},
+    **{f"adaround-w4g64-damp{d:g}": (preset_recipe("adaround-w4g64", "variant", only="adaround", damp=d), {}) for d in (0.0, 0.3, 1.0)},
     "gptq-natural-unfused": (_gptq(act_order=False), {"fused": False}),
     "gptq-natural-fp-inputs": (_gptq(act_order=False), {"true_sequential": False}),
 }
@@ -203,9 +203,10 @@ README_ROWS = {
     "sparsegpt-2of4": ("SparseGPT 2:4 + refit (`sparsegpt-2of4`)", "magnitude-2of4"),
     "sparsegpt-2of4-no-refit": ("SparseGPT 2:4, no refit", "magnitude-2of4"),
     "sparsegpt-50-w4g64": ("SparseGPT 50% + W4 g64 in one pass (`sparsegpt-50-w4g64`)", None),
-    "adaround-w4g64": ("AdaRound W4 g64, undamped (`adaround-w4g64` until 2026-12-06)", "rtn-w4g64-full-range"),
+    "adaround-w4g64-damp0": ("AdaRound W4 g64, undamped (`adaround-w4g64` until 2026-12-06)", "rtn-w4g64-full-range"),
     "adaround-w4g64-damp0.3": ("AdaRound W4 g64, damp 0.3", "rtn-w4g64-full-range"),
-    "adaround-w4g64-damp1": ("AdaRound W4 g64, damp 1", "rtn-w4g64-full-range"),
+    "adaround-w4g64-damp1": ("AdaRound W4 g64, damp 1 (as `adaround-w4g64`)", "rtn-w4g64-full-range"),
+    "adaround-w4g64": ("**AdaRound W4 g64, damp 1 (`adaround-w4g64`)**", "rtn-w4g64-full-range"),
 }
 
 
