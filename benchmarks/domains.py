@@ -73,6 +73,7 @@ def _rotation_gptq_variants(preset: str) -> dict:
     return v
 
 
+SHRINKS = (0.1, 0.2, 0.35, 0.5, 0.75)
 # name -> (recipe, engine options): the knobs of issue 22's GPTQ study
 # fmt: off
 VARIANTS = {
@@ -86,8 +87,12 @@ VARIANTS = {
     "gptq-natural-block32": (_gptq(act_order=False, block_size=32), {}),
     "gptq-natural-dynamic-groups": (_gptq(act_order=False, static_groups=False), {}),
     "gptq-natural-restricted-grid": (_gptq(act_order=False, weights={**W4, "full_range": False}), {}),
-    "gptq-act-order-shrink0.2": (_gptq(act_order=True, shrink=0.2), {}),
-    "gptq-act-order-shrink0.5": (_gptq(act_order=True, shrink=0.5), {}),
+    # shrinkage toward the diagonal (H <- (1 - s) H + s diag H), alone (damp 0.01) and with damping, W4 and W3
+    **{f"gptq-act-order-shrink{s:g}": (_gptq(act_order=True, shrink=s), {}) for s in SHRINKS},
+    **{f"gptq-act-order-damp{d:g}-shrink{s:g}": (_gptq(act_order=True, damp=d, shrink=s), {}) for d in (0.3, 1.0) for s in SHRINKS},
+    **{f"gptq-w3-act-order-shrink{s:g}": (_gptq(act_order=True, shrink=s, weights={**W4, "bits": 3}), {}) for s in SHRINKS},
+    **{f"gptq-w3-act-order-damp{d:g}-shrink{s:g}": (_gptq(act_order=True, damp=d, shrink=s, weights={**W4, "bits": 3}), {})
+       for d in (0.3, 1.0) for s in SHRINKS},
     "gptq-act-order-damp0.3": (_gptq(act_order=True, damp=0.3), {}),
     "gptq-act-order-damp1": (_gptq(act_order=True, damp=1.0), {}),
     "gptq-w3-act-order-damp1": (_gptq(act_order=True, damp=1.0, weights={**W4, "bits": 3}), {}),
