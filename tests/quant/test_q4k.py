@@ -27,7 +27,7 @@ from llmpress.export.packed_load import read_manifest  # noqa: E402
 from llmpress.export.packed_size import checkpoint_accounting  # noqa: E402
 from llmpress.quant.iq4 import iq4_params  # noqa: E402
 from llmpress.quant.kquant import k_params, q4_k_params, q5_k_params  # noqa: E402
-from llmpress.quant.q4k import GGUFMix, KQuant, grid_gptq, mix_type, more_bits, storable_type  # noqa: E402
+from llmpress.quant.q4k import GGUFMix, KQuant, grid_gptq, mix_type, more_bits, own_grid, storable_type  # noqa: E402
 from llmpress.runtime.cpu_kernels import kernels  # noqa: E402
 
 
@@ -267,10 +267,28 @@ def test_round_solver_is_the_grid_search():
     assert rec.form == "q4_k" and rec.notes["gguf_type"] == "Q4_K"
 
 
+@pytest.mark.parametrize("qtype", ["Q4_K", "IQ4_XS"])
+def test_shrink_on_a_gguf_grid_spans_gptq_to_rounding(qtype):
+    """shrink 1 leaves only H's diagonal (no error feedback): the grid's nearest codes, as the
+    round solver; in between, the calibration error lies between GPTQ's and rounding's."""
+    W, H = _problem(R=16, C=256, seed=2)
+
+    def solve(shrink):
+        return grid_gptq(W, H, qtype=qtype, importance=True, block_size=64, damp=0.01, act_order=True, shrink=shrink)
+
+    full, half, diag = (solve(s)[0].weight for s in (0.0, 0.5, 1.0))
+    rounded = own_grid(W, torch.diagonal(H), qtype).dequantize()
+    assert torch.equal(diag, rounded)
+    e = [_err(w, W, H) for w in (full, half, diag)]
+    assert e[0] < e[1] < e[2], e
+
+
 @pytest.mark.parametrize(
     ("cls", "fields", "fragment"),
     [
         (KQuant, {"type": "IQ3_S"}, "type='IQ3_S'"),
+        (KQuant, {"shrink": 1.5}, "shrink=1.5"),
+        (KQuant, {"diag_floor": -0.1}, "diag_floor=-0.1"),
         (KQuant, {"solver": "sgd"}, "solver='sgd'"),
         (KQuant, {"damp": -1.0}, "damp"),
         (GGUFMix, {"mix": "iq2_xs"}, "mix='iq2_xs'"),

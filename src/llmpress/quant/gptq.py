@@ -47,6 +47,7 @@ from .sweep import (  # noqa: F401  (ColumnQuantizer, current_rows, record_solve
     importance,
     record_solver_notes,
     solver_threads,
+    validate_regularizers,
     validate_solver_fields,
 )
 
@@ -73,10 +74,7 @@ class GPTQ:
 
     def __post_init__(self):
         validate_solver_fields(self.block_size, self.damp)
-        for key in ("shrink", "diag_floor"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-                raise RecipeError(f"{key}={v!r}: expected a fraction in [0, 1]")
+        validate_regularizers(self.shrink, self.diag_floor)
         if self.weights is None:
             raise RecipeError("weights: GPTQ needs weight quantization arguments")
         if self.weights.granularity == "token":

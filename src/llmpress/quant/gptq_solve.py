@@ -10,7 +10,7 @@ import torch
 from ..errors import UserError
 from .args import QuantArgs, check_group_divides
 from .core import QParams, compute_qparams
-from .hessian import inverse_cholesky, prepare
+from .hessian import inverse_cholesky, prepare, regularize
 from .sweep import ColumnQuantizer, SweepBlock, activation_order, column_sweep, importance, solver_threads, validate_solver_fields
 
 
@@ -63,13 +63,7 @@ def gptq_quantize(
     with solver_threads(weight.device):
         W, H, dead = prepare(weight, hessian, name, owned=hessian_owned)
         del hessian
-        if shrink:  # off-diagonal entries scaled by 1 - shrink, the diagonal kept
-            d = torch.diagonal(H).clone()
-            H.mul_(1.0 - shrink)
-            torch.diagonal(H).copy_(d)
-        if diag_floor:
-            dg = torch.diagonal(H)
-            dg.clamp_(min=diag_floor * float(dg.mean()))
+        regularize(H, shrink=shrink, diag_floor=diag_floor)
         return _gptq(W, H, dead, args, block_size, damp, act_order, static, mse_importance, name)
 
 

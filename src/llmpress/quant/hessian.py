@@ -75,6 +75,22 @@ def prepare(
     return W, H, dead
 
 
+def regularize(H: torch.Tensor, *, shrink: float = 0.0, diag_floor: float = 0.0) -> None:
+    """The Hessian regularizers, in place on a prepared ``H``: ``shrink`` scales every
+    off-diagonal entry by ``1 - shrink`` (``(1 - s) H + s diag(H)``: 0 keeps H, 1 leaves only
+    the diagonal, i.e. no error feedback between columns: round-to-nearest), so the solve
+    trusts the calibration text's input correlations less; ``diag_floor`` raises every
+    ``H_jj`` below ``diag_floor * mean(diag H)`` to it, so inputs rare in the calibration
+    text cost as if common (docs/second-order.md, "Regularization")."""
+    if shrink:
+        d = torch.diagonal(H).clone()
+        H.mul_(1.0 - shrink)
+        torch.diagonal(H).copy_(d)
+    if diag_floor:
+        dg = torch.diagonal(H)
+        dg.clamp_(min=diag_floor * float(dg.mean()))
+
+
 def inverse_cholesky(H: torch.Tensor, damp: float, name: str | None = None) -> InverseFactor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising the damping
     (x10 per retry, up to ``MAX_DAMP_RETRIES`` times) when a factorization fails (a singular

@@ -62,11 +62,11 @@ from ..errors import RecipeError
 from ..registry import ModelStageOutput, ModuleContext, register
 from .args import QuantArgs
 from .gptq_solve import GPTQResult, gptq_quantize, sweep_solve
-from .hessian import prepare
+from .hessian import prepare, regularize
 from .iq4 import BLOCK as IQ4_BLOCK
 from .iq4 import IQ4Params, iq4_params, levels, nearest_level
 from .kquant import QK_K, KParams, k_params, nmax
-from .sweep import SweepBlock, record_solver_notes, solver_threads, validate_solver_fields
+from .sweep import SweepBlock, record_solver_notes, solver_threads, validate_regularizers, validate_solver_fields
 
 K_BITS = {"Q2_K": 2, "Q4_K": 4, "Q5_K": 5}  # the K-quants of kquant.py's grids, by their code width
 OWN_FORMS = {"Q2_K": "q2_k", "Q4_K": "q4_k", "Q5_K": "q5_k", "IQ4_NL": "iq4_nl", "IQ4_XS": "iq4_xs"}  # types with a storage form of their own
@@ -215,8 +215,8 @@ class KQuant:
     ``gguf_mix`` stage before it chose one; rows of a width that is not a multiple of 256 fall
     back to ``Q4_0`` / ``Q5_0`` / ``Q5_1`` / ``Q8_0`` / ``IQ4_NL`` as in llama.cpp. ``importance``: weight
     the grid searches by the input columns' ``diag(H)`` (llama.cpp's importance matrix).
-    ``solver``: ``gptq`` (error feedback; ``block_size``, ``damp``, ``act_order`` as in GPTQ)
-    or ``round`` (each weight to its nearest grid value)."""
+    ``solver``: ``gptq`` (error feedback; ``block_size``, ``damp``, ``act_order``, ``shrink``,
+    ``diag_floor`` as in GPTQ) or ``round`` (each weight to its nearest grid value)."""
 
     type: str = "Q4_K"
     importance: bool = True
@@ -224,6 +224,8 @@ class KQuant:
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = True
+    shrink: float = 0.0
+    diag_floor: float = 0.0
 
     def __post_init__(self):
         if self.type not in TYPES:
@@ -233,6 +235,7 @@ class KQuant:
         if not isinstance(self.importance, bool) or not isinstance(self.act_order, bool):
             raise RecipeError("importance and act_order are true or false")
         validate_solver_fields(self.block_size, self.damp)
+        validate_regularizers(self.shrink, self.diag_floor)
 
     def check_layer(self, out_features: int, in_features: int, where: str) -> None:
         """Checked by the plan on every targeted linear before anything changes."""
@@ -289,16 +292,20 @@ def grid_gptq(
     block_size: int,
     damp: float,
     act_order: bool,
+    shrink: float = 0.0,
+    diag_floor: float = 0.0,
     name: str | None = None,
     hessian_owned: bool = False,
 ) -> tuple[GPTQResult, KParams | IQ4Params]:
     """GPTQ onto the ``Q4_K`` / ``Q5_K`` / ``IQ4_NL`` / ``IQ4_XS`` grid fitted to ``weight``
     [R, C] before the sweep (as GPTQ's static groups): (result with the dequantized weight, the
-    grid with the sweep's codes)."""
+    grid with the sweep's codes; the grid search's importance is the unregularized diag(H),
+    which ``shrink`` keeps and ``diag_floor`` only raises)."""
     with solver_threads(weight.device):
         W, H, dead = prepare(weight, hessian, name, owned=hessian_owned)
         del hessian
         imp = torch.diagonal(H).clone() if importance else None
+        regularize(H, shrink=shrink, diag_floor=diag_floor)
         p, codes_t, target = _k_target(W, imp, K_BITS[qtype]) if qtype in K_BITS else _iq4_target(W, imp, qtype == "IQ4_XS")
         res = sweep_solve(W, H, dead, target, qparams=lambda: None, block_size=block_size, damp=damp, act_order=act_order, name=name)
         p.codes = codes_t.t().contiguous()
@@ -328,20 +335,21 @@ def kquant(ctx: ModuleContext, cfg: KQuant) -> None:
     if qtype != chosen:
         rec.notes["gguf_fallback_from"] = chosen
     common = dict(block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order, name=ctx.name, hessian_owned=owned)
+    reg = dict(shrink=1.0, diag_floor=0.0) if cfg.solver == "round" else dict(shrink=cfg.shrink, diag_floor=cfg.diag_floor)
     if qtype in OWN_FORMS:
         if cfg.solver == "round":
             W, H, _ = prepare(ctx.weight, hessian, ctx.name, owned=owned)  # dead inputs weigh as an average one
             p = own_grid(W, torch.diagonal(H).clone() if cfg.importance else None, qtype)
             ctx.set_weight(p.dequantize())
         else:
-            res, p = grid_gptq(ctx.weight, hessian, qtype=qtype, importance=cfg.importance, **common)
+            res, p = grid_gptq(ctx.weight, hessian, qtype=qtype, importance=cfg.importance, **reg, **common)
             ctx.set_weight(res.weight)
             record_solver_notes(rec, res, "gptq_loss")
         rec.form = OWN_FORMS[qtype]
         rec.payload = {k: v for k, v in vars(p).items() if k in ("codes", "d", "dmin", "sc", "m") and v is not None}
         return
     args = grid_args(qtype, cfg.importance)
-    res = gptq_quantize(ctx.weight, hessian, args, static_groups=True, shrink=1.0 if cfg.solver == "round" else 0.0, **common)
+    res = gptq_quantize(ctx.weight, hessian, args, static_groups=True, **reg, **common)
     ctx.set_weight(res.weight)
     rec.weight_args = args
     rec.qparams = res.qparams

@@ -39,6 +39,13 @@ def validate_solver_fields(block_size, damp) -> None:
         raise RecipeError(f"damp={damp!r}: expected a fraction of the mean Hessian diagonal in [0, 10)")
 
 
+def validate_regularizers(shrink, diag_floor) -> None:
+    """``shrink`` and ``diag_floor`` (hessian.regularize) are fractions in [0, 1]."""
+    for key, v in (("shrink", shrink), ("diag_floor", diag_floor)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise RecipeError(f"{key}={v!r}: expected a fraction in [0, 1]")
+
+
 def activation_order(H: torch.Tensor) -> torch.Tensor:
     """Column processing order by descending Hessian diagonal (ties: original order)."""
     return torch.argsort(torch.diagonal(H), descending=True, stable=True)
