@@ -63,6 +63,21 @@ def kmix_data_free(preset: str) -> dict:
 
 
 KMIX_PRESETS = ("awq-gptq-q4_k_m", "awq-gptq-q4_k_s", "awq-gptq-q5_k_m", "awq-gptq-q3_k_m", "awq-gptq-q2_k", "awq-gptq-iq4_xs")
+# every preset with a GPTQ sweep (a gptq stage, or kquant's gptq solver): ``<preset>-shrink<s>`` is the
+# preset with that stage's Hessian shrunk toward its diagonal (the held-out rule's candidates)
+GPTQ_PRESETS = (
+    "gptq-w4g64", "gptq-w3g64", "gptq-q4_0", "gptq-q4_0-head8", "gptq-q5_0", "awq-gptq-w4g64", "awq-gptq-w3g64",
+    "awq-gptq-q4_0", "awq-gptq-q4_0-head8", "awq-gptq-q4_0-head8-lsq", *KMIX_PRESETS, "prune-mlp-20-gptq-w4g64",
+    "quarot-w4a4kv4-gptq", "duquant-w4a4kv4-gptq", "spinquant-w4a4kv4-gptq",
+)  # fmt: skip
+
+
+def with_shrink(preset: str, shrink: float) -> dict:
+    """``preset`` with its GPTQ sweep's Hessian shrunk toward the diagonal by ``shrink``."""
+    method = "kquant" if preset in KMIX_PRESETS else "gptq"
+    d = preset_recipe(preset, f"{preset}-shrink{shrink:g}", only=method, shrink=shrink)
+    d["description"] = f"{preset} with its {method} stage's Hessian shrunk {shrink:g} toward the diagonal"
+    return d
 
 
 def _rotation_gptq_variants(preset: str) -> dict:
@@ -129,6 +144,7 @@ VARIANTS = {
     **_rotation_gptq_variants("duquant-w4a4kv4-gptq"),
     **_rotation_gptq_variants("spinquant-w4a4kv4-gptq"),
     **{f"{p}-data-free": (kmix_data_free(p), {}) for p in KMIX_PRESETS},
+    **{f"{p}-shrink{x:g}": (with_shrink(p, x), {}) for p in GPTQ_PRESETS for x in SHRINKS},
     # qsvd-80's data-free counterpart: plain truncated SVD of q, k and v, each to 80% of its parameters
     "qkv-svd-80": ({"name": "variant", "stages": [{"method": "svd", "targets": ["re:.*self_attn\\.(q|k|v)_proj$"], "ratio": 0.8}]}, {}),
     # AdaRound's Hessian damped as GPTQ's (issue 22: undamped, adaround-w4g64 lost to RTN on code)
