@@ -182,7 +182,14 @@ README_ROWS = {
     "gptq-natural": ("GPTQ W4 g64, natural order, damp 0.01 (the old `gptq-w4g64`)", "rtn-w4g64-full-range"),
     "gptq-act-order": ("GPTQ W4 g64, activation order, damp 0.01", "rtn-w4g64-full-range"),
     "gptq-act-order-damp0.1": ("GPTQ W4 g64, activation order, damp 0.1", "rtn-w4g64-full-range"),
-    "gptq-act-order-damp0.3": ("**GPTQ W4 g64, activation order, damp 0.3 (`gptq-w4g64`)**", "rtn-w4g64-full-range"),
+    "gptq-act-order-damp0.3": ("GPTQ W4 g64, activation order, damp 0.3 (`gptq-w4g64` until 2026-12-06)", "rtn-w4g64-full-range"),
+    **{f"gptq-act-order-shrink{x:g}": (f"GPTQ W4 g64, activation order, damp 0.01, shrink {x:g}", "rtn-w4g64-full-range") for x in SHRINKS},
+    **{
+        f"gptq-act-order-damp{d:g}-shrink{x:g}": (f"GPTQ W4 g64, activation order, damp {d:g}, shrink {x:g}", "rtn-w4g64-full-range")
+        for d in (0.3, 1.0)
+        for x in SHRINKS
+    },
+    "gptq-act-order-shrink0.5": ("**GPTQ W4 g64, activation order, damp 0.01, shrink 0.5 (`gptq-w4g64`)**", "rtn-w4g64-full-range"),
     "gptq-act-order-damp1": ("GPTQ W4 g64, activation order, damp 1", "rtn-w4g64-full-range"),
     "gptq-act-order-damp0.3-down-rtn": ("GPTQ W4 g64, activation order, damp 0.3, `down_proj` rounded to nearest", "rtn-w4g64-full-range"),
     PEER_ROW: ("llm-compressor 0.14 GPTQ W4 g64 (actorder static, damp 0.01), same windows", "rtn-w4g64-full-range"),
@@ -196,6 +203,12 @@ README_ROWS = {
     "gptq-w3g64": ("GPTQ W3 g64, damp 0.01 (the old `gptq-w3g64`)", "rtn-w3g64-full-range"),
     "gptq-w3-act-order-damp0.3": ("GPTQ W3 g64, damp 0.3", "rtn-w3g64-full-range"),
     "gptq-w3-act-order-damp1": ("**GPTQ W3 g64, damp 1 (`gptq-w3g64`)**", "rtn-w3g64-full-range"),
+    **{f"gptq-w3-act-order-shrink{x:g}": (f"GPTQ W3 g64, damp 0.01, shrink {x:g}", "rtn-w3g64-full-range") for x in SHRINKS},
+    **{
+        f"gptq-w3-act-order-damp{d:g}-shrink{x:g}": (f"GPTQ W3 g64, damp {d:g}, shrink {x:g}", "rtn-w3g64-full-range")
+        for d in (0.3, 1.0)
+        for x in SHRINKS
+    },
     "awq-w3g64": ("**AWQ W3 g64 (`awq-w3g64`)**", "rtn-w3g64"),
     "awq-gptq-w3g64": ("AWQ scales + GPTQ W3 g64, damp 0.01 (the old `awq-gptq-w3g64`)", "rtn-w3g64-full-range"),
     "awq-gptq-w3g64-damp0.3": ("AWQ scales + GPTQ W3 g64, damp 0.3", "rtn-w3g64-full-range"),
