@@ -202,13 +202,14 @@ README_ROWS = {
     "rtn-w3g64-full-range": ("RTN W3 g64, full-range grid (GPTQ's counterpart)", None),
     "gptq-w3g64": ("GPTQ W3 g64, damp 0.01 (the old `gptq-w3g64`)", "rtn-w3g64-full-range"),
     "gptq-w3-act-order-damp0.3": ("GPTQ W3 g64, damp 0.3", "rtn-w3g64-full-range"),
-    "gptq-w3-act-order-damp1": ("**GPTQ W3 g64, damp 1 (`gptq-w3g64`)**", "rtn-w3g64-full-range"),
+    "gptq-w3-act-order-damp1": ("GPTQ W3 g64, damp 1 (`gptq-w3g64` until 2026-12-06)", "rtn-w3g64-full-range"),
     **{f"gptq-w3-act-order-shrink{x:g}": (f"GPTQ W3 g64, damp 0.01, shrink {x:g}", "rtn-w3g64-full-range") for x in SHRINKS},
     **{
         f"gptq-w3-act-order-damp{d:g}-shrink{x:g}": (f"GPTQ W3 g64, damp {d:g}, shrink {x:g}", "rtn-w3g64-full-range")
         for d in (0.3, 1.0)
         for x in SHRINKS
     },
+    "gptq-w3-act-order-damp0.3-shrink0.5": ("**GPTQ W3 g64, damp 0.3, shrink 0.5 (`gptq-w3g64`)**", "rtn-w3g64-full-range"),
     "awq-w3g64": ("**AWQ W3 g64 (`awq-w3g64`)**", "rtn-w3g64"),
     "awq-gptq-w3g64": ("AWQ scales + GPTQ W3 g64, damp 0.01 (the old `awq-gptq-w3g64`)", "rtn-w3g64-full-range"),
     "awq-gptq-w3g64-damp0.3": ("AWQ scales + GPTQ W3 g64, damp 0.3", "rtn-w3g64-full-range"),

@@ -88,7 +88,8 @@ def test_w2_rows_are_the_w3_presets_at_two_bits():
     assert [s.method for s in gptq.stages] == ["gptq"]
     w = gptq.stages[0].config.weights
     assert (w.bits, w.group_size, w.full_range) == (2, 64, True)
-    assert gptq.stages[0].config.damp == 1.0  # gptq-w3g64's damping kept
+    w3 = _as_recipe("gptq-w3g64").stages[0].config
+    assert (gptq.stages[0].config.damp, gptq.stages[0].config.shrink) == (w3.damp, w3.shrink)  # gptq-w3g64's regularizers kept
     rtn = _as_recipe(cb.ROWS["rtn-w2g64"][1]).stages[0].config.weights
     assert (rtn.bits, rtn.group_size, rtn.full_range) == (2, 64, True)
 
