@@ -283,6 +283,29 @@ def test_shrink_on_a_gguf_grid_spans_gptq_to_rounding(qtype):
     assert e[0] < e[1] < e[2], e
 
 
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q4_0"])
+def test_the_stage_passes_its_regularizers_to_the_sweep(qtype):
+    """``kquant``'s ``shrink`` reaches both sweeps (a K-quant's own grid and a legacy type through
+    gptq): shrink 1 gives the round solver's weights, shrink 0.5 a third result between them."""
+    from llmpress.quant.q4k import kquant
+    from llmpress.registry import ModuleContext, ModuleRecord
+
+    W, H = _problem(R=16, C=256, seed=3)
+
+    def run(**fields):
+        lin = torch.nn.Linear(256, 16, bias=False)
+        lin.weight.data.copy_(W)
+        rec = ModuleRecord(name="x", out_features=16, in_features=256)
+        kquant(ModuleContext(name="x", module=lin, stats={"hessian": H.clone()}, record=rec), KQuant(type=qtype, **fields))
+        assert rec.notes["gguf_type"] == qtype
+        return lin.weight.data.clone()
+
+    rounded, full, half, diag = run(solver="round"), run(), run(shrink=0.5), run(shrink=1.0)
+    assert torch.equal(diag, rounded)
+    e = [_err(w, W, H) for w in (full, half, diag)]
+    assert e[0] < e[1] < e[2], e
+
+
 @pytest.mark.parametrize(
     ("cls", "fields", "fragment"),
     [

@@ -299,13 +299,13 @@ def grid_gptq(
 ) -> tuple[GPTQResult, KParams | IQ4Params]:
     """GPTQ onto the ``Q4_K`` / ``Q5_K`` / ``IQ4_NL`` / ``IQ4_XS`` grid fitted to ``weight``
     [R, C] before the sweep (as GPTQ's static groups): (result with the dequantized weight, the
-    grid with the sweep's codes; the grid search's importance is the unregularized diag(H),
-    which ``shrink`` keeps and ``diag_floor`` only raises)."""
+    grid with the sweep's codes; the importance is the regularized diag(H), as in ``gptq``:
+    ``shrink`` keeps the diagonal, ``diag_floor`` raises it)."""
     with solver_threads(weight.device):
         W, H, dead = prepare(weight, hessian, name, owned=hessian_owned)
         del hessian
-        imp = torch.diagonal(H).clone() if importance else None
         regularize(H, shrink=shrink, diag_floor=diag_floor)
+        imp = torch.diagonal(H).clone() if importance else None
         p, codes_t, target = _k_target(W, imp, K_BITS[qtype]) if qtype in K_BITS else _iq4_target(W, imp, qtype == "IQ4_XS")
         res = sweep_solve(W, H, dead, target, qparams=lambda: None, block_size=block_size, damp=damp, act_order=act_order, name=name)
         p.codes = codes_t.t().contiguous()
