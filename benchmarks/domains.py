@@ -72,9 +72,13 @@ GPTQ_PRESETS = (
 )  # fmt: skip
 
 
+# the presets with a SparseGPT sweep: the same Hessian shrinkage (sparsegpt's ``shrink``)
+SPARSEGPT_PRESETS = ("sparsegpt-50", "sparsegpt-2of4", "sparsegpt-50-w4g64")
+
+
 def with_shrink(preset: str, shrink: float) -> dict:
-    """``preset`` with its GPTQ sweep's Hessian shrunk toward the diagonal by ``shrink``."""
-    method = "kquant" if preset in KMIX_PRESETS else "gptq"
+    """``preset`` with its GPTQ (or SparseGPT) sweep's Hessian shrunk toward the diagonal by ``shrink``."""
+    method = "kquant" if preset in KMIX_PRESETS else "sparsegpt" if preset in SPARSEGPT_PRESETS else "gptq"
     d = preset_recipe(preset, f"{preset}-shrink{shrink:g}", only=method, shrink=shrink)
     d["description"] = f"{preset} with its {method} stage's Hessian shrunk {shrink:g} toward the diagonal"
     return d
@@ -144,7 +148,7 @@ VARIANTS = {
     **_rotation_gptq_variants("duquant-w4a4kv4-gptq"),
     **_rotation_gptq_variants("spinquant-w4a4kv4-gptq"),
     **{f"{p}-data-free": (kmix_data_free(p), {}) for p in KMIX_PRESETS},
-    **{f"{p}-shrink{x:g}": (with_shrink(p, x), {}) for p in GPTQ_PRESETS for x in SHRINKS},
+    **{f"{p}-shrink{x:g}": (with_shrink(p, x), {}) for p in GPTQ_PRESETS + SPARSEGPT_PRESETS for x in SHRINKS},
     # qsvd-80's data-free counterpart: plain truncated SVD of q, k and v, each to 80% of its parameters
     "qkv-svd-80": ({"name": "variant", "stages": [{"method": "svd", "targets": ["re:.*self_attn\\.(q|k|v)_proj$"], "ratio": 0.8}]}, {}),
     # AdaRound's Hessian damped as GPTQ's (issue 22: undamped, adaround-w4g64 lost to RTN on code)

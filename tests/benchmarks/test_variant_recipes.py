@@ -126,18 +126,21 @@ def test_domains_sparsegpt_ablations_change_only_mask_scope_and_refit():
 
 
 def test_shrink_variants_cover_every_gptq_preset_and_change_only_shrink():
-    """``<preset>-shrink<s>`` exists for every preset with a GPTQ sweep (a new preset cannot be
-    left out of the held-out rule's candidates) and differs from it in that stage's shrink only."""
+    """``<preset>-shrink<s>`` exists for every preset with a GPTQ or SparseGPT sweep (a new preset
+    cannot be left out of the held-out rule's candidates) and differs from it in that stage's
+    shrink only."""
     from llmpress.recipe import presets
 
     domains = load_script("domains")
     sweeps = {p for p in presets() if any(s.method in ("gptq", "kquant") for s in _stages(p))}
     assert sweeps == set(domains.GPTQ_PRESETS)
-    for p in sweeps:
+    pruners = {p for p in presets() if any(s.method == "sparsegpt" for s in _stages(p))}
+    assert pruners == set(domains.SPARSEGPT_PRESETS)
+    for p in sweeps | pruners:
         base, got = _stages(p), _stages(domains.VARIANTS[f"{p}-shrink0.5"][0])
         assert [s.method for s in got] == [s.method for s in base]
         for old, new in zip(base, got):
-            if new.method in ("gptq", "kquant"):
+            if new.method in ("gptq", "kquant", "sparsegpt"):
                 assert new.config.shrink == 0.5
                 assert {k: v for k, v in vars(new.config).items() if k != "shrink"} == {k: v for k, v in vars(old.config).items() if k != "shrink"}
             else:

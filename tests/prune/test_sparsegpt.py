@@ -260,3 +260,36 @@ def test_refit_option_end_to_end():
     assert err(b.weight) < err(a.weight)
     with pytest.raises(Exception, match="refit"):
         sparsegpt_prune(w0, H, 0.5, refit=True, weights=QuantArgs(bits=4, group_size=16))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shrink_spans_sparsegpt_to_wanda(seed):
+    """``shrink`` 1 leaves only diag(H): the mask is Wanda's (|w| * ||x_j||, per row; one column
+    block, so the rows' masks are chosen over all their inputs as Wanda's) and the kept weights
+    stay as they were; any shrink below 1 compensates, so its calibration error is below Wanda's."""
+    from llmpress.prune.wanda import wanda_mask
+
+    x, H = _correlated(seed=seed)
+    w0 = torch.randn(12, 48, generator=torch.Generator().manual_seed(seed + 20))
+    kw = dict(per_row=True, block_size=48, damp=0.0, refit=True)
+    ends = {s: sparsegpt_prune(w0, H, 0.5, shrink=s, **kw) for s in (0.0, 0.5, 1.0)}
+    diag = sparsegpt_prune(w0, H, 0.5, shrink=1.0, per_row=True, block_size=48, damp=0.0)
+    want = wanda_mask(w0, torch.diagonal(H).sqrt(), 0.5)
+    for r in (ends[1.0], diag):
+        assert torch.equal(r.mask, want)
+        assert torch.equal(r.weight[~r.mask], w0[~r.mask])  # nothing compensated
+
+    def err(w):
+        return float(((x @ (w - w0).t()) ** 2).sum())
+
+    e = {s: err(r.weight) for s, r in ends.items()}
+    assert max(e[0.0], e[0.5]) < 0.9 * e[1.0], e
+    assert not torch.equal(ends[0.5].weight, ends[0.0].weight)
+
+
+def test_shrink_is_checked_and_reaches_the_solver():
+    with pytest.raises(RecipeError, match="shrink"):
+        stage("sparsegpt", shrink=1.5)
+    with pytest.raises(RecipeError, match="shrink"):
+        sparsegpt_prune(torch.randn(4, 8), torch.eye(8), shrink=-0.1)
+    assert stage("sparsegpt", shrink=0.5).config.shrink == 0.5

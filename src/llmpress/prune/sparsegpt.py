@@ -31,7 +31,7 @@ import torch
 from ..errors import RecipeError, UserError
 from ..quant.args import QuantArgs, check_group_divides
 from ..quant.core import QParams, compute_qparams
-from ..quant.hessian import inverse_cholesky, layer_error, prepare
+from ..quant.hessian import inverse_cholesky, layer_error, prepare, regularize
 from ..quant.sweep import (
     ColumnQuantizer,
     SweepBlock,
@@ -40,6 +40,7 @@ from ..quant.sweep import (
     importance,
     record_solver_notes,
     solver_threads,
+    validate_regularizers,
     validate_solver_fields,
 )
 from ..registry import ModuleContext, register
@@ -67,6 +68,7 @@ class SparseGPT:
     per_row: bool = False
     act_order: bool = False
     refit: bool = False
+    shrink: float = 0.0  # H <- (1 - shrink) H + shrink diag(H), as GPTQ's: less trust in the calibration text's correlations
 
     def __post_init__(self):
         validate_pattern(self.sparsity, self.n, self.m)
@@ -75,6 +77,7 @@ class SparseGPT:
         if self.act_order and self.m:
             raise RecipeError("act_order: N:M patterns are defined on the original column order; use act_order with unstructured sparsity")
         validate_solver_fields(self.block_size, self.damp)
+        validate_regularizers(self.shrink, 0.0)
         if self.weights is not None:
             _check_weight_args(self.weights)
 
@@ -116,6 +119,7 @@ def sparsegpt_prune(
     per_row: bool = False,
     act_order: bool = False,
     refit: bool = False,
+    shrink: float = 0.0,
     name: str | None = None,
 ) -> SparseGPTResult:
     """SparseGPT on one weight [out, in] with the layer Hessian [in, in] (2/n X^T X).
@@ -127,10 +131,13 @@ def sparsegpt_prune(
     for every row) rather than across the block's rows. ``act_order``: sweep the columns
     by descending Hessian diagonal (as GPTQ's activation order; unstructured only, and
     with static group scales when quantizing jointly). ``refit`` (no joint quantization):
-    re-solve the kept weights for the final mask, see :func:`refit_to_mask`.
+    re-solve the kept weights for the final mask, see :func:`refit_to_mask`. ``shrink``:
+    the Hessian shrunk toward its diagonal before the sweep and the refit, as GPTQ's (1 keeps
+    only the diagonal: the mask is then Wanda's, per row, and nothing is compensated).
     """
     validate_pattern(sparsity, n, m)
     validate_solver_fields(block_size, damp)
+    validate_regularizers(shrink, 0.0)
     where = f"layer {name}: " if name else ""
     R, C = weight.shape
     if m:
@@ -152,6 +159,7 @@ def sparsegpt_prune(
         raise UserError(f"{where}refit solves float weights; it does not combine with joint quantization")
     with solver_threads(weight.device):
         W, H, dead = prepare(weight, hessian, name)
+        regularize(H, shrink=shrink)
         if weights is not None:
             cq = ColumnQuantizer(weights, R, C, W.device)
             if not dynamic:
@@ -295,6 +303,7 @@ def sparsegpt(ctx: ModuleContext, cfg: SparseGPT) -> None:
         per_row=cfg.per_row,
         act_order=cfg.act_order,
         refit=cfg.refit,
+        shrink=cfg.shrink,
         name=ctx.name,
     )
     ctx.set_weight(res.weight)
