@@ -199,7 +199,7 @@ README_ROWS = {
     PEER_ROW: ("llm-compressor 0.14 GPTQ W4 g64 (actorder static, damp 0.01), same windows", "rtn-w4g64-full-range"),
     "awq-w4g64": ("**AWQ W4 g64 (`awq-w4g64`)**", "rtn-w4g64"),
     "awq-gptq-w4g64": ("AWQ scales + GPTQ W4 g64, damp 0.01 (the old `awq-gptq-w4g64`)", "rtn-w4g64-full-range"),
-    "awq-gptq-w4g64-damp0.3": ("**AWQ scales + GPTQ W4 g64, damp 0.3 (`awq-gptq-w4g64`)**", "rtn-w4g64-full-range"),
+    "awq-gptq-w4g64-damp0.3": ("AWQ scales + GPTQ W4 g64, damp 0.3 (`awq-gptq-w4g64` until 2026-12-06: now with shrink 0.5, below)", "rtn-w4g64-full-range"),
     "awq-gptq-w4g64-damp0.3-down-rtn": ("AWQ scales + GPTQ W4 g64 damp 0.3, `down_proj` rounded to nearest", "rtn-w4g64-full-range"),
     "awq-gptq-w4g64-damp0.3-down-damp1": ("AWQ scales + GPTQ W4 g64 damp 0.3, `down_proj` at damp 1", "rtn-w4g64-full-range"),
     "rtn-w3g64": ("RTN W3 g64, restricted grid (`rtn-w3g64`; AWQ's counterpart)", None),
