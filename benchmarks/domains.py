@@ -149,6 +149,8 @@ VARIANTS = {
     **_rotation_gptq_variants("spinquant-w4a4kv4-gptq"),
     **{f"{p}-data-free": (kmix_data_free(p), {}) for p in KMIX_PRESETS},
     **{f"{p}-shrink{x:g}": (with_shrink(p, x), {}) for p in GPTQ_PRESETS + SPARSEGPT_PRESETS for x in SHRINKS},
+    # AWQ + GPTQ W3 with gptq-w3g64's regularization (damp 0.3, shrink 0.5) in place of damp 1
+    "awq-gptq-w3g64-damp0.3-shrink0.5": (preset_recipe("awq-gptq-w3g64", "variant", only="gptq", damp=0.3, shrink=0.5), {}),
     # qsvd-80's data-free counterpart: plain truncated SVD of q, k and v, each to 80% of its parameters
     "qkv-svd-80": ({"name": "variant", "stages": [{"method": "svd", "targets": ["re:.*self_attn\\.(q|k|v)_proj$"], "ratio": 0.8}]}, {}),
     # AdaRound's Hessian damped as GPTQ's (issue 22: undamped, adaround-w4g64 lost to RTN on code)
@@ -199,7 +201,10 @@ README_ROWS = {
     PEER_ROW: ("llm-compressor 0.14 GPTQ W4 g64 (actorder static, damp 0.01), same windows", "rtn-w4g64-full-range"),
     "awq-w4g64": ("**AWQ W4 g64 (`awq-w4g64`)**", "rtn-w4g64"),
     "awq-gptq-w4g64": ("AWQ scales + GPTQ W4 g64, damp 0.01 (the old `awq-gptq-w4g64`)", "rtn-w4g64-full-range"),
-    "awq-gptq-w4g64-damp0.3": ("AWQ scales + GPTQ W4 g64, damp 0.3 (`awq-gptq-w4g64` until 2026-12-06: now with shrink 0.5, below)", "rtn-w4g64-full-range"),
+    "awq-gptq-w4g64-damp0.3": (
+        "AWQ scales + GPTQ W4 g64, damp 0.3 (`awq-gptq-w4g64` until 2026-12-06: now with shrink 0.5, below)",
+        "rtn-w4g64-full-range",
+    ),
     "awq-gptq-w4g64-damp0.3-down-rtn": ("AWQ scales + GPTQ W4 g64 damp 0.3, `down_proj` rounded to nearest", "rtn-w4g64-full-range"),
     "awq-gptq-w4g64-damp0.3-down-damp1": ("AWQ scales + GPTQ W4 g64 damp 0.3, `down_proj` at damp 1", "rtn-w4g64-full-range"),
     "rtn-w3g64": ("RTN W3 g64, restricted grid (`rtn-w3g64`; AWQ's counterpart)", None),
@@ -217,6 +222,7 @@ README_ROWS = {
     "awq-w3g64": ("**AWQ W3 g64 (`awq-w3g64`)**", "rtn-w3g64"),
     "awq-gptq-w3g64": ("AWQ scales + GPTQ W3 g64, damp 0.01 (the old `awq-gptq-w3g64`)", "rtn-w3g64-full-range"),
     "awq-gptq-w3g64-damp0.3": ("AWQ scales + GPTQ W3 g64, damp 0.3", "rtn-w3g64-full-range"),
+    "awq-gptq-w3g64-damp0.3-shrink0.5": ("AWQ scales + GPTQ W3 g64, damp 0.3, shrink 0.5", "rtn-w3g64-full-range"),
     "awq-gptq-w3g64-damp1": ("**AWQ scales + GPTQ W3 g64, damp 1 (`awq-gptq-w3g64`)**", "rtn-w3g64-full-range"),
     "rtn-w8a8": ("RTN W8A8, per-token activations (`rtn-w8a8`)", None),
     "smoothquant-w8a8": ("SmoothQuant W8A8 (`smoothquant-w8a8`)", "rtn-w8a8"),
