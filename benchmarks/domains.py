@@ -223,7 +223,10 @@ README_ROWS = {
     "awq-gptq-w3g64": ("AWQ scales + GPTQ W3 g64, damp 0.01 (the old `awq-gptq-w3g64`)", "rtn-w3g64-full-range"),
     "awq-gptq-w3g64-damp0.3": ("AWQ scales + GPTQ W3 g64, damp 0.3", "rtn-w3g64-full-range"),
     "awq-gptq-w3g64-damp0.3-shrink0.5": ("AWQ scales + GPTQ W3 g64, damp 0.3, shrink 0.5", "rtn-w3g64-full-range"),
-    "awq-gptq-w3g64-damp1": ("**AWQ scales + GPTQ W3 g64, damp 1 (`awq-gptq-w3g64`)**", "rtn-w3g64-full-range"),
+    "awq-gptq-w3g64-damp1": (
+        "**AWQ scales + GPTQ W3 g64, damp 1 (`awq-gptq-w3g64` until 2026-12-06: now damp 0.3 + shrink 0.5, below)**",
+        "rtn-w3g64-full-range",
+    ),
     "rtn-w8a8": ("RTN W8A8, per-token activations (`rtn-w8a8`)", None),
     "smoothquant-w8a8": ("SmoothQuant W8A8 (`smoothquant-w8a8`)", "rtn-w8a8"),
     "quarot-w4a4kv4-rtn": ("QuaRot + RTN W4A4KV4 (`quarot-w4a4kv4-rtn`)", None),
