@@ -61,6 +61,7 @@ def test_row_specs():
         "mixed-3.25-blockwise": (3.25, "gptq"),
         "mixed-4.25-blockwise": (4.25, "gptq"),
         "mixed-3.25-blockwise-groups": (3.25, "gptq"),
+        "mixed-3.25-blockwise-w3up": (3.25, "gptq"),
         "mixed-3.25-awq-blockwise": (3.25, "gptq"),
         "mixed-4.25-awq-blockwise": (4.25, "gptq"),
     }
@@ -71,6 +72,9 @@ def test_row_specs():
     assert {k: v for k, v in groups.items() if k != "candidates"} == lr.ROWS["mixed-3.25-blockwise"]
     assert "w3g128" in groups["candidates"] and "w3g32" in groups["candidates"]
     assert lr.label("mixed-3.25-blockwise-groups").endswith(f"layer errors after GPTQ, candidates {lr.GROUP_CANDIDATES})")
+    w3up = lr.ROWS["mixed-3.25-blockwise-w3up"]
+    assert {k: v for k, v in w3up.items() if k != "candidates"} == lr.ROWS["mixed-3.25-blockwise"]
+    assert set(w3up["candidates"].split(",")) == set(lr.GROUP_CANDIDATES.split(",")) - {"w2g64"}
 
 
 def test_w4a4_rows_are_existing_presets():
