@@ -136,6 +136,9 @@ ROWS["mixed-3.25-blockwise-groups"] = {**ROWS["mixed-3.25-blockwise"], "candidat
 # the bytes come from W3 g128 instead
 W3UP_CANDIDATES = "w3g128,w3g64,w3g32,w4g128,w4g64,w8g64"
 ROWS["mixed-3.25-blockwise-w3up"] = {**ROWS["mixed-3.25-blockwise"], "candidates": W3UP_CANDIDATES}
+# the same plan with each setting's error measured on its decoder block's output (plan-bits
+# --measure block, EXL2's measurement pass) instead of the linear's own output
+ROWS["mixed-3.25-blockwise-measured"] = {**ROWS["mixed-3.25-blockwise"], "measure": "block"}
 # the plan on the best uniform W3 preset: AWQ's scales stay one search over every linear (on the W3
 # grid; plan-bits splits only stages that store codes), the block-wise stages split per setting
 ROWS.update(
@@ -205,6 +208,7 @@ def label(key: str) -> str:
     notes += ["layer errors unweighted"] if spec.get("weighting") == "none" else []
     notes += [f"plan on {spec['base']}, layer errors after GPTQ"] if spec.get("base") else []
     notes += [f"candidates {spec['candidates']}"] if spec.get("candidates") else []
+    notes += [f"errors measured on the {spec['measure']} output"] if spec.get("measure") else []
     notes += [f"{m}: {v}" for m, v in spec.get("stage_set", {}).items()]
     notes += [f"{spec['from']} at 2 bits"] if spec.get("from") else []
     return f"{key} ({', '.join(notes)})" if notes else key
@@ -218,27 +222,29 @@ def table(res: dict) -> str:
     )
 
 
-def mixed_row(
-    rt: Resumable, key: str, budget: float, solver: str, a, weighting: str = "fisher", base: str | None = None, candidates: str | None = None
-) -> None:
-    """plan_bits under ``budget`` (costs by ``solver``) on the calibration windows, then the
-    planned recipe; the recipe YAML is written beside the JSON. ``base``: the plan's base
-    recipe (default ``--plan-base``); ``candidates``: the row's own (default ``--candidates``)."""
+def mixed_row(rt: Resumable, key: str, spec: dict, a) -> None:
+    """plan_bits under the row's ``budget`` (costs by its ``solver``, ``weighting`` and
+    ``measure``) on the calibration windows, then the planned recipe; the recipe YAML is
+    written beside the JSON. The row's ``base``: the plan's base recipe (default
+    ``--plan-base``); its ``candidates``: default ``--candidates``."""
     from llmpress.bitplan import plan_bits
     from llmpress.recipe import load_recipe
 
     if rt.done(key):
         return
-    base = base or a.plan_base
-    candidates = candidates or a.candidates
+    budget, solver, weighting, measure = spec["budget"], spec["solver"], spec.get("weighting", "fisher"), spec.get("measure", "layer")
+    base = spec.get("base") or a.plan_base
+    candidates = spec.get("candidates") or a.candidates
     t = time.perf_counter()
-    plan = plan_bits(rt.model, rt.calib, base=load_recipe(base), candidates=candidates, budget=budget, solver=solver, weighting=weighting)
+    plan = plan_bits(
+        rt.model, rt.calib, base=load_recipe(base), candidates=candidates, budget=budget, solver=solver, weighting=weighting, measure=measure
+    )
     plan_s = time.perf_counter() - t
     print(plan.table(), flush=True)
     path = rt.out.with_name(f"{rt.out.stem}-{key}.yaml")
     path.write_text(plan.recipe.to_yaml())
     rt.compress(key, plan.recipe, setup_s=plan_s, plan_s=plan_s, plan_bits_per_weight=plan.bits_per_weight, plan_base=base,
-                plan_solver=solver, plan_weighting=weighting, candidates=candidates, choice=plan.choice, recipe_yaml=str(path))  # fmt: skip
+                plan_solver=solver, plan_weighting=weighting, plan_measure=measure, candidates=candidates, choice=plan.choice, recipe_yaml=str(path))  # fmt: skip
 
 
 def peer_row(rt: Resumable, key: str, spec: dict, a) -> None:
@@ -296,7 +302,7 @@ def main(argv=None) -> int:
     for key in keys:
         spec = ROWS[key]
         if spec["kind"] == "mixed":
-            mixed_row(rt, key, spec["budget"], spec["solver"], a, spec.get("weighting", "fisher"), spec.get("base"), spec.get("candidates"))
+            mixed_row(rt, key, spec, a)
         elif spec["kind"] == "peer":
             peer_row(rt, key, spec, a)
         elif (recipe := recipe_of(key, spec)) is None:

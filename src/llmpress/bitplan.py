@@ -6,12 +6,17 @@
    measured before the next block's are gathered.
 2. The cost of each candidate setting on each linear, ``tr(dW H dW^T)``, with dW the error
    of nearest rounding (``--solver rtn``) or of GPTQ (``--solver gptq``, the base stage's
-   damping and order when it is a GPTQ stage) at that setting; with ``--weighting fisher``
+   damping, order and shrinkage when it is a GPTQ stage) at that setting; with ``--weighting fisher``
    (the default) each output channel's share weighted by ``f_j = E[(dL/dy_j)^2]``, the
    squared gradient of the model's next-token loss with respect to that output (one
    backward pass of the dense model per batch): ``sum_j f_j (dW H dW^T)_jj``, a second-order
    estimate of the loss increase, so that layers whose errors the rest of the network
-   amplifies weigh more than their raw output error says.
+   amplifies weigh more than their raw output error says. With ``--measure block`` the
+   error is measured where the linear's decoder block hands over instead (EXL2's
+   measurement pass): the block re-run on its first ``--measure-windows`` calibration
+   windows with that one linear quantized, ``sum_c f_c E[(y_c - y_dense_c)^2]`` with f the
+   squared loss gradient of the block's output: what the attention softmax, the MLP's gate
+   and the block's other linears make of the error, which its own output error does not say.
 3. The allocation (:func:`llmpress.quant.mixed.allocate`): the smallest summed cost whose
    size, counted as eval/size.py counts it, stays within the budget.
 4. The recipe: every stage of the base recipe that quantizes weights of the block linears
@@ -48,7 +53,11 @@ from .recipe import Recipe, Stage
 from .runtime.head import loss_parts, next_token_loss, recomputed_blocks
 
 SOLVERS = ("rtn", "gptq")
-WEIGHTINGS = ("fisher", "none")  # each layer's output error weighted by the loss's sensitivity to it, or summed as it is
+WEIGHTINGS = ("fisher", "none")
+MEASURES = (
+    "layer",
+    "block",
+)  # each setting's error on the linear's own output, or on its decoder block's  # each layer's output error weighted by the loss's sensitivity to it, or summed as it is
 
 
 @dataclass(kw_only=True)
@@ -125,12 +134,31 @@ def collect_hessians(model: nn.Module, names: list[str], windows: torch.Tensor, 
     return {n: H for blk in block_hessians(model, names, windows, batch_size) for n, H in blk.items()}
 
 
-@torch.no_grad()
 def block_hessians(model: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int = 8) -> Iterator[dict[str, torch.Tensor]]:
     """Per decoder block in order, ``H = 2/n X^T X`` of its linears among ``names`` (in
     ``names`` order), from the dense model run block by block over ``windows``: the blocks'
     inputs are kept (one hidden state per window), and only one block's matrices are alive
     while the caller uses them (one tensor for the linears that read the same input)."""
+    return (d.hessians for d in dense_blocks(model, names, windows, batch_size))
+
+
+@dataclass(kw_only=True)
+class DenseBlock:
+    """One decoder block of the dense pass: its linears' Hessians, and what re-running it
+    needs (its inputs and call arguments per batch, its dense outputs as references)."""
+
+    layer: nn.Module
+    hessians: dict[str, torch.Tensor]
+    inputs: ActivationStore
+    call_args: list
+    outputs: ActivationStore
+
+
+@torch.no_grad()
+def dense_blocks(model: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int = 8, last_outputs: bool = False) -> Iterator[DenseBlock]:
+    """The dense model run block by block over ``windows`` (:func:`block_hessians`); each
+    block handed over with its inputs and outputs before the next block runs (the last
+    block's outputs only with ``last_outputs``: they feed nothing)."""
     spec = get_arch(model)
     owner = shared_inputs(model, names)
     dev = next(model.parameters()).device
@@ -146,21 +174,21 @@ def block_hessians(model: nn.Module, names: list[str], windows: torch.Tensor, ba
         handles = [get_module(model, n).register_forward_hook(lambda _m, inp, _o, a=accs[n]: a.add(inp[0].detach())) for n in accs]
         outputs = ActivationStore()
         try:
-            keep = outputs.append if i + 1 < len(layers) else None  # the last block's outputs feed nothing
+            keep = outputs.append if (i + 1 < len(layers) or last_outputs) else None
             run_batches(layers[i], inputs, call_args[i], each=None if keep is None else lambda _b, y, k=keep: k(y))
         finally:
             for h in handles:
                 h.remove()
-        inputs.clear()
-        inputs = outputs
         done = {n: a.result() for n, a in accs.items()}
         del accs
-        yield {n: done[owner[n]] for n in mine}
+        yield DenseBlock(layer=layers[i], hessians={n: done[owner[n]] for n in mine}, inputs=inputs, call_args=call_args[i], outputs=outputs)
         del done
+        inputs.clear()
+        inputs = outputs
 
 
 def collect_fisher(model: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int = 2) -> dict[str, torch.Tensor]:
-    """Per named linear, the mean over tokens of the squared gradient of the model's
+    """Per named linear (or decoder block: its hidden-state output), the mean over tokens of the squared gradient of the model's
     next-token loss with respect to each output channel, ``f_j = E_t[(dL/dy_tj)^2]`` (the
     diagonal empirical Fisher of the layer's outputs), from a forward and backward pass of
     the dense model per batch of ``windows``. The weights are not given gradients: the
@@ -174,8 +202,9 @@ def collect_fisher(model: nn.Module, names: list[str], windows: torch.Tensor, ba
                 sq = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0)
                 sums[_n] = sq if sums[_n] is None else sums[_n] + sq
 
-            if out.requires_grad:
-                out.register_hook(grad_hook)
+            y = out[0] if isinstance(out, tuple) else out  # a decoder block: its hidden states
+            if y.requires_grad:
+                y.register_hook(grad_hook)
 
         return hook
 
@@ -200,42 +229,83 @@ def collect_fisher(model: nn.Module, names: list[str], windows: torch.Tensor, ba
     return {n: (v / max(count[0], 1)).double() for n, v in sums.items() if v is not None}
 
 
+_GPTQ_FIELDS = ("damp", "act_order", "static_groups", "block_size", "shrink", "diag_floor", "mse_importance")
+
+
+def quantized(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, solver: str = "rtn", stage_config=None) -> torch.Tensor:
+    """``weight`` quantized at ``args`` by nearest rounding or by GPTQ (the base stage's
+    damping, order, shrinkage... when it is a GPTQ stage; act order and damp 0.01 otherwise)."""
+    if solver == "rtn":
+        return quantize_weight(weight.float(), args)[0]
+    kw = {k: getattr(stage_config, k) for k in _GPTQ_FIELDS if hasattr(stage_config, k)}
+    return gptq_quantize(weight, hessian, args, **{"act_order": True, "damp": 0.01, **kw}).weight
+
+
 def setting_cost(
     weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, solver: str = "rtn", stage_config=None, fisher: torch.Tensor | None = None
 ) -> float:
     """tr(dW H dW^T) of quantizing ``weight`` at ``args`` with ``solver``; with ``fisher``
     (per output channel) each row's error weighted by it, ``sum_j f_j (dW H dW^T)_jj``."""
-    if solver == "rtn":
-        w_hat, _ = quantize_weight(weight.float(), args)
-    else:
-        kw = {k: getattr(stage_config, k) for k in ("damp", "act_order", "static_groups", "block_size") if hasattr(stage_config, k)}
-        w_hat = gptq_quantize(weight, hessian, args, **{"act_order": True, "damp": 0.01, **kw}).weight
+    return _layer_cost(weight, quantized(weight, hessian, args, solver, stage_config), hessian, fisher)
+
+
+def _layer_cost(weight: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor, fisher: torch.Tensor | None) -> float:
     if fisher is None:
         return layer_error(weight.float(), w_hat, hessian)
     D = (weight.float() - w_hat).double()
     return float((((D @ hessian.double()) * D).sum(1) * fisher).sum())
 
 
-def _cost_table(model, names, hessians, cands, solver, stage_config, fisher=None):
-    """(costs, sizes) per linear and candidate, in ``names`` order, from ``hessians`` (per
-    block, :func:`block_hessians`: each block's matrices freed before the next block's are
+@torch.no_grad()
+def block_output_cost(block: DenseBlock, linear: nn.Linear, w_hat: torch.Tensor, batches: int, fisher: torch.Tensor | None = None) -> float:
+    """The error of ``block``'s output with ``linear`` (one of its linears) set to ``w_hat``
+    and the rest dense, on its first ``batches`` calibration batches: the mean over tokens of
+    ``sum_c f_c (y_c - y_dense_c)^2`` (``fisher`` f per hidden channel of the block's output;
+    1 without). What EXL2's measurement pass measures: the attention softmax and the MLP's
+    gate see the error, which a linear's own output error does not say."""
+    dense = linear.weight.detach().clone()
+    total, count = [0.0], [0]
+
+    def each(b: int, y: torch.Tensor) -> None:
+        d = (y.float() - block.outputs[b].float()).pow(2).reshape(-1, y.shape[-1])
+        total[0] += float(d.sum(0).double() @ fisher) if fisher is not None else float(d.sum())
+        count[0] += d.shape[0]
+
+    try:
+        linear.weight.copy_(w_hat.to(dense.dtype))
+        run_batches(block.layer, block.inputs, block.call_args, batches=batches, each=each)
+    finally:
+        linear.weight.copy_(dense)
+    return 2.0 * total[0] / max(count[0], 1)  # 2x: the layer measure's H = 2/n X^T X convention
+
+
+def _cost_table(model, names, blocks, cands, solver, stage_config, fisher=None, measure="layer", batches=2):
+    """(costs, sizes) per linear and candidate, in ``names`` order, from the dense pass
+    (``blocks``, :func:`dense_blocks`: each block's matrices freed before the next block's are
     gathered); a candidate whose group size does not divide a linear's input is left out for
-    that linear (infinite cost is not an option: no entry)."""
+    that linear (infinite cost is not an option: no entry). ``measure``: each linear's own
+    output error (``layer``) or its block's (``block``, on the first ``batches`` batches;
+    ``fisher`` then per block, keyed by the block's name)."""
     costs, sizes, options = [], [], []
-    for n, H in ((n, H) for blk in hessians for n, H in blk.items()):
-        w = get_module(model, n).weight.detach()
-        c, b, o = [], [], []
-        for k, args in enumerate(cands.values()):
-            if args.granularity == "group" and w.shape[1] % args.group_size:
-                continue
-            c.append(setting_cost(w, H, args, solver, stage_config, fisher=None if fisher is None else fisher[n]))
-            b.append(setting_bits(args, w.shape[0], w.shape[1]))
-            o.append(k)
-        if not o:
-            raise UserError(f"layer {n}: no candidate setting fits its input dimension {w.shape[1]} (group sizes must divide it)")
-        costs.append(c)
-        sizes.append(b)
-        options.append(o)
+    spec = get_arch(model)
+    for d in blocks:
+        for n, H in d.hessians.items():
+            lin = get_module(model, n)
+            w = lin.weight.detach()
+            f = None if fisher is None else fisher[_split_block(n, spec.blocks)[0] if measure == "block" else n]
+            c, b, o = [], [], []
+            for k, args in enumerate(cands.values()):
+                if args.granularity == "group" and w.shape[1] % args.group_size:
+                    continue
+                w_hat = quantized(w, H, args, solver, stage_config)
+                c.append(block_output_cost(d, lin, w_hat, batches, f) if measure == "block" else _layer_cost(w, w_hat, H, f))
+                b.append(setting_bits(args, w.shape[0], w.shape[1]))
+                o.append(k)
+            if not o:
+                raise UserError(f"layer {n}: no candidate setting fits its input dimension {w.shape[1]} (group sizes must divide it)")
+            costs.append(c)
+            sizes.append(b)
+            options.append(o)
     return costs, sizes, options
 
 
@@ -249,6 +319,8 @@ def plan_bits(
     solver: str = "rtn",
     batch_size: int = 8,
     weighting: str = "fisher",
+    measure: str = "layer",
+    measure_windows: int = 16,
 ) -> BitPlan:
     """The mixed-precision plan of ``model`` (see the module docstring)."""
     if solver not in SOLVERS:
@@ -261,8 +333,16 @@ def plan_bits(
     names = planned_linears(model, base)
     n_weights = sum(get_module(model, n).weight.numel() for n in names)
     budget_total = budget_bits(budget, n_weights)
-    fisher = collect_fisher(model, names, windows) if weighting == "fisher" else None
-    costs, sizes, options = _cost_table(model, names, block_hessians(model, names, windows, batch_size), cands, solver, first, fisher)
+    if measure not in MEASURES:
+        raise UserError(f"measure {measure!r} unknown; expected one of {', '.join(MEASURES)}")
+    if measure_windows < 1:
+        raise UserError(f"measure_windows must be at least 1, got {measure_windows}")
+    spec = get_arch(model)
+    blocks = list(dict.fromkeys(_split_block(n, spec.blocks)[0] for n in names)) if measure == "block" else []
+    fisher = collect_fisher(model, blocks or names, windows) if weighting == "fisher" else None
+    dense = dense_blocks(model, names, windows, batch_size, last_outputs=measure == "block")
+    batches = -(-min(measure_windows, windows.shape[0]) // batch_size)
+    costs, sizes, options = _cost_table(model, names, dense, cands, solver, first, fisher, measure, batches)
     alloc = allocate(costs, sizes, budget_total)
     labels = list(cands)
     choice = {n: labels[options[i][k]] for i, (n, k) in enumerate(zip(names, alloc.choice))}

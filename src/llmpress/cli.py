@@ -132,6 +132,11 @@ def _add_plan_bits(sub) -> None:
     p.add_argument("--candidates", default="w2g64,w3g64,w4g64,w8g64", help="settings to choose from (default w2g64,w3g64,w4g64,w8g64)")
     p.add_argument("--base", default="gptq-w4g64", help="recipe whose quantizing stages are split per setting (default gptq-w4g64)")
     p.add_argument("--solver", choices=bitplan.SOLVERS, default="rtn", help="error measured per setting: nearest rounding (fast) or GPTQ")
+    p.add_argument("--measure", choices=bitplan.MEASURES, default="layer",
+                   help="where each setting's error is measured: the linear's own output (default) or its decoder block's (slower)")  # fmt: skip
+    p.add_argument(
+        "--measure-windows", type=_at_least(1), default=16, help="--measure block: calibration windows the blocks are re-run on (default 16)"
+    )
     p.add_argument("--weighting", choices=bitplan.WEIGHTINGS, default="fisher",
                    help="fisher (default): each layer's output error weighted by the loss's squared gradient there; none: summed as it is")  # fmt: skip
     p.add_argument("--out", required=True, help="the recipe YAML written (atomically)")
@@ -152,9 +157,10 @@ def _cmd_plan_bits(args) -> int:
     model, tok = models.load(args.model, device=args.device)
     windows = api.calibration_windows(tok, model, calib)
     plan = bitplan.plan_bits(model, windows, base=base, candidates=args.candidates, budget=args.budget, solver=args.solver,
-                             batch_size=args.batch_size, weighting=args.weighting)  # fmt: skip
+                             batch_size=args.batch_size, weighting=args.weighting, measure=args.measure,
+                             measure_windows=args.measure_windows)  # fmt: skip
     write_atomic(Path(args.out), plan.recipe.to_yaml())
-    print(f"llmpress plan-bits {args.model} --budget {args.budget:g} (solver {args.solver})")
+    print(f"llmpress plan-bits {args.model} --budget {args.budget:g} (solver {args.solver}, measure {args.measure})")
     print(plan.table())
     print(f"recipe: {args.out}  (llmpress compress {args.model} --recipe {args.out})")
     return 0

@@ -62,6 +62,7 @@ def test_row_specs():
         "mixed-4.25-blockwise": (4.25, "gptq"),
         "mixed-3.25-blockwise-groups": (3.25, "gptq"),
         "mixed-3.25-blockwise-w3up": (3.25, "gptq"),
+        "mixed-3.25-blockwise-measured": (3.25, "gptq"),
         "mixed-3.25-awq-blockwise": (3.25, "gptq"),
         "mixed-4.25-awq-blockwise": (4.25, "gptq"),
     }
@@ -75,6 +76,9 @@ def test_row_specs():
     w3up = lr.ROWS["mixed-3.25-blockwise-w3up"]
     assert {k: v for k, v in w3up.items() if k != "candidates"} == lr.ROWS["mixed-3.25-blockwise"]
     assert set(w3up["candidates"].split(",")) == set(lr.GROUP_CANDIDATES.split(",")) - {"w2g64"}
+    measured = lr.ROWS["mixed-3.25-blockwise-measured"]
+    assert measured["measure"] == "block" and {k: v for k, v in measured.items() if k != "measure"} == lr.ROWS["mixed-3.25-blockwise"]
+    assert lr.label("mixed-3.25-blockwise-measured").endswith("errors measured on the block output)")
 
 
 def test_w4a4_rows_are_existing_presets():

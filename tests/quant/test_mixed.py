@@ -272,6 +272,10 @@ def test_cli(tmp_path, tiny_model_dir, capsys):
     cli_fails(capsys, argv[:3] + ["1.5"] + argv[4:], "below the smallest candidate")
     cli_fails(capsys, argv[:5] + [" "] + argv[6:], "empty")
     cli_fails(capsys, argv + ["--base", "magnitude-50"], "no stage quantizes weights")
+    out.unlink()
+    assert run_cli(argv + ["--measure", "block", "--measure-windows", "2"]) == 0
+    assert "(solver rtn, measure block)" in capsys.readouterr().out
+    assert yaml.safe_load(out.read_text())["name"] == "gptq-w4g64-mixed3.5"
 
 
 def test_a_search_only_stage_stays_whole():
@@ -297,3 +301,65 @@ def test_a_search_only_stage_stays_whole():
     assert any(len({plan.choice[n] for n in g}) > 1 for g in groups)
     ref = scaled(base)
     assert ref and scaled(plan.recipe) == ref
+
+
+def test_block_fisher_is_the_fisher_of_the_last_linear_that_adds_into_it():
+    """A decoder block's output is its input plus down_proj's output: the loss gradient with
+    respect to both is the same, so collect_fisher gives the block (a tuple-returning module)
+    the same E_t[(dL/dh)^2] as its down_proj."""
+    from llmpress.bitplan import collect_fisher
+
+    m, ids = tiny_llama(), random_windows(4, 16)
+    f = collect_fisher(m, ["model.layers.0", "model.layers.0.mlp.down_proj"], ids, batch_size=2)
+    assert float(f["model.layers.0"].sum()) > 0
+    torch.testing.assert_close(f["model.layers.0"], f["model.layers.0.mlp.down_proj"], rtol=1e-6, atol=1e-15)
+
+
+def test_block_output_cost_is_the_blocks_output_error():
+    """block_output_cost: 2 x the mean over tokens of the squared change of the block's output
+    with one linear replaced (checked against a whole-model forward with the weight swapped),
+    0 for the dense weight, the weight restored after."""
+    from llmpress.bitplan import block_output_cost, dense_blocks
+
+    m, ids = tiny_llama(), random_windows(4, 16)
+    name = "model.layers.1.self_attn.q_proj"
+    lin = dict(m.named_modules())[name]
+    w = lin.weight.detach().clone()
+    w_hat, _ = quantize_weight(w, QuantArgs(bits=2, group_size=32))
+    for i, blk in enumerate(dense_blocks(m, [name], ids, batch_size=2, last_outputs=True)):  # a block's inputs live until the next is asked for
+        if i == 1:
+            cost = block_output_cost(blk, lin, w_hat, batches=1)
+            assert torch.equal(lin.weight, w) and block_output_cost(blk, lin, w, batches=1) == 0.0
+
+    def layer1_out(weight):
+        got = []
+        h = m.model.layers[1].register_forward_hook(lambda _m, _i, o: got.append(o[0] if isinstance(o, tuple) else o))
+        with torch.no_grad():
+            lin.weight.copy_(weight)
+            m(input_ids=ids[:2], use_cache=False)
+            lin.weight.copy_(w)
+        h.remove()
+        return got[0]
+
+    want = 2.0 * float((layer1_out(w_hat) - layer1_out(w)).pow(2).sum()) / (2 * 16)
+    assert cost == pytest.approx(want, rel=1e-4) and cost > 0
+
+
+def test_block_measure_sees_what_the_block_ignores():
+    """Planted: block 0's attention output projection is zero, so its q/k/v change nothing the
+    block hands over. Measured on the block's output (unweighted) they cost nothing and the plan
+    gives them the fewest bits; measured on their own outputs they cost what any linear does."""
+    m = tiny_llama()
+    with torch.no_grad():
+        m.model.layers[0].self_attn.o_proj.weight.zero_()
+    data = random_windows(4, 32)
+    qkv = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    kw = {"base": load_recipe("gptq-w4g64"), "candidates": "w2g32,w4g32,w8g32", "budget": 4.25, "weighting": "none"}
+    block = plan_bits(m, data, measure="block", measure_windows=4, **kw)
+    layer = plan_bits(m, data, **kw)
+    assert block.bits_per_weight <= 4.25 and {block.choice[n] for n in qkv} == {"w2g32"}
+    assert {layer.choice[n] for n in qkv} != {"w2g32"}
+    with pytest.raises(UserError, match="measure 'output' unknown"):
+        plan_bits(m, data, measure="output", **kw)
+    with pytest.raises(UserError, match="measure_windows must be at least 1"):
+        plan_bits(m, data, measure="block", measure_windows=0, **kw)
