@@ -132,11 +132,8 @@ def _add_plan_bits(sub) -> None:
     p.add_argument("--candidates", default="w2g64,w3g64,w4g64,w8g64", help="settings to choose from (default w2g64,w3g64,w4g64,w8g64)")
     p.add_argument("--base", default="gptq-w4g64", help="recipe whose quantizing stages are split per setting (default gptq-w4g64)")
     p.add_argument("--solver", choices=bitplan.SOLVERS, default="rtn", help="error measured per setting: nearest rounding (fast) or GPTQ")
-    p.add_argument("--measure", choices=bitplan.MEASURES, default="layer",
-                   help="where each setting's error is measured: the linear's own output (default) or its decoder block's (slower)")  # fmt: skip
-    p.add_argument(
-        "--measure-windows", type=_at_least(1), default=16, help="--measure block: calibration windows the blocks are re-run on (default 16)"
-    )
+    p.add_argument("--measure", choices=bitplan.MEASURES, default="layer", help="each setting's error on the linear's own output or its block's")
+    p.add_argument("--measure-windows", type=_at_least(1), default=16, help="--measure block: windows the blocks are re-run on (default 16)")
     p.add_argument("--weighting", choices=bitplan.WEIGHTINGS, default="fisher",
                    help="fisher (default): each layer's output error weighted by the loss's squared gradient there; none: summed as it is")  # fmt: skip
     p.add_argument("--out", required=True, help="the recipe YAML written (atomically)")
