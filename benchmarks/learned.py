@@ -138,7 +138,7 @@ W3UP_CANDIDATES = "w3g128,w3g64,w3g32,w4g128,w4g64,w8g64"
 ROWS["mixed-3.25-blockwise-w3up"] = {**ROWS["mixed-3.25-blockwise"], "candidates": W3UP_CANDIDATES}
 # the same plan with each setting's error measured on its decoder block's output (plan-bits
 # --measure block, EXL2's measurement pass) instead of the linear's own output
-ROWS["mixed-3.25-blockwise-measured"] = {**ROWS["mixed-3.25-blockwise"], "measure": "block"}
+ROWS.update({f"mixed-{b:g}-blockwise-measured": {**ROWS[f"mixed-{b:g}-blockwise"], "measure": "block"} for b in MIXED_BUDGETS})
 # the plan on the best uniform W3 preset: AWQ's scales stay one search over every linear (on the W3
 # grid; plan-bits splits only stages that store codes), the block-wise stages split per setting
 ROWS.update(

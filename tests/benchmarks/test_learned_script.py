@@ -63,6 +63,7 @@ def test_row_specs():
         "mixed-3.25-blockwise-groups": (3.25, "gptq"),
         "mixed-3.25-blockwise-w3up": (3.25, "gptq"),
         "mixed-3.25-blockwise-measured": (3.25, "gptq"),
+        "mixed-4.25-blockwise-measured": (4.25, "gptq"),
         "mixed-3.25-awq-blockwise": (3.25, "gptq"),
         "mixed-4.25-awq-blockwise": (4.25, "gptq"),
     }
