@@ -327,16 +327,16 @@ def plan_bits(
         raise UserError(f"solver {solver!r} unknown; expected one of {', '.join(SOLVERS)}")
     if weighting not in WEIGHTINGS:
         raise UserError(f"weighting {weighting!r} unknown; expected one of {', '.join(WEIGHTINGS)}")
+    if measure not in MEASURES:
+        raise UserError(f"measure {measure!r} unknown; expected one of {', '.join(MEASURES)}")
+    if measure_windows < 1:
+        raise UserError(f"measure_windows must be at least 1, got {measure_windows}")
     qidx = _quantizing_stages(base)
     first = base.stages[qidx[0]].config
     cands = parse_candidates(candidates, first.weights)
     names = planned_linears(model, base)
     n_weights = sum(get_module(model, n).weight.numel() for n in names)
     budget_total = budget_bits(budget, n_weights)
-    if measure not in MEASURES:
-        raise UserError(f"measure {measure!r} unknown; expected one of {', '.join(MEASURES)}")
-    if measure_windows < 1:
-        raise UserError(f"measure_windows must be at least 1, got {measure_windows}")
     spec = get_arch(model)
     blocks = list(dict.fromkeys(_split_block(n, spec.blocks)[0] for n in names)) if measure == "block" else []
     fisher = collect_fisher(model, blocks or names, windows) if weighting == "fisher" else None
@@ -352,7 +352,6 @@ def plan_bits(
             pos = [o.index(j) for o in options]
             bits = sum(sizes[i][p] for i, p in enumerate(pos))
             uniform[lab] = (bits / n_weights, sum(costs[i][p] for i, p in enumerate(pos)))
-    spec = get_arch(model)
     others = {n: n.startswith(spec.blocks + ".") for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in choice}
     recipe = mixed_recipe(base, choice, labels, budget=budget, solver=solver, bpw=alloc.total_bits / n_weights, others=others)
     return BitPlan(
