@@ -53,11 +53,8 @@ from .recipe import Recipe, Stage
 from .runtime.head import loss_parts, next_token_loss, recomputed_blocks
 
 SOLVERS = ("rtn", "gptq")
-WEIGHTINGS = ("fisher", "none")
-MEASURES = (
-    "layer",
-    "block",
-)  # each setting's error on the linear's own output, or on its decoder block's  # each layer's output error weighted by the loss's sensitivity to it, or summed as it is
+WEIGHTINGS = ("fisher", "none")  # each layer's output error weighted by the loss's sensitivity to it, or summed as it is
+MEASURES = ("layer", "block")  # each setting's error on the linear's own output, or on its decoder block's
 
 
 @dataclass(kw_only=True)
