@@ -131,9 +131,8 @@ ROWS.update(
 # 3.125 bits frees bytes that W4 g64 or W3 g32 can spend where the layer errors are largest)
 GROUP_CANDIDATES = "w2g64,w3g128,w3g64,w3g32,w4g128,w4g64,w8g64"
 ROWS["mixed-3.25-blockwise-groups"] = {**ROWS["mixed-3.25-blockwise"], "candidates": GROUP_CANDIDATES}
-# the same without W2: a W2 linear costs the learned model more than its GPTQ error says (the plans
-# above put q/o/gate projections at W2 and close less of the gap under blockwise than under GPTQ);
-# the bytes come from W3 g128 instead
+# the same without W2, the bytes from W3 g128 instead (the hypothesis that W2 picks hold the learned
+# plans back; measured 2026-12-06: worse, 1.375x against the plan with W2's 1.287x on Wikipedia)
 W3UP_CANDIDATES = "w3g128,w3g64,w3g32,w4g128,w4g64,w8g64"
 ROWS["mixed-3.25-blockwise-w3up"] = {**ROWS["mixed-3.25-blockwise"], "candidates": W3UP_CANDIDATES}
 # the same plan with each setting's error measured on its decoder block's output (plan-bits
