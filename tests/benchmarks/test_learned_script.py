@@ -41,6 +41,10 @@ def test_row_specs():
     assert lr.ROWS["mixed-3.25-rtn-unweighted"]["weighting"] == "none" and "weighting" not in lr.ROWS["mixed-3.25-rtn"]
     assert lr.label("blockwise-w2g64-parallel") == "blockwise-w2g64-parallel (parallel, blockwise-w3g64 at 2 bits)"
     assert lr.label("gptq-w4g64") == "gptq-w4g64"
+    long = lr.recipe_of("awq-blockwise-w3g64-long", lr.ROWS["awq-blockwise-w3g64-long"])
+    assert [s["method"] for s in long["stages"]] == ["awq", "blockwise"]
+    assert (long["stages"][1]["iters"], long["stages"][1]["windows_per_step"]) == (140, 8)
+    assert lr.label("awq-blockwise-w3g64-long").endswith("(AWQ scales first, corrective, 140 steps of 8 windows, lr 0.007)")
     assert lr.recipe_of("gptq-w4g64", lr.ROWS["gptq-w4g64"]) == "gptq-w4g64"
     par = lr.recipe_of("blockwise-w2g64-parallel", lr.ROWS["blockwise-w2g64-parallel"])
     st = par["stages"][0]
