@@ -142,6 +142,10 @@ ROWS["mixed-3.25-blockwise-w3up"] = {**ROWS["mixed-3.25-blockwise"], "candidates
 # the same plan with each setting's error measured on its decoder block's output (plan-bits
 # --measure block, EXL2's measurement pass) instead of the linear's own output
 ROWS.update({f"mixed-{b:g}-blockwise-measured": {**ROWS[f"mixed-{b:g}-blockwise"], "measure": "block"} for b in MIXED_BUDGETS})
+# the same plan with each token's share of the loss gradient in the layer costs (plan-bits --weighting
+# fisher-token: gemma's post-MLP norm makes the tokens with the largest down_proj inputs nearly silent)
+ROWS.update({f"mixed-{b:g}-blockwise-token": {**ROWS[f"mixed-{b:g}-blockwise"], "weighting": "fisher-token"} for b in MIXED_BUDGETS})
+ROWS.update({f"mixed-{b:g}-gptq-token": {**ROWS[f"mixed-{b:g}-gptq"], "weighting": "fisher-token"} for b in MIXED_BUDGETS})
 # the plan on the best uniform W3 preset: AWQ's scales stay one search over every linear (on the W3
 # grid; plan-bits splits only stages that store codes), the block-wise stages split per setting
 ROWS.update(
@@ -208,7 +212,7 @@ def label(key: str) -> str:
     notes += [spec.get("mode", "corrective")] if "blockwise" in key else []
     s = spec.get("set", {})
     notes += [f"{s['iters']} steps of {s['windows_per_step']} windows, lr {s['lr']:g}"] if "iters" in s else []
-    notes += ["layer errors unweighted"] if spec.get("weighting") == "none" else []
+    notes += {"none": ["layer errors unweighted"], "fisher-token": ["errors weighted per channel and per token"]}.get(spec.get("weighting"), [])
     notes += [f"plan on {spec['base']}, layer errors after GPTQ"] if spec.get("base") else []
     notes += [f"candidates {spec['candidates']}"] if spec.get("candidates") else []
     notes += [f"errors measured on the {spec['measure']} output"] if spec.get("measure") else []

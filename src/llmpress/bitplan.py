@@ -11,7 +11,14 @@
    squared gradient of the model's next-token loss with respect to that output (one
    backward pass of the dense model per batch): ``sum_j f_j (dW H dW^T)_jj``, a second-order
    estimate of the loss increase, so that layers whose errors the rest of the network
-   amplifies weigh more than their raw output error says. With ``--measure block`` the
+   amplifies weigh more than their raw output error says. ``--weighting fisher-token`` also
+   weighs each token by its share of the squared gradient, ``a_t = sum_j (dL/dy_tj)^2`` over
+   its mean: the cost Hessian becomes ``2/n sum_t a_t x_t x_t^T`` (the independence
+   approximation ``(dL/dy_tj)^2 ~ a_t f_j``, exact in both marginals), so tokens the loss
+   hardly sees stop dominating. That is gemma's sandwich norm: the post-MLP norm divides a
+   token's down_proj output by its own scale, so the tokens with the largest inputs carry
+   1-10% of the gradient their input energy implies (measured on gemma-3-270m, docs/learned.md),
+   and the channel-only Fisher spent W8 on down_proj and paid with W2 elsewhere. With ``--measure block`` the
    error is measured where the linear's decoder block hands over instead (EXL2's
    measurement pass): the block re-run on its first ``--measure-windows`` calibration
    windows with that one linear quantized, ``sum_c f_c E[(y_c - y_dense_c)^2]`` with f the
@@ -34,7 +41,7 @@ base recipe does with them).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -53,7 +60,9 @@ from .recipe import Recipe, Stage
 from .runtime.head import loss_parts, next_token_loss, recomputed_blocks
 
 SOLVERS = ("rtn", "gptq")
-WEIGHTINGS = ("fisher", "none")  # each layer's output error weighted by the loss's sensitivity to it, or summed as it is
+# each layer's output error weighted by the loss's sensitivity to each output channel, to each channel
+# and each token, or summed as it is
+WEIGHTINGS = ("fisher", "fisher-token", "none")
 MEASURES = ("layer", "block")  # each setting's error on the linear's own output, or on its decoder block's
 
 
@@ -149,13 +158,23 @@ class DenseBlock:
     inputs: ActivationStore
     call_args: list
     outputs: ActivationStore
+    cost_hessians: dict[str, torch.Tensor] = field(default_factory=dict)  # token-weighted (per linear), where asked
 
 
 @torch.no_grad()
-def dense_blocks(model: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int = 8, last_outputs: bool = False) -> Iterator[DenseBlock]:
+def dense_blocks(
+    model: nn.Module,
+    names: list[str],
+    windows: torch.Tensor,
+    batch_size: int = 8,
+    last_outputs: bool = False,
+    token_weights: dict[str, torch.Tensor] | None = None,
+) -> Iterator[DenseBlock]:
     """The dense model run block by block over ``windows`` (:func:`block_hessians`); each
     block handed over with its inputs and outputs before the next block runs (the last
-    block's outputs only with ``last_outputs``: they feed nothing)."""
+    block's outputs only with ``last_outputs``: they feed nothing). ``token_weights``: per
+    linear, a weight per token of ``windows`` (their shape); such a linear also gets its own
+    ``2/n sum_t a_t x_t x_t^T`` in ``cost_hessians`` (q, k and v each one: their gradients differ)."""
     spec = get_arch(model)
     owner = shared_inputs(model, names)
     dev = next(model.parameters()).device
@@ -169,6 +188,8 @@ def dense_blocks(model: nn.Module, names: list[str], windows: torch.Tensor, batc
         mine = by_block.get(f"{spec.blocks}.{i}", [])
         accs = {n: HessianAccumulator() for n in mine if owner[n] == n}
         handles = [get_module(model, n).register_forward_hook(lambda _m, inp, _o, a=accs[n]: a.add(inp[0].detach())) for n in accs]
+        weighted = {n: HessianAccumulator() for n in mine if token_weights is not None and n in token_weights}
+        handles += [get_module(model, n).register_forward_hook(_weighted_hook(a, token_weights[n])) for n, a in weighted.items()]
         outputs = ActivationStore()
         try:
             keep = outputs.append if (i + 1 < len(layers) or last_outputs) else None
@@ -177,27 +198,59 @@ def dense_blocks(model: nn.Module, names: list[str], windows: torch.Tensor, batc
             for h in handles:
                 h.remove()
         done = {n: a.result() for n, a in accs.items()}
-        del accs
-        yield DenseBlock(layer=layers[i], hessians={n: done[owner[n]] for n in mine}, inputs=inputs, call_args=call_args[i], outputs=outputs)
-        del done
+        costs = {n: a.result() for n, a in weighted.items()}
+        del accs, weighted
+        yield DenseBlock(
+            layer=layers[i], hessians={n: done[owner[n]] for n in mine}, inputs=inputs, call_args=call_args[i], outputs=outputs, cost_hessians=costs
+        )
+        del done, costs
         inputs.clear()
         inputs = outputs
 
 
+def _weighted_hook(acc: HessianAccumulator, weights: torch.Tensor):
+    """A forward hook adding its linear's input, each token scaled by the square root of its
+    weight, to ``acc``; the batches come in window order, so a running offset finds them."""
+    flat = weights.reshape(-1).float()
+    pos = [0]
+
+    def hook(_m, inp, _o):
+        x = inp[0].detach()
+        x = x.reshape(-1, x.shape[-1]).float()
+        w = flat[pos[0] : pos[0] + x.shape[0]].to(x.device)
+        pos[0] += x.shape[0]
+        acc.add(x * w.sqrt().unsqueeze(1))
+
+    return hook
+
+
 def collect_fisher(model: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int = 2) -> dict[str, torch.Tensor]:
+    """Per named module, ``f_j = E_t[(dL/dy_tj)^2]`` (:func:`collect_sensitivity`)."""
+    return collect_sensitivity(model, names, windows, batch_size)[0]
+
+
+def collect_sensitivity(
+    model: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int = 2, per_token: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per named linear (or decoder block: its hidden-state output), the mean over tokens of the squared gradient of the model's
     next-token loss with respect to each output channel, ``f_j = E_t[(dL/dy_tj)^2]`` (the
     diagonal empirical Fisher of the layer's outputs), from a forward and backward pass of
     the dense model per batch of ``windows``. The weights are not given gradients: the
-    graph starts at the input embeddings."""
+    graph starts at the input embeddings. With ``per_token`` the second dict holds, per name,
+    each token's ``sum_j (dL/dy_tj)^2`` over its mean over the tokens (float32, the shape of
+    ``windows``; 0 where no loss reaches: the last position); empty otherwise."""
     sums = {n: None for n in names}
+    tokens: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     count = [0]
 
     def out_hook(name):
         def hook(_m, _inp, out):
             def grad_hook(g, _n=name):
-                sq = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0)
+                g2 = g.detach().float().pow(2)
+                sq = g2.reshape(-1, g.shape[-1]).sum(0)
                 sums[_n] = sq if sums[_n] is None else sums[_n] + sq
+                if per_token:
+                    tokens[_n].append(g2.sum(-1).cpu())
 
             y = out[0] if isinstance(out, tuple) else out  # a decoder block: its hidden states
             if y.requires_grad:
@@ -223,7 +276,9 @@ def collect_fisher(model: nn.Module, names: list[str], windows: torch.Tensor, ba
             h.remove()
         for p, req in frozen:
             p.requires_grad_(req)
-    return {n: (v / max(count[0], 1)).double() for n, v in sums.items() if v is not None}
+    fisher = {n: (v / max(count[0], 1)).double() for n, v in sums.items() if v is not None}
+    per = {n: torch.cat(t) for n, t in tokens.items() if t}
+    return fisher, {n: t / t.mean().clamp_min(torch.finfo(torch.float32).tiny) for n, t in per.items()}
 
 
 _GPTQ_FIELDS = ("damp", "act_order", "static_groups", "block_size", "shrink", "diag_floor", "mse_importance")
@@ -254,17 +309,23 @@ def _layer_cost(weight: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor
 
 
 @torch.no_grad()
-def block_output_cost(block: DenseBlock, linear: nn.Linear, w_hat: torch.Tensor, batches: int, fisher: torch.Tensor | None = None) -> float:
+def block_output_cost(
+    block: DenseBlock, linear: nn.Linear, w_hat: torch.Tensor, batches: int, fisher: torch.Tensor | None = None, tokens: torch.Tensor | None = None
+) -> float:
     """The error of ``block``'s output with ``linear`` (one of its linears) set to ``w_hat``
     and the rest dense, on its first ``batches`` calibration batches: the mean over tokens of
     ``sum_c f_c (y_c - y_dense_c)^2`` (``fisher`` f per hidden channel of the block's output;
-    1 without). What EXL2's measurement pass measures: the attention softmax and the MLP's
-    gate see the error, which a linear's own output error does not say."""
+    1 without; ``tokens``: a weight per token of the calibration windows, their shape). What
+    EXL2's measurement pass measures: the attention softmax and the MLP's gate see the error,
+    which a linear's own output error does not say."""
     dense = linear.weight.detach().clone()
     total, count = [0.0], [0]
+    flat = None if tokens is None else tokens.reshape(-1).double()
 
     def each(b: int, y: torch.Tensor) -> None:
         d = (y.float() - block.outputs[b].float()).pow(2).reshape(-1, y.shape[-1])
+        if flat is not None:
+            d = d * flat[count[0] : count[0] + d.shape[0]].to(d.device, d.dtype).unsqueeze(1)
         total[0] += float(d.sum(0).double() @ fisher) if fisher is not None else float(d.sum())
         count[0] += d.shape[0]
 
@@ -276,26 +337,31 @@ def block_output_cost(block: DenseBlock, linear: nn.Linear, w_hat: torch.Tensor,
     return 2.0 * total[0] / max(count[0], 1)  # 2x: the layer measure's H = 2/n X^T X convention
 
 
-def _cost_table(model, names, blocks, cands, solver, stage_config, fisher=None, measure="layer", batches=2):
+def _cost_table(model, names, blocks, cands, solver, stage_config, fisher=None, measure="layer", batches=2, tokens=None):
     """(costs, sizes) per linear and candidate, in ``names`` order, from the dense pass
     (``blocks``, :func:`dense_blocks`: each block's matrices freed before the next block's are
     gathered); a candidate whose group size does not divide a linear's input is left out for
     that linear (infinite cost is not an option: no entry). ``measure``: each linear's own
     output error (``layer``) or its block's (``block``, on the first ``batches`` batches;
-    ``fisher`` then per block, keyed by the block's name)."""
+    ``fisher`` then per block, keyed by the block's name; ``tokens`` likewise, each token's
+    weight). The solver quantizes against the plain Hessian (what the compression will use);
+    the layer cost reads the block's token-weighted one where it has it."""
     costs, sizes, options = [], [], []
     spec = get_arch(model)
     for d in blocks:
         for n, H in d.hessians.items():
             lin = get_module(model, n)
             w = lin.weight.detach()
-            f = None if fisher is None else fisher[_split_block(n, spec.blocks)[0] if measure == "block" else n]
+            key = _split_block(n, spec.blocks)[0] if measure == "block" else n
+            f = None if fisher is None else fisher[key]
+            a = None if tokens is None else tokens[key]
+            Hc = d.cost_hessians.get(n, H)
             c, b, o = [], [], []
             for k, args in enumerate(cands.values()):
                 if args.granularity == "group" and w.shape[1] % args.group_size:
                     continue
                 w_hat = quantized(w, H, args, solver, stage_config)
-                c.append(block_output_cost(d, lin, w_hat, batches, f) if measure == "block" else _layer_cost(w, w_hat, H, f))
+                c.append(block_output_cost(d, lin, w_hat, batches, f, a) if measure == "block" else _layer_cost(w, w_hat, Hc, f))
                 b.append(setting_bits(args, w.shape[0], w.shape[1]))
                 o.append(k)
             if not o:
@@ -336,10 +402,15 @@ def plan_bits(
     budget_total = budget_bits(budget, n_weights)
     spec = get_arch(model)
     blocks = list(dict.fromkeys(_split_block(n, spec.blocks)[0] for n in names)) if measure == "block" else []
-    fisher = collect_fisher(model, blocks or names, windows) if weighting == "fisher" else None
-    dense = dense_blocks(model, names, windows, batch_size, last_outputs=measure == "block")
+    fisher, tokens = (
+        collect_sensitivity(model, blocks or names, windows, per_token=weighting == "fisher-token") if weighting != "none" else (None, {})
+    )
+    layer_tokens = tokens if measure == "layer" and tokens else None
+    dense = dense_blocks(model, names, windows, batch_size, last_outputs=measure == "block", token_weights=layer_tokens)
     batches = -(-min(measure_windows, windows.shape[0]) // batch_size)
-    costs, sizes, options = _cost_table(model, names, dense, cands, solver, first, fisher, measure, batches)
+    costs, sizes, options = _cost_table(
+        model, names, dense, cands, solver, first, fisher, measure, batches, tokens if measure == "block" and tokens else None
+    )
     alloc = allocate(costs, sizes, budget_total)
     labels = list(cands)
     choice = {n: labels[options[i][k]] for i, (n, k) in enumerate(zip(names, alloc.choice))}

@@ -135,7 +135,8 @@ def _add_plan_bits(sub) -> None:
     p.add_argument("--measure", choices=bitplan.MEASURES, default="layer", help="each setting's error on the linear's own output or its block's")
     p.add_argument("--measure-windows", type=_at_least(1), default=16, help="--measure block: windows the blocks are re-run on (default 16)")
     p.add_argument("--weighting", choices=bitplan.WEIGHTINGS, default="fisher",
-                   help="fisher (default): each layer's output error weighted by the loss's squared gradient there; none: summed as it is")  # fmt: skip
+                   help="fisher (default): each layer's output error weighted by the loss's squared gradient per output channel; "
+                        "fisher-token: per channel and per token; none: summed as it is")  # fmt: skip
     p.add_argument("--out", required=True, help="the recipe YAML written (atomically)")
     _add_calib(p, default="wiki")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

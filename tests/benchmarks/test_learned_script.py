@@ -39,6 +39,11 @@ def test_row_specs():
     assert lr.label("blockwise-w3g64-sequential") == "blockwise-w3g64-sequential (sequential)"
     assert lr.label("blockwise-w4g64-v1").startswith("blockwise-w4g64-v1: blockwise-w4g64 before")
     assert lr.ROWS["mixed-3.25-rtn-unweighted"]["weighting"] == "none" and "weighting" not in lr.ROWS["mixed-3.25-rtn"]
+    tok = lr.ROWS["mixed-3.25-blockwise-token"]
+    assert (tok["weighting"], tok["base"], tok["budget"]) == ("fisher-token", "blockwise-w3g64", 3.25)
+    assert lr.label("mixed-3.25-blockwise-token").endswith(
+        ", errors weighted per channel and per token, plan on blockwise-w3g64, layer errors after GPTQ)"
+    )
     assert lr.label("blockwise-w2g64-parallel") == "blockwise-w2g64-parallel (parallel, blockwise-w3g64 at 2 bits)"
     assert lr.label("gptq-w4g64") == "gptq-w4g64"
     long = lr.recipe_of("awq-blockwise-w3g64-long", lr.ROWS["awq-blockwise-w3g64-long"])
@@ -68,6 +73,10 @@ def test_row_specs():
         "mixed-3.25-blockwise-w3up": (3.25, "gptq"),
         "mixed-3.25-blockwise-measured": (3.25, "gptq"),
         "mixed-4.25-blockwise-measured": (4.25, "gptq"),
+        "mixed-3.25-blockwise-token": (3.25, "gptq"),
+        "mixed-4.25-blockwise-token": (4.25, "gptq"),
+        "mixed-3.25-gptq-token": (3.25, "gptq"),
+        "mixed-4.25-gptq-token": (4.25, "gptq"),
         "mixed-3.25-awq-blockwise": (3.25, "gptq"),
         "mixed-4.25-awq-blockwise": (4.25, "gptq"),
     }

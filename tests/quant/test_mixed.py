@@ -363,3 +363,87 @@ def test_block_measure_sees_what_the_block_ignores():
         plan_bits(m, data, measure="output", **kw)
     with pytest.raises(UserError, match="measure_windows must be at least 1"):
         plan_bits(m, data, measure="block", measure_windows=0, **kw)
+
+
+def test_token_sensitivity_is_each_tokens_squared_gradient_over_its_mean():
+    """collect_sensitivity(per_token=True): per linear, each token's sum_j (dL/dy_tj)^2 over
+    the mean over tokens (checked against autograd, the windows' shape, 0 at the last
+    position where no loss reaches), and the same per-channel Fisher as collect_fisher."""
+    from llmpress.bitplan import collect_fisher, collect_sensitivity
+
+    m, ids = tiny_llama(), random_windows(4, 16)
+    names = ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.k_proj"]
+    fisher, tokens = collect_sensitivity(m, names, ids, batch_size=2, per_token=True)
+    assert collect_sensitivity(m, names, ids, batch_size=2)[1] == {}
+    plain = collect_fisher(m, names, ids, batch_size=2)
+    for n in names:
+        torch.testing.assert_close(fisher[n], plain[n])
+    outs = []
+    mod = dict(m.named_modules())
+
+    def keep(_m, _i, o):
+        o.retain_grad()
+        outs.append(o)
+
+    hs = [mod[n].register_forward_hook(keep) for n in names]
+    want = {n: [] for n in names}
+    for b in ids.split(2):
+        outs.clear()
+        emb = m.get_input_embeddings()(b).detach().requires_grad_(True)
+        m(inputs_embeds=emb, labels=b).loss.backward()
+        by = dict(zip(sorted(names, key=list(mod).index), outs))  # hooks fire in model order
+        for n in names:
+            want[n].append(by[n].grad.pow(2).sum(-1))
+    for h in hs:
+        h.remove()
+    m.zero_grad(set_to_none=True)
+    for n in names:
+        w = torch.cat(want[n])
+        assert tokens[n].shape == ids.shape
+        torch.testing.assert_close(tokens[n], w / w.mean(), rtol=1e-4, atol=1e-7)
+        assert float(tokens[n].mean()) == pytest.approx(1.0, rel=1e-5) and float(tokens[n][:, -1].abs().max()) == 0.0
+        assert float(tokens[n].std()) > 0.1  # the tokens differ: the weighting has something to do
+
+
+def test_token_weighted_cost_hessian_weighs_each_tokens_input():
+    """dense_blocks(token_weights=...): a weighted linear's cost Hessian is 2/n sum_t a_t x_t x_t^T
+    (checked against its captured inputs); all-ones weights give the plain Hessian; the
+    solver's Hessian (``hessians``) is unchanged; unweighted linears have none."""
+    from llmpress.bitplan import dense_blocks
+
+    m, ids = tiny_llama(), random_windows(4, 16)
+    q, k = "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"
+    a = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) * 3
+    xs = []
+    h = dict(m.named_modules())[q].register_forward_hook(lambda _m, i, _o: xs.append(i[0].detach().reshape(-1, i[0].shape[-1])))
+    blocks = list(dense_blocks(m, [q, k], ids, batch_size=2, token_weights={q: a}))
+    h.remove()
+    blk = blocks[1]
+    X = torch.cat(xs).double()
+    torch.testing.assert_close(blk.cost_hessians[q].double(), 2 / X.shape[0] * (X * a.reshape(-1, 1).double()).T @ X, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(blk.hessians[q].double(), 2 / X.shape[0] * X.T @ X, rtol=1e-4, atol=1e-6)
+    assert k not in blk.cost_hessians and blocks[0].cost_hessians == {}
+    ones = list(dense_blocks(m, [q], ids, batch_size=2, token_weights={q: torch.ones(ids.shape)}))[1]
+    torch.testing.assert_close(ones.cost_hessians[q], ones.hessians[q], rtol=1e-5, atol=1e-7)
+
+
+def test_token_weighted_block_cost_and_plan():
+    """block_output_cost with token weights: all ones give the unweighted cost, zeros give 0;
+    plan_bits with --weighting fisher-token (both measures) keeps to the budget."""
+    from llmpress.bitplan import block_output_cost, dense_blocks
+
+    m, ids = tiny_llama(), random_windows(4, 16)
+    name = "model.layers.1.self_attn.o_proj"
+    lin = dict(m.named_modules())[name]
+    w_hat, _ = quantize_weight(lin.weight.detach(), QuantArgs(bits=2, group_size=32))
+    for i, blk in enumerate(dense_blocks(m, [name], ids, batch_size=2, last_outputs=True)):
+        if i == 1:
+            plain = block_output_cost(blk, lin, w_hat, batches=2)
+            assert plain > 0
+            assert block_output_cost(blk, lin, w_hat, batches=2, tokens=torch.ones(ids.shape)) == pytest.approx(plain, rel=1e-6)
+            assert block_output_cost(blk, lin, w_hat, batches=2, tokens=torch.zeros(ids.shape)) == 0.0
+    data = random_windows(4, 32)
+    for measure in ("layer", "block"):
+        plan = plan_bits(tiny_llama(), data, base=load_recipe("gptq-w4g64"), candidates="w2g32,w3g32,w4g32,w8g32", budget=3.25,
+                         weighting="fisher-token", measure=measure)  # fmt: skip
+        assert 2.0 < plan.bits_per_weight <= 3.25 and plan.cost > 0
