@@ -146,6 +146,7 @@ ROWS.update({f"mixed-{b:g}-blockwise-measured": {**ROWS[f"mixed-{b:g}-blockwise"
 # fisher-token: gemma's post-MLP norm makes the tokens with the largest down_proj inputs nearly silent)
 ROWS.update({f"mixed-{b:g}-blockwise-token": {**ROWS[f"mixed-{b:g}-blockwise"], "weighting": "fisher-token"} for b in MIXED_BUDGETS})
 ROWS.update({f"mixed-{b:g}-gptq-token": {**ROWS[f"mixed-{b:g}-gptq"], "weighting": "fisher-token"} for b in MIXED_BUDGETS})
+ROWS["mixed-3.25-blockwise-groups-token"] = {**ROWS["mixed-3.25-blockwise-groups"], "weighting": "fisher-token"}
 # the plan on the best uniform W3 preset: AWQ's scales stay one search over every linear (on the W3
 # grid; plan-bits splits only stages that store codes), the block-wise stages split per setting
 ROWS.update(

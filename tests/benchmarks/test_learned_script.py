@@ -77,6 +77,7 @@ def test_row_specs():
         "mixed-4.25-blockwise-token": (4.25, "gptq"),
         "mixed-3.25-gptq-token": (3.25, "gptq"),
         "mixed-4.25-gptq-token": (4.25, "gptq"),
+        "mixed-3.25-blockwise-groups-token": (3.25, "gptq"),
         "mixed-3.25-awq-blockwise": (3.25, "gptq"),
         "mixed-4.25-awq-blockwise": (4.25, "gptq"),
     }
