@@ -1,5 +1,6 @@
 """Peak RSS of ``llmpress plan-bits`` with and without its Fisher pass (issue 19: memory is part
-of the product; the Fisher weighting runs a backward pass of the dense model).
+of the product; the Fisher weighting runs a backward pass of the dense model; ``fisher-token``
+also keeps a weight per token and linear, and one cost Hessian per linear of a block).
 
     flock /tmp/llmpress-heavy.lock .venv/bin/python benchmarks/plan_bits_memory.py [--model smollm2-135m] [--windows 8]
 
@@ -69,10 +70,11 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--windows", type=int, default=8, help="--calib-samples of each run")
     ap.add_argument("--out", default="runs/bench/plan_bits_memory.json")
+    ap.add_argument("--weightings", default="none,fisher,fisher-token", help="the --weighting of each run, comma-separated")
     ap.add_argument("extra", nargs="*", help="flags passed to `llmpress plan-bits` (after --)")
     a = ap.parse_args()
     w = weight_mb(a.model)
-    runs = [run_once(a.model, wt, a.windows, a.extra) for wt in ("none", "fisher")]
+    runs = [run_once(a.model, wt, a.windows, a.extra) for wt in a.weightings.split(",")]
     print(f"\nmodel {a.model}: fp32 weights {w:.0f} MB; {a.windows} calibration windows\n")
     print("| weighting | peak RSS (MB) | x fp32 weights | wall s |\n|---|---:|---:|---:|")
     for r in runs:
