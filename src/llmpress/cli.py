@@ -134,9 +134,9 @@ def _add_plan_bits(sub) -> None:
     p.add_argument("--solver", choices=bitplan.SOLVERS, default="rtn", help="error measured per setting: nearest rounding (fast) or GPTQ")
     p.add_argument("--measure", choices=bitplan.MEASURES, default="layer", help="each setting's error on the linear's own output or its block's")
     p.add_argument("--measure-windows", type=_at_least(1), default=16, help="--measure block: windows the blocks are re-run on (default 16)")
-    p.add_argument("--weighting", choices=bitplan.WEIGHTINGS, default="fisher",
-                   help="fisher (default): each layer's output error weighted by the loss's squared gradient per output channel; "
-                        "fisher-token: per channel and per token; none: summed as it is")  # fmt: skip
+    p.add_argument("--weighting", choices=bitplan.WEIGHTINGS, default="auto",
+                   help="fisher: each layer's output error weighted by the loss's squared gradient per output channel; fisher-token: "
+                        "per channel and per token; none: summed as it is; auto (default): fisher-token with post-norms (gemma), else fisher")  # fmt: skip
     p.add_argument("--out", required=True, help="the recipe YAML written (atomically)")
     _add_calib(p, default="wiki")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -158,7 +158,7 @@ def _cmd_plan_bits(args) -> int:
                              batch_size=args.batch_size, weighting=args.weighting, measure=args.measure,
                              measure_windows=args.measure_windows)  # fmt: skip
     write_atomic(Path(args.out), plan.recipe.to_yaml())
-    print(f"llmpress plan-bits {args.model} --budget {args.budget:g} (solver {args.solver}, measure {args.measure})")
+    print(f"llmpress plan-bits {args.model} --budget {args.budget:g} (solver {args.solver}, measure {args.measure}, weighting {plan.weighting})")
     print(plan.table())
     print(f"recipe: {args.out}  (llmpress compress {args.model} --recipe {args.out})")
     return 0

@@ -274,7 +274,7 @@ def test_cli(tmp_path, tiny_model_dir, capsys):
     cli_fails(capsys, argv + ["--base", "magnitude-50"], "no stage quantizes weights")
     out.unlink()
     assert run_cli(argv + ["--measure", "block", "--measure-windows", "2"]) == 0
-    assert "(solver rtn, measure block)" in capsys.readouterr().out
+    assert "(solver rtn, measure block, weighting fisher)" in capsys.readouterr().out  # auto: a llama has no post-norms
     assert yaml.safe_load(out.read_text())["name"] == "gptq-w4g64-mixed3.5"
 
 
@@ -447,3 +447,19 @@ def test_token_weighted_block_cost_and_plan():
         plan = plan_bits(tiny_llama(), data, base=load_recipe("gptq-w4g64"), candidates="w2g32,w3g32,w4g32,w8g32", budget=3.25,
                          weighting="fisher-token", measure=measure)  # fmt: skip
         assert 2.0 < plan.bits_per_weight <= 3.25 and plan.cost > 0
+
+
+def test_auto_weighting_is_per_token_where_the_architecture_has_post_norms():
+    """weighting auto (the default): fisher-token on gemma (post-norms), fisher on llama; the
+    plan says which it used and equals the explicit one's."""
+    from conftest import tiny_gemma3
+
+    from llmpress.bitplan import resolved_weighting
+
+    assert resolved_weighting(tiny_gemma3(), "auto") == "fisher-token" and resolved_weighting(tiny_llama(), "auto") == "fisher"
+    assert resolved_weighting(tiny_gemma3(), "none") == "none"
+    data = random_windows(4, 32)
+    kw = {"base": load_recipe("gptq-w4g64"), "candidates": "w2g32,w3g32,w4g32,w8g32", "budget": 3.25}
+    for make, want in ((tiny_gemma3, "fisher-token"), (tiny_llama, "fisher")):
+        auto, explicit = plan_bits(make(), data, **kw), plan_bits(make(), data, **kw, weighting=want)
+        assert auto.weighting == want and auto.choice == explicit.choice and auto.cost == pytest.approx(explicit.cost)
