@@ -147,6 +147,9 @@ ROWS.update({f"mixed-{b:g}-blockwise-measured": {**ROWS[f"mixed-{b:g}-blockwise"
 ROWS.update({f"mixed-{b:g}-blockwise-token": {**ROWS[f"mixed-{b:g}-blockwise"], "weighting": "fisher-token"} for b in MIXED_BUDGETS})
 ROWS.update({f"mixed-{b:g}-gptq-token": {**ROWS[f"mixed-{b:g}-gptq"], "weighting": "fisher-token"} for b in MIXED_BUDGETS})
 ROWS["mixed-3.25-blockwise-groups-token"] = {**ROWS["mixed-3.25-blockwise-groups"], "weighting": "fisher-token"}
+# the plan's costs after the base method itself: each setting learned by blockwise per block on the
+# dense stream (plan-bits --solver blockwise), the weighting plan-bits picks by default (auto)
+ROWS.update({f"mixed-{b:g}-blockwise-learned": {**ROWS[f"mixed-{b:g}-blockwise"], "solver": "blockwise", "weighting": "auto"} for b in MIXED_BUDGETS})
 # the plan on the best uniform W3 preset: AWQ's scales stay one search over every linear (on the W3
 # grid; plan-bits splits only stages that store codes), the block-wise stages split per setting
 ROWS.update(
@@ -213,8 +216,11 @@ def label(key: str) -> str:
     notes += [spec.get("mode", "corrective")] if "blockwise" in key else []
     s = spec.get("set", {})
     notes += [f"{s['iters']} steps of {s['windows_per_step']} windows, lr {s['lr']:g}"] if "iters" in s else []
-    notes += {"none": ["layer errors unweighted"], "fisher-token": ["errors weighted per channel and per token"]}.get(spec.get("weighting"), [])
-    notes += [f"plan on {spec['base']}, layer errors after GPTQ"] if spec.get("base") else []
+    notes += {"none": ["layer errors unweighted"], "fisher-token": ["errors weighted per channel and per token"], "auto": ["weighting auto"]}.get(
+        spec.get("weighting"), []
+    )
+    after = {"gptq": "GPTQ", "rtn": "nearest rounding", "blockwise": "blockwise at each setting"}.get(spec.get("solver"), "")
+    notes += [f"plan on {spec['base']}, layer errors after {after}"] if spec.get("base") else []
     notes += [f"candidates {spec['candidates']}"] if spec.get("candidates") else []
     notes += [f"errors measured on the {spec['measure']} output"] if spec.get("measure") else []
     notes += [f"{m}: {v}" for m, v in spec.get("stage_set", {}).items()]

@@ -5,7 +5,10 @@
    calibration windows; one block's matrices at a time (float64 sums), its costs (2.)
    measured before the next block's are gathered.
 2. The cost of each candidate setting on each linear, ``tr(dW H dW^T)``, with dW the error
-   of nearest rounding (``--solver rtn``) or of GPTQ (``--solver gptq``, the base stage's
+   of nearest rounding (``--solver rtn``), of block-wise reconstruction (``--solver blockwise``:
+   every planned linear of the block learned together at that setting on the dense block's
+   inputs and outputs, the base stage's steps when it is a blockwise stage; nearest rounding
+   at 8 bits and more) or of GPTQ (``--solver gptq``, the base stage's
    damping, order and shrinkage when it is a GPTQ stage) at that setting; with ``--weighting fisher``
    (the default) each output channel's share weighted by ``f_j = E[(dL/dy_j)^2]``, the
    squared gradient of the model's next-token loss with respect to that output (one
@@ -50,6 +53,7 @@ from . import progress
 from .arch import get_arch, get_module
 from .calib.accumulators import HessianAccumulator
 from .calib.activations import ActivationStore, capture_block_inputs, run_batches
+from .calib.sensitivity import collect_sensitivity
 from .errors import UserError
 from .quant.args import QuantArgs
 from .quant.core import quantize_weight
@@ -57,9 +61,8 @@ from .quant.gptq_solve import gptq_quantize
 from .quant.hessian import layer_error
 from .quant.mixed import allocate, budget_bits, parse_candidates, setting_bits
 from .recipe import Recipe, Stage
-from .runtime.head import loss_parts, next_token_loss, recomputed_blocks
 
-SOLVERS = ("rtn", "gptq")
+SOLVERS = ("rtn", "gptq", "blockwise")
 # each layer's output error weighted by the loss's sensitivity to each output channel, to each channel
 # and each token, or summed as it is; auto: fisher-token where the architecture normalizes a
 # sub-layer's output per token before the residual (post_norms: gemma), fisher elsewhere
@@ -226,63 +229,6 @@ def _weighted_hook(acc: HessianAccumulator, weights: torch.Tensor):
     return hook
 
 
-def collect_fisher(model: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int = 2) -> dict[str, torch.Tensor]:
-    """Per named module, ``f_j = E_t[(dL/dy_tj)^2]`` (:func:`collect_sensitivity`)."""
-    return collect_sensitivity(model, names, windows, batch_size)[0]
-
-
-def collect_sensitivity(
-    model: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int = 2, per_token: bool = False
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per named linear (or decoder block: its hidden-state output), the mean over tokens of the squared gradient of the model's
-    next-token loss with respect to each output channel, ``f_j = E_t[(dL/dy_tj)^2]`` (the
-    diagonal empirical Fisher of the layer's outputs), from a forward and backward pass of
-    the dense model per batch of ``windows``. The weights are not given gradients: the
-    graph starts at the input embeddings. With ``per_token`` the second dict holds, per name,
-    each token's ``sum_j (dL/dy_tj)^2`` over its mean over the tokens (float32, the shape of
-    ``windows``; 0 where no loss reaches: the last position); empty otherwise."""
-    sums = {n: None for n in names}
-    tokens: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    count = [0]
-
-    def out_hook(name):
-        def hook(_m, _inp, out):
-            def grad_hook(g, _n=name):
-                g2 = g.detach().float().pow(2)
-                sq = g2.reshape(-1, g.shape[-1]).sum(0)
-                sums[_n] = sq if sums[_n] is None else sums[_n] + sq
-                if per_token:
-                    tokens[_n].append(g2.sum(-1).cpu())
-
-            y = out[0] if isinstance(out, tuple) else out  # a decoder block: its hidden states
-            if y.requires_grad:
-                y.register_hook(grad_hook)
-
-        return hook
-
-    dev = next(model.parameters()).device
-    parts = loss_parts(model, windows[:1, :8].to(dev))
-    handles = [get_module(model, n).register_forward_hook(out_hook(n)) for n in names]
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in frozen:
-            p.requires_grad_(False)
-        with torch.enable_grad(), recomputed_blocks(get_module(model, get_arch(model).blocks)):
-            for i in progress.track(range(0, windows.shape[0], batch_size), "plan-bits: output gradients", "batch"):
-                ids = windows[i : i + batch_size].to(dev)
-                emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-                next_token_loss(model, parts, ids, emb).backward()
-                count[0] += ids.numel()
-    finally:
-        for h in handles:
-            h.remove()
-        for p, req in frozen:
-            p.requires_grad_(req)
-    fisher = {n: (v / max(count[0], 1)).double() for n, v in sums.items() if v is not None}
-    per = {n: torch.cat(t) for n, t in tokens.items() if t}
-    return fisher, {n: t / t.mean().clamp_min(torch.finfo(torch.float32).tiny) for n, t in per.items()}
-
-
 _GPTQ_FIELDS = ("damp", "act_order", "static_groups", "block_size", "shrink", "diag_floor", "mse_importance")
 
 
@@ -351,6 +297,7 @@ def _cost_table(model, names, blocks, cands, solver, stage_config, fisher=None, 
     costs, sizes, options = [], [], []
     spec = get_arch(model)
     for d in blocks:
+        learned = _learned_settings(d, spec.blocks, cands, stage_config) if solver == "blockwise" else {}
         for n, H in d.hessians.items():
             lin = get_module(model, n)
             w = lin.weight.detach()
@@ -362,7 +309,11 @@ def _cost_table(model, names, blocks, cands, solver, stage_config, fisher=None, 
             for k, args in enumerate(cands.values()):
                 if args.granularity == "group" and w.shape[1] % args.group_size:
                     continue
-                w_hat = quantized(w, H, args, solver, stage_config)
+                w_hat = (
+                    learned[k][n]
+                    if (k, n) in learned.get("have", ())
+                    else quantized(w, H, args, "rtn" if solver == "blockwise" else solver, stage_config)
+                )
                 c.append(block_output_cost(d, lin, w_hat, batches, f, a) if measure == "block" else _layer_cost(w, w_hat, Hc, f))
                 b.append(setting_bits(args, w.shape[0], w.shape[1]))
                 o.append(k)
@@ -372,6 +323,24 @@ def _cost_table(model, names, blocks, cands, solver, stage_config, fisher=None, 
             sizes.append(b)
             options.append(o)
     return costs, sizes, options
+
+
+def _learned_settings(d: DenseBlock, blocks: str, cands: dict[str, QuantArgs], stage_config) -> dict:
+    """Per candidate below 8 bits, the weights ``blockwise`` learns for the block's planned
+    linears at it (those the setting fits), on the dense block's inputs and outputs:
+    ``{k: {name: weight}, "have": {(k, name)}}``."""
+    from .quant.blockwise import BlockwiseOptions, learned_weights
+
+    opts = stage_config.options() if hasattr(stage_config, "options") else BlockwiseOptions()
+    out: dict = {"have": set()}
+    for k, args in enumerate(cands.values()):
+        if args.bits >= 8:
+            continue
+        fit = {_split_block(n, blocks)[1]: n for n, H in d.hessians.items() if args.granularity != "group" or H.shape[0] % args.group_size == 0}
+        got = learned_weights(d.layer, list(fit), args, d.inputs, d.call_args, d.outputs, opts)
+        out[k] = {fit[loc]: w for loc, w in got.items()}
+        out["have"].update((k, n) for n in out[k])
+    return out
 
 
 def plan_bits(
@@ -409,7 +378,7 @@ def plan_bits(
         collect_sensitivity(model, blocks or names, windows, per_token=weighting == "fisher-token") if weighting != "none" else (None, {})
     )
     layer_tokens = tokens if measure == "layer" and tokens else None
-    dense = dense_blocks(model, names, windows, batch_size, last_outputs=measure == "block", token_weights=layer_tokens)
+    dense = dense_blocks(model, names, windows, batch_size, last_outputs=measure == "block" or solver == "blockwise", token_weights=layer_tokens)
     batches = -(-min(measure_windows, windows.shape[0]) // batch_size)
     costs, sizes, options = _cost_table(
         model, names, dense, cands, solver, first, fisher, measure, batches, tokens if measure == "block" and tokens else None

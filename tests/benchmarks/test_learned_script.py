@@ -39,6 +39,9 @@ def test_row_specs():
     assert lr.label("blockwise-w3g64-sequential") == "blockwise-w3g64-sequential (sequential)"
     assert lr.label("blockwise-w4g64-v1").startswith("blockwise-w4g64-v1: blockwise-w4g64 before")
     assert lr.ROWS["mixed-3.25-rtn-unweighted"]["weighting"] == "none" and "weighting" not in lr.ROWS["mixed-3.25-rtn"]
+    assert lr.label("mixed-3.25-blockwise-learned").endswith(
+        "(corrective, weighting auto, plan on blockwise-w3g64, layer errors after blockwise at each setting)"
+    )
     tok = lr.ROWS["mixed-3.25-blockwise-token"]
     assert (tok["weighting"], tok["base"], tok["budget"]) == ("fisher-token", "blockwise-w3g64", 3.25)
     assert lr.label("mixed-3.25-blockwise-token").endswith(
@@ -78,6 +81,8 @@ def test_row_specs():
         "mixed-3.25-gptq-token": (3.25, "gptq"),
         "mixed-4.25-gptq-token": (4.25, "gptq"),
         "mixed-3.25-blockwise-groups-token": (3.25, "gptq"),
+        "mixed-3.25-blockwise-learned": (3.25, "blockwise"),
+        "mixed-4.25-blockwise-learned": (4.25, "blockwise"),
         "mixed-3.25-awq-blockwise": (3.25, "gptq"),
         "mixed-4.25-awq-blockwise": (4.25, "gptq"),
     }

@@ -165,7 +165,7 @@ def test_fisher_is_the_mean_squared_output_gradient_and_weights_rows(monkeypatch
     import torch
 
     import llmpress.runtime.head as head
-    from llmpress.bitplan import collect_fisher
+    from llmpress.calib.sensitivity import collect_fisher
 
     if chunk is not None:
         calls = []
@@ -307,7 +307,7 @@ def test_block_fisher_is_the_fisher_of_the_last_linear_that_adds_into_it():
     """A decoder block's output is its input plus down_proj's output: the loss gradient with
     respect to both is the same, so collect_fisher gives the block (a tuple-returning module)
     the same E_t[(dL/dh)^2] as its down_proj."""
-    from llmpress.bitplan import collect_fisher
+    from llmpress.calib.sensitivity import collect_fisher
 
     m, ids = tiny_llama(), random_windows(4, 16)
     f = collect_fisher(m, ["model.layers.0", "model.layers.0.mlp.down_proj"], ids, batch_size=2)
@@ -369,7 +369,7 @@ def test_token_sensitivity_is_each_tokens_squared_gradient_over_its_mean():
     """collect_sensitivity(per_token=True): per linear, each token's sum_j (dL/dy_tj)^2 over
     the mean over tokens (checked against autograd, the windows' shape, 0 at the last
     position where no loss reaches), and the same per-channel Fisher as collect_fisher."""
-    from llmpress.bitplan import collect_fisher, collect_sensitivity
+    from llmpress.calib.sensitivity import collect_fisher, collect_sensitivity
 
     m, ids = tiny_llama(), random_windows(4, 16)
     names = ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.k_proj"]
@@ -463,3 +463,39 @@ def test_auto_weighting_is_per_token_where_the_architecture_has_post_norms():
     for make, want in ((tiny_gemma3, "fisher-token"), (tiny_llama, "fisher")):
         auto, explicit = plan_bits(make(), data, **kw), plan_bits(make(), data, **kw, weighting=want)
         assert auto.weighting == want and auto.choice == explicit.choice and auto.cost == pytest.approx(explicit.cost)
+
+
+def test_blockwise_solver_learns_each_setting_and_keeps_to_the_budget():
+    """--solver blockwise: the costs of the settings below 8 bits come from weights learned
+    together per block (different from nearest rounding's, on the grid), 8 bits from nearest
+    rounding; the plan keeps to the budget; the block's weights are left as they were."""
+    from dataclasses import replace
+
+    from llmpress.quant.blockwise import BlockwiseOptions, learned_weights
+
+    base = load_recipe("blockwise-w3g64")
+    st = base.stages[0]
+    base = replace(base, stages=(replace(st, config=replace(st.config, iters=6, windows_per_step=2)),))
+    data = random_windows(4, 32)
+    kw = {"base": base, "candidates": "w2g32,w3g32,w8g32", "budget": 3.25, "weighting": "none"}
+    m = tiny_llama()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    learned = plan_bits(m, data, **kw, solver="blockwise")
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
+    rtn = plan_bits(tiny_llama(), data, **kw, solver="rtn")
+    assert learned.bits_per_weight <= 3.25
+    assert learned.uniform["w8g32"][1] == pytest.approx(rtn.uniform["w8g32"][1])
+    assert learned.uniform["w2g32"][1] != pytest.approx(rtn.uniform["w2g32"][1], rel=1e-6)
+    block = m.model.layers[0]
+    xs = [torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(1))]
+    pos = torch.arange(8).unsqueeze(0).expand(2, 8)
+    rope = m.model.rotary_emb(xs[0], pos)
+    calls = [((), {"position_embeddings": rope, "attention_mask": None})]
+    with torch.no_grad():
+        ys = [block(xs[0], **calls[0][1])]
+        ys = [y[0] if isinstance(y, tuple) else y for y in ys]
+    args = QuantArgs(bits=2, group_size=32)
+    w = learned_weights(block, ["mlp.down_proj"], args, xs, calls, ys, BlockwiseOptions(iters=4, windows_per_step=2))["mlp.down_proj"]
+    assert w.shape == block.mlp.down_proj.weight.shape and not torch.equal(w, block.mlp.down_proj.weight)
+    groups = w.reshape(w.shape[0], -1, 32).reshape(-1, 32)
+    assert max(len(torch.unique(g)) for g in groups) <= 4  # on a 2-bit grid per group

@@ -64,7 +64,7 @@ from .block_recon import (
 )
 from .core import QParams, _dequant, _int_params, group_view
 
-__all__ = ["Blockwise", "BlockwiseOptions", "LearnedQuant", "block_error", "capture_block", "learn_block", "slice_call"]
+__all__ = ["Blockwise", "BlockwiseOptions", "LearnedQuant", "block_error", "capture_block", "learn_block", "learned_weights", "slice_call"]
 
 _EPS = 1e-12
 MODES = ("sequential", "parallel", "corrective")
@@ -319,6 +319,19 @@ def blockwise(ctx, cfg: Blockwise) -> None:
             rec.act_args = cfg.activations
             if not isinstance(lin, ActQuantLinear):
                 set_module(ctx.block, loc, ActQuantLinear(lin, cfg.activations))
+
+
+def learned_weights(
+    block: nn.Module, locs: Sequence[str], args: QuantArgs, xs, call_args, ys, options: BlockwiseOptions | None = None
+) -> dict[str, torch.Tensor]:
+    """The weights of ``block``'s linears ``locs`` (local names) after learning them together
+    on ``args``'s grid against targets ``ys`` for inputs ``xs``, the block left as it was:
+    what ``blockwise`` would make of them at that setting (plan-bits' ``--solver blockwise``)."""
+    quants = {
+        loc: LearnedQuant(get_module(block, loc).weight.data, args, learn_clip=(options or BlockwiseOptions()).learn_clip, name=loc) for loc in locs
+    }
+    learn_block(block, quants, xs, call_args, ys, options)
+    return {loc: q.hard()[0] for loc, q in quants.items()}
 
 
 def _rtn_codes(q: LearnedQuant) -> torch.Tensor:
