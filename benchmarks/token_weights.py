@@ -10,7 +10,7 @@ linear's error.
     flock /tmp/llmpress-heavy.lock .venv/bin/python benchmarks/token_weights.py [--model gemma3-270m] [--windows 4]
 
 Through the functions ``plan-bits`` runs (``calib.sensitivity.collect_sensitivity``,
-``bitplan.dense_blocks``) on the first calibration windows (Wikipedia, 512 tokens, seed 0).
+``calib.dense.dense_blocks``) on the first calibration windows (Wikipedia, 512 tokens, seed 0).
 Prints, per linear kind, the ratio per block, and writes runs/bench/token-weights-MODEL.json.
 """
 
@@ -28,7 +28,8 @@ from common import main_guard, results_path  # noqa: E402
 def ratios(model_name: str, windows: int) -> dict[str, float]:
     """linear name -> tr(H_a) / tr(H) on ``windows`` calibration windows."""
     from llmpress import api, models
-    from llmpress.bitplan import dense_blocks, planned_linears
+    from llmpress.bitplan import planned_linears
+    from llmpress.calib.dense import dense_blocks
     from llmpress.calib.sensitivity import collect_sensitivity
     from llmpress.recipe import load_recipe
 

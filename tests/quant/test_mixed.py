@@ -11,7 +11,8 @@ from conftest import random_windows, tiny_llama
 from helpers import QUIET, cli_fails, run_cli
 
 from llmpress import UserError, compress
-from llmpress.bitplan import collect_hessians, plan_bits, setting_cost
+from llmpress.bitplan import plan_bits, setting_cost
+from llmpress.calib.dense import collect_hessians
 from llmpress.quant import QuantArgs, quantize_weight
 from llmpress.quant.hessian import layer_error
 from llmpress.quant.mixed import allocate, budget_bits, parse_candidate, parse_candidates, setting_bits
@@ -131,8 +132,8 @@ def test_linears_reading_one_input_share_one_hessian():
 def test_block_by_block_hessians_equal_a_whole_model_pass_and_come_one_block_at_a_time():
     """The dense model run block by block gives each linear the matrix that hooks on one
     whole-model forward give; each block's matrices come (and go) before the next block runs."""
-    from llmpress.bitplan import block_hessians
     from llmpress.calib.accumulators import HessianAccumulator
+    from llmpress.calib.dense import block_hessians
 
     m = tiny_llama()
     ids = random_windows(6, 16)
@@ -319,7 +320,7 @@ def test_block_output_cost_is_the_blocks_output_error():
     """block_output_cost: 2 x the mean over tokens of the squared change of the block's output
     with one linear replaced (checked against a whole-model forward with the weight swapped),
     0 for the dense weight, the weight restored after."""
-    from llmpress.bitplan import block_output_cost, dense_blocks
+    from llmpress.calib.dense import block_output_cost, dense_blocks
 
     m, ids = tiny_llama(), random_windows(4, 16)
     name = "model.layers.1.self_attn.q_proj"
@@ -409,7 +410,7 @@ def test_token_weighted_cost_hessian_weighs_each_tokens_input():
     """dense_blocks(token_weights=...): a weighted linear's cost Hessian is 2/n sum_t a_t x_t x_t^T
     (checked against its captured inputs); all-ones weights give the plain Hessian; the
     solver's Hessian (``hessians``) is unchanged; unweighted linears have none."""
-    from llmpress.bitplan import dense_blocks
+    from llmpress.calib.dense import dense_blocks
 
     m, ids = tiny_llama(), random_windows(4, 16)
     q, k = "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"
@@ -430,7 +431,7 @@ def test_token_weighted_cost_hessian_weighs_each_tokens_input():
 def test_token_weighted_block_cost_and_plan():
     """block_output_cost with token weights: all ones give the unweighted cost, zeros give 0;
     plan_bits with --weighting fisher-token (both measures) keeps to the budget."""
-    from llmpress.bitplan import block_output_cost, dense_blocks
+    from llmpress.calib.dense import block_output_cost, dense_blocks
 
     m, ids = tiny_llama(), random_windows(4, 16)
     name = "model.layers.1.self_attn.o_proj"
