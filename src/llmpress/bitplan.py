@@ -20,7 +20,7 @@
    approximation ``(dL/dy_tj)^2 ~ a_t f_j``, exact in both marginals), so tokens the loss
    hardly sees stop dominating. That is gemma's sandwich norm: the post-MLP norm divides a
    token's down_proj output by its own scale, so the tokens with the largest inputs carry
-   1-10% of the gradient their input energy implies (measured on gemma-3-270m, docs/learned.md),
+   0-16% of the gradient their input energy implies (gemma-3-270m, docs/learned.md),
    and the channel-only Fisher spent W8 on down_proj and paid with W2 elsewhere. With ``--measure block`` the
    error is measured where the linear's decoder block hands over instead (EXL2's
    measurement pass): the block re-run on its first ``--measure-windows`` calibration
@@ -168,11 +168,9 @@ def _cost_table(model, names, blocks, cands, solver, stage_config, fisher=None, 
             for k, args in enumerate(cands.values()):
                 if args.granularity == "group" and w.shape[1] % args.group_size:
                     continue
-                w_hat = (
-                    learned[k][n]
-                    if (k, n) in learned.get("have", ())
-                    else quantized(w, H, args, "rtn" if solver == "blockwise" else solver, stage_config)
-                )
+                w_hat = learned.get((k, n))
+                if w_hat is None:
+                    w_hat = quantized(w, H, args, "rtn" if solver == "blockwise" else solver, stage_config)
                 c.append(block_output_cost(d, lin, w_hat, batches, f, a) if measure == "block" else _layer_cost(w, w_hat, Hc, f))
                 b.append(setting_bits(args, w.shape[0], w.shape[1]))
                 o.append(k)
@@ -187,18 +185,17 @@ def _cost_table(model, names, blocks, cands, solver, stage_config, fisher=None, 
 def _learned_settings(d: DenseBlock, blocks: str, cands: dict[str, QuantArgs], stage_config) -> dict:
     """Per candidate below 8 bits, the weights ``blockwise`` learns for the block's planned
     linears at it (those the setting fits), on the dense block's inputs and outputs:
-    ``{k: {name: weight}, "have": {(k, name)}}``."""
+    ``{(k, name): weight}``."""
     from .quant.blockwise import BlockwiseOptions, learned_weights
 
     opts = stage_config.options() if hasattr(stage_config, "options") else BlockwiseOptions()
-    out: dict = {"have": set()}
+    out: dict[tuple[int, str], torch.Tensor] = {}
     for k, args in enumerate(cands.values()):
         if args.bits >= 8:
             continue
         fit = {split_block(n, blocks)[1]: n for n, H in d.hessians.items() if args.granularity != "group" or H.shape[0] % args.group_size == 0}
         got = learned_weights(d.layer, list(fit), args, d.inputs, d.call_args, d.outputs, opts)
-        out[k] = {fit[loc]: w for loc, w in got.items()}
-        out["have"].update((k, n) for n in out[k])
+        out.update({(k, fit[loc]): w for loc, w in got.items()})
     return out
 
 
