@@ -327,10 +327,9 @@ def learned_weights(
     """The weights of ``block``'s linears ``locs`` (local names) after learning them together
     on ``args``'s grid against targets ``ys`` for inputs ``xs``, the block left as it was:
     what ``blockwise`` would make of them at that setting (plan-bits' ``--solver blockwise``)."""
-    quants = {
-        loc: LearnedQuant(get_module(block, loc).weight.data, args, learn_clip=(options or BlockwiseOptions()).learn_clip, name=loc) for loc in locs
-    }
-    learn_block(block, quants, xs, call_args, ys, options)
+    o = options or BlockwiseOptions()
+    quants = {loc: LearnedQuant(get_module(block, loc).weight.data, args, learn_clip=o.learn_clip, name=loc) for loc in locs}
+    learn_block(block, quants, xs, call_args, ys, o)
     return {loc: q.hard()[0] for loc, q in quants.items()}
 
 
