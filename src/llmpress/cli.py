@@ -131,7 +131,7 @@ def _add_plan_bits(sub) -> None:
     p.add_argument("--budget", type=float, required=True, help="average bits per weight of the block linears, scales included (e.g. 3.25)")
     p.add_argument("--candidates", default="w2g64,w3g64,w4g64,w8g64", help="settings to choose from (default w2g64,w3g64,w4g64,w8g64)")
     p.add_argument("--base", default="gptq-w4g64", help="recipe whose quantizing stages are split per setting (default gptq-w4g64)")
-    p.add_argument("--solver", choices=bitplan.SOLVERS, default="rtn", help="error measured per setting: nearest rounding (fast), GPTQ or blockwise")
+    p.add_argument("--solver", choices=bitplan.SOLVERS, default="auto", help="error per setting after rtn, gptq or blockwise; auto: the base's")
     p.add_argument("--measure", choices=bitplan.MEASURES, default="layer", help="each setting's error on the linear's own output or its block's")
     p.add_argument("--measure-windows", type=_at_least(1), default=16, help="--measure block: windows the blocks are re-run on (default 16)")
     p.add_argument("--weighting", choices=bitplan.WEIGHTINGS, default="auto",
@@ -158,7 +158,7 @@ def _cmd_plan_bits(args) -> int:
                              batch_size=args.batch_size, weighting=args.weighting, measure=args.measure,
                              measure_windows=args.measure_windows)  # fmt: skip
     write_atomic(Path(args.out), plan.recipe.to_yaml())
-    print(f"llmpress plan-bits {args.model} --budget {args.budget:g} (solver {args.solver}, measure {args.measure}, weighting {plan.weighting})")
+    print(f"llmpress plan-bits {args.model} --budget {args.budget:g} (solver {plan.solver}, measure {args.measure}, weighting {plan.weighting})")
     print(plan.table())
     print(f"recipe: {args.out}  (llmpress compress {args.model} --recipe {args.out})")
     return 0

@@ -275,7 +275,8 @@ def test_cli(tmp_path, tiny_model_dir, capsys):
     cli_fails(capsys, argv + ["--base", "magnitude-50"], "no stage quantizes weights")
     out.unlink()
     assert run_cli(argv + ["--measure", "block", "--measure-windows", "2"]) == 0
-    assert "(solver rtn, measure block, weighting fisher)" in capsys.readouterr().out  # auto: a llama has no post-norms
+    # auto: GPTQ's costs for a GPTQ base; fisher: a llama has no post-norms
+    assert "(solver gptq, measure block, weighting fisher)" in capsys.readouterr().out
     assert yaml.safe_load(out.read_text())["name"] == "gptq-w4g64-mixed3.5"
 
 
@@ -464,6 +465,25 @@ def test_auto_weighting_is_per_token_where_the_architecture_has_post_norms():
     for make, want in ((tiny_gemma3, "fisher-token"), (tiny_llama, "fisher")):
         auto, explicit = plan_bits(make(), data, **kw), plan_bits(make(), data, **kw, weighting=want)
         assert auto.weighting == want and auto.choice == explicit.choice and auto.cost == pytest.approx(explicit.cost)
+
+
+@pytest.mark.parametrize(
+    ("base", "solver"), [("gptq-w4g64", "gptq"), ("awq-gptq-w4g64", "gptq"), ("blockwise-w3g64", "blockwise"), ("rtn-w4g64", "rtn")]
+)
+def test_auto_solver_is_the_base_methods_own(base, solver):
+    """--solver auto measures each setting's cost with the method that will compress the plan
+    (an AWQ search-only stage before GPTQ does not count); an explicit solver stays as given."""
+    from llmpress.bitplan import resolved_solver
+
+    recipe = load_recipe(base)
+    assert resolved_solver(recipe, "auto") == solver
+    assert resolved_solver(recipe, "rtn") == "rtn"
+    plan = (
+        plan_bits(tiny_llama(), random_windows(4, 32), base=recipe, candidates="w2g32,w4g32", budget=3.5, weighting="none")
+        if solver != "blockwise"
+        else None
+    )
+    assert plan is None or plan.solver == solver
 
 
 def test_blockwise_solver_learns_each_setting_and_keeps_to_the_budget():
