@@ -9,7 +9,8 @@
    every planned linear of the block learned together at that setting on the dense block's
    inputs and outputs, the base stage's steps when it is a blockwise stage; nearest rounding
    at 8 bits and more) or of GPTQ (``--solver gptq``, the base stage's
-   damping, order and shrinkage when it is a GPTQ stage) at that setting; with ``--weighting fisher``
+   damping, order and shrinkage when it is a GPTQ stage) at that setting (``--solver auto``, the
+   default: GPTQ's for a GPTQ or blockwise base, nearest rounding's otherwise); with ``--weighting fisher``
    (the default) each output channel's share weighted by ``f_j = E[(dL/dy_j)^2]``, the
    squared gradient of the model's next-token loss with respect to that output (one
    backward pass of the dense model per batch): ``sum_j f_j (dW H dW^T)_jj``, a second-order
