@@ -477,8 +477,13 @@ def test_auto_solver_follows_the_base_method(base, solver):
     recipe = load_recipe(base)
     assert resolved_solver(recipe, "auto") == solver
     assert resolved_solver(recipe, "rtn") == "rtn"
-    plan = plan_bits(tiny_llama(), random_windows(4, 32), base=recipe, candidates="w2g32,w4g32", budget=3.5, weighting="none")
-    assert plan.solver == solver
+    data, kw = random_windows(4, 32), {"base": recipe, "candidates": "w2g32,w4g32", "budget": 3.5, "weighting": "none"}
+    auto = plan_bits(tiny_llama(), data, **kw)
+    explicit = plan_bits(tiny_llama(), data, **kw, solver=solver)
+    assert auto.solver == solver and auto.choice == explicit.choice and auto.cost == pytest.approx(explicit.cost)
+    if solver != "rtn":  # the costs are GPTQ's, not nearest rounding's
+        rtn = plan_bits(tiny_llama(), data, **kw, solver="rtn")
+        assert auto.uniform["w2g32"][1] < rtn.uniform["w2g32"][1]
 
 
 def test_blockwise_solver_learns_each_setting_and_keeps_to_the_budget():
